@@ -1,0 +1,37 @@
+# Two commands for a newcomer: `make up` (run the stack) and `make test` (run every test).
+# Both install what they need into .venv on first use; Kafka jars are fetched on first start.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: up test install lint format bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+## Run the whole local stack in the foreground (Ctrl-C stops everything).
+up: $(STAMP)
+	$(BIN)/tollgate up
+
+## Unit + integration tests; starts (and stops) the local Kafka the tests use.
+test: $(STAMP)
+	$(BIN)/python -m pytest tests -ra
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:
+	rm -rf .tollgate .pytest_cache .mypy_cache .ruff_cache

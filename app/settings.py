@@ -1,0 +1,231 @@
+"""Tollgate's one typed settings object.
+
+Owns every configurable value and its default. Values come, in order of
+precedence, from ``TOLLGATE_*`` environment variables, then an optional YAML
+file (path in ``TOLLGATE_CONFIG``), then the defaults below. Nothing else in
+the code base reads ``os.environ`` for configuration.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+CONFIG_ENV_VAR = "TOLLGATE_CONFIG"
+SIMULATOR_MODELS = (
+    "gpt-4",
+    "gpt-4-turbo",
+    "gpt-4o",
+    "gpt-4.1",
+    "gpt-4o-mini",
+    "gpt-4.1-mini",
+    "gpt-3.5-turbo",
+    "tollgate-sim-unpriced",
+)
+
+
+class UpstreamConfig(BaseModel):
+    """One OpenAI-compatible provider. The API key is read from ``api_key_env`` at start-up."""
+
+    model_config = {"frozen": True}
+
+    name: str = Field(min_length=1)
+    base_url: str = Field(description="Base URL including /v1, e.g. https://api.openai.com/v1")
+    api_key_env: str | None = Field(default=None, description="Env var holding the API key.")
+    models: tuple[str, ...] = Field(min_length=1, description="Models served; '*' = any.")
+    price_provider: str | None = Field(
+        default="openai", description="genai-prices provider id used to price its models."
+    )
+    forward_headers: tuple[str, ...] = Field(
+        default=("OpenAI-Organization", "OpenAI-Project", "OpenAI-Beta"),
+        description="Client headers passed to this upstream (case-insensitive globs).",
+    )
+
+
+class Settings(BaseSettings):
+    """All of Tollgate's configuration. Field ``foo`` is env var ``TOLLGATE_FOO``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="TOLLGATE_",
+        extra="ignore",
+        frozen=True,
+    )
+
+    # -- local state -------------------------------------------------------------
+    state_dir: Path = Field(
+        default=Path(".tollgate"),
+        description="Local state: chdb directory, spool, Kafka data and logs.",
+    )
+
+    # -- Kafka ---------------------------------------------------------------------
+    kafka_bootstrap: str = Field(
+        default="127.0.0.1:9092",
+        description="Kafka bootstrap servers. `make up` starts a local broker when this is "
+        "the default and nothing listens there.",
+    )
+    kafka_controller_port: int = Field(
+        default=9093, description="KRaft controller port of the local broker."
+    )
+    kafka_version: str = Field(
+        default="4.1.1", description="Apache Kafka version the local launcher fetches."
+    )
+    kafka_cache_dir: Path = Field(
+        default=Path("~/.cache/tollgate"),
+        description="Where the local launcher keeps Kafka jars (outside the repo).",
+    )
+    kafka_heap_opts: str = Field(
+        default="-Xms512m -Xmx1g", description="JVM heap of the local broker."
+    )
+    kafka_start_timeout_s: float = Field(
+        default=120.0, description="How long the local launcher waits for readiness."
+    )
+    topic_prefix: str = Field(default="tollgate", description="Prefix of every topic name.")
+    topic_partitions: int = Field(
+        default=6, ge=1, description="Partitions of the high-volume topics (usage, requests)."
+    )
+    topic_replication: int = Field(default=1, ge=1, description="Replication factor of topics.")
+    schema_registry_url: str | None = Field(
+        default=None,
+        description="Confluent Schema Registry URL; unset = fixed schema ids from schemas/.",
+    )
+
+    # -- ClickHouse ----------------------------------------------------------------
+    clickhouse_url: str | None = Field(
+        default=None,
+        description="`http://host:8123` for a server; unset = embedded chdb under state_dir.",
+    )
+
+    # -- HTTP services -----------------------------------------------------------
+    dispatcher_host: str = Field(default="127.0.0.1", description="Dispatcher bind address.")
+    dispatcher_port: int = Field(default=8700, description="Dispatcher port.")
+    simulator_host: str = Field(default="127.0.0.1", description="Upstream simulator address.")
+    simulator_port: int = Field(default=8701, description="Upstream simulator port.")
+
+    # -- dispatcher ------------------------------------------------------------
+    upstreams: tuple[UpstreamConfig, ...] = Field(
+        default=(),
+        description="Providers as a JSON/YAML list of {name, base_url, api_key_env, models}; "
+        "unset = the bundled simulator at TOLLGATE_SIMULATOR_HOST:PORT.",
+    )
+    default_model: str = Field(
+        default="gpt-4o-mini", description="Model for /v1/dispatch requests that name none."
+    )
+    baseline_model: str = Field(
+        default="gpt-4", description="Model whose rates give every event its baseline cost."
+    )
+    price_overrides_file: Path | None = Field(
+        default=None, description="YAML of negotiated or missing prices (see app/pricing.py)."
+    )
+    keys_file: Path | None = Field(
+        default=None,
+        description="YAML of API keys (sha256 -> user, team, features); set = keys required.",
+    )
+    require_attribution: Literal["none", "user", "user_and_feature"] = Field(
+        default="none",
+        description="What a request must carry: `none` attributes it to `anonymous`.",
+    )
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, description="Request body cap.")
+    upstream_connect_timeout_s: float = Field(default=5.0, gt=0, description="Connect timeout.")
+    upstream_read_timeout_s: float = Field(
+        default=120.0, gt=0, description="Max silence from an upstream before 504."
+    )
+    spool_max_bytes: int = Field(
+        default=1 << 30, ge=1 << 20, description="Disk cap of undelivered events (spool)."
+    )
+    spool_fsync: Literal["always", "batch", "never"] = Field(
+        default="batch", description="Spool durability: see app/spool.py."
+    )
+
+    log_format: Literal["auto", "json", "text"] = Field(
+        default="auto", description="`json` one object per line; `auto` = text on a TTY."
+    )
+    log_level: str = Field(default="INFO", description="Python log level.")
+
+    @field_validator("state_dir", "kafka_cache_dir", mode="after")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_path = os.environ.get(CONFIG_ENV_VAR)
+        if config_path:
+            path = Path(config_path).expanduser()
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"{CONFIG_ENV_VAR}={config_path} does not name a readable YAML file"
+                )
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
+        sources.append(file_secret_settings)
+        return tuple(sources)
+
+    # -- derived values ------------------------------------------------------------
+    @cached_property
+    def clickhouse_dsn(self) -> str:
+        """The clickhouse-connect DSN: the configured server, else chdb on disk."""
+        if self.clickhouse_url:
+            return self.clickhouse_url
+        return f"chdb://{(self.state_dir / 'chdb').resolve()}"
+
+    @cached_property
+    def effective_upstreams(self) -> tuple[UpstreamConfig, ...]:
+        """The configured upstreams, or the bundled simulator when none is configured."""
+        if self.upstreams:
+            return self.upstreams
+        return (
+            UpstreamConfig(
+                name="simulator",
+                base_url=f"{self.simulator_url}/v1",
+                models=SIMULATOR_MODELS,
+                forward_headers=("X-Sim-*",),  # the simulator's test hooks
+            ),
+        )
+
+    @cached_property
+    def spool_dir(self) -> Path:
+        return self.state_dir / "spool"
+
+    @cached_property
+    def dispatcher_url(self) -> str:
+        return f"http://{self.dispatcher_host}:{self.dispatcher_port}"
+
+    @cached_property
+    def simulator_url(self) -> str:
+        return f"http://{self.simulator_host}:{self.simulator_port}"
+
+    def topic(self, name: str) -> str:
+        """Full topic name, e.g. ``topic("usage") == "tollgate.usage"``."""
+        return f"{self.topic_prefix}.{name}"
+
+
+def describe_settings() -> list[dict[str, Any]]:
+    """Every setting with its env var, default and description (for docs and `tollgate config`)."""
+    rows = []
+    for name, field in Settings.model_fields.items():
+        default = field.default
+        rows.append(
+            {
+                "env": f"TOLLGATE_{name.upper()}",
+                "default": "" if default is None else str(default),
+                "description": field.description or "",
+            }
+        )
+    return rows

@@ -1,0 +1,167 @@
+"""The Kafka topics Tollgate uses, and `tollgate topics ensure`.
+
+Owns the list of topics (name, key, partitions, cleanup policy) from
+ARCHITECTURE.md and the idempotent bootstrap that creates them or reports how
+an existing topic differs. It does not produce or consume.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import KafkaError
+
+from app.settings import Settings
+
+CleanupPolicy = Literal["delete", "compact"]
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    suffix: str  # "usage" -> "tollgate.usage"
+    value_schema: str
+    key: str
+    cleanup_policy: CleanupPolicy
+    high_volume: bool  # gets settings.topic_partitions, else 1..3 partitions
+    description: str
+    extra_config: dict[str, str] = field(default_factory=dict)
+
+
+TOPIC_SPECS: tuple[TopicSpec, ...] = (
+    TopicSpec(
+        "requests", "Request", "user_id", "delete", True, "every request seen, incl. blocked"
+    ),
+    TopicSpec("usage", "Usage", "user_id", "delete", True, "tokens and cost of every LLM call"),
+    TopicSpec(
+        "budget.policies",
+        "BudgetPolicy",
+        "scope",
+        "compact",
+        False,
+        "budget policies, latest per scope",
+        {"min.cleanable.dirty.ratio": "0.1", "segment.ms": "3600000"},
+    ),
+    TopicSpec(
+        "budget.decisions",
+        "BudgetDecision",
+        "scope",
+        "compact",
+        False,
+        "cap decisions, latest per scope; every dispatcher reads it from the start",
+        {"min.cleanable.dirty.ratio": "0.1", "segment.ms": "3600000"},
+    ),
+    TopicSpec("alerts", "Alert", "alert_key", "delete", False, "anomaly and budget alerts"),
+    TopicSpec("outcomes", "Outcome", "session_id", "delete", False, "business outcomes"),
+)
+
+LOW_VOLUME_PARTITIONS = 3
+
+
+@dataclass(frozen=True)
+class TopicPlan:
+    name: str
+    partitions: int
+    replication: int
+    config: dict[str, str]
+
+
+@dataclass
+class EnsureReport:
+    created: list[str] = field(default_factory=list)
+    existing: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+class TopicsError(RuntimeError):
+    """Topics exist but do not match what Tollgate needs."""
+
+
+def plan_topics(settings: Settings) -> list[TopicPlan]:
+    plans = []
+    for spec in TOPIC_SPECS:
+        partitions = settings.topic_partitions if spec.high_volume else LOW_VOLUME_PARTITIONS
+        config = {"cleanup.policy": spec.cleanup_policy, **spec.extra_config}
+        plans.append(
+            TopicPlan(settings.topic(spec.suffix), partitions, settings.topic_replication, config)
+        )
+    return plans
+
+
+def _config_entries(responses: list[Any]) -> dict[str, dict[str, str]]:
+    """topic -> {config name: value} from DescribeConfigs responses of any version."""
+    out: dict[str, dict[str, str]] = {}
+    for response in responses:
+        for resource in response.resources:
+            error_code, _msg, _type, name, entries = resource[:5]
+            if error_code:
+                continue
+            out[name] = {entry[0]: entry[1] for entry in entries}
+    return out
+
+
+async def ensure_topics(
+    settings: Settings, admin: AIOKafkaAdminClient | None = None
+) -> EnsureReport:
+    """Create missing topics; report existing ones that differ (never alter them silently)."""
+    own_admin = admin is None
+    if admin is None:
+        admin = AIOKafkaAdminClient(
+            bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=15000
+        )
+        await admin.start()
+    report = EnsureReport()
+    try:
+        plans = plan_topics(settings)
+        existing = set(await admin.list_topics())
+        missing = [p for p in plans if p.name not in existing]
+        if missing:
+            await admin.create_topics(
+                [
+                    NewTopic(p.name, p.partitions, p.replication, topic_configs=p.config)
+                    for p in missing
+                ],
+                timeout_ms=30000,
+            )
+            report.created = [p.name for p in missing]
+        present = [p for p in plans if p.name in existing]
+        report.existing = [p.name for p in present]
+        if present:
+            described = {
+                t["topic"]: t for t in await admin.describe_topics([p.name for p in present])
+            }
+            configs = _config_entries(
+                await admin.describe_configs(
+                    [ConfigResource(ConfigResourceType.TOPIC, p.name) for p in present]
+                )
+            )
+            for plan in present:
+                actual_policy = configs.get(plan.name, {}).get("cleanup.policy")
+                wanted_policy = plan.config["cleanup.policy"]
+                if actual_policy is not None and wanted_policy not in actual_policy.split(","):
+                    report.problems.append(
+                        f"{plan.name}: cleanup.policy is {actual_policy!r}, Tollgate needs "
+                        f"{wanted_policy!r} (fix: kafka-configs --alter --entity-type topics "
+                        f"--entity-name {plan.name} --add-config cleanup.policy={wanted_policy})"
+                    )
+                partitions = len(described.get(plan.name, {}).get("partitions", []))
+                if partitions and partitions < plan.partitions:
+                    report.problems.append(
+                        f"{plan.name}: has {partitions} partitions, fewer than the configured "
+                        f"{plan.partitions} (TOLLGATE_TOPIC_PARTITIONS); add partitions or lower it"
+                    )
+    except KafkaError as exc:
+        raise TopicsError(
+            f"could not ensure topics on {settings.kafka_bootstrap}: {exc!r}. "
+            "Is Kafka running (`tollgate kafka status`)?"
+        ) from exc
+    finally:
+        if own_admin:
+            await admin.close()
+    return report

@@ -1,0 +1,106 @@
+"""Shared fixtures: a real Kafka broker and a real ClickHouse engine.
+
+``kafka_bootstrap``: ``TOLLGATE_KAFKA_BOOTSTRAP`` if set; else a testcontainers
+Kafka if a Docker engine answers; else the project's local launcher on test
+ports (29092/29093, state under ``.tollgate/test``), started once per session
+and stopped at the end if this session started it.
+
+``clickhouse``: ``TOLLGATE_CLICKHOUSE_URL`` if set; else a testcontainers
+ClickHouse if Docker answers; else an embedded chdb directory in a temp path.
+All go through clickhouse-connect.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app.settings import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+TEST_KAFKA_PORT = 29092
+TEST_CONTROLLER_PORT = 29093
+
+
+def docker_answers() -> bool:
+    try:
+        import docker
+
+        client = docker.from_env(timeout=3)
+        client.ping()
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> Iterator[str]:
+    configured = os.environ.get("TOLLGATE_KAFKA_BOOTSTRAP")
+    if configured:
+        yield configured
+        return
+    if docker_answers():
+        from testcontainers.kafka import KafkaContainer
+
+        with KafkaContainer("apache/kafka:4.1.1").with_kraft() as container:
+            yield container.get_bootstrap_server()
+        return
+    from app.kafka_local import LocalKafka
+
+    settings = Settings(
+        kafka_bootstrap=f"127.0.0.1:{TEST_KAFKA_PORT}",
+        kafka_controller_port=TEST_CONTROLLER_PORT,
+        state_dir=REPO / ".tollgate" / "test",
+    )
+    launcher = LocalKafka(settings)
+    result = launcher.start()
+    try:
+        yield result.bootstrap
+    finally:
+        if not result.already_running:
+            launcher.stop()
+
+
+@pytest.fixture
+def kafka_settings(kafka_bootstrap: str, tmp_path: Path) -> Settings:
+    """Settings pointing at the test broker, with a unique topic prefix per test."""
+    return Settings(
+        kafka_bootstrap=kafka_bootstrap,
+        topic_prefix=f"t{uuid.uuid4().hex[:10]}",
+        topic_partitions=3,
+        state_dir=tmp_path / "state",
+    )
+
+
+@pytest.fixture(scope="session")
+def clickhouse_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    configured = os.environ.get("TOLLGATE_CLICKHOUSE_URL")
+    if configured:
+        yield configured
+        return
+    if docker_answers():
+        from testcontainers.clickhouse import ClickHouseContainer
+
+        with ClickHouseContainer("clickhouse/clickhouse-server:25.8", port=8123) as container:
+            host = container.get_container_host_ip()
+            port = container.get_exposed_port(8123)
+            yield f"http://{container.username}:{container.password}@{host}:{port}"
+        return
+    yield f"chdb://{tmp_path_factory.mktemp('chdb')}"
+
+
+@pytest.fixture(scope="session")
+def clickhouse(clickhouse_dsn: str) -> Iterator[Any]:
+    """A clickhouse-connect client (server or embedded chdb)."""
+    from app.warehouse import connect
+
+    client = connect(dsn=clickhouse_dsn)
+    try:
+        yield client
+    finally:
+        client.close()

@@ -1,0 +1,60 @@
+"""docker-compose.yml cannot run here (no Docker engine), so check it agrees with the settings."""
+
+from pathlib import Path
+
+import yaml
+
+from app.settings import Settings
+
+REPO = Path(__file__).resolve().parents[2]
+COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+DEFAULTS = Settings()
+
+
+def _host_port(service: str, container_port: int) -> str:
+    for mapping in COMPOSE["services"][service]["ports"]:
+        parts = str(mapping).split(":")
+        if int(parts[-1]) == container_port:
+            return ":".join(parts[:-1])
+    raise AssertionError(f"{service} does not publish {container_port}")
+
+
+def test_required_services_exist() -> None:
+    for name in ("kafka", "clickhouse", "grafana", "simulator", "topics"):
+        assert name in COMPOSE["services"], name
+
+
+def test_host_ports_match_settings_defaults() -> None:
+    assert _host_port("kafka", 9092) == DEFAULTS.kafka_bootstrap
+    assert _host_port("simulator", DEFAULTS.simulator_port) == (
+        f"{DEFAULTS.simulator_host}:{DEFAULTS.simulator_port}"
+    )
+
+
+def test_kafka_is_kraft_and_advertises_the_default_bootstrap() -> None:
+    env = COMPOSE["services"]["kafka"]["environment"]
+    assert env["KAFKA_PROCESS_ROLES"] == "broker,controller"
+    assert f"PLAINTEXT://{DEFAULTS.kafka_bootstrap}" in env["KAFKA_ADVERTISED_LISTENERS"]
+    assert COMPOSE["services"]["kafka"]["image"].startswith("apache/kafka:")
+
+
+def test_tollgate_services_use_known_settings() -> None:
+    known = {row for row in Settings.model_fields}
+    for name, service in COMPOSE["services"].items():
+        if service.get("build") != ".":
+            continue
+        env = service.get("environment", {})
+        for key in env:
+            assert key.startswith("TOLLGATE_"), f"{name}: {key}"
+            assert key.removeprefix("TOLLGATE_").lower() in known, f"{name}: unknown setting {key}"
+        assert env["TOLLGATE_KAFKA_BOOTSTRAP"].split(":")[0] == "kafka"
+        assert env["TOLLGATE_CLICKHOUSE_URL"].startswith("http://")
+
+
+def test_grafana_datasource_points_at_compose_clickhouse() -> None:
+    ds = yaml.safe_load(
+        (REPO / "deploy/grafana/provisioning/datasources/clickhouse.yaml").read_text()
+    )["datasources"][0]
+    assert ds["type"] == "grafana-clickhouse-datasource"
+    assert ds["jsonData"]["host"] == "clickhouse"
+    assert _host_port("clickhouse", ds["jsonData"]["port"]).endswith("8123")
