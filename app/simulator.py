@@ -1,0 +1,631 @@
+"""Upstream simulator: an OpenAI-compatible chat-completions server for tests, demos and benchmarks.
+
+This module owns the fake LLM provider Tollgate talks to when no real provider is
+reachable: the simulated model catalogue (:data:`DEFAULT_MODELS`), the token-count
+approximation shared by the simulator and its clients (:func:`count_tokens`,
+:func:`count_message_tokens`), the aiohttp application (:func:`create_app`) and the
+long-running server (:func:`serve`, wired to ``tollgate simulate`` by the CLI).
+
+Endpoints (OpenAI wire format; the official ``openai`` SDK parses every response):
+
+* ``GET  /v1/models`` and ``GET /v1/models/{model}`` -- the simulated catalogue.
+* ``POST /v1/chat/completions`` -- non-streaming and streaming (SSE) completions.
+* ``GET  /healthz`` -- ``{"status": "ok"}`` for readiness probes.
+
+Behaviour of ``/v1/chat/completions``:
+
+* ``usage.prompt_tokens`` is :func:`count_message_tokens` of the request messages:
+  :func:`count_tokens` of every text content (a string or ``{"type": "text"}`` parts)
+  plus :data:`MESSAGE_OVERHEAD_TOKENS` per message.
+* The natural completion length is a deterministic, hash-seeded lognormal draw from
+  the messages (the same messages always give the same length, on every model and
+  every run). It is capped by ``max_completion_tokens`` (or ``max_tokens``) and by
+  the model's ``max_output_tokens``; ``finish_reason`` is ``"length"`` when capped,
+  else ``"stop"``.
+* The content is filler words whose :func:`count_tokens` equals
+  ``usage.completion_tokens`` exactly, so a client that re-counts the text (e.g. a
+  stream without usage) gets the reported number.
+* Streaming sends a role chunk, content chunks of about four tokens, a chunk with
+  ``finish_reason``, then -- only when ``stream_options.include_usage`` is true -- a
+  ``"choices": []`` chunk carrying ``usage``, then ``data: [DONE]``.
+* Latency: a lognormal time to first token around ``ttft_ms_median`` and
+  ``inter_token_ms`` per generated token, all multiplied by ``latency_scale``
+  (``0`` = instant). A non-streaming answer waits ``ttft + n * inter_token``, capped
+  at ``max_latency_ms``.
+* ``error_rate`` answers that fraction of valid requests with a random 500 or 429.
+* ``n`` must be 1; ``Authorization`` is accepted and never checked.
+
+Test hooks (request headers on ``POST /v1/chat/completions``):
+
+* ``X-Sim-Status: N`` (400..599) -- answer status N at once with an OpenAI-shaped
+  error body, before any validation.
+* ``X-Sim-Completion-Tokens: N`` (>= 0) -- force the natural completion length; the
+  ``max_tokens`` and model caps still apply.
+* ``X-Sim-Latency-Ms: N`` -- fixed total delay of N ms, not scaled by
+  ``latency_scale``; a stream spreads it over the first token and the later chunks.
+* ``X-Sim-Omit-Usage: 1`` -- stream without any usage, even when
+  ``stream_options.include_usage`` asks for it (emulates providers that do not report).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import logging
+import math
+import os
+import random
+import time
+from bisect import bisect_left
+from dataclasses import dataclass
+from typing import Any, Final
+
+import orjson
+from aiohttp import web
+
+from app.tokens import MESSAGE_OVERHEAD_TOKENS, count_message_tokens, count_tokens
+
+__all__ = [
+    "DEFAULT_MODELS",
+    "MESSAGE_OVERHEAD_TOKENS",
+    "SimModel",
+    "SimulatorConfig",
+    "count_message_tokens",
+    "count_tokens",
+    "create_app",
+    "serve",
+]
+
+log = logging.getLogger(__name__)
+
+OWNED_BY: Final = "tollgate-sim"
+TIERS: Final = frozenset({"premium", "standard", "economy"})
+
+HEADER_STATUS: Final = "X-Sim-Status"
+HEADER_COMPLETION_TOKENS: Final = "X-Sim-Completion-Tokens"
+HEADER_LATENCY_MS: Final = "X-Sim-Latency-Ms"
+HEADER_OMIT_USAGE: Final = "X-Sim-Omit-Usage"
+
+_TOKENS_PER_CHUNK: Final = 4
+_SYSTEM_FINGERPRINT: Final = "fp_tollgate_sim"
+_JSON: Final = "application/json"
+_SSE_DONE: Final = b"data: [DONE]\n\n"
+_MODELS_CREATED: Final = 1_700_000_000
+
+
+# -- models and configuration -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SimModel:
+    """One simulated model: its name, price tier and output limit."""
+
+    name: str
+    tier: str  # "premium" | "standard" | "economy"
+    max_output_tokens: int
+
+    def __post_init__(self) -> None:
+        if self.tier not in TIERS:
+            raise ValueError(f"SimModel {self.name!r}: tier must be one of {sorted(TIERS)}")
+        if self.max_output_tokens < 1:
+            raise ValueError(f"SimModel {self.name!r}: max_output_tokens must be >= 1")
+
+
+DEFAULT_MODELS: tuple[SimModel, ...] = (
+    SimModel("gpt-4", "premium", 8192),
+    SimModel("gpt-4-turbo", "premium", 4096),
+    SimModel("gpt-4o", "standard", 16384),
+    SimModel("gpt-4.1", "standard", 32768),
+    SimModel("gpt-4o-mini", "economy", 16384),
+    SimModel("gpt-4.1-mini", "economy", 32768),
+    SimModel("gpt-3.5-turbo", "economy", 4096),
+    # No public price anywhere: exercises Tollgate's "unpriced model" path.
+    SimModel("tollgate-sim-unpriced", "standard", 4096),
+)
+
+
+@dataclass(frozen=True)
+class SimulatorConfig:
+    """How the simulator behaves. Delays are in milliseconds."""
+
+    models: tuple[SimModel, ...] = DEFAULT_MODELS
+    ttft_ms_median: float = 200.0
+    """Median time to first token; the draw is lognormal around it."""
+    ttft_sigma: float = 0.5
+    """Sigma of the lognormal time to first token (0 = always the median)."""
+    inter_token_ms: float = 5.0
+    """Delay per generated token."""
+    error_rate: float = 0.0
+    """Fraction of valid requests answered 500 or 429 at random."""
+    seed: int | None = None
+    """Seed of the latency and error draws (completion lengths never depend on it)."""
+    latency_scale: float = 1.0
+    """Multiplies every configured delay; 0 = instant (tests)."""
+    max_latency_ms: float = 60_000.0
+    """Cap on the total delay of a non-streaming answer (before the hook header)."""
+    completion_tokens_median: float = 150.0
+    """Median of the natural (uncapped) completion length."""
+    completion_tokens_sigma: float = 0.6
+    """Sigma of the lognormal natural completion length."""
+    completion_tokens_max: int = 1024
+    """Upper bound of the natural completion length (the hook header may exceed it)."""
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            raise ValueError("SimulatorConfig.models must not be empty")
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"SimulatorConfig.models has duplicate names: {names}")
+        if not 0.0 <= self.error_rate <= 1.0:
+            raise ValueError("SimulatorConfig.error_rate must be within [0, 1]")
+        if self.latency_scale < 0 or self.ttft_ms_median < 0 or self.inter_token_ms < 0:
+            raise ValueError("SimulatorConfig delays and latency_scale must be >= 0")
+        if self.ttft_sigma < 0 or self.completion_tokens_sigma < 0:
+            raise ValueError("SimulatorConfig sigmas must be >= 0")
+        if self.completion_tokens_median < 1 or self.completion_tokens_max < 1:
+            raise ValueError("SimulatorConfig completion_tokens_median/max must be >= 1")
+
+
+# -- filler text ------------------------------------------------------------------------
+
+_BASE_TEXT: Final = (
+    "Tollgate simulated this reply so that budgets, caps and alerts can be tested "
+    "without a real provider. Every word here is filler, chosen so that counting "
+    "the text again gives exactly the usage that was reported. The cheapest token "
+    "is the one never sent; the next cheapest is the one sent to a smaller model. "
+    "Spend is attributed to teams, features and users as each request completes."
+)
+# One word per token cost, to top up a text that would otherwise overshoot.
+_TOP_UP_WORDS: Final = {1: "ok.", 2: "done.", 3: "complete."}
+
+
+def _word_cost(word: str) -> int:
+    return (len(word) + 3) >> 2
+
+
+class _Filler:
+    """Filler text of an exact token count, from a precomputed cyclic word table."""
+
+    __slots__ = ("_base", "_cum", "_words", "base_len")
+
+    def __init__(self, capacity: int) -> None:
+        self._base = _BASE_TEXT.split()
+        self.base_len = len(self._base)
+        for word in self._base:
+            if _word_cost(word) - 1 > max(_TOP_UP_WORDS):  # pragma: no cover - static data
+                raise AssertionError(f"filler word {word!r} too long to top up")
+        self._words: list[str] = []
+        self._cum: list[int] = [0]
+        self._grow(capacity)
+
+    def _grow(self, capacity: int) -> None:
+        base_tokens = sum(_word_cost(w) for w in self._base)
+        while self._cum[-1] < capacity + base_tokens:
+            for word in self._base:
+                self._words.append(word)
+                self._cum.append(self._cum[-1] + _word_cost(word))
+
+    def words(self, n: int, start: int) -> list[str]:
+        """Words whose costs sum to exactly ``n``, from base offset ``start``."""
+        start %= self.base_len
+        cum = self._cum
+        target = cum[start] + n
+        if target > cum[-1]:
+            self._grow(n)
+        j = bisect_left(cum, target, lo=start)
+        if cum[j] == target:
+            return self._words[start:j]
+        out = self._words[start : j - 1]
+        out.append(_TOP_UP_WORDS[target - cum[j - 1]])
+        return out
+
+
+def _chunk_pieces(words: list[str]) -> list[tuple[str, int]]:
+    """Group ``words`` into stream deltas of about four tokens: (text, tokens)."""
+    pieces: list[tuple[str, int]] = []
+    group: list[str] = []
+    tokens = 0
+    for word in words:
+        group.append(word)
+        tokens += _word_cost(word)
+        if tokens >= _TOKENS_PER_CHUNK:
+            text = " ".join(group)
+            pieces.append((" " + text if pieces else text, tokens))
+            group = []
+            tokens = 0
+    if group:
+        text = " ".join(group)
+        pieces.append((" " + text if pieces else text, tokens))
+    return pieces
+
+
+# -- errors -------------------------------------------------------------------------------
+
+
+class _RequestError(Exception):
+    """An OpenAI-shaped error answer."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type_
+        self.param = param
+        self.code = code
+
+    def response(self) -> web.Response:
+        body = {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+        return web.Response(status=self.status, body=orjson.dumps(body), content_type=_JSON)
+
+
+def _status_error(status: int, reason: str) -> _RequestError:
+    """The error OpenAI would send with ``status``."""
+    if status == 429:
+        return _RequestError(
+            429,
+            f"Rate limit reached ({reason}). Please try again shortly.",
+            "requests",
+            code="rate_limit_exceeded",
+        )
+    if status == 401:
+        return _RequestError(401, f"Incorrect API key provided ({reason}).", code="invalid_api_key")
+    if status == 403:
+        return _RequestError(403, f"Forbidden ({reason}).", "permission_error")
+    if status >= 500:
+        return _RequestError(
+            status,
+            f"The server had an error while processing your request ({reason}).",
+            "server_error",
+        )
+    return _RequestError(status, f"Request rejected ({reason}).")
+
+
+def _int_header(request: web.Request, name: str, low: int, high: int | None = None) -> int | None:
+    raw = request.headers.get(name)
+    if raw is None:
+        return None
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        value = low - 1
+    if value < low or (high is not None and value > high):
+        bound = f"{low}..{high}" if high is not None else f">= {low}"
+        raise _RequestError(400, f"{name} must be an integer {bound}, got {raw!r}")
+    return value
+
+
+def _positive_int_param(body: dict[str, Any], name: str) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _RequestError(400, f"'{name}' must be an integer >= 1", param=name)
+    return value
+
+
+# -- the application ---------------------------------------------------------------------
+
+
+class _SimState:
+    """Per-application state, built once in :func:`create_app`."""
+
+    __slots__ = (
+        "config",
+        "filler",
+        "ids",
+        "models",
+        "models_body",
+        "rng",
+    )
+
+    def __init__(self, config: SimulatorConfig) -> None:
+        self.config = config
+        self.models = {m.name: m for m in config.models}
+        self.rng = random.Random(config.seed)
+        self.filler = _Filler(max(m.max_output_tokens for m in config.models))
+        prefix = os.urandom(4).hex()
+        self.ids = (f"chatcmpl-{prefix}{i:016x}" for i in itertools.count(1))
+        self.models_body = orjson.dumps(
+            {"object": "list", "data": [_model_object(m) for m in config.models]}
+        )
+
+    # -- draws ----------------------------------------------------------------------------
+
+    def natural_length(self, digest: bytes) -> int:
+        cfg = self.config
+        u1 = (int.from_bytes(digest[0:4], "little") + 0.5) / 2**32
+        u2 = int.from_bytes(digest[4:8], "little") / 2**32
+        z = math.sqrt(-2.0 * math.log(u1)) * math.cos(2.0 * math.pi * u2)
+        n = round(cfg.completion_tokens_median * math.exp(cfg.completion_tokens_sigma * z))
+        return max(1, min(n, cfg.completion_tokens_max))
+
+    def delays(self, fixed_ms: int | None, delayed_tokens: int) -> tuple[float, float]:
+        """(time to first token, delay per later token), in seconds."""
+        cfg = self.config
+        if fixed_ms is None and cfg.latency_scale <= 0:
+            return 0.0, 0.0
+        ttft_ms = cfg.ttft_ms_median
+        if cfg.ttft_sigma > 0 and ttft_ms > 0:
+            ttft_ms *= math.exp(cfg.ttft_sigma * self.rng.gauss(0.0, 1.0))
+        per_token_ms = cfg.inter_token_ms
+        if fixed_ms is None:
+            scale = cfg.latency_scale / 1000.0
+            return ttft_ms * scale, per_token_ms * scale
+        natural = ttft_ms + per_token_ms * delayed_tokens
+        if natural <= 0:
+            return fixed_ms / 1000.0, 0.0
+        factor = fixed_ms / natural / 1000.0
+        return ttft_ms * factor, per_token_ms * factor
+
+
+def _model_object(model: SimModel) -> dict[str, Any]:
+    return {"id": model.name, "object": "model", "created": _MODELS_CREATED, "owned_by": OWNED_BY}
+
+
+_STATE: Final = web.AppKey("tollgate_simulator", _SimState)
+
+
+async def _list_models(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[_STATE].models_body, content_type=_JSON)
+
+
+async def _get_model(request: web.Request) -> web.Response:
+    state = request.app[_STATE]
+    name = request.match_info["model"]
+    model = state.models.get(name)
+    if model is None:
+        return _unknown_model(name).response()
+    return web.Response(body=orjson.dumps(_model_object(model)), content_type=_JSON)
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.Response(body=b'{"status":"ok"}', content_type=_JSON)
+
+
+def _unknown_model(name: str) -> _RequestError:
+    return _RequestError(
+        404,
+        f"The model `{name}` does not exist or you do not have access to it.",
+        param="model",
+        code="model_not_found",
+    )
+
+
+async def _chat_completions(request: web.Request) -> web.StreamResponse:
+    try:
+        return await _complete(request, request.app[_STATE])
+    except _RequestError as exc:
+        return exc.response()
+
+
+async def _complete(request: web.Request, state: _SimState) -> web.StreamResponse:
+    forced_status = _int_header(request, HEADER_STATUS, 400, 599)
+    if forced_status is not None:
+        raise _status_error(forced_status, f"forced by {HEADER_STATUS}")
+    forced_tokens = _int_header(request, HEADER_COMPLETION_TOKENS, 0)
+    fixed_ms = _int_header(request, HEADER_LATENCY_MS, 0)
+    omit_usage = request.headers.get(HEADER_OMIT_USAGE, "").strip().lower() in {"1", "true", "yes"}
+
+    raw = await request.read()
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise _RequestError(400, "The request body is not valid JSON.") from None
+    if not isinstance(body, dict):
+        raise _RequestError(400, "The request body must be a JSON object.")
+
+    model_name = body.get("model")
+    if not isinstance(model_name, str) or not model_name:
+        raise _RequestError(400, "You must provide a model parameter.", param="model")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _RequestError(
+            400, "'messages' must be a non-empty array of messages.", param="messages"
+        )
+    model = state.models.get(model_name)
+    if model is None:
+        raise _unknown_model(model_name)
+    n_choices = body.get("n")
+    if n_choices is not None and (isinstance(n_choices, bool) or n_choices != 1):
+        raise _RequestError(400, "The simulator supports only n=1.", param="n")
+    stream = body.get("stream") or False
+    if not isinstance(stream, bool):
+        raise _RequestError(400, "'stream' must be a boolean.", param="stream")
+    include_usage = False
+    stream_options = body.get("stream_options")
+    if stream_options is not None:
+        if not isinstance(stream_options, dict):
+            raise _RequestError(400, "'stream_options' must be an object.", param="stream_options")
+        if not stream:
+            raise _RequestError(
+                400,
+                "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                param="stream_options",
+            )
+        include_usage = stream_options.get("include_usage") is True
+    limit = _positive_int_param(body, "max_completion_tokens")
+    if limit is None:
+        limit = _positive_int_param(body, "max_tokens")
+    try:
+        prompt_tokens = count_message_tokens(messages)
+    except ValueError as exc:
+        raise _RequestError(400, str(exc), param="messages") from None
+
+    cfg = state.config
+    if cfg.error_rate > 0 and state.rng.random() < cfg.error_rate:
+        raise _status_error(429 if state.rng.random() < 0.5 else 500, "simulated error")
+
+    digest = hashlib.blake2b(orjson.dumps(messages), digest_size=16).digest()
+    natural = forced_tokens if forced_tokens is not None else state.natural_length(digest)
+    cap = model.max_output_tokens if limit is None else min(limit, model.max_output_tokens)
+    completion_tokens = min(natural, cap)
+    finish_reason = "length" if natural > cap else "stop"
+    words = state.filler.words(completion_tokens, int.from_bytes(digest[8:12], "little"))
+    usage = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": 0},
+    }
+    completion_id = next(state.ids)
+    created = int(time.time())
+
+    if stream:
+        return await _stream(
+            request,
+            state,
+            completion_id=completion_id,
+            created=created,
+            model=model.name,
+            words=words,
+            finish_reason=finish_reason,
+            usage=usage if include_usage and not omit_usage else None,
+            fixed_ms=fixed_ms,
+        )
+
+    ttft_s, per_token_s = state.delays(fixed_ms, completion_tokens)
+    delay = ttft_s + per_token_s * completion_tokens
+    if fixed_ms is None:
+        delay = min(delay, cfg.max_latency_ms / 1000.0)
+    if delay > 0:
+        await asyncio.sleep(delay)
+    payload = {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model.name,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": " ".join(words), "refusal": None},
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
+        ],
+        "usage": usage,
+        "system_fingerprint": _SYSTEM_FINGERPRINT,
+    }
+    return web.Response(body=orjson.dumps(payload), content_type=_JSON)
+
+
+def _sse(payload: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+async def _stream(
+    request: web.Request,
+    state: _SimState,
+    *,
+    completion_id: str,
+    created: int,
+    model: str,
+    words: list[str],
+    finish_reason: str,
+    usage: dict[str, Any] | None,
+    fixed_ms: int | None,
+) -> web.StreamResponse:
+    pieces = _chunk_pieces(words)
+    first_tokens = pieces[0][1] if pieces else 0
+    ttft_s, per_token_s = state.delays(fixed_ms, sum(t for _, t in pieces) - first_tokens)
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        payload: dict[str, Any] = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "system_fingerprint": _SYSTEM_FINGERPRINT,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        }
+        if usage is not None:
+            payload["usage"] = None  # as OpenAI does on every chunk when usage is requested
+        return _sse(payload)
+
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream; charset=utf-8",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",
+        }
+    )
+    loop = asyncio.get_running_loop()
+    try:
+        await response.prepare(request)
+        deadline = loop.time() + ttft_s
+        buffer = bytearray()
+        if ttft_s > 0:
+            await asyncio.sleep(ttft_s)
+        buffer += chunk({"role": "assistant", "content": "", "refusal": None})
+        for index, (text, tokens) in enumerate(pieces):
+            if index and per_token_s > 0:
+                deadline += tokens * per_token_s
+                delay = deadline - loop.time()
+                if delay > 0:
+                    if buffer:
+                        await response.write(bytes(buffer))
+                        buffer.clear()
+                    await asyncio.sleep(delay)
+            buffer += chunk({"content": text})
+        buffer += chunk({}, finish_reason)
+        if usage is not None:
+            buffer += _sse(
+                {
+                    "id": completion_id,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": model,
+                    "system_fingerprint": _SYSTEM_FINGERPRINT,
+                    "choices": [],
+                    "usage": usage,
+                }
+            )
+        buffer += _SSE_DONE
+        await response.write(bytes(buffer))
+        await response.write_eof()
+    except ConnectionError:
+        # The client went away mid-stream (aiohttp raises ClientConnectionResetError,
+        # a ConnectionResetError): a normal event for a streaming server, not worth a log.
+        # asyncio.CancelledError (server shutdown) is left to propagate on purpose.
+        log.debug("client disconnected from stream %s", completion_id)
+    return response
+
+
+def create_app(config: SimulatorConfig | None = None) -> web.Application:
+    """The simulator's aiohttp application (not yet started)."""
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app[_STATE] = _SimState(config or SimulatorConfig())
+    app.router.add_get("/v1/models", _list_models)
+    app.router.add_get("/v1/models/{model}", _get_model)
+    app.router.add_post("/v1/chat/completions", _chat_completions)
+    app.router.add_get("/healthz", _healthz)
+    return app
+
+
+async def serve(host: str, port: int, config: SimulatorConfig | None = None) -> None:
+    """Serve the simulator on ``host:port`` until cancelled, then clean up the runner."""
+    runner = web.AppRunner(create_app(config), access_log=None, shutdown_timeout=2.0)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port, backlog=1024)
+        await site.start()
+        addresses = ", ".join(f"{a[0]}:{a[1]}" for a in runner.addresses)
+        log.info("upstream simulator listening on %s", addresses)
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()

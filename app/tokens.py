@@ -1,0 +1,57 @@
+"""Token estimation shared by the dispatcher (reservations, usage-less streams) and the simulator.
+
+A deterministic approximation (about one token per four characters of each
+whitespace-separated chunk), not a real tokenizer: it is used only where the
+provider's own count is not available, and events say so (``usage_estimated``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+MESSAGE_OVERHEAD_TOKENS: Final = 4
+
+
+def count_tokens(text: str) -> int:
+    """Deterministic token estimate: ceil(len / 4) per whitespace-separated chunk.
+
+    Every chunk counts at least 1, the empty string counts 0, and the count is
+    additive over whitespace joins, which is what lets the simulator generate text
+    of an exact token count.
+    """
+    return sum((len(word) + 3) >> 2 for word in text.split())
+
+
+def _content_tokens(content: Any) -> int:
+    """Tokens of one message ``content``; raises ValueError on a malformed content."""
+    if content is None:
+        return 0
+    if isinstance(content, str):
+        return count_tokens(content)
+    if isinstance(content, list):
+        total = 0
+        for part in content:
+            if not isinstance(part, dict):
+                raise ValueError("content parts must be objects")
+            if part.get("type") == "text":
+                text = part.get("text")
+                if not isinstance(text, str):
+                    raise ValueError("a text content part needs a string 'text'")
+                total += count_tokens(text)
+        return total
+    raise ValueError("content must be a string, a list of parts or null")
+
+
+def count_message_tokens(messages: list[Any]) -> int:
+    """Prompt tokens of chat ``messages`` exactly as the simulator reports them.
+
+    :func:`count_tokens` of every text content (string, or the ``text`` of
+    ``{"type": "text"}`` parts; other parts count 0) plus
+    :data:`MESSAGE_OVERHEAD_TOKENS` per message. Raises ValueError on malformed input.
+    """
+    total = 0
+    for message in messages:
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise ValueError("each message must be an object with a string 'role'")
+        total += MESSAGE_OVERHEAD_TOKENS + _content_tokens(message.get("content"))
+    return total
