@@ -1,0 +1,201 @@
+"""Attribution: who a request is for (user, session, feature, team, key).
+
+Owns identity resolution only. Order of authority:
+
+1. API keys, when a keys file is configured: the key's user is authoritative; a
+   client-supplied user may only narrow attribution if the key lists it in
+   ``may_act_for`` (e.g. a backend key acting for its end users). Features are
+   checked against the key's ``features`` when it has that list.
+2. Headers ``X-Tollgate-User``, ``X-Tollgate-Session``, ``X-Tollgate-Feature``.
+3. The body: ``user_id`` or OpenAI's ``user``, ``session_id``, ``metadata.feature``.
+
+Keys file (``TOLLGATE_KEYS_FILE``), secrets stored only as SHA-256 hex::
+
+    keys:
+      - id: backend-prod
+        sha256: 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08
+        user_id: svc-backend
+        team: platform
+        features: [chat, search]        # optional allow-list
+        may_act_for: ["*"]              # optional: end users this key may attribute to
+        admin: false
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from app.errors import forbidden, invalid_request, unauthorized
+
+ANONYMOUS_USER = "anonymous"
+MAX_ID_LENGTH = 256
+
+
+class KeysFileError(ValueError):
+    """The keys file is unreadable or malformed; the message says which entry and field."""
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    id: str
+    sha256: str
+    user_id: str
+    team: str | None = None
+    features: frozenset[str] | None = None
+    may_act_for: frozenset[str] = frozenset()
+    admin: bool = False
+
+    def may_attribute_to(self, user_id: str) -> bool:
+        return user_id == self.user_id or "*" in self.may_act_for or user_id in self.may_act_for
+
+
+@dataclass(frozen=True)
+class Identity:
+    user_id: str
+    session_id: str | None = None
+    feature: str | None = None
+    team: str | None = None
+    api_key_id: str | None = None
+    is_admin: bool = False
+
+
+def hash_key(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+class KeyStore:
+    def __init__(self, keys: list[ApiKey]) -> None:
+        self._by_hash = {key.sha256: key for key in keys}
+
+    @classmethod
+    def load(cls, path: Path) -> KeyStore:
+        try:
+            document = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise KeysFileError(f"cannot read keys file {path}: {exc}") from exc
+        entries = document.get("keys") if isinstance(document, dict) else None
+        if not isinstance(entries, list):
+            raise KeysFileError(f"{path}: expected a top-level 'keys:' list")
+        keys = []
+        for index, entry in enumerate(entries):
+            where = f"{path}: keys[{index}]"
+            if not isinstance(entry, dict):
+                raise KeysFileError(f"{where} must be a mapping")
+            for field in ("id", "sha256", "user_id"):
+                if not isinstance(entry.get(field), str) or not entry[field]:
+                    raise KeysFileError(f"{where}.{field} is missing (a non-empty string)")
+            digest = entry["sha256"].lower()
+            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+                raise KeysFileError(
+                    f"{where}.sha256 must be 64 hex chars (sha256 of the key; "
+                    "`python -c 'import hashlib,sys;print(hashlib.sha256(sys.argv[1].encode())"
+                    ".hexdigest())' KEY`)"
+                )
+            features = entry.get("features")
+            keys.append(
+                ApiKey(
+                    id=entry["id"],
+                    sha256=digest,
+                    user_id=entry["user_id"],
+                    team=entry.get("team"),
+                    features=frozenset(features) if features is not None else None,
+                    may_act_for=frozenset(entry.get("may_act_for") or ()),
+                    admin=bool(entry.get("admin", False)),
+                )
+            )
+        return cls(keys)
+
+    def lookup(self, secret: str) -> ApiKey | None:
+        return self._by_hash.get(hash_key(secret))
+
+
+def _clean(value: Any, name: str) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise invalid_request(f"'{name}' must be a string", param=name)
+    if len(value) > MAX_ID_LENGTH:
+        raise invalid_request(f"'{name}' is longer than {MAX_ID_LENGTH} characters", param=name)
+    return value
+
+
+def bearer_token(headers: Mapping[str, str]) -> str | None:
+    auth = headers.get("Authorization", "")
+    if auth.lower().startswith("bearer "):
+        return auth[7:].strip() or None
+    return headers.get("X-Api-Key") or None
+
+
+def resolve_identity(
+    headers: Mapping[str, str],
+    body: Mapping[str, Any],
+    keys: KeyStore | None,
+    require: str = "none",
+) -> Identity:
+    """Who the request is for; raises ApiError (400/401/403) when it cannot be attributed."""
+    metadata = body.get("metadata")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise invalid_request("'metadata' must be an object of string values", param="metadata")
+    metadata = metadata or {}
+    claimed_user = (
+        _clean(headers.get("X-Tollgate-User"), "X-Tollgate-User")
+        or _clean(body.get("user_id"), "user_id")
+        or _clean(body.get("user"), "user")
+    )
+    session = _clean(headers.get("X-Tollgate-Session"), "X-Tollgate-Session") or _clean(
+        body.get("session_id"), "session_id"
+    )
+    feature = (
+        _clean(headers.get("X-Tollgate-Feature"), "X-Tollgate-Feature")
+        or _clean(metadata.get("feature"), "metadata.feature")
+        or _clean(body.get("feature"), "feature")
+    )
+    team: str | None = None
+    key_id: str | None = None
+    is_admin = False
+    if keys is not None:
+        secret = bearer_token(headers)
+        if not secret:
+            raise unauthorized(
+                "This gateway requires an API key: send 'Authorization: Bearer <key>'"
+            )
+        key = keys.lookup(secret)
+        if key is None:
+            raise unauthorized("The API key is not known to this gateway")
+        if claimed_user and not key.may_attribute_to(claimed_user):
+            raise forbidden(
+                f"API key '{key.id}' may not attribute requests to user {claimed_user!r}; "
+                "omit the user or add it to the key's may_act_for",
+                param="user",
+            )
+        if feature and key.features is not None and feature not in key.features:
+            raise forbidden(
+                f"API key '{key.id}' is not allowed feature {feature!r} "
+                f"(allowed: {', '.join(sorted(key.features))})",
+                param="metadata.feature",
+            )
+        user = claimed_user or key.user_id
+        team, key_id, is_admin = key.team, key.id, key.admin
+    else:
+        user = claimed_user or ""
+    if not user:
+        if require != "none":
+            raise invalid_request(
+                "This gateway requires a user: send header 'X-Tollgate-User', "
+                "or 'user' / 'user_id' in the body",
+                param="user",
+            )
+        user = ANONYMOUS_USER
+    if require == "user_and_feature" and not feature:
+        raise invalid_request(
+            "This gateway requires a feature: send header 'X-Tollgate-Feature' "
+            "or 'metadata.feature' in the body",
+            param="metadata.feature",
+        )
+    return Identity(user, session, feature, team, key_id, is_admin)

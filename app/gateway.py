@@ -1,0 +1,473 @@
+"""The chat pipeline: validate → (attributed request) → upstream → priced usage event.
+
+Owns what happens to one LLM call between the HTTP layer and the events:
+request validation, upstream choice and retry, streaming pass-through with
+usage capture, token estimation when a provider reports none, and building the
+``Request`` and ``Usage`` events. aiohttp specifics stay in ``app.server``; the
+only HTTP type here is the upstream client response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+import orjson
+
+from app.attribution import Identity
+from app.errors import invalid_request, model_not_found, upstream_error, upstream_timeout
+from app.metrics import Metrics
+from app.pricing import PriceCatalog, nanos_to_usd
+from app.producer import EventEmitter
+from app.tokens import count_message_tokens, count_tokens
+from app.upstreams import RETRYABLE_CONNECT_ERRORS, UpstreamPool
+
+log = logging.getLogger(__name__)
+
+# Fields only Tollgate understands; never forwarded to a provider.
+TOLLGATE_ONLY_FIELDS = ("user_id", "session_id")
+NATIVE_ONLY_FIELDS = ("user_id", "session_id", "metadata")
+
+
+def new_id(prefix: str = "") -> str:
+    return prefix + uuid.uuid4().hex
+
+
+def _positive_int(body: Mapping[str, Any], name: str) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise invalid_request(f"'{name}' must be an integer, got {type(value).__name__}", name)
+    if value < 1:
+        raise invalid_request(f"'{name}' must be at least 1, got {value}", name)
+    return value
+
+
+@dataclass
+class ChatRequest:
+    """A validated chat completion request, and the body to forward upstream."""
+
+    model: str
+    upstream_body: dict[str, Any]
+    stream: bool
+    client_wants_usage: bool  # the client itself asked for stream usage
+    max_tokens: int | None
+    prompt_tokens_estimate: int
+
+
+def parse_chat_request(
+    body: Any, *, default_model: str | None = None, native: bool = False
+) -> ChatRequest:
+    """Validate an OpenAI-style chat body; raise a 400 ApiError naming the bad field."""
+    if not isinstance(body, dict):
+        raise invalid_request("The request body must be a JSON object")
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        raise invalid_request("'messages' is required and must be a list of messages", "messages")
+    if not messages:
+        raise invalid_request("'messages' must contain at least one message", "messages")
+    try:
+        prompt_tokens = count_message_tokens(messages)
+    except ValueError as exc:
+        raise invalid_request(f"'messages' is malformed: {exc}", "messages") from None
+    model = body.get("model")
+    if model is None and default_model:
+        model = default_model
+    if not isinstance(model, str) or not model:
+        raise invalid_request("'model' is required and must be a non-empty string", "model")
+    max_tokens = _positive_int(body, "max_completion_tokens") or _positive_int(body, "max_tokens")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise invalid_request("'stream' must be true or false", "stream")
+    stream_options = body.get("stream_options")
+    if stream_options is not None and not isinstance(stream_options, dict):
+        raise invalid_request("'stream_options' must be an object", "stream_options")
+    n = body.get("n")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise invalid_request("'n' must be a positive integer", "n")
+    dropped = NATIVE_ONLY_FIELDS if native else TOLLGATE_ONLY_FIELDS
+    upstream_body = {k: v for k, v in body.items() if k not in dropped}
+    upstream_body["model"] = model
+    client_wants_usage = bool(stream_options and stream_options.get("include_usage"))
+    if stream:
+        # Always ask for usage so streamed calls are costed from the provider's own count.
+        upstream_body["stream_options"] = {**(stream_options or {}), "include_usage": True}
+    return ChatRequest(model, upstream_body, stream, client_wants_usage, max_tokens, prompt_tokens)
+
+
+@dataclass
+class Call:
+    """One LLM call in flight and everything its events will say."""
+
+    request_id: str
+    endpoint: str
+    identity: Identity
+    chat: ChatRequest
+    started: float = field(default_factory=time.monotonic)
+    upstream: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cached_tokens: int = 0
+    usage_estimated: bool = False
+    ttft_ms: int | None = None
+    status: str = "ok"
+    http_status: int = 200
+    error_type: str | None = None
+    generated_text: list[str] = field(default_factory=list)
+    client_headers: Mapping[str, str] = field(default_factory=dict)
+    finished: bool = False
+
+    def take_usage(self, usage: Any) -> None:
+        if not isinstance(usage, dict):
+            return
+        prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
+        completion = usage.get("completion_tokens", usage.get("output_tokens"))
+        if isinstance(prompt, int) and isinstance(completion, int):
+            self.prompt_tokens, self.completion_tokens = prompt, completion
+            details = usage.get("prompt_tokens_details") or {}
+            cached = details.get("cached_tokens") if isinstance(details, dict) else None
+            self.cached_tokens = cached if isinstance(cached, int) else 0
+
+
+class SseRelay:
+    """Splits an upstream SSE byte stream into events, captures usage and content.
+
+    Returns the bytes to forward for each fed chunk (whole events only), dropping
+    the usage-only chunk when the gateway asked for it and the client did not.
+    """
+
+    def __init__(self, call: Call) -> None:
+        self.call = call
+        self.buffer = b""
+        self.drop_usage_chunk = not call.chat.client_wants_usage
+
+    def feed(self, data: bytes) -> bytes:
+        self.buffer += data
+        if b"\n\n" not in self.buffer:
+            return b""
+        *events, self.buffer = self.buffer.replace(b"\r\n", b"\n").split(b"\n\n")
+        out = []
+        for event in events:
+            if self._inspect(event):
+                out.append(event + b"\n\n")
+        return b"".join(out)
+
+    def flush(self) -> bytes:
+        rest, self.buffer = self.buffer, b""
+        return rest
+
+    def _inspect(self, event: bytes) -> bool:
+        """Record what the event says; return whether to forward it."""
+        for line in event.split(b"\n"):
+            if not line.startswith(b"data:"):
+                continue
+            payload = line[5:].strip()
+            if not payload or payload == b"[DONE]":
+                continue
+            try:
+                chunk = orjson.loads(payload)
+            except orjson.JSONDecodeError:
+                continue
+            if not isinstance(chunk, dict):
+                continue
+            choices = chunk.get("choices") or []
+            for choice in choices:
+                delta = choice.get("delta") if isinstance(choice, dict) else None
+                content = delta.get("content") if isinstance(delta, dict) else None
+                if content:
+                    if self.call.ttft_ms is None:
+                        self.call.ttft_ms = int((time.monotonic() - self.call.started) * 1000)
+                    self.call.generated_text.append(content)
+            usage = chunk.get("usage")
+            if usage:
+                self.call.take_usage(usage)
+                if self.drop_usage_chunk and not choices:
+                    return False
+        return True
+
+
+StreamWriter = Callable[[bytes], Awaitable[None]]
+
+
+class Gateway:
+    """Runs calls against upstreams and turns them into priced, emitted events."""
+
+    def __init__(
+        self,
+        upstreams: UpstreamPool,
+        prices: PriceCatalog,
+        emitter: EventEmitter,
+        metrics: Metrics,
+    ) -> None:
+        self.upstreams = upstreams
+        self.prices = prices
+        self.emitter = emitter
+        self.metrics = metrics
+
+    # -- events ---------------------------------------------------------------------
+    def emit_request(
+        self,
+        *,
+        request_id: str,
+        endpoint: str,
+        identity: Identity,
+        chat: ChatRequest | None,
+        status: str,
+        reason: str | None = None,
+    ) -> None:
+        record = {
+            "event_id": new_id(),
+            "ts": datetime.now(UTC),
+            "request_id": request_id,
+            "user_id": identity.user_id,
+            "session_id": identity.session_id,
+            "feature": identity.feature,
+            "team": identity.team,
+            "api_key_id": identity.api_key_id,
+            "endpoint": endpoint,
+            "model_requested": chat.model if chat else None,
+            "model_served": chat.model if chat and status == "accepted" else None,
+            "tier": self.prices.tier(chat.model) if chat else None,
+            "stream": chat.stream if chat else False,
+            "prompt_tokens_estimated": chat.prompt_tokens_estimate if chat else 0,
+            "max_tokens": chat.max_tokens if chat else None,
+            "status": status,
+            "reason": reason,
+        }
+        self.emitter.emit("Request", "requests", identity.user_id, record)
+
+    def usage_record(
+        self,
+        *,
+        request_id: str,
+        identity: Identity,
+        model: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+        cached_tokens: int = 0,
+        provider: str | None = None,
+        model_requested: str | None = None,
+        source: str = "dispatcher",
+        ts: datetime | None = None,
+        **extra: Any,
+    ) -> dict[str, Any]:
+        """A priced Usage record; the one place usage is costed (dispatcher and /v1/usage)."""
+        cost = self.prices.cost(model, prompt_tokens, completion_tokens, cached_tokens)
+        record: dict[str, Any] = {
+            "event_id": new_id(),
+            "ts": ts or datetime.now(UTC),
+            "request_id": request_id,
+            "user_id": identity.user_id,
+            "session_id": identity.session_id,
+            "feature": identity.feature,
+            "team": identity.team,
+            "api_key_id": identity.api_key_id,
+            "source": source,
+            "provider": provider,
+            "model_requested": model_requested or model,
+            "model_served": model,
+            "tier": cost.tier,
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "cached_tokens": cached_tokens,
+            "cost_usd_nanos": cost.cost_usd_nanos,
+            "baseline_cost_usd_nanos": cost.baseline_cost_usd_nanos,
+            "baseline_model": self.prices.baseline_model,
+            "prompt_cache_saved_usd_nanos": cost.prompt_cache_saved_usd_nanos,
+            "price_unknown": cost.price_unknown,
+            **extra,
+        }
+        m = self.metrics
+        if cost.price_unknown:
+            m.price_unknown.labels(model).inc()
+        else:
+            m.spend.labels(model).inc(float(nanos_to_usd(cost.cost_usd_nanos)))
+        m.baseline_spend.labels(model).inc(float(nanos_to_usd(cost.baseline_cost_usd_nanos)))
+        m.tokens.labels(model, "prompt").inc(prompt_tokens)
+        m.tokens.labels(model, "completion").inc(completion_tokens)
+        if cached_tokens:
+            m.tokens.labels(model, "cached").inc(cached_tokens)
+        return record
+
+    def finish(self, call: Call) -> None:
+        """Emit the call's Usage event exactly once, whatever happened to it."""
+        if call.finished:
+            return
+        call.finished = True
+        if call.prompt_tokens is None or call.completion_tokens is None:
+            # No provider count (error, disconnect, or a provider that omits usage).
+            call.usage_estimated = call.status == "ok" or bool(call.generated_text)
+            call.prompt_tokens = call.chat.prompt_tokens_estimate if call.upstream else 0
+            call.completion_tokens = count_tokens("".join(call.generated_text))
+            if call.status != "ok" and not call.generated_text:
+                call.prompt_tokens = 0  # the provider generated nothing; assume nothing billed
+        record = self.usage_record(
+            request_id=call.request_id,
+            identity=call.identity,
+            model=call.chat.model,
+            prompt_tokens=call.prompt_tokens,
+            completion_tokens=call.completion_tokens,
+            cached_tokens=call.cached_tokens,
+            provider=call.upstream,
+            usage_estimated=call.usage_estimated,
+            stream=call.chat.stream,
+            latency_ms=int((time.monotonic() - call.started) * 1000),
+            ttft_ms=call.ttft_ms,
+            status=call.status,
+            http_status=call.http_status,
+            error_type=call.error_type,
+        )
+        self.emitter.emit("Usage", "usage", call.identity.user_id, record)
+
+    # -- the call ---------------------------------------------------------------------
+    def begin(
+        self,
+        request_id: str,
+        endpoint: str,
+        identity: Identity,
+        chat: ChatRequest,
+        client_headers: Mapping[str, str] | None = None,
+    ) -> Call:
+        if not self.upstreams.candidates(chat.model):
+            raise model_not_found(chat.model, self.upstreams.known_models())
+        self.emit_request(
+            request_id=request_id,
+            endpoint=endpoint,
+            identity=identity,
+            chat=chat,
+            status="accepted",
+        )
+        return Call(
+            request_id=request_id,
+            endpoint=endpoint,
+            identity=identity,
+            chat=chat,
+            client_headers=client_headers or {},
+        )
+
+    async def open_upstream(self, call: Call) -> aiohttp.ClientResponse:
+        """POST to the first upstream that accepts the connection (one retry elsewhere)."""
+        candidates = self.upstreams.candidates(call.chat.model)[:2]
+        payload = orjson.dumps(call.chat.upstream_body)
+        last_error: Exception | None = None
+        for upstream in candidates:
+            call.upstream = upstream.name
+            try:
+                return await upstream.session.post(
+                    upstream.chat_url,
+                    data=payload,
+                    headers=upstream.request_headers(call.client_headers),
+                )
+            except RETRYABLE_CONNECT_ERRORS as exc:
+                self.metrics.upstream_errors.labels(upstream.name, "connect").inc()
+                log.warning(
+                    "upstream unreachable",
+                    extra={"upstream": upstream.name, "error": repr(exc)},
+                )
+                last_error = exc
+            except TimeoutError as exc:
+                self.metrics.upstream_errors.labels(upstream.name, "timeout").inc()
+                call.status, call.http_status, call.error_type = "timeout", 504, "upstream_timeout"
+                raise upstream_timeout(
+                    f"Upstream {upstream.name!r} did not answer in time"
+                ) from exc
+            except aiohttp.ClientError as exc:
+                self.metrics.upstream_errors.labels(upstream.name, "connect").inc()
+                last_error = exc
+                break  # the request may have reached the provider: do not retry
+        call.status, call.http_status, call.error_type = "error", 502, "upstream_error"
+        names = ", ".join(u.name for u in candidates)
+        raise upstream_error(
+            f"No upstream serving {call.chat.model!r} could be reached ({names}): {last_error}"
+        )
+
+    async def _post(self, upstream: Upstream, payload: bytes) -> aiohttp.ClientResponse:
+        return await upstream.session.post(
+            upstream.chat_url, data=payload, headers=upstream.headers
+        )
+
+    def record_upstream_status(self, call: Call, response: aiohttp.ClientResponse) -> None:
+        if response.status >= 400:
+            kind = "http_5xx" if response.status >= 500 else "http_4xx"
+            self.metrics.upstream_errors.labels(call.upstream or "?", kind).inc()
+            call.status, call.http_status = "error", response.status
+            call.error_type = f"upstream_http_{response.status}"
+        else:
+            call.http_status = response.status
+
+    async def complete(self, call: Call) -> tuple[int, bytes, str]:
+        """Non-streamed call: (status, body bytes passed through unchanged, content type)."""
+        response = await self.open_upstream(call)
+        started = time.monotonic()
+        try:
+            body = await response.read()
+        except TimeoutError as exc:
+            call.status, call.http_status, call.error_type = "timeout", 504, "upstream_timeout"
+            raise upstream_timeout(f"Upstream {call.upstream!r} stopped answering") from exc
+        except aiohttp.ClientError as exc:
+            call.status, call.http_status, call.error_type = "error", 502, "upstream_error"
+            raise upstream_error(f"Upstream {call.upstream!r} broke the connection: {exc}") from exc
+        finally:
+            response.release()
+            self.metrics.upstream_latency.labels(call.upstream or "?").observe(
+                time.monotonic() - started
+            )
+        self.record_upstream_status(call, response)
+        if response.status < 400:
+            try:
+                parsed = orjson.loads(body)
+            except orjson.JSONDecodeError:
+                parsed = None
+            if isinstance(parsed, dict):
+                call.take_usage(parsed.get("usage"))
+                for choice in parsed.get("choices") or []:
+                    message = choice.get("message") if isinstance(choice, dict) else None
+                    content = message.get("content") if isinstance(message, dict) else None
+                    if isinstance(content, str):
+                        call.generated_text.append(content)
+        content_type = response.headers.get("Content-Type", "application/json")
+        return response.status, body, content_type
+
+    async def relay_stream(
+        self,
+        call: Call,
+        response: aiohttp.ClientResponse,
+        write: StreamWriter,
+    ) -> None:
+        """Pass an upstream SSE stream through chunk by chunk, capturing usage on the way.
+
+        A client that goes away raises from ``write``; the call is then marked
+        ``client_disconnected`` and the upstream connection is closed, so the
+        provider stops generating. Usage is emitted by ``finish`` either way.
+        """
+        relay = SseRelay(call)
+        try:
+            async for data in response.content.iter_any():
+                out = relay.feed(data)
+                if out:
+                    await write(out)
+            tail = relay.flush()
+            if tail:
+                await write(tail)
+        except (ConnectionError, asyncio.CancelledError):
+            call.status, call.error_type = "client_disconnected", "client_disconnected"
+            response.close()
+            raise
+        except TimeoutError:
+            call.status, call.error_type = "timeout", "upstream_timeout"
+            response.close()
+        except aiohttp.ClientPayloadError as exc:
+            call.status, call.error_type = "error", "upstream_stream_broken"
+            log.warning(
+                "upstream stream broke", extra={"upstream": call.upstream, "error": str(exc)}
+            )
+        finally:
+            response.release()

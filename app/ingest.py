@@ -1,0 +1,186 @@
+"""Validation of usage and outcome reports from other services (`/v1/usage`, `/v1/outcomes`).
+
+Owns the accepted shapes of those reports. A batch is validated whole before
+anything is emitted, so a bad record rejects the batch (400 naming the index
+and field) instead of writing part of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from app.attribution import Identity
+from app.errors import ApiError, invalid_request
+from app.gateway import new_id
+from app.pricing import usd_to_nanos
+
+MAX_BATCH = 1000
+MAX_CLOCK_SKEW = timedelta(minutes=5)
+USAGE_STATUSES = ("ok", "error", "client_disconnected", "timeout")
+
+IdentityResolver = Callable[[Mapping[str, Any]], Identity]
+
+
+def _records(body: Any, list_key: str, what: str) -> list[Any]:
+    if isinstance(body, list):
+        records = body
+    elif isinstance(body, dict) and list_key in body:
+        records = body[list_key]
+        if not isinstance(records, list):
+            raise invalid_request(f"'{list_key}' must be a list of {what}", list_key)
+    elif isinstance(body, dict):
+        records = [body]
+    else:
+        raise invalid_request(f"Send one {what[:-1]} object, a list, or {{'{list_key}': [...]}}")
+    if not records:
+        raise invalid_request(f"The batch has no {what}", list_key)
+    if len(records) > MAX_BATCH:
+        raise invalid_request(
+            f"At most {MAX_BATCH} {what} per request, got {len(records)}", list_key
+        )
+    return records
+
+
+class _Fields:
+    """Typed access to one record's fields; errors name `records[i].field`."""
+
+    def __init__(self, record: Any, where: str) -> None:
+        if not isinstance(record, dict):
+            raise invalid_request(f"{where} must be an object", where)
+        self.record = record
+        self.where = where
+
+    def error(self, name: str, message: str) -> ApiError:
+        return invalid_request(f"{self.where}.{name} {message}", f"{self.where}.{name}")
+
+    def count(self, *names: str, required: bool = True) -> int:
+        for name in names:
+            value = self.record.get(name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise self.error(name, f"must be a non-negative integer, got {value!r}")
+            return value
+        if required:
+            raise self.error(names[0], "is required (an integer token count)")
+        return 0
+
+    def text(self, name: str, *, required: bool = False) -> str | None:
+        value = self.record.get(name)
+        if value is None or value == "":
+            if required:
+                raise self.error(name, "is required (a non-empty string)")
+            return None
+        if not isinstance(value, str) or len(value) > 256:
+            raise self.error(name, "must be a string of at most 256 characters")
+        return value
+
+    def choice(self, name: str, allowed: tuple[str, ...], default: str | None = None) -> str:
+        value = self.record.get(name, default)
+        if value not in allowed:
+            raise self.error(name, f"must be one of {', '.join(allowed)}, got {value!r}")
+        return str(value)
+
+    def timestamp(self, name: str = "ts") -> datetime:
+        value = self.record.get(name)
+        now = datetime.now(UTC)
+        if value is None:
+            return now
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, int | float):
+                parsed = datetime.fromtimestamp(value / 1000, UTC)
+            elif isinstance(value, str):
+                parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+                if parsed.tzinfo is None:
+                    parsed = parsed.replace(tzinfo=UTC)
+            else:
+                raise ValueError
+        except (ValueError, OverflowError, OSError):
+            raise self.error(
+                name,
+                f"must be ISO 8601 (2026-01-31T12:00:00Z) or epoch milliseconds, got {value!r}",
+            ) from None
+        if parsed > now + MAX_CLOCK_SKEW:
+            raise self.error(name, f"is in the future ({parsed.isoformat()}); check the clock")
+        return parsed
+
+    def metadata(self) -> dict[str, str]:
+        value = self.record.get("metadata") or {}
+        if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+        ):
+            raise self.error("metadata", "must be an object of string values")
+        return value
+
+    def usd_nanos(self, name: str) -> int | None:
+        value = self.record.get(name)
+        if value is None:
+            return None
+        try:
+            if isinstance(value, bool):
+                raise InvalidOperation
+            amount = Decimal(str(value))
+        except InvalidOperation:
+            raise self.error(name, f"must be a number of USD, got {value!r}") from None
+        if amount < 0 or not amount.is_finite():
+            raise self.error(name, "must be a non-negative number of USD")
+        return usd_to_nanos(amount)
+
+
+def parse_usage_reports(body: Any, resolve: IdentityResolver) -> list[dict[str, Any]]:
+    """Validated keyword arguments for ``Gateway.usage_record``, one per reported call."""
+    reports = []
+    for index, record in enumerate(_records(body, "records", "usage records")):
+        f = _Fields(record, f"records[{index}]")
+        prompt = f.count("prompt_tokens", "input_tokens")
+        cached = f.count("cached_tokens", required=False)
+        if cached > prompt:
+            raise f.error("cached_tokens", f"({cached}) cannot exceed prompt_tokens ({prompt})")
+        latency = f.count("latency_ms", required=False)
+        reports.append(
+            {
+                "identity": resolve(record),
+                "model": f.text("model", required=True),
+                "prompt_tokens": prompt,
+                "completion_tokens": f.count("completion_tokens", "output_tokens"),
+                "cached_tokens": cached,
+                "request_id": f.text("request_id") or new_id("rep_"),
+                "provider": f.text("provider"),
+                "ts": f.timestamp(),
+                "latency_ms": min(latency, 2**31 - 1),
+                "status": f.choice("status", USAGE_STATUSES, default="ok"),
+                "metadata": f.metadata(),
+            }
+        )
+    return reports
+
+
+def parse_outcomes(body: Any, resolve: IdentityResolver) -> list[dict[str, Any]]:
+    """Validated ``Outcome`` records."""
+    outcomes = []
+    for index, record in enumerate(_records(body, "outcomes", "outcomes")):
+        f = _Fields(record, f"outcomes[{index}]")
+        request_id, session_id = f.text("request_id"), f.text("session_id")
+        if not request_id and not session_id:
+            raise f.error("request_id", "or session_id is required to link the outcome to spend")
+        identity = resolve(record)
+        outcomes.append(
+            {
+                "event_id": new_id(),
+                "ts": f.timestamp(),
+                "request_id": request_id,
+                "session_id": session_id,
+                "user_id": None if identity.user_id == "anonymous" else identity.user_id,
+                "feature": identity.feature,
+                "outcome": f.choice("outcome", ("success", "failure")),
+                "kind": f.text("kind"),
+                "value_usd_nanos": f.usd_nanos("value_usd"),
+                "metadata": f.metadata(),
+            }
+        )
+    return outcomes

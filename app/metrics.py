@@ -1,0 +1,85 @@
+"""Prometheus metrics of one dispatcher (its own registry, no module-level state)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "tollgate_requests",
+            "HTTP requests by route and status",
+            ["route", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "tollgate_request_duration_seconds",
+            "HTTP request latency by route (streams: until the last byte)",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_latency = Histogram(
+            "tollgate_upstream_duration_seconds",
+            "Upstream call latency by upstream",
+            ["upstream"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "tollgate_upstream_errors",
+            "Upstream failures by upstream and kind (connect, timeout, http_4xx, http_5xx)",
+            ["upstream", "kind"],
+            registry=r,
+        )
+        self.spend = Counter(
+            "tollgate_spend_usd", "Spend in USD by served model", ["model"], registry=r
+        )
+        self.baseline_spend = Counter(
+            "tollgate_baseline_spend_usd",
+            "Baseline-model cost in USD by served model",
+            ["model"],
+            registry=r,
+        )
+        self.tokens = Counter(
+            "tollgate_tokens",
+            "Tokens by model and kind (prompt, completion, cached)",
+            ["model", "kind"],
+            registry=r,
+        )
+        self.price_unknown = Counter(
+            "tollgate_price_unknown_usage",
+            "Usage events of models with no known price (cost not counted!)",
+            ["model"],
+            registry=r,
+        )
+        self.events_delivered = Counter(
+            "tollgate_events_delivered", "Events acknowledged by Kafka", registry=r
+        )
+        self.spool_depth = Gauge(
+            "tollgate_spool_depth",
+            "Events spooled on disk, not yet acknowledged by Kafka",
+            registry=r,
+        )
+        self.spool_bytes = Gauge(
+            "tollgate_spool_bytes", "Bytes of undelivered events on disk", registry=r
+        )
+        self.kafka_connected = Gauge(
+            "tollgate_kafka_connected",
+            "1 when the event producer is connected to Kafka",
+            registry=r,
+        )
+
+    def bind_spool(self, depth: Callable[[], float], size: Callable[[], float]) -> None:
+        self.spool_depth.set_function(depth)
+        self.spool_bytes.set_function(size)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

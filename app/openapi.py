@@ -1,0 +1,184 @@
+"""The OpenAPI 3 document of the dispatcher's routes (a test keeps it in step with the router)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+ERROR = {"$ref": "#/components/schemas/Error"}
+
+
+def _json(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*statuses: int) -> dict[str, Any]:
+    return {str(s): {"description": "Error", **_json(ERROR)} for s in statuses}
+
+
+MESSAGE = {
+    "type": "object",
+    "required": ["role"],
+    "properties": {"role": {"type": "string"}, "content": {}},
+}
+CHAT_BODY = {
+    "type": "object",
+    "required": ["messages"],
+    "properties": {
+        "model": {"type": "string"},
+        "messages": {"type": "array", "minItems": 1, "items": MESSAGE},
+        "max_tokens": {"type": "integer", "minimum": 1},
+        "max_completion_tokens": {"type": "integer", "minimum": 1},
+        "stream": {"type": "boolean"},
+        "stream_options": {"type": "object"},
+        "user": {"type": "string", "description": "Attributed user (OpenAI field)."},
+        "user_id": {"type": "string"},
+        "session_id": {"type": "string"},
+        "metadata": {"type": "object", "properties": {"feature": {"type": "string"}}},
+    },
+}
+USAGE_RECORD = {
+    "type": "object",
+    "required": ["model", "prompt_tokens", "completion_tokens"],
+    "properties": {
+        "model": {"type": "string"},
+        "prompt_tokens": {"type": "integer", "minimum": 0},
+        "completion_tokens": {"type": "integer", "minimum": 0},
+        "cached_tokens": {"type": "integer", "minimum": 0},
+        "user_id": {"type": "string"},
+        "session_id": {"type": "string"},
+        "feature": {"type": "string"},
+        "request_id": {"type": "string"},
+        "provider": {"type": "string"},
+        "ts": {"description": "ISO 8601 or epoch milliseconds"},
+        "latency_ms": {"type": "integer", "minimum": 0},
+        "status": {"type": "string", "enum": ["ok", "error", "client_disconnected", "timeout"]},
+        "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
+    },
+}
+OUTCOME = {
+    "type": "object",
+    "required": ["outcome"],
+    "properties": {
+        "request_id": {"type": "string"},
+        "session_id": {"type": "string"},
+        "outcome": {"type": "string", "enum": ["success", "failure"]},
+        "kind": {"type": "string"},
+        "value_usd": {"type": "number", "minimum": 0},
+        "ts": {"description": "ISO 8601 or epoch milliseconds"},
+        "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
+    },
+}
+ATTRIBUTION_HEADERS = [
+    {"name": h, "in": "header", "required": False, "schema": {"type": "string"}}
+    for h in ("X-Tollgate-User", "X-Tollgate-Session", "X-Tollgate-Feature")
+]
+
+
+def _chat_operation(summary: str) -> dict[str, Any]:
+    return {
+        "summary": summary,
+        "parameters": ATTRIBUTION_HEADERS,
+        "requestBody": {"required": True, **_json(CHAT_BODY)},
+        "responses": {
+            "200": {
+                "description": "Completion (JSON) or stream (text/event-stream)",
+                "headers": {"X-Request-Id": {"schema": {"type": "string"}}},
+            },
+            **_errors(400, 401, 403, 404, 413, 502, 504),
+        },
+    }
+
+
+def openapi_document() -> dict[str, Any]:
+    accepted = {
+        "202": {"description": "Accepted and queued for delivery", **_json({"type": "object"})}
+    }
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "Tollgate dispatcher", "version": "0.1.0"},
+        "paths": {
+            "/v1/chat/completions": {"post": _chat_operation("OpenAI-compatible chat completion")},
+            "/v1/dispatch": {"post": _chat_operation("Native chat API; model is optional")},
+            "/v1/usage": {
+                "post": {
+                    "summary": "Report usage of calls made outside the gateway (one or a batch)",
+                    "parameters": ATTRIBUTION_HEADERS,
+                    "requestBody": {
+                        "required": True,
+                        **_json(
+                            {
+                                "oneOf": [
+                                    USAGE_RECORD,
+                                    {"type": "array", "items": USAGE_RECORD},
+                                    {
+                                        "type": "object",
+                                        "properties": {
+                                            "records": {"type": "array", "items": USAGE_RECORD}
+                                        },
+                                    },
+                                ]
+                            }
+                        ),
+                    },
+                    "responses": {**accepted, **_errors(400, 401, 403, 413)},
+                }
+            },
+            "/v1/outcomes": {
+                "post": {
+                    "summary": "Record business outcomes for cost per successful outcome",
+                    "requestBody": {
+                        "required": True,
+                        **_json({"oneOf": [OUTCOME, {"type": "array", "items": OUTCOME}]}),
+                    },
+                    "responses": {**accepted, **_errors(400, 401, 413)},
+                }
+            },
+            "/v1/models": {
+                "get": {"summary": "Models served", "responses": {"200": {"description": "List"}}}
+            },
+            "/healthz": {
+                "get": {"summary": "Liveness", "responses": {"200": {"description": "Alive"}}}
+            },
+            "/readyz": {
+                "get": {
+                    "summary": "Readiness: prices loaded and Kafka connected or spool usable",
+                    "responses": {
+                        "200": {"description": "Ready"},
+                        "503": {"description": "Not ready"},
+                    },
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics",
+                    "responses": {"200": {"description": "Text format"}},
+                }
+            },
+            "/openapi.json": {
+                "get": {
+                    "summary": "This document",
+                    "responses": {"200": {"description": "OpenAPI 3"}},
+                }
+            },
+        },
+        "components": {
+            "schemas": {
+                "Error": {
+                    "type": "object",
+                    "required": ["error"],
+                    "properties": {
+                        "error": {
+                            "type": "object",
+                            "required": ["type", "message"],
+                            "properties": {
+                                "type": {"type": "string"},
+                                "message": {"type": "string"},
+                                "param": {"type": "string", "nullable": True},
+                                "code": {"type": "string", "nullable": True},
+                            },
+                        }
+                    },
+                }
+            }
+        },
+    }

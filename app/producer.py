@@ -1,0 +1,191 @@
+"""Event emission: every event is written to the disk spool first, then shipped to Kafka.
+
+Owns the delivery guarantee from the dispatcher to Kafka. ``emit`` encodes the
+event and appends it to the spool (a write-ahead log; see ``app/spool.py`` for
+its fsync policy) and returns: the request path never waits on the broker. A
+drain task sends spooled records to Kafka in order (aiokafka, ``acks=all``,
+idempotent producer) and acknowledges them in the spool only once Kafka has
+acknowledged them. So:
+
+- a broker outage only grows the spool (``tollgate_spool_depth``); the drain
+  resumes in order when the broker is back;
+- a dispatcher crash loses nothing that ``emit`` returned for: un-acked records
+  are re-sent at the next start (at-least-once; consumers de-duplicate by
+  ``event_id``);
+- a clean shutdown drains what it can within ``shutdown_timeout_s`` and keeps
+  the rest on disk for the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+
+from app.codec import EventCodec
+from app.settings import Settings
+from app.spool import Spool, SpooledRecord
+
+log = logging.getLogger(__name__)
+
+DRAIN_BATCH = 500
+RETRY_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+class EventEmitter:
+    def __init__(
+        self,
+        settings: Settings,
+        codec: EventCodec,
+        *,
+        spool: Spool | None = None,
+        on_delivered: Callable[[int], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.codec = codec
+        self.spool = spool or Spool(
+            settings.spool_dir, max_bytes=settings.spool_max_bytes, fsync=settings.spool_fsync
+        )
+        self._on_delivered = on_delivered
+        self._wake = asyncio.Event()
+        self._producer: AIOKafkaProducer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self.kafka_connected = False
+        self.delivered_total = 0
+        self.last_error: str | None = None
+
+    # -- request path ---------------------------------------------------------------
+    def emit(
+        self, event_type: str, topic_suffix: str, key: str | None, record: Mapping[str, Any]
+    ) -> int:
+        """Encode and durably queue one event; returns its spool sequence number."""
+        value = self.codec.encode(event_type, record)
+        seq = self.spool.append(
+            self.settings.topic(topic_suffix),
+            key.encode() if key is not None else None,
+            value,
+            int(time.time() * 1000),
+        )
+        self._wake.set()
+        return seq
+
+    @property
+    def depth(self) -> int:
+        """Events not yet acknowledged by Kafka."""
+        return self.spool.depth
+
+    # -- lifecycle --------------------------------------------------------------------
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._drain_forever(), name="tollgate-event-drain")
+        if self.spool.depth:
+            log.info("resuming delivery of spooled events", extra={"depth": self.spool.depth})
+            self._wake.set()
+
+    async def stop(self, shutdown_timeout_s: float = 10.0) -> None:
+        """Drain what Kafka accepts within the timeout; the rest stays spooled on disk."""
+        deadline = time.monotonic() + shutdown_timeout_s
+        while self.spool.depth and self.kafka_connected and time.monotonic() < deadline:
+            self._wake.set()
+            await asyncio.sleep(0.05)
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._close_producer()
+        self.spool.flush()
+        if self.spool.depth:
+            log.warning(
+                "stopped with undelivered events kept in the spool; they are sent at next start",
+                extra={"depth": self.spool.depth, "spool": str(self.spool.directory)},
+            )
+        self.spool.close()
+
+    # -- drain -----------------------------------------------------------------------------
+    async def _ensure_producer(self) -> AIOKafkaProducer:
+        if self._producer is not None:
+            return self._producer
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self.settings.kafka_bootstrap,
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=5,
+            request_timeout_ms=10_000,
+            max_batch_size=256 * 1024,
+        )
+        try:
+            await producer.start()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await producer.stop()
+            raise
+        self._producer = producer
+        return producer
+
+    async def _close_producer(self) -> None:
+        producer, self._producer = self._producer, None
+        self.kafka_connected = False
+        if producer is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(producer.stop(), 5)
+
+    async def _send_batch(self, producer: AIOKafkaProducer, records: list[SpooledRecord]) -> int:
+        """Send in order; return the seq up to which Kafka acknowledged every record (or -1)."""
+        futures = [
+            await producer.send(r.topic, r.value, key=r.key, timestamp_ms=r.timestamp_ms)
+            for r in records
+        ]
+        acked = -1
+        for record, future in zip(records, futures, strict=True):
+            await future  # a failure raises; later records are re-sent (at-least-once)
+            acked = record.seq
+        return acked
+
+    async def _drain_forever(self) -> None:
+        attempt = 0
+        while not self._stopping:
+            try:
+                producer = await self._ensure_producer()
+                if not self.kafka_connected:
+                    log.info(
+                        "Kafka reachable; delivering events", extra={"depth": self.spool.depth}
+                    )
+                self.kafka_connected = True
+                if not self.spool.depth:
+                    self._wake.clear()
+                    if not self.spool.depth:
+                        await self._wake.wait()
+                    continue
+                records = self.spool.peek(DRAIN_BATCH)
+                acked = await self._send_batch(producer, records)
+                if acked >= 0:
+                    self.spool.ack(acked)
+                    self.delivered_total += len(records)
+                    if self._on_delivered:
+                        self._on_delivered(len(records))
+                self.last_error = None
+                attempt = 0
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # broker down, timeouts, metadata errors
+                if self.kafka_connected or attempt == 0:
+                    log.warning(
+                        "Kafka unavailable; events are kept in the spool and retried",
+                        extra={"error": repr(exc), "depth": self.spool.depth},
+                    )
+                self.last_error = repr(exc)
+                await self._close_producer()
+                delay = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]
+                attempt += 1
+                await asyncio.sleep(delay)
+
+    async def probe_kafka(self) -> bool:
+        """True when the producer is connected (used by /readyz)."""
+        return self.kafka_connected

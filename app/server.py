@@ -1,0 +1,343 @@
+"""The dispatcher's HTTP API (aiohttp). Handlers are thin: parse, call the owner module, answer.
+
+Routes: ``POST /v1/chat/completions`` (OpenAI-compatible), ``POST /v1/dispatch``
+(native), ``POST /v1/usage``, ``POST /v1/outcomes``, ``GET /v1/models``,
+``GET /healthz``, ``GET /readyz``, ``GET /metrics``, ``GET /openapi.json``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from app.attribution import Identity, KeyStore, resolve_identity
+from app.codec import build_codec
+from app.errors import ApiError, invalid_request
+from app.gateway import Call, ChatRequest, Gateway, new_id, parse_chat_request
+from app.ingest import parse_outcomes, parse_usage_reports
+from app.metrics import Metrics
+from app.openapi import openapi_document
+from app.pricing import PriceCatalog
+from app.producer import EventEmitter
+from app.settings import Settings
+from app.upstreams import UpstreamPool
+
+log = logging.getLogger(__name__)
+
+JSON = "application/json"
+
+
+@dataclass
+class Components:
+    settings: Settings
+    metrics: Metrics
+    emitter: EventEmitter
+    upstreams: UpstreamPool
+    prices: PriceCatalog
+    gateway: Gateway
+    keys: KeyStore | None
+
+
+COMPONENTS = web.AppKey("components", Components)
+REQUEST_ID = web.RequestKey("request_id", str)
+
+
+def json_response(
+    payload: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(payload), status=status, content_type=JSON, headers=headers
+    )
+
+
+def error_response(error: ApiError) -> web.Response:
+    return json_response(error.body(), status=error.status)
+
+
+# -- middleware ----------------------------------------------------------------------
+@web.middleware
+async def api_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    request_id = new_id("req_")
+    request[REQUEST_ID] = request_id
+    metrics = request.app[COMPONENTS].metrics
+    route = (
+        request.match_info.route.resource.canonical
+        if request.match_info.route.resource
+        else "unmatched"
+    )
+    started = time.monotonic()
+    try:
+        response = await handler(request)
+    except ApiError as exc:
+        response = error_response(exc)
+    except web.HTTPRequestEntityTooLarge as exc:
+        limit = request.app[COMPONENTS].settings.max_body_bytes
+        response = error_response(
+            ApiError(
+                413,
+                "request_too_large",
+                f"The request body is larger than {limit} bytes (TOLLGATE_MAX_BODY_BYTES)",
+            )
+        )
+        del exc
+    except web.HTTPException as exc:
+        error_type = "not_found" if exc.status == 404 else "invalid_request_error"
+        response = error_response(ApiError(exc.status, error_type, exc.reason))
+    except (ConnectionError, asyncio.CancelledError):
+        metrics.requests.labels(route, "499").inc()
+        raise
+    except Exception:
+        log.exception("unhandled error", extra={"request_id": request_id, "route": route})
+        response = error_response(
+            ApiError(500, "internal_error", f"Internal error; quote request id {request_id}")
+        )
+    if not response.prepared:
+        response.headers["X-Request-Id"] = request_id
+    metrics.requests.labels(route, str(response.status)).inc()
+    metrics.latency.labels(route).observe(time.monotonic() - started)
+    return response
+
+
+async def read_json(request: web.Request) -> Any:
+    limit = request.app[COMPONENTS].settings.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
+    raw = await request.read()
+    if not raw:
+        raise invalid_request("The request body is empty; send a JSON object")
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise invalid_request(f"The request body is not valid JSON: {exc}") from None
+
+
+# -- chat ------------------------------------------------------------------------------
+async def _chat(request: web.Request, endpoint: str, native: bool) -> web.StreamResponse:
+    c = request.app[COMPONENTS]
+    request_id = request[REQUEST_ID]
+    identity: Identity | None = None
+    chat: ChatRequest | None = None
+    try:
+        body = await read_json(request)
+        chat = parse_chat_request(
+            body, default_model=c.settings.default_model if native else None, native=native
+        )
+        identity = resolve_identity(request.headers, body, c.keys, c.settings.require_attribution)
+        call = c.gateway.begin(request_id, endpoint, identity, chat, request.headers)
+    except (ApiError, web.HTTPRequestEntityTooLarge) as exc:
+        reason = exc.code or exc.error_type if isinstance(exc, ApiError) else "request_too_large"
+        c.gateway.emit_request(
+            request_id=request_id,
+            endpoint=endpoint,
+            identity=identity or Identity(user_id="unattributed"),
+            chat=chat,
+            status="rejected",
+            reason=reason,
+        )
+        raise
+    try:
+        if chat.stream:
+            return await _stream(request, c.gateway, call)
+        status, payload, content_type = await c.gateway.complete(call)
+        return web.Response(
+            body=payload,
+            status=status,
+            headers={"Content-Type": content_type, "X-Request-Id": request_id},
+        )
+    finally:
+        c.gateway.finish(call)
+
+
+async def _stream(request: web.Request, gateway: Gateway, call: Call) -> web.StreamResponse:
+    upstream = await gateway.open_upstream(call)
+    gateway.record_upstream_status(call, upstream)
+    if upstream.status >= 400:  # pass the provider's error through, as JSON
+        payload = await upstream.read()
+        upstream.release()
+        return web.Response(
+            body=payload,
+            status=upstream.status,
+            headers={
+                "Content-Type": upstream.headers.get("Content-Type", JSON),
+                "X-Request-Id": call.request_id,
+            },
+        )
+    response = web.StreamResponse(
+        status=200,
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "X-Request-Id": call.request_id,
+        },
+    )
+    await response.prepare(request)
+    await gateway.relay_stream(call, upstream, response.write)
+    await response.write_eof()
+    return response
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _chat(request, "chat.completions", native=False)
+
+
+async def dispatch(request: web.Request) -> web.StreamResponse:
+    return await _chat(request, "dispatch", native=True)
+
+
+# -- usage and outcomes reported by other services ------------------------------------
+def _identity_resolver(
+    request: web.Request, require: str | None = None
+) -> Callable[[Any], Identity]:
+    """Attribution of one reported record: keys and headers first, then the record's fields."""
+    c = request.app[COMPONENTS]
+    requirement = require or c.settings.require_attribution
+
+    def resolve(record: Any) -> Identity:
+        return resolve_identity(request.headers, record, c.keys, requirement)
+
+    return resolve
+
+
+async def report_usage(request: web.Request) -> web.Response:
+    c = request.app[COMPONENTS]
+    body = await read_json(request)
+    reports = parse_usage_reports(body, _identity_resolver(request))  # validates all first
+    accepted = []
+    for report in reports:
+        record = c.gateway.usage_record(source="usage_api", **report)
+        c.emitter.emit("Usage", "usage", record["user_id"], record)
+        accepted.append(
+            {
+                "event_id": record["event_id"],
+                "request_id": record["request_id"],
+                "cost_usd": str(record["cost_usd_nanos"] / 1e9),
+                "price_unknown": record["price_unknown"],
+            }
+        )
+    return json_response({"accepted": len(accepted), "events": accepted}, status=202)
+
+
+async def report_outcomes(request: web.Request) -> web.Response:
+    c = request.app[COMPONENTS]
+    body = await read_json(request)
+    records = parse_outcomes(body, _identity_resolver(request, require="none"))
+    for record in records:
+        c.emitter.emit("Outcome", "outcomes", record["session_id"] or record["request_id"], record)
+    return json_response(
+        {"accepted": len(records), "event_ids": [r["event_id"] for r in records]}, status=202
+    )
+
+
+# -- discovery and operations ------------------------------------------------------------
+async def list_models(request: web.Request) -> web.Response:
+    c = request.app[COMPONENTS]
+    data = [
+        {"id": model, "object": "model", "created": 0, "owned_by": "tollgate"}
+        for model in c.upstreams.known_models()
+    ]
+    return json_response({"object": "list", "data": data})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    c = request.app[COMPONENTS]
+    spool_room = c.emitter.spool.size_bytes < c.settings.spool_max_bytes
+    checks = {
+        "prices_loaded": c.prices.rate(c.prices.baseline_model) is not None,
+        "kafka_connected": c.emitter.kafka_connected,
+        "spool_active": spool_room,
+        "spool_depth": c.emitter.depth,
+    }
+    ready = checks["prices_loaded"] and (checks["kafka_connected"] or spool_room)
+    return json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    c = request.app[COMPONENTS]
+    c.metrics.kafka_connected.set(1 if c.emitter.kafka_connected else 0)
+    return web.Response(body=c.metrics.render(), content_type="text/plain", charset="utf-8")
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return json_response(openapi_document())
+
+
+ROUTES: list[tuple[str, str, Callable[[web.Request], Awaitable[web.StreamResponse]]]] = [
+    ("POST", "/v1/chat/completions", chat_completions),
+    ("POST", "/v1/dispatch", dispatch),
+    ("POST", "/v1/usage", report_usage),
+    ("POST", "/v1/outcomes", report_outcomes),
+    ("GET", "/v1/models", list_models),
+    ("GET", "/healthz", healthz),
+    ("GET", "/readyz", readyz),
+    ("GET", "/metrics", metrics),
+    ("GET", "/openapi.json", openapi),
+]
+
+
+# -- assembly ---------------------------------------------------------------------------
+async def build_components(settings: Settings) -> Components:
+    metrics_ = Metrics()
+    prices = PriceCatalog(settings.baseline_model, settings.price_overrides_file)
+    keys = KeyStore.load(settings.keys_file) if settings.keys_file else None
+    emitter = EventEmitter(
+        settings,
+        build_codec(settings.schema_registry_url),
+        on_delivered=metrics_.events_delivered.inc,
+    )
+    metrics_.bind_spool(lambda: emitter.depth, lambda: emitter.spool.size_bytes)
+    upstreams = UpstreamPool(
+        settings.effective_upstreams,
+        settings.upstream_connect_timeout_s,
+        settings.upstream_read_timeout_s,
+    )
+    await upstreams.start()
+    await emitter.start()
+    gateway = Gateway(upstreams, prices, emitter, metrics_)
+    return Components(settings, metrics_, emitter, upstreams, prices, gateway, keys)
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = web.Application(middlewares=[api_middleware], client_max_size=settings.max_body_bytes)
+    for method, path, handler in ROUTES:
+        app.router.add_route(method, path, handler)
+
+    async def lifecycle(app: web.Application) -> Any:
+        components = await build_components(settings)
+        app[COMPONENTS] = components
+        yield
+        await components.upstreams.close()
+        await components.emitter.stop()
+
+    app.cleanup_ctx.append(lifecycle)
+    return app
+
+
+async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
+    """Run the dispatcher until cancelled; flushes events on the way out."""
+    app = create_app(settings)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(
+        runner, settings.dispatcher_host, settings.dispatcher_port, backlog=1024, reuse_address=True
+    )
+    await site.start()
+    log.info("dispatcher listening", extra={"url": settings.dispatcher_url})
+    if ready is not None:
+        ready.set()
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()

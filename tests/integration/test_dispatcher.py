@@ -1,0 +1,315 @@
+"""The dispatcher with real parts: the openai SDK → dispatcher → simulator, events on real Kafka."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from decimal import Decimal
+
+import httpx
+import openai
+import pytest
+from genai_prices import Usage, calc_price
+
+from app.pricing import usd_to_nanos
+from app.settings import Settings
+from app.topics import ensure_topics
+from tests.integration.harness import Stack, read_events, running_stack
+
+pytestmark = pytest.mark.integration
+MESSAGES = [{"role": "user", "content": "Summarise the quarterly spend report for finance."}]
+
+
+@pytest.fixture
+def stack(kafka_settings: Settings) -> Iterator[Stack]:
+    asyncio.run(ensure_topics(kafka_settings))
+    with running_stack(kafka_settings) as running:
+        yield running
+
+
+def expected_nanos(model: str, prompt: int, completion: int) -> int:
+    price = calc_price(
+        Usage(input_tokens=prompt, output_tokens=completion), model_ref=model, provider_id="openai"
+    ).total_price
+    return usd_to_nanos(Decimal(price))
+
+
+def test_openai_sdk_sync_async_stream_and_not(stack: Stack) -> None:
+    client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0)
+    plain = client.chat.completions.with_raw_response.create(
+        model="gpt-4o",
+        messages=MESSAGES,
+        user="alice",
+        extra_headers={"X-Tollgate-Feature": "reports"},
+    )
+    request_id = plain.headers["X-Request-Id"]
+    completion = plain.parse()
+    assert completion.usage is not None and completion.usage.completion_tokens > 0
+
+    chunks = list(
+        client.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=MESSAGES,
+            stream=True,
+            user="bob",
+            stream_options={"include_usage": True},
+        )
+    )
+    streamed_usage = chunks[-1].usage
+    assert streamed_usage is not None
+
+    async def async_calls() -> None:
+        aclient = openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0)
+        result = await aclient.chat.completions.create(
+            model="gpt-4", messages=MESSAGES, user="carol"
+        )
+        assert result.choices[0].message.content
+        stream = await aclient.chat.completions.create(
+            model="gpt-4o", messages=MESSAGES, user="dave", stream=True
+        )
+        texts = [c.choices[0].delta.content async for c in stream if c.choices]
+        assert "".join(t for t in texts if t)
+        await aclient.close()
+
+    asyncio.run(async_calls())
+
+    usage = asyncio.run(read_events(stack.settings, "usage", at_least=4))
+    assert len(usage) == 4, "exactly one usage event per call"
+    by_user = {u["user_id"]: u for u in usage}
+    alice = by_user["alice"]
+    assert alice["request_id"] == request_id
+    assert alice["feature"] == "reports"
+    assert alice["prompt_tokens"] == completion.usage.prompt_tokens
+    assert alice["completion_tokens"] == completion.usage.completion_tokens
+    assert alice["cost_usd_nanos"] == expected_nanos(
+        "gpt-4o", alice["prompt_tokens"], alice["completion_tokens"]
+    )
+    assert alice["baseline_cost_usd_nanos"] == expected_nanos(
+        "gpt-4", alice["prompt_tokens"], alice["completion_tokens"]
+    )
+    assert alice["tier"] == "standard" and alice["stream"] is False
+    bob = by_user["bob"]
+    assert bob["stream"] is True and bob["usage_estimated"] is False
+    assert bob["completion_tokens"] == streamed_usage.completion_tokens
+    assert bob["cost_usd_nanos"] == expected_nanos(
+        "gpt-4o-mini", bob["prompt_tokens"], bob["completion_tokens"]
+    )
+    assert by_user["dave"]["stream"] is True and by_user["dave"]["completion_tokens"] > 0
+    assert all(u["status"] == "ok" and u["provider"] == "sim" for u in usage)
+
+    requests = asyncio.run(read_events(stack.settings, "requests", at_least=4))
+    assert sorted(r["user_id"] for r in requests) == ["alice", "bob", "carol", "dave"]
+    assert all(r["status"] == "accepted" for r in requests)
+
+
+def test_stream_without_provider_usage_is_estimated_not_zero(stack: Stack) -> None:
+    client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0)
+    text = "".join(
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(
+            model="gpt-4o",
+            messages=MESSAGES,
+            stream=True,
+            user="erin",
+            extra_headers={"X-Sim-Omit-Usage": "1", "X-Sim-Completion-Tokens": "40"},
+        )
+        if c.choices
+    )
+    [usage] = asyncio.run(read_events(stack.settings, "usage", at_least=1))
+    assert usage["usage_estimated"] is True
+    assert usage["completion_tokens"] == 40  # simulator text re-counts exactly
+    assert usage["prompt_tokens"] > 0 and usage["cost_usd_nanos"] > 0
+    assert text
+
+
+def test_client_disconnect_mid_stream_still_records_usage(stack: Stack) -> None:
+    async def disconnect() -> None:
+        async with (
+            httpx.AsyncClient(timeout=30) as http,
+            http.stream(
+                "POST",
+                f"{stack.url}/v1/chat/completions",
+                json={"model": "gpt-4o", "messages": MESSAGES, "stream": True, "user": "frank"},
+                headers={"X-Sim-Completion-Tokens": "400", "X-Sim-Latency-Ms": "3000"},
+            ) as response,
+        ):
+            async for _ in response.aiter_bytes():
+                break  # first bytes, then hang up
+
+    asyncio.run(disconnect())
+    [usage] = asyncio.run(read_events(stack.settings, "usage", at_least=1, timeout_s=20))
+    assert usage["user_id"] == "frank"
+    assert usage["status"] == "client_disconnected"
+    assert usage["completion_tokens"] < 400
+    assert usage["prompt_tokens"] > 0
+
+
+def test_unpriced_model_is_served_and_flagged(stack: Stack) -> None:
+    client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0)
+    client.chat.completions.create(model="tollgate-sim-unpriced", messages=MESSAGES, user="gina")
+    [usage] = asyncio.run(read_events(stack.settings, "usage", at_least=1))
+    assert usage["price_unknown"] is True
+    metrics = httpx.get(f"{stack.url}/metrics").text
+    assert 'tollgate_price_unknown_usage_total{model="tollgate-sim-unpriced"} 1.0' in metrics
+
+
+def test_bad_inputs_get_status_and_error_type(stack: Stack) -> None:
+    url = f"{stack.url}/v1/chat/completions"
+    ok = {"model": "gpt-4o", "messages": MESSAGES}
+    cases = [
+        (b"{not json", 400, "invalid_request_error", None),
+        ({"model": "gpt-4o"}, 400, "invalid_request_error", "messages"),
+        ({"model": "gpt-4o", "messages": []}, 400, "invalid_request_error", "messages"),
+        ({**ok, "max_tokens": -5}, 400, "invalid_request_error", "max_tokens"),
+        ({**ok, "model": 12}, 400, "invalid_request_error", "model"),
+        ({**ok, "model": "no-such-model"}, 404, "invalid_request_error", "model"),
+    ]
+    for body, status, error_type, param in cases:
+        if isinstance(body, bytes):
+            response = httpx.post(url, content=body, headers={"Content-Type": "application/json"})
+        else:
+            response = httpx.post(url, json=body)
+        assert response.status_code == status, (body, response.text)
+        error = response.json()["error"]
+        assert error["type"] == error_type and error["param"] == param and error["message"]
+        assert response.headers["X-Request-Id"]
+    assert (
+        httpx.post(url, json={**ok, "model": "no-such-model"}).json()["error"]["code"]
+        == "model_not_found"
+    )
+
+    big = {"model": "gpt-4o", "messages": [{"role": "user", "content": "x" * (5 * 1024 * 1024)}]}
+    response = httpx.post(url, json=big)
+    assert response.status_code == 413 and response.json()["error"]["type"] == "request_too_large"
+
+    rejected = asyncio.run(read_events(stack.settings, "requests", at_least=len(cases) + 2))
+    assert all(r["status"] == "rejected" and r["reason"] for r in rejected)
+    assert {r["reason"] for r in rejected} >= {
+        "invalid_request_error",
+        "model_not_found",
+        "request_too_large",
+    }
+
+
+def test_upstream_errors_pass_through_and_unreachable_is_502(kafka_settings: Settings) -> None:
+    asyncio.run(ensure_topics(kafka_settings))
+    with running_stack(kafka_settings) as stack:
+        response = httpx.post(
+            f"{stack.url}/v1/chat/completions",
+            json={"model": "gpt-4o", "messages": MESSAGES, "user": "hal"},
+            headers={"X-Sim-Status": "429"},
+        )
+        assert response.status_code == 429
+        assert response.json()["error"]["code"] == "rate_limit_exceeded"  # the provider's body
+    dead = kafka_settings.model_copy()
+    from app.settings import UpstreamConfig
+    from tests.integration.harness import free_port
+
+    nowhere = UpstreamConfig(
+        name="down", base_url=f"http://127.0.0.1:{free_port()}/v1", models=("gpt-4o",)
+    )
+    with running_stack(dead, upstreams=(nowhere,)) as stack:
+        response = httpx.post(
+            f"{stack.url}/v1/chat/completions",
+            json={"model": "gpt-4o", "messages": MESSAGES, "user": "ian"},
+        )
+        assert response.status_code == 502
+        assert response.json()["error"]["type"] == "upstream_error"
+    usage = asyncio.run(read_events(kafka_settings, "usage", at_least=2))
+    statuses = sorted((u["user_id"], u["http_status"], u["status"]) for u in usage)
+    assert statuses == [("hal", 429, "error"), ("ian", 502, "error")]
+
+
+def test_retries_once_on_another_upstream_when_the_first_is_unreachable(
+    kafka_settings: Settings,
+) -> None:
+    from app.settings import UpstreamConfig
+    from tests.integration.harness import free_port
+
+    asyncio.run(ensure_topics(kafka_settings))
+    stack = Stack(kafka_settings)
+    down = UpstreamConfig(
+        name="down", base_url=f"http://127.0.0.1:{free_port()}/v1", models=("gpt-4o",)
+    )
+    up = UpstreamConfig(
+        name="sim", base_url=f"http://127.0.0.1:{stack.sim_port}/v1", models=("gpt-4o",)
+    )
+    stack.settings = Settings(**{**stack.settings.model_dump(), "upstreams": (down, up)})
+    stack.start()
+    try:
+        response = httpx.post(
+            f"{stack.url}/v1/chat/completions",
+            json={"model": "gpt-4o", "messages": MESSAGES, "user": "jo"},
+        )
+        assert response.status_code == 200
+    finally:
+        stack.stop()
+    [usage] = asyncio.run(read_events(kafka_settings, "usage", at_least=1))
+    assert usage["provider"] == "sim"
+
+
+def test_usage_and_outcome_reports(stack: Stack) -> None:
+    response = httpx.post(
+        f"{stack.url}/v1/usage",
+        json={
+            "records": [
+                {
+                    "model": "gpt-4o",
+                    "prompt_tokens": 1000,
+                    "completion_tokens": 200,
+                    "user_id": "kim",
+                    "feature": "batch",
+                    "ts": "2026-11-01T10:00:00Z",
+                    "request_id": "ext-1",
+                },
+                {"model": "gpt-4o-mini", "input_tokens": 10, "output_tokens": 5, "user_id": "kim"},
+            ]
+        },
+    )
+    assert response.status_code == 202, response.text
+    assert response.json()["accepted"] == 2
+    bad = httpx.post(
+        f"{stack.url}/v1/usage",
+        json=[{"model": "gpt-4o", "prompt_tokens": 1, "completion_tokens": 1}, {"model": "x"}],
+    )
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "records[1].prompt_tokens"
+
+    outcome = httpx.post(
+        f"{stack.url}/v1/outcomes",
+        json={
+            "session_id": "s-9",
+            "outcome": "success",
+            "kind": "ticket_resolved",
+            "value_usd": 3.5,
+        },
+    )
+    assert outcome.status_code == 202
+
+    usage = asyncio.run(read_events(stack.settings, "usage", at_least=2))
+    assert len(usage) == 2, "the rejected batch wrote nothing"
+    ext = next(u for u in usage if u["request_id"] == "ext-1")
+    assert ext["source"] == "usage_api" and ext["feature"] == "batch"
+    assert ext["ts"].isoformat() == "2026-11-01T10:00:00+00:00"
+    assert ext["cost_usd_nanos"] == expected_nanos("gpt-4o", 1000, 200)
+    [recorded] = asyncio.run(read_events(stack.settings, "outcomes", at_least=1))
+    assert recorded["value_usd_nanos"] == 3_500_000_000 and recorded["kind"] == "ticket_resolved"
+
+
+def test_operational_endpoints(stack: Stack) -> None:
+    assert httpx.get(f"{stack.url}/healthz").json() == {"status": "ok"}
+    ready = httpx.get(f"{stack.url}/readyz").json()
+    assert ready["ready"] is True and ready["checks"]["prices_loaded"] is True
+    models = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="x").models.list()
+    assert "gpt-4o" in {m.id for m in models.data}
+    metrics = httpx.get(f"{stack.url}/metrics").text
+    for name in (
+        "tollgate_requests_total",
+        "tollgate_request_duration_seconds_bucket",
+        "tollgate_spool_depth",
+    ):
+        assert name in metrics
+    spec = httpx.get(f"{stack.url}/openapi.json").json()
+    from app.server import ROUTES
+
+    documented = {(m.upper(), p) for p, ops in spec["paths"].items() for m in ops}
+    assert documented == {(m, p) for m, p, _ in ROUTES}

@@ -1,0 +1,100 @@
+from pathlib import Path
+
+import pytest
+
+from app.attribution import KeysFileError, KeyStore, hash_key, resolve_identity
+from app.errors import ApiError
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> KeyStore:
+    path = tmp_path / "keys.yaml"
+    path.write_text(
+        f"""
+keys:
+  - id: alice-laptop
+    sha256: {hash_key("sk-alice")}
+    user_id: alice
+    team: growth
+    features: [chat]
+  - id: backend
+    sha256: {hash_key("sk-backend")}
+    user_id: svc-backend
+    may_act_for: ["*"]
+"""
+    )
+    return KeyStore.load(path)
+
+
+def test_headers_win_over_body() -> None:
+    identity = resolve_identity(
+        {"X-Tollgate-User": "h-user", "X-Tollgate-Feature": "search"},
+        {"user": "b-user", "session_id": "s1", "metadata": {"feature": "chat"}},
+        None,
+    )
+    assert (identity.user_id, identity.session_id, identity.feature) == ("h-user", "s1", "search")
+
+
+def test_body_fields_and_openai_user_field() -> None:
+    assert resolve_identity({}, {"user_id": "u1"}, None).user_id == "u1"
+    assert resolve_identity({}, {"user": "u2"}, None).user_id == "u2"
+    assert resolve_identity({}, {}, None).user_id == "anonymous"
+
+
+def test_required_attribution_is_a_400_naming_the_field() -> None:
+    with pytest.raises(ApiError) as info:
+        resolve_identity({}, {}, None, require="user")
+    assert info.value.status == 400 and info.value.param == "user"
+    with pytest.raises(ApiError) as info:
+        resolve_identity({}, {"user": "u"}, None, require="user_and_feature")
+    assert info.value.param == "metadata.feature"
+
+
+def test_key_user_is_authoritative_and_cannot_be_spoofed(keys: KeyStore) -> None:
+    identity = resolve_identity({"Authorization": "Bearer sk-alice"}, {}, keys)
+    assert (identity.user_id, identity.team, identity.api_key_id) == (
+        "alice",
+        "growth",
+        "alice-laptop",
+    )
+    with pytest.raises(ApiError) as info:
+        resolve_identity({"Authorization": "Bearer sk-alice"}, {"user": "bob"}, keys)
+    assert info.value.status == 403
+    with pytest.raises(ApiError) as info:
+        resolve_identity({"Authorization": "Bearer sk-alice", "X-Tollgate-User": "bob"}, {}, keys)
+    assert info.value.status == 403
+
+
+def test_backend_key_may_narrow_to_end_users(keys: KeyStore) -> None:
+    identity = resolve_identity({"Authorization": "Bearer sk-backend"}, {"user": "carol"}, keys)
+    assert identity.user_id == "carol" and identity.api_key_id == "backend"
+
+
+def test_feature_allow_list(keys: KeyStore) -> None:
+    with pytest.raises(ApiError) as info:
+        resolve_identity(
+            {"Authorization": "Bearer sk-alice", "X-Tollgate-Feature": "admin"}, {}, keys
+        )
+    assert info.value.status == 403
+
+
+def test_missing_or_unknown_key_is_401(keys: KeyStore) -> None:
+    for headers in ({}, {"Authorization": "Bearer sk-wrong"}):
+        with pytest.raises(ApiError) as info:
+            resolve_identity(headers, {}, keys)
+        assert info.value.status == 401
+
+
+def test_bad_types_are_400() -> None:
+    with pytest.raises(ApiError) as info:
+        resolve_identity({}, {"user": 42}, None)
+    assert info.value.status == 400 and info.value.param == "user"
+    with pytest.raises(ApiError):
+        resolve_identity({}, {"metadata": "x"}, None)
+
+
+def test_keys_file_errors_name_the_entry(tmp_path: Path) -> None:
+    path = tmp_path / "keys.yaml"
+    path.write_text("keys:\n  - id: k\n    sha256: nothex\n    user_id: u\n")
+    with pytest.raises(KeysFileError, match=r"keys\[0\].sha256"):
+        KeyStore.load(path)

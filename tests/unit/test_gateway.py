@@ -1,0 +1,96 @@
+"""Pure parts of the chat pipeline: request validation and the SSE relay."""
+
+import orjson
+import pytest
+
+from app.attribution import Identity
+from app.errors import ApiError
+from app.gateway import Call, SseRelay, parse_chat_request
+
+MSG = [{"role": "user", "content": "hello"}]
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ([], None),
+        ({"model": "gpt-4o"}, "messages"),
+        ({"model": "gpt-4o", "messages": []}, "messages"),
+        ({"model": "gpt-4o", "messages": "hi"}, "messages"),
+        ({"model": "gpt-4o", "messages": [{"content": "no role"}]}, "messages"),
+        ({"messages": MSG}, "model"),
+        ({"model": 5, "messages": MSG}, "model"),
+        ({"model": "gpt-4o", "messages": MSG, "max_tokens": -1}, "max_tokens"),
+        ({"model": "gpt-4o", "messages": MSG, "max_tokens": "10"}, "max_tokens"),
+        ({"model": "gpt-4o", "messages": MSG, "max_tokens": True}, "max_tokens"),
+        ({"model": "gpt-4o", "messages": MSG, "stream": "yes"}, "stream"),
+        ({"model": "gpt-4o", "messages": MSG, "stream_options": []}, "stream_options"),
+    ],
+)
+def test_bad_requests_name_the_field(body: object, param: str | None) -> None:
+    with pytest.raises(ApiError) as info:
+        parse_chat_request(body)
+    assert info.value.status == 400
+    assert info.value.error_type == "invalid_request_error"
+    assert info.value.param == param
+
+
+def test_streams_always_ask_the_upstream_for_usage() -> None:
+    chat = parse_chat_request({"model": "gpt-4o", "messages": MSG, "stream": True})
+    assert chat.upstream_body["stream_options"] == {"include_usage": True}
+    assert chat.client_wants_usage is False
+    chat = parse_chat_request(
+        {"model": "m", "messages": MSG, "stream": True, "stream_options": {"include_usage": True}}
+    )
+    assert chat.client_wants_usage is True
+
+
+def test_native_requests_default_the_model_and_strip_tollgate_fields() -> None:
+    chat = parse_chat_request(
+        {"messages": MSG, "user_id": "u", "session_id": "s", "metadata": {"feature": "f"}},
+        default_model="gpt-4o-mini",
+        native=True,
+    )
+    assert chat.model == "gpt-4o-mini"
+    assert set(chat.upstream_body) == {"messages", "model"}
+
+
+def _call(wants_usage: bool) -> Call:
+    body = {"model": "m", "messages": MSG, "stream": True}
+    if wants_usage:
+        body["stream_options"] = {"include_usage": True}
+    return Call("r", "chat.completions", Identity("u"), parse_chat_request(body))
+
+
+def _sse(obj: object) -> bytes:
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+CHUNKS = [
+    _sse({"choices": [{"index": 0, "delta": {"role": "assistant", "content": "Hel"}}]}),
+    _sse({"choices": [{"index": 0, "delta": {"content": "lo world"}}]}),
+    _sse({"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 3}}),
+    b"data: [DONE]\n\n",
+]
+
+
+@pytest.mark.parametrize("split", [1, 7, 1000])
+def test_relay_captures_usage_whatever_the_chunking(split: int) -> None:
+    call = _call(wants_usage=True)
+    relay = SseRelay(call)
+    stream = b"".join(CHUNKS)
+    forwarded = b"".join(relay.feed(stream[i : i + split]) for i in range(0, len(stream), split))
+    forwarded += relay.flush()
+    assert forwarded == stream
+    assert (call.prompt_tokens, call.completion_tokens) == (9, 3)
+    assert "".join(call.generated_text) == "Hello world"
+    assert call.ttft_ms is not None
+
+
+def test_relay_hides_the_usage_chunk_the_client_did_not_ask_for() -> None:
+    call = _call(wants_usage=False)
+    relay = SseRelay(call)
+    forwarded = b"".join(relay.feed(c) for c in CHUNKS)
+    assert b'"usage"' not in forwarded
+    assert forwarded.endswith(b"data: [DONE]\n\n")
+    assert call.completion_tokens == 3

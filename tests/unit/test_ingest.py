@@ -1,0 +1,87 @@
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from app.attribution import Identity
+from app.errors import ApiError
+from app.ingest import MAX_BATCH, parse_outcomes, parse_usage_reports
+
+
+def resolve(record: object) -> Identity:
+    assert isinstance(record, dict)
+    return Identity(record.get("user_id") or "anonymous", feature=record.get("feature"))
+
+
+def test_single_list_and_wrapped_batches() -> None:
+    one = {"model": "gpt-4o", "prompt_tokens": 10, "completion_tokens": 5, "user_id": "u"}
+    assert len(parse_usage_reports(one, resolve)) == 1
+    assert len(parse_usage_reports([one, one], resolve)) == 2
+    assert len(parse_usage_reports({"records": [one] * 3}, resolve)) == 3
+
+
+def test_openai_and_anthropic_style_token_names() -> None:
+    [report] = parse_usage_reports(
+        {"model": "m", "input_tokens": 3, "output_tokens": 4, "ts": "2026-01-31T12:00:00Z"}, resolve
+    )
+    assert (report["prompt_tokens"], report["completion_tokens"]) == (3, 4)
+    assert report["ts"] == datetime(2026, 1, 31, 12, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("record", "param"),
+    [
+        ({"prompt_tokens": 1, "completion_tokens": 1}, "records[1].model"),
+        ({"model": "m", "completion_tokens": 1}, "records[1].prompt_tokens"),
+        ({"model": "m", "prompt_tokens": -1, "completion_tokens": 1}, "records[1].prompt_tokens"),
+        (
+            {"model": "m", "prompt_tokens": 1, "completion_tokens": 1, "cached_tokens": 5},
+            "records[1].cached_tokens",
+        ),
+        (
+            {"model": "m", "prompt_tokens": 1, "completion_tokens": 1, "ts": "yesterday"},
+            "records[1].ts",
+        ),
+        (
+            {"model": "m", "prompt_tokens": 1, "completion_tokens": 1, "status": "meh"},
+            "records[1].status",
+        ),
+        (
+            {"model": "m", "prompt_tokens": 1, "completion_tokens": 1, "metadata": {"a": 1}},
+            "records[1].metadata",
+        ),
+    ],
+)
+def test_one_bad_record_rejects_the_whole_batch_naming_it(record: dict, param: str) -> None:
+    good = {"model": "m", "prompt_tokens": 1, "completion_tokens": 1}
+    with pytest.raises(ApiError) as info:
+        parse_usage_reports([good, record], resolve)
+    assert info.value.status == 400
+    assert info.value.param == param
+
+
+def test_future_timestamps_are_refused() -> None:
+    future = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+    with pytest.raises(ApiError, match="future"):
+        parse_usage_reports(
+            {"model": "m", "prompt_tokens": 1, "completion_tokens": 1, "ts": future}, resolve
+        )
+
+
+def test_batch_limit() -> None:
+    with pytest.raises(ApiError, match=str(MAX_BATCH)):
+        parse_usage_reports([{}] * (MAX_BATCH + 1), resolve)
+
+
+def test_outcomes() -> None:
+    [outcome] = parse_outcomes(
+        {"session_id": "s1", "outcome": "success", "kind": "ticket_resolved", "value_usd": 12.5},
+        resolve,
+    )
+    assert outcome["value_usd_nanos"] == 12_500_000_000
+    assert outcome["user_id"] is None
+    with pytest.raises(ApiError, match="request_id"):
+        parse_outcomes({"outcome": "success"}, resolve)
+    with pytest.raises(ApiError, match="outcome"):
+        parse_outcomes({"request_id": "r", "outcome": "great"}, resolve)
+    with pytest.raises(ApiError, match="value_usd"):
+        parse_outcomes({"request_id": "r", "outcome": "success", "value_usd": -3}, resolve)
