@@ -20,9 +20,11 @@ install: $(STAMP)
 up: $(STAMP)
 	$(BIN)/tollgate up
 
-## Unit + integration tests; starts (and stops) the local Kafka the tests use.
+## Lint, then unit + integration tests; starts (and stops) the local Kafka the tests use.
 test: $(STAMP)
-	$(BIN)/python -m pytest tests -ra
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+	$(BIN)/python -m pytest tests -ra -p no:cacheprovider
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

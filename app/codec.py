@@ -266,37 +266,32 @@ class EventCodec:
         partition: int | None = None,
         offset: int | None = None,
     ) -> DecodedEvent:
-        where = {"topic": topic, "partition": partition, "offset": offset}
+        def error(reason: str) -> EventDecodeError:
+            return EventDecodeError(reason, topic=topic, partition=partition, offset=offset)
+
         if not data or len(data) < _HEADER.size:
-            raise EventDecodeError(
-                f"{len(data or b'')} bytes is shorter than the 5-byte header", **where
-            )
+            raise error(f"{len(data or b'')} bytes is shorter than the 5-byte header")
         magic, schema_id = _HEADER.unpack_from(data)
         if magic != MAGIC_BYTE:
-            raise EventDecodeError(
-                f"magic byte {magic} is not 0 (not Confluent-framed Avro)", **where
-            )
+            raise error(f"magic byte {magic} is not 0 (not Confluent-framed Avro)")
         try:
             event_type, writer = self._reader_for(schema_id)
         except KeyError:
-            raise EventDecodeError(f"unknown schema id {schema_id}", **where) from None
+            raise error(f"unknown schema id {schema_id}") from None
         except SchemaRegistryError as exc:
-            raise EventDecodeError(str(exc), **where) from exc
+            raise error(str(exc)) from exc
         body = io.BytesIO(data)
         body.seek(_HEADER.size)
         try:
             record = schemaless_reader(body, writer, self.catalog.parsed_current[event_type])
         except Exception as exc:  # fastavro raises a wide range of errors on garbage
-            raise EventDecodeError(
-                f"{event_type} body (schema id {schema_id}) is corrupt: {type(exc).__name__}: {exc}",
-                **where,
+            raise error(
+                f"{event_type} body (schema id {schema_id}) is corrupt: {type(exc).__name__}: {exc}"
             ) from exc
         if body.tell() != len(data):
-            raise EventDecodeError(
-                f"{len(data) - body.tell()} trailing bytes after a {event_type} record", **where
-            )
+            raise error(f"{len(data) - body.tell()} trailing bytes after a {event_type} record")
         if not isinstance(record, dict):
-            raise EventDecodeError(f"{event_type} body did not decode to a record", **where)
+            raise error(f"{event_type} body did not decode to a record")
         return DecodedEvent(event_type=event_type, schema_id=schema_id, record=record)
 
 

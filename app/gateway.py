@@ -12,10 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import aiohttp
@@ -28,16 +27,13 @@ from app.pricing import PriceCatalog, nanos_to_usd
 from app.producer import EventEmitter
 from app.tokens import count_message_tokens, count_tokens
 from app.upstreams import RETRYABLE_CONNECT_ERRORS, UpstreamPool
+from app.usage import build_usage_record, event_time, new_id
 
 log = logging.getLogger(__name__)
 
 # Fields only Tollgate understands; never forwarded to a provider.
 TOLLGATE_ONLY_FIELDS = ("user_id", "session_id")
 NATIVE_ONLY_FIELDS = ("user_id", "session_id", "metadata")
-
-
-def new_id(prefix: str = "") -> str:
-    return prefix + uuid.uuid4().hex
 
 
 def _positive_int(body: Mapping[str, Any], name: str) -> int | None:
@@ -225,7 +221,7 @@ class Gateway:
     ) -> None:
         record = {
             "event_id": new_id(),
-            "ts": datetime.now(UTC),
+            "ts": event_time(),
             "request_id": request_id,
             "user_id": identity.user_id,
             "session_id": identity.session_id,
@@ -259,38 +255,28 @@ class Gateway:
         ts: datetime | None = None,
         **extra: Any,
     ) -> dict[str, Any]:
-        """A priced Usage record; the one place usage is costed (dispatcher and /v1/usage)."""
-        cost = self.prices.cost(model, prompt_tokens, completion_tokens, cached_tokens)
-        record: dict[str, Any] = {
-            "event_id": new_id(),
-            "ts": ts or datetime.now(UTC),
-            "request_id": request_id,
-            "user_id": identity.user_id,
-            "session_id": identity.session_id,
-            "feature": identity.feature,
-            "team": identity.team,
-            "api_key_id": identity.api_key_id,
-            "source": source,
-            "provider": provider,
-            "model_requested": model_requested or model,
-            "model_served": model,
-            "tier": cost.tier,
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "cached_tokens": cached_tokens,
-            "cost_usd_nanos": cost.cost_usd_nanos,
-            "baseline_cost_usd_nanos": cost.baseline_cost_usd_nanos,
-            "baseline_model": self.prices.baseline_model,
-            "prompt_cache_saved_usd_nanos": cost.prompt_cache_saved_usd_nanos,
-            "price_unknown": cost.price_unknown,
+        """A priced Usage record (see ``app.usage``), counted in the metrics."""
+        record = build_usage_record(
+            self.prices,
+            identity,
+            request_id=request_id,
+            model=model,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            cached_tokens=cached_tokens,
+            provider=provider,
+            model_requested=model_requested,
+            source=source,
+            ts=ts,
             **extra,
-        }
+        )
+        cost_nanos, baseline_nanos = record["cost_usd_nanos"], record["baseline_cost_usd_nanos"]
         m = self.metrics
-        if cost.price_unknown:
+        if record["price_unknown"]:
             m.price_unknown.labels(model).inc()
         else:
-            m.spend.labels(model).inc(float(nanos_to_usd(cost.cost_usd_nanos)))
-        m.baseline_spend.labels(model).inc(float(nanos_to_usd(cost.baseline_cost_usd_nanos)))
+            m.spend.labels(model).inc(float(nanos_to_usd(cost_nanos)))
+        m.baseline_spend.labels(model).inc(float(nanos_to_usd(baseline_nanos)))
         m.tokens.labels(model, "prompt").inc(prompt_tokens)
         m.tokens.labels(model, "completion").inc(completion_tokens)
         if cached_tokens:
@@ -387,11 +373,6 @@ class Gateway:
         names = ", ".join(u.name for u in candidates)
         raise upstream_error(
             f"No upstream serving {call.chat.model!r} could be reached ({names}): {last_error}"
-        )
-
-    async def _post(self, upstream: Upstream, payload: bytes) -> aiohttp.ClientResponse:
-        return await upstream.session.post(
-            upstream.chat_url, data=payload, headers=upstream.headers
         )
 
     def record_upstream_status(self, call: Call, response: aiohttp.ClientResponse) -> None:

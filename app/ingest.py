@@ -14,8 +14,8 @@ from typing import Any
 
 from app.attribution import Identity
 from app.errors import ApiError, invalid_request
-from app.gateway import new_id
 from app.pricing import usd_to_nanos
+from app.usage import event_time, new_id
 
 MAX_BATCH = 1000
 MAX_CLOCK_SKEW = timedelta(minutes=5)
@@ -88,7 +88,7 @@ class _Fields:
         value = self.record.get(name)
         now = datetime.now(UTC)
         if value is None:
-            return now
+            return event_time(now)
         try:
             if isinstance(value, bool):
                 raise ValueError
@@ -107,7 +107,7 @@ class _Fields:
             ) from None
         if parsed > now + MAX_CLOCK_SKEW:
             raise self.error(name, f"is in the future ({parsed.isoformat()}); check the clock")
-        return parsed
+        return event_time(parsed)
 
     def metadata(self) -> dict[str, str]:
         value = self.record.get("metadata") or {}

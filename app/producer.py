@@ -26,6 +26,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
 
 from app.codec import EventCodec
 from app.settings import Settings
@@ -34,6 +35,8 @@ from app.spool import Spool, SpooledRecord
 log = logging.getLogger(__name__)
 
 DRAIN_BATCH = 500
+# Spooled events with no Kafka acknowledgement for this long mean delivery is stalled.
+STALL_AFTER_S = 3.0
 RETRY_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
 
 
@@ -56,7 +59,8 @@ class EventEmitter:
         self._producer: AIOKafkaProducer | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
-        self.kafka_connected = False
+        self._producer_up = False
+        self._last_ack = 0.0
         self.delivered_total = 0
         self.last_error: str | None = None
 
@@ -80,6 +84,13 @@ class EventEmitter:
         """Events not yet acknowledged by Kafka."""
         return self.spool.depth
 
+    @property
+    def kafka_connected(self) -> bool:
+        """Delivering: the producer is up and nothing has waited on Kafka for too long."""
+        if not self._producer_up:
+            return False
+        return self.spool.depth == 0 or time.monotonic() - self._last_ack < STALL_AFTER_S
+
     # -- lifecycle --------------------------------------------------------------------
     async def start(self) -> None:
         self._task = asyncio.create_task(self._drain_forever(), name="tollgate-event-drain")
@@ -90,7 +101,7 @@ class EventEmitter:
     async def stop(self, shutdown_timeout_s: float = 10.0) -> None:
         """Drain what Kafka accepts within the timeout; the rest stays spooled on disk."""
         deadline = time.monotonic() + shutdown_timeout_s
-        while self.spool.depth and self.kafka_connected and time.monotonic() < deadline:
+        while self.spool.depth and self._producer_up and time.monotonic() < deadline:
             self._wake.set()
             await asyncio.sleep(0.05)
         self._stopping = True
@@ -131,51 +142,76 @@ class EventEmitter:
 
     async def _close_producer(self) -> None:
         producer, self._producer = self._producer, None
-        self.kafka_connected = False
+        self._producer_up = False
         if producer is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(producer.stop(), 5)
 
-    async def _send_batch(self, producer: AIOKafkaProducer, records: list[SpooledRecord]) -> int:
-        """Send in order; return the seq up to which Kafka acknowledged every record (or -1)."""
-        futures = [
-            await producer.send(r.topic, r.value, key=r.key, timestamp_ms=r.timestamp_ms)
-            for r in records
-        ]
+    async def _send_batch(self, producer: AIOKafkaProducer, records: list[SpooledRecord]) -> None:
+        """Send in order and ack in the spool the prefix Kafka acknowledged; raise on a failure.
+
+        Records after a failed one are re-sent later (at-least-once: some of them may
+        already be written; consumers de-duplicate by event_id).
+        """
+        futures: list[asyncio.Future[Any]] = []
+        send_error: BaseException | None = None
+        for record in records:
+            try:
+                futures.append(
+                    await producer.send(
+                        record.topic, record.value, key=record.key, timestamp_ms=record.timestamp_ms
+                    )
+                )
+            except Exception as exc:
+                send_error = exc
+                break
+        results = await asyncio.gather(*futures, return_exceptions=True)
         acked = -1
-        for record, future in zip(records, futures, strict=True):
-            await future  # a failure raises; later records are re-sent (at-least-once)
+        for record, result in zip(records, results, strict=False):
+            if isinstance(result, BaseException):
+                send_error = result
+                break
             acked = record.seq
-        return acked
+        self._partial_ack(acked)
+        if send_error is not None:
+            raise send_error
+
+    def _partial_ack(self, acked_seq: int) -> None:
+        if acked_seq <= self.spool.last_acked_seq:
+            return
+        delivered = acked_seq - self.spool.last_acked_seq
+        self.spool.ack(acked_seq)
+        self._last_ack = time.monotonic()
+        self.delivered_total += delivered
+        if self._on_delivered:
+            self._on_delivered(delivered)
 
     async def _drain_forever(self) -> None:
         attempt = 0
         while not self._stopping:
             try:
                 producer = await self._ensure_producer()
-                if not self.kafka_connected:
+                if not self._producer_up:
                     log.info(
                         "Kafka reachable; delivering events", extra={"depth": self.spool.depth}
                     )
-                self.kafka_connected = True
+                    self._producer_up = True
+                    self._last_ack = time.monotonic()
                 if not self.spool.depth:
                     self._wake.clear()
                     if not self.spool.depth:
                         await self._wake.wait()
                     continue
                 records = self.spool.peek(DRAIN_BATCH)
-                acked = await self._send_batch(producer, records)
-                if acked >= 0:
-                    self.spool.ack(acked)
-                    self.delivered_total += len(records)
-                    if self._on_delivered:
-                        self._on_delivered(len(records))
+                await self._send_batch(producer, records)
                 self.last_error = None
                 attempt = 0
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # broker down, timeouts, metadata errors
-                if self.kafka_connected or attempt == 0:
+            except Exception as exc:
+                if not isinstance(exc, KafkaError | OSError | TimeoutError):
+                    log.exception("event delivery failed unexpectedly; retrying")
+                elif self._producer_up or attempt == 0:
                     log.warning(
                         "Kafka unavailable; events are kept in the spool and retried",
                         extra={"error": repr(exc), "depth": self.spool.depth},
@@ -185,7 +221,3 @@ class EventEmitter:
                 delay = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]
                 attempt += 1
                 await asyncio.sleep(delay)
-
-    async def probe_kafka(self) -> bool:
-        """True when the producer is connected (used by /readyz)."""
-        return self.kafka_connected

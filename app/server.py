@@ -20,7 +20,7 @@ from aiohttp import web
 from app.attribution import Identity, KeyStore, resolve_identity
 from app.codec import build_codec
 from app.errors import ApiError, invalid_request
-from app.gateway import Call, ChatRequest, Gateway, new_id, parse_chat_request
+from app.gateway import Call, ChatRequest, Gateway, parse_chat_request
 from app.ingest import parse_outcomes, parse_usage_reports
 from app.metrics import Metrics
 from app.openapi import openapi_document
@@ -28,6 +28,7 @@ from app.pricing import PriceCatalog
 from app.producer import EventEmitter
 from app.settings import Settings
 from app.upstreams import UpstreamPool
+from app.usage import new_id
 
 log = logging.getLogger(__name__)
 

@@ -221,10 +221,12 @@ def describe_settings() -> list[dict[str, Any]]:
     rows = []
     for name, field in Settings.model_fields.items():
         default = field.default
+        if default in ((), None):
+            default = ""
         rows.append(
             {
                 "env": f"TOLLGATE_{name.upper()}",
-                "default": "" if default is None else str(default),
+                "default": str(default),
                 "description": field.description or "",
             }
         )

@@ -118,9 +118,9 @@ def run_stack(settings: Settings, echo: Callable[[str], None]) -> int:
     """Start everything, print where to look, block until Ctrl-C, stop everything."""
     import asyncio
 
-    from app.kafka_local import LocalKafka
-    from app.topics import ensure_topics
-    from app.warehouse import connect, describe
+    from app.kafka_local import LauncherError, LocalKafka
+    from app.topics import TopicsError, ensure_topics
+    from app.warehouse import WarehouseError, connect, describe
 
     stopping = False
 
@@ -184,7 +184,7 @@ def run_stack(settings: Settings, echo: Callable[[str], None]) -> int:
                     stopping = True
             time.sleep(0.3)
         return 0
-    except StackError as exc:
+    except (StackError, LauncherError, TopicsError, WarehouseError) as exc:
         echo(f"error: {exc}")
         return 1
     finally:

@@ -38,17 +38,25 @@ def docker_answers() -> bool:
         return False
 
 
+class TestBroker:
+    """The session's broker; ``launcher`` is set when this session runs it locally."""
+
+    def __init__(self, bootstrap: str, launcher: Any = None) -> None:
+        self.bootstrap = bootstrap
+        self.launcher = launcher
+
+
 @pytest.fixture(scope="session")
-def kafka_bootstrap() -> Iterator[str]:
+def kafka_broker() -> Iterator[TestBroker]:
     configured = os.environ.get("TOLLGATE_KAFKA_BOOTSTRAP")
     if configured:
-        yield configured
+        yield TestBroker(configured)
         return
     if docker_answers():
         from testcontainers.kafka import KafkaContainer
 
         with KafkaContainer("apache/kafka:4.1.1").with_kraft() as container:
-            yield container.get_bootstrap_server()
+            yield TestBroker(container.get_bootstrap_server())
         return
     from app.kafka_local import LocalKafka
 
@@ -60,10 +68,23 @@ def kafka_bootstrap() -> Iterator[str]:
     launcher = LocalKafka(settings)
     result = launcher.start()
     try:
-        yield result.bootstrap
+        yield TestBroker(result.bootstrap, launcher)
     finally:
         if not result.already_running:
             launcher.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(kafka_broker: TestBroker) -> str:
+    return kafka_broker.bootstrap
+
+
+@pytest.fixture
+def kafka_launcher(kafka_broker: TestBroker) -> Any:
+    """The local launcher of the session broker, for tests that stop and restart Kafka."""
+    if kafka_broker.launcher is None:
+        pytest.skip("the broker is not run by this session; cannot stop it")
+    return kafka_broker.launcher
 
 
 @pytest.fixture

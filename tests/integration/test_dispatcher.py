@@ -313,3 +313,29 @@ def test_operational_endpoints(stack: Stack) -> None:
 
     documented = {(m.upper(), p) for p, ops in spec["paths"].items() for m in ops}
     assert documented == {(m, p) for m, p, _ in ROUTES}
+
+
+def test_usage_producer_helper_writes_the_same_priced_events(kafka_settings: Settings) -> None:
+    from app.usage import UsageProducer
+
+    asyncio.run(ensure_topics(kafka_settings))
+
+    async def report() -> dict:
+        producer = UsageProducer(kafka_settings)
+        await producer.start()
+        try:
+            return await producer.report(
+                model="gpt-4o",
+                prompt_tokens=812,
+                completion_tokens=95,
+                user_id="lee",
+                feature="search",
+            )
+        finally:
+            await producer.stop()
+
+    sent = asyncio.run(report())
+    [received] = asyncio.run(read_events(kafka_settings, "usage", at_least=1))
+    assert {k: received[k] for k in sent} == sent
+    assert received["source"] == "external"
+    assert received["cost_usd_nanos"] == expected_nanos("gpt-4o", 812, 95)

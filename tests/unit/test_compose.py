@@ -20,7 +20,7 @@ def _host_port(service: str, container_port: int) -> str:
 
 
 def test_required_services_exist() -> None:
-    for name in ("kafka", "clickhouse", "grafana", "simulator", "topics"):
+    for name in ("kafka", "clickhouse", "grafana", "simulator", "topics", "dispatcher"):
         assert name in COMPOSE["services"], name
 
 
@@ -29,6 +29,18 @@ def test_host_ports_match_settings_defaults() -> None:
     assert _host_port("simulator", DEFAULTS.simulator_port) == (
         f"{DEFAULTS.simulator_host}:{DEFAULTS.simulator_port}"
     )
+    assert _host_port("dispatcher", DEFAULTS.dispatcher_port) == (
+        f"{DEFAULTS.dispatcher_host}:{DEFAULTS.dispatcher_port}"
+    )
+
+
+def test_dispatcher_upstreams_parse_as_settings() -> None:
+    env = COMPOSE["services"]["dispatcher"]["environment"]
+    import json
+
+    upstreams = Settings(upstreams=json.loads(env["TOLLGATE_UPSTREAMS"])).effective_upstreams
+    assert upstreams[0].base_url == "http://simulator:8701/v1"
+    assert set(upstreams[0].models) == set(DEFAULTS.effective_upstreams[0].models)
 
 
 def test_kafka_is_kraft_and_advertises_the_default_bootstrap() -> None:

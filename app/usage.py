@@ -1,0 +1,156 @@
+"""Usage records: the one place a call's tokens become a priced ``Usage`` event.
+
+Used by the dispatcher, by ``POST /v1/usage`` and by :class:`UsageProducer`,
+the helper for services that write to Kafka themselves, so a call costs the
+same whichever way it is reported::
+
+    producer = UsageProducer(Settings())          # TOLLGATE_* settings
+    await producer.start()
+    await producer.report(model="gpt-4o", prompt_tokens=812, completion_tokens=95,
+                          user_id="alice", feature="search")
+    await producer.stop()
+
+The helper sends synchronously to Kafka (``acks=all``, idempotent) and raises
+if Kafka does not acknowledge: unlike the dispatcher it has no spool, so the
+caller decides whether to retry or fall back to ``POST /v1/usage``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+
+from app.attribution import Identity
+from app.codec import EventCodec, build_codec
+from app.pricing import PriceCatalog
+from app.settings import Settings
+
+
+def new_id(prefix: str = "") -> str:
+    return prefix + uuid.uuid4().hex
+
+
+def event_time(ts: datetime | None = None) -> datetime:
+    """Event time as stored (UTC, whole milliseconds)."""
+    ts = ts or datetime.now(UTC)
+    return ts.replace(microsecond=ts.microsecond - ts.microsecond % 1000)
+
+
+def build_usage_record(
+    prices: PriceCatalog,
+    identity: Identity,
+    *,
+    request_id: str,
+    model: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+    cached_tokens: int = 0,
+    provider: str | None = None,
+    model_requested: str | None = None,
+    source: str = "dispatcher",
+    ts: datetime | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """A ``Usage`` record with cost, baseline cost and cache discount in nano-dollars."""
+    cost = prices.cost(model, prompt_tokens, completion_tokens, cached_tokens)
+    return {
+        "event_id": new_id(),
+        "ts": event_time(ts),
+        "request_id": request_id,
+        "user_id": identity.user_id,
+        "session_id": identity.session_id,
+        "feature": identity.feature,
+        "team": identity.team,
+        "api_key_id": identity.api_key_id,
+        "source": source,
+        "provider": provider,
+        "model_requested": model_requested or model,
+        "model_served": model,
+        "tier": cost.tier,
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "cached_tokens": cached_tokens,
+        "cost_usd_nanos": cost.cost_usd_nanos,
+        "baseline_cost_usd_nanos": cost.baseline_cost_usd_nanos,
+        "baseline_model": prices.baseline_model,
+        "prompt_cache_saved_usd_nanos": cost.prompt_cache_saved_usd_nanos,
+        "price_unknown": cost.price_unknown,
+        **extra,
+    }
+
+
+class UsageProducer:
+    """Produce priced ``Usage`` events straight to Kafka (same schema and prices as the gateway)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        prices: PriceCatalog | None = None,
+        codec: EventCodec | None = None,
+    ) -> None:
+        self.settings = settings
+        self.prices = prices or PriceCatalog(settings.baseline_model, settings.price_overrides_file)
+        self.codec = codec or build_codec(settings.schema_registry_url)
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=settings.kafka_bootstrap, acks="all", enable_idempotence=True
+        )
+
+    async def start(self) -> None:
+        await self._producer.start()
+
+    async def stop(self) -> None:
+        await self._producer.stop()
+
+    async def report(
+        self,
+        *,
+        model: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+        user_id: str,
+        cached_tokens: int = 0,
+        session_id: str | None = None,
+        feature: str | None = None,
+        team: str | None = None,
+        request_id: str | None = None,
+        ts: datetime | None = None,
+        provider: str | None = None,
+        latency_ms: int = 0,
+        metadata: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """Price and send one call's usage; returns the record once Kafka acknowledged it."""
+        for name, value in (
+            ("prompt_tokens", prompt_tokens),
+            ("completion_tokens", completion_tokens),
+            ("cached_tokens", cached_tokens),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        if cached_tokens > prompt_tokens:
+            raise ValueError("cached_tokens cannot exceed prompt_tokens")
+        if not user_id:
+            raise ValueError("user_id is required: usage without a user cannot be capped")
+        record = build_usage_record(
+            self.prices,
+            Identity(user_id, session_id, feature, team),
+            request_id=request_id or new_id("ext_"),
+            model=model,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            cached_tokens=cached_tokens,
+            provider=provider,
+            source="external",
+            ts=ts,
+            latency_ms=latency_ms,
+            metadata=metadata or {},
+        )
+        await self._producer.send_and_wait(
+            self.settings.topic("usage"),
+            self.codec.encode("Usage", record),
+            key=user_id.encode(),
+        )
+        return record
