@@ -77,12 +77,14 @@ JAVA_HINT = "install a JDK 17+ (apt-get install openjdk-17-jre-headless)"
 MVN_HINT = "install Maven 3.6+ (apt-get install maven); it fetches the Kafka jars once"
 _KAFKA_UUID = re.compile(r"^[A-Za-z0-9_-]{22}$")
 _SLF4J_API = re.compile(r"^slf4j-api-(\d+)\.")
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 #: Fallback for an installed wheel without ``deploy/kafka`` (keep in sync with that file).
 DEFAULT_LOG4J2 = """\
 # Written by app/kafka_local.py (deploy/kafka/log4j2.properties was not found).
 status = warn
 name = tollgate-local-kafka
+shutdownHook = disable
 appender.stdout.type = Console
 appender.stdout.name = STDOUT
 appender.stdout.target = SYSTEM_OUT
@@ -257,7 +259,9 @@ def tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
 
 
 def _text_tail(text: str, lines: int = LOG_TAIL_LINES) -> str:
-    return "\n".join(text.strip().splitlines()[-lines:])
+    """The last ``lines`` non-blank lines of a tool's output, without terminal colours."""
+    kept = [line for line in _ANSI.sub("", text).splitlines() if line.strip()]
+    return "\n".join(kept[-lines:])
 
 
 def port_open(host: str, port: int, timeout_s: float = 0.5) -> bool:
@@ -274,7 +278,9 @@ def pid_alive(pid: int) -> bool:
     if pid <= 0:
         return False
     child = _CHILDREN.get(pid)
-    if child is not None and child.poll() is not None:
+    if child is not None:  # our own child: poll() is exact, and reaps it
+        if child.poll() is None:
+            return True
         del _CHILDREN[pid]
         return False
     try:
@@ -769,7 +775,10 @@ class LocalKafka:
                 raise LauncherError(f"Kafka (pid {pid}) is still alive after SIGKILL")
         if own_group:  # anything left in the broker's group
             signal_group(signal.SIGKILL)
-        _CHILDREN.pop(pid, None)
+        child = _CHILDREN.pop(pid, None)
+        if child is not None:  # dead by now: reap it
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(timeout=1.0)
 
     @staticmethod
     def _wait_exit(pid: int, timeout_s: float) -> bool:

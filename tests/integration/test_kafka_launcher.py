@@ -1,14 +1,17 @@
 """Integration test of app/kafka_local.py: a real Kafka broker from Maven Central jars.
 
-Uses its own ports (19092/19093, then 19094/19095) and a temporary state dir, so it does not
-collide with the session broker of tests/conftest.py or a developer's broker on 9092. The
-jars are shared with everything else through the default cache (~/.cache/tollgate).
+Uses its own free ports (picked per test, never 9092/9093 or the session broker's) and a
+temporary state dir, so it collides neither with the session broker of tests/conftest.py,
+nor with a developer's broker, nor with another run of this test. The jars are shared with
+everything else through the default cache (~/.cache/tollgate).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import socket
 import subprocess
 import sys
 import uuid
@@ -18,18 +21,22 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from app.kafka_local import LocalKafka, pid_alive, port_open
+from app.kafka_local import KafkaStatus, LocalKafka, pid_alive, port_open
 from app.settings import Settings
 
 pytestmark = pytest.mark.integration
 
-PORT = 19092
-CONTROLLER_PORT = 19093
+
+def free_ports(count: int = 2) -> list[int]:
+    """Distinct TCP ports that are free right now (sockets held open together)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
 
 
-def launcher(
-    state_dir: Path, port: int = PORT, controller_port: int = CONTROLLER_PORT
-) -> LocalKafka:
+def launcher(state_dir: Path, port: int, controller_port: int) -> LocalKafka:
     return LocalKafka(
         Settings(
             state_dir=state_dir,
@@ -77,11 +84,12 @@ async def list_topics(bootstrap: str) -> list[str]:
 
 
 def test_start_status_restart_stop(tmp_path: Path) -> None:
-    kafka = launcher(tmp_path)
+    port, controller_port = free_ports(2)
+    kafka = launcher(tmp_path, port, controller_port)
     first = kafka.start()
     try:
         assert first.already_running is False
-        assert first.bootstrap == f"127.0.0.1:{PORT}"
+        assert first.bootstrap == f"127.0.0.1:{port}"
         assert first.start_seconds > 0
         assert first.log_file == tmp_path.resolve() / "kafka" / "kafka.log"
         assert first.log_file.stat().st_size > 0  # log4j2 is wired: the broker logs
@@ -96,7 +104,7 @@ def test_start_status_restart_stop(tmp_path: Path) -> None:
         asyncio.run(create_and_roundtrip(first.bootstrap, topic, b"hello"))
 
         # Idempotent start, also from another launcher object (another CLI call).
-        for again in (kafka.start(), launcher(tmp_path).start()):
+        for again in (kafka.start(), launcher(tmp_path, port, controller_port).start()):
             assert again.already_running is True
             assert again.pid == first.pid
             assert again.downloaded is False
@@ -108,7 +116,7 @@ def test_start_status_restart_stop(tmp_path: Path) -> None:
         assert kafka.pid_file.read_text().strip() == str(first.pid)
 
         assert kafka.stop() is True
-        assert kafka.status() == status.__class__(
+        assert kafka.status() == KafkaStatus(
             running=False,
             pid=None,
             bootstrap=first.bootstrap,
@@ -117,7 +125,7 @@ def test_start_status_restart_stop(tmp_path: Path) -> None:
         )
         assert not pid_alive(first.pid)
         assert not kafka.pid_file.exists()
-        assert not port_open("127.0.0.1", PORT)
+        assert not port_open("127.0.0.1", port)
         assert kafka.stop() is False
 
         # Warm start: storage kept (the topic and its record survive), no download.
@@ -141,7 +149,7 @@ def test_start_status_restart_stop(tmp_path: Path) -> None:
 
 
 def test_stale_pid_files_are_ignored(tmp_path: Path) -> None:
-    kafka = launcher(tmp_path)
+    kafka = launcher(tmp_path, *free_ports(2))
     kafka.home.mkdir(parents=True)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -166,7 +174,7 @@ def test_stale_pid_files_are_ignored(tmp_path: Path) -> None:
 
 
 def test_port_change_keeps_storage(tmp_path: Path) -> None:
-    kafka = launcher(tmp_path)
+    kafka = launcher(tmp_path, *free_ports(2))
     topic = f"moved-{uuid.uuid4().hex[:8]}"
     try:
         first = kafka.start()
@@ -175,10 +183,11 @@ def test_port_change_keeps_storage(tmp_path: Path) -> None:
     finally:
         kafka.stop()
 
-    moved = launcher(tmp_path, port=PORT + 2, controller_port=CONTROLLER_PORT + 2)
+    new_port, new_controller_port = free_ports(2)
+    moved = launcher(tmp_path, new_port, new_controller_port)
     try:
         result = moved.start()
-        assert result.bootstrap == f"127.0.0.1:{PORT + 2}"
+        assert result.bootstrap == f"127.0.0.1:{new_port}"
         assert asyncio.run(read_all(result.bootstrap, topic)) == [b"before the move"]
     finally:
         moved.stop()

@@ -7,6 +7,7 @@ PATH), so pid handling, signals and the download bookkeeping run for real.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -35,10 +36,17 @@ from app.settings import Settings
 
 
 # -- helpers -----------------------------------------------------------------------------------
+def free_ports(count: int = 2) -> list[int]:
+    """Distinct TCP ports that are free right now (sockets held open together)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1)[0]
 
 
 def parse_properties(text: str) -> dict[str, str]:
@@ -51,11 +59,12 @@ def parse_properties(text: str) -> dict[str, str]:
 
 
 def make_settings(tmp_path: Path, **overrides: object) -> Settings:
+    port, controller_port = free_ports(2)
     values: dict[str, object] = {
         "state_dir": tmp_path / "state",
         "kafka_cache_dir": tmp_path / "cache",
-        "kafka_bootstrap": f"127.0.0.1:{free_port()}",
-        "kafka_controller_port": free_port(),
+        "kafka_bootstrap": f"127.0.0.1:{port}",
+        "kafka_controller_port": controller_port,
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]
@@ -80,20 +89,26 @@ def fake_formatted_storage(kafka: LocalKafka) -> None:
     (kafka.data_dir / "meta.properties").write_text("node.id=1\n")
 
 
-def spawn_fake_broker(
+@contextlib.contextmanager
+def fake_broker(
     kafka: LocalKafka, code: str = "import time; time.sleep(120)"
-) -> subprocess.Popen[str]:
-    """A process whose command line is ``java -c <code> kafka.Kafka <server.properties>``."""
+) -> Iterator[subprocess.Popen[str]]:
+    """A process whose command line is ``java -c <code> kafka.Kafka <server.properties>``,
+    recorded in the pid file; killed with its process group on exit."""
     kafka.home.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(
+    with subprocess.Popen(
         ["java", "-c", code, "kafka.Kafka", str(kafka.server_properties)],
         executable=sys.executable,
         stdout=subprocess.PIPE,
         text=True,
         start_new_session=True,
-    )
-    kafka.pid_file.write_text(f"{proc.pid}\n")
-    return proc
+    ) as proc:
+        kafka.pid_file.write_text(f"{proc.pid}\n")
+        try:
+            yield proc
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
 
 
 def dead_pid() -> int:
@@ -239,21 +254,16 @@ def test_garbled_pid_file(tmp_path: Path) -> None:
 def test_broker_of_another_state_dir_is_not_ours(tmp_path: Path) -> None:
     ours = LocalKafka(make_settings(tmp_path / "a"))
     other = LocalKafka(make_settings(tmp_path / "b"))
-    proc = spawn_fake_broker(other)
-    try:
+    with fake_broker(other) as proc:
         ours.home.mkdir(parents=True)
         ours.pid_file.write_text(f"{proc.pid}\n")
         assert ours.status().running is False
         assert other.status().running is True
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 def test_running_broker_detected_and_stopped(tmp_path: Path) -> None:
     kafka = LocalKafka(make_settings(tmp_path))
-    proc = spawn_fake_broker(kafka)
-    try:
+    with fake_broker(kafka) as proc:
         status = kafka.status()
         assert (status.running, status.pid) == (True, proc.pid)
 
@@ -267,39 +277,29 @@ def test_running_broker_detected_and_stopped(tmp_path: Path) -> None:
         assert not kafka.pid_file.exists()
         assert kafka.status().running is False
         assert kafka.stop() is False
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_stop_escalates_to_sigkill(tmp_path: Path) -> None:
     kafka = LocalKafka(make_settings(tmp_path))
-    proc = spawn_fake_broker(
-        kafka,
+    ignore_term = (
         "import signal, time\n"
         "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
         "print('ready', flush=True)\n"
-        "time.sleep(120)\n",
+        "time.sleep(120)\n"
     )
-    try:
+    with fake_broker(kafka, ignore_term) as proc:
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == "ready"
         started = time.monotonic()
         assert kafka.stop(timeout_s=0.5) is True
         assert time.monotonic() - started < 10
         assert proc.wait(timeout=5) == -signal.SIGKILL
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_stop_kills_the_whole_process_group(tmp_path: Path) -> None:
     kafka = LocalKafka(make_settings(tmp_path))
     # The fake broker forks a child (same process group) that ignores SIGTERM.
-    proc = spawn_fake_broker(
-        kafka,
+    forks = (
         "import os, signal, time\n"
         "ready_r, ready_w = os.pipe()\n"
         "child = os.fork()\n"
@@ -310,22 +310,18 @@ def test_stop_kills_the_whole_process_group(tmp_path: Path) -> None:
         "    os._exit(0)\n"
         "os.read(ready_r, 1)\n"
         "print(child, flush=True)\n"
-        "time.sleep(120)\n",
+        "time.sleep(120)\n"
     )
-    try:
+    with fake_broker(kafka, forks) as proc:
         assert proc.stdout is not None
         grandchild_pid = int(proc.stdout.readline())
         assert pid_alive(grandchild_pid)
         assert kafka.stop(timeout_s=10) is True
-        proc.wait(timeout=5)
+        assert proc.wait(timeout=5) == -signal.SIGTERM
         deadline = time.monotonic() + 5
         while pid_alive(grandchild_pid) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not pid_alive(grandchild_pid)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 # -- start pre-checks --------------------------------------------------------------------------
@@ -521,3 +517,16 @@ def test_tail(tmp_path: Path) -> None:
     log.write_text("".join(f"{i}\n" for i in range(100)))
     assert tail(log, 3) == "97\n98\n99"
     assert tail(tmp_path / "missing.log") == ""
+
+
+def test_probe_metadata_reports_an_unreachable_broker() -> None:
+    problem = kafka_local.probe_metadata(f"127.0.0.1:{free_port()}", timeout_s=2.0)
+    assert problem is not None
+
+
+async def test_probe_metadata_works_inside_a_running_event_loop() -> None:
+    # Called from async code (a fixture, the stack runner): must not hit "asyncio.run()
+    # cannot be called from a running event loop".
+    problem = kafka_local.probe_metadata(f"127.0.0.1:{free_port()}", timeout_s=2.0)
+    assert problem is not None
+    assert "running event loop" not in problem
