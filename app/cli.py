@@ -165,6 +165,16 @@ def serve_dispatcher() -> None:
         asyncio.run(serve(settings))
 
 
+@main.command("worker")
+def worker() -> None:
+    """Run the spend worker (Faust): spend tables and budget decisions."""
+    from agents.spend import run_worker
+
+    settings = _settings()
+    click.echo(f"spend worker on {settings.kafka_bootstrap}", err=True)
+    run_worker(settings)
+
+
 @main.command("simulate")
 @click.option("--host", default=None, help="Bind address (default TOLLGATE_SIMULATOR_HOST).")
 @click.option("--port", default=None, type=int, help="Port (default TOLLGATE_SIMULATOR_PORT).")

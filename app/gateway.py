@@ -21,6 +21,9 @@ import aiohttp
 import orjson
 
 from app.attribution import Identity
+from app.budgets.gate import BudgetGate, Reservation
+from app.budgets.policy import scopes_of
+from app.budgets.spend import event_cost
 from app.errors import invalid_request, model_not_found, upstream_error, upstream_timeout
 from app.metrics import Metrics
 from app.pricing import PriceCatalog, nanos_to_usd
@@ -119,6 +122,7 @@ class Call:
     error_type: str | None = None
     generated_text: list[str] = field(default_factory=list)
     client_headers: Mapping[str, str] = field(default_factory=dict)
+    reservation: Reservation | None = None
     finished: bool = False
 
     def take_usage(self, usage: Any) -> None:
@@ -131,6 +135,10 @@ class Call:
             details = usage.get("prompt_tokens_details") or {}
             cached = details.get("cached_tokens") if isinstance(details, dict) else None
             self.cached_tokens = cached if isinstance(cached, int) else 0
+
+
+def identity_scopes(identity: Identity) -> list[str]:
+    return scopes_of(identity.user_id, identity.feature, identity.team, identity.api_key_id)
 
 
 class SseRelay:
@@ -202,11 +210,15 @@ class Gateway:
         prices: PriceCatalog,
         emitter: EventEmitter,
         metrics: Metrics,
+        gate: BudgetGate,
+        reserve_output_tokens: int = 4096,
     ) -> None:
         self.upstreams = upstreams
         self.prices = prices
         self.emitter = emitter
         self.metrics = metrics
+        self.gate = gate
+        self.reserve_output_tokens = reserve_output_tokens
 
     # -- events ---------------------------------------------------------------------
     def emit_request(
@@ -218,6 +230,8 @@ class Gateway:
         chat: ChatRequest | None,
         status: str,
         reason: str | None = None,
+        blocked_scope: str | None = None,
+        reserved_nanos: int = 0,
     ) -> None:
         record = {
             "event_id": new_id(),
@@ -235,8 +249,10 @@ class Gateway:
             "stream": chat.stream if chat else False,
             "prompt_tokens_estimated": chat.prompt_tokens_estimate if chat else 0,
             "max_tokens": chat.max_tokens if chat else None,
+            "reserved_usd_nanos": reserved_nanos,
             "status": status,
             "reason": reason,
+            "blocked_scope": blocked_scope,
         }
         self.emitter.emit("Request", "requests", identity.user_id, record)
 
@@ -284,10 +300,23 @@ class Gateway:
         return record
 
     def finish(self, call: Call) -> None:
-        """Emit the call's Usage event exactly once, whatever happened to it."""
+        """Emit the call's Usage event and release its reservation, exactly once."""
         if call.finished:
             return
         call.finished = True
+        try:
+            record = self._final_usage(call)
+        except Exception:
+            if call.reservation is not None:
+                self.gate.settle(call.reservation, 0)
+            raise
+        try:
+            self.emitter.emit("Usage", "usage", call.identity.user_id, record)
+        finally:  # a failed emit must not leak the reservation into false 402s
+            if call.reservation is not None:
+                self.gate.settle(call.reservation, event_cost(record), record["ts"])
+
+    def _final_usage(self, call: Call) -> dict[str, Any]:
         if call.prompt_tokens is None or call.completion_tokens is None:
             # No provider count (error, disconnect, or a provider that omits usage).
             call.usage_estimated = call.status == "ok" or bool(call.generated_text)
@@ -295,7 +324,7 @@ class Gateway:
             call.completion_tokens = count_tokens("".join(call.generated_text))
             if call.status != "ok" and not call.generated_text:
                 call.prompt_tokens = 0  # the provider generated nothing; assume nothing billed
-        record = self.usage_record(
+        return self.usage_record(
             request_id=call.request_id,
             identity=call.identity,
             model=call.chat.model,
@@ -311,7 +340,6 @@ class Gateway:
             http_status=call.http_status,
             error_type=call.error_type,
         )
-        self.emitter.emit("Usage", "usage", call.identity.user_id, record)
 
     # -- the call ---------------------------------------------------------------------
     def begin(
@@ -322,14 +350,20 @@ class Gateway:
         chat: ChatRequest,
         client_headers: Mapping[str, str] | None = None,
     ) -> Call:
+        """Admit a call: known model, and every capped scope has room (else 402)."""
         if not self.upstreams.candidates(chat.model):
             raise model_not_found(chat.model, self.upstreams.known_models())
+        worst_case = self.prices.worst_case_nanos(
+            chat.model, chat.prompt_tokens_estimate, chat.max_tokens or self.reserve_output_tokens
+        )
+        reservation = self.gate.admit(identity_scopes(identity), worst_case)
         self.emit_request(
             request_id=request_id,
             endpoint=endpoint,
             identity=identity,
             chat=chat,
             status="accepted",
+            reserved_nanos=worst_case if reservation.scopes else 0,
         )
         return Call(
             request_id=request_id,
@@ -337,6 +371,7 @@ class Gateway:
             identity=identity,
             chat=chat,
             client_headers=client_headers or {},
+            reservation=reservation,
         )
 
     async def open_upstream(self, call: Call) -> aiohttp.ClientResponse:

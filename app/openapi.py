@@ -68,6 +68,26 @@ OUTCOME = {
         "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
     },
 }
+POLICY = {
+    "type": "object",
+    "required": ["limit_usd"],
+    "properties": {
+        "period": {"type": "string", "enum": ["day", "month", "window"], "default": "month"},
+        "limit_usd": {"type": "number", "exclusiveMinimum": 0},
+        "thresholds": {"type": "array", "items": {"type": "number"}, "default": [0.5, 0.8, 1.0]},
+        "timezone": {"type": "string", "default": "UTC"},
+        "window": {"description": "period=window only: seconds or '1h', '30m', '7d'"},
+        "upgrade_url": {"type": "string"},
+        "upgrade_prompt": {"type": "string"},
+    },
+}
+SCOPE_PARAM = {
+    "name": "scope",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string"},
+    "description": "global, user:<id>, feature:<name>, team:<id>, key:<id>, or user:* / feature:*",
+}
 ATTRIBUTION_HEADERS = [
     {"name": h, "in": "header", "required": False, "schema": {"type": "string"}}
     for h in ("X-Tollgate-User", "X-Tollgate-Session", "X-Tollgate-Feature")
@@ -84,7 +104,7 @@ def _chat_operation(summary: str) -> dict[str, Any]:
                 "description": "Completion (JSON) or stream (text/event-stream)",
                 "headers": {"X-Request-Id": {"schema": {"type": "string"}}},
             },
-            **_errors(400, 401, 403, 404, 413, 502, 504),
+            **_errors(400, 401, 402, 403, 404, 413, 502, 503, 504),
         },
     }
 
@@ -132,6 +152,35 @@ def openapi_document() -> dict[str, Any]:
                     },
                     "responses": {**accepted, **_errors(400, 401, 413)},
                 }
+            },
+            "/v1/budgets": {
+                "get": {
+                    "summary": "List budget policies",
+                    "responses": {"200": {"description": "Policies"}, **_errors(401, 403)},
+                }
+            },
+            "/v1/budgets/{scope}": {
+                "parameters": [SCOPE_PARAM],
+                "put": {
+                    "summary": "Create or replace the policy of a scope",
+                    "requestBody": {"required": True, **_json(POLICY)},
+                    "responses": {"200": {"description": "The policy"}, **_errors(400, 401, 403)},
+                },
+                "get": {
+                    "summary": "The policy of a scope",
+                    "responses": {"200": {"description": "The policy"}, **_errors(401, 403, 404)},
+                },
+                "delete": {
+                    "summary": "Remove the policy of a scope",
+                    "responses": {"200": {"description": "Removed"}, **_errors(401, 403, 404)},
+                },
+            },
+            "/v1/budgets/{scope}/status": {
+                "parameters": [SCOPE_PARAM],
+                "get": {
+                    "summary": "Spent, limit, state, period and resets_at of a scope",
+                    "responses": {"200": {"description": "Status"}, **_errors(401, 403, 404)},
+                },
             },
             "/v1/models": {
                 "get": {"summary": "Models served", "responses": {"200": {"description": "List"}}}

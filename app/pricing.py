@@ -239,3 +239,13 @@ class PriceCatalog:
             price_unknown=False,
             tier=rate.tier,
         )
+
+    def worst_case_nanos(self, model: str, prompt_tokens: int, max_output_tokens: int) -> int:
+        """Upper bound of a call's cost before it runs (budget reservations).
+
+        A model without a price is reserved at the baseline model's rates, the
+        same rate the spend agent charges it at.
+        """
+        rate = self.rate(model) or self.rate(self.baseline_model)
+        assert rate is not None  # the baseline is checked at start-up
+        return usd_to_nanos(self._usd(rate, prompt_tokens, max_output_tokens, 0))

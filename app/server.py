@@ -18,9 +18,15 @@ import orjson
 from aiohttp import web
 
 from app.attribution import Identity, KeyStore, resolve_identity
+from app.budgets.admin import deletion_record, load_budgets_file, policy_record
+from app.budgets.gate import BudgetGate
+from app.budgets.policy import PolicyBook, PolicyError, parse_policy, validate_scope
+from app.budgets.spend import event_cost
+from app.clock import Clock
 from app.codec import build_codec
+from app.compacted import CompactedView
 from app.errors import ApiError, invalid_request
-from app.gateway import Call, ChatRequest, Gateway, parse_chat_request
+from app.gateway import Call, ChatRequest, Gateway, identity_scopes, parse_chat_request
 from app.ingest import parse_outcomes, parse_usage_reports
 from app.metrics import Metrics
 from app.openapi import openapi_document
@@ -44,6 +50,10 @@ class Components:
     prices: PriceCatalog
     gateway: Gateway
     keys: KeyStore | None
+    gate: BudgetGate
+    policies: PolicyBook
+    policy_view: CompactedView
+    decision_view: CompactedView
 
 
 COMPONENTS = web.AppKey("components", Components)
@@ -136,13 +146,15 @@ async def _chat(request: web.Request, endpoint: str, native: bool) -> web.Stream
         call = c.gateway.begin(request_id, endpoint, identity, chat, request.headers)
     except (ApiError, web.HTTPRequestEntityTooLarge) as exc:
         reason = exc.code or exc.error_type if isinstance(exc, ApiError) else "request_too_large"
+        blocked = isinstance(exc, ApiError) and exc.status == 402
         c.gateway.emit_request(
             request_id=request_id,
             endpoint=endpoint,
             identity=identity or Identity(user_id="unattributed"),
             chat=chat,
-            status="rejected",
+            status="blocked" if blocked else "rejected",
             reason=reason,
+            blocked_scope=exc.extra.get("scope") if isinstance(exc, ApiError) else None,
         )
         raise
     try:
@@ -156,6 +168,21 @@ async def _chat(request: web.Request, endpoint: str, native: bool) -> web.Stream
         )
     finally:
         c.gateway.finish(call)
+
+
+def _check_budget_view_fresh(c: Components) -> None:
+    """Fail-closed deployments refuse calls when budget decisions may be stale."""
+    if not c.settings.budget_fail_closed:
+        return
+    age = c.decision_view.age_s()
+    if not c.decision_view.synced.is_set() or age > c.settings.budget_max_staleness_s:
+        raise ApiError(
+            503,
+            "budget_unavailable",
+            f"Budget decisions are stale ({age:.0f}s > TOLLGATE_BUDGET_MAX_STALENESS_S="
+            f"{c.settings.budget_max_staleness_s:.0f}s; Kafka unreachable?) and this gateway "
+            "is configured fail-closed (TOLLGATE_BUDGET_FAIL_CLOSED=true). Retry later.",
+        )
 
 
 async def _stream(request: web.Request, gateway: Gateway, call: Call) -> web.StreamResponse:
@@ -216,6 +243,8 @@ async def report_usage(request: web.Request) -> web.Response:
     for report in reports:
         record = c.gateway.usage_record(source="usage_api", **report)
         c.emitter.emit("Usage", "usage", record["user_id"], record)
+        # Already spent: recorded even when a scope is blocked, and counted by the gate.
+        c.gate.record_spend(identity_scopes(report["identity"]), event_cost(record), record["ts"])
         accepted.append(
             {
                 "event_id": record["event_id"],
@@ -236,6 +265,82 @@ async def report_outcomes(request: web.Request) -> web.Response:
     return json_response(
         {"accepted": len(records), "event_ids": [r["event_id"] for r in records]}, status=202
     )
+
+
+# -- budgets (admin) ----------------------------------------------------------------
+def _admin(request: web.Request) -> str | None:
+    """The admin's key id; keys configured = an admin key is required."""
+    c = request.app[COMPONENTS]
+    if c.keys is None:
+        return None
+    identity = resolve_identity(request.headers, {}, c.keys, "none")
+    if not identity.is_admin:
+        raise ApiError(403, "permission_error", "Budget administration needs an admin API key")
+    return identity.api_key_id
+
+
+def _scope(request: web.Request) -> str:
+    try:
+        return validate_scope(request.match_info["scope"])
+    except PolicyError as exc:
+        raise invalid_request(str(exc), exc.field) from None
+
+
+async def put_budget(request: web.Request) -> web.Response:
+    c = request.app[COMPONENTS]
+    admin = _admin(request)
+    scope = _scope(request)
+    try:
+        policy = parse_policy(scope, await read_json(request))
+    except PolicyError as exc:
+        raise invalid_request(str(exc), exc.field) from None
+    c.emitter.emit("BudgetPolicy", "budget.policies", scope, policy_record(policy, admin))
+    c.policies.put(policy)  # effective here at once; other dispatchers read it from Kafka
+    return json_response(policy.to_json())
+
+
+async def get_budget(request: web.Request) -> web.Response:
+    c = request.app[COMPONENTS]
+    _admin(request)
+    scope = _scope(request)
+    policy = c.policies.policies.get(scope)
+    if policy is None:
+        raise ApiError(404, "not_found", f"No budget policy for {scope}", param="scope")
+    return json_response(policy.to_json())
+
+
+async def delete_budget(request: web.Request) -> web.Response:
+    c = request.app[COMPONENTS]
+    admin = _admin(request)
+    scope = _scope(request)
+    if scope not in c.policies.policies:
+        raise ApiError(404, "not_found", f"No budget policy for {scope}", param="scope")
+    c.emitter.emit("BudgetPolicy", "budget.policies", scope, deletion_record(scope, admin))
+    c.policies.remove(scope)
+    return json_response({"deleted": scope})
+
+
+async def list_budgets(request: web.Request) -> web.Response:
+    c = request.app[COMPONENTS]
+    _admin(request)
+    return json_response(
+        {"budgets": [p.to_json() for p in sorted(c.policies.all(), key=lambda p: p.scope)]}
+    )
+
+
+async def budget_status(request: web.Request) -> web.Response:
+    c = request.app[COMPONENTS]
+    scope = _scope(request)
+    if c.keys is not None:  # users may read their own status; admins any
+        identity = resolve_identity(request.headers, {}, c.keys, "none")
+        if not identity.is_admin and scope != f"user:{identity.user_id}":
+            raise ApiError(403, "permission_error", f"Your key may not read the status of {scope}")
+    status = c.gate.status(scope)
+    if status is None:
+        raise ApiError(
+            404, "not_found", f"{scope} has no budget policy (nor a default)", param="scope"
+        )
+    return json_response(status.to_json())
 
 
 # -- discovery and operations ------------------------------------------------------------
@@ -260,8 +365,12 @@ async def readyz(request: web.Request) -> web.Response:
         "kafka_connected": c.emitter.kafka_connected,
         "spool_active": spool_room,
         "spool_depth": c.emitter.depth,
+        "budget_decisions_synced": c.decision_view.synced.is_set(),
+        "budget_policies_synced": c.policy_view.synced.is_set(),
     }
     ready = checks["prices_loaded"] and (checks["kafka_connected"] or spool_room)
+    if c.settings.budget_fail_closed:
+        ready = ready and checks["budget_decisions_synced"]
     return json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
 
 
@@ -281,6 +390,11 @@ ROUTES: list[tuple[str, str, Callable[[web.Request], Awaitable[web.StreamRespons
     ("POST", "/v1/usage", report_usage),
     ("POST", "/v1/outcomes", report_outcomes),
     ("GET", "/v1/models", list_models),
+    ("GET", "/v1/budgets", list_budgets),
+    ("PUT", "/v1/budgets/{scope}", put_budget),
+    ("GET", "/v1/budgets/{scope}", get_budget),
+    ("DELETE", "/v1/budgets/{scope}", delete_budget),
+    ("GET", "/v1/budgets/{scope}/status", budget_status),
     ("GET", "/healthz", healthz),
     ("GET", "/readyz", readyz),
     ("GET", "/metrics", metrics),
@@ -304,10 +418,51 @@ async def build_components(settings: Settings) -> Components:
         settings.upstream_connect_timeout_s,
         settings.upstream_read_timeout_s,
     )
+    codec = emitter.codec
+    clock = Clock(settings.clock_start)
+    policies = PolicyBook()
+    gate = BudgetGate(policies, clock)
+    policy_view = CompactedView(
+        settings.kafka_bootstrap,
+        settings.topic("budget.policies"),
+        codec,
+        on_record=lambda scope, record: policies.apply_record(record, scope),
+    )
+    decision_view = CompactedView(
+        settings.kafka_bootstrap,
+        settings.topic("budget.decisions"),
+        codec,
+        on_record=gate.on_decision,
+    )
     await upstreams.start()
     await emitter.start()
-    gateway = Gateway(upstreams, prices, emitter, metrics_)
-    return Components(settings, metrics_, emitter, upstreams, prices, gateway, keys)
+    # Ready only after catching up with every decision: a blocked user must not slip through
+    # a restart. If Kafka is down, serve on the spool with what is known (fail-open).
+    await asyncio.gather(policy_view.start(), decision_view.start())
+    if settings.budgets_file:
+        for policy in load_budgets_file(settings.budgets_file):
+            if policies.policies.get(policy.scope) != policy:
+                emitter.emit(
+                    "BudgetPolicy",
+                    "budget.policies",
+                    policy.scope,
+                    policy_record(policy, "budgets_file"),
+                )
+                policies.put(policy)
+    gateway = Gateway(upstreams, prices, emitter, metrics_, gate, settings.reserve_output_tokens)
+    return Components(
+        settings,
+        metrics_,
+        emitter,
+        upstreams,
+        prices,
+        gateway,
+        keys,
+        gate,
+        policies,
+        policy_view,
+        decision_view,
+    )
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -320,6 +475,7 @@ def create_app(settings: Settings) -> web.Application:
         app[COMPONENTS] = components
         yield
         await components.upstreams.close()
+        await asyncio.gather(components.policy_view.stop(), components.decision_view.stop())
         await components.emitter.stop()
 
     app.cleanup_ctx.append(lifecycle)

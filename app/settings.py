@@ -9,6 +9,7 @@ the code base reads ``os.environ`` for configuration.
 from __future__ import annotations
 
 import os
+from datetime import datetime
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
@@ -144,6 +145,28 @@ class Settings(BaseSettings):
     )
     spool_fsync: Literal["always", "batch", "never"] = Field(
         default="batch", description="Spool durability: see app/spool.py."
+    )
+
+    # -- budgets ----------------------------------------------------------------
+    budgets_file: Path | None = Field(
+        default=None,
+        description="YAML of budget policies published at dispatcher start-up (see README).",
+    )
+    budget_fail_closed: bool = Field(
+        default=False,
+        description="Answer 503 instead of serving when budget decisions are stale (Kafka down).",
+    )
+    budget_max_staleness_s: float = Field(
+        default=30.0, gt=0, description="Decision age beyond which fail-closed refuses requests."
+    )
+    reserve_output_tokens: int = Field(
+        default=4096,
+        ge=1,
+        description="Output tokens reserved for a request that sets no max_tokens.",
+    )
+    clock_start: datetime | None = Field(
+        default=None,
+        description="Testing only: start the clock at this ISO instant (period-boundary tests).",
     )
 
     log_format: Literal["auto", "json", "text"] = Field(

@@ -53,6 +53,15 @@ TOPIC_SPECS: tuple[TopicSpec, ...] = (
         "cap decisions, latest per scope; every dispatcher reads it from the start",
         {"min.cleanable.dirty.ratio": "0.1", "segment.ms": "3600000"},
     ),
+    TopicSpec(
+        "budget.partials",
+        "(JSON, internal)",
+        "scope",
+        "delete",
+        True,
+        "per-partition partial spend sums, spend worker to itself",
+        {"retention.ms": str(24 * 3600 * 1000)},
+    ),
     TopicSpec("alerts", "Alert", "alert_key", "delete", False, "anomaly and budget alerts"),
     TopicSpec("outcomes", "Outcome", "session_id", "delete", False, "business outcomes"),
 )

@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from app.budgets.admin import policy_record
+from app.budgets.policy import parse_policy
 from app.codec import EventCodec
+from app.compacted import CompactedView
 from app.server import serve
 from app.settings import Settings, UpstreamConfig
 from app.simulator import SimulatorConfig, create_app
@@ -40,8 +49,26 @@ class BackgroundLoop:
         self.thread.join(10)
 
 
-async def start_simulator(port: int, config: SimulatorConfig | None = None) -> web.AppRunner:
-    runner = web.AppRunner(create_app(config or SimulatorConfig(latency_scale=0)), access_log=None)
+class CallCounter:
+    """Counts chat completions that reached the simulator (i.e. the provider was billed)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path.endswith("/chat/completions"):
+            self.calls += 1
+        return await handler(request)  # type: ignore[no-any-return]
+
+
+async def start_simulator(
+    port: int, config: SimulatorConfig | None = None, counter: CallCounter | None = None
+) -> web.AppRunner:
+    app = create_app(config or SimulatorConfig(latency_scale=0))
+    if counter is not None:
+        app.middlewares.append(counter.middleware)
+    runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     return runner
@@ -68,18 +95,20 @@ class Stack:
             **{
                 **settings.model_dump(),
                 "dispatcher_port": self.port,
+                "state_dir": settings.state_dir / f"dispatcher-{self.port}",  # its own spool
                 "upstreams": upstreams,
                 **overrides,
             }
         )
         self.url = f"http://127.0.0.1:{self.port}"
+        self.counter = CallCounter()
         self.loop = BackgroundLoop()
         self._sim: web.AppRunner | None = None
         self._server: asyncio.Future[Any] | None = None
 
     def start(self, simulator: bool = True) -> None:
         if simulator:
-            self._sim = self.loop.run(start_simulator(self.sim_port))
+            self._sim = self.loop.run(start_simulator(self.sim_port, counter=self.counter))
         ready = asyncio.Event()
 
         async def launch() -> None:
@@ -144,3 +173,102 @@ async def read_events(
     finally:
         await consumer.stop()
     return records
+
+
+class WorkerProcess:
+    """``tollgate worker`` as a real process (so it can be SIGKILLed), on the test's topics."""
+
+    def __init__(self, settings: Settings, log_path: Path, **env: str) -> None:
+        self.settings = settings
+        self.log_path = log_path
+        self.env = {
+            **os.environ,
+            "TOLLGATE_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+            "TOLLGATE_TOPIC_PREFIX": settings.topic_prefix,
+            "TOLLGATE_TOPIC_PARTITIONS": str(settings.topic_partitions),
+            "TOLLGATE_STATE_DIR": str(settings.state_dir),
+            **env,
+        }
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "app", "worker"],
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=self.log_path.open("ab"),
+            start_new_session=True,
+        )
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+async def latest_decisions(settings: Settings, timeout_s: float = 10) -> dict[str, dict[str, Any]]:
+    """The compacted view of budget decisions right now."""
+    view = CompactedView(settings.kafka_bootstrap, settings.topic("budget.decisions"), EventCodec())
+    await view.start(timeout_s)
+    await view.stop()
+    return dict(view.records)
+
+
+async def publish_policy(settings: Settings, scope: str, body: dict[str, Any]) -> None:
+    policy = parse_policy(scope, body)
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+    await producer.start()
+    try:
+        await producer.send_and_wait(
+            settings.topic("budget.policies"),
+            EventCodec().encode("BudgetPolicy", policy_record(policy, "test")),
+            key=scope.encode(),
+        )
+    finally:
+        await producer.stop()
+
+
+def wait_for_decision(
+    settings: Settings, scope: str, check: Any = lambda d: True, timeout_s: float = 60
+) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        decision = asyncio.run(latest_decisions(settings)).get(scope)
+        if decision is not None and check(decision):
+            return decision
+        time.sleep(0.5)
+    raise AssertionError(f"no matching decision for {scope} within {timeout_s}s")
+
+
+def wait_worker_ready(settings: Settings, timeout_s: float = 90, now: Any = None) -> None:
+    """Prove the worker consumes: a probe user with a policy must get a decision.
+
+    ``now``: a function giving the worker's (fake) time when it runs with TOLLGATE_CLOCK_START.
+    """
+    from app.usage import UsageProducer
+
+    async def probe() -> None:
+        await publish_policy(settings, "user:__probe__", {"period": "day", "limit_usd": 1})
+        producer = UsageProducer(settings)
+        await producer.start()
+        try:
+            await producer.report(
+                model="gpt-4o-mini",
+                prompt_tokens=1,
+                completion_tokens=1,
+                user_id="__probe__",
+                ts=now() if callable(now) else now,
+            )
+        finally:
+            await producer.stop()
+
+    asyncio.run(probe())
+    wait_for_decision(settings, "user:__probe__", timeout_s=timeout_s)

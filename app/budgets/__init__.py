@@ -1,0 +1,1 @@
+"""Budget caps: policies, calendar periods, decisions, and the dispatcher's gate."""

@@ -1,0 +1,138 @@
+"""Latest record per key of a compacted topic (budget policies, budget decisions).
+
+Owns reading such a topic: every partition from the beginning at start-up
+(``start`` returns once caught up, or after its timeout), then tailing it. Used
+by every dispatcher (decisions, policies), by the spend worker (policies,
+decisions) and by the CLI. Tombstones (null values) remove a key; undecodable
+records are logged with their offset and skipped, never fatal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from app.codec import EventCodec, EventDecodeError
+
+log = logging.getLogger(__name__)
+
+OnRecord = Callable[[str, dict[str, Any] | None], None]
+CONTACT_CHECK_S = 2.0
+
+
+class CompactedView:
+    def __init__(
+        self,
+        bootstrap: str,
+        topic: str,
+        codec: EventCodec,
+        on_record: OnRecord | None = None,
+    ) -> None:
+        self.bootstrap = bootstrap
+        self.topic = topic
+        self.codec = codec
+        self.on_record = on_record
+        self.records: dict[str, dict[str, Any]] = {}
+        self.synced = asyncio.Event()
+        self._unreachable = asyncio.Event()  # the first connection attempt failed
+        self.last_contact = 0.0  # monotonic time of the last successful broker round trip
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self, timeout_s: float = 30.0) -> bool:
+        """Start reading; wait until caught up (True), or the broker is unreachable, or timeout."""
+        self._task = asyncio.create_task(self._run(), name=f"view:{self.topic}")
+        waiters = [
+            asyncio.create_task(self.synced.wait()),
+            asyncio.create_task(self._unreachable.wait()),
+        ]
+        await asyncio.wait(waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        for waiter in waiters:
+            waiter.cancel()
+        if not self.synced.is_set():
+            log.warning("not caught up with topic yet; continuing", extra={"topic": self.topic})
+        return self.synced.is_set()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def age_s(self) -> float:
+        """Seconds since this view last heard from the broker."""
+        return time.monotonic() - self.last_contact if self.last_contact else float("inf")
+
+    def _apply(self, key: bytes | None, value: bytes | None, partition: int, offset: int) -> None:
+        if key is None:
+            return
+        name = key.decode(errors="replace")
+        if value is None:
+            self.records.pop(name, None)
+            record = None
+        else:
+            try:
+                record = self.codec.decode(
+                    value, topic=self.topic, partition=partition, offset=offset
+                ).record
+            except EventDecodeError as exc:
+                log.error("skipping undecodable record", extra={"error": str(exc)})
+                return
+            self.records[name] = record
+        if self.on_record is not None:
+            self.on_record(name, record)
+
+    async def _run(self) -> None:
+        while True:
+            consumer = AIOKafkaConsumer(
+                self.topic,  # no group: aiokafka assigns every partition to this consumer
+                group_id=None,
+                bootstrap_servers=self.bootstrap,
+                enable_auto_commit=False,
+                auto_offset_reset="earliest",
+                request_timeout_ms=10_000,
+            )
+            try:
+                await consumer.start()
+                partitions = await self._partitions(consumer)
+                await consumer.seek_to_beginning(*partitions)
+                end = await consumer.end_offsets(partitions)
+                self.last_contact = time.monotonic()
+                next_check = time.monotonic() + CONTACT_CHECK_S
+                while True:
+                    batch = await consumer.getmany(timeout_ms=200, max_records=5000)
+                    for messages in batch.values():
+                        for m in messages:
+                            self._apply(m.key, m.value, m.partition, m.offset)
+                    if not self.synced.is_set():
+                        positions = {tp: await consumer.position(tp) for tp in partitions}
+                        if all(positions[tp] >= end[tp] for tp in partitions):
+                            self.synced.set()
+                    if time.monotonic() >= next_check:
+                        await consumer.end_offsets(partitions)  # raises if the broker is gone
+                        self.last_contact = time.monotonic()
+                        next_check = self.last_contact + CONTACT_CHECK_S
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._unreachable.set()
+                log.warning(
+                    "lost the topic; retrying", extra={"topic": self.topic, "error": repr(exc)}
+                )
+                await asyncio.sleep(1.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    await consumer.stop()
+
+    async def _partitions(self, consumer: AIOKafkaConsumer) -> list[TopicPartition]:
+        for _ in range(100):
+            assigned = consumer.assignment()
+            if assigned:
+                return sorted(assigned)
+            await consumer.getmany(timeout_ms=100)  # lets the consumer fetch metadata and assign
+        raise RuntimeError(f"topic {self.topic} has no partitions; run `tollgate topics ensure`")

@@ -1,0 +1,331 @@
+"""Budget caps with real parts: Kafka, the Faust spend worker process, dispatchers, simulator."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+
+from app.settings import Settings
+from app.topics import ensure_topics
+from app.usage import UsageProducer
+from tests.integration.harness import (
+    Stack,
+    WorkerProcess,
+    publish_policy,
+    read_events,
+    wait_for_decision,
+    wait_worker_ready,
+)
+
+pytestmark = pytest.mark.integration
+CALL = {
+    "model": "gpt-4o",
+    "messages": [{"role": "user", "content": "Draft the renewal email for our largest client."}],
+    "max_tokens": 300,
+}
+FIXED_OUTPUT = {"X-Sim-Completion-Tokens": "200"}  # 200 gpt-4o output tokens = $0.002 a call
+
+
+@pytest.fixture
+def worker(kafka_settings: Settings, tmp_path: Path) -> Iterator[WorkerProcess]:
+    asyncio.run(ensure_topics(kafka_settings))
+    process = WorkerProcess(kafka_settings, tmp_path / "worker.log")
+    process.start()
+    try:
+        wait_worker_ready(kafka_settings)
+        yield process
+    finally:
+        process.stop()
+
+
+@pytest.fixture
+def stack(kafka_settings: Settings, worker: WorkerProcess) -> Iterator[Stack]:
+    running = Stack(kafka_settings)
+    running.start()
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def spend_until_402(
+    url: str, headers: dict[str, str], limit: int = 200
+) -> tuple[int, httpx.Response]:
+    with httpx.Client(timeout=30) as http:
+        for served in range(limit):
+            response = http.post(f"{url}/v1/chat/completions", json=CALL, headers=headers)
+            if response.status_code == 402:
+                return served, response
+            assert response.status_code == 200, response.text
+    raise AssertionError(f"no 402 after {limit} calls")
+
+
+def test_user_cap_answers_402_with_upgrade_prompt_and_no_upstream_call(stack: Stack) -> None:
+    put = httpx.put(
+        f"{stack.url}/v1/budgets/user:alice",
+        json={
+            "period": "month",
+            "limit_usd": 0.05,
+            "upgrade_url": "https://example.com/upgrade",
+            "upgrade_prompt": "Upgrade to Pro for a $50 monthly budget.",
+        },
+    )
+    assert put.status_code == 200, put.text
+    headers = {"X-Tollgate-User": "alice", **FIXED_OUTPUT}
+    served, blocked = spend_until_402(stack.url, headers)
+    assert 20 <= served <= 26  # $0.05 / ~$0.002 a call
+
+    error = blocked.json()["error"]
+    assert error["type"] == "budget_exceeded"
+    assert error["scope"] == "user:alice"
+    assert error["limit_usd"] == 0.05
+    assert error["spent_usd"] >= 0.05
+    assert error["period"] == "month"
+    now = datetime.now(UTC)
+    next_month = datetime(now.year + (now.month == 12), now.month % 12 + 1, 1, tzinfo=UTC)
+    assert error["resets_at"] == next_month.isoformat()
+    assert error["upgrade_url"] == "https://example.com/upgrade"
+    assert "Upgrade to Pro" in error["upgrade_prompt"] and "Upgrade to Pro" in error["message"]
+
+    calls_at_provider = stack.counter.calls
+    with httpx.Client() as http:
+        for _ in range(5):
+            again = http.post(f"{stack.url}/v1/chat/completions", json=CALL, headers=headers)
+            assert again.status_code == 402
+    assert stack.counter.calls == calls_at_provider, "a blocked request reached the provider"
+    other = httpx.post(
+        f"{stack.url}/v1/chat/completions", json=CALL, headers={"X-Tollgate-User": "bob"}
+    )
+    assert other.status_code == 200, "other users are not affected"
+
+    decision = wait_for_decision(stack.settings, "user:alice", lambda d: d["state"] == "blocked")
+    assert decision["spent_usd_nanos"] >= 50_000_000
+    status = httpx.get(f"{stack.url}/v1/budgets/user:alice/status").json()
+    assert status["state"] == "blocked" and status["resets_at"] == next_month.isoformat()
+
+    requests = asyncio.run(read_events(stack.settings, "requests", at_least=served + 7))
+    blocked_events = [r for r in requests if r["status"] == "blocked"]
+    assert len(blocked_events) == 6
+    assert all(
+        r["blocked_scope"] == "user:alice" and r["reason"] == "budget_exceeded"
+        for r in blocked_events
+    )
+
+    alerts = asyncio.run(read_events(stack.settings, "alerts", at_least=3))
+    crossed = sorted(float(a["details"]["threshold"]) for a in alerts if a["scope"] == "user:alice")
+    assert crossed == [0.5, 0.8, 1.0], "one alert per soft threshold per period"
+
+
+def test_usage_reports_are_recorded_even_when_blocked(stack: Stack) -> None:
+    httpx.put(f"{stack.url}/v1/budgets/user:carol", json={"limit_usd": 0.01})
+    spend_until_402(stack.url, {"X-Tollgate-User": "carol", **FIXED_OUTPUT})
+    report = httpx.post(
+        f"{stack.url}/v1/usage",
+        json={"model": "gpt-4o", "prompt_tokens": 100, "completion_tokens": 10, "user_id": "carol"},
+    )
+    assert report.status_code == 202
+
+
+def test_two_dispatchers_share_one_cap(stack: Stack, kafka_settings: Settings) -> None:
+    second = Stack(kafka_settings)
+    second.start()
+    try:
+        httpx.put(f"{stack.url}/v1/budgets/user:dana", json={"limit_usd": 0.03})
+        wait_for_policy(second.url, "user:dana")
+        headers = {"X-Tollgate-User": "dana", **FIXED_OUTPUT}
+        spend_until_402(stack.url, headers)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            response = httpx.post(f"{second.url}/v1/chat/completions", json=CALL, headers=headers)
+            if response.status_code == 402:
+                break
+            time.sleep(0.2)
+        assert response.status_code == 402, "the other dispatcher must block after the breach"
+        assert response.json()["error"]["scope"] == "user:dana"
+    finally:
+        second.stop()
+
+
+def wait_for_policy(url: str, scope: str, timeout_s: float = 15) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if httpx.get(f"{url}/v1/budgets/{scope}").status_code == 200:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{scope} policy never reached {url}")
+
+
+@pytest.mark.parametrize(
+    ("scope", "headers"),
+    [
+        ("feature:search", {"X-Tollgate-User": "erin", "X-Tollgate-Feature": "search"}),
+        ("global", {"X-Tollgate-User": "frank"}),
+    ],
+)
+def test_feature_and_global_caps_block_like_user_caps(
+    stack: Stack, scope: str, headers: dict[str, str]
+) -> None:
+    httpx.put(f"{stack.url}/v1/budgets/{scope}", json={"period": "day", "limit_usd": 0.02})
+    served, blocked = spend_until_402(stack.url, {**headers, **FIXED_OUTPUT})
+    assert blocked.json()["error"]["scope"] == scope
+    assert 8 <= served <= 12
+    decision = wait_for_decision(stack.settings, scope, lambda d: d["state"] == "blocked")
+    assert decision["spent_usd_nanos"] >= 20_000_000
+    if scope == "global":
+        other = httpx.post(
+            f"{stack.url}/v1/chat/completions", json=CALL, headers={"X-Tollgate-User": "zed"}
+        )
+        assert other.status_code == 402
+
+
+def test_late_event_counts_in_the_month_of_its_timestamp(stack: Stack) -> None:
+    httpx.put(f"{stack.url}/v1/budgets/user:gus", json={"limit_usd": 1})
+    now = datetime.now(UTC)
+    last_month = now.replace(day=1) - timedelta(days=2)
+    response = httpx.post(
+        f"{stack.url}/v1/usage",
+        json=[
+            {
+                "model": "gpt-4",
+                "prompt_tokens": 10000,
+                "completion_tokens": 5000,
+                "user_id": "gus",
+                "ts": last_month.isoformat(),
+            },  # $0.60, last month
+            {
+                "model": "gpt-4o-mini",
+                "prompt_tokens": 1000,
+                "completion_tokens": 100,
+                "user_id": "gus",
+            },
+        ],
+    )
+    assert response.status_code == 202
+    this_month_cost = 1000 * 150 + 100 * 600  # gpt-4o-mini nanos per token: 150 in, 600 out
+    decision = wait_for_decision(stack.settings, "user:gus", lambda d: d["spent_usd_nanos"] > 0)
+    time.sleep(1.0)  # let a late refresh land if there were one
+    decision = wait_for_decision(stack.settings, "user:gus")
+    assert decision["spent_usd_nanos"] == this_month_cost
+    assert decision["period_start"] == datetime(now.year, now.month, 1, tzinfo=UTC)
+
+
+def test_period_rollover_reopens_without_new_traffic(
+    kafka_settings: Settings, tmp_path: Path
+) -> None:
+    """Blocked just before midnight on the last day of October; open right after, no traffic."""
+    asyncio.run(ensure_topics(kafka_settings))
+    clock_start = datetime(2026, 10, 31, 23, 59, 0, tzinfo=UTC)
+    midnight = datetime(2026, 11, 1, tzinfo=UTC)
+    started = time.time()
+    worker = WorkerProcess(
+        kafka_settings, tmp_path / "worker.log", TOLLGATE_CLOCK_START=clock_start.isoformat()
+    )
+    worker.start()
+
+    def fake_now() -> datetime:
+        return clock_start + timedelta(seconds=time.time() - started)
+
+    try:
+        wait_worker_ready(kafka_settings, now=fake_now)
+        stack = Stack(kafka_settings, clock_start=fake_now())  # same fake time as the worker
+        stack.start()
+        try:
+            if midnight - fake_now() < timedelta(seconds=10):
+                pytest.skip("the machine was too slow to start the worker before fake midnight")
+            httpx.put(
+                f"{stack.url}/v1/budgets/user:hana", json={"period": "month", "limit_usd": 0.01}
+            )
+            report = httpx.post(
+                f"{stack.url}/v1/usage",
+                json={
+                    "model": "gpt-4",
+                    "prompt_tokens": 1000,
+                    "completion_tokens": 500,
+                    "user_id": "hana",
+                    "ts": fake_now().isoformat(),
+                },  # $0.06 > $0.01
+            )
+            assert report.status_code == 202
+            blocked = wait_for_decision(
+                kafka_settings, "user:hana", lambda d: d["state"] == "blocked"
+            )
+            assert blocked["resets_at"] == midnight
+            assert (
+                httpx.get(f"{stack.url}/v1/budgets/user:hana/status").json()["state"] == "blocked"
+            )
+            assert fake_now() < midnight, "blocked before midnight"
+
+            reopened = wait_for_decision(
+                kafka_settings,
+                "user:hana",
+                lambda d: d["reason"] == "period_rollover",
+                timeout_s=90,
+            )
+            assert reopened["state"] == "open"
+            assert reopened["period_start"] == midnight
+            assert reopened["spent_usd_nanos"] == 0
+            assert fake_now() - midnight < timedelta(seconds=5), "re-opened right after midnight"
+            after = httpx.get(f"{stack.url}/v1/budgets/user:hana/status").json()
+            assert after["state"] == "open" and after["period_start"] == midnight.isoformat()
+            call = httpx.post(
+                f"{stack.url}/v1/chat/completions", json=CALL, headers={"X-Tollgate-User": "hana"}
+            )
+            assert call.status_code == 200
+        finally:
+            stack.stop()
+    finally:
+        worker.stop()
+
+
+def test_worker_killed_mid_stream_recovers_its_totals(
+    kafka_settings: Settings, tmp_path: Path
+) -> None:
+    asyncio.run(ensure_topics(kafka_settings))
+    asyncio.run(publish_policy(kafka_settings, "user:*", {"period": "month", "limit_usd": 1000}))
+    worker = WorkerProcess(kafka_settings, tmp_path / "worker.log")
+    worker.start()
+    wait_worker_ready(kafka_settings)
+    users = [f"kill-{i}" for i in range(4)]
+    expected: dict[str, int] = dict.fromkeys(users, 0)
+
+    async def produce(count: int) -> None:
+        producer = UsageProducer(kafka_settings)
+        await producer.start()
+        try:
+            for i in range(count):
+                user = users[i % len(users)]
+                record = await producer.report(
+                    model="gpt-4o",
+                    prompt_tokens=500 + i,
+                    completion_tokens=50 + i % 7,
+                    user_id=user,
+                )
+                expected[user] += record["cost_usd_nanos"]
+                if i % 50 == 0:
+                    await asyncio.sleep(0.05)
+        finally:
+            await producer.stop()
+
+    try:
+        asyncio.run(produce(300))
+        worker.kill()  # SIGKILL, whatever it was doing
+        asyncio.run(produce(300))
+        worker.start()
+        for user in users:
+            decision = wait_for_decision(
+                kafka_settings,
+                f"user:{user}",
+                lambda d, u=user: d["spent_usd_nanos"] >= expected[u],
+                90,
+            )
+            over = decision["spent_usd_nanos"] - expected[user]
+            # At-least-once may only over-count; the offset marks in the changelog make it exact.
+            assert over == 0, f"{user}: over-counted by {over} nano-USD after the crash"
+    finally:
+        worker.stop()
