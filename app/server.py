@@ -421,7 +421,7 @@ async def build_components(settings: Settings) -> Components:
     codec = emitter.codec
     clock = Clock(settings.clock_start)
     policies = PolicyBook()
-    gate = BudgetGate(policies, clock)
+    gate = BudgetGate(policies, clock, settings.budget_reservations)
     policy_view = CompactedView(
         settings.kafka_bootstrap,
         settings.topic("budget.policies"),

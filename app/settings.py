@@ -159,6 +159,10 @@ class Settings(BaseSettings):
     budget_max_staleness_s: float = Field(
         default=30.0, gt=0, description="Decision age beyond which fail-closed refuses requests."
     )
+    budget_reservations: bool = Field(
+        default=True,
+        description="Reserve each in-flight request's worst case against caps (bounds overshoot).",
+    )
     reserve_output_tokens: int = Field(
         default=4096,
         ge=1,
