@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
+from typing import NoReturn
 
 import click
 
@@ -19,7 +20,7 @@ def _settings() -> Settings:
     return settings
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     click.echo(f"error: {message}", err=True)
     sys.exit(1)
 
@@ -125,6 +126,120 @@ def schemas_register() -> None:
         click.echo(f"id {version.schema_id}: {version.name} v{version.version} -> {version.file}")
     if not added:
         click.echo("no schema changed")
+
+
+# -- budgets -----------------------------------------------------------------
+@main.group()
+def budgets() -> None:
+    """Budget caps (published to Kafka; every dispatcher and the spend worker follow them)."""
+
+
+@budgets.command("set")
+@click.argument("scope")
+@click.option("--monthly", type=str, help="Monthly limit in USD.")
+@click.option("--daily", type=str, help="Daily limit in USD.")
+@click.option("--window", type=str, help="Rolling-window length, e.g. 1h (with --limit).")
+@click.option("--limit", "window_limit", type=str, help="Limit in USD for --window.")
+@click.option("--thresholds", default="0.5,0.8,1.0", show_default=True, help="Soft thresholds.")
+@click.option("--timezone", default="UTC", show_default=True, help="IANA zone of day/month.")
+@click.option("--upgrade-url", default=None, help="Shown in the 402 body.")
+@click.option("--upgrade-prompt", default=None, help="Shown in the 402 body.")
+def budgets_set(
+    scope: str,
+    monthly: str | None,
+    daily: str | None,
+    window: str | None,
+    window_limit: str | None,
+    thresholds: str,
+    timezone: str,
+    upgrade_url: str | None,
+    upgrade_prompt: str | None,
+) -> None:
+    """Cap SCOPE (global, user:ID, feature:NAME, user:* for every user), e.g. --monthly 50."""
+    from app.budgets.admin import PolicyAdmin, policy_record
+    from app.budgets.policy import PolicyError, parse_policy
+
+    chosen = [
+        (p, v) for p, v in (("month", monthly), ("day", daily), ("window", window_limit)) if v
+    ]
+    if len(chosen) != 1:
+        _fail("give exactly one of --monthly, --daily, or --window with --limit")
+    period, limit = chosen[0]
+    body: dict[str, object] = {"period": period, "limit_usd": limit, "timezone": timezone}
+    try:
+        body["thresholds"] = [float(t) for t in thresholds.split(",") if t]
+    except ValueError:
+        _fail(f"--thresholds {thresholds!r}: use fractions like 0.5,0.8")
+    if window:
+        body["window"] = window
+    body.update(
+        {k: v for k, v in (("upgrade_url", upgrade_url), ("upgrade_prompt", upgrade_prompt)) if v}
+    )
+    settings = _settings()
+    try:
+        policy = parse_policy(scope, body)
+        asyncio.run(PolicyAdmin(settings).publish(scope, policy_record(policy, "cli")))
+    except PolicyError as exc:
+        _fail(f"{exc.field}: {exc}")
+    click.echo(f"{scope}: ${policy.limit_usd.normalize()} per {policy.period} ({policy.timezone})")
+
+
+@budgets.command("list")
+def budgets_list() -> None:
+    """Every budget policy."""
+    from app.budgets.admin import PolicyAdmin
+    from app.budgets.policy import PolicyError
+
+    try:
+        book = asyncio.run(PolicyAdmin(_settings()).policies())
+    except PolicyError as exc:
+        _fail(str(exc))
+        return
+    for policy in sorted(book.all(), key=lambda p: p.scope):
+        click.echo(
+            f"{policy.scope:<32} ${policy.limit_usd.normalize():<10} per {policy.period:<6} {policy.timezone}"
+        )
+
+
+@budgets.command("status")
+@click.argument("scope", required=False)
+def budgets_status(scope: str | None) -> None:
+    """Spent, limit and state per capped scope, as the spend worker last decided."""
+    from app.budgets.admin import PolicyAdmin
+    from app.budgets.policy import PolicyError
+    from app.pricing import nanos_to_usd
+
+    admin = PolicyAdmin(_settings())
+    try:
+        decisions = asyncio.run(admin.read("budget.decisions"))
+    except PolicyError as exc:
+        _fail(str(exc))
+        return
+    for name in sorted(decisions) if scope is None else [scope]:
+        d = decisions.get(name)
+        if d is None:
+            click.echo(f"{name:<32} no spend recorded yet")
+            continue
+        spent, limit = nanos_to_usd(d["spent_usd_nanos"]), nanos_to_usd(d["limit_usd_nanos"])
+        click.echo(
+            f"{name:<32} {d['state']:<8} ${spent:.4f} of ${limit.normalize()} per {d['period']}; "
+            f"resets {d['resets_at'].isoformat() if d['resets_at'] else '-'}"
+        )
+
+
+@budgets.command("rm")
+@click.argument("scope")
+def budgets_rm(scope: str) -> None:
+    """Remove SCOPE's policy."""
+    from app.budgets.admin import PolicyAdmin, deletion_record
+    from app.budgets.policy import PolicyError, validate_scope
+
+    try:
+        validate_scope(scope)
+        asyncio.run(PolicyAdmin(_settings()).publish(scope, deletion_record(scope, "cli")))
+    except PolicyError as exc:
+        _fail(str(exc))
+    click.echo(f"removed {scope}")
 
 
 # -- config ------------------------------------------------------------------

@@ -28,7 +28,7 @@ from app.errors import invalid_request, model_not_found, upstream_error, upstrea
 from app.metrics import Metrics
 from app.pricing import PriceCatalog, nanos_to_usd
 from app.producer import EventEmitter
-from app.tokens import count_message_tokens, count_tokens
+from app.tokens import count_tokens, estimate_message_tokens
 from app.upstreams import RETRYABLE_CONNECT_ERRORS, UpstreamPool
 from app.usage import build_usage_record, event_time, new_id
 
@@ -74,7 +74,7 @@ def parse_chat_request(
     if not messages:
         raise invalid_request("'messages' must contain at least one message", "messages")
     try:
-        prompt_tokens = count_message_tokens(messages)
+        prompt_tokens = estimate_message_tokens(messages)
     except ValueError as exc:
         raise invalid_request(f"'messages' is malformed: {exc}", "messages") from None
     model = body.get("model")

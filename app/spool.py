@@ -31,10 +31,11 @@ only decides what survives a **power loss or kernel crash**:
     The OS decides when to write back (Linux: typically within ~30 s). For tests,
     tmpfs, or disks whose loss is acceptable. Explicit ``flush()`` still syncs.
 
-The ack cursor (``ack.cursor``) is replaced atomically (write a temp file, fsync it,
-``os.replace``, fsync the directory) on every ``ack`` under "always" and "batch". Under
-"never" it is replaced without fsync, except that it is always made durable *before* a
-fully-acked segment file is deleted, so a deleted segment can never look like lost data.
+The ack cursor (``ack.cursor``) is replaced atomically (write a temp file, ``os.replace``)
+on every ``ack``; it is fsynced on every ``ack`` under "always", and under "batch" and
+"never" on ``flush()``/``close()`` and always *before* a fully-acked segment file is
+deleted, so a deleted segment can never look like lost data. (Under "batch" an fsync per
+Kafka acknowledgement would stall the dispatcher's event loop for milliseconds.)
 Losing an ack only means re-sending (at-least-once), never losing records.
 
 On-disk format
@@ -383,7 +384,10 @@ class Spool:
             n_drop = 0
             while n_drop < len(self._segments) and self._segments[n_drop].last_seq <= up_to_seq:
                 n_drop += 1
-            self._write_cursor(up_to_seq, durable=self._fsync != "never" or n_drop > 0)
+            # Under "batch" the cursor is made durable lazily (flush, close, or before a segment
+            # is deleted): a cursor lost to a power cut only re-sends acked records, which
+            # consumers de-duplicate, and the event loop is spared an fsync per Kafka ack.
+            self._write_cursor(up_to_seq, durable=self._fsync == "always" or n_drop > 0)
             self._acked = up_to_seq
             if n_drop:
                 dropped, self._segments = self._segments[:n_drop], self._segments[n_drop:]

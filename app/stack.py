@@ -50,13 +50,13 @@ class Service:
     name: str
     argv: list[str]
     host: str
-    port: int
+    port: int | None  # None: a worker without a listener; ready = still alive after start-up
     url: str
     log_file: Path
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     def start(self, env: dict[str, str], timeout_s: float = 60.0) -> None:
-        if port_open(self.host, self.port):
+        if self.port is not None and port_open(self.host, self.port):
             raise StackError(
                 f"{self.name}: port {self.host}:{self.port} is already in use by another process; "
                 "stop it or change the port setting"
@@ -75,8 +75,12 @@ class Service:
                     f"{self.name} exited with code {process.returncode} during start-up; "
                     f"see {self.log_file}:\n{tail(self.log_file)}"
                 )
-            return port_open(self.host, self.port)
+            return self.port is None or port_open(self.host, self.port)
 
+        if self.port is None:
+            time.sleep(3.0)  # a worker that cannot start (bad config, no Kafka) exits at once
+            ready()
+            return
         if not wait_until(ready, timeout_s):
             raise StackError(
                 f"{self.name} not ready on {self.url} after {timeout_s:.0f}s; see {self.log_file}"
@@ -103,13 +107,15 @@ def tail(path: Path, lines: int = 20) -> str:
         return "(no log)"
 
 
-def python_service(name: str, args: list[str], host: str, port: int, log_dir: Path) -> Service:
+def python_service(
+    name: str, args: list[str], host: str, port: int | None, log_dir: Path
+) -> Service:
     return Service(
         name=name,
         argv=[sys.executable, "-m", "app", *args],
         host=host,
         port=port,
-        url=f"http://{host}:{port}",
+        url=f"http://{host}:{port}" if port is not None else "(no listener)",
         log_file=log_dir / f"{name}.log",
     )
 
@@ -202,6 +208,7 @@ def planned_services(settings: Settings, log_dir: Path) -> list[Service]:
         python_service(
             "simulator", ["simulate"], settings.simulator_host, settings.simulator_port, log_dir
         ),
+        python_service("spend-worker", ["worker"], settings.kafka_bootstrap, None, log_dir),
         python_service(
             "dispatcher", ["serve"], settings.dispatcher_host, settings.dispatcher_port, log_dir
         ),

@@ -55,3 +55,34 @@ def count_message_tokens(messages: list[Any]) -> int:
             raise ValueError("each message must be an object with a string 'role'")
         total += MESSAGE_OVERHEAD_TOKENS + _content_tokens(message.get("content"))
     return total
+
+
+def estimate_message_tokens(messages: list[Any]) -> int:
+    """A cheap prompt-size estimate for the request path (budget reservations, fallbacks).
+
+    Validates the messages like :func:`count_message_tokens` but counts characters / 4
+    instead of splitting words, so a 20 KB prompt costs microseconds.
+    """
+    total = 0
+    for message in messages:
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise ValueError("each message must be an object with a string 'role'")
+        content = message.get("content")
+        if content is None:
+            chars = 0
+        elif isinstance(content, str):
+            chars = len(content)
+        elif isinstance(content, list):
+            chars = 0
+            for part in content:
+                if not isinstance(part, dict):
+                    raise ValueError("content parts must be objects")
+                if part.get("type") == "text":
+                    text = part.get("text")
+                    if not isinstance(text, str):
+                        raise ValueError("a text content part needs a string 'text'")
+                    chars += len(text)
+        else:
+            raise ValueError("content must be a string, a list of parts or null")
+        total += MESSAGE_OVERHEAD_TOKENS + (chars + 3) // 4
+    return total

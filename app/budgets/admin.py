@@ -18,8 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from aiokafka import AIOKafkaProducer
 
-from app.budgets.policy import Policy, PolicyError, parse_policy
+from app.budgets.policy import Policy, PolicyBook, PolicyError, parse_policy
+from app.codec import build_codec
+from app.compacted import CompactedView
+from app.settings import Settings
 from app.usage import event_time, new_id
 
 
@@ -60,3 +64,42 @@ def load_budgets_file(path: Path) -> list[Policy]:
         except PolicyError as exc:
             raise PolicyError(exc.field, f"{path}: budgets.{scope}: {exc}") from None
     return policies
+
+
+class PolicyAdmin:
+    """Policies and decisions straight from Kafka (the CLI; no dispatcher needed)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.codec = build_codec(settings.schema_registry_url)
+
+    async def publish(self, scope: str, record: dict[str, Any]) -> None:
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self.settings.kafka_bootstrap, acks="all", enable_idempotence=True
+        )
+        await producer.start()
+        try:
+            await producer.send_and_wait(
+                self.settings.topic("budget.policies"),
+                self.codec.encode("BudgetPolicy", record),
+                key=scope.encode(),
+            )
+        finally:
+            await producer.stop()
+
+    async def read(self, suffix: str) -> dict[str, dict[str, Any]]:
+        view = CompactedView(self.settings.kafka_bootstrap, self.settings.topic(suffix), self.codec)
+        synced = await view.start(timeout_s=20)
+        await view.stop()
+        if not synced:
+            raise PolicyError(
+                "kafka",
+                f"could not read {self.settings.topic(suffix)} from {self.settings.kafka_bootstrap}",
+            )
+        return dict(view.records)
+
+    async def policies(self) -> PolicyBook:
+        book = PolicyBook()
+        for scope, record in (await self.read("budget.policies")).items():
+            book.apply_record(record, scope)
+        return book

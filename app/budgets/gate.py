@@ -76,6 +76,8 @@ def budget_exceeded(status: ScopeStatus, reason: str) -> ApiError:
     policy = status.policy
     spent, limit = nanos_to_usd(status.spent_nanos), policy.limit_usd
     prompt = policy.upgrade_prompt or "Raise the limit or wait for the next period."
+    if policy.upgrade_url:
+        prompt += f" Upgrade: {policy.upgrade_url}"
     return ApiError(
         402,
         "budget_exceeded",

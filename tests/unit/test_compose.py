@@ -20,7 +20,15 @@ def _host_port(service: str, container_port: int) -> str:
 
 
 def test_required_services_exist() -> None:
-    for name in ("kafka", "clickhouse", "grafana", "simulator", "topics", "dispatcher"):
+    for name in (
+        "kafka",
+        "clickhouse",
+        "grafana",
+        "simulator",
+        "topics",
+        "dispatcher",
+        "spend-worker",
+    ):
         assert name in COMPOSE["services"], name
 
 
