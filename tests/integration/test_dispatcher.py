@@ -341,3 +341,42 @@ def test_usage_producer_helper_writes_the_same_priced_events(kafka_settings: Set
     assert {k: received[k] for k in sent} == sent
     assert received["source"] == "external"
     assert received["cost_usd_nanos"] == expected_nanos("gpt-4o", 812, 95)
+
+
+@pytest.mark.parametrize(
+    ("scope", "body", "param"),
+    [
+        ("user:alice", {"limit_usd": -5}, "limit_usd"),
+        ("user:alice", {"limit_usd": "lots"}, "limit_usd"),
+        ("user:alice", {}, "limit_usd"),
+        ("user:alice", {"limit_usd": 5, "period": "fortnight"}, "period"),
+        ("user:alice", {"limit_usd": 5, "timezone": "Mars/Olympus"}, "timezone"),
+        ("user:alice", {"limit_usd": 5, "thresholds": [1.5]}, "thresholds"),
+        ("user:alice", {"limit_usd": 5, "period": "window"}, "window"),
+        ("user:alice", {"limit_usd": 5, "colour": "red"}, "colour"),
+        ("nobody", {"limit_usd": 5}, "scope"),
+    ],
+)
+def test_invalid_budget_policies_are_400_naming_the_field(
+    stack: Stack, scope: str, body: dict, param: str
+) -> None:
+    response = httpx.put(f"{stack.url}/v1/budgets/{scope}", json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param and error["message"]
+    assert httpx.get(f"{stack.url}/v1/budgets").json() == {"budgets": []}, "nothing was written"
+
+
+def test_budget_admin_round_trip(stack: Stack) -> None:
+    put = httpx.put(
+        f"{stack.url}/v1/budgets/feature:chat",
+        json={"period": "day", "limit_usd": 12.5, "timezone": "Europe/Paris"},
+    )
+    assert put.status_code == 200
+    assert httpx.get(f"{stack.url}/v1/budgets/feature:chat").json()["limit_usd"] == "12.5"
+    status = httpx.get(f"{stack.url}/v1/budgets/feature:chat/status").json()
+    assert status["state"] == "open" and status["spent_usd"] == "0"
+    assert httpx.delete(f"{stack.url}/v1/budgets/feature:chat").status_code == 200
+    assert httpx.get(f"{stack.url}/v1/budgets/feature:chat").status_code == 404
+    assert httpx.get(f"{stack.url}/v1/budgets/user:nobody/status").status_code == 404
