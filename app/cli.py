@@ -9,6 +9,7 @@ from typing import NoReturn
 
 import click
 
+from app.pricing import usd_text
 from app.settings import Settings, describe_settings
 
 
@@ -181,7 +182,7 @@ def budgets_set(
         asyncio.run(PolicyAdmin(settings).publish(scope, policy_record(policy, "cli")))
     except PolicyError as exc:
         _fail(f"{exc.field}: {exc}")
-    click.echo(f"{scope}: ${policy.limit_usd.normalize()} per {policy.period} ({policy.timezone})")
+    click.echo(f"{scope}: ${usd_text(policy.limit_usd)} per {policy.period} ({policy.timezone})")
 
 
 @budgets.command("list")
@@ -197,7 +198,8 @@ def budgets_list() -> None:
         return
     for policy in sorted(book.all(), key=lambda p: p.scope):
         click.echo(
-            f"{policy.scope:<32} ${policy.limit_usd.normalize():<10} per {policy.period:<6} {policy.timezone}"
+            f"{policy.scope:<32} ${usd_text(policy.limit_usd):<10} per {policy.period:<6} "
+            f"{policy.timezone}"
         )
 
 
@@ -222,7 +224,7 @@ def budgets_status(scope: str | None) -> None:
             continue
         spent, limit = nanos_to_usd(d["spent_usd_nanos"]), nanos_to_usd(d["limit_usd_nanos"])
         click.echo(
-            f"{name:<32} {d['state']:<8} ${spent:.4f} of ${limit.normalize()} per {d['period']}; "
+            f"{name:<32} {d['state']:<8} ${spent:.4f} of ${usd_text(limit)} per {d['period']}; "
             f"resets {d['resets_at'].isoformat() if d['resets_at'] else '-'}"
         )
 

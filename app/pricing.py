@@ -65,6 +65,16 @@ def nanos_to_usd(nanos: int) -> Decimal:
     return Decimal(nanos) / NANOS_PER_USD
 
 
+def usd_text(amount: Decimal | int) -> str:
+    """A USD amount as plain decimal text without trailing zeros: '10', '0.05' (never '1E+1').
+
+    Integers are nano-dollars.
+    """
+    value = nanos_to_usd(amount) if isinstance(amount, int) else amount
+    text = format(value, "f")
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
 def tier_for_input_price(input_per_mtok: Decimal) -> Tier:
     if input_per_mtok >= PREMIUM_FROM_PER_MTOK:
         return "premium"

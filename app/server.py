@@ -143,6 +143,7 @@ async def _chat(request: web.Request, endpoint: str, native: bool) -> web.Stream
             body, default_model=c.settings.default_model if native else None, native=native
         )
         identity = resolve_identity(request.headers, body, c.keys, c.settings.require_attribution)
+        _check_budget_view_fresh(c)
         call = c.gateway.begin(request_id, endpoint, identity, chat, request.headers)
     except (ApiError, web.HTTPRequestEntityTooLarge) as exc:
         reason = exc.code or exc.error_type if isinstance(exc, ApiError) else "request_too_large"

@@ -2,7 +2,7 @@
 
 ``kafka_bootstrap``: ``TOLLGATE_KAFKA_BOOTSTRAP`` if set; else a testcontainers
 Kafka if a Docker engine answers; else the project's local launcher on test
-ports (29092/29093, state under ``.tollgate/test``), started once per session
+free ports with a temporary state dir, started once per session
 and stopped at the end if this session started it.
 
 ``clickhouse``: ``TOLLGATE_CLICKHOUSE_URL`` if set; else a testcontainers
@@ -21,10 +21,6 @@ from typing import Any
 import pytest
 
 from app.settings import Settings
-
-REPO = Path(__file__).resolve().parents[1]
-TEST_KAFKA_PORT = 29092
-TEST_CONTROLLER_PORT = 29093
 
 
 def docker_answers() -> bool:
@@ -46,8 +42,16 @@ class TestBroker:
         self.launcher = launcher
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 @pytest.fixture(scope="session")
-def kafka_broker() -> Iterator[TestBroker]:
+def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestBroker]:
     configured = os.environ.get("TOLLGATE_KAFKA_BOOTSTRAP")
     if configured:
         yield TestBroker(configured)
@@ -60,10 +64,11 @@ def kafka_broker() -> Iterator[TestBroker]:
         return
     from app.kafka_local import LocalKafka
 
+    # Free ports and a state dir of its own: concurrent test runs never share a broker.
     settings = Settings(
-        kafka_bootstrap=f"127.0.0.1:{TEST_KAFKA_PORT}",
-        kafka_controller_port=TEST_CONTROLLER_PORT,
-        state_dir=REPO / ".tollgate" / "test",
+        kafka_bootstrap=f"127.0.0.1:{_free_port()}",
+        kafka_controller_port=_free_port(),
+        state_dir=tmp_path_factory.mktemp("kafka-broker"),
     )
     launcher = LocalKafka(settings)
     result = launcher.start()

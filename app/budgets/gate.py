@@ -28,7 +28,7 @@ from typing import Any
 from app.budgets.policy import Policy, PolicyBook
 from app.clock import Clock
 from app.errors import ApiError
-from app.pricing import nanos_to_usd
+from app.pricing import nanos_to_usd, usd_text
 
 
 @dataclass
@@ -55,19 +55,15 @@ class ScopeStatus:
             "scope": self.scope,
             "state": self.state,
             "period": self.policy.period,
-            "limit_usd": str(self.policy.limit_usd.normalize()),
-            "spent_usd": str(nanos_to_usd(self.spent_nanos).normalize()),
-            "remaining_usd": str(
-                max(
-                    nanos_to_usd(self.policy.limit_usd_nanos - self.spent_nanos), nanos_to_usd(0)
-                ).normalize()
-            ),
+            "limit_usd": usd_text(self.policy.limit_usd_nanos),
+            "spent_usd": usd_text(self.spent_nanos),
+            "remaining_usd": usd_text(max(self.policy.limit_usd_nanos - self.spent_nanos, 0)),
             "period_start": self.period_start.isoformat(),
             "resets_at": self.resets_at.isoformat(),
             "breakdown": {
-                "counted_by_agent_usd": str(nanos_to_usd(self.agent_spent_nanos).normalize()),
-                "seen_locally_usd": str(nanos_to_usd(self.local_nanos).normalize()),
-                "in_flight_usd": str(nanos_to_usd(self.reserved_nanos).normalize()),
+                "counted_by_agent_usd": usd_text(self.agent_spent_nanos),
+                "seen_locally_usd": usd_text(self.local_nanos),
+                "in_flight_usd": usd_text(self.reserved_nanos),
             },
         }
 
@@ -94,6 +90,20 @@ def budget_exceeded(status: ScopeStatus, reason: str) -> ApiError:
             "upgrade_prompt": policy.upgrade_prompt,
         },
     )
+
+
+LOCAL_ENTRIES_MAX = 2048
+
+
+def _append_local(entries: list[tuple[int, int]], ts_ms: int, nanos: int) -> None:
+    """Record local spend; when decisions stop arriving (agent down), merge the oldest half
+    into one entry stamped with their newest time, so admission stays O(1)-ish and the
+    merged spend is kept until a decision covers all of it (conservative)."""
+    entries.append((ts_ms, nanos))
+    if len(entries) > LOCAL_ENTRIES_MAX:
+        half = LOCAL_ENTRIES_MAX // 2
+        oldest = entries[:half]
+        entries[:half] = [(max(t for t, _ in oldest), sum(n for _, n in oldest))]
 
 
 class BudgetGate:
@@ -186,7 +196,7 @@ class BudgetGate:
                 else:
                     del self._reserved[scope]
                 if actual_nanos:
-                    self._local[scope].append((ts_ms, actual_nanos))
+                    _append_local(self._local[scope], ts_ms, actual_nanos)
 
     def record_spend(self, scopes: list[str], nanos: int, ts: datetime) -> None:
         """Spend reported after the fact (/v1/usage): counted, never refused."""
@@ -196,7 +206,7 @@ class BudgetGate:
         with self._lock:
             for scope in scopes:
                 if self.policies.policy_for(scope) is not None:
-                    self._local[scope].append((ts_ms, nanos))
+                    _append_local(self._local[scope], ts_ms, nanos)
 
     def status(self, scope: str) -> ScopeStatus | None:
         policy = self.policies.policy_for(scope)

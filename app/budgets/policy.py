@@ -7,6 +7,7 @@ feature without a policy of its own ("every user gets $5/month").
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -14,7 +15,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from app.budgets.periods import PERIOD_KINDS, Period, PeriodError, period_of, zone
-from app.pricing import nanos_to_usd, usd_to_nanos
+from app.pricing import nanos_to_usd, usd_text, usd_to_nanos
 
 SCOPE_KINDS = ("user", "feature", "team", "key")
 DEFAULT_THRESHOLDS = (0.5, 0.8, 1.0)
@@ -96,7 +97,7 @@ class Policy:
         return {
             "scope": self.scope,
             "period": self.period,
-            "limit_usd": str(self.limit_usd.normalize()),
+            "limit_usd": usd_text(self.limit_usd),
             "thresholds": list(self.thresholds),
             "timezone": self.timezone,
             "window_seconds": self.window_seconds,
@@ -110,7 +111,7 @@ def _window_seconds(value: Any) -> int:
         raise PolicyError("window", "window must be seconds or a duration like '1h', '30m'")
     if isinstance(value, int):
         seconds = value
-    elif isinstance(value, str) and value[:-1].isdigit() and value[-1] in "smhd":
+    elif isinstance(value, str) and re.fullmatch(r"[0-9]{1,9}[smhd]", value):
         seconds = int(value[:-1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[value[-1]]
     else:
         raise PolicyError("window", f"window {value!r} must be seconds or like '1h', '30m', '7d'")
@@ -172,10 +173,15 @@ def parse_policy(scope: str, body: Any) -> Policy:
         value = body.get(name)
         if value is not None and (not isinstance(value, str) or len(value) > 2000):
             raise PolicyError(name, f"{name} must be a string of at most 2000 characters")
+    limit_nanos = usd_to_nanos(limit)
+    if limit_nanos < 1:
+        raise PolicyError(
+            "limit_usd", f"limit_usd {raw_limit} is below the $0.000000001 resolution"
+        )
     return Policy(
         scope=scope,
         period=period,
-        limit_usd_nanos=usd_to_nanos(limit),
+        limit_usd_nanos=limit_nanos,
         thresholds=tuple(thresholds),
         timezone=timezone,
         window_seconds=window_seconds,
@@ -241,7 +247,10 @@ class Evaluation:
 
 def evaluate(spent_nanos: int, policy: Policy) -> Evaluation:
     """State of a scope that has spent ``spent_nanos`` in the policy's current period."""
-    reached = [t for t in policy.thresholds if spent_nanos >= t * policy.limit_usd_nanos]
+    # Exact integer arithmetic: floats lose nanos above 2**53 (limits of ~$9M and more).
+    reached = [
+        t for t in policy.thresholds if spent_nanos >= Decimal(str(t)) * policy.limit_usd_nanos
+    ]
     highest = max(reached) if reached else None
     if spent_nanos >= policy.limit_usd_nanos:
         return Evaluation("blocked", highest)

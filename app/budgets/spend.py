@@ -19,6 +19,7 @@ from typing import Any
 
 from app.budgets.periods import Period, period_of
 from app.budgets.policy import Evaluation, Policy, PolicyBook, scopes_of
+from app.pricing import usd_text
 from app.usage import new_id
 
 ALWAYS_TRACKED = (("day", "UTC", None), ("month", "UTC", None))
@@ -137,6 +138,7 @@ def threshold_alert(
 ) -> dict[str, Any]:
     spent = decision["spent_usd_nanos"] / 1e9
     limit = policy.limit_usd_nanos / 1e9
+    limit_text = usd_text(policy.limit_usd_nanos)
     severity = "critical" if threshold >= 1.0 else "warning" if threshold >= 0.8 else "info"
     return {
         "event_id": new_id(),
@@ -154,7 +156,7 @@ def threshold_alert(
         "first_seen": decision["counted_through"],
         "last_seen": decision["counted_through"],
         "message": (
-            f"{scope} has spent ${spent:.4f} of its ${limit:g} {policy.period} budget "
+            f"{scope} has spent ${spent:.4f} of its ${limit_text} {policy.period} budget "
             f"({threshold:.0%} threshold); resets {decision['resets_at'].isoformat()}"
         ),
         "details": {"threshold": str(threshold), "period": policy.period},

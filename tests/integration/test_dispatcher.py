@@ -380,3 +380,64 @@ def test_budget_admin_round_trip(stack: Stack) -> None:
     assert httpx.delete(f"{stack.url}/v1/budgets/feature:chat").status_code == 200
     assert httpx.get(f"{stack.url}/v1/budgets/feature:chat").status_code == 404
     assert httpx.get(f"{stack.url}/v1/budgets/user:nobody/status").status_code == 404
+
+
+def test_api_keys_authenticate_and_cannot_be_spoofed(kafka_settings: Settings, tmp_path) -> None:
+    from app.attribution import hash_key
+
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(
+        f"keys:\n"
+        f"  - {{id: alice-key, sha256: {hash_key('sk-alice')}, user_id: alice}}\n"
+        f"  - {{id: ops, sha256: {hash_key('sk-admin')}, user_id: ops, admin: true}}\n"
+    )
+    asyncio.run(ensure_topics(kafka_settings))
+    with running_stack(kafka_settings, keys_file=keys) as stack:
+        url = f"{stack.url}/v1/chat/completions"
+        body = {"model": "gpt-4o-mini", "messages": MESSAGES}
+        assert httpx.post(url, json=body).status_code == 401
+        assert (
+            httpx.post(url, json=body, headers={"Authorization": "Bearer sk-nope"}).status_code
+            == 401
+        )
+        spoof = httpx.post(
+            url, json={**body, "user": "bob"}, headers={"Authorization": "Bearer sk-alice"}
+        )
+        assert spoof.status_code == 403 and spoof.json()["error"]["param"] == "user"
+        client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="sk-alice", max_retries=0)
+        client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        cap = {"limit_usd": 1}
+        denied = httpx.put(
+            f"{stack.url}/v1/budgets/user:alice",
+            json=cap,
+            headers={"Authorization": "Bearer sk-alice"},
+        )
+        assert denied.status_code == 403
+        allowed = httpx.put(
+            f"{stack.url}/v1/budgets/user:alice",
+            json=cap,
+            headers={"Authorization": "Bearer sk-admin"},
+        )
+        assert allowed.status_code == 200
+    [usage] = asyncio.run(read_events(kafka_settings, "usage", at_least=1))
+    assert usage["user_id"] == "alice" and usage["api_key_id"] == "alice-key"
+
+
+def test_fail_closed_refuses_when_budget_decisions_are_unreachable(
+    kafka_settings: Settings,
+) -> None:
+    from tests.integration.harness import free_port
+
+    nowhere = kafka_settings.model_dump() | {"kafka_bootstrap": f"127.0.0.1:{free_port()}"}
+    with running_stack(Settings(**nowhere), budget_fail_closed=True) as stack:
+        response = httpx.post(
+            f"{stack.url}/v1/chat/completions", json={"model": "gpt-4o", "messages": MESSAGES}
+        )
+        assert response.status_code == 503
+        assert response.json()["error"]["type"] == "budget_unavailable"
+        assert httpx.get(f"{stack.url}/readyz").status_code == 503
+    with running_stack(Settings(**nowhere)) as stack:  # the default: fail-open on the spool
+        response = httpx.post(
+            f"{stack.url}/v1/chat/completions", json={"model": "gpt-4o", "messages": MESSAGES}
+        )
+        assert response.status_code == 200
