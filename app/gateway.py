@@ -14,7 +14,6 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 import aiohttp
@@ -256,36 +255,12 @@ class Gateway:
         }
         self.emitter.emit("Request", "requests", identity.user_id, record)
 
-    def usage_record(
-        self,
-        *,
-        request_id: str,
-        identity: Identity,
-        model: str,
-        prompt_tokens: int,
-        completion_tokens: int,
-        cached_tokens: int = 0,
-        provider: str | None = None,
-        model_requested: str | None = None,
-        source: str = "dispatcher",
-        ts: datetime | None = None,
-        **extra: Any,
-    ) -> dict[str, Any]:
-        """A priced Usage record (see ``app.usage``), counted in the metrics."""
-        record = build_usage_record(
-            self.prices,
-            identity,
-            request_id=request_id,
-            model=model,
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            cached_tokens=cached_tokens,
-            provider=provider,
-            model_requested=model_requested,
-            source=source,
-            ts=ts,
-            **extra,
-        )
+    def usage_record(self, identity: Identity, **fields: Any) -> dict[str, Any]:
+        """A priced Usage record (``app.usage.build_usage_record``), counted in the metrics."""
+        record = build_usage_record(self.prices, identity, **fields)
+        model = record["model_served"]
+        prompt_tokens, completion_tokens = record["prompt_tokens"], record["completion_tokens"]
+        cached_tokens = record["cached_tokens"]
         cost_nanos, baseline_nanos = record["cost_usd_nanos"], record["baseline_cost_usd_nanos"]
         m = self.metrics
         if record["price_unknown"]:
@@ -325,8 +300,8 @@ class Gateway:
             if call.status != "ok" and not call.generated_text:
                 call.prompt_tokens = 0  # the provider generated nothing; assume nothing billed
         return self.usage_record(
+            call.identity,
             request_id=call.request_id,
-            identity=call.identity,
             model=call.chat.model,
             prompt_tokens=call.prompt_tokens,
             completion_tokens=call.completion_tokens,

@@ -242,7 +242,7 @@ async def report_usage(request: web.Request) -> web.Response:
     reports = parse_usage_reports(body, _identity_resolver(request))  # validates all first
     accepted = []
     for report in reports:
-        record = c.gateway.usage_record(source="usage_api", **report)
+        record = c.gateway.usage_record(source="usage_api", **report)  # identity is in report
         c.emitter.emit("Usage", "usage", record["user_id"], record)
         # Already spent: recorded even when a scope is blocked, and counted by the gate.
         c.gate.record_spend(identity_scopes(report["identity"]), event_cost(record), record["ts"])

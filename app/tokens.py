@@ -22,14 +22,17 @@ def count_tokens(text: str) -> int:
     return sum((len(word) + 3) >> 2 for word in text.split())
 
 
-def _content_tokens(content: Any) -> int:
-    """Tokens of one message ``content``; raises ValueError on a malformed content."""
+def _message_texts(message: Any) -> list[str]:
+    """The text contents of one chat message; raises ValueError on a malformed message."""
+    if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+        raise ValueError("each message must be an object with a string 'role'")
+    content = message.get("content")
     if content is None:
-        return 0
+        return []
     if isinstance(content, str):
-        return count_tokens(content)
+        return [content]
     if isinstance(content, list):
-        total = 0
+        texts = []
         for part in content:
             if not isinstance(part, dict):
                 raise ValueError("content parts must be objects")
@@ -37,8 +40,8 @@ def _content_tokens(content: Any) -> int:
                 text = part.get("text")
                 if not isinstance(text, str):
                     raise ValueError("a text content part needs a string 'text'")
-                total += count_tokens(text)
-        return total
+                texts.append(text)
+        return texts
     raise ValueError("content must be a string, a list of parts or null")
 
 
@@ -49,40 +52,18 @@ def count_message_tokens(messages: list[Any]) -> int:
     ``{"type": "text"}`` parts; other parts count 0) plus
     :data:`MESSAGE_OVERHEAD_TOKENS` per message. Raises ValueError on malformed input.
     """
-    total = 0
-    for message in messages:
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise ValueError("each message must be an object with a string 'role'")
-        total += MESSAGE_OVERHEAD_TOKENS + _content_tokens(message.get("content"))
-    return total
+    return sum(
+        MESSAGE_OVERHEAD_TOKENS + sum(count_tokens(t) for t in _message_texts(m)) for m in messages
+    )
 
 
 def estimate_message_tokens(messages: list[Any]) -> int:
     """A cheap prompt-size estimate for the request path (budget reservations, fallbacks).
 
-    Validates the messages like :func:`count_message_tokens` but counts characters / 4
-    instead of splitting words, so a 20 KB prompt costs microseconds.
+    Validates like :func:`count_message_tokens` but counts characters / 4 instead of
+    splitting words, so a 20 KB prompt costs microseconds.
     """
-    total = 0
-    for message in messages:
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise ValueError("each message must be an object with a string 'role'")
-        content = message.get("content")
-        if content is None:
-            chars = 0
-        elif isinstance(content, str):
-            chars = len(content)
-        elif isinstance(content, list):
-            chars = 0
-            for part in content:
-                if not isinstance(part, dict):
-                    raise ValueError("content parts must be objects")
-                if part.get("type") == "text":
-                    text = part.get("text")
-                    if not isinstance(text, str):
-                        raise ValueError("a text content part needs a string 'text'")
-                    chars += len(text)
-        else:
-            raise ValueError("content must be a string, a list of parts or null")
-        total += MESSAGE_OVERHEAD_TOKENS + (chars + 3) // 4
-    return total
+    return sum(
+        MESSAGE_OVERHEAD_TOKENS + (sum(len(t) for t in _message_texts(m)) + 3) // 4
+        for m in messages
+    )

@@ -493,12 +493,13 @@ def test_start_timeout_kills_the_broker(tmp_path: Path, fake_bin: Path) -> None:
     fake_jars(kafka)
     kafka.home.mkdir(parents=True)
     fake_formatted_storage(kafka)
+    children_before = set(kafka_local._CHILDREN)  # e.g. the integration tests' broker
     started = time.monotonic()
     with pytest.raises(LauncherError, match=r"did not become ready .* within 1 s"):
         kafka.start()
     assert time.monotonic() - started < 15
     assert not kafka.pid_file.exists()
-    assert kafka_local._CHILDREN == {}
+    assert set(kafka_local._CHILDREN) == children_before, "the timed-out broker was reaped"
 
 
 def test_log4j_fallback_when_deploy_dir_missing(
