@@ -98,6 +98,7 @@ class SpendWorker:
             f"{s.topic_prefix}-spend",
             broker=f"kafka://{s.kafka_bootstrap}",
             store="memory://",
+            datadir=str(s.state_dir / "faust"),  # not the working directory
             topic_partitions=s.topic_partitions,
             topic_replication_factor=s.topic_replication,
             web_enabled=False,
