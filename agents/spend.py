@@ -79,10 +79,13 @@ class SpendWorker:
             self.codec,
             on_record=lambda scope, record: self._on_policy(scope, record),
         )
+        # Holds the decisions this worker publishes before they round-trip through Kafka,
+        # so a read-back of an older one must not replace them (it would re-fire alerts).
         self.decision_view = CompactedView(
-            settings.kafka_bootstrap, settings.topic("budget.decisions"), self.codec
+            settings.kafka_bootstrap, settings.topic("budget.decisions"), self.codec, newest_by="ts"
         )
         self.views_ready = asyncio.Event()
+        (settings.state_dir / "faust").mkdir(parents=True, exist_ok=True)
         self.dirty_partials: dict[str, tuple[BucketUpdate, int]] = {}  # key -> (update, partition)
         self.pending_refresh: set[tuple[str, str]] = set()  # (scope, table key)
         self.app = self._build()
@@ -103,6 +106,9 @@ class SpendWorker:
             topic_replication_factor=s.topic_replication,
             web_enabled=False,
             consumer_auto_offset_reset="earliest",
+            # A crashed worker's partitions move to a live one within ~10 s (default: 60 s).
+            broker_session_timeout=10.0,
+            broker_heartbeat_interval=3.0,
             broker_commit_every=100,
             broker_commit_interval=0.5,
             producer_acks=-1,
@@ -126,15 +132,18 @@ class SpendWorker:
         async def publish(
             scope: str, decision: dict[str, Any], previous: dict[str, Any] | None
         ) -> None:
+            # Everything up to the first await is atomic in the event loop: the agent and the
+            # flush timer both decide, so the view must hold this decision, and the alerts be
+            # chosen, before anything yields (else both fire the same threshold alert).
+            self.decision_view.records[scope] = decision  # our latest, before it round-trips
+            policy = self.policies.policy_for(scope)
+            crossed = crossed_thresholds(previous, decision, policy) if policy else []
+            now = self.clock.now()
+            fired = [threshold_alert(scope, policy, decision, t, now) for t in crossed if policy]
             await decisions.send(
                 key=scope.encode(), value=self.codec.encode("BudgetDecision", decision)
             )
-            self.decision_view.records[scope] = decision  # our own latest, before it round-trips
-            policy = self.policies.policy_for(scope)
-            if policy is None:
-                return
-            for threshold in crossed_thresholds(previous, decision, policy):
-                alert = threshold_alert(scope, policy, decision, threshold, self.clock.now())
+            for alert in fired:
                 await alerts.send(
                     key=alert["alert_key"].encode(), value=self.codec.encode("Alert", alert)
                 )
@@ -276,8 +285,64 @@ class SpendWorker:
         return app
 
 
+FETCH_MAX_WAIT_MS = 100
+
+
+def shorten_faust_fetch_wait() -> None:
+    """Faust builds its consumer with a hard-coded ``fetch_max_wait_ms=1500``. aiokafka
+    sends one fetch per broker at a time and leaves a partition out while its records are
+    being processed, so a fetch of idle partitions can park at the broker for 1.5 s while
+    the busy partition waits: decisions then lag by >1 s (measured by bench/budget.py).
+    This worker process lowers the wait on the consumer Faust creates."""
+    from faust.transport.drivers import aiokafka as faust_aiokafka
+
+    thread_cls = faust_aiokafka.AIOKafkaConsumerThread
+    if getattr(thread_cls, "_tollgate_fetch_wait", False):
+        return
+    original = thread_cls._create_worker_consumer
+
+    def create_worker_consumer(self: Any, transport: Any) -> Any:
+        consumer = original(self, transport)
+        consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS  # read by the fetcher at start()
+        return consumer
+
+    thread_cls._create_worker_consumer = create_worker_consumer  # type: ignore[method-assign]
+    thread_cls._tollgate_fetch_wait = True  # type: ignore[attr-defined]
+
+
+async def ensure_changelog_topics(worker: SpendWorker) -> None:
+    """Create the tables' changelog topics before Faust starts. Left to Faust, a fresh
+    topic is sometimes seen with 0 partitions and an agent dies of PartitionsMismatch."""
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    s = worker.settings
+    admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap)
+    await admin.start()
+    try:
+        names = [
+            t.changelog_topic.get_topic_name() for t in (worker.spend_table, worker.totals_table)
+        ]
+        existing = set(await admin.list_topics())
+        missing = [
+            NewTopic(
+                name,
+                s.topic_partitions,
+                s.topic_replication,
+                topic_configs={"cleanup.policy": "compact"},
+            )
+            for name in names
+            if name not in existing
+        ]
+        if missing:
+            await admin.create_topics(missing)  # "already exists" from a racing peer is fine
+    finally:
+        await admin.close()
+
+
 def run_worker(settings: Settings) -> None:
     """Run the spend worker in the foreground (``tollgate worker``)."""
+    shorten_faust_fetch_wait()
     worker = SpendWorker(settings)
+    asyncio.run(ensure_changelog_topics(worker))
     faust_worker = faust.Worker(worker.app, loglevel="WARN", quiet=True)
     faust_worker.execute_from_commandline()

@@ -33,8 +33,12 @@ class CompactedView:
         topic: str,
         codec: EventCodec,
         on_record: OnRecord | None = None,
+        newest_by: str | None = None,
     ) -> None:
+        """``newest_by``: a record field (e.g. ``ts``); a record older than the one held for
+        its key is ignored (a writer that already holds its latest record in the view)."""
         self.bootstrap = bootstrap
+        self.newest_by = newest_by
         self.topic = topic
         self.codec = codec
         self.on_record = on_record
@@ -82,6 +86,13 @@ class CompactedView:
                 ).record
             except EventDecodeError as exc:
                 log.error("skipping undecodable record", extra={"error": str(exc)})
+                return
+            held = self.records.get(name)
+            if (
+                self.newest_by
+                and held is not None
+                and record[self.newest_by] < held[self.newest_by]
+            ):
                 return
             self.records[name] = record
         if self.on_record is not None:

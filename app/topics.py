@@ -67,6 +67,7 @@ TOPIC_SPECS: tuple[TopicSpec, ...] = (
 )
 
 LOW_VOLUME_PARTITIONS = 3
+TOPIC_ALREADY_EXISTS = 36  # Kafka protocol error code
 
 
 @dataclass(frozen=True)
@@ -131,14 +132,24 @@ async def ensure_topics(
         existing = set(await admin.list_topics())
         missing = [p for p in plans if p.name not in existing]
         if missing:
-            await admin.create_topics(
+            response = await admin.create_topics(
                 [
                     NewTopic(p.name, p.partitions, p.replication, topic_configs=p.config)
                     for p in missing
                 ],
                 timeout_ms=30000,
             )
-            report.created = [p.name for p in missing]
+            for entry in response.topic_errors:
+                name, code = entry[0], entry[1]
+                message = entry[2] if len(entry) > 2 else ""
+                if code == 0:
+                    report.created.append(name)
+                elif code == TOPIC_ALREADY_EXISTS:
+                    existing.add(name)  # created meanwhile or not yet in metadata: verify it
+                else:
+                    report.problems.append(
+                        f"{name}: could not be created (error {code}: {message})"
+                    )
         present = [p for p in plans if p.name in existing]
         report.existing = [p.name for p in present]
         if present:

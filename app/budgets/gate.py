@@ -126,7 +126,10 @@ class BudgetGate:
             through = self._counted_through_ms(record)
             entries = self._local.get(scope)
             if entries:
-                self._local[scope] = [e for e in entries if e[0] > through]
+                # >=: event times are whole milliseconds and the agent may have counted only
+                # some events of its last millisecond; counting that one twice until the next
+                # decision errs towards blocking early, never towards overspending.
+                self._local[scope] = [e for e in entries if e[0] >= through]
 
     @staticmethod
     def _counted_through_ms(record: dict[str, Any]) -> int:
@@ -137,7 +140,7 @@ class BudgetGate:
     def _status(self, scope: str, policy: Policy, now: datetime) -> ScopeStatus:
         period = policy.period_at(now)
         decision = self.decisions.get(scope)
-        agent_spent, through_ms, state = 0, int(period.start.timestamp() * 1000) - 1, "open"
+        agent_spent, through_ms, state = 0, int(period.start.timestamp() * 1000), "open"
         if decision is not None and decision["period_start"] == period.start:
             agent_spent = decision["spent_usd_nanos"]
             through_ms = self._counted_through_ms(decision)
@@ -147,7 +150,7 @@ class BudgetGate:
         local = sum(
             nanos
             for ts, nanos in self._local.get(scope, ())
-            if ts > through_ms and start_ms <= ts < end_ms
+            if ts >= through_ms and start_ms <= ts < end_ms
         )
         reserved = self._reserved.get(scope, 0)
         spent = agent_spent + local

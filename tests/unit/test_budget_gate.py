@@ -467,15 +467,30 @@ def test_local_spend_counted_through_by_a_decision_is_not_double_counted() -> No
     assert status.spent_nanos == usd(6)  # not 4 + 3 + 2
 
 
-def test_spend_at_exactly_counted_through_is_dropped() -> None:
+def test_spend_in_the_counted_through_millisecond_is_kept_until_a_later_decision() -> None:
+    """Event times are whole ms and the agent may have counted only some events of its last
+    millisecond: the gate keeps that millisecond's local spend (counted twice at worst, which
+    blocks early) rather than risk dropping spend the agent has not seen (overspending)."""
     gate = gate_with(policies(**{"user:alice": 10}))
     through = NOW - timedelta(seconds=10)
     gate.settle(gate.admit(["user:alice"], 0), usd(3), ts=through)
-    gate.on_decision(
+    gate.settle(gate.admit(["user:alice"], 0), usd(3), ts=through)  # same millisecond
+    gate.on_decision(  # the agent counted only one of the two
         "user:alice",
         decision("user:alice", state="open", spent=usd(3), limit=usd(10), counted_through=through),
     )
-    assert spent(gate, "user:alice") == usd(3)
+    assert spent(gate, "user:alice") == usd(9), "never less than the $6 really spent"
+    gate.on_decision(
+        "user:alice",
+        decision(
+            "user:alice",
+            state="open",
+            spent=usd(6),
+            limit=usd(10),
+            counted_through=through + timedelta(milliseconds=1),
+        ),
+    )
+    assert spent(gate, "user:alice") == usd(6)
 
 
 def test_a_settle_arriving_after_the_decision_that_counted_it_is_not_double_counted() -> None:
@@ -503,7 +518,8 @@ def test_later_local_spend_is_kept_across_successive_decisions() -> None:
     for i in range(5):  # $1 at base, base+1 min, ..., base+4 min
         gate.settle(gate.admit(["user:alice"], 0), usd(1), ts=base + timedelta(minutes=i))
     for counted in range(1, 6):  # the agent catches up one call at a time
-        through = base + timedelta(minutes=counted - 1)
+        # counted_through 1 ms after the newest counted call (the boundary ms is kept locally)
+        through = base + timedelta(minutes=counted - 1, milliseconds=1)
         gate.on_decision(
             "user:alice",
             decision(
