@@ -244,6 +244,30 @@ def budgets_rm(scope: str) -> None:
     click.echo(f"removed {scope}")
 
 
+# -- warehouse -------------------------------------------------------------------
+@main.group()
+def db() -> None:
+    """The ClickHouse warehouse (embedded chdb unless TOLLGATE_CLICKHOUSE_URL is set)."""
+
+
+@db.command("migrate")
+def db_migrate() -> None:
+    """Create or upgrade the warehouse tables (idempotent)."""
+    from app.warehouse import WarehouseError, connect, describe, migrate
+
+    settings = _settings()
+    try:
+        client = connect(settings)
+        applied = migrate(client)
+        click.echo(
+            f"{describe(client)} at {settings.clickhouse_dsn}: "
+            + (f"applied {', '.join(applied)}" if applied else "up to date")
+        )
+        client.close()
+    except WarehouseError as exc:
+        _fail(str(exc))
+
+
 # -- config ------------------------------------------------------------------
 @main.command("config")
 @click.option("--markdown", is_flag=True, help="Print the settings table as Markdown.")
@@ -290,6 +314,17 @@ def worker() -> None:
     settings = _settings()
     click.echo(f"spend worker on {settings.kafka_bootstrap}", err=True)
     run_worker(settings)
+
+
+@main.command("sink")
+def sink() -> None:
+    """Run the ClickHouse sink: every event into the warehouse, exactly once."""
+    from agents.sink import run_sink
+
+    settings = _settings()
+    click.echo(f"ClickHouse sink into {settings.clickhouse_dsn}", err=True)
+    with contextlib.suppress(KeyboardInterrupt):
+        run_sink(settings)
 
 
 @main.command("simulate")

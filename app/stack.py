@@ -126,7 +126,7 @@ def run_stack(settings: Settings, echo: Callable[[str], None]) -> int:
 
     from app.kafka_local import LauncherError, LocalKafka
     from app.topics import TopicsError, ensure_topics
-    from app.warehouse import WarehouseError, connect, describe
+    from app.warehouse import WarehouseError
 
     stopping = False
 
@@ -161,9 +161,8 @@ def run_stack(settings: Settings, echo: Callable[[str], None]) -> int:
         lines.append(
             f"Topics       {len(report.created)} created, {len(report.existing)} already there"
         )
-        warehouse = connect(settings)
-        lines.append(f"ClickHouse   {describe(warehouse)} at {settings.clickhouse_dsn}")
-        warehouse.close()
+        # chdb is in-process and single-owner: only the sink opens it (it also migrates).
+        lines.append(f"ClickHouse   {settings.clickhouse_dsn} (written by the sink)")
 
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         services = planned_services(settings, log_dir)
@@ -209,6 +208,7 @@ def planned_services(settings: Settings, log_dir: Path) -> list[Service]:
             "simulator", ["simulate"], settings.simulator_host, settings.simulator_port, log_dir
         ),
         python_service("spend-worker", ["worker"], settings.kafka_bootstrap, None, log_dir),
+        python_service("sink", ["sink"], settings.kafka_bootstrap, None, log_dir),
         python_service(
             "dispatcher", ["serve"], settings.dispatcher_host, settings.dispatcher_port, log_dir
         ),

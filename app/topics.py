@@ -64,6 +64,14 @@ TOPIC_SPECS: tuple[TopicSpec, ...] = (
     ),
     TopicSpec("alerts", "Alert", "alert_key", "delete", False, "anomaly and budget alerts"),
     TopicSpec("outcomes", "Outcome", "session_id", "delete", False, "business outcomes"),
+    TopicSpec(
+        "deadletter",
+        "(original bytes)",
+        "original key",
+        "delete",
+        False,
+        "undecodable events, with reason and origin in headers",
+    ),
 )
 
 LOW_VOLUME_PARTITIONS = 3

@@ -7,6 +7,7 @@ clickhouse-connect client API on an embedded, on-disk engine.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,3 +37,69 @@ def connect(settings: Settings | None = None, dsn: str | None = None) -> Any:
 def describe(client: Any) -> str:
     version = client.query("SELECT version()").result_rows[0][0]
     return f"ClickHouse {version}"
+
+
+MIGRATIONS_DIR = Path(__file__).resolve().parents[1] / "deploy" / "clickhouse"
+
+
+def _statements(sql: str) -> list[str]:
+    """SQL statements of a migration file (``;`` at a line end separates them)."""
+    lines = [line for line in sql.splitlines() if not line.strip().startswith("--")]
+    return [s.strip() for s in "\n".join(lines).split(";\n") if s.strip().rstrip(";").strip()]
+
+
+def migrate(client: Any, directory: Path = MIGRATIONS_DIR) -> list[str]:
+    """Apply the numbered ``*.sql`` files not applied yet, in order; returns what it applied.
+
+    Idempotent: applied versions are recorded in ``schema_migrations``, and every
+    statement is itself ``IF NOT EXISTS``, so a migration interrupted halfway re-runs.
+    """
+    client.command(
+        "CREATE TABLE IF NOT EXISTS schema_migrations "
+        "(version String, applied_at DateTime64(3, 'UTC') DEFAULT now64(3)) "
+        "ENGINE = ReplacingMergeTree ORDER BY version"
+    )
+    done = {
+        row[0] for row in client.query("SELECT version FROM schema_migrations FINAL").result_rows
+    }
+    applied = []
+    for path in sorted(directory.glob("[0-9][0-9][0-9]_*.sql")):
+        version = path.stem
+        if version in done:
+            continue
+        for statement in _statements(path.read_text()):
+            client.command(statement.rstrip(";"))
+        client.insert("schema_migrations", [[version]], column_names=["version"])
+        applied.append(version)
+    return applied
+
+
+class ReconnectingClient:
+    """A client that connects on first use and again after any failure.
+
+    ClickHouse servers restart; the sink must survive that without losing its
+    batch. ``factory`` builds a fresh clickhouse-connect client (default: the
+    settings' DSN); a failed call drops the client so the next call reconnects.
+    """
+
+    def __init__(self, factory: Callable[[], Any]) -> None:
+        self.factory = factory
+        self._client: Any = None
+
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        if self._client is None:
+            self._client = self.factory()
+        try:
+            return getattr(self._client, method)(*args, **kwargs)
+        except Exception:
+            self._client = None
+            raise
+
+    def query(self, *args: Any, **kwargs: Any) -> Any:
+        return self._call("query", *args, **kwargs)
+
+    def insert(self, *args: Any, **kwargs: Any) -> Any:
+        return self._call("insert", *args, **kwargs)
+
+    def command(self, *args: Any, **kwargs: Any) -> Any:
+        return self._call("command", *args, **kwargs)

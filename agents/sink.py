@@ -1,0 +1,277 @@
+"""The ClickHouse sink: every event on Kafka lands in the warehouse exactly once.
+
+Owns the path topic → table. It is a plain aiokafka consumer group rather than a
+Faust agent, because its guarantee rests on one ordering that must be explicit:
+**insert first, commit offsets after**. Per batch (bounded by size and time):
+
+1. decode each record; undecodable ones go to ``<prefix>.deadletter`` with the
+   reason and their origin in headers, and the sink keeps going;
+2. drop events whose ``event_id`` is already in the table (a batch re-consumed
+   after a crash, or a producer's at-least-once re-send), and duplicates inside
+   the batch;
+3. insert; if ClickHouse is down, retry with backoff, holding the batch and the
+   offsets — nothing is committed, nothing is lost;
+4. commit the batch's offsets.
+
+So at-least-once delivery from Kafka yields exactly-once rows. The tables are
+also ``ReplacingMergeTree`` with ``event_id`` in the key, a second net.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from app.codec import EventCodec, EventDecodeError, build_codec
+from app.pricing import NANOS_PER_USD
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+RETRY_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
+
+
+def _usd(nanos: int | None) -> Decimal | None:
+    return None if nanos is None else Decimal(nanos) / NANOS_PER_USD
+
+
+@dataclass(frozen=True)
+class TableMap:
+    table: str
+    columns: tuple[str, ...]
+    convert: Callable[[dict[str, Any]], dict[str, Any]]
+
+    def row(self, record: dict[str, Any]) -> list[Any]:
+        values = self.convert(record)
+        return [values[c] for c in self.columns]
+
+
+def _same(record: dict[str, Any]) -> dict[str, Any]:
+    return record
+
+
+def _usage(record: dict[str, Any]) -> dict[str, Any]:
+    return {
+        **record,
+        "cost_usd": _usd(record["cost_usd_nanos"]),
+        "baseline_cost_usd": _usd(record["baseline_cost_usd_nanos"]),
+        "cache_saved_usd": _usd(record["cache_saved_usd_nanos"]),
+        "prompt_cache_saved_usd": _usd(record["prompt_cache_saved_usd_nanos"]),
+    }
+
+
+def _request(record: dict[str, Any]) -> dict[str, Any]:
+    return {**record, "reserved_usd": _usd(record["reserved_usd_nanos"])}
+
+
+def _outcome(record: dict[str, Any]) -> dict[str, Any]:
+    return {**record, "value_usd": _usd(record["value_usd_nanos"])}
+
+
+def _decision(record: dict[str, Any]) -> dict[str, Any]:
+    return {
+        **record,
+        "spent_usd": _usd(record["spent_usd_nanos"]),
+        "limit_usd": _usd(record["limit_usd_nanos"]),
+    }
+
+
+TABLES: dict[str, TableMap] = {
+    "usage": TableMap(
+        "usage_events",
+        (
+            "event_id", "ts", "request_id", "user_id", "session_id", "feature", "team",
+            "api_key_id", "source", "provider", "model_requested", "model_served", "tier",
+            "prompt_tokens", "completion_tokens", "cached_tokens", "cost_usd",
+            "baseline_cost_usd", "baseline_model", "cache_saved_usd", "prompt_cache_saved_usd",
+            "price_unknown", "usage_estimated", "cache_hit", "stream", "latency_ms", "ttft_ms",
+            "status", "http_status", "error_type", "metadata",
+        ),
+        _usage,
+    ),
+    "requests": TableMap(
+        "request_events",
+        (
+            "event_id", "ts", "request_id", "user_id", "session_id", "feature", "team",
+            "api_key_id", "endpoint", "model_requested", "model_served", "tier", "stream",
+            "prompt_tokens_estimated", "max_tokens", "reserved_usd", "status", "reason",
+            "blocked_scope", "metadata",
+        ),
+        _request,
+    ),
+    "outcomes": TableMap(
+        "outcome_events",
+        (
+            "event_id", "ts", "request_id", "session_id", "user_id", "feature", "outcome",
+            "kind", "value_usd", "metadata",
+        ),
+        _outcome,
+    ),
+    "alerts": TableMap(
+        "alert_events",
+        (
+            "event_id", "ts", "alert_key", "kind", "scope", "severity", "status", "score",
+            "expected", "observed", "unit", "window_seconds", "first_seen", "last_seen",
+            "message", "details",
+        ),
+        _same,
+    ),
+    "budget.decisions": TableMap(
+        "budget_decisions",
+        (
+            "event_id", "ts", "scope", "state", "spent_usd", "limit_usd", "period",
+            "period_start", "resets_at", "counted_through", "threshold", "reason",
+        ),
+        _decision,
+    ),
+}  # fmt: skip
+
+
+class ClickHouseSink:
+    def __init__(
+        self,
+        settings: Settings,
+        client: Any,
+        *,
+        codec: EventCodec | None = None,
+        batch_size: int = 5000,
+        batch_wait_s: float = 1.0,
+    ) -> None:
+        self.settings = settings
+        self.client = client
+        self.codec = codec or build_codec(settings.schema_registry_url)
+        self.batch_size = batch_size
+        self.batch_wait_s = batch_wait_s
+        self.topics = {settings.topic(suffix): suffix for suffix in TABLES}
+        self.inserted = 0
+        self.duplicates_dropped = 0
+        self.dead_lettered = 0
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Consume until ``stop`` is set (or cancelled); commits only what is inserted."""
+        stop = stop or asyncio.Event()
+        consumer = AIOKafkaConsumer(
+            *self.topics,
+            bootstrap_servers=self.settings.kafka_bootstrap,
+            group_id=f"{self.settings.topic_prefix}-clickhouse-sink",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_records=self.batch_size,
+        )
+        dead_letters = AIOKafkaProducer(bootstrap_servers=self.settings.kafka_bootstrap, acks="all")
+        await consumer.start()
+        await dead_letters.start()
+        try:
+            while not stop.is_set():
+                batch: list[Any] = []
+                deadline = time.monotonic() + self.batch_wait_s
+                while len(batch) < self.batch_size and time.monotonic() < deadline:
+                    if stop.is_set():
+                        break
+                    fetched = await consumer.getmany(
+                        timeout_ms=200, max_records=self.batch_size - len(batch)
+                    )
+                    for messages in fetched.values():
+                        batch.extend(messages)
+                if not batch:
+                    continue
+                await self._write(batch, dead_letters, stop)
+                offsets: dict[TopicPartition, int] = {}
+                for m in batch:
+                    tp = TopicPartition(m.topic, m.partition)
+                    offsets[tp] = max(offsets.get(tp, 0), m.offset + 1)
+                await consumer.commit(offsets)
+        finally:
+            with contextlib.suppress(Exception):
+                await dead_letters.stop()
+            with contextlib.suppress(Exception):
+                await consumer.stop()
+
+    async def _write(
+        self, batch: list[Any], dead_letters: AIOKafkaProducer, stop: asyncio.Event
+    ) -> None:
+        rows: dict[str, dict[str, list[Any]]] = {suffix: {} for suffix in TABLES}
+        for m in batch:
+            suffix = self.topics[m.topic]
+            try:
+                record = self.codec.decode(
+                    m.value, topic=m.topic, partition=m.partition, offset=m.offset
+                ).record
+                row = TABLES[suffix].row(record)
+            except (EventDecodeError, KeyError) as exc:
+                await self._dead_letter(dead_letters, m, str(exc))
+                continue
+            rows[suffix][record["event_id"]] = row  # duplicates inside the batch collapse here
+        attempt = 0
+        while True:
+            try:
+                await asyncio.to_thread(self._insert_new, rows)
+                return
+            except Exception as exc:
+                if stop.is_set():
+                    raise
+                delay = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]
+                log.warning(
+                    "ClickHouse insert failed; batch held, offsets not committed; retrying",
+                    extra={"error": repr(exc)[:300], "retry_in_s": delay},
+                )
+                attempt += 1
+                await asyncio.sleep(delay)
+
+    def _insert_new(self, rows: dict[str, dict[str, list[Any]]]) -> None:
+        for suffix, by_id in rows.items():
+            if not by_id:
+                continue
+            table = TABLES[suffix]
+            known = {
+                r[0]
+                for r in self.client.query(
+                    f"SELECT event_id FROM {table.table} WHERE event_id IN %(ids)s",
+                    parameters={"ids": list(by_id)},
+                ).result_rows
+            }
+            fresh = [row for event_id, row in by_id.items() if event_id not in known]
+            self.duplicates_dropped += len(by_id) - len(fresh)
+            if fresh:
+                self.client.insert(table.table, fresh, column_names=list(table.columns))
+                self.inserted += len(fresh)
+
+    async def _dead_letter(self, producer: AIOKafkaProducer, message: Any, reason: str) -> None:
+        self.dead_lettered += 1
+        log.error("undecodable event sent to the dead-letter topic", extra={"reason": reason[:300]})
+        await producer.send_and_wait(
+            self.settings.topic("deadletter"),
+            message.value,
+            key=message.key,
+            headers=[
+                ("reason", reason.encode()[:1000]),
+                ("topic", message.topic.encode()),
+                ("partition", str(message.partition).encode()),
+                ("offset", str(message.offset).encode()),
+            ],
+        )
+
+
+def run_sink(settings: Settings) -> None:
+    """``tollgate sink``: migrate, then consume into ClickHouse until interrupted."""
+    from app.warehouse import ReconnectingClient, connect, describe, migrate
+
+    client = connect(settings)
+    applied = migrate(client)
+    log.info(
+        "warehouse ready",
+        extra={"clickhouse": describe(client), "dsn": settings.clickhouse_dsn, "migrated": applied},
+    )
+    # chdb is in-process: this sink is the one process that opens it (reports read through it).
+    reconnecting = ReconnectingClient(
+        lambda: client if settings.clickhouse_dsn.startswith("chdb") else connect(settings)
+    )
+    asyncio.run(ClickHouseSink(settings, reconnecting).run())

@@ -1,0 +1,161 @@
+"""The ClickHouse sink with real parts: Kafka, and the ClickHouse engine (chdb or a server)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from decimal import Decimal
+from typing import Any
+
+import clickhouse_connect
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from agents.sink import ClickHouseSink
+from app.codec import EventCodec
+from app.settings import Settings
+from app.topics import ensure_topics
+from app.usage import event_time
+from app.warehouse import ReconnectingClient, migrate
+from tests.integration.harness import free_port
+from tests.samples import example_event
+
+pytestmark = pytest.mark.integration
+
+
+def usage_record(user: str, i: int) -> dict[str, Any]:
+    record = example_event("Usage", i)
+    record.update(
+        event_id=uuid.uuid4().hex,
+        ts=event_time(),
+        user_id=user,
+        cost_usd_nanos=1_234_567 + i * 7919,  # odd amounts: sums must match to the nano
+        baseline_cost_usd_nanos=9_000_000 + i,
+    )
+    return record
+
+
+async def produce(
+    settings: Settings, records: list[dict[str, Any]], extra: list[bytes] = ()
+) -> None:
+    codec = EventCodec()
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+    await producer.start()
+    try:
+        for record in records:
+            await producer.send(
+                settings.topic("usage"),
+                codec.encode("Usage", record),
+                key=record["user_id"].encode(),
+            )
+        for blob in extra:
+            await producer.send(settings.topic("usage"), blob, key=b"garbage")
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
+async def rows_for(client: Any, user: str) -> tuple[int, int, Decimal]:
+    result = await asyncio.to_thread(
+        client.query,
+        "SELECT count(), uniqExact(event_id), sum(cost_usd) FROM usage_events WHERE user_id = %(u)s",
+        parameters={"u": user},
+    )
+    count, unique, total = result.result_rows[0]
+    return int(count), int(unique), Decimal(total or 0)
+
+
+async def wait_rows(client: Any, user: str, expected: int, timeout_s: float = 60) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while asyncio.get_running_loop().time() < deadline:
+        if (await rows_for(client, user))[0] >= expected:
+            return
+        await asyncio.sleep(0.3)
+    raise AssertionError(f"{user}: fewer than {expected} rows after {timeout_s}s")
+
+
+async def test_exactly_once_rows_with_duplicates_garbage_and_a_sink_restart(
+    kafka_settings: Settings, clickhouse: Any
+) -> None:
+    await ensure_topics(kafka_settings)
+    migrate(clickhouse)
+    user = f"sink-{uuid.uuid4().hex[:8]}"
+    first = [usage_record(user, i) for i in range(400)]
+    second = [usage_record(user, 400 + i) for i in range(400)]
+    expected_nanos = sum(r["cost_usd_nanos"] for r in first + second)
+
+    # Deliberate duplicates (a producer's at-least-once re-send) and one undecodable record.
+    await produce(kafka_settings, first + first[:100], extra=[b"\x00\x00\x00\x00\x02garbage"])
+    sink = ClickHouseSink(kafka_settings, clickhouse, batch_size=150, batch_wait_s=0.3)
+    task = asyncio.create_task(sink.run())
+    await wait_rows(clickhouse, user, 150)
+    task.cancel()  # abrupt: the batch in flight is neither inserted-and-committed nor lost
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    await produce(kafka_settings, second + second[:50])
+    restarted = ClickHouseSink(kafka_settings, clickhouse, batch_size=150, batch_wait_s=0.3)
+    stop = asyncio.Event()
+    task = asyncio.create_task(restarted.run(stop))
+    await wait_rows(clickhouse, user, 800)
+    await asyncio.sleep(1.5)  # anything still in flight would land now
+    stop.set()
+    await task
+
+    count, unique, total = await rows_for(clickhouse, user)
+    assert (count, unique) == (800, 800), "exactly one row per event, without FINAL"
+    assert total == Decimal(expected_nanos) / Decimal(10**9), "sums equal to the nano-dollar"
+    assert sink.duplicates_dropped + restarted.duplicates_dropped >= 100
+    [dead] = await read_events_raw(kafka_settings, "deadletter")
+    assert dict(dead.headers)["topic"] == kafka_settings.topic("usage").encode()
+    assert b"magic" in dict(dead.headers)["reason"] or b"corrupt" in dict(dead.headers)["reason"]
+
+
+async def read_events_raw(settings: Settings, suffix: str) -> list[Any]:
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(
+        settings.topic(suffix),
+        bootstrap_servers=settings.kafka_bootstrap,
+        auto_offset_reset="earliest",
+    )
+    await consumer.start()
+    try:
+        batch = await consumer.getmany(timeout_ms=5000)
+        return [m for messages in batch.values() for m in messages]
+    finally:
+        await consumer.stop()
+
+
+async def test_clickhouse_down_for_a_while_then_back_loses_nothing(
+    kafka_settings: Settings, clickhouse: Any
+) -> None:
+    await ensure_topics(kafka_settings)
+    migrate(clickhouse)
+    user = f"outage-{uuid.uuid4().hex[:8]}"
+    records = [usage_record(user, i) for i in range(300)]
+    await produce(kafka_settings, records)
+
+    closed_port = free_port()
+    attempts = {"failed": 0}
+
+    def factory() -> Any:
+        if attempts["failed"] < 3:  # ClickHouse "down": a real connection to a closed port
+            attempts["failed"] += 1
+            return clickhouse_connect.get_client(
+                host="127.0.0.1", port=closed_port, connect_timeout=1
+            )
+        return clickhouse  # "fixed"
+
+    sink = ClickHouseSink(
+        kafka_settings, ReconnectingClient(factory), batch_size=100, batch_wait_s=0.3
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(sink.run(stop))
+    await wait_rows(clickhouse, user, 300, timeout_s=90)
+    stop.set()
+    await task
+    assert attempts["failed"] == 3, "the sink really met a ClickHouse it could not reach"
+    count, unique, total = await rows_for(clickhouse, user)
+    assert (count, unique) == (300, 300)
+    assert total == Decimal(sum(r["cost_usd_nanos"] for r in records)) / Decimal(10**9)
