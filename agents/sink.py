@@ -29,6 +29,7 @@ from decimal import Decimal
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaConnectionError
 
 from app.codec import EventCodec, EventDecodeError, build_codec
 from app.pricing import NANOS_PER_USD
@@ -167,9 +168,9 @@ class ClickHouseSink:
             max_poll_records=self.batch_size,
         )
         dead_letters = AIOKafkaProducer(bootstrap_servers=self.settings.kafka_bootstrap, acks="all")
-        await consumer.start()
-        await dead_letters.start()
         try:
+            await consumer.start()
+            await dead_letters.start()
             while not stop.is_set():
                 batch: list[Any] = []
                 deadline = time.monotonic() + self.batch_wait_s
@@ -270,8 +271,37 @@ def run_sink(settings: Settings) -> None:
         "warehouse ready",
         extra={"clickhouse": describe(client), "dsn": settings.clickhouse_dsn, "migrated": applied},
     )
-    # chdb is in-process: this sink is the one process that opens it (reports read through it).
+    # chdb is in-process: this sink is the one process that opens it, so it also serves the
+    # reports (the dispatcher proxies /v1/reports/* here).
     reconnecting = ReconnectingClient(
         lambda: client if settings.clickhouse_dsn.startswith("chdb") else connect(settings)
     )
-    asyncio.run(ClickHouseSink(settings, reconnecting).run())
+    asyncio.run(_sink_and_reports(settings, reconnecting))
+
+
+async def _sink_and_reports(settings: Settings, client: Any) -> None:
+    from aiohttp import web
+
+    from app.reports_api import create_reports_app
+
+    runner = web.AppRunner(create_reports_app(client), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, settings.reports_host, settings.reports_port).start()
+    log.info("reports served", extra={"url": settings.reports_url})
+    sink = ClickHouseSink(settings, client)
+    attempt = 0
+    try:
+        while True:
+            try:
+                await sink.run()
+                return
+            except KafkaConnectionError as exc:  # Kafka not up yet, or gone: wait, resume
+                delay = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]
+                log.warning(
+                    "Kafka unreachable; sink retrying",
+                    extra={"error": str(exc), "retry_in_s": delay},
+                )
+                attempt += 1
+                await asyncio.sleep(delay)
+    finally:
+        await runner.cleanup()

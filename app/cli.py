@@ -268,6 +268,60 @@ def db_migrate() -> None:
         _fail(str(exc))
 
 
+@main.command("report")
+@click.option("--since", default="30d", show_default=True, help="Window, e.g. 30d, 12h.")
+@click.option(
+    "--by", default="model", show_default=True, help="model, user, feature, tier, provider"
+)
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table")
+def report(since: str, by: str, fmt: str) -> None:
+    """The finance sentence and spend by a dimension, from the warehouse (via the sink)."""
+    import csv
+    import json
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+    from datetime import UTC, datetime
+
+    from app.reports import ReportError, parse_since
+
+    settings = _settings()
+    try:
+        start = (datetime.now(UTC) - parse_since(since)).isoformat()
+    except ReportError as exc:
+        _fail(str(exc))
+
+    def fetch(name: str, **params: str) -> dict:
+        query = urllib.parse.urlencode({"from": start, **params})
+        url = f"{settings.reports_url}/v1/reports/{name}?{query}"
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            _fail(json.loads(exc.read()).get("error", {}).get("message", str(exc)))
+        except OSError as exc:
+            _fail(
+                f"no reports server at {settings.reports_url} ({exc}); is `tollgate sink` running?"
+            )
+
+    summary = fetch("summary")
+    rows = fetch("breakdown", by=by)["rows"]
+    if fmt == "json":
+        click.echo(json.dumps({"summary": summary, "breakdown": rows}, indent=2))
+        return
+    if fmt == "csv":
+        writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]) if rows else [by])
+        writer.writeheader()
+        writer.writerows(rows)
+        return
+    click.echo(summary["sentence"])
+    click.echo(f"\n{by:<28} {'requests':>9} {'cost $':>14} {'baseline $':>14}")
+    for row in rows:
+        click.echo(
+            f"{row[by]!s:<28} {row['requests']:>9} {row['cost_usd']:>14} {row['baseline_cost_usd']:>14}"
+        )
+
+
 # -- config ------------------------------------------------------------------
 @main.command("config")
 @click.option("--markdown", is_flag=True, help="Print the settings table as Markdown.")

@@ -182,6 +182,46 @@ def openapi_document() -> dict[str, Any]:
                     "responses": {"200": {"description": "Status"}, **_errors(401, 403, 404)},
                 },
             },
+            "/v1/reports/{name}": {
+                "get": {
+                    "summary": "summary (with the finance sentence), breakdown, or timeseries",
+                    "parameters": [
+                        {
+                            "name": "name",
+                            "in": "path",
+                            "required": True,
+                            "schema": {
+                                "type": "string",
+                                "enum": ["summary", "breakdown", "timeseries"],
+                            },
+                        },
+                        {
+                            "name": "from",
+                            "in": "query",
+                            "schema": {"type": "string", "format": "date-time"},
+                        },
+                        {
+                            "name": "to",
+                            "in": "query",
+                            "schema": {"type": "string", "format": "date-time"},
+                        },
+                        {
+                            "name": "by",
+                            "in": "query",
+                            "schema": {
+                                "type": "string",
+                                "enum": ["model", "user", "feature", "tier", "provider"],
+                            },
+                        },
+                        {
+                            "name": "limit",
+                            "in": "query",
+                            "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
+                        },
+                    ],
+                    "responses": {"200": {"description": "Report"}, **_errors(400, 404, 503)},
+                }
+            },
             "/v1/models": {
                 "get": {"summary": "Models served", "responses": {"200": {"description": "List"}}}
             },

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import orjson
 from aiohttp import web
 
@@ -54,6 +55,7 @@ class Components:
     policies: PolicyBook
     policy_view: CompactedView
     decision_view: CompactedView
+    reports_session: aiohttp.ClientSession
 
 
 COMPONENTS = web.AppKey("components", Components)
@@ -344,6 +346,23 @@ async def budget_status(request: web.Request) -> web.Response:
     return json_response(status.to_json())
 
 
+# -- reports (served by the sink, which owns the warehouse) ----------------------------
+async def reports(request: web.Request) -> web.Response:
+    c = request.app[COMPONENTS]
+    url = f"{c.settings.reports_url}/v1/reports/{request.match_info['name']}"
+    try:
+        async with c.reports_session.get(url, params=request.query) as upstream:
+            body = await upstream.read()
+            return web.Response(body=body, status=upstream.status, content_type=JSON)
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise ApiError(
+            503,
+            "reports_unavailable",
+            f"The reports server at {c.settings.reports_url} (the `tollgate sink` process, which "
+            f"owns the warehouse) is not reachable: {exc}. Start it, or check TOLLGATE_REPORTS_PORT.",
+        ) from exc
+
+
 # -- discovery and operations ------------------------------------------------------------
 async def list_models(request: web.Request) -> web.Response:
     c = request.app[COMPONENTS]
@@ -391,6 +410,7 @@ ROUTES: list[tuple[str, str, Callable[[web.Request], Awaitable[web.StreamRespons
     ("POST", "/v1/usage", report_usage),
     ("POST", "/v1/outcomes", report_outcomes),
     ("GET", "/v1/models", list_models),
+    ("GET", "/v1/reports/{name}", reports),
     ("GET", "/v1/budgets", list_budgets),
     ("PUT", "/v1/budgets/{scope}", put_budget),
     ("GET", "/v1/budgets/{scope}", get_budget),
@@ -451,6 +471,7 @@ async def build_components(settings: Settings) -> Components:
                 )
                 policies.put(policy)
     gateway = Gateway(upstreams, prices, emitter, metrics_, gate, settings.reserve_output_tokens)
+    reports_session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60))
     return Components(
         settings,
         metrics_,
@@ -463,6 +484,7 @@ async def build_components(settings: Settings) -> Components:
         policies,
         policy_view,
         decision_view,
+        reports_session,
     )
 
 
@@ -476,6 +498,7 @@ def create_app(settings: Settings) -> web.Application:
         app[COMPONENTS] = components
         yield
         await components.upstreams.close()
+        await components.reports_session.close()
         await asyncio.gather(components.policy_view.stop(), components.decision_view.stop())
         await components.emitter.stop()
 

@@ -109,6 +109,8 @@ class Settings(BaseSettings):
     # -- HTTP services -----------------------------------------------------------
     dispatcher_host: str = Field(default="127.0.0.1", description="Dispatcher bind address.")
     dispatcher_port: int = Field(default=8700, description="Dispatcher port.")
+    reports_host: str = Field(default="127.0.0.1", description="Reports server (in the sink).")
+    reports_port: int = Field(default=8702, description="Reports server port.")
     simulator_host: str = Field(default="127.0.0.1", description="Upstream simulator address.")
     simulator_port: int = Field(default=8701, description="Upstream simulator port.")
 
@@ -229,6 +231,10 @@ class Settings(BaseSettings):
     @cached_property
     def spool_dir(self) -> Path:
         return self.state_dir / "spool"
+
+    @cached_property
+    def reports_url(self) -> str:
+        return f"http://{self.reports_host}:{self.reports_port}"
 
     @cached_property
     def dispatcher_url(self) -> str:

@@ -208,7 +208,7 @@ def planned_services(settings: Settings, log_dir: Path) -> list[Service]:
             "simulator", ["simulate"], settings.simulator_host, settings.simulator_port, log_dir
         ),
         python_service("spend-worker", ["worker"], settings.kafka_bootstrap, None, log_dir),
-        python_service("sink", ["sink"], settings.kafka_bootstrap, None, log_dir),
+        python_service("sink", ["sink"], settings.reports_host, settings.reports_port, log_dir),
         python_service(
             "dispatcher", ["serve"], settings.dispatcher_host, settings.dispatcher_port, log_dir
         ),

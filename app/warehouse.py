@@ -7,6 +7,7 @@ clickhouse-connect client API on an embedded, on-disk engine.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -85,15 +86,19 @@ class ReconnectingClient:
     def __init__(self, factory: Callable[[], Any]) -> None:
         self.factory = factory
         self._client: Any = None
+        # One call at a time: the sink's inserts and report queries share one connection
+        # (embedded chdb is one engine per process).
+        self._lock = threading.Lock()
 
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        if self._client is None:
-            self._client = self.factory()
-        try:
-            return getattr(self._client, method)(*args, **kwargs)
-        except Exception:
-            self._client = None
-            raise
+        with self._lock:
+            if self._client is None:
+                self._client = self.factory()
+            try:
+                return getattr(self._client, method)(*args, **kwargs)
+            except Exception:
+                self._client = None
+                raise
 
     def query(self, *args: Any, **kwargs: Any) -> Any:
         return self._call("query", *args, **kwargs)

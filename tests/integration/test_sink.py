@@ -31,6 +31,8 @@ def usage_record(user: str, i: int) -> dict[str, Any]:
         user_id=user,
         cost_usd_nanos=1_234_567 + i * 7919,  # odd amounts: sums must match to the nano
         baseline_cost_usd_nanos=9_000_000 + i,
+        baseline_model="gpt-4",
+        price_unknown=False,
     )
     return record
 
