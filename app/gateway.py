@@ -29,7 +29,7 @@ from app.pricing import PriceCatalog, nanos_to_usd
 from app.producer import EventEmitter
 from app.tokens import count_tokens, estimate_message_tokens
 from app.upstreams import RETRYABLE_CONNECT_ERRORS, UpstreamPool
-from app.usage import build_usage_record, event_time, new_id
+from app.usage import attribution_fields, build_usage_record, event_time, new_id
 
 log = logging.getLogger(__name__)
 
@@ -236,11 +236,7 @@ class Gateway:
             "event_id": new_id(),
             "ts": event_time(),
             "request_id": request_id,
-            "user_id": identity.user_id,
-            "session_id": identity.session_id,
-            "feature": identity.feature,
-            "team": identity.team,
-            "api_key_id": identity.api_key_id,
+            **attribution_fields(identity),
             "endpoint": endpoint,
             "model_requested": chat.model if chat else None,
             "model_served": chat.model if chat and status == "accepted" else None,

@@ -39,6 +39,17 @@ def event_time(ts: datetime | None = None) -> datetime:
     return ts.replace(microsecond=ts.microsecond - ts.microsecond % 1000)
 
 
+def attribution_fields(identity: Identity) -> dict[str, str | None]:
+    """The attribution every event carries (Request and Usage share these fields)."""
+    return {
+        "user_id": identity.user_id,
+        "session_id": identity.session_id,
+        "feature": identity.feature,
+        "team": identity.team,
+        "api_key_id": identity.api_key_id,
+    }
+
+
 def build_usage_record(
     prices: PriceCatalog,
     identity: Identity,
@@ -60,11 +71,7 @@ def build_usage_record(
         "event_id": new_id(),
         "ts": event_time(ts),
         "request_id": request_id,
-        "user_id": identity.user_id,
-        "session_id": identity.session_id,
-        "feature": identity.feature,
-        "team": identity.team,
-        "api_key_id": identity.api_key_id,
+        **attribution_fields(identity),
         "source": source,
         "provider": provider,
         "model_requested": model_requested or model,
