@@ -61,8 +61,7 @@ class EventEmitter:
         self._stopping = False
         self._producer_up = False
         self._last_ack = 0.0
-        self.delivered_total = 0
-        self.last_error: str | None = None
+        self.last_error: str | None = None  # why delivery is failing (shown by /readyz)
 
     # -- request path ---------------------------------------------------------------
     def emit(
@@ -182,7 +181,6 @@ class EventEmitter:
         delivered = acked_seq - self.spool.last_acked_seq
         self.spool.ack(acked_seq)
         self._last_ack = time.monotonic()
-        self.delivered_total += delivered
         if self._on_delivered:
             self._on_delivered(delivered)
 

@@ -81,9 +81,11 @@ def test_kafka_outage_while_requests_flow_loses_and_duplicates_nothing(
             def degraded() -> bool:
                 ready = httpx.get(f"{stack.url}/readyz").json()
                 assert ready["ready"] is True, "keeps serving on the spool"
-                return ready["checks"]["kafka_connected"] is False
+                return ready["checks"]["kafka_connected"] is False and bool(
+                    ready["checks"]["kafka_error"]
+                )
 
-            _wait_for(degraded, 15, "/readyz to report Kafka as not delivering")
+            _wait_for(degraded, 40, "/readyz to report Kafka as not delivering, and why")
             kafka_launcher.start()
             time.sleep(1.0)
         finally:
