@@ -66,6 +66,7 @@ def _usage(record: dict[str, Any]) -> dict[str, Any]:
         "baseline_cost_usd": _usd(record["baseline_cost_usd_nanos"]),
         "cache_saved_usd": _usd(record["cache_saved_usd_nanos"]),
         "prompt_cache_saved_usd": _usd(record["prompt_cache_saved_usd_nanos"]),
+        "requested_cost_usd": _usd(record.get("requested_cost_usd_nanos")),
     }
 
 
@@ -93,7 +94,7 @@ TABLES: dict[str, TableMap] = {
             "api_key_id", "source", "provider", "model_requested", "model_served", "tier",
             "prompt_tokens", "completion_tokens", "cached_tokens", "cost_usd",
             "baseline_cost_usd", "baseline_model", "cache_saved_usd", "prompt_cache_saved_usd",
-            "price_unknown", "usage_estimated", "cache_hit", "stream", "latency_ms", "ttft_ms",
+            "requested_cost_usd", "price_unknown", "usage_estimated", "cache_hit", "stream", "latency_ms", "ttft_ms",
             "status", "http_status", "error_type", "metadata",
         ),
         _usage,
@@ -282,9 +283,27 @@ def run_sink(settings: Settings) -> None:
 async def _sink_and_reports(settings: Settings, client: Any) -> None:
     from aiohttp import web
 
+    from app.budgets.policy import PolicyBook
+    from app.compacted import CompactedView
     from app.reports_api import create_reports_app
 
-    runner = web.AppRunner(create_reports_app(client), access_log=None)
+    # The budgets report lists scopes that still have a cap: follow the policies topic.
+    policies = PolicyBook()
+    policy_view = CompactedView(
+        settings.kafka_bootstrap,
+        settings.topic("budget.policies"),
+        build_codec(settings.schema_registry_url),
+        on_record=lambda scope, record: policies.apply_record(record, scope),
+    )
+    await policy_view.start(timeout_s=5)
+    runner = web.AppRunner(
+        create_reports_app(
+            client,
+            baseline_model=settings.baseline_model,
+            active_scope=lambda scope: policies.policy_for(scope) is not None,
+        ),
+        access_log=None,
+    )
     await runner.setup()
     await web.TCPSite(runner, settings.reports_host, settings.reports_port).start()
     log.info("reports served", extra={"url": settings.reports_url})
@@ -304,4 +323,5 @@ async def _sink_and_reports(settings: Settings, client: Any) -> None:
                 attempt += 1
                 await asyncio.sleep(delay)
     finally:
+        await policy_view.stop()
         await runner.cleanup()

@@ -269,13 +269,22 @@ def db_migrate() -> None:
 
 
 @main.command("report")
-@click.option("--since", default="30d", show_default=True, help="Window, e.g. 30d, 12h.")
+@click.option("--since", default="30d", show_default=True, help="Window, e.g. 30d, 12h, 90m.")
 @click.option(
     "--by", default="model", show_default=True, help="model, user, feature, tier, provider"
 )
+@click.option("--from", "start", help="Start (ISO 8601), instead of --since.")
+@click.option("--to", "end_at", help="End (ISO 8601, exclusive); default now.")
+@click.option("--limit", default=20, show_default=True, help="Rows of the breakdown.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table")
-def report(since: str, by: str, fmt: str) -> None:
-    """The finance sentence and spend by a dimension, from the warehouse (via the sink)."""
+def report(
+    since: str, by: str, start: str | None, end_at: str | None, limit: int, fmt: str
+) -> None:
+    """The finance sentence, savings, spend by a dimension, outcomes and budgets.
+
+    Read from the warehouse through the reports server (`tollgate sink`). csv prints the
+    breakdown table only; json prints every report.
+    """
     import csv
     import json
     import urllib.error
@@ -283,16 +292,21 @@ def report(since: str, by: str, fmt: str) -> None:
     import urllib.request
     from datetime import UTC, datetime
 
-    from app.reports import ReportError, parse_since
+    from app.reports import MINUTE, ReportError, parse_since, parse_time
 
     settings = _settings()
     try:
-        start = (datetime.now(UTC) - parse_since(since)).isoformat()
+        end = datetime.now(UTC)
+        end = parse_time(
+            end_at, "to", end - (end - datetime(1970, 1, 1, tzinfo=UTC)) % MINUTE + MINUTE
+        )
+        begin = parse_time(start, "from", end - parse_since(since))
+        window = {"from": begin.isoformat(), "to": end.isoformat()}
     except ReportError as exc:
         _fail(str(exc))
 
     def fetch(name: str, **params: str) -> dict:
-        query = urllib.parse.urlencode({"from": start, **params})
+        query = urllib.parse.urlencode(params)
         url = f"{settings.reports_url}/v1/reports/{name}?{query}"
         try:
             with urllib.request.urlopen(url, timeout=60) as response:
@@ -301,25 +315,109 @@ def report(since: str, by: str, fmt: str) -> None:
             _fail(json.loads(exc.read()).get("error", {}).get("message", str(exc)))
         except OSError as exc:
             _fail(
-                f"no reports server at {settings.reports_url} ({exc}); is `tollgate sink` running?"
+                f"no reports server at {settings.reports_url} ({exc}); is `tollgate sink` "
+                "(or `make up`) running?"
             )
 
-    summary = fetch("summary")
-    rows = fetch("breakdown", by=by)["rows"]
-    if fmt == "json":
-        click.echo(json.dumps({"summary": summary, "breakdown": rows}, indent=2))
-        return
+    breakdown = fetch("breakdown", **window, by=by, limit=str(limit))["rows"]
     if fmt == "csv":
-        writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]) if rows else [by])
+        writer = csv.DictWriter(sys.stdout, fieldnames=list(breakdown[0]) if breakdown else [by])
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(breakdown)
+        return
+    summary = fetch("summary", **window)
+    savings = fetch("savings", **window)
+    outcomes = fetch("outcomes", **window)["features"]
+    budgets = fetch("budgets")["scopes"]
+    if fmt == "json":
+        click.echo(
+            json.dumps(
+                {
+                    "summary": summary,
+                    "savings": savings,
+                    "breakdown": {"by": by, "rows": breakdown},
+                    "outcomes": outcomes,
+                    "budgets": budgets,
+                },
+                indent=2,
+            )
+        )
         return
     click.echo(summary["sentence"])
-    click.echo(f"\n{by:<28} {'requests':>9} {'cost $':>14} {'baseline $':>14}")
-    for row in rows:
-        click.echo(
-            f"{row[by]!s:<28} {row['requests']:>9} {row['cost_usd']:>14} {row['baseline_cost_usd']:>14}"
+    parts = savings["decomposition"]
+    click.echo(f"\nSavings vs {savings['baseline_model']}: ${savings['savings_usd']}")
+    for label, key in (
+        ("model choice", "model_choice_usd"),
+        ("routing to cheaper models", "routing_usd"),
+        ("provider prompt caching", "prompt_cache_usd"),
+        ("cache hits", "cache_usd"),
+    ):
+        click.echo(f"  {label:<28} ${parts[key]}")
+    cache, routing = savings["cache"], savings["routing"]
+    click.echo(
+        f"Cache hit rate {_percent(cache['hit_rate'])}; {_percent(routing['downtiered_share'])} "
+        f"of requests served by a cheaper model than asked"
+        + (
+            f", {_percent(routing['downtiered_success_share'])} of those with an outcome succeeded"
+            if routing["downtiered_with_outcome"]
+            else ""
         )
+    )
+    _table(
+        f"Spend by {by}",
+        breakdown,
+        [
+            (by, by),
+            ("requests", "requests"),
+            ("cost $", "cost_usd"),
+            ("baseline $", "baseline_cost_usd"),
+        ],
+    )
+    _table(
+        "Cost per successful outcome",
+        outcomes,
+        [
+            ("feature", "feature"),
+            ("cost $", "cost_usd"),
+            ("outcomes", "outcomes"),
+            ("successes", "successes"),
+            ("$ / success", "cost_per_success_usd"),
+        ],
+    )
+    _table(
+        "Budgets",
+        budgets,
+        [
+            ("scope", "scope"),
+            ("state", "state"),
+            ("spent $", "spent_usd"),
+            ("limit $", "limit_usd"),
+            ("resets at", "resets_at"),
+        ],
+    )
+
+
+def _percent(share: float | None) -> str:
+    return "n/a" if share is None else f"{share:.1%}"
+
+
+def _table(title: str, rows: list[dict], columns: list[tuple[str, str]]) -> None:
+    click.echo(f"\n{title}")
+    if not rows:
+        click.echo("  (none in this range)")
+        return
+    cells = [[("" if r.get(key) is None else str(r.get(key))) for _, key in columns] for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, (h, _) in enumerate(columns)]
+    first = True
+    for line in [[h for h, _ in columns], *cells]:
+        text = "  ".join(
+            (cell.ljust(w) if i == 0 else cell.rjust(w))
+            for i, (cell, w) in enumerate(zip(line, widths, strict=True))
+        )
+        click.echo(f"  {text}")
+        if first:
+            click.echo("  " + "  ".join("-" * w for w in widths))
+            first = False
 
 
 # -- config ------------------------------------------------------------------

@@ -109,6 +109,12 @@ class _Fields:
             raise self.error(name, f"is in the future ({parsed.isoformat()}); check the clock")
         return event_time(parsed)
 
+    def flag(self, name: str) -> bool:
+        value = self.record.get(name, False)
+        if not isinstance(value, bool):
+            raise self.error(name, f"must be true or false, got {value!r}")
+        return value
+
     def metadata(self) -> dict[str, str]:
         value = self.record.get("metadata") or {}
         if not isinstance(value, dict) or not all(
@@ -146,6 +152,8 @@ def parse_usage_reports(body: Any, resolve: IdentityResolver) -> list[dict[str, 
             {
                 "identity": resolve(record),
                 "model": f.text("model", required=True),
+                "model_requested": f.text("model_requested"),
+                "cache_hit": f.flag("cache_hit"),
                 "prompt_tokens": prompt,
                 "completion_tokens": f.count("completion_tokens", "output_tokens"),
                 "cached_tokens": cached,

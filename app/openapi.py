@@ -44,6 +44,16 @@ USAGE_RECORD = {
         "prompt_tokens": {"type": "integer", "minimum": 0},
         "completion_tokens": {"type": "integer", "minimum": 0},
         "cached_tokens": {"type": "integer", "minimum": 0},
+        "model_requested": {
+            "type": "string",
+            "description": "Model the caller asked for, when a router served `model` instead "
+            "(the difference is reported as routing savings)",
+        },
+        "cache_hit": {
+            "type": "boolean",
+            "description": "A cache answered without a provider call: cost 0, and the "
+            "model's price for these tokens is reported as cache savings",
+        },
         "user_id": {"type": "string"},
         "session_id": {"type": "string"},
         "feature": {"type": "string"},
@@ -184,7 +194,14 @@ def openapi_document() -> dict[str, Any]:
             },
             "/v1/reports/{name}": {
                 "get": {
-                    "summary": "summary (with the finance sentence), breakdown, or timeseries",
+                    "summary": "ROI and spend reports from the warehouse",
+                    "description": "summary: totals and the finance sentence; breakdown: spend "
+                    "by model, user, feature, tier or provider (by=user&limit=10: top spenders); "
+                    "timeseries: cost per minute, hour or day with anomaly flags; savings: "
+                    "savings vs the baseline model, decomposed into model choice, routing, "
+                    "prompt caching and cache hits, with cache hit rate and routing efficiency; "
+                    "outcomes: cost per successful outcome by feature; budgets: status of every "
+                    "capped scope. Ranges default to the last 30 days; `to` is exclusive.",
                     "parameters": [
                         {
                             "name": "name",
@@ -192,7 +209,14 @@ def openapi_document() -> dict[str, Any]:
                             "required": True,
                             "schema": {
                                 "type": "string",
-                                "enum": ["summary", "breakdown", "timeseries"],
+                                "enum": [
+                                    "summary",
+                                    "breakdown",
+                                    "timeseries",
+                                    "savings",
+                                    "outcomes",
+                                    "budgets",
+                                ],
                             },
                         },
                         {
@@ -217,6 +241,11 @@ def openapi_document() -> dict[str, Any]:
                             "name": "limit",
                             "in": "query",
                             "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
+                        },
+                        {
+                            "name": "interval",
+                            "in": "query",
+                            "schema": {"type": "string", "enum": ["minute", "hour", "day"]},
                         },
                     ],
                     "responses": {"200": {"description": "Report"}, **_errors(400, 404, 503)},

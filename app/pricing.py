@@ -250,6 +250,15 @@ class PriceCatalog:
             tier=rate.tier,
         )
 
+    def list_price_nanos(
+        self, model: str, prompt_tokens: int, completion_tokens: int
+    ) -> int | None:
+        """What the tokens cost on ``model`` with no caching at all; None when it has no price."""
+        rate = self.rate(model)
+        if rate is None:
+            return None
+        return usd_to_nanos(self._usd(rate, prompt_tokens, completion_tokens, 0))
+
     def worst_case_nanos(self, model: str, prompt_tokens: int, max_output_tokens: int) -> int:
         """Upper bound of a call's cost before it runs (budget reservations).
 

@@ -7,6 +7,7 @@ actually cost $Y — Z% savings." It does not own connections (``app.warehouse``
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -14,13 +15,6 @@ from typing import Any
 
 from app.pricing import usd_text
 
-BREAKDOWN_DIMENSIONS = {
-    "model": "model_served",
-    "user": "user_id",
-    "feature": "ifNull(feature, '(none)')",
-    "tier": "ifNull(tier, '(unknown)')",
-    "provider": "ifNull(provider, '(none)')",
-}
 MAX_RANGE = timedelta(days=400)
 
 
@@ -58,7 +52,8 @@ class Range:
     @classmethod
     def parse(cls, start: str | None, end: str | None, now: datetime | None = None) -> Range:
         now = now or datetime.now(UTC)
-        end_at = parse_time(end, "to", now)
+        # Default end: the end of the current minute, so default ranges align with the rollups.
+        end_at = parse_time(end, "to", _floor(now, MINUTE) + MINUTE)
         start_at = parse_time(start, "from", end_at - timedelta(days=30))
         if start_at >= end_at:
             raise ReportError("from", "from must be earlier than to")
@@ -70,8 +65,172 @@ class Range:
         return {"start": self.start, "end": self.end}
 
 
+MINUTE = timedelta(minutes=1)
+HOUR = timedelta(hours=1)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _floor(at: datetime, step: timedelta) -> datetime:
+    return at - (at - _EPOCH) % step
+
+
+def _ceil(at: datetime, step: timedelta) -> datetime:
+    floored = _floor(at, step)
+    return floored if floored == at else floored + step
+
+
+# -- rollups -------------------------------------------------------------------------------------
+# Every usage rollup (deploy/clickhouse/002_rollups.sql) carries these measures. A report adds the
+# rollup's whole buckets inside its range to the raw events of the partial buckets at its edges, so
+# any range is exact and an aligned one (the default) reads rollups only.
+MEASURES = (
+    "requests", "errors", "unpriced", "downtiered", "prompt_tokens", "completion_tokens",
+    "cached_tokens", "cost_usd", "baseline_cost_usd", "requested_cost_usd", "cache_saved_usd",
+    "prompt_cache_saved_usd",
+)  # fmt: skip
+# The same measures over raw rows; must match the materialized views (a test compares them).
+_RAW_MEASURES = """count() AS requests,
+    countIf(status != 'ok') AS errors,
+    countIf(price_unknown) AS unpriced,
+    countIf(NOT price_unknown AND in_requested > in_cost + in_cache_saved + in_prompt_cache_saved)
+        AS downtiered,
+    sum(in_prompt) AS prompt_tokens,
+    sum(in_completion) AS completion_tokens,
+    sum(in_cached) AS cached_tokens,
+    sum(in_cost) AS cost_usd,
+    sumIf(in_baseline, NOT price_unknown) AS baseline_cost_usd,
+    sumIf(in_requested, NOT price_unknown) AS requested_cost_usd,
+    sum(in_cache_saved) AS cache_saved_usd,
+    sum(in_prompt_cache_saved) AS prompt_cache_saved_usd"""
+_RAW_ROWS = """SELECT ts, user_id, feature, tier, provider, model_served, cache_hit, status,
+        price_unknown, prompt_tokens AS in_prompt, completion_tokens AS in_completion,
+        cached_tokens AS in_cached, cost_usd AS in_cost, baseline_cost_usd AS in_baseline,
+        cache_saved_usd AS in_cache_saved, prompt_cache_saved_usd AS in_prompt_cache_saved,
+        ifNull(requested_cost_usd, cost_usd + cache_saved_usd + prompt_cache_saved_usd)
+            AS in_requested
+    FROM usage_events FINAL WHERE {edges}"""
+
+
+@dataclass(frozen=True)
+class Rollup:
+    table: str
+    bucket: str  # the rollup's time column
+    step: timedelta
+    dimensions: dict[str, tuple[str, str]]  # name -> (expression on the rollup, on raw rows)
+
+
+_TIME_DIMENSIONS = {
+    "minute": ("toStartOfMinute({t})", MINUTE),
+    "hour": ("toStartOfHour({t})", HOUR),
+    "day": ("toStartOfDay({t})", timedelta(days=1)),
+}
+USAGE_MINUTE = Rollup(
+    "usage_minute",
+    "minute",
+    MINUTE,
+    {
+        "model": ("model_served", "model_served"),
+        "feature": ("feature", "ifNull(feature, '')"),
+        "tier": ("tier", "ifNull(tier, '')"),
+        "provider": ("provider", "ifNull(provider, '')"),
+        "cache_hit": ("cache_hit", "cache_hit"),
+        **{
+            name: (expr.format(t="minute"), expr.format(t="toDateTime(ts, 'UTC')"))
+            for name, (expr, _) in _TIME_DIMENSIONS.items()
+        },
+    },
+)
+USAGE_USER_HOUR = Rollup(
+    "usage_user_hour",
+    "hour",
+    HOUR,
+    {
+        "user": ("user_id", "user_id"),
+        "hour": ("hour", "toStartOfHour(toDateTime(ts, 'UTC'))"),
+        "day": ("toStartOfDay(hour)", "toStartOfDay(toDateTime(ts, 'UTC'))"),
+    },
+)
+BREAKDOWN_DIMENSIONS = ("model", "user", "feature", "tier", "provider")
+NONE_LABEL = "(none)"
+
+
+def _split(window: Range, step: timedelta) -> tuple[tuple[datetime, datetime] | None, list]:
+    """The aligned middle of a range (rollup buckets) and its partial edges (raw events)."""
+    inner_start, inner_end = _ceil(window.start, step), _floor(window.end, step)
+    if inner_start >= inner_end:
+        return None, [(window.start, window.end)]
+    edges = []
+    if window.start < inner_start:
+        edges.append((window.start, inner_start))
+    if inner_end < window.end:
+        edges.append((inner_end, window.end))
+    return (inner_start, inner_end), edges
+
+
+def aggregate(
+    client: Any,
+    window: Range,
+    rollup: Rollup,
+    by: tuple[str, ...] = (),
+    *,
+    order_by: str | None = None,
+    limit: int | None = None,
+) -> list[dict[str, Any]]:
+    """Usage measures over ``window`` grouped by ``by`` (names from the rollup's allow-list).
+
+    Every value in the SQL text comes from fixed tables above; user input only
+    reaches the query as bound parameters.
+    """
+    for name in by:
+        if name not in rollup.dimensions:
+            raise ReportError("by", f"by={name!r}: one of {', '.join(rollup.dimensions)}")
+    middle, edges = _split(window, rollup.step)
+    params: dict[str, Any] = {}
+    parts = []
+    if middle:
+        params["r0"], params["r1"] = middle
+        columns = [f"{rollup.dimensions[n][0]} AS {n}" for n in by] + list(MEASURES)
+        parts.append(
+            f"SELECT {', '.join(columns)} FROM {rollup.table} "
+            f"WHERE {rollup.bucket} >= %(r0)s AND {rollup.bucket} < %(r1)s"
+        )
+    if edges:
+        conditions = []
+        for i, (edge_start, edge_end) in enumerate(edges):
+            params[f"e{i}s"], params[f"e{i}e"] = edge_start, edge_end
+            conditions.append(f"(ts >= %(e{i}s)s AND ts < %(e{i}e)s)")
+        dims = [f"{rollup.dimensions[n][1]} AS {n}" for n in by]
+        group = f" GROUP BY {', '.join(by)}" if by else ""
+        parts.append(
+            f"SELECT {', '.join([*dims, _RAW_MEASURES])} "
+            f"FROM ({_RAW_ROWS.format(edges=' OR '.join(conditions))}){group}"
+        )
+    sums = ", ".join(f"sum({m}) AS {m}" for m in MEASURES)
+    sql = f"SELECT {', '.join([*by, sums])} FROM ({' UNION ALL '.join(parts)})"
+    if by:
+        sql += f" GROUP BY {', '.join(by)}"
+    sql += f" ORDER BY {order_by or (', '.join(by) if by else 'requests')}"
+    if limit is not None:
+        sql += " LIMIT %(limit)s"
+        params["limit"] = limit
+    result = client.query(sql, parameters=params)
+    names = [*by, *MEASURES]
+    rows = [dict(zip(names, row, strict=True)) for row in result.result_rows]
+    if not by:  # an empty range still has one row of zeros
+        rows = [r for r in rows if r["requests"]] or [dict.fromkeys(MEASURES, 0)]
+    return rows
+
+
 def _money(value: Any) -> Decimal:
     return Decimal(value or 0)
+
+
+def _share(part: Any, whole: Any) -> float | None:
+    return round(float(part) / float(whole), 6) if whole else None
+
+
+def _label(value: Any) -> Any:
+    return NONE_LABEL if value == "" else value
 
 
 @dataclass(frozen=True)
@@ -82,6 +241,8 @@ class Summary:
     baseline_model: str
     unpriced_requests: int
     range: Range
+    errors: int = 0
+    cache_hits: int = 0
 
     @property
     def savings_usd(self) -> Decimal:
@@ -96,7 +257,8 @@ class Summary:
     def sentence(self) -> str:
         """The finance sentence, with money rounded to cents for reading."""
         unpriced = (
-            f" ({self.unpriced_requests} requests of models without a price are not in the cost.)"
+            f" ({self.unpriced_requests:,} requests to models without a price are in neither "
+            "amount.)"
             if self.unpriced_requests
             else ""
         )
@@ -111,77 +273,262 @@ class Summary:
             "from": self.range.start.isoformat(),
             "to": self.range.end.isoformat(),
             "requests": self.requests,
+            "errors": self.errors,
             "cost_usd": usd_text(self.cost_usd),
             "baseline_cost_usd": usd_text(self.baseline_cost_usd),
             "baseline_model": self.baseline_model,
             "savings_usd": usd_text(self.savings_usd),
             "savings_pct": str(self.savings_pct),
+            "cache_hits": self.cache_hits,
+            "cache_hit_rate": _share(self.cache_hits, self.requests),
             "unpriced_requests": self.unpriced_requests,
             "sentence": self.sentence(),
         }
 
 
-def summary(client: Any, window: Range) -> Summary:
-    row = client.query(
-        "SELECT count(), sum(cost_usd), sum(baseline_cost_usd), any(baseline_model), "
-        "countIf(price_unknown) FROM usage_events FINAL "
-        "WHERE ts >= %(start)s AND ts < %(end)s",
-        parameters=window.params(),
-    ).result_rows[0]
+def summary(client: Any, window: Range, baseline_model: str = "gpt-4") -> Summary:
+    """Totals of the range; the baseline (and savings) count priced requests only."""
+    rows = aggregate(client, window, USAGE_MINUTE, ("cache_hit",))
+    total = {m: sum((r[m] for r in rows), start=0) for m in MEASURES}
+    hits = sum(r["requests"] for r in rows if r["cache_hit"])
     return Summary(
-        int(row[0]), _money(row[1]), _money(row[2]), row[3] or "gpt-4", int(row[4]), window
+        requests=int(total["requests"]),
+        cost_usd=_money(total["cost_usd"]),
+        baseline_cost_usd=_money(total["baseline_cost_usd"]),
+        baseline_model=baseline_model,
+        unpriced_requests=int(total["unpriced"]),
+        range=window,
+        errors=int(total["errors"]),
+        cache_hits=int(hits),
     )
 
 
+def _spend_row(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "requests": int(row["requests"]),
+        "errors": int(row["errors"]),
+        "cost_usd": usd_text(_money(row["cost_usd"])),
+        "baseline_cost_usd": usd_text(_money(row["baseline_cost_usd"])),
+        "savings_usd": usd_text(_money(row["baseline_cost_usd"]) - _money(row["cost_usd"])),
+        "prompt_tokens": int(row["prompt_tokens"]),
+        "completion_tokens": int(row["completion_tokens"]),
+        "unpriced_requests": int(row["unpriced"]),
+    }
+
+
 def breakdown(client: Any, window: Range, by: str, limit: int = 20) -> list[dict[str, Any]]:
-    """Spend by one dimension (model, user, feature, tier, provider), biggest first."""
+    """Spend by one dimension (model, user, feature, tier, provider), biggest first.
+
+    ``by=user`` with a small ``limit`` is the top-N spenders.
+    """
     if by not in BREAKDOWN_DIMENSIONS:
         raise ReportError("by", f"by={by!r}: one of {', '.join(BREAKDOWN_DIMENSIONS)}")
     if not 1 <= limit <= 1000:
         raise ReportError("limit", "limit must be between 1 and 1000")
-    # The dimension is chosen from a fixed allow-list, never from user text.
-    rows = client.query(
-        f"SELECT {BREAKDOWN_DIMENSIONS[by]} AS key, count(), sum(cost_usd), sum(baseline_cost_usd), "
-        "sum(prompt_tokens), sum(completion_tokens) FROM usage_events FINAL "
-        "WHERE ts >= %(start)s AND ts < %(end)s GROUP BY key ORDER BY sum(cost_usd) DESC "
-        "LIMIT %(limit)s",
-        parameters={**window.params(), "limit": limit},
-    ).result_rows
-    return [
-        {
-            by: key,
-            "requests": int(n),
-            "cost_usd": usd_text(_money(cost)),
-            "baseline_cost_usd": usd_text(_money(base)),
-            "prompt_tokens": int(prompt),
-            "completion_tokens": int(completion),
-        }
-        for key, n, cost, base, prompt, completion in rows
-    ]
+    rollup = USAGE_USER_HOUR if by == "user" else USAGE_MINUTE
+    rows = aggregate(client, window, rollup, (by,), order_by=f"cost_usd DESC, {by}", limit=limit)
+    return [{by: _label(row[by]), **_spend_row(row)} for row in rows]
 
 
-def timeseries(client: Any, window: Range) -> list[dict[str, Any]]:
-    """Daily cost and baseline cost, with the anomaly alerts of each day."""
-    costs = client.query(
-        "SELECT toDate(ts) AS day, count(), sum(cost_usd), sum(baseline_cost_usd) "
-        "FROM usage_events FINAL WHERE ts >= %(start)s AND ts < %(end)s GROUP BY day ORDER BY day",
+INTERVALS = ("minute", "hour", "day")
+
+
+def timeseries(client: Any, window: Range, interval: str = "day") -> list[dict[str, Any]]:
+    """Cost and baseline cost per interval (UTC), with the anomaly alerts that fired in each."""
+    if interval not in INTERVALS:
+        raise ReportError("interval", f"interval={interval!r}: one of {', '.join(INTERVALS)}")
+    step = _TIME_DIMENSIONS[interval][1]
+    if (window.end - window.start) / step > 50_000:
+        raise ReportError("interval", f"too many {interval}s in the range; use a longer interval")
+    costs = aggregate(client, window, USAGE_MINUTE, (interval,))
+    bucket_sql = _TIME_DIMENSIONS[interval][0].format(t="toDateTime(ts, 'UTC')")
+    alerts: dict[datetime, list[str]] = {}
+    for bucket, kinds in client.query(
+        f"SELECT {bucket_sql} AS bucket, groupUniqArray(kind) FROM alert_events FINAL "
+        "WHERE ts >= %(start)s AND ts < %(end)s AND status = 'firing' "
+        "AND kind != 'budget_threshold' GROUP BY bucket",
         parameters=window.params(),
-    ).result_rows
-    alerts = dict(
-        client.query(
-            "SELECT toDate(ts) AS day, count() FROM alert_events FINAL "
-            "WHERE ts >= %(start)s AND ts < %(end)s AND status = 'firing' GROUP BY day",
-            parameters=window.params(),
-        ).result_rows
+    ).result_rows:
+        alerts[_utc(bucket)] = sorted(kinds)
+    series = []
+    for row in costs:
+        bucket = _utc(row[interval])
+        series.append(
+            {
+                "start": bucket.isoformat(),
+                "day": bucket.date().isoformat(),
+                **_spend_row(row),
+                "alerts": len(alerts.get(bucket, [])),
+                "alert_kinds": alerts.get(bucket, []),
+                "anomaly": bucket in alerts,
+            }
+        )
+    return series
+
+
+def _utc(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def savings(client: Any, window: Range, baseline_model: str = "gpt-4") -> dict[str, Any]:
+    """Savings against the baseline model, decomposed, with cache and routing efficiency.
+
+    baseline - cost = model choice (baseline - requested model's list price)
+                    + routing (requested - served model's list price)
+                    + provider prompt caching + cache hits; priced requests only.
+    """
+    rows = aggregate(client, window, USAGE_MINUTE, ("cache_hit",))
+    total = {m: sum((r[m] for r in rows), start=0) for m in MEASURES}
+    hits = [r for r in rows if r["cache_hit"]]
+    cost, baseline = _money(total["cost_usd"]), _money(total["baseline_cost_usd"])
+    requested = _money(total["requested_cost_usd"])
+    cache_saved, prompt_saved = (
+        _money(total["cache_saved_usd"]),
+        _money(total["prompt_cache_saved_usd"]),
     )
-    return [
-        {
-            "day": day.isoformat(),
-            "requests": int(n),
-            "cost_usd": usd_text(_money(cost)),
-            "baseline_cost_usd": usd_text(_money(base)),
-            "alerts": int(alerts.get(day, 0)),
-            "anomaly": bool(alerts.get(day, 0)),
-        }
-        for day, n, cost, base in costs
-    ]
+    routing = requested - cost - cache_saved - prompt_saved
+    priced = int(total["requests"]) - int(total["unpriced"])
+    downtiered = int(total["downtiered"])
+    routed_outcomes = routing_outcomes(client, window)
+    return {
+        "from": window.start.isoformat(),
+        "to": window.end.isoformat(),
+        "baseline_model": baseline_model,
+        "requests": int(total["requests"]),
+        "priced_requests": priced,
+        "baseline_cost_usd": usd_text(baseline),
+        "cost_usd": usd_text(cost),
+        "savings_usd": usd_text(baseline - cost),
+        "savings_pct": str(
+            ((baseline - cost) / baseline * 100).quantize(Decimal("0.1")) if baseline else 0
+        ),
+        "decomposition": {
+            "model_choice_usd": usd_text(baseline - requested),
+            "routing_usd": usd_text(routing),
+            "prompt_cache_usd": usd_text(prompt_saved),
+            "cache_usd": usd_text(cache_saved),
+        },
+        "cache": {
+            "hits": int(sum(r["requests"] for r in hits)),
+            "hit_rate": _share(sum(r["requests"] for r in hits), total["requests"]),
+            "savings_usd": usd_text(cache_saved),
+            "cached_prompt_tokens": int(total["cached_tokens"]),
+            "prompt_cache_savings_usd": usd_text(prompt_saved),
+        },
+        "routing": {
+            "downtiered": downtiered,
+            "downtiered_share": _share(downtiered, priced),
+            "savings_usd": usd_text(routing),
+            "downtiered_with_outcome": routed_outcomes["with_outcome"],
+            "downtiered_successful": routed_outcomes["successful"],
+            "downtiered_success_share": _share(
+                routed_outcomes["successful"], routed_outcomes["with_outcome"]
+            ),
+        },
+    }
+
+
+def routing_outcomes(client: Any, window: Range) -> dict[str, int]:
+    """Of the requests served cheaper than asked in the range: how many have an outcome, a good one."""
+    row = client.query(
+        "SELECT count(), countIf(outcome = 'success') FROM "
+        "(SELECT request_id, argMax(outcome, ts) AS outcome FROM outcome_events FINAL "
+        " WHERE ts >= %(start)s AND request_id IN ("
+        "  SELECT request_id FROM usage_events FINAL WHERE ts >= %(start)s AND ts < %(end)s "
+        "  AND NOT price_unknown AND requested_cost_usd > "
+        "  cost_usd + cache_saved_usd + prompt_cache_saved_usd) "
+        " GROUP BY request_id)",
+        parameters=window.params(),
+    ).result_rows[0]
+    return {"with_outcome": int(row[0]), "successful": int(row[1])}
+
+
+def outcomes(client: Any, window: Range) -> list[dict[str, Any]]:
+    """Cost per successful outcome by feature: the feature's spend over its successes."""
+    spend = {r["feature"]: r for r in aggregate(client, window, USAGE_MINUTE, ("feature",))}
+    middle, edges = _split(window, MINUTE)
+    params: dict[str, Any] = {}
+    parts = []
+    if middle:
+        params["r0"], params["r1"] = middle
+        parts.append(
+            "SELECT feature, outcomes, successes, value_usd FROM outcome_minute "
+            "WHERE minute >= %(r0)s AND minute < %(r1)s"
+        )
+    for i, (edge_start, edge_end) in enumerate(edges):
+        params[f"e{i}s"], params[f"e{i}e"] = edge_start, edge_end
+        parts.append(
+            "SELECT ifNull(feature, '') AS feature, count() AS outcomes, "
+            "countIf(outcome = 'success') AS successes, "
+            "sum(ifNull(value_usd, toDecimal64(0, 9))) AS value_usd FROM outcome_events FINAL "
+            f"WHERE ts >= %(e{i}s)s AND ts < %(e{i}e)s GROUP BY feature"
+        )
+    results = {
+        feature: (int(n), int(ok), _money(value))
+        for feature, n, ok, value in client.query(
+            "SELECT feature, sum(outcomes), sum(successes), sum(value_usd) "
+            f"FROM ({' UNION ALL '.join(parts)}) GROUP BY feature",
+            parameters=params,
+        ).result_rows
+    }
+    report = []
+    for feature in sorted(set(spend) | set(results), key=lambda f: (f == "", f)):
+        cost = _money(spend[feature]["cost_usd"]) if feature in spend else Decimal(0)
+        n, ok, value = results.get(feature, (0, 0, Decimal(0)))
+        report.append(
+            {
+                "feature": _label(feature),
+                "requests": int(spend[feature]["requests"]) if feature in spend else 0,
+                "cost_usd": usd_text(cost),
+                "outcomes": n,
+                "successes": ok,
+                "success_rate": _share(ok, n),
+                "cost_per_success_usd": usd_text((cost / ok).quantize(Decimal("1e-9")))
+                if ok
+                else None,
+                "value_usd": usd_text(value),
+                "roi": str((value / cost).quantize(Decimal("0.01"))) if cost and value else None,
+            }
+        )
+    return report
+
+
+def budgets(
+    client: Any, now: datetime | None = None, active: Callable[[str], bool] | None = None
+) -> list[dict[str, Any]]:
+    """The latest decision of every capped scope whose period is current, most used first.
+
+    ``active`` (optional) says whether a scope still has a policy, so that removed caps drop out.
+    """
+    now = now or datetime.now(UTC)
+    rows = client.query(
+        "SELECT scope, argMax(state, ts), argMax(spent_usd, ts), argMax(limit_usd, ts), "
+        "argMax(period, ts), argMax(period_start, ts), argMax(resets_at, ts), "
+        "argMax(counted_through, ts), max(ts) FROM budget_decisions FINAL "
+        "WHERE resets_at IS NULL OR resets_at >= %(since)s GROUP BY scope",
+        # Periods that ended more than a month ago are history, not status.
+        parameters={"since": now - timedelta(days=35)},
+    ).result_rows
+    report = []
+    for scope, state, spent, limit, period, start, resets, counted, updated in rows:
+        if resets is not None and _utc(resets) <= now:
+            state, spent = "open", Decimal(0)  # the period ended; a new one starts at zero
+        if active is not None and not active(scope):
+            continue
+        spent, limit = _money(spent), _money(limit)
+        report.append(
+            {
+                "scope": scope,
+                "state": state,
+                "spent_usd": usd_text(spent),
+                "limit_usd": usd_text(limit),
+                "used": _share(spent, limit),
+                "period": period,
+                "period_start": _utc(start).isoformat(),
+                "resets_at": _utc(resets).isoformat() if resets is not None else None,
+                "counted_through": _utc(counted).isoformat() if counted is not None else None,
+                "updated_at": _utc(updated).isoformat(),
+            }
+        )
+    report.sort(key=lambda r: (-(r["used"] or 0), r["scope"]))
+    return report

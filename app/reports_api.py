@@ -7,14 +7,26 @@ embedded chdb has a single owner); the dispatcher proxies ``/v1/reports/*`` here
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from app.reports import Range, ReportError, breakdown, summary, timeseries
+from app import reports
+from app.reports import Range, ReportError
 
 WAREHOUSE = web.AppKey("warehouse", object)
+OPTIONS = web.AppKey("report_options", dict)
+REPORTS = ("summary", "breakdown", "timeseries", "savings", "outcomes", "budgets")
+PARAMS = {
+    "summary": {"from", "to"},
+    "breakdown": {"from", "to", "by", "limit"},
+    "timeseries": {"from", "to", "interval"},
+    "savings": {"from", "to"},
+    "outcomes": {"from", "to"},
+    "budgets": set(),
+}
 
 
 def _error(status: int, error_type: str, message: str, param: str | None = None) -> web.Response:
@@ -22,37 +34,78 @@ def _error(status: int, error_type: str, message: str, param: str | None = None)
     return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
 
 
+def _limit(text: str) -> int:
+    if not text.isdigit():
+        raise ReportError("limit", f"limit={text!r} must be a whole number between 1 and 1000")
+    return int(text)
+
+
+def build_report(
+    client: Any,
+    name: str,
+    query: Any,
+    *,
+    baseline_model: str = "gpt-4",
+    active_scope: Callable[[str], bool] | None = None,
+) -> Any:
+    """One report as JSON-ready data (blocking: call it in a thread). Raises ReportError."""
+    unknown = sorted(set(query) - PARAMS[name])
+    if unknown:
+        allowed = ", ".join(sorted(PARAMS[name])) or "none"
+        raise ReportError(unknown[0], f"unknown parameter {unknown[0]!r}; {name} takes: {allowed}")
+    window = Range.parse(query.get("from"), query.get("to"))
+    if name == "summary":
+        return reports.summary(client, window, baseline_model).to_json()
+    if name == "breakdown":
+        by = query.get("by", "model")
+        return {
+            "from": window.start.isoformat(),
+            "to": window.end.isoformat(),
+            "by": by,
+            "rows": reports.breakdown(client, window, by, _limit(query.get("limit", "20"))),
+        }
+    if name == "timeseries":
+        interval = query.get("interval", "day")
+        return {
+            "from": window.start.isoformat(),
+            "to": window.end.isoformat(),
+            "interval": interval,
+            "points": reports.timeseries(client, window, interval),
+        }
+    if name == "savings":
+        return reports.savings(client, window, baseline_model)
+    if name == "outcomes":
+        return {
+            "from": window.start.isoformat(),
+            "to": window.end.isoformat(),
+            "features": reports.outcomes(client, window),
+        }
+    return {"scopes": reports.budgets(client, active=active_scope)}
+
+
 async def report(request: web.Request) -> web.Response:
-    client: Any = request.app[WAREHOUSE]
     name = request.match_info["name"]
-    query = request.query
+    if name not in REPORTS:
+        return _error(404, "not_found", f"No report {name!r}; use one of {', '.join(REPORTS)}")
+    options = request.app[OPTIONS]
     try:
-        window = Range.parse(query.get("from"), query.get("to"))
-        if name == "summary":
-            payload: Any = (await asyncio.to_thread(summary, client, window)).to_json()
-        elif name == "breakdown":
-            limit_text = query.get("limit", "20")
-            if not limit_text.isdigit():
-                raise ReportError("limit", f"limit={limit_text!r} must be a whole number")
-            payload = {
-                "by": query.get("by", "model"),
-                "rows": await asyncio.to_thread(
-                    breakdown, client, window, query.get("by", "model"), int(limit_text)
-                ),
-            }
-        elif name == "timeseries":
-            payload = {"days": await asyncio.to_thread(timeseries, client, window)}
-        else:
-            return _error(
-                404, "not_found", f"No report {name!r}; use summary, breakdown or timeseries"
-            )
+        payload = await asyncio.to_thread(
+            build_report, request.app[WAREHOUSE], name, request.query, **options
+        )
     except ReportError as exc:
         return _error(400, "invalid_request_error", str(exc), exc.param)
     return web.Response(body=orjson.dumps(payload), content_type="application/json")
 
 
-def create_reports_app(client: Any) -> web.Application:
+def create_reports_app(
+    client: Any,
+    *,
+    baseline_model: str = "gpt-4",
+    active_scope: Callable[[str], bool] | None = None,
+) -> web.Application:
+    """``active_scope``: whether a scope still has a budget (removed caps leave the report)."""
     app = web.Application()
     app[WAREHOUSE] = client
+    app[OPTIONS] = {"baseline_model": baseline_model, "active_scope": active_scope}
     app.router.add_get("/v1/reports/{name}", report)
     return app

@@ -1,8 +1,11 @@
-"""Usage traces: read the Azure LLM inference trace and give its rows users, features and models.
+"""Usage traces: read a trace file, give its rows users, features and models, and place it in time.
 
-Owns turning trace rows into attributed calls with a *seeded* draw, so replays
-(``tollgate replay``), benchmarks and the anomaly evaluation see the same
-realistic traffic for the same seed. It does not send anything anywhere.
+Owns the trace formats (the Azure LLM inference CSV and Tollgate's own JSON
+Lines of ``/v1/usage`` records), the *seeded* attribution draw for rows that
+carry none, and the placement of a trace on the clock (shift, speed-up,
+repeat), so replays (``tollgate replay``), benchmarks and the anomaly
+evaluation see the same realistic traffic for the same seed. It does not price
+or send anything: ``app.replay`` does.
 
 The Azure trace (``data/AzureLLMInferenceTrace_conv.csv``, CC-BY 4.0, Patel et
 al., ISCA 2024) has arrival times and token counts only: users are drawn by a
@@ -15,13 +18,22 @@ from __future__ import annotations
 import bisect
 import csv
 import itertools
+import json
 import random
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, replace
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any, Literal
+
+from app.attribution import MAX_ID_LENGTH
+from app.ingest import USAGE_STATUSES
 
 AZURE_TRACE = Path(__file__).resolve().parents[1] / "data" / "AzureLLMInferenceTrace_conv.csv"
+AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
+TraceFormat = Literal["azure-csv", "jsonl"]
+# Token counts are Avro ints in the Usage event.
+MAX_TOKENS = 2**31 - 1
 
 # Feature -> share of traffic. Names a product team would use.
 FEATURES: tuple[tuple[str, float], ...] = (
@@ -49,42 +61,223 @@ class TraceCall:
     feature: str | None = None
     model: str | None = None
     cached_tokens: int = 0
+    team: str | None = None
+    provider: str | None = None
+    model_requested: str | None = None
+    request_id: str | None = None
+    status: str = "ok"
+    latency_ms: int = 0
+    cache_hit: bool = False
+    metadata: Mapping[str, str] = field(default_factory=dict)
 
 
 class TraceFormatError(ValueError):
     """A trace file that cannot be read; the message names the file, line and field."""
 
 
+# -- reading ---------------------------------------------------------------------------
+def detect_format(path: Path) -> TraceFormat:
+    """``azure-csv`` by its header, ``jsonl`` when the first non-blank line is a JSON object."""
+    with open(path, encoding="utf-8-sig", newline="") as handle:
+        try:
+            first = next((line.strip() for line in handle if line.strip()), None)
+        except UnicodeDecodeError:
+            raise TraceFormatError(f"{path}: not a text file (not UTF-8)") from None
+    if first is None:
+        raise TraceFormatError(f"{path}: the file is empty; a trace needs at least one call")
+    if first.startswith("{"):
+        return "jsonl"
+    if set(AZURE_COLUMNS) <= {column.strip() for column in first.split(",")}:
+        return "azure-csv"
+    raise TraceFormatError(
+        f"{path}: unknown trace format (line 1 is {first[:60]!r}); expected an Azure LLM "
+        f"inference trace CSV with the header {','.join(AZURE_COLUMNS)}, or JSON Lines with "
+        "one /v1/usage record object per line"
+    )
+
+
+def read_trace(path: Path) -> Iterator[TraceCall]:
+    """The calls of a trace file in either format (see ``detect_format``)."""
+    calls = read_usage_jsonl(path) if detect_format(path) == "jsonl" else read_azure_csv(path)
+    try:
+        yield from calls
+    except UnicodeDecodeError as exc:
+        raise TraceFormatError(f"{path}: not UTF-8 text ({exc.reason})") from None
+
+
 def _azure_time(text: str) -> datetime:
     # '2023-11-16 18:15:46.6805900': 7 fractional digits, which fromisoformat rejects.
     head, _, fraction = text.strip().partition(".")
-    parsed = datetime.fromisoformat(head).replace(tzinfo=UTC)
+    if fraction and not fraction.isdigit():
+        raise ValueError(text)
+    parsed = datetime.fromisoformat(head)
+    parsed = parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
     if fraction:
         parsed += timedelta(microseconds=int(fraction[:6].ljust(6, "0")))
     return parsed
 
 
+def _token_count(text: str | None) -> int:
+    value = int((text or "").strip())
+    if not 0 <= value <= MAX_TOKENS:
+        raise ValueError(text)
+    return value
+
+
 def read_azure_csv(path: Path = AZURE_TRACE) -> Iterator[TraceCall]:
     """Rows of an Azure LLM inference trace (``TIMESTAMP,ContextTokens,GeneratedTokens``)."""
-    with open(path, newline="") as handle:
-        reader = csv.DictReader(handle)
-        expected = {"TIMESTAMP", "ContextTokens", "GeneratedTokens"}
-        if not expected <= set(reader.fieldnames or ()):
+    with open(path, encoding="utf-8-sig", newline="") as handle:
+        reader = csv.DictReader(handle, skipinitialspace=True)
+        if not set(AZURE_COLUMNS) <= set(reader.fieldnames or ()):
             raise TraceFormatError(
-                f"{path}: expected the columns {', '.join(sorted(expected))}, "
+                f"{path}: expected the columns {', '.join(AZURE_COLUMNS)}, "
                 f"found {', '.join(reader.fieldnames or ['none'])}"
             )
-        for line, row in enumerate(reader, start=2):
+        for row in reader:
+            line = reader.line_num
             try:
-                yield TraceCall(
-                    ts=_azure_time(row["TIMESTAMP"]),
-                    prompt_tokens=int(row["ContextTokens"]),
-                    completion_tokens=int(row["GeneratedTokens"]),
-                )
-            except (ValueError, TypeError) as exc:
-                raise TraceFormatError(f"{path}, line {line}: {exc}") from None
+                ts = _azure_time(row["TIMESTAMP"] or "")
+            except ValueError:
+                raise TraceFormatError(
+                    f"{path}, line {line}: TIMESTAMP must be a time like "
+                    f"2023-11-16 18:15:46.6805900, got {row['TIMESTAMP']!r}"
+                ) from None
+            counts = []
+            for column in ("ContextTokens", "GeneratedTokens"):
+                try:
+                    counts.append(_token_count(row[column]))
+                except ValueError:
+                    raise TraceFormatError(
+                        f"{path}, line {line}: {column} must be a token count "
+                        f"(an integer from 0 to {MAX_TOKENS}), got {row[column]!r}"
+                    ) from None
+            yield TraceCall(ts=ts, prompt_tokens=counts[0], completion_tokens=counts[1])
 
 
+class _JsonFields:
+    """Typed access to one JSON Lines record; errors name the file, the line and the field."""
+
+    def __init__(self, record: dict[str, Any], where: str) -> None:
+        self.record = record
+        self.where = where
+
+    def error(self, name: str, message: str) -> TraceFormatError:
+        return TraceFormatError(f"{self.where}: field '{name}' {message}")
+
+    def count(self, *names: str, required: bool = True) -> int:
+        for name in names:
+            value = self.record.get(name)
+            if value is None:
+                continue
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int)
+                or not 0 <= value <= MAX_TOKENS
+            ):
+                raise self.error(name, f"must be an integer from 0 to {MAX_TOKENS}, got {value!r}")
+            return value
+        if required:
+            also = "".join(f"; or '{alias}'" for alias in names[1:])
+            raise self.error(names[0], f"is required (an integer token count{also})")
+        return 0
+
+    def text(self, *names: str) -> str | None:
+        for name in names:
+            value = self.record.get(name)
+            if value is None or value == "":
+                continue
+            if not isinstance(value, str) or len(value) > MAX_ID_LENGTH:
+                raise self.error(name, f"must be a string of at most {MAX_ID_LENGTH} characters")
+            return value
+        return None
+
+    def flag(self, name: str) -> bool:
+        value = self.record.get(name, False)
+        if not isinstance(value, bool):
+            raise self.error(name, f"must be true or false, got {value!r}")
+        return value
+
+    def timestamp(self, name: str = "ts") -> datetime:
+        value = self.record.get(name)
+        if value is None:
+            raise self.error(name, "is required: a replay needs each call's time")
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, int | float):
+                return datetime.fromtimestamp(value / 1000, UTC)
+            if isinstance(value, str):
+                parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+                return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed
+            raise ValueError
+        except (ValueError, OverflowError, OSError):
+            raise self.error(
+                name,
+                f"must be ISO 8601 (2026-01-31T12:00:00Z) or epoch milliseconds, got {value!r}",
+            ) from None
+
+    def metadata(self) -> dict[str, str]:
+        value = self.record.get("metadata") or {}
+        if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+        ):
+            raise self.error("metadata", "must be an object of string values")
+        return value
+
+
+def _usage_call(record: dict[str, Any], where: str) -> TraceCall:
+    """One ``/v1/usage`` record as a call (the same fields and aliases that API accepts)."""
+    f = _JsonFields(record, where)
+    prompt = f.count("prompt_tokens", "input_tokens")
+    cached = f.count("cached_tokens", required=False)
+    if cached > prompt:
+        raise f.error("cached_tokens", f"({cached}) cannot exceed prompt_tokens ({prompt})")
+    status = record.get("status", "ok")
+    if status not in USAGE_STATUSES:
+        raise f.error("status", f"must be one of {', '.join(USAGE_STATUSES)}, got {status!r}")
+    metadata = f.metadata()
+    feature = metadata.get("feature") or f.text("feature")
+    if feature is not None and len(feature) > MAX_ID_LENGTH:
+        raise f.error("metadata.feature", f"must be at most {MAX_ID_LENGTH} characters")
+    return TraceCall(
+        ts=f.timestamp(),
+        prompt_tokens=prompt,
+        completion_tokens=f.count("completion_tokens", "output_tokens"),
+        cached_tokens=cached,
+        user_id=f.text("user_id", "user"),
+        session_id=f.text("session_id"),
+        feature=feature,
+        model=f.text("model"),
+        team=f.text("team"),
+        provider=f.text("provider"),
+        model_requested=f.text("model_requested"),
+        request_id=f.text("request_id"),
+        status=str(status),
+        latency_ms=f.count("latency_ms", required=False),
+        cache_hit=f.flag("cache_hit"),
+        metadata=metadata,
+    )
+
+
+def read_usage_jsonl(path: Path) -> Iterator[TraceCall]:
+    """Calls from JSON Lines: one ``/v1/usage`` record a line (``ts`` required; blanks skipped)."""
+    with open(path, encoding="utf-8-sig") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}, line {line_number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise TraceFormatError(
+                    f"{where}: not valid JSON ({exc.msg} at column {exc.colno})"
+                ) from None
+            if not isinstance(record, dict):
+                raise TraceFormatError(f"{where}: must be a JSON object (one usage record)")
+            yield _usage_call(record, where)
+
+
+# -- attribution -------------------------------------------------------------------------
 class Attribution:
     """Seeded users, sessions, features and models for rows that have none.
 
@@ -103,6 +296,8 @@ class Attribution:
     ) -> None:
         if users < 1:
             raise ValueError("users must be at least 1")
+        if not 0 <= economy_share <= 1:
+            raise ValueError("economy_share must be between 0 and 1")
         self.rng = random.Random(seed)
         self.user_ids = [f"user-{i:04d}" for i in range(1, users + 1)]
         weights = [1 / (rank**zipf_s) for rank in range(1, users + 1)]
@@ -148,21 +343,63 @@ class Attribution:
             yield self.assign(call)
 
 
-def shifted(calls: Iterable[TraceCall], start: datetime, speed: float = 1.0) -> Iterator[TraceCall]:
-    """The calls moved to begin at ``start``, with gaps divided by ``speed`` (2.0 = twice as fast)."""
-    if speed <= 0:
-        raise ValueError("speed must be positive")
-    origin: datetime | None = None
-    for call in calls:
-        origin = origin or call.ts
-        yield replace(call, ts=start + (call.ts - origin) / speed)
+# -- placement in time -------------------------------------------------------------------
+class PlacedTrace:
+    """A trace laid on the clock: in time order, gaps divided by ``speed``, played ``repeat``
+    times back to back, its first call at ``start``.
 
+    Each copy starts one average gap after the previous one ended, so the seam
+    looks like ordinary traffic. Copies after the first get ``-r<copy>``
+    appended to their session and request ids, so sessions do not span copies.
+    Iterating yields the placed calls lazily; ``len()`` is the number of calls.
 
-def repeated(calls: list[TraceCall], times: int) -> Iterator[TraceCall]:
-    """The trace played ``times`` times back to back (each copy starts where the last ended)."""
-    if not calls:
-        return
-    span = calls[-1].ts - calls[0].ts + timedelta(seconds=1)
-    for copy in range(times):
-        for call in calls:
-            yield replace(call, ts=call.ts + copy * span)
+    >>> base = datetime(2024, 1, 1, tzinfo=UTC)
+    >>> calls = [TraceCall(base + timedelta(seconds=s), 10, 5) for s in (0, 10, 30)]
+    >>> placed = PlacedTrace(calls, start=base, speed=10, repeat=2)
+    >>> [int((c.ts - base).total_seconds()) for c in placed]
+    [0, 1, 3, 4, 5, 7]
+    """
+
+    def __init__(
+        self, calls: Sequence[TraceCall], *, start: datetime, speed: float = 1.0, repeat: int = 1
+    ) -> None:
+        if not calls:
+            raise ValueError("the trace has no calls")
+        if speed <= 0:
+            raise ValueError("speed must be positive")
+        if repeat < 1:
+            raise ValueError("repeat must be at least 1")
+        self.calls = sorted(calls, key=lambda call: call.ts)
+        self.speed = speed
+        self.repeat = repeat
+        self.start = start
+        origin = self.calls[0].ts
+        self._offsets = [(call.ts - origin) / speed for call in self.calls]
+        span = self._offsets[-1]
+        gap = span / (len(self.calls) - 1) if span else timedelta(seconds=1)
+        self.span = span  # one copy, first call to last
+        self.period = span + gap  # start of one copy to the start of the next
+        self.end = start + (repeat - 1) * self.period + span
+
+    @classmethod
+    def ending_at(
+        cls, calls: Sequence[TraceCall], end: datetime, *, speed: float = 1.0, repeat: int = 1
+    ) -> PlacedTrace:
+        """The trace placed so that its last call is at ``end``."""
+        probe = cls(calls, start=end, speed=speed, repeat=repeat)
+        return cls(calls, start=end - (probe.end - probe.start), speed=speed, repeat=repeat)
+
+    def __len__(self) -> int:
+        return len(self.calls) * self.repeat
+
+    def __iter__(self) -> Iterator[TraceCall]:
+        for copy in range(self.repeat):
+            copy_start = self.start + copy * self.period
+            suffix = f"-r{copy}" if copy else ""
+            for call, offset in zip(self.calls, self._offsets, strict=True):
+                yield replace(
+                    call,
+                    ts=copy_start + offset,
+                    session_id=call.session_id and call.session_id + suffix,
+                    request_id=call.request_id and call.request_id + suffix,
+                )

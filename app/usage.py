@@ -63,10 +63,32 @@ def build_usage_record(
     model_requested: str | None = None,
     source: str = "dispatcher",
     ts: datetime | None = None,
+    cache_hit: bool = False,
     **extra: Any,
 ) -> dict[str, Any]:
-    """A ``Usage`` record with cost, baseline cost and cache discount in nano-dollars."""
+    """A ``Usage`` record with cost, baseline cost and savings in nano-dollars.
+
+    The savings decompose exactly: baseline - cost = (baseline - requested)
+    [model choice] + (requested - undiscounted served) [routing] + prompt-cache
+    discount + cache saving, where "requested" is ``requested_cost_usd_nanos``.
+    A cache hit (a cache answered; no provider call) costs 0 and saves what the
+    served model would have charged.
+    """
     cost = prices.cost(model, prompt_tokens, completion_tokens, cached_tokens)
+    cost_nanos, prompt_cache_saved, cache_saved = (
+        cost.cost_usd_nanos,
+        cost.prompt_cache_saved_usd_nanos,
+        0,
+    )
+    if cache_hit and not cost.price_unknown:
+        cache_saved = cost_nanos + prompt_cache_saved
+        cost_nanos = prompt_cache_saved = 0
+    requested = model_requested or model
+    requested_cost = (
+        cost_nanos + prompt_cache_saved + cache_saved
+        if requested == model and not cost.price_unknown
+        else prices.list_price_nanos(requested, prompt_tokens, completion_tokens)
+    )
     return {
         "event_id": new_id(),
         "ts": event_time(ts),
@@ -74,17 +96,20 @@ def build_usage_record(
         **attribution_fields(identity),
         "source": source,
         "provider": provider,
-        "model_requested": model_requested or model,
+        "model_requested": requested,
         "model_served": model,
         "tier": cost.tier,
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "cached_tokens": cached_tokens,
-        "cost_usd_nanos": cost.cost_usd_nanos,
+        "cost_usd_nanos": cost_nanos,
         "baseline_cost_usd_nanos": cost.baseline_cost_usd_nanos,
         "baseline_model": prices.baseline_model,
-        "prompt_cache_saved_usd_nanos": cost.prompt_cache_saved_usd_nanos,
+        "cache_saved_usd_nanos": cache_saved,
+        "prompt_cache_saved_usd_nanos": prompt_cache_saved,
+        "requested_cost_usd_nanos": requested_cost,
         "price_unknown": cost.price_unknown,
+        "cache_hit": cache_hit,
         **extra,
     }
 
@@ -128,6 +153,8 @@ class UsageProducer:
         provider: str | None = None,
         latency_ms: int = 0,
         metadata: dict[str, str] | None = None,
+        model_requested: str | None = None,
+        cache_hit: bool = False,
     ) -> dict[str, Any]:
         """Price and send one call's usage; returns the record once Kafka acknowledged it."""
         for name, value in (
@@ -150,6 +177,8 @@ class UsageProducer:
             completion_tokens=completion_tokens,
             cached_tokens=cached_tokens,
             provider=provider,
+            model_requested=model_requested,
+            cache_hit=cache_hit,
             source="external",
             ts=ts,
             latency_ms=latency_ms,

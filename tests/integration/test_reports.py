@@ -74,7 +74,7 @@ async def test_summary_breakdown_and_the_finance_sentence(
             assert {r["model"]: Decimal(r["cost_usd"]) for r in by_model["rows"]} == {
                 m: Decimal(n) / 10**9 for m, n in models.items()
             }
-            days = (await http.get("/v1/reports/timeseries", params=window)).json()["days"]
+            days = (await http.get("/v1/reports/timeseries", params=window)).json()["points"]
             assert [d["day"] for d in days] == [day.date().isoformat()]
 
             for params, param in (

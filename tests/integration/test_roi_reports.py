@@ -1,0 +1,329 @@
+"""Every report on a hand-computed fixture: Kafka → sink → chdb rollups → reports, API and CLI.
+
+The fixture (one day of its own, so other tests' rows stay outside the range):
+
+| call | model served (asked)      | tokens in/out | cached | cache hit | cost   | asked  | GPT-4 |
+|------|---------------------------|---------------|--------|-----------|--------|--------|-------|
+| A    | gpt-4o-mini (gpt-4o)      | 1M / 0        | 0      | no        | $0.15  | $2.50  | $30   |
+| B    | gpt-4o                    | 1M / 0        | 0      | yes       | $0     | $2.50  | $30   |
+| C    | gpt-4o                    | 1M / 0        | 500k   | no        | $1.875 | $2.50  | $30   |
+| D    | mystery-model (no price)  | 1M / 0        | 0      | no        | $0 (?) | -      | -     |
+
+Savings vs GPT-4 (priced calls A-C): $90 - $2.025 = $87.975 = model choice $82.50
+(90 - 3 x 2.50) + routing $2.35 (A: 2.50 - 0.15) + prompt caching $0.625 (C: 500k at
+$1.25 off) + cache hits $2.50 (B).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import pytest
+from aiohttp import web
+from aiokafka import AIOKafkaProducer
+from click.testing import CliRunner
+
+from agents.sink import ClickHouseSink
+from app.attribution import Identity
+from app.cli import main
+from app.codec import EventCodec
+from app.pricing import PriceCatalog
+from app.reports import MEASURES, USAGE_MINUTE, USAGE_USER_HOUR, Range, aggregate
+from app.reports_api import create_reports_app
+from app.settings import Settings
+from app.topics import ensure_topics
+from app.usage import build_usage_record, new_id
+from app.warehouse import ReconnectingClient, migrate
+from tests.integration.harness import free_port
+
+pytestmark = pytest.mark.integration
+
+M = 1_000_000
+
+
+def fixture_calls(day: datetime, tag: str) -> list[dict[str, Any]]:
+    prices = PriceCatalog("gpt-4")
+
+    def call(minute: int, user: str, feature: str, model: str, **kw: Any) -> dict[str, Any]:
+        return build_usage_record(
+            prices,
+            Identity(f"{tag}-{user}", None, f"{tag}-{feature}", None),
+            request_id=new_id("req_"),
+            model=model,
+            prompt_tokens=M,
+            completion_tokens=0,
+            provider="openai",
+            ts=day + timedelta(hours=10, minutes=minute, seconds=20),
+            **kw,
+        )
+
+    return [
+        call(0, "alice", "chat", "gpt-4o-mini", model_requested="gpt-4o"),
+        call(1, "alice", "chat", "gpt-4o", cache_hit=True),
+        call(2, "bob", "search", "gpt-4o", cached_tokens=M // 2),
+        call(3, "bob", "search", "mystery-model"),
+    ]
+
+
+async def produce(settings: Settings, topic: str, schema: str, records: list[dict]) -> None:
+    codec = EventCodec()
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+    await producer.start()
+    try:
+        for record in records:
+            key = record.get("user_id") or record.get("scope") or record["event_id"]
+            await producer.send(
+                settings.topic(topic), codec.encode(schema, record), key=key.encode()
+            )
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
+def decision(scope: str, spent_usd: str, limit_usd: str, state: str, day: datetime) -> dict:
+    return {
+        "event_id": new_id(),
+        "ts": day + timedelta(hours=11),
+        "schema_version": 2,
+        "scope": scope,
+        "state": state,
+        "spent_usd_nanos": int(Decimal(spent_usd) * 10**9),
+        "limit_usd_nanos": int(Decimal(limit_usd) * 10**9),
+        "period": "month",
+        "period_start": day.replace(day=1),
+        "resets_at": datetime(2999, 1, 1, tzinfo=UTC),
+        "counted_through": day + timedelta(hours=11),
+        "threshold": None,
+        "upgrade_url": None,
+        "upgrade_prompt": None,
+        "reason": "spend",
+    }
+
+
+def alert(day: datetime, kind: str) -> dict:
+    at = day + timedelta(hours=10, minutes=2)
+    return {
+        "event_id": new_id(),
+        "ts": at,
+        "schema_version": 1,
+        "alert_key": f"{kind}|feature:x",
+        "kind": kind,
+        "scope": "feature:x",
+        "severity": "warning",
+        "status": "firing",
+        "score": 9.0,
+        "expected": 1.0,
+        "observed": 20.0,
+        "unit": "usd",
+        "window_seconds": 60,
+        "first_seen": at,
+        "last_seen": at,
+        "message": "test",
+        "details": {},
+    }
+
+
+async def test_every_report_on_a_hand_computed_fixture(
+    kafka_settings: Settings, clickhouse: Any
+) -> None:
+    await ensure_topics(kafka_settings)
+    migrate(clickhouse)
+    day = datetime(2024, 1, 1, tzinfo=UTC) + timedelta(days=random.randrange(300))
+    tag = f"roi{random.randrange(10**6)}"
+    calls = fixture_calls(day, tag)
+    a, _b, c, _d = calls
+    outcomes = [
+        {
+            "event_id": new_id(),
+            "ts": day + timedelta(hours=10, minutes=5),
+            "schema_version": 1,
+            "request_id": r["request_id"],
+            "session_id": None,
+            "user_id": r["user_id"],
+            "feature": r["feature"],
+            "outcome": result,
+            "kind": None,
+            "value_usd_nanos": None,
+            "metadata": {},
+        }
+        for r, result in ((a, "success"), (c, "success"), (c, "failure"))
+    ]
+    await produce(kafka_settings, "usage", "Usage", calls + calls[:2])  # with duplicates
+    await produce(kafka_settings, "outcomes", "Outcome", outcomes)
+    await produce(
+        kafka_settings,
+        "budget.decisions",
+        "BudgetDecision",
+        [
+            decision(f"user:{tag}-alice", "4", "5", "warn", day),
+            decision(f"feature:{tag}-gone", "1", "10", "open", day),
+        ],
+    )
+    await produce(kafka_settings, "alerts", "Alert", [alert(day, "cost_per_request")])
+
+    client = ReconnectingClient(lambda: clickhouse)
+    sink = ClickHouseSink(kafka_settings, client, batch_wait_s=0.3)
+    stop = asyncio.Event()
+    task = asyncio.create_task(sink.run(stop))
+    port = free_port()
+    runner = web.AppRunner(
+        create_reports_app(client, active_scope=lambda scope: not scope.endswith("-gone"))
+    )
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    window = {"from": day.isoformat(), "to": (day + timedelta(days=1)).isoformat()}
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+
+            async def get(name: str, **params: Any) -> Any:
+                response = await http.get(f"/v1/reports/{name}", params={**window, **params})
+                assert response.status_code == 200, response.text
+                return response.json()
+
+            for _ in range(100):
+                if (
+                    (await get("summary"))["requests"] == 4
+                    and (await get("outcomes"))["features"]
+                    and (await http.get("/v1/reports/budgets")).json()["scopes"]
+                ):
+                    break
+                await asyncio.sleep(0.3)
+
+            summary = await get("summary")
+            assert summary["requests"] == 4  # the duplicates were not counted
+            assert summary["cost_usd"] == "2.025"
+            assert summary["baseline_cost_usd"] == "90"
+            assert summary["unpriced_requests"] == 1
+            assert summary["cache_hits"] == 1 and summary["cache_hit_rate"] == 0.25
+            assert summary["sentence"] == (
+                "We processed 4 requests, would have cost $90.00 at GPT-4 rates, actually cost "
+                "$2.02 — 97.8% savings. (1 requests to models without a price are in neither "
+                "amount.)"
+            )
+
+            savings = await get("savings")
+            assert savings["savings_usd"] == "87.975"
+            assert savings["decomposition"] == {
+                "model_choice_usd": "82.5",
+                "routing_usd": "2.35",
+                "prompt_cache_usd": "0.625",
+                "cache_usd": "2.5",
+            }
+            assert savings["cache"]["hits"] == 1
+            assert savings["cache"]["savings_usd"] == "2.5"
+            assert savings["cache"]["cached_prompt_tokens"] == M // 2
+            assert savings["routing"]["downtiered"] == 1
+            assert savings["routing"]["downtiered_share"] == pytest.approx(1 / 3, abs=1e-6)
+            assert savings["routing"]["downtiered_with_outcome"] == 1
+            assert savings["routing"]["downtiered_success_share"] == 1.0
+
+            by_feature = {r["feature"]: r for r in (await get("outcomes"))["features"]}
+            chat, search = by_feature[f"{tag}-chat"], by_feature[f"{tag}-search"]
+            assert (chat["cost_usd"], chat["successes"], chat["cost_per_success_usd"]) == (
+                "0.15",
+                1,
+                "0.15",
+            )
+            assert (search["outcomes"], search["successes"], search["success_rate"]) == (2, 1, 0.5)
+            assert search["cost_per_success_usd"] == "1.875"
+
+            users = (await get("breakdown", by="user", limit="5"))["rows"]
+            assert [(r["user"], r["cost_usd"]) for r in users] == [
+                (f"{tag}-bob", "1.875"),
+                (f"{tag}-alice", "0.15"),
+            ]
+            models = {r["model"]: r for r in (await get("breakdown", by="model"))["rows"]}
+            assert models["mystery-model"]["unpriced_requests"] == 1
+            assert models["gpt-4o"]["cost_usd"] == "1.875"
+
+            points = (await get("timeseries", interval="minute"))["points"]
+            assert [p["requests"] for p in points] == [1, 1, 1, 1]
+            assert [p["anomaly"] for p in points] == [False, False, True, False]
+            assert points[2]["alert_kinds"] == ["cost_per_request"]
+
+            scopes = {
+                s["scope"]: s for s in (await http.get("/v1/reports/budgets")).json()["scopes"]
+            }
+            mine = {k: v for k, v in scopes.items() if tag in k}
+            assert list(mine) == [f"user:{tag}-alice"]  # the removed cap is not listed
+            assert mine[f"user:{tag}-alice"]["state"] == "warn"
+            assert mine[f"user:{tag}-alice"]["used"] == 0.8
+
+            # Edges of a range that cuts rollup buckets come from raw rows: exact either way.
+            cut = {
+                "from": (day + timedelta(hours=10, minutes=1, seconds=30)).isoformat(),
+                "to": (day + timedelta(hours=10, minutes=2, seconds=30)).isoformat(),
+            }
+            cut_summary = (await http.get("/v1/reports/summary", params=cut)).json()
+            assert (cut_summary["requests"], cut_summary["cost_usd"]) == (1, "1.875")
+
+            for name, params, param in (
+                ("breakdown", {"by": "colour"}, "by"),
+                ("summary", {"from": "last tuesday"}, "from"),
+                ("breakdown", {"limit": "lots"}, "limit"),
+                ("timeseries", {"interval": "fortnight"}, "interval"),
+                ("savings", {"bogus": "1"}, "bogus"),
+                ("summary", {"from": window["to"], "to": window["from"]}, "from"),
+            ):
+                bad = await http.get(f"/v1/reports/{name}", params={**window, **params})
+                assert bad.status_code == 400, (name, params)
+                assert bad.json()["error"]["param"] == param
+                assert bad.json()["error"]["type"] == "invalid_request_error"
+
+        # The CLI prints the same numbers (through the reports server).
+        def cli(*args: str) -> Any:
+            result = CliRunner().invoke(
+                main,
+                ["report", "--from", window["from"], "--to", window["to"], *args],
+                env={"TOLLGATE_REPORTS_PORT": str(port)},
+            )
+            assert result.exit_code == 0, result.output
+            return result.stdout
+
+        text = await asyncio.to_thread(cli)
+        assert text.splitlines()[0] == summary["sentence"]
+        assert "routing to cheaper models" in text and "$2.35" in text
+        as_json = json.loads(await asyncio.to_thread(cli, "--format", "json"))
+        assert as_json["savings"]["decomposition"] == savings["decomposition"]
+        as_csv = await asyncio.to_thread(cli, "--format", "csv", "--by", "user")
+        assert as_csv.splitlines()[0].startswith("user,requests,")
+        assert f"{tag}-bob,2,0,1.875,30,28.125" in as_csv
+    finally:
+        stop.set()
+        await task
+        await runner.cleanup()
+
+
+async def test_rollups_equal_raw_events(kafka_settings: Settings, clickhouse: Any) -> None:
+    """The materialized views and the reports' raw-edge SQL give the same measures."""
+    await ensure_topics(kafka_settings)
+    migrate(clickhouse)
+    day = datetime(2024, 1, 1, tzinfo=UTC) + timedelta(days=random.randrange(300))
+    calls = fixture_calls(day, f"rr{random.randrange(10**6)}")
+    await produce(kafka_settings, "usage", "Usage", calls)
+    client = ReconnectingClient(lambda: clickhouse)
+    sink = ClickHouseSink(kafka_settings, client, batch_wait_s=0.3)
+    stop = asyncio.Event()
+    task = asyncio.create_task(sink.run(stop))
+    whole = Range(day, day + timedelta(days=1))  # aligned: rollups only
+    try:
+        for _ in range(100):
+            if aggregate(clickhouse, whole, USAGE_MINUTE)[0]["requests"] >= 4:
+                break
+            await asyncio.sleep(0.3)
+    finally:
+        stop.set()
+        await task
+    # A range that starts and ends one millisecond off the minute reads (almost) only raw rows.
+    skewed = Range(day + timedelta(milliseconds=1), day + timedelta(days=1, milliseconds=-1))
+    for rollup in (USAGE_MINUTE, USAGE_USER_HOUR):
+        from_rollups = aggregate(clickhouse, whole, rollup)[0]
+        from_raw = aggregate(clickhouse, skewed, rollup)[0]
+        assert from_rollups == from_raw
+        assert from_rollups["requests"] == 4 and set(from_rollups) == set(MEASURES)
