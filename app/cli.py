@@ -8,6 +8,7 @@ import sys
 from typing import NoReturn
 
 import click
+from pydantic import ValidationError
 
 from app.pricing import usd_text
 from app.settings import Settings, describe_settings
@@ -16,7 +17,17 @@ from app.settings import Settings, describe_settings
 def _settings() -> Settings:
     from app.logs import configure_logging
 
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as exc:  # values are hidden: some settings are secrets
+        problems = [
+            f"TOLLGATE_{'_'.join(str(p) for p in error['loc'][:1]).upper()}"
+            f"{''.join(f'[{p}]' for p in error['loc'][1:])}: {error['msg']}"
+            for error in exc.errors()
+        ]
+        _fail("invalid settings:\n  " + "\n  ".join(problems))
+    except (FileNotFoundError, OSError, ValueError) as exc:
+        _fail(f"invalid settings: {exc}")
     configure_logging(settings.log_level, settings.log_format)
     return settings
 
@@ -425,7 +436,7 @@ def _table(title: str, rows: list[dict], columns: list[tuple[str, str]]) -> None
 @click.option("--markdown", is_flag=True, help="Print the settings table as Markdown.")
 def config(markdown: bool) -> None:
     """Show every setting, its environment variable and its effective value."""
-    settings = Settings()
+    settings = _settings()
     rows = describe_settings()
     if markdown:
         click.echo("| variable | default | what it sets |\n|---|---|---|")
@@ -477,6 +488,25 @@ def sink() -> None:
     click.echo(f"ClickHouse sink into {settings.clickhouse_dsn}", err=True)
     with contextlib.suppress(KeyboardInterrupt):
         run_sink(settings)
+
+
+@main.command("notify")
+def notify() -> None:
+    """Deliver alerts to the on-call webhooks in TOLLGATE_ALERT_TARGETS."""
+    from agents.notifier import parse_alert_targets, run_notifier
+
+    settings = _settings()
+    targets = parse_alert_targets(list(settings.alert_targets))
+    if not targets:
+        _fail(
+            "no alert targets: set TOLLGATE_ALERT_TARGETS to a JSON list, e.g. "
+            '[{"name": "oncall", "url": "https://hooks.slack.com/...", "format": "slack"}]'
+        )
+    click.echo(
+        f"notifier: {len(targets)} target(s): {', '.join(t.name for t in targets)}", err=True
+    )
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run_notifier(settings, targets))
 
 
 @main.command("simulate")

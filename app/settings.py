@@ -60,6 +60,8 @@ class Settings(BaseSettings):
         env_prefix="TOLLGATE_",
         extra="ignore",
         frozen=True,
+        # Validation errors must not echo values: webhook URLs and keys are secrets.
+        hide_input_in_errors=True,
     )
 
     # -- local state -------------------------------------------------------------
@@ -175,10 +177,25 @@ class Settings(BaseSettings):
         description="Testing only: start the clock at this ISO instant (period-boundary tests).",
     )
 
+    # -- alerts -------------------------------------------------------------------
+    alert_targets: tuple[dict[str, Any], ...] = Field(
+        default=(),
+        description="On-call webhooks for alerts: a JSON list (env) or YAML list of {name, url, "
+        "format: json|slack|pagerduty|alertmanager, routing_key, min_severity, kinds}.",
+    )
+
     log_format: Literal["auto", "json", "text"] = Field(
         default="auto", description="`json` one object per line; `auto` = text on a TTY."
     )
     log_level: str = Field(default="INFO", description="Python log level.")
+
+    @field_validator("alert_targets", mode="after")
+    @classmethod
+    def _check_alert_targets(cls, value: tuple[dict[str, Any], ...]) -> tuple[dict[str, Any], ...]:
+        from agents.notifier import parse_alert_targets  # validates; messages never hold values
+
+        parse_alert_targets(list(value))
+        return value
 
     @field_validator("state_dir", "kafka_cache_dir", mode="after")
     @classmethod

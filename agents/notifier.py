@@ -1,0 +1,820 @@
+"""The notifier: alerts from ``tollgate.alerts`` to on-call webhooks.
+
+Owns delivery of ``Alert`` events: which targets an alert goes to (per-target
+severity and kind filters), the body each target format expects, retries,
+per-target isolation, the delivery metrics, and keeping webhook secrets out of
+logs. It does not decide what is an alert (the anomaly and spend agents do), nor
+where targets are configured: ``AlertTarget`` and ``parse_alert_targets`` are
+ready for a settings field ``alert_targets: list[AlertTarget]``.
+
+Formats (all POST ``application/json``):
+
+- ``json``: the alert record itself, timestamps in ISO 8601 (UTC).
+- ``slack``: an incoming-webhook ``{"text": ...}`` with one readable line.
+- ``pagerduty``: Events API v2 (``/v2/enqueue``): ``trigger`` with a payload,
+  ``resolve`` with the same ``dedup_key`` (the alert's ``alert_key``).
+- ``alertmanager``: API v2 (``/api/v2/alerts``): a list of one alert, labelled
+  by ``alertname``, ``kind``, ``scope``, ``severity`` and ``alert_key``;
+  ``endsAt`` set when resolved.
+
+Flow: a plain aiokafka consumer group reads the alerts topic; every decoded
+alert is offered to the bounded queue of each target whose filters accept it;
+one worker task per target posts from its queue in order, retrying connection
+errors, timeouts, 429 and 5xx with exponential backoff and jitter (other
+answers are final). A slow or dead target only fills its own queue; once full,
+its oldest alert is dropped and counted, so the newest news still gets through.
+
+Delivery guarantee, and its trade-off: offsets are committed once a batch is
+handed to the queues, not once every target has answered. So a dead target
+never holds back the consumer or the other targets, but alerts still queued in
+memory when the process dies are lost (a graceful stop drains the queues for
+``drain_timeout_s`` first). The other way round, a crash between hand-off and
+commit re-delivers that batch: PagerDuty de-duplicates on ``dedup_key`` and
+Alertmanager on labels, so a repeat is harmless there; JSON receivers can
+de-duplicate on ``event_id``; Slack shows the line twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import random
+import signal
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal, NamedTuple
+from urllib.parse import parse_qsl, urlsplit
+
+import aiohttp
+import orjson
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaConnectionError
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+
+from app.codec import EventCodec, EventDecodeError, build_codec
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Severity = Literal["info", "warning", "critical"]
+TargetFormat = Literal["json", "slack", "pagerduty", "alertmanager"]
+StartFrom = Literal["earliest", "latest"]
+
+SEVERITY_RANK: dict[str, int] = {"info": 0, "warning": 1, "critical": 2}
+DEFAULT_SEVERITY = "warning"  # the schema's default; also how an unknown severity is ranked
+PAGERDUTY_SEVERITIES = frozenset({"critical", "error", "warning", "info"})
+PAGERDUTY_DEDUP_KEY_MAX = 255
+PAGERDUTY_SUMMARY_MAX = 1024
+KAFKA_RETRY_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
+DELIVERY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+DROP_LOG_INTERVAL_S = 10.0
+BODY_LOG_CHARS = 300
+
+
+# -- configuration --------------------------------------------------------------------
+
+
+class AlertTarget(BaseModel):
+    """One webhook that receives alerts. ``url`` and ``routing_key`` are secrets.
+
+    Slack webhook URLs carry their token in the path, PagerDuty's routing key is
+    a credential: both are ``SecretStr`` (masked in ``repr``) and only ever
+    logged as ``redacted_url``.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
+
+    name: str = Field(min_length=1, max_length=100, description="Name in logs and metric labels.")
+    url: SecretStr = Field(description="http(s) URL the alerts are POSTed to.")
+    format: TargetFormat = Field(default="json", description="Body the target expects.")
+    routing_key: SecretStr | None = Field(
+        default=None,
+        validate_default=True,
+        description="PagerDuty Events API v2 integration key (format 'pagerduty' only).",
+    )
+    min_severity: Severity | None = Field(
+        default=None, description="Deliver only alerts at least this severe; unset = all."
+    )
+    kinds: tuple[str, ...] | None = Field(
+        default=None, min_length=1, description="Deliver only these alert kinds; unset = all."
+    )
+    timeout_s: float = Field(default=10.0, gt=0, le=300, description="Per-attempt timeout.")
+    queue_size: int = Field(
+        default=1000, ge=1, description="Alerts held for this target; beyond, the oldest drop."
+    )
+    generator_url: str | None = Field(
+        default=None, description="Alertmanager 'generatorURL' back-link (optional)."
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, url: SecretStr) -> SecretStr:
+        parts = urlsplit(url.get_secret_value())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        return url
+
+    @field_validator("routing_key")
+    @classmethod
+    def _routing_key_for_pagerduty(
+        cls, routing_key: SecretStr | None, info: ValidationInfo
+    ) -> SecretStr | None:
+        target_format = info.data.get("format")
+        if target_format == "pagerduty" and not (routing_key and routing_key.get_secret_value()):
+            raise ValueError("required for format 'pagerduty': the Events API v2 integration key")
+        if target_format not in (None, "pagerduty") and routing_key is not None:
+            raise ValueError(f"only used by format 'pagerduty', not {target_format!r}; remove it")
+        return routing_key
+
+    @property
+    def redacted_url(self) -> str:
+        return redact_url(self.url.get_secret_value())
+
+    def accepts(self, alert: dict[str, Any]) -> bool:
+        """Whether this target's severity and kind filters let ``alert`` through."""
+        if self.kinds is not None and alert.get("kind") not in self.kinds:
+            return False
+        if self.min_severity is not None:
+            return severity_rank(alert.get("severity")) >= SEVERITY_RANK[self.min_severity]
+        return True
+
+
+class AlertTargetError(ValueError):
+    """Alert targets that cannot be used. The message names the target and field, never a secret."""
+
+
+_TARGETS = TypeAdapter(list[AlertTarget])
+
+
+def parse_alert_targets(data: Any) -> list[AlertTarget]:
+    """Targets from plain data: a list of mappings (YAML), a JSON string (an env var), or None.
+
+    Errors name the target's position and field and never echo a value, since
+    values may be webhook URLs or keys.
+    """
+    if data is None or data == "":
+        return []
+    if isinstance(data, str | bytes):
+        try:
+            data = json.loads(data)
+        except ValueError as exc:
+            raise AlertTargetError(
+                f"alert targets are not valid JSON (line {getattr(exc, 'lineno', '?')}); "
+                'expected a list like [{"name": "oncall", "url": "https://...", "format": "slack"}]'
+            ) from None
+    try:
+        targets = _TARGETS.validate_python(data)
+    except ValidationError as exc:
+        problems = [
+            f"alert_targets[{'.'.join(str(part) for part in error['loc'])}]: {error['msg']}"
+            for error in exc.errors(include_input=False, include_url=False)
+        ]
+        raise AlertTargetError("invalid alert targets: " + "; ".join(problems)) from None
+    check_unique_names(targets)
+    return targets
+
+
+def check_unique_names(targets: Sequence[AlertTarget]) -> None:
+    seen: set[str] = set()
+    for target in targets:
+        if target.name in seen:
+            raise AlertTargetError(
+                f"alert target name {target.name!r} is used twice; names label metrics and "
+                "logs, so give each target its own"
+            )
+        seen.add(target.name)
+
+
+def severity_rank(severity: Any) -> int:
+    return SEVERITY_RANK.get(str(severity), SEVERITY_RANK[DEFAULT_SEVERITY])
+
+
+# -- secrets ----------------------------------------------------------------------------
+
+
+def redact_url(url: str) -> str:
+    """``scheme://host[:port]/…``: enough to tell targets apart, no path, query or user info."""
+    parts = urlsplit(url)
+    host = parts.hostname or "?"
+    if ":" in host:
+        host = f"[{host}]"
+    with contextlib.suppress(ValueError):
+        if parts.port is not None:
+            host = f"{host}:{parts.port}"
+    rest = parts.path not in ("", "/") or parts.query or parts.fragment
+    return f"{parts.scheme}://{host}/" + ("…" if rest else "")
+
+
+def secret_fragments(target: AlertTarget) -> list[str]:
+    """Every piece of a target's configuration that must not reach a log, longest first."""
+    url = target.url.get_secret_value()
+    parts = urlsplit(url)
+    fragments = {url, parts.path, parts.query, parts.fragment, parts.password or ""}
+    fragments.update(segment for segment in parts.path.split("/") if len(segment) >= 6)
+    fragments.update(value for _, value in parse_qsl(parts.query) if len(value) >= 6)
+    if target.routing_key is not None:
+        fragments.add(target.routing_key.get_secret_value())
+    return sorted((f for f in fragments if f and f != "/"), key=len, reverse=True)
+
+
+def scrub(text: str, secrets: Sequence[str]) -> str:
+    """``text`` (an error message, a response body) with every secret fragment replaced."""
+    for secret in secrets:
+        text = text.replace(secret, "…")
+    return text
+
+
+# -- payloads ---------------------------------------------------------------------------
+
+
+def iso(ts: datetime) -> str:
+    """ISO 8601 / RFC 3339 in UTC with milliseconds, e.g. ``2026-11-27T12:00:00.123Z``."""
+    if ts.tzinfo is None:
+        ts = ts.replace(tzinfo=UTC)
+    return ts.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def is_resolved(alert: dict[str, Any]) -> bool:
+    return alert.get("status") == "resolved"
+
+
+def format_value(value: float, unit: str | None) -> str:
+    """A number as a reader wants it: ``$12.50``, ``35.0%``, ``1,204 requests/min``."""
+    if unit == "usd":
+        return f"${value:,.2f}" if abs(value) >= 1 else f"${value:.4g}"
+    if unit == "share":
+        return f"{value:.1%}"
+    if value == int(value) and abs(value) < 1e15:
+        text = f"{int(value):,}"
+    elif abs(value) >= 100:
+        text = f"{value:,.1f}"
+    else:
+        text = f"{value:.4g}"
+    return f"{text} {unit}" if unit else text
+
+
+def comparison(alert: dict[str, Any]) -> str | None:
+    """``expected X, observed Y`` from whichever of the two the alert carries."""
+    unit = alert.get("unit")
+    parts = [
+        f"{label} {format_value(alert[label], unit)}"
+        for label in ("expected", "observed")
+        if alert.get(label) is not None
+    ]
+    return ", ".join(parts) or None
+
+
+def headline(alert: dict[str, Any]) -> str:
+    """``[CRITICAL] cost_per_request on feature:search: expected $0.01, observed $0.09``."""
+    severity = str(alert.get("severity") or DEFAULT_SEVERITY)
+    state = f"RESOLVED (was {severity})" if is_resolved(alert) else severity.upper()
+    line = f"[{state}] {alert['kind']} on {alert['scope']}"
+    compared = comparison(alert)
+    return f"{line}: {compared}" if compared else line
+
+
+def json_payload(alert: dict[str, Any]) -> dict[str, Any]:
+    """The generic format: the alert record, timestamps as ISO 8601 strings."""
+    return {
+        key: iso(value) if isinstance(value, datetime) else value for key, value in alert.items()
+    }
+
+
+SLACK_EMOJI = {
+    "critical": ":rotating_light:",
+    "warning": ":warning:",
+    "info": ":information_source:",
+}
+
+
+def _slack_escape(text: str) -> str:
+    # Slack's three control characters in message text.
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def slack_payload(alert: dict[str, Any]) -> dict[str, Any]:
+    """A Slack incoming-webhook body: one line of mrkdwn."""
+    severity = str(alert.get("severity") or DEFAULT_SEVERITY)
+    if is_resolved(alert):
+        lead = f":white_check_mark: *Resolved* (was {_slack_escape(severity)})"
+    else:
+        lead = f"{SLACK_EMOJI.get(severity, ':warning:')} *{_slack_escape(severity.upper())}*"
+    text = f"{lead} {_slack_escape(alert['kind'])} on `{_slack_escape(alert['scope'])}`"
+    compared = comparison(alert)
+    if compared:
+        text += f" — {_slack_escape(compared)}"
+    if alert.get("message"):
+        text += f" — {_slack_escape(alert['message'])}"
+    return {"text": text}
+
+
+def pagerduty_severity(severity: Any) -> str:
+    """Tollgate's info/warning/critical are PagerDuty's too; anything else becomes warning."""
+    value = str(severity)
+    return value if value in PAGERDUTY_SEVERITIES else DEFAULT_SEVERITY
+
+
+def pagerduty_dedup_key(alert_key: str) -> str:
+    """``alert_key``, or a stable shortened form of it past PagerDuty's 255 characters."""
+    if len(alert_key) <= PAGERDUTY_DEDUP_KEY_MAX:
+        return alert_key
+    digest = hashlib.sha256(alert_key.encode()).hexdigest()[:32]
+    return f"{alert_key[:190]}|sha256:{digest}"
+
+
+def scope_type(scope: str) -> str:
+    """``user:alice`` -> ``user``; ``global`` -> ``global``."""
+    return scope.split(":", 1)[0]
+
+
+def pagerduty_payload(alert: dict[str, Any], routing_key: str) -> dict[str, Any]:
+    """An Events API v2 event: ``trigger`` with a payload, or ``resolve`` by ``dedup_key``.
+
+    ``source`` is the scope the alert is about (the "affected system"),
+    ``component`` its type (user, feature, team, key, global), ``class`` the
+    alert kind and ``group`` is ``tollgate``.
+    """
+    dedup_key = pagerduty_dedup_key(alert["alert_key"])
+    if is_resolved(alert):
+        return {"routing_key": routing_key, "event_action": "resolve", "dedup_key": dedup_key}
+    custom_details: dict[str, Any] = {
+        "message": alert.get("message"),
+        "alert_key": alert["alert_key"],
+        "event_id": alert.get("event_id"),
+        "score": alert.get("score"),
+        "expected": alert.get("expected"),
+        "observed": alert.get("observed"),
+        "unit": alert.get("unit"),
+        "window_seconds": alert.get("window_seconds"),
+        "first_seen": iso(alert["first_seen"]) if alert.get("first_seen") else None,
+        "last_seen": iso(alert["last_seen"]) if alert.get("last_seen") else None,
+        **{f"details.{key}": value for key, value in (alert.get("details") or {}).items()},
+    }
+    summary = headline(alert)
+    if alert.get("message"):
+        summary += f" — {alert['message']}"
+    return {
+        "routing_key": routing_key,
+        "event_action": "trigger",
+        "dedup_key": dedup_key,
+        "payload": {
+            "summary": summary[:PAGERDUTY_SUMMARY_MAX],
+            "source": alert["scope"],
+            "severity": pagerduty_severity(alert.get("severity")),
+            "timestamp": iso(alert["ts"]),
+            "component": scope_type(alert["scope"]),
+            "group": "tollgate",
+            "class": alert["kind"],
+            "custom_details": {k: v for k, v in custom_details.items() if v is not None},
+        },
+    }
+
+
+def alertname(kind: str) -> str:
+    """``budget_threshold`` -> ``TollgateBudgetThreshold`` (Prometheus naming)."""
+    return "Tollgate" + "".join(part.capitalize() for part in kind.split("_") if part)
+
+
+def alertmanager_payload(
+    alert: dict[str, Any], generator_url: str | None = None
+) -> list[dict[str, Any]]:
+    """An Alertmanager API v2 ``POST /api/v2/alerts`` body: a list holding this alert.
+
+    Labels identify an alert in Alertmanager, so they carry ``alert_key`` too: a
+    resolve then ends exactly the alert it belongs to.
+    """
+    severity = str(alert.get("severity") or DEFAULT_SEVERITY)
+    compared = comparison(alert)
+    summary = f"{alert['kind']} on {alert['scope']}" + (f": {compared}" if compared else "")
+    entry: dict[str, Any] = {
+        "labels": {
+            "alertname": alertname(alert["kind"]),
+            "kind": alert["kind"],
+            "scope": alert["scope"],
+            "severity": severity,
+            "alert_key": alert["alert_key"],
+        },
+        "annotations": {"summary": summary, "description": str(alert.get("message") or summary)},
+        "startsAt": iso(alert["first_seen"]),
+    }
+    if is_resolved(alert):
+        # endsAt before startsAt is rejected by Alertmanager.
+        entry["endsAt"] = iso(max(alert["ts"], alert["first_seen"]))
+    if generator_url:
+        entry["generatorURL"] = generator_url
+    return [entry]
+
+
+def build_payload(target: AlertTarget, alert: dict[str, Any]) -> Any:
+    """The JSON body ``target`` expects for ``alert``."""
+    if target.format == "slack":
+        return slack_payload(alert)
+    if target.format == "pagerduty":
+        assert target.routing_key is not None  # the model refuses pagerduty without one
+        return pagerduty_payload(alert, target.routing_key.get_secret_value())
+    if target.format == "alertmanager":
+        return alertmanager_payload(alert, target.generator_url)
+    return json_payload(alert)
+
+
+# -- delivery ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Attempts per alert and target, and the exponential backoff between them.
+
+    The n-th wait is ``min(max_delay_s, base_delay_s * 2**(n-1))``, reduced by up
+    to ``jitter`` of itself at random so that retries of many alerts spread out;
+    a ``Retry-After`` header (seconds) lengthens it, up to ``max_delay_s``.
+    """
+
+    max_attempts: int = 8
+    base_delay_s: float = 0.5
+    max_delay_s: float = 30.0
+    jitter: float = 0.5
+
+    def delay(self, attempt: int, rng: random.Random, retry_after_s: float | None = None) -> float:
+        ceiling = min(self.max_delay_s, self.base_delay_s * 2 ** (attempt - 1))
+        wait = ceiling * (1 - self.jitter * rng.random())
+        if retry_after_s is not None:
+            wait = max(wait, min(retry_after_s, self.max_delay_s))
+        return wait
+
+
+class NotifierMetrics:
+    """The notifier's Prometheus metrics, in ``registry`` (default: the process-wide one)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = registry if registry is not None else REGISTRY
+        self.notifications = Counter(
+            "tollgate_alert_notifications",
+            "Alert notifications by target and outcome: delivered, failed (gave up or "
+            "rejected), retried (one per retry), dropped (queue full, oldest dropped)",
+            ["target", "outcome"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            "tollgate_alert_notification_duration_seconds",
+            "First attempt to final outcome of one notification, retries included",
+            ["target", "outcome"],
+            buckets=DELIVERY_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "tollgate_alert_notification_queue_depth",
+            "Alerts waiting to be delivered, by target",
+            ["target"],
+            registry=r,
+        )
+        self.undecodable = Counter(
+            "tollgate_alert_notifier_undecodable",
+            "Records on the alerts topic that are not a decodable Alert (skipped)",
+            registry=r,
+        )
+
+
+class _Attempt(NamedTuple):
+    delivered: bool
+    retryable: bool
+    status: int | None
+    error: str
+    retry_after_s: float | None = None
+
+
+def _retry_after_seconds(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None  # an HTTP date: rare from webhooks; the backoff applies
+
+
+def is_retryable_status(status: int) -> bool:
+    return status == 429 or status >= 500
+
+
+class TargetWorker:
+    """One target's bounded queue and the task that delivers from it, in order."""
+
+    def __init__(
+        self,
+        target: AlertTarget,
+        metrics: NotifierMetrics,
+        retry: RetryPolicy,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.target = target
+        self.retry = retry
+        self.rng = rng or random.Random()
+        self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=target.queue_size)
+        self._secrets = secret_fragments(target)
+        self._log_extra = {"target": target.name, "url": target.redacted_url}
+        name = target.name
+        self._delivered = metrics.notifications.labels(name, "delivered")
+        self._failed = metrics.notifications.labels(name, "failed")
+        self._retried = metrics.notifications.labels(name, "retried")
+        self._dropped = metrics.notifications.labels(name, "dropped")
+        self._delivered_seconds = metrics.duration.labels(name, "delivered")
+        self._failed_seconds = metrics.duration.labels(name, "failed")
+        metrics.queue_depth.labels(name).set_function(self.queue.qsize)
+        self._dropped_unlogged = 0
+        self._last_drop_log = float("-inf")
+
+    def offer(self, alert: dict[str, Any]) -> None:
+        """Queue ``alert``; never waits. A full queue drops its oldest alert to make room."""
+        if self.queue.full():
+            self.queue.get_nowait()
+            self.queue.task_done()
+            self._dropped.inc()
+            self._dropped_unlogged += 1
+            now = time.monotonic()
+            if now - self._last_drop_log >= DROP_LOG_INTERVAL_S:
+                log.warning(
+                    "alert queue full; oldest alerts dropped. The target is slow or down: "
+                    "check it, or raise its queue_size",
+                    extra={**self._log_extra, "dropped": self._dropped_unlogged},
+                )
+                self._dropped_unlogged = 0
+                self._last_drop_log = now
+        self.queue.put_nowait(alert)
+
+    async def run(self, session: aiohttp.ClientSession) -> None:
+        """Deliver queued alerts until cancelled; one failing alert never stops the loop."""
+        while True:
+            alert = await self.queue.get()
+            try:
+                await self.deliver(session, alert)
+            except Exception as exc:  # a bug or an odd record must not kill the target
+                self._failed.inc()
+                log.error(
+                    "alert delivery crashed; alert skipped",
+                    extra={
+                        **self._log_extra,
+                        "alert_key": alert.get("alert_key"),
+                        "error": scrub(repr(exc), self._secrets)[:BODY_LOG_CHARS],
+                    },
+                )
+            finally:
+                self.queue.task_done()
+
+    async def deliver(self, session: aiohttp.ClientSession, alert: dict[str, Any]) -> bool:
+        """POST ``alert`` to the target, retrying what may pass later. True once delivered."""
+        body = orjson.dumps(build_payload(self.target, alert))
+        extra = {**self._log_extra, "alert_key": alert.get("alert_key")}
+        started = time.monotonic()
+        for attempt in range(1, self.retry.max_attempts + 1):
+            result = await self._post(session, body)
+            if result.delivered:
+                self._delivered.inc()
+                self._delivered_seconds.observe(time.monotonic() - started)
+                log.debug("alert delivered", extra={**extra, "attempts": attempt})
+                return True
+            failure = {**extra, "status": result.status, "error": result.error, "attempt": attempt}
+            if not result.retryable:
+                self._failed.inc()
+                self._failed_seconds.observe(time.monotonic() - started)
+                log.error(
+                    "alert rejected by the target; not retried. Check the target's URL, "
+                    "format and key",
+                    extra=failure,
+                )
+                return False
+            if attempt == self.retry.max_attempts:
+                self._failed.inc()
+                self._failed_seconds.observe(time.monotonic() - started)
+                log.error(
+                    "alert not delivered; gave up after retrying. Check that the target is up",
+                    extra=failure,
+                )
+                return False
+            wait = self.retry.delay(attempt, self.rng, result.retry_after_s)
+            self._retried.inc()
+            log.warning(
+                "alert delivery failed; retrying", extra={**failure, "retry_in_s": round(wait, 3)}
+            )
+            await asyncio.sleep(wait)
+        return False  # max_attempts < 1: nothing tried
+
+    async def _post(self, session: aiohttp.ClientSession, body: bytes) -> _Attempt:
+        try:
+            async with session.post(
+                self.target.url.get_secret_value(),
+                data=body,
+                headers={"Content-Type": "application/json"},
+                timeout=aiohttp.ClientTimeout(total=self.target.timeout_s),
+                allow_redirects=False,
+            ) as response:
+                if 200 <= response.status < 300:
+                    return _Attempt(True, False, response.status, "")
+                text = (await response.content.read(BODY_LOG_CHARS)).decode(errors="replace")
+                return _Attempt(
+                    False,
+                    is_retryable_status(response.status),
+                    response.status,
+                    scrub(text, self._secrets),
+                    _retry_after_seconds(response.headers.get("Retry-After")),
+                )
+        except TimeoutError:
+            return _Attempt(False, True, None, f"no answer within {self.target.timeout_s}s")
+        except aiohttp.ClientError as exc:
+            error = scrub(f"{type(exc).__name__}: {exc}", self._secrets)
+            return _Attempt(False, True, None, error[:BODY_LOG_CHARS])
+
+
+# -- the agent --------------------------------------------------------------------------
+
+
+class Notifier:
+    """Consumes the alerts topic and fans each alert out to its targets' workers."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        targets: Sequence[AlertTarget],
+        *,
+        registry: CollectorRegistry | None = None,
+        codec: EventCodec | None = None,
+        retry: RetryPolicy | None = None,
+        start_from: StartFrom = "latest",
+        drain_timeout_s: float = 5.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        """``start_from`` applies only when the consumer group has no committed offsets:
+        ``latest`` (default) so a first start does not page for the topic's history."""
+        check_unique_names(targets)
+        self.settings = settings
+        self.targets = tuple(targets)
+        self.codec = codec or build_codec(settings.schema_registry_url)
+        self.metrics = NotifierMetrics(registry)
+        self.retry = retry or RetryPolicy()
+        self.start_from = start_from
+        self.drain_timeout_s = drain_timeout_s
+        self.topic = settings.topic("alerts")
+        self.group_id = f"{settings.topic_prefix}-notifier"
+        rng = rng or random.Random()
+        self.workers = [TargetWorker(t, self.metrics, self.retry, rng) for t in self.targets]
+        self.ready = asyncio.Event()  # set once partitions are assigned and positioned
+
+    def dispatch(self, alert: dict[str, Any]) -> int:
+        """Hand ``alert`` to every target that accepts it; returns how many did."""
+        accepted = 0
+        for worker in self.workers:
+            if worker.target.accepts(alert):
+                worker.offer(alert)
+                accepted += 1
+        return accepted
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Deliver until ``stop`` is set (then drain the queues) or cancelled (then not).
+
+        Kafka being unreachable is waited out with backoff; the queues and their
+        workers keep going meanwhile.
+        """
+        stop = stop or asyncio.Event()
+        async with aiohttp.ClientSession(headers={"User-Agent": "tollgate-notifier"}) as session:
+            tasks = [
+                asyncio.create_task(worker.run(session), name=f"notifier:{worker.target.name}")
+                for worker in self.workers
+            ]
+            try:
+                attempt = 0
+                while not stop.is_set():
+                    try:
+                        await self._consume(stop)
+                    except KafkaConnectionError as exc:
+                        delay = KAFKA_RETRY_BACKOFF_S[min(attempt, len(KAFKA_RETRY_BACKOFF_S) - 1)]
+                        log.warning(
+                            "Kafka unreachable; notifier retrying",
+                            extra={"error": str(exc), "retry_in_s": delay},
+                        )
+                        attempt += 1
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(stop.wait(), delay)
+                await self._drain()
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _consume(self, stop: asyncio.Event) -> None:
+        consumer = AIOKafkaConsumer(
+            self.topic,
+            bootstrap_servers=self.settings.kafka_bootstrap,
+            group_id=self.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset=self.start_from,
+        )
+        try:
+            await consumer.start()
+            while not stop.is_set():
+                fetched = await consumer.getmany(timeout_ms=200)
+                if not self.ready.is_set() and consumer.assignment():
+                    for tp in consumer.assignment():
+                        await consumer.position(tp)  # resolves the reset policy now
+                    self.ready.set()
+                offsets: dict[TopicPartition, int] = {}
+                for tp, messages in fetched.items():
+                    for message in messages:
+                        self._handle(message)
+                        offsets[tp] = message.offset + 1
+                if offsets:
+                    # Handed to the queues: see the module docstring for what this trades.
+                    await consumer.commit(offsets)
+        finally:
+            self.ready.clear()
+            with contextlib.suppress(Exception):
+                await consumer.stop()
+
+    def _handle(self, message: Any) -> None:
+        try:
+            event = self.codec.decode(
+                message.value,
+                topic=message.topic,
+                partition=message.partition,
+                offset=message.offset,
+            )
+            if event.event_type != "Alert":
+                raise EventDecodeError(
+                    f"a {event.event_type} event, not an Alert",
+                    topic=message.topic,
+                    partition=message.partition,
+                    offset=message.offset,
+                )
+        except EventDecodeError as exc:
+            self.metrics.undecodable.inc()
+            log.error(
+                "undecodable record on the alerts topic skipped; check its producer",
+                extra={"reason": str(exc)[:BODY_LOG_CHARS]},
+            )
+            return
+        self.dispatch(event.record)
+
+    async def _drain(self) -> None:
+        """Give queued alerts ``drain_timeout_s`` to go out before a graceful stop."""
+        waiting = sum(worker.queue.qsize() for worker in self.workers)
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(*(worker.queue.join() for worker in self.workers)),
+                self.drain_timeout_s,
+            )
+        except TimeoutError:
+            left = {w.target.name: w.queue.qsize() for w in self.workers if w.queue.qsize()}
+            log.warning(
+                "notifier stopped with alerts undelivered (their offsets are committed)",
+                extra={"undelivered": left, "drain_timeout_s": self.drain_timeout_s},
+            )
+        else:
+            if waiting:
+                log.info("notifier drained its queues", extra={"delivered_on_stop": waiting})
+
+
+async def run_notifier(
+    settings: Settings,
+    targets: Sequence[AlertTarget],
+    *,
+    stop: asyncio.Event | None = None,
+    registry: CollectorRegistry | None = None,
+) -> None:
+    """``tollgate notify``: deliver alerts until SIGINT/SIGTERM (or ``stop``), then drain."""
+    if not targets:
+        raise AlertTargetError(
+            "no alert targets configured; add at least one {name, url, format} to alert_targets"
+        )
+    notifier = Notifier(settings, targets, registry=registry)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    handled: list[signal.Signals] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        # Not available off the main thread or on Windows: Ctrl-C then cancels instead.
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, stop.set)
+            handled.append(sig)
+    log.info(
+        "notifier started",
+        extra={
+            "topic": notifier.topic,
+            "targets": [f"{t.name} ({t.format}, {t.redacted_url})" for t in notifier.targets],
+        },
+    )
+    try:
+        await notifier.run(stop)
+    finally:
+        for sig in handled:
+            loop.remove_signal_handler(sig)

@@ -1,0 +1,376 @@
+"""The notifier with real parts: alerts on the real Kafka topic, real HTTP receivers on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiokafka import AIOKafkaProducer
+from prometheus_client import CollectorRegistry
+
+from agents.notifier import AlertTarget, Notifier, RetryPolicy, json_payload
+from app.codec import EventCodec
+from app.settings import Settings
+from app.topics import ensure_topics
+from tests.samples import example_event
+
+pytestmark = pytest.mark.integration
+
+SECRET = "T0KEN" + uuid.uuid4().hex
+ROUTING_KEY = "rk" + uuid.uuid4().hex
+FAST_RETRY = RetryPolicy(max_attempts=4, base_delay_s=0.05, max_delay_s=0.2)
+
+
+def now_ms() -> datetime:
+    """Now, at the millisecond precision the Alert schema keeps."""
+    now = datetime.now(UTC)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+
+
+def alert(
+    kind: str = "cost_per_request",
+    scope: str = "feature:search",
+    severity: str = "critical",
+    status: str = "firing",
+    first_seen: datetime | None = None,
+) -> dict[str, Any]:
+    ts = now_ms()
+    return {
+        "event_id": uuid.uuid4().hex,
+        "ts": ts,
+        "schema_version": 1,
+        "alert_key": f"{kind}|{scope}",
+        "kind": kind,
+        "scope": scope,
+        "severity": severity,
+        "status": status,
+        "score": 6.5,
+        "expected": 0.012,
+        "observed": 0.094,
+        "unit": "usd",
+        "window_seconds": 300,
+        "first_seen": first_seen or ts - timedelta(minutes=5),
+        "last_seen": ts,
+        "message": f"{scope} costs $0.094 per request, 7.8x its usual $0.012",
+        "details": {"model": "gpt-4"},
+    }
+
+
+def resolve(fired: dict[str, Any]) -> dict[str, Any]:
+    later = now_ms() + timedelta(seconds=1)
+    return {
+        **fired,
+        "event_id": uuid.uuid4().hex,
+        "status": "resolved",
+        "ts": later,
+        "last_seen": later,
+    }
+
+
+async def produce(
+    settings: Settings, records: list[dict[str, Any]], extra: list[bytes] = ()
+) -> None:
+    codec = EventCodec()
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+    await producer.start()
+    try:
+        for blob in extra:
+            await producer.send(settings.topic("alerts"), blob, key=b"garbage")
+        for record in records:
+            await producer.send(
+                settings.topic("alerts"),
+                codec.encode("Alert", record),
+                key=record["alert_key"].encode(),
+            )
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
+@dataclass
+class Received:
+    path: str
+    content_type: str
+    body: Any
+    at: float
+
+
+@dataclass
+class Receiver:
+    """A webhook receiver on a free port: records every request, answers from a script."""
+
+    answers: list[int] = field(default_factory=list)  # then `default` for every later request
+    default: int = 200
+    hang: bool = False  # never answer (until the test ends)
+    requests: list[Received] = field(default_factory=list)
+    released: asyncio.Event = field(default_factory=asyncio.Event)
+    url: str = ""
+    runner: web.AppRunner | None = None
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.requests.append(
+            Received(request.path_qs, request.content_type, await request.json(), time.monotonic())
+        )
+        if self.hang:
+            await self.released.wait()
+        status = self.answers.pop(0) if self.answers else self.default
+        return web.json_response({"status": "ok" if status < 400 else "error"}, status=status)
+
+    async def start(self, path: str) -> Receiver:
+        app = web.Application()
+        app.router.add_post("/{tail:.*}", self.handle)
+        self.runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", 0).start()
+        host, port = self.runner.addresses[0][:2]
+        self.url = f"http://{host}:{port}{path}"
+        return self
+
+    async def stop(self) -> None:
+        self.released.set()
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+    def bodies(self) -> list[Any]:
+        return [r.body for r in self.requests]
+
+
+@asynccontextmanager
+async def receivers(*specs: tuple[str, Receiver]) -> AsyncIterator[list[Receiver]]:
+    started = [await receiver.start(path) for path, receiver in specs]
+    try:
+        yield started
+    finally:
+        for receiver in started:
+            await receiver.stop()
+
+
+@asynccontextmanager
+async def running(notifier: Notifier) -> AsyncIterator[asyncio.Event]:
+    """Run ``notifier`` until the block ends; yields its stop event once it is consuming."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(notifier.run(stop))
+    ready = asyncio.create_task(notifier.ready.wait())
+    await asyncio.wait({task, ready}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        task.result()  # raises what stopped it
+    assert notifier.ready.is_set(), "the notifier did not join its consumer group within 30 s"
+    try:
+        yield stop
+    finally:
+        stop.set()
+        ready.cancel()
+        await asyncio.wait_for(task, 15)
+
+
+async def wait_until(check: Callable[[], bool], timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s}s")
+        await asyncio.sleep(0.05)
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def count(registry: CollectorRegistry, target: str, outcome: str) -> float:
+    value = registry.get_sample_value(
+        "tollgate_alert_notifications_total", {"target": target, "outcome": outcome}
+    )
+    return value or 0.0
+
+
+async def test_every_format_gets_its_payload_filters_apply_and_resolves_follow(
+    kafka_settings: Settings,
+) -> None:
+    await ensure_topics(kafka_settings)
+    specs = [
+        (f"/hooks/{SECRET}", Receiver()),
+        (f"/services/T0/B0/{SECRET}", Receiver()),
+        ("/v2/enqueue", Receiver(default=202)),
+        ("/api/v2/alerts", Receiver()),
+    ]
+    async with receivers(*specs) as (plain, slack, pagerduty, alertmanager):
+        targets = [
+            AlertTarget(name="json", url=plain.url, min_severity="warning"),
+            AlertTarget(name="slack", url=slack.url, format="slack", kinds=["cost_per_request"]),
+            AlertTarget(name="pd", url=pagerduty.url, format="pagerduty", routing_key=ROUTING_KEY),
+            AlertTarget(
+                name="am",
+                url=alertmanager.url,
+                format="alertmanager",
+                generator_url="http://tollgate.example/alerts",
+            ),
+        ]
+        registry = CollectorRegistry()
+        notifier = Notifier(
+            kafka_settings, targets, registry=registry, retry=FAST_RETRY, start_from="earliest"
+        )
+        quiet = alert(kind="volume_drop", scope="global", severity="info")
+        fired = alert()
+        resolved = resolve(fired)
+        not_an_alert = EventCodec().encode("Usage", example_event("Usage"))
+        await produce(
+            kafka_settings, [quiet, fired, resolved], extra=[b"\x00garbage", not_an_alert]
+        )
+
+        async with running(notifier):
+            await wait_until(
+                lambda: (
+                    [len(r.requests) for r in (plain, slack, pagerduty, alertmanager)]
+                    == [2, 2, 3, 3]
+                )
+            )
+            await asyncio.sleep(0.5)  # anything extra would arrive now
+
+        assert registry.get_sample_value("tollgate_alert_notifier_undecodable_total") == 2
+        for receiver in (plain, slack, pagerduty, alertmanager):
+            assert {r.content_type for r in receiver.requests} == {"application/json"}
+
+        # json: the alert itself, ISO timestamps; the info alert is below its min_severity.
+        assert plain.bodies() == [json_payload(fired), json_payload(resolved)]
+        assert plain.bodies()[0]["ts"].endswith("Z")
+
+        # slack: only its kind; a readable line, the resolve says so.
+        firing_text, resolved_text = (body["text"] for body in slack.bodies())
+        assert "*CRITICAL* cost_per_request on `feature:search`" in firing_text
+        assert "expected $0.012, observed $0.094" in firing_text
+        assert "Resolved" in resolved_text and "feature:search" in resolved_text
+
+        # pagerduty: trigger per alert (same partition order for one alert_key), then resolve.
+        events = {(b["dedup_key"], b["event_action"]): b for b in pagerduty.bodies()}
+        assert set(events) == {
+            ("volume_drop|global", "trigger"),
+            ("cost_per_request|feature:search", "trigger"),
+            ("cost_per_request|feature:search", "resolve"),
+        }
+        actions = [
+            b["event_action"] for b in pagerduty.bodies() if b["dedup_key"] == fired["alert_key"]
+        ]
+        assert actions == ["trigger", "resolve"]
+        trigger = events[("cost_per_request|feature:search", "trigger")]
+        assert trigger["routing_key"] == ROUTING_KEY
+        assert trigger["payload"]["severity"] == "critical"
+        assert trigger["payload"]["source"] == "feature:search"
+        assert trigger["payload"]["class"] == "cost_per_request"
+        assert trigger["payload"]["custom_details"]["event_id"] == fired["event_id"]
+        assert events[("volume_drop|global", "trigger")]["payload"]["severity"] == "info"
+        assert events[("cost_per_request|feature:search", "resolve")]["routing_key"] == ROUTING_KEY
+
+        # alertmanager: a list of one alert each; the resolve ends the alert with the same labels.
+        assert all(len(body) == 1 for body in alertmanager.bodies())
+        firing_am = next(
+            b[0] for b in alertmanager.bodies() if b[0]["labels"]["kind"] == "cost_per_request"
+        )
+        ended = next(b[0] for b in alertmanager.bodies() if "endsAt" in b[0])
+        assert (
+            firing_am["labels"]
+            == ended["labels"]
+            == {
+                "alertname": "TollgateCostPerRequest",
+                "kind": "cost_per_request",
+                "scope": "feature:search",
+                "severity": "critical",
+                "alert_key": "cost_per_request|feature:search",
+            }
+        )
+        assert ended["endsAt"] == json_payload(resolved)["ts"]
+        assert "endsAt" not in firing_am
+        assert firing_am["generatorURL"] == "http://tollgate.example/alerts"
+        assert count(registry, "pd", "delivered") == 3 and count(registry, "json", "delivered") == 2
+
+        # Offsets were committed: a restarted notifier (same group) sends only what is new.
+        later = alert(kind="volume_spike", scope="team:search", severity="warning")
+        restarted = Notifier(
+            kafka_settings,
+            targets,
+            registry=CollectorRegistry(),
+            retry=FAST_RETRY,
+            start_from="earliest",  # so only the committed offsets keep the old alerts away
+        )
+        async with running(restarted):
+            await produce(kafka_settings, [later])
+            await wait_until(lambda: len(plain.requests) == 3)
+            await asyncio.sleep(0.5)
+        assert plain.bodies()[2] == json_payload(later)
+        assert len(pagerduty.requests) == 4
+
+
+async def test_a_target_answering_500_twice_then_200_gets_the_alert(
+    kafka_settings: Settings,
+) -> None:
+    await ensure_topics(kafka_settings)
+    async with receivers(
+        ("/flaky", Receiver(answers=[500, 500])), ("/rejects", Receiver(default=400))
+    ) as (flaky, rejects):
+        registry = CollectorRegistry()
+        notifier = Notifier(
+            kafka_settings,
+            [
+                AlertTarget(name="flaky", url=flaky.url),
+                AlertTarget(name="rejects", url=rejects.url),
+            ],
+            registry=registry,
+            retry=FAST_RETRY,
+            start_from="earliest",
+        )
+        fired = alert()
+        await produce(kafka_settings, [fired])
+        async with running(notifier):
+            await wait_until(lambda: count(registry, "flaky", "delivered") == 1)
+            await wait_until(lambda: count(registry, "rejects", "failed") == 1)
+        assert flaky.bodies() == [json_payload(fired)] * 3, "the same alert, three attempts"
+        assert count(registry, "flaky", "retried") == 2
+        assert len(rejects.requests) == 1, "a 400 is final: no retry"
+        assert count(registry, "rejects", "retried") == 0
+
+
+async def test_a_dead_and_a_hanging_target_do_not_delay_the_others(
+    kafka_settings: Settings,
+) -> None:
+    await ensure_topics(kafka_settings)
+    async with receivers(("/hang", Receiver(hang=True)), ("/ok", Receiver())) as (hanging, healthy):
+        registry = CollectorRegistry()
+        slow_retry = RetryPolicy(max_attempts=6, base_delay_s=1.0, max_delay_s=4.0)
+        notifier = Notifier(
+            kafka_settings,
+            [
+                AlertTarget(name="dead", url=f"http://127.0.0.1:{closed_port()}/{SECRET}"),
+                AlertTarget(name="hanging", url=hanging.url, timeout_s=0.3),
+                AlertTarget(name="healthy", url=healthy.url),
+            ],
+            registry=registry,
+            retry=slow_retry,
+            drain_timeout_s=0.5,
+        )
+        fired = [alert(scope=f"user:u{i}") for i in range(5)]
+        async with running(notifier) as stop:
+            produced_at = time.monotonic()
+            await produce(kafka_settings, fired)
+            await wait_until(lambda: len(healthy.requests) == 5, timeout_s=10)
+            slowest = max(r.at for r in healthy.requests) - produced_at
+            assert slowest < 3.0, f"healthy target waited {slowest:.1f}s behind broken ones"
+            await wait_until(lambda: count(registry, "dead", "retried") >= 1, timeout_s=5)
+            assert len(hanging.requests) >= 1
+            stopping = time.monotonic()
+            stop.set()
+        assert time.monotonic() - stopping < 5.0, "a graceful stop is bounded by drain_timeout_s"
+        assert sorted(b["event_id"] for b in healthy.bodies()) == sorted(
+            r["event_id"] for r in fired
+        )
+        assert count(registry, "dead", "delivered") == 0
+        assert count(registry, "hanging", "delivered") == 0
+        assert count(registry, "healthy", "delivered") == 5
