@@ -527,5 +527,14 @@ def simulate(host: str | None, port: int | None, latency_scale: float, error_rat
         asyncio.run(serve(bind_host, bind_port, config))
 
 
+def _register_commands() -> None:
+    """Commands that live beside their domain code."""
+    from app.replay import replay_command
+
+    main.add_command(replay_command)
+
+
+_register_commands()
+
 if __name__ == "__main__":
     main()

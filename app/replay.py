@@ -212,15 +212,18 @@ async def replay_calls(
     # asap: one batch in flight while the next is priced and encoded, so the broker never idles.
     in_flight: tuple[list[dict[str, Any]], list[asyncio.Future[Any]]] | None = None
 
+    def not_acknowledged(exc: KafkaError) -> ReplayError:
+        return ReplayError(
+            f"Kafka at {settings.kafka_bootstrap} did not take the replay ({exc!r}); "
+            f"{stats.calls} events were acknowledged before; is the broker up "
+            "(`tollgate kafka status`)?"
+        )
+
     async def settle(records: list[dict[str, Any]], acks: list[asyncio.Future[Any]]) -> None:
         try:
             await asyncio.gather(*acks)
         except KafkaError as exc:
-            raise ReplayError(
-                f"Kafka at {settings.kafka_bootstrap} did not acknowledge the replay ({exc}); "
-                f"{stats.calls} events were acknowledged before; is the broker up "
-                "(`tollgate kafka status`)?"
-            ) from None
+            raise not_acknowledged(exc) from None
         for record in records:
             stats.add(record)
         if progress:
@@ -232,11 +235,14 @@ async def replay_calls(
             records, acks = [], []
             for call in batch:
                 record = usage_record(prices, call, metadata)
-                acks.append(
-                    await producer.send(
-                        topic, codec.encode("Usage", record), key=record["user_id"].encode()
+                try:
+                    acks.append(
+                        await producer.send(
+                            topic, codec.encode("Usage", record), key=record["user_id"].encode()
+                        )
                     )
-                )
+                except KafkaError as exc:
+                    raise not_acknowledged(exc) from None
                 records.append(record)
             if in_flight:
                 await settle(*in_flight)
