@@ -251,6 +251,12 @@ def openapi_document() -> dict[str, Any]:
                     "responses": {"200": {"description": "Report"}, **_errors(400, 404, 503)},
                 }
             },
+            "/dashboard": {
+                "get": {
+                    "summary": "Built-in spend dashboard (HTML reading /v1/reports/*)",
+                    "responses": {"200": {"description": "HTML page"}},
+                }
+            },
             "/v1/models": {
                 "get": {"summary": "Models served", "responses": {"200": {"description": "List"}}}
             },

@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -347,6 +348,19 @@ async def budget_status(request: web.Request) -> web.Response:
 
 
 # -- reports (served by the sink, which owns the warehouse) ----------------------------
+DASHBOARD_HTML = Path(__file__).with_name("dashboard.html")
+
+
+async def dashboard(request: web.Request) -> web.Response:
+    """The built-in spend dashboard: one page that reads /v1/reports/*."""
+    return web.Response(
+        body=DASHBOARD_HTML.read_bytes(),
+        content_type="text/html",
+        charset="utf-8",
+        headers={"Cache-Control": "no-cache"},
+    )
+
+
 async def reports(request: web.Request) -> web.Response:
     c = request.app[COMPONENTS]
     url = f"{c.settings.reports_url}/v1/reports/{request.match_info['name']}"
@@ -412,6 +426,7 @@ ROUTES: list[tuple[str, str, Callable[[web.Request], Awaitable[web.StreamRespons
     ("POST", "/v1/outcomes", report_outcomes),
     ("GET", "/v1/models", list_models),
     ("GET", "/v1/reports/{name}", reports),
+    ("GET", "/dashboard", dashboard),
     ("GET", "/v1/budgets", list_budgets),
     ("PUT", "/v1/budgets/{scope}", put_budget),
     ("GET", "/v1/budgets/{scope}", get_budget),
