@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -218,6 +219,28 @@ class Gateway:
         self.metrics = metrics
         self.gate = gate
         self.reserve_output_tokens = reserve_output_tokens
+        # request_id -> who made it, for outcomes reported later with only the request id.
+        self._recent: OrderedDict[str, Identity] = OrderedDict()
+
+    RECENT_REQUESTS = 100_000
+
+    def remember(self, request_id: str, identity: Identity) -> None:
+        self._recent[request_id] = identity
+        if len(self._recent) > self.RECENT_REQUESTS:
+            self._recent.popitem(last=False)
+
+    def attribute_outcome(self, outcome: dict[str, Any]) -> dict[str, Any]:
+        """Fill an outcome's missing user, feature and session from the request it names."""
+        identity = self._recent.get(outcome.get("request_id") or "")
+        if identity is not None:
+            for field, value in (
+                ("user_id", identity.user_id),
+                ("feature", identity.feature),
+                ("session_id", identity.session_id),
+            ):
+                if outcome.get(field) is None and value not in (None, "anonymous"):
+                    outcome[field] = value
+        return outcome
 
     # -- events ---------------------------------------------------------------------
     def emit_request(
@@ -254,6 +277,7 @@ class Gateway:
     def usage_record(self, identity: Identity, **fields: Any) -> dict[str, Any]:
         """A priced Usage record (``app.usage.build_usage_record``), counted in the metrics."""
         record = build_usage_record(self.prices, identity, **fields)
+        self.remember(record["request_id"], identity)
         model = record["model_served"]
         prompt_tokens, completion_tokens = record["prompt_tokens"], record["completion_tokens"]
         cached_tokens = record["cached_tokens"]

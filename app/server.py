@@ -265,6 +265,7 @@ async def report_outcomes(request: web.Request) -> web.Response:
     body = await read_json(request)
     records = parse_outcomes(body, _identity_resolver(request, require="none"))
     for record in records:
+        c.gateway.attribute_outcome(record)  # outcomes often name only the request
         c.emitter.emit("Outcome", "outcomes", record["session_id"] or record["request_id"], record)
     return json_response(
         {"accepted": len(records), "event_ids": [r["event_id"] for r in records]}, status=202

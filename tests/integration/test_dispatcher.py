@@ -263,11 +263,20 @@ def test_usage_and_outcome_reports(stack: Stack) -> None:
                     "request_id": "ext-1",
                 },
                 {"model": "gpt-4o-mini", "input_tokens": 10, "output_tokens": 5, "user_id": "kim"},
+                {  # a service that routes and caches on its own reports both
+                    "model": "gpt-4o-mini",
+                    "model_requested": "gpt-4o",
+                    "cache_hit": True,
+                    "prompt_tokens": 1000,
+                    "completion_tokens": 100,
+                    "user_id": "kim",
+                    "request_id": "ext-3",
+                },
             ]
         },
     )
     assert response.status_code == 202, response.text
-    assert response.json()["accepted"] == 2
+    assert response.json()["accepted"] == 3
     bad = httpx.post(
         f"{stack.url}/v1/usage",
         json=[{"model": "gpt-4o", "prompt_tokens": 1, "completion_tokens": 1}, {"model": "x"}],
@@ -284,15 +293,33 @@ def test_usage_and_outcome_reports(stack: Stack) -> None:
         },
     )
     assert outcome.status_code == 202
+    # An outcome naming only the request is attributed to that request's user and feature.
+    linked = httpx.post(
+        f"{stack.url}/v1/outcomes", json={"request_id": "ext-1", "outcome": "failure"}
+    )
+    assert linked.status_code == 202
+    not_a_flag = httpx.post(
+        f"{stack.url}/v1/usage",
+        json={"model": "gpt-4o", "prompt_tokens": 1, "completion_tokens": 1, "cache_hit": "yes"},
+    )
+    assert not_a_flag.status_code == 400
+    assert not_a_flag.json()["error"]["param"] == "records[0].cache_hit"
 
-    usage = asyncio.run(read_events(stack.settings, "usage", at_least=2))
-    assert len(usage) == 2, "the rejected batch wrote nothing"
+    usage = asyncio.run(read_events(stack.settings, "usage", at_least=3))
+    assert len(usage) == 3, "the rejected batches wrote nothing"
+    cached = next(u for u in usage if u["request_id"] == "ext-3")
+    assert cached["cache_hit"] and cached["cost_usd_nanos"] == 0
+    assert cached["cache_saved_usd_nanos"] == expected_nanos("gpt-4o-mini", 1000, 100)
+    assert cached["requested_cost_usd_nanos"] == expected_nanos("gpt-4o", 1000, 100)
     ext = next(u for u in usage if u["request_id"] == "ext-1")
     assert ext["source"] == "usage_api" and ext["feature"] == "batch"
     assert ext["ts"].isoformat() == "2026-11-01T10:00:00+00:00"
     assert ext["cost_usd_nanos"] == expected_nanos("gpt-4o", 1000, 200)
-    [recorded] = asyncio.run(read_events(stack.settings, "outcomes", at_least=1))
+    outcomes = asyncio.run(read_events(stack.settings, "outcomes", at_least=2))
+    recorded = next(o for o in outcomes if o["session_id"] == "s-9")
+    by_request = next(o for o in outcomes if o["request_id"] == "ext-1")
     assert recorded["value_usd_nanos"] == 3_500_000_000 and recorded["kind"] == "ticket_resolved"
+    assert (by_request["user_id"], by_request["feature"]) == ("kim", "batch")
 
 
 def test_operational_endpoints(stack: Stack) -> None:
