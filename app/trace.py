@@ -47,6 +47,8 @@ FEATURES: tuple[tuple[str, float], ...] = (
 TIER_MODELS = {"economy": "gpt-4o-mini", "standard": "gpt-4o", "premium": "gpt-4-turbo"}
 ECONOMY_SHARE = 0.70
 PREMIUM_SHARE = 0.05
+ROUTED_SHARE = 0.25  # of drawn economy calls: asked for the standard model, routed down
+CACHE_HIT_SHARE = 0.04  # of drawn calls: answered by a cache
 
 
 @dataclass(frozen=True)
@@ -283,6 +285,10 @@ class Attribution:
 
     ``economy_share`` is the share of calls served by the economy tier; the rest
     go to the standard tier, except ``PREMIUM_SHARE`` to the premium tier.
+    ``routed_share`` of the drawn economy calls were asked for the standard
+    model and routed down (routing savings), and ``cache_hit_share`` of drawn
+    calls were answered by a cache (cache savings). These two come from a second
+    random stream, so they do not change the users, features and models drawn.
     """
 
     def __init__(
@@ -293,7 +299,13 @@ class Attribution:
         zipf_s: float = 1.1,
         economy_share: float = ECONOMY_SHARE,
         calls_per_session: int = 8,
+        routed_share: float = ROUTED_SHARE,
+        cache_hit_share: float = CACHE_HIT_SHARE,
     ) -> None:
+        if not (0 <= routed_share <= 1 and 0 <= cache_hit_share <= 1):
+            raise ValueError("routed_share and cache_hit_share must be between 0 and 1")
+        self.routed_share, self.cache_hit_share = routed_share, cache_hit_share
+        self._savings_rng = random.Random(seed + 1)
         if users < 1:
             raise ValueError("users must be at least 1")
         if not 0 <= economy_share <= 1:
@@ -330,13 +342,20 @@ class Attribution:
 
     def assign(self, call: TraceCall) -> TraceCall:
         user = call.user_id or self._pick(self.user_ids, self._user_cum)
-        return replace(
+        assigned = replace(
             call,
             user_id=user,
             session_id=call.session_id or self.session_for(user),
             feature=call.feature or self._pick(self._feature_names, self._feature_cum),
             model=call.model or self.model_for(),
         )
+        if call.model is None:  # only drawn models get a drawn routing and cache story
+            routed, cached = self._savings_rng.random(), self._savings_rng.random()
+            if assigned.model == TIER_MODELS["economy"] and routed < self.routed_share:
+                assigned = replace(assigned, model_requested=TIER_MODELS["standard"])
+            if cached < self.cache_hit_share:
+                assigned = replace(assigned, cache_hit=True)
+        return assigned
 
     def __call__(self, calls: Iterable[TraceCall]) -> Iterator[TraceCall]:
         for call in calls:
