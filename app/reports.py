@@ -112,11 +112,30 @@ _RAW_ROWS = """SELECT ts, user_id, feature, tier, provider, model_served, cache_
 
 
 @dataclass(frozen=True)
-class Rollup:
+class Level:
+    """One rollup table: its time bucket and how it computes each dimension it can serve."""
+
     table: str
-    bucket: str  # the rollup's time column
+    bucket: str
     step: timedelta
-    dimensions: dict[str, tuple[str, str]]  # name -> (expression on the rollup, on raw rows)
+    dimensions: dict[str, str]
+    retention: timedelta | None = None  # complete only for buckets newer than now - retention
+
+
+@dataclass(frozen=True)
+class Rollup:
+    """A family of rollups of usage, coarsest first, and the same dimensions on raw rows."""
+
+    levels: tuple[Level, ...]
+    raw: dict[str, str]
+
+    @property
+    def dimensions(self) -> tuple[str, ...]:
+        return tuple(self.raw)
+
+
+def _time_dimensions(column: str, *names: str) -> dict[str, str]:
+    return {name: _TIME_DIMENSIONS[name][0].format(t=column) for name in names}
 
 
 _TIME_DIMENSIONS = {
@@ -124,47 +143,87 @@ _TIME_DIMENSIONS = {
     "hour": ("toStartOfHour({t})", HOUR),
     "day": ("toStartOfDay({t})", timedelta(days=1)),
 }
-USAGE_MINUTE = Rollup(
-    "usage_minute",
-    "minute",
-    MINUTE,
-    {
-        "model": ("model_served", "model_served"),
-        "feature": ("feature", "ifNull(feature, '')"),
-        "tier": ("tier", "ifNull(tier, '')"),
-        "provider": ("provider", "ifNull(provider, '')"),
-        "cache_hit": ("cache_hit", "cache_hit"),
-        **{
-            name: (expr.format(t="minute"), expr.format(t="toDateTime(ts, 'UTC')"))
-            for name, (expr, _) in _TIME_DIMENSIONS.items()
-        },
+_RAW_TIME = "toDateTime(ts, 'UTC')"
+_USAGE_DIMENSIONS = {
+    "model": "model_served",
+    "feature": "feature",
+    "tier": "tier",
+    "provider": "provider",
+    "cache_hit": "cache_hit",
+}
+USAGE = Rollup(
+    levels=(
+        Level(
+            "usage_hour",
+            "hour",
+            HOUR,
+            {**_USAGE_DIMENSIONS, **_time_dimensions("hour", "hour", "day")},
+        ),
+        Level(
+            "usage_minute",
+            "minute",
+            MINUTE,
+            {**_USAGE_DIMENSIONS, **_time_dimensions("minute", "minute", "hour", "day")},
+        ),
+    ),
+    raw={
+        "model": "model_served",
+        "feature": "ifNull(feature, '')",
+        "tier": "ifNull(tier, '')",
+        "provider": "ifNull(provider, '')",
+        "cache_hit": "cache_hit",
+        **_time_dimensions(_RAW_TIME, "minute", "hour", "day"),
     },
 )
-USAGE_USER_HOUR = Rollup(
-    "usage_user_hour",
-    "hour",
-    HOUR,
-    {
-        "user": ("user_id", "user_id"),
-        "hour": ("hour", "toStartOfHour(toDateTime(ts, 'UTC'))"),
-        "day": ("toStartOfDay(hour)", "toStartOfDay(toDateTime(ts, 'UTC'))"),
-    },
+USAGE_BY_USER = Rollup(
+    levels=(
+        Level(
+            "usage_user_hour",
+            "hour",
+            HOUR,
+            {"user": "user_id", **_time_dimensions("hour", "hour", "day")},
+        ),
+        # Kept 3 days (TTL); trusted for the last 2, so a merge's timing never matters.
+        Level(
+            "usage_user_minute",
+            "minute",
+            MINUTE,
+            {"user": "user_id", **_time_dimensions("minute", "minute", "hour", "day")},
+            retention=timedelta(days=2),
+        ),
+    ),
+    raw={"user": "user_id", **_time_dimensions(_RAW_TIME, "minute", "hour", "day")},
 )
+OUTCOMES = (Level("outcome_minute", "minute", MINUTE, {"feature": "feature"}),)
 BREAKDOWN_DIMENSIONS = ("model", "user", "feature", "tier", "provider")
 NONE_LABEL = "(none)"
 
+Segment = tuple[Level | None, datetime, datetime]  # None: raw events
 
-def _split(window: Range, step: timedelta) -> tuple[tuple[datetime, datetime] | None, list]:
-    """The aligned middle of a range (rollup buckets) and its partial edges (raw events)."""
-    inner_start, inner_end = _ceil(window.start, step), _floor(window.end, step)
+
+def _plan(
+    start: datetime, end: datetime, levels: tuple[Level, ...], now: datetime
+) -> list[Segment]:
+    """Cover [start, end) with the coarsest whole buckets, then finer ones, then raw events."""
+    if start >= end:
+        return []
+    if not levels:
+        return [(None, start, end)]
+    level, finer = levels[0], levels[1:]
+    if level.retention is not None:
+        complete_from = _ceil(now - level.retention, level.step)
+        if end <= complete_from:
+            return _plan(start, end, finer, now)
+        if start < complete_from:
+            return _plan(start, complete_from, finer, now) + _plan(complete_from, end, levels, now)
+    inner_start, inner_end = _ceil(start, level.step), _floor(end, level.step)
     if inner_start >= inner_end:
-        return None, [(window.start, window.end)]
-    edges = []
-    if window.start < inner_start:
-        edges.append((window.start, inner_start))
-    if inner_end < window.end:
-        edges.append((inner_end, window.end))
-    return (inner_start, inner_end), edges
+        return _plan(start, end, finer, now)
+    return [
+        *_plan(start, inner_start, finer, now),
+        (level, inner_start, inner_end),
+        *_plan(inner_end, end, finer, now),
+    ]
 
 
 def aggregate(
@@ -175,6 +234,7 @@ def aggregate(
     *,
     order_by: str | None = None,
     limit: int | None = None,
+    now: datetime | None = None,
 ) -> list[dict[str, Any]]:
     """Usage measures over ``window`` grouped by ``by`` (names from the rollup's allow-list).
 
@@ -182,28 +242,29 @@ def aggregate(
     reaches the query as bound parameters.
     """
     for name in by:
-        if name not in rollup.dimensions:
+        if name not in rollup.raw:
             raise ReportError("by", f"by={name!r}: one of {', '.join(rollup.dimensions)}")
-    middle, edges = _split(window, rollup.step)
+    levels = tuple(lv for lv in rollup.levels if all(n in lv.dimensions for n in by))
+    segments = _plan(window.start, window.end, levels, now or datetime.now(UTC))
     params: dict[str, Any] = {}
     parts = []
-    if middle:
-        params["r0"], params["r1"] = middle
-        columns = [f"{rollup.dimensions[n][0]} AS {n}" for n in by] + list(MEASURES)
+    raw_conditions = []
+    for i, (level, seg_start, seg_end) in enumerate(segments):
+        params[f"s{i}"], params[f"e{i}"] = seg_start, seg_end
+        if level is None:
+            raw_conditions.append(f"(ts >= %(s{i})s AND ts < %(e{i})s)")
+            continue
+        columns = [f"{level.dimensions[n]} AS {n}" for n in by] + list(MEASURES)
         parts.append(
-            f"SELECT {', '.join(columns)} FROM {rollup.table} "
-            f"WHERE {rollup.bucket} >= %(r0)s AND {rollup.bucket} < %(r1)s"
+            f"SELECT {', '.join(columns)} FROM {level.table} "
+            f"WHERE {level.bucket} >= %(s{i})s AND {level.bucket} < %(e{i})s"
         )
-    if edges:
-        conditions = []
-        for i, (edge_start, edge_end) in enumerate(edges):
-            params[f"e{i}s"], params[f"e{i}e"] = edge_start, edge_end
-            conditions.append(f"(ts >= %(e{i}s)s AND ts < %(e{i}e)s)")
-        dims = [f"{rollup.dimensions[n][1]} AS {n}" for n in by]
+    if raw_conditions:
+        dims = [f"{rollup.raw[n]} AS {n}" for n in by]
         group = f" GROUP BY {', '.join(by)}" if by else ""
         parts.append(
             f"SELECT {', '.join([*dims, _RAW_MEASURES])} "
-            f"FROM ({_RAW_ROWS.format(edges=' OR '.join(conditions))}){group}"
+            f"FROM ({_RAW_ROWS.format(edges=' OR '.join(raw_conditions))}){group}"
         )
     sums = ", ".join(f"sum({m}) AS {m}" for m in MEASURES)
     sql = f"SELECT {', '.join([*by, sums])} FROM ({' UNION ALL '.join(parts)})"
@@ -288,7 +349,7 @@ class Summary:
 
 def summary(client: Any, window: Range, baseline_model: str = "gpt-4") -> Summary:
     """Totals of the range; the baseline (and savings) count priced requests only."""
-    rows = aggregate(client, window, USAGE_MINUTE, ("cache_hit",))
+    rows = aggregate(client, window, USAGE, ("cache_hit",))
     total = {m: sum((r[m] for r in rows), start=0) for m in MEASURES}
     hits = sum(r["requests"] for r in rows if r["cache_hit"])
     return Summary(
@@ -325,7 +386,7 @@ def breakdown(client: Any, window: Range, by: str, limit: int = 20) -> list[dict
         raise ReportError("by", f"by={by!r}: one of {', '.join(BREAKDOWN_DIMENSIONS)}")
     if not 1 <= limit <= 1000:
         raise ReportError("limit", "limit must be between 1 and 1000")
-    rollup = USAGE_USER_HOUR if by == "user" else USAGE_MINUTE
+    rollup = USAGE_BY_USER if by == "user" else USAGE
     rows = aggregate(client, window, rollup, (by,), order_by=f"cost_usd DESC, {by}", limit=limit)
     return [{by: _label(row[by]), **_spend_row(row)} for row in rows]
 
@@ -340,7 +401,7 @@ def timeseries(client: Any, window: Range, interval: str = "day") -> list[dict[s
     step = _TIME_DIMENSIONS[interval][1]
     if (window.end - window.start) / step > 50_000:
         raise ReportError("interval", f"too many {interval}s in the range; use a longer interval")
-    costs = aggregate(client, window, USAGE_MINUTE, (interval,))
+    costs = aggregate(client, window, USAGE, (interval,))
     bucket_sql = _TIME_DIMENSIONS[interval][0].format(t="toDateTime(ts, 'UTC')")
     alerts: dict[datetime, list[str]] = {}
     for bucket, kinds in client.query(
@@ -377,7 +438,7 @@ def savings(client: Any, window: Range, baseline_model: str = "gpt-4") -> dict[s
                     + routing (requested - served model's list price)
                     + provider prompt caching + cache hits; priced requests only.
     """
-    rows = aggregate(client, window, USAGE_MINUTE, ("cache_hit",))
+    rows = aggregate(client, window, USAGE, ("cache_hit",))
     total = {m: sum((r[m] for r in rows), start=0) for m in MEASURES}
     hits = [r for r in rows if r["cache_hit"]]
     cost, baseline = _money(total["cost_usd"]), _money(total["baseline_cost_usd"])
@@ -434,9 +495,7 @@ def routing_outcomes(client: Any, window: Range) -> dict[str, int]:
         "SELECT count(), countIf(outcome = 'success') FROM "
         "(SELECT request_id, argMax(outcome, ts) AS outcome FROM outcome_events FINAL "
         " WHERE ts >= %(start)s AND request_id IN ("
-        "  SELECT request_id FROM usage_events FINAL WHERE ts >= %(start)s AND ts < %(end)s "
-        "  AND NOT price_unknown AND requested_cost_usd > "
-        "  cost_usd + cache_saved_usd + prompt_cache_saved_usd) "
+        "  SELECT request_id FROM downtiered_requests WHERE ts >= %(start)s AND ts < %(end)s) "
         " GROUP BY request_id)",
         parameters=window.params(),
     ).result_rows[0]
@@ -445,18 +504,19 @@ def routing_outcomes(client: Any, window: Range) -> dict[str, int]:
 
 def outcomes(client: Any, window: Range) -> list[dict[str, Any]]:
     """Cost per successful outcome by feature: the feature's spend over its successes."""
-    spend = {r["feature"]: r for r in aggregate(client, window, USAGE_MINUTE, ("feature",))}
-    middle, edges = _split(window, MINUTE)
+    spend = {r["feature"]: r for r in aggregate(client, window, USAGE, ("feature",))}
     params: dict[str, Any] = {}
     parts = []
-    if middle:
-        params["r0"], params["r1"] = middle
-        parts.append(
-            "SELECT feature, outcomes, successes, value_usd FROM outcome_minute "
-            "WHERE minute >= %(r0)s AND minute < %(r1)s"
-        )
-    for i, (edge_start, edge_end) in enumerate(edges):
-        params[f"e{i}s"], params[f"e{i}e"] = edge_start, edge_end
+    for i, (level, seg_start, seg_end) in enumerate(
+        _plan(window.start, window.end, OUTCOMES, datetime.now(UTC))
+    ):
+        params[f"e{i}s"], params[f"e{i}e"] = seg_start, seg_end
+        if level is not None:
+            parts.append(
+                "SELECT feature, outcomes, successes, value_usd FROM outcome_minute "
+                f"WHERE minute >= %(e{i}s)s AND minute < %(e{i}e)s"
+            )
+            continue
         parts.append(
             "SELECT ifNull(feature, '') AS feature, count() AS outcomes, "
             "countIf(outcome = 'success') AS successes, "

@@ -26,7 +26,7 @@ alerts and budget decisions. Every report of ``app.reports`` (summary, breakdown
 series, savings, outcomes, budgets, and ranges whose ends are not minute-aligned, which
 read raw events at the edges) is timed ``--runs`` times (p50, p99) against a baseline in
 the same run: the same function with every range read from raw ``usage_events FINAL``
-(``reports._split`` patched to return no rollup part), i.e. what it costs without
+(``reports._plan`` patched to return no rollup part), i.e. what it costs without
 rollups. Both must give the same numbers. Then a few real sink batches (dedupe + insert)
 are timed against the full table.
 
@@ -824,9 +824,9 @@ def wait_merges(client: Any, database: str, timeout_s: float) -> float:
     return time.monotonic() - started
 
 
-def _all_raw(window: Any, _step: timedelta) -> tuple[None, list[tuple[datetime, datetime]]]:
-    """``reports._split`` for the baseline: no rollup part, the whole range from raw events."""
-    return None, [(window.start, window.end)]
+def _all_raw(start: datetime, end: datetime, _levels: Any, _now: datetime) -> list[Any]:
+    """``reports._plan`` for the baseline: no rollup part, the whole range from raw events."""
+    return [(None, start, end)] if start < end else []
 
 
 @dataclass
@@ -910,7 +910,7 @@ def time_cases(cases: list[Case], runs: int, naive_runs: int) -> list[dict[str, 
         fast_result = case.call(timedelta(0))  # warm-up
         naive_result = None
         if case.naive and naive_runs:
-            with mock.patch.object(reports, "_split", _all_raw):
+            with mock.patch.object(reports, "_plan", _all_raw):
                 naive_result = case.call(timedelta(0))  # warm-up
         fast: list[float] = []
         naive: list[float] = []
@@ -920,7 +920,7 @@ def time_cases(cases: list[Case], runs: int, naive_runs: int) -> list[dict[str, 
             case.call(shift)
             fast.append((time.perf_counter() - started) * 1000)
             if case.naive and r <= naive_runs:
-                with mock.patch.object(reports, "_split", _all_raw):
+                with mock.patch.object(reports, "_plan", _all_raw):
                     started = time.perf_counter()
                     case.call(shift)
                     naive.append((time.perf_counter() - started) * 1000)

@@ -34,7 +34,7 @@ from app.attribution import Identity
 from app.cli import main
 from app.codec import EventCodec
 from app.pricing import PriceCatalog
-from app.reports import MEASURES, USAGE_MINUTE, USAGE_USER_HOUR, Range, aggregate
+from app.reports import MEASURES, USAGE, USAGE_BY_USER, Range, aggregate
 from app.reports_api import create_reports_app
 from app.settings import Settings
 from app.topics import ensure_topics
@@ -305,16 +305,30 @@ async def test_rollups_equal_raw_events(kafka_settings: Settings, clickhouse: An
     await ensure_topics(kafka_settings)
     migrate(clickhouse)
     day = datetime(2024, 1, 1, tzinfo=UTC) + timedelta(days=random.randrange(300))
-    calls = fixture_calls(day, f"rr{random.randrange(10**6)}")
-    await produce(kafka_settings, "usage", "Usage", calls)
+    tag = f"rr{random.randrange(10**6)}"
+    calls = fixture_calls(day, tag)
+    # The same calls yesterday: the per-user-minute rollup keeps only 3 days (TTL).
+    yesterday = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    yesterday -= timedelta(days=1)
+    recent_calls = fixture_calls(yesterday, tag)
+    await produce(kafka_settings, "usage", "Usage", calls + recent_calls)
     client = ReconnectingClient(lambda: clickhouse)
     sink = ClickHouseSink(kafka_settings, client, batch_wait_s=0.3)
     stop = asyncio.Event()
     task = asyncio.create_task(sink.run(stop))
     whole = Range(day, day + timedelta(days=1))  # aligned: rollups only
     try:
+        recent_day = Range(yesterday, yesterday + timedelta(days=1))
         for _ in range(100):
-            if aggregate(clickhouse, whole, USAGE_MINUTE)[0]["requests"] >= 4:
+            if (
+                aggregate(clickhouse, whole, USAGE)[0]["requests"] >= 4
+                and sum(
+                    r["requests"]
+                    for r in aggregate(clickhouse, recent_day, USAGE_BY_USER, ("user",))
+                    if r["user"].startswith(tag)
+                )
+                >= 4
+            ):
                 break
             await asyncio.sleep(0.3)
     finally:
@@ -322,8 +336,20 @@ async def test_rollups_equal_raw_events(kafka_settings: Settings, clickhouse: An
         await task
     # A range that starts and ends one millisecond off the minute reads (almost) only raw rows.
     skewed = Range(day + timedelta(milliseconds=1), day + timedelta(days=1, milliseconds=-1))
-    for rollup in (USAGE_MINUTE, USAGE_USER_HOUR):
+    # Hours, minutes and raw seconds: the same numbers whichever tables serve the range.
+    for rollup in (USAGE, USAGE_BY_USER):
         from_rollups = aggregate(clickhouse, whole, rollup)[0]
         from_raw = aggregate(clickhouse, skewed, rollup)[0]
         assert from_rollups == from_raw
         assert from_rollups["requests"] == 4 and set(from_rollups) == set(MEASURES)
+
+    def mine(window: Range, now: datetime) -> dict[str, dict[str, Any]]:
+        rows = aggregate(clickhouse, window, USAGE_BY_USER, ("user",), now=now)
+        return {r["user"]: r for r in rows if r["user"].startswith(tag)}
+
+    # Minutes inside an hour: the per-user-minute rollup (recent) or raw rows (`now` a month
+    # later, when that rollup no longer counts as complete) must agree.
+    minute_cut = Range(yesterday + timedelta(hours=10, minutes=1), yesterday + timedelta(hours=11))
+    recent = mine(minute_cut, datetime.now(UTC))
+    assert recent == mine(minute_cut, datetime.now(UTC) + timedelta(days=30))
+    assert sum(r["requests"] for r in recent.values()) == 3
