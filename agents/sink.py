@@ -4,17 +4,22 @@ Owns the path topic → table. It is a plain aiokafka consumer group rather than
 Faust agent, because its guarantee rests on one ordering that must be explicit:
 **insert first, commit offsets after**. Per batch (bounded by size and time):
 
-1. decode each record; undecodable ones go to ``<prefix>.deadletter`` with the
-   reason and their origin in headers, and the sink keeps going;
+1. frame each record (Confluent header, schema id, ``event_id`` and ``ts``; the
+   body is not decoded in Python: ClickHouse reads the Avro itself, as an object
+   container file built from the bodies, and maps fields to columns by name);
+   records that do not frame go to ``<prefix>.deadletter`` with the reason and
+   their origin in headers, and the sink keeps going. If ClickHouse refuses a
+   batch, its records are decoded one by one and those that do not decode are
+   dead-lettered, so one corrupt body never blocks the rest;
 2. drop events whose ``event_id`` is already in the table (a batch re-consumed
    after a crash, or a producer's at-least-once re-send), and duplicates inside
    the batch. Asking ClickHouse for every batch would slow down as the table
    grows (a 5,000-id lookup took 0.6 s at 10M rows), so the sink remembers the
    ids it inserted (``RecentIds``) and asks ClickHouse only about events that
    someone else may have inserted: the first batch of a partition after it was
-   assigned to this sink, events whose time is before this sink started (plus
-   the 5 minutes of clock skew the API accepts), and events older than the ids
-   it has forgotten;
+   assigned to this sink (another sink's uncommitted tail), events no newer
+   than the newest one the table held when this sink started (an earlier run's
+   rows, and re-sends of them), and events older than the ids it has forgotten;
 3. insert; if ClickHouse is down, retry with backoff, holding the batch and the
    offsets — nothing is committed, nothing is lost;
 4. commit the batch's offsets. The next batch is fetched and decoded while this
@@ -28,20 +33,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import logging
+import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from decimal import Decimal
+from datetime import UTC, datetime
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaConnectionError
+from clickhouse_connect.driver.exceptions import DatabaseError
+from fastavro import parse_schema
+from fastavro.write import Writer
 
 from app.codec import EventCodec, EventDecodeError, build_codec
-from app.pricing import NANOS_PER_USD
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -49,101 +56,77 @@ log = logging.getLogger(__name__)
 RETRY_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
 
 
-def _usd(nanos: int | None) -> Decimal | None:
-    return None if nanos is None else Decimal(nanos) / NANOS_PER_USD
+# topic suffix -> (table, event type on that topic)
+TABLES: dict[str, tuple[str, str]] = {
+    "usage": ("usage_events", "Usage"),
+    "requests": ("request_events", "Request"),
+    "outcomes": ("outcome_events", "Outcome"),
+    "alerts": ("alert_events", "Alert"),
+    "budget.decisions": ("budget_decisions", "BudgetDecision"),
+}
 
 
-@dataclass(frozen=True)
-class TableMap:
-    table: str
-    columns: tuple[str, ...]
-    convert: Callable[[dict[str, Any]], dict[str, Any]]
-
-    def row(self, record: dict[str, Any]) -> list[Any]:
-        values = self.convert(record)
-        return [values[c] for c in self.columns]
+class FrameError(ValueError):
+    """A record that is not a Confluent-framed Tollgate event of the topic's type."""
 
 
-def _same(record: dict[str, Any]) -> dict[str, Any]:
-    return record
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    """An Avro long (zig-zag varint) at ``pos``: (value, next position)."""
+    shift = result = 0
+    while True:
+        if pos >= len(data) or shift > 63:
+            raise FrameError("truncated or oversized varint")
+        byte = data[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return (result >> 1) ^ -(result & 1), pos
+        shift += 7
 
 
-def _usage(record: dict[str, Any]) -> dict[str, Any]:
-    return {
-        **record,
-        "cost_usd": _usd(record["cost_usd_nanos"]),
-        "baseline_cost_usd": _usd(record["baseline_cost_usd_nanos"]),
-        "cache_saved_usd": _usd(record["cache_saved_usd_nanos"]),
-        "prompt_cache_saved_usd": _usd(record["prompt_cache_saved_usd_nanos"]),
-        "requested_cost_usd": _usd(record.get("requested_cost_usd_nanos")),
-    }
+def event_key(body: bytes) -> tuple[str, datetime]:
+    """``event_id`` and ``ts`` of an Avro event body: every Tollgate schema starts with them."""
+    length, pos = _varint(body, 0)
+    if length < 0 or pos + length > len(body):
+        raise FrameError(f"event_id length {length} does not fit in {len(body)} bytes")
+    try:
+        event_id = body[pos : pos + length].decode()
+    except UnicodeDecodeError as exc:
+        raise FrameError(f"event_id is not UTF-8: {exc}") from None
+    millis, _ = _varint(body, pos + length)
+    try:
+        ts = datetime.fromtimestamp(millis / 1000, UTC)
+    except (OverflowError, OSError, ValueError):
+        raise FrameError(f"ts {millis} is not a time") from None
+    return event_id, ts
 
 
-def _request(record: dict[str, Any]) -> dict[str, Any]:
-    return {**record, "reserved_usd": _usd(record["reserved_usd_nanos"])}
+@dataclass
+class _Event:
+    schema_id: int
+    body: bytes  # the Avro body, without the 5-byte Confluent header
+    ts: datetime
+    early: bool  # among the first offsets since this sink was assigned the partition
+    message: Any  # the Kafka record, for the dead-letter topic
 
 
-def _outcome(record: dict[str, Any]) -> dict[str, Any]:
-    return {**record, "value_usd": _usd(record["value_usd_nanos"])}
+def _ocf_varint(value: int) -> bytes:
+    value = (value << 1) ^ (value >> 63)
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
 
 
-def _decision(record: dict[str, Any]) -> dict[str, Any]:
-    return {
-        **record,
-        "spent_usd": _usd(record["spent_usd_nanos"]),
-        "limit_usd": _usd(record["limit_usd_nanos"]),
-    }
-
-
-TABLES: dict[str, TableMap] = {
-    "usage": TableMap(
-        "usage_events",
-        (
-            "event_id", "ts", "request_id", "user_id", "session_id", "feature", "team",
-            "api_key_id", "source", "provider", "model_requested", "model_served", "tier",
-            "prompt_tokens", "completion_tokens", "cached_tokens", "cost_usd",
-            "baseline_cost_usd", "baseline_model", "cache_saved_usd", "prompt_cache_saved_usd",
-            "requested_cost_usd", "price_unknown", "usage_estimated", "cache_hit", "stream", "latency_ms", "ttft_ms",
-            "status", "http_status", "error_type", "metadata",
-        ),
-        _usage,
-    ),
-    "requests": TableMap(
-        "request_events",
-        (
-            "event_id", "ts", "request_id", "user_id", "session_id", "feature", "team",
-            "api_key_id", "endpoint", "model_requested", "model_served", "tier", "stream",
-            "prompt_tokens_estimated", "max_tokens", "reserved_usd", "status", "reason",
-            "blocked_scope", "metadata",
-        ),
-        _request,
-    ),
-    "outcomes": TableMap(
-        "outcome_events",
-        (
-            "event_id", "ts", "request_id", "session_id", "user_id", "feature", "outcome",
-            "kind", "value_usd", "metadata",
-        ),
-        _outcome,
-    ),
-    "alerts": TableMap(
-        "alert_events",
-        (
-            "event_id", "ts", "alert_key", "kind", "scope", "severity", "status", "score",
-            "expected", "observed", "unit", "window_seconds", "first_seen", "last_seen",
-            "message", "details",
-        ),
-        _same,
-    ),
-    "budget.decisions": TableMap(
-        "budget_decisions",
-        (
-            "event_id", "ts", "scope", "state", "spent_usd", "limit_usd", "period",
-            "period_start", "resets_at", "counted_through", "threshold", "reason",
-        ),
-        _decision,
-    ),
-}  # fmt: skip
+def _aware(value: datetime | None) -> datetime:
+    if value is None:
+        return datetime.min.replace(tzinfo=UTC)
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 class RecentIds:
@@ -165,15 +148,11 @@ class RecentIds:
                 self.forgotten_until = evicted
 
 
-# Events can carry times up to this far ahead of the clock (``/v1/usage`` accepts it).
-CLOCK_SKEW = timedelta(minutes=5)
-
-
 @dataclass
 class _Pending:
-    """A decoded batch: rows by table and event id, and the offsets to commit after it."""
+    """A framed batch: events by table and event id, and the offsets to commit after it."""
 
-    rows: dict[str, dict[str, tuple[list[Any], datetime, bool]]]
+    events: dict[str, dict[str, _Event]]
     offsets: dict[TopicPartition, int]
 
 
@@ -198,7 +177,9 @@ class ClickHouseSink:
         self.dead_lettered = 0
         self.checked_in_clickhouse = 0  # events looked up in ClickHouse before inserting
         self.recent = RecentIds()
-        self.started_at = datetime.now(UTC)
+        self._stored_until: dict[str, datetime] = {}  # newest event time per table at start
+        self._column_cache: dict[tuple[str, int], list[str]] = {}
+        self._headers: dict[int, tuple[bytes, bytes]] = {}  # schema id -> (OCF header, sync)
         self._first_offset: dict[TopicPartition, int] = {}  # since this sink was assigned it
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
@@ -222,6 +203,7 @@ class ClickHouseSink:
             max_poll_records=self.batch_size,
         )
         dead_letters = AIOKafkaProducer(bootstrap_servers=self.settings.kafka_bootstrap, acks="all")
+        self._dead_letters = dead_letters
         inserting: asyncio.Task[None] | None = None
         in_flight: _Pending | None = None
         try:
@@ -266,40 +248,51 @@ class ClickHouseSink:
         return batch
 
     async def _decode(self, batch: list[Any], dead_letters: AIOKafkaProducer) -> _Pending:
-        rows: dict[str, dict[str, tuple[list[Any], datetime, bool]]] = {s: {} for s in TABLES}
+        """Frame each record: schema id, event id and time; nothing else is decoded here."""
+        events: dict[str, dict[str, _Event]] = {suffix: {} for suffix in TABLES}
         offsets: dict[TopicPartition, int] = {}
-        trusted_from = self.started_at + CLOCK_SKEW
         for m in batch:
             tp = TopicPartition(m.topic, m.partition)
             offsets[tp] = max(offsets.get(tp, 0), m.offset + 1)
             first = self._first_offset.setdefault(tp, m.offset)
             suffix = self.topics[m.topic]
             try:
-                record = self.codec.decode(
-                    m.value, topic=m.topic, partition=m.partition, offset=m.offset
-                ).record
-                row = TABLES[suffix].row(record)
-            except (EventDecodeError, KeyError) as exc:
+                schema_id = self._schema_id(m.value, TABLES[suffix][1])
+                event_id, ts = event_key(m.value[5:])
+            except (FrameError, EventDecodeError) as exc:
                 await self._dead_letter(dead_letters, m, str(exc))
                 continue
-            ts = record["ts"]
-            forgotten = self.recent.forgotten_until
-            # Could someone else (an earlier run, another sink) have inserted this event?
-            suspect = (
-                m.offset < first + self.batch_size
-                or ts < trusted_from
-                or (forgotten is not None and ts <= forgotten)
-            )
-            rows[suffix][record["event_id"]] = (row, ts, suspect)  # in-batch duplicates collapse
-        return _Pending(rows, offsets)
+            early = m.offset < first + self.batch_size  # maybe another sink's uncommitted tail
+            # A duplicate inside the batch collapses here.
+            events[suffix][event_id] = _Event(schema_id, m.value[5:], ts, early, m)
+        return _Pending(events, offsets)
+
+    def _schema_id(self, value: bytes | None, event_type: str) -> int:
+        if not value or len(value) < 5 or value[0] != 0:
+            raise FrameError("not Confluent-framed Avro (magic byte 0 and a schema id)")
+        schema_id = int.from_bytes(value[1:5], "big")
+        try:
+            found = self.codec.event_type_of(schema_id)
+        except KeyError:
+            raise FrameError(f"unknown schema id {schema_id}") from None
+        if found != event_type:
+            raise FrameError(f"a {found} event on the {event_type} topic")
+        return schema_id
 
     async def _insert_with_retry(self, pending: _Pending, stop: asyncio.Event) -> None:
         attempt = 0
         while True:
             try:
-                await asyncio.to_thread(self._insert_new, pending.rows)
+                await asyncio.to_thread(self._insert_new, pending.events)
                 return
             except Exception as exc:
+                if await self._drop_undecodable(pending):
+                    continue  # ClickHouse refused a corrupt body; the rest goes in at once
+                if isinstance(exc, DatabaseError) and attempt >= 2:
+                    # ClickHouse answers but keeps refusing a batch that decodes: find the
+                    # events it refuses (e.g. a value out of a column's range), one by one.
+                    await self._isolate_refused(pending)
+                    return
                 if stop.is_set():
                     raise
                 delay = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]
@@ -310,34 +303,112 @@ class ClickHouseSink:
                 attempt += 1
                 await asyncio.sleep(delay)
 
-    def _insert_new(self, rows: dict[str, dict[str, tuple[list[Any], datetime, bool]]]) -> None:
-        for suffix, by_id in rows.items():
+    async def _isolate_refused(self, pending: _Pending) -> None:
+        """Insert event by event; dead-letter those ClickHouse refuses, with its reason."""
+        for suffix, by_id in pending.events.items():
+            for event_id, event in list(by_id.items()):
+                try:
+                    await asyncio.to_thread(self._insert_new, {suffix: {event_id: event}})
+                except DatabaseError as exc:
+                    del by_id[event_id]
+                    await self._dead_letter(
+                        self._dead_letters, event.message, f"ClickHouse refused it: {exc}"
+                    )
+
+    async def _drop_undecodable(self, pending: _Pending) -> bool:
+        """After a failed insert: fully decode the batch, dead-letter what does not decode."""
+        dropped = False
+        for by_id in pending.events.values():
+            for event_id, event in list(by_id.items()):
+                m = event.message
+                try:
+                    self.codec.decode(
+                        m.value, topic=m.topic, partition=m.partition, offset=m.offset
+                    )
+                except EventDecodeError as exc:
+                    del by_id[event_id]
+                    await self._dead_letter(self._dead_letters, m, str(exc))
+                    dropped = True
+        return dropped
+
+    def _insert_new(self, events: dict[str, dict[str, _Event]]) -> None:
+        for suffix, by_id in events.items():
             if not by_id:
                 continue
-            table = TABLES[suffix]
-            new = {event_id: v for event_id, v in by_id.items() if event_id not in self.recent}
-            suspects = [event_id for event_id, (_, _, suspect) in new.items() if suspect]
-            known: set[str] = set()
-            if suspects:
-                times = [new[event_id][1] for event_id in suspects]
-                self.checked_in_clickhouse += len(suspects)
-                known = {
-                    r[0]
-                    for r in self.client.query(
-                        f"SELECT event_id FROM {table.table} WHERE ts >= %(lo)s AND ts <= %(hi)s "
-                        "AND event_id IN %(ids)s",
-                        parameters={"ids": suspects, "lo": min(times), "hi": max(times)},
-                    ).result_rows
-                }
-            fresh = [(event_id, v) for event_id, v in new.items() if event_id not in known]
+            table = TABLES[suffix][0]
+            new = {event_id: e for event_id, e in by_id.items() if event_id not in self.recent}
+            fresh = self._not_stored(table, new)
             self.duplicates_dropped += len(by_id) - len(fresh)
-            if fresh:
-                self.client.insert(
-                    table.table, [row for _, (row, _, _) in fresh], column_names=list(table.columns)
+            by_schema: dict[int, list[_Event]] = {}
+            for event in fresh.values():
+                by_schema.setdefault(event.schema_id, []).append(event)
+            for schema_id, group in by_schema.items():
+                self.client.raw_insert(
+                    table,
+                    self._columns(table, schema_id),
+                    insert_block=self._container(schema_id, [e.body for e in group]),
+                    fmt="Avro",
                 )
-                self.inserted += len(fresh)
-                for event_id, (_, ts, _) in fresh:
-                    self.recent.add(event_id, ts)
+            self.inserted += len(fresh)
+            for event_id, event in fresh.items():
+                self.recent.add(event_id, event.ts)
+
+    def _not_stored(self, table: str, new: dict[str, _Event]) -> dict[str, _Event]:
+        """``new`` without the events ClickHouse already holds (asked only about suspects)."""
+        if table not in self._stored_until:
+            newest = self.client.query(f"SELECT max(ts) FROM {table}").result_rows[0][0]
+            self._stored_until[table] = _aware(newest)
+        stored_until = self._stored_until[table]
+        forgotten = self.recent.forgotten_until
+        # Could someone else (an earlier run, another sink) have inserted this event?
+        suspects = [
+            event_id
+            for event_id, e in new.items()
+            if e.early or e.ts <= stored_until or (forgotten is not None and e.ts <= forgotten)
+        ]
+        if not suspects:
+            return new
+        self.checked_in_clickhouse += len(suspects)
+        times = [new[event_id].ts for event_id in suspects]
+        known = {
+            r[0]
+            for r in self.client.query(
+                f"SELECT event_id FROM {table} WHERE ts >= %(lo)s AND ts <= %(hi)s "
+                "AND event_id IN %(ids)s",
+                parameters={"ids": suspects, "lo": min(times), "hi": max(times)},
+            ).result_rows
+        }
+        return {event_id: e for event_id, e in new.items() if event_id not in known}
+
+    def _columns(self, table: str, schema_id: int) -> list[str]:
+        """The writer schema's fields that are columns of ``table`` (ClickHouse maps by name)."""
+        key = (table, schema_id)
+        if key not in self._column_cache:
+            columns = {
+                row[0]
+                for row in self.client.query(
+                    "SELECT name FROM system.columns WHERE database = currentDatabase() "
+                    "AND table = %(table)s",
+                    parameters={"table": table},
+                ).result_rows
+            }
+            fields = [f["name"] for f in self.codec.writer_schema(schema_id)["fields"]]
+            self._column_cache[key] = [name for name in fields if name in columns]
+        return self._column_cache[key]
+
+    def _container(self, schema_id: int, bodies: list[bytes]) -> bytes:
+        """An Avro object container file of one block: the bodies as they came from Kafka."""
+        if schema_id not in self._headers:
+            sync = os.urandom(16)
+            buffer = io.BytesIO()
+            writer = Writer(
+                buffer, parse_schema(self.codec.writer_schema(schema_id)), sync_marker=sync
+            )
+            writer.flush()
+            self._headers[schema_id] = (buffer.getvalue(), sync)
+        header, sync = self._headers[schema_id]
+        data = b"".join(bodies)
+        return header + _ocf_varint(len(bodies)) + _ocf_varint(len(data)) + data + sync
 
     async def _dead_letter(self, producer: AIOKafkaProducer, message: Any, reason: str) -> None:
         self.dead_lettered += 1

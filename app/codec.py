@@ -259,6 +259,17 @@ class EventCodec:
         self._readers[schema_id] = (short, parse_schema(writer))
         return self._readers[schema_id]
 
+    def event_type_of(self, schema_id: int) -> str:
+        """The event type a schema id belongs to; KeyError if unknown."""
+        try:
+            return self._reader_for(schema_id)[0]
+        except SchemaRegistryError as exc:
+            raise KeyError(schema_id) from exc
+
+    def writer_schema(self, schema_id: int) -> Any:
+        """The (parsed) schema that ``schema_id``'s events were written with."""
+        return self._reader_for(schema_id)[1]
+
     def _reader_schema(self, schema_id: int, event_type: str) -> Any:
         """The reader schema for resolution, or None when the writer's is the current one.
 

@@ -108,3 +108,6 @@ class ReconnectingClient:
 
     def command(self, *args: Any, **kwargs: Any) -> Any:
         return self._call("command", *args, **kwargs)
+
+    def raw_insert(self, *args: Any, **kwargs: Any) -> Any:
+        return self._call("raw_insert", *args, **kwargs)
