@@ -490,6 +490,68 @@ def sink() -> None:
         run_sink(settings)
 
 
+@main.command("anomaly")
+def anomaly() -> None:
+    """Run the anomaly agent: River models over usage, alerts to the alerts topic."""
+    from agents.anomaly.agent import run_anomaly_agent
+
+    settings = _settings()
+    click.echo(f"anomaly agent on {settings.kafka_bootstrap}", err=True)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run_anomaly_agent(settings))
+
+
+@main.command("detect")
+@click.argument("csv_file", type=click.Path(dir_okay=False))
+@click.option(
+    "--kind",
+    type=click.Choice(["volume", "cost", "mix"]),
+    default="volume",
+    show_default=True,
+    help="volume: a count or spend per minute; cost: cost per request; mix: economy share.",
+)
+@click.option("--output", "-o", type=click.Path(dir_okay=False), help="Write here, not stdout.")
+@click.option(
+    "--set",
+    "options",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="Override a detector setting, e.g. --set volume_p_value=1e-4 (repeatable).",
+)
+def detect(csv_file: str, kind: str, output: str | None, options: tuple[str, ...]) -> None:
+    """Run a detector over a timestamp,value CSV; print timestamp,value,score,is_anomaly.
+
+    The same models the anomaly agent runs, for evaluating them on any labelled series
+    or replaying history.
+    """
+    import io
+
+    from agents.anomaly.offline import detect_csv
+
+    overrides: dict[str, object] = {}
+    for option in options:
+        name, sep, value = option.partition("=")
+        if not sep or not name:
+            _fail(f"--set {option!r}: use NAME=VALUE, e.g. volume_p_value=1e-4")
+        overrides[name] = value
+    buffer = io.StringIO()
+    try:
+        summary = detect_csv(kind, csv_file, buffer, **overrides)
+    except FileNotFoundError:
+        _fail(f"{csv_file}: no such file")
+    except (ValueError, TypeError) as exc:
+        _fail(str(exc))
+    if output:
+        with open(output, "w") as handle:
+            handle.write(buffer.getvalue())
+    else:
+        click.echo(buffer.getvalue(), nl=False)
+    click.echo(
+        f"{summary.rows} rows, {summary.anomalies} anomalous, {summary.warming_up} in warm-up",
+        err=True,
+    )
+
+
 @main.command("notify")
 def notify() -> None:
     """Deliver alerts to the on-call webhooks in TOLLGATE_ALERT_TARGETS."""

@@ -178,6 +178,11 @@ class Settings(BaseSettings):
     )
 
     # -- alerts -------------------------------------------------------------------
+    anomaly_options: dict[str, str] = Field(
+        default_factory=dict,
+        description="Anomaly detector settings to override, as JSON, e.g. "
+        '{"volume_p_value": "1e-4", "cost_outlier_z": "4"} (names: `tollgate detect --set`).',
+    )
     alert_targets: tuple[dict[str, Any], ...] = Field(
         default=(),
         description="On-call webhooks for alerts: a JSON list (env) or YAML list of {name, url, "

@@ -194,6 +194,7 @@ def planned_services(settings: Settings, log_dir: Path) -> list[Service]:
         ),
         python_service("spend-worker", ["worker"], settings.kafka_bootstrap, None, log_dir),
         python_service("sink", ["sink"], settings.reports_host, settings.reports_port, log_dir),
+        python_service("anomaly", ["anomaly"], settings.kafka_bootstrap, None, log_dir),
         *(
             [python_service("notifier", ["notify"], settings.kafka_bootstrap, None, log_dir)]
             if settings.alert_targets

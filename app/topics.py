@@ -63,6 +63,19 @@ TOPIC_SPECS: tuple[TopicSpec, ...] = (
         {"retention.ms": str(24 * 3600 * 1000)},
     ),
     TopicSpec("alerts", "Alert", "alert_key", "delete", False, "anomaly and budget alerts"),
+    TopicSpec(
+        "anomaly.state",
+        "(engine checkpoint, internal)",
+        "agent name",
+        "compact",
+        False,
+        "anomaly models and the usage offsets they have seen, latest per agent",
+        {
+            "max.message.bytes": str(64 * 1024 * 1024),
+            "min.cleanable.dirty.ratio": "0.1",
+            "segment.ms": "3600000",
+        },
+    ),
     TopicSpec("outcomes", "Outcome", "session_id", "delete", False, "business outcomes"),
     TopicSpec(
         "deadletter",

@@ -1,0 +1,184 @@
+"""Alert lifecycle: detector verdicts in, ``Alert`` records (``schemas/Alert.avsc``) out.
+
+Owns de-duplication and rate limiting per alert key (``kind|scope``): one
+``firing`` event when an incident starts, nothing while it lasts, one
+``resolved`` event once no anomalous verdict has been seen for
+``resolve_after_seconds``, and no new ``firing`` of the same key for
+``cooldown_seconds`` after that. All times are event time (the verdicts' and the
+``now`` handed to :meth:`AlertManager.tick`), never the wall clock, so a replay
+gives the same alerts. It does not own detection (:mod:`agents.anomaly.detectors`)
+or delivery (Kafka, webhooks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from agents.anomaly.detectors import DetectorSettings, Verdict
+from app.usage import event_time, new_id
+
+ALERT_SCHEMA_VERSION = 1
+
+
+@dataclass
+class Incident:
+    """An open (firing) incident of one alert key."""
+
+    kind: str
+    scope: str
+    first_seen: datetime
+    last_seen: datetime
+    severity: str
+    peak: Verdict  # the most anomalous verdict so far
+    latest: Verdict  # the latest verdict of this key, anomalous or not
+    anomalous_verdicts: int = 1
+
+
+@dataclass
+class AlertManager:
+    """Turns verdicts into firing/resolved Alert records, one incident per key at a time."""
+
+    settings: DetectorSettings = field(default_factory=DetectorSettings)
+    firing: dict[str, Incident] = field(default_factory=dict)
+    quiet_until: dict[str, datetime] = field(default_factory=dict)  # cooldown per key
+    # Anomalies seen during a key's cooldown: (count, latest), reported when it fires again.
+    suppressed: dict[str, tuple[int, datetime]] = field(default_factory=dict)
+
+    def process(self, verdict: Verdict) -> list[dict[str, Any]]:
+        """Alerts caused by one verdict: a ``firing`` record when a new incident opens."""
+        key = f"{verdict.kind}|{verdict.scope}"
+        incident = self.firing.get(key)
+        if not verdict.is_anomaly:
+            if incident is not None:
+                incident.latest = verdict
+            return []
+        if incident is not None:
+            incident.last_seen = max(incident.last_seen, verdict.ts)
+            incident.latest = verdict
+            incident.anomalous_verdicts += 1
+            if verdict.score > incident.peak.score:
+                incident.peak = verdict
+            return []
+        quiet_until = self.quiet_until.get(key)
+        if quiet_until is not None and verdict.ts < quiet_until:
+            count, _ = self.suppressed.get(key, (0, verdict.ts))
+            self.suppressed[key] = (count + 1, verdict.ts)
+            return []
+        incident = Incident(
+            kind=verdict.kind,
+            scope=verdict.scope,
+            first_seen=verdict.ts,
+            last_seen=verdict.ts,
+            severity=self.severity(verdict),
+            peak=verdict,
+            latest=verdict,
+        )
+        self.firing[key] = incident
+        suppressed, _ = self.suppressed.pop(key, (0, verdict.ts))
+        return [self._record(key, incident, verdict, "firing", verdict.ts, suppressed)]
+
+    def tick(self, now: datetime) -> list[dict[str, Any]]:
+        """``resolved`` records of incidents quiet for ``resolve_after_seconds`` at ``now``."""
+        resolve_after = timedelta(seconds=self.settings.resolve_after_seconds)
+        cooldown = timedelta(seconds=self.settings.cooldown_seconds)
+        alerts = []
+        for key, incident in list(self.firing.items()):
+            if now - incident.last_seen < resolve_after:
+                continue
+            del self.firing[key]
+            resolved_at = max(now, incident.last_seen + resolve_after)
+            self.quiet_until[key] = resolved_at + cooldown
+            alerts.append(self._record(key, incident, incident.latest, "resolved", resolved_at))
+        for key, until in list(self.quiet_until.items()):
+            if until <= now:
+                del self.quiet_until[key]
+        for key, (_, latest) in list(self.suppressed.items()):
+            if now - latest >= cooldown and key not in self.quiet_until:
+                del self.suppressed[key]
+        return alerts
+
+    def severity(self, verdict: Verdict) -> str:
+        s = self.settings
+        if verdict.kind == "tier_mix":
+            drop = (verdict.expected or 0.0) - (verdict.observed or 0.0)
+            return "critical" if drop >= s.critical_share_drop else "warning"
+        ratio = verdict.ratio
+        if ratio is None:
+            return "warning"
+        if verdict.kind == "volume_drop":
+            return "critical" if ratio <= 1 / s.critical_ratio else "warning"
+        return "critical" if ratio >= s.critical_ratio else "warning"
+
+    def _record(
+        self,
+        key: str,
+        incident: Incident,
+        verdict: Verdict,
+        status: str,
+        ts: datetime,
+        suppressed: int = 0,
+    ) -> dict[str, Any]:
+        shown = incident.peak if status == "firing" else verdict
+        if status == "firing":
+            message = shown.explanation
+        else:
+            duration = incident.last_seen - incident.first_seen
+            message = (
+                f"resolved: {incident.kind.replace('_', ' ')} for {incident.scope} is back to "
+                f"normal after {_duration(duration)} "
+                f"(latest: {_value_text(verdict)}; peak: {_value_text(incident.peak)})"
+            )
+        details = {
+            "metric": shown.metric,
+            "anomalous_verdicts": str(incident.anomalous_verdicts),
+            "peak_observed": _number(incident.peak.observed),
+            "peak_score": f"{incident.peak.score:.3g}",
+        }
+        if shown.ratio is not None:
+            details["ratio"] = f"{shown.ratio:.3g}"
+        if shown.note:
+            details["note"] = shown.note
+        if suppressed:
+            details["anomalies_during_cooldown"] = str(suppressed)
+        return {
+            "event_id": new_id(),
+            "ts": event_time(ts),
+            "schema_version": ALERT_SCHEMA_VERSION,
+            "alert_key": key,
+            "kind": incident.kind,
+            "scope": incident.scope,
+            "severity": incident.severity,
+            "status": status,
+            "score": float(shown.score),
+            "expected": shown.expected,
+            "observed": shown.observed,
+            "unit": shown.unit,
+            "window_seconds": shown.window_seconds,
+            "first_seen": event_time(incident.first_seen),
+            "last_seen": event_time(incident.last_seen),
+            "message": message,
+            "details": details,
+        }
+
+
+def _number(value: float | None) -> str:
+    return "" if value is None else f"{value:.6g}"
+
+
+def _value_text(verdict: Verdict) -> str:
+    if verdict.observed is None:
+        return "n/a"
+    if verdict.unit == "share":
+        return f"{verdict.observed:.0%} vs {verdict.expected or 0:.0%} expected"
+    return f"{_number(verdict.observed)} vs {_number(verdict.expected)} {verdict.unit} expected"
+
+
+def _duration(delta: timedelta) -> str:
+    seconds = int(delta.total_seconds())
+    if seconds < 120:
+        return f"{seconds} s"
+    if seconds < 7200:
+        return f"{seconds // 60} min"
+    return f"{seconds / 3600:.1f} h"

@@ -1,0 +1,112 @@
+"""Alert lifecycle: one firing per incident, resolve after quiet, cooldown, schema shape."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from agents.anomaly.alerting import AlertManager
+from agents.anomaly.detectors import DetectorSettings, Kind, Verdict
+from app.codec import EventCodec
+
+T0 = datetime(2024, 5, 1, 12, tzinfo=UTC)
+SETTINGS = DetectorSettings(resolve_after_seconds=300, cooldown_seconds=1800)
+
+
+def verdict(
+    at: datetime,
+    anomalous: bool = True,
+    kind: Kind = "volume_spike",
+    scope: str = "user:alice",
+    observed: float = 120.0,
+    expected: float = 6.0,
+) -> Verdict:
+    return Verdict(
+        kind=kind,
+        scope=scope,
+        ts=at,
+        score=12.0 if anomalous else 0.0,
+        is_anomaly=anomalous,
+        expected=expected,
+        observed=observed,
+        unit="requests/min",
+        metric="requests/min",
+        window_seconds=60,
+    )
+
+
+def feed(manager: AlertManager, verdicts: list[Verdict]) -> list[dict[str, Any]]:
+    alerts: list[dict[str, Any]] = []
+    for v in verdicts:
+        alerts += manager.process(v)
+        alerts += manager.tick(v.ts)
+    return alerts
+
+
+def test_one_firing_per_incident_then_one_resolved() -> None:
+    manager = AlertManager(SETTINGS)
+    incident = [verdict(T0 + timedelta(seconds=10 * i)) for i in range(30)]  # 5 minutes
+    alerts = feed(manager, incident)
+    assert [a["status"] for a in alerts] == ["firing"]
+    firing = alerts[0]
+    assert firing["alert_key"] == "volume_spike|user:alice"
+    assert firing["first_seen"] == T0 and firing["ts"] == T0
+    assert firing["expected"] == 6.0 and firing["observed"] == 120.0
+    assert "20.0x normal" in firing["message"]
+    assert firing["severity"] == "critical"  # 20x >= critical_ratio
+
+    last = incident[-1].ts
+    assert manager.tick(last + timedelta(seconds=299)) == []
+    normal = manager.process(verdict(last + timedelta(seconds=100), anomalous=False, observed=7.0))
+    assert normal == []
+    resolved = manager.tick(last + timedelta(seconds=300))
+    assert [a["status"] for a in resolved] == ["resolved"]
+    assert resolved[0]["event_id"] != firing["event_id"]
+    assert resolved[0]["first_seen"] == T0 and resolved[0]["last_seen"] == last
+    assert resolved[0]["observed"] == 7.0  # the latest, normal value
+    assert "back to normal" in resolved[0]["message"]
+
+
+def test_no_refire_during_cooldown_then_fire_again() -> None:
+    manager = AlertManager(SETTINGS)
+    feed(manager, [verdict(T0)])
+    resolved_at = T0 + timedelta(seconds=300)
+    assert manager.tick(resolved_at)[0]["status"] == "resolved"
+    during = feed(manager, [verdict(resolved_at + timedelta(minutes=m)) for m in range(1, 5)])
+    assert during == []
+    later = resolved_at + timedelta(seconds=1800)
+    again = manager.process(verdict(later))
+    assert [a["status"] for a in again] == ["firing"]
+    assert again[0]["details"]["anomalies_during_cooldown"] == "4"
+
+
+def test_keys_are_independent_and_severity_follows_the_deviation() -> None:
+    manager = AlertManager(SETTINGS)
+    spike = manager.process(verdict(T0, observed=20.0, expected=10.0))
+    other_scope = manager.process(verdict(T0, scope="user:bob"))
+    other_kind = manager.process(
+        verdict(T0, kind="tier_mix", scope="feature:chat", observed=0.2, expected=0.7)
+    )
+    drop = manager.process(verdict(T0, kind="volume_drop", scope="global", observed=5.0))
+    assert len(spike) == len(other_scope) == len(other_kind) == len(drop) == 1
+    assert spike[0]["severity"] == "warning"
+    assert other_kind[0]["severity"] == "critical"  # -50 points
+    assert drop[0]["severity"] == "warning"  # 5 vs 6: not a tenth
+
+
+def test_normal_verdicts_alone_never_alert() -> None:
+    manager = AlertManager(SETTINGS)
+    assert feed(manager, [verdict(T0 + timedelta(minutes=m), False) for m in range(60)]) == []
+
+
+def test_alert_records_match_the_avro_schema() -> None:
+    manager = AlertManager(SETTINGS)
+    alerts = manager.process(verdict(T0)) + manager.tick(T0 + timedelta(hours=1))
+    codec = EventCodec()
+    for alert in alerts:
+        decoded = codec.decode(codec.encode("Alert", alert))
+        assert decoded.event_type == "Alert"
+        assert decoded.record["alert_key"] == alert["alert_key"]
+        assert decoded.record["status"] == alert["status"]
+        assert decoded.record["ts"] == alert["ts"]
+        assert all(isinstance(value, str) for value in alert["details"].values())

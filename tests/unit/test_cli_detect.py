@@ -1,0 +1,44 @@
+"""`tollgate detect`: the volume detector over a timestamp,value CSV, from the command line."""
+
+from __future__ import annotations
+
+import csv
+import io
+import random
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from app.cli import main
+
+
+def series(path: Path, spike_at: int) -> None:
+    rng = random.Random(3)
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    with path.open("w") as handle:
+        handle.write("timestamp,value\n")
+        for i in range(240):
+            value = 400.0 if i == spike_at else rng.gauss(100, 8)
+            handle.write(f"{(start + timedelta(minutes=i)).isoformat()},{value:.1f}\n")
+
+
+def test_detect_flags_the_spike_and_only_it(tmp_path: Path) -> None:
+    source = tmp_path / "requests_per_minute.csv"
+    series(source, spike_at=200)
+    result = CliRunner().invoke(main, ["detect", "--kind", "volume", str(source)])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert list(rows[0]) == ["timestamp", "value", "score", "is_anomaly"]
+    assert len(rows) == 240
+    flagged = [i for i, row in enumerate(rows) if row["is_anomaly"] == "true"]
+    assert flagged == [200]
+
+
+def test_detect_names_what_is_wrong(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text("timestamp,value\n2026-01-01T00:00:00Z,lots\n")
+    result = CliRunner().invoke(main, ["detect", str(bad)])
+    assert result.exit_code == 1 and "line 2" in result.output and "Traceback" not in result.output
+    result = CliRunner().invoke(main, ["detect", str(bad), "--set", "no_such_knob=1"])
+    assert result.exit_code == 1 and "no_such_knob" in result.output
