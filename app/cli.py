@@ -441,7 +441,9 @@ def config(markdown: bool) -> None:
     if markdown:
         click.echo("| variable | default | what it sets |\n|---|---|---|")
         for row in rows:
-            click.echo(f"| `{row['env']}` | `{row['default']}` | {row['description']} |")
+            description = row["description"].replace("|", "\\|")
+            default = f"`{row['default']}`" if row["default"] else ""
+            click.echo(f"| `{row['env']}` | {default} | {description} |")
         return
     for row in rows:
         name = row["env"].removeprefix("TOLLGATE_").lower()

@@ -275,8 +275,8 @@ def describe_settings() -> list[dict[str, Any]]:
     """Every setting with its env var, default and description (for docs and `tollgate config`)."""
     rows = []
     for name, field in Settings.model_fields.items():
-        default = field.default
-        if default in ((), None):
+        default = field.get_default(call_default_factory=True)
+        if default in ((), None, {}):
             default = ""
         rows.append(
             {

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
 
-from app.codec import EVENT_TYPES, SCHEMAS_DIR, SchemaCatalog
+from app.codec import EVENT_TYPES, SCHEMAS_DIR, SchemaCatalog, load_schema_file
 from tests.samples import example_fields
 
 CATALOG = SchemaCatalog()
@@ -65,3 +65,15 @@ def test_new_fields_need_defaults_is_enforced() -> None:
     broken["fields"].append({"name": "brand_new", "type": "string"})
     with pytest.raises(Exception, match="brand_new"):
         _round_trip(writer, broken)
+
+
+def test_every_schema_version_starts_with_event_id_and_ts() -> None:
+    """The sink reads these two fields straight from the Avro body of every event."""
+    catalog = SchemaCatalog()
+    schemas = [*catalog.current.values()]
+    schemas += [load_schema_file(catalog.schemas_dir / v.file) for v in catalog.versions.values()]
+    for schema in schemas:
+        first, second = schema["fields"][:2]
+        assert (first["name"], first["type"]) == ("event_id", "string"), schema["name"]
+        assert second["name"] == "ts" and second["type"]["type"] == "long", schema["name"]
+        assert second["type"]["logicalType"] == "timestamp-millis", schema["name"]
