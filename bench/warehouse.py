@@ -1076,21 +1076,33 @@ def time_cases(cases: list[Case], runs: int, naive_runs: int) -> list[dict[str, 
 
 def sink_batches_at_scale(client: Any, rows: list[list[Any]]) -> dict[str, Any]:
     """The sink's own dedupe + insert of fresh 5000-row batches against the full table."""
-    from agents.sink import ClickHouseSink
+    from agents.sink import ClickHouseSink, _Event
     from app.codec import EventCodec
     from app.settings import Settings
+
+    codec = EventCodec()
+    # Fresh events, encoded as the sink receives them (the rows only set how many).
+    records = make_usage_records(2 * SCALE_BATCHES * BATCH, 99, datetime.now(UTC))
+    events = []
+    for record in records:
+        value = codec.encode("Usage", record)
+        events.append((record["event_id"], int.from_bytes(value[1:5], "big"), value[5:], record))
 
     def run(first_batch: int, early: bool) -> dict[str, Any]:
         """``early``: as right after a restart or rebalance, every id is looked up."""
         timed = TimedClient(client)
-        sink = ClickHouseSink(Settings(), timed, codec=EventCodec())
+        sink = ClickHouseSink(Settings(), timed, codec=codec)
         totals = []
         for i in range(first_batch, first_batch + SCALE_BATCHES):
-            chunk = rows[i * BATCH : (i + 1) * BATCH]
+            chunk = events[i * BATCH : (i + 1) * BATCH]
             if len(chunk) < BATCH:
                 break
+            batch = {
+                event_id: _Event(schema_id, body, record["ts"], early, None)
+                for event_id, schema_id, body, record in chunk
+            }
             started = time.perf_counter()
-            sink._insert_new({"usage": {row[0]: (row, row[1], early) for row in chunk}})
+            sink._insert_new({"usage": batch})
             totals.append(time.perf_counter() - started)
         queries = [q * 1000 for q in timed.queries]
         inserts = [i * 1000 for i in timed.inserts]
