@@ -273,14 +273,18 @@ async def report_outcomes(request: web.Request) -> web.Response:
 
 
 # -- budgets (admin) ----------------------------------------------------------------
-def _admin(request: web.Request) -> str | None:
+def _admin(request: web.Request, what: str = "Budget administration") -> str | None:
     """The admin's key id; keys configured = an admin key is required."""
     c = request.app[COMPONENTS]
     if c.keys is None:
         return None
     identity = resolve_identity(request.headers, {}, c.keys, "none")
     if not identity.is_admin:
-        raise ApiError(403, "permission_error", "Budget administration needs an admin API key")
+        raise ApiError(
+            403,
+            "permission_error",
+            f"{what} needs an admin API key (Authorization: Bearer <admin key>)",
+        )
     return identity.api_key_id
 
 
@@ -364,6 +368,7 @@ async def dashboard(request: web.Request) -> web.Response:
 
 async def reports(request: web.Request) -> web.Response:
     c = request.app[COMPONENTS]
+    _admin(request, "Reports (everyone's spend)")
     url = f"{c.settings.reports_url}/v1/reports/{request.match_info['name']}"
     try:
         async with c.reports_session.get(url, params=request.query) as upstream:

@@ -446,6 +446,12 @@ def test_api_keys_authenticate_and_cannot_be_spoofed(kafka_settings: Settings, t
             headers={"Authorization": "Bearer sk-admin"},
         )
         assert allowed.status_code == 200
+        # Reports show everyone's spend: with keys configured, only an admin key reads them.
+        report = f"{stack.url}/v1/reports/summary"
+        assert httpx.get(report, headers={"Authorization": "Bearer sk-alice"}).status_code == 403
+        assert httpx.get(report).json()["error"]["type"] == "authentication_error"  # no key
+        as_admin = httpx.get(report, headers={"Authorization": "Bearer sk-admin"})
+        assert as_admin.status_code != 403  # 503 here: no reports server in this stack
     [usage] = asyncio.run(read_events(kafka_settings, "usage", at_least=1))
     assert usage["user_id"] == "alice" and usage["api_key_id"] == "alice-key"
 
