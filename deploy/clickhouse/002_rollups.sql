@@ -3,6 +3,7 @@
 -- Each materialized view fires once per insert into usage_events, and the sink
 -- never inserts an event_id that is already there (it checks before inserting),
 -- so every event is counted once. The raw tables stay the source of truth.
+-- Only the per-minute rollups read raw rows; the hourly ones (003) sum them.
 --
 -- Measures are the same in every rollup, so a report can add a rollup's whole
 -- buckets to the raw events of a partial bucket at the edges of its range:
@@ -77,10 +78,11 @@ FROM
 )
 GROUP BY minute, model_served, feature, tier, provider, cache_hit;
 
--- Per hour by user: spend by user and the top spenders.
-CREATE TABLE IF NOT EXISTS usage_user_hour
+-- Per minute by user, kept 3 days: the by-user rollup of recent minutes, and the
+-- source of the hourly per-user rollup (003) that serves longer ranges.
+CREATE TABLE IF NOT EXISTS usage_user_minute
 (
-    hour DateTime('UTC'),
+    minute DateTime('UTC'),
     user_id String,
     requests UInt64,
     errors UInt64,
@@ -96,12 +98,13 @@ CREATE TABLE IF NOT EXISTS usage_user_hour
     prompt_cache_saved_usd Decimal(38, 9)
 )
 ENGINE = SummingMergeTree
-PARTITION BY toYYYYMM(hour)
-ORDER BY (hour, user_id);
+PARTITION BY toYYYYMM(minute)
+ORDER BY (minute, user_id)
+TTL minute + INTERVAL 3 DAY;
 
-CREATE MATERIALIZED VIEW IF NOT EXISTS usage_user_hour_mv TO usage_user_hour AS
+CREATE MATERIALIZED VIEW IF NOT EXISTS usage_user_minute_mv TO usage_user_minute AS
 SELECT
-    toStartOfHour(ts) AS hour,
+    toStartOfMinute(ts) AS minute,
     user_id,
     count() AS requests,
     countIf(status != 'ok') AS errors,
@@ -126,7 +129,7 @@ FROM
         ifNull(requested_cost_usd, cost_usd + cache_saved_usd + prompt_cache_saved_usd) AS in_requested
     FROM usage_events
 )
-GROUP BY hour, user_id;
+GROUP BY minute, user_id;
 
 -- Outcomes per minute by feature: cost per successful outcome without a join.
 CREATE TABLE IF NOT EXISTS outcome_minute
