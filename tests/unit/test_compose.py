@@ -28,8 +28,15 @@ def test_required_services_exist() -> None:
         "topics",
         "dispatcher",
         "spend-worker",
+        "sink",
+        "anomaly",
+        "notifier",
     ):
         assert name in COMPOSE["services"], name
+    # The dispatcher proxies reports to the sink, which must listen beyond its container.
+    dispatcher_env = COMPOSE["services"]["dispatcher"]["environment"]
+    assert dispatcher_env["TOLLGATE_REPORTS_HOST"] == "sink"
+    assert COMPOSE["services"]["sink"]["environment"]["TOLLGATE_REPORTS_HOST"] == "0.0.0.0"
 
 
 def test_host_ports_match_settings_defaults() -> None:
