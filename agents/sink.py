@@ -39,7 +39,7 @@ import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
@@ -54,6 +54,7 @@ from app.settings import Settings
 log = logging.getLogger(__name__)
 
 RETRY_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
+LOOKUP_CHUNK = 2000  # event ids per ClickHouse lookup
 
 
 # topic suffix -> (table, event type on that topic)
@@ -369,15 +370,24 @@ class ClickHouseSink:
         if not suspects:
             return new
         self.checked_in_clickhouse += len(suspects)
-        times = [new[event_id].ts for event_id in suspects]
-        known = {
-            r[0]
-            for r in self.client.query(
-                f"SELECT event_id FROM {table} WHERE ts >= %(lo)s AND ts <= %(hi)s "
-                "AND event_id IN %(ids)s",
-                parameters={"ids": suspects, "lo": min(times), "hi": max(times)},
-            ).result_rows
-        }
+        known: set[str] = set()
+        # In chunks: the ids are part of the query text, which ClickHouse caps (256 KiB).
+        for start in range(0, len(suspects), LOOKUP_CHUNK):
+            chunk = suspects[start : start + LOOKUP_CHUNK]
+            times = [new[event_id].ts for event_id in chunk]
+            known.update(
+                r[0]
+                for r in self.client.query(
+                    f"SELECT event_id FROM {table} WHERE ts >= %(lo)s AND ts <= %(hi)s "
+                    "AND event_id IN %(ids)s",
+                    # Bound parameters are whole seconds: widen so no millisecond is cut off.
+                    parameters={
+                        "ids": chunk,
+                        "lo": min(times) - timedelta(seconds=1),
+                        "hi": max(times) + timedelta(seconds=1),
+                    },
+                ).result_rows
+            )
         return {event_id: e for event_id, e in new.items() if event_id not in known}
 
     def _columns(self, table: str, schema_id: int) -> list[str]:

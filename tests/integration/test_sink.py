@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -170,3 +171,37 @@ async def test_clickhouse_down_for_a_while_then_back_loses_nothing(
     count, unique, total = await rows_for(clickhouse, user)
     assert (count, unique) == (300, 300)
     assert total == Decimal(sum(r["cost_usd_nanos"] for r in records)) / Decimal(10**9)
+
+
+async def test_a_restarted_sink_drops_resent_events_to_the_millisecond(
+    kafka_settings: Settings, clickhouse: Any
+) -> None:
+    """A new sink knows nothing in memory: it must find re-sent events in ClickHouse."""
+    await ensure_topics(kafka_settings)
+    migrate(clickhouse)
+    user = f"resend-{uuid.uuid4().hex[:8]}"
+    base = event_time()
+    records = [usage_record(user, i) for i in range(300)]
+    for i, record in enumerate(records):  # spread over ~40 s, at odd milliseconds
+        record["ts"] = base + timedelta(milliseconds=137 * i + 999)
+    await produce(kafka_settings, records)
+    first = ClickHouseSink(kafka_settings, clickhouse, batch_size=100, batch_wait_s=0.3)
+    stop = asyncio.Event()
+    task = asyncio.create_task(first.run(stop))
+    await wait_rows(clickhouse, user, 300)
+    stop.set()
+    await task
+
+    await produce(kafka_settings, records)  # a producer re-sends all of them
+    second = ClickHouseSink(kafka_settings, clickhouse, batch_size=100, batch_wait_s=0.3)
+    stop = asyncio.Event()
+    task = asyncio.create_task(second.run(stop))
+    for _ in range(200):
+        if second.duplicates_dropped + second.inserted >= 300:
+            break
+        await asyncio.sleep(0.1)
+    stop.set()
+    await task
+    count, unique, _ = await rows_for(clickhouse, user)
+    assert (count, unique) == (300, 300)
+    assert (second.inserted, second.duplicates_dropped) == (0, 300)
