@@ -12,13 +12,14 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from app.attribution import Identity
-from app.errors import ApiError, invalid_request
+from app.attribution import MAX_ID_LENGTH, Identity
+from app.errors import invalid_request
 from app.pricing import usd_to_nanos
 from app.usage import event_time, new_id
 
 MAX_BATCH = 1000
 MAX_CLOCK_SKEW = timedelta(minutes=5)
+MAX_COUNT = 2**31 - 1  # token counts are Avro ints
 USAGE_STATUSES = ("ok", "error", "client_disconnected", "timeout")
 
 IdentityResolver = Callable[[Mapping[str, Any]], Identity]
@@ -44,39 +45,43 @@ def _records(body: Any, list_key: str, what: str) -> list[Any]:
     return records
 
 
-class _Fields:
-    """Typed access to one record's fields; errors name `records[i].field`."""
+class RecordFields:
+    """Typed access to one usage or outcome record's fields, the same for every entry point.
 
-    def __init__(self, record: Any, where: str) -> None:
-        if not isinstance(record, dict):
-            raise invalid_request(f"{where} must be an object", where)
+    ``error(name, message)`` builds the exception to raise: the API's 400 naming
+    ``records[i].field`` (``api_fields``), or a trace file's error naming its line.
+    """
+
+    def __init__(self, record: dict[str, Any], error: Callable[[str, str], Exception]) -> None:
         self.record = record
-        self.where = where
-
-    def error(self, name: str, message: str) -> ApiError:
-        return invalid_request(f"{self.where}.{name} {message}", f"{self.where}.{name}")
+        self.error = error
 
     def count(self, *names: str, required: bool = True) -> int:
+        """The first of ``names`` present: a token count (an Avro int, so at most 2**31 - 1)."""
         for name in names:
             value = self.record.get(name)
             if value is None:
                 continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise self.error(name, f"must be a non-negative integer, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNT:
+                raise self.error(name, f"must be an integer from 0 to {MAX_COUNT}, got {value!r}")
             return value
         if required:
-            raise self.error(names[0], "is required (an integer token count)")
+            also = "".join(f"; or '{alias}'" for alias in names[1:])
+            raise self.error(names[0], f"is required (an integer token count{also})")
         return 0
 
-    def text(self, name: str, *, required: bool = False) -> str | None:
-        value = self.record.get(name)
-        if value is None or value == "":
-            if required:
-                raise self.error(name, "is required (a non-empty string)")
-            return None
-        if not isinstance(value, str) or len(value) > 256:
-            raise self.error(name, "must be a string of at most 256 characters")
-        return value
+    def text(self, *names: str, required: bool = False) -> str | None:
+        """The first of ``names`` present and non-empty: a string of at most 256 characters."""
+        for name in names:
+            value = self.record.get(name)
+            if value is None or value == "":
+                continue
+            if not isinstance(value, str) or len(value) > MAX_ID_LENGTH:
+                raise self.error(name, f"must be a string of at most {MAX_ID_LENGTH} characters")
+            return value
+        if required:
+            raise self.error(names[0], "is required (a non-empty string)")
+        return None
 
     def choice(self, name: str, allowed: tuple[str, ...], default: str | None = None) -> str:
         value = self.record.get(name, default)
@@ -84,10 +89,20 @@ class _Fields:
             raise self.error(name, f"must be one of {', '.join(allowed)}, got {value!r}")
         return str(value)
 
-    def timestamp(self, name: str = "ts") -> datetime:
+    def timestamp(
+        self,
+        name: str = "ts",
+        *,
+        required: bool = False,
+        max_skew: timedelta | None = MAX_CLOCK_SKEW,
+    ) -> datetime:
+        """ISO 8601 or epoch milliseconds; missing = now unless ``required``; no further than
+        ``max_skew`` ahead of the clock (None: any time, e.g. a replayed trace)."""
         value = self.record.get(name)
         now = datetime.now(UTC)
         if value is None:
+            if required:
+                raise self.error(name, "is required (ISO 8601 or epoch milliseconds)")
             return event_time(now)
         try:
             if isinstance(value, bool):
@@ -105,7 +120,7 @@ class _Fields:
                 name,
                 f"must be ISO 8601 (2026-01-31T12:00:00Z) or epoch milliseconds, got {value!r}",
             ) from None
-        if parsed > now + MAX_CLOCK_SKEW:
+        if max_skew is not None and parsed > now + max_skew:
             raise self.error(name, f"is in the future ({parsed.isoformat()}); check the clock")
         return event_time(parsed)
 
@@ -138,11 +153,21 @@ class _Fields:
         return usd_to_nanos(amount)
 
 
+def api_fields(record: Any, where: str) -> RecordFields:
+    """Fields of ``records[i]`` of an API body; errors are 400s naming ``records[i].field``."""
+    if not isinstance(record, dict):
+        raise invalid_request(f"{where} must be an object", where)
+    return RecordFields(
+        record,
+        lambda name, message: invalid_request(f"{where}.{name} {message}", f"{where}.{name}"),
+    )
+
+
 def parse_usage_reports(body: Any, resolve: IdentityResolver) -> list[dict[str, Any]]:
     """Validated keyword arguments for ``Gateway.usage_record``, one per reported call."""
     reports = []
     for index, record in enumerate(_records(body, "records", "usage records")):
-        f = _Fields(record, f"records[{index}]")
+        f = api_fields(record, f"records[{index}]")
         prompt = f.count("prompt_tokens", "input_tokens")
         cached = f.count("cached_tokens", required=False)
         if cached > prompt:
@@ -172,7 +197,7 @@ def parse_outcomes(body: Any, resolve: IdentityResolver) -> list[dict[str, Any]]
     """Validated ``Outcome`` records."""
     outcomes = []
     for index, record in enumerate(_records(body, "outcomes", "outcomes")):
-        f = _Fields(record, f"outcomes[{index}]")
+        f = api_fields(record, f"outcomes[{index}]")
         request_id, session_id = f.text("request_id"), f.text("session_id")
         if not request_id and not session_id:
             raise f.error("request_id", "or session_id is required to link the outcome to spend")

@@ -27,13 +27,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from app.attribution import MAX_ID_LENGTH
-from app.ingest import USAGE_STATUSES
+from app.ingest import MAX_COUNT, USAGE_STATUSES, RecordFields
 
 AZURE_TRACE = Path(__file__).resolve().parents[1] / "data" / "AzureLLMInferenceTrace_conv.csv"
 AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
 TraceFormat = Literal["azure-csv", "jsonl"]
-# Token counts are Avro ints in the Usage event.
-MAX_TOKENS = 2**31 - 1
 
 # Feature -> share of traffic. Names a product team would use.
 FEATURES: tuple[tuple[str, float], ...] = (
@@ -121,7 +119,7 @@ def _azure_time(text: str) -> datetime:
 
 def _token_count(text: str | None) -> int:
     value = int((text or "").strip())
-    if not 0 <= value <= MAX_TOKENS:
+    if not 0 <= value <= MAX_COUNT:
         raise ValueError(text)
     return value
 
@@ -151,98 +149,27 @@ def read_azure_csv(path: Path = AZURE_TRACE) -> Iterator[TraceCall]:
                 except ValueError:
                     raise TraceFormatError(
                         f"{path}, line {line}: {column} must be a token count "
-                        f"(an integer from 0 to {MAX_TOKENS}), got {row[column]!r}"
+                        f"(an integer from 0 to {MAX_COUNT}), got {row[column]!r}"
                     ) from None
             yield TraceCall(ts=ts, prompt_tokens=counts[0], completion_tokens=counts[1])
 
 
-class _JsonFields:
-    """Typed access to one JSON Lines record; errors name the file, the line and the field."""
-
-    def __init__(self, record: dict[str, Any], where: str) -> None:
-        self.record = record
-        self.where = where
-
-    def error(self, name: str, message: str) -> TraceFormatError:
-        return TraceFormatError(f"{self.where}: field '{name}' {message}")
-
-    def count(self, *names: str, required: bool = True) -> int:
-        for name in names:
-            value = self.record.get(name)
-            if value is None:
-                continue
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, int)
-                or not 0 <= value <= MAX_TOKENS
-            ):
-                raise self.error(name, f"must be an integer from 0 to {MAX_TOKENS}, got {value!r}")
-            return value
-        if required:
-            also = "".join(f"; or '{alias}'" for alias in names[1:])
-            raise self.error(names[0], f"is required (an integer token count{also})")
-        return 0
-
-    def text(self, *names: str) -> str | None:
-        for name in names:
-            value = self.record.get(name)
-            if value is None or value == "":
-                continue
-            if not isinstance(value, str) or len(value) > MAX_ID_LENGTH:
-                raise self.error(name, f"must be a string of at most {MAX_ID_LENGTH} characters")
-            return value
-        return None
-
-    def flag(self, name: str) -> bool:
-        value = self.record.get(name, False)
-        if not isinstance(value, bool):
-            raise self.error(name, f"must be true or false, got {value!r}")
-        return value
-
-    def timestamp(self, name: str = "ts") -> datetime:
-        value = self.record.get(name)
-        if value is None:
-            raise self.error(name, "is required: a replay needs each call's time")
-        try:
-            if isinstance(value, bool):
-                raise ValueError
-            if isinstance(value, int | float):
-                return datetime.fromtimestamp(value / 1000, UTC)
-            if isinstance(value, str):
-                parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-                return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed
-            raise ValueError
-        except (ValueError, OverflowError, OSError):
-            raise self.error(
-                name,
-                f"must be ISO 8601 (2026-01-31T12:00:00Z) or epoch milliseconds, got {value!r}",
-            ) from None
-
-    def metadata(self) -> dict[str, str]:
-        value = self.record.get("metadata") or {}
-        if not isinstance(value, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
-        ):
-            raise self.error("metadata", "must be an object of string values")
-        return value
-
-
 def _usage_call(record: dict[str, Any], where: str) -> TraceCall:
     """One ``/v1/usage`` record as a call (the same fields and aliases that API accepts)."""
-    f = _JsonFields(record, where)
+    f = RecordFields(
+        record, lambda name, message: TraceFormatError(f"{where}: field '{name}' {message}")
+    )
     prompt = f.count("prompt_tokens", "input_tokens")
     cached = f.count("cached_tokens", required=False)
     if cached > prompt:
         raise f.error("cached_tokens", f"({cached}) cannot exceed prompt_tokens ({prompt})")
-    status = record.get("status", "ok")
-    if status not in USAGE_STATUSES:
-        raise f.error("status", f"must be one of {', '.join(USAGE_STATUSES)}, got {status!r}")
+    status = f.choice("status", USAGE_STATUSES, default="ok")
     metadata = f.metadata()
     feature = metadata.get("feature") or f.text("feature")
     if feature is not None and len(feature) > MAX_ID_LENGTH:
         raise f.error("metadata.feature", f"must be at most {MAX_ID_LENGTH} characters")
     return TraceCall(
-        ts=f.timestamp(),
+        ts=f.timestamp(required=True, max_skew=None),  # a replay may place it later
         prompt_tokens=prompt,
         completion_tokens=f.count("completion_tokens", "output_tokens"),
         cached_tokens=cached,
