@@ -26,6 +26,22 @@ OnRecord = Callable[[str, dict[str, Any] | None], None]
 CONTACT_CHECK_S = 2.0
 
 
+async def assigned_partitions(
+    consumer: AIOKafkaConsumer, timeout_s: float = 10.0
+) -> list[TopicPartition]:
+    """Every partition of a consumer without a group, once aiokafka has fetched metadata.
+
+    Records fetched while waiting are dropped: callers seek where they want to start.
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assigned = consumer.assignment()
+        if assigned:
+            return sorted(assigned)
+        await consumer.getmany(timeout_ms=100)  # lets the consumer fetch metadata and assign
+    return []
+
+
 class CompactedView:
     def __init__(
         self,
@@ -141,9 +157,9 @@ class CompactedView:
                     await consumer.stop()
 
     async def _partitions(self, consumer: AIOKafkaConsumer) -> list[TopicPartition]:
-        for _ in range(100):
-            assigned = consumer.assignment()
-            if assigned:
-                return sorted(assigned)
-            await consumer.getmany(timeout_ms=100)  # lets the consumer fetch metadata and assign
-        raise RuntimeError(f"topic {self.topic} has no partitions; run `tollgate topics ensure`")
+        partitions = await assigned_partitions(consumer)
+        if not partitions:
+            raise RuntimeError(
+                f"topic {self.topic} has no partitions; run `tollgate topics ensure`"
+            )
+        return partitions

@@ -38,12 +38,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError
 
 from agents.anomaly.detectors import DetectorSettings
 from agents.anomaly.engine import AnomalyEngine, SnapshotError
 from app.codec import EventCodec, EventDecodeError, build_codec
+from app.compacted import assigned_partitions
 from app.pricing import PriceCatalog
 from app.settings import Settings
 
@@ -187,7 +188,7 @@ class AnomalyAgent:
         # (start, then stop at once on an empty topic) raises CancelledError from stop().
         await asyncio.sleep(0)
         try:
-            partitions = await _assigned(consumer)
+            partitions = await assigned_partitions(consumer, timeout_s=15.0)
             if not partitions:
                 return None
             await consumer.seek_to_beginning(*partitions)
@@ -253,7 +254,7 @@ class AnomalyAgent:
         await producer.start()
         await consumer.start()
         try:
-            partitions = await _assigned(consumer)
+            partitions = await assigned_partitions(consumer, timeout_s=15.0)
             if not partitions:
                 raise KafkaConnectionError(f"topic {usage} not found; run `tollgate topics ensure`")
             for tp in partitions:
@@ -321,20 +322,6 @@ class AnomalyAgent:
                 "anomaly alert",
                 extra={"kind": alert["kind"], "scope": alert["scope"], "status": alert["status"]},
             )
-
-
-async def _assigned(consumer: AIOKafkaConsumer, timeout_s: float = 15.0) -> list[TopicPartition]:
-    """The partitions aiokafka assigned (all of the topic's) once metadata has arrived.
-
-    Records fetched while waiting are dropped on purpose: the caller seeks next.
-    """
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assigned = consumer.assignment()
-        if assigned:
-            return sorted(assigned)
-        await consumer.getmany(timeout_ms=100)
-    return []
 
 
 async def run_anomaly_agent(settings: Settings, stop: asyncio.Event | None = None) -> None:
