@@ -53,7 +53,6 @@ from urllib.parse import parse_qsl, urlsplit
 import aiohttp
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.errors import KafkaConnectionError
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import (
     BaseModel,
@@ -67,6 +66,7 @@ from pydantic import (
 )
 
 from app.codec import EventCodec, EventDecodeError, build_codec
+from app.kafka_retry import retry_while_kafka_down
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,6 @@ DEFAULT_SEVERITY = "warning"  # the schema's default; also how an unknown severi
 PAGERDUTY_SEVERITIES = frozenset({"critical", "error", "warning", "info"})
 PAGERDUTY_DEDUP_KEY_MAX = 255
 PAGERDUTY_SUMMARY_MAX = 1024
-KAFKA_RETRY_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
 DELIVERY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 DROP_LOG_INTERVAL_S = 10.0
 BODY_LOG_CHARS = 300
@@ -694,19 +693,7 @@ class Notifier:
                 for worker in self.workers
             ]
             try:
-                attempt = 0
-                while not stop.is_set():
-                    try:
-                        await self._consume(stop)
-                    except KafkaConnectionError as exc:
-                        delay = KAFKA_RETRY_BACKOFF_S[min(attempt, len(KAFKA_RETRY_BACKOFF_S) - 1)]
-                        log.warning(
-                            "Kafka unreachable; notifier retrying",
-                            extra={"error": str(exc), "retry_in_s": delay},
-                        )
-                        attempt += 1
-                        with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(stop.wait(), delay)
+                await retry_while_kafka_down(lambda: self._consume(stop), "notifier", stop)
                 await self._drain()
             finally:
                 for task in tasks:

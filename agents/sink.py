@@ -43,12 +43,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaConnectionError
 from clickhouse_connect.driver.exceptions import DatabaseError
 from fastavro import parse_schema
 from fastavro.write import Writer
 
 from app.codec import EventCodec, EventDecodeError, build_codec
+from app.kafka_retry import retry_while_kafka_down
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -482,20 +482,8 @@ async def _sink_and_reports(settings: Settings, client: Any) -> None:
     await web.TCPSite(runner, settings.reports_host, settings.reports_port).start()
     log.info("reports served", extra={"url": settings.reports_url})
     sink = ClickHouseSink(settings, client)
-    attempt = 0
     try:
-        while True:
-            try:
-                await sink.run()
-                return
-            except KafkaConnectionError as exc:  # Kafka not up yet, or gone: wait, resume
-                delay = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]
-                log.warning(
-                    "Kafka unreachable; sink retrying",
-                    extra={"error": str(exc), "retry_in_s": delay},
-                )
-                attempt += 1
-                await asyncio.sleep(delay)
+        await retry_while_kafka_down(sink.run, "sink")  # Kafka not up yet, or gone: wait, resume
     finally:
         await policy_view.stop()
         await runner.cleanup()

@@ -45,6 +45,7 @@ from agents.anomaly.detectors import DetectorSettings
 from agents.anomaly.engine import AnomalyEngine, SnapshotError
 from app.codec import EventCodec, EventDecodeError, build_codec
 from app.compacted import assigned_partitions
+from app.kafka_retry import retry_while_kafka_down
 from app.pricing import PriceCatalog
 from app.settings import Settings
 
@@ -183,11 +184,11 @@ class AnomalyAgent:
             max_partition_fetch_bytes=MAX_STATE_BYTES,
             fetch_max_bytes=MAX_STATE_BYTES,
         )
-        await consumer.start()
-        # Let aiokafka's own start-up task run once: stopping a consumer before it has
-        # (start, then stop at once on an empty topic) raises CancelledError from stop().
-        await asyncio.sleep(0)
         try:
+            await consumer.start()
+            # Let aiokafka's own start-up task run once: stopping a consumer before it has
+            # (start, then stop at once on an empty topic) raises CancelledError from stop().
+            await asyncio.sleep(0)
             partitions = await assigned_partitions(consumer, timeout_s=15.0)
             if not partitions:
                 return None
@@ -202,7 +203,8 @@ class AnomalyAgent:
                             latest = record.value  # None is a tombstone: start fresh
             return Checkpoint.decode(latest) if latest else None
         finally:
-            await consumer.stop()
+            with contextlib.suppress(Exception):  # also when it never started
+                await consumer.stop()
 
     async def save_checkpoint(self, producer: AIOKafkaProducer) -> None:
         checkpoint = Checkpoint(
@@ -251,9 +253,9 @@ class AnomalyAgent:
             auto_offset_reset="earliest",
             max_poll_records=2000,
         )
-        await producer.start()
-        await consumer.start()
         try:
+            await producer.start()
+            await consumer.start()
             partitions = await assigned_partitions(consumer, timeout_s=15.0)
             if not partitions:
                 raise KafkaConnectionError(f"topic {usage} not found; run `tollgate topics ensure`")
@@ -303,8 +305,10 @@ class AnomalyAgent:
                     last_checkpoint = time.monotonic()
             await self.save_checkpoint(producer)
         finally:
-            await consumer.stop()
-            await producer.stop()
+            with contextlib.suppress(Exception):  # also when they never started
+                await consumer.stop()
+            with contextlib.suppress(Exception):
+                await producer.stop()
 
     async def _publish(self, producer: AIOKafkaProducer, alerts: list[dict[str, Any]]) -> None:
         horizon = self._started_at - timedelta(seconds=self.history_alert_horizon_s)
@@ -333,16 +337,4 @@ async def run_anomaly_agent(settings: Settings, stop: asyncio.Event | None = Non
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
-    delay = 0.5
-    while not stop.is_set():
-        try:
-            await AnomalyAgent(settings).run(stop)
-            return
-        except KafkaConnectionError as exc:
-            log.warning(
-                "Kafka unreachable; anomaly agent retrying",
-                extra={"error": str(exc), "retry_in_s": delay},
-            )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), delay)
-            delay = min(delay * 2, 10.0)
+    await retry_while_kafka_down(lambda: AnomalyAgent(settings).run(stop), "anomaly agent", stop)
