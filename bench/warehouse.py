@@ -739,7 +739,6 @@ def sink_part(args: argparse.Namespace, tmp: Path, chdb_dir: Path) -> dict[str, 
         f"  {result['direct_insert_mv']['events_per_s']:,} events/s with MVs, "
         f"{result['direct_insert_no_mv']['events_per_s']:,} without"
     )
-    result["_rows"] = rows  # kept for the batches at scale; not in the JSON
     return result
 
 
@@ -1074,14 +1073,14 @@ def time_cases(cases: list[Case], runs: int, naive_runs: int) -> list[dict[str, 
     return results
 
 
-def sink_batches_at_scale(client: Any, rows: list[list[Any]]) -> dict[str, Any]:
+def sink_batches_at_scale(client: Any) -> dict[str, Any]:
     """The sink's own dedupe + insert of fresh 5000-row batches against the full table."""
     from agents.sink import ClickHouseSink, _Event
     from app.codec import EventCodec
     from app.settings import Settings
 
     codec = EventCodec()
-    # Fresh events, encoded as the sink receives them (the rows only set how many).
+    # Fresh events, encoded as the sink receives them.
     records = make_usage_records(2 * SCALE_BATCHES * BATCH, 99, datetime.now(UTC))
     events = []
     for record in records:
@@ -1120,9 +1119,7 @@ def sink_batches_at_scale(client: Any, rows: list[list[Any]]) -> dict[str, Any]:
     return {"after_restart": run(0, True), "steady": run(SCALE_BATCHES, False)}
 
 
-def reports_part(
-    args: argparse.Namespace, chdb_dir: Path, sink_rows: list[list[Any]] | None
-) -> dict[str, Any]:
+def reports_part(args: argparse.Namespace, chdb_dir: Path) -> dict[str, Any]:
     from app.warehouse import connect, migrate
 
     main_client = connect(dsn=f"chdb://{chdb_dir}")
@@ -1177,22 +1174,8 @@ def reports_part(
     result["reports"] = time_cases(report_cases(client, end, args.days), args.runs, args.naive_runs)
     result["reports_resources"] = meter.stop()
 
-    if sink_rows is None:
-        sink_rows = _rows_without_kafka(SCALE_BATCHES * BATCH, args.seed)
-    log(f"the sink's dedupe + insert against {args.rows:,} rows")
-    result["sink_at_scale"] = sink_batches_at_scale(client, sink_rows)
+    result["sink_at_scale"] = sink_batches_at_scale(client)
     return result
-
-
-def _rows_without_kafka(n: int, seed: int) -> list[list[Any]]:
-    from app.codec import EventCodec
-
-    codec = EventCodec()
-    rows = []
-    for record in make_usage_records(n, seed, datetime.now(UTC)):
-        decoded = codec.decode(codec.encode("Usage", record)).record
-        rows.append(TABLES["usage"].row(decoded))
-    return rows
 
 
 # -- report ------------------------------------------------------------------------------------
@@ -1408,12 +1391,10 @@ def run_benchmark(args: argparse.Namespace) -> int:
     chdb_dir = tmp / "chdb"  # the one chdb directory of this process
     started = time.monotonic()
     try:
-        sink_rows = None
         if not args.skip_sink:
             report["sink"] = sink_part(args, tmp, chdb_dir)
-            sink_rows = report["sink"].pop("_rows")
         if not args.skip_reports:
-            report["reports"] = reports_part(args, chdb_dir, sink_rows)
+            report["reports"] = reports_part(args, chdb_dir)
         from app.warehouse import connect
 
         report["machine"]["clickhouse"] = (
