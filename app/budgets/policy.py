@@ -14,6 +14,7 @@ from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from app.budgets.ledger import iter_window_problems
 from app.budgets.periods import PERIOD_KINDS, Period, PeriodError, period_of, zone
 from app.pricing import nanos_to_usd, usd_text, usd_to_nanos
 
@@ -117,6 +118,8 @@ def _window_seconds(value: Any) -> int:
         raise PolicyError("window", f"window {value!r} must be seconds or like '1h', '30m', '7d'")
     if seconds < 60:
         raise PolicyError("window", "window must be at least 60 seconds")
+    for problem in iter_window_problems(seconds):
+        raise PolicyError("window", f"window {value!r}: {problem}")
     return seconds
 
 
