@@ -1,83 +1,130 @@
-"""The spend worker (Faust): spend tables per scope and period, and budget decisions.
+"""The spend worker (Faust): exactly-once spend per scope, budget decisions, lost-usage settlement.
 
-Agents:
+Agents, each a short loop over plain functions:
 
-- ``track_spend`` reads ``tollgate.usage`` (keyed by user). It adds each
-  event's cost to the user's buckets (partition-local) and to this partition's
-  partial sums for the event's feature, team, key and global scopes, then
-  publishes the user's decision when its state changes.
-- ``aggregate`` reads ``tollgate.budget.partials`` (keyed by scope): the
-  cumulative partial sum of each source partition. A scope's total is the sum
-  over partitions, so no single worker counts every event of a hot scope, and
-  a re-delivered partial can never double count (cumulative, kept as a max).
-- A timer flushes partials and spent-only decision refreshes every 250 ms, and
-  the leader re-opens warn/blocked scopes whose period has ended, without
-  waiting for traffic.
+- ``count_usage`` reads ``tollgate.usage`` (keyed by user) in batches and counts
+  each event once into spend buckets (``app/budgets/counter.py``). User spend
+  is decided right here; features, teams, keys and global are sent on as
+  per-partition partial sums.
+- ``sum_partials`` reads ``tollgate.budget.partials`` (keyed by scope) and
+  decides those scopes from the partial sums of every source partition.
+- ``track_requests`` reads ``tollgate.requests`` and remembers accepted
+  requests until their usage arrives; ``settle`` turns a request whose usage
+  never came (its dispatcher died) into an estimated usage event.
 
-State: the Faust tables recover from their changelogs after a restart. Every
-bucket value carries the next source offset it has to apply, in the same
-changelog message as its total, so an event replayed after a crash
-(at-least-once delivery) is skipped bucket by bucket: exactly-once counting.
+Exactly once, whatever dies: every batch's table writes are made durable in
+the changelog (each awaited) *before* its events are acknowledged, so Faust
+never commits an offset whose effect could be lost; each bucket carries the
+next offset it has to apply, so a re-delivered event adds nothing twice; a
+window of recent event ids per partition drops re-sent events. Decisions are
+computed from durable state only and carry, per usage partition, the offset
+they count through: dispatchers match their own spend against it by identity.
+
+A decision is re-published, without waiting for traffic, when a policy changes,
+when a period ends, and whenever the published one differs from the state.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator
-from datetime import datetime
-from typing import Any, NamedTuple
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Iterable, Iterator, MutableMapping
+from datetime import UTC, datetime, timedelta
+from typing import Any, cast
 
 import faust
 import orjson
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError
+from aiokafka.partitioner import murmur2
+from faust.types import StreamT, TableT
 
+from app.attribution import Identity
+from app.budgets.counter import PartialTotals, SpendCounter, UsageEvent
 from app.budgets.policy import PolicyBook, evaluate
 from app.budgets.spend import (
-    BucketUpdate,
-    bucket_key,
-    bucket_updates,
     crossed_thresholds,
     decision_record,
-    event_cost,
+    is_partition_local,
     rollover_due,
     should_publish,
     threshold_alert,
-    utc,
 )
 from app.clock import Clock
-from app.codec import EventCodec, EventDecodeError, build_codec
+from app.codec import EventCodec, EventDecodeError, FrameError, build_codec, event_id_of
 from app.compacted import CompactedView
+from app.pricing import PriceCatalog
 from app.settings import Settings
+from app.usage import build_usage_record, usage_event_id
 
 log = logging.getLogger(__name__)
 
+BATCH_MAX = 1000
+BATCH_WITHIN_S = 0.02
 FLUSH_INTERVAL_S = 0.25
+HOUSEKEEPING_INTERVAL_S = 1.0
+RECONCILE_EVERY_S = 30.0
+EXPIRE_EVERY_S = 300.0
+PERSIST_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
+SETTLED_EARLY_MAX = 100_000
+ESTIMATED_STATUS = "dispatcher_lost"
 
 
-class Bucket(NamedTuple):
-    """A spend bucket's value: total, the next source offset to apply, latest event time."""
+def partition_for(key: str, partitions: int) -> int:
+    """The partition Kafka's default partitioner gives ``key`` (as the dispatcher keys events)."""
+    return (murmur2(key.encode()) & 0x7FFFFFFF) % partitions
 
-    nanos: int
-    next_offset: int
-    max_ts_ms: int
 
-    def add(self, cost: int, offset: int, ts_ms: int) -> Bucket:
-        return Bucket(self.nanos + cost, offset + 1, max(self.max_ts_ms, ts_ms))
+def manual_batches(stream: StreamT[bytes]) -> AsyncIterator[list[Any]]:
+    """Batches of events that are never acknowledged implicitly: the agent acknowledges them
+    itself once their effects are durable (Faust would otherwise ack a batch when the next is
+    taken, or when the agent is cancelled mid-batch, and commit offsets whose effect is lost)."""
+    manual = cast(faust.Stream[bytes], cast(faust.Stream[bytes], stream).noack())
+    return cast(AsyncIterator[list[Any]], manual.noack_take(BATCH_MAX, within=BATCH_WITHIN_S))
+
+
+class TableData(MutableMapping[str, Any]):
+    """A Faust table's local data, read and written without Faust's implicit changelog writes
+    (the worker writes the changelog itself, and waits for it, before acknowledging)."""
+
+    def __init__(self, table: TableT[str, Any]) -> None:
+        self.table = table
+
+    def __getitem__(self, key: str) -> Any:
+        return self.table.data[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.table.data[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        del self.table.data[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self.table.data.keys()))
+
+    def __len__(self) -> int:
+        return len(self.table.data)
 
 
 class SpendWorker:
-    """Builds the Faust app for these settings and holds the worker's in-memory views."""
+    """Builds the Faust app for these settings; holds the worker's state between batches."""
 
     def __init__(self, settings: Settings, clock: Clock | None = None) -> None:
         self.settings = settings
         self.clock = clock or Clock(settings.clock_start)
         self.codec: EventCodec = build_codec(settings.schema_registry_url)
+        self.prices = PriceCatalog(settings.baseline_model, settings.price_overrides_file)
         self.policies = PolicyBook()
+        self.policy_changes: set[str] = set()
         self.policy_view = CompactedView(
             settings.kafka_bootstrap,
             settings.topic("budget.policies"),
             self.codec,
-            on_record=lambda scope, record: self._on_policy(scope, record),
+            on_record=self._on_policy,
         )
         # Holds the decisions this worker publishes before they round-trip through Kafka,
         # so a read-back of an older one must not replace them (it would re-fire alerts).
@@ -85,19 +132,24 @@ class SpendWorker:
             settings.kafka_bootstrap, settings.topic("budget.decisions"), self.codec, newest_by="ts"
         )
         self.views_ready = asyncio.Event()
+        self.ready = False  # tables recovered and owned partitions prepared
+        self.pending_refresh: set[str] = set()
+        self.dirty_partials: dict[tuple[str, int], bool] = {}  # (scope, partition) -> full?
+        self.latest_boot: dict[str, int] = {}  # dispatcher id -> newest boot seen (ms)
+        self.settled_early: OrderedDict[str, None] = OrderedDict()
+        self._last_reconcile = self._last_expire = 0.0
         (settings.state_dir / "faust").mkdir(parents=True, exist_ok=True)
-        self.dirty_partials: dict[str, tuple[BucketUpdate, int]] = {}  # key -> (update, partition)
-        self.pending_refresh: set[tuple[str, str]] = set()  # (scope, table key)
-        self.app = self._build()
+        self.app = self._make_app()
+        self._declare_topics()
+        self._declare_tables()
+        self.counter = SpendCounter(TableData(self.spend_table), settings.spend_dedupe_window)
+        self.totals = PartialTotals(TableData(self.totals_table))
+        self._register_agents()
 
-    # -- views ------------------------------------------------------------------------
-    def _on_policy(self, scope: str, record: dict[str, Any] | None) -> None:
-        self.policies.apply_record(record, scope)
-
-    # -- the Faust app ---------------------------------------------------------------------
-    def _build(self) -> faust.App:
+    # -- construction, in named pieces -------------------------------------------------
+    def _make_app(self) -> faust.App:
         s = self.settings
-        app = faust.App(
+        return faust.App(
             f"{s.topic_prefix}-spend",
             broker=f"kafka://{s.kafka_bootstrap}",
             store="memory://",
@@ -115,212 +167,521 @@ class SpendWorker:
             stream_wait_empty=False,
         )
 
-        def raw_topic(name: str, partitions: int | None = None) -> faust.TopicT:
-            return app.topic(
-                name, partitions=partitions, key_serializer="raw", value_serializer="raw"
+    def _raw_topic(self, suffix: str, partitions: int | None = None) -> faust.TopicT:
+        return self.app.topic(
+            self.settings.topic(suffix),
+            partitions=partitions,
+            key_serializer="raw",
+            value_serializer="raw",
+        )
+
+    def _declare_topics(self) -> None:
+        n = self.settings.topic_partitions
+        self.usage_topic = self._raw_topic("usage", n)
+        self.requests_topic = self._raw_topic("requests", n)
+        self.partials_topic = self._raw_topic("budget.partials", n)
+        self.decisions_topic = self._raw_topic("budget.decisions")
+        self.alerts_topic = self._raw_topic("alerts")
+
+    def _declare_tables(self) -> None:
+        n = self.settings.topic_partitions
+        # "<scope>|<g>|<start>|p<partition>" -> [nanos, next source offset]: see app/budgets/
+        self.spend_table = self.app.Table("spend", default=None, partitions=n)
+        # partial sums of cross-partition scopes, per source partition: see PartialTotals
+        self.totals_table = self.app.Table("totals", default=None, partitions=n)
+        # request id -> what an estimate of its usage needs, until its usage arrives
+        self.open_table = self.app.Table("open_requests", default=None, partitions=n)
+        self.spend_table.on_recover(self._on_recovered)
+        self.app.on_partitions_revoked.connect(self._on_revoked)  # type: ignore[arg-type]
+
+    def _register_agents(self) -> None:
+        app = self.app
+        app.agent(self.usage_topic, name="spend.count_usage")(self._count_usage)
+        app.agent(self.partials_topic, name="spend.sum_partials")(self._sum_partials)
+        app.agent(self.requests_topic, name="spend.track_requests")(self._track_requests)
+        app.timer(FLUSH_INTERVAL_S, name="spend.flush")(self._flush)
+        app.timer(HOUSEKEEPING_INTERVAL_S, name="spend.housekeeping")(self._housekeeping)
+        app.task(self._start_views)
+
+    # -- views and ownership -----------------------------------------------------------
+    async def _start_views(self) -> None:
+        await asyncio.gather(self.policy_view.start(), self.decision_view.start())
+        self.views_ready.set()
+
+    def _on_policy(self, scope: str, record: dict[str, Any] | None) -> None:
+        self.policies.apply_record(record, scope)
+        self.policy_changes.add(scope)
+
+    def owned(self, suffix: str) -> set[int]:
+        topic = self.settings.topic(suffix)
+        return {tp.partition for tp in self.app.assignor.assigned_actives() if tp.topic == topic}
+
+    def owns(self, scope: str) -> bool:
+        n = self.settings.topic_partitions
+        if is_partition_local(scope):
+            owned = self.owned("usage")
+            partitions = self.counter.partitions_of(scope)
+            if partitions:
+                return bool(partitions & owned)
+            return partition_for(scope.split(":", 1)[1], n) in owned
+        return partition_for(scope, n) in self.owned("budget.partials")
+
+    async def _on_revoked(self, sender: Any, *args: Any, signal: Any = None, **kwargs: Any) -> None:
+        revoked = args[0] if args else kwargs.get("revoked", ())
+        self.ready = False
+        topic = self.settings.topic("usage")
+        self.counter.forget(tp.partition for tp in revoked if tp.topic == topic)
+
+    async def _on_recovered(self) -> None:
+        """Tables hold their changelog again: index them, and learn where each owned usage
+        partition stands (committed offset, recent event ids) before any event is counted."""
+        self.counter.rebuild_index()
+        owned = self.owned("usage")
+        try:
+            committed = await self._committed_offsets(owned)
+        except KafkaError as exc:  # prepared at their first event instead
+            log.warning("could not read committed offsets", extra={"error": repr(exc)})
+            committed = None
+        for partition in sorted(owned):
+            if committed is not None:
+                await self._prepare(partition, committed.get(partition, 0))
+        for scope, keys in self.counter.index.items():
+            if not is_partition_local(scope):
+                for partition in {int(k.rsplit("|p", 1)[1]) for k in keys} & owned:
+                    self.dirty_partials[(scope, partition)] = True  # full snapshot once
+        self.ready = True
+        log.info("spend worker ready", extra={"partitions": sorted(owned)})
+
+    async def _committed_offsets(self, partitions: Iterable[int]) -> dict[int, int]:
+        topic = self.settings.topic("usage")
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.settings.kafka_bootstrap)
+        await admin.start()
+        try:
+            found = await admin.list_consumer_group_offsets(
+                self.app.conf.id, partitions=[TopicPartition(topic, p) for p in partitions]
             )
+        finally:
+            await admin.close()
+        return {tp.partition: meta.offset for tp, meta in found.items() if meta.offset >= 0}
 
-        usage = raw_topic(s.topic("usage"), s.topic_partitions)
-        partials = raw_topic(s.topic("budget.partials"), s.topic_partitions)
-        decisions = raw_topic(s.topic("budget.decisions"))
-        alerts = raw_topic(s.topic("alerts"))
-        # key -> [nanos, next source offset, latest event ts ms]; see Bucket
-        spend = app.Table("spend", default=None, partitions=s.topic_partitions)
-        totals = app.Table("totals", default=dict, partitions=s.topic_partitions)
-        self.spend_table, self.totals_table = spend, totals
-
-        async def publish(
-            scope: str, decision: dict[str, Any], previous: dict[str, Any] | None
-        ) -> None:
-            # Everything up to the first await is atomic in the event loop: the agent and the
-            # flush timer both decide, so the view must hold this decision, and the alerts be
-            # chosen, before anything yields (else both fire the same threshold alert).
-            self.decision_view.records[scope] = decision  # our latest, before it round-trips
-            policy = self.policies.policy_for(scope)
-            crossed = crossed_thresholds(previous, decision, policy) if policy else []
-            now = self.clock.now()
-            fired = [threshold_alert(scope, policy, decision, t, now) for t in crossed if policy]
-            await decisions.send(
-                key=scope.encode(), value=self.codec.encode("BudgetDecision", decision)
+    async def _prepare(self, partition: int, next_offset: int) -> None:
+        """Count ``partition`` from ``next_offset``, after reading back the ids of the events
+        just before it, so an event re-sent across a crash is still recognised."""
+        window = self.settings.spend_dedupe_window
+        ids: list[str] = []
+        start = max(0, next_offset - window)
+        if next_offset > start:
+            tp = TopicPartition(self.settings.topic("usage"), partition)
+            consumer = AIOKafkaConsumer(
+                bootstrap_servers=self.settings.kafka_bootstrap,
+                group_id=None,
+                enable_auto_commit=False,
+                auto_offset_reset="earliest",
             )
-            for alert in fired:
-                await alerts.send(
-                    key=alert["alert_key"].encode(), value=self.codec.encode("Alert", alert)
-                )
+            await consumer.start()
+            try:
+                consumer.assign([tp])
+                beginning = (await consumer.beginning_offsets([tp]))[tp]
+                consumer.seek(tp, max(start, beginning))
+                while await consumer.position(tp) < next_offset:
+                    batch = await consumer.getmany(tp, timeout_ms=1000, max_records=5000)
+                    for message in batch.get(tp, []):
+                        if message.offset >= next_offset:
+                            break
+                        with contextlib.suppress(FrameError):
+                            ids.append(event_id_of(message.value))
+                    if not batch:
+                        end = (await consumer.end_offsets([tp]))[tp]
+                        if await consumer.position(tp) >= min(end, next_offset):
+                            break
+            finally:
+                await consumer.stop()
+        self.counter.prepare(partition, next_offset, ids)
 
-        async def decide(
-            scope: str, spent: int, counted_through: datetime, *, refresh: bool, reason: str
-        ) -> None:
-            policy = self.policies.policy_for(scope)
-            if policy is None:
+    # -- persistence -----------------------------------------------------------------------
+    async def _persist(self, table: TableT[str, Any], writes: dict[str, tuple[int, Any]]) -> None:
+        """Write each key's final value to ``table``'s changelog and wait until Kafka has it;
+        retry what fails. Only then may the batch be committed and acknowledged."""
+        pending = dict(writes)
+        attempt = 0
+        while pending:
+            futures = {
+                key: table.send_changelog(partition, key, value)
+                for key, (partition, value) in pending.items()
+            }
+            await asyncio.wait(futures.values())
+            failed = {k: pending[k] for k, f in futures.items() if f.exception() is not None}
+            if not failed:
                 return
-            now = self.clock.now()
-            period = policy.period_at(now)
-            decision = decision_record(
-                scope, policy, period, spent, counted_through, evaluate(spent, policy), now, reason
+            error = next(f.exception() for f in futures.values() if f.exception() is not None)
+            delay = PERSIST_BACKOFF_S[min(attempt, len(PERSIST_BACKOFF_S) - 1)]
+            log.warning(
+                "changelog write failed; retrying before acknowledging the batch",
+                extra={"table": table.name, "keys": len(failed), "error": repr(error)},
             )
-            previous = self.decision_view.records.get(scope)
-            if should_publish(previous, decision, refresh):
-                await publish(scope, decision, previous)
+            attempt += 1
+            await asyncio.sleep(delay)
+            pending = failed
 
-        def current_bucket(scope: str) -> str | None:
-            policy = self.policies.policy_for(scope)
-            if policy is None:
-                return None
-            return bucket_key(scope, policy.period_at(self.clock.now()))
+    @staticmethod
+    async def _ack(stream: StreamT[Any], events: Iterable[Any]) -> None:
+        for event in events:
+            await stream.ack(event)
 
-        def bucket(key: str) -> Bucket:
-            value = spend.get(key)
-            return Bucket(*value) if value else Bucket(0, 0, 0)
+    # -- usage -------------------------------------------------------------------------------
+    def _decode_usage(self, message: Any) -> dict[str, Any] | None:
+        try:
+            return self.codec.decode(
+                message.value,
+                topic=message.topic,
+                partition=message.partition,
+                offset=message.offset,
+            ).record
+        except EventDecodeError as exc:
+            log.error("skipping undecodable usage event", extra={"error": str(exc)})
+            return None
 
-        @app.agent(usage)
-        async def track_spend(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
-            await self.views_ready.wait()
-            async for event in stream.events():
+    async def _count_usage(self, stream: StreamT[bytes]) -> AsyncIterator[None]:
+        await self.views_ready.wait()
+        async for events in manual_batches(stream):
+            usage = []
+            for event in events:
+                message = event.message
+                if not self.counter.is_prepared(message.partition):
+                    await self._prepare(message.partition, message.offset)
+                usage.append(
+                    UsageEvent(message.partition, message.offset, self._decode_usage(message))
+                )
+            batch = self.counter.stage(usage)
+            settle_writes = self._settle_writes(batch.settled_requests)
+            await self._persist(self.spend_table, batch.writes)
+            await self._persist(self.open_table, settle_writes)
+            self.counter.commit(batch)
+            for key in settle_writes:
+                self.open_table.data.pop(key, None)
+            await self._ack(stream, events)
+            for scope, partition in batch.partials:
+                self.dirty_partials.setdefault((scope, partition), False)
+            for scope in batch.local_scopes:
+                await self.decide(scope, reason="spend")
+            yield None
+
+    def _settle_writes(self, settled: list[tuple[str, int]]) -> dict[str, tuple[int, Any]]:
+        writes: dict[str, tuple[int, Any]] = {}
+        for request_id, partition in settled:
+            if request_id in self.open_table.data:
+                writes[request_id] = (partition, None)
+            else:
+                self.settled_early[request_id] = None
+                if len(self.settled_early) > SETTLED_EARLY_MAX:
+                    self.settled_early.popitem(last=False)
+        return writes
+
+    # -- cross-partition scopes --------------------------------------------------------------
+    async def _sum_partials(self, stream: StreamT[bytes]) -> AsyncIterator[None]:
+        await self.views_ready.wait()
+        async for events in manual_batches(stream):
+            partials = []
+            for event in events:
+                try:
+                    partials.append(orjson.loads(event.message.value))
+                except orjson.JSONDecodeError:
+                    log.error("skipping a malformed partial sum")
+            writes, scopes = self.totals.stage(partials)
+            n = self.settings.topic_partitions
+            # A scope's partials all arrive on its partition: its totals live there too.
+            durable = {k: (partition_for(k.rsplit("|", 3)[0], n), v) for k, v in writes.items()}
+            await self._persist(self.totals_table, durable)
+            self.totals.commit(writes)
+            await self._ack(stream, events)
+            for scope in scopes:
+                await self.decide(scope, reason="spend", refresh=True)
+            yield None
+
+    async def _send_partials(self) -> None:
+        dirty, self.dirty_partials = self.dirty_partials, {}
+        n = self.settings.topic_partitions
+        for (scope, partition), full in dirty.items():
+            if partition not in self.counter.processed:
+                continue
+            payload = {
+                "scope": scope,
+                "partition": partition,
+                "processed": self.counter.processed[partition],
+                "full": full,
+                "buckets": self.counter.buckets(scope, partition),
+            }
+            try:
+                await self.partials_topic.send(
+                    key=scope.encode(),
+                    value=orjson.dumps(payload),
+                    partition=partition_for(scope, n),
+                )
+            except Exception as exc:
+                log.warning("could not send a partial sum; retrying", extra={"error": repr(exc)})
+                self.dirty_partials[(scope, partition)] = True
+
+    # -- decisions ---------------------------------------------------------------------------
+    def spent(self, scope: str, start: datetime, end: datetime) -> tuple[int, dict[int, int]]:
+        if is_partition_local(scope):
+            partitions = (self.counter.partitions_of(scope) & self.owned("usage")) or (
+                self.owned("usage")
+                & {partition_for(scope.split(":", 1)[1], self.settings.topic_partitions)}
+            )
+            return self.counter.spent(scope, start, end, partitions)
+        return self.totals.spent(scope, start, end, range(self.settings.topic_partitions))
+
+    async def decide(self, scope: str, *, reason: str, refresh: bool = False) -> None:
+        """Publish ``scope``'s decision if it differs from the last one published."""
+        policy = self.policies.policy_for(scope)
+        if policy is None:
+            if scope in self.decision_view.records:  # the cap was removed: withdraw it
+                self.decision_view.records.pop(scope, None)
+                await self.decisions_topic.send(key=scope.encode(), value=None)
+            return
+        now = self.clock.now()
+        period = policy.period_at(now)
+        spent, counted = self.spent(scope, period.start, period.end)
+        decision = decision_record(
+            scope, policy, period, spent, now, evaluate(spent, policy), now, reason, counted
+        )
+        previous = self.decision_view.records.get(scope)
+        if should_publish(previous, decision, refresh):
+            await self._publish(scope, decision, previous)
+        elif previous is not None and previous["spent_usd_nanos"] != spent:
+            self.pending_refresh.add(scope)
+
+    async def _publish(
+        self, scope: str, decision: dict[str, Any], previous: dict[str, Any] | None
+    ) -> None:
+        # Everything up to the first await is atomic in the event loop: the agents and the
+        # timers all decide, so the view must hold this decision, and the alerts be chosen,
+        # before anything yields (else two of them fire the same threshold alert).
+        self.decision_view.records[scope] = decision
+        policy = self.policies.policy_for(scope)
+        crossed = crossed_thresholds(previous, decision, policy) if policy else []
+        now = self.clock.now()
+        fired = [threshold_alert(scope, policy, decision, t, now) for t in crossed if policy]
+        await self.decisions_topic.send(
+            key=scope.encode(), value=self.codec.encode("BudgetDecision", decision)
+        )
+        for alert in fired:
+            await self.alerts_topic.send(
+                key=alert["alert_key"].encode(), value=self.codec.encode("Alert", alert)
+            )
+
+    def _scopes_for_policy_change(self, scope: str) -> set[str]:
+        """The scopes a changed policy applies to: itself, or every scope its default covers."""
+        if not scope.endswith(":*"):
+            return {scope}
+        kind = scope[:-1]
+        known = set(self.counter.index) | self.totals.scopes() | set(self.decision_view.records)
+        return {s for s in known if s.startswith(kind) and s not in self.policies.policies}
+
+    # -- timers ------------------------------------------------------------------------------
+    async def _flush(self) -> None:
+        if not self.ready:
+            return
+        await self._send_partials()
+        refresh, self.pending_refresh = self.pending_refresh, set()
+        for scope in refresh:
+            if self.owns(scope):
+                await self.decide(scope, reason="spend", refresh=True)
+
+    async def _housekeeping(self) -> None:
+        if not self.ready or not self.views_ready.is_set():
+            return
+        changed, self.policy_changes = self.policy_changes, set()
+        for scope in changed:
+            for target in self._scopes_for_policy_change(scope):
+                if self.owns(target):
+                    await self.decide(target, reason="policy_change", refresh=True)
+        now = self.clock.now()
+        for scope, decision in list(self.decision_view.records.items()):
+            if rollover_due(decision, now) and self.owns(scope):
+                await self.decide(scope, reason="period_rollover", refresh=True)
+        await self._settle_lost_requests()
+        moment = time.monotonic()
+        if moment - self._last_reconcile >= RECONCILE_EVERY_S:
+            self._last_reconcile = moment
+            await self._reconcile()
+        if moment - self._last_expire >= EXPIRE_EVERY_S:
+            self._last_expire = moment
+            await self._expire()
+
+    async def _reconcile(self) -> None:
+        """Re-publish any owned decision that differs from the state (e.g. lost in a crash)."""
+        scopes = set(self.decision_view.records) | {
+            s for s in self.policies.policies if not s.endswith(":*")
+        }
+        for scope in scopes:
+            if self.owns(scope):
+                await self.decide(scope, reason="reconcile")
+
+    async def _expire(self) -> None:
+        now_s = int(self.clock.now().timestamp())
+        spend = self.counter.expired_keys(now_s, self.owned("usage"))
+        if spend:
+            await self._persist(self.spend_table, {k: (p, None) for k, p in spend.items()})
+            for key in spend:
+                self.spend_table.data.pop(key, None)
+            self.counter.rebuild_index()
+        owned = self.owned("budget.partials")
+        n = self.settings.topic_partitions
+        totals = {
+            key: (partition_for(key.rsplit("|", 3)[0], n), None)
+            for key in self.totals.expired_keys(now_s)
+        }
+        totals = {k: v for k, v in totals.items() if v[0] in owned}
+        if totals:
+            await self._persist(self.totals_table, totals)
+            for key in totals:
+                self.totals_table.data.pop(key, None)
+        if spend or totals:
+            log.info(
+                "expired old spend buckets", extra={"spend": len(spend), "totals": len(totals)}
+            )
+
+    # -- requests whose usage never came -------------------------------------------------------
+    async def _track_requests(self, stream: StreamT[bytes]) -> AsyncIterator[None]:
+        await self.views_ready.wait()
+        async for events in manual_batches(stream):
+            writes: dict[str, tuple[int, Any]] = {}
+            for event in events:
                 message = event.message
                 try:
-                    record = self.codec.decode(
-                        message.value,
-                        topic=message.topic,
-                        partition=message.partition,
+                    request = self.codec.decode(
+                        message.value, topic=message.topic, partition=message.partition,
                         offset=message.offset,
-                    ).record
+                    ).record  # fmt: skip
                 except EventDecodeError as exc:
-                    log.error("skipping undecodable usage event", extra={"error": str(exc)})
+                    log.error("skipping undecodable request event", extra={"error": str(exc)})
                     continue
-                cost = event_cost(record)
-                ts_ms = int(record["ts"].timestamp() * 1000)
-                local_scopes: set[str] = set()
-                for update in bucket_updates(record, message.partition, self.policies):
-                    current = bucket(update.table_key)
-                    if message.offset < current.next_offset:
-                        continue  # replayed after a crash: this bucket already counted it
-                    # One changelog message per bucket carries the total and the offset: atomic.
-                    spend[update.table_key] = list(current.add(cost, message.offset, ts_ms))
-                    if update.aggregated:
-                        self.dirty_partials[update.table_key] = (update, message.partition)
-                    else:
-                        local_scopes.add(update.scope)
-                for scope in local_scopes:
-                    key = current_bucket(scope)
-                    if key is not None and key in spend:
-                        counted = bucket(key)
-                        await decide(
-                            scope,
-                            counted.nanos,
-                            utc(counted.max_ts_ms),
-                            refresh=False,
-                            reason="spend",
-                        )
-                        self.pending_refresh.add((scope, key))
-                yield None
+                entry = open_request_entry(request, message.partition, self.settings)
+                if request.get("dispatcher_id") and request.get("boot_ts"):
+                    boot_ms = int(request["boot_ts"].timestamp() * 1000)
+                    previous = self.latest_boot.get(request["dispatcher_id"], 0)
+                    self.latest_boot[request["dispatcher_id"]] = max(previous, boot_ms)
+                if entry is None:
+                    continue
+                if request["request_id"] in self.settled_early:
+                    self.settled_early.pop(request["request_id"], None)
+                    continue
+                writes[request["request_id"]] = (message.partition, entry)
+            await self._persist(self.open_table, writes)
+            for key, (_p, value) in writes.items():
+                self.open_table.data[key] = value
+            await self._ack(stream, events)
+            yield None
 
-        @app.agent(partials)
-        async def aggregate(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
-            await self.views_ready.wait()
-            async for value in stream:
-                partial = orjson.loads(value)
-                bucket = f"{partial['scope']}|{partial['period_id']}"
-                by_partition = dict(totals[bucket])
-                source = str(partial["partition"])
-                old = by_partition.get(source, (0, 0))
-                if partial["cumulative"] >= old[0]:
-                    by_partition[source] = (partial["cumulative"], max(partial["ts_ms"], old[1]))
-                    totals[bucket] = by_partition
-                if current_bucket(partial["scope"]) == bucket:
-                    total = sum(v[0] for v in by_partition.values())
-                    through = utc(min(v[1] for v in by_partition.values()))
-                    await decide(partial["scope"], total, through, refresh=True, reason="spend")
-                yield None
-
-        @app.timer(FLUSH_INTERVAL_S)
-        async def flush() -> None:
-            dirty, self.dirty_partials = self.dirty_partials, {}
-            for key, (update, partition) in dirty.items():
-                counted = bucket(key)
-                payload = {
-                    "scope": update.scope,
-                    "period_id": update.period.id,
-                    "partition": partition,
-                    "cumulative": counted.nanos,
-                    "ts_ms": counted.max_ts_ms,
-                }
-                await partials.send(key=update.scope.encode(), value=orjson.dumps(payload))
-            refresh, self.pending_refresh = self.pending_refresh, set()
-            for scope, key in refresh:
-                if current_bucket(scope) == key:
-                    counted = bucket(key)
-                    through = utc(counted.max_ts_ms)
-                    await decide(scope, counted.nanos, through, refresh=True, reason="spend")
-
-        @app.timer(1.0, on_leader=True)
-        async def rollover() -> None:
-            now = self.clock.now()
-            for scope, decision in list(self.decision_view.records.items()):
-                if rollover_due(decision, now):
-                    policy = self.policies.policy_for(scope)
-                    if policy is None:
-                        continue
-                    period = policy.period_at(now)
-                    fresh = decision_record(
-                        scope,
-                        policy,
-                        period,
-                        0,
-                        period.start,
-                        evaluate(0, policy),
-                        now,
-                        "period_rollover",
-                    )
-                    await publish(scope, fresh, decision)
-                    log.info(
-                        "budget period rolled over", extra={"scope": scope, "period": period.id}
-                    )
-
-        @app.task
-        async def start_views() -> None:
-            await asyncio.gather(self.policy_view.start(), self.decision_view.start())
-            self.views_ready.set()
-
-        return app
+    async def _settle_lost_requests(self) -> None:
+        """Estimate the usage of requests whose dispatcher died (a later boot of it was seen)
+        or whose deadline passed long ago without any usage."""
+        now_ms = int(self.clock.now().timestamp() * 1000)
+        grace_ms = int(self.settings.settle_grace_s * 1000)
+        owned = self.owned("requests")
+        due = []
+        for request_id, entry in list(self.open_table.data.items()):
+            if entry["partition"] not in owned:
+                continue
+            superseded = self.latest_boot.get(entry.get("dispatcher_id") or "", 0) > (
+                entry.get("boot_ms") or 0
+            )
+            if superseded or now_ms > entry["deadline_ms"] + grace_ms:
+                due.append(
+                    (request_id, entry, "dispatcher restarted" if superseded else "deadline")
+                )
+        for request_id, entry, why in due:
+            record = estimated_usage(self.prices, request_id, entry)
+            await self.usage_topic.send(
+                key=entry["user_id"].encode(),
+                value=self.codec.encode("Usage", record),
+                partition=entry["partition"],
+            )
+            await self._persist(self.open_table, {request_id: (entry["partition"], None)})
+            self.open_table.data.pop(request_id, None)
+            log.warning(
+                "usage of a request was lost with its dispatcher; counted an estimate",
+                extra={
+                    "request_id": request_id,
+                    "why": why,
+                    "cost_usd_nanos": record["cost_usd_nanos"],
+                },
+            )
 
 
-FETCH_MAX_WAIT_MS = 100
+def open_request_entry(
+    request: dict[str, Any], partition: int, settings: Settings
+) -> dict[str, Any] | None:
+    """What estimating an accepted request's usage needs; None for requests with no call."""
+    if request.get("status") != "accepted" or request.get("endpoint") not in (
+        "chat.completions",
+        "dispatch",
+    ):
+        return None
+    ts: datetime = request["ts"]
+    deadline = request.get("deadline_ts") or ts + timedelta(seconds=settings.max_call_duration_s)
+    boot = request.get("boot_ts")
+    return {
+        "partition": partition,
+        "ts_ms": int(ts.timestamp() * 1000),
+        "deadline_ms": int(deadline.timestamp() * 1000),
+        "dispatcher_id": request.get("dispatcher_id"),
+        "boot_ms": int(boot.timestamp() * 1000) if boot else None,
+        "user_id": request["user_id"],
+        "session_id": request.get("session_id"),
+        "feature": request.get("feature"),
+        "team": request.get("team"),
+        "api_key_id": request.get("api_key_id"),
+        "model": request.get("model_served") or request.get("model_requested"),
+        "model_requested": request.get("model_requested"),
+        "prompt_tokens": request.get("prompt_tokens_estimated") or 0,
+        "expected_output_tokens": request.get("expected_output_tokens") or 0,
+        "stream": bool(request.get("stream")),
+        "client_request_id": request.get("client_request_id"),
+    }
 
 
-def shorten_faust_fetch_wait() -> None:
-    """Faust builds its consumer with a hard-coded ``fetch_max_wait_ms=1500``. aiokafka
-    sends one fetch per broker at a time and leaves a partition out while its records are
-    being processed, so a fetch of idle partitions can park at the broker for 1.5 s while
-    the busy partition waits: decisions then lag by >1 s (measured by bench/budget.py).
-    This worker process lowers the wait on the consumer Faust creates."""
-    from faust.transport.drivers import aiokafka as faust_aiokafka
-
-    thread_cls = faust_aiokafka.AIOKafkaConsumerThread
-    if getattr(thread_cls, "_tollgate_fetch_wait", False):
-        return
-    original = thread_cls._create_worker_consumer
-
-    def create_worker_consumer(self: Any, transport: Any) -> Any:
-        consumer = original(self, transport)
-        consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS  # read by the fetcher at start()
-        return consumer
-
-    thread_cls._create_worker_consumer = create_worker_consumer  # type: ignore[method-assign]
-    thread_cls._tollgate_fetch_wait = True  # type: ignore[attr-defined]
+def estimated_usage(prices: PriceCatalog, request_id: str, entry: dict[str, Any]) -> dict[str, Any]:
+    """The usage event of a request whose dispatcher died mid-call: prompt tokens as the gate
+    counted them, output as the gate expected; same event id as the real one would have had."""
+    identity = Identity(
+        entry["user_id"], entry.get("session_id"), entry.get("feature"), entry.get("team"),
+        api_key_id=entry.get("api_key_id"),
+    )  # fmt: skip
+    return build_usage_record(
+        prices,
+        identity,
+        request_id=request_id,
+        model=entry["model"] or "unknown",
+        model_requested=entry.get("model_requested"),
+        prompt_tokens=int(entry["prompt_tokens"]),
+        completion_tokens=int(entry["expected_output_tokens"]),
+        source="settlement",
+        ts=datetime.fromtimestamp(entry["ts_ms"] / 1000, UTC),
+        event_id=usage_event_id(request_id, 1),
+        usage_estimated=True,
+        stream=entry.get("stream", False),
+        latency_ms=0,
+        ttft_ms=None,
+        status=ESTIMATED_STATUS,
+        http_status=0,
+        error_type=ESTIMATED_STATUS,
+        attempt=1,
+        client_request_id=entry.get("client_request_id"),
+    )
 
 
 async def ensure_changelog_topics(worker: SpendWorker) -> None:
     """Create the tables' changelog topics before Faust starts. Left to Faust, a fresh
     topic is sometimes seen with 0 partitions and an agent dies of PartitionsMismatch."""
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-
     s = worker.settings
     admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap)
     await admin.start()
     try:
         names = [
-            t.changelog_topic.get_topic_name() for t in (worker.spend_table, worker.totals_table)
+            t.changelog_topic.get_topic_name()
+            for t in (worker.spend_table, worker.totals_table, worker.open_table)
         ]
         existing = set(await admin.list_topics())
         missing = [
@@ -341,7 +702,6 @@ async def ensure_changelog_topics(worker: SpendWorker) -> None:
 
 def run_worker(settings: Settings) -> None:
     """Run the spend worker in the foreground (``tollgate worker``)."""
-    shorten_faust_fetch_wait()
     worker = SpendWorker(settings)
     asyncio.run(ensure_changelog_topics(worker))
     faust_worker = faust.Worker(worker.app, loglevel="WARN", quiet=True)

@@ -323,6 +323,45 @@ class EventCodec:
         return DecodedEvent(event_type=event_type, schema_id=schema_id, record=record)
 
 
+class FrameError(ValueError):
+    """Bytes that are not a Confluent-framed Tollgate event (read without decoding the body)."""
+
+
+def _avro_long(data: bytes, pos: int) -> tuple[int, int]:
+    """An Avro long (zig-zag varint) at ``pos``: (value, next position)."""
+    shift = result = 0
+    while True:
+        if pos >= len(data) or shift > 63:
+            raise FrameError("truncated or oversized varint")
+        byte = data[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return (result >> 1) ^ -(result & 1), pos
+        shift += 7
+
+
+def event_key(body: bytes) -> tuple[str, int]:
+    """``event_id`` and ``ts`` (epoch ms) of an Avro event body, without decoding the rest:
+    every Tollgate schema starts with these two fields (a test guards it)."""
+    length, pos = _avro_long(body, 0)
+    if length < 0 or pos + length > len(body):
+        raise FrameError(f"event_id length {length} does not fit in {len(body)} bytes")
+    try:
+        event_id = body[pos : pos + length].decode()
+    except UnicodeDecodeError as exc:
+        raise FrameError(f"event_id is not UTF-8: {exc}") from None
+    millis, _ = _avro_long(body, pos + length)
+    return event_id, millis
+
+
+def event_id_of(data: bytes | None) -> str:
+    """The ``event_id`` of a framed event (Confluent header + Avro body)."""
+    if not data or len(data) < _HEADER.size or data[0] != MAGIC_BYTE:
+        raise FrameError("not Confluent-framed Avro (magic byte 0 and a schema id)")
+    return event_key(data[_HEADER.size :])[0]
+
+
 def build_codec(schema_registry_url: str | None) -> EventCodec:
     """The codec the settings ask for."""
     registry = SchemaRegistryClient(schema_registry_url) if schema_registry_url else None

@@ -168,9 +168,39 @@ class Settings(BaseSettings):
         description="Reserve each in-flight request's worst case against caps (bounds overshoot).",
     )
     reserve_output_tokens: int = Field(
-        default=4096,
+        default=512,
         ge=1,
-        description="Output tokens reserved for a request that sets no max_tokens.",
+        description="Output tokens a call is expected to produce until the dispatcher has seen "
+        "20 calls of its model (then: the 95th percentile of the last 500).",
+    )
+    max_output_tokens: int = Field(
+        default=16_384,
+        ge=1,
+        description="Output limit assumed for a call that sets no max_tokens (its worst case).",
+    )
+    budget_queue_wait_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="Near a cap, how long a call waits for calls in flight to settle before "
+        "it is refused with 402 (a user under the cap is not refused while others finish).",
+    )
+    max_call_duration_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="Longest a call may take, streams included; it is then cut (504 or an SSE "
+        "error event), its reservation released and its usage counted.",
+    )
+    spend_dedupe_window: int = Field(
+        default=50_000,
+        ge=100,
+        description="Usage event ids per partition the spend worker remembers to count a re-sent "
+        "event once (the dispatcher's spool re-sends after a crash or a Kafka outage).",
+    )
+    settle_grace_s: float = Field(
+        default=60.0,
+        ge=0,
+        description="After a request's deadline (max_call_duration_s), how long the spend worker "
+        "waits for its usage before counting an estimate (its dispatcher died).",
     )
     clock_start: datetime | None = Field(
         default=None,

@@ -33,6 +33,16 @@ def new_id(prefix: str = "") -> str:
     return prefix + uuid.uuid4().hex
 
 
+def usage_event_id(request_id: str, attempt: int = 1) -> str:
+    """The event id of the usage of one upstream attempt of a gateway request.
+
+    Derived, not random: the usage the dispatcher emits and the estimate the
+    spend worker emits for a request whose dispatcher died carry the same id, so
+    every consumer counts whichever reached Kafka first, and only that one.
+    """
+    return uuid.uuid5(uuid.NAMESPACE_URL, f"tollgate:usage:{request_id}:{attempt}").hex
+
+
 def event_time(ts: datetime | None = None) -> datetime:
     """Event time as stored (UTC, whole milliseconds)."""
     ts = ts or datetime.now(UTC)

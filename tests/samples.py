@@ -20,7 +20,7 @@ def _value(schema: Any, name: str, i: int) -> Any:
             return _TS
         kind = schema["type"]
         if kind == "map":
-            return {"k": f"{name}-v"}
+            return {"k": _value(schema["values"], name, i)}
         if kind == "array":
             return [0.25, 0.5]
         if kind == "record":

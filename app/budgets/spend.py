@@ -1,28 +1,22 @@
-"""Spend accounting for the spend agent, as plain functions (the Faust agent only calls these).
+"""Budget decisions for the spend worker, as plain functions (the Faust agents only call these).
 
-Owns which (scope, period) buckets a usage event adds to, which scopes are
-partition-local (users: usage is keyed by user) and which are aggregated from
-per-partition partial sums (features, teams, keys, global), and how a bucket's
-total becomes a ``BudgetDecision`` and threshold ``Alert``s.
-
-Buckets are always kept for the UTC day and the UTC month of every scope, so
-a policy added mid-month immediately sees the month's spend; a policy in
-another time zone or with a rolling window adds its own buckets from the
-moment it exists.
+Owns what a usage event costs against a cap, which scopes are partition-local
+(users: usage is keyed by user) and which are aggregated from per-partition
+partial sums (features, teams, keys, global), and how a scope's spend becomes a
+``BudgetDecision`` and threshold ``Alert``s. How spend is kept and counted is
+``app/budgets/ledger.py`` and ``app/budgets/counter.py``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from app.budgets.periods import Period, period_of
-from app.budgets.policy import Evaluation, Policy, PolicyBook, scopes_of
+from app.budgets.periods import Period
+from app.budgets.policy import Evaluation, Policy
 from app.pricing import usd_text
 from app.usage import new_id
-
-ALWAYS_TRACKED = (("day", "UTC", None), ("month", "UTC", None))
 
 
 def is_partition_local(scope: str) -> bool:
@@ -30,48 +24,7 @@ def is_partition_local(scope: str) -> bool:
     return scope.startswith("user:")
 
 
-def bucket_key(scope: str, period: Period) -> str:
-    return f"{scope}|{period.id}"
-
-
-def partial_key(scope: str, period: Period, partition: int) -> str:
-    return f"{scope}|{period.id}|p{partition}"
-
-
-def tracked_periods(scope: str, ts: datetime, policies: PolicyBook) -> list[Period]:
-    kinds: set[tuple[str, str, int | None]] = set(ALWAYS_TRACKED)
-    policy = policies.policy_for(scope)
-    if policy is not None:
-        kinds.add((policy.period, policy.timezone, policy.window_seconds))
-    return [period_of(kind, ts, tz, window) for kind, tz, window in sorted(kinds, key=str)]
-
-
-@dataclass(frozen=True)
-class BucketUpdate:
-    scope: str
-    period: Period
-    table_key: str
-    aggregated: bool
-
-
-def bucket_updates(
-    record: dict[str, Any], partition: int, policies: PolicyBook
-) -> list[BucketUpdate]:
-    """The buckets one usage event adds its cost to."""
-    ts: datetime = record["ts"]
-    updates = []
-    scopes = scopes_of(
-        record["user_id"], record.get("feature"), record.get("team"), record.get("api_key_id")
-    )
-    for scope in scopes:
-        aggregated = not is_partition_local(scope)
-        for period in tracked_periods(scope, ts, policies):
-            key = partial_key(scope, period, partition) if aggregated else bucket_key(scope, period)
-            updates.append(BucketUpdate(scope, period, key, aggregated))
-    return updates
-
-
-def event_cost(record: dict[str, Any]) -> int:
+def event_cost(record: Mapping[str, Any]) -> int:
     """What a usage event adds to spend, in nano-dollars. Unknown prices add their baseline
     cost: an unpriced model must not be a free way around a cap."""
     if record.get("price_unknown"):
@@ -88,7 +41,10 @@ def decision_record(
     evaluation: Evaluation,
     now: datetime,
     reason: str,
+    counted_offsets: dict[int, int] | None = None,
 ) -> dict[str, Any]:
+    """``counted_offsets``: per usage partition, the offset below which every event is in
+    ``spent_nanos`` (what dispatchers match their own uncounted spend against)."""
     return {
         "event_id": new_id(),
         "ts": now,
@@ -104,13 +60,15 @@ def decision_record(
         "upgrade_url": policy.upgrade_url,
         "upgrade_prompt": policy.upgrade_prompt,
         "reason": reason,
+        "counted_offsets": {str(p): o for p, o in sorted((counted_offsets or {}).items())},
     }
 
 
 def should_publish(
     previous: dict[str, Any] | None, new: dict[str, Any], spent_refresh: bool
 ) -> bool:
-    """Publish on a change of state, period or limit; spent-only changes when refreshing."""
+    """Publish on a change of state, period or limit; when refreshing, also on a change of
+    spend or of the offsets it counts through (dispatchers drop what it now covers)."""
     if previous is None:
         return True
     if (
@@ -119,7 +77,10 @@ def should_publish(
         or previous["limit_usd_nanos"] != new["limit_usd_nanos"]
     ):
         return True
-    return spent_refresh and previous["spent_usd_nanos"] != new["spent_usd_nanos"]
+    return spent_refresh and (
+        previous["spent_usd_nanos"] != new["spent_usd_nanos"]
+        or previous.get("counted_offsets") != new.get("counted_offsets")
+    )
 
 
 def crossed_thresholds(
@@ -164,9 +125,10 @@ def threshold_alert(
 
 
 def rollover_due(decision: dict[str, Any], now: datetime) -> bool:
-    """A warn/blocked decision whose period has ended: the scope must re-open now."""
+    """A decision whose period has ended: the new period's decision is due now (a blocked
+    scope re-opens, and every view shows the new period's spend), without waiting for traffic."""
     resets_at = decision.get("resets_at")
-    return decision["state"] != "open" and resets_at is not None and resets_at <= now
+    return resets_at is not None and resets_at <= now
 
 
 def utc(ts_ms: int) -> datetime:

@@ -178,9 +178,16 @@ async def read_events(
 class WorkerProcess:
     """``tollgate worker`` as a real process (so it can be SIGKILLed), on the test's topics."""
 
-    def __init__(self, settings: Settings, log_path: Path, **env: str) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        log_path: Path,
+        argv: tuple[str, ...] = ("-m", "app", "worker"),
+        **env: str,
+    ) -> None:
         self.settings = settings
         self.log_path = log_path
+        self.argv = argv
         self.env = {
             **os.environ,
             "TOLLGATE_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
@@ -193,7 +200,7 @@ class WorkerProcess:
 
     def start(self) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "app", "worker"],
+            [sys.executable, *self.argv],
             env=self.env,
             stdout=subprocess.DEVNULL,
             stderr=self.log_path.open("ab"),

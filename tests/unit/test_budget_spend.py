@@ -11,20 +11,16 @@ import pytest
 from fastavro import parse_schema
 from fastavro.validation import validate
 
-from app.budgets.periods import Period, period_of
+from app.budgets.periods import Period
 from app.budgets.policy import Evaluation, Policy, PolicyBook, evaluate, parse_policy
 from app.budgets.spend import (
-    bucket_key,
-    bucket_updates,
     crossed_thresholds,
     decision_record,
     event_cost,
     is_partition_local,
-    partial_key,
     rollover_due,
     should_publish,
     threshold_alert,
-    tracked_periods,
     utc,
 )
 
@@ -71,31 +67,7 @@ KOLKATA_MONTH = month(
 )
 
 
-# -- buckets -----------------------------------------------------------------------------
-def test_bucket_updates_for_user_feature_team_key_and_global() -> None:
-    updates = bucket_updates(usage(), partition=3, policies=PolicyBook())
-    by_scope: dict[str, list[Any]] = {}
-    for update in updates:
-        by_scope.setdefault(update.scope, []).append(update)
-    assert list(by_scope) == ["user:alice", "feature:chat", "team:data", "key:key_1", "global"]
-    for scope, scope_updates in by_scope.items():
-        assert {u.period for u in scope_updates} == {UTC_DAY, UTC_MONTH}
-        for update in scope_updates:
-            if scope == "user:alice":
-                # Partition-local: usage is keyed by user, so one worker has all of it.
-                assert not update.aggregated
-                assert update.table_key == f"user:alice|{update.period.id}"
-                assert "|p" not in update.table_key
-            else:
-                assert update.aggregated
-                assert update.table_key == f"{scope}|{update.period.id}|p3"
-
-
-def test_bucket_keys_name_scope_and_period() -> None:
-    assert bucket_key("user:alice", UTC_MONTH) == "user:alice|month:2026-10-01T00:00:00+00:00"
-    assert partial_key("global", UTC_DAY, 7) == "global|day:2026-10-31T00:00:00+00:00|p7"
-
-
+# -- scopes ------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("scope", "local"),
     [
@@ -110,71 +82,7 @@ def test_only_user_scopes_are_partition_local(scope: str, local: bool) -> None:
     assert is_partition_local(scope) is local
 
 
-def test_record_without_feature_team_or_key_updates_user_and_global_only() -> None:
-    updates = bucket_updates(
-        usage(feature=None, team=None, api_key_id=None), partition=0, policies=PolicyBook()
-    )
-    assert {u.scope for u in updates} == {"user:alice", "global"}
-    assert len(updates) == 4  # UTC day + UTC month each
-
-
-def test_utc_day_and_month_are_always_tracked_even_without_a_policy() -> None:
-    assert set(tracked_periods("team:data", TS, PolicyBook())) == {UTC_DAY, UTC_MONTH}
-
-
-def test_policy_in_utc_month_adds_no_duplicate_bucket() -> None:
-    policies = book(**{"user:*": {"limit_usd": 5, "period": "month"}})
-    periods = tracked_periods("user:alice", TS, policies)
-    assert len(periods) == 2
-    assert set(periods) == {UTC_DAY, UTC_MONTH}
-
-
-def test_policy_in_another_time_zone_adds_its_own_period() -> None:
-    policies = book(**{"user:*": {"limit_usd": 5, "timezone": "Asia/Kolkata"}})
-    assert set(tracked_periods("user:alice", TS, policies)) == {UTC_DAY, UTC_MONTH, KOLKATA_MONTH}
-    # The same event is October in UTC but November in Kolkata.
-    updates = bucket_updates(usage(), partition=1, policies=policies)
-    user_keys = {u.table_key for u in updates if u.scope == "user:alice"}
-    assert "user:alice|month:2026-10-31T18:30:00+00:00" in user_keys
-    assert "user:alice|month:2026-10-01T00:00:00+00:00" in user_keys
-    # Only the scope with that policy gets the extra bucket.
-    assert len([u for u in updates if u.scope == "feature:chat"]) == 2
-
-
-def test_window_policy_adds_an_epoch_aligned_window_bucket() -> None:
-    policies = book(**{"feature:chat": {"limit_usd": 5, "period": "window", "window": "1h"}})
-    periods = tracked_periods("feature:chat", TS + timedelta(minutes=17), policies)
-    window = [p for p in periods if p.kind == "window"]
-    assert window == [Period("window", TS, TS + timedelta(hours=1))]
-    assert len(periods) == 3
-    updates = bucket_updates(usage(ts=TS + timedelta(minutes=17)), 2, policies)
-    assert "feature:chat|window:2026-10-31T19:00:00+00:00|p2" in {u.table_key for u in updates}
-
-
-def test_default_and_own_policies_decide_the_extra_buckets() -> None:
-    policies = book(
-        **{
-            "user:*": {"limit_usd": 5, "period": "day", "timezone": "America/New_York"},
-            "user:bob": {"limit_usd": 50, "period": "month"},
-        }
-    )
-    alice = set(tracked_periods("user:alice", TS, policies))
-    bob = set(tracked_periods("user:bob", TS, policies))
-    assert period_of("day", TS, "America/New_York") in alice
-    assert len(alice) == 3
-    assert bob == {UTC_DAY, UTC_MONTH}
-
-
-def test_late_event_goes_to_the_buckets_of_its_own_timestamp() -> None:
-    late = usage(ts=datetime(2026, 9, 30, 23, 59, 59, tzinfo=UTC))
-    updates = bucket_updates(late, partition=0, policies=PolicyBook())
-    assert {u.period.start for u in updates} == {
-        datetime(2026, 9, 30, tzinfo=UTC),
-        datetime(2026, 9, 1, tzinfo=UTC),
-    }
-
-
-# -- cost --------------------------------------------------------------------------------
+# -- costs -------------------------------------------------------------------------------
 def test_event_cost_of_a_priced_event_is_its_cost() -> None:
     assert event_cost(usage()) == 1_500_000
 
@@ -290,6 +198,25 @@ def test_spent_only_change_is_published_only_when_refreshing() -> None:
     previous, new = base_decision(), base_decision(spent_usd_nanos=7 * USD)
     assert not should_publish(previous, new, spent_refresh=False)
     assert should_publish(previous, new, spent_refresh=True)
+
+
+def test_counted_offsets_moving_on_is_published_when_refreshing() -> None:
+    """A re-sent event skipped by the worker changes no spend, but dispatchers holding it must
+    learn that the worker counted through its offset."""
+    previous = base_decision(counted_offsets={"0": 10})
+    new = base_decision(counted_offsets={"0": 12})
+    assert not should_publish(previous, new, spent_refresh=False)
+    assert should_publish(previous, new, spent_refresh=True)
+
+
+def test_decision_carries_counted_offsets_by_partition() -> None:
+    policy = parse_policy("user:alice", {"limit_usd": 10})
+    period = policy.period_at(NOW)
+    record = decision_record(
+        "user:alice", policy, period, 1, NOW, evaluate(1, policy), NOW, "spend", {3: 17, 0: 4}
+    )
+    assert record["counted_offsets"] == {"0": 4, "3": 17}
+    assert validate(record, schema("BudgetDecision"), raise_errors=True)
 
 
 def test_nothing_changed_is_never_published() -> None:
@@ -419,12 +346,13 @@ def test_threshold_alert_message_states_the_exact_limit(limit: str, shown: str) 
         ("warn", NOW - timedelta(days=3), True),
         ("blocked", NOW + timedelta(seconds=1), False),
         ("warn", NOW + timedelta(days=3), False),
-        ("open", NOW - timedelta(days=3), False),
-        ("open", NOW, False),
+        ("open", NOW - timedelta(days=3), True),  # every view shows the new period's spend
+        ("open", NOW, True),
+        ("open", NOW + timedelta(seconds=1), False),
         ("blocked", None, False),
     ],
 )
-def test_rollover_due_only_for_warn_or_blocked_past_their_reset(
+def test_rollover_due_once_the_period_of_the_decision_has_ended(
     state: str, resets_at: datetime | None, due: bool
 ) -> None:
     assert rollover_due({"state": state, "resets_at": resets_at}, NOW) is due

@@ -1,0 +1,295 @@
+"""Exactly-once spend counting: the spend worker's state, without Kafka or Faust.
+
+Owns how usage events become spend-bucket values, so that any number of
+crashes, re-deliveries and re-sent events still count each event once:
+
+- every bucket value carries the next source offset it has to apply
+  (``[nanos, next_offset]``), so an event re-delivered after a crash adds
+  nothing to a bucket that already holds it;
+- a window of the last ``dedupe_window`` event ids per partition drops an event
+  re-sent under a new offset (the dispatcher's spool is at-least-once);
+- ``processed[p]`` is the offset below which every event of partition ``p`` is
+  counted: decisions carry it, and dispatchers match their own not-yet-counted
+  spend against it by identity (partition and offset), never by timestamp.
+
+Writes are staged: ``stage`` returns them, the caller makes them durable (the
+Faust changelog) and only then calls ``commit`` and acknowledges the events.
+So whatever dies, events whose effects are not durable are delivered again.
+
+The same file holds ``PartialTotals``, the second stage for scopes that span
+partitions (features, teams, keys, global): per source partition, the latest
+bucket values and the offset they are counted through.
+
+Does not own Faust, topics, policies or decisions (``agents/spend.py``,
+``app/budgets/spend.py``).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, defaultdict
+from collections.abc import Iterable, Mapping, MutableMapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from app.budgets.ledger import BucketId, buckets_of, cover, expired, parse_key, parse_short
+from app.budgets.policy import scopes_of
+from app.budgets.spend import event_cost, is_partition_local
+
+DEFAULT_DEDUPE_WINDOW = 50_000
+
+
+class RecentIds:
+    """The last ``limit`` event ids of one partition, oldest first."""
+
+    def __init__(self, limit: int, ids: Iterable[str] = ()) -> None:
+        self.limit = limit
+        self._ids: OrderedDict[str, None] = OrderedDict()
+        for event_id in ids:
+            self.add(event_id)
+
+    def __contains__(self, event_id: str) -> bool:
+        return event_id in self._ids
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def add(self, event_id: str) -> None:
+        self._ids[event_id] = None
+        if len(self._ids) > self.limit:
+            self._ids.popitem(last=False)
+
+
+@dataclass(frozen=True)
+class UsageEvent:
+    partition: int
+    offset: int
+    record: Mapping[str, Any] | None  # None: undecodable, skipped (and dead-lettered elsewhere)
+
+
+@dataclass
+class Batch:
+    """What one batch of usage events changes, staged until it is durable."""
+
+    writes: dict[str, tuple[int, list[int] | None]] = field(default_factory=dict)
+    local_scopes: set[str] = field(default_factory=set)  # partition-local scopes to re-decide
+    partials: dict[tuple[str, int], set[BucketId]] = field(default_factory=dict)
+    processed: dict[int, int] = field(default_factory=dict)
+    new_ids: dict[int, list[str]] = field(default_factory=dict)
+    counted: int = 0
+    duplicates: int = 0
+    undecodable: int = 0
+    settled_requests: list[tuple[str, int]] = field(default_factory=list)  # (request_id, part.)
+
+
+def scopes_of_record(record: Mapping[str, Any]) -> list[str]:
+    return scopes_of(
+        record.get("user_id"), record.get("feature"), record.get("team"), record.get("api_key_id")
+    )
+
+
+def ts_ms_of(record: Mapping[str, Any]) -> int:
+    return int(record["ts"].timestamp() * 1000)
+
+
+class SpendCounter:
+    """Bucket values per (scope, bucket, source partition), applied exactly once."""
+
+    def __init__(
+        self, store: MutableMapping[str, Any], dedupe_window: int = DEFAULT_DEDUPE_WINDOW
+    ) -> None:
+        self.store = store  # key -> [nanos, next_offset]; Faust table data in the worker
+        self.dedupe_window = dedupe_window
+        self.processed: dict[int, int] = {}
+        self.recent: dict[int, RecentIds] = {}
+        self.index: dict[str, set[str]] = defaultdict(set)  # scope -> its keys in the store
+        self.rebuild_index()
+
+    # -- partitions --------------------------------------------------------------------
+    def is_prepared(self, partition: int) -> bool:
+        return partition in self.recent
+
+    def prepare(self, partition: int, next_offset: int, recent_ids: Iterable[str]) -> None:
+        """Start counting ``partition`` at ``next_offset`` (everything below it is counted and
+        durable), knowing the ids of the events just before it (the dedupe window)."""
+        self.recent[partition] = RecentIds(self.dedupe_window, recent_ids)
+        self.processed[partition] = max(self.processed.get(partition, 0), next_offset)
+
+    def forget(self, partitions: Iterable[int]) -> None:
+        """Partitions revoked: their ids and offsets are another worker's now."""
+        for partition in partitions:
+            self.recent.pop(partition, None)
+            self.processed.pop(partition, None)
+
+    def rebuild_index(self) -> None:
+        self.index.clear()
+        for key in list(self.store.keys()):
+            self.index[parse_key(key)[0]].add(key)
+
+    # -- counting ----------------------------------------------------------------------
+    def _value(self, key: str, batch: Batch) -> list[int]:
+        staged = batch.writes.get(key)
+        if staged is not None and staged[1] is not None:
+            return staged[1]
+        return self.store.get(key) or [0, 0]
+
+    def stage(self, events: Iterable[UsageEvent]) -> Batch:
+        """Stage the writes of a batch (in offset order per partition). Nothing here changes
+        until ``commit``: readers only ever see durable counts."""
+        batch = Batch()
+        for event in events:
+            p, offset = event.partition, event.offset
+            if offset < self.processed.get(p, 0):
+                continue  # delivered again after a rebalance or crash: already counted
+            batch.processed[p] = offset + 1
+            record = event.record
+            if record is None:
+                batch.undecodable += 1
+                continue
+            event_id = record["event_id"]
+            recent = self.recent.setdefault(p, RecentIds(self.dedupe_window))
+            new_ids = batch.new_ids.setdefault(p, [])
+            if event_id in recent or event_id in new_ids:
+                batch.duplicates += 1
+                batch.local_scopes.update(
+                    s for s in scopes_of_record(record) if is_partition_local(s)
+                )
+                continue
+            new_ids.append(event_id)
+            if record.get("request_id") and record.get("source") in ("dispatcher", "settlement"):
+                batch.settled_requests.append((record["request_id"], p))
+            cost = event_cost(record)
+            buckets = buckets_of(ts_ms_of(record))
+            for scope in scopes_of_record(record):
+                local = is_partition_local(scope)
+                for bucket in buckets:
+                    key = bucket.key(scope, p)
+                    nanos, next_offset = self._value(key, batch)
+                    if offset < next_offset:
+                        continue  # durable before a crash; re-delivered since
+                    batch.writes[key] = (p, [nanos + cost, offset + 1])
+                    if not local:
+                        batch.partials.setdefault((scope, p), set()).add(bucket)
+                if local:
+                    batch.local_scopes.add(scope)
+            batch.counted += 1
+        return batch
+
+    def commit(self, batch: Batch) -> None:
+        """The batch's writes are durable: apply them."""
+        for key, (_partition, value) in batch.writes.items():
+            if value is None:
+                self.store.pop(key, None)
+                self.index[parse_key(key)[0]].discard(key)
+            else:
+                self.store[key] = value
+                self.index[parse_key(key)[0]].add(key)
+        for p, ids in batch.new_ids.items():
+            recent = self.recent.setdefault(p, RecentIds(self.dedupe_window))
+            for event_id in ids:
+                recent.add(event_id)
+        for p, next_offset in batch.processed.items():
+            self.processed[p] = max(self.processed.get(p, 0), next_offset)
+
+    # -- reading -------------------------------------------------------------------------
+    def partitions_of(self, scope: str) -> set[int]:
+        return {parse_key(key)[2] for key in self.index.get(scope, ())}
+
+    def spent(
+        self, scope: str, start: datetime, end: datetime, partitions: Iterable[int]
+    ) -> tuple[int, dict[int, int]]:
+        """Spend of ``scope`` in ``[start, end)`` over ``partitions``, and the offsets it counts
+        through (a partition is named only once this worker knows where it stands in it)."""
+        tiles = cover(int(start.timestamp()), int(end.timestamp()))
+        total = 0
+        counted: dict[int, int] = {}
+        for p in partitions:
+            for tile in tiles:
+                value = self.store.get(tile.key(scope, p))
+                if value:
+                    total += value[0]
+            if p in self.processed:
+                counted[p] = self.processed[p]
+        return total, counted
+
+    def buckets(self, scope: str, partition: int) -> dict[str, int]:
+        """Every bucket of ``scope`` from ``partition``, as ``{"g|start": nanos}``."""
+        out = {}
+        for key in self.index.get(scope, ()):
+            _scope, bucket, p = parse_key(key)
+            if p == partition:
+                out[bucket.short()] = self.store[key][0]
+        return out
+
+    def expired_keys(self, now_s: int, partitions: set[int]) -> dict[str, int]:
+        """Keys no period can need any more, of the partitions this worker owns."""
+        out = {}
+        for keys in self.index.values():
+            for key in keys:
+                _scope, bucket, p = parse_key(key)
+                if p in partitions and expired(bucket, now_s):
+                    out[key] = p
+        return out
+
+
+class PartialTotals:
+    """Cross-partition scopes: each source partition's bucket values, counted through ``P``."""
+
+    def __init__(self, store: MutableMapping[str, Any]) -> None:
+        # "<scope>|<g>|<start>|p<source>" -> nanos, and "<scope>|P|0|p<source>" -> the source
+        # partition's offset those values are counted through.
+        self.store = store
+
+    @staticmethod
+    def offset_key(scope: str, source: int) -> str:
+        return f"{scope}|P|0|p{source}"
+
+    def stage(self, partials: Iterable[Mapping[str, Any]]) -> tuple[dict[str, Any], set[str]]:
+        """Writes for a batch of partial messages; a message older (lower ``processed``) than
+        what is held for its (scope, source) is ignored, so re-deliveries never regress."""
+        writes: dict[str, Any] = {}
+        scopes: set[str] = set()
+        for partial in partials:
+            scope, source = partial["scope"], int(partial["partition"])
+            offset_key = self.offset_key(scope, source)
+            held = writes.get(offset_key, self.store.get(offset_key, -1))
+            if partial["processed"] < held:
+                continue
+            for short, nanos in partial["buckets"].items():
+                writes[parse_short(short).key(scope, source)] = nanos
+            writes[offset_key] = partial["processed"]
+            scopes.add(scope)
+        return writes, scopes
+
+    def commit(self, writes: Mapping[str, Any]) -> None:
+        for key, value in writes.items():
+            if value is None:
+                self.store.pop(key, None)
+            else:
+                self.store[key] = value
+
+    def spent(
+        self, scope: str, start: datetime, end: datetime, sources: Iterable[int]
+    ) -> tuple[int, dict[int, int]]:
+        tiles = cover(int(start.timestamp()), int(end.timestamp()))
+        total = 0
+        counted: dict[int, int] = {}
+        for source in sources:
+            through = self.store.get(self.offset_key(scope, source))
+            if through is None:
+                continue
+            counted[source] = through
+            for tile in tiles:
+                total += self.store.get(tile.key(scope, source), 0)
+        return total, counted
+
+    def scopes(self) -> set[str]:
+        return {parse_key(key)[0] for key in self.store if parse_key(key)[1].granularity == "P"}
+
+    def expired_keys(self, now_s: int) -> list[str]:
+        out = []
+        for key in self.store:
+            bucket = parse_key(key)[1]
+            if bucket.granularity != "P" and expired(bucket, now_s):
+                out.append(key)
+        return out
