@@ -10,27 +10,30 @@ only HTTP type here is the upstream client response.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any
 
 import aiohttp
 import orjson
 
 from app.attribution import Identity
-from app.budgets.gate import BudgetGate, Reservation
+from app.budgets.gate import Admission, BudgetGate
 from app.budgets.policy import scopes_of
+from app.budgets.reservations import CallCost, OutputEstimator
 from app.budgets.spend import event_cost
-from app.errors import invalid_request, model_not_found, upstream_error, upstream_timeout
+from app.errors import ApiError, invalid_request, model_not_found, upstream_error, upstream_timeout
 from app.metrics import Metrics
 from app.pricing import PriceCatalog, nanos_to_usd
 from app.producer import EventEmitter
 from app.tokens import count_tokens, estimate_message_tokens
 from app.upstreams import RETRYABLE_CONNECT_ERRORS, UpstreamPool
-from app.usage import attribution_fields, build_usage_record, event_time, new_id
+from app.usage import attribution_fields, build_usage_record, event_time, new_id, usage_event_id
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +63,13 @@ class ChatRequest:
     client_wants_usage: bool  # the client itself asked for stream usage
     max_tokens: int | None
     prompt_tokens_estimate: int
+
+    def cap_output(self, tokens: int) -> None:
+        """Cap the output at ``tokens`` (the budget gate's decision) in every output-limit
+        field the client sent, or in ``max_tokens`` if it sent none."""
+        fields = [f for f in ("max_completion_tokens", "max_tokens") if f in self.upstream_body]
+        for name in fields or ["max_tokens"]:
+            self.upstream_body[name] = min(self.upstream_body.get(name) or tokens, tokens)
 
 
 def parse_chat_request(
@@ -110,6 +120,10 @@ class Call:
     endpoint: str
     identity: Identity
     chat: ChatRequest
+    deadline: float  # event-loop time by which the call ends, streams included
+    admission: Admission | None = None
+    client_request_id: str | None = None
+    attempt: int = 1
     started: float = field(default_factory=time.monotonic)
     upstream: str | None = None
     prompt_tokens: int | None = None
@@ -122,8 +136,11 @@ class Call:
     error_type: str | None = None
     generated_text: list[str] = field(default_factory=list)
     client_headers: Mapping[str, str] = field(default_factory=dict)
-    reservation: Reservation | None = None
     finished: bool = False
+
+    @property
+    def max_tokens_cap(self) -> int | None:
+        return self.admission.max_tokens_cap if self.admission else None
 
     def take_usage(self, usage: Any) -> None:
         if not isinstance(usage, dict):
@@ -135,6 +152,13 @@ class Call:
             details = usage.get("prompt_tokens_details") or {}
             cached = details.get("cached_tokens") if isinstance(details, dict) else None
             self.cached_tokens = cached if isinstance(cached, int) else 0
+
+    def cut(self, error_type: str) -> None:
+        """The call was ended by the gateway or a failure; its usage says why."""
+        self.status = (
+            "timeout" if "timeout" in error_type or error_type == MAX_DURATION else "error"
+        )
+        self.error_type = error_type
 
 
 def identity_scopes(identity: Identity) -> list[str]:
@@ -199,10 +223,29 @@ class SseRelay:
 
 
 StreamWriter = Callable[[bytes], Awaitable[None]]
+MAX_DURATION = "max_call_duration"
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """What the call lifecycle needs from the settings (see ``app/settings.py``)."""
+
+    fallback_output_tokens: int = 512
+    max_output_tokens: int = 16_384
+    max_call_duration_s: float = 600.0
+    budget_queue_wait_s: float = 30.0
+    dispatcher_id: str | None = None
+    boot_ts: datetime | None = None
 
 
 class Gateway:
-    """Runs calls against upstreams and turns them into priced, emitted events."""
+    """Runs calls against upstreams and turns them into priced, emitted events.
+
+    ``call`` is the one owner of a call's lifecycle: admission (the budget
+    gate), the ``Request`` event, and — whatever happens inside it (upstream
+    error, client gone, cancellation, timeout, a failing encoder) — the
+    ``Usage`` event and the release of the reservation.
+    """
 
     def __init__(
         self,
@@ -211,14 +254,15 @@ class Gateway:
         emitter: EventEmitter,
         metrics: Metrics,
         gate: BudgetGate,
-        reserve_output_tokens: int = 4096,
+        config: GatewayConfig | None = None,
     ) -> None:
         self.upstreams = upstreams
         self.prices = prices
         self.emitter = emitter
         self.metrics = metrics
         self.gate = gate
-        self.reserve_output_tokens = reserve_output_tokens
+        self.config = config or GatewayConfig()
+        self.outputs = OutputEstimator(self.config.fallback_output_tokens)
         # request_id -> who made it, for outcomes reported later with only the request id.
         self._recent: OrderedDict[str, Identity] = OrderedDict()
 
@@ -253,8 +297,13 @@ class Gateway:
         status: str,
         reason: str | None = None,
         blocked_scope: str | None = None,
-        reserved_nanos: int = 0,
+        call: Call | None = None,
+        client_request_id: str | None = None,
     ) -> None:
+        admission = call.admission if call else None
+        deadline = (
+            event_time() + timedelta(seconds=self.config.max_call_duration_s) if call else None
+        )
         record = {
             "event_id": new_id(),
             "ts": event_time(),
@@ -267,10 +316,16 @@ class Gateway:
             "stream": chat.stream if chat else False,
             "prompt_tokens_estimated": chat.prompt_tokens_estimate if chat else 0,
             "max_tokens": chat.max_tokens if chat else None,
-            "reserved_usd_nanos": reserved_nanos,
+            "reserved_usd_nanos": admission.reservation.reserved_nanos if admission else 0,
             "status": status,
             "reason": reason,
             "blocked_scope": blocked_scope,
+            "client_request_id": call.client_request_id if call else client_request_id,
+            "dispatcher_id": self.config.dispatcher_id,
+            "boot_ts": self.config.boot_ts,
+            "deadline_ts": deadline,
+            "expected_output_tokens": admission.expected_output_tokens if admission else 0,
+            "max_tokens_capped": admission.max_tokens_cap if admission else None,
         }
         self.emitter.emit("Request", "requests", identity.user_id, record)
 
@@ -294,22 +349,27 @@ class Gateway:
             m.tokens.labels(model, "cached").inc(cached_tokens)
         return record
 
+    def emit_usage(self, record: dict[str, Any], scopes: list[str]) -> None:
+        """Spool a usage event and hold its cost at the gate until the worker counts it."""
+        seq = self.emitter.emit("Usage", "usage", record["user_id"], record)
+        self.gate.record_spend(scopes, event_cost(record), record["ts"], seq)
+
     def finish(self, call: Call) -> None:
         """Emit the call's Usage event and release its reservation, exactly once."""
         if call.finished:
             return
         call.finished = True
+        reservation = call.admission.reservation if call.admission else None
+        seq, cost, ts = None, 0, None
         try:
             record = self._final_usage(call)
-        except Exception:
-            if call.reservation is not None:
-                self.gate.settle(call.reservation, 0)
-            raise
-        try:
-            self.emitter.emit("Usage", "usage", call.identity.user_id, record)
+            cost, ts = event_cost(record), record["ts"]
+            seq = self.emitter.emit("Usage", "usage", call.identity.user_id, record)
+            if call.status == "ok" and not call.usage_estimated and call.upstream:
+                self.outputs.observe(call.chat.model, record["completion_tokens"])
         finally:  # a failed emit must not leak the reservation into false 402s
-            if call.reservation is not None:
-                self.gate.settle(call.reservation, event_cost(record), record["ts"])
+            if reservation is not None:
+                self.gate.settle(reservation, cost if seq is not None else 0, ts, seq)
 
     def _final_usage(self, call: Call) -> dict[str, Any]:
         if call.prompt_tokens is None or call.completion_tokens is None:
@@ -322,6 +382,8 @@ class Gateway:
         return self.usage_record(
             call.identity,
             request_id=call.request_id,
+            event_id=usage_event_id(call.request_id, call.attempt),
+            attempt=call.attempt,
             model=call.chat.model,
             prompt_tokens=call.prompt_tokens,
             completion_tokens=call.completion_tokens,
@@ -334,40 +396,69 @@ class Gateway:
             status=call.status,
             http_status=call.http_status,
             error_type=call.error_type,
+            client_request_id=call.client_request_id,
+            max_tokens_capped=call.max_tokens_cap,
         )
 
     # -- the call ---------------------------------------------------------------------
-    def begin(
+    def call_cost(self, chat: ChatRequest) -> CallCost:
+        """What the call may cost, for the gate: exact prices for any output length."""
+        model, prompt = chat.model, chat.prompt_tokens_estimate
+        maximum = chat.max_tokens or self.config.max_output_tokens
+        return CallCost(
+            price=lambda tokens: self.prices.worst_case_nanos(model, prompt, tokens),
+            max_output_tokens=maximum,
+            expected_output_tokens=min(self.outputs.expected(model), maximum),
+            client_capped=chat.max_tokens is not None,
+        )
+
+    @contextlib.asynccontextmanager
+    async def call(
         self,
         request_id: str,
         endpoint: str,
         identity: Identity,
         chat: ChatRequest,
         client_headers: Mapping[str, str] | None = None,
-    ) -> Call:
-        """Admit a call: known model, and every capped scope has room (else 402)."""
+        client_request_id: str | None = None,
+    ) -> AsyncIterator[Call]:
+        """Admit a call (known model, room under every cap, else ``BudgetRefused``), record it,
+        and whatever happens in the block, emit its usage and release its reservation."""
         if not self.upstreams.candidates(chat.model):
             raise model_not_found(chat.model, self.upstreams.known_models())
-        worst_case = self.prices.worst_case_nanos(
-            chat.model, chat.prompt_tokens_estimate, chat.max_tokens or self.reserve_output_tokens
+        admission = await self.gate.admit_waiting(
+            identity_scopes(identity), self.call_cost(chat), self.config.budget_queue_wait_s
         )
-        reservation = self.gate.admit(identity_scopes(identity), worst_case)
-        self.emit_request(
+        loop = asyncio.get_running_loop()
+        call = Call(
             request_id=request_id,
             endpoint=endpoint,
             identity=identity,
             chat=chat,
-            status="accepted",
-            reserved_nanos=worst_case if reservation.scopes else 0,
-        )
-        return Call(
-            request_id=request_id,
-            endpoint=endpoint,
-            identity=identity,
-            chat=chat,
+            deadline=loop.time() + self.config.max_call_duration_s,
+            admission=admission,
+            client_request_id=client_request_id,
             client_headers=client_headers or {},
-            reservation=reservation,
         )
+        try:
+            if admission.max_tokens_cap is not None:
+                chat.cap_output(admission.max_tokens_cap)
+            self.emit_request(
+                request_id=request_id,
+                endpoint=endpoint,
+                identity=identity,
+                chat=chat,
+                status="accepted",
+                call=call,
+            )
+        except BaseException:
+            call.finished = True  # no Request event, so no Usage: only the release
+            self.gate.settle(admission.reservation, 0)
+            raise
+        try:
+            yield call
+        finally:
+            self.finish(call)
 
     async def open_upstream(self, call: Call) -> aiohttp.ClientResponse:
         """POST to the first upstream that accepts the connection (one retry elsewhere)."""
@@ -377,11 +468,12 @@ class Gateway:
         for upstream in candidates:
             call.upstream = upstream.name
             try:
-                return await upstream.session.post(
-                    upstream.chat_url,
-                    data=payload,
-                    headers=upstream.request_headers(call.client_headers),
-                )
+                async with asyncio.timeout_at(call.deadline):
+                    return await upstream.session.post(
+                        upstream.chat_url,
+                        data=payload,
+                        headers=upstream.request_headers(call.client_headers),
+                    )
             except RETRYABLE_CONNECT_ERRORS as exc:
                 self.metrics.upstream_errors.labels(upstream.name, "connect").inc()
                 log.warning(
@@ -391,10 +483,7 @@ class Gateway:
                 last_error = exc
             except TimeoutError as exc:
                 self.metrics.upstream_errors.labels(upstream.name, "timeout").inc()
-                call.status, call.http_status, call.error_type = "timeout", 504, "upstream_timeout"
-                raise upstream_timeout(
-                    f"Upstream {upstream.name!r} did not answer in time"
-                ) from exc
+                raise self._timed_out(call, "did not answer in time") from exc
             except aiohttp.ClientError as exc:
                 self.metrics.upstream_errors.labels(upstream.name, "connect").inc()
                 last_error = exc
@@ -405,6 +494,21 @@ class Gateway:
             f"No upstream serving {call.chat.model!r} could be reached ({names}): {last_error}"
         )
 
+    def _timed_out(self, call: Call, what: str) -> ApiError:
+        """The call ran out of time: its own deadline (max_call_duration_s) or upstream silence."""
+        call.http_status = 504
+        if asyncio.get_running_loop().time() >= call.deadline:
+            call.cut(MAX_DURATION)
+            return ApiError(
+                504,
+                "upstream_timeout",
+                f"The call exceeded TOLLGATE_MAX_CALL_DURATION_S="
+                f"{self.config.max_call_duration_s:g}s; upstream {call.upstream!r} {what}",
+                code=MAX_DURATION,
+            )
+        call.cut("upstream_timeout")
+        return upstream_timeout(f"Upstream {call.upstream!r} {what}")
+
     def record_upstream_status(self, call: Call, response: aiohttp.ClientResponse) -> None:
         if response.status >= 400:
             kind = "http_5xx" if response.status >= 500 else "http_4xx"
@@ -414,23 +518,28 @@ class Gateway:
         else:
             call.http_status = response.status
 
+    def _observe_upstream(self, call: Call) -> None:
+        """Upstream duration: from sending the request to its last byte, streams included."""
+        self.metrics.upstream_latency.labels(call.upstream or "?").observe(
+            time.monotonic() - call.started
+        )
+        if call.ttft_ms is not None:
+            self.metrics.upstream_ttft.labels(call.upstream or "?").observe(call.ttft_ms / 1000)
+
     async def complete(self, call: Call) -> tuple[int, bytes, str]:
         """Non-streamed call: (status, body bytes passed through unchanged, content type)."""
         response = await self.open_upstream(call)
-        started = time.monotonic()
         try:
-            body = await response.read()
+            async with asyncio.timeout_at(call.deadline):
+                body = await response.read()
         except TimeoutError as exc:
-            call.status, call.http_status, call.error_type = "timeout", 504, "upstream_timeout"
-            raise upstream_timeout(f"Upstream {call.upstream!r} stopped answering") from exc
+            raise self._timed_out(call, "stopped answering") from exc
         except aiohttp.ClientError as exc:
             call.status, call.http_status, call.error_type = "error", 502, "upstream_error"
             raise upstream_error(f"Upstream {call.upstream!r} broke the connection: {exc}") from exc
         finally:
             response.release()
-            self.metrics.upstream_latency.labels(call.upstream or "?").observe(
-                time.monotonic() - started
-            )
+            self._observe_upstream(call)
         self.record_upstream_status(call, response)
         if response.status < 400:
             try:
@@ -457,24 +566,29 @@ class Gateway:
 
         A client that goes away raises from ``write``; the call is then marked
         ``client_disconnected`` and the upstream connection is closed, so the
-        provider stops generating. Usage is emitted by ``finish`` either way.
+        provider stops generating. A call that reaches its deadline is cut, and the
+        client gets an SSE ``error`` event saying so. Usage is emitted by ``finish``
+        either way.
         """
         relay = SseRelay(call)
         try:
-            async for data in response.content.iter_any():
-                out = relay.feed(data)
-                if out:
-                    await write(out)
-            tail = relay.flush()
-            if tail:
-                await write(tail)
+            async with asyncio.timeout_at(call.deadline):
+                async for data in response.content.iter_any():
+                    out = relay.feed(data)
+                    if out:
+                        await write(out)
+                tail = relay.flush()
+                if tail:
+                    await write(tail)
         except (ConnectionError, asyncio.CancelledError):
             call.status, call.error_type = "client_disconnected", "client_disconnected"
             response.close()
             raise
         except TimeoutError:
-            call.status, call.error_type = "timeout", "upstream_timeout"
+            error = self._timed_out(call, "stopped streaming")
             response.close()
+            with contextlib.suppress(ConnectionError):
+                await write(b"data: " + orjson.dumps(error.body()) + b"\n\n")
         except aiohttp.ClientPayloadError as exc:
             call.status, call.error_type = "error", "upstream_stream_broken"
             log.warning(
@@ -482,3 +596,4 @@ class Gateway:
             )
         finally:
             response.release()
+            self._observe_upstream(call)

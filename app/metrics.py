@@ -28,9 +28,27 @@ class Metrics:
         )
         self.upstream_latency = Histogram(
             "tollgate_upstream_duration_seconds",
-            "Upstream call latency by upstream",
+            "Upstream call duration by upstream: request sent to last byte, streams included",
             ["upstream"],
             buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_ttft = Histogram(
+            "tollgate_upstream_ttft_seconds",
+            "Time to the first content token of streamed calls, by upstream",
+            ["upstream"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.budget_swept = Counter(
+            "tollgate_budget_reservations_swept",
+            "Reservations released by the sweep after max_call_duration_s (a call path failed "
+            "to release its own: a bug to report)",
+            registry=r,
+        )
+        self.budget_capped = Counter(
+            "tollgate_budget_output_capped",
+            "Calls whose max_tokens the budget gate lowered to keep a cap's worst case",
             registry=r,
         )
         self.upstream_errors = Counter(

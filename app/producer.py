@@ -48,13 +48,17 @@ class EventEmitter:
         *,
         spool: Spool | None = None,
         on_delivered: Callable[[int], None] | None = None,
+        on_acked: Callable[[int, str, int, int], None] | None = None,
     ) -> None:
+        """``on_delivered(count)``: events Kafka acknowledged; ``on_acked(seq, topic,
+        partition, offset)``: where each one landed (the budget gate matches by it)."""
         self.settings = settings
         self.codec = codec
         self.spool = spool or Spool(
             settings.spool_dir, max_bytes=settings.spool_max_bytes, fsync=settings.spool_fsync
         )
         self._on_delivered = on_delivered
+        self._on_acked = on_acked
         self._wake = asyncio.Event()
         self._producer: AIOKafkaProducer | None = None
         self._task: asyncio.Task[None] | None = None
@@ -171,6 +175,8 @@ class EventEmitter:
                 send_error = result
                 break
             acked = record.seq
+            if self._on_acked is not None:
+                self._on_acked(record.seq, record.topic, result.partition, result.offset)
         self._partial_ack(acked)
         if send_error is not None:
             raise send_error

@@ -21,22 +21,29 @@ from aiohttp import web
 
 from app.attribution import Identity, KeyStore, resolve_identity
 from app.budgets.admin import deletion_record, load_budgets_file, policy_record
-from app.budgets.gate import BudgetGate
-from app.budgets.policy import PolicyBook, PolicyError, parse_policy, validate_scope
+from app.budgets.gate import BudgetGate, BudgetRefused
+from app.budgets.policy import PolicyBook, PolicyError, parse_policy, scopes_of, validate_scope
 from app.budgets.spend import event_cost
 from app.clock import Clock
-from app.codec import build_codec
+from app.codec import EventDecodeError, build_codec
 from app.compacted import CompactedView
 from app.errors import ApiError, invalid_request
-from app.gateway import Call, ChatRequest, Gateway, identity_scopes, parse_chat_request
+from app.gateway import (
+    Call,
+    ChatRequest,
+    Gateway,
+    GatewayConfig,
+    identity_scopes,
+    parse_chat_request,
+)
 from app.ingest import parse_outcomes, parse_usage_reports
 from app.metrics import Metrics
 from app.openapi import openapi_document
-from app.pricing import PriceCatalog
+from app.pricing import PriceCatalog, nanos_to_usd
 from app.producer import EventEmitter
 from app.settings import Settings
 from app.upstreams import UpstreamPool
-from app.usage import new_id
+from app.usage import event_time, new_id
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +68,8 @@ class Components:
 
 COMPONENTS = web.AppKey("components", Components)
 REQUEST_ID = web.RequestKey("request_id", str)
+CLIENT_REQUEST_ID = web.RequestKey("client_request_id", str)
+CLIENT_REQUEST_ID_MAX = 200
 
 
 def json_response(
@@ -82,6 +91,11 @@ async def api_middleware(
 ) -> web.StreamResponse:
     request_id = new_id("req_")
     request[REQUEST_ID] = request_id
+    # The gateway's own id joins Request, Usage and outcomes, so a client cannot choose it;
+    # the client's is kept alongside (printable and bounded, else ignored) and echoed back.
+    client_id = request.headers.get("X-Request-Id")
+    if client_id and len(client_id) <= CLIENT_REQUEST_ID_MAX and client_id.isprintable():
+        request[CLIENT_REQUEST_ID] = client_id
     metrics = request.app[COMPONENTS].metrics
     route = (
         request.match_info.route.resource.canonical
@@ -116,6 +130,8 @@ async def api_middleware(
         )
     if not response.prepared:
         response.headers["X-Request-Id"] = request_id
+        if CLIENT_REQUEST_ID in request:
+            response.headers["X-Client-Request-Id"] = request[CLIENT_REQUEST_ID]
     metrics.requests.labels(route, str(response.status)).inc()
     metrics.latency.labels(route).observe(time.monotonic() - started)
     return response
@@ -135,11 +151,60 @@ async def read_json(request: web.Request) -> Any:
 
 
 # -- chat ------------------------------------------------------------------------------
+def budget_refusal(refusal: BudgetRefused) -> ApiError:
+    """HTTP's view of a budget refusal: 402, with what a client needs to tell its user."""
+    status = refusal.status
+    policy = status.policy
+    prompt = policy.upgrade_prompt or "Raise the limit or wait for the next period."
+    if policy.upgrade_url:
+        prompt += f" Upgrade: {policy.upgrade_url}"
+    counted = (
+        f"counted by the spend worker ${nanos_to_usd(status.counted_nanos):.6f}"
+        f" + not yet counted here ${nanos_to_usd(status.uncounted_nanos):.6f}"
+    )
+    if refusal.retryable:
+        counted += f" + in flight ${nanos_to_usd(status.reserved_nanos):.6f}"
+    return ApiError(
+        402,
+        "budget_exceeded",
+        f"Budget for {status.scope} is exhausted ({refusal.reason}): "
+        f"${nanos_to_usd(status.spent_nanos):.6f} of ${policy.limit_usd} this {policy.period} "
+        f"({counted}); resets at {status.resets_at.isoformat()}. {prompt}",
+        code="budget_exceeded",
+        extra={
+            "scope": status.scope,
+            "limit_usd": float(policy.limit_usd),
+            "spent_usd": float(nanos_to_usd(status.spent_nanos)),
+            "period": policy.period,
+            "resets_at": status.resets_at.isoformat(),
+            "decided_by": status.decided_by,
+            "reason": refusal.reason,
+            "upgrade_url": policy.upgrade_url,
+            "upgrade_prompt": policy.upgrade_prompt,
+        },
+    )
+
+
 async def _chat(request: web.Request, endpoint: str, native: bool) -> web.StreamResponse:
     c = request.app[COMPONENTS]
     request_id = request[REQUEST_ID]
+    client_request_id = request.get(CLIENT_REQUEST_ID)
     identity: Identity | None = None
     chat: ChatRequest | None = None
+    call: Call | None = None
+
+    def refused(status: str, reason: str, scope: str | None = None) -> None:
+        c.gateway.emit_request(
+            request_id=request_id,
+            endpoint=endpoint,
+            identity=identity or Identity(user_id="unattributed"),
+            chat=chat,
+            status=status,
+            reason=reason,
+            blocked_scope=scope,
+            client_request_id=client_request_id,
+        )
+
     try:
         body = await read_json(request)
         chat = parse_chat_request(
@@ -147,31 +212,31 @@ async def _chat(request: web.Request, endpoint: str, native: bool) -> web.Stream
         )
         identity = resolve_identity(request.headers, body, c.keys, c.settings.require_attribution)
         _check_budget_view_fresh(c)
-        call = c.gateway.begin(request_id, endpoint, identity, chat, request.headers)
-    except (ApiError, web.HTTPRequestEntityTooLarge) as exc:
-        reason = exc.code or exc.error_type if isinstance(exc, ApiError) else "request_too_large"
-        blocked = isinstance(exc, ApiError) and exc.status == 402
-        c.gateway.emit_request(
-            request_id=request_id,
-            endpoint=endpoint,
-            identity=identity or Identity(user_id="unattributed"),
-            chat=chat,
-            status="blocked" if blocked else "rejected",
-            reason=reason,
-            blocked_scope=exc.extra.get("scope") if isinstance(exc, ApiError) else None,
-        )
+        async with c.gateway.call(
+            request_id, endpoint, identity, chat, request.headers, client_request_id
+        ) as call:
+            headers = {"X-Request-Id": request_id}
+            if client_request_id:
+                headers["X-Client-Request-Id"] = client_request_id
+            if call.max_tokens_cap is not None:
+                c.metrics.budget_capped.inc()
+                headers["X-Tollgate-Max-Tokens-Capped"] = str(call.max_tokens_cap)
+            if chat.stream:
+                return await _stream(request, c.gateway, call, headers)
+            status, payload, content_type = await c.gateway.complete(call)
+            return web.Response(
+                body=payload, status=status, headers={"Content-Type": content_type, **headers}
+            )
+    except BudgetRefused as refusal:  # only ever raised by admission
+        refused("blocked", "budget_exceeded", refusal.status.scope)
+        raise budget_refusal(refusal) from None
+    except ApiError as exc:
+        if call is None:  # refused before any upstream call
+            refused("rejected", exc.code or exc.error_type)
         raise
-    try:
-        if chat.stream:
-            return await _stream(request, c.gateway, call)
-        status, payload, content_type = await c.gateway.complete(call)
-        return web.Response(
-            body=payload,
-            status=status,
-            headers={"Content-Type": content_type, "X-Request-Id": request_id},
-        )
-    finally:
-        c.gateway.finish(call)
+    except web.HTTPRequestEntityTooLarge:
+        refused("rejected", "request_too_large")
+        raise
 
 
 def _check_budget_view_fresh(c: Components) -> None:
@@ -189,7 +254,9 @@ def _check_budget_view_fresh(c: Components) -> None:
         )
 
 
-async def _stream(request: web.Request, gateway: Gateway, call: Call) -> web.StreamResponse:
+async def _stream(
+    request: web.Request, gateway: Gateway, call: Call, headers: dict[str, str]
+) -> web.StreamResponse:
     upstream = await gateway.open_upstream(call)
     gateway.record_upstream_status(call, upstream)
     if upstream.status >= 400:  # pass the provider's error through, as JSON
@@ -198,18 +265,11 @@ async def _stream(request: web.Request, gateway: Gateway, call: Call) -> web.Str
         return web.Response(
             body=payload,
             status=upstream.status,
-            headers={
-                "Content-Type": upstream.headers.get("Content-Type", JSON),
-                "X-Request-Id": call.request_id,
-            },
+            headers={"Content-Type": upstream.headers.get("Content-Type", JSON), **headers},
         )
     response = web.StreamResponse(
         status=200,
-        headers={
-            "Content-Type": "text/event-stream",
-            "Cache-Control": "no-cache",
-            "X-Request-Id": call.request_id,
-        },
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **headers},
     )
     await response.prepare(request)
     await gateway.relay_stream(call, upstream, response.write)
@@ -246,9 +306,9 @@ async def report_usage(request: web.Request) -> web.Response:
     accepted = []
     for report in reports:
         record = c.gateway.usage_record(source="usage_api", **report)  # identity is in report
-        c.emitter.emit("Usage", "usage", record["user_id"], record)
-        # Already spent: recorded even when a scope is blocked, and counted by the gate.
-        c.gate.record_spend(identity_scopes(report["identity"]), event_cost(record), record["ts"])
+        # Already spent: recorded even when a scope is blocked, and held by the gate until
+        # the spend worker counts it.
+        c.gateway.emit_usage(record, identity_scopes(report["identity"]))
         accepted.append(
             {
                 "event_id": record["event_id"],
@@ -450,10 +510,25 @@ async def build_components(settings: Settings) -> Components:
     metrics_ = Metrics()
     prices = PriceCatalog(settings.baseline_model, settings.price_overrides_file)
     keys = KeyStore.load(settings.keys_file) if settings.keys_file else None
+    clock = Clock(settings.clock_start)
+    policies = PolicyBook()
+    gate = BudgetGate(
+        policies,
+        clock,
+        settings.budget_reservations,
+        max_call_duration_s=settings.max_call_duration_s,
+    )
+    usage_topic = settings.topic("usage")
+
+    def on_acked(seq: int, topic: str, partition: int, offset: int) -> None:
+        if topic == usage_topic:
+            gate.on_delivered(seq, partition, offset)
+
     emitter = EventEmitter(
         settings,
         build_codec(settings.schema_registry_url),
         on_delivered=metrics_.events_delivered.inc,
+        on_acked=on_acked,
     )
     metrics_.bind_spool(lambda: emitter.depth, lambda: emitter.spool.size_bytes)
     upstreams = UpstreamPool(
@@ -462,9 +537,6 @@ async def build_components(settings: Settings) -> Components:
         settings.upstream_read_timeout_s,
     )
     codec = emitter.codec
-    clock = Clock(settings.clock_start)
-    policies = PolicyBook()
-    gate = BudgetGate(policies, clock, settings.budget_reservations)
     policy_view = CompactedView(
         settings.kafka_bootstrap,
         settings.topic("budget.policies"),
@@ -478,10 +550,11 @@ async def build_components(settings: Settings) -> Components:
         on_record=gate.on_decision,
     )
     await upstreams.start()
-    await emitter.start()
     # Ready only after catching up with every decision: a blocked user must not slip through
     # a restart. If Kafka is down, serve on the spool with what is known (fail-open).
     await asyncio.gather(policy_view.start(), decision_view.start())
+    hold_spooled_usage(emitter, gate, usage_topic)  # before the spool drains: see its acks
+    await emitter.start()
     if settings.budgets_file:
         for policy in load_budgets_file(settings.budgets_file):
             if policies.policies.get(policy.scope) != policy:
@@ -492,7 +565,15 @@ async def build_components(settings: Settings) -> Components:
                     policy_record(policy, "budgets_file"),
                 )
                 policies.put(policy)
-    gateway = Gateway(upstreams, prices, emitter, metrics_, gate, settings.reserve_output_tokens)
+    config = GatewayConfig(
+        fallback_output_tokens=settings.reserve_output_tokens,
+        max_output_tokens=settings.max_output_tokens,
+        max_call_duration_s=settings.max_call_duration_s,
+        budget_queue_wait_s=settings.budget_queue_wait_s,
+        dispatcher_id=dispatcher_id(settings.state_dir),
+        boot_ts=event_time(),
+    )
+    gateway = Gateway(upstreams, prices, emitter, metrics_, gate, config)
     reports_session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60))
     return Components(
         settings,
@@ -510,6 +591,53 @@ async def build_components(settings: Settings) -> Components:
     )
 
 
+def hold_spooled_usage(emitter: EventEmitter, gate: BudgetGate, usage_topic: str) -> int:
+    """Usage a previous run spooled but Kafka never acknowledged: the spend worker has not
+    counted it, so the gate holds it (until a decision counts it) like fresh spend."""
+    held = 0
+    for spooled in emitter.spool.peek(emitter.spool.depth):
+        if spooled.topic != usage_topic:
+            continue
+        try:
+            record = emitter.codec.decode(spooled.value).record
+        except EventDecodeError:
+            continue  # the sink dead-letters it; it costs nothing against a cap
+        scopes = scopes_of(
+            record["user_id"], record.get("feature"), record.get("team"), record.get("api_key_id")
+        )
+        gate.record_spend(scopes, event_cost(record), record["ts"], spooled.seq)
+        held += 1
+    if held:
+        log.info("holding spooled usage at the budget gate until counted", extra={"events": held})
+    return held
+
+
+def dispatcher_id(state_dir: Path) -> str:
+    """A stable id for this dispatcher (its state directory); a restart keeps it, so the spend
+    worker can tell that the calls of the previous boot died with it."""
+    path = state_dir / "dispatcher.id"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        value = new_id("dsp_")
+        path.write_text(value + "\n")
+        return value
+
+
+async def sweep_reservations(components: Components) -> None:
+    """Every few seconds: release reservations a call path failed to release (a bug)."""
+    while True:
+        await asyncio.sleep(5.0)
+        swept = components.gate.sweep()
+        if swept:
+            components.metrics.budget_swept.inc(swept)
+            log.error(
+                "released reservations older than max_call_duration_s; a call path leaked them",
+                extra={"count": swept},
+            )
+
+
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[api_middleware], client_max_size=settings.max_body_bytes)
     for method, path, handler in ROUTES:
@@ -518,7 +646,9 @@ def create_app(settings: Settings) -> web.Application:
     async def lifecycle(app: web.Application) -> Any:
         components = await build_components(settings)
         app[COMPONENTS] = components
+        sweeper = asyncio.create_task(sweep_reservations(components), name="reservation-sweep")
         yield
+        sweeper.cancel()
         await components.upstreams.close()
         await components.reports_session.close()
         await asyncio.gather(components.policy_view.stop(), components.decision_view.stop())

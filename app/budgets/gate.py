@@ -1,41 +1,83 @@
-"""The budget gate in the dispatcher: 402 before any upstream cost, with bounded overshoot.
+"""The budget gate in the dispatcher: refuse before any upstream cost, never a user under the cap.
 
-Owns reservation accounting. For every capped scope of a request (user,
-feature, team, key, global) the gate knows:
+Owns reservation accounting. For every capped scope of a call (user, feature,
+team, key, global) the gate knows:
 
-- the latest ``BudgetDecision`` from the spend agent (``spent`` counts every
-  event with ``ts <= counted_through``, from every dispatcher);
-- the spend this dispatcher has seen itself since then (``local``);
-- the reservations of its requests still in flight (``reserved``).
+- the latest ``BudgetDecision`` of the spend worker: the scope's spend, and per
+  usage partition the offset it counts through;
+- the spend this dispatcher emitted that the worker may not have counted yet:
+  each usage event is held by its spool sequence until Kafka acknowledges it,
+  then by its (partition, offset), and dropped as soon as a decision counts
+  through that offset. Matched by identity, never by time: nothing counted
+  twice, nothing counted zero times;
+- its calls in flight: what each reserved, and its worst case.
 
-A request is refused with 402 when the agent says the scope is blocked, when
-``spent + local + reserved`` already reaches the limit, or when other requests
-are in flight and this one's worst case (prompt + ``max_tokens``) would cross
-it. So one dispatcher can overshoot by at most the request that crossed the
-limit; with N dispatchers, by at most N such requests until the decision
-arrives. Reservations are released in a ``finally`` by the caller, whatever
-happens to the call (completion, error, disconnect, timeout).
+Admission, per capped scope, with ``room = limit - counted - not yet counted``:
+
+- ``room <= 0``: refused (limit reached).
+- The call's full worst case fits in ``room`` minus the worst cases in flight:
+  admitted as is.
+- Else, near the cap: the call gets an output cap (``max_tokens``) whose worst
+  case fits what is left (the client is told in a header). A call alone in
+  flight is always admitted this way, so a user under the cap is never refused
+  by a sequential client; with others in flight, a call whose realistic output
+  (twice a high quantile of recent calls) does not fit waits for them to settle
+  (``budget_queue_wait_s``), then is refused as "requests in flight would
+  exceed the limit" if it still does not fit.
+
+So the worst cases in flight never exceed the room: a dispatcher's own calls
+overshoot a cap by at most the prompt of one lone call whose prompt alone
+exceeds what is left (plus the error of the prompt estimate); several
+dispatchers add what the others spent since the last decision.
+Reservations are released by the caller, and swept after
+``max_call_duration_s`` if a caller ever failed to (counted in a metric).
+Does not own HTTP (the refusal is ``BudgetRefused``; the web layer maps it to 402).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import threading
+import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from app.budgets.policy import Policy, PolicyBook
+from app.budgets.policy import Policy, PolicyBook, evaluate
+from app.budgets.reservations import CallCost, fit_output_tokens
 from app.clock import Clock
-from app.errors import ApiError
-from app.pricing import nanos_to_usd, usd_text
+from app.pricing import usd_text
+
+LOCAL_ENTRIES_MAX = 4096
+SWEEP_GRACE_S = 30.0
+
+
+@dataclass(eq=False)
+class LocalSpend:
+    """Spend emitted by this dispatcher that the spend worker may not have counted yet."""
+
+    nanos: int
+    ts_ms: int
+    scopes: list[str]
+    offsets: dict[int, int] | None = None  # partition -> highest offset; None until acked
+
+
+@dataclass(eq=False)
+class Reservation:
+    scopes: list[str]
+    reserved_nanos: int  # what the status shows in flight
+    worst_nanos: int  # the most the call can cost (with its cap, if any)
+    created: float = field(default_factory=time.monotonic)
+    released: bool = False
 
 
 @dataclass
-class Reservation:
-    scopes: list[str]
-    amount_nanos: int
-    released: bool = False
+class Admission:
+    reservation: Reservation
+    max_tokens_cap: int | None  # output cap the gate set (None: the call runs as asked)
+    expected_output_tokens: int
 
 
 @dataclass
@@ -43,173 +85,334 @@ class ScopeStatus:
     scope: str
     policy: Policy
     state: str
-    spent_nanos: int  # agent's count + what this dispatcher saw since (not reservations)
-    agent_spent_nanos: int
-    local_nanos: int
+    decided_by: str  # "spend_worker" | "this_gateway" | "none_yet"
+    spent_nanos: int  # counted by the worker + not yet counted here (not reservations)
+    counted_nanos: int
+    uncounted_nanos: int
     reserved_nanos: int
+    worst_in_flight_nanos: int
     period_start: datetime
     resets_at: datetime
+    worker_decision: dict[str, Any] | None
+
+    @property
+    def room_nanos(self) -> int:
+        return self.policy.limit_usd_nanos - self.spent_nanos
 
     def to_json(self) -> dict[str, Any]:
+        decision = self.worker_decision
         return {
             "scope": self.scope,
             "state": self.state,
+            "decided_by": self.decided_by,
             "period": self.policy.period,
             "limit_usd": usd_text(self.policy.limit_usd_nanos),
             "spent_usd": usd_text(self.spent_nanos),
-            "remaining_usd": usd_text(max(self.policy.limit_usd_nanos - self.spent_nanos, 0)),
+            "remaining_usd": usd_text(max(self.room_nanos, 0)),
             "period_start": self.period_start.isoformat(),
             "resets_at": self.resets_at.isoformat(),
             "breakdown": {
-                "counted_by_agent_usd": usd_text(self.agent_spent_nanos),
-                "seen_locally_usd": usd_text(self.local_nanos),
+                "counted_by_agent_usd": usd_text(self.counted_nanos),
+                "seen_locally_usd": usd_text(self.uncounted_nanos),
                 "in_flight_usd": usd_text(self.reserved_nanos),
+            },
+            "worker_decision": None
+            if decision is None
+            else {
+                "state": decision["state"],
+                "spent_usd": usd_text(decision["spent_usd_nanos"]),
+                "limit_usd": usd_text(decision["limit_usd_nanos"]),
+                "decided_at": decision["ts"].isoformat(),
+                "reason": decision.get("reason"),
             },
         }
 
 
-def budget_exceeded(status: ScopeStatus, reason: str) -> ApiError:
-    policy = status.policy
-    spent, limit = nanos_to_usd(status.spent_nanos), policy.limit_usd
-    prompt = policy.upgrade_prompt or "Raise the limit or wait for the next period."
-    if policy.upgrade_url:
-        prompt += f" Upgrade: {policy.upgrade_url}"
-    return ApiError(
-        402,
-        "budget_exceeded",
-        f"Budget for {status.scope} is exhausted ({reason}): ${spent:.6f} of ${limit} this "
-        f"{policy.period}; resets at {status.resets_at.isoformat()}. {prompt}",
-        code="budget_exceeded",
-        extra={
-            "scope": status.scope,
-            "limit_usd": float(limit),
-            "spent_usd": float(spent),
-            "period": policy.period,
-            "resets_at": status.resets_at.isoformat(),
-            "upgrade_url": policy.upgrade_url,
-            "upgrade_prompt": policy.upgrade_prompt,
-        },
-    )
+class BudgetRefused(Exception):
+    """A call refused by a budget: which scope, why, and its numbers (for the 402)."""
 
-
-LOCAL_ENTRIES_MAX = 2048
-
-
-def _append_local(entries: list[tuple[int, int]], ts_ms: int, nanos: int) -> None:
-    """Record local spend; when decisions stop arriving (agent down), merge the oldest half
-    into one entry stamped with their newest time, so admission stays O(1)-ish and the
-    merged spend is kept until a decision covers all of it (conservative)."""
-    entries.append((ts_ms, nanos))
-    if len(entries) > LOCAL_ENTRIES_MAX:
-        half = LOCAL_ENTRIES_MAX // 2
-        oldest = entries[:half]
-        entries[:half] = [(max(t for t, _ in oldest), sum(n for _, n in oldest))]
+    def __init__(self, status: ScopeStatus, reason: str, *, retryable: bool = False) -> None:
+        super().__init__(f"{status.scope}: {reason}")
+        self.status = status
+        self.reason = reason
+        self.retryable = retryable  # only calls in flight stand in the way
 
 
 class BudgetGate:
-    def __init__(self, policies: PolicyBook, clock: Clock, reservations: bool = True) -> None:
+    def __init__(
+        self,
+        policies: PolicyBook,
+        clock: Clock,
+        reservations: bool = True,
+        *,
+        max_call_duration_s: float = 600.0,
+    ) -> None:
         self.policies = policies
         self.clock = clock
         self.reservations = reservations  # off: only what has been spent counts (benchmarks)
+        self.max_call_duration_s = max_call_duration_s
         self.decisions: dict[str, dict[str, Any]] = {}
-        self._local: dict[str, list[tuple[int, int]]] = defaultdict(list)  # (ts_ms, nanos)
+        self._local: dict[str, dict[int, LocalSpend]] = defaultdict(dict)  # by id(entry)
+        self._by_seq: dict[int, LocalSpend] = {}
         self._reserved: dict[str, int] = defaultdict(int)
+        self._worst: dict[str, int] = defaultdict(int)
+        self._in_flight: set[Reservation] = set()
+        self.swept = 0  # reservations released by the sweep (a caller failed to)
         self._lock = threading.Lock()  # admission is check-then-reserve: keep it atomic
+        self._changed: asyncio.Event | None = None
 
     # -- views fed from Kafka ----------------------------------------------------------
     def on_decision(self, scope: str, record: dict[str, Any] | None) -> None:
         with self._lock:
             if record is None:
                 self.decisions.pop(scope, None)
+            else:
+                self.decisions[scope] = record
+                self._drop_counted(scope)
+        self._notify()
+
+    def on_delivered(self, seq: int, partition: int, offset: int) -> None:
+        """Kafka acknowledged the event of spool sequence ``seq`` at (partition, offset)."""
+        with self._lock:
+            entry = self._by_seq.pop(seq, None)
+            if entry is None:
                 return
-            self.decisions[scope] = record
-            through = self._counted_through_ms(record)
-            entries = self._local.get(scope)
-            if entries:
-                # >=: event times are whole milliseconds and the agent may have counted only
-                # some events of its last millisecond; counting that one twice until the next
-                # decision errs towards blocking early, never towards overspending.
-                self._local[scope] = [e for e in entries if e[0] >= through]
+            entry.offsets = {partition: offset}
+            for scope in entry.scopes:  # a decision may already count it
+                decision = self.decisions.get(scope)
+                if decision and self._is_counted(entry, self._counted_offsets(decision)):
+                    self._local[scope].pop(id(entry), None)
 
     @staticmethod
-    def _counted_through_ms(record: dict[str, Any]) -> int:
-        through = record.get("counted_through") or record["ts"]
-        return int(through.timestamp() * 1000)
+    def _counted_offsets(decision: dict[str, Any]) -> dict[int, int]:
+        return {int(p): int(o) for p, o in (decision.get("counted_offsets") or {}).items()}
+
+    @staticmethod
+    def _is_counted(entry: LocalSpend, counted: dict[int, int]) -> bool:
+        if entry.offsets is None:
+            return False
+        return all(counted.get(p, -1) > o for p, o in entry.offsets.items())
+
+    def _drop_counted(self, scope: str) -> None:
+        decision = self.decisions.get(scope)
+        entries = self._local.get(scope)
+        if decision is None or not entries:
+            return
+        counted = self._counted_offsets(decision)
+        if counted:
+            for key in [k for k, e in entries.items() if self._is_counted(e, counted)]:
+                del entries[key]
 
     # -- accounting --------------------------------------------------------------------
     def _status(self, scope: str, policy: Policy, now: datetime) -> ScopeStatus:
         period = policy.period_at(now)
         decision = self.decisions.get(scope)
-        agent_spent, through_ms, state = 0, int(period.start.timestamp() * 1000), "open"
-        if decision is not None and decision["period_start"] == period.start:
-            agent_spent = decision["spent_usd_nanos"]
-            through_ms = self._counted_through_ms(decision)
-            if decision["limit_usd_nanos"] == policy.limit_usd_nanos:
-                state = decision["state"]  # a changed limit is judged on the numbers below
+        counted, state, decided_by = 0, "open", "none_yet"
+        counted_offsets: dict[int, int] = {}
+        current = decision if decision and decision["period_start"] == period.start else None
+        if current is not None:
+            counted = current["spent_usd_nanos"]
+            counted_offsets = self._counted_offsets(current)
+            decided_by = "spend_worker"
+            state = current["state"]  # canonical, unless the limit changed since
         start_ms, end_ms = int(period.start.timestamp() * 1000), int(period.end.timestamp() * 1000)
-        local = sum(
-            nanos
-            for ts, nanos in self._local.get(scope, ())
-            if ts >= through_ms and start_ms <= ts < end_ms
+        uncounted = sum(
+            e.nanos
+            for e in self._local.get(scope, {}).values()
+            if start_ms <= e.ts_ms < end_ms and not self._is_counted(e, counted_offsets)
         )
-        reserved = self._reserved.get(scope, 0)
-        spent = agent_spent + local
-        if spent >= policy.limit_usd_nanos:
+        spent = counted + uncounted
+        if current is None or current["limit_usd_nanos"] != policy.limit_usd_nanos:
+            state = evaluate(spent, policy).state  # no verdict on this limit yet: the numbers
+        if state != "blocked" and spent >= policy.limit_usd_nanos:
             state = "blocked"
+        if state == "blocked" and not (
+            current is not None
+            and current["state"] == "blocked"
+            and current["limit_usd_nanos"] == policy.limit_usd_nanos
+        ):
+            decided_by = "this_gateway"  # on its own spend, not counted by the worker yet
         return ScopeStatus(
-            scope, policy, state, spent, agent_spent, local, reserved, period.start, period.end
+            scope,
+            policy,
+            state,
+            decided_by,
+            spent,
+            counted,
+            uncounted,
+            self._reserved.get(scope, 0),
+            self._worst.get(scope, 0),
+            period.start,
+            period.end,
+            decision,
         )
 
-    def admit(self, scopes: list[str], estimate_nanos: int) -> Reservation:
-        """Reserve ``estimate_nanos`` on every capped scope, or raise a 402 ApiError."""
+    def admit(self, scopes: list[str], cost: CallCost) -> Admission:
+        """Reserve on every capped scope, or raise ``BudgetRefused``. May cap the output."""
         now = self.clock.now()
-        if not self.reservations:
-            estimate_nanos = 0
         with self._lock:
-            capped = []
+            capped: list[tuple[str, ScopeStatus]] = []
             for scope in scopes:
                 policy = self.policies.policy_for(scope)
                 if policy is None:
                     continue
                 status = self._status(scope, policy, now)
                 if status.state == "blocked":
-                    reason = "limit reached"
-                    raise budget_exceeded(status, reason)
-                worst_case = status.spent_nanos + status.reserved_nanos + estimate_nanos
-                if status.reserved_nanos and worst_case > policy.limit_usd_nanos:
-                    raise budget_exceeded(status, "requests in flight would exceed the limit")
-                capped.append(scope)
-            for scope in capped:
-                self._reserved[scope] += estimate_nanos
-            return Reservation(capped, estimate_nanos)
+                    raise BudgetRefused(status, "limit reached")
+                capped.append((scope, status))
+            cap, worst = None, cost.worst_nanos
+            if capped and self.reservations:
+                cap, worst = self._output_cap(capped, cost)
+            expected = min(
+                cost.expected_output_tokens, cost.max_output_tokens if cap is None else cap
+            )
+            reserved = cost.price(expected)
+            if not self.reservations:
+                reserved = worst = 0
+            names = [scope for scope, _ in capped]
+            reservation = Reservation(names, reserved, worst)
+            for scope in names:
+                self._reserved[scope] += reserved
+                self._worst[scope] += worst
+            if names:
+                self._in_flight.add(reservation)
+            return Admission(reservation, cap, expected)
+
+    def _output_cap(
+        self, capped: list[tuple[str, ScopeStatus]], cost: CallCost
+    ) -> tuple[int | None, int]:
+        """(output cap or None, worst case) such that every scope's worst cases in flight stay
+        within its room; raises ``BudgetRefused`` when the call must wait or be refused."""
+        room = {scope: s.room_nanos - s.worst_in_flight_nanos for scope, s in capped}
+        budget = min(room.values())
+        if cost.worst_nanos <= budget:
+            return None, cost.worst_nanos
+        alone = all(s.worst_in_flight_nanos == 0 for _, s in capped)
+        if alone:
+            # Nothing else in flight: serve it, with as much output as is left (at least one
+            # token). A user under the cap is never refused by a one-at-a-time client.
+            tokens = max(1, fit_output_tokens(cost, budget))
+            return tokens, cost.price(tokens)
+        target = min(cost.max_output_tokens, 2 * max(cost.expected_output_tokens, 1))
+        fits = fit_output_tokens(cost, budget)
+        if fits >= target:
+            tokens = min(fits, max(target, fit_output_tokens(cost, budget // 2)))
+            return tokens, cost.price(tokens)
+        tightest = min(capped, key=lambda item: room[item[0]])[1]
+        raise BudgetRefused(tightest, "requests in flight would exceed the limit", retryable=True)
+
+    async def admit_waiting(self, scopes: list[str], cost: CallCost, wait_s: float) -> Admission:
+        """``admit``, waiting up to ``wait_s`` for calls in flight to settle when only they
+        stand in the way (near the cap, with concurrent calls)."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            changed = self._changed_event()
+            try:
+                return self.admit(scopes, cost)
+            except BudgetRefused as refusal:
+                left = deadline - time.monotonic()
+                if not refusal.retryable or left <= 0:
+                    raise
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), timeout=left)
+
+    def _changed_event(self) -> asyncio.Event:
+        if self._changed is None:
+            self._changed = asyncio.Event()
+        return self._changed
+
+    def _notify(self) -> None:
+        """Wake calls waiting for room (the gate lives on the dispatcher's event loop)."""
+        event, self._changed = self._changed, None
+        if event is not None:
+            event.set()
 
     def settle(
-        self, reservation: Reservation, actual_nanos: int, ts: datetime | None = None
+        self,
+        reservation: Reservation,
+        actual_nanos: int,
+        ts: datetime | None = None,
+        seq: int | None = None,
     ) -> None:
-        """Release the reservation and count what the call really cost. Idempotent."""
+        """Release the reservation and hold what the call really cost (spool sequence ``seq``)
+        until the worker counts it. Idempotent."""
         with self._lock:
             if reservation.released:
                 return
-            reservation.released = True
+            self._release(reservation)
             ts_ms = int((ts or self.clock.now()).timestamp() * 1000)
-            for scope in reservation.scopes:
-                left = self._reserved[scope] - reservation.amount_nanos
-                if left > 0:
-                    self._reserved[scope] = left
-                else:
-                    del self._reserved[scope]
-                if actual_nanos:
-                    _append_local(self._local[scope], ts_ms, actual_nanos)
+            if actual_nanos:
+                self._hold(reservation.scopes, actual_nanos, ts_ms, seq)
+        self._notify()
 
-    def record_spend(self, scopes: list[str], nanos: int, ts: datetime) -> None:
-        """Spend reported after the fact (/v1/usage): counted, never refused."""
+    def _release(self, reservation: Reservation) -> None:
+        reservation.released = True
+        self._in_flight.discard(reservation)
+        for scope in reservation.scopes:
+            for totals, amount in (
+                (self._reserved, reservation.reserved_nanos),
+                (self._worst, reservation.worst_nanos),
+            ):
+                left = totals[scope] - amount
+                if left > 0:
+                    totals[scope] = left
+                else:
+                    totals.pop(scope, None)
+
+    def _hold(self, scopes: list[str], nanos: int, ts_ms: int, seq: int | None) -> None:
+        if not scopes:
+            return
+        entry = LocalSpend(nanos, ts_ms, scopes)
+        if seq is not None:
+            self._by_seq[seq] = entry
+        for scope in scopes:
+            entries = self._local[scope]
+            entries[id(entry)] = entry
+            if len(entries) > LOCAL_ENTRIES_MAX:
+                self._compact(scope)
+
+    def _compact(self, scope: str) -> None:
+        """Decisions stopped covering this dispatcher's spend (worker down): merge the oldest
+        acknowledged entries of a scope into one, kept until a decision counts all of them."""
+        entries = self._local[scope]
+        acked = [e for e in entries.values() if e.offsets is not None][: LOCAL_ENTRIES_MAX // 2]
+        if len(acked) < 2:
+            return
+        offsets: dict[int, int] = {}
+        for e in acked:
+            for p, o in (e.offsets or {}).items():
+                offsets[p] = max(o, offsets.get(p, -1))
+        merged = LocalSpend(
+            sum(e.nanos for e in acked), max(e.ts_ms for e in acked), [scope], offsets
+        )
+        for e in acked:
+            del entries[id(e)]
+        entries[id(merged)] = merged
+
+    def record_spend(
+        self, scopes: list[str], nanos: int, ts: datetime, seq: int | None = None
+    ) -> None:
+        """Spend reported after the fact (/v1/usage, or spooled before a restart): counted,
+        never refused."""
         if not nanos:
             return
         ts_ms = int(ts.astimezone(UTC).timestamp() * 1000)
         with self._lock:
-            for scope in scopes:
-                if self.policies.policy_for(scope) is not None:
-                    _append_local(self._local[scope], ts_ms, nanos)
+            capped = [s for s in scopes if self.policies.policy_for(s) is not None]
+            self._hold(capped, nanos, ts_ms, seq)
+
+    def sweep(self) -> int:
+        """Release reservations older than max_call_duration_s (+ grace): a second line of
+        defence; every path of a call already releases its own."""
+        limit = time.monotonic() - self.max_call_duration_s - SWEEP_GRACE_S
+        with self._lock:
+            stale = [r for r in self._in_flight if r.created < limit]
+            for reservation in stale:
+                self._release(reservation)
+            self.swept += len(stale)
+        if stale:
+            self._notify()
+        return len(stale)
 
     def status(self, scope: str) -> ScopeStatus | None:
         policy = self.policies.policy_for(scope)
@@ -221,3 +424,7 @@ class BudgetGate:
     def in_flight_nanos(self) -> int:
         with self._lock:
             return sum(self._reserved.values())
+
+    def in_flight_count(self) -> int:
+        with self._lock:
+            return len(self._in_flight)

@@ -59,7 +59,7 @@ def _call(wants_usage: bool) -> Call:
     body = {"model": "m", "messages": MSG, "stream": True}
     if wants_usage:
         body["stream_options"] = {"include_usage": True}
-    return Call("r", "chat.completions", Identity("u"), parse_chat_request(body))
+    return Call("r", "chat.completions", Identity("u"), parse_chat_request(body), deadline=0.0)
 
 
 def _sse(obj: object) -> bytes:
