@@ -1,9 +1,10 @@
-"""``tollgate worker`` with a stalled changelog: table writes never leave the process.
+"""``tollgate worker`` with a slow changelog: each table write waits before it is sent.
 
 The condition behind spend lost after a worker crash (issue 10, observation 4): Faust's
 producer buffer gives up flushing after 0.1 s and commits the consumer offsets anyway, so
-offsets can be committed for events whose table writes are still in memory. Holding every
-changelog message makes that condition certain instead of occasional. Run as a process by
+offsets can be committed for events whose table writes are still in memory (a busy event
+loop or a slow broker). Delaying every changelog message makes that condition certain
+instead of occasional. Run as a process by
 the crash tests (``python -m tests.integration.faulty_worker``), then SIGKILLed; never by the
 product. It patches a private Faust method on purpose: if Faust changes it, the test fails
 loudly here (AttributeError), which is the signal to re-check the guarantee.
@@ -24,7 +25,7 @@ _send_pending = ProducerBuffer._send_pending
 
 async def _hold_changelog(self: ProducerBuffer, fut: Any) -> None:
     if fut.message.channel.get_topic_name().endswith("-changelog"):
-        await asyncio.Event().wait()  # never sent, as if the producer stalled
+        await asyncio.sleep(0.2)  # a producer that lags behind the stream
     await _send_pending(self, fut)
 
 

@@ -60,6 +60,25 @@ def expected_spend(settings: Settings, at_least: int) -> dict[str, int]:
     return totals
 
 
+def send_markers(settings: Settings, sender: UsageSender) -> int:
+    """One more event per user and feature after the last restart, so that every decision
+    read afterwards comes from the restarted worker's own state (not a stale one published
+    before the crash). Returns how many were sent."""
+    records = []
+    for i, user in enumerate(USERS):
+        records.append(
+            build_usage_record(
+                sender.prices,
+                Identity(user, feature=FEATURES[i % len(FEATURES)]),
+                request_id=f"marker-{user}",
+                model="gpt-4o-mini",
+                prompt_tokens=1,
+                completion_tokens=1,
+            )
+        )
+    return asyncio.run(sender.send(records, rate_per_s=0, resend=0))
+
+
 def wait_for_exact_spend(
     settings: Settings, expected: dict[str, int], timeout_s: float = 120
 ) -> dict[str, Any]:
@@ -186,6 +205,7 @@ def test_offsets_committed_ahead_of_the_changelog_lose_nothing(
     worker = WorkerProcess(kafka_settings, tmp_path / "worker.log")
     worker.start()
     try:
+        sent += send_markers(kafka_settings, sender)
         wait_for_exact_spend(kafka_settings, expected_spend(kafka_settings, at_least=sent))
     finally:
         worker.stop()
@@ -215,8 +235,9 @@ def test_worker_killed_at_random_moments_under_load_counts_every_event_once(
             worker.start()
         sending.join(600)
         assert sent, "the load generator failed"
+        total = sent[0] + send_markers(kafka_settings, sender)
         wait_for_exact_spend(
-            kafka_settings, expected_spend(kafka_settings, at_least=sent[0]), timeout_s=180
+            kafka_settings, expected_spend(kafka_settings, at_least=total), timeout_s=180
         )
     finally:
         worker.stop()
