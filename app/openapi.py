@@ -16,11 +16,8 @@ from app.ids import MAX_ID_LENGTH
 from app.ingest import MAX_COUNT, MAX_METADATA_ENTRIES, MAX_USD
 
 ERROR = {"$ref": "#/components/schemas/Error"}
-ID = {
-    "type": "string",
-    "maxLength": MAX_ID_LENGTH,
-    "description": f"Printable text (no control characters), at most {MAX_ID_LENGTH} characters",
-}
+ID_TEXT = f"Printable text (no control characters), at most {MAX_ID_LENGTH} characters"
+ID = {"type": "string", "maxLength": MAX_ID_LENGTH, "description": ID_TEXT}
 TOKENS = {"type": "integer", "minimum": 0, "maximum": MAX_COUNT}
 METADATA = {
     "type": "object",
@@ -63,7 +60,7 @@ CHAT_BODY = {
         "max_completion_tokens": {"type": "integer", "minimum": 1, "maximum": MAX_TOKENS_LIMIT},
         "stream": {"type": "boolean"},
         "stream_options": {"type": "object"},
-        "user": {**ID, "description": "Attributed user (OpenAI field); " + ID["description"]},
+        "user": {**ID, "description": "Attributed user (OpenAI field); " + ID_TEXT},
         "user_id": ID,
         "session_id": ID,
         "metadata": {"type": "object", "properties": {"feature": ID}},

@@ -107,3 +107,78 @@ def internal_caller(headers: Mapping[str, str], token: str, keys: KeyStore | Non
     if key is not None and key.admin:
         return f"admin:{key.id}"
     return None
+
+
+def add_api_key(
+    path: Path,
+    *,
+    key_id: str,
+    user_id: str,
+    team: str | None = None,
+    admin: bool = False,
+    may_act_for: list[str] | None = None,
+    features: list[str] | None = None,
+) -> str:
+    """Append a new key to a keys file (created with mode 0600); return the key, never stored."""
+    import yaml
+
+    from app.attribution import KeysFileError, hash_key
+    from app.ids import id_problem
+
+    for name, value in (("id", key_id), ("user", user_id)):
+        problem = id_problem(value) if value else "is empty"
+        if problem is not None:
+            raise ValueError(f"--{name} {problem}")
+    document: dict[str, object] = {"keys": []}
+    if path.exists():
+        KeyStore.load(path)  # refuse to append to a file that does not load
+        document = yaml.safe_load(path.read_text()) or {"keys": []}
+    entries = document.setdefault("keys", [])
+    if not isinstance(entries, list):
+        raise ValueError(f"{path}: expected a top-level 'keys:' list")
+    if any(isinstance(e, dict) and e.get("id") == key_id for e in entries):
+        raise ValueError(f"{path} already has a key with id {key_id!r}")
+    secret = "tg-" + secrets.token_urlsafe(32)
+    entry: dict[str, object] = {"id": key_id, "sha256": hash_key(secret), "user_id": user_id}
+    if team:
+        entry["team"] = team
+    if features:
+        entry["features"] = list(features)
+    if may_act_for:
+        entry["may_act_for"] = list(may_act_for)
+    if admin:
+        entry["admin"] = True
+    entries.append(entry)
+    text = yaml.safe_dump(document, sort_keys=False)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    path.write_text(text)
+    try:
+        KeyStore.load(path)
+    except KeysFileError as exc:  # pragma: no cover - the entry is built valid above
+        raise ValueError(str(exc)) from exc
+    return secret
+
+
+def init_secrets(directory: Path) -> list[str]:
+    """A deployment's secrets in ``directory``: keys.yaml with an admin key, admin-key (the key
+    itself, for the operator), internal-token. Existing files are kept; returns what it created."""
+    directory.mkdir(parents=True, exist_ok=True)
+    created = []
+    keys_path, admin_path = directory / "keys.yaml", directory / "admin-key"
+    if not keys_path.exists():
+        secret = add_api_key(keys_path, key_id="admin", user_id="admin", admin=True)
+        _write_private(admin_path, secret + "\n")
+        created += ["keys.yaml", "admin-key"]
+    token_file = directory / "internal-token"
+    if not token_file.exists():
+        _create_token_file(token_file)
+        created.append("internal-token")
+    return created
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
