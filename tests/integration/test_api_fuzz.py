@@ -87,4 +87,6 @@ def test_no_input_gives_a_server_error(
     assert cases is not None, output[-3000:]
     print(f"schemathesis: {cases.group(1)} cases")
     assert result.returncode == 0, output[-6000:]
-    assert int(cases.group(1).replace(",", "")) >= 500, "the run generated too few cases to mean much"
+    assert int(cases.group(1).replace(",", "")) >= 500, (
+        "the run generated too few cases to mean much"
+    )

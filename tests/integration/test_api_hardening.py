@@ -289,3 +289,78 @@ def test_stack_is_unchanged_for_loopback_without_keys(kafka_settings: Settings) 
     asyncio.run(ensure_topics(kafka_settings))
     with running_stack(kafka_settings) as stack:  # 127.0.0.1 and no keys: the open default
         assert httpx.get(f"{stack.url}/v1/budgets").status_code == 200
+
+
+# -- what already held, pinned -------------------------------------------------------------------
+def test_budget_admin_stays_admin_only_and_a_user_reads_only_its_own_status(
+    kafka_settings: Settings, keys_file: Path
+) -> None:
+    asyncio.run(ensure_topics(kafka_settings))
+    with running_stack(kafka_settings, keys_file=keys_file) as stack:
+        cap = {"limit_usd": 5}
+        admin = bearer("sk-admin")
+        assert httpx.put(f"{stack.url}/v1/budgets/user:alice", json=cap, headers=admin).is_success
+        alice = bearer("sk-alice")
+        for method, path in (
+            ("GET", "/v1/budgets"),
+            ("GET", "/v1/budgets/user:alice"),
+            ("PUT", "/v1/budgets/user:alice"),
+            ("DELETE", "/v1/budgets/user:alice"),
+            ("GET", "/v1/reports/summary"),
+            ("GET", "/v1/budgets/user:bob/status"),
+        ):
+            response = httpx.request(
+                method, f"{stack.url}{path}", json=cap if method == "PUT" else None, headers=alice
+            )
+            assert response.status_code == 403, (method, path, response.text)
+        own = httpx.get(f"{stack.url}/v1/budgets/user:alice/status", headers=alice)
+        assert own.status_code == 200 and own.json()["limit_usd"] == "5"
+
+
+def test_the_request_cannot_choose_the_upstream_host(kafka_settings: Settings) -> None:
+    asyncio.run(ensure_topics(kafka_settings))
+    with running_stack(kafka_settings) as stack:
+        elsewhere = f"http://127.0.0.1:{free_port()}/v1"
+        response = httpx.post(
+            f"{stack.url}/v1/chat/completions",
+            json={
+                "model": "gpt-4o-mini",
+                "messages": MESSAGES,
+                "base_url": elsewhere,
+                "api_base": elsewhere,
+            },
+            headers={"Host": "evil.example", "X-Forwarded-Host": "evil.example"},
+        )
+        assert response.status_code == 200, response.text
+        assert stack.counter.calls == 1, "served by the configured upstream"
+
+
+def test_logs_hold_no_prompt_and_no_key(
+    kafka_settings: Settings, keys_file: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    from app.logs import JsonFormatter, TextFormatter
+
+    prompt = "PROMPT-TEXT-7f3a the quarterly numbers are confidential"
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": prompt}]}
+    asyncio.run(ensure_topics(kafka_settings))
+    with (
+        caplog.at_level(logging.DEBUG),
+        running_stack(kafka_settings, keys_file=keys_file) as stack,
+    ):
+        url = f"{stack.url}/v1/chat/completions"
+        assert httpx.post(url, json=body, headers=bearer("sk-alice")).status_code == 200
+        assert httpx.post(url, json=body, headers=bearer("sk-unknown-9c1e")).status_code == 401
+        spoof = {**body, "user": "bob"}
+        assert httpx.post(url, json=spoof, headers=bearer("sk-alice")).status_code == 403
+        failing = {**bearer("sk-alice"), "X-Sim-Status": "500"}
+        assert httpx.post(url, json=body, headers=failing).status_code == 500
+        streamed = httpx.post(url, json={**body, "stream": True}, headers=bearer("sk-alice"))
+        assert streamed.status_code == 200
+    assert caplog.records, "the dispatcher logged something to check"
+    lines = [JsonFormatter().format(r) for r in caplog.records]
+    lines += [TextFormatter().format(r) for r in caplog.records]
+    for line in lines:
+        for secret in ("PROMPT-TEXT-7f3a", "sk-alice", "sk-unknown-9c1e", TOKEN):
+            assert secret not in line, line

@@ -153,3 +153,10 @@ def test_the_internal_token_is_shared_through_the_state_dir(tmp_path: Path) -> N
     )
     with pytest.raises(ExposureError, match="TOLLGATE_INTERNAL_TOKEN"):
         internal_token(Settings(internal_token_file=tmp_path / "missing"))
+
+
+def test_every_listener_binds_loopback_by_default() -> None:
+    defaults = Settings()
+    for host in (defaults.dispatcher_host, defaults.reports_host, defaults.simulator_host):
+        assert host == "127.0.0.1"
+    assert defaults.keys_file is None and defaults.allow_open_admin is False

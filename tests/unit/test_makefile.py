@@ -14,4 +14,3 @@ def test_the_install_step_says_what_it_does_and_hides_the_editable_warning() -> 
     assert "Installing Tollgate and its dependencies" in recipe
     assert "minutes" in recipe
     assert 'PYTHONWARNINGS="ignore:Editable installation"' in recipe
-
