@@ -7,8 +7,11 @@ COPY app ./app
 COPY agents ./agents
 COPY schemas ./schemas
 COPY deploy ./deploy
+# /var/lib/tollgate-secrets: a named volume mounted there starts owned by tollgate, mode 0700.
 RUN pip install -e . && useradd --system --home /var/lib/tollgate tollgate \
-    && mkdir -p /var/lib/tollgate && chown tollgate /var/lib/tollgate
+    && mkdir -p /var/lib/tollgate /var/lib/tollgate-secrets \
+    && chown tollgate /var/lib/tollgate /var/lib/tollgate-secrets \
+    && chmod 0700 /var/lib/tollgate-secrets
 USER tollgate
 ENTRYPOINT ["tollgate"]
 CMD ["--help"]

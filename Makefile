@@ -8,11 +8,17 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: up test install lint format bench clean
 
+# The first install takes a few minutes (chdb, the embedded ClickHouse, is about 500 MB): say so,
+# and hide setuptools' "Editable installation" warning, which is about a layout we do not have.
 $(STAMP): pyproject.toml
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	@test -x $(BIN)/python || { echo "==> Creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV); }
+	@echo "==> Installing Tollgate and its dependencies into $(VENV)"
+	@echo "    (first time: about 1-3 minutes, mostly downloading chdb, the embedded ClickHouse;"
+	@echo "     later runs skip this step until pyproject.toml changes)"
+	@$(BIN)/python -m pip install -q --upgrade pip
+	@PYTHONWARNINGS="ignore:Editable installation" $(BIN)/python -m pip install -q -e '.[dev]'
 	@touch $(STAMP)
+	@echo "==> Installed into $(VENV)."
 
 install: $(STAMP)
 

@@ -457,9 +457,11 @@ def run_sink(settings: Settings) -> None:
 async def _sink_and_reports(settings: Settings, client: Any) -> None:
     from aiohttp import web
 
+    from app.attribution import KeyStore
     from app.budgets.policy import PolicyBook
     from app.compacted import CompactedView
     from app.reports_api import create_reports_app
+    from app.security import internal_token
 
     # The budgets report lists scopes that still have a cap: follow the policies topic.
     policies = PolicyBook()
@@ -475,6 +477,8 @@ async def _sink_and_reports(settings: Settings, client: Any) -> None:
             client,
             baseline_model=settings.baseline_model,
             active_scope=lambda scope: policies.policy_for(scope) is not None,
+            token=internal_token(settings),  # everyone's spend: never an open listener
+            keys=KeyStore.load(settings.keys_file) if settings.keys_file else None,
         ),
         access_log=None,
     )

@@ -32,9 +32,10 @@ from typing import Any
 import yaml
 
 from app.errors import forbidden, invalid_request, unauthorized
+from app.ids import MAX_ID_LENGTH as MAX_ID_LENGTH  # re-exported for older imports
+from app.ids import id_problem
 
 ANONYMOUS_USER = "anonymous"
-MAX_ID_LENGTH = 256
 
 
 class KeysFileError(ValueError):
@@ -112,7 +113,10 @@ class KeyStore:
         return cls(keys)
 
     def lookup(self, secret: str) -> ApiKey | None:
-        return self._by_hash.get(hash_key(secret))
+        try:
+            return self._by_hash.get(hash_key(secret))
+        except UnicodeEncodeError:  # a header byte that is not UTF-8: no key can match it
+            return None
 
 
 def _clean(value: Any, name: str) -> str | None:
@@ -120,8 +124,9 @@ def _clean(value: Any, name: str) -> str | None:
         return None
     if not isinstance(value, str):
         raise invalid_request(f"'{name}' must be a string", param=name)
-    if len(value) > MAX_ID_LENGTH:
-        raise invalid_request(f"'{name}' is longer than {MAX_ID_LENGTH} characters", param=name)
+    problem = id_problem(value)
+    if problem is not None:
+        raise invalid_request(f"'{name}' {problem}", param=name)
     return value
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import click
 from pydantic import ValidationError
@@ -38,6 +38,7 @@ def _fail(message: str) -> NoReturn:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="tollgate", prog_name="tollgate")
 def main() -> None:
     """Tollgate: real-time FinOps gateway for LLM traffic."""
 
@@ -141,9 +142,81 @@ def schemas_register() -> None:
 
 
 # -- budgets -----------------------------------------------------------------
+class DispatcherApi:
+    """The dispatcher's HTTP API for the CLI (``--url``): JSON in, JSON out, errors as exits."""
+
+    def __init__(self, url: str, key: str | None) -> None:
+        self.url = url.rstrip("/")
+        self.key = key
+
+    def call(self, method: str, path: str, body: object | None = None) -> tuple[int, dict]:
+        """(status, JSON body) of a 2xx or 404; any other answer ends the command with its
+        error message."""
+        import json
+        import urllib.error
+        import urllib.parse
+        import urllib.request
+
+        headers = {"Content-Type": "application/json"}
+        if self.key:
+            headers["Authorization"] = f"Bearer {self.key}"
+        request = urllib.request.Request(
+            self.url + urllib.parse.quote(path, safe="/:*"),
+            data=None if body is None else json.dumps(body).encode(),
+            headers=headers,
+            method=method,
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, json.loads(response.read() or b"{}")
+        except urllib.error.HTTPError as exc:
+            try:
+                payload = json.loads(exc.read() or b"{}")
+            except ValueError:
+                payload = {}
+            error = payload.get("error") if isinstance(payload, dict) else None
+            message = error.get("message") if isinstance(error, dict) else None
+            if exc.code == 404 and isinstance(error, dict):
+                return 404, payload
+            hint = ""
+            if exc.code in (401, 403):
+                hint = " (give an admin key: --key or TOLLGATE_ADMIN_KEY)"
+            _fail(f"{method} {self.url}{path}: HTTP {exc.code}: {message or exc.reason}{hint}")
+        except OSError as exc:
+            _fail(
+                f"no dispatcher at {self.url} ({exc}); is `tollgate serve` (or `make up`) running?"
+            )
+
+
+def _dispatcher_options(command: Any) -> Any:
+    """``--url`` (go through a dispatcher's HTTP API) and ``--key`` (its admin key)."""
+    command = click.option(
+        "--key",
+        default=None,
+        help="Admin API key for --url (default TOLLGATE_ADMIN_KEY); needed when the "
+        "dispatcher has a keys file.",
+    )(command)
+    return click.option(
+        "--url",
+        default=None,
+        metavar="URL",
+        help="Go through the dispatcher's HTTP API at URL (e.g. http://127.0.0.1:8700) "
+        "instead of reading and writing Kafka directly.",
+    )(command)
+
+
+def _api(settings: Settings, url: str, key: str | None) -> DispatcherApi:
+    secret = key or (settings.admin_key.get_secret_value() if settings.admin_key else None)
+    return DispatcherApi(url, secret)
+
+
 @main.group()
 def budgets() -> None:
-    """Budget caps (published to Kafka; every dispatcher and the spend worker follow them)."""
+    """Budget caps (published to Kafka; every dispatcher and the spend worker follow them).
+
+    Without --url the commands talk to Kafka (TOLLGATE_KAFKA_BOOTSTRAP, TOLLGATE_TOPIC_PREFIX);
+    with --url they go through a dispatcher, which checks the admin key.
+    """
 
 
 @budgets.command("set")
@@ -156,6 +229,7 @@ def budgets() -> None:
 @click.option("--timezone", default="UTC", show_default=True, help="IANA zone of day/month.")
 @click.option("--upgrade-url", default=None, help="Shown in the 402 body.")
 @click.option("--upgrade-prompt", default=None, help="Shown in the 402 body.")
+@_dispatcher_options
 def budgets_set(
     scope: str,
     monthly: str | None,
@@ -166,6 +240,8 @@ def budgets_set(
     timezone: str,
     upgrade_url: str | None,
     upgrade_prompt: str | None,
+    url: str | None,
+    key: str | None,
 ) -> None:
     """Cap SCOPE (global, user:ID, feature:NAME, user:* for every user), e.g. --monthly 50."""
     from app.budgets.admin import PolicyAdmin, policy_record
@@ -189,21 +265,34 @@ def budgets_set(
     )
     settings = _settings()
     try:
-        policy = parse_policy(scope, body)
-        asyncio.run(PolicyAdmin(settings).publish(scope, policy_record(policy, "cli")))
+        policy = parse_policy(scope, body)  # the same checks, before anything is sent
     except PolicyError as exc:
         _fail(f"{exc.field}: {exc}")
+    if url:
+        _api(settings, url, key).call("PUT", f"/v1/budgets/{scope}", body)
+    else:
+        asyncio.run(PolicyAdmin(settings).publish(scope, policy_record(policy, "cli")))
     click.echo(f"{scope}: ${usd_text(policy.limit_usd)} per {policy.period} ({policy.timezone})")
 
 
 @budgets.command("list")
-def budgets_list() -> None:
+@_dispatcher_options
+def budgets_list(url: str | None, key: str | None) -> None:
     """Every budget policy."""
-    from app.budgets.admin import PolicyAdmin
-    from app.budgets.policy import PolicyError
+    from app.budgets.policy import PolicyBook, PolicyError, parse_policy
 
+    settings = _settings()
     try:
-        book = asyncio.run(PolicyAdmin(_settings()).policies())
+        if url:
+            _, listing = _api(settings, url, key).call("GET", "/v1/budgets")
+            book = PolicyBook()
+            for row in listing.get("budgets", []):
+                fields = {k: v for k, v in row.items() if v is not None and k != "window_seconds"}
+                if row.get("window_seconds"):
+                    fields["window"] = row["window_seconds"]
+                book.put(parse_policy(row["scope"], fields))
+        else:
+            book = _kafka_policies(settings)
     except PolicyError as exc:
         _fail(str(exc))
         return
@@ -214,24 +303,67 @@ def budgets_list() -> None:
         )
 
 
+def _kafka_policies(settings: Settings) -> Any:
+    from app.budgets.admin import PolicyAdmin
+
+    return asyncio.run(PolicyAdmin(settings).policies())
+
+
+def _no_policy(scope: str) -> str:
+    return (
+        f"{scope} has no budget policy (nor a default such as user:*); "
+        "`tollgate budgets list` shows the capped scopes"
+    )
+
+
 @budgets.command("status")
 @click.argument("scope", required=False)
-def budgets_status(scope: str | None) -> None:
-    """Spent, limit and state per capped scope, as the spend worker last decided."""
+@_dispatcher_options
+def budgets_status(scope: str | None, url: str | None, key: str | None) -> None:
+    """Spent, limit and state per capped scope (exit 1 if SCOPE has no policy).
+
+    Without --url: as the spend worker last decided. With --url: as that dispatcher sees it
+    (the worker's count plus its own spend since and its requests in flight).
+    """
     from app.budgets.admin import PolicyAdmin
-    from app.budgets.policy import PolicyError
+    from app.budgets.policy import PolicyError, validate_scope
     from app.pricing import nanos_to_usd
 
-    admin = PolicyAdmin(_settings())
+    settings = _settings()
+    if scope is not None:
+        try:
+            validate_scope(scope)
+        except PolicyError as exc:
+            _fail(str(exc))
+    if url:
+        api = _api(settings, url, key)
+        if scope is None:
+            scopes = [r["scope"] for r in api.call("GET", "/v1/budgets")[1].get("budgets", [])]
+            scopes = [s for s in scopes if not s.endswith(":*")]  # defaults do not spend
+        else:
+            scopes = [scope]
+        for name in scopes:
+            code, status = api.call("GET", f"/v1/budgets/{name}/status")
+            if code == 404:
+                _fail(_no_policy(name))
+            click.echo(
+                f"{name:<32} {status['state']:<8} ${status['spent_usd']} of "
+                f"${status['limit_usd']} per {status['period']}; resets {status['resets_at']}"
+            )
+        return
+    admin = PolicyAdmin(settings)
     try:
+        book = asyncio.run(admin.policies())
         decisions = asyncio.run(admin.read("budget.decisions"))
     except PolicyError as exc:
         _fail(str(exc))
         return
+    if scope is not None and book.policy_for(scope) is None:
+        _fail(_no_policy(scope))
     for name in sorted(decisions) if scope is None else [scope]:
         d = decisions.get(name)
         if d is None:
-            click.echo(f"{name:<32} no spend recorded yet")
+            click.echo(f"{name:<32} open     no spend recorded yet in this period")
             continue
         spent, limit = nanos_to_usd(d["spent_usd_nanos"]), nanos_to_usd(d["limit_usd_nanos"])
         click.echo(
@@ -242,14 +374,23 @@ def budgets_status(scope: str | None) -> None:
 
 @budgets.command("rm")
 @click.argument("scope")
-def budgets_rm(scope: str) -> None:
-    """Remove SCOPE's policy."""
+@_dispatcher_options
+def budgets_rm(scope: str, url: str | None, key: str | None) -> None:
+    """Remove SCOPE's policy (exit 1 if it has none)."""
     from app.budgets.admin import PolicyAdmin, deletion_record
     from app.budgets.policy import PolicyError, validate_scope
 
+    settings = _settings()
     try:
         validate_scope(scope)
-        asyncio.run(PolicyAdmin(_settings()).publish(scope, deletion_record(scope, "cli")))
+        if url:
+            code, _ = _api(settings, url, key).call("DELETE", f"/v1/budgets/{scope}")
+            if code == 404:
+                _fail(f"{scope} has no budget policy to remove; `tollgate budgets list` shows them")
+        else:
+            if scope not in _kafka_policies(settings).policies:
+                _fail(f"{scope} has no budget policy to remove; `tollgate budgets list` shows them")
+            asyncio.run(PolicyAdmin(settings).publish(scope, deletion_record(scope, "cli")))
     except PolicyError as exc:
         _fail(str(exc))
     click.echo(f"removed {scope}")
@@ -316,11 +457,16 @@ def report(
     except ReportError as exc:
         _fail(str(exc))
 
+    from app.security import internal_token
+
+    token = internal_token(settings)  # the reports server answers nobody without it
+
     def fetch(name: str, **params: str) -> dict:
         query = urllib.parse.urlencode(params)
         url = f"{settings.reports_url}/v1/reports/{name}?{query}"
+        request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
         try:
-            with urllib.request.urlopen(url, timeout=60) as response:
+            with urllib.request.urlopen(request, timeout=60) as response:
                 return json.loads(response.read())
         except urllib.error.HTTPError as exc:
             _fail(json.loads(exc.read()).get("error", {}).get("message", str(exc)))
@@ -431,6 +577,78 @@ def _table(title: str, rows: list[dict], columns: list[tuple[str, str]]) -> None
             first = False
 
 
+# -- keys and secrets -------------------------------------------------------------
+@main.group()
+def keys() -> None:
+    """API keys (TOLLGATE_KEYS_FILE) and the deployment's shared secrets."""
+
+
+@keys.command("add")
+@click.option("--file", "path", required=True, type=click.Path(dir_okay=False), help="Keys file.")
+@click.option("--id", "key_id", required=True, help="Key id (in events as api_key_id).")
+@click.option("--user", "user_id", required=True, help="The user the key attributes calls to.")
+@click.option("--team", default=None, help="Team (budget scope team:<id>).")
+@click.option("--admin", is_flag=True, help="May administer budgets and read reports.")
+@click.option("--may-act-for", multiple=True, help="Users it may attribute calls to ('*': any).")
+@click.option("--feature", "features", multiple=True, help="Allowed features (default any).")
+def keys_add(
+    path: str,
+    key_id: str,
+    user_id: str,
+    team: str | None,
+    admin: bool,
+    may_act_for: tuple[str, ...],
+    features: tuple[str, ...],
+) -> None:
+    """Create a key, store its SHA-256 in the keys file and print the key once (stdout)."""
+    from pathlib import Path
+
+    from app.security import add_api_key
+
+    try:
+        secret = add_api_key(
+            Path(path),
+            key_id=key_id,
+            user_id=user_id,
+            team=team,
+            admin=admin,
+            may_act_for=list(may_act_for),
+            features=list(features) or None,
+        )
+    except ValueError as exc:
+        _fail(str(exc))
+    click.echo(secret)
+    click.echo(
+        f"key {key_id!r} for user {user_id!r} added to {path}; only its SHA-256 is stored, "
+        "so keep the key printed above now",
+        err=True,
+    )
+
+
+@main.group()
+def secrets() -> None:
+    """Generated secrets for a deployment (docker compose runs `secrets init` once)."""
+
+
+@secrets.command("init")
+@click.argument("directory", type=click.Path(file_okay=False))
+def secrets_init(directory: str) -> None:
+    """Create DIRECTORY/keys.yaml with an admin key, DIRECTORY/admin-key and
+    DIRECTORY/internal-token (mode 0600); files that exist are kept."""
+    from pathlib import Path
+
+    from app.security import init_secrets
+
+    try:
+        created = init_secrets(Path(directory))
+    except (OSError, ValueError) as exc:
+        _fail(str(exc))
+    for name in ("keys.yaml", "admin-key", "internal-token"):
+        state = "created" if name in created else "kept"
+        click.echo(f"{state:<8} {Path(directory) / name}")
+    click.echo(f"the admin key is in {Path(directory) / 'admin-key'} (never printed or logged)")
+
+
 # -- config ------------------------------------------------------------------
 @main.command("config")
 @click.option("--markdown", is_flag=True, help="Print the settings table as Markdown.")
@@ -447,7 +665,43 @@ def config(markdown: bool) -> None:
         return
     for row in rows:
         name = row["env"].removeprefix("TOLLGATE_").lower()
-        click.echo(f"{row['env']:<32} {getattr(settings, name)!s}")
+        click.echo(f"{row['env']:<32} {shown_setting(name, getattr(settings, name))}")
+
+
+def _without_password(url: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def shown_setting(name: str, value: object) -> str:
+    """A setting as `tollgate config` prints it: secrets masked, webhook URLs cut to their host.
+
+    Slack and PagerDuty URLs carry their token in the path, and routing keys, the internal
+    token, the admin key and passwords in DSNs are credentials: none is printed.
+    """
+    from pydantic import SecretStr
+
+    if isinstance(value, SecretStr):
+        return "(set, hidden)"
+    if name == "alert_targets" and value:
+        from agents.notifier import parse_alert_targets
+
+        targets = parse_alert_targets(list(value))  # type: ignore[call-overload]
+        return ", ".join(f"{t.name} ({t.format}) {t.redacted_url}" for t in targets)
+    if name == "upstreams" and value:
+        return ", ".join(
+            f"{u.name} {_without_password(u.base_url.split('?')[0])} (key from "
+            f"{u.api_key_env or 'none'})"
+            for u in value  # type: ignore[attr-defined]
+        )
+    if isinstance(value, str) and "://" in value:
+        return _without_password(value)
+    return str(value)
 
 
 # -- services ----------------------------------------------------------------
@@ -463,9 +717,14 @@ def up() -> None:
 @main.command("serve")
 def serve_dispatcher() -> None:
     """Run the dispatcher (the gateway users point their SDKs at)."""
+    from app.security import ExposureError, check_exposure
     from app.server import serve
 
     settings = _settings()
+    try:
+        check_exposure(settings)  # serve() checks too; here it is a one-line error, not a trace
+    except ExposureError as exc:
+        _fail(str(exc))
     click.echo(f"dispatcher on {settings.dispatcher_url}/v1", err=True)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(settings))
@@ -485,8 +744,13 @@ def worker() -> None:
 def sink() -> None:
     """Run the ClickHouse sink: every event into the warehouse, exactly once."""
     from agents.sink import run_sink
+    from app.security import ExposureError, internal_token
 
     settings = _settings()
+    try:
+        internal_token(settings)  # the report server refuses to run without one
+    except ExposureError as exc:
+        _fail(str(exc))
     click.echo(f"ClickHouse sink into {settings.clickhouse_dsn}", err=True)
     with contextlib.suppress(KeyboardInterrupt):
         run_sink(settings)

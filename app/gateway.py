@@ -22,12 +22,20 @@ from typing import Any
 import aiohttp
 import orjson
 
-from app.attribution import Identity
+from app.attribution import ANONYMOUS_USER, Identity
 from app.budgets.gate import Admission, BudgetGate
 from app.budgets.policy import scopes_of
 from app.budgets.reservations import CallCost, OutputEstimator
 from app.budgets.spend import event_cost
-from app.errors import ApiError, invalid_request, model_not_found, upstream_error, upstream_timeout
+from app.errors import (
+    ApiError,
+    forbidden,
+    invalid_request,
+    model_not_found,
+    upstream_error,
+    upstream_timeout,
+)
+from app.ids import id_problem
 from app.metrics import Metrics
 from app.pricing import PriceCatalog, nanos_to_usd
 from app.producer import EventEmitter
@@ -42,14 +50,19 @@ TOLLGATE_ONLY_FIELDS = ("user_id", "session_id")
 NATIVE_ONLY_FIELDS = ("user_id", "session_id", "metadata")
 
 
+MAX_TOKENS_LIMIT = 2**31 - 1  # token counts are Avro ints in the events
+
+
 def _positive_int(body: Mapping[str, Any], name: str) -> int | None:
     value = body.get(name)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
         raise invalid_request(f"'{name}' must be an integer, got {type(value).__name__}", name)
-    if value < 1:
-        raise invalid_request(f"'{name}' must be at least 1, got {value}", name)
+    if not 1 <= value <= MAX_TOKENS_LIMIT:
+        raise invalid_request(
+            f"'{name}' must be an integer from 1 to {MAX_TOKENS_LIMIT}, got {value}", name
+        )
     return value
 
 
@@ -92,6 +105,9 @@ def parse_chat_request(
         model = default_model
     if not isinstance(model, str) or not model:
         raise invalid_request("'model' is required and must be a non-empty string", "model")
+    problem = id_problem(model)
+    if problem is not None:  # it is recorded in the Request event even when refused
+        raise invalid_request(f"'model' {problem}", "model")
     max_tokens = _positive_int(body, "max_completion_tokens") or _positive_int(body, "max_tokens")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
@@ -263,27 +279,64 @@ class Gateway:
         self.gate = gate
         self.config = config or GatewayConfig()
         self.outputs = OutputEstimator(self.config.fallback_output_tokens)
-        # request_id -> who made it, for outcomes reported later with only the request id.
+        # request_id -> who made it, and session_id -> its users (most recent last), for
+        # outcomes reported later with only the request or the session: to attribute them to
+        # the spend they are about, and to refuse a key that reports on someone else's.
         self._recent: OrderedDict[str, Identity] = OrderedDict()
+        self._sessions: OrderedDict[str, OrderedDict[str, Identity]] = OrderedDict()
 
     RECENT_REQUESTS = 100_000
+    RECENT_SESSIONS = 100_000
+    USERS_PER_SESSION = 8  # session ids are chosen by clients, so several users may share one
 
     def remember(self, request_id: str, identity: Identity) -> None:
         self._recent[request_id] = identity
         if len(self._recent) > self.RECENT_REQUESTS:
             self._recent.popitem(last=False)
+        if identity.session_id:
+            users = self._sessions.pop(identity.session_id, None) or OrderedDict()
+            users.pop(identity.user_id, None)
+            users[identity.user_id] = identity
+            if len(users) > self.USERS_PER_SESSION:
+                users.popitem(last=False)
+            self._sessions[identity.session_id] = users
+            if len(self._sessions) > self.RECENT_SESSIONS:
+                self._sessions.popitem(last=False)
 
-    def attribute_outcome(self, outcome: dict[str, Any]) -> dict[str, Any]:
-        """Fill an outcome's missing user, feature and session from the request it names."""
-        identity = self._recent.get(outcome.get("request_id") or "")
-        if identity is not None:
-            for field, value in (
-                ("user_id", identity.user_id),
-                ("feature", identity.feature),
-                ("session_id", identity.session_id),
-            ):
-                if outcome.get(field) is None and value not in (None, "anonymous"):
-                    outcome[field] = value
+    def attribute_outcome(
+        self, outcome: dict[str, Any], may_act_for: Callable[[str], bool] | None = None
+    ) -> dict[str, Any]:
+        """Attribute an outcome to the spend it names: the user, feature and session of its
+        request, else of its session; refuse (403) a caller who may not act for that user.
+
+        ``may_act_for``: None = the caller may report on anyone's spend (no keys configured,
+        or an admin key); else whether its key may act for a user. A request or session this
+        dispatcher has not seen (another dispatcher's, or before a restart) keeps the caller's
+        own attribution, so a key can only ever skew its own figures.
+        """
+        param, owner = "request_id", self._recent.get(outcome.get("request_id") or "")
+        if owner is None and outcome.get("session_id"):
+            param, users = "session_id", self._sessions.get(outcome["session_id"])
+            if users:
+                allowed = [
+                    i for i in users.values() if may_act_for is None or may_act_for(i.user_id)
+                ]
+                claimed = [i for i in allowed if i.user_id == outcome.get("user_id")]
+                owner = (claimed or allowed or list(users.values()))[-1]
+        if owner is None:
+            return outcome
+        if may_act_for is not None and not may_act_for(owner.user_id):
+            raise forbidden(
+                f"The {param.replace('_', ' ')} {outcome[param]!r} belongs to another user; this "
+                "API key may report outcomes only for its own user's requests and sessions (or "
+                "users in its may_act_for)",
+                param=param,
+            )
+        if owner.user_id != ANONYMOUS_USER:
+            outcome["user_id"] = owner.user_id  # the spend's owner, whoever reports on it
+        for name, value in (("feature", owner.feature), ("session_id", owner.session_id)):
+            if outcome.get(name) is None and value is not None:
+                outcome[name] = value
         return outcome
 
     # -- events ---------------------------------------------------------------------

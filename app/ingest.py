@@ -8,19 +8,64 @@ and field) instead of writing part of it.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from app.attribution import MAX_ID_LENGTH, Identity
+from app.attribution import Identity
 from app.errors import invalid_request
+from app.ids import MAX_ID_LENGTH, id_problem
 from app.pricing import usd_to_nanos
 from app.usage import event_time, new_id
 
 MAX_BATCH = 1000
 MAX_CLOCK_SKEW = timedelta(minutes=5)
+MAX_LATENESS = timedelta(days=7)
 MAX_COUNT = 2**31 - 1  # token counts are Avro ints
+MAX_USD = Decimal(1_000_000_000)  # one billion: far inside an Avro long of nano-dollars
+MAX_METADATA_ENTRIES = 32
 USAGE_STATUSES = ("ok", "error", "client_disconnected", "timeout")
+
+
+@dataclass(frozen=True)
+class TimeWindow:
+    """Event times a report may carry: from ``max_lateness`` before ``now`` to ``max_skew`` after.
+
+    A late record counts in the budget period of its own timestamp (calendar-correct caps),
+    so the window is what bounds how far back a report can reach; older ones are refused
+    with a 400 that names the window (``TOLLGATE_USAGE_MAX_LATENESS_S``).
+    """
+
+    now: datetime = field(default_factory=lambda: datetime.now(UTC))
+    max_lateness: timedelta = MAX_LATENESS
+    max_skew: timedelta = MAX_CLOCK_SKEW
+
+    @property
+    def earliest(self) -> datetime:
+        return self.now - self.max_lateness
+
+    @property
+    def latest(self) -> datetime:
+        return self.now + self.max_skew
+
+    def describe(self) -> str:
+        return (
+            f"from {self.earliest.isoformat(timespec='seconds')} to "
+            f"{self.latest.isoformat(timespec='seconds')} "
+            f"(at most {_duration(self.max_lateness)} late, TOLLGATE_USAGE_MAX_LATENESS_S; at most "
+            f"{_duration(self.max_skew)} ahead of the gateway's clock, "
+            "TOLLGATE_USAGE_MAX_CLOCK_SKEW_S)"
+        )
+
+
+def _duration(delta: timedelta) -> str:
+    seconds = int(delta.total_seconds())
+    for unit, size in (("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds // size} {unit}"
+    return f"{seconds} seconds"
+
 
 IdentityResolver = Callable[[Mapping[str, Any]], Identity]
 
@@ -71,13 +116,19 @@ class RecordFields:
         return 0
 
     def text(self, *names: str, required: bool = False) -> str | None:
-        """The first of ``names`` present and non-empty: a string of at most 256 characters."""
+        """The first of ``names`` present and non-empty: an id (``app.ids``: printable, at most
+        256 characters)."""
         for name in names:
             value = self.record.get(name)
             if value is None or value == "":
                 continue
-            if not isinstance(value, str) or len(value) > MAX_ID_LENGTH:
-                raise self.error(name, f"must be a string of at most {MAX_ID_LENGTH} characters")
+            if not isinstance(value, str):
+                raise self.error(
+                    name, f"must be a string of at most {MAX_ID_LENGTH} printable characters"
+                )
+            problem = id_problem(value)
+            if problem is not None:
+                raise self.error(name, problem)
             return value
         if required:
             raise self.error(names[0], "is required (a non-empty string)")
@@ -90,16 +141,12 @@ class RecordFields:
         return str(value)
 
     def timestamp(
-        self,
-        name: str = "ts",
-        *,
-        required: bool = False,
-        max_skew: timedelta | None = MAX_CLOCK_SKEW,
+        self, name: str = "ts", *, required: bool = False, window: TimeWindow | None = None
     ) -> datetime:
-        """ISO 8601 or epoch milliseconds; missing = now unless ``required``; no further than
-        ``max_skew`` ahead of the clock (None: any time, e.g. a replayed trace)."""
+        """ISO 8601 or epoch milliseconds, inside ``window`` (None: any time, e.g. a replayed
+        trace); missing = the window's now (or the clock's) unless ``required``."""
         value = self.record.get(name)
-        now = datetime.now(UTC)
+        now = window.now if window is not None else datetime.now(UTC)
         if value is None:
             if required:
                 raise self.error(name, "is required (ISO 8601 or epoch milliseconds)")
@@ -113,15 +160,29 @@ class RecordFields:
                 parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
                 if parsed.tzinfo is None:
                     parsed = parsed.replace(tzinfo=UTC)
+                parsed = parsed.astimezone(UTC)
             else:
                 raise ValueError
         except (ValueError, OverflowError, OSError):
+            if (
+                window is not None
+                and isinstance(value, int | float)
+                and not isinstance(value, bool)
+            ):
+                raise self.error(
+                    name,
+                    f"is out of range ({value!r}); accepted event times are {window.describe()}",
+                ) from None
             raise self.error(
                 name,
                 f"must be ISO 8601 (2026-01-31T12:00:00Z) or epoch milliseconds, got {value!r}",
             ) from None
-        if max_skew is not None and parsed > now + max_skew:
-            raise self.error(name, f"is in the future ({parsed.isoformat()}); check the clock")
+        if window is not None and not window.earliest <= parsed <= window.latest:
+            when = "in the future" if parsed > window.latest else "too late"
+            raise self.error(
+                name,
+                f"is {when} ({parsed.isoformat()}); accepted event times are {window.describe()}",
+            )
         return event_time(parsed)
 
     def flag(self, name: str) -> bool:
@@ -131,11 +192,24 @@ class RecordFields:
         return value
 
     def metadata(self) -> dict[str, str]:
+        """At most 32 entries; keys and values are ids (printable, at most 256 characters)."""
         value = self.record.get("metadata") or {}
         if not isinstance(value, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in value.items()
         ):
             raise self.error("metadata", "must be an object of string values")
+        if len(value) > MAX_METADATA_ENTRIES:
+            raise self.error(
+                "metadata", f"has {len(value)} entries; at most {MAX_METADATA_ENTRIES} are kept"
+            )
+        for key, text in value.items():
+            problem = id_problem(key)
+            if problem is None and (problem := id_problem(text)) is not None:
+                problem = f"value of {key!r} {problem}"
+            elif problem is not None:
+                problem = f"key {key[:40]!r} {problem}"
+            if problem is not None:
+                raise self.error("metadata", problem)
         return value
 
     def usd_nanos(self, name: str) -> int | None:
@@ -148,8 +222,8 @@ class RecordFields:
             amount = Decimal(str(value))
         except InvalidOperation:
             raise self.error(name, f"must be a number of USD, got {value!r}") from None
-        if amount < 0 or not amount.is_finite():
-            raise self.error(name, "must be a non-negative number of USD")
+        if not amount.is_finite() or not 0 <= amount <= MAX_USD:
+            raise self.error(name, f"must be a number of USD from 0 to {MAX_USD:,}, got {value!r}")
         return usd_to_nanos(amount)
 
 
@@ -163,8 +237,13 @@ def api_fields(record: Any, where: str) -> RecordFields:
     )
 
 
-def parse_usage_reports(body: Any, resolve: IdentityResolver) -> list[dict[str, Any]]:
-    """Validated keyword arguments for ``Gateway.usage_record``, one per reported call."""
+def parse_usage_reports(
+    body: Any, resolve: IdentityResolver, *, window: TimeWindow | None = None
+) -> list[dict[str, Any]]:
+    """Validated keyword arguments for ``Gateway.usage_record``, one per reported call.
+
+    ``window``: accepted event times (default: the default window around now)."""
+    window = window or TimeWindow()
     reports = []
     for index, record in enumerate(_records(body, "records", "usage records")):
         f = api_fields(record, f"records[{index}]")
@@ -184,7 +263,7 @@ def parse_usage_reports(body: Any, resolve: IdentityResolver) -> list[dict[str, 
                 "cached_tokens": cached,
                 "request_id": f.text("request_id") or new_id("rep_"),
                 "provider": f.text("provider"),
-                "ts": f.timestamp(),
+                "ts": f.timestamp(window=window),
                 "latency_ms": min(latency, 2**31 - 1),
                 "status": f.choice("status", USAGE_STATUSES, default="ok"),
                 "metadata": f.metadata(),
@@ -193,8 +272,11 @@ def parse_usage_reports(body: Any, resolve: IdentityResolver) -> list[dict[str, 
     return reports
 
 
-def parse_outcomes(body: Any, resolve: IdentityResolver) -> list[dict[str, Any]]:
-    """Validated ``Outcome`` records."""
+def parse_outcomes(
+    body: Any, resolve: IdentityResolver, *, window: TimeWindow | None = None
+) -> list[dict[str, Any]]:
+    """Validated ``Outcome`` records (``window``: as for usage reports)."""
+    window = window or TimeWindow()
     outcomes = []
     for index, record in enumerate(_records(body, "outcomes", "outcomes")):
         f = api_fields(record, f"outcomes[{index}]")
@@ -205,7 +287,7 @@ def parse_outcomes(body: Any, resolve: IdentityResolver) -> list[dict[str, Any]]
         outcomes.append(
             {
                 "event_id": new_id(),
-                "ts": f.timestamp(),
+                "ts": f.timestamp(window=window),
                 "request_id": request_id,
                 "session_id": session_id,
                 "user_id": None if identity.user_id == "anonymous" else identity.user_id,

@@ -26,14 +26,30 @@ class ReportError(ValueError):
         self.param = param
 
 
+# What the warehouse can hold: rollup buckets are ClickHouse DateTime (1970 to 2106-02-07
+# 06:28:15); the end leaves room to round a bucket up by a day.
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(2106, 2, 7, tzinfo=UTC)
+
+
 def parse_time(value: str | None, param: str, default: datetime) -> datetime:
+    """An ISO 8601 instant (UTC unless it says otherwise) inside [EARLIEST, LATEST]."""
     if value is None or value == "":
         return default
     try:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=UTC)
+        in_range = EARLIEST <= parsed <= LATEST  # may overflow: year 1 at +01:00 is year 0 UTC
+    except (ValueError, OverflowError):
         raise ReportError(param, f"{param}={value!r} is not an ISO 8601 date or time") from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    if not in_range:
+        raise ReportError(
+            param,
+            f"{param}={value!r} is outside the range the warehouse stores: "
+            f"{EARLIEST.isoformat()} to {LATEST.isoformat()}",
+        )
+    return parsed
 
 
 def parse_since(value: str) -> timedelta:
@@ -54,7 +70,7 @@ class Range:
         now = now or datetime.now(UTC)
         # Default end: the end of the current minute, so default ranges align with the rollups.
         end_at = parse_time(end, "to", _floor(now, MINUTE) + MINUTE)
-        start_at = parse_time(start, "from", end_at - timedelta(days=30))
+        start_at = parse_time(start, "from", max(EARLIEST, end_at - timedelta(days=30)))
         if start_at >= end_at:
             raise ReportError("from", "from must be earlier than to")
         if end_at - start_at > MAX_RANGE:

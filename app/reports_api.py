@@ -2,6 +2,8 @@
 
 Served by the process that owns the warehouse connection (the sink, since
 embedded chdb has a single owner); the dispatcher proxies ``/v1/reports/*`` here.
+Reports show everyone's spend, so this internal listener answers only the internal
+token or an admin key (``app.security``); the sink always gives it a token.
 """
 
 from __future__ import annotations
@@ -14,10 +16,13 @@ import orjson
 from aiohttp import web
 
 from app import reports
+from app.attribution import KeyStore
 from app.reports import Range, ReportError
+from app.security import internal_caller
 
 WAREHOUSE = web.AppKey("warehouse", object)
 OPTIONS = web.AppKey("report_options", dict)
+AUTH = web.AppKey("report_auth", tuple)
 REPORTS = ("summary", "breakdown", "timeseries", "savings", "outcomes", "budgets")
 PARAMS = {
     "summary": {"from", "to"},
@@ -35,7 +40,7 @@ def _error(status: int, error_type: str, message: str, param: str | None = None)
 
 
 def _limit(text: str) -> int:
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()) or len(text) > 6:  # "²".isdigit() is True
         raise ReportError("limit", f"limit={text!r} must be a whole number between 1 and 1000")
     return int(text)
 
@@ -84,6 +89,15 @@ def build_report(
 
 
 async def report(request: web.Request) -> web.Response:
+    token, keys = request.app[AUTH]
+    if token is not None and internal_caller(request.headers, token, keys) is None:
+        return _error(
+            401,
+            "authentication_error",
+            "The reports server needs 'Authorization: Bearer <token>' with the internal token "
+            "(TOLLGATE_INTERNAL_TOKEN, as the dispatcher sends it) or an admin API key; or ask "
+            "the dispatcher: /v1/reports/* there",
+        )
     name = request.match_info["name"]
     if name not in REPORTS:
         return _error(404, "not_found", f"No report {name!r}; use one of {', '.join(REPORTS)}")
@@ -102,10 +116,17 @@ def create_reports_app(
     *,
     baseline_model: str = "gpt-4",
     active_scope: Callable[[str], bool] | None = None,
+    token: str | None = None,
+    keys: KeyStore | None = None,
 ) -> web.Application:
-    """``active_scope``: whether a scope still has a budget (removed caps leave the report)."""
+    """``active_scope``: whether a scope still has a budget (removed caps leave the report).
+
+    ``token``: the internal token every request must carry (or an admin key of ``keys``);
+    None serves anyone, for tests that embed the app in their own process only.
+    """
     app = web.Application()
     app[WAREHOUSE] = client
+    app[AUTH] = (token, keys)
     app[OPTIONS] = {"baseline_model": baseline_model, "active_scope": active_scope}
     app.router.add_get("/v1/reports/{name}", report)
     return app

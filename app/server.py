@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from app.attribution import Identity, KeyStore, resolve_identity
+from app.attribution import Identity, KeyStore, bearer_token, resolve_identity
 from app.budgets.admin import deletion_record, load_budgets_file, policy_record
 from app.budgets.gate import BudgetGate, BudgetRefused
 from app.budgets.policy import PolicyBook, PolicyError, parse_policy, scopes_of, validate_scope
@@ -36,11 +37,13 @@ from app.gateway import (
     identity_scopes,
     parse_chat_request,
 )
-from app.ingest import parse_outcomes, parse_usage_reports
+from app.ingest import TimeWindow, parse_outcomes, parse_usage_reports
 from app.metrics import Metrics
 from app.openapi import openapi_document
 from app.pricing import PriceCatalog, nanos_to_usd
 from app.producer import EventEmitter
+from app.reports_api import REPORTS
+from app.security import check_exposure, internal_token
 from app.settings import Settings
 from app.upstreams import UpstreamPool
 from app.usage import event_time, new_id
@@ -299,10 +302,21 @@ def _identity_resolver(
     return resolve
 
 
+def _report_window(c: Components) -> TimeWindow:
+    """Event times /v1/usage and /v1/outcomes accept, around the gateway's clock."""
+    return TimeWindow(
+        now=c.gate.clock.now(),
+        max_lateness=timedelta(seconds=c.settings.usage_max_lateness_s),
+        max_skew=timedelta(seconds=c.settings.usage_max_clock_skew_s),
+    )
+
+
 async def report_usage(request: web.Request) -> web.Response:
     c = request.app[COMPONENTS]
     body = await read_json(request)
-    reports = parse_usage_reports(body, _identity_resolver(request))  # validates all first
+    reports = parse_usage_reports(  # validates all first
+        body, _identity_resolver(request), window=_report_window(c)
+    )
     accepted = []
     for report in reports:
         record = c.gateway.usage_record(source="usage_api", **report)  # identity is in report
@@ -323,9 +337,14 @@ async def report_usage(request: web.Request) -> web.Response:
 async def report_outcomes(request: web.Request) -> web.Response:
     c = request.app[COMPONENTS]
     body = await read_json(request)
-    records = parse_outcomes(body, _identity_resolver(request, require="none"))
+    records = parse_outcomes(
+        body, _identity_resolver(request, require="none"), window=_report_window(c)
+    )
+    key = c.keys.lookup(bearer_token(request.headers) or "") if c.keys is not None else None
+    may_act_for = key.may_attribute_to if key is not None and not key.admin else None
+    for record in records:  # all attributed (and ownership checked) before any is emitted
+        c.gateway.attribute_outcome(record, may_act_for)  # outcomes often name only the request
     for record in records:
-        c.gateway.attribute_outcome(record)  # outcomes often name only the request
         c.emitter.emit("Outcome", "outcomes", record["session_id"] or record["request_id"], record)
     return json_response(
         {"accepted": len(records), "event_ids": [r["event_id"] for r in records]}, status=202
@@ -429,18 +448,41 @@ async def dashboard(request: web.Request) -> web.Response:
 async def reports(request: web.Request) -> web.Response:
     c = request.app[COMPONENTS]
     _admin(request, "Reports (everyone's spend)")
-    url = f"{c.settings.reports_url}/v1/reports/{request.match_info['name']}"
-    try:
+    name = request.match_info["name"]  # decoded: "summary%3Fby%3Duser" is "summary?by=user"
+    if name not in REPORTS:  # so only a known name reaches the URL, never a smuggled query
+        raise ApiError(
+            404, "not_found", f"No report {name[:100]!r}; use one of {', '.join(REPORTS)}",
+            param="name",
+        )  # fmt: skip
+    url = f"{c.settings.reports_url}/v1/reports/{name}"
+    where = (
+        f"The reports server at {c.settings.reports_url} (the `tollgate sink` process, which "
+        "owns the warehouse)"
+    )
+    try:  # the session sends the internal token and gives up after TOLLGATE_REPORTS_TIMEOUT_S
         async with c.reports_session.get(url, params=request.query) as upstream:
             body = await upstream.read()
-            return web.Response(body=body, status=upstream.status, content_type=JSON)
-    except (aiohttp.ClientError, TimeoutError) as exc:
+    except TimeoutError as exc:
         raise ApiError(
             503,
             "reports_unavailable",
-            f"The reports server at {c.settings.reports_url} (the `tollgate sink` process, which "
-            f"owns the warehouse) is not reachable: {exc}. Start it, or check TOLLGATE_REPORTS_PORT.",
+            f"{where} did not answer within {c.settings.reports_timeout_s:g}s "
+            "(TOLLGATE_REPORTS_TIMEOUT_S); it may be stalled or busy. Retry later.",
         ) from exc
+    except aiohttp.ClientError as exc:
+        raise ApiError(
+            503,
+            "reports_unavailable",
+            f"{where} is not reachable: {exc}. Start it, or check TOLLGATE_REPORTS_PORT.",
+        ) from exc
+    if upstream.status == 401:
+        raise ApiError(
+            503,
+            "reports_unavailable",
+            f"{where} refused this dispatcher's internal token: give both processes the same "
+            "TOLLGATE_INTERNAL_TOKEN (or TOLLGATE_INTERNAL_TOKEN_FILE, or the same state dir).",
+        )
+    return web.Response(body=body, status=upstream.status, content_type=JSON)
 
 
 # -- discovery and operations ------------------------------------------------------------
@@ -574,7 +616,10 @@ async def build_components(settings: Settings) -> Components:
         boot_ts=event_time(),
     )
     gateway = Gateway(upstreams, prices, emitter, metrics_, gate, config)
-    reports_session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60))
+    reports_session = aiohttp.ClientSession(  # a stalled sink must not hang report requests
+        timeout=aiohttp.ClientTimeout(total=settings.reports_timeout_s),
+        headers={"Authorization": f"Bearer {internal_token(settings)}"},
+    )
     return Components(
         settings,
         metrics_,
@@ -660,6 +705,7 @@ def create_app(settings: Settings) -> web.Application:
 
 async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     """Run the dispatcher until cancelled; flushes events on the way out."""
+    check_exposure(settings)  # no open admin routes beyond loopback unless asked for
     app = create_app(settings)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()

@@ -14,7 +14,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -149,6 +149,45 @@ class Settings(BaseSettings):
     )
     spool_fsync: Literal["always", "batch", "never"] = Field(
         default="batch", description="Spool durability: see app/spool.py."
+    )
+
+    usage_max_lateness_s: float = Field(
+        default=7 * 86400.0,
+        gt=0,
+        description="How late a /v1/usage or /v1/outcomes record's `ts` may be; older = 400. "
+        "A late record counts in the budget period of its own timestamp.",
+    )
+    usage_max_clock_skew_s: float = Field(
+        default=300.0,
+        ge=0,
+        description="How far ahead of the dispatcher's clock a reported `ts` may be.",
+    )
+
+    # -- security -----------------------------------------------------------------
+    internal_token: SecretStr | None = Field(
+        default=None,
+        description="Shared secret the dispatcher sends to internal listeners (the sink's "
+        "reports server), which refuse requests without it or an admin key. Unset: "
+        "TOLLGATE_INTERNAL_TOKEN_FILE.",
+    )
+    internal_token_file: Path | None = Field(
+        default=None,
+        description="File holding the internal token; unset = <state_dir>/internal-token, "
+        "created (mode 0600) by the first process that needs it.",
+    )
+    allow_open_admin: bool = Field(
+        default=False,
+        description="Serve budget admin and reports without keys on a non-loopback address "
+        "(refused by default: set TOLLGATE_KEYS_FILE instead).",
+    )
+    reports_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="How long the dispatcher waits for the reports server before a 503.",
+    )
+    admin_key: SecretStr | None = Field(
+        default=None,
+        description="Admin API key the CLI sends with `--url` (budgets through the dispatcher).",
     )
 
     # -- budgets ----------------------------------------------------------------

@@ -26,7 +26,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
-from app.attribution import MAX_ID_LENGTH
+from app.ids import MAX_ID_LENGTH
 from app.ingest import MAX_COUNT, USAGE_STATUSES, RecordFields
 
 AZURE_TRACE = Path(__file__).resolve().parents[1] / "data" / "AzureLLMInferenceTrace_conv.csv"
@@ -169,7 +169,7 @@ def _usage_call(record: dict[str, Any], where: str) -> TraceCall:
     if feature is not None and len(feature) > MAX_ID_LENGTH:
         raise f.error("metadata.feature", f"must be at most {MAX_ID_LENGTH} characters")
     return TraceCall(
-        ts=f.timestamp(required=True, max_skew=None),  # a replay may place it later
+        ts=f.timestamp(required=True),  # any time: a replay may place it later
         prompt_tokens=prompt,
         completion_tokens=f.count("completion_tokens", "output_tokens"),
         cached_tokens=cached,

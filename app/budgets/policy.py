@@ -16,6 +16,7 @@ from typing import Any
 
 from app.budgets.ledger import iter_window_problems
 from app.budgets.periods import PERIOD_KINDS, Period, PeriodError, period_of, zone
+from app.ids import id_problem
 from app.pricing import nanos_to_usd, usd_text, usd_to_nanos
 
 SCOPE_KINDS = ("user", "feature", "team", "key")
@@ -38,8 +39,12 @@ def validate_scope(scope: str, *, allow_default: bool = True) -> str:
     if not sep or kind not in SCOPE_KINDS or not name or len(scope) > 300:
         raise PolicyError(
             "scope",
-            f"scope {scope!r} is not one of global, user:<id>, feature:<name>, team:<id>, key:<id>",
+            f"scope {scope[:300]!r} is not one of global, user:<id>, feature:<name>, team:<id>, "
+            "key:<id>",
         )
+    problem = id_problem(name)
+    if problem is not None:  # the same rule as the ids a call is attributed with
+        raise PolicyError("scope", f"the id of scope {scope[:300]!r} {problem}")
     if name == "*" and not allow_default:
         raise PolicyError("scope", f"{scope!r} is a default policy, not a scope that spends")
     return scope
@@ -174,8 +179,12 @@ def parse_policy(scope: str, body: Any) -> Policy:
         raise PolicyError("window", "window is only valid with period 'window'")
     for name in ("upgrade_url", "upgrade_prompt"):
         value = body.get(name)
-        if value is not None and (not isinstance(value, str) or len(value) > 2000):
-            raise PolicyError(name, f"{name} must be a string of at most 2000 characters")
+        if value is not None and (
+            not isinstance(value, str) or id_problem(value, max_length=2000) is not None
+        ):
+            raise PolicyError(
+                name, f"{name} must be a string of at most 2000 printable characters (one line)"
+            )
     limit_nanos = usd_to_nanos(limit)
     if limit_nanos < 1:
         raise PolicyError(

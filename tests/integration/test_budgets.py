@@ -184,7 +184,19 @@ def test_feature_and_global_caps_block_like_user_caps(
         assert other.status_code == 402
 
 
-def test_late_event_counts_in_the_month_of_its_timestamp(stack: Stack) -> None:
+def test_late_event_counts_in_the_month_of_its_timestamp(
+    kafka_settings: Settings, worker: WorkerProcess
+) -> None:
+    # Last month may be up to 33 days back: wider than the default lateness window (7 days).
+    stack = Stack(kafka_settings, usage_max_lateness_s=40 * 86400)
+    stack.start()
+    try:
+        _late_event_counts_in_the_month_of_its_timestamp(stack)
+    finally:
+        stack.stop()
+
+
+def _late_event_counts_in_the_month_of_its_timestamp(stack: Stack) -> None:
     httpx.put(f"{stack.url}/v1/budgets/user:gus", json={"limit_usd": 1})
     now = datetime.now(UTC)
     last_month = now.replace(day=1) - timedelta(days=2)

@@ -249,6 +249,9 @@ def test_retries_once_on_another_upstream_when_the_first_is_unreachable(
 
 
 def test_usage_and_outcome_reports(stack: Stack) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    yesterday = (datetime.now(UTC) - timedelta(days=1)).replace(microsecond=0)
     response = httpx.post(
         f"{stack.url}/v1/usage",
         json={
@@ -259,7 +262,7 @@ def test_usage_and_outcome_reports(stack: Stack) -> None:
                     "completion_tokens": 200,
                     "user_id": "kim",
                     "feature": "batch",
-                    "ts": "2026-11-01T10:00:00Z",
+                    "ts": yesterday.isoformat(),  # late reports count, within the window
                     "request_id": "ext-1",
                 },
                 {"model": "gpt-4o-mini", "input_tokens": 10, "output_tokens": 5, "user_id": "kim"},
@@ -313,7 +316,7 @@ def test_usage_and_outcome_reports(stack: Stack) -> None:
     assert cached["requested_cost_usd_nanos"] == expected_nanos("gpt-4o", 1000, 100)
     ext = next(u for u in usage if u["request_id"] == "ext-1")
     assert ext["source"] == "usage_api" and ext["feature"] == "batch"
-    assert ext["ts"].isoformat() == "2026-11-01T10:00:00+00:00"
+    assert ext["ts"] == yesterday
     assert ext["cost_usd_nanos"] == expected_nanos("gpt-4o", 1000, 200)
     outcomes = asyncio.run(read_events(stack.settings, "outcomes", at_least=2))
     recorded = next(o for o in outcomes if o["session_id"] == "s-9")

@@ -85,3 +85,37 @@ def test_grafana_datasource_points_at_compose_clickhouse() -> None:
     assert ds["type"] == "grafana-clickhouse-datasource"
     assert ds["jsonData"]["host"] == "clickhouse"
     assert _host_port("clickhouse", ds["jsonData"]["port"]).endswith("8123")
+
+
+def test_network_listeners_run_with_generated_keys_and_a_shared_internal_token(
+    tmp_path: Path,
+) -> None:
+    """Dispatcher and sink listen on every interface of the compose network: they need the keys
+    file and the internal token that the `secrets` service generates into a shared volume."""
+    from app.security import check_exposure, init_secrets, internal_token
+
+    services = COMPOSE["services"]
+    secrets_dir = services["secrets"]["command"][-1]
+    assert services["secrets"]["command"][:2] == ["secrets", "init"]
+    generated = tmp_path / "secrets"
+    init_secrets(generated)  # what the service does, into a scratch directory
+    tokens = set()
+    for name in ("dispatcher", "sink"):
+        service = services[name]
+        env = service["environment"]
+        assert env["TOLLGATE_KEYS_FILE"] == f"{secrets_dir}/keys.yaml", name
+        assert env["TOLLGATE_INTERNAL_TOKEN_FILE"] == f"{secrets_dir}/internal-token", name
+        assert any(str(v).startswith(f"tollgate-secrets:{secrets_dir}") for v in service["volumes"])
+        assert service["depends_on"]["secrets"]["condition"] == "service_completed_successfully"
+        local = {
+            k.removeprefix("TOLLGATE_").lower(): str(v).replace(secrets_dir, str(generated))
+            for k, v in env.items()
+            if k
+            in ("TOLLGATE_KEYS_FILE", "TOLLGATE_INTERNAL_TOKEN_FILE", "TOLLGATE_DISPATCHER_HOST")
+        }
+        settings = Settings(**local)
+        check_exposure(settings)  # 0.0.0.0 with keys: allowed
+        tokens.add(internal_token(settings))
+    assert len(tokens) == 1, "the dispatcher sends the token the sink expects"
+    assert "tollgate-secrets" in COMPOSE["volumes"]
+    assert "/var/lib/tollgate-secrets" in (REPO / "Dockerfile").read_text()

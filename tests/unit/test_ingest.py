@@ -4,7 +4,7 @@ import pytest
 
 from app.attribution import Identity
 from app.errors import ApiError
-from app.ingest import MAX_BATCH, parse_outcomes, parse_usage_reports
+from app.ingest import MAX_BATCH, TimeWindow, parse_outcomes, parse_usage_reports
 
 
 def resolve(record: object) -> Identity:
@@ -21,7 +21,9 @@ def test_single_list_and_wrapped_batches() -> None:
 
 def test_openai_and_anthropic_style_token_names() -> None:
     [report] = parse_usage_reports(
-        {"model": "m", "input_tokens": 3, "output_tokens": 4, "ts": "2026-01-31T12:00:00Z"}, resolve
+        {"model": "m", "input_tokens": 3, "output_tokens": 4, "ts": "2026-01-31T12:00:00Z"},
+        resolve,
+        window=TimeWindow(now=datetime(2026, 1, 31, 13, tzinfo=UTC)),
     )
     assert (report["prompt_tokens"], report["completion_tokens"]) == (3, 4)
     assert report["ts"] == datetime(2026, 1, 31, 12, tzinfo=UTC)

@@ -1,0 +1,33 @@
+"""What an identifier may look like, wherever it enters (headers, JSON bodies, budget scopes).
+
+Owns the one rule for user, session, feature, team, request and model ids, outcome kinds,
+providers and metadata: a string of at most ``MAX_ID_LENGTH`` characters, all printable
+(``str.isprintable``: no CR, LF, NUL, tab or other control character, no Unicode line
+separators, bidi overrides or unassigned code points, and no lone surrogate, which is how
+aiohttp hands over a header byte that is not UTF-8). Any other Unicode is fine ("Zoë", "名前").
+
+It does not own the HTTP mapping: callers turn the problem text into a 400 naming their field.
+"""
+
+from __future__ import annotations
+
+MAX_ID_LENGTH = 256
+
+
+def id_problem(value: str, max_length: int = MAX_ID_LENGTH) -> str | None:
+    """Why ``value`` is not an acceptable identifier, or None if it is."""
+    if len(value) > max_length:
+        return f"is longer than {max_length} characters ({len(value)})"
+    if value.isprintable():
+        return None
+    bad = next(ch for ch in value if not ch.isprintable())
+    position = value.index(bad)
+    if "\udc80" <= bad <= "\udcff":
+        return (
+            f"is not valid UTF-8 (byte 0x{ord(bad) - 0xDC00:02x} at position {position}); "
+            "send UTF-8 text"
+        )
+    return (
+        f"contains a control or non-printable character (U+{ord(bad):04X} at position "
+        f"{position}); ids must be printable text of at most {max_length} characters"
+    )

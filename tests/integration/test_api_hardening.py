@@ -1,0 +1,366 @@
+"""Issue 11's API findings on a real dispatcher (simulator upstream, real Kafka, real chdb reports).
+
+Each test is one observation of the issue: an input that gave a 500 or stored garbage, a listener
+that answered without a key, a proxy that smuggled a query or hung, an outcome a key could post
+against someone else's spend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from aiohttp import web
+
+from app.attribution import hash_key
+from app.reports_api import create_reports_app
+from app.settings import Settings
+from app.topics import ensure_topics
+from app.warehouse import ReconnectingClient, migrate
+from tests.integration.harness import free_port, read_events, running_stack
+
+pytestmark = pytest.mark.integration
+MESSAGES = [{"role": "user", "content": "Close the ticket about the invoice."}]
+TOKEN = "internal-token-for-tests-0123456789"
+
+
+@pytest.fixture
+def reports_server(clickhouse: Any) -> Iterator[int]:
+    """A real reports server (as `tollgate sink` runs it) on its own loop; yields its port."""
+    from tests.integration.harness import BackgroundLoop
+
+    migrate(clickhouse)
+    loop = BackgroundLoop()
+    port = free_port()
+
+    async def start() -> web.AppRunner:
+        app = create_reports_app(ReconnectingClient(lambda: clickhouse), token=TOKEN)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        return runner
+
+    runner = loop.run(start())
+    try:
+        yield port
+    finally:
+        loop.run(runner.cleanup())
+        loop.close()
+
+
+@pytest.fixture
+def keys_file(tmp_path: Path) -> Path:
+    path = tmp_path / "keys.yaml"
+    path.write_text(
+        "keys:\n"
+        f"  - {{id: alice-key, sha256: {hash_key('sk-alice')}, user_id: alice}}\n"
+        f"  - {{id: bob-key, sha256: {hash_key('sk-bob')}, user_id: bob}}\n"
+        f"  - {{id: backend, sha256: {hash_key('sk-backend')}, user_id: svc, may_act_for: ['*']}}\n"
+        f"  - {{id: ops, sha256: {hash_key('sk-admin')}, user_id: ops, admin: true}}\n"
+    )
+    return path
+
+
+def bearer(secret: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {secret}"}
+
+
+# -- the sink's report server and the dispatcher's proxy -----------------------------------------
+def test_the_report_server_needs_the_internal_token_or_an_admin_key(
+    clickhouse: Any, keys_file: Path
+) -> None:
+    from app.attribution import KeyStore
+    from tests.integration.harness import BackgroundLoop
+
+    migrate(clickhouse)
+    loop, port = BackgroundLoop(), free_port()
+
+    async def start() -> web.AppRunner:
+        app = create_reports_app(
+            ReconnectingClient(lambda: clickhouse), token=TOKEN, keys=KeyStore.load(keys_file)
+        )
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        return runner
+
+    runner = loop.run(start())
+    try:
+        url = f"http://127.0.0.1:{port}/v1/reports/breakdown?by=user"
+        anonymous = httpx.get(url)
+        assert anonymous.status_code == 401
+        assert anonymous.json()["error"]["type"] == "authentication_error"
+        assert "internal token" in anonymous.json()["error"]["message"]
+        assert httpx.get(url, headers=bearer("wrong")).status_code == 401
+        assert httpx.get(url, headers=bearer("sk-alice")).status_code == 401  # not an admin
+        assert httpx.get(url, headers=bearer(TOKEN)).status_code == 200
+        assert httpx.get(url, headers=bearer("sk-admin")).status_code == 200
+    finally:
+        loop.run(runner.cleanup())
+        loop.close()
+
+
+def test_the_report_proxy_sends_the_token_and_never_smuggles_a_query(
+    kafka_settings: Settings, reports_server: int
+) -> None:
+    with running_stack(kafka_settings, reports_port=reports_server, internal_token=TOKEN) as stack:
+        summary = httpx.get(f"{stack.url}/v1/reports/summary")
+        assert summary.status_code == 200, summary.text
+        # "%3F" decodes to "?": it must not reach the sink as a query string.
+        smuggled = httpx.get(f"{stack.url}/v1/reports/breakdown%3Fby%3Duser")
+        assert smuggled.status_code == 404, smuggled.text
+        assert smuggled.json()["error"]["param"] == "name"
+        assert httpx.get(f"{stack.url}/v1/reports/summary%3Ffrom%3Dx").status_code == 404
+        # An out-of-range date was a ClickHouse CANNOT_PARSE_DATETIME, a 500.
+        for name in ("outcomes", "summary"):
+            bad = httpx.get(f"{stack.url}/v1/reports/{name}", params={"to": "0167-04-17T12:53:17Z"})
+            assert bad.status_code == 400, bad.text
+            error = bad.json()["error"]
+            assert error["param"] == "to" and "1970-01-01" in error["message"]
+    with running_stack(
+        kafka_settings, reports_port=reports_server, internal_token="x" * 20
+    ) as stack:
+        refused = httpx.get(f"{stack.url}/v1/reports/summary")
+        assert refused.status_code == 503
+        assert "TOLLGATE_INTERNAL_TOKEN" in refused.json()["error"]["message"]
+
+
+def test_the_report_proxy_answers_503_when_the_sink_is_stalled(kafka_settings: Settings) -> None:
+    # A stopped (SIGSTOP) process still accepts connections in the kernel and never answers:
+    # a socket that listens and never accepts behaves the same.
+    with socket.socket() as stalled:
+        stalled.bind(("127.0.0.1", 0))
+        stalled.listen(8)
+        port = stalled.getsockname()[1]
+        with running_stack(kafka_settings, reports_port=port, reports_timeout_s=1.0) as stack:
+            response = httpx.get(f"{stack.url}/v1/reports/summary", timeout=60)
+    assert response.status_code == 503
+    error = response.json()["error"]
+    assert error["type"] == "reports_unavailable"
+    assert "TOLLGATE_REPORTS_TIMEOUT_S" in error["message"]
+
+
+# -- inputs that gave 500s or stored garbage -------------------------------------------------------
+def test_inputs_that_were_500s_are_400s_naming_the_field(kafka_settings: Settings) -> None:
+    asyncio.run(ensure_topics(kafka_settings))
+    with running_stack(kafka_settings) as stack:
+        for endpoint in ("chat/completions", "dispatch"):
+            for name in ("max_tokens", "max_completion_tokens"):
+                body = {"model": "gpt-4o", "messages": MESSAGES, name: 2**31}
+                response = httpx.post(f"{stack.url}/v1/{endpoint}", json=body)
+                assert response.status_code == 400, (endpoint, name, response.text)
+                assert response.json()["error"]["param"] == name
+        outcome = httpx.post(
+            f"{stack.url}/v1/outcomes",
+            json={"request_id": "r-1", "outcome": "success", "value_usd": 7.94789901217613e307},
+        )
+        assert outcome.status_code == 400, outcome.text
+        assert outcome.json()["error"]["param"] == "outcomes[0].value_usd"
+        assert "1,000,000,000" in outcome.json()["error"]["message"]
+        for header in ("X-Tollgate-User", "X-Tollgate-Session", "X-Tollgate-Feature"):
+            latin1 = httpx.post(
+                f"{stack.url}/v1/chat/completions",
+                json={"model": "gpt-4o", "messages": MESSAGES},
+                headers={header: b"caf\xe9"},
+            )
+            assert latin1.status_code == 400, (header, latin1.text)
+            assert latin1.json()["error"]["param"] == header
+            assert "UTF-8" in latin1.json()["error"]["message"]
+        anyone = httpx.post(
+            f"{stack.url}/v1/usage",
+            json={"model": "gpt-4o", "prompt_tokens": 1, "completion_tokens": 1},
+            headers={"Authorization": b"Bearer sk-\xe9"},
+        )
+        assert anyone.status_code == 202  # no keys configured: the header is ignored, no crash
+
+
+def test_garbage_ids_and_timestamps_are_refused_not_stored(kafka_settings: Settings) -> None:
+    asyncio.run(ensure_topics(kafka_settings))
+    with running_stack(kafka_settings) as stack:
+        for user in ("eve\r\nX-Injected: 1", "eve\x00", "eve\tx"):
+            response = httpx.post(
+                f"{stack.url}/v1/chat/completions",
+                json={"model": "gpt-4o", "messages": MESSAGES, "user": user},
+            )
+            assert response.status_code == 400 and response.json()["error"]["param"] == "user"
+        usage = {"model": "gpt-4o", "prompt_tokens": 1, "completion_tokens": 1}
+        for ts in (-1, "1969-12-31T23:59:59Z", "2000-01-01T00:00:00Z", "2999-01-01T00:00:00Z"):
+            response = httpx.post(f"{stack.url}/v1/usage", json={**usage, "ts": ts})
+            assert response.status_code == 400, (ts, response.text)
+            error = response.json()["error"]
+            assert error["param"] == "records[0].ts"
+            assert "TOLLGATE_USAGE_MAX_LATENESS_S" in error["message"]
+        response = httpx.post(f"{stack.url}/v1/usage", json={**usage, "user_id": "ok\nno"})
+        assert response.status_code == 400 and response.json()["error"]["param"] == "user_id"
+        kept = httpx.post(f"{stack.url}/v1/usage", json={**usage, "user_id": "frank"})
+        assert kept.status_code == 202
+    stored = asyncio.run(read_events(stack.settings, "usage", at_least=1))
+    assert [u["user_id"] for u in stored] == ["frank"]
+    requests = asyncio.run(read_events(stack.settings, "requests", at_least=3))
+    assert all(r["user_id"].isprintable() for r in requests)
+
+
+# -- outcomes: attribution and ownership -----------------------------------------------------------
+def test_an_outcome_by_session_is_attributed_to_the_session_user_and_feature(
+    kafka_settings: Settings,
+) -> None:
+    asyncio.run(ensure_topics(kafka_settings))
+    with running_stack(kafka_settings) as stack:
+        call = httpx.post(
+            f"{stack.url}/v1/chat/completions",
+            json={"model": "gpt-4o-mini", "messages": MESSAGES},
+            headers={
+                "X-Tollgate-User": "carol",
+                "X-Tollgate-Feature": "support",
+                "X-Tollgate-Session": "s-77",
+            },
+        )
+        assert call.status_code == 200
+        outcome = httpx.post(
+            f"{stack.url}/v1/outcomes", json={"session_id": "s-77", "outcome": "success"}
+        )
+        assert outcome.status_code == 202
+    [recorded] = asyncio.run(read_events(stack.settings, "outcomes", at_least=1))
+    assert (recorded["user_id"], recorded["feature"]) == ("carol", "support")
+
+
+def test_a_key_may_post_outcomes_only_for_its_own_spend(
+    kafka_settings: Settings, keys_file: Path
+) -> None:
+    asyncio.run(ensure_topics(kafka_settings))
+    with running_stack(kafka_settings, keys_file=keys_file) as stack:
+        call = httpx.post(
+            f"{stack.url}/v1/chat/completions",
+            json={"model": "gpt-4o-mini", "messages": MESSAGES},
+            headers={
+                **bearer("sk-alice"),
+                "X-Tollgate-Session": "s-alice",
+                "X-Tollgate-Feature": "chat",
+            },
+        )
+        assert call.status_code == 200
+        request_id = call.headers["X-Request-Id"]
+        url = f"{stack.url}/v1/outcomes"
+        value = {"outcome": "success", "value_usd": 1000}
+        for link in ({"request_id": request_id}, {"session_id": "s-alice"}):
+            stolen = httpx.post(url, json={**link, **value}, headers=bearer("sk-bob"))
+            assert stolen.status_code == 403, stolen.text
+            assert stolen.json()["error"]["param"] == next(iter(link))
+        # A batch with one foreign outcome writes nothing.
+        mixed = [{"session_id": "s-bob-own", **value}, {"request_id": request_id, **value}]
+        assert httpx.post(url, json=mixed, headers=bearer("sk-bob")).status_code == 403
+        for secret in ("sk-alice", "sk-backend", "sk-admin"):
+            allowed = httpx.post(
+                url, json={"session_id": "s-alice", "outcome": "success"}, headers=bearer(secret)
+            )
+            assert allowed.status_code == 202, (secret, allowed.text)
+        own_unknown = httpx.post(
+            url, json={"session_id": "s-bob-own", "outcome": "failure"}, headers=bearer("sk-bob")
+        )
+        assert own_unknown.status_code == 202
+    outcomes = asyncio.run(read_events(stack.settings, "outcomes", at_least=4))
+    assert len(outcomes) == 4, "the refused outcomes were not written"
+    by_session = sorted((o["session_id"], o["user_id"], o["feature"]) for o in outcomes)
+    assert by_session == [
+        ("s-alice", "alice", "chat"),
+        ("s-alice", "alice", "chat"),
+        ("s-alice", "alice", "chat"),
+        ("s-bob-own", "bob", None),  # unknown session: the key's own user, nobody else's
+    ]
+
+
+# -- exposure ---------------------------------------------------------------------------------------
+def test_open_admin_routes_are_refused_on_a_network_address(kafka_settings: Settings) -> None:
+    from app.security import ExposureError
+    from app.server import serve
+
+    # 192.0.2.1 is TEST-NET-1: never bound, so without the check this fails differently.
+    exposed = Settings(**{**kafka_settings.model_dump(), "dispatcher_host": "192.0.2.1"})
+    with pytest.raises(ExposureError, match="TOLLGATE_ALLOW_OPEN_ADMIN"):
+        asyncio.run(asyncio.wait_for(serve(exposed), 30))
+
+
+def test_stack_is_unchanged_for_loopback_without_keys(kafka_settings: Settings) -> None:
+    asyncio.run(ensure_topics(kafka_settings))
+    with running_stack(kafka_settings) as stack:  # 127.0.0.1 and no keys: the open default
+        assert httpx.get(f"{stack.url}/v1/budgets").status_code == 200
+
+
+# -- what already held, pinned -------------------------------------------------------------------
+def test_budget_admin_stays_admin_only_and_a_user_reads_only_its_own_status(
+    kafka_settings: Settings, keys_file: Path
+) -> None:
+    asyncio.run(ensure_topics(kafka_settings))
+    with running_stack(kafka_settings, keys_file=keys_file) as stack:
+        cap = {"limit_usd": 5}
+        admin = bearer("sk-admin")
+        assert httpx.put(f"{stack.url}/v1/budgets/user:alice", json=cap, headers=admin).is_success
+        alice = bearer("sk-alice")
+        for method, path in (
+            ("GET", "/v1/budgets"),
+            ("GET", "/v1/budgets/user:alice"),
+            ("PUT", "/v1/budgets/user:alice"),
+            ("DELETE", "/v1/budgets/user:alice"),
+            ("GET", "/v1/reports/summary"),
+            ("GET", "/v1/budgets/user:bob/status"),
+        ):
+            response = httpx.request(
+                method, f"{stack.url}{path}", json=cap if method == "PUT" else None, headers=alice
+            )
+            assert response.status_code == 403, (method, path, response.text)
+        own = httpx.get(f"{stack.url}/v1/budgets/user:alice/status", headers=alice)
+        assert own.status_code == 200 and own.json()["limit_usd"] == "5"
+
+
+def test_the_request_cannot_choose_the_upstream_host(kafka_settings: Settings) -> None:
+    asyncio.run(ensure_topics(kafka_settings))
+    with running_stack(kafka_settings) as stack:
+        elsewhere = f"http://127.0.0.1:{free_port()}/v1"
+        response = httpx.post(
+            f"{stack.url}/v1/chat/completions",
+            json={
+                "model": "gpt-4o-mini",
+                "messages": MESSAGES,
+                "base_url": elsewhere,
+                "api_base": elsewhere,
+            },
+            headers={"Host": "evil.example", "X-Forwarded-Host": "evil.example"},
+        )
+        assert response.status_code == 200, response.text
+        assert stack.counter.calls == 1, "served by the configured upstream"
+
+
+def test_logs_hold_no_prompt_and_no_key(
+    kafka_settings: Settings, keys_file: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    from app.logs import JsonFormatter, TextFormatter
+
+    prompt = "PROMPT-TEXT-7f3a the quarterly numbers are confidential"
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": prompt}]}
+    asyncio.run(ensure_topics(kafka_settings))
+    with (
+        caplog.at_level(logging.DEBUG),
+        running_stack(kafka_settings, keys_file=keys_file) as stack,
+    ):
+        url = f"{stack.url}/v1/chat/completions"
+        assert httpx.post(url, json=body, headers=bearer("sk-alice")).status_code == 200
+        assert httpx.post(url, json=body, headers=bearer("sk-unknown-9c1e")).status_code == 401
+        spoof = {**body, "user": "bob"}
+        assert httpx.post(url, json=spoof, headers=bearer("sk-alice")).status_code == 403
+        failing = {**bearer("sk-alice"), "X-Sim-Status": "500"}
+        assert httpx.post(url, json=body, headers=failing).status_code == 500
+        streamed = httpx.post(url, json={**body, "stream": True}, headers=bearer("sk-alice"))
+        assert streamed.status_code == 200
+    assert caplog.records, "the dispatcher logged something to check"
+    lines = [JsonFormatter().format(r) for r in caplog.records]
+    lines += [TextFormatter().format(r) for r in caplog.records]
+    for line in lines:
+        for secret in ("PROMPT-TEXT-7f3a", "sk-alice", "sk-unknown-9c1e", TOKEN):
+            assert secret not in line, line

@@ -1,0 +1,84 @@
+"""`tollgate budgets` against real Kafka and a real dispatcher: a scope without a policy is an
+error (not "removed" with exit 0), and --url goes through the dispatcher with the admin key."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from app.attribution import hash_key
+from app.cli import main
+from app.settings import Settings
+from app.topics import ensure_topics
+from tests.integration.harness import running_stack
+
+pytestmark = pytest.mark.integration
+
+
+def cli(settings: Settings, *args: str, **env: str) -> tuple[int, str]:
+    base = {
+        "TOLLGATE_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+        "TOLLGATE_TOPIC_PREFIX": settings.topic_prefix,
+        "TOLLGATE_STATE_DIR": str(settings.state_dir),
+    }
+    result = CliRunner().invoke(main, ["budgets", *args], env={**base, **env})
+    return result.exit_code, result.output
+
+
+def test_budgets_through_kafka_name_scopes_without_a_policy(kafka_settings: Settings) -> None:
+    asyncio.run(ensure_topics(kafka_settings))
+    code, output = cli(kafka_settings, "rm", "user:nobody")
+    assert code == 1 and "user:nobody has no budget policy" in output and "removed" not in output
+    code, output = cli(kafka_settings, "status", "user:nobody")
+    assert code == 1 and "no budget policy" in output
+    assert cli(kafka_settings, "set", "user:ann", "--monthly", "5")[0] == 0
+    code, output = cli(kafka_settings, "status", "user:ann")
+    assert code == 0 and "no spend recorded yet" in output
+    code, output = cli(kafka_settings, "rm", "user:ann")
+    assert code == 0 and "removed user:ann" in output
+    code, output = cli(kafka_settings, "rm", "user:ann")
+    assert code == 1, "removed twice"
+
+
+def test_budgets_through_the_dispatcher_with_the_admin_key(
+    kafka_settings: Settings, tmp_path: Path
+) -> None:
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(
+        f"keys:\n"
+        f"  - {{id: ops, sha256: {hash_key('sk-admin')}, user_id: ops, admin: true}}\n"
+        f"  - {{id: bo, sha256: {hash_key('sk-bo')}, user_id: bo}}\n"
+    )
+    asyncio.run(ensure_topics(kafka_settings))
+    # A shell without the Kafka exports: the CLI must not need them with --url.
+    nowhere = Settings(
+        kafka_bootstrap="127.0.0.1:1", topic_prefix="unused", state_dir=tmp_path / "cli"
+    )
+    with running_stack(kafka_settings, keys_file=keys) as stack:
+        url = ("--url", stack.url)
+        code, output = cli(nowhere, "set", "feature:chat", "--daily", "12.5", *url)
+        assert code == 1 and "HTTP 401" in output and "--key" in output
+        code, output = cli(
+            nowhere, "set", "feature:chat", "--daily", "12.5", *url, "--key", "sk-bo"
+        )
+        assert code == 1 and "HTTP 403" in output
+        code, output = cli(
+            nowhere, "set", "feature:chat", "--daily", "12.5", *url, "--key", "sk-admin"
+        )
+        assert code == 0, output
+        admin = {"TOLLGATE_ADMIN_KEY": "sk-admin"}  # the key from the environment
+        code, output = cli(nowhere, "list", *url, **admin)
+        assert code == 0 and "feature:chat" in output and "12.5" in output
+        code, output = cli(nowhere, "status", "feature:chat", *url, **admin)
+        assert code == 0 and "open" in output and "of $12.5 per day" in output
+        code, output = cli(nowhere, "status", "user:nobody", *url, **admin)
+        assert code == 1 and "no budget policy" in output
+        code, output = cli(nowhere, "rm", "user:nobody", *url, **admin)
+        assert code == 1 and "no budget policy to remove" in output
+        code, output = cli(nowhere, "rm", "feature:chat", *url, **admin)
+        assert code == 0 and "removed feature:chat" in output
+        code, output = cli(nowhere, "list", *url, **admin)
+        assert code == 0 and "feature:chat" not in output
