@@ -477,3 +477,49 @@ def test_fail_closed_refuses_when_budget_decisions_are_unreachable(
             f"{stack.url}/v1/chat/completions", json={"model": "gpt-4o", "messages": MESSAGES}
         )
         assert response.status_code == 200
+
+
+def test_a_client_request_id_is_kept_beside_the_gateways_own(stack: Stack) -> None:
+    """The gateway's id joins Request, Usage and outcomes, so a client must not choose it; the
+    client's own X-Request-Id is recorded as client_request_id and echoed back."""
+    for stream in (False, True):
+        with httpx.stream(
+            "POST",
+            f"{stack.url}/v1/chat/completions",
+            json={"model": "gpt-4o-mini", "messages": MESSAGES, "stream": stream},
+            headers={"X-Request-Id": f"client-{stream}", "X-Tollgate-User": "cid"},
+        ) as response:
+            response.read()
+            assert response.status_code == 200
+            assert response.headers["X-Request-Id"].startswith("req_")
+            assert response.headers["X-Client-Request-Id"] == f"client-{stream}"
+    requests = asyncio.run(read_events(stack.settings, "requests", at_least=2))
+    usage = asyncio.run(read_events(stack.settings, "usage", at_least=2))
+    for events in (requests, usage):
+        mine = {e["client_request_id"] for e in events if e["user_id"] == "cid"}
+        assert mine == {"client-False", "client-True"}
+    garbage = httpx.post(
+        f"{stack.url}/v1/chat/completions",
+        json={"model": "gpt-4o-mini", "messages": MESSAGES},
+        headers={"X-Request-Id": "x" * 500},
+    )
+    assert garbage.status_code == 200 and "X-Client-Request-Id" not in garbage.headers
+
+
+def test_upstream_duration_covers_the_whole_call_and_streams_record_ttft(stack: Stack) -> None:
+    headers = {"X-Sim-Latency-Ms": "300"}
+    body = {"model": "gpt-4o-mini", "messages": MESSAGES}
+    assert httpx.post(f"{stack.url}/v1/chat/completions", json=body, headers=headers).is_success
+    streamed = httpx.post(
+        f"{stack.url}/v1/chat/completions", json={**body, "stream": True}, headers=headers
+    )
+    assert streamed.is_success
+    metrics = httpx.get(f"{stack.url}/metrics").text
+
+    def sample(name: str) -> float:
+        line = next(m for m in metrics.splitlines() if m.startswith(name + "{"))
+        return float(line.rsplit(" ", 1)[1])
+
+    assert sample("tollgate_upstream_duration_seconds_count") == 2
+    assert sample("tollgate_upstream_duration_seconds_sum") >= 0.6  # both calls, whole
+    assert sample("tollgate_upstream_ttft_seconds_count") == 1  # the stream's first token
