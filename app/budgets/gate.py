@@ -45,23 +45,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from app.budgets.pending import DEFAULT_ENTRIES_MAX, PendingSpend, counted_offsets
 from app.budgets.policy import Policy, PolicyBook, evaluate
 from app.budgets.reservations import CallCost, fit_output_tokens
 from app.clock import Clock
 from app.pricing import usd_text
 
-LOCAL_ENTRIES_MAX = 4096
 SWEEP_GRACE_S = 30.0
-
-
-@dataclass(eq=False)
-class LocalSpend:
-    """Spend emitted by this dispatcher that the spend worker may not have counted yet."""
-
-    nanos: int
-    ts_ms: int
-    scopes: list[str]
-    offsets: dict[int, int] | None = None  # partition -> highest offset; None until acked
 
 
 @dataclass(eq=False)
@@ -146,14 +136,14 @@ class BudgetGate:
         reservations: bool = True,
         *,
         max_call_duration_s: float = 600.0,
+        pending_entries_max: int = DEFAULT_ENTRIES_MAX,
     ) -> None:
         self.policies = policies
         self.clock = clock
         self.reservations = reservations  # off: only what has been spent counts (benchmarks)
         self.max_call_duration_s = max_call_duration_s
         self.decisions: dict[str, dict[str, Any]] = {}
-        self._local: dict[str, dict[int, LocalSpend]] = defaultdict(dict)  # by id(entry)
-        self._by_seq: dict[int, LocalSpend] = {}
+        self.pending = PendingSpend(pending_entries_max)
         self._reserved: dict[str, int] = defaultdict(int)
         self._worst: dict[str, int] = defaultdict(int)
         self._in_flight: set[Reservation] = set()
@@ -168,59 +158,37 @@ class BudgetGate:
                 self.decisions.pop(scope, None)
             else:
                 self.decisions[scope] = record
-                self._drop_counted(scope)
+                self.pending.counted(scope, self._current_counted(scope))
         self._notify()
 
     def on_delivered(self, seq: int, partition: int, offset: int) -> None:
         """Kafka acknowledged the event of spool sequence ``seq`` at (partition, offset)."""
         with self._lock:
-            entry = self._by_seq.pop(seq, None)
-            if entry is None:
-                return
-            entry.offsets = {partition: offset}
-            for scope in entry.scopes:  # a decision may already count it
-                decision = self.decisions.get(scope)
-                if decision and self._is_counted(entry, self._counted_offsets(decision)):
-                    self._local[scope].pop(id(entry), None)
+            self.pending.delivered(seq, partition, offset, self._current_counted)
 
-    @staticmethod
-    def _counted_offsets(decision: dict[str, Any]) -> dict[int, int]:
-        return {int(p): int(o) for p, o in (decision.get("counted_offsets") or {}).items()}
-
-    @staticmethod
-    def _is_counted(entry: LocalSpend, counted: dict[int, int]) -> bool:
-        if entry.offsets is None:
-            return False
-        return all(counted.get(p, -1) > o for p, o in entry.offsets.items())
-
-    def _drop_counted(self, scope: str) -> None:
+    def _current_decision(self, scope: str, now: datetime | None = None) -> dict[str, Any] | None:
+        """The latest decision of ``scope`` if it is about the current period."""
         decision = self.decisions.get(scope)
-        entries = self._local.get(scope)
-        if decision is None or not entries:
-            return
-        counted = self._counted_offsets(decision)
-        if counted:
-            for key in [k for k, e in entries.items() if self._is_counted(e, counted)]:
-                del entries[key]
+        policy = self.policies.policy_for(scope)
+        if decision is None or policy is None:
+            return None
+        period = policy.period_at(now or self.clock.now())
+        return decision if decision["period_start"] == period.start else None
+
+    def _current_counted(self, scope: str) -> dict[int, int]:
+        return counted_offsets(self._current_decision(scope))
 
     # -- accounting --------------------------------------------------------------------
     def _status(self, scope: str, policy: Policy, now: datetime) -> ScopeStatus:
         period = policy.period_at(now)
         decision = self.decisions.get(scope)
         counted, state, decided_by = 0, "open", "none_yet"
-        counted_offsets: dict[int, int] = {}
         current = decision if decision and decision["period_start"] == period.start else None
         if current is not None:
             counted = current["spent_usd_nanos"]
-            counted_offsets = self._counted_offsets(current)
             decided_by = "spend_worker"
             state = current["state"]  # canonical, unless the limit changed since
-        start_ms, end_ms = int(period.start.timestamp() * 1000), int(period.end.timestamp() * 1000)
-        uncounted = sum(
-            e.nanos
-            for e in self._local.get(scope, {}).values()
-            if start_ms <= e.ts_ms < end_ms and not self._is_counted(e, counted_offsets)
-        )
+        uncounted = self.pending.total(scope, int(period.start.timestamp() * 1000))
         spent = counted + uncounted
         if current is None or current["limit_usd_nanos"] != policy.limit_usd_nanos:
             state = evaluate(spent, policy).state  # no verdict on this limit yet: the numbers
@@ -341,8 +309,7 @@ class BudgetGate:
                 return
             self._release(reservation)
             ts_ms = int((ts or self.clock.now()).timestamp() * 1000)
-            if actual_nanos:
-                self._hold(reservation.scopes, actual_nanos, ts_ms, seq)
+            self.pending.hold(reservation.scopes, actual_nanos, ts_ms, seq)
         self._notify()
 
     def _release(self, reservation: Reservation) -> None:
@@ -359,36 +326,6 @@ class BudgetGate:
                 else:
                     totals.pop(scope, None)
 
-    def _hold(self, scopes: list[str], nanos: int, ts_ms: int, seq: int | None) -> None:
-        if not scopes:
-            return
-        entry = LocalSpend(nanos, ts_ms, scopes)
-        if seq is not None:
-            self._by_seq[seq] = entry
-        for scope in scopes:
-            entries = self._local[scope]
-            entries[id(entry)] = entry
-            if len(entries) > LOCAL_ENTRIES_MAX:
-                self._compact(scope)
-
-    def _compact(self, scope: str) -> None:
-        """Decisions stopped covering this dispatcher's spend (worker down): merge the oldest
-        acknowledged entries of a scope into one, kept until a decision counts all of them."""
-        entries = self._local[scope]
-        acked = [e for e in entries.values() if e.offsets is not None][: LOCAL_ENTRIES_MAX // 2]
-        if len(acked) < 2:
-            return
-        offsets: dict[int, int] = {}
-        for e in acked:
-            for p, o in (e.offsets or {}).items():
-                offsets[p] = max(o, offsets.get(p, -1))
-        merged = LocalSpend(
-            sum(e.nanos for e in acked), max(e.ts_ms for e in acked), [scope], offsets
-        )
-        for e in acked:
-            del entries[id(e)]
-        entries[id(merged)] = merged
-
     def record_spend(
         self, scopes: list[str], nanos: int, ts: datetime, seq: int | None = None
     ) -> None:
@@ -399,7 +336,7 @@ class BudgetGate:
         ts_ms = int(ts.astimezone(UTC).timestamp() * 1000)
         with self._lock:
             capped = [s for s in scopes if self.policies.policy_for(s) is not None]
-            self._hold(capped, nanos, ts_ms, seq)
+            self.pending.hold(capped, nanos, ts_ms, seq)
 
     def sweep(self) -> int:
         """Release reservations older than max_call_duration_s (+ grace): a second line of
