@@ -95,7 +95,10 @@ class TableData(MutableMapping[str, Any]):
         self.table = table
 
     def __getitem__(self, key: str) -> Any:
-        return self.table.data[key]
+        value = self.table.data[key]
+        if value is None:  # a removal written as JSON null by an earlier version: absent
+            raise KeyError(key)
+        return value
 
     def __setitem__(self, key: str, value: Any) -> None:
         self.table.data[key] = value
@@ -104,10 +107,10 @@ class TableData(MutableMapping[str, Any]):
         del self.table.data[key]
 
     def __iter__(self) -> Iterator[str]:
-        return iter(list(self.table.data.keys()))
+        return iter([k for k, v in list(self.table.data.items()) if v is not None])
 
     def __len__(self) -> int:
-        return len(self.table.data)
+        return sum(1 for v in self.table.data.values() if v is not None)
 
 
 class SpendWorker:
@@ -306,7 +309,11 @@ class SpendWorker:
         attempt = 0
         while pending:
             futures = {
+                # A removal must be a tombstone (a null Kafka value), not JSON null: the
+                # recovered table would otherwise hold the key with the value None.
                 key: table.send_changelog(partition, key, value)
+                if value is not None
+                else table.send_changelog(partition, key, None, value_serializer="raw")
                 for key, (partition, value) in pending.items()
             }
             await asyncio.wait(futures.values())
@@ -582,7 +589,7 @@ class SpendWorker:
         owned = self.owned("requests")
         due = []
         for request_id, entry in list(self.open_table.data.items()):
-            if entry["partition"] not in owned:
+            if not entry or entry["partition"] not in owned:
                 continue
             superseded = self.latest_boot.get(entry.get("dispatcher_id") or "", 0) > (
                 entry.get("boot_ms") or 0
