@@ -1,0 +1,312 @@
+"""The failure model: P(the economy tier fails on this prompt), learned online from outcomes.
+
+Owns the score in [0, 1], its explanation, learning one labelled outcome at a time, and
+the checkpoint (:meth:`FailureModel.snapshot` / :meth:`FailureModel.restore`, bytes that
+can go on a compacted topic as the anomaly models do). It does not own tiers, rules or
+requests (:mod:`app.routing.router`) or what a signal is (:mod:`app.routing.signals`).
+
+How a score is made, all in log-odds so every part adds up and can be explained:
+
+1. **Prior**: hand-set weights on the signals (:data:`app.routing.signals.PRIOR_WEIGHTS`),
+   so a router with no outcomes yet still prefers economy for short plain questions.
+2. **Word evidence**: per hashed word / word pair, how often the economy tier failed on
+   prompts containing it (Beta-smoothed towards the overall failure rate). A prompt gets
+   the mean (weighted by rarity) and a normalised sum of its words' deviations. Counts
+   converge after a few examples per topic, where a linear model over words learned by
+   SGD needs many passes.
+3. **Learned combination**: a River ``LogisticRegression`` over standardised inputs (the
+   prior's log-odds, length, depth and the two evidence values), learned online.
+   Every input is computed *before* the example updates the counts, so the combination
+   learns how much to trust evidence on prompts it has not seen.
+4. The learned log-odds weigh ``n / (n + warmup_outcomes)`` against the prior; a feature
+   with its own model mixes it with the global one the same way.
+
+Scoring never changes the model; only :meth:`FailureModel.learn` does.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+import struct
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from itertools import repeat
+
+import numpy as np
+from river import linear_model, optim, preprocessing
+
+from app.routing.signals import (
+    PRIOR_INTERCEPT,
+    SIGNAL_LABELS,
+    PromptView,
+    analyse,
+    prior_contributions,
+)
+
+SNAPSHOT_VERSION = 1
+_SNAPSHOT_MAGIC = b"tollgate-router-model\n"
+_SMOOTHING = 20.0  # pseudo-outcomes pulling a word's failure rate towards the overall rate
+_EPSILON = 1e-6
+_NAN = float("nan")
+GLOBAL = "*"
+
+
+class RouterCheckpointError(ValueError):
+    """A checkpoint that cannot be restored; the message says why and what to do."""
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, _EPSILON), 1 - _EPSILON)
+    return math.log(p / (1 - p))
+
+
+def _sigmoid(z: float) -> float:
+    if z >= 0:
+        return 1.0 / (1.0 + math.exp(-z))
+    e = math.exp(z)
+    return e / (1.0 + e)
+
+
+@dataclass(frozen=True, slots=True)
+class Features:
+    """Everything the model reads from one prompt (computed once, used to score and learn)."""
+
+    signals: dict[str, float]
+    keys: tuple[int, ...]
+
+    @classmethod
+    def of(cls, view: PromptView, hash_bits: int) -> Features:
+        analysis = analyse(view, hash_bits)
+        return cls(analysis.signals, analysis.keys)
+
+
+@dataclass(frozen=True, slots=True)
+class Score:
+    """P(economy fails), the log-odds contributions behind it, and how much was learned."""
+
+    value: float
+    contributions: dict[str, float]  # signal name (or "similar_outcomes") -> log-odds
+    outcomes_learned: int
+
+    def reason(self, top: int = 3) -> str:
+        """A sentence naming the signals that weighed most (never any prompt text)."""
+        ranked = sorted(
+            ((name, c) for name, c in self.contributions.items() if abs(c) >= 0.05),
+            key=lambda item: -abs(item[1]),
+        )[:top]
+        parts = [f"{SIGNAL_LABELS.get(name, name)} {c:+.2f}" for name, c in ranked]
+        basis = (
+            f"learned from {self.outcomes_learned} outcomes"
+            if self.outcomes_learned
+            else "prior only, no outcomes learned yet"
+        )
+        weighed = "; ".join(parts) if parts else "no signal stands out"
+        return f"P(economy fails)={self.value:.2f} ({basis}): {weighed}"
+
+
+class _Learner:
+    """One scope's learned part (the global scope, or one feature)."""
+
+    def __init__(self, learning_rate: float) -> None:
+        self.scaler = preprocessing.StandardScaler()
+        self.regression = linear_model.LogisticRegression(optim.SGD(learning_rate))
+        # Per hashed key, at its row: prompts containing it, economy failures among them,
+        # their smoothed failure log-odds (when last counted) and log(prompts containing it).
+        # Rows in arrays and one dict lookup per key keep scoring a few vector operations.
+        self.rows: dict[int, int] = {}
+        self.counts = np.zeros((0, 4), dtype=np.float64)
+        self.outcomes = 0
+        self.failures = 0
+        self._weights: dict[str, float] = {}
+        self._intercept = 0.0
+
+    def _base_rate(self) -> float:
+        return (self.failures + 1.0) / (self.outcomes + 2.0)
+
+    def _evidence(self, keys: tuple[int, ...]) -> tuple[float, float]:
+        """(rarity-weighted mean, normalised sum) of the words' failure log-odds deviations."""
+        if not self.outcomes or not keys:
+            return 0.0, 0.0
+        rows = np.fromiter(map(self.rows.get, keys, repeat(-1)), np.int64, len(keys))
+        rows = rows[rows >= 0]
+        if not rows.size:
+            return 0.0, 0.0
+        known = self.counts[rows]
+        deviations = known[:, 2] - _logit(self._base_rate())
+        rarity = (math.log(self.outcomes + 1.0) + 0.1) - known[:, 3]
+        mean = float(np.dot(deviations, rarity) / rarity.sum())
+        return mean, float(deviations.sum() / math.sqrt(deviations.size))
+
+    def inputs(self, features: Features, prior_logit: float) -> dict[str, float]:
+        evidence_mean, evidence_sum = self._evidence(features.keys)
+        return {
+            "prior": prior_logit,
+            "length": features.signals["length"],
+            "depth": features.signals["depth"],
+            "evidence_mean": evidence_mean,
+            "evidence_sum": evidence_sum,
+        }
+
+    def contributions(
+        self, inputs: Mapping[str, float], prior_parts: Mapping[str, float]
+    ) -> tuple[float, dict[str, float]]:
+        """Log-odds of this learner and each named part of it (they add up to it)."""
+        means, variances = self.scaler.means, self.scaler.vars
+        parts: dict[str, float] = {}
+        baseline = self._intercept
+        logit = self._intercept
+        for name, value in inputs.items():
+            weight = self._weights.get(name, 0.0)
+            variance = variances.get(name, 0.0)
+            if not weight or not variance:
+                continue
+            scale = weight / math.sqrt(variance)
+            mean = means.get(name, 0.0)
+            logit += scale * (value - mean)
+            if name == "prior":
+                # the prior's log-odds, spread back over the signals it is made of
+                baseline += scale * (PRIOR_INTERCEPT - mean)
+                for signal, part in prior_parts.items():
+                    parts[signal] = parts.get(signal, 0.0) + scale * part
+            elif name.startswith("evidence"):
+                parts["similar_outcomes"] = parts.get("similar_outcomes", 0.0) + scale * value
+                baseline -= scale * mean
+            else:
+                parts[name] = parts.get(name, 0.0) + scale * value
+                baseline -= scale * mean
+        parts["baseline"] = parts.get("baseline", 0.0) + baseline
+        return logit, parts
+
+    def learn(self, features: Features, prior_logit: float, failed: bool) -> None:
+        inputs = self.inputs(features, prior_logit)  # before the counts include this prompt
+        self.scaler.learn_one(inputs)
+        self.regression.learn_one(self.scaler.transform_one(inputs), failed)
+        self._weights = self.regression.weights
+        self._intercept = float(self.regression.intercept)
+        self.outcomes += 1
+        self.failures += failed
+        base = self._base_rate()
+        rows = self.rows
+        new = [key for key in features.keys if key not in rows]
+        if new:
+            start = len(rows)
+            if start + len(new) > len(self.counts):
+                grown = np.zeros((max(2 * len(self.counts), start + len(new), 1024), 4))
+                grown[:start] = self.counts[:start]
+                self.counts = grown
+            rows.update(zip(new, range(start, start + len(new)), strict=True))
+        at = np.fromiter(map(rows.__getitem__, features.keys), np.int64, len(features.keys))
+        counts = self.counts
+        counts[at, 0] += 1
+        counts[at, 1] += failed
+        counts[at, 2] = np.log(counts[at, 1] + _SMOOTHING * base) - np.log(
+            counts[at, 0] - counts[at, 1] + _SMOOTHING * (1 - base)
+        )
+        counts[at, 3] = np.log(counts[at, 0])
+
+    def __getstate__(self) -> dict[str, object]:
+        state = self.__dict__.copy()
+        state["counts"] = self.counts[: len(self.rows)].copy()  # not the spare rows
+        return state
+
+
+class FailureModel:
+    """P(economy fails | prompt), per feature with a global fallback, learned online."""
+
+    def __init__(
+        self,
+        *,
+        hash_bits: int = 18,
+        learning_rate: float = 0.01,
+        warmup_outcomes: int = 30,
+        max_feature_models: int = 200,
+    ) -> None:
+        self.hash_bits = hash_bits
+        self.learning_rate = learning_rate
+        self.warmup_outcomes = warmup_outcomes
+        self.max_feature_models = max_feature_models
+        self.global_learner = _Learner(learning_rate)
+        self.feature_learners: OrderedDict[str, _Learner] = OrderedDict()
+
+    @property
+    def outcomes_learned(self) -> int:
+        return self.global_learner.outcomes
+
+    def features(self, view: PromptView) -> Features:
+        return Features.of(view, self.hash_bits)
+
+    def score(self, features: Features, feature: str | None = None) -> Score:
+        """P(economy fails) for a prompt of ``feature``; pure (the model is not changed)."""
+        prior_parts = prior_contributions(features.signals)
+        prior_logit = PRIOR_INTERCEPT + sum(prior_parts.values())
+        parts: dict[str, float] = dict(prior_parts)
+        parts["baseline"] = PRIOR_INTERCEPT
+        logit = prior_logit
+        learner = self.global_learner
+        if learner.outcomes:
+            learned, learned_parts = learner.contributions(
+                learner.inputs(features, prior_logit), prior_parts
+            )
+            own = self.feature_learners.get(feature) if feature is not None else None
+            if own is not None and own.outcomes:
+                own_logit, own_parts = own.contributions(
+                    own.inputs(features, prior_logit), prior_parts
+                )
+                share = own.outcomes / (own.outcomes + self.warmup_outcomes)
+                learned = share * own_logit + (1 - share) * learned
+                learned_parts = _mix(own_parts, share, learned_parts)
+            trust = learner.outcomes / (learner.outcomes + self.warmup_outcomes)
+            logit = trust * learned + (1 - trust) * prior_logit
+            parts = _mix(learned_parts, trust, parts)
+        parts.pop("baseline", None)
+        return Score(_sigmoid(logit), parts, learner.outcomes)
+
+    def learn(self, features: Features, failed: bool, feature: str | None = None) -> None:
+        """Learn one economy-tier outcome (``failed``) of a prompt of ``feature``."""
+        prior_logit = PRIOR_INTERCEPT + sum(prior_contributions(features.signals).values())
+        self.global_learner.learn(features, prior_logit, failed)
+        if feature is None or feature == GLOBAL:
+            return
+        own = self.feature_learners.get(feature)
+        if own is None:
+            if len(self.feature_learners) >= self.max_feature_models:
+                return  # bounded memory: this feature shares the global model
+            own = self.feature_learners[feature] = _Learner(self.learning_rate)
+        own.learn(features, prior_logit, failed)
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def snapshot(self) -> bytes:
+        """Everything learned, as bytes: a versioned header, then a pickle (River models
+        pickle). Store it where only Tollgate writes (unpickling runs code from its input)."""
+        header = _SNAPSHOT_MAGIC + struct.pack(">I", SNAPSHOT_VERSION)
+        return header + pickle.dumps(self, protocol=pickle.HIGHEST_PROTOCOL)
+
+    @classmethod
+    def restore(cls, data: bytes) -> FailureModel:
+        header = len(_SNAPSHOT_MAGIC) + 4
+        if len(data) < header or not data.startswith(_SNAPSHOT_MAGIC):
+            raise RouterCheckpointError("not a router-model checkpoint; delete it to start fresh")
+        (version,) = struct.unpack(">I", data[len(_SNAPSHOT_MAGIC) : header])
+        if version != SNAPSHOT_VERSION:
+            raise RouterCheckpointError(
+                f"router checkpoint version {version} is not {SNAPSHOT_VERSION} (written by "
+                "another Tollgate version); delete it to learn again from outcomes"
+            )
+        try:
+            model = pickle.loads(data[header:])
+        except Exception as exc:
+            raise RouterCheckpointError(
+                f"router checkpoint is not readable ({type(exc).__name__}: {exc}); "
+                "delete it to learn again from outcomes"
+            ) from exc
+        if not isinstance(model, cls):
+            raise RouterCheckpointError("router checkpoint does not hold a model; delete it")
+        return model
+
+
+def _mix(first: Mapping[str, float], share: float, second: Mapping[str, float]) -> dict[str, float]:
+    """``share * first + (1 - share) * second``, name by name."""
+    names = set(first) | set(second)
+    return {n: share * first.get(n, 0.0) + (1 - share) * second.get(n, 0.0) for n in names}
