@@ -71,6 +71,8 @@ class Router:
 
     def route(self, body: Mapping[str, Any], feature: str | None = None) -> Decision:
         """The tier and model for a request; never changes what the router has learned."""
+        if not isinstance(body, Mapping):
+            raise PromptError("body", "must be a JSON object with 'messages'")
         rule = self.settings.rule_for(feature)
         provider = self.settings.provider_tiers(rule.provider)
         if not self.wants_routing(body, feature):
