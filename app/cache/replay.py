@@ -54,8 +54,10 @@ def sse_replay(completion: Mapping[str, Any], *, include_usage: bool) -> bytes:
         def delta_chunk(delta: dict[str, Any], finish: str | None = None, i: int = index) -> None:
             emit([{"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}])
 
-        delta_chunk({"role": message.get("role", "assistant"), "content": "", "refusal": None})
         content = message.get("content")
+        # OpenAI opens with content "" for a text answer and null for a tool-call answer
+        opening = "" if isinstance(content, str) else None
+        delta_chunk({"role": message.get("role", "assistant"), "content": opening, "refusal": None})
         if isinstance(content, str) and content:
             for piece in _pieces(content):
                 delta_chunk({"content": piece})
