@@ -214,7 +214,15 @@ class Analysis:
     """A prompt's signals (explainable values) and hashed text keys."""
 
     signals: dict[str, float]
-    keys: tuple[int, ...]  # distinct, ascending
+    keys: np.ndarray  # distinct hashed keys (intp), ascending
+
+
+def _distinct(keys: np.ndarray) -> np.ndarray:
+    """Sorted distinct values (np.unique takes a slow hashing path on small arrays)."""
+    keys.sort()
+    if keys.size < 2:
+        return keys
+    return keys[np.concatenate(([True], keys[1:] != keys[:-1]))]
 
 
 def _pairs(words: set[bytes], tokens: list[bytes], wanted: tuple[tuple[bytes, bytes], ...]) -> int:
@@ -239,7 +247,7 @@ def analyse(view: PromptView, bits: int) -> Analysis:
     pairs = (hashes[:-1] * _PAIR_MULTIPLIER) ^ hashes[1:]
     symbols = [zlib.crc32(symbol.encode()) for symbol in _SYMBOLS if symbol in text]
     all_keys = np.concatenate((hashes, pairs, np.asarray(symbols, dtype=np.uint64))) & mask
-    keys = tuple(np.unique(all_keys).tolist())
+    keys = _distinct(all_keys.astype(np.intp))
     code_marks = sum(1 for mark in _CODE_MARKS if mark in text)
     math_marks = sum(1 for mark in _MATH_MARKS if mark in text) + len(words & _MATH_WORDS)
     reasoning = len(words & _REASONING_WORDS) + _pairs(words, tokens, _REASONING_PAIRS)
