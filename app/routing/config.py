@@ -151,7 +151,9 @@ class RoutingSettings(BaseModel):
         description="Outcomes after which the learned model counts as much as the prior.",
     )
     max_feature_models: int = Field(
-        default=200, ge=0, description="Features with their own model; others use the global one."
+        default=100,
+        ge=0,
+        description="Features with their own model (512 KB each); others use the global one (4 MB).",
     )
     learning_rate: float = Field(default=0.01, gt=0, le=1, description="SGD step of the learner.")
     escalate_on: tuple[str, ...] = Field(

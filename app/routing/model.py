@@ -227,7 +227,7 @@ class FailureModel:
         hash_bits: int = 18,
         learning_rate: float = 0.01,
         warmup_outcomes: int = 30,
-        max_feature_models: int = 200,
+        max_feature_models: int = 100,
     ) -> None:
         self.hash_bits = hash_bits
         self.learning_rate = learning_rate
