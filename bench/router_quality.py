@@ -187,6 +187,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result["wall_s"] = round(time.perf_counter() - started, 1)
         results.append(result)
         print(f"  {result['router']}: APGR {result['apgr_mean']:.3f}", file=sys.stderr)
+    by_name = {r["router"]: r for r in results}
+    for name in ("tollgate", "tollgate_prior", "tfidf_lr"):
+        ours, length = by_name[name]["apgr_per_split"], by_name["length"]["apgr_per_split"]
+        differences = [a - b for a, b in zip(ours, length, strict=True)]
+        by_name[name]["vs_length"] = {
+            "mean_difference": statistics.mean(differences),
+            "std_difference": statistics.stdev(differences) if len(differences) > 1 else 0.0,
+            "splits_won": sum(d > 0 for d in differences),
+        }
     weak = sum(e.weak_correct for e in data) / len(data)
     strong = sum(e.strong_correct for e in data) / len(data)
     return {
@@ -212,14 +221,22 @@ def table(report: dict[str, Any]) -> str:
         f"{report['prompts']} prompts ({Path(report['data']).name}), {report['splits']} random "
         f"50/50 splits: learn the first half's economy outcomes, score the second half",
         "",
-        "| router | APGR mean ± std (min) | CPT(50 %) | CPT(80 %) | route() CPU µs |",
-        "|---|--:|--:|--:|--:|",
+        "| router | APGR mean ± std (min) | vs length, same split: mean ± std (won) "
+        "| CPT(50 %) | CPT(80 %) | route() CPU µs |",
+        "|---|--:|--:|--:|--:|--:|",
     ]
     for r in report["results"]:
         timing = f"{r['route_cpu_us_mean']:.0f}" if "route_cpu_us_mean" in r else ""
+        paired = r.get("vs_length")
+        versus = (
+            f"{paired['mean_difference']:+.3f} ± {paired['std_difference']:.3f} "
+            f"({paired['splits_won']}/{report['splits']})"
+            if paired
+            else ""
+        )
         lines.append(
             f"| {r['router']} | {r['apgr_mean']:.3f} ± {r['apgr_std']:.3f} ({r['apgr_min']:.3f}) "
-            f"| {r['cpt50_mean']:.1%} | {r['cpt80_mean']:.1%} | {timing} |"
+            f"| {versus} | {r['cpt50_mean']:.1%} | {r['cpt80_mean']:.1%} | {timing} |"
         )
     return "\n".join(lines)
 
