@@ -10,11 +10,37 @@ The dispatcher (not this package) reads headers, calls these, sets ``X-Tollgate-
 emits the events (a hit costs $0 and records the cost avoided).
 """
 
-from app.cache.config import CacheFeatureRule, CacheSettings
-from app.cache.key import CacheControl, CacheLookup, cache_key, parse_cache_control, plan_lookup
-from app.cache.replay import sse_replay
-from app.cache.store import CacheBackend, CachedAnswer, MemoryCache
+from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from app.cache.config import CacheFeatureRule, CacheSettings
+    from app.cache.key import (
+        CacheControl,
+        CacheLookup,
+        cache_key,
+        parse_cache_control,
+        plan_lookup,
+    )
+    from app.cache.replay import sse_replay
+    from app.cache.store import CacheBackend, CachedAnswer, MemoryCache
+
+# Re-exported lazily, like app.routing: app.settings imports app.cache.config.
+_EXPORTS = {
+    "CacheBackend": "store",
+    "CacheControl": "key",
+    "CacheFeatureRule": "config",
+    "CacheLookup": "key",
+    "CacheSettings": "config",
+    "CachedAnswer": "store",
+    "MemoryCache": "store",
+    "cache_key": "key",
+    "parse_cache_control": "key",
+    "plan_lookup": "key",
+    "sse_replay": "replay",
+}
 __all__ = [
     "CacheBackend",
     "CacheControl",
@@ -28,3 +54,10 @@ __all__ = [
     "plan_lookup",
     "sse_replay",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'app.cache' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"app.cache.{module}"), name)

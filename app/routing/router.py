@@ -153,8 +153,16 @@ class Router:
 
     @classmethod
     def restore(cls, settings: RoutingSettings, data: bytes) -> Router:
-        """A router with the learned model of :meth:`snapshot` and (new) settings."""
-        return cls(settings, FailureModel.restore(data))
+        """A router with the learned model of :meth:`snapshot` and (new) settings.
+
+        Rules, thresholds, ``warmup_outcomes`` and ``max_feature_models`` take effect at
+        once; ``hash_bits`` and ``learning_rate`` stay those the model was learned with
+        (changing them means learning again: delete the checkpoint).
+        """
+        model = FailureModel.restore(data)
+        model.warmup_outcomes = settings.warmup_outcomes
+        model.max_feature_models = settings.max_feature_models
+        return cls(settings, model)
 
 
 def available_tier(provider: ProviderTiers, tier: Tier) -> Tier:

@@ -34,12 +34,15 @@ class PromptError(ValueError):
         self.message = message
 
 
+IMAGE_CHARS = 1000  # what an image counts for in the prompt's length (~ its tokens x 4)
+
+
 @dataclass(frozen=True, slots=True)
 class PromptView:
     """The parts of a chat request that routing looks at."""
 
     text: str  # the last user message (head and tail when long), the learner's text
-    total_chars: int  # characters of every message's text
+    total_chars: int  # characters of every message's text, IMAGE_CHARS per image
     user_turns: int
     images: int
     max_tokens: int | None
@@ -89,7 +92,7 @@ def view_of(body: Mapping[str, Any], max_chars: int = 1200) -> PromptView:
         if not isinstance(role, str) or not role:
             raise PromptError(f"{where}.role", "is required: a string such as 'user'")
         text, message_images = _content_text(message.get("content"), f"{where}.content")
-        total += len(text)
+        total += len(text) + IMAGE_CHARS * message_images
         images += message_images
         if role == "user":
             user_turns += 1

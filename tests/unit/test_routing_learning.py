@@ -125,3 +125,14 @@ def test_a_bad_checkpoint_is_refused_with_what_to_do(data: bytes, message: str) 
     with pytest.raises(RouterCheckpointError, match=message) as error:
         FailureModel.restore(data)
     assert "delete it" in str(error.value)
+
+
+def test_restore_applies_new_thresholds_and_warmup_but_keeps_the_hashing() -> None:
+    router = Router(RoutingSettings())
+    for text, failed in _gsm8k()[:50]:
+        router.learn(_body(text), "economy", "failure" if failed else "success")
+    changed = RoutingSettings(warmup_outcomes=5, quality_target=0.99, hash_bits=12)
+    restored = Router.restore(changed, router.snapshot())
+    assert restored.model.warmup_outcomes == 5
+    assert restored.model.hash_bits == 18  # learned with 18 bits: keys must keep meaning
+    assert restored.route(_body("What is 2 + 2?")).tier == "standard"  # quality_target 0.99

@@ -265,3 +265,10 @@ def test_only_configured_failure_kinds_escalate() -> None:
     assert policy.escalation(Failure.TIMEOUT, tier=Tier.ECONOMY, feature=None) is not None
     assert policy.escalation(Failure.TRUNCATED, tier=Tier.ECONOMY, feature=None) is None
     assert policy.validate(_completion("", finish="length")) is Failure.TRUNCATED
+
+
+def test_an_image_counts_towards_the_prompt_length() -> None:
+    text_only = _signals(_body("what is in this picture?"))["length"]
+    with_image = _signals(_body([{"type": "text", "text": "what is in this picture?"},
+                                 {"type": "image_url", "image_url": {"url": "data:,"}}]))  # fmt: skip
+    assert with_image["length"] > text_only + 1.0
