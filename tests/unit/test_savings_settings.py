@@ -54,3 +54,13 @@ def test_a_bad_value_is_named(
     result = CliRunner().invoke(main, ["route", "score", "unused.jsonl"])
     assert result.exit_code == 1
     assert named in result.stderr
+
+
+def test_reading_settings_does_not_load_the_router_model() -> None:
+    """Every process reads settings; the model's libraries (River) load only when routing."""
+    import subprocess
+    import sys
+
+    code = "import sys, app.settings; print('river' in sys.modules, 'numpy' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
