@@ -40,10 +40,11 @@ from river import linear_model, optim, preprocessing
 
 from app.routing.signals import (
     PRIOR_INTERCEPT,
+    PRIOR_WEIGHTS,
     SIGNAL_LABELS,
+    SIGNAL_NAMES,
     PromptView,
     analyse,
-    prior_contributions,
 )
 
 SNAPSHOT_VERSION = 1
@@ -83,13 +84,28 @@ class Features:
         return cls(analysis.signals, analysis.keys)
 
 
+# The named parts of a score's log-odds, in a fixed order (lists, not dicts: cheaper to mix).
+PARTS: tuple[str, ...] = (*SIGNAL_NAMES, "similar_outcomes", "baseline")
+_SIMILAR = PARTS.index("similar_outcomes")
+_BASELINE = PARTS.index("baseline")
+_INPUT_PART = {"length": PARTS.index("length"), "depth": PARTS.index("depth")}
+
+
 @dataclass(frozen=True, slots=True)
 class Score:
-    """P(economy fails), the log-odds contributions behind it, and how much was learned."""
+    """P(economy fails), the log-odds parts behind it (in :data:`PARTS` order), and how
+    much was learned."""
 
     value: float
-    contributions: dict[str, float]  # signal name (or "similar_outcomes") -> log-odds
+    parts: tuple[float, ...]
     outcomes_learned: int
+
+    @property
+    def contributions(self) -> dict[str, float]:
+        """Signal name (or "similar_outcomes") -> its log-odds, the intercept left out."""
+        return {
+            name: part for name, part in zip(PARTS, self.parts, strict=True) if name != "baseline"
+        }
 
     def reason(self, top: int = 3) -> str:
         """A sentence naming the signals that weighed most (never any prompt text)."""
@@ -154,11 +170,11 @@ class _Learner:
         }
 
     def contributions(
-        self, inputs: Mapping[str, float], prior_parts: Mapping[str, float]
-    ) -> tuple[float, dict[str, float]]:
-        """Log-odds of this learner and each named part of it (they add up to it)."""
+        self, inputs: Mapping[str, float], prior_parts: list[float]
+    ) -> tuple[float, list[float]]:
+        """Log-odds of this learner and its parts in :data:`PARTS` order (they add up to it)."""
         means, variances = self.scaler.means, self.scaler.vars
-        parts: dict[str, float] = {}
+        parts = [0.0] * len(PARTS)
         baseline = self._intercept
         logit = self._intercept
         for name, value in inputs.items():
@@ -172,15 +188,13 @@ class _Learner:
             if name == "prior":
                 # the prior's log-odds, spread back over the signals it is made of
                 baseline += scale * (PRIOR_INTERCEPT - mean)
-                for signal, part in prior_parts.items():
-                    parts[signal] = parts.get(signal, 0.0) + scale * part
-            elif name.startswith("evidence"):
-                parts["similar_outcomes"] = parts.get("similar_outcomes", 0.0) + scale * value
-                baseline -= scale * mean
+                for index, part in enumerate(prior_parts):
+                    parts[index] += scale * part
             else:
-                parts[name] = parts.get(name, 0.0) + scale * value
+                index = _SIMILAR if name.startswith("evidence") else _INPUT_PART[name]
+                parts[index] += scale * value
                 baseline -= scale * mean
-        parts["baseline"] = parts.get("baseline", 0.0) + baseline
+        parts[_BASELINE] += baseline
         return logit, parts
 
     def learn(self, features: Features, prior_logit: float, failed: bool) -> None:
@@ -245,10 +259,9 @@ class FailureModel:
 
     def score(self, features: Features, feature: str | None = None) -> Score:
         """P(economy fails) for a prompt of ``feature``; pure (the model is not changed)."""
-        prior_parts = prior_contributions(features.signals)
-        prior_logit = PRIOR_INTERCEPT + sum(prior_parts.values())
-        parts: dict[str, float] = dict(prior_parts)
-        parts["baseline"] = PRIOR_INTERCEPT
+        prior_parts = _prior_parts(features.signals)
+        prior_logit = PRIOR_INTERCEPT + sum(prior_parts)
+        parts = [*prior_parts, 0.0, PRIOR_INTERCEPT]
         logit = prior_logit
         learner = self.global_learner
         if learner.outcomes:
@@ -266,12 +279,11 @@ class FailureModel:
             trust = learner.outcomes / (learner.outcomes + self.warmup_outcomes)
             logit = trust * learned + (1 - trust) * prior_logit
             parts = _mix(learned_parts, trust, parts)
-        parts.pop("baseline", None)
-        return Score(_sigmoid(logit), parts, learner.outcomes)
+        return Score(_sigmoid(logit), tuple(parts), learner.outcomes)
 
     def learn(self, features: Features, failed: bool, feature: str | None = None) -> None:
         """Learn one economy-tier outcome (``failed``) of a prompt of ``feature``."""
-        prior_logit = PRIOR_INTERCEPT + sum(prior_contributions(features.signals).values())
+        prior_logit = PRIOR_INTERCEPT + sum(_prior_parts(features.signals))
         self.global_learner.learn(features, prior_logit, failed)
         if feature is None or feature == GLOBAL:
             return
@@ -316,7 +328,12 @@ class FailureModel:
         return model
 
 
-def _mix(first: Mapping[str, float], share: float, second: Mapping[str, float]) -> dict[str, float]:
-    """``share * first + (1 - share) * second``, name by name."""
-    names = set(first) | set(second)
-    return {n: share * first.get(n, 0.0) + (1 - share) * second.get(n, 0.0) for n in names}
+def _prior_parts(signals: Mapping[str, float]) -> list[float]:
+    """Each signal's share of the cold-start log-odds, in SIGNAL_NAMES order."""
+    return [PRIOR_WEIGHTS[name] * signals[name] for name in SIGNAL_NAMES]
+
+
+def _mix(first: list[float], share: float, second: list[float]) -> list[float]:
+    """``share * first + (1 - share) * second``, part by part."""
+    rest = 1.0 - share
+    return [share * a + rest * b for a, b in zip(first, second, strict=True)]

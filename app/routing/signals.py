@@ -274,8 +274,3 @@ def analyse(view: PromptView, bits: int) -> Analysis:
         "images": min(view.images, 4) / 4.0,
     }
     return Analysis(values, keys)
-
-
-def prior_contributions(values: Mapping[str, float]) -> dict[str, float]:
-    """Each signal's share of the cold-start log-odds (the intercept is not included)."""
-    return {name: PRIOR_WEIGHTS[name] * values[name] for name in SIGNAL_NAMES}

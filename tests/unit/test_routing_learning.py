@@ -136,3 +136,17 @@ def test_restore_applies_new_thresholds_and_warmup_but_keeps_the_hashing() -> No
     assert restored.model.warmup_outcomes == 5
     assert restored.model.hash_bits == 18  # learned with 18 bits: keys must keep meaning
     assert restored.route(_body("What is 2 + 2?")).tier == "standard"  # quality_target 0.99
+
+
+def test_the_explained_parts_add_up_to_the_score() -> None:
+    """The reason's numbers are the score's own log-odds parts, not a separate story."""
+    import math
+
+    router = Router(RoutingSettings())
+    for text, failed in _gsm8k()[:200]:
+        router.learn(_body(text), "economy", "failure" if failed else "success", "f")
+    for text, _ in _gsm8k()[200:230]:
+        for feature in (None, "f"):
+            score = router.model.score(router.features(_body(text)), feature)
+            assert math.isclose(sum(score.parts), math.log(score.value / (1 - score.value)),
+                                abs_tol=1e-9)  # fmt: skip
