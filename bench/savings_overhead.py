@@ -20,7 +20,7 @@ Timed per request (``perf_counter_ns`` around each call, in this process, no I/O
 | ``cache get (miss)`` / ``get (hit)`` / ``put`` | ``MemoryCache``; its coroutines never suspend, so they are driven without an event loop (an ``await`` in the dispatcher costs the same) |
 | ``sse replay`` | ``sse_replay`` of the cached answer with a usage chunk |
 
-Prompts longer than ``routing.max_prompt_chars`` (1200) are read head and tail only, so
+Prompts longer than ``routing.max_prompt_chars`` (800) are read head and tail only, so
 the router's cost is bounded whatever the prompt size. Figures are wall time per call and
 are noisy on a shared machine; the process CPU time per call is printed beside them.
 

@@ -141,7 +141,7 @@ class RoutingSettings(BaseModel):
         default=18, ge=10, le=24, description="Buckets (2^bits) of the hashed text features."
     )
     max_prompt_chars: int = Field(
-        default=1200,
+        default=800,
         ge=100,
         description="Characters of the last user message read for text features (head and tail).",
     )

@@ -73,7 +73,7 @@ def _content_text(content: Any, where: str) -> tuple[str, int]:
     return "\n".join(texts), images
 
 
-def view_of(body: Mapping[str, Any], max_chars: int = 1200) -> PromptView:
+def view_of(body: Mapping[str, Any], max_chars: int = 800) -> PromptView:
     """Read a chat request body (OpenAI shape); raise :class:`PromptError` naming the field."""
     if not isinstance(body, Mapping):
         raise PromptError("body", "must be a JSON object with 'messages'")
