@@ -1,6 +1,6 @@
 """Router quality on held-out prompts: RouteLLM's APGR and CPT(50 %) / CPT(80 %).
 
-Data: ``/work/shared/data/routing/gsm8k_responses.csv`` (or ``--data``; RouteLLM's
+Data: ``data/routing/gsm8k_responses.csv`` (or ``--data``; RouteLLM's
 file: a prompt, whether Mixtral-8x7B -- the economy tier -- answered it correctly, and
 whether GPT-4 -- the premium tier -- did). For each of ``--splits`` seeded random 50/50
 splits, every learning router learns the economy outcome (``failure`` = Mixtral wrong)
@@ -45,7 +45,7 @@ from river import compose, feature_extraction, linear_model
 from app.routing import Router, RoutingSettings
 from app.routing.evaluation import quality_curve
 
-DEFAULT_DATA = Path("/work/shared/data/routing/gsm8k_responses.csv")
+DEFAULT_DATA = Path(__file__).resolve().parent.parent / "data" / "routing" / "gsm8k_responses.csv"
 WEAK = "mistralai/Mixtral-8x7B-Instruct-v0.1"
 STRONG = "gpt-4-1106-preview"
 

@@ -12,7 +12,7 @@ import pytest
 from app.routing import FailureModel, Router, RouterCheckpointError, RoutingSettings
 from app.routing.model import _SNAPSHOT_MAGIC
 
-DATA = Path("/work/shared/data/routing/gsm8k_responses.csv")
+DATA = Path(__file__).resolve().parents[2] / "data" / "routing" / "gsm8k_responses.csv"
 WEAK = "mistralai/Mixtral-8x7B-Instruct-v0.1"
 
 
