@@ -858,8 +858,10 @@ def simulate(host: str | None, port: int | None, latency_scale: float, error_rat
 def _register_commands() -> None:
     """Commands that live beside their domain code."""
     from app.replay import replay_command
+    from app.routing.cli import route_group
 
     main.add_command(replay_command)
+    main.add_command(route_group)
 
 
 _register_commands()

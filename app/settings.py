@@ -22,6 +22,9 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from app.cache.config import CacheSettings
+from app.routing.config import RoutingSettings
+
 CONFIG_ENV_VAR = "TOLLGATE_CONFIG"
 SIMULATOR_MODELS = (
     "gpt-4",
@@ -256,6 +259,18 @@ class Settings(BaseSettings):
         default=(),
         description="On-call webhooks for alerts: a JSON list (env) or YAML list of {name, url, "
         "format: json|slack|pagerduty|alertmanager, routing_key, min_severity, kinds}.",
+    )
+
+    # -- savings: tier router and response cache (app/routing, app/cache) -----------------
+    routing: RoutingSettings = Field(
+        default_factory=RoutingSettings,
+        description="Tier router: tiers per provider, per-feature rules, quality_target "
+        "(JSON in the env var, or a `routing:` block in the YAML file; see docs/SAVINGS.md).",
+    )
+    cache: CacheSettings = Field(
+        default_factory=CacheSettings,
+        description="Response cache: enabled, ttl_s, max_bytes, per-feature rules (JSON in "
+        "the env var, or a `cache:` block in the YAML file; see docs/SAVINGS.md).",
     )
 
     log_format: Literal["auto", "json", "text"] = Field(

@@ -1,0 +1,339 @@
+"""The failure model: P(the economy tier fails on this prompt), learned online from outcomes.
+
+Owns the score in [0, 1], its explanation, learning one labelled outcome at a time, and
+the checkpoint (:meth:`FailureModel.snapshot` / :meth:`FailureModel.restore`, bytes that
+can go on a compacted topic as the anomaly models do). It does not own tiers, rules or
+requests (:mod:`app.routing.router`) or what a signal is (:mod:`app.routing.signals`).
+
+How a score is made, all in log-odds so every part adds up and can be explained:
+
+1. **Prior**: hand-set weights on the signals (:data:`app.routing.signals.PRIOR_WEIGHTS`),
+   so a router with no outcomes yet still prefers economy for short plain questions.
+2. **Word evidence**: per hashed word / word pair, how often the economy tier failed on
+   prompts containing it (Beta-smoothed towards the overall failure rate). A prompt gets
+   the mean (weighted by rarity) and a normalised sum of its words' deviations. Counts
+   converge after a few examples per topic, where a linear model over words learned by
+   SGD needs many passes.
+3. **Learned combination**: a River ``LogisticRegression`` over standardised inputs (the
+   prior's log-odds, length, depth and the two evidence values), learned online.
+   Every input is computed *before* the example updates the counts, so the combination
+   learns how much to trust evidence on prompts it has not seen.
+4. The learned log-odds weigh ``n / (n + warmup_outcomes)`` against the prior; a feature
+   with its own model mixes it with the global one the same way.
+
+Scoring never changes the model; only :meth:`FailureModel.learn` does.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+import struct
+import zlib
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from river import linear_model, optim, preprocessing
+
+from app.routing.signals import (
+    PRIOR_INTERCEPT,
+    PRIOR_WEIGHTS,
+    SIGNAL_LABELS,
+    SIGNAL_NAMES,
+    PromptView,
+    analyse,
+)
+
+SNAPSHOT_VERSION = 1
+_SNAPSHOT_MAGIC = b"tollgate-router-model\n"
+_SMOOTHING = 20.0  # pseudo-outcomes pulling a word's failure rate towards the overall rate
+_EPSILON = 1e-6
+FEATURE_BITS_FEWER = 3  # a feature learner folds keys into 2**(hash_bits - 3) buckets
+GLOBAL = "*"
+
+
+class RouterCheckpointError(ValueError):
+    """A checkpoint that cannot be restored; the message says why and what to do."""
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, _EPSILON), 1 - _EPSILON)
+    return math.log(p / (1 - p))
+
+
+def _sigmoid(z: float) -> float:
+    if z >= 0:
+        return 1.0 / (1.0 + math.exp(-z))
+    e = math.exp(z)
+    return e / (1.0 + e)
+
+
+@dataclass(frozen=True, slots=True)
+class Features:
+    """Everything the model reads from one prompt (computed once, used to score and learn)."""
+
+    signals: dict[str, float]
+    keys: np.ndarray  # distinct hashed keys (intp), < 2**hash_bits
+
+    @classmethod
+    def of(cls, view: PromptView, hash_bits: int) -> Features:
+        analysis = analyse(view, hash_bits)
+        return cls(analysis.signals, analysis.keys)
+
+
+# The named parts of a score's log-odds, in a fixed order (lists, not dicts: cheaper to mix).
+PARTS: tuple[str, ...] = (*SIGNAL_NAMES, "similar_outcomes", "baseline")
+_SIMILAR = PARTS.index("similar_outcomes")
+_BASELINE = PARTS.index("baseline")
+_INPUT_PART = {"length": PARTS.index("length"), "depth": PARTS.index("depth")}
+
+
+@dataclass(frozen=True, slots=True)
+class Score:
+    """P(economy fails), the log-odds parts behind it (in :data:`PARTS` order), and how
+    much was learned."""
+
+    value: float
+    parts: tuple[float, ...]
+    outcomes_learned: int
+
+    @property
+    def contributions(self) -> dict[str, float]:
+        """Signal name (or "similar_outcomes") -> its log-odds, the intercept left out."""
+        return {
+            name: part for name, part in zip(PARTS, self.parts, strict=True) if name != "baseline"
+        }
+
+    def reason(self, top: int = 3) -> str:
+        """A sentence naming the signals that weighed most (never any prompt text)."""
+        ranked = sorted(
+            ((name, c) for name, c in self.contributions.items() if abs(c) >= 0.05),
+            key=lambda item: -abs(item[1]),
+        )[:top]
+        parts = [f"{SIGNAL_LABELS.get(name, name)} {c:+.2f}" for name, c in ranked]
+        basis = (
+            f"learned from {self.outcomes_learned} outcomes"
+            if self.outcomes_learned
+            else "prior only, no outcomes learned yet"
+        )
+        weighed = "; ".join(parts) if parts else "no signal stands out"
+        return f"P(economy fails)={self.value:.2f} ({basis}): {weighed}"
+
+
+class _Learner:
+    """One scope's learned part (the global scope, or one feature)."""
+
+    def __init__(self, learning_rate: float, bits: int) -> None:
+        self.scaler = preprocessing.StandardScaler()
+        self.regression = linear_model.LogisticRegression(optim.SGD(learning_rate))
+        # Dense tables indexed by hashed key (a feature's learner folds keys into fewer
+        # bits): prompts containing it, economy failures among them, their smoothed failure
+        # log-odds (when last counted) and log(prompts containing it). Dense so that scoring
+        # is a handful of vector operations with no Python work per word.
+        self.mask = (1 << bits) - 1
+        self.seen = np.zeros(1 << bits, dtype=np.float32)
+        self.failed = np.zeros(1 << bits, dtype=np.float32)
+        self.key_logit = np.zeros(1 << bits, dtype=np.float32)
+        self.key_log_seen = np.zeros(1 << bits, dtype=np.float32)
+        self.outcomes = 0
+        self.failures = 0
+        self._weights: dict[str, float] = {}
+        self._intercept = 0.0
+
+    def _base_rate(self) -> float:
+        return (self.failures + 1.0) / (self.outcomes + 2.0)
+
+    def _evidence(self, keys: np.ndarray) -> tuple[float, float]:
+        """(rarity-weighted mean, normalised sum) of the words' failure log-odds deviations."""
+        if not self.outcomes or not keys.size:
+            return 0.0, 0.0
+        keys = keys & self.mask
+        keys = keys[self.seen[keys] > 0]
+        if not keys.size:
+            return 0.0, 0.0
+        deviations = self.key_logit[keys] - _logit(self._base_rate())
+        rarity = (math.log(self.outcomes + 1.0) + 0.1) - self.key_log_seen[keys]
+        mean = float(np.dot(deviations, rarity) / rarity.sum())
+        return mean, float(deviations.sum() / math.sqrt(deviations.size))
+
+    def inputs(self, features: Features, prior_logit: float) -> dict[str, float]:
+        evidence_mean, evidence_sum = self._evidence(features.keys)
+        return {
+            "prior": prior_logit,
+            "length": features.signals["length"],
+            "depth": features.signals["depth"],
+            "evidence_mean": evidence_mean,
+            "evidence_sum": evidence_sum,
+        }
+
+    def contributions(
+        self, inputs: Mapping[str, float], prior_parts: list[float]
+    ) -> tuple[float, list[float]]:
+        """Log-odds of this learner and its parts in :data:`PARTS` order (they add up to it)."""
+        means, variances = self.scaler.means, self.scaler.vars
+        parts = [0.0] * len(PARTS)
+        baseline = self._intercept
+        logit = self._intercept
+        for name, value in inputs.items():
+            weight = self._weights.get(name, 0.0)
+            variance = variances.get(name, 0.0)
+            if not weight or not variance:
+                continue
+            scale = weight / math.sqrt(variance)
+            mean = means.get(name, 0.0)
+            logit += scale * (value - mean)
+            if name == "prior":
+                # the prior's log-odds, spread back over the signals it is made of
+                baseline += scale * (PRIOR_INTERCEPT - mean)
+                for index, part in enumerate(prior_parts):
+                    parts[index] += scale * part
+            else:
+                index = _SIMILAR if name.startswith("evidence") else _INPUT_PART[name]
+                parts[index] += scale * value
+                baseline -= scale * mean
+        parts[_BASELINE] += baseline
+        return logit, parts
+
+    def learn(self, features: Features, prior_logit: float, failed: bool) -> None:
+        inputs = self.inputs(features, prior_logit)  # before the counts include this prompt
+        self.scaler.learn_one(inputs)
+        self.regression.learn_one(self.scaler.transform_one(inputs), failed)
+        self._weights = self.regression.weights
+        self._intercept = float(self.regression.intercept)
+        self.outcomes += 1
+        self.failures += failed
+        base = self._base_rate()
+        keys = np.unique(features.keys & self.mask)
+        self.seen[keys] += 1
+        self.failed[keys] += failed
+        seen, failures = self.seen[keys], self.failed[keys]
+        self.key_logit[keys] = np.log(failures + _SMOOTHING * base) - np.log(
+            seen - failures + _SMOOTHING * (1 - base)
+        )
+        self.key_log_seen[keys] = np.log(seen)
+
+    # Checkpoints hold the counted keys only (a few thousand), not the dense tables.
+    def __getstate__(self) -> dict[str, object]:
+        state = self.__dict__.copy()
+        counted = np.flatnonzero(self.seen).astype(np.uint32)
+        for name in ("seen", "failed", "key_logit", "key_log_seen"):
+            state[name] = (len(self.seen), counted, state[name][counted])
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for name in ("seen", "failed", "key_logit", "key_log_seen"):
+            size, counted, values = state[name]
+            dense = np.zeros(size, dtype=np.float32)
+            dense[counted] = values
+            state[name] = dense
+        self.__dict__.update(state)
+
+
+class FailureModel:
+    """P(economy fails | prompt), per feature with a global fallback, learned online."""
+
+    def __init__(
+        self,
+        *,
+        hash_bits: int = 18,
+        learning_rate: float = 0.01,
+        warmup_outcomes: int = 30,
+        max_feature_models: int = 100,
+    ) -> None:
+        self.hash_bits = hash_bits
+        self.learning_rate = learning_rate
+        self.warmup_outcomes = warmup_outcomes
+        self.max_feature_models = max_feature_models
+        self.global_learner = _Learner(learning_rate, hash_bits)
+        self.feature_learners: OrderedDict[str, _Learner] = OrderedDict()
+
+    @property
+    def outcomes_learned(self) -> int:
+        return self.global_learner.outcomes
+
+    def features(self, view: PromptView) -> Features:
+        return Features.of(view, self.hash_bits)
+
+    def score(self, features: Features, feature: str | None = None) -> Score:
+        """P(economy fails) for a prompt of ``feature``; pure (the model is not changed)."""
+        prior_parts = _prior_parts(features.signals)
+        prior_logit = PRIOR_INTERCEPT + sum(prior_parts)
+        parts = [*prior_parts, 0.0, PRIOR_INTERCEPT]
+        logit = prior_logit
+        learner = self.global_learner
+        if learner.outcomes:
+            learned, learned_parts = learner.contributions(
+                learner.inputs(features, prior_logit), prior_parts
+            )
+            own = self.feature_learners.get(feature) if feature is not None else None
+            if own is not None and own.outcomes:
+                own_logit, own_parts = own.contributions(
+                    own.inputs(features, prior_logit), prior_parts
+                )
+                share = own.outcomes / (own.outcomes + self.warmup_outcomes)
+                learned = share * own_logit + (1 - share) * learned
+                learned_parts = _mix(own_parts, share, learned_parts)
+            trust = learner.outcomes / (learner.outcomes + self.warmup_outcomes)
+            logit = trust * learned + (1 - trust) * prior_logit
+            parts = _mix(learned_parts, trust, parts)
+        return Score(_sigmoid(logit), tuple(parts), learner.outcomes)
+
+    def learn(self, features: Features, failed: bool, feature: str | None = None) -> None:
+        """Learn one economy-tier outcome (``failed``) of a prompt of ``feature``."""
+        prior_logit = PRIOR_INTERCEPT + sum(_prior_parts(features.signals))
+        self.global_learner.learn(features, prior_logit, failed)
+        if feature is None or feature == GLOBAL:
+            return
+        own = self.feature_learners.get(feature)
+        if own is None:
+            if len(self.feature_learners) >= self.max_feature_models:
+                return  # bounded memory: this feature shares the global model
+            own = self.feature_learners[feature] = _Learner(
+                self.learning_rate, self.hash_bits - FEATURE_BITS_FEWER
+            )
+        own.learn(features, prior_logit, failed)
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def snapshot(self) -> bytes:
+        """Everything learned, as bytes: a versioned header, then a zlib-compressed pickle
+        (River models pickle): about 400 KB after the 1,319 GSM8K prompts' outcomes over three
+        features.
+        Store it where only Tollgate writes (unpickling runs code from its input)."""
+        header = _SNAPSHOT_MAGIC + struct.pack(">I", SNAPSHOT_VERSION)
+        return header + zlib.compress(pickle.dumps(self, protocol=pickle.HIGHEST_PROTOCOL), 1)
+
+    @classmethod
+    def restore(cls, data: bytes) -> FailureModel:
+        header = len(_SNAPSHOT_MAGIC) + 4
+        if len(data) < header or not data.startswith(_SNAPSHOT_MAGIC):
+            raise RouterCheckpointError("not a router-model checkpoint; delete it to start fresh")
+        (version,) = struct.unpack(">I", data[len(_SNAPSHOT_MAGIC) : header])
+        if version != SNAPSHOT_VERSION:
+            raise RouterCheckpointError(
+                f"router checkpoint version {version} is not {SNAPSHOT_VERSION} (written by "
+                "another Tollgate version); delete it to learn again from outcomes"
+            )
+        try:
+            model = pickle.loads(zlib.decompress(data[header:]))
+        except Exception as exc:
+            raise RouterCheckpointError(
+                f"router checkpoint is not readable ({type(exc).__name__}: {exc}); "
+                "delete it to learn again from outcomes"
+            ) from exc
+        if not isinstance(model, cls):
+            raise RouterCheckpointError("router checkpoint does not hold a model; delete it")
+        return model
+
+
+def _prior_parts(signals: Mapping[str, float]) -> list[float]:
+    """Each signal's share of the cold-start log-odds, in SIGNAL_NAMES order."""
+    return [PRIOR_WEIGHTS[name] * signals[name] for name in SIGNAL_NAMES]
+
+
+def _mix(first: list[float], share: float, second: list[float]) -> list[float]:
+    """``share * first + (1 - share) * second``, part by part."""
+    rest = 1.0 - share
+    return [share * a + rest * b for a, b in zip(first, second, strict=True)]

@@ -1,0 +1,184 @@
+"""The router: a request body and its feature in, a :class:`Decision` out; outcomes in, learning.
+
+Owns choosing a tier (score against the feature's ``quality_target`` and ``premium_above``,
+then its pin / min / max rules), mapping the tier to the provider's model, and feeding
+labelled outcomes to the failure model. It does not own HTTP (the dispatcher maps a
+:class:`~app.routing.signals.PromptError` to a 400), upstream calls, or escalation's
+retry loop (:mod:`app.routing.escalation` says *whether*; the dispatcher retries).
+
+Which requests are routed: those asking for ``routing.auto_model`` ("auto"), and every
+request of a feature whose rule says ``route_all``. Others keep their model; their
+decision says ``routed=False`` and carries the model's tier when a provider lists it.
+
+Only economy-tier outcomes teach the model (P(economy fails) is what it estimates): a
+success or failure reported for a call served by the standard or premium tier says
+nothing about what economy would have done, so :meth:`Router.learn` ignores it and says so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from app.routing.config import TIER_ORDER, ProviderTiers, RoutingSettings, Tier
+from app.routing.model import FailureModel, Features
+from app.routing.signals import PromptError, view_of
+
+Outcome = Literal["success", "failure"]
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What to call: the tier and its model, and why."""
+
+    tier: Tier | None  # None: a model no provider lists in its tiers
+    model: str
+    score: float | None  # P(economy fails); None when nothing was scored
+    reason: str
+    routed: bool  # the router chose the model (False: the client's own model)
+    provider: str | None = None
+
+
+class Router:
+    """Routes requests to tiers and learns from their outcomes. One per process."""
+
+    def __init__(self, settings: RoutingSettings, model: FailureModel | None = None) -> None:
+        self.settings = settings
+        self.model = model or FailureModel(
+            hash_bits=settings.hash_bits,
+            learning_rate=settings.learning_rate,
+            warmup_outcomes=settings.warmup_outcomes,
+            max_feature_models=settings.max_feature_models,
+        )
+
+    # -- deciding -------------------------------------------------------------------------
+    def wants_routing(self, body: Mapping[str, Any], feature: str | None) -> bool:
+        if not self.settings.enabled:
+            return False
+        return body.get("model") == self.settings.auto_model or (
+            self.settings.rule_for(feature).route_all
+        )
+
+    def features(self, body: Mapping[str, Any]) -> Features:
+        """The model's reading of a body; raises PromptError naming a malformed field."""
+        return self.model.features(view_of(body, self.settings.max_prompt_chars))
+
+    def score(self, body: Mapping[str, Any], feature: str | None = None) -> tuple[float, str]:
+        """(P(economy fails), reason) for a body, whatever its model."""
+        result = self.model.score(self.features(body), feature)
+        return result.value, result.reason()
+
+    def route(self, body: Mapping[str, Any], feature: str | None = None) -> Decision:
+        """The tier and model for a request; never changes what the router has learned."""
+        if not isinstance(body, Mapping):
+            raise PromptError("body", "must be a JSON object with 'messages'")
+        rule = self.settings.rule_for(feature)
+        provider = self.settings.provider_tiers(rule.provider)
+        if not self.wants_routing(body, feature):
+            requested = body.get("model")
+            if not isinstance(requested, str) or not requested:
+                raise PromptError("model", "is required: a model name, or 'auto' to be routed")
+            return Decision(
+                tier=self.tier_of(requested),
+                model=requested,
+                score=None,
+                reason="model chosen by the client",
+                routed=False,
+                provider=None,
+            )
+        if rule.pin is not None:
+            tier = available_tier(provider, rule.pin)
+            return Decision(
+                tier, _model(provider, tier), None, f"pinned to {rule.pin.value}", True,
+                provider.provider,
+            )  # fmt: skip
+        scored = self.model.score(self.features(body), feature)
+        quality_target = rule.quality_target or self.settings.quality_target
+        premium_above = rule.premium_above or self.settings.premium_above
+        if 1.0 - scored.value >= quality_target:
+            wanted = Tier.ECONOMY
+        elif scored.value >= premium_above:
+            wanted = Tier.PREMIUM
+        else:
+            wanted = Tier.STANDARD
+        tier = wanted
+        notes = []
+        if rule.min_tier is not None and tier.rank < rule.min_tier.rank:
+            tier = rule.min_tier
+            notes.append(f"raised to the feature's min_tier {tier.value}")
+        if rule.max_tier is not None and tier.rank > rule.max_tier.rank:
+            tier = rule.max_tier
+            notes.append(f"capped at the feature's max_tier {tier.value}")
+        served = available_tier(provider, tier)
+        if served != tier:
+            notes.append(f"{provider.provider} has no {tier.value} model")
+        reason = scored.reason()
+        reason += f"; {wanted.value} for quality_target {quality_target:g}" + (
+            f" ({'; '.join(notes)})" if notes else ""
+        )
+        return Decision(served, _model(provider, served), scored.value, reason, True,
+                        provider.provider)  # fmt: skip
+
+    def tier_of(self, model: str) -> Tier | None:
+        for provider in self.settings.providers:
+            tier = provider.tier_of(model)
+            if tier is not None:
+                return tier
+        return None
+
+    # -- learning -------------------------------------------------------------------------
+    def learn(
+        self,
+        body: Mapping[str, Any],
+        tier: Tier | str,
+        outcome: Outcome,
+        feature: str | None = None,
+    ) -> bool:
+        """Learn one labelled outcome of a call served by ``tier``; True when it was learned.
+
+        An escalated call is a ``failure`` of the tier it escalated from. Outcomes of other
+        tiers than economy, and of features whose rule says ``learn: false``, are ignored.
+        """
+        tier = Tier(tier)
+        if outcome not in ("success", "failure"):
+            raise ValueError(f"outcome must be 'success' or 'failure', not {outcome!r}")
+        if tier is not Tier.ECONOMY or not self.settings.rule_for(feature).learn:
+            return False
+        self.model.learn(self.features(body), outcome == "failure", feature)
+        return True
+
+    def snapshot(self) -> bytes:
+        return self.model.snapshot()
+
+    @classmethod
+    def restore(cls, settings: RoutingSettings, data: bytes) -> Router:
+        """A router with the learned model of :meth:`snapshot` and (new) settings.
+
+        Rules, thresholds, ``warmup_outcomes`` and ``max_feature_models`` take effect at
+        once; ``hash_bits`` and ``learning_rate`` stay those the model was learned with
+        (changing them means learning again: delete the checkpoint).
+        """
+        model = FailureModel.restore(data)
+        model.warmup_outcomes = settings.warmup_outcomes
+        model.max_feature_models = settings.max_feature_models
+        return cls(settings, model)
+
+
+def available_tier(provider: ProviderTiers, tier: Tier) -> Tier:
+    """``tier`` if the provider has a model for it, else the nearest one above, else below."""
+    if provider.model_for(tier):
+        return tier
+    for candidate in TIER_ORDER[tier.rank + 1 :]:
+        if provider.model_for(candidate):
+            return candidate
+    for candidate in reversed(TIER_ORDER[: tier.rank]):
+        if provider.model_for(candidate):
+            return candidate
+    raise AssertionError("ProviderTiers guarantees at least one model")  # pragma: no cover
+
+
+def _model(provider: ProviderTiers, tier: Tier) -> str:
+    model = provider.model_for(tier)
+    assert model is not None
+    return model

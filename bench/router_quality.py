@@ -1,0 +1,265 @@
+"""Router quality on held-out prompts: RouteLLM's APGR and CPT(50 %) / CPT(80 %).
+
+Data: ``data/routing/gsm8k_responses.csv`` (or ``--data``; RouteLLM's
+file: a prompt, whether Mixtral-8x7B -- the economy tier -- answered it correctly, and
+whether GPT-4 -- the premium tier -- did). For each of ``--splits`` seeded random 50/50
+splits, every learning router learns the economy outcome (``failure`` = Mixtral wrong)
+of the first half, in order, exactly as the live router learns outcomes, and then scores
+the second half, which it never saw. Metrics are computed on the second half only
+(:mod:`app.routing.evaluation`: deciles of the score as thresholds, trapezoid area).
+
+Routers, all measured in the same run on the same splits:
+
+| router | what it is |
+|---|---|
+| ``random`` | a uniform random score (seeded per split) |
+| ``length`` | the prompt's length in characters: longer -> strong model |
+| ``tfidf_lr`` | River ``feature_extraction.TFIDF() \\| linear_model.LogisticRegression()``, learned online |
+| ``tollgate_prior`` | Tollgate's router before any outcome (its hand-set signal weights only) |
+| ``tollgate`` | Tollgate's router (``app.routing.Router``, default settings) after learning |
+
+Also timed: the Tollgate router's ``route()`` per held-out prompt (CPU time, includes
+reading the body, signals, hashed keys and scoring). The figure is noisy on a shared
+machine; ``bench/savings_overhead.py`` measures it on realistic prompt sizes.
+
+Run ``python -m bench.router_quality`` (``--splits N``, ``--json-out FILE``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import platform
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+from river import compose, feature_extraction, linear_model
+
+from app.routing import Router, RoutingSettings
+from app.routing.evaluation import quality_curve
+
+DEFAULT_DATA = Path(__file__).resolve().parent.parent / "data" / "routing" / "gsm8k_responses.csv"
+WEAK = "mistralai/Mixtral-8x7B-Instruct-v0.1"
+STRONG = "gpt-4-1106-preview"
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    weak_correct: bool
+    strong_correct: bool
+
+
+def load(path: Path) -> list[Example]:
+    with path.open(newline="") as handle:
+        return [
+            Example(row["prompt"], row[WEAK] == "True", row[STRONG] == "True")
+            for row in csv.DictReader(handle)
+        ]
+
+
+def _body(prompt: str) -> dict[str, Any]:
+    return {"messages": [{"role": "user", "content": prompt}]}
+
+
+class RouterUnderTest:
+    name = ""
+
+    def learn(self, example: Example) -> None:
+        """Learn the economy outcome of one training example."""
+
+    def score(self, prompt: str) -> float:
+        raise NotImplementedError
+
+
+class RandomRouter(RouterUnderTest):
+    name = "random"
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+
+    def score(self, prompt: str) -> float:
+        return self.rng.random()
+
+
+class LengthRouter(RouterUnderTest):
+    name = "length"
+
+    def score(self, prompt: str) -> float:
+        return float(len(prompt))
+
+
+class TfidfRouter(RouterUnderTest):
+    name = "tfidf_lr"
+
+    def __init__(self) -> None:
+        self.model = compose.Pipeline(feature_extraction.TFIDF(), linear_model.LogisticRegression())
+
+    def learn(self, example: Example) -> None:
+        self.model.learn_one(example.prompt, not example.weak_correct)
+
+    def score(self, prompt: str) -> float:
+        return float(self.model.predict_proba_one(prompt).get(True, 0.0))
+
+
+class TollgateRouter(RouterUnderTest):
+    def __init__(self, learn: bool) -> None:
+        self.name = "tollgate" if learn else "tollgate_prior"
+        self.router = Router(RoutingSettings())
+        self.learning = learn
+        self.cpu_seconds = 0.0
+        self.scored = 0
+
+    def learn(self, example: Example) -> None:
+        if self.learning:
+            outcome = "success" if example.weak_correct else "failure"
+            self.router.learn(_body(example.prompt), "economy", outcome)
+
+    def score(self, prompt: str) -> float:
+        body = {**_body(prompt), "model": "auto"}
+        started = time.process_time()
+        decision = self.router.route(body)
+        self.cpu_seconds += time.process_time() - started
+        self.scored += 1
+        assert decision.score is not None
+        return decision.score
+
+
+def evaluate(
+    make: Callable[[int], RouterUnderTest], data: list[Example], seeds: Sequence[int]
+) -> dict[str, Any]:
+    apgr, cpt50, cpt80 = [], [], []
+    timing: list[float] = []
+    name = ""
+    for seed in seeds:
+        shuffled = data[:]
+        random.Random(seed).shuffle(shuffled)
+        half = len(shuffled) // 2
+        train, test = shuffled[:half], shuffled[half:]
+        router = make(seed)
+        name = router.name
+        for example in train:
+            router.learn(example)
+        scores = [router.score(example.prompt) for example in test]
+        curve = quality_curve(
+            scores, [e.weak_correct for e in test], [e.strong_correct for e in test]
+        )
+        apgr.append(curve.apgr)
+        cpt50.append(curve.cpt(0.5))
+        cpt80.append(curve.cpt(0.8))
+        if isinstance(router, TollgateRouter) and router.scored:
+            timing.append(router.cpu_seconds / router.scored * 1e6)
+    result: dict[str, Any] = {
+        "router": name,
+        "apgr_mean": statistics.mean(apgr),
+        "apgr_std": statistics.stdev(apgr) if len(apgr) > 1 else 0.0,
+        "apgr_min": min(apgr),
+        "cpt50_mean": statistics.mean(cpt50),
+        "cpt80_mean": statistics.mean(cpt80),
+        "apgr_per_split": apgr,
+    }
+    if timing:
+        result["route_cpu_us_mean"] = statistics.mean(timing)
+    return result
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    data = load(Path(args.data))
+    seeds = list(range(args.seed, args.seed + args.splits))
+    makers: list[Callable[[int], RouterUnderTest]] = [
+        RandomRouter,
+        lambda seed: LengthRouter(),
+        lambda seed: TfidfRouter(),
+        lambda seed: TollgateRouter(learn=False),
+        lambda seed: TollgateRouter(learn=True),
+    ]
+    results = []
+    for make in makers:
+        started = time.perf_counter()
+        result = evaluate(make, data, seeds)
+        result["wall_s"] = round(time.perf_counter() - started, 1)
+        results.append(result)
+        print(f"  {result['router']}: APGR {result['apgr_mean']:.3f}", file=sys.stderr)
+    by_name = {r["router"]: r for r in results}
+    for name in ("tollgate", "tollgate_prior", "tfidf_lr"):
+        ours, length = by_name[name]["apgr_per_split"], by_name["length"]["apgr_per_split"]
+        differences = [a - b for a, b in zip(ours, length, strict=True)]
+        by_name[name]["vs_length"] = {
+            "mean_difference": statistics.mean(differences),
+            "std_difference": statistics.stdev(differences) if len(differences) > 1 else 0.0,
+            "splits_won": sum(d > 0 for d in differences),
+        }
+    weak = sum(e.weak_correct for e in data) / len(data)
+    strong = sum(e.strong_correct for e in data) / len(data)
+    return {
+        "data": str(args.data),
+        "prompts": len(data),
+        "weak_accuracy": weak,
+        "strong_accuracy": strong,
+        "splits": len(seeds),
+        "seeds": seeds,
+        "machine": {"python": platform.python_version(), "cpus": _cpus()},
+        "results": results,
+    }
+
+
+def _cpus() -> int:
+    import os
+
+    return os.cpu_count() or 0
+
+
+def table(report: dict[str, Any]) -> str:
+    lines = [
+        f"{report['prompts']} prompts ({Path(report['data']).name}), {report['splits']} random "
+        f"50/50 splits: learn the first half's economy outcomes, score the second half",
+        "",
+        "| router | APGR mean ± std (min) | vs length, same split: mean ± std (won) "
+        "| CPT(50 %) | CPT(80 %) | route() CPU µs |",
+        "|---|--:|--:|--:|--:|--:|",
+    ]
+    for r in report["results"]:
+        timing = f"{r['route_cpu_us_mean']:.0f}" if "route_cpu_us_mean" in r else ""
+        paired = r.get("vs_length")
+        versus = (
+            f"{paired['mean_difference']:+.3f} ± {paired['std_difference']:.3f} "
+            f"({paired['splits_won']}/{report['splits']})"
+            if paired
+            else ""
+        )
+        lines.append(
+            f"| {r['router']} | {r['apgr_mean']:.3f} ± {r['apgr_std']:.3f} ({r['apgr_min']:.3f}) "
+            f"| {versus} | {r['cpt50_mean']:.1%} | {r['cpt80_mean']:.1%} | {timing} |"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(DEFAULT_DATA), help="RouteLLM responses CSV")
+    parser.add_argument("--splits", type=int, default=10, help="random 50/50 splits")
+    parser.add_argument("--seed", type=int, default=0, help="first split's seed")
+    parser.add_argument("--json-out", default=None, help="also write the JSON figures here")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    report = run(args)
+    print(table(report))
+    document = orjson.dumps(report, option=orjson.OPT_INDENT_2).decode()
+    print(document)
+    if args.json_out:
+        Path(args.json_out).write_text(document)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""The router learns from outcomes, per feature, and its checkpoint restores it exactly."""
+
+from __future__ import annotations
+
+import csv
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app.routing import FailureModel, Router, RouterCheckpointError, RoutingSettings
+from app.routing.model import _SNAPSHOT_MAGIC
+
+DATA = Path(__file__).resolve().parents[2] / "data" / "routing" / "gsm8k_responses.csv"
+WEAK = "mistralai/Mixtral-8x7B-Instruct-v0.1"
+
+
+def _body(text: str) -> dict[str, Any]:
+    return {"model": "auto", "messages": [{"role": "user", "content": text}]}
+
+
+def _gsm8k() -> list[tuple[str, bool]]:
+    with DATA.open(newline="") as handle:
+        return [(row["prompt"], row[WEAK] != "True") for row in csv.DictReader(handle)]
+
+
+TOPIC_HARD = "Question about tensor calculus on manifolds: "
+TOPIC_EASY = "Question about pet grooming tips: "
+
+
+def _topic_stream(n: int, seed: int = 3) -> list[tuple[str, bool]]:
+    """Two topics over real prompts: economy fails on the first, succeeds on the second."""
+    rng = random.Random(seed)
+    prompts = [p for p, _ in _gsm8k()]
+    stream = []
+    for _ in range(n):
+        hard = rng.random() < 0.5
+        stream.append(((TOPIC_HARD if hard else TOPIC_EASY) + rng.choice(prompts), hard))
+    return stream
+
+
+def _score(router: Router, text: str, feature: str | None = None) -> float:
+    score = router.route(_body(text), feature).score
+    assert score is not None
+    return score
+
+
+def test_failures_raise_and_successes_lower_the_score_of_similar_prompts() -> None:
+    router = Router(RoutingSettings())
+    unseen_hard = TOPIC_HARD + "A train leaves at 3 pm at 60 km/h; when does it arrive?"
+    unseen_easy = TOPIC_EASY + "A train leaves at 3 pm at 60 km/h; when does it arrive?"
+    before_hard, before_easy = _score(router, unseen_hard), _score(router, unseen_easy)
+    for text, failed in _topic_stream(300):
+        assert router.learn(_body(text), "economy", "failure" if failed else "success")
+    assert _score(router, unseen_hard) > before_hard + 0.1
+    assert _score(router, unseen_easy) < before_easy - 0.05
+    assert _score(router, unseen_hard) > _score(router, unseen_easy) + 0.3
+    assert "outcomes of prompts with the same words" in router.route(_body(unseen_hard)).reason
+
+
+def test_only_economy_outcomes_teach_and_scoring_does_not_change_the_model() -> None:
+    router = Router(RoutingSettings())
+    text = "Summarise the quarterly report."
+    before = router.snapshot()
+    assert not router.learn(_body(text), "premium", "failure")
+    assert not router.learn(_body(text), "standard", "success")
+    for _ in range(5):
+        router.route(_body(text))
+    assert router.snapshot() == before
+    assert router.learn(_body(text), "economy", "failure")
+    assert router.snapshot() != before
+    with pytest.raises(ValueError):
+        router.learn(_body(text), "economy", "meh")  # type: ignore[arg-type]
+
+
+def test_a_feature_learns_its_own_difficulty() -> None:
+    router = Router(RoutingSettings())
+    prompts = [p for p, _ in _gsm8k()[:400]]
+    for text in prompts[:200]:
+        router.learn(_body(text), "economy", "failure", feature="hard-feature")
+    for text in prompts[200:400]:
+        router.learn(_body(text), "economy", "success", feature="easy-feature")
+    probe = "How many apples are left if Tom eats 3 of his 10 apples?"
+    assert _score(router, probe, "hard-feature") > _score(router, probe, "easy-feature") + 0.2
+
+
+def test_features_beyond_the_cap_share_the_global_model() -> None:
+    model = FailureModel(max_feature_models=2)
+    router = Router(RoutingSettings(), model)
+    for feature in ("a", "b", "c", "d"):
+        router.learn(_body("hello"), "economy", "success", feature)
+    assert list(model.feature_learners) == ["a", "b"]
+    assert model.outcomes_learned == 4
+
+
+def test_checkpoint_round_trip_gives_identical_scores_and_learning() -> None:
+    data = _gsm8k()
+    router = Router(RoutingSettings())
+    for text, failed in data[:300]:
+        router.learn(_body(text), "economy", "failure" if failed else "success", "f")
+    restored = Router.restore(RoutingSettings(), router.snapshot())
+    held_out = [text for text, _ in data[300:400]]
+    for text in held_out:
+        for feature in (None, "f", "unknown"):
+            assert router.route(_body(text), feature) == restored.route(_body(text), feature)
+    # both keep learning the same way
+    for text, failed in data[400:450]:
+        for r in (router, restored):
+            r.learn(_body(text), "economy", "failure" if failed else "success", "f")
+    assert [_score(router, t, "f") for t in held_out] == [
+        _score(restored, t, "f") for t in held_out
+    ]
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"garbage", "not a router-model checkpoint"),
+        (_SNAPSHOT_MAGIC + b"\x00\x00\x00\x09" + b"x", "version 9"),
+        (_SNAPSHOT_MAGIC + b"\x00\x00\x00\x01" + b"not a pickle", "not readable"),
+    ],
+)
+def test_a_bad_checkpoint_is_refused_with_what_to_do(data: bytes, message: str) -> None:
+    with pytest.raises(RouterCheckpointError, match=message) as error:
+        FailureModel.restore(data)
+    assert "delete it" in str(error.value)
+
+
+def test_restore_applies_new_thresholds_and_warmup_but_keeps_the_hashing() -> None:
+    router = Router(RoutingSettings())
+    for text, failed in _gsm8k()[:50]:
+        router.learn(_body(text), "economy", "failure" if failed else "success")
+    changed = RoutingSettings(warmup_outcomes=5, quality_target=0.99, hash_bits=12)
+    restored = Router.restore(changed, router.snapshot())
+    assert restored.model.warmup_outcomes == 5
+    assert restored.model.hash_bits == 18  # learned with 18 bits: keys must keep meaning
+    assert restored.route(_body("What is 2 + 2?")).tier == "standard"  # quality_target 0.99
+
+
+def test_the_explained_parts_add_up_to_the_score() -> None:
+    """The reason's numbers are the score's own log-odds parts, not a separate story."""
+    import math
+
+    router = Router(RoutingSettings())
+    for text, failed in _gsm8k()[:200]:
+        router.learn(_body(text), "economy", "failure" if failed else "success", "f")
+    for text, _ in _gsm8k()[200:230]:
+        for feature in (None, "f"):
+            score = router.model.score(router.features(_body(text)), feature)
+            assert math.isclose(sum(score.parts), math.log(score.value / (1 - score.value)),
+                                abs_tol=1e-9)  # fmt: skip
