@@ -139,6 +139,8 @@ class SpendWorker:
         self.pending_refresh: set[str] = set()
         self.dirty_partials: dict[tuple[str, int], bool] = {}  # (scope, partition) -> full?
         self.latest_boot: dict[str, int] = {}  # dispatcher id -> newest boot seen (ms)
+        self.gap_checked: set[int] = set()  # usage partitions whose first delivery was checked
+        self.preparing = asyncio.Lock()
         self.settled_early: OrderedDict[str, None] = OrderedDict()
         self._last_reconcile = self._last_expire = 0.0
         (settings.state_dir / "faust").mkdir(parents=True, exist_ok=True)
@@ -236,18 +238,12 @@ class SpendWorker:
         self.counter.forget(tp.partition for tp in revoked if tp.topic == topic)
 
     async def _on_recovered(self) -> None:
-        """Tables hold their changelog again: index them, and learn where each owned usage
-        partition stands (committed offset, recent event ids) before any event is counted."""
+        """Tables hold their changelog again: index them, and re-send every partial sum once.
+        Where each usage partition stands is learnt when it is first counted (``_prepared``)."""
         self.counter.rebuild_index()
         owned = self.owned("usage")
-        try:
-            committed = await self._committed_offsets(owned)
-        except KafkaError as exc:  # prepared at their first event instead
-            log.warning("could not read committed offsets", extra={"error": repr(exc)})
-            committed = None
-        for partition in sorted(owned):
-            if committed is not None:
-                await self._prepare(partition, committed.get(partition, 0))
+        self.counter.forget(set(self.counter.processed) | set(self.counter.recent))
+        self.gap_checked.clear()
         for scope, keys in self.counter.index.items():
             if not is_partition_local(scope):
                 for partition in {int(k.rsplit("|p", 1)[1]) for k in keys} & owned:
@@ -256,50 +252,112 @@ class SpendWorker:
         log.info("spend worker ready", extra={"partitions": sorted(owned)})
 
     async def _committed_offsets(self, partitions: Iterable[int]) -> dict[int, int]:
+        """The group's committed offsets of usage ``partitions`` (absent: none committed yet).
+        Retried: right after a rebalance the coordinator may not answer at once."""
         topic = self.settings.topic("usage")
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.settings.kafka_bootstrap)
-        await admin.start()
-        try:
-            found = await admin.list_consumer_group_offsets(
-                self.app.conf.id, partitions=[TopicPartition(topic, p) for p in partitions]
-            )
-        finally:
-            await admin.close()
-        return {tp.partition: meta.offset for tp, meta in found.items() if meta.offset >= 0}
+        for attempt in range(10):
+            admin = AIOKafkaAdminClient(bootstrap_servers=self.settings.kafka_bootstrap)
+            try:
+                await admin.start()
+                found = await admin.list_consumer_group_offsets(
+                    self.app.conf.id, partitions=[TopicPartition(topic, p) for p in partitions]
+                )
+                return {tp.partition: m.offset for tp, m in found.items() if m.offset >= 0}
+            except KafkaError as exc:
+                log.warning("reading committed offsets failed", extra={"error": repr(exc)})
+                await asyncio.sleep(min(0.2 * 2**attempt, 3.0))
+            finally:
+                await admin.close()
+        raise RuntimeError("the group coordinator does not answer committed offsets")
+
+    async def _prepared(self, partitions: Iterable[int]) -> None:
+        """Learn where not-yet-prepared usage ``partitions`` stand: their committed offset
+        (the beginning of the partition if none is committed, as auto_offset_reset=earliest
+        means), and the ids just before it."""
+        async with self.preparing:  # the agent and housekeeping both prepare
+            todo = sorted(p for p in partitions if not self.counter.is_prepared(p))
+            if not todo:
+                return
+            committed = await self._committed_offsets(todo)
+            for partition in todo:
+                start = committed.get(partition)
+                if start is None:
+                    start = await self._beginning(partition)
+                await self._prepare(partition, start)
 
     async def _prepare(self, partition: int, next_offset: int) -> None:
         """Count ``partition`` from ``next_offset``, after reading back the ids of the events
         just before it, so an event re-sent across a crash is still recognised."""
-        window = self.settings.spend_dedupe_window
-        ids: list[str] = []
-        start = max(0, next_offset - window)
-        if next_offset > start:
-            tp = TopicPartition(self.settings.topic("usage"), partition)
-            consumer = AIOKafkaConsumer(
-                bootstrap_servers=self.settings.kafka_bootstrap,
-                group_id=None,
-                enable_auto_commit=False,
-                auto_offset_reset="earliest",
-            )
-            await consumer.start()
-            try:
-                consumer.assign([tp])
-                beginning = (await consumer.beginning_offsets([tp]))[tp]
-                consumer.seek(tp, max(start, beginning))
-                while await consumer.position(tp) < next_offset:
-                    batch = await consumer.getmany(tp, timeout_ms=1000, max_records=5000)
-                    for message in batch.get(tp, []):
-                        if message.offset >= next_offset:
-                            break
-                        with contextlib.suppress(FrameError):
-                            ids.append(event_id_of(message.value))
-                    if not batch:
-                        end = (await consumer.end_offsets([tp]))[tp]
-                        if await consumer.position(tp) >= min(end, next_offset):
-                            break
-            finally:
-                await consumer.stop()
+        start = max(0, next_offset - self.settings.spend_dedupe_window)
+        ids = []
+        for message in await self._read_usage(partition, start, next_offset):
+            with contextlib.suppress(FrameError):
+                ids.append(event_id_of(message.value))
         self.counter.prepare(partition, next_offset, ids)
+        self.gap_checked.discard(partition)
+
+    async def _read_usage(self, partition: int, start: int, end: int) -> list[Any]:
+        """The records of usage ``partition`` in ``[start, end)`` (from its beginning if
+        ``start`` was deleted by retention), read by a consumer of its own."""
+        if end <= start:
+            return []
+        tp = TopicPartition(self.settings.topic("usage"), partition)
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.settings.kafka_bootstrap,
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+        )
+        await consumer.start()
+        records: list[Any] = []
+        try:
+            consumer.assign([tp])
+            beginning = (await consumer.beginning_offsets([tp]))[tp]
+            consumer.seek(tp, max(start, beginning))
+            while await consumer.position(tp) < end:
+                batch = await consumer.getmany(tp, timeout_ms=1000, max_records=5000)
+                records.extend(m for m in batch.get(tp, []) if m.offset < end)
+                if not batch:
+                    last = (await consumer.end_offsets([tp]))[tp]
+                    if await consumer.position(tp) >= min(last, end):
+                        break
+        finally:
+            await consumer.stop()
+        return records
+
+    async def _beginning(self, partition: int) -> int:
+        tp = TopicPartition(self.settings.topic("usage"), partition)
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap)
+        await consumer.start()
+        try:
+            return int((await consumer.beginning_offsets([tp]))[tp])
+        finally:
+            await consumer.stop()
+
+    async def _missed(self, events: list[Any]) -> list[UsageEvent]:
+        """Events Faust's consumer did not deliver: on the first batch of a partition after it
+        was prepared, whatever lies between where this worker knows it stands (its committed
+        offset) and the first delivered event. A partition with no committed offset yet is
+        started by Faust where it stood at assignment, not at its beginning: read here."""
+        first: dict[int, int] = {}
+        for event in events:
+            first.setdefault(event.message.partition, event.message.offset)
+        missed: list[UsageEvent] = []
+        for partition, offset in sorted(first.items()):
+            if partition in self.gap_checked:
+                continue
+            self.gap_checked.add(partition)
+            since = self.counter.processed.get(partition, offset)
+            for message in await self._read_usage(partition, since, offset):
+                missed.append(
+                    UsageEvent(message.partition, message.offset, self._decode_usage(message))
+                )
+            if missed:
+                log.warning(
+                    "counted usage events the consumer skipped",
+                    extra={"partition": partition, "from": since, "to": offset},
+                )
+        return missed
 
     # -- persistence -----------------------------------------------------------------------
     async def _persist(self, table: TableT[str, Any], writes: dict[str, tuple[int, Any]]) -> None:
@@ -498,6 +556,7 @@ class SpendWorker:
     async def _housekeeping(self) -> None:
         if not self.ready or not self.views_ready.is_set():
             return
+        await self._prepared(self.owned("usage"))  # idle partitions: decisions need offsets
         changed, self.policy_changes = self.policy_changes, set()
         for scope in changed:
             for target in self._scopes_for_policy_change(scope):
