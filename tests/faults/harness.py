@@ -43,6 +43,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from app.budgets.spend import event_cost
 from app.codec import EventCodec
+from app.compacted import assigned_partitions
 from app.settings import Settings
 
 TOLLGATE = str(Path(sys.executable).with_name("tollgate"))  # this venv's console script
@@ -376,9 +377,9 @@ class FaultStack:
         assert response.status_code == 202, response.text
 
     def stop(self) -> None:
-        for name in reversed(ALL_COMPONENTS):
+        for component in reversed(list(self.components.values())):
             with contextlib.suppress(Exception):
-                self.components[name].stop()
+                component.stop()
 
     # -- Kafka reads ---------------------------------------------------------------------
     def group_of(self, component: str) -> str:
@@ -403,22 +404,22 @@ def _run(coro: Any) -> Any:
 
 
 async def _end_offsets(settings: Settings, topics: list[str]) -> dict[TopicPartition, int]:
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap)
+    consumer = AIOKafkaConsumer(*topics, bootstrap_servers=settings.kafka_bootstrap)
     await consumer.start()
     try:
-        partitions = [
-            TopicPartition(topic, p)
-            for topic in topics
-            for p in sorted(consumer.partitions_for_topic(topic) or await _partitions(consumer, topic))
-        ]
+        partitions = await _all_partitions(consumer, topics)
         return dict(await consumer.end_offsets(partitions))
     finally:
         await consumer.stop()
 
 
-async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
-    await consumer.topics()  # refreshes metadata
-    return consumer.partitions_for_topic(topic) or set()
+async def _all_partitions(consumer: AIOKafkaConsumer, topics: list[str]) -> list[TopicPartition]:
+    """Every partition of ``topics`` (a consumer without a group is assigned all of them)."""
+    partitions = await assigned_partitions(consumer, timeout_s=30)
+    found = {tp.topic for tp in partitions}
+    if found != set(topics):
+        raise AssertionError(f"no partitions found for {sorted(set(topics) - found)}")
+    return partitions
 
 
 async def _committed(settings: Settings, group: str) -> dict[TopicPartition, int]:
@@ -433,18 +434,18 @@ async def _committed(settings: Settings, group: str) -> dict[TopicPartition, int
 
 async def _read_topic(settings: Settings, topic: str, codec: EventCodec) -> list[dict[str, Any]]:
     consumer = AIOKafkaConsumer(
+        topic,
         bootstrap_servers=settings.kafka_bootstrap,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
     )
     await consumer.start()
     try:
-        partitions = [TopicPartition(topic, p) for p in sorted(await _partitions(consumer, topic))]
-        consumer.assign(partitions)
+        partitions = await _all_partitions(consumer, [topic])
         await consumer.seek_to_beginning(*partitions)
         ends = await consumer.end_offsets(partitions)
         records: list[dict[str, Any]] = []
-        while any(await consumer.position(tp) < ends[tp] for tp in partitions):
+        while [tp for tp in partitions if await consumer.position(tp) < ends[tp]]:
             batch = await consumer.getmany(timeout_ms=500)
             for tp, messages in batch.items():
                 for m in messages:
