@@ -8,6 +8,7 @@ scale. The fault table is printed at the end of the run, and written as Markdown
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -46,11 +47,15 @@ def make_stack(
         return stack
 
     yield make
-    for stack in stacks:
+    report = getattr(request.node, "rep_call", None)
+    for i, stack in enumerate(stacks):
         stack.stop()
-        failed = getattr(request.node, "rep_call", None)
-        if failed is not None and failed.failed:  # keep the logs where the report can name them
-            print(f"\nlogs of {request.node.name}: {stack.root / 'logs'}")
+        if report is not None and report.failed:
+            # Kept out of the shared temp dir (other pytest runs prune it): the report names it.
+            kept = Path(".tollgate/fault-logs") / f"{request.node.name}-{i}"
+            shutil.rmtree(kept, ignore_errors=True)
+            shutil.copytree(stack.root / "logs", kept, dirs_exist_ok=True)
+            print(f"\nlogs of {request.node.name}: {kept.resolve()}")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -391,8 +391,16 @@ class FaultStack:
 
     def caught_up(self, component: str, ends: dict[TopicPartition, int]) -> bool:
         """The component's group has committed every offset below ``ends``."""
+        return not self.behind(component, ends)
+
+    def behind(self, component: str, ends: dict[TopicPartition, int]) -> dict[str, int]:
+        """Records below ``ends`` the component's group has not committed, per partition."""
         committed = _run(_committed(self.settings, self.group_of(component)))
-        return all(committed.get(tp, 0) >= end for tp, end in ends.items() if end > 0)
+        return {
+            f"{tp.topic}[{tp.partition}]": end - committed.get(tp, 0)
+            for tp, end in ends.items()
+            if committed.get(tp, 0) < end
+        }
 
     def read(self, suffix: str) -> list[dict[str, Any]]:
         """Every event on a topic, decoded, from the beginning to its current end."""

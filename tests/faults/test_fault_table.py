@@ -92,12 +92,14 @@ def check(audit: Audit) -> None:
     assert not audit.lost and not audit.duplicated, audit.failures()
 
 
-def caught_up_after(stack: FaultStack, component: str, *topics: str) -> float:
+def caught_up_after(
+    stack: FaultStack, component: str, *topics: str, timeout_s: float = 300
+) -> float:
     """Seconds until ``component`` committed everything that was on ``topics`` now."""
     ends = stack.end_offsets(*topics)
     return wait_for(
         lambda: stack.check_alive(component) and stack.caught_up(component, ends),
-        300,
+        timeout_s,
         f"the {component} to catch up",
     )
 
@@ -195,24 +197,42 @@ def test_dispatcher_sigstop(make_stack, scale: Scale) -> None:
 @pytest.mark.xfail(
     strict=True,
     reason="issue 10 (4, 7): a SIGKILLed spend worker can skip usage events (its spend "
-    "falls short of the distinct usage events); the lead's fix is pending",
+    "falls short of the distinct usage events), and a worker restarted under load was seen "
+    "to stop consuming one usage partition after 'producer buffer full'; the lead's fix is "
+    "pending",
 )
 def test_worker_sigkill_repeated(make_stack, scale: Scale) -> None:
     stack = make_stack()
     stack.start()
     worker = stack["worker"]
     recoveries: list[float] = []
+    stuck: tuple[int, dict[str, int]] | None = None
     rng = random.Random(10)
     with LoadGenerator(stack.url, stack.tag, scale.clients) as load:
         load.wait_answers(scale.warmup)
-        for _ in range(scale.kills):
+        for kill in range(1, scale.kills + 1):
             load.wait_answers(rng.randint(10, 40))  # a random moment under load
             worker.kill()
             worker.start()
-            recoveries.append(caught_up_after(stack, "worker", "usage"))
+            ends = stack.end_offsets("usage")
+            try:
+                # A healthy restart catches up in well under a minute even on a busy machine.
+                recoveries.append(caught_up_after(stack, "worker", "usage", timeout_s=120))
+            except AssertionError:
+                stuck = (kill, stack.behind("worker", ends))
+                break
         load.wait_answers(scale.after)
-    audit = audit_stack(stack, load)
-    record_row(f"spend worker SIGKILL x{scale.kills}", audit, recoveries, "restart -> caught up")
+    audit = audit_stack(stack, load, worker=stuck is None)
+    detail = "restart -> caught up"
+    if stuck is not None:
+        kill, behind = stuck
+        detail = f"after kill {kill} the restarted worker stopped consuming: {behind} behind"
+        audit.lost.extend(
+            f"spend worker: never counted a usage event of {partition}"
+            for partition, count in behind.items()
+            for _ in range(count)
+        )
+    record_row(f"spend worker SIGKILL x{scale.kills}", audit, recoveries, detail)
     check(audit)
 
 
@@ -346,7 +366,6 @@ class ReadOnlyWarehouse:
         subprocess.run(["chattr", "-i", *self.dirs], check=True)
 
 
-@pytest.mark.faults_ci
 def test_clickhouse_unwritable(make_stack, scale: Scale, tmp_path: Path) -> None:
     if not chattr_works(tmp_path):
         pytest.skip("chattr +i is not permitted here (needs root and ext4/xfs)")
@@ -387,7 +406,6 @@ def test_upstream_500s(make_stack, scale: Scale) -> None:
     check(audit)
 
 
-@pytest.mark.faults_ci
 def test_upstream_timeouts(make_stack, scale: Scale) -> None:
     stack = make_stack(component_env={"dispatcher": {"TOLLGATE_UPSTREAM_READ_TIMEOUT_S": "1"}})
     stack.start()
