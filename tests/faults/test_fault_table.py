@@ -53,6 +53,7 @@ class Scale:
     sink_stall_s: float  # > the sink's session timeout (10 s)
     anomaly_stall_s: float
     clickhouse_down_s: float
+    worker_catchup_s: float  # after this long without catching up, a restarted worker is stuck
 
 
 SCALES = {
@@ -67,6 +68,7 @@ SCALES = {
         sink_stall_s=25,
         anomaly_stall_s=20,
         clickhouse_down_s=20,
+        worker_catchup_s=120,
     ),
     "full": Scale(
         clients=16,
@@ -79,6 +81,7 @@ SCALES = {
         sink_stall_s=85,
         anomaly_stall_s=30,
         clickhouse_down_s=60,
+        worker_catchup_s=300,
     ),
 }
 
@@ -195,7 +198,10 @@ def test_dispatcher_sigstop(make_stack, scale: Scale) -> None:
 # -- spend worker ----------------------------------------------------------------------
 @pytest.mark.faults_ci
 @pytest.mark.xfail(
-    strict=True,
+    # Not strict: on today's code this row failed in 2 of the 3 runs made while writing it
+    # (2 kills: failed twice; 10 kills: passed once), so a strict mark would make `make
+    # test` flaky. The lead removes the mark with the fix; until then an XPASS is reported.
+    strict=False,
     reason="issue 10 (4, 7): a SIGKILLed spend worker can skip usage events (its spend "
     "falls short of the distinct usage events), and a worker restarted under load was seen "
     "to stop consuming one usage partition after 'producer buffer full'; the lead's fix is "
@@ -216,10 +222,15 @@ def test_worker_sigkill_repeated(make_stack, scale: Scale) -> None:
             worker.start()
             ends = stack.end_offsets("usage")
             try:
-                # A healthy restart catches up in well under a minute even on a busy machine.
-                recoveries.append(caught_up_after(stack, "worker", "usage", timeout_s=120))
+                recoveries.append(
+                    caught_up_after(stack, "worker", "usage", timeout_s=scale.worker_catchup_s)
+                )
             except AssertionError:
-                stuck = (kill, stack.behind("worker", ends))
+                behind = stack.behind("worker", ends)
+                if not behind:  # caught up just as the deadline passed: slow, not stuck
+                    recoveries.append(scale.worker_catchup_s)
+                    continue
+                stuck = (kill, behind)
                 break
         load.wait_answers(scale.after)
     audit = audit_stack(stack, load, worker=stuck is None)
@@ -232,7 +243,8 @@ def test_worker_sigkill_repeated(make_stack, scale: Scale) -> None:
             for partition, count in behind.items()
             for _ in range(count)
         )
-    record_row(f"spend worker SIGKILL x{scale.kills}", audit, recoveries, detail)
+    kills = scale.kills if stuck is None else stuck[0]
+    record_row(f"spend worker SIGKILL x{kills}", audit, recoveries, detail)
     check(audit)
 
 
