@@ -196,7 +196,8 @@ def test_dispatcher_sigstop(make_stack, scale: Scale) -> None:
 
 
 # -- spend worker ----------------------------------------------------------------------
-@pytest.mark.faults_ci
+# Not in `make test`: with today's worker a stuck restart costs the row its full catch-up
+# deadline, and the CI subset must stay within a few minutes (put it back with the fix).
 @pytest.mark.xfail(
     # Not strict: on today's code this row failed in 2 of the 3 runs made while writing it
     # (2 kills: failed twice; 10 kills: passed once), so a strict mark would make `make
