@@ -199,10 +199,9 @@ def test_dispatcher_sigstop(make_stack, scale: Scale) -> None:
 # Not in `make test`: with today's worker a stuck restart costs the row its full catch-up
 # deadline, and the CI subset must stay within a few minutes (put it back with the fix).
 @pytest.mark.xfail(
-    # Not strict: on today's code this row failed in 2 of the 3 runs made while writing it
-    # (2 kills: failed twice; 10 kills: passed once), so a strict mark would make `make
-    # test` flaky. The lead removes the mark with the fix; until then an XPASS is reported.
-    strict=False,
+    # On today's code every run that made two kills or more failed (3 of 3: twice after the
+    # 2nd kill, once after the 5th); one run that stopped after its 1st kill passed.
+    strict=True,
     reason="issue 10 (4, 7): a SIGKILLed spend worker can skip usage events (its spend "
     "falls short of the distinct usage events), and a worker restarted under load was seen "
     "to stop consuming one usage partition after 'producer buffer full'; the lead's fix is "
