@@ -20,10 +20,18 @@ Faust agent, because its guarantee rests on one ordering that must be explicit:
    assigned to this sink (another sink's uncommitted tail), events no newer
    than the newest one the table held when this sink started (an earlier run's
    rows, and re-sends of them), and events older than the ids it has forgotten;
-3. insert; if ClickHouse is down, retry with backoff, holding the batch and the
-   offsets — nothing is committed, nothing is lost;
+3. insert; if ClickHouse is down or cannot write, retry with backoff for as long as
+   it takes, holding the batch and the offsets — nothing is committed, nothing is
+   lost. Only an error that names the data (``refuses_data``: a parse, type or range
+   error) sends events to the dead-letter topic, one by one; an outage never does.
+   After a failed insert every event of the batch is looked up in ClickHouse before
+   the retry, because a failure can come after part of the batch was written;
 4. commit the batch's offsets. The next batch is fetched and decoded while this
-   one is inserted; commits stay in order.
+   one is inserted; commits stay in order. A commit refused because this sink lost
+   its group (stalled longer than the session timeout, or a rebalance) is logged and
+   skipped: the rows are in, the records come back to whoever owns the partition
+   now, and they are dropped there as duplicates. Other Kafka trouble ends the run,
+   and ``retry_while_kafka_down`` starts a new consumer that rejoins the group.
 
 So at-least-once delivery from Kafka yields exactly-once rows. The tables are
 also ``ReplacingMergeTree`` with ``event_id`` in the key, a second net.
@@ -36,6 +44,7 @@ import contextlib
 import io
 import logging
 import os
+import re
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -43,7 +52,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from clickhouse_connect.driver.exceptions import DatabaseError
+from aiokafka.errors import CommitFailedError, IllegalStateError
+from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
 from fastavro import parse_schema
 from fastavro.write import Writer
 
@@ -65,6 +75,40 @@ TABLES: dict[str, tuple[str, str]] = {
     "alerts": ("alert_events", "Alert"),
     "budget.decisions": ("budget_decisions", "BudgetDecision"),
 }
+
+
+# ClickHouse error codes that mean "this data cannot go into this table", as opposed to
+# "ClickHouse cannot take writes now" (down, disk read-only, too many parts, memory...).
+DATA_ERROR_CODES = frozenset(
+    {
+        6,  # CANNOT_PARSE_TEXT
+        26,  # CANNOT_PARSE_QUOTED_STRING
+        27,  # CANNOT_PARSE_INPUT_ASSERTION_FAILED
+        32,  # ATTEMPT_TO_READ_AFTER_EOF
+        33,  # CANNOT_READ_ALL_DATA
+        38,  # CANNOT_PARSE_DATE
+        41,  # CANNOT_PARSE_DATETIME
+        53,  # TYPE_MISMATCH
+        69,  # ARGUMENT_OUT_OF_BOUND
+        70,  # CANNOT_CONVERT_TYPE
+        72,  # CANNOT_PARSE_NUMBER
+        117,  # INCORRECT_DATA
+        321,  # VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE
+        349,  # CANNOT_INSERT_NULL_IN_ORDINARY_COLUMN
+        395,  # FUNCTION_THROW_IF_VALUE_IS_NON_ZERO
+        407,  # DECIMAL_OVERFLOW
+        469,  # VIOLATED_CONSTRAINT
+    }
+)
+_ERROR_CODE = re.compile(r"\bCode: (\d+)\.")
+
+
+def refuses_data(exc: BaseException) -> bool:
+    """ClickHouse answered, and what it refuses is the data (not a failure to write)."""
+    if not isinstance(exc, DatabaseError) or isinstance(exc, OperationalError):
+        return False
+    match = _ERROR_CODE.search(str(exc))
+    return match is not None and int(match.group(1)) in DATA_ERROR_CODES
 
 
 class FrameError(ValueError):
@@ -107,7 +151,9 @@ class _Event:
     schema_id: int
     body: bytes  # the Avro body, without the 5-byte Confluent header
     ts: datetime
-    early: bool  # among the first offsets since this sink was assigned the partition
+    # Maybe in ClickHouse already: among the first offsets since this sink was assigned
+    # the partition (another sink's uncommitted tail), or in a batch whose insert failed.
+    early: bool
     message: Any  # the Kafka record, for the dead-letter topic
 
 
@@ -176,6 +222,8 @@ class ClickHouseSink:
         self.inserted = 0
         self.duplicates_dropped = 0
         self.dead_lettered = 0
+        self.commits_lost = 0  # commits refused after this sink lost its group
+        self.insert_failures = 0
         self.checked_in_clickhouse = 0  # events looked up in ClickHouse before inserting
         self.recent = RecentIds()
         self._stored_until: dict[str, datetime] = {}  # newest event time per table at start
@@ -216,14 +264,14 @@ class ClickHouseSink:
                 pending = await self._decode(batch, dead_letters) if batch else None
                 if inserting is not None and in_flight is not None:
                     await inserting  # the previous batch: insert, then commit, in order
-                    await consumer.commit(in_flight.offsets)
+                    await self._commit(consumer, in_flight.offsets)
                     inserting = in_flight = None
                 if pending is not None:
                     in_flight = pending
                     inserting = asyncio.create_task(self._insert_with_retry(pending, stop))
             if inserting is not None and in_flight is not None:
                 await inserting
-                await consumer.commit(in_flight.offsets)
+                await self._commit(consumer, in_flight.offsets)
         finally:
             if inserting is not None and not inserting.done():
                 inserting.cancel()
@@ -233,6 +281,21 @@ class ClickHouseSink:
                 await dead_letters.stop()
             with contextlib.suppress(Exception):
                 await consumer.stop()
+
+    async def _commit(self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
+        """Commit a batch that is in ClickHouse; a refusal for a lost group is not fatal."""
+        try:
+            await consumer.commit(offsets)
+        except (CommitFailedError, IllegalStateError) as exc:
+            # The group moved on without this sink (a stall past the session timeout, or a
+            # rebalance). aiokafka rejoins on the next fetch; the records come back to the
+            # partition's new owner, which finds their rows and drops them as duplicates.
+            self.commits_lost += 1
+            log.warning(
+                "offsets not committed: this sink lost its consumer group; the batch is in "
+                "ClickHouse and its records will be re-read and dropped as duplicates",
+                extra={"error": f"{type(exc).__name__}: {exc}"[:300], "records": len(offsets)},
+            )
 
     async def _fetch(self, consumer: AIOKafkaConsumer, stop: asyncio.Event) -> list[Any]:
         """Up to ``batch_size`` records, or what arrived within ``batch_wait_s``."""
@@ -285,36 +348,50 @@ class ClickHouseSink:
         while True:
             try:
                 await asyncio.to_thread(self._insert_new, pending.events)
+                if attempt:
+                    log.info("ClickHouse takes inserts again", extra={"failed_attempts": attempt})
                 return
             except Exception as exc:
+                self.insert_failures += 1
+                # Part of the batch may be in (one table of several, or a table but not
+                # its materialized views): look every event up before inserting again.
+                for by_id in pending.events.values():
+                    for event in by_id.values():
+                        event.early = True
                 if await self._drop_undecodable(pending):
                     continue  # ClickHouse refused a corrupt body; the rest goes in at once
-                if isinstance(exc, DatabaseError) and attempt >= 2:
-                    # ClickHouse answers but keeps refusing a batch that decodes: find the
-                    # events it refuses (e.g. a value out of a column's range), one by one.
-                    await self._isolate_refused(pending)
+                # ClickHouse answers but keeps refusing a batch that decodes: find the events
+                # it refuses (e.g. a value out of a column's range), one by one. If it fails
+                # for another reason meanwhile, that is an outage after all: retry the rest.
+                if refuses_data(exc) and attempt >= 2 and await self._isolate_refused(pending):
                     return
                 if stop.is_set():
                     raise
                 delay = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]
                 log.warning(
                     "ClickHouse insert failed; batch held, offsets not committed; retrying",
-                    extra={"error": repr(exc)[:300], "retry_in_s": delay},
+                    extra={"error": repr(exc)[:300], "retry_in_s": delay, "attempt": attempt + 1},
                 )
                 attempt += 1
                 await asyncio.sleep(delay)
 
-    async def _isolate_refused(self, pending: _Pending) -> None:
-        """Insert event by event; dead-letter those ClickHouse refuses, with its reason."""
+    async def _isolate_refused(self, pending: _Pending) -> bool:
+        """Insert event by event; dead-letter those whose data ClickHouse refuses, with its
+        reason. False, with the rest still pending, if ClickHouse fails for another reason."""
         for suffix, by_id in pending.events.items():
             for event_id, event in list(by_id.items()):
                 try:
                     await asyncio.to_thread(self._insert_new, {suffix: {event_id: event}})
-                except DatabaseError as exc:
+                except Exception as exc:
+                    if not refuses_data(exc):
+                        return False
                     del by_id[event_id]
                     await self._dead_letter(
                         self._dead_letters, event.message, f"ClickHouse refused it: {exc}"
                     )
+                else:
+                    del by_id[event_id]  # inserted
+        return True
 
     async def _drop_undecodable(self, pending: _Pending) -> bool:
         """After a failed insert: fully decode the batch, dead-letter what does not decode."""
@@ -340,19 +417,20 @@ class ClickHouseSink:
             new = {event_id: e for event_id, e in by_id.items() if event_id not in self.recent}
             fresh = self._not_stored(table, new)
             self.duplicates_dropped += len(by_id) - len(fresh)
-            by_schema: dict[int, list[_Event]] = {}
-            for event in fresh.values():
-                by_schema.setdefault(event.schema_id, []).append(event)
+            by_schema: dict[int, list[tuple[str, _Event]]] = {}
+            for event_id, event in fresh.items():
+                by_schema.setdefault(event.schema_id, []).append((event_id, event))
             for schema_id, group in by_schema.items():
                 self.client.raw_insert(
                     table,
                     self._columns(table, schema_id),
-                    insert_block=self._container(schema_id, [e.body for e in group]),
+                    insert_block=self._container(schema_id, [e.body for _, e in group]),
                     fmt="Avro",
                 )
-            self.inserted += len(fresh)
-            for event_id, event in fresh.items():
-                self.recent.add(event_id, event.ts)
+                # Remembered group by group: a retry after a later group failed skips these.
+                self.inserted += len(group)
+                for event_id, event in group:
+                    self.recent.add(event_id, event.ts)
 
     def _not_stored(self, table: str, new: dict[str, _Event]) -> dict[str, _Event]:
         """``new`` without the events ClickHouse already holds (asked only about suspects)."""

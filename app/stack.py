@@ -1,8 +1,10 @@
 """`make up` / `tollgate up`: run the whole local stack in the foreground.
 
 Owns process supervision only: which services start, in which order, how
-readiness is probed and how Ctrl-C stops everything without orphans. Each
-service's own logic lives in its module.
+readiness is probed, how a service that exits is restarted (``Supervisor``:
+with backoff, said on the terminal, and given up on when it crash-loops), and
+how Ctrl-C stops everything without orphans. Each service's own logic lives in
+its module.
 """
 
 from __future__ import annotations
@@ -47,19 +49,23 @@ class Service:
     log_file: Path
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
+    def spawn(self, env: dict[str, str]) -> None:
+        """Start the process and return at once (no readiness wait)."""
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_file.open("ab") as out:
+            self.process = subprocess.Popen(
+                self.argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
+
     def start(self, env: dict[str, str], timeout_s: float = 60.0) -> None:
         if self.port is not None and port_open(self.host, self.port):
             raise StackError(
                 f"{self.name}: port {self.host}:{self.port} is already in use by another process; "
                 "stop it or change the port setting"
             )
-        self.log_file.parent.mkdir(parents=True, exist_ok=True)
-        out = self.log_file.open("ab")
-        self.process = subprocess.Popen(
-            self.argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-        out.close()
+        self.spawn(env)
         process = self.process
+        assert process is not None
 
         def ready() -> bool:
             if process.poll() is not None:
@@ -79,17 +85,114 @@ class Service:
             )
 
     def stop(self, timeout_s: float = 15.0) -> None:
+        """SIGINT first (every Tollgate service shuts down cleanly on it, as on Ctrl-C:
+        the dispatcher flushes its events), then SIGTERM, then SIGKILL."""
         process = self.process
         if process is None or process.poll() is not None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
+        for sig, wait_s in ((signal.SIGINT, timeout_s), (signal.SIGTERM, 5.0)):
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait(5)
+                os.killpg(process.pid, sig)
+            try:
+                process.wait(wait_s)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(5)
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """How `up` restarts a service that exits on its own."""
+
+    backoff_s: tuple[float, ...] = (1.0, 2.0, 5.0, 10.0, 30.0)
+    stable_after_s: float = 60.0  # a run at least this long starts the backoff over
+    crash_loop_exits: int = 5  # this many exits ...
+    crash_loop_window_s: float = 120.0  # ... within this window: stop restarting it
+
+
+@dataclass
+class _Watch:
+    started_at: float
+    exits: list[float] = field(default_factory=list)  # times of recent exits
+    consecutive: int = 0  # exits since the last stable run: the backoff step
+    restart_at: float | None = None
+    given_up: bool = False
+    restarts: int = 0
+
+
+class Supervisor:
+    """Restarts services that exit, with backoff; gives up on one that crash-loops.
+
+    ``check()`` is one supervision step (``run_stack`` calls it a few times a second).
+    A restart only spawns the process: if it dies again, the next steps see it. A
+    service given up on stays down and the rest keep running; the terminal says so.
+    """
+
+    def __init__(
+        self,
+        services: list[Service],
+        env: dict[str, str],
+        echo: Callable[[str], None],
+        policy: RestartPolicy | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.services = services
+        self.env = env
+        self.echo = echo
+        self.policy = policy or RestartPolicy()
+        self.clock = clock
+        now = clock()
+        self.watches = {s.name: _Watch(started_at=now) for s in services}
+
+    def given_up(self) -> list[str]:
+        return [name for name, w in self.watches.items() if w.given_up]
+
+    def check(self) -> None:
+        now = self.clock()
+        for service in self.services:
+            watch = self.watches[service.name]
+            if watch.given_up:
+                continue
+            if watch.restart_at is not None:
+                if now >= watch.restart_at:
+                    watch.restart_at = None
+                    watch.restarts += 1
+                    watch.started_at = now
+                    service.spawn(self.env)
+                    self.echo(f"{service.name} restarted (restart #{watch.restarts})")
+                continue
+            process = service.process
+            if process is None or process.poll() is None:
+                continue
+            self._exited(service, watch, process.returncode, now)
+
+    def _exited(self, service: Service, watch: _Watch, code: int, now: float) -> None:
+        policy = self.policy
+        if now - watch.started_at >= policy.stable_after_s:
+            watch.consecutive = 0
+        watch.exits = [t for t in watch.exits if now - t < policy.crash_loop_window_s]
+        watch.exits.append(now)
+        last_lines = tail(service.log_file)
+        if len(watch.exits) >= policy.crash_loop_exits:
+            watch.given_up = True
+            self.echo(
+                f"{service.name} exited with code {code}, {len(watch.exits)} times within "
+                f"{policy.crash_loop_window_s:.0f}s: it is crash-looping, so it is NOT restarted "
+                f"again; the rest of the stack keeps running. Fix the cause (see "
+                f"{service.log_file}), then restart `tollgate up`. Last lines:\n{last_lines}"
+            )
+            return
+        delay = policy.backoff_s[min(watch.consecutive, len(policy.backoff_s) - 1)]
+        watch.consecutive += 1
+        watch.restart_at = now + delay
+        self.echo(
+            f"{service.name} exited with code {code}; restarting it in {delay:g}s "
+            f"(exit {len(watch.exits)} of at most {policy.crash_loop_exits - 1} within "
+            f"{policy.crash_loop_window_s:.0f}s). Last lines of {service.log_file}:\n{last_lines}"
+        )
 
 
 def python_service(
@@ -164,14 +267,9 @@ def run_stack(settings: Settings, echo: Callable[[str], None]) -> int:
             else ""
         )
         echo("Press Ctrl-C to stop everything.")
+        supervisor = Supervisor(services, env, echo)
         while not stopping:
-            for service in services:
-                if service.process is not None and service.process.poll() is not None:
-                    echo(
-                        f"{service.name} exited with code {service.process.returncode}; stopping. "
-                        f"Last lines of {service.log_file}:\n{tail(service.log_file)}"
-                    )
-                    stopping = True
+            supervisor.check()  # a service that exits is restarted, with backoff
             time.sleep(0.3)
         return 0
     except (StackError, LauncherError, TopicsError, WarehouseError) as exc:

@@ -23,6 +23,17 @@ import pytest
 from app.settings import Settings
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("faults", "fault injection (tests/faults)")
+    group.addoption(
+        "--faults",
+        choices=("ci", "full"),
+        default="ci",
+        help="ci: the fault rows marked faults_ci, at CI scale; full: every row, full scale",
+    )
+    group.addoption("--fault-table", default=None, help="write the fault table (Markdown) here")
+
+
 def docker_answers() -> bool:
     try:
         import docker

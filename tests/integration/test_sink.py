@@ -205,3 +205,63 @@ async def test_a_restarted_sink_drops_resent_events_to_the_millisecond(
     count, unique, _ = await rows_for(clickhouse, user)
     assert (count, unique) == (300, 300)
     assert (second.inserted, second.duplicates_dropped) == (0, 300)
+
+
+async def test_a_long_clickhouse_outage_holds_the_batch_and_dead_letters_nothing(
+    kafka_settings: Settings, clickhouse: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Down for many retries (not just a few): every event must still land, none may go to
+    the dead-letter topic — an unreachable ClickHouse says nothing about the data."""
+    import agents.sink
+
+    monkeypatch.setattr(agents.sink, "RETRY_BACKOFF_S", (0.05,))
+    await ensure_topics(kafka_settings)
+    migrate(clickhouse)
+    user = f"long-outage-{uuid.uuid4().hex[:8]}"
+    records = [usage_record(user, i) for i in range(300)]
+    await produce(kafka_settings, records)
+
+    closed_port = free_port()
+    attempts = {"failed": 0}
+
+    def factory() -> Any:
+        if attempts["failed"] < 12:  # a real connection to a closed port, twelve times
+            attempts["failed"] += 1
+            return clickhouse_connect.get_client(
+                host="127.0.0.1", port=closed_port, connect_timeout=1
+            )
+        return clickhouse
+
+    sink = ClickHouseSink(
+        kafka_settings, ReconnectingClient(factory), batch_size=100, batch_wait_s=0.3
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(sink.run(stop))
+    await wait_rows(clickhouse, user, 300, timeout_s=120)
+    stop.set()
+    await task
+    assert attempts["failed"] == 12
+    assert sink.dead_lettered == 0, "an outage is not bad data"
+    count, unique, total = await rows_for(clickhouse, user)
+    assert (count, unique) == (300, 300)
+    assert total == Decimal(sum(r["cost_usd_nanos"] for r in records)) / Decimal(10**9)
+
+
+def test_only_errors_about_the_data_count_as_refused(clickhouse: Any) -> None:
+    from clickhouse_connect.driver.exceptions import DatabaseError
+
+    from agents.sink import refuses_data
+
+    migrate(clickhouse)
+    with pytest.raises(DatabaseError) as parse_error:  # ClickHouse refuses this value
+        clickhouse.command("INSERT INTO schema_migrations (version, applied_at) VALUES ('x', 'y')")
+    assert refuses_data(parse_error.value)
+    with pytest.raises(DatabaseError) as down:  # nothing listens there
+        clickhouse_connect.get_client(host="127.0.0.1", port=free_port(), connect_timeout=1)
+    assert not refuses_data(down.value)
+    assert not refuses_data(
+        DatabaseError(
+            "Code: 1001. DB::Exception: filesystem error: in "
+            "create_directories: Operation not permitted"
+        )
+    )

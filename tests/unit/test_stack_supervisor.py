@@ -1,0 +1,116 @@
+"""`tollgate up` restarts a service that dies, with backoff, and gives up on a crash loop.
+
+Real child processes that really exit; the supervisor's clock is a counter the test
+moves, so backoff and crash-loop windows are checked without waiting on wall time.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from app.stack import RestartPolicy, Service, Supervisor
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def service(tmp_path: Path, name: str, code: str) -> Service:
+    return Service(
+        name=name,
+        argv=[sys.executable, "-c", code],
+        host="127.0.0.1",
+        port=None,
+        url="(no listener)",
+        log_file=tmp_path / f"{name}.log",
+    )
+
+
+def wait_exit(svc: Service, timeout_s: float = 30) -> None:
+    assert svc.process is not None
+    svc.process.wait(timeout_s)
+
+
+def test_a_service_that_dies_is_restarted_with_growing_backoff(tmp_path: Path) -> None:
+    dies = service(tmp_path, "dies", "print('about to fail', flush=True); raise SystemExit(3)")
+    lives = service(tmp_path, "lives", "import time; time.sleep(600)")
+    clock, said = FakeClock(), []
+    policy = RestartPolicy(backoff_s=(1, 2, 5), crash_loop_exits=10, crash_loop_window_s=60)
+    for s in (dies, lives):
+        s.spawn(dict(os.environ))
+    supervisor = Supervisor([dies, lives], dict(os.environ), said.append, policy, clock)
+    try:
+        pids = set()
+        for expected_delay in (1, 2, 5, 5):
+            assert dies.process is not None
+            pids.add(dies.process.pid)
+            wait_exit(dies)
+            supervisor.check()  # sees the exit, schedules the restart
+            assert f"dies exited with code 3; restarting it in {expected_delay}s" in said[-1]
+            assert "about to fail" in said[-1], "the message shows the end of its log"
+            supervisor.check()
+            assert dies.process.poll() is not None, "not restarted before its backoff"
+            clock.now += expected_delay
+            supervisor.check()  # restarts it
+            assert said[-1].startswith("dies restarted")
+        assert dies.process is not None and dies.process.pid not in pids, "a new process"
+        assert lives.process is not None and lives.process.poll() is None
+        assert not any(line.startswith("lives") for line in said), "the others are untouched"
+    finally:
+        dies.stop()
+        lives.stop()
+
+
+def test_a_crash_loop_is_given_up_on_and_said_so(tmp_path: Path) -> None:
+    loops = service(tmp_path, "loops", "raise SystemExit(1)")
+    clock, said = FakeClock(), []
+    policy = RestartPolicy(backoff_s=(1,), crash_loop_exits=3, crash_loop_window_s=60)
+    loops.spawn(dict(os.environ))
+    supervisor = Supervisor([loops], dict(os.environ), said.append, policy, clock)
+    starts = 1
+    while not supervisor.given_up():
+        wait_exit(loops)
+        supervisor.check()
+        clock.now += 1
+        supervisor.check()
+        if said[-1].startswith("loops restarted"):
+            starts += 1
+        assert starts <= 3
+    assert starts == 3, "restarted twice, then the third exit within the window gave up"
+    assert "crash-looping" in said[-1] and "NOT restarted" in said[-1]
+    last = loops.process
+    clock.now += 3600  # however long `up` keeps running
+    for _ in range(5):
+        supervisor.check()
+    assert loops.process is last, "never restarted again"
+
+
+def test_a_stable_run_starts_the_backoff_over(tmp_path: Path) -> None:
+    flaky = service(tmp_path, "flaky", "import time; time.sleep(600)")
+    clock, said = FakeClock(), []
+    policy = RestartPolicy(backoff_s=(1, 7), stable_after_s=60, crash_loop_exits=10)
+    flaky.spawn(dict(os.environ))
+    supervisor = Supervisor([flaky], dict(os.environ), said.append, policy, clock)
+    try:
+        for expected_delay, ran_for in ((1, 5), (7, 5), (1, 61)):
+            clock.now += ran_for
+            assert flaky.process is not None
+            os.killpg(flaky.process.pid, signal.SIGKILL)  # dies from outside
+            wait_exit(flaky)
+            supervisor.check()
+            assert f"restarting it in {expected_delay}s" in said[-1], said[-1]
+            clock.now += expected_delay
+            supervisor.check()
+            deadline = time.monotonic() + 30
+            while flaky.process.poll() is not None and time.monotonic() < deadline:
+                time.sleep(0.05)  # the new process is up
+    finally:
+        flaky.stop()
