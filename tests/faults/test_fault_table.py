@@ -151,12 +151,6 @@ def test_kafka_sigstop(make_stack, kafka_node: KafkaNode, scale: Scale) -> None:
 
 # -- dispatcher ------------------------------------------------------------------------
 @pytest.mark.faults_ci
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 11 (1): calls in flight when the dispatcher dies have a Request event and "
-    "never a Usage event; the lead's recovery (Request without Usage -> estimated Usage) "
-    "is pending",
-)
 def test_dispatcher_sigkill_repeated(make_stack, scale: Scale) -> None:
     stack = make_stack()
     stack.start()
@@ -196,17 +190,6 @@ def test_dispatcher_sigstop(make_stack, scale: Scale) -> None:
 
 
 # -- spend worker ----------------------------------------------------------------------
-# Not in `make test`: with today's worker a stuck restart costs the row its full catch-up
-# deadline, and the CI subset must stay within a few minutes (put it back with the fix).
-@pytest.mark.xfail(
-    # On today's code every run that made two kills or more failed (3 of 3: twice after the
-    # 2nd kill, once after the 5th); one run that stopped after its 1st kill passed.
-    strict=True,
-    reason="issue 10 (4, 7): a SIGKILLed spend worker can skip usage events (its spend "
-    "falls short of the distinct usage events), and a worker restarted under load was seen "
-    "to stop consuming one usage partition after 'producer buffer full'; the lead's fix is "
-    "pending",
-)
 def test_worker_sigkill_repeated(make_stack, scale: Scale) -> None:
     stack = make_stack()
     stack.start()

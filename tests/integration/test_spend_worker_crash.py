@@ -230,7 +230,8 @@ def test_worker_killed_at_random_moments_under_load_counts_every_event_once(
     try:
         sending.start()
         for _ in range(kills):
-            time.sleep(chaos.uniform(0.5, 3.0))  # a random moment under load
+            # A random moment under load; some before the restarted worker's first commit.
+            time.sleep(chaos.uniform(0.2, 3.0))
             worker.kill()
             worker.start()
         sending.join(600)
@@ -239,5 +240,12 @@ def test_worker_killed_at_random_moments_under_load_counts_every_event_once(
         wait_for_exact_spend(
             kafka_settings, expected_spend(kafka_settings, at_least=total), timeout_s=180
         )
+        # And the worker's group commits to the end: a worker that counts right but never
+        # commits a partition again would re-read ever more of it at each restart.
+        end = asyncio.run(end_offsets(kafka_settings))
+        deadline = time.monotonic() + 60
+        while asyncio.run(committed_offsets(kafka_settings)) < end:
+            assert time.monotonic() < deadline, "the worker's offsets stopped being committed"
+            time.sleep(1)
     finally:
         worker.stop()
