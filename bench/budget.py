@@ -1234,6 +1234,7 @@ async def kill_loop(
                 "exited_by_itself_before": crashed,
                 "restart_to_first_decision_s": _round(first_decision, 2),
                 "alive_s": round(time.time() - restarted, 2),
+                "killed_at_epoch_s": round(time.time(), 3),  # to match Kafka timestamps
             }
         )
         log(
@@ -2262,7 +2263,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     group = parser.add_argument_group("2 and 3: sequential runs, refusals under the cap")
     group.add_argument(
-        "--sequential-runs", type=int, default=None, help="runs per mode (default 3; quick 1)"
+        "--sequential-runs", type=int, default=None, help="runs per mode (default 5; quick 1)"
     )
     group.add_argument(
         "--sequential-limit-usd", type=float, default=None, help="cap (default 0.1; quick 0.05)"
@@ -2315,7 +2316,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "limit_usd": (5.0, 0.2),
         "wait_quiet": (60.0, 0.0),
         "max_seconds": (60.0, 20.0),
-        "sequential_runs": (3, 1),
+        "sequential_runs": (5, 1),
         "sequential_limit_usd": (0.1, 0.05),
         "share_limits": ("0.05,1", "0.2"),
         "kills": (10, 2),
