@@ -777,8 +777,36 @@ async def ensure_changelog_topics(worker: SpendWorker) -> None:
         await admin.close()
 
 
+FETCH_MAX_WAIT_MS = 100
+
+
+def shorten_faust_fetch_wait() -> None:
+    """Faust builds its consumer with a hard-coded ``fetch_max_wait_ms=1500``. aiokafka
+    sends one fetch per broker at a time and leaves a partition out while its records are
+    being processed, so a fetch of idle partitions can park at the broker for 1.5 s while
+    the busy partition waits: decisions then lag by more than a second (bench/budget.py
+    measured p50 ~1.4 s on streams without this). The worker process lowers the wait on the
+    consumer Faust creates; tests/unit/test_spend_fetch_wait.py fails if Faust changes the
+    hook this relies on."""
+    from faust.transport.drivers import aiokafka as faust_aiokafka
+
+    thread_cls = faust_aiokafka.AIOKafkaConsumerThread
+    if getattr(thread_cls, "_tollgate_fetch_wait", False):
+        return
+    original = thread_cls._create_worker_consumer
+
+    def create_worker_consumer(self: Any, transport: Any) -> Any:
+        consumer = original(self, transport)
+        consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS  # read by the fetcher at start()
+        return consumer
+
+    thread_cls._create_worker_consumer = create_worker_consumer  # type: ignore[method-assign]
+    thread_cls._tollgate_fetch_wait = True  # type: ignore[attr-defined]
+
+
 def run_worker(settings: Settings) -> None:
     """Run the spend worker in the foreground (``tollgate worker``)."""
+    shorten_faust_fetch_wait()
     worker = SpendWorker(settings)
     asyncio.run(ensure_changelog_topics(worker))
     faust_worker = faust.Worker(worker.app, loglevel="WARN", quiet=True)
