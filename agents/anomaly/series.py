@@ -2,25 +2,30 @@
 
 Owns :class:`SeriesDetector`, for a ``timestamp,value`` series that is not Tollgate's
 own traffic: requests per minute exported from elsewhere, a metric, a daily demand
-series. It predicts each point from the series' level and its daily profile, and
-pages when the recent points are far from that prediction:
+series. It predicts each point, measures how surprising the prediction error is
+against the series' own history of errors, and pages at the start of an event:
 
-- **Prediction.** A level that follows the series (exponential smoothing of the
-  values with their daily profile removed) plus a daily profile learned per time of
-  day (when the series spans days and its spacing divides a day), both learned with
-  winsorised values so that an incident does not teach the model.
-- **Surprise.** The residuals are standardised by a robust running spread (mean
-  absolute residual), and two statistics are tested against their own history of
-  values: the single point (a spike) and the mean of the last few points (a level
-  shift, a dip that lasts). The surprise is how rare the statistic is among its own
-  past values (an empirical tail with a Gaussian extrapolation beyond), so a series
-  with heavy-tailed noise pages as rarely as a calm one.
-- **Pages, not floods.** After a page the series does not page again for a
-  refractory period (a day of points, or a share of its history): the output's
-  ``is_anomaly`` marks the start of each event, usable as a page. ``score`` is the
-  surprise of every point, for anyone who wants their own threshold.
+- **Two predictions, the better one used.** A level that follows the series
+  (exponential smoothing), and that level plus a time-of-day profile (weekdays and
+  weekends apart) when the series' spacing divides a day. Each point is judged with
+  whichever of the two has had the smaller recent error, so a daily rhythm is
+  expected where there is one and noise is not mistaken for one where there is not.
+  Both learn winsorised values, so an incident does not teach them that it is normal.
+- **Four statistics, each against its own past.** The standardised error of the point
+  (a spike, a dip), the mean error of the last five points (a level shift, an outage,
+  a change of rhythm), and the value itself as a new high or a new low of the series.
+  Their surprise is their rank among their own past values (so a heavy-tailed series
+  pages as rarely as a calm one), and beyond the 95th percentile an exponential tail
+  fitted to the top 5 % (peaks over threshold, as in SPOT: Siffer et al., KDD 2017).
+- **Pages, not floods.** A point pages when its surprise reaches ``series_threshold``
+  outside the warm-up and outside the refractory period after the previous page
+  (``series_refractory_points``; within it, only a point 100 times rarer than the one
+  that paged pages again). ``score`` is the surprise of every point.
 
-It does not own reading files (:mod:`agents.anomaly.offline`).
+What it cannot see: a change slower than the level's memory (about 20 points) that
+never makes the error unusual, and a change that its history already holds
+(a series that jumped the same way before). It does not own reading files
+(:mod:`agents.anomaly.offline`).
 """
 
 from __future__ import annotations
@@ -29,18 +34,19 @@ import bisect
 import math
 from collections import deque
 from datetime import datetime
-from statistics import NormalDist
 
 from agents.anomaly.core import Verdict
 from agents.anomaly.settings import DetectorSettings
 
-_normal = NormalDist()
-_SHORT = 6  # points in the level-shift statistic
-_HISTORY = 2000  # past values of each statistic kept for its empirical tail
+_SHORT = 5  # points in the level-shift statistic
+_HISTORY = 3000  # past values of each statistic kept for its empirical tail
+_CLIP = 5.0  # a point's error is learned as at most this many spreads
+_ERROR_FADING = 0.02  # memory of the predictors' recent errors (about 50 points)
+_MIN_HISTORY = 100  # past values a statistic needs before its surprise is trusted
 
 
 class _Tail:
-    """How rare a value is among the past values of a statistic (one-sided, upper)."""
+    """How rare a value is among the past values of a statistic (upper tail)."""
 
     __slots__ = ("ordered", "values")
 
@@ -56,20 +62,21 @@ class _Tail:
             del self.ordered[bisect.bisect_left(self.ordered, old)]
 
     def surprise(self, value: float) -> float:
-        """-log10 P(past value >= value), extrapolated past the largest seen."""
+        """-log10 P(statistic >= value): empirical, then an exponential tail past the
+        95th percentile of the past values."""
         n = len(self.ordered)
-        if n < 20:
+        if n < _MIN_HISTORY:
             return 0.0
         above = n - bisect.bisect_left(self.ordered, value)
-        if above > 0:
-            return -math.log10(above / (n + 1))
-        # Beyond every past value: a Gaussian tail fitted to the upper decile.
-        top = self.ordered[int(0.9 * n) :]
-        q90 = self.ordered[int(0.9 * n)]
-        scale = max((sum(top) / len(top) - q90) / 0.6, 1e-9)
-        excess = (value - q90) / scale
-        p = 0.1 * 2 * (1 - _normal.cdf(1.2816 + excess)) / 0.2
-        return -math.log10(max(p / 1, 1e-300)) if p > 0 else 300.0
+        empirical = -math.log10((above + 1) / (n + 1))
+        q_index = int(0.95 * n)
+        q95 = self.ordered[q_index]
+        if value <= q95:
+            return empirical
+        top = self.ordered[q_index:]
+        excess = max(sum(top) / len(top) - q95, 1e-12)
+        tail = math.log10(0.05) - (value - q95) / excess / math.log(10)
+        return max(empirical, -tail)
 
 
 class SeriesDetector:
@@ -80,77 +87,106 @@ class SeriesDetector:
         scope: str,
         settings: DetectorSettings,
         interval_seconds: float,
-        season_points: int = 0,
         total_points: int = 0,
     ) -> None:
         s = settings
         self.scope = scope
         self.settings = settings
         self.interval = max(interval_seconds, 1.0)
-        day = 86400.0 / self.interval
-        if s.series_season_points:
-            season_points = s.series_season_points
-        elif not season_points and abs(day - round(day)) < 1e-6 and 4 <= round(day) <= 1440:
-            season_points = round(day)
-        self.season_points = season_points
-        refractory = s.series_refractory_points
-        if not refractory:
-            refractory = season_points or max(12, int(0.05 * max(total_points, 240)))
-        self.refractory = refractory
-        self.alpha = 2.0 / (min(season_points or 48, 96) + 1)  # level memory
-        self.gamma = 0.1  # profile memory (per visit of a time of day)
+        # The time-of-day profile has slots of the spacing, at least 5 minutes (so a
+        # per-minute series has 288 slots, each seen five times a day).
+        self.slot_seconds = max(self.interval, 300.0)
+        per_day = 86400.0 / self.slot_seconds
+        season = s.series_season_points
+        if not season and abs(per_day - round(per_day)) < 1e-6 and 4 <= round(per_day) <= 288:
+            season = round(per_day)
+        self.season = season
+        self.refractory = s.series_refractory_points
+        self.alpha = 0.1  # level memory: about 20 points
+        self.gamma = 0.2  # profile memory: about 10 visits of a time of day
         self.level: float | None = None
-        self.profile: dict[int, float] = {}
+        self.profile: dict[tuple[bool, int], list[float]] = {}  # slot: [offset, visits]
+        self.warmup = s.series_warmup_points
+        self.errors = [0.0, 0.0]  # recent absolute error of (level, level + profile)
         self.spread: float | None = None
         self.recent: deque[float] = deque(maxlen=_SHORT)
         self.point_tail = _Tail()
         self.shift_tail = _Tail()
+        self.high_tail = _Tail()  # the values themselves: a new high...
+        self.low_tail = _Tail()  # ... or a new low, against the series' own history
         self.points = 0
         self.last_page = -math.inf
+        self.last_score = 0.0
 
-    def _slot(self, ts: datetime) -> int:
-        if not self.season_points:
-            return 0
+    def _slot(self, ts: datetime) -> tuple[bool, int]:
         seconds = ts.hour * 3600 + ts.minute * 60 + ts.second
-        return int(seconds // self.interval) % self.season_points
+        return ts.weekday() >= 5, int(seconds // self.slot_seconds) % self.season
 
     def observe(self, ts: datetime, value: float) -> Verdict:
         s = self.settings
-        slot = self._slot(ts)
-        seasonal = self.profile.get(slot, 0.0)
-        warming = self.points < s.series_warmup_points
         if self.level is None:
             self.level = value
-        predicted = self.level + seasonal
+        slot = self._slot(ts) if self.season else None
+        seasonal = 0.0
+        if slot is not None:
+            known = self.profile.get(slot) or self.profile.get((not slot[0], slot[1]))
+            seasonal = known[0] if known else 0.0
+        use_profile = slot is not None and self.errors[1] < self.errors[0]
+        predicted = self.level + (seasonal if use_profile else 0.0)
         residual = value - predicted
-        spread = self.spread if self.spread else max(abs(value) * 0.05, 1e-9)
+        spread = self.spread if self.spread and self.spread > 1e-12 else max(abs(value), 1.0)
         z = residual / spread
         self.recent.append(z)
-        shift = sum(self.recent) / len(self.recent) * math.sqrt(len(self.recent))
-        point_surprise = self.point_tail.surprise(abs(z))
-        shift_surprise = self.shift_tail.surprise(abs(shift))
-        score = max(point_surprise, shift_surprise)
+        shift = sum(self.recent) / math.sqrt(len(self.recent))
+        warming = self.points < self.warmup
+        score = 0.0
+        if not warming:
+            score = max(
+                self.point_tail.surprise(abs(z)),
+                self.shift_tail.surprise(abs(shift)),
+                self.high_tail.surprise(value),
+                self.low_tail.surprise(-value),
+            )
+            score = max(0.0, score - math.log10(4))  # four statistics tested
         anomalous = (
             not warming
             and score >= s.series_threshold
-            and self.points - self.last_page >= self.refractory
+            and (
+                self.points - self.last_page >= self.refractory
+                # within the refractory period only something 100 times rarer pages again
+                or score >= self.last_score + 2.0
+            )
         )
         if anomalous:
-            self.last_page = self.points
-        # Learn: statistics first, then the model with the value winsorised.
-        self.point_tail.add(abs(z))
-        if len(self.recent) == _SHORT:
-            self.shift_tail.add(abs(shift))
-        clipped = predicted + max(-4 * spread, min(4 * spread, residual))
-        deseasonalised = clipped - seasonal
+            self.last_page, self.last_score = self.points, score
+        # Learn: the statistics' history (once the spread means something), then the
+        # predictors with the value winsorised.
+        self.high_tail.add(value)
+        self.low_tail.add(-value)
+        if not warming:
+            self.point_tail.add(abs(z))
+            if len(self.recent) == _SHORT:
+                self.shift_tail.add(abs(shift))
+        clipped = predicted + max(-_CLIP * spread, min(_CLIP * spread, residual))
+        level_error = abs(clipped - self.level)
+        profile_error = abs(clipped - self.level - seasonal)
+        self.errors[0] += _ERROR_FADING * (level_error - self.errors[0])
+        self.errors[1] += _ERROR_FADING * (profile_error - self.errors[1])
+        deseasonalised = clipped - seasonal if slot is not None else clipped
+        if slot is not None:
+            entry = self.profile.setdefault(slot, [seasonal, 0.0])
+            entry[1] += 1
+            rate = max(self.gamma, 1.0 / entry[1])  # the first visits set it, later ones adjust
+            entry[0] += rate * (clipped - self.level - entry[0])
         self.level += self.alpha * (deseasonalised - self.level)
-        if self.season_points:
-            self.profile[slot] = seasonal + self.gamma * (clipped - self.level - seasonal)
-        absolute = min(abs(residual), 4 * spread)
-        self.spread = (
-            absolute if self.spread is None else self.spread + 0.02 * (absolute - self.spread)
-        )
-        self.spread = max(self.spread, 1e-9)
+        if warming:  # the plain mean of the errors so far
+            absolute = abs(residual)
+            fading = 1.0 / (self.points + 1)
+        else:  # then a slow exponential average of winsorised errors
+            absolute = min(abs(residual), _CLIP * spread)
+            fading = 0.01
+        current = self.spread or 0.0
+        self.spread = max(current + fading * (absolute - current), 1e-12)
         self.points += 1
         return Verdict(
             kind="volume_spike" if residual >= 0 else "volume_drop",

@@ -119,15 +119,18 @@ class DetectorSettings:
     """A drop lasting this long is accepted as the new share."""
 
     # -- offline series (tollgate detect --kind volume on any timestamp,value file) ------
-    series_warmup_points: int = 96
+    series_warmup_points: int = 100
     """Points a series needs before it is judged."""
     series_season_points: int = 0
-    """Points per season (0: found from the timestamps: a day, if the series is regular)."""
-    series_threshold: float = 9.0
-    """Surprise (-log10 of the tail probability, after corrections) that pages."""
-    series_refractory_points: int = 0
-    """Points after a page during which the series does not page again (0: a day, or 5 %
-    of a season-less series' warm-up history, at least 12 points)."""
+    """Slots of the time-of-day profile (0: a day in slots of the spacing, at least 5
+    minutes, when that divides a day)."""
+    series_threshold: float = 2.5
+    """Surprise (-log10 of the tail probability among the series' own past, less a factor 4
+    for the four statistics tested) that pages: rarer than about one point in 1,000.
+    Chosen on the development part of NAB (2.5, 3, 3.5 compared; see bench/nab.py)."""
+    series_refractory_points: int = 100
+    """Points after a page during which the series does not page again: one page per event
+    (compared on NAB's development files: 12, 48, 100 points and a day; 100 was best)."""
 
     # -- alert lifecycle ---------------------------------------------------------------
     resolve_after_seconds: int = 180
