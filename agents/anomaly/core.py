@@ -8,6 +8,7 @@ does not own any detector's decisions.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from datetime import datetime
@@ -131,6 +132,7 @@ def surprise(p_value: float) -> float:
     return min(300.0, -math.log10(max(p_value, 1e-300)))
 
 
+@functools.lru_cache(maxsize=4096)
 def cusum_threshold(k: float, arl0: float) -> float:
     """CUSUM threshold h for allowance ``k`` (standard deviations) that gives an average of
     ``arl0`` steps between false triggers on N(0, 1) input (Siegmund's approximation)."""

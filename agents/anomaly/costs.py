@@ -48,6 +48,7 @@ class CostReference:
     over the last ``tau`` seconds, and its mean."""
 
     __slots__ = (
+        "_last_z",
         "added",
         "origin",
         "recent",
@@ -69,6 +70,7 @@ class CostReference:
         self.recent: deque[tuple[float, float]] = deque(maxlen=256)  # (t, cost) to re-learn
         self.added = 0
         self.spread = 1.0  # standard deviation of log cost, refreshed every 256 calls
+        self._last_z: tuple[float, float, int, float] | None = None  # (cost, t, added, z)
 
     def _weight(self, t: float) -> float:
         if self.origin is None:
@@ -111,6 +113,14 @@ class CostReference:
         """The standard normal score of this cost's rank in the distribution."""
         if self.total <= 0:
             return 0.0
+        last = self._last_z
+        if last is not None and last[0] == cost_nanos and last[1] == t and last[2] == self.added:
+            return last[3]  # the same call, asked again (a user, then its feature)
+        z = self._z(cost_nanos, t)
+        self._last_z = (cost_nanos, t, self.added, z)
+        return z
+
+    def _z(self, cost_nanos: float, t: float) -> float:
         position = min(max((math.log(max(cost_nanos, 1.0)) - _LOG_MIN) / _BIN, 0.0), _BINS - 1e-9)
         index = int(position)
         below = sum(self.weights[:index]) + (position - index) * self.weights[index]
@@ -184,7 +194,7 @@ class CostDetector:
     def _tune(self, spread: float) -> None:
         """Tune the first CUSUM to a rise of ``cost_design_ratio`` given the log-cost spread."""
         self.spread = spread
-        k = min(0.5, max(0.1, math.log(self.settings.cost_design_ratio) / (2.0 * spread)))
+        k = round(min(0.5, max(0.1, math.log(self.settings.cost_design_ratio) / (2.0 * spread))), 2)
         if abs(k - self.cusums[0].k) > 0.01:
             self.cusums[0].k = k
             self.thresholds[0] = cusum_threshold(k, self.settings.cost_arl0_requests)

@@ -90,6 +90,7 @@ class RateDetector:
     """The request count of one scope, tested over several windows as calls arrive."""
 
     __slots__ = (
+        "_rates",
         "alarm_since",
         "alarm_window",
         "burst",
@@ -97,12 +98,14 @@ class RateDetector:
         "daily",
         "detect_drops",
         "episode",
+        "expired_slot",
         "first_at",
         "frozen",
         "heads",
         "is_user",
         "kind",
         "last_anomalous",
+        "learned_slot",
         "mu",
         "p_value",
         "pearson",
@@ -142,6 +145,10 @@ class RateDetector:
         self.alarm_window = 0
         self.recent: deque[float] = deque(maxlen=3)  # times of the last calls
         self.episode: list | None = None  # an unusual stretch whose calls are held back
+        self.expired_slot = -1
+        self.learned_slot = -1
+        # (prior's alpha, rhythm, rates) cached for the current slot
+        self._rates: tuple[float, float, list[tuple[float, float]]] | None = None
         self.mu = [0.0] * len(self.windows)  # expected calls per window, at the last call
         self.spends = [0.0] * len(self.windows)  # nano-dollars spent in each window
 
@@ -165,15 +172,26 @@ class RateDetector:
         reference its calls, unless it was part of an anomalous stretch: each window's
         reference only learns what that window has finished judging."""
         slot = int(t // SLOT_SECONDS)
+        if slot == self.expired_slot:
+            return  # nothing leaves a window within a slot
+        self.expired_slot = slot
+        self._rates = None
         slots = self.slots
         for j, steps in enumerate(self.steps):
             cutoff = slot - steps
             h = self.heads[j]
             while h < len(slots) and slots[h][0] <= cutoff:
                 index, calls, nanos = slots[h]
+                learned = float(calls)
+                # A window that is leaving while elevated (a ramp not yet paged) teaches its
+                # reference at most the elevated level's floor: the reference follows a real
+                # change slowly, and a surge in the making does not raise its own bar.
+                cap = self.settings.volume_min_ratio * self.mu[j]
+                if self.mu[j] >= 1.0 and self.counts[j] > cap:
+                    learned *= cap / self.counts[j]
                 self.counts[j] -= int(calls)
                 self.spends[j] -= nanos
-                self._learn(j, index * SLOT_SECONDS, int(calls))
+                self._learn(j, index * SLOT_SECONDS, learned)
                 h += 1
             self.heads[j] = h
         oldest = self.heads[-1]
@@ -181,7 +199,7 @@ class RateDetector:
             del slots[:oldest]
             self.heads = [h - oldest for h in self.heads]
 
-    def _learn(self, j: int, at: float, calls: int) -> None:
+    def _learn(self, j: int, at: float, calls: float) -> None:
         ref = self.refs[j]
         if ref.at is None:
             ref.at = at
@@ -211,6 +229,7 @@ class RateDetector:
             return
         index = int(t // SLOT_SECONDS)
         newest = int(self.slots[-1][0])
+        self._rates = None
         position = bisect.bisect_left([entry[0] for entry in self.slots], index)
         exists = position < len(self.slots) and self.slots[position][0] == index
         if exists:
@@ -246,7 +265,19 @@ class RateDetector:
     def rates(
         self, t: float, prior: PeerPrior | None = None, rhythm: float = 1.0
     ) -> list[tuple[float, float]]:
-        """Per window: (expected calls per second, Gamma shape of that estimate)."""
+        """Per window: (expected calls per second, Gamma shape of that estimate). Within a
+        5-second slot the answer is reused (references change when slots leave windows)."""
+        alpha = prior.alpha if prior is not None else -1.0
+        cached = self._rates
+        if cached is not None and cached[0] == alpha and abs(cached[1] - rhythm) < 0.01:
+            return cached[2]
+        out = self._compute_rates(t, prior, rhythm)
+        self._rates = (alpha, rhythm, out)
+        return out
+
+    def _compute_rates(
+        self, t: float, prior: PeerPrior | None, rhythm: float
+    ) -> list[tuple[float, float]]:
         open_since = self.frozen[-1][0] if self.frozen and self.frozen[-1][1] == _INF else _INF
         out = []
         for j, w in enumerate(self.windows):
@@ -351,7 +382,12 @@ class RateDetector:
         verdict, best_p = None, 1.0
         if self.warm(t, prior):
             verdict, best_p = self._judge(ts, t, expected, prior, context, cost_per_request_usd)
-        self._dispersion_episode(t, spread, best_p, prior)
+        slot = int(t // SLOT_SECONDS)
+        if slot != self.learned_slot or best_p < 1.0:
+            # Burstiness is sampled once per slot (a busy scope has many calls per slot),
+            # and always when the call looked unusual.
+            self.learned_slot = slot
+            self._dispersion_episode(t, spread, best_p, prior)
         return verdict
 
     def _dispersion_episode(
@@ -372,7 +408,12 @@ class RateDetector:
                 for at, values in episode[2]:
                     self._learn_dispersion(at, values, prior)
             episode = None
-        suspicious = self.alarm_since is not None or p < self.p_value**0.5
+        threshold = (
+            self.settings.volume_suspicion_p_user
+            if self.is_user
+            else self.settings.volume_suspicion_p
+        )
+        suspicious = self.alarm_since is not None or p < threshold
         if suspicious or episode is not None:
             if episode is None:
                 episode = self.episode = [t, t, []]
@@ -437,6 +478,7 @@ class RateDetector:
                 self.alarm_since = t
                 self.alarm_window = best_j
                 self.frozen.append([t - self.windows[best_j], _INF])
+                self._rates = None
             self.last_anomalous = t
             if t - self.alarm_since >= s.volume_adapt_after_minutes * 60:
                 self._accept(t)
@@ -499,6 +541,7 @@ class RateDetector:
             if self.alarm_since is None:
                 self.alarm_since, self.alarm_window = t, best_j
                 self.frozen.append([t - self.windows[best_j], _INF])
+                self._rates = None
             self.last_anomalous = t
         elif self.alarm_since is not None and t - self.last_anomalous > s.resolve_after_seconds:
             self._close_alarm()
@@ -523,6 +566,7 @@ class RateDetector:
         )
 
     def _close_alarm(self) -> None:
+        self._rates = None
         if self.frozen and self.frozen[-1][1] == _INF:
             self.frozen[-1][1] = self.last_anomalous
         self.alarm_since = None
@@ -532,6 +576,7 @@ class RateDetector:
     def _accept(self, t: float) -> None:
         """A level anomalous for hours is the new normal: every window's reference now
         holds the current rate of its window."""
+        self._rates = None
         for j, w in enumerate(self.windows):
             ref = self.refs[j]
             ref.advance(max(ref.at or t - w, t - w), self.tau)

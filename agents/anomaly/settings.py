@@ -51,14 +51,22 @@ class DetectorSettings:
     day of history mostly by their own rate)."""
     volume_peer_refresh_seconds: float = 600.0
     """How often a feature's peer prior is refitted from its users' rates."""
-    volume_peer_burst_requests: float = 100.0
+    volume_peer_burst_requests: float = 20.0
     """Weight, in requests, of the feature's burstiness in a user's own (new users are as
     bursty as their peers; a user with many calls as bursty as themselves)."""
     volume_burst_seconds: float = 300.0
     """An unusual stretch of calls that is over within this long is one of the scope's normal
     bursts (a session, a retry storm) and teaches its burstiness; a longer one (a loop) never
     does."""
-    volume_dispersion_memory_seconds: float = 7200.0
+    volume_suspicion_p: float = 0.01
+    """A call of a feature or the global stream whose count has a tail probability below
+    this is unusual: it opens a stretch whose burstiness is learned only if it is over
+    within ``volume_burst_seconds`` (so a slow ramp does not teach the model that it is
+    ordinary)."""
+    volume_suspicion_p_user: float = 1e-4
+    """The same for a user: lower, because a user's sessions are unusual at 1 % and must be
+    learned as their normal bursts."""
+    volume_dispersion_memory_seconds: float = 6 * 3600.0
     """Memory of the over-dispersion of a scope's counts (bursts, sessions, model error)."""
     volume_context_min_requests: float = 30.0
     """A user's or feature's expectation is scaled up by a surge of the rest of the traffic
@@ -183,6 +191,8 @@ class DetectorSettings:
         for name in (
             "volume_p_value",
             "volume_p_value_user",
+            "volume_suspicion_p",
+            "volume_suspicion_p_user",
             "mix_design_drop",
             "mix_min_drop",
             "volume_drop_ratio",
