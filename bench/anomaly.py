@@ -65,6 +65,7 @@ from bench.incidents import (
 )
 
 TARGET_DELAY_S = 120.0
+WARM_S = 8 * 3600.0  # history a detectability probe learns before its step
 TARGET_FALSE_PER_DAY_PER_100 = 1.0
 
 
@@ -510,13 +511,13 @@ def rate_delay(
     per_minute: float, magnitude: float, seed: int, settings: DetectorSettings
 ) -> float | None:
     """Seconds until a user-scope rate detector flags a step of ``magnitude`` (None: not in
-    30 minutes), after a day of Poisson traffic at ``per_minute``."""
+    30 minutes), after WARM_S of Poisson traffic at ``per_minute``."""
     rng = random.Random(seed)
     detector = RateDetector("user:probe", settings, "user")
-    for t in _poisson(rng, 0, 86400, per_minute):
+    for t in _poisson(rng, 0, WARM_S, per_minute):
         detector.observe(_at(t))
-    start = 86400.0 + rng.uniform(0, 60)
-    for t in _poisson(rng, 86400, start, per_minute) + _poisson(
+    start = WARM_S + rng.uniform(0, 60)
+    for t in _poisson(rng, WARM_S, start, per_minute) + _poisson(
         rng, start, start + 1800, per_minute * magnitude
     ):
         verdict = detector.observe(_at(t))
@@ -553,7 +554,7 @@ def cost_delay(
     detector = CostDetector("feature:probe", settings, own_reference=True)
     gap = 60.0 / per_minute
     t = 0.0
-    while t < 86400:
+    while t < WARM_S:
         detector.observe(_at(t), 3e5 * rng.lognormvariate(0, sigma))
         t += rng.expovariate(1 / gap)
     start = t
@@ -573,7 +574,7 @@ def mix_delay(
     detector = TierMixDetector("feature:probe", settings)
     gap = 60.0 / per_minute
     t = 0.0
-    while t < 86400:
+    while t < WARM_S:
         detector.observe(_at(t), rng.random() < before)
         t += rng.expovariate(1 / gap)
     start = t

@@ -127,7 +127,9 @@ class AnomalyEngine:
         s = self.settings
         kind = _scope_kind(scope)
         state = ScopeState(scope=scope, kind=kind, rate=RateDetector(scope, s, kind))
-        if kind in s.cost_scope_kinds:
+        if kind in s.cost_scope_kinds or kind == "global":
+            # The global scope always keeps a cost distribution: users without a feature
+            # are ranked in it; it is judged only if "global" is in cost_scope_kinds.
             state.cost = CostDetector(scope, s, own_reference=kind != "user")
         if kind != "user":
             state.mix = TierMixDetector(scope, s)
@@ -285,10 +287,14 @@ class AnomalyEngine:
                     ts, cost_nanos, reference, requests_per_hour=self._rph(user, t)
                 )
             for state in (glob, feature):
-                if state is not None and state.cost is not None:
+                if state is None or state.cost is None:
+                    continue
+                if state.kind in self.settings.cost_scope_kinds:
                     verdicts.append(
                         state.cost.observe(ts, cost_nanos, requests_per_hour=self._rph(state, t))
                     )
+                elif state.cost.reference is not None:
+                    state.cost.reference.add(cost_nanos, t)  # learned, not judged
             if (
                 user_verdict is not None
                 and user_verdict.is_anomaly

@@ -99,6 +99,7 @@ class RateDetector:
         "detect_drops",
         "episode",
         "expired_slot",
+        "exposures",
         "first_at",
         "frozen",
         "heads",
@@ -146,6 +147,7 @@ class RateDetector:
         self.recent: deque[float] = deque(maxlen=3)  # times of the last calls
         self.episode: list | None = None  # an unusual stretch whose calls are held back
         self.expired_slot = -1
+        self.exposures = [0.0] * len(self.windows)  # each reference's history, last computed
         self.learned_slot = -1
         # (prior's alpha, rhythm, rates) cached for the current slot
         self._rates: tuple[float, float, list[tuple[float, float]]] | None = None
@@ -280,8 +282,10 @@ class RateDetector:
     ) -> list[tuple[float, float]]:
         open_since = self.frozen[-1][0] if self.frozen and self.frozen[-1][1] == _INF else _INF
         out = []
+        exposures = self.exposures
         for j, w in enumerate(self.windows):
             count, exposure = self.refs[j].at_time(min(t - w, open_since), self.tau)
+            exposures[j] = exposure
             if self.is_user and prior is not None and prior.ready:
                 shape = prior.alpha + count
                 rate = shape / (prior.beta + exposure) * max(1.0, rhythm)
@@ -336,8 +340,7 @@ class RateDetector:
         """Whether window ``j``'s reference has seen at least a window's worth of history."""
         if self.is_user and prior is not None and prior.ready:
             return True
-        exposure = self.refs[j].at_time(t - self.windows[j], self.tau)[1]
-        return exposure >= self.windows[j]
+        return self.exposures[j] >= self.windows[j]  # as of the last ``rates``
 
     def warm(self, t: float, prior: PeerPrior | None) -> bool:
         if self.first_at is None:

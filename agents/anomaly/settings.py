@@ -84,8 +84,9 @@ class DetectorSettings:
     """... and only counts when at least this many requests per minute were expected."""
 
     # -- cost per request --------------------------------------------------------------
-    cost_scope_kinds: tuple[str, ...] = ("global", "feature", "user")
-    """Scope kinds whose cost per request is watched."""
+    cost_scope_kinds: tuple[str, ...] = ("feature", "user")
+    """Scope kinds whose cost per request is judged (a shift of everyone's cost shows in
+    every feature; the global distribution is still kept, to rank users without one)."""
     cost_reference_memory_seconds: float = 86400.0
     """Memory of a scope's cost distribution: a day, so a rise over hours is measured
     against what came before it, not against itself."""
