@@ -103,9 +103,9 @@ class DetectorSettings:
     """A third CUSUM with this allowance (in standard deviations; the second has 0.5)
     catches big jumps in a few calls."""
     cost_arl0_requests: float = 1e7
-    """Requests between false triggers of one scope's CUSUM on stationary costs (sets its
-    threshold; with about a million judged requests a day, about one trigger a day before
-    the effect-size gate)."""
+    """Requests between false triggers of one CUSUM on stationary costs (sets its threshold:
+    with three CUSUMs on each of a user and a feature, about a million steps a day for the
+    Azure trace, about 0.3 false triggers a day before the effect-size gate)."""
     cost_min_ratio: float = 1.4
     """A triggered scope alerts only when the calls since the change typically cost at least
     this many times the usual (so a +50 % rise is paged by the time it is reached)."""

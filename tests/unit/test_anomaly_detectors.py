@@ -322,3 +322,17 @@ def test_settings_name_the_bad_field_and_read_text() -> None:
     assert parsed.volume_peer_prior is False
     with pytest.raises(ValueError, match=r"volume_min_count='many' must be an integer"):
         DetectorSettings.with_options(volume_min_count="many")
+
+
+def test_a_late_call_counts_in_the_windows_that_still_hold_it_and_is_not_judged() -> None:
+    rng = random.Random(40)
+    detector = RateDetector("feature:chat", SETTINGS, "feature")
+    feed(detector, poisson_times(rng, 0, 3600, 30))
+    before = list(detector.counts)
+    detector.add_late(at(3600 - 90).timestamp(), 1000.0)  # 90 s late: all windows but the first
+    assert detector.counts[0] == before[0]
+    assert all(after == b + 1 for after, b in zip(detector.counts[1:], before[1:], strict=True))
+    exposure_before = detector.refs[0].count
+    detector.add_late(at(3600 - 3 * 3600).timestamp(), 1000.0)  # hours late: references learn it
+    assert detector.counts[1:] == [b + 1 for b in before[1:]]
+    assert detector.refs[0].count >= exposure_before
