@@ -118,6 +118,7 @@ class RateDetector:
         "spends",
         "steps",
         "tau",
+        "waiting",
         "windows",
     )
 
@@ -146,6 +147,7 @@ class RateDetector:
         self.alarm_window = 0
         self.recent: deque[float] = deque(maxlen=3)  # times of the last calls
         self.episode: list | None = None  # an unusual stretch whose calls are held back
+        self.waiting: deque[tuple[float, list[float]]] = deque()  # calls not yet learned
         self.expired_slot = -1
         self.exposures = [0.0] * len(self.windows)  # each reference's history, last computed
         self.learned_slot = -1
@@ -398,10 +400,12 @@ class RateDetector:
     ) -> None:
         """Learn how bursty the scope is, without learning its incidents.
 
-        An ordinary call is learned at once. A call that looks unusual opens an episode:
-        its calls are held back, and learned only if the episode is over within
-        ``volume_burst_seconds`` (a session, a retry storm: the scope's normal bursts),
-        never if it lasts longer (a loop). Users lean on their peers meanwhile.
+        Every call waits ``volume_burst_seconds`` before it teaches the dispersion. A call
+        that looks unusual opens an episode, which takes in the calls still waiting (the
+        start of the burst) and the calls that follow; the episode is learned only if it
+        is over within ``volume_burst_seconds`` (a session, a retry storm: the scope's
+        normal bursts), never if it lasts longer (a loop, a ramp). Users lean on their
+        peers meanwhile.
         """
         limit = self.settings.volume_burst_seconds
         episode = self.episode  # [start, last unusual call, held calls]
@@ -411,23 +415,28 @@ class RateDetector:
                 for at, values in episode[2]:
                     self._learn_dispersion(at, values, prior)
             episode = None
+        waiting = self.waiting
         threshold = (
             self.settings.volume_suspicion_p_user
             if self.is_user
             else self.settings.volume_suspicion_p
         )
         suspicious = self.alarm_since is not None or p < threshold
-        if suspicious or episode is not None:
-            if episode is None:
-                episode = self.episode = [t, t, []]
+        if suspicious and episode is None:
+            episode = self.episode = [t, t, list(waiting)]
+            waiting.clear()
+        if episode is not None:
             if suspicious:
                 episode[1] = t
             if t - episode[0] <= limit:
                 episode[2].append((t, spread))
             else:
                 episode[2] = []  # too long to be a burst: it will not be learned
-            return
-        self._learn_dispersion(t, spread, prior)
+        else:
+            waiting.append((t, spread))
+        while waiting and waiting[0][0] <= t - limit:
+            at, values = waiting.popleft()
+            self._learn_dispersion(at, values, prior)
 
     def _learn_dispersion(self, t: float, spread: list[float], prior: PeerPrior | None) -> None:
         # A user's own calls are few: their burstiness is remembered as long as their rate.
