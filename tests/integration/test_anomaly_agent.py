@@ -154,7 +154,7 @@ def history_with_a_loop(start: datetime) -> tuple[list[dict[str, Any]], datetime
 
 
 async def test_history_pages_are_published_marked_historical_and_the_idle_agent_keeps_its_users(
-    kafka_settings: Settings,
+    kafka_settings: Settings, clickhouse: Any
 ) -> None:
     """Issue 12, observations 1 and 5: a replayed history produces its alerts (marked), and
     an idle agent afterwards neither jumps to the wall clock nor evicts every user."""
@@ -183,6 +183,32 @@ async def test_history_pages_are_published_marked_historical_and_the_idle_agent_
     fired = loop_alerts[0]
     assert fired["status"] == "firing" and fired["historical"] is True
     assert loop_start <= fired["first_seen"] <= loop_start + timedelta(minutes=2)
+
+    # ... and they reach the warehouse (hence the dashboards), marked historical.
+    from agents.sink import ClickHouseSink
+    from app.warehouse import migrate
+
+    await asyncio.to_thread(migrate, clickhouse)
+    sink = ClickHouseSink(kafka_settings, clickhouse, batch_size=100, batch_wait_s=0.3)
+    sink_stop = asyncio.Event()
+    sink_task = asyncio.create_task(sink.run(sink_stop))
+    rows: list[Any] = []
+    try:
+        deadline = asyncio.get_running_loop().time() + 60
+        while not rows and asyncio.get_running_loop().time() < deadline:
+            result = await asyncio.to_thread(
+                clickhouse.query,
+                "SELECT historical, incident_role, impact_usd_per_hour FROM alert_events "
+                "WHERE event_id = %(id)s",
+                parameters={"id": fired["event_id"]},
+            )
+            rows = result.result_rows
+            await asyncio.sleep(0.3)
+    finally:
+        sink_stop.set()
+        await sink_task
+    assert rows and rows[0][0] in (True, 1) and rows[0][1] == fired["incident_role"]
+    assert rows[0][2] is not None and rows[0][2] > 0
 
 
 def records_read(agent: AnomalyAgent) -> int:
