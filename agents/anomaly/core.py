@@ -228,7 +228,7 @@ class Cusum:
     point and what came after it.
     """
 
-    __slots__ = ("k", "run_carried", "run_log", "run_n", "run_z", "stat")
+    __slots__ = ("k", "run_carried", "run_log", "run_n", "run_start", "run_z", "stat")
 
     def __init__(self, k: float) -> None:
         self.k = k
@@ -237,13 +237,18 @@ class Cusum:
         self.run_z = 0.0
         self.run_carried = 0.0
         self.run_log = 0.0
+        self.run_start = 0.0
 
-    def update(self, z: float, carried: float = 0.0, carried_log: float = 0.0) -> None:
-        """Add one increment (and the values it carries: a value and its log)."""
+    def update(
+        self, z: float, carried: float = 0.0, carried_log: float = 0.0, at: float = 0.0
+    ) -> None:
+        """Add one increment (and the values it carries: a value and its log) at time ``at``."""
         self.stat = max(0.0, self.stat + z - self.k)
         if self.stat == 0.0:
             self.reset()
         else:
+            if self.run_n == 0:
+                self.run_start = at
             self.run_n += 1
             self.run_z += z
             self.run_carried += carried

@@ -246,13 +246,17 @@ class CostDetector:
                 self.offset_n = self.offset_n * 0.995 + 1.0
             fired = None
             for cusum, h in zip(self.cusums, self.thresholds, strict=True):
-                cusum.update(z, cost_nanos, log_cost)
-                if (
-                    fired is None
-                    and cusum.stat > h
-                    and math.exp(cusum.run_log / cusum.run_n - usual) >= s.cost_min_ratio
-                ):
-                    fired = cusum
+                cusum.update(z, cost_nanos, log_cost, t)
+                if fired is None and cusum.stat > h:
+                    # A rise that has lasted must reach the stated amount; a younger one
+                    # must be a jump (busy features' costs wander by a third for minutes).
+                    needed = (
+                        s.cost_min_ratio
+                        if t - cusum.run_start >= s.cost_sustained_seconds
+                        else s.cost_jump_ratio
+                    )
+                    if math.exp(cusum.run_log / cusum.run_n - usual) >= needed:
+                        fired = cusum
             if fired is None:
                 return None
             self.alarm_since = self.last_anomalous = t

@@ -6,9 +6,11 @@ a prompt injection moves a feature's cost and, through it, the global cost. Thos
 one incident, and on-call should get one page naming the narrowest scope that
 explains it, with the others attached.
 
-- **Grouping.** A firing alert joins an open incident when its scope nests with a
-  member's (the same scope, ``global``, or a user and a feature the user called
-  recently) and the incident saw an alert within ``incident_window_seconds``.
+- **Grouping.** A firing alert joins an open incident that saw an alert within
+  ``incident_window_seconds`` when its scope nests with one of the incident's narrower
+  members (the same scope, or a user and a feature the user called recently); a
+  ``global`` alert joins the latest open incident. So a user's loop after a global surge,
+  or two users' loops, are separate pages.
 - **Holding.** A new incident holds its page for ``incident_hold_seconds`` of event
   time so the alerts of the same moment can join; then one alert pages
   (``incident_role="primary"``) and every member is published with the same
@@ -109,12 +111,22 @@ class Correlator:
     def _firing(self, alert: dict[str, Any]) -> list[dict[str, Any]]:
         ts: datetime = alert["ts"]
         window = timedelta(seconds=self.settings.incident_window_seconds)
+        scope = alert["scope"]
         group = next(
             (
                 g
                 for g in reversed(self.groups)
                 if ts - g.last_activity <= window
-                and any(self._nests(alert["scope"], m["scope"]) for m in g.members.values())
+                and (
+                    # The global scope belongs to any incident; a narrower alert joins only
+                    # an incident with a narrower member it nests with (two users' loops,
+                    # or a loop after a global surge, stay separate pages).
+                    scope == "global"
+                    or any(
+                        m["scope"] != "global" and self._nests(scope, m["scope"])
+                        for m in g.members.values()
+                    )
+                )
             ),
             None,
         )

@@ -108,7 +108,12 @@ class DetectorSettings:
     Azure trace, about 0.3 false triggers a day before the effect-size gate)."""
     cost_min_ratio: float = 1.4
     """A triggered scope alerts only when the calls since the change typically cost at least
-    this many times the usual (so a +50 % rise is paged by the time it is reached)."""
+    this many times the usual (so a +50 % rise is paged by the time it is reached)..."""
+    cost_sustained_seconds: float = 300.0
+    """... once the rise has lasted this long; before that ..."""
+    cost_jump_ratio: float = 2.0
+    """... only a jump of at least this factor alerts: a busy feature's typical cost wanders
+    by a third for minutes at a time (seen on the Azure trace), a real incident lasts."""
     cost_adapt_after_minutes: int = 360
     """A cost level anomalous this long is learned as the new normal."""
 
@@ -220,7 +225,12 @@ class DetectorSettings:
             raise ValueError(
                 "DetectorSettings.volume_windows_seconds must be multiples of 5 s, e.g. 60,300"
             )
-        if self.volume_min_ratio < 1 or self.cost_min_ratio < 1 or self.cost_design_ratio <= 1:
+        if (
+            self.volume_min_ratio < 1
+            or self.cost_min_ratio < 1
+            or self.cost_jump_ratio < 1
+            or self.cost_design_ratio <= 1
+        ):
             raise ValueError(
                 "DetectorSettings.volume_min_ratio and cost_min_ratio must be >= 1, "
                 "cost_design_ratio > 1"
