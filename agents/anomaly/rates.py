@@ -293,12 +293,24 @@ class RateDetector:
         self, t: float, prior: PeerPrior | None, rhythm: float
     ) -> list[tuple[float, float]]:
         open_since = self.frozen[-1][0] if self.frozen and self.frozen[-1][1] == _INF else _INF
+        if self.is_user:
+            # A busy user follows their own rhythm, like a feature: half an hour of memory,
+            # no prior; a quiet one keeps a day, their peers' prior and the global rhythm.
+            s = self.settings
+            count, exposure = self.refs[0].at_time(t - self.windows[0], self.tau)
+            busy = exposure > 0 and count / exposure * 60 >= s.volume_busy_user_per_minute
+            self.tau = s.volume_rate_memory_seconds if busy else s.volume_user_memory_seconds
+            if busy:
+                prior, rhythm = None, 1.0
         out = []
         exposures = self.exposures
         for j, w in enumerate(self.windows):
             count, exposure = self.refs[j].at_time(min(t - w, open_since), self.tau)
             exposures[j] = exposure
-            if self.is_user and prior is not None and prior.ready:
+            if self.tau == self.settings.volume_rate_memory_seconds:
+                shape = count
+                rate = count / exposure if exposure > 0 else 0.0
+            elif self.is_user and prior is not None and prior.ready:
                 shape = prior.alpha + count
                 rate = shape / (prior.beta + exposure) * max(1.0, rhythm)
             else:

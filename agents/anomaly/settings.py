@@ -30,6 +30,9 @@ class DetectorSettings:
     """Memory of a feature's and the global rate (follows a daily rhythm with a small lag)."""
     volume_user_memory_seconds: float = 86400.0
     """Memory of a user's own rate: a day, so a quiet user's few calls still make a baseline."""
+    volume_busy_user_per_minute: float = 2.0
+    """A user calling at least this often is judged like a feature (``volume_rate_memory_seconds``
+    of memory, their own rhythm, no peer prior): a day's average would miss a loop at night."""
     volume_p_value: float = 1e-7
     """A feature's or the global count is anomalous below this tail probability (after the
     Bonferroni correction for the windows tested)."""
