@@ -45,7 +45,7 @@ from agents.anomaly.core import NANOS_PER_USD, DecayedMean, Verdict
 from agents.anomaly.costs import CostDetector
 from agents.anomaly.incidents import Correlator, specificity
 from agents.anomaly.mix import TierMixDetector
-from agents.anomaly.rates import PeerPrior, RateDetector, fit_peer_burst, fit_peer_prior
+from agents.anomaly.rates import PeerPrior, RateDetector, fit_peer_prior
 from agents.anomaly.settings import DetectorSettings
 from app.pricing import PriceCatalog
 
@@ -434,7 +434,6 @@ class AnomalyEngine:
         """Refit every feature's prior on its users' rates (each user counted once), and the
         global scope's on the users without a feature."""
         by_home: dict[str, list[tuple[float, float]]] = {}
-        bursts: dict[str, list[list[float]]] = {}
         for user in self.users.values():
             home = (
                 f"feature:{max(user.features, key=user.features.__getitem__)}"
@@ -444,12 +443,9 @@ class AnomalyEngine:
             count, exposure = user.rate.refs[0].at_time(t, user.rate.tau)
             if exposure > 0:
                 by_home.setdefault(home, []).append((count, exposure))
-            if all(mean.weight >= 5 for mean in user.rate.burst):
-                bursts.setdefault(home, []).append([mean.get() for mean in user.rate.burst])
         for state in (*self.features.values(), self.global_scope):
             if state.prior is not None:
                 fit_peer_prior(state.prior, by_home.get(state.scope, []))
-                fit_peer_burst(state.prior, bursts.get(state.scope, []))
 
     # -- checkpoints ----------------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:

@@ -57,20 +57,10 @@ class PeerPrior:
     beta: float = 0.0
     users: int = 0
     burst: list[DecayedMean] = field(default_factory=list)  # every user's calls, pooled
-    typical_burst: list[float] | None = None  # the median user's, per window (at refits)
 
     @property
     def ready(self) -> bool:
         return self.alpha > 0 and self.beta > 0
-
-
-def fit_peer_burst(prior: PeerPrior, bursts: list[list[float]]) -> None:
-    """The median user's burstiness per window, from users' own estimates (each user once:
-    a few busy users must not stand for everyone)."""
-    if len(bursts) < 3:
-        prior.typical_burst = None
-        return
-    prior.typical_burst = [sorted(values)[len(values) // 2] for values in zip(*bursts, strict=True)]
 
 
 def fit_peer_prior(prior: PeerPrior, rates: list[tuple[float, float]]) -> None:
@@ -341,11 +331,7 @@ class RateDetector:
             # The user's own burstiness, leaning on their peers' (or on none: Poisson)
             # until they have made ``volume_peer_burst_requests`` calls.
             m = self.settings.volume_peer_burst_requests
-            pooled = 0.0
-            if prior is not None and prior.typical_burst is not None:
-                pooled = prior.typical_burst[j]  # a typical peer, each user counted once
-            elif prior is not None and len(prior.burst) > j:
-                pooled = prior.burst[j].get(0.0)
+            pooled = prior.burst[j].get(0.0) if prior is not None and len(prior.burst) > j else 0.0
             excess = (own.total + m * pooled) / (own.weight + m)
         else:
             excess = own.get(0.0)
@@ -636,4 +622,4 @@ def epoch_datetime(t: float) -> datetime:
     return datetime.fromtimestamp(t, UTC)
 
 
-__all__ = ["SLOT_SECONDS", "PeerPrior", "RateDetector", "fit_peer_burst", "fit_peer_prior"]
+__all__ = ["SLOT_SECONDS", "PeerPrior", "RateDetector", "fit_peer_prior"]

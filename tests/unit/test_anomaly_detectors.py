@@ -85,7 +85,9 @@ def _peer_prior(rng: random.Random, users: int = 40) -> PeerPrior:
     return prior
 
 
-def test_a_quiet_user_in_a_loop_is_flagged_within_a_minute_and_a_new_users_burst_is_not() -> None:
+def test_a_quiet_user_in_a_loop_is_flagged_within_two_minutes_and_a_new_users_burst_is_not() -> (
+    None
+):
     rng = random.Random(3)
     prior = _peer_prior(rng)
     assert prior.ready
@@ -97,7 +99,7 @@ def test_a_quiet_user_in_a_loop_is_flagged_within_a_minute_and_a_new_users_burst
     flagged = [
         t for t, v in zip(loop, feed(sparse, loop, prior=prior), strict=True) if v and v.is_anomaly
     ]
-    assert flagged and flagged[0] - start <= 60
+    assert flagged and flagged[0] - start <= 120  # six or seven calls (see docs/ANOMALY.md)
     # A brand-new user's first session (8 calls in 2 minutes) is within what peers do.
     newcomer = RateDetector("user:new", SETTINGS, "user")
     session = [start + 15 * i for i in range(8)]
@@ -111,7 +113,7 @@ def test_a_slow_loop_of_an_hourly_user_is_found_on_the_long_windows() -> None:
     start = 2 * 86400 + 300
     loop = [start + 60 * i + rng.uniform(0, 5) for i in range(30)]  # once a minute: 60x
     flagged = [t for t, v in zip(loop, feed(user, loop), strict=True) if v and v.is_anomaly]
-    assert flagged and flagged[0] - start <= 600
+    assert flagged and flagged[0] - start <= 120  # six or seven calls (see docs/ANOMALY.md)0
     assert flagged[0] - start >= 60  # two calls in a minute are no evidence yet
 
 
