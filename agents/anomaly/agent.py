@@ -300,6 +300,11 @@ class AnomalyAgent:
                 )
                 self.offsets = dict(checkpoint.offsets)
                 self.restored = True
+                if self.engine.watermark is not None:
+                    # Live when it was saved: silence since then is news (a drop of all
+                    # traffic while the agent was down is seen); history: it is not.
+                    saved = datetime.fromisoformat(checkpoint.saved_at)
+                    self.clock.observe(self.engine.watermark, saved)
                 log.info(
                     "anomaly models restored",
                     extra={"saved_at": checkpoint.saved_at, "records": self.engine.stats.records},
