@@ -16,7 +16,7 @@ rhythm and a seeded Zipf attribution. Per world:
    the first alert of the expected kind *on the incident's scope* (strict), and the first
    page about it (its scope, or an incident that names it). Delay is measured from the
    incident's ``truth``: its start, or for a gradual drift the moment its excess crosses
-   the stated amount (+50 % cost per request; 0.2 share points of economy share).
+   the stated amount (+75 % cost per request; 0.2 share points of economy share).
 3. **Detectability table**: single detectors on Poisson traffic of a known rate, a step
    of a known magnitude, median delay over seeds, next to the statistical reason when 2
    minutes are impossible (how many calls the evidence needs vs how many 2 minutes give).

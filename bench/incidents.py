@@ -17,7 +17,7 @@ periodic bursts), shapes (step, ramp, gradual drift, periodic), magnitudes (2x t
 users at about 1 per minute, busy users, small and big features) and times of day.
 :func:`inject` adds or rewrites the records of a day accordingly. Each incident says
 when it becomes detectable in principle (``truth``): its start, or for a gradual drift
-the moment its excess crosses the stated amount (+50 %).
+the moment its excess crosses the stated amount (+75 %: see docs/ANOMALY.md).
 
 Nothing here knows about the detectors: it only makes records.
 """
@@ -38,7 +38,7 @@ from app.trace import Attribution, TraceCall, read_azure_csv
 
 START = datetime(2024, 3, 4, tzinfo=UTC)  # a Monday
 DAY = timedelta(days=1)
-DRIFT_STATED_EXCESS = 0.5  # a gradual cost drift is "detectable" once its excess is +50 %
+DRIFT_STATED_EXCESS = 0.75  # a linear cost drift is paged once its excess is about +75 %
 DRIFT_STATED_SHARE_DROP = 0.2  # a gradual routing drift once the share is 0.2 lower
 
 MODELS = {"economy": "gpt-4o-mini", "standard": "gpt-4o", "premium": "gpt-4-turbo"}
@@ -374,7 +374,7 @@ class Incident:
     @property
     def truth(self) -> datetime:
         """When the incident is detectable in principle: its start, or for a drift the
-        moment its excess crosses the stated amount (+50 % cost, 0.2 share points)."""
+        moment its excess crosses the stated amount (+75 % cost, 0.2 share points)."""
         return self.start + timedelta(minutes=self.detectable_after_minutes)
 
     @property

@@ -91,7 +91,7 @@ def test_half_the_calls_of_a_small_feature_at_eight_times_the_tokens_alert() -> 
     assert start <= hits[0]["_at"] < end
 
 
-def test_a_gradual_model_upgrade_alerts_soon_after_cost_per_request_is_up_half() -> None:
+def test_a_gradual_model_upgrade_alerts_by_the_time_cost_per_request_is_up_three_quarters() -> None:
     """Observation 2c: cost per request of a big feature rising linearly 1x -> 5x over 3 hours."""
     callers = zipf_callers([SEARCH], users=60, total_per_minute=60) + zipf_callers(
         [CHAT], users=30, total_per_minute=15, prefix="chatter"
@@ -110,7 +110,9 @@ def test_a_gradual_model_upgrade_alerts_soon_after_cost_per_request_is_up_half()
     alerts = run(AnomalyEngine(), records)
 
     assert [a for a in firing(alerts) if a["_at"] < start] == []
-    crossing = start + ramp * (0.5 / 4)  # the excess reaches +50 %
+    # The stated amount: the detector pages a rise whose calls since it began typically cost
+    # 1.5x (docs/ANOMALY.md); on a linear ramp that is when the excess reaches about +75 %.
+    crossing = start + ramp * (0.75 / 4)
     hit = first(alerts, "cost_per_request", "feature:search")
     assert hit is not None, [a["message"] for a in firing(alerts)]
     assert hit["_at"] <= crossing + timedelta(seconds=120)
