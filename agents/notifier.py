@@ -17,6 +17,14 @@ Formats (all POST ``application/json``):
   by ``alertname``, ``kind``, ``scope``, ``severity`` and ``alert_key``;
   ``endsAt`` set when resolved.
 
+What pages (issue 12): an alert marked ``historical`` (about the past: a replay, a
+backlog) and an alert attached to an incident as ``related`` (the incident's primary
+alert pages, listing it) are delivered only to targets that ask for them
+(``include_historical``, ``include_related``); every such decision is logged with its
+reason ("not paged: historical ...") and counted
+(``tollgate_alert_notifications_total{outcome="skipped_historical"|"skipped_related"}``).
+Every message states the money at stake when the alert carries it.
+
 Flow: a plain aiokafka consumer group reads the alerts topic; every decoded
 alert is offered to the bounded queue of each target whose filters accept it;
 one worker task per target posts from its queue in order, retrying connection
@@ -119,6 +127,14 @@ class AlertTarget(BaseModel):
     generator_url: str | None = Field(
         default=None, description="Alertmanager 'generatorURL' back-link (optional)."
     )
+    include_historical: bool = Field(
+        default=False,
+        description="Also deliver alerts about the past (a replay of history, a backlog).",
+    )
+    include_related: bool = Field(
+        default=False,
+        description="Also deliver alerts attached to an incident's page (they are listed in it).",
+    )
 
     @field_validator("url")
     @classmethod
@@ -151,6 +167,15 @@ class AlertTarget(BaseModel):
         if self.min_severity is not None:
             return severity_rank(alert.get("severity")) >= SEVERITY_RANK[self.min_severity]
         return True
+
+    def declines(self, alert: dict[str, Any]) -> str | None:
+        """Why this target does not page ``alert`` although its filters accept it: the alert
+        is about the past, or rides along with its incident's page. None: it pages."""
+        if alert.get("historical") and not self.include_historical:
+            return "historical"
+        if alert.get("incident_role") == "related" and not self.include_related:
+            return "related"
+        return None
 
 
 class AlertTargetError(ValueError):
@@ -278,13 +303,24 @@ def comparison(alert: dict[str, Any]) -> str | None:
     return ", ".join(parts) or None
 
 
+def at_stake(alert: dict[str, Any]) -> str | None:
+    """``+$12.40/hour`` (the alert's extra spend per hour against expected), if it says."""
+    impact = alert.get("impact_usd_per_hour")
+    if impact is None or is_resolved(alert):
+        return None
+    size = abs(float(impact))
+    amount = f"${size:,.2f}" if size >= 0.01 else f"${size:.4f}"
+    return f"{'+' if impact >= 0 else '-'}{amount}/hour"
+
+
 def headline(alert: dict[str, Any]) -> str:
-    """``[CRITICAL] cost_per_request on feature:search: expected $0.01, observed $0.09``."""
+    """``[CRITICAL] cost_per_request on feature:search: expected $0.01, observed $0.09,
+    +$3.20/hour``."""
     severity = str(alert.get("severity") or DEFAULT_SEVERITY)
     state = f"RESOLVED (was {severity})" if is_resolved(alert) else severity.upper()
     line = f"[{state}] {alert['kind']} on {alert['scope']}"
-    compared = comparison(alert)
-    return f"{line}: {compared}" if compared else line
+    parts = [part for part in (comparison(alert), at_stake(alert)) if part]
+    return f"{line}: {', '.join(parts)}" if parts else line
 
 
 def json_payload(alert: dict[str, Any]) -> dict[str, Any]:
@@ -314,7 +350,7 @@ def slack_payload(alert: dict[str, Any]) -> dict[str, Any]:
     else:
         lead = f"{SLACK_EMOJI.get(severity, ':warning:')} *{_slack_escape(severity.upper())}*"
     text = f"{lead} {_slack_escape(alert['kind'])} on `{_slack_escape(alert['scope'])}`"
-    compared = comparison(alert)
+    compared = ", ".join(part for part in (comparison(alert), at_stake(alert)) if part)
     if compared:
         text += f" — {_slack_escape(compared)}"
     if alert.get("message"):
@@ -360,6 +396,8 @@ def pagerduty_payload(alert: dict[str, Any], routing_key: str) -> dict[str, Any]
         "observed": alert.get("observed"),
         "unit": alert.get("unit"),
         "window_seconds": alert.get("window_seconds"),
+        "impact_usd_per_hour": alert.get("impact_usd_per_hour"),
+        "incident_key": alert.get("incident_key") or None,
         "first_seen": iso(alert["first_seen"]) if alert.get("first_seen") else None,
         "last_seen": iso(alert["last_seen"]) if alert.get("last_seen") else None,
         **{f"details.{key}": value for key, value in (alert.get("details") or {}).items()},
@@ -398,7 +436,7 @@ def alertmanager_payload(
     resolve then ends exactly the alert it belongs to.
     """
     severity = str(alert.get("severity") or DEFAULT_SEVERITY)
-    compared = comparison(alert)
+    compared = ", ".join(part for part in (comparison(alert), at_stake(alert)) if part)
     summary = f"{alert['kind']} on {alert['scope']}" + (f": {compared}" if compared else "")
     entry: dict[str, Any] = {
         "labels": {
@@ -672,12 +710,39 @@ class Notifier:
         self.ready = asyncio.Event()  # set once partitions are assigned and positioned
 
     def dispatch(self, alert: dict[str, Any]) -> int:
-        """Hand ``alert`` to every target that accepts it; returns how many did."""
+        """Hand ``alert`` to every target that pages it; returns how many did. Targets whose
+        filters accept it but that do not page it (historical, related) are logged with
+        the reason and counted."""
         accepted = 0
+        declined: dict[str, list[str]] = {}
         for worker in self.workers:
-            if worker.target.accepts(alert):
-                worker.offer(alert)
-                accepted += 1
+            target = worker.target
+            if not target.accepts(alert):
+                continue
+            reason = target.declines(alert)
+            if reason is not None:
+                declined.setdefault(reason, []).append(target.name)
+                self.metrics.notifications.labels(target.name, f"skipped_{reason}").inc()
+                continue
+            worker.offer(alert)
+            accepted += 1
+        for reason, names in declined.items():
+            why = (
+                "historical: it is about the past (a replay or a backlog); set "
+                "include_historical on a target to page such alerts"
+                if reason == "historical"
+                else "related: it is attached to its incident's page "
+                f"({alert.get('incident_key') or 'no key'}); set include_related to get it too"
+            )
+            log.info(
+                f"alert not paged to {', '.join(names)}: {why}",
+                extra={
+                    "alert_key": alert.get("alert_key"),
+                    "status": alert.get("status"),
+                    "reason": reason,
+                    "targets": names,
+                },
+            )
         return accepted
 
     async def run(self, stop: asyncio.Event | None = None) -> None:

@@ -813,7 +813,8 @@ def detect(csv_file: str, kind: str, output: str | None, options: tuple[str, ...
     else:
         click.echo(buffer.getvalue(), nl=False)
     click.echo(
-        f"{summary.rows} rows, {summary.anomalies} anomalous, {summary.warming_up} in warm-up",
+        f"{summary.rows} rows, {summary.anomalies} anomalous, {summary.warming_up} in warm-up, "
+        f"{summary.skipped} out of time order (not judged)",
         err=True,
     )
 

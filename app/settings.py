@@ -252,8 +252,8 @@ class Settings(BaseSettings):
     # -- alerts -------------------------------------------------------------------
     anomaly_options: dict[str, str] = Field(
         default_factory=dict,
-        description="Anomaly detector settings to override, as JSON, e.g. "
-        '{"volume_p_value": "1e-4", "cost_outlier_z": "4"} (names: `tollgate detect --set`).',
+        description="Anomaly detection thresholds to override, as JSON, e.g. "
+        '{"volume_p_value": "1e-6", "cost_min_ratio": "2"} (every name and why: docs/ANOMALY.md).',
     )
     alert_targets: tuple[dict[str, Any], ...] = Field(
         default=(),
@@ -277,6 +277,14 @@ class Settings(BaseSettings):
         default="auto", description="`json` one object per line; `auto` = text on a TTY."
     )
     log_level: str = Field(default="INFO", description="Python log level.")
+
+    @field_validator("anomaly_options", mode="after")
+    @classmethod
+    def _check_anomaly_options(cls, value: dict[str, str]) -> dict[str, str]:
+        from agents.anomaly.settings import DetectorSettings  # names the bad option and why
+
+        DetectorSettings.with_options(**value)
+        return value
 
     @field_validator("alert_targets", mode="after")
     @classmethod

@@ -1,10 +1,14 @@
-"""Anomaly detection (issue 5): cost per request, volume, tier mix; alerts with a lifecycle.
+"""Anomaly detection (issues 5 and 12): request rates, cost per request, tier mix; alerts
+with a lifecycle, correlated into one page per incident.
 
-- :mod:`agents.anomaly.detectors` -- the River-based detectors and their settings.
+- :mod:`agents.anomaly.settings` -- every threshold, in one validated object.
+- :mod:`agents.anomaly.rates`, :mod:`~agents.anomaly.costs`, :mod:`~agents.anomaly.mix`,
+  :mod:`~agents.anomaly.series` -- the detectors (:mod:`agents.anomaly.detectors` re-exports).
 - :mod:`agents.anomaly.alerting` -- verdicts to de-duplicated ``Alert`` records.
-- :mod:`agents.anomaly.engine` -- Usage records to alerts: scopes, minute buckets,
-  checkpoints. Pure logic; the Kafka agent wraps it.
-- :mod:`agents.anomaly.offline` -- the same detectors over a ``timestamp,value`` CSV.
+- :mod:`agents.anomaly.incidents` -- alerts of one incident to one page.
+- :mod:`agents.anomaly.engine` -- Usage records to alerts: scopes, the event-time clock,
+  checkpoints. Pure logic; :mod:`agents.anomaly.agent` is the Kafka runtime.
+- :mod:`agents.anomaly.offline` -- a detector over a ``timestamp,value`` CSV.
 """
 
 from agents.anomaly.alerting import AlertManager
@@ -13,24 +17,26 @@ from agents.anomaly.detectors import (
     Detector,
     DetectorSettings,
     Point,
+    RateDetector,
     TierMixDetector,
     Verdict,
-    VolumeDetector,
 )
 from agents.anomaly.engine import AnomalyEngine, SnapshotError
+from agents.anomaly.incidents import Correlator
 from agents.anomaly.offline import OfflineSummary, detect_csv
 
 __all__ = [
     "AlertManager",
     "AnomalyEngine",
+    "Correlator",
     "CostDetector",
     "Detector",
     "DetectorSettings",
     "OfflineSummary",
     "Point",
+    "RateDetector",
     "SnapshotError",
     "TierMixDetector",
     "Verdict",
-    "VolumeDetector",
     "detect_csv",
 ]

@@ -16,12 +16,22 @@ about what is anomalous (the engine and its detectors do).
 - **Repeats are harmless.** Events after the last checkpoint are replayed after
   a crash, so an alert may be produced again; its ``event_id`` is derived from
   ``(alert_key, status, first_seen)``, so the warehouse keeps it once.
-- **History warms, it does not page.** Without a checkpoint the agent reads the
-  topic from the start to learn baselines, but alerts whose events are older
-  than ``history_alert_horizon_s`` before start are not published.
-- **Silent minutes count.** When the topic is idle the engine is advanced to the
-  wall clock (minus the lateness allowance), so a traffic drop is seen even
-  though no event arrives to close the minute.
+- **History is published, marked.** Without a checkpoint the agent reads the
+  topic from the start; a replay of old usage is read like any other. Every
+  alert is published (alerts topic, hence the warehouse and the dashboards);
+  one whose event time is more than ``historical_after_seconds`` behind the wall
+  clock is marked ``historical=true``, and the notifier decides, per target,
+  whether to page for it. The agent counts and logs what it published.
+- **Partitions in event-time order, without losing records.** Records of all
+  usage partitions are merged by event time before the engine sees them (see
+  :class:`EventTimeMerger`); a partition that is caught up still holds the
+  others back until it has been silent for ``partition_idle_seconds``, so a
+  replay written to every partition is not read one partition ahead of another
+  (which made a partition's records "late").
+- **Event time drives everything.** Silent minutes are ticked from the wall
+  clock only while the stream is live (see :class:`EventClock`): after a replay
+  of history, an idle agent stays at the history's event time instead of
+  jumping to now, closing days of empty minutes and evicting every user.
 """
 
 from __future__ import annotations
@@ -86,25 +96,46 @@ class EventTimeMerger:
 
     One fetch returns up to thousands of records of one partition, spanning
     minutes; fed as they come, partition 0's records would close minutes before
-    partition 1's records of those minutes arrived (users live on one partition
-    each, so their minutes would be wrong). A record is released once every
-    partition that still has unread data has been read past its event time; a
-    partition that is caught up holds nothing back. Within a partition, records
-    are released in offset order, so "next offset to read" stays exact.
+    partition 1's records of those minutes arrived. A record is released once every
+    partition that may still deliver older records has been read past its event
+    time: a partition with unread data (``lagging``), and a partition that is caught
+    up but received records within the last ``idle_timeout_s`` (a producer is still
+    writing to it: its next records are probably of the same minutes). A partition
+    silent for longer holds nothing back, so live traffic is delayed by at most the
+    timeout. Within a partition, records are released in offset order, so "next
+    offset to read" stays exact.
     """
 
     MAX_PENDING = 200_000  # released regardless beyond this, to bound memory
 
-    def __init__(self) -> None:
+    def __init__(self, idle_timeout_s: float = 5.0) -> None:
+        self.idle_timeout_s = idle_timeout_s
         self.pending: dict[int, deque[tuple[int, datetime, dict[str, Any]]]] = {}
         self.fetched_until: dict[int, datetime] = {}  # newest event time read, per partition
+        self.fetched_at: dict[int, float] = {}  # when the partition last delivered (monotonic)
         self.pending_count = 0
         self._skipped: dict[int, int] = {}  # undecodable offsets at the head of a partition
 
-    def add(self, partition: int, offset: int, record: dict[str, Any]) -> None:
+    def watch(self, partitions: set[int], now: float | None = None) -> None:
+        """The partitions read: each holds the others back for the idle timeout from now,
+        until it has delivered (a start, or traffic resuming after a silence)."""
+        now = time.monotonic() if now is None else now
+        for partition in partitions:
+            self.fetched_at[partition] = now
+
+    def add(
+        self, partition: int, offset: int, record: dict[str, Any], now: float | None = None
+    ) -> None:
         ts = record["ts"]
+        now = time.monotonic() if now is None else now
+        if self.fetched_at and now - max(self.fetched_at.values()) > self.idle_timeout_s:
+            # The whole stream was silent: its other partitions are probably about to
+            # deliver records of the same minutes too (a replay starting), so every
+            # partition holds the others back again for the idle timeout.
+            self.watch(set(self.fetched_at), now)
         self.pending.setdefault(partition, deque()).append((offset, ts, record))
         self.pending_count += 1
+        self.fetched_at[partition] = now
         if partition not in self.fetched_until or ts > self.fetched_until[partition]:
             self.fetched_until[partition] = ts
 
@@ -118,14 +149,19 @@ class EventTimeMerger:
         self._skipped.clear()
         return done
 
-    def release(self, lagging: set[int]) -> list[tuple[int, int, dict[str, Any]]]:
+    def release(
+        self, lagging: set[int], now: float | None = None
+    ) -> list[tuple[int, int, dict[str, Any]]]:
         """Records safe to process now, in event-time order: (partition, offset, record)."""
-        if lagging and self.pending_count < self.MAX_PENDING:
-            if any(p not in self.fetched_until for p in lagging):
+        now = time.monotonic() if now is None else now
+        holding = set(lagging) | {
+            p for p, at in self.fetched_at.items() if now - at < self.idle_timeout_s
+        }
+        frontier: datetime | None = None
+        if holding and self.pending_count < self.MAX_PENDING:
+            if any(p not in self.fetched_until for p in holding):
                 return []  # a partition with unread data has not been read at all yet
-            frontier: datetime | None = min(self.fetched_until[p] for p in lagging)
-        else:
-            frontier = None  # everything read: release all
+            frontier = min(self.fetched_until[p] for p in holding)
         released = []
         for partition, queue in self.pending.items():
             while queue and (frontier is None or queue[0][1] <= frontier):
@@ -134,6 +170,37 @@ class EventTimeMerger:
         self.pending_count -= len(released)
         released.sort(key=lambda item: item[0])
         return [(partition, offset, record) for _, partition, offset, record in released]
+
+
+class EventClock:
+    """When an idle agent may move event time forward, and to where.
+
+    The stream is *live* when the newest record was at most ``live_lag_s`` old (wall
+    clock) when it was read. Then silence is news: event time runs on from that
+    record at the wall clock's pace, so minutes close and a drop of all traffic is
+    seen. After records of the past (a replay of history, a backlog), silence says
+    nothing about the time the records describe: event time stays where they left it.
+    """
+
+    def __init__(self, live_lag_s: float) -> None:
+        self.live_lag_s = live_lag_s
+        self.event: datetime | None = None  # newest event time read
+        self.read_at: datetime | None = None  # wall clock when it was read
+
+    def observe(self, event_ts: datetime, wall: datetime) -> None:
+        if self.event is None or event_ts >= self.event:
+            self.event, self.read_at = event_ts, wall
+
+    def live(self) -> bool:
+        if self.event is None or self.read_at is None:
+            return False
+        return (self.read_at - self.event).total_seconds() <= self.live_lag_s
+
+    def idle_now(self, wall: datetime) -> datetime | None:
+        """The event time to advance an idle engine to, or None (history: do not)."""
+        if not self.live() or self.event is None or self.read_at is None:
+            return None
+        return self.event + (wall - self.read_at)
 
 
 def stable_event_id(alert: dict[str, Any]) -> str:
@@ -153,7 +220,6 @@ class AnomalyAgent:
         codec: EventCodec | None = None,
         checkpoint_interval_s: float = 30.0,
         idle_advance_s: float = 5.0,
-        history_alert_horizon_s: float = 600.0,
     ) -> None:
         self.settings = settings
         self.detector_settings = detector_settings or DetectorSettings.with_options(
@@ -163,14 +229,16 @@ class AnomalyAgent:
         self.prices = PriceCatalog(settings.baseline_model, settings.price_overrides_file)
         self.checkpoint_interval_s = checkpoint_interval_s
         self.idle_advance_s = idle_advance_s
-        self.history_alert_horizon_s = history_alert_horizon_s
         self.engine = AnomalyEngine(self.detector_settings, self.prices)
+        self.clock = EventClock(self.detector_settings.live_lag_seconds)
         self.offsets: dict[int, int] = {}  # next usage offset to read, per partition
         self.restored = False
+        self.records_read = 0  # decoded from Kafka (held for ordering, or processed)
         self.published = 0
-        self.suppressed = 0  # alerts about history older than the horizon
+        self.published_historical = 0  # of which about the past (marked, still published)
+        self.pages = 0  # firing alerts that page (incident primaries), live or historical
+        self.idle_ticks = 0  # polls that found nothing new
         self.ready = asyncio.Event()  # set once restored and reading
-        self._started_at = datetime.now(UTC)
 
     # -- checkpoints ----------------------------------------------------------------------
     async def load_checkpoint(self) -> Checkpoint | None:
@@ -232,6 +300,11 @@ class AnomalyAgent:
                 )
                 self.offsets = dict(checkpoint.offsets)
                 self.restored = True
+                if self.engine.watermark is not None:
+                    # Live when it was saved: silence since then is news (a drop of all
+                    # traffic while the agent was down is seen); history: it is not.
+                    saved = datetime.fromisoformat(checkpoint.saved_at)
+                    self.clock.observe(self.engine.watermark, saved)
                 log.info(
                     "anomaly models restored",
                     extra={"saved_at": checkpoint.saved_at, "records": self.engine.stats.records},
@@ -266,7 +339,8 @@ class AnomalyAgent:
                     await consumer.seek_to_beginning(tp)
             self.ready.set()
             last_checkpoint = time.monotonic()
-            merger = EventTimeMerger()
+            merger = EventTimeMerger(self.detector_settings.partition_idle_seconds)
+            merger.watch({tp.partition for tp in partitions})
             ends = await consumer.end_offsets(partitions)
             while not stop.is_set():
                 batches = await consumer.getmany(timeout_ms=int(self.idle_advance_s * 1000))
@@ -287,18 +361,25 @@ class AnomalyAgent:
                             merger.skip(tp.partition, record.offset)
                             continue
                         merger.add(tp.partition, record.offset, usage_record)
+                        self.records_read += 1
                 lagging = set()
                 for tp in partitions:
                     end = consumer.highwater(tp)
                     if (ends[tp] if end is None else end) > await consumer.position(tp):
                         lagging.add(tp.partition)
+                wall = datetime.now(UTC)
                 for partition, offset, usage_record in merger.release(lagging):
                     # released per partition as a prefix in offset order: max + 1 is exact
                     self.offsets[partition] = max(self.offsets.get(partition, 0), offset + 1)
+                    self.clock.observe(_aware(usage_record["ts"]), wall)
                     alerts += self.engine.observe(usage_record)
                 self.offsets.update(merger.skipped_through(self.offsets))
-                if not batches and not merger.pending_count:  # idle: the clock closes minutes
-                    alerts += self.engine.advance(datetime.now(UTC))
+                if not batches and not merger.pending_count:
+                    self.idle_ticks += 1
+                    # Idle: only a live stream's silence moves event time (see EventClock).
+                    now = self.clock.idle_now(wall)
+                    if now is not None:
+                        alerts += self.engine.advance(now)
                 await self._publish(producer, alerts)
                 if time.monotonic() - last_checkpoint >= self.checkpoint_interval_s:
                     await self.save_checkpoint(producer)
@@ -311,21 +392,52 @@ class AnomalyAgent:
                 await producer.stop()
 
     async def _publish(self, producer: AIOKafkaProducer, alerts: list[dict[str, Any]]) -> None:
-        horizon = self._started_at - timedelta(seconds=self.history_alert_horizon_s)
+        """Publish every alert; mark those about the past as historical (the notifier
+        decides whether they page)."""
+        if not alerts:
+            return
         topic = self.settings.topic("alerts")
+        wall = datetime.now(UTC)
+        horizon = timedelta(seconds=self.detector_settings.historical_after_seconds)
         for alert in alerts:
-            if alert["last_seen"] < horizon:
-                self.suppressed += 1
-                continue
+            alert["historical"] = wall - _aware(alert["ts"]) > horizon
             alert["event_id"] = stable_event_id(alert)
             await producer.send(
                 topic, self.codec.encode("Alert", alert), key=alert["alert_key"].encode()
             )
             self.published += 1
+            self.published_historical += alert["historical"]
+            page = alert["status"] == "firing" and alert["incident_role"] == "primary"
+            self.pages += page
             log.info(
-                "anomaly alert",
-                extra={"kind": alert["kind"], "scope": alert["scope"], "status": alert["status"]},
+                "anomaly alert published"
+                + (" (historical: about the past, marked so)" if alert["historical"] else ""),
+                extra={
+                    "kind": alert["kind"],
+                    "scope": alert["scope"],
+                    "status": alert["status"],
+                    "incident_role": alert["incident_role"],
+                    "incident_key": alert["incident_key"],
+                    "historical": alert["historical"],
+                    "event_ts": _aware(alert["ts"]).isoformat(),
+                },
             )
+        log.info(
+            "anomaly alerts published so far",
+            extra={
+                "published": self.published,
+                "historical": self.published_historical,
+                "pages": self.pages,
+                "late_records": self.engine.stats.late_records,
+                "evicted_users": self.engine.stats.evicted_users,
+            },
+        )
+
+
+def _aware(ts: Any) -> datetime:
+    if isinstance(ts, datetime):
+        return ts if ts.tzinfo is not None else ts.replace(tzinfo=UTC)
+    return datetime.fromtimestamp(ts / 1000, UTC)
 
 
 async def run_anomaly_agent(settings: Settings, stop: asyncio.Event | None = None) -> None:

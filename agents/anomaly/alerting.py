@@ -1,12 +1,21 @@
 """Alert lifecycle: detector verdicts in, ``Alert`` records (``schemas/Alert.avsc``) out.
 
 Owns de-duplication and rate limiting per alert key (``kind|scope``): one
-``firing`` event when an incident starts, nothing while it lasts, one
-``resolved`` event once no anomalous verdict has been seen for
-``resolve_after_seconds``, and no new ``firing`` of the same key for
-``cooldown_seconds`` after that. All times are event time (the verdicts' and the
-``now`` handed to :meth:`AlertManager.tick`), never the wall clock, so a replay
-gives the same alerts. It does not own detection (:mod:`agents.anomaly.detectors`)
+``firing`` event when an incident starts, nothing while it lasts, one ``resolved``
+event once no anomalous verdict has been seen for ``resolve_after_seconds``, and no
+new ``firing`` of the same key for ``cooldown_seconds`` after that.
+
+What on-call reads: the firing record states the metric (with its unit and window),
+the expected and observed values, and the money at stake
+(``impact_usd_per_hour``: extra spend per hour against expected). The resolved record
+speaks of the *same* metric, unit and window as the firing one, says when the signal
+went back to normal and how long the incident lasted, and is emitted at event time
+``last anomalous + resolve_after_seconds``, so "back to normal" arrives a few minutes
+after the incident ends, not ten.
+
+All times are event time (the verdicts' and the ``now`` handed to
+:meth:`AlertManager.tick`), never the wall clock, so a replay gives the same alerts.
+It does not own detection, correlation into incidents (:mod:`agents.anomaly.incidents`)
 or delivery (Kafka, webhooks).
 """
 
@@ -16,10 +25,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from agents.anomaly.detectors import DetectorSettings, Verdict
+from agents.anomaly.core import Verdict, amount, money_per_hour
+from agents.anomaly.settings import DetectorSettings
 from app.usage import event_time, new_id
 
-ALERT_SCHEMA_VERSION = 1
+ALERT_SCHEMA_VERSION = 2
 
 
 @dataclass
@@ -32,7 +42,7 @@ class Incident:
     last_seen: datetime
     severity: str
     peak: Verdict  # the most anomalous verdict so far
-    latest: Verdict  # the latest verdict of this key, anomalous or not
+    latest: Verdict  # the latest verdict of the same metric and window, anomalous or not
     anomalous_verdicts: int = 1
 
 
@@ -50,16 +60,17 @@ class AlertManager:
         """Alerts caused by one verdict: a ``firing`` record when a new incident opens."""
         key = f"{verdict.kind}|{verdict.scope}"
         incident = self.firing.get(key)
-        if not verdict.is_anomaly:
-            if incident is not None:
-                incident.latest = verdict
-            return []
         if incident is not None:
+            if _same_measure(verdict, incident.peak):
+                incident.latest = verdict
+            if not verdict.is_anomaly:
+                return []
             incident.last_seen = max(incident.last_seen, verdict.ts)
-            incident.latest = verdict
             incident.anomalous_verdicts += 1
-            if verdict.score > incident.peak.score:
+            if verdict.score > incident.peak.score and _same_measure(verdict, incident.peak):
                 incident.peak = verdict
+            return []
+        if not verdict.is_anomaly:
             return []
         quiet_until = self.quiet_until.get(key)
         if quiet_until is not None and verdict.ts < quiet_until:
@@ -88,7 +99,7 @@ class AlertManager:
             if now - incident.last_seen < resolve_after:
                 continue
             del self.firing[key]
-            resolved_at = max(now, incident.last_seen + resolve_after)
+            resolved_at = incident.last_seen + resolve_after
             self.quiet_until[key] = resolved_at + cooldown
             alerts.append(self._record(key, incident, incident.latest, "resolved", resolved_at))
         for key, until in list(self.quiet_until.items()):
@@ -101,6 +112,9 @@ class AlertManager:
 
     def severity(self, verdict: Verdict) -> str:
         s = self.settings
+        impact = verdict.impact_usd_per_hour
+        if impact is not None and impact >= s.critical_impact_usd_per_hour:
+            return "critical"
         if verdict.kind == "tier_mix":
             drop = (verdict.expected or 0.0) - (verdict.observed or 0.0)
             return "critical" if drop >= s.critical_share_drop else "warning"
@@ -120,28 +134,40 @@ class AlertManager:
         ts: datetime,
         suppressed: int = 0,
     ) -> dict[str, Any]:
-        shown = incident.peak if status == "firing" else verdict
+        peak = incident.peak
+        shown = peak if status == "firing" else verdict
         if status == "firing":
             message = shown.explanation
+            impact = peak.impact_usd_per_hour
         else:
-            duration = incident.last_seen - incident.first_seen
+            # The same metric, unit and window as the firing record; the latest value of it.
+            if verdict.is_anomaly or not _same_measure(verdict, peak):
+                latest = "nothing anomalous since"  # no normal measurement came after it
+            else:
+                latest = f"latest {_value_text(verdict)}"
+            lasted = incident.last_seen - incident.first_seen
             message = (
                 f"resolved: {incident.kind.replace('_', ' ')} for {incident.scope} is back to "
-                f"normal after {_duration(duration)} "
-                f"(latest: {_value_text(verdict)}; peak: {_value_text(incident.peak)})"
+                f"normal since {incident.last_seen:%H:%M:%S} UTC, after {_duration(lasted)} "
+                f"anomalous ({peak.metric}: {latest}; peak {_value_text(peak)})"
             )
+            normal = not verdict.is_anomaly and _same_measure(verdict, peak)
+            impact = verdict.impact_usd_per_hour if normal else None
         details = {
-            "metric": shown.metric,
+            "metric": peak.metric,
             "anomalous_verdicts": str(incident.anomalous_verdicts),
-            "peak_observed": _number(incident.peak.observed),
-            "peak_score": f"{incident.peak.score:.3g}",
+            "peak_observed": _number(peak.observed),
+            "peak_score": f"{peak.score:.3g}",
         }
+        if peak.impact_usd_per_hour is not None:
+            details["peak_impact_usd_per_hour"] = f"{peak.impact_usd_per_hour:.4g}"
         if shown.ratio is not None:
             details["ratio"] = f"{shown.ratio:.3g}"
         if shown.note:
             details["note"] = shown.note
         if suppressed:
             details["anomalies_during_cooldown"] = str(suppressed)
+        same = _same_measure(shown, peak)
         return {
             "event_id": new_id(),
             "ts": event_time(ts),
@@ -152,15 +178,23 @@ class AlertManager:
             "severity": incident.severity,
             "status": status,
             "score": float(shown.score),
-            "expected": shown.expected,
-            "observed": shown.observed,
-            "unit": shown.unit,
-            "window_seconds": shown.window_seconds,
+            "expected": shown.expected if same else None,
+            "observed": shown.observed if same else None,
+            "unit": peak.unit,
+            "window_seconds": peak.window_seconds,
             "first_seen": event_time(incident.first_seen),
             "last_seen": event_time(incident.last_seen),
             "message": message,
             "details": details,
+            "historical": False,
+            "impact_usd_per_hour": impact,
+            "incident_key": "",
+            "incident_role": "primary",
         }
+
+
+def _same_measure(a: Verdict, b: Verdict) -> bool:
+    return a.unit == b.unit and a.window_seconds == b.window_seconds
 
 
 def _number(value: float | None) -> str:
@@ -172,7 +206,11 @@ def _value_text(verdict: Verdict) -> str:
         return "n/a"
     if verdict.unit == "share":
         return f"{verdict.observed:.0%} vs {verdict.expected or 0:.0%} expected"
-    return f"{_number(verdict.observed)} vs {_number(verdict.expected)} {verdict.unit} expected"
+    unit = "" if verdict.unit.startswith("usd") else f" {verdict.unit}"
+    return (
+        f"{amount(verdict.observed, verdict.unit)} vs "
+        f"{amount(verdict.expected or 0.0, verdict.unit)}{unit} expected"
+    )
 
 
 def _duration(delta: timedelta) -> str:
@@ -182,3 +220,6 @@ def _duration(delta: timedelta) -> str:
     if seconds < 7200:
         return f"{seconds // 60} min"
     return f"{seconds / 3600:.1f} h"
+
+
+__all__ = ["ALERT_SCHEMA_VERSION", "AlertManager", "Incident", "money_per_hour"]

@@ -1,37 +1,32 @@
 """The anomaly engine: Usage records in (event-time order), Alert records out.
 
-Owns routing each record to its scopes (``user:<id>``, ``feature:<name>``,
-``global``) and their detectors, the per-minute buckets of the volume series, the
-checks of the last 60 s as records arrive (a spike is reported within seconds, not
-when its minute ends), bounded memory (least recently active users evicted, idle
-ones dropped), and the checkpoint (:meth:`AnomalyEngine.snapshot` /
-:meth:`AnomalyEngine.restore`) that lets a restarted engine keep its baselines.
+Owns routing each record to its scopes (``user:<id>``, ``feature:<name>``, ``global``)
+and their detectors, the things that tie scopes together (a user's peers are the
+other users of their feature; a surge of everyone scales everyone's expectation;
+the global rhythm scales a user's day-long rate), the clock (minute ticks in event
+time: global drops, resolves, held pages, evictions, peer priors), bounded memory
+(least recently active users evicted, idle ones dropped), and the checkpoint
+(:meth:`AnomalyEngine.snapshot` / :meth:`AnomalyEngine.restore`).
 
-Time is event time only. A minute closes once event time is
-``allowed_lateness_seconds`` past its end; every known scope then gets a point,
-zero if it was silent (that is how a global drop is seen). A record later than
-that still counts for cost and tier mix but not in the closed minute's volume, so
-a backlog flushed after an outage is not mistaken for a spike.
-
-Routing rules that keep one incident one alert: a user's and a feature's volume
-forecast is scaled by how the rest of the traffic compares with its forecast (a
-surge of everyone is the global scope's alert); while a feature has a firing cost
-incident, its requests do not make its users' cost or spend incidents.
+Time is event time only. A record more than ``allowed_lateness_seconds`` behind the
+newest minute ticked (a backlog flushed after an outage, a partition read behind
+another) is counted in ``stats.late_records`` and still counts everywhere: for cost
+and tier mix as usual, and in the request-rate windows and references it belongs to,
+without being judged (so a backlog is neither dropped nor mistaken for a spike).
 
 Pure logic, no I/O. The Kafka agent decodes ``Usage`` events, calls
-:meth:`AnomalyEngine.observe` for each and :meth:`AnomalyEngine.advance` from a
-timer, publishes what they return, and stores :meth:`AnomalyEngine.snapshot` with
-the consumer offsets it covers (so a restart neither re-counts nor skips events).
+:meth:`AnomalyEngine.observe` for each and :meth:`AnomalyEngine.advance` from a timer
+while the stream is live, publishes what they return, and stores
+:meth:`AnomalyEngine.snapshot` with the consumer offsets it covers.
 
-============  ================  ======  ============  ========
-scope         cost/request      volume  volume drops  tier mix
-============  ================  ======  ============  ========
-``user:``     yes (feature      yes     no (default)  no
-              baseline until
-              its own is warm)
-``feature:``  yes               yes     no (default)  yes
-``global``    no                yes     yes           yes
-============  ================  ======  ============  ========
+============  ===================  ===========  ============  ========
+scope         cost/request         request rate  rate drops   tier mix
+============  ===================  ===========  ============  ========
+``user:``     yes (ranked in the   yes (peer     no (default)  no
+              feature's costs)     prior)
+``feature:``  yes                  yes           no (default)  yes
+``global``    yes                  yes           yes           yes
+============  ===================  ===========  ============  ========
 """
 
 from __future__ import annotations
@@ -39,120 +34,59 @@ from __future__ import annotations
 import logging
 import pickle
 import struct
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from agents.anomaly.alerting import AlertManager
-from agents.anomaly.detectors import (
-    CostDetector,
-    DetectorSettings,
-    Point,
-    TierMixDetector,
-    Verdict,
-    VolumeDetector,
-)
+from agents.anomaly.core import NANOS_PER_USD, DecayedMean, Verdict
+from agents.anomaly.costs import CostDetector
+from agents.anomaly.incidents import Correlator, specificity
+from agents.anomaly.mix import TierMixDetector
+from agents.anomaly.rates import PeerPrior, RateDetector, fit_peer_prior
+from agents.anomaly.settings import DetectorSettings
 from app.pricing import PriceCatalog
 
 log = logging.getLogger(__name__)
 
-SNAPSHOT_VERSION = 1
+SNAPSHOT_VERSION = 2
 _SNAPSHOT_MAGIC = b"tollgate-anomaly-engine\n"
 MAX_FEATURE_SCOPES = 1000
-NANOS_PER_USD = 1e9
+_TIER_COST_MEMORY_S = 86400.0
+_RELATED_FEATURE_S = 3600.0  # a user "belongs" to the features they called in the last hour
 
 
 class SnapshotError(ValueError):
     """A checkpoint that cannot be restored; the message says why and what to do."""
 
 
-@dataclass(slots=True)
-class _Bucket:
-    """One scope's traffic in one calendar minute (what the volume baselines learn)."""
-
-    requests: int = 0
-    spend_nanos: int = 0
-    top_nanos: list[int] = field(default_factory=list)  # the largest costs, ascending
-
-    def add(self, cost_nanos: int, keep: int) -> None:
-        self.requests += 1
-        self.spend_nanos += cost_nanos
-        top = self.top_nanos
-        if len(top) < keep:
-            top.append(cost_nanos)
-            top.sort()
-        elif top and cost_nanos > top[0]:
-            top[0] = cost_nanos
-            top.sort()
-
-    def point(self, ts: datetime, context: float) -> Point:
-        """This bucket as a spend point."""
-        return Point(
-            ts,
-            self.spend_nanos / NANOS_PER_USD,
-            requests=self.requests,
-            trimmed=sum(self.top_nanos) / NANOS_PER_USD,
-            context=context,
-        )
-
-
-class _Window:
-    """One scope's traffic over the last minute, sliding in steps of ``STEP_SECONDS``.
-
-    Spikes are checked on it as records arrive, so an incident that starts late in a
-    calendar minute is seen within seconds, not at the end of the next minute.
-    """
-
-    STEP_SECONDS = 5
-    STEPS = 12  # the window covers the current step and the 11 before: 55 to 60 s
-
-    __slots__ = ("bucket", "steps")
-
-    def __init__(self) -> None:
-        self.steps: deque[tuple[int, _Bucket]] = deque()
-        self.bucket = _Bucket()  # the sum of the steps
-
-    def add(self, epoch: float, cost_nanos: int, keep: int) -> None:
-        index = int(epoch // self.STEP_SECONDS)
-        steps = self.steps
-        if not steps or steps[-1][0] < index:
-            steps.append((index, _Bucket()))
-        steps[-1][1].add(cost_nanos, keep)  # a slightly late record counts in the newest step
-        self.bucket.add(cost_nanos, keep)
-        if steps[0][0] <= index - self.STEPS:
-            while steps[0][0] <= index - self.STEPS:
-                _, old = steps.popleft()
-                self.bucket.requests -= old.requests
-                self.bucket.spend_nanos -= old.spend_nanos
-            merged = sorted(cost for _, step in steps for cost in step.top_nanos)
-            self.bucket.top_nanos = merged[-keep:] if keep else []
-
-
 @dataclass
 class ScopeState:
-    """The detectors of one scope, and its traffic over the last minute."""
+    """The detectors of one scope."""
 
     scope: str
-    requests: VolumeDetector
-    spend: VolumeDetector
+    kind: str  # user | feature | global
+    rate: RateDetector
     cost: CostDetector | None = None
     mix: TierMixDetector | None = None
     last_active: float = 0.0
-    window: _Window = field(default_factory=_Window)
-    spike_checked_until: float = 0.0  # a spike was reported: no new check before this
     features: dict[str, float] = field(default_factory=dict)  # a user's features, last seen
+    prior: PeerPrior | None = None  # a feature's, for its users
+    tier_costs: tuple[DecayedMean, DecayedMean] | None = None  # economy, other: mean cost
 
 
 @dataclass
 class EngineStats:
     records: int = 0
-    late_records: int = 0  # arrived after their minute closed: not in the volume series
+    late_records: int = 0  # behind the closed minutes: not in request rates
     skipped_cost: int = 0  # price unknown or cache hit: no cost judgement
     evicted_users: int = 0
-    skipped_minutes: int = 0  # silent minutes not fed after an event-time jump
+    skipped_minutes: int = 0  # silent minutes not ticked after an event-time jump
     alerts: int = 0
+    pages: int = 0
+    user_cost_in_feature_incident: int = 0  # user cost alarms left to their feature's
 
 
 def _scope_kind(scope: str) -> str:
@@ -179,28 +113,30 @@ class AnomalyEngine:
         self.settings = settings or DetectorSettings()
         self.prices = prices
         self.alerts = AlertManager(self.settings)
+        self.correlator = Correlator(self.settings, self.nests, self.explains)
         self.users: OrderedDict[str, ScopeState] = OrderedDict()  # least recently active first
         self.features: OrderedDict[str, ScopeState] = OrderedDict()
         self.global_scope = self._new_scope("global")
         self.stats = EngineStats()
         self.watermark: datetime | None = None  # newest event time seen (or advanced to)
-        self._next_minute: int | None = None  # the oldest minute still open
-        self._open: dict[int, dict[str, _Bucket]] = {}
+        self._next_minute: int | None = None  # the oldest minute not yet ticked
+        self._priors_at = 0.0
 
     # -- scopes ---------------------------------------------------------------------------
     def _new_scope(self, scope: str) -> ScopeState:
         s = self.settings
         kind = _scope_kind(scope)
-        drops = kind in s.volume_drop_scope_kinds
-        p_value = s.volume_p_value_user if kind == "user" else s.volume_p_value
-        return ScopeState(
-            scope=scope,
-            requests=VolumeDetector(scope, s, "requests", detect_drops=drops, p_value=p_value),
-            # Less spend than usual is no alarm: no drops on spend.
-            spend=VolumeDetector(scope, s, "spend", p_value=p_value),
-            cost=CostDetector(scope, s) if kind in ("user", "feature") else None,
-            mix=TierMixDetector(scope, s) if kind in ("feature", "global") else None,
-        )
+        state = ScopeState(scope=scope, kind=kind, rate=RateDetector(scope, s, kind))
+        if kind in s.cost_scope_kinds or kind == "global":
+            # The global scope always keeps a cost distribution: users without a feature
+            # are ranked in it; it is judged only if "global" is in cost_scope_kinds.
+            state.cost = CostDetector(scope, s, own_reference=kind != "user")
+        if kind != "user":
+            state.mix = TierMixDetector(scope, s)
+            state.tier_costs = (DecayedMean(), DecayedMean())
+        if kind in ("feature", "global"):  # the global scope's is for users without a feature
+            state.prior = PeerPrior(burst=[DecayedMean() for _ in s.volume_windows_seconds])
+        return state
 
     def _scope(self, table: OrderedDict[str, ScopeState], scope: str, limit: int) -> ScopeState:
         state = table.get(scope)
@@ -216,24 +152,77 @@ class AnomalyEngine:
     def scopes(self) -> list[ScopeState]:
         return [*self.users.values(), *self.features.values(), self.global_scope]
 
+    def nests(self, a: str, b: str) -> bool:
+        """Whether two scopes can be one incident: the same, global, or a user and a feature
+        they called in the last hour."""
+        if a == b or a == "global" or b == "global":
+            return True
+        kinds = {specificity(a), specificity(b)}
+        if kinds != {1, 2}:
+            return False
+        user, feature = (a, b) if a.startswith("user:") else (b, a)
+        state = self.users.get(user)
+        if state is None:
+            return False
+        seen = state.features.get(feature.split(":", 1)[1])
+        return seen is not None and state.last_active - seen <= _RELATED_FEATURE_S
+
+    def explains(self, narrow: str, wide: str, at: datetime) -> bool:
+        """Whether ``narrow`` accounts for at least ``incident_explain_share`` of ``wide``'s
+        extra spend over the last 5 minutes (a user whose loop is their feature's surge)."""
+        states = [self._state(narrow), self._state(wide)]
+        if states[0] is None or states[1] is None:
+            return False
+        t = at.timestamp()
+        j = min(2, len(self.settings.volume_windows_seconds) - 1)
+        home = self._home(states[0])
+        excess = []
+        for state, priced_as in ((states[0], home), (states[1], states[1])):
+            state.rate.expire(t)
+            excess.append(state.rate.excess_spend(j, self._cpr(priced_as) * NANOS_PER_USD))
+        return excess[1] > 0 and excess[0] >= self.settings.incident_explain_share * excess[1]
+
+    def _in_feature_cost_incident(self, user: ScopeState, at: datetime) -> bool:
+        """Whether a feature the user called in the last hour has a cost incident that the
+        user does not explain (then the user's cost alarm is part of it)."""
+        recent = at.timestamp() - _RELATED_FEATURE_S
+        for name, seen in user.features.items():
+            state = self.features.get(f"feature:{name}")
+            if (
+                seen >= recent
+                and state is not None
+                and state.cost is not None
+                and state.cost.alarm_since is not None
+                and not self.explains(user.scope, state.scope, at)
+            ):
+                return True
+        return False
+
+    def _state(self, scope: str) -> ScopeState | None:
+        if scope == "global":
+            return self.global_scope
+        return self.users.get(scope) if scope.startswith("user:") else self.features.get(scope)
+
+    def _home(self, state: ScopeState) -> ScopeState:
+        """A user's most recent feature (the global scope without one); a scope itself."""
+        if state.kind != "user" or not state.features:
+            return state if state.kind != "user" else self.global_scope
+        name = max(state.features, key=state.features.__getitem__)
+        return self.features.get(f"feature:{name}", self.global_scope)
+
     # -- the stream -----------------------------------------------------------------------
     def observe(self, record: Mapping[str, Any]) -> list[dict[str, Any]]:
-        """Alerts caused by one Usage record (closing any minutes its event time ends)."""
+        """Alerts caused by one Usage record (and by the minutes its event time ends)."""
         ts = _as_utc(record["ts"])
         alerts = self._close_until(ts)
         if self.watermark is None or ts > self.watermark:
             self.watermark = ts
         self.stats.records += 1
-        epoch = ts.timestamp()
-        minute = int(epoch // 60)
+        t = ts.timestamp()
+        minute = int(t // 60)
         if self._next_minute is None:
             self._next_minute = minute
-        # Later than the allowed lateness, its minute is closed. Counting it in the current
-        # one would turn a backlog (a spool flushed after an outage) into a false spike, so
-        # it only counts for cost and tier mix.
         too_late = minute < self._next_minute
-        self.stats.late_records += too_late
-        buckets = self._open.setdefault(max(minute, self._next_minute), {})
 
         user = self._scope(self.users, f"user:{record['user_id']}", self.settings.max_user_scopes)
         feature_name = record.get("feature")
@@ -242,127 +231,164 @@ class AnomalyEngine:
             if feature_name
             else None
         )
-        states = (user, feature, self.global_scope) if feature else (user, self.global_scope)
-        cost_nanos = int(record.get("cost_usd_nanos") or 0)
-        keep = self.settings.volume_spend_trim_requests
+        glob = self.global_scope
         if feature_name:
-            user.features[feature_name] = max(epoch, user.features.get(feature_name, epoch))
-        for state in states:
-            state.last_active = max(state.last_active, epoch)
-            if too_late:
-                continue
-            bucket = buckets.get(state.scope)
-            if bucket is None:
-                bucket = buckets[state.scope] = _Bucket()
-            bucket.add(cost_nanos, keep)
-            state.window.add(epoch, cost_nanos, keep)
-            if epoch >= state.spike_checked_until:
-                alerts += self._peek(state, ts)
+            user.features[feature_name] = max(t, user.features.get(feature_name, t))
+        for state in (user, feature, glob):
+            if state is not None:
+                state.last_active = max(state.last_active, t)
+        cost_nanos = float(record.get("cost_usd_nanos") or 0)
+        priced = not (record.get("price_unknown") or record.get("cache_hit"))
+        verdicts: list[Verdict | None] = []
 
-        model = str(record.get("model_served") or "")
-        if record.get("price_unknown") or record.get("cache_hit"):
+        # -- request rates: global first (its rhythm and counts scale the others) ----------
+        if too_late:
+            # Counted where it belongs, not judged: a backlog is neither dropped nor a spike.
+            self.stats.late_records += 1
+            for state in (glob, feature, user):
+                if state is not None:
+                    state.rate.add_late(t, cost_nanos)
+        else:
+            verdicts.append(
+                glob.rate.observe(ts, cost_per_request_usd=self._cpr(glob), cost_nanos=cost_nanos)
+            )
+            rhythm = glob.rate.rhythm(t)
+            if feature is not None:
+                verdicts.append(
+                    feature.rate.observe(
+                        ts,
+                        context=self._context(feature, t),
+                        cost_per_request_usd=self._cpr(feature),
+                        cost_nanos=cost_nanos,
+                    )
+                )
+            verdicts.append(
+                user.rate.observe(
+                    ts,
+                    prior=(feature or glob).prior,
+                    rhythm=rhythm,
+                    context=self._context(user, t),
+                    cost_per_request_usd=self._cpr(feature or glob),
+                    cost_nanos=cost_nanos,
+                )
+            )
+
+        # -- cost per request and tier mix ---------------------------------------------
+        if not priced:
             self.stats.skipped_cost += 1
         else:
-            point = Point(ts, float(cost_nanos), key=model)
-            feature_cost_incident = False
-            if feature is not None and feature.cost is not None:
-                alerts += self.alerts.process(feature.cost.observe(point))
-                feature_cost_incident = self._cost_incident(feature.scope)
+            model = str(record.get("model_served") or "")
+            user_verdict = None
             if user.cost is not None:
-                fallback = feature.cost if feature is not None else None
-                # During a feature-wide cost incident its requests do not make a user's
-                # own incident: the feature's alert already says it, once.
-                verdict = user.cost.observe(point, fallback, corroborates=not feature_cost_incident)
-                if not (verdict.is_anomaly and self._explained_by_feature_cost(user, epoch)):
-                    alerts += self.alerts.process(verdict)
+                # Ranked among the feature's costs before the feature learns this call.
+                home = feature if feature is not None else glob
+                reference = home.cost.reference if home.cost is not None else None
+                user_verdict = user.cost.observe(
+                    ts, cost_nanos, reference, requests_per_hour=self._rph(user, t)
+                )
+            for state in (glob, feature):
+                if state is None or state.cost is None:
+                    continue
+                if state.kind in self.settings.cost_scope_kinds:
+                    verdicts.append(
+                        state.cost.observe(ts, cost_nanos, requests_per_hour=self._rph(state, t))
+                    )
+                elif state.cost.reference is not None:
+                    state.cost.reference.add(cost_nanos, t)  # learned, not judged
+            if (
+                user_verdict is not None
+                and user_verdict.is_anomaly
+                and self._in_feature_cost_incident(user, ts)
+            ):
+                # One of many users of a feature whose cost shifted: the feature's incident
+                # says it, once.
+                self.stats.user_cost_in_feature_incident += 1
+                user_verdict = None
+            verdicts.append(user_verdict)
             tier = record.get("tier") or (self.prices.tier(model) if self.prices else None)
             if tier is not None:
-                mix_point = Point(ts, 1.0 if tier == "economy" else 0.0)
-                for mix_scope in (feature, self.global_scope):
-                    if mix_scope is not None and mix_scope.mix is not None:
-                        alerts += self.alerts.process(mix_scope.mix.observe(mix_point))
-        self.stats.alerts += len(alerts)
+                economy = tier == "economy"
+                for state in (feature, glob):
+                    if state is None or state.mix is None or state.tier_costs is None:
+                        continue
+                    state.tier_costs[0 if economy else 1].add(cost_nanos, t, _TIER_COST_MEMORY_S)
+                    delta = (state.tier_costs[1].get() - state.tier_costs[0].get()) / NANOS_PER_USD
+                    verdicts.append(
+                        state.mix.observe(
+                            ts,
+                            economy,
+                            cost_delta_usd=max(0.0, delta),
+                            requests_per_hour=self._rph(state, t),
+                        )
+                    )
+        records: list[dict[str, Any]] = []
+        for verdict in verdicts:
+            if verdict is not None:
+                records += self.alerts.process(verdict)
+        alerts += self.correlator.process(records, ts)
+        self._count(alerts)
         return alerts
 
     def advance(self, now: datetime) -> list[dict[str, Any]]:
         """Declare that no event older than ``now - allowed_lateness_seconds`` will come.
 
-        Closes the minutes that ended by then (silent ones count as zero, which is how a
-        global drop is seen) and resolves quiet incidents. Call it from a timer with the
-        wall-clock time while the consumer is caught up (no lag); while it reads a
-        backlog, do not: the records' own event times close the minutes.
+        Ticks the minutes that ended by then (global drops, resolves, held pages). Call
+        it from a timer while the stream is live; never while reading history (the
+        records' own event times drive the clock).
         """
         now = _as_utc(now)
         alerts = self._close_until(now)
         if self.watermark is None or now > self.watermark:
             self.watermark = now
-        alerts += self.alerts.tick(now)
-        self.stats.alerts += len(alerts)
+        self._count(alerts)
         return alerts
 
     def flush(self) -> list[dict[str, Any]]:
-        """Close every open minute (end of a finite stream, e.g. a replay)."""
-        if not self._open:
-            return []
-        last_end = (max(self._open) + 1) * 60
-        end = datetime.fromtimestamp(last_end + self.settings.allowed_lateness_seconds, UTC)
-        return self.advance(end)
-
-    # -- minutes --------------------------------------------------------------------------
-    def _cost_incident(self, scope: str) -> bool:
-        return f"cost_per_request|{scope}" in self.alerts.firing
-
-    def _explained_by_feature_cost(self, state: ScopeState, epoch: float) -> bool:
-        """Whether the user used a feature with a firing cost incident within the
-        corroboration window: then its cost or spend anomaly is that incident, already
-        alerted."""
-        recent = epoch - self.settings.cost_corroboration_seconds
-        return any(
-            seen >= recent and self._cost_incident(f"feature:{feature}")
-            for feature, seen in state.features.items()
-        )
-
-    def _context(self, state: ScopeState, count: int, global_count: int) -> float:
-        """How the rest of the traffic (global minus this scope) compares with its forecast."""
-        if state is self.global_scope:
-            return 1.0
-        rest_expected = self.global_scope.requests.expected() - state.requests.expected()
-        if rest_expected < self.settings.volume_context_min_requests:
-            return 1.0
-        return min(4.0, max(0.25, (global_count - count) / rest_expected))
-
-    def _peek(self, state: ScopeState, ts: datetime) -> list[dict[str, Any]]:
-        """Report a spike of the last minute (sliding) as soon as it is one."""
-        window = state.window.bucket
-        context = self._context(state, window.requests, self.global_scope.window.bucket.requests)
-        candidates: list[Verdict | None] = []
-        if window.requests >= state.requests.spike_floor(context):
-            candidates.append(
-                state.requests.peek(Point(ts, float(window.requests), context=context))
-            )
-        if window.requests > self.settings.volume_spend_trim_requests and (
-            (window.spend_nanos - sum(window.top_nanos)) / NANOS_PER_USD
-            >= state.spend.spike_floor(context)
-        ):
-            candidates.append(state.spend.peek(window.point(ts, context)))
+        """Tick past the last minute and send every held page (end of a finite stream)."""
         alerts: list[dict[str, Any]] = []
-        for verdict in candidates:
-            if verdict is None:
-                continue
-            state.spike_checked_until = ts.timestamp() + _Window.STEP_SECONDS
-            alerts += self._process_volume(state, verdict)
+        if self.watermark is not None:
+            end = datetime.fromtimestamp(
+                (int(self.watermark.timestamp() // 60) + 1) * 60
+                + self.settings.allowed_lateness_seconds,
+                UTC,
+            )
+            alerts += self._close_until(end)
+        alerts += self.correlator.flush()
+        self._count(alerts)
         return alerts
 
-    def _process_volume(self, state: ScopeState, verdict: Verdict) -> list[dict[str, Any]]:
-        if (
-            verdict.is_anomaly
-            and verdict.unit == "usd/min"
-            and state.features
-            and self._explained_by_feature_cost(state, verdict.ts.timestamp())
-        ):
-            return []
-        return self.alerts.process(verdict)
+    def _count(self, alerts: list[dict[str, Any]]) -> None:
+        self.stats.alerts += len(alerts)
+        self.stats.pages += sum(
+            1 for a in alerts if a["status"] == "firing" and a["incident_role"] == "primary"
+        )
 
+    # -- what ties scopes together ------------------------------------------------------
+    def _context(self, state: ScopeState, t: float) -> float:
+        """How far the rest of the traffic (global minus this scope) is above its expectation
+        over the last minute: a surge of everyone raises everyone's expectation."""
+        glob = self.global_scope.rate
+        rest_expected = glob.expected_first() - state.rate.expected_first()
+        if rest_expected < self.settings.volume_context_min_requests * glob.windows[0] / 60:
+            return 1.0
+        rest = glob.counts[0] - state.rate.counts[0]
+        return min(self.settings.volume_context_max, max(1.0, rest / rest_expected))
+
+    def _cpr(self, state: ScopeState) -> float:
+        """Mean cost of a request of this scope, USD (for the money at stake)."""
+        cost = state.cost
+        if cost is not None and cost.reference is not None and cost.reference.total > 0:
+            return cost.reference.mean() / NANOS_PER_USD
+        glob = self.global_scope.cost
+        if glob is not None and glob.reference is not None and glob.reference.total > 0:
+            return glob.reference.mean() / NANOS_PER_USD
+        return 0.0
+
+    def _rph(self, state: ScopeState, t: float) -> float:
+        """Expected requests per hour of this scope."""
+        return state.rate.expected_first() * 3600.0 / state.rate.windows[0]
+
+    # -- minutes --------------------------------------------------------------------------
     def _close_until(self, now: datetime) -> list[dict[str, Any]]:
         if self._next_minute is None:
             return []
@@ -371,48 +397,55 @@ class AnomalyEngine:
         if closable - self._next_minute > s.max_gap_minutes:
             skipped = closable - self._next_minute - 1
             log.warning(
-                "event time jumped; silent minutes are not fed to the volume baselines",
+                "event time jumped; the silent minutes are not ticked one by one",
                 extra={"skipped_minutes": skipped, "to": now.isoformat()},
             )
             self.stats.skipped_minutes += skipped
-            for minute in [m for m in self._open if m < closable - 1]:
-                del self._open[minute]
             self._next_minute = closable - 1
         alerts: list[dict[str, Any]] = []
         while self._next_minute < closable:
-            alerts += self._close_minute(self._next_minute)
+            alerts += self._tick_minute(self._next_minute)
             self._next_minute += 1
         return alerts
 
-    def _close_minute(self, minute: int) -> list[dict[str, Any]]:
+    def _tick_minute(self, minute: int) -> list[dict[str, Any]]:
         s = self.settings
         end = datetime.fromtimestamp((minute + 1) * 60, UTC)
-        buckets = self._open.pop(minute, {})
-        empty = _Bucket()
-        alerts: list[dict[str, Any]] = []
-        global_count = buckets.get("global", empty).requests
-        # Contexts first: they use the forecasts for this minute, which observing replaces.
-        contexts = [
-            (state, bucket, self._context(state, bucket.requests, global_count))
-            for state in self.scopes()
-            for bucket in (buckets.get(state.scope, empty),)
-        ]
-        for state, bucket, context in contexts:
-            verdicts: tuple[Verdict, ...] = (
-                state.requests.observe(Point(end, float(bucket.requests), context=context)),
-                state.spend.observe(bucket.point(end, context)),
-            )
-            for verdict in verdicts:
-                alerts += self._process_volume(state, verdict)
-        idle_before = end.timestamp() - s.idle_user_seconds
+        t = end.timestamp()
+        glob = self.global_scope
+        records: list[dict[str, Any]] = []
+        drop = glob.rate.check_drop(end, cost_per_request_usd=self._cpr(glob))
+        if drop is not None:
+            records += self.alerts.process(drop)
+        records += self.alerts.tick(end)
+        idle_before = t - s.idle_user_seconds
         while self.users:
             oldest = next(iter(self.users.values()))
             if oldest.last_active >= idle_before:
                 break
             self.users.popitem(last=False)
             self.stats.evicted_users += 1
-        alerts += self.alerts.tick(end)
-        return alerts
+        if s.volume_peer_prior and t - self._priors_at >= s.volume_peer_refresh_seconds:
+            self._fit_priors(t)
+            self._priors_at = t
+        return self.correlator.process(records, end)
+
+    def _fit_priors(self, t: float) -> None:
+        """Refit every feature's prior on its users' rates (each user counted once), and the
+        global scope's on the users without a feature."""
+        by_home: dict[str, list[tuple[float, float]]] = {}
+        for user in self.users.values():
+            home = (
+                f"feature:{max(user.features, key=user.features.__getitem__)}"
+                if user.features
+                else "global"
+            )
+            count, exposure = user.rate.refs[0].at_time(t, user.rate.tau)
+            if exposure > 0:
+                by_home.setdefault(home, []).append((count, exposure))
+        for state in (*self.features.values(), self.global_scope):
+            if state.prior is not None:
+                fit_peer_prior(state.prior, by_home.get(state.scope, []))
 
     # -- checkpoints ----------------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
@@ -420,9 +453,14 @@ class AnomalyEngine:
         state["prices"] = None  # holds a lock and a cache; handed in again on restore
         return state
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.correlator.nests = self.nests
+        self.correlator.explains = self.explains
+
     def snapshot(self) -> bytes:
         """Everything the engine learned, as bytes to store: a versioned header, then a
-        pickle (River models pickle). Store it where only Tollgate writes."""
+        pickle. Store it where only Tollgate writes."""
         header = _SNAPSHOT_MAGIC + struct.pack(">I", SNAPSHOT_VERSION)
         return header + pickle.dumps(self, protocol=pickle.HIGHEST_PROTOCOL)
 
@@ -435,10 +473,9 @@ class AnomalyEngine:
     ) -> AnomalyEngine:
         """An engine resumed from :meth:`snapshot`: same baselines, no new warm-up.
 
-        ``settings`` (if given) replace the snapshot's: thresholds, windows and alert
-        timings apply at once; the models' own hyper-parameters (smoothing, fading,
-        Page-Hinkley delta and threshold) only for scopes created from now on. Only
-        restore bytes this program wrote (unpickling runs code from its input).
+        ``settings`` (if given) replace the snapshot's: thresholds and alert timings apply
+        at once; memories (time constants) only as the models next update. Only restore
+        bytes this program wrote (unpickling runs code from its input).
         """
         header = len(_SNAPSHOT_MAGIC) + 4
         if len(data) < header or not data.startswith(_SNAPSHOT_MAGIC):
@@ -466,21 +503,13 @@ class AnomalyEngine:
     def _use_settings(self, settings: DetectorSettings) -> None:
         self.settings = settings
         self.alerts.settings = settings
+        self.correlator.settings = settings
         for state in self.scopes():
-            p_value = (
-                settings.volume_p_value_user
-                if _scope_kind(state.scope) == "user"
-                else settings.volume_p_value
-            )
-            for volume in (state.requests, state.spend):
-                volume.settings, volume.p_value = settings, p_value
-                volume._expected = volume._spike_floor = None
-            state.requests.detect_drops = (
-                _scope_kind(state.scope) in settings.volume_drop_scope_kinds
-            )
-            for detector in (state.cost, state.mix):
-                if detector is not None:
-                    detector.settings = settings
+            state.rate.use_settings(settings)
+            if state.cost is not None:
+                state.cost.use_settings(settings)
+            if state.mix is not None:
+                state.mix.settings = settings
 
 
 __all__ = ["AnomalyEngine", "EngineStats", "ScopeState", "SnapshotError"]

@@ -1,16 +1,18 @@
 """Offline detection: run one anomaly detector over a ``timestamp,value`` CSV.
 
 Owns reading and validating the CSV (header row required; ISO-8601 or epoch-second
-timestamps in time order) and writing ``timestamp,value,score,is_anomaly`` rows.
-The detectors are the live ones (:mod:`agents.anomaly.detectors`) with the same
-settings, so a past series can be checked the way the engine would have judged it.
-Backs ``tollgate detect --kind volume FILE.csv``; it does not own the command line.
+timestamps) and writing ``timestamp,value,score,is_anomaly`` rows, one per input row.
+Rows whose timestamp is earlier than a row before them (a block pasted out of order,
+a concatenated export) are not judged: they are written with ``is_anomaly=false``
+and counted in :attr:`OfflineSummary.skipped`, and the run goes on. The detectors are
+the live ones with the same settings. Backs ``tollgate detect --kind volume FILE.csv``;
+it does not own the command line.
 
 Kinds and what ``value`` means:
 
-- ``volume``: one row per interval (e.g. requests per minute), ``>= 0``. Integer
-  values are treated as counts (Poisson floor, ``volume_min_request_excess``);
-  other values as amounts. Spikes and drops are both reported.
+- ``volume``: one row per interval of any regular series (requests per minute, a
+  metric, daily demand); :class:`~agents.anomaly.series.SeriesDetector` predicts it
+  from its level and daily profile and pages once per event (spikes, drops, shifts).
 - ``cost``: one row per request, its cost in USD (``> 0``).
 - ``mix``: one row per request, ``1`` if served by the economy tier, else ``0``.
 """
@@ -26,14 +28,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
-from agents.anomaly.detectors import (
-    CostDetector,
-    DetectorSettings,
-    Point,
-    TierMixDetector,
-    Verdict,
-    VolumeDetector,
-)
+from agents.anomaly.core import Verdict
+from agents.anomaly.costs import CostDetector
+from agents.anomaly.mix import TierMixDetector
+from agents.anomaly.series import SeriesDetector
+from agents.anomaly.settings import DetectorSettings
 
 KINDS = ("volume", "cost", "mix")
 SCOPE = "csv"
@@ -41,11 +40,13 @@ SCOPE = "csv"
 
 @dataclass(frozen=True)
 class OfflineSummary:
-    """What a run saw: rows judged, rows flagged, and rows judged while warming up."""
+    """What a run saw: rows written, rows flagged, rows judged while warming up, and rows
+    not judged because they were out of time order."""
 
     rows: int
     anomalies: int
     warming_up: int
+    skipped: int = 0
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ class _Row:
     value_text: str
     ts: datetime
     value: float
+    out_of_order: bool = False
 
 
 def _parse_timestamp(text: str, where: str) -> datetime:
@@ -108,10 +110,9 @@ def _read_rows(path: Path) -> Iterator[_Row]:
             if not math.isfinite(value):
                 raise ValueError(f"{where}, field 'value': {value_text!r} is not a finite number")
             if previous is not None and ts < previous:
-                raise ValueError(
-                    f"{where}, field 'timestamp': {row[ts_index]!r} is earlier than the row "
-                    "before; sort the file by time"
-                )
+                # Out of order: written, not judged, counted (the run goes on).
+                yield _Row(line, row[ts_index], value_text, ts, value, out_of_order=True)
+                continue
             previous = ts
             yield _Row(line, row[ts_index], value_text, ts, value)
 
@@ -119,48 +120,58 @@ def _read_rows(path: Path) -> Iterator[_Row]:
 def _judge_volume(
     rows: list[_Row], settings: DetectorSettings, path: Path
 ) -> Iterator[tuple[_Row, Verdict]]:
-    for row in rows:
-        if row.value < 0:
-            raise ValueError(f"{path}, line {row.line}, field 'value': volume must be >= 0")
-    counts = all(row.value == int(row.value) for row in rows)
     spacing = [
         (later.ts - earlier.ts).total_seconds() for earlier, later in itertools.pairwise(rows)
     ]
-    interval = int(sorted(spacing)[len(spacing) // 2]) if spacing else 60
-    detector = VolumeDetector(
-        SCOPE,
-        settings,
-        metric="requests" if counts else "value",
-        detect_drops=True,
-        interval_seconds=max(interval, 1),
-    )
+    spacing = [gap for gap in spacing if gap > 0]
+    interval = sorted(spacing)[len(spacing) // 2] if spacing else 60.0
+    detector = SeriesDetector(SCOPE, settings, interval, total_points=len(rows))
     for row in rows:
-        yield row, detector.observe(Point(row.ts, row.value))
+        yield row, detector.observe(row.ts, row.value)
 
 
 def _judge_cost(
     rows: list[_Row], settings: DetectorSettings, path: Path
 ) -> Iterator[tuple[_Row, Verdict]]:
-    detector = CostDetector(SCOPE, settings)
     for row in rows:
         if row.value <= 0:
             raise ValueError(
                 f"{path}, line {row.line}, field 'value': a request's cost must be > 0 USD"
             )
-        yield row, detector.observe(Point(row.ts, row.value * 1e9))
+    detector = CostDetector(SCOPE, settings, own_reference=True)
+    for row in rows:
+        verdict = detector.observe(row.ts, row.value * 1e9)
+        yield row, verdict or _quiet(row, "cost_per_request", "usd")
 
 
 def _judge_mix(
     rows: list[_Row], settings: DetectorSettings, path: Path
 ) -> Iterator[tuple[_Row, Verdict]]:
-    detector = TierMixDetector(SCOPE, settings)
     for row in rows:
         if row.value not in (0.0, 1.0):
             raise ValueError(
                 f"{path}, line {row.line}, field 'value': {row.value_text!r} must be 1 "
                 "(economy tier) or 0 (other tiers)"
             )
-        yield row, detector.observe(Point(row.ts, row.value))
+    detector = TierMixDetector(SCOPE, settings)
+    for row in rows:
+        verdict = detector.observe(row.ts, row.value == 1.0)
+        yield row, verdict or _quiet(row, "tier_mix", "share")
+
+
+def _quiet(row: _Row, kind: str, unit: str) -> Verdict:
+    return Verdict(
+        kind=kind,  # type: ignore[arg-type]
+        scope=SCOPE,
+        ts=row.ts,
+        score=0.0,
+        is_anomaly=False,
+        expected=None,
+        observed=row.value,
+        unit=unit,
+        metric=kind,
+        window_seconds=None,
+    )
 
 
 _JUDGES: dict[
@@ -178,19 +189,25 @@ def detect_csv(
     """Judge every row of ``in_path`` and write ``timestamp,value,score,is_anomaly`` rows.
 
     ``detector_options`` override :class:`DetectorSettings` fields by name, e.g.
-    ``volume_p_value=1e-4``. Raises ``ValueError`` naming the line and field of bad
+    ``series_threshold=12``. Raises ``ValueError`` naming the line and field of bad
     input, an unknown kind, or an unknown option; nothing is written in that case.
+    Out-of-order rows are not an error: see the module docstring.
     """
     if kind not in _JUDGES:
         raise ValueError(f"unknown detector kind {kind!r}; use one of {', '.join(KINDS)}")
     settings = DetectorSettings.with_options(**detector_options)
     path = Path(in_path)
     rows = list(_read_rows(path))
-    results = list(_JUDGES[kind](rows, settings, path))  # validate everything before writing
+    in_order = [row for row in rows if not row.out_of_order]
+    judged = {row.line: verdict for row, verdict in _JUDGES[kind](in_order, settings, path)}
     writer = csv.writer(out_stream, lineterminator="\n")
     writer.writerow(["timestamp", "value", "score", "is_anomaly"])
     anomalies = warming = 0
-    for row, verdict in results:
+    for row in rows:
+        verdict = judged.get(row.line)
+        if verdict is None:
+            writer.writerow([row.timestamp_text, row.value_text, "0", "false"])
+            continue
         anomalies += verdict.is_anomaly
         warming += verdict.warming_up
         writer.writerow(
@@ -201,4 +218,6 @@ def detect_csv(
                 "true" if verdict.is_anomaly else "false",
             ]
         )
-    return OfflineSummary(rows=len(results), anomalies=anomalies, warming_up=warming)
+    return OfflineSummary(
+        rows=len(rows), anomalies=anomalies, warming_up=warming, skipped=len(rows) - len(in_order)
+    )

@@ -42,6 +42,8 @@ def alert(
     severity: str = "critical",
     status: str = "firing",
     first_seen: datetime | None = None,
+    historical: bool = False,
+    incident_role: str = "primary",
 ) -> dict[str, Any]:
     ts = now_ms()
     return {
@@ -62,6 +64,10 @@ def alert(
         "last_seen": ts,
         "message": f"{scope} costs $0.094 per request, 7.8x its usual $0.012",
         "details": {"model": "gpt-4"},
+        "historical": historical,
+        "impact_usd_per_hour": 4.25,
+        "incident_key": f"{kind}|{scope}|{ts.isoformat()}",
+        "incident_role": incident_role,
     }
 
 
@@ -374,3 +380,43 @@ async def test_a_dead_and_a_hanging_target_do_not_delay_the_others(
         assert count(registry, "dead", "delivered") == 0
         assert count(registry, "hanging", "delivered") == 0
         assert count(registry, "healthy", "delivered") == 5
+
+
+async def test_historical_and_related_alerts_are_not_paged_unless_a_target_asks(
+    kafka_settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 12: alerts about the past are published, marked historical; paging them is the
+    notifier's decision, per target, and it says what it decided. Alerts attached to an
+    incident ride along with its page instead of paging on their own."""
+    await ensure_topics(kafka_settings)
+    async with receivers(("/oncall", Receiver()), ("/audit", Receiver())) as (oncall, audit):
+        registry = CollectorRegistry()
+        notifier = Notifier(
+            kafka_settings,
+            [
+                AlertTarget(name="oncall", url=oncall.url),
+                AlertTarget(
+                    name="audit", url=audit.url, include_historical=True, include_related=True
+                ),
+            ],
+            registry=registry,
+            retry=FAST_RETRY,
+            start_from="earliest",
+        )
+        old = alert(scope="user:replayed", historical=True)
+        live = alert(scope="feature:search")
+        attached = alert(kind="volume_spike", scope="global", incident_role="related")
+        caplog.set_level("INFO", logger="agents.notifier")
+        await produce(kafka_settings, [old, live, attached])
+        async with running(notifier):
+            await wait_until(lambda: len(audit.requests) == 3 and len(oncall.requests) >= 1)
+            await asyncio.sleep(0.5)  # anything extra would arrive now
+    assert [b["event_id"] for b in oncall.bodies()] == [live["event_id"]]
+    assert sorted(b["event_id"] for b in audit.bodies()) == sorted(
+        a["event_id"] for a in (old, live, attached)
+    )
+    assert count(registry, "oncall", "skipped_historical") == 1
+    assert count(registry, "oncall", "skipped_related") == 1
+    decisions = [r.getMessage() for r in caplog.records if "not paged" in r.getMessage()]
+    assert any("historical" in line for line in decisions), decisions
+    assert any("related" in line for line in decisions), decisions

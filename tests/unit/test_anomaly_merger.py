@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta
 
 from agents.anomaly.agent import Checkpoint, EventTimeMerger, stable_event_id
@@ -23,8 +24,10 @@ def test_a_partition_read_far_ahead_waits_for_the_others() -> None:
     released = merger.release(lagging={0, 1})
     assert [(p, o) for p, o, _ in released] == [(0, 0), (1, 0), (0, 1), (1, 1)]  # up to minute 15
     assert merger.pending_count == 2
-    # Partition 1 is caught up: it holds nothing back any more.
-    assert [(p, o) for p, o, _ in merger.release(lagging={0})] == [(0, 2), (0, 3)]
+    # Partition 1 is caught up and has been silent past the idle timeout: it holds nothing
+    # back any more.
+    later = time.monotonic() + merger.idle_timeout_s + 1
+    assert [(p, o) for p, o, _ in merger.release(lagging={0}, now=later)] == [(0, 2), (0, 3)]
 
 
 def test_records_of_one_partition_stay_in_offset_order() -> None:
@@ -35,7 +38,8 @@ def test_records_of_one_partition_stay_in_offset_order() -> None:
     released = merger.release(lagging={0, 1})
     # partition 0's head (minute 2) is past partition 1's frontier (1.5): it waits.
     assert [(p, o) for p, o, _ in released] == [(1, 0)]
-    assert [(p, o) for p, o, _ in merger.release(lagging=set())] == [(0, 1), (0, 0)]
+    later = time.monotonic() + merger.idle_timeout_s + 1
+    assert [(p, o) for p, o, _ in merger.release(lagging=set(), now=later)] == [(0, 1), (0, 0)]
 
 
 def test_checkpoint_round_trip_and_stable_alert_ids() -> None:
@@ -45,3 +49,38 @@ def test_checkpoint_round_trip_and_stable_alert_ids() -> None:
     alert = {"alert_key": "volume_spike|global", "status": "firing", "first_seen": T0}
     assert stable_event_id(alert) == stable_event_id(dict(alert))
     assert stable_event_id(alert) != stable_event_id({**alert, "status": "resolved"})
+
+
+def test_a_caught_up_partition_holds_back_others_until_it_is_idle() -> None:
+    """Issue 12: a partition with no unread data *right now* may still be about to receive
+    records of the same minutes (a replay producing to every partition): it holds the
+    others back until it has been silent for the idle timeout."""
+    merger = EventTimeMerger(idle_timeout_s=5.0)
+    merger.add(1, 0, rec(1), now=100.0)  # partition 1: read up to minute 1, caught up
+    for offset, minute in enumerate([1, 2, 3, 4]):  # partition 0: one fetch spanning minutes
+        merger.add(0, offset, rec(minute), now=100.5)
+    released = merger.release(lagging=set(), now=101.0)
+    assert sorted((p, o) for p, o, _ in released) == [(0, 0), (1, 0)]  # up to minute 1 only
+    merger.add(1, 1, rec(2.5), now=102.0)  # partition 1's next records arrive
+    released = merger.release(lagging=set(), now=102.0)
+    assert [(p, o) for p, o, _ in released] == [(0, 1), (1, 1)]  # up to minute 2.5
+    # Partition 1 then stays silent: after the idle timeout it holds nothing back.
+    assert merger.release(lagging=set(), now=106.9) == []
+    assert [(p, o) for p, o, _ in merger.release(lagging=set(), now=107.1)] == [(0, 2), (0, 3)]
+
+
+def test_the_event_clock_follows_the_wall_clock_only_for_a_live_stream() -> None:
+    """Issue 12, observation 5: after a replay of history an idle agent must not jump to the
+    wall clock (closing days of silent minutes and evicting every user)."""
+    from agents.anomaly.agent import EventClock
+
+    clock = EventClock(live_lag_s=300.0)
+    wall = T0 + timedelta(days=3)
+    clock.observe(T0 + timedelta(minutes=30), wall)  # history: 3 days behind the wall clock
+    assert clock.idle_now(wall + timedelta(minutes=10)) is None
+    live = wall - timedelta(seconds=2)
+    clock.observe(live, wall)  # a live record, 2 s old when read
+    later = clock.idle_now(wall + timedelta(seconds=30))
+    assert (
+        later is not None and abs((later - (live + timedelta(seconds=30))).total_seconds()) < 1e-6
+    )

@@ -457,3 +457,27 @@ def test_backoff_grows_is_capped_jittered_and_honours_retry_after() -> None:
 async def test_run_notifier_without_targets_says_what_to_configure() -> None:
     with pytest.raises(AlertTargetError, match="no alert targets configured"):
         await run_notifier(Settings(), [])
+
+
+# -- issue 12: what pages, and the money at stake ----------------------------------------------
+
+
+def test_every_format_states_the_money_at_stake_when_the_alert_carries_it() -> None:
+    fired = alert(impact_usd_per_hour=12.4)
+    assert "+$12.40/hour" in slack_payload(fired)["text"]
+    assert "+$12.40/hour" in pagerduty_payload(fired, ROUTING_KEY)["payload"]["summary"]
+    details = pagerduty_payload(fired, ROUTING_KEY)["payload"]["custom_details"]
+    assert details["impact_usd_per_hour"] == 12.4
+    assert "+$12.40/hour" in alertmanager_payload(fired)[0]["annotations"]["summary"]
+    assert "/hour" not in slack_payload(alert())["text"]  # an alert without one says nothing
+    assert "/hour" not in slack_payload(resolved(impact_usd_per_hour=3.0))["text"]
+
+
+def test_historical_and_related_alerts_are_declined_unless_the_target_asks() -> None:
+    plain, everything = target(), target(include_historical=True, include_related=True)
+    old = alert(historical=True)
+    attached = alert(incident_role="related", incident_key="k")
+    assert plain.declines(old) == "historical" and everything.declines(old) is None
+    assert plain.declines(attached) == "related" and everything.declines(attached) is None
+    assert plain.declines(alert()) is None
+    assert plain.declines(alert(incident_role="primary", historical=False)) is None

@@ -1,0 +1,277 @@
+"""What every detector shares: the point it is fed, the verdict it answers, and small
+streaming statistics (time-decayed rates and means, count tail probabilities, CUSUMs).
+
+Owns the :class:`Verdict` (score, expected, observed, unit, window, money at stake and
+the sentence on-call reads) and the statistics that more than one detector uses. It
+does not own any detector's decisions.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal, Protocol
+
+from scipy.special import gammainc, gammaincc
+
+NANOS_PER_USD = 1e9
+
+Kind = Literal["cost_per_request", "volume_spike", "volume_drop", "tier_mix"]
+
+
+@dataclass(frozen=True, slots=True)
+class Point:
+    """One observation for a detector: ``value`` at event time ``ts``; ``key`` is a label
+    (the model served, for cost)."""
+
+    ts: datetime
+    value: float
+    key: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """A detector's answer for one point. ``score``: higher = more anomalous.
+
+    ``impact_usd_per_hour`` is the money at stake: extra spend per hour against what
+    was expected (negative for less), when the detector can tell.
+    """
+
+    kind: Kind
+    scope: str
+    ts: datetime
+    score: float
+    is_anomaly: bool
+    expected: float | None
+    observed: float | None
+    unit: str
+    metric: str
+    window_seconds: int | None
+    warming_up: bool = False
+    note: str = ""
+    impact_usd_per_hour: float | None = None
+
+    @property
+    def ratio(self) -> float | None:
+        """observed / expected, when both are known and expected is positive."""
+        if self.expected is None or self.observed is None or self.expected <= 0:
+            return None
+        return self.observed / self.expected
+
+    @property
+    def explanation(self) -> str:
+        """One human sentence: what, where, expected vs observed, by how much, and the money."""
+        if self.warming_up:
+            return f"{self.metric} for {self.scope}: still learning what is normal"
+        exp, obs = self.expected, self.observed
+        if exp is None or obs is None:
+            return f"{self.metric} for {self.scope}: {self.note or 'no baseline'}"
+        if self.kind == "tier_mix":
+            text = (
+                f"{self.metric} for {self.scope} is {obs:.0%}, expected {exp:.0%} "
+                f"({(obs - exp) * 100:+.0f} points)"
+            )
+        else:
+            ratio = self.ratio
+            how = (
+                "no baseline"
+                if ratio is None
+                else f"{ratio:.1f}x normal"
+                if ratio >= 1
+                else f"{1 - ratio:.0%} below normal"
+            )
+            text = (
+                f"{self.metric} for {self.scope} is {amount(obs, self.unit)}, "
+                f"expected {amount(exp, self.unit)} ({how})"
+            )
+        if self.impact_usd_per_hour is not None:
+            text += f"; {money_per_hour(self.impact_usd_per_hour)}"
+        return f"{text}; {self.note}" if self.note else text
+
+
+def amount(value: float, unit: str) -> str:
+    if unit.startswith("usd"):
+        return f"${value:.4f}" if value < 1 else f"${value:,.2f}"
+    return f"{value:,.1f}" if value < 100 else f"{value:,.0f}"
+
+
+def money_per_hour(usd_per_hour: float) -> str:
+    """``about $12.40/hour above expected`` (or below)."""
+    size = abs(usd_per_hour)
+    text = f"${size:,.2f}" if size >= 0.01 else f"${size:.4f}"
+    return f"about {text}/hour {'above' if usd_per_hour >= 0 else 'below'} expected"
+
+
+class Detector(Protocol):
+    """What the engine needs from any detector: a scope, and verdicts for points."""
+
+    scope: str
+
+
+# -- statistics ---------------------------------------------------------------------------
+
+
+def upper_tail(observed: float, expected: float, dispersion: float = 1.0) -> float:
+    """P(X >= observed) for a quasi-Poisson X with this mean and variance/mean ratio."""
+    if observed <= 0:
+        return 1.0
+    if expected <= 0:
+        return 0.0
+    return float(gammainc(observed / dispersion, expected / dispersion))
+
+
+def lower_tail(observed: float, expected: float, dispersion: float = 1.0) -> float:
+    """P(X <= observed) for a quasi-Poisson X with this mean and variance/mean ratio."""
+    return float(gammaincc(observed / dispersion + 1.0, expected / dispersion))
+
+
+def surprise(p_value: float) -> float:
+    """-log10 of a probability, capped at 300."""
+    return min(300.0, -math.log10(max(p_value, 1e-300)))
+
+
+@functools.lru_cache(maxsize=4096)
+def cusum_threshold(k: float, arl0: float) -> float:
+    """CUSUM threshold h for allowance ``k`` (standard deviations) that gives an average of
+    ``arl0`` steps between false triggers on N(0, 1) input (Siegmund's approximation)."""
+    if k <= 0:
+        raise ValueError("k must be > 0")
+    # ARL0 ~ (exp(2 k h') - 2 k h' - 1) / (2 k^2) with h' = h + 1.166; solve by bisection.
+    target = arl0 * 2 * k * k
+    lo, hi = 0.0, 1000.0
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        a = 2 * k * (mid + 1.166)
+        value = math.exp(min(a, 700.0)) - a - 1
+        lo, hi = (mid, hi) if value < target else (lo, mid)
+    return hi
+
+
+class DecayedRate:
+    """Events per second over an exponentially fading past (time constant ``tau``).
+
+    ``count`` and ``exposure`` fade together, so the rate of a scope that was silent
+    for a while falls smoothly, and one that has existed for a minute is not taken to
+    know its rate as well as one that has existed for a day (``exposure`` says how much
+    it knows).
+    """
+
+    __slots__ = ("at", "count", "exposure")
+
+    def __init__(self) -> None:
+        self.count = 0.0
+        self.exposure = 0.0
+        self.at: float | None = None
+
+    def advance(self, t: float, tau: float) -> None:
+        """Move to time ``t``: fade the past, and add the time passed to the exposure."""
+        if self.at is None:
+            self.at = t
+            return
+        dt = t - self.at
+        if dt <= 0:
+            return
+        fade = math.exp(-dt / tau)
+        self.count *= fade
+        self.exposure = self.exposure * fade + tau * (1.0 - fade)
+        self.at = t
+
+    def skip_to(self, t: float) -> None:
+        """Move to ``t`` without learning the time in between (an anomalous stretch)."""
+        if self.at is None or t > self.at:
+            self.at = t
+
+    def at_time(self, t: float, tau: float) -> tuple[float, float]:
+        """(count, exposure) as they would be at ``t`` (no change of state)."""
+        if self.at is None:
+            return 0.0, 0.0
+        dt = t - self.at
+        if dt <= 0:
+            return self.count, self.exposure
+        fade = math.exp(-dt / tau)
+        return self.count * fade, self.exposure * fade + tau * (1.0 - fade)
+
+
+class DecayedMean:
+    """A mean over an exponentially fading past (time constant ``tau``), weighted by time."""
+
+    __slots__ = ("at", "total", "weight")
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self.weight = 0.0
+        self.at: float | None = None
+
+    def add(self, value: float, t: float, tau: float, weight: float = 1.0) -> None:
+        """Add ``value`` (a mean over ``weight`` observations) at time ``t``."""
+        if self.at is not None and t > self.at:
+            fade = math.exp(-(t - self.at) / tau)
+            self.total *= fade
+            self.weight *= fade
+        if self.at is None or t > self.at:
+            self.at = t
+        self.total += value * weight
+        self.weight += weight
+
+    def get(self, default: float = 0.0) -> float:
+        return self.total / self.weight if self.weight > 0 else default
+
+
+class Cusum:
+    """One-sided CUSUM of standardised increments, with the run that feeds it.
+
+    ``stat`` grows while the increments exceed ``k`` and falls back to 0 otherwise; the
+    run (its length, the sum of its increments and of a value carried with each step,
+    e.g. the cost) is the stretch since the statistic was last 0: the estimated change
+    point and what came after it.
+    """
+
+    __slots__ = ("k", "run_carried", "run_log", "run_n", "run_start", "run_z", "stat")
+
+    def __init__(self, k: float) -> None:
+        self.k = k
+        self.stat = 0.0
+        self.run_n = 0
+        self.run_z = 0.0
+        self.run_carried = 0.0
+        self.run_log = 0.0
+        self.run_start = 0.0
+
+    def update(
+        self, z: float, carried: float = 0.0, carried_log: float = 0.0, at: float = 0.0
+    ) -> None:
+        """Add one increment (and the values it carries: a value and its log) at time ``at``."""
+        self.stat = max(0.0, self.stat + z - self.k)
+        if self.stat == 0.0:
+            self.reset()
+        else:
+            if self.run_n == 0:
+                self.run_start = at
+            self.run_n += 1
+            self.run_z += z
+            self.run_carried += carried
+            self.run_log += carried_log
+
+    def reset(self) -> None:
+        self.stat, self.run_n, self.run_z = 0.0, 0, 0.0
+        self.run_carried = self.run_log = 0.0
+
+
+__all__ = [
+    "NANOS_PER_USD",
+    "Cusum",
+    "DecayedMean",
+    "DecayedRate",
+    "Detector",
+    "Kind",
+    "Point",
+    "Verdict",
+    "amount",
+    "cusum_threshold",
+    "lower_tail",
+    "money_per_hour",
+    "surprise",
+    "upper_tail",
+]

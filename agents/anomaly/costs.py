@@ -1,0 +1,338 @@
+"""Cost-per-request anomalies: has what a scope's calls cost shifted upward, and by how much?
+
+Owns :class:`CostReference` (a scope's distribution of log cost over the past day) and
+:class:`CostDetector` (a sequential change test against it):
+
+- **Rank, then CUSUM.** Each call's cost is turned into a standard normal score
+  through the reference distribution (its rank among the scope's past costs, whatever
+  their shape: several models, heavy tails), and two CUSUMs add the scores up: one
+  tuned to a doubling (``cost_design_ratio``), which finds a sustained shift of the
+  whole distribution or of part of it (half the calls at 8x the tokens), one tuned to
+  a rise of one standard deviation, and one with a large allowance that finds a jump in
+  three or four calls. Single outliers never
+  alert; no call is trimmed away.
+- **A reference that does not learn a rise.** The reference remembers a day
+  (``cost_reference_memory_seconds``), so the first half hour of a rise over hours
+  weighs about 2 % in it, and it learns nothing while the scope is anomalous: a
+  gradual upgrade is measured against the day before it started.
+- **An effect size, stated.** A triggered CUSUM alerts only if the calls since the
+  estimated change point typically (geometric mean: robust to a few huge calls) cost at
+  least ``cost_min_ratio`` times the usual; the money at stake uses their arithmetic mean.
+- **Users borrow their feature's distribution.** A user's calls are ranked in their
+  feature's distribution and shifted by the user's own typical rank (shrunk towards
+  the feature's while they have few calls): a new user is judged from the first call,
+  and a user who always sends long documents is not a permanent incident.
+
+It does not own alert lifecycles or the choice of scopes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from datetime import datetime
+from statistics import NormalDist
+
+from agents.anomaly.core import NANOS_PER_USD, Cusum, Verdict, cusum_threshold
+from agents.anomaly.settings import DetectorSettings
+
+_BIN = 0.05  # log-cost bin width: costs within 5 % of each other share a bin
+_LOG_MIN = 4.0  # the first bin starts at e^4 nanos ($0.00000005); cheaper calls share it
+_BINS = 440  # up to e^26 nanos (~$200,000 per call); dearer calls share the last bin
+_Z_CAP = 4.0
+_inverse_normal = NormalDist().inv_cdf
+
+
+class CostReference:
+    """A time-decayed histogram of log(cost in nano-dollars): the scope's cost distribution
+    over the last ``tau`` seconds, and its mean."""
+
+    __slots__ = (
+        "_last_z",
+        "added",
+        "origin",
+        "recent",
+        "spread",
+        "sum_cost",
+        "sum_log",
+        "tau",
+        "total",
+        "weights",
+    )
+
+    def __init__(self, tau: float) -> None:
+        self.tau = tau
+        self.weights = [0.0] * _BINS
+        self.total = 0.0
+        self.sum_cost = 0.0
+        self.sum_log = 0.0
+        self.origin: float | None = None  # weights are relative to exp(origin / tau)
+        self.recent: deque[tuple[float, float]] = deque(maxlen=256)  # (t, cost) to re-learn
+        self.added = 0
+        self.spread = 1.0  # standard deviation of log cost, refreshed every 256 calls
+        self._last_z: tuple[float, float, int, float] | None = None  # (cost, t, added, z)
+
+    def _weight(self, t: float) -> float:
+        if self.origin is None:
+            self.origin = t
+        exponent = (t - self.origin) / self.tau
+        if exponent > 200:  # rescale everything to a new origin before floats overflow
+            scale = math.exp(-exponent)
+            self.weights = [w * scale for w in self.weights]
+            self.total *= scale
+            self.sum_cost *= scale
+            self.sum_log *= scale
+            self.origin, exponent = t, 0.0
+        return math.exp(exponent)
+
+    def add(self, cost_nanos: float, t: float) -> None:
+        weight = self._weight(t)
+        self.weights[_bin(cost_nanos)] += weight
+        self.total += weight
+        self.sum_cost += weight * cost_nanos
+        self.sum_log += weight * math.log(max(cost_nanos, 1.0))
+        self.recent.append((t, cost_nanos))
+        self.added += 1
+        if self.added % 256 == 0 or self.added == 64:
+            self.spread = log_spread(self)
+
+    def count(self, t: float) -> float:
+        """Effective number of calls remembered at ``t``."""
+        if self.origin is None:
+            return 0.0
+        return self.total * math.exp(-(t - self.origin) / self.tau)
+
+    def mean(self) -> float:
+        return self.sum_cost / self.total if self.total > 0 else 0.0
+
+    def mean_log(self) -> float:
+        """Mean log cost: the log of the typical (geometric mean) cost."""
+        return self.sum_log / self.total if self.total > 0 else 0.0
+
+    def z(self, cost_nanos: float, t: float) -> float:
+        """The standard normal score of this cost's rank in the distribution."""
+        if self.total <= 0:
+            return 0.0
+        last = self._last_z
+        if last is not None and last[0] == cost_nanos and last[1] == t and last[2] == self.added:
+            return last[3]  # the same call, asked again (a user, then its feature)
+        z = self._z(cost_nanos, t)
+        self._last_z = (cost_nanos, t, self.added, z)
+        return z
+
+    def _z(self, cost_nanos: float, t: float) -> float:
+        position = min(max((math.log(max(cost_nanos, 1.0)) - _LOG_MIN) / _BIN, 0.0), _BINS - 1e-9)
+        index = int(position)
+        below = sum(self.weights[:index]) + (position - index) * self.weights[index]
+        floor = 0.5 / max(self.count(t), 1.0)
+        share = min(max(below / self.total, floor), 1.0 - floor)
+        return max(-_Z_CAP, min(_Z_CAP, _inverse_normal(share)))
+
+    def relearn(self, t: float) -> None:
+        """Forget everything but the latest calls (a new normal was accepted)."""
+        recent = list(self.recent)
+        self.weights = [0.0] * _BINS
+        self.total = self.sum_cost = self.sum_log = 0.0
+        self.origin = None
+        for at, cost in recent:
+            self.add(cost, max(at, t - self.tau))
+
+
+def _bin(cost_nanos: float) -> int:
+    return min(_BINS - 1, max(0, int((math.log(max(cost_nanos, 1.0)) - _LOG_MIN) / _BIN)))
+
+
+class CostDetector:
+    """Cost per request of one scope: CUSUMs of rank scores against a day-long reference.
+
+    Features and the global scope own a :class:`CostReference`; a user is judged in the
+    reference of the call's feature, shifted by the user's own typical score.
+    """
+
+    __slots__ = (
+        "alarm_since",
+        "cusums",
+        "ew_at",
+        "ew_cost",
+        "ew_log",
+        "ew_z",
+        "last_anomalous",
+        "offset_n",
+        "offset_sum",
+        "reference",
+        "scope",
+        "settings",
+        "spread",
+        "thresholds",
+    )
+
+    def __init__(self, scope: str, settings: DetectorSettings, own_reference: bool) -> None:
+        s = settings
+        self.scope = scope
+        self.settings = settings
+        self.reference = CostReference(s.cost_reference_memory_seconds) if own_reference else None
+        # Tuned to the stated rise (set from the spread), to a rise of one standard
+        # deviation, and to a jump.
+        self.cusums = [Cusum(0.5), Cusum(0.5), Cusum(s.cost_large_k)]
+        self.thresholds = [cusum_threshold(c.k, s.cost_arl0_requests) for c in self.cusums]
+        self.spread = 1.0
+        self.offset_sum = 0.0  # users: their typical score, learned
+        self.offset_n = 0.0
+        self.alarm_since: float | None = None
+        self.last_anomalous = -math.inf
+        self.ew_z = 0.0  # while anomalous: recent rank scores and costs, over ~a minute
+        self.ew_cost = 0.0
+        self.ew_log = 0.0
+        self.ew_at = 0.0
+
+    def use_settings(self, settings: DetectorSettings) -> None:
+        """New thresholds (the reference's memory stays as it was built)."""
+        self.settings = settings
+        self.cusums[2].k = settings.cost_large_k
+        self.thresholds = [cusum_threshold(c.k, settings.cost_arl0_requests) for c in self.cusums]
+
+    def _tune(self, spread: float) -> None:
+        """Tune the first CUSUM to a rise of ``cost_design_ratio`` given the log-cost spread."""
+        self.spread = spread
+        k = round(min(0.5, max(0.1, math.log(self.settings.cost_design_ratio) / (2.0 * spread))), 2)
+        if abs(k - self.cusums[0].k) > 0.01:
+            self.cusums[0].k = k
+            self.thresholds[0] = cusum_threshold(k, self.settings.cost_arl0_requests)
+
+    def offset(self) -> float:
+        prior = self.settings.cost_user_prior_requests
+        return self.offset_sum / (self.offset_n + prior)
+
+    def typical_log(self, ref: CostReference, owned: bool) -> float:
+        """Log of this scope's usual typical cost: its reference's, shifted for a user."""
+        return ref.mean_log() + (0.0 if owned else self.offset() * self.spread)
+
+    def observe(
+        self,
+        ts: datetime,
+        cost_nanos: float,
+        reference: CostReference | None = None,
+        requests_per_hour: float = 0.0,
+    ) -> Verdict | None:
+        """Judge one call. ``reference``: the distribution to rank it in (a user's feature's;
+        None for a scope that owns one). Returns an anomalous verdict, a normal one while
+        an alarm is open, or None."""
+        s = self.settings
+        t = ts.timestamp()
+        ref = self.reference if self.reference is not None else reference
+        if ref is None:
+            return None
+        owned = ref is self.reference
+        if ref.count(t) < s.cost_warmup_requests:
+            if owned:
+                ref.add(cost_nanos, t)
+            return None
+        self._tune(ref.spread)
+        raw = ref.z(cost_nanos, t)
+        z = raw if owned else raw - self.offset()
+        reference_mean = ref.mean()
+        log_cost = math.log(max(cost_nanos, 1.0))
+        usual = self.typical_log(ref, owned)
+        note = ""
+        if self.alarm_since is not None and t - self.last_anomalous > s.resolve_after_seconds:
+            self._end_alarm()  # nothing anomalous for a while (no calls, or ordinary ones)
+        if self.alarm_since is None:
+            # Learned at once: the reference remembers a day, so the start of a rise over
+            # hours weighs little in it; nothing is learned once the scope is anomalous.
+            if owned:
+                ref.add(cost_nanos, t)
+            else:
+                self.offset_sum = self.offset_sum * 0.995 + raw
+                self.offset_n = self.offset_n * 0.995 + 1.0
+            fired = None
+            for cusum, h in zip(self.cusums, self.thresholds, strict=True):
+                cusum.update(z, cost_nanos, log_cost, t)
+                if fired is None and cusum.stat > h:
+                    # A rise that has lasted must reach the stated amount; a younger one
+                    # must be a jump (busy features' costs wander by a third for minutes).
+                    needed = (
+                        s.cost_min_ratio
+                        if t - cusum.run_start >= s.cost_sustained_seconds
+                        else s.cost_jump_ratio
+                    )
+                    if math.exp(cusum.run_log / cusum.run_n - usual) >= needed:
+                        fired = cusum
+            if fired is None:
+                return None
+            self.alarm_since = self.last_anomalous = t
+            self.ew_z = fired.run_z / fired.run_n
+            self.ew_log = fired.run_log / fired.run_n
+            self.ew_cost = observed = fired.run_carried / fired.run_n
+            self.ew_at = t
+            anomalous = True
+            note = (
+                f"the {fired.run_n} calls since the change averaged ${observed / NANOS_PER_USD:.4g}"
+                f", typically {math.exp(self.ew_log - usual):.1f}x the usual cost"
+            )
+        else:
+            # What the calls of the last minute or so typically cost (time-weighted, so a
+            # quiet scope's first ordinary call after a while counts for most of it).
+            weight = max(0.02, 1.0 - math.exp(-(t - self.ew_at) / 60.0))
+            self.ew_at = t
+            self.ew_z += weight * (z - self.ew_z)
+            self.ew_log += weight * (log_cost - self.ew_log)
+            self.ew_cost += weight * (cost_nanos - self.ew_cost)
+            observed = self.ew_cost
+            # Still anomalous: typically half the stated excess above usual, and more than
+            # the average can wander by chance (2 of its standard deviations).
+            noise = 2.0 * math.sqrt(weight / (2.0 - weight))
+            anomalous = (
+                math.exp(self.ew_log - usual) >= 1.0 + (s.cost_min_ratio - 1.0) / 2
+                and self.ew_z >= noise
+            )
+            if anomalous:
+                self.last_anomalous = t
+                if t - self.alarm_since >= s.cost_adapt_after_minutes * 60:
+                    self._accept(ref if owned else None)
+                    note = f"anomalous for {s.cost_adapt_after_minutes} min, now learned as normal"
+                    anomalous = False
+                else:
+                    note = f"recent calls typically {math.exp(self.ew_log - usual):.1f}x the usual cost"
+        expected_usd = reference_mean / NANOS_PER_USD
+        observed_usd = observed / NANOS_PER_USD
+        return Verdict(
+            kind="cost_per_request",
+            scope=self.scope,
+            ts=ts,
+            score=max(c.stat / h for c, h in zip(self.cusums, self.thresholds, strict=True)),
+            is_anomaly=anomalous,
+            expected=expected_usd,
+            observed=observed_usd,
+            unit="usd",
+            metric="cost per request",
+            window_seconds=None,
+            note=note,
+            impact_usd_per_hour=(observed_usd - expected_usd) * requests_per_hour,
+        )
+
+    def _end_alarm(self) -> None:
+        self.alarm_since = None
+        for cusum in self.cusums:
+            cusum.reset()
+
+    def _accept(self, ref: CostReference | None) -> None:
+        """Hours of the same level: it is the new normal."""
+        if ref is not None:
+            ref.relearn(self.last_anomalous)
+        else:
+            self.offset_sum += self.ew_z * (self.offset_n + self.settings.cost_user_prior_requests)
+        self._end_alarm()
+
+
+def log_spread(ref: CostReference) -> float:
+    """Standard deviation of log cost in a reference (for tuning the CUSUM allowance)."""
+    total = ref.total
+    if total <= 0:
+        return 1.0
+    centres = [_LOG_MIN + (i + 0.5) * _BIN for i in range(_BINS)]
+    mean = sum(w * c for w, c in zip(ref.weights, centres, strict=True)) / total
+    var = sum(w * (c - mean) ** 2 for w, c in zip(ref.weights, centres, strict=True)) / total
+    return math.sqrt(max(var, _BIN * _BIN / 12))
+
+
+__all__ = ["CostDetector", "CostReference", "log_spread"]

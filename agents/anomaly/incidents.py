@@ -1,0 +1,221 @@
+"""One incident, one page: alerts of nested scopes that fire together are correlated.
+
+Owns grouping ``firing`` alerts into incidents and choosing which one pages. A user's
+runaway loop moves the user's, their feature's and the global request rate at once;
+a prompt injection moves a feature's cost and, through it, the global cost. Those are
+one incident, and on-call should get one page naming the narrowest scope that
+explains it, with the others attached.
+
+- **Grouping.** A firing alert joins an open incident that saw an alert within
+  ``incident_window_seconds`` when its scope nests with one of the incident's narrower
+  members (the same scope, or a user and a feature the user called recently); a
+  ``global`` alert joins the latest open incident. So a user's loop after a global surge,
+  or two users' loops, are separate pages.
+- **Holding.** A new incident holds its page for ``incident_hold_seconds`` of event
+  time so the alerts of the same moment can join; then one alert pages
+  (``incident_role="primary"``) and every member is published with the same
+  ``incident_key`` (the others as ``related``; the page's message and details list them).
+  Alerts that join later are published as related at once.
+- **The narrowest scope that explains it.** Starting from the widest member, the page
+  moves to a nested member that accounts for at least ``incident_explain_share`` of the
+  wider one's extra spend over the last minutes (the engine measures it when the hold
+  ends): a user whose loop is most of their feature's surge, not one of many users of
+  a feature whose cost shifted.
+- **Resolving.** Each member's ``resolved`` record is published as it comes; the
+  page's own resolve is held until every member of the incident has resolved.
+
+Event time only. It does not own alert lifecycles per key (:mod:`agents.anomaly.alerting`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from agents.anomaly.settings import DetectorSettings
+
+Nests = Callable[[str, str], bool]
+Explains = Callable[[str, str, datetime], bool]
+
+
+def specificity(scope: str) -> int:
+    """0 for global, 1 for a feature (or team, key), 2 for a user."""
+    if scope == "global":
+        return 0
+    return 2 if scope.startswith("user:") else 1
+
+
+@dataclass
+class Group:
+    """An incident: its alerts (by key) and whether its page went out."""
+
+    key: str
+    opened: datetime
+    last_activity: datetime
+    members: dict[str, dict[str, Any]] = field(default_factory=dict)  # firing records by key
+    resolved: set[str] = field(default_factory=set)
+    primary: str = ""
+    paged: bool = False
+    held_resolve: dict[str, Any] | None = None
+
+
+class Correlator:
+    """Firing/resolved alert records in; the same records out, grouped and marked."""
+
+    def __init__(self, settings: DetectorSettings, nests: Nests, explains: Explains) -> None:
+        self.settings = settings
+        self.nests: Nests | None = nests
+        self.explains: Explains | None = explains
+        self.groups: list[Group] = []
+        self.by_key: dict[str, Group] = {}  # alert key -> its open group
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["nests"] = state["explains"] = None  # the engine's; handed in again on restore
+        return state
+
+    def process(self, alerts: list[dict[str, Any]], now: datetime) -> list[dict[str, Any]]:
+        """Alerts to publish, given new lifecycle ``alerts`` at event time ``now``."""
+        out: list[dict[str, Any]] = []
+        for alert in alerts:
+            if alert["status"] == "firing":
+                out += self._firing(alert)
+            else:
+                out += self._resolved(alert)
+        out += self.tick(now)
+        return out
+
+    def _nests(self, a: str, b: str) -> bool:
+        return a == b if self.nests is None else self.nests(a, b)
+
+    def tick(self, now: datetime) -> list[dict[str, Any]]:
+        """Pages of incidents whose hold has passed at ``now``."""
+        hold = timedelta(seconds=self.settings.incident_hold_seconds)
+        out: list[dict[str, Any]] = []
+        for group in self.groups:
+            if not group.paged and now - group.opened >= hold:
+                out += self._page(group, now)
+        return out
+
+    def flush(self) -> list[dict[str, Any]]:
+        """Every held page now (end of a finite stream)."""
+        out: list[dict[str, Any]] = []
+        for group in self.groups:
+            if not group.paged:
+                out += self._page(group, group.last_activity)
+        return out
+
+    # -- firing -----------------------------------------------------------------------------
+    def _firing(self, alert: dict[str, Any]) -> list[dict[str, Any]]:
+        ts: datetime = alert["ts"]
+        window = timedelta(seconds=self.settings.incident_window_seconds)
+        scope = alert["scope"]
+        group = next(
+            (
+                g
+                for g in reversed(self.groups)
+                if ts - g.last_activity <= window
+                and (
+                    # The global scope belongs to any incident; a narrower alert joins only
+                    # an incident with a narrower member it nests with (two users' loops,
+                    # or a loop after a global surge, stay separate pages).
+                    scope == "global"
+                    or any(
+                        m["scope"] != "global" and self._nests(scope, m["scope"])
+                        for m in g.members.values()
+                    )
+                )
+            ),
+            None,
+        )
+        if group is None:
+            group = Group(key=_incident_key(alert), opened=ts, last_activity=ts)
+            self.groups.append(group)
+        group.members[alert["alert_key"]] = alert
+        group.last_activity = max(group.last_activity, ts)
+        self.by_key[alert["alert_key"]] = group
+        if group.paged:
+            return [self._mark(alert, group, "related")]
+        return []
+
+    def _page(self, group: Group, now: datetime) -> list[dict[str, Any]]:
+        group.paged = True
+        group.primary = self._choose(group, now)
+        page = group.members[group.primary]
+        others = [k for k in group.members if k != group.primary]
+        out = [self._mark(page, group, "primary", others)]
+        out += [self._mark(group.members[k], group, "related") for k in others]
+        return out
+
+    def _choose(self, group: Group, now: datetime) -> str:
+        """The narrowest member that explains the wider ones (see the module docstring)."""
+        members = sorted(group.members.values(), key=lambda a: (specificity(a["scope"]), -_size(a)))
+        current = members[0]
+        while True:
+            narrower = [
+                m
+                for m in members
+                if specificity(m["scope"]) > specificity(current["scope"])
+                and self._nests(m["scope"], current["scope"])
+                and (self.explains is not None and self.explains(m["scope"], current["scope"], now))
+            ]
+            if not narrower:
+                return str(current["alert_key"])
+            current = max(narrower, key=_size)
+
+    # -- resolved ---------------------------------------------------------------------------
+    def _resolved(self, alert: dict[str, Any]) -> list[dict[str, Any]]:
+        group = self.by_key.pop(alert["alert_key"], None)
+        if group is None:
+            return [alert]
+        group.resolved.add(alert["alert_key"])
+        out: list[dict[str, Any]] = []
+        if not group.paged:
+            out += self._page(group, alert["ts"])  # resolved within the hold: page it now
+        everything = group.resolved >= set(group.members)
+        if alert["alert_key"] == group.primary and not everything:
+            group.held_resolve = alert
+        else:
+            out.append(
+                self._mark(
+                    alert, group, "primary" if alert["alert_key"] == group.primary else "related"
+                )
+            )
+        if everything:
+            if group.held_resolve is not None:
+                held = {**group.held_resolve, "ts": max(alert["ts"], group.held_resolve["ts"])}
+                out.append(self._mark(held, group, "primary"))
+            self.groups.remove(group)
+        return out
+
+    def _mark(
+        self, alert: dict[str, Any], group: Group, role: str, others: list[str] | None = None
+    ) -> dict[str, Any]:
+        marked = {**alert, "incident_key": group.key, "incident_role": role}
+        if others:
+            listed = ", ".join(others[:8]) + (
+                f" and {len(others) - 8} more" if len(others) > 8 else ""
+            )
+            marked["message"] = f"{alert['message']} (+{len(others)} related: {listed})"
+            marked["details"] = {**alert["details"], "related": "; ".join(others)}
+        return marked
+
+
+def _size(alert: dict[str, Any]) -> float:
+    """How much of an incident an alert accounts for: its money at stake, else its excess."""
+    impact = alert.get("impact_usd_per_hour")
+    if impact is not None:
+        return abs(float(impact))
+    observed, expected = alert.get("observed"), alert.get("expected")
+    if observed is None or expected is None:
+        return 0.0
+    return abs(float(observed) - float(expected))
+
+
+def _incident_key(alert: dict[str, Any]) -> str:
+    return f"{alert['alert_key']}@{alert['ts']:%Y-%m-%dT%H:%M:%S}"
+
+
+__all__ = ["Correlator", "Group", "specificity"]

@@ -1,0 +1,164 @@
+"""Tier-mix anomalies: has a scope's economy-tier share dropped (a routing regression)?
+
+Owns :class:`TierMixDetector`: a Bernoulli CUSUM on "served by the economy tier or not",
+each call adding the log-likelihood ratio of "the share dropped by ``mix_design_drop``"
+against "the share is what it was over the past day". It is the optimal sequential test
+for that drop: an 85 % -> 35 % regression builds ~0.56 nats of evidence per call, so
+with the threshold at 11.5 nats it is found in ~21 calls (92 s at 13.6 calls/min).
+The reference share learns a call only once the CUSUM has fallen back to 0 after it,
+and never during a drop. A trigger alerts when the share since the estimated change
+point is at least ``mix_min_drop`` below the reference; the alert lasts while the
+recent share (an exponential average over ~33 calls, kept all along) is that far below
+too, so a dip that only the CUSUM's selection makes look deep is not paged; the alert
+lasts while the recent share stays half that far below.
+
+It does not own alert lifecycles or the choice of scopes.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+
+from agents.anomaly.core import Verdict
+from agents.anomaly.settings import DetectorSettings
+
+
+class TierMixDetector:
+    """The economy-tier share of one scope's calls; flags a drop."""
+
+    __slots__ = (
+        "alarm_since",
+        "at",
+        "at_warm",
+        "economy",
+        "last_anomalous",
+        "pending",
+        "recent",
+        "run_economy",
+        "run_n",
+        "scope",
+        "settings",
+        "stat",
+        "total",
+    )
+
+    def __init__(self, scope: str, settings: DetectorSettings) -> None:
+        self.scope = scope
+        self.settings = settings
+        self.economy = 0.0  # time-decayed calls served by the economy tier
+        self.total = 0.0  # time-decayed calls
+        self.at: float | None = None
+        self.stat = 0.0
+        self.run_n = 0
+        self.run_economy = 0
+        self.pending: list[float] = []  # economy flags of the open run, not yet learned
+        self.alarm_since: float | None = None
+        self.last_anomalous = -math.inf
+        self.recent = 0.0  # the share of the last ~33 calls (exponential average)
+        self.at_warm = False
+
+    def _fade(self, t: float) -> None:
+        if self.at is not None and t > self.at:
+            fade = math.exp(-(t - self.at) / self.settings.mix_reference_memory_seconds)
+            self.economy *= fade
+            self.total *= fade
+        if self.at is None or t > self.at:
+            self.at = t
+
+    def _learn(self, flags: list[float]) -> None:
+        for flag in flags:
+            self.economy += flag
+            self.total += 1.0
+
+    def share(self) -> float:
+        return self.economy / self.total if self.total > 0 else 0.0
+
+    def observe(
+        self,
+        ts: datetime,
+        economy: bool,
+        cost_delta_usd: float = 0.0,
+        requests_per_hour: float = 0.0,
+    ) -> Verdict | None:
+        """Judge one call. ``cost_delta_usd``: how much more a non-economy call costs than an
+        economy one in this scope (for the money at stake). Returns an anomalous verdict, a
+        normal one while an alarm is open, or None."""
+        s = self.settings
+        t = ts.timestamp()
+        self._fade(t)
+        flag = 1.0 if economy else 0.0
+        if self.total < s.mix_warmup_requests:
+            self._learn([flag])
+            return None
+        p0 = min(max(self.share(), 0.01), 0.99)
+        if self.at_warm:
+            self.recent += 0.03 * (flag - self.recent)
+        else:
+            self.recent, self.at_warm = p0, True
+        p1 = max(p0 - s.mix_design_drop, p0 / 4)
+        llr = math.log(p1 / p0) if economy else math.log((1 - p1) / (1 - p0))
+        self.stat = max(0.0, self.stat + llr)
+        note = ""
+        if self.alarm_since is None:
+            if self.stat == 0.0:
+                self._learn([*self.pending, flag])
+                self.pending.clear()
+                self.run_n = self.run_economy = 0
+                return None
+            self.pending.append(flag)
+            self.run_n += 1
+            self.run_economy += int(economy)
+            run_share = self.run_economy / self.run_n
+            if (
+                self.stat < s.mix_threshold
+                or run_share > p0 - s.mix_min_drop
+                or self.recent > p0 - s.mix_min_drop
+            ):
+                if len(self.pending) > 2000:  # a long mild dip under the gate: learn it
+                    self._learn(self.pending[:1000])
+                    del self.pending[:1000]
+                return None
+            self.alarm_since = self.last_anomalous = t
+            self.pending.clear()
+            anomalous = True
+            observed = run_share
+            note = f"share of the {self.run_n} calls since the change"
+        else:
+            observed = self.recent
+            anomalous = self.recent <= p0 - s.mix_min_drop / 2
+            if anomalous:
+                self.last_anomalous = t
+                if t - self.alarm_since >= s.mix_adapt_after_seconds:
+                    note = f"low for {s.mix_adapt_after_seconds // 60} min, now learned as normal"
+                    self.economy, self.total = self.recent * self.total, self.total
+                    self._end_alarm()
+                    anomalous = False
+                else:
+                    note = "share of the last ~30 calls"
+            elif t - self.last_anomalous > s.resolve_after_seconds:
+                self._end_alarm()
+        drop = p0 - observed
+        return Verdict(
+            kind="tier_mix",
+            scope=self.scope,
+            ts=ts,
+            score=self.stat / s.mix_threshold,
+            is_anomaly=anomalous,
+            expected=p0,
+            observed=observed,
+            unit="share",
+            metric="economy-tier share",
+            window_seconds=None,
+            note=note,
+            impact_usd_per_hour=max(0.0, drop) * requests_per_hour * cost_delta_usd,
+        )
+
+    def _end_alarm(self) -> None:
+        self.alarm_since = None
+        self.stat = 0.0
+        self.run_n = self.run_economy = 0
+        self.pending.clear()
+
+
+__all__ = ["TierMixDetector"]

@@ -1,0 +1,625 @@
+"""Request-rate anomalies: is this scope calling far more (or, globally, far less) than usual?
+
+Owns :class:`RateDetector`, one per scope (a user, a feature, the global stream), and
+the :class:`PeerPrior` a feature lends its users. Every call of a scope is counted in
+5-second slots; at each call the counts of the last 1, 2, 5, 15 and 60 minutes are
+tested against what the scope's past says those windows should hold:
+
+- **A reference that has not seen the window.** Each window has its own time-decayed
+  rate, fed with the slots only once they leave that window, and never with a stretch
+  that was anomalous. So the 5-minute test compares the last 5 minutes with the scope's
+  history before them, and an incident does not teach the model that it is normal.
+- **Empirical Bayes for quiet users.** A user's rate is a Gamma-Poisson posterior:
+  a prior fitted to the rates of the other users of their feature, updated with their
+  own calls over a day (``volume_user_memory_seconds``). A user seen 21 times in a day
+  has a tight posterior of ~0.015 calls/min, so 5 calls a minute is a 300-fold jump
+  with overwhelming evidence within a minute; a brand-new user inherits the peers'
+  spread and is judged far more leniently.
+- **Over-dispersion, measured.** Real callers come in bursts (sessions, retries), so
+  the tail test is quasi-Poisson: the variance/mean ratio of each window's count is
+  learned per scope (from squared errors where counts are large, from how many other
+  calls surround a call where they are small), and a user borrows the burstiness of
+  their feature's users until they have their own.
+- **Daily rhythm and surges of everyone.** Features and the global stream remember
+  half an hour (they follow a daily rhythm); a user's day-long rate is scaled by how
+  far the global rate is above its daily mean, and a surge of the rest of the traffic
+  scales everyone's expectation (the surge is the global scope's alert).
+
+The surprise of a count is its tail probability (regularised incomplete gamma), with
+a Bonferroni factor for the windows tested; an effect-size floor (``volume_min_ratio``
+and ``volume_min_count``) keeps large scopes from alerting on statistically certain
+but small excesses. It does not own alert lifecycles or the choice of scopes.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from agents.anomaly.core import DecayedMean, DecayedRate, Verdict, lower_tail, surprise, upper_tail
+from agents.anomaly.settings import DetectorSettings
+
+SLOT_SECONDS = 5
+_INF = math.inf
+_PEARSON_MIN_EXPECTED = 5.0  # below this, burstiness is measured by neighbours, not squares
+_EPISODE_GAP_SECONDS = 120.0  # an unusual stretch is over after this long without unusual calls
+
+
+@dataclass
+class PeerPrior:
+    """What a feature's users look like, for judging one of them: a Gamma(alpha, beta)
+    prior on the rate (per second) and their pooled burstiness per window."""
+
+    alpha: float = 0.0
+    beta: float = 0.0
+    users: int = 0
+    burst: list[DecayedMean] = field(default_factory=list)  # every user's calls, pooled
+
+    @property
+    def ready(self) -> bool:
+        return self.alpha > 0 and self.beta > 0
+
+
+def fit_peer_prior(prior: PeerPrior, rates: list[tuple[float, float]]) -> None:
+    """Fit ``prior`` (method of moments) to users' (count, exposure) over their memory.
+
+    The variance of the true rates is the variance of the estimates less their Poisson
+    noise (count / exposure^2); it is kept at least (mean / 7)^2 so that a feature
+    whose users look alike still leaves a new user room.
+    """
+    estimates = [(count / exposure, count / exposure**2) for count, exposure in rates if exposure]
+    prior.users = len(estimates)
+    if len(estimates) < 3:
+        prior.alpha = prior.beta = 0.0
+        return
+    mean = sum(rate for rate, _ in estimates) / len(estimates)
+    if mean <= 0:
+        prior.alpha = prior.beta = 0.0
+        return
+    spread = sum((rate - mean) ** 2 for rate, _ in estimates) / (len(estimates) - 1)
+    noise = sum(var for _, var in estimates) / len(estimates)
+    variance = max(spread - noise, (mean / 7.0) ** 2)
+    prior.alpha = mean * mean / variance
+    prior.beta = mean / variance
+
+
+class RateDetector:
+    """The request count of one scope, tested over several windows as calls arrive."""
+
+    __slots__ = (
+        "_rates",
+        "alarm_since",
+        "alarm_window",
+        "burst",
+        "counts",
+        "daily",
+        "detect_drops",
+        "episode",
+        "expired_slot",
+        "exposures",
+        "first_at",
+        "frozen",
+        "heads",
+        "is_user",
+        "kind",
+        "last_anomalous",
+        "learned_slot",
+        "mu",
+        "p_value",
+        "pearson",
+        "recent",
+        "refs",
+        "scope",
+        "settings",
+        "slots",
+        "spends",
+        "steps",
+        "tau",
+        "waiting",
+        "windows",
+    )
+
+    def __init__(self, scope: str, settings: DetectorSettings, kind: str) -> None:
+        s = settings
+        self.scope = scope
+        self.settings = settings
+        self.kind = kind
+        self.is_user = kind == "user"
+        self.windows = sorted(s.volume_windows_seconds)
+        self.steps = [w // SLOT_SECONDS for w in self.windows]
+        self.tau = s.volume_user_memory_seconds if self.is_user else s.volume_rate_memory_seconds
+        self.p_value = s.volume_p_value_user if self.is_user else s.volume_p_value
+        self.detect_drops = kind in s.volume_drop_scope_kinds
+        self.slots: list[list[float]] = []  # [slot index, calls, nanos], oldest first
+        self.heads = [0] * len(self.windows)  # first slot inside each window
+        self.counts = [0] * len(self.windows)
+        self.refs = [DecayedRate() for _ in self.windows]
+        self.burst = [DecayedMean() for _ in self.windows]
+        self.pearson = [DecayedMean() for _ in self.windows]
+        self.daily = DecayedRate() if kind == "global" else None
+        self.frozen: list[list[float]] = []  # [start, end] of anomalous stretches (not learned)
+        self.first_at: float | None = None
+        self.alarm_since: float | None = None
+        self.last_anomalous = -_INF
+        self.alarm_window = 0
+        self.recent: deque[float] = deque(maxlen=3)  # times of the last calls
+        self.episode: list | None = None  # an unusual stretch whose calls are held back
+        self.waiting: deque[tuple[float, list[float]]] = deque()  # calls not yet learned
+        self.expired_slot = -1
+        self.exposures = [0.0] * len(self.windows)  # each reference's history, last computed
+        self.learned_slot = -1
+        # (prior's alpha, rhythm, rates) cached for the current slot
+        self._rates: tuple[float, float, list[tuple[float, float]]] | None = None
+        self.mu = [0.0] * len(self.windows)  # expected calls per window, at the last call
+        self.spends = [0.0] * len(self.windows)  # nano-dollars spent in each window
+
+    def use_settings(self, settings: DetectorSettings) -> None:
+        """New thresholds (windows and memories stay as they were built)."""
+        self.settings = settings
+        self.p_value = settings.volume_p_value_user if self.is_user else settings.volume_p_value
+        self.detect_drops = self.kind in settings.volume_drop_scope_kinds
+
+    def expected_first(self) -> float:
+        """Calls expected in the shortest window, as judged at the last call."""
+        return self.mu[0]
+
+    def excess_spend(self, j: int, cost_per_call_nanos: float) -> float:
+        """Nano-dollars spent in window ``j`` beyond its expected calls at the usual cost."""
+        return self.spends[j] - self.mu[j] * cost_per_call_nanos
+
+    # -- counting -------------------------------------------------------------------------
+    def expire(self, t: float) -> None:
+        """Move the windows to end at ``t``. A slot leaving a window teaches that window's
+        reference its calls, unless it was part of an anomalous stretch: each window's
+        reference only learns what that window has finished judging."""
+        slot = int(t // SLOT_SECONDS)
+        if slot == self.expired_slot:
+            return  # nothing leaves a window within a slot
+        self.expired_slot = slot
+        self._rates = None
+        slots = self.slots
+        for j, steps in enumerate(self.steps):
+            cutoff = slot - steps
+            h = self.heads[j]
+            while h < len(slots) and slots[h][0] <= cutoff:
+                index, calls, nanos = slots[h]
+                learned = float(calls)
+                # A window that is leaving while elevated (a ramp not yet paged) teaches its
+                # reference at most the elevated level's floor: the reference follows a real
+                # change slowly, and a surge in the making does not raise its own bar.
+                cap = self.settings.volume_min_ratio * self.mu[j]
+                if self.mu[j] >= 1.0 and self.counts[j] > cap:
+                    learned *= cap / self.counts[j]
+                self.counts[j] -= int(calls)
+                self.spends[j] -= nanos
+                self._learn(j, index * SLOT_SECONDS, learned)
+                h += 1
+            self.heads[j] = h
+        oldest = self.heads[-1]
+        if oldest > 256:
+            del slots[:oldest]
+            self.heads = [h - oldest for h in self.heads]
+
+    def _learn(self, j: int, at: float, calls: float) -> None:
+        ref = self.refs[j]
+        if ref.at is None:
+            ref.at = at
+        for start, end in self.frozen:
+            if end <= ref.at:
+                continue
+            if start >= at:
+                break
+            if start > ref.at:
+                ref.advance(start, self.tau)
+            ref.skip_to(min(end, at))
+        ref.advance(at, self.tau)
+        if any(start <= at < end for start, end in self.frozen):
+            return
+        ref.count += calls
+        if j == 0 and self.daily is not None:
+            self.daily.advance(at, 86400.0)
+            self.daily.count += calls
+
+    def add_late(self, t: float, nanos: float) -> None:
+        """Count a call that arrived after calls newer than it: in the slot it belongs to,
+        in the windows that still hold that slot, in the references of those it left.
+        It is not judged (its moment has passed)."""
+        if not self.slots or int(t // SLOT_SECONDS) >= self.slots[-1][0]:
+            self.expire(t)
+            self._add(t, nanos)
+            return
+        index = int(t // SLOT_SECONDS)
+        newest = int(self.slots[-1][0])
+        self._rates = None
+        position = bisect.bisect_left([entry[0] for entry in self.slots], index)
+        exists = position < len(self.slots) and self.slots[position][0] == index
+        if exists:
+            entry = self.slots[position]
+            entry[1] += 1
+            entry[2] += nanos
+        else:
+            self.slots.insert(position, [index, 1, nanos])
+        for j, steps in enumerate(self.steps):
+            inside = index > newest - steps
+            if not exists and (self.heads[j] > position or not inside):
+                self.heads[j] += 1  # the new slot sits before this window's first slot
+            if inside:
+                self.counts[j] += 1
+                self.spends[j] += nanos
+            else:
+                self._learn(j, index * SLOT_SECONDS, 1)
+
+    def _add(self, t: float, nanos: float) -> None:
+        self.recent.append(t)
+        slot = int(t // SLOT_SECONDS)
+        if self.slots and self.slots[-1][0] >= slot:
+            entry = self.slots[-1]  # a slightly late call counts in the newest slot
+            entry[1] += 1
+            entry[2] += nanos
+        else:
+            self.slots.append([slot, 1, nanos])
+        for j in range(len(self.counts)):
+            self.counts[j] += 1
+            self.spends[j] += nanos
+
+    # -- the model ------------------------------------------------------------------------
+    def rates(
+        self, t: float, prior: PeerPrior | None = None, rhythm: float = 1.0
+    ) -> list[tuple[float, float]]:
+        """Per window: (expected calls per second, Gamma shape of that estimate). Within a
+        5-second slot the answer is reused (references change when slots leave windows)."""
+        alpha = prior.alpha if prior is not None else -1.0
+        cached = self._rates
+        if cached is not None and cached[0] == alpha and abs(cached[1] - rhythm) < 0.01:
+            return cached[2]
+        out = self._compute_rates(t, prior, rhythm)
+        self._rates = (alpha, rhythm, out)
+        return out
+
+    def _compute_rates(
+        self, t: float, prior: PeerPrior | None, rhythm: float
+    ) -> list[tuple[float, float]]:
+        open_since = self.frozen[-1][0] if self.frozen and self.frozen[-1][1] == _INF else _INF
+        if self.is_user:
+            # A busy user follows their own rhythm, like a feature: half an hour of memory,
+            # no prior; a quiet one keeps a day, their peers' prior and the global rhythm.
+            s = self.settings
+            count, exposure = self.refs[0].at_time(t - self.windows[0], self.tau)
+            busy = exposure > 0 and count / exposure * 60 >= s.volume_busy_user_per_minute
+            self.tau = s.volume_rate_memory_seconds if busy else s.volume_user_memory_seconds
+            if busy:
+                prior, rhythm = None, 1.0
+        out = []
+        exposures = self.exposures
+        for j, w in enumerate(self.windows):
+            count, exposure = self.refs[j].at_time(min(t - w, open_since), self.tau)
+            exposures[j] = exposure
+            if self.tau == self.settings.volume_rate_memory_seconds:
+                shape = count
+                rate = count / exposure if exposure > 0 else 0.0
+            elif self.is_user and prior is not None and prior.ready:
+                shape = prior.alpha + count
+                rate = shape / (prior.beta + exposure) * max(1.0, rhythm)
+            else:
+                shape = count
+                rate = count / exposure if exposure > 0 else 0.0
+                if self.is_user:
+                    rate *= max(1.0, rhythm)
+            out.append((rate, shape))
+        return out
+
+    def rhythm(self, t: float) -> float:
+        """Global only: the current rate over the daily mean rate (0.25 to 4)."""
+        if self.daily is None:
+            return 1.0
+        fast = self.refs[0].at_time(t - self.windows[0], self.tau)
+        daily = self.daily.at_time(t - self.windows[0], 86400.0)
+        if fast[1] <= 0 or daily[1] < 3600 or daily[0] <= 0:
+            return 1.0
+        return min(4.0, max(0.25, (fast[0] / fast[1]) / (daily[0] / daily[1])))
+
+    def dispersion(self, j: int, expected: float, prior: PeerPrior | None) -> float:
+        """Variance/mean of window ``j``'s count around ``expected`` (>= 1)."""
+        if expected >= _PEARSON_MIN_EXPECTED and self.pearson[j].weight > 0:
+            p = self.pearson[j]
+            return max(1.0, (p.total + 5.0) / (p.weight + 5.0))
+        own = self.burst[j]
+        if self.is_user:
+            # The user's own burstiness, leaning on their peers' (or on none: Poisson)
+            # until they have made ``volume_peer_burst_requests`` calls.
+            m = self.settings.volume_peer_burst_requests
+            pooled = prior.burst[j].get(0.0) if prior is not None and len(prior.burst) > j else 0.0
+            excess = (own.total + m * pooled) / (own.weight + m)
+        else:
+            excess = own.get(0.0)
+        return 1.0 + 2.0 * max(0.0, excess)
+
+    def _current(self, t: float, expected: list[tuple[float, float]], context: float) -> bool:
+        """Whether the excess is still going on: the last minute is ``volume_min_ratio``
+        above normal (a busy scope), or the last three calls came that much faster than
+        normal (a quiet one). A burst that ended stays in the long windows for an hour."""
+        ratio = self.settings.volume_min_ratio
+        rate = expected[0][0] * context
+        if rate * self.windows[0] >= _PEARSON_MIN_EXPECTED:
+            return self.counts[0] >= ratio * rate * self.windows[0]
+        if len(self.recent) < self.recent.maxlen:  # type: ignore[operator]
+            return True
+        span = t - self.recent[0]
+        return span <= 0 or (len(self.recent) - 1) / span >= ratio * rate
+
+    def _knows(self, j: int, t: float, prior: PeerPrior | None) -> bool:
+        """Whether window ``j``'s reference has seen at least a window's worth of history."""
+        if self.is_user and prior is not None and prior.ready:
+            return True
+        return self.exposures[j] >= self.windows[j]  # as of the last ``rates``
+
+    def warm(self, t: float, prior: PeerPrior | None) -> bool:
+        if self.first_at is None:
+            return False
+        if self.is_user and prior is not None and prior.ready:
+            return True
+        return t - self.first_at >= self.settings.volume_warmup_seconds
+
+    # -- the protocol ---------------------------------------------------------------------
+    def observe(
+        self,
+        ts: datetime,
+        *,
+        prior: PeerPrior | None = None,
+        rhythm: float = 1.0,
+        context: float = 1.0,
+        cost_per_request_usd: float = 0.0,
+        cost_nanos: float = 0.0,
+    ) -> Verdict | None:
+        """Count one call at ``ts`` (costing ``cost_nanos``) and judge the windows ending there.
+
+        Returns an anomalous verdict, or (while an alarm is open) a normal one saying the
+        current value, else None.
+        """
+        t = ts.timestamp()
+        if self.first_at is None:
+            self.first_at = t
+        self.expire(t)
+        expected = self.rates(t, prior, rhythm)
+        self.mu = [rate * w for (rate, _), w in zip(expected, self.windows, strict=True)]
+        # How this call sits among its neighbours: squared errors where many calls are
+        # expected, the calls just before it (their excess over expected) where few are.
+        spread = [
+            min((count - mu) ** 2 / mu, 25.0)
+            if mu >= _PEARSON_MIN_EXPECTED
+            else min(count - mu, 10.0)
+            if mu > 0
+            else 0.0
+            for count, mu in zip(self.counts, self.mu, strict=True)
+        ]
+        self._add(t, cost_nanos)
+        verdict, best_p = None, 1.0
+        if self.warm(t, prior):
+            verdict, best_p = self._judge(ts, t, expected, prior, context, cost_per_request_usd)
+        slot = int(t // SLOT_SECONDS)
+        if slot != self.learned_slot or best_p < 1.0:
+            # Burstiness is sampled once per slot (a busy scope has many calls per slot),
+            # and always when the call looked unusual.
+            self.learned_slot = slot
+            self._dispersion_episode(t, spread, best_p, prior)
+        return verdict
+
+    def _dispersion_episode(
+        self, t: float, spread: list[float], p: float, prior: PeerPrior | None
+    ) -> None:
+        """Learn how bursty the scope is, without learning its incidents.
+
+        Every call waits ``volume_burst_seconds`` before it teaches the dispersion. A call
+        that looks unusual opens an episode, which takes in the calls still waiting (the
+        start of the burst) and the calls that follow; the episode is learned only if it
+        is over within ``volume_burst_seconds`` (a session, a retry storm: the scope's
+        normal bursts), never if it lasts longer (a loop, a ramp). Users lean on their
+        peers meanwhile.
+        """
+        limit = self.settings.volume_burst_seconds
+        episode = self.episode  # [start, last unusual call, held calls]
+        if episode is not None and t - episode[1] > _EPISODE_GAP_SECONDS:
+            self.episode = None
+            if episode[1] - episode[0] <= limit:  # over quickly: one of the scope's bursts
+                for at, values in episode[2]:
+                    self._learn_dispersion(at, values, prior)
+            episode = None
+        waiting = self.waiting
+        threshold = (
+            self.settings.volume_suspicion_p_user
+            if self.is_user
+            else self.settings.volume_suspicion_p
+        )
+        suspicious = self.alarm_since is not None or p < threshold
+        if suspicious and episode is None:
+            episode = self.episode = [t, t, list(waiting)]
+            waiting.clear()
+        if episode is not None:
+            if suspicious:
+                episode[1] = t
+            if t - episode[0] <= limit:
+                episode[2].append((t, spread))
+            else:
+                episode[2] = []  # too long to be a burst: it will not be learned
+        else:
+            waiting.append((t, spread))
+        while waiting and waiting[0][0] <= t - limit:
+            at, values = waiting.popleft()
+            self._learn_dispersion(at, values, prior)
+
+    def _learn_dispersion(self, t: float, spread: list[float], prior: PeerPrior | None) -> None:
+        # A user's own calls are few: their burstiness is remembered as long as their rate.
+        memory = max(self.settings.volume_dispersion_memory_seconds, self.tau)
+        pooled = self.is_user and prior is not None and len(prior.burst) == len(self.windows)
+        for j, value in enumerate(spread):
+            mu = self.mu[j]
+            if mu >= _PEARSON_MIN_EXPECTED:
+                self.pearson[j].add(value, t, memory)
+            elif mu > 0:
+                self.burst[j].add(value, t, memory)
+                if pooled:
+                    assert prior is not None
+                    prior.burst[j].add(value, t, memory)
+
+    def _judge(
+        self,
+        ts: datetime,
+        t: float,
+        expected: list[tuple[float, float]],
+        prior: PeerPrior | None,
+        context: float,
+        cost_per_request_usd: float,
+    ) -> tuple[Verdict | None, float]:
+        s = self.settings
+        best_p, best_j, best_mu = 1.0, -1, 0.0
+        tested = len(self.windows)
+        for j, w in enumerate(self.windows):
+            rate, shape = expected[j]
+            if shape <= 0 or (not self._knows(j, t, prior) and j > 0):
+                continue
+            mu = rate * w * context
+            if (
+                j > 0
+                and expected[j - 1][0] * self.windows[j - 1] * context >= s.volume_enough_expected
+            ):
+                break  # the shorter window already expects enough calls to judge
+            x = self.counts[j]
+            if x < s.volume_min_count or x < s.volume_min_ratio * mu:
+                continue
+            if j > 0 and not self._current(t, expected, context):
+                continue  # the excess is not current: its recent part is back to normal
+            dispersion = self.dispersion(j, mu, prior) + (mu / shape if shape > 0 else 0.0)
+            p = upper_tail(x, mu, dispersion) * tested
+            if p < best_p:
+                best_p, best_j, best_mu = p, j, mu
+        anomalous = best_j >= 0 and best_p < self.p_value
+        note = ""
+        if anomalous:
+            if self.alarm_since is None:
+                self.alarm_since = t
+                self.alarm_window = best_j
+                self.frozen.append([t - self.windows[best_j], _INF])
+                self._rates = None
+            self.last_anomalous = t
+            if t - self.alarm_since >= s.volume_adapt_after_minutes * 60:
+                self._accept(t)
+                note = f"anomalous for {s.volume_adapt_after_minutes} min, now learned as normal"
+                anomalous = False
+        elif self.alarm_since is not None:
+            if t - self.last_anomalous > s.resolve_after_seconds:
+                self._close_alarm()
+                return None, best_p
+            j = self.alarm_window
+            best_j, best_mu = j, expected[j][0] * self.windows[j] * context
+        else:
+            return None, best_p
+        w = self.windows[best_j]
+        x = self.counts[best_j]
+        per_minute = 60.0 / w
+        if anomalous and not note:
+            note = f"p < 1e-{int(surprise(best_p))} over the last {_span(w)}"
+            if context > 1.05:
+                note += f", expected scaled by {context:.2f} for a surge of all traffic"
+        return Verdict(
+            kind="volume_spike",
+            scope=self.scope,
+            ts=ts,
+            score=surprise(best_p) if anomalous else 0.0,
+            is_anomaly=anomalous,
+            expected=best_mu * per_minute,
+            observed=x * per_minute,
+            unit="requests/min",
+            metric="requests/min",
+            window_seconds=w,
+            note=note,
+            impact_usd_per_hour=(x - best_mu) / w * 3600.0 * cost_per_request_usd,
+        ), best_p
+
+    def check_drop(self, ts: datetime, cost_per_request_usd: float = 0.0) -> Verdict | None:
+        """For scopes that watch drops: is the last minute or two far below normal? Called
+        at minute ends (silence produces no call to judge)."""
+        if not self.detect_drops or self.first_at is None:
+            return None
+        t = ts.timestamp()
+        self.expire(t)
+        if t - self.first_at < self.settings.volume_warmup_seconds:
+            return None
+        s = self.settings
+        expected = self.rates(t)
+        best_p, best_j = 1.0, -1
+        for j, w in enumerate(self.windows[:2]):
+            mu = expected[j][0] * w
+            if mu * 60.0 / w < s.volume_drop_min_expected:
+                continue
+            x = self.counts[j]
+            if x > s.volume_drop_ratio * mu:
+                continue
+            p = lower_tail(x, mu, self.dispersion(j, mu, None)) * 2
+            if p < best_p:
+                best_p, best_j = p, j
+        anomalous = best_j >= 0 and best_p < self.p_value
+        if anomalous:
+            if self.alarm_since is None:
+                self.alarm_since, self.alarm_window = t, best_j
+                self.frozen.append([t - self.windows[best_j], _INF])
+                self._rates = None
+            self.last_anomalous = t
+        elif self.alarm_since is not None and t - self.last_anomalous > s.resolve_after_seconds:
+            self._close_alarm()
+        if not anomalous:
+            return None
+        w = self.windows[best_j]
+        mu = expected[best_j][0] * w
+        x = self.counts[best_j]
+        return Verdict(
+            kind="volume_drop",
+            scope=self.scope,
+            ts=ts,
+            score=surprise(best_p),
+            is_anomaly=True,
+            expected=mu * 60.0 / w,
+            observed=x * 60.0 / w,
+            unit="requests/min",
+            metric="requests/min",
+            window_seconds=w,
+            note=f"p < 1e-{int(surprise(best_p))} over the last {_span(w)}",
+            impact_usd_per_hour=(x - mu) / w * 3600.0 * cost_per_request_usd,
+        )
+
+    def _close_alarm(self) -> None:
+        self._rates = None
+        if self.frozen and self.frozen[-1][1] == _INF:
+            self.frozen[-1][1] = self.last_anomalous
+        self.alarm_since = None
+        horizon = self.last_anomalous - 2 * self.windows[-1]
+        self.frozen = [f for f in self.frozen if f[1] >= horizon]
+
+    def _accept(self, t: float) -> None:
+        """A level anomalous for hours is the new normal: every window's reference now
+        holds the current rate of its window."""
+        self._rates = None
+        for j, w in enumerate(self.windows):
+            ref = self.refs[j]
+            ref.advance(max(ref.at or t - w, t - w), self.tau)
+            if ref.exposure > 0:
+                ref.count = self.counts[j] / w * ref.exposure
+        self.frozen = []
+        self.alarm_since = None
+
+    @property
+    def idle_since(self) -> float:
+        return self.slots[-1][0] * SLOT_SECONDS if self.slots else (self.first_at or 0.0)
+
+
+def _span(seconds: int) -> str:
+    return f"{seconds // 60} min" if seconds >= 120 and seconds % 60 == 0 else f"{seconds} s"
+
+
+def epoch_datetime(t: float) -> datetime:
+    return datetime.fromtimestamp(t, UTC)
+
+
+__all__ = ["SLOT_SECONDS", "PeerPrior", "RateDetector", "fit_peer_prior"]

@@ -1,0 +1,300 @@
+"""Every knob of anomaly detection, in one typed, validated object.
+
+Owns the names, defaults and validation of the detectors', the alert lifecycle's,
+the incident correlator's and the agent's thresholds. ``docs/ANOMALY.md`` explains
+each one and where its default comes from; ``bench/anomaly.py`` measures what the
+defaults give. Overrides come from the one ``Settings`` object
+(``TOLLGATE_ANOMALY_OPTIONS``, JSON) or ``tollgate detect --set NAME=VALUE``.
+
+It does not own detection itself (:mod:`agents.anomaly.rates`, ``costs``, ``mix``,
+``series``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+SCOPE_KINDS = ("global", "feature", "user")
+
+
+@dataclass(frozen=True)
+class DetectorSettings:
+    """Thresholds and memories of anomaly detection. Times are event time, in seconds."""
+
+    # -- request rate (volume) -------------------------------------------------------------
+    volume_windows_seconds: tuple[int, ...] = (60, 120, 300, 900, 3600)
+    """Windows the request count of a scope is tested over, each against a reference that
+    has not seen it. Short windows catch bursts in seconds; long ones slow loops of quiet
+    users (a 1-request-per-hour user at 60x needs about 5 minutes of evidence)."""
+    volume_rate_memory_seconds: float = 1800.0
+    """Memory of a feature's and the global rate (follows a daily rhythm with a small lag)."""
+    volume_user_memory_seconds: float = 86400.0
+    """Memory of a user's own rate: a day, so a quiet user's few calls still make a baseline."""
+    volume_busy_user_per_minute: float = 2.0
+    """A user calling at least this often is judged like a feature (``volume_rate_memory_seconds``
+    of memory, their own rhythm, no peer prior): a day's average would miss a loop at night."""
+    volume_p_value: float = 1e-7
+    """A feature's or the global count is anomalous below this tail probability (after the
+    Bonferroni correction for the windows tested)."""
+    volume_p_value_user: float = 1e-10
+    """The same for a user: stricter, because there are many users and their sessions are
+    bursty (1e-8 gave 2 false pages a day per 100 users in this benchmark's session-heavy
+    world; 1e-10 gave 0.7, and a quiet user's loop at 5 calls/min still pages in a minute)."""
+    volume_min_ratio: float = 1.5
+    """... and only when the count is at least this many times the expected count."""
+    volume_min_count: int = 3
+    """... and at least this many requests (two calls are never a runaway loop)."""
+    volume_enough_expected: float = 5.0
+    """Longer windows are tested only while the shorter ones expect fewer calls than this:
+    past it a shorter window has the evidence, and a longer one would only keep an ended
+    burst anomalous for its whole length."""
+    volume_warmup_seconds: float = 1800.0
+    """History a feature or the global scope needs before its rate is judged."""
+    volume_peer_prior: bool = True
+    """Judge a user against an empirical-Bayes prior fitted to the rates of the other users
+    of their feature, so a user with almost no history is still judged (and a user with a
+    day of history mostly by their own rate)."""
+    volume_peer_refresh_seconds: float = 600.0
+    """How often a feature's peer prior is refitted from its users' rates."""
+    volume_peer_burst_requests: float = 20.0
+    """Weight, in requests, of the feature's burstiness in a user's own (new users are as
+    bursty as their peers; a user with many calls as bursty as themselves)."""
+    volume_burst_seconds: float = 300.0
+    """An unusual stretch of calls that is over within this long is one of the scope's normal
+    bursts (a session, a retry storm) and teaches its burstiness; a longer one (a loop) never
+    does."""
+    volume_suspicion_p: float = 0.01
+    """A call of a feature or the global stream whose count has a tail probability below
+    this is unusual: it opens a stretch whose burstiness is learned only if it is over
+    within ``volume_burst_seconds`` (so a slow ramp does not teach the model that it is
+    ordinary)."""
+    volume_suspicion_p_user: float = 1e-4
+    """The same for a user: lower, because a user's sessions are unusual at 1 % and must be
+    learned as their normal bursts."""
+    volume_dispersion_memory_seconds: float = 6 * 3600.0
+    """Memory of the over-dispersion of a scope's counts (bursts, sessions, model error)."""
+    volume_context_min_requests: float = 30.0
+    """A user's or feature's expectation is scaled up by a surge of the rest of the traffic
+    when the rest expects at least this many requests per minute (a surge of everyone is the
+    global scope's alert, not every user's)."""
+    volume_context_max: float = 3.0
+    """... by at most this factor."""
+    volume_adapt_after_minutes: int = 180
+    """A level anomalous this long is learned as the new normal."""
+    volume_drop_scope_kinds: tuple[str, ...] = ("global",)
+    """Scope kinds whose sudden drops are anomalies."""
+    volume_drop_ratio: float = 0.5
+    """A drop must be to at most this share of the expected count..."""
+    volume_drop_min_expected: float = 20.0
+    """... and only counts when at least this many requests per minute were expected."""
+
+    # -- cost per request --------------------------------------------------------------
+    cost_scope_kinds: tuple[str, ...] = ("feature", "user")
+    """Scope kinds whose cost per request is judged (a shift of everyone's cost shows in
+    every feature; the global distribution is still kept, to rank users without one)."""
+    cost_reference_memory_seconds: float = 86400.0
+    """Memory of a scope's cost distribution: a day, so a rise over hours is measured
+    against what came before it, not against itself."""
+    cost_warmup_requests: int = 200
+    """Requests a feature (or the global scope) needs before its costs are judged. Users
+    are judged against their feature's distribution from their first call."""
+    cost_user_prior_requests: float = 20.0
+    """Weight, in requests, of the feature's distribution in a user's typical cost (a user
+    whose calls are always twice their feature's is learned, a new user is not)."""
+    cost_design_ratio: float = 1.5
+    """The first CUSUM of rank scores is tuned to find a rise of this factor fastest (its
+    allowance is half that rise in standard deviations of log cost)."""
+    cost_large_k: float = 1.5
+    """A third CUSUM with this allowance (in standard deviations; the second has 0.5)
+    catches big jumps in a few calls."""
+    cost_arl0_requests: float = 1e7
+    """Requests between false triggers of one CUSUM on stationary costs (sets its threshold:
+    with three CUSUMs on each of a user and a feature, about a million steps a day for the
+    Azure trace, about 0.3 false triggers a day before the effect-size gate)."""
+    cost_min_ratio: float = 1.5
+    """A triggered scope alerts only when the calls since the change typically cost at least
+    this many times the usual: the stated amount (+50 %; at 1.4 the Azure trace's stretches
+    of long conversations paged 1.25 times a day per 100 users, at 1.5 never in 2 days)..."""
+    cost_sustained_seconds: float = 300.0
+    """... once the rise has lasted this long; before that ..."""
+    cost_jump_ratio: float = 2.0
+    """... only a jump of at least this factor alerts: a busy feature's typical cost wanders
+    by a third for minutes at a time (seen on the Azure trace), a real incident lasts."""
+    cost_adapt_after_minutes: int = 360
+    """A cost level anomalous this long is learned as the new normal."""
+
+    # -- tier mix ----------------------------------------------------------------------
+    mix_warmup_requests: int = 200
+    """Requests a scope needs before its economy share is judged."""
+    mix_reference_memory_seconds: float = 86400.0
+    """Memory of the economy share."""
+    mix_design_drop: float = 0.3
+    """The Bernoulli CUSUM is tuned to find a drop of this many share points fastest."""
+    mix_threshold: float = 11.5
+    """Log-likelihood ratio that triggers it (at least e^11.5 = 1e5 requests between false
+    triggers, by Wald's bound)."""
+    mix_min_drop: float = 0.2
+    """A trigger alerts only when the share since the change is this far below the reference."""
+    mix_adapt_after_seconds: int = 6 * 3600
+    """A drop lasting this long is accepted as the new share."""
+
+    # -- offline series (tollgate detect --kind volume on any timestamp,value file) ------
+    series_warmup_points: int = 100
+    """Points a series needs before it is judged."""
+    series_season_points: int = 0
+    """Slots of the time-of-day profile (0: a day in slots of the spacing, at least 5
+    minutes, when that divides a day)."""
+    series_threshold: float = 2.5
+    """Surprise (-log10 of the tail probability among the series' own past, less a factor 4
+    for the four statistics tested) that pages: rarer than about one point in 1,000.
+    Chosen on the development part of NAB (2.5, 3, 3.5 compared; see bench/nab.py)."""
+    series_refractory_points: int = 100
+    """Points after a page during which the series does not page again: one page per event
+    (compared on NAB's development files: 12, 48, 100 points and a day; 100 was best)."""
+
+    # -- alert lifecycle ---------------------------------------------------------------
+    resolve_after_seconds: int = 180
+    """An incident resolves after this long without an anomalous verdict."""
+    cooldown_seconds: int = 1800
+    """After a resolve, the same (kind, scope) does not fire again for this long."""
+    critical_ratio: float = 10.0
+    """Observed/expected (or expected/observed for drops) from which an alert is critical."""
+    critical_share_drop: float = 0.4
+    """Economy-share drop (share points) from which a tier-mix alert is critical."""
+    critical_impact_usd_per_hour: float = 100.0
+    """Extra spend per hour from which an alert is critical whatever its ratio."""
+
+    # -- incidents (one page per incident) ---------------------------------------------
+    incident_hold_seconds: float = 20.0
+    """A new incident waits this long for related alerts before it pages, so the page names
+    the most specific scope."""
+    incident_window_seconds: float = 900.0
+    """Alerts of nested scopes (a user, their feature, global) firing within this long of an
+    open incident are attached to it."""
+    incident_explain_share: float = 0.75
+    """A narrower scope becomes the page when its extra spend is at least this share of the
+    wider scope's (a user whose loop is their feature's surge; not the heaviest of many
+    users of a feature whose cost shifted, who carries a third of it)."""
+
+    # -- engine and agent ---------------------------------------------------------------
+    allowed_lateness_seconds: float = 5.0
+    """A minute closes this long after event time passes its end."""
+    max_user_scopes: int = 5000
+    """Users tracked at once; the least recently active is evicted beyond it."""
+    idle_user_seconds: int = 2 * 86400
+    """A user silent this long (event time) is evicted."""
+    max_gap_minutes: int = 24 * 60
+    """An event-time jump longer than this skips the silent minutes instead of feeding zeros."""
+    historical_after_seconds: float = 600.0
+    """An alert whose event time is older than this (wall clock) when published is marked
+    historical: published everywhere, paged only by targets that ask for it."""
+    partition_idle_seconds: float = 5.0
+    """A caught-up usage partition holds the others back (so their records are not late)
+    until it has received nothing for this long."""
+    live_lag_seconds: float = 300.0
+    """The stream is live when the newest record was at most this old when read; only then
+    does an idle agent move event time forward with the wall clock."""
+
+    def __post_init__(self) -> None:
+        for spec in fields(self):
+            value = getattr(self, spec.name)
+            if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
+                raise ValueError(f"DetectorSettings.{spec.name}={value} must be >= 0")
+        for name in (
+            "volume_p_value",
+            "volume_p_value_user",
+            "volume_suspicion_p",
+            "volume_suspicion_p_user",
+            "mix_design_drop",
+            "mix_min_drop",
+            "volume_drop_ratio",
+            "incident_explain_share",
+        ):
+            value = getattr(self, name)
+            if not 0 < value <= 1:
+                raise ValueError(f"DetectorSettings.{name}={value} must be in (0, 1]")
+        for name in (
+            "volume_rate_memory_seconds",
+            "volume_user_memory_seconds",
+            "volume_dispersion_memory_seconds",
+            "cost_reference_memory_seconds",
+            "mix_reference_memory_seconds",
+            "cost_warmup_requests",
+            "mix_warmup_requests",
+            "series_warmup_points",
+        ):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"DetectorSettings.{name} must be > 0")
+        if not self.volume_windows_seconds or any(
+            w < 5 or w % 5 for w in self.volume_windows_seconds
+        ):
+            raise ValueError(
+                "DetectorSettings.volume_windows_seconds must be multiples of 5 s, e.g. 60,300"
+            )
+        if (
+            self.volume_min_ratio < 1
+            or self.cost_min_ratio < 1
+            or self.cost_jump_ratio < 1
+            or self.cost_design_ratio <= 1
+        ):
+            raise ValueError(
+                "DetectorSettings.volume_min_ratio and cost_min_ratio must be >= 1, "
+                "cost_design_ratio > 1"
+            )
+        for name in ("volume_drop_scope_kinds", "cost_scope_kinds"):
+            unknown = set(getattr(self, name)) - set(SCOPE_KINDS)
+            if unknown:
+                raise ValueError(
+                    f"DetectorSettings.{name} has {sorted(unknown)}; use global, feature or user"
+                )
+
+    @classmethod
+    def with_options(cls, **options: object) -> DetectorSettings:
+        """Defaults overridden by name. Text values (from a command line or JSON) are
+        converted to the field's type; an unknown name or a bad value is a ValueError
+        naming it."""
+        defaults = {spec.name: getattr(cls(), spec.name) for spec in fields(cls)}
+        unknown = sorted(set(options) - set(defaults))
+        if unknown:
+            valid = ", ".join(sorted(defaults))
+            raise ValueError(f"unknown detector option(s) {', '.join(unknown)}; valid: {valid}")
+        converted = {
+            name: _convert(name, value, defaults[name]) if isinstance(value, str) else value
+            for name, value in options.items()
+        }
+        return cls(**converted)  # type: ignore[arg-type]
+
+
+def _convert(name: str, text: str, default: object) -> object:
+    try:
+        if isinstance(default, bool):
+            lowered = text.strip().lower()
+            if lowered not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(text)
+            return lowered in ("true", "1", "yes")
+        if isinstance(default, tuple):
+            parts = tuple(part.strip() for part in text.split(",") if part.strip())
+            if default and isinstance(default[0], int):
+                return tuple(int(part) for part in parts)
+            return parts
+        if default is None or isinstance(default, int):
+            if default is None and text.strip().lower() in ("", "none"):
+                return None
+            return int(text)
+        if isinstance(default, float):
+            return float(text)
+    except ValueError:
+        kind = (
+            "true or false"
+            if isinstance(default, bool)
+            else "an integer"
+            if default is None or isinstance(default, int)
+            else "a list of integers"
+            if isinstance(default, tuple)
+            else "a number"
+        )
+        raise ValueError(f"detector option {name}={text!r} must be {kind}") from None
+    return text
+
+
+__all__ = ["SCOPE_KINDS", "DetectorSettings"]
