@@ -222,6 +222,7 @@ class ClickHouseSink:
         self.inserted = 0
         self.duplicates_dropped = 0
         self.dead_lettered = 0
+        self.tombstones = 0  # compacted-topic removals seen, nothing to store
         self.commits_lost = 0  # commits refused after this sink lost its group
         self.insert_failures = 0
         self.checked_in_clickhouse = 0  # events looked up in ClickHouse before inserting
@@ -320,6 +321,9 @@ class ClickHouseSink:
             offsets[tp] = max(offsets.get(tp, 0), m.offset + 1)
             first = self._first_offset.setdefault(tp, m.offset)
             suffix = self.topics[m.topic]
+            if m.value is None:  # a tombstone: a compacted key removed (a cap deleted)
+                self.tombstones += 1
+                continue
             try:
                 schema_id = self._schema_id(m.value, TABLES[suffix][1])
                 event_id, ts = event_key(m.value[5:])
@@ -327,7 +331,11 @@ class ClickHouseSink:
                 await self._dead_letter(dead_letters, m, str(exc))
                 continue
             early = m.offset < first + self.batch_size  # maybe another sink's uncommitted tail
-            # A duplicate inside the batch collapses here.
+            # A duplicate inside the batch collapses here, to the first on the topic: the one
+            # the spend worker counted (a settler's estimate and a late real usage share an id).
+            if event_id in events[suffix]:
+                self.duplicates_dropped += 1
+                continue
             events[suffix][event_id] = _Event(schema_id, m.value[5:], ts, early, m)
         return _Pending(events, offsets)
 

@@ -42,7 +42,7 @@ import logging
 import time
 import uuid
 import zlib
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -58,6 +58,8 @@ from app.compacted import assigned_partitions
 from app.kafka_retry import retry_while_kafka_down
 from app.pricing import PriceCatalog
 from app.settings import Settings
+
+RECENT_IDS = 200_000  # about 50 MB at most; several minutes of a busy gateway's usage
 
 log = logging.getLogger(__name__)
 
@@ -234,6 +236,10 @@ class AnomalyAgent:
         self.offsets: dict[int, int] = {}  # next usage offset to read, per partition
         self.restored = False
         self.records_read = 0  # decoded from Kafka (held for ordering, or processed)
+        # Usage event ids observed lately: a re-sent event (the dispatcher's spool after a
+        # crash, a settler's estimate and the late real usage) counts once, as in budgets.
+        self.recent_ids: OrderedDict[str, None] = OrderedDict()
+        self.duplicates_skipped = 0
         self.published = 0
         self.published_historical = 0  # of which about the past (marked, still published)
         self.pages = 0  # firing alerts that page (incident primaries), live or historical
@@ -372,6 +378,8 @@ class AnomalyAgent:
                     # released per partition as a prefix in offset order: max + 1 is exact
                     self.offsets[partition] = max(self.offsets.get(partition, 0), offset + 1)
                     self.clock.observe(_aware(usage_record["ts"]), wall)
+                    if self._seen_before(usage_record.get("event_id")):
+                        continue
                     alerts += self.engine.observe(usage_record)
                 self.offsets.update(merger.skipped_through(self.offsets))
                 if not batches and not merger.pending_count:
@@ -390,6 +398,18 @@ class AnomalyAgent:
                 await consumer.stop()
             with contextlib.suppress(Exception):
                 await producer.stop()
+
+    def _seen_before(self, event_id: str | None) -> bool:
+        """Whether this usage event id was observed within the last RECENT_IDS events."""
+        if not event_id:
+            return False
+        if event_id in self.recent_ids:
+            self.duplicates_skipped += 1
+            return True
+        self.recent_ids[event_id] = None
+        if len(self.recent_ids) > RECENT_IDS:
+            self.recent_ids.popitem(last=False)
+        return False
 
     async def _publish(self, producer: AIOKafkaProducer, alerts: list[dict[str, Any]]) -> None:
         """Publish every alert; mark those about the past as historical (the notifier

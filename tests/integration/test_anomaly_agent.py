@@ -255,3 +255,23 @@ async def test_a_partition_that_is_caught_up_does_not_make_the_others_late(
         stop.set()
         await agent._task  # type: ignore[attr-defined]
     assert agent.engine.stats.late_records == 0
+
+
+async def test_a_resent_usage_event_is_observed_once(kafka_settings: Settings) -> None:
+    """A dispatcher's spool re-sends after a crash, and a settler's estimate shares its id
+    with a late real usage: the detectors must see each event once, as budgets count it."""
+    await ensure_topics(kafka_settings)
+    start = datetime.now(UTC) - timedelta(minutes=30)
+    records = [call(start + timedelta(seconds=5 * i), 400, 60) for i in range(120)]
+    resent = records[40:100]
+    await produce(kafka_settings, records + resent)
+    agent = AnomalyAgent(kafka_settings, checkpoint_interval_s=3600, idle_advance_s=0.2)
+    stop = await run_until(agent, len(records))
+    deadline = asyncio.get_running_loop().time() + 30
+    while agent.engine.stats.records + agent.duplicates_skipped < len(records) + len(resent):
+        assert asyncio.get_running_loop().time() < deadline, agent.engine.stats
+        await asyncio.sleep(0.1)
+    stop.set()
+    await agent._task  # type: ignore[attr-defined]
+    assert agent.engine.stats.records == len(records)
+    assert agent.duplicates_skipped == len(resent)

@@ -265,3 +265,56 @@ def test_only_errors_about_the_data_count_as_refused(clickhouse: Any) -> None:
             "create_directories: Operation not permitted"
         )
     )
+
+
+async def test_the_first_of_two_events_with_one_id_is_stored_as_every_consumer_counts_it(
+    kafka_settings: Settings, clickhouse: Any
+) -> None:
+    """An estimated usage (the settler's) and a late real one share an event id; the spend
+    worker counts whichever reached Kafka first, so the warehouse must keep that one too,
+    even when both land in the same sink batch."""
+    await ensure_topics(kafka_settings)
+    migrate(clickhouse)
+    user = f"first-{uuid.uuid4().hex[:8]}"
+    estimates = [usage_record(user, i) for i in range(50)]
+    reals = [dict(r, cost_usd_nanos=r["cost_usd_nanos"] + 1_000) for r in estimates]
+    await produce(kafka_settings, [x for pair in zip(estimates, reals, strict=True) for x in pair])
+    sink = ClickHouseSink(kafka_settings, clickhouse, batch_size=500, batch_wait_s=1.0)
+    stop = asyncio.Event()
+    task = asyncio.create_task(sink.run(stop))
+    await wait_rows(clickhouse, user, 50)
+    for _ in range(50):
+        if sink.duplicates_dropped >= 50:
+            break
+        await asyncio.sleep(0.1)
+    stop.set()
+    await task
+    count, unique, total = await rows_for(clickhouse, user)
+    assert (count, unique) == (50, 50)
+    assert total == Decimal(sum(r["cost_usd_nanos"] for r in estimates)) / Decimal(10**9)
+
+
+async def test_a_removed_cap_tombstone_is_not_dead_lettered(
+    kafka_settings: Settings, clickhouse: Any
+) -> None:
+    """A decision key is removed from the compacted topic with a tombstone (no value): that
+    is Kafka's protocol, not a broken event."""
+    await ensure_topics(kafka_settings)
+    migrate(clickhouse)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_settings.kafka_bootstrap, acks="all")
+    await producer.start()
+    try:
+        await producer.send_and_wait(
+            kafka_settings.topic("budget.decisions"), None, key=b"user:gone"
+        )
+    finally:
+        await producer.stop()
+    await produce(kafka_settings, [usage_record("after-tombstone", 0)])
+    sink = ClickHouseSink(kafka_settings, clickhouse, batch_size=100, batch_wait_s=0.3)
+    stop = asyncio.Event()
+    task = asyncio.create_task(sink.run(stop))
+    await wait_rows(clickhouse, "after-tombstone", 1)
+    stop.set()
+    await task
+    assert sink.dead_lettered == 0
+    assert await read_events_raw(kafka_settings, "deadletter") == []
