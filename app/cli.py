@@ -726,8 +726,7 @@ def serve_dispatcher() -> None:
     except ExposureError as exc:
         _fail(str(exc))
     click.echo(f"dispatcher on {settings.dispatcher_url}/v1", err=True)
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(settings))
+    asyncio.run(serve(settings, handle_signals=True))
 
 
 @main.command("worker")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -703,11 +704,17 @@ def create_app(settings: Settings) -> web.Application:
     return app
 
 
-async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
-    """Run the dispatcher until cancelled; flushes events on the way out."""
+async def serve(
+    settings: Settings, ready: asyncio.Event | None = None, handle_signals: bool = False
+) -> None:
+    """Run the dispatcher until cancelled (or, with ``handle_signals``, SIGTERM/SIGINT: the
+    process's main thread only); the calls in flight finish and events are flushed on the
+    way out."""
     check_exposure(settings)  # no open admin routes beyond loopback unless asked for
     app = create_app(settings)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    runner = web.AppRunner(
+        app, access_log=None, handle_signals=False, shutdown_timeout=settings.max_call_duration_s
+    )
     await runner.setup()
     site = web.TCPSite(
         runner, settings.dispatcher_host, settings.dispatcher_port, backlog=1024, reuse_address=True
@@ -716,7 +723,17 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     log.info("dispatcher listening", extra={"url": settings.dispatcher_url})
     if ready is not None:
         ready.set()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGTERM, signal.SIGINT) if handle_signals else ()
+    for sig in signals:
+        # A deploy's SIGTERM (or Ctrl-C) is not a crash: stop listening, let the calls in
+        # flight finish (streams included, up to max_call_duration_s), flush their usage.
+        loop.add_signal_handler(sig, stop.set)
     try:
-        await asyncio.Event().wait()
+        await stop.wait()
+        log.info("dispatcher stopping: finishing the calls in flight, then flushing events")
     finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
         await runner.cleanup()

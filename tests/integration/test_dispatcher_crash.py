@@ -216,3 +216,29 @@ def test_dispatcher_killed_under_load_leaves_exactly_one_usage_per_request(
     finally:
         dispatcher.stop()
         worker.stop()
+
+
+def test_dispatcher_stopped_with_sigterm_finishes_its_calls_and_flushes_their_usage(
+    kafka_settings: Settings, tmp_path: Path, simulator: int
+) -> None:
+    """A deploy's SIGTERM is not a crash: the calls in flight finish (streams included),
+    their real usage reaches Kafka before the process exits, and it exits cleanly."""
+    asyncio.run(ensure_topics(kafka_settings))
+    dispatcher = DispatcherProcess(kafka_settings, simulator, tmp_path / "dispatcher.log")
+    try:
+        dispatcher.start()
+        with Load(dispatcher, clients=8) as load:
+            time.sleep(3.5)  # calls take 1.5 s: some are half way through
+            assert dispatcher.process is not None
+            os.killpg(dispatcher.process.pid, signal.SIGTERM)
+            code = dispatcher.process.wait(60)
+        assert code == 0, f"the dispatcher died of SIGTERM (exit {code}); see its log"
+        assert load.answers and set(load.answers.values()) == {200}
+        requests = asyncio.run(read_events(kafka_settings, "requests", at_least=len(load.answers)))
+        accepted = {r["request_id"] for r in requests if r["status"] == "accepted"}
+        usage = asyncio.run(read_events(kafka_settings, "usage", at_least=len(accepted)))
+        real = {e["request_id"] for e in usage if e["source"] == "dispatcher"}
+        assert accepted <= real, "a call accepted before the SIGTERM was cut or not counted"
+        assert set(load.answers) <= accepted
+    finally:
+        dispatcher.kill()
