@@ -91,6 +91,9 @@ def test_kafka_outage_while_requests_flow_loses_and_duplicates_nothing(
         finally:
             stop.set()
             sender.join(30)
+            # Whatever failed above, the session's broker is back for the tests after this
+            # one (start() reuses a running broker).
+            kafka_launcher.start()
         _wait_for(lambda: _depth(stack.url) == 0, 60, "the spool to drain after Kafka is back")
 
     assert not failures, failures[:3]
