@@ -32,27 +32,29 @@ errors, timeouts, 429 and 5xx with exponential backoff and jitter (other
 answers are final). A slow or dead target only fills its own queue; once full,
 its oldest alert is dropped and counted, so the newest news still gets through.
 
-Delivery guarantee, and its trade-off: offsets are committed once a batch is
-handed to the queues, not once every target has answered. So a dead target
-never holds back the consumer or the other targets, but alerts still queued in
-memory when the process dies are lost (a graceful stop drains the queues for
-``drain_timeout_s`` first). The other way round, a crash between hand-off and
-commit re-delivers that batch: PagerDuty de-duplicates on ``dedup_key`` and
-Alertmanager on labels, so a repeat is harmless there; JSON receivers can
-de-duplicate on ``event_id``; Slack shows the line twice.
+Delivery guarantee: at least once. An alert's offset is committed only once every
+target that pages it is done with it: delivered, rejected (a final 4xx), given up on
+after the retries, or dropped from a full queue (counted and logged). A notifier that
+dies with alerts queued leaves them to its successor, which sends them again (so does
+a target that had answered just before the crash: PagerDuty de-duplicates on
+``dedup_key`` and Alertmanager on labels, so a repeat is harmless there; JSON receivers
+can de-duplicate on ``event_id``; Slack shows the line twice). A dead target never holds
+back the consumer or the other targets, only the committed offset, for as long as its
+retries last; a graceful stop drains the queues for ``drain_timeout_s`` first.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import logging
 import random
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal, NamedTuple
@@ -547,6 +549,58 @@ def is_retryable_status(status: int) -> bool:
     return status == 429 or status >= 500
 
 
+class Ticket:
+    """One alert record's hand-over to the targets that page it: done once all of them are."""
+
+    __slots__ = ("_on_done", "remaining")
+
+    def __init__(self, remaining: int, on_done: Callable[[], None]) -> None:
+        self.remaining = remaining
+        self._on_done = on_done
+
+    def done(self) -> None:
+        self.remaining -= 1
+        if self.remaining == 0:
+            self._on_done()
+
+
+class OffsetsInFlight:
+    """Per partition, the offsets handed to targets and not yet done with, so the offset
+    committed is never past an alert still to deliver: the lowest one in flight, else one
+    past the last record handled."""
+
+    def __init__(self) -> None:
+        self.handled: dict[TopicPartition, int] = {}  # one past the last record handled
+        self.in_flight: dict[TopicPartition, set[int]] = {}
+        self.committed: dict[TopicPartition, int] = {}
+
+    def handled_through(self, tp: TopicPartition, offset: int) -> None:
+        self.handled[tp] = max(self.handled.get(tp, 0), offset + 1)
+
+    def ticket(self, tp: TopicPartition, offset: int, targets: int) -> Ticket:
+        self.in_flight.setdefault(tp, set()).add(offset)
+        return Ticket(targets, lambda: self.in_flight[tp].discard(offset))
+
+    def to_commit(self, assigned: set[TopicPartition]) -> dict[TopicPartition, int]:
+        """Offsets that moved since the last commit, for the partitions still assigned."""
+        out: dict[TopicPartition, int] = {}
+        for tp, handled in self.handled.items():
+            if tp not in assigned:
+                continue
+            pending = self.in_flight.get(tp)
+            offset = min(pending) if pending else handled
+            if offset > self.committed.get(tp, -1):
+                out[tp] = offset
+        return out
+
+    def forget(self, keep: set[TopicPartition]) -> None:
+        """After a rebalance: partitions no longer ours are re-read by their new owner."""
+        for tp in [tp for tp in self.handled if tp not in keep]:
+            self.handled.pop(tp, None)
+            self.in_flight.pop(tp, None)
+            self.committed.pop(tp, None)
+
+
 class TargetWorker:
     """One target's bounded queue and the task that delivers from it, in order."""
 
@@ -560,7 +614,9 @@ class TargetWorker:
         self.target = target
         self.retry = retry
         self.rng = rng or random.Random()
-        self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=target.queue_size)
+        self.queue: asyncio.Queue[tuple[dict[str, Any], Ticket | None]] = asyncio.Queue(
+            maxsize=target.queue_size
+        )
         self._secrets = secret_fragments(target)
         self._log_extra = {"target": target.name, "url": target.redacted_url}
         name = target.name
@@ -574,11 +630,14 @@ class TargetWorker:
         self._dropped_unlogged = 0
         self._last_drop_log = float("-inf")
 
-    def offer(self, alert: dict[str, Any]) -> None:
-        """Queue ``alert``; never waits. A full queue drops its oldest alert to make room."""
+    def offer(self, alert: dict[str, Any], ticket: Ticket | None = None) -> None:
+        """Queue ``alert``; never waits. A full queue drops its oldest alert to make room.
+        ``ticket`` is told when this target is done with the alert, whatever the end."""
         if self.queue.full():
-            self.queue.get_nowait()
+            _, dropped = self.queue.get_nowait()
             self.queue.task_done()
+            if dropped is not None:
+                dropped.done()
             self._dropped.inc()
             self._dropped_unlogged += 1
             now = time.monotonic()
@@ -590,12 +649,12 @@ class TargetWorker:
                 )
                 self._dropped_unlogged = 0
                 self._last_drop_log = now
-        self.queue.put_nowait(alert)
+        self.queue.put_nowait((alert, ticket))
 
     async def run(self, session: aiohttp.ClientSession) -> None:
         """Deliver queued alerts until cancelled; one failing alert never stops the loop."""
         while True:
-            alert = await self.queue.get()
+            alert, ticket = await self.queue.get()
             try:
                 await self.deliver(session, alert)
             except Exception as exc:  # a bug or an odd record must not kill the target
@@ -610,6 +669,8 @@ class TargetWorker:
                 )
             finally:
                 self.queue.task_done()
+                if ticket is not None:
+                    ticket.done()
 
     async def deliver(self, session: aiohttp.ClientSession, alert: dict[str, Any]) -> bool:
         """POST ``alert`` to the target, retrying what may pass later. True once delivered."""
@@ -709,12 +770,13 @@ class Notifier:
         self.workers = [TargetWorker(t, self.metrics, self.retry, rng) for t in self.targets]
         self.ready = asyncio.Event()  # set once partitions are assigned and positioned
 
-    def dispatch(self, alert: dict[str, Any]) -> int:
+    def dispatch(self, alert: dict[str, Any], ticket: Callable[[int], Ticket] | None = None) -> int:
         """Hand ``alert`` to every target that pages it; returns how many did. Targets whose
         filters accept it but that do not page it (historical, related) are logged with
-        the reason and counted."""
+        the reason and counted. ``ticket(n)`` gives the hand-over's ticket for n targets."""
         accepted = 0
         declined: dict[str, list[str]] = {}
+        paging: list[TargetWorker] = []
         for worker in self.workers:
             target = worker.target
             if not target.accepts(alert):
@@ -724,8 +786,11 @@ class Notifier:
                 declined.setdefault(reason, []).append(target.name)
                 self.metrics.notifications.labels(target.name, f"skipped_{reason}").inc()
                 continue
-            worker.offer(alert)
+            paging.append(worker)
             accepted += 1
+        handed = ticket(len(paging)) if ticket is not None and paging else None
+        for worker in paging:
+            worker.offer(alert, handed)
         for reason, names in declined.items():
             why = (
                 "historical: it is about the past (a replay or a backlog); set "
@@ -775,26 +840,36 @@ class Notifier:
         )
         try:
             await consumer.start()
+            offsets = OffsetsInFlight()  # a new consumer re-reads from the committed ones
             while not stop.is_set():
                 fetched = await consumer.getmany(timeout_ms=200)
-                if not self.ready.is_set() and consumer.assignment():
-                    for tp in consumer.assignment():
+                assigned = consumer.assignment()
+                if not self.ready.is_set() and assigned:
+                    for tp in assigned:
                         await consumer.position(tp)  # resolves the reset policy now
                     self.ready.set()
-                offsets: dict[TopicPartition, int] = {}
+                offsets.forget(assigned)
                 for tp, messages in fetched.items():
                     for message in messages:
-                        self._handle(message)
-                        offsets[tp] = message.offset + 1
-                if offsets:
-                    # Handed to the queues: see the module docstring for what this trades.
-                    await consumer.commit(offsets)
+                        self._handle(message, functools.partial(offsets.ticket, tp, message.offset))
+                        offsets.handled_through(tp, message.offset)
+                commit = offsets.to_commit(assigned)
+                if commit:
+                    # Only what every paging target is done with (see the module docstring).
+                    await consumer.commit(commit)
+                    offsets.committed.update(commit)
+            # A graceful stop: deliver what is queued, then commit it, so the next notifier
+            # does not send it again.
+            await self._drain()
+            commit = offsets.to_commit(consumer.assignment())
+            if commit:
+                await consumer.commit(commit)
         finally:
             self.ready.clear()
             with contextlib.suppress(Exception):
                 await consumer.stop()
 
-    def _handle(self, message: Any) -> None:
+    def _handle(self, message: Any, ticket: Callable[[int], Ticket] | None = None) -> None:
         try:
             event = self.codec.decode(
                 message.value,
@@ -816,7 +891,7 @@ class Notifier:
                 extra={"reason": str(exc)[:BODY_LOG_CHARS]},
             )
             return
-        self.dispatch(event.record)
+        self.dispatch(event.record, ticket)
 
     async def _drain(self) -> None:
         """Give queued alerts ``drain_timeout_s`` to go out before a graceful stop."""
@@ -829,7 +904,8 @@ class Notifier:
         except TimeoutError:
             left = {w.target.name: w.queue.qsize() for w in self.workers if w.queue.qsize()}
             log.warning(
-                "notifier stopped with alerts undelivered (their offsets are committed)",
+                "notifier stopped with alerts undelivered; their offsets are not committed, "
+                "the next notifier sends them",
                 extra={"undelivered": left, "drain_timeout_s": self.drain_timeout_s},
             )
         else:

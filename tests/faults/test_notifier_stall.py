@@ -2,7 +2,7 @@
 
 A real notifier process, a real broker, a webhook receiver in this process. Alerts are
 produced before, during and after the fault; each must reach the webhook (by event id).
-The notifier's contract is at-least-once (it commits once an alert is queued, see
+The notifier's contract is at-least-once (it commits an alert once its targets are done, see
 ``agents/notifier.py``): a repeat after a fault is counted and shown, not a failure.
 """
 
@@ -41,17 +41,7 @@ def _delivered(receiver: Receiver) -> list[str]:
     return [r.body["event_id"] for r in receiver.requests]
 
 
-NOTIFIER_CRASH_LOSES_QUEUED = pytest.mark.xfail(
-    strict=True,
-    reason="agents/notifier.py commits an alert's offset once it is queued, before the "
-    "webhook answered: alerts queued when the notifier dies are lost (its documented "
-    "trade-off); the notifier's owner decides the fix (commit after delivery, per target)",
-)
-
-
-@pytest.mark.parametrize(
-    "fault", ["SIGSTOP", pytest.param("SIGKILL", marks=NOTIFIER_CRASH_LOSES_QUEUED)]
-)
+@pytest.mark.parametrize("fault", ["SIGSTOP", "SIGKILL"])
 def test_notifier_carries_on_after_a_fault(make_stack: Any, fault: str) -> None:
     stack: FaultStack = make_stack()
     stack.cli("topics", "ensure")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 import uuid
@@ -420,3 +421,41 @@ async def test_historical_and_related_alerts_are_not_paged_unless_a_target_asks(
     decisions = [r.getMessage() for r in caplog.records if "not paged" in r.getMessage()]
     assert any("historical" in line for line in decisions), decisions
     assert any("related" in line for line in decisions), decisions
+
+
+async def test_alerts_queued_when_the_notifier_dies_are_delivered_by_the_next_one(
+    kafka_settings: Settings,
+) -> None:
+    """At-least-once: an alert's offset is committed only once every target that pages it
+    is done with it (delivered, or given up on), so a notifier that dies with alerts queued
+    (here: cancelled with no drain while the webhook hangs) leaves them to its successor."""
+    await ensure_topics(kafka_settings)
+    fired = [alert(scope=f"user:u{i}") for i in range(12)]
+    async with receivers(("/slow", Receiver(hang=True))) as (slow,):
+        target = AlertTarget(name="slow", url=slow.url, timeout_s=60)
+        first = Notifier(
+            kafka_settings,
+            [target],
+            registry=CollectorRegistry(),
+            retry=FAST_RETRY,
+            start_from="earliest",
+        )
+        task = asyncio.create_task(first.run(asyncio.Event()))
+        await produce(kafka_settings, fired)
+        await wait_until(lambda: len(slow.requests) >= 1, 30)  # one in flight, the rest queued
+        await asyncio.sleep(1.0)  # commits of handed-over alerts would happen now
+        task.cancel()  # dies: no drain
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    async with receivers(("/ok", Receiver())) as (ok,):
+        target = AlertTarget(name="slow", url=ok.url)  # the same target, working again
+        second = Notifier(
+            kafka_settings,
+            [target],
+            registry=CollectorRegistry(),
+            retry=FAST_RETRY,
+            start_from="earliest",
+        )
+        async with running(second):
+            want = {a["event_id"] for a in fired}
+            await wait_until(lambda: {b["event_id"] for b in ok.bodies()} >= want, 30)

@@ -17,12 +17,14 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import web
+from aiokafka import TopicPartition
 from prometheus_client import CollectorRegistry
 
 from agents.notifier import (
     AlertTarget,
     AlertTargetError,
     NotifierMetrics,
+    OffsetsInFlight,
     RetryPolicy,
     TargetWorker,
     alertmanager_payload,
@@ -436,11 +438,37 @@ async def test_slow_target_times_out_and_is_retried(
 async def test_full_queue_drops_the_oldest_alert_and_counts_it() -> None:
     registry = CollectorRegistry()
     worker = TargetWorker(target(name="q", queue_size=2), NotifierMetrics(registry), FAST_RETRY)
+    offsets = OffsetsInFlight()
+    tp = TopicPartition("alerts", 0)
     for i in range(3):
-        worker.offer(alert(event_id=f"e-{i}"))
-    kept = [worker.queue.get_nowait()["event_id"] for _ in range(worker.queue.qsize())]
+        worker.offer(alert(event_id=f"e-{i}"), offsets.ticket(tp, i, 1))
+        offsets.handled_through(tp, i)
+    kept = [worker.queue.get_nowait()[0]["event_id"] for _ in range(worker.queue.qsize())]
     assert kept == ["e-1", "e-2"]
     assert sample(registry, "q", "dropped") == 1
+    # The dropped alert is done with (counted, logged): it no longer holds the commit back.
+    assert offsets.to_commit({tp}) == {tp: 1}
+
+
+def test_the_offset_committed_never_passes_an_alert_a_target_still_holds() -> None:
+    offsets = OffsetsInFlight()
+    tp, other = TopicPartition("alerts", 0), TopicPartition("alerts", 1)
+    tickets = {}
+    for offset in range(5):
+        offsets.handled_through(tp, offset)
+        if offset in (1, 3):  # paged to two targets; the others page nobody
+            tickets[offset] = offsets.ticket(tp, offset, 2)
+    assert offsets.to_commit({tp}) == {tp: 1}
+    tickets[1].done()
+    assert offsets.to_commit({tp}) == {tp: 1}, "one of its two targets still holds it"
+    tickets[1].done()
+    assert offsets.to_commit({tp}) == {tp: 3}
+    tickets[3].done()
+    tickets[3].done()
+    assert offsets.to_commit({tp}) == {tp: 5}
+    assert offsets.to_commit({other}) == {}, "a partition no longer assigned is not committed"
+    offsets.committed.update({tp: 5})
+    assert offsets.to_commit({tp}) == {}, "nothing moved since"
 
 
 def test_backoff_grows_is_capped_jittered_and_honours_retry_after() -> None:
