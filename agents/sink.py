@@ -57,8 +57,8 @@ from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
 from fastavro import parse_schema
 from fastavro.write import Writer
 
-from app.codec import EventCodec, EventDecodeError, build_codec
-from app.kafka_retry import retry_while_kafka_down
+from app.events.codec import EventCodec, EventDecodeError, build_codec
+from app.events.kafka_retry import retry_while_kafka_down
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -516,7 +516,7 @@ class ClickHouseSink:
 
 def run_sink(settings: Settings) -> None:
     """``tollgate sink``: migrate, then consume into ClickHouse until interrupted."""
-    from app.warehouse import ReconnectingClient, connect, describe, migrate
+    from app.warehouse.clickhouse import ReconnectingClient, connect, describe, migrate
 
     client = connect(settings)
     applied = migrate(client)
@@ -535,11 +535,11 @@ def run_sink(settings: Settings) -> None:
 async def _sink_and_reports(settings: Settings, client: Any) -> None:
     from aiohttp import web
 
-    from app.attribution import KeyStore
     from app.budgets.policy import PolicyBook
-    from app.compacted import CompactedView
-    from app.reports_api import create_reports_app
-    from app.security import internal_token
+    from app.events.compacted import CompactedView
+    from app.http.reports_api import create_reports_app
+    from app.http.security import internal_token
+    from app.metering.attribution import KeyStore
 
     # The budgets report lists scopes that still have a cap: follow the policies topic.
     policies = PolicyBook()

@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from app.attribution import KeysFileError, KeyStore, hash_key, resolve_identity
-from app.errors import ApiError
+from app.http.errors import ApiError
+from app.metering.attribution import KeysFileError, KeyStore, hash_key, resolve_identity
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@ import struct
 
 import pytest
 
-from app.codec import (
+from app.events.codec import (
     EVENT_TYPES,
     EventCodec,
     EventDecodeError,

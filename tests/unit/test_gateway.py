@@ -3,9 +3,9 @@
 import orjson
 import pytest
 
-from app.attribution import Identity
-from app.errors import ApiError
-from app.gateway import Call, SseRelay, parse_chat_request
+from app.gateway.pipeline import Call, SseRelay, parse_chat_request
+from app.http.errors import ApiError
+from app.metering.attribution import Identity
 
 MSG = [{"role": "user", "content": "hello"}]
 

@@ -2,9 +2,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from app.attribution import Identity
-from app.errors import ApiError
-from app.ingest import MAX_BATCH, TimeWindow, parse_outcomes, parse_usage_reports
+from app.http.errors import ApiError
+from app.metering.attribution import Identity
+from app.metering.ingest import MAX_BATCH, TimeWindow, parse_outcomes, parse_usage_reports
 
 
 def resolve(record: object) -> Identity:

@@ -11,19 +11,19 @@ from typing import Any
 
 import pytest
 
-from app.attribution import KeyStore, hash_key, resolve_identity
 from app.budgets.policy import PolicyError, parse_policy, validate_scope
-from app.errors import ApiError
-from app.gateway import parse_chat_request
+from app.gateway.pipeline import parse_chat_request
+from app.http.errors import ApiError
 from app.ids import MAX_ID_LENGTH
-from app.ingest import (
+from app.metering.attribution import KeyStore, hash_key, resolve_identity
+from app.metering.ingest import (
     MAX_METADATA_ENTRIES,
     MAX_USD,
     TimeWindow,
     parse_outcomes,
     parse_usage_reports,
 )
-from app.reports import Range, ReportError
+from app.warehouse.reports import Range, ReportError
 
 MSG = [{"role": "user", "content": "hello"}]
 GARBAGE = ["a\r\nb", "a\nb", "a\x00b", "a\tb", "a\x1bb", "caf\udce9", "a\u202eb", "a\u2028b"]
@@ -191,7 +191,7 @@ def test_report_dates_inside_the_range_still_parse() -> None:
 
 @pytest.mark.parametrize("limit", ["²", "٣", "1" * 40, "0", "-1"])
 def test_report_limits_that_are_not_plain_numbers_are_400(limit: str) -> None:
-    from app.reports_api import build_report
+    from app.http.reports_api import build_report
 
     with pytest.raises(ReportError) as info:
         build_report(None, "breakdown", {"limit": limit, "by": "user"})

@@ -13,11 +13,11 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from app.attribution import Identity
-from app.errors import invalid_request
+from app.http.errors import invalid_request
 from app.ids import MAX_ID_LENGTH, id_problem
-from app.pricing import usd_to_nanos
-from app.usage import event_time, new_id
+from app.metering.attribution import Identity
+from app.metering.usage import event_time, new_id
+from app.pricing.catalog import usd_to_nanos
 
 MAX_BATCH = 1000
 MAX_CLOCK_SKEW = timedelta(minutes=5)

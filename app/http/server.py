@@ -20,16 +20,15 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from app.attribution import Identity, KeyStore, bearer_token, resolve_identity
 from app.budgets.admin import deletion_record, load_budgets_file, policy_record
 from app.budgets.gate import BudgetGate, BudgetRefused
 from app.budgets.policy import PolicyBook, PolicyError, parse_policy, scopes_of, validate_scope
 from app.budgets.spend import event_cost
 from app.clock import Clock
-from app.codec import EventDecodeError, build_codec
-from app.compacted import CompactedView
-from app.errors import ApiError, invalid_request
-from app.gateway import (
+from app.events.codec import EventDecodeError, build_codec
+from app.events.compacted import CompactedView
+from app.events.producer import EventEmitter
+from app.gateway.pipeline import (
     Call,
     ChatRequest,
     Gateway,
@@ -37,16 +36,17 @@ from app.gateway import (
     identity_scopes,
     parse_chat_request,
 )
-from app.ingest import TimeWindow, parse_outcomes, parse_usage_reports
+from app.gateway.upstreams import UpstreamPool
+from app.http.errors import ApiError, invalid_request
+from app.http.openapi import openapi_document
+from app.http.reports_api import REPORTS
+from app.http.security import check_exposure, internal_token
+from app.metering.attribution import Identity, KeyStore, bearer_token, resolve_identity
+from app.metering.ingest import TimeWindow, parse_outcomes, parse_usage_reports
+from app.metering.usage import event_time, new_id
 from app.metrics import Metrics
-from app.openapi import openapi_document
-from app.pricing import PriceCatalog, nanos_to_usd
-from app.producer import EventEmitter
-from app.reports_api import REPORTS
-from app.security import check_exposure, internal_token
+from app.pricing.catalog import PriceCatalog, nanos_to_usd
 from app.settings import Settings
-from app.upstreams import UpstreamPool
-from app.usage import event_time, new_id
 
 log = logging.getLogger(__name__)
 

@@ -2,8 +2,8 @@
 
 Owns the event shapes at run time (loaded from ``schemas/``), their schema ids,
 and the bytes on Kafka: ``0x00`` magic byte, 4-byte big-endian schema id, Avro
-binary body. It does not own topics (``app.topics``) or producing
-(``app.producer``).
+binary body. It does not own topics (``app.events.topics``) or producing
+(``app.events.producer``).
 
 Schema ids come from a Confluent-compatible Schema Registry when
 ``TOLLGATE_SCHEMA_REGISTRY_URL`` is set (subjects named after the record's full
@@ -33,7 +33,7 @@ from fastavro.validation import validate
 
 MAGIC_BYTE = 0
 _HEADER = struct.Struct(">bI")
-SCHEMAS_DIR = Path(__file__).resolve().parents[1] / "schemas"
+SCHEMAS_DIR = Path(__file__).resolve().parents[2] / "schemas"
 EVENT_TYPES = ("Request", "Usage", "BudgetPolicy", "BudgetDecision", "Alert", "Outcome")
 
 

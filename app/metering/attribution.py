@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from app.errors import forbidden, invalid_request, unauthorized
+from app.http.errors import forbidden, invalid_request, unauthorized
 from app.ids import MAX_ID_LENGTH as MAX_ID_LENGTH  # re-exported for older imports
 from app.ids import id_problem
 

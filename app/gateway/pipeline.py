@@ -3,7 +3,7 @@
 Owns what happens to one LLM call between the HTTP layer and the events:
 request validation, upstream choice and retry, streaming pass-through with
 usage capture, token estimation when a provider reports none, and building the
-``Request`` and ``Usage`` events. aiohttp specifics stay in ``app.server``; the
+``Request`` and ``Usage`` events. aiohttp specifics stay in ``app.http.server``; the
 only HTTP type here is the upstream client response.
 """
 
@@ -22,12 +22,13 @@ from typing import Any
 import aiohttp
 import orjson
 
-from app.attribution import ANONYMOUS_USER, Identity
 from app.budgets.gate import Admission, BudgetGate
 from app.budgets.policy import scopes_of
 from app.budgets.reservations import CallCost, OutputEstimator
 from app.budgets.spend import event_cost
-from app.errors import (
+from app.events.producer import EventEmitter
+from app.gateway.upstreams import RETRYABLE_CONNECT_ERRORS, UpstreamPool
+from app.http.errors import (
     ApiError,
     forbidden,
     invalid_request,
@@ -36,12 +37,17 @@ from app.errors import (
     upstream_timeout,
 )
 from app.ids import id_problem
+from app.metering.attribution import ANONYMOUS_USER, Identity
+from app.metering.usage import (
+    attribution_fields,
+    build_usage_record,
+    event_time,
+    new_id,
+    usage_event_id,
+)
 from app.metrics import Metrics
-from app.pricing import PriceCatalog, nanos_to_usd
-from app.producer import EventEmitter
-from app.tokens import count_tokens, estimate_message_tokens
-from app.upstreams import RETRYABLE_CONNECT_ERRORS, UpstreamPool
-from app.usage import attribution_fields, build_usage_record, event_time, new_id, usage_event_id
+from app.pricing.catalog import PriceCatalog, nanos_to_usd
+from app.pricing.tokens import count_tokens, estimate_message_tokens
 
 log = logging.getLogger(__name__)
 
@@ -383,7 +389,7 @@ class Gateway:
         self.emitter.emit("Request", "requests", identity.user_id, record)
 
     def usage_record(self, identity: Identity, **fields: Any) -> dict[str, Any]:
-        """A priced Usage record (``app.usage.build_usage_record``), counted in the metrics."""
+        """A priced Usage record (``app.metering.usage.build_usage_record``), counted in the metrics."""
         record = build_usage_record(self.prices, identity, **fields)
         self.remember(record["request_id"], identity)
         model = record["model_served"]
