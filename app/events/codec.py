@@ -355,11 +355,16 @@ def event_key(body: bytes) -> tuple[str, int]:
     return event_id, millis
 
 
-def event_id_of(data: bytes | None) -> str:
-    """The ``event_id`` of a framed event (Confluent header + Avro body)."""
+def split_frame(data: bytes | None) -> tuple[int, bytes]:
+    """(schema id, Avro body) of a framed event, reading only the 5-byte Confluent header."""
     if not data or len(data) < _HEADER.size or data[0] != MAGIC_BYTE:
         raise FrameError("not Confluent-framed Avro (magic byte 0 and a schema id)")
-    return event_key(data[_HEADER.size :])[0]
+    return _HEADER.unpack_from(data)[1], data[_HEADER.size :]
+
+
+def event_id_of(data: bytes | None) -> str:
+    """The ``event_id`` of a framed event (Confluent header + Avro body)."""
+    return event_key(split_frame(data)[1])[0]
 
 
 def build_codec(schema_registry_url: str | None) -> EventCodec:
