@@ -5,6 +5,7 @@ ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 TOLLGATE_STATE_DIR=/var/lib/tollgate
 COPY pyproject.toml README.md ./
 COPY app ./app
 COPY agents ./agents
+COPY devtools ./devtools
 COPY schemas ./schemas
 COPY deploy ./deploy
 # /var/lib/tollgate-secrets: a named volume mounted there starts owned by tollgate, mode 0700.

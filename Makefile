@@ -26,10 +26,11 @@ install: $(STAMP)
 up: $(STAMP)
 	$(BIN)/tollgate up
 
-## Lint, then unit + integration tests; starts (and stops) the local Kafka the tests use.
+## Lint, type-check and check the import contracts, then unit + integration tests; starts (and stops) the local Kafka the tests use.
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest tests -ra -p no:cacheprovider
 
 ## Every row of the fault table at full scale (>= 10 dispatcher and 10 spend-worker kills
@@ -45,6 +46,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .

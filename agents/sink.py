@@ -57,8 +57,15 @@ from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
 from fastavro import parse_schema
 from fastavro.write import Writer
 
-from app.codec import EventCodec, EventDecodeError, build_codec
-from app.kafka_retry import retry_while_kafka_down
+from app.events.codec import (
+    EventCodec,
+    EventDecodeError,
+    FrameError,
+    build_codec,
+    event_key,
+    split_frame,
+)
+from app.events.kafka_retry import retry_while_kafka_down
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -111,39 +118,12 @@ def refuses_data(exc: BaseException) -> bool:
     return match is not None and int(match.group(1)) in DATA_ERROR_CODES
 
 
-class FrameError(ValueError):
-    """A record that is not a Confluent-framed Tollgate event of the topic's type."""
-
-
-def _varint(data: bytes, pos: int) -> tuple[int, int]:
-    """An Avro long (zig-zag varint) at ``pos``: (value, next position)."""
-    shift = result = 0
-    while True:
-        if pos >= len(data) or shift > 63:
-            raise FrameError("truncated or oversized varint")
-        byte = data[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return (result >> 1) ^ -(result & 1), pos
-        shift += 7
-
-
-def event_key(body: bytes) -> tuple[str, datetime]:
-    """``event_id`` and ``ts`` of an Avro event body: every Tollgate schema starts with them."""
-    length, pos = _varint(body, 0)
-    if length < 0 or pos + length > len(body):
-        raise FrameError(f"event_id length {length} does not fit in {len(body)} bytes")
+def _event_time(millis: int) -> datetime:
+    """An event's ``ts`` (epoch ms, read by ``event_key``) as a time, or a FrameError."""
     try:
-        event_id = body[pos : pos + length].decode()
-    except UnicodeDecodeError as exc:
-        raise FrameError(f"event_id is not UTF-8: {exc}") from None
-    millis, _ = _varint(body, pos + length)
-    try:
-        ts = datetime.fromtimestamp(millis / 1000, UTC)
+        return datetime.fromtimestamp(millis / 1000, UTC)
     except (OverflowError, OSError, ValueError):
         raise FrameError(f"ts {millis} is not a time") from None
-    return event_id, ts
 
 
 @dataclass
@@ -325,8 +305,10 @@ class ClickHouseSink:
                 self.tombstones += 1
                 continue
             try:
-                schema_id = self._schema_id(m.value, TABLES[suffix][1])
-                event_id, ts = event_key(m.value[5:])
+                schema_id, body = split_frame(m.value)
+                self._check_type(schema_id, TABLES[suffix][1])
+                event_id, millis = event_key(body)
+                ts = _event_time(millis)
             except (FrameError, EventDecodeError) as exc:
                 await self._dead_letter(dead_letters, m, str(exc))
                 continue
@@ -336,20 +318,16 @@ class ClickHouseSink:
             if event_id in events[suffix]:
                 self.duplicates_dropped += 1
                 continue
-            events[suffix][event_id] = _Event(schema_id, m.value[5:], ts, early, m)
+            events[suffix][event_id] = _Event(schema_id, body, ts, early, m)
         return _Pending(events, offsets)
 
-    def _schema_id(self, value: bytes | None, event_type: str) -> int:
-        if not value or len(value) < 5 or value[0] != 0:
-            raise FrameError("not Confluent-framed Avro (magic byte 0 and a schema id)")
-        schema_id = int.from_bytes(value[1:5], "big")
+    def _check_type(self, schema_id: int, event_type: str) -> None:
         try:
             found = self.codec.event_type_of(schema_id)
         except KeyError:
             raise FrameError(f"unknown schema id {schema_id}") from None
         if found != event_type:
             raise FrameError(f"a {found} event on the {event_type} topic")
-        return schema_id
 
     async def _insert_with_retry(self, pending: _Pending, stop: asyncio.Event) -> None:
         attempt = 0
@@ -524,7 +502,7 @@ class ClickHouseSink:
 
 def run_sink(settings: Settings) -> None:
     """``tollgate sink``: migrate, then consume into ClickHouse until interrupted."""
-    from app.warehouse import ReconnectingClient, connect, describe, migrate
+    from app.warehouse.clickhouse import ReconnectingClient, connect, describe, migrate
 
     client = connect(settings)
     applied = migrate(client)
@@ -543,11 +521,11 @@ def run_sink(settings: Settings) -> None:
 async def _sink_and_reports(settings: Settings, client: Any) -> None:
     from aiohttp import web
 
-    from app.attribution import KeyStore
     from app.budgets.policy import PolicyBook
-    from app.compacted import CompactedView
-    from app.reports_api import create_reports_app
-    from app.security import internal_token
+    from app.events.compacted import CompactedView
+    from app.http.reports_api import create_reports_app
+    from app.http.security import internal_token
+    from app.metering.attribution import KeyStore
 
     # The budgets report lists scopes that still have a cap: follow the policies topic.
     policies = PolicyBook()

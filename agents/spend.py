@@ -43,7 +43,6 @@ from aiokafka.errors import KafkaError
 from aiokafka.partitioner import murmur2
 from faust.types import TP, StreamT, TableT
 
-from app.attribution import Identity
 from app.budgets.counter import PartialTotals, SpendCounter, UsageEvent
 from app.budgets.policy import PolicyBook, evaluate
 from app.budgets.spend import (
@@ -55,11 +54,12 @@ from app.budgets.spend import (
     threshold_alert,
 )
 from app.clock import Clock
-from app.codec import EventCodec, EventDecodeError, FrameError, build_codec, event_id_of
-from app.compacted import CompactedView
-from app.pricing import PriceCatalog
+from app.events.codec import EventCodec, EventDecodeError, FrameError, build_codec, event_id_of
+from app.events.compacted import CompactedView
+from app.metering.attribution import Identity
+from app.metering.usage import build_usage_record, usage_event_id
+from app.pricing.catalog import PriceCatalog
 from app.settings import Settings
-from app.usage import build_usage_record, usage_event_id
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from typing import Any, NoReturn
 import click
 from pydantic import ValidationError
 
-from app.pricing import usd_text
+from app.pricing.catalog import usd_text
 from app.settings import Settings, describe_settings
 
 
@@ -52,7 +52,7 @@ def kafka() -> None:
 @kafka.command("start")
 def kafka_start() -> None:
     """Start the local broker (fetches the jars the first time)."""
-    from app.kafka_local import LauncherError, LocalKafka
+    from devtools.kafka_local import LauncherError, LocalKafka
 
     settings = _settings()
     try:
@@ -75,7 +75,7 @@ def kafka_start() -> None:
 @kafka.command("stop")
 def kafka_stop() -> None:
     """Stop the local broker."""
-    from app.kafka_local import LauncherError, LocalKafka
+    from devtools.kafka_local import LauncherError, LocalKafka
 
     try:
         stopped = LocalKafka(_settings()).stop()
@@ -88,7 +88,7 @@ def kafka_stop() -> None:
 @kafka.command("status")
 def kafka_status() -> None:
     """Say whether the local broker runs (exit code 3 when it does not)."""
-    from app.kafka_local import LocalKafka
+    from devtools.kafka_local import LocalKafka
 
     status = LocalKafka(_settings()).status()
     if status.running:
@@ -107,7 +107,7 @@ def topics() -> None:
 @topics.command("ensure")
 def topics_ensure() -> None:
     """Create Tollgate's topics if missing; report any that are misconfigured."""
-    from app.topics import TopicsError, ensure_topics
+    from app.events.topics import TopicsError, ensure_topics
 
     settings = _settings()
     try:
@@ -132,7 +132,7 @@ def schemas() -> None:
 @schemas.command("register")
 def schemas_register() -> None:
     """Give changed schemas new fixed ids and freeze them under schemas/history/."""
-    from app.codec import SchemaCatalog
+    from app.events.codec import SchemaCatalog
 
     added = SchemaCatalog().register_changes()
     for version in added:
@@ -327,7 +327,7 @@ def budgets_status(scope: str | None, url: str | None, key: str | None) -> None:
     """
     from app.budgets.admin import PolicyAdmin
     from app.budgets.policy import PolicyError, validate_scope
-    from app.pricing import nanos_to_usd
+    from app.pricing.catalog import nanos_to_usd
 
     settings = _settings()
     if scope is not None:
@@ -405,7 +405,7 @@ def db() -> None:
 @db.command("migrate")
 def db_migrate() -> None:
     """Create or upgrade the warehouse tables (idempotent)."""
-    from app.warehouse import WarehouseError, connect, describe, migrate
+    from app.warehouse.clickhouse import WarehouseError, connect, describe, migrate
 
     settings = _settings()
     try:
@@ -444,7 +444,7 @@ def report(
     import urllib.request
     from datetime import UTC, datetime
 
-    from app.reports import MINUTE, ReportError, parse_since, parse_time
+    from app.warehouse.reports import MINUTE, ReportError, parse_since, parse_time
 
     settings = _settings()
     try:
@@ -457,7 +457,7 @@ def report(
     except ReportError as exc:
         _fail(str(exc))
 
-    from app.security import internal_token
+    from app.http.security import internal_token
 
     token = internal_token(settings)  # the reports server answers nobody without it
 
@@ -603,7 +603,7 @@ def keys_add(
     """Create a key, store its SHA-256 in the keys file and print the key once (stdout)."""
     from pathlib import Path
 
-    from app.security import add_api_key
+    from app.http.security import add_api_key
 
     try:
         secret = add_api_key(
@@ -637,7 +637,7 @@ def secrets_init(directory: str) -> None:
     DIRECTORY/internal-token (mode 0600); files that exist are kept."""
     from pathlib import Path
 
-    from app.security import init_secrets
+    from app.http.security import init_secrets
 
     try:
         created = init_secrets(Path(directory))
@@ -689,7 +689,7 @@ def shown_setting(name: str, value: object) -> str:
     if isinstance(value, SecretStr):
         return "(set, hidden)"
     if name == "alert_targets" and value:
-        from agents.notifier import parse_alert_targets
+        from app.alerts_config import parse_alert_targets
 
         targets = parse_alert_targets(list(value))  # type: ignore[call-overload]
         return ", ".join(f"{t.name} ({t.format}) {t.redacted_url}" for t in targets)
@@ -708,7 +708,7 @@ def shown_setting(name: str, value: object) -> str:
 @main.command("up")
 def up() -> None:
     """Run the whole local stack in the foreground; Ctrl-C stops it."""
-    from app.stack import run_stack
+    from devtools.stack import run_stack
 
     settings = _settings()
     sys.exit(run_stack(settings, click.echo))
@@ -717,8 +717,8 @@ def up() -> None:
 @main.command("serve")
 def serve_dispatcher() -> None:
     """Run the dispatcher (the gateway users point their SDKs at)."""
-    from app.security import ExposureError, check_exposure
-    from app.server import serve
+    from app.http.security import ExposureError, check_exposure
+    from app.http.server import serve
 
     settings = _settings()
     try:
@@ -743,7 +743,7 @@ def worker() -> None:
 def sink() -> None:
     """Run the ClickHouse sink: every event into the warehouse, exactly once."""
     from agents.sink import run_sink
-    from app.security import ExposureError, internal_token
+    from app.http.security import ExposureError, internal_token
 
     settings = _settings()
     try:
@@ -821,7 +821,8 @@ def detect(csv_file: str, kind: str, output: str | None, options: tuple[str, ...
 @main.command("notify")
 def notify() -> None:
     """Deliver alerts to the on-call webhooks in TOLLGATE_ALERT_TARGETS."""
-    from agents.notifier import parse_alert_targets, run_notifier
+    from agents.notifier import run_notifier
+    from app.alerts_config import parse_alert_targets
 
     settings = _settings()
     targets = parse_alert_targets(list(settings.alert_targets))
@@ -844,7 +845,7 @@ def notify() -> None:
 @click.option("--error-rate", default=0.0, show_default=True, help="Fraction answered 500/429.")
 def simulate(host: str | None, port: int | None, latency_scale: float, error_rate: float) -> None:
     """Run the OpenAI-compatible upstream simulator."""
-    from app.simulator import SimulatorConfig, serve
+    from devtools.simulator import SimulatorConfig, serve
 
     settings = _settings()
     config = SimulatorConfig(latency_scale=latency_scale, error_rate=error_rate)
@@ -857,8 +858,8 @@ def simulate(host: str | None, port: int | None, latency_scale: float, error_rat
 
 def _register_commands() -> None:
     """Commands that live beside their domain code."""
-    from app.replay import replay_command
     from app.routing.cli import route_group
+    from devtools.replay import replay_command
 
     main.add_command(replay_command)
     main.add_command(route_group)

@@ -1,70 +1,52 @@
-"""Errors a client can get, in OpenAI's shape: ``{"error": {"type", "message", "param", "code"}}``.
+"""Domain errors: what went wrong with a call, in words a client can act on, without HTTP.
 
-Owns the mapping from a failure to its HTTP status and error type. Every
-message names the field or limit involved and what to do about it.
+Owns the failures the domain packages raise (``app.metering``, ``app.gateway``): each names
+the field or limit involved and the fix. It does not own statuses or response bodies:
+``app.http.errors`` maps every one of these (and ``app.budgets.gate.BudgetRefused``) to its
+HTTP status and OpenAI-shaped body, in one table.
 """
 
 from __future__ import annotations
 
-from typing import Any
 
+class TollgateError(Exception):
+    """A failure the caller can act on. ``field`` names the offending input, if one does;
+    ``code`` is a machine-readable refinement (e.g. ``max_call_duration``)."""
 
-class ApiError(Exception):
-    def __init__(
-        self,
-        status: int,
-        error_type: str,
-        message: str,
-        *,
-        param: str | None = None,
-        code: str | None = None,
-        extra: dict[str, Any] | None = None,
-    ) -> None:
+    def __init__(self, message: str, *, field: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
-        self.status = status
-        self.error_type = error_type
         self.message = message
-        self.param = param
+        self.field = field
         self.code = code
-        self.extra = extra or {}
-
-    def body(self) -> dict[str, Any]:
-        error: dict[str, Any] = {
-            "type": self.error_type,
-            "message": self.message,
-            "param": self.param,
-            "code": self.code or self.error_type,
-        }
-        error.update(self.extra)
-        return {"error": error}
 
 
-def invalid_request(message: str, param: str | None = None) -> ApiError:
-    return ApiError(400, "invalid_request_error", message, param=param)
+class InvalidRequest(TollgateError):
+    """The request is malformed or out of bounds; ``field`` names what to change."""
 
 
-def model_not_found(model: str, known: list[str]) -> ApiError:
-    listed = ", ".join(sorted(known)[:20])
-    return ApiError(
-        404,
-        "invalid_request_error",
-        f"The model {model!r} is not served by any configured upstream. Known models: {listed}",
-        param="model",
-        code="model_not_found",
-    )
+class NotAuthenticated(TollgateError):
+    """No usable credentials: a key is required, or the key is not known."""
 
 
-def unauthorized(message: str) -> ApiError:
-    return ApiError(401, "authentication_error", message, code="invalid_api_key")
+class NotPermitted(TollgateError):
+    """The credentials are valid but may not do this (a feature, a user, a session)."""
 
 
-def forbidden(message: str, param: str | None = None) -> ApiError:
-    return ApiError(403, "permission_error", message, param=param)
+class ModelNotServed(TollgateError):
+    """No configured upstream serves the requested model."""
+
+    def __init__(self, model: str, known: list[str]) -> None:
+        listed = ", ".join(sorted(known)[:20])
+        super().__init__(
+            f"The model {model!r} is not served by any configured upstream. Known models: {listed}",
+            field="model",
+            code="model_not_found",
+        )
 
 
-def upstream_error(message: str) -> ApiError:
-    return ApiError(502, "upstream_error", message)
+class UpstreamFailed(TollgateError):
+    """The provider could not be reached, or broke the connection."""
 
 
-def upstream_timeout(message: str) -> ApiError:
-    return ApiError(504, "upstream_timeout", message)
+class UpstreamTimedOut(TollgateError):
+    """The provider was silent too long, or the call exceeded its own deadline."""

@@ -22,6 +22,8 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from app.alerts_config import parse_alert_targets
+from app.anomaly_config import DetectorSettings
 from app.cache.config import CacheSettings
 from app.routing.config import RoutingSettings
 
@@ -132,7 +134,8 @@ class Settings(BaseSettings):
         default="gpt-4", description="Model whose rates give every event its baseline cost."
     )
     price_overrides_file: Path | None = Field(
-        default=None, description="YAML of negotiated or missing prices (see app/pricing.py)."
+        default=None,
+        description="YAML of negotiated or missing prices (see app/pricing/catalog.py).",
     )
     keys_file: Path | None = Field(
         default=None,
@@ -151,7 +154,7 @@ class Settings(BaseSettings):
         default=1 << 30, ge=1 << 20, description="Disk cap of undelivered events (spool)."
     )
     spool_fsync: Literal["always", "batch", "never"] = Field(
-        default="batch", description="Spool durability: see app/spool.py."
+        default="batch", description="Spool durability: see app/events/spool.py."
     )
 
     usage_max_lateness_s: float = Field(
@@ -281,16 +284,12 @@ class Settings(BaseSettings):
     @field_validator("anomaly_options", mode="after")
     @classmethod
     def _check_anomaly_options(cls, value: dict[str, str]) -> dict[str, str]:
-        from agents.anomaly.settings import DetectorSettings  # names the bad option and why
-
         DetectorSettings.with_options(**value)
         return value
 
     @field_validator("alert_targets", mode="after")
     @classmethod
     def _check_alert_targets(cls, value: tuple[dict[str, Any], ...]) -> tuple[dict[str, Any], ...]:
-        from agents.notifier import parse_alert_targets  # validates; messages never hold values
-
         parse_alert_targets(list(value))
         return value
 

@@ -167,7 +167,7 @@ class TopicTail:
     async def _run(self) -> None:
         from aiokafka import AIOKafkaConsumer
 
-        from app.codec import EventCodec
+        from app.events.codec import EventCodec
 
         codec = EventCodec()
         consumer = AIOKafkaConsumer(
@@ -199,8 +199,8 @@ async def read_topic(bootstrap: str, topic: str) -> list[Message]:
     """Every record of ``topic`` up to its current end, decoded, in partition+offset order."""
     from aiokafka import AIOKafkaConsumer
 
-    from app.codec import EventCodec
-    from app.compacted import assigned_partitions
+    from app.events.codec import EventCodec
+    from app.events.compacted import assigned_partitions
 
     codec = EventCodec()
     consumer = AIOKafkaConsumer(
@@ -235,8 +235,8 @@ async def read_topic(bootstrap: str, topic: str) -> list[Message]:
 
 async def compacted_decisions(bootstrap: str, topic: str) -> dict[str, dict[str, Any]]:
     """The latest decision of every scope on the compacted topic, read afresh."""
-    from app.codec import EventCodec
-    from app.compacted import CompactedView
+    from app.events.codec import EventCodec
+    from app.events.compacted import CompactedView
 
     view = CompactedView(bootstrap, topic, EventCodec())
     await view.start(15.0)
@@ -275,7 +275,7 @@ def uniform_lengths(rng: random.Random) -> int:
 def natural_lengths(rng: random.Random) -> int:
     """The simulator's own natural completion length: lognormal (median 150, sigma 0.6),
     1..1024. Drawn here, as the simulator's draw depends only on the messages."""
-    from app.simulator import SimulatorConfig
+    from devtools.simulator import SimulatorConfig
 
     cfg = SimulatorConfig()
     n = round(cfg.completion_tokens_median * math.exp(cfg.completion_tokens_sigma * rng.gauss()))
@@ -285,7 +285,7 @@ def natural_lengths(rng: random.Random) -> int:
 def natural_max_tokens() -> int:
     """``max_tokens`` of the runs "with max_tokens": the longest natural completion, so the
     client's own limit never cuts a call (only the gate's cap can)."""
-    from app.simulator import SimulatorConfig
+    from devtools.simulator import SimulatorConfig
 
     return SimulatorConfig().completion_tokens_max
 
@@ -378,7 +378,7 @@ async def post_call(
 
 @functools.cache
 def price_catalog() -> Any:
-    from app.pricing import PriceCatalog
+    from app.pricing.catalog import PriceCatalog
 
     return PriceCatalog()
 
@@ -1757,8 +1757,8 @@ class Lane:
 def start_lane(
     tag: str, bootstrap: str, tmp: Path, children: list[Child], tails: list[TopicTail]
 ) -> Lane:
+    from app.events.topics import ensure_topics
     from app.settings import Settings
-    from app.topics import ensure_topics
 
     prefix = f"bb{uuid.uuid4().hex[:6]}{tag}"
     settings = Settings(kafka_bootstrap=bootstrap, topic_prefix=prefix)
@@ -1856,9 +1856,9 @@ async def wait_worker_ready(lane: Lane, bootstrap: str, timeout_s: float) -> flo
 
     from app.budgets.admin import policy_record
     from app.budgets.policy import parse_policy
-    from app.codec import EventCodec
+    from app.events.codec import EventCodec
+    from app.metering.usage import UsageProducer
     from app.settings import Settings
-    from app.usage import UsageProducer
 
     started = time.monotonic()
     scope = f"user:{PROBE_USER}"
@@ -2102,9 +2102,9 @@ def run_accuracy(
 
 
 def run_benchmark(args: argparse.Namespace) -> int:
-    from app.kafka_local import LocalKafka
     from app.settings import Settings
-    from app.simulator import SimulatorConfig
+    from devtools.kafka_local import LocalKafka
+    from devtools.simulator import SimulatorConfig
 
     sim = SimulatorConfig(latency_scale=args.latency_scale)
     plan = {

@@ -231,7 +231,7 @@ async def serve_proxy(port: int, upstream: str) -> None:
 
 async def serve_simulator(port: int, latency_scale: float, seed: int) -> None:
     """``tollgate simulate`` with a fixed seed (the CLI does not expose one)."""
-    from app.simulator import SimulatorConfig, serve
+    from devtools.simulator import SimulatorConfig, serve
 
     await serve(HOST, port, SimulatorConfig(latency_scale=latency_scale, seed=seed))
 
@@ -663,7 +663,7 @@ class Stack:
 
 
 def simulator_description(latency_scale: float, seed: int) -> dict[str, Any]:
-    from app.simulator import SimulatorConfig
+    from devtools.simulator import SimulatorConfig
 
     cfg = SimulatorConfig(latency_scale=latency_scale, seed=seed)
     ttft = cfg.ttft_ms_median * latency_scale
@@ -1046,9 +1046,9 @@ def wait_quiet(max_wait_s: float, our_pids: Sequence[int] = ()) -> float:
 
 
 def run_benchmark(args: argparse.Namespace) -> int:
-    from app.kafka_local import LocalKafka
+    from app.events.topics import ensure_topics
     from app.settings import Settings
-    from app.topics import ensure_topics
+    from devtools.kafka_local import LocalKafka
 
     plan = plan_from_args(args)
     report = Report(plan=plan, simulator=simulator_description(plan.latency_scale, plan.seed))

@@ -8,7 +8,7 @@ Two kinds of world give the ordinary traffic:
   (log-normal sigma 0.4 to 1.3) and economy shares; a daily rhythm whose peak hour,
   depth (peak/trough 2x to 5x) and per-user phase (time zones) are drawn per world.
 - :class:`AzureWorld`: the Azure LLM inference trace (``data/``, one real hour) played
-  back to back with a daily rhythm and a seeded Zipf attribution (``app.trace``).
+  back to back with a daily rhythm and a seeded Zipf attribution (``devtools.trace``).
 
 :func:`plan` draws labelled incidents that are *not* one family: kinds (runaway loop,
 viral ramp, prompt-injection cost shift, gradual cost drift, routing regression,
@@ -33,8 +33,8 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from app.pricing import PriceCatalog
-from app.trace import Attribution, TraceCall, read_azure_csv
+from app.pricing.catalog import PriceCatalog
+from devtools.trace import Attribution, TraceCall, read_azure_csv
 
 START = datetime(2024, 3, 4, tzinfo=UTC)  # a Monday
 DAY = timedelta(days=1)
@@ -252,7 +252,7 @@ class AzureWorld(World):
         cumulative = probe._user_cum
         previous = [0.0, *cumulative[:-1]]
         total = cumulative[-1]
-        from app.trace import ECONOMY_SHARE, FEATURES
+        from devtools.trace import ECONOMY_SHARE, FEATURES
 
         self.user_share = {
             u: (c - p) / total for u, c, p in zip(self.user_ids, cumulative, previous, strict=True)

@@ -12,7 +12,7 @@ Timed per request (``perf_counter_ns`` around each call, in this process, no I/O
 
 | operation | what it is |
 |---|---|
-| ``baseline: parse_chat_request`` | what the dispatcher already spends validating the same body (``app.gateway``) |
+| ``baseline: parse_chat_request`` | what the dispatcher already spends validating the same body (``app.gateway.pipeline``) |
 | ``route`` | ``Router.route(body, feature)``: read the body, signals, hashed keys, score, tier |
 | ``route (feature model)`` | the same for a feature with its own learned model (two models mixed) |
 | ``learn`` | ``Router.learn`` of one outcome (off the request path: when an outcome arrives) |
@@ -47,7 +47,7 @@ from typing import Any
 import orjson
 
 from app.cache import CachedAnswer, CacheSettings, MemoryCache, plan_lookup, sse_replay
-from app.gateway import parse_chat_request
+from app.gateway.pipeline import parse_chat_request
 from app.routing import Router, RoutingSettings
 from bench.router_quality import DEFAULT_DATA, load
 

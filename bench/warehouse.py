@@ -1,6 +1,6 @@
 """How fast does the warehouse fill, and how fast does it answer? Sink throughput, report latency.
 
-One run, one machine, real parts: a local Kafka broker (``app.kafka_local``, free ports,
+One run, one machine, real parts: a local Kafka broker (``devtools.kafka_local``, free ports,
 state in a temp directory) and embedded chdb (one directory, opened once by this process,
 a database per part of the run). Two measurements:
 
@@ -22,7 +22,7 @@ the same events:
 **Report latency.** ``--rows`` usage rows (default 10 million) over ``--days`` days (30),
 generated inside ClickHouse (``INSERT INTO usage_events SELECT ... FROM numbers(N)``; the
 materialized views fill the rollups as it runs), plus outcomes (1 % of the requests),
-alerts and budget decisions. Every report of ``app.reports`` (summary, breakdowns, time
+alerts and budget decisions. Every report of ``app.warehouse.reports`` (summary, breakdowns, time
 series, savings, outcomes, budgets, and ranges whose ends are not minute-aligned, which
 read raw events at the edges) is timed ``--runs`` times (p50, p99) against a baseline in
 the same run: the same function with every range read from raw ``usage_events FINAL``
@@ -149,9 +149,9 @@ def _feature(u: float) -> str | None:
 
 def make_usage_records(n: int, seed: int, start: datetime) -> list[dict[str, Any]]:
     """``n`` Usage records priced by the real catalog, one every 3 ms from ``start``."""
-    from app.attribution import Identity
-    from app.pricing import PriceCatalog
-    from app.usage import build_usage_record
+    from app.metering.attribution import Identity
+    from app.metering.usage import build_usage_record
+    from app.pricing.catalog import PriceCatalog
 
     prices = PriceCatalog()
     rng = random.Random(seed)
@@ -287,7 +287,7 @@ async def consume(
     """
     from aiokafka import AIOKafkaConsumer
 
-    from app.codec import EventCodec
+    from app.events.codec import EventCodec
 
     codec = EventCodec()
     table = TABLES["usage"]
@@ -400,8 +400,8 @@ async def run_sink(
 ) -> dict[str, Any]:
     """The real ClickHouseSink from start until ``n`` rows are in usage_events."""
     from agents.sink import ClickHouseSink
-    from app.codec import EventCodec
-    from app.warehouse import ReconnectingClient
+    from app.events.codec import EventCodec
+    from app.warehouse.clickhouse import ReconnectingClient
 
     timed = TimedClient(raw_client)
     codec = TimedCodec(EventCodec())
@@ -621,11 +621,11 @@ def direct_insert(client: Any, table: str, rows: list[list[Any]], columns: list[
 
 
 def sink_part(args: argparse.Namespace, tmp: Path, chdb_dir: Path) -> dict[str, Any]:
-    from app.codec import EventCodec
-    from app.kafka_local import LocalKafka
+    from app.events.codec import EventCodec
+    from app.events.topics import ensure_topics
     from app.settings import Settings
-    from app.topics import ensure_topics
-    from app.warehouse import connect, migrate
+    from app.warehouse.clickhouse import connect, migrate
+    from devtools.kafka_local import LocalKafka
 
     n = args.events
     result: dict[str, Any] = {"events": n, "partitions": PARTITIONS, "batch_size": args.batch_size}
@@ -958,8 +958,8 @@ class Case:
 
 
 def report_cases(client: Any, end: datetime, days: int) -> list[Case]:
-    """Every report of app.reports, over ranges ending at ``end`` (the newest data)."""
-    from app import reports
+    """Every report of app.warehouse.reports, over ranges ending at ``end`` (the newest data)."""
+    from app.warehouse import reports
 
     def back(start: datetime, stop: datetime) -> Callable[[timedelta], Any]:
         return lambda shift: reports.Range(start - shift, stop - shift)
@@ -1022,7 +1022,7 @@ def time_cases(cases: list[Case], runs: int, naive_runs: int) -> list[dict[str, 
     does: no cache keyed on the query's constants (ClickHouse's query condition cache is
     on by default) serves a repeat of the same query.
     """
-    from app import reports
+    from app.warehouse import reports
 
     results = []
     for case in cases:
@@ -1076,7 +1076,7 @@ def time_cases(cases: list[Case], runs: int, naive_runs: int) -> list[dict[str, 
 def sink_batches_at_scale(client: Any) -> dict[str, Any]:
     """The sink's own dedupe + insert of fresh 5000-row batches against the full table."""
     from agents.sink import ClickHouseSink, _Event
-    from app.codec import EventCodec
+    from app.events.codec import EventCodec
     from app.settings import Settings
 
     codec = EventCodec()
@@ -1120,7 +1120,7 @@ def sink_batches_at_scale(client: Any) -> dict[str, Any]:
 
 
 def reports_part(args: argparse.Namespace, chdb_dir: Path) -> dict[str, Any]:
-    from app.warehouse import connect, migrate
+    from app.warehouse.clickhouse import connect, migrate
 
     main_client = connect(dsn=f"chdb://{chdb_dir}")
     client = _database_client(chdb_dir, main_client, "reports")
@@ -1395,7 +1395,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
             report["sink"] = sink_part(args, tmp, chdb_dir)
         if not args.skip_reports:
             report["reports"] = reports_part(args, chdb_dir)
-        from app.warehouse import connect
+        from app.warehouse.clickhouse import connect
 
         report["machine"]["clickhouse"] = (
             connect(dsn=f"chdb://{chdb_dir}").query("SELECT version()").result_rows[0][0]
@@ -1464,7 +1464,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     # Quiet: the unpriced model's one warning, and aiokafka's noise while a fresh broker
     # elects leaders and a group coordinator.
-    logging.getLogger("app.pricing").setLevel(logging.ERROR)
+    logging.getLogger("app.pricing.catalog").setLevel(logging.ERROR)
     logging.getLogger("aiokafka").setLevel(logging.ERROR)
     logging.getLogger("aiokafka.consumer.group_coordinator").addFilter(
         lambda record: "GroupCoordinatorNotAvailable" not in record.getMessage()

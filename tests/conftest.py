@@ -73,7 +73,7 @@ def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestBroke
         with KafkaContainer("apache/kafka:4.1.1").with_kraft() as container:
             yield TestBroker(container.get_bootstrap_server())
         return
-    from app.kafka_local import LocalKafka
+    from devtools.kafka_local import LocalKafka
 
     # Free ports and a state dir of its own: concurrent test runs never share a broker.
     settings = Settings(
@@ -134,7 +134,7 @@ def clickhouse_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def clickhouse(clickhouse_dsn: str) -> Iterator[Any]:
     """A clickhouse-connect client (server or embedded chdb)."""
-    from app.warehouse import connect
+    from app.warehouse.clickhouse import connect
 
     client = connect(dsn=clickhouse_dsn)
     try:

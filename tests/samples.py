@@ -6,7 +6,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from app.codec import EVENT_TYPES, SchemaCatalog
+from app.events.codec import EVENT_TYPES, SchemaCatalog
 
 _TS = datetime(2026, 11, 27, 12, 0, 0, 123000, tzinfo=UTC)
 

@@ -1,7 +1,7 @@
 """Anomaly detection (issues 5 and 12): request rates, cost per request, tier mix; alerts
 with a lifecycle, correlated into one page per incident.
 
-- :mod:`agents.anomaly.settings` -- every threshold, in one validated object.
+- :mod:`app.anomaly_config` -- every threshold, in one validated object.
 - :mod:`agents.anomaly.rates`, :mod:`~agents.anomaly.costs`, :mod:`~agents.anomaly.mix`,
   :mod:`~agents.anomaly.series` -- the detectors (:mod:`agents.anomaly.detectors` re-exports).
 - :mod:`agents.anomaly.alerting` -- verdicts to de-duplicated ``Alert`` records.

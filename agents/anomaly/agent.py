@@ -53,10 +53,10 @@ from aiokafka.errors import KafkaConnectionError
 
 from agents.anomaly.detectors import DetectorSettings
 from agents.anomaly.engine import AnomalyEngine, SnapshotError
-from app.codec import EventCodec, EventDecodeError, build_codec
-from app.compacted import assigned_partitions
-from app.kafka_retry import retry_while_kafka_down
-from app.pricing import PriceCatalog
+from app.events.codec import EventCodec, EventDecodeError, build_codec
+from app.events.compacted import assigned_partitions
+from app.events.kafka_retry import retry_while_kafka_down
+from app.pricing.catalog import PriceCatalog
 from app.settings import Settings
 
 RECENT_IDS = 200_000  # about 50 MB at most; several minutes of a busy gateway's usage

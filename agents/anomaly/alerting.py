@@ -26,8 +26,8 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from agents.anomaly.core import Verdict, amount, money_per_hour
-from agents.anomaly.settings import DetectorSettings
-from app.usage import event_time, new_id
+from app.anomaly_config import DetectorSettings
+from app.metering.usage import event_time, new_id
 
 ALERT_SCHEMA_VERSION = 2
 

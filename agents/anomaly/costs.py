@@ -34,7 +34,7 @@ from datetime import datetime
 from statistics import NormalDist
 
 from agents.anomaly.core import NANOS_PER_USD, Cusum, Verdict, cusum_threshold
-from agents.anomaly.settings import DetectorSettings
+from app.anomaly_config import DetectorSettings
 
 _BIN = 0.05  # log-cost bin width: costs within 5 % of each other share a bin
 _LOG_MIN = 4.0  # the first bin starts at e^4 nanos ($0.00000005); cheaper calls share it

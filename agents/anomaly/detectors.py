@@ -15,7 +15,7 @@ from agents.anomaly.core import Detector, Kind, Point, Verdict
 from agents.anomaly.costs import CostDetector, CostReference
 from agents.anomaly.mix import TierMixDetector
 from agents.anomaly.rates import PeerPrior, RateDetector
-from agents.anomaly.settings import DetectorSettings
+from app.anomaly_config import DetectorSettings
 
 __all__ = [
     "CostDetector",

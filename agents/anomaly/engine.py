@@ -46,8 +46,8 @@ from agents.anomaly.costs import CostDetector
 from agents.anomaly.incidents import Correlator, specificity
 from agents.anomaly.mix import TierMixDetector
 from agents.anomaly.rates import PeerPrior, RateDetector, fit_peer_prior
-from agents.anomaly.settings import DetectorSettings
-from app.pricing import PriceCatalog
+from app.anomaly_config import DetectorSettings
+from app.pricing.catalog import PriceCatalog
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from agents.anomaly.settings import DetectorSettings
+from app.anomaly_config import DetectorSettings
 
 Nests = Callable[[str, str], bool]
 Explains = Callable[[str, str, datetime], bool]

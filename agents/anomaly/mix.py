@@ -21,7 +21,7 @@ import math
 from datetime import datetime
 
 from agents.anomaly.core import Verdict
-from agents.anomaly.settings import DetectorSettings
+from app.anomaly_config import DetectorSettings
 
 
 class TierMixDetector:

@@ -32,7 +32,7 @@ from agents.anomaly.core import Verdict
 from agents.anomaly.costs import CostDetector
 from agents.anomaly.mix import TierMixDetector
 from agents.anomaly.series import SeriesDetector
-from agents.anomaly.settings import DetectorSettings
+from app.anomaly_config import DetectorSettings
 
 KINDS = ("volume", "cost", "mix")
 SCOPE = "csv"

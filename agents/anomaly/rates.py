@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from agents.anomaly.core import DecayedMean, DecayedRate, Verdict, lower_tail, surprise, upper_tail
-from agents.anomaly.settings import DetectorSettings
+from app.anomaly_config import DetectorSettings
 
 SLOT_SECONDS = 5
 _INF = math.inf

@@ -36,7 +36,7 @@ from collections import deque
 from datetime import datetime
 
 from agents.anomaly.core import Verdict
-from agents.anomaly.settings import DetectorSettings
+from app.anomaly_config import DetectorSettings
 
 _SHORT = 5  # points in the level-shift statistic
 _HISTORY = 3000  # past values of each statistic kept for its empirical tail

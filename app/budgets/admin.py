@@ -21,10 +21,10 @@ import yaml
 from aiokafka import AIOKafkaProducer
 
 from app.budgets.policy import Policy, PolicyBook, PolicyError, parse_policy
-from app.codec import build_codec
-from app.compacted import CompactedView
+from app.events.codec import build_codec
+from app.events.compacted import CompactedView
+from app.metering.usage import event_time, new_id
 from app.settings import Settings
-from app.usage import event_time, new_id
 
 
 def policy_record(policy: Policy, updated_by: str | None = None) -> dict[str, Any]:

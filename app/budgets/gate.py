@@ -49,7 +49,7 @@ from app.budgets.pending import DEFAULT_ENTRIES_MAX, PendingSpend, counted_offse
 from app.budgets.policy import Policy, PolicyBook, evaluate
 from app.budgets.reservations import CallCost, fit_output_tokens
 from app.clock import Clock
-from app.pricing import usd_text
+from app.pricing.catalog import usd_text
 
 SWEEP_GRACE_S = 30.0
 

@@ -17,7 +17,7 @@ from typing import Any
 from app.budgets.ledger import iter_window_problems
 from app.budgets.periods import PERIOD_KINDS, Period, PeriodError, period_of, zone
 from app.ids import id_problem
-from app.pricing import nanos_to_usd, usd_text, usd_to_nanos
+from app.pricing.catalog import nanos_to_usd, usd_text, usd_to_nanos
 
 SCOPE_KINDS = ("user", "feature", "team", "key")
 DEFAULT_THRESHOLDS = (0.5, 0.8, 1.0)

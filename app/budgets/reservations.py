@@ -6,7 +6,7 @@ its true worst case (the client's ``max_tokens``, else the model's output
 limit) and its expected output (a high quantile of recent calls of that model,
 ``OutputEstimator``). ``fit_output_tokens`` finds the largest output cap whose
 worst case fits a budget, so the gate can cap a call near a limit instead of
-refusing it. Does not own admission (``gate.py``) or prices (``app/pricing.py``).
+refusing it. Does not own admission (``gate.py``) or prices (``app/pricing/catalog.py``).
 """
 
 from __future__ import annotations

@@ -15,8 +15,8 @@ from typing import Any
 
 from app.budgets.periods import Period
 from app.budgets.policy import Evaluation, Policy
-from app.pricing import usd_text
-from app.usage import new_id
+from app.metering.usage import new_id
+from app.pricing.catalog import usd_text
 
 
 def is_partition_local(scope: str) -> bool:

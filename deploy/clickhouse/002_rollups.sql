@@ -11,7 +11,7 @@
 --   downtiered (served cheaper than the model asked for),
 --   tokens, cost, and for priced rows only: baseline cost, requested cost
 --   (cost on the model asked for, no caching), cache and prompt-cache savings.
--- Savings decompose exactly (see app/usage.py):
+-- Savings decompose exactly (see app/metering/usage.py):
 --   baseline - cost = (baseline - requested) + (requested - cost - cache_saved
 --   - prompt_cache_saved) + prompt_cache_saved + cache_saved.
 

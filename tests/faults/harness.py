@@ -42,8 +42,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from app.budgets.spend import event_cost
-from app.codec import EventCodec
-from app.compacted import assigned_partitions
+from app.events.codec import EventCodec
+from app.events.compacted import assigned_partitions
 from app.settings import Settings
 
 TOLLGATE = str(Path(sys.executable).with_name("tollgate"))  # this venv's console script
@@ -189,7 +189,7 @@ class KafkaNode:
         }
 
     def pid(self) -> int | None:
-        from app.kafka_local import LocalKafka
+        from devtools.kafka_local import LocalKafka
 
         settings = Settings(
             kafka_bootstrap=self.bootstrap,

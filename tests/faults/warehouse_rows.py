@@ -11,7 +11,7 @@ import sys
 
 import orjson
 
-from app.warehouse import connect
+from app.warehouse.clickhouse import connect
 
 
 def main(dsn: str, tag: str) -> None:

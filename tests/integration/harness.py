@@ -20,11 +20,11 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from app.budgets.admin import policy_record
 from app.budgets.policy import parse_policy
-from app.codec import EventCodec
-from app.compacted import CompactedView
-from app.server import serve
+from app.events.codec import EventCodec
+from app.events.compacted import CompactedView
+from app.http.server import serve
 from app.settings import Settings, UpstreamConfig
-from app.simulator import SimulatorConfig, create_app
+from devtools.simulator import SimulatorConfig, create_app
 
 
 def free_port() -> int:
@@ -260,7 +260,7 @@ def wait_worker_ready(settings: Settings, timeout_s: float = 90, now: Any = None
 
     ``now``: a function giving the worker's (fake) time when it runs with TOLLGATE_CLOCK_START.
     """
-    from app.usage import UsageProducer
+    from app.metering.usage import UsageProducer
 
     async def probe() -> None:
         await publish_policy(settings, "user:__probe__", {"period": "day", "limit_usd": 1})

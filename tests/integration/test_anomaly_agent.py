@@ -12,12 +12,12 @@ from aiokafka import AIOKafkaProducer
 
 from agents.anomaly.agent import AnomalyAgent
 from agents.anomaly.engine import AnomalyEngine
-from app.attribution import Identity
-from app.codec import EventCodec
-from app.pricing import PriceCatalog
+from app.events.codec import EventCodec
+from app.events.topics import ensure_topics
+from app.metering.attribution import Identity
+from app.metering.usage import build_usage_record, new_id
+from app.pricing.catalog import PriceCatalog
 from app.settings import Settings
-from app.topics import ensure_topics
-from app.usage import build_usage_record, new_id
 from tests.integration.harness import read_events
 
 pytestmark = pytest.mark.integration
@@ -186,7 +186,7 @@ async def test_history_pages_are_published_marked_historical_and_the_idle_agent_
 
     # ... and they reach the warehouse (hence the dashboards), marked historical.
     from agents.sink import ClickHouseSink
-    from app.warehouse import migrate
+    from app.warehouse.clickhouse import migrate
 
     await asyncio.to_thread(migrate, clickhouse)
     sink = ClickHouseSink(kafka_settings, clickhouse, batch_size=100, batch_wait_s=0.3)

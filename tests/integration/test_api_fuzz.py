@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from app.reports_api import create_reports_app
+from app.events.topics import ensure_topics
+from app.http.reports_api import create_reports_app
 from app.settings import Settings
-from app.topics import ensure_topics
-from app.warehouse import ReconnectingClient, migrate
+from app.warehouse.clickhouse import ReconnectingClient, migrate
 from tests.integration.harness import Stack, free_port
 
 pytestmark = pytest.mark.integration

@@ -17,11 +17,11 @@ import httpx
 import pytest
 from aiohttp import web
 
-from app.attribution import hash_key
-from app.reports_api import create_reports_app
+from app.events.topics import ensure_topics
+from app.http.reports_api import create_reports_app
+from app.metering.attribution import hash_key
 from app.settings import Settings
-from app.topics import ensure_topics
-from app.warehouse import ReconnectingClient, migrate
+from app.warehouse.clickhouse import ReconnectingClient, migrate
 from tests.integration.harness import free_port, read_events, running_stack
 
 pytestmark = pytest.mark.integration
@@ -74,7 +74,7 @@ def bearer(secret: str) -> dict[str, str]:
 def test_the_report_server_needs_the_internal_token_or_an_admin_key(
     clickhouse: Any, keys_file: Path
 ) -> None:
-    from app.attribution import KeyStore
+    from app.metering.attribution import KeyStore
     from tests.integration.harness import BackgroundLoop
 
     migrate(clickhouse)
@@ -276,8 +276,8 @@ def test_a_key_may_post_outcomes_only_for_its_own_spend(
 
 # -- exposure ---------------------------------------------------------------------------------------
 def test_open_admin_routes_are_refused_on_a_network_address(kafka_settings: Settings) -> None:
-    from app.security import ExposureError
-    from app.server import serve
+    from app.http.security import ExposureError
+    from app.http.server import serve
 
     # 192.0.2.1 is TEST-NET-1: never bound, so without the check this fails differently.
     exposed = Settings(**{**kafka_settings.model_dump(), "dispatcher_host": "192.0.2.1"})

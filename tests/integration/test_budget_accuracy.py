@@ -22,12 +22,12 @@ import httpx
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from app.codec import EventCodec
-from app.pricing import PriceCatalog
+from app.events.codec import EventCodec
+from app.events.topics import ensure_topics
+from app.metering.usage import UsageProducer
+from app.pricing.catalog import PriceCatalog
+from app.pricing.tokens import count_message_tokens
 from app.settings import Settings
-from app.tokens import count_message_tokens
-from app.topics import ensure_topics
-from app.usage import UsageProducer
 from tests.integration.harness import (
     Stack,
     WorkerProcess,
@@ -344,8 +344,8 @@ def test_a_resent_usage_event_is_counted_once(
 ) -> None:
     asyncio.run(publish_policy(kafka_settings, "user:rex", {"limit_usd": 10}))
     prices = PriceCatalog()
-    from app.attribution import Identity
-    from app.usage import build_usage_record
+    from app.metering.attribution import Identity
+    from app.metering.usage import build_usage_record
 
     records = [
         build_usage_record(

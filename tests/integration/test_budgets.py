@@ -11,9 +11,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from app.events.topics import ensure_topics
+from app.metering.usage import UsageProducer
 from app.settings import Settings
-from app.topics import ensure_topics
-from app.usage import UsageProducer
 from tests.integration.harness import (
     Stack,
     WorkerProcess,

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from app.attribution import hash_key
 from app.cli import main
+from app.events.topics import ensure_topics
+from app.metering.attribution import hash_key
 from app.settings import Settings
-from app.topics import ensure_topics
 from tests.integration.harness import running_stack
 
 pytestmark = pytest.mark.integration

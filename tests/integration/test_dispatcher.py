@@ -11,9 +11,9 @@ import openai
 import pytest
 from genai_prices import Usage, calc_price
 
-from app.pricing import usd_to_nanos
+from app.events.topics import ensure_topics
+from app.pricing.catalog import usd_to_nanos
 from app.settings import Settings
-from app.topics import ensure_topics
 from tests.integration.harness import Stack, read_events, running_stack
 
 pytestmark = pytest.mark.integration
@@ -339,7 +339,7 @@ def test_operational_endpoints(stack: Stack) -> None:
     ):
         assert name in metrics
     spec = httpx.get(f"{stack.url}/openapi.json").json()
-    from app.server import ROUTES
+    from app.http.server import ROUTES
 
     documented = {
         (m.upper(), p) for p, ops in spec["paths"].items() for m in ops if m != "parameters"
@@ -348,7 +348,7 @@ def test_operational_endpoints(stack: Stack) -> None:
 
 
 def test_usage_producer_helper_writes_the_same_priced_events(kafka_settings: Settings) -> None:
-    from app.usage import UsageProducer
+    from app.metering.usage import UsageProducer
 
     asyncio.run(ensure_topics(kafka_settings))
 
@@ -413,7 +413,7 @@ def test_budget_admin_round_trip(stack: Stack) -> None:
 
 
 def test_api_keys_authenticate_and_cannot_be_spoofed(kafka_settings: Settings, tmp_path) -> None:
-    from app.attribution import hash_key
+    from app.metering.attribution import hash_key
 
     keys = tmp_path / "keys.yaml"
     keys.write_text(

@@ -28,9 +28,9 @@ import httpx
 import pytest
 
 from app.budgets.spend import event_cost
+from app.events.topics import ensure_topics
+from app.metering.usage import usage_event_id
 from app.settings import Settings
-from app.topics import ensure_topics
-from app.usage import usage_event_id
 from tests.integration.harness import (
     BackgroundLoop,
     WorkerProcess,

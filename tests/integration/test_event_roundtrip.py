@@ -5,9 +5,9 @@ import asyncio
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from app.codec import EVENT_TYPES, EventCodec, EventDecodeError
+from app.events.codec import EVENT_TYPES, EventCodec, EventDecodeError
+from app.events.topics import TOPIC_SPECS, ensure_topics
 from app.settings import Settings
-from app.topics import TOPIC_SPECS, ensure_topics
 from tests.samples import example_event
 
 pytestmark = pytest.mark.integration

@@ -44,8 +44,8 @@ from typing import Any
 import pytest
 import yaml
 
-from app import reports
-from app.warehouse import migrate
+from app.warehouse import reports
+from app.warehouse.clickhouse import migrate
 
 pytestmark = pytest.mark.integration
 
@@ -591,7 +591,7 @@ def test_headline_stats(warehouse: Fixture) -> None:
     assert value("Spend", {"feature": ALL, "model": ["gpt-4o"]}) == D("1.875")
     assert value("Requests", {"feature": [f.t("search")], "model": ["gpt-4o"]}) == 1
 
-    # The same totals as the reports API (app/reports.py) on the same range.
+    # The same totals as the reports API (app/warehouse/reports.py) on the same range.
     window = reports.Range(f.start, f.end)
     summary = reports.summary(f.client, window)
     assert (summary.cost_usd, summary.baseline_cost_usd) == (value("Spend"), value("Baseline cost"))

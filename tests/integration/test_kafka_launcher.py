@@ -1,4 +1,4 @@
-"""Integration test of app/kafka_local.py: a real Kafka broker from Maven Central jars.
+"""Integration test of devtools/kafka_local.py: a real Kafka broker from Maven Central jars.
 
 Uses its own free ports (picked per test, never 9092/9093 or the session broker's) and a
 temporary state dir, so it collides neither with the session broker of tests/conftest.py,
@@ -21,8 +21,8 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from app.kafka_local import KafkaStatus, LocalKafka, pid_alive, port_open
 from app.settings import Settings
+from devtools.kafka_local import KafkaStatus, LocalKafka, pid_alive, port_open
 
 pytestmark = pytest.mark.integration
 

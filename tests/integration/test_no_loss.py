@@ -15,8 +15,8 @@ from typing import Any
 import httpx
 import pytest
 
+from app.events.topics import ensure_topics
 from app.settings import Settings
-from app.topics import ensure_topics
 from tests.integration.harness import (
     BackgroundLoop,
     free_port,

@@ -18,10 +18,11 @@ from aiohttp import web
 from aiokafka import AIOKafkaProducer
 from prometheus_client import CollectorRegistry
 
-from agents.notifier import AlertTarget, Notifier, RetryPolicy, json_payload
-from app.codec import EventCodec
+from agents.notifier import Notifier, RetryPolicy, json_payload
+from app.alerts_config import AlertTarget
+from app.events.codec import EventCodec
+from app.events.topics import ensure_topics
 from app.settings import Settings
-from app.topics import ensure_topics
 from tests.samples import example_event
 
 pytestmark = pytest.mark.integration

@@ -19,12 +19,12 @@ import pytest
 from click.testing import CliRunner, Result
 
 from agents.sink import ClickHouseSink
-from app.replay import replay_calls, replay_command
+from app.events.topics import ensure_topics
+from app.metering.usage import event_time
 from app.settings import Settings
-from app.topics import ensure_topics
-from app.trace import AZURE_TRACE, TIER_MODELS, Attribution, PlacedTrace, read_trace
-from app.usage import event_time
-from app.warehouse import migrate
+from app.warehouse.clickhouse import migrate
+from devtools.replay import replay_calls, replay_command
+from devtools.trace import AZURE_TRACE, TIER_MODELS, Attribution, PlacedTrace, read_trace
 from tests.integration.harness import free_port
 
 pytestmark = pytest.mark.integration

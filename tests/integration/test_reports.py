@@ -14,10 +14,10 @@ import pytest
 from aiohttp import web
 
 from agents.sink import ClickHouseSink
-from app.reports_api import create_reports_app
+from app.events.topics import ensure_topics
+from app.http.reports_api import create_reports_app
 from app.settings import Settings
-from app.topics import ensure_topics
-from app.warehouse import ReconnectingClient, migrate
+from app.warehouse.clickhouse import ReconnectingClient, migrate
 from tests.integration.harness import free_port, running_stack
 from tests.integration.test_sink import produce, usage_record
 

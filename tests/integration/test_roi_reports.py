@@ -30,16 +30,16 @@ from aiokafka import AIOKafkaProducer
 from click.testing import CliRunner
 
 from agents.sink import ClickHouseSink
-from app.attribution import Identity
 from app.cli import main
-from app.codec import EventCodec
-from app.pricing import PriceCatalog
-from app.reports import MEASURES, USAGE, USAGE_BY_USER, Range, aggregate
-from app.reports_api import create_reports_app
+from app.events.codec import EventCodec
+from app.events.topics import ensure_topics
+from app.http.reports_api import create_reports_app
+from app.metering.attribution import Identity
+from app.metering.usage import build_usage_record, new_id
+from app.pricing.catalog import PriceCatalog
 from app.settings import Settings
-from app.topics import ensure_topics
-from app.usage import build_usage_record, new_id
-from app.warehouse import ReconnectingClient, migrate
+from app.warehouse.clickhouse import ReconnectingClient, migrate
+from app.warehouse.reports import MEASURES, USAGE, USAGE_BY_USER, Range, aggregate
 from tests.integration.harness import free_port
 
 pytestmark = pytest.mark.integration

@@ -13,11 +13,11 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from agents.sink import ClickHouseSink
-from app.codec import EventCodec
+from app.events.codec import EventCodec
+from app.events.topics import ensure_topics
+from app.metering.usage import event_time
 from app.settings import Settings
-from app.topics import ensure_topics
-from app.usage import event_time
-from app.warehouse import ReconnectingClient, migrate
+from app.warehouse.clickhouse import ReconnectingClient, migrate
 from tests.integration.harness import free_port
 from tests.samples import example_event
 

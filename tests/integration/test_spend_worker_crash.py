@@ -22,14 +22,14 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
-from app.attribution import Identity
 from app.budgets.counter import scopes_of_record
 from app.budgets.spend import event_cost
-from app.codec import EventCodec
-from app.pricing import PriceCatalog
+from app.events.codec import EventCodec
+from app.events.topics import ensure_topics
+from app.metering.attribution import Identity
+from app.metering.usage import build_usage_record
+from app.pricing.catalog import PriceCatalog
 from app.settings import Settings
-from app.topics import ensure_topics
-from app.usage import build_usage_record
 from tests.integration.harness import (
     WorkerProcess,
     latest_decisions,

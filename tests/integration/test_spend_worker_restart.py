@@ -20,9 +20,9 @@ from typing import Any
 import httpx
 import pytest
 
-from app.pricing import PriceCatalog
+from app.events.topics import ensure_topics
+from app.pricing.catalog import PriceCatalog
 from app.settings import Settings
-from app.topics import ensure_topics
 from tests.integration.harness import Stack, WorkerProcess, wait_for_decision, wait_worker_ready
 
 pytestmark = pytest.mark.integration

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from app.events.topics import ensure_topics
 from app.settings import Settings
-from app.topics import ensure_topics
 from tests.integration.harness import WorkerProcess, wait_worker_ready
 from tests.integration.test_spend_worker_crash import (
     UsageSender,

@@ -4,8 +4,8 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
+from app.events.topics import _config_entries, ensure_topics, plan_topics
 from app.settings import Settings
-from app.topics import _config_entries, ensure_topics, plan_topics
 
 pytestmark = pytest.mark.integration
 

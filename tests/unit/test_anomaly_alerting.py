@@ -7,7 +7,7 @@ from typing import Any
 
 from agents.anomaly.alerting import AlertManager
 from agents.anomaly.detectors import DetectorSettings, Kind, Verdict
-from app.codec import EventCodec
+from app.events.codec import EventCodec
 
 T0 = datetime(2024, 5, 1, 12, tzinfo=UTC)
 SETTINGS = DetectorSettings(resolve_after_seconds=300, cooldown_seconds=1800)

@@ -12,7 +12,7 @@ from agents.anomaly.core import Cusum, cusum_threshold
 from agents.anomaly.costs import CostDetector
 from agents.anomaly.mix import TierMixDetector
 from agents.anomaly.rates import PeerPrior, RateDetector, fit_peer_prior
-from agents.anomaly.settings import DetectorSettings
+from app.anomaly_config import DetectorSettings
 
 T0 = datetime(2024, 5, 1, tzinfo=UTC)
 SETTINGS = DetectorSettings()

@@ -13,7 +13,7 @@ import pytest
 
 from agents.anomaly.detectors import DetectorSettings
 from agents.anomaly.engine import SNAPSHOT_VERSION, AnomalyEngine, SnapshotError
-from app.codec import EventCodec
+from app.events.codec import EventCodec
 
 T0 = datetime(2024, 5, 1, 8, tzinfo=UTC)
 USERS = {f"u{i}": 1 / i for i in range(1, 13)}  # u1 busiest

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from agents.anomaly.settings import DetectorSettings
+from app.anomaly_config import DetectorSettings
 from app.settings import Settings
 
 

@@ -2,8 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from app.attribution import KeysFileError, KeyStore, hash_key, resolve_identity
-from app.errors import ApiError
+from app.errors import TollgateError
+from app.http.errors import http_error
+from app.metering.attribution import KeysFileError, KeyStore, hash_key, resolve_identity
 
 
 @pytest.fixture
@@ -42,12 +43,12 @@ def test_body_fields_and_openai_user_field() -> None:
 
 
 def test_required_attribution_is_a_400_naming_the_field() -> None:
-    with pytest.raises(ApiError) as info:
+    with pytest.raises(TollgateError) as info:
         resolve_identity({}, {}, None, require="user")
-    assert info.value.status == 400 and info.value.param == "user"
-    with pytest.raises(ApiError) as info:
+    assert http_error(info.value).status == 400 and info.value.field == "user"
+    with pytest.raises(TollgateError) as info:
         resolve_identity({}, {"user": "u"}, None, require="user_and_feature")
-    assert info.value.param == "metadata.feature"
+    assert info.value.field == "metadata.feature"
 
 
 def test_key_user_is_authoritative_and_cannot_be_spoofed(keys: KeyStore) -> None:
@@ -57,12 +58,12 @@ def test_key_user_is_authoritative_and_cannot_be_spoofed(keys: KeyStore) -> None
         "growth",
         "alice-laptop",
     )
-    with pytest.raises(ApiError) as info:
+    with pytest.raises(TollgateError) as info:
         resolve_identity({"Authorization": "Bearer sk-alice"}, {"user": "bob"}, keys)
-    assert info.value.status == 403
-    with pytest.raises(ApiError) as info:
+    assert http_error(info.value).status == 403
+    with pytest.raises(TollgateError) as info:
         resolve_identity({"Authorization": "Bearer sk-alice", "X-Tollgate-User": "bob"}, {}, keys)
-    assert info.value.status == 403
+    assert http_error(info.value).status == 403
 
 
 def test_backend_key_may_narrow_to_end_users(keys: KeyStore) -> None:
@@ -71,25 +72,25 @@ def test_backend_key_may_narrow_to_end_users(keys: KeyStore) -> None:
 
 
 def test_feature_allow_list(keys: KeyStore) -> None:
-    with pytest.raises(ApiError) as info:
+    with pytest.raises(TollgateError) as info:
         resolve_identity(
             {"Authorization": "Bearer sk-alice", "X-Tollgate-Feature": "admin"}, {}, keys
         )
-    assert info.value.status == 403
+    assert http_error(info.value).status == 403
 
 
 def test_missing_or_unknown_key_is_401(keys: KeyStore) -> None:
     for headers in ({}, {"Authorization": "Bearer sk-wrong"}):
-        with pytest.raises(ApiError) as info:
+        with pytest.raises(TollgateError) as info:
             resolve_identity(headers, {}, keys)
-        assert info.value.status == 401
+        assert http_error(info.value).status == 401
 
 
 def test_bad_types_are_400() -> None:
-    with pytest.raises(ApiError) as info:
+    with pytest.raises(TollgateError) as info:
         resolve_identity({}, {"user": 42}, None)
-    assert info.value.status == 400 and info.value.param == "user"
-    with pytest.raises(ApiError):
+    assert http_error(info.value).status == 400 and info.value.field == "user"
+    with pytest.raises(TollgateError):
         resolve_identity({}, {"metadata": "x"}, None)
 
 

@@ -21,7 +21,7 @@ from app.budgets.policy import Policy, PolicyBook, evaluate, parse_policy
 from app.budgets.reservations import CallCost, OutputEstimator, fit_output_tokens
 from app.budgets.spend import decision_record
 from app.clock import Clock
-from app.server import budget_refusal
+from app.http.errors import budget_refusal
 
 USD = 1_000_000_000  # nanos
 NOW = datetime(2026, 10, 15, 12, 0, tzinfo=UTC)  # mid-October, far from any boundary

@@ -11,15 +11,15 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from app.attribution import KeyStore
 from app.cli import main
-from app.security import (
+from app.http.security import (
     ExposureError,
     check_exposure,
     internal_token,
     is_loopback,
     token_path,
 )
+from app.metering.attribution import KeyStore
 from app.settings import Settings
 
 

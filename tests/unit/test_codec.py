@@ -3,12 +3,16 @@ import struct
 
 import pytest
 
-from app.codec import (
+from app.events.codec import (
     EVENT_TYPES,
     EventCodec,
     EventDecodeError,
     EventEncodeError,
+    FrameError,
     SchemaCatalog,
+    event_id_of,
+    event_key,
+    split_frame,
 )
 from tests.samples import example_event
 
@@ -88,3 +92,24 @@ def test_id_table_covers_every_current_schema() -> None:
     catalog = SchemaCatalog()
     assert catalog.unregistered() == [], "run `tollgate schemas register` and commit schemas/"
     assert len(set(catalog.current_id.values())) == len(EVENT_TYPES)
+
+
+@pytest.mark.parametrize("event_type", EVENT_TYPES)
+def test_the_frame_gives_schema_id_event_id_and_time_without_decoding(
+    codec: EventCodec, event_type: str
+) -> None:
+    # The sink and the spend worker read only this much of a record; it must agree with a full
+    # decode of the same bytes, for every event type (all schemas start with event_id, ts).
+    data = codec.encode(event_type, example_event(event_type))
+    schema_id, body = split_frame(data)
+    decoded = codec.decode(data)
+    assert schema_id == decoded.schema_id
+    event_id, millis = event_key(body)
+    assert event_id == decoded.record["event_id"] == event_id_of(data)
+    assert millis == int(decoded.record["ts"].timestamp() * 1000)
+
+
+@pytest.mark.parametrize("data", [None, b"", b"\x00\x00\x00", b"\x01\x00\x00\x00\x01abc"])
+def test_unframed_bytes_raise_frame_error(data: bytes | None) -> None:
+    with pytest.raises(FrameError, match="not Confluent-framed"):
+        split_frame(data)

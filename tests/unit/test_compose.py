@@ -92,7 +92,7 @@ def test_network_listeners_run_with_generated_keys_and_a_shared_internal_token(
 ) -> None:
     """Dispatcher and sink listen on every interface of the compose network: they need the keys
     file and the internal token that the `secrets` service generates into a shared volume."""
-    from app.security import check_exposure, init_secrets, internal_token
+    from app.http.security import check_exposure, init_secrets, internal_token
 
     services = COMPOSE["services"]
     secrets_dir = services["secrets"]["command"][-1]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import re
 
-from app.reports import BREAKDOWN_DIMENSIONS, INTERVALS
-from app.reports_api import REPORTS
-from app.server import DASHBOARD_HTML, ROUTES
+from app.http.reports_api import REPORTS
+from app.http.server import DASHBOARD_HTML, ROUTES
+from app.warehouse.reports import BREAKDOWN_DIMENSIONS, INTERVALS
 
 
 def test_the_dashboard_is_routed_and_reads_existing_reports() -> None:

@@ -3,9 +3,10 @@
 import orjson
 import pytest
 
-from app.attribution import Identity
-from app.errors import ApiError
-from app.gateway import Call, SseRelay, parse_chat_request
+from app.errors import TollgateError
+from app.gateway.pipeline import Call, SseRelay, parse_chat_request
+from app.http.errors import http_error
+from app.metering.attribution import Identity
 
 MSG = [{"role": "user", "content": "hello"}]
 
@@ -28,11 +29,11 @@ MSG = [{"role": "user", "content": "hello"}]
     ],
 )
 def test_bad_requests_name_the_field(body: object, param: str | None) -> None:
-    with pytest.raises(ApiError) as info:
+    with pytest.raises(TollgateError) as info:
         parse_chat_request(body)
-    assert info.value.status == 400
-    assert info.value.error_type == "invalid_request_error"
-    assert info.value.param == param
+    assert http_error(info.value).status == 400
+    assert http_error(info.value).error_type == "invalid_request_error"
+    assert info.value.field == param
 
 
 def test_streams_always_ask_the_upstream_for_usage() -> None:

@@ -2,9 +2,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from app.attribution import Identity
-from app.errors import ApiError
-from app.ingest import MAX_BATCH, TimeWindow, parse_outcomes, parse_usage_reports
+from app.errors import TollgateError
+from app.http.errors import http_error
+from app.metering.attribution import Identity
+from app.metering.ingest import MAX_BATCH, TimeWindow, parse_outcomes, parse_usage_reports
 
 
 def resolve(record: object) -> Identity:
@@ -55,22 +56,22 @@ def test_openai_and_anthropic_style_token_names() -> None:
 )
 def test_one_bad_record_rejects_the_whole_batch_naming_it(record: dict, param: str) -> None:
     good = {"model": "m", "prompt_tokens": 1, "completion_tokens": 1}
-    with pytest.raises(ApiError) as info:
+    with pytest.raises(TollgateError) as info:
         parse_usage_reports([good, record], resolve)
-    assert info.value.status == 400
-    assert info.value.param == param
+    assert http_error(info.value).status == 400
+    assert info.value.field == param
 
 
 def test_future_timestamps_are_refused() -> None:
     future = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
-    with pytest.raises(ApiError, match="future"):
+    with pytest.raises(TollgateError, match="future"):
         parse_usage_reports(
             {"model": "m", "prompt_tokens": 1, "completion_tokens": 1, "ts": future}, resolve
         )
 
 
 def test_batch_limit() -> None:
-    with pytest.raises(ApiError, match=str(MAX_BATCH)):
+    with pytest.raises(TollgateError, match=str(MAX_BATCH)):
         parse_usage_reports([{}] * (MAX_BATCH + 1), resolve)
 
 
@@ -81,9 +82,9 @@ def test_outcomes() -> None:
     )
     assert outcome["value_usd_nanos"] == 12_500_000_000
     assert outcome["user_id"] is None
-    with pytest.raises(ApiError, match="request_id"):
+    with pytest.raises(TollgateError, match="request_id"):
         parse_outcomes({"outcome": "success"}, resolve)
-    with pytest.raises(ApiError, match="outcome"):
+    with pytest.raises(TollgateError, match="outcome"):
         parse_outcomes({"request_id": "r", "outcome": "great"}, resolve)
-    with pytest.raises(ApiError, match="value_usd"):
+    with pytest.raises(TollgateError, match="value_usd"):
         parse_outcomes({"request_id": "r", "outcome": "success", "value_usd": -3}, resolve)

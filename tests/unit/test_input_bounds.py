@@ -11,19 +11,20 @@ from typing import Any
 
 import pytest
 
-from app.attribution import KeyStore, hash_key, resolve_identity
 from app.budgets.policy import PolicyError, parse_policy, validate_scope
-from app.errors import ApiError
-from app.gateway import parse_chat_request
+from app.errors import TollgateError
+from app.gateway.pipeline import parse_chat_request
+from app.http.errors import http_error
 from app.ids import MAX_ID_LENGTH
-from app.ingest import (
+from app.metering.attribution import KeyStore, hash_key, resolve_identity
+from app.metering.ingest import (
     MAX_METADATA_ENTRIES,
     MAX_USD,
     TimeWindow,
     parse_outcomes,
     parse_usage_reports,
 )
-from app.reports import Range, ReportError
+from app.warehouse.reports import Range, ReportError
 
 MSG = [{"role": "user", "content": "hello"}]
 GARBAGE = ["a\r\nb", "a\nb", "a\x00b", "a\tb", "a\x1bb", "caf\udce9", "a\u202eb", "a\u2028b"]
@@ -38,37 +39,37 @@ def resolve_plain(record: Any) -> Any:
 @pytest.mark.parametrize("value", GARBAGE)
 @pytest.mark.parametrize("header", ["X-Tollgate-User", "X-Tollgate-Session", "X-Tollgate-Feature"])
 def test_attribution_headers_must_be_printable(header: str, value: str) -> None:
-    with pytest.raises(ApiError) as info:
+    with pytest.raises(TollgateError) as info:
         resolve_identity({header: value}, {}, None)
-    assert info.value.status == 400 and info.value.param == header
+    assert http_error(info.value).status == 400 and info.value.field == header
     assert header in info.value.message
 
 
 def test_a_latin1_byte_in_a_header_is_named_as_not_utf8() -> None:
     # aiohttp hands a non-UTF-8 byte over as a lone surrogate ("caf\xe9" -> "caf\udce9").
-    with pytest.raises(ApiError, match="UTF-8") as info:
+    with pytest.raises(TollgateError, match="UTF-8") as info:
         resolve_identity({"X-Tollgate-User": "caf\udce9"}, {}, None)
-    assert info.value.param == "X-Tollgate-User"
+    assert info.value.field == "X-Tollgate-User"
 
 
 @pytest.mark.parametrize("value", GARBAGE)
 @pytest.mark.parametrize("field", ["user", "user_id", "session_id", "feature"])
 def test_attribution_body_fields_must_be_printable(field: str, value: str) -> None:
-    with pytest.raises(ApiError) as info:
+    with pytest.raises(TollgateError) as info:
         resolve_identity({}, {field: value}, None)
-    assert info.value.status == 400 and info.value.param == field
+    assert http_error(info.value).status == 400 and info.value.field == field
 
 
 def test_metadata_feature_must_be_printable() -> None:
-    with pytest.raises(ApiError) as info:
+    with pytest.raises(TollgateError) as info:
         resolve_identity({}, {"metadata": {"feature": "chat\n"}}, None)
-    assert info.value.param == "metadata.feature"
+    assert info.value.field == "metadata.feature"
 
 
 def test_ids_are_bounded_and_plain_unicode_is_fine() -> None:
     assert resolve_identity({}, {"user": "Zoë-名前 (ops)"}, None).user_id == "Zoë-名前 (ops)"
     assert resolve_identity({}, {"user": "u" * MAX_ID_LENGTH}, None).user_id == "u" * MAX_ID_LENGTH
-    with pytest.raises(ApiError, match=str(MAX_ID_LENGTH)):
+    with pytest.raises(TollgateError, match=str(MAX_ID_LENGTH)):
         resolve_identity({}, {"user": "u" * (MAX_ID_LENGTH + 1)}, None)
 
 
@@ -77,17 +78,17 @@ def test_an_undecodable_api_key_is_a_401_not_a_crash(tmp_path: Any) -> None:
     path.write_text(f"keys:\n  - {{id: k, sha256: {hash_key('sk-a')}, user_id: a}}\n")
     keys = KeyStore.load(path)
     for headers in ({"Authorization": "Bearer sk-\udce9"}, {"X-Api-Key": "sk-\udce9"}):
-        with pytest.raises(ApiError) as info:
+        with pytest.raises(TollgateError) as info:
             resolve_identity(headers, {}, keys)
-        assert info.value.status == 401
+        assert http_error(info.value).status == 401
 
 
 @pytest.mark.parametrize("value", GARBAGE)
 @pytest.mark.parametrize("field", ["model", "request_id", "provider", "model_requested"])
 def test_usage_record_ids_must_be_printable(field: str, value: str) -> None:
-    with pytest.raises(ApiError) as info:
+    with pytest.raises(TollgateError) as info:
         parse_usage_reports({**USAGE, field: value}, resolve_plain)
-    assert info.value.param == f"records[0].{field}"
+    assert info.value.field == f"records[0].{field}"
 
 
 def test_usage_metadata_is_printable_and_bounded() -> None:
@@ -97,9 +98,9 @@ def test_usage_metadata_is_printable_and_bounded() -> None:
         {f"k{i}": "v" for i in range(MAX_METADATA_ENTRIES + 1)},
         {"k": "v" * (MAX_ID_LENGTH + 1)},
     ):
-        with pytest.raises(ApiError) as info:
+        with pytest.raises(TollgateError) as info:
             parse_usage_reports({**USAGE, "metadata": metadata}, resolve_plain)
-        assert info.value.param == "records[0].metadata"
+        assert info.value.field == "records[0].metadata"
     ok = {f"k{i}": "v" for i in range(MAX_METADATA_ENTRIES)}
     assert parse_usage_reports({**USAGE, "metadata": ok}, resolve_plain)[0]["metadata"] == ok
 
@@ -108,9 +109,9 @@ def test_usage_metadata_is_printable_and_bounded() -> None:
 @pytest.mark.parametrize("field", ["request_id", "session_id", "kind"])
 def test_outcome_ids_must_be_printable(field: str, value: str) -> None:
     record = {"request_id": "r1", "outcome": "success", field: value}
-    with pytest.raises(ApiError) as info:
+    with pytest.raises(TollgateError) as info:
         parse_outcomes(record, resolve_plain)
-    assert info.value.param == f"outcomes[0].{field}"
+    assert info.value.field == f"outcomes[0].{field}"
 
 
 @pytest.mark.parametrize("value", GARBAGE)
@@ -135,9 +136,9 @@ def test_policy_upgrade_texts_must_be_printable() -> None:
 @pytest.mark.parametrize("native", [False, True])
 def test_token_limits_beyond_an_avro_int_are_400(name: str, native: bool) -> None:
     for value in (2**31, 2**63, 10**30):
-        with pytest.raises(ApiError) as info:
+        with pytest.raises(TollgateError) as info:
             parse_chat_request({"model": "gpt-4o", "messages": MSG, name: value}, native=native)
-        assert info.value.status == 400 and info.value.param == name
+        assert http_error(info.value).status == 400 and info.value.field == name
         assert str(2**31 - 1) in info.value.message
     chat = parse_chat_request({"model": "gpt-4o", "messages": MSG, name: 2**31 - 1})
     assert chat.max_tokens == 2**31 - 1
@@ -145,18 +146,18 @@ def test_token_limits_beyond_an_avro_int_are_400(name: str, native: bool) -> Non
 
 @pytest.mark.parametrize("value", GARBAGE)
 def test_chat_model_must_be_printable(value: str) -> None:
-    with pytest.raises(ApiError) as info:
+    with pytest.raises(TollgateError) as info:
         parse_chat_request({"model": value, "messages": MSG})
-    assert info.value.param == "model"
+    assert info.value.field == "model"
 
 
 def test_outcome_value_is_bounded() -> None:
     for value in (7.94789901217613e307, 1e19, float(MAX_USD) * 10):
-        with pytest.raises(ApiError) as info:
+        with pytest.raises(TollgateError) as info:
             parse_outcomes(
                 {"request_id": "r", "outcome": "success", "value_usd": value}, resolve_plain
             )
-        assert info.value.param == "outcomes[0].value_usd"
+        assert info.value.field == "outcomes[0].value_usd"
         assert f"{MAX_USD:,}" in info.value.message
     [ok] = parse_outcomes(
         {"request_id": "r", "outcome": "success", "value_usd": int(MAX_USD)}, resolve_plain
@@ -191,7 +192,7 @@ def test_report_dates_inside_the_range_still_parse() -> None:
 
 @pytest.mark.parametrize("limit", ["²", "٣", "1" * 40, "0", "-1"])
 def test_report_limits_that_are_not_plain_numbers_are_400(limit: str) -> None:
-    from app.reports_api import build_report
+    from app.http.reports_api import build_report
 
     with pytest.raises(ReportError) as info:
         build_report(None, "breakdown", {"limit": limit, "by": "user"})
@@ -210,16 +211,16 @@ WINDOW = TimeWindow(
     [-1, 0, "1969-12-31T23:59:59Z", "2026-11-24T11:59:59Z", "2026-12-01T12:05:01Z", 2**62],
 )
 def test_usage_and_outcome_timestamps_outside_the_window_are_400(ts: Any) -> None:
-    with pytest.raises(ApiError) as info:
+    with pytest.raises(TollgateError) as info:
         parse_usage_reports({**USAGE, "ts": ts}, resolve_plain, window=WINDOW)
-    assert info.value.param == "records[0].ts"
+    assert info.value.field == "records[0].ts"
     assert "2026-11-24T12:00:00" in info.value.message  # names the window
     assert "TOLLGATE_USAGE_MAX_LATENESS_S" in info.value.message
-    with pytest.raises(ApiError) as info:
+    with pytest.raises(TollgateError) as info:
         parse_outcomes(
             {"request_id": "r", "outcome": "success", "ts": ts}, resolve_plain, window=WINDOW
         )
-    assert info.value.param == "outcomes[0].ts"
+    assert info.value.field == "outcomes[0].ts"
 
 
 def test_timestamps_inside_the_window_are_kept() -> None:

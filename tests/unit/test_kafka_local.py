@@ -1,4 +1,4 @@
-"""Unit tests of app/kafka_local.py that need no broker, no JDK and no network.
+"""Unit tests of devtools/kafka_local.py that need no broker, no JDK and no network.
 
 Real processes stand in for the broker (a Python process whose argv looks like
 ``java ... kafka.Kafka <server.properties>``) and for ``mvn``/``java`` (shell scripts on
@@ -20,8 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from app import kafka_local
-from app.kafka_local import (
+from app.settings import Settings
+from devtools import kafka_local
+from devtools.kafka_local import (
     COMPLETE_MARKER,
     DEFAULT_POM,
     POM_FILE,
@@ -32,7 +33,6 @@ from app.kafka_local import (
     render_server_properties,
     tail,
 )
-from app.settings import Settings
 
 
 # -- helpers -----------------------------------------------------------------------------------

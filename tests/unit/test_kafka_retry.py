@@ -16,8 +16,8 @@ from aiokafka.errors import (
     UnknownMemberIdError,
 )
 
-from app import kafka_retry
-from app.kafka_retry import is_transient, retry_while_kafka_down
+from app.events import kafka_retry
+from app.events.kafka_retry import is_transient, retry_while_kafka_down
 
 # What a stall longer than the session timeout, a lost group or a broker restart raise.
 TRANSIENT = [

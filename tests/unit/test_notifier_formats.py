@@ -21,8 +21,6 @@ from aiokafka import TopicPartition
 from prometheus_client import CollectorRegistry
 
 from agents.notifier import (
-    AlertTarget,
-    AlertTargetError,
     NotifierMetrics,
     OffsetsInFlight,
     RetryPolicy,
@@ -33,11 +31,10 @@ from agents.notifier import (
     pagerduty_dedup_key,
     pagerduty_payload,
     pagerduty_severity,
-    parse_alert_targets,
-    redact_url,
     run_notifier,
     slack_payload,
 )
+from app.alerts_config import AlertTarget, AlertTargetError, parse_alert_targets, redact_url
 from app.logs import JsonFormatter, TextFormatter
 from app.settings import Settings
 

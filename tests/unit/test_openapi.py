@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from openapi_spec_validator import validate
 
-from app.gateway import MAX_TOKENS_LIMIT
+from app.gateway.pipeline import MAX_TOKENS_LIMIT
+from app.http.openapi import openapi_document
 from app.ids import MAX_ID_LENGTH
-from app.ingest import MAX_USD
-from app.openapi import openapi_document
+from app.metering.ingest import MAX_USD
 
 ADMIN_ROUTES = {
     ("/v1/budgets", "get"),

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 from genai_prices import Usage, calc_price
 
-from app.pricing import PriceCatalog, PriceOverridesError, usd_to_nanos
+from app.pricing.catalog import PriceCatalog, PriceOverridesError, usd_to_nanos
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from datetime import UTC, datetime, timedelta
 
-from app.reports import USAGE, USAGE_BY_USER, _plan
+from app.warehouse.reports import USAGE, USAGE_BY_USER, _plan
 
 T = datetime(2026, 3, 10, tzinfo=UTC)
 NOW = T + timedelta(days=1)

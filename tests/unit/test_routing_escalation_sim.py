@@ -16,7 +16,7 @@ from aiohttp import web
 
 from app.routing import EscalationPolicy, Failure, Router, RoutingSettings, Tier
 from app.routing.escalation import failure_of_status
-from app.simulator import SimulatorConfig, create_app
+from devtools.simulator import SimulatorConfig, create_app
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
 
-from app.codec import EVENT_TYPES, SCHEMAS_DIR, SchemaCatalog, load_schema_file
+from app.events.codec import EVENT_TYPES, SCHEMAS_DIR, SchemaCatalog, load_schema_file
 from tests.samples import example_fields
 
 CATALOG = SchemaCatalog()

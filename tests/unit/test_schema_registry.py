@@ -7,7 +7,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from app.codec import (
+from app.events.codec import (
     EventCodec,
     EventDecodeError,
     SchemaCatalog,

@@ -15,7 +15,7 @@ import openai
 import pytest
 from aiohttp import web
 
-from app.simulator import (
+from devtools.simulator import (
     DEFAULT_MODELS,
     MESSAGE_OVERHEAD_TOKENS,
     SimModel,

@@ -1,4 +1,4 @@
-"""Tests of app.spool on real files in tmp_path (no mocks)."""
+"""Tests of app.events.spool on real files in tmp_path (no mocks)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from app.spool import (
+from app.events.spool import (
     CURSOR_FILE,
     HEADER_SIZE,
     MAGIC,
@@ -147,7 +147,7 @@ def test_torn_tail_is_truncated_on_reopen(
     last = segments(tmp_path)[-1]
     size = last.stat().st_size
     os.truncate(last, size - cut)
-    with caplog.at_level(logging.WARNING, logger="app.spool"), Spool(tmp_path) as spool:
+    with caplog.at_level(logging.WARNING, logger="app.events.spool"), Spool(tmp_path) as spool:
         assert spool.peek(100) == [expected(i) for i in range(1, 9)]
         assert "torn tail" in caplog.text and str(last) in caplog.text
         assert spool.append(TOPIC, None, b"after", 1) == 9
@@ -164,7 +164,7 @@ def test_torn_tail_warning_says_bytes_dropped(
     last = segments(tmp_path)[-1]
     with last.open("ab") as f:
         f.write(b"\x00" * 13)
-    with caplog.at_level(logging.WARNING, logger="app.spool"), Spool(tmp_path) as spool:
+    with caplog.at_level(logging.WARNING, logger="app.events.spool"), Spool(tmp_path) as spool:
         assert spool.depth == 3
     assert "dropped 13 bytes" in caplog.text
 
@@ -347,7 +347,7 @@ CHILD = textwrap.dedent(
     """
     import sys
     from pathlib import Path
-    from app.spool import Spool
+    from app.events.spool import Spool
 
     spool = Spool(Path(sys.argv[1]), fsync="batch", segment_bytes=16 * 1024)
     i = 0
@@ -405,7 +405,7 @@ FAILING_WRITE_CHILD = textwrap.dedent(
     """
     import json, resource, signal, sys
     from pathlib import Path
-    from app.spool import Spool
+    from app.events.spool import Spool
 
     # A real short write + EFBIG: cap this process's file size mid-record.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)

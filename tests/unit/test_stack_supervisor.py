@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from app.stack import RestartPolicy, Service, Supervisor
+from devtools.stack import RestartPolicy, Service, Supervisor
 
 
 class FakeClock:

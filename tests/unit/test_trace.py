@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from app.trace import (
+from devtools.trace import (
     AZURE_TRACE,
     FEATURES,
     TIER_MODELS,

@@ -81,7 +81,7 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 #: Fallback for an installed wheel without ``deploy/kafka`` (keep in sync with that file).
 DEFAULT_LOG4J2 = """\
-# Written by app/kafka_local.py (deploy/kafka/log4j2.properties was not found).
+# Written by devtools/kafka_local.py (deploy/kafka/log4j2.properties was not found).
 status = warn
 name = tollgate-local-kafka
 shutdownHook = disable
@@ -107,7 +107,7 @@ logger.clients.level = WARN
 #: Fallback for an installed wheel without ``deploy/kafka`` (keep in sync with that file).
 DEFAULT_POM = """\
 <?xml version="1.0" encoding="UTF-8"?>
-<!-- Written by app/kafka_local.py (deploy/kafka/pom.xml was not found). -->
+<!-- Written by devtools/kafka_local.py (deploy/kafka/pom.xml was not found). -->
 <project xmlns="http://maven.apache.org/POM/4.0.0">
   <modelVersion>4.0.0</modelVersion>
   <groupId>dev.tollgate</groupId>
@@ -238,7 +238,7 @@ def render_server_properties(host: str, port: int, controller_port: int, data_di
         "group.initial.rebalance.delay.ms": "0",
     }
     lines = [
-        "# Written by app/kafka_local.py: a single-node KRaft broker for dev and tests.",
+        "# Written by devtools/kafka_local.py: a single-node KRaft broker for dev and tests.",
         "# Regenerated when settings change; edits here are overwritten.",
         *(f"{key}={_prop(value)}" for key, value in props.items()),
     ]

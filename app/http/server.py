@@ -21,16 +21,16 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from app.attribution import Identity, KeyStore, bearer_token, resolve_identity
 from app.budgets.admin import deletion_record, load_budgets_file, policy_record
 from app.budgets.gate import BudgetGate, BudgetRefused
 from app.budgets.policy import PolicyBook, PolicyError, parse_policy, scopes_of, validate_scope
 from app.budgets.spend import event_cost
 from app.clock import Clock
-from app.codec import EventDecodeError, build_codec
-from app.compacted import CompactedView
-from app.errors import ApiError, invalid_request
-from app.gateway import (
+from app.errors import TollgateError
+from app.events.codec import EventDecodeError, build_codec
+from app.events.compacted import CompactedView
+from app.events.producer import EventEmitter
+from app.gateway.pipeline import (
     Call,
     ChatRequest,
     Gateway,
@@ -38,16 +38,17 @@ from app.gateway import (
     identity_scopes,
     parse_chat_request,
 )
-from app.ingest import TimeWindow, parse_outcomes, parse_usage_reports
+from app.gateway.upstreams import UpstreamPool
+from app.http.errors import ApiError, http_error, invalid_request, sse_error_event
+from app.http.openapi import openapi_document
+from app.http.reports_api import REPORTS
+from app.http.security import check_exposure, internal_token
+from app.metering.attribution import Identity, KeyStore, bearer_token, resolve_identity
+from app.metering.ingest import TimeWindow, parse_outcomes, parse_usage_reports
+from app.metering.usage import event_time, new_id
 from app.metrics import Metrics
-from app.openapi import openapi_document
-from app.pricing import PriceCatalog, nanos_to_usd
-from app.producer import EventEmitter
-from app.reports_api import REPORTS
-from app.security import check_exposure, internal_token
+from app.pricing.catalog import PriceCatalog
 from app.settings import Settings
-from app.upstreams import UpstreamPool
-from app.usage import event_time, new_id
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,8 @@ async def api_middleware(
         response = await handler(request)
     except ApiError as exc:
         response = error_response(exc)
+    except (TollgateError, BudgetRefused) as exc:
+        response = error_response(http_error(exc))
     except web.HTTPRequestEntityTooLarge as exc:
         limit = request.app[COMPONENTS].settings.max_body_bytes
         response = error_response(
@@ -155,40 +158,6 @@ async def read_json(request: web.Request) -> Any:
 
 
 # -- chat ------------------------------------------------------------------------------
-def budget_refusal(refusal: BudgetRefused) -> ApiError:
-    """HTTP's view of a budget refusal: 402, with what a client needs to tell its user."""
-    status = refusal.status
-    policy = status.policy
-    prompt = policy.upgrade_prompt or "Raise the limit or wait for the next period."
-    if policy.upgrade_url:
-        prompt += f" Upgrade: {policy.upgrade_url}"
-    counted = (
-        f"counted by the spend worker ${nanos_to_usd(status.counted_nanos):.6f}"
-        f" + not yet counted here ${nanos_to_usd(status.uncounted_nanos):.6f}"
-    )
-    if refusal.retryable:
-        counted += f" + in flight ${nanos_to_usd(status.reserved_nanos):.6f}"
-    return ApiError(
-        402,
-        "budget_exceeded",
-        f"Budget for {status.scope} is exhausted ({refusal.reason}): "
-        f"${nanos_to_usd(status.spent_nanos):.6f} of ${policy.limit_usd} this {policy.period} "
-        f"({counted}); resets at {status.resets_at.isoformat()}. {prompt}",
-        code="budget_exceeded",
-        extra={
-            "scope": status.scope,
-            "limit_usd": float(policy.limit_usd),
-            "spent_usd": float(nanos_to_usd(status.spent_nanos)),
-            "period": policy.period,
-            "resets_at": status.resets_at.isoformat(),
-            "decided_by": status.decided_by,
-            "reason": refusal.reason,
-            "upgrade_url": policy.upgrade_url,
-            "upgrade_prompt": policy.upgrade_prompt,
-        },
-    )
-
-
 async def _chat(request: web.Request, endpoint: str, native: bool) -> web.StreamResponse:
     c = request.app[COMPONENTS]
     request_id = request[REQUEST_ID]
@@ -233,7 +202,12 @@ async def _chat(request: web.Request, endpoint: str, native: bool) -> web.Stream
             )
     except BudgetRefused as refusal:  # only ever raised by admission
         refused("blocked", "budget_exceeded", refusal.status.scope)
-        raise budget_refusal(refusal) from None
+        raise http_error(refusal) from None
+    except TollgateError as exc:
+        error = http_error(exc)
+        if call is None:  # refused before any upstream call
+            refused("rejected", error.code or error.error_type)
+        raise error from None
     except ApiError as exc:
         if call is None:  # refused before any upstream call
             refused("rejected", exc.code or exc.error_type)
@@ -276,7 +250,7 @@ async def _stream(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **headers},
     )
     await response.prepare(request)
-    await gateway.relay_stream(call, upstream, response.write)
+    await gateway.relay_stream(call, upstream, response.write, error_event=sse_error_event)
     await response.write_eof()
     return response
 

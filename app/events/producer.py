@@ -1,7 +1,7 @@
 """Event emission: every event is written to the disk spool first, then shipped to Kafka.
 
 Owns the delivery guarantee from the dispatcher to Kafka. ``emit`` encodes the
-event and appends it to the spool (a write-ahead log; see ``app/spool.py`` for
+event and appends it to the spool (a write-ahead log; see ``app/events/spool.py`` for
 its fsync policy) and returns: the request path never waits on the broker. A
 drain task sends spooled records to Kafka in order (aiokafka, ``acks=all``,
 idempotent producer) and acknowledges them in the spool only once Kafka has
@@ -28,9 +28,9 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
-from app.codec import EventCodec
+from app.events.codec import EventCodec
+from app.events.spool import Spool, SpooledRecord
 from app.settings import Settings
-from app.spool import Spool, SpooledRecord
 
 log = logging.getLogger(__name__)
 

@@ -40,7 +40,7 @@ def describe(client: Any) -> str:
     return f"ClickHouse {version}"
 
 
-MIGRATIONS_DIR = Path(__file__).resolve().parents[1] / "deploy" / "clickhouse"
+MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "deploy" / "clickhouse"
 
 
 def _statements(sql: str) -> list[str]:

@@ -2,8 +2,8 @@
 
 Owns the event shapes at run time (loaded from ``schemas/``), their schema ids,
 and the bytes on Kafka: ``0x00`` magic byte, 4-byte big-endian schema id, Avro
-binary body. It does not own topics (``app.topics``) or producing
-(``app.producer``).
+binary body. It does not own topics (``app.events.topics``) or producing
+(``app.events.producer``).
 
 Schema ids come from a Confluent-compatible Schema Registry when
 ``TOLLGATE_SCHEMA_REGISTRY_URL`` is set (subjects named after the record's full
@@ -33,7 +33,7 @@ from fastavro.validation import validate
 
 MAGIC_BYTE = 0
 _HEADER = struct.Struct(">bI")
-SCHEMAS_DIR = Path(__file__).resolve().parents[1] / "schemas"
+SCHEMAS_DIR = Path(__file__).resolve().parents[2] / "schemas"
 EVENT_TYPES = ("Request", "Usage", "BudgetPolicy", "BudgetDecision", "Alert", "Outcome")
 
 
@@ -355,11 +355,16 @@ def event_key(body: bytes) -> tuple[str, int]:
     return event_id, millis
 
 
-def event_id_of(data: bytes | None) -> str:
-    """The ``event_id`` of a framed event (Confluent header + Avro body)."""
+def split_frame(data: bytes | None) -> tuple[int, bytes]:
+    """(schema id, Avro body) of a framed event, reading only the 5-byte Confluent header."""
     if not data or len(data) < _HEADER.size or data[0] != MAGIC_BYTE:
         raise FrameError("not Confluent-framed Avro (magic byte 0 and a schema id)")
-    return event_key(data[_HEADER.size :])[0]
+    return _HEADER.unpack_from(data)[1], data[_HEADER.size :]
+
+
+def event_id_of(data: bytes | None) -> str:
+    """The ``event_id`` of a framed event (Confluent header + Avro body)."""
+    return event_key(split_frame(data)[1])[0]
 
 
 def build_codec(schema_registry_url: str | None) -> EventCodec:

@@ -5,7 +5,7 @@ Lines of ``/v1/usage`` records), the *seeded* attribution draw for rows that
 carry none, and the placement of a trace on the clock (shift, speed-up,
 repeat), so replays (``tollgate replay``), benchmarks and the anomaly
 evaluation see the same realistic traffic for the same seed. It does not price
-or send anything: ``app.replay`` does.
+or send anything: ``devtools.replay`` does.
 
 The Azure trace (``data/AzureLLMInferenceTrace_conv.csv``, CC-BY 4.0, Patel et
 al., ISCA 2024) has arrival times and token counts only: users are drawn by a
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from app.ids import MAX_ID_LENGTH
-from app.ingest import MAX_COUNT, USAGE_STATUSES, RecordFields
+from app.metering.ingest import MAX_COUNT, USAGE_STATUSES, RecordFields
 
 AZURE_TRACE = Path(__file__).resolve().parents[1] / "data" / "AzureLLMInferenceTrace_conv.csv"
 AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")

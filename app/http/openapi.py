@@ -1,7 +1,7 @@
 """The OpenAPI 3.0.3 document of the dispatcher's routes.
 
 Tests keep it in step with the router, valid (``openapi-spec-validator``) and in step with the
-bounds the validators enforce (``app.ids``, ``app.ingest``, ``app.gateway``). Security: with a
+bounds the validators enforce (``app.ids``, ``app.metering.ingest``, ``app.gateway.pipeline``). Security: with a
 keys file every call needs ``Authorization: Bearer <key>`` (budget admin and reports an admin
 key); without one the routes are open, which each operation says with an empty requirement.
 """
@@ -11,9 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 from app.budgets.policy import MAX_LIMIT_USD
-from app.gateway import MAX_TOKENS_LIMIT
+from app.gateway.pipeline import MAX_TOKENS_LIMIT
 from app.ids import MAX_ID_LENGTH
-from app.ingest import MAX_COUNT, MAX_METADATA_ENTRIES, MAX_USD
+from app.metering.ingest import MAX_COUNT, MAX_METADATA_ENTRIES, MAX_USD
 
 ERROR = {"$ref": "#/components/schemas/Error"}
 ID_TEXT = f"Printable text (no control characters), at most {MAX_ID_LENGTH} characters"

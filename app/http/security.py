@@ -13,7 +13,7 @@ Owns three small rules (the threat model is in SECURITY.md):
   127.0.0.1; on any other bind address the dispatcher refuses to start unless
   ``TOLLGATE_ALLOW_OPEN_ADMIN=true`` says it is meant.
 
-It does not own API keys or attribution (``app.attribution``).
+It does not own API keys or attribution (``app.metering.attribution``).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import secrets
 from collections.abc import Mapping
 from pathlib import Path
 
-from app.attribution import KeyStore, bearer_token
+from app.metering.attribution import KeyStore, bearer_token
 from app.settings import Settings
 
 LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost")
@@ -122,8 +122,8 @@ def add_api_key(
     """Append a new key to a keys file (created with mode 0600); return the key, never stored."""
     import yaml
 
-    from app.attribution import KeysFileError, hash_key
     from app.ids import id_problem
+    from app.metering.attribution import KeysFileError, hash_key
 
     for name, value in (("id", key_id), ("user", user_id)):
         problem = id_problem(value) if value else "is empty"

@@ -18,7 +18,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from app.codec import EventCodec, EventDecodeError
+from app.events.codec import EventCodec, EventDecodeError
 
 log = logging.getLogger(__name__)
 

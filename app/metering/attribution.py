@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from app.errors import forbidden, invalid_request, unauthorized
+from app.errors import InvalidRequest, NotAuthenticated, NotPermitted
 from app.ids import MAX_ID_LENGTH as MAX_ID_LENGTH  # re-exported for older imports
 from app.ids import id_problem
 
@@ -123,10 +123,10 @@ def _clean(value: Any, name: str) -> str | None:
     if value is None or value == "":
         return None
     if not isinstance(value, str):
-        raise invalid_request(f"'{name}' must be a string", param=name)
+        raise InvalidRequest(f"'{name}' must be a string", field=name)
     problem = id_problem(value)
     if problem is not None:
-        raise invalid_request(f"'{name}' {problem}", param=name)
+        raise InvalidRequest(f"'{name}' {problem}", field=name)
     return value
 
 
@@ -143,10 +143,10 @@ def resolve_identity(
     keys: KeyStore | None,
     require: str = "none",
 ) -> Identity:
-    """Who the request is for; raises ApiError (400/401/403) when it cannot be attributed."""
+    """Who the request is for; raises InvalidRequest, NotAuthenticated or NotPermitted when it cannot be attributed."""
     metadata = body.get("metadata")
     if metadata is not None and not isinstance(metadata, dict):
-        raise invalid_request("'metadata' must be an object of string values", param="metadata")
+        raise InvalidRequest("'metadata' must be an object of string values", field="metadata")
     metadata = metadata or {}
     claimed_user = (
         _clean(headers.get("X-Tollgate-User"), "X-Tollgate-User")
@@ -167,23 +167,23 @@ def resolve_identity(
     if keys is not None:
         secret = bearer_token(headers)
         if not secret:
-            raise unauthorized(
+            raise NotAuthenticated(
                 "This gateway requires an API key: send 'Authorization: Bearer <key>'"
             )
         key = keys.lookup(secret)
         if key is None:
-            raise unauthorized("The API key is not known to this gateway")
+            raise NotAuthenticated("The API key is not known to this gateway")
         if claimed_user and not key.may_attribute_to(claimed_user):
-            raise forbidden(
+            raise NotPermitted(
                 f"API key '{key.id}' may not attribute requests to user {claimed_user!r}; "
                 "omit the user or add it to the key's may_act_for",
-                param="user",
+                field="user",
             )
         if feature and key.features is not None and feature not in key.features:
-            raise forbidden(
+            raise NotPermitted(
                 f"API key '{key.id}' is not allowed feature {feature!r} "
                 f"(allowed: {', '.join(sorted(key.features))})",
-                param="metadata.feature",
+                field="metadata.feature",
             )
         user = claimed_user or key.user_id
         team, key_id, is_admin = key.team, key.id, key.admin
@@ -191,16 +191,16 @@ def resolve_identity(
         user = claimed_user or ""
     if not user:
         if require != "none":
-            raise invalid_request(
+            raise InvalidRequest(
                 "This gateway requires a user: send header 'X-Tollgate-User', "
                 "or 'user' / 'user_id' in the body",
-                param="user",
+                field="user",
             )
         user = ANONYMOUS_USER
     if require == "user_and_feature" and not feature:
-        raise invalid_request(
+        raise InvalidRequest(
             "This gateway requires a feature: send header 'X-Tollgate-Feature' "
             "or 'metadata.feature' in the body",
-            param="metadata.feature",
+            field="metadata.feature",
         )
     return Identity(user, session, feature, team, key_id, is_admin)

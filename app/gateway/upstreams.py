@@ -2,7 +2,7 @@
 
 Owns connections to OpenAI-compatible providers (timeouts, keep-alive pools,
 API keys read from the environment once at start-up). It does not interpret
-responses; ``app.gateway`` does.
+responses; ``app.gateway.pipeline`` does.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Owns the SQL of every report (parameterized; no string-built filters) and the
 finance sentence: "We processed N requests, would have cost $X at GPT-4 rates,
-actually cost $Y — Z% savings." It does not own connections (``app.warehouse``).
+actually cost $Y — Z% savings." It does not own connections (``app.warehouse.clickhouse``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from app.pricing import usd_text
+from app.pricing.catalog import usd_text
 
 MAX_RANGE = timedelta(days=400)
 

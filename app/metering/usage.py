@@ -23,9 +23,9 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 
-from app.attribution import Identity
-from app.codec import EventCodec, build_codec
-from app.pricing import PriceCatalog
+from app.events.codec import EventCodec, build_codec
+from app.metering.attribution import Identity
+from app.pricing.catalog import PriceCatalog
 from app.settings import Settings
 
 

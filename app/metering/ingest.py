@@ -13,11 +13,11 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from app.attribution import Identity
-from app.errors import invalid_request
+from app.errors import InvalidRequest
 from app.ids import MAX_ID_LENGTH, id_problem
-from app.pricing import usd_to_nanos
-from app.usage import event_time, new_id
+from app.metering.attribution import Identity
+from app.metering.usage import event_time, new_id
+from app.pricing.catalog import usd_to_nanos
 
 MAX_BATCH = 1000
 MAX_CLOCK_SKEW = timedelta(minutes=5)
@@ -76,16 +76,16 @@ def _records(body: Any, list_key: str, what: str) -> list[Any]:
     elif isinstance(body, dict) and list_key in body:
         records = body[list_key]
         if not isinstance(records, list):
-            raise invalid_request(f"'{list_key}' must be a list of {what}", list_key)
+            raise InvalidRequest(f"'{list_key}' must be a list of {what}", field=list_key)
     elif isinstance(body, dict):
         records = [body]
     else:
-        raise invalid_request(f"Send one {what[:-1]} object, a list, or {{'{list_key}': [...]}}")
+        raise InvalidRequest(f"Send one {what[:-1]} object, a list, or {{'{list_key}': [...]}}")
     if not records:
-        raise invalid_request(f"The batch has no {what}", list_key)
+        raise InvalidRequest(f"The batch has no {what}", field=list_key)
     if len(records) > MAX_BATCH:
-        raise invalid_request(
-            f"At most {MAX_BATCH} {what} per request, got {len(records)}", list_key
+        raise InvalidRequest(
+            f"At most {MAX_BATCH} {what} per request, got {len(records)}", field=list_key
         )
     return records
 
@@ -230,10 +230,10 @@ class RecordFields:
 def api_fields(record: Any, where: str) -> RecordFields:
     """Fields of ``records[i]`` of an API body; errors are 400s naming ``records[i].field``."""
     if not isinstance(record, dict):
-        raise invalid_request(f"{where} must be an object", where)
+        raise InvalidRequest(f"{where} must be an object", field=where)
     return RecordFields(
         record,
-        lambda name, message: invalid_request(f"{where}.{name} {message}", f"{where}.{name}"),
+        lambda name, message: InvalidRequest(f"{where}.{name} {message}", field=f"{where}.{name}"),
     )
 
 

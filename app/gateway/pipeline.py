@@ -3,7 +3,7 @@
 Owns what happens to one LLM call between the HTTP layer and the events:
 request validation, upstream choice and retry, streaming pass-through with
 usage capture, token estimation when a provider reports none, and building the
-``Request`` and ``Usage`` events. aiohttp specifics stay in ``app.server``; the
+``Request`` and ``Usage`` events. aiohttp specifics stay in ``app.http.server``; the
 only HTTP type here is the upstream client response.
 """
 
@@ -22,26 +22,32 @@ from typing import Any
 import aiohttp
 import orjson
 
-from app.attribution import ANONYMOUS_USER, Identity
 from app.budgets.gate import Admission, BudgetGate
 from app.budgets.policy import scopes_of
 from app.budgets.reservations import CallCost, OutputEstimator
 from app.budgets.spend import event_cost
 from app.errors import (
-    ApiError,
-    forbidden,
-    invalid_request,
-    model_not_found,
-    upstream_error,
-    upstream_timeout,
+    InvalidRequest,
+    ModelNotServed,
+    NotPermitted,
+    TollgateError,
+    UpstreamFailed,
+    UpstreamTimedOut,
 )
+from app.events.producer import EventEmitter
+from app.gateway.upstreams import RETRYABLE_CONNECT_ERRORS, UpstreamPool
 from app.ids import id_problem
+from app.metering.attribution import ANONYMOUS_USER, Identity
+from app.metering.usage import (
+    attribution_fields,
+    build_usage_record,
+    event_time,
+    new_id,
+    usage_event_id,
+)
 from app.metrics import Metrics
-from app.pricing import PriceCatalog, nanos_to_usd
-from app.producer import EventEmitter
-from app.tokens import count_tokens, estimate_message_tokens
-from app.upstreams import RETRYABLE_CONNECT_ERRORS, UpstreamPool
-from app.usage import attribution_fields, build_usage_record, event_time, new_id, usage_event_id
+from app.pricing.catalog import PriceCatalog, nanos_to_usd
+from app.pricing.tokens import count_tokens, estimate_message_tokens
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +64,10 @@ def _positive_int(body: Mapping[str, Any], name: str) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise invalid_request(f"'{name}' must be an integer, got {type(value).__name__}", name)
+        raise InvalidRequest(f"'{name}' must be an integer, got {type(value).__name__}", field=name)
     if not 1 <= value <= MAX_TOKENS_LIMIT:
-        raise invalid_request(
-            f"'{name}' must be an integer from 1 to {MAX_TOKENS_LIMIT}, got {value}", name
+        raise InvalidRequest(
+            f"'{name}' must be an integer from 1 to {MAX_TOKENS_LIMIT}, got {value}", field=name
         )
     return value
 
@@ -88,36 +94,38 @@ class ChatRequest:
 def parse_chat_request(
     body: Any, *, default_model: str | None = None, native: bool = False
 ) -> ChatRequest:
-    """Validate an OpenAI-style chat body; raise a 400 ApiError naming the bad field."""
+    """Validate an OpenAI-style chat body; raise InvalidRequest naming the bad field."""
     if not isinstance(body, dict):
-        raise invalid_request("The request body must be a JSON object")
+        raise InvalidRequest("The request body must be a JSON object")
     messages = body.get("messages")
     if not isinstance(messages, list):
-        raise invalid_request("'messages' is required and must be a list of messages", "messages")
+        raise InvalidRequest(
+            "'messages' is required and must be a list of messages", field="messages"
+        )
     if not messages:
-        raise invalid_request("'messages' must contain at least one message", "messages")
+        raise InvalidRequest("'messages' must contain at least one message", field="messages")
     try:
         prompt_tokens = estimate_message_tokens(messages)
     except ValueError as exc:
-        raise invalid_request(f"'messages' is malformed: {exc}", "messages") from None
+        raise InvalidRequest(f"'messages' is malformed: {exc}", field="messages") from None
     model = body.get("model")
     if model is None and default_model:
         model = default_model
     if not isinstance(model, str) or not model:
-        raise invalid_request("'model' is required and must be a non-empty string", "model")
+        raise InvalidRequest("'model' is required and must be a non-empty string", field="model")
     problem = id_problem(model)
     if problem is not None:  # it is recorded in the Request event even when refused
-        raise invalid_request(f"'model' {problem}", "model")
+        raise InvalidRequest(f"'model' {problem}", field="model")
     max_tokens = _positive_int(body, "max_completion_tokens") or _positive_int(body, "max_tokens")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
-        raise invalid_request("'stream' must be true or false", "stream")
+        raise InvalidRequest("'stream' must be true or false", field="stream")
     stream_options = body.get("stream_options")
     if stream_options is not None and not isinstance(stream_options, dict):
-        raise invalid_request("'stream_options' must be an object", "stream_options")
+        raise InvalidRequest("'stream_options' must be an object", field="stream_options")
     n = body.get("n")
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-        raise invalid_request("'n' must be a positive integer", "n")
+        raise InvalidRequest("'n' must be a positive integer", field="n")
     dropped = NATIVE_ONLY_FIELDS if native else TOLLGATE_ONLY_FIELDS
     upstream_body = {k: v for k, v in body.items() if k not in dropped}
     upstream_body["model"] = model
@@ -326,11 +334,11 @@ class Gateway:
         if owner is None:
             return outcome
         if may_act_for is not None and not may_act_for(owner.user_id):
-            raise forbidden(
+            raise NotPermitted(
                 f"The {param.replace('_', ' ')} {outcome[param]!r} belongs to another user; this "
                 "API key may report outcomes only for its own user's requests and sessions (or "
                 "users in its may_act_for)",
-                param=param,
+                field=param,
             )
         if owner.user_id != ANONYMOUS_USER:
             outcome["user_id"] = owner.user_id  # the spend's owner, whoever reports on it
@@ -383,7 +391,7 @@ class Gateway:
         self.emitter.emit("Request", "requests", identity.user_id, record)
 
     def usage_record(self, identity: Identity, **fields: Any) -> dict[str, Any]:
-        """A priced Usage record (``app.usage.build_usage_record``), counted in the metrics."""
+        """A priced Usage record (``app.metering.usage.build_usage_record``), counted in the metrics."""
         record = build_usage_record(self.prices, identity, **fields)
         self.remember(record["request_id"], identity)
         model = record["model_served"]
@@ -478,7 +486,7 @@ class Gateway:
         """Admit a call (known model, room under every cap, else ``BudgetRefused``), record it,
         and whatever happens in the block, emit its usage and release its reservation."""
         if not self.upstreams.candidates(chat.model):
-            raise model_not_found(chat.model, self.upstreams.known_models())
+            raise ModelNotServed(chat.model, self.upstreams.known_models())
         admission = await self.gate.admit_waiting(
             identity_scopes(identity), self.call_cost(chat), self.config.budget_queue_wait_s
         )
@@ -543,24 +551,22 @@ class Gateway:
                 break  # the request may have reached the provider: do not retry
         call.status, call.http_status, call.error_type = "error", 502, "upstream_error"
         names = ", ".join(u.name for u in candidates)
-        raise upstream_error(
+        raise UpstreamFailed(
             f"No upstream serving {call.chat.model!r} could be reached ({names}): {last_error}"
         )
 
-    def _timed_out(self, call: Call, what: str) -> ApiError:
+    def _timed_out(self, call: Call, what: str) -> UpstreamTimedOut:
         """The call ran out of time: its own deadline (max_call_duration_s) or upstream silence."""
         call.http_status = 504
         if asyncio.get_running_loop().time() >= call.deadline:
             call.cut(MAX_DURATION)
-            return ApiError(
-                504,
-                "upstream_timeout",
+            return UpstreamTimedOut(
                 f"The call exceeded TOLLGATE_MAX_CALL_DURATION_S="
                 f"{self.config.max_call_duration_s:g}s; upstream {call.upstream!r} {what}",
                 code=MAX_DURATION,
             )
         call.cut("upstream_timeout")
-        return upstream_timeout(f"Upstream {call.upstream!r} {what}")
+        return UpstreamTimedOut(f"Upstream {call.upstream!r} {what}")
 
     def record_upstream_status(self, call: Call, response: aiohttp.ClientResponse) -> None:
         if response.status >= 400:
@@ -589,7 +595,7 @@ class Gateway:
             raise self._timed_out(call, "stopped answering") from exc
         except aiohttp.ClientError as exc:
             call.status, call.http_status, call.error_type = "error", 502, "upstream_error"
-            raise upstream_error(f"Upstream {call.upstream!r} broke the connection: {exc}") from exc
+            raise UpstreamFailed(f"Upstream {call.upstream!r} broke the connection: {exc}") from exc
         finally:
             response.release()
             self._observe_upstream(call)
@@ -614,13 +620,15 @@ class Gateway:
         call: Call,
         response: aiohttp.ClientResponse,
         write: StreamWriter,
+        error_event: Callable[[TollgateError], bytes],
     ) -> None:
         """Pass an upstream SSE stream through chunk by chunk, capturing usage on the way.
 
         A client that goes away raises from ``write``; the call is then marked
         ``client_disconnected`` and the upstream connection is closed, so the
         provider stops generating. A call that reaches its deadline is cut, and the
-        client gets an SSE ``error`` event saying so. Usage is emitted by ``finish``
+        client gets an SSE ``error`` event saying so (``error_event``: the web layer's rendering
+        of the error). Usage is emitted by ``finish``
         either way.
         """
         relay = SseRelay(call)
@@ -641,7 +649,7 @@ class Gateway:
             error = self._timed_out(call, "stopped streaming")
             response.close()
             with contextlib.suppress(ConnectionError):
-                await write(b"data: " + orjson.dumps(error.body()) + b"\n\n")
+                await write(error_event(error))
         except aiohttp.ClientPayloadError as exc:
             call.status, call.error_type = "error", "upstream_stream_broken"
             log.warning(

@@ -20,8 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from app.kafka_local import port_open, tail
 from app.settings import Settings
+from devtools.kafka_local import port_open, tail
 
 log = logging.getLogger(__name__)
 
@@ -212,9 +212,9 @@ def run_stack(settings: Settings, echo: Callable[[str], None]) -> int:
     """Start everything, print where to look, block until Ctrl-C, stop everything."""
     import asyncio
 
-    from app.kafka_local import LauncherError, LocalKafka
-    from app.topics import TopicsError, ensure_topics
-    from app.warehouse import WarehouseError
+    from app.events.topics import TopicsError, ensure_topics
+    from app.warehouse.clickhouse import WarehouseError
+    from devtools.kafka_local import LauncherError, LocalKafka
 
     stopping = False
 

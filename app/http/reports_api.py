@@ -1,9 +1,9 @@
-"""HTTP mapping of the reports (``/v1/reports/*``): parse the query string, call ``app.reports``.
+"""HTTP mapping of the reports (``/v1/reports/*``): parse the query string, call ``app.warehouse.reports``.
 
 Served by the process that owns the warehouse connection (the sink, since
 embedded chdb has a single owner); the dispatcher proxies ``/v1/reports/*`` here.
 Reports show everyone's spend, so this internal listener answers only the internal
-token or an admin key (``app.security``); the sink always gives it a token.
+token or an admin key (``app.http.security``); the sink always gives it a token.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from app import reports
-from app.attribution import KeyStore
-from app.reports import Range, ReportError
-from app.security import internal_caller
+from app.http.security import internal_caller
+from app.metering.attribution import KeyStore
+from app.warehouse import reports
+from app.warehouse.reports import Range, ReportError
 
 WAREHOUSE = web.AppKey("warehouse", object)
 OPTIONS = web.AppKey("report_options", dict)

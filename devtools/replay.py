@@ -1,10 +1,10 @@
 """``tollgate replay FILE``: feed a usage trace through the real pipeline.
 
-Owns turning a trace's calls (``app.trace``) into priced ``Usage`` events on the
+Owns turning a trace's calls (``devtools.trace``) into priced ``Usage`` events on the
 usage topic, fast (large batches, ``acks=all``, idempotent producer) or at the
 pace of their timestamps, and the totals a user checks the dashboard against.
 Everything downstream (spend worker, anomaly agent, ClickHouse sink) sees the
-events exactly as it sees the gateway's. Pricing is ``app.usage``'s, so a
+events exactly as it sees the gateway's. Pricing is ``app.metering.usage``'s, so a
 replayed call costs what the same call through the gateway would.
 
 Replayed events are ``source="external"`` (the schema's value for usage reported
@@ -29,12 +29,13 @@ import click
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError, KafkaError
 
-from app.attribution import Identity
-from app.codec import EventCodec, build_codec
-from app.pricing import PriceCatalog, nanos_to_usd
+from app.events.codec import EventCodec, build_codec
+from app.events.topics import TopicsError, ensure_topics
+from app.metering.attribution import Identity
+from app.metering.usage import build_usage_record, new_id
+from app.pricing.catalog import PriceCatalog, nanos_to_usd
 from app.settings import Settings
-from app.topics import TopicsError, ensure_topics
-from app.trace import (
+from devtools.trace import (
     ECONOMY_SHARE,
     Attribution,
     PlacedTrace,
@@ -42,7 +43,6 @@ from app.trace import (
     TraceFormatError,
     read_trace,
 )
-from app.usage import build_usage_record, new_id
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class ReplayStats:
 def usage_record(
     prices: PriceCatalog, call: TraceCall, metadata: Mapping[str, str] | None = None
 ) -> dict[str, Any]:
-    """The priced ``Usage`` record of one attributed call (see ``app.trace.Attribution``)."""
+    """The priced ``Usage`` record of one attributed call (see ``devtools.trace.Attribution``)."""
     if not call.user_id or not call.model:
         raise ValueError("the call has no user or model; run it through Attribution first")
     return build_usage_record(

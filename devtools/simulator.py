@@ -64,7 +64,7 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
-from app.tokens import MESSAGE_OVERHEAD_TOKENS, count_message_tokens, count_tokens
+from app.pricing.tokens import MESSAGE_OVERHEAD_TOKENS, count_message_tokens, count_tokens
 
 __all__ = [
     "DEFAULT_MODELS",

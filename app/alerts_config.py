@@ -1,0 +1,178 @@
+"""Alert targets: where the notifier delivers alerts, as configuration.
+
+Owns the ``AlertTarget`` model (one webhook, its format, filters and secrets),
+``parse_alert_targets`` (the settings field ``alert_targets``, validated with messages that
+never hold a secret) and ``redact_url``. It sits in the settings layer so that
+``app.settings`` validates targets without importing the notifier agent; delivery itself
+(payloads, retries, queues) is ``agents.notifier``'s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Sequence
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+
+Severity = Literal["info", "warning", "critical"]
+TargetFormat = Literal["json", "slack", "pagerduty", "alertmanager"]
+
+SEVERITY_RANK: dict[str, int] = {"info": 0, "warning": 1, "critical": 2}
+DEFAULT_SEVERITY = "warning"  # the schema's default; also how an unknown severity is ranked
+
+
+class AlertTarget(BaseModel):
+    """One webhook that receives alerts. ``url`` and ``routing_key`` are secrets.
+
+    Slack webhook URLs carry their token in the path, PagerDuty's routing key is
+    a credential: both are ``SecretStr`` (masked in ``repr``) and only ever
+    logged as ``redacted_url``.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
+
+    name: str = Field(min_length=1, max_length=100, description="Name in logs and metric labels.")
+    url: SecretStr = Field(description="http(s) URL the alerts are POSTed to.")
+    format: TargetFormat = Field(default="json", description="Body the target expects.")
+    routing_key: SecretStr | None = Field(
+        default=None,
+        validate_default=True,
+        description="PagerDuty Events API v2 integration key (format 'pagerduty' only).",
+    )
+    min_severity: Severity | None = Field(
+        default=None, description="Deliver only alerts at least this severe; unset = all."
+    )
+    kinds: tuple[str, ...] | None = Field(
+        default=None, min_length=1, description="Deliver only these alert kinds; unset = all."
+    )
+    timeout_s: float = Field(default=10.0, gt=0, le=300, description="Per-attempt timeout.")
+    queue_size: int = Field(
+        default=1000, ge=1, description="Alerts held for this target; beyond, the oldest drop."
+    )
+    generator_url: str | None = Field(
+        default=None, description="Alertmanager 'generatorURL' back-link (optional)."
+    )
+    include_historical: bool = Field(
+        default=False,
+        description="Also deliver alerts about the past (a replay of history, a backlog).",
+    )
+    include_related: bool = Field(
+        default=False,
+        description="Also deliver alerts attached to an incident's page (they are listed in it).",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, url: SecretStr) -> SecretStr:
+        parts = urlsplit(url.get_secret_value())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        return url
+
+    @field_validator("routing_key")
+    @classmethod
+    def _routing_key_for_pagerduty(
+        cls, routing_key: SecretStr | None, info: ValidationInfo
+    ) -> SecretStr | None:
+        target_format = info.data.get("format")
+        if target_format == "pagerduty" and not (routing_key and routing_key.get_secret_value()):
+            raise ValueError("required for format 'pagerduty': the Events API v2 integration key")
+        if target_format not in (None, "pagerduty") and routing_key is not None:
+            raise ValueError(f"only used by format 'pagerduty', not {target_format!r}; remove it")
+        return routing_key
+
+    @property
+    def redacted_url(self) -> str:
+        return redact_url(self.url.get_secret_value())
+
+    def accepts(self, alert: dict[str, Any]) -> bool:
+        """Whether this target's severity and kind filters let ``alert`` through."""
+        if self.kinds is not None and alert.get("kind") not in self.kinds:
+            return False
+        if self.min_severity is not None:
+            return severity_rank(alert.get("severity")) >= SEVERITY_RANK[self.min_severity]
+        return True
+
+    def declines(self, alert: dict[str, Any]) -> str | None:
+        """Why this target does not page ``alert`` although its filters accept it: the alert
+        is about the past, or rides along with its incident's page. None: it pages."""
+        if alert.get("historical") and not self.include_historical:
+            return "historical"
+        if alert.get("incident_role") == "related" and not self.include_related:
+            return "related"
+        return None
+
+
+class AlertTargetError(ValueError):
+    """Alert targets that cannot be used. The message names the target and field, never a secret."""
+
+
+_TARGETS = TypeAdapter(list[AlertTarget])
+
+
+def parse_alert_targets(data: Any) -> list[AlertTarget]:
+    """Targets from plain data: a list of mappings (YAML), a JSON string (an env var), or None.
+
+    Errors name the target's position and field and never echo a value, since
+    values may be webhook URLs or keys.
+    """
+    if data is None or data == "":
+        return []
+    if isinstance(data, str | bytes):
+        try:
+            data = json.loads(data)
+        except ValueError as exc:
+            raise AlertTargetError(
+                f"alert targets are not valid JSON (line {getattr(exc, 'lineno', '?')}); "
+                'expected a list like [{"name": "oncall", "url": "https://...", "format": "slack"}]'
+            ) from None
+    try:
+        targets = _TARGETS.validate_python(data)
+    except ValidationError as exc:
+        problems = [
+            f"alert_targets[{'.'.join(str(part) for part in error['loc'])}]: {error['msg']}"
+            for error in exc.errors(include_input=False, include_url=False)
+        ]
+        raise AlertTargetError("invalid alert targets: " + "; ".join(problems)) from None
+    check_unique_names(targets)
+    return targets
+
+
+def check_unique_names(targets: Sequence[AlertTarget]) -> None:
+    seen: set[str] = set()
+    for target in targets:
+        if target.name in seen:
+            raise AlertTargetError(
+                f"alert target name {target.name!r} is used twice; names label metrics and "
+                "logs, so give each target its own"
+            )
+        seen.add(target.name)
+
+
+def severity_rank(severity: Any) -> int:
+    return SEVERITY_RANK.get(str(severity), SEVERITY_RANK[DEFAULT_SEVERITY])
+
+
+def redact_url(url: str) -> str:
+    """``scheme://host[:port]/…``: enough to tell targets apart, no path, query or user info."""
+    parts = urlsplit(url)
+    host = parts.hostname or "?"
+    if ":" in host:
+        host = f"[{host}]"
+    with contextlib.suppress(ValueError):
+        if parts.port is not None:
+            host = f"{host}:{parts.port}"
+    rest = parts.path not in ("", "/") or parts.query or parts.fragment
+    return f"{parts.scheme}://{host}/" + ("…" if rest else "")
