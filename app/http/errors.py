@@ -81,13 +81,19 @@ def http_error(exc: TollgateError | BudgetRefused) -> ApiError:
     raise TypeError(f"no HTTP mapping for {type(exc).__name__}; add it to STATUS_OF")
 
 
+DEFAULT_UPGRADE_PROMPT = (
+    "You have reached this spending limit: upgrade your plan or ask an administrator to "
+    "raise the limit, or wait until it resets."
+)
+
+
 def budget_refusal(refusal: BudgetRefused) -> ApiError:
     """HTTP's view of a budget refusal: 402, with what a client needs to tell its user."""
     status = refusal.status
     policy = status.policy
-    prompt = policy.upgrade_prompt or "Raise the limit or wait for the next period."
-    if policy.upgrade_url:
-        prompt += f" Upgrade: {policy.upgrade_url}"
+    # Every 402 carries a prompt a client can show its user: the policy's, or this one.
+    upgrade_prompt = policy.upgrade_prompt or DEFAULT_UPGRADE_PROMPT
+    prompt = upgrade_prompt + (f" Upgrade: {policy.upgrade_url}" if policy.upgrade_url else "")
     counted = (
         f"counted by the spend worker ${nanos_to_usd(status.counted_nanos):.6f}"
         f" + not yet counted here ${nanos_to_usd(status.uncounted_nanos):.6f}"
@@ -110,7 +116,7 @@ def budget_refusal(refusal: BudgetRefused) -> ApiError:
             "decided_by": status.decided_by,
             "reason": refusal.reason,
             "upgrade_url": policy.upgrade_url,
-            "upgrade_prompt": policy.upgrade_prompt,
+            "upgrade_prompt": upgrade_prompt,
         },
     )
 

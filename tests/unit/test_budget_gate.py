@@ -634,3 +634,13 @@ for machine in (GateMachine, MergingGateMachine):
     machine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
 test_gate_accounting_under_any_interleaving = GateMachine.TestCase
 test_gate_accounting_when_held_spend_is_merged = MergingGateMachine.TestCase
+
+
+def test_a_402_always_carries_an_upgrade_prompt_even_when_the_policy_sets_none() -> None:
+    from app.http.errors import budget_refusal
+
+    gate = gate_with(policies(**{"user:alice": 1}))
+    settle(gate, gate.admit(["user:alice"], call(0)), usd(1))
+    body = budget_refusal(refusal(gate, ["user:alice"], call(usd(0.1)))).body()["error"]
+    assert body["type"] == "budget_exceeded"
+    assert body["upgrade_prompt"] and body["upgrade_prompt"] in body["message"]
