@@ -159,7 +159,7 @@ class RoutingSettings(BaseModel):
     remember_routed: int = Field(
         default=10_000,
         ge=0,
-        description="Economy-routed requests whose features a dispatcher keeps (about 2 KB each) "
+        description="Economy-routed requests whose features a dispatcher keeps (2-4 KB each) "
         "to learn from an outcome posted for them later (/v1/outcomes); 0 = learn only from "
         "escalations.",
     )
