@@ -89,6 +89,9 @@ async def answer_chat(
 def _headers(
     ctx: ChatContext, call: Call, cache: str, escalated_from: str | None
 ) -> dict[str, str]:
+    ctx.metrics.cache_results.labels(cache).inc()
+    if call.route is not None and call.route.routed:
+        ctx.metrics.routed.labels(call.route.tier or "", str(call.route.escalated).lower()).inc()
     headers = {"X-Request-Id": ctx.request_id, "X-Tollgate-Cache": cache}
     if ctx.client_request_id:
         headers["X-Client-Request-Id"] = ctx.client_request_id

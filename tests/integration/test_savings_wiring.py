@@ -143,6 +143,10 @@ def test_cache_miss_hit_bypass_and_streamed_replay(stack: Stack) -> None:
     assert fresh.headers["X-Tollgate-Cache"] == "bypass"
     assert stack.counter.calls == 2
 
+    metrics = httpx.get(f"{stack.url}/metrics").text
+    assert 'tollgate_cache_results_total{result="hit"} 2.0' in metrics
+    assert 'tollgate_cache_results_total{result="miss"} 1.0' in metrics
+
     usage = usage_of(stack, 4)
     miss, hit, replay, bypass = sorted(usage, key=lambda u: u["ts"])
     assert not miss["cache_hit"] and miss["cost_usd_nanos"] > 0
