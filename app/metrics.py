@@ -51,6 +51,18 @@ class Metrics:
             "Calls whose max_tokens the budget gate lowered to keep a cap's worst case",
             registry=r,
         )
+        self.cache_results = Counter(
+            "tollgate_cache_results",
+            "Chat answers by response-cache result (hit, miss, bypass): X-Tollgate-Cache",
+            ["result"],
+            registry=r,
+        )
+        self.routed = Counter(
+            "tollgate_routed_calls",
+            "Answered routed calls by the tier that served them and whether they were escalated",
+            ["tier", "escalated"],
+            registry=r,
+        )
         self.upstream_errors = Counter(
             "tollgate_upstream_errors",
             "Upstream failures by upstream and kind (connect, timeout, http_4xx, http_5xx)",

@@ -45,6 +45,8 @@ Test hooks (request headers on ``POST /v1/chat/completions``):
   ``latency_scale``; a stream spreads it over the first token and the later chunks.
 * ``X-Sim-Omit-Usage: 1`` -- stream without any usage, even when
   ``stream_options.include_usage`` asks for it (emulates providers that do not report).
+* ``X-Sim-Models: a,b`` -- the hooks above apply only to requests for these models (so a
+  test can fail the economy model and let the next tier answer).
 """
 
 from __future__ import annotations
@@ -86,6 +88,7 @@ HEADER_STATUS: Final = "X-Sim-Status"
 HEADER_COMPLETION_TOKENS: Final = "X-Sim-Completion-Tokens"
 HEADER_LATENCY_MS: Final = "X-Sim-Latency-Ms"
 HEADER_OMIT_USAGE: Final = "X-Sim-Omit-Usage"
+HEADER_MODELS: Final = "X-Sim-Models"
 
 _TOKENS_PER_CHUNK: Final = 4
 _SYSTEM_FINGERPRINT: Final = "fp_tollgate_sim"
@@ -413,13 +416,28 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
         return exc.response()
 
 
+async def _hooks_apply(request: web.Request) -> bool:
+    """Whether the X-Sim-* hooks apply to this request (X-Sim-Models limits them)."""
+    only = request.headers.get(HEADER_MODELS)
+    if not only:
+        return True
+    try:
+        model = orjson.loads(await request.read()).get("model")
+    except (orjson.JSONDecodeError, AttributeError):
+        return True
+    return model in {name.strip() for name in only.split(",")}
+
+
 async def _complete(request: web.Request, state: _SimState) -> web.StreamResponse:
-    forced_status = _int_header(request, HEADER_STATUS, 400, 599)
+    hooks = await _hooks_apply(request)
+    forced_status = _int_header(request, HEADER_STATUS, 400, 599) if hooks else None
     if forced_status is not None:
         raise _status_error(forced_status, f"forced by {HEADER_STATUS}")
-    forced_tokens = _int_header(request, HEADER_COMPLETION_TOKENS, 0)
-    fixed_ms = _int_header(request, HEADER_LATENCY_MS, 0)
-    omit_usage = request.headers.get(HEADER_OMIT_USAGE, "").strip().lower() in {"1", "true", "yes"}
+    forced_tokens = _int_header(request, HEADER_COMPLETION_TOKENS, 0) if hooks else None
+    fixed_ms = _int_header(request, HEADER_LATENCY_MS, 0) if hooks else None
+    omit_usage = hooks and request.headers.get(HEADER_OMIT_USAGE, "").strip().lower() in {
+        "1", "true", "yes",
+    }  # fmt: skip
 
     raw = await request.read()
     try:

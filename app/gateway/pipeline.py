@@ -17,7 +17,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import orjson
@@ -48,6 +48,9 @@ from app.metering.usage import (
 from app.metrics import Metrics
 from app.pricing.catalog import PriceCatalog, nanos_to_usd
 from app.pricing.tokens import count_tokens, estimate_message_tokens
+
+if TYPE_CHECKING:
+    from app.gateway.savings import RouteInfo
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +92,13 @@ class ChatRequest:
         fields = [f for f in ("max_completion_tokens", "max_tokens") if f in self.upstream_body]
         for name in fields or ["max_tokens"]:
             self.upstream_body[name] = min(self.upstream_body.get(name) or tokens, tokens)
+
+    def retarget(self, model: str) -> ChatRequest:
+        """The same request for another model (the router's choice, or an escalation)."""
+        return ChatRequest(
+            model, {**self.upstream_body, "model": model}, self.stream, self.client_wants_usage,
+            self.max_tokens, self.prompt_tokens_estimate,
+        )  # fmt: skip
 
 
 def parse_chat_request(
@@ -161,6 +171,18 @@ class Call:
     generated_text: list[str] = field(default_factory=list)
     client_headers: Mapping[str, str] = field(default_factory=dict)
     finished: bool = False
+    route: RouteInfo | None = None  # routing of this attempt (None: not through the levers)
+    cache_hit: bool = False
+    completion: Any = None  # the parsed non-streamed answer
+    on_chunk: Callable[[dict[str, Any]], None] | None = None  # sees every streamed chunk
+
+    def serve_cached(self, model: str, prompt_tokens: int, completion_tokens: int) -> None:
+        """Answered by the response cache: no provider call, cost 0, the cost avoided recorded."""
+        self.cache_hit = True
+        self.chat.model = model
+        self.prompt_tokens, self.completion_tokens, self.cached_tokens = (
+            prompt_tokens, completion_tokens, 0,
+        )  # fmt: skip
 
     @property
     def max_tokens_cap(self) -> int | None:
@@ -230,6 +252,8 @@ class SseRelay:
                 continue
             if not isinstance(chunk, dict):
                 continue
+            if self.call.on_chunk is not None:
+                self.call.on_chunk(chunk)
             choices = chunk.get("choices") or []
             for choice in choices:
                 delta = choice.get("delta") if isinstance(choice, dict) else None
@@ -362,6 +386,7 @@ class Gateway:
         client_request_id: str | None = None,
     ) -> None:
         admission = call.admission if call else None
+        route = call.route if call else None
         deadline = (
             event_time() + timedelta(seconds=self.config.max_call_duration_s) if call else None
         )
@@ -371,9 +396,9 @@ class Gateway:
             "request_id": request_id,
             **attribution_fields(identity),
             "endpoint": endpoint,
-            "model_requested": chat.model if chat else None,
+            "model_requested": route.model_requested if route else chat.model if chat else None,
             "model_served": chat.model if chat and status == "accepted" else None,
-            "tier": self.prices.tier(chat.model) if chat else None,
+            "tier": route.tier if route else self.prices.tier(chat.model) if chat else None,
             "stream": chat.stream if chat else False,
             "prompt_tokens_estimated": chat.prompt_tokens_estimate if chat else 0,
             "max_tokens": chat.max_tokens if chat else None,
@@ -440,6 +465,18 @@ class Gateway:
             call.completion_tokens = count_tokens("".join(call.generated_text))
             if call.status != "ok" and not call.generated_text:
                 call.prompt_tokens = 0  # the provider generated nothing; assume nothing billed
+        route = call.route
+        routing: dict[str, Any] = {}
+        if route is not None:
+            routing = {
+                "model_requested": route.model_requested,
+                "requested_price_model": route.reference_model,
+                "router_score": route.score,
+                "router_reason": route.reason,
+                "escalated": route.escalated,
+            }
+            if route.tier is not None:
+                routing["tier"] = route.tier
         return self.usage_record(
             call.identity,
             request_id=call.request_id,
@@ -459,6 +496,8 @@ class Gateway:
             error_type=call.error_type,
             client_request_id=call.client_request_id,
             max_tokens_capped=call.max_tokens_cap,
+            cache_hit=call.cache_hit,
+            **routing,
         )
 
     # -- the call ---------------------------------------------------------------------
@@ -482,9 +521,14 @@ class Gateway:
         chat: ChatRequest,
         client_headers: Mapping[str, str] | None = None,
         client_request_id: str | None = None,
+        route: RouteInfo | None = None,
+        attempt: int = 1,
     ) -> AsyncIterator[Call]:
         """Admit a call (known model, room under every cap, else ``BudgetRefused``), record it,
-        and whatever happens in the block, emit its usage and release its reservation."""
+        and whatever happens in the block, emit its usage and release its reservation.
+
+        ``attempt`` 2 is an escalation of the same request: admitted and paid on its own,
+        its own Usage event (same request id), no second ``Request`` event."""
         if not self.upstreams.candidates(chat.model):
             raise ModelNotServed(chat.model, self.upstreams.known_models())
         admission = await self.gate.admit_waiting(
@@ -500,18 +544,21 @@ class Gateway:
             admission=admission,
             client_request_id=client_request_id,
             client_headers=client_headers or {},
+            attempt=attempt,
+            route=route,
         )
         try:
             if admission.max_tokens_cap is not None:
                 chat.cap_output(admission.max_tokens_cap)
-            self.emit_request(
-                request_id=request_id,
-                endpoint=endpoint,
-                identity=identity,
-                chat=chat,
-                status="accepted",
-                call=call,
-            )
+            if attempt == 1:
+                self.emit_request(
+                    request_id=request_id,
+                    endpoint=endpoint,
+                    identity=identity,
+                    chat=chat,
+                    status="accepted",
+                    call=call,
+                )
         except BaseException:
             call.finished = True  # no Request event, so no Usage: only the release
             self.gate.settle(admission.reservation, 0)
@@ -606,6 +653,7 @@ class Gateway:
             except orjson.JSONDecodeError:
                 parsed = None
             if isinstance(parsed, dict):
+                call.completion = parsed
                 call.take_usage(parsed.get("usage"))
                 for choice in parsed.get("choices") or []:
                     message = choice.get("message") if isinstance(choice, dict) else None

@@ -268,7 +268,8 @@ def openapi_document() -> dict[str, Any]:
                     "savings vs the baseline model, decomposed into model choice, routing, "
                     "prompt caching and cache hits, with cache hit rate and routing efficiency; "
                     "outcomes: cost per successful outcome by feature; budgets: status of every "
-                    "capped scope. Ranges default to the last 30 days; `to` is exclusive.",
+                    "capped scope; alerts: the anomaly alerts that fired, latest first. "
+                    "Ranges default to the last 30 days; `to` is exclusive.",
                     "parameters": [
                         {
                             "name": "name",
@@ -283,6 +284,7 @@ def openapi_document() -> dict[str, Any]:
                                     "savings",
                                     "outcomes",
                                     "budgets",
+                                    "alerts",
                                 ],
                             },
                         },

@@ -23,7 +23,7 @@ from app.warehouse.reports import Range, ReportError
 WAREHOUSE = web.AppKey("warehouse", object)
 OPTIONS = web.AppKey("report_options", dict)
 AUTH = web.AppKey("report_auth", tuple)
-REPORTS = ("summary", "breakdown", "timeseries", "savings", "outcomes", "budgets")
+REPORTS = ("summary", "breakdown", "timeseries", "savings", "outcomes", "budgets", "alerts")
 PARAMS = {
     "summary": {"from", "to"},
     "breakdown": {"from", "to", "by", "limit"},
@@ -31,6 +31,7 @@ PARAMS = {
     "savings": {"from", "to"},
     "outcomes": {"from", "to"},
     "budgets": set(),
+    "alerts": {"from", "to", "limit"},
 }
 
 
@@ -84,6 +85,12 @@ def build_report(
             "from": window.start.isoformat(),
             "to": window.end.isoformat(),
             "features": reports.outcomes(client, window),
+        }
+    if name == "alerts":
+        return {
+            "from": window.start.isoformat(),
+            "to": window.end.isoformat(),
+            "alerts": reports.recent_alerts(client, window, _limit(query.get("limit", "20"))),
         }
     return {"scopes": reports.budgets(client, active=active_scope)}
 

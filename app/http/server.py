@@ -31,17 +31,18 @@ from app.events.codec import EventDecodeError, build_codec
 from app.events.compacted import CompactedView
 from app.events.producer import EventEmitter
 from app.gateway.pipeline import (
-    Call,
     ChatRequest,
     Gateway,
     GatewayConfig,
     identity_scopes,
     parse_chat_request,
 )
+from app.gateway.savings import SavingsLevers
 from app.gateway.upstreams import UpstreamPool
-from app.http.errors import ApiError, http_error, invalid_request, sse_error_event
+from app.http.errors import ApiError, http_error, invalid_request
 from app.http.openapi import openapi_document
 from app.http.reports_api import REPORTS
+from app.http.savings import ChatContext, answer_chat
 from app.http.security import check_exposure, internal_token
 from app.metering.attribution import Identity, KeyStore, bearer_token, resolve_identity
 from app.metering.ingest import TimeWindow, parse_outcomes, parse_usage_reports
@@ -69,6 +70,7 @@ class Components:
     policy_view: CompactedView
     decision_view: CompactedView
     reports_session: aiohttp.ClientSession
+    levers: SavingsLevers
 
 
 COMPONENTS = web.AppKey("components", Components)
@@ -164,7 +166,7 @@ async def _chat(request: web.Request, endpoint: str, native: bool) -> web.Stream
     client_request_id = request.get(CLIENT_REQUEST_ID)
     identity: Identity | None = None
     chat: ChatRequest | None = None
-    call: Call | None = None
+    context: ChatContext | None = None
 
     def refused(status: str, reason: str, scope: str | None = None) -> None:
         c.gateway.emit_request(
@@ -185,31 +187,22 @@ async def _chat(request: web.Request, endpoint: str, native: bool) -> web.Stream
         )
         identity = resolve_identity(request.headers, body, c.keys, c.settings.require_attribution)
         _check_budget_view_fresh(c)
-        async with c.gateway.call(
-            request_id, endpoint, identity, chat, request.headers, client_request_id
-        ) as call:
-            headers = {"X-Request-Id": request_id}
-            if client_request_id:
-                headers["X-Client-Request-Id"] = client_request_id
-            if call.max_tokens_cap is not None:
-                c.metrics.budget_capped.inc()
-                headers["X-Tollgate-Max-Tokens-Capped"] = str(call.max_tokens_cap)
-            if chat.stream:
-                return await _stream(request, c.gateway, call, headers)
-            status, payload, content_type = await c.gateway.complete(call)
-            return web.Response(
-                body=payload, status=status, headers={"Content-Type": content_type, **headers}
-            )
+        context = ChatContext(
+            request, c.gateway, c.levers, c.metrics, request_id, endpoint, identity,
+            client_request_id,
+        )  # fmt: skip
+        return await answer_chat(context, body, chat)
     except BudgetRefused as refusal:  # only ever raised by admission
-        refused("blocked", "budget_exceeded", refusal.status.scope)
+        if context is None or not context.admitted:  # (not an escalation's second attempt)
+            refused("blocked", "budget_exceeded", refusal.status.scope)
         raise http_error(refusal) from None
     except TollgateError as exc:
         error = http_error(exc)
-        if call is None:  # refused before any upstream call
+        if context is None or not context.admitted:  # refused before any upstream call
             refused("rejected", error.code or error.error_type)
         raise error from None
     except ApiError as exc:
-        if call is None:  # refused before any upstream call
+        if context is None or not context.admitted:  # refused before any upstream call
             refused("rejected", exc.code or exc.error_type)
         raise
     except web.HTTPRequestEntityTooLarge:
@@ -230,29 +223,6 @@ def _check_budget_view_fresh(c: Components) -> None:
             f"{c.settings.budget_max_staleness_s:.0f}s; Kafka unreachable?) and this gateway "
             "is configured fail-closed (TOLLGATE_BUDGET_FAIL_CLOSED=true). Retry later.",
         )
-
-
-async def _stream(
-    request: web.Request, gateway: Gateway, call: Call, headers: dict[str, str]
-) -> web.StreamResponse:
-    upstream = await gateway.open_upstream(call)
-    gateway.record_upstream_status(call, upstream)
-    if upstream.status >= 400:  # pass the provider's error through, as JSON
-        payload = await upstream.read()
-        upstream.release()
-        return web.Response(
-            body=payload,
-            status=upstream.status,
-            headers={"Content-Type": upstream.headers.get("Content-Type", JSON), **headers},
-        )
-    response = web.StreamResponse(
-        status=200,
-        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **headers},
-    )
-    await response.prepare(request)
-    await gateway.relay_stream(call, upstream, response.write, error_event=sse_error_event)
-    await response.write_eof()
-    return response
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -321,6 +291,7 @@ async def report_outcomes(request: web.Request) -> web.Response:
         c.gateway.attribute_outcome(record, may_act_for)  # outcomes often name only the request
     for record in records:
         c.emitter.emit("Outcome", "outcomes", record["session_id"] or record["request_id"], record)
+        c.levers.learn_outcome(record["request_id"], record["outcome"])  # routed here: learn
     return json_response(
         {"accepted": len(records), "event_ids": [r["event_id"] for r in records]}, status=202
     )
@@ -608,6 +579,7 @@ async def build_components(settings: Settings) -> Components:
         policy_view,
         decision_view,
         reports_session,
+        SavingsLevers(settings.routing, settings.cache, tier_of_price=prices.tier),
     )
 
 

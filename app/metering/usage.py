@@ -74,6 +74,7 @@ def build_usage_record(
     source: str = "dispatcher",
     ts: datetime | None = None,
     cache_hit: bool = False,
+    requested_price_model: str | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
     """A ``Usage`` record with cost, baseline cost and savings in nano-dollars.
@@ -82,7 +83,9 @@ def build_usage_record(
     [model choice] + (requested - undiscounted served) [routing] + prompt-cache
     discount + cache saving, where "requested" is ``requested_cost_usd_nanos``.
     A cache hit (a cache answered; no provider call) costs 0 and saves what the
-    served model would have charged.
+    served model would have charged. ``requested_price_model``: the model whose list price
+    is the requested cost when ``model_requested`` is not a priced model (a routed
+    ``"auto"`` call: the router's top tier).
     """
     cost = prices.cost(model, prompt_tokens, completion_tokens, cached_tokens)
     cost_nanos, prompt_cache_saved, cache_saved = (
@@ -94,10 +97,11 @@ def build_usage_record(
         cache_saved = cost_nanos + prompt_cache_saved
         cost_nanos = prompt_cache_saved = 0
     requested = model_requested or model
+    priced_as = requested_price_model or requested
     requested_cost = (
         cost_nanos + prompt_cache_saved + cache_saved
-        if requested == model and not cost.price_unknown
-        else prices.list_price_nanos(requested, prompt_tokens, completion_tokens)
+        if priced_as == model and not cost.price_unknown
+        else prices.list_price_nanos(priced_as, prompt_tokens, completion_tokens)
     )
     return {
         "event_id": new_id(),

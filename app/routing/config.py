@@ -156,6 +156,13 @@ class RoutingSettings(BaseModel):
         description="Features with their own model (512 KB each); others use the global one (4 MB).",
     )
     learning_rate: float = Field(default=0.01, gt=0, le=1, description="SGD step of the learner.")
+    remember_routed: int = Field(
+        default=10_000,
+        ge=0,
+        description="Economy-routed requests whose features a dispatcher keeps (2-4 KB each) "
+        "to learn from an outcome posted for them later (/v1/outcomes); 0 = learn only from "
+        "escalations.",
+    )
     escalate_on: tuple[str, ...] = Field(
         default=FAILURE_KINDS,
         description="Failures of a routed call retried once on the next tier up.",

@@ -69,8 +69,13 @@ class Router:
         result = self.model.score(self.features(body), feature)
         return result.value, result.reason()
 
-    def route(self, body: Mapping[str, Any], feature: str | None = None) -> Decision:
-        """The tier and model for a request; never changes what the router has learned."""
+    def route(
+        self, body: Mapping[str, Any], feature: str | None = None, features: Features | None = None
+    ) -> Decision:
+        """The tier and model for a request; never changes what the router has learned.
+
+        ``features``: the body's :meth:`features` when the caller already computed them (the
+        dispatcher keeps them to learn from the call's outcome later)."""
         if not isinstance(body, Mapping):
             raise PromptError("body", "must be a JSON object with 'messages'")
         rule = self.settings.rule_for(feature)
@@ -93,7 +98,7 @@ class Router:
                 tier, _model(provider, tier), None, f"pinned to {rule.pin.value}", True,
                 provider.provider,
             )  # fmt: skip
-        scored = self.model.score(self.features(body), feature)
+        scored = self.model.score(features or self.features(body), feature)
         quality_target = rule.quality_target or self.settings.quality_target
         premium_above = rule.premium_above or self.settings.premium_above
         if 1.0 - scored.value >= quality_target:
@@ -141,12 +146,29 @@ class Router:
         tiers than economy, and of features whose rule says ``learn: false``, are ignored.
         """
         tier = Tier(tier)
+        if not self.learns(tier, feature):
+            Router._check_outcome(outcome)
+            return False
+        return self.learn_features(self.features(body), tier, outcome, feature)
+
+    def learns(self, tier: Tier | str | None, feature: str | None) -> bool:
+        """Whether an outcome of a call served by ``tier`` for ``feature`` would be learned."""
+        return tier == Tier.ECONOMY and self.settings.rule_for(feature).learn
+
+    def learn_features(
+        self, features: Features, tier: Tier | str, outcome: Outcome, feature: str | None = None
+    ) -> bool:
+        """:meth:`learn` from the :meth:`features` of a body computed earlier (when it was routed)."""
+        Router._check_outcome(outcome)
+        if not self.learns(Tier(tier), feature):
+            return False
+        self.model.learn(features, outcome == "failure", feature)
+        return True
+
+    @staticmethod
+    def _check_outcome(outcome: str) -> None:
         if outcome not in ("success", "failure"):
             raise ValueError(f"outcome must be 'success' or 'failure', not {outcome!r}")
-        if tier is not Tier.ECONOMY or not self.settings.rule_for(feature).learn:
-            return False
-        self.model.learn(self.features(body), outcome == "failure", feature)
-        return True
 
     def snapshot(self) -> bytes:
         return self.model.snapshot()

@@ -447,6 +447,23 @@ def _utc(value: datetime) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+def recent_alerts(client: Any, window: Range, limit: int = 20) -> list[dict[str, Any]]:
+    """The anomaly alerts that fired in the range, latest first (budget thresholds excluded)."""
+    if not 1 <= limit <= 1000:
+        raise ReportError("limit", "limit must be between 1 and 1000")
+    rows = client.query(
+        "SELECT ts, kind, scope, severity, message FROM alert_events FINAL "
+        "WHERE ts >= %(start)s AND ts < %(end)s AND status = 'firing' "
+        f"AND kind != 'budget_threshold' ORDER BY ts DESC, kind LIMIT {int(limit)}",
+        parameters=window.params(),
+    ).result_rows
+    return [
+        {"ts": _utc(ts).isoformat(), "kind": kind, "scope": scope, "severity": severity,
+         "message": message}
+        for ts, kind, scope, severity, message in rows
+    ]  # fmt: skip
+
+
 def savings(client: Any, window: Range, baseline_model: str = "gpt-4") -> dict[str, Any]:
     """Savings against the baseline model, decomposed, with cache and routing efficiency.
 

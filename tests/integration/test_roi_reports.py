@@ -246,6 +246,10 @@ async def test_every_report_on_a_hand_computed_fixture(
             assert [p["requests"] for p in points] == [1, 1, 1, 1]
             assert [p["anomaly"] for p in points] == [False, False, True, False]
             assert points[2]["alert_kinds"] == ["cost_per_request"]
+            (recent,) = (await get("alerts"))["alerts"]  # the dashboard's list of recent alerts
+            assert recent["kind"] == "cost_per_request" and recent["scope"] == "feature:x"
+            assert recent["severity"] == "warning" and recent["message"] == "test"
+            assert recent["ts"].startswith((day + timedelta(hours=10, minutes=2)).isoformat()[:16])
 
             scopes = {
                 s["scope"]: s for s in (await http.get("/v1/reports/budgets")).json()["scopes"]

@@ -18,3 +18,56 @@ def test_the_dashboard_is_routed_and_reads_existing_reports() -> None:
     assert set(re.findall(r'interval: "(\w+)"', page)) <= set(INTERVALS)
     # Report text is escaped before it reaches innerHTML (names and scopes are user input).
     assert "esc(r.scope)" in page and "esc(r[key])" in page
+
+
+def _page_function(page: str, name: str) -> str:
+    start = page.index(f"function {name}(")
+    end = page.index("\n}\n", start) + 2
+    return page[start:end]
+
+
+def test_daily_chart_spans_the_range_with_empty_days_at_zero() -> None:
+    """After a first replay there is one day of data: the chart still draws every day of the
+    range (UTC), the empty ones at zero, and the axes name dates and dollars."""
+    import json
+    import shutil
+    import subprocess
+
+    import pytest
+
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed")
+    page = DASHBOARD_HTML.read_text()
+    helpers = "\n".join(
+        line for line in page.splitlines() if line.startswith(("const esc", "const usd"))
+    )
+    script = (
+        helpers
+        + "\n"
+        + _page_function(page, "fill")
+        + "\n"
+        + _page_function(page, "bars")
+        + """
+const win = {from: "2025-03-01T12:00:00.000Z", to: "2025-03-08T12:00:00.000Z"};
+const points = [{start: "2025-03-05T00:00:00+00:00", day: "2025-03-05", cost_usd: "2.5",
+                 requests: 3, anomaly: true, alert_kinds: ["spend_rate"]}];
+const filled = fill(points, win, 86400000);
+const svg = bars(filled, (p) => Number(p.cost_usd), (p) => p.anomaly, (p) => p.day, (p) => p.day.slice(5));
+console.log(JSON.stringify({days: filled.map((p) => [p.day, Number(p.cost_usd)]), svg}));
+"""
+    )
+    out = json.loads(subprocess.run([node, "-e", script], capture_output=True, text=True,
+                                    check=True).stdout)  # fmt: skip
+    assert [d for d, _ in out["days"]] == [f"2025-03-0{n}" for n in range(1, 9)]
+    assert dict(out["days"]) == {f"2025-03-0{n}": (2.5 if n == 5 else 0) for n in range(1, 9)}
+    assert ">03-01<" in out["svg"] and ">03-05<" in out["svg"]  # dates on the x axis
+    assert "$2.50" in out["svg"] and "$0.00" in out["svg"]  # dollars on the y axis
+    assert "UTC" in out["svg"]
+
+
+def test_times_are_utc_and_tables_scroll_at_phone_width() -> None:
+    page = DASHBOARD_HTML.read_text()
+    assert "toLocaleTimeString" not in page and 'toISOString().slice(11, 19) + " UTC"' in page
+    assert '<div class="scroll"><table>' in page and ".scroll { overflow-x:auto" in page
+    assert 'report("alerts"' in page and "esc(r.message)" in page

@@ -1,0 +1,209 @@
+"""The savings levers as the dispatcher pulls them: routing, escalation, the response cache,
+and learning from the outcomes of routed calls.
+
+Owns the glue between one chat request and the domain packages: asking the
+:class:`~app.routing.router.Router` for a tier (only for ``model: "auto"`` and features whose
+rule says ``route_all``: a request naming a model keeps it), retargeting the request at the
+routed model, deciding whether a failed attempt escalates, planning / reading / writing the
+response cache, and remembering the features of economy-routed calls so an outcome posted
+later to this dispatcher (``/v1/outcomes``) teaches the router. It does not own HTTP (see
+``app.http.savings``), upstream calls or events (``app.gateway.pipeline``), scoring (``app.routing``)
+or storage (``app.cache``).
+
+Learning is per dispatcher: the dispatcher that routed a call learns from the outcomes posted
+to it for that call (and from escalations it made). With several dispatchers each learns from
+its own share; sharing one model through a compacted checkpoint topic is not done yet (see
+docs/SAVINGS.md).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+from app.cache.assemble import CompletionAssembler
+from app.cache.config import CacheSettings
+from app.cache.key import CacheLookup, parse_cache_control, plan_lookup
+from app.cache.store import CacheBackend, CachedAnswer, MemoryCache
+from app.metering.attribution import Identity
+from app.routing.config import TIER_ORDER, RoutingSettings, Tier
+from app.routing.escalation import Escalation, EscalationPolicy, Failure
+from app.routing.model import Features
+from app.routing.router import Router
+
+log = logging.getLogger(__name__)
+
+CacheStatus = Literal["hit", "miss", "bypass"]
+
+
+@dataclass(frozen=True, slots=True)
+class RouteInfo:
+    """What the events and headers of one attempt say about routing."""
+
+    model_requested: str  # what the client asked for: "auto", or its own model
+    model: str  # the model to call
+    tier: str | None  # the served model's tier
+    routed: bool = False
+    score: float | None = None
+    reason: str | None = None
+    provider: str | None = None
+    # The model whose list price is the call's "requested cost" (the routing saving is the
+    # difference): for a routed call, the provider's top tier — what a caller without a router
+    # would pick to be safe. None: the requested model itself.
+    reference_model: str | None = None
+    escalated: bool = False  # this attempt is the retry one tier up
+
+
+@dataclass(frozen=True, slots=True)
+class _Remembered:
+    features: Features
+    feature: str | None
+
+
+class SavingsLevers:
+    """One per dispatcher: the router, the escalation policy and the response cache."""
+
+    def __init__(
+        self,
+        routing: RoutingSettings,
+        cache: CacheSettings,
+        *,
+        tier_of_price: Any = None,
+        router: Router | None = None,
+        backend: CacheBackend | None = None,
+    ) -> None:
+        self.routing = routing
+        self.cache_settings = cache
+        self.router = router or Router(routing)
+        self.escalation = EscalationPolicy(routing)
+        self.cache: CacheBackend | None = backend or (
+            MemoryCache(cache.max_bytes, max_entry_bytes=cache.max_entry_bytes)
+            if cache.enabled
+            else None
+        )
+        self._tier_of_price = tier_of_price or (lambda model: None)
+        self._remembered: OrderedDict[str, _Remembered] = OrderedDict()
+
+    # -- routing ----------------------------------------------------------------------------
+    def tier_of(self, model: str) -> str | None:
+        tier = self.router.tier_of(model)
+        return tier.value if tier is not None else self._tier_of_price(model)
+
+    def route(self, request_id: str, body: Mapping[str, Any], feature: str | None) -> RouteInfo:
+        """The routing of a request (raises ``PromptError`` for a body the router cannot read).
+
+        A request that is not routed keeps its model (``RouteInfo.routed`` is False)."""
+        requested = body.get("model")
+        if not self.router.wants_routing(body, feature):
+            model = requested if isinstance(requested, str) else ""
+            return RouteInfo(model_requested=model, model=model, tier=self.tier_of(model))
+        rule = self.routing.rule_for(feature)
+        features = None if rule.pin is not None else self.router.features(body)
+        decision = self.router.route(body, feature, features)
+        provider = self.routing.provider_tiers(decision.provider)
+        top = next(m for t in reversed(TIER_ORDER) if (m := provider.model_for(t)))
+        if features is not None and decision.tier is Tier.ECONOMY:
+            self._remember(request_id, _Remembered(features, feature))
+        return RouteInfo(
+            model_requested=requested if isinstance(requested, str) else decision.model,
+            model=decision.model,
+            tier=decision.tier.value if decision.tier else None,
+            routed=True,
+            score=decision.score,
+            reason=decision.reason,
+            provider=decision.provider,
+            reference_model=top,
+        )
+
+    def escalate(
+        self,
+        route: RouteInfo,
+        failure: Failure | None,
+        *,
+        request_id: str,
+        feature: str | None,
+        attempt: int,
+    ) -> tuple[Escalation, RouteInfo] | None:
+        """The next attempt after ``failure`` of a routed call, or None (answer as it is).
+
+        A validator failure (empty, truncated or refused output) of an economy answer is a
+        labelled failure for the router; an upstream error or timeout is not (it says
+        nothing about whether economy could answer the prompt)."""
+        if failure is None or not route.routed or route.tier is None:
+            return None
+        step = self.escalation.escalation(
+            failure, tier=Tier(route.tier), feature=feature, attempt=attempt,
+            provider=route.provider,
+        )  # fmt: skip
+        remembered = self._remembered.pop(request_id, None)
+        if failure in (Failure.EMPTY, Failure.TRUNCATED, Failure.REFUSED) and remembered:
+            self.router.learn_features(remembered.features, Tier.ECONOMY, "failure", feature)
+        if step is None:
+            return None
+        return step, replace(route, model=step.model, tier=step.tier.value, escalated=True)
+
+    def validate(self, route: RouteInfo, completion: Any) -> Failure | None:
+        """The configured validators on a routed call's answer (None: acceptable)."""
+        if not route.routed or not isinstance(completion, Mapping):
+            return None
+        return self.escalation.validate(completion)
+
+    # -- learning from outcomes ---------------------------------------------------------------
+    def _remember(self, request_id: str, entry: _Remembered) -> None:
+        if self.routing.remember_routed <= 0:
+            return
+        self._remembered[request_id] = entry
+        while len(self._remembered) > self.routing.remember_routed:
+            self._remembered.popitem(last=False)
+
+    def learn_outcome(self, request_id: str | None, outcome: str) -> bool:
+        """Learn a reported outcome of an economy call this dispatcher routed; True if learned.
+
+        Each routed call teaches once (its first outcome); calls routed by another
+        dispatcher, or forgotten (``routing.remember_routed``), are not learned here."""
+        remembered = self._remembered.pop(request_id or "", None)
+        if remembered is None or outcome not in ("success", "failure"):
+            return False
+        return self.router.learn_features(
+            remembered.features,
+            Tier.ECONOMY,
+            "success" if outcome == "success" else "failure",
+            remembered.feature,
+        )
+
+    # -- the response cache --------------------------------------------------------------------
+    def cache_plan(
+        self, body: Mapping[str, Any], identity: Identity, cache_control: str | None
+    ) -> CacheLookup:
+        if self.cache is None:
+            return CacheLookup("bypass", "cache disabled (TOLLGATE_CACHE enabled=false)")
+        return plan_lookup(
+            self.cache_settings,
+            body,
+            feature=identity.feature,
+            team=identity.team,
+            api_key_id=identity.api_key_id,
+            user_id=identity.user_id,
+            cache_control=parse_cache_control(cache_control),
+        )
+
+    async def lookup(self, plan: CacheLookup) -> CachedAnswer | None:
+        if self.cache is None or plan.status != "lookup" or plan.key is None:
+            return None
+        return await self.cache.get(plan.key, max_age_s=plan.max_age_s)
+
+    async def store(
+        self, plan: CacheLookup, body: bytes, model: str, prompt_tokens: int, completion_tokens: int
+    ) -> bool:
+        """Store a fresh answer when the plan allows it (never an error or a partial answer)."""
+        if self.cache is None or not plan.store or plan.key is None:
+            return False
+        answer = CachedAnswer(body, model, prompt_tokens, completion_tokens)
+        return await self.cache.put(plan.key, answer, ttl_s=plan.ttl_s)
+
+    def assembler(self, plan: CacheLookup) -> CompletionAssembler | None:
+        """A stream's assembler when its answer may be stored, else None (nothing to do)."""
+        return CompletionAssembler() if self.cache is not None and plan.store else None

@@ -1,0 +1,283 @@
+"""The router and the response cache in the dispatcher's call path, with real parts: the openai
+SDK → dispatcher → simulator, events on real Kafka.
+
+What a client and the events see: ``model: "auto"`` routed (headers, Usage fields), a concrete
+model unchanged, a bad prompt refused with a 400 naming the field, cache hit / miss / bypass
+(streamed replay through the SDK, cost avoided on the event, a budget's 402 even for a cached
+answer), escalation of a failed economy call to the next tier (two Usage events), and the
+router learning from outcomes posted for its routed calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from app.cache.config import CacheSettings
+from app.events.topics import ensure_topics
+from app.routing.config import ProviderTiers, RoutingSettings
+from app.settings import Settings
+from tests.integration.harness import Stack, read_events, running_stack
+
+pytestmark = pytest.mark.integration
+
+SHORT = [{"role": "user", "content": "What is the capital of France?"}]
+HARD = [
+    {
+        "role": "user",
+        "content": (
+            "Prove step by step that the sum of two odd numbers is even, derive the general "
+            "formula for the sum of the first n odd numbers, justify each step, then compare "
+            "the trade-offs of an inductive and a direct proof. You must answer in exactly "
+            "three sections and do not skip any equation: $\\sum_{k=1}^{n} (2k-1) = n^2$. "
+        )
+        * 6,
+    }
+]
+ROUTING = RoutingSettings(
+    providers=(
+        ProviderTiers(provider="sim", economy="gpt-4o-mini", standard="gpt-4o", premium="gpt-4"),
+    )
+)
+CACHE = CacheSettings(enabled=True)
+
+
+@pytest.fixture
+def stack(kafka_settings: Settings) -> Iterator[Stack]:
+    asyncio.run(ensure_topics(kafka_settings))
+    with running_stack(kafka_settings, routing=ROUTING, cache=CACHE) as running:
+        yield running
+
+
+def client(stack: Stack) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0)
+
+
+def usage_of(stack: Stack, at_least: int) -> list[dict[str, Any]]:
+    return asyncio.run(read_events(stack.settings, "usage", at_least=at_least))
+
+
+def test_auto_is_routed_with_headers_and_usage_fields(stack: Stack) -> None:
+    easy = client(stack).chat.completions.with_raw_response.create(
+        model="auto", messages=SHORT, user="ann"
+    )
+    assert easy.headers["X-Tollgate-Model-Served"] == "gpt-4o-mini"
+    assert easy.headers["X-Tollgate-Tier"] == "economy"
+    assert easy.parse().model == "gpt-4o-mini"
+    hard = client(stack).chat.completions.with_raw_response.create(
+        model="auto", messages=HARD, user="ben"
+    )
+    assert hard.headers["X-Tollgate-Tier"] in ("standard", "premium")
+    assert hard.headers["X-Tollgate-Model-Served"] in ("gpt-4o", "gpt-4")
+
+    usage = {u["user_id"]: u for u in usage_of(stack, 2)}
+    ann, ben = usage["ann"], usage["ben"]
+    assert ann["request_id"] == easy.headers["X-Request-Id"]
+    assert ann["model_requested"] == "auto" and ann["model_served"] == "gpt-4o-mini"
+    assert ann["tier"] == "economy" and ann["attempt"] == 1 and not ann["escalated"]
+    assert ann["router_score"] is not None and 0 <= ann["router_score"] <= 1
+    assert "P(economy fails)" in ann["router_reason"]
+    # routed to economy: the routing lever saved against the top tier's list price
+    assert ann["requested_cost_usd_nanos"] > ann["cost_usd_nanos"] > 0
+    assert ben["model_requested"] == "auto" and ben["tier"] in ("standard", "premium")
+    assert ben["router_score"] > ann["router_score"]
+
+
+def test_concrete_model_is_not_routed(stack: Stack) -> None:
+    response = client(stack).chat.completions.with_raw_response.create(
+        model="gpt-4", messages=SHORT, user="cat"
+    )
+    assert response.headers["X-Tollgate-Model-Served"] == "gpt-4"
+    assert response.headers["X-Tollgate-Tier"] == "premium"
+    assert response.headers["X-Tollgate-Cache"] == "bypass"  # no temperature: default 1
+    (event,) = usage_of(stack, 1)
+    assert event["model_requested"] == "gpt-4" and event["model_served"] == "gpt-4"
+    assert event["router_score"] is None and event["router_reason"] is None
+    assert not event["escalated"] and not event["cache_hit"]
+
+
+def test_unreadable_prompt_for_auto_is_a_400_naming_the_field(stack: Stack) -> None:
+    response = httpx.post(
+        f"{stack.url}/v1/chat/completions",
+        json={"model": "auto", "messages": [{"role": "user", "content": [{"type": "text"}]}]},
+        headers={"X-Tollgate-User": "dan"},
+    )
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] and error["param"].startswith("messages")
+    assert "messages" in error["message"]
+    assert stack.counter.calls == 0
+
+
+def test_cache_miss_hit_bypass_and_streamed_replay(stack: Stack) -> None:
+    sdk = client(stack)
+    ask = {"model": "gpt-4o", "messages": SHORT, "temperature": 0, "user": "eve"}
+    first = sdk.chat.completions.with_raw_response.create(**ask)
+    assert first.headers["X-Tollgate-Cache"] == "miss"
+    assert stack.counter.calls == 1
+    second = sdk.chat.completions.with_raw_response.create(**ask)
+    assert second.headers["X-Tollgate-Cache"] == "hit"
+    assert stack.counter.calls == 1, "a hit must not call the provider"
+    assert second.parse().choices[0].message.content == first.parse().choices[0].message.content
+    assert second.parse().usage == first.parse().usage
+
+    stream = sdk.chat.completions.with_raw_response.create(
+        **ask, stream=True, stream_options={"include_usage": True}
+    )
+    assert stream.headers["X-Tollgate-Cache"] == "hit"
+    chunks = list(stream.parse())
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == first.parse().choices[0].message.content
+    assert chunks[-1].usage == first.parse().usage
+    assert stack.counter.calls == 1
+
+    fresh = sdk.chat.completions.with_raw_response.create(
+        **ask, extra_headers={"Cache-Control": "no-cache"}
+    )
+    assert fresh.headers["X-Tollgate-Cache"] == "bypass"
+    assert stack.counter.calls == 2
+
+    metrics = httpx.get(f"{stack.url}/metrics").text
+    assert 'tollgate_cache_results_total{result="hit"} 2.0' in metrics
+    assert 'tollgate_cache_results_total{result="miss"} 1.0' in metrics
+
+    usage = usage_of(stack, 4)
+    miss, hit, replay, bypass = sorted(usage, key=lambda u: u["ts"])
+    assert not miss["cache_hit"] and miss["cost_usd_nanos"] > 0
+    for event in (hit, replay):
+        assert event["cache_hit"] and event["cost_usd_nanos"] == 0
+        assert event["cache_saved_usd_nanos"] == miss["cost_usd_nanos"]
+        assert event["model_served"] == "gpt-4o" and event["user_id"] == "eve"
+        assert event["prompt_tokens"] == miss["prompt_tokens"]
+    assert replay["stream"]
+    assert not bypass["cache_hit"] and bypass["cost_usd_nanos"] > 0
+
+
+def test_streamed_miss_is_stored_and_replayed(stack: Stack) -> None:
+    sdk = client(stack)
+    ask = {"model": "gpt-4o-mini", "messages": SHORT, "temperature": 0, "user": "fay"}
+    live = sdk.chat.completions.with_raw_response.create(**ask, stream=True)
+    assert live.headers["X-Tollgate-Cache"] == "miss"
+    live_text = "".join(c.choices[0].delta.content or "" for c in live.parse() if c.choices)
+    again = sdk.chat.completions.with_raw_response.create(**ask)
+    assert again.headers["X-Tollgate-Cache"] == "hit"
+    assert again.parse().choices[0].message.content == live_text
+    assert stack.counter.calls == 1
+
+
+def test_cached_answer_still_gets_the_budget_402(stack: Stack) -> None:
+    headers = {"X-Tollgate-User": "gil", "X-Sim-Completion-Tokens": "200"}
+    cached = {"model": "gpt-4o", "messages": SHORT, "temperature": 0}
+    with httpx.Client(timeout=30) as http:
+        assert http.post(f"{stack.url}/v1/chat/completions", json=cached, headers=headers)
+        assert http.put(f"{stack.url}/v1/budgets/user:gil", json={"limit_usd": 0.01})
+        hit = http.post(f"{stack.url}/v1/chat/completions", json=cached, headers=headers)
+        assert hit.headers["X-Tollgate-Cache"] == "hit"
+        for _ in range(100):  # spend the rest of the budget on answers that are not cached
+            spent = http.post(
+                f"{stack.url}/v1/chat/completions",
+                json={"model": "gpt-4o", "messages": SHORT, "max_tokens": 300},
+                headers=headers,
+            )
+            if spent.status_code == 402:
+                break
+        assert spent.status_code == 402
+        blocked = http.post(f"{stack.url}/v1/chat/completions", json=cached, headers=headers)
+    assert blocked.status_code == 402, blocked.text
+    assert blocked.json()["error"]["type"] == "budget_exceeded"
+
+
+def test_failed_economy_call_escalates_once_with_two_usage_events(stack: Stack) -> None:
+    fail_economy = {"X-Sim-Status": "503", "X-Sim-Models": "gpt-4o-mini"}
+    response = client(stack).chat.completions.with_raw_response.create(
+        model="auto", messages=SHORT, user="hal", extra_headers=fail_economy
+    )
+    assert response.headers["X-Tollgate-Model-Served"] == "gpt-4o"
+    assert response.headers["X-Tollgate-Tier"] == "standard"
+    assert response.parse().choices[0].message.content
+    assert stack.counter.calls == 2
+
+    streamed = client(stack).chat.completions.create(
+        model="auto", messages=SHORT, user="ian", stream=True, extra_headers=fail_economy
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+    assert text
+    assert stack.counter.calls == 4
+
+    usage = usage_of(stack, 4)
+    for user in ("hal", "ian"):
+        first, second = sorted(
+            (u for u in usage if u["user_id"] == user), key=lambda u: u["attempt"]
+        )
+        assert first["request_id"] == second["request_id"]
+        assert (first["attempt"], second["attempt"]) == (1, 2)
+        assert first["model_served"] == "gpt-4o-mini" and first["status"] == "error"
+        assert first["http_status"] == 503 and not first["escalated"]
+        assert second["model_served"] == "gpt-4o" and second["status"] == "ok"
+        assert second["escalated"] and second["tier"] == "standard"
+        assert second["cost_usd_nanos"] > 0 and second["model_requested"] == "auto"
+        assert first["event_id"] != second["event_id"]
+
+
+def test_empty_economy_answer_escalates(stack: Stack) -> None:
+    response = client(stack).chat.completions.with_raw_response.create(
+        model="auto",
+        messages=SHORT,
+        user="jo",
+        extra_headers={"X-Sim-Completion-Tokens": "0", "X-Sim-Models": "gpt-4o-mini"},
+    )
+    assert response.headers["X-Tollgate-Model-Served"] == "gpt-4o"
+    assert response.parse().choices[0].message.content
+    usage = usage_of(stack, 2)
+    assert sorted((u["attempt"], u["model_served"], u["escalated"]) for u in usage) == [
+        (1, "gpt-4o-mini", False),
+        (2, "gpt-4o", True),
+    ]
+
+
+def test_concrete_model_failure_is_not_escalated(stack: Stack) -> None:
+    with pytest.raises(openai.InternalServerError):
+        client(stack).chat.completions.create(
+            model="gpt-4o-mini", messages=SHORT, user="kim", extra_headers={"X-Sim-Status": "503"}
+        )
+    assert stack.counter.calls == 1
+
+
+def test_outcomes_of_routed_calls_move_the_score(stack: Stack) -> None:
+    """Failures reported for routed economy calls teach this dispatcher's router: the score of
+    the prompt rises until the router stops sending it to economy."""
+    sdk = client(stack)
+    prompt = [{"role": "user", "content": "Translate the shipping policy into formal Klingon."}]
+
+    def route() -> tuple[float, str, str]:
+        response = sdk.chat.completions.with_raw_response.create(
+            model="auto", messages=prompt, user="lee"
+        )
+        headers = response.headers
+        return (
+            float(headers["X-Tollgate-Router-Score"]),
+            headers["X-Tollgate-Tier"],
+            headers["X-Request-Id"],
+        )
+
+    before, tier, _ = route()
+    assert tier == "economy"
+    with httpx.Client(timeout=30) as http:
+        for _ in range(60):
+            score, tier, request_id = route()
+            if tier != "economy":
+                break
+            reply = http.post(
+                f"{stack.url}/v1/outcomes",
+                json={"request_id": request_id, "outcome": "failure"},
+                headers={"X-Tollgate-User": "lee"},
+            )
+            assert reply.status_code == 202, reply.text
+    assert tier == "standard", "failures of economy calls must move the prompt up a tier"
+    assert score > before

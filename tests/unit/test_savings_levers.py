@@ -1,0 +1,104 @@
+"""The savings levers' pure logic: the stream assembler behind caching streamed answers, and
+the dispatcher's bounded memory of routed calls that outcomes teach the router from."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from app.cache.assemble import CompletionAssembler
+from app.cache.config import CacheSettings
+from app.cache.replay import sse_replay
+from app.gateway.savings import SavingsLevers
+from app.routing.config import RoutingSettings
+
+ANSWER = {
+    "id": "chatcmpl-1",
+    "object": "chat.completion",
+    "created": 1700000000,
+    "model": "gpt-4o-mini",
+    "system_fingerprint": "fp_x",
+    "choices": [
+        {
+            "index": 0,
+            "message": {
+                "role": "assistant",
+                "content": "Paris,  the\tcapital — é.",
+                "refusal": None,
+            },
+            "logprobs": None,
+            "finish_reason": "stop",
+        }
+    ],
+    "usage": {"prompt_tokens": 12, "completion_tokens": 7, "total_tokens": 19},
+}
+
+
+def chunks_of(stream: bytes) -> list[dict[str, Any]]:
+    return [orjson.loads(line[6:]) for line in stream.split(b"\n\n") if line.startswith(b"data: {")]
+
+
+def test_a_streamed_answer_is_rebuilt_exactly() -> None:
+    assembler = CompletionAssembler()
+    for chunk in chunks_of(sse_replay(ANSWER, include_usage=True)):
+        assembler.feed(chunk)
+    assert assembler.completion() == ANSWER
+
+
+def test_tool_calls_and_unfinished_streams_are_not_rebuilt() -> None:
+    with_tools = {
+        **ANSWER,
+        "choices": [
+            {
+                "index": 0,
+                "message": {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {"id": "c1", "type": "function",
+                         "function": {"name": "f", "arguments": "{}"}}
+                    ],
+                },
+                "finish_reason": "tool_calls",
+            }
+        ],
+    }  # fmt: skip
+    assembler = CompletionAssembler()
+    for chunk in chunks_of(sse_replay(with_tools, include_usage=True)):
+        assembler.feed(chunk)
+    assert assembler.completion() is None
+    unfinished = CompletionAssembler()
+    for chunk in chunks_of(sse_replay(ANSWER, include_usage=True))[:-2]:
+        if chunk["choices"] and chunk["choices"][0]["finish_reason"]:
+            break
+        unfinished.feed(chunk)
+    assert unfinished.completion() is None
+
+
+def body(text: str) -> dict[str, Any]:
+    return {"model": "auto", "messages": [{"role": "user", "content": text}]}
+
+
+def test_outcomes_teach_once_and_memory_is_bounded() -> None:
+    levers = SavingsLevers(RoutingSettings(remember_routed=2), CacheSettings())
+    prompt = body("What is the capital of France?")
+    route = levers.route("r1", prompt, None)
+    assert route.routed and route.tier == "economy"
+    before = levers.router.score(prompt)[0]
+    assert levers.learn_outcome("r1", "failure")
+    assert not levers.learn_outcome("r1", "failure"), "a routed call teaches once"
+    assert levers.router.score(prompt)[0] > before
+    for request_id in ("r2", "r3", "r4"):
+        levers.route(request_id, prompt, None)
+    assert not levers.learn_outcome("r2", "success"), "the oldest is forgotten beyond the bound"
+    assert levers.learn_outcome("r4", "success")
+    assert not levers.learn_outcome("unknown", "success")
+
+
+def test_a_concrete_model_is_not_routed_nor_remembered() -> None:
+    levers = SavingsLevers(RoutingSettings(), CacheSettings())
+    route = levers.route("r1", {**body("hi"), "model": "gpt-4o-mini"}, None)
+    assert not route.routed and route.model == "gpt-4o-mini" and route.tier == "economy"
+    assert route.score is None
+    assert not levers.learn_outcome("r1", "failure")
