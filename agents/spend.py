@@ -43,7 +43,7 @@ from aiokafka.errors import KafkaError
 from aiokafka.partitioner import murmur2
 from faust.types import TP, StreamT, TableT
 
-from app.budgets.counter import PartialTotals, SpendCounter, UsageEvent
+from app.budgets.counter import PartialTotals, SpendCounter, UsageEvent, skipped_ranges
 from app.budgets.policy import PolicyBook, evaluate
 from app.budgets.spend import (
     crossed_thresholds,
@@ -139,7 +139,6 @@ class SpendWorker:
         self.pending_refresh: set[str] = set()
         self.dirty_partials: dict[tuple[str, int], bool] = {}  # (scope, partition) -> full?
         self.latest_boot: dict[str, int] = {}  # dispatcher id -> newest boot seen (ms)
-        self.gap_checked: set[int] = set()  # usage partitions whose first delivery was checked
         self.preparing = asyncio.Lock()
         self.settled_early: OrderedDict[str, None] = OrderedDict()
         self._last_reconcile = self._last_expire = 0.0
@@ -243,7 +242,6 @@ class SpendWorker:
         self.counter.rebuild_index()
         owned = self.owned("usage")
         self.counter.forget(set(self.counter.processed) | set(self.counter.recent))
-        self.gap_checked.clear()
         for scope, keys in self.counter.index.items():
             if not is_partition_local(scope):
                 for partition in {int(k.rsplit("|p", 1)[1]) for k in keys} & owned:
@@ -294,7 +292,6 @@ class SpendWorker:
             with contextlib.suppress(FrameError):
                 ids.append(event_id_of(message.value))
         self.counter.prepare(partition, next_offset, ids)
-        self.gap_checked.discard(partition)
 
     async def _read_usage(self, partition: int, start: int, end: int) -> list[Any]:
         """The records of usage ``partition`` in ``[start, end)`` (from its beginning if
@@ -338,29 +335,25 @@ class SpendWorker:
         """Events Faust's consumer skipped, to count before the batch. Faust does not always
         resume a partition at its committed offset: one with no commit yet starts where it
         stood, not at its beginning, and records fetched before a rebalance can run ahead of
-        its seek (Faust then drops the earlier ones). So on the first batch of a partition
-        after it was prepared, whatever lies between the committed offset and the first
-        delivered event is read here and counted (re-counting is a no-op: bucket offsets and
-        event ids), and Faust is told that range is done: it never commits past a range it did
-        not deliver, so that partition's offsets would stay behind until the next restart."""
-        first: dict[int, int] = {}
-        for event in events:
-            first.setdefault(event.message.partition, event.message.offset)
+        its seek (Faust then drops the earlier ones). Usage offsets have no holes (no
+        transactions, no compaction), so whenever a batch's first event of a partition lies
+        past the offset below which everything is counted, the range in between is read here
+        and counted (re-counting is a no-op: bucket offsets and event ids), and Faust is told
+        that range is done: it never commits past a range it did not deliver, so that
+        partition's offsets would stay behind until the next restart. Checked on every batch
+        (a dictionary lookup), not only the first after a partition is prepared."""
+        gaps = skipped_ranges(
+            ((e.message.partition, e.message.offset) for e in events), self.counter.processed
+        )
         missed: list[UsageEvent] = []
-        for partition, offset in sorted(first.items()):
-            if partition in self.gap_checked:
-                continue
-            self.gap_checked.add(partition)
-            since = self.counter.processed.get(partition, offset)
+        for partition, since, offset in gaps:
             records = await self._read_usage(partition, since, offset)
-            if records:
-                log.warning(
-                    "counting usage events the consumer skipped",
-                    extra={"partition": partition, "from": since, "to": offset},
-                )
+            log.warning(
+                "counting usage events the consumer skipped",
+                extra={"partition": partition, "from": since, "to": offset, "read": len(records)},
+            )
             missed.extend(UsageEvent(m.partition, m.offset, self._decode_usage(m)) for m in records)
-            if offset > since:
-                await self._skipped_range_done(partition, since, offset)
+            await self._skipped_range_done(partition, since, offset)
         return missed
 
     async def _skipped_range_done(self, partition: int, since: int, until: int) -> None:
@@ -428,6 +421,7 @@ class SpendWorker:
                 UsageEvent(e.message.partition, e.message.offset, self._decode_usage(e.message))
                 for e in events
             )
+            usage.sort(key=lambda u: (u.partition, u.offset))  # skipped ranges in their place
             batch = self.counter.stage(usage)
             settle_writes = self._settle_writes(batch.settled_requests)
             await self._persist(self.spend_table, batch.writes)

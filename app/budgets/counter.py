@@ -60,6 +60,26 @@ class RecentIds:
             self._ids.popitem(last=False)
 
 
+def skipped_ranges(
+    delivered: Iterable[tuple[int, int]], processed: Mapping[int, int]
+) -> list[tuple[int, int, int]]:
+    """The offset ranges ``(partition, from, to)`` a consumer skipped: between the offset
+    below which a partition is counted (``processed``) and its first delivered event, and
+    between consecutive delivered events. ``delivered`` is (partition, offset) in delivery
+    order (ascending per partition); a partition not in ``processed`` starts at its first
+    delivered event. Offsets at or below what was already delivered are re-deliveries."""
+    gaps: list[tuple[int, int, int]] = []
+    expected: dict[int, int] = {}
+    for partition, offset in delivered:
+        since = expected.get(partition)
+        if since is None:
+            since = processed.get(partition, offset)
+        if offset > since:
+            gaps.append((partition, since, offset))
+        expected[partition] = max(since, offset + 1)
+    return gaps
+
+
 @dataclass(frozen=True)
 class UsageEvent:
     partition: int
