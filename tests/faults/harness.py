@@ -698,7 +698,9 @@ def audit_events(stack: FaultStack, answers: list[Answer], audit: Audit) -> dict
     for event in stack.read("usage"):
         if event["user_id"].startswith(prefix):
             usage_by_request[event["request_id"]].add(event["event_id"])
-            usage_by_id[event["event_id"]] = event
+            # The first of two events with one id is the one every consumer keeps (a
+            # settler's estimate and a late real usage); the topic is read in offset order.
+            usage_by_id.setdefault(event["event_id"], event)
     audit.requests = len(requests)
     audit.usage_events = len(usage_by_id)
     for request_id, answer in answered.items():

@@ -52,7 +52,9 @@ def publish_policies(settings: Settings) -> None:
 def expected_spend(settings: Settings, at_least: int) -> dict[str, int]:
     """Per scope, the cost of the distinct usage events on the topic."""
     events = asyncio.run(read_events(settings, "usage", at_least=at_least, timeout_s=60))
-    distinct = {e["event_id"]: e for e in events}
+    distinct: dict[str, Any] = {}
+    for e in events:  # offset order: the first of one id is the one consumers keep
+        distinct.setdefault(e["event_id"], e)
     totals: dict[str, int] = defaultdict(int)
     for event in distinct.values():
         for scope in scopes_of_record(event):
