@@ -102,7 +102,7 @@ class Example:
 class OutcomeJoin:
     """Routed calls waiting for a label, labels waiting for a call; each call learned once.
 
-    Bounded: at most ``max_waiting`` routed calls (about 1.3 KB each here) and as many labels
+    Bounded: at most ``max_waiting`` routed calls (766 bytes each pickled, GSM8K median) and as many labels
     wait; the oldest is forgotten first (an outcome reported later than that many newer
     routed calls is not learned). ``learned`` remembers the last ``max_waiting`` request ids
     learned, so a re-sent routed record (a dispatcher's spool after a crash) or a second
