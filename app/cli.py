@@ -766,6 +766,18 @@ def anomaly() -> None:
         asyncio.run(run_anomaly_agent(settings))
 
 
+@main.command("router-learn")
+def router_learn() -> None:
+    """Run the shared router learner: routed calls and outcomes from Kafka, one model for
+    every dispatcher (routing.shared_learning; see docs/SAVINGS.md)."""
+    from agents.router_learner import run_router_learner
+
+    settings = _settings()
+    click.echo(f"router learner on {settings.kafka_bootstrap}", err=True)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run_router_learner(settings))
+
+
 @main.command("detect")
 @click.argument("csv_file", type=click.Path(dir_okay=False))
 @click.option(

@@ -252,7 +252,7 @@ def run_stack(settings: Settings, echo: Callable[[str], None]) -> int:
         # chdb is in-process and single-owner: only the sink opens it (it also migrates).
         lines.append(f"ClickHouse   {settings.clickhouse_dsn} (written by the sink)")
 
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = stack_env(settings)
         services = planned_services(settings, log_dir)
         for service in services:
             if stopping:
@@ -284,6 +284,17 @@ def run_stack(settings: Settings, echo: Callable[[str], None]) -> int:
         echo("stopped.")
 
 
+def stack_env(settings: Settings) -> dict[str, str]:
+    """The environment of every service: the stack runs the shared router learner, so its
+    dispatchers learn through it (``routing.shared_learning``) unless the configuration says
+    otherwise explicitly."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if "shared_learning" not in settings.routing.model_fields_set:
+        routing = settings.routing.model_copy(update={"shared_learning": True})
+        env["TOLLGATE_ROUTING"] = routing.model_dump_json()
+    return env
+
+
 def planned_services(settings: Settings, log_dir: Path) -> list[Service]:
     """The HTTP services `up` runs, in start order. Grows as components land."""
     return [
@@ -293,6 +304,7 @@ def planned_services(settings: Settings, log_dir: Path) -> list[Service]:
         python_service("spend-worker", ["worker"], settings.kafka_bootstrap, None, log_dir),
         python_service("sink", ["sink"], settings.reports_host, settings.reports_port, log_dir),
         python_service("anomaly", ["anomaly"], settings.kafka_bootstrap, None, log_dir),
+        python_service("router-learn", ["router-learn"], settings.kafka_bootstrap, None, log_dir),
         *(
             [python_service("notifier", ["notify"], settings.kafka_bootstrap, None, log_dir)]
             if settings.alert_targets

@@ -1,4 +1,5 @@
-"""Latest record per key of a compacted topic (budget policies, budget decisions).
+"""Latest record per key of a compacted topic (budget policies, budget decisions), and the
+newest value of a one-key state topic (the shared router model: :class:`LatestFollower`).
 
 Owns reading such a topic: every partition from the beginning at start-up
 (``start`` returns once caught up, or after its timeout), then tailing it. Used
@@ -163,3 +164,137 @@ class CompactedView:
                 f"topic {self.topic} has no partitions; run `tollgate topics ensure`"
             )
         return partitions
+
+
+MAX_STATE_BYTES = 64 * 1024 * 1024  # as the state topics' max.message.bytes
+
+
+async def latest_value(
+    bootstrap: str, topic: str, key: bytes, *, timeout_s: float = 15.0
+) -> tuple[bytes | None, bool]:
+    """The newest value of ``key`` on a compacted state topic with one writer and one key
+    (a checkpoint), reading only the last record of each partition; (None, True) if there is
+    none (or a tombstone), (None, False) if the topic could not be read."""
+    follower = LatestFollower(bootstrap, topic, key)
+    consumer = follower.consumer()
+    try:
+        await consumer.start()
+        await asyncio.sleep(0)  # let aiokafka's start-up task run (see the anomaly agent)
+        partitions = await assigned_partitions(consumer, timeout_s=timeout_s)
+        if not partitions:
+            return None, False
+        return await follower.read_latest(consumer, partitions), True
+    finally:
+        with contextlib.suppress(Exception):
+            await consumer.stop()
+
+
+class LatestFollower:
+    """Follows the newest value of one key on a compacted state topic (the shared router
+    model): at start-up only the last record of each partition is read (not the history of
+    checkpoints compaction has not removed yet), then new records as they are written.
+    ``on_value(bytes)`` is called for each newer value of ``key``; a tombstone is ignored."""
+
+    def __init__(
+        self,
+        bootstrap: str,
+        topic: str,
+        key: bytes,
+        on_value: Callable[[bytes], None] | None = None,
+    ) -> None:
+        self.bootstrap, self.topic, self.key = bootstrap, topic, key
+        self.on_value = on_value
+        self.synced = asyncio.Event()
+        self.values_seen = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def consumer(self) -> AIOKafkaConsumer:
+        return AIOKafkaConsumer(
+            self.topic,  # no group: aiokafka assigns every partition to this consumer
+            group_id=None,
+            bootstrap_servers=self.bootstrap,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            request_timeout_ms=10_000,
+            max_partition_fetch_bytes=MAX_STATE_BYTES,
+            fetch_max_bytes=MAX_STATE_BYTES,
+        )
+
+    async def read_latest(
+        self, consumer: AIOKafkaConsumer, partitions: list[TopicPartition]
+    ) -> bytes | None:
+        """Seek each partition to its last record and read up to the end; the newest value."""
+        begin = await consumer.beginning_offsets(partitions)
+        end = await consumer.end_offsets(partitions)
+        for tp in partitions:
+            consumer.seek(tp, max(begin[tp], end[tp] - 1))
+        latest: tuple[int, bytes] | None = None  # (timestamp, value)
+        while any([await consumer.position(tp) < end[tp] for tp in partitions]):
+            batch = await consumer.getmany(timeout_ms=500)
+            for messages in batch.values():
+                for m in messages:
+                    newer = latest is None or m.timestamp >= latest[0]
+                    if m.key == self.key and m.value is not None and newer:
+                        latest = (m.timestamp, m.value)
+        return latest[1] if latest else None
+
+    async def start(self, timeout_s: float = 30.0) -> bool:
+        """Start following; return once the newest value was applied (True), or at timeout."""
+        self._task = asyncio.create_task(self._run(), name=f"latest:{self.topic}")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.synced.wait(), timeout_s)
+        if not self.synced.is_set():
+            log.warning("state topic not read yet; continuing", extra={"topic": self.topic})
+        return self.synced.is_set()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def _apply(self, value: bytes) -> None:
+        self.values_seen += 1
+        if self.on_value is not None:
+            try:
+                self.on_value(value)
+            except Exception as exc:  # a bad checkpoint must not stop the follower
+                log.error(
+                    "skipping unusable state record",
+                    extra={"topic": self.topic, "error": repr(exc)},
+                )
+
+    async def _run(self) -> None:
+        while True:
+            consumer = self.consumer()
+            try:
+                await consumer.start()
+                partitions = await assigned_partitions(consumer)
+                if not partitions:
+                    raise RuntimeError(
+                        f"topic {self.topic} has no partitions; run `tollgate topics ensure`"
+                    )
+                latest = await self.read_latest(consumer, partitions)
+                if latest is not None:
+                    self._apply(latest)
+                self.synced.set()
+                while True:
+                    batch = await consumer.getmany(timeout_ms=1000)
+                    newest: bytes | None = None
+                    for messages in batch.values():
+                        for m in messages:
+                            if m.key == self.key and m.value is not None:
+                                newest = m.value
+                    if newest is not None:  # several at once: only the newest matters
+                        self._apply(newest)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning(
+                    "lost the state topic; retrying",
+                    extra={"topic": self.topic, "error": repr(exc)},
+                )
+                await asyncio.sleep(1.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    await consumer.stop()

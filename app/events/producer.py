@@ -82,6 +82,18 @@ class EventEmitter:
         self._wake.set()
         return seq
 
+    def emit_bytes(self, topic_suffix: str, key: str | None, value: bytes) -> int:
+        """Durably queue one internal record that is not an Avro event (JSON bytes, as on
+        ``routing.features``); same spool, same order, same delivery as :meth:`emit`."""
+        seq = self.spool.append(
+            self.settings.topic(topic_suffix),
+            key.encode() if key is not None else None,
+            value,
+            int(time.time() * 1000),
+        )
+        self._wake.set()
+        return seq
+
     @property
     def depth(self) -> int:
         """Events not yet acknowledged by Kafka."""

@@ -78,6 +78,42 @@ TOPIC_SPECS: tuple[TopicSpec, ...] = (
     ),
     TopicSpec("outcomes", "Outcome", "session_id", "delete", False, "business outcomes"),
     TopicSpec(
+        "routing.features",
+        "(JSON, internal)",
+        "request_id",
+        "delete",
+        True,
+        "features (no text) of economy-routed calls and dispatcher-judged labels, "
+        "dispatchers to the router learner",
+        {"retention.ms": str(3 * 24 * 3600 * 1000)},
+    ),
+    TopicSpec(
+        "routing.state",
+        "(router model, internal)",
+        "router-model",
+        "compact",
+        False,
+        "the shared router model, latest; every dispatcher restores and follows it",
+        {
+            "max.message.bytes": str(64 * 1024 * 1024),
+            "min.cleanable.dirty.ratio": "0.1",
+            "segment.ms": "3600000",
+        },
+    ),
+    TopicSpec(
+        "routing.learner",
+        "(learner checkpoint, internal)",
+        "router-learner",
+        "compact",
+        False,
+        "the router learner's model, offsets and waiting join state, latest",
+        {
+            "max.message.bytes": str(64 * 1024 * 1024),
+            "min.cleanable.dirty.ratio": "0.1",
+            "segment.ms": "3600000",
+        },
+    ),
+    TopicSpec(
         "deadletter",
         "(original bytes)",
         "original key",

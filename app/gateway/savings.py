@@ -10,17 +10,22 @@ later to this dispatcher (``/v1/outcomes``) teaches the router. It does not own 
 ``app.http.savings``), upstream calls or events (``app.gateway.pipeline``), scoring (``app.routing``)
 or storage (``app.cache``).
 
-Learning is per dispatcher: the dispatcher that routed a call learns from the outcomes posted
-to it for that call (and from escalations it made). With several dispatchers each learns from
-its own share; sharing one model through a compacted checkpoint topic is not done yet (see
-docs/SAVINGS.md).
+Learning, two modes (``routing.shared_learning``):
+
+- **local** (default): the dispatcher that routed a call learns from the outcomes posted to it
+  for that call (and from the validator failures it judged);
+- **shared**: the dispatcher learns nothing itself. It publishes the features of each
+  economy-routed call, and a label when it judged the economy answer a failure, through
+  ``publish`` (``<prefix>.routing.features``, see :mod:`app.routing.shared`); the one learner
+  (``tollgate router-learn``) joins them with the outcomes topic and publishes the model,
+  which :mod:`app.gateway.shared_router` installs here with :meth:`SavingsLevers.use_router`.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -33,6 +38,7 @@ from app.routing.config import TIER_ORDER, RoutingSettings, Tier
 from app.routing.escalation import Escalation, EscalationPolicy, Failure
 from app.routing.model import Features
 from app.routing.router import Router
+from app.routing.shared import encode_label, encode_routed
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +80,10 @@ class SavingsLevers:
         tier_of_price: Any = None,
         router: Router | None = None,
         backend: CacheBackend | None = None,
+        publish: Callable[[str, bytes], object] | None = None,
     ) -> None:
+        """``publish(request_id, value)``: queue a routing.features record (shared learning;
+        required when ``routing.shared_learning`` is on)."""
         self.routing = routing
         self.cache_settings = cache
         self.router = router or Router(routing)
@@ -86,6 +95,15 @@ class SavingsLevers:
         )
         self._tier_of_price = tier_of_price or (lambda model: None)
         self._remembered: OrderedDict[str, _Remembered] = OrderedDict()
+        if routing.shared_learning and publish is None:
+            raise ValueError("routing.shared_learning needs a publisher for routing.features")
+        self._publish = publish if routing.shared_learning else None
+        self.router_version = 0  # shared models installed by use_router
+
+    def use_router(self, router: Router) -> None:
+        """Score with ``router`` from now on (the shared learner's latest model)."""
+        self.router = router
+        self.router_version += 1
 
     # -- routing ----------------------------------------------------------------------------
     def tier_of(self, model: str) -> str | None:
@@ -105,8 +123,15 @@ class SavingsLevers:
         decision = self.router.route(body, feature, features)
         provider = self.routing.provider_tiers(decision.provider)
         top = next(m for t in reversed(TIER_ORDER) if (m := provider.model_for(t)))
-        if features is not None and decision.tier is Tier.ECONOMY:
-            self._remember(request_id, _Remembered(features, feature))
+        if (
+            features is not None
+            and decision.tier is Tier.ECONOMY
+            and self.router.learns(Tier.ECONOMY, feature)
+        ):
+            if self._publish is not None:
+                self._publish(request_id, encode_routed(request_id, feature, features))
+            else:
+                self._remember(request_id, _Remembered(features, feature))
         return RouteInfo(
             model_requested=requested if isinstance(requested, str) else decision.model,
             model=decision.model,
@@ -138,9 +163,15 @@ class SavingsLevers:
             failure, tier=Tier(route.tier), feature=feature, attempt=attempt,
             provider=route.provider,
         )  # fmt: skip
-        remembered = self._remembered.pop(request_id, None)
-        if failure in (Failure.EMPTY, Failure.TRUNCATED, Failure.REFUSED) and remembered:
-            self.router.learn_features(remembered.features, Tier.ECONOMY, "failure", feature)
+        judged = failure in (Failure.EMPTY, Failure.TRUNCATED, Failure.REFUSED)
+        if self._publish is not None:
+            if judged and route.tier == Tier.ECONOMY.value and attempt == 1:
+                label = encode_label(request_id, "failure", f"validator:{failure.value}")
+                self._publish(request_id, label)
+        else:
+            remembered = self._remembered.pop(request_id, None)
+            if judged and remembered:
+                self.router.learn_features(remembered.features, Tier.ECONOMY, "failure", feature)
         if step is None:
             return None
         return step, replace(route, model=step.model, tier=step.tier.value, escalated=True)
@@ -163,7 +194,8 @@ class SavingsLevers:
         """Learn a reported outcome of an economy call this dispatcher routed; True if learned.
 
         Each routed call teaches once (its first outcome); calls routed by another
-        dispatcher, or forgotten (``routing.remember_routed``), are not learned here."""
+        dispatcher, or forgotten (``routing.remember_routed``), are not learned here. With
+        shared learning nothing is learned here: the learner reads the Outcome event."""
         remembered = self._remembered.pop(request_id or "", None)
         if remembered is None or outcome not in ("success", "failure"):
             return False

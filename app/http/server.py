@@ -38,6 +38,7 @@ from app.gateway.pipeline import (
     parse_chat_request,
 )
 from app.gateway.savings import SavingsLevers
+from app.gateway.shared_router import SharedRouter
 from app.gateway.upstreams import UpstreamPool
 from app.http.errors import ApiError, http_error, invalid_request
 from app.http.openapi import openapi_document
@@ -71,6 +72,7 @@ class Components:
     decision_view: CompactedView
     reports_session: aiohttp.ClientSession
     levers: SavingsLevers
+    shared_router: SharedRouter | None = None  # routing.shared_learning: follows the learner
 
 
 COMPONENTS = web.AppKey("components", Components)
@@ -566,6 +568,15 @@ async def build_components(settings: Settings) -> Components:
         timeout=aiohttp.ClientTimeout(total=settings.reports_timeout_s),
         headers={"Authorization": f"Bearer {internal_token(settings)}"},
     )
+    levers = SavingsLevers(
+        settings.routing,
+        settings.cache,
+        tier_of_price=prices.tier,
+        publish=lambda request_id, value: emitter.emit_bytes("routing.features", request_id, value),
+    )
+    shared_router = SharedRouter(settings, levers) if settings.routing.shared_learning else None
+    if shared_router is not None:
+        await shared_router.start()  # the newest shared model before the first request
     return Components(
         settings,
         metrics_,
@@ -579,7 +590,8 @@ async def build_components(settings: Settings) -> Components:
         policy_view,
         decision_view,
         reports_session,
-        SavingsLevers(settings.routing, settings.cache, tier_of_price=prices.tier),
+        levers,
+        shared_router,
     )
 
 
@@ -644,6 +656,8 @@ def create_app(settings: Settings) -> web.Application:
         await components.upstreams.close()
         await components.reports_session.close()
         await asyncio.gather(components.policy_view.stop(), components.decision_view.stop())
+        if components.shared_router is not None:
+            await components.shared_router.stop()
         await components.emitter.stop()
 
     app.cleanup_ctx.append(lifecycle)

@@ -161,7 +161,21 @@ class RoutingSettings(BaseModel):
         ge=0,
         description="Economy-routed requests whose features a dispatcher keeps (2-4 KB each) "
         "to learn from an outcome posted for them later (/v1/outcomes); 0 = learn only from "
-        "escalations.",
+        "escalations. With shared_learning, the learner's bound on routed calls (and on "
+        "outcomes) waiting for each other.",
+    )
+    shared_learning: bool = Field(
+        default=False,
+        description="Learn once, in `tollgate router-learn`, from every dispatcher's routed calls "
+        "and the outcomes topic, and score with the model it publishes (routing.state); "
+        "dispatchers then stop learning locally. `tollgate up` turns it on and starts the "
+        "learner. Off: each dispatcher learns from the outcomes posted to itself.",
+    )
+    publish_every_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="The shared learner publishes its model (and checkpoints its offsets) at "
+        "most this often, when it learned something.",
     )
     escalate_on: tuple[str, ...] = Field(
         default=FAILURE_KINDS,

@@ -102,3 +102,37 @@ def test_a_concrete_model_is_not_routed_nor_remembered() -> None:
     assert not route.routed and route.model == "gpt-4o-mini" and route.tier == "economy"
     assert route.score is None
     assert not levers.learn_outcome("r1", "failure")
+
+
+def test_shared_learning_publishes_features_and_never_learns_locally() -> None:
+    """With routing.shared_learning the dispatcher publishes what the learner needs (features of
+    economy-routed calls, failures it judged) and its own router never changes."""
+    from app.routing.escalation import Failure
+    from app.routing.shared import LabelRecord, RoutedCall, decode_record
+
+    published: list[tuple[str, bytes]] = []
+    levers = SavingsLevers(
+        RoutingSettings(shared_learning=True),
+        CacheSettings(),
+        publish=lambda key, value: published.append((key, value)),
+    )
+    body = {"model": "auto", "messages": [{"role": "user", "content": "Hi there?"}]}
+    before = levers.router.snapshot()
+    route = levers.route("req_1", body, None)
+    assert route.tier == "economy"
+    assert [key for key, _ in published] == ["req_1"]
+    routed = decode_record(published[0][1])
+    assert isinstance(routed, RoutedCall) and routed.request_id == "req_1"
+    assert levers.learn_outcome("req_1", "failure") is False
+    levers.escalate(route, Failure.EMPTY, request_id="req_1", feature=None, attempt=1)
+    assert decode_record(published[1][1]) == LabelRecord("req_1", "failure", "validator:empty")
+    levers.escalate(route, Failure.UPSTREAM_ERROR, request_id="req_1", feature=None, attempt=1)
+    assert len(published) == 2  # an upstream error says nothing about the prompt
+    assert levers.router.snapshot() == before
+
+
+def test_shared_learning_needs_a_publisher() -> None:
+    import pytest
+
+    with pytest.raises(ValueError, match="publisher"):
+        SavingsLevers(RoutingSettings(shared_learning=True), CacheSettings())

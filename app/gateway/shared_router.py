@@ -1,0 +1,51 @@
+"""The dispatcher's side of shared learning: follow the learner's model and score with it.
+
+Owns restoring the newest ``<prefix>.routing.state`` snapshot at start-up and installing each
+newer one in the :class:`~app.gateway.savings.SavingsLevers` (``use_router``), with the
+dispatcher's own routing settings (rules and thresholds are per deployment; the model is
+shared). It does not own learning (``agents.router_learner``) or what a dispatcher publishes
+for it (``SavingsLevers``, :mod:`app.routing.shared`).
+
+Restoring is synchronous (unpickling; tens of milliseconds for a model that learned a few
+thousand outcomes, measured in docs/SAVINGS.md) and happens once per published snapshot, at
+most every ``routing.publish_every_s``. An unusable snapshot is logged and the current model
+kept.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from app.events.compacted import LatestFollower
+from app.gateway.savings import SavingsLevers
+from app.routing.router import Router
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+MODEL_KEY = b"router-model"
+
+
+class SharedRouter:
+    """Keeps a dispatcher's router equal to the newest published shared model."""
+
+    def __init__(self, settings: Settings, levers: SavingsLevers) -> None:
+        self.settings = settings
+        self.levers = levers
+        self.follower = LatestFollower(
+            settings.kafka_bootstrap, settings.topic("routing.state"), MODEL_KEY, self._install
+        )
+
+    def _install(self, snapshot: bytes) -> None:
+        router = Router.restore(self.settings.routing, snapshot)
+        self.levers.use_router(router)
+        log.info(
+            "shared router model installed",
+            extra={"outcomes_learned": router.model.outcomes_learned, "bytes": len(snapshot)},
+        )
+
+    async def start(self, timeout_s: float = 30.0) -> bool:
+        return await self.follower.start(timeout_s)
+
+    async def stop(self) -> None:
+        await self.follower.stop()
