@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from app.budgets.policy import MAX_LIMIT_USD
-from app.gateway.pipeline import MAX_TOKENS_LIMIT
+from app.gateway.requests import MAX_TOKENS_LIMIT
 from app.ids import MAX_ID_LENGTH
 from app.metering.ingest import MAX_COUNT, MAX_METADATA_ENTRIES, MAX_USD
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from openapi_spec_validator import validate
 
-from app.gateway.pipeline import MAX_TOKENS_LIMIT
+from app.gateway.requests import MAX_TOKENS_LIMIT
 from app.http.openapi import openapi_document
 from app.ids import MAX_ID_LENGTH
 from app.metering.ingest import MAX_USD
