@@ -188,24 +188,28 @@ def _upgrade_text(value: Any) -> str | None:
 UpgradeText = Annotated[
     str | None,
     PlainValidator(_upgrade_text),
-    WithJsonSchema({"type": "string", "maxLength": 2000}),
+    WithJsonSchema({"type": ["string", "null"], "maxLength": 2000}),
 ]
 Window = Annotated[
     int | str | None,
     PlainValidator(_window),
     WithJsonSchema(
         {
-            "anyOf": [{"type": "integer", "minimum": 60}, {"type": "string"}],
+            "anyOf": [{"type": "integer", "minimum": 60}, {"type": "string"}, {"type": "null"}],
             "description": "period=window only: seconds (at least 60) or '1h', '30m', '7d'",
         }
     ),
 ]
 
 
+def _no_default(schema: dict[str, Any]) -> None:
+    schema.pop("default", None)
+
+
 class PolicyBody(BaseModel):
     """The body of ``PUT /v1/budgets/{scope}`` (and of a budgets file's entries)."""
 
-    model_config = ConfigDict(extra="forbid", title="BudgetPolicy")
+    model_config = ConfigDict(extra="forbid")
 
     period: Literal["day", "month", "window"] = "month"
     limit_usd: Annotated[
@@ -235,7 +239,9 @@ class PolicyBody(BaseModel):
     upgrade_url: UpgradeText = None
     upgrade_prompt: UpgradeText = None
     scope: Annotated[Any, WithJsonSchema({"type": "string"})] = Field(
-        default=None, description="If given, the scope of the URL"
+        default=None,
+        description="If given, the scope of the URL",
+        json_schema_extra=_no_default,  # absent, not null
     )
 
 

@@ -58,7 +58,6 @@ class ChatBody(BaseModel):
     # the pipeline forwards the client's own JSON, so they reach the provider untouched.
     model_config = ConfigDict(
         strict=True,
-        title="ChatCompletionRequest",
         json_schema_extra={"additionalProperties": True},
     )
 

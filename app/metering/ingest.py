@@ -181,7 +181,7 @@ TIMESTAMP_SCHEMA = {
     "description": "ISO 8601 or epoch milliseconds, within TOLLGATE_USAGE_MAX_LATENESS_S "
     "(default 7 days) before the gateway's clock and TOLLGATE_USAGE_MAX_CLOCK_SKEW_S "
     "(default 5 minutes) after it",
-    "anyOf": [{"type": "string", "format": "date-time"}, {"type": "integer"}],
+    "anyOf": [{"type": "string", "format": "date-time"}, {"type": "integer"}, {"type": "null"}],
 }
 Timestamp = Annotated[Any, WithJsonSchema(TIMESTAMP_SCHEMA)]
 # Attribution fields are read (and checked, naming the field) by ``resolve_identity``.
@@ -208,8 +208,6 @@ class _Report(BaseModel):
 
 class UsageReport(_Report):
     """One call made outside the gateway, reported to ``POST /v1/usage`` (or a trace line)."""
-
-    model_config = ConfigDict(title="UsageRecord")
 
     model: Id = Field(description="The model that served the call (a non-empty id)")
     prompt_tokens: TokenCount | None = Field(default=None, description="Or input_tokens")
@@ -263,8 +261,6 @@ class OutcomeReport(_Report):
     With keys, a non-admin key may report only on its own user's requests and sessions (or
     users in its may_act_for): else 403."""
 
-    model_config = ConfigDict(title="Outcome")
-
     outcome: Literal["success", "failure"]
     request_id: Id | None = None
     session_id: Id | None = None
@@ -272,7 +268,7 @@ class OutcomeReport(_Report):
     value_usd: Annotated[
         int | None,
         PlainValidator(lambda value: None if value is None else _usd_nanos(value)),
-        WithJsonSchema({"type": "number", "minimum": 0, "maximum": int(MAX_USD)}),
+        WithJsonSchema({"type": ["number", "null"], "minimum": 0, "maximum": int(MAX_USD)}),
     ] = Field(default=None, description="USD; held as nano-dollars once validated")
     ts: Timestamp = None
     metadata: Metadata | None = None
