@@ -195,7 +195,7 @@ def _usage_call(record: dict[str, Any], where: str) -> TraceCall:
         model_requested=report.model_requested or None,
         request_id=report.request_id or None,
         status=report.status,
-        latency_ms=report.latency_ms,
+        latency_ms=report.latency_ms or 0,
         cache_hit=report.cache_hit,
         metadata=metadata,
     )

@@ -214,7 +214,7 @@ class UsageReport(_Report):
     input_tokens: TokenCount | None = None
     completion_tokens: TokenCount | None = Field(default=None, description="Or output_tokens")
     output_tokens: TokenCount | None = None
-    cached_tokens: TokenCount = 0
+    cached_tokens: TokenCount | None = None  # null = absent, as for every count
     model_requested: Id | None = Field(
         default=None,
         description="Model the caller asked for, when a router served `model` instead "
@@ -228,7 +228,7 @@ class UsageReport(_Report):
     request_id: Id | None = None
     provider: Id | None = None
     ts: Timestamp = None
-    latency_ms: TokenCount = 0
+    latency_ms: TokenCount | None = None
     status: UsageStatus = "ok"
     metadata: Metadata | None = None
     user_id: AttributionId | None = None
@@ -249,11 +249,10 @@ class UsageReport(_Report):
             raise error(
                 "completion_tokens", "is required (an integer token count; or 'output_tokens')"
             )
-        if self.cached_tokens > prompt:
-            raise error(
-                "cached_tokens", f"({self.cached_tokens}) cannot exceed prompt_tokens ({prompt})"
-            )
-        return prompt, completion, self.cached_tokens
+        cached = self.cached_tokens or 0
+        if cached > prompt:
+            raise error("cached_tokens", f"({cached}) cannot exceed prompt_tokens ({prompt})")
+        return prompt, completion, cached
 
 
 class OutcomeReport(_Report):
@@ -337,7 +336,7 @@ def parse_usage_reports(
                 "request_id": report.request_id or new_id("rep_"),
                 "provider": report.provider or None,
                 "ts": report.ts or event_time(window.now),
-                "latency_ms": report.latency_ms,
+                "latency_ms": report.latency_ms or 0,
                 "status": report.status,
                 "metadata": report.metadata or {},
             }
