@@ -70,7 +70,8 @@ from app.alerts_config import (
     AlertTargetError,
     check_unique_names,
 )
-from app.events.codec import EventCodec, EventDecodeError, build_codec
+from app.events.codec import EventCodec, build_codec
+from app.events.consumer import EventReader
 from app.events.kafka_retry import retry_while_kafka_down
 from app.settings import Settings
 
@@ -603,6 +604,9 @@ class Notifier:
         self.targets = tuple(targets)
         self.codec = codec or build_codec(settings.schema_registry_url)
         self.metrics = NotifierMetrics(registry)
+        self.reader = EventReader(
+            self.codec, "notifier", expect="Alert", on_skip=self.metrics.undecodable.inc
+        )
         self.retry = retry or RetryPolicy()
         self.start_from = start_from
         self.drain_timeout_s = drain_timeout_s
@@ -712,28 +716,10 @@ class Notifier:
                 await consumer.stop()
 
     def _handle(self, message: Any, ticket: Callable[[int], Ticket] | None = None) -> None:
-        try:
-            event = self.codec.decode(
-                message.value,
-                topic=message.topic,
-                partition=message.partition,
-                offset=message.offset,
-            )
-            if event.event_type != "Alert":
-                raise EventDecodeError(
-                    f"a {event.event_type} event, not an Alert",
-                    topic=message.topic,
-                    partition=message.partition,
-                    offset=message.offset,
-                )
-        except EventDecodeError as exc:
-            self.metrics.undecodable.inc()
-            log.error(
-                "undecodable record on the alerts topic skipped; check its producer",
-                extra={"reason": str(exc)[:BODY_LOG_CHARS]},
-            )
+        record = self.reader.record(message)
+        if record is None:
             return
-        self.dispatch(event.record, ticket)
+        self.dispatch(record, ticket)
 
     async def _drain(self) -> None:
         """Give queued alerts ``drain_timeout_s`` to go out before a graceful stop."""

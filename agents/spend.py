@@ -54,8 +54,9 @@ from app.budgets.spend import (
     threshold_alert,
 )
 from app.clock import Clock
-from app.events.codec import EventCodec, EventDecodeError, FrameError, build_codec, event_id_of
+from app.events.codec import EventCodec, FrameError, build_codec, event_id_of
 from app.events.compacted import CompactedView
+from app.events.consumer import EventReader
 from app.metering.attribution import Identity
 from app.metering.usage import build_usage_record, usage_event_id
 from app.pricing.catalog import PriceCatalog
@@ -120,6 +121,8 @@ class SpendWorker:
         self.settings = settings
         self.clock = clock or Clock(settings.clock_start)
         self.codec: EventCodec = build_codec(settings.schema_registry_url)
+        self.usage_reader = EventReader(self.codec, "spend worker (usage)")
+        self.request_reader = EventReader(self.codec, "spend worker (requests)")
         self.prices = PriceCatalog(settings.baseline_model, settings.price_overrides_file)
         self.policies = PolicyBook()
         self.policy_changes: set[str] = set()
@@ -401,16 +404,7 @@ class SpendWorker:
 
     # -- usage -------------------------------------------------------------------------------
     def _decode_usage(self, message: Any) -> dict[str, Any] | None:
-        try:
-            return self.codec.decode(
-                message.value,
-                topic=message.topic,
-                partition=message.partition,
-                offset=message.offset,
-            ).record
-        except EventDecodeError as exc:
-            log.error("skipping undecodable usage event", extra={"error": str(exc)})
-            return None
+        return self.usage_reader.record(message)
 
     async def _count_usage(self, stream: StreamT[bytes]) -> AsyncIterator[None]:
         await self.views_ready.wait()
@@ -620,13 +614,8 @@ class SpendWorker:
             writes: dict[str, tuple[int, Any]] = {}
             for event in events:
                 message = event.message
-                try:
-                    request = self.codec.decode(
-                        message.value, topic=message.topic, partition=message.partition,
-                        offset=message.offset,
-                    ).record  # fmt: skip
-                except EventDecodeError as exc:
-                    log.error("skipping undecodable request event", extra={"error": str(exc)})
+                request = self.request_reader.record(message)
+                if request is None:
                     continue
                 entry = open_request_entry(request, message.partition, self.settings)
                 if request.get("dispatcher_id") and request.get("boot_ts"):

@@ -26,8 +26,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
-from app.ids import MAX_ID_LENGTH
-from app.metering.ingest import MAX_COUNT, USAGE_STATUSES, RecordFields
+from app.ids import MAX_ID_LENGTH, id_problem
+from app.metering.ingest import MAX_COUNT, Timestamp, UsageReport, validate_record
+from app.validation import Id
 
 AZURE_TRACE = Path(__file__).resolve().parents[1] / "data" / "AzureLLMInferenceTrace_conv.csv"
 AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
@@ -154,36 +155,48 @@ def read_azure_csv(path: Path = AZURE_TRACE) -> Iterator[TraceCall]:
             yield TraceCall(ts=ts, prompt_tokens=counts[0], completion_tokens=counts[1])
 
 
+class _TraceRecord(UsageReport):
+    """A ``/v1/usage`` record as a trace line: ``ts`` is required, ``model`` optional."""
+
+    model: Id | None = None  # type: ignore[assignment]
+    ts: Timestamp
+
+
 def _usage_call(record: dict[str, Any], where: str) -> TraceCall:
-    """One ``/v1/usage`` record as a call (the same fields and aliases that API accepts)."""
-    f = RecordFields(
-        record, lambda name, message: TraceFormatError(f"{where}: field '{name}' {message}")
-    )
-    prompt = f.count("prompt_tokens", "input_tokens")
-    cached = f.count("cached_tokens", required=False)
-    if cached > prompt:
-        raise f.error("cached_tokens", f"({cached}) cannot exceed prompt_tokens ({prompt})")
-    status = f.choice("status", USAGE_STATUSES, default="ok")
-    metadata = f.metadata()
-    feature = metadata.get("feature") or f.text("feature")
+    """One ``/v1/usage`` record as a call (the same model, fields and aliases as that API)."""
+
+    def error(name: str, message: str) -> TraceFormatError:
+        return TraceFormatError(f"{where}: field '{name}' {message}")
+
+    report = validate_record(_TraceRecord, record, error, window=None)  # any time: replayed
+    prompt, completion, cached = report.tokens(error)
+    attribution = {}
+    for name in ("user_id", "user", "session_id", "feature", "team"):
+        value = getattr(report, name)
+        problem = id_problem(value) if value else None
+        if problem is not None:
+            raise error(name, problem)
+        attribution[name] = value or None
+    metadata = report.metadata or {}
+    feature = metadata.get("feature") or attribution["feature"]
     if feature is not None and len(feature) > MAX_ID_LENGTH:
-        raise f.error("metadata.feature", f"must be at most {MAX_ID_LENGTH} characters")
+        raise error("metadata.feature", f"must be at most {MAX_ID_LENGTH} characters")
     return TraceCall(
-        ts=f.timestamp(required=True),  # any time: a replay may place it later
+        ts=report.ts,
         prompt_tokens=prompt,
-        completion_tokens=f.count("completion_tokens", "output_tokens"),
+        completion_tokens=completion,
         cached_tokens=cached,
-        user_id=f.text("user_id", "user"),
-        session_id=f.text("session_id"),
+        user_id=attribution["user_id"] or attribution["user"],
+        session_id=attribution["session_id"],
         feature=feature,
-        model=f.text("model"),
-        team=f.text("team"),
-        provider=f.text("provider"),
-        model_requested=f.text("model_requested"),
-        request_id=f.text("request_id"),
-        status=str(status),
-        latency_ms=f.count("latency_ms", required=False),
-        cache_hit=f.flag("cache_hit"),
+        model=report.model or None,
+        team=attribution["team"],
+        provider=report.provider or None,
+        model_requested=report.model_requested or None,
+        request_id=report.request_id or None,
+        status=report.status,
+        latency_ms=report.latency_ms or 0,
+        cache_hit=report.cache_hit,
         metadata=metadata,
     )
 

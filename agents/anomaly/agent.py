@@ -53,8 +53,9 @@ from aiokafka.errors import KafkaConnectionError
 
 from agents.anomaly.detectors import DetectorSettings
 from agents.anomaly.engine import AnomalyEngine, SnapshotError
-from app.events.codec import EventCodec, EventDecodeError, build_codec
+from app.events.codec import EventCodec, build_codec
 from app.events.compacted import assigned_partitions
+from app.events.consumer import EventReader
 from app.events.kafka_retry import retry_while_kafka_down
 from app.pricing.catalog import PriceCatalog
 from app.settings import Settings
@@ -346,6 +347,7 @@ class AnomalyAgent:
             self.ready.set()
             last_checkpoint = time.monotonic()
             merger = EventTimeMerger(self.detector_settings.partition_idle_seconds)
+            reader = EventReader(self.codec, "anomaly agent")
             merger.watch({tp.partition for tp in partitions})
             ends = await consumer.end_offsets(partitions)
             while not stop.is_set():
@@ -353,17 +355,8 @@ class AnomalyAgent:
                 alerts: list[dict[str, Any]] = []
                 for tp, records in batches.items():
                     for record in records:
-                        try:
-                            usage_record = self.codec.decode(
-                                record.value,
-                                topic=record.topic,
-                                partition=record.partition,
-                                offset=record.offset,
-                            ).record
-                        except EventDecodeError as exc:
-                            log.warning(
-                                "skipping undecodable usage event", extra={"error": str(exc)}
-                            )
+                        usage_record = reader.record(record)
+                        if usage_record is None:
                             merger.skip(tp.partition, record.offset)
                             continue
                         merger.add(tp.partition, record.offset, usage_record)

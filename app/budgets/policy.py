@@ -12,12 +12,22 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    ValidationError,
+    WithJsonSchema,
+)
 
 from app.budgets.ledger import iter_window_problems
-from app.budgets.periods import PERIOD_KINDS, Period, PeriodError, period_of, zone
+from app.budgets.periods import Period, PeriodError, period_of, zone
 from app.ids import id_problem
 from app.pricing.catalog import nanos_to_usd, usd_text, usd_to_nanos
+from app.validation import custom_error, first_problem
 
 SCOPE_KINDS = ("user", "feature", "team", "key")
 DEFAULT_THRESHOLDS = (0.5, 0.8, 1.0)
@@ -128,77 +138,146 @@ def _window_seconds(value: Any) -> int:
     return seconds
 
 
+def _limit_usd(value: Any) -> Decimal:
+    try:
+        if isinstance(value, bool) or value is None:
+            raise InvalidOperation
+        limit = Decimal(str(value))
+    except InvalidOperation:
+        raise custom_error(f"must be a positive number of USD, got {value!r}") from None
+    if not limit.is_finite() or limit <= 0 or limit > MAX_LIMIT_USD:
+        raise custom_error(f"must be > 0 and <= {MAX_LIMIT_USD}, got {value}")
+    if usd_to_nanos(limit) < 1:
+        raise custom_error(f"{value} is below the $0.000000001 resolution")
+    return limit
+
+
+def _thresholds(value: Any) -> tuple[float, ...]:
+    if (
+        not isinstance(value, list)
+        or not value
+        or not all(isinstance(t, int | float) and not isinstance(t, bool) for t in value)
+        or not all(0 < t <= 1 for t in value)
+    ):
+        raise custom_error("must be a list of fractions in (0, 1]")
+    return tuple(sorted({float(t) for t in value} | {1.0}))
+
+
+def _timezone(value: Any) -> str:
+    try:
+        zone(value) if isinstance(value, str) else zone("")
+    except PeriodError as exc:
+        raise custom_error(str(exc)) from None
+    return str(value)
+
+
+def _window(value: Any) -> int | str | None:
+    if value is None or (isinstance(value, int | str) and not isinstance(value, bool)):
+        return value
+    raise custom_error(f"{value!r} must be seconds or a duration like '1h', '30m', '7d'")
+
+
+def _upgrade_text(value: Any) -> str | None:
+    if value is not None and (
+        not isinstance(value, str) or id_problem(value, max_length=2000) is not None
+    ):
+        raise custom_error("must be a string of at most 2000 printable characters (one line)")
+    return value
+
+
+UpgradeText = Annotated[
+    str | None,
+    PlainValidator(_upgrade_text),
+    WithJsonSchema({"type": ["string", "null"], "maxLength": 2000}),
+]
+Window = Annotated[
+    int | str | None,
+    PlainValidator(_window),
+    WithJsonSchema(
+        {
+            "anyOf": [{"type": "integer", "minimum": 60}, {"type": "string"}, {"type": "null"}],
+            "description": "period=window only: seconds (at least 60) or '1h', '30m', '7d'",
+        }
+    ),
+]
+
+
+def _no_default(schema: dict[str, Any]) -> None:
+    schema.pop("default", None)
+
+
+class PolicyBody(BaseModel):
+    """The body of ``PUT /v1/budgets/{scope}`` (and of a budgets file's entries)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    period: Literal["day", "month", "window"] = "month"
+    limit_usd: Annotated[
+        Decimal,
+        PlainValidator(_limit_usd),
+        WithJsonSchema({"type": "number", "exclusiveMinimum": 0, "maximum": int(MAX_LIMIT_USD)}),
+    ] = Field(description="a positive number of USD (a number or a decimal string)")
+    thresholds: Annotated[
+        tuple[float, ...],
+        PlainValidator(_thresholds),
+        WithJsonSchema(
+            {
+                "type": "array",
+                "minItems": 1,
+                "items": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+            }
+        ),
+    ] = Field(
+        default=DEFAULT_THRESHOLDS,
+        description="Fractions of the limit at which a warning is sent; 1.0 is always added",
+    )
+    timezone: Annotated[str, PlainValidator(_timezone)] = Field(
+        default="UTC", description="IANA time zone of the calendar periods"
+    )
+    window: Window = None
+    window_seconds: Window = Field(default=None, description="Same as window")
+    upgrade_url: UpgradeText = None
+    upgrade_prompt: UpgradeText = None
+    scope: Annotated[Any, WithJsonSchema({"type": "string"})] = Field(
+        default=None,
+        description="If given, the scope of the URL",
+        json_schema_extra=_no_default,  # absent, not null
+    )
+
+
 def parse_policy(scope: str, body: Any) -> Policy:
-    """Validate an admin's JSON body for ``PUT /v1/budgets/{scope}``; errors name the field."""
+    """Validate an admin's JSON body for ``PUT /v1/budgets/{scope}`` (``PolicyBody``); errors
+    name the field."""
     validate_scope(scope)
     if not isinstance(body, dict):
         raise PolicyError("body", "the policy must be a JSON object")
-    unknown = set(body) - {
-        "period", "limit_usd", "thresholds", "timezone", "window", "window_seconds",
-        "upgrade_url", "upgrade_prompt", "scope",
-    }  # fmt: skip
-    if unknown:
-        raise PolicyError(sorted(unknown)[0], f"unknown field(s): {', '.join(sorted(unknown))}")
-    if "scope" in body and body["scope"] != scope:
-        raise PolicyError("scope", f"body scope {body['scope']!r} differs from the URL's {scope!r}")
-    period = body.get("period", "month")
-    if period not in PERIOD_KINDS:
-        raise PolicyError("period", f"period {period!r} must be one of day, month, window")
-    raw_limit = body.get("limit_usd")
     try:
-        if isinstance(raw_limit, bool) or raw_limit is None:
-            raise InvalidOperation
-        limit = Decimal(str(raw_limit))
-    except InvalidOperation:
-        raise PolicyError("limit_usd", "limit_usd is required: a positive number of USD") from None
-    if not limit.is_finite() or limit <= 0 or limit > MAX_LIMIT_USD:
-        raise PolicyError(
-            "limit_usd", f"limit_usd must be > 0 and <= {MAX_LIMIT_USD}, got {raw_limit}"
-        )
-    thresholds = body.get("thresholds", list(DEFAULT_THRESHOLDS))
-    if (
-        not isinstance(thresholds, list)
-        or not thresholds
-        or not all(isinstance(t, int | float) and not isinstance(t, bool) for t in thresholds)
-        or not all(0 < t <= 1 for t in thresholds)
-    ):
-        raise PolicyError("thresholds", "thresholds must be a list of fractions in (0, 1]")
-    thresholds = sorted({float(t) for t in thresholds} | {1.0})
-    timezone = body.get("timezone", "UTC")
-    try:
-        zone(timezone) if isinstance(timezone, str) else zone("")
-    except PeriodError as exc:
-        raise PolicyError("timezone", str(exc)) from None
-    window = body.get("window", body.get("window_seconds"))
+        parsed = PolicyBody.model_validate(body)
+    except ValidationError as exc:
+        unknown = sorted(str(e["loc"][0]) for e in exc.errors() if e["type"] == "extra_forbidden")
+        if unknown:
+            raise PolicyError(unknown[0], f"unknown field(s): {', '.join(unknown)}") from None
+        name, problem = first_problem(exc, PolicyBody)
+        raise PolicyError(name or "body", f"{name} {problem}") from None
+    if "scope" in parsed.model_fields_set and parsed.scope != scope:
+        raise PolicyError("scope", f"body scope {parsed.scope!r} differs from the URL's {scope!r}")
+    window = parsed.window if parsed.window is not None else parsed.window_seconds
     window_seconds = None
-    if period == "window":
+    if parsed.period == "window":
         if window is None:
             raise PolicyError("window", "period 'window' needs window, e.g. '1h'")
         window_seconds = _window_seconds(window)
     elif window is not None:
         raise PolicyError("window", "window is only valid with period 'window'")
-    for name in ("upgrade_url", "upgrade_prompt"):
-        value = body.get(name)
-        if value is not None and (
-            not isinstance(value, str) or id_problem(value, max_length=2000) is not None
-        ):
-            raise PolicyError(
-                name, f"{name} must be a string of at most 2000 printable characters (one line)"
-            )
-    limit_nanos = usd_to_nanos(limit)
-    if limit_nanos < 1:
-        raise PolicyError(
-            "limit_usd", f"limit_usd {raw_limit} is below the $0.000000001 resolution"
-        )
     return Policy(
         scope=scope,
-        period=period,
-        limit_usd_nanos=limit_nanos,
-        thresholds=tuple(thresholds),
-        timezone=timezone,
+        period=parsed.period,
+        limit_usd_nanos=usd_to_nanos(parsed.limit_usd),
+        thresholds=parsed.thresholds,
+        timezone=parsed.timezone,
         window_seconds=window_seconds,
-        upgrade_url=body.get("upgrade_url"),
-        upgrade_prompt=body.get("upgrade_prompt"),
+        upgrade_url=parsed.upgrade_url,
+        upgrade_prompt=parsed.upgrade_prompt,
     )
 
 

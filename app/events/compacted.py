@@ -19,7 +19,8 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from app.events.codec import EventCodec, EventDecodeError
+from app.events.codec import EventCodec
+from app.events.consumer import EventReader
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ class CompactedView:
         self.newest_by = newest_by
         self.topic = topic
         self.codec = codec
+        self.reader = EventReader(codec, f"view of {topic}")
         self.on_record = on_record
         self.records: dict[str, dict[str, Any]] = {}
         self.synced = asyncio.Event()
@@ -97,13 +99,10 @@ class CompactedView:
             self.records.pop(name, None)
             record = None
         else:
-            try:
-                record = self.codec.decode(
-                    value, topic=self.topic, partition=partition, offset=offset
-                ).record
-            except EventDecodeError as exc:
-                log.error("skipping undecodable record", extra={"error": str(exc)})
+            event = self.reader.decode(value, self.topic, partition, offset)
+            if event is None:
                 return
+            record = event.record
             held = self.records.get(name)
             if (
                 self.newest_by

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import orjson
+from pydantic import ValidationError
 
 from app.budgets.gate import Admission, BudgetGate
 from app.budgets.policy import scopes_of
@@ -35,8 +36,8 @@ from app.errors import (
     UpstreamTimedOut,
 )
 from app.events.producer import EventEmitter
+from app.gateway.requests import ChatBody
 from app.gateway.upstreams import RETRYABLE_CONNECT_ERRORS, UpstreamPool
-from app.ids import id_problem
 from app.metering.attribution import ANONYMOUS_USER, Identity
 from app.metering.usage import (
     attribution_fields,
@@ -48,6 +49,7 @@ from app.metering.usage import (
 from app.metrics import Metrics
 from app.pricing.catalog import PriceCatalog, nanos_to_usd
 from app.pricing.tokens import count_tokens, estimate_message_tokens
+from app.validation import first_problem
 
 if TYPE_CHECKING:
     from app.gateway.savings import RouteInfo
@@ -57,22 +59,6 @@ log = logging.getLogger(__name__)
 # Fields only Tollgate understands; never forwarded to a provider.
 TOLLGATE_ONLY_FIELDS = ("user_id", "session_id")
 NATIVE_ONLY_FIELDS = ("user_id", "session_id", "metadata")
-
-
-MAX_TOKENS_LIMIT = 2**31 - 1  # token counts are Avro ints in the events
-
-
-def _positive_int(body: Mapping[str, Any], name: str) -> int | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidRequest(f"'{name}' must be an integer, got {type(value).__name__}", field=name)
-    if not 1 <= value <= MAX_TOKENS_LIMIT:
-        raise InvalidRequest(
-            f"'{name}' must be an integer from 1 to {MAX_TOKENS_LIMIT}, got {value}", field=name
-        )
-    return value
 
 
 @dataclass
@@ -104,46 +90,34 @@ class ChatRequest:
 def parse_chat_request(
     body: Any, *, default_model: str | None = None, native: bool = False
 ) -> ChatRequest:
-    """Validate an OpenAI-style chat body; raise InvalidRequest naming the bad field."""
+    """Validate an OpenAI-style chat body (``ChatBody``); raise InvalidRequest naming the bad
+    field. The upstream body is the client's own JSON, minus Tollgate's fields."""
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object")
-    messages = body.get("messages")
-    if not isinstance(messages, list):
-        raise InvalidRequest(
-            "'messages' is required and must be a list of messages", field="messages"
-        )
-    if not messages:
-        raise InvalidRequest("'messages' must contain at least one message", field="messages")
     try:
-        prompt_tokens = estimate_message_tokens(messages)
+        parsed = ChatBody.model_validate(body)
+    except ValidationError as exc:
+        name, problem = first_problem(exc, ChatBody)
+        raise InvalidRequest(f"'{name}' {problem}", field=name) from None
+    try:
+        prompt_tokens = estimate_message_tokens(body["messages"])
     except ValueError as exc:
         raise InvalidRequest(f"'messages' is malformed: {exc}", field="messages") from None
-    model = body.get("model")
-    if model is None and default_model:
-        model = default_model
-    if not isinstance(model, str) or not model:
+    model = parsed.model or default_model
+    if not model:
         raise InvalidRequest("'model' is required and must be a non-empty string", field="model")
-    problem = id_problem(model)
-    if problem is not None:  # it is recorded in the Request event even when refused
-        raise InvalidRequest(f"'model' {problem}", field="model")
-    max_tokens = _positive_int(body, "max_completion_tokens") or _positive_int(body, "max_tokens")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise InvalidRequest("'stream' must be true or false", field="stream")
-    stream_options = body.get("stream_options")
-    if stream_options is not None and not isinstance(stream_options, dict):
-        raise InvalidRequest("'stream_options' must be an object", field="stream_options")
-    n = body.get("n")
-    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-        raise InvalidRequest("'n' must be a positive integer", field="n")
+    max_tokens = parsed.max_completion_tokens or parsed.max_tokens
     dropped = NATIVE_ONLY_FIELDS if native else TOLLGATE_ONLY_FIELDS
     upstream_body = {k: v for k, v in body.items() if k not in dropped}
     upstream_body["model"] = model
+    stream_options = parsed.stream_options
     client_wants_usage = bool(stream_options and stream_options.get("include_usage"))
-    if stream:
+    if parsed.stream:
         # Always ask for usage so streamed calls are costed from the provider's own count.
         upstream_body["stream_options"] = {**(stream_options or {}), "include_usage": True}
-    return ChatRequest(model, upstream_body, stream, client_wants_usage, max_tokens, prompt_tokens)
+    return ChatRequest(
+        model, upstream_body, parsed.stream, client_wants_usage, max_tokens, prompt_tokens
+    )
 
 
 @dataclass

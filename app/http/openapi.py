@@ -1,141 +1,66 @@
-"""The OpenAPI 3.0.3 document of the dispatcher's routes.
+"""The OpenAPI 3.1 document of the dispatcher, generated from the routes and the models.
 
-Tests keep it in step with the router, valid (``openapi-spec-validator``) and in step with the
-bounds the validators enforce (``app.ids``, ``app.metering.ingest``, ``app.gateway.pipeline``). Security: with a
-keys file every call needs ``Authorization: Bearer <key>`` (budget admin and reports an admin
-key); without one the routes are open, which each operation says with an empty requirement.
+Owns the assembly of ``/openapi.json``: every route of ``app.http.server.ROUTES`` becomes an
+operation from what its handler declares with :func:`operation` (summary, who may call it,
+the request model, the response model, the error statuses). Request schemas come from the
+pydantic models that validate the bodies (``app.gateway.requests``, ``app.metering.ingest``,
+``app.budgets.policy``), so the document cannot drift from what is enforced; response
+schemas come from ``app.http.responses``, which exist for this document only.
+
+Security: with a keys file every call needs ``Authorization: Bearer <key>`` (budget admin and
+reports an admin key); without one the routes are open, which each operation says with an
+empty requirement. Tests check the document with ``openapi-spec-validator``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, TypeVar
 
-from app.budgets.policy import MAX_LIMIT_USD
-from app.gateway.pipeline import MAX_TOKENS_LIMIT
+from pydantic import BaseModel, Field, TypeAdapter
+
+from app.http import responses
+from app.http.reports_api import REPORTS
 from app.ids import MAX_ID_LENGTH
-from app.metering.ingest import MAX_COUNT, MAX_METADATA_ENTRIES, MAX_USD
+from app.metering.ingest import MAX_BATCH, OutcomeReport, UsageReport
+from app.validation import ID_TEXT
 
-ERROR = {"$ref": "#/components/schemas/Error"}
-ID_TEXT = f"Printable text (no control characters), at most {MAX_ID_LENGTH} characters"
-ID = {"type": "string", "maxLength": MAX_ID_LENGTH, "description": ID_TEXT}
-TOKENS = {"type": "integer", "minimum": 0, "maximum": MAX_COUNT}
-METADATA = {
-    "type": "object",
-    "maxProperties": MAX_METADATA_ENTRIES,
-    "additionalProperties": ID,
-    "description": f"At most {MAX_METADATA_ENTRIES} entries; keys and values are ids",
+ID_SCHEMA = {"type": "string", "maxLength": MAX_ID_LENGTH, "description": ID_TEXT}
+REF = "#/components/schemas/{model}"
+Access = Literal["user", "admin", "user_or_admin", "open"]
+SECURITY: dict[Access, list[dict[str, list[str]]]] = {
+    # Without a keys file every route is open: the empty requirement says keys are optional.
+    "user": [{"apiKey": []}, {}],
+    "admin": [{"adminKey": []}, {}],
+    "user_or_admin": [{"apiKey": []}, {"adminKey": []}, {}],
+    "open": [],
 }
-TIMESTAMP = {
-    "description": "ISO 8601 or epoch milliseconds, within TOLLGATE_USAGE_MAX_LATENESS_S "
-    "(default 7 days) before the gateway's clock and TOLLGATE_USAGE_MAX_CLOCK_SKEW_S "
-    "(default 5 minutes) after it",
-    "oneOf": [{"type": "string", "format": "date-time"}, {"type": "integer"}],
-}
-# Without a keys file every route is open: the empty requirement says keys are optional then.
-USER_KEY: list[dict[str, list[str]]] = [{"apiKey": []}, {}]
-ADMIN_KEY: list[dict[str, list[str]]] = [{"adminKey": []}, {}]
-OPEN: list[dict[str, list[str]]] = []
 
 
-def _json(schema: dict[str, Any]) -> dict[str, Any]:
-    return {"content": {"application/json": {"schema": schema}}}
+class UsageBatch(BaseModel):
+    records: list[UsageReport] = Field(min_length=1, max_length=MAX_BATCH)
 
 
-def _errors(*statuses: int) -> dict[str, Any]:
-    return {str(s): {"description": "Error", **_json(ERROR)} for s in statuses}
+class OutcomeBatch(BaseModel):
+    outcomes: list[OutcomeReport] = Field(min_length=1, max_length=MAX_BATCH)
 
 
-MESSAGE = {
-    "type": "object",
-    "required": ["role"],
-    "properties": {"role": {"type": "string"}, "content": {}},
-}
-CHAT_BODY = {
-    "type": "object",
-    "required": ["messages"],
-    "properties": {
-        "model": ID,
-        "messages": {"type": "array", "minItems": 1, "items": MESSAGE},
-        "max_tokens": {"type": "integer", "minimum": 1, "maximum": MAX_TOKENS_LIMIT},
-        "max_completion_tokens": {"type": "integer", "minimum": 1, "maximum": MAX_TOKENS_LIMIT},
-        "stream": {"type": "boolean"},
-        "stream_options": {"type": "object"},
-        "user": {**ID, "description": "Attributed user (OpenAI field); " + ID_TEXT},
-        "user_id": ID,
-        "session_id": ID,
-        "metadata": {"type": "object", "properties": {"feature": ID}},
-    },
-}
-USAGE_RECORD = {
-    "type": "object",
-    "required": ["model", "prompt_tokens", "completion_tokens"],
-    "properties": {
-        "model": ID,
-        "prompt_tokens": TOKENS,
-        "completion_tokens": TOKENS,
-        "cached_tokens": TOKENS,
-        "model_requested": {
-            **ID,
-            "description": "Model the caller asked for, when a router served `model` instead "
-            "(the difference is reported as routing savings)",
-        },
-        "cache_hit": {
-            "type": "boolean",
-            "description": "A cache answered without a provider call: cost 0, and the "
-            "model's price for these tokens is reported as cache savings",
-        },
-        "user_id": ID,
-        "session_id": ID,
-        "feature": ID,
-        "request_id": ID,
-        "provider": ID,
-        "ts": TIMESTAMP,
-        "latency_ms": TOKENS,
-        "status": {"type": "string", "enum": ["ok", "error", "client_disconnected", "timeout"]},
-        "metadata": METADATA,
-    },
-}
-OUTCOME = {
-    "type": "object",
-    "required": ["outcome"],
-    "description": "Needs request_id or session_id. With keys, a non-admin key may report only "
-    "on its own user's requests and sessions (or users in its may_act_for): else 403.",
-    "properties": {
-        "request_id": ID,
-        "session_id": ID,
-        "user_id": ID,
-        "outcome": {"type": "string", "enum": ["success", "failure"]},
-        "kind": ID,
-        "value_usd": {"type": "number", "minimum": 0, "maximum": int(MAX_USD)},
-        "ts": TIMESTAMP,
-        "metadata": METADATA,
-    },
-}
-POLICY = {
-    "type": "object",
-    "required": ["limit_usd"],
-    "properties": {
-        "period": {"type": "string", "enum": ["day", "month", "window"], "default": "month"},
-        "limit_usd": {
-            "type": "number",
-            "minimum": 0,
-            "exclusiveMinimum": True,  # OpenAPI 3.0: a flag on minimum, not a number
-            "maximum": int(MAX_LIMIT_USD),
-        },
-        "thresholds": {
-            "type": "array",
-            "minItems": 1,
-            "items": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 1},
-            "default": [0.5, 0.8, 1.0],
-        },
-        "timezone": {"type": "string", "default": "UTC", "description": "IANA time zone"},
-        "window": {"description": "period=window only: seconds or '1h', '30m', '7d'"},
-        "upgrade_url": {"type": "string", "maxLength": 2000},
-        "upgrade_prompt": {"type": "string", "maxLength": 2000},
-    },
-}
-USAGE_REF = {"$ref": "#/components/schemas/UsageRecord"}
-OUTCOME_REF = {"$ref": "#/components/schemas/Outcome"}
+# The shapes /v1/usage and /v1/outcomes accept: one record, a list, or a named list.
+UsageBody = (
+    UsageReport
+    | Annotated[list[UsageReport], Field(min_length=1, max_length=MAX_BATCH)]
+    | UsageBatch
+)
+OutcomeBody = (
+    OutcomeReport
+    | Annotated[list[OutcomeReport], Field(min_length=1, max_length=MAX_BATCH)]
+    | OutcomeBatch
+)
+ATTRIBUTION_HEADERS = [
+    {"name": h, "in": "header", "required": False, "schema": ID_SCHEMA}
+    for h in ("X-Tollgate-User", "X-Tollgate-Session", "X-Tollgate-Feature")
+]
 SCOPE_PARAM = {
     "name": "scope",
     "in": "path",
@@ -143,232 +68,146 @@ SCOPE_PARAM = {
     "schema": {"type": "string", "maxLength": MAX_ID_LENGTH + 8},
     "description": "global, user:<id>, feature:<name>, team:<id>, key:<id>, or user:* / feature:*",
 }
-ATTRIBUTION_HEADERS = [
-    {"name": h, "in": "header", "required": False, "schema": ID}
-    for h in ("X-Tollgate-User", "X-Tollgate-Session", "X-Tollgate-Feature")
+REPORT_PARAMS = [
+    {"name": "from", "in": "query", "schema": {"type": "string", "format": "date-time"}},
+    {"name": "to", "in": "query", "schema": {"type": "string", "format": "date-time"}},
+    {
+        "name": "by",
+        "in": "query",
+        "schema": {"type": "string", "enum": ["model", "user", "feature", "tier", "provider"]},
+    },
+    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
+    {
+        "name": "interval",
+        "in": "query",
+        "schema": {"type": "string", "enum": ["minute", "hour", "day"]},
+    },
 ]
 
 
-def _chat_operation(summary: str) -> dict[str, Any]:
-    return {
-        "summary": summary,
-        "security": USER_KEY,
-        "parameters": ATTRIBUTION_HEADERS,
-        "requestBody": {"required": True, **_json(CHAT_BODY)},
+@dataclass(frozen=True)
+class Operation:
+    """What a handler tells the document about itself."""
+
+    summary: str
+    access: Access
+    ok: int = 200
+    response: Any = None  # a pydantic model (or type) of the JSON answer
+    response_description: str = "OK"
+    media_type: str = "application/json"
+    body: Any = None  # the pydantic model (or type) of the JSON request body
+    errors: tuple[int, ...] = ()
+    parameters: tuple[dict[str, Any], ...] = ()
+    description: str | None = None
+    extra_responses: tuple[tuple[int, str], ...] = ()
+
+
+H = TypeVar("H", bound=Callable[..., Any])
+
+
+def operation(summary: str, access: Access, **details: Any) -> Callable[[H], H]:
+    """Declare a handler's operation for ``/openapi.json`` (see :class:`Operation`)."""
+
+    def mark(handler: H) -> H:
+        handler.openapi = Operation(summary, access, **details)  # type: ignore[attr-defined]
+        return handler
+
+    return mark
+
+
+def operation_of(handler: Callable[..., Any]) -> Operation | None:
+    return getattr(handler, "openapi", None)
+
+
+class _Schemas:
+    """JSON schemas of pydantic types, their definitions gathered under components."""
+
+    def __init__(self) -> None:
+        self.components: dict[str, Any] = {}
+
+    def of(self, kind: Any) -> dict[str, Any]:
+        schema = TypeAdapter(kind).json_schema(ref_template=REF)
+        self.components.update(schema.pop("$defs", {}))
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            self.components[kind.__name__] = schema
+            return {"$ref": REF.format(model=kind.__name__)}
+        return schema
+
+
+def _path_parameters(path: str) -> list[dict[str, Any]]:
+    if "{scope}" in path:
+        return [SCOPE_PARAM]
+    if "{name}" in path:
+        return [
+            {
+                "name": "name",
+                "in": "path",
+                "required": True,
+                "schema": {"type": "string", "enum": list(REPORTS)},
+            }
+        ]
+    return []
+
+
+def _operation(op: Operation, path: str, schemas: _Schemas) -> dict[str, Any]:
+    error = schemas.of(responses.ErrorBody)
+    ok: dict[str, Any] = {"description": op.response_description}
+    if op.response is not None:
+        ok["content"] = {op.media_type: {"schema": schemas.of(op.response)}}
+    elif op.media_type != "application/json":
+        ok["content"] = {op.media_type: {"schema": {"type": "string"}}}
+    if op.access != "open":
+        ok["headers"] = {
+            "X-Request-Id": {
+                "description": "The gateway's id of this request",
+                "schema": {"type": "string"},
+            }
+        }
+    result: dict[str, Any] = {
+        "summary": op.summary,
+        "security": SECURITY[op.access],
         "responses": {
-            "200": {
-                "description": "Completion (JSON) or stream (text/event-stream)",
-                "headers": {"X-Request-Id": {"schema": {"type": "string"}}},
+            str(op.ok): ok,
+            **{str(s): {"description": d} for s, d in op.extra_responses},
+            **{
+                str(s): {"description": "Error", "content": {"application/json": {"schema": error}}}
+                for s in op.errors
             },
-            **_errors(400, 401, 402, 403, 404, 413, 502, 503, 504),
         },
     }
+    if op.description:
+        result["description"] = op.description
+    parameters = _path_parameters(path) + list(op.parameters)
+    if parameters:
+        result["parameters"] = parameters
+    if op.body is not None:
+        result["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": schemas.of(op.body)}},
+        }
+    return result
 
 
-def openapi_document() -> dict[str, Any]:
-    accepted = {
-        "202": {"description": "Accepted and queued for delivery", **_json({"type": "object"})}
-    }
+def openapi_document(routes: Iterable[tuple[str, str, Callable[..., Any]]]) -> dict[str, Any]:
+    """The document of ``routes`` (``app.http.server.ROUTES``); a route whose handler
+    declares no :func:`operation` is an error, so the document lists every route."""
+    schemas = _Schemas()
+    paths: dict[str, dict[str, Any]] = {}
+    for method, path, handler in routes:
+        op = operation_of(handler)
+        if op is None:
+            raise ValueError(f"{method} {path}: its handler declares no @operation")
+        result = {"operationId": handler.__name__, **_operation(op, path, schemas)}
+        paths.setdefault(path, {})[method.lower()] = result
     return {
-        "openapi": "3.0.3",
-        "info": {"title": "Tollgate dispatcher", "version": "0.1.0"},
-        "paths": {
-            "/v1/chat/completions": {"post": _chat_operation("OpenAI-compatible chat completion")},
-            "/v1/dispatch": {"post": _chat_operation("Native chat API; model is optional")},
-            "/v1/usage": {
-                "post": {
-                    "summary": "Report usage of calls made outside the gateway (one or a batch)",
-                    "security": USER_KEY,
-                    "parameters": ATTRIBUTION_HEADERS,
-                    "requestBody": {
-                        "required": True,
-                        **_json(
-                            {
-                                "oneOf": [
-                                    USAGE_REF,
-                                    {"type": "array", "items": USAGE_REF, "maxItems": 1000},
-                                    {
-                                        "type": "object",
-                                        "required": ["records"],
-                                        "properties": {
-                                            "records": {
-                                                "type": "array",
-                                                "items": USAGE_REF,
-                                                "maxItems": 1000,
-                                            }
-                                        },
-                                    },
-                                ]
-                            }
-                        ),
-                    },
-                    "responses": {**accepted, **_errors(400, 401, 403, 413)},
-                }
-            },
-            "/v1/outcomes": {
-                "post": {
-                    "summary": "Record business outcomes for cost per successful outcome",
-                    "security": USER_KEY,
-                    "requestBody": {
-                        "required": True,
-                        **_json(
-                            {
-                                "oneOf": [
-                                    OUTCOME_REF,
-                                    {"type": "array", "items": OUTCOME_REF, "maxItems": 1000},
-                                ]
-                            }
-                        ),
-                    },
-                    "responses": {**accepted, **_errors(400, 401, 403, 413)},
-                }
-            },
-            "/v1/budgets": {
-                "get": {
-                    "summary": "List budget policies",
-                    "security": ADMIN_KEY,
-                    "responses": {"200": {"description": "Policies"}, **_errors(401, 403)},
-                }
-            },
-            "/v1/budgets/{scope}": {
-                "parameters": [SCOPE_PARAM],
-                "put": {
-                    "summary": "Create or replace the policy of a scope",
-                    "security": ADMIN_KEY,
-                    "requestBody": {"required": True, **_json(POLICY)},
-                    "responses": {"200": {"description": "The policy"}, **_errors(400, 401, 403)},
-                },
-                "get": {
-                    "summary": "The policy of a scope",
-                    "security": ADMIN_KEY,
-                    "responses": {"200": {"description": "The policy"}, **_errors(401, 403, 404)},
-                },
-                "delete": {
-                    "summary": "Remove the policy of a scope",
-                    "security": ADMIN_KEY,
-                    "responses": {"200": {"description": "Removed"}, **_errors(401, 403, 404)},
-                },
-            },
-            "/v1/budgets/{scope}/status": {
-                "parameters": [SCOPE_PARAM],
-                "get": {
-                    "summary": "Spent, limit, state, period and resets_at of a scope",
-                    "description": "Any key may read its own user's status; an admin key any scope's.",
-                    "security": [{"apiKey": []}, {"adminKey": []}, {}],
-                    "responses": {"200": {"description": "Status"}, **_errors(401, 403, 404)},
-                },
-            },
-            "/v1/reports/{name}": {
-                "get": {
-                    "summary": "ROI and spend reports from the warehouse",
-                    "security": ADMIN_KEY,
-                    "description": "summary: totals and the finance sentence; breakdown: spend "
-                    "by model, user, feature, tier or provider (by=user&limit=10: top spenders); "
-                    "timeseries: cost per minute, hour or day with anomaly flags; savings: "
-                    "savings vs the baseline model, decomposed into model choice, routing, "
-                    "prompt caching and cache hits, with cache hit rate and routing efficiency; "
-                    "outcomes: cost per successful outcome by feature; budgets: status of every "
-                    "capped scope; alerts: the anomaly alerts that fired, latest first. "
-                    "Ranges default to the last 30 days; `to` is exclusive.",
-                    "parameters": [
-                        {
-                            "name": "name",
-                            "in": "path",
-                            "required": True,
-                            "schema": {
-                                "type": "string",
-                                "enum": [
-                                    "summary",
-                                    "breakdown",
-                                    "timeseries",
-                                    "savings",
-                                    "outcomes",
-                                    "budgets",
-                                    "alerts",
-                                ],
-                            },
-                        },
-                        {
-                            "name": "from",
-                            "in": "query",
-                            "schema": {"type": "string", "format": "date-time"},
-                        },
-                        {
-                            "name": "to",
-                            "in": "query",
-                            "schema": {"type": "string", "format": "date-time"},
-                        },
-                        {
-                            "name": "by",
-                            "in": "query",
-                            "schema": {
-                                "type": "string",
-                                "enum": ["model", "user", "feature", "tier", "provider"],
-                            },
-                        },
-                        {
-                            "name": "limit",
-                            "in": "query",
-                            "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
-                        },
-                        {
-                            "name": "interval",
-                            "in": "query",
-                            "schema": {"type": "string", "enum": ["minute", "hour", "day"]},
-                        },
-                    ],
-                    "responses": {
-                        "200": {"description": "Report"},
-                        **_errors(400, 401, 403, 404, 503),
-                    },
-                }
-            },
-            "/dashboard": {
-                "get": {
-                    "summary": "Built-in spend dashboard (HTML reading /v1/reports/*)",
-                    "security": OPEN,
-                    "responses": {"200": {"description": "HTML page"}},
-                }
-            },
-            "/v1/models": {
-                "get": {
-                    "summary": "Models served",
-                    "security": OPEN,
-                    "responses": {"200": {"description": "List"}},
-                }
-            },
-            "/healthz": {
-                "get": {
-                    "summary": "Liveness",
-                    "security": OPEN,
-                    "responses": {"200": {"description": "Alive"}},
-                }
-            },
-            "/readyz": {
-                "get": {
-                    "summary": "Readiness: prices loaded and Kafka connected or spool usable",
-                    "security": OPEN,
-                    "responses": {
-                        "200": {"description": "Ready"},
-                        "503": {"description": "Not ready"},
-                    },
-                }
-            },
-            "/metrics": {
-                "get": {
-                    "summary": "Prometheus metrics",
-                    "security": OPEN,
-                    "responses": {"200": {"description": "Text format"}},
-                }
-            },
-            "/openapi.json": {
-                "get": {
-                    "summary": "This document",
-                    "security": OPEN,
-                    "responses": {"200": {"description": "OpenAPI 3"}},
-                }
-            },
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Tollgate dispatcher",
+            "version": "0.1.0",
+            "description": "A FinOps gateway for LLM traffic: OpenAI-compatible chat, usage and "
+            "outcome reports, budget caps (402 before the provider is called) and reports.",
         },
+        "paths": paths,
         "components": {
             "securitySchemes": {
                 "apiKey": {
@@ -385,25 +224,6 @@ def openapi_document() -> dict[str, Any]:
                     "reports (everyone's spend) need one when a keys file is configured.",
                 },
             },
-            "schemas": {
-                "UsageRecord": USAGE_RECORD,
-                "Outcome": OUTCOME,
-                "Error": {
-                    "type": "object",
-                    "required": ["error"],
-                    "properties": {
-                        "error": {
-                            "type": "object",
-                            "required": ["type", "message"],
-                            "properties": {
-                                "type": {"type": "string"},
-                                "message": {"type": "string"},
-                                "param": {"type": "string", "nullable": True},
-                                "code": {"type": "string", "nullable": True},
-                            },
-                        }
-                    },
-                },
-            },
+            "schemas": schemas.components,
         },
     }

@@ -23,7 +23,14 @@ from aiohttp import web
 
 from app.budgets.admin import deletion_record, load_budgets_file, policy_record
 from app.budgets.gate import BudgetGate, BudgetRefused
-from app.budgets.policy import PolicyBook, PolicyError, parse_policy, scopes_of, validate_scope
+from app.budgets.policy import (
+    PolicyBody,
+    PolicyBook,
+    PolicyError,
+    parse_policy,
+    scopes_of,
+    validate_scope,
+)
 from app.budgets.spend import event_cost
 from app.clock import Clock
 from app.errors import TollgateError
@@ -37,11 +44,20 @@ from app.gateway.pipeline import (
     identity_scopes,
     parse_chat_request,
 )
+from app.gateway.requests import ChatBody
 from app.gateway.savings import SavingsLevers
 from app.gateway.shared_router import SharedRouter
 from app.gateway.upstreams import UpstreamPool
+from app.http import responses
 from app.http.errors import ApiError, http_error, invalid_request
-from app.http.openapi import openapi_document
+from app.http.openapi import (
+    ATTRIBUTION_HEADERS,
+    REPORT_PARAMS,
+    OutcomeBody,
+    UsageBody,
+    openapi_document,
+    operation,
+)
 from app.http.reports_api import REPORTS
 from app.http.savings import ChatContext, answer_chat
 from app.http.security import check_exposure, internal_token
@@ -227,10 +243,29 @@ def _check_budget_view_fresh(c: Components) -> None:
         )
 
 
+@operation(
+    "OpenAI-compatible chat completion (JSON, or an SSE stream with stream: true)",
+    "user",
+    body=ChatBody,
+    response=responses.ChatCompletion,
+    response_description="The provider's completion, passed through (or text/event-stream)",
+    parameters=tuple(ATTRIBUTION_HEADERS),
+    errors=(400, 401, 402, 403, 404, 413, 502, 503, 504),
+)
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     return await _chat(request, "chat.completions", native=False)
 
 
+@operation(
+    "Native chat API: model defaults to TOLLGATE_DEFAULT_MODEL; user_id, session_id and "
+    "metadata are not forwarded",
+    "user",
+    body=ChatBody,
+    response=responses.ChatCompletion,
+    response_description="The provider's completion, passed through (or text/event-stream)",
+    parameters=tuple(ATTRIBUTION_HEADERS),
+    errors=(400, 401, 402, 403, 404, 413, 502, 503, 504),
+)
 async def dispatch(request: web.Request) -> web.StreamResponse:
     return await _chat(request, "dispatch", native=True)
 
@@ -258,6 +293,16 @@ def _report_window(c: Components) -> TimeWindow:
     )
 
 
+@operation(
+    "Report usage of calls made outside the gateway (one record, a list, or {records: [...]})",
+    "user",
+    ok=202,
+    body=UsageBody,
+    response=responses.UsageAccepted,
+    response_description="Accepted and queued for delivery",
+    parameters=tuple(ATTRIBUTION_HEADERS),
+    errors=(400, 401, 403, 413),
+)
 async def report_usage(request: web.Request) -> web.Response:
     c = request.app[COMPONENTS]
     body = await read_json(request)
@@ -281,6 +326,15 @@ async def report_usage(request: web.Request) -> web.Response:
     return json_response({"accepted": len(accepted), "events": accepted}, status=202)
 
 
+@operation(
+    "Record business outcomes, for cost per successful outcome",
+    "user",
+    ok=202,
+    body=OutcomeBody,
+    response=responses.OutcomesAccepted,
+    response_description="Accepted and queued for delivery",
+    errors=(400, 401, 403, 413),
+)
 async def report_outcomes(request: web.Request) -> web.Response:
     c = request.app[COMPONENTS]
     body = await read_json(request)
@@ -322,6 +376,13 @@ def _scope(request: web.Request) -> str:
         raise invalid_request(str(exc), exc.field) from None
 
 
+@operation(
+    "Create or replace the policy of a scope",
+    "admin",
+    body=PolicyBody,
+    response=responses.PolicyOut,
+    errors=(400, 401, 403, 413),
+)
 async def put_budget(request: web.Request) -> web.Response:
     c = request.app[COMPONENTS]
     admin = _admin(request)
@@ -335,6 +396,9 @@ async def put_budget(request: web.Request) -> web.Response:
     return json_response(policy.to_json())
 
 
+@operation(
+    "The policy of a scope", "admin", response=responses.PolicyOut, errors=(400, 401, 403, 404)
+)
 async def get_budget(request: web.Request) -> web.Response:
     c = request.app[COMPONENTS]
     _admin(request)
@@ -345,6 +409,9 @@ async def get_budget(request: web.Request) -> web.Response:
     return json_response(policy.to_json())
 
 
+@operation(
+    "Remove the policy of a scope", "admin", response=responses.Deleted, errors=(400, 401, 403, 404)
+)
 async def delete_budget(request: web.Request) -> web.Response:
     c = request.app[COMPONENTS]
     admin = _admin(request)
@@ -356,6 +423,7 @@ async def delete_budget(request: web.Request) -> web.Response:
     return json_response({"deleted": scope})
 
 
+@operation("List budget policies", "admin", response=responses.PolicyList, errors=(401, 403))
 async def list_budgets(request: web.Request) -> web.Response:
     c = request.app[COMPONENTS]
     _admin(request)
@@ -364,6 +432,13 @@ async def list_budgets(request: web.Request) -> web.Response:
     )
 
 
+@operation(
+    "Spent, limit, state, period and resets_at of a scope",
+    "user_or_admin",
+    description="Any key may read its own user's status; an admin key any scope's.",
+    response=responses.BudgetStatusOut,
+    errors=(400, 401, 403, 404),
+)
 async def budget_status(request: web.Request) -> web.Response:
     c = request.app[COMPONENTS]
     scope = _scope(request)
@@ -383,6 +458,12 @@ async def budget_status(request: web.Request) -> web.Response:
 DASHBOARD_HTML = Path(__file__).with_name("dashboard.html")
 
 
+@operation(
+    "Built-in spend dashboard (HTML reading /v1/reports/*)",
+    "open",
+    media_type="text/html",
+    response_description="HTML page",
+)
 async def dashboard(request: web.Request) -> web.Response:
     """The built-in spend dashboard: one page that reads /v1/reports/*."""
     return web.Response(
@@ -393,6 +474,19 @@ async def dashboard(request: web.Request) -> web.Response:
     )
 
 
+@operation(
+    "ROI and spend reports from the warehouse",
+    "admin",
+    description="summary: totals and the finance sentence; breakdown: spend by model, user, "
+    "feature, tier or provider (by=user&limit=10: top spenders); timeseries: cost per minute, "
+    "hour or day with anomaly flags; savings: savings vs the baseline model, decomposed into "
+    "model choice, routing, prompt caching and cache hits, with cache hit rate and routing "
+    "efficiency; outcomes: cost per successful outcome by feature; budgets: status of every "
+    "capped scope. Ranges default to the last 30 days; `to` is exclusive.",
+    response=responses.Report,
+    parameters=tuple(REPORT_PARAMS),
+    errors=(400, 401, 403, 404, 503),
+)
 async def reports(request: web.Request) -> web.Response:
     c = request.app[COMPONENTS]
     _admin(request, "Reports (everyone's spend)")
@@ -434,6 +528,7 @@ async def reports(request: web.Request) -> web.Response:
 
 
 # -- discovery and operations ------------------------------------------------------------
+@operation("Models served", "open", response=responses.ModelList)
 async def list_models(request: web.Request) -> web.Response:
     c = request.app[COMPONENTS]
     data = [
@@ -443,10 +538,17 @@ async def list_models(request: web.Request) -> web.Response:
     return json_response({"object": "list", "data": data})
 
 
+@operation("Liveness", "open", response=responses.Health)
 async def healthz(request: web.Request) -> web.Response:
     return json_response({"status": "ok"})
 
 
+@operation(
+    "Readiness: prices loaded and Kafka connected or spool usable",
+    "open",
+    response=responses.Readiness,
+    extra_responses=((503, "Not ready"),),
+)
 async def readyz(request: web.Request) -> web.Response:
     c = request.app[COMPONENTS]
     spool_room = c.emitter.spool.size_bytes < c.settings.spool_max_bytes
@@ -465,14 +567,18 @@ async def readyz(request: web.Request) -> web.Response:
     return json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
 
 
+@operation(
+    "Prometheus metrics", "open", media_type="text/plain", response_description="Text format"
+)
 async def metrics(request: web.Request) -> web.Response:
     c = request.app[COMPONENTS]
     c.metrics.kafka_connected.set(1 if c.emitter.kafka_connected else 0)
     return web.Response(body=c.metrics.render(), content_type="text/plain", charset="utf-8")
 
 
+@operation("This document (OpenAPI 3.1)", "open", response_description="OpenAPI 3.1")
 async def openapi(request: web.Request) -> web.Response:
-    return json_response(openapi_document())
+    return json_response(openapi_document(ROUTES))
 
 
 ROUTES: list[tuple[str, str, Callable[[web.Request], Awaitable[web.StreamResponse]]]] = [

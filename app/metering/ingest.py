@@ -1,6 +1,8 @@
 """Validation of usage and outcome reports from other services (`/v1/usage`, `/v1/outcomes`).
 
-Owns the accepted shapes of those reports. A batch is validated whole before
+Owns the accepted shapes of those reports, as pydantic models (``UsageReport``,
+``OutcomeReport``; the trace reader of ``tollgate replay`` reads the same ``UsageReport``),
+from which the OpenAPI document is generated. A batch is validated whole before
 anything is emitted, so a bad record rejects the batch (400 naming the index
 and field) instead of writing part of it.
 """
@@ -11,21 +13,32 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import Annotated, Any, Literal, TypeVar, get_args
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    ValidationError,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+)
 
 from app.errors import InvalidRequest
 from app.ids import MAX_ID_LENGTH, id_problem
 from app.metering.attribution import Identity
 from app.metering.usage import event_time, new_id
 from app.pricing.catalog import usd_to_nanos
+from app.validation import ID_TEXT, MAX_TOKEN_COUNT, Id, TokenCount, custom_error, first_problem
 
 MAX_BATCH = 1000
 MAX_CLOCK_SKEW = timedelta(minutes=5)
 MAX_LATENESS = timedelta(days=7)
-MAX_COUNT = 2**31 - 1  # token counts are Avro ints
+MAX_COUNT = MAX_TOKEN_COUNT  # token counts are Avro ints
 MAX_USD = Decimal(1_000_000_000)  # one billion: far inside an Avro long of nano-dollars
 MAX_METADATA_ENTRIES = 32
-USAGE_STATUSES = ("ok", "error", "client_disconnected", "timeout")
 
 
 @dataclass(frozen=True)
@@ -90,151 +103,209 @@ def _records(body: Any, list_key: str, what: str) -> list[Any]:
     return records
 
 
-class RecordFields:
-    """Typed access to one usage or outcome record's fields, the same for every entry point.
-
-    ``error(name, message)`` builds the exception to raise: the API's 400 naming
-    ``records[i].field`` (``api_fields``), or a trace file's error naming its line.
-    """
-
-    def __init__(self, record: dict[str, Any], error: Callable[[str, str], Exception]) -> None:
-        self.record = record
-        self.error = error
-
-    def count(self, *names: str, required: bool = True) -> int:
-        """The first of ``names`` present: a token count (an Avro int, so at most 2**31 - 1)."""
-        for name in names:
-            value = self.record.get(name)
-            if value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNT:
-                raise self.error(name, f"must be an integer from 0 to {MAX_COUNT}, got {value!r}")
-            return value
-        if required:
-            also = "".join(f"; or '{alias}'" for alias in names[1:])
-            raise self.error(names[0], f"is required (an integer token count{also})")
-        return 0
-
-    def text(self, *names: str, required: bool = False) -> str | None:
-        """The first of ``names`` present and non-empty: an id (``app.ids``: printable, at most
-        256 characters)."""
-        for name in names:
-            value = self.record.get(name)
-            if value is None or value == "":
-                continue
-            if not isinstance(value, str):
-                raise self.error(
-                    name, f"must be a string of at most {MAX_ID_LENGTH} printable characters"
-                )
-            problem = id_problem(value)
-            if problem is not None:
-                raise self.error(name, problem)
-            return value
-        if required:
-            raise self.error(names[0], "is required (a non-empty string)")
-        return None
-
-    def choice(self, name: str, allowed: tuple[str, ...], default: str | None = None) -> str:
-        value = self.record.get(name, default)
-        if value not in allowed:
-            raise self.error(name, f"must be one of {', '.join(allowed)}, got {value!r}")
-        return str(value)
-
-    def timestamp(
-        self, name: str = "ts", *, required: bool = False, window: TimeWindow | None = None
-    ) -> datetime:
-        """ISO 8601 or epoch milliseconds, inside ``window`` (None: any time, e.g. a replayed
-        trace); missing = the window's now (or the clock's) unless ``required``."""
-        value = self.record.get(name)
-        now = window.now if window is not None else datetime.now(UTC)
-        if value is None:
-            if required:
-                raise self.error(name, "is required (ISO 8601 or epoch milliseconds)")
-            return event_time(now)
-        try:
-            if isinstance(value, bool):
-                raise ValueError
-            if isinstance(value, int | float):
-                parsed = datetime.fromtimestamp(value / 1000, UTC)
-            elif isinstance(value, str):
-                parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-                if parsed.tzinfo is None:
-                    parsed = parsed.replace(tzinfo=UTC)
-                parsed = parsed.astimezone(UTC)
-            else:
-                raise ValueError
-        except (ValueError, OverflowError, OSError):
-            if (
-                window is not None
-                and isinstance(value, int | float)
-                and not isinstance(value, bool)
-            ):
-                raise self.error(
-                    name,
-                    f"is out of range ({value!r}); accepted event times are {window.describe()}",
-                ) from None
-            raise self.error(
-                name,
-                f"must be ISO 8601 (2026-01-31T12:00:00Z) or epoch milliseconds, got {value!r}",
+def _timestamp(value: Any, window: TimeWindow | None) -> datetime:
+    """ISO 8601 or epoch milliseconds, inside ``window`` (None: any time, e.g. a replayed
+    trace)."""
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        if isinstance(value, int | float):
+            parsed = datetime.fromtimestamp(value / 1000, UTC)
+        elif isinstance(value, str):
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            if parsed.tzinfo is None:
+                parsed = parsed.replace(tzinfo=UTC)
+            parsed = parsed.astimezone(UTC)
+        else:
+            raise ValueError
+    except (ValueError, OverflowError, OSError):
+        if window is not None and isinstance(value, int | float) and not isinstance(value, bool):
+            raise custom_error(
+                f"is out of range ({value!r}); accepted event times are {window.describe()}"
             ) from None
-        if window is not None and not window.earliest <= parsed <= window.latest:
-            when = "in the future" if parsed > window.latest else "too late"
-            raise self.error(
-                name,
-                f"is {when} ({parsed.isoformat()}); accepted event times are {window.describe()}",
-            )
-        return event_time(parsed)
+        raise custom_error(
+            f"must be ISO 8601 (2026-01-31T12:00:00Z) or epoch milliseconds, got {value!r}"
+        ) from None
+    if window is not None and not window.earliest <= parsed <= window.latest:
+        when = "in the future" if parsed > window.latest else "too late"
+        raise custom_error(
+            f"is {when} ({parsed.isoformat()}); accepted event times are {window.describe()}"
+        )
+    return event_time(parsed)
 
-    def flag(self, name: str) -> bool:
-        value = self.record.get(name, False)
-        if not isinstance(value, bool):
-            raise self.error(name, f"must be true or false, got {value!r}")
-        return value
 
-    def metadata(self) -> dict[str, str]:
-        """At most 32 entries; keys and values are ids (printable, at most 256 characters)."""
-        value = self.record.get("metadata") or {}
-        if not isinstance(value, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
-        ):
-            raise self.error("metadata", "must be an object of string values")
-        if len(value) > MAX_METADATA_ENTRIES:
-            raise self.error(
-                "metadata", f"has {len(value)} entries; at most {MAX_METADATA_ENTRIES} are kept"
-            )
-        for key, text in value.items():
-            problem = id_problem(key)
-            if problem is None and (problem := id_problem(text)) is not None:
-                problem = f"value of {key!r} {problem}"
-            elif problem is not None:
-                problem = f"key {key[:40]!r} {problem}"
-            if problem is not None:
-                raise self.error("metadata", problem)
-        return value
+def _metadata(value: Any) -> dict[str, str]:
+    """At most 32 entries; keys and values are ids (printable, at most 256 characters)."""
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise custom_error("must be an object of string values")
+    if len(value) > MAX_METADATA_ENTRIES:
+        raise custom_error(f"has {len(value)} entries; at most {MAX_METADATA_ENTRIES} are kept")
+    for key, text in value.items():
+        problem = id_problem(key)
+        if problem is None and (problem := id_problem(text)) is not None:
+            problem = f"value of {key!r} {problem}"
+        elif problem is not None:
+            problem = f"key {key[:40]!r} {problem}"
+        if problem is not None:
+            raise custom_error(problem)
+    return value
 
-    def usd_nanos(self, name: str) -> int | None:
-        value = self.record.get(name)
+
+def _usd_nanos(value: Any) -> int:
+    try:
+        if isinstance(value, bool):
+            raise InvalidOperation
+        amount = Decimal(str(value))
+    except InvalidOperation:
+        raise custom_error(f"must be a number of USD, got {value!r}") from None
+    if not amount.is_finite() or not 0 <= amount <= MAX_USD:
+        raise custom_error(f"must be a number of USD from 0 to {MAX_USD:,}, got {value!r}")
+    return usd_to_nanos(amount)
+
+
+Metadata = Annotated[
+    dict[str, str],
+    PlainValidator(_metadata),
+    WithJsonSchema(
+        {
+            "type": "object",
+            "maxProperties": MAX_METADATA_ENTRIES,
+            "additionalProperties": {"type": "string", "maxLength": MAX_ID_LENGTH},
+            "description": f"At most {MAX_METADATA_ENTRIES} entries; keys and values are ids",
+        }
+    ),
+]
+TIMESTAMP_SCHEMA = {
+    "description": "ISO 8601 or epoch milliseconds, within TOLLGATE_USAGE_MAX_LATENESS_S "
+    "(default 7 days) before the gateway's clock and TOLLGATE_USAGE_MAX_CLOCK_SKEW_S "
+    "(default 5 minutes) after it",
+    "anyOf": [{"type": "string", "format": "date-time"}, {"type": "integer"}, {"type": "null"}],
+}
+Timestamp = Annotated[Any, WithJsonSchema(TIMESTAMP_SCHEMA)]
+# Attribution fields are read (and checked, naming the field) by ``resolve_identity``.
+AttributionId = Annotated[
+    str, WithJsonSchema({"type": "string", "maxLength": MAX_ID_LENGTH, "description": ID_TEXT})
+]
+
+
+UsageStatus = Literal["ok", "error", "client_disconnected", "timeout"]
+USAGE_STATUSES: tuple[str, ...] = get_args(UsageStatus)
+
+
+class _Report(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    @field_validator("ts", mode="after", check_fields=False)
+    @classmethod
+    def _in_window(cls, value: Any, info: ValidationInfo) -> datetime | None:
         if value is None:
             return None
-        try:
-            if isinstance(value, bool):
-                raise InvalidOperation
-            amount = Decimal(str(value))
-        except InvalidOperation:
-            raise self.error(name, f"must be a number of USD, got {value!r}") from None
-        if not amount.is_finite() or not 0 <= amount <= MAX_USD:
-            raise self.error(name, f"must be a number of USD from 0 to {MAX_USD:,}, got {value!r}")
-        return usd_to_nanos(amount)
+        window = info.context.get("window") if info.context else None
+        return _timestamp(value, window)
 
 
-def api_fields(record: Any, where: str) -> RecordFields:
-    """Fields of ``records[i]`` of an API body; errors are 400s naming ``records[i].field``."""
+class UsageReport(_Report):
+    """One call made outside the gateway, reported to ``POST /v1/usage`` (or a trace line)."""
+
+    model: Id = Field(description="The model that served the call (a non-empty id)")
+    prompt_tokens: TokenCount | None = Field(default=None, description="Or input_tokens")
+    input_tokens: TokenCount | None = None
+    completion_tokens: TokenCount | None = Field(default=None, description="Or output_tokens")
+    output_tokens: TokenCount | None = None
+    cached_tokens: TokenCount | None = None  # null = absent, as for every count
+    model_requested: Id | None = Field(
+        default=None,
+        description="Model the caller asked for, when a router served `model` instead "
+        "(the difference is reported as routing savings)",
+    )
+    cache_hit: bool = Field(
+        default=False,
+        description="A cache answered without a provider call: cost 0, and the model's "
+        "price for these tokens is reported as cache savings",
+    )
+    request_id: Id | None = None
+    provider: Id | None = None
+    ts: Timestamp = None
+    latency_ms: TokenCount | None = None
+    status: UsageStatus = "ok"
+    metadata: Metadata | None = None
+    user_id: AttributionId | None = None
+    user: AttributionId | None = Field(default=None, description="Same as user_id")
+    session_id: AttributionId | None = None
+    feature: AttributionId | None = None
+    team: AttributionId | None = None
+
+    def tokens(self, error: Callable[[str, str], Exception]) -> tuple[int, int, int]:
+        """(prompt, completion, cached), each from its field or its alias."""
+        prompt = self.prompt_tokens if self.prompt_tokens is not None else self.input_tokens
+        if prompt is None:
+            raise error("prompt_tokens", "is required (an integer token count; or 'input_tokens')")
+        completion = (
+            self.completion_tokens if self.completion_tokens is not None else self.output_tokens
+        )
+        if completion is None:
+            raise error(
+                "completion_tokens", "is required (an integer token count; or 'output_tokens')"
+            )
+        cached = self.cached_tokens or 0
+        if cached > prompt:
+            raise error("cached_tokens", f"({cached}) cannot exceed prompt_tokens ({prompt})")
+        return prompt, completion, cached
+
+
+class OutcomeReport(_Report):
+    """A business outcome reported to ``POST /v1/outcomes``. Needs request_id or session_id.
+    With keys, a non-admin key may report only on its own user's requests and sessions (or
+    users in its may_act_for): else 403."""
+
+    outcome: Literal["success", "failure"]
+    request_id: Id | None = None
+    session_id: Id | None = None
+    kind: Id | None = None
+    value_usd: Annotated[
+        int | None,
+        PlainValidator(lambda value: None if value is None else _usd_nanos(value)),
+        WithJsonSchema({"type": ["number", "null"], "minimum": 0, "maximum": int(MAX_USD)}),
+    ] = Field(default=None, description="USD; held as nano-dollars once validated")
+    ts: Timestamp = None
+    metadata: Metadata | None = None
+    user_id: AttributionId | None = None
+    user: AttributionId | None = None
+    feature: AttributionId | None = None
+
+
+M = TypeVar("M", bound=_Report)
+
+
+def validate_record(
+    model: type[M],
+    record: Any,
+    error: Callable[[str, str], Exception],
+    window: TimeWindow | None = None,
+) -> M:
+    """``record`` as ``model``; ``error(field, message)`` builds what to raise (the API's 400
+    naming ``records[i].field``, or a trace file's error naming its line)."""
+    try:
+        return model.model_validate(record, context={"window": window})
+    except ValidationError as exc:
+        name, problem = first_problem(exc, model)
+        raise error(name or "", problem) from None
+
+
+def _api_error(where: str) -> Callable[[str, str], Exception]:
+    def error(name: str, message: str) -> Exception:
+        field = f"{where}.{name}" if name else where
+        return InvalidRequest(f"{field} {message}", field=field)
+
+    return error
+
+
+def _api_record(model: type[M], record: Any, where: str, window: TimeWindow) -> M:
     if not isinstance(record, dict):
         raise InvalidRequest(f"{where} must be an object", field=where)
-    return RecordFields(
-        record,
-        lambda name, message: InvalidRequest(f"{where}.{name} {message}", field=f"{where}.{name}"),
-    )
+    return validate_record(model, record, _api_error(where), window)
 
 
 def parse_usage_reports(
@@ -246,27 +317,28 @@ def parse_usage_reports(
     window = window or TimeWindow()
     reports = []
     for index, record in enumerate(_records(body, "records", "usage records")):
-        f = api_fields(record, f"records[{index}]")
-        prompt = f.count("prompt_tokens", "input_tokens")
-        cached = f.count("cached_tokens", required=False)
-        if cached > prompt:
-            raise f.error("cached_tokens", f"({cached}) cannot exceed prompt_tokens ({prompt})")
-        latency = f.count("latency_ms", required=False)
+        where = f"records[{index}]"
+        identity = resolve(record) if isinstance(record, dict) else None
+        report = _api_record(UsageReport, record, where, window)
+        prompt, completion, cached = report.tokens(_api_error(where))
+        if not report.model:
+            raise _api_error(where)("model", "is required (a non-empty string)")
+        assert identity is not None  # a record that is not an object was refused above
         reports.append(
             {
-                "identity": resolve(record),
-                "model": f.text("model", required=True),
-                "model_requested": f.text("model_requested"),
-                "cache_hit": f.flag("cache_hit"),
+                "identity": identity,
+                "model": report.model,
+                "model_requested": report.model_requested or None,
+                "cache_hit": report.cache_hit,
                 "prompt_tokens": prompt,
-                "completion_tokens": f.count("completion_tokens", "output_tokens"),
+                "completion_tokens": completion,
                 "cached_tokens": cached,
-                "request_id": f.text("request_id") or new_id("rep_"),
-                "provider": f.text("provider"),
-                "ts": f.timestamp(window=window),
-                "latency_ms": min(latency, 2**31 - 1),
-                "status": f.choice("status", USAGE_STATUSES, default="ok"),
-                "metadata": f.metadata(),
+                "request_id": report.request_id or new_id("rep_"),
+                "provider": report.provider or None,
+                "ts": report.ts or event_time(window.now),
+                "latency_ms": report.latency_ms or 0,
+                "status": report.status,
+                "metadata": report.metadata or {},
             }
         )
     return reports
@@ -279,23 +351,26 @@ def parse_outcomes(
     window = window or TimeWindow()
     outcomes = []
     for index, record in enumerate(_records(body, "outcomes", "outcomes")):
-        f = api_fields(record, f"outcomes[{index}]")
-        request_id, session_id = f.text("request_id"), f.text("session_id")
+        where = f"outcomes[{index}]"
+        report = _api_record(OutcomeReport, record, where, window)
+        request_id, session_id = report.request_id or None, report.session_id or None
         if not request_id and not session_id:
-            raise f.error("request_id", "or session_id is required to link the outcome to spend")
+            raise _api_error(where)(
+                "request_id", "or session_id is required to link the outcome to spend"
+            )
         identity = resolve(record)
         outcomes.append(
             {
                 "event_id": new_id(),
-                "ts": f.timestamp(window=window),
+                "ts": report.ts or event_time(window.now),
                 "request_id": request_id,
                 "session_id": session_id,
                 "user_id": None if identity.user_id == "anonymous" else identity.user_id,
                 "feature": identity.feature,
-                "outcome": f.choice("outcome", ("success", "failure")),
-                "kind": f.text("kind"),
-                "value_usd_nanos": f.usd_nanos("value_usd"),
-                "metadata": f.metadata(),
+                "outcome": report.outcome,
+                "kind": report.kind or None,
+                "value_usd_nanos": report.value_usd,
+                "metadata": report.metadata or {},
             }
         )
     return outcomes

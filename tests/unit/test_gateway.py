@@ -95,3 +95,40 @@ def test_relay_hides_the_usage_chunk_the_client_did_not_ask_for() -> None:
     assert b'"usage"' not in forwarded
     assert forwarded.endswith(b"data: [DONE]\n\n")
     assert call.completion_tokens == 3
+
+
+def test_unknown_fields_reach_the_provider_untouched() -> None:
+    """OpenAI adds request fields all the time: the model must not drop or rewrite them."""
+    body = {
+        "model": "gpt-4o",
+        "messages": [{"role": "user", "content": "hi", "name": "x", "future_field": [1, {"a": 2}]}],
+        "response_format": {"type": "json_schema", "json_schema": {"name": "s", "strict": True}},
+        "reasoning_effort": "low",
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+        "some_field_openai_adds_tomorrow": {"nested": [None, 1.5, "x"]},
+        "metadata": {"feature": "f", "other": "kept"},
+        "user_id": "u",
+        "session_id": "s",
+    }
+    chat = parse_chat_request(orjson.loads(orjson.dumps(body)))
+    expected = {k: v for k, v in body.items() if k not in ("user_id", "session_id")}
+    assert chat.upstream_body == expected
+    assert orjson.loads(orjson.dumps(chat.upstream_body)) == expected
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "words"),
+    [
+        ({"model": "m", "messages": MSG, "max_tokens": 2**31}, "max_tokens", "1 to 2147483647"),
+        ({"model": "m", "messages": MSG, "n": 0}, "n", "integer from 1"),
+        ({"model": "m", "messages": [{"content": "x"}]}, "messages", "[0].role"),
+        ({"model": "m", "messages": [{"role": "user", "content": 5}]}, "messages", "content"),
+        ({"model": "m", "messages": MSG, "stream": 1}, "stream", "true or false"),
+        ({"model": "m", "messages": []}, "messages", "at least 1"),
+    ],
+)
+def test_validation_messages_name_the_field_and_the_fix(body: dict, param: str, words: str) -> None:
+    with pytest.raises(TollgateError) as info:
+        parse_chat_request(body)
+    assert info.value.field == param
+    assert f"'{param}'" in info.value.message and words in info.value.message

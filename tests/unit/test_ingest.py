@@ -88,3 +88,23 @@ def test_outcomes() -> None:
         parse_outcomes({"request_id": "r", "outcome": "great"}, resolve)
     with pytest.raises(TollgateError, match="value_usd"):
         parse_outcomes({"request_id": "r", "outcome": "success", "value_usd": -3}, resolve)
+
+
+def test_null_optional_fields_count_as_absent() -> None:
+    """Clients send explicit nulls for fields they do not have; that must not be a 400."""
+    record = {
+        "model": "m",
+        "prompt_tokens": 3,
+        "input_tokens": None,
+        "completion_tokens": 2,
+        "cached_tokens": None,
+        "latency_ms": None,
+        "request_id": None,
+        "provider": None,
+        "model_requested": None,
+        "metadata": None,
+        "ts": None,
+    }
+    [report] = parse_usage_reports(record, resolve)
+    assert (report["cached_tokens"], report["latency_ms"], report["metadata"]) == (0, 0, {})
+    assert report["provider"] is None and report["request_id"].startswith("rep_")

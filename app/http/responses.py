@@ -1,0 +1,115 @@
+"""Response shapes of the dispatcher's JSON routes, for the OpenAPI document only.
+
+Owns what ``/openapi.json`` says the dispatcher answers. Nothing validates or re-serialises
+a response through these models: handlers build their JSON directly, and a provider's body
+is passed through as bytes (unknown provider fields survive, and it costs no CPU), so the
+chat completion model lists the usual fields and allows any others.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"additionalProperties": True})
+
+
+class ErrorDetail(_Open):
+    type: str = Field(description="e.g. invalid_request_error, budget_exceeded")
+    message: str = Field(description="What went wrong and what to do about it")
+    param: str | None = Field(default=None, description="The field or header to change")
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """Every error, in OpenAI's shape; a 402 adds scope, limit_usd, spent_usd, resets_at..."""
+
+    error: ErrorDetail
+
+
+class ChatCompletion(_Open):
+    """The provider's completion, passed through unchanged (or an SSE stream of chunks)."""
+
+    id: str | None = None
+    object: str | None = None
+    model: str | None = None
+    choices: list[dict[str, Any]] = Field(default_factory=list)
+    usage: dict[str, Any] | None = None
+
+
+class AcceptedUsage(BaseModel):
+    event_id: str
+    request_id: str
+    cost_usd: str
+    price_unknown: bool
+
+
+class UsageAccepted(BaseModel):
+    accepted: int
+    events: list[AcceptedUsage]
+
+
+class OutcomesAccepted(BaseModel):
+    accepted: int
+    event_ids: list[str]
+
+
+class PolicyOut(BaseModel):
+    scope: str
+    period: Literal["day", "month", "window"]
+    limit_usd: str
+    thresholds: list[float]
+    timezone: str
+    window_seconds: int | None
+    upgrade_url: str | None
+    upgrade_prompt: str | None
+
+
+class PolicyList(BaseModel):
+    budgets: list[PolicyOut]
+
+
+class Deleted(BaseModel):
+    deleted: str
+
+
+class BudgetStatusOut(_Open):
+    scope: str
+    state: Literal["open", "warn", "blocked"]
+    decided_by: str | None = None
+    period: str
+    limit_usd: str
+    spent_usd: str
+    remaining_usd: str
+    period_start: str
+    resets_at: str
+    breakdown: dict[str, str]
+    worker_decision: dict[str, Any] | None = None
+
+
+class Model(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[Model]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Readiness(BaseModel):
+    ready: bool
+    checks: dict[str, Any]
+
+
+class Report(_Open):
+    """A report from the warehouse (its fields depend on the report)."""

@@ -1,0 +1,123 @@
+"""Request bodies as pydantic models: the shared field types and the one reading of a failure.
+
+Owns what every request model needs: the identifier type (``Id``, the rule of ``app.ids``),
+bounded integers (``TokenCount``, :func:`int_between`), and :func:`first_problem`, which turns
+a pydantic ``ValidationError`` into the field to name and a message saying what to send
+instead ("must be an integer from 0 to 2147483647, got -1"). The models themselves live with
+the domain that owns each shape (``app.gateway.requests``, ``app.metering.ingest``,
+``app.budgets.policy``); the OpenAPI document is generated from them (``app.http.openapi``).
+
+It does not own HTTP: callers raise their domain error (``InvalidRequest``, ``PolicyError``)
+with the field and message, and ``app.http.errors`` maps it to a 400.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, PlainValidator, ValidationError, WithJsonSchema
+from pydantic_core import PydanticCustomError
+
+from app.ids import MAX_ID_LENGTH, id_problem
+
+MAX_TOKEN_COUNT = 2**31 - 1  # token counts are Avro ints in the events
+ID_TEXT = f"Printable text (no control characters), at most {MAX_ID_LENGTH} characters"
+
+
+def custom_error(message: str) -> PydanticCustomError:
+    """A validator's own failure, reported by :func:`first_problem` as written."""
+    return PydanticCustomError("tollgate", message)  # no context: braces are kept as written
+
+
+def _checked_id(value: Any) -> str:
+    if not isinstance(value, str):
+        raise custom_error(
+            f"must be a string of at most {MAX_ID_LENGTH} printable characters, got {_shown(value)}"
+        )
+    problem = id_problem(value)
+    if problem is not None:
+        raise custom_error(problem)
+    return value
+
+
+Id = Annotated[
+    str,
+    PlainValidator(_checked_id),
+    WithJsonSchema({"type": "string", "maxLength": MAX_ID_LENGTH, "description": ID_TEXT}),
+]
+"""An identifier (user, session, feature, model, request, provider...): ``app.ids``'s rule."""
+
+
+def int_between(low: int, high: int) -> PlainValidator:
+    """A validator of integers from ``low`` to ``high`` (never a bool, float or numeric string)."""
+
+    def check(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise custom_error(f"must be an integer from {low} to {high}, got {_shown(value)}")
+        return value
+
+    return PlainValidator(check)
+
+
+def int_schema(low: int, high: int, description: str | None = None) -> WithJsonSchema:
+    schema: dict[str, Any] = {"type": "integer", "minimum": low, "maximum": high}
+    if description:
+        schema["description"] = description
+    return WithJsonSchema(schema)
+
+
+TokenCount = Annotated[
+    int, int_between(0, MAX_TOKEN_COUNT), int_schema(0, MAX_TOKEN_COUNT, "A token count")
+]
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _expected(context: dict[str, Any] | None) -> str:
+    expected = str((context or {}).get("expected", ""))
+    return expected.replace("'", "").replace(" or ", ", ")
+
+
+def first_problem(
+    exc: ValidationError, model: type[BaseModel] | None = None
+) -> tuple[str | None, str]:
+    """(field, message) of the first error: the top-level field it is in (None: the body
+    itself) and what is wrong or what to send, ending in the value received; the caller
+    puts the field's name in front the way its API spells it. With ``model``, a missing
+    field's description says what to send."""
+    error = exc.errors(include_url=False)[0]
+    loc = error["loc"]
+    field = str(loc[0]) if loc else None
+    inner = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc[1:]).lstrip(".")
+    kind = error["type"]
+    got = f", got {_shown(error.get('input'))}"
+    if kind == "missing":
+        if inner:
+            return field, f"is missing {inner}"
+        info = model.model_fields.get(field or "") if model is not None else None
+        return field, f"is required: {info.description}" if info and info.description else (
+            "is required"
+        )
+    prefix = f"{inner} " if inner else ""
+    if kind == "tollgate":  # our own validators' messages, already phrased for the field
+        return field, prefix + error["msg"]
+    if kind == "extra_forbidden":
+        return field, f"{prefix}is not a known field"
+    if kind == "bool_type":
+        return field, f"{prefix}must be true or false{got}"
+    if kind == "string_type":
+        return field, f"{prefix}must be a string{got}"
+    if kind == "literal_error":
+        return field, f"{prefix}must be one of {_expected(error.get('ctx'))}{got}"
+    if kind in ("dict_type", "model_type", "model_attributes_type"):
+        return field, f"{prefix}must be an object{got}"
+    if kind == "too_short":
+        least = (error.get("ctx") or {}).get("min_length", 1)
+        return field, f"{prefix}must have at least {least} item{'s' if least != 1 else ''}{got}"
+    if kind == "list_type":
+        return field, f"{prefix}must be a list{got}"
+    message = error["msg"]
+    return field, f"{prefix}is invalid: {message[0].lower()}{message[1:]}{got}"
