@@ -1,6 +1,6 @@
 """What the savings levers save on real traffic shapes: the router and the cache in the real pipeline.
 
-One run, four parts:
+One run, three parts:
 
 1. **Overhead** (in process, before any server starts): what the router and the response
    cache cost per request against parsing the request, by calling
