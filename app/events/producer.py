@@ -106,6 +106,23 @@ class EventEmitter:
             return False
         return self.spool.depth == 0 or time.monotonic() - self._last_ack < STALL_AFTER_S
 
+    @property
+    def delivery_problem(self) -> str | None:
+        """Why events are not being delivered, in words, or None while they are: the last
+        error, else how long Kafka has left the spool unacknowledged (a send can wait on a
+        broker that is down without raising for a while)."""
+        if self.kafka_connected:
+            return None
+        if self.last_error:
+            return self.last_error
+        if not self._producer_up:
+            return "not connected to Kafka yet"
+        waited = time.monotonic() - self._last_ack
+        return (
+            f"Kafka has acknowledged nothing for {waited:.0f} s "
+            f"({self.spool.depth} events waiting in the spool)"
+        )
+
     # -- lifecycle --------------------------------------------------------------------
     async def start(self) -> None:
         self._task = asyncio.create_task(self._drain_forever(), name="tollgate-event-drain")

@@ -557,7 +557,7 @@ async def readyz(request: web.Request) -> web.Response:
         "kafka_connected": c.emitter.kafka_connected,
         "spool_active": spool_room,
         "spool_depth": c.emitter.depth,
-        "kafka_error": c.emitter.last_error,
+        "kafka_error": c.emitter.delivery_problem,
         "budget_decisions_synced": c.decision_view.synced.is_set(),
         "budget_policies_synced": c.policy_view.synced.is_set(),
     }
