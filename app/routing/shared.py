@@ -22,6 +22,7 @@ import numpy as np
 import orjson
 
 from app.routing.model import Features
+from app.routing.signals import SIGNAL_NAMES
 
 RECORD_VERSION = 1
 Label = Literal["success", "failure"]
@@ -79,6 +80,8 @@ def decode_record(value: bytes) -> RoutedCall | LabelRecord:
         if data["kind"] == "routed":
             keys = np.frombuffer(base64.b64decode(data["keys"]), dtype="<u4").astype(np.intp)
             signals = {str(k): float(v) for k, v in data["signals"].items()}
+            for name in SIGNAL_NAMES:  # a record from a dispatcher that had fewer signals
+                signals.setdefault(name, 0.0)
             return RoutedCall(data["request_id"], data["feature"], Features(signals, keys))
         if data["kind"] == "label" and data["outcome"] in ("success", "failure"):
             return LabelRecord(data["request_id"], data["outcome"], str(data["source"]))
