@@ -170,6 +170,64 @@ def evaluate(
     return result
 
 
+QUALITY_TARGETS = (0.5, 0.6, 0.7, 0.75, 0.8, 0.9)
+
+
+def padded_body(prompt: str, texts: Sequence[str], rng: random.Random, size: int) -> dict[str, Any]:
+    """The prompt as the user message after a system message of other prompts' text that
+    brings the body to ``size`` characters: how ``bench/savings.py`` pads GSM8K questions
+    to the Azure trace's sizes (its ``_context``)."""
+    from bench.savings import _context  # bench.savings imports this module
+
+    messages = []
+    context_chars = max(0, size - len(prompt))
+    if context_chars:
+        messages.append({"role": "system", "content": _context(texts, rng, context_chars)})
+    messages.append({"role": "user", "content": prompt})
+    return {"model": "auto", "messages": messages}
+
+
+def calibration(data: list[Example], seeds: Sequence[int], size: int) -> dict[str, Any]:
+    """Economy share per ``quality_target`` on prompts padded to ``size`` characters.
+
+    Per split, the Tollgate router learns the first half's economy outcomes of padded prompts
+    (what it would see on real traffic) and routes the second half, padded as well; the
+    prior-only router routes the same padded prompts. Also the APGR of those padded scores.
+    """
+    texts = [e.prompt for e in data]
+    shares: dict[str, dict[float, list[float]]] = {
+        name: {q: [] for q in QUALITY_TARGETS} for name in ("tollgate_prior", "tollgate")
+    }
+    apgr: list[float] = []
+    for seed in seeds:
+        shuffled = data[:]
+        random.Random(seed).shuffle(shuffled)
+        half = len(shuffled) // 2
+        train, test = shuffled[:half], shuffled[half:]
+        rng = random.Random(f"pad-{seed}")
+        prior, learned = Router(RoutingSettings()), Router(RoutingSettings())
+        for example in train:
+            outcome = "success" if example.weak_correct else "failure"
+            learned.learn(padded_body(example.prompt, texts, rng, size), "economy", outcome)
+        bodies = [padded_body(e.prompt, texts, rng, size) for e in test]
+        for name, router in (("tollgate_prior", prior), ("tollgate", learned)):
+            scores = [router.route(body).score or 0.0 for body in bodies]
+            for q in QUALITY_TARGETS:
+                shares[name][q].append(sum(1.0 - s >= q for s in scores) / len(scores))
+            if name == "tollgate":
+                weak = [e.weak_correct for e in test]
+                apgr.append(quality_curve(scores, weak, [e.strong_correct for e in test]).apgr)
+    return {
+        "padded_to_chars": size,
+        "economy_share": {
+            name: {str(q): statistics.mean(v) for q, v in by_q.items()}
+            for name, by_q in shares.items()
+        },
+        "padded_apgr_mean": statistics.mean(apgr),
+        "padded_apgr_std": statistics.stdev(apgr) if len(apgr) > 1 else 0.0,
+    }
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     data = load(Path(args.data))
     seeds = list(range(args.seed, args.seed + args.splits))
@@ -196,6 +254,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "std_difference": statistics.stdev(differences) if len(differences) > 1 else 0.0,
             "splits_won": sum(d > 0 for d in differences),
         }
+    padded = calibration(data, seeds, args.padded_chars) if args.padded_chars else None
     weak = sum(e.weak_correct for e in data) / len(data)
     strong = sum(e.strong_correct for e in data) / len(data)
     return {
@@ -207,6 +266,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "seeds": seeds,
         "machine": {"python": platform.python_version(), "cpus": _cpus()},
         "results": results,
+        "padded": padded,
     }
 
 
@@ -238,6 +298,20 @@ def table(report: dict[str, Any]) -> str:
             f"| {r['router']} | {r['apgr_mean']:.3f} ± {r['apgr_std']:.3f} ({r['apgr_min']:.3f}) "
             f"| {versus} | {r['cpt50_mean']:.1%} | {r['cpt80_mean']:.1%} | {timing} |"
         )
+    padded = report.get("padded")
+    if padded:
+        lines += [
+            "",
+            f"Economy share by quality_target, prompts padded to {padded['padded_to_chars']:,} "
+            f"characters (learned on padded prompts; APGR of these scores "
+            f"{padded['padded_apgr_mean']:.3f} ± {padded['padded_apgr_std']:.3f}):",
+            "",
+            "| router | " + " | ".join(str(q) for q in QUALITY_TARGETS) + " |",
+            "|---|" + "--:|" * len(QUALITY_TARGETS),
+        ]
+        for name, by_q in padded["economy_share"].items():
+            cells = " | ".join(f"{by_q[str(q)]:.1%}" for q in QUALITY_TARGETS)
+            lines.append(f"| {name} | {cells} |")
     return "\n".join(lines)
 
 
@@ -246,6 +320,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="RouteLLM responses CSV")
     parser.add_argument("--splits", type=int, default=10, help="random 50/50 splits")
     parser.add_argument("--seed", type=int, default=0, help="first split's seed")
+    parser.add_argument(
+        "--padded-chars", type=int, default=4096,
+        help="also route prompts padded to this size per quality_target (0: skip)",
+    )  # fmt: skip
     parser.add_argument("--json-out", default=None, help="also write the JSON figures here")
     return parser.parse_args(argv)
 

@@ -53,6 +53,10 @@ _SMOOTHING = 20.0  # pseudo-outcomes pulling a word's failure rate towards the o
 _EPSILON = 1e-6
 FEATURE_BITS_FEWER = 3  # a feature learner folds keys into 2**(hash_bits - 3) buckets
 GLOBAL = "*"
+# Standardised inputs are clipped to +-Z_CLIP deviations, learning and scoring alike: a prompt
+# far outside what was learned (a feature that starts sending long documents) must not swing
+# the score by a weight times dozens of deviations.
+Z_CLIP = 4.0
 
 
 class RouterCheckpointError(ValueError):
@@ -88,7 +92,7 @@ class Features:
 PARTS: tuple[str, ...] = (*SIGNAL_NAMES, "similar_outcomes", "baseline")
 _SIMILAR = PARTS.index("similar_outcomes")
 _BASELINE = PARTS.index("baseline")
-_INPUT_PART = {"length": PARTS.index("length"), "depth": PARTS.index("depth")}
+_INPUT_PART = {name: PARTS.index(name) for name in ("length", "context", "depth")}
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +168,7 @@ class _Learner:
         return {
             "prior": prior_logit,
             "length": features.signals["length"],
+            "context": features.signals["context"],
             "depth": features.signals["depth"],
             "evidence_mean": evidence_mean,
             "evidence_sum": evidence_sum,
@@ -182,15 +187,24 @@ class _Learner:
             variance = variances.get(name, 0.0)
             if not weight or not variance:
                 continue
-            scale = weight / math.sqrt(variance)
+            deviation = math.sqrt(variance)
+            scale = weight / deviation
             mean = means.get(name, 0.0)
-            logit += scale * (value - mean)
+            # an input far outside what was learned counts as Z_CLIP deviations at most
+            clipped = mean + min(max((value - mean) / deviation, -Z_CLIP), Z_CLIP) * deviation
+            logit += scale * (clipped - mean)
             if name == "prior":
                 # the prior's log-odds, spread back over the signals it is made of
-                baseline += scale * (PRIOR_INTERCEPT - mean)
-                for index, part in enumerate(prior_parts):
-                    parts[index] += scale * part
+                raw = value - PRIOR_INTERCEPT
+                if raw:
+                    baseline += scale * (PRIOR_INTERCEPT - mean)
+                    shrink = (clipped - PRIOR_INTERCEPT) / raw
+                    for index, part in enumerate(prior_parts):
+                        parts[index] += scale * part * shrink
+                else:
+                    baseline += scale * (clipped - mean)
             else:
+                value = clipped
                 index = _SIMILAR if name.startswith("evidence") else _INPUT_PART[name]
                 parts[index] += scale * value
                 baseline -= scale * mean
@@ -200,7 +214,9 @@ class _Learner:
     def learn(self, features: Features, prior_logit: float, failed: bool) -> None:
         inputs = self.inputs(features, prior_logit)  # before the counts include this prompt
         self.scaler.learn_one(inputs)
-        self.regression.learn_one(self.scaler.transform_one(inputs), failed)
+        scaled = self.scaler.transform_one(inputs)
+        clipped = {name: min(max(z, -Z_CLIP), Z_CLIP) for name, z in scaled.items()}
+        self.regression.learn_one(clipped, failed)
         self._weights = self.regression.weights
         self._intercept = float(self.regression.intercept)
         self.outcomes += 1

@@ -2,7 +2,7 @@
 
 Owns the wire format of ``<prefix>.routing.features`` records (JSON, internal, like the spend
 worker's partials): a **routed** record for each economy-routed call (the router's features of
-the prompt, never its text: hashed keys and the ten signals) and a **label** record when the
+the prompt, never its text: hashed keys and the eleven signals) and a **label** record when the
 dispatcher itself judged the economy answer a failure (empty, truncated or refused: exactly
 the validator failures :class:`~app.gateway.savings.SavingsLevers` learns locally). It owns
 :class:`OutcomeJoin`, which pairs routed calls with their first label (an ``Outcome`` event or
@@ -22,6 +22,7 @@ import numpy as np
 import orjson
 
 from app.routing.model import Features
+from app.routing.signals import SIGNAL_NAMES
 
 RECORD_VERSION = 1
 Label = Literal["success", "failure"]
@@ -79,6 +80,8 @@ def decode_record(value: bytes) -> RoutedCall | LabelRecord:
         if data["kind"] == "routed":
             keys = np.frombuffer(base64.b64decode(data["keys"]), dtype="<u4").astype(np.intp)
             signals = {str(k): float(v) for k, v in data["signals"].items()}
+            for name in SIGNAL_NAMES:  # a record from a dispatcher that had fewer signals
+                signals.setdefault(name, 0.0)
             return RoutedCall(data["request_id"], data["feature"], Features(signals, keys))
         if data["kind"] == "label" and data["outcome"] in ("success", "failure"):
             return LabelRecord(data["request_id"], data["outcome"], str(data["source"]))

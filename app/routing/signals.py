@@ -47,6 +47,9 @@ class PromptView:
     images: int
     max_tokens: int | None
     structured: bool  # tools or a response_format were asked for
+    # characters of the last user message (all of it, IMAGE_CHARS per image): the question
+    # asked, without the system prompt, history or documents around it (those are context)
+    asked_chars: int = -1  # -1: the same as total_chars (a view built by hand)
 
 
 def _content_text(content: Any, where: str) -> tuple[str, int]:
@@ -84,6 +87,7 @@ def view_of(body: Mapping[str, Any], max_chars: int = 800) -> PromptView:
     user_turns = 0
     images = 0
     last_user = ""
+    asked = 0
     for index, message in enumerate(messages):
         where = f"messages[{index}]"
         if not isinstance(message, Mapping):
@@ -97,8 +101,10 @@ def view_of(body: Mapping[str, Any], max_chars: int = 800) -> PromptView:
         if role == "user":
             user_turns += 1
             last_user = text
+            asked = len(text) + IMAGE_CHARS * message_images
     if not last_user and user_turns == 0:
         last_user = text  # no user message: read the last one
+        asked = len(text) + IMAGE_CHARS * message_images
     if len(last_user) > max_chars:
         head = max_chars * 2 // 3
         last_user = last_user[:head] + "\n" + last_user[-(max_chars - head) :]
@@ -106,7 +112,7 @@ def view_of(body: Mapping[str, Any], max_chars: int = 800) -> PromptView:
     if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)):
         raise PromptError("max_tokens", "must be an integer")
     structured = bool(body.get("tools") or body.get("functions") or body.get("response_format"))
-    return PromptView(last_user, total, user_turns, images, max_tokens, structured)
+    return PromptView(last_user, total, user_turns, images, max_tokens, structured, asked)
 
 
 # -- signals ---------------------------------------------------------------------------------
@@ -146,9 +152,11 @@ _MATH_MARKS = ("=", "+", "^", "\\", "<", ">")
 
 _LENGTH_CENTER = math.log1p(300.0)
 _OUTPUT_CENTER = math.log(512.0)
+_CONTEXT_UNIT = 1000.0  # characters: context = ln(1 + other messages' characters / 1000)
 
 SIGNAL_NAMES: tuple[str, ...] = (
     "length",
+    "context",
     "depth",
     "code",
     "math",
@@ -166,6 +174,7 @@ SIGNAL_NAMES: tuple[str, ...] = (
 PRIOR_INTERCEPT = -1.4  # a 300-character plain question: P(fail) about 0.2
 PRIOR_WEIGHTS: dict[str, float] = {
     "length": 0.35,
+    "context": 0.1,
     "depth": 0.12,
     "code": 0.4,
     "math": 0.5,
@@ -180,6 +189,7 @@ PRIOR_WEIGHTS: dict[str, float] = {
 # How a reason names each signal (and the learned evidence) for a person.
 SIGNAL_LABELS: dict[str, str] = {
     "length": "prompt length",
+    "context": "context around the question",
     "depth": "conversation depth",
     "code": "code",
     "math": "math",
@@ -257,8 +267,10 @@ def analyse(view: PromptView, bits: int) -> Analysis:
     # "trade-off" tokenises as trade, off
     constraints = len(words & _CONSTRAINT_WORDS) + _pairs(words, tokens, _CONSTRAINT_PAIRS)
     max_tokens = view.max_tokens
+    asked = view.total_chars if view.asked_chars < 0 else view.asked_chars
     values = {
-        "length": math.log1p(view.total_chars) - _LENGTH_CENTER,
+        "length": math.log1p(asked) - _LENGTH_CENTER,
+        "context": math.log1p(max(view.total_chars - asked, 0) / _CONTEXT_UNIT),
         "depth": float(min(max(view.user_turns - 1, 0), 10)),
         "code": 1.0 if code_marks >= 2 else 0.0,
         "math": min(math_marks, 5) / 5.0,

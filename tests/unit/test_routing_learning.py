@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import random
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,8 @@ from typing import Any
 import pytest
 
 from app.routing import FailureModel, Router, RouterCheckpointError, RoutingSettings
-from app.routing.model import _SNAPSHOT_MAGIC
+from app.routing.model import _SNAPSHOT_MAGIC, _prior_parts
+from app.routing.signals import PRIOR_INTERCEPT
 
 DATA = Path(__file__).resolve().parents[2] / "data" / "routing" / "gsm8k_responses.csv"
 WEAK = "mistralai/Mixtral-8x7B-Instruct-v0.1"
@@ -150,3 +152,59 @@ def test_the_explained_parts_add_up_to_the_score() -> None:
             score = router.model.score(router.features(_body(text)), feature)
             assert math.isclose(sum(score.parts), math.log(score.value / (1 - score.value)),
                                 abs_tol=1e-9)  # fmt: skip
+
+
+def _padded(text: str, rng: random.Random, prompts: list[str]) -> dict[str, Any]:
+    context = " ".join(rng.choice(prompts) for _ in range(20))[:4000]
+    return {"model": "auto", "messages": [
+        {"role": "system", "content": context}, {"role": "user", "content": text}
+    ]}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("far", "farther"),
+    [
+        (_body("word " * 20_000), _body("word " * 200_000)),  # far longer than any learned
+        (_body("x "), _body("x")),  # far shorter (the same words)
+    ],
+)
+def test_a_prompt_far_outside_what_was_learned_moves_the_learned_part_a_bounded_amount(
+    far: dict[str, Any], farther: dict[str, Any]
+) -> None:
+    """Each standardised input counts for at most Z_CLIP deviations (learning and scoring):
+    a feature that starts sending prompts unlike those learned must not swing every score
+    towards 0 or 1 by a weight times dozens of deviations."""
+    router = Router(RoutingSettings())
+    for text, failed in _gsm8k()[:300]:
+        router.learn(_body(text), "economy", "failure" if failed else "success")
+    learner = router.model.global_learner
+    logits = []
+    for body in (far, farther):
+        features = router.features(body)
+        prior_parts = _prior_parts(features.signals)
+        inputs = learner.inputs(features, PRIOR_INTERCEPT + sum(prior_parts))
+        logit, parts = learner.contributions(inputs, prior_parts)
+        assert math.isclose(sum(parts), logit, abs_tol=1e-9)  # the reason still adds up
+        score = router.model.score(features)
+        assert math.isclose(sum(score.parts), math.log(score.value / (1 - score.value)),
+                            abs_tol=1e-9)  # fmt: skip
+        logits.append(logit)
+    assert logits[0] == pytest.approx(logits[1], abs=1e-9)
+
+
+def test_learning_on_padded_prompts_scores_them_like_bare_ones() -> None:
+    """A router that learned from 4 KB bodies (a question after padding) ranks and scores
+    their questions as one that learned the bare questions: padding is not difficulty."""
+    rng = random.Random(5)
+    data = _gsm8k()
+    prompts = [p for p, _ in data]
+    bare, padded = Router(RoutingSettings()), Router(RoutingSettings())
+    for text, failed in data[:500]:
+        outcome = "failure" if failed else "success"
+        bare.learn(_body(text), "economy", outcome)
+        padded.learn(_padded(text, rng, prompts), "economy", outcome)
+    gaps = [
+        abs(_score(bare, text) - (padded.route(_padded(text, rng, prompts)).score or 0.0))
+        for text, _ in data[500:600]
+    ]
+    assert max(gaps) < 0.1

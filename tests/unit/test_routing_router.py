@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from typing import Any
@@ -50,6 +51,10 @@ PLAIN = _signals(_body())
         (_body(response_format={"type": "json_object"}), "structured"),
         (_body([{"type": "text", "text": "what is this?"}, {"type": "image_url"}]), "images"),
         (_body("word " * 2000), "length"),
+        (
+            {"messages": [{"role": "system", "content": "doc " * 500}, *_body()["messages"]]},
+            "context",
+        ),
     ],
 )
 def test_each_signal_fires_on_its_cue_and_not_on_a_plain_question(
@@ -57,6 +62,71 @@ def test_each_signal_fires_on_its_cue_and_not_on_a_plain_question(
 ) -> None:
     assert _signals(body)[signal] > 0
     assert PLAIN[signal] <= 0
+
+
+QUESTION = "A farmer has 12 cows and buys 7 more. How many cows does the farmer have now?"
+PADDING = "Background text that is not the question. " * 100  # 4,200 characters
+
+
+@pytest.mark.parametrize(
+    ("messages", "context_chars"),
+    [
+        ([{"role": "user", "content": QUESTION}], 0),
+        (
+            [{"role": "system", "content": PADDING}, {"role": "user", "content": QUESTION}],
+            len(PADDING),
+        ),
+        (
+            [
+                {"role": "user", "content": PADDING[:2000]},
+                {"role": "assistant", "content": PADDING[:1000]},
+                {"role": "user", "content": QUESTION},
+            ],
+            3000,
+        ),
+        (
+            [
+                {"role": "user", "content": [{"type": "image_url"}, {"type": "text", "text": "x"}]},
+                {"role": "assistant", "content": "a cat"},
+                {"role": "user", "content": QUESTION},
+            ],
+            1000 + 1 + 5,  # the image counts 1,000, its text part "x" 1, the answer 5
+        ),
+        (
+            [{"role": "system", "content": PADDING}, {"role": "assistant", "content": QUESTION}],
+            len(PADDING),
+        ),
+    ],
+)
+def test_length_is_the_question_and_everything_around_it_is_context(
+    messages: list[dict[str, Any]], context_chars: int
+) -> None:
+    """Padding, history or documents around the question do not make it a longer question:
+    on real traffic (4 KB bodies at the median) that made every call look hard."""
+    signals = _signals({"messages": messages})
+    assert signals["length"] == pytest.approx(_signals(_body(QUESTION))["length"])
+    assert signals["context"] == pytest.approx(math.log1p(context_chars / 1000))
+
+
+@pytest.mark.parametrize(
+    "question",
+    [
+        QUESTION,
+        "What is the capital of France?",
+        "Write a Python function that reverses a list.",
+        "Prove step by step that the sum of two odd numbers is even.",
+    ],
+)
+def test_a_question_padded_to_4_kb_scores_about_the_same_before_learning(question: str) -> None:
+    router = Router(RoutingSettings())
+    bare = router.route(_body(question)).score
+    padded = router.route(
+        {"model": "auto", "messages": [
+            {"role": "system", "content": PADDING}, {"role": "user", "content": question}
+        ]}
+    ).score  # fmt: skip
+    assert bare is not None and padded is not None
+    assert 0 < padded - bare < 0.05
 
 
 def test_depth_counts_user_turns_after_the_first() -> None:

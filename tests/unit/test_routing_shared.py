@@ -95,3 +95,18 @@ def test_bounded_and_picklable() -> None:
     restored = pickle.loads(pickle.dumps(join))
     example = restored.add_label("r4", "failure")
     assert example is not None and example.request_id == "r4"
+
+
+def test_a_routed_record_from_a_dispatcher_with_fewer_signals_is_learned() -> None:
+    """During an upgrade, an older dispatcher's records lack newer signals (``context``):
+    they count as 0, not as an unreadable record or a crash of the learner."""
+    import orjson
+
+    router = Router(RoutingSettings())
+    features = router.features({"messages": [{"role": "user", "content": "What is 2 + 2?"}]})
+    record = orjson.loads(encode_routed("req_old", None, features))
+    del record["signals"]["context"]
+    decoded = decode_record(orjson.dumps(record))
+    assert isinstance(decoded, RoutedCall)
+    assert decoded.features.signals["context"] == 0.0
+    assert router.learn_features(decoded.features, "economy", "failure")
