@@ -231,8 +231,8 @@ async def replay(
                 return
             if post_outcomes and answer.request_id:
                 example = examples[call.example]
-                correct = example.weak_correct if answer.tier == "economy" else (
-                    example.strong_correct
+                correct = (
+                    example.weak_correct if answer.tier == "economy" else (example.strong_correct)
                 )
                 label = "success" if correct else "failure"
                 result.outcome_labels[f"{answer.tier}:{label}"] += 1
@@ -532,7 +532,9 @@ def run_quality(examples: list[Example], splits: int, seed: int) -> dict[str, An
         "tollgate_prior": lambda s: router_quality.TollgateRouter(learn=False),
         "tollgate": lambda s: router_quality.TollgateRouter(learn=True),
     }
-    results = {name: router_quality.evaluate(make, examples, seeds) for name, make in makers.items()}
+    results = {
+        name: router_quality.evaluate(make, examples, seeds) for name, make in makers.items()
+    }
     length = results["length"]["apgr_per_split"]
     for name in ("tollgate", "tollgate_prior"):
         diffs = [a - b for a, b in zip(results[name]["apgr_per_split"], length, strict=True)]
@@ -570,7 +572,7 @@ def markdown(report: dict[str, Any]) -> str:
             "",
             f"{p['calls']:,} calls: the first {p['trace_minutes']:g} minutes of the Azure "
             f"conversation trace at {p['speed']:g}x ({p['replay_span_s']:.0f} s, "
-            f"{p['offered_rate_per_s']:.1f} calls/s offered), `model: \"auto\"`, temperature 0, "
+            f'{p["offered_rate_per_s"]:.1f} calls/s offered), `model: "auto"`, temperature 0, '
             f"{p['repeats']:,} exact repeats ({p['repeats'] / p['calls']:.1%}); body p50 "
             f"{p['body_bytes_p50']:,} B. Answered {p['answered']:,}; errors {p['errors'] or 0}. "
             f"Warehouse complete: {p['warehouse_complete']['complete']} "
@@ -703,15 +705,31 @@ PARTS = ("overhead", "quality", "pipeline")
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a run under about 3 minutes")
-    parser.add_argument("--trace-minutes", type=float, default=None,
-                        help="minutes of the trace replayed (full 20, quick 5)")
-    parser.add_argument("--speed", type=float, default=None,
-                        help="time compression of the arrivals (full 8, quick 10)")
+    parser.add_argument(
+        "--trace-minutes",
+        type=float,
+        default=None,
+        help="minutes of the trace replayed (full 20, quick 5)",
+    )
+    parser.add_argument(
+        "--speed",
+        type=float,
+        default=None,
+        help="time compression of the arrivals (full 8, quick 10)",
+    )
     parser.add_argument("--max-calls", type=int, default=None, help="stop after N calls")
-    parser.add_argument("--repeat-share", type=float, default=0.2,
-                        help="share of calls that repeat an earlier call exactly")
-    parser.add_argument("--quality-target", type=float, default=None,
-                        help="routing.quality_target (default: the shipped default)")
+    parser.add_argument(
+        "--repeat-share",
+        type=float,
+        default=0.2,
+        help="share of calls that repeat an earlier call exactly",
+    )
+    parser.add_argument(
+        "--quality-target",
+        type=float,
+        default=None,
+        help="routing.quality_target (default: the shipped default)",
+    )
     parser.add_argument("--latency-scale", type=float, default=0.1, help="simulator delays")
     parser.add_argument("--max-in-flight", type=int, default=256)
     parser.add_argument("--splits", type=int, default=None, help="router quality splits (10; 3)")
@@ -719,8 +737,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--parts", default=",".join(PARTS), help="overhead,quality,pipeline")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="RouteLLM responses CSV")
-    parser.add_argument("--kafka-bootstrap", default=None,
-                        help="use this broker instead of starting one")
+    parser.add_argument(
+        "--kafka-bootstrap", default=None, help="use this broker instead of starting one"
+    )
     parser.add_argument("--warehouse-timeout", type=float, default=180.0)
     parser.add_argument("--keep-temp", action="store_true")
     parser.add_argument("--json-out", default=None)  # fmt: skip
