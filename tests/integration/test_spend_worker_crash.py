@@ -218,7 +218,8 @@ def test_offsets_committed_ahead_of_the_changelog_lose_nothing(
     reason="known bug, open in issue 10: in about 1 run in 4 the worker restarted after the "
     "2nd kill stops consuming some usage partitions (group Stable, one member, committed "
     "offsets stuck near the kill; mode's `kill -USR1` task dump shows the count_usage "
-    "agent pending inside its generator, where the dump truncates). The events stay in "
+    "agent pending, and Faust's table Recovery still waiting for active changelog "
+    "partitions to reach their highwater, so it keeps those partitions paused). The events stay in "
     "Kafka uncommitted, so a further restart should count them, but until then decisions "
     "stop for those partitions. The 10-kill fault row passed; the cause is not found yet.",
 )
