@@ -22,6 +22,14 @@ they count through: dispatchers match their own spend against it by identity.
 
 A decision is re-published, without waiting for traffic, when a policy changes,
 when a period ends, and whenever the published one differs from the state.
+
+Nothing stalls for good: Faust's consumer can lose records it has fetched (its position
+has moved past them: records fetched before a rebalance that ran ahead of a seek, a stale
+read offset), and nothing fetches a partition again by itself. A lost tail of a changelog
+partition leaves the table recovery waiting for ever (the worker never counts again); a lost
+tail of a usage partition stays uncounted until more traffic comes. ``watch_stalls``
+fetches again, from where the worker stands, any partition with records left that has not
+moved for ``spend_stall_s`` with nothing of it in flight (``StallWatch``).
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 from aiokafka.partitioner import murmur2
+from faust.exceptions import ConsumerNotStarted
 from faust.types import TP, StreamT, TableT
 
 from app.budgets.counter import PartialTotals, SpendCounter, UsageEvent, skipped_ranges
@@ -86,6 +95,39 @@ def manual_batches(stream: StreamT[bytes]) -> AsyncIterator[list[Any]]:
     taken, or when the agent is cancelled mid-batch, and commit offsets whose effect is lost)."""
     manual = cast(faust.Stream[bytes], cast(faust.Stream[bytes], stream).noack())
     return cast(AsyncIterator[list[Any]], manual.noack_take(BATCH_MAX, within=BATCH_WITHIN_S))
+
+
+class StallWatch:
+    """Which partitions have records left but do not move.
+
+    ``check`` is called periodically per partition with where the reader stands (the next
+    offset it has to handle, or the last one a recovery has seen), where the partition ends,
+    and whether anything of it is in flight. It answers True once the partition has had
+    records left, nothing in flight and the same position for ``stall_s``; the clock then
+    starts again (one re-fetch per period while it stays stalled)."""
+
+    def __init__(self, stall_s: float) -> None:
+        self.stall_s = stall_s
+        self._since: dict[Any, tuple[int, float]] = {}
+
+    def check(self, key: Any, position: int, end: int, busy: bool, now: float) -> bool:
+        if position >= end or busy:
+            self._since.pop(key, None)
+            return False
+        seen = self._since.get(key)
+        if seen is None or seen[0] != position:
+            self._since[key] = (position, now)
+            return False
+        if now - seen[1] >= self.stall_s:
+            self._since[key] = (position, now)
+            return True
+        return False
+
+    def keep_only(self, keys: Iterable[Any]) -> None:
+        """Forget partitions no longer watched (revoked, recovery over)."""
+        wanted = set(keys)
+        for key in [k for k in self._since if k not in wanted]:
+            del self._since[key]
 
 
 class TableData(MutableMapping[str, Any]):
@@ -145,6 +187,10 @@ class SpendWorker:
         self.preparing = asyncio.Lock()
         self.settled_early: OrderedDict[str, None] = OrderedDict()
         self._last_reconcile = self._last_expire = 0.0
+        self.stalls = StallWatch(settings.spend_stall_s)
+        self.handled: dict[TP, int] = {}  # partials/requests: next offset to handle
+        self.refetches = 0  # partitions fetched again after a stall (logged)
+        self._stall_watch: asyncio.Task[None] | None = None
         (settings.state_dir / "faust").mkdir(parents=True, exist_ok=True)
         self.app = self._make_app()
         self._declare_topics()
@@ -200,6 +246,9 @@ class SpendWorker:
         self.open_table = self.app.Table("open_requests", default=None, partitions=n)
         self.spend_table.on_recover(self._on_recovered)
         self.app.on_partitions_revoked.connect(self._on_revoked)  # type: ignore[arg-type]
+        # Faust starts app tasks only after a table recovery completes: the stall watch,
+        # which must see a recovery that never completes, starts at the first assignment.
+        self.app.on_partitions_assigned.connect(self._on_assigned)  # type: ignore[arg-type]
 
     def _register_agents(self) -> None:
         app = self.app
@@ -233,11 +282,17 @@ class SpendWorker:
             return partition_for(scope.split(":", 1)[1], n) in owned
         return partition_for(scope, n) in self.owned("budget.partials")
 
+    async def _on_assigned(self, sender: Any, *args: Any, signal: Any = None, **kw: Any) -> None:
+        if self._stall_watch is None:
+            self._stall_watch = asyncio.create_task(self._watch_stalls(), name="spend.stalls")
+
     async def _on_revoked(self, sender: Any, *args: Any, signal: Any = None, **kwargs: Any) -> None:
         revoked = args[0] if args else kwargs.get("revoked", ())
         self.ready = False
         topic = self.settings.topic("usage")
         self.counter.forget(tp.partition for tp in revoked if tp.topic == topic)
+        for tp in revoked:
+            self.handled.pop(tp, None)
 
     async def _on_recovered(self) -> None:
         """Tables hold their changelog again: index them, and re-send every partial sum once.
@@ -253,17 +308,25 @@ class SpendWorker:
         log.info("spend worker ready", extra={"partitions": sorted(owned)})
 
     async def _committed_offsets(self, partitions: Iterable[int]) -> dict[int, int]:
-        """The group's committed offsets of usage ``partitions`` (absent: none committed yet).
-        Retried: right after a rebalance the coordinator may not answer at once."""
+        """The group's committed offsets of usage ``partitions`` (absent: none committed yet)."""
         topic = self.settings.topic("usage")
+        found = await self._group_offsets([TP(topic, p) for p in partitions])
+        return {tp.partition: offset for tp, offset in found.items()}
+
+    async def _group_offsets(self, tps: list[TP]) -> dict[TP, int]:
+        """The group's committed offsets of ``tps`` (absent: none committed yet). Retried:
+        right after a rebalance the coordinator may not answer at once."""
         for attempt in range(10):
             admin = AIOKafkaAdminClient(bootstrap_servers=self.settings.kafka_bootstrap)
             try:
                 await admin.start()
                 found = await admin.list_consumer_group_offsets(
-                    self.app.conf.id, partitions=[TopicPartition(topic, p) for p in partitions]
+                    self.app.conf.id,
+                    partitions=[TopicPartition(tp.topic, tp.partition) for tp in tps],
                 )
-                return {tp.partition: m.offset for tp, m in found.items() if m.offset >= 0}
+                return {
+                    TP(tp.topic, tp.partition): m.offset for tp, m in found.items() if m.offset >= 0
+                }
             except KafkaError as exc:
                 log.warning("reading committed offsets failed", extra={"error": repr(exc)})
                 await asyncio.sleep(min(0.2 * 2**attempt, 3.0))
@@ -402,6 +465,99 @@ class SpendWorker:
         for event in events:
             await stream.ack(event)
 
+    def _note_handled(self, events: Iterable[Any]) -> None:
+        for event in events:
+            tp = event.message.tp
+            self.handled[tp] = max(self.handled.get(tp, 0), event.message.offset + 1)
+
+    # -- partitions that stop moving ------------------------------------------------------
+    async def _watch_stalls(self) -> None:
+        """Fetch again any partition with records left that does not move (``StallWatch``)."""
+        while not self.app.should_stop:
+            await asyncio.sleep(min(1.0, self.settings.spend_stall_s / 2))
+            if self.app.should_stop:
+                return
+            try:
+                await self._check_stalls(time.monotonic())
+            except (KafkaError, ConsumerNotStarted, OSError, TimeoutError) as exc:
+                log.warning("stall check failed", extra={"error": repr(exc)})
+            except Exception:
+                log.exception("stall check crashed; checking again")
+
+    async def _check_stalls(self, now: float) -> None:
+        consumer = self.app.consumer
+        recovery = self.app.tables.recovery  # type: ignore[attr-defined]
+        watched: list[Any] = []
+        if recovery.in_recovery:
+            # The last offset each active changelog partition has delivered, against its
+            # last offset when the recovery began (Faust's own bookkeeping).
+            for tp, last in list(recovery.active_highwaters.items()):
+                seen = recovery.active_offsets.get(tp)
+                if seen is None:
+                    continue
+                watched.append(("changelog", tp))
+                if self.stalls.check(("changelog", tp), seen, last, False, now):
+                    await self._refetch(tp, max(seen, 0), "table recovery")
+        elif self.ready:
+            topics = {self.settings.topic(t) for t in ("usage", "budget.partials", "requests")}
+            tps = [tp for tp in consumer.assignment() if tp.topic in topics]
+            if tps:
+                ends = await consumer.highwaters(*tps)
+                positions = await self._positions(tps)
+                in_flight = {message.tp for message in consumer.unacked}
+                for tp in tps:
+                    position, end = positions.get(tp), ends.get(tp)
+                    if position is None or end is None:
+                        continue
+                    watched.append(("stream", tp))
+                    if self.stalls.check(("stream", tp), position, end, tp in in_flight, now):
+                        await self._refetch(tp, position, "stream")
+        self.stalls.keep_only(watched)
+
+    async def _positions(self, tps: list[TP]) -> dict[TP, int]:
+        """The next offset this worker has to handle, per stream partition: for usage, where
+        the counter stands (none until housekeeping has prepared the partition); for the
+        others, past the last event handled, else the group's committed offset, else the
+        partition's beginning."""
+        usage = self.settings.topic("usage")
+        positions: dict[TP, int] = {}
+        unknown = []
+        for tp in tps:
+            if tp.topic == usage:
+                if tp.partition in self.counter.processed:
+                    positions[tp] = self.counter.processed[tp.partition]
+            elif tp in self.handled:
+                positions[tp] = self.handled[tp]
+            else:
+                unknown.append(tp)
+        if unknown:
+            committed = await self._group_offsets(unknown)
+            missing = [tp for tp in unknown if tp not in committed]
+            earliest = await self.app.consumer.earliest_offsets(*missing) if missing else {}
+            for tp in unknown:
+                start = committed.get(tp, earliest.get(tp))
+                if start is not None:
+                    self.handled[tp] = positions[tp] = start
+        return positions
+
+    async def _refetch(self, tp: TP, offset: int, what: str) -> None:
+        self.refetches += 1
+        log.warning(
+            "%s: partition %s/%s not moving with records left; fetching it again from %s",
+            what,
+            tp.topic,
+            tp.partition,
+            offset,
+            extra={
+                "what": what,
+                "topic": tp.topic,
+                "partition": tp.partition,
+                "from": offset,
+                "refetches": self.refetches,
+            },
+        )
+        await self.app.consumer.seek(tp, offset)
+
     # -- usage -------------------------------------------------------------------------------
     def _decode_usage(self, message: Any) -> dict[str, Any] | None:
         return self.usage_reader.record(message)
@@ -458,6 +614,7 @@ class SpendWorker:
             await self._persist(self.totals_table, durable)
             self.totals.commit(writes)
             await self._ack(stream, events)
+            self._note_handled(events)
             for scope in scopes:
                 await self.decide(scope, reason="spend", refresh=True)
             yield None
@@ -632,6 +789,7 @@ class SpendWorker:
             for key, (_p, value) in writes.items():
                 self.open_table.data[key] = value
             await self._ack(stream, events)
+            self._note_handled(events)
             yield None
 
     async def _settle_lost_requests(self) -> None:

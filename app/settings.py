@@ -241,6 +241,14 @@ class Settings(BaseSettings):
         description="Usage event ids per partition the spend worker remembers to count a re-sent "
         "event once (the dispatcher's spool re-sends after a crash or a Kafka outage).",
     )
+    spend_stall_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="A partition the spend worker reads (usage, partial sums, requests, or a "
+        "table's changelog while it recovers) that has records left but has not moved for this "
+        "long, with nothing of it in flight, is fetched again from where the worker stands "
+        "(its consumer can lose fetched records; nothing else would fetch them again).",
+    )
     settle_grace_s: float = Field(
         default=60.0,
         ge=0,

@@ -213,19 +213,14 @@ def test_offsets_committed_ahead_of_the_changelog_lose_nothing(
         worker.stop()
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known bug, open in issue 10: in about 1 run in 4 the worker restarted after the "
-    "2nd kill stops consuming some usage partitions (group Stable, one member, committed "
-    "offsets stuck near the kill; mode's `kill -USR1` task dump shows the count_usage "
-    "agent pending, and Faust's table Recovery still waiting for active changelog "
-    "partitions to reach their highwater, so it keeps those partitions paused). The events stay in "
-    "Kafka uncommitted, so a further restart should count them, but until then decisions "
-    "stop for those partitions. The 10-kill fault row passed; the cause is not found yet.",
-)
 def test_worker_killed_at_random_moments_under_load_counts_every_event_once(
     kafka_settings: Settings, tmp_path: Path
 ) -> None:
+    """A worker restarted right after a kill used to stop counting some partitions now and
+    then (about 1 run in 4 on a loaded machine): its table recovery waited for ever for the
+    last records of a changelog partition, the state a consumer that has dropped fetched
+    records is left in. test_spend_worker_stall.py makes that condition certain; here it is
+    left to chance, as in production."""
     kills = int(os.environ.get("TOLLGATE_TEST_WORKER_KILLS", "2"))
     asyncio.run(ensure_topics(kafka_settings))
     publish_policies(kafka_settings)
