@@ -14,6 +14,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError
 
+from app.events import clients
 from app.settings import Settings
 
 CleanupPolicy = Literal["delete", "compact"]
@@ -179,9 +180,7 @@ async def ensure_topics(
     """Create missing topics; report existing ones that differ (never alter them silently)."""
     own_admin = admin is None
     if admin is None:
-        admin = AIOKafkaAdminClient(
-            bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=15000
-        )
+        admin = clients.admin(settings, purpose="topics", request_timeout_ms=15_000)
         await admin.start()
     report = EnsureReport()
     try:
