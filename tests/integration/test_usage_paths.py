@@ -32,7 +32,7 @@ from tests.integration.harness import running_stack
 
 pytestmark = pytest.mark.integration
 
-USERS = 8  # with 3 partitions, enough that every partition holds some user
+PER_PARTITION = 2  # users whose key hashes to each partition
 REPLAY_NAME = "usage-paths"
 
 
@@ -56,6 +56,17 @@ async def raw_messages(settings: Settings, suffix: str, at_least: int) -> list[A
     return messages
 
 
+def users_on_every_partition(partitions: int) -> list[str]:
+    """Fresh user ids, ``PER_PARTITION`` of them hashing (murmur2) to each partition."""
+    by_partition: dict[int, list[str]] = defaultdict(list)
+    java_compatible = DefaultPartitioner()
+    while min((len(by_partition[p]) for p in range(partitions)), default=0) < PER_PARTITION:
+        user = f"pk-{uuid.uuid4().hex[:8]}"
+        chosen = java_compatible(user.encode(), list(range(partitions)), list(range(partitions)))
+        by_partition[chosen].append(user)
+    return [u for p in range(partitions) for u in by_partition[p][:PER_PARTITION]]
+
+
 def path_of(record: dict[str, Any]) -> str:
     if record["source"] == "external":
         return "replay" if record["metadata"].get("replay") == REPLAY_NAME else "UsageProducer"
@@ -64,7 +75,7 @@ def path_of(record: dict[str, Any]) -> str:
 
 def test_every_usage_path_partitions_a_user_alike(kafka_settings: Settings) -> None:
     asyncio.run(ensure_topics(kafka_settings))
-    users = [f"pk{i}-{uuid.uuid4().hex[:6]}" for i in range(USERS)]
+    users = users_on_every_partition(kafka_settings.topic_partitions)
 
     with running_stack(kafka_settings) as stack:
         client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0)
@@ -99,15 +110,15 @@ def test_every_usage_path_partitions_a_user_alike(kafka_settings: Settings) -> N
             for u in users
         ]
         stats = await replay_calls(kafka_settings, calls, metadata={"replay": REPLAY_NAME})
-        assert stats.calls == USERS
+        assert stats.calls == len(users)
 
     asyncio.run(external_paths())
 
     codec = EventCodec()
-    usage = asyncio.run(raw_messages(kafka_settings, "usage", at_least=4 * USERS))
-    requests = asyncio.run(raw_messages(kafka_settings, "requests", at_least=USERS))
+    usage = asyncio.run(raw_messages(kafka_settings, "usage", at_least=4 * len(users)))
+    requests = asyncio.run(raw_messages(kafka_settings, "requests", at_least=len(users)))
     partitions = sorted({m.partition for m in usage} | {m.partition for m in requests})
-    assert len(partitions) == kafka_settings.topic_partitions, "users spread over every partition"
+    assert len(partitions) == kafka_settings.topic_partitions, "every partition holds users"
     java_compatible = DefaultPartitioner()
 
     landed: dict[str, dict[str, set[int]]] = defaultdict(lambda: defaultdict(set))
