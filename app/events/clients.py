@@ -11,7 +11,7 @@ client of a kind shares, stated once here:
 - **consumers** never auto-commit (a reader commits, or records its offsets in a
   checkpoint, only once what it did with a record is durable), start from the earliest
   offset when they have none, and read uncommitted: no producer of ours uses transactions
-  (see STACK-NOTES on Faust's ``exactly_once``), so ``read_committed`` would only add waiting;
+  (at-least-once, readers de-duplicate by ``event_id``), so ``read_committed`` adds nothing;
 - every client gets the same request timeout unless its call site says otherwise.
 
 Role-specific choices (a batch size, a larger request for a checkpoint, a shorter timeout
