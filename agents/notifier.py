@@ -61,7 +61,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import aiohttp
 import orjson
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import TopicPartition
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 from app.alerts_config import (
@@ -70,6 +70,7 @@ from app.alerts_config import (
     AlertTargetError,
     check_unique_names,
 )
+from app.events import clients
 from app.events.codec import EventCodec, build_codec
 from app.events.consumer import EventReader
 from app.events.kafka_retry import retry_while_kafka_down
@@ -677,12 +678,12 @@ class Notifier:
                 await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _consume(self, stop: asyncio.Event) -> None:
-        consumer = AIOKafkaConsumer(
+        consumer = clients.consumer(
+            self.settings,
             self.topic,
-            bootstrap_servers=self.settings.kafka_bootstrap,
+            purpose="notifier",
             group_id=self.group_id,
-            enable_auto_commit=False,
-            auto_offset_reset=self.start_from,
+            auto_offset_reset=self.start_from,  # only for a group with no committed offsets yet
         )
         try:
             await consumer.start()

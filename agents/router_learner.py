@@ -39,6 +39,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaConnectionError
 
+from app.events import clients
 from app.events.codec import EventCodec, EventDecodeError, build_codec
 from app.events.compacted import MAX_STATE_BYTES, latest_value
 from app.events.kafka_retry import retry_while_kafka_down
@@ -125,7 +126,7 @@ class RouterLearner:
     # -- checkpoints ----------------------------------------------------------------------
     async def restore(self) -> None:
         value, _ = await latest_value(
-            self.settings.kafka_bootstrap, self.settings.topic("routing.learner"), LEARNER_KEY
+            self.settings, self.settings.topic("routing.learner"), LEARNER_KEY
         )
         if value is None:
             return
@@ -172,18 +173,17 @@ class RouterLearner:
     async def run(self, stop: asyncio.Event | None = None) -> None:
         stop = stop or asyncio.Event()
         await self.restore()
-        producer = AIOKafkaProducer(
-            bootstrap_servers=self.settings.kafka_bootstrap,
-            acks="all",
-            enable_idempotence=True,
-            max_request_size=MAX_STATE_BYTES,
+        producer = clients.producer(
+            self.settings,
+            purpose="router-learner",
+            max_request_size=MAX_STATE_BYTES,  # a router model and a learner checkpoint
         )
         topics = {self.settings.topic(FEATURES): FEATURES, self.settings.topic(OUTCOMES): OUTCOMES}
-        consumer = AIOKafkaConsumer(
-            *topics,  # no group: every partition of both topics is assigned to this consumer
-            bootstrap_servers=self.settings.kafka_bootstrap,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
+        consumer = clients.consumer(
+            self.settings,
+            *topics,
+            purpose="router-learner",
+            group_id=None,  # every partition of both topics; offsets are checkpointed
             max_poll_records=2000,
         )
         try:

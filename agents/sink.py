@@ -57,6 +57,7 @@ from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
 from fastavro import parse_schema
 from fastavro.write import Writer
 
+from app.events import clients
 from app.events.codec import (
     EventCodec,
     EventDecodeError,
@@ -225,14 +226,13 @@ class ClickHouseSink:
                 for tp in assigned:  # another sink may have inserted its uncommitted tail
                     sink._first_offset.pop(tp, None)
 
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.settings.kafka_bootstrap,
+        consumer = clients.consumer(
+            self.settings,  # topics: subscribed below, with the rebalance listener
+            purpose="clickhouse-sink",
             group_id=f"{self.settings.topic_prefix}-clickhouse-sink",
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            max_poll_records=self.batch_size,
+            max_poll_records=self.batch_size,  # one poll is at most one ClickHouse insert
         )
-        dead_letters = AIOKafkaProducer(bootstrap_servers=self.settings.kafka_bootstrap, acks="all")
+        dead_letters = clients.producer(self.settings, purpose="clickhouse-sink-deadletter")
         self._dead_letters = dead_letters
         inserting: asyncio.Task[None] | None = None
         in_flight: _Pending | None = None
@@ -530,7 +530,7 @@ async def _sink_and_reports(settings: Settings, client: Any) -> None:
     # The budgets report lists scopes that still have a cap: follow the policies topic.
     policies = PolicyBook()
     policy_view = CompactedView(
-        settings.kafka_bootstrap,
+        settings,
         settings.topic("budget.policies"),
         build_codec(settings.schema_registry_url),
         on_record=lambda scope, record: policies.apply_record(record, scope),

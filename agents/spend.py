@@ -45,8 +45,8 @@ from typing import Any, cast
 
 import faust
 import orjson
-from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka import TopicPartition
+from aiokafka.admin import NewTopic
 from aiokafka.errors import KafkaError
 from aiokafka.partitioner import murmur2
 from faust.exceptions import ConsumerNotStarted
@@ -63,9 +63,11 @@ from app.budgets.spend import (
     threshold_alert,
 )
 from app.clock import Clock
+from app.events import clients
 from app.events.codec import EventCodec, FrameError, build_codec, event_id_of
 from app.events.compacted import CompactedView
 from app.events.consumer import EventReader
+from app.events.producer import usage_message
 from app.metering.attribution import Identity
 from app.metering.usage import build_usage_record, usage_event_id
 from app.pricing.catalog import PriceCatalog
@@ -169,7 +171,7 @@ class SpendWorker:
         self.policies = PolicyBook()
         self.policy_changes: set[str] = set()
         self.policy_view = CompactedView(
-            settings.kafka_bootstrap,
+            settings,
             settings.topic("budget.policies"),
             self.codec,
             on_record=self._on_policy,
@@ -177,7 +179,7 @@ class SpendWorker:
         # Holds the decisions this worker publishes before they round-trip through Kafka,
         # so a read-back of an older one must not replace them (it would re-fire alerts).
         self.decision_view = CompactedView(
-            settings.kafka_bootstrap, settings.topic("budget.decisions"), self.codec, newest_by="ts"
+            settings, settings.topic("budget.decisions"), self.codec, newest_by="ts"
         )
         self.views_ready = asyncio.Event()
         self.ready = False  # tables recovered and owned partitions prepared
@@ -317,7 +319,7 @@ class SpendWorker:
         """The group's committed offsets of ``tps`` (absent: none committed yet). Retried:
         right after a rebalance the coordinator may not answer at once."""
         for attempt in range(10):
-            admin = AIOKafkaAdminClient(bootstrap_servers=self.settings.kafka_bootstrap)
+            admin = clients.admin(self.settings, purpose="spend-worker")
             try:
                 await admin.start()
                 found = await admin.list_consumer_group_offsets(
@@ -365,11 +367,10 @@ class SpendWorker:
         if end <= start:
             return []
         tp = TopicPartition(self.settings.topic("usage"), partition)
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.settings.kafka_bootstrap,
-            group_id=None,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
+        consumer = clients.consumer(
+            self.settings,  # assigned one partition below
+            purpose="spend-worker-reread",
+            group_id=None,  # reads beside Faust's group, never commits for it
         )
         await consumer.start()
         records: list[Any] = []
@@ -390,7 +391,7 @@ class SpendWorker:
 
     async def _beginning(self, partition: int) -> int:
         tp = TopicPartition(self.settings.topic("usage"), partition)
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap)
+        consumer = clients.consumer(self.settings, purpose="spend-worker-reread", group_id=None)
         await consumer.start()
         try:
             return int((await consumer.beginning_offsets([tp]))[tp])
@@ -811,10 +812,9 @@ class SpendWorker:
                 )
         for request_id, entry, why in due:
             record = estimated_usage(self.prices, request_id, entry)
-            await self.usage_topic.send(
-                key=entry["user_id"].encode(),
-                value=self.codec.encode("Usage", record),
-                partition=entry["partition"],
+            message = usage_message(self.settings, self.codec, record)
+            await self.usage_topic.send(  # the request's partition: the user's usage partition
+                key=message.key, value=message.value, partition=entry["partition"]
             )
             await self._persist(self.open_table, {request_id: (entry["partition"], None)})
             self.open_table.data.pop(request_id, None)
@@ -894,7 +894,7 @@ async def ensure_changelog_topics(worker: SpendWorker) -> None:
     """Create the tables' changelog topics before Faust starts. Left to Faust, a fresh
     topic is sometimes seen with 0 partitions and an agent dies of PartitionsMismatch."""
     s = worker.settings
-    admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap)
+    admin = clients.admin(s, purpose="spend-worker")
     await admin.start()
     try:
         names = [

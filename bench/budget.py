@@ -237,8 +237,9 @@ async def compacted_decisions(bootstrap: str, topic: str) -> dict[str, dict[str,
     """The latest decision of every scope on the compacted topic, read afresh."""
     from app.events.codec import EventCodec
     from app.events.compacted import CompactedView
+    from app.settings import Settings
 
-    view = CompactedView(bootstrap, topic, EventCodec())
+    view = CompactedView(Settings(kafka_bootstrap=bootstrap), topic, EventCodec())
     await view.start(15.0)
     await view.stop()
     return dict(view.records)

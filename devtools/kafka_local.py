@@ -39,8 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from aiokafka.admin import AIOKafkaAdminClient
-
+from app.events import clients
 from app.settings import Settings
 
 LOG = logging.getLogger(__name__)
@@ -422,11 +421,14 @@ def _run_coroutine(coro: Coroutine[Any, Any, T]) -> T:
         return pool.submit(asyncio.run, coro).result()
 
 
-async def _describe_cluster(bootstrap: str, timeout_s: float) -> dict[str, Any]:
-    admin = AIOKafkaAdminClient(
-        bootstrap_servers=bootstrap,
-        client_id="tollgate-kafka-launcher",
-        request_timeout_ms=int(timeout_s * 1000),
+async def _describe_cluster(
+    settings: Settings, bootstrap: str | None, timeout_s: float
+) -> dict[str, Any]:
+    admin = clients.admin(
+        settings,
+        purpose="kafka-launcher",
+        request_timeout_ms=int(timeout_s * 1000),  # a probe: its answer is due within timeout_s
+        bootstrap=bootstrap,
     )
     try:
         async with asyncio.timeout(timeout_s):
@@ -437,10 +439,13 @@ async def _describe_cluster(bootstrap: str, timeout_s: float) -> dict[str, Any]:
             await admin.close()
 
 
-def probe_metadata(bootstrap: str, timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
-    """A real Kafka metadata round trip: None if the broker answers with itself, else why not."""
+def probe_metadata(
+    settings: Settings, timeout_s: float = PROBE_TIMEOUT_S, *, bootstrap: str | None = None
+) -> str | None:
+    """A real Kafka metadata round trip: None if the broker answers with itself, else why not.
+    ``bootstrap``: the address to probe, if not ``settings.kafka_bootstrap``."""
     try:
-        cluster = _run_coroutine(_describe_cluster(bootstrap, timeout_s))
+        cluster = _run_coroutine(_describe_cluster(settings, bootstrap, timeout_s))
     except Exception as exc:  # any failure just means "not ready yet"
         return f"{type(exc).__name__}: {exc}"
     if not cluster.get("brokers"):
@@ -741,7 +746,7 @@ class LocalKafka:
                 )
             if port_open(self.host, self.port):
                 remaining = max(0.5, min(PROBE_TIMEOUT_S, deadline - time.monotonic()))
-                problem = probe_metadata(self.bootstrap, remaining)
+                problem = probe_metadata(self._settings, remaining, bootstrap=self.bootstrap)
                 if problem is None:
                     return
                 last = problem

@@ -26,10 +26,11 @@ from pathlib import Path
 from typing import Any, Literal, NoReturn
 
 import click
-from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError, KafkaError
 
+from app.events import clients
 from app.events.codec import EventCodec, build_codec
+from app.events.producer import send_now, usage_message
 from app.events.topics import TopicsError, ensure_topics
 from app.metering.attribution import Identity
 from app.metering.usage import build_usage_record, new_id
@@ -194,12 +195,10 @@ async def replay_calls(
     if report.problems:  # e.g. fewer partitions than configured: still usable for a replay
         log.warning("topics differ from what Tollgate expects", extra={"problems": report.problems})
 
-    topic = settings.topic("usage")
-    producer = AIOKafkaProducer(
-        bootstrap_servers=settings.kafka_bootstrap,
-        acks="all",
-        enable_idempotence=True,
-        linger_ms=5,
+    producer = clients.producer(
+        settings,
+        purpose="replay",
+        linger_ms=5,  # thousands of sends per batch: fill large Kafka batches
         max_batch_size=PRODUCER_BATCH_BYTES,
     )
     try:
@@ -236,11 +235,7 @@ async def replay_calls(
             for call in batch:
                 record = usage_record(prices, call, metadata)
                 try:
-                    acks.append(
-                        await producer.send(
-                            topic, codec.encode("Usage", record), key=record["user_id"].encode()
-                        )
-                    )
+                    acks.append(await send_now(producer, usage_message(settings, codec, record)))
                 except KafkaError as exc:
                     raise not_acknowledged(exc) from None
                 records.append(record)

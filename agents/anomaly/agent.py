@@ -48,11 +48,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError
 
 from agents.anomaly.detectors import DetectorSettings
 from agents.anomaly.engine import AnomalyEngine, SnapshotError
+from app.events import clients
 from app.events.codec import EventCodec, build_codec
 from app.events.compacted import assigned_partitions
 from app.events.consumer import EventReader
@@ -251,12 +252,12 @@ class AnomalyAgent:
     async def load_checkpoint(self) -> Checkpoint | None:
         """The latest checkpoint on the state topic, if any."""
         topic = self.settings.topic("anomaly.state")
-        consumer = AIOKafkaConsumer(
-            topic,  # no group: every partition is assigned to this consumer
-            bootstrap_servers=self.settings.kafka_bootstrap,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            max_partition_fetch_bytes=MAX_STATE_BYTES,
+        consumer = clients.consumer(
+            self.settings,
+            topic,
+            purpose="anomaly-checkpoint",
+            group_id=None,  # no group: every partition is assigned to this consumer
+            max_partition_fetch_bytes=MAX_STATE_BYTES,  # one record is a whole checkpoint
             fetch_max_bytes=MAX_STATE_BYTES,
         )
         try:
@@ -318,19 +319,17 @@ class AnomalyAgent:
                 )
             except SnapshotError as exc:
                 log.error("anomaly checkpoint unusable; starting fresh", extra={"error": str(exc)})
-        producer = AIOKafkaProducer(
-            bootstrap_servers=self.settings.kafka_bootstrap,
-            acks="all",
-            enable_idempotence=True,
-            max_request_size=MAX_STATE_BYTES,
-            compression_type=None,
+        producer = clients.producer(
+            self.settings,
+            purpose="anomaly",
+            max_request_size=MAX_STATE_BYTES,  # alerts, and a checkpoint of every model
         )
         usage = self.settings.topic("usage")
-        consumer = AIOKafkaConsumer(
-            usage,  # no group: every partition is assigned to this consumer
-            bootstrap_servers=self.settings.kafka_bootstrap,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
+        consumer = clients.consumer(
+            self.settings,
+            usage,
+            purpose="anomaly",
+            group_id=None,  # no group: every partition is assigned; offsets are checkpointed
             max_poll_records=2000,
         )
         try:

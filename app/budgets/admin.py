@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from aiokafka import AIOKafkaProducer
 
 from app.budgets.policy import Policy, PolicyBook, PolicyError, parse_policy
+from app.events import clients
 from app.events.codec import build_codec
 from app.events.compacted import CompactedView
 from app.metering.usage import event_time, new_id
@@ -74,9 +74,7 @@ class PolicyAdmin:
         self.codec = build_codec(settings.schema_registry_url)
 
     async def publish(self, scope: str, record: dict[str, Any]) -> None:
-        producer = AIOKafkaProducer(
-            bootstrap_servers=self.settings.kafka_bootstrap, acks="all", enable_idempotence=True
-        )
+        producer = clients.producer(self.settings, purpose="budget-admin")
         await producer.start()
         try:
             await producer.send_and_wait(
@@ -88,7 +86,7 @@ class PolicyAdmin:
             await producer.stop()
 
     async def read(self, suffix: str) -> dict[str, dict[str, Any]]:
-        view = CompactedView(self.settings.kafka_bootstrap, self.settings.topic(suffix), self.codec)
+        view = CompactedView(self.settings, self.settings.topic(suffix), self.codec)
         synced = await view.start(timeout_s=20)
         await view.stop()
         if not synced:

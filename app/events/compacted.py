@@ -19,8 +19,10 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from app.events import clients
 from app.events.codec import EventCodec
 from app.events.consumer import EventReader
+from app.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +49,7 @@ async def assigned_partitions(
 class CompactedView:
     def __init__(
         self,
-        bootstrap: str,
+        settings: Settings,
         topic: str,
         codec: EventCodec,
         on_record: OnRecord | None = None,
@@ -55,7 +57,7 @@ class CompactedView:
     ) -> None:
         """``newest_by``: a record field (e.g. ``ts``); a record older than the one held for
         its key is ignored (a writer that already holds its latest record in the view)."""
-        self.bootstrap = bootstrap
+        self.settings = settings
         self.newest_by = newest_by
         self.topic = topic
         self.codec = codec
@@ -116,13 +118,12 @@ class CompactedView:
 
     async def _run(self) -> None:
         while True:
-            consumer = AIOKafkaConsumer(
-                self.topic,  # no group: aiokafka assigns every partition to this consumer
-                group_id=None,
-                bootstrap_servers=self.bootstrap,
-                enable_auto_commit=False,
-                auto_offset_reset="earliest",
-                request_timeout_ms=10_000,
+            consumer = clients.consumer(
+                self.settings,
+                self.topic,
+                purpose="compacted-view",
+                group_id=None,  # no group: aiokafka assigns every partition to this consumer
+                request_timeout_ms=10_000,  # a lost broker is retried after 10 s, not 40
             )
             try:
                 await consumer.start()
@@ -169,12 +170,12 @@ MAX_STATE_BYTES = 64 * 1024 * 1024  # as the state topics' max.message.bytes
 
 
 async def latest_value(
-    bootstrap: str, topic: str, key: bytes, *, timeout_s: float = 15.0
+    settings: Settings, topic: str, key: bytes, *, timeout_s: float = 15.0
 ) -> tuple[bytes | None, bool]:
     """The newest value of ``key`` on a compacted state topic with one writer and one key
     (a checkpoint), reading only the last record of each partition; (None, True) if there is
     none (or a tombstone), (None, False) if the topic could not be read."""
-    follower = LatestFollower(bootstrap, topic, key)
+    follower = LatestFollower(settings, topic, key)
     consumer = follower.consumer()
     try:
         await consumer.start()
@@ -196,26 +197,25 @@ class LatestFollower:
 
     def __init__(
         self,
-        bootstrap: str,
+        settings: Settings,
         topic: str,
         key: bytes,
         on_value: Callable[[bytes], None] | None = None,
     ) -> None:
-        self.bootstrap, self.topic, self.key = bootstrap, topic, key
+        self.settings, self.topic, self.key = settings, topic, key
         self.on_value = on_value
         self.synced = asyncio.Event()
         self.values_seen = 0
         self._task: asyncio.Task[None] | None = None
 
     def consumer(self) -> AIOKafkaConsumer:
-        return AIOKafkaConsumer(
-            self.topic,  # no group: aiokafka assigns every partition to this consumer
-            group_id=None,
-            bootstrap_servers=self.bootstrap,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            request_timeout_ms=10_000,
-            max_partition_fetch_bytes=MAX_STATE_BYTES,
+        return clients.consumer(
+            self.settings,
+            self.topic,
+            purpose="state-follower",
+            group_id=None,  # no group: aiokafka assigns every partition to this consumer
+            request_timeout_ms=10_000,  # a lost broker is retried after 10 s, not 40
+            max_partition_fetch_bytes=MAX_STATE_BYTES,  # one record is a whole model
             fetch_max_bytes=MAX_STATE_BYTES,
         )
 

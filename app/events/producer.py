@@ -1,5 +1,13 @@
 """Event emission: every event is written to the disk spool first, then shipped to Kafka.
 
+Owns how an event becomes a Kafka message (:class:`EventMessage`: topic, partition key,
+framed Avro value) and, for ``Usage``, the one way every producer of usage builds and sends
+it: the dispatcher's spool (:meth:`EventEmitter.emit_usage`), ``UsageProducer`` and
+``tollgate replay`` (:func:`usage_message` + :func:`send_now`), and the spend worker's
+estimates (:func:`usage_message`). So usage is keyed (by ``user_id``) and partitioned alike
+whoever wrote it, which the spend worker's per-partition counting and de-duplication by
+``event_id`` rely on.
+
 Owns the delivery guarantee from the dispatcher to Kafka. ``emit`` encodes the
 event and appends it to the spool (a write-ahead log; see ``app/events/spool.py`` for
 its fsync policy) and returns: the request path never waits on the broker. A
@@ -23,11 +31,14 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
+from aiokafka.structs import RecordMetadata
 
+from app.events import clients
 from app.events.codec import EventCodec
 from app.events.spool import Spool, SpooledRecord
 from app.settings import Settings
@@ -38,6 +49,51 @@ DRAIN_BATCH = 500
 # Spooled events with no Kafka acknowledgement for this long mean delivery is stalled.
 STALL_AFTER_S = 3.0
 RETRY_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+@dataclass(frozen=True, slots=True)
+class EventMessage:
+    """One event as it goes to Kafka: full topic name, partition key, framed Avro value."""
+
+    topic: str
+    key: bytes | None
+    value: bytes
+
+
+def event_message(
+    settings: Settings,
+    codec: EventCodec,
+    event_type: str,
+    topic_suffix: str,
+    key: str | None,
+    record: Mapping[str, Any],
+) -> EventMessage:
+    """Encode ``record`` as ``event_type`` for ``settings.topic(topic_suffix)``, keyed by ``key``."""
+    return EventMessage(
+        settings.topic(topic_suffix),
+        key.encode() if key is not None else None,
+        codec.encode(event_type, record),
+    )
+
+
+def usage_message(settings: Settings, codec: EventCodec, record: Mapping[str, Any]) -> EventMessage:
+    """The Kafka message of a priced ``Usage`` record, for every producer of usage.
+
+    Keyed by ``user_id`` (the usage topic's key, ``topics.py``), so Kafka's default
+    partitioner puts all of a user's usage, from whichever producer, on one partition: the
+    partition of the user's requests, where the spend worker counts it and de-duplicates a
+    re-sent event by ``event_id``.
+    """
+    return event_message(settings, codec, "Usage", "usage", record["user_id"], record)
+
+
+async def send_now(
+    producer: AIOKafkaProducer, message: EventMessage
+) -> asyncio.Future[RecordMetadata]:
+    """Hand ``message`` to ``producer`` without a spool (``UsageProducer``, ``tollgate
+    replay``); the returned future resolves once Kafka acknowledged it, or raises. Retrying
+    is the caller's: these producers have no spool to fall back on."""
+    return await producer.send(message.topic, message.value, key=message.key)
 
 
 class EventEmitter:
@@ -72,27 +128,25 @@ class EventEmitter:
         self, event_type: str, topic_suffix: str, key: str | None, record: Mapping[str, Any]
     ) -> int:
         """Encode and durably queue one event; returns its spool sequence number."""
-        value = self.codec.encode(event_type, record)
-        seq = self.spool.append(
-            self.settings.topic(topic_suffix),
-            key.encode() if key is not None else None,
-            value,
-            int(time.time() * 1000),
+        return self._spool(
+            event_message(self.settings, self.codec, event_type, topic_suffix, key, record)
         )
+
+    def emit_usage(self, record: Mapping[str, Any]) -> int:
+        """Encode and durably queue a priced ``Usage`` record (see :func:`usage_message`);
+        returns its spool sequence number."""
+        return self._spool(usage_message(self.settings, self.codec, record))
+
+    def _spool(self, message: EventMessage) -> int:
+        seq = self.spool.append(message.topic, message.key, message.value, int(time.time() * 1000))
         self._wake.set()
         return seq
 
     def emit_bytes(self, topic_suffix: str, key: str | None, value: bytes) -> int:
         """Durably queue one internal record that is not an Avro event (JSON bytes, as on
         ``routing.features``); same spool, same order, same delivery as :meth:`emit`."""
-        seq = self.spool.append(
-            self.settings.topic(topic_suffix),
-            key.encode() if key is not None else None,
-            value,
-            int(time.time() * 1000),
-        )
-        self._wake.set()
-        return seq
+        topic = self.settings.topic(topic_suffix)
+        return self._spool(EventMessage(topic, key.encode() if key is not None else None, value))
 
     @property
     def depth(self) -> int:
@@ -155,13 +209,12 @@ class EventEmitter:
     async def _ensure_producer(self) -> AIOKafkaProducer:
         if self._producer is not None:
             return self._producer
-        producer = AIOKafkaProducer(
-            bootstrap_servers=self.settings.kafka_bootstrap,
-            acks="all",
-            enable_idempotence=True,
-            linger_ms=5,
-            request_timeout_ms=10_000,
+        producer = clients.producer(
+            self.settings,
+            purpose="dispatcher",
+            linger_ms=5,  # the spool drain sends bursts: a few ms gather them into batches
             max_batch_size=256 * 1024,
+            request_timeout_ms=10_000,  # a silent broker fails a send in 10 s, then it is retried
         )
         try:
             await producer.start()

@@ -7,6 +7,8 @@ an existing topic differs. It does not produce or consume.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -14,6 +16,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError
 
+from app.events import clients
 from app.settings import Settings
 
 CleanupPolicy = Literal["delete", "compact"]
@@ -161,6 +164,45 @@ def plan_topics(settings: Settings) -> list[TopicPlan]:
     return plans
 
 
+#: Right after a topic is created (here or by a racing peer) the broker's metadata lags, a
+#: few hundred ms on a busy node: DescribeConfigs answers UNKNOWN_TOPIC_OR_PARTITION and
+#: DescribeTopics lists no partitions for a topic that exists. Its drift is checked once
+#: the broker describes it, waiting at most this long.
+METADATA_WAIT_S = 10.0
+METADATA_POLL_S = 0.1
+
+
+def _config_errors(responses: list[Any]) -> dict[str, int]:
+    """topic -> error code, for the topics DescribeConfigs could not describe."""
+    return {
+        resource[3]: resource[0]
+        for response in responses
+        for resource in response.resources
+        if resource[0]
+    }
+
+
+async def _describe_existing(
+    admin: AIOKafkaAdminClient, names: list[str]
+) -> tuple[dict[str, Any], dict[str, dict[str, str]], dict[str, int]]:
+    """Partitions and configs of topics that exist, once the broker describes them all (or
+    at ``METADATA_WAIT_S``); the third item: those it still does not, with an error code."""
+    deadline = time.monotonic() + METADATA_WAIT_S
+    resources = [ConfigResource(ConfigResourceType.TOPIC, name) for name in names]
+    while True:
+        described = {t["topic"]: t for t in await admin.describe_topics(names)}
+        responses = await admin.describe_configs(resources)
+        configs, config_errors = _config_entries(responses), _config_errors(responses)
+        unknown = {
+            name: config_errors.get(name) or described.get(name, {}).get("error_code") or 0
+            for name in names
+            if name in config_errors or not described.get(name, {}).get("partitions")
+        }
+        if not unknown or time.monotonic() >= deadline:
+            return described, configs, unknown
+        await asyncio.sleep(METADATA_POLL_S)
+
+
 def _config_entries(responses: list[Any]) -> dict[str, dict[str, str]]:
     """topic -> {config name: value} from DescribeConfigs responses of any version."""
     out: dict[str, dict[str, str]] = {}
@@ -179,9 +221,7 @@ async def ensure_topics(
     """Create missing topics; report existing ones that differ (never alter them silently)."""
     own_admin = admin is None
     if admin is None:
-        admin = AIOKafkaAdminClient(
-            bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=15000
-        )
+        admin = clients.admin(settings, purpose="topics", request_timeout_ms=15_000)
         await admin.start()
     report = EnsureReport()
     try:
@@ -210,14 +250,12 @@ async def ensure_topics(
         present = [p for p in plans if p.name in existing]
         report.existing = [p.name for p in present]
         if present:
-            described = {
-                t["topic"]: t for t in await admin.describe_topics([p.name for p in present])
-            }
-            configs = _config_entries(
-                await admin.describe_configs(
-                    [ConfigResource(ConfigResourceType.TOPIC, p.name) for p in present]
+            described, configs, unknown = await _describe_existing(admin, [p.name for p in present])
+            for name, code in unknown.items():
+                report.problems.append(
+                    f"{name}: exists, but the broker did not describe it within "
+                    f"{METADATA_WAIT_S:.0f} s (error {code}); run `tollgate topics ensure` again"
                 )
-            )
             for plan in present:
                 actual_policy = configs.get(plan.name, {}).get("cleanup.policy")
                 wanted_policy = plan.config["cleanup.policy"]

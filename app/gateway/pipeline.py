@@ -411,7 +411,7 @@ class Gateway:
 
     def emit_usage(self, record: dict[str, Any], scopes: list[str]) -> None:
         """Spool a usage event and hold its cost at the gate until the worker counts it."""
-        seq = self.emitter.emit("Usage", "usage", record["user_id"], record)
+        seq = self.emitter.emit_usage(record)
         self.gate.record_spend(scopes, event_cost(record), record["ts"], seq)
 
     def finish(self, call: Call) -> None:
@@ -424,7 +424,7 @@ class Gateway:
         try:
             record = self._final_usage(call)
             cost, ts = event_cost(record), record["ts"]
-            seq = self.emitter.emit("Usage", "usage", call.identity.user_id, record)
+            seq = self.emitter.emit_usage(record)  # keyed by record["user_id"]: the identity's
             if call.status == "ok" and not call.usage_estimated and call.upstream:
                 self.outputs.observe(call.chat.model, record["completion_tokens"])
         finally:  # a failed emit must not leak the reservation into false 402s

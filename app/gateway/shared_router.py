@@ -33,7 +33,7 @@ class SharedRouter:
         self.settings = settings
         self.levers = levers
         self.follower = LatestFollower(
-            settings.kafka_bootstrap, settings.topic("routing.state"), MODEL_KEY, self._install
+            settings, settings.topic("routing.state"), MODEL_KEY, self._install
         )
 
     def _install(self, snapshot: bytes) -> None:

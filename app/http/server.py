@@ -634,13 +634,13 @@ async def build_components(settings: Settings) -> Components:
     )
     codec = emitter.codec
     policy_view = CompactedView(
-        settings.kafka_bootstrap,
+        settings,
         settings.topic("budget.policies"),
         codec,
         on_record=lambda scope, record: policies.apply_record(record, scope),
     )
     decision_view = CompactedView(
-        settings.kafka_bootstrap,
+        settings,
         settings.topic("budget.decisions"),
         codec,
         on_record=gate.on_decision,

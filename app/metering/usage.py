@@ -12,7 +12,9 @@ same whichever way it is reported::
 
 The helper sends synchronously to Kafka (``acks=all``, idempotent) and raises
 if Kafka does not acknowledge: unlike the dispatcher it has no spool, so the
-caller decides whether to retry or fall back to ``POST /v1/usage``.
+caller decides whether to retry or fall back to ``POST /v1/usage``. The message
+itself (topic, ``user_id`` key, framing) is built as the dispatcher builds it:
+``app.events.producer.usage_message``.
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
-
+from app.events import clients
 from app.events.codec import EventCodec, build_codec
+from app.events.producer import send_now, usage_message
 from app.metering.attribution import Identity
 from app.pricing.catalog import PriceCatalog
 from app.settings import Settings
@@ -141,9 +143,7 @@ class UsageProducer:
         self.settings = settings
         self.prices = prices or PriceCatalog(settings.baseline_model, settings.price_overrides_file)
         self.codec = codec or build_codec(settings.schema_registry_url)
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=settings.kafka_bootstrap, acks="all", enable_idempotence=True
-        )
+        self._producer = clients.producer(settings, purpose="usage-producer")
 
     async def start(self) -> None:
         await self._producer.start()
@@ -198,9 +198,8 @@ class UsageProducer:
             latency_ms=latency_ms,
             metadata=metadata or {},
         )
-        await self._producer.send_and_wait(
-            self.settings.topic("usage"),
-            self.codec.encode("Usage", record),
-            key=user_id.encode(),
+        acknowledged = await send_now(
+            self._producer, usage_message(self.settings, self.codec, record)
         )
+        await acknowledged
         return record

@@ -223,7 +223,7 @@ class WorkerProcess:
 
 async def latest_decisions(settings: Settings, timeout_s: float = 10) -> dict[str, dict[str, Any]]:
     """The compacted view of budget decisions right now."""
-    view = CompactedView(settings.kafka_bootstrap, settings.topic("budget.decisions"), EventCodec())
+    view = CompactedView(settings, settings.topic("budget.decisions"), EventCodec())
     await view.start(timeout_s)
     await view.stop()
     return dict(view.records)

@@ -55,3 +55,30 @@ async def test_reports_a_decisions_topic_that_is_not_compacted(kafka_settings: S
     report = await ensure_topics(kafka_settings)
     assert not report.ok
     assert any(decisions in p and "compact" in p for p in report.problems)
+
+
+async def test_reports_drift_of_a_topic_the_broker_has_only_just_created(
+    kafka_settings: Settings,
+) -> None:
+    # Right after topics are created (by us or a racing peer), the broker's metadata lags a
+    # few hundred ms: DescribeConfigs answers UNKNOWN_TOPIC_OR_PARTITION and DescribeTopics
+    # lists no partitions for a topic that exists. That is "not known yet", never "fine".
+    for attempt in range(3):  # the lag follows a burst of creations: make one each time
+        settings = kafka_settings.model_copy(
+            update={"topic_prefix": f"{kafka_settings.topic_prefix}x{attempt}"}
+        )
+        await ensure_topics(
+            settings.model_copy(update={"topic_prefix": f"{settings.topic_prefix}b"})
+        )
+        decisions = settings.topic("budget.decisions")
+        admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+        await admin.start()
+        try:
+            await admin.create_topics(
+                [NewTopic(decisions, 1, 1, topic_configs={"cleanup.policy": "delete"})]
+            )
+        finally:
+            await admin.close()
+        report = await ensure_topics(settings)
+        assert any(decisions in p and "compact" in p for p in report.problems), report
+        assert any(decisions in p and "1 partitions" in p for p in report.problems), report

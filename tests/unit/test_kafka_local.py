@@ -520,14 +520,14 @@ def test_tail(tmp_path: Path) -> None:
     assert tail(tmp_path / "missing.log") == ""
 
 
-def test_probe_metadata_reports_an_unreachable_broker() -> None:
-    problem = kafka_local.probe_metadata(f"127.0.0.1:{free_port()}", timeout_s=2.0)
+def test_probe_metadata_reports_an_unreachable_broker(tmp_path: Path) -> None:
+    problem = kafka_local.probe_metadata(make_settings(tmp_path), timeout_s=2.0)
     assert problem is not None
 
 
-async def test_probe_metadata_works_inside_a_running_event_loop() -> None:
+async def test_probe_metadata_works_inside_a_running_event_loop(tmp_path: Path) -> None:
     # Called from async code (a fixture, the stack runner): must not hit "asyncio.run()
     # cannot be called from a running event loop".
-    problem = kafka_local.probe_metadata(f"127.0.0.1:{free_port()}", timeout_s=2.0)
+    problem = kafka_local.probe_metadata(make_settings(tmp_path), timeout_s=2.0)
     assert problem is not None
     assert "running event loop" not in problem
