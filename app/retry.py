@@ -40,6 +40,7 @@ StopSignal = asyncio.Event | Callable[[], bool]
 
 __all__ = [
     "AsyncRetrying",
+    "BeforeSleep",
     "RetryCallState",
     "log_before_retry",
     "retry_attempts",
