@@ -61,16 +61,17 @@ async def test_kafka_wait_ends_when_stop_is_set_and_nothing_runs_again(
     test) and there is no further run."""
     monkeypatch.setattr(kafka_retry, "BACKOFF_S", (3600.0,))
     stop = asyncio.Event()
+    failed = asyncio.Event()
     runs = 0
 
     async def run() -> None:
         nonlocal runs
         runs += 1
+        failed.set()
         raise KafkaConnectionError("broker gone")
 
     waiting = asyncio.create_task(retry_while_kafka_down(run, "test agent", stop))
-    while runs == 0:
-        await asyncio.sleep(0.01)
+    await failed.wait()
     stop.set()
     await asyncio.wait_for(waiting, 30)
     assert runs == 1
