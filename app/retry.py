@@ -1,6 +1,6 @@
 """Retrying: how long Tollgate waits between tries, when it stops, and what it logs.
 
-Owns Tollgate's two retry policies, built on ``tenacity`` so that every loop that
+Owns Tollgate's two retry policies, built on ``tenacity`` so that a loop that
 retries is one ``AsyncRetrying`` rather than a hand-written ``while`` with a counter:
 
 - ``retry_until_stopped``: a dependency that is down (Kafka, ClickHouse) is retried
