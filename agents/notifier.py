@@ -28,8 +28,8 @@ Every message states the money at stake when the alert carries it.
 Flow: a plain aiokafka consumer group reads the alerts topic; every decoded
 alert is offered to the bounded queue of each target whose filters accept it;
 one worker task per target posts from its queue in order, retrying connection
-errors, timeouts, 429 and 5xx with exponential backoff and jitter (other
-answers are final). A slow or dead target only fills its own queue; once full,
+errors, timeouts, 429 and 5xx with exponential backoff and jitter, waiting longer
+when the target's ``Retry-After`` asks for it (other answers are final). A slow or dead target only fills its own queue; once full,
 its oldest alert is dropped and counted, so the newest news still gets through.
 
 Delivery guarantee: at least once. An alert's offset is committed only once every
@@ -63,6 +63,7 @@ import aiohttp
 import orjson
 from aiokafka import TopicPartition
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from tenacity import retry_if_exception
 
 from app.alerts_config import (
     DEFAULT_SEVERITY,
@@ -74,6 +75,14 @@ from app.events import clients
 from app.events.codec import EventCodec, build_codec
 from app.events.consumer import EventReader
 from app.events.kafka_retry import retry_while_kafka_down
+from app.retry import (
+    AsyncRetrying,
+    BeforeSleep,
+    RetryCallState,
+    retry_attempts,
+    wait_capped_exponential,
+    wait_retry_after,
+)
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -324,7 +333,8 @@ class RetryPolicy:
 
     The n-th wait is ``min(max_delay_s, base_delay_s * 2**(n-1))``, reduced by up
     to ``jitter`` of itself at random so that retries of many alerts spread out;
-    a ``Retry-After`` header (seconds) lengthens it, up to ``max_delay_s``.
+    a ``Retry-After`` header (seconds) lengthens it, up to ``max_delay_s``. The
+    retrying is ``app.retry.retry_attempts`` (tenacity); this is its configuration.
     """
 
     max_attempts: int = 8
@@ -332,12 +342,22 @@ class RetryPolicy:
     max_delay_s: float = 30.0
     jitter: float = 0.5
 
+    def wait(self, rng: random.Random) -> wait_retry_after:
+        backoff = wait_capped_exponential(self.base_delay_s, self.max_delay_s, self.jitter, rng)
+        return wait_retry_after(backoff, self.max_delay_s)
+
     def delay(self, attempt: int, rng: random.Random, retry_after_s: float | None = None) -> float:
-        ceiling = min(self.max_delay_s, self.base_delay_s * 2 ** (attempt - 1))
-        wait = ceiling * (1 - self.jitter * rng.random())
-        if retry_after_s is not None:
-            wait = max(wait, min(retry_after_s, self.max_delay_s))
-        return wait
+        return self.wait(rng).seconds(attempt, retry_after_s)
+
+    def retrying(self, rng: random.Random, before_sleep: BeforeSleep) -> AsyncRetrying:
+        """Retries a ``DeliveryFailed`` that may pass later (connection error, timeout, 429,
+        5xx); raises the last one after ``max_attempts``, or a final one at once."""
+        return retry_attempts(
+            attempts=self.max_attempts,
+            wait=self.wait(rng),
+            retry=retry_if_exception(lambda exc: isinstance(exc, DeliveryFailed) and exc.retryable),
+            before_sleep=before_sleep,
+        )
 
 
 class NotifierMetrics:
@@ -378,6 +398,18 @@ class _Attempt(NamedTuple):
     status: int | None
     error: str
     retry_after_s: float | None = None
+
+
+class DeliveryFailed(Exception):
+    """One POST that did not deliver: whether it may pass later, and how long the target
+    asked to wait (``retry_after_s``, read by ``app.retry.wait_retry_after``)."""
+
+    def __init__(self, result: _Attempt, attempt: int) -> None:
+        super().__init__(result.error)
+        self.result = result
+        self.attempt = attempt
+        self.retryable = result.retryable
+        self.retry_after_s = result.retry_after_s
 
 
 def _retry_after_seconds(value: str | None) -> float | None:
@@ -518,41 +550,57 @@ class TargetWorker:
 
     async def deliver(self, session: aiohttp.ClientSession, alert: dict[str, Any]) -> bool:
         """POST ``alert`` to the target, retrying what may pass later. True once delivered."""
+        if self.retry.max_attempts < 1:
+            return False  # nothing to try
         body = orjson.dumps(build_payload(self.target, alert))
         extra = {**self._log_extra, "alert_key": alert.get("alert_key")}
         started = time.monotonic()
-        for attempt in range(1, self.retry.max_attempts + 1):
-            result = await self._post(session, body)
-            if result.delivered:
-                self._delivered.inc()
-                self._delivered_seconds.observe(time.monotonic() - started)
-                log.debug("alert delivered", extra={**extra, "attempts": attempt})
-                return True
-            failure = {**extra, "status": result.status, "error": result.error, "attempt": attempt}
-            if not result.retryable:
-                self._failed.inc()
-                self._failed_seconds.observe(time.monotonic() - started)
+
+        def failure(failed: DeliveryFailed) -> dict[str, Any]:
+            result = failed.result
+            return {
+                **extra,
+                "status": result.status,
+                "error": result.error,
+                "attempt": failed.attempt,
+            }
+
+        def before_retry(retry_state: RetryCallState) -> None:
+            outcome = retry_state.outcome
+            failed = outcome.exception() if outcome is not None else None
+            assert isinstance(failed, DeliveryFailed)  # the only failure the policy retries
+            self._retried.inc()
+            log.warning(
+                "alert delivery failed; retrying",
+                extra={**failure(failed), "retry_in_s": round(retry_state.upcoming_sleep, 3)},
+            )
+
+        try:
+            async for attempt in self.retry.retrying(self.rng, before_retry):
+                with attempt:
+                    result = await self._post(session, body)
+                    if not result.delivered:
+                        raise DeliveryFailed(result, attempt.retry_state.attempt_number)
+                    attempts = attempt.retry_state.attempt_number
+        except DeliveryFailed as failed:
+            self._failed.inc()
+            self._failed_seconds.observe(time.monotonic() - started)
+            if not failed.retryable:
                 log.error(
                     "alert rejected by the target; not retried. Check the target's URL, "
                     "format and key",
-                    extra=failure,
+                    extra=failure(failed),
                 )
-                return False
-            if attempt == self.retry.max_attempts:
-                self._failed.inc()
-                self._failed_seconds.observe(time.monotonic() - started)
+            else:
                 log.error(
                     "alert not delivered; gave up after retrying. Check that the target is up",
-                    extra=failure,
+                    extra=failure(failed),
                 )
-                return False
-            wait = self.retry.delay(attempt, self.rng, result.retry_after_s)
-            self._retried.inc()
-            log.warning(
-                "alert delivery failed; retrying", extra={**failure, "retry_in_s": round(wait, 3)}
-            )
-            await asyncio.sleep(wait)
-        return False  # max_attempts < 1: nothing tried
+            return False
+        self._delivered.inc()
+        self._delivered_seconds.observe(time.monotonic() - started)
+        log.debug("alert delivered", extra={**extra, "attempts": attempts})
+        return True
 
     async def _post(self, session: aiohttp.ClientSession, body: bytes) -> _Attempt:
         try:

@@ -67,6 +67,7 @@ from app.events.codec import (
     split_frame,
 )
 from app.events.kafka_retry import retry_while_kafka_down
+from app.retry import log_before_retry, retry_until_stopped
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -330,13 +331,31 @@ class ClickHouseSink:
             raise FrameError(f"a {found} event on the {event_type} topic")
 
     async def _insert_with_retry(self, pending: _Pending, stop: asyncio.Event) -> None:
-        attempt = 0
+        """Insert ``pending`` for as long as it takes; once ``stop`` is set, a failure is
+        raised instead (the batch is not committed, so the next owner inserts it)."""
+        retrying = retry_until_stopped(
+            steps=RETRY_BACKOFF_S,
+            stop=stop,
+            when_stopped="raise",
+            before_sleep=log_before_retry(
+                log, "ClickHouse insert failed; batch held, offsets not committed; retrying"
+            ),
+        )
+        async for attempt in retrying:
+            with attempt:
+                failed_before = attempt.retry_state.attempt_number - 1
+                if await self._insert_once(pending, failed_before) and failed_before:
+                    log.info(
+                        "ClickHouse takes inserts again", extra={"failed_attempts": failed_before}
+                    )
+
+    async def _insert_once(self, pending: _Pending, failed_before: int) -> bool:
+        """One try: True once the batch is in, False once its events ClickHouse refuses are
+        dead-lettered and the rest are in; raises when ClickHouse cannot take the batch."""
         while True:
             try:
                 await asyncio.to_thread(self._insert_new, pending.events)
-                if attempt:
-                    log.info("ClickHouse takes inserts again", extra={"failed_attempts": attempt})
-                return
+                return True
             except Exception as exc:
                 self.insert_failures += 1
                 # Part of the batch may be in (one table of several, or a table but not
@@ -349,17 +368,13 @@ class ClickHouseSink:
                 # ClickHouse answers but keeps refusing a batch that decodes: find the events
                 # it refuses (e.g. a value out of a column's range), one by one. If it fails
                 # for another reason meanwhile, that is an outage after all: retry the rest.
-                if refuses_data(exc) and attempt >= 2 and await self._isolate_refused(pending):
-                    return
-                if stop.is_set():
-                    raise
-                delay = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]
-                log.warning(
-                    "ClickHouse insert failed; batch held, offsets not committed; retrying",
-                    extra={"error": repr(exc)[:300], "retry_in_s": delay, "attempt": attempt + 1},
-                )
-                attempt += 1
-                await asyncio.sleep(delay)
+                if (
+                    refuses_data(exc)
+                    and failed_before >= 2
+                    and await self._isolate_refused(pending)
+                ):
+                    return False
+                raise
 
     async def _isolate_refused(self, pending: _Pending) -> bool:
         """Insert event by event; dead-letter those whose data ClickHouse refuses, with its

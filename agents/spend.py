@@ -51,6 +51,7 @@ from aiokafka.errors import KafkaError
 from aiokafka.partitioner import murmur2
 from faust.exceptions import ConsumerNotStarted
 from faust.types import TP, StreamT, TableT
+from tenacity import retry_if_exception_type
 
 from app.budgets.counter import PartialTotals, SpendCounter, UsageEvent, skipped_ranges
 from app.budgets.policy import PolicyBook, evaluate
@@ -71,6 +72,7 @@ from app.events.producer import usage_message
 from app.metering.attribution import Identity
 from app.metering.usage import build_usage_record, usage_event_id
 from app.pricing.catalog import PriceCatalog
+from app.retry import RetryCallState, retry_until_stopped
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -84,6 +86,10 @@ EXPIRE_EVERY_S = 300.0
 PERSIST_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
 SETTLED_EARLY_MAX = 100_000
 ESTIMATED_STATUS = "dispatcher_lost"
+
+
+class ChangelogWriteFailed(Exception):
+    """Kafka did not take some of a batch's changelog writes (the cause says why)."""
 
 
 def partition_for(key: str, partitions: int) -> int:
@@ -437,8 +443,9 @@ class SpendWorker:
         """Write each key's final value to ``table``'s changelog and wait until Kafka has it;
         retry what fails. Only then may the batch be committed and acknowledged."""
         pending = dict(writes)
-        attempt = 0
-        while pending:
+
+        async def write_pending() -> None:
+            nonlocal pending
             futures = {
                 # A removal must be a tombstone (a null Kafka value), not JSON null: the
                 # recovered table would otherwise hold the key with the value None.
@@ -449,17 +456,30 @@ class SpendWorker:
             }
             await asyncio.wait(futures.values())
             failed = {k: pending[k] for k, f in futures.items() if f.exception() is not None}
-            if not failed:
-                return
-            error = next(f.exception() for f in futures.values() if f.exception() is not None)
-            delay = PERSIST_BACKOFF_S[min(attempt, len(PERSIST_BACKOFF_S) - 1)]
+            if failed:
+                pending = failed  # the next try writes only these
+                error = next(e for f in futures.values() if (e := f.exception()) is not None)
+                raise ChangelogWriteFailed(error) from error
+
+        def before_retry(retry_state: RetryCallState) -> None:
+            outcome = retry_state.outcome
+            failed = outcome.exception() if outcome is not None else None
             log.warning(
                 "changelog write failed; retrying before acknowledging the batch",
-                extra={"table": table.name, "keys": len(failed), "error": repr(error)},
+                extra={
+                    "table": table.name,
+                    "keys": len(pending),
+                    "error": repr(failed.__cause__ if failed is not None else None),
+                },
             )
-            attempt += 1
-            await asyncio.sleep(delay)
-            pending = failed
+
+        if pending:
+            retrying = retry_until_stopped(
+                steps=PERSIST_BACKOFF_S,
+                retry=retry_if_exception_type(ChangelogWriteFailed),  # not a bug of ours
+                before_sleep=before_retry,
+            )
+            await retrying(write_pending)
 
     @staticmethod
     async def _ack(stream: StreamT[Any], events: Iterable[Any]) -> None:

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 from scipy.special import gammainc, gammaincc
+
+from app.anomaly_config import DetectorSettings
 
 NANOS_PER_USD = 1e9
 
@@ -104,10 +107,30 @@ def money_per_hour(usd_per_hour: float) -> str:
     return f"about {text}/hour {'above' if usd_per_hour >= 0 else 'below'} expected"
 
 
+@runtime_checkable
 class Detector(Protocol):
-    """What the engine needs from any detector: a scope, and verdicts for points."""
+    """The one protocol every detector speaks (River's ``learn_one``/``score_one`` in one
+    verb): fed the points of its scope in event-time order, it learns each and answers a
+    :class:`Verdict` (the score and the sentence on-call reads), or None when it has
+    nothing to say. What a point's ``value`` measures is the detector's to say.
+
+    The engine holds extra detectors through this protocol alone (``AnomalyEngine(
+    detectors=[factory, ...])``, a :data:`DetectorFactory` per kind of detector), so a new
+    one plugs in without touching the engine. Its three built-in detectors speak it too
+    (their ``observe_point`` is their stand-alone use), but the engine calls their richer
+    ``observe`` instead, because it ties scopes together through them (peer priors, the
+    global rhythm, a feature's cost distribution, the money at stake).
+    """
 
     scope: str
+
+    def observe_point(self, point: Point) -> Verdict | None: ...
+
+
+# Makes the detector of one scope (``user:<id>``, ``feature:<name>`` or ``global``), or
+# None for a scope it does not watch. A plugged detector is stored in the engine's
+# checkpoints, so it must pickle.
+DetectorFactory = Callable[[str, DetectorSettings], Detector | None]
 
 
 # -- statistics ---------------------------------------------------------------------------
@@ -265,6 +288,7 @@ __all__ = [
     "DecayedMean",
     "DecayedRate",
     "Detector",
+    "DetectorFactory",
     "Kind",
     "Point",
     "Verdict",

@@ -33,7 +33,7 @@ from collections import deque
 from datetime import datetime
 from statistics import NormalDist
 
-from agents.anomaly.core import NANOS_PER_USD, Cusum, Verdict, cusum_threshold
+from agents.anomaly.core import NANOS_PER_USD, Cusum, Point, Verdict, cusum_threshold
 from app.anomaly_config import DetectorSettings
 
 _BIN = 0.05  # log-cost bin width: costs within 5 % of each other share a bin
@@ -206,6 +206,11 @@ class CostDetector:
     def typical_log(self, ref: CostReference, owned: bool) -> float:
         """Log of this scope's usual typical cost: its reference's, shifted for a user."""
         return ref.mean_log() + (0.0 if owned else self.offset() * self.spread)
+
+    def observe_point(self, point: Point) -> Verdict | None:
+        """The :class:`~agents.anomaly.core.Detector` protocol: one call costing
+        ``point.value`` nano-dollars, ranked in this scope's own reference (if it has one)."""
+        return self.observe(point.ts, point.value)
 
     def observe(
         self,

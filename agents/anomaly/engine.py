@@ -35,13 +35,20 @@ import logging
 import pickle
 import struct
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from agents.anomaly.alerting import AlertManager
-from agents.anomaly.core import NANOS_PER_USD, DecayedMean, Verdict
+from agents.anomaly.core import (
+    NANOS_PER_USD,
+    DecayedMean,
+    Detector,
+    DetectorFactory,
+    Point,
+    Verdict,
+)
 from agents.anomaly.costs import CostDetector
 from agents.anomaly.incidents import Correlator, specificity
 from agents.anomaly.mix import TierMixDetector
@@ -64,7 +71,8 @@ class SnapshotError(ValueError):
 
 @dataclass
 class ScopeState:
-    """The detectors of one scope."""
+    """The detectors of one scope: the three built-in ones, which the engine ties to other
+    scopes, and ``detectors``, plugged in through the :class:`Detector` protocol alone."""
 
     scope: str
     kind: str  # user | feature | global
@@ -75,6 +83,8 @@ class ScopeState:
     features: dict[str, float] = field(default_factory=dict)  # a user's features, last seen
     prior: PeerPrior | None = None  # a feature's, for its users
     tier_costs: tuple[DecayedMean, DecayedMean] | None = None  # economy, other: mean cost
+    # Plugged in (a class-level default, so checkpoints written before them restore).
+    detectors: tuple[Detector, ...] = ()
 
 
 @dataclass
@@ -104,14 +114,23 @@ def _as_utc(ts: Any) -> datetime:
 class AnomalyEngine:
     """Anomaly detection over a stream of Usage records, fed in event-time order.
 
-    ``prices`` is only used to find the tier of records that carry none.
+    ``prices`` is only used to find the tier of records that carry none. ``detectors``
+    plug more detectors into every scope they watch, through the :class:`Detector`
+    protocol: each priced call is one :class:`Point` (``value``: its cost in nano-dollars,
+    ``key``: the model served) for the user's, the feature's and the global scope's
+    plugged detectors, and their verdicts go through the same alert lifecycle and
+    incidents as the built-in ones.
     """
 
     def __init__(
-        self, settings: DetectorSettings | None = None, prices: PriceCatalog | None = None
+        self,
+        settings: DetectorSettings | None = None,
+        prices: PriceCatalog | None = None,
+        detectors: Sequence[DetectorFactory] = (),
     ) -> None:
         self.settings = settings or DetectorSettings()
         self.prices = prices
+        self.detector_factories = tuple(detectors)
         self.alerts = AlertManager(self.settings)
         self.correlator = Correlator(self.settings, self.nests, self.explains)
         self.users: OrderedDict[str, ScopeState] = OrderedDict()  # least recently active first
@@ -136,6 +155,9 @@ class AnomalyEngine:
             state.tier_costs = (DecayedMean(), DecayedMean())
         if kind in ("feature", "global"):  # the global scope's is for users without a feature
             state.prior = PeerPrior(burst=[DecayedMean() for _ in s.volume_windows_seconds])
+        state.detectors = tuple(
+            detector for make in self.detector_factories if (detector := make(scope, s)) is not None
+        )
         return state
 
     def _scope(self, table: OrderedDict[str, ScopeState], scope: str, limit: int) -> ScopeState:
@@ -305,6 +327,10 @@ class AnomalyEngine:
                 self.stats.user_cost_in_feature_incident += 1
                 user_verdict = None
             verdicts.append(user_verdict)
+            point = Point(ts, cost_nanos, model)
+            for state in (user, feature, glob):
+                if state is not None:
+                    verdicts += [detector.observe_point(point) for detector in state.detectors]
             tier = record.get("tier") or (self.prices.tier(model) if self.prices else None)
             if tier is not None:
                 economy = tier == "economy"
@@ -451,10 +477,12 @@ class AnomalyEngine:
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["prices"] = None  # holds a lock and a cache; handed in again on restore
+        state["detector_factories"] = ()  # code, not state (may be closures); ditto
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self.__dict__.setdefault("detector_factories", ())  # a checkpoint from before them
         self.correlator.nests = self.nests
         self.correlator.explains = self.explains
 
@@ -470,8 +498,12 @@ class AnomalyEngine:
         data: bytes,
         prices: PriceCatalog | None = None,
         settings: DetectorSettings | None = None,
+        detectors: Sequence[DetectorFactory] = (),
     ) -> AnomalyEngine:
         """An engine resumed from :meth:`snapshot`: same baselines, no new warm-up.
+
+        ``detectors``: the same factories as the engine was built with; the plugged
+        detectors of its scopes come back from the snapshot, new scopes get fresh ones.
 
         ``settings`` (if given) replace the snapshot's: thresholds and alert timings apply
         at once; memories (time constants) only as the models next update. Only restore
@@ -496,6 +528,7 @@ class AnomalyEngine:
         if not isinstance(engine, cls):
             raise SnapshotError("anomaly snapshot does not hold an engine; delete it")
         engine.prices = prices
+        engine.detector_factories = tuple(detectors)
         if settings is not None and settings != engine.settings:
             engine._use_settings(settings)
         return engine

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from datetime import datetime
 
-from agents.anomaly.core import Verdict
+from agents.anomaly.core import Point, Verdict
 from app.anomaly_config import DetectorSettings
 
 
@@ -73,6 +73,11 @@ class TierMixDetector:
 
     def share(self) -> float:
         return self.economy / self.total if self.total > 0 else 0.0
+
+    def observe_point(self, point: Point) -> Verdict | None:
+        """The :class:`~agents.anomaly.core.Detector` protocol: ``point.value`` is 1 for a
+        call served by the economy tier, 0 otherwise."""
+        return self.observe(point.ts, point.value >= 0.5)
 
     def observe(
         self,

@@ -39,7 +39,15 @@ from collections import deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from agents.anomaly.core import DecayedMean, DecayedRate, Verdict, lower_tail, surprise, upper_tail
+from agents.anomaly.core import (
+    DecayedMean,
+    DecayedRate,
+    Point,
+    Verdict,
+    lower_tail,
+    surprise,
+    upper_tail,
+)
 from app.anomaly_config import DetectorSettings
 
 SLOT_SECONDS = 5
@@ -364,6 +372,11 @@ class RateDetector:
         return t - self.first_at >= self.settings.volume_warmup_seconds
 
     # -- the protocol ---------------------------------------------------------------------
+    def observe_point(self, point: Point) -> Verdict | None:
+        """The :class:`~agents.anomaly.core.Detector` protocol, for this scope alone: one
+        call at ``point.ts`` costing ``point.value`` nano-dollars (no peers, no rhythm)."""
+        return self.observe(point.ts, cost_nanos=point.value)
+
     def observe(
         self,
         ts: datetime,

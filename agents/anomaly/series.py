@@ -35,7 +35,7 @@ import math
 from collections import deque
 from datetime import datetime
 
-from agents.anomaly.core import Verdict
+from agents.anomaly.core import Point, Verdict
 from app.anomaly_config import DetectorSettings
 
 _SHORT = 5  # points in the level-shift statistic
@@ -121,6 +121,10 @@ class SeriesDetector:
     def _slot(self, ts: datetime) -> tuple[bool, int]:
         seconds = ts.hour * 3600 + ts.minute * 60 + ts.second
         return ts.weekday() >= 5, int(seconds // self.slot_seconds) % self.season
+
+    def observe_point(self, point: Point) -> Verdict | None:
+        """The :class:`~agents.anomaly.core.Detector` protocol: one point of the series."""
+        return self.observe(point.ts, point.value)
 
     def observe(self, ts: datetime, value: float) -> Verdict:
         s = self.settings

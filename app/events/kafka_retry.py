@@ -1,19 +1,20 @@
-"""Waiting out Kafka trouble: the one retry loop the long-running agents share.
+"""Waiting out Kafka trouble: the retry rule the long-running agents share.
 
 Owns what an agent does when Kafka is unreachable at start-up, goes away, or when
 the agent loses its consumer group (a stall longer than the session timeout, e.g.
 a ``SIGSTOP``, a long GC pause or a frozen VM; a broker restart): log, back off,
 run again (a new consumer that rejoins its group), and give up only when asked to
-stop. It does not decide what an agent does with Kafka; an agent whose run
-commits offsets only after its work is done loses nothing by being run again.
+stop. Here live which failures are waited out (``is_transient``) and the steps
+(``BACKOFF_S``, started over after a run of ``STABLE_RUN_S``); the retrying itself is
+``app.retry.retry_until_stopped`` (tenacity). It does not decide what an agent does
+with Kafka; an agent whose run commits offsets only after its work is done loses
+nothing by being run again.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import time
 from collections.abc import Awaitable, Callable
 
 from aiokafka.errors import (
@@ -24,6 +25,9 @@ from aiokafka.errors import (
     RebalanceInProgressError,
     UnknownMemberIdError,
 )
+from tenacity import retry_if_exception
+
+from app.retry import log_before_retry, retry_until_stopped
 
 log = logging.getLogger(__name__)
 
@@ -52,29 +56,23 @@ async def retry_while_kafka_down(
     run: Callable[[], Awaitable[None]], what: str, stop: asyncio.Event | None = None
 ) -> None:
     """Await ``run()`` until it returns; after a transient Kafka failure (``is_transient``),
-    back off and call it again. Any other exception propagates.
+    back off along ``BACKOFF_S`` (from the first step again after a run that lasted
+    ``STABLE_RUN_S``) and call it again. Any other exception propagates.
 
-    Returns without another try once ``stop`` is set.
+    Returns without another try once ``stop`` is set; setting it also ends a wait.
     """
-    attempt = 0
-    while stop is None or not stop.is_set():
-        started = time.monotonic()
-        try:
+
+    async def run_unless_stopped() -> None:
+        if stop is None or not stop.is_set():
             await run()
-            return
-        except KafkaError as exc:
-            if not is_transient(exc):
-                raise
-            if time.monotonic() - started >= STABLE_RUN_S:
-                attempt = 0
-            delay = BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)]
-            log.warning(
-                f"Kafka unreachable or group session lost; {what} starting again",
-                extra={"error": f"{type(exc).__name__}: {exc}"[:500], "retry_in_s": delay},
-            )
-            attempt += 1
-            if stop is None:
-                await asyncio.sleep(delay)
-            else:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), delay)
+
+    retrying = retry_until_stopped(
+        steps=BACKOFF_S,
+        stop=stop,
+        retry=retry_if_exception(is_transient),
+        stable_run_s=STABLE_RUN_S,
+        before_sleep=log_before_retry(
+            log, f"Kafka unreachable or group session lost; {what} starting again"
+        ),
+    )
+    await retrying(run_unless_stopped)

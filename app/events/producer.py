@@ -41,6 +41,7 @@ from aiokafka.structs import RecordMetadata
 from app.events import clients
 from app.events.codec import EventCodec
 from app.events.spool import Spool, SpooledRecord
+from app.retry import RetryCallState, retry_until_stopped
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -273,37 +274,45 @@ class EventEmitter:
             self._on_delivered(delivered)
 
     async def _drain_forever(self) -> None:
-        attempt = 0
+        # Each delivered batch is one retried call, so the backoff starts over after it.
         while not self._stopping:
-            try:
-                producer = await self._ensure_producer()
-                if not self._producer_up:
-                    log.info(
-                        "Kafka reachable; delivering events", extra={"depth": self.spool.depth}
-                    )
-                    self._producer_up = True
-                    self._last_ack = time.monotonic()
-                if not self.spool.depth:
-                    self._wake.clear()
-                    if not self.spool.depth:
-                        await self._wake.wait()
-                    continue
-                records = self.spool.peek(DRAIN_BATCH)
-                await self._send_batch(producer, records)
-                self.last_error = None
-                attempt = 0
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                if not isinstance(exc, KafkaError | OSError | TimeoutError):
-                    log.exception("event delivery failed unexpectedly; retrying")
-                elif self._producer_up or attempt == 0:
-                    log.warning(
-                        "Kafka unavailable; events are kept in the spool and retried",
-                        extra={"error": repr(exc), "depth": self.spool.depth},
-                    )
-                self.last_error = repr(exc)
-                await self._close_producer()
-                delay = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]
-                attempt += 1
-                await asyncio.sleep(delay)
+            retrying = retry_until_stopped(
+                steps=RETRY_BACKOFF_S,
+                stop=lambda: self._stopping,
+                before_sleep=self._after_failed_delivery,
+            )
+            await retrying(self._deliver_one_batch)
+
+    async def _deliver_one_batch(self) -> None:
+        """Wait until the spool holds events (connecting to Kafka first), then send one batch."""
+        if self._stopping:
+            return
+        producer = await self._ensure_producer()
+        if not self._producer_up:
+            log.info("Kafka reachable; delivering events", extra={"depth": self.spool.depth})
+            self._producer_up = True
+            self._last_ack = time.monotonic()
+        while not self.spool.depth:
+            self._wake.clear()
+            if not self.spool.depth:
+                await self._wake.wait()
+            if self._stopping:
+                return
+        records = self.spool.peek(DRAIN_BATCH)
+        await self._send_batch(producer, records)
+        self.last_error = None
+
+    async def _after_failed_delivery(self, retry_state: RetryCallState) -> None:
+        """Say why once per outage (every time for a bug), then drop the producer: the
+        next try connects afresh."""
+        outcome = retry_state.outcome
+        exc = outcome.exception() if outcome is not None else None
+        if not isinstance(exc, KafkaError | OSError | TimeoutError):
+            log.error("event delivery failed unexpectedly; retrying", exc_info=exc)
+        elif self._producer_up or retry_state.attempt_number == 1:
+            log.warning(
+                "Kafka unavailable; events are kept in the spool and retried",
+                extra={"error": repr(exc), "depth": self.spool.depth},
+            )
+        self.last_error = repr(exc)
+        await self._close_producer()
