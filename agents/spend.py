@@ -72,7 +72,13 @@ from app.events.producer import usage_message
 from app.metering.attribution import Identity
 from app.metering.usage import build_usage_record, usage_event_id
 from app.pricing.catalog import PriceCatalog
-from app.retry import RetryCallState, retry_until_stopped
+from app.retry import (
+    RetryCallState,
+    log_before_retry,
+    retry_attempts,
+    retry_until_stopped,
+    wait_capped_exponential,
+)
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -322,25 +328,26 @@ class SpendWorker:
         return {tp.partition: offset for tp, offset in found.items()}
 
     async def _group_offsets(self, tps: list[TP]) -> dict[TP, int]:
-        """The group's committed offsets of ``tps`` (absent: none committed yet). Retried:
-        right after a rebalance the coordinator may not answer at once."""
-        for attempt in range(10):
-            admin = clients.admin(self.settings, purpose="spend-worker")
-            try:
-                await admin.start()
-                found = await admin.list_consumer_group_offsets(
-                    self.app.conf.id,
-                    partitions=[TopicPartition(tp.topic, tp.partition) for tp in tps],
-                )
-                return {
-                    TP(tp.topic, tp.partition): m.offset for tp, m in found.items() if m.offset >= 0
-                }
-            except KafkaError as exc:
-                log.warning("reading committed offsets failed", extra={"error": repr(exc)})
-                await asyncio.sleep(min(0.2 * 2**attempt, 3.0))
-            finally:
-                await admin.close()
-        raise RuntimeError("the group coordinator does not answer committed offsets")
+        """The group's committed offsets of ``tps`` (absent: none committed yet). Retried
+        (``app.retry``): right after a rebalance the coordinator may not answer at once."""
+        retrying = retry_attempts(
+            attempts=10,
+            wait=wait_capped_exponential(0.2, 3.0, jitter=0.0),
+            retry=retry_if_exception_type(KafkaError),
+            before_sleep=log_before_retry(log, "reading committed offsets failed"),
+        )
+        async for attempt in retrying:
+            with attempt:
+                admin = clients.admin(self.settings, purpose="spend-worker")
+                try:
+                    await admin.start()
+                    found = await admin.list_consumer_group_offsets(
+                        self.app.conf.id,
+                        partitions=[TopicPartition(tp.topic, tp.partition) for tp in tps],
+                    )
+                finally:
+                    await admin.close()
+        return {TP(tp.topic, tp.partition): m.offset for tp, m in found.items() if m.offset >= 0}
 
     async def _prepared(self, partitions: Iterable[int]) -> None:
         """Learn where not-yet-prepared usage ``partitions`` stand: their committed offset

@@ -22,6 +22,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from app.events import clients
 from app.events.codec import EventCodec
 from app.events.consumer import EventReader
+from app.retry import RetryCallState, log_before_retry, retry_until_stopped
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -117,45 +118,50 @@ class CompactedView:
             self.on_record(name, record)
 
     async def _run(self) -> None:
-        while True:
-            consumer = clients.consumer(
-                self.settings,
-                self.topic,
-                purpose="compacted-view",
-                group_id=None,  # no group: aiokafka assigns every partition to this consumer
-                request_timeout_ms=10_000,  # a lost broker is retried after 10 s, not 40
-            )
-            try:
-                await consumer.start()
-                partitions = await self._partitions(consumer)
-                await consumer.seek_to_beginning(*partitions)
-                end = await consumer.end_offsets(partitions)
-                self.last_contact = time.monotonic()
-                next_check = time.monotonic() + CONTACT_CHECK_S
-                while True:
-                    batch = await consumer.getmany(timeout_ms=200, max_records=5000)
-                    for messages in batch.values():
-                        for m in messages:
-                            self._apply(m.key, m.value, m.partition, m.offset)
-                    if not self.synced.is_set():
-                        positions = {tp: await consumer.position(tp) for tp in partitions}
-                        if all(positions[tp] >= end[tp] for tp in partitions):
-                            self.synced.set()
-                    if time.monotonic() >= next_check:
-                        await consumer.end_offsets(partitions)  # raises if the broker is gone
-                        self.last_contact = time.monotonic()
-                        next_check = self.last_contact + CONTACT_CHECK_S
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                self._unreachable.set()
-                log.warning(
-                    "lost the topic; retrying", extra={"topic": self.topic, "error": repr(exc)}
-                )
-                await asyncio.sleep(1.0)
-            finally:
-                with contextlib.suppress(Exception):
-                    await consumer.stop()
+        """Follow the topic for ever; a lost broker or topic is retried every second
+        (``app.retry``), reading the topic again from its beginning."""
+        retrying = retry_until_stopped(steps=(1.0,), before_sleep=self._lost)
+        async for attempt in retrying:
+            with attempt:
+                await self._follow()
+
+    def _lost(self, retry_state: RetryCallState) -> None:
+        self._unreachable.set()
+        outcome = retry_state.outcome
+        exc = outcome.exception() if outcome is not None else None
+        log.warning("lost the topic; retrying", extra={"topic": self.topic, "error": repr(exc)})
+
+    async def _follow(self) -> None:
+        consumer = clients.consumer(
+            self.settings,
+            self.topic,
+            purpose="compacted-view",
+            group_id=None,  # no group: aiokafka assigns every partition to this consumer
+            request_timeout_ms=10_000,  # a lost broker is retried after 10 s, not 40
+        )
+        try:
+            await consumer.start()
+            partitions = await self._partitions(consumer)
+            await consumer.seek_to_beginning(*partitions)
+            end = await consumer.end_offsets(partitions)
+            self.last_contact = time.monotonic()
+            next_check = time.monotonic() + CONTACT_CHECK_S
+            while True:
+                batch = await consumer.getmany(timeout_ms=200, max_records=5000)
+                for messages in batch.values():
+                    for m in messages:
+                        self._apply(m.key, m.value, m.partition, m.offset)
+                if not self.synced.is_set():
+                    positions = {tp: await consumer.position(tp) for tp in partitions}
+                    if all(positions[tp] >= end[tp] for tp in partitions):
+                        self.synced.set()
+                if time.monotonic() >= next_check:
+                    await consumer.end_offsets(partitions)  # raises if the broker is gone
+                    self.last_contact = time.monotonic()
+                    next_check = self.last_contact + CONTACT_CHECK_S
+        finally:
+            with contextlib.suppress(Exception):
+                await consumer.stop()
 
     async def _partitions(self, consumer: AIOKafkaConsumer) -> list[TopicPartition]:
         partitions = await assigned_partitions(consumer)
@@ -264,36 +270,37 @@ class LatestFollower:
                 )
 
     async def _run(self) -> None:
-        while True:
-            consumer = self.consumer()
-            try:
-                await consumer.start()
-                partitions = await assigned_partitions(consumer)
-                if not partitions:
-                    raise RuntimeError(
-                        f"topic {self.topic} has no partitions; run `tollgate topics ensure`"
-                    )
-                latest = await self.read_latest(consumer, partitions)
-                if latest is not None:
-                    self._apply(latest)
-                self.synced.set()
-                while True:
-                    batch = await consumer.getmany(timeout_ms=1000)
-                    newest: bytes | None = None
-                    for messages in batch.values():
-                        for m in messages:
-                            if m.key == self.key and m.value is not None:
-                                newest = m.value
-                    if newest is not None:  # several at once: only the newest matters
-                        self._apply(newest)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning(
-                    "lost the state topic; retrying",
-                    extra={"topic": self.topic, "error": repr(exc)},
+        """Follow the key for ever; a lost broker or topic is retried every second
+        (``app.retry``)."""
+        retrying = retry_until_stopped(
+            steps=(1.0,), before_sleep=log_before_retry(log, "lost the state topic; retrying")
+        )
+        async for attempt in retrying:
+            with attempt:
+                await self._follow()
+
+    async def _follow(self) -> None:
+        consumer = self.consumer()
+        try:
+            await consumer.start()
+            partitions = await assigned_partitions(consumer)
+            if not partitions:
+                raise RuntimeError(
+                    f"topic {self.topic} has no partitions; run `tollgate topics ensure`"
                 )
-                await asyncio.sleep(1.0)
-            finally:
-                with contextlib.suppress(Exception):
-                    await consumer.stop()
+            latest = await self.read_latest(consumer, partitions)
+            if latest is not None:
+                self._apply(latest)
+            self.synced.set()
+            while True:
+                batch = await consumer.getmany(timeout_ms=1000)
+                newest: bytes | None = None
+                for messages in batch.values():
+                    for m in messages:
+                        if m.key == self.key and m.value is not None:
+                            newest = m.value
+                if newest is not None:  # several at once: only the newest matters
+                    self._apply(newest)
+        finally:
+            with contextlib.suppress(Exception):
+                await consumer.stop()
