@@ -196,6 +196,9 @@ class SseRelay:
         self.call = call
         self.buffer = b""
         self.drop_usage_chunk = not call.chat.client_wants_usage
+        self.saw_content = False  # a delta with text, a tool call or a function call
+        self.refused = False  # a delta with a refusal (and no content before it)
+        self.finish_reason: str | None = None
 
     def feed(self, data: bytes) -> bytes:
         self.buffer += data
@@ -230,9 +233,20 @@ class SseRelay:
                 self.call.on_chunk(chunk)
             choices = chunk.get("choices") or []
             for choice in choices:
-                delta = choice.get("delta") if isinstance(choice, dict) else None
-                content = delta.get("content") if isinstance(delta, dict) else None
+                if not isinstance(choice, dict):
+                    continue
+                delta = choice.get("delta")
+                if not isinstance(delta, dict):
+                    delta = {}
+                content = delta.get("content")
+                if delta.get("tool_calls") or delta.get("function_call"):
+                    self.saw_content = True
+                elif delta.get("refusal") and not self.saw_content:
+                    self.refused = True
+                if choice.get("finish_reason"):
+                    self.finish_reason = str(choice["finish_reason"])
                 if content:
+                    self.saw_content = True
                     if self.call.ttft_ms is None:
                         self.call.ttft_ms = int((time.monotonic() - self.call.started) * 1000)
                     self.call.generated_text.append(content)
@@ -565,7 +579,7 @@ class Gateway:
                 last_error = exc
             except TimeoutError as exc:
                 self.metrics.upstream_errors.labels(upstream.name, "timeout").inc()
-                raise self._timed_out(call, "did not answer in time") from exc
+                raise self.timed_out(call, "did not answer in time") from exc
             except aiohttp.ClientError as exc:
                 self.metrics.upstream_errors.labels(upstream.name, "connect").inc()
                 last_error = exc
@@ -576,7 +590,7 @@ class Gateway:
             f"No upstream serving {call.chat.model!r} could be reached ({names}): {last_error}"
         )
 
-    def _timed_out(self, call: Call, what: str) -> UpstreamTimedOut:
+    def timed_out(self, call: Call, what: str) -> UpstreamTimedOut:
         """The call ran out of time: its own deadline (max_call_duration_s) or upstream silence."""
         call.http_status = 504
         if asyncio.get_running_loop().time() >= call.deadline:
@@ -598,7 +612,7 @@ class Gateway:
         else:
             call.http_status = response.status
 
-    def _observe_upstream(self, call: Call) -> None:
+    def observe_upstream(self, call: Call) -> None:
         """Upstream duration: from sending the request to its last byte, streams included."""
         self.metrics.upstream_latency.labels(call.upstream or "?").observe(
             time.monotonic() - call.started
@@ -613,13 +627,13 @@ class Gateway:
             async with asyncio.timeout_at(call.deadline):
                 body = await response.read()
         except TimeoutError as exc:
-            raise self._timed_out(call, "stopped answering") from exc
+            raise self.timed_out(call, "stopped answering") from exc
         except aiohttp.ClientError as exc:
             call.status, call.http_status, call.error_type = "error", 502, "upstream_error"
             raise UpstreamFailed(f"Upstream {call.upstream!r} broke the connection: {exc}") from exc
         finally:
             response.release()
-            self._observe_upstream(call)
+            self.observe_upstream(call)
         self.record_upstream_status(call, response)
         if response.status < 400:
             try:
@@ -643,8 +657,12 @@ class Gateway:
         response: aiohttp.ClientResponse,
         write: StreamWriter,
         error_event: Callable[[TollgateError], bytes],
+        relay: SseRelay | None = None,
     ) -> None:
         """Pass an upstream SSE stream through chunk by chunk, capturing usage on the way.
+
+        ``relay``: the :class:`SseRelay` that read the stream's start already (a stream held
+        until its first content); the rest is read from where it stopped.
 
         A client that goes away raises from ``write``; the call is then marked
         ``client_disconnected`` and the upstream connection is closed, so the
@@ -653,7 +671,7 @@ class Gateway:
         of the error). Usage is emitted by ``finish``
         either way.
         """
-        relay = SseRelay(call)
+        relay = relay or SseRelay(call)
         try:
             async with asyncio.timeout_at(call.deadline):
                 async for data in response.content.iter_any():
@@ -668,7 +686,7 @@ class Gateway:
             response.close()
             raise
         except TimeoutError:
-            error = self._timed_out(call, "stopped streaming")
+            error = self.timed_out(call, "stopped streaming")
             response.close()
             with contextlib.suppress(ConnectionError):
                 await write(error_event(error))
@@ -679,4 +697,4 @@ class Gateway:
             )
         finally:
             response.release()
-            self._observe_upstream(call)
+            self.observe_upstream(call)

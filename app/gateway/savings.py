@@ -6,9 +6,9 @@ Owns the glue between one chat request and the domain packages: asking the
 rule says ``route_all``: a request naming a model keeps it), retargeting the request at the
 routed model, deciding whether a failed attempt escalates, planning / reading / writing the
 response cache, and remembering the features of economy-routed calls so an outcome posted
-later to this dispatcher (``/v1/outcomes``) teaches the router. It does not own HTTP (see
-``app.http.savings``), upstream calls or events (``app.gateway.pipeline``), scoring (``app.routing``)
-or storage (``app.cache``).
+later to this dispatcher (``/v1/outcomes``) teaches the router. It does not own the attempts of a
+request (``app.gateway.chat``), HTTP (``app.http.chat``), upstream calls or events
+(``app.gateway.pipeline``), scoring (``app.routing``) or storage (``app.cache``).
 
 Learning, two modes (``routing.shared_learning``):
 
@@ -175,6 +175,14 @@ class SavingsLevers:
         if step is None:
             return None
         return step, replace(route, model=step.model, tier=step.tier.value, escalated=True)
+
+    def may_escalate(self, route: RouteInfo, feature: str | None, attempt: int) -> bool:
+        """Whether a failure of this attempt could still escalate (see ``escalate``)."""
+        if not route.routed or route.tier is None:
+            return False
+        return self.escalation.possible(
+            tier=Tier(route.tier), feature=feature, attempt=attempt, provider=route.provider
+        )
 
     def validate(self, route: RouteInfo, completion: Any) -> Failure | None:
         """The configured validators on a routed call's answer (None: acceptable)."""
