@@ -50,7 +50,7 @@ from app.gateway.savings import SavingsLevers
 from app.gateway.shared_router import SharedRouter
 from app.gateway.upstreams import UpstreamPool
 from app.http import responses
-from app.http.chat import answer_chat
+from app.http.chat import CHAT_RESPONSE_HEADERS, answer_chat
 from app.http.errors import ApiError, http_error, invalid_request
 from app.http.openapi import (
     ATTRIBUTION_HEADERS,
@@ -252,6 +252,7 @@ def _check_budget_view_fresh(c: Components) -> None:
     response_description="The provider's completion, passed through (or text/event-stream)",
     parameters=tuple(ATTRIBUTION_HEADERS),
     errors=(400, 401, 402, 403, 404, 413, 502, 503, 504),
+    response_headers=tuple((name, *spec) for name, spec in CHAT_RESPONSE_HEADERS.items()),
 )
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     return await _chat(request, "chat.completions", native=False)
@@ -266,6 +267,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     response_description="The provider's completion, passed through (or text/event-stream)",
     parameters=tuple(ATTRIBUTION_HEADERS),
     errors=(400, 401, 402, 403, 404, 413, 502, 503, 504),
+    response_headers=tuple((name, *spec) for name, spec in CHAT_RESPONSE_HEADERS.items()),
 )
 async def dispatch(request: web.Request) -> web.StreamResponse:
     return await _chat(request, "dispatch", native=True)
