@@ -35,7 +35,7 @@ import orjson
 
 from app.cache.key import CacheLookup
 from app.errors import InvalidRequest, TollgateError, UpstreamFailed, UpstreamTimedOut
-from app.gateway.pipeline import Call, ChatRequest, Gateway, SseRelay
+from app.gateway.pipeline import Call, ChatRequest, Gateway, SseRelay, identity_scopes
 from app.gateway.savings import CacheStatus, RouteInfo, SavingsLevers
 from app.metering.attribution import Identity
 from app.routing.escalation import Escalation, Failure, failure_of_status
@@ -117,12 +117,20 @@ class ChatAttempts:
     def route(self, body: Mapping[str, Any], chat: ChatRequest) -> tuple[ChatRequest, RouteInfo]:
         """The request as the router sends it; a prompt it cannot read is ``InvalidRequest``."""
         try:
-            route = self.levers.route(self.request_id, body, self.identity.feature)
+            route = self.levers.route(
+                self.request_id, body, self.identity.feature, may_explore=self._may_explore
+            )
         except PromptError as exc:
             raise InvalidRequest(f"'{exc.field}' {exc.message}", field=exc.field) from None
         if route.routed:
             chat = chat.retarget(route.model)
         return chat, route
+
+    def _may_explore(self) -> bool:
+        """Exploration sends a prompt to economy against the router's advice: never for a call
+        whose budget scopes are near their limit (``routing.exploration_min_room``)."""
+        min_room = self.levers.routing.exploration_min_room
+        return not self.gateway.gate.near_limit(identity_scopes(self.identity), min_room)
 
     async def answer(
         self, body: Mapping[str, Any], chat: ChatRequest, client: ClientStream

@@ -61,6 +61,7 @@ class RouteInfo:
     # would pick to be safe. None: the requested model itself.
     reference_model: str | None = None
     escalated: bool = False  # this attempt is the retry one tier up
+    explored: bool = False  # sent to economy despite its score, to learn (exploration_rate)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,17 +111,35 @@ class SavingsLevers:
         tier = self.router.tier_of(model)
         return tier.value if tier is not None else self._tier_of_price(model)
 
-    def route(self, request_id: str, body: Mapping[str, Any], feature: str | None) -> RouteInfo:
+    def route(
+        self,
+        request_id: str,
+        body: Mapping[str, Any],
+        feature: str | None,
+        *,
+        may_explore: Callable[[], bool] = lambda: True,
+    ) -> RouteInfo:
         """The routing of a request (raises ``PromptError`` for a body the router cannot read).
 
-        A request that is not routed keeps its model (``RouteInfo.routed`` is False)."""
+        A request that is not routed keeps its model (``RouteInfo.routed`` is False).
+        ``may_explore()``: whether this call may be sent to economy to learn (asked only when
+        exploration could apply: the dispatcher says no near a budget limit)."""
         requested = body.get("model")
         if not self.router.wants_routing(body, feature):
             model = requested if isinstance(requested, str) else ""
             return RouteInfo(model_requested=model, model=model, tier=self.tier_of(model))
         rule = self.routing.rule_for(feature)
         features = None if rule.pin is not None else self.router.features(body)
-        decision = self.router.route(body, feature, features)
+        explore = (
+            features is not None
+            and self.routing.exploration_rate > 0
+            and self.router.may_explore(feature)
+            and self.router.explores(request_id)
+            and may_explore()
+        )
+        decision = self.router.route(
+            body, feature, features, explore_key=request_id if explore else None
+        )
         provider = self.routing.provider_tiers(decision.provider)
         top = next(m for t in reversed(TIER_ORDER) if (m := provider.model_for(t)))
         if (
@@ -141,6 +160,7 @@ class SavingsLevers:
             reason=decision.reason,
             provider=decision.provider,
             reference_model=top,
+            explored=decision.explored,
         )
 
     def escalate(
