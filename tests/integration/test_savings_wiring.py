@@ -42,7 +42,7 @@ HARD = [
 ROUTING = RoutingSettings(
     providers=(
         ProviderTiers(provider="sim", economy="gpt-4o-mini", standard="gpt-4o", premium="gpt-4"),
-    )
+    ),
     exploration_rate=0.0,  # request ids are random: exploration would pick calls at random
 )
 CACHE = CacheSettings(enabled=True)
