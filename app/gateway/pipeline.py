@@ -23,7 +23,7 @@ import aiohttp
 import orjson
 from pydantic import ValidationError
 
-from app.budgets.gate import Admission, BudgetGate
+from app.budgets.gate import Admission, BudgetGate, BudgetRefused
 from app.budgets.policy import scopes_of
 from app.budgets.reservations import CallCost, OutputEstimator
 from app.budgets.spend import event_cost
@@ -372,6 +372,7 @@ class Gateway:
         blocked_scope: str | None = None,
         call: Call | None = None,
         client_request_id: str | None = None,
+        attempt: int | None = None,
     ) -> None:
         admission = call.admission if call else None
         route = call.route if call else None
@@ -400,6 +401,7 @@ class Gateway:
             "deadline_ts": deadline,
             "expected_output_tokens": admission.expected_output_tokens if admission else 0,
             "max_tokens_capped": admission.max_tokens_cap if admission else None,
+            "attempt": attempt or (call.attempt if call else 1),
         }
         self.emitter.emit("Request", "requests", identity.user_id, record)
 
@@ -515,13 +517,26 @@ class Gateway:
         """Admit a call (known model, room under every cap, else ``BudgetRefused``), record it,
         and whatever happens in the block, emit its usage and release its reservation.
 
-        ``attempt`` 2 is an escalation of the same request: admitted and paid on its own,
-        its own Usage event (same request id), no second ``Request`` event."""
+        ``attempt`` 2 is an escalation of the same request: admitted and reserved on its own
+        worst case, its own ``Request`` and ``Usage`` events (same request id, ``attempt`` 2), so
+        the spend worker can settle it if this dispatcher dies during it. A refused escalation
+        is announced as a blocked ``Request`` of that attempt (the first one's web layer
+        already announced attempt 1)."""
         if not self.upstreams.candidates(chat.model):
             raise ModelNotServed(chat.model, self.upstreams.known_models())
-        admission = await self.gate.admit_waiting(
-            identity_scopes(identity), self.call_cost(chat), self.config.budget_queue_wait_s
-        )
+        try:
+            admission = await self.gate.admit_waiting(
+                identity_scopes(identity), self.call_cost(chat), self.config.budget_queue_wait_s
+            )
+        except BudgetRefused as refusal:
+            if attempt > 1:
+                self.emit_request(
+                    request_id=request_id, endpoint=endpoint, identity=identity, chat=chat,
+                    status="blocked", reason="budget_exceeded",
+                    blocked_scope=refusal.status.scope, client_request_id=client_request_id,
+                    attempt=attempt,
+                )  # fmt: skip
+            raise
         loop = asyncio.get_running_loop()
         call = Call(
             request_id=request_id,
@@ -538,15 +553,14 @@ class Gateway:
         try:
             if admission.max_tokens_cap is not None:
                 chat.cap_output(admission.max_tokens_cap)
-            if attempt == 1:
-                self.emit_request(
-                    request_id=request_id,
-                    endpoint=endpoint,
-                    identity=identity,
-                    chat=chat,
-                    status="accepted",
-                    call=call,
-                )
+            self.emit_request(
+                request_id=request_id,
+                endpoint=endpoint,
+                identity=identity,
+                chat=chat,
+                status="accepted",
+                call=call,
+            )
         except BaseException:
             call.finished = True  # no Request event, so no Usage: only the release
             self.gate.settle(admission.reservation, 0)

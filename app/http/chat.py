@@ -27,7 +27,7 @@ from app.http.errors import sse_error_event
 CHAT_RESPONSE_HEADERS: dict[str, tuple[str, dict[str, Any]]] = {
     "X-Request-Id": ("The gateway's id of this request", {"type": "string"}),
     "X-Client-Request-Id": (
-        "The client's own X-Client-Request-Id, echoed (when it sent one)",
+        "The client's own X-Request-Id, echoed (when it sent one)",
         {"type": "string"},
     ),
     "X-Tollgate-Model-Served": (

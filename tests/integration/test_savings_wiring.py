@@ -395,7 +395,7 @@ def test_every_chat_response_header_is_in_the_openapi_document(stack: Stack) -> 
         {
             "model": "auto", "messages": SHORT, "user": "ray",
             "extra_headers": {"X-Sim-Status": "503", "X-Sim-Models": "gpt-4o-mini",
-                              "X-Client-Request-Id": "mine-1"},
+                              "X-Request-Id": "mine-1"},
         },
     ):  # fmt: skip
         response = sdk.chat.completions.with_raw_response.create(**ask)
