@@ -70,7 +70,7 @@ from app.events.compacted import CompactedView
 from app.events.consumer import EventReader
 from app.events.producer import usage_message
 from app.metering.attribution import Identity
-from app.metering.usage import build_usage_record, usage_event_id
+from app.metering.usage import attempt_key, build_usage_record, usage_event_id
 from app.pricing.catalog import PriceCatalog
 from app.retry import (
     RetryCallState,
@@ -809,10 +809,11 @@ class SpendWorker:
                     self.latest_boot[request["dispatcher_id"]] = max(previous, boot_ms)
                 if entry is None:
                     continue
-                if request["request_id"] in self.settled_early:
-                    self.settled_early.pop(request["request_id"], None)
+                key = attempt_key(request["request_id"], request.get("attempt") or 1)
+                if key in self.settled_early:
+                    self.settled_early.pop(key, None)
                     continue
-                writes[request["request_id"]] = (message.partition, entry)
+                writes[key] = (message.partition, entry)
             await self._persist(self.open_table, writes)
             for key, (_p, value) in writes.items():
                 self.open_table.data[key] = value
@@ -837,14 +838,15 @@ class SpendWorker:
                 due.append(
                     (request_id, entry, "dispatcher restarted" if superseded else "deadline")
                 )
-        for request_id, entry, why in due:
+        for key, entry, why in due:
+            request_id = entry.get("request_id") or key  # entries older than attempts: the key
             record = estimated_usage(self.prices, request_id, entry)
             message = usage_message(self.settings, self.codec, record)
             await self.usage_topic.send(  # the request's partition: the user's usage partition
                 key=message.key, value=message.value, partition=entry["partition"]
             )
-            await self._persist(self.open_table, {request_id: (entry["partition"], None)})
-            self.open_table.data.pop(request_id, None)
+            await self._persist(self.open_table, {key: (entry["partition"], None)})
+            self.open_table.data.pop(key, None)
             log.warning(
                 "usage of a request was lost with its dispatcher; counted an estimate",
                 extra={
@@ -869,6 +871,8 @@ def open_request_entry(
     boot = request.get("boot_ts")
     return {
         "partition": partition,
+        "request_id": request["request_id"],
+        "attempt": request.get("attempt") or 1,
         "ts_ms": int(ts.timestamp() * 1000),
         "deadline_ms": int(deadline.timestamp() * 1000),
         "dispatcher_id": request.get("dispatcher_id"),
@@ -904,7 +908,7 @@ def estimated_usage(prices: PriceCatalog, request_id: str, entry: dict[str, Any]
         completion_tokens=int(entry["expected_output_tokens"]),
         source="settlement",
         ts=datetime.fromtimestamp(entry["ts_ms"] / 1000, UTC),
-        event_id=usage_event_id(request_id, 1),
+        event_id=usage_event_id(request_id, entry.get("attempt") or 1),
         usage_estimated=True,
         stream=entry.get("stream", False),
         latency_ms=0,
@@ -912,7 +916,7 @@ def estimated_usage(prices: PriceCatalog, request_id: str, entry: dict[str, Any]
         status=ESTIMATED_STATUS,
         http_status=0,
         error_type=ESTIMATED_STATUS,
-        attempt=1,
+        attempt=entry.get("attempt") or 1,
         client_request_id=entry.get("client_request_id"),
     )
 

@@ -35,6 +35,7 @@ from typing import Any
 from app.budgets.ledger import BucketId, buckets_of, cover, expired, parse_key, parse_short
 from app.budgets.policy import scopes_of
 from app.budgets.spend import event_cost, is_partition_local
+from app.metering.usage import attempt_key
 
 DEFAULT_DEDUPE_WINDOW = 50_000
 
@@ -99,7 +100,8 @@ class Batch:
     counted: int = 0
     duplicates: int = 0
     undecodable: int = 0
-    settled_requests: list[tuple[str, int]] = field(default_factory=list)  # (request_id, part.)
+    # (attempt_key(request_id, attempt), partition) of usage that settles an open request
+    settled_requests: list[tuple[str, int]] = field(default_factory=list)
 
 
 def scopes_of_record(record: Mapping[str, Any]) -> list[str]:
@@ -177,7 +179,8 @@ class SpendCounter:
                 continue
             new_ids.append(event_id)
             if record.get("request_id") and record.get("source") in ("dispatcher", "settlement"):
-                batch.settled_requests.append((record["request_id"], p))
+                key = attempt_key(record["request_id"], record.get("attempt") or 1)
+                batch.settled_requests.append((key, p))
             cost = event_cost(record)
             buckets = buckets_of(ts_ms_of(record))
             for scope in scopes_of_record(record):

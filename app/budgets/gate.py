@@ -351,6 +351,21 @@ class BudgetGate:
             self._notify()
         return len(stale)
 
+    def near_limit(self, scopes: list[str], min_room: float) -> bool:
+        """Whether any capped scope has less than ``min_room`` (a share of its limit) left,
+        counting the worst cases of calls in flight; blocked scopes are near, uncapped ones not."""
+        now = self.clock.now()
+        with self._lock:
+            for scope in scopes:
+                policy = self.policies.policy_for(scope)
+                if policy is None:
+                    continue
+                status = self._status(scope, policy, now)
+                room = status.room_nanos - status.worst_in_flight_nanos
+                if status.state == "blocked" or room < min_room * policy.limit_usd_nanos:
+                    return True
+        return False
+
     def status(self, scope: str) -> ScopeStatus | None:
         policy = self.policies.policy_for(scope)
         if policy is None:

@@ -23,7 +23,7 @@ import aiohttp
 import orjson
 from pydantic import ValidationError
 
-from app.budgets.gate import Admission, BudgetGate
+from app.budgets.gate import Admission, BudgetGate, BudgetRefused
 from app.budgets.policy import scopes_of
 from app.budgets.reservations import CallCost, OutputEstimator
 from app.budgets.spend import event_cost
@@ -196,6 +196,9 @@ class SseRelay:
         self.call = call
         self.buffer = b""
         self.drop_usage_chunk = not call.chat.client_wants_usage
+        self.saw_content = False  # a delta with text, a tool call or a function call
+        self.refused = False  # a delta with a refusal (and no content before it)
+        self.finish_reason: str | None = None
 
     def feed(self, data: bytes) -> bytes:
         self.buffer += data
@@ -230,9 +233,20 @@ class SseRelay:
                 self.call.on_chunk(chunk)
             choices = chunk.get("choices") or []
             for choice in choices:
-                delta = choice.get("delta") if isinstance(choice, dict) else None
-                content = delta.get("content") if isinstance(delta, dict) else None
+                if not isinstance(choice, dict):
+                    continue
+                delta = choice.get("delta")
+                if not isinstance(delta, dict):
+                    delta = {}
+                content = delta.get("content")
+                if delta.get("tool_calls") or delta.get("function_call"):
+                    self.saw_content = True
+                elif delta.get("refusal") and not self.saw_content:
+                    self.refused = True
+                if choice.get("finish_reason"):
+                    self.finish_reason = str(choice["finish_reason"])
                 if content:
+                    self.saw_content = True
                     if self.call.ttft_ms is None:
                         self.call.ttft_ms = int((time.monotonic() - self.call.started) * 1000)
                     self.call.generated_text.append(content)
@@ -358,6 +372,7 @@ class Gateway:
         blocked_scope: str | None = None,
         call: Call | None = None,
         client_request_id: str | None = None,
+        attempt: int | None = None,
     ) -> None:
         admission = call.admission if call else None
         route = call.route if call else None
@@ -386,6 +401,7 @@ class Gateway:
             "deadline_ts": deadline,
             "expected_output_tokens": admission.expected_output_tokens if admission else 0,
             "max_tokens_capped": admission.max_tokens_cap if admission else None,
+            "attempt": attempt or (call.attempt if call else 1),
         }
         self.emitter.emit("Request", "requests", identity.user_id, record)
 
@@ -501,13 +517,26 @@ class Gateway:
         """Admit a call (known model, room under every cap, else ``BudgetRefused``), record it,
         and whatever happens in the block, emit its usage and release its reservation.
 
-        ``attempt`` 2 is an escalation of the same request: admitted and paid on its own,
-        its own Usage event (same request id), no second ``Request`` event."""
+        ``attempt`` 2 is an escalation of the same request: admitted and reserved on its own
+        worst case, its own ``Request`` and ``Usage`` events (same request id, ``attempt`` 2), so
+        the spend worker can settle it if this dispatcher dies during it. A refused escalation
+        is announced as a blocked ``Request`` of that attempt (the first one's web layer
+        already announced attempt 1)."""
         if not self.upstreams.candidates(chat.model):
             raise ModelNotServed(chat.model, self.upstreams.known_models())
-        admission = await self.gate.admit_waiting(
-            identity_scopes(identity), self.call_cost(chat), self.config.budget_queue_wait_s
-        )
+        try:
+            admission = await self.gate.admit_waiting(
+                identity_scopes(identity), self.call_cost(chat), self.config.budget_queue_wait_s
+            )
+        except BudgetRefused as refusal:
+            if attempt > 1:
+                self.emit_request(
+                    request_id=request_id, endpoint=endpoint, identity=identity, chat=chat,
+                    status="blocked", reason="budget_exceeded",
+                    blocked_scope=refusal.status.scope, client_request_id=client_request_id,
+                    attempt=attempt,
+                )  # fmt: skip
+            raise
         loop = asyncio.get_running_loop()
         call = Call(
             request_id=request_id,
@@ -524,15 +553,14 @@ class Gateway:
         try:
             if admission.max_tokens_cap is not None:
                 chat.cap_output(admission.max_tokens_cap)
-            if attempt == 1:
-                self.emit_request(
-                    request_id=request_id,
-                    endpoint=endpoint,
-                    identity=identity,
-                    chat=chat,
-                    status="accepted",
-                    call=call,
-                )
+            self.emit_request(
+                request_id=request_id,
+                endpoint=endpoint,
+                identity=identity,
+                chat=chat,
+                status="accepted",
+                call=call,
+            )
         except BaseException:
             call.finished = True  # no Request event, so no Usage: only the release
             self.gate.settle(admission.reservation, 0)
@@ -565,7 +593,7 @@ class Gateway:
                 last_error = exc
             except TimeoutError as exc:
                 self.metrics.upstream_errors.labels(upstream.name, "timeout").inc()
-                raise self._timed_out(call, "did not answer in time") from exc
+                raise self.timed_out(call, "did not answer in time") from exc
             except aiohttp.ClientError as exc:
                 self.metrics.upstream_errors.labels(upstream.name, "connect").inc()
                 last_error = exc
@@ -576,7 +604,7 @@ class Gateway:
             f"No upstream serving {call.chat.model!r} could be reached ({names}): {last_error}"
         )
 
-    def _timed_out(self, call: Call, what: str) -> UpstreamTimedOut:
+    def timed_out(self, call: Call, what: str) -> UpstreamTimedOut:
         """The call ran out of time: its own deadline (max_call_duration_s) or upstream silence."""
         call.http_status = 504
         if asyncio.get_running_loop().time() >= call.deadline:
@@ -598,7 +626,7 @@ class Gateway:
         else:
             call.http_status = response.status
 
-    def _observe_upstream(self, call: Call) -> None:
+    def observe_upstream(self, call: Call) -> None:
         """Upstream duration: from sending the request to its last byte, streams included."""
         self.metrics.upstream_latency.labels(call.upstream or "?").observe(
             time.monotonic() - call.started
@@ -613,13 +641,13 @@ class Gateway:
             async with asyncio.timeout_at(call.deadline):
                 body = await response.read()
         except TimeoutError as exc:
-            raise self._timed_out(call, "stopped answering") from exc
+            raise self.timed_out(call, "stopped answering") from exc
         except aiohttp.ClientError as exc:
             call.status, call.http_status, call.error_type = "error", 502, "upstream_error"
             raise UpstreamFailed(f"Upstream {call.upstream!r} broke the connection: {exc}") from exc
         finally:
             response.release()
-            self._observe_upstream(call)
+            self.observe_upstream(call)
         self.record_upstream_status(call, response)
         if response.status < 400:
             try:
@@ -643,8 +671,12 @@ class Gateway:
         response: aiohttp.ClientResponse,
         write: StreamWriter,
         error_event: Callable[[TollgateError], bytes],
+        relay: SseRelay | None = None,
     ) -> None:
         """Pass an upstream SSE stream through chunk by chunk, capturing usage on the way.
+
+        ``relay``: the :class:`SseRelay` that read the stream's start already (a stream held
+        until its first content); the rest is read from where it stopped.
 
         A client that goes away raises from ``write``; the call is then marked
         ``client_disconnected`` and the upstream connection is closed, so the
@@ -653,7 +685,7 @@ class Gateway:
         of the error). Usage is emitted by ``finish``
         either way.
         """
-        relay = SseRelay(call)
+        relay = relay or SseRelay(call)
         try:
             async with asyncio.timeout_at(call.deadline):
                 async for data in response.content.iter_any():
@@ -668,7 +700,7 @@ class Gateway:
             response.close()
             raise
         except TimeoutError:
-            error = self._timed_out(call, "stopped streaming")
+            error = self.timed_out(call, "stopped streaming")
             response.close()
             with contextlib.suppress(ConnectionError):
                 await write(error_event(error))
@@ -679,4 +711,4 @@ class Gateway:
             )
         finally:
             response.release()
-            self._observe_upstream(call)
+            self.observe_upstream(call)

@@ -6,9 +6,9 @@ Owns the glue between one chat request and the domain packages: asking the
 rule says ``route_all``: a request naming a model keeps it), retargeting the request at the
 routed model, deciding whether a failed attempt escalates, planning / reading / writing the
 response cache, and remembering the features of economy-routed calls so an outcome posted
-later to this dispatcher (``/v1/outcomes``) teaches the router. It does not own HTTP (see
-``app.http.savings``), upstream calls or events (``app.gateway.pipeline``), scoring (``app.routing``)
-or storage (``app.cache``).
+later to this dispatcher (``/v1/outcomes``) teaches the router. It does not own the attempts of a
+request (``app.gateway.chat``), HTTP (``app.http.chat``), upstream calls or events
+(``app.gateway.pipeline``), scoring (``app.routing``) or storage (``app.cache``).
 
 Learning, two modes (``routing.shared_learning``):
 
@@ -61,6 +61,7 @@ class RouteInfo:
     # would pick to be safe. None: the requested model itself.
     reference_model: str | None = None
     escalated: bool = False  # this attempt is the retry one tier up
+    explored: bool = False  # sent to economy despite its score, to learn (exploration_rate)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,17 +111,35 @@ class SavingsLevers:
         tier = self.router.tier_of(model)
         return tier.value if tier is not None else self._tier_of_price(model)
 
-    def route(self, request_id: str, body: Mapping[str, Any], feature: str | None) -> RouteInfo:
+    def route(
+        self,
+        request_id: str,
+        body: Mapping[str, Any],
+        feature: str | None,
+        *,
+        may_explore: Callable[[], bool] = lambda: True,
+    ) -> RouteInfo:
         """The routing of a request (raises ``PromptError`` for a body the router cannot read).
 
-        A request that is not routed keeps its model (``RouteInfo.routed`` is False)."""
+        A request that is not routed keeps its model (``RouteInfo.routed`` is False).
+        ``may_explore()``: whether this call may be sent to economy to learn (asked only when
+        exploration could apply: the dispatcher says no near a budget limit)."""
         requested = body.get("model")
         if not self.router.wants_routing(body, feature):
             model = requested if isinstance(requested, str) else ""
             return RouteInfo(model_requested=model, model=model, tier=self.tier_of(model))
         rule = self.routing.rule_for(feature)
         features = None if rule.pin is not None else self.router.features(body)
-        decision = self.router.route(body, feature, features)
+        explore = (
+            features is not None
+            and self.routing.exploration_rate > 0
+            and self.router.may_explore(feature)
+            and self.router.explores(request_id)
+            and may_explore()
+        )
+        decision = self.router.route(
+            body, feature, features, explore_key=request_id if explore else None
+        )
         provider = self.routing.provider_tiers(decision.provider)
         top = next(m for t in reversed(TIER_ORDER) if (m := provider.model_for(t)))
         if (
@@ -141,6 +160,7 @@ class SavingsLevers:
             reason=decision.reason,
             provider=decision.provider,
             reference_model=top,
+            explored=decision.explored,
         )
 
     def escalate(
@@ -175,6 +195,14 @@ class SavingsLevers:
         if step is None:
             return None
         return step, replace(route, model=step.model, tier=step.tier.value, escalated=True)
+
+    def may_escalate(self, route: RouteInfo, feature: str | None, attempt: int) -> bool:
+        """Whether a failure of this attempt could still escalate (see ``escalate``)."""
+        if not route.routed or route.tier is None:
+            return False
+        return self.escalation.possible(
+            tier=Tier(route.tier), feature=feature, attempt=attempt, provider=route.provider
+        )
 
     def validate(self, route: RouteInfo, completion: Any) -> Failure | None:
         """The configured validators on a routed call's answer (None: acceptable)."""

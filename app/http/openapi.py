@@ -100,6 +100,9 @@ class Operation:
     parameters: tuple[dict[str, Any], ...] = ()
     description: str | None = None
     extra_responses: tuple[tuple[int, str], ...] = ()
+    # name -> (description, JSON schema) of headers the success response may carry, beyond
+    # X-Request-Id (every non-open route's)
+    response_headers: tuple[tuple[str, str, dict[str, Any]], ...] = ()
 
 
 H = TypeVar("H", bound=Callable[..., Any])
@@ -156,13 +159,16 @@ def _operation(op: Operation, path: str, schemas: _Schemas) -> dict[str, Any]:
         ok["content"] = {op.media_type: {"schema": schemas.of(op.response)}}
     elif op.media_type != "application/json":
         ok["content"] = {op.media_type: {"schema": {"type": "string"}}}
+    headers: dict[str, Any] = {}
     if op.access != "open":
-        ok["headers"] = {
-            "X-Request-Id": {
-                "description": "The gateway's id of this request",
-                "schema": {"type": "string"},
-            }
+        headers["X-Request-Id"] = {
+            "description": "The gateway's id of this request",
+            "schema": {"type": "string"},
         }
+    for name, description, schema in op.response_headers:
+        headers[name] = {"description": description, "schema": schema}
+    if headers:
+        ok["headers"] = headers
     result: dict[str, Any] = {
         "summary": op.summary,
         "security": SECURITY[op.access],

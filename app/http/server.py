@@ -37,6 +37,7 @@ from app.errors import TollgateError
 from app.events.codec import EventDecodeError, build_codec
 from app.events.compacted import CompactedView
 from app.events.producer import EventEmitter
+from app.gateway.chat import ChatAttempts
 from app.gateway.pipeline import (
     ChatRequest,
     Gateway,
@@ -49,6 +50,7 @@ from app.gateway.savings import SavingsLevers
 from app.gateway.shared_router import SharedRouter
 from app.gateway.upstreams import UpstreamPool
 from app.http import responses
+from app.http.chat import CHAT_RESPONSE_HEADERS, answer_chat
 from app.http.errors import ApiError, http_error, invalid_request
 from app.http.openapi import (
     ATTRIBUTION_HEADERS,
@@ -59,7 +61,6 @@ from app.http.openapi import (
     operation,
 )
 from app.http.reports_api import REPORTS
-from app.http.savings import ChatContext, answer_chat
 from app.http.security import check_exposure, internal_token
 from app.metering.attribution import Identity, KeyStore, bearer_token, resolve_identity
 from app.metering.ingest import TimeWindow, parse_outcomes, parse_usage_reports
@@ -184,7 +185,7 @@ async def _chat(request: web.Request, endpoint: str, native: bool) -> web.Stream
     client_request_id = request.get(CLIENT_REQUEST_ID)
     identity: Identity | None = None
     chat: ChatRequest | None = None
-    context: ChatContext | None = None
+    context: ChatAttempts | None = None
 
     def refused(status: str, reason: str, scope: str | None = None) -> None:
         c.gateway.emit_request(
@@ -205,11 +206,11 @@ async def _chat(request: web.Request, endpoint: str, native: bool) -> web.Stream
         )
         identity = resolve_identity(request.headers, body, c.keys, c.settings.require_attribution)
         _check_budget_view_fresh(c)
-        context = ChatContext(
-            request, c.gateway, c.levers, c.metrics, request_id, endpoint, identity,
-            client_request_id,
+        context = ChatAttempts(
+            c.gateway, c.levers, request_id=request_id, endpoint=endpoint, identity=identity,
+            client_headers=request.headers, client_request_id=client_request_id,
         )  # fmt: skip
-        return await answer_chat(context, body, chat)
+        return await answer_chat(request, context, body, chat)
     except BudgetRefused as refusal:  # only ever raised by admission
         if context is None or not context.admitted:  # (not an escalation's second attempt)
             refused("blocked", "budget_exceeded", refusal.status.scope)
@@ -251,6 +252,7 @@ def _check_budget_view_fresh(c: Components) -> None:
     response_description="The provider's completion, passed through (or text/event-stream)",
     parameters=tuple(ATTRIBUTION_HEADERS),
     errors=(400, 401, 402, 403, 404, 413, 502, 503, 504),
+    response_headers=tuple((name, *spec) for name, spec in CHAT_RESPONSE_HEADERS.items()),
 )
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     return await _chat(request, "chat.completions", native=False)
@@ -265,6 +267,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     response_description="The provider's completion, passed through (or text/event-stream)",
     parameters=tuple(ATTRIBUTION_HEADERS),
     errors=(400, 401, 402, 403, 404, 413, 502, 503, 504),
+    response_headers=tuple((name, *spec) for name, spec in CHAT_RESPONSE_HEADERS.items()),
 )
 async def dispatch(request: web.Request) -> web.StreamResponse:
     return await _chat(request, "dispatch", native=True)

@@ -45,6 +45,12 @@ def usage_event_id(request_id: str, attempt: int = 1) -> str:
     return uuid.uuid5(uuid.NAMESPACE_URL, f"tollgate:usage:{request_id}:{attempt}").hex
 
 
+def attempt_key(request_id: str, attempt: int = 1) -> str:
+    """The key of one upstream attempt of a gateway request among requests awaiting their usage
+    (the spend worker's open requests): the request id for the first, ``<id>#<n>`` after it."""
+    return request_id if attempt <= 1 else f"{request_id}#{attempt}"
+
+
 def event_time(ts: datetime | None = None) -> datetime:
     """Event time as stored (UTC, whole milliseconds)."""
     ts = ts or datetime.now(UTC)

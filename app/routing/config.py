@@ -177,6 +177,27 @@ class RoutingSettings(BaseModel):
         description="The shared learner publishes its model (and checkpoints its offsets) at "
         "most this often, when it learned something.",
     )
+    exploration_rate: float = Field(
+        default=0.02,
+        ge=0,
+        le=0.5,
+        description="Share of routed prompts scored above the economy threshold that go to "
+        "economy anyway, so the router gets economy outcomes for them (their reason says "
+        "'exploration'); only where the feature's rule allows economy and learning, and never "
+        "for a call whose budget scope is near its limit. 0 disables.",
+    )
+    exploration_seed: int = Field(
+        default=0,
+        description="Seed of the exploration draw (a hash of the seed and the request id: the "
+        "same request explores on every replica).",
+    )
+    exploration_min_room: float = Field(
+        default=0.2,
+        ge=0,
+        le=1,
+        description="No exploration for a call when any of its capped scopes has less than this "
+        "share of its limit left (counting calls in flight).",
+    )
     escalate_on: tuple[str, ...] = Field(
         default=FAILURE_KINDS,
         description="Failures of a routed call retried once on the next tier up.",

@@ -100,6 +100,16 @@ class EscalationPolicy:
         """The configured validators on a non-streamed answer (None = acceptable)."""
         return failure_of_completion(completion, self.settings.refusal_phrases)
 
+    def possible(
+        self, *, tier: Tier, feature: str | None, attempt: int = 1, provider: str | None = None
+    ) -> bool:
+        """Whether some failure of ``attempt`` on ``tier`` would escalate (a stream is then held
+        until its first content, so that it still can)."""
+        rule = self.settings.rule_for(feature)
+        if attempt >= MAX_ATTEMPTS or not self.kinds or not rule.escalate:
+            return False
+        return next_tier(self.settings.provider_tiers(provider or rule.provider), tier) is not None
+
     def escalation(
         self,
         failure: Failure,

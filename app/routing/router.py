@@ -10,6 +10,13 @@ Which requests are routed: those asking for ``routing.auto_model`` ("auto"), and
 request of a feature whose rule says ``route_all``. Others keep their model; their
 decision says ``routed=False`` and carries the model's tier when a provider lists it.
 
+Exploration: a router that learns only from calls it sent to economy never gets an economy
+label for a prompt it scores above the threshold. ``exploration_rate`` (default 0.02) of those
+prompts go to economy anyway, by a seeded hash of the request id, when the feature's rule
+allows economy and learning and the caller says the call may explore (the dispatcher refuses it
+near a budget limit); their reason says "exploration", and escalation still catches an answer
+that fails.
+
 Only economy-tier outcomes teach the model (P(economy fails) is what it estimates): a
 success or failure reported for a call served by the standard or premium tier says
 nothing about what economy would have done, so :meth:`Router.learn` ignores it and says so.
@@ -17,6 +24,7 @@ nothing about what economy would have done, so :meth:`Router.learn` ignores it a
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -38,6 +46,7 @@ class Decision:
     reason: str
     routed: bool  # the router chose the model (False: the client's own model)
     provider: str | None = None
+    explored: bool = False  # economy despite the score, to learn (``exploration_rate``)
 
 
 class Router:
@@ -70,12 +79,19 @@ class Router:
         return result.value, result.reason()
 
     def route(
-        self, body: Mapping[str, Any], feature: str | None = None, features: Features | None = None
+        self,
+        body: Mapping[str, Any],
+        feature: str | None = None,
+        features: Features | None = None,
+        *,
+        explore_key: str | None = None,
     ) -> Decision:
         """The tier and model for a request; never changes what the router has learned.
 
         ``features``: the body's :meth:`features` when the caller already computed them (the
-        dispatcher keeps them to learn from the call's outcome later)."""
+        dispatcher keeps them to learn from the call's outcome later). ``explore_key``: the
+        request id of a live call that may explore (:meth:`explores`); None: no exploration
+        (offline scoring, or a call whose budget is near its limit)."""
         if not isinstance(body, Mapping):
             raise PromptError("body", "must be a JSON object with 'messages'")
         rule = self.settings.rule_for(feature)
@@ -109,6 +125,18 @@ class Router:
             wanted = Tier.STANDARD
         tier = wanted
         notes = []
+        explored = (
+            wanted is not Tier.ECONOMY
+            and explore_key is not None
+            and self.may_explore(feature)
+            and self.explores(explore_key)
+        )
+        if explored:
+            tier = Tier.ECONOMY
+            notes.append(
+                f"exploration: economy to learn from its outcome (rate "
+                f"{self.settings.exploration_rate:g})"
+            )
         if rule.min_tier is not None and tier.rank < rule.min_tier.rank:
             tier = rule.min_tier
             notes.append(f"raised to the feature's min_tier {tier.value}")
@@ -123,7 +151,26 @@ class Router:
             f" ({'; '.join(notes)})" if notes else ""
         )
         return Decision(served, _model(provider, served), scored.value, reason, True,
-                        provider.provider)  # fmt: skip
+                        provider.provider, explored=explored and served is Tier.ECONOMY)  # fmt: skip
+
+    def may_explore(self, feature: str | None) -> bool:
+        """Whether the feature's rule lets a prompt scored above the threshold be sent to
+        economy to learn: exploration on, no pin, no min_tier above economy, learning on, and
+        an economy model at the feature's provider."""
+        rule = self.settings.rule_for(feature)
+        if self.settings.exploration_rate <= 0 or rule.pin is not None or not rule.learn:
+            return False
+        if rule.min_tier is not None and rule.min_tier is not Tier.ECONOMY:
+            return False
+        return self.settings.provider_tiers(rule.provider).model_for(Tier.ECONOMY) is not None
+
+    def explores(self, key: str) -> bool:
+        """The seeded draw: true for about ``exploration_rate`` of keys, the same on every
+        replica and every run for one key and seed."""
+        digest = hashlib.blake2b(
+            f"{self.settings.exploration_seed}:{key}".encode(), digest_size=8
+        ).digest()
+        return int.from_bytes(digest, "big") / 2**64 < self.settings.exploration_rate
 
     def tier_of(self, model: str) -> Tier | None:
         for provider in self.settings.providers:

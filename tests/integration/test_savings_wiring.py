@@ -42,7 +42,8 @@ HARD = [
 ROUTING = RoutingSettings(
     providers=(
         ProviderTiers(provider="sim", economy="gpt-4o-mini", standard="gpt-4o", premium="gpt-4"),
-    )
+    ),
+    exploration_rate=0.0,  # request ids are random: exploration would pick calls at random
 )
 CACHE = CacheSettings(enabled=True)
 
@@ -281,3 +282,126 @@ def test_outcomes_of_routed_calls_move_the_score(stack: Stack) -> None:
             assert reply.status_code == 202, reply.text
     assert tier == "standard", "failures of economy calls must move the prompt up a tier"
     assert score > before
+
+
+def requests_of(stack: Stack, at_least: int) -> list[dict[str, Any]]:
+    return asyncio.run(read_events(stack.settings, "requests", at_least=at_least))
+
+
+def test_escalated_attempt_has_its_own_request_event(stack: Stack) -> None:
+    """The spend worker settles a lost attempt from its Request event, and the warehouse counts
+    what was reserved: the escalated attempt is announced like the first one."""
+    fail_economy = {"X-Sim-Status": "503", "X-Sim-Models": "gpt-4o-mini"}
+    response = client(stack).chat.completions.with_raw_response.create(
+        model="auto", messages=SHORT, user="max", extra_headers=fail_economy
+    )
+    request_id = response.headers["X-Request-Id"]
+    requests = [r for r in requests_of(stack, 2) if r["request_id"] == request_id]
+    assert sorted((r["attempt"], r["model_served"], r["status"]) for r in requests) == [
+        (1, "gpt-4o-mini", "accepted"),
+        (2, "gpt-4o", "accepted"),
+    ]
+    first, second = sorted(requests, key=lambda r: r["attempt"])
+    assert first["tier"] == "economy" and second["tier"] == "standard"
+    assert second["reserved_usd_nanos"] > 0 and second["deadline_ts"] is not None
+    assert first["event_id"] != second["event_id"]
+
+
+def test_escalations_of_a_capped_user_stay_within_the_cap(stack: Stack) -> None:
+    """Every escalated attempt is admitted and reserved on its own dearer worst case: a capped
+    user whose economy calls all fail is stopped by a 402, not carried over the cap by retries
+    on the standard tier."""
+    limit_nanos = 10_000_000  # $0.01: a few gpt-4o answers of 400 tokens
+    headers = {
+        "X-Tollgate-User": "ned",
+        "X-Sim-Status": "503",
+        "X-Sim-Models": "gpt-4o-mini",
+    }
+    body = {"model": "auto", "messages": SHORT}
+    statuses = []
+    with httpx.Client(timeout=30) as http:
+        assert http.put(f"{stack.url}/v1/budgets/user:ned", json={"limit_usd": 0.01})
+        for _ in range(60):
+            reply = http.post(
+                f"{stack.url}/v1/chat/completions",
+                json=body,
+                headers={**headers, "X-Sim-Completion-Tokens": "400"},
+            )
+            statuses.append(reply.status_code)
+            if reply.status_code == 402:
+                break
+    assert statuses[-1] == 402, statuses
+    assert statuses.count(200) >= 2, statuses  # some escalations were served first
+    usage = [u for u in usage_of(stack, 2 * statuses.count(200)) if u["user_id"] == "ned"]
+    assert {u["attempt"] for u in usage} == {1, 2}
+    spent = sum(u["cost_usd_nanos"] for u in usage)
+    assert spent <= limit_nanos, f"spent {spent} nano-dollars over a cap of {limit_nanos}"
+
+
+def test_empty_economy_stream_escalates_before_its_first_byte(stack: Stack) -> None:
+    """An economy stream that ends without content is retried one tier up; the client (the real
+    openai SDK, stream=True) sees only the second attempt's stream."""
+    empty_economy = {"X-Sim-Completion-Tokens": "0", "X-Sim-Models": "gpt-4o-mini"}
+    response = client(stack).chat.completions.with_raw_response.create(
+        model="auto", messages=SHORT, user="ola", stream=True, extra_headers=empty_economy
+    )
+    assert response.headers["X-Tollgate-Model-Served"] == "gpt-4o"
+    assert response.headers["X-Tollgate-Escalated-From"] == "gpt-4o-mini"
+    chunks = list(response.parse())
+    assert {c.model for c in chunks} == {"gpt-4o"}, "no byte of the failed stream may leak"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert stack.counter.calls == 2
+    usage = usage_of(stack, 2)
+    first, second = sorted(usage, key=lambda u: u["attempt"])
+    assert first["model_served"] == "gpt-4o-mini" and first["status"] == "error"
+    assert first["error_type"] == "escalated_empty" and first["stream"]
+    assert second["model_served"] == "gpt-4o" and second["escalated"]
+    assert second["status"] == "ok" and second["completion_tokens"] > 0
+
+
+def test_streamed_economy_answer_with_content_is_not_escalated(stack: Stack) -> None:
+    """Holding a routed stream until its first content changes nothing for a good answer."""
+    streamed = client(stack).chat.completions.create(
+        model="auto", messages=SHORT, user="pat", stream=True,
+        stream_options={"include_usage": True},
+    )  # fmt: skip
+    chunks = list(streamed)
+    assert {c.model for c in chunks} == {"gpt-4o-mini"}
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert len(text.split()) > 1
+    assert stack.counter.calls == 1
+
+
+def test_empty_stream_of_a_concrete_model_is_passed_through(stack: Stack) -> None:
+    streamed = client(stack).chat.completions.create(
+        model="gpt-4o-mini", messages=SHORT, user="quin", stream=True,
+        extra_headers={"X-Sim-Completion-Tokens": "0"},
+    )  # fmt: skip
+    text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+    assert text == ""
+    assert stack.counter.calls == 1
+
+
+def test_every_chat_response_header_is_in_the_openapi_document(stack: Stack) -> None:
+    """The X-Tollgate-* headers a client really gets are the ones /openapi.json documents."""
+    sdk = client(stack)
+    seen: set[str] = set()
+    for ask in (
+        {"model": "auto", "messages": SHORT, "user": "ray"},
+        {"model": "auto", "messages": SHORT, "user": "ray", "temperature": 0},
+        {"model": "auto", "messages": SHORT, "user": "ray", "temperature": 0},  # a hit
+        {
+            "model": "auto", "messages": SHORT, "user": "ray",
+            "extra_headers": {"X-Sim-Status": "503", "X-Sim-Models": "gpt-4o-mini",
+                              "X-Request-Id": "mine-1"},
+        },
+    ):  # fmt: skip
+        response = sdk.chat.completions.with_raw_response.create(**ask)
+        seen |= {h.lower() for h in response.headers if h.lower().startswith("x-")}
+    document = httpx.get(f"{stack.url}/openapi.json").json()
+    for path in ("/v1/chat/completions", "/v1/dispatch"):
+        documented = document["paths"][path]["post"]["responses"]["200"]["headers"]
+        assert seen <= {h.lower() for h in documented}, seen - {h.lower() for h in documented}
+    assert {"x-tollgate-escalated-from", "x-tollgate-router-score", "x-client-request-id"} <= seen

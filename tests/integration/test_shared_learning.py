@@ -39,6 +39,7 @@ ROUTING = RoutingSettings(
     ),
     shared_learning=True,
     publish_every_s=0.3,
+    exploration_rate=0.0,  # request ids are random: exploration would pick calls at random
 )
 
 

@@ -8,7 +8,9 @@ from typing import Any
 import pytest
 from openapi_spec_validator import OpenAPIV31SpecValidator, validate
 
+from app.gateway.chat import Served
 from app.gateway.requests import MAX_TOKENS_LIMIT
+from app.http.chat import served_headers
 from app.http.openapi import openapi_document
 from app.http.server import ROUTES
 from app.ids import MAX_ID_LENGTH
@@ -101,3 +103,21 @@ def test_errors_and_answers_have_schemas(spec: dict[str, Any]) -> None:
     usage = spec["paths"]["/v1/usage"]["post"]["responses"]["202"]
     answer = _resolve(spec, usage["content"]["application/json"]["schema"])
     assert set(answer["properties"]) == {"accepted", "events"}
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/dispatch"])
+def test_chat_response_headers_are_documented(spec: dict[str, Any], path: str) -> None:
+    """Every header the chat routes render from a served call is in the document (the
+    integration test checks the headers a client really receives against it)."""
+    headers = spec["paths"][path]["post"]["responses"]["200"]["headers"]
+    served = served_headers(
+        Served("gpt-4o", "standard", "miss", router_score=0.25, escalated_from="gpt-4o-mini",
+               max_tokens_cap=12)
+    )  # fmt: skip
+    assert set(served) <= set(headers)
+    assert {"X-Request-Id", "X-Client-Request-Id"} <= set(headers)
+    assert headers["X-Tollgate-Cache"]["schema"]["enum"] == ["hit", "miss", "bypass"]
+    assert set(headers["X-Tollgate-Tier"]["schema"]["enum"]) == {"economy", "standard", "premium"}
+    for name, header in headers.items():
+        assert header["description"], name
+        assert header["schema"]["type"] == "string", name

@@ -1,0 +1,369 @@
+"""One chat request through the savings levers: route, cache, call, escalate.
+
+Owns the attempts of ``POST /v1/chat/completions`` and ``/v1/dispatch`` once the body is parsed
+and attributed (:class:`ChatAttempts`): the routing decision (a body the router cannot read is an
+``InvalidRequest`` naming the field), the response cache (a hit is replayed as a stream when the
+client asked for one), the upstream call, and one escalation of a failed routed call to the next
+tier up. Each attempt goes through :meth:`app.gateway.pipeline.Gateway.call`: admitted by the
+budget gate on its own worst case, its own ``Request`` event and its own ``Usage`` event (same
+request id, ``attempt`` 1 and 2), so a cached answer still gets its scope's 402 and both attempts
+of an escalation are reserved, paid and counted.
+
+It does not own HTTP: the web layer (``app.http.server``) renders :class:`Served` as response
+headers and an :class:`Answer` as a response, and hands in a :class:`ClientStream` to write a
+stream to. Nothing here knows a header name or a status table.
+
+Escalation of a stream happens only before its first byte reached the client. For a routed call
+that may still escalate, the stream is held until its first content delta (text, a tool call):
+an upstream error status, a failed connection, a stream that breaks or times out, or one that
+ends without content (empty, truncated, refused by ``finish_reason`` or a ``refusal`` delta) is
+retried one tier up, and the client only ever sees the second attempt. Once content arrived the
+held bytes go out and the rest is relayed as it comes; refusal phrases (``routing.
+refusal_phrases``) are judged on non-streamed answers only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+import aiohttp
+import orjson
+
+from app.cache.key import CacheLookup
+from app.errors import InvalidRequest, TollgateError, UpstreamFailed, UpstreamTimedOut
+from app.gateway.pipeline import Call, ChatRequest, Gateway, SseRelay, identity_scopes
+from app.gateway.savings import CacheStatus, RouteInfo, SavingsLevers
+from app.metering.attribution import Identity
+from app.routing.escalation import Escalation, Failure, failure_of_status
+from app.routing.signals import PromptError
+
+JSON = "application/json"
+
+
+@dataclass(frozen=True, slots=True)
+class Served:
+    """What the answer says about how it was served (the web layer's response headers)."""
+
+    model: str
+    tier: str | None
+    cache: CacheStatus
+    router_score: float | None = None  # routed calls only
+    escalated_from: str | None = None  # the model of the failed first attempt
+    max_tokens_cap: int | None = None  # the budget gate capped the output at this
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A complete answer; ``body`` None means it was streamed through the :class:`ClientStream`."""
+
+    served: Served
+    status: int = 200
+    body: bytes | None = None
+    content_type: str = JSON
+
+
+class ClientStream(Protocol):
+    """The web layer's event stream to the client, opened at most once per request."""
+
+    async def open(self, served: Served) -> None: ...
+
+    async def write(self, data: bytes) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def error_event(self, error: TollgateError) -> bytes:
+        """An error as one SSE event (a stream cut after its first byte)."""
+        ...
+
+
+def failure_of_error(error: TollgateError) -> Failure:
+    return Failure.TIMEOUT if isinstance(error, UpstreamTimedOut) else Failure.UPSTREAM_ERROR
+
+
+EscalationStep = tuple[Escalation, RouteInfo]
+
+
+class ChatAttempts:
+    """The attempts of one chat request: the first (or the cache), then at most one escalation.
+
+    ``admitted`` turns true once an attempt was admitted (its ``Request`` event is out); a refusal
+    after that (an escalation's own 402) needs no ``Request`` event from the web layer."""
+
+    def __init__(
+        self,
+        gateway: Gateway,
+        levers: SavingsLevers,
+        *,
+        request_id: str,
+        endpoint: str,
+        identity: Identity,
+        client_headers: Mapping[str, str],
+        client_request_id: str | None = None,
+    ) -> None:
+        self.gateway = gateway
+        self.levers = levers
+        self.metrics = gateway.metrics
+        self.request_id = request_id
+        self.endpoint = endpoint
+        self.identity = identity
+        self.client_headers = client_headers
+        self.client_request_id = client_request_id
+        self.admitted = False
+
+    def route(self, body: Mapping[str, Any], chat: ChatRequest) -> tuple[ChatRequest, RouteInfo]:
+        """The request as the router sends it; a prompt it cannot read is ``InvalidRequest``."""
+        try:
+            route = self.levers.route(
+                self.request_id, body, self.identity.feature, may_explore=self._may_explore
+            )
+        except PromptError as exc:
+            raise InvalidRequest(f"'{exc.field}' {exc.message}", field=exc.field) from None
+        if route.routed:
+            chat = chat.retarget(route.model)
+        return chat, route
+
+    def _may_explore(self) -> bool:
+        """Exploration sends a prompt to economy against the router's advice: never for a call
+        whose budget scopes are near their limit (``routing.exploration_min_room``)."""
+        min_room = self.levers.routing.exploration_min_room
+        return not self.gateway.gate.near_limit(identity_scopes(self.identity), min_room)
+
+    async def answer(
+        self, body: Mapping[str, Any], chat: ChatRequest, client: ClientStream
+    ) -> Answer:
+        """Route, then answer from the cache or the upstream, escalating once if allowed."""
+        chat, route = self.route(body, chat)
+        cache_control = self.client_headers.get("Cache-Control")
+        plan = self.levers.cache_plan(body, self.identity, cache_control)
+        attempt, escalated_from = 1, None
+        while True:
+            outcome = await self._attempt(plan, chat, route, attempt, escalated_from, client)
+            if isinstance(outcome, Answer):
+                return outcome
+            step, route = outcome
+            escalated_from = chat.model
+            chat, attempt = chat.retarget(step.model), step.attempt
+
+    # -- one attempt ----------------------------------------------------------------------
+    def _served(self, call: Call, cache: CacheStatus, escalated_from: str | None) -> Served:
+        """What the answer says, counted in the metrics once per answer."""
+        self.metrics.cache_results.labels(cache).inc()
+        route = call.route
+        if route is not None and route.routed:
+            self.metrics.routed.labels(route.tier or "", str(route.escalated).lower()).inc()
+        if call.max_tokens_cap is not None:
+            self.metrics.budget_capped.inc()
+        return Served(
+            model=call.chat.model,
+            tier=route.tier if route else None,
+            cache=cache,
+            router_score=route.score if route is not None else None,
+            escalated_from=escalated_from,
+            max_tokens_cap=call.max_tokens_cap,
+        )
+
+    def _escalation(
+        self, route: RouteInfo, attempt: int
+    ) -> Callable[[Failure | None], EscalationStep | None]:
+        def escalation(failure: Failure | None) -> EscalationStep | None:
+            return self.levers.escalate(
+                route, failure, request_id=self.request_id, feature=self.identity.feature,
+                attempt=attempt,
+            )  # fmt: skip
+
+        return escalation
+
+    async def _attempt(
+        self,
+        plan: CacheLookup,
+        chat: ChatRequest,
+        route: RouteInfo,
+        attempt: int,
+        escalated_from: str | None,
+        client: ClientStream,
+    ) -> Answer | EscalationStep:
+        """One upstream attempt (or the cache): the answer, or the escalation to make after it."""
+        levers, gateway = self.levers, self.gateway
+        async with gateway.call(
+            self.request_id, self.endpoint, self.identity, chat, self.client_headers,
+            self.client_request_id, route=route, attempt=attempt,
+        ) as call:  # fmt: skip
+            self.admitted = True
+            if attempt == 1 and plan.status == "lookup":
+                cached = await levers.lookup(plan)
+                if cached is not None:
+                    call.serve_cached(cached.model, cached.prompt_tokens, cached.completion_tokens)
+                    if call.route is not None and call.route.model != cached.model:
+                        call.route = replace(
+                            call.route, model=cached.model, tier=levers.tier_of(cached.model)
+                        )
+                    return await self._replay(call, cached.body, client)
+            cache_status: CacheStatus = "miss" if plan.status == "lookup" else "bypass"
+            escalation = self._escalation(route, attempt)
+            if chat.stream:
+                may_escalate = levers.may_escalate(route, self.identity.feature, attempt)
+                return await self._stream(
+                    call, plan, cache_status, escalated_from, escalation, may_escalate, client
+                )
+            try:
+                status, payload, content_type = await gateway.complete(call)
+            except (UpstreamTimedOut, UpstreamFailed) as exc:
+                step = escalation(failure_of_error(exc))
+                if step is not None:
+                    return step
+                raise
+            failure = (
+                failure_of_status(status)
+                if status >= 400
+                else levers.validate(route, call.completion)
+            )
+            if failure is not None:
+                step = escalation(failure)
+                if step is not None:
+                    if status < 400:  # a validator refused an answer the provider billed
+                        call.status, call.error_type = "error", f"escalated_{failure.value}"
+                    return step
+            if status == 200 and call.completion is not None and call.prompt_tokens is not None:
+                await levers.store(
+                    plan, payload, chat.model, call.prompt_tokens, call.completion_tokens or 0
+                )
+            served = self._served(call, cache_status, escalated_from)
+            return Answer(served, status, payload, content_type)
+
+    async def _replay(self, call: Call, body: bytes, client: ClientStream) -> Answer:
+        """A cached answer, as JSON or (when the client asked to stream) as the SSE stream."""
+        served = self._served(call, "hit", None)
+        if not call.chat.stream:
+            return Answer(served, 200, body)
+        from app.cache.replay import sse_replay
+
+        stream = sse_replay(orjson.loads(body), include_usage=call.chat.client_wants_usage)
+        await client.open(served)
+        await client.write(stream)
+        await client.close()
+        return Answer(served)
+
+    async def _stream(
+        self,
+        call: Call,
+        plan: CacheLookup,
+        cache_status: CacheStatus,
+        escalated_from: str | None,
+        escalation: Callable[[Failure | None], EscalationStep | None],
+        may_escalate: bool,
+        client: ClientStream,
+    ) -> Answer | EscalationStep:
+        gateway = self.gateway
+        try:
+            upstream = await gateway.open_upstream(call)
+        except (UpstreamTimedOut, UpstreamFailed) as exc:  # nothing reached the client yet
+            step = escalation(failure_of_error(exc))
+            if step is not None:
+                return step
+            raise
+        gateway.record_upstream_status(call, upstream)
+        if upstream.status >= 400:  # pass the provider's error through, as JSON, or escalate
+            payload = await upstream.read()
+            upstream.release()
+            step = escalation(failure_of_status(upstream.status))
+            if step is not None:
+                return step
+            served = self._served(call, cache_status, escalated_from)
+            content_type = upstream.headers.get("Content-Type", JSON)
+            return Answer(served, upstream.status, payload, content_type)
+        assembler = self.levers.assembler(plan)
+        if assembler is not None:
+            call.on_chunk = assembler.feed
+        relay = SseRelay(call)
+        held = Held(b"")
+        if may_escalate:
+            held = await hold_until_content(gateway, call, upstream, relay)
+            if held.failure is not None:
+                step = escalation(held.failure)
+                if step is not None:
+                    if call.status == "ok":  # an answer the provider billed, judged a failure
+                        call.status, call.error_type = "error", f"escalated_{held.failure.value}"
+                    return step
+        served = self._served(call, cache_status, escalated_from)
+        await client.open(served)
+        if held.data:
+            await client.write(held.data)
+        if held.error is not None:
+            with contextlib.suppress(ConnectionError):
+                await client.write(client.error_event(held.error))
+        elif not held.ended:
+            await gateway.relay_stream(
+                call, upstream, client.write, error_event=client.error_event, relay=relay
+            )
+        await client.close()
+        if assembler is not None and call.status == "ok" and call.prompt_tokens is not None:
+            completion = assembler.completion()
+            if completion is not None:
+                await self.levers.store(
+                    plan, orjson.dumps(completion), call.chat.model, call.prompt_tokens,
+                    call.completion_tokens or 0,
+                )  # fmt: skip
+        return Answer(served)
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """What :func:`hold_until_content` read of a stream before letting the client see it."""
+
+    data: bytes  # whole SSE events, in order, not yet sent
+    failure: Failure | None = None  # the stream failed before any content
+    ended: bool = False  # the upstream stream is over (its tail is in ``data``)
+    error: TollgateError | None = None  # it was cut by a timeout: the client's SSE error event
+
+
+async def hold_until_content(
+    gateway: Gateway, call: Call, upstream: aiohttp.ClientResponse, relay: SseRelay
+) -> Held:
+    """Read the stream until its first content delta, holding what it said so far.
+
+    Returns with ``failure`` None as soon as content arrived (the rest is for
+    :meth:`Gateway.relay_stream` to pass on, through the same ``relay``). A stream that ends,
+    breaks or times out first is a failure: empty, truncated or refused (by its
+    ``finish_reason``), an upstream error, or a timeout; its upstream is released then.
+    """
+    parts: list[bytes] = []
+
+    def done(failure: Failure | None, error: TollgateError | None = None) -> Held:
+        upstream.release()
+        gateway.observe_upstream(call)
+        return Held(b"".join(parts), failure, True, error)
+
+    try:
+        async with asyncio.timeout_at(call.deadline):
+            async for data in upstream.content.iter_any():
+                out = relay.feed(data)
+                if out:
+                    parts.append(out)
+                if relay.refused:
+                    parts.append(relay.flush())
+                    upstream.close()
+                    return done(Failure.REFUSED)
+                if relay.saw_content:
+                    return Held(b"".join(parts))
+        parts.append(relay.flush())
+    except asyncio.CancelledError:  # the client went away while the stream was held
+        call.status, call.error_type = "client_disconnected", "client_disconnected"
+        upstream.close()
+        done(None)
+        raise
+    except TimeoutError:
+        error = gateway.timed_out(call, "stopped streaming")
+        upstream.close()
+        return done(Failure.TIMEOUT, error)
+    except aiohttp.ClientPayloadError:
+        call.status, call.error_type = "error", "upstream_stream_broken"
+        return done(Failure.UPSTREAM_ERROR)
+    if relay.finish_reason == "content_filter":
+        return done(Failure.REFUSED)
+    if relay.finish_reason == "length":
+        return done(Failure.TRUNCATED)
+    return done(Failure.EMPTY)
