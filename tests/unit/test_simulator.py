@@ -358,11 +358,19 @@ async def test_latency_hook_and_configured_delays() -> None:
         assert first_content is not None and first_content >= 0.055
         assert total >= 0.055 + 0.070  # ttft + (80 - first chunk) tokens at 1 ms
 
+        await sdk.close()
+
+    # The hook replaces the configured delays: against a configured 20 s first token, a call
+    # with X-Sim-Latency-Ms 30 takes its 30 ms and far less than 20 s (the bound is loose on
+    # purpose: a loaded machine must not make it fail).
+    slow = SimulatorConfig(latency_scale=1.0, ttft_ms_median=20_000, ttft_sigma=0, seed=1)
+    async with running(slow) as url:
+        sdk = openai.AsyncOpenAI(base_url=url, api_key="x", max_retries=0)
         start = time.perf_counter()
         await sdk.chat.completions.create(
             model="gpt-4o", messages=MESSAGES, extra_headers={**headers, "X-Sim-Latency-Ms": "30"}
         )
-        assert 0.028 <= time.perf_counter() - start < 0.12
+        assert 0.028 <= time.perf_counter() - start < 10.0
         await sdk.close()
 
     async with running(INSTANT) as url:  # the hook is not scaled by latency_scale=0
