@@ -41,9 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import logging
-import os
 import re
 import time
 from collections import OrderedDict
@@ -54,11 +52,10 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError
 from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
-from fastavro import parse_schema
-from fastavro.write import Writer
 
 from app.events import clients
 from app.events.codec import (
+    ContainerWriter,
     EventCodec,
     EventDecodeError,
     FrameError,
@@ -139,19 +136,6 @@ class _Event:
     message: Any  # the Kafka record, for the dead-letter topic
 
 
-def _ocf_varint(value: int) -> bytes:
-    value = (value << 1) ^ (value >> 63)
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
 def _aware(value: datetime | None) -> datetime:
     if value is None:
         return datetime.min.replace(tzinfo=UTC)
@@ -211,7 +195,7 @@ class ClickHouseSink:
         self.recent = RecentIds()
         self._stored_until: dict[str, datetime] = {}  # newest event time per table at start
         self._column_cache: dict[tuple[str, int], list[str]] = {}
-        self._headers: dict[int, tuple[bytes, bytes]] = {}  # schema id -> (OCF header, sync)
+        self.containers = ContainerWriter(self.codec)
         self._first_offset: dict[TopicPartition, int] = {}  # since this sink was assigned it
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
@@ -425,7 +409,7 @@ class ClickHouseSink:
                 self.client.raw_insert(
                     table,
                     self._columns(table, schema_id),
-                    insert_block=self._container(schema_id, [e.body for _, e in group]),
+                    insert_block=self.containers.container(schema_id, [e.body for _, e in group]),
                     fmt="Avro",
                 )
                 # Remembered group by group: a retry after a later group failed skips these.
@@ -484,20 +468,6 @@ class ClickHouseSink:
             fields = [f["name"] for f in self.codec.writer_schema(schema_id)["fields"]]
             self._column_cache[key] = [name for name in fields if name in columns]
         return self._column_cache[key]
-
-    def _container(self, schema_id: int, bodies: list[bytes]) -> bytes:
-        """An Avro object container file of one block: the bodies as they came from Kafka."""
-        if schema_id not in self._headers:
-            sync = os.urandom(16)
-            buffer = io.BytesIO()
-            writer = Writer(
-                buffer, parse_schema(self.codec.writer_schema(schema_id)), sync_marker=sync
-            )
-            writer.flush()
-            self._headers[schema_id] = (buffer.getvalue(), sync)
-        header, sync = self._headers[schema_id]
-        data = b"".join(bodies)
-        return header + _ocf_varint(len(bodies)) + _ocf_varint(len(data)) + data + sync
 
     async def _dead_letter(self, producer: AIOKafkaProducer, message: Any, reason: str) -> None:
         self.dead_lettered += 1

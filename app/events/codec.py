@@ -2,7 +2,8 @@
 
 Owns the event shapes at run time (loaded from ``schemas/``), their schema ids,
 and the bytes on Kafka: ``0x00`` magic byte, 4-byte big-endian schema id, Avro
-binary body. It does not own topics (``app.events.topics``) or producing
+binary body; and Avro container files of bodies already encoded (``ContainerWriter``,
+which the sink hands to ClickHouse). It does not own topics (``app.events.topics``) or producing
 (``app.events.producer``).
 
 Schema ids come from a Confluent-compatible Schema Registry when
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import struct
 import urllib.error
@@ -30,6 +32,7 @@ from typing import Any
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 from fastavro.validation import validate
+from fastavro.write import Writer
 
 MAGIC_BYTE = 0
 _HEADER = struct.Struct(">bI")
@@ -321,6 +324,43 @@ class EventCodec:
         if not isinstance(record, dict):
             raise error(f"{event_type} body did not decode to a record")
         return DecodedEvent(event_type=event_type, schema_id=schema_id, record=record)
+
+
+def _avro_long_bytes(value: int) -> bytes:
+    """An Avro long (zig-zag varint), the inverse of ``_avro_long``."""
+    value = (value << 1) ^ (value >> 63)
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if not value:
+            out.append(byte)
+            return bytes(out)
+        out.append(byte | 0x80)
+
+
+class ContainerWriter:
+    """Avro object container files of one block from bodies already encoded (as they come
+    from Kafka, without the Confluent header): the sink hands them to ClickHouse's
+    ``Avro`` input format without decoding and re-encoding each event. The file header
+    (schema, sync marker) is written by fastavro once per schema id."""
+
+    def __init__(self, codec: EventCodec) -> None:
+        self.codec = codec
+        self._headers: dict[int, tuple[bytes, bytes]] = {}  # schema id -> (header, sync)
+
+    def container(self, schema_id: int, bodies: list[bytes]) -> bytes:
+        if schema_id not in self._headers:
+            sync = os.urandom(16)
+            buffer = io.BytesIO()
+            writer = Writer(
+                buffer, parse_schema(self.codec.writer_schema(schema_id)), sync_marker=sync
+            )
+            writer.flush()
+            self._headers[schema_id] = (buffer.getvalue(), sync)
+        header, sync = self._headers[schema_id]
+        data = b"".join(bodies)
+        return header + _avro_long_bytes(len(bodies)) + _avro_long_bytes(len(data)) + data + sync
 
 
 class FrameError(ValueError):
