@@ -23,6 +23,7 @@ from app.budgets.policy import Policy, PolicyBook, PolicyError, parse_policy
 from app.events import clients
 from app.events.codec import build_codec
 from app.events.compacted import CompactedView
+from app.events.producer import policy_message, send_now
 from app.metering.usage import event_time, new_id
 from app.settings import Settings
 
@@ -77,11 +78,10 @@ class PolicyAdmin:
         producer = clients.producer(self.settings, purpose="budget-admin")
         await producer.start()
         try:
-            await producer.send_and_wait(
-                self.settings.topic("budget.policies"),
-                self.codec.encode("BudgetPolicy", record),
-                key=scope.encode(),
+            sent = await send_now(
+                producer, policy_message(self.settings, self.codec, scope, record)
             )
+            await sent
         finally:
             await producer.stop()
 

@@ -88,6 +88,16 @@ def usage_message(settings: Settings, codec: EventCodec, record: Mapping[str, An
     return event_message(settings, codec, "Usage", "usage", record["user_id"], record)
 
 
+def policy_message(
+    settings: Settings, codec: EventCodec, scope: str, record: Mapping[str, Any]
+) -> EventMessage:
+    """The Kafka message of a ``BudgetPolicy`` record (a policy or its removal), for every
+    writer of policies: the dispatcher's admin API and start-up file (through its spool) and
+    ``tollgate budgets`` (straight to Kafka). Keyed by scope: the topic is compacted, the
+    newest record of a scope is its policy."""
+    return event_message(settings, codec, "BudgetPolicy", "budget.policies", scope, record)
+
+
 async def send_now(
     producer: AIOKafkaProducer, message: EventMessage
 ) -> asyncio.Future[RecordMetadata]:
@@ -132,6 +142,10 @@ class EventEmitter:
         return self._spool(
             event_message(self.settings, self.codec, event_type, topic_suffix, key, record)
         )
+
+    def emit_policy(self, scope: str, record: Mapping[str, Any]) -> int:
+        """Durably queue a ``BudgetPolicy`` record (see :func:`policy_message`)."""
+        return self._spool(policy_message(self.settings, self.codec, scope, record))
 
     def emit_usage(self, record: Mapping[str, Any]) -> int:
         """Encode and durably queue a priced ``Usage`` record (see :func:`usage_message`);

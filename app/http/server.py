@@ -394,7 +394,7 @@ async def put_budget(request: web.Request) -> web.Response:
         policy = parse_policy(scope, await read_json(request))
     except PolicyError as exc:
         raise invalid_request(str(exc), exc.field) from None
-    c.emitter.emit("BudgetPolicy", "budget.policies", scope, policy_record(policy, admin))
+    c.emitter.emit_policy(scope, policy_record(policy, admin))
     c.policies.put(policy)  # effective here at once; other dispatchers read it from Kafka
     return json_response(policy.to_json())
 
@@ -421,7 +421,7 @@ async def delete_budget(request: web.Request) -> web.Response:
     scope = _scope(request)
     if scope not in c.policies.policies:
         raise ApiError(404, "not_found", f"No budget policy for {scope}", param="scope")
-    c.emitter.emit("BudgetPolicy", "budget.policies", scope, deletion_record(scope, admin))
+    c.emitter.emit_policy(scope, deletion_record(scope, admin))
     c.policies.remove(scope)
     return json_response({"deleted": scope})
 
@@ -657,12 +657,7 @@ async def build_components(settings: Settings) -> Components:
     if settings.budgets_file:
         for policy in load_budgets_file(settings.budgets_file):
             if policies.policies.get(policy.scope) != policy:
-                emitter.emit(
-                    "BudgetPolicy",
-                    "budget.policies",
-                    policy.scope,
-                    policy_record(policy, "budgets_file"),
-                )
+                emitter.emit_policy(policy.scope, policy_record(policy, "budgets_file"))
                 policies.put(policy)
     config = GatewayConfig(
         fallback_output_tokens=settings.reserve_output_tokens,
