@@ -18,6 +18,22 @@ Routers, all measured in the same run on the same splits:
 | ``tollgate_prior`` | Tollgate's router before any outcome (its hand-set signal weights only) |
 | ``tollgate`` | Tollgate's router (``app.routing.Router``, default settings) after learning |
 
+Multi-subject proxies (``--dataset topics`` / ``header``). The issue's quality goal is judged on
+multi-subject data this project does not have (MMLU-like: subjects differ a lot in how often the
+economy model fails); GSM8K is one subject. Two **proxies** built from GSM8K itself, so that the
+learner can be checked on prompts whose failure rate depends on their subject. They are proxies,
+not that data: the prompts are still math word problems and the subject structure is made here.
+
+- ``topics``: no header. Each prompt's subject is the first of six topic-word groups it uses
+  (money, time, food, animals, school, distance; else "other"); each subject is resampled
+  (seeded) to its own economy failure rate among 8 %, 16 %, ... 66 %, keeping real labels.
+- ``header``: twelve made-up subjects, assigned at random, named in an MMLU-style first line
+  ("The following is a question about botany."), each resampled to a failure rate between
+  5 % and 65 %: one word of the prompt carries the subject.
+
+For both, ``oracle_subject`` (knows each prompt's subject and learns its failure rate from the
+training half) is the reference a subject-aware router could approach.
+
 Also timed: the Tollgate router's ``route()`` per held-out prompt (CPU time, includes
 reading the body, signals, hashed keys and scoring). The figure is noisy on a shared
 machine; ``bench/savings_overhead.py`` measures it on realistic prompt sizes.
@@ -65,6 +81,90 @@ def load(path: Path) -> list[Example]:
         ]
 
 
+TOPICS: tuple[tuple[str, frozenset[str]], ...] = tuple(
+    (name, frozenset(words.split()))
+    for name, words in (
+        ("money", "dollars dollar $ cost costs price paid pay sells sell earn earns buy bought "
+         "spend spent profit"),
+        ("time", "hours hour minutes minute days day week weeks month months years year"),
+        ("food", "cookies apples pizza eggs cake cupcakes candy fruit eat ate pies oranges"),
+        ("animals", "dogs dog cats cat chickens cows fish animals birds horses pets"),
+        ("school", "students student class school teacher books book pages test grade"),
+        ("distance", "miles mile km feet meters inches speed drive drives walk walks"),
+    )
+)  # fmt: skip
+TOPIC_RATES = (0.08, 0.16, 0.26, 0.36, 0.46, 0.56, 0.66)
+SUBJECTS = [
+    "astronomy",
+    "botany",
+    "heraldry",
+    "geology",
+    "economics",
+    "nutrition",
+    "virology",
+    "philosophy",
+    "jurisprudence",
+    "accounting",
+    "sociology",
+    "marketing",
+]
+HEADER = "The following is a question about "
+
+
+def topic_of(prompt: str) -> str:
+    words = set(prompt.lower().replace("$", " $ ").replace(".", " ").replace(",", " ").split())
+    return next((name for name, group in TOPICS if words & group), "other")
+
+
+def _resample(
+    groups: dict[str, list[Example]], rates: dict[str, float], rng: random.Random
+) -> list[Example]:
+    """Each group subsampled (real labels kept) so that economy fails at its own rate."""
+    out: list[Example] = []
+    for name, examples in groups.items():
+        rate = rates[name]
+        failed = [e for e in examples if not e.weak_correct]
+        passed = [e for e in examples if e.weak_correct]
+        if len(failed) / len(examples) > rate:
+            failed = rng.sample(failed, min(round(rate / (1 - rate) * len(passed)), len(failed)))
+        else:
+            passed = rng.sample(passed, min(round((1 - rate) / rate * len(failed)), len(passed)))
+        out += failed + passed
+    rng.shuffle(out)
+    return out
+
+
+def proxy_topics(data: list[Example], seed: int) -> list[Example]:
+    rng = random.Random(f"topics-{seed}")
+    groups: dict[str, list[Example]] = {}
+    for example in data:
+        groups.setdefault(topic_of(example.prompt), []).append(example)
+    names = sorted(groups)
+    return _resample(
+        groups, dict(zip(names, rng.sample(TOPIC_RATES, len(names)), strict=True)), rng
+    )
+
+
+def proxy_header(data: list[Example], seed: int) -> list[Example]:
+    rng = random.Random(f"header-{seed}")
+    shuffled = data[:]
+    rng.shuffle(shuffled)
+    k = len(SUBJECTS)
+    groups = {subject: shuffled[i::k] for i, subject in enumerate(SUBJECTS)}
+    rates = {s: 0.05 + 0.6 * i / (k - 1) for i, s in enumerate(rng.sample(SUBJECTS, k))}
+    subject_of = {id(e): s for s, examples in groups.items() for e in examples}
+    return [
+        Example(f"{HEADER}{subject_of[id(e)]}.\n\n{e.prompt}", e.weak_correct, e.strong_correct)
+        for e in _resample(groups, rates, rng)
+    ]
+
+
+PROXIES: dict[str, Callable[[list[Example], int], list[Example]]] = {
+    "topics": proxy_topics,
+    "header": proxy_header,
+}
+
+
 def _body(prompt: str) -> dict[str, Any]:
     return {"messages": [{"role": "user", "content": prompt}]}
 
@@ -109,6 +209,29 @@ class TfidfRouter(RouterUnderTest):
         return float(self.model.predict_proba_one(prompt).get(True, 0.0))
 
 
+class OracleSubjectRouter(RouterUnderTest):
+    """Reference on the proxies: the subject's failure rate in the training half."""
+
+    name = "oracle_subject"
+
+    def __init__(self) -> None:
+        self.counts: dict[str, tuple[int, int]] = {}
+
+    @staticmethod
+    def subject(prompt: str) -> str:
+        if prompt.startswith(HEADER):
+            return prompt[len(HEADER) :].split(".", 1)[0]
+        return topic_of(prompt)
+
+    def learn(self, example: Example) -> None:
+        failed, seen = self.counts.get(self.subject(example.prompt), (0, 0))
+        self.counts[self.subject(example.prompt)] = (failed + (not example.weak_correct), seen + 1)
+
+    def score(self, prompt: str) -> float:
+        failed, seen = self.counts.get(self.subject(prompt), (0, 0))
+        return (failed + 1) / (seen + 2) + len(prompt) * 1e-7  # length breaks ties
+
+
 class TollgateRouter(RouterUnderTest):
     def __init__(self, learn: bool) -> None:
         self.name = "tollgate" if learn else "tollgate_prior"
@@ -133,13 +256,16 @@ class TollgateRouter(RouterUnderTest):
 
 
 def evaluate(
-    make: Callable[[int], RouterUnderTest], data: list[Example], seeds: Sequence[int]
+    make: Callable[[int], RouterUnderTest],
+    data: list[Example],
+    seeds: Sequence[int],
+    dataset: str = "gsm8k",
 ) -> dict[str, Any]:
     apgr, cpt50, cpt80 = [], [], []
     timing: list[float] = []
     name = ""
     for seed in seeds:
-        shuffled = data[:]
+        shuffled = PROXIES[dataset](data, seed) if dataset in PROXIES else data[:]
         random.Random(seed).shuffle(shuffled)
         half = len(shuffled) // 2
         train, test = shuffled[:half], shuffled[half:]
@@ -238,10 +364,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         lambda seed: TollgateRouter(learn=False),
         lambda seed: TollgateRouter(learn=True),
     ]
+    if args.dataset in PROXIES:
+        makers.append(lambda seed: OracleSubjectRouter())
     results = []
     for make in makers:
         started = time.perf_counter()
-        result = evaluate(make, data, seeds)
+        result = evaluate(make, data, seeds, args.dataset)
         result["wall_s"] = round(time.perf_counter() - started, 1)
         results.append(result)
         print(f"  {result['router']}: APGR {result['apgr_mean']:.3f}", file=sys.stderr)
@@ -254,12 +382,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "std_difference": statistics.stdev(differences) if len(differences) > 1 else 0.0,
             "splits_won": sum(d > 0 for d in differences),
         }
-    padded = calibration(data, seeds, args.padded_chars) if args.padded_chars else None
+    padded = (
+        calibration(data, seeds, args.padded_chars)
+        if args.padded_chars and args.dataset == "gsm8k"
+        else None
+    )
     weak = sum(e.weak_correct for e in data) / len(data)
     strong = sum(e.strong_correct for e in data) / len(data)
     return {
         "data": str(args.data),
-        "prompts": len(data),
+        "dataset": args.dataset,
+        "prompts": len(PROXIES[args.dataset](data, seeds[0]))
+        if args.dataset in PROXIES
+        else len(data),
         "weak_accuracy": weak,
         "strong_accuracy": strong,
         "splits": len(seeds),
@@ -278,7 +413,8 @@ def _cpus() -> int:
 
 def table(report: dict[str, Any]) -> str:
     lines = [
-        f"{report['prompts']} prompts ({Path(report['data']).name}), {report['splits']} random "
+        f"{report['prompts']} prompts ({Path(report['data']).name}, {report['dataset']}), "
+        f"{report['splits']} random "
         f"50/50 splits: learn the first half's economy outcomes, score the second half",
         "",
         "| router | APGR mean ± std (min) | vs length, same split: mean ± std (won) "
@@ -318,6 +454,10 @@ def table(report: dict[str, Any]) -> str:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="RouteLLM responses CSV")
+    parser.add_argument(
+        "--dataset", choices=("gsm8k", *PROXIES), default="gsm8k",
+        help="gsm8k, or a multi-subject proxy built from it (topics, header; see above)",
+    )  # fmt: skip
     parser.add_argument("--splits", type=int, default=10, help="random 50/50 splits")
     parser.add_argument("--seed", type=int, default=0, help="first split's seed")
     parser.add_argument(

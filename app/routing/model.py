@@ -13,9 +13,12 @@ How a score is made, all in log-odds so every part adds up and can be explained:
    prompts containing it (Beta-smoothed towards the overall failure rate). A prompt gets
    the mean (weighted by rarity) and a normalised sum of its words' deviations. Counts
    converge after a few examples per topic, where a linear model over words learned by
-   SGD needs many passes.
+   SGD needs many passes. Two more summaries pick out the words that matter: the sum over
+   the *significant* keys (failures at least :data:`SIGNIFICANT_Z` binomial deviations from
+   the overall rate) and the deviation of the most significant key, so that one word naming
+   a subject is not drowned by the mean over the prompt's other words.
 3. **Learned combination**: a River ``LogisticRegression`` over standardised inputs (the
-   prior's log-odds, length, depth and the two evidence values), learned online.
+   prior's log-odds, length, context, depth and the four evidence values), learned online.
    Every input is computed *before* the example updates the counts, so the combination
    learns how much to trust evidence on prompts it has not seen.
 4. The learned log-odds weigh ``n / (n + warmup_outcomes)`` against the prior; a feature
@@ -53,6 +56,12 @@ _SMOOTHING = 20.0  # pseudo-outcomes pulling a word's failure rate towards the o
 _EPSILON = 1e-6
 FEATURE_BITS_FEWER = 3  # a feature learner folds keys into 2**(hash_bits - 3) buckets
 GLOBAL = "*"
+# Significant-word evidence: a key whose failures are at least SIGNIFICANT_Z binomial standard
+# deviations from the overall rate, seen at least SIGNIFICANT_MIN_SEEN times. On multi-subject
+# traffic one word (a subject's name, its vocabulary) can carry the signal, and the mean over a
+# prompt's fifty other words drowns it (docs/SAVINGS.md, "Measured quality").
+SIGNIFICANT_Z = 2.0
+SIGNIFICANT_MIN_SEEN = 5
 # Standardised inputs are clipped to +-Z_CLIP deviations, learning and scoring alike: a prompt
 # far outside what was learned (a feature that starts sending long documents) must not swing
 # the score by a weight times dozens of deviations.
@@ -150,21 +159,35 @@ class _Learner:
     def _base_rate(self) -> float:
         return (self.failures + 1.0) / (self.outcomes + 2.0)
 
-    def _evidence(self, keys: np.ndarray) -> tuple[float, float]:
-        """(rarity-weighted mean, normalised sum) of the words' failure log-odds deviations."""
+    def _evidence(self, keys: np.ndarray) -> tuple[float, float, float, float]:
+        """The words' failure log-odds deviations from the overall rate, four ways:
+        rarity-weighted mean, normalised sum, sum over the significant keys, and the most
+        significant key's (0.0 each before any outcome)."""
         if not self.outcomes or not keys.size:
-            return 0.0, 0.0
+            return 0.0, 0.0, 0.0, 0.0
         keys = keys & self.mask
-        keys = keys[self.seen[keys] > 0]
+        seen = self.seen[keys]
+        counted = seen > 0
+        keys, seen = keys[counted], seen[counted]
         if not keys.size:
-            return 0.0, 0.0
-        deviations = self.key_logit[keys] - _logit(self._base_rate())
+            return 0.0, 0.0, 0.0, 0.0
+        base = self._base_rate()
+        deviations = self.key_logit[keys] - _logit(base)
         rarity = (math.log(self.outcomes + 1.0) + 0.1) - self.key_log_seen[keys]
         mean = float(np.dot(deviations, rarity) / rarity.sum())
-        return mean, float(deviations.sum() / math.sqrt(deviations.size))
+        total = float(deviations.sum() / math.sqrt(deviations.size))
+        # How far each key's failures are from what the overall rate predicts, in binomial
+        # standard deviations; keys seen fewer than SIGNIFICANT_MIN_SEEN times do not count.
+        z = (self.failed[keys] - seen * base) / np.sqrt(seen * (base * (1.0 - base)))
+        z[seen < SIGNIFICANT_MIN_SEEN] = 0.0
+        strength = np.abs(z)
+        significant = float(deviations[strength >= SIGNIFICANT_Z].sum())
+        strongest = int(strength.argmax())
+        top = float(deviations[strongest]) if strength[strongest] > 0 else 0.0
+        return mean, total, significant, top
 
     def inputs(self, features: Features, prior_logit: float) -> dict[str, float]:
-        evidence_mean, evidence_sum = self._evidence(features.keys)
+        evidence_mean, evidence_sum, significant, strongest = self._evidence(features.keys)
         return {
             "prior": prior_logit,
             "length": features.signals["length"],
@@ -172,6 +195,8 @@ class _Learner:
             "depth": features.signals["depth"],
             "evidence_mean": evidence_mean,
             "evidence_sum": evidence_sum,
+            "evidence_significant": significant,
+            "evidence_strongest": strongest,
         }
 
     def contributions(
