@@ -9,11 +9,13 @@ retries is one ``AsyncRetrying`` rather than a hand-written ``while`` with a cou
   any ``() -> bool``). Optionally a try that ran ``stable_run_s`` before it failed
   starts the steps over. Used by ``app/events/kafka_retry.py`` (the agents' Kafka
   runs), ``app/events/producer.py`` (the spool drain), ``agents/sink.py`` (ClickHouse
-  inserts) and ``agents/spend.py`` (changelog writes).
+  inserts), ``agents/spend.py`` (changelog writes) and ``app/events/compacted.py`` (the
+  compacted views and the state-topic follower, one 1 s step for ever).
 - ``retry_attempts``: a bounded number of attempts with capped exponential backoff and
   jitter (``wait_capped_exponential``), lengthened to what the other side asks for in
   an exception's ``retry_after_s`` (``wait_retry_after``, e.g. an HTTP ``Retry-After``)
-  up to a cap. Used by the notifier's webhook delivery (``agents/notifier.py``).
+  up to a cap. Used by the notifier's webhook delivery (``agents/notifier.py``) and the
+  spend worker's reads of its group's committed offsets.
 
 It does not own what is worth retrying (each caller passes its own predicate: Kafka's
 ``is_transient``, any insert failure, a webhook's 429 or 5xx), nor the clean-up a failed
