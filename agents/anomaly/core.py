@@ -266,11 +266,11 @@ class Cusum:
             self.run_carried += carried
             self.run_log += carried_log
 
-    def __setstate__(self, state: object) -> None:
+    def __setstate__(self, state: tuple[None, dict[str, object]] | dict[str, object]) -> None:
         # Checkpoints written before ``marks`` existed restore with no marks.
         self.marks = []
         slots = state[1] if isinstance(state, tuple) else state
-        for name, value in (slots or {}).items():  # type: ignore[attr-defined]
+        for name, value in (slots or {}).items():
             setattr(self, name, value)
 
     def reset(self) -> None:

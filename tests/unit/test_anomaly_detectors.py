@@ -415,3 +415,19 @@ def test_a_late_call_counts_in_the_windows_that_still_hold_it_and_is_not_judged(
     detector.add_late(at(3600 - 3 * 3600).timestamp(), 1000.0)  # hours late: references learn it
     assert detector.counts[1:] == [b + 1 for b in before[1:]]
     assert detector.refs[0].count >= exposure_before
+
+
+def test_a_cusum_from_a_checkpoint_without_marks_restores_and_keeps_counting() -> None:
+    """Checkpoints written before the run's marks existed: the CUSUM restores with none."""
+    import pickle
+
+    cusum = Cusum(0.5)
+    for i in range(3):
+        cusum.update(2.0, 1.0, 1.0, at=20.0 * i)
+    old_state = (None, {name: getattr(cusum, name) for name in Cusum.__slots__ if name != "marks"})
+    restored = Cusum.__new__(Cusum)
+    restored.__setstate__(old_state)
+    assert restored.marks == [] and restored.run_n == 3
+    restored.update(2.0, 1.0, 1.0, at=100.0)
+    assert restored.later_half(100.0) == (100.0, 1, 1.0)
+    assert pickle.loads(pickle.dumps(restored)).marks == restored.marks
