@@ -120,6 +120,13 @@ class DetectorSettings:
     cost_jump_ratio: float = 2.0
     """... only a jump of at least this factor alerts: a busy feature's typical cost wanders
     by a third for minutes at a time (seen on the Azure trace), a real incident lasts."""
+    cost_drift_min_requests: int = 10
+    """A rise still growing (a drift) also alerts when the later half of the run since the
+    change (itself at least ``cost_sustained_seconds`` long) typically costs
+    ``cost_min_ratio`` the usual and holds at least this many calls: the geometric mean of
+    10 calls is known within about spread/3 (a third of the log-cost spread), and nothing
+    pages on a few calls. The run's mean lags a drift by half its length; its later half by
+    a quarter."""
     cost_adapt_after_minutes: int = 360
     """A cost level anomalous this long is learned as the new normal."""
 
@@ -220,6 +227,7 @@ class DetectorSettings:
             "cost_reference_memory_seconds",
             "mix_reference_memory_seconds",
             "cost_warmup_requests",
+            "cost_drift_min_requests",
             "mix_warmup_requests",
             "series_warmup_points",
         ):

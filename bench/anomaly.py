@@ -586,6 +586,65 @@ def mix_delay(
     return None
 
 
+DRIFT_SHAPES = ("linear", "convex", "concave")
+
+
+def drift_progress(shape: str, progress: float) -> float:
+    """How far along a drift's rise is (0..1) at ``progress`` of its duration: linear,
+    slow first (convex: p^2), or fast first (concave: sqrt p)."""
+    if shape == "convex":
+        return progress * progress
+    if shape == "concave":
+        return math.sqrt(progress)
+    return progress
+
+
+def drift_delay(
+    per_minute: float, sigma: float, shape: str, seed: int, settings: DetectorSettings
+) -> float | None:
+    """Seconds from the moment a feature's cost drift (1x -> 5x over 3 hours, ``shape``)
+    crosses +75 % until the cost detector flags it (negative: before); None: not during
+    the drift. A day of stationary log-normal costs comes first."""
+    rng = random.Random(seed)
+    detector = CostDetector("feature:probe", settings, own_reference=True)
+    gap = 60.0 / per_minute
+    t = 0.0
+    while t < 86_400:
+        detector.observe(_at(t), 3e5 * rng.lognormvariate(0, sigma))
+        t += rng.expovariate(1 / gap)
+    start, ramp = t, 3 * 3600.0
+    crossing = next(
+        i / 1000 * ramp for i in range(1001) if 4 * drift_progress(shape, i / 1000) >= 0.75
+    )
+    while t < start + ramp:
+        factor = 1 + 4 * drift_progress(shape, (t - start) / ramp)
+        verdict = detector.observe(_at(t), 3e5 * rng.lognormvariate(0, sigma) * factor)
+        if verdict is not None and verdict.is_anomaly:
+            return t - start - crossing
+        t += rng.expovariate(1 / gap)
+    return None
+
+
+def drift_table(settings: DetectorSettings, seeds: list[int]) -> list[dict[str, Any]]:
+    """Cost drifts of every shape at 4, 10 and 20 calls a minute, log spreads 0.5 and 1.26:
+    each seed's delay after the +75 % crossing."""
+    rows = []
+    for shape in DRIFT_SHAPES:
+        for r in (4.0, 10.0, 20.0):
+            for sigma in (0.5, 1.26):
+                delays = [drift_delay(r, sigma, shape, seed, settings) for seed in seeds]
+                rows.append(
+                    {
+                        "shape": shape,
+                        "per_minute": r,
+                        "log_spread": sigma,
+                        "delays_s": [None if d is None else round(d) for d in delays],
+                        "within_2_min": sum(1 for d in delays if d is not None and d <= 120),
+                    }
+                )
+    return rows
+
+
 def _median(values: list[float | None]) -> float | None:
     found = [v for v in values if v is not None]
     if len(found) * 2 <= len(values):
@@ -706,6 +765,23 @@ def markdown(report: dict[str, Any]) -> str:
             f"(clean replay, one thread).",
             "",
         ]
+    drift = report.get("drift")
+    if drift:
+        seeds = report["plan"]["drift_seeds"]
+        lines += [
+            f"### Cost drifts (1x -> 5x over 3 hours), delay after +75 %, seeds {seeds}",
+            "",
+            "| shape | /min | log spread | delays | within 2 min |",
+            "|---|--:|--:|---|--:|",
+        ]
+        for row in drift:
+            delays = ", ".join("missed" if d is None else f"{d}" for d in row["delays_s"])
+            lines.append(
+                f"| {row['shape']} | {row['per_minute']:g} | {row['log_spread']} | {delays} "
+                f"| {row['within_2_min']}/{len(row['delays_s'])} |"
+            )
+        total = sum(row["within_2_min"] for row in drift)
+        lines += ["", f"Within 2 min: {total}/{sum(len(r['delays_s']) for r in drift)}.", ""]
     d = report.get("detectability")
     if d:
         lines += [
@@ -757,6 +833,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--incidents-per-day", type=int, default=8)
     parser.add_argument("--seeds", type=int, default=5, help="seeds per detectability cell")
     parser.add_argument("--no-detectability", action="store_true")
+    parser.add_argument(
+        "--drift-only",
+        action="store_true",
+        help="only the cost-drift table (shapes x rates x spreads), no worlds",
+    )
+    parser.add_argument(
+        "--drift-seeds",
+        default="10,11,12,13,14,15",
+        help="seeds of the cost-drift table (default: 10-15, never tuned on)",
+    )
     parser.add_argument("--quick", action="store_true", help="2 days, 1 batch, 3 seeds")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--json-out", default=None)
@@ -783,8 +869,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         worlds.append(SyntheticWorld(args.seed))
     if args.world in ("azure", "both"):
         worlds.append(AzureWorld(args.seed))
+    drift_seeds = [int(x) for x in args.drift_seeds.split(",") if x.strip()]
+    if args.drift_only:
+        log("cost-drift table")
+        return {
+            "plan": {"drift_seeds": drift_seeds, "days": 0},
+            "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+            "worlds": [],
+            "drift": drift_table(settings, drift_seeds),
+        }
     report: dict[str, Any] = {
         "plan": {
+            "drift_seeds": drift_seeds,
             "days": args.days,
             "batches": args.batches,
             "incidents_per_day": args.incidents_per_day,
@@ -797,6 +893,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not args.no_detectability:
         log("detectability table")
         report["detectability"] = detectability(settings, args.seeds)
+        log("cost-drift table")
+        report["drift"] = drift_table(settings, drift_seeds)
     return report
 
 

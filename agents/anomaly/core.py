@@ -251,7 +251,10 @@ class Cusum:
     point and what came after it.
     """
 
-    __slots__ = ("k", "run_carried", "run_log", "run_n", "run_start", "run_z", "stat")
+    __slots__ = ("k", "marks", "run_carried", "run_log", "run_n", "run_start", "run_z", "stat")
+
+    MARK_SECONDS = 15.0  # the run's running sums are noted at most this often
+    MAX_MARKS = 256  # past that, every other note is dropped (their spacing doubles)
 
     def __init__(self, k: float) -> None:
         self.k = k
@@ -261,6 +264,9 @@ class Cusum:
         self.run_carried = 0.0
         self.run_log = 0.0
         self.run_start = 0.0
+        # [time, calls before it, sum of carried logs before it]: where the run's later
+        # part starts, for a rise that is still growing (see ``later_half``).
+        self.marks: list[tuple[float, int, float]] = []
 
     def update(
         self, z: float, carried: float = 0.0, carried_log: float = 0.0, at: float = 0.0
@@ -272,14 +278,38 @@ class Cusum:
         else:
             if self.run_n == 0:
                 self.run_start = at
+                self.marks = []
+            marks = self.marks
+            if not marks or at - marks[-1][0] >= self.MARK_SECONDS:
+                marks.append((at, self.run_n, self.run_log))
+                if len(marks) > self.MAX_MARKS:
+                    del marks[1::2]
             self.run_n += 1
             self.run_z += z
             self.run_carried += carried
             self.run_log += carried_log
 
+    def __setstate__(self, state: tuple[None, dict[str, object]] | dict[str, object]) -> None:
+        # Checkpoints written before ``marks`` existed restore with no marks.
+        self.marks = []
+        slots = state[1] if isinstance(state, tuple) else state
+        for name, value in (slots or {}).items():
+            setattr(self, name, value)
+
     def reset(self) -> None:
         self.stat, self.run_n, self.run_z = 0.0, 0, 0.0
         self.run_carried = self.run_log = 0.0
+        self.marks = []
+
+    def later_half(self, now: float) -> tuple[float, int, float]:
+        """The run's later half in time: (its start, its calls, the sum of their carried
+        logs). Under a rise that keeps growing (a drift), the run's mean lags the current
+        level by half the run; its later half lags by a quarter."""
+        middle = (self.run_start + now) / 2
+        for at, before, log_before in self.marks:
+            if at >= middle:
+                return at, self.run_n - before, self.run_log - log_before
+        return now, 0, 0.0
 
 
 __all__ = [

@@ -252,16 +252,8 @@ class CostDetector:
             fired = None
             for cusum, h in zip(self.cusums, self.thresholds, strict=True):
                 cusum.update(z, cost_nanos, log_cost, t)
-                if fired is None and cusum.stat > h:
-                    # A rise that has lasted must reach the stated amount; a younger one
-                    # must be a jump (busy features' costs wander by a third for minutes).
-                    needed = (
-                        s.cost_min_ratio
-                        if t - cusum.run_start >= s.cost_sustained_seconds
-                        else s.cost_jump_ratio
-                    )
-                    if math.exp(cusum.run_log / cusum.run_n - usual) >= needed:
-                        fired = cusum
+                if fired is None and cusum.stat > h and self._large_enough(cusum, t, usual):
+                    fired = cusum
             if fired is None:
                 return None
             self.alarm_since = self.last_anomalous = t
@@ -314,6 +306,31 @@ class CostDetector:
             note=note,
             impact_usd_per_hour=(observed_usd - expected_usd) * requests_per_hour,
         )
+
+    def _large_enough(self, cusum: Cusum, t: float, usual: float) -> bool:
+        """Whether a triggered CUSUM's rise is as large as stated.
+
+        A rise that has lasted ``cost_sustained_seconds`` must typically reach
+        ``cost_min_ratio``; a younger one must be a jump (``cost_jump_ratio``: busy
+        features' costs wander by a third for minutes). A rise still growing (a drift)
+        is judged by the later half of the run too, once that half has itself lasted
+        ``cost_sustained_seconds`` and holds ``cost_drift_min_requests`` calls: the
+        run's mean lags the current level by half the run, its later half by a quarter.
+        """
+        s = self.settings
+        elapsed = t - cusum.run_start
+        needed = s.cost_min_ratio if elapsed >= s.cost_sustained_seconds else s.cost_jump_ratio
+        if math.exp(cusum.run_log / cusum.run_n - usual) >= needed:
+            return True
+        if elapsed < 2 * s.cost_sustained_seconds:
+            return False
+        since, calls, log_sum = cusum.later_half(t)
+        if calls < s.cost_drift_min_requests or t - since < s.cost_sustained_seconds:
+            return False
+        # One standard error below its mean: the CUSUM fired on the calls just seen, so
+        # the later half is the part its selection flatters most.
+        lower = log_sum / calls - usual - self.spread / math.sqrt(calls)
+        return lower >= math.log(s.cost_min_ratio)
 
     def _end_alarm(self) -> None:
         self.alarm_since = None

