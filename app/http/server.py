@@ -244,15 +244,21 @@ def _check_budget_view_fresh(c: Components) -> None:
         )
 
 
+# What the two chat routes share in the API document: they take the same body and answer alike.
+CHAT_OPERATION: dict[str, Any] = {
+    "body": ChatBody,
+    "response": responses.ChatCompletion,
+    "response_description": "The provider's completion, passed through (or text/event-stream)",
+    "parameters": tuple(ATTRIBUTION_HEADERS),
+    "errors": (400, 401, 402, 403, 404, 413, 502, 503, 504),
+    "response_headers": tuple((name, *spec) for name, spec in CHAT_RESPONSE_HEADERS.items()),
+}
+
+
 @operation(
     "OpenAI-compatible chat completion (JSON, or an SSE stream with stream: true)",
     "user",
-    body=ChatBody,
-    response=responses.ChatCompletion,
-    response_description="The provider's completion, passed through (or text/event-stream)",
-    parameters=tuple(ATTRIBUTION_HEADERS),
-    errors=(400, 401, 402, 403, 404, 413, 502, 503, 504),
-    response_headers=tuple((name, *spec) for name, spec in CHAT_RESPONSE_HEADERS.items()),
+    **CHAT_OPERATION,
 )
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     return await _chat(request, "chat.completions", native=False)
@@ -262,12 +268,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     "Native chat API: model defaults to TOLLGATE_DEFAULT_MODEL; user_id, session_id and "
     "metadata are not forwarded",
     "user",
-    body=ChatBody,
-    response=responses.ChatCompletion,
-    response_description="The provider's completion, passed through (or text/event-stream)",
-    parameters=tuple(ATTRIBUTION_HEADERS),
-    errors=(400, 401, 402, 403, 404, 413, 502, 503, 504),
-    response_headers=tuple((name, *spec) for name, spec in CHAT_RESPONSE_HEADERS.items()),
+    **CHAT_OPERATION,
 )
 async def dispatch(request: web.Request) -> web.StreamResponse:
     return await _chat(request, "dispatch", native=True)

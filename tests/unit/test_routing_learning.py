@@ -13,6 +13,7 @@ import pytest
 from app.routing import FailureModel, Router, RouterCheckpointError, RoutingSettings
 from app.routing.model import _SNAPSHOT_MAGIC, _prior_parts
 from app.routing.signals import PRIOR_INTERCEPT
+from bench.router_quality import SUBJECTS  # the header proxy's twelve made-up subjects
 
 DATA = Path(__file__).resolve().parents[2] / "data" / "routing" / "gsm8k_responses.csv"
 WEAK = "mistralai/Mixtral-8x7B-Instruct-v0.1"
@@ -208,22 +209,6 @@ def test_learning_on_padded_prompts_scores_them_like_bare_ones() -> None:
         for text, _ in data[500:600]
     ]
     assert max(gaps) < 0.1
-
-
-SUBJECTS = [
-    "astronomy",
-    "botany",
-    "heraldry",
-    "geology",
-    "economics",
-    "nutrition",
-    "virology",
-    "philosophy",
-    "jurisprudence",
-    "accounting",
-    "sociology",
-    "marketing",
-]
 
 
 def _subject_text(subject: str, prompt: str) -> str:
