@@ -69,7 +69,6 @@ def test_records_lost_by_the_consumer_are_fetched_again(
         assert "-spend-changelog/" in text, "no changelog records were dropped: test is void"
         assert ".usage/" in text, "no usage records were dropped: test is void"
         total = asyncio.run(end_offsets(kafka_settings))
-        assert asyncio.run(committed_offsets(kafka_settings)) <= total
         wait_until = asyncio.run(_commits_reach(kafka_settings, total))
         assert wait_until, "the worker's offsets stopped short of the end"
     finally:
