@@ -47,7 +47,6 @@ import math
 import os
 import random
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -77,7 +76,9 @@ from bench.gateway import (
     log,
     percentile,
     prompts,
+    publish,
     spawn,
+    stop_kafka_and_temp,
     wait_drained,
     wait_http,
     wait_quiet,
@@ -2182,27 +2183,13 @@ def run_benchmark(args: argparse.Namespace) -> int:
             tail.stop()
         for child in reversed(children):
             child.stop(grace_s=10)
-        if launcher is not None:
-            log("stopping Kafka")
-            try:
-                launcher.stop()
-            except Exception as exc:  # report it, and still remove the temp dir
-                log(f"could not stop Kafka: {exc}")
-        if args.keep_temp:
-            log(f"kept logs and state in {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+        stop_kafka_and_temp(launcher, tmp, args.keep_temp)
     report.machine["total_seconds"] = round(time.monotonic() - started, 1)
     summarise(report)
     document = orjson.dumps(
         asdict(report), option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS
     ).decode()
-    print(markdown(report))
-    print()
-    print(document)
-    if args.json_out:
-        Path(args.json_out).write_text(document + "\n")
-        log(f"wrote {args.json_out}")
+    publish(markdown(report), document, args.json_out)
     return 0
 
 

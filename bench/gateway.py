@@ -612,6 +612,31 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
+def stop_kafka_and_temp(launcher: Any, tmp: Path, keep_temp: bool) -> None:
+    """A benchmark's last steps: stop its Kafka (if it started one) and keep or remove its
+    temp directory (logs and state). A failed stop is reported, the temp dir still goes."""
+    if launcher is not None:
+        log("stopping Kafka")
+        try:
+            launcher.stop()
+        except Exception as exc:  # report it, and still remove the temp dir
+            log(f"could not stop Kafka: {exc}")
+    if keep_temp:
+        log(f"kept logs and state in {tmp}")
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def publish(markdown_text: str, document: str, json_out: str | None) -> None:
+    """Print a benchmark's markdown table and its JSON document; save the JSON if asked."""
+    print(markdown_text)
+    print()
+    print(document)
+    if json_out:
+        Path(json_out).write_text(document + "\n")
+        log(f"wrote {json_out}")
+
+
 @dataclass
 class Plan:
     concurrency: list[int]
@@ -1085,27 +1110,13 @@ def run_benchmark(args: argparse.Namespace) -> int:
     finally:
         for child in reversed(children):
             child.stop()
-        if launcher is not None:
-            log("stopping Kafka")
-            try:
-                launcher.stop()
-            except Exception as exc:  # report it, and still remove the temp dir
-                log(f"could not stop Kafka: {exc}")
-        if args.keep_temp:
-            log(f"kept logs and state in {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+        stop_kafka_and_temp(launcher, tmp, args.keep_temp)
     report.machine["total_seconds"] = round(time.monotonic() - started, 1)
     summarise(report)
     document = orjson.dumps(
         asdict(report), option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS
     ).decode()
-    print(markdown(report))
-    print()
-    print(document)
-    if args.json_out:
-        Path(args.json_out).write_text(document + "\n")
-        log(f"wrote {args.json_out}")
+    publish(markdown(report), document, args.json_out)
     return 0
 
 

@@ -71,6 +71,7 @@ from bench.gateway import (
     host_cpu,
     log,
     percentile,
+    publish,
     wait_quiet,
 )
 
@@ -1408,12 +1409,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
     report["machine"]["total_seconds"] = round(time.monotonic() - started, 1)
     report["machine"]["loadavg_at_end"] = [round(v, 2) for v in os.getloadavg()]
     document = orjson.dumps(report, option=orjson.OPT_INDENT_2, default=str).decode()
-    print(markdown(report))
-    print()
-    print(document)
-    if args.json_out:
-        Path(args.json_out).write_text(document + "\n")
-        log(f"wrote {args.json_out}")
+    publish(markdown(report), document, args.json_out)
     return 0
 
 
