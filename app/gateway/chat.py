@@ -38,8 +38,8 @@ from app.errors import InvalidRequest, TollgateError, UpstreamFailed, UpstreamTi
 from app.gateway.pipeline import Call, ChatRequest, Gateway, SseRelay, identity_scopes
 from app.gateway.savings import CacheStatus, RouteInfo, SavingsLevers
 from app.metering.attribution import Identity
+from app.routing.errors import PromptError
 from app.routing.escalation import Escalation, Failure, failure_of_status
-from app.routing.signals import PromptError
 
 JSON = "application/json"
 
@@ -136,6 +136,8 @@ class ChatAttempts:
         self, body: Mapping[str, Any], chat: ChatRequest, client: ClientStream
     ) -> Answer:
         """Route, then answer from the cache or the upstream, escalating once if allowed."""
+        if self.levers.model_needed(body, self.identity.feature):
+            await self.levers.load_model()  # the first scored request: numpy, River (a thread)
         chat, route = self.route(body, chat)
         cache_control = self.client_headers.get("Cache-Control")
         plan = self.levers.cache_plan(body, self.identity, cache_control)
