@@ -208,6 +208,8 @@ class ChatAttempts:
                 cached = await levers.lookup(plan)
                 if cached is not None:
                     call.serve_cached(cached.model, cached.prompt_tokens, cached.completion_tokens)
+                    if call.route is not None and call.route.explored:
+                        call.route = replace(call.route, explored=False)  # no economy call made
                     if call.route is not None and call.route.model != cached.model:
                         call.route = replace(
                             call.route, model=cached.model, tier=levers.tier_of(cached.model)

@@ -240,7 +240,11 @@ class SavingsLevers:
                 self.router.learn_features(remembered.features, Tier.ECONOMY, "failure", feature)
         if step is None:
             return None
-        return step, replace(route, model=step.model, tier=step.tier.value, escalated=True)
+        # the escalated attempt is the tier the router would have chosen: not exploration
+        escalated = replace(
+            route, model=step.model, tier=step.tier.value, escalated=True, explored=False
+        )
+        return step, escalated
 
     def may_escalate(self, route: RouteInfo, feature: str | None, attempt: int) -> bool:
         """Whether a failure of this attempt could still escalate (see ``escalate``)."""
