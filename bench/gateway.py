@@ -848,7 +848,7 @@ async def first_routed_request(base_url: str, pid: int) -> dict[str, Any]:
     was routed): the first and second routed requests' latency, how slow unrouted requests sent
     one after another meanwhile were, and the dispatcher's RSS before and after."""
     routed = orjson.dumps(
-        {"model": "auto", "messages": [{"role": "user", "content": "What is 2 + 2?"}],
+        {"model": "auto", "messages": [{"role": "user", "content": "What is the capital of France?"}],
          "max_tokens": MAX_TOKENS}
     )  # fmt: skip
     plain = request_bodies(stream=False)[0]
