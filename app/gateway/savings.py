@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -137,6 +138,8 @@ class SavingsLevers:
         await asyncio.shield(self._loading)
 
     def _load_model(self) -> None:
+        started = time.monotonic()
+        loaded_before = self.router.model_loaded
         restore, self._pending = self._pending, None
         if restore is not None:
             try:
@@ -151,6 +154,11 @@ class SavingsLevers:
                     extra={"outcomes_learned": router.model.outcomes_learned},
                 )
         self.router.load_model()
+        if not loaded_before:
+            log.info(
+                "router model loaded for the first scored request",
+                extra={"elapsed_s": round(time.monotonic() - started, 3)},
+            )
 
     # -- routing ----------------------------------------------------------------------------
     def tier_of(self, model: str) -> str | None:
