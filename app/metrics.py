@@ -63,6 +63,14 @@ class Metrics:
             ["tier", "escalated"],
             registry=r,
         )
+        self.routing_explored = Counter(
+            "tollgate_routing_explored",
+            "Upstream calls the router sent to the economy tier by exploration (against its "
+            "advice, to learn: routing.exploration_rate), by call status (ok, error, "
+            "client_disconnected); their Usage events say explored=true",
+            ["status"],
+            registry=r,
+        )
         self.upstream_errors = Counter(
             "tollgate_upstream_errors",
             "Upstream failures by upstream and kind (connect, timeout, http_4xx, http_5xx)",

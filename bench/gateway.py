@@ -861,6 +861,51 @@ def run_all(
         and metrics.get("tollgate_spool_depth") == 0,
     }
     log(f"tollgate events: {report.tollgate}")
+    report.tollgate["first_routed_request"] = asyncio.run(
+        first_routed_request(base, dispatcher.pid)
+    )
+    log(f"first routed request: {report.tollgate['first_routed_request']}")
+
+
+async def first_routed_request(base_url: str, pid: int) -> dict[str, Any]:
+    """The dispatcher loads the router's failure model (numpy, River, scipy) for its first
+    ``model: "auto"`` request, in a thread. After the runs (which name their model, so nothing
+    was routed): the first and second routed requests' latency, how slow unrouted requests sent
+    one after another meanwhile were, and the dispatcher's RSS before and after."""
+    # no max_tokens: the simulator's natural answer is longer than MAX_TOKENS, and a truncated
+    # economy answer escalates to gpt-4o, which the bench's upstream does not serve
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    routed = orjson.dumps({"model": "auto", "messages": question})
+    plain = request_bodies(stream=False)[0]
+    headers = {"Content-Type": "application/json"}
+    rss_before = status_kb(pid, "VmRSS") / 1024
+    async with aiohttp.ClientSession() as session:
+        errors: list[str] = []
+
+        async def timed(body: bytes) -> tuple[float, int]:
+            started = time.perf_counter()
+            async with session.post(base_url + CHAT_PATH, data=body, headers=headers) as reply:
+                answer = await reply.read()
+                if reply.status != 200:
+                    errors.append(answer[:300].decode(errors="replace"))
+                return (time.perf_counter() - started) * 1000, reply.status
+
+        first = asyncio.ensure_future(timed(routed))
+        during: list[float] = []
+        while not first.done():
+            during.append((await timed(plain))[0])
+        first_ms, first_status = await first
+        second_ms, second_status = await timed(routed)
+    return {
+        "first_ms": round(first_ms, 1),
+        "second_ms": round(second_ms, 1),
+        "statuses": [first_status, second_status],
+        "errors": errors[:2],
+        "unrouted_during_load": len(during),
+        "unrouted_during_load_max_ms": round(max(during), 1) if during else None,
+        "rss_mb_before": round(rss_before, 1),
+        "rss_mb_after": round(status_kb(pid, "VmRSS") / 1024, 1),
+    }
 
 
 def summarise(report: Report) -> None:
@@ -982,6 +1027,15 @@ def markdown(report: Report) -> str:
         f"the whole run {_fmt(t.get('vm_hwm_mb'))} MB; target < {TARGET_RSS_MB:.0f} MB: "
         f"{'met' if s['rss_meets_target'] else 'MISSED'}.",
     ]
+    first = t.get("first_routed_request") if t else None
+    if first:
+        lines.append(
+            f'- First `model: "auto"` request after the runs (loads the router\'s model: numpy, '
+            f"River): {first['first_ms']} ms, the next {first['second_ms']} ms; "
+            f"{first['unrouted_during_load']} unrouted requests sent one at a time meanwhile, "
+            f"slowest {first['unrouted_during_load_max_ms']} ms; RSS {first['rss_mb_before']} -> "
+            f"{first['rss_mb_after']} MB."
+        )
     if t:
         depths = ", ".join(
             f"{d['run']}: {d['spool_depth']:.0f} ({d['wait_s']:.1f} s to 0)"

@@ -45,6 +45,9 @@ Test hooks (request headers on ``POST /v1/chat/completions``):
   ``latency_scale``; a stream spreads it over the first token and the later chunks.
 * ``X-Sim-Omit-Usage: 1`` -- stream without any usage, even when
   ``stream_options.include_usage`` asks for it (emulates providers that do not report).
+* ``X-Sim-Content: text`` -- answer exactly this text (its words, whitespace-separated, make
+  the completion tokens; a stream sends them in the usual chunks of about four tokens), instead
+  of filler: a test can make a model open its answer with a refusal.
 * ``X-Sim-Models: a,b`` -- the hooks above apply only to requests for these models (so a
   test can fail the economy model and let the next tier answer).
 """
@@ -89,6 +92,7 @@ HEADER_COMPLETION_TOKENS: Final = "X-Sim-Completion-Tokens"
 HEADER_LATENCY_MS: Final = "X-Sim-Latency-Ms"
 HEADER_OMIT_USAGE: Final = "X-Sim-Omit-Usage"
 HEADER_MODELS: Final = "X-Sim-Models"
+HEADER_CONTENT: Final = "X-Sim-Content"
 
 _TOKENS_PER_CHUNK: Final = 4
 _SYSTEM_FINGERPRINT: Final = "fp_tollgate_sim"
@@ -438,6 +442,7 @@ async def _complete(request: web.Request, state: _SimState) -> web.StreamRespons
     omit_usage = hooks and request.headers.get(HEADER_OMIT_USAGE, "").strip().lower() in {
         "1", "true", "yes",
     }  # fmt: skip
+    forced_content = request.headers.get(HEADER_CONTENT) if hooks else None
 
     raw = await request.read()
     try:
@@ -489,11 +494,21 @@ async def _complete(request: web.Request, state: _SimState) -> web.StreamRespons
         raise _status_error(429 if state.rng.random() < 0.5 else 500, "simulated error")
 
     digest = hashlib.blake2b(orjson.dumps(messages), digest_size=16).digest()
-    natural = forced_tokens if forced_tokens is not None else state.natural_length(digest)
     cap = model.max_output_tokens if limit is None else min(limit, model.max_output_tokens)
-    completion_tokens = min(natural, cap)
-    finish_reason = "length" if natural > cap else "stop"
-    words = state.filler.words(completion_tokens, int.from_bytes(digest[8:12], "little"))
+    if forced_content is not None:  # the words as given, cut at the cap like any answer
+        words, spent = [], 0
+        for word in forced_content.split():
+            if spent + count_tokens(word) > cap:
+                break
+            words.append(word)
+            spent += count_tokens(word)
+        completion_tokens = spent
+        finish_reason = "length" if count_tokens(forced_content) > cap else "stop"
+    else:
+        natural = forced_tokens if forced_tokens is not None else state.natural_length(digest)
+        completion_tokens = min(natural, cap)
+        finish_reason = "length" if natural > cap else "stop"
+        words = state.filler.words(completion_tokens, int.from_bytes(digest[8:12], "little"))
     usage = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,

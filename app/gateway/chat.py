@@ -14,12 +14,15 @@ headers and an :class:`Answer` as a response, and hands in a :class:`ClientStrea
 stream to. Nothing here knows a header name or a status table.
 
 Escalation of a stream happens only before its first byte reached the client. For a routed call
-that may still escalate, the stream is held until its first content delta (text, a tool call):
-an upstream error status, a failed connection, a stream that breaks or times out, or one that
-ends without content (empty, truncated, refused by ``finish_reason`` or a ``refusal`` delta) is
-retried one tier up, and the client only ever sees the second attempt. Once content arrived the
-held bytes go out and the rest is relayed as it comes; refusal phrases (``routing.
-refusal_phrases``) are judged on non-streamed answers only.
+that may still escalate, the stream is held until its first content delta (text, a tool call),
+and while its text so far could still open with one of ``routing.refusal_phrases`` (leading
+whitespace ignored, any case): an upstream error status, a failed connection, a stream that
+breaks or times out, one that ends without content (empty, truncated, refused by
+``finish_reason`` or a ``refusal`` delta), or one whose text opens with a refusal phrase is
+retried one tier up, and the client only ever sees the second attempt. Once the text diverged
+from every phrase (or the stream ended as a good answer) the held bytes go out unchanged and
+the rest is relayed as it comes. A phrase of n characters holds a stream for at most its first
+n characters of text.
 """
 
 from __future__ import annotations
@@ -38,8 +41,14 @@ from app.errors import InvalidRequest, TollgateError, UpstreamFailed, UpstreamTi
 from app.gateway.pipeline import Call, ChatRequest, Gateway, SseRelay, identity_scopes
 from app.gateway.savings import CacheStatus, RouteInfo, SavingsLevers
 from app.metering.attribution import Identity
-from app.routing.escalation import Escalation, Failure, failure_of_status
-from app.routing.signals import PromptError
+from app.routing.errors import PromptError
+from app.routing.escalation import (
+    Escalation,
+    Failure,
+    failure_of_status,
+    may_open_with_refusal,
+    opens_with_refusal,
+)
 
 JSON = "application/json"
 
@@ -136,6 +145,8 @@ class ChatAttempts:
         self, body: Mapping[str, Any], chat: ChatRequest, client: ClientStream
     ) -> Answer:
         """Route, then answer from the cache or the upstream, escalating once if allowed."""
+        if self.levers.model_needed(body, self.identity.feature):
+            await self.levers.load_model()  # the first scored request: numpy, River (a thread)
         chat, route = self.route(body, chat)
         cache_control = self.client_headers.get("Cache-Control")
         plan = self.levers.cache_plan(body, self.identity, cache_control)
@@ -197,6 +208,8 @@ class ChatAttempts:
                 cached = await levers.lookup(plan)
                 if cached is not None:
                     call.serve_cached(cached.model, cached.prompt_tokens, cached.completion_tokens)
+                    if call.route is not None and call.route.explored:
+                        call.route = replace(call.route, explored=False)  # no economy call made
                     if call.route is not None and call.route.model != cached.model:
                         call.route = replace(
                             call.route, model=cached.model, tier=levers.tier_of(cached.model)
@@ -281,7 +294,8 @@ class ChatAttempts:
         relay = SseRelay(call)
         held = Held(b"")
         if may_escalate:
-            held = await hold_until_content(gateway, call, upstream, relay)
+            phrases = self.levers.escalation.stream_refusal_phrases
+            held = await hold_until_content(gateway, call, upstream, relay, phrases)
             if held.failure is not None:
                 step = escalation(held.failure)
                 if step is not None:
@@ -321,16 +335,30 @@ class Held:
 
 
 async def hold_until_content(
-    gateway: Gateway, call: Call, upstream: aiohttp.ClientResponse, relay: SseRelay
+    gateway: Gateway,
+    call: Call,
+    upstream: aiohttp.ClientResponse,
+    relay: SseRelay,
+    refusal_phrases: tuple[str, ...] = (),
 ) -> Held:
-    """Read the stream until its first content delta, holding what it said so far.
+    """Read the stream until its first content delta, holding what it said so far, and then
+    on while its text could still open with one of ``refusal_phrases``.
 
-    Returns with ``failure`` None as soon as content arrived (the rest is for
-    :meth:`Gateway.relay_stream` to pass on, through the same ``relay``). A stream that ends,
-    breaks or times out first is a failure: empty, truncated or refused (by its
-    ``finish_reason``), an upstream error, or a timeout; its upstream is released then.
+    Returns with ``failure`` None as soon as the content is known not to be a refusal (the rest
+    is for :meth:`Gateway.relay_stream` to pass on, through the same ``relay``). A stream whose
+    text opens with a refusal phrase is refused; one that ends, breaks or times out first is a
+    failure: empty, truncated or refused (by its ``finish_reason``), an upstream error, or a
+    timeout -- or, when it ended with content that is no refusal, a good answer (``ended``).
+    Its upstream is released whenever it ended here.
     """
     parts: list[bytes] = []
+
+    def undecided() -> bool:
+        """Content arrived, but its text so far may still open with a refusal phrase."""
+        text = "".join(call.generated_text)
+        if not text:  # a tool call (content that is not text), or no content yet
+            return not relay.saw_content
+        return may_open_with_refusal(text, refusal_phrases)
 
     def done(failure: Failure | None, error: TollgateError | None = None) -> Held:
         upstream.release()
@@ -348,7 +376,13 @@ async def hold_until_content(
                     upstream.close()
                     return done(Failure.REFUSED)
                 if relay.saw_content:
-                    return Held(b"".join(parts))
+                    text = "".join(call.generated_text)
+                    if opens_with_refusal(text, refusal_phrases):
+                        parts.append(relay.flush())
+                        upstream.close()
+                        return done(Failure.REFUSED)
+                    if not refusal_phrases or not undecided():
+                        return Held(b"".join(parts))
         parts.append(relay.flush())
     except asyncio.CancelledError:  # the client went away while the stream was held
         call.status, call.error_type = "client_disconnected", "client_disconnected"
@@ -366,4 +400,6 @@ async def hold_until_content(
         return done(Failure.REFUSED)
     if relay.finish_reason == "length":
         return done(Failure.TRUNCATED)
+    if relay.saw_content:  # ended while it could still have become a refusal: a short answer
+        return done(None)
     return done(Failure.EMPTY)

@@ -435,6 +435,8 @@ class Gateway:
         if call.finished:
             return
         call.finished = True
+        if call.route is not None and call.route.explored:
+            self.metrics.routing_explored.labels(call.status).inc()
         reservation = call.admission.reservation if call.admission else None
         seq, cost, ts = None, 0, None
         try:
@@ -464,6 +466,7 @@ class Gateway:
                 "router_score": route.score,
                 "router_reason": route.reason,
                 "escalated": route.escalated,
+                "explored": route.explored,
             }
             if route.tier is not None:
                 routing["tier"] = route.tier

@@ -23,11 +23,13 @@ Learning, two modes (``routing.shared_learning``):
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from app.cache.assemble import CompletionAssembler
 from app.cache.config import CacheSettings
@@ -36,9 +38,11 @@ from app.cache.store import CacheBackend, CachedAnswer, MemoryCache
 from app.metering.attribution import Identity
 from app.routing.config import TIER_ORDER, RoutingSettings, Tier
 from app.routing.escalation import Escalation, EscalationPolicy, Failure
-from app.routing.model import Features
 from app.routing.router import Router
 from app.routing.shared import encode_label, encode_routed
+
+if TYPE_CHECKING:  # the model (numpy, River) loads on the first routed request: load_model
+    from app.routing.model import Features
 
 log = logging.getLogger(__name__)
 
@@ -100,11 +104,61 @@ class SavingsLevers:
             raise ValueError("routing.shared_learning needs a publisher for routing.features")
         self._publish = publish if routing.shared_learning else None
         self.router_version = 0  # shared models installed by use_router
+        self._pending: Callable[[], Router] | None = None  # a shared model not yet restored
+        self._loading: asyncio.Future[None] | None = None
 
     def use_router(self, router: Router) -> None:
         """Score with ``router`` from now on (the shared learner's latest model)."""
         self.router = router
         self.router_version += 1
+
+    # -- loading the failure model -------------------------------------------------------------
+    # The model needs numpy and River (and River scipy): about 100 MB of memory and a second or
+    # more of imports. A dispatcher loads them for its first request that is scored, in a thread
+    # so that the event loop keeps answering other requests meanwhile.
+    @property
+    def model_loaded(self) -> bool:
+        return self._pending is None and self.router.model_loaded
+
+    def defer_router(self, restore: Callable[[], Router]) -> None:
+        """Install a shared model when the first scored request needs it (``restore`` builds its
+        router; it runs in :meth:`load_model`'s thread)."""
+        self._pending = restore
+
+    def model_needed(self, body: Mapping[str, Any], feature: str | None) -> bool:
+        """Whether :meth:`route` of ``body`` would load the failure model (await
+        :meth:`load_model` first)."""
+        return not self.model_loaded and self.router.needs_model(body, feature)
+
+    async def load_model(self) -> None:
+        """Load the failure model (and a deferred shared model) in a thread; callers that arrive
+        while it loads wait for the same load."""
+        if self._loading is None or self._loading.done():
+            self._loading = asyncio.ensure_future(asyncio.to_thread(self._load_model))
+        await asyncio.shield(self._loading)
+
+    def _load_model(self) -> None:
+        started = time.monotonic()
+        loaded_before = self.router.model_loaded
+        restore, self._pending = self._pending, None
+        if restore is not None:
+            try:
+                router = restore()
+            except Exception:  # the learner's snapshot: keep scoring with the model we have
+                log.exception("shared router model not installed; keeping the current model")
+            else:
+                router.load_model()
+                self.use_router(router)
+                log.info(
+                    "shared router model installed",
+                    extra={"outcomes_learned": router.model.outcomes_learned},
+                )
+        self.router.load_model()
+        if not loaded_before:
+            log.info(
+                "router model loaded for the first scored request",
+                extra={"elapsed_s": round(time.monotonic() - started, 3)},
+            )
 
     # -- routing ----------------------------------------------------------------------------
     def tier_of(self, model: str) -> str | None:
@@ -194,7 +248,11 @@ class SavingsLevers:
                 self.router.learn_features(remembered.features, Tier.ECONOMY, "failure", feature)
         if step is None:
             return None
-        return step, replace(route, model=step.model, tier=step.tier.value, escalated=True)
+        # the escalated attempt is the tier the router would have chosen: not exploration
+        escalated = replace(
+            route, model=step.model, tier=step.tier.value, escalated=True, explored=False
+        )
+        return step, escalated
 
     def may_escalate(self, route: RouteInfo, feature: str | None, attempt: int) -> bool:
         """Whether a failure of this attempt could still escalate (see ``escalate``)."""

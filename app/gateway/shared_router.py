@@ -9,7 +9,9 @@ for it (``SavingsLevers``, :mod:`app.routing.shared`).
 Restoring is synchronous (unpickling; tens of milliseconds for a model that learned a few
 thousand outcomes, measured in docs/SAVINGS.md) and happens once per published snapshot, at
 most every ``routing.publish_every_s``. An unusable snapshot is logged and the current model
-kept.
+kept. Until the dispatcher scores its first request the snapshot is only kept as bytes
+(:meth:`SavingsLevers.defer_router`): restoring it imports numpy and River, and a dispatcher
+that routes nothing does not pay their memory.
 """
 
 from __future__ import annotations
@@ -37,6 +39,11 @@ class SharedRouter:
         )
 
     def _install(self, snapshot: bytes) -> None:
+        if not self.levers.model_loaded:
+            # nothing was scored yet: restore (and import River) with the first scored request
+            self.levers.defer_router(lambda: Router.restore(self.settings.routing, snapshot))
+            log.info("shared router model received", extra={"bytes": len(snapshot)})
+            return
         router = Router.restore(self.settings.routing, snapshot)
         self.levers.use_router(router)
         log.info(

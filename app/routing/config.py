@@ -212,7 +212,9 @@ class RoutingSettings(BaseModel):
             "i am unable to help",
             "i'm unable to help",
         ),
-        description="Lower-case openings that make an answer count as refused.",
+        description="Lower-case openings that make an answer count as refused (leading "
+        "whitespace ignored, any case). A routed stream that may escalate is held while its "
+        "text could still open with one: at most the longest phrase's length of text.",
     )
 
     @model_validator(mode="after")

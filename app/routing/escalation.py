@@ -9,7 +9,9 @@ request id, so both calls are paid and counted).
 The rule, in order:
 
 1. Only routed calls escalate, at most once (``attempt`` 1 may be followed by attempt 2).
-2. A stream escalates only before its first byte reached the client.
+2. A stream escalates only before its first byte reached the client (the dispatcher holds a
+   routed stream until its content can no longer open with a refusal phrase, or does:
+   :func:`may_open_with_refusal`, :func:`opens_with_refusal`).
 3. The feature's rule may say ``escalate: false``; ``routing.escalate_on`` lists the kinds.
 4. There must be a tier above the one that failed at the same provider.
 
@@ -70,10 +72,27 @@ def failure_of_completion(
     text = content.strip() if isinstance(content, str) else ""
     if not text and not message.get("tool_calls") and not message.get("function_call"):
         return Failure.EMPTY
-    opening = text[:200].lower().replace("\u2019", "'")
-    if any(opening.startswith(phrase) for phrase in refusal_phrases):
+    if opens_with_refusal(text, refusal_phrases):
         return Failure.REFUSED
     return None
+
+
+def _opening(text: str) -> str:
+    return text.lstrip()[:200].lower().replace("\u2019", "'")
+
+
+def opens_with_refusal(text: str, refusal_phrases: tuple[str, ...]) -> bool:
+    """Whether ``text`` (leading whitespace ignored, any case, typographic apostrophes read as
+    ``'``) opens with one of ``refusal_phrases`` (lower case)."""
+    opening = _opening(text)
+    return any(opening.startswith(phrase) for phrase in refusal_phrases)
+
+
+def may_open_with_refusal(text: str, refusal_phrases: tuple[str, ...]) -> bool:
+    """Whether more text could still make ``text`` open with a refusal phrase (it is, read as
+    :func:`opens_with_refusal` reads it, the start of one): a stream is held while it is."""
+    opening = _opening(text)
+    return any(phrase.startswith(opening) for phrase in refusal_phrases)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +118,11 @@ class EscalationPolicy:
     def validate(self, completion: Mapping[str, Any]) -> Failure | None:
         """The configured validators on a non-streamed answer (None = acceptable)."""
         return failure_of_completion(completion, self.settings.refusal_phrases)
+
+    @property
+    def stream_refusal_phrases(self) -> tuple[str, ...]:
+        """The phrases a held stream is judged on: none when refusals do not escalate."""
+        return self.settings.refusal_phrases if Failure.REFUSED in self.kinds else ()
 
     def possible(
         self, *, tier: Tier, feature: str | None, attempt: int = 1, provider: str | None = None

@@ -27,11 +27,13 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from app.routing.config import TIER_ORDER, ProviderTiers, RoutingSettings, Tier
-from app.routing.model import FailureModel, Features
-from app.routing.signals import PromptError, view_of
+from app.routing.errors import PromptError
+
+if TYPE_CHECKING:  # imported on first use: numpy, River and scipy are ~100 MB of memory
+    from app.routing.model import FailureModel, Features
 
 Outcome = Literal["success", "failure"]
 
@@ -54,12 +56,42 @@ class Router:
 
     def __init__(self, settings: RoutingSettings, model: FailureModel | None = None) -> None:
         self.settings = settings
-        self.model = model or FailureModel(
-            hash_bits=settings.hash_bits,
-            learning_rate=settings.learning_rate,
-            warmup_outcomes=settings.warmup_outcomes,
-            max_feature_models=settings.max_feature_models,
+        self._model = model
+
+    @property
+    def model_loaded(self) -> bool:
+        """Whether the failure model (and numpy, River) is in memory yet."""
+        return self._model is not None
+
+    @property
+    def model(self) -> FailureModel:
+        """The failure model, created (importing numpy and River) on first use: a process that
+        routes nothing never pays their memory. A server calls :meth:`load_model` off its event
+        loop before the first request that needs it; the import takes a second or more."""
+        if self._model is None:
+            self._model = self.load_model()
+        return self._model
+
+    def load_model(self) -> FailureModel:
+        """The model, imported and created if it is not yet (thread-safe to call: at worst two
+        threads build one each and one is kept)."""
+        if self._model is not None:
+            return self._model
+        from app.routing.model import FailureModel
+
+        model = FailureModel(
+            hash_bits=self.settings.hash_bits,
+            learning_rate=self.settings.learning_rate,
+            warmup_outcomes=self.settings.warmup_outcomes,
+            max_feature_models=self.settings.max_feature_models,
         )
+        if self._model is None:
+            self._model = model
+        return self._model
+
+    def needs_model(self, body: Mapping[str, Any], feature: str | None) -> bool:
+        """Whether routing ``body`` will score it (a routed request whose rule pins no tier)."""
+        return self.wants_routing(body, feature) and self.settings.rule_for(feature).pin is None
 
     # -- deciding -------------------------------------------------------------------------
     def wants_routing(self, body: Mapping[str, Any], feature: str | None) -> bool:
@@ -71,6 +103,8 @@ class Router:
 
     def features(self, body: Mapping[str, Any]) -> Features:
         """The model's reading of a body; raises PromptError naming a malformed field."""
+        from app.routing.signals import view_of
+
         return self.model.features(view_of(body, self.settings.max_prompt_chars))
 
     def score(self, body: Mapping[str, Any], feature: str | None = None) -> tuple[float, str]:
@@ -228,6 +262,8 @@ class Router:
         once; ``hash_bits`` and ``learning_rate`` stay those the model was learned with
         (changing them means learning again: delete the checkpoint).
         """
+        from app.routing.model import FailureModel
+
         model = FailureModel.restore(data)
         model.warmup_outcomes = settings.warmup_outcomes
         model.max_feature_models = settings.max_feature_models

@@ -16,13 +16,12 @@ from __future__ import annotations
 import base64
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
 import orjson
 
-from app.routing.model import Features
-from app.routing.signals import SIGNAL_NAMES
+if TYPE_CHECKING:  # numpy and the model load with the router's model, not with the dispatcher
+    from app.routing.model import Features
 
 RECORD_VERSION = 1
 Label = Literal["success", "failure"]
@@ -47,6 +46,8 @@ class LabelRecord:
 
 
 def encode_routed(request_id: str, feature: str | None, features: Features) -> bytes:
+    import numpy as np
+
     keys = np.asarray(features.keys, dtype="<u4").tobytes()
     return orjson.dumps(
         {
@@ -73,6 +74,11 @@ def encode_label(request_id: str, outcome: Label, source: str) -> bytes:
 
 
 def decode_record(value: bytes) -> RoutedCall | LabelRecord:
+    import numpy as np
+
+    from app.routing.model import Features
+    from app.routing.signals import SIGNAL_NAMES
+
     try:
         data = orjson.loads(value)
         if data.get("v") != RECORD_VERSION:

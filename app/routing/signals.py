@@ -24,15 +24,8 @@ from typing import Any
 
 import numpy as np
 
-
-class PromptError(ValueError):
-    """A request body the router cannot read; ``field`` names the offending field."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
-
+# re-exported: defined on its own so the dispatcher can catch it without importing numpy
+from app.routing.errors import PromptError as PromptError
 
 IMAGE_CHARS = 1000  # what an image counts for in the prompt's length (~ its tokens x 4)
 

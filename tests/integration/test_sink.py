@@ -318,3 +318,28 @@ async def test_a_removed_cap_tombstone_is_not_dead_lettered(
     await task
     assert sink.dead_lettered == 0
     assert await read_events_raw(kafka_settings, "deadletter") == []
+
+
+async def test_explored_calls_reach_the_warehouse(
+    kafka_settings: Settings, clickhouse: Any
+) -> None:
+    """Usage v4's ``explored`` (a call sent to economy by exploration) lands in its column;
+    rows written before it read false."""
+    await ensure_topics(kafka_settings)
+    migrate(clickhouse)
+    user = f"explored-{uuid.uuid4().hex[:8]}"
+    records = [usage_record(user, i) for i in range(4)]
+    for i, record in enumerate(records):
+        record["explored"] = i % 2 == 1
+    await produce(kafka_settings, records)
+    sink = ClickHouseSink(kafka_settings, clickhouse, batch_size=10, batch_wait_s=0.2)
+    stop = asyncio.Event()
+    task = asyncio.create_task(sink.run(stop))
+    await wait_rows(clickhouse, user, 4)
+    stop.set()
+    await task
+    rows = clickhouse.query(
+        "SELECT event_id, explored FROM usage_events WHERE user_id = %(u)s",
+        parameters={"u": user},
+    ).result_rows
+    assert dict(rows) == {r["event_id"]: r["explored"] for r in records}

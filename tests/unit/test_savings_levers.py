@@ -3,9 +3,11 @@ the dispatcher's bounded memory of routed calls that outcomes teach the router f
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import orjson
+import pytest
 
 from app.cache.assemble import CompletionAssembler
 from app.cache.config import CacheSettings
@@ -136,3 +138,50 @@ def test_shared_learning_needs_a_publisher() -> None:
 
     with pytest.raises(ValueError, match="publisher"):
         SavingsLevers(RoutingSettings(shared_learning=True), CacheSettings())
+
+
+# -- the failure model loads on the first scored request ---------------------------------------
+AUTO = {"model": "auto", "messages": [{"role": "user", "content": "What is 2 + 2?"}]}
+
+
+async def test_concurrent_first_routed_requests_share_one_load(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from app.routing.router import Router
+
+    levers = SavingsLevers(RoutingSettings(), CacheSettings())
+    assert not levers.model_needed({**AUTO, "model": "gpt-4o"}, None)  # a named model
+    assert levers.model_needed(AUTO, None)
+    loads = []
+    original = Router.load_model
+
+    def counting(router: Router) -> Any:
+        loads.append(router.model_loaded)
+        return original(router)
+
+    monkeypatch.setattr(Router, "load_model", counting)
+    await asyncio.gather(*(levers.load_model() for _ in range(5)))
+    assert loads == [False], "five waiting requests, one load"
+    assert not levers.model_needed(AUTO, None)
+    assert levers.route("r1", AUTO, None).tier == "economy"
+
+
+async def test_a_deferred_shared_model_that_cannot_be_restored_keeps_the_current_one() -> None:
+    from app.routing.router import Router
+
+    levers = SavingsLevers(RoutingSettings(), CacheSettings())
+    levers.defer_router(lambda: Router.restore(RoutingSettings(), b"not a checkpoint"))
+    assert levers.model_needed(AUTO, None)
+    await levers.load_model()
+    assert levers.router_version == 0 and levers.router.model_loaded
+    assert levers.route("r1", AUTO, None).routed
+
+    learned = Router(RoutingSettings())
+    for _ in range(3):
+        learned.learn(AUTO, "economy", "failure")
+    snapshot = learned.snapshot()
+    levers.defer_router(lambda: Router.restore(RoutingSettings(), snapshot))
+    assert levers.model_needed(AUTO, None), "a newer shared model waits to be restored"
+    await levers.load_model()
+    assert levers.router_version == 1
+    assert levers.router.model.outcomes_learned == 3

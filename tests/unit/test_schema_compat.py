@@ -77,3 +77,19 @@ def test_every_schema_version_starts_with_event_id_and_ts() -> None:
         assert (first["name"], first["type"]) == ("event_id", "string"), schema["name"]
         assert second["name"] == "ts" and second["type"]["type"] == "long", schema["name"]
         assert second["type"]["logicalType"] == "timestamp-millis", schema["name"]
+
+
+def test_usage_written_before_explored_reads_as_not_explored() -> None:
+    """Usage v3 (schema id 10, dispatchers before exploration was reported) reads with
+    explored=false; v4 (id 14) carries it."""
+    v3 = json.loads((SCHEMAS_DIR / CATALOG.versions[10].file).read_text())
+    assert "explored" not in {f["name"] for f in v3["fields"]}
+    assert _round_trip(v3, CATALOG.current["Usage"])["explored"] is False
+    v4 = json.loads((SCHEMAS_DIR / CATALOG.versions[14].file).read_text())
+    record = example_fields(v4)
+    record["explored"] = True
+    buf = io.BytesIO()
+    schemaless_writer(buf, parse_schema(v4), record)
+    buf.seek(0)
+    read = schemaless_reader(buf, parse_schema(v4), parse_schema(CATALOG.current["Usage"]))
+    assert read["explored"] is True

@@ -428,3 +428,22 @@ async def test_serve_until_cancelled() -> None:
         await task
     with pytest.raises(OSError):
         await asyncio.open_connection("127.0.0.1", port)
+
+
+async def test_forced_content_is_answered_as_given(client: openai.AsyncOpenAI) -> None:
+    said = "I can't help with that, sorry."
+    hook = {"X-Sim-Content": said}
+    resp = await client.chat.completions.create(
+        model="gpt-4o", messages=MESSAGES, extra_headers=hook
+    )
+    assert resp.choices[0].message.content == said and resp.choices[0].finish_reason == "stop"
+    assert resp.usage is not None and resp.usage.completion_tokens == count_tokens(said)
+    chunks, text, finish, _ = await _collect_stream(
+        client, model="gpt-4o", messages=MESSAGES, extra_headers=hook
+    )
+    assert text == said and finish == "stop" and len(chunks) > 3  # several content chunks
+    cut = await client.chat.completions.create(
+        model="gpt-4o", messages=MESSAGES, max_tokens=3, extra_headers=hook
+    )
+    assert cut.choices[0].finish_reason == "length"
+    assert cut.choices[0].message.content == "I can't"

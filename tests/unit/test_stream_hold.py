@@ -31,7 +31,9 @@ USAGE = b'data: {"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens
 DONE = b"data: [DONE]\n\n"
 
 
-async def held(parts: list[bytes], *, break_after: bool = False) -> tuple[Any, Call, bytes]:
+async def held(
+    parts: list[bytes], *, break_after: bool = False, phrases: tuple[str, ...] = ()
+) -> tuple[Any, Call, bytes]:
     async def handler(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
@@ -58,7 +60,7 @@ async def held(parts: list[bytes], *, break_after: bool = False) -> tuple[Any, C
         async with aiohttp.ClientSession() as session:
             upstream = await session.post(server.make_url("/"))
             relay = SseRelay(call)
-            result = await hold_until_content(gateway, call, upstream, relay)
+            result = await hold_until_content(gateway, call, upstream, relay, phrases)
             rest = b"" if result.ended else await upstream.read()
             upstream.release()
     finally:
@@ -101,3 +103,53 @@ async def test_a_stream_broken_before_content_is_an_upstream_error() -> None:
     result, call, _ = await held([ROLE], break_after=True)
     assert result.failure is Failure.UPSTREAM_ERROR and result.ended
     assert call.status == "error" and call.error_type == "upstream_stream_broken"
+
+
+# -- refusal phrases: held while the text could still open with one ----------------------------
+PHRASES = ("i can't help with", "i'm sorry, but i can't")
+
+
+def text(content: str) -> bytes:
+    return event({"content": content})
+
+
+async def test_a_phrase_split_over_chunks_in_any_case_is_refused() -> None:
+    # leading whitespace, upper case and a typographic apostrophe: read as the validator reads
+    parts = [ROLE, text("\n I"), text(" CAN\u2019T"), text(" help"), text(" with that.")]
+    result, _, _ = await held([*parts, event({}, "stop"), DONE], phrases=PHRASES)
+    assert result.failure is Failure.REFUSED and result.ended
+    assert result.data.startswith(ROLE)
+
+
+async def test_the_hold_ends_where_the_text_diverges_from_every_phrase() -> None:
+    parts = [ROLE, text("I"), text(" can't"), text(" wait"), text(" to help.")]
+    result, _, rest = await held([*parts, event({}, "stop"), DONE], phrases=PHRASES)
+    assert result.failure is None and not result.ended
+    assert result.data == b"".join(parts[:4])  # held through " can't", released at " wait"
+    assert rest.startswith(text(" to help."))
+
+
+async def test_a_short_answer_that_ends_as_a_prefix_is_served() -> None:
+    parts = [ROLE, text("I can't"), event({}, "stop"), USAGE, DONE]
+    result, _, _ = await held(parts, phrases=PHRASES)
+    assert result.failure is None and result.ended
+    # the whole stream, for the client (without the usage chunk it did not ask for)
+    assert result.data == b"".join(p for p in parts if p is not USAGE)
+
+
+async def test_a_prefix_cut_by_the_length_limit_is_truncated() -> None:
+    parts = [ROLE, text("I can't"), event({}, "length"), DONE]
+    result, _, _ = await held(parts, phrases=PHRASES)
+    assert result.failure is Failure.TRUNCATED
+
+
+async def test_without_phrases_the_first_content_releases() -> None:
+    parts = [ROLE, text("I can't help with"), text(" that.")]
+    result, _, _ = await held([*parts, event({}, "stop"), DONE])
+    assert result.failure is None and result.data == b"".join(parts[:2])
+
+
+async def test_a_tool_call_is_released_at_once_with_phrases() -> None:
+    tool = event({"tool_calls": [{"index": 0, "function": {"name": "f", "arguments": ""}}]})
+    result, _, _ = await held([ROLE, tool, DONE], phrases=PHRASES)
+    assert result.failure is None and result.data.endswith(tool) and not result.ended
