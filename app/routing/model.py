@@ -17,10 +17,14 @@ How a score is made, all in log-odds so every part adds up and can be explained:
    the *significant* keys (failures at least :data:`SIGNIFICANT_Z` binomial deviations from
    the overall rate) and the deviation of the most significant key, so that one word naming
    a subject is not drowned by the mean over the prompt's other words.
-3. **Learned combination**: a River ``LogisticRegression`` over standardised inputs (the
-   prior's log-odds, length, context, depth and the four evidence values), learned online.
-   Every input is computed *before* the example updates the counts, so the combination
-   learns how much to trust evidence on prompts it has not seen.
+3. **Learned combination**, a stack: three River ``LogisticRegression`` experts over
+   standardised inputs (:data:`EXPERTS`: the prior's log-odds alone, i.e. a calibrated
+   prior; the prior with the four evidence values; every signal on its own with the
+   evidence), and a fourth over the experts' log-odds that learns how far to trust each.
+   Every input is computed *before* the example updates the counts, and the stack learns
+   from the experts' log-odds *before* they learn the example, so it weighs them by how they
+   do on prompts they have not seen: where no word predicts failure it keeps to the
+   calibrated prior instead of overriding it with noisy word evidence.
 4. The learned log-odds weigh ``n / (n + warmup_outcomes)`` against the prior; a feature
    with its own model mixes it with the global one the same way.
 
@@ -50,7 +54,7 @@ from app.routing.signals import (
     analyse,
 )
 
-SNAPSHOT_VERSION = 1
+SNAPSHOT_VERSION = 2  # 2: the learned part became a stack of experts
 _SNAPSHOT_MAGIC = b"tollgate-router-model\n"
 _SMOOTHING = 20.0  # pseudo-outcomes pulling a word's failure rate towards the overall rate
 _EPSILON = 1e-6
@@ -99,9 +103,30 @@ class Features:
 
 # The named parts of a score's log-odds, in a fixed order (lists, not dicts: cheaper to mix).
 PARTS: tuple[str, ...] = (*SIGNAL_NAMES, "similar_outcomes", "baseline")
-_SIMILAR = PARTS.index("similar_outcomes")
 _BASELINE = PARTS.index("baseline")
-_INPUT_PART = {name: PARTS.index(name) for name in ("length", "context", "depth")}
+# The word evidence's four summaries (see _Learner._evidence), inputs of the learned part.
+EVIDENCE: tuple[str, ...] = (
+    "evidence_mean",
+    "evidence_sum",
+    "evidence_significant",
+    "evidence_strongest",
+)
+# The learned part's experts, each a River logistic regression over these standardised
+# inputs, combined by one more (a stack) that learns how far to trust each:
+# the prior alone (its scale learned: a calibrated prior), the prior with the word evidence,
+# and every signal re-weighed on its own with the word evidence. On single-subject traffic,
+# where no word predicts failure, the stack leans on the calibrated prior; where a subject's
+# words do, on the evidence (docs/SAVINGS.md, "Measured quality").
+EXPERTS: tuple[tuple[str, ...], ...] = (
+    ("prior",),
+    ("prior", *EVIDENCE),
+    (*SIGNAL_NAMES, *EVIDENCE),
+)
+_EXPERT_NAMES = tuple(f"expert_{index}" for index in range(len(EXPERTS)))
+_INPUT_PART = {
+    **{name: PARTS.index(name) for name in SIGNAL_NAMES},
+    **dict.fromkeys(EVIDENCE, PARTS.index("similar_outcomes")),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,12 +161,24 @@ class Score:
         return f"P(economy fails)={self.value:.2f} ({basis}): {weighed}"
 
 
+@dataclass(frozen=True, slots=True)
+class _Combined:
+    """A learner's log-odds as ``constant + sum(weights[input] * standardised input)``."""
+
+    weights: dict[str, float]
+    constant: float
+
+
 class _Learner:
     """One scope's learned part (the global scope, or one feature)."""
 
     def __init__(self, learning_rate: float, bits: int) -> None:
+        # One scaler standardises every input; each expert is a River logistic regression over
+        # some of them (EXPERTS); the stack is one more over the experts' log-odds.
         self.scaler = preprocessing.StandardScaler()
-        self.regression = linear_model.LogisticRegression(optim.SGD(learning_rate))
+        self.experts = [linear_model.LogisticRegression(optim.SGD(learning_rate)) for _ in EXPERTS]
+        self.stack_scaler = preprocessing.StandardScaler()
+        self.stack = linear_model.LogisticRegression(optim.SGD(learning_rate))
         # Dense tables indexed by hashed key (a feature's learner folds keys into fewer
         # bits): prompts containing it, economy failures among them, their smoothed failure
         # log-odds (when last counted) and log(prompts containing it). Dense so that scoring
@@ -153,8 +190,13 @@ class _Learner:
         self.key_log_seen = np.zeros(1 << bits, dtype=np.float32)
         self.outcomes = 0
         self.failures = 0
-        self._weights: dict[str, float] = {}
-        self._intercept = 0.0
+        # What scoring reads, refreshed after each update (:meth:`_refresh`): plain numbers,
+        # so that a score is a few dozen multiplications with no River call.
+        self._centers: dict[str, tuple[float, float]] = {}  # input -> (mean, deviation)
+        self._experts: list[tuple[float, dict[str, float]]] = [(0.0, {}) for _ in EXPERTS]
+        self._stack: list[tuple[int, float, float, float]] = []  # (expert, weight, mean, dev)
+        self._stack_intercept = 0.0
+        self._combined = _Combined({}, 0.0)  # the whole, when no expert's log-odds is clipped
 
     def _base_rate(self) -> float:
         return (self.failures + 1.0) / (self.outcomes + 2.0)
@@ -187,40 +229,103 @@ class _Learner:
         return mean, total, significant, top
 
     def inputs(self, features: Features, prior_logit: float) -> dict[str, float]:
-        evidence_mean, evidence_sum, significant, strongest = self._evidence(features.keys)
-        return {
-            "prior": prior_logit,
-            "length": features.signals["length"],
-            "context": features.signals["context"],
-            "depth": features.signals["depth"],
-            "evidence_mean": evidence_mean,
-            "evidence_sum": evidence_sum,
-            "evidence_significant": significant,
-            "evidence_strongest": strongest,
+        evidence = self._evidence(features.keys)
+        inputs = {"prior": prior_logit}
+        inputs.update(features.signals)
+        inputs.update(zip(EVIDENCE, evidence, strict=True))
+        return inputs
+
+    def _standardised(self, inputs: Mapping[str, float]) -> dict[str, float]:
+        """Each input in deviations from its learned mean, clipped to +-Z_CLIP; inputs with
+        no variance yet are left out (they count 0)."""
+        z = {}
+        for name, (mean, deviation) in self._centers.items():
+            value = (inputs[name] - mean) / deviation
+            z[name] = Z_CLIP if value > Z_CLIP else -Z_CLIP if value < -Z_CLIP else value
+        return z
+
+    def _expert_logits(self, z: Mapping[str, float]) -> list[float]:
+        logits = []
+        for intercept, weights in self._experts:
+            logit = intercept
+            for name, weight in weights.items():
+                logit += weight * z.get(name, 0.0)
+            logits.append(logit)
+        return logits
+
+    def _combine(self, shares: Mapping[int, float]) -> _Combined:
+        """The stack's log-odds as one weight per standardised input plus a constant, when
+        expert ``i``'s log-odds counts ``shares[i]`` per unit (its stack weight over its
+        deviation, scaled down when it is clipped)."""
+        weights: dict[str, float] = {}
+        constant = self._stack_intercept
+        for index, _, mean, _ in self._stack:
+            share = shares[index]
+            intercept, expert_weights = self._experts[index]
+            constant += share * (intercept - mean)
+            for name, weight in expert_weights.items():
+                weights[name] = weights.get(name, 0.0) + share * weight
+        return _Combined(weights, constant)
+
+    def _refresh_centers(self) -> None:
+        means, variances = self.scaler.means, self.scaler.vars
+        self._centers = {
+            name: (means[name], math.sqrt(variance))
+            for name, variance in variances.items()
+            if variance > 0
         }
+
+    def _refresh(self) -> None:
+        self._refresh_centers()
+        self._experts = [(float(expert.intercept), dict(expert.weights)) for expert in self.experts]
+        stack_weights = self.stack.weights
+        stack_means, stack_variances = self.stack_scaler.means, self.stack_scaler.vars
+        self._stack = [
+            (index, weight, stack_means[name], math.sqrt(stack_variances[name]))
+            for index, name in enumerate(_EXPERT_NAMES)
+            if (weight := stack_weights.get(name, 0.0)) and stack_variances.get(name, 0.0) > 0
+        ]
+        self._stack_intercept = float(self.stack.intercept)
+        self._combined = self._combine(
+            {index: weight / deviation for index, weight, _, deviation in self._stack}
+        )
 
     def contributions(
         self, inputs: Mapping[str, float], prior_parts: list[float]
     ) -> tuple[float, list[float]]:
-        """Log-odds of this learner and its parts in :data:`PARTS` order (they add up to it)."""
-        means, variances = self.scaler.means, self.scaler.vars
+        """Log-odds of this learner and its parts in :data:`PARTS` order (they add up to it).
+
+        The stack's log-odds is linear in the experts' (each clipped to +-Z_CLIP deviations,
+        which scales its share), and each expert's is linear in the standardised inputs, so
+        the whole is one weight per input plus a constant: the parts are those terms."""
+        z = self._standardised(inputs)
+        logits = self._expert_logits(z)
+        combined = self._combined
+        shares: dict[int, float] = {}
+        clipped_any = False
+        for index, weight, mean, deviation in self._stack:
+            logit = logits[index]
+            shares[index] = weight / deviation
+            if abs(logit - mean) > Z_CLIP * deviation:  # rare: an expert far off its range
+                clipped = mean + math.copysign(Z_CLIP * deviation, logit - mean)
+                shares[index] *= (clipped - mean) / (logit - mean)
+                clipped_any = True
+        if clipped_any:
+            combined = self._combine(shares)
         parts = [0.0] * len(PARTS)
-        baseline = self._intercept
-        logit = self._intercept
-        for name, value in inputs.items():
-            weight = self._weights.get(name, 0.0)
-            variance = variances.get(name, 0.0)
-            if not weight or not variance:
+        baseline = combined.constant
+        logit = combined.constant
+        for name, weight in combined.weights.items():
+            value = z.get(name)
+            if value is None or not weight:
                 continue
-            deviation = math.sqrt(variance)
-            scale = weight / deviation
-            mean = means.get(name, 0.0)
-            # an input far outside what was learned counts as Z_CLIP deviations at most
-            clipped = mean + min(max((value - mean) / deviation, -Z_CLIP), Z_CLIP) * deviation
-            logit += scale * (clipped - mean)
+            logit += weight * value
+            mean, deviation = self._centers[name]
+            scale = weight / deviation  # per unit of the input
+            clipped = mean + value * deviation
             if name == "prior":
                 # the prior's log-odds, spread back over the signals it is made of
-                raw = value - PRIOR_INTERCEPT
+                raw = inputs["prior"] - PRIOR_INTERCEPT
                 if raw:
                     baseline += scale * (PRIOR_INTERCEPT - mean)
                     shrink = (clipped - PRIOR_INTERCEPT) / raw
@@ -229,21 +334,27 @@ class _Learner:
                 else:
                     baseline += scale * (clipped - mean)
             else:
-                value = clipped
-                index = _SIMILAR if name.startswith("evidence") else _INPUT_PART[name]
-                parts[index] += scale * value
+                parts[_INPUT_PART[name]] += scale * clipped
                 baseline -= scale * mean
         parts[_BASELINE] += baseline
         return logit, parts
 
     def learn(self, features: Features, prior_logit: float, failed: bool) -> None:
         inputs = self.inputs(features, prior_logit)  # before the counts include this prompt
+        # The stack learns from the experts' log-odds before they learn this example: how
+        # far each can be trusted on a prompt it has not seen.
+        logits = dict(
+            zip(_EXPERT_NAMES, self._expert_logits(self._standardised(inputs)), strict=True)
+        )
+        self.stack_scaler.learn_one(logits)
+        stacked = self.stack_scaler.transform_one(logits)
+        self.stack.learn_one({n: min(max(v, -Z_CLIP), Z_CLIP) for n, v in stacked.items()}, failed)
         self.scaler.learn_one(inputs)
-        scaled = self.scaler.transform_one(inputs)
-        clipped = {name: min(max(z, -Z_CLIP), Z_CLIP) for name, z in scaled.items()}
-        self.regression.learn_one(clipped, failed)
-        self._weights = self.regression.weights
-        self._intercept = float(self.regression.intercept)
+        self._refresh_centers()  # the new centres standardise this example for the experts
+        z = self._standardised(inputs)
+        for expert, names in zip(self.experts, EXPERTS, strict=True):
+            expert.learn_one({name: z[name] for name in names if name in z}, failed)
+        self._refresh()
         self.outcomes += 1
         self.failures += failed
         base = self._base_rate()

@@ -2,7 +2,7 @@
 
 Owns the wire format of ``<prefix>.routing.features`` records (JSON, internal, like the spend
 worker's partials): a **routed** record for each economy-routed call (the router's features of
-the prompt, never its text: hashed keys and the eleven signals) and a **label** record when the
+the prompt, never its text: hashed keys and the twelve signals) and a **label** record when the
 dispatcher itself judged the economy answer a failure (empty, truncated or refused: exactly
 the validator failures :class:`~app.gateway.savings.SavingsLevers` learns locally). It owns
 :class:`OutcomeJoin`, which pairs routed calls with their first label (an ``Outcome`` event or

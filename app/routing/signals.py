@@ -129,6 +129,12 @@ _REASONING_PAIRS = (
 _CONSTRAINT_WORDS = frozenset(b"must exactly only without format json".split())
 _CONSTRAINT_PAIRS = ((b"at", b"least"), (b"at", b"most"), (b"no", b"more"), (b"do", b"not"))
 _NEGATION_WORDS = frozenset(b"not except false incorrect never".split())
+# Quantities stated relative to others: multiplicatives and comparatives ("half as many",
+# "twice", "a third of", "3 more than"), each one a step a reader must chain.
+_RELATION_WORDS = frozenset(
+    b"half halves twice double doubled doubles triple tripled thrice third thirds quarter "
+    b"quarters than".split()
+)
 _CODE_MARKS = (
     "```",
     "def ",
@@ -154,6 +160,7 @@ SIGNAL_NAMES: tuple[str, ...] = (
     "code",
     "math",
     "reasoning",
+    "relations",
     "constraints",
     "negation",
     "output_size",
@@ -172,6 +179,7 @@ PRIOR_WEIGHTS: dict[str, float] = {
     "code": 0.4,
     "math": 0.5,
     "reasoning": 0.6,
+    "relations": 0.6,
     "constraints": 0.3,
     "negation": 0.15,
     "output_size": 0.15,
@@ -187,6 +195,7 @@ SIGNAL_LABELS: dict[str, str] = {
     "code": "code",
     "math": "math",
     "reasoning": "explicit reasoning cues",
+    "relations": "relative quantities",
     "constraints": "explicit constraints",
     "negation": "negations",
     "output_size": "requested max_tokens",
@@ -259,6 +268,8 @@ def analyse(view: PromptView, bits: int) -> Analysis:
     reasoning = len(words & _REASONING_WORDS) + _pairs(words, tokens, _REASONING_PAIRS)
     # "trade-off" tokenises as trade, off
     constraints = len(words & _CONSTRAINT_WORDS) + _pairs(words, tokens, _CONSTRAINT_PAIRS)
+    # counted with repeats: "half of ... then twice ..." chains two relations
+    relations = sum(map(_RELATION_WORDS.__contains__, tokens)) if words & _RELATION_WORDS else 0
     max_tokens = view.max_tokens
     asked = view.total_chars if view.asked_chars < 0 else view.asked_chars
     values = {
@@ -268,6 +279,7 @@ def analyse(view: PromptView, bits: int) -> Analysis:
         "code": 1.0 if code_marks >= 2 else 0.0,
         "math": min(math_marks, 5) / 5.0,
         "reasoning": min(reasoning, 3) / 3.0,
+        "relations": min(relations, 4) / 4.0,
         "constraints": min(constraints, 4) / 4.0,
         "negation": 1.0 if words & _NEGATION_WORDS else 0.0,
         "output_size": (

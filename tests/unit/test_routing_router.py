@@ -44,6 +44,10 @@ PLAIN = _signals(_body())
             _body("Think step by step and prove that the claim holds; justify each step."),
             "reasoning",
         ),
+        (
+            _body("Ann has twice as many pens as Bo, and 3 more than half of what Cy has."),
+            "relations",
+        ),
         (_body("Answer in JSON only, with exactly three keys, at most 20 words."), "constraints"),
         (_body("Which of these is not a mammal, except the whale?"), "negation"),
         (_body(max_tokens=8000), "output_size"),
