@@ -520,6 +520,16 @@ def report(
             else ""
         )
     )
+    if routing.get("explored"):
+        click.echo(
+            f"{routing['explored']} calls sent to economy to learn (routing.exploration_rate)"
+            + (
+                f", {_percent(routing['explored_success_share'])} of those with an outcome "
+                "succeeded"
+                if routing["explored_with_outcome"]
+                else ""
+            )
+        )
     _table(
         f"Spend by {by}",
         breakdown,

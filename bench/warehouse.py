@@ -994,7 +994,7 @@ def report_cases(client: Any, end: datetime, days: int) -> list[Case]:
         Case(
             "  its routing_outcomes query",
             d,
-            lambda s: reports.routing_outcomes(client, full(s)),
+            lambda s: reports.routing_outcomes(client, full(s), reports.DOWNTIERED_IDS),
             naive=False,
             dashboard=False,
         ),

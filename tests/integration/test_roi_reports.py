@@ -64,7 +64,7 @@ def fixture_calls(day: datetime, tag: str) -> list[dict[str, Any]]:
         )
 
     return [
-        call(0, "alice", "chat", "gpt-4o-mini", model_requested="gpt-4o"),
+        call(0, "alice", "chat", "gpt-4o-mini", model_requested="gpt-4o", explored=True),
         call(1, "alice", "chat", "gpt-4o", cache_hit=True),
         call(2, "bob", "search", "gpt-4o", cached_tokens=M // 2),
         call(3, "bob", "search", "mystery-model"),
@@ -222,6 +222,10 @@ async def test_every_report_on_a_hand_computed_fixture(
             assert savings["routing"]["downtiered_share"] == pytest.approx(1 / 3, abs=1e-6)
             assert savings["routing"]["downtiered_with_outcome"] == 1
             assert savings["routing"]["downtiered_success_share"] == 1.0
+            # the downtiered call was sent by exploration (its duplicate counted once)
+            assert savings["routing"]["explored"] == 1
+            assert savings["routing"]["explored_with_outcome"] == 1
+            assert savings["routing"]["explored_success_share"] == 1.0
 
             by_feature = {r["feature"]: r for r in (await get("outcomes"))["features"]}
             chat, search = by_feature[f"{tag}-chat"], by_feature[f"{tag}-search"]
