@@ -46,7 +46,7 @@ def calls(
     """Usage records of ``feature`` between ``start`` and ``end`` (seconds after T0): a
     Poisson stream thinned by the daily rhythm, tokens times ``factor(t)``."""
     peak, typical, share = FEATURES[feature]
-    records = []
+    records: list[dict[str, Any]] = []
     t = start
     while True:
         t += rng.expovariate(peak / 60)
@@ -208,3 +208,48 @@ def test_the_model_share_wobbling_and_the_daily_rhythm_stay_quiet(warm: bytes) -
         ),
     )
     assert [a["alert_key"] for a in alerts if a["status"] == "firing"] == []
+
+
+def test_the_per_model_view_survives_a_checkpoint(warm: bytes) -> None:
+    """A snapshot taken in the middle of a drift, restored, pages exactly as the engine
+    that kept running (the per-model distributions and CUSUMs are in the snapshot)."""
+    engine = AnomalyEngine.restore(warm)
+    feature = engine.features["feature:support"].cost
+    assert feature is not None and {"gpt-4o-mini", "gpt-4o"} <= set(feature.models)
+    ramp = 3 * 3600.0
+    rng = random.Random(26)
+    records = day_of_traffic(
+        rng, START, START + ramp, factor=lambda t: 1 + 4 * min(1.0, (t - START) / ramp)
+    )
+    middle = next(
+        i for i, r in enumerate(records) if r["ts"] >= T0 + timedelta(seconds=START + 1500)
+    )
+    run(engine, records[:middle])
+    restored = AnomalyEngine.restore(engine.snapshot())
+    kept, resumed = run(engine, records[middle:]), run(restored, records[middle:])
+    assert first_cost_firing(kept, "feature:support") is not None
+
+    def strip(alerts: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+        return [(a["ts"], a["alert_key"], a["status"], a["observed"]) for a in alerts]
+
+    assert strip(resumed) == strip(kept)
+
+
+def test_a_cost_detector_from_a_checkpoint_without_the_per_model_view_restores() -> None:
+    """A checkpoint written before the per-model view: the detector comes back with an
+    empty one (it learns it from the next calls) instead of failing on a missing slot."""
+    from agents.anomaly.costs import CostDetector
+    from app.anomaly_config import DetectorSettings
+
+    old = CostDetector("feature:chat", DetectorSettings(), own_reference=True)
+    reduced: Any = old.__reduce_ex__(4)
+    slots: dict[str, Any] = reduced[2][1]
+    new_slots = ("models", "model_cusums", "model_thresholds", "model_spread")
+    old_slots = {k: v for k, v in slots.items() if k not in new_slots and k != "model_spread_at"}
+    old_slots.pop("alarm_by_model")
+    restored = CostDetector.__new__(CostDetector)
+    restored.__setstate__((None, old_slots))
+    assert restored.models == {} and len(restored.model_cusums) == 3
+    for i in range(300):
+        restored.observe(T0 + timedelta(seconds=10 * i), 3e5, model="gpt-4o-mini")
+    assert restored.models["gpt-4o-mini"].added == 300
