@@ -129,6 +129,29 @@ class DetectorSettings:
     a quarter."""
     cost_adapt_after_minutes: int = 360
     """A cost level anomalous this long is learned as the new normal."""
+    cost_model_views: bool = True
+    """Features and the global scope also rank each call among the same model's calls, with
+    a second set of CUSUMs: a feature mixing models 16x apart has a log-cost spread of about
+    1.5 (the mix), each model's tokens 0.4 to 1.3, so a 1.75x rise of the tokens is ~0.4
+    spreads scope-wide and ~1 within a model. The scope-wide set stays (a switch to a
+    pricier model moves nothing within a model)."""
+    cost_model_prior_requests: float = 20.0
+    """Weight, in calls, of the global scope's distribution of a model in a scope's (the
+    empirical-Bayes prior of a scope with few calls of that model; a scope with a day of
+    them, hundreds of calls, is judged on its own)."""
+    cost_model_warmup_requests: int = 50
+    """Calls of a model (the scope's own plus the prior's weight) before calls of that model
+    are ranked among it: a rank among fewer than 50 calls is coarse at the top, where an
+    8x call lands (its score is capped by half a call's share)."""
+    cost_model_run_margin_se: float = 1.0
+    """A trigger of the per-model CUSUMs alerts only if the run since the change typically
+    costs the stated amount even this many standard errors (the within-model spread over
+    the square root of its calls) below its mean: the run is selected for being high, and
+    with the evidence of a narrow spread it is short (a feature settled at 1.3x paged 8
+    times in 6 x 5 hours at 10 calls a minute without the margin, 2 scope-wide)."""
+    cost_model_max_per_scope: int = 16
+    """At most this many models get a distribution per scope (each is ~4 KB); calls of
+    further models are judged only scope-wide."""
 
     # -- tier mix ----------------------------------------------------------------------
     mix_warmup_requests: int = 200
@@ -228,6 +251,8 @@ class DetectorSettings:
             "mix_reference_memory_seconds",
             "cost_warmup_requests",
             "cost_drift_min_requests",
+            "cost_model_warmup_requests",
+            "cost_model_max_per_scope",
             "mix_warmup_requests",
             "series_warmup_points",
         ):

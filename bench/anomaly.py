@@ -600,25 +600,40 @@ def drift_progress(shape: str, progress: float) -> float:
 
 
 def drift_delay(
-    per_minute: float, sigma: float, shape: str, seed: int, settings: DetectorSettings
+    per_minute: float,
+    sigma: float,
+    shape: str,
+    seed: int,
+    settings: DetectorSettings,
+    models: int = 1,
 ) -> float | None:
     """Seconds from the moment a feature's cost drift (1x -> 5x over 3 hours, ``shape``)
     crosses +75 % until the cost detector flags it (negative: before); None: not during
-    the drift. A day of stationary log-normal costs comes first."""
+    the drift. A day of stationary log-normal costs comes first. ``models=2``: 30 % of
+    the calls go to a model 16x pricier (the detector is told which), ``sigma`` is then the
+    spread of each model's tokens (the feature's log-cost spread is about sqrt(sigma^2 +
+    1.6))."""
     rng = random.Random(seed)
     detector = CostDetector("feature:probe", settings, own_reference=True)
     gap = 60.0 / per_minute
+
+    def call(factor: float) -> tuple[float, str]:
+        pricey = models == 2 and rng.random() < 0.3
+        cost = 3e5 * rng.lognormvariate(0, sigma) * factor * (16.0 if pricey else 1.0)
+        return cost, ("pricey" if pricey else "cheap") if models == 2 else ""
+
     t = 0.0
     while t < 86_400:
-        detector.observe(_at(t), 3e5 * rng.lognormvariate(0, sigma))
+        cost, model = call(1.0)
+        detector.observe(_at(t), cost, model=model)
         t += rng.expovariate(1 / gap)
     start, ramp = t, 3 * 3600.0
     crossing = next(
         i / 1000 * ramp for i in range(1001) if 4 * drift_progress(shape, i / 1000) >= 0.75
     )
     while t < start + ramp:
-        factor = 1 + 4 * drift_progress(shape, (t - start) / ramp)
-        verdict = detector.observe(_at(t), 3e5 * rng.lognormvariate(0, sigma) * factor)
+        cost, model = call(1 + 4 * drift_progress(shape, (t - start) / ramp))
+        verdict = detector.observe(_at(t), cost, model=model)
         if verdict is not None and verdict.is_anomaly:
             return t - start - crossing
         t += rng.expovariate(1 / gap)
@@ -626,22 +641,28 @@ def drift_delay(
 
 
 def drift_table(settings: DetectorSettings, seeds: list[int]) -> list[dict[str, Any]]:
-    """Cost drifts of every shape at 4, 10 and 20 calls a minute, log spreads 0.5 and 1.26:
-    each seed's delay after the +75 % crossing."""
+    """Cost drifts of every shape at 4, 10 and 20 calls a minute, log spreads 0.5 and 1.26,
+    one model (the 108 drifts measured since the drift rule), then the same with two
+    models 16x apart (the spread is then each model's): each seed's delay after the +75 %
+    crossing."""
     rows = []
-    for shape in DRIFT_SHAPES:
-        for r in (4.0, 10.0, 20.0):
-            for sigma in (0.5, 1.26):
-                delays = [drift_delay(r, sigma, shape, seed, settings) for seed in seeds]
-                rows.append(
-                    {
-                        "shape": shape,
-                        "per_minute": r,
-                        "log_spread": sigma,
-                        "delays_s": [None if d is None else round(d) for d in delays],
-                        "within_2_min": sum(1 for d in delays if d is not None and d <= 120),
-                    }
-                )
+    for models in (1, 2):
+        for shape in DRIFT_SHAPES:
+            for r in (4.0, 10.0, 20.0):
+                for sigma in (0.5, 1.26):
+                    delays = [
+                        drift_delay(r, sigma, shape, seed, settings, models) for seed in seeds
+                    ]
+                    rows.append(
+                        {
+                            "models": models,
+                            "shape": shape,
+                            "per_minute": r,
+                            "log_spread": sigma,
+                            "delays_s": [None if d is None else round(d) for d in delays],
+                            "within_2_min": sum(1 for d in delays if d is not None and d <= 120),
+                        }
+                    )
     return rows
 
 
@@ -771,17 +792,24 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [
             f"### Cost drifts (1x -> 5x over 3 hours), delay after +75 %, seeds {seeds}",
             "",
-            "| shape | /min | log spread | delays | within 2 min |",
-            "|---|--:|--:|---|--:|",
+            "| models | shape | /min | log spread (per model) | delays | within 2 min |",
+            "|--:|---|--:|--:|---|--:|",
         ]
         for row in drift:
             delays = ", ".join("missed" if d is None else f"{d}" for d in row["delays_s"])
             lines.append(
-                f"| {row['shape']} | {row['per_minute']:g} | {row['log_spread']} | {delays} "
+                f"| {row.get('models', 1)} | {row['shape']} | {row['per_minute']:g} "
+                f"| {row['log_spread']} | {delays} "
                 f"| {row['within_2_min']}/{len(row['delays_s'])} |"
             )
-        total = sum(row["within_2_min"] for row in drift)
-        lines += ["", f"Within 2 min: {total}/{sum(len(r['delays_s']) for r in drift)}.", ""]
+        totals = []
+        for models in (1, 2):
+            part = [r for r in drift if r.get("models", 1) == models]
+            if part:
+                total = sum(r["within_2_min"] for r in part)
+                count = sum(len(r["delays_s"]) for r in part)
+                totals.append(f"{total}/{count} with {models} model{'s' if models > 1 else ''}")
+        lines += ["", f"Within 2 min: {'; '.join(totals)}.", ""]
     d = report.get("detectability")
     if d:
         lines += [

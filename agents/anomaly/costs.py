@@ -18,6 +18,16 @@ Owns :class:`CostReference` (a scope's distribution of log cost over the past da
 - **An effect size, stated.** A triggered CUSUM alerts only if the calls since the
   estimated change point typically (geometric mean: robust to a few huge calls) cost at
   least ``cost_min_ratio`` times the usual; the money at stake uses their arithmetic mean.
+- **Each call against its own model too.** A feature that mixes models whose prices
+  differ 16x has a log-cost spread of about 1.5, most of it the mix; its tokens spread
+  0.4 to 1.3. Features and the global scope also keep one distribution per model served
+  (``cost_model_views``), and a second set of the same three CUSUMs adds up each call's
+  score among the same model's calls, so a 1.75x rise of the tokens is about one spread,
+  not a third of one. A scope with few calls of a model borrows the global scope's
+  distribution of that model (``cost_model_prior_requests`` calls' weight: empirical
+  Bayes, as the rate detectors' peer priors). The scope-wide set stays: a switch to a
+  pricier model moves nothing within a model, and is seen there (and by the economy-share
+  detector when the cheaper model is the economy tier).
 - **Users borrow their feature's distribution.** A user's calls are ranked in their
   feature's distribution and shifted by the user's own typical rank (shrunk towards
   the feature's while they have few calls): a new user is judged from the first call,
@@ -121,12 +131,16 @@ class CostReference:
         return z
 
     def _z(self, cost_nanos: float, t: float) -> float:
+        return _score(self.below(cost_nanos), self.count(t))
+
+    def below(self, cost_nanos: float) -> float:
+        """The share of the remembered calls that cost less (interpolated within a bin)."""
+        if self.total <= 0:
+            return 0.5
         position = min(max((math.log(max(cost_nanos, 1.0)) - _LOG_MIN) / _BIN, 0.0), _BINS - 1e-9)
         index = int(position)
         below = sum(self.weights[:index]) + (position - index) * self.weights[index]
-        floor = 0.5 / max(self.count(t), 1.0)
-        share = min(max(below / self.total, floor), 1.0 - floor)
-        return max(-_Z_CAP, min(_Z_CAP, _inverse_normal(share)))
+        return below / self.total
 
     def relearn(self, t: float) -> None:
         """Forget everything but the latest calls (a new normal was accepted)."""
@@ -136,6 +150,14 @@ class CostReference:
         self.origin = None
         for at, cost in recent:
             self.add(cost, max(at, t - self.tau))
+
+
+def _score(share: float, count: float) -> float:
+    """The standard normal score of a rank ``share`` among ``count`` calls (kept off the
+    extremes by half a call)."""
+    floor = 0.5 / max(count, 1.0)
+    share = min(max(share, floor), 1.0 - floor)
+    return max(-_Z_CAP, min(_Z_CAP, _inverse_normal(share)))
 
 
 def _bin(cost_nanos: float) -> int:
@@ -150,6 +172,7 @@ class CostDetector:
     """
 
     __slots__ = (
+        "alarm_by_model",
         "alarm_since",
         "cusums",
         "ew_at",
@@ -157,6 +180,11 @@ class CostDetector:
         "ew_log",
         "ew_z",
         "last_anomalous",
+        "model_cusums",
+        "model_spread",
+        "model_spread_at",
+        "model_thresholds",
+        "models",
         "offset_n",
         "offset_sum",
         "reference",
@@ -184,12 +212,38 @@ class CostDetector:
         self.ew_cost = 0.0
         self.ew_log = 0.0
         self.ew_at = 0.0
+        self._init_models()
+
+    def _init_models(self) -> None:
+        """The per-model view (features and the global scope): a distribution per model
+        served and the same three CUSUMs, fed each call's score among its model's calls."""
+        s = self.settings
+        self.models: dict[str, CostReference] = {}
+        self.model_cusums = [Cusum(0.5), Cusum(0.5), Cusum(s.cost_large_k)]
+        self.model_thresholds = [
+            cusum_threshold(c.k, s.cost_arl0_requests) for c in self.model_cusums
+        ]
+        self.model_spread = 1.0  # pooled spread of log cost within a model
+        self.model_spread_at = -1  # the scope reference's ``added`` when it was computed
+        self.alarm_by_model = False  # the open alarm was raised by the per-model view
+
+    def __setstate__(self, state: tuple[None, dict[str, object]] | dict[str, object]) -> None:
+        # Checkpoints written before the per-model view restore with an empty one.
+        slots = state[1] if isinstance(state, tuple) else state
+        for name, value in (slots or {}).items():
+            setattr(self, name, value)
+        if not hasattr(self, "models"):
+            self._init_models()
 
     def use_settings(self, settings: DetectorSettings) -> None:
         """New thresholds (the reference's memory stays as it was built)."""
         self.settings = settings
         self.cusums[2].k = settings.cost_large_k
         self.thresholds = [cusum_threshold(c.k, settings.cost_arl0_requests) for c in self.cusums]
+        self.model_cusums[2].k = settings.cost_large_k
+        self.model_thresholds = [
+            cusum_threshold(c.k, settings.cost_arl0_requests) for c in self.model_cusums
+        ]
 
     def _tune(self, spread: float) -> None:
         """Tune the first CUSUM to a rise of ``cost_design_ratio`` given the log-cost spread."""
@@ -198,6 +252,68 @@ class CostDetector:
         if abs(k - self.cusums[0].k) > 0.01:
             self.cusums[0].k = k
             self.thresholds[0] = cusum_threshold(k, self.settings.cost_arl0_requests)
+
+    def _tune_models(self, ref: CostReference, prior: CostDetector | None, t: float) -> None:
+        """Tune the per-model view's first CUSUM from the spread of log cost within a model
+        (pooled over this scope's models, the global scope's while it has too few calls)."""
+        if ref.added - self.model_spread_at < 256 and self.model_spread_at >= 0:
+            return
+        self.model_spread_at = ref.added
+        pooled = _pooled_spread(self.models, t)
+        if pooled is None and prior is not None:
+            pooled = _pooled_spread(prior.models, t)
+        self.model_spread = pooled if pooled is not None else ref.spread
+        k = round(
+            min(
+                0.5, max(0.1, math.log(self.settings.cost_design_ratio) / (2.0 * self.model_spread))
+            ),
+            2,
+        )
+        if abs(k - self.model_cusums[0].k) > 0.01:
+            self.model_cusums[0].k = k
+            self.model_thresholds[0] = cusum_threshold(k, self.settings.cost_arl0_requests)
+
+    def model_reference(self, model: str) -> CostReference | None:
+        """This scope's distribution of ``model``'s costs (made on first sight, up to
+        ``cost_model_max_per_scope`` models)."""
+        ref = self.models.get(model)
+        if ref is None and len(self.models) < self.settings.cost_model_max_per_scope:
+            ref = self.models[model] = CostReference(self.settings.cost_reference_memory_seconds)
+        return ref
+
+    def learn(self, cost_nanos: float, t: float, model: str = "") -> None:
+        """Remember a call without judging it (the global scope when it is not judged)."""
+        if self.reference is not None:
+            self.reference.add(cost_nanos, t)
+        if model and self.settings.cost_model_views:
+            mref = self.model_reference(model)
+            if mref is not None:
+                mref.add(cost_nanos, t)
+
+    def _model_score(
+        self, cost_nanos: float, t: float, model: str, prior: CostDetector | None
+    ) -> tuple[float, float] | None:
+        """(score, log cost less the model's typical log cost) of this call among the same
+        model's calls: this scope's, with the global scope's as a prior weighing
+        ``cost_model_prior_requests`` calls. None while they hold too few calls."""
+        s = self.settings
+        own = self.models.get(model)
+        n = own.count(t) if own is not None else 0.0
+        g = prior.models.get(model) if prior is not None and prior is not self else None
+        a = 0.0
+        if g is not None and g.count(t) >= s.cost_model_warmup_requests:
+            a = s.cost_model_prior_requests
+        if n + a < s.cost_model_warmup_requests:
+            return None
+        share = typical = 0.0
+        if own is not None and n > 0:
+            share += n * own.below(cost_nanos)
+            typical += n * own.mean_log()
+        if g is not None and a > 0:
+            share += a * g.below(cost_nanos)
+            typical += a * g.mean_log()
+        log_cost = math.log(max(cost_nanos, 1.0))
+        return _score(share / (n + a), n + a), log_cost - typical / (n + a)
 
     def offset(self) -> float:
         prior = self.settings.cost_user_prior_requests
@@ -218,23 +334,31 @@ class CostDetector:
         cost_nanos: float,
         reference: CostReference | None = None,
         requests_per_hour: float = 0.0,
+        model: str = "",
+        model_prior: CostDetector | None = None,
     ) -> Verdict | None:
         """Judge one call. ``reference``: the distribution to rank it in (a user's feature's;
-        None for a scope that owns one). Returns an anomalous verdict, a normal one while
-        an alarm is open, or None."""
+        None for a scope that owns one). ``model``: the model served (a scope that owns its
+        distribution also ranks the call among that model's calls); ``model_prior``: the
+        detector whose per-model distributions are the prior (the global scope's). Returns
+        an anomalous verdict, a normal one while an alarm is open, or None."""
         s = self.settings
         t = ts.timestamp()
         ref = self.reference if self.reference is not None else reference
         if ref is None:
             return None
         owned = ref is self.reference
+        by_model = owned and bool(model) and s.cost_model_views
         if ref.count(t) < s.cost_warmup_requests:
             if owned:
-                ref.add(cost_nanos, t)
+                self.learn(cost_nanos, t, model if by_model else "")
             return None
         self._tune(ref.spread)
         raw = ref.z(cost_nanos, t)
         z = raw if owned else raw - self.offset()
+        within = self._model_score(cost_nanos, t, model, model_prior) if by_model else None
+        if by_model:
+            self._tune_models(ref, model_prior, t)
         reference_mean = ref.mean()
         log_cost = math.log(max(cost_nanos, 1.0))
         usual = self.typical_log(ref, owned)
@@ -245,7 +369,7 @@ class CostDetector:
             # Learned at once: the reference remembers a day, so the start of a rise over
             # hours weighs little in it; nothing is learned once the scope is anomalous.
             if owned:
-                ref.add(cost_nanos, t)
+                self.learn(cost_nanos, t, model if by_model else "")
             else:
                 self.offset_sum = self.offset_sum * 0.995 + raw
                 self.offset_n = self.offset_n * 0.995 + 1.0
@@ -254,6 +378,20 @@ class CostDetector:
                 cusum.update(z, cost_nanos, log_cost, t)
                 if fired is None and cusum.stat > h and self._large_enough(cusum, t, usual):
                     fired = cusum
+            fired_usual = usual
+            if within is not None:
+                # Among the same model's calls: the carried log is relative to the model's
+                # typical cost, so the effect size is judged against 0.
+                model_z, relative = within
+                for cusum, h in zip(self.model_cusums, self.model_thresholds, strict=True):
+                    cusum.update(model_z, cost_nanos, relative, t)
+                    if (
+                        fired is None
+                        and cusum.stat > h
+                        and self._large_enough(cusum, t, 0.0, self.model_spread)
+                    ):
+                        fired, fired_usual = cusum, 0.0
+                        self.alarm_by_model = True
             if fired is None:
                 return None
             self.alarm_since = self.last_anomalous = t
@@ -262,11 +400,17 @@ class CostDetector:
             self.ew_cost = observed = fired.run_carried / fired.run_n
             self.ew_at = t
             anomalous = True
+            of_model = " of their model" if self.alarm_by_model else ""
             note = (
                 f"the {fired.run_n} calls since the change averaged ${observed / NANOS_PER_USD:.4g}"
-                f", typically {math.exp(self.ew_log - usual):.1f}x the usual cost"
+                f", typically {math.exp(self.ew_log - fired_usual):.1f}x the usual cost{of_model}"
             )
         else:
+            if self.alarm_by_model:
+                # Judged as it was raised: within the model (a call of a model without a
+                # distribution yet leaves the recent averages as they are).
+                z, log_cost = within if within is not None else (self.ew_z, self.ew_log)
+                usual = 0.0
             # What the calls of the last minute or so typically cost (time-weighted, so a
             # quiet scope's first ordinary call after a while counts for most of it).
             weight = max(0.02, 1.0 - math.exp(-(t - self.ew_at) / 60.0))
@@ -292,11 +436,18 @@ class CostDetector:
                     note = f"recent calls typically {math.exp(self.ew_log - usual):.1f}x the usual cost"
         expected_usd = reference_mean / NANOS_PER_USD
         observed_usd = observed / NANOS_PER_USD
+        if self.alarm_by_model:
+            # Raised within the model: the same calls at their models' usual cost (the
+            # scope-wide mean would compare them with another mix of models).
+            expected_usd = observed_usd / math.exp(self.ew_log)
+        cusums = zip(
+            self.cusums + self.model_cusums, self.thresholds + self.model_thresholds, strict=True
+        )
         return Verdict(
             kind="cost_per_request",
             scope=self.scope,
             ts=ts,
-            score=max(c.stat / h for c, h in zip(self.cusums, self.thresholds, strict=True)),
+            score=max(c.stat / h for c, h in cusums),
             is_anomaly=anomalous,
             expected=expected_usd,
             observed=observed_usd,
@@ -307,7 +458,9 @@ class CostDetector:
             impact_usd_per_hour=(observed_usd - expected_usd) * requests_per_hour,
         )
 
-    def _large_enough(self, cusum: Cusum, t: float, usual: float) -> bool:
+    def _large_enough(
+        self, cusum: Cusum, t: float, usual: float, spread: float | None = None
+    ) -> bool:
         """Whether a triggered CUSUM's rise is as large as stated.
 
         A rise that has lasted ``cost_sustained_seconds`` must typically reach
@@ -320,7 +473,13 @@ class CostDetector:
         s = self.settings
         elapsed = t - cusum.run_start
         needed = s.cost_min_ratio if elapsed >= s.cost_sustained_seconds else s.cost_jump_ratio
-        if math.exp(cusum.run_log / cusum.run_n - usual) >= needed:
+        # The per-model view (``spread`` given) judges the whole run a margin below its
+        # mean too: its CUSUMs gather evidence fast enough to fire on short runs, whose
+        # mean is flattered by the selection (a level of 1.3x met 1.5x on 40-80 calls).
+        margin = 0.0 if spread is None else s.cost_model_run_margin_se
+        if cusum.run_log / cusum.run_n - usual - margin * (spread or 0.0) / math.sqrt(
+            cusum.run_n
+        ) >= math.log(needed):
             return True
         if elapsed < 2 * s.cost_sustained_seconds:
             return False
@@ -329,18 +488,22 @@ class CostDetector:
             return False
         # One standard error below its mean: the CUSUM fired on the calls just seen, so
         # the later half is the part its selection flatters most.
-        lower = log_sum / calls - usual - self.spread / math.sqrt(calls)
+        spread = self.spread if spread is None else spread
+        lower = log_sum / calls - usual - spread / math.sqrt(calls)
         return lower >= math.log(s.cost_min_ratio)
 
     def _end_alarm(self) -> None:
         self.alarm_since = None
-        for cusum in self.cusums:
+        self.alarm_by_model = False
+        for cusum in self.cusums + self.model_cusums:
             cusum.reset()
 
     def _accept(self, ref: CostReference | None) -> None:
         """Hours of the same level: it is the new normal."""
         if ref is not None:
             ref.relearn(self.last_anomalous)
+            for model_ref in self.models.values():
+                model_ref.relearn(self.last_anomalous)
         else:
             self.offset_sum += self.ew_z * (self.offset_n + self.settings.cost_user_prior_requests)
         self._end_alarm()
@@ -355,6 +518,18 @@ def log_spread(ref: CostReference) -> float:
     mean = sum(w * c for w, c in zip(ref.weights, centres, strict=True)) / total
     var = sum(w * (c - mean) ** 2 for w, c in zip(ref.weights, centres, strict=True)) / total
     return math.sqrt(max(var, _BIN * _BIN / 12))
+
+
+def _pooled_spread(models: dict[str, CostReference], t: float) -> float | None:
+    """The spread of log cost within a model, pooled over the models whose spread has been
+    measured (64 calls or more), weighted by their calls; None if none has."""
+    total = variance = 0.0
+    for ref in models.values():
+        if ref.added >= 64:
+            count = ref.count(t)
+            total += count
+            variance += count * ref.spread * ref.spread
+    return math.sqrt(variance / total) if total > 0 else None
 
 
 __all__ = ["CostDetector", "CostReference", "log_spread"]

@@ -313,10 +313,17 @@ class AnomalyEngine:
                     continue
                 if state.kind in self.settings.cost_scope_kinds:
                     verdicts.append(
-                        state.cost.observe(ts, cost_nanos, requests_per_hour=self._rph(state, t))
+                        state.cost.observe(
+                            ts,
+                            cost_nanos,
+                            requests_per_hour=self._rph(state, t),
+                            model=model,
+                            # the global scope's per-model costs: a feature's prior
+                            model_prior=glob.cost,
+                        )
                     )
-                elif state.cost.reference is not None:
-                    state.cost.reference.add(cost_nanos, t)  # learned, not judged
+                else:
+                    state.cost.learn(cost_nanos, t, model)  # learned, not judged
             if (
                 user_verdict is not None
                 and user_verdict.is_anomaly
