@@ -38,6 +38,7 @@ from app.events.codec import EventDecodeError, build_codec
 from app.events.compacted import CompactedView
 from app.events.producer import EventEmitter
 from app.gateway.chat import ChatAttempts
+from app.gateway.local_router import LocalRouterCheckpoint
 from app.gateway.pipeline import (
     ChatRequest,
     Gateway,
@@ -90,6 +91,7 @@ class Components:
     reports_session: aiohttp.ClientSession
     levers: SavingsLevers
     shared_router: SharedRouter | None = None  # routing.shared_learning: follows the learner
+    local_router: LocalRouterCheckpoint | None = None  # otherwise: its model in state_dir
 
 
 COMPONENTS = web.AppKey("components", Components)
@@ -680,8 +682,12 @@ async def build_components(settings: Settings) -> Components:
         publish=lambda request_id, value: emitter.emit_bytes("routing.features", request_id, value),
     )
     shared_router = SharedRouter(settings, levers) if settings.routing.shared_learning else None
+    local_router = None
     if shared_router is not None:
         await shared_router.start()  # the newest shared model before the first request
+    else:
+        local_router = LocalRouterCheckpoint(settings, levers)
+        local_router.start()  # what this dispatcher learned before a restart
     return Components(
         settings,
         metrics_,
@@ -697,6 +703,7 @@ async def build_components(settings: Settings) -> Components:
         reports_session,
         levers,
         shared_router,
+        local_router,
     )
 
 
@@ -763,6 +770,8 @@ def create_app(settings: Settings) -> web.Application:
         await asyncio.gather(components.policy_view.stop(), components.decision_view.stop())
         if components.shared_router is not None:
             await components.shared_router.stop()
+        if components.local_router is not None:
+            await components.local_router.stop()
         await components.emitter.stop()
 
     app.cleanup_ctx.append(lifecycle)

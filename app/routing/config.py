@@ -175,7 +175,8 @@ class RoutingSettings(BaseModel):
         default=10.0,
         gt=0,
         description="The shared learner publishes its model (and checkpoints its offsets) at "
-        "most this often, when it learned something.",
+        "most this often, when it learned something; without shared learning, a dispatcher "
+        "writes its model to <state_dir>/router-model.bin as often (and on shutdown).",
     )
     exploration_rate: float = Field(
         default=0.02,

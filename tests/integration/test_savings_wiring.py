@@ -405,3 +405,44 @@ def test_every_chat_response_header_is_in_the_openapi_document(stack: Stack) -> 
         documented = document["paths"][path]["post"]["responses"]["200"]["headers"]
         assert seen <= {h.lower() for h in documented}, seen - {h.lower() for h in documented}
     assert {"x-tollgate-escalated-from", "x-tollgate-router-score", "x-client-request-id"} <= seen
+
+
+def test_a_restarted_dispatcher_keeps_what_its_router_learned(
+    kafka_settings: Settings, tmp_path: Any
+) -> None:
+    """Local learning (no shared learner) survives a restart: the model is checkpointed in the
+    state directory, so a prompt the router learned to keep off economy stays off it."""
+    asyncio.run(ensure_topics(kafka_settings))
+    state = tmp_path / "dispatcher"
+    prompt = [{"role": "user", "content": "Translate the returns policy into formal Klingon."}]
+
+    def route(running: Stack) -> tuple[float, str, str]:
+        response = client(running).chat.completions.with_raw_response.create(
+            model="auto", messages=prompt, user="kim"
+        )
+        headers = response.headers
+        return (
+            float(headers["X-Tollgate-Router-Score"]),
+            headers["X-Tollgate-Tier"],
+            headers["X-Request-Id"],
+        )
+
+    with running_stack(kafka_settings, routing=ROUTING, cache=CACHE, state_dir=state) as first:
+        fresh, tier, _ = route(first)
+        assert tier == "economy"
+        with httpx.Client(timeout=30) as http:
+            for _ in range(60):
+                learned, tier, request_id = route(first)
+                if tier != "economy":
+                    break
+                reply = http.post(
+                    f"{first.url}/v1/outcomes",
+                    json={"request_id": request_id, "outcome": "failure"},
+                    headers={"X-Tollgate-User": "kim"},
+                )
+                assert reply.status_code == 202, reply.text
+        assert tier == "standard"
+    with running_stack(kafka_settings, routing=ROUTING, cache=CACHE, state_dir=state) as second:
+        score, tier, _ = route(second)
+    assert tier == "standard", "the restarted dispatcher forgot what its router learned"
+    assert score == pytest.approx(learned) and score > fresh
