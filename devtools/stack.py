@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from app.cache.config import CacheSettings
 from app.settings import Settings
 from devtools.kafka_local import port_open, tail
 
@@ -260,7 +261,16 @@ def run_stack(settings: Settings, echo: Callable[[str], None]) -> int:
             echo(f"starting {service.name} ...")
             service.start(env)
             lines.append(f"{service.name:<12} {service.url} (log {service.log_file})")
+        cache = env.get("TOLLGATE_CACHE")
+        cache_on = (
+            CacheSettings.model_validate_json(cache).enabled if cache else settings.cache.enabled
+        )
+        lines.append(
+            'Savings      model "auto" is routed to a tier; response cache '
+            + ("on (exact repeats at temperature 0)" if cache_on else "off")
+        )
         echo("\nTollgate is up:\n  " + "\n  ".join(lines))
+        echo(f"Dashboard:   {settings.dispatcher_url}/dashboard")
         echo(
             f"\nTry it:  curl -s {settings.dispatcher_url}/healthz"
             if any(s.name == "dispatcher" for s in services)
@@ -285,13 +295,17 @@ def run_stack(settings: Settings, echo: Callable[[str], None]) -> int:
 
 
 def stack_env(settings: Settings) -> dict[str, str]:
-    """The environment of every service: the stack runs the shared router learner, so its
-    dispatchers learn through it (``routing.shared_learning``) unless the configuration says
-    otherwise explicitly."""
+    """The environment of every service: the stack runs every savings lever unless the
+    configuration says otherwise explicitly: the shared router learner, so its dispatchers
+    learn through it (``routing.shared_learning``), and the response cache
+    (``cache.enabled``: exact repeats at temperature 0 only, per tenant; see docs/SAVINGS.md)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if "shared_learning" not in settings.routing.model_fields_set:
         routing = settings.routing.model_copy(update={"shared_learning": True})
         env["TOLLGATE_ROUTING"] = routing.model_dump_json()
+    if "enabled" not in settings.cache.model_fields_set:
+        cache = settings.cache.model_copy(update={"enabled": True})
+        env["TOLLGATE_CACHE"] = cache.model_dump_json()
     return env
 
 
