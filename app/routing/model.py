@@ -70,6 +70,8 @@ SIGNIFICANT_MIN_SEEN = 5
 # far outside what was learned (a feature that starts sending long documents) must not swing
 # the score by a weight times dozens of deviations.
 Z_CLIP = 4.0
+# A learner's dense per-key tables, the rows of one array (one gather reads all four).
+_TABLE_ROWS = ("seen", "failed", "key_logit", "key_log_seen")
 
 
 class RouterCheckpointError(ValueError):
@@ -184,10 +186,7 @@ class _Learner:
         # log-odds (when last counted) and log(prompts containing it). Dense so that scoring
         # is a handful of vector operations with no Python work per word.
         self.mask = (1 << bits) - 1
-        self.seen = np.zeros(1 << bits, dtype=np.float32)
-        self.failed = np.zeros(1 << bits, dtype=np.float32)
-        self.key_logit = np.zeros(1 << bits, dtype=np.float32)
-        self.key_log_seen = np.zeros(1 << bits, dtype=np.float32)
+        self._set_table(np.zeros((len(_TABLE_ROWS), 1 << bits), dtype=np.float32))
         self.outcomes = 0
         self.failures = 0
         # What scoring reads, refreshed after each update (:meth:`_refresh`): plain numbers,
@@ -207,20 +206,21 @@ class _Learner:
         significant key's (0.0 each before any outcome)."""
         if not self.outcomes or not keys.size:
             return 0.0, 0.0, 0.0, 0.0
-        keys = keys & self.mask
-        seen = self.seen[keys]
-        counted = seen > 0
-        keys, seen = keys[counted], seen[counted]
-        if not keys.size:
+        # One gather of the key's four rows (contiguous, as four separate gathers were: the
+        # sums below add the same float32 numbers in the same order), then the counted keys.
+        rows = self._table.take(keys & self.mask, axis=1)
+        rows = rows.compress(rows[0] > 0, axis=1)
+        if not rows.shape[1]:
             return 0.0, 0.0, 0.0, 0.0
+        seen, failed, key_logit, key_log_seen = rows
         base = self._base_rate()
-        deviations = self.key_logit[keys] - _logit(base)
-        rarity = (math.log(self.outcomes + 1.0) + 0.1) - self.key_log_seen[keys]
+        deviations = key_logit - _logit(base)
+        rarity = (math.log(self.outcomes + 1.0) + 0.1) - key_log_seen
         mean = float(np.dot(deviations, rarity) / rarity.sum())
         total = float(deviations.sum() / math.sqrt(deviations.size))
         # How far each key's failures are from what the overall rate predicts, in binomial
         # standard deviations; keys seen fewer than SIGNIFICANT_MIN_SEEN times do not count.
-        z = (self.failed[keys] - seen * base) / np.sqrt(seen * (base * (1.0 - base)))
+        z = (failed - seen * base) / np.sqrt(seen * (base * (1.0 - base)))
         z[seen < SIGNIFICANT_MIN_SEEN] = 0.0
         strength = np.abs(z)
         significant = float(deviations[strength >= SIGNIFICANT_Z].sum())
@@ -367,21 +367,32 @@ class _Learner:
         )
         self.key_log_seen[keys] = np.log(seen)
 
-    # Checkpoints hold the counted keys only (a few thousand), not the dense tables.
+    def _set_table(self, table: np.ndarray) -> None:
+        """The dense tables, one row each of ``table`` (views: learning writes through them)."""
+        self._table = table
+        self.seen, self.failed, self.key_logit, self.key_log_seen = table
+
+    # Checkpoints hold the counted keys only (a few thousand), not the dense tables, one
+    # (size, keys, values) per row name: the same state as when the rows were four arrays
+    # (checkpoints of SNAPSHOT_VERSION 2 written before restore unchanged). Row views do not
+    # survive pickling: the table is rebuilt and the rows viewed again.
     def __getstate__(self) -> dict[str, object]:
         state = self.__dict__.copy()
+        del state["_table"]
         counted = np.flatnonzero(self.seen).astype(np.uint32)
-        for name in ("seen", "failed", "key_logit", "key_log_seen"):
+        for name in _TABLE_ROWS:
             state[name] = (len(self.seen), counted, state[name][counted])
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        for name in ("seen", "failed", "key_logit", "key_log_seen"):
-            size, counted, values = state[name]
-            dense = np.zeros(size, dtype=np.float32)
-            dense[counted] = values
-            state[name] = dense
+        size = state["seen"][0]
+        table = np.zeros((len(_TABLE_ROWS), size), dtype=np.float32)
+        for row, name in enumerate(_TABLE_ROWS):
+            stored_size, counted, values = state.pop(name)
+            assert stored_size == size
+            table[row, counted] = values
         self.__dict__.update(state)
+        self._set_table(table)
 
 
 class FailureModel:
