@@ -150,7 +150,11 @@ class Score:
     def reason(self, top: int = 3) -> str:
         """A sentence naming the signals that weighed most (never any prompt text)."""
         ranked = sorted(
-            ((name, c) for name, c in self.contributions.items() if abs(c) >= 0.05),
+            (
+                (name, c)
+                for name, c in zip(PARTS, self.parts, strict=True)
+                if abs(c) >= 0.05 and name != "baseline"
+            ),
             key=lambda item: -abs(item[1]),
         )[:top]
         parts = [f"{SIGNAL_LABELS.get(name, name)} {c:+.2f}" for name, c in ranked]
