@@ -25,8 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from app.routing import Router, RoutingSettings
+from app.routing import signals as _signals
+from app.routing.router import Outcome
 from bench.router_quality import DEFAULT_DATA, load, proxy_header
 from bench.savings_overhead import FEATURES, build_requests
 
@@ -101,7 +105,7 @@ def _record(
 def _learn(router: Router, examples: list[Any], features: tuple[str, ...]) -> None:
     for index, example in enumerate(examples):
         body = {"messages": [{"role": "user", "content": example.prompt}]}
-        outcome = "success" if example.weak_correct else "failure"
+        outcome: Outcome = "success" if example.weak_correct else "failure"
         router.learn(body, "economy", outcome, features[index % len(features)])
 
 
@@ -191,3 +195,38 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+_VOCABULARY = sorted(
+    {w.decode() for w in _signals._CUE_WORDS}
+    | {"the", "apples", "Twice", "HALF", "3", "step-by-step", "trade-off", "x^2", "no.", "do"}
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(_VOCABULARY), max_size=60), st.sampled_from([" ", "\n", ", "]))
+def test_cue_signals_read_from_the_cue_words_equal_those_read_from_all_words(
+    words: list[str], separator: str
+) -> None:
+    """The signals look a prompt's cue words up in one set of every cue; reading the whole
+    word set (as before router7) must give the same counts, repeats and pairs included."""
+    text = separator.join(words)
+    view = _signals.view_of(_body(text))
+    tokens = view.text.encode().translate(_signals._WORD_BYTES).split()
+    everything = set(tokens)  # the old reading: the prompt's whole word set
+    math_marks = sum(1 for mark in _signals._MATH_MARKS if mark in view.text) + len(
+        everything & _signals._MATH_WORDS
+    )
+    reasoning = len(everything & _signals._REASONING_WORDS) + _signals._pairs(
+        everything, tokens, _signals._REASONING_PAIRS
+    )
+    constraints = len(everything & _signals._CONSTRAINT_WORDS) + _signals._pairs(
+        everything, tokens, _signals._CONSTRAINT_PAIRS
+    )
+    relations = sum(map(_signals._RELATION_WORDS.__contains__, tokens))
+    signals = _signals.analyse(view, 18).signals
+    assert signals["math"] == min(math_marks, 5) / 5.0
+    assert signals["reasoning"] == min(reasoning, 3) / 3.0
+    assert signals["constraints"] == min(constraints, 4) / 4.0
+    assert signals["relations"] == min(relations, 4) / 4.0
+    assert signals["negation"] == (1.0 if everything & _signals._NEGATION_WORDS else 0.0)
