@@ -200,6 +200,7 @@ if __name__ == "__main__":
 _VOCABULARY = sorted(
     {w.decode() for w in _signals._CUE_WORDS}
     | {"the", "apples", "Twice", "HALF", "3", "step-by-step", "trade-off", "x^2", "no.", "do"}
+    | {"```", "def", "class", "#include", "=>", ";\n", "{\n", "\n    ", "function()", "#", ">"}
 )
 
 
@@ -209,7 +210,8 @@ def test_cue_signals_read_from_the_cue_words_equal_those_read_from_all_words(
     words: list[str], separator: str
 ) -> None:
     """The signals look a prompt's cue words up in one set of every cue; reading the whole
-    word set (as before router7) must give the same counts, repeats and pairs included."""
+    word set, and searching every code mark (as before router7), must give the same counts,
+    repeats and pairs included."""
     text = separator.join(words)
     view = _signals.view_of(_body(text))
     tokens = view.text.encode().translate(_signals._WORD_BYTES).split()
@@ -224,7 +226,9 @@ def test_cue_signals_read_from_the_cue_words_equal_those_read_from_all_words(
         everything, tokens, _signals._CONSTRAINT_PAIRS
     )
     relations = sum(map(_signals._RELATION_WORDS.__contains__, tokens))
+    code_marks = sum(1 for mark in _signals._CODE_MARKS if mark in view.text)
     signals = _signals.analyse(view, 18).signals
+    assert signals["code"] == (1.0 if code_marks >= 2 else 0.0)
     assert signals["math"] == min(math_marks, 5) / 5.0
     assert signals["reasoning"] == min(reasoning, 3) / 3.0
     assert signals["constraints"] == min(constraints, 4) / 4.0
