@@ -200,6 +200,7 @@ class _Learner:
         self._stack: list[tuple[int, float, float, float]] = []  # (expert, weight, mean, dev)
         self._stack_intercept = 0.0
         self._combined = _Combined({}, 0.0)  # the whole, when no expert's log-odds is clipped
+        self._derive()
 
     def _base_rate(self) -> float:
         return (self.failures + 1.0) / (self.outcomes + 2.0)
@@ -233,10 +234,15 @@ class _Learner:
         return mean, total, significant, top
 
     def inputs(self, features: Features, prior_logit: float) -> dict[str, float]:
-        evidence = self._evidence(features.keys)
-        inputs = {"prior": prior_logit}
-        inputs.update(features.signals)
-        inputs.update(zip(EVIDENCE, evidence, strict=True))
+        return self.inputs_with({"prior": prior_logit, **features.signals}, features.keys)
+
+    def inputs_with(
+        self, prior_and_signals: Mapping[str, float], keys: np.ndarray
+    ) -> dict[str, float]:
+        """:meth:`inputs` from the prior's log-odds and the signals (one dict for every learner
+        that scores a prompt) and the prompt's keys."""
+        inputs = dict(prior_and_signals)
+        inputs.update(zip(EVIDENCE, self._evidence(keys), strict=True))
         return inputs
 
     def _standardised(self, inputs: Mapping[str, float]) -> dict[str, float]:
@@ -250,9 +256,9 @@ class _Learner:
 
     def _expert_logits(self, z: Mapping[str, float]) -> list[float]:
         logits = []
-        for intercept, weights in self._experts:
+        for intercept, weights in self._expert_terms:
             logit = intercept
-            for name, weight in weights.items():
+            for name, weight in weights:
                 logit += weight * z.get(name, 0.0)
             logits.append(logit)
         return logits
@@ -293,6 +299,30 @@ class _Learner:
         self._combined = self._combine(
             {index: weight / deviation for index, weight, _, deviation in self._stack}
         )
+        self._derive()
+
+    # What scoring reads of the above, in the order it is added up (derived, so not in
+    # checkpoints: rebuilt on restore).
+    _DERIVED = ("_expert_terms", "_combined_terms")
+
+    def _derive(self) -> None:
+        self._expert_terms = [
+            (intercept, tuple(weights.items())) for intercept, weights in self._experts
+        ]
+        self._combined_terms = self._terms(self._combined)
+
+    def _terms(
+        self, combined: _Combined
+    ) -> tuple[tuple[str, float, float, float, float, int], ...]:
+        """(input, weight, mean, deviation, weight per unit of the input, its part or -1 for
+        the prior) of each input of ``combined`` that counts: a non-zero weight, and a
+        variance (the inputs :meth:`_standardised` gives)."""
+        return tuple(
+            (name, weight, mean, deviation, weight / deviation, _INPUT_PART.get(name, -1))
+            for name, weight in combined.weights.items()
+            if weight and name in self._centers
+            for mean, deviation in [self._centers[name]]
+        )
 
     def contributions(
         self, inputs: Mapping[str, float], prior_parts: list[float]
@@ -305,40 +335,40 @@ class _Learner:
         z = self._standardised(inputs)
         logits = self._expert_logits(z)
         combined = self._combined
+        terms = self._combined_terms
         shares: dict[int, float] = {}
         clipped_any = False
         for index, weight, mean, deviation in self._stack:
             logit = logits[index]
             shares[index] = weight / deviation
-            if abs(logit - mean) > Z_CLIP * deviation:  # rare: an expert far off its range
+            # an expert far off its learned range (not rare: 45 % of the learners' scores in the
+            # overhead benchmark clip one); its share is scaled down
+            if abs(logit - mean) > Z_CLIP * deviation:
                 clipped = mean + math.copysign(Z_CLIP * deviation, logit - mean)
                 shares[index] *= (clipped - mean) / (logit - mean)
                 clipped_any = True
         if clipped_any:
             combined = self._combine(shares)
+            terms = self._terms(combined)
         parts = [0.0] * len(PARTS)
         baseline = combined.constant
         logit = combined.constant
-        for name, weight in combined.weights.items():
-            value = z.get(name)
-            if value is None or not weight:
-                continue
+        for name, weight, mean, deviation, scale, part in terms:
+            value = z[name]
             logit += weight * value
-            mean, deviation = self._centers[name]
-            scale = weight / deviation  # per unit of the input
             clipped = mean + value * deviation
-            if name == "prior":
+            if part < 0:
                 # the prior's log-odds, spread back over the signals it is made of
                 raw = inputs["prior"] - PRIOR_INTERCEPT
                 if raw:
                     baseline += scale * (PRIOR_INTERCEPT - mean)
                     shrink = (clipped - PRIOR_INTERCEPT) / raw
-                    for index, part in enumerate(prior_parts):
-                        parts[index] += scale * part * shrink
+                    for index, prior_part in enumerate(prior_parts):
+                        parts[index] += scale * prior_part * shrink
                 else:
                     baseline += scale * (clipped - mean)
             else:
-                parts[_INPUT_PART[name]] += scale * clipped
+                parts[part] += scale * clipped
                 baseline -= scale * mean
         parts[_BASELINE] += baseline
         return logit, parts
@@ -382,7 +412,8 @@ class _Learner:
     # survive pickling: the table is rebuilt and the rows viewed again.
     def __getstate__(self) -> dict[str, object]:
         state = self.__dict__.copy()
-        del state["_table"]
+        for name in ("_table", *self._DERIVED):
+            del state[name]
         counted = np.flatnonzero(self.seen).astype(np.uint32)
         for name in _TABLE_ROWS:
             state[name] = (len(self.seen), counted, state[name][counted])
@@ -397,6 +428,7 @@ class _Learner:
             table[row, counted] = values
         self.__dict__.update(state)
         self._set_table(table)
+        self._derive()
 
 
 class FailureModel:
@@ -432,13 +464,14 @@ class FailureModel:
         logit = prior_logit
         learner = self.global_learner
         if learner.outcomes:
+            prior_and_signals = {"prior": prior_logit, **features.signals}
             learned, learned_parts = learner.contributions(
-                learner.inputs(features, prior_logit), prior_parts
+                learner.inputs_with(prior_and_signals, features.keys), prior_parts
             )
             own = self.feature_learners.get(feature) if feature is not None else None
             if own is not None and own.outcomes:
                 own_logit, own_parts = own.contributions(
-                    own.inputs(features, prior_logit), prior_parts
+                    own.inputs_with(prior_and_signals, features.keys), prior_parts
                 )
                 share = own.outcomes / (own.outcomes + self.warmup_outcomes)
                 learned = share * own_logit + (1 - share) * learned
