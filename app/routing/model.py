@@ -70,7 +70,7 @@ SIGNIFICANT_MIN_SEEN = 5
 # far outside what was learned (a feature that starts sending long documents) must not swing
 # the score by a weight times dozens of deviations.
 Z_CLIP = 4.0
-# A learner's dense per-key tables, the rows of one array (one gather reads all four).
+# A learner's dense per-key tables, the columns of one array (one gather reads all four).
 _TABLE_ROWS = ("seen", "failed", "key_logit", "key_log_seen")
 
 
@@ -190,7 +190,7 @@ class _Learner:
         # log-odds (when last counted) and log(prompts containing it). Dense so that scoring
         # is a handful of vector operations with no Python work per word.
         self.mask = (1 << bits) - 1
-        self._set_table(np.zeros((len(_TABLE_ROWS), 1 << bits), dtype=np.float32))
+        self._set_table(np.zeros((1 << bits, len(_TABLE_ROWS)), dtype=np.float32))
         self.outcomes = 0
         self.failures = 0
         # What scoring reads, refreshed after each update (:meth:`_refresh`): plain numbers,
@@ -211,13 +211,14 @@ class _Learner:
         significant key's (0.0 each before any outcome)."""
         if not self.outcomes or not keys.size:
             return 0.0, 0.0, 0.0, 0.0
-        # One gather of the key's four rows (contiguous, as four separate gathers were: the
-        # sums below add the same float32 numbers in the same order), then the counted keys.
-        rows = self._table.take(keys & self.mask, axis=1)
-        rows = rows.compress(rows[0] > 0, axis=1)
-        if not rows.shape[1]:
+        # One gather of the keys' rows (a key's four numbers share a cache line), the counted
+        # keys, then one array per number, contiguous as when they were four tables: the sums
+        # below add the same float32 numbers in the same order.
+        rows = self._table.take(keys & self.mask, axis=0)
+        rows = rows.compress(rows[:, 0] > 0, axis=0)
+        if not rows.shape[0]:
             return 0.0, 0.0, 0.0, 0.0
-        seen, failed, key_logit, key_log_seen = rows
+        seen, failed, key_logit, key_log_seen = rows.T.copy()
         base = self._base_rate()
         deviations = key_logit - _logit(base)
         rarity = (math.log(self.outcomes + 1.0) + 0.1) - key_log_seen
@@ -402,14 +403,16 @@ class _Learner:
         self.key_log_seen[keys] = np.log(seen)
 
     def _set_table(self, table: np.ndarray) -> None:
-        """The dense tables, one row each of ``table`` (views: learning writes through them)."""
+        """The dense tables, one column each of ``table`` (views: learning writes through
+        them)."""
         self._table = table
-        self.seen, self.failed, self.key_logit, self.key_log_seen = table
+        self.seen, self.failed, self.key_logit, self.key_log_seen = table.T
 
     # Checkpoints hold the counted keys only (a few thousand), not the dense tables, one
-    # (size, keys, values) per row name: the same state as when the rows were four arrays
-    # (checkpoints of SNAPSHOT_VERSION 2 written before restore unchanged). Row views do not
-    # survive pickling: the table is rebuilt and the rows viewed again.
+    # (size, keys, values) per column name: the same state as when the columns were four
+    # arrays (checkpoints of SNAPSHOT_VERSION 2 written before restore unchanged, and the
+    # checkpoints written now restore in those versions). Views do not survive pickling: the
+    # table is rebuilt and its columns viewed again, the derived terms derived again.
     def __getstate__(self) -> dict[str, object]:
         state = self.__dict__.copy()
         for name in ("_table", *self._DERIVED):
@@ -421,11 +424,11 @@ class _Learner:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         size = state["seen"][0]
-        table = np.zeros((len(_TABLE_ROWS), size), dtype=np.float32)
-        for row, name in enumerate(_TABLE_ROWS):
+        table = np.zeros((size, len(_TABLE_ROWS)), dtype=np.float32)
+        for column, name in enumerate(_TABLE_ROWS):
             stored_size, counted, values = state.pop(name)
             assert stored_size == size
-            table[row, counted] = values
+            table[counted, column] = values
         self.__dict__.update(state)
         self._set_table(table)
         self._derive()
