@@ -7,7 +7,8 @@ other measures the machine's load as much as the code (runs of the same code dif
 lets each router learn the same 600 GSM8K outcomes over five features, checks that they
 decide the same on 200 of the bodies, then times ``Router.route`` on the overhead
 benchmark's 2,000 bodies in chunks of 50 calls, alternating which version goes first,
-with the thread's CPU time. Slow phases of the machine hit both sides of a pair alike, so
+with the thread's CPU time; then ``Router.learn`` of one outcome per body (one round:
+both routers learn the same outcomes). Slow phases of the machine hit both sides of a pair alike, so
 the per-pair ratio is steady where the absolute figures are not.
 
 Run ``python -m bench.router_ab OTHER [--rounds 6]`` from this tree's root.
@@ -64,10 +65,11 @@ def run(other: Path, rounds: int) -> dict[str, Any]:
                 raise SystemExit(f"the two routers decide differently:\n{a}\n{b}")
     chunks = [bodies[i : i + CHUNK] for i in range(0, len(bodies), CHUNK)]
     results = {}
-    for feature in (None, "chat"):
+    for operation in ("route", "route (feature model)", "learn"):
         totals = {"this": 0, "other": 0}
         ratios = []
-        for round_ in range(rounds):
+        # learn: one round (both routers learn the same outcomes, as the benchmark's "learn")
+        for round_ in range(1 if operation == "learn" else rounds):
             for index, chunk in enumerate(chunks):
                 sides = [("this", this_router), ("other", other_router)]
                 if (index + round_) % 2:
@@ -75,14 +77,18 @@ def run(other: Path, rounds: int) -> dict[str, Any]:
                 spent = {}
                 for side, router in sides:
                     started = time.thread_time_ns()
-                    for body in chunk:
-                        router.route(body, feature)
+                    for number, body in enumerate(chunk):
+                        if operation == "learn":
+                            outcome = "success" if number % 3 else "failure"
+                            router.learn(body, "economy", outcome)
+                        else:
+                            router.route(body, None if operation == "route" else "chat")
                     spent[side] = time.thread_time_ns() - started
                     totals[side] += spent[side]
                 ratios.append(spent["this"] / spent["other"])
         ratios.sort()
-        calls = rounds * len(bodies)
-        results["route" if feature is None else "route (feature model)"] = {
+        calls = (1 if operation == "learn" else rounds) * len(bodies)
+        results[operation] = {
             "this_cpu_us": totals["this"] / calls / 1000,
             "other_cpu_us": totals["other"] / calls / 1000,
             "ratio_median": statistics.median(ratios),
