@@ -71,7 +71,7 @@ SIGNIFICANT_MIN_SEEN = 5
 # the score by a weight times dozens of deviations.
 Z_CLIP = 4.0
 # A learner's dense per-key tables, the columns of one array (one gather reads all four).
-_TABLE_ROWS = ("seen", "failed", "key_logit", "key_log_seen")
+_TABLE_COLUMNS = ("seen", "failed", "key_logit", "key_log_seen")
 
 
 class RouterCheckpointError(ValueError):
@@ -190,7 +190,7 @@ class _Learner:
         # log-odds (when last counted) and log(prompts containing it). Dense so that scoring
         # is a handful of vector operations with no Python work per word.
         self.mask = (1 << bits) - 1
-        self._set_table(np.zeros((1 << bits, len(_TABLE_ROWS)), dtype=np.float32))
+        self._set_table(np.zeros((1 << bits, len(_TABLE_COLUMNS)), dtype=np.float32))
         self.outcomes = 0
         self.failures = 0
         # What scoring reads, refreshed after each update (:meth:`_refresh`): plain numbers,
@@ -418,16 +418,17 @@ class _Learner:
         for name in ("_table", *self._DERIVED):
             del state[name]
         counted = np.flatnonzero(self.seen).astype(np.uint32)
-        for name in _TABLE_ROWS:
+        for name in _TABLE_COLUMNS:
             state[name] = (len(self.seen), counted, state[name][counted])
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         size = state["seen"][0]
-        table = np.zeros((size, len(_TABLE_ROWS)), dtype=np.float32)
-        for column, name in enumerate(_TABLE_ROWS):
+        table = np.zeros((size, len(_TABLE_COLUMNS)), dtype=np.float32)
+        for column, name in enumerate(_TABLE_COLUMNS):
             stored_size, counted, values = state.pop(name)
-            assert stored_size == size
+            if stored_size != size:
+                raise ValueError(f"{name} has {stored_size} keys, seen has {size}")
             table[counted, column] = values
         self.__dict__.update(state)
         self._set_table(table)

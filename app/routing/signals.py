@@ -110,7 +110,7 @@ def view_of(body: Mapping[str, Any], max_chars: int = 800) -> PromptView:
 
 
 # -- signals ---------------------------------------------------------------------------------
-# Cue words are looked up in the prompt's word set (one tokenisation serves the signals and
+# Cue words are looked up among the prompt's words (one tokenisation serves the signals and
 # the text keys): a dozen regular expressions with alternations cost ~200 us per prompt.
 _MATH_WORDS = frozenset(
     b"equation equations integral derivative probability matrix matrices theorem polynomial "
