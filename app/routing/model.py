@@ -70,6 +70,8 @@ SIGNIFICANT_MIN_SEEN = 5
 # far outside what was learned (a feature that starts sending long documents) must not swing
 # the score by a weight times dozens of deviations.
 Z_CLIP = 4.0
+# A learner's dense per-key tables, the columns of one array (one gather reads all four).
+_TABLE_COLUMNS = ("seen", "failed", "key_logit", "key_log_seen")
 
 
 class RouterCheckpointError(ValueError):
@@ -148,7 +150,11 @@ class Score:
     def reason(self, top: int = 3) -> str:
         """A sentence naming the signals that weighed most (never any prompt text)."""
         ranked = sorted(
-            ((name, c) for name, c in self.contributions.items() if abs(c) >= 0.05),
+            (
+                (name, c)
+                for name, c in zip(PARTS, self.parts, strict=True)
+                if abs(c) >= 0.05 and name != "baseline"
+            ),
             key=lambda item: -abs(item[1]),
         )[:top]
         parts = [f"{SIGNAL_LABELS.get(name, name)} {c:+.2f}" for name, c in ranked]
@@ -184,10 +190,7 @@ class _Learner:
         # log-odds (when last counted) and log(prompts containing it). Dense so that scoring
         # is a handful of vector operations with no Python work per word.
         self.mask = (1 << bits) - 1
-        self.seen = np.zeros(1 << bits, dtype=np.float32)
-        self.failed = np.zeros(1 << bits, dtype=np.float32)
-        self.key_logit = np.zeros(1 << bits, dtype=np.float32)
-        self.key_log_seen = np.zeros(1 << bits, dtype=np.float32)
+        self._set_table(np.zeros((1 << bits, len(_TABLE_COLUMNS)), dtype=np.float32))
         self.outcomes = 0
         self.failures = 0
         # What scoring reads, refreshed after each update (:meth:`_refresh`): plain numbers,
@@ -197,6 +200,7 @@ class _Learner:
         self._stack: list[tuple[int, float, float, float]] = []  # (expert, weight, mean, dev)
         self._stack_intercept = 0.0
         self._combined = _Combined({}, 0.0)  # the whole, when no expert's log-odds is clipped
+        self._derive()
 
     def _base_rate(self) -> float:
         return (self.failures + 1.0) / (self.outcomes + 2.0)
@@ -207,20 +211,22 @@ class _Learner:
         significant key's (0.0 each before any outcome)."""
         if not self.outcomes or not keys.size:
             return 0.0, 0.0, 0.0, 0.0
-        keys = keys & self.mask
-        seen = self.seen[keys]
-        counted = seen > 0
-        keys, seen = keys[counted], seen[counted]
-        if not keys.size:
+        # One gather of the keys' rows (a key's four numbers share a cache line), the counted
+        # keys, then one array per number, contiguous as when they were four tables: the sums
+        # below add the same float32 numbers in the same order.
+        rows = self._table.take(keys & self.mask, axis=0)
+        rows = rows.compress(rows[:, 0] > 0, axis=0)
+        if not rows.shape[0]:
             return 0.0, 0.0, 0.0, 0.0
+        seen, failed, key_logit, key_log_seen = rows.T.copy()
         base = self._base_rate()
-        deviations = self.key_logit[keys] - _logit(base)
-        rarity = (math.log(self.outcomes + 1.0) + 0.1) - self.key_log_seen[keys]
+        deviations = key_logit - _logit(base)
+        rarity = (math.log(self.outcomes + 1.0) + 0.1) - key_log_seen
         mean = float(np.dot(deviations, rarity) / rarity.sum())
         total = float(deviations.sum() / math.sqrt(deviations.size))
         # How far each key's failures are from what the overall rate predicts, in binomial
         # standard deviations; keys seen fewer than SIGNIFICANT_MIN_SEEN times do not count.
-        z = (self.failed[keys] - seen * base) / np.sqrt(seen * (base * (1.0 - base)))
+        z = (failed - seen * base) / np.sqrt(seen * (base * (1.0 - base)))
         z[seen < SIGNIFICANT_MIN_SEEN] = 0.0
         strength = np.abs(z)
         significant = float(deviations[strength >= SIGNIFICANT_Z].sum())
@@ -229,10 +235,15 @@ class _Learner:
         return mean, total, significant, top
 
     def inputs(self, features: Features, prior_logit: float) -> dict[str, float]:
-        evidence = self._evidence(features.keys)
-        inputs = {"prior": prior_logit}
-        inputs.update(features.signals)
-        inputs.update(zip(EVIDENCE, evidence, strict=True))
+        return self.inputs_with({"prior": prior_logit, **features.signals}, features.keys)
+
+    def inputs_with(
+        self, prior_and_signals: Mapping[str, float], keys: np.ndarray
+    ) -> dict[str, float]:
+        """:meth:`inputs` from the prior's log-odds and the signals (one dict for every learner
+        that scores a prompt) and the prompt's keys."""
+        inputs = dict(prior_and_signals)
+        inputs.update(zip(EVIDENCE, self._evidence(keys), strict=True))
         return inputs
 
     def _standardised(self, inputs: Mapping[str, float]) -> dict[str, float]:
@@ -246,9 +257,9 @@ class _Learner:
 
     def _expert_logits(self, z: Mapping[str, float]) -> list[float]:
         logits = []
-        for intercept, weights in self._experts:
+        for intercept, weights in self._expert_terms:
             logit = intercept
-            for name, weight in weights.items():
+            for name, weight in weights:
                 logit += weight * z.get(name, 0.0)
             logits.append(logit)
         return logits
@@ -289,6 +300,30 @@ class _Learner:
         self._combined = self._combine(
             {index: weight / deviation for index, weight, _, deviation in self._stack}
         )
+        self._derive()
+
+    # What scoring reads of the above, in the order it is added up (derived, so not in
+    # checkpoints: rebuilt on restore).
+    _DERIVED = ("_expert_terms", "_combined_terms")
+
+    def _derive(self) -> None:
+        self._expert_terms = [
+            (intercept, tuple(weights.items())) for intercept, weights in self._experts
+        ]
+        self._combined_terms = self._terms(self._combined)
+
+    def _terms(
+        self, combined: _Combined
+    ) -> tuple[tuple[str, float, float, float, float, int], ...]:
+        """(input, weight, mean, deviation, weight per unit of the input, its part or -1 for
+        the prior) of each input of ``combined`` that counts: a non-zero weight, and a
+        variance (the inputs :meth:`_standardised` gives)."""
+        return tuple(
+            (name, weight, mean, deviation, weight / deviation, _INPUT_PART.get(name, -1))
+            for name, weight in combined.weights.items()
+            if weight and name in self._centers
+            for mean, deviation in [self._centers[name]]
+        )
 
     def contributions(
         self, inputs: Mapping[str, float], prior_parts: list[float]
@@ -301,40 +336,40 @@ class _Learner:
         z = self._standardised(inputs)
         logits = self._expert_logits(z)
         combined = self._combined
+        terms = self._combined_terms
         shares: dict[int, float] = {}
         clipped_any = False
         for index, weight, mean, deviation in self._stack:
             logit = logits[index]
             shares[index] = weight / deviation
-            if abs(logit - mean) > Z_CLIP * deviation:  # rare: an expert far off its range
+            # an expert far off its learned range (not rare: 45 % of the learners' scores in the
+            # overhead benchmark clip one); its share is scaled down
+            if abs(logit - mean) > Z_CLIP * deviation:
                 clipped = mean + math.copysign(Z_CLIP * deviation, logit - mean)
                 shares[index] *= (clipped - mean) / (logit - mean)
                 clipped_any = True
         if clipped_any:
             combined = self._combine(shares)
+            terms = self._terms(combined)
         parts = [0.0] * len(PARTS)
         baseline = combined.constant
         logit = combined.constant
-        for name, weight in combined.weights.items():
-            value = z.get(name)
-            if value is None or not weight:
-                continue
+        for name, weight, mean, deviation, scale, part in terms:
+            value = z[name]
             logit += weight * value
-            mean, deviation = self._centers[name]
-            scale = weight / deviation  # per unit of the input
             clipped = mean + value * deviation
-            if name == "prior":
+            if part < 0:
                 # the prior's log-odds, spread back over the signals it is made of
                 raw = inputs["prior"] - PRIOR_INTERCEPT
                 if raw:
                     baseline += scale * (PRIOR_INTERCEPT - mean)
                     shrink = (clipped - PRIOR_INTERCEPT) / raw
-                    for index, part in enumerate(prior_parts):
-                        parts[index] += scale * part * shrink
+                    for index, prior_part in enumerate(prior_parts):
+                        parts[index] += scale * prior_part * shrink
                 else:
                     baseline += scale * (clipped - mean)
             else:
-                parts[_INPUT_PART[name]] += scale * clipped
+                parts[part] += scale * clipped
                 baseline -= scale * mean
         parts[_BASELINE] += baseline
         return logit, parts
@@ -367,21 +402,37 @@ class _Learner:
         )
         self.key_log_seen[keys] = np.log(seen)
 
-    # Checkpoints hold the counted keys only (a few thousand), not the dense tables.
+    def _set_table(self, table: np.ndarray) -> None:
+        """The dense tables, one column each of ``table`` (views: learning writes through
+        them)."""
+        self._table = table
+        self.seen, self.failed, self.key_logit, self.key_log_seen = table.T
+
+    # Checkpoints hold the counted keys only (a few thousand), not the dense tables, one
+    # (size, keys, values) per column name: the same state as when the columns were four
+    # arrays (checkpoints of SNAPSHOT_VERSION 2 written before restore unchanged, and the
+    # checkpoints written now restore in those versions). Views do not survive pickling: the
+    # table is rebuilt and its columns viewed again, the derived terms derived again.
     def __getstate__(self) -> dict[str, object]:
         state = self.__dict__.copy()
+        for name in ("_table", *self._DERIVED):
+            del state[name]
         counted = np.flatnonzero(self.seen).astype(np.uint32)
-        for name in ("seen", "failed", "key_logit", "key_log_seen"):
+        for name in _TABLE_COLUMNS:
             state[name] = (len(self.seen), counted, state[name][counted])
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        for name in ("seen", "failed", "key_logit", "key_log_seen"):
-            size, counted, values = state[name]
-            dense = np.zeros(size, dtype=np.float32)
-            dense[counted] = values
-            state[name] = dense
+        size = state["seen"][0]
+        table = np.zeros((size, len(_TABLE_COLUMNS)), dtype=np.float32)
+        for column, name in enumerate(_TABLE_COLUMNS):
+            stored_size, counted, values = state.pop(name)
+            if stored_size != size:
+                raise ValueError(f"{name} has {stored_size} keys, seen has {size}")
+            table[counted, column] = values
         self.__dict__.update(state)
+        self._set_table(table)
+        self._derive()
 
 
 class FailureModel:
@@ -417,13 +468,14 @@ class FailureModel:
         logit = prior_logit
         learner = self.global_learner
         if learner.outcomes:
+            prior_and_signals = {"prior": prior_logit, **features.signals}
             learned, learned_parts = learner.contributions(
-                learner.inputs(features, prior_logit), prior_parts
+                learner.inputs_with(prior_and_signals, features.keys), prior_parts
             )
             own = self.feature_learners.get(feature) if feature is not None else None
             if own is not None and own.outcomes:
                 own_logit, own_parts = own.contributions(
-                    own.inputs(features, prior_logit), prior_parts
+                    own.inputs_with(prior_and_signals, features.keys), prior_parts
                 )
                 share = own.outcomes / (own.outcomes + self.warmup_outcomes)
                 learned = share * own_logit + (1 - share) * learned

@@ -19,6 +19,7 @@ import itertools
 import math
 import zlib
 from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,7 +110,7 @@ def view_of(body: Mapping[str, Any], max_chars: int = 800) -> PromptView:
 
 
 # -- signals ---------------------------------------------------------------------------------
-# Cue words are looked up in the prompt's word set (one tokenisation serves the signals and
+# Cue words are looked up among the prompt's words (one tokenisation serves the signals and
 # the text keys): a dozen regular expressions with alternations cost ~200 us per prompt.
 _MATH_WORDS = frozenset(
     b"equation equations integral derivative probability matrix matrices theorem polynomial "
@@ -148,6 +149,21 @@ _CODE_MARKS = (
     "\n    ",
 )
 _MATH_MARKS = ("=", "+", "^", "\\", "<", ">")
+# Code marks searched for only when a character each needs is in the prompt (a search for
+# one character is much cheaper than for several): the same count, less searching.
+_CODE_MARKS_GATED = (("`", "```"), ("#", "#include"), (">", "=>"), (";", ";\n"), ("{", "{\n"))
+_CODE_MARKS_ALWAYS = tuple(m for m in _CODE_MARKS if m not in dict(_CODE_MARKS_GATED).values())
+# Every word a signal looks for (pairs' words included): a prompt's words are looked up in
+# this set in one pass, and the signals read the (few) words found, not the prompt's whole
+# word set.
+_CUE_WORDS = frozenset(
+    _MATH_WORDS
+    | _REASONING_WORDS
+    | _CONSTRAINT_WORDS
+    | _NEGATION_WORDS
+    | _RELATION_WORDS
+    | {word for pair in (*_REASONING_PAIRS, *_CONSTRAINT_PAIRS) for word in pair}
+)
 
 _LENGTH_CENTER = math.log1p(300.0)
 _OUTPUT_CENTER = math.log(512.0)
@@ -205,6 +221,7 @@ SIGNAL_LABELS: dict[str, str] = {
 }
 
 _SYMBOLS = tuple("$%=+*/^{}<>?\\#@&|~`")
+_SYMBOL_KEYS = tuple((symbol, zlib.crc32(symbol.encode())) for symbol in _SYMBOLS)
 _PAIR_MULTIPLIER = np.uint64(0x9E3779B1)  # mixes a word pair's two hashes into one key
 
 
@@ -240,7 +257,9 @@ def _distinct(keys: np.ndarray) -> np.ndarray:
     return keys[np.concatenate(([True], keys[1:] != keys[:-1]))]
 
 
-def _pairs(words: set[bytes], tokens: list[bytes], wanted: tuple[tuple[bytes, bytes], ...]) -> int:
+def _pairs(
+    words: AbstractSet[bytes], tokens: list[bytes], wanted: tuple[tuple[bytes, bytes], ...]
+) -> int:
     found = 0
     for first, second in wanted:
         if first in words and second in words:
@@ -256,20 +275,23 @@ def analyse(view: PromptView, bits: int) -> Analysis:
     # by its digit count) and turns ASCII punctuation into spaces; UTF-8 bytes of other
     # scripts stay word characters.
     tokens = text.encode("utf-8", "replace").translate(_WORD_BYTES).split()
-    words = set(tokens)
+    # the prompt's cue words: what the signals read of its word set (one pass, few inserts)
+    words = _CUE_WORDS.intersection(tokens)
     hashes = np.fromiter(map(zlib.crc32, tokens), dtype=np.uint64, count=len(tokens))
     mask = np.uint64((1 << bits) - 1)
     pairs = (hashes[:-1] * _PAIR_MULTIPLIER) ^ hashes[1:]
-    symbols = [zlib.crc32(symbol.encode()) for symbol in _SYMBOLS if symbol in text]
+    symbols = [key for symbol, key in _SYMBOL_KEYS if symbol in text]
     all_keys = np.concatenate((hashes, pairs, np.asarray(symbols, dtype=np.uint64))) & mask
     keys = _distinct(all_keys.astype(np.intp))
-    code_marks = sum(1 for mark in _CODE_MARKS if mark in text)
-    math_marks = sum(1 for mark in _MATH_MARKS if mark in text) + len(words & _MATH_WORDS)
+    code_marks = sum(map(text.__contains__, _CODE_MARKS_ALWAYS)) + sum(
+        1 for gate, mark in _CODE_MARKS_GATED if gate in text and mark in text
+    )
+    math_marks = sum(map(text.__contains__, _MATH_MARKS)) + len(words & _MATH_WORDS)
     reasoning = len(words & _REASONING_WORDS) + _pairs(words, tokens, _REASONING_PAIRS)
     # "trade-off" tokenises as trade, off
     constraints = len(words & _CONSTRAINT_WORDS) + _pairs(words, tokens, _CONSTRAINT_PAIRS)
     # counted with repeats: "half of ... then twice ..." chains two relations
-    relations = sum(map(_RELATION_WORDS.__contains__, tokens)) if words & _RELATION_WORDS else 0
+    relations = sum(map(tokens.count, words & _RELATION_WORDS))
     max_tokens = view.max_tokens
     asked = view.total_chars if view.asked_chars < 0 else view.asked_chars
     values = {
