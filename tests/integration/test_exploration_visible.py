@@ -21,21 +21,10 @@ from app.routing.config import ProviderTiers, RoutingSettings
 from app.routing.router import Router
 from app.settings import Settings
 from tests.integration.harness import Stack, read_events, running_stack
+from tests.integration.test_savings_wiring import HARD
 
 pytestmark = pytest.mark.integration
 
-HARD = [
-    {
-        "role": "user",
-        "content": (
-            "Prove step by step that the sum of two odd numbers is even, derive the general "
-            "formula for the sum of the first n odd numbers, justify each step, then compare "
-            "the trade-offs of an inductive and a direct proof. You must answer in exactly "
-            "three sections and do not skip any equation: $\\sum_{k=1}^{n} (2k-1) = n^2$. "
-        )
-        * 6,
-    }
-]
 ROUTING = RoutingSettings(
     providers=(
         ProviderTiers(provider="sim", economy="gpt-4o-mini", standard="gpt-4o", premium="gpt-4"),

@@ -253,35 +253,44 @@ def test_concrete_model_failure_is_not_escalated(stack: Stack) -> None:
 def test_outcomes_of_routed_calls_move_the_score(stack: Stack) -> None:
     """Failures reported for routed economy calls teach this dispatcher's router: the score of
     the prompt rises until the router stops sending it to economy."""
-    sdk = client(stack)
     prompt = [{"role": "user", "content": "Translate the shipping policy into formal Klingon."}]
-
-    def route() -> tuple[float, str, str]:
-        response = sdk.chat.completions.with_raw_response.create(
-            model="auto", messages=prompt, user="lee"
-        )
-        headers = response.headers
-        return (
-            float(headers["X-Tollgate-Router-Score"]),
-            headers["X-Tollgate-Tier"],
-            headers["X-Request-Id"],
-        )
-
-    before, tier, _ = route()
+    before, tier, _ = route_auto(stack, prompt, "lee")
     assert tier == "economy"
+    score, tier = fail_until_off_economy(stack, prompt, "lee")
+    assert tier == "standard", "failures of economy calls must move the prompt up a tier"
+    assert score > before
+
+
+def route_auto(stack: Stack, prompt: list[dict[str, str]], user: str) -> tuple[float, str, str]:
+    """Router score, tier and request id of one ``model: "auto"`` call."""
+    response = client(stack).chat.completions.with_raw_response.create(
+        model="auto", messages=prompt, user=user
+    )
+    headers = response.headers
+    return (
+        float(headers["X-Tollgate-Router-Score"]),
+        headers["X-Tollgate-Tier"],
+        headers["X-Request-Id"],
+    )
+
+
+def fail_until_off_economy(
+    stack: Stack, prompt: list[dict[str, str]], user: str
+) -> tuple[float, str]:
+    """Report each economy-routed call of ``prompt`` as a failure until the router sends it to
+    another tier (at most 60 calls): the last score and tier."""
     with httpx.Client(timeout=30) as http:
         for _ in range(60):
-            score, tier, request_id = route()
+            score, tier, request_id = route_auto(stack, prompt, user)
             if tier != "economy":
                 break
             reply = http.post(
                 f"{stack.url}/v1/outcomes",
                 json={"request_id": request_id, "outcome": "failure"},
-                headers={"X-Tollgate-User": "lee"},
+                headers={"X-Tollgate-User": user},
             )
             assert reply.status_code == 202, reply.text
-    assert tier == "standard", "failures of economy calls must move the prompt up a tier"
-    assert score > before
+    return score, tier
 
 
 def requests_of(stack: Stack, at_least: int) -> list[dict[str, Any]]:
@@ -415,34 +424,12 @@ def test_a_restarted_dispatcher_keeps_what_its_router_learned(
     asyncio.run(ensure_topics(kafka_settings))
     state = tmp_path / "dispatcher"
     prompt = [{"role": "user", "content": "Translate the returns policy into formal Klingon."}]
-
-    def route(running: Stack) -> tuple[float, str, str]:
-        response = client(running).chat.completions.with_raw_response.create(
-            model="auto", messages=prompt, user="kim"
-        )
-        headers = response.headers
-        return (
-            float(headers["X-Tollgate-Router-Score"]),
-            headers["X-Tollgate-Tier"],
-            headers["X-Request-Id"],
-        )
-
     with running_stack(kafka_settings, routing=ROUTING, cache=CACHE, state_dir=state) as first:
-        fresh, tier, _ = route(first)
+        fresh, tier, _ = route_auto(first, prompt, "kim")
         assert tier == "economy"
-        with httpx.Client(timeout=30) as http:
-            for _ in range(60):
-                learned, tier, request_id = route(first)
-                if tier != "economy":
-                    break
-                reply = http.post(
-                    f"{first.url}/v1/outcomes",
-                    json={"request_id": request_id, "outcome": "failure"},
-                    headers={"X-Tollgate-User": "kim"},
-                )
-                assert reply.status_code == 202, reply.text
+        learned, tier = fail_until_off_economy(first, prompt, "kim")
         assert tier == "standard"
     with running_stack(kafka_settings, routing=ROUTING, cache=CACHE, state_dir=state) as second:
-        score, tier, _ = route(second)
+        score, tier, _ = route_auto(second, prompt, "kim")
     assert tier == "standard", "the restarted dispatcher forgot what its router learned"
     assert score == pytest.approx(learned) and score > fresh
