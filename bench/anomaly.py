@@ -50,7 +50,7 @@ import orjson
 
 from agents.anomaly import AlertManager, AnomalyEngine, DetectorSettings, Verdict
 from agents.anomaly.costs import CostDetector
-from agents.anomaly.mix import TierMixDetector
+from agents.anomaly.mix import TierMixDetector, mix_threshold
 from agents.anomaly.rates import RateDetector
 from bench.incidents import (
     DAY,
@@ -370,7 +370,8 @@ def floor_seconds(incident: Incident, world: World, settings: DetectorSettings) 
         p1d = max(p0 - settings.mix_design_drop, p0 / 4)
         p = incident.magnitude
         gain = p * math.log(p1d / p0) + (1 - p) * math.log((1 - p1d) / (1 - p0))
-        return None if gain <= 0 or r <= 0 else round(settings.mix_threshold / gain / r * 60, 1)
+        h = mix_threshold(settings, p0, p1d, r * 1440)
+        return None if gain <= 0 or r <= 0 else round(h / gain / r * 60, 1)
     return None
 
 

@@ -17,7 +17,8 @@ Owns :class:`CostReference` (a scope's distribution of log cost over the past da
   gradual upgrade is measured against the day before it started.
 - **An effect size, stated.** A triggered CUSUM alerts only if the calls since the
   estimated change point typically (geometric mean: robust to a few huge calls) cost at
-  least ``cost_min_ratio`` times the usual; the money at stake uses their arithmetic mean.
+  least ``cost_min_ratio`` times the usual (``cost_model_min_ratio`` among the same model's
+  calls, below); the money at stake uses their arithmetic mean.
 - **Each call against its own model too.** A feature that mixes models whose prices
   differ 16x has a log-cost spread of about 1.5, most of it the mix; its tokens spread
   0.4 to 1.3. Features and the global scope also keep one distribution per model served
@@ -423,7 +424,8 @@ class CostDetector:
             # the average can wander by chance (2 of its standard deviations).
             noise = 2.0 * math.sqrt(weight / (2.0 - weight))
             anomalous = (
-                math.exp(self.ew_log - usual) >= 1.0 + (s.cost_min_ratio - 1.0) / 2
+                math.exp(self.ew_log - usual)
+                >= 1.0 + (self._min_ratio(self.alarm_by_model) - 1.0) / 2
                 and self.ew_z >= noise
             )
             if anomalous:
@@ -464,15 +466,17 @@ class CostDetector:
         """Whether a triggered CUSUM's rise is as large as stated.
 
         A rise that has lasted ``cost_sustained_seconds`` must typically reach
-        ``cost_min_ratio``; a younger one must be a jump (``cost_jump_ratio``: busy
-        features' costs wander by a third for minutes). A rise still growing (a drift)
-        is judged by the later half of the run too, once that half has itself lasted
-        ``cost_sustained_seconds`` and holds ``cost_drift_min_requests`` calls: the
-        run's mean lags the current level by half the run, its later half by a quarter.
+        ``cost_min_ratio`` (``cost_model_min_ratio`` within a model); a younger one must be
+        a jump (``cost_jump_ratio``: busy features' costs wander by a third for minutes). A
+        rise still growing (a drift) is judged by the later half of the run too, once that
+        half has itself lasted ``cost_sustained_seconds`` and holds
+        ``cost_drift_min_requests`` calls, against ``cost_drift_min_ratio``: the run's mean
+        lags the current level by half the run, its later half by a quarter.
         """
         s = self.settings
         elapsed = t - cusum.run_start
-        needed = s.cost_min_ratio if elapsed >= s.cost_sustained_seconds else s.cost_jump_ratio
+        stated = self._min_ratio(spread is not None)
+        needed = stated if elapsed >= s.cost_sustained_seconds else s.cost_jump_ratio
         # The per-model view (``spread`` given) judges the whole run a margin below its
         # mean too: its CUSUMs gather evidence fast enough to fire on short runs, whose
         # mean is flattered by the selection (a level of 1.3x met 1.5x on 40-80 calls).
@@ -490,7 +494,12 @@ class CostDetector:
         # the later half is the part its selection flatters most.
         spread = self.spread if spread is None else spread
         lower = log_sum / calls - usual - spread / math.sqrt(calls)
-        return lower >= math.log(s.cost_min_ratio)
+        return lower >= math.log(s.cost_drift_min_ratio)
+
+    def _min_ratio(self, by_model: bool) -> float:
+        """The stated rise: ``cost_model_min_ratio`` within a model, else ``cost_min_ratio``."""
+        s = self.settings
+        return s.cost_model_min_ratio if by_model else s.cost_min_ratio
 
     def _end_alarm(self) -> None:
         self.alarm_since = None

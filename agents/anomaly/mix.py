@@ -4,7 +4,9 @@ Owns :class:`TierMixDetector`: a Bernoulli CUSUM on "served by the economy tier 
 each call adding the log-likelihood ratio of "the share dropped by ``mix_design_drop``"
 against "the share is what it was over the past day". It is the optimal sequential test
 for that drop: an 85 % -> 35 % regression builds ~0.56 nats of evidence per call, so
-with the threshold at 11.5 nats it is found in ~21 calls (92 s at 13.6 calls/min).
+with the threshold at 11.5 nats it is found in ~21 calls (92 s at 13.6 calls/min). A busy
+scope gets a higher threshold (``mix_arl0_days``): a fixed one is a fixed number of calls
+between chance triggers, hours for a scope of hundreds of calls a minute.
 The reference share learns a call only once the CUSUM has fallen back to 0 after it,
 and never during a drop. A trigger alerts when the share since the estimated change
 point (or, for a drop still deepening, of the later half of the calls since it) is at
@@ -107,6 +109,7 @@ class TierMixDetector:
         p1 = max(p0 - s.mix_design_drop, p0 / 4)
         llr = math.log(p1 / p0) if economy else math.log((1 - p1) / (1 - p0))
         self.stat = max(0.0, self.stat + llr)
+        threshold = mix_threshold(s, p0, p1, self.total * 86_400 / s.mix_reference_memory_seconds)
         note = ""
         if self.alarm_since is None:
             if self.stat == 0.0:
@@ -119,7 +122,7 @@ class TierMixDetector:
             self.run_economy += int(economy)
             run_share = self.run_economy / self.run_n
             if (
-                self.stat < s.mix_threshold
+                self.stat < threshold
                 or min(run_share, self._later_half_share()) > p0 - s.mix_min_drop
                 or self.recent > p0 - s.mix_min_drop
             ):
@@ -151,7 +154,7 @@ class TierMixDetector:
             kind="tier_mix",
             scope=self.scope,
             ts=ts,
-            score=self.stat / s.mix_threshold,
+            score=self.stat / threshold,
             is_anomaly=anomalous,
             expected=p0,
             observed=observed,
@@ -179,4 +182,13 @@ class TierMixDetector:
         self.pending.clear()
 
 
-__all__ = ["TierMixDetector"]
+def mix_threshold(settings: DetectorSettings, p0: float, p1: float, calls_per_day: float) -> float:
+    """The CUSUM's threshold in nats for a scope of ``calls_per_day`` at share ``p0``, tuned
+    to ``p1``: ``mix_threshold``, raised so that chance triggers stay about
+    ``mix_arl0_days`` apart (average run between them ~ e^h / KL(p0 || p1) calls)."""
+    drift = p0 * math.log(p0 / p1) + (1 - p0) * math.log((1 - p0) / (1 - p1))
+    calls = calls_per_day * settings.mix_arl0_days * drift
+    return max(settings.mix_threshold, math.log(calls) if calls > 1 else 0.0)
+
+
+__all__ = ["TierMixDetector", "mix_threshold"]

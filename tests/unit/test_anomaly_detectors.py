@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -219,6 +220,47 @@ def test_a_gradual_rise_is_measured_against_the_day_before_it() -> None:
     assert first <= crossing + 120
 
 
+def test_a_busy_feature_whose_cost_wanders_in_clusters_is_not_paged_as_a_lasting_rise() -> None:
+    """The Azure trace's busy features (log-cost spread about 1): at 80 calls a minute, their
+    five-minute typical cost ranges from 0.7x to 1.46x of the day's, because long
+    conversations arrive in clusters, and five-minute stretches of 300-480 calls at 1.5x
+    were paged as lasting rises (scope-wide gate at 1.5, the value until session 6: here 18
+    alarms at 1.5x-1.6x in two days, of 23). Here every 40 minutes a five-to-seven-minute cluster at
+    1.4x-1.6x, over two days: nothing is paged as a lasting rise below the stated +75 %.
+
+    Known limit, kept: a young run inside a cluster, chosen by the CUSUM for being high,
+    can meet the jump gate (``cost_jump_ratio``, 2x on 19-109 calls: 6 times in these two
+    days, harsher than the trace); a gate on short runs strict enough to stop them would
+    also hold back real 2x steps for five minutes (docs/ANOMALY.md). A lasting step to
+    2.2x is paged within two minutes."""
+    rng = random.Random(17)
+    detector = CostDetector("feature:busy", SETTINGS, own_reference=True)
+    gap = 60 / 80
+    clusters = [
+        (rng.uniform(900, 1800), rng.uniform(300, 420), rng.uniform(1.4, 1.6))
+        for _ in range(2 * 86_400 // 2400)
+    ]
+
+    def factor(t: float) -> float:
+        begin, length, level = clusters[int(t // 2400)]
+        return level if begin <= t % 2400 < begin + length else 1.0
+
+    wandering = [
+        (i * gap, 3e5 * rng.lognormvariate(0, 1.0) * factor(i * gap))
+        for i in range(int(2 * 86_400 / gap))
+    ]
+    verdicts = cost_run(detector, wandering)
+    opened = [v.note for v in verdicts if v is not None and "since the change" in v.note]
+    assert opened  # the jump gate's pages (above)
+    claimed = [float(re.findall(r"typically ([0-9.]+)x", note)[-1]) for note in opened]
+    assert [c for c in claimed if c < 1.75] == []  # the stated +75 %
+    start = 2 * 86_400.0
+    step = [(start + i * gap, 3e5 * rng.lognormvariate(0, 1.0) * 2.2) for i in range(2400)]
+    verdicts = cost_run(detector, step)
+    first = next(t for (t, _), v in zip(step, verdicts, strict=True) if v and v.is_anomaly)
+    assert first - start <= 120
+
+
 def _poisson_costs(
     rng: random.Random, start: float, end: float, per_minute: float, sigma: float, factor: object
 ) -> list[tuple[float, float]]:
@@ -353,6 +395,27 @@ def test_mix_ignores_a_small_drift_and_is_silent_while_warming_up() -> None:
     gap = timedelta(seconds=SETTINGS.resolve_after_seconds)
     incidents = [t for i, t in enumerate(flagged) if i == 0 or t - flagged[i - 1] > gap]
     assert len(incidents) <= 1 and len(flagged) < 200
+
+
+def test_mix_busy_scope_is_quiet_on_a_stable_share_for_days() -> None:
+    """A global scope of 300,000 calls a day at a steady 70 % economy share: 100-call
+    stretches at 46-49 % happen by chance every day (seen in the Azure trace's world), and
+    a threshold fixed in nats, set for a scope of 10 calls a minute, triggered on them.
+    The threshold grows with the calls a scope sees (``mix_arl0_days``); a regression is
+    still found in about a minute at this volume."""
+    rng = random.Random(5)
+    detector = TierMixDetector("global", SETTINGS)
+    gap = 86_400 / 300_000
+    flagged = []
+    for i in range(3 * 300_000):
+        verdict = detector.observe(at(i * gap), rng.random() < 0.7)
+        if verdict is not None and verdict.is_anomaly:
+            flagged.append(verdict)
+    assert flagged == []
+    start = 3 * 86_400
+    dropped = [detector.observe(at(start + i * gap), rng.random() < 0.35) for i in range(2000)]
+    first = next(i for i, v in enumerate(dropped) if v is not None and v.is_anomaly)
+    assert first * gap <= 20  # ~70 calls
 
 
 # -- the statistics --------------------------------------------------------------------------------
