@@ -466,8 +466,9 @@ class CostDetector:
         """Whether a triggered CUSUM's rise is as large as stated.
 
         A rise that has lasted ``cost_sustained_seconds`` must typically reach
-        ``cost_min_ratio`` (``cost_model_min_ratio`` within a model); a younger one must be
-        a jump (``cost_jump_ratio``: busy features' costs wander by a third for minutes). A
+        ``cost_min_ratio`` (``cost_model_min_ratio`` within a model), and one that has lasted
+        ``cost_lasting_seconds`` ``cost_drift_min_ratio``; a younger one must be a jump
+        (``cost_jump_ratio``: busy features' costs wander by a third for minutes). A
         rise still growing (a drift) is judged by the later half of the run too, once that
         half has itself lasted ``cost_sustained_seconds`` and holds
         ``cost_drift_min_requests`` calls, against ``cost_drift_min_ratio``: the run's mean
@@ -477,6 +478,8 @@ class CostDetector:
         elapsed = t - cusum.run_start
         stated = self._min_ratio(spread is not None)
         needed = stated if elapsed >= s.cost_sustained_seconds else s.cost_jump_ratio
+        if elapsed >= s.cost_lasting_seconds:
+            needed = min(needed, s.cost_drift_min_ratio)
         # The per-model view (``spread`` given) judges the whole run a margin below its
         # mean too: its CUSUMs gather evidence fast enough to fire on short runs, whose
         # mean is flattered by the selection (a level of 1.3x met 1.5x on 40-80 calls).

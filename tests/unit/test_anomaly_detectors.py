@@ -225,11 +225,12 @@ def test_a_busy_feature_whose_cost_wanders_in_clusters_is_not_paged_as_a_lasting
     five-minute typical cost ranges from 0.7x to 1.46x of the day's, because long
     conversations arrive in clusters, and five-minute stretches of 300-480 calls at 1.5x
     were paged as lasting rises (scope-wide gate at 1.5, the value until session 6: here 18
-    alarms at 1.5x-1.6x in two days, of 23). Here every 40 minutes a five-to-seven-minute cluster at
-    1.4x-1.6x, over two days: nothing is paged as a lasting rise below the stated +75 %.
+    alarms at 1.5x in two days, of 23). Here every 40 minutes a five-to-seven-minute
+    cluster at 1.4x-1.6x, over two days: nothing is paged below the stated +60 %
+    (``cost_min_ratio``; 2 alarms at 1.6x).
 
     Known limit, kept: a young run inside a cluster, chosen by the CUSUM for being high,
-    can meet the jump gate (``cost_jump_ratio``, 2x on 19-109 calls: 6 times in these two
+    can meet the jump gate (``cost_jump_ratio``, 2x on 19-109 calls: 5 times in these two
     days, harsher than the trace); a gate on short runs strict enough to stop them would
     also hold back real 2x steps for five minutes (docs/ANOMALY.md). A lasting step to
     2.2x is paged within two minutes."""
@@ -253,7 +254,7 @@ def test_a_busy_feature_whose_cost_wanders_in_clusters_is_not_paged_as_a_lasting
     opened = [v.note for v in verdicts if v is not None and "since the change" in v.note]
     assert opened  # the jump gate's pages (above)
     claimed = [float(re.findall(r"typically ([0-9.]+)x", note)[-1]) for note in opened]
-    assert [c for c in claimed if c < 1.75] == []  # the stated +75 %
+    assert [c for c in claimed if c < 1.6] == []  # the stated +60 %
     start = 2 * 86_400.0
     step = [(start + i * gap, 3e5 * rng.lognormvariate(0, 1.0) * 2.2) for i in range(2400)]
     verdicts = cost_run(detector, step)
