@@ -186,9 +186,9 @@ class DetectorSettings:
     in this many days at the calls it sees (the CUSUM's average run between false triggers,
     e^h over the log-likelihood ratio's drift per call). A fixed threshold is a fixed number of
     calls between chance triggers: the Azure trace's global scope, 300,000 calls a day at a
-    steady 70 % economy share, has 100-call stretches at 46-49 % every day, and 11.5 nats
-    paged one in 2 of 3 days on each of two seeds. At that volume the threshold is 14.3
-    nats: a regression takes ~25 % more calls, seconds there."""
+    steady 70 % economy share, has a 100-call stretch at 49-51 % every day, and 11.5 nats
+    paged such dips once in 2 judged days on seeds 11 and 13, twice on seed 17. At that
+    volume the threshold is 14.3 nats: a regression takes ~25 % more calls, seconds there."""
     mix_min_drop: float = 0.2
     """A trigger alerts only when the share since the change is this far below the reference."""
     mix_adapt_after_seconds: int = 6 * 3600
