@@ -403,7 +403,7 @@ def test_mix_busy_scope_is_quiet_on_a_stable_share_for_days() -> None:
     stretches at 49-51 % happen by chance every day (seen in the Azure trace's world), and
     a threshold fixed in nats, set for a scope of 10 calls a minute, triggered on them.
     The threshold grows with the calls a scope sees (``mix_arl0_days``); a regression is
-    still found in about a minute at this volume."""
+    still found within 20 seconds at this volume."""
     rng = random.Random(5)
     detector = TierMixDetector("global", SETTINGS)
     gap = 86_400 / 300_000
