@@ -182,6 +182,8 @@ class CostDetector:
         "ew_z",
         "last_anomalous",
         "model_cusums",
+        "model_offset_n",
+        "model_offset_sum",
         "model_spread",
         "model_spread_at",
         "model_thresholds",
@@ -227,6 +229,8 @@ class CostDetector:
         self.model_spread = 1.0  # pooled spread of log cost within a model
         self.model_spread_at = -1  # the scope reference's ``added`` when it was computed
         self.alarm_by_model = False  # the open alarm was raised by the per-model view
+        self.model_offset_sum = 0.0  # users: their typical score among the same model's calls
+        self.model_offset_n = 0.0
 
     def __setstate__(self, state: tuple[None, dict[str, object]] | dict[str, object]) -> None:
         # Checkpoints written before the per-model view restore with an empty one.
@@ -235,6 +239,8 @@ class CostDetector:
             setattr(self, name, value)
         if not hasattr(self, "models"):
             self._init_models()
+        if not hasattr(self, "model_offset_sum"):  # before users had the per-model view
+            self.model_offset_sum = self.model_offset_n = 0.0
 
     def use_settings(self, settings: DetectorSettings) -> None:
         """New thresholds (the reference's memory stays as it was built)."""
@@ -263,13 +269,11 @@ class CostDetector:
         pooled = _pooled_spread(self.models, t)
         if pooled is None and prior is not None:
             pooled = _pooled_spread(prior.models, t)
-        self.model_spread = pooled if pooled is not None else ref.spread
-        k = round(
-            min(
-                0.5, max(0.1, math.log(self.settings.cost_design_ratio) / (2.0 * self.model_spread))
-            ),
-            2,
-        )
+        self._set_model_spread(pooled if pooled is not None else ref.spread)
+
+    def _set_model_spread(self, spread: float) -> None:
+        self.model_spread = spread
+        k = round(min(0.5, max(0.1, math.log(self.settings.cost_design_ratio) / (2.0 * spread))), 2)
         if abs(k - self.model_cusums[0].k) > 0.01:
             self.model_cusums[0].k = k
             self.model_thresholds[0] = cusum_threshold(k, self.settings.cost_arl0_requests)
@@ -320,6 +324,11 @@ class CostDetector:
         prior = self.settings.cost_user_prior_requests
         return self.offset_sum / (self.offset_n + prior)
 
+    def model_offset(self) -> float:
+        """A user's typical score among the same model's calls (shrunk as :meth:`offset`)."""
+        prior = self.settings.cost_user_prior_requests
+        return self.model_offset_sum / (self.model_offset_n + prior)
+
     def typical_log(self, ref: CostReference, owned: bool) -> float:
         """Log of this scope's usual typical cost: its reference's, shifted for a user."""
         return ref.mean_log() + (0.0 if owned else self.offset() * self.spread)
@@ -337,12 +346,16 @@ class CostDetector:
         requests_per_hour: float = 0.0,
         model: str = "",
         model_prior: CostDetector | None = None,
+        model_home: CostDetector | None = None,
     ) -> Verdict | None:
         """Judge one call. ``reference``: the distribution to rank it in (a user's feature's;
         None for a scope that owns one). ``model``: the model served (a scope that owns its
         distribution also ranks the call among that model's calls); ``model_prior``: the
-        detector whose per-model distributions are the prior (the global scope's). Returns
-        an anomalous verdict, a normal one while an alarm is open, or None."""
+        detector whose per-model distributions are the prior (the global scope's).
+        ``model_home``: for a user, the detector of the call's feature, whose per-model
+        distributions rank the call among the same model's calls (shifted by the user's own
+        typical score there). Returns an anomalous verdict, a normal one while an alarm is
+        open, or None."""
         s = self.settings
         t = ts.timestamp()
         ref = self.reference if self.reference is not None else reference
@@ -360,6 +373,15 @@ class CostDetector:
         within = self._model_score(cost_nanos, t, model, model_prior) if by_model else None
         if by_model:
             self._tune_models(ref, model_prior, t)
+        within_raw = None
+        if not owned and model and s.cost_model_views and model_home is not None:
+            # A user: ranked among the feature's calls of the same model (a feature that
+            # mixes models 16x apart hides an 8x call among the pricier model's calls).
+            within_raw = model_home._model_score(cost_nanos, t, model, model_prior)
+            if within_raw is not None:
+                self._set_model_spread(model_home.model_spread)
+                shift = self.model_offset()
+                within = (within_raw[0] - shift, within_raw[1] - shift * self.model_spread)
         reference_mean = ref.mean()
         log_cost = math.log(max(cost_nanos, 1.0))
         usual = self.typical_log(ref, owned)
@@ -374,6 +396,9 @@ class CostDetector:
             else:
                 self.offset_sum = self.offset_sum * 0.995 + raw
                 self.offset_n = self.offset_n * 0.995 + 1.0
+                if within_raw is not None:
+                    self.model_offset_sum = self.model_offset_sum * 0.995 + within_raw[0]
+                    self.model_offset_n = self.model_offset_n * 0.995 + 1.0
             fired = None
             for cusum, h in zip(self.cusums, self.thresholds, strict=True):
                 cusum.update(z, cost_nanos, log_cost, t)

@@ -306,7 +306,13 @@ class AnomalyEngine:
                 home = feature if feature is not None else glob
                 reference = home.cost.reference if home.cost is not None else None
                 user_verdict = user.cost.observe(
-                    ts, cost_nanos, reference, requests_per_hour=self._rph(user, t)
+                    ts,
+                    cost_nanos,
+                    reference,
+                    requests_per_hour=self._rph(user, t),
+                    model=model,
+                    model_prior=glob.cost,
+                    model_home=home.cost,
                 )
             for state in (glob, feature):
                 if state is None or state.cost is None:
