@@ -116,3 +116,31 @@ def test_a_features_cost_shift_is_paged_on_the_feature_not_on_its_users() -> Non
         and a.get("incident_role", "primary") == "primary"
     ]
     assert user_pages == []
+
+
+def test_a_user_cost_detector_from_a_checkpoint_before_per_model_users_restores() -> None:
+    """A user's detector checkpointed before users had the per-model view (no model offset)
+    comes back with a zero offset and judges the next calls, instead of failing."""
+    from agents.anomaly.costs import CostDetector
+    from app.anomaly_config import DetectorSettings
+
+    settings = DetectorSettings()
+    feature = CostDetector("feature:chat", settings, own_reference=True)
+    rng = random.Random(3)
+    for i in range(400):
+        feature.observe(T0 + timedelta(seconds=i), 3e5 * rng.lognormvariate(0, 1), model="m")
+    old = CostDetector("user:u", settings, own_reference=False)
+    reduced: Any = old.__reduce_ex__(4)
+    slots = {k: v for k, v in reduced[2][1].items() if not k.startswith("model_offset")}
+    restored = CostDetector.__new__(CostDetector)
+    restored.__setstate__((None, slots))
+    assert restored.model_offset() == 0.0
+    for i in range(50):
+        restored.observe(
+            T0 + timedelta(seconds=400 + i),
+            3e5,
+            feature.reference,
+            model="m",
+            model_home=feature,
+        )
+    assert restored.model_offset_n > 0
