@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from agents.anomaly.engine import AnomalyEngine
+from tests.anomaly_traffic import pages, run
 
 T0 = datetime(2024, 5, 1, tzinfo=UTC)
 FEATURES = {"chat": 30.0, "search": 20.0, "summarize": 15.0}  # calls a minute
@@ -62,21 +63,10 @@ def traffic(
     return sorted(records, key=lambda r: r["ts"])
 
 
-def run(engine: AnomalyEngine, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    alerts: list[dict[str, Any]] = []
-    for record in records:
-        alerts += engine.observe(record)
-    return alerts
-
-
 def first_page(alerts: list[dict[str, Any]], key: str) -> float | None:
     """Seconds after the incident of the first page (primary firing alert) of ``key``."""
-    for alert in alerts:
-        if (
-            alert["status"] == "firing"
-            and alert["alert_key"] == key
-            and alert.get("incident_role", "primary") == "primary"
-        ):
+    for alert in pages(alerts):
+        if alert["alert_key"] == key:
             return (alert["ts"] - T0).total_seconds() - WARM
     return None
 
@@ -109,11 +99,7 @@ def test_a_features_cost_shift_is_paged_on_the_feature_not_on_its_users() -> Non
     alerts = run(engine, traffic(rng, WARM, WARM + 1800, chat_factor=3.0))
     assert first_page(alerts, "cost_per_request|feature:chat") is not None
     user_pages = [
-        a["alert_key"]
-        for a in alerts
-        if a["status"] == "firing"
-        and a["alert_key"].startswith("cost_per_request|user:")
-        and a.get("incident_role", "primary") == "primary"
+        a["alert_key"] for a in pages(alerts) if a["alert_key"].startswith("cost_per_request|user:")
     ]
     assert user_pages == []
 
