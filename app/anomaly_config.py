@@ -107,10 +107,22 @@ class DetectorSettings:
     cost_large_k: float = 1.5
     """A third CUSUM with this allowance (in standard deviations; the second has 0.5)
     catches big jumps in a few calls."""
+    cost_tail_share: float = 0.001
+    """A fourth CUSUM counts the calls above this quantile of the scope's distribution
+    (the top 0.1 %; a scope needs 500 remembered calls, or a model 500 with the prior's,
+    before its rank can say so) ..."""
+    cost_tail_alt_share: float = 0.4
+    """... and finds a rise of that share to this one fastest (a Bernoulli CUSUM with
+    threshold ln(``cost_arl0_requests``) = 16.1: a call in the tail adds ln(0.4 / 0.001) =
+    6.0, any other subtracts 0.51, so three far calls among three ordinary ones trigger).
+    It is for part of the calls shifted far: half a feature's calls at 8x the tokens at 4
+    calls a minute, 12 held-out seeds, within 2 minutes 4 -> 7, median 127 -> 102 s. A
+    CUSUM of the scores gains at most ~3 per far call (the rank's resolution caps a score)
+    and loses 0.5 per ordinary one. With 0.005 / 0.3 (four far calls needed) 5 of 12."""
     cost_arl0_requests: float = 1e7
     """Requests between false triggers of one CUSUM on stationary costs (sets its threshold:
-    with three CUSUMs on each of a user and a feature, about a million steps a day for the
-    Azure trace, about 0.3 false triggers a day before the effect-size gate)."""
+    with four CUSUMs on each of a user and a feature, about a million steps a day for the
+    Azure trace, about 0.4 false triggers a day before the effect-size gate)."""
     cost_min_ratio: float = 1.6
     """A triggered scope alerts only when the calls since the change typically cost at least
     this many times the usual (ranked scope-wide): the stated amount, +60 %. At 1.5 (until
@@ -301,6 +313,11 @@ class DetectorSettings:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"DetectorSettings.{name}={getattr(self, name)} must be >= 1")
+        if not 0 < self.cost_tail_share < self.cost_tail_alt_share < 1:
+            raise ValueError(
+                "DetectorSettings.cost_tail_share and cost_tail_alt_share must satisfy "
+                f"0 < {self.cost_tail_share} < {self.cost_tail_alt_share} < 1"
+            )
         if self.cost_design_ratio <= 1:
             raise ValueError(
                 f"DetectorSettings.cost_design_ratio={self.cost_design_ratio} must be > 1"

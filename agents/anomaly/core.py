@@ -13,11 +13,14 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from statistics import NormalDist
 from typing import Literal, Protocol, runtime_checkable
 
 from scipy.special import gammainc, gammaincc
 
 from app.anomaly_config import DetectorSettings
+
+_inverse_normal = NormalDist().inv_cdf
 
 NANOS_PER_USD = 1e9
 
@@ -272,7 +275,13 @@ class Cusum:
         self, z: float, carried: float = 0.0, carried_log: float = 0.0, at: float = 0.0
     ) -> None:
         """Add one increment (and the values it carries: a value and its log) at time ``at``."""
-        self.stat = max(0.0, self.stat + z - self.k)
+        self._step(z - self.k, z, carried, carried_log, at)
+
+    def _step(
+        self, increment: float, z: float, carried: float, carried_log: float, at: float
+    ) -> None:
+        """Add ``increment`` to the statistic; the run notes the score ``z`` and the values."""
+        self.stat = max(0.0, self.stat + increment)
         if self.stat == 0.0:
             self.reset()
         else:
@@ -312,6 +321,41 @@ class Cusum:
         return now, 0, 0.0
 
 
+class TailCusum(Cusum):
+    """A CUSUM of how often calls land far up the tail: the log-likelihood ratio of "a share
+    ``alt_share`` of the calls lands above the ``1 - tail_share`` quantile" against "the
+    usual ``tail_share`` does" (a Bernoulli CUSUM).
+
+    It finds part of the calls shifted far (half a feature's calls at 8x the tokens) in
+    fewer calls than a CUSUM of the scores themselves, whose allowance every ordinary call
+    pays and whose gain from a far call is capped by the rank's resolution. Its threshold is
+    ``ln(arl0)`` (Lorden: a likelihood-ratio CUSUM with threshold h triggers falsely once in
+    at least e^h steps). ``k`` is kept (0) so that code reading a CUSUM's allowance works.
+    """
+
+    __slots__ = ("cut", "hit", "miss")
+
+    def __init__(self, tail_share: float, alt_share: float) -> None:
+        super().__init__(0.0)
+        self.tune(tail_share, alt_share)
+
+    def tune(self, tail_share: float, alt_share: float) -> None:
+        self.cut = _inverse_normal(1.0 - tail_share)  # the score above which a call counts
+        self.hit = math.log(alt_share / tail_share)
+        self.miss = math.log((1.0 - alt_share) / (1.0 - tail_share))
+
+    def update(
+        self, z: float, carried: float = 0.0, carried_log: float = 0.0, at: float = 0.0
+    ) -> None:
+        """One call: its score ``z`` counts as in the tail or not (the run's sums as
+        :meth:`Cusum.update`'s)."""
+        self._step(self.hit if z >= self.cut else self.miss, z, carried, carried_log, at)
+
+    @staticmethod
+    def threshold(arl0: float) -> float:
+        return math.log(arl0)
+
+
 __all__ = [
     "NANOS_PER_USD",
     "Cusum",
@@ -321,6 +365,7 @@ __all__ = [
     "DetectorFactory",
     "Kind",
     "Point",
+    "TailCusum",
     "Verdict",
     "amount",
     "cusum_threshold",

@@ -44,7 +44,7 @@ from collections import deque
 from datetime import datetime
 from statistics import NormalDist
 
-from agents.anomaly.core import NANOS_PER_USD, Cusum, Point, Verdict, cusum_threshold
+from agents.anomaly.core import NANOS_PER_USD, Cusum, Point, TailCusum, Verdict, cusum_threshold
 from app.anomaly_config import DetectorSettings
 
 _BIN = 0.05  # log-cost bin width: costs within 5 % of each other share a bin
@@ -203,9 +203,9 @@ class CostDetector:
         self.settings = settings
         self.reference = CostReference(s.cost_reference_memory_seconds) if own_reference else None
         # Tuned to the stated rise (set from the spread), to a rise of one standard
-        # deviation, and to a jump.
-        self.cusums = [Cusum(0.5), Cusum(0.5), Cusum(s.cost_large_k)]
-        self.thresholds = [cusum_threshold(c.k, s.cost_arl0_requests) for c in self.cusums]
+        # deviation, to a jump, and to part of the calls shifted far (the tail).
+        self.cusums = _cusums(s)
+        self.thresholds = _thresholds(self.cusums, s)
         self.spread = 1.0
         self.offset_sum = 0.0  # users: their typical score, learned
         self.offset_n = 0.0
@@ -222,10 +222,8 @@ class CostDetector:
         served and the same three CUSUMs, fed each call's score among its model's calls."""
         s = self.settings
         self.models: dict[str, CostReference] = {}
-        self.model_cusums = [Cusum(0.5), Cusum(0.5), Cusum(s.cost_large_k)]
-        self.model_thresholds = [
-            cusum_threshold(c.k, s.cost_arl0_requests) for c in self.model_cusums
-        ]
+        self.model_cusums = _cusums(s)
+        self.model_thresholds = _thresholds(self.model_cusums, s)
         self.model_spread = 1.0  # pooled spread of log cost within a model
         self.model_spread_at = -1  # the scope reference's ``added`` when it was computed
         self.alarm_by_model = False  # the open alarm was raised by the per-model view
@@ -241,16 +239,22 @@ class CostDetector:
             self._init_models()
         if not hasattr(self, "model_offset_sum"):  # before users had the per-model view
             self.model_offset_sum = self.model_offset_n = 0.0
+        for cusums in (self.cusums, self.model_cusums):  # before the tail CUSUM
+            if len(cusums) == 3:
+                cusums.append(_cusums(self.settings)[3])
+        self.thresholds = _thresholds(self.cusums, self.settings)
+        self.model_thresholds = _thresholds(self.model_cusums, self.settings)
 
     def use_settings(self, settings: DetectorSettings) -> None:
         """New thresholds (the reference's memory stays as it was built)."""
         self.settings = settings
-        self.cusums[2].k = settings.cost_large_k
-        self.thresholds = [cusum_threshold(c.k, settings.cost_arl0_requests) for c in self.cusums]
-        self.model_cusums[2].k = settings.cost_large_k
-        self.model_thresholds = [
-            cusum_threshold(c.k, settings.cost_arl0_requests) for c in self.model_cusums
-        ]
+        for cusums in (self.cusums, self.model_cusums):
+            cusums[2].k = settings.cost_large_k
+            tail = cusums[3]
+            assert isinstance(tail, TailCusum)
+            tail.tune(settings.cost_tail_share, settings.cost_tail_alt_share)
+        self.thresholds = _thresholds(self.cusums, settings)
+        self.model_thresholds = _thresholds(self.model_cusums, settings)
 
     def _tune(self, spread: float) -> None:
         """Tune the first CUSUM to a rise of ``cost_design_ratio`` given the log-cost spread."""
@@ -544,6 +548,26 @@ class CostDetector:
         else:
             self.offset_sum += self.ew_z * (self.offset_n + self.settings.cost_user_prior_requests)
         self._end_alarm()
+
+
+def _cusums(s: DetectorSettings) -> list[Cusum]:
+    """Tuned to the stated rise (the first's allowance is set from the spread), to a rise
+    of one standard deviation, to a jump, and to part of the calls shifted far."""
+    return [
+        Cusum(0.5),
+        Cusum(0.5),
+        Cusum(s.cost_large_k),
+        TailCusum(s.cost_tail_share, s.cost_tail_alt_share),
+    ]
+
+
+def _thresholds(cusums: list[Cusum], s: DetectorSettings) -> list[float]:
+    return [
+        c.threshold(s.cost_arl0_requests)
+        if isinstance(c, TailCusum)
+        else cusum_threshold(c.k, s.cost_arl0_requests)
+        for c in cusums
+    ]
 
 
 def log_spread(ref: CostReference) -> float:

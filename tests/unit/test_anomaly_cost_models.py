@@ -174,6 +174,38 @@ def test_half_the_calls_at_eight_times_the_tokens_pages_within_five_minutes(warm
     assert paged - START <= 300
 
 
+def test_the_issues_prompt_injection_at_four_calls_a_minute_mostly_pages_within_two_minutes(
+    warm: bytes,
+) -> None:
+    """The issue's numbers: half the calls of a feature at ~4 calls a minute (the support
+    feature at its 15:00 peak) at 8x the tokens. Two minutes hold ~8 calls, ~4 of them at
+    8x; the tail CUSUM (``cost_tail_share``) needs 3 or 4 of them among a few ordinary
+    ones, the CUSUMs of the scores about 5. Over these 12 seeds (not the ones the settings
+    were chosen on): 7 within 2 minutes, median 102 s; before the tail CUSUM 4, median
+    127 s. The others are the arrivals' doing: a seed whose first two minutes bring two
+    8x calls, or 8x calls that the tokens' own spread left under the top 0.1 %, waits for
+    more (floor: three far calls)."""
+    start = DAY + 15 * 3600.0
+    delays = []
+    for seed in range(20, 32):
+        engine = AnomalyEngine.restore(warm)
+        rng = random.Random(seed)
+        run(engine, day_of_traffic(rng, DAY + 9 * 3600, start))
+        inject = random.Random(seed + 1000)
+        alerts = run(
+            engine,
+            day_of_traffic(
+                rng,
+                start,
+                start + 900,
+                factor=lambda t, inject=inject: 8.0 if inject.random() < 0.5 else 1.0,
+            ),
+        )
+        paged = first_cost_firing(alerts, "feature:support")
+        delays.append(math.inf if paged is None else paged - start)
+    assert sum(d <= 120 for d in delays) >= 7, sorted(delays)
+
+
 def test_a_switch_to_the_pricier_model_is_still_paged(warm: bytes) -> None:
     """All calls to the 16x model (tokens as usual): within the model nothing moved, so the
     scope-wide ranking (and the economy-share detector: the cheap model is the economy
@@ -253,7 +285,35 @@ def test_a_cost_detector_from_a_checkpoint_without_the_per_model_view_restores()
     old_slots.pop("alarm_by_model")
     restored = CostDetector.__new__(CostDetector)
     restored.__setstate__((None, old_slots))
-    assert restored.models == {} and len(restored.model_cusums) == 3
+    assert restored.models == {} and len(restored.model_cusums) == 4
     for i in range(300):
         restored.observe(T0 + timedelta(seconds=10 * i), 3e5, model="gpt-4o-mini")
     assert restored.models["gpt-4o-mini"].added == 300
+
+
+def test_a_cost_detector_from_a_checkpoint_without_the_tail_cusum_restores() -> None:
+    """A checkpoint written with three CUSUMs per view comes back with the tail CUSUM too,
+    and judges (a run of 8x calls of the model then pages)."""
+    from agents.anomaly.core import TailCusum
+    from agents.anomaly.costs import CostDetector
+    from app.anomaly_config import DetectorSettings
+
+    old = CostDetector("feature:chat", DetectorSettings(), own_reference=True)
+    reduced: Any = old.__reduce_ex__(4)
+    slots: dict[str, Any] = dict(reduced[2][1])
+    for name in ("cusums", "model_cusums", "thresholds", "model_thresholds"):
+        slots[name] = slots[name][:3]
+    restored = CostDetector.__new__(CostDetector)
+    restored.__setstate__((None, slots))
+    assert isinstance(restored.cusums[3], TailCusum)
+    assert isinstance(restored.model_cusums[3], TailCusum)
+    assert len(restored.thresholds) == len(restored.model_thresholds) == 4
+    rng = random.Random(3)
+    for i in range(600):
+        restored.observe(
+            T0 + timedelta(seconds=10 * i), 3e5 * rng.lognormvariate(0, 0.5), model="m"
+        )
+    fired = [
+        restored.observe(T0 + timedelta(seconds=6000 + 10 * i), 2.4e6, model="m") for i in range(8)
+    ]
+    assert any(v is not None and v.is_anomaly for v in fired)

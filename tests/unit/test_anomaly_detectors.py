@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from agents.anomaly.core import Cusum, cusum_threshold
+from agents.anomaly.core import Cusum, TailCusum, cusum_threshold
 from agents.anomaly.costs import CostDetector
 from agents.anomaly.mix import TierMixDetector
 from agents.anomaly.rates import PeerPrior, RateDetector, fit_peer_prior
@@ -206,6 +206,37 @@ def test_cost_half_the_calls_at_eight_times_is_a_shift_found_in_tens_of_calls() 
     verdicts = cost_run(detector, shifted)
     first = next(i for i, v in enumerate(verdicts) if v is not None and v.is_anomaly)
     assert first <= 80  # 20 minutes at 4 calls/min; see docs/ANOMALY.md for why not sooner
+
+
+def test_the_tail_cusum_triggers_falsely_no_more_often_than_its_threshold_allows() -> None:
+    """Lorden's bound: a likelihood-ratio CUSUM with threshold ln(arl0) triggers falsely
+    at most once in arl0 steps on average. Scores drawn from the null (standard normal
+    rank scores), restarted after each trigger."""
+    rng = random.Random(4)
+    tail = TailCusum(SETTINGS.cost_tail_share, SETTINGS.cost_tail_alt_share)
+    steps, arl0 = 400_000, 2_000.0
+    h = TailCusum.threshold(arl0)
+    triggers = 0
+    for _ in range(steps):
+        tail.update(rng.gauss(0.0, 1.0))
+        if tail.stat > h:
+            triggers += 1
+            tail.reset()
+    assert triggers <= steps / arl0  # 200; about a third of that is typical
+    assert triggers > 0  # the test can see a trigger at all
+
+
+def test_three_far_calls_among_three_ordinary_ones_trigger_the_tail_cusum() -> None:
+    """What the tail CUSUM is for: part of the calls far out. At the default settings three
+    calls above the top 0.1 % among three ordinary ones cross ln(1e7); two do not."""
+    h = TailCusum.threshold(SETTINGS.cost_arl0_requests)
+    for far, expected in ((3, True), (2, False)):
+        tail = TailCusum(SETTINGS.cost_tail_share, SETTINGS.cost_tail_alt_share)
+        for i in range(6):
+            tail.update(3.5 if i % 2 == 0 and i // 2 < far else 0.0, at=float(i))
+        assert (tail.stat > h) is expected, (far, tail.stat, h)
+        if expected:  # the run holds the scores (for the effect size), not the increments
+            assert tail.run_n == 6 and tail.run_z == pytest.approx(3 * 3.5)
 
 
 def test_a_gradual_rise_is_measured_against_the_day_before_it() -> None:
