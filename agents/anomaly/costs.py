@@ -5,12 +5,13 @@ Owns :class:`CostReference` (a scope's distribution of log cost over the past da
 
 - **Rank, then CUSUM.** Each call's cost is turned into a standard normal score
   through the reference distribution (its rank among the scope's past costs, whatever
-  their shape: several models, heavy tails), and two CUSUMs add the scores up: one
-  tuned to a doubling (``cost_design_ratio``), which finds a sustained shift of the
-  whole distribution or of part of it (half the calls at 8x the tokens), one tuned to
-  a rise of one standard deviation, and one with a large allowance that finds a jump in
-  three or four calls. Single outliers never
-  alert; no call is trimmed away.
+  their shape: several models, heavy tails), and three CUSUMs add the scores up: one
+  tuned to a rise of ``cost_design_ratio``, which finds a sustained shift of the
+  whole distribution or of part of it, one tuned to a rise of one standard deviation,
+  and one with a large allowance that finds a jump in three or four calls. A fourth,
+  the tail CUSUM, counts the calls above the top ``cost_tail_share`` (part of the calls
+  shifted far: half of them at 8x the tokens). Single outliers never alert; no call is
+  trimmed away.
 - **A reference that does not learn a rise.** The reference remembers a day
   (``cost_reference_memory_seconds``), so the first half hour of a rise over hours
   weighs about 2 % in it, and it learns nothing while the scope is anomalous: a
@@ -22,7 +23,7 @@ Owns :class:`CostReference` (a scope's distribution of log cost over the past da
 - **Each call against its own model too.** A feature that mixes models whose prices
   differ 16x has a log-cost spread of about 1.5, most of it the mix; its tokens spread
   0.4 to 1.3. Features and the global scope also keep one distribution per model served
-  (``cost_model_views``), and a second set of the same three CUSUMs adds up each call's
+  (``cost_model_views``), and a second set of the same four CUSUMs adds up each call's
   score among the same model's calls, so a 1.75x rise of the tokens is about one spread,
   not a third of one. A scope with few calls of a model borrows the global scope's
   distribution of that model (``cost_model_prior_requests`` calls' weight: empirical
@@ -219,7 +220,7 @@ class CostDetector:
 
     def _init_models(self) -> None:
         """The per-model view (features and the global scope): a distribution per model
-        served and the same three CUSUMs, fed each call's score among its model's calls."""
+        served and the same four CUSUMs, fed each call's score among its model's calls."""
         s = self.settings
         self.models: dict[str, CostReference] = {}
         self.model_cusums = _cusums(s)
@@ -239,11 +240,12 @@ class CostDetector:
             self._init_models()
         if not hasattr(self, "model_offset_sum"):  # before users had the per-model view
             self.model_offset_sum = self.model_offset_n = 0.0
-        for cusums in (self.cusums, self.model_cusums):  # before the tail CUSUM
-            if len(cusums) == 3:
-                cusums.append(_cusums(self.settings)[3])
-        self.thresholds = _thresholds(self.cusums, self.settings)
-        self.model_thresholds = _thresholds(self.model_cusums, self.settings)
+        if len(self.cusums) == 3 or len(self.model_cusums) == 3:  # before the tail CUSUM
+            for cusums in (self.cusums, self.model_cusums):
+                if len(cusums) == 3:
+                    cusums.append(_cusums(self.settings)[3])
+            self.thresholds = _thresholds(self.cusums, self.settings)
+            self.model_thresholds = _thresholds(self.model_cusums, self.settings)
 
     def use_settings(self, settings: DetectorSettings) -> None:
         """New thresholds (the reference's memory stays as it was built)."""
