@@ -5,7 +5,8 @@ The agent checkpoints the engine with its offsets and, after a crash, restores i
 from there: any state a snapshot drops or a restore rebuilds differently (a cache, a derived
 threshold, an open incident, a CUSUM's run) would change what it pages. Random streams of
 usage records (users, features, two models and their tiers, costs over three orders of
-magnitude, bursts, gaps, records out of order, an incident's worth of 8x costs or a loop)
+magnitude, bursts, gaps, records out of order; an incident: 8x costs, a loop or an
+economy-share drop)
 with warm-ups shortened so that every detector judges within the stream.
 """
 
