@@ -7,6 +7,7 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+SCORE_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 
 
 class Metrics:
@@ -61,6 +62,23 @@ class Metrics:
             "tollgate_routed_calls",
             "Answered routed calls by the tier that served them and whether they were escalated",
             ["tier", "escalated"],
+            registry=r,
+        )
+        self.router_score = Histogram(
+            "tollgate_router_score",
+            "The router's score (its estimate that the economy tier would fail) of each scored "
+            "request, by the tier it chose: how close calls sit to routing.quality_target",
+            ["tier"],
+            buckets=SCORE_BUCKETS,
+            registry=r,
+        )
+        self.routing_failures = Counter(
+            "tollgate_routing_failures",
+            "Failed attempts of routed calls by their tier, the failure (upstream_error, timeout; "
+            "empty, truncated, refused as judged by the validators, which a stream runs only "
+            "while it may still escalate) and what followed: escalated one tier up, or answered "
+            "as it was (top tier, second attempt, escalation off, budget)",
+            ["from_tier", "reason", "result"],
             registry=r,
         )
         self.routing_explored = Counter(

@@ -133,6 +133,8 @@ class ChatAttempts:
             raise InvalidRequest(f"'{exc.field}' {exc.message}", field=exc.field) from None
         if route.routed:
             chat = chat.retarget(route.model)
+        if route.routed and route.score is not None:
+            self.metrics.router_score.labels(route.tier or "").observe(route.score)
         return chat, route
 
     def _may_explore(self) -> bool:
@@ -181,10 +183,14 @@ class ChatAttempts:
         self, route: RouteInfo, attempt: int
     ) -> Callable[[Failure | None], EscalationStep | None]:
         def escalation(failure: Failure | None) -> EscalationStep | None:
-            return self.levers.escalate(
+            step = self.levers.escalate(
                 route, failure, request_id=self.request_id, feature=self.identity.feature,
                 attempt=attempt,
             )  # fmt: skip
+            if failure is not None and route.routed:
+                result = "answered" if step is None else "escalated"
+                self.metrics.routing_failures.labels(route.tier or "", failure.value, result).inc()
+            return step
 
         return escalation
 

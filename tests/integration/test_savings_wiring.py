@@ -88,6 +88,12 @@ def test_auto_is_routed_with_headers_and_usage_fields(stack: Stack) -> None:
     assert ben["model_requested"] == "auto" and ben["tier"] in ("standard", "premium")
     assert ben["router_score"] > ann["router_score"]
 
+    # The scores, by the tier chosen, in a histogram (what a quality_target change would move).
+    metrics = httpx.get(f"{stack.url}/metrics").text
+    assert 'tollgate_router_score_count{tier="economy"} 1.0' in metrics
+    assert f'tollgate_router_score_count{{tier="{ben["tier"]}"}} 1.0' in metrics
+    assert 'tollgate_router_score_bucket{le="0.5",tier="economy"} 1.0' in metrics
+
 
 def test_concrete_model_is_not_routed(stack: Stack) -> None:
     response = client(stack).chat.completions.with_raw_response.create(
@@ -225,6 +231,10 @@ def test_failed_economy_call_escalates_once_with_two_usage_events(stack: Stack) 
         assert second["cost_usd_nanos"] > 0 and second["model_requested"] == "auto"
         assert first["event_id"] != second["event_id"]
 
+    metrics = httpx.get(f"{stack.url}/metrics").text
+    escalated = 'from_tier="economy",reason="upstream_error",result="escalated"'
+    assert f"tollgate_routing_failures_total{{{escalated}}} 2.0" in metrics
+
 
 def test_empty_economy_answer_escalates(stack: Stack) -> None:
     response = client(stack).chat.completions.with_raw_response.create(
@@ -240,6 +250,28 @@ def test_empty_economy_answer_escalates(stack: Stack) -> None:
         (1, "gpt-4o-mini", False),
         (2, "gpt-4o", True),
     ]
+    metrics = httpx.get(f"{stack.url}/metrics").text
+    assert (
+        'tollgate_routing_failures_total{from_tier="economy",reason="empty",result="escalated"} 1.0'
+        in metrics
+    )
+
+
+def test_a_routed_failure_that_cannot_escalate_is_answered_and_counted(stack: Stack) -> None:
+    """Every tier failing: the economy attempt escalates once, the standard one's failure is
+    the answer (one escalation per request), and the metrics say both."""
+    response = httpx.post(
+        f"{stack.url}/v1/chat/completions",
+        json={"model": "auto", "messages": SHORT, "user": "kim"},
+        headers={"X-Sim-Status": "503"},
+        timeout=30,
+    )
+    assert response.status_code >= 500 and response.json()["error"]["type"]
+    assert stack.counter.calls == 2
+    metrics = httpx.get(f"{stack.url}/metrics").text
+    for tier, result in (("economy", "escalated"), ("standard", "answered")):
+        labels = f'from_tier="{tier}",reason="upstream_error",result="{result}"'
+        assert f"tollgate_routing_failures_total{{{labels}}} 1.0" in metrics
 
 
 def test_concrete_model_failure_is_not_escalated(stack: Stack) -> None:
