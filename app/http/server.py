@@ -550,7 +550,8 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 @operation(
-    "Readiness: prices loaded and Kafka connected or spool usable",
+    "Readiness: prices loaded and Kafka connected or spool usable (and the router model "
+    "loaded, with routing.preload_model)",
     "open",
     response=responses.Readiness,
     extra_responses=((503, "Not ready"),),
@@ -566,8 +567,11 @@ async def readyz(request: web.Request) -> web.Response:
         "kafka_error": c.emitter.delivery_problem,
         "budget_decisions_synced": c.decision_view.synced.is_set(),
         "budget_policies_synced": c.policy_view.synced.is_set(),
+        "router_model_loaded": c.levers.model_loaded,
     }
     ready = checks["prices_loaded"] and (checks["kafka_connected"] or spool_room)
+    if c.settings.routing.preload_model:
+        ready = ready and checks["router_model_loaded"]
     if c.settings.budget_fail_closed:
         ready = ready and checks["budget_decisions_synced"]
     return json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
@@ -741,6 +745,15 @@ def dispatcher_id(state_dir: Path) -> str:
         return value
 
 
+async def preload_router_model(components: Components) -> None:
+    """``routing.preload_model``: load the router's failure model now, not with the first
+    scored request (a failure is logged; the first scored request then tries again)."""
+    try:
+        await components.levers.load_model()
+    except Exception:
+        log.exception("preloading the router model failed; it loads with the first routed request")
+
+
 async def sweep_reservations(components: Components) -> None:
     """Every few seconds: release reservations a call path failed to release (a bug)."""
     while True:
@@ -763,8 +776,13 @@ def create_app(settings: Settings) -> web.Application:
         components = await build_components(settings)
         app[COMPONENTS] = components
         sweeper = asyncio.create_task(sweep_reservations(components), name="reservation-sweep")
+        preload = None
+        if settings.routing.preload_model:  # /readyz waits for it
+            preload = asyncio.create_task(preload_router_model(components), name="model-preload")
         yield
         sweeper.cancel()
+        if preload is not None:
+            preload.cancel()
         await components.upstreams.close()
         await components.reports_session.close()
         await asyncio.gather(components.policy_view.stop(), components.decision_view.stop())

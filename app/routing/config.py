@@ -178,6 +178,13 @@ class RoutingSettings(BaseModel):
         "most this often, when it learned something; without shared learning, a dispatcher "
         "writes its model to <state_dir>/router-model.bin as often (and on shutdown).",
     )
+    preload_model: bool = Field(
+        default=False,
+        description="Load the failure model (numpy, River: about 90 MB of resident memory and "
+        "1-3 s of imports) when the dispatcher starts, and report not ready on /readyz until "
+        "it is loaded, instead of with the first scored request (which then waits for the "
+        "load; a dispatcher that routes nothing never pays it).",
+    )
     exploration_rate: float = Field(
         default=0.02,
         ge=0,

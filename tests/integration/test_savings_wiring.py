@@ -11,6 +11,7 @@ router learning from outcomes posted for its routed calls.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -465,3 +466,29 @@ def test_a_restarted_dispatcher_keeps_what_its_router_learned(
         score, tier, _ = route_auto(second, prompt, "kim")
     assert tier == "standard", "the restarted dispatcher forgot what its router learned"
     assert score == pytest.approx(learned) and score > fresh
+
+
+def test_the_router_model_loads_with_the_first_scored_request_or_at_start_when_preloaded(
+    kafka_settings: Settings, stack: Stack
+) -> None:
+    """By default the failure model (numpy, River: ~90 MB) loads with the first scored request,
+    and /readyz says whether it is loaded. ``routing.preload_model`` loads it at start-up, and
+    /readyz is not ready until it is: a load balancer then sends no routed request to a
+    dispatcher that would make it wait for the load."""
+    checks = httpx.get(f"{stack.url}/readyz").json()["checks"]
+    assert checks["router_model_loaded"] is False
+    client(stack).chat.completions.create(model="auto", messages=SHORT, user="amy")
+    assert httpx.get(f"{stack.url}/readyz").json()["checks"]["router_model_loaded"] is True
+
+    preloaded = ROUTING.model_copy(update={"preload_model": True})
+    with running_stack(kafka_settings, routing=preloaded, cache=CACHE) as other:
+        deadline = time.monotonic() + 120
+        ready: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            ready = httpx.get(f"{other.url}/readyz").json()
+            if ready["ready"]:
+                break
+            assert ready["checks"]["router_model_loaded"] is False  # not ready without it
+            time.sleep(0.1)
+        assert ready["ready"] and ready["checks"]["router_model_loaded"] is True
+        assert other.counter.calls == 0  # loaded with no request at all
