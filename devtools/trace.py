@@ -1,7 +1,7 @@
 """Usage traces: read a trace file, give its rows users, features and models, and place it in time.
 
-Owns the trace formats (the Azure LLM inference CSV and Tollgate's own JSON
-Lines of ``/v1/usage`` records), the *seeded* attribution draw for rows that
+Owns the trace formats (the Azure LLM inference CSV, the BurstGPT CSV and Tollgate's
+own JSON Lines of ``/v1/usage`` records), the *seeded* attribution draw for rows that
 carry none, and the placement of a trace on the clock (shift, speed-up,
 repeat), so replays (``tollgate replay``), benchmarks and the anomaly
 evaluation see the same realistic traffic for the same seed. It does not price
@@ -32,7 +32,12 @@ from app.validation import Id
 
 AZURE_TRACE = Path(__file__).resolve().parents[1] / "data" / "AzureLLMInferenceTrace_conv.csv"
 AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
-TraceFormat = Literal["azure-csv", "jsonl"]
+# BurstGPT (Wang et al., 2024: Azure OpenAI GPT usage of a campus, CC-BY 4.0): seconds from
+# the trace's start, the model family and the token counts; no users or features.
+BURSTGPT_COLUMNS = ("Timestamp", "Model", "Request tokens", "Response tokens")
+BURSTGPT_MODELS = {"ChatGPT": "gpt-3.5-turbo", "GPT-4": "gpt-4"}
+BURSTGPT_EPOCH = datetime(2023, 1, 1, tzinfo=UTC)  # its times are relative; a replay places them
+TraceFormat = Literal["azure-csv", "burstgpt-csv", "jsonl"]
 
 # Feature -> share of traffic. Names a product team would use.
 FEATURES: tuple[tuple[str, float], ...] = (
@@ -88,18 +93,23 @@ def detect_format(path: Path) -> TraceFormat:
         raise TraceFormatError(f"{path}: the file is empty; a trace needs at least one call")
     if first.startswith("{"):
         return "jsonl"
-    if set(AZURE_COLUMNS) <= {column.strip() for column in first.split(",")}:
+    columns = {column.strip() for column in first.split(",")}
+    if set(AZURE_COLUMNS) <= columns:
         return "azure-csv"
+    if set(BURSTGPT_COLUMNS) <= columns:
+        return "burstgpt-csv"
     raise TraceFormatError(
         f"{path}: unknown trace format (line 1 is {first[:60]!r}); expected an Azure LLM "
-        f"inference trace CSV with the header {','.join(AZURE_COLUMNS)}, or JSON Lines with "
-        "one /v1/usage record object per line"
+        f"inference trace CSV with the header {','.join(AZURE_COLUMNS)}, a BurstGPT CSV "
+        f"({','.join(BURSTGPT_COLUMNS)},...), or JSON Lines with one /v1/usage record object "
+        "per line"
     )
 
 
 def read_trace(path: Path) -> Iterator[TraceCall]:
-    """The calls of a trace file in either format (see ``detect_format``)."""
-    calls = read_usage_jsonl(path) if detect_format(path) == "jsonl" else read_azure_csv(path)
+    """The calls of a trace file in any format ``detect_format`` knows."""
+    readers = {"jsonl": read_usage_jsonl, "azure-csv": read_azure_csv}
+    calls = readers.get(detect_format(path), read_burstgpt_csv)(path)
     try:
         yield from calls
     except UnicodeDecodeError as exc:
@@ -153,6 +163,56 @@ def read_azure_csv(path: Path = AZURE_TRACE) -> Iterator[TraceCall]:
                         f"(an integer from 0 to {MAX_COUNT}), got {row[column]!r}"
                     ) from None
             yield TraceCall(ts=ts, prompt_tokens=counts[0], completion_tokens=counts[1])
+
+
+def read_burstgpt_csv(path: Path) -> Iterator[TraceCall]:
+    """Rows of a BurstGPT trace (``Timestamp,Model,Request tokens,Response tokens,...``): the
+    time is seconds from the trace's start (placed from ``BURSTGPT_EPOCH``), ``ChatGPT`` and
+    ``GPT-4`` are priced as gpt-3.5-turbo and gpt-4, a call with no response tokens failed
+    (BurstGPT lists failed requests that way: ``status="error"``, no tokens billed, its request
+    tokens kept as ``metadata.request_tokens``), and ``Log Type`` is kept as
+    ``metadata.log_type``."""
+    with open(path, encoding="utf-8-sig", newline="") as handle:
+        reader = csv.DictReader(handle, skipinitialspace=True)
+        for row in reader:
+            where = f"{path}, line {reader.line_num}"
+            try:
+                seconds = float(row["Timestamp"] or "")
+                if not 0 <= seconds < 1e10:
+                    raise ValueError
+            except ValueError:
+                raise TraceFormatError(
+                    f"{where}: Timestamp must be seconds from the trace's start (a number "
+                    f"from 0), got {row['Timestamp']!r}"
+                ) from None
+            model = BURSTGPT_MODELS.get((row["Model"] or "").strip())
+            if model is None:
+                raise TraceFormatError(
+                    f"{where}: Model must be one of {', '.join(BURSTGPT_MODELS)}, "
+                    f"got {row['Model']!r}"
+                )
+            counts = []
+            for column in ("Request tokens", "Response tokens"):
+                try:
+                    counts.append(_token_count(row[column]))
+                except ValueError:
+                    raise TraceFormatError(
+                        f"{where}: {column} must be a token count (an integer from 0 to "
+                        f"{MAX_COUNT}), got {row[column]!r}"
+                    ) from None
+            log_type = (row.get("Log Type") or "").strip()
+            metadata = {"log_type": log_type} if log_type else {}
+            failed = counts[1] == 0
+            if failed:  # not billed: no tokens counted, the prompt's size kept for reading
+                metadata["request_tokens"] = str(counts[0])
+            yield TraceCall(
+                ts=BURSTGPT_EPOCH + timedelta(seconds=seconds),
+                prompt_tokens=0 if failed else counts[0],
+                completion_tokens=counts[1],
+                model=model,
+                status="error" if failed else "ok",
+                metadata=metadata,
+            )
 
 
 class _TraceRecord(UsageReport):

@@ -84,7 +84,9 @@ def test_a_bad_azure_row_names_the_line_and_the_column(
 def test_a_csv_without_the_azure_columns_is_an_unknown_format(tmp_path: Path) -> None:
     path = tmp_path / "other.csv"
     path.write_text("time,tokens\n2023-11-16,3\n")
-    with pytest.raises(TraceFormatError, match=r"unknown trace format.*TIMESTAMP,ContextTokens"):
+    with pytest.raises(
+        TraceFormatError, match=r"unknown trace format.*TIMESTAMP,ContextTokens.*BurstGPT"
+    ):
         list(read_trace(path))
     (tmp_path / "empty.csv").write_text("\n\n")
     with pytest.raises(TraceFormatError, match="empty"):
@@ -92,6 +94,50 @@ def test_a_csv_without_the_azure_columns_is_an_unknown_format(tmp_path: Path) ->
     (tmp_path / "binary.bin").write_bytes(b"\xff\xfe\x00garbage\x81")
     with pytest.raises(TraceFormatError, match="UTF-8"):
         list(read_trace(tmp_path / "binary.bin"))
+
+
+# -- BurstGPT CSV ----------------------------------------------------------------------------
+BURSTGPT = (
+    "Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n"
+    "5,ChatGPT,472,18,490,Conversation log\n"
+    "45.5,GPT-4,1087,341,1428,API log\n"
+    "118,ChatGPT,417,0,417,Conversation log\n"
+)
+
+
+def test_a_burstgpt_trace_reads_with_its_models_and_failed_calls(tmp_path: Path) -> None:
+    """BurstGPT (Azure OpenAI GPT usage, Wang et al. 2024): seconds from the trace's start, the
+    model (ChatGPT or GPT-4), token counts; a call with no response tokens failed (not billed).
+    Its models are priced as gpt-3.5-turbo and gpt-4; the log type is kept as metadata."""
+    path = tmp_path / "BurstGPT_1.csv"
+    path.write_text(BURSTGPT)
+    assert detect_format(path) == "burstgpt-csv"
+    calls = list(read_trace(path))
+    assert [(c.prompt_tokens, c.completion_tokens) for c in calls] == [
+        (472, 18),
+        (1087, 341),
+        (0, 0),  # failed: not billed
+    ]
+    assert [c.model for c in calls] == ["gpt-3.5-turbo", "gpt-4", "gpt-3.5-turbo"]
+    assert [c.status for c in calls] == ["ok", "ok", "error"]
+    assert calls[1].ts - calls[0].ts == timedelta(seconds=40.5)
+    assert calls[2].ts - calls[0].ts == timedelta(seconds=113)
+    assert calls[1].metadata == {"log_type": "API log"}
+    assert calls[2].metadata == {"log_type": "Conversation log", "request_tokens": "417"}
+    assert all(c.user_id is None and c.feature is None for c in calls)  # drawn later
+
+
+def test_a_bad_burstgpt_row_names_the_line_and_the_column(tmp_path: Path) -> None:
+    path = tmp_path / "bad.csv"
+    path.write_text(BURSTGPT + "130,ChatGPT,many,3,3,Conversation log\n")
+    with pytest.raises(TraceFormatError, match=r"line 5: Request tokens must be a token count"):
+        list(read_trace(path))
+    path.write_text(BURSTGPT + "soon,ChatGPT,1,3,4,Conversation log\n")
+    with pytest.raises(TraceFormatError, match=r"line 5: Timestamp must be seconds"):
+        list(read_trace(path))
+    path.write_text(BURSTGPT + "131,Claude,1,3,4,Conversation log\n")
+    with pytest.raises(TraceFormatError, match=r"line 5: Model must be one of ChatGPT, GPT-4"):
+        list(read_trace(path))
 
 
 # -- JSON Lines ------------------------------------------------------------------------------
