@@ -187,6 +187,38 @@ async def test_a_jsonl_trace_keeps_its_attribution_and_draws_the_rest(
     assert result.result_rows == [("search", "gpt-4o", 100, "azure", "s-1", "test", 1, 20)]
 
 
+def test_a_burstgpt_trace_replays_with_its_models_and_unbilled_failures(
+    kafka_settings: Settings, clickhouse: Any, tmp_path: Path
+) -> None:
+    """BurstGPT's format through the real pipeline: its models priced, a failed row stored as
+    an error that cost nothing, the printed totals equal to the warehouse's."""
+    migrate(clickhouse)
+    rng = random.Random(3)
+    rows_text = ["Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type"]
+    for i in range(60):
+        model = "GPT-4" if i % 5 == 0 else "ChatGPT"
+        request, response = rng.randrange(50, 3000), (0 if i % 20 == 7 else rng.randrange(1, 900))
+        rows_text.append(f"{i * 2.5},{model},{request},{response},{request + response},API log")
+    trace = tmp_path / f"burstgpt-{uuid.uuid4().hex[:8]}.csv"
+    trace.write_text("\n".join(rows_text) + "\n")
+    day = random_day_2025()
+    args = [str(trace), "--start", (day + timedelta(hours=5)).isoformat(), "--seed", "2"]
+    result = replay(args, cli_env(kafka_settings))
+    assert result.exit_code == 0, result.output
+    printed = printed_totals(result.stdout)
+    assert printed.calls == 60 and printed.cost > 0
+
+    rows = asyncio.run(warehouse_rows(kafka_settings, clickhouse, trace.name, 60, day))
+    assert rows["count"] == 60 and rows["cost"] == printed.cost
+    assert set(rows["models"]) == {"gpt-3.5-turbo", "gpt-4"}
+    failed = clickhouse.query(
+        "SELECT count(), sum(cost_usd), sum(prompt_tokens) FROM usage_events "
+        "WHERE metadata['replay'] = %(name)s AND status = 'error'",
+        parameters={"name": trace.name},
+    ).result_rows
+    assert failed == [(3, 0, 0)]
+
+
 async def test_realtime_pace_produces_each_call_when_its_time_comes(
     kafka_settings: Settings, tmp_path: Path
 ) -> None:
