@@ -411,9 +411,10 @@ def replay_command(
     """Replay a usage trace through Kafka, the agents and ClickHouse, priced like live traffic.
 
     FILE is the Azure LLM inference trace CSV (e.g. data/AzureLLMInferenceTrace_conv.csv),
-    a BurstGPT CSV (ChatGPT and GPT-4 priced as gpt-3.5-turbo and gpt-4), or JSON Lines of
-    /v1/usage records (ts, user_id, feature, model, prompt_tokens, ...). Rows without a
-    user, session, feature or model get a seeded draw.
+    a BurstGPT CSV (ChatGPT and GPT-4 priced as gpt-3.5-turbo and gpt-4), a Mooncake trace
+    (JSON Lines of timestamp, input_length, output_length), or JSON Lines of /v1/usage records
+    (ts, user_id, feature, model, prompt_tokens, ...). Rows without a user, session, feature
+    or model get a seeded draw.
     """
     from tqdm import tqdm
 

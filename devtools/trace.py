@@ -1,7 +1,7 @@
 """Usage traces: read a trace file, give its rows users, features and models, and place it in time.
 
-Owns the trace formats (the Azure LLM inference CSV, the BurstGPT CSV and Tollgate's
-own JSON Lines of ``/v1/usage`` records), the *seeded* attribution draw for rows that
+Owns the trace formats (the Azure LLM inference CSV, the BurstGPT CSV, Mooncake's JSON
+Lines and Tollgate's own JSON Lines of ``/v1/usage`` records), the *seeded* attribution draw for rows that
 carry none, and the placement of a trace on the clock (shift, speed-up,
 repeat), so replays (``tollgate replay``), benchmarks and the anomaly
 evaluation see the same realistic traffic for the same seed. It does not price
@@ -16,6 +16,7 @@ feature's model by a tier mix with a 70 % economy share.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import csv
 import itertools
 import json
@@ -36,8 +37,11 @@ AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
 # the trace's start, the model family and the token counts; no users or features.
 BURSTGPT_COLUMNS = ("Timestamp", "Model", "Request tokens", "Response tokens")
 BURSTGPT_MODELS = {"ChatGPT": "gpt-3.5-turbo", "GPT-4": "gpt-4"}
-BURSTGPT_EPOCH = datetime(2023, 1, 1, tzinfo=UTC)  # its times are relative; a replay places them
-TraceFormat = Literal["azure-csv", "burstgpt-csv", "jsonl"]
+RELATIVE_EPOCH = datetime(2023, 1, 1, tzinfo=UTC)  # relative times start here; a replay places them
+# Mooncake (Kimi's serving traces, 2024): JSON Lines of timestamp (milliseconds from the
+# trace's start), input_length, output_length and hash_ids; no model, users or features.
+MOONCAKE_FIELDS = ("timestamp", "input_length", "output_length")
+TraceFormat = Literal["azure-csv", "burstgpt-csv", "mooncake-jsonl", "jsonl"]
 
 # Feature -> share of traffic. Names a product team would use.
 FEATURES: tuple[tuple[str, float], ...] = (
@@ -92,6 +96,14 @@ def detect_format(path: Path) -> TraceFormat:
     if first is None:
         raise TraceFormatError(f"{path}: the file is empty; a trace needs at least one call")
     if first.startswith("{"):
+        with contextlib.suppress(ValueError):
+            record = json.loads(first)
+            if (
+                isinstance(record, dict)
+                and "ts" not in record
+                and set(MOONCAKE_FIELDS) <= set(record)
+            ):
+                return "mooncake-jsonl"
         return "jsonl"
     columns = {column.strip() for column in first.split(",")}
     if set(AZURE_COLUMNS) <= columns:
@@ -102,13 +114,17 @@ def detect_format(path: Path) -> TraceFormat:
         f"{path}: unknown trace format (line 1 is {first[:60]!r}); expected an Azure LLM "
         f"inference trace CSV with the header {','.join(AZURE_COLUMNS)}, a BurstGPT CSV "
         f"({','.join(BURSTGPT_COLUMNS)},...), or JSON Lines with one /v1/usage record object "
-        "per line"
+        "(or one Mooncake call: timestamp, input_length, output_length) per line"
     )
 
 
 def read_trace(path: Path) -> Iterator[TraceCall]:
     """The calls of a trace file in any format ``detect_format`` knows."""
-    readers = {"jsonl": read_usage_jsonl, "azure-csv": read_azure_csv}
+    readers = {
+        "jsonl": read_usage_jsonl,
+        "azure-csv": read_azure_csv,
+        "mooncake-jsonl": read_mooncake_jsonl,
+    }
     calls = readers.get(detect_format(path), read_burstgpt_csv)(path)
     try:
         yield from calls
@@ -167,7 +183,7 @@ def read_azure_csv(path: Path = AZURE_TRACE) -> Iterator[TraceCall]:
 
 def read_burstgpt_csv(path: Path) -> Iterator[TraceCall]:
     """Rows of a BurstGPT trace (``Timestamp,Model,Request tokens,Response tokens,...``): the
-    time is seconds from the trace's start (placed from ``BURSTGPT_EPOCH``), ``ChatGPT`` and
+    time is seconds from the trace's start (placed from ``RELATIVE_EPOCH``), ``ChatGPT`` and
     ``GPT-4`` are priced as gpt-3.5-turbo and gpt-4, a call with no response tokens failed
     (BurstGPT lists failed requests that way: ``status="error"``, no tokens billed, its request
     tokens kept as ``metadata.request_tokens``), and ``Log Type`` is kept as
@@ -206,13 +222,48 @@ def read_burstgpt_csv(path: Path) -> Iterator[TraceCall]:
             if failed:  # not billed: no tokens counted, the prompt's size kept for reading
                 metadata["request_tokens"] = str(counts[0])
             yield TraceCall(
-                ts=BURSTGPT_EPOCH + timedelta(seconds=seconds),
+                ts=RELATIVE_EPOCH + timedelta(seconds=seconds),
                 prompt_tokens=0 if failed else counts[0],
                 completion_tokens=counts[1],
                 model=model,
                 status="error" if failed else "ok",
                 metadata=metadata,
             )
+
+
+def read_mooncake_jsonl(path: Path) -> Iterator[TraceCall]:
+    """Calls of a Mooncake trace: ``timestamp`` in milliseconds from the trace's start (placed
+    from ``RELATIVE_EPOCH``), ``input_length`` and ``output_length``
+    as the token counts."""
+    for where, record in _json_objects(path, "one call"):
+        millis = record.get("timestamp")
+        if (
+            isinstance(millis, bool)
+            or not isinstance(millis, int | float)
+            or not (0 <= millis < 1e13)
+        ):
+            raise TraceFormatError(
+                f"{where}: field 'timestamp' must be milliseconds from the trace's start "
+                f"(a number from 0), got {millis!r}"
+            )
+        counts = []
+        for name in ("input_length", "output_length"):
+            value = record.get(name)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int)
+                or not (0 <= value <= MAX_COUNT)
+            ):
+                raise TraceFormatError(
+                    f"{where}: field '{name}' must be a token count (an integer from 0 to "
+                    f"{MAX_COUNT}), got {value!r}"
+                )
+            counts.append(value)
+        yield TraceCall(
+            ts=RELATIVE_EPOCH + timedelta(milliseconds=millis),
+            prompt_tokens=counts[0],
+            completion_tokens=counts[1],
+        )
 
 
 class _TraceRecord(UsageReport):
@@ -263,6 +314,13 @@ def _usage_call(record: dict[str, Any], where: str) -> TraceCall:
 
 def read_usage_jsonl(path: Path) -> Iterator[TraceCall]:
     """Calls from JSON Lines: one ``/v1/usage`` record a line (``ts`` required; blanks skipped)."""
+    for where, record in _json_objects(path, "one usage record"):
+        yield _usage_call(record, where)
+
+
+def _json_objects(path: Path, what: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, object) of each non-blank line of a JSON Lines file; a line that is not a JSON
+    object is an error naming the file and line."""
     with open(path, encoding="utf-8-sig") as handle:
         for line_number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -275,8 +333,8 @@ def read_usage_jsonl(path: Path) -> Iterator[TraceCall]:
                     f"{where}: not valid JSON ({exc.msg} at column {exc.colno})"
                 ) from None
             if not isinstance(record, dict):
-                raise TraceFormatError(f"{where}: must be a JSON object (one usage record)")
-            yield _usage_call(record, where)
+                raise TraceFormatError(f"{where}: must be a JSON object ({what})")
+            yield where, record
 
 
 # -- attribution -------------------------------------------------------------------------

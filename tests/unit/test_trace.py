@@ -140,6 +140,26 @@ def test_a_bad_burstgpt_row_names_the_line_and_the_column(tmp_path: Path) -> Non
         list(read_trace(path))
 
 
+# -- Mooncake JSON Lines ---------------------------------------------------------------------
+def test_a_mooncake_trace_reads_its_relative_times_and_lengths(tmp_path: Path) -> None:
+    """Mooncake's traces (Kimi, 2024): one JSON object a line with ``timestamp`` (milliseconds
+    from the trace's start), ``input_length``, ``output_length`` and prefix ``hash_ids``; no
+    model, users or features (drawn later)."""
+    path = write_jsonl(
+        tmp_path / "mooncake_trace.jsonl",
+        {"timestamp": 0, "input_length": 6755, "output_length": 500, "hash_ids": [0, 1, 2]},
+        {"timestamp": 1500, "input_length": 7319, "output_length": 490, "hash_ids": [0, 3]},
+    )
+    assert detect_format(path) == "mooncake-jsonl"
+    calls = list(read_trace(path))
+    assert [(c.prompt_tokens, c.completion_tokens) for c in calls] == [(6755, 500), (7319, 490)]
+    assert calls[1].ts - calls[0].ts == timedelta(milliseconds=1500)
+    assert all(c.model is None and c.user_id is None for c in calls)
+    write_jsonl(path, {"timestamp": 0, "input_length": 1, "output_length": 2}, {"timestamp": -4})
+    with pytest.raises(TraceFormatError, match=r"line 2: field 'timestamp' must be"):
+        list(read_trace(path))
+
+
 # -- JSON Lines ------------------------------------------------------------------------------
 def test_jsonl_reads_every_usage_field_and_the_api_aliases(tmp_path: Path) -> None:
     path = write_jsonl(
