@@ -133,11 +133,18 @@ def read_trace(path: Path) -> Iterator[TraceCall]:
 
 
 def _azure_time(text: str) -> datetime:
-    # '2023-11-16 18:15:46.6805900': 7 fractional digits, which fromisoformat rejects.
+    # '2023-11-16 18:15:46.6805900': 7 fractional digits, which fromisoformat rejects; the
+    # 2024 traces add an offset: '2024-05-10 00:00:00.009930+00:00'.
     head, _, fraction = text.strip().partition(".")
+    offset = ""
+    for sign in ("+", "-", "Z"):
+        if sign in fraction:
+            fraction, found, rest = fraction.partition(sign)
+            offset = found + rest
+            break
     if fraction and not fraction.isdigit():
         raise ValueError(text)
-    parsed = datetime.fromisoformat(head)
+    parsed = datetime.fromisoformat(head + offset)
     parsed = parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
     if fraction:
         parsed += timedelta(microseconds=int(fraction[:6].ljust(6, "0")))

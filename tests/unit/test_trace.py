@@ -61,6 +61,28 @@ def test_azure_rows_without_a_fraction_and_with_fewer_digits(tmp_path: Path) -> 
     assert [(c.prompt_tokens, c.completion_tokens) for c in calls] == [(10, 1), (20, 2)]
 
 
+def test_azure_2024_rows_with_a_utc_offset(tmp_path: Path) -> None:
+    """The 2024 week-long Azure traces stamp their times with an offset (``+00:00``)."""
+    path = tmp_path / "AzureLLMInferenceTrace_code_1week.csv"
+    path.write_text(
+        "TIMESTAMP,ContextTokens,GeneratedTokens\n"
+        "2024-05-10 00:00:00.009930+00:00,2162,5\n"
+        "2024-05-10 00:00:01+00:00,100,7\n"
+        "2024-05-10 02:00:02.5+02:00,300,9\n"
+    )
+    calls = list(read_trace(path))
+    assert [c.ts for c in calls] == [
+        datetime(2024, 5, 10, 0, 0, 0, 9930, tzinfo=UTC),
+        datetime(2024, 5, 10, 0, 0, 1, tzinfo=UTC),
+        datetime(2024, 5, 10, 0, 0, 2, 500_000, tzinfo=UTC),
+    ]
+    assert [(c.prompt_tokens, c.completion_tokens) for c in calls] == [
+        (2162, 5),
+        (100, 7),
+        (300, 9),
+    ]
+
+
 @pytest.mark.parametrize(
     ("row", "field"),
     [
