@@ -835,7 +835,7 @@ def detect(csv_file: str, kind: str, output: str | None, options: tuple[str, ...
         click.echo(buffer.getvalue(), nl=False)
     click.echo(
         f"{summary.rows} rows, {summary.anomalies} anomalous, {summary.warming_up} in warm-up, "
-        f"{summary.skipped} out of time order (not judged)",
+        f"{summary.skipped} out of time order and {summary.missing} without a value (not judged)",
         err=True,
     )
 

@@ -4,7 +4,9 @@ Owns reading and validating the CSV (header row required; ISO-8601 or epoch-seco
 timestamps) and writing ``timestamp,value,score,is_anomaly`` rows, one per input row.
 Rows whose timestamp is earlier than a row before them (a block pasted out of order,
 a concatenated export) are not judged: they are written with ``is_anomaly=false``
-and counted in :attr:`OfflineSummary.skipped`, and the run goes on. The detectors are
+and counted in :attr:`OfflineSummary.skipped`, and the run goes on; so are rows without
+a value (an empty cell, ``NaN``, ``null``, ``NA``: gaps in an export), counted in
+:attr:`OfflineSummary.missing`. The detectors are
 the live ones with the same settings. Backs ``tollgate detect --kind volume FILE.csv``;
 it does not own the command line.
 
@@ -46,7 +48,8 @@ class OfflineSummary:
     rows: int
     anomalies: int
     warming_up: int
-    skipped: int = 0
+    skipped: int = 0  # out of time order
+    missing: int = 0  # no value (empty, NaN, null, NA)
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,14 @@ class _Row:
     ts: datetime
     value: float
     out_of_order: bool = False
+    missing: bool = False  # no value: written, not judged
+
+    @property
+    def judged(self) -> bool:
+        return not (self.out_of_order or self.missing)
+
+
+MISSING_VALUES = frozenset({"", "nan", "null", "na", "n/a", "none"})
 
 
 def _parse_timestamp(text: str, where: str) -> datetime:
@@ -101,6 +112,10 @@ def _read_rows(path: Path) -> Iterator[_Row]:
                 raise ValueError(f"{where}: expected {len(names)} fields, got {len(row)}")
             ts = _parse_timestamp(row[ts_index], where)
             value_text = row[value_index]
+            if value_text.strip().lower() in MISSING_VALUES:
+                # A gap in the export: written, not judged, counted (the run goes on).
+                yield _Row(line, row[ts_index], value_text, ts, math.nan, missing=True)
+                continue
             try:
                 value = float(value_text)
             except ValueError:
@@ -198,7 +213,7 @@ def detect_csv(
     settings = DetectorSettings.with_options(**detector_options)
     path = Path(in_path)
     rows = list(_read_rows(path))
-    in_order = [row for row in rows if not row.out_of_order]
+    in_order = [row for row in rows if row.judged]
     judged = {row.line: verdict for row, verdict in _JUDGES[kind](in_order, settings, path)}
     writer = csv.writer(out_stream, lineterminator="\n")
     writer.writerow(["timestamp", "value", "score", "is_anomaly"])
@@ -219,5 +234,9 @@ def detect_csv(
             ]
         )
     return OfflineSummary(
-        rows=len(rows), anomalies=anomalies, warming_up=warming, skipped=len(rows) - len(in_order)
+        rows=len(rows),
+        anomalies=anomalies,
+        warming_up=warming,
+        skipped=sum(row.out_of_order for row in rows),
+        missing=sum(row.missing for row in rows),
     )

@@ -83,7 +83,7 @@ def test_cost_and_mix_kinds(tmp_path: Path) -> None:
             r"line 3, field 'value'",
         ),
         ("timestamp,value\nyesterday,3\n", r"line 2, field 'timestamp'.*ISO 8601"),
-        ("timestamp,value\n2024-05-01T00:00:00Z,nan\n", r"line 2, field 'value'.*finite"),
+        ("timestamp,value\n2024-05-01T00:00:00Z,inf\n", r"line 2, field 'value'.*finite"),
         ("timestamp,value\n2024-05-01T00:00:00Z\n", r"line 2: expected 2 fields"),
     ],
 )
@@ -108,6 +108,26 @@ def test_unknown_kind_and_option(tmp_path: Path) -> None:
 
 
 # -- issue 12: real files ---------------------------------------------------------------------
+
+
+def test_rows_without_a_value_are_written_unjudged_and_counted(tmp_path: Path) -> None:
+    """Gaps in a monitoring export (an empty cell, NaN, null, NA) are not a reason to stop:
+    like out-of-order rows they are written with is_anomaly=false, counted, and the series
+    goes on around them (the spike after them still pages)."""
+    rng = random.Random(6)
+    rows = []
+    for m in range(400):
+        value = "400" if m == 300 else str(round(rng.gauss(60, 8)))
+        if m in (120, 121, 122, 200, 250):
+            value = ["", "NaN", "null", "NA", "nan"][[120, 121, 122, 200, 250].index(m)]
+        rows.append(((T0 + timedelta(minutes=m)).isoformat(), value))
+    out = io.StringIO()
+    summary = detect_csv("volume", write(tmp_path / "gaps.csv", rows), out)
+    written = read(out.getvalue())
+    assert summary.rows == 400 == len(written) and summary.missing == 5
+    assert [written[m]["is_anomaly"] for m in (120, 121, 122, 200, 250)] == ["false"] * 5
+    assert written[120]["value"] == "" and written[121]["value"] == "NaN"
+    assert written[300]["is_anomaly"] == "true"
 
 
 def test_a_block_of_out_of_order_rows_is_skipped_and_counted(tmp_path: Path) -> None:
