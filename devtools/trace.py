@@ -176,16 +176,24 @@ def read_azure_csv(path: Path = AZURE_TRACE) -> Iterator[TraceCall]:
                     f"{path}, line {line}: TIMESTAMP must be a time like "
                     f"2023-11-16 18:15:46.6805900, got {row['TIMESTAMP']!r}"
                 ) from None
-            counts = []
-            for column in ("ContextTokens", "GeneratedTokens"):
-                try:
-                    counts.append(_token_count(row[column]))
-                except ValueError:
-                    raise TraceFormatError(
-                        f"{path}, line {line}: {column} must be a token count "
-                        f"(an integer from 0 to {MAX_COUNT}), got {row[column]!r}"
-                    ) from None
+            counts = _token_columns(
+                row, ("ContextTokens", "GeneratedTokens"), f"{path}, line {line}"
+            )
             yield TraceCall(ts=ts, prompt_tokens=counts[0], completion_tokens=counts[1])
+
+
+def _token_columns(row: Mapping[str, str | None], columns: Sequence[str], where: str) -> list[int]:
+    """The token counts of a CSV row's ``columns``; a bad one is an error naming it."""
+    counts = []
+    for column in columns:
+        try:
+            counts.append(_token_count(row[column]))
+        except ValueError:
+            raise TraceFormatError(
+                f"{where}: {column} must be a token count (an integer from 0 to {MAX_COUNT}), "
+                f"got {row[column]!r}"
+            ) from None
+    return counts
 
 
 def read_burstgpt_csv(path: Path) -> Iterator[TraceCall]:
@@ -214,15 +222,7 @@ def read_burstgpt_csv(path: Path) -> Iterator[TraceCall]:
                     f"{where}: Model must be one of {', '.join(BURSTGPT_MODELS)}, "
                     f"got {row['Model']!r}"
                 )
-            counts = []
-            for column in ("Request tokens", "Response tokens"):
-                try:
-                    counts.append(_token_count(row[column]))
-                except ValueError:
-                    raise TraceFormatError(
-                        f"{where}: {column} must be a token count (an integer from 0 to "
-                        f"{MAX_COUNT}), got {row[column]!r}"
-                    ) from None
+            counts = _token_columns(row, ("Request tokens", "Response tokens"), where)
             log_type = (row.get("Log Type") or "").strip()
             metadata = {"log_type": log_type} if log_type else {}
             failed = counts[1] == 0
