@@ -123,9 +123,10 @@ def read_trace(path: Path) -> Iterator[TraceCall]:
     readers = {
         "jsonl": read_usage_jsonl,
         "azure-csv": read_azure_csv,
+        "burstgpt-csv": read_burstgpt_csv,
         "mooncake-jsonl": read_mooncake_jsonl,
     }
-    calls = readers.get(detect_format(path), read_burstgpt_csv)(path)
+    calls = readers[detect_format(path)](path)
     try:
         yield from calls
     except UnicodeDecodeError as exc:
