@@ -75,6 +75,7 @@ from app.events import clients
 from app.events.codec import EventCodec, build_codec
 from app.events.consumer import EventReader
 from app.events.kafka_retry import retry_while_kafka_down
+from app.http.agent_metrics import FamilyCollector, gauge, metrics_listener
 from app.retry import (
     AsyncRetrying,
     BeforeSleep,
@@ -818,8 +819,25 @@ async def run_notifier(
             "targets": [f"{t.name} ({t.format}, {t.redacted_url})" for t in notifier.targets],
         },
     )
+    (registry if registry is not None else REGISTRY).register(
+        FamilyCollector(
+            lambda: [
+                gauge(
+                    "tollgate_alert_notifier_ready",
+                    "1 once the notifier's partitions of the alerts topic are assigned",
+                    1.0 if notifier.ready.is_set() else 0.0,
+                )
+            ]
+        )
+    )
     try:
-        await notifier.run(stop)
+        async with metrics_listener(
+            registry if registry is not None else REGISTRY,
+            settings.agents_metrics_host,
+            settings.notifier_metrics_port,
+            name="notifier",
+        ):
+            await notifier.run(stop)
     finally:
         for sig in handled:
             loop.remove_signal_handler(sig)

@@ -31,6 +31,7 @@ import logging
 import pickle
 import time
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -38,11 +39,22 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaConnectionError
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import Metric
 
 from app.events import clients
 from app.events.codec import EventCodec, EventDecodeError, build_codec
 from app.events.compacted import MAX_STATE_BYTES, latest_value
 from app.events.kafka_retry import retry_while_kafka_down
+from app.http.agent_metrics import (
+    FamilyCollector,
+    Following,
+    counter,
+    gauge,
+    labelled_counter,
+    labelled_gauge,
+    metrics_listener,
+)
 from app.routing.model import RouterCheckpointError
 from app.routing.router import Router
 from app.routing.shared import LabelRecord, OutcomeJoin, SharedRecordError, decode_record
@@ -114,8 +126,11 @@ class RouterLearner:
         self.restored = False
         self.learned_this_run = 0  # examples learned by this process (not restored ones)
         self.skipped_records = 0
+        self.records_read = {FEATURES: 0, OUTCOMES: 0}
         self.checkpoints_saved = 0
         self.models_published = 0
+        self.last_checkpoint_at: float | None = None  # epoch seconds of the last save
+        self._highwater: Any = None  # TopicPartition -> end offset, from the running consumer
         self.ready = asyncio.Event()  # restored and reading
 
     @property
@@ -157,6 +172,7 @@ class RouterLearner:
             self.settings.topic("routing.learner"), checkpoint.encode(), key=LEARNER_KEY
         )
         self.checkpoints_saved += 1
+        self.last_checkpoint_at = time.time()
         if publish_model:
             await producer.send_and_wait(self.settings.topic("routing.state"), model, key=MODEL_KEY)
             self.models_published += 1
@@ -190,6 +206,9 @@ class RouterLearner:
             await producer.start()
             await consumer.start()
             partitions = await _all_partitions(consumer, set(topics))
+            self._highwater = lambda: {
+                (topics[tp.topic], tp.partition): consumer.highwater(tp) for tp in partitions
+            }
             for tp in partitions:
                 offset = self.offsets[topics[tp.topic]].get(tp.partition)
                 if offset is not None:
@@ -219,6 +238,7 @@ class RouterLearner:
             if read_since:
                 await self.save(producer, publish_model=learned_since > 0)
         finally:
+            self._highwater = None
             with contextlib.suppress(Exception):  # also when they never started
                 await consumer.stop()
             with contextlib.suppress(Exception):
@@ -226,6 +246,7 @@ class RouterLearner:
 
     def _read(self, suffix: str, value: bytes | None, record: Any) -> int:
         """Feed one record to the join; the number of examples learned (0 or 1)."""
+        self.records_read[suffix] += 1
         if value is None:
             return 0
         if suffix == FEATURES:
@@ -257,6 +278,17 @@ class RouterLearner:
         self.learned_this_run += learned
         return int(learned)
 
+    def lag(self) -> dict[str, float] | None:
+        """Records not read yet, per topic suffix (None while not reading)."""
+        highwater = self._highwater
+        if highwater is None:
+            return None
+        lag = {FEATURES: 0.0, OUTCOMES: 0.0}
+        for (suffix, partition), end in highwater().items():
+            if end is not None:  # known once a fetch answered for the partition
+                lag[suffix] += max(0, end - self.offsets[suffix].get(partition, 0))
+        return lag
+
 
 async def _all_partitions(
     consumer: AIOKafkaConsumer, topics: set[str], timeout_s: float = 15.0
@@ -271,8 +303,98 @@ async def _all_partitions(
     raise KafkaConnectionError(f"topics {sorted(topics)} not found; run `tollgate topics ensure`")
 
 
-async def run_router_learner(settings: Settings, stop: asyncio.Event | None = None) -> None:
-    """Run the learner until ``stop`` is set (or SIGINT/SIGTERM), retrying while Kafka is down."""
+def _counters(learner: RouterLearner) -> dict[str, float]:
+    return {
+        "learned": learner.learned_this_run,
+        "skipped": learner.skipped_records,
+        "checkpoints": learner.checkpoints_saved,
+        "published": learner.models_published,
+        **{f"read:{suffix}": n for suffix, n in learner.records_read.items()},
+    }
+
+
+def learner_metrics(following: Following[RouterLearner]) -> Iterator[Metric]:
+    """The learner's figures for ``/metrics``: this process's counters (across Kafka
+    retries), and the model's and the join's state as gauges."""
+    learner = following.current
+    total = following.total
+    yield counter(
+        "tollgate_router_learner_learned",
+        "Labelled economy calls learned by this process (not restored ones)",
+        total("learned"),
+    )
+    yield labelled_counter(
+        "tollgate_router_learner_records_read",
+        "Records read by this process, by topic (routed calls and judged failures on "
+        "routing.features, Outcome events on outcomes)",
+        "topic",
+        {suffix: total(f"read:{suffix}") for suffix in (FEATURES, OUTCOMES)},
+    )
+    yield counter(
+        "tollgate_router_learner_skipped_records",
+        "Records that could not be read (damaged or foreign), skipped and logged",
+        total("skipped"),
+    )
+    yield counter(
+        "tollgate_router_learner_checkpoints",
+        "Learner checkpoints written (model, join state and offsets in one record)",
+        total("checkpoints"),
+    )
+    yield counter(
+        "tollgate_router_learner_models_published",
+        "Models published to the dispatchers (routing.state)",
+        total("published"),
+    )
+    if learner is None:
+        return
+    stats = learner.join.stats()
+    yield gauge(
+        "tollgate_router_learner_ready",
+        "1 once the learner restored its checkpoint and reads both topics",
+        1.0 if learner.ready.is_set() and learner.lag() is not None else 0.0,
+    )
+    yield gauge(
+        "tollgate_router_learner_examples",
+        "Examples in the model, restored ones included",
+        learner.examples_learned,
+    )
+    yield labelled_gauge(
+        "tollgate_router_learner_waiting",
+        "Routed calls waiting for an outcome, and outcomes waiting for their call",
+        "kind",
+        {"calls": stats["waiting_calls"], "labels": stats["waiting_labels"]},
+    )
+    yield labelled_gauge(
+        "tollgate_router_learner_forgotten",
+        "Calls and outcomes dropped unjoined since the model began (routing.remember_routed "
+        "bounds the waiting ones)",
+        "kind",
+        {"calls": stats["forgotten_calls"], "labels": stats["forgotten_labels"]},
+    )
+    lag = learner.lag()
+    if lag is not None:
+        yield labelled_gauge(
+            "tollgate_router_learner_lag_records",
+            "Records on the topic not read yet",
+            "topic",
+            lag,
+        )
+    if learner.last_checkpoint_at is not None:
+        yield gauge(
+            "tollgate_router_learner_last_checkpoint_timestamp_seconds",
+            "When this process last wrote a checkpoint (Unix time)",
+            learner.last_checkpoint_at,
+        )
+
+
+async def run_router_learner(
+    settings: Settings,
+    stop: asyncio.Event | None = None,
+    *,
+    registry: CollectorRegistry | None = None,
+) -> None:
+    """Run the learner until ``stop`` is set (or SIGINT/SIGTERM), retrying while Kafka is
+    down, and serve its metrics on ``router_learn_metrics_port`` meanwhile."""
     import signal
 
     stop = stop or asyncio.Event()
@@ -280,4 +402,15 @@ async def run_router_learner(settings: Settings, stop: asyncio.Event | None = No
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
-    await retry_while_kafka_down(lambda: RouterLearner(settings).run(stop), "router learner", stop)
+    registry = registry or CollectorRegistry()
+    following: Following[RouterLearner] = Following(_counters)
+    registry.register(FamilyCollector(lambda: learner_metrics(following)))
+    async with metrics_listener(
+        registry,
+        settings.agents_metrics_host,
+        settings.router_learn_metrics_port,
+        name="router learner",
+    ):
+        await retry_while_kafka_down(
+            lambda: following.follow(RouterLearner(settings)).run(stop), "router learner", stop
+        )

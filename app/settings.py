@@ -120,6 +120,23 @@ class Settings(BaseSettings):
     reports_port: int = Field(default=8702, description="Reports server port.")
     simulator_host: str = Field(default="127.0.0.1", description="Upstream simulator address.")
     simulator_port: int = Field(default=8701, description="Upstream simulator port.")
+    agents_metrics_host: str = Field(
+        default="127.0.0.1",
+        description="Address of the agents' own `/metrics` listeners (anomaly agent, router "
+        "learner, notifier).",
+    )
+    anomaly_metrics_port: int = Field(
+        default=8703, ge=0, le=65535, description="`tollgate anomaly`'s `/metrics` port (0: none)."
+    )
+    router_learn_metrics_port: int = Field(
+        default=8704,
+        ge=0,
+        le=65535,
+        description="`tollgate router-learn`'s `/metrics` port (0: none).",
+    )
+    notifier_metrics_port: int = Field(
+        default=8705, ge=0, le=65535, description="`tollgate notify`'s `/metrics` port (0: none)."
+    )
 
     # -- dispatcher ------------------------------------------------------------
     upstreams: tuple[UpstreamConfig, ...] = Field(

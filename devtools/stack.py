@@ -197,14 +197,16 @@ class Supervisor:
 
 
 def python_service(
-    name: str, args: list[str], host: str, port: int | None, log_dir: Path
+    name: str, args: list[str], host: str, port: int | None, log_dir: Path, path: str = ""
 ) -> Service:
+    """``port`` None (or 0: an agent's metrics listener turned off): no listener."""
+    port = port or None
     return Service(
         name=name,
         argv=[sys.executable, "-m", "app", *args],
         host=host,
         port=port,
-        url=f"http://{host}:{port}" if port is not None else "(no listener)",
+        url=f"http://{host}:{port}{path}" if port is not None else "(no listener)",
         log_file=log_dir / f"{name}.log",
     )
 
@@ -317,10 +319,34 @@ def planned_services(settings: Settings, log_dir: Path) -> list[Service]:
         ),
         python_service("spend-worker", ["worker"], settings.kafka_bootstrap, None, log_dir),
         python_service("sink", ["sink"], settings.reports_host, settings.reports_port, log_dir),
-        python_service("anomaly", ["anomaly"], settings.kafka_bootstrap, None, log_dir),
-        python_service("router-learn", ["router-learn"], settings.kafka_bootstrap, None, log_dir),
+        # The agents serve only their metrics.
+        python_service(
+            "anomaly",
+            ["anomaly"],
+            settings.agents_metrics_host,
+            settings.anomaly_metrics_port,
+            log_dir,
+            "/metrics",
+        ),
+        python_service(
+            "router-learn",
+            ["router-learn"],
+            settings.agents_metrics_host,
+            settings.router_learn_metrics_port,
+            log_dir,
+            "/metrics",
+        ),
         *(
-            [python_service("notifier", ["notify"], settings.kafka_bootstrap, None, log_dir)]
+            [
+                python_service(
+                    "notifier",
+                    ["notify"],
+                    settings.agents_metrics_host,
+                    settings.notifier_metrics_port,
+                    log_dir,
+                    "/metrics",
+                )
+            ]
             if settings.alert_targets
             else []
         ),

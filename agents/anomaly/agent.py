@@ -43,6 +43,7 @@ import time
 import uuid
 import zlib
 from collections import OrderedDict, deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -50,6 +51,8 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import Metric
 
 from agents.anomaly.detectors import DetectorSettings
 from agents.anomaly.engine import AnomalyEngine, SnapshotError
@@ -58,6 +61,7 @@ from app.events.codec import EventCodec, build_codec
 from app.events.compacted import assigned_partitions
 from app.events.consumer import EventReader
 from app.events.kafka_retry import retry_while_kafka_down
+from app.http.agent_metrics import FamilyCollector, Following, counter, gauge, metrics_listener
 from app.pricing.catalog import PriceCatalog
 from app.settings import Settings
 
@@ -246,6 +250,10 @@ class AnomalyAgent:
         self.published_historical = 0  # of which about the past (marked, still published)
         self.pages = 0  # firing alerts that page (incident primaries), live or historical
         self.idle_ticks = 0  # polls that found nothing new
+        self.checkpoints_saved = 0
+        self.checkpoint_bytes = 0  # size of the last checkpoint written
+        self.last_checkpoint_at: float | None = None  # epoch seconds
+        self._lag: Any = None  # records not read yet, while reading (see run)
         self.ready = asyncio.Event()  # set once restored and reading
 
     # -- checkpoints ----------------------------------------------------------------------
@@ -292,6 +300,9 @@ class AnomalyAgent:
         # Alerts sent so far must be durable before a checkpoint says they were handled.
         await producer.flush()
         await producer.send_and_wait(self.settings.topic("anomaly.state"), value, key=STATE_KEY)
+        self.checkpoints_saved += 1
+        self.checkpoint_bytes = len(value)
+        self.last_checkpoint_at = time.time()
         log.info(
             "anomaly checkpoint saved",
             extra={"bytes": len(value), "records": self.engine.stats.records},
@@ -349,6 +360,11 @@ class AnomalyAgent:
             reader = EventReader(self.codec, "anomaly agent")
             merger.watch({tp.partition for tp in partitions})
             ends = await consumer.end_offsets(partitions)
+            self._lag = lambda: sum(
+                max(0, (ends[tp] if end is None else end) - self.offsets.get(tp.partition, 0))
+                for tp in partitions
+                for end in [consumer.highwater(tp)]
+            )
             while not stop.is_set():
                 batches = await consumer.getmany(timeout_ms=int(self.idle_advance_s * 1000))
                 alerts: list[dict[str, Any]] = []
@@ -386,6 +402,7 @@ class AnomalyAgent:
                     last_checkpoint = time.monotonic()
             await self.save_checkpoint(producer)
         finally:
+            self._lag = None
             with contextlib.suppress(Exception):  # also when they never started
                 await consumer.stop()
             with contextlib.suppress(Exception):
@@ -445,6 +462,12 @@ class AnomalyAgent:
             },
         )
 
+    def lag(self) -> int | None:
+        """Usage records not handled yet (read and held for ordering included); None while
+        not reading."""
+        lag = self._lag
+        return None if lag is None else int(lag())
+
 
 def _aware(ts: Any) -> datetime:
     if isinstance(ts, datetime):
@@ -452,8 +475,103 @@ def _aware(ts: Any) -> datetime:
     return datetime.fromtimestamp(ts / 1000, UTC)
 
 
-async def run_anomaly_agent(settings: Settings, stop: asyncio.Event | None = None) -> None:
-    """Run the agent until ``stop`` is set (or SIGINT/SIGTERM), retrying while Kafka is down."""
+def _counters(agent: AnomalyAgent) -> dict[str, float]:
+    return {
+        "read": agent.records_read,
+        "duplicates": agent.duplicates_skipped,
+        "published": agent.published,
+        "historical": agent.published_historical,
+        "pages": agent.pages,
+        "checkpoints": agent.checkpoints_saved,
+    }
+
+
+def agent_metrics(following: Following[AnomalyAgent]) -> Iterator[Metric]:
+    """The agent's figures for ``/metrics``: this process's counters (across Kafka retries)
+    and the models' state as gauges (restored with them from the checkpoint)."""
+    total = following.total
+    yield counter(
+        "tollgate_anomaly_records_read", "Usage records read by this process", total("read")
+    )
+    yield counter(
+        "tollgate_anomaly_duplicates_skipped",
+        "Usage events seen again by event id (a re-sent event counts once)",
+        total("duplicates"),
+    )
+    yield counter(
+        "tollgate_anomaly_alerts_published",
+        "Alerts published to the alerts topic by this process (firing and resolved)",
+        total("published"),
+    )
+    yield counter(
+        "tollgate_anomaly_alerts_historical",
+        "Of the alerts published, those about the past (a replay or a backlog; marked "
+        "historical, the notifier decides whether they page)",
+        total("historical"),
+    )
+    yield counter(
+        "tollgate_anomaly_pages",
+        "Firing alerts that are an incident's page (primary), live or historical",
+        total("pages"),
+    )
+    yield counter(
+        "tollgate_anomaly_checkpoints",
+        "Model checkpoints written to the anomaly.state topic",
+        total("checkpoints"),
+    )
+    agent = following.current
+    if agent is None:
+        return
+    lag = agent.lag()
+    stats = agent.engine.stats
+    yield gauge(
+        "tollgate_anomaly_ready",
+        "1 once the agent restored its models and reads the usage topic",
+        1.0 if agent.ready.is_set() and lag is not None else 0.0,
+    )
+    yield gauge(
+        "tollgate_anomaly_records", "Usage records in the models, restored ones included",
+        stats.records,
+    )  # fmt: skip
+    yield gauge(
+        "tollgate_anomaly_late_records",
+        "Records behind the closed minutes (not in request rates), since the models began",
+        stats.late_records,
+    )
+    yield gauge(
+        "tollgate_anomaly_evicted_users",
+        "User scopes evicted (idle past the retention), since the models began",
+        stats.evicted_users,
+    )
+    yield gauge("tollgate_anomaly_users", "User scopes held in memory", len(agent.engine.users))
+    if agent.engine.watermark is not None:
+        yield gauge(
+            "tollgate_anomaly_watermark_timestamp_seconds",
+            "Event time the models have reached (Unix time): compare with the wall clock",
+            agent.engine.watermark.timestamp(),
+        )
+    if lag is not None:
+        yield gauge("tollgate_anomaly_lag_records", "Usage records not handled yet", lag)
+    if agent.last_checkpoint_at is not None:
+        yield gauge(
+            "tollgate_anomaly_last_checkpoint_timestamp_seconds",
+            "When this process last wrote a checkpoint (Unix time)",
+            agent.last_checkpoint_at,
+        )
+        yield gauge(
+            "tollgate_anomaly_checkpoint_bytes", "Size of the last checkpoint",
+            agent.checkpoint_bytes,
+        )  # fmt: skip
+
+
+async def run_anomaly_agent(
+    settings: Settings,
+    stop: asyncio.Event | None = None,
+    *,
+    registry: CollectorRegistry | None = None,
+) -> None:
+    """Run the agent until ``stop`` is set (or SIGINT/SIGTERM), retrying while Kafka is down,
+    and serve its metrics on ``anomaly_metrics_port`` meanwhile."""
     import signal
 
     stop = stop or asyncio.Event()
@@ -461,4 +579,12 @@ async def run_anomaly_agent(settings: Settings, stop: asyncio.Event | None = Non
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
-    await retry_while_kafka_down(lambda: AnomalyAgent(settings).run(stop), "anomaly agent", stop)
+    registry = registry or CollectorRegistry()
+    following: Following[AnomalyAgent] = Following(_counters)
+    registry.register(FamilyCollector(lambda: agent_metrics(following)))
+    async with metrics_listener(
+        registry, settings.agents_metrics_host, settings.anomaly_metrics_port, name="anomaly agent"
+    ):
+        await retry_while_kafka_down(
+            lambda: following.follow(AnomalyAgent(settings)).run(stop), "anomaly agent", stop
+        )

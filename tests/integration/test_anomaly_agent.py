@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -275,3 +276,53 @@ async def test_a_resent_usage_event_is_observed_once(kafka_settings: Settings) -
     await agent._task  # type: ignore[attr-defined]
     assert agent.engine.stats.records == len(records)
     assert agent.duplicates_skipped == len(resent)
+
+
+async def test_the_agent_serves_its_progress_and_pages_on_its_metrics_port(
+    kafka_settings: Settings,
+) -> None:
+    """An operator could only read the agent's progress (records, late records, pages,
+    evictions, checkpoints) in its log: `tollgate anomaly` serves it on
+    `anomaly_metrics_port`, for the whole process (a Kafka retry keeps the counters)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from agents.anomaly.agent import run_anomaly_agent
+    from tests.integration.harness import free_port
+
+    port = free_port()
+    settings = Settings(**{**kafka_settings.model_dump(), "anomaly_metrics_port": port})
+    await ensure_topics(settings)
+    records, _ = history_with_a_loop(datetime.now(UTC) - timedelta(days=3))
+    await produce_to(settings, records)
+    await produce_to(settings, records[:1])  # one more record, alone in its batch
+
+    async def scrape() -> dict[str, float]:
+        async with httpx.AsyncClient(timeout=5) as http:
+            text = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
+        return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_anomaly_agent(settings, stop))
+    try:
+        deadline = asyncio.get_running_loop().time() + 120
+        seen: dict[str, float] = {}
+        while seen.get("tollgate_anomaly_records") != len(records) + 1 or not seen.get(
+            "tollgate_anomaly_pages_total"
+        ):
+            assert not task.done(), task
+            assert asyncio.get_running_loop().time() < deadline, seen
+            await asyncio.sleep(0.3)
+            with contextlib.suppress(httpx.HTTPError):
+                seen = await scrape()
+        assert seen["tollgate_anomaly_ready"] == 1
+        assert seen["tollgate_anomaly_records_read_total"] == len(records) + 1
+        assert seen["tollgate_anomaly_lag_records"] == 0
+        assert seen["tollgate_anomaly_alerts_published_total"] >= 1
+        assert seen["tollgate_anomaly_alerts_historical_total"] >= 1  # the loop, 3 days ago
+        assert seen["tollgate_anomaly_users"] > 30
+        last = max(r["ts"] for r in records)
+        assert seen["tollgate_anomaly_watermark_timestamp_seconds"] >= last.timestamp() - 60
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 60)

@@ -460,3 +460,58 @@ async def test_alerts_queued_when_the_notifier_dies_are_delivered_by_the_next_on
         async with running(second):
             want = {a["event_id"] for a in fired}
             await wait_until(lambda: {b["event_id"] for b in ok.bodies()} >= want, 30)
+
+
+async def test_tollgate_notify_serves_its_delivery_counts_on_its_metrics_port(
+    kafka_settings: Settings,
+) -> None:
+    """The notifier counted deliveries into a registry nobody could scrape: `tollgate
+    notify` serves them (and whether it is reading) on `notifier_metrics_port`."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from agents.notifier import run_notifier
+    from tests.integration.harness import free_port
+
+    port = free_port()
+    settings = Settings(**{**kafka_settings.model_dump(), "notifier_metrics_port": port})
+    await ensure_topics(settings)
+
+    async def scrape() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        async with httpx.AsyncClient(timeout=5) as http:
+            text = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+        }
+
+    async def scraped(key: tuple[str, tuple[tuple[str, str], ...]], value: float) -> None:
+        deadline = time.monotonic() + 30
+        seen: dict[Any, float] = {}
+        while seen.get(key) != value:
+            assert time.monotonic() < deadline, (key, seen)
+            await asyncio.sleep(0.1)
+            with contextlib.suppress(httpx.HTTPError):
+                seen = await scrape()
+
+    async with receivers(("/flaky", Receiver(answers=[500, 500]))) as (flaky,):
+        stop = asyncio.Event()
+        task = asyncio.create_task(
+            run_notifier(
+                settings,
+                [AlertTarget(name="flaky", url=flaky.url)],
+                stop=stop,
+                registry=CollectorRegistry(),
+            )
+        )
+        try:
+            await scraped(("tollgate_alert_notifier_ready", ()), 1)
+            await produce(settings, [alert()])
+            outcome = (("outcome", "delivered"), ("target", "flaky"))
+            await scraped(("tollgate_alert_notifications_total", outcome), 1)
+            retried = (("outcome", "retried"), ("target", "flaky"))
+            assert (await scrape())[("tollgate_alert_notifications_total", retried)] == 2
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 30)

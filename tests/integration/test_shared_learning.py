@@ -212,3 +212,93 @@ def test_outcomes_posted_to_one_dispatcher_move_the_others_score(
         # Both dispatchers score exactly with the learner's model: nothing learned locally
         # (a dispatcher that also learned from its own outcomes would score differently).
         assert scores == (expected, expected)
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of an agent's /metrics, by (name, sorted labels)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_the_learner_serves_what_it_learned_on_its_metrics_port(
+    kafka_settings: Settings,
+) -> None:
+    """The shared learner's figures (learned, waiting, forgotten, skipped, checkpoints, lag)
+    were only in its log lines: a deployment could not alert on a learner that stopped
+    learning. `tollgate router-learn` serves them on `router_learn_metrics_port`."""
+    from agents.router_learner import run_router_learner
+    from tests.integration.harness import free_port
+
+    port = free_port()
+    settings = Settings(
+        **{**shared(kafka_settings).model_dump(), "router_learn_metrics_port": port}
+    )
+    asyncio.run(ensure_topics(settings))
+    loop = BackgroundLoop()
+    stop = asyncio.Event()
+    future = asyncio.run_coroutine_threadsafe(run_router_learner(settings, stop), loop.loop)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # the listener comes up before Kafka is read
+            try:
+                before = scrape(port)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        assert before[("tollgate_router_learner_learned_total", ())] == 0
+        # 6 calls routed to economy; outcomes for 0..3 and a second one for 0 (learned once);
+        # one record no dispatcher would write.
+        asyncio.run(
+            produce(
+                settings,
+                routed=list(range(6)),
+                outcomes=[(i, "failure") for i in range(4)] + [(0, "success")],
+            )
+        )
+
+        async def garbage() -> None:
+            producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap)
+            await producer.start()
+            try:
+                await producer.send_and_wait(settings.topic("routing.features"), b"\x00garbage")
+            finally:
+                await producer.stop()
+
+        asyncio.run(garbage())
+        wanted = {
+            ("tollgate_router_learner_learned_total", ()): 4,
+            ("tollgate_router_learner_examples", ()): 4,
+            ("tollgate_router_learner_skipped_records_total", ()): 1,
+            ("tollgate_router_learner_waiting", (("kind", "calls"),)): 2,
+            ("tollgate_router_learner_waiting", (("kind", "labels"),)): 0,
+            ("tollgate_router_learner_records_read_total", (("topic", "routing.features"),)): 7,
+            ("tollgate_router_learner_records_read_total", (("topic", "outcomes"),)): 5,
+            ("tollgate_router_learner_lag_records", (("topic", "routing.features"),)): 0,
+            ("tollgate_router_learner_lag_records", (("topic", "outcomes"),)): 0,
+            ("tollgate_router_learner_ready", ()): 1,
+        }
+        deadline = time.monotonic() + 60
+        seen = scrape(port)
+        while time.monotonic() < deadline and (
+            any(seen.get(k) != v for k, v in wanted.items())
+            or seen.get(("tollgate_router_learner_models_published_total", ()), 0) < 1
+        ):
+            time.sleep(0.2)
+            seen = scrape(port)
+        assert {k: seen.get(k) for k in wanted} == wanted
+        assert seen[("tollgate_router_learner_checkpoints_total", ())] >= 1
+        assert seen[("tollgate_router_learner_models_published_total", ())] >= 1
+        assert seen[("tollgate_router_learner_last_checkpoint_timestamp_seconds", ())] > 0
+        assert seen[("tollgate_router_learner_forgotten", (("kind", "calls"),))] == 0
+    finally:
+        loop.loop.call_soon_threadsafe(stop.set)
+        future.result(30)
+        loop.close()
+    with pytest.raises(httpx.HTTPError):  # the listener closes with the learner
+        scrape(port)
