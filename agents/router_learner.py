@@ -174,7 +174,10 @@ class RouterLearner:
         self.checkpoints_saved += 1
         self.last_checkpoint_at = time.time()
         if publish_model:
-            await producer.send_and_wait(self.settings.topic("routing.state"), model, key=MODEL_KEY)
+            published = self.router.published_snapshot()  # scores without River (dispatchers)
+            await producer.send_and_wait(
+                self.settings.topic("routing.state"), published, key=MODEL_KEY
+            )
             self.models_published += 1
         log.info(
             "router learner checkpoint saved",
@@ -217,7 +220,9 @@ class RouterLearner:
                     await consumer.seek_to_beginning(tp)
             if self.restored:  # the last model may not have been published before a crash
                 await producer.send_and_wait(
-                    self.settings.topic("routing.state"), self.router.snapshot(), key=MODEL_KEY
+                    self.settings.topic("routing.state"),
+                    self.router.published_snapshot(),
+                    key=MODEL_KEY,
                 )
                 self.models_published += 1
             self.ready.set()

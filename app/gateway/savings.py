@@ -42,7 +42,7 @@ from app.routing.router import Router
 from app.routing.shared import encode_label, encode_routed
 
 if TYPE_CHECKING:  # the model (numpy, River) loads on the first routed request: load_model
-    from app.routing.model import Features
+    from app.routing.scoring import Features
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class SavingsLevers:
         required when ``routing.shared_learning`` is on)."""
         self.routing = routing
         self.cache_settings = cache
-        self.router = router or Router(routing)
+        self.router = router or Router(routing, scoring_only=routing.shared_learning)
         self.escalation = EscalationPolicy(routing)
         self.cache: CacheBackend | None = backend or (
             MemoryCache(cache.max_bytes, max_entry_bytes=cache.max_entry_bytes)

@@ -4,6 +4,8 @@
 - :mod:`app.routing.signals` -- the request's cheap explainable signals and hashed text keys.
 - :mod:`app.routing.model` -- P(economy fails): prior, word evidence, River logistic
   regression; learning, explanation, checkpoints.
+- :mod:`app.routing.scoring` -- the scores alone (numpy, no River): what a dispatcher that
+  shares a learner installs and scores with.
 - :mod:`app.routing.router` -- :class:`Router`: ``route(body, feature) -> Decision`` and
   ``learn(body, tier, outcome, feature)``.
 - :mod:`app.routing.escalation` -- which failures retry once on the next tier up.
@@ -22,8 +24,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from app.routing.config import FeatureRule, ProviderTiers, RoutingSettings, Tier
     from app.routing.escalation import EscalationPolicy, Failure
-    from app.routing.model import FailureModel, RouterCheckpointError
+    from app.routing.model import FailureModel
     from app.routing.router import Decision, Router
+    from app.routing.scoring import RouterCheckpointError
     from app.routing.signals import PromptError
 
 # Names re-exported lazily: app.settings imports app.routing.config, and every process
@@ -37,7 +40,7 @@ _EXPORTS = {
     "PromptError": "signals",
     "ProviderTiers": "config",
     "Router": "router",
-    "RouterCheckpointError": "model",
+    "RouterCheckpointError": "scoring",
     "RoutingSettings": "config",
     "Tier": "config",
 }

@@ -32,8 +32,9 @@ from typing import TYPE_CHECKING, Any, Literal
 from app.routing.config import TIER_ORDER, ProviderTiers, RoutingSettings, Tier
 from app.routing.errors import PromptError
 
-if TYPE_CHECKING:  # imported on first use: numpy, River and scipy are ~100 MB of memory
-    from app.routing.model import FailureModel, Features
+if TYPE_CHECKING:  # imported on first use: numpy (and for learning River, scipy: ~100 MB)
+    from app.routing.model import FailureModel
+    from app.routing.scoring import Features, ScoringModel
 
 Outcome = Literal["success", "failure"]
 
@@ -54,9 +55,18 @@ class Decision:
 class Router:
     """Routes requests to tiers and learns from their outcomes. One per process."""
 
-    def __init__(self, settings: RoutingSettings, model: FailureModel | None = None) -> None:
+    def __init__(
+        self,
+        settings: RoutingSettings,
+        model: ScoringModel | None = None,
+        *,
+        scoring_only: bool = False,
+    ) -> None:
+        """``scoring_only``: this router never learns (a dispatcher of a deployment whose
+        learner is shared): until a model is given, it scores with a numpy-only model."""
         self.settings = settings
         self._model = model
+        self.scoring_only = scoring_only
 
     @property
     def model_loaded(self) -> bool:
@@ -64,27 +74,39 @@ class Router:
         return self._model is not None
 
     @property
-    def model(self) -> FailureModel:
-        """The failure model, created (importing numpy and River) on first use: a process that
-        routes nothing never pays their memory. A server calls :meth:`load_model` off its event
-        loop before the first request that needs it; the import takes a second or more."""
+    def model(self) -> ScoringModel:
+        """The failure model, created (importing numpy, and River unless it only scores) on
+        first use: a process that routes nothing never pays their memory. A server calls
+        :meth:`load_model` off its event loop before the first request that needs it; the
+        import takes a second or more."""
         if self._model is None:
             self._model = self.load_model()
         return self._model
 
-    def load_model(self) -> FailureModel:
+    def load_model(self) -> ScoringModel:
         """The model, imported and created if it is not yet (thread-safe to call: at worst two
-        threads build one each and one is kept)."""
+        threads build one each and one is kept). A ``scoring_only`` router never learns (the
+        shared learner does): a scoring model, numpy only, until the learner's arrives."""
         if self._model is not None:
             return self._model
-        from app.routing.model import FailureModel
+        model: ScoringModel
+        if self.scoring_only:
+            from app.routing.scoring import ScoringModel
 
-        model = FailureModel(
-            hash_bits=self.settings.hash_bits,
-            learning_rate=self.settings.learning_rate,
-            warmup_outcomes=self.settings.warmup_outcomes,
-            max_feature_models=self.settings.max_feature_models,
-        )
+            model = ScoringModel(
+                hash_bits=self.settings.hash_bits,
+                warmup_outcomes=self.settings.warmup_outcomes,
+                max_feature_models=self.settings.max_feature_models,
+            )
+        else:
+            from app.routing.model import FailureModel
+
+            model = FailureModel(
+                hash_bits=self.settings.hash_bits,
+                learning_rate=self.settings.learning_rate,
+                warmup_outcomes=self.settings.warmup_outcomes,
+                max_feature_models=self.settings.max_feature_models,
+            )
         if self._model is None:
             self._model = model
         return self._model
@@ -243,7 +265,7 @@ class Router:
         Router._check_outcome(outcome)
         if not self.learns(Tier(tier), feature):
             return False
-        self.model.learn(features, outcome == "failure", feature)
+        self._learning_model().learn(features, outcome == "failure", feature)
         return True
 
     @staticmethod
@@ -252,19 +274,43 @@ class Router:
             raise ValueError(f"outcome must be 'success' or 'failure', not {outcome!r}")
 
     def snapshot(self) -> bytes:
-        return self.model.snapshot()
+        """Everything learned (a checkpoint to learn on from); see :meth:`published_snapshot`."""
+        return self._learning_model().snapshot()
+
+    def published_snapshot(self) -> bytes:
+        """What a dispatcher needs to score exactly as this router does, restored without River
+        (the shared learner publishes it for dispatchers)."""
+        return self.model.scoring_snapshot()
+
+    def _learning_model(self) -> FailureModel:
+        from app.routing.model import FailureModel
+
+        model = self.model
+        if not isinstance(model, FailureModel):
+            raise TypeError(
+                "this router only scores (the shared learner's published model): it neither "
+                "learns nor writes checkpoints; `tollgate router-learn` does"
+            )
+        return model
 
     @classmethod
     def restore(cls, settings: RoutingSettings, data: bytes) -> Router:
-        """A router with the learned model of :meth:`snapshot` and (new) settings.
+        """A router with the model of :meth:`snapshot` (a learning model) or of
+        :meth:`published_snapshot` (scoring only: River is not imported), and (new) settings.
 
         Rules, thresholds, ``warmup_outcomes`` and ``max_feature_models`` take effect at
         once; ``hash_bits`` and ``learning_rate`` stay those the model was learned with
         (changing them means learning again: delete the checkpoint).
         """
-        from app.routing.model import FailureModel
+        from app.routing.scoring import ScoringModel, is_scoring_snapshot
 
-        model = FailureModel.restore(data)
+        model: ScoringModel
+        if is_scoring_snapshot(data):
+            model = ScoringModel.restore_scoring(data)
+        else:
+            from app.routing.model import FailureModel
+
+            model = FailureModel.restore(data)
         model.warmup_outcomes = settings.warmup_outcomes
         model.max_feature_models = settings.max_feature_models
         return cls(settings, model)

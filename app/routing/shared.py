@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import orjson
 
 if TYPE_CHECKING:  # numpy and the model load with the router's model, not with the dispatcher
-    from app.routing.model import Features
+    from app.routing.scoring import Features
 
 RECORD_VERSION = 1
 Label = Literal["success", "failure"]
@@ -76,7 +76,7 @@ def encode_label(request_id: str, outcome: Label, source: str) -> bytes:
 def decode_record(value: bytes) -> RoutedCall | LabelRecord:
     import numpy as np
 
-    from app.routing.model import Features
+    from app.routing.scoring import Features
     from app.routing.signals import SIGNAL_NAMES
 
     try:

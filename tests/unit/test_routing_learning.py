@@ -302,3 +302,43 @@ def test_learning_overrules_a_prior_that_is_wrong() -> None:
     after_short = [_score(router, p) for p in short[250:]]
     after_long = [_score(router, p) for p in long[250:]]
     assert sum(after_short) / 50 > sum(after_long) / 50 + 0.1
+
+
+def test_the_published_model_scores_exactly_as_the_learner_and_cannot_learn() -> None:
+    """The shared learner publishes a scoring-only model (numpy, no River) for dispatchers:
+    every score, explanation and count must be the learner's own, for the global model, a
+    feature's own model and a feature past the cap, before and after more learning."""
+    from app.routing.scoring import ScoringModel
+
+    rng = random.Random(11)
+    data = _gsm8k()
+    learner = Router(RoutingSettings(max_feature_models=2))
+    probes = [p for p, _ in rng.sample(data, 60)] + [t for t, _ in _topic_stream(20, seed=5)]
+    for round_ in range(2):
+        for text, failed in rng.sample(data, 150) + _topic_stream(60, seed=round_):
+            feature = rng.choice([None, "support", "tutor", "beyond-the-cap"])
+            learner.learn(_body(text), "economy", "failure" if failed else "success", feature)
+        published = Router.restore(
+            RoutingSettings(max_feature_models=2), learner.published_snapshot()
+        )
+        assert type(published.model) is ScoringModel
+        for text in probes:
+            for feature in (None, "support", "tutor", "beyond-the-cap", "unknown"):
+                mine = learner.model.score(learner.features(_body(text)), feature)
+                theirs = published.model.score(published.features(_body(text)), feature)
+                assert theirs == mine  # value, every part and the count, bit for bit
+                assert theirs.reason() == mine.reason()
+    with pytest.raises(TypeError, match="router-learn"):
+        published.learn(_body("hi"), "economy", "failure")
+    with pytest.raises(TypeError, match="router-learn"):
+        published.snapshot()
+
+
+def test_a_published_model_from_another_version_is_refused_with_a_reason() -> None:
+    from app.routing.scoring import _SCORING_MAGIC
+
+    data = Router(RoutingSettings()).published_snapshot()
+    with pytest.raises(RouterCheckpointError, match="version 99"):
+        Router.restore(RoutingSettings(), _SCORING_MAGIC + (99).to_bytes(4, "big") + data[-10:])
+    with pytest.raises(RouterCheckpointError, match="not readable"):
+        Router.restore(RoutingSettings(), data[: len(_SCORING_MAGIC) + 4] + b"garbage")

@@ -119,7 +119,7 @@ def test_shared_learning_publishes_features_and_never_learns_locally() -> None:
         publish=lambda key, value: published.append((key, value)),
     )
     body = {"model": "auto", "messages": [{"role": "user", "content": "Hi there?"}]}
-    before = levers.router.snapshot()
+    before = levers.router.published_snapshot()
     route = levers.route("req_1", body, None)
     assert route.tier == "economy"
     assert [key for key, _ in published] == ["req_1"]
@@ -130,7 +130,7 @@ def test_shared_learning_publishes_features_and_never_learns_locally() -> None:
     assert decode_record(published[1][1]) == LabelRecord("req_1", "failure", "validator:empty")
     levers.escalate(route, Failure.UPSTREAM_ERROR, request_id="req_1", feature=None, attempt=1)
     assert len(published) == 2  # an upstream error says nothing about the prompt
-    assert levers.router.snapshot() == before
+    assert levers.router.published_snapshot() == before
 
 
 def test_shared_learning_needs_a_publisher() -> None:
