@@ -363,6 +363,12 @@ def learner_metrics(following: Following[RouterLearner]) -> Iterator[Metric]:
         "Examples in the model, restored ones included",
         learner.examples_learned,
     )
+    yield gauge(
+        "tollgate_router_learner_learned_weight",
+        "Weight of the learned part against the prior (0-1): how much better it ranked the "
+        "last outcomes than the prior alone (0.73 until five of each outcome were seen)",
+        learner.router.model.learned_weight,
+    )
     yield labelled_gauge(
         "tollgate_router_learner_waiting",
         "Routed calls waiting for an outcome, and outcomes waiting for their call",

@@ -25,8 +25,11 @@ How a score is made, all in log-odds so every part adds up and can be explained:
    from the experts' log-odds *before* they learn the example, so it weighs them by how they
    do on prompts they have not seen: where no word predicts failure it keeps to the
    calibrated prior instead of overriding it with noisy word evidence.
-4. The learned log-odds weigh ``n / (n + warmup_outcomes)`` against the prior; a feature
-   with its own model mixes it with the global one the same way.
+4. The learned log-odds weigh ``n / (n + warmup_outcomes)`` against the prior, times the
+   learned part's weight: how much better it ranked than the prior alone on the last
+   :data:`~app.routing.scoring.GATE_WINDOW` outcomes, each scored before it was learned
+   (:func:`learned_weight`); a feature with its own model mixes it with the global one the
+   way warm-up does.
 
 Scoring never changes the model; only :meth:`FailureModel.learn` does.
 """
@@ -37,16 +40,24 @@ import math
 import pickle
 import struct
 import zlib
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from collections.abc import Iterable
 
 import numpy as np
 from river import linear_model, optim, preprocessing
+from scipy.stats import rankdata  # River imports scipy already
 
 from app.routing.scoring import (  # noqa: F401  (names older checkpoints' pickles reference)
     _EXPERT_NAMES,
     _INPUT_PART,
     EXPERTS,
     FEATURE_BITS_FEWER,
+    GATE_DEFAULT,
+    GATE_DEVIATION,
+    GATE_MIN_EACH,
+    GATE_OFFSET,
+    GATE_SLOPE,
+    GATE_WINDOW,
     GLOBAL,
     PARTS,
     Z_CLIP,
@@ -152,11 +163,21 @@ class FailureModel(ScoringModel):
         self.learning_rate = learning_rate
         self.global_learner: _Learner = _Learner(learning_rate, hash_bits)
         self.feature_learners: OrderedDict[str, _Learner] = OrderedDict()  # type: ignore[assignment]
+        # (prior log-odds, learned log-odds at full weight, failed) of the last outcomes, each
+        # scored before it was learned: what the learned part's weight is measured on.
+        self.prequential: deque[tuple[float, float, bool]] = deque(maxlen=GATE_WINDOW)
+        self.learned_weight = GATE_DEFAULT
 
     def learn(self, features: Features, failed: bool, feature: str | None = None) -> None:
         """Learn one economy-tier outcome (``failed``) of a prompt of ``feature``."""
         prior_logit = PRIOR_INTERCEPT + sum(_prior_parts(features.signals))
+        if self.global_learner.outcomes:
+            unweighted = self._score(features, feature, 1.0)
+            self.prequential.append((prior_logit, _logit(unweighted.value), failed))
         self.global_learner.learn(features, prior_logit, failed)
+        measured = learned_weight(self.prequential)
+        if measured is not None:  # else it stays where it is until it can be measured
+            self.learned_weight = measured
         if feature is None or feature == GLOBAL:
             return
         own = self.feature_learners.get(feature)
@@ -197,4 +218,30 @@ class FailureModel(ScoringModel):
             ) from exc
         if not isinstance(model, cls):
             raise RouterCheckpointError("router checkpoint does not hold a model; delete it")
+        if not hasattr(model, "prequential"):  # written before the learned part's weight:
+            model.prequential = deque(maxlen=GATE_WINDOW)  # it scores as it did until the
+            model.learned_weight = 1.0  # weight can be measured on new outcomes
         return model
+
+
+def _auc(scores: np.ndarray, failed: np.ndarray) -> float:
+    """P(a failed prompt scores above a succeeded one), ties counting half."""
+    ranks = rankdata(scores)
+    failures = int(failed.sum())
+    successes = len(failed) - failures
+    return float((ranks[failed].sum() - failures * (failures + 1) / 2) / (failures * successes))
+
+
+def learned_weight(prequential: Iterable[tuple[float, float, bool]]) -> float | None:
+    """The learned part's weight against the prior, from (prior log-odds, learned log-odds,
+    failed) of outcomes scored before they were learned (see ``GATE_WINDOW``); None while
+    fewer than ``GATE_MIN_EACH`` of either outcome are among them."""
+    rows = np.array(list(prequential), dtype=float).reshape(-1, 3)
+    failed = rows[:, 2] > 0.5
+    failures = int(failed.sum())
+    successes = len(failed) - failures
+    if failures < GATE_MIN_EACH or successes < GATE_MIN_EACH:
+        return None
+    gain = _auc(rows[:, 1], failed) - _auc(rows[:, 0], failed)
+    z = gain / (GATE_DEVIATION * math.sqrt(1 / failures + 1 / successes))
+    return _sigmoid(GATE_SLOPE * (z - GATE_OFFSET))

@@ -27,6 +27,7 @@ from app.events.topics import ensure_topics
 from app.metering.usage import event_time, new_id
 from app.routing.config import ProviderTiers, RoutingSettings
 from app.routing.router import Router
+from app.routing.scoring import GATE_DEFAULT
 from app.routing.shared import encode_label, encode_routed
 from app.settings import Settings
 from tests.integration.harness import BackgroundLoop, running_stack
@@ -282,6 +283,8 @@ def test_the_learner_serves_what_it_learned_on_its_metrics_port(
             ("tollgate_router_learner_lag_records", (("topic", "routing.features"),)): 0,
             ("tollgate_router_learner_lag_records", (("topic", "outcomes"),)): 0,
             ("tollgate_router_learner_ready", ()): 1,
+            # too few of each outcome to measure the learned part against the prior yet
+            ("tollgate_router_learner_learned_weight", ()): GATE_DEFAULT,
         }
         deadline = time.monotonic() + 60
         seen = scrape(port)

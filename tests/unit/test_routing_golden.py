@@ -39,6 +39,7 @@ from bench.savings_overhead import FEATURES, build_requests
 HERE = Path(__file__).resolve().parent / "routing_golden"
 DECISIONS = HERE / "decisions.jsonl.gz"
 CHECKPOINT = HERE / "checkpoint-v2.bin"
+UNWEIGHTED = HERE / "checkpoint-v2-unweighted.bin"  # written before the learned part's weight
 HARD = "Prove step by step, with a Python implementation:\n```\ndef f():\n    return 1;\n```" + (
     " and justify every claim you make about its complexity" * 40
 )
@@ -192,6 +193,22 @@ def test_the_recorded_checkpoint_is_one_the_old_router_wrote() -> None:
                 fresh.route(_body(example.prompt), feature),
                 restored.route(_body(example.prompt), feature),
             )
+
+
+def test_a_checkpoint_from_before_the_learned_weight_scores_as_it_did() -> None:
+    """``checkpoint-v2-unweighted.bin`` was written before the learned part's weight existed
+    (the previous ``checkpoint-v2.bin``): it restores at full weight, so an upgrade does not
+    move routing, and its weight is measured once new outcomes allow."""
+    data = load(DEFAULT_DATA)
+    restored = Router.restore(RoutingSettings(), UNWEIGHTED.read_bytes())
+    assert restored.model.learned_weight == 1.0
+    for example in data[1150:1170]:
+        for feature in (None, "a", "b"):
+            features = restored.features(_body(example.prompt))
+            full = restored.model._score(features, feature, 1.0)
+            assert restored.model.score(features, feature) == full
+    _learn(restored, data[1190:1340], ("a",))
+    assert restored.model.learned_weight != 1.0
 
 
 def main() -> None:
