@@ -463,9 +463,11 @@ async def _complete(request: web.Request, state: _SimState) -> web.StreamRespons
     model = state.models.get(model_name)
     if model is None:
         raise _unknown_model(model_name)
-    n_choices = body.get("n")
-    if n_choices is not None and (isinstance(n_choices, bool) or n_choices != 1):
-        raise _RequestError(400, "The simulator supports only n=1.", param="n")
+    n_choices = body.get("n", 1)
+    if n_choices is None:
+        n_choices = 1
+    if isinstance(n_choices, bool) or not isinstance(n_choices, int) or not 1 <= n_choices <= 128:
+        raise _RequestError(400, "'n' must be an integer from 1 to 128.", param="n")
     stream = body.get("stream") or False
     if not isinstance(stream, bool):
         raise _RequestError(400, "'stream' must be a boolean.", param="stream")
@@ -509,10 +511,11 @@ async def _complete(request: web.Request, state: _SimState) -> web.StreamRespons
         completion_tokens = min(natural, cap)
         finish_reason = "length" if natural > cap else "stop"
         words = state.filler.words(completion_tokens, int.from_bytes(digest[8:12], "little"))
+    # n choices: each its own answer of the same length (max_tokens caps each), all billed.
     usage = {
         "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
+        "completion_tokens": completion_tokens * n_choices,
+        "total_tokens": prompt_tokens + completion_tokens * n_choices,
         "prompt_tokens_details": {"cached_tokens": 0},
         "completion_tokens_details": {"reasoning_tokens": 0},
     }
@@ -530,6 +533,7 @@ async def _complete(request: web.Request, state: _SimState) -> web.StreamRespons
             finish_reason=finish_reason,
             usage=usage if include_usage and not omit_usage else None,
             fixed_ms=fixed_ms,
+            choices=n_choices,
         )
 
     ttft_s, per_token_s = state.delays(fixed_ms, completion_tokens)
@@ -545,11 +549,12 @@ async def _complete(request: web.Request, state: _SimState) -> web.StreamRespons
         "model": model.name,
         "choices": [
             {
-                "index": 0,
+                "index": index,
                 "message": {"role": "assistant", "content": " ".join(words), "refusal": None},
                 "logprobs": None,
                 "finish_reason": finish_reason,
             }
+            for index in range(n_choices)
         ],
         "usage": usage,
         "system_fingerprint": _SYSTEM_FINGERPRINT,
@@ -572,23 +577,29 @@ async def _stream(
     finish_reason: str,
     usage: dict[str, Any] | None,
     fixed_ms: int | None,
+    choices: int = 1,
 ) -> web.StreamResponse:
     pieces = _chunk_pieces(words)
     first_tokens = pieces[0][1] if pieces else 0
     ttft_s, per_token_s = state.delays(fixed_ms, sum(t for _, t in pieces) - first_tokens)
 
     def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
-        payload: dict[str, Any] = {
-            "id": completion_id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
-            "system_fingerprint": _SYSTEM_FINGERPRINT,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
-        }
-        if usage is not None:
-            payload["usage"] = None  # as OpenAI does on every chunk when usage is requested
-        return _sse(payload)
+        out = b""
+        for index in range(choices):  # one chunk per choice, as OpenAI interleaves them
+            payload: dict[str, Any] = {
+                "id": completion_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "system_fingerprint": _SYSTEM_FINGERPRINT,
+                "choices": [
+                    {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+                ],
+            }
+            if usage is not None:
+                payload["usage"] = None  # as OpenAI does on every chunk when usage is requested
+            out += _sse(payload)
+        return out
 
     response = web.StreamResponse(
         headers={

@@ -71,6 +71,7 @@ class ChatRequest:
     client_wants_usage: bool  # the client itself asked for stream usage
     max_tokens: int | None
     prompt_tokens_estimate: int
+    choices: int = 1  # n: the provider writes (and bills) this many answers, each up to max
 
     def cap_output(self, tokens: int) -> None:
         """Cap the output at ``tokens`` (the budget gate's decision) in every output-limit
@@ -83,7 +84,7 @@ class ChatRequest:
         """The same request for another model (the router's choice, or an escalation)."""
         return ChatRequest(
             model, {**self.upstream_body, "model": model}, self.stream, self.client_wants_usage,
-            self.max_tokens, self.prompt_tokens_estimate,
+            self.max_tokens, self.prompt_tokens_estimate, self.choices,
         )  # fmt: skip
 
 
@@ -116,8 +117,9 @@ def parse_chat_request(
         # Always ask for usage so streamed calls are costed from the provider's own count.
         upstream_body["stream_options"] = {**(stream_options or {}), "include_usage": True}
     return ChatRequest(
-        model, upstream_body, parsed.stream, client_wants_usage, max_tokens, prompt_tokens
-    )
+        model, upstream_body, parsed.stream, client_wants_usage, max_tokens, prompt_tokens,
+        parsed.n or 1,
+    )  # fmt: skip
 
 
 @dataclass
@@ -399,7 +401,10 @@ class Gateway:
             "dispatcher_id": self.config.dispatcher_id,
             "boot_ts": self.config.boot_ts,
             "deadline_ts": deadline,
-            "expected_output_tokens": admission.expected_output_tokens if admission else 0,
+            # every choice's: what the spend worker bills if this dispatcher dies mid-call
+            "expected_output_tokens": (
+                admission.expected_output_tokens * chat.choices if admission and chat else 0
+            ),
             "max_tokens_capped": admission.max_tokens_cap if admission else None,
             "attempt": attempt or (call.attempt if call else 1),
         }
@@ -444,7 +449,8 @@ class Gateway:
             cost, ts = event_cost(record), record["ts"]
             seq = self.emitter.emit_usage(record)  # keyed by record["user_id"]: the identity's
             if call.status == "ok" and not call.usage_estimated and call.upstream:
-                self.outputs.observe(call.chat.model, record["completion_tokens"])
+                per_choice = record["completion_tokens"] // max(call.chat.choices, 1)
+                self.outputs.observe(call.chat.model, per_choice)
         finally:  # a failed emit must not leak the reservation into false 402s
             if reservation is not None:
                 self.gate.settle(reservation, cost if seq is not None else 0, ts, seq)
@@ -495,11 +501,12 @@ class Gateway:
 
     # -- the call ---------------------------------------------------------------------
     def call_cost(self, chat: ChatRequest) -> CallCost:
-        """What the call may cost, for the gate: exact prices for any output length."""
-        model, prompt = chat.model, chat.prompt_tokens_estimate
+        """What the call may cost, for the gate: exact prices for any output length. Output
+        tokens are per choice (``max_tokens`` caps each of the ``n`` answers), all billed."""
+        model, prompt, choices = chat.model, chat.prompt_tokens_estimate, chat.choices
         maximum = chat.max_tokens or self.config.max_output_tokens
         return CallCost(
-            price=lambda tokens: self.prices.worst_case_nanos(model, prompt, tokens),
+            price=lambda tokens: self.prices.worst_case_nanos(model, prompt, tokens * choices),
             max_output_tokens=maximum,
             expected_output_tokens=min(self.outputs.expected(model), maximum),
             client_capped=chat.max_tokens is not None,

@@ -341,3 +341,23 @@ def test_worker_killed_mid_stream_recovers_its_totals(
             assert over == 0, f"{user}: over-counted by {over} nano-USD after the crash"
     finally:
         worker.stop()
+
+
+def test_every_choice_of_n_is_priced_so_n_cannot_overshoot_a_cap(stack: Stack) -> None:
+    """``n`` answers are each up to ``max_tokens`` long and all billed: the gate must price
+    every choice. Before, it priced one: ``n: 20`` under a $0.02 cap was served 20 answers
+    and spent $0.40 (a newcomer's probe, with a provider that honours ``n``)."""
+    httpx.put(f"{stack.url}/v1/budgets/user:nina", json={"period": "month", "limit_usd": 0.02})
+    headers = {"X-Tollgate-User": "nina", **FIXED_OUTPUT}  # 200 output tokens per choice
+    body = {**CALL, "n": 20}
+    del body["max_tokens"]
+    response = httpx.post(f"{stack.url}/v1/chat/completions", json=body, headers=headers, timeout=30)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert len(answer["choices"]) == 20
+    capped = int(response.headers["X-Tollgate-Max-Tokens-Capped"])
+    assert capped * 20 * 10 <= 20_000  # gpt-4o output: $10 per million tokens, $0.02 in all
+    assert answer["usage"]["completion_tokens"] <= capped * 20
+    usage = asyncio.run(read_events(stack.settings, "usage", at_least=1))
+    (mine,) = [u for u in usage if u["user_id"] == "nina"]
+    assert mine["cost_usd_nanos"] <= 20_000_000, mine  # the cap, whatever n asked for
