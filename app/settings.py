@@ -240,6 +240,13 @@ class Settings(BaseSettings):
         ge=1,
         description="Output limit assumed for a call that sets no max_tokens (its worst case).",
     )
+    budget_max_overshoot_fraction: float = Field(
+        default=0.1,
+        ge=0,
+        description="A lone call near a cap is served with the output that is left (one token "
+        "at least), crossing the cap by its prompt's cost; a call whose prompt alone would "
+        "cross it by more than this share of the limit is refused with 402.",
+    )
     budget_queue_wait_s: float = Field(
         default=30.0,
         ge=0,

@@ -137,8 +137,12 @@ class BudgetGate:
         *,
         max_call_duration_s: float = 600.0,
         pending_entries_max: int = DEFAULT_ENTRIES_MAX,
+        max_overshoot_fraction: float = 0.1,
     ) -> None:
         self.policies = policies
+        # A lone call near the cap is served with what is left (one output token at least),
+        # so it may cross the cap by its prompt's cost; by at most this share of the limit.
+        self.max_overshoot_fraction = max_overshoot_fraction
         self.clock = clock
         self.reservations = reservations  # off: only what has been spent counts (benchmarks)
         self.max_call_duration_s = max_call_duration_s
@@ -256,6 +260,16 @@ class BudgetGate:
         if cost.worst_nanos <= budget:
             return None, cost.worst_nanos
         alone = all(s.worst_in_flight_nanos == 0 for _, s in capped)
+        least = cost.price(1)  # the prompt, known before the call, and one output token
+        for _, status in capped:
+            tolerance = int(status.policy.limit_usd_nanos * self.max_overshoot_fraction)
+            if least > status.room_nanos + tolerance:
+                raise BudgetRefused(
+                    status,
+                    f"this request's prompt alone would cost ${least / 1e9:.6f}, more than the "
+                    f"${max(status.room_nanos, 0) / 1e9:.6f} left under the limit (a last call "
+                    f"may cross it by {self.max_overshoot_fraction:.0%} of the limit at most)",
+                )
         if alone:
             # Nothing else in flight: serve it, with as much output as is left (at least one
             # token). A user under the cap is never refused by a one-at-a-time client.

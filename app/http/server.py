@@ -623,6 +623,7 @@ async def build_components(settings: Settings) -> Components:
         clock,
         settings.budget_reservations,
         max_call_duration_s=settings.max_call_duration_s,
+        max_overshoot_fraction=settings.budget_max_overshoot_fraction,
     )
     usage_topic = settings.topic("usage")
 

@@ -165,6 +165,27 @@ def test_a_lone_call_whose_prompt_alone_crosses_still_gets_one_token() -> None:
     assert lone.max_tokens_cap == 1
 
 
+def test_a_call_whose_prompt_alone_would_overshoot_by_more_than_the_tolerance_is_refused() -> None:
+    """A prompt whose own cost (known before the call) exceeds what is left by more than
+    ``max_overshoot_fraction`` of the limit is refused, even under the cap: before, a 1.36M
+    token prompt was served under a $0.01 cap and spent $2.72. A small prompt still crosses
+    (the test above), and a fresh user is refused only a prompt that alone costs more than
+    the whole cap and its tolerance."""
+    gate = gate_with(policies(**{"user:alice": 1}), max_overshoot_fraction=0.1)
+    settle(gate, gate.admit(["user:alice"], call(0)), usd(0.5))
+    fits = gate.admit(["user:alice"], call(usd(3), prompt=usd(0.6) - 1))  # 0.5 left + 0.1
+    assert fits.max_tokens_cap == 1
+    gate.settle(fits.reservation, 0)
+    too_big = refusal(gate, ["user:alice"], call(usd(3), prompt=usd(0.6)))
+    assert not too_big.retryable and "prompt alone" in too_big.reason
+    assert "$0.600000" in too_big.reason and "$0.500000" in too_big.reason
+    assert gate.in_flight_nanos() == 0
+    assert budget_refusal(too_big).status == 402
+    fresh = gate_with(policies(**{"user:bob": 1}), max_overshoot_fraction=0.1)
+    assert fresh.admit(["user:bob"], call(usd(3), prompt=usd(1.1) - 1)).max_tokens_cap == 1
+    refusal(fresh, ["user:bob"], call(usd(3), prompt=usd(1.1)))
+
+
 def test_a_call_whose_worst_case_fits_is_not_capped() -> None:
     gate = gate_with(policies(**{"user:alice": 10}))
     admission = gate.admit(["user:alice"], call(usd(1), expected=usd(0.1)))
