@@ -351,7 +351,9 @@ def test_every_choice_of_n_is_priced_so_n_cannot_overshoot_a_cap(stack: Stack) -
     headers = {"X-Tollgate-User": "nina", **FIXED_OUTPUT}  # 200 output tokens per choice
     body = {**CALL, "n": 20}
     del body["max_tokens"]
-    response = httpx.post(f"{stack.url}/v1/chat/completions", json=body, headers=headers, timeout=30)
+    response = httpx.post(
+        f"{stack.url}/v1/chat/completions", json=body, headers=headers, timeout=30
+    )
     assert response.status_code == 200, response.text
     answer = response.json()
     assert len(answer["choices"]) == 20
