@@ -111,6 +111,13 @@ def parse_chat_request(
     dropped = NATIVE_ONLY_FIELDS if native else TOLLGATE_ONLY_FIELDS
     upstream_body = {k: v for k, v in body.items() if k not in dropped}
     upstream_body["model"] = model
+    try:  # what will be forwarded must serialise: orjson reads 1,024 levels, writes 254
+        orjson.dumps(upstream_body)
+    except orjson.JSONEncodeError as exc:
+        raise InvalidRequest(
+            f"The request body cannot be forwarded: {exc} (arrays and objects may nest at most "
+            "254 levels deep)"
+        ) from None
     stream_options = parsed.stream_options
     client_wants_usage = bool(stream_options and stream_options.get("include_usage"))
     if parsed.stream:
@@ -577,6 +584,10 @@ class Gateway:
             raise
         try:
             yield call
+        except Exception:
+            if call.status == "ok" and call.upstream is None:  # failed before any provider call
+                call.status, call.http_status, call.error_type = "error", 500, "internal_error"
+            raise
         finally:
             self.finish(call)
 

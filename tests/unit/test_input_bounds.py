@@ -229,3 +229,23 @@ def test_timestamps_inside_the_window_are_kept() -> None:
         assert report["ts"] == datetime.fromisoformat(ts.replace("Z", "+00:00"))
     [report] = parse_usage_reports(dict(USAGE), resolve_plain, window=WINDOW)
     assert report["ts"] == WINDOW.now  # no ts: the dispatcher's now
+
+
+def test_a_body_nested_too_deep_to_forward_is_a_400_before_any_call() -> None:
+    """orjson reads 1,024 levels of nesting but writes only 254: a body between the two was
+    admitted, then failed to serialise for the provider (a 500, and a Usage event saying
+    "ok"). It is now refused while parsing, naming the limit."""
+    deep = {"model": "gpt-4o", "messages": MSG, "x": []}
+    inner = deep["x"]
+    for _ in range(300):
+        inner.append([])
+        inner = inner[0]
+    with pytest.raises(TollgateError, match="254 levels") as info:
+        parse_chat_request(deep)
+    assert http_error(info.value).status == 400
+    fine = {"model": "gpt-4o", "messages": MSG, "x": []}
+    inner = fine["x"]
+    for _ in range(200):
+        inner.append([])
+        inner = inner[0]
+    assert parse_chat_request(fine).model == "gpt-4o"
