@@ -240,13 +240,20 @@ class ChatAttempts:
                 if status >= 400
                 else levers.validate(route, call.completion)
             )
+            if failure is Failure.TRUNCATED and call.output_limited:
+                failure = None  # cut where the client or the budget asked: not a failure
             if failure is not None:
                 step = escalation(failure)
                 if step is not None:
                     if status < 400:  # a validator refused an answer the provider billed
                         call.status, call.error_type = "error", f"escalated_{failure.value}"
                     return step
-            if status == 200 and call.completion is not None and call.prompt_tokens is not None:
+            if (
+                status == 200
+                and call.completion is not None
+                and call.prompt_tokens is not None
+                and call.max_tokens_cap is None  # an answer cut by the budget is no answer to keep
+            ):
                 await levers.store(
                     plan, payload, chat.model, call.prompt_tokens, call.completion_tokens or 0
                 )
@@ -320,7 +327,12 @@ class ChatAttempts:
                 call, upstream, client.write, error_event=client.error_event, relay=relay
             )
         await client.close()
-        if assembler is not None and call.status == "ok" and call.prompt_tokens is not None:
+        if (
+            assembler is not None
+            and call.status == "ok"
+            and call.prompt_tokens is not None
+            and call.max_tokens_cap is None  # an answer cut by the budget is no answer to keep
+        ):
             completion = assembler.completion()
             if completion is not None:
                 await self.levers.store(
@@ -404,7 +416,7 @@ async def hold_until_content(
         return done(Failure.UPSTREAM_ERROR)
     if relay.finish_reason == "content_filter":
         return done(Failure.REFUSED)
-    if relay.finish_reason == "length":
+    if relay.finish_reason == "length" and not call.output_limited:
         return done(Failure.TRUNCATED)
     if relay.saw_content:  # ended while it could still have become a refusal: a short answer
         return done(None)

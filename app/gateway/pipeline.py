@@ -171,6 +171,12 @@ class Call:
     def max_tokens_cap(self) -> int | None:
         return self.admission.max_tokens_cap if self.admission else None
 
+    @property
+    def output_limited(self) -> bool:
+        """Its output was limited on purpose (the client's max_tokens, or the budget gate's
+        cap): an answer cut at that limit is what was asked for, not a failed one."""
+        return self.chat.max_tokens is not None or self.max_tokens_cap is not None
+
     def take_usage(self, usage: Any) -> None:
         if not isinstance(usage, dict):
             return

@@ -201,6 +201,46 @@ def test_cached_answer_still_gets_the_budget_402(stack: Stack) -> None:
     assert blocked.json()["error"]["type"] == "budget_exceeded"
 
 
+def test_an_answer_cut_by_the_budget_is_not_cached(stack: Stack) -> None:
+    """Near a cap the gate lowers max_tokens; that cut answer must not be stored and later
+    replayed as the full answer (a newcomer got the 45-token cut answer back as a hit, with
+    no sign of the cap, after raising the budget)."""
+    headers = {"X-Tollgate-User": "tom", "X-Sim-Completion-Tokens": "300"}
+    body = {"model": "gpt-4o", "messages": SHORT, "temperature": 0}
+    with httpx.Client(timeout=30) as http:
+        assert http.put(f"{stack.url}/v1/budgets/user:tom", json={"limit_usd": 0.001})
+        capped = http.post(f"{stack.url}/v1/chat/completions", json=body, headers=headers)
+        assert capped.status_code == 200, capped.text
+        assert "X-Tollgate-Max-Tokens-Capped" in capped.headers
+        assert capped.json()["choices"][0]["finish_reason"] == "length"
+        assert http.put(f"{stack.url}/v1/budgets/user:tom", json={"limit_usd": 100})
+        again = http.post(f"{stack.url}/v1/chat/completions", json=body, headers=headers)
+    assert again.headers["X-Tollgate-Cache"] == "miss"
+    assert again.json()["choices"][0]["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_answer_cut_at_the_clients_own_max_tokens_is_not_escalated(
+    stack: Stack, stream: bool
+) -> None:
+    """finish_reason "length" at the client's own max_tokens is what was asked for: before,
+    `model: "auto"` with max_tokens 5 escalated to the standard tier and billed both."""
+    response = client(stack).chat.completions.with_raw_response.create(
+        model="auto", messages=SHORT, user=f"kim-{stream}", max_tokens=5, stream=stream,
+        extra_headers={"X-Sim-Completion-Tokens": "50"},
+    )  # fmt: skip
+    assert "X-Tollgate-Escalated-From" not in response.headers
+    assert response.headers["X-Tollgate-Tier"] == "economy"
+    if stream:
+        chunks = list(response.parse())
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    else:
+        assert response.parse().choices[0].finish_reason == "length"
+    assert stack.counter.calls == 1
+    (usage,) = usage_of(stack, 1)
+    assert usage["status"] == "ok" and not usage["escalated"]
+
+
 def test_failed_economy_call_escalates_once_with_two_usage_events(stack: Stack) -> None:
     fail_economy = {"X-Sim-Status": "503", "X-Sim-Models": "gpt-4o-mini"}
     response = client(stack).chat.completions.with_raw_response.create(
