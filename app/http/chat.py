@@ -14,6 +14,7 @@ capped the output.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from aiohttp import web
@@ -99,7 +100,10 @@ class SseClient:
 
     async def close(self) -> None:
         assert self.response is not None, "open the stream first"
-        await self.response.write_eof()
+        # Everything was written: a client that closed its connection once it read [DONE]
+        # (the openai SDK does) was served, not a disconnect (a 499 and a traceback before).
+        with contextlib.suppress(ConnectionError):
+            await self.response.write_eof()
 
     def error_event(self, error: TollgateError) -> bytes:
         return sse_error_event(error)
