@@ -147,6 +147,8 @@ class ChatAttempts:
         self, body: Mapping[str, Any], chat: ChatRequest, client: ClientStream
     ) -> Answer:
         """Route, then answer from the cache or the upstream, escalating once if allowed."""
+        if body.get("model") != chat.model and not body.get("model"):
+            body = {**body, "model": chat.model}  # /v1/dispatch's default model, as if asked
         if self.levers.model_needed(body, self.identity.feature):
             await self.levers.load_model()  # the first scored request: numpy, River (a thread)
         chat, route = self.route(body, chat)

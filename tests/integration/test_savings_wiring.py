@@ -532,3 +532,21 @@ def test_the_router_model_loads_with_the_first_scored_request_or_at_start_when_p
             time.sleep(0.1)
         assert ready["ready"] and ready["checks"]["router_model_loaded"] is True
         assert other.counter.calls == 0  # loaded with no request at all
+
+
+def test_dispatch_without_a_model_is_routed_and_attributed_as_its_default(stack: Stack) -> None:
+    """/v1/dispatch defaults the model (TOLLGATE_DEFAULT_MODEL); the request and its events
+    must name it and its tier as if the client had asked for it (before: no tier header,
+    model_requested "" and tier null on every such event)."""
+    response = httpx.post(
+        f"{stack.url}/v1/dispatch",
+        json={"messages": SHORT, "user_id": "alice-dispatch"},
+        timeout=30,
+    )
+    assert response.status_code == 200, response.text
+    default = stack.settings.default_model
+    assert response.headers["X-Tollgate-Model-Served"] == default
+    assert response.headers["X-Tollgate-Tier"]
+    requests = asyncio.run(read_events(stack.settings, "requests", at_least=1))
+    (mine,) = [r for r in requests if r["user_id"] == "alice-dispatch"]
+    assert mine["model_requested"] == default and mine["tier"]
