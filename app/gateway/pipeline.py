@@ -109,6 +109,10 @@ def parse_chat_request(
         raise InvalidRequest("'model' is required and must be a non-empty string", field="model")
     max_tokens = parsed.max_completion_tokens or parsed.max_tokens
     dropped = NATIVE_ONLY_FIELDS if native else TOLLGATE_ONLY_FIELDS
+    if not native and body.get("store") is not True:
+        # OpenAI refuses `metadata` unless `store` is true ("The 'metadata' parameter is only
+        # allowed when 'store' is enabled"): here it attributes the call (metadata.feature).
+        dropped = NATIVE_ONLY_FIELDS
     upstream_body = {k: v for k, v in body.items() if k not in dropped}
     upstream_body["model"] = model
     try:  # what will be forwarded must serialise: orjson reads 1,024 levels, writes 254

@@ -80,5 +80,6 @@ class ChatBody(BaseModel):
     metadata: dict[str, Any] | None = Field(
         default=None,
         description="metadata.feature (an id) attributes the call to a product feature; "
-        "forwarded on /v1/chat/completions, not on /v1/dispatch",
+        "forwarded to the provider only on /v1/chat/completions with store: true (OpenAI "
+        "refuses metadata otherwise)",
     )

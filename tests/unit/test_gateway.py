@@ -107,6 +107,7 @@ def test_unknown_fields_reach_the_provider_untouched() -> None:
         "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
         "some_field_openai_adds_tomorrow": {"nested": [None, 1.5, "x"]},
         "metadata": {"feature": "f", "other": "kept"},
+        "store": True,
         "user_id": "u",
         "session_id": "s",
     }
@@ -114,6 +115,21 @@ def test_unknown_fields_reach_the_provider_untouched() -> None:
     expected = {k: v for k, v in body.items() if k not in ("user_id", "session_id")}
     assert chat.upstream_body == expected
     assert orjson.loads(orjson.dumps(chat.upstream_body)) == expected
+
+
+@pytest.mark.parametrize("store", [None, False])
+def test_metadata_is_forwarded_only_when_the_client_asks_openai_to_store(
+    store: bool | None,
+) -> None:
+    """OpenAI refuses `metadata` unless `store` is true, and Tollgate reads it for the
+    feature: forwarded as given, a newcomer's `metadata.feature` attribution would have
+    turned every call into a 400 from OpenAI."""
+    body: dict[str, object] = {"model": "gpt-4o", "messages": MSG, "metadata": {"feature": "f"}}
+    if store is not None:
+        body["store"] = store
+    upstream = parse_chat_request(body).upstream_body
+    assert "metadata" not in upstream
+    assert upstream.get("store", None) == store
 
 
 @pytest.mark.parametrize(
