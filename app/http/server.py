@@ -67,7 +67,7 @@ from app.metering.attribution import Identity, KeyStore, bearer_token, resolve_i
 from app.metering.ingest import TimeWindow, parse_outcomes, parse_usage_reports
 from app.metering.usage import event_time, new_id
 from app.metrics import Metrics
-from app.pricing.catalog import PriceCatalog
+from app.pricing.catalog import PriceCatalog, usd_text
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -325,7 +325,7 @@ async def report_usage(request: web.Request) -> web.Response:
             {
                 "event_id": record["event_id"],
                 "request_id": record["request_id"],
-                "cost_usd": str(record["cost_usd_nanos"] / 1e9),
+                "cost_usd": usd_text(record["cost_usd_nanos"]),  # decimal text, never 3.5e-05
                 "price_unknown": record["price_unknown"],
             }
         )

@@ -29,7 +29,7 @@ from pydantic import (
 from app.errors import InvalidRequest
 from app.ids import MAX_ID_LENGTH, id_problem
 from app.metering.attribution import Identity
-from app.metering.usage import event_time, new_id
+from app.metering.usage import event_time, new_id, usage_event_id
 from app.pricing.catalog import usd_to_nanos
 from app.validation import ID_TEXT, MAX_TOKEN_COUNT, Id, TokenCount, custom_error, first_problem
 
@@ -324,8 +324,13 @@ def parse_usage_reports(
         if not report.model:
             raise _api_error(where)("model", "is required (a non-empty string)")
         assert identity is not None  # a record that is not an object was refused above
+        # A report naming its request is idempotent: a retried POST (or a report of a call
+        # that went through this gateway, by its X-Request-Id) has the event id of the first,
+        # and every consumer counts an event id once.
+        idempotent = {"event_id": usage_event_id(report.request_id)} if report.request_id else {}
         reports.append(
             {
+                **idempotent,
                 "identity": identity,
                 "model": report.model,
                 "model_requested": report.model_requested or None,

@@ -551,3 +551,22 @@ def test_upstream_duration_covers_the_whole_call_and_streams_record_ttft(stack: 
     assert sample("tollgate_upstream_duration_seconds_count") == 2
     assert sample("tollgate_upstream_duration_seconds_sum") >= 0.6  # both calls, whole
     assert sample("tollgate_upstream_ttft_seconds_count") == 1  # the stream's first token
+
+
+def test_a_retried_usage_report_with_its_request_id_counts_once(stack: Stack) -> None:
+    """A client retrying POST /v1/usage (a timeout, a redeploy) must not double its spend:
+    a report naming its request_id gets the event id of the first, and the spend worker and
+    the warehouse count an event id once. Before, each POST was a new event. The response
+    gives money as decimal text (it said "3.5e-05")."""
+    record = {
+        "model": "gpt-4o", "prompt_tokens": 10, "completion_tokens": 1,
+        "request_id": "dup-1", "user_id": "retrier",
+    }  # fmt: skip
+    first = httpx.post(f"{stack.url}/v1/usage", json=record)
+    again = httpx.post(f"{stack.url}/v1/usage", json=record)
+    assert first.status_code == again.status_code == 202
+    (event,) = first.json()["events"]
+    assert again.json()["events"][0]["event_id"] == event["event_id"]
+    assert event["cost_usd"] == "0.000035" and "e" not in event["cost_usd"]
+    other = httpx.post(f"{stack.url}/v1/usage", json={**record, "request_id": "dup-2"})
+    assert other.json()["events"][0]["event_id"] != event["event_id"]
