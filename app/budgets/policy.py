@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -190,6 +191,29 @@ UpgradeText = Annotated[
     PlainValidator(_upgrade_text),
     WithJsonSchema({"type": ["string", "null"], "maxLength": 2000}),
 ]
+
+
+def _upgrade_url(value: Any) -> str | None:
+    """An http(s) URL: it goes into every 402 a client may show or open (no javascript:)."""
+    text = _upgrade_text(value)
+    if text is not None:
+        parts = urlsplit(text)
+        if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
+            raise custom_error("must be an http:// or https:// URL, e.g. https://example.com/pro")
+    return text
+
+
+UpgradeUrl = Annotated[
+    str | None,
+    PlainValidator(_upgrade_url),
+    WithJsonSchema(
+        {
+            "type": ["string", "null"],
+            "maxLength": 2000,
+            "pattern": "^[Hh][Tt][Tt][Pp][Ss]?://[^/?#]",
+        }
+    ),
+]
 Window = Annotated[
     int | str | None,
     PlainValidator(_window),
@@ -236,7 +260,7 @@ class PolicyBody(BaseModel):
     )
     window: Window = None
     window_seconds: Window = Field(default=None, description="Same as window")
-    upgrade_url: UpgradeText = None
+    upgrade_url: UpgradeUrl = None
     upgrade_prompt: UpgradeText = None
     scope: Annotated[Any, WithJsonSchema({"type": "string"})] = Field(
         default=None,

@@ -395,3 +395,17 @@ def test_evaluate_one_nano_below_a_large_limit_has_not_reached_the_limit_thresho
     result = evaluate(large.limit_usd_nanos - 1, large)
     assert result.state == "warn"
     assert result.threshold == 0.8
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["javascript:alert(1)", "data:text/html,x", "ftp://example.com", "example.com/pro", "https://"],
+)
+def test_an_upgrade_url_must_be_http_or_https(url: str) -> None:
+    """The URL goes into every 402 a client may render as a link: a `javascript:` URL was
+    accepted and returned to every blocked user."""
+    with pytest.raises(PolicyError, match="http") as info:
+        parse_policy("user:alice", {"limit_usd": 1, "upgrade_url": url})
+    assert info.value.field == "upgrade_url"
+    ok = parse_policy("user:alice", {"limit_usd": 1, "upgrade_url": "HTTPS://example.com/pro?x=1"})
+    assert ok.upgrade_url == "HTTPS://example.com/pro?x=1"
