@@ -21,7 +21,7 @@ import orjson
 from app.cache.config import CacheSettings
 
 OPENAI_DEFAULT_TEMPERATURE = 1.0
-KEY_VERSION = b"v1"  # bump when the canonical form changes: old entries then never match
+KEY_VERSION = b"v2"  # v2: integral top-level numbers written as integers. Bump when the canonical form changes: old entries then never match
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,8 +78,13 @@ def tenant_of(
 
 
 def canonical_body(body: Mapping[str, Any], ignored_fields: tuple[str, ...]) -> bytes:
-    """The body as canonical JSON: ignored fields dropped, object keys sorted at all depths."""
-    kept = {name: value for name, value in body.items() if name not in ignored_fields}
+    """The body as canonical JSON: ignored fields dropped, object keys sorted at all depths,
+    and a top-level number written one way (``temperature: 0.0`` is ``0``: the same request)."""
+    kept = {
+        name: int(value) if isinstance(value, float) and value.is_integer() else value
+        for name, value in body.items()
+        if name not in ignored_fields
+    }
     return orjson.dumps(kept, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
 
 

@@ -79,6 +79,14 @@ def test_the_key_is_stable_across_processes_and_versions_of_dict_order() -> None
     assert len(_key(BODY)) == 64
 
 
+def test_a_number_written_as_0_or_0_0_is_the_same_request() -> None:
+    """JSON's 0 and 0.0 are one number, and OpenAI answers them alike: `temperature: 0.0`
+    missed the entry stored by `temperature: 0`."""
+    assert _key({**BODY, "temperature": 0.0}) == _key({**BODY, "temperature": 0})
+    assert _key({**BODY, "top_p": 1.0}) == _key({**BODY, "top_p": 1})
+    assert _key({**BODY, "temperature": 0.5}) != _key({**BODY, "temperature": 0})
+
+
 # -- cacheability and tenants --------------------------------------------------------------
 def _plan(body: dict[str, Any], settings: CacheSettings | None = None, **who: Any) -> Any:
     identity = {"feature": "f", "team": None, "api_key_id": None, "user_id": "u", **who}
