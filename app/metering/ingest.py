@@ -238,7 +238,15 @@ class UsageReport(_Report):
     team: AttributionId | None = None
 
     def tokens(self, error: Callable[[str, str], Exception]) -> tuple[int, int, int]:
-        """(prompt, completion, cached), each from its field or its alias."""
+        """(prompt, completion, cached), each from its field or its alias (both given: they
+        must agree, else which one is right is not known)."""
+        for name, alias in (
+            ("prompt_tokens", "input_tokens"),
+            ("completion_tokens", "output_tokens"),
+        ):
+            given, also = getattr(self, name), getattr(self, alias)
+            if given is not None and also is not None and given != also:
+                raise error(name, f"({given}) differs from {alias} ({also}); send one of them")
         prompt = self.prompt_tokens if self.prompt_tokens is not None else self.input_tokens
         if prompt is None:
             raise error("prompt_tokens", "is required (an integer token count; or 'input_tokens')")

@@ -249,3 +249,24 @@ def test_a_body_nested_too_deep_to_forward_is_a_400_before_any_call() -> None:
         inner.append([])
         inner = inner[0]
     assert parse_chat_request(fine).model == "gpt-4o"
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"prompt_tokens": 10, "input_tokens": 20, "completion_tokens": 1}, "prompt_tokens"),
+        ({"prompt_tokens": 1, "completion_tokens": 5, "output_tokens": 6}, "completion_tokens"),
+    ],
+)
+def test_a_usage_report_whose_token_aliases_disagree_is_a_400(
+    fields: dict[str, int], param: str
+) -> None:
+    """Both names of one count, with two values: one was silently used before."""
+    with pytest.raises(TollgateError, match="differs") as info:
+        parse_usage_reports({"model": "gpt-4o", **fields}, resolve_plain)
+    assert http_error(info.value).status == 400 and info.value.field.endswith(param)
+    same = parse_usage_reports(
+        {"model": "gpt-4o", "prompt_tokens": 3, "input_tokens": 3, "completion_tokens": 1},
+        resolve_plain,
+    )
+    assert same[0]["prompt_tokens"] == 3
