@@ -150,6 +150,8 @@ async def api_middleware(
     except web.HTTPException as exc:
         error_type = "not_found" if exc.status == 404 else "invalid_request_error"
         response = error_response(ApiError(exc.status, error_type, exc.reason))
+        if isinstance(exc, web.HTTPMethodNotAllowed):  # RFC 9110: a 405 lists what is allowed
+            response.headers["Allow"] = ", ".join(sorted(exc.allowed_methods))
     except (ConnectionError, asyncio.CancelledError):
         metrics.requests.labels(route, "499").inc()
         raise

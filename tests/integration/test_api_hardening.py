@@ -177,6 +177,10 @@ def test_inputs_that_were_500s_are_400s_naming_the_field(kafka_settings: Setting
             headers={"Authorization": b"Bearer sk-\xe9"},
         )
         assert anyone.status_code == 202  # no keys configured: the header is ignored, no crash
+        wrong_method = httpx.get(f"{stack.url}/v1/chat/completions")
+        assert wrong_method.status_code == 405
+        assert wrong_method.json()["error"]["type"] == "invalid_request_error"
+        assert "POST" in wrong_method.headers["Allow"]  # RFC 9110: what is allowed instead
 
 
 def test_garbage_ids_and_timestamps_are_refused_not_stored(kafka_settings: Settings) -> None:
