@@ -163,6 +163,12 @@ class Settings(BaseSettings):
         description="What a request must carry: `none` attributes it to `anonymous`.",
     )
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, description="Request body cap.")
+    body_read_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Longest wait for a request body to arrive whole; then a 408 (a client that "
+        "declares a length and sends less held its connection open forever).",
+    )
     upstream_connect_timeout_s: float = Field(default=5.0, gt=0, description="Connect timeout.")
     upstream_read_timeout_s: float = Field(
         default=120.0, gt=0, description="Max silence from an upstream before 504."

@@ -170,10 +170,20 @@ async def api_middleware(
 
 
 async def read_json(request: web.Request) -> Any:
-    limit = request.app[COMPONENTS].settings.max_body_bytes
+    settings = request.app[COMPONENTS].settings
+    limit = settings.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
-    raw = await request.read()
+    try:
+        async with asyncio.timeout(settings.body_read_timeout_s):
+            raw = await request.read()
+    except TimeoutError:
+        raise ApiError(
+            408,
+            "request_timeout",
+            f"The request body did not arrive within {settings.body_read_timeout_s:g}s "
+            "(TOLLGATE_BODY_READ_TIMEOUT_S): send the whole body, as long as Content-Length says",
+        ) from None
     if not raw:
         raise invalid_request("The request body is empty; send a JSON object")
     try:

@@ -368,3 +368,23 @@ def test_logs_hold_no_prompt_and_no_key(
     for line in lines:
         for secret in ("PROMPT-TEXT-7f3a", "sk-alice", "sk-unknown-9c1e", TOKEN):
             assert secret not in line, line
+
+
+def test_a_body_that_never_arrives_whole_is_a_408_not_a_held_connection(
+    kafka_settings: Settings,
+) -> None:
+    """A client that declares Content-Length 100 and sends 10 bytes held its connection (and
+    a handler) open forever; it now gets a 408 once TOLLGATE_BODY_READ_TIMEOUT_S passes."""
+    import socket
+
+    asyncio.run(ensure_topics(kafka_settings))
+    with running_stack(kafka_settings, body_read_timeout_s=0.5) as stack:
+        host, port = stack.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=20) as conn:
+            conn.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                b'Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"model": '
+            )
+            answer = conn.recv(65536).decode()
+        assert answer.startswith("HTTP/1.1 408"), answer[:200]
+        assert '"request_timeout"' in answer
