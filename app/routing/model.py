@@ -37,9 +37,6 @@ Scoring never changes the model; only :meth:`FailureModel.learn` does.
 from __future__ import annotations
 
 import math
-import pickle
-import struct
-import zlib
 from collections import OrderedDict, deque
 from collections.abc import Iterable
 
@@ -71,6 +68,8 @@ from app.routing.scoring import (  # noqa: F401  (names older checkpoints' pickl
     _mix,
     _prior_parts,
     _sigmoid,
+    dump_versioned,
+    load_versioned,
 )
 from app.routing.signals import PRIOR_INTERCEPT
 
@@ -195,27 +194,17 @@ class FailureModel(ScoringModel):
         (River models pickle): about 400 KB after the 1,319 GSM8K prompts' outcomes over three
         features.
         Store it where only Tollgate writes (unpickling runs code from its input)."""
-        header = _SNAPSHOT_MAGIC + struct.pack(">I", SNAPSHOT_VERSION)
-        return header + zlib.compress(pickle.dumps(self, protocol=pickle.HIGHEST_PROTOCOL), 1)
+        return dump_versioned(_SNAPSHOT_MAGIC, SNAPSHOT_VERSION, self)
 
     @classmethod
     def restore(cls, data: bytes) -> FailureModel:
-        header = len(_SNAPSHOT_MAGIC) + 4
-        if len(data) < header or not data.startswith(_SNAPSHOT_MAGIC):
-            raise RouterCheckpointError("not a router-model checkpoint; delete it to start fresh")
-        (version,) = struct.unpack(">I", data[len(_SNAPSHOT_MAGIC) : header])
-        if version != SNAPSHOT_VERSION:
-            raise RouterCheckpointError(
-                f"router checkpoint version {version} is not {SNAPSHOT_VERSION} (written by "
-                "another Tollgate version); delete it to learn again from outcomes"
-            )
-        try:
-            model = pickle.loads(zlib.decompress(data[header:]))
-        except Exception as exc:
-            raise RouterCheckpointError(
-                f"router checkpoint is not readable ({type(exc).__name__}: {exc}); "
-                "delete it to learn again from outcomes"
-            ) from exc
+        model = load_versioned(
+            data,
+            _SNAPSHOT_MAGIC,
+            SNAPSHOT_VERSION,
+            what="router-model checkpoint",
+            advice="delete it to learn again from outcomes",
+        )
         if not isinstance(model, cls):
             raise RouterCheckpointError("router checkpoint does not hold a model; delete it")
         if not hasattr(model, "prequential"):  # written before the learned part's weight:

@@ -470,27 +470,46 @@ class ScoringModel:
         view.feature_learners = OrderedDict(
             (name, learner.scores()) for name, learner in self.feature_learners.items()
         )
-        header = _SCORING_MAGIC + struct.pack(">I", SCORING_VERSION)
-        return header + zlib.compress(pickle.dumps(view, protocol=pickle.HIGHEST_PROTOCOL), 1)
+        return dump_versioned(_SCORING_MAGIC, SCORING_VERSION, view)
 
     @classmethod
     def restore_scoring(cls, data: bytes) -> ScoringModel:
-        header = len(_SCORING_MAGIC) + 4
-        (version,) = struct.unpack(">I", data[len(_SCORING_MAGIC) : header])
-        if version != SCORING_VERSION:
-            raise RouterCheckpointError(
-                f"published router model version {version} is not {SCORING_VERSION} (written "
-                "by another Tollgate version's learner); run the same version everywhere"
-            )
-        try:
-            model = pickle.loads(zlib.decompress(data[header:]))
-        except Exception as exc:
-            raise RouterCheckpointError(
-                f"published router model is not readable ({type(exc).__name__}: {exc})"
-            ) from exc
+        model = load_versioned(
+            data,
+            _SCORING_MAGIC,
+            SCORING_VERSION,
+            what="published router model",
+            advice="run the same Tollgate version everywhere",
+        )
         if type(model) is not ScoringModel:
             raise RouterCheckpointError("published router model does not hold a scoring model")
         return model
+
+
+def dump_versioned(magic: bytes, version: int, value: object) -> bytes:
+    """``magic``, a big-endian version, then a zlib-compressed pickle of ``value``."""
+    header = magic + struct.pack(">I", version)
+    return header + zlib.compress(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL), 1)
+
+
+def load_versioned(data: bytes, magic: bytes, version: int, *, what: str, advice: str) -> Any:
+    """What :func:`dump_versioned` wrote, or ``RouterCheckpointError`` saying ``what`` is
+    wrong and ``advice``. Unpickling runs code: only data Tollgate wrote."""
+    header = len(magic) + 4
+    if len(data) < header or not data.startswith(magic):
+        raise RouterCheckpointError(f"not a {what}; {advice}")
+    (found,) = struct.unpack(">I", data[len(magic) : header])
+    if found != version:
+        raise RouterCheckpointError(
+            f"{what} version {found} is not {version} (written by another Tollgate version); "
+            f"{advice}"
+        )
+    try:
+        return pickle.loads(zlib.decompress(data[header:]))
+    except Exception as exc:
+        raise RouterCheckpointError(
+            f"{what} is not readable ({type(exc).__name__}: {exc}); {advice}"
+        ) from exc
 
 
 def is_scoring_snapshot(data: bytes) -> bool:

@@ -361,6 +361,8 @@ def test_a_published_model_from_another_version_is_refused_with_a_reason() -> No
         Router.restore(RoutingSettings(), _SCORING_MAGIC + (99).to_bytes(4, "big") + data[-10:])
     with pytest.raises(RouterCheckpointError, match="not readable"):
         Router.restore(RoutingSettings(), data[: len(_SCORING_MAGIC) + 4] + b"garbage")
+    with pytest.raises(RouterCheckpointError, match="not a published router model"):
+        Router.restore(RoutingSettings(), _SCORING_MAGIC + b"\x00")  # cut short (was a crash)
 
 
 def test_the_learned_part_is_weighed_by_how_it_ranked_against_the_prior() -> None:
