@@ -374,8 +374,8 @@ class Gateway:
         if owner.user_id != ANONYMOUS_USER:
             outcome["user_id"] = owner.user_id  # the spend's owner, whoever reports on it
         for name, value in (("feature", owner.feature), ("session_id", owner.session_id)):
-            if outcome.get(name) is None and value is not None:
-                outcome[name] = value
+            if value is not None:  # the spend's own, as for its user (cost per outcome joins
+                outcome[name] = value  # outcomes to the feature that spent)
         return outcome
 
     # -- events ---------------------------------------------------------------------

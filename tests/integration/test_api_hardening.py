@@ -229,8 +229,21 @@ def test_an_outcome_by_session_is_attributed_to_the_session_user_and_feature(
             f"{stack.url}/v1/outcomes", json={"session_id": "s-77", "outcome": "success"}
         )
         assert outcome.status_code == 202
-    [recorded] = asyncio.run(read_events(stack.settings, "outcomes", at_least=1))
-    assert (recorded["user_id"], recorded["feature"]) == ("carol", "support")
+        # The spend's feature and session win over the body's, as its user does: before, a
+        # body `feature` (or a mismatched session_id) re-attributed the outcome.
+        by_request = httpx.post(
+            f"{stack.url}/v1/outcomes",
+            json={
+                "request_id": call.headers["X-Request-Id"], "outcome": "failure",
+                "feature": "elsewhere", "session_id": "s-other",
+            },
+        )  # fmt: skip
+        assert by_request.status_code == 202
+    recorded = asyncio.run(read_events(stack.settings, "outcomes", at_least=2))
+    assert [(r["user_id"], r["feature"], r["session_id"]) for r in recorded] == [
+        ("carol", "support", "s-77"),
+        ("carol", "support", "s-77"),
+    ]
 
 
 def test_a_key_may_post_outcomes_only_for_its_own_spend(
