@@ -783,7 +783,10 @@ async def sweep_reservations(components: Components) -> None:
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[api_middleware], client_max_size=settings.max_body_bytes)
     for method, path, handler in ROUTES:
-        app.router.add_route(method, path, handler)
+        if method == "GET":  # HEAD too (RFC 9110), for probes that check without a body
+            app.router.add_get(path, handler)
+        else:
+            app.router.add_route(method, path, handler)
 
     async def lifecycle(app: web.Application) -> Any:
         components = await build_components(settings)

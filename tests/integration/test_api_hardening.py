@@ -181,6 +181,7 @@ def test_inputs_that_were_500s_are_400s_naming_the_field(kafka_settings: Setting
         assert wrong_method.status_code == 405
         assert wrong_method.json()["error"]["type"] == "invalid_request_error"
         assert "POST" in wrong_method.headers["Allow"]  # RFC 9110: what is allowed instead
+        assert httpx.head(f"{stack.url}/healthz").status_code == 200  # was a 405
 
 
 def test_garbage_ids_and_timestamps_are_refused_not_stored(kafka_settings: Settings) -> None:
