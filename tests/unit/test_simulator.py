@@ -304,7 +304,9 @@ async def test_same_prompt_same_length(base_url: str, client: openai.AsyncOpenAI
 
 async def test_bad_requests(base_url: str, client: openai.AsyncOpenAI) -> None:
     with pytest.raises(openai.BadRequestError):
-        await client.chat.completions.create(model="gpt-4o", messages=MESSAGES, n=2)
+        await client.chat.completions.create(
+            model="gpt-4o", messages=MESSAGES, n=129
+        )  # n up to 128, as OpenAI
     with pytest.raises(openai.BadRequestError):
         await client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=0)
     url = f"{base_url}/chat/completions"
