@@ -48,6 +48,22 @@ Id = Annotated[
 """An identifier (user, session, feature, model, request, provider...): ``app.ids``'s rule."""
 
 
+def _checked_nonempty_id(value: Any) -> str:
+    if value == "":
+        raise custom_error("is required (a non-empty string)")
+    return _checked_id(value)
+
+
+NonEmptyId = Annotated[
+    str,
+    PlainValidator(_checked_nonempty_id),
+    WithJsonSchema(
+        {"type": "string", "minLength": 1, "maxLength": MAX_ID_LENGTH, "description": ID_TEXT}
+    ),
+]
+"""An identifier that must be given (a model a call names): ``Id``, and not empty."""
+
+
 def int_between(low: int, high: int) -> PlainValidator:
     """A validator of integers from ``low`` to ``high`` (never a bool, float or numeric string)."""
 

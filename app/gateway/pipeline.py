@@ -36,7 +36,7 @@ from app.errors import (
     UpstreamTimedOut,
 )
 from app.events.producer import EventEmitter
-from app.gateway.requests import ChatBody
+from app.gateway.requests import ChatBody, ChatCompletionBody
 from app.gateway.upstreams import RETRYABLE_CONNECT_ERRORS, UpstreamPool
 from app.metering.attribution import ANONYMOUS_USER, Identity
 from app.metering.usage import (
@@ -95,10 +95,11 @@ def parse_chat_request(
     field. The upstream body is the client's own JSON, minus Tollgate's fields."""
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object")
+    shape = ChatBody if native else ChatCompletionBody  # the shapes /openapi.json documents
     try:
-        parsed = ChatBody.model_validate(body)
+        parsed = shape.model_validate(body)
     except ValidationError as exc:
-        name, problem = first_problem(exc, ChatBody)
+        name, problem = first_problem(exc, shape)
         raise InvalidRequest(f"'{name}' {problem}", field=name) from None
     try:
         prompt_tokens = estimate_message_tokens(body["messages"])

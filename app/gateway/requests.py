@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
-from app.validation import MAX_TOKEN_COUNT, Id, int_between, int_schema
+from app.validation import MAX_TOKEN_COUNT, Id, NonEmptyId, int_between, int_schema
 
 MAX_TOKENS_LIMIT = MAX_TOKEN_COUNT
 OutputLimit = Annotated[
@@ -26,7 +26,12 @@ OutputLimit = Annotated[
         "The budget gate may lower it (the response says so in X-Tollgate-Max-Tokens-Capped)",
     ),
 ]
-ChoiceCount = Annotated[int, int_between(1, MAX_TOKEN_COUNT), int_schema(1, MAX_TOKEN_COUNT)]
+MAX_CHOICES = 128  # OpenAI's own limit on n: above it the provider's 400 would come back
+ChoiceCount = Annotated[
+    int,
+    int_between(1, MAX_CHOICES),
+    int_schema(1, MAX_CHOICES, "Choices to generate; the budget gate prices every one"),
+]
 
 
 class ChatMessage(BaseModel):
@@ -83,3 +88,10 @@ class ChatBody(BaseModel):
         "forwarded to the provider only on /v1/chat/completions with store: true (OpenAI "
         "refuses metadata otherwise)",
     )
+
+
+class ChatCompletionBody(ChatBody):
+    """``/v1/chat/completions``: as :class:`ChatBody`, with ``model`` required (OpenAI's API
+    has no default model; ``/v1/dispatch`` has TOLLGATE_DEFAULT_MODEL)."""
+
+    model: NonEmptyId = Field(description="The model to call, or a routing alias such as 'auto'")

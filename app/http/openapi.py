@@ -15,13 +15,13 @@ empty requirement. Tests check the document with ``openapi-spec-validator``.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, Field, TypeAdapter
 
 from app.http import responses
-from app.http.reports_api import REPORTS
+from app.http.reports_api import PARAMS, REPORTS
 from app.ids import MAX_ID_LENGTH
 from app.metering.ingest import MAX_BATCH, OutcomeReport, UsageReport
 from app.validation import ID_TEXT
@@ -65,8 +65,25 @@ SCOPE_PARAM = {
     "name": "scope",
     "in": "path",
     "required": True,
-    "schema": {"type": "string", "maxLength": MAX_ID_LENGTH + 8},
+    "schema": {
+        "type": "string",
+        # The id part follows app.ids's rule (printable: the pattern keeps out control
+        # characters; other non-printable ones are refused with a 400 naming them).
+        "pattern": rf"^(global|(user|feature|team|key):[^\x00-\x1f\x7f-\x9f]{{1,{MAX_ID_LENGTH}}})$",
+    },
     "description": "global, user:<id>, feature:<name>, team:<id>, key:<id>, or user:* / feature:*",
+}
+SSE_EVENT = {  # one event of a text/event-stream answer, as SSE parsers hand it over
+    "type": "object",
+    "properties": {
+        "data": {
+            "type": "string",
+            "description": "A chat.completion.chunk as JSON (the provider's, passed through), "
+            "an error object, or [DONE] at the end",
+        },
+        "event": {"type": "string"},
+        "id": {"type": "string"},
+    },
 }
 REPORT_PARAMS = [
     {"name": "from", "in": "query", "schema": {"type": "string", "format": "date-time"}},
@@ -95,6 +112,8 @@ class Operation:
     response: Any = None  # a pydantic model (or type) of the JSON answer
     response_description: str = "OK"
     media_type: str = "application/json"
+    # other media types the success response may have (as text), e.g. an SSE stream
+    also_media_types: tuple[str, ...] = ()
     body: Any = None  # the pydantic model (or type) of the JSON request body
     errors: tuple[int, ...] = ()
     parameters: tuple[dict[str, Any], ...] = ()
@@ -138,18 +157,18 @@ class _Schemas:
 
 
 def _path_parameters(path: str) -> list[dict[str, Any]]:
-    if "{scope}" in path:
-        return [SCOPE_PARAM]
-    if "{name}" in path:
-        return [
-            {
-                "name": "name",
-                "in": "path",
-                "required": True,
-                "schema": {"type": "string", "enum": list(REPORTS)},
-            }
-        ]
-    return []
+    return [SCOPE_PARAM] if "{scope}" in path else []
+
+
+def _each_report(path: str, op: Operation) -> Iterable[tuple[str, str, Operation]]:
+    """``/v1/reports/{name}`` as one path per report, each with the query parameters that
+    report takes (another is a 400), so a client or fuzzer sees exactly what is accepted."""
+    if "{name}" not in path:
+        yield path, "", op
+        return
+    for name in REPORTS:
+        parameters = tuple(p for p in op.parameters if p["name"] in PARAMS[name])
+        yield path.replace("{name}", name), f"_{name}", replace(op, parameters=parameters)
 
 
 def _operation(op: Operation, path: str, schemas: _Schemas) -> dict[str, Any]:
@@ -159,6 +178,9 @@ def _operation(op: Operation, path: str, schemas: _Schemas) -> dict[str, Any]:
         ok["content"] = {op.media_type: {"schema": schemas.of(op.response)}}
     elif op.media_type != "application/json":
         ok["content"] = {op.media_type: {"schema": {"type": "string"}}}
+    for media_type in op.also_media_types:
+        schema = SSE_EVENT if media_type == "text/event-stream" else {"type": "string"}
+        ok.setdefault("content", {})[media_type] = {"schema": schema}
     headers: dict[str, Any] = {}
     if op.access != "open":
         headers["X-Request-Id"] = {
@@ -203,8 +225,12 @@ def openapi_document(routes: Iterable[tuple[str, str, Callable[..., Any]]]) -> d
         op = operation_of(handler)
         if op is None:
             raise ValueError(f"{method} {path}: its handler declares no @operation")
-        result = {"operationId": handler.__name__, **_operation(op, path, schemas)}
-        paths.setdefault(path, {})[method.lower()] = result
+        for concrete, suffix, each in _each_report(path, op):
+            result = {
+                "operationId": handler.__name__ + suffix,
+                **_operation(each, concrete, schemas),
+            }
+            paths.setdefault(concrete, {})[method.lower()] = result
     return {
         "openapi": "3.1.0",
         "info": {

@@ -46,7 +46,7 @@ from app.gateway.pipeline import (
     identity_scopes,
     parse_chat_request,
 )
-from app.gateway.requests import ChatBody
+from app.gateway.requests import ChatBody, ChatCompletionBody
 from app.gateway.savings import SavingsLevers
 from app.gateway.shared_router import SharedRouter
 from app.gateway.upstreams import UpstreamPool
@@ -263,6 +263,7 @@ CHAT_OPERATION: dict[str, Any] = {
     "body": ChatBody,
     "response": responses.ChatCompletion,
     "response_description": "The provider's completion, passed through (or text/event-stream)",
+    "also_media_types": ("text/event-stream",),
     "parameters": tuple(ATTRIBUTION_HEADERS),
     "errors": (400, 401, 402, 403, 404, 413, 502, 503, 504),
     "response_headers": tuple((name, *spec) for name, spec in CHAT_RESPONSE_HEADERS.items()),
@@ -272,7 +273,7 @@ CHAT_OPERATION: dict[str, Any] = {
 @operation(
     "OpenAI-compatible chat completion (JSON, or an SSE stream with stream: true)",
     "user",
-    **CHAT_OPERATION,
+    **{**CHAT_OPERATION, "body": ChatCompletionBody},
 )
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     return await _chat(request, "chat.completions", native=False)

@@ -31,7 +31,15 @@ from app.ids import MAX_ID_LENGTH, id_problem
 from app.metering.attribution import Identity
 from app.metering.usage import event_time, new_id, usage_event_id
 from app.pricing.catalog import usd_to_nanos
-from app.validation import ID_TEXT, MAX_TOKEN_COUNT, Id, TokenCount, custom_error, first_problem
+from app.validation import (
+    ID_TEXT,
+    MAX_TOKEN_COUNT,
+    Id,
+    NonEmptyId,
+    TokenCount,
+    custom_error,
+    first_problem,
+)
 
 MAX_BATCH = 1000
 MAX_CLOCK_SKEW = timedelta(minutes=5)
@@ -206,10 +214,33 @@ class _Report(BaseModel):
         return _timestamp(value, window)
 
 
+def _given(*names: str) -> dict[str, Any]:
+    """JSON Schema: each of ``names`` is present and not null (null reads as absent here)."""
+    return {
+        "required": list(names),
+        "properties": {name: {"not": {"type": "null"}} for name in names},
+    }
+
+
+def _one_of_aliases(name: str, alias: str) -> list[dict[str, Any]]:
+    """JSON Schema: ``name`` or its ``alias`` is given, not both (two counts that disagree
+    leave unknown which is right)."""
+    return [{"anyOf": [_given(name), _given(alias)]}, {"not": _given(name, alias)}]
+
+
 class UsageReport(_Report):
     """One call made outside the gateway, reported to ``POST /v1/usage`` (or a trace line)."""
 
-    model: Id = Field(description="The model that served the call (a non-empty id)")
+    model_config = ConfigDict(
+        json_schema_extra={
+            "allOf": [
+                *_one_of_aliases("prompt_tokens", "input_tokens"),
+                *_one_of_aliases("completion_tokens", "output_tokens"),
+            ]
+        }
+    )
+
+    model: NonEmptyId = Field(description="The model that served the call (a non-empty id)")
     prompt_tokens: TokenCount | None = Field(default=None, description="Or input_tokens")
     input_tokens: TokenCount | None = None
     completion_tokens: TokenCount | None = Field(default=None, description="Or output_tokens")
@@ -267,6 +298,15 @@ class OutcomeReport(_Report):
     """A business outcome reported to ``POST /v1/outcomes``. Needs request_id or session_id.
     With keys, a non-admin key may report only on its own user's requests and sessions (or
     users in its may_act_for): else 403."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "anyOf": [
+                {"required": [name], "properties": {name: {"type": "string", "minLength": 1}}}
+                for name in ("request_id", "session_id")
+            ]
+        }
+    )
 
     outcome: Literal["success", "failure"]
     request_id: Id | None = None
@@ -329,8 +369,6 @@ def parse_usage_reports(
         identity = resolve(record) if isinstance(record, dict) else None
         report = _api_record(UsageReport, record, where, window)
         prompt, completion, cached = report.tokens(_api_error(where))
-        if not report.model:
-            raise _api_error(where)("model", "is required (a non-empty string)")
         assert identity is not None  # a record that is not an object was refused above
         # A report naming its request is idempotent: a retried POST (or a report of a call
         # that went through this gateway, by its X-Request-Id) has the event id of the first,

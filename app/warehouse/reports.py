@@ -34,8 +34,12 @@ LATEST = datetime(2106, 2, 7, tzinfo=UTC)
 
 def parse_time(value: str | None, param: str, default: datetime) -> datetime:
     """An ISO 8601 instant (UTC unless it says otherwise) inside [EARLIEST, LATEST]."""
-    if value is None or value == "":
+    if value is None:
         return default
+    if value == "":  # "to=" says something was meant: refuse it rather than guess the default
+        raise ReportError(
+            param, f"{param}= is empty: give an ISO 8601 date or time, or leave {param} out"
+        )
     try:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
         if parsed.tzinfo is None:
