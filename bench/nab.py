@@ -29,7 +29,9 @@ detect --kind volume FILE``; its ``is_anomaly`` column is scored as it is, and i
 
 The corpus is split: the files in :data:`HELD_OUT` were never looked at while the
 detector was developed; figures are given for the development part, the held-out
-part and both. Run ``python -m bench.nab [--data DIR] [--json-out FILE]``.
+part and both. Run ``python -m bench.nab [--data DIR] [--json-out FILE]``; on a checkout
+of NAB: ``--data NAB/data --windows NAB/labels/combined_windows.json`` (the files there
+that are missing are left out).
 """
 
 from __future__ import annotations
@@ -100,11 +102,16 @@ def _parse(text: str) -> datetime:
     return datetime.fromisoformat(text.strip().split(".")[0])
 
 
-def load_corpus(data: Path) -> list[Labelled]:
-    windows = json.loads((data / "windows.json").read_text())
+def load_corpus(data: Path, windows_file: Path | None = None) -> list[Labelled]:
+    """The labelled files of ``data``: those ``windows_file`` (default ``data/windows.json``)
+    names. With a windows file of its own (NAB's ``labels/combined_windows.json``), files it
+    names that ``data`` lacks are left out, so a part of NAB can be scored."""
+    windows = json.loads((windows_file or data / "windows.json").read_text())
     corpus = []
     for name in sorted(windows):
         path = data / name
+        if windows_file is not None and not path.exists():
+            continue
         with open(path, newline="") as handle:
             rows = list(csv.DictReader(handle))
         stamps = [row["timestamp"] for row in rows]
@@ -265,8 +272,12 @@ def tollgate(item: Labelled, options: dict[str, object]) -> tuple[list[float], l
 # -- running ------------------------------------------------------------------------------
 
 
-def run(data: Path, options: dict[str, object]) -> dict[str, Any]:
-    corpus = load_corpus(data)
+def run(
+    data: Path, options: dict[str, object], windows_file: Path | None = None
+) -> dict[str, Any]:
+    corpus = load_corpus(data, windows_file)
+    if not corpus:
+        raise SystemExit(f"{data}: none of the labelled files is there")
     started = time.process_time()
     flags, scores, gauss = {}, {}, {}
     pages, skipped = {}, 0
@@ -284,6 +295,8 @@ def run(data: Path, options: dict[str, object]) -> dict[str, Any]:
     }
     results: dict[str, Any] = {}
     for part, items in parts.items():
+        if not items:  # another corpus (--data) need not hold any file of HELD_OUT
+            continue
         results[part] = {}
         for profile_name, profile in PROFILES.items():
             pages_score, _ = normalised(items, flags, profile, 0.5)
@@ -340,6 +353,13 @@ def markdown(report: dict[str, Any]) -> str:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.nab", description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="NAB data directory")
+    parser.add_argument(
+        "--windows",
+        type=Path,
+        default=None,
+        help="labelled windows (default DATA/windows.json); e.g. NAB's "
+        "labels/combined_windows.json with --data NAB/data",
+    )
     parser.add_argument("--json-out", default=None)
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
     args = parser.parse_args(argv)
@@ -349,9 +369,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    if not (args.data / "windows.json").exists():
-        raise SystemExit(f"{args.data}: no windows.json; pass --data with NAB's data and labels")
-    report = run(args.data, args.options)
+    if args.windows is None and not (args.data / "windows.json").exists():
+        raise SystemExit(
+            f"{args.data}: no windows.json; pass --data with NAB's data and labels, or "
+            "--windows NAB/labels/combined_windows.json"
+        )
+    report = run(args.data, args.options, args.windows)
     print(markdown(report))
     print()
     document = json.dumps(report, indent=2)

@@ -47,3 +47,21 @@ def test_null_scores_zero_perfect_one_hundred_and_earlier_is_better(tmp_path: Pa
     assert score == pytest.approx(100.0) and threshold == pytest.approx(0.9)
     assert scaled_sigmoid(-1.0) == pytest.approx(0.98661, abs=1e-5)
     assert scaled_sigmoid(0.0) == pytest.approx(0.0)
+
+
+def test_a_part_of_nab_is_scored_with_nabs_own_windows_file(tmp_path: Path) -> None:
+    """`--data NAB/data --windows NAB/labels/combined_windows.json` on a partial copy: the
+    labelled files that are missing are left out, and a corpus without any file of the
+    held-out list is scored (it used to divide by zero on the empty held-out part)."""
+    from bench.nab import run
+
+    data = corpus(tmp_path)
+    labels = tmp_path / "combined_windows.json"
+    windows = json.loads((data / "windows.json").read_text())
+    labels.write_text(json.dumps({**windows, "realTweets/missing.csv": []}))
+    (data / "windows.json").unlink()
+    items = load_corpus(data, labels)
+    assert [item.name for item in items] == ["real/a.csv"]
+    report = run(data, {}, labels)
+    assert set(report["results"]) == {"development", "all"}
+    assert report["files"] == 1
