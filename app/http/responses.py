@@ -50,11 +50,21 @@ class AcceptedUsage(BaseModel):
 class UsageAccepted(BaseModel):
     accepted: int
     events: list[AcceptedUsage]
+    ignored_fields: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Fields of a record that nothing reads (a typo such as 'feture', another "
+        "API's name such as 'timestamp' for 'ts'), by record: {'records[0]': ['feture']}",
+    )
 
 
 class OutcomesAccepted(BaseModel):
     accepted: int
     event_ids: list[str]
+    ignored_fields: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Fields of a record that nothing reads (a typo such as 'feture', another "
+        "API's name such as 'timestamp' for 'ts'), by record: {'outcomes[0]': ['feture']}",
+    )
 
 
 class PolicyOut(BaseModel):

@@ -325,8 +325,9 @@ def _report_window(c: Components) -> TimeWindow:
 async def report_usage(request: web.Request) -> web.Response:
     c = request.app[COMPONENTS]
     body = await read_json(request)
+    ignored: dict[str, list[str]] = {}
     reports = parse_usage_reports(  # validates all first
-        body, _identity_resolver(request), window=_report_window(c)
+        body, _identity_resolver(request), window=_report_window(c), ignored=ignored
     )
     accepted = []
     for report in reports:
@@ -342,7 +343,9 @@ async def report_usage(request: web.Request) -> web.Response:
                 "price_unknown": record["price_unknown"],
             }
         )
-    return json_response({"accepted": len(accepted), "events": accepted}, status=202)
+    return json_response(
+        {"accepted": len(accepted), "events": accepted, "ignored_fields": ignored}, status=202
+    )
 
 
 @operation(
@@ -357,8 +360,9 @@ async def report_usage(request: web.Request) -> web.Response:
 async def report_outcomes(request: web.Request) -> web.Response:
     c = request.app[COMPONENTS]
     body = await read_json(request)
+    ignored: dict[str, list[str]] = {}
     records = parse_outcomes(
-        body, _identity_resolver(request, require="none"), window=_report_window(c)
+        body, _identity_resolver(request, require="none"), window=_report_window(c), ignored=ignored
     )
     key = c.keys.lookup(bearer_token(request.headers) or "") if c.keys is not None else None
     may_act_for = key.may_attribute_to if key is not None and not key.admin else None
@@ -368,7 +372,12 @@ async def report_outcomes(request: web.Request) -> web.Response:
         c.emitter.emit("Outcome", "outcomes", record["session_id"] or record["request_id"], record)
         c.levers.learn_outcome(record["request_id"], record["outcome"])  # routed here: learn
     return json_response(
-        {"accepted": len(records), "event_ids": [r["event_id"] for r in records]}, status=202
+        {
+            "accepted": len(records),
+            "event_ids": [r["event_id"] for r in records],
+            "ignored_fields": ignored,
+        },
+        status=202,
     )
 
 

@@ -198,6 +198,15 @@ AttributionId = Annotated[
 ]
 
 
+class TokenDetails(BaseModel):
+    """A usage object's token details: only ``cached_tokens`` is read (audio and reasoning
+    counts are already inside the prompt and completion counts)."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    cached_tokens: TokenCount | None = None
+
+
 UsageStatus = Literal["ok", "error", "client_disconnected", "timeout"]
 USAGE_STATUSES: tuple[str, ...] = get_args(UsageStatus)
 
@@ -246,6 +255,26 @@ class UsageReport(_Report):
     completion_tokens: TokenCount | None = Field(default=None, description="Or output_tokens")
     output_tokens: TokenCount | None = None
     cached_tokens: TokenCount | None = None  # null = absent, as for every count
+    # OpenAI's usage object, posted as it is: its cached count is read from the details
+    # (Chat Completions' prompt_tokens_details, the Responses API's input_tokens_details).
+    prompt_tokens_details: TokenDetails | None = Field(
+        default=None, description="OpenAI's; its cached_tokens is read as cached_tokens"
+    )
+    input_tokens_details: TokenDetails | None = Field(
+        default=None, description="The Responses API's; as prompt_tokens_details"
+    )
+    completion_tokens_details: TokenDetails | None = Field(
+        default=None,
+        description="OpenAI's; accepted, not read (reasoning and audio tokens are inside "
+        "completion_tokens)",
+    )
+    output_tokens_details: TokenDetails | None = Field(
+        default=None, description="The Responses API's; as completion_tokens_details"
+    )
+    total_tokens: TokenCount | None = Field(
+        default=None,
+        description="Accepted and not used: prompt and completion tokens are what is priced",
+    )
     model_requested: Id | None = Field(
         default=None,
         description="Model the caller asked for, when a router served `model` instead "
@@ -288,7 +317,18 @@ class UsageReport(_Report):
             raise error(
                 "completion_tokens", "is required (an integer token count; or 'output_tokens')"
             )
-        cached = self.cached_tokens or 0
+        cached = self.cached_tokens
+        for name in ("prompt_tokens_details", "input_tokens_details"):
+            details = getattr(self, name)
+            also = details.cached_tokens if details is not None else None
+            if also is None:
+                continue
+            if cached is not None and cached != also:
+                raise error(
+                    f"{name}.cached_tokens", f"({also}) differs from cached_tokens ({cached})"
+                )
+            cached = also
+        cached = cached or 0
         if cached > prompt:
             raise error("cached_tokens", f"({cached}) cannot exceed prompt_tokens ({prompt})")
         return prompt, completion, cached
@@ -356,18 +396,32 @@ def _api_record(model: type[M], record: Any, where: str, window: TimeWindow) -> 
     return validate_record(model, record, _api_error(where), window)
 
 
+def _note_ignored(report: BaseModel, where: str, ignored: dict[str, list[str]] | None) -> None:
+    """Fields no one reads (a typo such as ``feture``, another API's ``timestamp``) are
+    accepted, as OpenAI's extra usage fields are, and named back to the caller."""
+    if ignored is not None and report.model_extra:
+        ignored[where] = sorted(report.model_extra)
+
+
 def parse_usage_reports(
-    body: Any, resolve: IdentityResolver, *, window: TimeWindow | None = None
+    body: Any,
+    resolve: IdentityResolver,
+    *,
+    window: TimeWindow | None = None,
+    ignored: dict[str, list[str]] | None = None,
 ) -> list[dict[str, Any]]:
     """Validated keyword arguments for ``Gateway.usage_record``, one per reported call.
 
-    ``window``: accepted event times (default: the default window around now)."""
+    ``window``: accepted event times (default: the default window around now). ``ignored``,
+    if given, receives the fields each record had that nothing reads (``records[i]`` ->
+    names)."""
     window = window or TimeWindow()
     reports = []
     for index, record in enumerate(_records(body, "records", "usage records")):
         where = f"records[{index}]"
         identity = resolve(record) if isinstance(record, dict) else None
         report = _api_record(UsageReport, record, where, window)
+        _note_ignored(report, where, ignored)
         prompt, completion, cached = report.tokens(_api_error(where))
         assert identity is not None  # a record that is not an object was refused above
         # A report naming its request is idempotent: a retried POST (or a report of a call
@@ -396,14 +450,19 @@ def parse_usage_reports(
 
 
 def parse_outcomes(
-    body: Any, resolve: IdentityResolver, *, window: TimeWindow | None = None
+    body: Any,
+    resolve: IdentityResolver,
+    *,
+    window: TimeWindow | None = None,
+    ignored: dict[str, list[str]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Validated ``Outcome`` records (``window``: as for usage reports)."""
+    """Validated ``Outcome`` records (``window``, ``ignored``: as for usage reports)."""
     window = window or TimeWindow()
     outcomes = []
     for index, record in enumerate(_records(body, "outcomes", "outcomes")):
         where = f"outcomes[{index}]"
         report = _api_record(OutcomeReport, record, where, window)
+        _note_ignored(report, where, ignored)
         request_id, session_id = report.request_id or None, report.session_id or None
         if not request_id and not session_id:
             raise _api_error(where)(

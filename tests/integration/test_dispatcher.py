@@ -570,3 +570,34 @@ def test_a_retried_usage_report_with_its_request_id_counts_once(stack: Stack) ->
     assert event["cost_usd"] == "0.000035" and "e" not in event["cost_usd"]
     other = httpx.post(f"{stack.url}/v1/usage", json={**record, "request_id": "dup-2"})
     assert other.json()["events"][0]["event_id"] != event["event_id"]
+
+
+def test_an_openai_usage_object_posted_as_it_is_counts_its_cached_tokens(stack: Stack) -> None:
+    """A service that posts OpenAI's `usage` object unchanged: its cached tokens are in
+    prompt_tokens_details, and were ignored, so the cached part was priced in full. A field
+    nothing reads (`feture`, a typo) is named back instead of being dropped in silence."""
+    usage = {
+        "prompt_tokens": 2000, "completion_tokens": 10, "total_tokens": 2010,
+        "prompt_tokens_details": {"cached_tokens": 1024, "audio_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": 0},
+    }  # fmt: skip
+    plain = {"model": "gpt-4o", "user_id": "usage-object", **usage}
+    plain.pop("prompt_tokens_details")
+    full = httpx.post(f"{stack.url}/v1/usage", json=plain)
+    cached = httpx.post(
+        f"{stack.url}/v1/usage",
+        json={"model": "gpt-4o", "user_id": "usage-object", "feture": "search", **usage},
+    )
+    assert full.status_code == cached.status_code == 202, cached.text
+    full_cost = Decimal(full.json()["events"][0]["cost_usd"])
+    cached_cost = Decimal(cached.json()["events"][0]["cost_usd"])
+    assert cached_cost < full_cost  # 1,024 of the 2,000 prompt tokens at the cached price
+    assert cached.json()["ignored_fields"] == {"records[0]": ["feture"]}
+    assert full.json()["ignored_fields"] == {}
+    outcome = httpx.post(
+        f"{stack.url}/v1/outcomes",
+        json={"outcome": "success", "request_id": "r-1", "value": 3},
+    )
+    assert outcome.status_code == 202 and outcome.json()["ignored_fields"] == {
+        "outcomes[0]": ["value"]
+    }

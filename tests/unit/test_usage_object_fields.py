@@ -1,0 +1,51 @@
+"""A usage record may be OpenAI's `usage` object as it is; fields nothing reads are named.
+
+Before: ``prompt_tokens_details.cached_tokens`` was ignored (the cached part of the prompt
+priced in full) and a typo such as ``feture`` vanished without a word.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from app.errors import TollgateError
+from app.metering.attribution import resolve_identity
+from app.metering.ingest import parse_outcomes, parse_usage_reports
+
+BASE = {"model": "gpt-4o", "prompt_tokens": 100, "completion_tokens": 5}
+
+
+def _resolve(record: Any) -> Any:
+    return resolve_identity({}, record, None)
+
+
+@pytest.mark.parametrize("details", ["prompt_tokens_details", "input_tokens_details"])
+def test_cached_tokens_are_read_from_the_usage_objects_details(details: str) -> None:
+    record = {**BASE, "total_tokens": 105, details: {"cached_tokens": 64, "audio_tokens": 0}}
+    ignored: dict[str, list[str]] = {}
+    (report,) = parse_usage_reports(record, _resolve, ignored=ignored)
+    assert report["cached_tokens"] == 64
+    assert ignored == {}
+
+
+def test_a_details_count_that_disagrees_with_cached_tokens_is_a_400() -> None:
+    record = {**BASE, "cached_tokens": 3, "prompt_tokens_details": {"cached_tokens": 64}}
+    with pytest.raises(TollgateError, match=r"prompt_tokens_details\.cached_tokens"):
+        parse_usage_reports(record, _resolve)
+
+
+def test_the_same_count_twice_is_fine() -> None:
+    record = {**BASE, "cached_tokens": 64, "prompt_tokens_details": {"cached_tokens": 64}}
+    assert parse_usage_reports(record, _resolve)[0]["cached_tokens"] == 64
+
+
+def test_fields_nothing_reads_are_named_per_record() -> None:
+    body = [{**BASE, "feture": "search"}, BASE, {**BASE, "timestamp": "2026-01-01", "zz": 1}]
+    ignored: dict[str, list[str]] = {}
+    parse_usage_reports(body, _resolve, ignored=ignored)
+    assert ignored == {"records[0]": ["feture"], "records[2]": ["timestamp", "zz"]}
+    ignored = {}
+    parse_outcomes({"outcome": "success", "session_id": "s", "valu": 1}, _resolve, ignored=ignored)
+    assert ignored == {"outcomes[0]": ["valu"]}
