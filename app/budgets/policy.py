@@ -324,9 +324,17 @@ def scopes_of(
 
 @dataclass
 class PolicyBook:
-    """Policies by scope, with per-kind defaults (``user:*``, ``feature:*``)."""
+    """Policies by scope, with per-kind defaults (``user:*``, ``feature:*``).
+
+    Read-your-writes: a change this process made (``put_local`` / ``remove_local``, with
+    the event id of the record it sent) holds until the policies topic delivers that very
+    record; records of the scope delivered before it are older writes and are skipped, so
+    the echo of a previous change cannot undo it for a moment (a user under a raised cap
+    was refused). From its own record on, the topic's order rules again."""
 
     policies: dict[str, Policy] = field(default_factory=dict)
+    # scope -> event id of this process's latest write, until the topic delivers it
+    awaiting: dict[str, str] = field(default_factory=dict)
 
     def put(self, policy: Policy) -> None:
         self.policies[policy.scope] = policy
@@ -334,8 +342,22 @@ class PolicyBook:
     def remove(self, scope: str) -> None:
         self.policies.pop(scope, None)
 
+    def put_local(self, policy: Policy, event_id: str) -> None:
+        """This process's own change, sent to the topic as record ``event_id``."""
+        self.put(policy)
+        self.awaiting[policy.scope] = event_id
+
+    def remove_local(self, scope: str, event_id: str) -> None:
+        self.remove(scope)
+        self.awaiting[scope] = event_id
+
     def apply_record(self, record: dict[str, Any] | None, scope: str) -> None:
         """Apply a record from the compacted policies topic (None or deleted = removal)."""
+        awaited = self.awaiting.get(scope)
+        if awaited is not None:
+            if record is None or record.get("event_id") != awaited:
+                return  # older than this process's own write, which stands
+            del self.awaiting[scope]
         if record is None or record.get("deleted"):
             self.remove(scope)
         else:

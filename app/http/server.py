@@ -419,8 +419,11 @@ async def put_budget(request: web.Request) -> web.Response:
         policy = parse_policy(scope, await read_json(request))
     except PolicyError as exc:
         raise invalid_request(str(exc), exc.field) from None
-    c.emitter.emit_policy(scope, policy_record(policy, admin))
-    c.policies.put(policy)  # effective here at once; other dispatchers read it from Kafka
+    record = policy_record(policy, admin)
+    c.emitter.emit_policy(scope, record)
+    # Effective here at once (and not undone by an older record's echo); other dispatchers
+    # read it from Kafka.
+    c.policies.put_local(policy, record["event_id"])
     return json_response(policy.to_json())
 
 
@@ -446,8 +449,9 @@ async def delete_budget(request: web.Request) -> web.Response:
     scope = _scope(request)
     if scope not in c.policies.policies:
         raise ApiError(404, "not_found", f"No budget policy for {scope}", param="scope")
-    c.emitter.emit_policy(scope, deletion_record(scope, admin))
-    c.policies.remove(scope)
+    record = deletion_record(scope, admin)
+    c.emitter.emit_policy(scope, record)
+    c.policies.remove_local(scope, record["event_id"])
     return json_response({"deleted": scope})
 
 
@@ -687,8 +691,9 @@ async def build_components(settings: Settings) -> Components:
     if settings.budgets_file:
         for policy in load_budgets_file(settings.budgets_file):
             if policies.policies.get(policy.scope) != policy:
-                emitter.emit_policy(policy.scope, policy_record(policy, "budgets_file"))
-                policies.put(policy)
+                record = policy_record(policy, "budgets_file")
+                emitter.emit_policy(policy.scope, record)
+                policies.put_local(policy, record["event_id"])
     config = GatewayConfig(
         fallback_output_tokens=settings.reserve_output_tokens,
         max_output_tokens=settings.max_output_tokens,
