@@ -63,6 +63,9 @@ class DetectorSettings:
     """An unusual stretch of calls that is over within this long is one of the scope's normal
     bursts (a session, a retry storm) and teaches its burstiness; a longer one (a loop) never
     does."""
+    volume_episode_gap_seconds: float = 120.0
+    """An unusual stretch is over after this long without an unusual call (two of the
+    shortest windows: a session's pauses of seconds to a minute stay inside one stretch)."""
     volume_suspicion_p: float = 0.01
     """A call of a feature or the global stream whose count has a tail probability below
     this is unusual: it opens a stretch whose burstiness is learned only if it is over
@@ -220,6 +223,24 @@ class DetectorSettings:
     series_refractory_points: int = 100
     """Points after a page during which the series does not page again: one page per event
     (compared on NAB's development files: 12, 48, 100 points and a day; 100 was best)."""
+    series_history_points: int = 3000
+    """Past values each statistic keeps for its empirical tail: about 10 days of a 5-minute
+    series. A value past the extreme of this many scores 1 in (n + 1) at most before the
+    fitted tail takes over, so a shorter history pages more often on new highs and lows."""
+    series_min_history_points: int = 100
+    """Past values a statistic needs before its surprise is trusted (below: 0)."""
+    series_shift_points: int = 5
+    """Points in the level-shift statistic (the mean of the last few standardised errors):
+    an outage or a step is seen in a few points, a single spike weighs 1/sqrt(5)."""
+    series_clip_spreads: float = 5.0
+    """A point's error is learned as at most this many spreads (winsorised): an incident
+    does not teach the predictors that it is normal."""
+    series_level_weight: float = 0.1
+    """Weight of each point in the level (exponential smoothing): a memory of ~20 points."""
+    series_profile_weight: float = 0.2
+    """Weight of each visit in its time-of-day slot: a memory of ~10 days of that slot."""
+    series_error_fading: float = 0.02
+    """Memory of the two predictors' recent errors (~50 points), which picks the one used."""
 
     # -- alert lifecycle ---------------------------------------------------------------
     resolve_after_seconds: int = 180
@@ -240,6 +261,10 @@ class DetectorSettings:
     incident_window_seconds: float = 900.0
     """Alerts of nested scopes (a user, their feature, global) firing within this long of an
     open incident are attached to it."""
+    incident_related_feature_seconds: float = 3600.0
+    """A user "belongs" to the features they called this recently: a user alert nests
+    under such a feature's incident, and a user's cost alarm inside a feature's cost
+    incident is part of it."""
     incident_explain_share: float = 0.75
     """A narrower scope becomes the page when its extra spend is at least this share of the
     wider scope's (a user whose loop is their feature's surge; not the heaviest of many
@@ -295,6 +320,12 @@ class DetectorSettings:
             "cost_model_max_per_scope",
             "mix_warmup_requests",
             "series_warmup_points",
+            "volume_episode_gap_seconds",
+            "incident_related_feature_seconds",
+            "series_history_points",
+            "series_min_history_points",
+            "series_shift_points",
+            "series_clip_spreads",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"DetectorSettings.{name} must be > 0")
@@ -318,6 +349,9 @@ class DetectorSettings:
                 "DetectorSettings.cost_tail_share and cost_tail_alt_share must satisfy "
                 f"0 < {self.cost_tail_share} < {self.cost_tail_alt_share} < 1"
             )
+        for name in ("series_level_weight", "series_profile_weight", "series_error_fading"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"DetectorSettings.{name}={getattr(self, name)} must be in (0, 1]")
         if self.cost_design_ratio <= 1:
             raise ValueError(
                 f"DetectorSettings.cost_design_ratio={self.cost_design_ratio} must be > 1"

@@ -62,7 +62,6 @@ SNAPSHOT_VERSION = 2
 _SNAPSHOT_MAGIC = b"tollgate-anomaly-engine\n"
 MAX_FEATURE_SCOPES = 1000
 _TIER_COST_MEMORY_S = 86400.0
-_RELATED_FEATURE_S = 3600.0  # a user "belongs" to the features they called in the last hour
 
 
 class SnapshotError(ValueError):
@@ -187,7 +186,8 @@ class AnomalyEngine:
         if state is None:
             return False
         seen = state.features.get(feature.split(":", 1)[1])
-        return seen is not None and state.last_active - seen <= _RELATED_FEATURE_S
+        related = self.settings.incident_related_feature_seconds
+        return seen is not None and state.last_active - seen <= related
 
     def explains(self, narrow: str, wide: str, at: datetime) -> bool:
         """Whether ``narrow`` accounts for at least ``incident_explain_share`` of ``wide``'s
@@ -207,7 +207,7 @@ class AnomalyEngine:
     def _in_feature_cost_incident(self, user: ScopeState, at: datetime) -> bool:
         """Whether a feature the user called in the last hour has a cost incident that the
         user does not explain (then the user's cost alarm is part of it)."""
-        recent = at.timestamp() - _RELATED_FEATURE_S
+        recent = at.timestamp() - self.settings.incident_related_feature_seconds
         for name, seen in user.features.items():
             state = self.features.get(f"feature:{name}")
             if (

@@ -53,7 +53,6 @@ from app.anomaly_config import DetectorSettings
 SLOT_SECONDS = 5
 _INF = math.inf
 _PEARSON_MIN_EXPECTED = 5.0  # below this, burstiness is measured by neighbours, not squares
-_EPISODE_GAP_SECONDS = 120.0  # an unusual stretch is over after this long without unusual calls
 
 
 @dataclass
@@ -434,7 +433,7 @@ class RateDetector:
         """
         limit = self.settings.volume_burst_seconds
         episode = self.episode  # [start, last unusual call, held calls]
-        if episode is not None and t - episode[1] > _EPISODE_GAP_SECONDS:
+        if episode is not None and t - episode[1] > self.settings.volume_episode_gap_seconds:
             self.episode = None
             if episode[1] - episode[0] <= limit:  # over quickly: one of the scope's bursts
                 for at, values in episode[2]:

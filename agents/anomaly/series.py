@@ -38,26 +38,21 @@ from datetime import datetime
 from agents.anomaly.core import Point, Verdict
 from app.anomaly_config import DetectorSettings
 
-_SHORT = 5  # points in the level-shift statistic
-_HISTORY = 3000  # past values of each statistic kept for its empirical tail
-_CLIP = 5.0  # a point's error is learned as at most this many spreads
-_ERROR_FADING = 0.02  # memory of the predictors' recent errors (about 50 points)
-_MIN_HISTORY = 100  # past values a statistic needs before its surprise is trusted
-
 
 class _Tail:
     """How rare a value is among the past values of a statistic (upper tail)."""
 
-    __slots__ = ("ordered", "values")
+    __slots__ = ("history", "min_history", "ordered", "values")
 
-    def __init__(self) -> None:
+    def __init__(self, history: int, min_history: int) -> None:
+        self.history, self.min_history = history, min_history
         self.values: deque[float] = deque()
         self.ordered: list[float] = []
 
     def add(self, value: float) -> None:
         self.values.append(value)
         bisect.insort(self.ordered, value)
-        if len(self.values) > _HISTORY:
+        if len(self.values) > self.history:
             old = self.values.popleft()
             del self.ordered[bisect.bisect_left(self.ordered, old)]
 
@@ -65,7 +60,7 @@ class _Tail:
         """-log10 P(statistic >= value): empirical, then an exponential tail past the
         95th percentile of the past values."""
         n = len(self.ordered)
-        if n < _MIN_HISTORY:
+        if n < self.min_history:
             return 0.0
         above = n - bisect.bisect_left(self.ordered, value)
         empirical = -math.log10((above + 1) / (n + 1))
@@ -102,18 +97,20 @@ class SeriesDetector:
             season = round(per_day)
         self.season = season
         self.refractory = s.series_refractory_points
-        self.alpha = 0.1  # level memory: about 20 points
-        self.gamma = 0.2  # profile memory: about 10 visits of a time of day
+        self.alpha = s.series_level_weight
+        self.gamma = s.series_profile_weight
         self.level: float | None = None
         self.profile: dict[tuple[bool, int], list[float]] = {}  # slot: [offset, visits]
         self.warmup = s.series_warmup_points
         self.errors = [0.0, 0.0]  # recent absolute error of (level, level + profile)
         self.spread: float | None = None
-        self.recent: deque[float] = deque(maxlen=_SHORT)
-        self.point_tail = _Tail()
-        self.shift_tail = _Tail()
-        self.high_tail = _Tail()  # the values themselves: a new high...
-        self.low_tail = _Tail()  # ... or a new low, against the series' own history
+        self.short = s.series_shift_points
+        self.recent: deque[float] = deque(maxlen=self.short)
+        tail = (s.series_history_points, s.series_min_history_points)
+        self.point_tail = _Tail(*tail)
+        self.shift_tail = _Tail(*tail)
+        self.high_tail = _Tail(*tail)  # the values themselves: a new high...
+        self.low_tail = _Tail(*tail)  # ... or a new low, against the series' own history
         self.points = 0
         self.last_page = -math.inf
         self.last_score = 0.0
@@ -169,13 +166,15 @@ class SeriesDetector:
         self.low_tail.add(-value)
         if not warming:
             self.point_tail.add(abs(z))
-            if len(self.recent) == _SHORT:
+            if len(self.recent) == self.short:
                 self.shift_tail.add(abs(shift))
-        clipped = predicted + max(-_CLIP * spread, min(_CLIP * spread, residual))
+        clip = s.series_clip_spreads * spread
+        clipped = predicted + max(-clip, min(clip, residual))
         level_error = abs(clipped - self.level)
         profile_error = abs(clipped - self.level - seasonal)
-        self.errors[0] += _ERROR_FADING * (level_error - self.errors[0])
-        self.errors[1] += _ERROR_FADING * (profile_error - self.errors[1])
+        fade = s.series_error_fading
+        self.errors[0] += fade * (level_error - self.errors[0])
+        self.errors[1] += fade * (profile_error - self.errors[1])
         deseasonalised = clipped - seasonal if slot is not None else clipped
         if slot is not None:
             entry = self.profile.setdefault(slot, [seasonal, 0.0])
@@ -187,7 +186,7 @@ class SeriesDetector:
             absolute = abs(residual)
             fading = 1.0 / (self.points + 1)
         else:  # then a slow exponential average of winsorised errors
-            absolute = min(abs(residual), _CLIP * spread)
+            absolute = min(abs(residual), clip)
             fading = 0.01
         current = self.spread or 0.0
         self.spread = max(current + fading * (absolute - current), 1e-12)
