@@ -848,7 +848,11 @@ class SpendWorker:
             await self._persist(self.open_table, {key: (entry["partition"], None)})
             self.open_table.data.pop(key, None)
             log.warning(
-                "usage of a request was lost with its dispatcher; counted an estimate",
+                # Not "counted": after a clean restart the real usage may only be further
+                # down the usage topic than this worker has read. It has the same event id
+                # and comes first there, so every consumer keeps it and drops the estimate.
+                "no usage seen for a request of a dispatcher that restarted or ran past its "
+                "deadline; sent an estimate (dropped wherever its real usage came first)",
                 extra={
                     "request_id": request_id,
                     "why": why,
