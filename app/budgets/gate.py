@@ -260,13 +260,15 @@ class BudgetGate:
         if cost.worst_nanos <= budget:
             return None, cost.worst_nanos
         alone = all(s.worst_in_flight_nanos == 0 for _, s in capped)
-        least = cost.price(1)  # the prompt, known before the call, and one output token
+        # The prompt, known before the call, and one output token: at least (the prompt's
+        # floor, not the estimate, which may be high: a user under the cap is not refused on it)
+        least = cost.least
         for _, status in capped:
             tolerance = int(status.policy.limit_usd_nanos * self.max_overshoot_fraction)
             if least > status.room_nanos + tolerance:
                 raise BudgetRefused(
                     status,
-                    f"this request's prompt alone would cost ${least / 1e9:.6f}, more than the "
+                    f"this request's prompt alone would cost at least ${least / 1e9:.6f}, more than the "
                     f"${max(status.room_nanos, 0) / 1e9:.6f} left under the limit (a last call "
                     f"may cross it by {self.max_overshoot_fraction:.0%} of the limit at most)",
                 )

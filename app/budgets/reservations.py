@@ -59,6 +59,13 @@ class CallCost:
     max_output_tokens: int  # the client's max_tokens, else the model's output limit
     expected_output_tokens: int  # realistic: a high quantile of recent calls, within the max
     client_capped: bool  # the client set max_tokens itself
+    # What the call costs at least (its prompt's floor and one output token per choice), for
+    # refusing it on its prompt alone; None: ``price(1)``.
+    least_nanos: int | None = None
+
+    @property
+    def least(self) -> int:
+        return self.price(1) if self.least_nanos is None else self.least_nanos
 
     @property
     def worst_nanos(self) -> int:

@@ -48,7 +48,7 @@ from app.metering.usage import (
 )
 from app.metrics import Metrics
 from app.pricing.catalog import PriceCatalog, nanos_to_usd
-from app.pricing.tokens import count_tokens, estimate_message_tokens
+from app.pricing.tokens import count_tokens, estimate_message_token_range
 from app.validation import first_problem
 
 if TYPE_CHECKING:
@@ -72,6 +72,7 @@ class ChatRequest:
     max_tokens: int | None
     prompt_tokens_estimate: int
     choices: int = 1  # n: the provider writes (and bills) this many answers, each up to max
+    prompt_tokens_floor: int | None = None  # at least this many (None: the estimate)
 
     def cap_output(self, tokens: int) -> None:
         """Cap the output at ``tokens`` (the budget gate's decision) in every output-limit
@@ -84,7 +85,7 @@ class ChatRequest:
         """The same request for another model (the router's choice, or an escalation)."""
         return ChatRequest(
             model, {**self.upstream_body, "model": model}, self.stream, self.client_wants_usage,
-            self.max_tokens, self.prompt_tokens_estimate, self.choices,
+            self.max_tokens, self.prompt_tokens_estimate, self.choices, self.prompt_tokens_floor,
         )  # fmt: skip
 
 
@@ -102,7 +103,7 @@ def parse_chat_request(
         name, problem = first_problem(exc, shape)
         raise InvalidRequest(f"'{name}' {problem}", field=name) from None
     try:
-        prompt_tokens = estimate_message_tokens(body["messages"])
+        prompt_tokens, prompt_floor = estimate_message_token_range(body["messages"])
     except ValueError as exc:
         raise InvalidRequest(f"'messages' is malformed: {exc}", field="messages") from None
     model = parsed.model or default_model
@@ -130,7 +131,7 @@ def parse_chat_request(
         upstream_body["stream_options"] = {**(stream_options or {}), "include_usage": True}
     return ChatRequest(
         model, upstream_body, parsed.stream, client_wants_usage, max_tokens, prompt_tokens,
-        parsed.n or 1,
+        parsed.n or 1, prompt_floor,
     )  # fmt: skip
 
 
@@ -522,9 +523,11 @@ class Gateway:
         """What the call may cost, for the gate: exact prices for any output length. Output
         tokens are per choice (``max_tokens`` caps each of the ``n`` answers), all billed."""
         model, prompt, choices = chat.model, chat.prompt_tokens_estimate, chat.choices
+        floor = chat.prompt_tokens_floor if chat.prompt_tokens_floor is not None else prompt
         maximum = chat.max_tokens or self.config.max_output_tokens
         return CallCost(
             price=lambda tokens: self.prices.worst_case_nanos(model, prompt, tokens * choices),
+            least_nanos=self.prices.worst_case_nanos(model, min(floor, prompt), choices),
             max_output_tokens=maximum,
             expected_output_tokens=min(self.outputs.expected(model), maximum),
             client_capped=chat.max_tokens is not None,

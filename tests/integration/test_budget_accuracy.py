@@ -380,3 +380,37 @@ def test_a_resent_usage_event_is_counted_once(
     time.sleep(1)
     decision = wait_for_decision(kafka_settings, "user:rex")
     assert decision["spent_usd_nanos"] == expected
+
+
+@pytest.mark.parametrize(
+    ("words", "served"),
+    [
+        # 3,900 four-letter words: 3,904 tokens ($0.00976 at gpt-4o), under a $0.01 cap; the
+        # gate's characters/4 said 4,880 ($0.0122) and refused it at $0 spent.
+        ("word", True),
+        # 7,000 one-letter words: 7,004 tokens ($0.0175), 75 % over the cap; characters/4
+        # said 3,500 and served it.
+        ("a", False),
+    ],
+)
+def test_a_prompt_is_refused_on_its_own_cost_only_when_it_surely_overshoots(
+    stack: Stack, words: str, served: bool
+) -> None:
+    """Found by a newcomer probe: the refusal of a prompt that alone would cross a cap by
+    more than TOLLGATE_BUDGET_MAX_OVERSHOOT_FRACTION used a prompt estimate that can be high
+    (a user under the cap refused) or low (a cap overshot by 75 %)."""
+    user = f"estimate-{words}"
+    count = 3900 if words == "word" else 7000
+    messages = [{"role": "user", "content": " ".join([words] * count)}]
+    real = PRICES.cost("gpt-4o", count_message_tokens(messages), 1).cost_usd_nanos
+    assert (real < 10_000_000) is served  # the premise, in the simulator's own tokens
+    with httpx.Client(timeout=60) as http:
+        assert http.put(f"{stack.url}/v1/budgets/user:{user}", json={"limit_usd": 0.01})
+        answer = http.post(
+            f"{stack.url}/v1/chat/completions",
+            json={"model": "gpt-4o", "max_tokens": 1, "messages": messages},
+            headers={"X-Tollgate-User": user},
+        )
+    assert answer.status_code == (200 if served else 402), answer.text
+    if not served:
+        assert "prompt alone" in answer.json()["error"]["message"]
