@@ -20,6 +20,8 @@ from typing import Any
 import aiohttp
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from app.budgets.admin import deletion_record, load_budgets_file, policy_record
 from app.budgets.gate import BudgetGate, BudgetRefused
@@ -177,6 +179,14 @@ async def read_json(request: web.Request) -> Any:
     try:
         async with asyncio.timeout(settings.body_read_timeout_s):
             raw = await request.read()
+    except (HttpProcessingError, RequestPayloadError) as exc:  # e.g. Content-Encoding: gzip
+        encoding = request.headers.get("Content-Encoding", "")  # on a body that is not
+        cause = exc.__cause__ if isinstance(exc, RequestPayloadError) else exc
+        detail = getattr(cause, "message", None) or str(cause) or type(cause).__name__
+        raise invalid_request(
+            f"The request body could not be decoded as its Content-Encoding ({encoding[:40]!r}) "
+            f"says: {str(detail)[:200]}. Send it plain or encoded as declared (gzip, deflate, br)"
+        ) from None
     except TimeoutError:
         raise ApiError(
             408,

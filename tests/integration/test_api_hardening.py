@@ -402,3 +402,34 @@ def test_a_body_that_never_arrives_whole_is_a_408_not_a_held_connection(
             answer = conn.recv(65536).decode()
         assert answer.startswith("HTTP/1.1 408"), answer[:200]
         assert '"request_timeout"' in answer
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br"])
+def test_a_body_that_does_not_decode_is_a_400_with_a_json_error(
+    kafka_settings: Settings, encoding: str
+) -> None:
+    """Found by a newcomer probe: `Content-Encoding: gzip` on a plain JSON body was a 500 on
+    every POST and PUT route (aiohttp's decoding error reached the catch-all); `br` without
+    the Brotli package was a plain-text 400. Valid gzip is still decoded."""
+    import gzip
+
+    asyncio.run(ensure_topics(kafka_settings))
+    body = b'{"model": "gpt-4o", "prompt_tokens": 1, "completion_tokens": 1}'
+    with running_stack(kafka_settings) as stack:
+        for path, method in (("/v1/usage", "POST"), ("/v1/budgets/user:enc", "PUT")):
+            answer = httpx.request(
+                method,
+                f"{stack.url}{path}",
+                content=body,
+                headers={"Content-Type": "application/json", "Content-Encoding": encoding},
+            )
+            assert answer.status_code == 400, (path, answer.status_code, answer.text)
+            error = answer.json()["error"]
+            assert error["type"] == "invalid_request_error"
+            assert "Content-Encoding" in error["message"], error["message"]
+        valid = httpx.post(
+            f"{stack.url}/v1/usage",
+            content=gzip.compress(body),
+            headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+        )
+        assert valid.status_code == 202, valid.text
