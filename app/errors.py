@@ -24,6 +24,10 @@ class InvalidRequest(TollgateError):
     """The request is malformed or out of bounds; ``field`` names what to change."""
 
 
+class Conflict(TollgateError):
+    """The request contradicts one already taken (another record under the same id)."""
+
+
 class NotAuthenticated(TollgateError):
     """No usable credentials: a key is required, or the key is not known."""
 

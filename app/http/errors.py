@@ -14,6 +14,7 @@ import orjson
 
 from app.budgets.gate import BudgetRefused
 from app.errors import (
+    Conflict,
     InvalidRequest,
     ModelNotServed,
     NotAuthenticated,
@@ -62,6 +63,7 @@ def invalid_request(message: str, param: str | None = None) -> ApiError:
 # Domain error → (HTTP status, OpenAI error type, default code). The one table.
 STATUS_OF: dict[type[TollgateError], tuple[int, str, str | None]] = {
     InvalidRequest: (400, "invalid_request_error", None),
+    Conflict: (409, "conflict_error", "request_id_conflict"),
     NotAuthenticated: (401, "authentication_error", "invalid_api_key"),
     NotPermitted: (403, "permission_error", None),
     ModelNotServed: (404, "invalid_request_error", "model_not_found"),

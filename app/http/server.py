@@ -12,7 +12,7 @@ import logging
 import signal
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -66,7 +66,12 @@ from app.http.openapi import (
 from app.http.reports_api import REPORTS
 from app.http.security import check_exposure, internal_token
 from app.metering.attribution import Identity, KeyStore, bearer_token, resolve_identity
-from app.metering.ingest import TimeWindow, parse_outcomes, parse_usage_reports
+from app.metering.ingest import (
+    ReportedRequests,
+    TimeWindow,
+    parse_outcomes,
+    parse_usage_reports,
+)
 from app.metering.usage import event_time, new_id
 from app.metrics import Metrics
 from app.pricing.catalog import PriceCatalog, usd_text
@@ -94,6 +99,7 @@ class Components:
     levers: SavingsLevers
     shared_router: SharedRouter | None = None  # routing.shared_learning: follows the learner
     local_router: LocalRouterCheckpoint | None = None  # otherwise: its model in state_dir
+    reported: ReportedRequests = field(default_factory=ReportedRequests)  # /v1/usage ids
 
 
 COMPONENTS = web.AppKey("components", Components)
@@ -330,7 +336,7 @@ def _report_window(c: Components) -> TimeWindow:
     response=responses.UsageAccepted,
     response_description="Accepted and queued for delivery",
     parameters=tuple(ATTRIBUTION_HEADERS),
-    errors=(400, 401, 403, 413),
+    errors=(400, 401, 403, 409, 413),
 )
 async def report_usage(request: web.Request) -> web.Response:
     c = request.app[COMPONENTS]
@@ -339,6 +345,9 @@ async def report_usage(request: web.Request) -> web.Response:
     reports = parse_usage_reports(  # validates all first
         body, _identity_resolver(request), window=_report_window(c), ignored=ignored
     )
+    named = {i for i, report in enumerate(reports) if "event_id" in report}  # a request_id
+    c.reported.check(reports, named)  # another record under a reported id: 409, none emitted
+    c.reported.remember(reports, named)
     accepted = []
     for report in reports:
         record = c.gateway.usage_record(source="usage_api", **report)  # identity is in report

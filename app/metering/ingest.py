@@ -9,6 +9,7 @@ and field) instead of writing part of it.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -26,7 +27,7 @@ from pydantic import (
     field_validator,
 )
 
-from app.errors import InvalidRequest
+from app.errors import Conflict, InvalidRequest
 from app.ids import MAX_ID_LENGTH, id_problem
 from app.metering.attribution import Identity
 from app.metering.usage import event_time, new_id, usage_event_id
@@ -484,3 +485,54 @@ def parse_outcomes(
             }
         )
     return outcomes
+
+
+class ReportedRequests:
+    """The request ids of usage reported here lately, and what each record said.
+
+    A report naming its ``request_id`` gets an event id derived from it, so a retried POST
+    counts once. But every consumer keeps only the first record of an event id: a second,
+    *different* record under the same request id (another user's, other token counts) was
+    answered 202 with its own cost and then dropped downstream without a word. Here it is a
+    409 naming the id, before anything is emitted; an identical record is a retry and is
+    accepted again (the same event id). The memory is this process's last ``capacity`` ids:
+    another dispatcher, or this one after a restart, cannot tell and keeps the first.
+    """
+
+    def __init__(self, capacity: int = 100_000) -> None:
+        self.capacity = capacity
+        self._seen: OrderedDict[str, tuple[Any, ...]] = OrderedDict()
+
+    @staticmethod
+    def _what(report: Mapping[str, Any]) -> tuple[Any, ...]:
+        identity = report["identity"]
+        return (
+            identity.user_id, identity.feature, report["model"], report["prompt_tokens"],
+            report["completion_tokens"], report["cached_tokens"], report["cache_hit"],
+            report["status"],
+        )  # fmt: skip
+
+    def check(self, reports: list[dict[str, Any]], explicit: set[int]) -> None:
+        """Raise ``Conflict`` if a report (index in ``explicit``: it named its request_id)
+        differs from an earlier one with its request id, here or earlier in the batch."""
+        batch: dict[str, tuple[Any, ...]] = {}
+        for index in sorted(explicit):
+            report = reports[index]
+            request_id, what = report["request_id"], self._what(report)
+            earlier = batch.get(request_id) or self._seen.get(request_id)
+            if earlier is not None and earlier != what:
+                raise Conflict(
+                    f"records[{index}].request_id {request_id[:100]!r} was already reported "
+                    "with another record (user, feature, model or token counts differ); only "
+                    "the first is counted. A retry must repeat the record as it was; another "
+                    "call needs its own request_id",
+                    field=f"records[{index}].request_id",
+                )
+            batch[request_id] = what
+
+    def remember(self, reports: list[dict[str, Any]], explicit: set[int]) -> None:
+        for index in explicit:
+            self._seen[reports[index]["request_id"]] = self._what(reports[index])
+            self._seen.move_to_end(reports[index]["request_id"])
+        while len(self._seen) > self.capacity:
+            self._seen.popitem(last=False)

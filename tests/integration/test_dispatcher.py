@@ -603,3 +603,34 @@ def test_an_openai_usage_object_posted_as_it_is_counts_its_cached_tokens(stack: 
     assert outcome.status_code == 202 and outcome.json()["ignored_fields"] == {
         "outcomes[0]": ["value"]
     }
+
+
+def test_another_record_under_a_reported_request_id_is_a_409_not_a_silent_drop(
+    stack: Stack,
+) -> None:
+    """Found by a newcomer probe: a second, different record under a request_id already
+    reported (another user's, other token counts; or two in one batch) was answered 202 with
+    its own cost, then dropped by every consumer as a duplicate of the first. A retry that
+    repeats the record is still accepted, with the first one's event id."""
+    first = {
+        "model": "gpt-4o", "prompt_tokens": 1000, "completion_tokens": 0,
+        "user_id": "ux1", "request_id": "shared-1",
+    }  # fmt: skip
+    url = f"{stack.url}/v1/usage"
+    accepted = httpx.post(url, json=first)
+    assert accepted.status_code == 202
+    retry = httpx.post(url, json=first)
+    assert retry.status_code == 202
+    assert retry.json()["events"][0]["event_id"] == accepted.json()["events"][0]["event_id"]
+    for change in ({"user_id": "ux2"}, {"prompt_tokens": 3000}, {"model": "gpt-4o-mini"}):
+        clash = httpx.post(url, json={**first, **change})
+        assert clash.status_code == 409, (change, clash.text)
+        error = clash.json()["error"]
+        assert error["type"] == "conflict_error" and error["param"] == "records[0].request_id"
+    batch = [{**first, "request_id": "batch-1"}, {**first, "request_id": "batch-1", "user_id": "z"}]
+    clash = httpx.post(url, json=batch)
+    assert clash.status_code == 409 and clash.json()["error"]["param"] == "records[1].request_id"
+    # nothing of the refused batch was taken: its first record is still free to report
+    assert (
+        httpx.post(url, json={**first, "request_id": "batch-1", "user_id": "z"}).status_code == 202
+    )
