@@ -391,6 +391,22 @@ def _api_error(where: str) -> Callable[[str, str], Exception]:
     return error
 
 
+def _resolved(resolve: IdentityResolver, record: Any, where: str) -> Identity:
+    """The record's attribution; a bad attribution field is named with its record
+    (``records[1].user_id``), as every other field is."""
+    try:
+        return resolve(record)
+    except InvalidRequest as exc:
+        if exc.field is None or exc.field.startswith("X-"):  # a header: not the record's
+            raise
+        field, quoted = f"{where}.{exc.field}", f"'{exc.field}'"
+        if exc.message.startswith(quoted):
+            message = f"{field} {exc.message[len(quoted) :].lstrip()}"
+        else:
+            message = f"{where}: {exc.message}"
+        raise InvalidRequest(message, field=field, code=exc.code) from None
+
+
 def _api_record(model: type[M], record: Any, where: str, window: TimeWindow) -> M:
     if not isinstance(record, dict):
         raise InvalidRequest(f"{where} must be an object", field=where)
@@ -420,7 +436,7 @@ def parse_usage_reports(
     reports = []
     for index, record in enumerate(_records(body, "records", "usage records")):
         where = f"records[{index}]"
-        identity = resolve(record) if isinstance(record, dict) else None
+        identity = _resolved(resolve, record, where) if isinstance(record, dict) else None
         report = _api_record(UsageReport, record, where, window)
         _note_ignored(report, where, ignored)
         prompt, completion, cached = report.tokens(_api_error(where))
@@ -469,7 +485,7 @@ def parse_outcomes(
             raise _api_error(where)(
                 "request_id", "or session_id is required to link the outcome to spend"
             )
-        identity = resolve(record)
+        identity = _resolved(resolve, record, where)
         outcomes.append(
             {
                 "event_id": new_id(),

@@ -201,7 +201,10 @@ def test_garbage_ids_and_timestamps_are_refused_not_stored(kafka_settings: Setti
             assert error["param"] == "records[0].ts"
             assert "TOLLGATE_USAGE_MAX_LATENESS_S" in error["message"]
         response = httpx.post(f"{stack.url}/v1/usage", json={**usage, "user_id": "ok\nno"})
-        assert response.status_code == 400 and response.json()["error"]["param"] == "user_id"
+        assert (
+            response.status_code == 400
+            and response.json()["error"]["param"] == "records[0].user_id"
+        )
         kept = httpx.post(f"{stack.url}/v1/usage", json={**usage, "user_id": "frank"})
         assert kept.status_code == 202
     stored = asyncio.run(read_events(stack.settings, "usage", at_least=1))

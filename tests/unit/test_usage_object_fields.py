@@ -49,3 +49,16 @@ def test_fields_nothing_reads_are_named_per_record() -> None:
     ignored = {}
     parse_outcomes({"outcome": "success", "session_id": "s", "valu": 1}, _resolve, ignored=ignored)
     assert ignored == {"outcomes[0]": ["valu"]}
+
+
+def test_a_bad_attribution_field_is_named_with_its_record() -> None:
+    """Found by a newcomer probe: the second record's too-long user_id came back as
+    `user_id`, not `records[1].user_id` as every other field of a batch is named."""
+    body = {"records": [BASE, {**BASE, "user_id": "a" * 300}]}
+    with pytest.raises(TollgateError) as caught:
+        parse_usage_reports(body, _resolve)
+    assert caught.value.field == "records[1].user_id"
+    assert caught.value.message.startswith("records[1].user_id is longer than 256")
+    with pytest.raises(TollgateError) as caught:
+        parse_outcomes([{"outcome": "success", "session_id": "s", "feature": 5}], _resolve)
+    assert caught.value.field == "outcomes[0].feature"
