@@ -59,7 +59,7 @@ OutcomeBody = (
 )
 ATTRIBUTION_HEADERS = [
     {"name": h, "in": "header", "required": False, "schema": ID_SCHEMA}
-    for h in ("X-Tollgate-User", "X-Tollgate-Session", "X-Tollgate-Feature")
+    for h in ("X-Tollgate-User", "X-Tollgate-Session", "X-Tollgate-Feature", "X-Tollgate-Team")
 ]
 SCOPE_PARAM = {
     "name": "scope",

@@ -161,6 +161,9 @@ def resolve_identity(
         or _clean(metadata.get("feature"), "metadata.feature")
         or _clean(body.get("feature"), "feature")
     )
+    claimed_team = _clean(headers.get("X-Tollgate-Team"), "X-Tollgate-Team") or _clean(
+        body.get("team"), "team"
+    )
     team: str | None = None
     key_id: str | None = None
     is_admin = False
@@ -185,10 +188,17 @@ def resolve_identity(
                 f"(allowed: {', '.join(sorted(key.features))})",
                 field="metadata.feature",
             )
+        if claimed_team and claimed_team != key.team:
+            raise NotPermitted(
+                f"API key '{key.id}' belongs to team {key.team!r}, not {claimed_team!r}; "
+                "with keys the key's team is the team (omit it)",
+                field="team",
+            )
         user = claimed_user or key.user_id
         team, key_id, is_admin = key.team, key.id, key.admin
     else:
         user = claimed_user or ""
+        team = claimed_team  # without keys, as the user and the feature: the caller says
     if not user:
         if require != "none":
             raise InvalidRequest(

@@ -634,3 +634,28 @@ def test_another_record_under_a_reported_request_id_is_a_409_not_a_silent_drop(
     assert (
         httpx.post(url, json={**first, "request_id": "batch-1", "user_id": "z"}).status_code == 202
     )
+
+
+def test_without_keys_a_team_is_attributed_as_the_caller_says(stack: Stack) -> None:
+    """Found by a newcomer probe: `team` on a usage record was accepted and ignored (teams
+    came only from API keys), so a team:tm1 cap never saw the spend. Without a keys file a
+    team is the caller's word, as a user and a feature are (header X-Tollgate-Team, or
+    `team` in a usage record); with keys the key's team is the team."""
+    with httpx.Client(timeout=30) as http:
+        assert http.put(f"{stack.url}/v1/budgets/team:tm1", json={"limit_usd": 0.001})
+        usage = {"model": "gpt-4o", "prompt_tokens": 4000, "completion_tokens": 1000}
+        posted = http.post(f"{stack.url}/v1/usage", json={**usage, "user_id": "tmu", "team": "tm1"})
+        assert posted.status_code == 202 and posted.json()["ignored_fields"] == {}
+        refused = http.post(
+            f"{stack.url}/v1/chat/completions",
+            json={"model": "gpt-4o", "messages": MESSAGES},
+            headers={"X-Tollgate-User": "other", "X-Tollgate-Team": "tm1"},
+        )
+        assert refused.status_code == 402, refused.text
+        assert "team:tm1" in refused.text
+        other_team = http.post(
+            f"{stack.url}/v1/chat/completions",
+            json={"model": "gpt-4o", "messages": MESSAGES},
+            headers={"X-Tollgate-User": "other", "X-Tollgate-Team": "tm2"},
+        )
+        assert other_team.status_code == 200, other_team.text

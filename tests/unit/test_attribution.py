@@ -99,3 +99,15 @@ def test_keys_file_errors_name_the_entry(tmp_path: Path) -> None:
     path.write_text("keys:\n  - id: k\n    sha256: nothex\n    user_id: u\n")
     with pytest.raises(KeysFileError, match=r"keys\[0\].sha256"):
         KeyStore.load(path)
+
+
+def test_a_team_is_the_callers_word_without_keys_and_the_keys_with_them(keys: KeyStore) -> None:
+    assert resolve_identity({"X-Tollgate-Team": "t1"}, {"team": "t2"}, None).team == "t1"
+    assert resolve_identity({}, {"team": "t2"}, None).team == "t2"
+    assert resolve_identity({}, {}, None).team is None
+    alice = {"Authorization": "Bearer sk-alice"}
+    assert resolve_identity(alice, {}, keys).team == "growth"
+    assert resolve_identity({**alice, "X-Tollgate-Team": "growth"}, {}, keys).team == "growth"
+    with pytest.raises(TollgateError) as refused:
+        resolve_identity({**alice, "X-Tollgate-Team": "finance"}, {}, keys)
+    assert http_error(refused.value).status == 403
