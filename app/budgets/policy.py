@@ -239,7 +239,8 @@ class PolicyBody(BaseModel):
     limit_usd: Annotated[
         Decimal,
         PlainValidator(_limit_usd),
-        WithJsonSchema({"type": "number", "exclusiveMinimum": 0, "maximum": int(MAX_LIMIT_USD)}),
+        # at least one nano-dollar, the resolution money is held in
+        WithJsonSchema({"type": "number", "minimum": 1e-9, "maximum": int(MAX_LIMIT_USD)}),
     ] = Field(description="a positive number of USD (a number or a decimal string)")
     thresholds: Annotated[
         tuple[float, ...],

@@ -125,6 +125,10 @@ def parse_chat_request(
             "254 levels deep)"
         ) from None
     stream_options = parsed.stream_options
+    if stream_options is not None and not parsed.stream:
+        raise InvalidRequest(  # OpenAI's own rule: refused here, before any call is admitted
+            "'stream_options' is only allowed when 'stream' is true", field="stream_options"
+        )
     client_wants_usage = bool(stream_options and stream_options.get("include_usage"))
     if parsed.stream:
         # Always ask for usage so streamed calls are costed from the provider's own count.

@@ -63,7 +63,15 @@ class ChatBody(BaseModel):
     # the pipeline forwards the client's own JSON, so they reach the provider untouched.
     model_config = ConfigDict(
         strict=True,
-        json_schema_extra={"additionalProperties": True},
+        json_schema_extra={
+            "additionalProperties": True,
+            # OpenAI refuses stream_options unless stream is true; so does parse_chat_request
+            "if": {
+                "required": ["stream_options"],
+                "properties": {"stream_options": {"type": "object"}},
+            },
+            "then": {"required": ["stream"], "properties": {"stream": {"const": True}}},
+        },
     )
 
     model: Id | None = Field(

@@ -60,6 +60,10 @@ def _resolve(record: Any) -> Any:
         {"model": "auto", "messages": MSG, "n": 128},
         {"model": "gpt-4o-mini", "messages": MSG, "n": 129},
         {"model": "gpt-4o-mini", "messages": MSG, "n": 0},
+        {"model": "gpt-4o-mini", "messages": MSG, "stream_options": {}},
+        {"model": "gpt-4o-mini", "messages": MSG, "stream": False, "stream_options": {}},
+        {"model": "gpt-4o-mini", "messages": MSG, "stream": True, "stream_options": {}},
+        {"model": "gpt-4o-mini", "messages": MSG, "stream_options": None},
     ],
 )
 def test_chat_completions_document_what_it_accepts(body: dict[str, Any]) -> None:
@@ -171,3 +175,14 @@ def test_streamed_answers_are_documented_as_events(path: str) -> None:
     event = content["text/event-stream"]["schema"]
     assert event["type"] == "object" and event["properties"]["data"]["type"] == "string"
     assert "application/json" in content
+
+
+@pytest.mark.parametrize("limit", [1e-9, 5e-324, 0, 0.01])
+def test_a_budget_limit_is_documented_as_it_is_checked(limit: float) -> None:
+    from app.budgets.policy import parse_policy
+
+    schema = SPEC["paths"]["/v1/budgets/{scope}"]["put"]["requestBody"]["content"]
+    body_schema = schema["application/json"]["schema"]
+    validator = Draft202012Validator({**body_schema, "components": SPEC["components"]})
+    documented = validator.is_valid({"limit_usd": limit})
+    assert documented == _api_accepts(parse_policy, "user:x", {"limit_usd": limit}), limit
