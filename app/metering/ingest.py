@@ -112,6 +112,13 @@ def _records(body: Any, list_key: str, what: str) -> list[Any]:
     return records
 
 
+def _from_seconds(value: float) -> datetime:
+    try:
+        return datetime.fromtimestamp(value, UTC)
+    except (ValueError, OverflowError, OSError):
+        return datetime.min.replace(tzinfo=UTC)
+
+
 def _timestamp(value: Any, window: TimeWindow | None) -> datetime:
     """ISO 8601 or epoch milliseconds, inside ``window`` (None: any time, e.g. a replayed
     trace)."""
@@ -137,8 +144,14 @@ def _timestamp(value: Any, window: TimeWindow | None) -> datetime:
         ) from None
     if window is not None and not window.earliest <= parsed <= window.latest:
         when = "in the future" if parsed > window.latest else "too late"
+        hint = ""
+        if (
+            isinstance(value, int | float)
+            and window.earliest <= _from_seconds(value) <= window.latest
+        ):
+            hint = " (it reads as a time in the window in epoch *seconds*: send milliseconds)"
         raise custom_error(
-            f"is {when} ({parsed.isoformat()}); accepted event times are {window.describe()}"
+            f"is {when} ({parsed.isoformat()}); accepted event times are {window.describe()}{hint}"
         )
     return event_time(parsed)
 

@@ -62,3 +62,11 @@ def test_a_bad_attribution_field_is_named_with_its_record() -> None:
     with pytest.raises(TollgateError) as caught:
         parse_outcomes([{"outcome": "success", "session_id": "s", "feature": 5}], _resolve)
     assert caught.value.field == "outcomes[0].feature"
+
+
+def test_epoch_seconds_get_a_hint_to_send_milliseconds() -> None:
+    import time
+
+    with pytest.raises(TollgateError, match="epoch \\*seconds\\*: send milliseconds"):
+        parse_usage_reports({**BASE, "ts": int(time.time())}, _resolve)
+    assert parse_usage_reports({**BASE, "ts": int(time.time() * 1000)}, _resolve)
