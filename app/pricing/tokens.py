@@ -65,7 +65,9 @@ def estimate_message_tokens(messages: list[Any]) -> int:
 
 def estimate_message_token_range(messages: list[Any]) -> tuple[int, int]:
     """(estimate, floor) of the prompt tokens of chat ``messages``, cheaply: validates like
-    :func:`count_message_tokens`, then counts characters and words (about 50 µs for 20 KB).
+    :func:`count_message_tokens`, then counts characters and words (measured on the shared
+    2-core machine, busy: 2.4 µs for a one-line prompt, 150 µs for 18 KB of prose, where
+    characters alone took 0.5 µs; a prompt that size takes the provider seconds).
 
     - estimate: characters / 4, or the words if there are more (every whitespace-separated
       word is at least one token for BPE tokenizers and the simulator: 7,000 one-letter
