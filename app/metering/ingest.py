@@ -524,31 +524,32 @@ class ReportedRequests:
     *different* record under the same request id (another user's, other token counts) was
     answered 202 with its own cost and then dropped downstream without a word. Here it is a
     409 naming the id, before anything is emitted; an identical record is a retry and is
-    accepted again (the same event id). The memory is this process's last ``capacity`` ids:
+    accepted again (the same event id). The memory is this process's last ``capacity`` ids
+    (about 2 MB: retries come within minutes), each with a hash of what its record said:
     another dispatcher, or this one after a restart, cannot tell and keeps the first.
     """
 
-    def __init__(self, capacity: int = 100_000) -> None:
+    def __init__(self, capacity: int = 10_000) -> None:
         self.capacity = capacity
-        self._seen: OrderedDict[str, tuple[Any, ...]] = OrderedDict()
+        self._seen: OrderedDict[str, int] = OrderedDict()
 
     @staticmethod
-    def _what(report: Mapping[str, Any]) -> tuple[Any, ...]:
+    def _what(report: Mapping[str, Any]) -> int:
         identity = report["identity"]
-        return (
+        return hash((
             identity.user_id, identity.feature, report["model"], report["prompt_tokens"],
             report["completion_tokens"], report["cached_tokens"], report["cache_hit"],
             report["status"],
-        )  # fmt: skip
+        ))  # fmt: skip
 
     def check(self, reports: list[dict[str, Any]], explicit: set[int]) -> None:
         """Raise ``Conflict`` if a report (index in ``explicit``: it named its request_id)
         differs from an earlier one with its request id, here or earlier in the batch."""
-        batch: dict[str, tuple[Any, ...]] = {}
+        batch: dict[str, int] = {}
         for index in sorted(explicit):
             report = reports[index]
             request_id, what = report["request_id"], self._what(report)
-            earlier = batch.get(request_id) or self._seen.get(request_id)
+            earlier = batch.get(request_id, self._seen.get(request_id))
             if earlier is not None and earlier != what:
                 raise Conflict(
                     f"records[{index}].request_id {request_id[:100]!r} was already reported "
