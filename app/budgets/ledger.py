@@ -9,9 +9,11 @@ zone, without a bucket per policy and without an unbounded table.
 Why these three: every IANA zone's offset today is a multiple of 15 minutes, so
 a local midnight is always a UTC quarter-hour; whole UTC days cover the middle
 of any day or month; minutes cover short windows. Quarter-hours are kept for
-two days (any local day started less than 38 hours ago) and, around the start
-of every UTC month (where local month starts fall, within 15 hours), for 40
-days. Does not own which scopes an event spends against (``policy.scopes_of``)
+two days (any local day started less than 38 hours ago) and, on the first and
+the last UTC day of every month, for 40 days: a local month starts between 14
+hours before (UTC+14) and 12 hours after (UTC-12) a UTC month start, and the
+rest of that partial UTC day is covered by quarter-hours too — up to 24 hours
+from the UTC month start, not only the hours between the two starts. Does not own which scopes an event spends against (``policy.scopes_of``)
 or the tables themselves (the spend worker).
 """
 
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 MINUTE_S = 60
 QUARTER_S = 900
@@ -29,7 +31,6 @@ SIZE_OF = dict(GRANULARITIES)
 
 MINUTE_KEEP_S = 3 * 3600  # windows up to 2 h, plus margin for late events
 QUARTER_KEEP_S = 50 * 3600  # local days (start < 38 h ago), windows up to 2 days
-QUARTER_NEAR_MONTH_START_S = 15 * 3600  # local month starts lie within 14 h of a UTC one
 QUARTER_NEAR_MONTH_KEEP_S = 40 * DAY_S
 DAY_KEEP_S = 65 * DAY_S
 
@@ -95,15 +96,14 @@ def cover(start_s: int, end_s: int) -> list[BucketId]:
     return out
 
 
-def _near_utc_month_start(ts_s: int) -> bool:
-    moment = datetime.fromtimestamp(ts_s, UTC)
-    this_month = datetime(moment.year, moment.month, 1, tzinfo=UTC)
-    year, month = (moment.year + 1, 1) if moment.month == 12 else (moment.year, moment.month + 1)
-    next_month = datetime(year, month, 1, tzinfo=UTC)
-    distance = min(
-        (moment - this_month).total_seconds(), (next_month - moment).total_seconds() - QUARTER_S
-    )
-    return distance <= QUARTER_NEAR_MONTH_START_S
+def _on_a_utc_day_around_a_month_start(ts_s: int) -> bool:
+    """Whether ``ts_s`` falls on the first or the last UTC day of a month.
+
+    Those are the UTC days a local month start can cut in two; the part of them inside
+    the month is covered by quarter-hours, all the way to the UTC midnight.
+    """
+    day = datetime.fromtimestamp(ts_s, UTC)
+    return day.day == 1 or (day + timedelta(days=1)).day == 1
 
 
 def expired(bucket: BucketId, now_s: int) -> bool:
@@ -115,7 +115,7 @@ def expired(bucket: BucketId, now_s: int) -> bool:
         return age > DAY_KEEP_S
     if age <= QUARTER_KEEP_S:
         return False
-    return age > QUARTER_NEAR_MONTH_KEEP_S or not _near_utc_month_start(bucket.start_s)
+    return age > QUARTER_NEAR_MONTH_KEEP_S or not _on_a_utc_day_around_a_month_start(bucket.start_s)
 
 
 def period_total(lookup: Callable[[BucketId], int], start: datetime, end: datetime) -> int:

@@ -172,3 +172,26 @@ def test_a_period_ending_in_the_future_counts_future_stamped_events_inside_it() 
     kept = kept_buckets([(soon, 7)], int(now.timestamp()))
     day = period_of("day", now)
     assert period_total(lambda b: kept.get(b, 0), day.start, day.end) == 7
+
+
+@pytest.mark.parametrize(
+    ("zone", "spent_at"),
+    [
+        # Pago Pago (UTC-11): December starts at 11:00 UTC on the 1st, so the rest of that UTC day
+        # is covered by quarter-hours, the last of them 24 h after the UTC month start.
+        ("Pacific/Pago_Pago", datetime(2024, 12, 1, 23, 50, tzinfo=UTC)),
+        # Kiritimati (UTC+14): December starts at 10:00 UTC on 30 November, so the rest of that
+        # UTC day is covered by quarter-hours, the first of them 14 h before the UTC month start.
+        ("Pacific/Kiritimati", datetime(2024, 11, 30, 10, 5, tzinfo=UTC)),
+    ],
+)
+def test_a_month_in_a_far_zone_keeps_every_quarter_of_its_partial_utc_days(
+    zone: str, spent_at: datetime
+) -> None:
+    # Found by the property above (a CI run): quarters more than 15 h from a UTC month start were
+    # expired after 50 h, and a month in UTC-11 lost the spend of its first UTC evening.
+    now = datetime(2024, 12, 29, 9, 0, tzinfo=UTC)
+    period = period_of("month", now, zone)
+    assert period.start <= spent_at < period.end
+    kept = kept_buckets([(int(spent_at.timestamp() * 1000), 7)], int(now.timestamp()))
+    assert period_total(lambda b: kept.get(b, 0), period.start, period.end) == 7
