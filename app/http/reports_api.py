@@ -46,6 +46,11 @@ def _limit(text: str) -> int:
     return int(text)
 
 
+def _getall(query: Any, name: str) -> list[str]:
+    """Every value of ``name`` in a query (a multidict, or a plain dict in tests)."""
+    return list(query.getall(name)) if hasattr(query, "getall") else [query[name]]
+
+
 def build_report(
     client: Any,
     name: str,
@@ -59,6 +64,11 @@ def build_report(
     if unknown:
         allowed = ", ".join(sorted(PARAMS[name])) or "none"
         raise ReportError(unknown[0], f"unknown parameter {unknown[0]!r}; {name} takes: {allowed}")
+    repeated = sorted(p for p in set(query) if len(_getall(query, p)) > 1)
+    if repeated:
+        raise ReportError(
+            repeated[0], f"{repeated[0]} given twice; give each parameter at most once"
+        )
     window = Range.parse(query.get("from"), query.get("to"))
     if name == "summary":
         return reports.summary(client, window, baseline_model).to_json()

@@ -199,6 +199,17 @@ def test_report_limits_that_are_not_plain_numbers_are_400(limit: str) -> None:
     assert info.value.param == "limit"
 
 
+def test_a_report_parameter_given_twice_is_a_400_not_its_first_value() -> None:
+    from multidict import MultiDict
+
+    from app.http.reports_api import build_report
+
+    query = MultiDict([("by", "user"), ("by", "feature")])
+    with pytest.raises(ReportError, match="given twice") as info:
+        build_report(None, "breakdown", query)
+    assert info.value.param == "by"
+
+
 WINDOW = TimeWindow(
     now=datetime(2026, 12, 1, 12, tzinfo=UTC),
     max_lateness=timedelta(days=7),
