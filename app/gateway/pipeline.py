@@ -350,14 +350,15 @@ class Gateway:
 
     def attribute_outcome(
         self, outcome: dict[str, Any], may_act_for: Callable[[str], bool] | None = None
-    ) -> dict[str, Any]:
+    ) -> str | None:
         """Attribute an outcome to the spend it names: the user, feature and session of its
         request, else of its session; refuse (403) a caller who may not act for that user.
 
         ``may_act_for``: None = the caller may report on anyone's spend (no keys configured,
         or an admin key); else whether its key may act for a user. A request or session this
-        dispatcher has not seen (another dispatcher's, or before a restart) keeps the caller's
-        own attribution, so a key can only ever skew its own figures.
+        dispatcher has not seen (another dispatcher's, before a restart, or a typo) keeps the
+        caller's own attribution, so a key can only ever skew its own figures; the field
+        that named it is returned then ("request_id" or "session_id"), so the caller is told.
         """
         param, owner = "request_id", self._recent.get(outcome.get("request_id") or "")
         if owner is None and outcome.get("session_id"):
@@ -369,7 +370,7 @@ class Gateway:
                 claimed = [i for i in allowed if i.user_id == outcome.get("user_id")]
                 owner = (claimed or allowed or list(users.values()))[-1]
         if owner is None:
-            return outcome
+            return "request_id" if outcome.get("request_id") else "session_id"
         if may_act_for is not None and not may_act_for(owner.user_id):
             raise NotPermitted(
                 f"The {param.replace('_', ' ')} {outcome[param]!r} belongs to another user; this "
@@ -382,7 +383,7 @@ class Gateway:
         for name, value in (("feature", owner.feature), ("session_id", owner.session_id)):
             if value is not None:  # the spend's own, as for its user (cost per outcome joins
                 outcome[name] = value  # outcomes to the feature that spent)
-        return outcome
+        return None
 
     # -- events ---------------------------------------------------------------------
     def emit_request(

@@ -65,6 +65,13 @@ class OutcomesAccepted(BaseModel):
         description="Fields of a record that nothing reads (a typo such as 'feture', another "
         "API's name such as 'timestamp' for 'ts'), by record: {'outcomes[0]': ['feture']}",
     )
+    unmatched: list[str] = Field(
+        default_factory=list,
+        description="Records whose request_id (or session_id) names no call this dispatcher "
+        "has seen, e.g. ['outcomes[0].request_id']: they are counted under the caller's own "
+        "user and feature (its headers or fields), not the call's. A call through another "
+        "dispatcher, or from before a restart, cannot be told from a typo here",
+    )
 
 
 class PolicyOut(BaseModel):

@@ -385,8 +385,11 @@ async def report_outcomes(request: web.Request) -> web.Response:
     )
     key = c.keys.lookup(bearer_token(request.headers) or "") if c.keys is not None else None
     may_act_for = key.may_attribute_to if key is not None and not key.admin else None
-    for record in records:  # all attributed (and ownership checked) before any is emitted
-        c.gateway.attribute_outcome(record, may_act_for)  # outcomes often name only the request
+    unmatched = []
+    for index, record in enumerate(records):  # all attributed (ownership checked) first
+        field = c.gateway.attribute_outcome(record, may_act_for)  # often only the request
+        if field is not None:
+            unmatched.append(f"outcomes[{index}].{field}")
     for record in records:
         c.emitter.emit("Outcome", "outcomes", record["session_id"] or record["request_id"], record)
         c.levers.learn_outcome(record["request_id"], record["outcome"])  # routed here: learn
@@ -395,6 +398,7 @@ async def report_outcomes(request: web.Request) -> web.Response:
             "accepted": len(records),
             "event_ids": [r["event_id"] for r in records],
             "ignored_fields": ignored,
+            "unmatched": unmatched,
         },
         status=202,
     )

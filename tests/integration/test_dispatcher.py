@@ -324,11 +324,20 @@ def test_usage_and_outcome_reports(stack: Stack) -> None:
         },
     )
     assert outcome.status_code == 202
+    assert outcome.json()["unmatched"] == ["outcomes[0].session_id"]  # no call in s-9 here
     # An outcome naming only the request is attributed to that request's user and feature.
     linked = httpx.post(
         f"{stack.url}/v1/outcomes", json={"request_id": "ext-1", "outcome": "failure"}
     )
-    assert linked.status_code == 202
+    assert linked.status_code == 202 and linked.json()["unmatched"] == []
+    # One naming a request nobody reported here keeps the caller's attribution, and says so.
+    unknown = httpx.post(
+        f"{stack.url}/v1/outcomes",
+        json={"request_id": "no-such-request", "outcome": "success"},
+        headers={"X-Tollgate-Feature": "typo-check"},
+    )
+    assert unknown.status_code == 202
+    assert unknown.json()["unmatched"] == ["outcomes[0].request_id"]
     not_a_flag = httpx.post(
         f"{stack.url}/v1/usage",
         json={"model": "gpt-4o", "prompt_tokens": 1, "completion_tokens": 1, "cache_hit": "yes"},
