@@ -382,3 +382,22 @@ def test_an_unsorted_trace_is_played_in_time_order_and_one_call_still_repeats() 
     assert [c.ts for c in single] == [T0 + timedelta(seconds=s) for s in (0, 1, 2)]
     with pytest.raises(ValueError, match="no calls"):
         PlacedTrace([], start=T0)
+
+
+def test_replayed_records_sharing_a_request_id_count_once_as_over_http() -> None:
+    """Found by a newcomer probe: `tollgate replay` gave each record a random event id, so
+    two records under one request_id were both counted (warehouse and budgets), where
+    POST /v1/usage derives the event id from the request id and counts it once."""
+    from app.metering.usage import usage_event_id
+    from app.pricing.catalog import PriceCatalog
+    from devtools.replay import usage_record
+
+    prices = PriceCatalog("gpt-4")
+    ts = datetime(2026, 12, 1, tzinfo=UTC)
+    call = TraceCall(ts, 10, 5, user_id="u", model="gpt-4o", request_id="rdup-r1")
+    first, again = usage_record(prices, call), usage_record(prices, call)
+    assert first["event_id"] == again["event_id"] == usage_event_id("rdup-r1")
+    anonymous = TraceCall(ts, 10, 5, user_id="u", model="gpt-4o")
+    assert (
+        usage_record(prices, anonymous)["event_id"] != usage_record(prices, anonymous)["event_id"]
+    )
