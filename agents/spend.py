@@ -231,7 +231,13 @@ class SpendWorker:
             broker_commit_every=100,
             broker_commit_interval=0.5,
             producer_acks=-1,
-            stream_wait_empty=False,
+            # A rebalance waits until every batch in flight is durable and acknowledged
+            # (Faust's default). Without it, a batch could cross a revocation: its changelog
+            # write landed after the table recovery read the partition's end, the recovery
+            # then wrote the older value back over the batch's, and the batch's ack committed
+            # its offsets, so the spend of its events was lost (a SIGSTOP of the worker longer
+            # than its session, under load: one user short by one event).
+            stream_wait_empty=True,
         )
 
     def _raw_topic(self, suffix: str, partitions: int | None = None) -> faust.TopicT:

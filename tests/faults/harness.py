@@ -748,10 +748,19 @@ def audit_worker(
                 if e["user_id"] == user and start <= e["ts"] < end
             )
             if decision["spent_usd_nanos"] != expected:
+                # Where it counts through against where the user's events lie tells a stale
+                # decision (offsets behind) from a lost count (offsets past every event).
+                mine = sorted(
+                    (e["_partition"], e["_offset"])
+                    for e in usage_by_id.values()
+                    if e["user_id"] == user and "_partition" in e
+                )
                 wrong.append(
                     f"user:{user}: worker counted {decision['spent_usd_nanos']} nano-USD, the "
                     f"distinct usage events sum to {expected} "
-                    f"({decision['spent_usd_nanos'] - expected:+d})"
+                    f"({decision['spent_usd_nanos'] - expected:+d}); the decision (reason "
+                    f"{decision.get('reason')!r}) counts through {decision.get('counted_offsets')}, "
+                    f"the user's last event is at {mine[-1] if mine else None}"
                 )
         return wrong
 
