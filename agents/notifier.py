@@ -762,8 +762,7 @@ class Notifier:
                 await consumer.commit(commit)
         finally:
             self.ready.clear()
-            with contextlib.suppress(Exception):
-                await consumer.stop()
+            await clients.stop_within(consumer)
 
     def _handle(self, message: Any, ticket: Callable[[int], Ticket] | None = None) -> None:
         record = self.reader.record(message)

@@ -244,8 +244,7 @@ class RouterLearner:
                 await self.save(producer, publish_model=learned_since > 0)
         finally:
             self._highwater = None
-            with contextlib.suppress(Exception):  # also when they never started
-                await consumer.stop()
+            await clients.stop_within(consumer)  # also when they never started
             with contextlib.suppress(Exception):
                 await producer.stop()
 

@@ -245,8 +245,7 @@ class ClickHouseSink:
                     await inserting
             with contextlib.suppress(Exception):
                 await dead_letters.stop()
-            with contextlib.suppress(Exception):
-                await consumer.stop()
+            await clients.stop_within(consumer)
 
     async def _commit(self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
         """Commit a batch that is in ClickHouse; a refusal for a lost group is not fatal."""

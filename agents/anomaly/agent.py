@@ -287,8 +287,7 @@ class AnomalyAgent:
                             latest = record.value  # None is a tombstone: start fresh
             return Checkpoint.decode(latest) if latest else None
         finally:
-            with contextlib.suppress(Exception):  # also when it never started
-                await consumer.stop()
+            await clients.stop_within(consumer)  # also when it never started
 
     async def save_checkpoint(self, producer: AIOKafkaProducer) -> None:
         checkpoint = Checkpoint(
@@ -403,8 +402,7 @@ class AnomalyAgent:
             await self.save_checkpoint(producer)
         finally:
             self._lag = None
-            with contextlib.suppress(Exception):  # also when they never started
-                await consumer.stop()
+            await clients.stop_within(consumer)  # also when they never started
             with contextlib.suppress(Exception):
                 await producer.stop()
 

@@ -26,12 +26,18 @@ if an aiokafka client is constructed anywhere else in ``app/``, ``agents/`` or `
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import asyncio
+import logging
+from collections.abc import Awaitable
+from typing import Any, Literal, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
 from app.settings import Settings
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: aiokafka's own default, stated so that every client visibly shares it.
 REQUEST_TIMEOUT_MS = 40_000
@@ -123,3 +129,41 @@ def admin(
     return AIOKafkaAdminClient(
         **_connection(settings, purpose, bootstrap), request_timeout_ms=request_timeout_ms
     )
+
+
+STOP_TIMEOUT_S = 10.0
+
+
+async def within(awaitable: Awaitable[T], timeout_s: float, what: str) -> T:
+    """Await ``awaitable`` for at most ``timeout_s``, else raise ``TimeoutError`` at once.
+
+    Unlike ``asyncio.wait_for``, it does not wait for the abandoned call to finish being
+    cancelled: once the broker it knew has been killed, aiokafka can take minutes to give
+    up a request (``end_offsets``) or to ``stop()``, whatever its own timeouts say."""
+    task = asyncio.ensure_future(awaitable)
+    done, _pending = await asyncio.wait({task}, timeout=timeout_s)
+    if not done:
+        task.cancel()
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # no unread error
+        raise TimeoutError(f"{what} took longer than {timeout_s:.0f} s")
+    if task.cancelled():  # by aiokafka itself, not by our caller: an error, not a stop order
+        raise RuntimeError(f"{what} was cancelled from within")
+    return task.result()
+
+
+async def stop_within(client: Any, timeout_s: float = STOP_TIMEOUT_S) -> bool:
+    """Stop an aiokafka client, giving up after ``timeout_s`` (False then): a follower that
+    must start over (a new client, reading again) cannot wait for a stop that hangs.
+
+    After the broker was killed, a consumer's ``stop()`` itself raises ``CancelledError``
+    (its fetch task was cancelled under it). Let through, that ended the follower's task
+    as if it had been told to stop: a compacted view then never read again, while its
+    ``synced`` flag stayed set (test_views_after_broker_restart.py)."""
+    try:
+        await within(client.stop(), timeout_s, "stopping a Kafka client")
+    except TimeoutError as exc:
+        log.warning("%s; abandoned", exc, extra={"client": type(client).__name__})
+        return False
+    except Exception:  # a client that fails to stop cleanly is stopped all the same
+        return True
+    return True
