@@ -12,6 +12,7 @@ It does not own detection itself (:mod:`agents.anomaly.rates`, ``costs``, ``mix`
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 SCOPE_KINDS = ("global", "feature", "user")
@@ -292,6 +293,8 @@ class DetectorSettings:
     def __post_init__(self) -> None:
         for spec in fields(self):
             value = getattr(self, spec.name)
+            if isinstance(value, float) and not math.isfinite(value):  # nan passes every "<"
+                raise ValueError(f"DetectorSettings.{spec.name}={value} must be a finite number")
             if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
                 raise ValueError(f"DetectorSettings.{spec.name}={value} must be >= 0")
         for name in (

@@ -828,6 +828,8 @@ def detect(csv_file: str, kind: str, output: str | None, options: tuple[str, ...
         _fail(f"{csv_file}: no such file")
     except (ValueError, TypeError) as exc:
         _fail(str(exc))
+    except OverflowError as exc:  # a value too large for a detector's arithmetic
+        _fail(f"{csv_file}: a value is too large to judge ({exc}); check the value column")
     if output:
         with open(output, "w") as handle:
             handle.write(buffer.getvalue())

@@ -68,6 +68,7 @@ class _Row:
 
 
 MISSING_VALUES = frozenset({"", "nan", "null", "na", "n/a", "none"})
+EPOCH_MS_FROM = 1e11  # a number this large is epoch milliseconds: as seconds, the year 5138
 
 
 def _parse_timestamp(text: str, where: str) -> datetime:
@@ -81,7 +82,15 @@ def _parse_timestamp(text: str, where: str) -> datetime:
     else:
         if not math.isfinite(seconds):
             raise ValueError(f"{where}, field 'timestamp': {text!r} is not a finite number")
-        return datetime.fromtimestamp(seconds, UTC)
+        if abs(seconds) >= EPOCH_MS_FROM:
+            seconds /= 1000  # epoch milliseconds (as seconds, after the year 5138)
+        try:
+            return datetime.fromtimestamp(seconds, UTC)
+        except (OverflowError, OSError, ValueError):
+            raise ValueError(
+                f"{where}, field 'timestamp': {text!r} is out of range for epoch seconds "
+                "or milliseconds"
+            ) from None
     try:
         parsed = datetime.fromisoformat(stripped)
     except ValueError:
@@ -93,7 +102,18 @@ def _parse_timestamp(text: str, where: str) -> datetime:
 
 
 def _read_rows(path: Path) -> Iterator[_Row]:
-    with open(path, newline="") as handle:
+    try:
+        yield from _read_text_rows(path)
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"{path}: not UTF-8 text (byte {exc.object[exc.start : exc.start + 1]!r} at offset "
+            f"{exc.start}); save the file as UTF-8"
+        ) from None
+
+
+def _read_text_rows(path: Path) -> Iterator[_Row]:
+    # utf-8-sig: a byte-order mark (as spreadsheets write it) is not part of the header
+    with open(path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.reader(handle)
         header = next(reader, None)
         names = [name.strip().lower() for name in header or []]

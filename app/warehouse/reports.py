@@ -61,7 +61,13 @@ def parse_since(value: str) -> timedelta:
     units = {"d": "days", "h": "hours", "m": "minutes"}
     if len(value) < 2 or value[-1] not in units or not value[:-1].isdigit() or not value.isascii():
         raise ReportError("since", f"since={value!r}: use a number and d, h or m, e.g. 30d")
-    return timedelta(**{units[value[-1]]: int(value[:-1])})
+    amount = int(value[:-1]) if len(value) <= 12 else None
+    limit = MAX_RANGE // timedelta(**{units[value[-1]]: 1})
+    if amount is None or amount > limit:
+        raise ReportError(
+            "since", f"since={value!r}: at most {MAX_RANGE.days} days ({limit}{value[-1]})"
+        )
+    return timedelta(**{units[value[-1]]: amount})
 
 
 @dataclass(frozen=True)

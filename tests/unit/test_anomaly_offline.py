@@ -193,3 +193,41 @@ def test_each_incident_of_a_seasonal_series_is_one_early_page(tmp_path: Path) ->
     near = [i for i in flagged if any(first - 4 <= i <= last + 48 for first, last in spans)]
     assert len(flagged) - len(near) <= 2, flagged  # pages, not hundreds of flags
     assert summary.anomalies == len(flagged) <= 12
+
+
+def test_odd_files_of_a_newcomer_get_a_result_or_an_error_naming_the_place(tmp_path: Path) -> None:
+    """Found by a newcomer probe: epoch milliseconds failed with 'year 57891 is out of
+    range' (no file, no line), 1e20 with an OverflowError, a non-UTF-8 byte without the
+    file, a spreadsheet's byte-order mark refused the header, and series_threshold=nan was
+    accepted (nothing could ever be anomalous)."""
+    millis = counts_csv(tmp_path / "millis.csv", epoch=True, spike_at=450)
+    rows = [line.split(",") for line in millis.read_text().splitlines()[1:]]
+    write(millis, [(str(int(ts) * 1000), value) for ts, value in rows])
+    out = io.StringIO()
+    assert detect_csv("volume", millis, out).rows == 600
+    assert read(out.getvalue())[450]["is_anomaly"] == "true"
+
+    huge = write(tmp_path / "huge.csv", [("1e20", "3")])
+    with pytest.raises(ValueError, match=r"huge.csv, line 2, field 'timestamp'.*out of range"):
+        detect_csv("volume", huge, io.StringIO())
+
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes(b"timestamp,value\n2024-05-01T00:00:00Z,3\n# caf\xe9\n")
+    with pytest.raises(ValueError, match=r"latin.csv: not UTF-8"):
+        detect_csv("volume", latin, io.StringIO())
+
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes("\ufefftimestamp,value\n".encode() + millis.read_bytes().split(b"\n", 1)[1])
+    assert detect_csv("volume", bom, io.StringIO()).rows == 600
+
+    with pytest.raises(ValueError, match="series_threshold=nan must be a finite number"):
+        detect_csv("volume", bom, io.StringIO(), series_threshold="nan")
+
+
+@pytest.mark.parametrize("since", ["3000000d", "99999999999999d", "9601h", "576001m"])
+def test_a_report_since_longer_than_the_warehouse_range_is_a_clear_error(since: str) -> None:
+    from app.warehouse.reports import ReportError, parse_since
+
+    with pytest.raises(ReportError, match="at most 400 days"):
+        parse_since(since)
+    assert parse_since("400d").days == 400
