@@ -253,6 +253,14 @@ class Settings(BaseSettings):
         "at least), crossing the cap by its prompt's cost; a call whose prompt alone would "
         "cross it by more than this share of the limit is refused with 402.",
     )
+    budget_policy_change_wait_s: float = Field(
+        default=5.0,
+        ge=0,
+        description="After a scope's own cap appears or changes its period, time zone or "
+        "window, how long its calls wait for the spend worker's count of the new period "
+        "(about a second) before the gate decides on its own numbers; without the wait a "
+        "blocked user read as $0 spent for that second.",
+    )
     budget_queue_wait_s: float = Field(
         default=30.0,
         ge=0,

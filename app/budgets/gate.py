@@ -121,11 +121,21 @@ class ScopeStatus:
 class BudgetRefused(Exception):
     """A call refused by a budget: which scope, why, and its numbers (for the 402)."""
 
-    def __init__(self, status: ScopeStatus, reason: str, *, retryable: bool = False) -> None:
+    def __init__(
+        self,
+        status: ScopeStatus,
+        reason: str,
+        *,
+        retryable: bool = False,
+        awaiting_count_s: float = 0.0,
+    ) -> None:
         super().__init__(f"{status.scope}: {reason}")
         self.status = status
         self.reason = reason
-        self.retryable = retryable  # only calls in flight stand in the way
+        self.retryable = retryable  # only calls in flight (or a count to come) stand in the way
+        # > 0: not a refusal but a wait for the spend worker's count of the scope's new
+        # period, for at most this long; past it the gate decides on its own numbers
+        self.awaiting_count_s = awaiting_count_s
 
 
 class BudgetGate:
@@ -138,8 +148,14 @@ class BudgetGate:
         max_call_duration_s: float = 600.0,
         pending_entries_max: int = DEFAULT_ENTRIES_MAX,
         max_overshoot_fraction: float = 0.1,
+        policy_change_wait_s: float = 0.0,
     ) -> None:
         self.policies = policies
+        # After a scope's own policy appears or changes its period, the worker's count of the
+        # new period takes a round trip (about a second); until then the gate knows only the
+        # old period's count, or none, and would admit against the whole limit. 0: no wait
+        # (the dispatcher sets budget_policy_change_wait_s).
+        self.policy_change_wait_s = policy_change_wait_s
         # A lone call near the cap is served with what is left (one output token at least),
         # so it may cross the cap by its prompt's cost; by at most this share of the limit.
         self.max_overshoot_fraction = max_overshoot_fraction
@@ -219,8 +235,12 @@ class BudgetGate:
             decision,
         )
 
-    def admit(self, scopes: list[str], cost: CallCost) -> Admission:
-        """Reserve on every capped scope, or raise ``BudgetRefused``. May cap the output."""
+    def admit(self, scopes: list[str], cost: CallCost, *, await_counts: bool = True) -> Admission:
+        """Reserve on every capped scope, or raise ``BudgetRefused``. May cap the output.
+
+        ``await_counts``: a scope whose own policy just appeared or changed its period, and
+        that the spend worker has not counted under it yet, raises a retryable refusal with
+        ``awaiting_count_s`` (``admit_waiting`` waits for the count); False decides at once."""
         now = self.clock.now()
         with self._lock:
             capped: list[tuple[str, ScopeStatus]] = []
@@ -231,6 +251,15 @@ class BudgetGate:
                 status = self._status(scope, policy, now)
                 if status.state == "blocked":
                     raise BudgetRefused(status, "limit reached")
+                if await_counts and status.decided_by == "none_yet":
+                    left = self.policies.period_changed_within(scope, self.policy_change_wait_s)
+                    if left > 0:
+                        raise BudgetRefused(
+                            status,
+                            "the cap just changed; waiting for the spend worker's count",
+                            retryable=True,
+                            awaiting_count_s=left,
+                        )
                 capped.append((scope, status))
             cap, worst = None, cost.worst_nanos
             if capped and self.reservations:
@@ -295,8 +324,12 @@ class BudgetGate:
                 return self.admit(scopes, cost)
             except BudgetRefused as refusal:
                 left = deadline - time.monotonic()
+                if refusal.awaiting_count_s and left <= 0:
+                    return self.admit(scopes, cost, await_counts=False)  # no wait allowed
                 if not refusal.retryable or left <= 0:
                     raise
+                if refusal.awaiting_count_s:
+                    left = min(left, refusal.awaiting_count_s)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), timeout=left)
 

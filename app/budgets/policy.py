@@ -8,6 +8,7 @@ feature without a policy of its own ("every user gets $5/month").
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -336,12 +337,35 @@ class PolicyBook:
     policies: dict[str, Policy] = field(default_factory=dict)
     # scope -> event id of this process's latest write, until the topic delivers it
     awaiting: dict[str, str] = field(default_factory=dict)
+    # scope -> when (monotonic) its own policy appeared or changed period, time zone or window:
+    # the spend worker's count of the scope's new period is not known yet (see the gate)
+    period_changed: dict[str, float] = field(default_factory=dict)
 
     def put(self, policy: Policy) -> None:
+        old = self.policies.get(policy.scope)
+        if old is None or (old.period, old.timezone, old.window_seconds) != (
+            policy.period,
+            policy.timezone,
+            policy.window_seconds,
+        ):
+            self.period_changed[policy.scope] = time.monotonic()
         self.policies[policy.scope] = policy
 
     def remove(self, scope: str) -> None:
         self.policies.pop(scope, None)
+        self.period_changed.pop(scope, None)
+
+    def period_changed_within(self, scope: str, seconds: float) -> float:
+        """Seconds left of ``seconds`` since ``scope``'s own policy appeared or changed its
+        period (0 if longer ago, or if the scope is capped by a default only)."""
+        changed = self.period_changed.get(scope)
+        if changed is None:
+            return 0.0
+        left = changed + seconds - time.monotonic()
+        if left <= 0:
+            del self.period_changed[scope]  # once is enough: keep the map small
+            return 0.0
+        return left
 
     def put_local(self, policy: Policy, event_id: str) -> None:
         """This process's own change, sent to the topic as record ``event_id``."""

@@ -673,6 +673,7 @@ async def build_components(settings: Settings) -> Components:
         settings.budget_reservations,
         max_call_duration_s=settings.max_call_duration_s,
         max_overshoot_fraction=settings.budget_max_overshoot_fraction,
+        policy_change_wait_s=settings.budget_policy_change_wait_s,
     )
     usage_topic = settings.topic("usage")
 
@@ -709,6 +710,9 @@ async def build_components(settings: Settings) -> Components:
     # Ready only after catching up with every decision: a blocked user must not slip through
     # a restart. If Kafka is down, serve on the spool with what is known (fail-open).
     await asyncio.gather(policy_view.start(), decision_view.start())
+    # Policies read while catching up are not changes: their scopes' counts are in the
+    # decisions just read (the gate waits only on changes made from now on).
+    policies.period_changed.clear()
     hold_spooled_usage(emitter, gate, usage_topic)  # before the spool drains: see its acks
     await emitter.start()
     if settings.budgets_file:

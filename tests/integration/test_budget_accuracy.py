@@ -165,6 +165,52 @@ def test_policy_changes_publish_a_fresh_decision_without_new_traffic(stack: Stac
         raise AssertionError("the decision of a removed cap was never withdrawn")
 
 
+@pytest.mark.parametrize(
+    "change",
+    [{"timezone": "Pacific/Kiritimati"}, {"period": "day"}, None],
+    ids=["time zone", "period", "new cap"],
+)
+def test_a_cap_that_changes_period_or_appears_is_not_read_as_zero_spent(
+    stack: Stack, change: dict[str, Any] | None
+) -> None:
+    """Found by a newcomer probe: for about a second after a blocked user's cap moved to
+    another time zone or period (or after a cap was set on a user who had spent already)
+    the gate read $0 spent: of 20 concurrent calls 3 were served, ending 66 % over the cap.
+    Now those calls wait for the spend worker's count of the new period, then get 402."""
+    user = f"leak-{'new' if change is None else next(iter(change))[:4]}"
+    scope = f"user:{user}"
+    usage = {"model": "gpt-4o", "prompt_tokens": 4000, "completion_tokens": 200}
+    assert httpx.post(f"{stack.url}/v1/usage", json={**usage, "user_id": user}).is_success
+    if change is not None:  # $0.012 spent, blocked under $0.01, decided by the worker
+        assert httpx.put(f"{stack.url}/v1/budgets/{scope}", json={"limit_usd": 0.01}).is_success
+        wait_for_decision(stack.settings, scope, lambda d: d["state"] == "blocked")
+    else:  # spent before any cap: counted by the worker (its offsets committed), not held
+        from tests.integration.test_spend_worker_crash import committed_offsets, end_offsets
+
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            end = asyncio.run(end_offsets(stack.settings))
+            if end and asyncio.run(committed_offsets(stack.settings)) >= end:
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError("the spend worker never counted the usage")
+    body = {"limit_usd": 0.01, **(change or {})}
+    assert httpx.put(f"{stack.url}/v1/budgets/{scope}", json=body).is_success
+
+    def one_call(_: int) -> int:
+        return httpx.post(
+            f"{stack.url}/v1/chat/completions",
+            json={"model": "gpt-4o", "messages": PROMPT, "max_tokens": 300},
+            headers={"X-Tollgate-User": user},
+            timeout=60,
+        ).status_code
+
+    with concurrent.futures.ThreadPoolExecutor(20) as pool:
+        codes = list(pool.map(one_call, range(20)))
+    assert codes == [402] * 20, f"served {codes.count(200)} of 20 calls past the cap"
+
+
 def test_a_cap_set_mid_month_counts_the_months_spend_in_its_own_time_zone(
     kafka_settings: Settings, worker: WorkerProcess
 ) -> None:

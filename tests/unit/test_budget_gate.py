@@ -665,3 +665,81 @@ def test_a_402_always_carries_an_upgrade_prompt_even_when_the_policy_sets_none()
     body = budget_refusal(refusal(gate, ["user:alice"], call(usd(0.1)))).body()["error"]
     assert body["type"] == "budget_exceeded"
     assert body["upgrade_prompt"] and body["upgrade_prompt"] in body["message"]
+
+
+# -- a changed policy waits for the worker's count under it ---------------------------------
+def _waiting(gate: BudgetGate, scope: str, cost: CallCost) -> asyncio.Task[Admission]:
+    return asyncio.ensure_future(gate.admit_waiting([scope], cost, wait_s=30))
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"limit_usd": 0.01, "timezone": "Europe/Paris"},
+        {"limit_usd": 0.01, "period": "day"},
+        {"limit_usd": 0.01, "period": "window", "window": "1h"},
+    ],
+)
+async def test_a_blocked_scope_whose_period_changes_stays_blocked_until_it_is_counted(
+    change: dict[str, Any],
+) -> None:
+    """Found by a newcomer probe: a blocked user whose cap moved to another time zone or
+    period read $0 spent for about a second (the decision was for the old period) and 3 of
+    20 concurrent calls were served, ending 66 % over the cap. Until the worker has counted
+    the new period the gate waits for it, as it waits for calls in flight."""
+    book = policies(**{"user:u": 0.01})
+    gate = gate_with(book, policy_change_wait_s=5)
+    gate.on_decision(
+        "user:u", decision("user:u", state="blocked", spent=usd(0.012), limit=usd(0.01))
+    )
+    assert refusal(gate, ["user:u"], call(1000)).reason == "limit reached"
+    book.put(parse_policy("user:u", change))
+    waiting = _waiting(gate, "user:u", call(1000))
+    await asyncio.sleep(0.2)
+    assert not waiting.done(), "admitted on $0 before the worker counted the new period"
+    period = book.policy_for("user:u").period_at(NOW)  # type: ignore[union-attr]
+    gate.on_decision(
+        "user:u",
+        decision(
+            "user:u", state="blocked", spent=usd(0.012), limit=usd(0.01),
+            period_start=period.start, resets_at=period.end,
+        ),
+    )  # fmt: skip
+    with pytest.raises(BudgetRefused, match="limit reached"):
+        await asyncio.wait_for(waiting, 5)
+
+
+async def test_a_new_cap_on_a_scope_that_already_spent_waits_for_its_count() -> None:
+    book = PolicyBook()
+    gate = gate_with(book, policy_change_wait_s=5)
+    book.put(parse_policy("user:spender", {"limit_usd": 0.002}))
+    waiting = _waiting(gate, "user:spender", call(1000))
+    await asyncio.sleep(0.2)
+    assert not waiting.done()
+    gate.on_decision(
+        "user:spender",
+        decision("user:spender", state="blocked", spent=usd(0.006), limit=usd(0.002)),
+    )
+    with pytest.raises(BudgetRefused, match="limit reached"):
+        await asyncio.wait_for(waiting, 5)
+
+
+async def test_without_a_count_in_time_the_gate_goes_on_with_what_it_knows() -> None:
+    """The spend worker may be down: the wait is bounded, then the gate decides on its own
+    numbers (as it does for any scope the worker has not counted yet)."""
+    book = PolicyBook()
+    gate = gate_with(book, policy_change_wait_s=0.3)
+    book.put(parse_policy("user:new", {"limit_usd": 1}))
+    admission = await asyncio.wait_for(_waiting(gate, "user:new", call(1000)), 5)
+    assert admission.reservation.scopes == ["user:new"]
+
+
+def test_a_limit_change_or_a_default_cap_does_not_wait() -> None:
+    """The decision of the same period stays valid under a new limit (spent does not
+    depend on it); a user under a default cap is decided on its own numbers at once."""
+    book = policies(**{"user:u": 0.01, "user:*": 0.01})
+    gate = gate_with(book, policy_change_wait_s=5)
+    gate.on_decision("user:u", decision("user:u", state="open", spent=usd(0.005), limit=usd(0.01)))
+    book.put(parse_policy("user:u", {"limit_usd": 0.02}))
+    assert gate.admit(["user:u"], call(1000)).reservation.scopes == ["user:u"]
+    assert gate.admit(["user:someone"], call(1000)).reservation.scopes == ["user:someone"]
