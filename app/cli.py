@@ -223,7 +223,11 @@ def budgets() -> None:
 @click.argument("scope")
 @click.option("--monthly", type=str, help="Monthly limit in USD.")
 @click.option("--daily", type=str, help="Daily limit in USD.")
-@click.option("--window", type=str, help="Rolling-window length, e.g. 1h (with --limit).")
+@click.option(
+    "--window",
+    type=str,
+    help="Fixed window length, e.g. 1h (with --limit): epoch-aligned windows (00:00-01:00 UTC, ...), not rolling.",
+)
 @click.option("--limit", "window_limit", type=str, help="Limit in USD for --window.")
 @click.option("--thresholds", default="0.5,0.8,1.0", show_default=True, help="Soft thresholds.")
 @click.option("--timezone", default="UTC", show_default=True, help="IANA zone of day/month.")
