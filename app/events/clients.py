@@ -138,8 +138,8 @@ async def within(awaitable: Awaitable[T], timeout_s: float, what: str) -> T:
     """Await ``awaitable`` for at most ``timeout_s``, else raise ``TimeoutError`` at once.
 
     Unlike ``asyncio.wait_for``, it does not wait for the abandoned call to finish being
-    cancelled: once the broker it knew has been killed, aiokafka can take minutes to give
-    up a request (``end_offsets``) or to ``stop()``, whatever its own timeouts say."""
+    cancelled (a ``stop()`` that hangs would hang the caller too). A call cancelled from
+    inside (not by the caller) is a ``RuntimeError``, never a ``CancelledError``."""
     task = asyncio.ensure_future(awaitable)
     done, _pending = await asyncio.wait({task}, timeout=timeout_s)
     if not done:

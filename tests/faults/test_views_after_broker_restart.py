@@ -4,9 +4,9 @@ Found by a newcomer probe on `make up`: after `kill -9` of Kafka and a restart, 
 through the API or the CLI never reached the gate (404, calls served past it), and new
 decisions of the spend worker never reached the dispatcher, for minutes, while `/readyz`
 said both views were synced. Events still flowed (the fault table's Kafka row passed): the
-compacted views (``app.events.compacted.CompactedView``) reconnected without error and then
-fetched nothing. A view whose topic has records past where it stands, and that does not
-move, must fetch again.
+compacted views (``app.events.compacted.CompactedView``) had died. After the broker was
+killed, the consumer's ``stop()`` in the follower's cleanup raised ``CancelledError``,
+which ended the view's task as if it had been told to stop, and nothing restarted it.
 """
 
 from __future__ import annotations
