@@ -75,6 +75,28 @@ def int_between(low: int, high: int) -> PlainValidator:
     return PlainValidator(check)
 
 
+def number_between(low: float, high: float) -> PlainValidator:
+    """A validator of optional numbers (integer or not; never a bool, string, NaN or
+    infinity) from ``low`` to ``high``; null is the provider's default."""
+
+    def check(value: Any) -> float | int | None:
+        if value is not None and (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not low <= value <= high  # NaN compares false
+        ):
+            raise custom_error(f"must be a number from {low:g} to {high:g}, got {_shown(value)}")
+        return value
+
+    return PlainValidator(check)
+
+
+def number_schema(low: float, high: float, description: str) -> WithJsonSchema:
+    return WithJsonSchema(
+        {"type": ["number", "null"], "minimum": low, "maximum": high, "description": description}
+    )
+
+
 def int_schema(low: int, high: int, description: str | None = None) -> WithJsonSchema:
     schema: dict[str, Any] = {"type": "integer", "minimum": low, "maximum": high}
     if description:
@@ -98,14 +120,18 @@ def _expected(context: dict[str, Any] | None) -> str:
 
 
 def first_problem(
-    exc: ValidationError, model: type[BaseModel] | None = None
+    exc: ValidationError, model: type[BaseModel] | None = None, *, full_path: bool = False
 ) -> tuple[str | None, str]:
     """(field, message) of the first error: the top-level field it is in (None: the body
     itself) and what is wrong or what to send, ending in the value received; the caller
-    puts the field's name in front the way its API spells it. With ``model``, a missing
-    field's description says what to send."""
+    puts the field's name in front the way its API spells it. With ``full_path`` the field
+    is the whole path (``messages[0].role``) rather than its top-level field. With
+    ``model``, a missing field's description says what to send."""
     error = exc.errors(include_url=False)[0]
     loc = error["loc"]
+    if full_path and len(loc) > 1:
+        path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc[1:])
+        loc = (f"{loc[0]}{path}",)
     field = str(loc[0]) if loc else None
     inner = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc[1:]).lstrip(".")
     kind = error["type"]

@@ -36,7 +36,7 @@ from app.errors import (
     UpstreamTimedOut,
 )
 from app.events.producer import EventEmitter
-from app.gateway.requests import ChatBody, ChatCompletionBody
+from app.gateway.requests import ChatBody, ChatCompletionBody, message_content_problem
 from app.gateway.upstreams import RETRYABLE_CONNECT_ERRORS, UpstreamPool
 from app.metering.attribution import ANONYMOUS_USER, Identity
 from app.metering.usage import (
@@ -100,8 +100,13 @@ def parse_chat_request(
     try:
         parsed = shape.model_validate(body)
     except ValidationError as exc:
-        name, problem = first_problem(exc, shape)
+        name, problem = first_problem(exc, shape, full_path=True)
         raise InvalidRequest(f"'{name}' {problem}", field=name) from None
+    for index, message in enumerate(body["messages"]):
+        missing = message_content_problem(message)
+        if missing is not None:
+            where = f"messages[{index}].content"
+            raise InvalidRequest(f"'{where}' {missing}", field=where)
     try:
         prompt_tokens, prompt_floor = estimate_message_token_range(body["messages"])
     except ValueError as exc:

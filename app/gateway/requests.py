@@ -10,11 +10,19 @@ from this model.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
-from app.validation import MAX_TOKEN_COUNT, Id, NonEmptyId, int_between, int_schema
+from app.validation import (
+    MAX_TOKEN_COUNT,
+    Id,
+    NonEmptyId,
+    int_between,
+    int_schema,
+    number_between,
+    number_schema,
+)
 
 MAX_TOKENS_LIMIT = MAX_TOKEN_COUNT
 OutputLimit = Annotated[
@@ -34,12 +42,53 @@ ChoiceCount = Annotated[
 ]
 
 
+# Sampling parameters in OpenAI's ranges: outside them the provider refuses the call with a
+# 400, so the gateway refuses it first (nothing admitted, nothing charged).
+Temperature = Annotated[
+    float | int | None,
+    number_between(0, 2),
+    number_schema(0, 2, "Sampling temperature (OpenAI's range, 0 to 2)"),
+]
+TopP = Annotated[
+    float | int | None, number_between(0, 1), number_schema(0, 1, "Nucleus sampling mass (0 to 1)")
+]
+Penalty = Annotated[
+    float | int | None,
+    number_between(-2, 2),
+    number_schema(-2, 2, "Presence or frequency penalty (-2 to 2)"),
+]
+Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
+CONTENT_GIVEN: dict[str, Any] = {
+    "required": ["content"],
+    "properties": {"content": {"not": {"type": "null"}}},
+}
+
+
 class ChatMessage(BaseModel):
-    """One message; fields besides ``role`` and ``content`` (tool calls, names...) pass through."""
+    """One message; fields besides ``role`` and ``content`` (tool calls, names...) pass through.
+    ``content`` is required (not null) except on an assistant turn that calls a tool or a
+    function (OpenAI's rule; :func:`message_content_problem`)."""
 
-    model_config = ConfigDict(strict=True, json_schema_extra={"additionalProperties": True})
+    model_config = ConfigDict(
+        strict=True,
+        json_schema_extra={
+            "additionalProperties": True,
+            "if": {"required": ["role"], "properties": {"role": {"const": "assistant"}}},
+            "then": {
+                "anyOf": [
+                    CONTENT_GIVEN,
+                    {"required": ["tool_calls"], "properties": {"tool_calls": {"type": "array"}}},
+                    {
+                        "required": ["function_call"],
+                        "properties": {"function_call": {"type": "object"}},
+                    },
+                ]
+            },
+            "else": CONTENT_GIVEN,
+        },
+    )
 
-    role: str
+    role: Role
     # Checked where it is counted (``app.pricing.tokens``), which names the bad part.
     content: Annotated[
         Any,
@@ -87,6 +136,10 @@ class ChatBody(BaseModel):
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     n: ChoiceCount | None = None
+    temperature: Temperature = None
+    top_p: TopP = None
+    presence_penalty: Penalty = None
+    frequency_penalty: Penalty = None
     user: Id | None = Field(default=None, description="The user to attribute to (OpenAI's field)")
     user_id: Id | None = Field(default=None, description="The user to attribute to; not forwarded")
     session_id: Id | None = Field(default=None, description="The session; not forwarded")
@@ -96,6 +149,21 @@ class ChatBody(BaseModel):
         "forwarded to the provider only on /v1/chat/completions with store: true (OpenAI "
         "refuses metadata otherwise)",
     )
+
+
+def message_content_problem(message: dict[str, Any]) -> str | None:
+    """What is wrong with a (validated) message's content, or None: it is required and not
+    null, except on an assistant turn with ``tool_calls`` or ``function_call``."""
+    if message.get("content") is not None:
+        return None
+    if message.get("role") == "assistant" and (
+        isinstance(message.get("tool_calls"), list)
+        or isinstance(message.get("function_call"), dict)
+    ):
+        return None
+    if message.get("role") == "assistant":
+        return "is required (text or content parts) unless the turn has tool_calls"
+    return f"is required on a {message.get('role')!r} message (text or content parts)"
 
 
 class ChatCompletionBody(ChatBody):

@@ -287,7 +287,8 @@ class UsageReport(_Report):
     )
     total_tokens: TokenCount | None = Field(
         default=None,
-        description="Accepted and not used: prompt and completion tokens are what is priced",
+        description="Optional; if given it must equal prompt_tokens + completion_tokens "
+        "(prompt and completion tokens are what is priced)",
     )
     model_requested: Id | None = Field(
         default=None,
@@ -345,6 +346,14 @@ class UsageReport(_Report):
         cached = cached or 0
         if cached > prompt:
             raise error("cached_tokens", f"({cached}) cannot exceed prompt_tokens ({prompt})")
+        if self.total_tokens is not None and self.total_tokens != prompt + completion:
+            raise error(
+                "total_tokens",
+                f"({self.total_tokens}) differs from prompt_tokens + completion_tokens "
+                f"({prompt} + {completion} = {prompt + completion}); reasoning and audio "
+                "tokens are inside completion_tokens. Send counts that add up, or omit "
+                "total_tokens",
+            )
         return prompt, completion, cached
 
 

@@ -18,7 +18,7 @@ MSG = [{"role": "user", "content": "hello"}]
         ({"model": "gpt-4o"}, "messages"),
         ({"model": "gpt-4o", "messages": []}, "messages"),
         ({"model": "gpt-4o", "messages": "hi"}, "messages"),
-        ({"model": "gpt-4o", "messages": [{"content": "no role"}]}, "messages"),
+        ({"model": "gpt-4o", "messages": [{"content": "no role"}]}, "messages[0].role"),
         ({"messages": MSG}, "model"),
         ({"model": 5, "messages": MSG}, "model"),
         ({"model": "gpt-4o", "messages": MSG, "max_tokens": -1}, "max_tokens"),
@@ -137,7 +137,7 @@ def test_metadata_is_forwarded_only_when_the_client_asks_openai_to_store(
     [
         ({"model": "m", "messages": MSG, "max_tokens": 2**31}, "max_tokens", "1 to 2147483647"),
         ({"model": "m", "messages": MSG, "n": 0}, "n", "integer from 1"),
-        ({"model": "m", "messages": [{"content": "x"}]}, "messages", "[0].role"),
+        ({"model": "m", "messages": [{"content": "x"}]}, "messages[0].role", "is required"),
         ({"model": "m", "messages": [{"role": "user", "content": 5}]}, "messages", "content"),
         ({"model": "m", "messages": MSG, "stream": 1}, "stream", "true or false"),
         ({"model": "m", "messages": []}, "messages", "at least 1"),

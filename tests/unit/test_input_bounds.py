@@ -281,3 +281,68 @@ def test_a_usage_report_whose_token_aliases_disagree_is_a_400(
         resolve_plain,
     )
     assert same[0]["prompt_tokens"] == 3
+
+
+# -- chat fields the provider would refuse (the simulator took them, and they were charged) ------
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        ({"temperature": "hot"}, "temperature"),
+        ({"temperature": 2.5}, "temperature"),
+        ({"temperature": -0.1}, "temperature"),
+        ({"temperature": True}, "temperature"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_p": "all"}, "top_p"),
+        ({"presence_penalty": 3}, "presence_penalty"),
+        ({"frequency_penalty": -2.5}, "frequency_penalty"),
+        ({"messages": [{"role": "bogus", "content": "hi"}]}, "messages[0].role"),
+        ({"messages": [{"role": 5, "content": "hi"}]}, "messages[0].role"),
+        ({"messages": [{"role": "user"}]}, "messages[0].content"),
+        ({"messages": [{"role": "user", "content": None}]}, "messages[0].content"),
+        ({"messages": [MSG[0], {"role": "system"}]}, "messages[1].content"),
+        ({"messages": [{"role": "tool", "tool_call_id": "c1"}]}, "messages[0].content"),
+        ({"messages": [{"role": "assistant"}]}, "messages[0].content"),
+    ],
+)
+@pytest.mark.parametrize("native", [False, True])
+def test_chat_fields_outside_openais_rules_are_400_naming_them(
+    extra: dict[str, Any], field: str, native: bool
+) -> None:
+    with pytest.raises(TollgateError) as info:
+        parse_chat_request({"model": "gpt-4o", "messages": MSG, **extra}, native=native)
+    assert http_error(info.value).status == 400
+    assert info.value.field == field, info.value.message
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"temperature": 0}, {"temperature": 2}, {"temperature": 0.7}, {"temperature": None},
+        {"top_p": 0}, {"top_p": 1}, {"presence_penalty": -2}, {"frequency_penalty": 2.0},
+        # an assistant turn that only calls a tool has no content (OpenAI's rule)
+        {"messages": [MSG[0], {"role": "assistant", "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "42"}]},
+        {"messages": [MSG[0], {"role": "assistant", "content": None, "function_call": {
+            "name": "f", "arguments": "{}"}}]},
+        {"messages": [{"role": "developer", "content": "Be brief."}, MSG[0]]},
+        {"messages": [{"role": "function", "name": "f", "content": "42"}, MSG[0]]},
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]},
+    ],
+)  # fmt: skip
+def test_chat_fields_inside_openais_rules_pass(extra: dict[str, Any]) -> None:
+    chat = parse_chat_request({"model": "gpt-4o", "messages": MSG, **extra})
+    assert chat.upstream_body["messages"] == extra.get("messages", MSG)
+
+
+# -- usage counts that contradict each other -----------------------------------------------------
+def test_a_usage_total_that_is_not_prompt_plus_completion_is_400() -> None:
+    for total in (0, 1, 3, 10**6):
+        with pytest.raises(TollgateError) as info:
+            parse_usage_reports({**USAGE, "total_tokens": total}, resolve_plain)
+        assert info.value.field == "records[0].total_tokens"
+        assert "prompt_tokens + completion_tokens" in info.value.message
+    (kept,) = parse_usage_reports({**USAGE, "total_tokens": 2}, resolve_plain)
+    assert (kept["prompt_tokens"], kept["completion_tokens"]) == (1, 1)
+    responses_api = {"model": "gpt-4o", "input_tokens": 5, "output_tokens": 7, "total_tokens": 12}
+    assert parse_usage_reports(responses_api, resolve_plain)[0]["completion_tokens"] == 7
