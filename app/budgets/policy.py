@@ -1,8 +1,8 @@
 """Budget policies: validation of what an admin asks for, and which policy applies to a scope.
 
 A scope is ``global``, ``user:<id>``, ``feature:<name>``, ``team:<id>`` or
-``key:<id>``; ``user:*`` and ``feature:*`` are defaults for every user or
-feature without a policy of its own ("every user gets $5/month").
+``key:<id>``; ``user:*``, ``feature:*``, ``team:*`` and ``key:*`` are defaults for every
+user, feature, team or key without a policy of its own ("every user gets $5/month").
 """
 
 from __future__ import annotations
@@ -165,7 +165,18 @@ def _thresholds(value: Any) -> tuple[float, ...]:
     return tuple(sorted({float(t) for t in value} | {1.0}))
 
 
+# Names in a zoneinfo directory that are not a place: the machine's own zone (the
+# dispatcher's and the spend worker's may differ, and change with the host) and tz's
+# placeholders. A cap's day must be the same day everywhere it is counted.
+MACHINE_ZONES = frozenset({"localtime", "posixrules", "Factory"})
+
+
 def _timezone(value: Any) -> str:
+    if isinstance(value, str) and value in MACHINE_ZONES:
+        raise custom_error(
+            f"{value!r} depends on the machine that reads it; use an IANA name such as "
+            "'Europe/Paris' or 'UTC'"
+        )
     try:
         zone(value) if isinstance(value, str) else zone("")
     except PeriodError as exc:
@@ -258,7 +269,9 @@ class PolicyBody(BaseModel):
         description="Fractions of the limit at which a warning is sent; 1.0 is always added",
     )
     timezone: Annotated[str, PlainValidator(_timezone)] = Field(
-        default="UTC", description="IANA time zone of the calendar periods"
+        default="UTC",
+        description="IANA time zone of day and month periods (a window is aligned on the Unix "
+        "epoch, in UTC)",
     )
     window: Window = None
     window_seconds: Window = Field(default=None, description="Same as window")
@@ -293,6 +306,14 @@ def parse_policy(scope: str, body: Any) -> Policy:
         if window is None:
             raise PolicyError("window", "period 'window' needs window, e.g. '1h'")
         window_seconds = _window_seconds(window)
+        if zone(parsed.timezone).utcoffset(datetime(2000, 1, 1)) or zone(parsed.timezone).utcoffset(
+            datetime(2000, 7, 1)
+        ):
+            raise PolicyError(
+                "timezone",
+                f"a window is aligned on the Unix epoch (UTC) and ignores time zones; drop "
+                f"timezone {parsed.timezone!r} (or use period 'day' or 'month', which follow it)",
+            )
     elif window is not None:
         raise PolicyError("window", "window is only valid with period 'window'")
     return Policy(

@@ -89,6 +89,13 @@ def test_window_period_accepts_seconds_and_durations(window: Any, seconds: int) 
     assert parsed.window_seconds == seconds
 
 
+@pytest.mark.parametrize("zone", ["UTC", "Etc/UTC"])
+def test_a_window_may_name_utc_the_zone_it_is_aligned_in(zone: str) -> None:
+    parsed = parse_policy("user:a", {"limit_usd": 1, "period": "window", "window": "1h",
+                                     "timezone": zone})  # fmt: skip
+    assert parsed.window_seconds == 3600
+
+
 def test_window_can_be_given_as_window_seconds() -> None:
     assert policy(period="window", window_seconds=7200).window_seconds == 7200
 
@@ -146,6 +153,17 @@ def test_to_json_shows_round_limits_as_plain_numbers(limit: int, shown: str) -> 
         ({"limit_usd": 5, "timezone": ""}, "timezone"),
         ({"limit_usd": 5, "timezone": 5}, "timezone"),
         ({"limit_usd": 5, "timezone": None}, "timezone"),
+        ({"limit_usd": 5, "timezone": {"name": "UTC"}}, "timezone"),  # the fuzzer's 500
+        ({"limit_usd": 5, "timezone": ["UTC"]}, "timezone"),
+        # the machine's own zone: the dispatcher's and the worker's may differ
+        ({"limit_usd": 5, "timezone": "localtime"}, "timezone"),
+        ({"limit_usd": 5, "timezone": "posixrules"}, "timezone"),
+        ({"limit_usd": 5, "timezone": "Factory"}, "timezone"),
+        # a window is epoch-aligned (UTC): a zone there was stored and silently ignored
+        (
+            {"limit_usd": 5, "period": "window", "window": "1h", "timezone": "Asia/Kolkata"},
+            "timezone",
+        ),
         ({"limit_usd": 5, "thresholds": [0]}, "thresholds"),
         ({"limit_usd": 5, "thresholds": [-0.5]}, "thresholds"),
         ({"limit_usd": 5, "thresholds": [1.01]}, "thresholds"),
@@ -252,7 +270,7 @@ def test_parse_policy_rejects_malformed_url_scope(scope: str) -> None:
     assert err.value.field == "scope"
 
 
-@pytest.mark.parametrize("scope", ["user:*", "feature:*"])
+@pytest.mark.parametrize("scope", ["user:*", "feature:*", "team:*", "key:*"])
 def test_default_scope_is_not_a_scope_that_spends(scope: str) -> None:
     with pytest.raises(PolicyError) as err:
         validate_scope(scope, allow_default=False)
@@ -308,6 +326,15 @@ def test_feature_default_applies_only_to_features() -> None:
     assert chat is not None and chat.scope == "feature:chat"
     assert policies.policy_for("user:bob") is None
     assert policies.policy_for("global") is None
+
+
+@pytest.mark.parametrize("kind", ["team", "key"])
+def test_team_and_key_defaults_apply_like_user_and_feature_ones(kind: str) -> None:
+    policies = book(policy(f"{kind}:*", limit_usd=20))
+    applied = policies.policy_for(f"{kind}:data")
+    assert applied is not None and applied.scope == f"{kind}:data"
+    assert applied.limit_usd_nanos == 20 * USD
+    assert policies.policy_for("user:bob") is None
 
 
 def test_global_never_uses_a_default() -> None:
