@@ -73,6 +73,13 @@ SCOPE_PARAM = {
     },
     "description": "global, user:<id>, feature:<name>, team:<id>, key:<id>, or user:* / feature:*",
 }
+MODEL_PARAM = {
+    "name": "model",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "minLength": 1, "maxLength": MAX_ID_LENGTH},
+    "description": "A model id, as GET /v1/models lists them",
+}
 SSE_EVENT = {  # one event of a text/event-stream answer, as SSE parsers hand it over
     "type": "object",
     "properties": {
@@ -157,7 +164,7 @@ class _Schemas:
 
 
 def _path_parameters(path: str) -> list[dict[str, Any]]:
-    return [SCOPE_PARAM] if "{scope}" in path else []
+    return [SCOPE_PARAM] if "{scope}" in path else [MODEL_PARAM] if "{model}" in path else []
 
 
 def _each_report(path: str, op: Operation) -> Iterable[tuple[str, str, Operation]]:

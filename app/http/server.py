@@ -35,7 +35,7 @@ from app.budgets.policy import (
 )
 from app.budgets.spend import event_cost
 from app.clock import Clock
-from app.errors import TollgateError
+from app.errors import ModelNotServed, TollgateError
 from app.events.codec import EventDecodeError, build_codec
 from app.events.compacted import CompactedView
 from app.events.producer import EventEmitter
@@ -121,6 +121,31 @@ def error_response(error: ApiError) -> web.Response:
 
 
 # -- middleware ----------------------------------------------------------------------
+# OpenAI endpoints a client may try through the gateway that it does not proxy.
+OPENAI_ENDPOINTS_NOT_SERVED = (
+    "/v1/embeddings", "/v1/completions", "/v1/responses", "/v1/images", "/v1/audio",
+    "/v1/moderations", "/v1/files", "/v1/batches", "/v1/fine_tuning", "/v1/assistants",
+    "/v1/threads", "/v1/vector_stores", "/v1/uploads", "/v1/realtime",
+)  # fmt: skip
+
+
+def unknown_route_message(method: str, path: str) -> str:
+    """A 404's message: what the gateway serves instead, and how to still count the spend."""
+    shown = path[:200]
+    for prefix in OPENAI_ENDPOINTS_NOT_SERVED:
+        if path == prefix or path.startswith(prefix + "/"):
+            return (
+                f"Tollgate does not proxy {prefix}: it meters and caps chat completions "
+                "(POST /v1/chat/completions, or POST /v1/dispatch). Call the provider "
+                "directly and report the call's usage with POST /v1/usage, so that it still "
+                "counts against budgets and reports"
+            )
+    return (
+        f"No route {method} {shown}; GET /openapi.json lists every route Tollgate serves "
+        "(the OpenAI API under /v1: chat/completions, models)"
+    )
+
+
 @web.middleware
 async def api_middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -157,7 +182,10 @@ async def api_middleware(
         del exc
     except web.HTTPException as exc:
         error_type = "not_found" if exc.status == 404 else "invalid_request_error"
-        response = error_response(ApiError(exc.status, error_type, exc.reason))
+        message = exc.reason
+        if isinstance(exc, web.HTTPNotFound):
+            message = unknown_route_message(request.method, request.path)
+        response = error_response(ApiError(exc.status, error_type, message))
         if isinstance(exc, web.HTTPMethodNotAllowed):  # RFC 9110: a 405 lists what is allowed
             response.headers["Allow"] = ", ".join(sorted(exc.allowed_methods))
     except (ConnectionError, asyncio.CancelledError):
@@ -497,6 +525,12 @@ async def list_budgets(request: web.Request) -> web.Response:
 async def budget_status(request: web.Request) -> web.Response:
     c = request.app[COMPONENTS]
     scope = _scope(request)
+    if scope.endswith(":*"):  # a default spends nothing itself; its scopes each have a status
+        raise invalid_request(
+            f"{scope} is a default policy, not a scope that spends: ask for the status of one "
+            f"of its scopes (e.g. {scope[:-1]}<id>); GET /v1/budgets/{scope} shows the policy",
+            "scope",
+        )
     if c.keys is not None:  # users may read their own status; admins any
         identity = resolve_identity(request.headers, {}, c.keys, "none")
         if not identity.is_admin and scope != f"user:{identity.user_id}":
@@ -593,6 +627,20 @@ async def list_models(request: web.Request) -> web.Response:
     return json_response({"object": "list", "data": data})
 
 
+@operation(
+    "A model served (OpenAI's models.retrieve)",
+    "open",
+    response=responses.Model,
+    extra_responses=((404, "No configured upstream serves this model"),),
+)
+async def retrieve_model(request: web.Request) -> web.Response:
+    c = request.app[COMPONENTS]
+    model = request.match_info["model"]
+    if not c.upstreams.candidates(model):
+        raise ModelNotServed(model, c.upstreams.known_models())
+    return json_response({"id": model, "object": "model", "created": 0, "owned_by": "tollgate"})
+
+
 @operation("Liveness", "open", response=responses.Health)
 async def healthz(request: web.Request) -> web.Response:
     return json_response({"status": "ok"})
@@ -646,6 +694,7 @@ ROUTES: list[tuple[str, str, Callable[[web.Request], Awaitable[web.StreamRespons
     ("POST", "/v1/usage", report_usage),
     ("POST", "/v1/outcomes", report_outcomes),
     ("GET", "/v1/models", list_models),
+    ("GET", "/v1/models/{model}", retrieve_model),
     ("GET", "/v1/reports/{name}", reports),
     ("GET", "/dashboard", dashboard),
     ("GET", "/v1/budgets", list_budgets),

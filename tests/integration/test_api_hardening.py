@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 from aiohttp import web
 
@@ -436,3 +437,66 @@ def test_a_body_that_does_not_decode_is_a_400_with_a_json_error(
             headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
         )
         assert valid.status_code == 202, valid.text
+
+
+def test_what_a_newcomer_tries_gets_an_answer_it_can_act_on(kafka_settings: Settings) -> None:
+    """The session-11 probe's findings, through the official SDK and plain HTTP: a listed model
+    that could not be retrieved, OpenAI endpoints answered by a bare 'Not Found', calls OpenAI
+    would refuse that were forwarded and charged, usage whose total contradicted its parts, a
+    window cap whose time zone was stored and ignored, and a default scope's 'status'."""
+    asyncio.run(ensure_topics(kafka_settings))
+    with running_stack(kafka_settings) as stack:
+        client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0)
+        listed = [m.id for m in client.models.list()]
+        assert "gpt-4o" in listed
+        assert client.models.retrieve("gpt-4o").id == "gpt-4o"
+        with pytest.raises(openai.NotFoundError) as missing:
+            client.models.retrieve("no-such-model")
+        assert missing.value.code == "model_not_found"
+        with pytest.raises(openai.NotFoundError) as embeddings:
+            client.embeddings.create(model="text-embedding-3-small", input="hello")
+        assert "/v1/usage" in str(embeddings.value)  # how to still count the call
+        with pytest.raises(openai.NotFoundError) as completions:
+            client.completions.create(model="gpt-4o", prompt="hello")
+        assert "/v1/chat/completions" in str(completions.value)
+        elsewhere = httpx.get(f"{stack.url}/v2/nothing")
+        assert (
+            elsewhere.status_code == 404 and "/openapi.json" in elsewhere.json()["error"]["message"]
+        )
+        for extra, param in (
+            ({"temperature": 5}, "temperature"),
+            ({"messages": [{"role": "bogus", "content": "hi"}]}, "messages[0].role"),
+            ({"messages": [{"role": "user"}]}, "messages[0].content"),
+        ):
+            with pytest.raises(openai.BadRequestError) as refused:
+                client.chat.completions.create(**{"model": "gpt-4o", "messages": MESSAGES, **extra})
+            assert refused.value.param == param  # type: ignore[attr-defined]
+        answered = client.chat.completions.create(
+            model="gpt-4o", messages=MESSAGES, temperature=0.2, user="newcomer"
+        )
+        assert answered.usage is not None
+        usage = {"model": "gpt-4o", "prompt_tokens": 3, "completion_tokens": 4}
+        wrong = httpx.post(f"{stack.url}/v1/usage", json={**usage, "total_tokens": 70})
+        assert (
+            wrong.status_code == 400 and wrong.json()["error"]["param"] == "records[0].total_tokens"
+        )
+        assert (
+            httpx.post(f"{stack.url}/v1/usage", json={**usage, "total_tokens": 7}).status_code
+            == 202
+        )
+        window = {"limit_usd": 1, "period": "window", "window": "1h", "timezone": "Asia/Kolkata"}
+        zoned = httpx.put(f"{stack.url}/v1/budgets/user:newcomer", json=window)
+        assert zoned.status_code == 400 and zoned.json()["error"]["param"] == "timezone"
+        local = httpx.put(
+            f"{stack.url}/v1/budgets/user:newcomer", json={"limit_usd": 1, "timezone": "localtime"}
+        )
+        assert local.status_code == 400 and local.json()["error"]["param"] == "timezone"
+        assert httpx.put(f"{stack.url}/v1/budgets/team:*", json={"limit_usd": 5}).status_code == 200
+        status = httpx.get(f"{stack.url}/v1/budgets/team:*/status")
+        assert status.status_code == 400 and status.json()["error"]["param"] == "scope"
+    refused_calls = [
+        r
+        for r in asyncio.run(read_events(stack.settings, "usage", at_least=2))
+        if r.get("user_id") != "newcomer" and r["prompt_tokens"] != 3
+    ]
+    assert refused_calls == []  # nothing refused above was forwarded or charged

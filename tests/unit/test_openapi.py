@@ -24,7 +24,15 @@ ADMIN_ROUTES = {
     ("/v1/budgets/{scope}", "delete"),
     *((f"/v1/reports/{name}", "get") for name in REPORTS),
 }
-OPEN_ROUTES = {"/healthz", "/readyz", "/metrics", "/openapi.json", "/dashboard", "/v1/models"}
+OPEN_ROUTES = {
+    "/healthz",
+    "/readyz",
+    "/metrics",
+    "/openapi.json",
+    "/dashboard",
+    "/v1/models",
+    "/v1/models/{model}",
+}
 
 
 @pytest.fixture(scope="module")
