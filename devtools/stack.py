@@ -17,8 +17,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any, Protocol
 
 from app.cache.config import CacheSettings
 from app.settings import Settings
@@ -49,6 +50,9 @@ class Service:
     url: str
     log_file: Path
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    # An agent's metrics listener: nice to have. Taken by another process, the agent runs
+    # without it (as the agent itself does) instead of `up` refusing to start.
+    optional_port: bool = False
 
     def spawn(self, env: dict[str, str]) -> None:
         """Start the process and return at once (no readiness wait)."""
@@ -102,6 +106,21 @@ class Service:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait(5)
+
+
+def without_taken_port(service: Service) -> tuple[Service, str | None]:
+    """``service``, or, when its listener is optional and its port already taken, a copy
+    without a listener and the warning to print (the agent logs it too and runs on)."""
+    if not service.optional_port or service.port is None:
+        return service, None
+    if not port_open(service.host, service.port):
+        return service, None
+    warning = (
+        f"{service.name}: port {service.host}:{service.port} is already in use by another "
+        "process; it runs without its metrics listener (set its metrics port to a free one, "
+        "or 0)"
+    )
+    return replace(service, port=None, url=f"(port {service.port} taken: no metrics)"), warning
 
 
 @dataclass(frozen=True)
@@ -196,8 +215,95 @@ class Supervisor:
         )
 
 
+class KafkaLike(Protocol):
+    def status(self) -> Any: ...
+
+    def start(self) -> Any: ...
+
+
+class KafkaKeeper:
+    """Starts the broker `up` started again when it dies (killed, out of memory): without it
+    the services retry for ever against nothing and every call spools. ``check()`` looks
+    every ``every_s`` seconds; restarts follow the same backoff and crash-loop rule as the
+    services'. ``start()`` blocks until the broker answers (the services wait meanwhile)."""
+
+    def __init__(
+        self,
+        kafka: KafkaLike,
+        echo: Callable[[str], None],
+        policy: RestartPolicy | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        every_s: float = 2.0,
+    ) -> None:
+        self.kafka = kafka
+        self.echo = echo
+        self.policy = policy or RestartPolicy()
+        self.clock = clock
+        self.every_s = every_s
+        self.watch = _Watch(started_at=clock())
+        self.next_look = clock() + every_s
+
+    def check(self) -> None:
+        watch, now = self.watch, self.clock()
+        if watch.given_up:
+            return
+        if watch.restart_at is not None:
+            if now >= watch.restart_at:
+                watch.restart_at = None
+                self._start(now)
+            return
+        if now < self.next_look:
+            return
+        self.next_look = now + self.every_s
+        if self.kafka.status().running:
+            return
+        self._down(now, "Kafka exited (its process is gone)")
+
+    def _start(self, now: float) -> None:
+        watch = self.watch
+        watch.restarts += 1
+        try:
+            result = self.kafka.start()
+        except Exception as exc:  # LauncherError and the like: counted as another exit
+            self._down(self.clock(), f"Kafka did not start again: {exc}")
+            return
+        watch.started_at = self.clock()
+        self.next_look = watch.started_at + self.every_s
+        self.echo(
+            f"Kafka restarted (restart #{watch.restarts}, ready in {result.start_seconds:.1f}s); "
+            "the services reconnect on their own"
+        )
+
+    def _down(self, now: float, why: str) -> None:
+        watch, policy = self.watch, self.policy
+        if now - watch.started_at >= policy.stable_after_s:
+            watch.consecutive = 0
+        watch.exits = [t for t in watch.exits if now - t < policy.crash_loop_window_s]
+        watch.exits.append(now)
+        if len(watch.exits) >= policy.crash_loop_exits:
+            watch.given_up = True
+            self.echo(
+                f"{why}. It went down {len(watch.exits)} times within "
+                f"{policy.crash_loop_window_s:.0f}s, so it is NOT restarted again: the services "
+                "keep retrying and the dispatcher spools usage. Fix the cause (see the Kafka "
+                "log), then restart `tollgate up`."
+            )
+            return
+        delay = policy.backoff_s[min(watch.consecutive, len(policy.backoff_s) - 1)]
+        watch.consecutive += 1
+        watch.restart_at = now + delay
+        self.echo(f"{why}; restarting it in {delay:g}s (the dispatcher spools usage meanwhile)")
+
+
 def python_service(
-    name: str, args: list[str], host: str, port: int | None, log_dir: Path, path: str = ""
+    name: str,
+    args: list[str],
+    host: str,
+    port: int | None,
+    log_dir: Path,
+    path: str = "",
+    *,
+    optional_port: bool = False,
 ) -> Service:
     """``port`` None (or 0: an agent's metrics listener turned off): no listener."""
     port = port or None
@@ -208,6 +314,7 @@ def python_service(
         port=port,
         url=f"http://{host}:{port}{path}" if port is not None else "(no listener)",
         log_file=log_dir / f"{name}.log",
+        optional_port=optional_port,
     )
 
 
@@ -257,9 +364,13 @@ def run_stack(settings: Settings, echo: Callable[[str], None]) -> int:
 
         env = stack_env(settings)
         services = planned_services(settings, log_dir)
-        for service in services:
+        for index, planned in enumerate(services):
             if stopping:
                 break
+            service, warning = without_taken_port(planned)
+            services[index] = service
+            if warning:
+                echo(f"warning: {warning}")
             echo(f"starting {service.name} ...")
             service.start(env)
             lines.append(f"{service.name:<12} {service.url} (log {service.log_file})")
@@ -280,8 +391,11 @@ def run_stack(settings: Settings, echo: Callable[[str], None]) -> int:
         )
         echo("Press Ctrl-C to stop everything.")
         supervisor = Supervisor(services, env, echo)
+        keeper = KafkaKeeper(kafka, echo) if started_kafka else None
         while not stopping:
             supervisor.check()  # a service that exits is restarted, with backoff
+            if keeper is not None:
+                keeper.check()  # and so is the broker `up` started
             time.sleep(0.3)
         return 0
     except (StackError, LauncherError, TopicsError, WarehouseError) as exc:
@@ -327,6 +441,7 @@ def planned_services(settings: Settings, log_dir: Path) -> list[Service]:
             settings.anomaly_metrics_port,
             log_dir,
             "/metrics",
+            optional_port=True,
         ),
         python_service(
             "router-learn",
@@ -335,6 +450,7 @@ def planned_services(settings: Settings, log_dir: Path) -> list[Service]:
             settings.router_learn_metrics_port,
             log_dir,
             "/metrics",
+            optional_port=True,
         ),
         *(
             [
@@ -345,6 +461,7 @@ def planned_services(settings: Settings, log_dir: Path) -> list[Service]:
                     settings.notifier_metrics_port,
                     log_dir,
                     "/metrics",
+                    optional_port=True,
                 )
             ]
             if settings.alert_targets

@@ -8,11 +8,24 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
-from devtools.stack import RestartPolicy, Service, Supervisor
+from app.settings import Settings
+from devtools.kafka_local import LauncherError
+from devtools.stack import (
+    KafkaKeeper,
+    RestartPolicy,
+    Service,
+    Supervisor,
+    planned_services,
+    python_service,
+    without_taken_port,
+)
 
 
 class FakeClock:
@@ -114,3 +127,78 @@ def test_a_stable_run_starts_the_backoff_over(tmp_path: Path) -> None:
                 time.sleep(0.05)  # the new process is up
     finally:
         flaky.stop()
+
+
+# -- the broker `up` started, and listeners that are only nice to have ---------------------------
+class FakeKafka:
+    """LocalKafka's status()/start() surface: a broker the test kills and `start` revives."""
+
+    def __init__(self, fail_starts: int = 0) -> None:
+        self.running, self.starts, self.fail_starts = True, 0, fail_starts
+
+    def status(self) -> Any:
+        return SimpleNamespace(running=self.running, pid=4242 if self.running else None)
+
+    def start(self) -> Any:
+        self.starts += 1
+        if self.fail_starts:
+            self.fail_starts -= 1
+            raise LauncherError("port 9093 is taken")
+        self.running = True
+        return SimpleNamespace(already_running=False, start_seconds=1.5)
+
+
+def test_a_broker_that_dies_under_up_is_started_again() -> None:
+    kafka, clock, said = FakeKafka(), FakeClock(), []
+    policy = RestartPolicy(backoff_s=(1, 2), crash_loop_exits=3, crash_loop_window_s=60)
+    keeper = KafkaKeeper(kafka, said.append, policy, clock, every_s=2)
+    keeper.check()
+    assert kafka.starts == 0 and said == []  # alive: nothing to do
+    kafka.running = False  # SIGKILL from outside
+    keeper.check()
+    assert kafka.starts == 0, "looked at most every 2 s"
+    clock.now += 2
+    keeper.check()
+    assert "Kafka exited" in said[-1] and "restarting it in 1s" in said[-1]
+    clock.now += 1
+    keeper.check()
+    assert kafka.starts == 1 and kafka.running and "Kafka restarted" in said[-1]
+
+
+def test_a_broker_that_cannot_start_again_is_retried_then_given_up_on() -> None:
+    kafka, clock, said = FakeKafka(fail_starts=10), FakeClock(), []
+    policy = RestartPolicy(backoff_s=(1,), crash_loop_exits=3, crash_loop_window_s=60)
+    keeper = KafkaKeeper(kafka, said.append, policy, clock, every_s=1)
+    kafka.running = False
+    for _ in range(20):
+        clock.now += 1
+        keeper.check()
+    assert kafka.starts == 2, said  # two tries; the third failure within the window gives up
+    assert "port 9093 is taken" in "\n".join(said)
+    assert "NOT restarted" in said[-1]
+
+
+def test_an_agent_whose_metrics_port_is_taken_runs_without_it(tmp_path: Path) -> None:
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        agent = python_service("anomaly", ["anomaly"], "127.0.0.1", port, tmp_path, "/metrics")
+        agent.optional_port = True
+        adjusted, warning = without_taken_port(agent)
+        assert adjusted.port is None and warning is not None
+        assert f"127.0.0.1:{port}" in warning and "without" in warning
+        dispatcher = python_service("dispatcher", ["serve"], "127.0.0.1", port, tmp_path)
+        same, none = without_taken_port(dispatcher)
+        assert same is dispatcher and none is None  # its start() still refuses, naming the port
+    free = python_service("anomaly", ["anomaly"], "127.0.0.1", port, tmp_path, "/metrics")
+    free.optional_port = True
+    assert without_taken_port(free) == (free, None)
+
+
+def test_only_the_agents_listeners_are_optional(tmp_path: Path) -> None:
+    settings = Settings(
+        state_dir=tmp_path, alert_targets=({"name": "ops", "url": "https://hooks.example.test/x"},)
+    )
+    optional = {s.name for s in planned_services(settings, tmp_path) if s.optional_port}
+    assert optional == {"anomaly", "router-learn", "notifier"}
