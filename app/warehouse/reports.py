@@ -568,6 +568,10 @@ def routing_outcomes(client: Any, window: Range, ids_sql: str) -> dict[str, int]
     return {"with_outcome": int(row[0]), "successful": int(row[1])}
 
 
+def _ratio(value: Decimal) -> str:
+    return str(value.quantize(Decimal("0.01")))
+
+
 def outcomes(client: Any, window: Range) -> list[dict[str, Any]]:
     """Cost per successful outcome by feature: the feature's spend over its successes."""
     spend = {r["feature"]: r for r in aggregate(client, window, USAGE, ("feature",))}
@@ -612,8 +616,12 @@ def outcomes(client: Any, window: Range) -> list[dict[str, Any]]:
                 "cost_per_success_usd": usd_text((cost / ok).quantize(Decimal("1e-9")))
                 if ok
                 else None,
+                # the value reported with the feature's outcomes (as posted: a failure's
+                # too, if it was given one), and what it returns on the feature's spend
                 "value_usd": usd_text(value),
-                "roi": str((value / cost).quantize(Decimal("0.01"))) if cost and value else None,
+                "net_value_usd": usd_text(value - cost) if value else None,
+                "roi": _ratio((value - cost) / cost) if cost and value else None,
+                "value_per_usd": _ratio(value / cost) if cost and value else None,
             }
         )
     return report

@@ -149,10 +149,14 @@ async def test_every_report_on_a_hand_computed_fixture(
             "feature": r["feature"],
             "outcome": result,
             "kind": None,
-            "value_usd_nanos": None,
+            "value_usd_nanos": value,
             "metadata": {},
         }
-        for r, result in ((a, "success"), (c, "success"), (c, "failure"))
+        for r, result, value in (
+            (a, "success", 600_000_000),  # $0.60 of value for $0.15 of spend
+            (c, "success", 3_000_000_000),
+            (c, "failure", None),
+        )
     ]
     await produce(kafka_settings, "usage", "Usage", calls + calls[:2])  # with duplicates
     await produce(kafka_settings, "outcomes", "Outcome", outcomes)
@@ -236,6 +240,19 @@ async def test_every_report_on_a_hand_computed_fixture(
             )
             assert (search["outcomes"], search["successes"], search["success_rate"]) == (2, 1, 0.5)
             assert search["cost_per_success_usd"] == "1.875"
+            # ROI is (value - cost) / cost: $0.60 for $0.15 returns 3.00 (300 %), $3 for
+            # $1.875 returns 0.60; value per dollar is value / cost
+            assert (chat["value_usd"], chat["net_value_usd"], chat["roi"]) == (
+                "0.6",
+                "0.45",
+                "3.00",
+            )
+            assert chat["value_per_usd"] == "4.00"
+            assert (search["value_usd"], search["net_value_usd"], search["roi"]) == (
+                "3",
+                "1.125",
+                "0.60",
+            )
 
             users = (await get("breakdown", by="user", limit="5"))["rows"]
             assert [(r["user"], r["cost_usd"]) for r in users] == [
