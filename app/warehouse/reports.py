@@ -403,6 +403,12 @@ def _spend_row(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+NO_SPEND = {
+    "requests": 0, "errors": 0, "cost_usd": "0", "baseline_cost_usd": "0", "savings_usd": "0",
+    "prompt_tokens": 0, "completion_tokens": 0, "unpriced_requests": 0,
+}  # fmt: skip
+
+
 def breakdown(client: Any, window: Range, by: str, limit: int = 20) -> list[dict[str, Any]]:
     """Spend by one dimension (model, user, feature, tier, provider), biggest first.
 
@@ -437,19 +443,22 @@ def timeseries(client: Any, window: Range, interval: str = "day") -> list[dict[s
         parameters=window.params(),
     ).result_rows:
         alerts[_utc(bucket)] = sorted(kinds)
+    spent = {_utc(row[interval]): _spend_row(row) for row in costs}
     series = []
-    for row in costs:
-        bucket = _utc(row[interval])
+    # Every interval of the range, a quiet one at zero: a trend with gaps reads as flat.
+    bucket = _floor(window.start, step)
+    while bucket < window.end:
         series.append(
             {
                 "start": bucket.isoformat(),
                 "day": bucket.date().isoformat(),
-                **_spend_row(row),
+                **spent.get(bucket, NO_SPEND),
                 "alerts": len(alerts.get(bucket, [])),
                 "alert_kinds": alerts.get(bucket, []),
                 "anomaly": bucket in alerts,
             }
         )
+        bucket += step
     return series
 
 

@@ -263,7 +263,10 @@ async def test_every_report_on_a_hand_computed_fixture(
             assert models["mystery-model"]["unpriced_requests"] == 1
             assert models["gpt-4o"]["cost_usd"] == "1.875"
 
-            points = (await get("timeseries", interval="minute"))["points"]
+            every = (await get("timeseries", interval="minute"))["points"]
+            assert len(every) == 24 * 60, "every minute of the day, a quiet one at zero"
+            assert every[0]["start"] == day.isoformat() and every[0]["cost_usd"] == "0"
+            points = [p for p in every if p["requests"] or p["anomaly"]]
             assert [p["requests"] for p in points] == [1, 1, 1, 1]
             assert [p["anomaly"] for p in points] == [False, False, True, False]
             assert points[2]["alert_kinds"] == ["cost_per_request"]
