@@ -421,13 +421,20 @@ class ClickHouseSink:
         if table not in self._stored_until:
             newest = self.client.query(f"SELECT max(ts) FROM {table}").result_rows[0][0]
             self._stored_until[table] = _aware(newest)
-        stored_until = self._stored_until[table]
+        # An estimate of a call's usage (the spend worker's settlement) is stamped at the
+        # call's start, its real usage at its end: one id up to a call's length apart.
+        reach = timedelta(seconds=1)
+        if table == TABLES["usage"][0]:
+            reach += timedelta(seconds=self.settings.max_call_duration_s)
+        stored_until = self._stored_until[table] + reach
         forgotten = self.recent.forgotten_until
         # Could someone else (an earlier run, another sink) have inserted this event?
         suspects = [
             event_id
             for event_id, e in new.items()
-            if e.early or e.ts <= stored_until or (forgotten is not None and e.ts <= forgotten)
+            if e.early
+            or e.ts <= stored_until
+            or (forgotten is not None and e.ts <= forgotten + reach)
         ]
         if not suspects:
             return new
@@ -443,11 +450,7 @@ class ClickHouseSink:
                     f"SELECT event_id FROM {table} WHERE ts >= %(lo)s AND ts <= %(hi)s "
                     "AND event_id IN %(ids)s",
                     # Bound parameters are whole seconds: widen so no millisecond is cut off.
-                    parameters={
-                        "ids": chunk,
-                        "lo": min(times) - timedelta(seconds=1),
-                        "hi": max(times) + timedelta(seconds=1),
-                    },
+                    parameters={"ids": chunk, "lo": min(times) - reach, "hi": max(times) + reach},
                 ).result_rows
             )
         return {event_id: e for event_id, e in new.items() if event_id not in known}

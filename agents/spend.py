@@ -200,6 +200,8 @@ class SpendWorker:
         self.latest_boot: dict[str, int] = {}  # dispatcher id -> newest boot seen (ms)
         self.preparing = asyncio.Lock()
         self.settled_early: OrderedDict[str, None] = OrderedDict()
+        # open requests found already counted when due (re-read Request events): not estimated
+        self.settled_already_counted = 0
         self._last_reconcile = self._last_expire = 0.0
         self.stalls = StallWatch(settings.spend_stall_s)
         self.handled: dict[TP, int] = {}  # partials/requests: next offset to handle
@@ -819,6 +821,8 @@ class SpendWorker:
                 if key in self.settled_early:
                     self.settled_early.pop(key, None)
                     continue
+                if self._usage_counted(entry):  # read again after its usage (a re-send,
+                    continue  # a restart before the requests offset was committed)
                 writes[key] = (message.partition, entry)
             await self._persist(self.open_table, writes)
             for key, (_p, value) in writes.items():
@@ -846,6 +850,16 @@ class SpendWorker:
                 )
         for key, entry, why in due:
             request_id = entry.get("request_id") or key  # entries older than attempts: the key
+            counted = self._usage_counted({**entry, "request_id": request_id})
+            if counted is None:
+                continue  # its usage partition is not prepared yet: the next round decides
+            if counted:
+                # Its usage was counted after all (the request was opened again by a
+                # Request event read after it): the call was answered, nothing to estimate.
+                await self._persist(self.open_table, {key: (entry["partition"], None)})
+                self.open_table.data.pop(key, None)
+                self.settled_already_counted += 1
+                continue
             record = estimated_usage(self.prices, request_id, entry)
             message = usage_message(self.settings, self.codec, record)
             await self.usage_topic.send(  # the request's partition: the user's usage partition
@@ -865,6 +879,15 @@ class SpendWorker:
                     "cost_usd_nanos": record["cost_usd_nanos"],
                 },
             )
+
+    def _usage_counted(self, entry: dict[str, Any]) -> bool | None:
+        """Whether the usage of an open request's attempt is among the usage events counted
+        on its partition (the last ``spend_dedupe_window`` of them); None if that partition
+        is not being counted here yet."""
+        recent = self.counter.recent.get(entry["partition"])
+        if recent is None:
+            return None
+        return usage_event_id(entry["request_id"], entry.get("attempt") or 1) in recent
 
 
 def open_request_entry(

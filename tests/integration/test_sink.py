@@ -294,6 +294,44 @@ async def test_the_first_of_two_events_with_one_id_is_stored_as_every_consumer_c
     assert total == Decimal(sum(r["cost_usd_nanos"] for r in estimates)) / Decimal(10**9)
 
 
+async def test_a_restarted_sink_drops_an_estimate_stamped_at_its_calls_start(
+    kafka_settings: Settings, clickhouse: Any
+) -> None:
+    """The settler's estimate carries the request's time, the real usage the answer's, up to
+    max_call_duration_s later. A sink restarted between the two found no row within a
+    second of the estimate's time and stored both (session 12's newcomer probe)."""
+    await ensure_topics(kafka_settings)
+    migrate(clickhouse)
+    user = f"late-estimate-{uuid.uuid4().hex[:8]}"
+    reals = [usage_record(user, i) for i in range(20)]
+    await produce(kafka_settings, reals)
+    first = ClickHouseSink(kafka_settings, clickhouse, batch_size=100, batch_wait_s=0.3)
+    stop = asyncio.Event()
+    task = asyncio.create_task(first.run(stop))
+    await wait_rows(clickhouse, user, 20)
+    stop.set()
+    await task
+
+    call_s = kafka_settings.max_call_duration_s - 1
+    estimates = [
+        dict(r, ts=r["ts"] - timedelta(seconds=call_s), cost_usd_nanos=r["cost_usd_nanos"] * 3)
+        for r in reals
+    ]
+    await produce(kafka_settings, estimates)
+    second = ClickHouseSink(kafka_settings, clickhouse, batch_size=100, batch_wait_s=0.3)
+    stop = asyncio.Event()
+    task = asyncio.create_task(second.run(stop))
+    for _ in range(200):
+        if second.duplicates_dropped + second.inserted >= 20:
+            break
+        await asyncio.sleep(0.1)
+    stop.set()
+    await task
+    count, unique, total = await rows_for(clickhouse, user)
+    assert (count, unique) == (20, 20)
+    assert total == Decimal(sum(r["cost_usd_nanos"] for r in reals)) / Decimal(10**9)
+
+
 async def test_a_removed_cap_tombstone_is_not_dead_lettered(
     kafka_settings: Settings, clickhouse: Any
 ) -> None:
