@@ -66,6 +66,7 @@ from app.events.codec import (
 from app.events.kafka_retry import retry_while_kafka_down
 from app.retry import log_before_retry, retry_until_stopped
 from app.settings import Settings
+from app.warehouse import rollups
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +193,7 @@ class ClickHouseSink:
         self.commits_lost = 0  # commits refused after this sink lost its group
         self.insert_failures = 0
         self.checked_in_clickhouse = 0  # events looked up in ClickHouse before inserting
+        self.rollup_hours_rebuilt = 0  # hours of rollups rebuilt from the raw events
         self.recent = RecentIds()
         self._stored_until: dict[str, datetime] = {}  # newest event time per table at start
         self._column_cache: dict[tuple[str, int], list[str]] = {}
@@ -401,6 +403,10 @@ class ClickHouseSink:
             new = {event_id: e for event_id, e in by_id.items() if event_id not in self.recent}
             fresh = self._not_stored(table, new)
             self.duplicates_dropped += len(by_id) - len(fresh)
+            stored_before = [e.ts for event_id, e in new.items() if event_id not in fresh]
+            if stored_before:  # an earlier insert of them may have been cut off before its
+                # rollups were filled (a sink killed mid-insert): rebuild their hours
+                self.rollup_hours_rebuilt += rollups.rebuild(self.client, table, stored_before)
             by_schema: dict[int, list[tuple[str, _Event]]] = {}
             for event_id, event in fresh.items():
                 by_schema.setdefault(event.schema_id, []).append((event_id, event))
