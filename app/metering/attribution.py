@@ -119,12 +119,16 @@ class KeyStore:
             return None
 
 
-def _clean(value: Any, name: str) -> str | None:
+def _clean(value: Any, name: str, *, scope: bool = False) -> str | None:
+    """``value`` as an attribution id (None if absent). With ``scope``, the id names a budget
+    scope (a user, feature or team), where ``*`` means every one of them (``user:*``)."""
     if value is None or value == "":
         return None
     if not isinstance(value, str):
         raise InvalidRequest(f"'{name}' must be a string", field=name)
     problem = id_problem(value)
+    if problem is None and scope and value == "*":
+        problem = "may not be '*': it names the default budget policy of every one (user:*)"
     if problem is not None:
         raise InvalidRequest(f"'{name}' {problem}", field=name)
     return value
@@ -149,20 +153,20 @@ def resolve_identity(
         raise InvalidRequest("'metadata' must be an object of string values", field="metadata")
     metadata = metadata or {}
     claimed_user = (
-        _clean(headers.get("X-Tollgate-User"), "X-Tollgate-User")
-        or _clean(body.get("user_id"), "user_id")
-        or _clean(body.get("user"), "user")
+        _clean(headers.get("X-Tollgate-User"), "X-Tollgate-User", scope=True)
+        or _clean(body.get("user_id"), "user_id", scope=True)
+        or _clean(body.get("user"), "user", scope=True)
     )
     session = _clean(headers.get("X-Tollgate-Session"), "X-Tollgate-Session") or _clean(
         body.get("session_id"), "session_id"
     )
     feature = (
-        _clean(headers.get("X-Tollgate-Feature"), "X-Tollgate-Feature")
-        or _clean(metadata.get("feature"), "metadata.feature")
-        or _clean(body.get("feature"), "feature")
+        _clean(headers.get("X-Tollgate-Feature"), "X-Tollgate-Feature", scope=True)
+        or _clean(metadata.get("feature"), "metadata.feature", scope=True)
+        or _clean(body.get("feature"), "feature", scope=True)
     )
-    claimed_team = _clean(headers.get("X-Tollgate-Team"), "X-Tollgate-Team") or _clean(
-        body.get("team"), "team"
+    claimed_team = _clean(headers.get("X-Tollgate-Team"), "X-Tollgate-Team", scope=True) or (
+        _clean(body.get("team"), "team", scope=True)
     )
     team: str | None = None
     key_id: str | None = None

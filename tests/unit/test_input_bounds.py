@@ -346,3 +346,20 @@ def test_a_usage_total_that_is_not_prompt_plus_completion_is_400() -> None:
     assert (kept["prompt_tokens"], kept["completion_tokens"]) == (1, 1)
     responses_api = {"model": "gpt-4o", "input_tokens": 5, "output_tokens": 7, "total_tokens": 12}
     assert parse_usage_reports(responses_api, resolve_plain)[0]["completion_tokens"] == 7
+
+
+# -- '*' names every user (or feature, team) in a default budget: no one may be called it ---------
+@pytest.mark.parametrize("field", ["user", "user_id", "feature", "team"])
+def test_an_id_of_star_is_refused_where_it_would_name_a_default_budget(field: str) -> None:
+    with pytest.raises(TollgateError) as info:
+        resolve_plain({field: "*"})
+    assert info.value.field == field and "default" in info.value.message
+    with pytest.raises(TollgateError) as usage:
+        parse_usage_reports({**USAGE, field: "*"}, resolve_plain)
+    assert usage.value.field == f"records[0].{field}"
+    header = {"user": "X-Tollgate-User", "user_id": "X-Tollgate-User",
+              "feature": "X-Tollgate-Feature", "team": "X-Tollgate-Team"}[field]  # fmt: skip
+    with pytest.raises(TollgateError) as by_header:
+        resolve_identity({header: "*"}, {}, None)
+    assert by_header.value.field == header
+    assert resolve_plain({field: "*a"}) is not None  # only the bare star is reserved
