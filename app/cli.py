@@ -146,6 +146,11 @@ class DispatcherApi:
     """The dispatcher's HTTP API for the CLI (``--url``): JSON in, JSON out, errors as exits."""
 
     def __init__(self, url: str, key: str | None) -> None:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            _fail(f"--url {url!r} is not an http(s) URL; e.g. --url http://127.0.0.1:8700")
         self.url = url.rstrip("/")
         self.key = key
 
@@ -835,8 +840,11 @@ def detect(csv_file: str, kind: str, output: str | None, options: tuple[str, ...
     except OverflowError as exc:  # a value too large for a detector's arithmetic
         _fail(f"{csv_file}: a value is too large to judge ({exc}); check the value column")
     if output:
-        with open(output, "w") as handle:
-            handle.write(buffer.getvalue())
+        try:
+            with open(output, "w") as handle:
+                handle.write(buffer.getvalue())
+        except OSError as exc:
+            _fail(f"cannot write {output}: {exc.strerror or exc}")
     else:
         click.echo(buffer.getvalue(), nl=False)
     click.echo(

@@ -43,3 +43,17 @@ def test_detect_names_what_is_wrong(tmp_path: Path) -> None:
     assert result.exit_code == 1 and "line 2" in result.output and "Traceback" not in result.output
     result = CliRunner().invoke(main, ["detect", str(bad), "--set", "no_such_knob=1"])
     assert result.exit_code == 1 and "no_such_knob" in result.output
+
+
+def test_an_output_that_cannot_be_written_and_a_url_that_is_not_one_are_one_line_errors(
+    tmp_path: Path,
+) -> None:
+    source = tmp_path / "requests_per_minute.csv"
+    series(source, spike_at=500)
+    nowhere = tmp_path / "missing-dir" / "out.csv"
+    result = CliRunner().invoke(main, ["detect", str(source), "-o", str(nowhere)])
+    assert result.exit_code != 0 and not isinstance(result.exception, FileNotFoundError)
+    assert f"cannot write {nowhere}" in result.output
+    listed = CliRunner().invoke(main, ["budgets", "list", "--url", "notaurl"])
+    assert listed.exit_code != 0 and not isinstance(listed.exception, ValueError)
+    assert "is not an http(s) URL" in listed.output
