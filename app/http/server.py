@@ -188,9 +188,22 @@ async def api_middleware(
         response = error_response(ApiError(exc.status, error_type, message))
         if isinstance(exc, web.HTTPMethodNotAllowed):  # RFC 9110: a 405 lists what is allowed
             response.headers["Allow"] = ", ".join(sorted(exc.allowed_methods))
-    except (ConnectionError, asyncio.CancelledError):
+    except asyncio.CancelledError:
         metrics.requests.labels(route, "499").inc()
         raise
+    except ConnectionError:
+        transport = request.transport
+        if transport is not None and not transport.is_closing():  # not the client: a bug
+            log.exception("unhandled error", extra={"request_id": request_id, "route": route})
+            return error_response(
+                ApiError(500, "internal_error", f"Internal error; quote request id {request_id}")
+            )
+        # The client hung up (mid-stream, mostly): its usage is already recorded. Nothing
+        # reaches it any more; aiohttp drops this answer quietly (raising, it would log a
+        # traceback at ERROR for every client that closes a stream early).
+        metrics.requests.labels(route, "499").inc()
+        metrics.latency.labels(route).observe(time.monotonic() - started)
+        return web.Response(status=499)
     except Exception:
         log.exception("unhandled error", extra={"request_id": request_id, "route": route})
         response = error_response(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Iterator
 from decimal import Decimal
@@ -150,7 +151,9 @@ def test_stream_without_provider_usage_is_estimated_not_zero(stack: Stack) -> No
     assert text
 
 
-def test_client_disconnect_mid_stream_still_records_usage(stack: Stack) -> None:
+def test_client_disconnect_mid_stream_still_records_usage(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
     async def disconnect() -> None:
         async with (
             httpx.AsyncClient(timeout=30) as http,
@@ -170,6 +173,9 @@ def test_client_disconnect_mid_stream_still_records_usage(stack: Stack) -> None:
     assert usage["status"] == "client_disconnected"
     assert usage["completion_tokens"] < 400
     assert usage["prompt_tokens"] > 0
+    # a client hanging up is not a server error: no traceback at ERROR (the probe saw one)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [], [r.getMessage() for r in errors]
 
 
 def test_unpriced_model_is_served_and_flagged(stack: Stack) -> None:
