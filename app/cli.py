@@ -455,6 +455,12 @@ def report(
 
     from app.warehouse.reports import MINUTE, ReportError, parse_since, parse_time
 
+    if (
+        start is not None
+        and click.get_current_context().get_parameter_source("since")
+        is not click.core.ParameterSource.DEFAULT
+    ):
+        _fail("give --since or --from, not both (--from starts the range at a date)")
     settings = _settings()
     try:
         end = datetime.now(UTC)

@@ -45,6 +45,11 @@ class AcceptedUsage(BaseModel):
     request_id: str
     cost_usd: str
     price_unknown: bool
+    budget_cost_usd: str = Field(
+        description="What budgets count for it: cost_usd, or for a model without a price "
+        "(price_unknown) its cost at the baseline model's price; reports keep cost_usd 0 "
+        "for those and count them in unpriced_requests"
+    )
 
 
 class UsageAccepted(BaseModel):

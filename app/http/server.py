@@ -185,6 +185,9 @@ async def api_middleware(
         message = exc.reason
         if isinstance(exc, web.HTTPNotFound):
             message = unknown_route_message(request.method, request.path)
+        elif isinstance(exc, web.HTTPMethodNotAllowed):
+            allowed = ", ".join(sorted(exc.allowed_methods))
+            message = f"{request.method} is not allowed on {request.path[:200]}; use {allowed}"
         response = error_response(ApiError(exc.status, error_type, message))
         if isinstance(exc, web.HTTPMethodNotAllowed):  # RFC 9110: a 405 lists what is allowed
             response.headers["Allow"] = ", ".join(sorted(exc.allowed_methods))
@@ -401,6 +404,9 @@ async def report_usage(request: web.Request) -> web.Response:
                 "request_id": record["request_id"],
                 "cost_usd": usd_text(record["cost_usd_nanos"]),  # decimal text, never 3.5e-05
                 "price_unknown": record["price_unknown"],
+                # what budgets count: the cost, or for a model without a price its baseline
+                # cost (an unpriced model is not a free way around a cap)
+                "budget_cost_usd": usd_text(event_cost(record)),
             }
         )
     return json_response(

@@ -100,6 +100,13 @@ def _records(body: Any, list_key: str, what: str) -> list[Any]:
         if not isinstance(records, list):
             raise InvalidRequest(f"'{list_key}' must be a list of {what}", field=list_key)
     elif isinstance(body, dict):
+        other = next((k for k in ("records", "outcomes") if k != list_key and k in body), None)
+        if other is not None and len(body) == 1:  # the other endpoint's batch wrapper
+            raise InvalidRequest(
+                f"'{other}' is not the batch field here: send {{'{list_key}': [...]}}, a list, "
+                f"or one {what[:-1]} object",
+                field=other,
+            )
         records = [body]
     else:
         raise InvalidRequest(f"Send one {what[:-1]} object, a list, or {{'{list_key}': [...]}}")

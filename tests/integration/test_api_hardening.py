@@ -182,6 +182,7 @@ def test_inputs_that_were_500s_are_400s_naming_the_field(kafka_settings: Setting
         assert wrong_method.status_code == 405
         assert wrong_method.json()["error"]["type"] == "invalid_request_error"
         assert "POST" in wrong_method.headers["Allow"]  # RFC 9110: what is allowed instead
+        assert "use POST" in wrong_method.json()["error"]["message"]  # and the body says it
         assert httpx.head(f"{stack.url}/healthz").status_code == 200  # was a 405
 
 
@@ -484,6 +485,10 @@ def test_what_a_newcomer_tries_gets_an_answer_it_can_act_on(kafka_settings: Sett
             httpx.post(f"{stack.url}/v1/usage", json={**usage, "total_tokens": 7}).status_code
             == 202
         )
+        unpriced = httpx.post(f"{stack.url}/v1/usage", json={**usage, "model": "no-price-model"})
+        (event,) = unpriced.json()["events"]
+        assert event["price_unknown"] and event["cost_usd"] == "0"
+        assert float(event["budget_cost_usd"]) > 0  # what the caps count, said
         window = {"limit_usd": 1, "period": "window", "window": "1h", "timezone": "Asia/Kolkata"}
         zoned = httpx.put(f"{stack.url}/v1/budgets/user:newcomer", json=window)
         assert zoned.status_code == 400 and zoned.json()["error"]["param"] == "timezone"

@@ -57,3 +57,8 @@ def test_an_output_that_cannot_be_written_and_a_url_that_is_not_one_are_one_line
     listed = CliRunner().invoke(main, ["budgets", "list", "--url", "notaurl"])
     assert listed.exit_code != 0 and not isinstance(listed.exception, ValueError)
     assert "is not an http(s) URL" in listed.output
+
+
+def test_report_refuses_since_and_from_together() -> None:
+    both = CliRunner().invoke(main, ["report", "--since", "1h", "--from", "2026-12-01"])
+    assert both.exit_code != 0 and "not both" in both.output

@@ -363,3 +363,14 @@ def test_an_id_of_star_is_refused_where_it_would_name_a_default_budget(field: st
         resolve_identity({header: "*"}, {}, None)
     assert by_header.value.field == header
     assert resolve_plain({field: "*a"}) is not None  # only the bare star is reserved
+
+
+def test_the_other_endpoints_batch_wrapper_is_named_not_read_as_one_record() -> None:
+    outcome = {"request_id": "r-1", "outcome": "success"}
+    with pytest.raises(TollgateError) as info:
+        parse_outcomes({"records": [outcome]}, resolve_plain)
+    assert info.value.field == "records" and "{'outcomes': [...]}" in info.value.message
+    with pytest.raises(TollgateError) as usage:
+        parse_usage_reports({"outcomes": [USAGE]}, resolve_plain)
+    assert usage.value.field == "outcomes" and "{'records': [...]}" in usage.value.message
+    assert len(parse_outcomes({"outcomes": [outcome, outcome]}, resolve_plain)) == 2
