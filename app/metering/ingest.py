@@ -9,6 +9,7 @@ and field) instead of writing part of it.
 
 from __future__ import annotations
 
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -515,9 +516,13 @@ def parse_outcomes(
                 "request_id", "or session_id is required to link the outcome to spend"
             )
         identity = _resolved(resolve, record, where)
+        event_id = new_id()
+        if request_id:  # the same outcome of a call posted again (a retry) is one event
+            said = (request_id, report.outcome, report.kind, report.value_usd, report.ts)
+            event_id = uuid.uuid5(uuid.NAMESPACE_URL, f"tollgate:outcome:{said!r}").hex
         outcomes.append(
             {
-                "event_id": new_id(),
+                "event_id": event_id,
                 "ts": report.ts or event_time(window.now),
                 "request_id": request_id,
                 "session_id": session_id,

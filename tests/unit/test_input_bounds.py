@@ -374,3 +374,17 @@ def test_the_other_endpoints_batch_wrapper_is_named_not_read_as_one_record() -> 
         parse_usage_reports({"outcomes": [USAGE]}, resolve_plain)
     assert usage.value.field == "outcomes" and "{'records': [...]}" in usage.value.message
     assert len(parse_outcomes({"outcomes": [outcome, outcome]}, resolve_plain)) == 2
+
+
+def test_an_outcome_posted_again_is_the_same_event_and_a_different_one_is_not() -> None:
+    outcome = {"request_id": "r-9", "outcome": "success", "kind": "ticket", "value_usd": 4.5}
+    (first,) = parse_outcomes(outcome, resolve_plain)
+    (again,) = parse_outcomes(dict(outcome), resolve_plain)
+    assert first["event_id"] == again["event_id"]  # a client retry: one outcome
+    for change in ({"outcome": "failure"}, {"value_usd": 5}, {"kind": "refund"},
+                   {"request_id": "r-10"}):  # fmt: skip
+        (other,) = parse_outcomes({**outcome, **change}, resolve_plain)
+        assert other["event_id"] != first["event_id"], change
+    by_session = {"session_id": "s-1", "outcome": "success"}  # a session has many outcomes
+    assert (parse_outcomes(by_session, resolve_plain)[0]["event_id"]
+            != parse_outcomes(by_session, resolve_plain)[0]["event_id"])  # fmt: skip
