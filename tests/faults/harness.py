@@ -774,8 +774,9 @@ def audit_worker(
 
 
 def audit_warehouse(stack: FaultStack, events: dict[str, Any], audit: Audit, timeout_s: float):
-    """Every Request and Usage event is one warehouse row, by event id (read after the sink
-    has committed everything and stopped: embedded chdb has one owner at a time)."""
+    """Every Request and Usage event is one warehouse row, by event id, and the per-user
+    rollups hold each Usage event once (read after the sink has committed everything and
+    stopped: embedded chdb has one owner at a time)."""
     ends = stack.end_offsets("requests", "usage")
     wait_for(
         lambda: stack.check_alive("sink") and stack.caught_up("sink", ends),
@@ -800,6 +801,12 @@ def audit_warehouse(stack: FaultStack, events: dict[str, Any], audit: Audit, tim
             audit.duplicated.append(f"{table}: a row for unknown event {event_id}")
     audit.request_rows = sum(rows["request_events"].values())
     audit.usage_rows = sum(rows["usage_events"].values())
+    distinct = len(set(events["usage"]))
+    for table, calls in rows["rollups"].items():  # what reports over whole minutes read
+        if calls < distinct:
+            audit.lost.append(f"{table}: {calls} calls of {distinct} usage events")
+        elif calls > distinct:
+            audit.duplicated.append(f"{table}: {calls} calls for {distinct} usage events")
 
 
 def warehouse_rows(settings: Settings, tag: str) -> dict[str, dict[str, int]]:
