@@ -32,6 +32,7 @@ scope         cost/request         request rate  rate drops   tier mix
 from __future__ import annotations
 
 import logging
+import math
 import pickle
 import struct
 from collections import OrderedDict
@@ -81,7 +82,9 @@ class ScopeState:
     last_active: float = 0.0
     features: dict[str, float] = field(default_factory=dict)  # a user's features, last seen
     prior: PeerPrior | None = None  # a feature's, for its users
-    tier_costs: tuple[DecayedMean, DecayedMean] | None = None  # economy, other: mean cost
+    # economy, other: mean log(1 + cost in nano-dollars), i.e. the typical (geometric) cost
+    # of a call of each tier: one absurd call does not price a routing regression absurdly
+    tier_log_costs: tuple[DecayedMean, DecayedMean] | None = None
     # Plugged in (a class-level default, so checkpoints written before them restore).
     detectors: tuple[Detector, ...] = ()
 
@@ -151,7 +154,7 @@ class AnomalyEngine:
             state.cost = CostDetector(scope, s, own_reference=kind != "user")
         if kind != "user":
             state.mix = TierMixDetector(scope, s)
-            state.tier_costs = (DecayedMean(), DecayedMean())
+            state.tier_log_costs = (DecayedMean(), DecayedMean())
         if kind in ("feature", "global"):  # the global scope's is for users without a feature
             state.prior = PeerPrior(burst=[DecayedMean() for _ in s.volume_windows_seconds])
         state.detectors = tuple(
@@ -348,10 +351,17 @@ class AnomalyEngine:
             if tier is not None:
                 economy = tier == "economy"
                 for state in (feature, glob):
-                    if state is None or state.mix is None or state.tier_costs is None:
+                    if state is None or state.mix is None:
                         continue
-                    state.tier_costs[0 if economy else 1].add(cost_nanos, t, _TIER_COST_MEMORY_S)
-                    delta = (state.tier_costs[1].get() - state.tier_costs[0].get()) / NANOS_PER_USD
+                    if state.tier_log_costs is None:  # a checkpoint from before they were kept
+                        state.tier_log_costs = (DecayedMean(), DecayedMean())
+                    costs = state.tier_log_costs
+                    costs[0 if economy else 1].add(
+                        math.log1p(max(cost_nanos, 0)), t, _TIER_COST_MEMORY_S
+                    )
+                    delta = (
+                        math.expm1(costs[1].get()) - math.expm1(costs[0].get())
+                    ) / NANOS_PER_USD
                     verdicts.append(
                         state.mix.observe(
                             ts,

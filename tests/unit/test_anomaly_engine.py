@@ -135,6 +135,27 @@ def test_a_routing_regression_alerts_the_tier_mix(warm: tuple[bytes, datetime]) 
     assert alert["expected"] == pytest.approx(0.7, abs=0.1) and alert["observed"] < 0.4
 
 
+def test_one_absurd_call_does_not_price_a_routing_regression_absurdly(
+    warm: tuple[bytes, datetime],
+) -> None:
+    """The probe saw 'about $382,600.89/hour above expected' on ten cheap calls, after one
+    usage record of 4e9 tokens: the price gap between tiers was a mean of their costs."""
+    impacts = []
+    for absurd in (False, True):
+        engine, now = resume(warm)
+        rng = random.Random(4)
+        normal = traffic(rng, now, 6, per_minute=54, features={"search": 1.0})
+        regressed = traffic(rng, now, 6, per_minute=36, features={"chat": 1.0}, economy=0.1)
+        if absurd:  # $25,000 for one call of the standard tier, just before
+            regressed.insert(0, usage(now, "u2", "chat", "standard", 25_000 * 10**9))
+        alerts = run(engine, merged(normal, regressed))
+        alert = next(a for a in alerts if a["alert_key"] == "tier_mix|feature:chat")
+        impacts.append(alert["impact_usd_per_hour"])
+    clean, with_absurd = impacts
+    assert 0 < clean < 100
+    assert with_absurd < 2 * clean, impacts
+
+
 def test_silent_minutes_count_and_a_global_drop_alerts(warm: tuple[bytes, datetime]) -> None:
     engine, now = resume(warm)
     alerts = engine.advance(now + timedelta(minutes=3))
