@@ -639,11 +639,13 @@ async def reports(request: web.Request) -> web.Response:
 @operation("Models served", "open", response=responses.ModelList)
 async def list_models(request: web.Request) -> web.Response:
     c = request.app[COMPONENTS]
-    data = [
-        {"id": model, "object": "model", "created": 0, "owned_by": "tollgate"}
-        for model in c.upstreams.known_models()
-    ]
+    data = [model_json(model) for model in c.upstreams.known_models()]
     return json_response({"object": "list", "data": data})
+
+
+def model_json(model: str) -> dict[str, Any]:
+    """A model as OpenAI's API shows one."""
+    return {"id": model, "object": "model", "created": 0, "owned_by": "tollgate"}
 
 
 @operation(
@@ -657,7 +659,7 @@ async def retrieve_model(request: web.Request) -> web.Response:
     model = request.match_info["model"]
     if not c.upstreams.candidates(model):
         raise ModelNotServed(model, c.upstreams.known_models())
-    return json_response({"id": model, "object": "model", "created": 0, "owned_by": "tollgate"})
+    return json_response(model_json(model))
 
 
 @operation("Liveness", "open", response=responses.Health)

@@ -175,6 +175,26 @@ async def read_events(
     return records
 
 
+async def raw_messages(settings: Settings, suffix: str, at_least: int) -> list[Any]:
+    """Every message of a topic from the start, undecoded (key and partition included)."""
+    consumer = AIOKafkaConsumer(
+        settings.topic(suffix),
+        bootstrap_servers=settings.kafka_bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    messages: list[Any] = []
+    try:
+        async with asyncio.timeout(60):
+            while len(messages) < at_least:
+                for batch in (await consumer.getmany(timeout_ms=200)).values():
+                    messages.extend(batch)
+    finally:
+        await consumer.stop()
+    return messages
+
+
 class WorkerProcess:
     """``tollgate worker`` as a real process (so it can be SIGKILLed), on the test's topics."""
 

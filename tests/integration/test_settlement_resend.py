@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaProducer
 
 from app.events.codec import EventCodec
 from app.events.topics import ensure_topics
@@ -31,6 +31,7 @@ from app.settings import Settings
 from tests.integration.harness import (
     WorkerProcess,
     publish_policy,
+    raw_messages,
     read_events,
     running_stack,
     wait_for_decision,
@@ -40,26 +41,6 @@ from tests.integration.harness import (
 pytestmark = pytest.mark.integration
 USER = "resent-requests"
 CALLS = 5
-
-
-async def raw_requests(settings: Settings) -> list[Any]:
-    consumer = AIOKafkaConsumer(
-        settings.topic("requests"),
-        bootstrap_servers=settings.kafka_bootstrap,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-    )
-    await consumer.start()
-    messages: list[Any] = []
-    try:
-        while True:
-            batch = await consumer.getmany(timeout_ms=1000)
-            if not batch:
-                return messages
-            for part in batch.values():
-                messages.extend(part)
-    finally:
-        await consumer.stop()
 
 
 async def resend(settings: Settings, messages: list[Any], lost_copy_of: Any) -> str:
@@ -114,7 +95,7 @@ def test_a_request_resent_after_its_usage_is_never_estimated(
         )
 
         requests = [
-            m for m in asyncio.run(raw_requests(kafka_settings))
+            m for m in asyncio.run(raw_messages(kafka_settings, "requests", at_least=CALLS))
             if EventCodec().decode(m.value).record["user_id"] == USER
         ]  # fmt: skip
         assert len(requests) == CALLS

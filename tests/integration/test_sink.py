@@ -78,6 +78,30 @@ async def wait_rows(client: Any, user: str, expected: int, timeout_s: float = 60
     raise AssertionError(f"{user}: fewer than {expected} rows after {timeout_s}s")
 
 
+async def sink_until_stored(settings: Settings, client: Any, user: str, rows: int) -> None:
+    """A fresh sink, run until ``user`` has ``rows`` rows, then stopped."""
+    sink = ClickHouseSink(settings, client, batch_size=100, batch_wait_s=0.3)
+    stop = asyncio.Event()
+    task = asyncio.create_task(sink.run(stop))
+    await wait_rows(client, user, rows)
+    stop.set()
+    await task
+
+
+async def sink_until_seen(settings: Settings, client: Any, events: int) -> ClickHouseSink:
+    """A fresh sink, run until it has inserted or dropped ``events`` events, then stopped."""
+    sink = ClickHouseSink(settings, client, batch_size=100, batch_wait_s=0.3)
+    stop = asyncio.Event()
+    task = asyncio.create_task(sink.run(stop))
+    for _ in range(200):
+        if sink.duplicates_dropped + sink.inserted >= events:
+            break
+        await asyncio.sleep(0.1)
+    stop.set()
+    await task
+    return sink
+
+
 async def test_exactly_once_rows_with_duplicates_garbage_and_a_sink_restart(
     kafka_settings: Settings, clickhouse: Any
 ) -> None:
@@ -306,12 +330,7 @@ async def test_a_restarted_sink_drops_an_estimate_stamped_at_its_calls_start(
     user = f"late-estimate-{uuid.uuid4().hex[:8]}"
     reals = [usage_record(user, i) for i in range(20)]
     await produce(kafka_settings, reals)
-    first = ClickHouseSink(kafka_settings, clickhouse, batch_size=100, batch_wait_s=0.3)
-    stop = asyncio.Event()
-    task = asyncio.create_task(first.run(stop))
-    await wait_rows(clickhouse, user, 20)
-    stop.set()
-    await task
+    await sink_until_stored(kafka_settings, clickhouse, user, 20)
 
     call_s = kafka_settings.max_call_duration_s - 1
     estimates = [
@@ -319,15 +338,7 @@ async def test_a_restarted_sink_drops_an_estimate_stamped_at_its_calls_start(
         for r in reals
     ]
     await produce(kafka_settings, estimates)
-    second = ClickHouseSink(kafka_settings, clickhouse, batch_size=100, batch_wait_s=0.3)
-    stop = asyncio.Event()
-    task = asyncio.create_task(second.run(stop))
-    for _ in range(200):
-        if second.duplicates_dropped + second.inserted >= 20:
-            break
-        await asyncio.sleep(0.1)
-    stop.set()
-    await task
+    await sink_until_seen(kafka_settings, clickhouse, 20)
     count, unique, total = await rows_for(clickhouse, user)
     assert (count, unique) == (20, 20)
     assert total == Decimal(sum(r["cost_usd_nanos"] for r in reals)) / Decimal(10**9)
@@ -362,12 +373,7 @@ async def test_events_stored_without_their_rollups_get_them_when_seen_again(
     for view in views:
         await asyncio.to_thread(clickhouse.command, f"DETACH TABLE {view}")
     try:
-        first = ClickHouseSink(kafka_settings, clickhouse, batch_size=100, batch_wait_s=0.3)
-        stop = asyncio.Event()
-        task = asyncio.create_task(first.run(stop))
-        await wait_rows(clickhouse, user, 40)
-        stop.set()
-        await task
+        await sink_until_stored(kafka_settings, clickhouse, user, 40)
     finally:
         for view in views:
             await asyncio.to_thread(clickhouse.command, f"ATTACH TABLE {view}")
@@ -375,15 +381,7 @@ async def test_events_stored_without_their_rollups_get_them_when_seen_again(
     assert await rollup_of("usage_user_minute") == (0, Decimal(0))  # the cut-off state
 
     await produce(kafka_settings, records)  # seen again (here re-sent; after a kill: re-read)
-    second = ClickHouseSink(kafka_settings, clickhouse, batch_size=100, batch_wait_s=0.3)
-    stop = asyncio.Event()
-    task = asyncio.create_task(second.run(stop))
-    for _ in range(200):
-        if second.duplicates_dropped >= 40:
-            break
-        await asyncio.sleep(0.1)
-    stop.set()
-    await task
+    second = await sink_until_seen(kafka_settings, clickhouse, 40)
     assert (await rows_for(clickhouse, user))[:2] == (40, 40)
     assert second.rollup_hours_rebuilt >= 2
     for table in ("usage_user_minute", "usage_user_hour"):

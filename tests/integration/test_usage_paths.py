@@ -19,7 +19,6 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from aiokafka import AIOKafkaConsumer
 from aiokafka.partitioner import DefaultPartitioner
 
 from app.events.codec import EventCodec
@@ -28,32 +27,12 @@ from app.metering.usage import UsageProducer
 from app.settings import Settings
 from devtools.replay import replay_calls
 from devtools.trace import TraceCall
-from tests.integration.harness import running_stack
+from tests.integration.harness import raw_messages, running_stack
 
 pytestmark = pytest.mark.integration
 
 PER_PARTITION = 2  # users whose key hashes to each partition
 REPLAY_NAME = "usage-paths"
-
-
-async def raw_messages(settings: Settings, suffix: str, at_least: int) -> list[Any]:
-    """Every message of a topic from the start, undecoded (key and partition included)."""
-    consumer = AIOKafkaConsumer(
-        settings.topic(suffix),
-        bootstrap_servers=settings.kafka_bootstrap,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-    )
-    await consumer.start()
-    messages: list[Any] = []
-    try:
-        async with asyncio.timeout(60):
-            while len(messages) < at_least:
-                for batch in (await consumer.getmany(timeout_ms=200)).values():
-                    messages.extend(batch)
-    finally:
-        await consumer.stop()
-    return messages
 
 
 def users_on_every_partition(partitions: int) -> list[str]:
