@@ -140,11 +140,8 @@ def running_stack(settings: Settings, **overrides: Any) -> Iterator[Stack]:
         stack.stop()
 
 
-async def read_events(
-    settings: Settings, suffix: str, *, at_least: int, timeout_s: float = 30, settle_s: float = 1.0
-) -> list[dict[str, Any]]:
-    """Decode every event on a topic from the start: wait for ``at_least``, then ``settle_s`` more."""
-    codec = EventCodec()
+async def consumer_from_the_start(settings: Settings, suffix: str) -> AIOKafkaConsumer:
+    """A started consumer of one topic that reads it from the start and commits nothing."""
     consumer = AIOKafkaConsumer(
         settings.topic(suffix),
         bootstrap_servers=settings.kafka_bootstrap,
@@ -152,6 +149,15 @@ async def read_events(
         enable_auto_commit=False,
     )
     await consumer.start()
+    return consumer
+
+
+async def read_events(
+    settings: Settings, suffix: str, *, at_least: int, timeout_s: float = 30, settle_s: float = 1.0
+) -> list[dict[str, Any]]:
+    """Decode every event on a topic from the start: wait for ``at_least``, then ``settle_s`` more."""
+    codec = EventCodec()
+    consumer = await consumer_from_the_start(settings, suffix)
     records: list[dict[str, Any]] = []
     try:
         loop = asyncio.get_running_loop()
@@ -177,13 +183,7 @@ async def read_events(
 
 async def raw_messages(settings: Settings, suffix: str, at_least: int) -> list[Any]:
     """Every message of a topic from the start, undecoded (key and partition included)."""
-    consumer = AIOKafkaConsumer(
-        settings.topic(suffix),
-        bootstrap_servers=settings.kafka_bootstrap,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-    )
-    await consumer.start()
+    consumer = await consumer_from_the_start(settings, suffix)
     messages: list[Any] = []
     try:
         async with asyncio.timeout(60):

@@ -19,7 +19,7 @@ from app.metering.usage import event_time
 from app.settings import Settings
 from app.warehouse.clickhouse import ReconnectingClient, migrate
 from app.warehouse.rollups import fed_by
-from tests.integration.harness import free_port
+from tests.integration.harness import consumer_from_the_start, free_port
 from tests.samples import example_event
 
 pytestmark = pytest.mark.integration
@@ -149,14 +149,8 @@ async def test_exactly_once_rows_with_duplicates_garbage_and_a_sink_restart(
 
 
 async def read_events_raw(settings: Settings, suffix: str) -> list[Any]:
-    from aiokafka import AIOKafkaConsumer
-
-    consumer = AIOKafkaConsumer(
-        settings.topic(suffix),
-        bootstrap_servers=settings.kafka_bootstrap,
-        auto_offset_reset="earliest",
-    )
-    await consumer.start()
+    """Whatever a topic holds, read from the start within 5 s (an empty list for an empty topic)."""
+    consumer = await consumer_from_the_start(settings, suffix)
     try:
         batch = await consumer.getmany(timeout_ms=5000)
         return [m for messages in batch.values() for m in messages]
@@ -218,15 +212,7 @@ async def test_a_restarted_sink_drops_resent_events_to_the_millisecond(
     await task
 
     await produce(kafka_settings, records)  # a producer re-sends all of them
-    second = ClickHouseSink(kafka_settings, clickhouse, batch_size=100, batch_wait_s=0.3)
-    stop = asyncio.Event()
-    task = asyncio.create_task(second.run(stop))
-    for _ in range(200):
-        if second.duplicates_dropped + second.inserted >= 300:
-            break
-        await asyncio.sleep(0.1)
-    stop.set()
-    await task
+    second = await sink_until_seen(kafka_settings, clickhouse, 300)
     count, unique, _ = await rows_for(clickhouse, user)
     assert (count, unique) == (300, 300)
     assert (second.inserted, second.duplicates_dropped) == (0, 300)
