@@ -193,7 +193,12 @@ class ClickHouseSink:
         self.commits_lost = 0  # commits refused after this sink lost its group
         self.insert_failures = 0
         self.checked_in_clickhouse = 0  # events looked up in ClickHouse before inserting
-        self.rollup_hours_rebuilt = 0  # hours of rollups rebuilt from the raw events
+        self.rollup_hours_checked = 0  # hours whose rollups were compared with the raw events
+        self.rollup_hours_rebuilt = 0  # ... and rebuilt from them, being short
+        # Hours rebuilt since this sink's last assignment or failed insert: their rollups hold
+        # every raw row stored before the rebuild, and this sink's own inserts since then
+        # filled them, so more duplicates of those hours need no second rebuild.
+        self._rebuilt: dict[str, set[datetime]] = {}
         self.recent = RecentIds()
         self._stored_until: dict[str, datetime] = {}  # newest event time per table at start
         self._column_cache: dict[tuple[str, int], list[str]] = {}
@@ -212,6 +217,7 @@ class ClickHouseSink:
             async def on_partitions_assigned(self, assigned: Any) -> None:
                 for tp in assigned:  # another sink may have inserted its uncommitted tail
                     sink._first_offset.pop(tp, None)
+                sink._rebuilt.clear()  # ... and been cut off before its rollups
 
         consumer = clients.consumer(
             self.settings,  # topics: subscribed below, with the rebalance listener
@@ -343,6 +349,7 @@ class ClickHouseSink:
                 return True
             except Exception as exc:
                 self.insert_failures += 1
+                self._rebuilt.clear()  # the failed insert may have left rollups short
                 # Part of the batch may be in (one table of several, or a table but not
                 # its materialized views): look every event up before inserting again.
                 for by_id in pending.events.values():
@@ -403,10 +410,17 @@ class ClickHouseSink:
             new = {event_id: e for event_id, e in by_id.items() if event_id not in self.recent}
             fresh = self._not_stored(table, new)
             self.duplicates_dropped += len(by_id) - len(fresh)
-            stored_before = [e.ts for event_id, e in new.items() if event_id not in fresh]
-            if stored_before:  # an earlier insert of them may have been cut off before its
-                # rollups were filled (a sink killed mid-insert): rebuild their hours
-                self.rollup_hours_rebuilt += rollups.rebuild(self.client, table, stored_before)
+            rebuilt = self._rebuilt.setdefault(table, set())
+            stored_before = set(
+                rollups.hours_of(e.ts for event_id, e in new.items() if event_id not in fresh)
+            )
+            if stored_before - rebuilt:  # an earlier insert of them may have been cut off
+                # before its rollups were filled (a sink killed mid-insert): check their hours,
+                # rebuild those short
+                hours = sorted(stored_before - rebuilt)
+                self.rollup_hours_checked += len(hours)
+                self.rollup_hours_rebuilt += rollups.rebuild(self.client, table, hours)
+                rebuilt.update(hours)
             by_schema: dict[int, list[tuple[str, _Event]]] = {}
             for event_id, event in fresh.items():
                 by_schema.setdefault(event.schema_id, []).append((event_id, event))

@@ -272,9 +272,7 @@ def tollgate(item: Labelled, options: dict[str, object]) -> tuple[list[float], l
 # -- running ------------------------------------------------------------------------------
 
 
-def run(
-    data: Path, options: dict[str, object], windows_file: Path | None = None
-) -> dict[str, Any]:
+def run(data: Path, options: dict[str, object], windows_file: Path | None = None) -> dict[str, Any]:
     corpus = load_corpus(data, windows_file)
     if not corpus:
         raise SystemExit(f"{data}: none of the labelled files is there")

@@ -85,15 +85,72 @@ def hours_of(times: Iterable[datetime]) -> list[datetime]:
     return sorted({t.astimezone(UTC).replace(minute=0, second=0, microsecond=0) for t in times})
 
 
+def _hour_of(client: Any, table: str, raw: str) -> str:
+    """A subquery: the rows of ``table`` in the hour ``%(lo)s``..``%(hi)s`` (raw events
+    ``FINAL``, each once; a rollup as it is, its sums being what counts)."""
+    # Named as the table: a view's query may name its columns ``usage_minute.requests``.
+    if table == raw:
+        return f"(SELECT * FROM {table} FINAL WHERE ts >= %(lo)s AND ts < %(hi)s) AS {table}"
+    column = _time_column(client, table)
+    return f"(SELECT * FROM {table} WHERE {column} >= %(lo)s AND {column} < %(hi)s) AS {table}"
+
+
+def _measures(client: Any, table: str) -> tuple[bool, list[str]]:
+    """Whether ``table`` sums its rows (SummingMergeTree), and its numeric non-key columns."""
+    engine, key = client.query(
+        "SELECT engine, sorting_key FROM system.tables "
+        "WHERE database = currentDatabase() AND name = %(t)s",
+        parameters={"t": table},
+    ).result_rows[0]
+    keys = {k.strip() for k in str(key).split(",")}
+    columns = client.query(
+        "SELECT name FROM system.columns WHERE database = currentDatabase() AND table = %(t)s "
+        "AND match(type, '^(U?Int|Decimal|Float)') ORDER BY position",
+        parameters={"t": table},
+    ).result_rows
+    return "Summing" in str(engine), [c[0] for c in columns if c[0] not in keys]
+
+
+def complete(client: Any, table: str, start: datetime) -> bool:
+    """Whether every rollup ``table`` feeds holds what its query gives over the hour from
+    ``start``: the same sums (a summing rollup), or the same rows (a deduplicating one)."""
+    bounds = {"lo": start, "hi": start + HOUR}
+    for rollup in fed_by(table):
+        query = re.sub(
+            rf"\bFROM\s+{rollup.source}\b",
+            f"FROM {_hour_of(client, rollup.source, table)}",
+            rollup.query,
+        )
+        sums, columns = _measures(client, rollup.target)
+        column = _time_column(client, rollup.target)
+        where = f"WHERE {column} >= %(lo)s AND {column} < %(hi)s"
+        if sums and columns:
+            totals = ", ".join(f"sum({c})" for c in columns)
+            expected = f"SELECT {totals} FROM ({query})"
+            held = f"SELECT {totals} FROM {rollup.target} {where}"
+        else:
+            expected = f"SELECT count() FROM ({query})"
+            held = f"SELECT count() FROM {rollup.target} FINAL {where}"
+        if (
+            client.query(expected, parameters=bounds).result_rows
+            != client.query(held, parameters=bounds).result_rows
+        ):
+            return False
+    return True
+
+
 def rebuild(client: Any, table: str, hours: Iterable[datetime]) -> int:
-    """Recompute every rollup ``table`` feeds for the whole ``hours`` given; returns how
-    many hours were rebuilt."""
+    """Recompute every rollup ``table`` feeds for the whole ``hours`` given, except hours
+    whose rollups are complete already (a DELETE costs about 0.4 s a rollup at a million
+    rows); returns how many hours were rebuilt."""
     chain = fed_by(table)
     if not chain:
         return 0
     direct = [r for r in chain if r.source == table]
     done = 0
     for start in hours_of(hours):
+        if complete(client, table, start):
+            continue
         bounds = {"lo": start, "hi": start + HOUR}
         for rollup in chain:
             column = _time_column(client, rollup.target)
@@ -102,8 +159,9 @@ def rebuild(client: Any, table: str, hours: Iterable[datetime]) -> int:
                 parameters=bounds,
             )
         for rollup in direct:
-            hour_of_raw = f"(SELECT * FROM {table} FINAL WHERE ts >= %(lo)s AND ts < %(hi)s)"
-            query = re.sub(rf"\bFROM\s+{table}\b", f"FROM {hour_of_raw}", rollup.query)
+            query = re.sub(
+                rf"\bFROM\s+{table}\b", f"FROM {_hour_of(client, table, table)}", rollup.query
+            )
             client.command(f"INSERT INTO {rollup.target} {query}", parameters=bounds)
         done += 1
     if done:
