@@ -334,6 +334,9 @@ class Gateway:
         # the spend they are about, and to refuse a key that reports on someone else's.
         self._recent: OrderedDict[str, Identity] = OrderedDict()
         self._sessions: OrderedDict[str, OrderedDict[str, Identity]] = OrderedDict()
+        # The request ids of calls dispatched here: their usage events' ids derive from them,
+        # so a /v1/usage record naming one would be dropped downstream as that call's double.
+        self._dispatched: OrderedDict[str, None] = OrderedDict()
 
     RECENT_REQUESTS = 100_000
     RECENT_SESSIONS = 100_000
@@ -352,6 +355,11 @@ class Gateway:
             self._sessions[identity.session_id] = users
             if len(self._sessions) > self.RECENT_SESSIONS:
                 self._sessions.popitem(last=False)
+
+    def dispatched(self, request_id: str) -> bool:
+        """Whether this gateway dispatched a call under ``request_id`` (among its last
+        ``RECENT_REQUESTS``): that call's usage is counted under it already."""
+        return request_id in self._dispatched
 
     def attribute_outcome(
         self, outcome: dict[str, Any], may_act_for: Callable[[str], bool] | None = None
@@ -407,6 +415,10 @@ class Gateway:
     ) -> None:
         admission = call.admission if call else None
         route = call.route if call else None
+        if call is not None:
+            self._dispatched[request_id] = None
+            if len(self._dispatched) > self.RECENT_REQUESTS:
+                self._dispatched.popitem(last=False)
         deadline = (
             event_time() + timedelta(seconds=self.config.max_call_duration_s) if call else None
         )

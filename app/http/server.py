@@ -390,7 +390,8 @@ async def report_usage(request: web.Request) -> web.Response:
         body, _identity_resolver(request), window=_report_window(c), ignored=ignored
     )
     named = {i for i, report in enumerate(reports) if "event_id" in report}  # a request_id
-    c.reported.check(reports, named)  # another record under a reported id: 409, none emitted
+    # another record under a reported id, or a dispatched call's: 409, none emitted
+    c.reported.check(reports, named, c.gateway.dispatched)
     c.reported.remember(reports, named)
     accepted = []
     for report in reports:

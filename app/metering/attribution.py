@@ -134,6 +134,21 @@ def _clean(value: Any, name: str, *, scope: bool = False) -> str | None:
     return value
 
 
+def _agreed(name: str, value: Any, other: str, other_value: Any, *, field: str) -> str | None:
+    """One scope id said by two fields of a body (``user_id`` and OpenAI's ``user``;
+    ``metadata.feature`` and ``feature``): either, or both when they agree. Two that differ
+    are refused rather than one picked without a word (session 13's probe)."""
+    first = _clean(value, name, scope=True)
+    second = _clean(other_value, other, scope=True)
+    if first and second and first != second:
+        raise InvalidRequest(
+            f"'{name}' ({first!r}) and '{other}' ({second!r}) name different owners of one "
+            "call; send one of them (or the same value in both)",
+            field=field,
+        )
+    return first or second
+
+
 def bearer_token(headers: Mapping[str, str]) -> str | None:
     auth = headers.get("Authorization", "")
     if auth.lower().startswith("bearer "):
@@ -152,18 +167,20 @@ def resolve_identity(
     if metadata is not None and not isinstance(metadata, dict):
         raise InvalidRequest("'metadata' must be an object of string values", field="metadata")
     metadata = metadata or {}
-    claimed_user = (
-        _clean(headers.get("X-Tollgate-User"), "X-Tollgate-User", scope=True)
-        or _clean(body.get("user_id"), "user_id", scope=True)
-        or _clean(body.get("user"), "user", scope=True)
+    claimed_user = _clean(headers.get("X-Tollgate-User"), "X-Tollgate-User", scope=True) or (
+        _agreed("user_id", body.get("user_id"), "user", body.get("user"), field="user")
     )
     session = _clean(headers.get("X-Tollgate-Session"), "X-Tollgate-Session") or _clean(
         body.get("session_id"), "session_id"
     )
-    feature = (
-        _clean(headers.get("X-Tollgate-Feature"), "X-Tollgate-Feature", scope=True)
-        or _clean(metadata.get("feature"), "metadata.feature", scope=True)
-        or _clean(body.get("feature"), "feature", scope=True)
+    feature = _clean(headers.get("X-Tollgate-Feature"), "X-Tollgate-Feature", scope=True) or (
+        _agreed(
+            "metadata.feature",
+            metadata.get("feature"),
+            "feature",
+            body.get("feature"),
+            field="feature",
+        )
     )
     claimed_team = _clean(headers.get("X-Tollgate-Team"), "X-Tollgate-Team", scope=True) or (
         _clean(body.get("team"), "team", scope=True)

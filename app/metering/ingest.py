@@ -563,13 +563,27 @@ class ReportedRequests:
             report["status"],
         ))  # fmt: skip
 
-    def check(self, reports: list[dict[str, Any]], explicit: set[int]) -> None:
+    def check(
+        self,
+        reports: list[dict[str, Any]],
+        explicit: set[int],
+        dispatched: Callable[[str], bool] = lambda request_id: False,
+    ) -> None:
         """Raise ``Conflict`` if a report (index in ``explicit``: it named its request_id)
-        differs from an earlier one with its request id, here or earlier in the batch."""
+        differs from an earlier one with its request id, here or earlier in the batch, or
+        names a call the gateway dispatched itself (``dispatched``), whose usage it counted."""
         batch: dict[str, int] = {}
         for index in sorted(explicit):
             report = reports[index]
             request_id, what = report["request_id"], self._what(report)
+            if dispatched(request_id):
+                raise Conflict(
+                    f"records[{index}].request_id {request_id[:100]!r} is a call this gateway "
+                    "served: its usage is counted already, and a record under its id would "
+                    "not be. Report only calls made outside the gateway, each under its own "
+                    "request_id",
+                    field=f"records[{index}].request_id",
+                )
             earlier = batch.get(request_id, self._seen.get(request_id))
             if earlier is not None and earlier != what:
                 raise Conflict(

@@ -651,6 +651,38 @@ def test_another_record_under_a_reported_request_id_is_a_409_not_a_silent_drop(
     )
 
 
+def test_a_usage_record_naming_a_dispatched_calls_request_id_is_a_409(stack: Stack) -> None:
+    """Found by session 13's newcomer probe: a /v1/usage record under the X-Request-Id of a
+    call the gateway had served was answered 202 with its cost ($0.35), then dropped by every
+    consumer as a duplicate of the call's own usage (one event id): the spend vanished, and
+    could be kept out of a cap that way. The call's own usage is counted once."""
+    with httpx.Client(timeout=30) as http:
+        served = http.post(
+            f"{stack.url}/v1/chat/completions",
+            json={
+                "model": "gpt-4o-mini",
+                "messages": [{"role": "user", "content": "hi"}],
+                "user": "dispatched-1",
+            },
+        )
+        assert served.status_code == 200
+        request_id = served.headers["X-Request-Id"]
+        record = {
+            "model": "gpt-4o", "prompt_tokens": 100000, "completion_tokens": 10000,
+            "user_id": "dispatched-1", "feature": "other-call", "request_id": request_id,
+        }  # fmt: skip
+        for body in (record, [{**record, "request_id": "own-1"}, record]):
+            clash = http.post(f"{stack.url}/v1/usage", json=body)
+            assert clash.status_code == 409, clash.text
+            error = clash.json()["error"]
+            assert error["type"] == "conflict_error"
+            assert error["param"].endswith("request_id") and "gateway" in error["message"]
+        # nothing of the refused batch was taken; a record with its own id is counted
+        assert http.post(
+            f"{stack.url}/v1/usage", json={**record, "request_id": "own-1"}
+        ).status_code == 202
+
+
 def test_without_keys_a_team_is_attributed_as_the_caller_says(stack: Stack) -> None:
     """Found by a newcomer probe: `team` on a usage record was accepted and ignored (teams
     came only from API keys), so a team:tm1 cap never saw the spend. Without a keys file a

@@ -111,3 +111,27 @@ def test_a_team_is_the_callers_word_without_keys_and_the_keys_with_them(keys: Ke
     with pytest.raises(TollgateError) as refused:
         resolve_identity({**alice, "X-Tollgate-Team": "finance"}, {}, keys)
     assert http_error(refused.value).status == 403
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"user_id": "al", "user": "bob"}, "user"),
+        ({"feature": "search", "metadata": {"feature": "chat"}}, "feature"),
+    ],
+)
+def test_two_body_fields_naming_different_owners_are_refused(
+    body: dict[str, object], field: str
+) -> None:
+    """Found by session 13's probe: `{"user_id": "al", "user": "bob"}` was accepted and
+    counted under `al` without a word. Two fields of one body that disagree are a mistake
+    the caller must resolve; the same value twice is fine, and headers still win."""
+    with pytest.raises(TollgateError) as refused:
+        resolve_identity({}, body, None)
+    assert http_error(refused.value).status == 400
+    assert refused.value.field == field
+    agreeing = {"user_id": "al", "user": "al", "feature": "x", "metadata": {"feature": "x"}}
+    identity = resolve_identity({}, agreeing, None)
+    assert (identity.user_id, identity.feature) == ("al", "x")
+    headed = resolve_identity({"X-Tollgate-User": "h", "X-Tollgate-Feature": "f"}, body, None)
+    assert (headed.user_id, headed.feature) == ("h", "f")
