@@ -9,8 +9,9 @@ explains it, with the others attached.
 - **Grouping.** A firing alert joins an open incident that saw an alert within
   ``incident_window_seconds`` when its scope nests with one of the incident's narrower
   members (the same scope, or a user and a feature the user called recently); a
-  ``global`` alert joins the latest open incident. So a user's loop after a global surge,
-  or two users' loops, are separate pages.
+  ``global`` alert joins the latest open incident, and a narrower alert joins an incident
+  that is only a global alert still in its hold. So a user's loop after a global surge was
+  paged, or two users' loops, are separate pages.
 - **Holding.** A new incident holds its page for ``incident_hold_seconds`` of event
   time so the alerts of the same moment can join; then one alert pages
   (``incident_role="primary"``) and every member is published with the same
@@ -118,14 +119,17 @@ class Correlator:
                 for g in reversed(self.groups)
                 if ts - g.last_activity <= window
                 and (
-                    # The global scope belongs to any incident; a narrower alert joins only
-                    # an incident with a narrower member it nests with (two users' loops,
-                    # or a loop after a global surge, stay separate pages).
+                    # The global scope belongs to any incident; a narrower alert joins an
+                    # incident with a narrower member it nests with (two users' loops, or a
+                    # loop after a global surge was paged, stay separate pages), or one that
+                    # is only a global alert still in its hold (the same moment: a
+                    # feature's regression moves the global share 3 s before its own).
                     scope == "global"
                     or any(
                         m["scope"] != "global" and self._nests(scope, m["scope"])
                         for m in g.members.values()
                     )
+                    or (not g.paged and all(m["scope"] == "global" for m in g.members.values()))
                 )
             ),
             None,
