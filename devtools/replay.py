@@ -19,6 +19,7 @@ import contextlib
 import logging
 import sys
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -28,6 +29,7 @@ from typing import Any, Literal, NoReturn
 import click
 from aiokafka.errors import KafkaConnectionError, KafkaError
 
+from app.anomaly_config import DetectorSettings
 from app.events import clients
 from app.events.codec import EventCodec, build_codec
 from app.events.producer import send_now, usage_message
@@ -319,6 +321,49 @@ def _place(
     return placed
 
 
+def _anomaly_clock(settings: Settings) -> datetime | None:
+    """The event time the running anomaly agent's models have reached (its ``/metrics``), or
+    None when no agent answers there within a second."""
+    if not settings.anomaly_metrics_port:
+        return None
+    url = f"http://{settings.agents_metrics_host}:{settings.anomaly_metrics_port}/metrics"
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            text = response.read(1_000_000).decode("utf-8", "replace")
+    except (OSError, ValueError):
+        return None
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name == "tollgate_anomaly_watermark_timestamp_seconds":
+            try:
+                return datetime.fromtimestamp(float(value), UTC)
+            except (ValueError, OverflowError, OSError):
+                return None
+    return None
+
+
+def _warn_if_late(settings: Settings, placed: PlacedTrace) -> None:
+    """Say so when the anomaly agent has seen later traffic than most of the replay: those
+    records count everywhere but are not judged by the request-rate detectors (session
+    13's probe replayed a loop after live traffic; 3,756 of 3,767 records were late)."""
+    clock = _anomaly_clock(settings)
+    if clock is None or placed.start >= clock:
+        return
+    behind = clock - timedelta(seconds=DetectorSettings().allowed_lateness_seconds)
+    late = sum(1 for call in placed if call.ts < behind)
+    if not late:
+        return
+    click.echo(
+        f"note: the anomaly agent has seen traffic up to {clock.isoformat(timespec='seconds')};"
+        f" {late:,} of {len(placed):,} calls of this replay are older. They count for spend, "
+        "budgets, reports and the cost models, but the request-rate detectors do not judge "
+        "them (its tollgate_anomaly_late_records). To have every detector judge a trace, "
+        "replay it into an anomaly agent that has seen nothing later (a fresh stack), or "
+        "use --pace realtime, which stamps each call as it is sent.",
+        err=True,
+    )
+
+
 def _usd(nanos: int) -> str:
     return f"${nanos_to_usd(nanos):,.9f}"
 
@@ -431,6 +476,7 @@ def replay_command(
             f"{placed.end.isoformat(timespec='seconds')}, {pace} {where}",
             err=True,
         )
+    _warn_if_late(settings, placed)
     try:
         prices = PriceCatalog(settings.baseline_model, settings.price_overrides_file)
     except ValueError as exc:
