@@ -105,7 +105,11 @@ def budget_refusal(refusal: BudgetRefused) -> ApiError:
     return ApiError(
         402,
         "budget_exceeded",
-        f"Budget for {status.scope} is exhausted ({refusal.reason}): "
+        # "exhausted" only when it is: a prompt too big for the room left, or calls in
+        # flight, refuse a call under a cap that is not spent
+        f"Budget for {status.scope} "
+        f"{'is exhausted' if status.state == 'blocked' else 'cannot take this request'} "
+        f"({refusal.reason}): "
         f"${nanos_to_usd(status.spent_nanos):.6f} of ${policy.limit_usd} this {policy.period} "
         f"({counted}); resets at {status.resets_at.isoformat()}. {prompt}",
         code="budget_exceeded",

@@ -20,7 +20,7 @@ from typing import Any
 import aiohttp
 import orjson
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
 from app.budgets.admin import deletion_record, load_budgets_file, policy_record
@@ -925,6 +925,30 @@ def create_app(settings: Settings) -> web.Application:
     return app
 
 
+MAX_LINE_BYTES = 65_536
+
+
+class _UnparsableAsWarning(logging.Filter):
+    """aiohttp logs a request it cannot parse (a line or header past the limit, broken
+    framing) at ERROR with a traceback, then answers 400: the client's error, so a WARNING
+    line (session 13's probe found the traceback)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, BadHttpMessage):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg = "request could not be parsed, answered %s: %s (%s)"
+            record.args = (exc.code, type(exc).__name__, str(exc.message)[:200])
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def quiet_unparsable_requests() -> None:
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, _UnparsableAsWarning) for f in server_log.filters):
+        server_log.addFilter(_UnparsableAsWarning())
+
+
 async def serve(
     settings: Settings, ready: asyncio.Event | None = None, handle_signals: bool = False
 ) -> None:
@@ -933,8 +957,16 @@ async def serve(
     way out."""
     check_exposure(settings)  # no open admin routes beyond loopback unless asked for
     app = create_app(settings)
+    quiet_unparsable_requests()
     runner = web.AppRunner(
-        app, access_log=None, handle_signals=False, shutdown_timeout=settings.max_call_duration_s
+        app,
+        access_log=None,
+        handle_signals=False,
+        shutdown_timeout=settings.max_call_duration_s,
+        # aiohttp's parser answers a longer line or header itself, in plain text (no
+        # error.type): up to 64 KiB they reach the routes, which answer in JSON.
+        max_line_size=MAX_LINE_BYTES,
+        max_field_size=MAX_LINE_BYTES,
     )
     await runner.setup()
     site = web.TCPSite(

@@ -459,4 +459,7 @@ def test_a_prompt_is_refused_on_its_own_cost_only_when_it_surely_overshoots(
         )
     assert answer.status_code == (200 if served else 402), answer.text
     if not served:
-        assert "prompt alone" in answer.json()["error"]["message"]
+        message = answer.json()["error"]["message"]
+        assert "prompt alone" in message
+        # the cap is not spent (session 13's probe read "exhausted ... $0.000000 of $0.01")
+        assert "exhausted" not in message and "cannot take this request" in message
