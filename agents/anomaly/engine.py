@@ -80,6 +80,7 @@ class ScopeState:
     cost: CostDetector | None = None
     mix: TierMixDetector | None = None
     last_active: float = 0.0
+    first_seen: float | None = None  # event time of its first call (None: from an older checkpoint)
     features: dict[str, float] = field(default_factory=dict)  # a user's features, last seen
     prior: PeerPrior | None = None  # a feature's, for its users
     # economy, other: mean log(1 + cost in nano-dollars), i.e. the typical (geometric) cost
@@ -262,6 +263,8 @@ class AnomalyEngine:
         for state in (user, feature, glob):
             if state is not None:
                 state.last_active = max(state.last_active, t)
+                if state.first_seen is None or t < state.first_seen:
+                    state.first_seen = t
         cost_nanos = float(record.get("cost_usd_nanos") or 0)
         priced = not (record.get("price_unknown") or record.get("cache_hit"))
         verdicts: list[Verdict | None] = []
@@ -434,8 +437,22 @@ class AnomalyEngine:
         return 0.0
 
     def _rph(self, state: ScopeState, t: float) -> float:
-        """Expected requests per hour of this scope."""
-        return state.rate.expected_first() * 3600.0 / state.rate.windows[0]
+        """Expected requests per hour of this scope: the rate detector's expectation, or,
+        when it has none because every call of the scope came late (history replayed into
+        an agent that has seen later traffic: rates do not judge it), the calls per hour
+        its tier costs remember (session 13's probe: "$0.0000/hour" on such a regression)."""
+        expected = state.rate.expected_first() * 3600.0 / state.rate.windows[0]
+        if expected > 0 or state.tier_log_costs is None:
+            return expected
+        tau = _TIER_COST_MEMORY_S
+        remembered = sum(
+            mean.weight * math.exp(-max(0.0, t - mean.at) / tau)
+            for mean in state.tier_log_costs
+            if mean.at is not None
+        )
+        # A fading count holds rate * tau * (1 - exp(-age / tau)) calls after ``age`` seconds
+        age = max(t - state.first_seen, 60.0) if state.first_seen is not None else 10 * tau
+        return remembered * 3600.0 / (tau * -math.expm1(-age / tau))
 
     # -- minutes --------------------------------------------------------------------------
     def _close_until(self, now: datetime) -> list[dict[str, Any]]:

@@ -199,3 +199,32 @@ def test_messages_speak_of_one_metric_resolve_promptly_and_state_the_money() -> 
     for alert in firing(alerts):
         assert alert["impact_usd_per_hour"] is not None and alert["impact_usd_per_hour"] > 0
         assert "/hour" in alert["message"]
+
+
+def test_a_regression_in_history_replayed_after_live_traffic_states_its_money() -> None:
+    """Session 13's probe: history replayed into an agent that had seen later traffic is
+    late for the rate detectors, which then expect no calls of its scopes; a routing
+    regression in it was paged as "about $0.0000/hour above expected". The calls per hour
+    behind the money now fall back to the calls the scope's tier costs remember."""
+    live = zipf_callers([CHAT], users=20, total_per_minute=20)
+    routed = Feature("assist", economy_share=0.85, sigma=0.6)
+    history = zipf_callers([routed], users=20, total_per_minute=30, prefix="hist")
+    now = T0 + timedelta(hours=6)
+    engine = AnomalyEngine()
+    run(engine, World(seed=8, callers=live).traffic(T0, now))  # the live traffic first
+    world = World(seed=9, callers=history)
+    start = now - timedelta(hours=1)
+    rng = random.Random(99)
+    by_user = {c.user: c for c in history}
+    replayed = []
+    for r in world.traffic(now - timedelta(hours=3), now):
+        if r["ts"] >= start:
+            r = world.call(rng, r["ts"], by_user[r["user_id"]], economy_share=0.1)
+        replayed.append(r)
+    alerts = run(engine, replayed)
+    assert engine.stats.late_records >= len(replayed) - 100
+    hit = first(alerts, "tier_mix", "feature:assist")
+    assert hit is not None
+    # 30 calls a minute, 0.75 of them moved to gpt-4o: well over a dollar an hour
+    assert hit["impact_usd_per_hour"] > 0.5, hit["message"]
+    assert "$0.0000/hour" not in hit["message"]
