@@ -342,25 +342,24 @@ def _anomaly_clock(settings: Settings) -> datetime | None:
     return None
 
 
-def _warn_if_late(settings: Settings, placed: PlacedTrace) -> None:
-    """Say so when the anomaly agent has seen later traffic than most of the replay: those
+def _late_note(settings: Settings, placed: PlacedTrace) -> str | None:
+    """What to say when the anomaly agent has seen later traffic than the replay: those
     records count everywhere but are not judged by the request-rate detectors (session
     13's probe replayed a loop after live traffic; 3,756 of 3,767 records were late)."""
     clock = _anomaly_clock(settings)
     if clock is None or placed.start >= clock:
-        return
+        return None
     behind = clock - timedelta(seconds=DetectorSettings().allowed_lateness_seconds)
     late = sum(1 for call in placed if call.ts < behind)
     if not late:
-        return
-    click.echo(
+        return None
+    return (
         f"note: the anomaly agent has seen traffic up to {clock.isoformat(timespec='seconds')};"
         f" {late:,} of {len(placed):,} calls of this replay are older. They count for spend, "
         "budgets, reports and the cost models, but the request-rate detectors do not judge "
         "them (its tollgate_anomaly_late_records). To have every detector judge a trace, "
         "replay it into an anomaly agent that has seen nothing later (a fresh stack), or "
-        "use --pace realtime, which stamps each call as it is sent.",
-        err=True,
+        "use --pace realtime, which stamps each call as it is sent."
     )
 
 
@@ -476,7 +475,8 @@ def replay_command(
             f"{placed.end.isoformat(timespec='seconds')}, {pace} {where}",
             err=True,
         )
-    _warn_if_late(settings, placed)
+    # Asked before the replay moves it: the agent's clock says what of the trace is history.
+    late_note = _late_note(settings, placed)
     try:
         prices = PriceCatalog(settings.baseline_model, settings.price_overrides_file)
     except ValueError as exc:
@@ -505,3 +505,5 @@ def replay_command(
             bar.close()
             _fail("interrupted; the events acknowledged so far stay in Kafka", code=130)
     _print_totals(stats, placed, trace_file.name, topic, dry_run)
+    if late_note:
+        click.echo(late_note, err=True)

@@ -678,9 +678,10 @@ def test_a_usage_record_naming_a_dispatched_calls_request_id_is_a_409(stack: Sta
             assert error["type"] == "conflict_error"
             assert error["param"].endswith("request_id") and "gateway" in error["message"]
         # nothing of the refused batch was taken; a record with its own id is counted
-        assert http.post(
-            f"{stack.url}/v1/usage", json={**record, "request_id": "own-1"}
-        ).status_code == 202
+        assert (
+            http.post(f"{stack.url}/v1/usage", json={**record, "request_id": "own-1"}).status_code
+            == 202
+        )
 
 
 def test_without_keys_a_team_is_attributed_as_the_caller_says(stack: Stack) -> None:

@@ -44,6 +44,7 @@ def cli_env(settings: Settings) -> dict[str, str]:
         "TOLLGATE_TOPIC_PARTITIONS": str(settings.topic_partitions),
         "TOLLGATE_STATE_DIR": str(settings.state_dir),
         "TOLLGATE_LOG_FORMAT": "text",
+        "TOLLGATE_ANOMALY_METRICS_PORT": "0",  # not a `make up` running on this machine
     }
 
 
@@ -257,6 +258,7 @@ def offline_env(tmp_path: Path) -> dict[str, str]:
         "TOLLGATE_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}",  # nothing listens there
         "TOLLGATE_STATE_DIR": str(tmp_path / "state"),
         "TOLLGATE_LOG_FORMAT": "text",
+        "TOLLGATE_ANOMALY_METRICS_PORT": "0",  # not a `make up` running on this machine
     }
 
 
