@@ -153,9 +153,14 @@ class ChatAttempts:
             await self.levers.load_model()  # the first scored request: numpy, River (a thread)
         chat, route = self.route(body, chat)
         cache_control = self.client_headers.get("Cache-Control")
-        plan = self.levers.cache_plan(body, self.identity, cache_control)
         attempt, escalated_from = 1, None
         while True:
+            # Keyed by the body as this attempt sends it, with the model routing chose: a
+            # feature pinned to premium is not answered from an economy answer to the same
+            # prompt, nor a named model from another's (session 13's probe).
+            plan = self.levers.cache_plan(
+                {**body, "model": chat.model}, self.identity, cache_control
+            )
             outcome = await self._attempt(plan, chat, route, attempt, escalated_from, client)
             if isinstance(outcome, Answer):
                 return outcome
@@ -212,7 +217,7 @@ class ChatAttempts:
             self.client_request_id, route=route, attempt=attempt,
         ) as call:  # fmt: skip
             self.admitted = True
-            if attempt == 1 and plan.status == "lookup":
+            if plan.status == "lookup":  # an escalation too: the next tier may have answered
                 cached = await levers.lookup(plan)
                 if cached is not None:
                     call.serve_cached(cached.model, cached.prompt_tokens, cached.completion_tokens)

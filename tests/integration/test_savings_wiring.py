@@ -21,7 +21,7 @@ import pytest
 
 from app.cache.config import CacheSettings
 from app.events.topics import ensure_topics
-from app.routing.config import ProviderTiers, RoutingSettings
+from app.routing.config import FeatureRule, ProviderTiers, RoutingSettings, Tier
 from app.settings import Settings
 from tests.integration.harness import Stack, read_events, running_stack
 
@@ -165,6 +165,48 @@ def test_cache_miss_hit_bypass_and_streamed_replay(stack: Stack) -> None:
         assert event["prompt_tokens"] == miss["prompt_tokens"]
     assert replay["stream"]
     assert not bypass["cache_hit"] and bypass["cost_usd_nanos"] > 0
+
+
+def test_a_cached_answer_is_only_reused_for_the_model_the_request_is_routed_to(
+    kafka_settings: Settings,
+) -> None:
+    """Session 13's probe: the cache key was the tenant and the client's body, not the model
+    routing chose. A feature pinned to premium, or one never below standard, was answered
+    from the economy answer another feature's identical `auto` call had stored; a call
+    naming gpt-4o got the gpt-4o-mini answer of the same body under a route_all feature."""
+    routing = ROUTING.model_copy(
+        update={
+            "features": {
+                "econ": FeatureRule(max_tier=Tier.ECONOMY),
+                "pinp": FeatureRule(pin=Tier.PREMIUM),
+                "minstd": FeatureRule(min_tier=Tier.STANDARD),
+                "allauto": FeatureRule(route_all=True, max_tier=Tier.ECONOMY),
+            }
+        }
+    )
+    asyncio.run(ensure_topics(kafka_settings))
+    with running_stack(kafka_settings, routing=routing, cache=CACHE) as stack:
+        sdk = client(stack)
+
+        def ask(model: str, feature: str | None) -> tuple[str, str]:
+            answer = sdk.chat.completions.with_raw_response.create(
+                model=model, messages=SHORT, temperature=0, user="cache-route",
+                extra_headers={"X-Tollgate-Feature": feature} if feature else {},
+            )  # fmt: skip
+            return answer.headers["X-Tollgate-Cache"], answer.parse().model
+
+        assert ask("auto", "econ") == ("miss", "gpt-4o-mini")
+        assert ask("auto", "pinp") == ("miss", "gpt-4")
+        assert ask("auto", "minstd") == ("miss", "gpt-4o")
+        assert ask("auto", "econ") == ("hit", "gpt-4o-mini")  # the same route: reused
+        assert ask("auto", "pinp") == ("hit", "gpt-4")
+        # the same body sent to the same model is the same answer, whoever routed it there
+        assert ask("gpt-4o", "allauto") == ("hit", "gpt-4o-mini")
+        assert ask("gpt-4o", None) == ("hit", "gpt-4o")  # named, not routed: its own model's
+        assert ask("gpt-4", None) == ("hit", "gpt-4")  # what the pinned feature's call stored
+        assert ask("gpt-4", "allauto") == ("hit", "gpt-4o-mini")
+        stored = httpx.get(f"{stack.url}/metrics").text
+        assert 'tollgate_cache_results_total{result="miss"} 3.0' in stored
 
 
 def test_streamed_miss_is_stored_and_replayed(stack: Stack) -> None:
