@@ -259,7 +259,7 @@ class ChatAttempts:
                 status == 200
                 and call.completion is not None
                 and call.prompt_tokens is not None
-                and call.max_tokens_cap is None  # an answer cut by the budget is no answer to keep
+                and not cut_by_budget(call, call.completion)  # a cut answer is none to keep
             ):
                 await levers.store(
                     plan, payload, chat.model, call.prompt_tokens, call.completion_tokens or 0
@@ -334,14 +334,9 @@ class ChatAttempts:
                 call, upstream, client.write, error_event=client.error_event, relay=relay
             )
         await client.close()
-        if (
-            assembler is not None
-            and call.status == "ok"
-            and call.prompt_tokens is not None
-            and call.max_tokens_cap is None  # an answer cut by the budget is no answer to keep
-        ):
+        if assembler is not None and call.status == "ok" and call.prompt_tokens is not None:
             completion = assembler.completion()
-            if completion is not None:
+            if completion is not None and not cut_by_budget(call, completion):
                 await self.levers.store(
                     plan, orjson.dumps(completion), call.chat.model, call.prompt_tokens,
                     call.completion_tokens or 0,
@@ -357,6 +352,20 @@ class Held:
     failure: Failure | None = None  # the stream failed before any content
     ended: bool = False  # the upstream stream is over (its tail is in ``data``)
     error: TollgateError | None = None  # it was cut by a timeout: the client's SSE error event
+
+
+def cut_by_budget(call: Call, completion: Any) -> bool:
+    """Whether an answer may have been cut by the budget gate's cap on its output: an answer
+    under a cap is the one asked for only if every choice ended on its own (``stop``,
+    ``tool_calls``...), not at the cap (``length``) or unsaid (session 13's probe: a capped
+    user paid for every identical repeat of answers that had ended well under the cap)."""
+    if call.max_tokens_cap is None:
+        return False
+    choices = completion.get("choices") if isinstance(completion, dict) else None
+    return not choices or any(
+        not isinstance(choice, dict) or choice.get("finish_reason") in (None, "length")
+        for choice in choices
+    )
 
 
 async def hold_until_content(

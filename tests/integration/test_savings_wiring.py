@@ -262,6 +262,26 @@ def test_an_answer_cut_by_the_budget_is_not_cached(stack: Stack) -> None:
 
 
 @pytest.mark.parametrize("stream", [False, True])
+def test_an_answer_under_a_budget_cap_that_ended_on_its_own_is_cached(
+    stack: Stack, stream: bool
+) -> None:
+    """Session 13's probe: a capped user (room below the worst case, so the gate lowers
+    max_tokens) paid for every identical temperature-0 repeat: an answer was never stored
+    when a cap was set, though it ended with finish_reason "stop", well under the cap."""
+    user = f"capped-{stream}"
+    headers = {"X-Tollgate-User": user, "X-Sim-Completion-Tokens": "40"}
+    body = {"model": "gpt-4o", "messages": SHORT, "temperature": 0, "stream": stream}
+    with httpx.Client(timeout=30) as http:
+        assert http.put(f"{stack.url}/v1/budgets/user:{user}", json={"limit_usd": 0.05})
+        first = http.post(f"{stack.url}/v1/chat/completions", json=body, headers=headers)
+        assert first.status_code == 200, first.text
+        assert "X-Tollgate-Max-Tokens-Capped" in first.headers  # 16,384 tokens do not fit
+        assert first.headers["X-Tollgate-Cache"] == "miss"
+        again = http.post(f"{stack.url}/v1/chat/completions", json=body, headers=headers)
+    assert again.headers["X-Tollgate-Cache"] == "hit"
+
+
+@pytest.mark.parametrize("stream", [False, True])
 def test_an_answer_cut_at_the_clients_own_max_tokens_is_not_escalated(
     stack: Stack, stream: bool
 ) -> None:
