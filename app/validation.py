@@ -64,13 +64,26 @@ NonEmptyId = Annotated[
 """An identifier that must be given (a model a call names): ``Id``, and not empty."""
 
 
+def _integer(value: Any, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise custom_error(f"must be an integer from {low} to {high}, got {_shown(value)}")
+    return value
+
+
 def int_between(low: int, high: int) -> PlainValidator:
     """A validator of integers from ``low`` to ``high`` (never a bool, float or numeric string)."""
+    return PlainValidator(lambda value: _integer(value, low, high))
+
+
+def count_between(low: int, high: int) -> PlainValidator:
+    """As :func:`int_between`, but a number with no fraction (``20920.0``) is that integer:
+    JSON has one number type, and JSON Schema's ``integer`` admits it (session 13's fuzzing).
+    For counts a caller reports, not fields forwarded to a provider as they were sent."""
 
     def check(value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise custom_error(f"must be an integer from {low} to {high}, got {_shown(value)}")
-        return value
+        if isinstance(value, float) and value.is_integer() and low <= value <= high:
+            return int(value)
+        return _integer(value, low, high)
 
     return PlainValidator(check)
 
@@ -105,7 +118,7 @@ def int_schema(low: int, high: int, description: str | None = None) -> WithJsonS
 
 
 TokenCount = Annotated[
-    int, int_between(0, MAX_TOKEN_COUNT), int_schema(0, MAX_TOKEN_COUNT, "A token count")
+    int, count_between(0, MAX_TOKEN_COUNT), int_schema(0, MAX_TOKEN_COUNT, "A token count")
 ]
 
 

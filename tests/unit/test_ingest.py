@@ -108,3 +108,21 @@ def test_null_optional_fields_count_as_absent() -> None:
     [report] = parse_usage_reports(record, resolve)
     assert (report["cached_tokens"], report["latency_ms"], report["metadata"]) == (0, 0, {})
     assert report["provider"] is None and report["request_id"].startswith("rep_")
+
+
+def test_a_token_count_written_as_an_integral_number_is_that_integer() -> None:
+    """Session 13's fuzzing: `completion_tokens: 20920.0` was refused, though JSON has one
+    number type and the OpenAPI document's `integer` admits it. A count with a fraction,
+    a string or a bool is still refused."""
+    [report] = parse_usage_reports(
+        {"model": "m", "prompt_tokens": 12.0, "completion_tokens": 20920.0, "cached_tokens": 2.0},
+        resolve,
+    )
+    assert (report["prompt_tokens"], report["completion_tokens"]) == (12, 20920)
+    assert report["cached_tokens"] == 2 and type(report["prompt_tokens"]) is int
+    for bad in (1.5, "12", True, float("nan"), 1e300):
+        with pytest.raises(TollgateError) as info:
+            parse_usage_reports(
+                {"model": "m", "prompt_tokens": bad, "completion_tokens": 1}, resolve
+            )
+        assert http_error(info.value).status == 400
