@@ -35,7 +35,7 @@ from app.budgets.policy import (
 )
 from app.budgets.spend import event_cost
 from app.clock import Clock
-from app.errors import ModelNotServed, TollgateError
+from app.errors import InvalidRequest, ModelNotServed, TollgateError
 from app.events.codec import EventDecodeError, build_codec
 from app.events.compacted import CompactedView
 from app.events.producer import EventEmitter
@@ -389,6 +389,14 @@ async def report_usage(request: web.Request) -> web.Response:
     reports = parse_usage_reports(  # validates all first
         body, _identity_resolver(request), window=_report_window(c), ignored=ignored
     )
+    auto = c.levers.routing.auto_model
+    for index, report in enumerate(reports):
+        if report["model"] == auto:  # would be priced as an unknown model, at cost 0
+            raise InvalidRequest(
+                f"records[{index}].model {auto!r} is the router's name for 'pick a tier', "
+                "not a model: report the model that served the call (the response's `model`)",
+                field=f"records[{index}].model",
+            )
     named = {i for i, report in enumerate(reports) if "event_id" in report}  # a request_id
     # another record under a reported id, or a dispatched call's: 409, none emitted
     c.reported.check(reports, named, c.gateway.dispatched)

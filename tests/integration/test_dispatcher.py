@@ -682,6 +682,13 @@ def test_a_usage_record_naming_a_dispatched_calls_request_id_is_a_409(stack: Sta
             http.post(f"{stack.url}/v1/usage", json={**record, "request_id": "own-1"}).status_code
             == 202
         )
+        # the router's pseudo-model is no model: it would be stored unpriced, at cost 0
+        batch = [
+            {**record, "request_id": "own-2"},
+            {**record, "model": "auto", "request_id": "own-3"},
+        ]
+        auto = http.post(f"{stack.url}/v1/usage", json=batch)
+        assert auto.status_code == 400 and auto.json()["error"]["param"] == "records[1].model"
 
 
 def test_without_keys_a_team_is_attributed_as_the_caller_says(stack: Stack) -> None:
