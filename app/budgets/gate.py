@@ -400,6 +400,15 @@ class BudgetGate:
             self._notify()
         return len(stale)
 
+    def uncounted_age_s(self) -> float | None:
+        """How long the oldest spend this dispatcher delivered has waited for the spend
+        worker's count (None: nothing waits). Grows while the worker is down."""
+        with self._lock:
+            oldest = self.pending.oldest_uncounted_ms()
+        if oldest is None:
+            return None
+        return max(0.0, self.clock.now().timestamp() - oldest / 1000)
+
     def near_limit(self, scopes: list[str], min_room: float) -> bool:
         """Whether any capped scope has less than ``min_room`` (a share of its limit) left,
         counting the worst cases of calls in flight; blocked scopes are near, uncapped ones not."""

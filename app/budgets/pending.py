@@ -103,6 +103,17 @@ class PendingSpend:
                 self._drop(scope, entry)
         return self._sums.get(scope, 0)
 
+    def oldest_uncounted_ms(self) -> int | None:
+        """The event time of the oldest spend Kafka acknowledged that no decision has counted
+        yet: while the spend worker counts, seconds old; when it is down, ever older."""
+        oldest: int | None = None
+        for held in self._held.values():
+            for entry in held.values():  # in the order held: the first delivered is the oldest
+                if not entry.waiting and entry.offsets:
+                    oldest = entry.ts_ms if oldest is None else min(oldest, entry.ts_ms)
+                    break
+        return oldest
+
     def entries(self, scope: str) -> int:
         return len(self._held.get(scope, {}))
 

@@ -686,7 +686,7 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     c = request.app[COMPONENTS]
     spool_room = c.emitter.spool.size_bytes < c.settings.spool_max_bytes
-    checks = {
+    checks: dict[str, Any] = {
         "prices_loaded": c.prices.rate(c.prices.baseline_model) is not None,
         "kafka_connected": c.emitter.kafka_connected,
         "spool_active": spool_room,
@@ -696,11 +696,16 @@ async def readyz(request: web.Request) -> web.Response:
         "budget_policies_synced": c.policy_view.synced.is_set(),
         "router_model_loaded": c.levers.model_loaded,
     }
+    # Spend of capped scopes waiting for the spend worker's count: when the worker is down
+    # (a crash loop `make up` gave up on), decisions go stale while the rest looks ready.
+    waited = c.gate.uncounted_age_s()
+    checks["spend_uncounted_oldest_s"] = None if waited is None else round(waited, 1)
+    checks["spend_worker_counting"] = waited is None or waited <= c.settings.budget_max_staleness_s
     ready = checks["prices_loaded"] and (checks["kafka_connected"] or spool_room)
     if c.settings.routing.preload_model:
         ready = ready and checks["router_model_loaded"]
     if c.settings.budget_fail_closed:
-        ready = ready and checks["budget_decisions_synced"]
+        ready = ready and checks["budget_decisions_synced"] and checks["spend_worker_counting"]
     return json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
 
 

@@ -463,3 +463,55 @@ def test_a_prompt_is_refused_on_its_own_cost_only_when_it_surely_overshoots(
         assert "prompt alone" in message
         # the cap is not spent (session 13's probe read "exhausted ... $0.000000 of $0.01")
         assert "exhausted" not in message and "cannot take this request" in message
+
+
+def test_readyz_says_when_the_spend_worker_stops_counting(
+    kafka_settings: Settings, worker: WorkerProcess
+) -> None:
+    """Session 13's probe: a spend worker `make up` had left down after a crash loop was
+    invisible: /readyz stayed ready with budget decisions "synced" while they went stale.
+    It now says how long the oldest delivered spend of a capped scope has waited for the
+    worker's count, and whether that is within TOLLGATE_BUDGET_MAX_STALENESS_S."""
+    settings = Settings(**kafka_settings.model_dump() | {"budget_max_staleness_s": 2.0})
+    stack = Stack(settings)
+    stack.start()
+    try:
+        user = "ready-worker"
+        assert httpx.put(f"{stack.url}/v1/budgets/user:{user}", json={"limit_usd": 10}).is_success
+
+        def call() -> int:
+            response = httpx.post(
+                f"{stack.url}/v1/chat/completions",
+                json={"model": "gpt-4o-mini", "messages": PROMPT},
+                headers={"X-Tollgate-User": user},
+                timeout=30,
+            )
+            assert response.status_code == 200, response.text
+            return real_cost("gpt-4o-mini", response.json())
+
+        def checks_until(wanted: bool, timeout_s: float) -> dict[str, Any]:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                checks = httpx.get(f"{stack.url}/readyz").json()["checks"]
+                if checks["spend_worker_counting"] is wanted or time.monotonic() > deadline:
+                    return checks  # type: ignore[no-any-return]
+                time.sleep(0.5)
+
+        spent = call()
+        wait_for_decision(settings, f"user:{user}", lambda d: d["spent_usd_nanos"] >= spent)
+        counted = checks_until(True, 30)
+        assert counted["spend_worker_counting"] is True
+        assert counted["spend_uncounted_oldest_s"] is None  # the worker's decision covers it
+
+        worker.kill()
+        call()
+        stalled = checks_until(False, 30)
+        assert stalled["spend_worker_counting"] is False
+        assert stalled["spend_uncounted_oldest_s"] > 2.0
+        response = httpx.get(f"{stack.url}/readyz")
+        assert response.status_code == 200  # fail-open (the default): still serving
+
+        worker.start()
+        assert checks_until(True, 120)["spend_worker_counting"] is True
+    finally:
+        stack.stop()

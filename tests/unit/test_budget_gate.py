@@ -522,6 +522,25 @@ def test_held_spend_of_an_earlier_period_is_dropped_when_a_new_period_starts() -
     assert pending.total("user:a", 2_000) == 7
 
 
+def test_the_oldest_uncounted_spend_is_the_oldest_delivered_and_goes_once_counted() -> None:
+    """What /readyz reads to say the spend worker is not counting: only spend Kafka took
+    (not spend still in the spool), the oldest first, gone once a decision counts it."""
+    pending = PendingSpend()
+    assert pending.oldest_uncounted_ms() is None
+    pending.hold(["user:a"], 5, 1_000, 1)
+    pending.hold(["user:b", "global"], 7, 2_000, 2)
+    assert pending.oldest_uncounted_ms() is None  # nothing acknowledged by Kafka yet
+    pending.delivered(2, 0, 11, lambda scope: {})
+    assert pending.oldest_uncounted_ms() == 2_000
+    pending.delivered(1, 0, 10, lambda scope: {})
+    assert pending.oldest_uncounted_ms() == 1_000
+    pending.counted("user:a", {0: 11})
+    assert pending.oldest_uncounted_ms() == 2_000
+    pending.counted("user:b", {0: 12})
+    pending.counted("global", {0: 12})
+    assert pending.oldest_uncounted_ms() is None
+
+
 # -- reservation numbers -----------------------------------------------------------------
 def test_fit_output_tokens_is_the_largest_cap_within_the_budget() -> None:
     cost = CallCost(lambda t: 100 + 7 * t, 1000, 50, False)
