@@ -195,9 +195,9 @@ class ClickHouseSink:
         self.checked_in_clickhouse = 0  # events looked up in ClickHouse before inserting
         self.rollup_hours_checked = 0  # hours whose rollups were compared with the raw events
         self.rollup_hours_rebuilt = 0  # ... and rebuilt from them, being short
-        # Hours rebuilt since this sink's last assignment or failed insert: their rollups hold
-        # every raw row stored before the rebuild, and this sink's own inserts since then
-        # filled them, so more duplicates of those hours need no second rebuild.
+        # Hours checked (and rebuilt when short) since this sink's last assignment or failed
+        # insert: their rollups hold every raw row stored before, and this sink's own inserts
+        # since then filled them, so more duplicates of those hours need no second look.
         self._rebuilt: dict[str, set[datetime]] = {}
         self.recent = RecentIds()
         self._stored_until: dict[str, datetime] = {}  # newest event time per table at start
