@@ -115,17 +115,18 @@ MEASURES = (
     "prompt_cache_saved_usd",
 )  # fmt: skip
 # The same measures over raw rows; must match the materialized views (a test compares them).
-_RAW_MEASURES = """count() AS requests,
-    countIf(status != 'ok') AS errors,
-    countIf(price_unknown) AS unpriced,
-    countIf(NOT price_unknown AND in_requested > in_cost + in_cache_saved + in_prompt_cache_saved)
-        AS downtiered,
+# An escalated-away attempt (``superseded``) is paid but is not a request (migration 011).
+_RAW_MEASURES = """countIf(NOT superseded) AS requests,
+    countIf(status != 'ok' AND NOT superseded) AS errors,
+    countIf(price_unknown AND NOT superseded) AS unpriced,
+    countIf(NOT superseded AND NOT price_unknown
+        AND in_requested > in_cost + in_cache_saved + in_prompt_cache_saved) AS downtiered,
     sum(in_prompt) AS prompt_tokens,
     sum(in_completion) AS completion_tokens,
     sum(in_cached) AS cached_tokens,
     sum(in_cost) AS cost_usd,
-    sumIf(in_baseline, NOT price_unknown) AS baseline_cost_usd,
-    sumIf(in_requested, NOT price_unknown) AS requested_cost_usd,
+    sumIf(in_baseline, NOT price_unknown AND NOT superseded) AS baseline_cost_usd,
+    sumIf(in_requested, NOT price_unknown AND NOT superseded) AS requested_cost_usd,
     sum(in_cache_saved) AS cache_saved_usd,
     sum(in_prompt_cache_saved) AS prompt_cache_saved_usd"""
 _RAW_ROWS = """SELECT ts, user_id, feature, tier, provider, model_served, cache_hit, status,
@@ -133,7 +134,8 @@ _RAW_ROWS = """SELECT ts, user_id, feature, tier, provider, model_served, cache_
         cached_tokens AS in_cached, cost_usd AS in_cost, baseline_cost_usd AS in_baseline,
         cache_saved_usd AS in_cache_saved, prompt_cache_saved_usd AS in_prompt_cache_saved,
         ifNull(requested_cost_usd, cost_usd + cache_saved_usd + prompt_cache_saved_usd)
-            AS in_requested
+            AS in_requested,
+        startsWith(ifNull(error_type, ''), 'escalated_') AS superseded
     FROM usage_events FINAL WHERE {edges}"""
 
 

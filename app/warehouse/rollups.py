@@ -35,6 +35,15 @@ HOUR = timedelta(hours=1)
 _VIEW = re.compile(
     r"CREATE MATERIALIZED VIEW IF NOT EXISTS (\w+) TO (\w+) AS\s+(.*)", re.DOTALL | re.IGNORECASE
 )
+_NEW_QUERY = re.compile(r"ALTER TABLE (\w+) MODIFY QUERY\s+(.*)", re.DOTALL | re.IGNORECASE)
+# Migrations that change a view's query, and which hours of its raw table stored before then
+# the new query counts differently: they are rebuilt once that migration is applied.
+REBUILD_AFTER = {
+    "011_client_requests": (
+        "usage_events",
+        "startsWith(ifNull(error_type, ''), 'escalated_')",
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -47,17 +56,33 @@ class Rollup:
 
 @cache
 def rollups(directory: Path = MIGRATIONS_DIR) -> tuple[Rollup, ...]:
-    """Every materialized view of the migrations, in the order they are created."""
-    found = []
+    """Every materialized view of the migrations, in the order they are created, each with
+    its latest query (a later ``ALTER TABLE view MODIFY QUERY`` replaces it)."""
+    found: dict[str, Rollup] = {}
     for path in sorted(directory.glob("[0-9][0-9][0-9]_*.sql")):
         for statement in _statements(path.read_text()):
-            match = _VIEW.match(statement.rstrip(";"))
-            if match is None:
+            if match := _VIEW.match(statement.rstrip(";")):
+                view, target, query = match.groups()
+            elif (match := _NEW_QUERY.match(statement.rstrip(";"))) and match[1] in found:
+                view, query = match.groups()
+                target = found[view].target
+            else:
                 continue
-            view, target, query = match.groups()
             sources = re.findall(r"\bFROM\s+(\w+)", query)
-            found.append(Rollup(view, target, query, sources[-1]))
-    return tuple(found)
+            found[view] = Rollup(view, target, query, sources[-1])
+    return tuple(found.values())
+
+
+def after_migration(client: Any, version: str) -> int:
+    """Rebuild the hours a migration's new view queries count differently (``REBUILD_AFTER``);
+    returns how many hours were rebuilt."""
+    if version not in REBUILD_AFTER:
+        return 0
+    table, affected = REBUILD_AFTER[version]
+    hours = client.query(
+        f"SELECT DISTINCT toStartOfHour(ts) FROM {table} WHERE {affected}"
+    ).result_rows
+    return rebuild(client, table, (h[0] for h in hours))
 
 
 def fed_by(table: str, directory: Path = MIGRATIONS_DIR) -> list[Rollup]:

@@ -19,8 +19,10 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import shutil
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -38,8 +40,9 @@ from app.metering.attribution import Identity
 from app.metering.usage import build_usage_record, new_id
 from app.pricing.catalog import PriceCatalog
 from app.settings import Settings
-from app.warehouse.clickhouse import ReconnectingClient, migrate
+from app.warehouse.clickhouse import MIGRATIONS_DIR, ReconnectingClient, migrate
 from app.warehouse.reports import MEASURES, USAGE, USAGE_BY_USER, Range, aggregate
+from app.warehouse.rollups import after_migration, fed_by, rollups
 from tests.integration.harness import free_port
 
 pytestmark = pytest.mark.integration
@@ -68,6 +71,35 @@ def fixture_calls(day: datetime, tag: str) -> list[dict[str, Any]]:
         call(1, "alice", "chat", "gpt-4o", cache_hit=True),
         call(2, "bob", "search", "gpt-4o", cached_tokens=M // 2),
         call(3, "bob", "search", "mystery-model"),
+    ]
+
+
+def escalated_request(day: datetime, tag: str, minute: int) -> list[dict[str, Any]]:
+    """One client request the router sent to economy, whose refused answer escalated to
+    standard: two paid attempts (1M prompt tokens each), one request, one answer."""
+    prices = PriceCatalog("gpt-4")
+    request_id = new_id("req_")
+
+    def attempt(number: int, model: str, tier: str, **kw: Any) -> dict[str, Any]:
+        return build_usage_record(
+            prices,
+            Identity(f"{tag}-carol", None, f"{tag}-chat", None),
+            request_id=request_id,
+            model=model,
+            prompt_tokens=M,
+            completion_tokens=0,
+            provider="openai",
+            ts=day + timedelta(hours=10, minutes=minute, seconds=20 + number),
+            model_requested="auto",
+            requested_price_model="gpt-4-turbo",
+            attempt=number,
+            tier=tier,
+            **kw,
+        )
+
+    return [
+        attempt(1, "gpt-4o-mini", "economy", status="error", error_type="escalated_refused"),
+        attempt(2, "gpt-4o", "standard", escalated=True),
     ]
 
 
@@ -328,17 +360,85 @@ async def test_every_report_on_a_hand_computed_fixture(
         await runner.cleanup()
 
 
+async def test_an_escalated_request_is_one_request_whose_two_attempts_are_spend(
+    kafka_settings: Settings, clickhouse: Any
+) -> None:
+    """Session 13's probe: 24 client requests were 31 in the reports, the escalated-away
+    attempts counted as requests, errors and baseline. Hand-computed, one request:
+
+    | attempt | served      | cost  | GPT-4 | asked (gpt-4-turbo) |
+    |---------|-------------|-------|-------|---------------------|
+    | 1       | gpt-4o-mini | $0.15 | -     | -                   | refused, escalated
+    | 2       | gpt-4o      | $2.50 | $30   | $10                 | the answer
+
+    A client without the router makes one call: baseline $30, savings $27.35 = model
+    choice $20 (30 - 10) + routing $7.35 (10 - 2.50 - 0.15, the escalation's cost a loss).
+    """
+    await ensure_topics(kafka_settings)
+    migrate(clickhouse)
+    day = datetime(2024, 1, 1, tzinfo=UTC) + timedelta(days=random.randrange(300))
+    tag = f"esc{random.randrange(10**6)}"
+    await produce(kafka_settings, "usage", "Usage", escalated_request(day, tag, minute=7))
+    client = ReconnectingClient(lambda: clickhouse)
+    sink = ClickHouseSink(kafka_settings, client, batch_wait_s=0.3)
+    stop = asyncio.Event()
+    task = asyncio.create_task(sink.run(stop))
+    port = free_port()
+    runner = web.AppRunner(create_reports_app(client))
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    window = {"from": day.isoformat(), "to": (day + timedelta(days=1)).isoformat()}
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+
+            async def get(name: str, **params: Any) -> Any:
+                response = await http.get(f"/v1/reports/{name}", params={**window, **params})
+                assert response.status_code == 200, response.text
+                return response.json()
+
+            for _ in range(100):
+                if (await get("summary"))["cost_usd"] == "2.65":
+                    break
+                await asyncio.sleep(0.3)
+            summary = await get("summary")
+            assert (summary["requests"], summary["errors"]) == (1, 0)
+            assert summary["cost_usd"] == "2.65"  # both attempts were paid
+            assert summary["baseline_cost_usd"] == "30"
+            savings = await get("savings")
+            assert savings["requests"] == 1 and savings["savings_usd"] == "27.35"
+            assert savings["decomposition"]["model_choice_usd"] == "20"
+            assert savings["decomposition"]["routing_usd"] == "7.35"
+            # the answer came cheaper than asked; the refused economy attempt is no saving
+            assert savings["routing"]["downtiered"] == 1
+            (carol,) = (await get("breakdown", by="user"))["rows"]
+            assert (carol["requests"], carol["errors"], carol["cost_usd"]) == (1, 0, "2.65")
+            (chat,) = (await get("breakdown", by="feature"))["rows"]
+            assert (chat["requests"], chat["cost_usd"]) == (1, "2.65")
+            # an edge of the range read from raw rows counts the same
+            cut = {
+                "from": (day + timedelta(hours=10, minutes=7, seconds=1)).isoformat(),
+                "to": (day + timedelta(hours=10, minutes=7, seconds=59)).isoformat(),
+            }
+            edge = (await http.get("/v1/reports/summary", params=cut)).json()
+            assert (edge["requests"], edge["errors"], edge["cost_usd"]) == (1, 0, "2.65")
+            assert edge["baseline_cost_usd"] == "30"
+    finally:
+        stop.set()
+        await task
+        await runner.cleanup()
+
+
 async def test_rollups_equal_raw_events(kafka_settings: Settings, clickhouse: Any) -> None:
     """The materialized views and the reports' raw-edge SQL give the same measures."""
     await ensure_topics(kafka_settings)
     migrate(clickhouse)
     day = datetime(2024, 1, 1, tzinfo=UTC) + timedelta(days=random.randrange(300))
     tag = f"rr{random.randrange(10**6)}"
-    calls = fixture_calls(day, tag)
+    calls = fixture_calls(day, tag) + escalated_request(day, tag, minute=4)
     # The same calls yesterday: the per-user-minute rollup keeps only 3 days (TTL).
     yesterday = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
     yesterday -= timedelta(days=1)
-    recent_calls = fixture_calls(yesterday, tag)
+    recent_calls = fixture_calls(yesterday, tag) + escalated_request(yesterday, tag, 4)
     await produce(kafka_settings, "usage", "Usage", calls + recent_calls)
     client = ReconnectingClient(lambda: clickhouse)
     sink = ClickHouseSink(kafka_settings, client, batch_wait_s=0.3)
@@ -349,13 +449,13 @@ async def test_rollups_equal_raw_events(kafka_settings: Settings, clickhouse: An
         recent_day = Range(yesterday, yesterday + timedelta(days=1))
         for _ in range(100):
             if (
-                aggregate(clickhouse, whole, USAGE)[0]["requests"] >= 4
+                aggregate(clickhouse, whole, USAGE)[0]["requests"] >= 5
                 and sum(
                     r["requests"]
                     for r in aggregate(clickhouse, recent_day, USAGE_BY_USER, ("user",))
                     if r["user"].startswith(tag)
                 )
-                >= 4
+                >= 5
             ):
                 break
             await asyncio.sleep(0.3)
@@ -369,7 +469,7 @@ async def test_rollups_equal_raw_events(kafka_settings: Settings, clickhouse: An
         from_rollups = aggregate(clickhouse, whole, rollup)[0]
         from_raw = aggregate(clickhouse, skewed, rollup)[0]
         assert from_rollups == from_raw
-        assert from_rollups["requests"] == 4 and set(from_rollups) == set(MEASURES)
+        assert from_rollups["requests"] == 5 and set(from_rollups) == set(MEASURES)
 
     def mine(window: Range, now: datetime) -> dict[str, dict[str, Any]]:
         rows = aggregate(clickhouse, window, USAGE_BY_USER, ("user",), now=now)
@@ -380,4 +480,64 @@ async def test_rollups_equal_raw_events(kafka_settings: Settings, clickhouse: An
     minute_cut = Range(yesterday + timedelta(hours=10, minutes=1), yesterday + timedelta(hours=11))
     recent = mine(minute_cut, datetime.now(UTC))
     assert recent == mine(minute_cut, datetime.now(UTC) + timedelta(days=30))
-    assert sum(r["requests"] for r in recent.values()) == 3
+    assert sum(r["requests"] for r in recent.values()) == 4
+
+
+async def test_hours_stored_before_the_client_requests_migration_are_counted_again(
+    kafka_settings: Settings, clickhouse: Any, tmp_path: Path
+) -> None:
+    """Migration 011 changes what the usage views count; the rollups of hours already stored
+    with an escalation are rebuilt when it is applied, so old and new hours agree. Here the
+    views run their pre-011 queries while an escalated request is stored, as on an install
+    upgraded with such rows."""
+    await ensure_topics(kafka_settings)
+    migrate(clickhouse)
+    for path in sorted(MIGRATIONS_DIR.glob("[0-9][0-9][0-9]_*.sql")):
+        if path.stem < "011":
+            shutil.copy(path, tmp_path)
+    before = {r.view: r.query for r in rollups(tmp_path)}
+    now = {r.view: r.query for r in rollups()}
+    views = [r.view for r in fed_by("usage_events") if r.source == "usage_events"]
+    assert all(before[v] != now[v] for v in views)
+    tag = f"mig{random.randrange(10**6)}"
+    hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=3)
+
+    def user_rollup() -> tuple[int, int, Decimal]:
+        (row,) = clickhouse.query(
+            "SELECT sum(requests), sum(errors), sum(cost_usd) FROM usage_user_hour "
+            "WHERE user_id = %(u)s",
+            parameters={"u": f"{tag}-carol"},
+        ).result_rows
+        return int(row[0] or 0), int(row[1] or 0), Decimal(row[2] or 0)
+
+    for view in views:
+        await asyncio.to_thread(
+            clickhouse.command, f"ALTER TABLE {view} MODIFY QUERY {before[view]}"
+        )
+    try:
+        await produce(
+            kafka_settings, "usage", "Usage", escalated_request(hour - timedelta(hours=10), tag, 3)
+        )
+        sink = ClickHouseSink(
+            kafka_settings, ReconnectingClient(lambda: clickhouse), batch_wait_s=0.3
+        )
+        stop = asyncio.Event()
+        task = asyncio.create_task(sink.run(stop))
+        try:
+            for _ in range(100):
+                if (await asyncio.to_thread(user_rollup))[0] == 2:
+                    break
+                await asyncio.sleep(0.3)
+        finally:
+            stop.set()
+            await task
+    finally:
+        for view in views:
+            await asyncio.to_thread(
+                clickhouse.command, f"ALTER TABLE {view} MODIFY QUERY {now[view]}"
+            )
+    assert user_rollup() == (2, 1, Decimal("2.65"))  # the attempts counted as requests
+
+    assert await asyncio.to_thread(after_migration, clickhouse, "011_client_requests") >= 1
+    assert user_rollup() == (1, 0, Decimal("2.65"))
+    assert await asyncio.to_thread(after_migration, clickhouse, "011_client_requests") == 0
