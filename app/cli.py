@@ -535,6 +535,11 @@ def report(
             else ""
         )
     )
+    if routing.get("escalated"):
+        click.echo(
+            f"{routing['escalated']} failed answers escalated to a dearer tier; those first "
+            f"attempts cost ${routing['escalated_cost_usd']} (in the cost, not the requests)"
+        )
     if routing.get("explored"):
         click.echo(
             f"{routing['explored']} calls sent to economy to learn (routing.exploration_rate)"

@@ -402,9 +402,12 @@ async def wait_warehouse(
     started = time.monotonic()
     seen: tuple[int, int] = (-1, -1)
     while time.monotonic() - started < timeout_s:
-        summary = await fetch_report(pipeline, "summary", **window)
+        savings = await fetch_report(pipeline, "savings", **window)
         features = (await fetch_report(pipeline, "outcomes", **window))["features"]
-        seen = (int(summary["requests"]), sum(int(f["outcomes"]) for f in features))
+        # An escalated request is one request and two Usage events (the first attempt is
+        # counted in routing.escalated, not in requests).
+        rows = int(savings["requests"]) + int(savings["routing"]["escalated"])
+        seen = (rows, sum(int(f["outcomes"]) for f in features))
         if seen == (usage_events, outcomes):
             break
         await asyncio.sleep(1.0)

@@ -506,6 +506,7 @@ def savings(client: Any, window: Range, baseline_model: str = "gpt-4") -> dict[s
     downtiered = int(total["downtiered"])
     routed_outcomes = routing_outcomes(client, window, DOWNTIERED_IDS)
     explored = explored_calls(client, window)
+    escalated, escalated_cost = escalated_attempts(client, window)
     explored_outcomes = routing_outcomes(client, window, EXPLORED_IDS)
     return {
         "from": window.start.isoformat(),
@@ -541,6 +542,8 @@ def savings(client: Any, window: Range, baseline_model: str = "gpt-4") -> dict[s
             "downtiered_success_share": _share(
                 routed_outcomes["successful"], routed_outcomes["with_outcome"]
             ),
+            "escalated": escalated,
+            "escalated_cost_usd": usd_text(escalated_cost),
             "explored": explored,
             "explored_with_outcome": explored_outcomes["with_outcome"],
             "explored_success_share": _share(
@@ -565,6 +568,18 @@ def explored_calls(client: Any, window: Range) -> int:
         f"SELECT uniqExact(request_id) FROM ({EXPLORED_IDS})", parameters=window.params()
     ).result_rows[0]
     return int(row[0])
+
+
+def escalated_attempts(client: Any, window: Range) -> tuple[int, Decimal]:
+    """The attempts in the range whose failed answer was escalated (migration 011: paid, in
+    the cost, not requests) and what they cost: what escalation spent on answers nobody saw."""
+    row = client.query(
+        "SELECT count(), sum(cost_usd) FROM usage_events FINAL "
+        "WHERE ts >= %(start)s AND ts < %(end)s "
+        "AND startsWith(ifNull(error_type, ''), 'escalated_')",
+        parameters=window.params(),
+    ).result_rows[0]
+    return int(row[0]), _money(row[1] or 0)
 
 
 def routing_outcomes(client: Any, window: Range, ids_sql: str) -> dict[str, int]:

@@ -410,6 +410,9 @@ async def test_an_escalated_request_is_one_request_whose_two_attempts_are_spend(
             assert savings["decomposition"]["routing_usd"] == "7.35"
             # the answer came cheaper than asked; the refused economy attempt is no saving
             assert savings["routing"]["downtiered"] == 1
+            # what the escalations cost: attempts paid for answers nobody saw
+            assert savings["routing"]["escalated"] == 1
+            assert savings["routing"]["escalated_cost_usd"] == "0.15"
             (carol,) = (await get("breakdown", by="user"))["rows"]
             assert (carol["requests"], carol["errors"], carol["cost_usd"]) == (1, 0, "2.65")
             (chat,) = (await get("breakdown", by="feature"))["rows"]
