@@ -15,15 +15,17 @@ team, key, global) the gate knows:
 Admission, per capped scope, with ``room = limit - counted - not yet counted``:
 
 - ``room <= 0``: refused (limit reached).
-- The call's full worst case fits in ``room`` minus the worst cases in flight:
-  admitted as is.
-- Else, near the cap: the call gets an output cap (``max_tokens``) whose worst
-  case fits what is left (the client is told in a header). A call alone in
-  flight is always admitted this way, so a user under the cap is never refused
-  by a sequential client; with others in flight, a call whose realistic output
-  (twice a high quantile of recent calls) does not fit waits for them to settle
-  (``budget_queue_wait_s``), then is refused as "requests in flight would
-  exceed the limit" if it still does not fit.
+- The call's full worst case fits in its share of what is left (``room`` minus
+  the worst cases in flight, over the calls in flight and itself; alone, all of
+  it): admitted as is.
+- Else the call gets an output cap (``max_tokens``): its share, and at least its
+  realistic output (twice a high quantile of recent calls), within what is left
+  (the client is told in a header). A call alone in flight is always admitted
+  this way, so a user under the cap is never refused by a sequential client;
+  with others in flight, a call whose realistic output does not fit waits for
+  them to settle (``budget_queue_wait_s``, by default as long as a call may
+  last, so they have ended by then), then is refused as "requests in flight
+  would exceed the limit" if it still does not fit.
 
 So the worst cases in flight never exceed the room: a dispatcher's own calls
 overshoot a cap by at most the prompt of one lone call whose prompt alone
@@ -166,6 +168,8 @@ class BudgetGate:
         self.pending = PendingSpend(pending_entries_max)
         self._reserved: dict[str, int] = defaultdict(int)
         self._worst: dict[str, int] = defaultdict(int)
+        self._calls: dict[str, int] = defaultdict(int)  # calls in flight per scope
+        self._waiting: dict[str, int] = defaultdict(int)  # calls waiting for room per scope
         self._in_flight: set[Reservation] = set()
         self.swept = 0  # reservations released by the sweep (a caller failed to)
         self._lock = threading.Lock()  # admission is check-then-reserve: keep it atomic
@@ -235,12 +239,20 @@ class BudgetGate:
             decision,
         )
 
-    def admit(self, scopes: list[str], cost: CallCost, *, await_counts: bool = True) -> Admission:
+    def admit(
+        self,
+        scopes: list[str],
+        cost: CallCost,
+        *,
+        await_counts: bool = True,
+        queued: bool = False,
+    ) -> Admission:
         """Reserve on every capped scope, or raise ``BudgetRefused``. May cap the output.
 
         ``await_counts``: a scope whose own policy just appeared or changed its period, and
         that the spend worker has not counted under it yet, raises a retryable refusal with
-        ``awaiting_count_s`` (``admit_waiting`` waits for the count); False decides at once."""
+        ``awaiting_count_s`` (``admit_waiting`` waits for the count); False decides at once.
+        ``queued``: the call is one of those counted as waiting for room."""
         now = self.clock.now()
         with self._lock:
             capped: list[tuple[str, ScopeStatus]] = []
@@ -263,7 +275,7 @@ class BudgetGate:
                 capped.append((scope, status))
             cap, worst = None, cost.worst_nanos
             if capped and self.reservations:
-                cap, worst = self._output_cap(capped, cost)
+                cap, worst = self._output_cap(capped, cost, queued)
             expected = min(
                 cost.expected_output_tokens, cost.max_output_tokens if cap is None else cap
             )
@@ -275,20 +287,29 @@ class BudgetGate:
             for scope in names:
                 self._reserved[scope] += reserved
                 self._worst[scope] += worst
+                self._calls[scope] += 1
             if names:
                 self._in_flight.add(reservation)
             return Admission(reservation, cap, expected)
 
     def _output_cap(
-        self, capped: list[tuple[str, ScopeStatus]], cost: CallCost
+        self, capped: list[tuple[str, ScopeStatus]], cost: CallCost, queued: bool = False
     ) -> tuple[int | None, int]:
         """(output cap or None, worst case) such that every scope's worst cases in flight stay
         within its room; raises ``BudgetRefused`` when the call must wait or be refused."""
         room = {scope: s.room_nanos - s.worst_in_flight_nanos for scope, s in capped}
         budget = min(room.values())
-        if cost.worst_nanos <= budget:
-            return None, cost.worst_nanos
+        # Its share of what is left: the room over the calls in flight, the calls waiting for
+        # room (known demand) and itself. A call whose worst case is more would hold the room
+        # that the calls arriving with it need (the first three of 48 concurrent calls without
+        # max_tokens held $0.49 of a $0.50 cap for answers of $0.009).
+        share = min(
+            room[scope] // (1 + self._calls.get(scope, 0) + self._waiting.get(scope, 0) - queued)
+            for scope, _ in capped
+        )
         alone = all(s.worst_in_flight_nanos == 0 for _, s in capped)
+        if cost.worst_nanos <= budget and (alone or cost.worst_nanos <= share):
+            return None, cost.worst_nanos
         # The prompt, known before the call, and one output token: at least (the prompt's
         # floor, not the estimate, which may be high: a user under the cap is not refused on it)
         least = cost.least
@@ -309,7 +330,7 @@ class BudgetGate:
         target = min(cost.max_output_tokens, 2 * max(cost.expected_output_tokens, 1))
         fits = fit_output_tokens(cost, budget)
         if fits >= target:
-            tokens = min(fits, max(target, fit_output_tokens(cost, budget // 2)))
+            tokens = min(fits, max(target, fit_output_tokens(cost, share)))
             return tokens, cost.price(tokens)
         tightest = min(capped, key=lambda item: room[item[0]])[1]
         raise BudgetRefused(tightest, "requests in flight would exceed the limit", retryable=True)
@@ -318,20 +339,34 @@ class BudgetGate:
         """``admit``, waiting up to ``wait_s`` for calls in flight to settle when only they
         stand in the way (near the cap, with concurrent calls)."""
         deadline = time.monotonic() + wait_s
-        while True:
-            changed = self._changed_event()
-            try:
-                return self.admit(scopes, cost)
-            except BudgetRefused as refusal:
-                left = deadline - time.monotonic()
-                if refusal.awaiting_count_s and left <= 0:
-                    return self.admit(scopes, cost, await_counts=False)  # no wait allowed
-                if not refusal.retryable or left <= 0:
-                    raise
-                if refusal.awaiting_count_s:
-                    left = min(left, refusal.awaiting_count_s)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), timeout=left)
+        queued = False
+        try:
+            while True:
+                changed = self._changed_event()
+                try:
+                    return self.admit(scopes, cost, queued=queued)
+                except BudgetRefused as refusal:
+                    left = deadline - time.monotonic()
+                    if refusal.awaiting_count_s and left <= 0:
+                        return self.admit(scopes, cost, await_counts=False, queued=queued)
+                    if not refusal.retryable or left <= 0:
+                        raise
+                    if refusal.awaiting_count_s:
+                        left = min(left, refusal.awaiting_count_s)
+                    elif not queued:  # waiting for room: the calls admitted meanwhile leave
+                        queued = True  # it its share
+                        with self._lock:
+                            for scope in scopes:
+                                self._waiting[scope] += 1
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), timeout=left)
+        finally:
+            if queued:
+                with self._lock:
+                    for scope in scopes:
+                        self._waiting[scope] -= 1
+                        if not self._waiting[scope]:
+                            del self._waiting[scope]
 
     def _changed_event(self) -> asyncio.Event:
         if self._changed is None:
@@ -368,6 +403,7 @@ class BudgetGate:
             for totals, amount in (
                 (self._reserved, reservation.reserved_nanos),
                 (self._worst, reservation.worst_nanos),
+                (self._calls, 1),
             ):
                 left = totals[scope] - amount
                 if left > 0:

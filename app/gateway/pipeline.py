@@ -299,7 +299,7 @@ class GatewayConfig:
     fallback_output_tokens: int = 512
     max_output_tokens: int = 16_384
     max_call_duration_s: float = 600.0
-    budget_queue_wait_s: float = 30.0
+    budget_queue_wait_s: float = 600.0
     dispatcher_id: str | None = None
     boot_ts: datetime | None = None
 

@@ -208,11 +208,87 @@ def test_concurrent_calls_near_the_cap_are_capped_so_their_worst_cases_fit() -> 
     worst = sum(a.reservation.worst_nanos for a in admitted)
     assert worst <= usd(1), "the worst cases in flight never exceed the room"
     assert len(admitted) >= 4 and refused > 0
-    assert all(a.max_tokens_cap is None for a in admitted[:3])  # far from the cap: as asked
-    assert all(a.max_tokens_cap is not None for a in admitted[3:])
+    # as asked while a worst case fits its share ($1 alone, then $0.70 over two)
+    assert all(a.max_tokens_cap is None for a in admitted[:2])
+    assert all(a.max_tokens_cap is not None for a in admitted[2:])
     for admission in admitted:
         settle(gate, admission, admission.reservation.worst_nanos)
     assert spent(gate, "user:alice") <= usd(1)
+
+
+def gpt_4o_call(expected: int = 150) -> CallCost:
+    """A gpt-4o call without max_tokens: a 100-token prompt at $2.50/M, output at $10/M up to
+    the assumed 16,384 tokens (worst case $0.164), ``expected`` the model's recent p95."""
+    return CallCost(
+        price=lambda tokens: 250_000 + 10_000 * tokens,
+        max_output_tokens=16_384,
+        expected_output_tokens=expected,
+        client_capped=False,
+    )
+
+
+def test_concurrent_calls_far_from_the_cap_share_the_room_instead_of_the_first_taking_it() -> None:
+    """Session 14's probe: 48 concurrent gpt-4o calls without max_tokens under a $0.50 cap.
+    The first three ran as asked, holding $0.49 of worst cases for answers of about $0.009, so
+    the fourth had $0.008 left, and the rest waited or were cut short at 9 % of the cap spent.
+    Each call now runs as asked only if its worst case fits its share of the room (the room
+    left over the calls in flight and itself); else it gets that share, at least twice the
+    model's recent 95th percentile, so many calls run at once, each with a realistic output."""
+    gate = gate_with(policies(**{"user:alice": 0.5}))
+    cost = gpt_4o_call(expected=440)  # the probe's answers: 880 tokens is 2x the p95
+    admitted = []
+    for _ in range(48):
+        try:
+            admitted.append(gate.admit(["user:alice"], cost))
+        except BudgetRefused as refusal:
+            assert refusal.retryable
+    target = 880
+    caps = [a.max_tokens_cap for a in admitted]
+    assert caps[0] is None  # alone: as asked
+    assert all(cap is None or cap >= target for cap in caps)
+    assert len(admitted) >= 12, caps  # before: 3, all uncapped
+    status = gate.status("user:alice")
+    assert status is not None and status.worst_in_flight_nanos <= usd(0.5)
+
+
+async def test_a_call_waiting_behind_long_calls_is_not_refused_while_they_run() -> None:
+    """Session 14's probe: 64 concurrent 35-second calls under a $0.30 cap, 2.9 % of it spent
+    in the end: 58 got a 402 after waiting 30 s (TOLLGATE_BUDGET_QUEUE_WAIT_S) for calls that
+    took 35. Calls in flight end by max_call_duration_s (they are cut then), so a call that
+    waits as long as that is answered when they end, never refused for them."""
+    from app.settings import Settings
+
+    defaults = Settings()
+    assert defaults.budget_queue_wait_s >= defaults.max_call_duration_s
+    gate = gate_with(policies(**{"user:bob": 0.3}))
+    cost = gpt_4o_call()
+    in_flight = []
+    waiting = []
+    for _ in range(64):
+        try:
+            in_flight.append(gate.admit(["user:bob"], cost))
+        except BudgetRefused:
+            waiting.append(asyncio.create_task(gate.admit_waiting(["user:bob"], cost, 600)))
+    assert len(in_flight) == 12 and len(waiting) == 52  # more calls than the room holds at once
+    await asyncio.sleep(0)  # they wait
+    # The first call ran as asked (alone: $0.164 of worst case). When it ends, the calls
+    # waiting are known demand: each gets its share of the room among all of them (their
+    # realistic output), so most start at once instead of a few with large shares.
+    settle(gate, in_flight.pop(0), cost.price(150))
+    for _ in range(3):
+        await asyncio.sleep(0)
+    started = [t for t in waiting if t.done()]
+    assert len(started) >= 45, len(started)
+    served = 1
+    while in_flight:  # the long calls end, one by one, each at its realistic cost
+        settle(gate, in_flight.pop(0), cost.price(150))
+        served += 1
+        await asyncio.sleep(0)
+        for task in [t for t in waiting if t.done()]:
+            waiting.remove(task)
+            in_flight.append(task.result())  # raises if it was refused
+    assert served == 64 and not waiting, (served, len(waiting))
+    assert spent(gate, "user:bob") == 64 * cost.price(150)  # $0.11: under the cap
 
 
 def test_in_flight_calls_of_other_users_count_on_a_shared_scope() -> None:
