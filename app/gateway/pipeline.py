@@ -451,10 +451,18 @@ class Gateway:
         }
         self.emitter.emit("Request", "requests", identity.user_id, record)
 
-    def usage_record(self, identity: Identity, **fields: Any) -> dict[str, Any]:
-        """A priced Usage record (``app.metering.usage.build_usage_record``), counted in the metrics."""
+    def usage_record(
+        self, identity: Identity, *, counted: bool = True, **fields: Any
+    ) -> dict[str, Any]:
+        """A priced Usage record (``app.metering.usage.build_usage_record``), counted in the
+        metrics unless ``counted`` is False (a retried report's, counted the first time)."""
         record = build_usage_record(self.prices, identity, **fields)
         self.remember(record["request_id"], identity)
+        if counted:
+            self._count(record)
+        return record
+
+    def _count(self, record: dict[str, Any]) -> None:
         model = record["model_served"]
         prompt_tokens, completion_tokens = record["prompt_tokens"], record["completion_tokens"]
         cached_tokens = record["cached_tokens"]
@@ -469,7 +477,6 @@ class Gateway:
         m.tokens.labels(model, "completion").inc(completion_tokens)
         if cached_tokens:
             m.tokens.labels(model, "cached").inc(cached_tokens)
-        return record
 
     def emit_usage(self, record: dict[str, Any], scopes: list[str]) -> None:
         """Spool a usage event and hold its cost at the gate until the worker counts it."""

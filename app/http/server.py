@@ -400,13 +400,19 @@ async def report_usage(request: web.Request) -> web.Response:
     named = {i for i, report in enumerate(reports) if "event_id" in report}  # a request_id
     # another record under a reported id, or a dispatched call's: 409, none emitted
     c.reported.check(reports, named, c.gateway.dispatched)
+    # A retry (the same record under its request_id) is answered as the first was; the first
+    # is in the spool already, so it is not emitted, held or put in the metrics again.
+    repeats = c.reported.repeats(reports, named)
     c.reported.remember(reports, named)
     accepted = []
-    for report in reports:
-        record = c.gateway.usage_record(source="usage_api", **report)  # identity is in report
+    for index, report in enumerate(reports):
+        record = c.gateway.usage_record(  # identity is in report
+            source="usage_api", counted=index not in repeats, **report
+        )
         # Already spent: recorded even when a scope is blocked, and held by the gate until
         # the spend worker counts it.
-        c.gateway.emit_usage(record, identity_scopes(report["identity"]))
+        if index not in repeats:
+            c.gateway.emit_usage(record, identity_scopes(report["identity"]))
         accepted.append(
             {
                 "event_id": record["event_id"],

@@ -595,6 +595,18 @@ class ReportedRequests:
                 )
             batch[request_id] = what
 
+    def repeats(self, reports: list[dict[str, Any]], explicit: set[int]) -> set[int]:
+        """The reports (indexes) that repeat one already accepted here or earlier in the
+        batch (``check`` passed: the same record): emitted once, counted once."""
+        seen = set(self._seen)
+        found = set()
+        for index in sorted(explicit):
+            request_id = reports[index]["request_id"]
+            if request_id in seen:
+                found.add(index)
+            seen.add(request_id)
+        return found
+
     def remember(self, reports: list[dict[str, Any]], explicit: set[int]) -> None:
         for index in explicit:
             self._seen[reports[index]["request_id"]] = self._what(reports[index])

@@ -587,6 +587,16 @@ def test_a_retried_usage_report_with_its_request_id_counts_once(stack: Stack) ->
     assert event["cost_usd"] == "0.000035" and "e" not in event["cost_usd"]
     other = httpx.post(f"{stack.url}/v1/usage", json={**record, "request_id": "dup-2"})
     assert other.json()["events"][0]["event_id"] != event["event_id"]
+    # Nor is it counted twice in this dispatcher (session 14's probe: three POSTs of one
+    # $0.40 record made tollgate_spend_usd_total 1.2), nor emitted again: in one batch either.
+    batch = httpx.post(f"{stack.url}/v1/usage", json=[record, {**record, "request_id": "dup-3"}])
+    assert batch.status_code == 202
+    assert batch.json()["events"][0]["event_id"] == event["event_id"]
+    metrics = httpx.get(f"{stack.url}/metrics").text
+    spend = [line for line in metrics.splitlines() if line.startswith("tollgate_spend_usd_total{")]
+    assert len(spend) == 1 and float(spend[0].split()[1]) == pytest.approx(3 * 0.000035), spend
+    usage = asyncio.run(read_events(stack.settings, "usage", at_least=3))
+    assert len([u for u in usage if u["user_id"] == "retrier"]) == 3
 
 
 def test_an_openai_usage_object_posted_as_it_is_counts_its_cached_tokens(stack: Stack) -> None:
