@@ -87,6 +87,16 @@ DEFAULT_UPGRADE_PROMPT = (
     "You have reached this spending limit: upgrade your plan or ask an administrator to "
     "raise the limit, or wait until it resets."
 )
+# Refused under a cap that is not spent: the limit is not "reached".
+DEFAULT_TOO_BIG_PROMPT = (
+    "This request does not fit in what is left of this spending limit: send a smaller one "
+    "(a shorter prompt, a lower max_tokens), upgrade your plan or ask an administrator to "
+    "raise the limit, or wait until it resets."
+)
+DEFAULT_IN_FLIGHT_PROMPT = (
+    "Your requests in flight hold what is left of this spending limit: retry when they have "
+    "finished, upgrade your plan or ask an administrator to raise the limit."
+)
 
 
 def budget_refusal(refusal: BudgetRefused) -> ApiError:
@@ -94,7 +104,13 @@ def budget_refusal(refusal: BudgetRefused) -> ApiError:
     status = refusal.status
     policy = status.policy
     # Every 402 carries a prompt a client can show its user: the policy's, or this one.
-    upgrade_prompt = policy.upgrade_prompt or DEFAULT_UPGRADE_PROMPT
+    upgrade_prompt = policy.upgrade_prompt or (
+        DEFAULT_UPGRADE_PROMPT
+        if status.state == "blocked"
+        else DEFAULT_IN_FLIGHT_PROMPT
+        if refusal.retryable
+        else DEFAULT_TOO_BIG_PROMPT
+    )
     prompt = upgrade_prompt + (f" Upgrade: {policy.upgrade_url}" if policy.upgrade_url else "")
     counted = (
         f"counted by the spend worker ${nanos_to_usd(status.counted_nanos):.6f}"

@@ -760,6 +760,22 @@ def test_a_402_always_carries_an_upgrade_prompt_even_when_the_policy_sets_none()
     body = budget_refusal(refusal(gate, ["user:alice"], call(usd(0.1)))).body()["error"]
     assert body["type"] == "budget_exceeded"
     assert body["upgrade_prompt"] and body["upgrade_prompt"] in body["message"]
+    assert body["upgrade_prompt"].startswith("You have reached this spending limit")
+
+
+def test_the_default_prompt_of_a_402_under_a_cap_does_not_say_it_is_reached() -> None:
+    """Session 14's probe: a 402 for a prompt too big for the room left, at $0 spent, said
+    "You have reached this spending limit"."""
+    from app.http.errors import budget_refusal
+
+    gate = gate_with(policies(**{"user:alice": 1}))
+    big = budget_refusal(refusal(gate, ["user:alice"], call(usd(3), prompt=usd(2))))
+    prompt = big.body()["error"]["upgrade_prompt"]
+    assert "reached" not in prompt and "does not fit" in prompt
+    gate.admit(["user:alice"], call(usd(0.9), expected=usd(0.5)))
+    busy = budget_refusal(refusal(gate, ["user:alice"], call(usd(0.7), expected=usd(0.4))))
+    prompt = busy.body()["error"]["upgrade_prompt"]
+    assert "reached" not in prompt and "in flight" in prompt
 
 
 # -- a changed policy waits for the worker's count under it ---------------------------------
