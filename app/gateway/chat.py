@@ -175,7 +175,9 @@ class ChatAttempts:
         route = call.route
         if route is not None and route.routed:
             self.metrics.routed.labels(route.tier or "", str(route.escalated).lower()).inc()
-        if call.max_tokens_cap is not None:
+        # A hit serves the stored answer as it is: no output was capped.
+        cap = None if cache == "hit" else call.max_tokens_cap
+        if cap is not None:
             self.metrics.budget_capped.inc()
         return Served(
             model=call.chat.model,
@@ -183,7 +185,7 @@ class ChatAttempts:
             cache=cache,
             router_score=route.score if route is not None else None,
             escalated_from=escalated_from,
-            max_tokens_cap=call.max_tokens_cap,
+            max_tokens_cap=cap,
         )
 
     def _escalation(
