@@ -376,7 +376,7 @@ def budgets_status(scope: str | None, url: str | None, key: str | None) -> None:
             continue
         spent, limit = nanos_to_usd(d["spent_usd_nanos"]), nanos_to_usd(d["limit_usd_nanos"])
         click.echo(
-            f"{name:<32} {d['state']:<8} ${spent:.4f} of ${usd_text(limit)} per {d['period']}; "
+            f"{name:<32} {d['state']:<8} ${usd_text(spent)} of ${usd_text(limit)} per {d['period']}; "
             f"resets {d['resets_at'].isoformat() if d['resets_at'] else '-'}"
         )
 

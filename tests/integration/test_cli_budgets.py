@@ -4,12 +4,18 @@ error (not "removed" with exit 0), and --url goes through the dispatcher with th
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from aiokafka import AIOKafkaProducer
 from click.testing import CliRunner
 
+from app.budgets.periods import period_of
+from app.budgets.policy import evaluate, parse_policy
+from app.budgets.spend import decision_record
 from app.cli import main
+from app.events.codec import EventCodec
 from app.events.topics import ensure_topics
 from app.metering.attribution import hash_key
 from app.settings import Settings
@@ -28,6 +34,22 @@ def cli(settings: Settings, *args: str, **env: str) -> tuple[int, str]:
     return result.exit_code, result.output
 
 
+async def publish_decision(settings: Settings, scope: str, spent_nanos: int) -> None:
+    policy = parse_policy(scope, {"limit_usd": 5})
+    now = datetime.now(UTC)
+    record = decision_record(
+        scope, policy, period_of("month", now), spent_nanos, now,
+        evaluate(spent_nanos, policy), now, "spend",
+    )  # fmt: skip
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+    await producer.start()
+    try:
+        value = EventCodec().encode("BudgetDecision", record)
+        await producer.send_and_wait(settings.topic("budget.decisions"), value, key=scope.encode())
+    finally:
+        await producer.stop()
+
+
 def test_budgets_through_kafka_name_scopes_without_a_policy(kafka_settings: Settings) -> None:
     asyncio.run(ensure_topics(kafka_settings))
     code, output = cli(kafka_settings, "rm", "user:nobody")
@@ -37,6 +59,11 @@ def test_budgets_through_kafka_name_scopes_without_a_policy(kafka_settings: Sett
     assert cli(kafka_settings, "set", "user:ann", "--monthly", "5")[0] == 0
     code, output = cli(kafka_settings, "status", "user:ann")
     assert code == 0 and "no spend recorded yet" in output
+    # The spend, exactly (session 14's probe: $0.020025 was printed "$0.0200", hiding the
+    # overshoot of a $0.02 cap).
+    asyncio.run(publish_decision(kafka_settings, "user:ann", 20_025_000))
+    code, output = cli(kafka_settings, "status", "user:ann")
+    assert code == 0 and "$0.020025 of $5 per month" in output, output
     code, output = cli(kafka_settings, "rm", "user:ann")
     assert code == 0 and "removed user:ann" in output
     code, output = cli(kafka_settings, "rm", "user:ann")
