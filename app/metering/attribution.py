@@ -134,6 +134,20 @@ def _clean(value: Any, name: str, *, scope: bool = False) -> str | None:
     return value
 
 
+def _header(headers: Mapping[str, str], name: str) -> str | None:
+    """One attribution header's value; sent twice with different values, a 400 (the first
+    was taken without a word: session 14's probe)."""
+    getall = getattr(headers, "getall", None)
+    values = set(getall(name, ())) if getall is not None else set()
+    if len(values) > 1:
+        raise InvalidRequest(
+            f"'{name}' was sent twice with different values ({', '.join(sorted(map(repr, values)))});"
+            " send it once",
+            field=name,
+        )
+    return headers.get(name)
+
+
 def _agreed(name: str, value: Any, other: str, other_value: Any, *, field: str) -> str | None:
     """One scope id said by two fields of a body (``user_id`` and OpenAI's ``user``;
     ``metadata.feature`` and ``feature``): either, or both when they agree. Two that differ
@@ -167,13 +181,13 @@ def resolve_identity(
     if metadata is not None and not isinstance(metadata, dict):
         raise InvalidRequest("'metadata' must be an object of string values", field="metadata")
     metadata = metadata or {}
-    claimed_user = _clean(headers.get("X-Tollgate-User"), "X-Tollgate-User", scope=True) or (
+    claimed_user = _clean(_header(headers, "X-Tollgate-User"), "X-Tollgate-User", scope=True) or (
         _agreed("user_id", body.get("user_id"), "user", body.get("user"), field="user")
     )
-    session = _clean(headers.get("X-Tollgate-Session"), "X-Tollgate-Session") or _clean(
+    session = _clean(_header(headers, "X-Tollgate-Session"), "X-Tollgate-Session") or _clean(
         body.get("session_id"), "session_id"
     )
-    feature = _clean(headers.get("X-Tollgate-Feature"), "X-Tollgate-Feature", scope=True) or (
+    feature = _clean(_header(headers, "X-Tollgate-Feature"), "X-Tollgate-Feature", scope=True) or (
         _agreed(
             "metadata.feature",
             metadata.get("feature"),
@@ -182,7 +196,7 @@ def resolve_identity(
             field="feature",
         )
     )
-    claimed_team = _clean(headers.get("X-Tollgate-Team"), "X-Tollgate-Team", scope=True) or (
+    claimed_team = _clean(_header(headers, "X-Tollgate-Team"), "X-Tollgate-Team", scope=True) or (
         _clean(body.get("team"), "team", scope=True)
     )
     team: str | None = None

@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+from multidict import CIMultiDict
 
 from app.errors import TollgateError
 from app.http.errors import http_error
@@ -135,3 +136,16 @@ def test_two_body_fields_naming_different_owners_are_refused(
     assert (identity.user_id, identity.feature) == ("al", "x")
     headed = resolve_identity({"X-Tollgate-User": "h", "X-Tollgate-Feature": "f"}, body, None)
     assert (headed.user_id, headed.feature) == ("h", "f")
+
+
+@pytest.mark.parametrize(
+    "header", ["X-Tollgate-User", "X-Tollgate-Session", "X-Tollgate-Feature", "X-Tollgate-Team"]
+)
+def test_an_attribution_header_sent_twice_with_different_values_is_refused(header: str) -> None:
+    """Session 14's probe: two X-Tollgate-User headers (a, b) got a 200 charged to "a". Like
+    two body fields that disagree, the caller must say which; the same value twice is fine."""
+    with pytest.raises(TollgateError) as refused:
+        resolve_identity(CIMultiDict([(header, "a"), (header.lower(), "b")]), {}, None)
+    assert http_error(refused.value).status == 400
+    assert refused.value.field == header and "twice" in refused.value.message
+    resolve_identity(CIMultiDict([(header, "a"), (header, "a")]), {}, None)
