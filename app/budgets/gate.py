@@ -16,12 +16,12 @@ Admission, per capped scope, with ``room = limit - counted - not yet counted``:
 
 - ``room <= 0``: refused (limit reached).
 - The call's full worst case fits in its share of what is left (``room`` minus
-  the worst cases in flight, over the calls in flight and itself; alone, all of
-  it): admitted as is.
+  the worst cases in flight, over the calls in flight, the calls waiting for room
+  and itself; alone, all of it): admitted as is.
 - Else the call gets an output cap (``max_tokens``): its share, and at least its
   realistic output (twice a high quantile of recent calls), within what is left
-  (the client is told in a header). A call alone in flight is always admitted
-  this way, so a user under the cap is never refused by a sequential client;
+  (the client is told in a header). A call with nothing in flight is always
+  admitted this way, so a user under the cap is never refused by a sequential client;
   with others in flight, a call whose realistic output does not fit waits for
   them to settle (``budget_queue_wait_s``, by default as long as a call may
   last, so they have ended by then), then is refused as "requests in flight
@@ -307,8 +307,7 @@ class BudgetGate:
             room[scope] // (1 + self._calls.get(scope, 0) + self._waiting.get(scope, 0) - queued)
             for scope, _ in capped
         )
-        alone = all(s.worst_in_flight_nanos == 0 for _, s in capped)
-        if cost.worst_nanos <= budget and (alone or cost.worst_nanos <= share):
+        if cost.worst_nanos <= share:  # alone and nobody waiting: the whole room
             return None, cost.worst_nanos
         # The prompt, known before the call, and one output token: at least (the prompt's
         # floor, not the estimate, which may be high: a user under the cap is not refused on it)
@@ -322,15 +321,16 @@ class BudgetGate:
                     f"${max(status.room_nanos, 0) / 1e9:.6f} left under the limit (a last call "
                     f"may cross it by {self.max_overshoot_fraction:.0%} of the limit at most)",
                 )
-        if alone:
-            # Nothing else in flight: serve it, with as much output as is left (at least one
-            # token). A user under the cap is never refused by a one-at-a-time client.
-            tokens = max(1, fit_output_tokens(cost, budget))
-            return tokens, cost.price(tokens)
         target = min(cost.max_output_tokens, 2 * max(cost.expected_output_tokens, 1))
         fits = fit_output_tokens(cost, budget)
         if fits >= target:
             tokens = min(fits, max(target, fit_output_tokens(cost, share)))
+            return tokens, cost.price(tokens)
+        if all(s.worst_in_flight_nanos == 0 for _, s in capped):
+            # Nothing in flight, so nothing to wait for: serve it, with as much output as is
+            # left (at least one token). A user under the cap is never refused by a
+            # one-at-a-time client, nor are calls left waiting for a settlement to come.
+            tokens = max(1, fits)
             return tokens, cost.price(tokens)
         tightest = min(capped, key=lambda item: room[item[0]])[1]
         raise BudgetRefused(tightest, "requests in flight would exceed the limit", retryable=True)

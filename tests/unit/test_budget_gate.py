@@ -291,6 +291,31 @@ async def test_a_call_waiting_behind_long_calls_is_not_refused_while_they_run() 
     assert spent(gate, "user:bob") == 64 * cost.price(150)  # $0.11: under the cap
 
 
+async def test_when_every_call_in_flight_ends_at_once_the_waiting_calls_share_the_room() -> None:
+    """Calls of one latency end together: the first waiting call to wake finds nothing in
+    flight, but 51 others waiting; it takes its share, not the whole room as a lone call."""
+    gate = gate_with(policies(**{"user:bob": 0.3}))
+    cost = gpt_4o_call()
+    in_flight, waiting = [], []
+    for _ in range(64):
+        try:
+            in_flight.append(gate.admit(["user:bob"], cost))
+        except BudgetRefused:
+            waiting.append(asyncio.create_task(gate.admit_waiting(["user:bob"], cost, 600)))
+    await asyncio.sleep(0)
+    for admission in in_flight:
+        settle(gate, admission, cost.price(150))
+    for _ in range(3):
+        await asyncio.sleep(0)
+    started = [t.result() for t in waiting if t.done()]
+    assert len(started) == len(waiting) == 52
+    assert all(a.max_tokens_cap is not None and a.max_tokens_cap >= 300 for a in started)
+    # and a lone call with nothing in flight and nobody waiting is served as asked again
+    for admission in started:
+        settle(gate, admission, cost.price(150))
+    assert gate.admit(["user:bob"], cost).max_tokens_cap is None
+
+
 def test_in_flight_calls_of_other_users_count_on_a_shared_scope() -> None:
     gate = gate_with(policies(**{"user:*": 100, "global": 1}))
     gate.admit(["user:a", "global"], call(usd(0.9), expected=usd(0.5)))
