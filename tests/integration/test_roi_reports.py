@@ -543,4 +543,7 @@ async def test_hours_stored_before_the_client_requests_migration_are_counted_aga
 
     assert await asyncio.to_thread(after_migration, clickhouse, "011_client_requests") >= 1
     assert user_rollup() == (1, 0, Decimal("2.65"))
-    assert await asyncio.to_thread(after_migration, clickhouse, "011_client_requests") == 0
+    # Again: the same numbers (hours older than the per-user minutes' 3-day TTL cannot be
+    # checked against it, so those are rebuilt each time: the same rows again).
+    await asyncio.to_thread(after_migration, clickhouse, "011_client_requests")
+    assert user_rollup() == (1, 0, Decimal("2.65"))
