@@ -48,6 +48,11 @@ class ModelNotServed(TollgateError):
         )
 
 
+class ClientGone(TollgateError):
+    """The client closed its connection while its call waited for room under a cap: the call
+    is dropped before it reaches the provider (nothing is sent, nothing billed)."""
+
+
 class UpstreamFailed(TollgateError):
     """The provider could not be reached, or broke the connection."""
 

@@ -43,6 +43,7 @@ import contextlib
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -51,9 +52,11 @@ from app.budgets.pending import DEFAULT_ENTRIES_MAX, PendingSpend, counted_offse
 from app.budgets.policy import Policy, PolicyBook, evaluate
 from app.budgets.reservations import CallCost, fit_output_tokens
 from app.clock import Clock
+from app.errors import ClientGone
 from app.pricing.catalog import usd_text
 
 SWEEP_GRACE_S = 30.0
+GONE_CHECK_S = 0.5  # how often a call waiting for room checks that its client is still there
 
 
 @dataclass(eq=False)
@@ -335,9 +338,16 @@ class BudgetGate:
         tightest = min(capped, key=lambda item: room[item[0]])[1]
         raise BudgetRefused(tightest, "requests in flight would exceed the limit", retryable=True)
 
-    async def admit_waiting(self, scopes: list[str], cost: CallCost, wait_s: float) -> Admission:
+    async def admit_waiting(
+        self,
+        scopes: list[str],
+        cost: CallCost,
+        wait_s: float,
+        gone: Callable[[], bool] | None = None,
+    ) -> Admission:
         """``admit``, waiting up to ``wait_s`` for calls in flight to settle when only they
-        stand in the way (near the cap, with concurrent calls)."""
+        stand in the way (near the cap, with concurrent calls). ``gone``: whether the client
+        has left, checked at least every ``GONE_CHECK_S`` while waiting (``ClientGone``)."""
         deadline = time.monotonic() + wait_s
         queued = False
         try:
@@ -358,8 +368,17 @@ class BudgetGate:
                         with self._lock:
                             for scope in scopes:
                                 self._waiting[scope] += 1
+                if gone is not None:
+                    left = min(left, GONE_CHECK_S)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(changed.wait(), timeout=left)
+                if gone is not None and gone():
+                    # A call nobody waits for any more would run (and be billed) later: the
+                    # SDK's retries turned 4 timed-out calls into 12 served ones.
+                    raise ClientGone(
+                        "the client closed its connection while the call waited for room "
+                        "under a budget; nothing was sent to the provider"
+                    )
         finally:
             if queued:
                 with self._lock:

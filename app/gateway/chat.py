@@ -88,6 +88,10 @@ class ClientStream(Protocol):
         """An error as one SSE event (a stream cut after its first byte)."""
         ...
 
+    def gone(self) -> bool:
+        """Whether the client has closed its connection."""
+        ...
+
 
 def failure_of_error(error: TollgateError) -> Failure:
     return Failure.TIMEOUT if isinstance(error, UpstreamTimedOut) else Failure.UPSTREAM_ERROR
@@ -216,7 +220,7 @@ class ChatAttempts:
         levers, gateway = self.levers, self.gateway
         async with gateway.call(
             self.request_id, self.endpoint, self.identity, chat, self.client_headers,
-            self.client_request_id, route=route, attempt=attempt,
+            self.client_request_id, route=route, attempt=attempt, client_gone=client.gone,
         ) as call:  # fmt: skip
             self.admitted = True
             if plan.status == "lookup":  # an escalation too: the next tier may have answered

@@ -573,6 +573,7 @@ class Gateway:
         client_request_id: str | None = None,
         route: RouteInfo | None = None,
         attempt: int = 1,
+        client_gone: Callable[[], bool] | None = None,
     ) -> AsyncIterator[Call]:
         """Admit a call (known model, room under every cap, else ``BudgetRefused``), record it,
         and whatever happens in the block, emit its usage and release its reservation.
@@ -586,7 +587,10 @@ class Gateway:
             raise ModelNotServed(chat.model, self.upstreams.known_models())
         try:
             admission = await self.gate.admit_waiting(
-                identity_scopes(identity), self.call_cost(chat), self.config.budget_queue_wait_s
+                identity_scopes(identity),
+                self.call_cost(chat),
+                self.config.budget_queue_wait_s,
+                gone=client_gone,
             )
         except BudgetRefused as refusal:
             if attempt > 1:

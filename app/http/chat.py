@@ -108,6 +108,10 @@ class SseClient:
     def error_event(self, error: TollgateError) -> bytes:
         return sse_error_event(error)
 
+    def gone(self) -> bool:
+        transport = self.request.transport
+        return transport is None or transport.is_closing()
+
 
 async def answer_chat(
     request: web.Request,

@@ -14,6 +14,7 @@ import orjson
 
 from app.budgets.gate import BudgetRefused
 from app.errors import (
+    ClientGone,
     Conflict,
     InvalidRequest,
     ModelNotServed,
@@ -67,6 +68,7 @@ STATUS_OF: dict[type[TollgateError], tuple[int, str, str | None]] = {
     NotAuthenticated: (401, "authentication_error", "invalid_api_key"),
     NotPermitted: (403, "permission_error", None),
     ModelNotServed: (404, "invalid_request_error", "model_not_found"),
+    ClientGone: (499, "client_closed_request", None),  # nobody reads it: nginx's code
     UpstreamFailed: (502, "upstream_error", None),
     UpstreamTimedOut: (504, "upstream_timeout", None),
 }

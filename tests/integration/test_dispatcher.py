@@ -724,3 +724,38 @@ def test_without_keys_a_team_is_attributed_as_the_caller_says(stack: Stack) -> N
             headers={"X-Tollgate-User": "other", "X-Tollgate-Team": "tm2"},
         )
         assert other_team.status_code == 200, other_team.text
+
+
+def test_a_call_whose_client_left_while_it_waited_for_room_is_not_sent(stack: Stack) -> None:
+    """Session 14's second probe: calls the client gave up on while they waited for room
+    under a cap (a timeout, a cancelled task) ran later anyway, and were billed; with the
+    SDK's retries, 4 timed-out calls became 12 served ones. A waiting call whose client has
+    closed its connection is dropped before it reaches the provider."""
+    user = "leaver"
+    with httpx.Client(timeout=30) as http:
+        # $0.17: the first call's worst case (16,384 gpt-4o tokens, $0.164) fits alone; a
+        # second one's realistic output then does not fit beside it, so it waits
+        assert http.put(f"{stack.url}/v1/budgets/user:{user}", json={"limit_usd": 0.17})
+        body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+        slow = {"X-Tollgate-User": user, "X-Sim-Latency-Ms": "4000"}
+
+        async def both() -> int:
+            async with httpx.AsyncClient(timeout=30) as client:
+                first = asyncio.create_task(
+                    client.post(f"{stack.url}/v1/chat/completions", json=body, headers=slow)
+                )
+                await asyncio.sleep(0.5)  # admitted, in flight upstream
+                with pytest.raises(httpx.TimeoutException):  # the second gives up waiting
+                    await client.post(
+                        f"{stack.url}/v1/chat/completions",
+                        json=body,
+                        headers={"X-Tollgate-User": user},
+                        timeout=1.0,
+                    )
+                return (await first).status_code
+
+        assert asyncio.run(both()) == 200
+    time.sleep(2)  # the first has ended: a waiting call still there would be admitted now
+    assert stack.counter.calls == 1
+    usage = asyncio.run(read_events(stack.settings, "usage", at_least=1, settle_s=2))
+    assert [u["user_id"] for u in usage] == [user]
