@@ -617,6 +617,10 @@ class Gateway:
         try:
             if admission.max_tokens_cap is not None:
                 chat.cap_output(admission.max_tokens_cap)
+            elif admission.reservation.scopes and self.gate.reservations and not chat.max_tokens:
+                # Reserved on the assumed output limit: hold the call to it, or a model that
+                # writes more (gpt-4.1: 32,768) crosses the cap (by 31 % in session 14's probe)
+                chat.cap_output(self.config.max_output_tokens)
             self.emit_request(
                 request_id=request_id,
                 endpoint=endpoint,

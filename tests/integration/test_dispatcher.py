@@ -759,3 +759,39 @@ def test_a_call_whose_client_left_while_it_waited_for_room_is_not_sent(stack: St
     assert stack.counter.calls == 1
     usage = asyncio.run(read_events(stack.settings, "usage", at_least=1, settle_s=2))
     assert [u["user_id"] for u in usage] == [user]
+
+
+def test_a_call_under_a_cap_is_held_to_the_output_limit_the_gate_assumed(
+    kafka_settings: Settings,
+) -> None:
+    """Session 14's second probe: a call without max_tokens is reserved on
+    TOLLGATE_MAX_OUTPUT_TOKENS (16,384), but gpt-4.1-mini writes up to 32,768, so one call
+    spent $0.0524 under a $0.04 cap. Under a cap, the call is now sent with the limit its
+    reservation assumed; outside any cap it runs as asked. (Here the assumed limit is 4,000
+    tokens and gpt-4o writes 8,000.)"""
+    asyncio.run(ensure_topics(kafka_settings))
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "write"}]}
+    long = {"X-Sim-Completion-Tokens": "8000"}
+    with (
+        running_stack(kafka_settings, max_output_tokens=4000) as stack,
+        httpx.Client(timeout=60) as http,
+    ):
+        # $0.05: the assumed worst case ($0.04) fits, 8,000 tokens ($0.08) would not
+        assert http.put(f"{stack.url}/v1/budgets/user:capped-out", json={"limit_usd": 0.05})
+        capped = http.post(
+            f"{stack.url}/v1/chat/completions",
+            json=body,
+            headers={**long, "X-Tollgate-User": "capped-out"},
+        )
+        free = http.post(
+            f"{stack.url}/v1/chat/completions",
+            json=body,
+            headers={**long, "X-Tollgate-User": "free-out"},
+        )
+        assert capped.status_code == free.status_code == 200, capped.text
+        assert capped.json()["usage"]["completion_tokens"] == 4000
+        assert capped.json()["choices"][0]["finish_reason"] == "length"
+        assert free.json()["usage"]["completion_tokens"] == 8000
+        usage = asyncio.run(read_events(stack.settings, "usage", at_least=2))
+    (spent,) = [u["cost_usd_nanos"] for u in usage if u["user_id"] == "capped-out"]
+    assert spent <= 50_000_000
