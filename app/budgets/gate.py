@@ -56,6 +56,10 @@ from app.errors import ClientGone
 from app.pricing.catalog import usd_text
 
 SWEEP_GRACE_S = 30.0
+# The realistic output of a call is at least this many tokens: the model's recent 95th
+# percentile is shared by every user, and another user's tiny answers (520 three-token calls
+# in session 14's probe) cut a capped user's answers to 6 tokens.
+MIN_EXPECTED_OUTPUT_TOKENS = 256
 GONE_CHECK_S = 0.5  # how often a call waiting for room checks that its client is still there
 
 
@@ -324,7 +328,9 @@ class BudgetGate:
                     f"${max(status.room_nanos, 0) / 1e9:.6f} left under the limit (a last call "
                     f"may cross it by {self.max_overshoot_fraction:.0%} of the limit at most)",
                 )
-        target = min(cost.max_output_tokens, 2 * max(cost.expected_output_tokens, 1))
+        target = min(
+            cost.max_output_tokens, 2 * max(cost.expected_output_tokens, MIN_EXPECTED_OUTPUT_TOKENS)
+        )
         fits = fit_output_tokens(cost, budget)
         if fits >= target:
             tokens = min(fits, max(target, fit_output_tokens(cost, share)))
