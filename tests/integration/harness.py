@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -12,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,25 @@ from app.events.compacted import CompactedView
 from app.http.server import serve
 from app.settings import Settings, UpstreamConfig
 from devtools.simulator import SimulatorConfig, create_app
+
+_EPOCH = datetime(1995, 1, 1, tzinfo=UTC)
+_DAYS = 10_000  # up to 2022-05: clear of the fixed-date fixtures (2024, 2026) and of today
+_taken: list[tuple[int, int]] = []
+
+
+def private_day(before: int = 1, after: int = 2) -> datetime:
+    """A past UTC midnight no other test of this run writes near.
+
+    The tests share one warehouse and check totals over a window, so two tests on the same
+    day would read each other's rows (a random day per test collided: 530 requests for 30).
+    The days [day - before, day + after) are reserved for the caller.
+    """
+    while True:
+        start = random.randrange(before, _DAYS - after)
+        span = (start - before, start + after)
+        if all(span[1] <= lo or hi <= span[0] for lo, hi in _taken):
+            _taken.append(span)
+            return _EPOCH + timedelta(days=start)
 
 
 def free_port() -> int:

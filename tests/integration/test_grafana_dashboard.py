@@ -46,6 +46,7 @@ import yaml
 
 from app.warehouse import reports
 from app.warehouse.clickhouse import migrate
+from tests.integration.harness import private_day
 
 pytestmark = pytest.mark.integration
 
@@ -469,7 +470,7 @@ USAGE_COLUMNS = [
 @pytest.fixture(scope="module")
 def warehouse(clickhouse: Any) -> Fixture:
     migrate(clickhouse)
-    day = datetime(2023, 1, 1, tzinfo=UTC) + timedelta(days=random.randrange(60, 330))
+    day = private_day(before=51, after=42)
     f = Fixture(clickhouse, day, f"gf{random.randrange(16**6):06x}")
     at = day + timedelta(hours=10, seconds=20)
     minute = timedelta(minutes=1)

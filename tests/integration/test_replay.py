@@ -25,16 +25,11 @@ from app.settings import Settings
 from app.warehouse.clickhouse import migrate
 from devtools.replay import replay_calls, replay_command
 from devtools.trace import AZURE_TRACE, TIER_MODELS, Attribution, PlacedTrace, read_trace
-from tests.integration.harness import free_port
+from tests.integration.harness import free_port, private_day
 
 pytestmark = pytest.mark.integration
 
 NANOS = Decimal(10**9)
-
-
-def random_day_2025() -> datetime:
-    """A day of its own, so other tests' rows are outside the checked window."""
-    return datetime(2025, 1, 1, tzinfo=UTC) + timedelta(days=random.randrange(360))
 
 
 def cli_env(settings: Settings) -> dict[str, str]:
@@ -113,7 +108,7 @@ def test_the_azure_trace_replays_into_the_warehouse_with_the_printed_totals(
     lines = AZURE_TRACE.read_text().splitlines()[:501]  # header + the first 500 calls
     trace = tmp_path / f"azure-{uuid.uuid4().hex[:8]}.csv"
     trace.write_text("\n".join(lines) + "\n")
-    day = random_day_2025()
+    day = private_day()
     start = day + timedelta(hours=random.randrange(20), seconds=random.randrange(3600))
     args = [str(trace), "--start", start.isoformat(), "--seed", "11", "--users", "40"]
 
@@ -163,7 +158,7 @@ async def test_a_jsonl_trace_keeps_its_attribution_and_draws_the_rest(
         records.append(record)
     trace = tmp_path / f"usage-{uuid.uuid4().hex[:8]}.jsonl"
     trace.write_text("\n".join(json.dumps(r) for r in records) + "\n")
-    day = random_day_2025()
+    day = private_day()
     calls = list(Attribution(seed=5)(read_trace(trace)))
     progressed: list[int] = []
     stats = await replay_calls(
@@ -202,7 +197,7 @@ def test_a_burstgpt_trace_replays_with_its_models_and_unbilled_failures(
         rows_text.append(f"{i * 2.5},{model},{request},{response},{request + response},API log")
     trace = tmp_path / f"burstgpt-{uuid.uuid4().hex[:8]}.csv"
     trace.write_text("\n".join(rows_text) + "\n")
-    day = random_day_2025()
+    day = private_day()
     args = [str(trace), "--start", (day + timedelta(hours=5)).isoformat(), "--seed", "2"]
     result = replay(args, cli_env(kafka_settings))
     assert result.exit_code == 0, result.output

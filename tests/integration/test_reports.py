@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import random
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -18,7 +17,7 @@ from app.events.topics import ensure_topics
 from app.http.reports_api import create_reports_app
 from app.settings import Settings
 from app.warehouse.clickhouse import ReconnectingClient, migrate
-from tests.integration.harness import free_port, running_stack
+from tests.integration.harness import free_port, private_day, running_stack
 from tests.integration.test_sink import produce, usage_record
 
 pytestmark = pytest.mark.integration
@@ -30,7 +29,7 @@ async def test_summary_breakdown_and_the_finance_sentence(
     await ensure_topics(kafka_settings)
     migrate(clickhouse)
     # A day of its own in the past, so other tests' rows are outside the window.
-    day = datetime(2025, 1, 1, tzinfo=UTC) + timedelta(days=random.randrange(300))
+    day = private_day()
     models = {"gpt-4o": 0, "gpt-4o-mini": 0}
     records = []
     for i in range(30):

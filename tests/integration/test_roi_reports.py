@@ -43,7 +43,7 @@ from app.settings import Settings
 from app.warehouse.clickhouse import MIGRATIONS_DIR, ReconnectingClient, migrate
 from app.warehouse.reports import MEASURES, USAGE, USAGE_BY_USER, Range, aggregate
 from app.warehouse.rollups import after_migration, fed_by, rollups
-from tests.integration.harness import free_port
+from tests.integration.harness import free_port, private_day
 
 pytestmark = pytest.mark.integration
 
@@ -166,7 +166,7 @@ async def test_every_report_on_a_hand_computed_fixture(
 ) -> None:
     await ensure_topics(kafka_settings)
     migrate(clickhouse)
-    day = datetime(2024, 1, 1, tzinfo=UTC) + timedelta(days=random.randrange(300))
+    day = private_day()
     tag = f"roi{random.randrange(10**6)}"
     calls = fixture_calls(day, tag)
     a, _b, c, _d = calls
@@ -376,7 +376,7 @@ async def test_an_escalated_request_is_one_request_whose_two_attempts_are_spend(
     """
     await ensure_topics(kafka_settings)
     migrate(clickhouse)
-    day = datetime(2024, 1, 1, tzinfo=UTC) + timedelta(days=random.randrange(300))
+    day = private_day()
     tag = f"esc{random.randrange(10**6)}"
     await produce(kafka_settings, "usage", "Usage", escalated_request(day, tag, minute=7))
     client = ReconnectingClient(lambda: clickhouse)
@@ -435,7 +435,7 @@ async def test_rollups_equal_raw_events(kafka_settings: Settings, clickhouse: An
     """The materialized views and the reports' raw-edge SQL give the same measures."""
     await ensure_topics(kafka_settings)
     migrate(clickhouse)
-    day = datetime(2024, 1, 1, tzinfo=UTC) + timedelta(days=random.randrange(300))
+    day = private_day()
     tag = f"rr{random.randrange(10**6)}"
     calls = fixture_calls(day, tag) + escalated_request(day, tag, minute=4)
     # The same calls yesterday: the per-user-minute rollup keeps only 3 days (TTL).
