@@ -19,8 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 from app.settings import Settings
+
+# Tests assert behaviour, never timing: no per-example deadline (a first example that loads
+# a tokenizer or a model on a busy machine is slow, not wrong).
+hypothesis_settings.register_profile("tollgate", deadline=None)
+hypothesis_settings.load_profile("tollgate")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
