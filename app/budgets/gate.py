@@ -26,6 +26,9 @@ Admission, per capped scope, with ``room = limit - counted - not yet counted``:
   them to settle (``budget_queue_wait_s``, by default as long as a call may
   last, so they have ended by then), then is refused as "requests in flight
   would exceed the limit" if it still does not fit.
+- Calls waiting for room are served in the order they started waiting: while
+  any wait on a scope, a call that arrives waits behind them, even one that
+  would fit (else a call needing much room is overtaken for ever by small ones).
 
 So the worst cases in flight never exceed the room: a dispatcher's own calls
 overshoot a cap by at most the prompt of one lone call whose prompt alone
@@ -40,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import threading
 import time
 from collections import defaultdict
@@ -176,7 +180,10 @@ class BudgetGate:
         self._reserved: dict[str, int] = defaultdict(int)
         self._worst: dict[str, int] = defaultdict(int)
         self._calls: dict[str, int] = defaultdict(int)  # calls in flight per scope
-        self._waiting: dict[str, int] = defaultdict(int)  # calls waiting for room per scope
+        # Calls waiting for room per scope, by ticket (the order they started waiting): served
+        # in that order, so a call needing much room is not overtaken forever by small ones.
+        self._queue: dict[str, list[int]] = {}
+        self._tickets = itertools.count(1)
         self._in_flight: set[Reservation] = set()
         self.swept = 0  # reservations released by the sweep (a caller failed to)
         self._lock = threading.Lock()  # admission is check-then-reserve: keep it atomic
@@ -252,14 +259,15 @@ class BudgetGate:
         cost: CallCost,
         *,
         await_counts: bool = True,
-        queued: bool = False,
+        ticket: int | None = None,
     ) -> Admission:
         """Reserve on every capped scope, or raise ``BudgetRefused``. May cap the output.
 
         ``await_counts``: a scope whose own policy just appeared or changed its period, and
         that the spend worker has not counted under it yet, raises a retryable refusal with
         ``awaiting_count_s`` (``admit_waiting`` waits for the count); False decides at once.
-        ``queued``: the call is one of those counted as waiting for room."""
+        ``ticket``: the call is waiting for room with this ticket (``admit_waiting``). While
+        calls wait for room on a scope, a call that came after them waits too (retryable)."""
         now = self.clock.now()
         with self._lock:
             capped: list[tuple[str, ScopeStatus]] = []
@@ -280,9 +288,16 @@ class BudgetGate:
                             awaiting_count_s=left,
                         )
                 capped.append((scope, status))
+            for scope, status in capped:
+                queue = self._queue.get(scope)
+                if queue and (ticket is None or queue[0] < ticket):
+                    raise BudgetRefused(
+                        status, "earlier requests are waiting for room under the limit",
+                        retryable=True,
+                    )  # fmt: skip
             cap, worst = None, cost.worst_nanos
             if capped and self.reservations:
-                cap, worst = self._output_cap(capped, cost, queued)
+                cap, worst = self._output_cap(capped, cost, ticket is not None)
             expected = min(
                 cost.expected_output_tokens, cost.max_output_tokens if cap is None else cap
             )
@@ -297,7 +312,17 @@ class BudgetGate:
                 self._calls[scope] += 1
             if names:
                 self._in_flight.add(reservation)
+            if ticket is not None:
+                self._dequeue(scopes, ticket)
             return Admission(reservation, cap, expected)
+
+    def _dequeue(self, scopes: list[str], ticket: int) -> None:
+        for scope in scopes:
+            queue = self._queue.get(scope)
+            if queue is not None and ticket in queue:
+                queue.remove(ticket)
+                if not queue:
+                    del self._queue[scope]
 
     def _output_cap(
         self, capped: list[tuple[str, ScopeStatus]], cost: CallCost, queued: bool = False
@@ -311,7 +336,8 @@ class BudgetGate:
         # that the calls arriving with it need (the first three of 48 concurrent calls without
         # max_tokens held $0.49 of a $0.50 cap for answers of $0.009).
         share = min(
-            room[scope] // (1 + self._calls.get(scope, 0) + self._waiting.get(scope, 0) - queued)
+            room[scope]
+            // (1 + self._calls.get(scope, 0) + len(self._queue.get(scope, ())) - queued)
             for scope, _ in capped
         )
         if cost.worst_nanos <= share:  # alone and nobody waiting: the whole room
@@ -355,25 +381,26 @@ class BudgetGate:
         stand in the way (near the cap, with concurrent calls). ``gone``: whether the client
         has left, checked at least every ``GONE_CHECK_S`` while waiting (``ClientGone``)."""
         deadline = time.monotonic() + wait_s
-        queued = False
+        ticket: int | None = None
         try:
             while True:
                 changed = self._changed_event()
                 try:
-                    return self.admit(scopes, cost, queued=queued)
+                    return self.admit(scopes, cost, ticket=ticket)
                 except BudgetRefused as refusal:
                     left = deadline - time.monotonic()
                     if refusal.awaiting_count_s and left <= 0:
-                        return self.admit(scopes, cost, await_counts=False, queued=queued)
+                        return self.admit(scopes, cost, await_counts=False, ticket=ticket)
                     if not refusal.retryable or left <= 0:
                         raise
                     if refusal.awaiting_count_s:
                         left = min(left, refusal.awaiting_count_s)
-                    elif not queued:  # waiting for room: the calls admitted meanwhile leave
-                        queued = True  # it its share
-                        with self._lock:
+                    elif ticket is None:  # waiting for room: in line, and the calls admitted
+                        with self._lock:  # meanwhile leave it its share
+                            ticket = next(self._tickets)
                             for scope in scopes:
-                                self._waiting[scope] += 1
+                                if self.policies.policy_for(scope) is not None:
+                                    self._queue.setdefault(scope, []).append(ticket)
                 if gone is not None:
                     left = min(left, GONE_CHECK_S)
                 with contextlib.suppress(TimeoutError):
@@ -386,12 +413,10 @@ class BudgetGate:
                         "under a budget; nothing was sent to the provider"
                     )
         finally:
-            if queued:
+            if ticket is not None:
                 with self._lock:
-                    for scope in scopes:
-                        self._waiting[scope] -= 1
-                        if not self._waiting[scope]:
-                            del self._waiting[scope]
+                    self._dequeue(scopes, ticket)
+                self._notify()  # the calls behind it in line may go now
 
     def _changed_event(self) -> asyncio.Event:
         if self._changed is None:

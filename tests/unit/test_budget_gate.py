@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -320,6 +320,44 @@ async def test_when_every_call_in_flight_ends_at_once_the_waiting_calls_share_th
             settle(gate, task.result(), cost.price(150))
         await asyncio.sleep(0)
     assert gate.admit(["user:bob"], cost).max_tokens_cap is None
+
+
+async def test_a_call_waiting_for_room_is_not_overtaken_by_the_calls_that_arrive_after_it() -> None:
+    """Session 14's probe: a call with a large prompt waited behind small calls, and each
+    small call that arrived after it took the room the last one freed; after 600 s it got a
+    402 while the user was far under the cap. Calls waiting for room are served in the order
+    they came: a later call waits behind them, even one that would fit."""
+    gate = gate_with(policies(**{"user:carol": 1}))
+    small = call(usd(0.1), expected=1_000)
+    big = call(usd(0.7), expected=1_000, prompt=usd(0.6))  # its prompt alone: $0.60
+    in_flight = [gate.admit(["user:carol"], small) for _ in range(8)]
+    waiting_big = asyncio.create_task(gate.admit_waiting(["user:carol"], big, 600))
+    await asyncio.sleep(0)
+    assert not waiting_big.done()  # the small calls' worst cases leave no room for it
+    later: list[asyncio.Task[Admission]] = []
+    for _ in range(40):  # a small call ends, another arrives, again and again
+        if in_flight:
+            settle(gate, in_flight.pop(0), 1_000)
+        later.append(asyncio.create_task(gate.admit_waiting(["user:carol"], small, 600)))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        for task in [t for t in later if t.done()]:
+            later.remove(task)
+            assert waiting_big.done(), "a small call that came later was served first"
+            in_flight.append(task.result())
+        if waiting_big.done():
+            break
+    assert waiting_big.done(), "the big call was still waiting after 40 small calls ended"
+    in_flight.append(waiting_big.result())
+    while later or in_flight:  # and the calls behind it are served once it runs
+        if in_flight:
+            settle(gate, in_flight.pop(0), 1_000)
+        for _ in range(3):
+            await asyncio.sleep(0)
+        for task in [t for t in later if t.done()]:
+            later.remove(task)
+            in_flight.append(task.result())  # raises if one was refused
+    assert spent(gate, "user:carol") < usd(0.01)
 
 
 def test_a_model_whose_recent_answers_were_tiny_does_not_cut_a_capped_users_answers_to_nothing() -> (
@@ -903,3 +941,76 @@ def test_a_limit_change_or_a_default_cap_does_not_wait() -> None:
     book.put(parse_policy("user:u", {"limit_usd": 0.02}))
     assert gate.admit(["user:u"], call(1000)).reservation.scopes == ["user:u"]
     assert gate.admit(["user:someone"], call(1000)).reservation.scopes == ["user:someone"]
+
+
+# -- the line of calls waiting for room, under random interleavings ----------------------
+WAIT_SCOPES = [["user:a", "feature:f"], ["user:b", "feature:f"], ["user:a"], ["user:b"]]
+WAIT_OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("arrive"), st.integers(0, 3), st.sampled_from(["small", "big"])),
+        st.tuples(st.just("settle"), st.integers(0, 50)),
+        st.tuples(st.just("leave"), st.integers(0, 50)),  # the client goes: its task cancelled
+        st.tuples(st.just("step"), st.integers(1, 4)),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=150)
+@given(WAIT_OPS)
+def test_waiting_calls_go_in_order_and_never_leave_a_scope_blocked(ops: list[Any]) -> None:
+    """Whatever the order of arrivals, settlements and clients leaving: a call never starts
+    while one that came before it still waits on a scope they share, and once every call
+    has ended nothing is left in line (a ticket left behind would block its scopes for ever,
+    as a leaked reservation once blocked a whole feature)."""
+
+    async def run() -> None:
+        gate = gate_with(policies(**{"user:a": 1, "user:b": 1, "feature:f": 1.5}))
+        costs = {"small": call(usd(0.1), expected=1_000), "big": call(usd(0.7), 1_000, usd(0.6))}
+        calls: list[tuple[list[str], asyncio.Task[Admission | None]]] = []
+        finished: set[int] = set()
+        overtaken: list[tuple[int, int]] = []
+        running: list[Admission] = []
+
+        async def arrive(index: int, scopes: list[str], cost: CallCost) -> Admission | None:
+            try:
+                admission = await gate.admit_waiting(scopes, cost, 600)
+                # at the moment it starts, every call before it on a shared scope has ended
+                overtaken.extend(
+                    (earlier, index)
+                    for earlier, (other, _) in enumerate(calls[:index])
+                    if set(other) & set(scopes) and earlier not in finished
+                )
+                running.append(admission)
+                return admission
+            except BudgetRefused:
+                return None
+            finally:
+                finished.add(index)
+
+        for op in ops:
+            if op[0] == "arrive":
+                scopes = WAIT_SCOPES[op[1]]
+                task = asyncio.create_task(arrive(len(calls), scopes, costs[op[2]]))
+                calls.append((scopes, task))
+            elif op[0] == "settle" and running:
+                settle(gate, running.pop(op[1] % len(running)), 1_000)
+            elif op[0] == "leave" and (waiting := [t for _, t in calls if not t.done()]):
+                waiting[op[1] % len(waiting)].cancel()
+            for _ in range(op[1] if op[0] == "step" else 1):
+                await asyncio.sleep(0)
+        for _ in range(10 * len(calls) + 10):  # everything ends
+            while running:
+                settle(gate, running.pop(), 1_000)
+            for _ in range(3):
+                await asyncio.sleep(0)
+        stuck = [task for _, task in calls if not task.done()]
+        assert not stuck, f"{len(stuck)} calls still wait with nothing in flight"
+        for task in stuck:
+            task.cancel()
+        assert overtaken == [], "a call started while one before it on a shared scope waited"
+        assert gate._queue == {}
+        assert gate.in_flight_count() == 0
+        assert gate.admit(["user:a", "feature:f"], costs["big"]).max_tokens_cap is None
+
+    asyncio.run(run())
