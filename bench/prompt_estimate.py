@@ -3,9 +3,11 @@ what it costs per request, against the rule it replaced (characters / 4, or the 
 
 The estimate reserves room under budget caps before a call is sent: one that counts too
 few tokens lets a call spend past the cap, one that counts far too many holds room (and
-caps ``max_tokens``) for nothing. Exact, here, is the larger of the o200k (gpt-4o, the o
-series) and cl100k (gpt-4, gpt-3.5) counts of the same text, plus the per-message overhead
-both estimates add.
+caps ``max_tokens``) for nothing. A call under a cap is now also counted with its model's
+tokenizer (``tokenize``: o200k for gpt-4o, gpt-4.1, the o series; cl100k for gpt-4, gpt-3.5
+and other providers' models); calls under no cap keep the old rule. Exact, here, is the
+count of that tokenizer plus the per-message overhead both estimates add; each corpus is
+measured for both (o200k first).
 
 Corpora: real text first — the GSM8K prompts and the GPT-4 answers of the shared routing
 data (``data/routing/gsm8k_responses.csv``), this repository's README and its Python
@@ -49,8 +51,9 @@ def old_estimate(messages: list[dict[str, str]]) -> int:
     )
 
 
-def new_estimate(messages: list[dict[str, str]]) -> int:
-    return estimate_message_token_range(messages)[0]
+def new_estimate(encoding: str) -> Callable[[list[dict[str, str]]], int]:
+    """What a call under a cap is reserved on now: its model's tokenizer counts too."""
+    return lambda messages: estimate_message_token_range(messages, tokenize=encoding)[0]
 
 
 def corpora(seed: int) -> dict[str, list[str]]:
@@ -95,11 +98,9 @@ def corpora(seed: int) -> dict[str, list[str]]:
     }
 
 
-def exact_counter() -> Callable[[str], int]:
-    encodings = [bpe_openai.get_encoding(n) for n in ("o200k_base", "cl100k_base")]
-    return lambda text: (
-        MESSAGE_OVERHEAD_TOKENS + max(len(e.encode_ordinary(text)) for e in encodings)
-    )
+def exact_counter(encoding: str) -> Callable[[str], int]:
+    tokenizer = bpe_openai.get_encoding(encoding)
+    return lambda text: MESSAGE_OVERHEAD_TOKENS + len(tokenizer.encode_ordinary(text))
 
 
 def measure(
@@ -129,26 +130,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args(argv)
-    count = exact_counter()
-    new_estimate([{"role": "user", "content": "load the tokenizers"}])  # not timed
     results: dict[str, dict[str, Any]] = {}
     print(
-        f"{'corpus':<24}{'texts':>6}{'chars':>7}  "
+        f"{'corpus':<24}{'tokenizer':>10}{'texts':>6}{'chars':>7}  "
         f"{'under old/new':>14}  {'worst old/new':>14}  {'median old/new':>15}  "
         f"{'highest old/new':>16}  {'µs old/new':>14}"
     )
-    for name, texts in corpora(args.seed).items():
-        exact = [count(t) for t in texts]
-        old, new = measure(texts, old_estimate, exact), measure(texts, new_estimate, exact)
-        results[name] = {"texts": len(texts), "old": old, "new": new}
-        print(
-            f"{name:<24}{len(texts):>6}{old['mean_chars']:>7.0f}  "
-            f"{old['under']:>6.0%} / {new['under']:>4.0%}  "
-            f"{old['worst']:>6.2f} / {new['worst']:>5.2f}  "
-            f"{old['median']:>7.2f} / {new['median']:>5.2f}  "
-            f"{old['highest']:>8.2f} / {new['highest']:>5.2f}  "
-            f"{old['us_per_text']:>6.1f} / {new['us_per_text']:>5.1f}"
-        )
+    texts_of = corpora(args.seed)
+    for encoding in ("o200k_base", "cl100k_base"):
+        count, estimate = exact_counter(encoding), new_estimate(encoding)
+        estimate([{"role": "user", "content": "load the tokenizer"}])  # not timed
+        for name, texts in texts_of.items():
+            exact = [count(t) for t in texts]
+            old, new = measure(texts, old_estimate, exact), measure(texts, estimate, exact)
+            results[f"{name} / {encoding}"] = {"texts": len(texts), "old": old, "new": new}
+            print(
+                f"{name:<24}{encoding[:6]:>10}{len(texts):>6}{old['mean_chars']:>7.0f}  "
+                f"{old['under']:>6.0%} / {new['under']:>4.0%}  "
+                f"{old['worst']:>6.2f} / {new['worst']:>5.2f}  "
+                f"{old['median']:>7.2f} / {new['median']:>5.2f}  "
+                f"{old['highest']:>8.2f} / {new['highest']:>5.2f}  "
+                f"{old['us_per_text']:>6.1f} / {new['us_per_text']:>5.1f}"
+            )
     if args.json_out:
         args.json_out.write_text(json.dumps(results, indent=2))
     return 0

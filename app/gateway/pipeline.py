@@ -48,7 +48,14 @@ from app.metering.usage import (
 )
 from app.metrics import Metrics
 from app.pricing.catalog import PriceCatalog, nanos_to_usd
-from app.pricing.tokens import count_tokens, estimate_message_token_range
+from app.pricing.tokens import (
+    bpe_tokens,
+    count_tokens,
+    encoding_for,
+    estimate_message_token_range,
+    load_tokenizer,
+    tokenizer_loaded,
+)
 from app.validation import first_problem
 
 if TYPE_CHECKING:
@@ -59,6 +66,7 @@ log = logging.getLogger(__name__)
 # Fields only Tollgate understands; never forwarded to a provider.
 TOLLGATE_ONLY_FIELDS = ("user_id", "session_id")
 NATIVE_ONLY_FIELDS = ("user_id", "session_id", "metadata")
+PROMPT_FIELDS = ("tools", "functions", "response_format")  # billed as prompt tokens too
 
 
 @dataclass
@@ -73,6 +81,26 @@ class ChatRequest:
     prompt_tokens_estimate: int
     choices: int = 1  # n: the provider writes (and bills) this many answers, each up to max
     prompt_tokens_floor: int | None = None  # at least this many (None: the estimate)
+    prompt_tokenized: str | None = None  # the encoding the estimate counted with, if any
+
+    async def tokenize_prompt(self) -> None:
+        """Count the prompt with its model's OpenAI tokenizer too (a call under a cap: its
+        reservation must cover its prompt); a tokenizer loads off the event loop."""
+        encoding = encoding_for(self.model)
+        if self.prompt_tokenized == encoding:
+            return
+        if not tokenizer_loaded(encoding):
+            await asyncio.to_thread(load_tokenizer, encoding)
+        estimate, floor = estimate_message_token_range(
+            self.upstream_body["messages"], tokenize=encoding
+        )
+        # Tool (function) definitions and a JSON schema are prompt tokens too, billed with it
+        # (OpenAI renders them in its own format: their JSON is close); they can be large.
+        extra = [self.upstream_body[k] for k in PROMPT_FIELDS if self.upstream_body.get(k)]
+        if extra:
+            estimate += bpe_tokens(orjson.dumps(extra).decode(), encoding)
+        self.prompt_tokens_estimate, self.prompt_tokens_floor = estimate, floor
+        self.prompt_tokenized = encoding
 
     def cap_output(self, tokens: int) -> None:
         """Cap the output at ``tokens`` (the budget gate's decision) in every output-limit
@@ -86,6 +114,7 @@ class ChatRequest:
         return ChatRequest(
             model, {**self.upstream_body, "model": model}, self.stream, self.client_wants_usage,
             self.max_tokens, self.prompt_tokens_estimate, self.choices, self.prompt_tokens_floor,
+            self.prompt_tokenized,
         )  # fmt: skip
 
 
@@ -585,9 +614,12 @@ class Gateway:
         already announced attempt 1)."""
         if not self.upstreams.candidates(chat.model):
             raise ModelNotServed(chat.model, self.upstreams.known_models())
+        scopes = identity_scopes(identity)
+        if self.gate.reservations and any(self.gate.policies.policy_for(s) for s in scopes):
+            await chat.tokenize_prompt()
         try:
             admission = await self.gate.admit_waiting(
-                identity_scopes(identity),
+                scopes,
                 self.call_cost(chat),
                 self.config.budget_queue_wait_s,
                 gone=client_gone,

@@ -75,7 +75,6 @@ from app.metering.ingest import (
 from app.metering.usage import event_time, new_id
 from app.metrics import Metrics
 from app.pricing.catalog import PriceCatalog, usd_text
-from app.pricing.tokens import load_tokenizers
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -922,7 +921,6 @@ def create_app(settings: Settings) -> web.Application:
             app.router.add_route(method, path, handler)
 
     async def lifecycle(app: web.Application) -> Any:
-        await asyncio.to_thread(load_tokenizers)  # the prompt estimate's, before any request
         components = await build_components(settings)
         app[COMPONENTS] = components
         sweeper = asyncio.create_task(sweep_reservations(components), name="reservation-sweep")

@@ -1,54 +1,77 @@
 """Token estimation shared by the dispatcher (reservations, usage-less streams) and the simulator.
 
 The simulator counts with a deterministic rule (one token per started four characters of
-each whitespace-separated chunk, :func:`count_tokens`). The dispatcher's prompt estimate
-also runs OpenAI's tokenizers (``bpe-openai``: GitHub's Rust BPE, its token tables in the
-wheel, so nothing is fetched at run time): characters / 4 is a quarter of the tokens of
-Chinese, emoji or base64. The provider's own count is still what is billed; the estimate is
-used only to reserve room under caps, and where a provider reports no usage (events say so:
-``usage_estimated``).
+each whitespace-separated chunk, :func:`count_tokens`); the request path's cheap estimate is
+characters / 4 or the words. A call that a budget caps is also counted with its model's
+OpenAI tokenizer (o200k or cl100k, :func:`encoding_for`; ``bpe-openai``: GitHub's Rust BPE,
+its token tables in the wheel, so nothing is fetched at run time): characters / 4 is a
+quarter of the tokens of Chinese and a tenth of emoji's, so a reservation fell short of the
+prompt's cost. Only capped calls pay for it (a tokenizer takes 34-76 MB once loaded, and
+about 0.1 ms per KB of prompt: counting every call with both tripled the dispatcher's added
+p99 latency at 64 concurrent calls, ``bench.gateway``).
+The provider's own count is still what is billed; the estimate is used only to reserve
+room under caps, and where a provider reports no usage (events say so: ``usage_estimated``).
 """
 
 from __future__ import annotations
 
 import functools
+import threading
 from typing import Any, Final
 
 import bpe_openai
 
 MESSAGE_OVERHEAD_TOKENS: Final = 4
-# A text up to this many characters is tokenized whole (about 0.1 ms per KB for both
-# tokenizers on the shared 2-core machine, so at most about 5 ms); a longer one is sampled
-# in WINDOWS evenly spaced windows of these characters together, scaled to its length.
-# (bpe-openai refuses a text of more than 200,000 tokens; a character is at most 4.)
+# A text up to this many characters is tokenized whole (at most about 5 ms on the shared
+# 2-core machine); a longer one is sampled in WINDOWS evenly spaced windows of these
+# characters together, scaled to its length. (bpe-openai refuses a text of more than
+# 200,000 tokens; a character is at most 4.)
 WHOLE_CHARS: Final = 49_152
 WINDOWS: Final = 24
+# Model name prefixes (after any "provider/") of o200k's models; the rest count with cl100k:
+# gpt-4 and gpt-3.5 use it, and for other providers' models (no OpenAI tokenizer is theirs)
+# it is the one that counts more: twice o200k's tokens on Chinese, as many on prose.
+O200K_MODELS: Final = ("gpt-4o", "chatgpt-4o", "gpt-4.1", "gpt-4.5", "gpt-5", "gpt-oss",
+                       "o1", "o3", "o4")  # fmt: skip
+_loading = threading.Lock()
+_loaded: set[str] = set()
+
+
+def encoding_for(model: str) -> str:
+    """The OpenAI encoding a prompt for ``model`` is counted with."""
+    name = model.rsplit("/", 1)[-1].lower()
+    return "o200k_base" if name.startswith(O200K_MODELS) else "cl100k_base"
 
 
 @functools.cache
-def _tokenizers() -> tuple[Any, ...]:
-    """o200k (gpt-4o, gpt-4.1, the o series) and cl100k (gpt-4, gpt-3.5). Neither always
-    counts more: cl100k counts twice o200k's tokens on Chinese, o200k one more on a Russian,
-    Japanese and digits string hypothesis found."""
-    return tuple(bpe_openai.get_encoding(name) for name in ("o200k_base", "cl100k_base"))
+def _tokenizer(encoding: str) -> Any:
+    return bpe_openai.get_encoding(encoding)  # o200k: 76 MB once loaded, cl100k: 34 MB
 
 
-def load_tokenizers() -> None:
-    """Load the tokenizers now (about 0.4 s), not on the first request that needs them."""
-    _tokenizers()
+def load_tokenizer(encoding: str) -> None:
+    """Load a tokenizer (about 0.3 s; call it off the event loop the first time)."""
+    if encoding not in _loaded:
+        with _loading:
+            _tokenizer(encoding)
+            _loaded.add(encoding)
 
 
-def bpe_tokens(text: str) -> int:
-    """The most tokens OpenAI's tokenizers count in ``text``: exact up to
-    :data:`WHOLE_CHARS` characters, sampled beyond."""
+def tokenizer_loaded(encoding: str) -> bool:
+    return encoding in _loaded
+
+
+def bpe_tokens(text: str, encoding: str = "cl100k_base") -> int:
+    """OpenAI tokens of ``text`` in ``encoding``: exact up to :data:`WHOLE_CHARS` characters,
+    sampled beyond."""
+    load_tokenizer(encoding)
+    encode = _tokenizer(encoding).encode_ordinary
     try:
         if len(text) <= WHOLE_CHARS:
-            return max(len(t.encode_ordinary(text)) for t in _tokenizers())
+            return len(encode(text))
         size = WHOLE_CHARS // WINDOWS
         step = (len(text) - size) / (WINDOWS - 1)
         sample = [text[round(i * step) : round(i * step) + size] for i in range(WINDOWS)]
-        counted = max(sum(len(t.encode_ordinary(s)) for s in sample) for t in _tokenizers())
-        return -(-counted * len(text) // (size * WINDOWS))
+        return -(-sum(len(encode(s)) for s in sample) * len(text) // (size * WINDOWS))
     except (ValueError, bpe_openai.TokenizerError):  # not expected: bytes bound every BPE
         return len(text.encode("utf-8", "surrogatepass"))
 
@@ -98,27 +121,31 @@ def count_message_tokens(messages: list[Any]) -> int:
     )
 
 
-def estimate_message_tokens(messages: list[Any]) -> int:
-    """A cheap prompt-size estimate for the request path (budget reservations, fallbacks):
-    the first of :func:`estimate_message_token_range`."""
-    return estimate_message_token_range(messages)[0]
+def estimate_message_tokens(messages: list[Any], tokenize: str | None = None) -> int:
+    """A prompt-size estimate for the request path (budget reservations, fallbacks): the
+    first of :func:`estimate_message_token_range`."""
+    return estimate_message_token_range(messages, tokenize)[0]
 
 
-def estimate_message_token_range(messages: list[Any]) -> tuple[int, int]:
+def estimate_message_token_range(
+    messages: list[Any], tokenize: str | None = None
+) -> tuple[int, int]:
     """(estimate, floor) of the prompt tokens of chat ``messages``, cheaply: validates like
     :func:`count_message_tokens`, then counts characters and words (measured on the shared
     2-core machine, busy: 2.4 µs for a one-line prompt, 150 µs for 18 KB of prose, where
     characters alone took 0.5 µs; a prompt that size takes the provider seconds).
 
-    - estimate: the most of characters / 4, the words (every whitespace-separated word is
-      at least one token for BPE tokenizers and the simulator: 7,000 one-letter words are
-      7,000 tokens, not 3,500) and OpenAI's tokenizer (:func:`bpe_tokens`: Chinese is about
-      one token per character, not a quarter). It may be high by a quarter or more (long
-      words: 3,900 "word"s are 3,904 tokens, estimated 4,880).
+    - estimate: the most of characters / 4 and the words (every whitespace-separated word
+      is at least one token for BPE tokenizers and the simulator: 7,000 one-letter words
+      are 7,000 tokens, not 3,500), and with ``tokenize`` (an encoding: :func:`encoding_for`
+      the model), OpenAI's count (:func:`bpe_tokens`: Chinese is about one token per
+      character in cl100k, not a quarter). It
+      may be high by a quarter or more (long words: 3,900 "word"s are 3,904 tokens,
+      estimated 4,880).
     - floor: what the prompt costs at least, for refusing a call on its prompt alone (a
       user under the cap must not be refused on an estimate that is too high): the words,
       or characters other than spaces / 8 if more (text without spaces), but never more
-      than OpenAI's tokenizer counts (32 "=" are one token).
+      than OpenAI's tokenizer counts, with ``tokenize`` (32 "=" are one token).
     """
     estimate = floor = 0
     for message in messages:
@@ -126,7 +153,10 @@ def estimate_message_token_range(messages: list[Any]) -> tuple[int, int]:
         chars = sum(len(t) for t in texts)
         words = sum(len(t.split()) for t in texts)
         spaces = sum(t.count(" ") + t.count("\n") + t.count("\t") for t in texts)
-        tokens = sum(bpe_tokens(t) for t in texts)
-        estimate += MESSAGE_OVERHEAD_TOKENS + max((chars + 3) // 4, words, tokens)
-        floor += MESSAGE_OVERHEAD_TOKENS + min(max(words, (chars - spaces) // 8), tokens)
+        cheap, least = max((chars + 3) // 4, words), max(words, (chars - spaces) // 8)
+        if tokenize:
+            tokens = sum(bpe_tokens(t, tokenize) for t in texts)
+            cheap, least = max(cheap, tokens), min(least, tokens)
+        estimate += MESSAGE_OVERHEAD_TOKENS + cheap
+        floor += MESSAGE_OVERHEAD_TOKENS + least
     return estimate, floor

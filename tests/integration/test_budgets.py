@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import bpe_openai
 import httpx
 import pytest
 
@@ -363,3 +364,29 @@ def test_every_choice_of_n_is_priced_so_n_cannot_overshoot_a_cap(stack: Stack) -
     usage = asyncio.run(read_events(stack.settings, "usage", at_least=1))
     (mine,) = [u for u in usage if u["user_id"] == "nina"]
     assert mine["cost_usd_nanos"] <= 20_000_000, mine  # the cap, whatever n asked for
+
+
+def test_a_capped_calls_prompt_is_counted_with_openais_tokenizer(stack: Stack) -> None:
+    """Characters / 4 is a quarter of the tokens of Chinese: a capped call's reservation
+    fell short of its prompt's cost. A call under a cap is counted with OpenAI's tokenizer
+    (the Request event's estimate is what the gate reserved on); an uncapped one is not
+    (the tokenizer costs latency and memory, and nothing is reserved for it)."""
+    prompt = "请为我们最大的客户起草续约邮件。说明新的价格和服务条款。" * 40  # 1,160 characters
+    expected = len(bpe_openai.get_encoding("o200k_base").encode_ordinary(prompt))  # gpt-4o's
+    assert expected > 1.5 * (len(prompt) // 4)
+    put = httpx.put(f"{stack.url}/v1/budgets/user:mei", json={"period": "month", "limit_usd": 5})
+    assert put.status_code == 200, put.text
+    wait_for_policy(stack.url, "user:mei")
+    body = {**CALL, "messages": [{"role": "user", "content": prompt}]}
+    for user in ("mei", "uncapped-lin"):
+        response = httpx.post(
+            f"{stack.url}/v1/chat/completions",
+            json=body,
+            headers={"X-Tollgate-User": user, **FIXED_OUTPUT},
+            timeout=30,
+        )
+        assert response.status_code == 200, response.text
+    requests = asyncio.run(read_events(stack.settings, "requests", at_least=2))
+    estimates = {r["user_id"]: r["prompt_tokens_estimated"] for r in requests}
+    assert estimates["mei"] == expected + 4  # and the message's overhead
+    assert estimates["uncapped-lin"] == (len(prompt) + 3) // 4 + 4
