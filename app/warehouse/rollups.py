@@ -15,6 +15,12 @@ by that table, then inserts each direct rollup again with its view's own query o
 raw rows of those hours (``FINAL``: each event once), which fills the hourly rollups in
 turn. The queries are read from the views' definitions in ``deploy/clickhouse``, so a
 rollup added there is rebuilt too. Rebuilding an hour that was complete changes nothing.
+
+A rollup with a TTL (``usage_user_minute``: 3 days) cannot be checked for an hour its TTL
+may have dropped rows of, nor can the rollups fed from it (``usage_user_hour``): the check
+of such an hour reads the others (before, every check of an older hour found it short, and
+rebuilt it). A rebuild still rebuilds them all: the hourly rollup is refilled through the
+minute one, whose rows the TTL then drops.
 """
 
 from __future__ import annotations
@@ -35,6 +41,13 @@ HOUR = timedelta(hours=1)
 _VIEW = re.compile(
     r"CREATE MATERIALIZED VIEW IF NOT EXISTS (\w+) TO (\w+) AS\s+(.*)", re.DOTALL | re.IGNORECASE
 )
+_TTL = re.compile(
+    r"\bTTL\s+\w+\s*\+\s*toInterval(Second|Minute|Hour|Day|Week|Month|Quarter|Year)\((\d+)\)"
+)
+# The longest each unit may be: an hour is skipped only once its rows surely may be dropped.
+_UNIT = {"Second": timedelta(seconds=1), "Minute": timedelta(minutes=1), "Hour": HOUR,
+         "Day": timedelta(days=1), "Week": timedelta(weeks=1), "Month": timedelta(days=31),
+         "Quarter": timedelta(days=92), "Year": timedelta(days=366)}  # fmt: skip
 _NEW_QUERY = re.compile(r"ALTER TABLE (\w+) MODIFY QUERY\s+(.*)", re.DOTALL | re.IGNORECASE)
 # Migrations that change a view's query, and which hours of its raw table stored before then
 # the new query counts differently: they are rebuilt once that migration is applied.
@@ -136,11 +149,36 @@ def _measures(client: Any, table: str) -> tuple[bool, list[str]]:
     return "Summing" in str(engine), [c[0] for c in columns if c[0] not in keys]
 
 
+def _ttl(client: Any, table: str) -> timedelta | None:
+    (query,) = client.query(
+        "SELECT create_table_query FROM system.tables "
+        "WHERE database = currentDatabase() AND name = %(t)s",
+        parameters={"t": table},
+    ).result_rows[0]
+    found = _TTL.search(str(query))
+    return None if found is None else int(found.group(2)) * _UNIT[found.group(1)]
+
+
+def _past_ttl(client: Any, table: str, start: datetime) -> set[str]:
+    """The rollups ``table`` feeds that cannot hold all of the hour from ``start``: their TTL
+    may have dropped some of its rows, or that of a rollup they are fed from."""
+    now, gone = datetime.now(UTC), set()
+    for rollup in fed_by(table):  # sources before the rollups they feed
+        ttl = _ttl(client, rollup.target)
+        if rollup.source in gone or (ttl is not None and start + ttl <= now):
+            gone.add(rollup.target)
+    return gone
+
+
 def complete(client: Any, table: str, start: datetime) -> bool:
     """Whether every rollup ``table`` feeds holds what its query gives over the hour from
-    ``start``: the same sums (a summing rollup), or the same rows (a deduplicating one)."""
+    ``start``: the same sums (a summing rollup), or the same rows (a deduplicating one).
+    Rollups past their TTL for that hour are not checked."""
     bounds = {"lo": start, "hi": start + HOUR}
+    gone = _past_ttl(client, table, start)
     for rollup in fed_by(table):
+        if rollup.target in gone:
+            continue
         query = re.sub(
             rf"\bFROM\s+{rollup.source}\b",
             f"FROM {_hour_of(client, rollup.source, table)}",
