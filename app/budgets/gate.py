@@ -27,8 +27,10 @@ Admission, per capped scope, with ``room = limit - counted - not yet counted``:
   last, so they have ended by then), then is refused as "requests in flight
   would exceed the limit" if it still does not fit.
 - Calls waiting for room are served in the order they started waiting: while
-  any wait on a scope, a call that arrives waits behind them, even one that
-  would fit (else a call needing much room is overtaken for ever by small ones).
+  any wait for room on a scope, a call that arrives waits behind them, even one
+  that would fit (else a call needing much room is overtaken for ever by small
+  ones). A call is in line only on the scopes it waited for room on: calls
+  waiting on their user's cap do not hold up other users of a shared cap.
 
 So the worst cases in flight never exceed the room: a dispatcher's own calls
 overshoot a cap by at most the prompt of one lone call whose prompt alone
@@ -44,6 +46,7 @@ Does not own HTTP (the refusal is ``BudgetRefused``; the web layer maps it to 40
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import itertools
 import threading
@@ -299,7 +302,7 @@ class BudgetGate:
                     )  # fmt: skip
             cap, worst = None, cost.worst_nanos
             if capped and self.reservations:
-                cap, worst = self._output_cap(capped, cost, ticket is not None)
+                cap, worst = self._output_cap(capped, cost, ticket)
             expected = min(
                 cost.expected_output_tokens, cost.max_output_tokens if cap is None else cap
             )
@@ -326,8 +329,13 @@ class BudgetGate:
                 if not queue:
                     del self._queue[scope]
 
+    def _sharers(self, scope: str, ticket: int | None) -> int:
+        """The calls the room of ``scope`` is shared by: in flight, in line, and this one."""
+        line = self._queue.get(scope, [])
+        return 1 + self._calls.get(scope, 0) + len(line) - (ticket is not None and ticket in line)
+
     def _output_cap(
-        self, capped: list[tuple[str, ScopeStatus]], cost: CallCost, queued: bool = False
+        self, capped: list[tuple[str, ScopeStatus]], cost: CallCost, ticket: int | None = None
     ) -> tuple[int | None, int]:
         """(output cap or None, worst case) such that every scope's worst cases in flight stay
         within its room; raises ``BudgetRefused`` when the call must wait or be refused."""
@@ -337,11 +345,7 @@ class BudgetGate:
         # room (known demand) and itself. A call whose worst case is more would hold the room
         # that the calls arriving with it need (the first three of 48 concurrent calls without
         # max_tokens held $0.49 of a $0.50 cap for answers of $0.009).
-        share = min(
-            room[scope]
-            // (1 + self._calls.get(scope, 0) + len(self._queue.get(scope, ())) - queued)
-            for scope, _ in capped
-        )
+        share = min(room[scope] // self._sharers(scope, ticket) for scope, _ in capped)
         if cost.worst_nanos <= share:  # alone and nobody waiting: the whole room
             return None, cost.worst_nanos
         # The prompt, known before the call, and one output token: at least (the prompt's
@@ -397,12 +401,16 @@ class BudgetGate:
                         raise
                     if refusal.awaiting_count_s:
                         left = min(left, refusal.awaiting_count_s)
-                    elif ticket is None:  # waiting for room: in line, and the calls admitted
-                        with self._lock:  # meanwhile leave it its share
-                            ticket = next(self._tickets)
-                            for scope in scopes:
-                                if self.policies.policy_for(scope) is not None:
-                                    self._queue.setdefault(scope, []).append(ticket)
+                    else:
+                        # Waiting for room on that scope: in line there, and only there (a
+                        # call waiting on its user's cap holds up no other user of their
+                        # feature's); the calls admitted meanwhile leave it its share.
+                        with self._lock:
+                            if ticket is None:
+                                ticket = next(self._tickets)
+                            line = self._queue.setdefault(refusal.status.scope, [])
+                            if ticket not in line:
+                                bisect.insort(line, ticket)
                 if gone is not None:
                     left = min(left, GONE_CHECK_S)
                 with contextlib.suppress(TimeoutError):

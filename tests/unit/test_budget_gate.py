@@ -360,6 +360,32 @@ async def test_a_call_waiting_for_room_is_not_overtaken_by_the_calls_that_arrive
     assert spent(gate, "user:carol") < usd(0.01)
 
 
+async def test_calls_waiting_on_their_own_users_cap_do_not_hold_up_others_on_a_shared_cap() -> None:
+    """Session 15's probe: user A, near their own cap, had calls waiting for room; user B,
+    with no cap of their own, waited behind them on the feature cap they share (140 s, and
+    590 s behind streams), though the feature's cap was almost unspent. A call waits in
+    line only on the scopes where it waits for room."""
+    gate = gate_with(policies(**{"user:a": 0.2, "feature:f": 5}))
+    a_scopes, b_scopes = ["user:a", "feature:f"], ["user:b", "feature:f"]
+    cost = call(usd(0.1), expected=usd(0.05))  # its realistic output: all of its worst case
+    a_running = [gate.admit(a_scopes, cost) for _ in range(2)]
+    a_waiting = [asyncio.create_task(gate.admit_waiting(a_scopes, cost, 600)) for _ in range(5)]
+    await asyncio.sleep(0)
+    assert not any(t.done() for t in a_waiting)  # user:a's room is held by its calls
+    b = asyncio.create_task(gate.admit_waiting(b_scopes, cost, 600))
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert b.done(), "B waited behind A's calls on the feature's cap"
+    assert b.result().max_tokens_cap is None  # far under the feature's cap: as asked
+    for admission in a_running:  # and A's calls still go in their order as A's room frees
+        settle(gate, admission, 1_000)
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert sum(t.done() for t in a_waiting) >= 1
+    for task in a_waiting:
+        task.cancel()
+
+
 def test_a_model_whose_recent_answers_were_tiny_does_not_cut_a_capped_users_answers_to_nothing() -> (
     None
 ):
@@ -960,9 +986,10 @@ WAIT_OPS = st.lists(
 @given(WAIT_OPS)
 def test_waiting_calls_go_in_order_and_never_leave_a_scope_blocked(ops: list[Any]) -> None:
     """Whatever the order of arrivals, settlements and clients leaving: a call never starts
-    while one that came before it still waits on a scope they share, and once every call
-    has ended nothing is left in line (a ticket left behind would block its scopes for ever,
-    as a leaked reservation once blocked a whole feature)."""
+    while one that came before it with the same scopes (waiting for the same rooms) still
+    waits, and once every call has ended nothing is left in line (a ticket left behind
+    would block its scopes for ever, as a leaked reservation once blocked a whole feature).
+    Calls of other users may pass a call waiting on its own user's cap."""
 
     async def run() -> None:
         gate = gate_with(policies(**{"user:a": 1, "user:b": 1, "feature:f": 1.5}))
@@ -975,11 +1002,11 @@ def test_waiting_calls_go_in_order_and_never_leave_a_scope_blocked(ops: list[Any
         async def arrive(index: int, scopes: list[str], cost: CallCost) -> Admission | None:
             try:
                 admission = await gate.admit_waiting(scopes, cost, 600)
-                # at the moment it starts, every call before it on a shared scope has ended
+                # at the moment it starts, every call before it with its scopes has ended
                 overtaken.extend(
                     (earlier, index)
                     for earlier, (other, _) in enumerate(calls[:index])
-                    if set(other) & set(scopes) and earlier not in finished
+                    if other == scopes and earlier not in finished
                 )
                 running.append(admission)
                 return admission
@@ -1008,7 +1035,7 @@ def test_waiting_calls_go_in_order_and_never_leave_a_scope_blocked(ops: list[Any
         assert not stuck, f"{len(stuck)} calls still wait with nothing in flight"
         for task in stuck:
             task.cancel()
-        assert overtaken == [], "a call started while one before it on a shared scope waited"
+        assert overtaken == [], "a call started while one before it with its scopes waited"
         assert gate._queue == {}
         assert gate.in_flight_count() == 0
         assert gate.admit(["user:a", "feature:f"], costs["big"]).max_tokens_cap is None
