@@ -94,11 +94,14 @@ class ChatRequest:
         estimate, floor = estimate_message_token_range(
             self.upstream_body["messages"], tokenize=encoding
         )
-        # Tool (function) definitions and a JSON schema are prompt tokens too, billed with it
-        # (OpenAI renders them in its own format: their JSON is close); they can be large.
+        # Tool (function) definitions and a JSON schema are prompt tokens too, billed with it,
+        # and they can be large. OpenAI renders them in its own format, more compact than
+        # their JSON: counted whole in the estimate, half in the floor (what the prompt costs
+        # at least; a 3.27 MB `tools` under a $0.01 cap was served when they were left out).
         extra = [self.upstream_body[k] for k in PROMPT_FIELDS if self.upstream_body.get(k)]
         if extra:
-            estimate += bpe_tokens(orjson.dumps(extra).decode(), encoding)
+            tools = bpe_tokens(orjson.dumps(extra).decode(), encoding)
+            estimate, floor = estimate + tools, floor + tools // 2
         self.prompt_tokens_estimate, self.prompt_tokens_floor = estimate, floor
         self.prompt_tokenized = encoding
 

@@ -88,7 +88,7 @@ def test_the_estimate_covers_what_openai_tokenizers_count(texts: list[str]) -> N
     messages = [{"role": "user", "content": text} for text in texts]
     for encoding, count in zip(("o200k_base", "cl100k_base"), openai_counts(messages), strict=True):
         estimate, floor = estimate_message_token_range(messages, tokenize=encoding)
-        assert estimate >= count
+        assert estimate >= max(count, count_message_tokens(messages))  # and the simulator's
         assert floor <= min(count, count_message_tokens(messages))
 
 
@@ -174,8 +174,70 @@ def test_a_capped_calls_tool_definitions_count_as_prompt() -> None:
         )
     )
     assert chat.prompt_tokens_estimate >= before + schema > 2_000
-    assert chat.prompt_tokens_floor is not None and chat.prompt_tokens_floor <= before
+    # at least half of them: OpenAI renders tools more compactly than their JSON
+    assert chat.prompt_tokens_floor is not None
+    assert 5 + schema // 2 - 1 <= chat.prompt_tokens_floor <= before + schema // 2
     assert chat.prompt_tokenized == "o200k_base"
     again = chat.retarget("gpt-4")  # another tokenizer: counted again with it
     asyncio.run(again.tokenize_prompt())
     assert again.prompt_tokenized == "cl100k_base"
+
+
+def test_earlier_tool_calls_and_names_are_prompt_too() -> None:
+    """Session 15's probe: 60 KB of earlier tool-call arguments in the history were reserved
+    as 14 tokens (19,219 real); a message's ``name`` was not counted either. Both are sent
+    to the model and billed; the simulator bills them too, so the sandbox shows it."""
+    arguments = json.dumps(
+        {"rows": [{"id": i, "note": f"invoice {i} paid late"} for i in range(1500)]}
+    )
+    messages = [
+        {"role": "user", "content": "Reconcile the invoices.", "name": "accounts_payable_bot"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "c1",
+                    "type": "function",
+                    "function": {"name": "load", "arguments": arguments},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "ok"},
+        {"role": "assistant", "function_call": {"name": "legacy", "arguments": arguments}},
+    ]
+    o200k = bpe_openai.get_encoding("o200k_base")
+    billed = 2 * len(o200k.encode_ordinary(arguments))
+    estimate, floor = estimate_message_token_range(messages, "o200k_base")
+    assert estimate >= billed
+    assert floor <= count_message_tokens(messages)
+    # the cheap rule (uncapped calls) sees them too: characters / 4 of dense JSON, 23 before
+    assert estimate_message_token_range(messages)[0] >= billed // 2
+    assert count_message_tokens(messages) >= billed // 2  # and the simulator bills them
+
+
+def test_a_capped_calls_tools_count_in_what_its_prompt_costs_at_least() -> None:
+    """Session 15's probe: a 3.27 MB ``tools`` array (943,830 tokens, $2.36 at gpt-4o) was
+    served under a $0.01 cap with one output token: the tools were in the reservation but
+    not in the prompt's floor, which refuses a prompt that alone crosses the cap."""
+    tools = [
+        {"type": "function", "function": {"name": f"f{i}", "description": "x " * 400}}
+        for i in range(50)
+    ]
+    chat = parse_chat_request(
+        {"model": "gpt-4o", "messages": [{"role": "user", "content": "Hi"}], "tools": tools}
+    )
+    asyncio.run(chat.tokenize_prompt())
+    assert chat.prompt_tokens_floor is not None and chat.prompt_tokens_floor >= 10_000
+
+
+def test_a_capped_prompt_of_short_words_covers_what_the_simulator_bills() -> None:
+    """Session 15's probe: prose of five-letter words is one o200k token a word, two in the
+    bundled simulator's count (one per started four characters), 1.5 by characters / 4: a
+    cap was crossed by 20 % in the sandbox, past the 10 % the README promises."""
+    messages = [{"role": "user", "content": "house water light green paper " * 500}]
+    o200k, _ = openai_counts(messages)
+    assert o200k < count_message_tokens(messages)
+    estimate, floor = estimate_message_token_range(messages, "o200k_base")
+    assert estimate >= count_message_tokens(messages)
+    assert floor <= o200k
