@@ -367,9 +367,11 @@ class BudgetGate:
         if fits >= target:
             tokens = min(fits, max(target, fit_output_tokens(cost, share)))
             return tokens, cost.price(tokens)
-        if all(s.worst_in_flight_nanos == 0 for _, s in capped):
-            # Nothing in flight, so nothing to wait for: serve it, with as much output as is
-            # left (at least one token). A user under the cap is never refused by a
+        short = [s for scope, s in capped if fit_output_tokens(cost, room[scope]) < target]
+        if all(s.worst_in_flight_nanos == 0 for s in short):
+            # Nothing in flight where the room is short, so nothing to wait for (calls on a
+            # shared cap with room enough free none of it): serve it, with as much output as
+            # is left (at least one token). A user under the cap is never refused by a
             # one-at-a-time client, nor are calls left waiting for a settlement to come.
             tokens = max(1, fits)
             return tokens, cost.price(tokens)

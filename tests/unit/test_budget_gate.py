@@ -386,6 +386,19 @@ async def test_calls_waiting_on_their_own_users_cap_do_not_hold_up_others_on_a_s
         task.cancel()
 
 
+def test_a_user_near_their_cap_does_not_wait_for_other_users_calls_on_a_shared_cap() -> None:
+    """Session 15's second probe: a user near their own cap, with no call of their own in
+    flight, waited for other users' calls on the feature cap they share (44-365 s, then a
+    402): the lone-call rule asked every capped scope to be empty. Only the scopes whose
+    room is too small matter: waiting for calls elsewhere frees none of it."""
+    gate = gate_with(policies(**{"user:a": 0.001, "feature:f": 100}))
+    others = gate.admit(["user:b", "feature:f"], call(usd(1), expected=1_000))
+    admission = gate.admit(["user:a", "feature:f"], call(usd(0.01), expected=usd(0.005)))
+    assert admission.max_tokens_cap is not None
+    assert admission.max_tokens_cap <= usd(0.001)  # within user:a's room
+    settle(gate, others, 1_000)
+
+
 def test_a_model_whose_recent_answers_were_tiny_does_not_cut_a_capped_users_answers_to_nothing() -> (
     None
 ):

@@ -241,3 +241,14 @@ def test_a_capped_prompt_of_short_words_covers_what_the_simulator_bills() -> Non
     estimate, floor = estimate_message_token_range(messages, "o200k_base")
     assert estimate >= count_message_tokens(messages)
     assert floor <= o200k
+
+
+def test_a_capped_prompts_floor_is_what_openai_or_the_simulator_bills_at_least() -> None:
+    """Session 15's second probe: the floor was the words (or characters / 8), so a lone
+    call with a Chinese prompt whose estimate did not fit was served on it, and crossed a
+    $0.01 cap by 90 % in the sandbox (12 times over with gpt-4o's real count)."""
+    messages = [{"role": "user", "content": "请为我们最大的客户起草续约邮件" * 300}]
+    o200k, _ = openai_counts(messages)
+    _, floor = estimate_message_token_range(messages, "o200k_base")
+    assert floor == min(o200k, count_message_tokens(messages))
+    assert floor > 1.9 * estimate_message_token_range(messages)[1]  # the heuristic floor
