@@ -19,14 +19,23 @@ Reported per corpus and estimator: the share of texts estimated below the exact 
 (a reservation too small), the worst and median estimate / exact, and the wall time per
 text (``perf_counter_ns``; noisy on a shared machine, the process CPU time is printed too).
 
+Then long prompts (:func:`long_prompts`): the count a capped call of 100 KB to 3.8 MB is
+reserved on, by session 15's rule (a text over 49,152 characters sampled in 24 windows,
+re-implemented here as the baseline) and counted whole now, against the tokenizer's count
+of the whole text; and the longest the event loop waited while one such prompt was
+counted (a task that only yields, timed between its turns), counted in one go against
+:func:`count_prompt`, which hands the loop back between pieces.
+
 Run ``python -m bench.prompt_estimate`` (``--json-out FILE``).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import csv
+import functools
 import json
 import random
 import statistics
@@ -37,7 +46,12 @@ from typing import Any
 
 import bpe_openai
 
-from app.pricing.tokens import MESSAGE_OVERHEAD_TOKENS, estimate_message_token_range
+from app.pricing.tokens import (
+    MESSAGE_OVERHEAD_TOKENS,
+    bpe_tokens,
+    count_prompt,
+    estimate_message_token_range,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 GSM8K = ROOT / "data" / "routing" / "gsm8k_responses.csv"
@@ -125,6 +139,86 @@ def measure(
     }
 
 
+def sampled_tokens(text: str, encoding: str, windows: int = 24, whole: int = 49_152) -> int:
+    """Session 15's count of a long text: 24 windows of 2,048 characters, evenly spaced,
+    scaled to the text's length (the baseline; texts up to 49,152 characters were whole)."""
+    if len(text) <= whole:
+        return bpe_tokens(text, encoding)
+    size = whole // windows
+    step = (len(text) - size) / (windows - 1)
+    sample = [text[round(i * step) : round(i * step) + size] for i in range(windows)]
+    return -(-sum(bpe_tokens(s, encoding) for s in sample) * len(text) // (size * windows))
+
+
+def long_prompts(seed: int) -> dict[str, list[dict[str, str]]]:
+    rng = random.Random(seed)
+    crafted = list("🙂🚀👍" * 133_334)[:400_000]  # cheap "=" where the 24 windows fall
+    step = (len(crafted) - 2_048) / 23
+    for i in range(24):
+        crafted[round(i * step) : round(i * step) + 2_048] = "=" * 2_048
+    prose = " ".join(
+        rng.choice(["invoice", "customer", "renewal", "quarter", "the", "a", "of"])
+        for _ in range(150_000)
+    )
+    return {
+        "crafted windows, 400 KB": [{"role": "user", "content": "".join(crafted)}],
+        "prose, 1 message of 1.1 MB": [{"role": "user", "content": prose}],
+        "Chinese, 80 messages of 48 KB": [
+            {"role": "user", "content": "请为我们最大的客户起草续约邮件" * 3_200}
+        ]
+        * 80,
+    }
+
+
+async def loop_hold(count: Callable[[], Any]) -> tuple[float, float]:
+    """(longest wait of the event loop, wall time) in ms while ``count()`` runs on it."""
+    gaps: list[float] = []
+
+    async def ticker() -> None:
+        last = time.perf_counter()
+        while True:
+            await asyncio.sleep(0)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    task = asyncio.create_task(ticker())
+    await asyncio.sleep(0)
+    start = time.perf_counter()
+    result = count()
+    if asyncio.iscoroutine(result):
+        await result
+    wall = time.perf_counter() - start
+    await asyncio.sleep(0)
+    task.cancel()
+    return max(gaps) * 1000, wall * 1000
+
+
+def measure_long(seed: int, encoding: str = "o200k_base") -> dict[str, dict[str, float]]:
+    results: dict[str, dict[str, float]] = {}
+    for name, messages in long_prompts(seed).items():
+        texts = [m["content"] for m in messages]
+        exact = sum(MESSAGE_OVERHEAD_TOKENS + bpe_tokens(t, encoding) for t in texts)
+        sampled = MESSAGE_OVERHEAD_TOKENS * len(texts) + sampled_tokens("\n".join(texts), encoding)
+        whole = estimate_message_token_range(messages, encoding)[0]
+        held_before, wall_before = asyncio.run(
+            loop_hold(functools.partial(estimate_message_token_range, messages, encoding))
+        )
+        held_now, wall_now = asyncio.run(
+            loop_hold(functools.partial(count_prompt, messages, encoding))
+        )
+        results[name] = {
+            "exact": exact, "sampled": sampled, "whole": whole,
+            "held_ms_one_go": held_before, "held_ms_pieces": held_now,
+            "wall_ms_one_go": wall_before, "wall_ms_pieces": wall_now,
+        }  # fmt: skip
+        print(
+            f"{name:<32}{exact:>10}{sampled / exact:>9.3f}{whole / exact:>8.3f}"
+            f"{held_before:>10.1f}{held_now:>8.1f}{wall_before:>9.0f}{wall_now:>7.0f}"
+        )
+    return results
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed", type=int, default=1)
@@ -152,6 +246,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{old['highest']:>8.2f} / {new['highest']:>5.2f}  "
                 f"{old['us_per_text']:>6.1f} / {new['us_per_text']:>5.1f}"
             )
+    print(
+        f"\n{'long prompt (o200k)':<32}{'exact':>10}{'sampled':>9}{'whole':>8}"
+        f"{'held ms':>10}{'now':>8}{'wall ms':>9}{'now':>7}"
+    )
+    results["long prompts"] = measure_long(args.seed)
     if args.json_out:
         args.json_out.write_text(json.dumps(results, indent=2))
     return 0

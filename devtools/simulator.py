@@ -16,7 +16,8 @@ Behaviour of ``/v1/chat/completions``:
 
 * ``usage.prompt_tokens`` is :func:`count_message_tokens` of the request messages:
   :func:`count_tokens` of every text content (a string or ``{"type": "text"}`` parts)
-  plus :data:`MESSAGE_OVERHEAD_TOKENS` per message.
+  plus :data:`MESSAGE_OVERHEAD_TOKENS` per message, plus :func:`count_field_tokens` of
+  its ``tools``, ``functions`` and ``response_format`` (billed as prompt, as OpenAI does).
 * The natural completion length is a deterministic, hash-seeded lognormal draw from
   the messages (the same messages always give the same length, on every model and
   every run). It is capped by ``max_completion_tokens`` (or ``max_tokens``) and by
@@ -69,13 +70,20 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
-from app.pricing.tokens import MESSAGE_OVERHEAD_TOKENS, count_message_tokens, count_tokens
+from app.pricing.tokens import (
+    MESSAGE_OVERHEAD_TOKENS,
+    PROMPT_FIELDS,
+    count_field_tokens,
+    count_message_tokens,
+    count_tokens,
+)
 
 __all__ = [
     "DEFAULT_MODELS",
     "MESSAGE_OVERHEAD_TOKENS",
     "SimModel",
     "SimulatorConfig",
+    "count_field_tokens",
     "count_message_tokens",
     "count_tokens",
     "create_app",
@@ -487,7 +495,9 @@ async def _complete(request: web.Request, state: _SimState) -> web.StreamRespons
     if limit is None:
         limit = _positive_int_param(body, "max_tokens")
     try:
-        prompt_tokens = count_message_tokens(messages)
+        prompt_tokens = count_message_tokens(messages) + count_field_tokens(
+            [body[k] for k in PROMPT_FIELDS if body.get(k)]
+        )
     except ValueError as exc:
         raise _RequestError(400, str(exc), param="messages") from None
 

@@ -49,12 +49,11 @@ from app.metering.usage import (
 from app.metrics import Metrics
 from app.pricing.catalog import PriceCatalog, nanos_to_usd
 from app.pricing.tokens import (
-    bpe_tokens,
+    PROMPT_FIELDS,
+    count_prompt,
     count_tokens,
     encoding_for,
     estimate_message_token_range,
-    load_tokenizer,
-    tokenizer_loaded,
 )
 from app.validation import first_problem
 
@@ -66,7 +65,6 @@ log = logging.getLogger(__name__)
 # Fields only Tollgate understands; never forwarded to a provider.
 TOLLGATE_ONLY_FIELDS = ("user_id", "session_id")
 NATIVE_ONLY_FIELDS = ("user_id", "session_id", "metadata")
-PROMPT_FIELDS = ("tools", "functions", "response_format")  # billed as prompt tokens too
 
 
 @dataclass
@@ -85,24 +83,17 @@ class ChatRequest:
 
     async def tokenize_prompt(self) -> None:
         """Count the prompt with its model's OpenAI tokenizer too (a call under a cap: its
-        reservation must cover its prompt); a tokenizer loads off the event loop."""
+        reservation must cover its prompt), whole, handing the event loop back between
+        pieces. Tool (function) definitions and a JSON schema are prompt tokens too, billed
+        with it, and they can be large (a 3.27 MB `tools` under a $0.01 cap was served when
+        they were left out): :func:`count_prompt` counts them."""
         encoding = encoding_for(self.model)
         if self.prompt_tokenized == encoding:
             return
-        if not tokenizer_loaded(encoding):
-            await asyncio.to_thread(load_tokenizer, encoding)
-        estimate, floor = estimate_message_token_range(
-            self.upstream_body["messages"], tokenize=encoding
+        fields = [self.upstream_body[k] for k in PROMPT_FIELDS if self.upstream_body.get(k)]
+        self.prompt_tokens_estimate, self.prompt_tokens_floor = await count_prompt(
+            self.upstream_body["messages"], encoding, fields
         )
-        # Tool (function) definitions and a JSON schema are prompt tokens too, billed with it,
-        # and they can be large. OpenAI renders them in its own format, more compact than
-        # their JSON: counted whole in the estimate, half in the floor (what the prompt costs
-        # at least; a 3.27 MB `tools` under a $0.01 cap was served when they were left out).
-        extra = [self.upstream_body[k] for k in PROMPT_FIELDS if self.upstream_body.get(k)]
-        if extra:
-            tools = bpe_tokens(orjson.dumps(extra).decode(), encoding)
-            estimate, floor = estimate + tools, floor + tools // 2
-        self.prompt_tokens_estimate, self.prompt_tokens_floor = estimate, floor
         self.prompt_tokenized = encoding
 
     def cap_output(self, tokens: int) -> None:

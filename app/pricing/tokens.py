@@ -15,24 +15,41 @@ room under caps, and where a provider reports no usage (events say so: ``usage_e
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import re
 import threading
-from typing import Any, Final
+from collections.abc import Generator, Iterator
+from typing import Any, Final, TypeVar, cast
 
 import bpe_openai
+import bpe_openai._bindings
+import orjson
+
+_T = TypeVar("_T")
 
 MESSAGE_OVERHEAD_TOKENS: Final = 4
-# A text up to this many characters is tokenized whole (at most about 5 ms on the shared
-# 2-core machine); a longer one is sampled in WINDOWS evenly spaced windows of these
-# characters together, scaled to its length. (bpe-openai refuses a text of more than
-# 200,000 tokens; a character is at most 4.)
-WHOLE_CHARS: Final = 49_152
-WINDOWS: Final = 24
+# A text is counted in pieces of about this many characters, and a count hands the event
+# loop back between pieces (:func:`count_prompt`): 1-2 ms each on the shared 2-core machine.
+# A capped request of 80 messages of 49,000 characters, counted in one go, held every other
+# call for 0.35 s in session 15's probe (and the tokenizer holds the GIL: a thread does not
+# help). Every text is counted whole: one sampled in windows was undercounted 120 times
+# over by a prompt crafted to be cheap where the windows fell.
+PIECE_CHARS: Final = 16_384
+# Tokens a cut inside a word (a text without a space for half a piece: Chinese, emoji) may
+# move a count by, either way: BPE merges across the cut are lost, or start differently.
+CUT_MARGIN: Final = 2
 # Model name prefixes (after any "provider/") of o200k's models; the rest count with cl100k:
 # gpt-4 and gpt-3.5 use it, and for other providers' models (no OpenAI tokenizer is theirs)
 # it is the one that counts more: twice o200k's tokens on Chinese, as many on prose.
 O200K_MODELS: Final = ("gpt-4o", "chatgpt-4o", "gpt-4.1", "gpt-4.5", "gpt-5", "gpt-oss",
                        "o1", "o3", "o4")  # fmt: skip
+# Keys of a JSON schema whose string values OpenAI shows the model as they are (tools are
+# rendered as a TypeScript namespace: names, descriptions as comments, enum values).
+_SHOWN_KEYS: Final = frozenset({"name", "description"})
+# Request fields billed as prompt tokens besides the messages.
+PROMPT_FIELDS: Final = ("tools", "functions", "response_format")
+_CUT = re.compile(r"(?<=\S) ")  # a space after a non-space: every pre-token starts there
 _loading = threading.Lock()
 _loaded: set[str] = set()
 
@@ -45,11 +62,13 @@ def encoding_for(model: str) -> str:
 
 @functools.cache
 def _tokenizer(encoding: str) -> Any:
-    return bpe_openai.get_encoding(encoding)  # o200k: 76 MB once loaded, cl100k: 34 MB
+    # The Rust tokenizer itself (bpe-openai's tiktoken-like wrapper adds Python rank tables
+    # and a 200,000-token limit; its ``count`` builds no list): o200k 63 MB, cl100k 29 MB.
+    return bpe_openai._bindings.tokenizer_for_encoding(encoding)
 
 
 def load_tokenizer(encoding: str) -> None:
-    """Load a tokenizer (about 0.3 s; call it off the event loop the first time)."""
+    """Load a tokenizer (40 ms; call it off the event loop the first time)."""
     if encoding not in _loaded:
         with _loading:
             _tokenizer(encoding)
@@ -60,20 +79,91 @@ def tokenizer_loaded(encoding: str) -> bool:
     return encoding in _loaded
 
 
-def bpe_tokens(text: str, encoding: str = "cl100k_base") -> int:
-    """OpenAI tokens of ``text`` in ``encoding``: exact up to :data:`WHOLE_CHARS` characters,
-    sampled beyond."""
-    load_tokenizer(encoding)
-    encode = _tokenizer(encoding).encode_ordinary
+def _bpe_count(text: str, encoding: str) -> int:
     try:
-        if len(text) <= WHOLE_CHARS:
-            return len(encode(text))
-        size = WHOLE_CHARS // WINDOWS
-        step = (len(text) - size) / (WINDOWS - 1)
-        sample = [text[round(i * step) : round(i * step) + size] for i in range(WINDOWS)]
-        return -(-sum(len(encode(s)) for s in sample) * len(text) // (size * WINDOWS))
-    except (ValueError, bpe_openai.TokenizerError):  # not expected: bytes bound every BPE
-        return len(text.encode("utf-8", "surrogatepass"))
+        return int(_tokenizer(encoding).count(text))
+    except UnicodeEncodeError:  # a lone surrogate: counted as the replacement character
+        clean = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        return int(_tokenizer(encoding).count(clean))
+
+
+def _pieces(text: str, size: int) -> Iterator[tuple[str, bool]]:
+    """``text`` cut into pieces of at most ``size`` characters, and whether each cut was
+    forced. A piece ends before a space that follows a non-space, where OpenAI's
+    pre-tokenizers always start a token (a space is only ever a token's first character,
+    or in a token of whitespace alone), so the pieces' counts add up to the text's; failing
+    one in the second half of the piece, the cut is where the piece is full."""
+    start = 0
+    while len(text) - start > size:
+        end = start + size
+        space = _CUT.search(text, start + size // 2, end)
+        cut = space.start() if space else end
+        yield text[start:cut], space is None
+        start = cut
+    yield text[start:], False
+
+
+def text_token_counts(text: str, encoding: str, size: int = PIECE_CHARS) -> tuple[int, int, int]:
+    """(OpenAI's tokens in ``encoding``, the simulator's tokens, forced cuts) of ``text``,
+    counted piece by piece (:data:`PIECE_CHARS`): exact where no cut was forced, else within
+    :data:`CUT_MARGIN` per forced cut (the simulator's count is at most one more per cut)."""
+    return _drive(_text_steps(text, encoding, _Pace(), size))
+
+
+class _Pace:
+    """Characters counted since the event loop last had a turn."""
+
+    def __init__(self) -> None:
+        self.chars = 0
+
+    def due(self, chars: int) -> bool:
+        self.chars += chars
+        if self.chars < PIECE_CHARS:
+            return False
+        self.chars = 0
+        return True
+
+
+_Steps = Generator[None, None, _T]
+
+
+def _text_steps(
+    text: str, encoding: str, pace: _Pace, size: int = PIECE_CHARS
+) -> _Steps[tuple[int, int, int]]:
+    load_tokenizer(encoding)
+    tokens = pieces = forced = 0
+    for piece, cut in _pieces(text, size):
+        tokens += _bpe_count(piece, encoding)
+        pieces += count_tokens(piece)
+        forced += cut
+        if pace.due(len(piece)):
+            yield
+    return tokens, pieces, forced
+
+
+def _drive(steps: _Steps[_T]) -> _T:
+    """Run a count to its end in one go."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return cast(_T, done.value)
+
+
+async def _drive_async(steps: _Steps[_T]) -> _T:
+    """Run a count, handing the event loop back after each piece."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return cast(_T, done.value)
+        await asyncio.sleep(0)
+
+
+def bpe_tokens(text: str, encoding: str = "cl100k_base") -> int:
+    """OpenAI's tokens of ``text`` in ``encoding``, exact (the whole text in one go)."""
+    load_tokenizer(encoding)
+    return _bpe_count(text, encoding)
 
 
 def count_tokens(text: str) -> int:
@@ -139,7 +229,7 @@ def estimate_message_tokens(messages: list[Any], tokenize: str | None = None) ->
 
 
 def estimate_message_token_range(
-    messages: list[Any], tokenize: str | None = None
+    messages: list[Any], tokenize: str | None = None, fields: list[Any] | None = None
 ) -> tuple[int, int]:
     """(estimate, floor) of the prompt tokens of chat ``messages``, cheaply: validates like
     :func:`count_message_tokens`, then counts characters and words (measured on the shared
@@ -149,24 +239,44 @@ def estimate_message_token_range(
     - estimate: the most of characters / 4 and the words (every whitespace-separated word
       is at least one token for BPE tokenizers and the simulator: 7,000 one-letter words
       are 7,000 tokens, not 3,500), and with ``tokenize`` (an encoding: :func:`encoding_for`
-      the model), OpenAI's count (:func:`bpe_tokens`: Chinese is about one token per
+      the model), OpenAI's count (:func:`text_token_counts`: Chinese is about one token per
       character in cl100k, not a quarter) and a token per started four characters of each
       word (what the bundled simulator bills: more than OpenAI on prose of short words, a
       cap was crossed by 20 % in the sandbox without it; median 1.11 of o200k's count on
-      GSM8K prompts). It
-      may be high by a quarter or more (long words: 3,900 "word"s are 3,904 tokens,
-      estimated 4,880).
+      GSM8K prompts). It may be high by a quarter or more (long words: 3,900 "word"s are
+      3,904 tokens, estimated 4,880).
     - floor: what the prompt costs at least, for refusing a call on its prompt alone (a
       user under the cap must not be refused on an estimate that is too high): the words,
-      or characters other than spaces / 8 if more (text without spaces). With ``tokenize``
-      and a prompt counted whole (up to :data:`WHOLE_CHARS` characters in all), the lesser
-      of OpenAI's count and the simulator's: both are exact, and one of them bills the call
-      (a lone call is served when its floor fits: a words-based floor let a Chinese prompt
-      cross a cap by 90 % in the sandbox, 12 times over with gpt-4o). A longer prompt is
-      counted once, sampled, and its floor is the heuristic, at most that count.
+      or characters other than spaces / 8 if more (text without spaces). With ``tokenize``,
+      the lesser of OpenAI's count and the simulator's: both are exact, and one of them
+      bills the call (a lone call is served when its floor fits: a words-based floor let a
+      Chinese prompt cross a cap by 90 % in the sandbox, 12 times over with gpt-4o).
+    - ``fields`` (with ``tokenize``): the request's :data:`PROMPT_FIELDS`, billed as prompt
+      too. Their JSON counts in the estimate; in the floor, the words OpenAI shows the model
+      from them (:func:`shown_texts`): it renders tools as a TypeScript namespace, more
+      compact than their JSON, but with every name, description and enum value in it.
+
+    Counted in one go; :func:`count_prompt` is the same count for the event loop.
     """
+    return _drive(_range_steps(messages, tokenize, fields or []))
+
+
+async def count_prompt(
+    messages: list[Any], encoding: str, fields: list[Any] | None = None
+) -> tuple[int, int]:
+    """:func:`estimate_message_token_range` with ``tokenize=encoding``, handing the event
+    loop back after every :data:`PIECE_CHARS` characters counted; a tokenizer loads in a
+    thread the first time."""
+    if not tokenizer_loaded(encoding):
+        await asyncio.to_thread(load_tokenizer, encoding)
+    return await _drive_async(_range_steps(messages, encoding, fields or []))
+
+
+def _range_steps(
+    messages: list[Any], tokenize: str | None, fields: list[Any]
+) -> _Steps[tuple[int, int]]:
     texts_of = [_message_texts(message) for message in messages]
-    whole = tokenize is not None and sum(len(t) for ts in texts_of for t in ts) <= WHOLE_CHARS
+    pace = _Pace()
     estimate = floor = 0
     for texts in texts_of:
         chars = sum(len(t) for t in texts)
@@ -174,18 +284,49 @@ def estimate_message_token_range(
         spaces = sum(t.count(" ") + t.count("\n") + t.count("\t") for t in texts)
         cheap, least = max((chars + 3) // 4, words), max(words, (chars - spaces) // 8)
         if tokenize:
-            pieces = sum(count_tokens(t) for t in texts)  # the simulator's own count
-            cheap = max(cheap, pieces)
-            if whole:  # exact: what OpenAI or the simulator bills at least
-                tokens = sum(bpe_tokens(t, tokenize) for t in texts)
-                cheap, least = max(cheap, tokens), min(tokens, pieces)
+            tokens = pieces = forced = 0
+            for text in texts:
+                bpe, simulated, cuts = yield from _text_steps(text, tokenize, pace)
+                tokens, pieces, forced = tokens + bpe, pieces + simulated, forced + cuts
+            # exact where no cut was forced: what OpenAI or the simulator bills at least
+            cheap = max(cheap, tokens + CUT_MARGIN * forced, pieces)
+            least = max(0, min(tokens - CUT_MARGIN * forced, pieces - forced))
         estimate += MESSAGE_OVERHEAD_TOKENS + cheap
         floor += MESSAGE_OVERHEAD_TOKENS + least
-    if tokenize and not whole:
-        # A long prompt is counted as one text, sampled, so one request's count is bounded
-        # (80 messages of 49,000 characters each, counted whole, held the event loop 0.35 s)
-        tokens = MESSAGE_OVERHEAD_TOKENS * len(texts_of) + bpe_tokens(
-            "\n".join(t for ts in texts_of for t in ts), tokenize
-        )
-        estimate, floor = max(estimate, tokens), min(floor, tokens)
+    if tokenize and fields:
+        tokens, _, forced = yield from _text_steps(orjson.dumps(fields).decode(), tokenize, pace)
+        estimate += tokens + CUT_MARGIN * forced
+        shown, pieces, cuts = yield from _text_steps("\n".join(shown_texts(fields)), tokenize, pace)
+        floor += max(0, min(shown - CUT_MARGIN * cuts, pieces - cuts))
     return estimate, floor
+
+
+def shown_texts(fields: Any) -> list[str]:
+    """The strings of tool definitions or a JSON schema that the model is shown as they are:
+    every ``name`` and ``description``, the names of ``properties`` and the strings of an
+    ``enum`` (the JSON schema's own keywords and punctuation are not: OpenAI renders tools
+    as TypeScript types)."""
+    texts: list[str] = []
+    stack = [fields]
+    while stack:  # not recursive: a client may send a schema hundreds of levels deep
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(reversed(node))
+        elif isinstance(node, dict):
+            for key, value in node.items():
+                if key in _SHOWN_KEYS and isinstance(value, str):
+                    texts.append(value)
+                elif key == "properties" and isinstance(value, dict):
+                    texts.extend(str(name) for name in value)
+                    stack.append(value)
+                elif key == "enum" and isinstance(value, list):
+                    texts.extend(v for v in value if isinstance(v, str))
+                elif isinstance(value, dict | list):
+                    stack.append(value)
+    return texts
+
+
+def count_field_tokens(fields: list[Any]) -> int:
+    """Tokens the simulator bills for a request's :data:`PROMPT_FIELDS` (their compact JSON,
+    by :func:`count_tokens`); 0 without any."""
+    return count_tokens(orjson.dumps(fields).decode()) if fields else 0

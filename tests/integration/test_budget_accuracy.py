@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import random
 import threading
 import time
 from collections.abc import Iterator
@@ -463,6 +464,41 @@ def test_a_prompt_is_refused_on_its_own_cost_only_when_it_surely_overshoots(
         assert "prompt alone" in message
         # the cap is not spent (session 13's probe read "exhausted ... $0.000000 of $0.01")
         assert "exhausted" not in message and "cannot take this request" in message
+
+
+@pytest.mark.parametrize(("words", "served"), [(2_500, True), (5_200, False)])
+def test_tools_that_alone_cross_a_cap_are_refused(stack: Stack, words: int, served: bool) -> None:
+    """Session 15's second probe: tools counted half their JSON in what a prompt costs at
+    least, so tools worth 1.65 times a $0.01 cap were served. Their names and descriptions
+    are shown to the model whole (and billed); $0.01 of gpt-4o is 4,000 prompt tokens, and
+    each word here is one token for OpenAI and for the simulator."""
+    rng = random.Random(words)
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": f"tool_{i}",
+                "description": " ".join(
+                    rng.choice(["due", "tax", "fee", "net"]) for _ in range(words // 10)
+                ),
+            },
+        }
+        for i in range(10)
+    ]
+    user = f"tools-{words}"
+    with httpx.Client(timeout=60) as http:
+        assert http.put(f"{stack.url}/v1/budgets/user:{user}", json={"limit_usd": 0.01})
+        answer = http.post(
+            f"{stack.url}/v1/chat/completions",
+            json={"model": "gpt-4o", "max_tokens": 1, "messages": PROMPT, "tools": tools},
+            headers={"X-Tollgate-User": user},
+        )
+    assert answer.status_code == (200 if served else 402), answer.text
+    if served:
+        assert answer.json()["usage"]["prompt_tokens"] > words  # the simulator bills tools
+        assert real_cost("gpt-4o", answer.json()) <= 10_000_000
+    else:
+        assert "prompt alone" in answer.json()["error"]["message"]
 
 
 def test_readyz_says_when_the_spend_worker_stops_counting(

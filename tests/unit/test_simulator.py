@@ -22,6 +22,7 @@ from devtools.simulator import (
     SimulatorConfig,
     _chunk_pieces,
     _Filler,
+    count_field_tokens,
     count_message_tokens,
     count_tokens,
     create_app,
@@ -167,6 +168,33 @@ async def test_content_parts_count_toward_prompt(client: openai.AsyncOpenAI) -> 
     )
     assert resp.usage is not None
     assert resp.usage.prompt_tokens == 4 + MESSAGE_OVERHEAD_TOKENS
+
+
+async def test_tools_and_a_response_schema_are_billed_as_prompt(
+    client: openai.AsyncOpenAI,
+) -> None:
+    """OpenAI bills tool definitions and a JSON schema as prompt tokens; the simulator did
+    not (5 prompt tokens for 1.8 million tokens of tools), so the sandbox could not show a
+    cap crossed by them."""
+    tools = [
+        {
+            "type": "function",
+            "function": {"name": f"f{i}", "description": "Look up an invoice. " * 20},
+        }
+        for i in range(10)
+    ]
+    schema = {
+        "type": "json_schema",
+        "json_schema": {"name": "answer", "schema": {"type": "object", "properties": {}}},
+    }
+    messages = [{"role": "user", "content": "Hi"}]
+    resp = await client.chat.completions.create(
+        model="gpt-4o", messages=messages, tools=tools, response_format=schema
+    )
+    assert resp.usage is not None
+    expected = count_field_tokens([tools, schema])
+    assert expected > 400
+    assert resp.usage.prompt_tokens == 1 + MESSAGE_OVERHEAD_TOKENS + expected
 
 
 async def test_streaming_usage_matches_recounted_content(client: openai.AsyncOpenAI) -> None:
