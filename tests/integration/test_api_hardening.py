@@ -8,6 +8,7 @@ against someone else's spend.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
 from collections.abc import Iterator
@@ -207,7 +208,8 @@ def test_a_long_path_or_header_gets_a_json_error_and_no_error_log(
         assert header.status_code == 400, header.text
         assert header.json()["error"]["param"] == "X-Tollgate-Feature"
         huge = httpx.get(f"{stack.url}/v1/models", headers={"X-Big": "b" * 100_000})
-        assert huge.status_code == 400  # the parser's own answer, past 64 KiB
+        assert huge.status_code == 400  # the parser's, past 64 KiB: JSON too
+        assert huge.json()["error"]["type"] == "invalid_request_error", huge.text
     errors = [  # (aiokafka's own noise while a fresh topic elects its leader is not ours)
         r for r in caplog.records if r.levelno >= logging.ERROR and r.name.startswith("aiohttp")
     ]
@@ -436,6 +438,48 @@ def test_a_body_that_never_arrives_whole_is_a_408_not_a_held_connection(
             answer = conn.recv(65536).decode()
         assert answer.startswith("HTTP/1.1 408"), answer[:200]
         assert '"request_timeout"' in answer
+
+
+FRAMING_ERRORS = {
+    "a Content-Length that is not a number": (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n{}"
+    ),
+    "a chunk size that is not hex": (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n"
+    ),
+    "both Content-Length and chunked": (
+        b"POST /v1/usage HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n"
+    ),
+    "a header line without a colon": b"GET /v1/models HTTP/1.1\r\nHost: x\r\nno colon\r\n\r\n",
+    "a request line that is not HTTP": b"HELLO\r\n\r\n",
+    "a space in the method": b"G ET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n",
+    "a NUL in a header value": b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n",
+}
+
+
+def test_what_the_http_parser_refuses_gets_a_json_error(kafka_settings: Settings) -> None:
+    """aiohttp's parser answers a request it cannot frame (a bad Content-Length, chunk
+    size or header line) before any route or middleware runs, and answered in plain text
+    ("400, message: ...") with no error.type. Every answer is JSON now, closing the
+    connection as before (the rest of the stream cannot be trusted)."""
+    asyncio.run(ensure_topics(kafka_settings))
+    with running_stack(kafka_settings) as stack:
+        host, port = stack.url.removeprefix("http://").split(":")
+        for what, raw in FRAMING_ERRORS.items():
+            with socket.create_connection((host, int(port)), timeout=20) as conn:
+                conn.sendall(raw)
+                answer = b""
+                while chunk := conn.recv(65536):
+                    answer += chunk
+            head, _, body = answer.decode(errors="replace").partition("\r\n\r\n")
+            assert head.split(" ", 2)[1] == "400", (what, answer[:300])
+            assert "application/json" in head, (what, head)
+            error = json.loads(body)["error"]
+            assert error["type"] == "invalid_request_error", (what, error)
+            assert "HTTP" in error["message"], (what, error)
+        assert httpx.get(f"{stack.url}/healthz").status_code == 200  # still serving
 
 
 @pytest.mark.parametrize("encoding", ["gzip", "deflate", "br"])
