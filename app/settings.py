@@ -56,6 +56,16 @@ class UpstreamConfig(BaseModel):
         default=("OpenAI-Organization", "OpenAI-Project", "OpenAI-Beta"),
         description="Client headers passed to this upstream (case-insensitive globs).",
     )
+    prompt_counter: Literal["openai", "simulator"] | None = Field(
+        default=None,
+        description=(
+            "How this upstream counts prompt tokens, for the room a call under a cap is "
+            "reserved and refused on: 'openai' (its model's OpenAI tokenizer, o200k or "
+            "cl100k), 'simulator' (the bundled simulator's rule). Unset: either may bill, "
+            "so a reservation covers the larger count and a prompt is refused on its own "
+            "cost only past the lesser."
+        ),
+    )
 
 
 class Settings(BaseSettings):
@@ -386,6 +396,7 @@ class Settings(BaseSettings):
                 base_url=f"{self.simulator_url}/v1",
                 models=SIMULATOR_MODELS,
                 forward_headers=("X-Sim-*",),  # the simulator's test hooks
+                prompt_counter="simulator",
             ),
         )
 

@@ -79,22 +79,23 @@ class ChatRequest:
     prompt_tokens_estimate: int
     choices: int = 1  # n: the provider writes (and bills) this many answers, each up to max
     prompt_tokens_floor: int | None = None  # at least this many (None: the estimate)
-    prompt_tokenized: str | None = None  # the encoding the estimate counted with, if any
+    prompt_tokenized: str | None = None  # "encoding/counter" the estimate counted with, if any
 
-    async def tokenize_prompt(self) -> None:
+    async def tokenize_prompt(self, counter: str | None = None) -> None:
         """Count the prompt with its model's OpenAI tokenizer too (a call under a cap: its
         reservation must cover its prompt), whole, handing the event loop back between
         pieces. Tool (function) definitions and a JSON schema are prompt tokens too, billed
         with it, and they can be large (a 3.27 MB `tools` under a $0.01 cap was served when
-        they were left out): :func:`count_prompt` counts them."""
+        they were left out): :func:`count_prompt` counts them. ``counter``: how the upstream
+        counts (``UpstreamConfig.prompt_counter``; None: either way)."""
         encoding = encoding_for(self.model)
-        if self.prompt_tokenized == encoding:
+        if self.prompt_tokenized == f"{encoding}/{counter}":
             return
         fields = [self.upstream_body[k] for k in PROMPT_FIELDS if self.upstream_body.get(k)]
         self.prompt_tokens_estimate, self.prompt_tokens_floor = await count_prompt(
-            self.upstream_body["messages"], encoding, fields
+            self.upstream_body["messages"], encoding, fields, counter
         )
-        self.prompt_tokenized = encoding
+        self.prompt_tokenized = f"{encoding}/{counter}"
 
     def cap_output(self, tokens: int) -> None:
         """Cap the output at ``tokens`` (the budget gate's decision) in every output-limit
@@ -610,7 +611,7 @@ class Gateway:
             raise ModelNotServed(chat.model, self.upstreams.known_models())
         scopes = identity_scopes(identity)
         if self.gate.reservations and any(self.gate.policies.policy_for(s) for s in scopes):
-            await chat.tokenize_prompt()
+            await chat.tokenize_prompt(self.upstreams.prompt_counter(chat.model))
         try:
             admission = await self.gate.admit_waiting(
                 scopes,

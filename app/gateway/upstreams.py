@@ -104,6 +104,12 @@ class UpstreamPool:
         wildcard = [u for u in self.upstreams if "*" in u.config.models and u not in exact]
         return exact + wildcard
 
+    def prompt_counter(self, model: str) -> str | None:
+        """How the upstreams a call for ``model`` may go to count its prompt: their
+        ``prompt_counter`` if the (at most two) tried agree, else None (either)."""
+        counters = {u.config.prompt_counter for u in self.candidates(model)[:2]}
+        return counters.pop() if len(counters) == 1 else None
+
     def known_models(self) -> list[str]:
         return sorted({m for c in self.configs for m in c.models if m != "*"})
 

@@ -49,6 +49,9 @@ O200K_MODELS: Final = ("gpt-4o", "chatgpt-4o", "gpt-4.1", "gpt-4.5", "gpt-5", "g
 _SHOWN_KEYS: Final = frozenset({"name", "description"})
 # Request fields billed as prompt tokens besides the messages.
 PROMPT_FIELDS: Final = ("tools", "functions", "response_format")
+# How an upstream counts prompt tokens (``UpstreamConfig.prompt_counter``): its model's OpenAI
+# tokenizer, or the bundled simulator's rule (:func:`count_message_tokens`).
+COUNTERS: Final = ("openai", "simulator")
 _CUT = re.compile(r"(?<=\S) ")  # a space after a non-space: every pre-token starts there
 _loading = threading.Lock()
 _loaded: set[str] = set()
@@ -229,7 +232,10 @@ def estimate_message_tokens(messages: list[Any], tokenize: str | None = None) ->
 
 
 def estimate_message_token_range(
-    messages: list[Any], tokenize: str | None = None, fields: list[Any] | None = None
+    messages: list[Any],
+    tokenize: str | None = None,
+    fields: list[Any] | None = None,
+    counter: str | None = None,
 ) -> tuple[int, int]:
     """(estimate, floor) of the prompt tokens of chat ``messages``, cheaply: validates like
     :func:`count_message_tokens`, then counts characters and words (measured on the shared
@@ -255,26 +261,32 @@ def estimate_message_token_range(
       too. Their JSON counts in the estimate; in the floor, the words OpenAI shows the model
       from them (:func:`shown_texts`): it renders tools as a TypeScript namespace, more
       compact than their JSON, but with every name, description and enum value in it.
+    - ``counter`` (with ``tokenize``): how the upstream counts, one of :data:`COUNTERS`.
+      ``"openai"``: estimate and floor are its tokenizer's count; ``"simulator"``: the
+      simulator's (its fields by :func:`count_field_tokens`); unset, either may bill the
+      call, as above.
 
     Counted in one go; :func:`count_prompt` is the same count for the event loop.
     """
-    return _drive(_range_steps(messages, tokenize, fields or []))
+    return _drive(_range_steps(messages, tokenize, fields or [], counter))
 
 
 async def count_prompt(
-    messages: list[Any], encoding: str, fields: list[Any] | None = None
+    messages: list[Any], encoding: str, fields: list[Any] | None = None, counter: str | None = None
 ) -> tuple[int, int]:
     """:func:`estimate_message_token_range` with ``tokenize=encoding``, handing the event
     loop back after every :data:`PIECE_CHARS` characters counted; a tokenizer loads in a
     thread the first time."""
     if not tokenizer_loaded(encoding):
         await asyncio.to_thread(load_tokenizer, encoding)
-    return await _drive_async(_range_steps(messages, encoding, fields or []))
+    return await _drive_async(_range_steps(messages, encoding, fields or [], counter))
 
 
 def _range_steps(
-    messages: list[Any], tokenize: str | None, fields: list[Any]
+    messages: list[Any], tokenize: str | None, fields: list[Any], counter: str | None = None
 ) -> _Steps[tuple[int, int]]:
+    if counter not in (None, *COUNTERS):
+        raise ValueError(f"counter must be one of {COUNTERS} or None, not {counter!r}")
     texts_of = [_message_texts(message) for message in messages]
     pace = _Pace()
     estimate = floor = 0
@@ -291,13 +303,21 @@ def _range_steps(
             # exact where no cut was forced: what OpenAI or the simulator bills at least
             cheap = max(cheap, tokens + CUT_MARGIN * forced, pieces)
             least = max(0, min(tokens - CUT_MARGIN * forced, pieces - forced))
+            if counter == "openai":
+                cheap, least = tokens + CUT_MARGIN * forced, max(0, tokens - CUT_MARGIN * forced)
+            elif counter == "simulator":
+                cheap, least = pieces, pieces - forced
         estimate += MESSAGE_OVERHEAD_TOKENS + cheap
         floor += MESSAGE_OVERHEAD_TOKENS + least
     if tokenize and fields:
+        if counter == "simulator":
+            billed = count_field_tokens(fields)
+            return estimate + billed, floor + billed
         tokens, _, forced = yield from _text_steps(orjson.dumps(fields).decode(), tokenize, pace)
         estimate += tokens + CUT_MARGIN * forced
         shown, pieces, cuts = yield from _text_steps("\n".join(shown_texts(fields)), tokenize, pace)
-        floor += max(0, min(shown - CUT_MARGIN * cuts, pieces - cuts))
+        least = shown - CUT_MARGIN * cuts
+        floor += max(0, least if counter == "openai" else min(least, pieces - cuts))
     return estimate, floor
 
 

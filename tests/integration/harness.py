@@ -101,6 +101,7 @@ class Stack:
     def __init__(self, settings: Settings, **overrides: Any) -> None:
         self.sim_port = free_port()
         self.port = free_port()
+        counter = overrides.pop("prompt_counter", "simulator")  # as the bundled default says
         upstreams = overrides.pop(
             "upstreams",
             (
@@ -109,6 +110,7 @@ class Stack:
                     base_url=f"http://127.0.0.1:{self.sim_port}/v1",
                     models=("gpt-4", "gpt-4o", "gpt-4o-mini", "tollgate-sim-unpriced"),
                     forward_headers=("X-Sim-*",),
+                    prompt_counter=counter,
                 ),
             ),
         )

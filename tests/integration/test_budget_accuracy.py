@@ -466,6 +466,34 @@ def test_a_prompt_is_refused_on_its_own_cost_only_when_it_surely_overshoots(
         assert "exhausted" not in message and "cannot take this request" in message
 
 
+@pytest.mark.parametrize(("pairs", "served"), [(900, True), (1_900, False)])
+def test_a_prompt_the_upstream_bills_over_the_cap_is_refused(
+    stack: Stack, pairs: int, served: bool
+) -> None:
+    """Session 15's second probe: the floor a prompt is refused on was the lesser of
+    OpenAI's count and the simulator's, and the simulator bills "hello world" at 4 tokens
+    where OpenAI counts 2, so a prompt the simulator billed at 1.9 times a $0.01 cap was
+    served. The bundled simulator's upstream counts by its own rule now (4,000 tokens of
+    gpt-4o are $0.01)."""
+    messages = [{"role": "user", "content": "hello world " * pairs}]
+    billed = count_message_tokens(messages)
+    assert (PRICES.cost("gpt-4o", billed, 1).cost_usd_nanos <= 11_000_000) is served
+    user = f"hello-{pairs}"
+    with httpx.Client(timeout=60) as http:
+        assert http.put(f"{stack.url}/v1/budgets/user:{user}", json={"limit_usd": 0.01})
+        answer = http.post(
+            f"{stack.url}/v1/chat/completions",
+            json={"model": "gpt-4o", "messages": messages},
+            headers={"X-Tollgate-User": user},
+        )
+    assert answer.status_code == (200 if served else 402), answer.text
+    if served:
+        assert answer.json()["usage"]["prompt_tokens"] == billed
+        assert real_cost("gpt-4o", answer.json()) <= 10_000_000  # its output fit the room
+    else:
+        assert "prompt alone" in answer.json()["error"]["message"]
+
+
 @pytest.mark.parametrize(("words", "served"), [(2_500, True), (5_200, False)])
 def test_tools_that_alone_cross_a_cap_are_refused(stack: Stack, words: int, served: bool) -> None:
     """Session 15's second probe: tools counted half their JSON in what a prompt costs at

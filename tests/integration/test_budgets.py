@@ -14,6 +14,7 @@ import pytest
 
 from app.events.topics import ensure_topics
 from app.metering.usage import UsageProducer
+from app.pricing.tokens import count_tokens
 from app.settings import Settings
 from tests.integration.harness import (
     Stack,
@@ -366,19 +367,37 @@ def test_every_choice_of_n_is_priced_so_n_cannot_overshoot_a_cap(stack: Stack) -
     assert mine["cost_usd_nanos"] <= 20_000_000, mine  # the cap, whatever n asked for
 
 
-def test_a_capped_calls_prompt_is_counted_with_openais_tokenizer(stack: Stack) -> None:
+@pytest.mark.parametrize("counter", ["openai", None, "simulator"])
+def test_a_capped_calls_prompt_is_counted_the_way_its_upstream_counts(
+    kafka_settings: Settings, worker: WorkerProcess, counter: str | None
+) -> None:
     """Characters / 4 is a quarter of the tokens of Chinese: a capped call's reservation
     fell short of its prompt's cost. A call under a cap is counted with OpenAI's tokenizer
     (the Request event's estimate is what the gate reserved on); an uncapped one is not
-    (the tokenizer costs latency and memory, and nothing is reserved for it)."""
+    (the tokenizer costs latency and memory, and nothing is reserved for it). An upstream
+    that says how it counts (``prompt_counter``) is counted that way: the bundled
+    simulator bills a token per started four characters of each word."""
+    stack = Stack(kafka_settings, prompt_counter=counter)
+    stack.start()
+    try:
+        check_counted(stack, counter)
+    finally:
+        stack.stop()
+
+
+def check_counted(stack: Stack, counter: str | None) -> None:
     prompt = "请为我们最大的客户起草续约邮件。说明新的价格和服务条款。" * 40  # 1,160 characters
-    expected = len(bpe_openai.get_encoding("o200k_base").encode_ordinary(prompt))  # gpt-4o's
-    assert expected > 1.5 * (len(prompt) // 4)
-    put = httpx.put(f"{stack.url}/v1/budgets/user:mei", json={"period": "month", "limit_usd": 5})
+    o200k = len(bpe_openai.get_encoding("o200k_base").encode_ordinary(prompt))  # gpt-4o's
+    assert o200k > 1.5 * (len(prompt) // 4)
+    billed = count_tokens(prompt)  # the simulator's bill (no spaces: characters / 4)
+    expected = {"openai": o200k, "simulator": billed, None: max(o200k, billed)}[counter]
+    put = httpx.put(
+        f"{stack.url}/v1/budgets/user:mei-{counter}", json={"period": "month", "limit_usd": 5}
+    )
     assert put.status_code == 200, put.text
-    wait_for_policy(stack.url, "user:mei")
+    wait_for_policy(stack.url, f"user:mei-{counter}")
     body = {**CALL, "messages": [{"role": "user", "content": prompt}]}
-    for user in ("mei", "uncapped-lin"):
+    for user in (f"mei-{counter}", "uncapped-lin"):
         response = httpx.post(
             f"{stack.url}/v1/chat/completions",
             json=body,
@@ -388,5 +407,5 @@ def test_a_capped_calls_prompt_is_counted_with_openais_tokenizer(stack: Stack) -
         assert response.status_code == 200, response.text
     requests = asyncio.run(read_events(stack.settings, "requests", at_least=2))
     estimates = {r["user_id"]: r["prompt_tokens_estimated"] for r in requests}
-    assert estimates["mei"] == expected + 4  # and the message's overhead
+    assert estimates[f"mei-{counter}"] == expected + 4  # and the message's overhead
     assert estimates["uncapped-lin"] == (len(prompt) + 3) // 4 + 4

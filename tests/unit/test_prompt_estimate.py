@@ -17,6 +17,7 @@ from app.gateway.pipeline import parse_chat_request
 from app.pricing.tokens import (
     CUT_MARGIN,
     MESSAGE_OVERHEAD_TOKENS,
+    count_field_tokens,
     count_message_tokens,
     count_tokens,
     encoding_for,
@@ -233,10 +234,10 @@ def test_a_capped_calls_tool_definitions_count_as_prompt() -> None:
     rendered = len(bpe_openai.get_encoding("o200k_base").encode_ordinary(openai_rendering(tools)))
     assert chat.prompt_tokens_floor is not None
     assert 5 + rendered // 2 <= chat.prompt_tokens_floor <= 5 + rendered
-    assert chat.prompt_tokenized == "o200k_base"
+    assert chat.prompt_tokenized == "o200k_base/None"
     again = chat.retarget("gpt-4")  # another tokenizer: counted again with it
     asyncio.run(again.tokenize_prompt())
-    assert again.prompt_tokenized == "cl100k_base"
+    assert again.prompt_tokenized == "cl100k_base/None"
 
 
 def test_earlier_tool_calls_and_names_are_prompt_too() -> None:
@@ -394,3 +395,28 @@ def test_tools_cost_at_least_the_words_openai_shows_the_model() -> None:
     ]
     floor, rendered = tool_floor(bare)
     assert floor <= rendered
+
+
+def test_an_upstream_that_bills_by_the_simulators_rule_is_counted_by_it_exactly() -> None:
+    """Session 15's second probe: with the floor the lesser of OpenAI's count and the
+    simulator's, a prompt of short words the simulator bills at twice OpenAI's count was
+    served under a cap it crossed by 90 %. The bundled simulator's upstream says how it
+    counts, so its calls are reserved and refused on exactly that."""
+    messages = [{"role": "user", "content": "hello world " * 2_000}]
+    billed = count_message_tokens(messages)
+    tools = [{"type": "function", "function": {"name": "f", "description": "due tax " * 50}}]
+    for encoding in ("o200k_base", "cl100k_base"):
+        assert estimate_message_token_range(messages, encoding)[1] <= billed // 2 + 4  # both
+        exact = estimate_message_token_range(messages, encoding, counter="simulator")
+        assert exact == (billed, billed)
+        with_tools = estimate_message_token_range(messages, encoding, [tools], "simulator")
+        assert with_tools == (billed + count_field_tokens([tools]),) * 2
+
+
+def test_an_upstream_that_counts_like_openai_is_counted_by_its_tokenizer_exactly() -> None:
+    messages = [{"role": "user", "content": "Renew the contract for 중요한 고객. " * 300}]
+    o200k, cl100k = openai_counts(messages)
+    for encoding, count in (("o200k_base", o200k), ("cl100k_base", cl100k)):
+        assert estimate_message_token_range(messages, encoding, counter="openai") == (count, count)
+        estimate, floor = estimate_message_token_range(messages, encoding)  # either counter
+        assert floor <= count <= estimate
