@@ -131,12 +131,15 @@ _Steps = Generator[None, None, _T]
 
 
 def _text_steps(
-    text: str, encoding: str, pace: _Pace, size: int = PIECE_CHARS
+    text: str, encoding: str | None, pace: _Pace, size: int = PIECE_CHARS
 ) -> _Steps[tuple[int, int, int]]:
-    load_tokenizer(encoding)
+    """:func:`text_token_counts`, a piece at a time; OpenAI's count is 0 without an
+    ``encoding`` (an upstream that bills by the simulator's rule needs none)."""
+    if encoding is not None:
+        load_tokenizer(encoding)
     tokens = pieces = forced = 0
     for piece, cut in _pieces(text, size):
-        tokens += _bpe_count(piece, encoding)
+        tokens += _bpe_count(piece, encoding) if encoding is not None else 0
         pieces += count_tokens(piece)
         forced += cut
         if pace.due(len(piece)):
@@ -277,7 +280,7 @@ async def count_prompt(
     """:func:`estimate_message_token_range` with ``tokenize=encoding``, handing the event
     loop back after every :data:`PIECE_CHARS` characters counted; a tokenizer loads in a
     thread the first time."""
-    if not tokenizer_loaded(encoding):
+    if counter != "simulator" and not tokenizer_loaded(encoding):
         await asyncio.to_thread(load_tokenizer, encoding)
     return await _drive_async(_range_steps(messages, encoding, fields or [], counter))
 
@@ -288,6 +291,7 @@ def _range_steps(
     if counter not in (None, *COUNTERS):
         raise ValueError(f"counter must be one of {COUNTERS} or None, not {counter!r}")
     texts_of = [_message_texts(message) for message in messages]
+    bpe_encoding = None if counter == "simulator" else tokenize
     pace = _Pace()
     estimate = floor = 0
     for texts in texts_of:
@@ -298,7 +302,7 @@ def _range_steps(
         if tokenize:
             tokens = pieces = forced = 0
             for text in texts:
-                bpe, simulated, cuts = yield from _text_steps(text, tokenize, pace)
+                bpe, simulated, cuts = yield from _text_steps(text, bpe_encoding, pace)
                 tokens, pieces, forced = tokens + bpe, pieces + simulated, forced + cuts
             # exact where no cut was forced: what OpenAI or the simulator bills at least
             cheap = max(cheap, tokens + CUT_MARGIN * forced, pieces)
