@@ -6,9 +6,10 @@ characters / 4 or the words. A call that a budget caps is also counted with its 
 OpenAI tokenizer (o200k or cl100k, :func:`encoding_for`; ``bpe-openai``: GitHub's Rust BPE,
 its token tables in the wheel, so nothing is fetched at run time): characters / 4 is a
 quarter of the tokens of Chinese and a tenth of emoji's, so a reservation fell short of the
-prompt's cost. Only capped calls pay for it (a tokenizer takes 34-76 MB once loaded, and
+prompt's cost. Only capped calls pay for it (a tokenizer takes 29-63 MB once loaded, and
 about 0.1 ms per KB of prompt: counting every call with both tripled the dispatcher's added
-p99 latency at 64 concurrent calls, ``bench.gateway``).
+p99 latency at 64 concurrent calls, ``bench.gateway``). An upstream that says how it
+counts (``UpstreamConfig.prompt_counter``) is counted that way alone.
 The provider's own count is still what is billed; the estimate is used only to reserve
 room under caps, and where a provider reports no usage (events say so: ``usage_estimated``).
 """
