@@ -526,11 +526,11 @@ def run_sink(settings: Settings) -> None:
 
 
 async def _sink_and_reports(settings: Settings, client: Any) -> None:
-    from aiohttp import web
 
     from app.budgets.policy import PolicyBook
     from app.events.compacted import CompactedView
     from app.http.reports_api import create_reports_app
+    from app.http.runner import serve_app
     from app.http.security import internal_token
     from app.metering.attribution import KeyStore
 
@@ -543,7 +543,7 @@ async def _sink_and_reports(settings: Settings, client: Any) -> None:
         on_record=lambda scope, record: policies.apply_record(record, scope),
     )
     await policy_view.start(timeout_s=5)
-    runner = web.AppRunner(
+    runner = await serve_app(
         create_reports_app(
             client,
             baseline_model=settings.baseline_model,
@@ -551,10 +551,9 @@ async def _sink_and_reports(settings: Settings, client: Any) -> None:
             token=internal_token(settings),  # everyone's spend: never an open listener
             keys=KeyStore.load(settings.keys_file) if settings.keys_file else None,
         ),
-        access_log=None,
+        settings.reports_host,
+        settings.reports_port,
     )
-    await runner.setup()
-    await web.TCPSite(runner, settings.reports_host, settings.reports_port).start()
     log.info("reports served", extra={"url": settings.reports_url})
     sink = ClickHouseSink(settings, client)
     try:

@@ -20,8 +20,8 @@ from typing import Any
 import aiohttp
 import orjson
 from aiohttp import web
-from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError
-from aiohttp.web_protocol import RequestHandler, RequestPayloadError
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from app.budgets.admin import deletion_record, load_budgets_file, policy_record
 from app.budgets.gate import BudgetGate, BudgetRefused
@@ -64,6 +64,7 @@ from app.http.openapi import (
     operation,
 )
 from app.http.reports_api import REPORTS
+from app.http.runner import serve_app
 from app.http.security import check_exposure, internal_token
 from app.metering.attribution import Identity, KeyStore, bearer_token, resolve_identity
 from app.metering.ingest import (
@@ -944,78 +945,6 @@ def create_app(settings: Settings) -> web.Application:
     return app
 
 
-MAX_LINE_BYTES = 65_536
-
-
-class _UnparsableAsWarning(logging.Filter):
-    """aiohttp logs a request it cannot parse (a line or header past the limit, broken
-    framing) at ERROR with a traceback, then answers 400: the client's error, so a WARNING
-    line (session 13's probe found the traceback)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, BadHttpMessage):
-            record.levelno, record.levelname = logging.WARNING, "WARNING"
-            record.msg = "request could not be parsed, answered %s: %s (%s)"
-            record.args = (exc.code, type(exc).__name__, str(exc.message)[:200])
-            record.exc_info = record.exc_text = None
-        return True
-
-
-class _JsonErrorsHandler(RequestHandler):
-    """aiohttp's connection handler, answering what it answers itself (a request its parser
-    cannot frame: a bad Content-Length, chunk size or header line; a line past 64 KiB) in
-    this API's JSON error shape instead of plain text ("400, message: ..."), which had no
-    ``error.type`` for a client to act on. Its logging and connection close are kept."""
-
-    def handle_error(
-        self,
-        request: web.BaseRequest,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        super().handle_error(request, status, exc, message)  # logs; refuses once sent
-        if status < 500:
-            detail = str(exc.message if isinstance(exc, HttpProcessingError) else message)
-            detail = " ".join(detail.split())[:300]
-            error = ApiError(
-                status,
-                "invalid_request_error",
-                f"The request is not valid HTTP/1.1 and was not read: {detail}. Send a "
-                "request line, headers of 'Name: value' and a body framed by a numeric "
-                "Content-Length or by chunked encoding, not both.",
-            )
-        elif status == 504:
-            error = ApiError(504, "timeout", "The request took too long to handle.")
-        else:
-            error = ApiError(status, "internal_error", "The request could not be handled.")
-        response = error_response(error)
-        response.force_close()
-        return response
-
-
-class _JsonErrorsServer(web.Server):
-    def __call__(self) -> RequestHandler:
-        return _JsonErrorsHandler(self, loop=self._loop, **self._kwargs)
-
-
-class JsonErrorsRunner(web.AppRunner):
-    """An :class:`aiohttp.web.AppRunner` whose connections answer the parser's errors in
-    JSON (:class:`_JsonErrorsHandler`)."""
-
-    async def _make_server(self) -> web.Server:
-        server = await super()._make_server()
-        server.__class__ = _JsonErrorsServer  # aiohttp builds it; only __call__ differs
-        return server
-
-
-def quiet_unparsable_requests() -> None:
-    server_log = logging.getLogger("aiohttp.server")
-    if not any(isinstance(f, _UnparsableAsWarning) for f in server_log.filters):
-        server_log.addFilter(_UnparsableAsWarning())
-
-
 async def serve(
     settings: Settings, ready: asyncio.Event | None = None, handle_signals: bool = False
 ) -> None:
@@ -1024,22 +953,14 @@ async def serve(
     way out."""
     check_exposure(settings)  # no open admin routes beyond loopback unless asked for
     app = create_app(settings)
-    quiet_unparsable_requests()
-    runner = JsonErrorsRunner(
+    runner = await serve_app(
         app,
-        access_log=None,
-        handle_signals=False,
+        settings.dispatcher_host,
+        settings.dispatcher_port,
         shutdown_timeout=settings.max_call_duration_s,
-        # aiohttp's parser answers a longer line or header itself (in JSON, by
-        # JsonErrorsRunner): up to 64 KiB they reach the routes, which name the field.
-        max_line_size=MAX_LINE_BYTES,
-        max_field_size=MAX_LINE_BYTES,
+        backlog=1024,
+        reuse_address=True,
     )
-    await runner.setup()
-    site = web.TCPSite(
-        runner, settings.dispatcher_host, settings.dispatcher_port, backlog=1024, reuse_address=True
-    )
-    await site.start()
     log.info("dispatcher listening", extra={"url": settings.dispatcher_url})
     if ready is not None:
         ready.set()

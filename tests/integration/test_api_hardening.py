@@ -22,6 +22,7 @@ from aiohttp import web
 
 from app.events.topics import ensure_topics
 from app.http.reports_api import create_reports_app
+from app.http.runner import serve_app
 from app.metering.attribution import hash_key
 from app.settings import Settings
 from app.warehouse.clickhouse import ReconnectingClient, migrate
@@ -43,10 +44,7 @@ def reports_server(clickhouse: Any) -> Iterator[int]:
 
     async def start() -> web.AppRunner:
         app = create_reports_app(ReconnectingClient(lambda: clickhouse), token=TOKEN)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        return runner
+        return await serve_app(app, "127.0.0.1", port)  # as the sink serves it
 
     runner = loop.run(start())
     try:
@@ -120,6 +118,12 @@ def test_the_report_proxy_sends_the_token_and_never_smuggles_a_query(
         assert smuggled.json()["error"]["param"] == "name"
         assert httpx.get(f"{stack.url}/v1/reports/summary%3Ffrom%3Dx").status_code == 404
         # An out-of-range date was a ClickHouse CANNOT_PARSE_DATETIME, a 500.
+        # Session 16's probe: a query over 8,190 bytes was the sink's plain-text parser error,
+        # labelled JSON by the proxy; the dispatcher itself reads lines up to 64 KiB
+        for query in ({"x": "a" * 9_000}, {f"f{i}": "1" for i in range(2_000)}):
+            long = httpx.get(f"{stack.url}/v1/reports/summary", params=query)
+            assert long.status_code == 400, long.text
+            assert long.json()["error"]["type"] == "invalid_request_error", long.text
         for name in ("outcomes", "summary"):
             bad = httpx.get(f"{stack.url}/v1/reports/{name}", params={"to": "0167-04-17T12:53:17Z"})
             assert bad.status_code == 400, bad.text
@@ -480,6 +484,17 @@ def test_what_the_http_parser_refuses_gets_a_json_error(kafka_settings: Settings
             assert error["type"] == "invalid_request_error", (what, error)
             assert "HTTP" in error["message"], (what, error)
         assert httpx.get(f"{stack.url}/healthz").status_code == 200  # still serving
+        # Session 16's probe: an expectation other than 100-continue was a plain-text 417
+        for path in ("/v1/models", "/v1/chat/completions"):
+            expect = httpx.post(f"{stack.url}{path}", json={}, headers={"Expect": "bogus"})
+            assert expect.status_code == 417, expect.text
+            assert expect.json()["error"]["param"] == "Expect"
+        continued = httpx.post(  # 100-continue is still understood
+            f"{stack.url}/v1/chat/completions",
+            json={"model": "gpt-4o", "messages": MESSAGES},
+            headers={"Expect": "100-continue"},
+        )
+        assert continued.status_code == 200, continued.text
 
 
 @pytest.mark.parametrize("encoding", ["gzip", "deflate", "br"])

@@ -1,0 +1,139 @@
+"""Serving an aiohttp application so that what aiohttp answers by itself is in the API's
+JSON error shape too (``{"error": {"type", "message", ...}}``), for the dispatcher and the
+sink's reports server alike (:func:`serve_app`).
+
+aiohttp answers some requests before any route or middleware runs, in plain text: one its
+parser cannot frame (a bad Content-Length, chunk size, header line or method; a line past
+its limit, 8,190 bytes by default), and an ``Expect`` header other than ``100-continue``
+(a 417). A client had no ``error.type`` to act on (newcomer probes, sessions 13 and 16).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError
+from aiohttp.web_protocol import RequestHandler
+
+from app.http.errors import ApiError
+
+# Request line and header limit: up to it they reach the routes, which name the field.
+MAX_LINE_BYTES = 65_536
+
+
+def _json_error(error: ApiError) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(error.body()), status=error.status, content_type="application/json"
+    )
+
+
+class _UnparsableAsWarning(logging.Filter):
+    """aiohttp logs a request it cannot parse (a line or header past the limit, broken
+    framing) at ERROR with a traceback, then answers 400: the client's error, so a WARNING
+    line (session 13's probe found the traceback)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, BadHttpMessage):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg = "request could not be parsed, answered %s: %s (%s)"
+            record.args = (exc.code, type(exc).__name__, str(exc.message)[:200])
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def quiet_unparsable_requests() -> None:
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, _UnparsableAsWarning) for f in server_log.filters):
+        server_log.addFilter(_UnparsableAsWarning())
+
+
+class _JsonErrorsHandler(RequestHandler):
+    """aiohttp's connection handler, answering what it answers itself in JSON; its logging
+    and connection close are kept."""
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        super().handle_error(request, status, exc, message)  # logs; refuses once sent
+        if status < 500:
+            detail = str(exc.message if isinstance(exc, HttpProcessingError) else message)
+            detail = " ".join(detail.split())[:300]
+            error = ApiError(
+                status,
+                "invalid_request_error",
+                f"The request is not valid HTTP/1.1 and was not read: {detail}. Send a "
+                "request line, headers of 'Name: value' and a body framed by a numeric "
+                "Content-Length or by chunked encoding, not both.",
+            )
+        elif status == 504:
+            error = ApiError(504, "timeout", "The request took too long to handle.")
+        else:
+            error = ApiError(status, "internal_error", "The request could not be handled.")
+        response = _json_error(error)
+        response.force_close()
+        return response
+
+    async def finish_response(
+        self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
+    ) -> tuple[web.StreamResponse, bool]:
+        # An HTTP error raised before any middleware (aiohttp's 417 for an `Expect` other
+        # than 100-continue, on every route and on none) was sent as it is: plain text.
+        if isinstance(resp, web.HTTPException) and resp.status >= 400:
+            param = None
+            message = resp.text or resp.reason
+            if resp.status == 417:
+                expect = request.headers.get("Expect", "")[:100]
+                message = (
+                    f"Expect: {expect!r} cannot be met; only 'Expect: 100-continue' is "
+                    "understood. Send the request without it."
+                )
+                param = "Expect"
+            resp = _json_error(ApiError(resp.status, "invalid_request_error", message, param=param))
+        return await super().finish_response(request, resp, start_time)
+
+
+class _JsonErrorsServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _JsonErrorsHandler(self, loop=self._loop, **self._kwargs)
+
+
+class JsonErrorsRunner(web.AppRunner):
+    """An :class:`aiohttp.web.AppRunner` whose connections answer the parser's errors in
+    JSON, with request lines and headers up to :data:`MAX_LINE_BYTES`."""
+
+    def __init__(self, app: web.Application, **kwargs: Any) -> None:
+        kwargs.setdefault("max_line_size", MAX_LINE_BYTES)
+        kwargs.setdefault("max_field_size", MAX_LINE_BYTES)
+        super().__init__(app, **kwargs)
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = _JsonErrorsServer  # aiohttp builds it; only __call__ differs
+        return server
+
+
+async def serve_app(
+    app: web.Application,
+    host: str,
+    port: int,
+    *,
+    shutdown_timeout: float = 60.0,
+    backlog: int = 128,
+    reuse_address: bool | None = None,
+) -> web.AppRunner:
+    """Set ``app`` up with :class:`JsonErrorsRunner` (no access log) and listen on
+    ``host:port``; returns the runner to clean up."""
+    quiet_unparsable_requests()
+    runner = JsonErrorsRunner(app, access_log=None, shutdown_timeout=shutdown_timeout)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, backlog=backlog, reuse_address=reuse_address)
+    await site.start()
+    return runner
