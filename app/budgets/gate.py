@@ -35,7 +35,8 @@ Admission, per capped scope, with ``room = limit - counted - not yet counted``:
 So the worst cases in flight never exceed the room: a dispatcher's own calls
 overshoot a cap by at most the prompt of one lone call whose prompt alone
 exceeds what is left (plus the error of the prompt estimate: a capped call's text
-and tool definitions are counted with its model's OpenAI tokenizer, images are not);
+and tool definitions are counted the way its upstream bills, its images at the most
+they may cost);
 several
 dispatchers add what the others spent since the last decision.
 Reservations are released by the caller, and swept after

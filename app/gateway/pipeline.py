@@ -79,7 +79,7 @@ class ChatRequest:
     prompt_tokens_estimate: int
     choices: int = 1  # n: the provider writes (and bills) this many answers, each up to max
     prompt_tokens_floor: int | None = None  # at least this many (None: the estimate)
-    prompt_tokenized: str | None = None  # "encoding/counter" the estimate counted with, if any
+    prompt_tokenized: str | None = None  # "model/counter" the estimate counted for, if any
 
     async def tokenize_prompt(self, counter: str | None = None) -> None:
         """Count the prompt with its model's OpenAI tokenizer too (a call under a cap: its
@@ -89,13 +89,13 @@ class ChatRequest:
         they were left out): :func:`count_prompt` counts them. ``counter``: how the upstream
         counts (``UpstreamConfig.prompt_counter``; None: either way)."""
         encoding = encoding_for(self.model)
-        if self.prompt_tokenized == f"{encoding}/{counter}":
+        if self.prompt_tokenized == f"{self.model}/{counter}":  # its images are the model's
             return
         fields = [self.upstream_body[k] for k in PROMPT_FIELDS if self.upstream_body.get(k)]
         self.prompt_tokens_estimate, self.prompt_tokens_floor = await count_prompt(
-            self.upstream_body["messages"], encoding, fields, counter
+            self.upstream_body["messages"], encoding, fields, counter, self.model
         )
-        self.prompt_tokenized = f"{encoding}/{counter}"
+        self.prompt_tokenized = f"{self.model}/{counter}"
 
     def cap_output(self, tokens: int) -> None:
         """Cap the output at ``tokens`` (the budget gate's decision) in every output-limit

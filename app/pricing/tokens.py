@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import math
 import re
 import threading
 from collections.abc import Generator, Iterator
@@ -53,6 +54,18 @@ PROMPT_FIELDS: Final = ("tools", "functions", "response_format")
 # How an upstream counts prompt tokens (``UpstreamConfig.prompt_counter``): its model's OpenAI
 # tokenizer, or the bundled simulator's rule (:func:`count_message_tokens`).
 COUNTERS: Final = ("openai", "simulator")
+# Image tokens OpenAI bills at most for one image part, for a reservation made before the
+# call (the image's size is not known then). A high-detail image is scaled to fit 2,048 px,
+# then to 768 px on its short side: at most 8 tiles of 512 px, plus a base; "low" detail is
+# the base alone (gpt-4o: 85 and 170 a tile; o1, o3, gpt-4.5 and gpt-5 count less). gpt-4o-mini
+# counts 33 times as many (priced to cost the same). The small newer models count 32-px
+# patches, at most 1,536, times a multiplier, whatever the detail.
+_IMAGE_TILES: Final = {"gpt-4o-mini": (2_833, 5_667)}
+_IMAGE_DEFAULT_TILES: Final = (85, 170)
+_IMAGE_PATCH_MULTIPLIERS: Final = {"gpt-4.1-mini": 1.62, "gpt-4.1-nano": 2.46,
+                                   "gpt-5-mini": 1.62, "gpt-5-nano": 2.46, "o4-mini": 1.72}  # fmt: skip
+_IMAGE_MAX_PATCHES: Final = 1_536
+_IMAGE_MAX_TILES: Final = 8
 _CUT = re.compile(r"(?<=\S) ")  # a space after a non-space: every pre-token starts there
 _loading = threading.Lock()
 _loaded: set[str] = set()
@@ -173,6 +186,31 @@ def bpe_tokens(text: str, encoding: str = "cl100k_base") -> int:
     return _bpe_count(text, encoding)
 
 
+def image_tokens_max(model: str, detail: str = "auto") -> int:
+    """The most prompt tokens OpenAI bills ``model`` for one image part of ``detail``."""
+    name = model.rsplit("/", 1)[-1].lower()
+    for prefix, multiplier in _IMAGE_PATCH_MULTIPLIERS.items():
+        if name.startswith(prefix):
+            return math.ceil(_IMAGE_MAX_PATCHES * multiplier)
+    tiles = [t for prefix, t in _IMAGE_TILES.items() if name.startswith(prefix)]
+    base, tile = tiles[0] if tiles else _IMAGE_DEFAULT_TILES
+    return base if detail == "low" else base + _IMAGE_MAX_TILES * tile
+
+
+def _image_details(message: dict[str, Any]) -> list[str]:
+    """The ``detail`` of each image part of a (validated) message, "auto" when unsaid."""
+    content = message.get("content")
+    if not isinstance(content, list):
+        return []
+    details = []
+    for part in content:
+        if part.get("type") == "image_url":
+            image = part.get("image_url")
+            detail = image.get("detail") if isinstance(image, dict) else None
+            details.append(detail if isinstance(detail, str) else "auto")
+    return details
+
+
 def count_tokens(text: str) -> int:
     """Deterministic token estimate: ceil(len / 4) per whitespace-separated chunk.
 
@@ -240,6 +278,7 @@ def estimate_message_token_range(
     tokenize: str | None = None,
     fields: list[Any] | None = None,
     counter: str | None = None,
+    model: str | None = None,
 ) -> tuple[int, int]:
     """(estimate, floor) of the prompt tokens of chat ``messages``, cheaply: validates like
     :func:`count_message_tokens`, then counts characters and words (measured on the shared
@@ -265,6 +304,9 @@ def estimate_message_token_range(
       too. Their JSON counts in the estimate; in the floor, the words OpenAI shows the model
       from them (:func:`shown_texts`): it renders tools as a TypeScript namespace, more
       compact than their JSON, but with every name, description and enum value in it.
+    - ``model``: image parts count in the estimate at the most ``model`` may bill for them
+      (:func:`image_tokens_max`; the size is not known before the call), in the floor not
+      at all; not for an upstream that counts like the simulator, which bills none.
     - ``counter`` (with ``tokenize``): how the upstream counts, one of :data:`COUNTERS`.
       ``"openai"``: estimate and floor are its tokenizer's count; ``"simulator"``: the
       simulator's (its fields by :func:`count_field_tokens`); unset, either may bill the
@@ -272,22 +314,30 @@ def estimate_message_token_range(
 
     Counted in one go; :func:`count_prompt` is the same count for the event loop.
     """
-    return _drive(_range_steps(messages, tokenize, fields or [], counter))
+    return _drive(_range_steps(messages, tokenize, fields or [], counter, model))
 
 
 async def count_prompt(
-    messages: list[Any], encoding: str, fields: list[Any] | None = None, counter: str | None = None
+    messages: list[Any],
+    encoding: str,
+    fields: list[Any] | None = None,
+    counter: str | None = None,
+    model: str | None = None,
 ) -> tuple[int, int]:
     """:func:`estimate_message_token_range` with ``tokenize=encoding``, handing the event
     loop back after every :data:`PIECE_CHARS` characters counted; a tokenizer loads in a
     thread the first time."""
     if counter != "simulator" and not tokenizer_loaded(encoding):
         await asyncio.to_thread(load_tokenizer, encoding)
-    return await _drive_async(_range_steps(messages, encoding, fields or [], counter))
+    return await _drive_async(_range_steps(messages, encoding, fields or [], counter, model))
 
 
 def _range_steps(
-    messages: list[Any], tokenize: str | None, fields: list[Any], counter: str | None = None
+    messages: list[Any],
+    tokenize: str | None,
+    fields: list[Any],
+    counter: str | None = None,
+    model: str | None = None,
 ) -> _Steps[tuple[int, int]]:
     if counter not in (None, *COUNTERS):
         raise ValueError(f"counter must be one of {COUNTERS} or None, not {counter!r}")
@@ -314,6 +364,10 @@ def _range_steps(
                 cheap, least = pieces, pieces - forced
         estimate += MESSAGE_OVERHEAD_TOKENS + cheap
         floor += MESSAGE_OVERHEAD_TOKENS + least
+    if model is not None and counter != "simulator":  # the simulator bills no image
+        estimate += sum(
+            image_tokens_max(model, detail) for m in messages for detail in _image_details(m)
+        )
     if tokenize and fields:
         if counter == "simulator":
             billed = count_field_tokens(fields)

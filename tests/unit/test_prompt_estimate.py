@@ -234,10 +234,10 @@ def test_a_capped_calls_tool_definitions_count_as_prompt() -> None:
     rendered = len(bpe_openai.get_encoding("o200k_base").encode_ordinary(openai_rendering(tools)))
     assert chat.prompt_tokens_floor is not None
     assert 5 + rendered // 2 <= chat.prompt_tokens_floor <= 5 + rendered
-    assert chat.prompt_tokenized == "o200k_base/None"
+    assert chat.prompt_tokenized == "gpt-4o/None"
     again = chat.retarget("gpt-4")  # another tokenizer: counted again with it
     asyncio.run(again.tokenize_prompt())
-    assert again.prompt_tokenized == "cl100k_base/None"
+    assert again.prompt_tokenized == "gpt-4/None"
 
 
 def test_earlier_tool_calls_and_names_are_prompt_too() -> None:
@@ -420,3 +420,27 @@ def test_an_upstream_that_counts_like_openai_is_counted_by_its_tokenizer_exactly
         assert estimate_message_token_range(messages, encoding, counter="openai") == (count, count)
         estimate, floor = estimate_message_token_range(messages, encoding)  # either counter
         assert floor <= count <= estimate
+
+
+def test_images_under_a_cap_are_reserved_at_what_they_may_cost() -> None:
+    """Image parts were not counted at all: a capped call with images was reserved for its
+    text only, and an OpenAI upstream bills up to 1,445 tokens per high-detail image on
+    gpt-4o (85 + 8 tiles of 170), 48,169 on gpt-4o-mini (its image tokens are priced to
+    cost the same). The size is not known before the call, so the reservation takes the
+    most; the floor takes none (a user under the cap is not refused on a guess), and the
+    bundled simulator bills images nothing."""
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}
+    low = {"type": "image_url", "image_url": {"url": "https://example.com/b.png", "detail": "low"}}
+    text = {"type": "text", "text": "What is on these?"}
+    messages = [{"role": "user", "content": [text, image, low, image]}]
+    plain = [{"role": "user", "content": [text]}]
+    for model, most, least in (("gpt-4o", 1_445, 85), ("gpt-4o-mini", 48_169, 2_833)):
+        encoding = encoding_for(model)
+        base_estimate, base_floor = estimate_message_token_range(plain, encoding)
+        estimate, floor = estimate_message_token_range(messages, encoding, model=model)
+        assert estimate == base_estimate + 2 * most + least
+        assert floor == base_floor
+        with_counter = estimate_message_token_range(
+            messages, encoding, counter="simulator", model=model
+        )
+        assert with_counter == estimate_message_token_range(plain, encoding, counter="simulator")
