@@ -267,12 +267,6 @@ def count_message_tokens(messages: list[Any]) -> int:
     )
 
 
-def estimate_message_tokens(messages: list[Any], tokenize: str | None = None) -> int:
-    """A prompt-size estimate for the request path (budget reservations, fallbacks): the
-    first of :func:`estimate_message_token_range`."""
-    return estimate_message_token_range(messages, tokenize)[0]
-
-
 def estimate_message_token_range(
     messages: list[Any],
     tokenize: str | None = None,
