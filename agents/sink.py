@@ -526,7 +526,6 @@ def run_sink(settings: Settings) -> None:
 
 
 async def _sink_and_reports(settings: Settings, client: Any) -> None:
-
     from app.budgets.policy import PolicyBook
     from app.events.compacted import CompactedView
     from app.http.reports_api import create_reports_app

@@ -671,7 +671,7 @@ class Gateway:
 
     async def open_upstream(self, call: Call) -> aiohttp.ClientResponse:
         """POST to the first upstream that accepts the connection (one retry elsewhere)."""
-        candidates = self.upstreams.candidates(call.chat.model)[:2]
+        candidates = self.upstreams.tried(call.chat.model)
         payload = orjson.dumps(call.chat.upstream_body)
         last_error: Exception | None = None
         for upstream in candidates:

@@ -104,10 +104,15 @@ class UpstreamPool:
         wildcard = [u for u in self.upstreams if "*" in u.config.models and u not in exact]
         return exact + wildcard
 
+    def tried(self, model: str) -> list[Upstream]:
+        """The upstreams a call for ``model`` goes to: the first that accepts the
+        connection, with one retry elsewhere."""
+        return self.candidates(model)[:2]
+
     def prompt_counter(self, model: str) -> str | None:
         """How the upstreams a call for ``model`` may go to count its prompt: their
-        ``prompt_counter`` if the (at most two) tried agree, else None (either)."""
-        counters = {u.config.prompt_counter for u in self.candidates(model)[:2]}
+        ``prompt_counter`` if those :meth:`tried` agree, else None (either)."""
+        counters = {u.config.prompt_counter for u in self.tried(model)}
         return counters.pop() if len(counters) == 1 else None
 
     def known_models(self) -> list[str]:
