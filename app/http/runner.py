@@ -6,11 +6,20 @@ aiohttp answers some requests before any route or middleware runs, in plain text
 parser cannot frame (a bad Content-Length, chunk size, header line or method; a line past
 its limit, 8,190 bytes by default), and an ``Expect`` header other than ``100-continue``
 (a 417). A client had no ``error.type`` to act on (newcomer probes, sessions 13 and 16).
+
+It also answers a client that half-closes: one that sends its request and then shuts its
+sending side (``nc -N``, ``socket.shutdown(SHUT_WR)``). aiohttp closed the connection on
+that end of stream and dropped every answer, even an instant one (aiohttp#3659; session 16's
+probe). Only where the end of the stream means the client gave up on a call that costs money
+and is already running (``eof_aborts``) is the call still aborted, as nginx and Go's server
+do: a client that closes its socket and one that only shuts its sending side look the same
+on the wire.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -22,6 +31,23 @@ from app.http.errors import ApiError
 
 # Request line and header limit: up to it they reach the routes, which name the field.
 MAX_LINE_BYTES = 65_536
+
+# Whether the end of the client's stream, arriving while ``request`` is handled, means the
+# client gave up on it (abort it) rather than that it has sent all it will (answer it).
+EofAborts = Callable[[web.BaseRequest], bool]
+
+
+class BodyCutShort(web.HTTPBadRequest):
+    """The client ended its stream before the body it declared had arrived; raised by
+    ``request.read()`` and the like (a 400, in JSON)."""
+
+    def __init__(self, detail: str) -> None:
+        self.detail = (
+            f"The request body ended before the whole body arrived ({detail.rstrip('.')}): "
+            "the client closed its sending side. Send as many bytes as Content-Length says, "
+            "or end a chunked body with its last (zero-size) chunk."
+        )
+        super().__init__(text=self.detail)
 
 
 def _json_error(error: ApiError) -> web.Response:
@@ -53,7 +79,38 @@ def quiet_unparsable_requests() -> None:
 
 class _JsonErrorsHandler(RequestHandler):
     """aiohttp's connection handler, answering what it answers itself in JSON; its logging
-    and connection close are kept."""
+    and connection close are kept. A client's half-close is answered (module docstring)."""
+
+    eof_aborts: EofAborts | None = None
+    _peer_done = False  # the client has sent all it will: close once it is answered
+    _cut_short: BodyCutShort | None = None
+
+    def eof_received(self) -> bool | None:  # type: ignore[override]  # asyncio allows a bool
+        waiting = self._waiter is not None and not self._waiter.done()
+        if waiting and not self._messages:
+            return None  # between requests, or inside a request line: close, as aiohttp does
+        current = self._current_request
+        if current is not None and self.eof_aborts is not None and self.eof_aborts(current):
+            return None  # the client gave up on a paid call: aiohttp closes and cancels it
+        self._peer_done = True
+        if self._parser is not None:
+            try:
+                self._parser.feed_eof()
+            except HttpProcessingError as exc:  # the last request's body is incomplete
+                self._cut_short = BodyCutShort(str(exc.message))
+                payloads = [payload for _, payload in self._messages]
+                if current is not None:
+                    payloads.append(current.content)
+                for payload in payloads:
+                    if not payload.is_eof():
+                        payload.set_exception(self._cut_short)
+        return True  # keep the sending side open for the answers
+
+    async def _handle_request(self, request: web.BaseRequest, *args: Any) -> Any:
+        # A request taken from the queue just before the end of the stream was seen
+        if self._cut_short is not None and not request.content.is_eof():
+            request.content.set_exception(self._cut_short)
+        return await super()._handle_request(request, *args)
 
     def handle_error(
         self,
@@ -97,26 +154,39 @@ class _JsonErrorsHandler(RequestHandler):
                 )
                 param = "Expect"
             resp = _json_error(ApiError(resp.status, "invalid_request_error", message, param=param))
-        return await super().finish_response(request, resp, start_time)
+        finished = await super().finish_response(request, resp, start_time)
+        if self._peer_done and not self._messages:
+            self.close()  # the client sent all it will and has every answer
+        return finished
 
 
 class _JsonErrorsServer(web.Server):
+    eof_aborts: EofAborts | None = None
+
     def __call__(self) -> RequestHandler:
-        return _JsonErrorsHandler(self, loop=self._loop, **self._kwargs)
+        handler = _JsonErrorsHandler(self, loop=self._loop, **self._kwargs)
+        handler.eof_aborts = self.eof_aborts
+        return handler
 
 
 class JsonErrorsRunner(web.AppRunner):
     """An :class:`aiohttp.web.AppRunner` whose connections answer the parser's errors in
-    JSON, with request lines and headers up to :data:`MAX_LINE_BYTES`."""
+    JSON, with request lines and headers up to :data:`MAX_LINE_BYTES`, and that answer a
+    client's half-close except where ``eof_aborts`` says the client gave up."""
 
-    def __init__(self, app: web.Application, **kwargs: Any) -> None:
+    def __init__(
+        self, app: web.Application, *, eof_aborts: EofAborts | None = None, **kwargs: Any
+    ) -> None:
         kwargs.setdefault("max_line_size", MAX_LINE_BYTES)
         kwargs.setdefault("max_field_size", MAX_LINE_BYTES)
         super().__init__(app, **kwargs)
+        self._eof_aborts = eof_aborts
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
         server.__class__ = _JsonErrorsServer  # aiohttp builds it; only __call__ differs
+        assert isinstance(server, _JsonErrorsServer)
+        server.eof_aborts = self._eof_aborts
         return server
 
 
@@ -128,11 +198,14 @@ async def serve_app(
     shutdown_timeout: float = 60.0,
     backlog: int = 128,
     reuse_address: bool | None = None,
+    eof_aborts: EofAborts | None = None,
 ) -> web.AppRunner:
     """Set ``app`` up with :class:`JsonErrorsRunner` (no access log) and listen on
     ``host:port``; returns the runner to clean up."""
     quiet_unparsable_requests()
-    runner = JsonErrorsRunner(app, access_log=None, shutdown_timeout=shutdown_timeout)
+    runner = JsonErrorsRunner(
+        app, access_log=None, shutdown_timeout=shutdown_timeout, eof_aborts=eof_aborts
+    )
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=backlog, reuse_address=reuse_address)
     await site.start()

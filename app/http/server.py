@@ -64,7 +64,7 @@ from app.http.openapi import (
     operation,
 )
 from app.http.reports_api import REPORTS
-from app.http.runner import serve_app
+from app.http.runner import BodyCutShort, serve_app
 from app.http.security import check_exposure, internal_token
 from app.metering.attribution import Identity, KeyStore, bearer_token, resolve_identity
 from app.metering.ingest import (
@@ -230,6 +230,8 @@ async def read_json(request: web.Request) -> Any:
     try:
         async with asyncio.timeout(settings.body_read_timeout_s):
             raw = await request.read()
+    except BodyCutShort as exc:  # the client half-closed before its body was whole
+        raise invalid_request(exc.detail) from None
     except (HttpProcessingError, RequestPayloadError) as exc:  # e.g. Content-Encoding: gzip
         encoding = request.headers.get("Content-Encoding", "")  # on a body that is not
         cause = exc.__cause__ if isinstance(exc, RequestPayloadError) else exc
@@ -945,6 +947,16 @@ def create_app(settings: Settings) -> web.Application:
     return app
 
 
+# Routes whose calls cost money: the end of the client's stream while one is handled means
+# the client gave up (a call waiting for room under a cap then leaves the line, a stream
+# stops), not a half-close waiting for its answer (`app.http.runner`).
+PAID_ROUTES = frozenset({"/v1/chat/completions", "/v1/dispatch"})
+
+
+def client_gave_up(request: web.BaseRequest) -> bool:
+    return request.method == "POST" and request.path in PAID_ROUTES
+
+
 async def serve(
     settings: Settings, ready: asyncio.Event | None = None, handle_signals: bool = False
 ) -> None:
@@ -960,6 +972,7 @@ async def serve(
         shutdown_timeout=settings.max_call_duration_s,
         backlog=1024,
         reuse_address=True,
+        eof_aborts=client_gave_up,
     )
     log.info("dispatcher listening", extra={"url": settings.dispatcher_url})
     if ready is not None:

@@ -497,6 +497,50 @@ def test_what_the_http_parser_refuses_gets_a_json_error(kafka_settings: Settings
         assert continued.status_code == 200, continued.text
 
 
+def _half_closed(url: str, raw: bytes) -> tuple[int, dict[str, Any]]:
+    """Send ``raw``, shut the sending side (as `nc -N` does), read the answer to the end."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=20) as conn:
+        conn.sendall(raw)
+        conn.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    head, _, body = answer.decode(errors="replace").partition("\r\n\r\n")
+    assert head, "no answer at all"
+    return int(head.split(" ", 2)[1]), json.loads(body)
+
+
+def test_a_client_that_half_closes_gets_its_answer(kafka_settings: Settings) -> None:
+    """Session 16's probe (O1): a request followed by a half-close (`nc -N`, a socket shut
+    for writing) got no answer at all, even `/healthz`; a body cut short that way got none
+    either. Both are answered now (a paid call in progress still treats it as the client
+    giving up: tests/unit/test_http_runner.py)."""
+    asyncio.run(ensure_topics(kafka_settings))
+    with running_stack(kafka_settings) as stack:
+        status, body = _half_closed(stack.url, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status == 200, body
+        usage = json.dumps(
+            {"model": "gpt-4o", "prompt_tokens": 12, "completion_tokens": 3, "user_id": "hc"}
+        ).encode()
+        status, body = _half_closed(
+            stack.url,
+            b"POST /v1/usage HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(usage), usage),
+        )
+        assert status == 202 and body["accepted"] == 1, body
+        [event] = asyncio.run(read_events(stack.settings, "usage", at_least=1))
+        assert event["user_id"] == "hc"
+        status, body = _half_closed(
+            stack.url,
+            b"POST /v1/usage HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(usage), usage[:20]),
+        )
+        assert status == 400, body
+        assert body["error"]["type"] == "invalid_request_error"
+        assert "before the whole body" in body["error"]["message"], body
+
+
 @pytest.mark.parametrize("encoding", ["gzip", "deflate", "br"])
 def test_a_body_that_does_not_decode_is_a_400_with_a_json_error(
     kafka_settings: Settings, encoding: str

@@ -1,0 +1,167 @@
+"""A client that half-closes (sends its request, then shuts its sending side: `nc -N`,
+``socket.shutdown(SHUT_WR)``) gets its answer; aiohttp closed the connection on that EOF
+and dropped every answer, even an instant one (aiohttp#3659; session 16's probe, O1).
+
+Where the end of the client's stream means it gave up (a call that costs money, in
+progress), it still aborts the call, as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+from aiohttp import web
+
+from app.http.runner import serve_app
+from tests.integration.harness import free_port
+
+
+async def _echo(request: web.Request) -> web.Response:
+    body = await request.read()
+    return web.json_response({"bytes": len(body)})
+
+
+async def _ok(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+class _Slow:
+    """A route that costs money: it waits (as a call waits for room under a cap) until its
+    client is gone, as the dispatcher's budget gate checks (``SseClient.gone``)."""
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+        self.saw_client_gone = asyncio.Event()
+
+    async def handle(self, request: web.Request) -> web.Response:
+        await request.read()
+        self.started.set()
+        for _ in range(500):
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                self.saw_client_gone.set()
+                break
+            await asyncio.sleep(0.01)
+        return web.json_response({"served": True})
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[tuple[int, _Slow]]:
+    slow = _Slow()
+    app = web.Application()
+    app.router.add_get("/ok", _ok)
+    app.router.add_post("/echo", _echo)
+    app.router.add_post("/paid", slow.handle)
+    port = free_port()
+    runner = await serve_app(
+        app, "127.0.0.1", port, eof_aborts=lambda request: request.path == "/paid"
+    )
+    try:
+        yield port, slow
+    finally:
+        await runner.cleanup()
+
+
+def _exchange(port: int, raw: bytes, half_close: bool = True) -> bytes:
+    """Send ``raw``, shut the sending side, read until the server closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(raw)
+        if half_close:
+            conn.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+        return answer
+
+
+async def _in_thread(fn: Callable[..., bytes], *args: object) -> bytes:
+    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+
+def _responses(answer: bytes) -> list[tuple[int, dict[str, object]]]:
+    """(status, JSON body) of each response in ``answer`` (Content-Length framed)."""
+    out = []
+    while answer:
+        head, _, rest = answer.partition(b"\r\n\r\n")
+        lines = head.decode().split("\r\n")
+        status = int(lines[0].split(" ")[1])
+        headers = {k.lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:])}
+        length = int(headers["content-length"])
+        out.append((status, json.loads(rest[:length])))
+        answer = rest[length:]
+    return out
+
+
+async def test_a_half_closed_request_is_answered_then_the_connection_closes(
+    served: tuple[int, _Slow],
+) -> None:
+    port, _ = served
+    for _ in range(5):  # an instant answer was dropped every time
+        answer = await _in_thread(_exchange, port, b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert _responses(answer) == [(200, {"status": "ok"})]
+    body = b'{"hello": "world"}'
+    raw = b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    assert _responses(await _in_thread(_exchange, port, raw)) == [(200, {"bytes": len(body)})]
+
+
+async def test_pipelined_requests_then_a_half_close_are_all_answered(
+    served: tuple[int, _Slow],
+) -> None:
+    port, _ = served
+    raw = (
+        b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc"
+        b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
+    answer = await _in_thread(_exchange, port, raw)
+    assert [status for status, _ in _responses(answer)] == [200, 200, 200]
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"a": ',
+        b'POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{"a":\r\n',
+    ],
+    ids=["content-length", "chunked"],
+)
+async def test_a_body_cut_short_by_a_half_close_is_a_400_saying_so(
+    served: tuple[int, _Slow], raw: bytes
+) -> None:
+    port, _ = served
+    [(status, body)] = _responses(await _in_thread(_exchange, port, raw))
+    assert status == 400
+    error = body["error"]
+    assert isinstance(error, dict) and error["type"] == "invalid_request_error"
+    assert "before the whole body" in str(error["message"]), error
+
+
+async def test_the_end_of_the_stream_still_means_gone_during_a_paid_call(
+    served: tuple[int, _Slow],
+) -> None:
+    """The client closing (or half-closing) while a call that costs money runs means it
+    gave up, as before: the connection closes, so the call sees its client gone (a call
+    waiting for room under a cap leaves the line instead of being made for nobody)."""
+    port, slow = served
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /paid HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+    await writer.drain()
+    await asyncio.wait_for(slow.started.wait(), 10)
+    writer.write_eof()
+    await asyncio.wait_for(slow.saw_client_gone.wait(), 10)
+    assert await reader.read() == b""  # no answer: nobody asked any more
+    writer.close()
+
+
+async def test_an_idle_connection_closed_by_the_client_is_closed(
+    served: tuple[int, _Slow],
+) -> None:
+    port, _ = served
+    answer = await _in_thread(_exchange, port, b"")
+    assert answer == b""
+    answer = await _in_thread(_exchange, port, b"GET /ok HTT")  # half a request line
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 400")
