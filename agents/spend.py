@@ -37,9 +37,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterable, Iterator, MutableMapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, MutableMapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
@@ -1009,10 +1011,57 @@ def shorten_faust_fetch_wait() -> None:
     thread_cls._tollgate_fetch_wait = True  # type: ignore[attr-defined]
 
 
-def run_worker(settings: Settings) -> None:
-    """Run the spend worker in the foreground (``tollgate worker``)."""
+# How long a crashed worker may take to stop before the process is ended regardless.
+CRASH_EXIT_AFTER_S = 30.0
+
+
+def end_process(code: int) -> None:
+    """Flush the logs and end the process now, whatever threads are left."""
+    logging.shutdown()
+    os._exit(code)
+
+
+def exit_when_crashed(
+    app: faust.App, after_s: float = CRASH_EXIT_AFTER_S, exit: Callable[[int], Any] = end_process
+) -> None:
+    """End the process ``after_s`` seconds after ``app`` crashes if it has not ended by then.
+
+    A crash must end the process so that a supervisor (``make up``, systemd, Kubernetes)
+    restarts it. Session 17's probe saw a crashed worker stay alive, idle, deaf to SIGTERM,
+    counting nothing for any scope: Faust's stop after a crash can wait forever."""
+    crash = app.crash
+
+    async def crash_then_exit(reason: BaseException) -> None:
+        timer = threading.Timer(after_s, _exit_after_crash, (exit, reason))
+        timer.daemon = True
+        timer.start()
+        await crash(reason)
+
+    app.crash = crash_then_exit  # type: ignore[method-assign]
+
+
+def _exit_after_crash(exit: Callable[[int], Any], reason: BaseException) -> None:
+    log.critical(
+        "the spend worker crashed and did not stop; exiting", extra={"reason": repr(reason)}
+    )
+    logging.shutdown()
+    exit(1)
+
+
+def run_worker(settings: Settings, exit: Callable[[int], Any] = end_process) -> None:
+    """Run the spend worker in the foreground (``tollgate worker``); the process ends with
+    it, 1 after a crash (threads Faust leaves behind kept a crashed one alive)."""
     shorten_faust_fetch_wait()
     worker = SpendWorker(settings)
     asyncio.run(ensure_changelog_topics(worker))
+    exit_when_crashed(worker.app)
     faust_worker = faust.Worker(worker.app, loglevel="WARN", quiet=True)
-    faust_worker.execute_from_commandline()
+    code = 1
+    try:
+        faust_worker.execute_from_commandline()
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+    except BaseException:
+        log.critical("the spend worker crashed; exiting", exc_info=True)
+    finally:
+        exit(code)

@@ -16,7 +16,7 @@ from typing import Any
 from app.budgets.periods import Period
 from app.budgets.policy import Evaluation, Policy
 from app.metering.usage import new_id
-from app.pricing.catalog import usd_text
+from app.pricing.catalog import MAX_EVENT_NANOS, usd_text
 
 
 def is_partition_local(scope: str) -> bool:
@@ -44,13 +44,17 @@ def decision_record(
     counted_offsets: dict[int, int] | None = None,
 ) -> dict[str, Any]:
     """``counted_offsets``: per usage partition, the offset below which every event is in
-    ``spent_nanos`` (what dispatchers match their own uncounted spend against)."""
+    ``spent_nanos`` (what dispatchers match their own uncounted spend against).
+
+    A spend past what the event's field holds (:data:`MAX_EVENT_NANOS`, $9.22 B: far past
+    any cap, which is at most $1 B) is published as that most; the state is judged on the
+    exact spend. Unbounded, it did not encode and crashed the worker on every restart."""
     return {
         "event_id": new_id(),
         "ts": now,
         "scope": scope,
         "state": evaluation.state,
-        "spent_usd_nanos": spent_nanos,
+        "spent_usd_nanos": min(spent_nanos, MAX_EVENT_NANOS),
         "limit_usd_nanos": policy.limit_usd_nanos,
         "period": policy.period,
         "period_start": period.start,

@@ -28,6 +28,11 @@ log = logging.getLogger(__name__)
 Tier = Literal["premium", "standard", "economy"]
 NANOS_PER_USD = Decimal(1_000_000_000)
 _MTOK = Decimal(1_000_000)
+# The most nano-dollars an event's field holds (an Avro long): $9.22 billion.
+MAX_EVENT_NANOS = 2**63 - 1
+# The highest price per million tokens an override may set ($1 M: a call's worst case, 2^31
+# tokens each way, then still fits an event).
+MAX_PRICE_PER_MTOK = Decimal(1_000_000)
 # Tier by input price when neither an override nor a known model says otherwise.
 PREMIUM_FROM_PER_MTOK = Decimal(5)
 STANDARD_FROM_PER_MTOK = Decimal("0.9")
@@ -61,6 +66,13 @@ def usd_to_nanos(usd: Decimal) -> int:
     return int((usd * NANOS_PER_USD).to_integral_value(rounding=ROUND_HALF_EVEN))
 
 
+def event_nanos(usd: Decimal) -> int:
+    """:func:`usd_to_nanos`, at most :data:`MAX_EVENT_NANOS`: a call's cost always fits its
+    event (past $9.22 B only an absurd price or token count, recorded at that most rather
+    than an event that does not encode and is lost)."""
+    return min(usd_to_nanos(usd), MAX_EVENT_NANOS)
+
+
 def nanos_to_usd(nanos: int) -> Decimal:
     return Decimal(nanos) / NANOS_PER_USD
 
@@ -90,8 +102,11 @@ def _decimal(value: Any, model: str, field: str) -> Decimal:
         raise PriceOverridesError(
             f"price override {model}.{field}={value!r} is not a number"
         ) from None
-    if result < 0:
-        raise PriceOverridesError(f"price override {model}.{field}={value} must be >= 0")
+    if not result.is_finite() or not 0 <= result <= MAX_PRICE_PER_MTOK:
+        raise PriceOverridesError(
+            f"price override {model}.{field}={value} must be a number of USD per million "
+            f"tokens from 0 to {MAX_PRICE_PER_MTOK:,}"
+        )
     return result
 
 
@@ -230,7 +245,7 @@ class PriceCatalog:
         """Cost of a call, its baseline cost, and the provider prompt-cache discount."""
         baseline = self.rate(self.baseline_model)
         assert baseline is not None  # checked at start-up
-        baseline_nanos = usd_to_nanos(self._usd(baseline, prompt_tokens, completion_tokens, 0))
+        baseline_nanos = event_nanos(self._usd(baseline, prompt_tokens, completion_tokens, 0))
         rate = self.rate(model)
         if rate is None:
             return Cost(0, baseline_nanos, 0, price_unknown=True, tier=None)
@@ -243,9 +258,9 @@ class PriceCatalog:
                 / _MTOK
             )
         return Cost(
-            cost_usd_nanos=usd_to_nanos(actual),
+            cost_usd_nanos=event_nanos(actual),
             baseline_cost_usd_nanos=baseline_nanos,
-            prompt_cache_saved_usd_nanos=usd_to_nanos(saved),
+            prompt_cache_saved_usd_nanos=event_nanos(saved),
             price_unknown=False,
             tier=rate.tier,
         )

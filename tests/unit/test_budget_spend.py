@@ -387,3 +387,20 @@ def test_evaluation_passes_through_unchanged() -> None:
 def test_utc_converts_milliseconds_to_an_aware_datetime() -> None:
     assert utc(int(TS.timestamp() * 1000)) == TS
     assert utc(0) == datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def test_a_spend_past_what_avro_long_holds_is_published_saturated_not_a_crash() -> None:
+    """Session 17's probe (F3): 49,000 `/v1/usage` records of 2^31-1 tokens each at GPT-4
+    prices took one capped user's spend past 2^63 nano-dollars ($9.22 B); the decision did
+    not encode (`spent_usd_nanos ... expected long`), the Faust app crashed, and crashed again
+    on every restart (the total lives in its changelog). The decision now says the most a
+    long holds: still far over any cap ($1 B at most), still blocked."""
+    policy = parse_policy("user:alice", {"limit_usd": 1_000_000_000})
+    period = policy.period_at(NOW)
+    for spent in (2**63 - 1, 2**63, 9_470_402_883_270_000_000, 10**30):
+        record = decision_record(
+            "user:alice", policy, period, spent, NOW, evaluate(spent, policy), NOW, "spend"
+        )
+        assert record["spent_usd_nanos"] == 2**63 - 1
+        assert record["state"] == "blocked"
+        assert validate(record, schema("BudgetDecision"), raise_errors=True)

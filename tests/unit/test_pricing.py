@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 from genai_prices import Usage, calc_price
 
-from app.pricing.catalog import PriceCatalog, PriceOverridesError, usd_to_nanos
+from app.pricing.catalog import MAX_EVENT_NANOS, PriceCatalog, PriceOverridesError, usd_to_nanos
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,9 @@ def test_overrides_price_missing_and_negotiated_models(tmp_path: Path) -> None:
     ("text", "message"),
     [
         ("models:\n  m: {output_per_mtok: 1}\n", "m.input_per_mtok is missing"),
-        ("models:\n  m: {input_per_mtok: -1, output_per_mtok: 1}\n", "must be >= 0"),
+        ("models:\n  m: {input_per_mtok: -1, output_per_mtok: 1}\n", "from 0 to 1,000,000"),
+        ("models:\n  m: {input_per_mtok: 1, output_per_mtok: 2e6}\n", "from 0 to 1,000,000"),
+        ("models:\n  m: {input_per_mtok: .nan, output_per_mtok: 1}\n", "from 0 to 1,000,000"),
         ("models:\n  m: {input_per_mtok: abc, output_per_mtok: 1}\n", "not a number"),
         ("models:\n  m: {input_per_mtok: 1, output_per_mtok: 1, tier: gold}\n", "tier='gold'"),
         ("- just a list\n", "models:"),
@@ -91,3 +93,19 @@ def test_bad_overrides_name_the_problem(tmp_path: Path, text: str, message: str)
 def test_baseline_without_price_is_refused() -> None:
     with pytest.raises(PriceOverridesError, match="baseline model"):
         PriceCatalog("no-such-baseline")
+
+
+def test_a_cost_always_fits_its_event(tmp_path: Path) -> None:
+    """Session 17's probe (F3): nothing bounded a cost in nano-dollars by what an event's
+    long holds. At the highest price an override may set and 2^31-1 tokens each way, a call
+    still fits; an absurd count (a broken provider's usage) is recorded at the most a long
+    holds, not as an event that does not encode and is lost."""
+    overrides = tmp_path / "prices.yaml"
+    overrides.write_text("models:\n  dear: {input_per_mtok: 1000000, output_per_mtok: 1000000}\n")
+    catalog = PriceCatalog("gpt-4", overrides)
+    most = 2**31 - 1
+    assert catalog.cost("dear", most, most).cost_usd_nanos < MAX_EVENT_NANOS
+    assert catalog.worst_case_nanos("dear", most, most) < MAX_EVENT_NANOS
+    absurd = catalog.cost("dear", 10**15, 10**15)
+    assert absurd.cost_usd_nanos == MAX_EVENT_NANOS
+    assert catalog.cost("gpt-4", 10**18, 10**18).baseline_cost_usd_nanos == MAX_EVENT_NANOS
