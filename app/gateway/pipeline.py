@@ -46,7 +46,7 @@ from app.metering.usage import (
     new_id,
     usage_event_id,
 )
-from app.metrics import Metrics
+from app.metrics import Metrics, ModelLabels
 from app.pricing.catalog import PriceCatalog, nanos_to_usd
 from app.pricing.tokens import (
     PROMPT_FIELDS,
@@ -353,6 +353,7 @@ class Gateway:
         self.gate = gate
         self.config = config or GatewayConfig()
         self.outputs = OutputEstimator(self.config.fallback_output_tokens)
+        self.model_label = ModelLabels(frozenset(upstreams.known_models()))
         # request_id -> who made it, and session_id -> its users (most recent last), for
         # outcomes reported later with only the request or the session: to attribute them to
         # the spend they are about, and to refuse a key that reports on someone else's.
@@ -487,7 +488,7 @@ class Gateway:
         return record
 
     def _count(self, record: dict[str, Any]) -> None:
-        model = record["model_served"]
+        model = self.model_label(record["model_served"])
         prompt_tokens, completion_tokens = record["prompt_tokens"], record["completion_tokens"]
         cached_tokens = record["cached_tokens"]
         cost_nanos, baseline_nanos = record["cost_usd_nanos"], record["baseline_cost_usd_nanos"]

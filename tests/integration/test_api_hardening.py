@@ -637,3 +637,36 @@ def test_what_a_newcomer_tries_gets_an_answer_it_can_act_on(kafka_settings: Sett
         if r.get("user_id") != "newcomer" and r["prompt_tokens"] != 3
     ]
     assert refused_calls == []  # nothing refused above was forwarded or charged
+
+
+def test_made_up_model_names_do_not_grow_the_metrics(kafka_settings: Settings) -> None:
+    """Session 17's probe (F1): every model name a `/v1/usage` record carried became a label
+    of four metrics (8 series per name): one POST of 1,000 made-up names added 8,000 series
+    (641 KB of /metrics), for good. Names no upstream lists share one label past a bound;
+    their usage is still counted there, and each record is still stored with its name."""
+    asyncio.run(ensure_topics(kafka_settings))
+    with running_stack(kafka_settings) as stack:
+        before = httpx.get(f"{stack.url}/metrics").text
+        records = [
+            {"model": f"card-model-{i}", "prompt_tokens": 1, "completion_tokens": 1, "user_id": "u"}
+            for i in range(1000)
+        ]
+        response = httpx.post(f"{stack.url}/v1/usage", json={"records": records}, timeout=60)
+        assert response.status_code == 202, response.text
+        after = httpx.get(f"{stack.url}/metrics").text
+        named = sum(1 for line in after.splitlines() if "card-model-" in line)
+        assert named <= 8 * 100, named  # at most 100 names of their own
+        assert len(after) < len(before) + 100_000, (len(before), len(after))
+        unknown = [
+            float(line.rsplit(" ", 1)[1])
+            for line in after.splitlines()
+            if line.startswith("tollgate_price_unknown_usage_total{")
+        ]
+        assert sum(unknown) == 1000  # every record still counted
+        listed = httpx.post(  # a model an upstream lists keeps its own label
+            f"{stack.url}/v1/chat/completions",
+            json={"model": "tollgate-sim-unpriced", "messages": MESSAGES},
+        )
+        assert listed.status_code == 200, listed.text
+        metrics = httpx.get(f"{stack.url}/metrics").text
+        assert 'tollgate_price_unknown_usage_total{model="tollgate-sim-unpriced"} 1.0' in metrics

@@ -109,3 +109,22 @@ def test_a_cost_always_fits_its_event(tmp_path: Path) -> None:
     absurd = catalog.cost("dear", 10**15, 10**15)
     assert absurd.cost_usd_nanos == MAX_EVENT_NANOS
     assert catalog.cost("gpt-4", 10**18, 10**18).baseline_cost_usd_nanos == MAX_EVENT_NANOS
+
+
+def test_made_up_model_names_are_remembered_and_logged_within_bounds(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Model names are free text from clients (session 17's probe, F1): the rates remembered
+    and the names logged one by one are bounded."""
+    import app.pricing.catalog as catalog_module
+
+    monkeypatch.setattr(catalog_module, "RATE_CACHE_SIZE", 50)
+    monkeypatch.setattr(catalog_module, "LOGGED_UNKNOWN_MODELS", 5)
+    catalog = PriceCatalog("gpt-4")
+    with caplog.at_level("WARNING", logger="app.pricing.catalog"):
+        for i in range(200):
+            assert catalog.cost(f"made-up-{i}", 10, 10).price_unknown
+    assert len(catalog._cache) <= 50
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 6, lines  # five names, then one line saying the rest are not logged
+    assert catalog.cost("gpt-4o", 1_000_000, 0).cost_usd_nanos > 0  # still priced
