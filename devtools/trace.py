@@ -27,8 +27,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
-from app.ids import MAX_ID_LENGTH, id_problem
+from app.errors import InvalidRequest
+from app.ids import MAX_ID_LENGTH
+from app.metering.attribution import resolve_identity
 from app.metering.ingest import MAX_COUNT, Timestamp, UsageReport, validate_record
+from app.routing.config import RoutingSettings
 from app.validation import Id
 
 AZURE_TRACE = Path(__file__).resolve().parents[1] / "data" / "AzureLLMInferenceTrace_conv.csv"
@@ -274,6 +277,10 @@ def read_mooncake_jsonl(path: Path) -> Iterator[TraceCall]:
         )
 
 
+# The model name that asks the router to pick (not a model that served a call).
+AUTO_MODEL: str = RoutingSettings.model_fields["auto_model"].default
+
+
 class _TraceRecord(UsageReport):
     """A ``/v1/usage`` record as a trace line: ``ts`` is required, ``model`` optional."""
 
@@ -289,23 +296,33 @@ def _usage_call(record: dict[str, Any], where: str) -> TraceCall:
 
     report = validate_record(_TraceRecord, record, error, window=None)  # any time: replayed
     prompt, completion, cached = report.tokens(error)
-    attribution = {}
-    for name in ("user_id", "user", "session_id", "feature", "team"):
-        value = getattr(report, name)
-        problem = id_problem(value) if value else None
-        if problem is not None:
-            raise error(name, problem)
-        attribution[name] = value or None
+    if report.model == AUTO_MODEL:  # would be priced as an unknown model, at cost 0
+        raise error(
+            "model",
+            f"{AUTO_MODEL!r} is the router's name for 'pick a tier', not a model: give the "
+            "model that served the call",
+        )
+    try:  # the attribution checks of /v1/usage: ids, '*' (a default policy), two owners
+        identity = resolve_identity({}, record, None)
+    except InvalidRequest as exc:
+        name = exc.field or "user"
+        message = exc.message.removeprefix(f"'{name}'").lstrip()
+        raise error(name, message) from None
     metadata = report.metadata or {}
-    feature = metadata.get("feature") or attribution["feature"]
+    feature = identity.feature
     if feature is not None and len(feature) > MAX_ID_LENGTH:
         raise error("metadata.feature", f"must be at most {MAX_ID_LENGTH} characters")
+    attribution = {
+        "user_id": identity.user_id if report.user_id or report.user else None,
+        "session_id": identity.session_id,
+        "team": identity.team,
+    }
     return TraceCall(
         ts=report.ts,
         prompt_tokens=prompt,
         completion_tokens=completion,
         cached_tokens=cached,
-        user_id=attribution["user_id"] or attribution["user"],
+        user_id=attribution["user_id"],
         session_id=attribution["session_id"],
         feature=feature,
         model=report.model or None,

@@ -331,13 +331,16 @@ def parse_policy(scope: str, body: Any) -> Policy:
 def scopes_of(
     user_id: str | None, feature: str | None, team: str | None = None, key_id: str | None = None
 ) -> list[str]:
-    """The scopes one call spends against, most specific first."""
+    """The scopes one call spends against, most specific first. An id ``*`` names the
+    default policy of its kind (``user:*``), never a scope that spends: an event carrying one
+    (every entry point refuses it; session 17's probe found a replay that did not) spends
+    against the others only."""
     scopes = []
-    if user_id:
+    if user_id and user_id != "*":
         scopes.append(f"user:{user_id}")
-    if feature:
+    if feature and feature != "*":
         scopes.append(f"feature:{feature}")
-    if team:
+    if team and team != "*":
         scopes.append(f"team:{team}")
     if key_id:
         scopes.append(f"key:{key_id}")

@@ -286,6 +286,9 @@ def test_default_scope_is_not_a_scope_that_spends(scope: str) -> None:
         ((None, "chat"), ["feature:chat"]),
         ((None, None), []),
         (("", "", "", ""), []),
+        # '*' names a default policy, never a spending scope (session 17's probe, F2)
+        (("*", "*", "*"), []),
+        (("u1", "*"), ["user:u1"]),
     ],
 )
 def test_scopes_of_lists_most_specific_first_and_always_global(

@@ -279,6 +279,32 @@ def test_jsonl_reads_every_usage_field_and_the_api_aliases(tmp_path: Path) -> No
             '{"ts": 1, "prompt_tokens": 3, "completion_tokens": 1, "cache_hit": "yes"}',
             "field 'cache_hit' must be true or false",
         ),
+        # session 17's probe (F2): what `/v1/usage` refuses, replay took
+        (
+            '{"ts": 1, "prompt_tokens": 3, "completion_tokens": 1, "user_id": "*"}',
+            "field 'user_id' may not be '*'",
+        ),
+        (
+            '{"ts": 1, "prompt_tokens": 3, "completion_tokens": 1, "feature": "*"}',
+            "field 'feature' may not be '*'",
+        ),
+        (
+            '{"ts": 1, "prompt_tokens": 3, "completion_tokens": 1, "team": "*"}',
+            "field 'team' may not be '*'",
+        ),
+        (
+            '{"ts": 1, "prompt_tokens": 3, "completion_tokens": 1, "user": "a", "user_id": "b"}',
+            "field 'user' 'user_id' ('b') and 'user' ('a') name different owners",
+        ),
+        (
+            '{"ts": 1, "prompt_tokens": 3, "completion_tokens": 1, "feature": "a", '
+            '"metadata": {"feature": "b"}}',
+            "field 'feature' 'metadata.feature' ('b') and 'feature' ('a') name different",
+        ),
+        (
+            '{"ts": 1, "model": "auto", "prompt_tokens": 3, "completion_tokens": 1}',
+            "field 'model' 'auto' is the router's name",
+        ),
     ],
 )
 def test_a_bad_jsonl_record_names_the_file_line_and_field(
