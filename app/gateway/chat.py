@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
@@ -38,7 +39,7 @@ import orjson
 
 from app.cache.key import CacheLookup
 from app.errors import InvalidRequest, TollgateError, UpstreamFailed, UpstreamTimedOut
-from app.gateway.pipeline import Call, ChatRequest, Gateway, SseRelay, identity_scopes
+from app.gateway.pipeline import Call, ChatRequest, Gateway, SseRelay, StreamWriter, identity_scopes
 from app.gateway.savings import CacheStatus, RouteInfo, SavingsLevers
 from app.metering.attribution import Identity
 from app.routing.errors import PromptError
@@ -282,6 +283,7 @@ class ChatAttempts:
 
         stream = sse_replay(orjson.loads(body), include_usage=call.chat.client_wants_usage)
         await client.open(served)
+        await self.gateway.finish_counted(call)  # spooled before the client has the answer
         await client.write(stream)
         await client.close()
         return Answer(served)
@@ -330,24 +332,60 @@ class ChatAttempts:
                     return step
         served = self._served(call, cache_status, escalated_from)
         await client.open(served)
+        end = StreamEnd(client.write)
         if held.data:
-            await client.write(held.data)
+            await end.write(held.data)
         if held.error is not None:
             with contextlib.suppress(ConnectionError):
                 await client.write(client.error_event(held.error))
         elif not held.ended:
             await gateway.relay_stream(
-                call, upstream, client.write, error_event=client.error_event, relay=relay
+                call, upstream, end.write, error_event=client.error_event, relay=relay
             )
+        provider_prompt = call.prompt_tokens  # finish fills in an estimate when it is None
+        await gateway.finish_counted(call)  # spooled before the client sees the stream end
+        if end.held:
+            await client.write(end.held)
         await client.close()
-        if assembler is not None and call.status == "ok" and call.prompt_tokens is not None:
+        if assembler is not None and call.status == "ok" and provider_prompt is not None:
             completion = assembler.completion()
             if completion is not None and not cut_by_budget(call, completion):
                 await self.levers.store(
-                    plan, orjson.dumps(completion), call.chat.model, call.prompt_tokens,
+                    plan, orjson.dumps(completion), call.chat.model, provider_prompt,
                     call.completion_tokens or 0,
                 )  # fmt: skip
         return Answer(served)
+
+
+# The SSE event that ends an OpenAI stream.
+_DONE = re.compile(rb"data: ?\[DONE\]")
+
+
+class StreamEnd:
+    """Writes a stream's events through, holding back its end (``data: [DONE]`` and what
+    follows) so that it leaves only after the call's usage is spooled.
+
+    A dispatcher killed after the end went out but before the Usage event was spooled had
+    served a whole answer with no usage in any spool: the spend worker then billed its
+    estimate (prompt + max_tokens) for a call the client saw succeed (session 17's fault
+    probe). Held this way, a kill in that window leaves the client a stream without its end,
+    an error to the openai SDK, which is what the estimate then bills."""
+
+    def __init__(self, write: StreamWriter) -> None:
+        self._write = write
+        self.held = b""
+
+    async def write(self, data: bytes) -> None:
+        if self.held:
+            self.held += data
+            return
+        match = _DONE.search(data)
+        if match is None:
+            await self._write(data)
+            return
+        if match.start():
+            await self._write(data[: match.start()])
+        self.held = data[match.start() :]
 
 
 @dataclass(frozen=True, slots=True)

@@ -668,7 +668,28 @@ class Gateway:
                 call.status, call.http_status, call.error_type = "error", 500, "internal_error"
             raise
         finally:
-            self.finish(call)
+            await self.finish_counted(call)
+
+    async def finish_counted(self, call: Call) -> None:
+        """:meth:`finish`, after counting a prompt the provider billed without reporting it
+        (:meth:`_count_unreported_prompt`)."""
+        await self._count_unreported_prompt(call)
+        self.finish(call)
+
+    async def _count_unreported_prompt(self, call: Call) -> None:
+        """A call the provider billed without its count reaching us (a stream cut short, a
+        provider that omits usage) is billed its prompt as the upstream counts it, not by the
+        cheap estimate an uncapped call was admitted on (characters / 4: 16 % short on an
+        English prompt, a quarter of a Chinese one; session 17's probe). Best effort: on any
+        failure, even a second cancellation, the estimate stands and the call is finished."""
+        if call.finished or call.prompt_tokens is not None or call.upstream is None:
+            return
+        if call.status != "ok" and not call.generated_text:
+            return  # nothing generated: nothing billed (``_final_usage``)
+        try:
+            await call.chat.tokenize_prompt(self.upstreams.prompt_counter(call.chat.model))
+        except BaseException:  # the call must still be finished
+            log.warning("could not count an unreported prompt; the estimate is billed")
 
     async def open_upstream(self, call: Call) -> aiohttp.ClientResponse:
         """POST to the first upstream that accepts the connection (one retry elsewhere)."""

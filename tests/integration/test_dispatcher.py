@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import Iterator
 from decimal import Decimal
+from typing import Any
 
 import httpx
 import openai
@@ -144,10 +145,18 @@ def test_stream_without_provider_usage_is_estimated_not_zero(stack: Stack) -> No
         )
         if c.choices
     )
-    [usage] = asyncio.run(read_events(stack.settings, "usage", at_least=1))
+    reference = client.chat.completions.create(model="gpt-4o", messages=MESSAGES, user="ref")
+    assert reference.usage is not None
+    usage = next(
+        u
+        for u in asyncio.run(read_events(stack.settings, "usage", at_least=2))
+        if u["user_id"] == "erin"
+    )
     assert usage["usage_estimated"] is True
     assert usage["completion_tokens"] == 40  # simulator text re-counts exactly
-    assert usage["prompt_tokens"] > 0 and usage["cost_usd_nanos"] > 0
+    # the prompt as the upstream counts it (session 17: the cheap estimate was 2 tokens short)
+    assert usage["prompt_tokens"] == reference.usage.prompt_tokens
+    assert usage["cost_usd_nanos"] > 0
     assert text
 
 
@@ -795,3 +804,76 @@ def test_a_call_under_a_cap_is_held_to_the_output_limit_the_gate_assumed(
         usage = asyncio.run(read_events(stack.settings, "usage", at_least=2))
     (spent,) = [u["cost_usd_nanos"] for u in usage if u["user_id"] == "capped-out"]
     assert spent <= 50_000_000
+
+
+def test_a_streams_usage_is_spooled_before_its_end_reaches_the_client(
+    kafka_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Session 17's probe (F1 of the fault probe): a stream's Usage event was spooled only
+    after its last bytes (`data: [DONE]`) had gone out, so a dispatcher killed in between had
+    served a whole answer whose usage was in no spool, and the spend worker billed its
+    estimate (prompt + max_tokens: 2.4x what the provider billed). The end of a stream, a
+    cached one too, now leaves only once its usage is spooled."""
+    from app.cache.config import CacheSettings
+    from app.gateway.pipeline import Gateway
+    from app.http.chat import SseClient
+
+    order: list[str] = []
+    finish, write = Gateway.finish, SseClient.write
+
+    def recording_finish(self: Gateway, call: Any) -> None:
+        if not call.finished:
+            order.append("usage spooled")
+        finish(self, call)
+
+    async def recording_write(self: SseClient, data: bytes) -> None:
+        if b"[DONE]" in data:
+            order.append("end of stream sent")
+        await write(self, data)
+
+    monkeypatch.setattr(Gateway, "finish", recording_finish)
+    monkeypatch.setattr(SseClient, "write", recording_write)
+    asyncio.run(ensure_topics(kafka_settings))
+    with running_stack(kafka_settings, cache=CacheSettings(enabled=True)) as stack:
+        client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0)
+        for options in ({}, {"stream_options": {"include_usage": True}}, {}):  # last: cached
+            chunks = list(
+                client.chat.completions.create(
+                    model="gpt-4o", messages=MESSAGES, stream=True, temperature=0, **options
+                )
+            )
+            assert chunks
+            assert order == ["usage spooled", "end of stream sent"], order
+            order.clear()
+
+
+def test_a_stream_cut_short_bills_the_prompt_as_the_provider_counts_it(stack: Stack) -> None:
+    """Session 17's probe (F4): a stream the client closed early was billed for its prompt
+    by characters / 4 (the provider's count comes in the last chunk, never read): 16 % short
+    on the probe's English prompt (README: a quarter of a Chinese one with OpenAI's
+    tokenizer). It is now counted the way the upstream counts (the simulator's rule here; an
+    OpenAI upstream's tokenizer)."""
+    prompt = [{"role": "user", "content": "write a long essay about budgets, and why. " * 40}]
+    client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0)
+    whole = client.chat.completions.create(model="gpt-4o", messages=prompt, user="ref")
+    assert whole.usage is not None
+    billed = whole.usage.prompt_tokens
+
+    async def hang_up() -> None:
+        async with (
+            httpx.AsyncClient(timeout=30) as http,
+            http.stream(
+                "POST",
+                f"{stack.url}/v1/chat/completions",
+                json={"model": "gpt-4o", "messages": prompt, "stream": True, "user": "cut"},
+                headers={"X-Sim-Completion-Tokens": "400", "X-Sim-Latency-Ms": "3000"},
+            ) as response,
+        ):
+            async for _ in response.aiter_bytes():
+                break
+
+    asyncio.run(hang_up())
+    events = asyncio.run(read_events(stack.settings, "usage", at_least=2, timeout_s=20))
+    [cut] = [e for e in events if e["user_id"] == "cut"]
+    assert cut["status"] == "client_disconnected"
+    assert cut["prompt_tokens"] == billed, (cut["prompt_tokens"], billed)
