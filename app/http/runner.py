@@ -25,7 +25,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
 from app.http.errors import ApiError
 
@@ -63,6 +63,10 @@ class _UnparsableAsWarning(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, RequestPayloadError) and isinstance(exc.__cause__, BadHttpMessage):
+            # A body that does not decode as its Content-Encoding says: answered 400, then
+            # aiohttp reads the rest of it and logs "Unhandled exception" (session 17's probe)
+            exc = exc.__cause__
         if isinstance(exc, BadHttpMessage):
             record.levelno, record.levelname = logging.WARNING, "WARNING"
             record.msg = "request could not be parsed, answered %s: %s (%s)"
