@@ -18,6 +18,7 @@ on the wire.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -31,6 +32,11 @@ from app.http.errors import ApiError
 
 # Request line and header limit: up to it they reach the routes, which name the field.
 MAX_LINE_BYTES = 65_536
+
+# Longest wait for the head (request line and headers) of a connection's first request;
+# later ones are bounded by aiohttp's keep-alive timeout (75 s). Session 17's probe held
+# connections open for good with half a request line, or a header a byte a second.
+HEAD_TIMEOUT_S = 30.0
 
 # Whether the end of the client's stream, arriving while ``request`` is handled, means the
 # client gave up on it (abort it) rather than that it has sent all it will (answer it).
@@ -86,8 +92,51 @@ class _JsonErrorsHandler(RequestHandler):
     and connection close are kept. A client's half-close is answered (module docstring)."""
 
     eof_aborts: EofAborts | None = None
+    head_timeout_s: float | None = None
     _peer_done = False  # the client has sent all it will: close once it is answered
     _cut_short: BodyCutShort | None = None
+    _head_timer: asyncio.TimerHandle | None = None
+    _bytes_seen = False
+
+    # -- the head of a connection's first request must arrive within head_timeout_s --------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if self.head_timeout_s:
+            loop = asyncio.get_running_loop()
+            self._head_timer = loop.call_later(self.head_timeout_s, self._head_timed_out)
+
+    def data_received(self, data: bytes) -> None:
+        self._bytes_seen = self._bytes_seen or bool(data)
+        super().data_received(data)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        super().connection_lost(exc)
+
+    def _head_timed_out(self) -> None:
+        """No whole request head yet: a 408 if some of it came (half a request line, a
+        header trickled a byte at a time), else only the close. Later requests of the
+        connection are bounded by aiohttp's keep-alive timeout."""
+        self._head_timer = None
+        transport = self.transport
+        if transport is None or transport.is_closing() or self._request_count:
+            return
+        if self._bytes_seen:
+            error = ApiError(
+                408,
+                "request_timeout",
+                f"The request line and headers did not arrive within {self.head_timeout_s:g}s "
+                "(TOLLGATE_BODY_READ_TIMEOUT_S): send the whole head at once",
+            )
+            body = orjson.dumps(error.body())
+            transport.write(
+                b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+            )
+        self.force_close()
+        transport.close()
 
     def eof_received(self) -> bool | None:  # type: ignore[override]  # asyncio allows a bool
         waiting = self._waiter is not None and not self._waiter.done()
@@ -166,10 +215,12 @@ class _JsonErrorsHandler(RequestHandler):
 
 class _JsonErrorsServer(web.Server):
     eof_aborts: EofAborts | None = None
+    head_timeout_s: float | None = None
 
     def __call__(self) -> RequestHandler:
         handler = _JsonErrorsHandler(self, loop=self._loop, **self._kwargs)
         handler.eof_aborts = self.eof_aborts
+        handler.head_timeout_s = self.head_timeout_s
         return handler
 
 
@@ -179,18 +230,25 @@ class JsonErrorsRunner(web.AppRunner):
     client's half-close except where ``eof_aborts`` says the client gave up."""
 
     def __init__(
-        self, app: web.Application, *, eof_aborts: EofAborts | None = None, **kwargs: Any
+        self,
+        app: web.Application,
+        *,
+        eof_aborts: EofAborts | None = None,
+        head_timeout_s: float | None = HEAD_TIMEOUT_S,
+        **kwargs: Any,
     ) -> None:
         kwargs.setdefault("max_line_size", MAX_LINE_BYTES)
         kwargs.setdefault("max_field_size", MAX_LINE_BYTES)
         super().__init__(app, **kwargs)
         self._eof_aborts = eof_aborts
+        self._head_timeout_s = head_timeout_s
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
         server.__class__ = _JsonErrorsServer  # aiohttp builds it; only __call__ differs
         assert isinstance(server, _JsonErrorsServer)
         server.eof_aborts = self._eof_aborts
+        server.head_timeout_s = self._head_timeout_s
         return server
 
 
@@ -203,12 +261,17 @@ async def serve_app(
     backlog: int = 128,
     reuse_address: bool | None = None,
     eof_aborts: EofAborts | None = None,
+    head_timeout_s: float | None = HEAD_TIMEOUT_S,
 ) -> web.AppRunner:
     """Set ``app`` up with :class:`JsonErrorsRunner` (no access log) and listen on
     ``host:port``; returns the runner to clean up."""
     quiet_unparsable_requests()
     runner = JsonErrorsRunner(
-        app, access_log=None, shutdown_timeout=shutdown_timeout, eof_aborts=eof_aborts
+        app,
+        access_log=None,
+        shutdown_timeout=shutdown_timeout,
+        eof_aborts=eof_aborts,
+        head_timeout_s=head_timeout_s,
     )
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=backlog, reuse_address=reuse_address)

@@ -973,6 +973,7 @@ async def serve(
         backlog=1024,
         reuse_address=True,
         eof_aborts=client_gave_up,
+        head_timeout_s=settings.body_read_timeout_s,
     )
     log.info("dispatcher listening", extra={"url": settings.dispatcher_url})
     if ready is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import time
 from collections.abc import AsyncIterator, Callable
 
 import pytest
@@ -165,3 +166,57 @@ async def test_an_idle_connection_closed_by_the_client_is_closed(
     assert answer == b""
     answer = await _in_thread(_exchange, port, b"GET /ok HTT")  # half a request line
     assert answer == b"" or answer.startswith(b"HTTP/1.1 400")
+
+
+@pytest.fixture
+async def impatient() -> AsyncIterator[int]:
+    """A server that waits 0.3 s at most for the head of a connection's first request."""
+    app = web.Application()
+    app.router.add_get("/ok", _ok)
+    port = free_port()
+    runner = await serve_app(app, "127.0.0.1", port, head_timeout_s=0.3)
+    try:
+        yield port
+    finally:
+        await runner.cleanup()
+
+
+def _read_all(port: int, raw: bytes, trickle: bytes = b"") -> bytes:
+    """Send ``raw``, then ``trickle`` a byte every 0.05 s, and read until the server closes
+    (a server that never does fails the read's 20 s timeout)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as conn:
+        conn.sendall(raw)
+        for byte in trickle:
+            try:
+                conn.sendall(bytes([byte]))
+            except OSError:
+                break  # closed by the server
+            time.sleep(0.05)
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+        return answer
+
+
+@pytest.mark.parametrize(
+    ("raw", "trickle"),
+    [
+        (b"GET /ok HTT", b""),  # half a request line
+        (b"GET /ok HTTP/1.1\r\nX-A: ", b"x" * 400),  # a header trickled a byte at a time
+    ],
+    ids=["partial-line", "trickled-header"],
+)
+async def test_a_request_head_that_never_arrives_whole_is_a_408(
+    impatient: int, raw: bytes, trickle: bytes
+) -> None:
+    """Session 17's probe (F5): the body had a timeout, the head none: a connection sending
+    half a request line, or a header a byte a second, was held open for good."""
+    answer = await _in_thread(_read_all, impatient, raw, trickle)
+    [(status, body)] = _responses(answer)
+    assert status == 408
+    error = body["error"]
+    assert isinstance(error, dict) and error["type"] == "request_timeout", error
+
+
+async def test_a_connection_that_sends_nothing_is_closed(impatient: int) -> None:
+    assert await _in_thread(_read_all, impatient, b"") == b""
