@@ -707,7 +707,10 @@ class SpendWorker:
         previous = self.decision_view.records.get(scope)
         if should_publish(previous, decision, refresh):
             await self._publish(scope, decision, previous)
-        elif previous is not None and previous["spent_usd_nanos"] != spent:
+        elif previous is not None and (
+            previous["spent_usd_nanos"] != decision["spent_usd_nanos"]
+            or previous.get("counted_offsets") != decision["counted_offsets"]
+        ):  # a re-sent event moves only the offsets: dispatchers wait for them all the same
             self.pending_refresh.add(scope)
 
     async def _publish(

@@ -172,10 +172,16 @@ class SpendCounter:
             recent = self.recent.setdefault(p, RecentIds(self.dedupe_window))
             new_ids = batch.new_ids.setdefault(p, [])
             if event_id in recent or event_id in new_ids:
+                # Counted once already; its scopes are still told that the count has moved
+                # past it (a user's decision, a feature's partial sum): the dispatcher that
+                # re-sent it holds its cost until a decision counts through its offset
+                # (session 17's probe: a retried /v1/usage record was held for good).
                 batch.duplicates += 1
-                batch.local_scopes.update(
-                    s for s in scopes_of_record(record) if is_partition_local(s)
-                )
+                for scope in scopes_of_record(record):
+                    if is_partition_local(scope):
+                        batch.local_scopes.add(scope)
+                    else:
+                        batch.partials.setdefault((scope, p), set())
                 continue
             new_ids.append(event_id)
             if record.get("request_id") and record.get("source") in ("dispatcher", "settlement"):

@@ -353,7 +353,7 @@ class Gateway:
         self.gate = gate
         self.config = config or GatewayConfig()
         self.outputs = OutputEstimator(self.config.fallback_output_tokens)
-        self.model_label = ModelLabels(frozenset(upstreams.known_models()))
+        self.model_label = ModelLabels(frozenset(upstreams.known_models() if upstreams else ()))
         # request_id -> who made it, and session_id -> its users (most recent last), for
         # outcomes reported later with only the request or the session: to attribute them to
         # the spend they are about, and to refuse a key that reports on someone else's.

@@ -409,3 +409,63 @@ def check_counted(stack: Stack, counter: str | None) -> None:
     estimates = {r["user_id"]: r["prompt_tokens_estimated"] for r in requests}
     assert estimates[f"mei-{counter}"] == expected + 4  # and the message's overhead
     assert estimates["uncapped-lin"] == (len(prompt) + 3) // 4 + 4
+
+
+def test_a_usage_report_retried_at_another_dispatcher_is_counted_once_at_the_gate(
+    stack: Stack, kafka_settings: Settings
+) -> None:
+    """Session 17's fault probe (F2): a /v1/usage record retried (same request_id) at a
+    dispatcher that does not remember the first post (a restart, another replica, 10,000
+    ids later) gets the same event id and the worker counts it once, but that dispatcher
+    held the copy's cost as 'not yet counted here' for good: the worker dropped the copy
+    without a new decision, so nothing ever said it was counted. The user, at $0.0035 of
+    $0.006, was refused with '$0.007 of $0.006', and /readyz said the worker had stopped
+    counting. User and feature scopes alike must settle at the once-counted spend."""
+    second = Stack(kafka_settings)
+    second.start()
+    try:
+        for scope in ("user:retry-u", "feature:retry-f"):
+            put = httpx.put(f"{stack.url}/v1/budgets/{scope}", json={"limit_usd": 0.006})
+            assert put.status_code == 200, put.text
+            wait_for_policy(second.url, scope)
+        record = {
+            "model": "gpt-4o", "prompt_tokens": 1000, "completion_tokens": 100,  # $0.0035
+            "user_id": "retry-u", "feature": "retry-f", "request_id": "retry-r1",
+        }  # fmt: skip
+        first = httpx.post(f"{stack.url}/v1/usage", json=record)
+        for scope in ("user:retry-u", "feature:retry-f"):  # counted and decided: then the retry
+            wait_for_status(stack.url, scope, spent="0.0035", local="0")
+        again = httpx.post(f"{second.url}/v1/usage", json=record)
+        assert first.status_code == again.status_code == 202, (first.text, again.text)
+        assert first.json()["events"][0]["event_id"] == again.json()["events"][0]["event_id"]
+        for url in (stack.url, second.url):
+            for scope in ("user:retry-u", "feature:retry-f"):
+                status = wait_for_status(url, scope, spent="0.0035", local="0")
+                assert status["state"] != "blocked", status
+        response = httpx.post(
+            f"{second.url}/v1/chat/completions",
+            json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+            headers={"X-Tollgate-User": "retry-u", "X-Tollgate-Feature": "retry-f"},
+        )
+        assert response.status_code == 200, response.text
+        ready = httpx.get(f"{second.url}/readyz").json()
+        assert ready["checks"]["spend_worker_counting"] is True, ready
+    finally:
+        second.stop()
+
+
+def wait_for_status(
+    url: str, scope: str, *, spent: str, local: str, timeout_s: float = 60
+) -> dict[str, object]:
+    """The scope's status once it says ``spent`` in all, ``local`` of it not yet counted by the
+    worker (the worker publishes a refreshed decision every few seconds)."""
+    status: dict[str, object] = {}
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = httpx.get(f"{url}/v1/budgets/{scope}/status").json()
+        breakdown = status["breakdown"]
+        assert isinstance(breakdown, dict)
+        if status["spent_usd"] == spent and breakdown["seen_locally_usd"] == local:
+            return status
+        time.sleep(0.5)
+    raise AssertionError(f"{scope} at {url} never settled at {spent} ({local} local): {status}")

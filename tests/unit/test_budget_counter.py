@@ -144,6 +144,23 @@ def test_a_resent_event_is_skipped_and_its_offset_still_counts_as_processed() ->
     assert spent == 100 and counted == {0: 2}
 
 
+def test_a_resent_event_alone_still_tells_its_scopes_that_the_count_moved_past_it() -> None:
+    """Session 17's probe: a re-sent copy arriving alone (a /v1/usage retry at another
+    dispatcher) changed no spend, so no scope was decided again and the dispatcher that sent
+    it held its cost for good. Its user is decided again and its feature's partial sum is
+    sent again, with the offsets past it."""
+    counter = SpendCounter({})
+    counter.prepare(0, 0, [])
+    first = record(1, "ann", "chat", 100, 10)
+    counter.commit(counter.stage([UsageEvent(0, 0, first)]))
+    again = counter.stage([UsageEvent(0, 5, first)])
+    assert again.duplicates == 1 and again.counted == 0 and not again.writes
+    assert again.local_scopes == {"user:ann"}
+    assert set(again.partials) == {("feature:chat", 0), ("global", 0)}
+    counter.commit(again)
+    assert counter.spent("user:ann", DAY, DAY + timedelta(days=1), [0]) == (100, {0: 6})
+
+
 def test_nothing_is_visible_before_commit() -> None:
     counter = SpendCounter({})
     counter.prepare(0, 0, [])
