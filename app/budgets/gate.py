@@ -502,8 +502,10 @@ class BudgetGate:
     def uncounted_age_s(self) -> float | None:
         """How long the oldest spend this dispatcher delivered has waited for the spend
         worker's count (None: nothing waits). Grows while the worker is down."""
-        with self._lock:
-            oldest = self.pending.oldest_uncounted_ms()
+        with self._lock:  # a scope whose cap was removed gets no decision to count it
+            oldest = self.pending.oldest_uncounted_ms(
+                lambda scope: self.policies.policy_for(scope) is not None
+            )
         if oldest is None:
             return None
         return max(0.0, self.clock.now().timestamp() - oldest / 1000)

@@ -103,11 +103,14 @@ class PendingSpend:
                 self._drop(scope, entry)
         return self._sums.get(scope, 0)
 
-    def oldest_uncounted_ms(self) -> int | None:
+    def oldest_uncounted_ms(self, capped: Callable[[str], bool] | None = None) -> int | None:
         """The event time of the oldest spend Kafka acknowledged that no decision has counted
-        yet: while the spend worker counts, seconds old; when it is down, ever older."""
+        yet: while the spend worker counts, seconds old; when it is down, ever older.
+        ``capped``: the scopes to look at (a scope whose cap was removed gets no decision)."""
         oldest: int | None = None
-        for held in self._held.values():
+        for scope, held in self._held.items():
+            if capped is not None and not capped(scope):
+                continue
             for entry in held.values():  # in the order held: the first delivered is the oldest
                 if not entry.waiting and entry.offsets:
                     oldest = entry.ts_ms if oldest is None else min(oldest, entry.ts_ms)

@@ -743,6 +743,23 @@ def test_the_oldest_uncounted_spend_is_the_oldest_delivered_and_goes_once_counte
     assert pending.oldest_uncounted_ms() is None
 
 
+def test_spend_of_a_cap_removed_before_its_count_does_not_say_the_worker_stopped() -> None:
+    """Session 17's probe (F14): a cap deleted right after a call gets no more decisions, so
+    the call's spend stayed 'uncounted' for good and /readyz said the spend worker had
+    stopped counting (a fail-closed dispatcher went not-ready) while it was counting fine.
+    Only spend of scopes still capped tells whether the worker counts."""
+    book = policies(**{"user:gone": 5, "user:kept": 5})
+    gate = gate_with(book)
+    gate.record_spend(["user:gone"], usd(0.01), NOW - timedelta(seconds=100), seq=1)
+    gate.on_delivered(1, 0, 10)
+    assert gate.uncounted_age_s() == pytest.approx(100, abs=5)
+    book.remove("user:gone")
+    assert gate.uncounted_age_s() is None
+    gate.record_spend(["user:kept"], usd(0.01), NOW - timedelta(seconds=40), seq=2)
+    gate.on_delivered(2, 0, 11)
+    assert gate.uncounted_age_s() == pytest.approx(40, abs=5)  # a capped scope's still counts
+
+
 # -- reservation numbers -----------------------------------------------------------------
 def test_fit_output_tokens_is_the_largest_cap_within_the_budget() -> None:
     cost = CallCost(lambda t: 100 + 7 * t, 1000, 50, False)
