@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import sys
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal, NoReturn
@@ -285,6 +286,29 @@ def _parse_start(text: str) -> datetime:
     return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
 
 
+def replay_key(path: Path, seed: int, users: int, economy_share: float) -> str:
+    """What makes two replays the same: the file's bytes and the draws that attribute it."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return f"{digest.hexdigest()}|{seed}|{users}|{economy_share!r}"
+
+
+def with_replay_ids(calls: Iterable[TraceCall], key: str) -> Iterator[TraceCall]:
+    """Each call with a request id of its own derived from ``key``, its place in the replay
+    and its event time, unless its record named one: the same trace replayed again at the
+    same times (a re-run, a run resumed after Ctrl-C) is the same events, which every
+    consumer counts once. Fresh ids counted it twice (session 17's probe); a replay placed
+    at other times (another --start, or the default: ending now) is new traffic."""
+    for index, call in enumerate(calls):
+        if call.request_id:
+            yield call
+            continue
+        seed = f"{key}|{index}|{call.ts.isoformat()}".encode()
+        yield replace(call, request_id="replay_" + hashlib.sha256(seed).hexdigest()[:32])
+
+
 def _load(path: Path, *, seed: int, users: int, economy_share: float) -> list[TraceCall]:
     try:
         calls = list(
@@ -490,7 +514,7 @@ def replay_command(
             stats = asyncio.run(
                 replay_calls(
                     settings,
-                    placed,
+                    with_replay_ids(placed, replay_key(trace_file, seed, users, economy_share)),
                     progress=bar.update,
                     pace=pace,
                     metadata={"replay": trace_file.name},

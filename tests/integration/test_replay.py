@@ -203,9 +203,13 @@ def test_a_burstgpt_trace_replays_with_its_models_and_unbilled_failures(
     assert result.exit_code == 0, result.output
     printed = printed_totals(result.stdout)
     assert printed.calls == 60 and printed.cost > 0
+    # Session 17's probe: the same replay run again (a re-run, a run resumed after Ctrl-C)
+    # drew new event ids, and every report counted the trace twice. It is the same events.
+    again = replay(args, cli_env(kafka_settings))
+    assert again.exit_code == 0, again.output
 
     rows = asyncio.run(warehouse_rows(kafka_settings, clickhouse, trace.name, 60, day))
-    assert rows["count"] == 60 and rows["cost"] == printed.cost
+    assert rows["count"] == 60 and rows["unique"] == 60 and rows["cost"] == printed.cost
     assert set(rows["models"]) == {"gpt-3.5-turbo", "gpt-4"}
     failed = clickhouse.query(
         "SELECT count(), sum(cost_usd), sum(prompt_tokens) FROM usage_events "
