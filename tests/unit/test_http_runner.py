@@ -220,3 +220,28 @@ async def test_a_request_head_that_never_arrives_whole_is_a_408(
 
 async def test_a_connection_that_sends_nothing_is_closed(impatient: int) -> None:
     assert await _in_thread(_read_all, impatient, b"") == b""
+
+
+async def test_a_chat_body_of_many_messages_is_parsed_off_the_event_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Session 17's probe (F15): 120,000 one-character messages held the event loop for
+    0.56 s while they were validated and estimated; past 2,000 messages that is done in a
+    thread (the loop then waits at most for pydantic's part, 0.17 s there)."""
+    import threading
+
+    import app.http.server as server
+
+    seen: list[bool] = []
+    parse = server.parse_chat_request
+
+    def recording(*args: object, **kwargs: object) -> object:
+        seen.append(threading.current_thread() is threading.main_thread())
+        return parse(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(server, "parse_chat_request", recording)
+    few = {"model": "gpt-4o", "messages": [{"role": "user", "content": "a"}] * 10}
+    many = {"model": "gpt-4o", "messages": [{"role": "user", "content": "a"}] * 5_000}
+    assert (await server.parse_chat_body(few, None, False)).model == "gpt-4o"
+    assert (await server.parse_chat_body(many, None, False)).prompt_tokens_estimate > 5_000
+    assert seen == [True, False]

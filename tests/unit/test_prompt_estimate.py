@@ -187,6 +187,39 @@ def test_counting_a_long_capped_prompt_lets_other_calls_run() -> None:
     assert chat.prompt_tokens_estimate >= 80 * o200k
 
 
+def test_many_small_messages_turn_the_loop_too() -> None:
+    """Session 17's probe (F15): a 3.6 MB body of 120,000 one-character messages is only
+    120,000 characters, so no piece was ever due and a capped call's count held the event
+    loop for 0.8 s in one go. Reading a message counts as 64 characters of work."""
+    chat = parse_chat_request(
+        {"model": "gpt-4o", "messages": [{"role": "user", "content": "a"}] * 120_000}
+    )
+    ticks = 0
+
+    async def other_calls() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    async def count() -> int:
+        await chat.tokenize_prompt()
+        chat.prompt_tokenized = None
+        before = ticks
+        await chat.tokenize_prompt()
+        return ticks - before
+
+    async def both() -> int:
+        other = asyncio.create_task(other_calls())
+        try:
+            return await count()
+        finally:
+            other.cancel()
+
+    # 2 x 120,000 messages x 64 / 16,384: about 940 turns
+    assert asyncio.run(both()) >= 500
+
+
 def test_english_prose_is_not_over_reserved() -> None:
     prose = (Path(__file__).parents[2] / "README.md").read_text()
     messages = [{"role": "user", "content": prose}]
