@@ -480,6 +480,7 @@ def test_what_the_http_parser_refuses_gets_a_json_error(kafka_settings: Settings
             head, _, body = answer.decode(errors="replace").partition("\r\n\r\n")
             assert head.split(" ", 2)[1] == "400", (what, answer[:300])
             assert "application/json" in head, (what, head)
+            assert "X-Request-Id: req_" in head, (what, head)  # as every answer has
             error = json.loads(body)["error"]
             assert error["type"] == "invalid_request_error", (what, error)
             assert "HTTP" in error["message"], (what, error)
@@ -489,6 +490,7 @@ def test_what_the_http_parser_refuses_gets_a_json_error(kafka_settings: Settings
             expect = httpx.post(f"{stack.url}{path}", json={}, headers={"Expect": "bogus"})
             assert expect.status_code == 417, expect.text
             assert expect.json()["error"]["param"] == "Expect"
+            assert expect.headers["X-Request-Id"].startswith("req_")
         continued = httpx.post(  # 100-continue is still understood
             f"{stack.url}/v1/chat/completions",
             json={"model": "gpt-4o", "messages": MESSAGES},
