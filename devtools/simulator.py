@@ -33,6 +33,14 @@ Behaviour of ``/v1/chat/completions``:
   ``inter_token_ms`` per generated token, all multiplied by ``latency_scale``
   (``0`` = instant). A non-streaming answer waits ``ttft + n * inter_token``, capped
   at ``max_latency_ms``.
+* Tools: with ``tools`` and a ``tool_choice`` that is not ``"none"``, the answer is a call
+  of the function ``tool_choice`` names (else the first) when it is ``"required"`` or
+  named, or when the last message is the user's (``"auto"``): after a tool's answer it
+  answers in text, so an agent loop ends. Its arguments are a value the function's
+  ``parameters`` schema accepts; ``finish_reason`` is ``"tool_calls"``; the completion
+  tokens are :func:`count_tokens` of its name and arguments.
+* ``response_format``: ``json_schema`` (what the SDK's ``parse()`` sends) answers a JSON
+  value its schema accepts, ``json_object`` a JSON object; the content is that JSON.
 * ``error_rate`` answers that fraction of valid requests with a random 500 or 429.
 * ``n`` must be 1; ``Authorization`` is accepted and never checked.
 
@@ -58,6 +66,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import itertools
+import json
 import logging
 import math
 import os
@@ -440,6 +449,95 @@ async def _hooks_apply(request: web.Request) -> bool:
     return model in {name.strip() for name in only.split(",")}
 
 
+def _tool_to_call(body: dict[str, Any], messages: list[Any]) -> dict[str, Any] | None:
+    """The function definition the answer calls, or None for a text answer."""
+    tools = body.get("tools")
+    if not isinstance(tools, list) or not tools:
+        return None
+    functions = [
+        t["function"]
+        for t in tools
+        if isinstance(t, dict) and isinstance(t.get("function"), dict)
+        and isinstance(t["function"].get("name"), str)
+    ]  # fmt: skip
+    choice = body.get("tool_choice", "auto")
+    if not functions or choice == "none":
+        return None
+    if isinstance(choice, dict):
+        named = choice.get("function")
+        name = named.get("name") if isinstance(named, dict) else None
+        for function in functions:
+            if function["name"] == name:
+                return function
+        raise _RequestError(
+            400, f"tool_choice names {name!r}, which is not one of the tools.", param="tool_choice"
+        )
+    last = messages[-1] if messages else None
+    if choice == "required" or (isinstance(last, dict) and last.get("role") == "user"):
+        return functions[0]
+    return None
+
+
+def _json_example(schema: Any, root: Any, words: list[str], depth: int = 0) -> Any:
+    """A value the JSON schema ``schema`` accepts (types, required properties, enums,
+    ``$ref`` into the root's ``$defs``), its strings filler ``words``."""
+    if not isinstance(schema, dict) or depth > 20:
+        return None
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#/"):
+        target: Any = root
+        for part in ref[2:].split("/"):
+            target = target.get(part) if isinstance(target, dict) else None
+        return _json_example(target, root, words, depth + 1)
+    if "const" in schema:
+        return schema["const"]
+    if isinstance(schema.get("enum"), list) and schema["enum"]:
+        return schema["enum"][0]
+    for key in ("anyOf", "oneOf", "allOf"):
+        options = schema.get(key)
+        if isinstance(options, list) and options:
+            chosen = [o for o in options if not (isinstance(o, dict) and o.get("type") == "null")]
+            return _json_example((chosen or options)[0], root, words, depth + 1)
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), None)
+    if kind == "object" or (kind is None and "properties" in schema):
+        properties = schema.get("properties")
+        properties = properties if isinstance(properties, dict) else {}
+        required = schema.get("required")
+        required = required if isinstance(required, list) else []
+        return {
+            name: _json_example(sub, root, words, depth + 1)
+            for name, sub in properties.items()
+            if name in required or not required
+        }
+    if kind == "array":
+        count = max(1, int(schema.get("minItems") or 1))
+        return [_json_example(schema.get("items"), root, words, depth + 1) for _ in range(count)]
+    if kind == "string":
+        return " ".join(words[: 2 + depth % 3]) or "text"
+    if kind == "integer":
+        return int(max(schema.get("minimum", 1), 1) if "minimum" in schema else 1)
+    if kind == "number":
+        return float(schema.get("minimum", 1.0))
+    if kind == "boolean":
+        return True
+    return None
+
+
+def _json_content(response_format: Any, words: list[str]) -> str | None:
+    """The JSON text a ``response_format`` asks for, or None for prose."""
+    if not isinstance(response_format, dict):
+        return None
+    if response_format.get("type") == "json_object":
+        return json.dumps({"answer": " ".join(words[:8]) or "ok"})
+    if response_format.get("type") == "json_schema":
+        spec = response_format.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        return json.dumps(_json_example(schema or {"type": "object"}, schema, words))
+    return None
+
+
 async def _complete(request: web.Request, state: _SimState) -> web.StreamResponse:
     hooks = await _hooks_apply(request)
     forced_status = _int_header(request, HEADER_STATUS, 400, 599) if hooks else None
@@ -507,7 +605,31 @@ async def _complete(request: web.Request, state: _SimState) -> web.StreamRespons
 
     digest = hashlib.blake2b(orjson.dumps(messages), digest_size=16).digest()
     cap = model.max_output_tokens if limit is None else min(limit, model.max_output_tokens)
-    if forced_content is not None:  # the words as given, cut at the cap like any answer
+    tool = _tool_to_call(body, messages)
+    tool_call: dict[str, Any] | None = None
+    wants_json = isinstance(body.get("response_format"), dict)
+    seed_words = (
+        state.filler.words(24, int.from_bytes(digest[8:12], "little"))
+        if tool is not None or wants_json
+        else []
+    )
+    words: list[str]
+    if tool is not None:
+        arguments = json.dumps(
+            _json_example(tool.get("parameters"), tool.get("parameters"), seed_words)
+        )
+        tool_call = {
+            "id": "call_" + digest.hex()[:24],
+            "type": "function",
+            "function": {"name": tool["name"], "arguments": arguments},
+        }
+    elif forced_content is None:
+        forced_content = _json_content(body.get("response_format"), seed_words)
+    if tool is not None:
+        words = []
+        completion_tokens = count_tokens(tool["name"]) + count_tokens(arguments)
+        finish_reason = "tool_calls"
+    elif forced_content is not None:  # the words as given, cut at the cap like any answer
         words, spent = [], 0
         for word in forced_content.split():
             if spent + count_tokens(word) > cap:
@@ -544,6 +666,7 @@ async def _complete(request: web.Request, state: _SimState) -> web.StreamRespons
             usage=usage if include_usage and not omit_usage else None,
             fixed_ms=fixed_ms,
             choices=n_choices,
+            tool_call=tool_call,
         )
 
     ttft_s, per_token_s = state.delays(fixed_ms, completion_tokens)
@@ -560,7 +683,16 @@ async def _complete(request: web.Request, state: _SimState) -> web.StreamRespons
         "choices": [
             {
                 "index": index,
-                "message": {"role": "assistant", "content": " ".join(words), "refusal": None},
+                "message": (
+                    {
+                        "role": "assistant",
+                        "content": None,
+                        "tool_calls": [tool_call],
+                        "refusal": None,
+                    }
+                    if tool_call is not None
+                    else {"role": "assistant", "content": " ".join(words), "refusal": None}
+                ),
                 "logprobs": None,
                 "finish_reason": finish_reason,
             }
@@ -588,6 +720,7 @@ async def _stream(
     usage: dict[str, Any] | None,
     fixed_ms: int | None,
     choices: int = 1,
+    tool_call: dict[str, Any] | None = None,
 ) -> web.StreamResponse:
     pieces = _chunk_pieces(words)
     first_tokens = pieces[0][1] if pieces else 0
@@ -625,7 +758,21 @@ async def _stream(
         buffer = bytearray()
         if ttft_s > 0:
             await asyncio.sleep(ttft_s)
-        buffer += chunk({"role": "assistant", "content": "", "refusal": None})
+        if tool_call is not None:  # the call's head, then its arguments in a few pieces
+            function = tool_call["function"]
+            head = {
+                **tool_call,
+                "index": 0,
+                "function": {"name": function["name"], "arguments": ""},
+            }
+            buffer += chunk({"role": "assistant", "content": None, "tool_calls": [head]})
+            arguments = function["arguments"]
+            step = max(1, len(arguments) // 4)
+            for start in range(0, len(arguments), step):
+                part = {"index": 0, "function": {"arguments": arguments[start : start + step]}}
+                buffer += chunk({"tool_calls": [part]})
+        else:
+            buffer += chunk({"role": "assistant", "content": "", "refusal": None})
         for index, (text, tokens) in enumerate(pieces):
             if index and per_token_s > 0:
                 deadline += tokens * per_token_s

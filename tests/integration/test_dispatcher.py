@@ -877,3 +877,51 @@ def test_a_stream_cut_short_bills_the_prompt_as_the_provider_counts_it(stack: St
     [cut] = [e for e in events if e["user_id"] == "cut"]
     assert cut["status"] == "client_disconnected"
     assert cut["prompt_tokens"] == billed, (cut["prompt_tokens"], billed)
+
+
+def test_tool_calls_and_structured_outputs_pass_through_and_are_billed(stack: Stack) -> None:
+    """What a tool-calling or structured-output client gets through the gateway, now that
+    the bundled simulator answers them (session 17's probe, F7): the call or the JSON, as
+    sent, and a usage event with the provider's counts."""
+    import json
+
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "refund",
+            "parameters": {
+                "type": "object",
+                "properties": {"order": {"type": "string"}, "amount": {"type": "number"}},
+                "required": ["order", "amount"],
+            },
+        },
+    }
+    client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0)
+    messages: list[Any] = [{"role": "user", "content": "Refund order 42."}]
+    called = client.chat.completions.create(
+        model="gpt-4o", messages=messages, tools=[tool], user="tools"
+    )
+    [call] = called.choices[0].message.tool_calls or []
+    assert set(json.loads(call.function.arguments)) == {"order", "amount"}
+    streamed = client.chat.completions.create(
+        model="gpt-4o", messages=messages, tools=[tool], user="tools", stream=True
+    )
+    arguments = "".join(
+        d.function.arguments or ""
+        for chunk in streamed
+        for choice in chunk.choices
+        for d in choice.delta.tool_calls or []
+        if d.function
+    )
+    assert json.loads(arguments) == json.loads(call.function.arguments)
+    structured = client.chat.completions.create(
+        model="gpt-4o", messages=messages, user="tools", response_format={"type": "json_object"}
+    )
+    assert isinstance(json.loads(structured.choices[0].message.content or ""), dict)
+    usage = asyncio.run(read_events(stack.settings, "usage", at_least=3))
+    assert called.usage is not None and structured.usage is not None
+    by_tokens = sorted(u["completion_tokens"] for u in usage if u["user_id"] == "tools")
+    assert by_tokens == sorted(
+        [called.usage.completion_tokens] * 2 + [structured.usage.completion_tokens]
+    )
+    assert all(u["status"] == "ok" and not u["usage_estimated"] for u in usage)

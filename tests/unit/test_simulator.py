@@ -477,3 +477,124 @@ async def test_forced_content_is_answered_as_given(client: openai.AsyncOpenAI) -
     )
     assert cut.choices[0].finish_reason == "length"
     assert cut.choices[0].message.content == "I can't"
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string"},
+                "days": {"type": "integer"},
+                "unit": {"type": "string", "enum": ["c", "f"]},
+                "detailed": {"type": "boolean"},
+            },
+            "required": ["city", "days", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+async def test_a_tool_call_is_answered_with_a_call_of_a_listed_tool(
+    client: openai.AsyncOpenAI,
+) -> None:
+    """Session 17's probe (F7): the simulator ignored `tools`, so a tool-calling client
+    could not be tried against `make up`. With tools and a user's turn it calls one (the
+    one `tool_choice` names, else the first) with arguments its schema accepts; after the
+    tool's answer it answers in text, so an agent loop ends."""
+    import json
+
+    messages: list[Any] = [{"role": "user", "content": "Weather in Paris?"}]
+    resp = await client.chat.completions.create(
+        model="gpt-4o", messages=messages, tools=[WEATHER_TOOL]
+    )
+    choice = resp.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.tool_calls
+    [call] = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather"
+    arguments = json.loads(call.function.arguments)
+    assert set(arguments) >= {"city", "days", "unit"} and arguments["unit"] in ("c", "f")
+    assert isinstance(arguments["city"], str) and isinstance(arguments["days"], int)
+    assert resp.usage is not None and resp.usage.completion_tokens == count_tokens(
+        call.function.name
+    ) + count_tokens(call.function.arguments)
+    messages += [
+        choice.message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": "18 C, sunny"},
+    ]
+    after = await client.chat.completions.create(
+        model="gpt-4o", messages=messages, tools=[WEATHER_TOOL]
+    )
+    assert after.choices[0].finish_reason == "stop" and after.choices[0].message.content
+    none = await client.chat.completions.create(
+        model="gpt-4o", messages=messages[:1], tools=[WEATHER_TOOL], tool_choice="none"
+    )
+    assert none.choices[0].message.tool_calls is None
+
+
+async def test_a_streamed_tool_call_assembles_into_the_same_call(
+    client: openai.AsyncOpenAI,
+) -> None:
+    import json
+
+    kwargs: dict[str, Any] = {
+        "model": "gpt-4o",
+        "messages": [{"role": "user", "content": "Weather in Oslo?"}],
+        "tools": [WEATHER_TOOL],
+        "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+    }
+    whole = await client.chat.completions.create(**kwargs)
+    stream = await client.chat.completions.create(
+        **kwargs, stream=True, stream_options={"include_usage": True}
+    )
+    name, arguments, finish, usage = "", "", None, None
+    async for chunk in stream:
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            finish = choice.finish_reason or finish
+            for delta in choice.delta.tool_calls or []:
+                name += delta.function.name or "" if delta.function else ""
+                arguments += delta.function.arguments or "" if delta.function else ""
+    [call] = whole.choices[0].message.tool_calls or []
+    assert (name, json.loads(arguments)) == (
+        call.function.name,
+        json.loads(call.function.arguments),
+    )
+    assert finish == "tool_calls"
+    assert usage is not None and whole.usage is not None
+    assert usage.completion_tokens == whole.usage.completion_tokens
+
+
+async def test_a_structured_output_parses_into_its_schema(client: openai.AsyncOpenAI) -> None:
+    """`response_format` json_schema (what the SDK's `parse()` sends) and json_object get
+    JSON back, not prose."""
+    import json
+
+    from pydantic import BaseModel
+
+    class Invoice(BaseModel):
+        customer: str
+        total: float
+        lines: list[str]
+        paid: bool
+
+    parsed = await client.beta.chat.completions.parse(
+        model="gpt-4o",
+        messages=[{"role": "user", "content": "Extract the invoice."}],
+        response_format=Invoice,
+    )
+    invoice = parsed.choices[0].message.parsed
+    assert isinstance(invoice, Invoice)
+    assert parsed.usage is not None
+    content = parsed.choices[0].message.content or ""
+    assert parsed.usage.completion_tokens == count_tokens(content)
+    plain = await client.chat.completions.create(
+        model="gpt-4o",
+        messages=[{"role": "user", "content": "Reply in JSON."}],
+        response_format={"type": "json_object"},
+    )
+    assert isinstance(json.loads(plain.choices[0].message.content or ""), dict)
