@@ -160,23 +160,25 @@ def test_stream_without_provider_usage_is_estimated_not_zero(stack: Stack) -> No
     assert text
 
 
+async def hang_up_after_first_bytes(stack: Stack, messages: list[Any], user: str) -> None:
+    """A stream of 400 tokens over 3 s that the client closes once its first bytes came."""
+    async with (
+        httpx.AsyncClient(timeout=30) as http,
+        http.stream(
+            "POST",
+            f"{stack.url}/v1/chat/completions",
+            json={"model": "gpt-4o", "messages": messages, "stream": True, "user": user},
+            headers={"X-Sim-Completion-Tokens": "400", "X-Sim-Latency-Ms": "3000"},
+        ) as response,
+    ):
+        async for _ in response.aiter_bytes():
+            break  # first bytes, then hang up
+
+
 def test_client_disconnect_mid_stream_still_records_usage(
     stack: Stack, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async def disconnect() -> None:
-        async with (
-            httpx.AsyncClient(timeout=30) as http,
-            http.stream(
-                "POST",
-                f"{stack.url}/v1/chat/completions",
-                json={"model": "gpt-4o", "messages": MESSAGES, "stream": True, "user": "frank"},
-                headers={"X-Sim-Completion-Tokens": "400", "X-Sim-Latency-Ms": "3000"},
-            ) as response,
-        ):
-            async for _ in response.aiter_bytes():
-                break  # first bytes, then hang up
-
-    asyncio.run(disconnect())
+    asyncio.run(hang_up_after_first_bytes(stack, MESSAGES, "frank"))
     [usage] = asyncio.run(read_events(stack.settings, "usage", at_least=1, timeout_s=20))
     assert usage["user_id"] == "frank"
     assert usage["status"] == "client_disconnected"
@@ -859,20 +861,7 @@ def test_a_stream_cut_short_bills_the_prompt_as_the_provider_counts_it(stack: St
     assert whole.usage is not None
     billed = whole.usage.prompt_tokens
 
-    async def hang_up() -> None:
-        async with (
-            httpx.AsyncClient(timeout=30) as http,
-            http.stream(
-                "POST",
-                f"{stack.url}/v1/chat/completions",
-                json={"model": "gpt-4o", "messages": prompt, "stream": True, "user": "cut"},
-                headers={"X-Sim-Completion-Tokens": "400", "X-Sim-Latency-Ms": "3000"},
-            ) as response,
-        ):
-            async for _ in response.aiter_bytes():
-                break
-
-    asyncio.run(hang_up())
+    asyncio.run(hang_up_after_first_bytes(stack, prompt, "cut"))
     events = asyncio.run(read_events(stack.settings, "usage", at_least=2, timeout_s=20))
     [cut] = [e for e in events if e["user_id"] == "cut"]
     assert cut["status"] == "client_disconnected"

@@ -13,7 +13,7 @@ import bpe_openai
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app.gateway.pipeline import parse_chat_request
+from app.gateway.pipeline import ChatRequest, parse_chat_request
 from app.pricing.tokens import (
     CUT_MARGIN,
     MESSAGE_OVERHEAD_TOKENS,
@@ -148,6 +148,28 @@ def test_a_text_counted_piece_by_piece_counts_as_counted_whole(parts: list[str],
         assert count_tokens(text) <= pieces <= count_tokens(text) + forced
 
 
+async def loop_turns_while_counted(chat: ChatRequest) -> int:
+    """How often another task ran while ``chat``'s prompt was counted (its tokenizer loaded
+    first, off the loop)."""
+    ticks = 0
+
+    async def other_calls() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    await chat.tokenize_prompt()
+    chat.prompt_tokenized = None
+    other = asyncio.create_task(other_calls())
+    try:
+        before = ticks
+        await chat.tokenize_prompt()
+        return ticks - before
+    finally:
+        other.cancel()
+
+
 def test_counting_a_long_capped_prompt_lets_other_calls_run() -> None:
     """Session 15's second probe: a capped request of 80 messages of 49,000 characters was
     counted on the event loop in one go, and held every other call for 0.35 s (2.2 s with
@@ -157,30 +179,8 @@ def test_counting_a_long_capped_prompt_lets_other_calls_run() -> None:
         "messages": [{"role": "user", "content": "请为我们最大的客户起草续约邮件" * 3_200}] * 80,
     }
     chat = parse_chat_request(body)
-    ticks = 0
-
-    async def other_calls() -> None:
-        nonlocal ticks
-        while True:
-            ticks += 1
-            await asyncio.sleep(0)
-
-    async def count() -> int:
-        await chat.tokenize_prompt()  # loads the tokenizer first, off the loop
-        chat.prompt_tokenized = None
-        before = ticks
-        await chat.tokenize_prompt()
-        return ticks - before
-
-    async def both() -> int:
-        other = asyncio.create_task(other_calls())
-        try:
-            return await count()
-        finally:
-            other.cancel()
-
     # 3.8 million characters: a piece is 16,384 characters, so over 100 turns of the loop
-    assert asyncio.run(both()) >= 100
+    assert asyncio.run(loop_turns_while_counted(chat)) >= 100
     content = body["messages"][0]["content"]
     o200k = len(bpe_openai.get_encoding("o200k_base").encode_ordinary(content))
     assert chat.prompt_tokens_estimate is not None
@@ -194,30 +194,8 @@ def test_many_small_messages_turn_the_loop_too() -> None:
     chat = parse_chat_request(
         {"model": "gpt-4o", "messages": [{"role": "user", "content": "a"}] * 120_000}
     )
-    ticks = 0
-
-    async def other_calls() -> None:
-        nonlocal ticks
-        while True:
-            ticks += 1
-            await asyncio.sleep(0)
-
-    async def count() -> int:
-        await chat.tokenize_prompt()
-        chat.prompt_tokenized = None
-        before = ticks
-        await chat.tokenize_prompt()
-        return ticks - before
-
-    async def both() -> int:
-        other = asyncio.create_task(other_calls())
-        try:
-            return await count()
-        finally:
-            other.cancel()
-
     # 2 x 120,000 messages x 64 / 16,384: about 940 turns
-    assert asyncio.run(both()) >= 500
+    assert asyncio.run(loop_turns_while_counted(chat)) >= 500
 
 
 def test_english_prose_is_not_over_reserved() -> None:
