@@ -22,10 +22,10 @@ Kinds and what ``value`` means:
 from __future__ import annotations
 
 import csv
-import itertools
 import math
+from array import array
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
@@ -152,46 +152,67 @@ def _read_text_rows(path: Path) -> Iterator[_Row]:
             yield _Row(line, row[ts_index], value_text, ts, value)
 
 
-def _judge_volume(
-    rows: list[_Row], settings: DetectorSettings, path: Path
-) -> Iterator[tuple[_Row, Verdict]]:
-    spacing = [
-        (later.ts - earlier.ts).total_seconds() for earlier, later in itertools.pairwise(rows)
-    ]
-    spacing = [gap for gap in spacing if gap > 0]
-    interval = sorted(spacing)[len(spacing) // 2] if spacing else 60.0
-    detector = SeriesDetector(SCOPE, settings, interval, total_points=len(rows))
-    for row in rows:
-        yield row, detector.observe(row.ts, row.value)
+@dataclass
+class _Scan:
+    """What the first pass over a file learned: every row checked, and what the detector
+    needs before the first row (a volume series' spacing, its length)."""
+
+    rows: int = 0
+    judged: int = 0
+    skipped: int = 0
+    missing: int = 0
+    gaps: array[float] = field(default_factory=lambda: array("d"))
+
+    @property
+    def interval(self) -> float:
+        """The series' usual spacing in seconds: the median positive gap (60 if none)."""
+        positive = sorted(gap for gap in self.gaps if gap > 0)
+        return positive[len(positive) // 2] if positive else 60.0
 
 
-def _judge_cost(
-    rows: list[_Row], settings: DetectorSettings, path: Path
-) -> Iterator[tuple[_Row, Verdict]]:
-    for row in rows:
-        if row.value <= 0:
+def _scan(kind: str, path: Path) -> _Scan:
+    """Read the whole file once, raising at its first bad row (nothing is written then)."""
+    scan = _Scan()
+    previous: datetime | None = None
+    for row in _read_rows(path):
+        scan.rows += 1
+        scan.skipped += row.out_of_order
+        scan.missing += row.missing
+        if not row.judged:
+            continue
+        scan.judged += 1
+        if kind == "cost" and row.value <= 0:
             raise ValueError(
                 f"{path}, line {row.line}, field 'value': a request's cost must be > 0 USD"
             )
-    detector = CostDetector(SCOPE, settings, own_reference=True)
-    for row in rows:
-        verdict = detector.observe(row.ts, row.value * 1e9)
-        yield row, verdict or _quiet(row, "cost_per_request", "usd")
-
-
-def _judge_mix(
-    rows: list[_Row], settings: DetectorSettings, path: Path
-) -> Iterator[tuple[_Row, Verdict]]:
-    for row in rows:
-        if row.value not in (0.0, 1.0):
+        if kind == "mix" and row.value not in (0.0, 1.0):
             raise ValueError(
                 f"{path}, line {row.line}, field 'value': {row.value_text!r} must be 1 "
                 "(economy tier) or 0 (other tiers)"
             )
+        if kind == "volume" and previous is not None:
+            scan.gaps.append((row.ts - previous).total_seconds())
+        previous = row.ts
+    return scan
+
+
+def _volume_judge(settings: DetectorSettings, scan: _Scan) -> Callable[[_Row], Verdict]:
+    detector = SeriesDetector(SCOPE, settings, scan.interval, total_points=scan.judged)
+    return lambda row: detector.observe(row.ts, row.value)
+
+
+def _cost_judge(settings: DetectorSettings, scan: _Scan) -> Callable[[_Row], Verdict]:
+    detector = CostDetector(SCOPE, settings, own_reference=True)
+    return lambda row: (
+        detector.observe(row.ts, row.value * 1e9) or _quiet(row, "cost_per_request", "usd")
+    )
+
+
+def _mix_judge(settings: DetectorSettings, scan: _Scan) -> Callable[[_Row], Verdict]:
     detector = TierMixDetector(SCOPE, settings)
-    for row in rows:
-        verdict = detector.observe(row.ts, row.value == 1.0)
-        yield row, verdict or _quiet(row, "tier_mix", "share")
+    return lambda row: (
+        detector.observe(row.ts, row.value == 1.0) or _quiet(row, "tier_mix", "share")
+    )
 
 
 def _quiet(row: _Row, kind: str, unit: str) -> Verdict:
@@ -209,12 +230,10 @@ def _quiet(row: _Row, kind: str, unit: str) -> Verdict:
     )
 
 
-_JUDGES: dict[
-    str, Callable[[list[_Row], DetectorSettings, Path], Iterator[tuple[_Row, Verdict]]]
-] = {
-    "volume": _judge_volume,
-    "cost": _judge_cost,
-    "mix": _judge_mix,
+_JUDGES: dict[str, Callable[[DetectorSettings, _Scan], Callable[[_Row], Verdict]]] = {
+    "volume": _volume_judge,
+    "cost": _cost_judge,
+    "mix": _mix_judge,
 }
 
 
@@ -227,22 +246,25 @@ def detect_csv(
     ``series_threshold=12``. Raises ``ValueError`` naming the line and field of bad
     input, an unknown kind, or an unknown option; nothing is written in that case.
     Out-of-order rows are not an error: see the module docstring.
+
+    The file is read twice: once to check every row (and learn a series' spacing), then
+    row by row, each judged and written as it is read. Holding every row and its verdict
+    took about 730 bytes a row, 1.45 GB for 2 million (session 17's probe).
     """
     if kind not in _JUDGES:
         raise ValueError(f"unknown detector kind {kind!r}; use one of {', '.join(KINDS)}")
     settings = DetectorSettings.with_options(**detector_options)
     path = Path(in_path)
-    rows = list(_read_rows(path))
-    in_order = [row for row in rows if row.judged]
-    judged = {row.line: verdict for row, verdict in _JUDGES[kind](in_order, settings, path)}
+    scan = _scan(kind, path)
+    judge = _JUDGES[kind](settings, scan)
     writer = csv.writer(out_stream, lineterminator="\n")
     writer.writerow(["timestamp", "value", "score", "is_anomaly"])
     anomalies = warming = 0
-    for row in rows:
-        verdict = judged.get(row.line)
-        if verdict is None:
+    for row in _read_rows(path):
+        if not row.judged:
             writer.writerow([row.timestamp_text, row.value_text, "0", "false"])
             continue
+        verdict = judge(row)
         anomalies += verdict.is_anomaly
         warming += verdict.warming_up
         writer.writerow(
@@ -254,9 +276,9 @@ def detect_csv(
             ]
         )
     return OfflineSummary(
-        rows=len(rows),
+        rows=scan.rows,
         anomalies=anomalies,
         warming_up=warming,
-        skipped=sum(row.out_of_order for row in rows),
-        missing=sum(row.missing for row in rows),
+        skipped=scan.skipped,
+        missing=scan.missing,
     )

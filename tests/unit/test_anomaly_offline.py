@@ -231,3 +231,27 @@ def test_a_report_since_longer_than_the_warehouse_range_is_a_clear_error(since: 
     with pytest.raises(ReportError, match="at most 400 days"):
         parse_since(since)
     assert parse_since("400d").days == 400
+
+
+def test_a_long_file_is_judged_as_it_is_read_not_held_whole(tmp_path: Path) -> None:
+    """Session 17's probe (F9): every row and its verdict were held at once, about 730 bytes
+    a row (1.45 GB for 2 million rows). Rows are now judged and written as they are read:
+    what is held is a number per row (the spacing, for its median) and the detector."""
+    import tracemalloc
+
+    source = tmp_path / "long.csv"
+    with source.open("w") as handle:
+        handle.write("timestamp,value\n")
+        for m in range(100_000):
+            handle.write(f"{int(T0.timestamp()) + 60 * m},{100 + m % 7}\n")
+    out = tmp_path / "out.csv"
+    tracemalloc.start()
+    try:
+        with out.open("w") as stream:
+            summary = detect_csv("volume", source, stream)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert summary.rows == 100_000
+    assert sum(1 for _ in out.open()) == 100_001
+    assert peak < 20 * 1024 * 1024, f"peak {peak / 1e6:.1f} MB for 100,000 rows"
