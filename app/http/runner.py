@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from email.utils import formatdate
 from typing import Any
 
 import orjson
@@ -79,7 +80,11 @@ class _UnparsableAsWarning(logging.Filter):
             # A body that does not decode as its Content-Encoding says: answered 400, then
             # aiohttp reads the rest of it and logs "Unhandled exception" (session 17's probe)
             exc = exc.__cause__
-        if isinstance(exc, BadHttpMessage):
+        if isinstance(exc, BodyCutShort):  # the same, for a body cut short by a half-close
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg, record.args = "request body cut short, answered 400: %s", (exc.detail,)
+            record.exc_info = record.exc_text = None
+        elif isinstance(exc, BadHttpMessage):
             record.levelno, record.levelname = logging.WARNING, "WARNING"
             record.msg = "request could not be parsed, answered %s: %s (%s)"
             record.args = (exc.code, type(exc).__name__, str(exc.message)[:200])
@@ -139,7 +144,9 @@ class _JsonErrorsHandler(RequestHandler):
             body = orjson.dumps(error.body())
             transport.write(
                 b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
-                b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+                b"Content-Length: %d\r\nX-Request-Id: %s\r\nDate: %s\r\n"
+                b"Connection: close\r\n\r\n%s"
+                % (len(body), new_id("req_").encode(), formatdate(usegmt=True).encode(), body)
             )
         self.force_close()
         transport.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
@@ -131,10 +132,14 @@ async def test_pipelined_requests_then_a_half_close_are_all_answered(
     ids=["content-length", "chunked"],
 )
 async def test_a_body_cut_short_by_a_half_close_is_a_400_saying_so(
-    served: tuple[int, _Slow], raw: bytes
+    served: tuple[int, _Slow], raw: bytes, caplog: pytest.LogCaptureFixture
 ) -> None:
     port, _ = served
+    caplog.set_level(logging.WARNING)
     [(status, body)] = _responses(await _in_thread(_exchange, port, raw))
+    # aiohttp logs as it drains the body after the answer, before it closes: logged by now
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [], [r.getMessage() for r in errors]  # the client's error: a WARNING
     assert status == 400
     error = body["error"]
     assert isinstance(error, dict) and error["type"] == "invalid_request_error"
@@ -214,6 +219,7 @@ async def test_a_request_head_that_never_arrives_whole_is_a_408(
     answer = await _in_thread(_read_all, impatient, raw, trickle)
     [(status, body)] = _responses(answer)
     assert status == 408
+    assert b"\r\nX-Request-Id: req_" in answer  # as every answer (session 17's third probe)
     error = body["error"]
     assert isinstance(error, dict) and error["type"] == "request_timeout", error
 
