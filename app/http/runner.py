@@ -26,7 +26,12 @@ from typing import Any
 
 import orjson
 from aiohttp import web
-from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError
+from aiohttp.http_exceptions import (
+    BadHttpMessage,
+    ContentLengthError,
+    HttpProcessingError,
+    TransferEncodingError,
+)
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
 from app.http.errors import ApiError
@@ -45,17 +50,35 @@ HEAD_TIMEOUT_S = 30.0
 EofAborts = Callable[[web.BaseRequest], bool]
 
 
-class BodyCutShort(web.HTTPBadRequest):
-    """The client ended its stream before the body it declared had arrived; raised by
-    ``request.read()`` and the like (a 400, in JSON)."""
+class UnreadableBody(web.HTTPBadRequest):
+    """A request body that cannot be read whole once the client has half-closed; raised by
+    ``request.read()`` and the like (a 400, in JSON). ``detail`` says what to fix."""
 
     def __init__(self, detail: str) -> None:
-        self.detail = (
+        self.detail = detail
+        super().__init__(text=detail)
+
+
+class BodyCutShort(UnreadableBody):
+    """The client ended its stream before the body it declared had arrived."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(
             f"The request body ended before the whole body arrived ({detail.rstrip('.')}): "
             "the client closed its sending side. Send as many bytes as Content-Length says, "
             "or end a chunked body with its last (zero-size) chunk."
         )
-        super().__init__(text=self.detail)
+
+
+def _unreadable(exc: HttpProcessingError, encoding: str) -> UnreadableBody:
+    """What the parser's end of a half-closed stream means for the body it was reading:
+    cut short, or (whole but) not decodable as its Content-Encoding says."""
+    if isinstance(exc, ContentLengthError | TransferEncodingError):
+        return BodyCutShort(str(exc.message))
+    return UnreadableBody(
+        f"The request body could not be decoded as its Content-Encoding ({encoding[:40]!r}) "
+        f"says: {str(exc.message)[:200]}. Send it plain or encoded as declared (gzip, deflate, br)"
+    )
 
 
 def _json_error(error: ApiError) -> web.Response:
@@ -80,9 +103,9 @@ class _UnparsableAsWarning(logging.Filter):
             # A body that does not decode as its Content-Encoding says: answered 400, then
             # aiohttp reads the rest of it and logs "Unhandled exception" (session 17's probe)
             exc = exc.__cause__
-        if isinstance(exc, BodyCutShort):  # the same, for a body cut short by a half-close
+        if isinstance(exc, UnreadableBody):  # the same, for a body read after a half-close
             record.levelno, record.levelname = logging.WARNING, "WARNING"
-            record.msg, record.args = "request body cut short, answered 400: %s", (exc.detail,)
+            record.msg, record.args = "request body not read whole, answered 400: %s", (exc.detail,)
             record.exc_info = record.exc_text = None
         elif isinstance(exc, BadHttpMessage):
             record.levelno, record.levelname = logging.WARNING, "WARNING"
@@ -105,14 +128,25 @@ class _JsonErrorsHandler(RequestHandler):
     eof_aborts: EofAborts | None = None
     head_timeout_s: float | None = None
     _peer_done = False  # the client has sent all it will: close once it is answered
-    _cut_short: BodyCutShort | None = None
+    _unreadable: UnreadableBody | None = None
     _head_timer: asyncio.TimerHandle | None = None
-    _bytes_seen = False
+    _bytes_seen = False  # since the timer was armed
+    _armed_at = 0  # requests whose head had arrived when the timer was armed
 
-    # -- the head of a connection's first request must arrive within head_timeout_s --------
+    # -- each request's head must arrive within head_timeout_s ------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        if self.head_timeout_s:
+        self._arm_head_timer()
+
+    def _arm_head_timer(self) -> None:
+        """Start waiting for the next request's head (at the connection's start, and after
+        each answer: aiohttp's keep-alive timeout does not close a connection holding part
+        of a head, so one cheap request, then half a request line, held it for good)."""
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        if self.head_timeout_s and self.transport is not None:
+            self._armed_at, self._bytes_seen = self._request_count, False
             loop = asyncio.get_running_loop()
             self._head_timer = loop.call_later(self.head_timeout_s, self._head_timed_out)
 
@@ -127,12 +161,17 @@ class _JsonErrorsHandler(RequestHandler):
         super().connection_lost(exc)
 
     def _head_timed_out(self) -> None:
-        """No whole request head yet: a 408 if some of it came (half a request line, a
-        header trickled a byte at a time), else only the close. Later requests of the
-        connection are bounded by aiohttp's keep-alive timeout."""
+        """No whole request head since the timer was armed: a 408 if part of one came (half
+        a request line, a header trickled a byte at a time); at the connection's start with
+        nothing sent, only the close (an idle keep-alive connection is aiohttp's to close)."""
         self._head_timer = None
         transport = self.transport
-        if transport is None or transport.is_closing() or self._request_count:
+        if transport is None or transport.is_closing() or self._request_count > self._armed_at:
+            return
+        if self._request_in_progress or self._messages:
+            self._arm_head_timer()  # an answer still being made: wait after it
+            return
+        if not self._bytes_seen and self._armed_at:
             return
         if self._bytes_seen:
             error = ApiError(
@@ -162,20 +201,22 @@ class _JsonErrorsHandler(RequestHandler):
         if self._parser is not None:
             try:
                 self._parser.feed_eof()
-            except HttpProcessingError as exc:  # the last request's body is incomplete
-                self._cut_short = BodyCutShort(str(exc.message))
+            except HttpProcessingError as exc:  # the last request's body cannot be read whole
+                last = self._messages[-1][0] if self._messages else current
+                headers = getattr(last, "headers", None) or {}
+                self._unreadable = _unreadable(exc, headers.get("Content-Encoding", ""))
                 payloads = [payload for _, payload in self._messages]
                 if current is not None:
                     payloads.append(current.content)
                 for payload in payloads:
                     if not payload.is_eof():
-                        payload.set_exception(self._cut_short)
+                        payload.set_exception(self._unreadable)
         return True  # keep the sending side open for the answers
 
     async def _handle_request(self, request: web.BaseRequest, *args: Any) -> Any:
         # A request taken from the queue just before the end of the stream was seen
-        if self._cut_short is not None and not request.content.is_eof():
-            request.content.set_exception(self._cut_short)
+        if self._unreadable is not None and not request.content.is_eof():
+            request.content.set_exception(self._unreadable)
         return await super()._handle_request(request, *args)
 
     def handle_error(
@@ -223,6 +264,8 @@ class _JsonErrorsHandler(RequestHandler):
         finished = await super().finish_response(request, resp, start_time)
         if self._peer_done and not self._messages:
             self.close()  # the client sent all it will and has every answer
+        else:
+            self._arm_head_timer()
         return finished
 
 

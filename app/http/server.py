@@ -65,7 +65,7 @@ from app.http.openapi import (
     operation,
 )
 from app.http.reports_api import REPORTS
-from app.http.runner import BodyCutShort, serve_app
+from app.http.runner import UnreadableBody, serve_app
 from app.http.security import check_exposure, internal_token
 from app.metering.attribution import Identity, KeyStore, bearer_token, resolve_identity
 from app.metering.ingest import (
@@ -231,7 +231,7 @@ async def read_json(request: web.Request) -> Any:
     try:
         async with asyncio.timeout(settings.body_read_timeout_s):
             raw = await request.read()
-    except BodyCutShort as exc:  # the client half-closed before its body was whole
+    except UnreadableBody as exc:  # the client half-closed; its body cannot be read whole
         raise invalid_request(exc.detail) from None
     except (HttpProcessingError, RequestPayloadError) as exc:  # e.g. Content-Encoding: gzip
         encoding = request.headers.get("Content-Encoding", "")  # on a body that is not

@@ -251,3 +251,44 @@ async def test_a_chat_body_of_many_messages_is_parsed_off_the_event_loop(
     assert (await server.parse_chat_body(few, None, False)).model == "gpt-4o"
     assert (await server.parse_chat_body(many, None, False)).prompt_tokens_estimate > 5_000
     assert seen == [True, False]
+
+
+def _after_one_request(port: int, then: bytes) -> bytes:
+    """A whole request and its answer, then ``then`` (half of the next head), then wait for
+    the server to answer or close (a server that never does fails the 20 s read timeout)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as conn:
+        conn.sendall(b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n")
+        first = b""
+        while b'"ok"}' not in first:
+            first += conn.recv(65536)
+        conn.sendall(then)
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+        return answer
+
+
+async def test_a_later_request_head_that_never_arrives_whole_is_a_408_too(impatient: int) -> None:
+    """Session 17's third probe: the head timeout covered a connection's first request only,
+    and aiohttp's keep-alive timeout does not close a connection holding part of a head: one
+    cheap request, then half a request line, held the connection for good."""
+    answer = await _in_thread(_after_one_request, impatient, b"GET /hea")
+    [(status, body)] = _responses(answer)
+    assert status == 408
+    error = body["error"]
+    assert isinstance(error, dict) and error["type"] == "request_timeout", error
+
+
+async def test_an_undecodable_body_then_a_half_close_is_told_it_does_not_decode(
+    served: tuple[int, _Slow],
+) -> None:
+    """Session 17's third probe: a whole gzip body that does not decode, then a half-close,
+    was told its body was cut short; it is told the body does not decode, as without the
+    half-close."""
+    port, _ = served
+    raw = b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Encoding: gzip\r\nContent-Length: 5\r\n\r\nhello"
+    [(status, body)] = _responses(await _in_thread(_exchange, port, raw))
+    assert status == 400
+    error = body["error"]
+    assert isinstance(error, dict)
+    assert "before the whole body" not in str(error["message"]), error
