@@ -195,8 +195,13 @@ class _JsonErrorsHandler(RequestHandler):
         if waiting and not self._messages:
             return None  # between requests, or inside a request line: close, as aiohttp does
         current = self._current_request
-        if current is not None and self.eof_aborts is not None and self.eof_aborts(current):
-            return None  # the client gave up on a paid call: aiohttp closes and cancels it
+        if (
+            current is not None
+            and current.content.is_eof()  # its body is whole: the call may be running
+            and self.eof_aborts is not None
+            and self.eof_aborts(current)
+        ):
+            return None  # the client gave up on a paid call: aiohttp closes the connection
         self._peer_done = True
         if self._parser is not None:
             try:

@@ -292,3 +292,27 @@ async def test_an_undecodable_body_then_a_half_close_is_told_it_does_not_decode(
     error = body["error"]
     assert isinstance(error, dict)
     assert "before the whole body" not in str(error["message"]), error
+
+
+async def test_a_paid_calls_body_cut_short_by_a_later_half_close_is_a_400(
+    served: tuple[int, _Slow],
+) -> None:
+    """Session 17's third probe: the end of the stream on a paid route was taken as the
+    client giving up as soon as its handler had started, even while it was still waiting
+    for the body (nothing admitted, nothing sent upstream): no answer at all, unless head,
+    partial body and FIN arrived together. A body still arriving is cut short: a 400."""
+    port, _ = served
+
+    def send_then_half_close() -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as conn:
+            conn.sendall(b'POST /paid HTTP/1.1\r\nHost: x\r\nContent-Length: 300\r\n\r\n{"a":')
+            time.sleep(0.5)  # the handler is reading the body by now (no timing is asserted)
+            conn.shutdown(socket.SHUT_WR)
+            answer = b""
+            while chunk := conn.recv(65536):
+                answer += chunk
+            return answer
+
+    [(status, body)] = _responses(await _in_thread(send_then_half_close))
+    assert status == 400
+    assert "before the whole body" in str(body["error"]), body
