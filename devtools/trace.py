@@ -18,6 +18,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import csv
+import hashlib
 import itertools
 import json
 import random
@@ -338,9 +339,24 @@ def _usage_call(record: dict[str, Any], where: str) -> TraceCall:
 
 
 def read_usage_jsonl(path: Path) -> Iterator[TraceCall]:
-    """Calls from JSON Lines: one ``/v1/usage`` record a line (``ts`` required; blanks skipped)."""
+    """Calls from JSON Lines: one ``/v1/usage`` record a line (``ts`` required; blanks skipped).
+
+    A ``request_id`` names one call: the same record again is that call again (counted
+    once, as a retried POST), a different record under it is refused naming both lines, as
+    ``/v1/usage`` answers it a 409 (every consumer would keep only the first)."""
+    first_seen: dict[str, tuple[str, bytes]] = {}  # request id -> (where, digest of the call)
     for where, record in _json_objects(path, "one usage record"):
-        yield _usage_call(record, where)
+        call = _usage_call(record, where)
+        if call.request_id:
+            digest = hashlib.blake2b(repr(call).encode(), digest_size=16).digest()
+            seen = first_seen.setdefault(call.request_id, (where, digest))
+            if seen[1] != digest:
+                raise TraceFormatError(
+                    f"{where}: field 'request_id' {call.request_id!r} names a different call "
+                    f"at {seen[0].rsplit(', ', 1)[-1]}; only the first would be counted. "
+                    "Give each call its own request_id"
+                )
+        yield call
 
 
 def _json_objects(path: Path, what: str) -> Iterator[tuple[str, dict[str, Any]]]:

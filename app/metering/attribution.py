@@ -128,7 +128,8 @@ def _clean(value: Any, name: str, *, scope: bool = False) -> str | None:
         raise InvalidRequest(f"'{name}' must be a string", field=name)
     problem = id_problem(value)
     if problem is None and scope and value == "*":
-        problem = "may not be '*': it names the default budget policy of every one (user:*)"
+        kind = next((k for k in ("feature", "team") if k in name.lower()), "user")
+        problem = f"may not be '*': it names the default budget policy of every {kind} ({kind}:*)"
     if problem is not None:
         raise InvalidRequest(f"'{name}' {problem}", field=name)
     return value

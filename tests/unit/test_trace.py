@@ -286,11 +286,13 @@ def test_jsonl_reads_every_usage_field_and_the_api_aliases(tmp_path: Path) -> No
         ),
         (
             '{"ts": 1, "prompt_tokens": 3, "completion_tokens": 1, "feature": "*"}',
-            "field 'feature' may not be '*'",
+            "field 'feature' may not be '*': it names the default budget policy of every "
+            "feature (feature:*)",
         ),
         (
             '{"ts": 1, "prompt_tokens": 3, "completion_tokens": 1, "team": "*"}',
-            "field 'team' may not be '*'",
+            "field 'team' may not be '*': it names the default budget policy of every team "
+            "(team:*)",
         ),
         (
             '{"ts": 1, "prompt_tokens": 3, "completion_tokens": 1, "user": "a", "user_id": "b"}',
@@ -427,3 +429,18 @@ def test_replayed_records_sharing_a_request_id_count_once_as_over_http() -> None
     assert (
         usage_record(prices, anonymous)["event_id"] != usage_record(prices, anonymous)["event_id"]
     )
+
+
+def test_two_different_records_under_one_request_id_are_refused(tmp_path: Path) -> None:
+    """Session 17's third probe: replay produced both, the consumers kept the first (same
+    event id) and the printed totals were 5x what was counted. /v1/usage answers a 409; a
+    replay names both lines. The same record twice is one call (counted once), allowed."""
+    first = {"ts": 1, "prompt_tokens": 1000, "completion_tokens": 1, "request_id": "same-1"}
+    other = {**first, "prompt_tokens": 5000}
+    same = write_jsonl(tmp_path / "same.jsonl", first, first)
+    assert len(list(read_usage_jsonl(same))) == 2
+    path = write_jsonl(tmp_path / "dup.jsonl", first, {**first, "request_id": "x"}, other)
+    with pytest.raises(TraceFormatError) as error:
+        list(read_usage_jsonl(path))
+    assert str(error.value).startswith(f"{path}, line 3: field 'request_id' ")
+    assert "line 1" in str(error.value)
