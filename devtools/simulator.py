@@ -453,6 +453,11 @@ def _tool_to_call(body: dict[str, Any], messages: list[Any]) -> dict[str, Any] |
     """The function definition the answer calls, or None for a text answer."""
     tools = body.get("tools")
     if not isinstance(tools, list) or not tools:
+        if body.get("tool_choice") not in (None, "none", "auto"):
+            raise _RequestError(
+                400, "'tool_choice' is only allowed when 'tools' are specified.",
+                param="tool_choice",
+            )  # fmt: skip
         return None
     functions = [
         t["function"]
@@ -461,6 +466,11 @@ def _tool_to_call(body: dict[str, Any], messages: list[Any]) -> dict[str, Any] |
         and isinstance(t["function"].get("name"), str)
     ]  # fmt: skip
     choice = body.get("tool_choice", "auto")
+    if not isinstance(choice, dict) and choice not in ("auto", "none", "required", None):
+        raise _RequestError(
+            400, "'tool_choice' must be 'none', 'auto', 'required' or a named function.",
+            param="tool_choice",
+        )  # fmt: skip
     if not functions or choice == "none":
         return None
     if isinstance(choice, dict):
@@ -478,11 +488,80 @@ def _tool_to_call(body: dict[str, Any], messages: list[Any]) -> dict[str, Any] |
     return None
 
 
+# Values of the string formats JSON schemas name (pydantic: datetime, date, UUID, ...).
+_FORMATS: Final = {
+    "date-time": "2026-01-01T12:00:00Z",
+    "date": "2026-01-01",
+    "time": "12:00:00",
+    "duration": "P1D",
+    "uuid": "3f2b8c4e-1d2a-4b6c-9e8f-0a1b2c3d4e5f",
+    "email": "user@example.com",
+    "uri": "https://example.com/",
+    "url": "https://example.com/",
+    "hostname": "example.com",
+    "ipv4": "192.0.2.1",
+    "ipv6": "2001:db8::1",
+}
+_DEEP: Final = 5  # past this depth an example takes no optional or repeated part (recursion)
+
+
+def _pattern_example(pattern: str) -> str | None:
+    """A string matching the regular expression ``pattern`` (exrex draws one; checked)."""
+    import re
+
+    import exrex
+
+    for _ in range(20):
+        try:
+            candidate = str(exrex.getone(pattern, limit=8))
+        except Exception:  # a construct exrex cannot draw from
+            return None
+        if re.search(pattern, candidate):
+            return candidate
+    return None
+
+
+def _string_example(schema: dict[str, Any], words: list[str], depth: int) -> str:
+    text = _FORMATS.get(str(schema.get("format")))
+    if text is None and isinstance(schema.get("pattern"), str):
+        text = _pattern_example(schema["pattern"])
+    if text is None:
+        text = " ".join(words[: 2 + depth % 3]) or "text"
+    longest, shortest = schema.get("maxLength"), schema.get("minLength")
+    if isinstance(longest, int):
+        text = text[:longest].rstrip() or text[:longest]
+    if isinstance(shortest, int) and len(text) < shortest:
+        text = text + "x" * (shortest - len(text))
+    return text
+
+
+def _number_example(schema: dict[str, Any], integer: bool) -> int | float:
+    step = 1 if integer else 0.5
+    low = schema.get("minimum")
+    if low is None and schema.get("exclusiveMinimum") is not None:
+        low = schema["exclusiveMinimum"] + step
+    high = schema.get("maximum")
+    if high is None and schema.get("exclusiveMaximum") is not None:
+        high = schema["exclusiveMaximum"] - step
+    if low is not None and high is not None and not integer:
+        value: float = (low + high) / 2
+    elif low is not None:
+        value = low
+    else:
+        value = 1 if high is None else min(1, high)
+    multiple = schema.get("multipleOf")
+    if isinstance(multiple, int | float) and multiple > 0:
+        value = math.ceil(value / multiple) * multiple
+    return math.ceil(value) if integer else float(value)
+
+
 def _json_example(schema: Any, root: Any, words: list[str], depth: int = 0) -> Any:
     """A value the JSON schema ``schema`` accepts (types, required properties, enums,
-    ``$ref`` into the root's ``$defs``), its strings filler ``words``."""
-    if not isinstance(schema, dict) or depth > 20:
+    ``$ref`` into the root's ``$defs``, string formats, patterns and lengths, number
+    bounds), its strings filler ``words``; a recursive schema ends past :data:`_DEEP`."""
+    if not isinstance(schema, dict) or depth > 40:
         return None
+    deep = depth > _DEEP
     ref = schema.get("$ref")
     if isinstance(ref, str) and ref.startswith("#/"):
         target: Any = root
@@ -496,11 +575,14 @@ def _json_example(schema: Any, root: Any, words: list[str], depth: int = 0) -> A
     for key in ("anyOf", "oneOf", "allOf"):
         options = schema.get(key)
         if isinstance(options, list) and options:
-            chosen = [o for o in options if not (isinstance(o, dict) and o.get("type") == "null")]
+            null = [o for o in options if isinstance(o, dict) and o.get("type") == "null"]
+            if deep and null:
+                return None
+            chosen = [o for o in options if o not in null]
             return _json_example((chosen or options)[0], root, words, depth + 1)
     kind = schema.get("type")
     if isinstance(kind, list):
-        kind = next((k for k in kind if k != "null"), None)
+        kind = None if deep and "null" in kind else next((k for k in kind if k != "null"), None)
     if kind == "object" or (kind is None and "properties" in schema):
         properties = schema.get("properties")
         properties = properties if isinstance(properties, dict) else {}
@@ -509,17 +591,15 @@ def _json_example(schema: Any, root: Any, words: list[str], depth: int = 0) -> A
         return {
             name: _json_example(sub, root, words, depth + 1)
             for name, sub in properties.items()
-            if name in required or not required
+            if name in required or (not required and not deep)
         }
     if kind == "array":
-        count = max(1, int(schema.get("minItems") or 1))
+        count = int(schema.get("minItems") or (0 if deep else 1))
         return [_json_example(schema.get("items"), root, words, depth + 1) for _ in range(count)]
     if kind == "string":
-        return " ".join(words[: 2 + depth % 3]) or "text"
-    if kind == "integer":
-        return int(max(schema.get("minimum", 1), 1) if "minimum" in schema else 1)
-    if kind == "number":
-        return float(schema.get("minimum", 1.0))
+        return _string_example(schema, words, depth)
+    if kind in ("integer", "number"):
+        return _number_example(schema, kind == "integer")
     if kind == "boolean":
         return True
     return None

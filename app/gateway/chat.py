@@ -358,7 +358,7 @@ class ChatAttempts:
 
 
 # The SSE event that ends an OpenAI stream.
-_DONE = re.compile(rb"data: ?\[DONE\]")
+_DONE = re.compile(rb"(?m)^data: ?\[DONE\]")
 
 
 class StreamEnd:

@@ -598,3 +598,50 @@ async def test_a_structured_output_parses_into_its_schema(client: openai.AsyncOp
         response_format={"type": "json_object"},
     )
     assert isinstance(json.loads(plain.choices[0].message.content or ""), dict)
+
+
+async def test_structured_outputs_fit_formats_patterns_lengths_and_recursive_models(
+    client: openai.AsyncOpenAI,
+) -> None:
+    """Session 17's third probe: datetime, date and UUID fields got filler text, a pattern
+    and a maxLength were ignored, and a recursive model ended in nulls for required fields:
+    `parse()` raised after a billed 200."""
+    import datetime
+    import uuid
+    from typing import Annotated
+
+    from pydantic import BaseModel, Field
+
+    class Node(BaseModel):
+        name: str
+        children: list[Node]
+        parent: Node | None = None
+
+    class Edge(BaseModel):
+        when: datetime.datetime
+        day: datetime.date
+        uid: uuid.UUID
+        code: Annotated[str, Field(pattern=r"^[A-Z]{3}-\d{2}$")]
+        word: Annotated[str, Field(min_length=5, max_length=8)]
+        count: Annotated[int, Field(ge=10, le=20, multiple_of=5)]
+        ratio: Annotated[float, Field(gt=0, lt=1)]
+        tree: Node
+
+    parsed = await client.beta.chat.completions.parse(
+        model="gpt-4o",
+        messages=[{"role": "user", "content": "Fill it in."}],
+        response_format=Edge,
+    )
+    assert isinstance(parsed.choices[0].message.parsed, Edge)
+
+
+async def test_a_tool_choice_openai_refuses_is_refused(client: openai.AsyncOpenAI) -> None:
+    messages = [{"role": "user", "content": "Hi"}]
+    with pytest.raises(openai.BadRequestError):
+        await client.chat.completions.create(
+            model="gpt-4o", messages=messages, tools=[WEATHER_TOOL], tool_choice="bogus"
+        )  # type: ignore[call-overload]
+    with pytest.raises(openai.BadRequestError):
+        await client.chat.completions.create(
+            model="gpt-4o", messages=messages, tool_choice="required"
+        )

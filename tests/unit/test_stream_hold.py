@@ -153,3 +153,21 @@ async def test_a_tool_call_is_released_at_once_with_phrases() -> None:
     tool = event({"tool_calls": [{"index": 0, "function": {"name": "f", "arguments": ""}}]})
     result, _, _ = await held([ROLE, tool, DONE], phrases=PHRASES)
     assert result.failure is None and result.data.endswith(tool) and not result.ended
+
+
+async def test_the_end_of_a_stream_is_held_only_at_its_own_event() -> None:
+    """`data: [DONE]` quoted inside a chunk (a tool's argument, an answer about SSE) is not
+    the stream's end: it is not held (session 17's third probe)."""
+    from app.gateway.chat import StreamEnd
+
+    sent: list[bytes] = []
+
+    async def write(data: bytes) -> None:
+        sent.append(data)
+
+    end = StreamEnd(write)
+    quoted = b'data: {"choices":[{"delta":{"content":"end with data: [DONE]"}}]}\n\n'
+    await end.write(quoted)
+    assert sent == [quoted] and end.held == b""
+    await end.write(b'data: {"choices":[]}\n\ndata: [DONE]\n\n')
+    assert sent[-1] == b'data: {"choices":[]}\n\n' and end.held == b"data: [DONE]\n\n"
