@@ -1,7 +1,8 @@
 """Offline detection: run one anomaly detector over a ``timestamp,value`` CSV.
 
-Owns reading and validating the CSV (header row required; ISO-8601 or epoch-second
-timestamps) and writing ``timestamp,value,score,is_anomaly`` rows, one per input row.
+Owns reading and validating the CSV (a ``timestamp,value`` header, or two columns with
+the time first, with or without a header; commas, else tabs or semicolons; ISO-8601,
+epoch-second or epoch-millisecond timestamps) and writing ``timestamp,value,score,is_anomaly`` rows, one per input row.
 Rows whose timestamp is earlier than a row before them (a block pasted out of order,
 a concatenated export) are not judged: they are written with ``is_anomaly=false``
 and counted in :attr:`OfflineSummary.skipped`, and the run goes on; so are rows without
@@ -22,6 +23,7 @@ Kinds and what ``value`` means:
 from __future__ import annotations
 
 import csv
+import itertools
 import math
 from array import array
 from collections.abc import Callable, Iterator
@@ -111,25 +113,76 @@ def _read_rows(path: Path) -> Iterator[_Row]:
         ) from None
 
 
+def _delimiter(first_line: str) -> str:
+    """A comma, unless the first line has none and has tabs or semicolons (a TSV, a
+    spreadsheet's export in a locale whose decimal mark is a comma)."""
+    if "," in first_line:
+        return ","
+    for candidate in ("\t", ";", "|"):
+        if candidate in first_line:
+            return candidate
+    return ","
+
+
+def _is_data_row(row: list[str]) -> bool:
+    """A first row that is already a timestamp and a value (a file without a header)."""
+    if len(row) < 2:
+        return False
+    try:
+        _parse_timestamp(row[0], "")
+    except ValueError:
+        return False
+    value = row[1].strip().lower()
+    if value in MISSING_VALUES:
+        return True
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _columns(path: Path, header: list[str] | None) -> tuple[int, int, bool]:
+    """Where the timestamp and the value are, and whether the first row is a header.
+
+    A header naming ``timestamp`` and ``value`` (any case, any order, other columns
+    ignored); else a first row that is already data (the first two columns); else a
+    two-column header of other names (``time,count``): its first column is the time.
+    """
+    names = [name.strip().lower() for name in header or []]
+    if "timestamp" in names and "value" in names:
+        return names.index("timestamp"), names.index("value"), True
+    if header and _is_data_row(header):
+        return 0, 1, False
+    if len(names) == 2:
+        return 0, 1, True
+    raise ValueError(
+        f"{path}, line 1: expected a header row with the columns timestamp,value "
+        "(or two columns, the time first, with or without a header); "
+        f"got {','.join(header) if header else 'an empty file'}"
+    )
+
+
 def _read_text_rows(path: Path) -> Iterator[_Row]:
     # utf-8-sig: a byte-order mark (as spreadsheets write it) is not part of the header
     with open(path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.reader(handle)
+        delimiter = _delimiter(handle.readline())
+        handle.seek(0)
+        reader = csv.reader(handle, delimiter=delimiter)
         header = next(reader, None)
-        names = [name.strip().lower() for name in header or []]
-        if "timestamp" not in names or "value" not in names:
-            raise ValueError(
-                f"{path}, line 1: expected a header row with the columns timestamp,value; "
-                f"got {','.join(header) if header else 'an empty file'}"
-            )
-        ts_index, value_index = names.index("timestamp"), names.index("value")
+        ts_index, value_index, has_header = _columns(path, header)
+        width = max(ts_index, value_index) + 1
+        rows: Iterator[list[str]] = reader
+        if not has_header and header is not None:
+            rows = itertools.chain([header], reader)
+        first_line = 2 if has_header else 1
         previous: datetime | None = None
-        for line, row in enumerate(reader, start=2):
+        for line, row in enumerate(rows, start=first_line):
             if not row or all(not cell.strip() for cell in row):
                 continue
             where = f"{path}, line {line}"
-            if len(row) <= max(ts_index, value_index):
-                raise ValueError(f"{where}: expected {len(names)} fields, got {len(row)}")
+            if len(row) < width:
+                raise ValueError(f"{where}: expected at least {width} fields, got {len(row)}")
             ts = _parse_timestamp(row[ts_index], where)
             value_text = row[value_index]
             if value_text.strip().lower() in MISSING_VALUES:

@@ -76,7 +76,7 @@ def test_cost_and_mix_kinds(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        ("time,count\n2024-05-01T00:00:00Z,3\n", r"line 1: expected a header row"),
+        ("time,count,region\n2024-05-01T00:00:00Z,3,eu\n", r"line 1: expected a header row"),
         ("", r"line 1: expected a header row.*empty file"),
         (
             "timestamp,value\n2024-05-01T00:00:00Z,3\n2024-05-01T00:01:00Z,lots\n",
@@ -84,7 +84,7 @@ def test_cost_and_mix_kinds(tmp_path: Path) -> None:
         ),
         ("timestamp,value\nyesterday,3\n", r"line 2, field 'timestamp'.*ISO 8601"),
         ("timestamp,value\n2024-05-01T00:00:00Z,inf\n", r"line 2, field 'value'.*finite"),
-        ("timestamp,value\n2024-05-01T00:00:00Z\n", r"line 2: expected 2 fields"),
+        ("timestamp,value\n2024-05-01T00:00:00Z\n", r"line 2: expected at least 2 fields"),
     ],
 )
 def test_bad_input_names_line_and_field(tmp_path: Path, content: str, message: str) -> None:
@@ -94,6 +94,31 @@ def test_bad_input_names_line_and_field(tmp_path: Path, content: str, message: s
     with pytest.raises(ValueError, match=message):
         detect_csv("volume", source, out)
     assert out.getvalue() == ""  # nothing half-written
+
+
+@pytest.mark.parametrize(
+    ("content", "rows"),
+    [
+        ("time,count\n2024-05-01T00:00:00Z,3\n2024-05-01T00:01:00Z,4\n", 2),
+        ("2024-05-01T00:00:00Z,3\n2024-05-01T00:01:00Z,4\n2024-05-01T00:02:00Z,\n", 3),
+        ("1714521600000,3\n1714521660000,4\n", 2),
+        ("timestamp\tvalue\n2024-05-01 00:00:00\t3\n2024-05-01 00:01:00\t4\n", 2),
+        ("ts;requests\n2024-05-01T00:00:00;3\n2024-05-01T00:01:00;4\n", 2),
+        ("value,label,timestamp\n3,0,2024-05-01T00:00:00Z\n4,0,2024-05-01T00:01:00Z\n", 2),
+    ],
+)
+def test_common_layouts_are_read_without_a_rename(tmp_path: Path, content: str, rows: int) -> None:
+    """Exports as they come: no header, other column names, tabs or semicolons, extra
+    columns; every data row is judged and written back as it was."""
+    source = tmp_path / "export.csv"
+    source.write_text(content)
+    out = io.StringIO()
+    summary = detect_csv("volume", source, out)
+    assert summary.rows == rows
+    written = read(out.getvalue())
+    assert len(written) == rows
+    assert written[0]["value"] == "3"
+    assert written[1]["value"] == "4"
 
 
 def test_unknown_kind_and_option(tmp_path: Path) -> None:
