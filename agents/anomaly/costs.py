@@ -112,7 +112,7 @@ class CostReference:
         """Effective number of calls remembered at ``t``."""
         if self.origin is None:
             return 0.0
-        return self.total * math.exp(-(t - self.origin) / self.tau)
+        return self.total * math.exp(min(700.0, -(t - self.origin) / self.tau))
 
     def mean(self) -> float:
         return self.sum_cost / self.total if self.total > 0 else 0.0
@@ -445,8 +445,10 @@ class CostDetector:
                 usual = 0.0
             # What the calls of the last minute or so typically cost (time-weighted, so a
             # quiet scope's first ordinary call after a while counts for most of it).
-            weight = max(0.02, 1.0 - math.exp(-(t - self.ew_at) / 60.0))
-            self.ew_at = t
+            # A call older than the last one (history reaching a scope in alarm) weighs
+            # the least: the time since is never negative (12 h back overflowed exp).
+            weight = max(0.02, 1.0 - math.exp(-max(0.0, t - self.ew_at) / 60.0))
+            self.ew_at = max(self.ew_at, t)
             self.ew_z += weight * (z - self.ew_z)
             self.ew_log += weight * (log_cost - self.ew_log)
             self.ew_cost += weight * (cost_nanos - self.ew_cost)

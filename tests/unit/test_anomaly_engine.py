@@ -260,3 +260,22 @@ def test_engine_alerts_are_valid_alert_events(warm: tuple[bytes, datetime]) -> N
     codec = EventCodec()
     for alert in alerts:
         assert codec.decode(codec.encode("Alert", alert)).record["kind"] == alert["kind"]
+
+
+def test_history_older_than_half_a_day_reaching_a_scope_in_cost_alarm_is_judged_not_a_crash(
+    warm: tuple[bytes, datetime],
+) -> None:
+    """Probe J: a cost alarm open on feature:search, then a backfill of the day before
+    (a replay of history) reached the same scope: math.exp overflowed in the alarm's
+    recent average and the agent crash-looped on the record at every restart."""
+    engine, now = resume(warm)
+    rng = random.Random(3)
+    normal = traffic(rng, now, 8, per_minute=54, features={"chat": 1.0})
+    spiked = traffic(rng, now, 8, per_minute=36, features={"search": 1.0}, cost_factor=20)
+    assert "cost_per_request|feature:search" in firing(run(engine, merged(normal, spiked)))
+    for hours in (12, 30, 24 * 7):
+        old = traffic(rng, now - timedelta(hours=hours), 2, features={"search": 1.0})
+        run(engine, old)  # raised OverflowError: math range error
+    later = now + timedelta(minutes=8)
+    run(engine, traffic(rng, later, 2, features={"search": 1.0}))
+    AnomalyEngine.restore(engine.snapshot())

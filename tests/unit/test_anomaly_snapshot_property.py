@@ -107,3 +107,38 @@ def test_a_restored_engine_pages_exactly_as_one_never_stopped(
     after_resumed = run(resumed, records[at:])
 
     assert after_resumed == after_whole, (len(before), at)
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(
+    stream=streams(),
+    backfill=st.lists(
+        st.tuples(
+            st.floats(min_value=0.0, max_value=1.0),  # where in the stream it arrives
+            st.floats(min_value=1.0, max_value=7 * 86_400.0),  # how old it is then
+            st.sampled_from(["u0", "u1", "u-old"]),
+        ),
+        min_size=1,
+        max_size=40,
+    ),
+)
+def test_history_of_up_to_a_week_arriving_at_any_moment_is_taken_without_an_error(
+    stream: tuple[list[dict[str, Any]], int], backfill: list[tuple[float, float, str]]
+) -> None:
+    """A replay of last week (or a spool flushed after an outage) can reach any scope in
+    any state, alarms open included: the engine takes every record and still snapshots
+    (probe J: a cost alarm and a record 12 h older overflowed math.exp)."""
+    records, _ = stream
+    mixed = list(records)
+    for where, age, user in sorted(backfill, reverse=True):
+        i = int(where * len(mixed))
+        anchor = mixed[min(i, len(mixed) - 1)]
+        old = {**anchor, "ts": anchor["ts"] - timedelta(seconds=age), "user_id": user}
+        mixed.insert(i, old)
+    engine = AnomalyEngine(FAST)
+    run(engine, mixed)
+    AnomalyEngine.restore(engine.snapshot())
