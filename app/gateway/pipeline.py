@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -63,8 +64,21 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # Fields only Tollgate understands; never forwarded to a provider.
-TOLLGATE_ONLY_FIELDS = ("user_id", "session_id")
-NATIVE_ONLY_FIELDS = ("user_id", "session_id", "metadata")
+# Fields that attribute a call and mean nothing to a provider (OpenAI refuses a parameter
+# it does not know: "Unrecognized request argument supplied: feature"). OpenAI's own
+# `user` is forwarded; `metadata` too when `store` is true (OpenAI allows it then).
+TOLLGATE_ONLY_FIELDS = ("user_id", "session_id", "feature", "team")
+NATIVE_ONLY_FIELDS = (*TOLLGATE_ONLY_FIELDS, "metadata")
+
+
+# OpenAI's reasoning models (o1, o3, o4-mini, gpt-5 and their dated or sized variants)
+# take `max_completion_tokens` and refuse `max_tokens`.
+_REASONING_MODEL = re.compile(r"^(?:[\w.-]+/)?(?:o\d+|gpt-5)(?:$|[-.:])", re.IGNORECASE)
+
+
+def output_limit_field(model: str) -> str:
+    """The output-limit parameter a call to ``model`` must use when the client set none."""
+    return "max_completion_tokens" if _REASONING_MODEL.match(model) else "max_tokens"
 
 
 @dataclass
@@ -99,9 +113,15 @@ class ChatRequest:
 
     def cap_output(self, tokens: int) -> None:
         """Cap the output at ``tokens`` (the budget gate's decision) in every output-limit
-        field the client sent, or in ``max_tokens`` if it sent none."""
-        fields = [f for f in ("max_completion_tokens", "max_tokens") if f in self.upstream_body]
-        for name in fields or ["max_tokens"]:
+        field the client sent, or if it sent none in the one its model takes:
+        ``max_completion_tokens`` for OpenAI's reasoning models, which refuse ``max_tokens``
+        ("Unsupported parameter: 'max_tokens' is not supported with this model"; every
+        capped call to o3 or gpt-5 would have been a 400: probe I), else ``max_tokens``
+        (what every OpenAI-compatible server reads)."""
+        fields: list[str] = [
+            f for f in ("max_completion_tokens", "max_tokens") if f in self.upstream_body
+        ]
+        for name in fields or [output_limit_field(self.model)]:
             self.upstream_body[name] = min(self.upstream_body.get(name) or tokens, tokens)
 
     def retarget(self, model: str) -> ChatRequest:

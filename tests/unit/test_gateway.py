@@ -56,6 +56,54 @@ def test_native_requests_default_the_model_and_strip_tollgate_fields() -> None:
     assert set(chat.upstream_body) == {"messages", "model"}
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_attribution_fields_of_the_body_never_reach_the_provider(native: bool) -> None:
+    """Probes I and J: top-level `feature` and `team` attributed the call and were forwarded;
+    OpenAI answers an unknown parameter with a 400, so the call failed at a real provider."""
+    chat = parse_chat_request(
+        {
+            "model": "gpt-4o",
+            "messages": MSG,
+            "user": "u",
+            "user_id": "u",
+            "session_id": "s",
+            "feature": "f",
+            "team": "t",
+        },
+        native=native,
+    )
+    assert set(chat.upstream_body) - {"user"} == {"messages", "model"}
+
+
+@pytest.mark.parametrize(
+    ("model", "field"),
+    [
+        ("gpt-4o", "max_tokens"),
+        ("gpt-4o-mini", "max_tokens"),
+        ("gpt-4.1", "max_tokens"),
+        ("o1", "max_completion_tokens"),
+        ("o3-mini", "max_completion_tokens"),
+        ("o4-mini-2025-04-16", "max_completion_tokens"),
+        ("gpt-5", "max_completion_tokens"),
+        ("gpt-5-mini", "max_completion_tokens"),
+        ("openai/o3", "max_completion_tokens"),
+        ("omni-moderation", "max_tokens"),
+    ],
+)
+def test_a_capped_call_gets_the_output_limit_its_model_takes(model: str, field: str) -> None:
+    """Probe I: the gate capped every call in `max_tokens`, which OpenAI's reasoning models
+    refuse ("use 'max_completion_tokens' instead"): every capped o3 or gpt-5 call was a 400."""
+    chat = parse_chat_request({"model": model, "messages": MSG})
+    chat.cap_output(300)
+    assert {k: v for k, v in chat.upstream_body.items() if k.startswith("max")} == {field: 300}
+    # What the client sent is what is capped, whatever the model.
+    chat = parse_chat_request({"model": model, "messages": MSG, "max_tokens": 900})
+    chat.cap_output(300)
+    assert {k: v for k, v in chat.upstream_body.items() if k.startswith("max")} == {
+        "max_tokens": 300
+    }
+
+
 def _call(wants_usage: bool) -> Call:
     body = {"model": "m", "messages": MSG, "stream": True}
     if wants_usage:
