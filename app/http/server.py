@@ -375,7 +375,7 @@ def _identity_resolver(
     requirement = require or c.settings.require_attribution
 
     def resolve(record: Any) -> Identity:
-        return resolve_identity(request.headers, record, c.keys, requirement)
+        return resolve_identity(request.headers, record, c.keys, requirement, refuse_conflicts=True)
 
     return resolve
 

@@ -24,7 +24,8 @@ Keys file (``TOLLGATE_KEYS_FILE``), secrets stored only as SHA-256 hex::
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+import unicodedata
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,13 @@ def _clean(value: Any, name: str, *, scope: bool = False) -> str | None:
         return None
     if not isinstance(value, str):
         raise InvalidRequest(f"'{name}' must be a string", field=name)
+    # One id, one spelling, wherever it comes from: a header's value arrives trimmed (HTTP
+    # drops the spaces around it) and a body's did not (" pj-ws " and "pj-ws" were two
+    # users, "   " a user of its own); "Zoë" typed two Unicode ways was two users shown
+    # alike (probe J). Trimmed, blank is absent, and NFC is the one form.
+    value = unicodedata.normalize("NFC", value.strip())
+    if not value:
+        return None
     problem = id_problem(value)
     if problem is None and scope and value == "*":
         kind = next((k for k in ("feature", "team") if k in name.lower()), "user")
@@ -164,6 +172,31 @@ def _agreed(name: str, value: Any, other: str, other_value: Any, *, field: str) 
     return first or second
 
 
+def _header_or_body(
+    headers: Mapping[str, str],
+    header: str,
+    body: Callable[[], tuple[str | None, str]],
+    refuse_conflicts: bool,
+) -> str | None:
+    """One attribution id said by a header or the body: the header's, else the body's.
+    With ``refuse_conflicts`` (a reported record, which names its own owner), a header
+    and a record that differ are refused: the header used to win without a word, so a
+    batch of /v1/usage records sent with a default ``X-Tollgate-User`` charged every
+    record's spend to the header's user (probe J)."""
+    scope = not header.endswith("Session")
+    header_value = _clean(_header(headers, header), header, scope=scope)
+    if header_value and not refuse_conflicts:
+        return header_value  # the body is not read: the documented order
+    body_value, body_field = body()
+    if header_value and body_value and header_value != body_value:
+        raise InvalidRequest(
+            f"'{body_field}' ({body_value!r}) and header '{header}' ({header_value!r}) say "
+            "different things of one record; send one of them (or the same value in both)",
+            field=body_field,
+        )
+    return header_value or body_value
+
+
 def bearer_token(headers: Mapping[str, str]) -> str | None:
     auth = headers.get("Authorization", "")
     if auth.lower().startswith("bearer "):
@@ -176,29 +209,52 @@ def resolve_identity(
     body: Mapping[str, Any],
     keys: KeyStore | None,
     require: str = "none",
+    *,
+    refuse_conflicts: bool = False,
 ) -> Identity:
-    """Who the request is for; raises InvalidRequest, NotAuthenticated or NotPermitted when it cannot be attributed."""
+    """Who the request is for; raises InvalidRequest, NotAuthenticated or NotPermitted when
+    it cannot be attributed. A header wins over the body (the documented order); with
+    ``refuse_conflicts`` (records reported to /v1/usage and /v1/outcomes) a header and a
+    record that name different owners are a 400 instead."""
     metadata = body.get("metadata")
     if metadata is not None and not isinstance(metadata, dict):
         raise InvalidRequest("'metadata' must be an object of string values", field="metadata")
     metadata = metadata or {}
-    claimed_user = _clean(_header(headers, "X-Tollgate-User"), "X-Tollgate-User", scope=True) or (
-        _agreed("user_id", body.get("user_id"), "user", body.get("user"), field="user")
+    claimed_user = _header_or_body(
+        headers,
+        "X-Tollgate-User",
+        lambda: (
+            _agreed("user_id", body.get("user_id"), "user", body.get("user"), field="user"),
+            "user_id" if _clean(body.get("user_id"), "user_id", scope=True) else "user",
+        ),
+        refuse_conflicts,
     )
-    session = _clean(_header(headers, "X-Tollgate-Session"), "X-Tollgate-Session") or _clean(
-        body.get("session_id"), "session_id"
+    session = _header_or_body(
+        headers,
+        "X-Tollgate-Session",
+        lambda: (_clean(body.get("session_id"), "session_id"), "session_id"),
+        refuse_conflicts,
     )
-    feature = _clean(_header(headers, "X-Tollgate-Feature"), "X-Tollgate-Feature", scope=True) or (
-        _agreed(
-            "metadata.feature",
-            metadata.get("feature"),
-            "feature",
-            body.get("feature"),
-            field="feature",
-        )
+    feature = _header_or_body(
+        headers,
+        "X-Tollgate-Feature",
+        lambda: (
+            _agreed(
+                "metadata.feature",
+                metadata.get("feature"),
+                "feature",
+                body.get("feature"),
+                field="feature",
+            ),
+            "metadata.feature" if _clean(metadata.get("feature"), "feature") else "feature",
+        ),
+        refuse_conflicts,
     )
-    claimed_team = _clean(_header(headers, "X-Tollgate-Team"), "X-Tollgate-Team", scope=True) or (
-        _clean(body.get("team"), "team", scope=True)
+    claimed_team = _header_or_body(
+        headers,
+        "X-Tollgate-Team",
+        lambda: (_clean(body.get("team"), "team", scope=True), "team"),
+        refuse_conflicts,
     )
     team: str | None = None
     key_id: str | None = None

@@ -5,7 +5,13 @@ import pytest
 from app.errors import TollgateError
 from app.http.errors import http_error
 from app.metering.attribution import Identity
-from app.metering.ingest import MAX_BATCH, TimeWindow, parse_outcomes, parse_usage_reports
+from app.metering.ingest import (
+    MAX_BATCH,
+    IdentityResolver,
+    TimeWindow,
+    parse_outcomes,
+    parse_usage_reports,
+)
 
 
 def resolve(record: object) -> Identity:
@@ -126,3 +132,46 @@ def test_a_token_count_written_as_an_integral_number_is_that_integer() -> None:
                 {"model": "m", "prompt_tokens": bad, "completion_tokens": 1}, resolve
             )
         assert http_error(info.value).status == 400
+
+
+def test_a_header_naming_another_owner_than_a_record_is_refused_naming_the_record() -> None:
+    """Probe J: a /v1/usage batch sent with `X-Tollgate-User: svc` charged alice's and bob's
+    records to svc without a word (202). A record names its own owner: a header that says
+    otherwise is a 400 naming the record's field; one that agrees, or a record that says
+    nothing, is fine."""
+    from app.metering.attribution import resolve_identity
+
+    def by_header(headers: dict[str, str]) -> IdentityResolver:
+        return lambda record: resolve_identity(headers, record, None, refuse_conflicts=True)
+
+    record = {"model": "gpt-4o", "prompt_tokens": 10, "completion_tokens": 5}
+    batch = [{**record, "user_id": "alice", "feature": "f"}, {**record, "user_id": "bob"}]
+    with pytest.raises(TollgateError) as refused:
+        parse_usage_reports(batch, by_header({"X-Tollgate-User": "alice"}))
+    assert http_error(refused.value).status == 400
+    assert refused.value.field == "records[1].user_id"
+    assert "'X-Tollgate-User'" in refused.value.message and "'bob'" in refused.value.message
+    with pytest.raises(TollgateError) as refused:
+        parse_usage_reports(batch, by_header({"X-Tollgate-Feature": "g"}))
+    assert refused.value.field == "records[0].feature"
+    agreeing = parse_usage_reports(
+        [{**record, "user_id": "alice"}, record], by_header({"X-Tollgate-User": "alice"})
+    )
+    assert [r["identity"].user_id for r in agreeing] == ["alice", "alice"]
+
+
+@pytest.mark.parametrize(
+    ("sent", "kept"),
+    [(" pj-ws ", "pj-ws"), ("pj-ws\u00a0", "pj-ws"), ("Zoe\u0308", "Zo\u00eb"), ("   ", None)],
+)
+def test_an_id_has_one_spelling_whether_it_came_by_header_or_body(
+    sent: str, kept: str | None
+) -> None:
+    """Probe J: a header's value arrives trimmed and a body's did not, so " pj-ws " and
+    "pj-ws" were two users, "   " a user of its own; "Zoë" typed two Unicode ways was two
+    users shown alike."""
+    from app.metering.attribution import ANONYMOUS_USER, resolve_identity
+
+    identity = resolve_identity({}, {"user": sent, "feature": sent, "session_id": sent}, None)
+    assert identity.user_id == (kept or ANONYMOUS_USER)
+    assert identity.feature == kept and identity.session_id == kept
