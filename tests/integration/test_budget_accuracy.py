@@ -167,24 +167,31 @@ def test_policy_changes_publish_a_fresh_decision_without_new_traffic(stack: Stac
 
 
 @pytest.mark.parametrize(
-    "change",
-    [{"timezone": "Pacific/Kiritimati"}, {"period": "day"}, None],
-    ids=["time zone", "period", "new cap"],
+    ("change", "default"),
+    [
+        ({"timezone": "Pacific/Kiritimati"}, False),
+        ({"period": "day"}, False),
+        (None, False),
+        ({"period": "day"}, True),
+        (None, True),
+    ],
+    ids=["time zone", "period", "new cap", "default's period", "new default"],
 )
 def test_a_cap_that_changes_period_or_appears_is_not_read_as_zero_spent(
-    stack: Stack, change: dict[str, Any] | None
+    stack: Stack, change: dict[str, Any] | None, default: bool
 ) -> None:
     """Found by a newcomer probe: for about a second after a blocked user's cap moved to
     another time zone or period (or after a cap was set on a user who had spent already)
     the gate read $0 spent: of 20 concurrent calls 3 were served, ending 66 % over the cap.
-    Now those calls wait for the spend worker's count of the new period, then get 402."""
-    user = f"leak-{'new' if change is None else next(iter(change))[:4]}"
-    scope = f"user:{user}"
+    Now those calls wait for the spend worker's count of the new period, then get 402.
+    Probe I found the same of a default cap (`user:*`) for its members: now they wait too."""
+    user = f"leak-{'new' if change is None else next(iter(change))[:4]}{'-dflt' * default}"
+    scope = "user:*" if default else f"user:{user}"
     usage = {"model": "gpt-4o", "prompt_tokens": 4000, "completion_tokens": 200}
     assert httpx.post(f"{stack.url}/v1/usage", json={**usage, "user_id": user}).is_success
     if change is not None:  # $0.012 spent, blocked under $0.01, decided by the worker
         assert httpx.put(f"{stack.url}/v1/budgets/{scope}", json={"limit_usd": 0.01}).is_success
-        wait_for_decision(stack.settings, scope, lambda d: d["state"] == "blocked")
+        wait_for_decision(stack.settings, f"user:{user}", lambda d: d["state"] == "blocked")
     else:  # spent before any cap: counted by the worker (its offsets committed), not held
         from tests.integration.test_spend_worker_crash import committed_offsets, end_offsets
 

@@ -988,15 +988,63 @@ async def test_without_a_count_in_time_the_gate_goes_on_with_what_it_knows() -> 
     assert admission.reservation.scopes == ["user:new"]
 
 
-def test_a_limit_change_or_a_default_cap_does_not_wait() -> None:
+def test_a_limit_change_or_a_default_cap_set_a_while_ago_does_not_wait() -> None:
     """The decision of the same period stays valid under a new limit (spent does not
-    depend on it); a user under a default cap is decided on its own numbers at once."""
+    depend on it); a user under a default cap that has been there for longer than the wait
+    is decided on its own numbers at once (a user never seen before has no count to wait for)."""
     book = policies(**{"user:u": 0.01, "user:*": 0.01})
+    book.period_changed.pop("user:*")  # set long ago
     gate = gate_with(book, policy_change_wait_s=5)
     gate.on_decision("user:u", decision("user:u", state="open", spent=usd(0.005), limit=usd(0.01)))
     book.put(parse_policy("user:u", {"limit_usd": 0.02}))
     assert gate.admit(["user:u"], call(1000)).reservation.scopes == ["user:u"]
     assert gate.admit(["user:someone"], call(1000)).reservation.scopes == ["user:someone"]
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [
+        (None, {"limit_usd": 0.01}),  # the default appears
+        ({"limit_usd": 1, "period": "window", "window": "1m"}, {"limit_usd": 0.01}),  # re-period
+    ],
+)
+async def test_members_of_a_default_that_just_appeared_or_changed_period_wait_for_their_count(
+    before: dict[str, Any] | None, after: dict[str, Any]
+) -> None:
+    """Probe I: right after `user:*` appeared (or moved from a 1-minute window to a month),
+    a user already at 3x the new limit read $0 spent and was served a call with a
+    `max_tokens` worth the whole limit; 10 users over it, 10 calls served. A default's
+    members wait for the worker's count as a scope's own cap does."""
+    book = PolicyBook()
+    if before is not None:
+        book.put(parse_policy("user:*", before))
+        book.period_changed.pop("user:*")
+    gate = gate_with(book, policy_change_wait_s=5)
+    book.put(parse_policy("user:*", after))
+    waiting = _waiting(gate, "user:spender", call(1000))
+    await asyncio.sleep(0.2)
+    assert not waiting.done(), "admitted on $0 before the worker counted the default"
+    period = book.policy_for("user:spender").period_at(NOW)  # type: ignore[union-attr]
+    gate.on_decision(
+        "user:spender",
+        decision(
+            "user:spender", state="blocked", spent=usd(0.03), limit=usd(0.01),
+            period_start=period.start, resets_at=period.end,
+        ),
+    )  # fmt: skip
+    with pytest.raises(BudgetRefused, match="limit reached"):
+        await asyncio.wait_for(waiting, 5)
+
+
+async def test_a_member_of_a_new_default_the_worker_never_counts_goes_on_after_the_wait() -> None:
+    """A user who never spent gets no count: after the bounded wait the gate decides on
+    its own numbers, and once the wait has passed nobody waits for that default again."""
+    book = PolicyBook()
+    gate = gate_with(book, policy_change_wait_s=0.3)
+    book.put(parse_policy("user:*", {"limit_usd": 1}))
+    admission = await asyncio.wait_for(_waiting(gate, "user:fresh", call(1000)), 5)
+    assert admission.reservation.scopes == ["user:fresh"]
+    assert gate.admit(["user:other"], call(1000)).reservation.scopes == ["user:other"]
 
 
 # -- the line of calls waiting for room, under random interleavings ----------------------
