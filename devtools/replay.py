@@ -45,6 +45,7 @@ from devtools.trace import (
     PlacedTrace,
     TraceCall,
     TraceFormatError,
+    detect_format,
     read_trace,
 )
 
@@ -286,6 +287,16 @@ def _parse_start(text: str) -> datetime:
     return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
 
 
+def _own_times(path: Path) -> bool:
+    """Whether the file is usage history (JSON Lines of /v1/usage records, each with its
+    ``ts``), replayed at its own times unless ``--start`` moves it: last month's spend
+    replayed as today's landed in today's budgets and reports (probe J)."""
+    try:
+        return detect_format(path) == "jsonl"
+    except (TraceFormatError, OSError):
+        return False
+
+
 def replay_key(path: Path, seed: int, users: int, economy_share: float) -> str:
     """What makes two replays the same: the file's bytes and the draws that attribute it."""
     digest = hashlib.sha256()
@@ -326,13 +337,34 @@ def _load(path: Path, *, seed: int, users: int, economy_share: float) -> list[Tr
 
 
 def _place(
-    calls: list[TraceCall], start: str | None, speed: float, repeat: int, pace: Pace
+    calls: list[TraceCall],
+    start: str | None,
+    speed: float,
+    repeat: int,
+    pace: Pace,
+    own_times: bool = False,
 ) -> PlacedTrace:
+    """The trace on the clock. Without ``--start``: usage records (``own_times``) at their
+    own times, any other trace ending now (realtime: starting now), its start on a whole
+    second, so that the ``--start`` printed places it again exactly (a start with a
+    fraction of a second printed without it gave a resumed run new event ids: probe J)."""
     now = datetime.now(UTC)
+    if start is None and own_times:
+        placed = PlacedTrace(
+            calls, start=min(call.ts for call in calls), speed=speed, repeat=repeat
+        )
+        if placed.end > now + FUTURE_TOLERANCE and pace == "asap":
+            _fail(
+                f"the records' own times end at {placed.end.isoformat()}, in the future; give "
+                "--start, or use --pace realtime"
+            )
+        return placed
     if start is None:
         if pace == "realtime":  # play forward from now, each call when its time comes
-            return PlacedTrace(calls, start=now, speed=speed, repeat=repeat)
-        return PlacedTrace.ending_at(calls, now, speed=speed, repeat=repeat)
+            return PlacedTrace(calls, start=now.replace(microsecond=0), speed=speed, repeat=repeat)
+        ending = PlacedTrace.ending_at(calls, now, speed=speed, repeat=repeat)
+        whole = ending.start.replace(microsecond=0)
+        return PlacedTrace(calls, start=whole, speed=speed, repeat=repeat)
     first = _parse_start(start)
     if first > now + FUTURE_TOLERANCE:
         _fail(f"--start {start} is in the future; events are never produced ahead of the clock")
@@ -343,6 +375,14 @@ def _place(
             "future; give an earlier --start, a higher --speed, or --pace realtime"
         )
     return placed
+
+
+def _start_text(start: datetime) -> str:
+    """``start`` as ``--start`` takes it, exactly (to the microsecond when it has any)."""
+    text = start.astimezone(UTC).isoformat(
+        timespec="microseconds" if start.microsecond else "seconds"
+    )
+    return text.replace("+00:00", "Z")
 
 
 def _anomaly_clock(settings: Settings) -> datetime | None:
@@ -419,7 +459,10 @@ def _print_totals(
 @click.option(
     "--start",
     default=None,
-    help="ISO time of the first call. Default: the trace ends now (realtime: starts now).",
+    help=(
+        "ISO time of the first call. Default: /v1/usage records (JSON Lines) at their own "
+        "times; any other trace ends now (realtime: starts now), on a whole second."
+    ),
 )
 @click.option(
     "--speed",
@@ -490,13 +533,16 @@ def replay_command(
 
     settings = _settings()
     calls = _load(trace_file, seed=seed, users=users, economy_share=economy_share)
-    placed = _place(calls, start, speed, repeat, pace)
+    own_times = _own_times(trace_file)
+    placed = _place(calls, start, speed, repeat, pace, own_times)
     topic = settings.topic("usage")
+    again = f"to re-run or resume it without counting anything twice: --start {_start_text(placed.start)}"
     if not quiet:
         where = "(dry run)" if dry_run else f"into {topic} at {settings.kafka_bootstrap}"
+        placement = " (the records' own times)" if own_times and start is None else ""
         click.echo(
-            f"replaying {len(placed):,} calls, {placed.start.isoformat(timespec='seconds')} .. "
-            f"{placed.end.isoformat(timespec='seconds')}, {pace} {where}",
+            f"replaying {len(placed):,} calls, {_start_text(placed.start)} .. "
+            f"{placed.end.isoformat(timespec='seconds')}{placement}, {pace} {where}; {again}",
             err=True,
         )
     # Asked before the replay moves it: the agent's clock says what of the trace is history.
@@ -527,7 +573,7 @@ def replay_command(
             _fail(str(exc))
         except KeyboardInterrupt:
             bar.close()
-            _fail("interrupted; the events acknowledged so far stay in Kafka", code=130)
+            _fail(f"interrupted; the events acknowledged so far stay in Kafka; {again}", code=130)
     _print_totals(stats, placed, trace_file.name, topic, dry_run)
     if late_note:
         click.echo(late_note, err=True)
