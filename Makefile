@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: up test test-faults install lint format bench clean
+.PHONY: up down test test-faults install lint format bench clean
 
 # The first install takes a few minutes (chdb, the embedded ClickHouse, is about 500 MB): say so,
 # and hide setuptools' "Editable installation" warning, which is about a layout we do not have.
@@ -25,6 +25,10 @@ install: $(STAMP)
 ## Run the whole local stack in the foreground (Ctrl-C stops everything).
 up: $(STAMP)
 	$(BIN)/tollgate up
+
+## Stop the stack `make up` runs (from another terminal; same as Ctrl-C in its own).
+down: $(STAMP)
+	$(BIN)/tollgate down
 
 ## Lint, type-check and check the import contracts, then unit + integration tests; starts (and stops) the local Kafka the tests use.
 test: $(STAMP)

@@ -744,6 +744,14 @@ def up() -> None:
     sys.exit(run_stack(settings, click.echo))
 
 
+@main.command("down")
+def down() -> None:
+    """Stop the `tollgate up` running on this state directory (as Ctrl-C in its terminal)."""
+    from devtools.stack import stop_stack
+
+    sys.exit(stop_stack(_settings(), click.echo))
+
+
 @main.command("serve")
 def serve_dispatcher() -> None:
     """Run the dispatcher (the gateway users point their SDKs at)."""

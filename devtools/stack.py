@@ -335,6 +335,9 @@ def run_stack(settings: Settings, echo: Callable[[str], None]) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
+    pid_file = up_pid_file(settings)
+    pid_file.parent.mkdir(parents=True, exist_ok=True)
+    pid_file.write_text(f"{os.getpid()}\n")  # `tollgate down` (`make down`) stops this
     log_dir = settings.state_dir / "logs"
     kafka = LocalKafka(settings)
     started_kafka = False
@@ -407,7 +410,74 @@ def run_stack(settings: Settings, echo: Callable[[str], None]) -> int:
             service.stop()
         if started_kafka:
             kafka.stop()
+        with contextlib.suppress(OSError):
+            if pid_file.read_text().strip() == str(os.getpid()):
+                pid_file.unlink()
         echo("stopped.")
+
+
+def up_pid_file(settings: Settings) -> Path:
+    """Where a running `tollgate up` writes its process id."""
+    return settings.state_dir / "up.pid"
+
+
+def _is_up(pid: int) -> bool:
+    """Whether process ``pid`` is a `tollgate up` (a pid file left by a killed one may name
+    a process that has nothing to do with it now). Without /proc: assumed so."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except FileNotFoundError:
+        return not Path("/proc/self").exists()
+    except OSError:
+        return True
+    return b"up" in argv and any(b"tollgate" in arg or arg == b"app" for arg in argv)
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` still runs (a zombie, exited and not yet reaped, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    with contextlib.suppress(OSError, IndexError):
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rpartition(")")[2].split()[0] != "Z"
+    return True
+
+
+def stop_stack(settings: Settings, echo: Callable[[str], None], timeout_s: float = 90) -> int:
+    """Stop the `tollgate up` of this state directory, as Ctrl-C in its terminal does, and
+    wait until it has stopped everything it started. 0 also when nothing was running."""
+    pid_file = up_pid_file(settings)
+    try:
+        pid = int(pid_file.read_text().strip())
+    except (OSError, ValueError):
+        echo(f"no `tollgate up` is running here (no {pid_file})")
+        return 0
+    if not _is_up(pid):
+        echo(f"no `tollgate up` is running here (process {pid} is something else now)")
+        pid_file.unlink(missing_ok=True)
+        return 0
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        echo(f"no `tollgate up` is running here (process {pid} has gone)")
+        pid_file.unlink(missing_ok=True)
+        return 0
+    except PermissionError:
+        echo(f"error: process {pid} of {pid_file} belongs to another user")
+        return 1
+    echo(f"stopping the stack (process {pid}) ...")
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            echo("stopped.")
+            return 0
+        time.sleep(0.2)
+    echo(f"error: process {pid} is still running after {timeout_s:g}s; see its terminal")
+    return 1
 
 
 def stack_env(settings: Settings) -> dict[str, str]:

@@ -1,0 +1,47 @@
+"""`tollgate down` (`make down`) stops the `tollgate up` of its state directory, and nothing
+else (probes I and J stopped the stack with a signal by hand: there was no `make down`)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from app.settings import Settings
+from devtools.stack import stop_stack, up_pid_file
+
+# A stand-in for `tollgate up`: its command line says so, and SIGTERM stops it.
+FAKE_UP = (
+    "import signal, time; signal.signal(signal.SIGTERM, lambda *_: exit(0)); "
+    "print('ready', flush=True); time.sleep(60)"
+)
+
+
+def test_down_stops_the_stack_that_wrote_the_pid_file(tmp_path: Path) -> None:
+    settings = Settings(state_dir=tmp_path)
+    up = subprocess.Popen(
+        [sys.executable, "-c", FAKE_UP, "tollgate", "up"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert up.stdout is not None and up.stdout.readline() == "ready\n"
+        up_pid_file(settings).write_text(f"{up.pid}\n")
+        said: list[str] = []
+        assert stop_stack(settings, said.append, timeout_s=30) == 0
+        assert up.wait(5) == 0
+        assert said[-1] == "stopped."
+    finally:
+        up.kill()
+
+
+def test_down_with_nothing_running_or_a_stale_pid_touches_nothing(tmp_path: Path) -> None:
+    settings = Settings(state_dir=tmp_path)
+    said: list[str] = []
+    assert stop_stack(settings, said.append) == 0 and "no `tollgate up`" in said[-1]
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        up_pid_file(settings).write_text(f"{other.pid}\n")  # a reused pid: not ours
+        assert stop_stack(settings, said.append) == 0
+        assert other.poll() is None, "killed a process that is not a `tollgate up`"
+        assert not up_pid_file(settings).exists()
+    finally:
+        other.kill()
