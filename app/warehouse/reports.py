@@ -7,11 +7,14 @@ actually cost $Y — Z% savings." It does not own connections (``app.warehouse.c
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
+
+from clickhouse_connect.driver.binding import DT64Param
 
 from app.pricing.catalog import usd_text
 
@@ -40,8 +43,11 @@ def parse_time(value: str | None, param: str, default: datetime) -> datetime:
         raise ReportError(
             param, f"{param}= is empty: give an ISO 8601 date or time, or leave {param} out"
         )
+    # RFC 3339 allows a lower-case t and z; a '+' of an offset sent unencoded in a URL
+    # arrives as a space ("...T15:00:00 05:00"), and nothing else puts a space there.
+    text = _DECODED_PLUS.sub(r"\1+\2", value.strip().upper())
     try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
         if parsed.tzinfo is None:
             parsed = parsed.replace(tzinfo=UTC)
         in_range = EARLIEST <= parsed <= LATEST  # may overflow: year 1 at +01:00 is year 0 UTC
@@ -53,7 +59,24 @@ def parse_time(value: str | None, param: str, default: datetime) -> datetime:
             f"{param}={value!r} is outside the range the warehouse stores: "
             f"{EARLIEST.isoformat()} to {LATEST.isoformat()}",
         )
-    return parsed
+    return _ceil_ms(parsed)
+
+
+_DECODED_PLUS = re.compile(r"^(.*\d[T ]\d{2}:\d{2}(?::\d{2}(?:[.,]\d+)?)?) (\d{2}:?\d{2})$")
+
+
+def _ceil_ms(at: datetime) -> datetime:
+    """``at`` on the warehouse's millisecond (``ts`` is DateTime64(3)), rounded up: for a
+    millisecond ts, ``ts >= at`` and ``ts < at`` mean the same of both."""
+    extra = at.microsecond % 1000
+    return at if not extra else at + timedelta(microseconds=1000 - extra)
+
+
+def bound(at: datetime) -> Any:
+    """``at`` as a bound query parameter, its milliseconds kept: a datetime is bound to the
+    whole second, so from=10:30:30.5 counted an event at 10:30:30.5 out and one at
+    10:30:30.2 in (probe J)."""
+    return DT64Param(at) if at.microsecond else at
 
 
 def parse_since(value: str) -> timedelta:
@@ -88,7 +111,7 @@ class Range:
         return cls(start_at, end_at)
 
     def params(self) -> dict[str, Any]:
-        return {"start": self.start, "end": self.end}
+        return {"start": bound(self.start), "end": bound(self.end)}
 
 
 MINUTE = timedelta(minutes=1)
@@ -278,7 +301,7 @@ def aggregate(
     parts = []
     raw_conditions = []
     for i, (level, seg_start, seg_end) in enumerate(segments):
-        params[f"s{i}"], params[f"e{i}"] = seg_start, seg_end
+        params[f"s{i}"], params[f"e{i}"] = bound(seg_start), bound(seg_end)
         if level is None:
             raw_conditions.append(f"(ts >= %(s{i})s AND ts < %(e{i})s)")
             continue
@@ -438,13 +461,15 @@ def timeseries(client: Any, window: Range, interval: str = "day") -> list[dict[s
     costs = aggregate(client, window, USAGE, (interval,))
     bucket_sql = _TIME_DIMENSIONS[interval][0].format(t="toDateTime(ts, 'UTC')")
     alerts: dict[datetime, list[str]] = {}
-    for bucket, kinds in client.query(
-        f"SELECT {bucket_sql} AS bucket, groupUniqArray(kind) FROM alert_events FINAL "
+    fired: dict[datetime, int] = {}
+    for bucket, kinds, count in client.query(
+        f"SELECT {bucket_sql} AS bucket, groupUniqArray(kind), count() FROM alert_events FINAL "
         "WHERE ts >= %(start)s AND ts < %(end)s AND status = 'firing' "
         "AND kind != 'budget_threshold' GROUP BY bucket",
         parameters=window.params(),
     ).result_rows:
         alerts[_utc(bucket)] = sorted(kinds)
+        fired[_utc(bucket)] = int(count)
     spent = {_utc(row[interval]): _spend_row(row) for row in costs}
     series = []
     # Every interval of the range, a quiet one at zero: a trend with gaps reads as flat.
@@ -453,9 +478,11 @@ def timeseries(client: Any, window: Range, interval: str = "day") -> list[dict[s
         series.append(
             {
                 "start": bucket.isoformat(),
-                "day": bucket.date().isoformat(),
+                # The UTC day of the bucket (a range given at -08:00 labelled each UTC day
+                # with the day before: probe J).
+                "day": _utc(bucket).date().isoformat(),
                 **spent.get(bucket, NO_SPEND),
-                "alerts": len(alerts.get(bucket, [])),
+                "alerts": fired.get(bucket, 0),  # alerts, not kinds (4 fired read as 2)
                 "alert_kinds": alerts.get(bucket, []),
                 "anomaly": bucket in alerts,
             }
@@ -606,7 +633,7 @@ def outcomes(client: Any, window: Range) -> list[dict[str, Any]]:
     for i, (level, seg_start, seg_end) in enumerate(
         _plan(window.start, window.end, OUTCOMES, datetime.now(UTC))
     ):
-        params[f"e{i}s"], params[f"e{i}e"] = seg_start, seg_end
+        params[f"e{i}s"], params[f"e{i}e"] = bound(seg_start), bound(seg_end)
         if level is not None:
             parts.append(
                 "SELECT feature, outcomes, successes, value_usd FROM outcome_minute "

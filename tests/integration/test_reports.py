@@ -101,3 +101,71 @@ async def test_summary_breakdown_and_the_finance_sentence(
         stop.set()
         await task
         await runner.cleanup()
+
+
+async def test_range_edges_are_exact_to_the_millisecond_and_days_are_utc_days(
+    kafka_settings: Settings, clickhouse: Any
+) -> None:
+    """Probe J: `from`/`to` were bound to the whole second (an event at 10:30:30.5 fell out
+    of from=10:30:30.5, and one at 10:30:30.2 into from=10:30:30.501), a range given at
+    -08:00 labelled each UTC day with the day before, and a lower-case z, or a '+' sent
+    unencoded (a space once decoded), were refused."""
+    await ensure_topics(kafka_settings)
+    migrate(clickhouse)
+    day = private_day()
+    at = day + timedelta(hours=10, minutes=30)
+    offsets = {"a": 0.0, "b": 30.5, "c": 30.2, "d": 59.999, "e": 3600.0}
+    records = []
+    for name, seconds in offsets.items():
+        record = usage_record(f"edge-{name}-{uuid.uuid4().hex[:6]}", 0)
+        record["ts"] = at + timedelta(seconds=seconds)
+        records.append(record)
+    await produce(kafka_settings, records)
+
+    client = ReconnectingClient(lambda: clickhouse)
+    sink = ClickHouseSink(kafka_settings, client, batch_wait_s=0.3)
+    stop = asyncio.Event()
+    task = asyncio.create_task(sink.run(stop))
+    port = free_port()
+    runner = web.AppRunner(create_reports_app(client))
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+
+    def iso(seconds: float) -> str:
+        return (at + timedelta(seconds=seconds)).isoformat().replace("+00:00", "Z")
+
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+
+            async def requests(start: str, end: str) -> int:
+                answer = await http.get("/v1/reports/summary", params={"from": start, "to": end})
+                assert answer.status_code == 200, answer.text
+                return int(answer.json()["requests"])
+
+            whole = (iso(-60), iso(7200))
+            for _ in range(100):
+                if await requests(*whole) == len(records):
+                    break
+                await asyncio.sleep(0.3)
+            assert await requests(*whole) == len(records)
+            assert await requests(iso(30.5), iso(30.6)) == 1  # b
+            assert await requests(iso(30.501), iso(31)) == 0
+            assert await requests(iso(30.2), iso(30.5)) == 1  # c
+            assert await requests(iso(59), iso(59.999001)) == 1  # d
+            assert await requests(iso(0.001), iso(3600)) == 3  # b c d, not a, not e
+            assert await requests(iso(-60).lower(), iso(7200).lower()) == len(records)
+            plus = (at + timedelta(hours=5)).replace(tzinfo=None).isoformat() + " 05:00"
+            assert await requests(plus, iso(7200)) == len(records)
+
+            pacific = {  # from 08:00 UTC of the day, written in the caller's zone
+                "interval": "day",
+                "from": f"{day.date().isoformat()}T00:00:00-08:00",
+                "to": (day + timedelta(days=1)).isoformat(),
+            }
+            points = (await http.get("/v1/reports/timeseries", params=pacific)).json()["points"]
+            labelled = {p["day"]: p["requests"] for p in points}
+            assert labelled[day.date().isoformat()] == len(records), labelled
+    finally:
+        stop.set()
+        await task
+        await runner.cleanup()
