@@ -131,7 +131,7 @@ def _clean(value: Any, name: str, *, scope: bool = False) -> str | None:
     # drops the spaces around it) and a body's did not (" pj-ws " and "pj-ws" were two
     # users, "   " a user of its own); "Zoë" typed two Unicode ways was two users shown
     # alike (probe J). Trimmed, blank is absent, and NFC is the one form.
-    value = unicodedata.normalize("NFC", value.strip())
+    value = unicodedata.normalize("NFC", value.strip(" \t"))  # HTTP's spaces (OWS)
     if not value:
         return None
     problem = id_problem(value)
