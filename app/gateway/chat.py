@@ -94,6 +94,16 @@ class ClientStream(Protocol):
         ...
 
 
+def superseded(call: Call, failure: Failure) -> None:
+    """Mark the attempt an escalation replaces: its cost and tokens count (a loss of routing),
+    it is no request or error of the client's (reports skip ``escalated_*``). Only a
+    validator's refusal was marked: an escalation after a provider's 500, 429 or timeout
+    counted as two requests and an error for one answered call (probe I)."""
+    if call.status == "ok":  # an answer the provider billed, judged a failure
+        call.status = "error"
+    call.error_type = f"escalated_{failure.value}"
+
+
 def failure_of_error(error: TollgateError) -> Failure:
     return Failure.TIMEOUT if isinstance(error, UpstreamTimedOut) else Failure.UPSTREAM_ERROR
 
@@ -245,8 +255,10 @@ class ChatAttempts:
             try:
                 status, payload, content_type = await gateway.complete(call)
             except (UpstreamTimedOut, UpstreamFailed) as exc:
-                step = escalation(failure_of_error(exc))
+                lost = failure_of_error(exc)
+                step = escalation(lost)
                 if step is not None:
+                    superseded(call, lost)
                     return step
                 raise
             failure = (
@@ -259,8 +271,7 @@ class ChatAttempts:
             if failure is not None:
                 step = escalation(failure)
                 if step is not None:
-                    if status < 400:  # a validator refused an answer the provider billed
-                        call.status, call.error_type = "error", f"escalated_{failure.value}"
+                    superseded(call, failure)
                     return step
             if (
                 status == 200
@@ -302,16 +313,20 @@ class ChatAttempts:
         try:
             upstream = await gateway.open_upstream(call)
         except (UpstreamTimedOut, UpstreamFailed) as exc:  # nothing reached the client yet
-            step = escalation(failure_of_error(exc))
+            lost = failure_of_error(exc)
+            step = escalation(lost)
             if step is not None:
+                superseded(call, lost)
                 return step
             raise
         gateway.record_upstream_status(call, upstream)
         if upstream.status >= 400:  # pass the provider's error through, as JSON, or escalate
             payload = await upstream.read()
             upstream.release()
-            step = escalation(failure_of_status(upstream.status))
-            if step is not None:
+            refused = failure_of_status(upstream.status)
+            step = escalation(refused)
+            if step is not None and refused is not None:
+                superseded(call, refused)
                 return step
             served = self._served(call, cache_status, escalated_from)
             content_type = upstream.headers.get("Content-Type", JSON)
@@ -327,8 +342,7 @@ class ChatAttempts:
             if held.failure is not None:
                 step = escalation(held.failure)
                 if step is not None:
-                    if call.status == "ok":  # an answer the provider billed, judged a failure
-                        call.status, call.error_type = "error", f"escalated_{held.failure.value}"
+                    superseded(call, held.failure)
                     return step
         served = self._served(call, cache_status, escalated_from)
         await client.open(served)

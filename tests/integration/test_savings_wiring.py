@@ -332,6 +332,9 @@ def test_failed_economy_call_escalates_once_with_two_usage_events(stack: Stack) 
         assert (first["attempt"], second["attempt"]) == (1, 2)
         assert first["model_served"] == "gpt-4o-mini" and first["status"] == "error"
         assert first["http_status"] == 503 and not first["escalated"]
+        # superseded: the reports count one request and no error (probe I: an escalation
+        # after a provider's error read as two requests and an error)
+        assert first["error_type"] == "escalated_upstream_error"
         assert second["model_served"] == "gpt-4o" and second["status"] == "ok"
         assert second["escalated"] and second["tier"] == "standard"
         assert second["cost_usd_nanos"] > 0 and second["model_requested"] == "auto"
