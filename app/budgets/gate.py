@@ -357,9 +357,12 @@ class BudgetGate:
             if least > status.room_nanos + tolerance:
                 raise BudgetRefused(
                     status,
-                    f"this request's prompt alone would cost at least ${least / 1e9:.6f}, more than the "
-                    f"${max(status.room_nanos, 0) / 1e9:.6f} left under the limit (a last call "
-                    f"may cross it by {self.max_overshoot_fraction:.0%} of the limit at most)",
+                    # exact amounts: rounded to 6 places a micro cap read "$0.000001, more
+                    # than the $0.000001 left" (probe I)
+                    f"this request's prompt alone (and one output token) would cost at least "
+                    f"${usd_text(least)}, more than the ${usd_text(max(status.room_nanos, 0))} "
+                    f"left under the limit (a last call may cross it by "
+                    f"{self.max_overshoot_fraction:.0%} of the limit at most)",
                 )
         target = min(
             cost.max_output_tokens, 2 * max(cost.expected_output_tokens, MIN_EXPECTED_OUTPUT_TOKENS)
