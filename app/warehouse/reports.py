@@ -93,6 +93,13 @@ def parse_since(value: str) -> timedelta:
     return timedelta(**{units[value[-1]]: amount})
 
 
+def _dollars(amount: Decimal) -> str:
+    """Dollars to the cent; a non-zero amount under a cent to two significant digits."""
+    if 0 < abs(amount) < Decimal("0.01"):
+        return f"${amount:.{-amount.adjusted() + 1}f}"
+    return f"${amount:,.2f}"
+
+
 @dataclass(frozen=True)
 class Range:
     start: datetime
@@ -367,17 +374,23 @@ class Summary:
         return (self.savings_usd / self.baseline_cost_usd * 100).quantize(Decimal("0.1"))
 
     def sentence(self) -> str:
-        """The finance sentence, with money rounded to cents for reading."""
-        unpriced = (
-            f" ({self.unpriced_requests:,} requests to models without a price are in neither "
-            "amount.)"
-            if self.unpriced_requests
-            else ""
-        )
+        """The finance sentence, with money rounded to cents for reading (an amount under a
+        cent, to its first significant digits: "$0.00" read as nothing spent)."""
+        unpriced = ""
+        if self.unpriced_requests:
+            one = self.unpriced_requests == 1
+            unpriced = (
+                f" ({self.unpriced_requests:,} request{'' if one else 's'} to models without a "
+                f"price {'is' if one else 'are'} in neither amount.)"
+            )
+        pct = self.savings_pct
+        # Dearer than the baseline is not "-733.3% savings" (probe J).
+        outcome = f"{pct}% savings" if pct >= 0 else f"{-pct}% more than at those rates"
+        noun = "request" if self.requests == 1 else "requests"
         return (
-            f"We processed {self.requests:,} requests, would have cost "
-            f"${self.baseline_cost_usd:,.2f} at {self.baseline_model.upper()} rates, actually cost "
-            f"${self.cost_usd:,.2f} — {self.savings_pct}% savings.{unpriced}"
+            f"We processed {self.requests:,} {noun}, would have cost "
+            f"{_dollars(self.baseline_cost_usd)} at {self.baseline_model.upper()} rates, actually "
+            f"cost {_dollars(self.cost_usd)} — {outcome}.{unpriced}"
         )
 
     def to_json(self) -> dict[str, Any]:

@@ -239,7 +239,7 @@ async def test_every_report_on_a_hand_computed_fixture(
             assert summary["cache_hits"] == 1 and summary["cache_hit_rate"] == 0.25
             assert summary["sentence"] == (
                 "We processed 4 requests, would have cost $90.00 at GPT-4 rates, actually cost "
-                "$2.02 — 97.8% savings. (1 requests to models without a price are in neither "
+                "$2.02 — 97.8% savings. (1 request to models without a price is in neither "
                 "amount.)"
             )
 
