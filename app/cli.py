@@ -495,7 +495,7 @@ def report(
     if fmt == "csv":
         writer = csv.DictWriter(sys.stdout, fieldnames=list(breakdown[0]) if breakdown else [by])
         writer.writeheader()
-        writer.writerows(breakdown)
+        writer.writerows({k: _spreadsheet_safe(v) for k, v in row.items()} for row in breakdown)
         return
     summary = fetch("summary", **window)
     savings = fetch("savings", **window)
@@ -735,6 +735,17 @@ def shown_setting(name: str, value: object) -> str:
 
 
 # -- services ----------------------------------------------------------------
+def _spreadsheet_safe(value: object) -> object:
+    """A text cell a spreadsheet would run as a formula (``=HYPERLINK(...)``: ids are the
+    client's words) prefixed with ``'`` (OWASP's CSV-injection advice); numbers as they are."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        try:
+            float(value)
+        except ValueError:
+            return "'" + value
+    return value
+
+
 @main.command("up")
 def up() -> None:
     """Run the whole local stack in the foreground; Ctrl-C stops it."""

@@ -33,3 +33,14 @@ def test_amounts_under_a_cent_are_not_read_as_nothing() -> None:
         "We processed 2,000 requests, would have cost $100.00 at GPT-4 rates, actually cost "
         "$12.50 — 87.5% savings."
     )
+
+
+def test_a_csv_cell_a_spreadsheet_would_run_is_quoted() -> None:
+    """Probe J: `tollgate report --format csv` wrote a user id `=HYPERLINK(...)` as a
+    formula cell (ids are the client's words when there are no keys)."""
+    from app.cli import _spreadsheet_safe
+
+    cells = ['=HYPERLINK("http://x")', "@SUM(A1)", "+cmd", "-2+3", "alice", "-0.5", 12]
+    assert [_spreadsheet_safe(c) for c in cells] == [
+        "'=HYPERLINK(\"http://x\")", "'@SUM(A1)", "'+cmd", "'-2+3", "alice", "-0.5", 12,
+    ]  # fmt: skip
