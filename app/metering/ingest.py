@@ -185,7 +185,8 @@ def _metadata(value: Any) -> dict[str, str]:
 
 def _usd_nanos(value: Any) -> int:
     try:
-        if isinstance(value, bool):
+        # A JSON number only, as every count of /v1/usage: "5" was taken as $5 (probe J).
+        if isinstance(value, bool) or not isinstance(value, int | float):
             raise InvalidOperation
         amount = Decimal(str(value))
     except InvalidOperation:

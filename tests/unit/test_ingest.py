@@ -94,6 +94,9 @@ def test_outcomes() -> None:
         parse_outcomes({"request_id": "r", "outcome": "great"}, resolve)
     with pytest.raises(TollgateError, match="value_usd"):
         parse_outcomes({"request_id": "r", "outcome": "success", "value_usd": -3}, resolve)
+    for text in ("5", "5.0", ""):  # a JSON number, as every count of /v1/usage (probe J)
+        with pytest.raises(TollgateError, match="value_usd"):
+            parse_outcomes({"request_id": "r", "outcome": "success", "value_usd": text}, resolve)
 
 
 def test_null_optional_fields_count_as_absent() -> None:
