@@ -178,3 +178,12 @@ def test_an_id_has_one_spelling_whether_it_came_by_header_or_body(
     identity = resolve_identity({}, {"user": sent, "feature": sent, "session_id": sent}, None)
     assert identity.user_id == (kept or ANONYMOUS_USER)
     assert identity.feature == kept and identity.session_id == kept
+
+
+def test_the_label_reports_give_a_missing_id_is_not_an_id() -> None:
+    """Probe J: a feature named "(none)" read exactly like calls without a feature."""
+    from app.metering.attribution import resolve_identity
+
+    for field in ("user", "feature", "session_id"):
+        with pytest.raises(TollgateError, match="reports show"):
+            resolve_identity({}, {field: "(none)"}, None)
