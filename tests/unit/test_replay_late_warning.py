@@ -47,7 +47,7 @@ def trace(tmp_path: Path, end: datetime, minutes: int = 30) -> Path:
     path = tmp_path / "usage.jsonl"
     rows = [
         {
-            "ts": (end - timedelta(minutes=minutes - i)).isoformat(),
+            "ts": (end - timedelta(minutes=minutes - 1 - i)).isoformat(),  # the last at end
             "user_id": "u1",
             "feature": "chat",
             "model": "gpt-4o-mini",
