@@ -489,6 +489,30 @@ class BudgetGate:
             capped = [s for s in scopes if self.policies.policy_for(s) is not None]
             self.pending.hold(capped, nanos, ts_ms, seq)
 
+    def counted_progress(self) -> dict[int, int]:
+        """Per usage partition, how far the spend worker had counted when it last decided
+        (the most of every decision's ``counted_offsets``)."""
+        progress: dict[int, int] = {}
+        with self._lock:
+            for decision in self.decisions.values():
+                for partition, offset in counted_offsets(decision).items():
+                    progress[partition] = max(offset, progress.get(partition, 0))
+        return progress
+
+    def record_counted_later(
+        self, scopes: list[str], nanos: int, ts: datetime, partition: int, offset: int
+    ) -> None:
+        """Spend already in Kafka at (partition, offset) that the spend worker may not have
+        counted: held until a decision counts through that offset (none if one already has)."""
+        if not nanos:
+            return
+        ts_ms = int(ts.astimezone(UTC).timestamp() * 1000)
+        with self._lock:
+            capped = [s for s in scopes if self.policies.policy_for(s) is not None]
+            self.pending.hold_delivered(
+                capped, nanos, ts_ms, partition, offset, self._current_counted
+            )
+
     def sweep(self) -> int:
         """Release reservations older than max_call_duration_s (+ grace): a second line of
         defence; every path of a call already releases its own."""

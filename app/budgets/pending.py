@@ -56,10 +56,17 @@ class PendingSpend:
         self._by_seq: dict[int, list[Held]] = {}  # an event's entry, and merges that hold it
         self.merges = 0
 
-    def hold(self, scopes: list[str], nanos: int, ts_ms: int, seq: int | None) -> None:
+    def hold(
+        self,
+        scopes: list[str],
+        nanos: int,
+        ts_ms: int,
+        seq: int | None,
+        offsets: dict[int, int] | None = None,
+    ) -> None:
         if not scopes or not nanos:
             return
-        entry = Held(nanos, ts_ms, list(scopes))
+        entry = Held(nanos, ts_ms, list(scopes), offsets=dict(offsets or {}))
         if seq is not None:
             entry.waiting.add(seq)
             self._by_seq[seq] = [entry]
@@ -69,6 +76,21 @@ class PendingSpend:
             self._sums[scope] = self._sums.get(scope, 0) + nanos
             if len(held) > self.entries_max:
                 self._merge_oldest(scope)
+
+    def hold_delivered(
+        self,
+        scopes: list[str],
+        nanos: int,
+        ts_ms: int,
+        partition: int,
+        offset: int,
+        counted_for: Callable[[str], Mapping[int, int]],
+    ) -> None:
+        """Spend already in Kafka at (partition, offset), held for the scopes whose current
+        decisions do not count through it yet (a restart's catch-up)."""
+        probe = Held(nanos, ts_ms, [], offsets={partition: offset})
+        uncounted = [scope for scope in scopes if not probe.counted_by(counted_for(scope))]
+        self.hold(uncounted, nanos, ts_ms, None, offsets={partition: offset})
 
     def delivered(
         self,

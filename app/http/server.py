@@ -8,6 +8,7 @@ Routes: ``POST /v1/chat/completions`` (OpenAI-compatible), ``POST /v1/dispatch``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import signal
@@ -820,7 +821,10 @@ async def build_components(settings: Settings) -> Components:
     # Policies read while catching up are not changes: their scopes' counts are in the
     # decisions just read (the gate waits only on changes made from now on).
     policies.period_changed.clear()
-    hold_spooled_usage(emitter, gate, usage_topic)  # before the spool drains: see its acks
+    spooled: set[str] = set()
+    hold_spooled_usage(emitter, gate, usage_topic, spooled)  # before the spool drains
+    if decision_view.synced.is_set():  # Kafka answers: what the worker has not counted
+        await hold_uncounted_usage(settings, gate, codec, spooled)
     await emitter.start()
     if settings.budgets_file:
         for policy in load_budgets_file(settings.budgets_file):
@@ -873,9 +877,12 @@ async def build_components(settings: Settings) -> Components:
     )
 
 
-def hold_spooled_usage(emitter: EventEmitter, gate: BudgetGate, usage_topic: str) -> int:
+def hold_spooled_usage(
+    emitter: EventEmitter, gate: BudgetGate, usage_topic: str, ids: set[str] | None = None
+) -> int:
     """Usage a previous run spooled but Kafka never acknowledged: the spend worker has not
-    counted it, so the gate holds it (until a decision counts it) like fresh spend."""
+    counted it, so the gate holds it (until a decision counts it) like fresh spend.
+    ``ids`` receives the event ids held."""
     held = 0
     for spooled in emitter.spool.peek(emitter.spool.depth):
         if spooled.topic != usage_topic:
@@ -888,10 +895,95 @@ def hold_spooled_usage(emitter: EventEmitter, gate: BudgetGate, usage_topic: str
             record["user_id"], record.get("feature"), record.get("team"), record.get("api_key_id")
         )
         gate.record_spend(scopes, event_cost(record), record["ts"], spooled.seq)
+        if ids is not None:
+            ids.add(record["event_id"])
         held += 1
     if held:
         log.info("holding spooled usage at the budget gate until counted", extra={"events": held})
     return held
+
+
+UNCOUNTED_READ_MAX = 200_000  # events a restart reads back per partition, at most
+UNCOUNTED_READ_TIMEOUT_S = 10.0
+
+
+async def hold_uncounted_usage(
+    settings: Settings, gate: BudgetGate, codec: Any, skip: set[str]
+) -> int:
+    """Usage already in Kafka that the spend worker has not counted: held at the gate until
+    a decision counts it, as this dispatcher held its own before a restart.
+
+    The gate held its uncounted spend in memory: with the worker stopped, every restart of
+    a dispatcher forgot it and a capped user got a fresh cap (probe K: $0.06 spent under a
+    $0.02 cap after two restarts). Read from where the worker's decisions say it had
+    counted (``counted_offsets``; the beginning if it never decided) to the end, other
+    dispatchers' spend included; an event whose scopes' decisions already count through
+    its offset is not held, nor one still in this dispatcher's spool (``skip``: held from
+    there). Bounded by ``UNCOUNTED_READ_MAX`` events a partition and
+    ``UNCOUNTED_READ_TIMEOUT_S``; a failure leaves the gate as it was (logged)."""
+    from app.events import clients
+
+    topic = settings.topic("usage")
+    held = 0
+    progress = gate.counted_progress()
+    # Subscribed (every partition, no group): a consumer started without a topic has no
+    # metadata to assign from, and stopping it hung the dispatcher's start.
+    consumer = clients.consumer(settings, topic, purpose="dispatcher-uncounted", group_id=None)
+    try:
+        async with asyncio.timeout(UNCOUNTED_READ_TIMEOUT_S):
+            await consumer.start()
+            while not consumer.assignment():  # noqa: ASYNC110 (aiokafka has no event for it)
+                await asyncio.sleep(0.05)
+            tps = sorted(consumer.assignment())
+            ends = await consumer.end_offsets(tps)
+            beginnings = await consumer.beginning_offsets(tps)
+            todo = {}
+            for tp in tps:
+                start = max(
+                    progress.get(tp.partition, 0), beginnings[tp], ends[tp] - UNCOUNTED_READ_MAX
+                )
+                if start < ends[tp]:
+                    consumer.seek(tp, start)
+                    todo[tp] = ends[tp]
+                else:
+                    consumer.pause(tp)
+            while todo:
+                batch = await consumer.getmany(*todo, timeout_ms=1000, max_records=5000)
+                for tp, messages in batch.items():
+                    for message in messages:
+                        if message.offset < todo.get(tp, -1):
+                            held += _hold_read_usage(gate, codec, message, skip)
+                for tp in list(todo):
+                    if await consumer.position(tp) >= todo[tp]:
+                        del todo[tp]
+                        consumer.pause(tp)
+    except Exception as exc:  # Kafka away or slow: the gate goes on with what it holds
+        log.warning(
+            "could not read back the usage the spend worker has not counted",
+            extra={"error": repr(exc), "held": held},
+        )
+    finally:
+        with contextlib.suppress(Exception):
+            await consumer.stop()
+    if held:
+        log.info("holding usage the spend worker has not counted yet", extra={"events": held})
+    return held
+
+
+def _hold_read_usage(gate: BudgetGate, codec: Any, message: Any, skip: set[str]) -> int:
+    try:
+        record = codec.decode(message.value).record
+    except EventDecodeError:
+        return 0
+    if record.get("event_id") in skip:
+        return 0
+    scopes = scopes_of(
+        record["user_id"], record.get("feature"), record.get("team"), record.get("api_key_id")
+    )
+    gate.record_counted_later(
+        scopes, event_cost(record), record["ts"], message.partition, message.offset
+    )
+    return 1
 
 
 def dispatcher_id(state_dir: Path) -> str:

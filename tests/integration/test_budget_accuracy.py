@@ -34,6 +34,7 @@ from tests.integration.harness import (
     WorkerProcess,
     publish_policy,
     read_events,
+    running_stack,
     wait_for_decision,
     wait_worker_ready,
 )
@@ -586,3 +587,37 @@ def test_readyz_says_when_the_spend_worker_stops_counting(
         assert checks_until(True, 120)["spend_worker_counting"] is True
     finally:
         stack.stop()
+
+
+def test_a_restarted_dispatcher_still_holds_the_spend_the_worker_has_not_counted(
+    kafka_settings: Settings,
+) -> None:
+    """Probe K: with the spend worker stopped, the gate kept the spend it had not seen
+    counted in memory only; each restart of the dispatcher forgot it and a capped user got
+    a fresh cap ($0.06 spent under $0.02 after two restarts). A restart now reads back the
+    usage in Kafka past what the worker's decisions count and holds it until counted (so
+    does a new dispatcher: each stack here has a state directory of its own)."""
+    asyncio.run(ensure_topics(kafka_settings))  # no spend worker in this test
+    user = "held-restart"
+    usage = {"model": "gpt-4o", "prompt_tokens": 4000, "completion_tokens": 200}  # $0.012
+    call = {"model": "gpt-4o-mini", "messages": PROMPT, "max_tokens": 50}
+    with running_stack(kafka_settings) as stack:
+        put = httpx.put(f"{stack.url}/v1/budgets/user:{user}", json={"limit_usd": 0.01})
+        assert put.is_success, put.text
+        posted = httpx.post(f"{stack.url}/v1/usage", json={**usage, "user_id": user})
+        assert posted.is_success, posted.text
+        refused = httpx.post(
+            f"{stack.url}/v1/chat/completions", json=call, headers={"X-Tollgate-User": user}
+        )
+        assert refused.status_code == 402, refused.text
+        # delivered to Kafka (not left in this dispatcher's spool, which the next one,
+        # with a state directory of its own, does not read)
+        assert len(asyncio.run(read_events(kafka_settings, "usage", at_least=1))) == 1
+    for _ in range(2):
+        with running_stack(kafka_settings) as stack:
+            again = httpx.post(
+                f"{stack.url}/v1/chat/completions", json=call, headers={"X-Tollgate-User": user}
+            )
+            assert again.status_code == 402, f"a restart forgot the spend: {again.text}"
+            status = httpx.get(f"{stack.url}/v1/budgets/user:{user}/status").json()
+            assert status["state"] == "blocked" and status["spent_usd"] == "0.012", status
