@@ -55,6 +55,7 @@ from app.gateway.savings import SavingsLevers
 from app.gateway.shared_router import SharedRouter
 from app.gateway.upstreams import UpstreamPool
 from app.http import responses
+from app.http.budget_snapshot import SAVE_EVERY_S, BudgetSnapshot
 from app.http.chat import CHAT_RESPONSE_HEADERS, answer_chat
 from app.http.errors import ApiError, http_error, invalid_request
 from app.http.openapi import (
@@ -103,6 +104,7 @@ class Components:
     shared_router: SharedRouter | None = None  # routing.shared_learning: follows the learner
     local_router: LocalRouterCheckpoint | None = None  # otherwise: its model in state_dir
     reported: ReportedRequests = field(default_factory=ReportedRequests)  # /v1/usage ids
+    budget_snapshot: BudgetSnapshot | None = None  # the budget view on disk
 
 
 COMPONENTS = web.AppKey("components", Components)
@@ -802,22 +804,27 @@ async def build_components(settings: Settings) -> Components:
         settings.upstream_read_timeout_s,
     )
     codec = emitter.codec
+    snapshot = BudgetSnapshot(settings.state_dir / "budget-view.json", codec)
+
+    def on_policy(scope: str, record: dict[str, Any] | None) -> None:
+        policies.apply_record(record, scope)
+        snapshot.record("policies", scope, record)
+
+    def on_decision(scope: str, record: dict[str, Any] | None) -> None:
+        gate.on_decision(scope, record)
+        snapshot.record("decisions", scope, record)
+
     policy_view = CompactedView(
-        settings,
-        settings.topic("budget.policies"),
-        codec,
-        on_record=lambda scope, record: policies.apply_record(record, scope),
+        settings, settings.topic("budget.policies"), codec, on_record=on_policy
     )
     decision_view = CompactedView(
-        settings,
-        settings.topic("budget.decisions"),
-        codec,
-        on_record=gate.on_decision,
+        settings, settings.topic("budget.decisions"), codec, on_record=on_decision
     )
     await upstreams.start()
     # Ready only after catching up with every decision: a blocked user must not slip through
     # a restart. If Kafka is down, serve on the spool with what is known (fail-open).
     await asyncio.gather(policy_view.start(), decision_view.start())
+    restore_budget_view(snapshot, policy_view, decision_view, policies, gate)
     # Policies read while catching up are not changes: their scopes' counts are in the
     # decisions just read (the gate waits only on changes made from now on).
     policies.period_changed.clear()
@@ -874,6 +881,7 @@ async def build_components(settings: Settings) -> Components:
         levers,
         shared_router,
         local_router,
+        budget_snapshot=snapshot,
     )
 
 
@@ -1008,6 +1016,39 @@ async def preload_router_model(components: Components) -> None:
         log.exception("preloading the router model failed; it loads with the first routed request")
 
 
+def restore_budget_view(
+    snapshot: BudgetSnapshot,
+    policy_view: CompactedView,
+    decision_view: CompactedView,
+    policies: PolicyBook,
+    gate: BudgetGate,
+) -> None:
+    """If Kafka did not answer, start from the policies and decisions saved before (none
+    at all made every capped user uncapped until the broker came back: probe K). Kafka's
+    records replace them as soon as the views read it."""
+    saved = snapshot.load()
+    if not policy_view.synced.is_set():
+        for scope, record in saved["policies"].items():
+            if scope not in policy_view.records:
+                policies.apply_record(record, scope)
+    if not decision_view.synced.is_set():
+        for scope, record in saved["decisions"].items():
+            if scope not in decision_view.records:
+                gate.on_decision(scope, record)
+    if not (policy_view.synced.is_set() and decision_view.synced.is_set()):
+        log.warning(
+            "Kafka did not answer at start: budgets start from the view saved before",
+            extra={"policies": len(saved["policies"]), "decisions": len(saved["decisions"])},
+        )
+
+
+async def save_budget_view(snapshot: BudgetSnapshot) -> None:
+    """Every second: the budget view on disk, when it changed."""
+    while True:
+        await asyncio.sleep(SAVE_EVERY_S)
+        await asyncio.to_thread(snapshot.save)
+
+
 async def sweep_reservations(components: Components) -> None:
     """Every few seconds: release reservations a call path failed to release (a bug)."""
     while True:
@@ -1033,11 +1074,19 @@ def create_app(settings: Settings) -> web.Application:
         components = await build_components(settings)
         app[COMPONENTS] = components
         sweeper = asyncio.create_task(sweep_reservations(components), name="reservation-sweep")
+        saver = None
+        if components.budget_snapshot is not None:
+            saver = asyncio.create_task(
+                save_budget_view(components.budget_snapshot), name="budget-view-save"
+            )
         preload = None
         if settings.routing.preload_model:  # /readyz waits for it
             preload = asyncio.create_task(preload_router_model(components), name="model-preload")
         yield
         sweeper.cancel()
+        if saver is not None:
+            saver.cancel()
+            components.budget_snapshot.save()  # type: ignore[union-attr]
         if preload is not None:
             preload.cancel()
         await components.upstreams.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import random
 import threading
 import time
@@ -621,3 +622,36 @@ def test_a_restarted_dispatcher_still_holds_the_spend_the_worker_has_not_counted
             assert again.status_code == 402, f"a restart forgot the spend: {again.text}"
             status = httpx.get(f"{stack.url}/v1/budgets/user:{user}/status").json()
             assert status["state"] == "blocked" and status["spent_usd"] == "0.012", status
+
+
+def test_a_dispatcher_restarted_while_kafka_is_away_keeps_the_caps_it_knew(
+    kafka_settings: Settings, worker: WorkerProcess
+) -> None:
+    """Probe K: a dispatcher restarted while the broker was frozen started with no budget
+    policy at all and served 80 of 80 calls of a user over its cap. It now starts from the
+    policies and decisions it saved (`<state dir>/budget-view.json`)."""
+    from tests.integration.harness import free_port
+
+    user = "away-restart"
+    usage = {"model": "gpt-4o", "prompt_tokens": 4000, "completion_tokens": 200}  # $0.012
+    call = {"model": "gpt-4o-mini", "messages": PROMPT, "max_tokens": 50}
+    with running_stack(kafka_settings) as stack:
+        state_dir = stack.settings.state_dir
+        put = httpx.put(f"{stack.url}/v1/budgets/user:{user}", json={"limit_usd": 0.01})
+        assert put.is_success, put.text
+        assert httpx.post(f"{stack.url}/v1/usage", json={**usage, "user_id": user}).is_success
+        wait_for_decision(kafka_settings, f"user:{user}", lambda d: d["state"] == "blocked")
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{stack.url}/v1/budgets/user:{user}/status").json()["decided_by"] != (
+            "spend_worker"
+        ):
+            assert time.monotonic() < deadline, "the dispatcher never saw the decision"
+            time.sleep(0.2)
+    saved = json.loads((state_dir / "budget-view.json").read_text())  # saved at the stop
+    assert f"user:{user}" in saved["policies"] and f"user:{user}" in saved["decisions"]
+    away = kafka_settings.model_copy(update={"kafka_bootstrap": f"127.0.0.1:{free_port()}"})
+    with running_stack(away, state_dir=state_dir) as stack:
+        refused = httpx.post(
+            f"{stack.url}/v1/chat/completions", json=call, headers={"X-Tollgate-User": user}
+        )
+        assert refused.status_code == 402, f"a restart without Kafka forgot the cap: {refused.text}"
