@@ -964,8 +964,8 @@ async def ensure_changelog_topics(worker: SpendWorker) -> None:
     topic is sometimes seen with 0 partitions and an agent dies of PartitionsMismatch."""
     s = worker.settings
     admin = clients.admin(s, purpose="spend-worker")
-    await admin.start()
     try:
+        await admin.start()
         names = [
             t.changelog_topic.get_topic_name()
             for t in (worker.spend_table, worker.totals_table, worker.open_table)
@@ -984,7 +984,36 @@ async def ensure_changelog_topics(worker: SpendWorker) -> None:
         if missing:
             await admin.create_topics(missing)  # "already exists" from a racing peer is fine
     finally:
-        await admin.close()
+        with contextlib.suppress(Exception):  # a client that never started
+            await admin.close()
+
+
+async def wait_for_kafka(worker: SpendWorker, log_every_s: float = 10.0) -> None:
+    """:func:`ensure_changelog_topics`, retried until the broker answers. A worker started
+    while Kafka was away exited with a traceback at once, and `make up` leaves a service
+    down after five exits in two minutes: a broker away for two minutes left spend uncounted
+    until someone restarted the worker (probe K). It now waits (a warning every
+    ``log_every_s``); SIGTERM still ends it."""
+    waited_since = time.monotonic()
+    last_log = 0.0
+    while True:
+        try:
+            await ensure_changelog_topics(worker)
+        except (KafkaError, OSError, TimeoutError) as exc:
+            now = time.monotonic()
+            if now - last_log >= log_every_s:
+                log.warning(
+                    "Kafka does not answer; the spend worker waits for it",
+                    extra={
+                        "bootstrap": worker.settings.kafka_bootstrap,
+                        "waited_s": round(now - waited_since),
+                        "error": repr(exc),
+                    },
+                )
+                last_log = now
+            await asyncio.sleep(1.0)
+        else:
+            return
 
 
 FETCH_MAX_WAIT_MS = 100
@@ -1056,7 +1085,7 @@ def run_worker(settings: Settings, exit: Callable[[int], Any] = end_process) -> 
     it, 1 after a crash (threads Faust leaves behind kept a crashed one alive)."""
     shorten_faust_fetch_wait()
     worker = SpendWorker(settings)
-    asyncio.run(ensure_changelog_topics(worker))
+    asyncio.run(wait_for_kafka(worker))
     exit_when_crashed(worker.app)
     faust_worker = faust.Worker(worker.app, loglevel="WARN", quiet=True)
     code = 1

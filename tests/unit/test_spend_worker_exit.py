@@ -69,3 +69,34 @@ def test_run_worker_ends_the_process_with_the_workers_outcome(
     exit = _Exit()
     spend.run_worker(object(), exit=exit)  # type: ignore[arg-type]
     assert exit.codes == [code]
+
+
+async def test_a_worker_started_while_kafka_is_away_waits_for_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Probe K (K4): a worker started while the broker was away exited with a traceback at
+    once; `make up` leaves a service down after five exits in two minutes. It waits now,
+    and goes on as soon as the broker answers."""
+    from aiokafka.errors import KafkaConnectionError
+
+    answers: list[BaseException | None] = [
+        KafkaConnectionError("Unable to bootstrap from [('127.0.0.1', 1)]"),
+        OSError("connection refused"),
+        None,
+    ]
+
+    async def ensure(worker: Any) -> None:
+        answer = answers.pop(0)
+        if answer is not None:
+            raise answer
+
+    async def instant(_: float) -> None:
+        return None
+
+    monkeypatch.setattr(spend, "ensure_changelog_topics", ensure)
+    monkeypatch.setattr(spend.asyncio, "sleep", instant)
+    from types import SimpleNamespace
+
+    worker = SimpleNamespace(settings=SimpleNamespace(kafka_bootstrap="127.0.0.1:1"))
+    await spend.wait_for_kafka(worker)  # type: ignore[arg-type]
+    assert answers == []
