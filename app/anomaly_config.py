@@ -49,6 +49,16 @@ class DetectorSettings:
     """Longer windows are tested only while the shorter ones expect fewer calls than this:
     past it a shorter window has the evidence, and a longer one would only keep an ended
     burst anomalous for its whole length."""
+    volume_ramp_window_seconds: int = 300
+    volume_ramp_enough_expected: float = 60.0
+    """Windows up to ``volume_ramp_window_seconds`` are tested until the shorter one expects
+    this many calls (not ``volume_enough_expected``): a feature at 10 to 20 calls a minute
+    was judged on its last minute alone, and a ramp, whose excess builds over minutes,
+    waited for one minute to hold it all. With the 2- and 5-minute windows a 5x ramp at 17.8
+    a minute paged in 354 s instead of 479 and a 3x ramp of a feature at 20 a minute was
+    caught at all (583 s; missed before), with the same false pages on two seeds of both
+    worlds (docs/ANOMALY.md, session 18). The 15- and 60-minute windows keep the strict
+    rule: on them a busy user's afternoon (2.1x over the hour) read as a loop."""
     volume_warmup_seconds: float = 1800.0
     """History a feature or the global scope needs before its rate is judged."""
     volume_peer_prior: bool = True

@@ -493,10 +493,12 @@ class RateDetector:
             if shape <= 0 or (not self._knows(j, t, prior) and j > 0):
                 continue
             mu = rate * w * context
-            if (
-                j > 0
-                and expected[j - 1][0] * self.windows[j - 1] * context >= s.volume_enough_expected
-            ):
+            enough = (
+                s.volume_ramp_enough_expected
+                if w <= s.volume_ramp_window_seconds
+                else s.volume_enough_expected
+            )
+            if j > 0 and expected[j - 1][0] * self.windows[j - 1] * context >= enough:
                 break  # the shorter window already expects enough calls to judge
             x = self.counts[j]
             if x < s.volume_min_count or x < s.volume_min_ratio * mu:
