@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 from app.cache.config import CacheSettings
 from app.settings import Settings
-from devtools.kafka_local import port_open, tail
+from devtools.kafka_local import pid_alive, port_open, tail
 
 log = logging.getLogger(__name__)
 
@@ -433,20 +433,6 @@ def _is_up(pid: int) -> bool:
     return b"up" in argv and any(b"tollgate" in arg or arg == b"app" for arg in argv)
 
 
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` still runs (a zombie, exited and not yet reaped, does not)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    with contextlib.suppress(OSError, IndexError):
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rpartition(")")[2].split()[0] != "Z"
-    return True
-
-
 def stop_stack(settings: Settings, echo: Callable[[str], None], timeout_s: float = 90) -> int:
     """Stop the `tollgate up` of this state directory, as Ctrl-C in its terminal does, and
     wait until it has stopped everything it started. 0 also when nothing was running."""
@@ -472,7 +458,7 @@ def stop_stack(settings: Settings, echo: Callable[[str], None], timeout_s: float
     echo(f"stopping the stack (process {pid}) ...")
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if not _alive(pid):
+        if not pid_alive(pid):
             echo("stopped.")
             return 0
         time.sleep(0.2)
