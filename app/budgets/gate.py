@@ -482,12 +482,20 @@ class BudgetGate:
     ) -> None:
         """Spend reported after the fact (/v1/usage, or spooled before a restart): counted,
         never refused."""
+        self._hold_capped(
+            scopes, nanos, ts, lambda capped, ts_ms: self.pending.hold(capped, nanos, ts_ms, seq)
+        )
+
+    def _hold_capped(
+        self, scopes: list[str], nanos: int, ts: datetime, hold: Callable[[list[str], int], None]
+    ) -> None:
+        """``hold(capped scopes, ts_ms)`` under the lock: spend already made is held only
+        on the scopes that have a cap (nothing to hold for the others)."""
         if not nanos:
             return
         ts_ms = int(ts.astimezone(UTC).timestamp() * 1000)
         with self._lock:
-            capped = [s for s in scopes if self.policies.policy_for(s) is not None]
-            self.pending.hold(capped, nanos, ts_ms, seq)
+            hold([s for s in scopes if self.policies.policy_for(s) is not None], ts_ms)
 
     def counted_progress(self) -> dict[int, int]:
         """Per usage partition, how far the spend worker had counted when it last decided
@@ -504,14 +512,14 @@ class BudgetGate:
     ) -> None:
         """Spend already in Kafka at (partition, offset) that the spend worker may not have
         counted: held until a decision counts through that offset (none if one already has)."""
-        if not nanos:
-            return
-        ts_ms = int(ts.astimezone(UTC).timestamp() * 1000)
-        with self._lock:
-            capped = [s for s in scopes if self.policies.policy_for(s) is not None]
-            self.pending.hold_delivered(
+        self._hold_capped(
+            scopes,
+            nanos,
+            ts,
+            lambda capped, ts_ms: self.pending.hold_delivered(
                 capped, nanos, ts_ms, partition, offset, self._current_counted
-            )
+            ),
+        )
 
     def sweep(self) -> int:
         """Release reservations older than max_call_duration_s (+ grace): a second line of
