@@ -497,14 +497,15 @@ class BudgetGate:
         with self._lock:
             hold([s for s in scopes if self.policies.policy_for(s) is not None], ts_ms)
 
-    def counted_progress(self) -> dict[int, int]:
-        """Per usage partition, how far the spend worker had counted when it last decided
-        (the most of every decision's ``counted_offsets``)."""
-        progress: dict[int, int] = {}
+    def counted_progress(self) -> dict[int, tuple[int, int]]:
+        """Per usage partition, how far the spend worker's decisions count: the least and
+        the most of every decision's ``counted_offsets`` there."""
+        progress: dict[int, tuple[int, int]] = {}
         with self._lock:
             for decision in self.decisions.values():
                 for partition, offset in counted_offsets(decision).items():
-                    progress[partition] = max(offset, progress.get(partition, 0))
+                    low, high = progress.get(partition, (offset, offset))
+                    progress[partition] = (min(low, offset), max(high, offset))
         return progress
 
     def record_counted_later(

@@ -912,6 +912,10 @@ def hold_spooled_usage(
 
 
 UNCOUNTED_READ_MAX = 200_000  # events a restart reads back per partition, at most
+# How far before the furthest decision's offsets a restart reads back (per partition) when
+# some decisions count less far: the worker publishes a batch's decisions scope by scope,
+# a scope whose spend alone moved at its next flush (0.25 s), features after their partials.
+UNCOUNTED_READ_OVERLAP = 5_000
 UNCOUNTED_READ_TIMEOUT_S = 10.0
 
 
@@ -927,8 +931,12 @@ async def hold_uncounted_usage(
     counted (``counted_offsets``; the beginning if it never decided) to the end, other
     dispatchers' spend included; an event whose scopes' decisions already count through
     its offset is not held, nor one still in this dispatcher's spool (``skip``: held from
-    there). Bounded by ``UNCOUNTED_READ_MAX`` events a partition and
-    ``UNCOUNTED_READ_TIMEOUT_S``; a failure leaves the gate as it was (logged)."""
+    there). The start is the least far any decision counts, but at most
+    ``UNCOUNTED_READ_OVERLAP`` events before the furthest one: decisions of one batch are
+    published scope by scope, so the furthest alone skipped the usage of a scope whose
+    decision came later (or never, the worker dead). Bounded by ``UNCOUNTED_READ_MAX``
+    events a partition and ``UNCOUNTED_READ_TIMEOUT_S``; a failure leaves the gate as it
+    was (logged)."""
     from app.events import clients
 
     topic = settings.topic("usage")
@@ -947,8 +955,12 @@ async def hold_uncounted_usage(
             beginnings = await consumer.beginning_offsets(tps)
             todo = {}
             for tp in tps:
+                low, high = progress.get(tp.partition, (0, 0))
                 start = max(
-                    progress.get(tp.partition, 0), beginnings[tp], ends[tp] - UNCOUNTED_READ_MAX
+                    low,
+                    high - UNCOUNTED_READ_OVERLAP,
+                    beginnings[tp],
+                    ends[tp] - UNCOUNTED_READ_MAX,
                 )
                 if start < ends[tp]:
                     consumer.seek(tp, start)

@@ -34,6 +34,7 @@ from tests.integration.harness import (
     Stack,
     WorkerProcess,
     publish_policy,
+    raw_messages,
     read_events,
     running_stack,
     wait_for_decision,
@@ -655,3 +656,77 @@ def test_a_dispatcher_restarted_while_kafka_is_away_keeps_the_caps_it_knew(
             f"{stack.url}/v1/chat/completions", json=call, headers={"X-Tollgate-User": user}
         )
         assert refused.status_code == 402, f"a restart without Kafka forgot the cap: {refused.text}"
+
+
+def test_a_restarted_dispatcher_holds_spend_whose_decision_lags_a_later_ones(
+    kafka_settings: Settings,
+) -> None:
+    """The worker publishes a batch's decisions one scope after another, and a scope whose
+    spend alone moved waits for the next flush (0.25 s); partials of features come later
+    still. So a restart can find scope A's decision counting through a later offset of a
+    partition than scope B's, whose usage lies between the two. Read from the *furthest*
+    decision, B's usage was skipped: B was served as if it had spent nothing until the
+    worker (dead, in the double fault) decided B again. Here the two decisions are
+    published as the worker would have left them: A's counts both events, B's neither."""
+    from agents.spend import partition_for
+    from app.budgets.policy import evaluate, parse_policy
+    from app.budgets.spend import decision_record
+
+    asyncio.run(ensure_topics(kafka_settings))  # no spend worker in this test
+    n = kafka_settings.topic_partitions
+    lagging = "lagging-decision"
+    ahead = next(
+        f"ahead-{i}"
+        for i in range(1000)
+        if partition_for(f"ahead-{i}", n) == partition_for(lagging, n)
+    )
+    usage = {"model": "gpt-4o", "prompt_tokens": 4000, "completion_tokens": 200}  # $0.012
+    call = {"model": "gpt-4o-mini", "messages": PROMPT, "max_tokens": 50}
+    limits = {lagging: 0.01, ahead: 1.0}
+    with running_stack(kafka_settings) as stack:
+        for user, limit in limits.items():
+            put = httpx.put(f"{stack.url}/v1/budgets/user:{user}", json={"limit_usd": limit})
+            assert put.is_success, put.text
+        for user in (lagging, ahead):  # B's usage first, then A's
+            posted = httpx.post(f"{stack.url}/v1/usage", json={**usage, "user_id": user})
+            assert posted.is_success, posted.text
+        messages = asyncio.run(raw_messages(kafka_settings, "usage", at_least=2))
+    offsets = {
+        EventCodec().decode(m.value).record["user_id"]: (m.partition, m.offset) for m in messages
+    }
+    (p, b_offset), (p_a, a_offset) = offsets[lagging], offsets[ahead]
+    assert p == p_a and b_offset < a_offset
+
+    async def publish_decisions() -> None:
+        now = datetime.now(UTC)
+        producer = AIOKafkaProducer(bootstrap_servers=kafka_settings.kafka_bootstrap, acks="all")
+        await producer.start()
+        try:
+            for user, spent, through in ((ahead, 12_000_000, a_offset + 1), (lagging, 0, b_offset)):
+                policy = parse_policy(f"user:{user}", {"limit_usd": limits[user]})
+                decision = decision_record(
+                    f"user:{user}", policy, policy.period_at(now), spent, now,
+                    evaluate(spent, policy), now, "spend", {p: through},
+                )  # fmt: skip
+                await producer.send_and_wait(
+                    kafka_settings.topic("budget.decisions"),
+                    EventCodec().encode("BudgetDecision", decision),
+                    key=f"user:{user}".encode(),
+                )
+        finally:
+            await producer.stop()
+
+    asyncio.run(publish_decisions())
+    with running_stack(kafka_settings) as stack:  # a new dispatcher (its own state dir)
+        refused = httpx.post(
+            f"{stack.url}/v1/chat/completions", json=call, headers={"X-Tollgate-User": lagging}
+        )
+        assert refused.status_code == 402, f"the lagging scope's usage was skipped: {refused.text}"
+        status = httpx.get(f"{stack.url}/v1/budgets/user:{lagging}/status").json()
+        assert status["spent_usd"] == "0.012", status
+        served = httpx.post(
+            f"{stack.url}/v1/chat/completions", json=call, headers={"X-Tollgate-User": ahead}
+        )
+        assert served.status_code == 200, served.text  # its decision counts its usage: not twice
+        status = httpx.get(f"{stack.url}/v1/budgets/user:{ahead}/status").json()
+        assert status["spent_usd"].startswith("0.012"), status
