@@ -50,10 +50,20 @@ class AcceptedUsage(BaseModel):
         "(price_unknown) its cost at the baseline model's price; reports keep cost_usd 0 "
         "for those and count them in unpriced_requests"
     )
+    repeat: bool = Field(
+        default=False,
+        description="The record repeats one already accepted under its request_id (a retry, "
+        "or twice in one batch): the same event, counted once with the first",
+    )
 
 
 class UsageAccepted(BaseModel):
-    accepted: int
+    accepted: int = Field(description="Records accepted, repeats included")
+    repeated: int = Field(
+        default=0,
+        description="How many of them repeat a record already accepted under its request_id "
+        "(events[].repeat): counted once, so accepted - repeated calls were added",
+    )
     events: list[AcceptedUsage]
     ignored_fields: dict[str, list[str]] = Field(
         default_factory=dict,

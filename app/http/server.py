@@ -442,10 +442,17 @@ async def report_usage(request: web.Request) -> web.Response:
                 # what budgets count: the cost, or for a model without a price its baseline
                 # cost (an unpriced model is not a free way around a cap)
                 "budget_cost_usd": usd_text(event_cost(record)),
+                "repeat": index in repeats,
             }
         )
     return json_response(
-        {"accepted": len(accepted), "events": accepted, "ignored_fields": ignored}, status=202
+        {
+            "accepted": len(accepted),
+            "repeated": len(repeats),
+            "events": accepted,
+            "ignored_fields": ignored,
+        },
+        status=202,
     )
 
 

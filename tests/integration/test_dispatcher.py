@@ -595,6 +595,9 @@ def test_a_retried_usage_report_with_its_request_id_counts_once(stack: Stack) ->
     assert first.status_code == again.status_code == 202
     (event,) = first.json()["events"]
     assert again.json()["events"][0]["event_id"] == event["event_id"]
+    # said so (probe J: a batch repeating a request_id answered "accepted": 2, no more)
+    assert (first.json()["repeated"], event["repeat"]) == (0, False)
+    assert (again.json()["repeated"], again.json()["events"][0]["repeat"]) == (1, True)
     assert event["cost_usd"] == "0.000035" and "e" not in event["cost_usd"]
     other = httpx.post(f"{stack.url}/v1/usage", json={**record, "request_id": "dup-2"})
     assert other.json()["events"][0]["event_id"] != event["event_id"]
@@ -603,11 +606,17 @@ def test_a_retried_usage_report_with_its_request_id_counts_once(stack: Stack) ->
     batch = httpx.post(f"{stack.url}/v1/usage", json=[record, {**record, "request_id": "dup-3"}])
     assert batch.status_code == 202
     assert batch.json()["events"][0]["event_id"] == event["event_id"]
+    assert batch.json()["repeated"] == 1
+    twice = {**record, "request_id": "dup-4"}
+    both = httpx.post(f"{stack.url}/v1/usage", json={"records": [twice, twice]}).json()
+    assert (both["accepted"], both["repeated"]) == (2, 1), both
+    assert [e["repeat"] for e in both["events"]] == [False, True]
+    assert both["events"][0]["event_id"] == both["events"][1]["event_id"]
     metrics = httpx.get(f"{stack.url}/metrics").text
     spend = [line for line in metrics.splitlines() if line.startswith("tollgate_spend_usd_total{")]
-    assert len(spend) == 1 and float(spend[0].split()[1]) == pytest.approx(3 * 0.000035), spend
-    usage = asyncio.run(read_events(stack.settings, "usage", at_least=3))
-    assert len([u for u in usage if u["user_id"] == "retrier"]) == 3
+    assert len(spend) == 1 and float(spend[0].split()[1]) == pytest.approx(4 * 0.000035), spend
+    usage = asyncio.run(read_events(stack.settings, "usage", at_least=4))
+    assert len([u for u in usage if u["user_id"] == "retrier"]) == 4
 
 
 def test_an_openai_usage_object_posted_as_it_is_counts_its_cached_tokens(stack: Stack) -> None:

@@ -113,7 +113,7 @@ def test_errors_and_answers_have_schemas(spec: dict[str, Any]) -> None:
     assert error["required"] == ["error"]
     usage = spec["paths"]["/v1/usage"]["post"]["responses"]["202"]
     answer = _resolve(spec, usage["content"]["application/json"]["schema"])
-    assert set(answer["properties"]) == {"accepted", "events", "ignored_fields"}
+    assert set(answer["properties"]) == {"accepted", "repeated", "events", "ignored_fields"}
 
 
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/dispatch"])
