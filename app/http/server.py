@@ -836,9 +836,10 @@ async def build_components(settings: Settings) -> Components:
     # decisions just read (the gate waits only on changes made from now on).
     policies.period_changed.clear()
     spooled: set[str] = set()
-    hold_spooled_usage(emitter, gate, usage_topic, spooled)  # before the spool drains
+    reported = ReportedRequests()  # learns the /v1/usage ids of the usage read back here
+    hold_spooled_usage(emitter, gate, usage_topic, spooled, reported)  # before it drains
     if decision_view.synced.is_set():  # Kafka answers: what the worker has not counted
-        await hold_uncounted_usage(settings, gate, codec, spooled)
+        await hold_uncounted_usage(settings, gate, codec, spooled, reported)
     await emitter.start()
     if settings.budgets_file:
         for policy in load_budgets_file(settings.budgets_file):
@@ -888,16 +889,21 @@ async def build_components(settings: Settings) -> Components:
         levers,
         shared_router,
         local_router,
+        reported=reported,
         budget_snapshot=snapshot,
     )
 
 
 def hold_spooled_usage(
-    emitter: EventEmitter, gate: BudgetGate, usage_topic: str, ids: set[str] | None = None
+    emitter: EventEmitter,
+    gate: BudgetGate,
+    usage_topic: str,
+    ids: set[str] | None = None,
+    reported: ReportedRequests | None = None,
 ) -> int:
     """Usage a previous run spooled but Kafka never acknowledged: the spend worker has not
     counted it, so the gate holds it (until a decision counts it) like fresh spend.
-    ``ids`` receives the event ids held."""
+    ``ids`` receives the event ids held; ``reported`` learns the /v1/usage records."""
     held = 0
     for spooled in emitter.spool.peek(emitter.spool.depth):
         if spooled.topic != usage_topic:
@@ -910,6 +916,8 @@ def hold_spooled_usage(
             record["user_id"], record.get("feature"), record.get("team"), record.get("api_key_id")
         )
         gate.record_spend(scopes, event_cost(record), record["ts"], spooled.seq)
+        if reported is not None:
+            reported.remember_usage(record)
         if ids is not None:
             ids.add(record["event_id"])
         held += 1
@@ -927,7 +935,11 @@ UNCOUNTED_READ_TIMEOUT_S = 10.0
 
 
 async def hold_uncounted_usage(
-    settings: Settings, gate: BudgetGate, codec: Any, skip: set[str]
+    settings: Settings,
+    gate: BudgetGate,
+    codec: Any,
+    skip: set[str],
+    reported: ReportedRequests | None = None,
 ) -> int:
     """Usage already in Kafka that the spend worker has not counted: held at the gate until
     a decision counts it, as this dispatcher held its own before a restart.
@@ -943,7 +955,9 @@ async def hold_uncounted_usage(
     published scope by scope, so the furthest alone skipped the usage of a scope whose
     decision came later (or never, the worker dead). Bounded by ``UNCOUNTED_READ_MAX``
     events a partition and ``UNCOUNTED_READ_TIMEOUT_S``; a failure leaves the gate as it
-    was (logged)."""
+    was (logged). ``reported`` learns the /v1/usage records read (counted or not), so a
+    retry of one here is a repeat, not a second hold (probe H: a user under the cap was
+    refused until the worker's next decision, however long the worker was away)."""
     from app.events import clients
 
     topic = settings.topic("usage")
@@ -979,7 +993,7 @@ async def hold_uncounted_usage(
                 for tp, messages in batch.items():
                     for message in messages:
                         if message.offset < todo.get(tp, -1):
-                            held += _hold_read_usage(gate, codec, message, skip)
+                            held += _hold_read_usage(gate, codec, message, skip, reported)
                 for tp in list(todo):
                     if await consumer.position(tp) >= todo[tp]:
                         del todo[tp]
@@ -997,11 +1011,19 @@ async def hold_uncounted_usage(
     return held
 
 
-def _hold_read_usage(gate: BudgetGate, codec: Any, message: Any, skip: set[str]) -> int:
+def _hold_read_usage(
+    gate: BudgetGate,
+    codec: Any,
+    message: Any,
+    skip: set[str],
+    reported: ReportedRequests | None = None,
+) -> int:
     try:
         record = codec.decode(message.value).record
     except EventDecodeError:
         return 0
+    if reported is not None:
+        reported.remember_usage(record)
     if record.get("event_id") in skip:
         return 0
     scopes = scopes_of(

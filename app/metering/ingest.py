@@ -564,6 +564,23 @@ class ReportedRequests:
             report["status"],
         ))  # fmt: skip
 
+    def remember_usage(self, record: Mapping[str, Any]) -> None:
+        """Learn a reported record from its Usage event (a starting dispatcher reads back
+        the recent ones): a retry of it here is then a repeat, not a second hold at the
+        gate, and another record under its id a 409. Calls of the gateway's own are not
+        reports and are left out."""
+        if record.get("source") != "usage_api" or not record.get("request_id"):
+            return
+        what = hash((
+            record.get("user_id"), record.get("feature"), record.get("model_served"),
+            record.get("prompt_tokens"), record.get("completion_tokens"),
+            record.get("cached_tokens"), record.get("cache_hit"), record.get("status"),
+        ))  # fmt: skip
+        self._seen[record["request_id"]] = what
+        self._seen.move_to_end(record["request_id"])
+        while len(self._seen) > self.capacity:
+            self._seen.popitem(last=False)
+
     def check(
         self,
         reports: list[dict[str, Any]],

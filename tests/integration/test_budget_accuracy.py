@@ -730,3 +730,40 @@ def test_a_restarted_dispatcher_holds_spend_whose_decision_lags_a_later_ones(
         assert served.status_code == 200, served.text  # its decision counts its usage: not twice
         status = httpx.get(f"{stack.url}/v1/budgets/user:{ahead}/status").json()
         assert status["spent_usd"].startswith("0.012"), status
+
+
+def test_a_usage_report_retried_after_a_restart_is_known_as_a_retry(
+    kafka_settings: Settings,
+) -> None:
+    """Probe H (F3): a /v1/usage record retried (same request_id) at a dispatcher started
+    after the first post (a restart, a new replica) was taken as new: emitted again and held
+    at the gate a second time, so a user under the cap met a 402 until the worker's next
+    decision, for as long as the worker was away. A starting dispatcher now learns the
+    reported request ids from the usage it reads back: the retry is answered as a repeat
+    (held once), and a different record under that id is a 409."""
+    asyncio.run(ensure_topics(kafka_settings))  # no spend worker: nothing is counted
+    user = "retried-after-restart"
+    record = {
+        "model": "gpt-4o", "prompt_tokens": 4000, "completion_tokens": 200,  # $0.012
+        "user_id": user, "request_id": "rr-1",
+    }  # fmt: skip
+    call = {"model": "gpt-4o-mini", "messages": PROMPT, "max_tokens": 50}
+    with running_stack(kafka_settings) as stack:
+        put = httpx.put(f"{stack.url}/v1/budgets/user:{user}", json={"limit_usd": 0.02})
+        assert put.is_success, put.text
+        first = httpx.post(f"{stack.url}/v1/usage", json=record)
+        assert first.status_code == 202, first.text
+        assert len(asyncio.run(read_events(kafka_settings, "usage", at_least=1))) == 1
+    with running_stack(kafka_settings) as stack:  # a new dispatcher (its own state dir)
+        again = httpx.post(f"{stack.url}/v1/usage", json=record)
+        assert again.status_code == 202, again.text
+        assert (again.json()["repeated"], again.json()["events"][0]["repeat"]) == (1, True)
+        assert again.json()["events"][0]["event_id"] == first.json()["events"][0]["event_id"]
+        status = httpx.get(f"{stack.url}/v1/budgets/user:{user}/status").json()
+        assert status["spent_usd"] == "0.012", status  # held once
+        served = httpx.post(
+            f"{stack.url}/v1/chat/completions", json=call, headers={"X-Tollgate-User": user}
+        )
+        assert served.status_code == 200, f"a retry was held twice: {served.text}"
+        other = httpx.post(f"{stack.url}/v1/usage", json={**record, "prompt_tokens": 10})
+        assert other.status_code == 409, other.text
