@@ -282,6 +282,10 @@ class ChatAttempts:
                 await levers.store(
                     plan, payload, chat.model, call.prompt_tokens, call.completion_tokens or 0
                 )
+            if call.status == "ok" and client.gone():
+                # The provider ran the call to its end (billed in full), but nobody will read
+                # the answer: not a 200 in the reports (probe H), as for a stream cut short.
+                call.status, call.error_type = "client_disconnected", "client_disconnected"
             served = self._served(call, cache_status, escalated_from)
             return Answer(served, status, payload, content_type)
 

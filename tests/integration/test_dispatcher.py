@@ -858,6 +858,28 @@ def test_a_streams_usage_is_spooled_before_its_end_reaches_the_client(
             order.clear()
 
 
+def test_a_non_stream_call_whose_client_hung_up_is_recorded_as_a_disconnect(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Probe H (O1): a non-stream call whose client went away while it ran was recorded as
+    status ok, http 200, though nobody received the answer (a stream in the same case is
+    client_disconnected). The provider ran the call to its end: its tokens are billed."""
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            f"{stack.url}/v1/chat/completions",
+            json={"model": "gpt-4o", "messages": MESSAGES, "user": "gone-before-answer"},
+            headers={"X-Sim-Completion-Tokens": "60", "X-Sim-Latency-Ms": "1500"},
+            timeout=httpx.Timeout(30, read=0.3),  # hangs up (closes) after 0.3 s
+        )
+    events = asyncio.run(read_events(stack.settings, "usage", at_least=1, timeout_s=20))
+    [usage] = [e for e in events if e["user_id"] == "gone-before-answer"]
+    assert usage["status"] == "client_disconnected", usage["status"]
+    assert usage["completion_tokens"] == 60 and usage["cost_usd_nanos"] > 0
+    assert usage["usage_estimated"] is False  # the provider's own count: the call ran
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [], [r.getMessage() for r in errors]
+
+
 def test_a_stream_cut_short_bills_the_prompt_as_the_provider_counts_it(stack: Stack) -> None:
     """Session 17's probe (F4): a stream the client closed early was billed for its prompt
     by characters / 4 (the provider's count comes in the last chunk, never read): 16 % short
