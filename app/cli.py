@@ -277,6 +277,7 @@ def budgets_set(
         policy = parse_policy(scope, body)  # the same checks, before anything is sent
     except PolicyError as exc:
         _fail(f"{exc.field}: {exc}")
+    scope = policy.scope  # as calls are attributed (trimmed, NFC)
     if url:
         _api(settings, url, key).call("PUT", f"/v1/budgets/{scope}", body)
     else:
@@ -341,7 +342,7 @@ def budgets_status(scope: str | None, url: str | None, key: str | None) -> None:
     settings = _settings()
     if scope is not None:
         try:
-            validate_scope(scope)
+            scope = validate_scope(scope)
         except PolicyError as exc:
             _fail(str(exc))
     if url:
@@ -391,7 +392,7 @@ def budgets_rm(scope: str, url: str | None, key: str | None) -> None:
 
     settings = _settings()
     try:
-        validate_scope(scope)
+        scope = validate_scope(scope)
         if url:
             code, _ = _api(settings, url, key).call("DELETE", f"/v1/budgets/{scope}")
             if code == 404:

@@ -11,7 +11,16 @@ It does not own the HTTP mapping: callers turn the problem text into a 400 namin
 
 from __future__ import annotations
 
+import unicodedata
+
 MAX_ID_LENGTH = 256
+
+
+def normal_id(value: str) -> str:
+    """The one spelling of an id: trimmed of HTTP's spaces (a header's value arrives
+    trimmed, a body's did not) and in Unicode NFC ("Zoë" typed two ways is one id). Blank
+    ("") is absent to attribution, and no budget scope."""
+    return unicodedata.normalize("NFC", value.strip(" \t"))
 
 
 def id_problem(value: str, max_length: int = MAX_ID_LENGTH) -> str | None:

@@ -27,7 +27,7 @@ from pydantic import (
 
 from app.budgets.ledger import iter_window_problems
 from app.budgets.periods import Period, PeriodError, period_of, zone
-from app.ids import id_problem
+from app.ids import id_problem, normal_id
 from app.pricing.catalog import nanos_to_usd, usd_text, usd_to_nanos
 from app.validation import custom_error, first_problem
 
@@ -54,6 +54,12 @@ def validate_scope(scope: str, *, allow_default: bool = True) -> str:
             f"scope {scope[:300]!r} is not one of global, user:<id>, feature:<name>, team:<id>, "
             "key:<id>",
         )
+    # The id as calls are attributed with it (trimmed, NFC): stored as typed, a cap on
+    # 'user: alice ' matched no call and capped nobody, though listed as open (probe L).
+    name = normal_id(name)
+    if not name:
+        raise PolicyError("scope", f"the id of scope {scope[:300]!r} is blank")
+    scope = f"{kind}:{name}"
     problem = id_problem(name)
     if problem is not None:  # the same rule as the ids a call is attributed with
         raise PolicyError("scope", f"the id of scope {scope[:300]!r} {problem}")
@@ -287,7 +293,7 @@ class PolicyBody(BaseModel):
 def parse_policy(scope: str, body: Any) -> Policy:
     """Validate an admin's JSON body for ``PUT /v1/budgets/{scope}`` (``PolicyBody``); errors
     name the field."""
-    validate_scope(scope)
+    scope = validate_scope(scope)
     if not isinstance(body, dict):
         raise PolicyError("body", "the policy must be a JSON object")
     try:
@@ -298,7 +304,9 @@ def parse_policy(scope: str, body: Any) -> Policy:
             raise PolicyError(unknown[0], f"unknown field(s): {', '.join(unknown)}") from None
         name, problem = first_problem(exc, PolicyBody)
         raise PolicyError(name or "body", f"{name} {problem}") from None
-    if "scope" in parsed.model_fields_set and parsed.scope != scope:
+    if "scope" in parsed.model_fields_set and (
+        not isinstance(parsed.scope, str) or validate_scope(parsed.scope) != scope
+    ):
         raise PolicyError("scope", f"body scope {parsed.scope!r} differs from the URL's {scope!r}")
     window = parsed.window if parsed.window is not None else parsed.window_seconds
     window_seconds = None

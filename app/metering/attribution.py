@@ -24,7 +24,6 @@ Keys file (``TOLLGATE_KEYS_FILE``), secrets stored only as SHA-256 hex::
 from __future__ import annotations
 
 import hashlib
-import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ import yaml
 
 from app.errors import InvalidRequest, NotAuthenticated, NotPermitted
 from app.ids import MAX_ID_LENGTH as MAX_ID_LENGTH  # re-exported for older imports
-from app.ids import id_problem
+from app.ids import id_problem, normal_id
 
 ANONYMOUS_USER = "anonymous"
 NO_ID_LABEL = "(none)"  # what reports show for a call without a feature (or session)
@@ -132,7 +131,7 @@ def _clean(value: Any, name: str, *, scope: bool = False) -> str | None:
     # drops the spaces around it) and a body's did not (" pj-ws " and "pj-ws" were two
     # users, "   " a user of its own); "Zoë" typed two Unicode ways was two users shown
     # alike (probe J). Trimmed, blank is absent, and NFC is the one form.
-    value = unicodedata.normalize("NFC", value.strip(" \t"))  # HTTP's spaces (OWS)
+    value = normal_id(value)
     if not value:
         return None
     problem = id_problem(value)

@@ -439,3 +439,29 @@ def test_an_upgrade_url_must_be_http_or_https(url: str) -> None:
     assert info.value.field == "upgrade_url"
     ok = parse_policy("user:alice", {"limit_usd": 1, "upgrade_url": "HTTPS://example.com/pro?x=1"})
     assert ok.upgrade_url == "HTTPS://example.com/pro?x=1"
+
+
+@pytest.mark.parametrize(
+    ("typed", "stored"),
+    [
+        ("user: alice ", "user:alice"),
+        ("user:\talice", "user:alice"),
+        ("user:e\u0301lodie", "user:\u00e9lodie"),  # NFD, as a macOS file name gives it
+        ("feature: search", "feature:search"),
+        ("team:ops ", "team:ops"),
+    ],
+)
+def test_a_scope_id_is_the_id_calls_are_attributed_with(typed: str, stored: str) -> None:
+    """Probe L (F1): a cap PUT for 'user: alice ' or an NFD 'élodie' was stored as typed,
+    answered 200 and shown 'open', while calls' ids are trimmed and NFC: it capped nobody."""
+    assert validate_scope(typed) == stored
+    assert parse_policy(typed, {"limit_usd": 1}).scope == stored
+    assert parse_policy(typed, {"limit_usd": 1, "scope": stored}).scope == stored
+    assert parse_policy(stored, {"limit_usd": 1, "scope": typed}).scope == stored
+
+
+@pytest.mark.parametrize("typed", ["user: ", "user:\t", "feature:   "])
+def test_a_blank_scope_id_is_refused(typed: str) -> None:
+    with pytest.raises(PolicyError, match="blank") as refused:
+        validate_scope(typed)
+    assert refused.value.field == "scope"
