@@ -24,7 +24,7 @@ from app.errors import (
     UpstreamFailed,
     UpstreamTimedOut,
 )
-from app.pricing.catalog import nanos_to_usd
+from app.pricing.catalog import nanos_to_usd, usd_text
 
 
 class ApiError(Exception):
@@ -128,7 +128,7 @@ def budget_refusal(refusal: BudgetRefused) -> ApiError:
         f"Budget for {status.scope} "
         f"{'is exhausted' if status.state == 'blocked' else 'cannot take this request'} "
         f"({refusal.reason}): "
-        f"${nanos_to_usd(status.spent_nanos):.6f} of ${policy.limit_usd} this {policy.period} "
+        f"${nanos_to_usd(status.spent_nanos):.6f} of ${usd_text(policy.limit_usd)} this {policy.period} "
         f"({counted}); resets at {status.resets_at.isoformat()}. {prompt}",
         code="budget_exceeded",
         extra={

@@ -1119,3 +1119,11 @@ def test_waiting_calls_go_in_order_and_never_leave_a_scope_blocked(ops: list[Any
         assert gate.admit(["user:a", "feature:f"], costs["big"]).max_tokens_cap is None
 
     asyncio.run(run())
+
+
+def test_the_402_states_a_tiny_limit_in_plain_decimals() -> None:
+    """Probe L (F6): a $0.000000001 cap was stated '$1E-9' in the 402 message."""
+    gate = gate_with(policies(**{"user:alice": {"limit_usd": 0.000000001}}))
+    settle(gate, gate.admit(["user:alice"], call(0)), usd(0.000021))
+    message = budget_refusal(refusal(gate, ["user:alice"], call(0))).body()["error"]["message"]
+    assert "$0.000000001 this month" in message and "E-" not in message, message
