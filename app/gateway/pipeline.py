@@ -51,10 +51,12 @@ from app.metrics import Metrics, ModelLabels
 from app.pricing.catalog import PriceCatalog, nanos_to_usd
 from app.pricing.tokens import (
     PROMPT_FIELDS,
+    MessageProblem,
     count_prompt,
     count_tokens,
     encoding_for,
     estimate_message_token_range,
+    message_texts,
 )
 from app.validation import first_problem
 
@@ -133,6 +135,17 @@ class ChatRequest:
         )  # fmt: skip
 
 
+def message_problem(messages: list[Any]) -> tuple[str, str] | None:
+    """Which message is malformed and where in it (``messages[3].content[0].text``), and
+    why; None if none is. Probe L: the 400 named only 'messages', among forty turns."""
+    for index, message in enumerate(messages):
+        try:
+            message_texts(message)
+        except MessageProblem as problem:
+            return f"messages[{index}].{problem.path}", str(problem)
+    return None
+
+
 def parse_chat_request(
     body: Any, *, default_model: str | None = None, native: bool = False
 ) -> ChatRequest:
@@ -154,7 +167,8 @@ def parse_chat_request(
     try:
         prompt_tokens, prompt_floor = estimate_message_token_range(body["messages"])
     except ValueError as exc:
-        raise InvalidRequest(f"'messages' is malformed: {exc}", field="messages") from None
+        where, problem = message_problem(body["messages"]) or ("messages", str(exc))
+        raise InvalidRequest(f"'{where}' is malformed: {problem}", field=where) from None
     model = parsed.model or default_model
     if not model:
         raise InvalidRequest("'model' is required and must be a non-empty string", field="model")

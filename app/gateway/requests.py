@@ -153,7 +153,10 @@ class ChatBody(BaseModel):
 
 def message_content_problem(message: dict[str, Any]) -> str | None:
     """What is wrong with a (validated) message's content, or None: it is required and not
-    null, except on an assistant turn with ``tool_calls`` or ``function_call``."""
+    null, except on an assistant turn with ``tool_calls`` or ``function_call``; a list of
+    parts is not empty (OpenAI refuses one; it was served and billed here, probe L)."""
+    if message.get("content") == []:
+        return "is an empty list of content parts: send text, or at least one part"
     if message.get("content") is not None:
         return None
     if message.get("role") == "assistant" and (

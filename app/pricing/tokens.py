@@ -227,12 +227,20 @@ def count_tokens(text: str) -> int:
     return sum((len(word) + 3) >> 2 for word in text.split())
 
 
-def _message_texts(message: Any) -> list[str]:
+class MessageProblem(ValueError):
+    """A malformed chat message; ``path`` is where, inside the message: ``content[2].text``."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+def message_texts(message: Any) -> list[str]:
     """The texts of one chat message the model reads (and the provider bills): its content,
     its ``name``, and the names and arguments of earlier tool calls (``tool_calls``, the
-    legacy ``function_call``); raises ValueError on a malformed message."""
+    legacy ``function_call``); raises MessageProblem (a ValueError) on a malformed message."""
     if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-        raise ValueError("each message must be an object with a string 'role'")
+        raise MessageProblem("role", "each message must be an object with a string 'role'")
     texts = [message["name"]] if isinstance(message.get("name"), str) else []
     calls = message.get("tool_calls")
     functions = (
@@ -249,16 +257,18 @@ def _message_texts(message: Any) -> list[str]:
     if isinstance(content, str):
         return [*texts, content]
     if isinstance(content, list):
-        for part in content:
+        for index, part in enumerate(content):
             if not isinstance(part, dict):
-                raise ValueError("content parts must be objects")
+                raise MessageProblem(f"content[{index}]", "content parts must be objects")
             if part.get("type") == "text":
                 text = part.get("text")
                 if not isinstance(text, str):
-                    raise ValueError("a text content part needs a string 'text'")
+                    raise MessageProblem(
+                        f"content[{index}].text", "a text content part needs a string 'text'"
+                    )
                 texts.append(text)
         return texts
-    raise ValueError("content must be a string, a list of parts or null")
+    raise MessageProblem("content", "content must be a string, a list of parts or null")
 
 
 def count_message_tokens(messages: list[Any]) -> int:
@@ -269,7 +279,7 @@ def count_message_tokens(messages: list[Any]) -> int:
     :data:`MESSAGE_OVERHEAD_TOKENS` per message. Raises ValueError on malformed input.
     """
     return sum(
-        MESSAGE_OVERHEAD_TOKENS + sum(count_tokens(t) for t in _message_texts(m)) for m in messages
+        MESSAGE_OVERHEAD_TOKENS + sum(count_tokens(t) for t in message_texts(m)) for m in messages
     )
 
 
@@ -344,7 +354,7 @@ def _range_steps(
     pace = _Pace()
     texts_of = []
     for message in messages:  # all read (and checked) before any is counted
-        texts_of.append(_message_texts(message))
+        texts_of.append(message_texts(message))
         if pace.due(MESSAGE_COST_CHARS):
             yield
     bpe_encoding = None if counter == "simulator" else tokenize

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from app.budgets.policy import PolicyError, parse_policy, validate_scope
-from app.errors import TollgateError
+from app.errors import InvalidRequest, TollgateError
 from app.gateway.pipeline import parse_chat_request
 from app.http.errors import http_error
 from app.ids import MAX_ID_LENGTH
@@ -388,3 +388,25 @@ def test_an_outcome_posted_again_is_the_same_event_and_a_different_one_is_not() 
     by_session = {"session_id": "s-1", "outcome": "success"}  # a session has many outcomes
     assert (parse_outcomes(by_session, resolve_plain)[0]["event_id"]
             != parse_outcomes(by_session, resolve_plain)[0]["event_id"])  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("message", "field", "says"),
+    [
+        ({"role": "user", "content": 5}, "messages[1].content", "string, a list of parts or null"),
+        ({"role": "user", "content": [{"type": "text"}]}, "messages[1].content[0].text", "string"),
+        ({"role": "user", "content": ["hi", None]}, "messages[1].content[0]", "objects"),
+        ({"role": "user", "content": []}, "messages[1].content", "empty"),
+        ({"content": "hi"}, "messages[1].role", "role"),
+    ],
+)
+def test_a_malformed_message_is_named_down_to_its_part(
+    message: dict[str, Any], field: str, says: str
+) -> None:
+    """Probe L (F3, F4): errors inside a message's content named only 'messages' (which of
+    forty turns?), and an empty list of parts was served and billed (OpenAI refuses it)."""
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "ok"}, message]}
+    with pytest.raises(InvalidRequest) as refused:
+        parse_chat_request(body)
+    assert refused.value.field == field, str(refused.value)
+    assert says in str(refused.value) and field in str(refused.value)
