@@ -265,7 +265,10 @@ class _JsonErrorsHandler(RequestHandler):
                     "understood. Send the request without it."
                 )
                 param = "Expect"
-            resp = _json_error(ApiError(resp.status, "invalid_request_error", message, param=param))
+            error_type = "invalid_request_error"
+            if resp.status == 413:  # a body announced past the limit (``Expect``)
+                error_type = "request_too_large"
+            resp = _json_error(ApiError(resp.status, error_type, message, param=param))
         finished = await super().finish_response(request, resp, start_time)
         if self._peer_done and not self._messages:
             self.close()  # the client sent all it will and has every answer

@@ -497,6 +497,21 @@ def test_what_the_http_parser_refuses_gets_a_json_error(kafka_settings: Settings
             headers={"Expect": "100-continue"},
         )
         assert continued.status_code == 200, continued.text
+        # Probe L (F9): a body announced past the limit was let in with 100 Continue, all
+        # of it uploaded, and only then refused; the 413 now comes instead of the 100
+        for path in ("/v1/chat/completions", "/v1/usage"):
+            with socket.create_connection((host, int(port)), timeout=20) as conn:
+                conn.sendall(
+                    f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    f"Content-Length: {50 * 1024 * 1024}\r\nExpect: 100-continue\r\n\r\n".encode()
+                )
+                answer = conn.recv(65536).decode(errors="replace")
+            head, _, body = answer.partition("\r\n\r\n")
+            assert head.split(" ", 2)[1] == "413", answer[:300]
+            assert "X-Request-Id: req_" in head, head
+            error = json.loads(body)["error"]
+            assert error["type"] == "request_too_large", error
+            assert "TOLLGATE_MAX_BODY_BYTES" in error["message"], error
 
 
 def _half_closed(url: str, raw: bytes) -> tuple[int, dict[str, Any]]:

@@ -186,7 +186,11 @@ def test_metadata_is_forwarded_only_when_the_client_asks_openai_to_store(
         ({"model": "m", "messages": MSG, "max_tokens": 2**31}, "max_tokens", "1 to 2147483647"),
         ({"model": "m", "messages": MSG, "n": 0}, "n", "integer from 1"),
         ({"model": "m", "messages": [{"content": "x"}]}, "messages[0].role", "is required"),
-        ({"model": "m", "messages": [{"role": "user", "content": 5}]}, "messages[0].content", "content"),
+        (
+            {"model": "m", "messages": [{"role": "user", "content": 5}]},
+            "messages[0].content",
+            "content",
+        ),
         ({"model": "m", "messages": MSG, "stream": 1}, "stream", "true or false"),
         ({"model": "m", "messages": []}, "messages", "at least 1"),
     ],
