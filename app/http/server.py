@@ -256,6 +256,13 @@ async def read_json(request: web.Request) -> Any:
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
+        try:
+            raw.decode()
+        except UnicodeDecodeError as bad:  # orjson says "surrogates not allowed ... char 0"
+            raise invalid_request(
+                f"The request body is not valid UTF-8 (byte 0x{raw[bad.start]:02x} at byte "
+                f"{bad.start}); JSON must be sent as UTF-8 text"
+            ) from None
         raise invalid_request(f"The request body is not valid JSON: {exc}") from None
 
 

@@ -628,6 +628,17 @@ def test_what_a_newcomer_tries_gets_an_answer_it_can_act_on(kafka_settings: Sett
             with pytest.raises(openai.BadRequestError) as refused:
                 client.chat.completions.create(**{"model": "gpt-4o", "messages": MESSAGES, **extra})
             assert refused.value.param == param  # type: ignore[attr-defined]
+        # Probe L (F2): a byte that is not UTF-8 was "surrogates not allowed ... (char 0)"
+        bad = b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "abc\xffdef"}]}'
+        refused_bytes = httpx.post(
+            f"{stack.url}/v1/chat/completions",
+            content=bad,
+            headers={"Content-Type": "application/json"},
+        )
+        assert refused_bytes.status_code == 400, refused_bytes.text
+        message = refused_bytes.json()["error"]["message"]
+        at = bad.index(b"\xff")
+        assert f"0xff at byte {at}" in message and "UTF-8" in message, message
         answered = client.chat.completions.create(
             model="gpt-4o", messages=MESSAGES, temperature=0.2, user="newcomer"
         )
