@@ -93,8 +93,19 @@ SSE_EVENT = {  # one event of a text/event-stream answer, as SSE parsers hand it
     },
 }
 REPORT_PARAMS = [
-    {"name": "from", "in": "query", "schema": {"type": "string", "format": "date-time"}},
-    {"name": "to", "in": "query", "schema": {"type": "string", "format": "date-time"}},
+    {
+        "name": "from",
+        "in": "query",
+        "schema": {"type": "string", "format": "date-time"},
+        "description": "Start of the range (default: 30 days before `to`); the range is at "
+        "most 400 days, and `from` is before `to` (else 400)",
+    },
+    {
+        "name": "to",
+        "in": "query",
+        "schema": {"type": "string", "format": "date-time"},
+        "description": "End of the range (default: the end of the current minute)",
+    },
     {
         "name": "by",
         "in": "query",
@@ -105,6 +116,7 @@ REPORT_PARAMS = [
         "name": "interval",
         "in": "query",
         "schema": {"type": "string", "enum": ["minute", "hour", "day"]},
+        "description": "At most 50,000 intervals in the range (else 400: use a longer one)",
     },
 ]
 
