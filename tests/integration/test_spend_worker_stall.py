@@ -14,13 +14,26 @@ from where it stands, and count every event exactly once.
 from __future__ import annotations
 
 import asyncio
+import time
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
+from aiokafka import AIOKafkaProducer
 
+from app.events.codec import EventCodec
 from app.events.topics import ensure_topics
+from app.metering.usage import new_id
 from app.settings import Settings
-from tests.integration.harness import WorkerProcess, wait_worker_ready
+from tests.integration.harness import (
+    WorkerProcess,
+    raw_messages,
+    read_events,
+    running_stack,
+    wait_worker_ready,
+)
 from tests.integration.test_spend_worker_crash import (
     UsageSender,
     committed_offsets,
@@ -83,3 +96,80 @@ async def _commits_reach(settings: Settings, total: int, timeout_s: float = 60) 
             return True
         await asyncio.sleep(1)
     return False
+
+
+async def _copies(settings: Settings, template: Any, count: int, boot_shift_s: float) -> list[str]:
+    """``count`` copies of an accepted Request under new request ids, never answered, with
+    the template's dispatcher and its boot moved by ``boot_shift_s``; returns their ids."""
+    codec = EventCodec()
+    ids = []
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+    await producer.start()
+    try:
+        for _ in range(count):
+            record = dict(codec.decode(template.value).record)
+            record.update(event_id=new_id(), request_id=new_id("req_"))
+            record["boot_ts"] = record["boot_ts"] + timedelta(seconds=boot_shift_s)
+            ids.append(record["request_id"])
+            await producer.send(
+                template.topic,
+                codec.encode("Request", record),
+                key=template.key,
+                partition=template.partition,
+            )
+        await producer.flush()
+    finally:
+        await producer.stop()
+    return ids
+
+
+def test_requests_the_consumer_skipped_are_still_settled(
+    kafka_settings: Settings, tmp_path: Path
+) -> None:
+    """Probe M (K3): a restarted worker's Faust consumer skipped a range of Request records
+    and delivered the ones after it, so the stall watch saw nothing wrong and Faust committed
+    over the hole; requests in it whose dispatcher had died were never opened and never got
+    usage nor an estimate. Here the first fetched batch of the requests partition is dropped
+    (calls accepted, then their dispatcher gone), and later requests arrive from a new boot
+    of that dispatcher: every lost call must still get its estimate."""
+    asyncio.run(ensure_topics(kafka_settings))
+    with running_stack(kafka_settings) as stack:  # one real Request to copy
+        answer = httpx.post(
+            f"{stack.url}/v1/chat/completions",
+            json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+            headers={"X-Tollgate-User": "skipped-requests"},
+            timeout=30,
+        )
+        assert answer.status_code == 200, answer.text
+        [template] = asyncio.run(raw_messages(kafka_settings, "requests", at_least=1))
+    lost = asyncio.run(_copies(kafka_settings, template, 6, boot_shift_s=0))
+    log = tmp_path / "dropping.log"
+    dropping = WorkerProcess(
+        kafka_settings,
+        log,
+        argv=("-m", "tests.integration.dropping_worker"),
+        DROPPING_WORKER_TOPICS=".requests",
+        TOLLGATE_SPEND_STALL_S="600",  # the stall watch must not be what saves them
+        TOLLGATE_SETTLE_GRACE_S="1",
+    )
+    dropping.start()
+    try:
+        wait_worker_ready(kafka_settings)
+        deadline = time.monotonic() + 60
+        while ".requests/" not in log.read_text(errors="replace"):
+            assert time.monotonic() < deadline, "no request records were dropped: test is void"
+            time.sleep(0.5)
+        asyncio.run(_copies(kafka_settings, template, 2, boot_shift_s=3600))  # a new boot
+        deadline = time.monotonic() + 90
+        while True:
+            usage = asyncio.run(read_events(kafka_settings, "usage", at_least=1, settle_s=0.5))
+            estimated = {u["request_id"] for u in usage if u["source"] == "settlement"}
+            if set(lost) <= estimated:
+                break
+            assert time.monotonic() < deadline, (
+                f"{len(set(lost) - estimated)} of {len(lost)} skipped requests never settled"
+            )
+            time.sleep(1)
+        assert "opening requests the consumer skipped" in log.read_text(errors="replace")
+    finally:
+        dropping.stop()
