@@ -513,15 +513,20 @@ def recent_alerts(client: Any, window: Range, limit: int = 20) -> list[dict[str,
     if not 1 <= limit <= 1000:
         raise ReportError("limit", "limit must be between 1 and 1000")
     rows = client.query(
-        "SELECT ts, kind, scope, severity, message FROM alert_events FINAL "
+        "SELECT ts, kind, scope, severity, message, incident_role, incident_key, historical, "
+        "impact_usd_per_hour FROM alert_events FINAL "
         "WHERE ts >= %(start)s AND ts < %(end)s AND status = 'firing' "
         f"AND kind != 'budget_threshold' ORDER BY ts DESC, kind LIMIT {int(limit)}",
         parameters=window.params(),
     ).result_rows
+    # Which alert was the page (the others are attached to it) and which are about the
+    # past: a reader could not tell 26 pages from 19 related alerts (probe N).
     return [
         {"ts": _utc(ts).isoformat(), "kind": kind, "scope": scope, "severity": severity,
-         "message": message}
-        for ts, kind, scope, severity, message in rows
+         "message": message, "incident_role": role, "incident_key": key,
+         "historical": bool(historical),
+         "impact_usd_per_hour": None if impact is None else float(impact)}
+        for ts, kind, scope, severity, message, role, key, historical, impact in rows
     ]  # fmt: skip
 
 

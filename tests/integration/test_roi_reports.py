@@ -305,6 +305,9 @@ async def test_every_report_on_a_hand_computed_fixture(
             (recent,) = (await get("alerts"))["alerts"]  # the dashboard's list of recent alerts
             assert recent["kind"] == "cost_per_request" and recent["scope"] == "feature:x"
             assert recent["severity"] == "warning" and recent["message"] == "test"
+            # a v1 alert (before incidents): its own page, not historical, no impact known
+            assert (recent["incident_role"], recent["historical"]) == ("primary", False)
+            assert recent["impact_usd_per_hour"] is None
             assert recent["ts"].startswith((day + timedelta(hours=10, minutes=2)).isoformat()[:16])
 
             scopes = {
