@@ -8,7 +8,8 @@ explains it, with the others attached.
 
 - **Grouping.** A firing alert joins an open incident that saw an alert within
   ``incident_window_seconds`` when its scope nests with one of the incident's narrower
-  members (the same scope, or a user and a feature the user called recently); a
+  members (the same scope, or a user and a feature the user called recently), and an
+  incident at any age whose member of the same kind and nesting scope is still firing; a
   ``global`` alert joins the latest open incident, and a narrower alert joins an incident
   that is only a global alert still in its hold. So a user's loop after a global surge was
   paged, or two users' loops, are separate pages.
@@ -117,19 +118,32 @@ class Correlator:
             (
                 g
                 for g in reversed(self.groups)
-                if ts - g.last_activity <= window
-                and (
-                    # The global scope belongs to any incident; a narrower alert joins an
-                    # incident with a narrower member it nests with (two users' loops, or a
-                    # loop after a global surge was paged, stay separate pages), or one that
-                    # is only a global alert still in its hold (the same moment: a
-                    # feature's regression moves the global share 3 s before its own).
-                    scope == "global"
-                    or any(
-                        m["scope"] != "global" and self._nests(scope, m["scope"])
-                        for m in g.members.values()
+                if (
+                    ts - g.last_activity <= window
+                    and (
+                        # The global scope belongs to any incident; a narrower alert joins
+                        # an incident with a narrower member it nests with (two users'
+                        # loops, or a loop after a global surge was paged, stay separate
+                        # pages), or one that is only a global alert still in its hold (the
+                        # same moment: a feature's regression moves the global share 3 s
+                        # before its own).
+                        scope == "global"
+                        or any(
+                            m["scope"] != "global" and self._nests(scope, m["scope"])
+                            for m in g.members.values()
+                        )
+                        or (not g.paged and all(m["scope"] == "global" for m in g.members.values()))
                     )
-                    or (not g.paged and all(m["scope"] == "global" for m in g.members.values()))
+                )
+                # An incident still open takes an alert of its kind that nests with an open
+                # narrower member, however long it has run: a user of a feature whose cost
+                # incident ran for two hours paged twice as new incidents (probe N).
+                or any(
+                    k not in g.resolved
+                    and m["kind"] == alert["kind"]
+                    and m["scope"] != "global"
+                    and self._nests(scope, m["scope"])
+                    for k, m in g.members.items()
                 )
             ),
             None,
@@ -138,6 +152,7 @@ class Correlator:
             group = Group(key=_incident_key(alert), opened=ts, last_activity=ts)
             self.groups.append(group)
         group.members[alert["alert_key"]] = alert
+        group.resolved.discard(alert["alert_key"])  # firing again: open until it resolves
         group.last_activity = max(group.last_activity, ts)
         self.by_key[alert["alert_key"]] = group
         if group.paged:

@@ -66,3 +66,69 @@ def test_two_narrower_alerts_in_a_global_alerts_hold_that_do_not_nest_stay_apart
     out += c.process([alert("volume_spike", "user:u2", 4)], T0 + timedelta(seconds=4))
     out += c.tick(T0 + timedelta(seconds=60))
     assert sorted(pages(out)) == ["user:u1", "user:u2"]
+
+
+def test_a_user_alert_while_their_features_incident_is_still_open_joins_it() -> None:
+    """Probe N (H1, seed 777): a feature's cost incident fired at 10:12 and resolved at
+    12:35, yet a user of that feature paged at 11:30 and again at 12:25 as new incidents:
+    an alert joined an incident only within ``incident_window_seconds`` of its last
+    firing. An incident still open takes a nesting alert of its kind whenever it comes;
+    once resolved, a later alert is a new incident (as before)."""
+
+    def nests(a: str, b: str) -> bool:
+        return a == b or "global" in (a, b) or {a, b} == {"user:u2", "feature:code"}
+
+    c = Correlator(DetectorSettings(), nests, lambda narrow, wide, now: False)
+    minute = 60.0
+    out = c.process([alert("cost_per_request", "feature:code", 0)], T0)
+    out += c.tick(T0 + timedelta(seconds=30))
+    late = alert("cost_per_request", "user:u2", 78 * minute)
+    out += c.process([late], late["ts"])
+    out += c.tick(late["ts"] + timedelta(seconds=30))
+    other_kind = alert("volume_spike", "user:u2", 100 * minute)  # not this incident's kind
+    out += c.process([other_kind], other_kind["ts"])
+    out += c.tick(other_kind["ts"] + timedelta(seconds=30))
+    assert pages(out) == ["feature:code", "user:u2"]
+    assert [a["incident_role"] for a in out if a["alert_key"] == late["alert_key"]] == ["related"]
+    assert [a["kind"] for a in out if a.get("incident_role") == "primary"] == [
+        "cost_per_request",
+        "volume_spike",
+    ]
+    for key in ("cost_per_request|user:u2", "cost_per_request|feature:code"):
+        resolved = {**alert(*key.split("|"), 150 * minute), "status": "resolved"}
+        out += c.process([resolved], resolved["ts"])
+    after = alert("cost_per_request", "user:u2", 200 * minute)
+    out += c.process([after], after["ts"])
+    out += c.tick(after["ts"] + timedelta(seconds=30))
+    assert pages(out)[-1] == "user:u2"  # the incident had ended: a new one
+
+
+def test_a_member_that_resolves_and_fires_again_keeps_its_incident_open() -> None:
+    """A member of an open incident resolved and fired again (the incident's other member
+    still firing): the incident counted it resolved, ended with the other member, and the
+    member's next resolve found no incident to end (ValueError: the engine crashed on
+    probe N's trace)."""
+
+    def nests(a: str, b: str) -> bool:
+        return a == b or {a, b} == {"user:u2", "feature:code"}
+
+    c = Correlator(DetectorSettings(), nests, lambda narrow, wide, now: False)
+    kind = "cost_per_request"
+
+    def resolved(scope: str, at: float) -> dict[str, Any]:
+        return {**alert(kind, scope, at), "status": "resolved"}
+
+    out = c.process([alert(kind, "feature:code", 0)], T0)
+    out += c.process([alert(kind, "user:u2", 10)], T0 + timedelta(seconds=10))
+    out += c.tick(T0 + timedelta(seconds=60))
+    for event in (
+        resolved("user:u2", 600),
+        alert(kind, "user:u2", 900),  # fires again while the feature is still firing
+        resolved("feature:code", 1200),  # not the end: user:u2 is firing
+        resolved("user:u2", 1500),  # the end
+    ):
+        out += c.process([event], event["ts"])
+    assert pages([a for a in out if a["status"] == "firing"]) == ["feature:code"]
+    ends = [a for a in out if a["status"] == "resolved" and a["incident_role"] == "primary"]
+    assert [a["ts"] for a in ends] == [T0 + timedelta(seconds=1500)]
+    assert c.groups == []
