@@ -135,7 +135,9 @@ class AnomalyEngine:
         self.prices = prices
         self.detector_factories = tuple(detectors)
         self.alerts = AlertManager(self.settings)
-        self.correlator = Correlator(self.settings, self.nests, self.explains)
+        self.correlator = Correlator(
+            self.settings, self.nests, self.explains, self.alerts.refreshed
+        )
         self.users: OrderedDict[str, ScopeState] = OrderedDict()  # least recently active first
         self.features: OrderedDict[str, ScopeState] = OrderedDict()
         self.global_scope = self._new_scope("global")
@@ -525,6 +527,7 @@ class AnomalyEngine:
         self.__dict__.setdefault("detector_factories", ())  # a checkpoint from before them
         self.correlator.nests = self.nests
         self.correlator.explains = self.explains
+        self.correlator.refresh = self.alerts.refreshed
 
     def snapshot(self) -> bytes:
         """Everything the engine learned, as bytes to store: a versioned header, then a

@@ -40,6 +40,7 @@ from app.anomaly_config import DetectorSettings
 
 Nests = Callable[[str, str], bool]
 Explains = Callable[[str, str, datetime], bool]
+Refresh = Callable[[dict[str, Any]], dict[str, Any]]
 
 
 def specificity(scope: str) -> int:
@@ -66,16 +67,25 @@ class Group:
 class Correlator:
     """Firing/resolved alert records in; the same records out, grouped and marked."""
 
-    def __init__(self, settings: DetectorSettings, nests: Nests, explains: Explains) -> None:
+    def __init__(
+        self,
+        settings: DetectorSettings,
+        nests: Nests,
+        explains: Explains,
+        refresh: Refresh | None = None,
+    ) -> None:
         self.settings = settings
         self.nests: Nests | None = nests
         self.explains: Explains | None = explains
+        # A held member's record as of the page (its latest figures); None: as it fired.
+        self.refresh: Refresh | None = refresh
         self.groups: list[Group] = []
         self.by_key: dict[str, Group] = {}  # alert key -> its open group
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["nests"] = state["explains"] = None  # the engine's; handed in again on restore
+        state["refresh"] = None
         return state
 
     def process(self, alerts: list[dict[str, Any]], now: datetime) -> list[dict[str, Any]]:
@@ -160,6 +170,8 @@ class Correlator:
         return []
 
     def _page(self, group: Group, now: datetime) -> list[dict[str, Any]]:
+        if self.refresh is not None:  # held until now: the figures of now, not of the firing
+            group.members = {k: self.refresh(m) for k, m in group.members.items()}
         group.paged = True
         group.primary = self._choose(group, now)
         page = group.members[group.primary]

@@ -110,3 +110,30 @@ def test_alert_records_match_the_avro_schema() -> None:
         assert decoded.record["status"] == alert["status"]
         assert decoded.record["ts"] == alert["ts"]
         assert all(isinstance(value, str) for value in alert["details"].values())
+
+
+def test_a_page_held_for_its_incident_states_the_latest_figures() -> None:
+    """Probe N (H3): a burst of 3,000 calls a minute was paged after the incident's hold
+    with the figures of its first verdict (26 calls: "$2.56/hour" for about $894/hour).
+    The page now states the latest anomalous verdict of the same measure."""
+    from dataclasses import replace
+
+    from agents.anomaly.incidents import Correlator
+
+    manager = AlertManager(SETTINGS)
+    correlator = Correlator(SETTINGS, lambda a, b: a == b, lambda *_: False, manager.refreshed)
+    first = replace(verdict(T0, observed=26.0, expected=0.2), impact_usd_per_hour=2.56)
+    later = replace(
+        verdict(T0 + timedelta(seconds=15), observed=750.0, expected=0.2),
+        impact_usd_per_hour=890.0,
+        score=11.0,  # a lower score than the first: the peak stays the first verdict
+    )
+    out: list[dict[str, Any]] = []
+    for v in (first, later):
+        out += correlator.process(manager.process(v), v.ts)
+    out += correlator.tick(T0 + timedelta(seconds=60))
+    [page] = [a for a in out if a["incident_role"] == "primary"]
+    assert page["impact_usd_per_hour"] == 890.0 and page["observed"] == 750.0
+    assert "$890" in page["message"] and page["severity"] == "critical", page["message"]
+    assert page["ts"] == T0  # when it fired
+    assert page["details"]["peak_observed"] == "26"
