@@ -1168,7 +1168,10 @@ def run_worker(settings: Settings, exit: Callable[[int], Any] = end_process) -> 
     worker = SpendWorker(settings)
     asyncio.run(wait_for_kafka(worker))
     exit_when_crashed(worker.app)
-    faust_worker = faust.Worker(worker.app, loglevel="WARN", quiet=True)
+    # The worker logs as every Tollgate process does (`tollgate` set it up, honouring
+    # TOLLGATE_LOG_FORMAT): Faust's own setup replaced the handlers with its text format, so
+    # the worker's fields (a settled request's id, why) were lost (probe M).
+    faust_worker = faust.Worker(worker.app, loglevel="WARN", quiet=True, override_logging=False)
     code = 1
     try:
         faust_worker.execute_from_commandline()

@@ -26,6 +26,7 @@ from typing import Any
 from faust.transport.consumer import Consumer
 
 from agents.spend import run_worker
+from app.logs import configure_logging
 from app.settings import Settings
 
 _getmany = Consumer.getmany
@@ -62,4 +63,6 @@ async def _dropping_getmany(
 Consumer.getmany = _dropping_getmany  # type: ignore[method-assign]
 
 if __name__ == "__main__":
-    run_worker(Settings())
+    settings = Settings()
+    configure_logging(settings.log_level, settings.log_format)  # as `tollgate worker` does
+    run_worker(settings)

@@ -14,6 +14,7 @@ from where it stands, and count every event exactly once.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -151,6 +152,7 @@ def test_requests_the_consumer_skipped_are_still_settled(
         DROPPING_WORKER_TOPICS=".requests",
         TOLLGATE_SPEND_STALL_S="600",  # the stall watch must not be what saves them
         TOLLGATE_SETTLE_GRACE_S="1",
+        TOLLGATE_LOG_FORMAT="json",
     )
     dropping.start()
     try:
@@ -170,6 +172,12 @@ def test_requests_the_consumer_skipped_are_still_settled(
                 f"{len(set(lost) - estimated)} of {len(lost)} skipped requests never settled"
             )
             time.sleep(1)
-        assert "opening requests the consumer skipped" in log.read_text(errors="replace")
+        # in the format asked for, with its fields (Faust's setup replaced it: probe M)
+        lines = [json.loads(line) for line in log.read_text(errors="replace").splitlines()
+                 if line.startswith("{")]  # fmt: skip
+        skipped = [e for e in lines if e.get("msg") == "opening requests the consumer skipped"]
+        assert skipped and all("partition" in e and "read" in e for e in skipped), lines[-5:]
+        estimates = [e for e in lines if "sent an estimate" in e.get("msg", "")]
+        assert {e["request_id"] for e in estimates} >= set(lost)
     finally:
         dropping.stop()
