@@ -164,10 +164,16 @@ class AlertManager:
             else:
                 latest = f"latest {_value_text(verdict)}"
             lasted = incident.last_seen - incident.first_seen
+            # and the money it cost at its peak (probe N: resolves said no dollar figure)
+            money = (
+                f"; at its peak {money_per_hour(peak.impact_usd_per_hour)}"
+                if peak.impact_usd_per_hour is not None
+                else ""
+            )
             message = (
                 f"resolved: {incident.kind.replace('_', ' ')} for {incident.scope} is back to "
                 f"normal since {incident.last_seen:%H:%M:%S} UTC, after {_duration(lasted)} "
-                f"anomalous ({peak.metric}: {latest}; peak {_value_text(peak)})"
+                f"anomalous ({peak.metric}: {latest}; peak {_value_text(peak)}{money})"
             )
             normal = not verdict.is_anomaly and _same_measure(verdict, peak)
             impact = verdict.impact_usd_per_hour if normal else None

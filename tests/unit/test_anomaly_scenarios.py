@@ -196,6 +196,7 @@ def test_messages_speak_of_one_metric_resolve_promptly_and_state_the_money() -> 
     assert resolved[0]["ts"] - stop <= timedelta(minutes=4)
     assert resolved[0]["last_seen"] - fired[0]["first_seen"] >= timedelta(minutes=8)
     assert "normal since" in resolved[0]["message"]
+    assert "/hour above expected" in resolved[0]["message"]  # the money, at its peak
     for alert in firing(alerts):
         assert alert["impact_usd_per_hour"] is not None and alert["impact_usd_per_hour"] > 0
         assert "/hour" in alert["message"]
