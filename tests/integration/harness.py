@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -25,6 +25,7 @@ from app.budgets.policy import parse_policy
 from app.events.codec import EventCodec
 from app.events.compacted import CompactedView
 from app.http.server import serve
+from app.metering.usage import new_id
 from app.settings import Settings, UpstreamConfig
 from devtools.simulator import SimulatorConfig, create_app
 
@@ -216,6 +217,41 @@ async def raw_messages(settings: Settings, suffix: str, at_least: int) -> list[A
     finally:
         await consumer.stop()
     return messages
+
+
+async def send_request_copies(
+    settings: Settings,
+    template: Any,
+    count: int,
+    *,
+    boot_shift_s: float = 0.0,
+    resend: Sequence[Any] = (),
+) -> list[str]:
+    """Send ``resend`` (messages) again as they are, then ``count`` copies of the accepted
+    Request ``template`` under new request ids, never answered, with its dispatcher and its
+    boot moved by ``boot_shift_s``; returns the copies' request ids."""
+    codec = EventCodec()
+    ids = []
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+    await producer.start()
+    try:
+        for m in resend:
+            await producer.send(m.topic, m.value, key=m.key, partition=m.partition)
+        for _ in range(count):
+            record = dict(codec.decode(template.value).record)
+            record.update(event_id=new_id(), request_id=new_id("req_"))
+            record["boot_ts"] = record["boot_ts"] + timedelta(seconds=boot_shift_s)
+            ids.append(record["request_id"])
+            await producer.send(
+                template.topic,
+                codec.encode("Request", record),
+                key=template.key,
+                partition=template.partition,
+            )
+        await producer.flush()
+    finally:
+        await producer.stop()
+    return ids
 
 
 class WorkerProcess:

@@ -18,15 +18,12 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
-from aiokafka import AIOKafkaProducer
 
 from app.events.codec import EventCodec
 from app.events.topics import ensure_topics
-from app.metering.usage import new_id
 from app.settings import Settings
 from tests.integration.harness import (
     WorkerProcess,
@@ -34,6 +31,7 @@ from tests.integration.harness import (
     raw_messages,
     read_events,
     running_stack,
+    send_request_copies,
     wait_for_decision,
     wait_worker_ready,
 )
@@ -41,30 +39,6 @@ from tests.integration.harness import (
 pytestmark = pytest.mark.integration
 USER = "resent-requests"
 CALLS = 5
-
-
-async def resend(settings: Settings, messages: list[Any], lost_copy_of: Any) -> str:
-    """Send ``messages`` again as they are, plus a copy of ``lost_copy_of`` under a new
-    request id (accepted, never answered: its usage must be estimated). Returns that id."""
-    codec = EventCodec()
-    record = dict(codec.decode(lost_copy_of.value).record)
-    lost_id = new_id("req_")
-    record.update(event_id=new_id(), request_id=lost_id)
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
-    await producer.start()
-    try:
-        for m in messages:
-            await producer.send(m.topic, m.value, key=m.key, partition=m.partition)
-        await producer.send(
-            lost_copy_of.topic,
-            codec.encode("Request", record),
-            key=lost_copy_of.key,
-            partition=lost_copy_of.partition,
-        )
-        await producer.flush()
-    finally:
-        await producer.stop()
-    return lost_id
 
 
 def test_a_request_resent_after_its_usage_is_never_estimated(
@@ -99,7 +73,10 @@ def test_a_request_resent_after_its_usage_is_never_estimated(
             if EventCodec().decode(m.value).record["user_id"] == USER
         ]  # fmt: skip
         assert len(requests) == CALLS
-        lost_id = asyncio.run(resend(kafka_settings, requests, requests[0]))
+        # the same bytes again, and a copy under a new id never answered: to be estimated
+        [lost_id] = asyncio.run(
+            send_request_copies(kafka_settings, requests[0], 1, resend=requests)
+        )
 
         # The dispatcher boots again: every open request of its first boot is settled.
         with running_stack(kafka_settings, state_dir=dispatcher_state) as stack:

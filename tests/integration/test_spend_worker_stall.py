@@ -16,23 +16,19 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
-from aiokafka import AIOKafkaProducer
 
-from app.events.codec import EventCodec
 from app.events.topics import ensure_topics
-from app.metering.usage import new_id
 from app.settings import Settings
 from tests.integration.harness import (
     WorkerProcess,
     raw_messages,
     read_events,
     running_stack,
+    send_request_copies,
     wait_worker_ready,
 )
 from tests.integration.test_spend_worker_crash import (
@@ -99,31 +95,6 @@ async def _commits_reach(settings: Settings, total: int, timeout_s: float = 60) 
     return False
 
 
-async def _copies(settings: Settings, template: Any, count: int, boot_shift_s: float) -> list[str]:
-    """``count`` copies of an accepted Request under new request ids, never answered, with
-    the template's dispatcher and its boot moved by ``boot_shift_s``; returns their ids."""
-    codec = EventCodec()
-    ids = []
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
-    await producer.start()
-    try:
-        for _ in range(count):
-            record = dict(codec.decode(template.value).record)
-            record.update(event_id=new_id(), request_id=new_id("req_"))
-            record["boot_ts"] = record["boot_ts"] + timedelta(seconds=boot_shift_s)
-            ids.append(record["request_id"])
-            await producer.send(
-                template.topic,
-                codec.encode("Request", record),
-                key=template.key,
-                partition=template.partition,
-            )
-        await producer.flush()
-    finally:
-        await producer.stop()
-    return ids
-
-
 def test_requests_the_consumer_skipped_are_still_settled(
     kafka_settings: Settings, tmp_path: Path
 ) -> None:
@@ -143,7 +114,7 @@ def test_requests_the_consumer_skipped_are_still_settled(
         )
         assert answer.status_code == 200, answer.text
         [template] = asyncio.run(raw_messages(kafka_settings, "requests", at_least=1))
-    lost = asyncio.run(_copies(kafka_settings, template, 6, boot_shift_s=0))
+    lost = asyncio.run(send_request_copies(kafka_settings, template, 6))
     log = tmp_path / "dropping.log"
     dropping = WorkerProcess(
         kafka_settings,
@@ -161,7 +132,9 @@ def test_requests_the_consumer_skipped_are_still_settled(
         while ".requests/" not in log.read_text(errors="replace"):
             assert time.monotonic() < deadline, "no request records were dropped: test is void"
             time.sleep(0.5)
-        asyncio.run(_copies(kafka_settings, template, 2, boot_shift_s=3600))  # a new boot
+        asyncio.run(
+            send_request_copies(kafka_settings, template, 2, boot_shift_s=3600)
+        )  # a new boot
         deadline = time.monotonic() + 90
         while True:
             usage = asyncio.run(read_events(kafka_settings, "usage", at_least=1, settle_s=0.5))
