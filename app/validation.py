@@ -18,7 +18,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, PlainValidator, ValidationError, WithJsonSchema
 from pydantic_core import PydanticCustomError
 
-from app.ids import MAX_ID_LENGTH, id_problem
+from app.ids import MAX_ID_LENGTH, id_problem, normal_id
 
 MAX_TOKEN_COUNT = 2**31 - 1  # token counts are Avro ints in the events
 ID_TEXT = f"Printable text (no control characters), at most {MAX_ID_LENGTH} characters"
@@ -46,6 +46,16 @@ Id = Annotated[
     WithJsonSchema({"type": "string", "maxLength": MAX_ID_LENGTH, "description": ID_TEXT}),
 ]
 """An identifier (user, session, feature, model, request, provider...): ``app.ids``'s rule."""
+
+
+NormalId = Annotated[
+    str,
+    PlainValidator(lambda value: normal_id(_checked_id(value))),
+    WithJsonSchema({"type": "string", "maxLength": MAX_ID_LENGTH, "description": ID_TEXT}),
+]
+"""An ``Id`` that links records (a request or session id an outcome or usage report names),
+in its one spelling (``app.ids.normal_id``: trimmed, NFC), as attribution ids are: a retry
+that trims its request id, or spells "Zoë" the other way, names the same call."""
 
 
 def _checked_nonempty_id(value: Any) -> str:

@@ -38,6 +38,7 @@ from app.validation import (
     MAX_TOKEN_COUNT,
     Id,
     NonEmptyId,
+    NormalId,
     TokenCount,
     custom_error,
     first_problem,
@@ -309,7 +310,7 @@ class UsageReport(_Report):
         description="A cache answered without a provider call: cost 0, and the model's "
         "price for these tokens is reported as cache savings",
     )
-    request_id: Id | None = None
+    request_id: NormalId | None = None
     provider: Id | None = None
     ts: Timestamp = None
     latency_ms: TokenCount | None = None
@@ -381,8 +382,8 @@ class OutcomeReport(_Report):
     )
 
     outcome: Literal["success", "failure"]
-    request_id: Id | None = None
-    session_id: Id | None = None
+    request_id: NormalId | None = None
+    session_id: NormalId | None = None
     kind: Id | None = None
     value_usd: Annotated[
         int | None,

@@ -187,3 +187,33 @@ def test_the_label_reports_give_a_missing_id_is_not_an_id() -> None:
     for field in ("user", "feature", "session_id"):
         with pytest.raises(TollgateError, match="reports show"):
             resolve_identity({}, {field: "(none)"}, None)
+
+
+@pytest.mark.parametrize(
+    ("sent", "kept"),
+    [(" r-1 ", "r-1"), ("Zoe\u0308-1", "Zo\u00eb-1"), ("   ", None)],
+)
+def test_a_linking_id_has_one_spelling_as_attribution_ids_do(sent: str, kept: str | None) -> None:
+    """Session 19's closing note: a request id was kept as sent, so a usage retry that
+    trimmed it (or spelt "Zoë" the other Unicode way) was another call, counted twice, and an
+    outcome naming a session "Zoë" missed the spend attributed to "Zoë"."""
+    [usage] = parse_usage_reports(
+        {"model": "gpt-4o", "prompt_tokens": 1, "completion_tokens": 1, "request_id": sent},
+        resolve,
+    )
+    if kept is None:
+        assert usage["request_id"].startswith("rep_")  # blank: no id given, one is made
+    else:
+        assert usage["request_id"] == kept
+        [again] = parse_usage_reports(
+            {"model": "gpt-4o", "prompt_tokens": 1, "completion_tokens": 1, "request_id": kept},
+            resolve,
+        )
+        assert again["event_id"] == usage["event_id"]  # the retry is the same event
+    outcome = {"outcome": "success", "request_id": sent, "session_id": sent}
+    if kept is None:  # blank ids link to nothing: the outcome names what to send
+        with pytest.raises(TollgateError, match="request_id or session_id is required"):
+            parse_outcomes(outcome, resolve)
+    else:
+        [parsed] = parse_outcomes(outcome, resolve)
+        assert parsed["request_id"] == kept and parsed["session_id"] == kept
