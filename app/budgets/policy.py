@@ -146,9 +146,16 @@ def _window_seconds(value: Any) -> int:
     return seconds
 
 
+# A limit written as a string: a decimal ("19.99", "5", ".5", "1e3"), which keeps cents
+# exact; not a sign, NaN or Infinity (the document's pattern says the same).
+LIMIT_TEXT = r"^\s*([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?\s*$"
+
+
 def _limit_usd(value: Any) -> Decimal:
     try:
         if isinstance(value, bool) or value is None:
+            raise InvalidOperation
+        if isinstance(value, str) and (len(value) > 60 or not re.fullmatch(LIMIT_TEXT, value)):
             raise InvalidOperation
         limit = Decimal(str(value))
     except InvalidOperation:
@@ -258,7 +265,15 @@ class PolicyBody(BaseModel):
         Decimal,
         PlainValidator(_limit_usd),
         # at least one nano-dollar, the resolution money is held in
-        WithJsonSchema({"type": "number", "minimum": 1e-9, "maximum": int(MAX_LIMIT_USD)}),
+        WithJsonSchema(
+            {
+                "anyOf": [
+                    {"type": "number", "minimum": 1e-9, "maximum": int(MAX_LIMIT_USD)},
+                    # a decimal string keeps cents exact ("19.99"), as money APIs accept
+                    {"type": "string", "pattern": LIMIT_TEXT, "maxLength": 60},
+                ]
+            }
+        ),
     ] = Field(description="a positive number of USD (a number or a decimal string)")
     thresholds: Annotated[
         tuple[float, ...],

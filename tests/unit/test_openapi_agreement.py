@@ -192,8 +192,30 @@ def test_streamed_answers_are_documented_as_events(path: str) -> None:
     assert "application/json" in content
 
 
-@pytest.mark.parametrize("limit", [1e-9, 5e-324, 0, 0.01])
-def test_a_budget_limit_is_documented_as_it_is_checked(limit: float) -> None:
+@pytest.mark.parametrize(
+    "limit",
+    [
+        1e-9,
+        5e-324,
+        0,
+        0.01,
+        "5",
+        "19.99",
+        " 5 ",
+        "5.",
+        ".5",
+        "1e3",
+        "+5",
+        "-5",
+        "NaN",
+        "",
+        "x",
+        "1" * 61,
+    ],
+)
+def test_a_budget_limit_is_documented_as_it_is_checked(limit: float | str) -> None:
+    """A decimal string is a limit (session 19's note: the document said only a number);
+    a sign, NaN or a 61st character in a string are neither documented nor accepted."""
     from app.budgets.policy import parse_policy
 
     schema = SPEC["paths"]["/v1/budgets/{scope}"]["put"]["requestBody"]["content"]
