@@ -255,6 +255,7 @@ def budgets_set(
     """Cap SCOPE (global, user:ID, feature:NAME, user:* for every user), e.g. --monthly 50."""
     from app.budgets.admin import PolicyAdmin, policy_record
     from app.budgets.policy import PolicyError, parse_policy
+    from app.metering.attribution import KeyStore, key_cap_warning
 
     chosen = [
         (p, v) for p, v in (("month", monthly), ("day", daily), ("window", window_limit)) if v
@@ -279,10 +280,15 @@ def budgets_set(
         _fail(f"{exc.field}: {exc}")
     scope = policy.scope  # as calls are attributed (trimmed, NFC)
     if url:
-        _api(settings, url, key).call("PUT", f"/v1/budgets/{scope}", body)
+        _, answer = _api(settings, url, key).call("PUT", f"/v1/budgets/{scope}", body)
+        warning = answer.get("warning")
     else:
         asyncio.run(PolicyAdmin(settings).publish(scope, policy_record(policy, "cli")))
+        keys = KeyStore.load(settings.keys_file) if settings.keys_file else None
+        warning = key_cap_warning(scope, keys)
     click.echo(f"{scope}: ${usd_text(policy.limit_usd)} per {policy.period} ({policy.timezone})")
+    if warning:
+        click.echo(f"warning: {warning}", err=True)
 
 
 @budgets.command("list")

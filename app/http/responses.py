@@ -98,6 +98,11 @@ class PolicyOut(BaseModel):
     window_seconds: int | None
     upgrade_url: str | None
     upgrade_prompt: str | None
+    warning: str | None = Field(
+        default=None,
+        description="Present when the policy is stored but caps no call yet, e.g. a key: "
+        "scope with no such API key configured",
+    )
 
 
 class PolicyList(BaseModel):

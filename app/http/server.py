@@ -69,7 +69,13 @@ from app.http.openapi import (
 from app.http.reports_api import REPORTS
 from app.http.runner import UnreadableBody, serve_app
 from app.http.security import check_exposure, internal_token
-from app.metering.attribution import Identity, KeyStore, bearer_token, resolve_identity
+from app.metering.attribution import (
+    Identity,
+    KeyStore,
+    bearer_token,
+    key_cap_warning,
+    resolve_identity,
+)
 from app.metering.ingest import (
     ReportedRequests,
     TimeWindow,
@@ -543,7 +549,8 @@ async def put_budget(request: web.Request) -> web.Response:
     # Effective here at once (and not undone by an older record's echo); other dispatchers
     # read it from Kafka.
     c.policies.put_local(policy, record["event_id"])
-    return json_response(policy.to_json())
+    warning = key_cap_warning(policy.scope, c.keys)
+    return json_response({**policy.to_json(), **({"warning": warning} if warning else {})})
 
 
 @operation(

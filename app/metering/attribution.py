@@ -75,6 +75,10 @@ class KeyStore:
     def __init__(self, keys: list[ApiKey]) -> None:
         self._by_hash = {key.sha256: key for key in keys}
 
+    @property
+    def ids(self) -> frozenset[str]:
+        return frozenset(key.id for key in self._by_hash.values())
+
     @classmethod
     def load(cls, path: Path) -> KeyStore:
         try:
@@ -308,3 +312,23 @@ def resolve_identity(
             field="metadata.feature",
         )
     return Identity(user, session, feature, team, key_id, is_admin)
+
+
+def key_cap_warning(scope: str, keys: KeyStore | None) -> str | None:
+    """What an admin capping ``key:<id>`` should know when no call can carry that key (a
+    cap is still stored: keys are read at start-up, so it may be set before its key)."""
+    if not scope.startswith("key:"):
+        return None
+    if keys is None:
+        return (
+            f"no API keys are configured (TOLLGATE_KEYS_FILE is unset): calls carry no key, "
+            f"so {scope} caps no call until keys are (`tollgate keys add`) and the "
+            "dispatcher is restarted with them"
+        )
+    key_id = scope.removeprefix("key:")
+    if key_id != "*" and key_id not in keys.ids:
+        return (
+            f"the keys file has no key with id {key_id!r}, so {scope} caps no call until one "
+            "is added to it and the dispatcher restarted"
+        )
+    return None

@@ -7,6 +7,7 @@ import asyncio
 from datetime import UTC, datetime
 from pathlib import Path
 
+import httpx
 import pytest
 from aiokafka import AIOKafkaProducer
 from click.testing import CliRunner
@@ -96,6 +97,15 @@ def test_budgets_through_the_dispatcher_with_the_admin_key(
             nowhere, "set", "feature:chat", "--daily", "12.5", *url, "--key", "sk-admin"
         )
         assert code == 0, output
+        assert "warning" not in output
+        code, output = cli(nowhere, "set", "key:nope", "--daily", "1", *url, "--key", "sk-admin")
+        assert code == 0 and "warning: the keys file has no key with id 'nope'" in output
+        capped = httpx.put(
+            f"{stack.url}/v1/budgets/key:bo",
+            json={"limit_usd": 1},
+            headers={"Authorization": "Bearer sk-admin"},
+        ).json()
+        assert capped["scope"] == "key:bo" and "warning" not in capped
         admin = {"TOLLGATE_ADMIN_KEY": "sk-admin"}  # the key from the environment
         code, output = cli(nowhere, "list", *url, **admin)
         assert code == 0 and "feature:chat" in output and "12.5" in output

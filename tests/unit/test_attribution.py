@@ -149,3 +149,16 @@ def test_an_attribution_header_sent_twice_with_different_values_is_refused(heade
     assert http_error(refused.value).status == 400
     assert refused.value.field == header and "twice" in refused.value.message
     resolve_identity(CIMultiDict([(header, "a"), (header, "a")]), {}, None)
+
+
+def test_a_key_cap_no_call_can_meet_is_said_so(keys: KeyStore) -> None:
+    """Session 19's note: ``PUT /v1/budgets/key:x`` with no keys file was a silent no-op."""
+    from app.metering.attribution import key_cap_warning
+
+    no_keys = key_cap_warning("key:ci-runner", None)
+    assert no_keys is not None and "TOLLGATE_KEYS_FILE" in no_keys
+    unknown = key_cap_warning("key:ci-runner", keys)
+    assert unknown is not None and "'ci-runner'" in unknown
+    assert key_cap_warning("key:backend", keys) is None
+    assert key_cap_warning("key:*", keys) is None
+    assert key_cap_warning("user:ci-runner", None) is None
