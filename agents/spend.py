@@ -379,17 +379,17 @@ class SpendWorker:
         just before it, so an event re-sent across a crash is still recognised."""
         start = max(0, next_offset - self.settings.spend_dedupe_window)
         ids = []
-        for message in await self._read_usage(partition, start, next_offset):
+        for message in await self._read_range(partition, start, next_offset):
             with contextlib.suppress(FrameError):
                 ids.append(event_id_of(message.value))
         self.counter.prepare(partition, next_offset, ids)
 
-    async def _read_usage(
+    async def _read_range(
         self, partition: int, start: int, end: int, topic: str = "usage"
     ) -> list[Any]:
-        """The records of usage ``partition`` in ``[start, end)`` (from its beginning if
+        """The records of ``topic``'s ``partition`` in ``[start, end)`` (from its beginning if
         ``start`` was deleted by retention), read by a consumer of its own; ``topic``: the
-        suffix of another topic's (the requests')."""
+        suffix of the topic (the usage's, or the requests')."""
         if end <= start:
             return []
         tp = TopicPartition(self.settings.topic(topic), partition)
@@ -440,7 +440,7 @@ class SpendWorker:
         )
         missed: list[UsageEvent] = []
         for partition, since, offset in gaps:
-            records = await self._read_usage(partition, since, offset)
+            records = await self._read_range(partition, since, offset)
             log.warning(
                 "counting usage events the consumer skipped",
                 extra={"partition": partition, "from": since, "to": offset, "read": len(records)},
@@ -863,7 +863,7 @@ class SpendWorker:
         for partition, since, until in skipped_ranges(
             ((e.message.partition, e.message.offset) for e in events), handled
         ):
-            records = await self._read_usage(partition, since, until, topic="requests")
+            records = await self._read_range(partition, since, until, topic="requests")
             log.warning(
                 "opening requests the consumer skipped",
                 extra={"partition": partition, "from": since, "to": until, "read": len(records)},
