@@ -159,7 +159,10 @@ def _limit_usd(value: Any) -> Decimal:
             raise InvalidOperation
         limit = Decimal(str(value))
     except InvalidOperation:
-        raise custom_error(f"must be a positive number of USD, got {value!r}") from None
+        raise custom_error(
+            f"must be a positive number of USD (a number, or a decimal string such as "
+            f"'19.99'), got {repr(value)[:60]}"
+        ) from None
     if not limit.is_finite() or limit <= 0 or limit > MAX_LIMIT_USD:
         raise custom_error(f"must be > 0 and <= {MAX_LIMIT_USD}, got {value}")
     if usd_to_nanos(limit) < 1:
