@@ -388,30 +388,36 @@ class Gateway:
         self.config = config or GatewayConfig()
         self.outputs = OutputEstimator(self.config.fallback_output_tokens)
         self.model_label = ModelLabels(frozenset(upstreams.known_models() if upstreams else ()))
-        # request_id -> who made it, and session_id -> its users (most recent last), for
+        # request_id -> who made it, and session_id -> its callers, one per user and feature
+        # (most recent last), for
         # outcomes reported later with only the request or the session: to attribute them to
         # the spend they are about, and to refuse a key that reports on someone else's.
         self._recent: OrderedDict[str, Identity] = OrderedDict()
-        self._sessions: OrderedDict[str, OrderedDict[str, Identity]] = OrderedDict()
+        self._sessions: OrderedDict[str, OrderedDict[tuple[str, str | None], Identity]] = (
+            OrderedDict()
+        )
         # The request ids of calls dispatched here: their usage events' ids derive from them,
         # so a /v1/usage record naming one would be dropped downstream as that call's double.
         self._dispatched: OrderedDict[str, None] = OrderedDict()
 
     RECENT_REQUESTS = 100_000
     RECENT_SESSIONS = 100_000
-    USERS_PER_SESSION = 8  # session ids are chosen by clients, so several users may share one
+    # Session ids are chosen by clients, so several users may share one; a conversation may
+    # go through several features.
+    CALLERS_PER_SESSION = 16
 
     def remember(self, request_id: str, identity: Identity) -> None:
         self._recent[request_id] = identity
         if len(self._recent) > self.RECENT_REQUESTS:
             self._recent.popitem(last=False)
         if identity.session_id:
-            users = self._sessions.pop(identity.session_id, None) or OrderedDict()
-            users.pop(identity.user_id, None)
-            users[identity.user_id] = identity
-            if len(users) > self.USERS_PER_SESSION:
-                users.popitem(last=False)
-            self._sessions[identity.session_id] = users
+            callers = self._sessions.pop(identity.session_id, None) or OrderedDict()
+            caller = (identity.user_id, identity.feature)
+            callers.pop(caller, None)
+            callers[caller] = identity
+            if len(callers) > self.CALLERS_PER_SESSION:
+                callers.popitem(last=False)
+            self._sessions[identity.session_id] = callers
             if len(self._sessions) > self.RECENT_SESSIONS:
                 self._sessions.popitem(last=False)
 
@@ -425,6 +431,9 @@ class Gateway:
     ) -> str | None:
         """Attribute an outcome to the spend it names: the user, feature and session of its
         request, else of its session; refuse (403) a caller who may not act for that user.
+        A session's outcome goes to its latest call, or to its latest call of the user and
+        feature the outcome names, where it names them (probe R: a conversation through
+        several features had its successes go to whichever feature it touched last).
 
         ``may_act_for``: None = the caller may report on anyone's spend (no keys configured,
         or an admin key); else whether its key may act for a user. A request or session this
@@ -434,13 +443,23 @@ class Gateway:
         """
         param, owner = "request_id", self._recent.get(outcome.get("request_id") or "")
         if owner is None and outcome.get("session_id"):
-            param, users = "session_id", self._sessions.get(outcome["session_id"])
-            if users:
+            param, callers = "session_id", self._sessions.get(outcome["session_id"])
+            if callers:
                 allowed = [
-                    i for i in users.values() if may_act_for is None or may_act_for(i.user_id)
+                    i for i in callers.values() if may_act_for is None or may_act_for(i.user_id)
                 ]
-                claimed = [i for i in allowed if i.user_id == outcome.get("user_id")]
-                owner = (claimed or allowed or list(users.values()))[-1]
+                user, feature = outcome.get("user_id"), outcome.get("feature")
+                owner = max(
+                    enumerate(allowed or list(callers.values())),
+                    key=lambda n_i: (
+                        n_i[1].user_id == user
+                        and feature is not None
+                        and n_i[1].feature == feature,
+                        n_i[1].user_id == user,
+                        feature is not None and n_i[1].feature == feature,
+                        n_i[0],  # else the latest
+                    ),
+                )[1]
         if owner is None:
             return "request_id" if outcome.get("request_id") else "session_id"
         if may_act_for is not None and not may_act_for(owner.user_id):

@@ -684,8 +684,10 @@ def outcomes(client: Any, window: Range) -> list[dict[str, Any]]:
                 "outcomes": n,
                 "successes": ok,
                 "success_rate": _share(ok, n),
+                # None, not "$0 per success", where the range holds none of the feature's
+                # calls (outcomes of earlier calls, or linked to no call: "(none)")
                 "cost_per_success_usd": usd_text((cost / ok).quantize(Decimal("1e-9")))
-                if ok
+                if ok and feature in spend
                 else None,
                 # the value reported with the feature's outcomes (as posted: a failure's
                 # too, if it was given one), and what it returns on the feature's spend

@@ -190,6 +190,8 @@ async def test_every_report_on_a_hand_computed_fixture(
             (c, "failure", None),
         )
     ]
+    # a success linked to no call (probe R: its "(none)" row read "$0 per success")
+    outcomes.append({**outcomes[0], "event_id": new_id(), "request_id": "nope", "feature": None})
     await produce(kafka_settings, "usage", "Usage", calls + calls[:2])  # with duplicates
     await produce(kafka_settings, "outcomes", "Outcome", outcomes)
     await produce(
@@ -272,6 +274,9 @@ async def test_every_report_on_a_hand_computed_fixture(
             )
             assert (search["outcomes"], search["successes"], search["success_rate"]) == (2, 1, 0.5)
             assert search["cost_per_success_usd"] == "1.875"
+            unlinked = by_feature["(none)"]
+            assert (unlinked["requests"], unlinked["successes"]) == (0, 1)
+            assert unlinked["cost_per_success_usd"] is None  # no spend to divide, not $0
             # ROI is (value - cost) / cost: $0.60 for $0.15 returns 3.00 (300 %), $3 for
             # $1.875 returns 0.60; value per dollar is value / cost
             assert (chat["value_usd"], chat["net_value_usd"], chat["roi"]) == (

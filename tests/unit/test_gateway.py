@@ -200,3 +200,29 @@ def test_validation_messages_name_the_field_and_the_fix(body: dict, param: str, 
         parse_chat_request(body)
     assert info.value.field == param
     assert f"'{param}'" in info.value.message and words in info.value.message
+
+
+def test_a_sessions_outcome_goes_to_the_feature_and_user_it_names_else_the_latest_call() -> None:
+    """Probe R: a session through chat, then summary, then search had an outcome naming
+    only the session go to search, whichever feature it was about."""
+    from app.gateway.pipeline import Gateway
+    from app.metrics import Metrics
+    from app.pricing.catalog import PriceCatalog
+
+    gateway = Gateway(None, PriceCatalog(), None, Metrics(), None)  # type: ignore[arg-type]
+    for n, (user, feature) in enumerate(
+        [("alice", "chat"), ("alice", "summary"), ("bob", "chat"), ("alice", "search")]
+    ):
+        gateway.remember(f"r{n}", Identity(user, "s1", feature))
+
+    def attributed(**named: str | None) -> tuple[str | None, str | None]:
+        outcome: dict[str, str | None] = {"session_id": "s1", "outcome": "success", **named}
+        assert gateway.attribute_outcome(outcome) is None
+        return outcome.get("user_id"), outcome.get("feature")
+
+    assert attributed() == ("alice", "search")  # the latest call
+    assert attributed(feature="summary") == ("alice", "summary")
+    assert attributed(feature="chat") == ("bob", "chat")  # the feature's latest call
+    assert attributed(user_id="alice", feature="chat") == ("alice", "chat")
+    assert attributed(user_id="bob") == ("bob", "chat")
+    assert attributed(user_id="carol") == ("alice", "search")  # no such caller: the latest
