@@ -244,7 +244,7 @@ class ChatAttempts:
                         call.route = replace(
                             call.route, model=cached.model, tier=levers.tier_of(cached.model)
                         )
-                    return await self._replay(call, cached.body, client)
+                    return await self._replay(call, cached.body, client, escalated_from)
             cache_status: CacheStatus = "miss" if plan.status == "lookup" else "bypass"
             escalation = self._escalation(route, attempt)
             if chat.stream:
@@ -289,9 +289,13 @@ class ChatAttempts:
             served = self._served(call, cache_status, escalated_from)
             return Answer(served, status, payload, content_type)
 
-    async def _replay(self, call: Call, body: bytes, client: ClientStream) -> Answer:
-        """A cached answer, as JSON or (when the client asked to stream) as the SSE stream."""
-        served = self._served(call, "hit", None)
+    async def _replay(
+        self, call: Call, body: bytes, client: ClientStream, escalated_from: str | None
+    ) -> Answer:
+        """A cached answer, as JSON or (when the client asked to stream) as the SSE stream;
+        after an escalation, the answer says so (probe R: a hit hid the economy attempt that
+        failed and was billed before it)."""
+        served = self._served(call, "hit", escalated_from)
         if not call.chat.stream:
             return Answer(served, 200, body)
         from app.cache.replay import sse_replay

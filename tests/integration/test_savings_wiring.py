@@ -509,6 +509,26 @@ def test_empty_economy_stream_escalates_before_its_first_byte(stack: Stack) -> N
     assert second["status"] == "ok" and second["completion_tokens"] > 0
 
 
+def test_a_repeat_answered_by_the_cache_after_an_escalation_says_it_escalated(
+    stack: Stack,
+) -> None:
+    """Probe R: economy failed again on a repeat, the next tier's answer came from the
+    cache, and the answer said a plain hit, hiding the economy attempt it was billed for."""
+    empty_economy = {"X-Sim-Completion-Tokens": "0", "X-Sim-Models": "gpt-4o-mini"}
+    ask = {"model": "auto", "messages": SHORT, "temperature": 0, "user": "ross"}
+    answers = [
+        client(stack).chat.completions.with_raw_response.create(**ask, extra_headers=empty_economy)
+        for _ in range(2)
+    ]
+    assert [a.headers["X-Tollgate-Cache"] for a in answers] == ["miss", "hit"]
+    for answer in answers:
+        assert answer.headers["X-Tollgate-Model-Served"] == "gpt-4o"
+        assert answer.headers["X-Tollgate-Escalated-From"] == "gpt-4o-mini"
+    assert answers[1].parse().choices[0].message.content == (
+        answers[0].parse().choices[0].message.content
+    )
+
+
 def test_streamed_economy_answer_with_content_is_not_escalated(stack: Stack) -> None:
     """Holding a routed stream until its first content changes nothing for a good answer."""
     streamed = client(stack).chat.completions.create(
