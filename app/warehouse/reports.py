@@ -85,6 +85,8 @@ def parse_since(value: str) -> timedelta:
     if len(value) < 2 or value[-1] not in units or not value[:-1].isdigit() or not value.isascii():
         raise ReportError("since", f"since={value!r}: use a number and d, h or m, e.g. 30d")
     amount = int(value[:-1]) if len(value) <= 12 else None
+    if amount == 0:
+        raise ReportError("since", f"since={value!r} is an empty range: give at least 1m")
     limit = MAX_RANGE // timedelta(**{units[value[-1]]: 1})
     if amount is None or amount > limit:
         raise ReportError(

@@ -280,3 +280,13 @@ def test_a_long_file_is_judged_as_it_is_read_not_held_whole(tmp_path: Path) -> N
     assert summary.rows == 100_000
     assert sum(1 for _ in out.open()) == 100_001
     assert peak < 20 * 1024 * 1024, f"peak {peak / 1e6:.1f} MB for 100,000 rows"
+
+
+@pytest.mark.parametrize("since", ["0d", "0h", "00m"])
+def test_an_empty_since_says_so(since: str) -> None:
+    """Probe R: `tollgate report --since 0d` said "from must be earlier than to", of a
+    --from the user never gave."""
+    from app.warehouse.reports import ReportError, parse_since
+
+    with pytest.raises(ReportError, match="empty range: give at least 1m"):
+        parse_since(since)

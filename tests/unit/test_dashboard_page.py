@@ -71,3 +71,32 @@ def test_times_are_utc_and_tables_scroll_at_phone_width() -> None:
     assert "toLocaleTimeString" not in page and 'toISOString().slice(11, 19) + " UTC"' in page
     assert '<div class="scroll"><table>' in page and ".scroll { overflow-x:auto" in page
     assert 'report("alerts"' in page and "esc(r.message)" in page
+
+
+def test_a_cut_table_says_what_it_left_out() -> None:
+    """Probe R: the feature table showed its top 10 of 11, summing to 452 requests beside a
+    Spend tile of 454, and nothing said a row was left out."""
+    import json
+    import shutil
+    import subprocess
+
+    import pytest
+
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed")
+    script = (
+        _page_function(DASHBOARD_HTML.read_text(), "others")
+        + """
+const summary = {requests: 454, cost_usd: "1.5"};
+const top = [{feature: "chat", requests: 400, cost_usd: "1"}, {feature: "x", requests: 52, cost_usd: "0.25"}];
+console.log(JSON.stringify([others(top, "feature", summary),
+  others(top, "feature", {requests: 452, cost_usd: "1.25"})]));
+"""
+    )
+    cut, whole = json.loads(subprocess.run([node, "-e", script], capture_output=True, text=True,
+                                           check=True).stdout)  # fmt: skip
+    assert cut[-1] == {
+        "feature": "all others", "requests": 2, "cost_usd": "0.25", "savings_usd": None,
+    }  # fmt: skip
+    assert whole == cut[:-1]  # nothing left out: no extra row
