@@ -394,6 +394,13 @@ class RateDetector:
         t = ts.timestamp()
         if self.first_at is None:
             self.first_at = t
+        if (
+            self.alarm_since is not None
+            and t - self.last_anomalous > self.settings.resolve_after_seconds
+        ):
+            # Over since (its alert resolved at a minute tick): this call starts afresh and
+            # does not extend it. Closed only now, as a scope's alarm has no clock of its own.
+            self._close_alarm()
         self.expire(t)
         expected = self.rates(t, prior, rhythm)
         self.mu = [rate * w for (rate, _), w in zip(expected, self.windows, strict=True)]
@@ -486,21 +493,37 @@ class RateDetector:
         cost_per_request_usd: float,
     ) -> tuple[Verdict | None, float]:
         s = self.settings
-        best_p, best_j, best_mu = 1.0, -1, 0.0
+        best_p, best_j, best_mu, best_x = 1.0, -1, 0.0, 0
         tested = len(self.windows)
+        settled = self._settled(t)
         for j, w in enumerate(self.windows):
             rate, shape = expected[j]
             if shape <= 0 or (not self._knows(j, t, prior) and j > 0):
                 continue
             mu = rate * w * context
-            enough = (
-                s.volume_ramp_enough_expected
-                if w <= s.volume_ramp_window_seconds
-                else s.volume_enough_expected
-            )
-            if j > 0 and expected[j - 1][0] * self.windows[j - 1] * context >= enough:
-                break  # the shorter window already expects enough calls to judge
+            if j > 0:
+                wide = w > s.volume_ramp_window_seconds
+                before = expected[j - 1][0] * self.windows[j - 1] * context
+                if wide:
+                    # Enough *evidence*, not enough calls: a bursty scope's count (sessions
+                    # of 3 to 8 calls) holds about mu / D independent events.
+                    prev_shape = expected[j - 1][1]
+                    before /= self.dispersion(j - 1, before, prior) + (
+                        before / prev_shape if prev_shape > 0 else 0.0
+                    )
+                enough = s.volume_enough_expected if wide else s.volume_ramp_enough_expected
+                if before >= enough:
+                    break  # the shorter window already expects enough calls to judge
             x = self.counts[j]
+            if settled is not None:
+                # Calls of an alarm of this scope that is over were judged (and paged) then;
+                # the window is judged on the rest of its span.
+                calls, seconds = settled[j]
+                if seconds > 0:
+                    if w - seconds < self.windows[0]:
+                        continue
+                    x -= calls
+                    mu *= (w - seconds) / w
             if x < s.volume_min_count or x < s.volume_min_ratio * mu:
                 continue
             if j > 0 and not self._current(t, expected, context):
@@ -508,7 +531,7 @@ class RateDetector:
             dispersion = self.dispersion(j, mu, prior) + (mu / shape if shape > 0 else 0.0)
             p = upper_tail(x, mu, dispersion) * tested
             if p < best_p:
-                best_p, best_j, best_mu = p, j, mu
+                best_p, best_j, best_mu, best_x = p, j, mu, x
         anomalous = best_j >= 0 and best_p < self.p_value
         note = ""
         if anomalous:
@@ -528,10 +551,11 @@ class RateDetector:
                 return None, best_p
             j = self.alarm_window
             best_j, best_mu = j, expected[j][0] * self.windows[j] * context
+            best_x = self.counts[j]
         else:
             return None, best_p
         w = self.windows[best_j]
-        x = self.counts[best_j]
+        x = best_x
         per_minute = 60.0 / w
         if anomalous and not note:
             note = f"p < 1e-{int(surprise(best_p))} over the last {_span(w)}"
@@ -551,6 +575,36 @@ class RateDetector:
             note=note,
             impact_usd_per_hour=(x - best_mu) / w * 3600.0 * cost_per_request_usd,
         ), best_p
+
+    def _settled(self, t: float) -> list[tuple[int, float]] | None:
+        """Per window: (calls, seconds) of it that lie in alarms of this scope that are
+        over (None when no such alarm reaches into the longest window). A burst that was
+        paged and resolved stays in the long windows for up to an hour; a normal session
+        after it must not page it again (session 19's probe)."""
+        oldest = t - self.windows[-1]
+        closed: list[tuple[float, float]] = []
+        for a, b in sorted((a, b) for a, b in self.frozen if b != _INF and b > oldest):
+            if closed and a <= closed[-1][1]:  # overlapping alarms: count their calls once
+                closed[-1] = (closed[-1][0], max(b, closed[-1][1]))
+            else:
+                closed.append((a, b))
+        if not closed:
+            return None
+        out = []
+        slots = self.slots
+        for j, w in enumerate(self.windows):
+            begin = t - w
+            seconds = sum(max(0.0, min(b, t) - max(a, begin)) for a, b in closed)
+            calls = 0
+            head = self.heads[j]
+            for a, b in closed:
+                if b <= begin:
+                    continue
+                lo = bisect.bisect_left(slots, a // SLOT_SECONDS, lo=head, key=_slot_index)
+                hi = bisect.bisect_right(slots, b // SLOT_SECONDS, lo=head, key=_slot_index)
+                calls += sum(int(slots[k][1]) for k in range(max(lo, head), hi))
+            out.append((calls, seconds))
+        return out
 
     def check_drop(self, ts: datetime, cost_per_request_usd: float = 0.0) -> Verdict | None:
         """For scopes that watch drops: is the last minute or two far below normal? Called
@@ -626,6 +680,10 @@ class RateDetector:
     @property
     def idle_since(self) -> float:
         return self.slots[-1][0] * SLOT_SECONDS if self.slots else (self.first_at or 0.0)
+
+
+def _slot_index(entry: list[float]) -> float:
+    return entry[0]
 
 
 def _span(seconds: int) -> str:
