@@ -148,6 +148,13 @@ class DetectorSettings:
     ``cost_lasting_seconds``: 56)..."""
     cost_sustained_seconds: float = 300.0
     """... once the rise has lasted this long; before that ..."""
+    cost_resolve_min_calls: int = 20
+    """While a cost alarm is open, the recent level that says whether it still is averages
+    at least this many calls: a feature of 7 to 10 calls a minute mixing two models 16x
+    apart, averaged over its last minute, dipped below the bar for 3 minutes amid a 1x -> 5x
+    drift, resolved and paged again (session 20's probe P: 5 of 30 small worlds with this
+    at 1, 1 with 20). Larger: slower resolves after an incident ends (median 4:10 -> 6:06
+    over 15 worlds with 30-minute steps, at 20)."""
     cost_jump_ratio: float = 2.0
     """... only a jump of at least this factor alerts: a busy feature's typical cost wanders
     by a third for minutes at a time (seen on the Azure trace), a real incident lasts."""

@@ -180,6 +180,8 @@ class CostDetector:
         "ew_at",
         "ew_cost",
         "ew_log",
+        "ew_model_log",
+        "ew_model_z",
         "ew_z",
         "last_anomalous",
         "model_cusums",
@@ -216,6 +218,8 @@ class CostDetector:
         self.ew_cost = 0.0
         self.ew_log = 0.0
         self.ew_at = 0.0
+        self.ew_model_z = 0.0  # while anomalous: the same among the same model's calls
+        self.ew_model_log = 0.0
         self._init_models()
 
     def _init_models(self) -> None:
@@ -238,6 +242,8 @@ class CostDetector:
             setattr(self, name, value)
         if not hasattr(self, "models"):
             self._init_models()
+        if not hasattr(self, "ew_model_z"):  # before an alarm was held within the model too
+            self.ew_model_z = self.ew_model_log = 0.0
         if not hasattr(self, "model_offset_sum"):  # before users had the per-model view
             self.model_offset_sum = self.model_offset_n = 0.0
         if len(self.cusums) == 3 or len(self.model_cusums) == 3:  # before the tail CUSUM
@@ -431,6 +437,11 @@ class CostDetector:
             self.ew_log = fired.run_log / fired.run_n
             self.ew_cost = observed = fired.run_carried / fired.run_n
             self.ew_at = t
+            # The per-model view's run of the same CUSUM, if it has one (its log is relative
+            # to the model's typical cost): the alarm also holds while it stays high.
+            twin = self.model_cusums[self.cusums.index(fired)] if fired in self.cusums else fired
+            self.ew_model_z = twin.run_z / twin.run_n if twin.run_n else 0.0
+            self.ew_model_log = twin.run_log / twin.run_n if twin.run_n else 0.0
             anomalous = True
             of_model = " of their model" if self.alarm_by_model else ""
             note = (
@@ -447,7 +458,18 @@ class CostDetector:
             # quiet scope's first ordinary call after a while counts for most of it).
             # A call older than the last one (history reaching a scope in alarm) weighs
             # the least: the time since is never negative (12 h back overflowed exp).
-            weight = max(0.02, 1.0 - math.exp(-max(0.0, t - self.ew_at) / 60.0))
+            # At most 1/``cost_resolve_min_calls`` each, though: a feature of 7 to 10 calls a minute
+            # mixing two models 16x apart, averaged over its last minute's calls, dipped
+            # below the bar for 3 minutes at 2.9x and resolved amid a 1x -> 5x drift, then
+            # paged again (probe P; session 19's probe: 3 pages for one drift). A scope whose
+            # calls are more than ``resolve_after_seconds`` apart ends its alarm at the next
+            # call anyway.
+            weight = max(
+                0.02,
+                min(
+                    1.0 / s.cost_resolve_min_calls, 1.0 - math.exp(-max(0.0, t - self.ew_at) / 60.0)
+                ),
+            )
             self.ew_at = max(self.ew_at, t)
             self.ew_z += weight * (z - self.ew_z)
             self.ew_log += weight * (log_cost - self.ew_log)
@@ -461,6 +483,17 @@ class CostDetector:
                 >= 1.0 + (self._min_ratio(self.alarm_by_model) - 1.0) / 2
                 and self.ew_z >= noise
             )
+            if not self.alarm_by_model and within is not None:
+                # Or so among the same model's calls: the scope-wide average of 20 calls of a
+                # feature that mixes models wanders with the mix (a drift at 1.6x dipped
+                # below the bar for 3 minutes and resolved, probe P); within a model it does
+                # not.
+                self.ew_model_z += weight * (within[0] - self.ew_model_z)
+                self.ew_model_log += weight * (within[1] - self.ew_model_log)
+                anomalous = anomalous or (
+                    math.exp(self.ew_model_log) >= 1.0 + (self._min_ratio(True) - 1.0) / 2
+                    and self.ew_model_z >= noise
+                )
             if anomalous:
                 self.last_anomalous = t
                 if t - self.alarm_since >= s.cost_adapt_after_minutes * 60:
