@@ -325,6 +325,9 @@ class Outcome:
     alert_delay_s: float | None  # first alert of the expected kind on the scope
     page_delay_s: float | None  # first page about the incident (its scope, or naming it)
     page_scope: str | None
+    # Pages about the incident from its start to 10 minutes after its end: more than one is
+    # on-call paged again for what is still one incident (a drift resolving mid-rise)
+    pages: int
     static_delay_s: float | None
     floor_s: float | None  # the statistics' lower bound on any delay (see floor_seconds)
     message: str | None
@@ -391,7 +394,13 @@ def outcome(
 
     alert = first([e for e in engine.firing if e.kind == kind and e.scope == incident.scope])
     keys = {e.incident_key for e in engine.firing if e.scope == incident.scope and e.incident_key}
-    page = first([e for e in pages(engine) if e.scope == incident.scope or e.incident_key in keys])
+    about = [
+        e
+        for e in pages(engine)
+        if (e.scope == incident.scope or e.incident_key in keys)
+        and incident.start <= e.at <= horizon
+    ]
+    page = first(about)
     baseline = first([e for e in static.firing if e.kind == kind and e.scope == incident.scope])
 
     def delay(hit: Emitted | None) -> float | None:
@@ -411,6 +420,7 @@ def outcome(
         alert_delay_s=delay(alert),
         page_delay_s=delay(page),
         page_scope=None if page is None else page.scope,
+        pages=len(about),
         static_delay_s=delay(baseline),
         floor_s=floor_seconds(incident, world, settings),
         message=None if alert is None else alert.message,
@@ -774,6 +784,7 @@ def markdown(report: dict[str, Any]) -> str:
             for o in world["incidents"]
             if o["static_delay_s"] is not None and o["static_delay_s"] <= TARGET_DELAY_S
         )
+        again = sum(1 for o in world["incidents"] if o.get("pages", 0) > 1)
         lines += [
             "",
             f"Within {TARGET_DELAY_S:.0f} s: {fast}/{total} (caught at all: {caught}/{total}); "
@@ -783,6 +794,8 @@ def markdown(report: dict[str, Any]) -> str:
             f"{fp['per_day_per_100_active_users']} per day per 100 active users "
             f"({fp['active_users_per_day']} active/day); static rules: "
             f"{fps['per_day_per_100_active_users']}.",
+            f"Paged more than once while it lasted (to 10 min after): {again}/{total} "
+            f"incidents, {sum(o.get('pages', 0) for o in world['incidents'])} pages in all.",
             f"Engine CPU: {world['cpu']['engine_us_per_record_clean']} µs per record "
             f"(clean replay, one thread).",
             "",
