@@ -311,7 +311,9 @@ async def _chat(request: web.Request, endpoint: str, native: bool) -> web.Stream
     try:
         body = await read_json(request)
         chat = await parse_chat_body(body, c.settings.default_model if native else None, native)
-        identity = resolve_identity(request.headers, body, c.keys, c.settings.require_attribution)
+        identity = resolve_identity(
+            request.headers, body, c.keys, c.settings.require_attribution, spending=True
+        )
         _check_budget_view_fresh(c)
         context = ChatAttempts(
             c.gateway, c.levers, request_id=request_id, endpoint=endpoint, identity=identity,
@@ -384,14 +386,16 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
 
 # -- usage and outcomes reported by other services ------------------------------------
 def _identity_resolver(
-    request: web.Request, require: str | None = None
+    request: web.Request, require: str | None = None, spending: bool = True
 ) -> Callable[[Any], Identity]:
     """Attribution of one reported record: keys and headers first, then the record's fields."""
     c = request.app[COMPONENTS]
     requirement = require or c.settings.require_attribution
 
     def resolve(record: Any) -> Identity:
-        return resolve_identity(request.headers, record, c.keys, requirement, refuse_conflicts=True)
+        return resolve_identity(
+            request.headers, record, c.keys, requirement, refuse_conflicts=True, spending=spending
+        )
 
     return resolve
 
@@ -483,7 +487,10 @@ async def report_outcomes(request: web.Request) -> web.Response:
     body = await read_json(request)
     ignored: dict[str, list[str]] = {}
     records = parse_outcomes(
-        body, _identity_resolver(request, require="none"), window=_report_window(c), ignored=ignored
+        body,
+        _identity_resolver(request, require="none", spending=False),
+        window=_report_window(c),
+        ignored=ignored,
     )
     key = c.keys.lookup(bearer_token(request.headers) or "") if c.keys is not None else None
     may_act_for = key.may_attribute_to if key is not None and not key.admin else None

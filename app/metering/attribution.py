@@ -16,7 +16,8 @@ Keys file (``TOLLGATE_KEYS_FILE``), secrets stored only as SHA-256 hex::
         sha256: 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08
         user_id: svc-backend
         team: platform
-        features: [chat, search]        # optional allow-list
+        features: [chat, search]        # optional allow-list: a call spends under one of
+                                        # them (the only one, if it names none; else 400)
         may_act_for: ["*"]              # optional: end users this key may attribute to
         admin: false
 """
@@ -217,11 +218,13 @@ def resolve_identity(
     require: str = "none",
     *,
     refuse_conflicts: bool = False,
+    spending: bool = False,
 ) -> Identity:
     """Who the request is for; raises InvalidRequest, NotAuthenticated or NotPermitted when
     it cannot be attributed. A header wins over the body (the documented order); with
     ``refuse_conflicts`` (records reported to /v1/usage and /v1/outcomes) a header and a
-    record that name different owners are a 400 instead."""
+    record that name different owners are a 400 instead. ``spending``: a call or usage that
+    spends, which a key limited to features must attribute to one of them."""
     metadata = body.get("metadata")
     if metadata is not None and not isinstance(metadata, dict):
         raise InvalidRequest("'metadata' must be an object of string values", field="metadata")
@@ -286,6 +289,17 @@ def resolve_identity(
                 f"(allowed: {', '.join(sorted(key.features))})",
                 field="metadata.feature",
             )
+        if not feature and key.features is not None and spending:
+            # A key limited to features spends only under them, so their caps hold: a call
+            # naming no feature escaped a feature's exhausted cap (session 20's probe S).
+            if len(key.features) != 1:
+                raise InvalidRequest(
+                    f"API key '{key.id}' may spend only under its features "
+                    f"({', '.join(sorted(key.features)) or 'none'}): name one with header "
+                    "'X-Tollgate-Feature' or 'metadata.feature'",
+                    field="feature",
+                )
+            [feature] = key.features
         if claimed_team and claimed_team != key.team:
             raise NotPermitted(
                 f"API key '{key.id}' belongs to team {key.team!r}, not {claimed_team!r}; "

@@ -476,10 +476,28 @@ def test_api_keys_authenticate_and_cannot_be_spoofed(kafka_settings: Settings, t
         f"keys:\n"
         f"  - {{id: alice-key, sha256: {hash_key('sk-alice')}, user_id: alice}}\n"
         f"  - {{id: ops, sha256: {hash_key('sk-admin')}, user_id: ops, admin: true}}\n"
+        f"  - {{id: dave-key, sha256: {hash_key('sk-dave')}, user_id: dave, features: [chat]}}\n"
     )
     asyncio.run(ensure_topics(kafka_settings))
     with running_stack(kafka_settings, keys_file=keys) as stack:
         url = f"{stack.url}/v1/chat/completions"
+        # A key limited to `chat` spends under chat's cap even when the call names no
+        # feature (probe S: it got a 200 past an exhausted feature cap).
+        admin = {"Authorization": "Bearer sk-admin"}
+        capped = httpx.put(
+            f"{stack.url}/v1/budgets/feature:chat", json={"limit_usd": 1e-9}, headers=admin
+        )
+        assert capped.status_code == 200
+        unnamed = httpx.post(
+            url,
+            json={"model": "gpt-4o-mini", "messages": MESSAGES},
+            headers={"Authorization": "Bearer sk-dave"},
+        )
+        assert unnamed.status_code == 402, unnamed.text
+        assert unnamed.json()["error"]["scope"] == "feature:chat"
+        assert (
+            httpx.delete(f"{stack.url}/v1/budgets/feature:chat", headers=admin).status_code == 200
+        )
         body = {"model": "gpt-4o-mini", "messages": MESSAGES}
         assert httpx.post(url, json=body).status_code == 401
         assert (

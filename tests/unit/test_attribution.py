@@ -162,3 +162,27 @@ def test_a_key_cap_no_call_can_meet_is_said_so(keys: KeyStore) -> None:
     assert key_cap_warning("key:backend", keys) is None
     assert key_cap_warning("key:*", keys) is None
     assert key_cap_warning("user:ci-runner", None) is None
+
+
+def test_a_key_limited_to_features_spends_only_under_them(tmp_path: Path) -> None:
+    """Probe S: with `feature:chat` exhausted, a key allowed only `chat` got a 402 naming
+    the feature, a 403 naming another, and a 200 naming none: the cap meant to govern the
+    key did not."""
+    path = tmp_path / "keys.yaml"
+    path.write_text(
+        f"keys:\n"
+        f"  - {{id: one, sha256: {hash_key('sk-one')}, user_id: dave, features: [chat]}}\n"
+        f"  - {{id: two, sha256: {hash_key('sk-two')}, user_id: erin, features: [chat, kb]}}\n"
+    )
+    keys = KeyStore.load(path)
+    one, two = {"Authorization": "Bearer sk-one"}, {"Authorization": "Bearer sk-two"}
+    assert resolve_identity(one, {}, keys, spending=True).feature == "chat"  # its one feature
+    with pytest.raises(TollgateError) as info:
+        resolve_identity(two, {}, keys, spending=True)
+    error = http_error(info.value)
+    assert error.status == 400 and info.value.field == "feature"
+    assert "chat, kb" in str(info.value) and "X-Tollgate-Feature" in str(info.value)
+    named = resolve_identity({**two, "X-Tollgate-Feature": "kb"}, {}, keys, spending=True)
+    assert named.feature == "kb"
+    # Reading a status or reporting an outcome spends nothing: no feature needed.
+    assert resolve_identity(two, {}, keys).feature is None
