@@ -382,6 +382,21 @@ class BudgetGate:
         tightest = min(capped, key=lambda item: room[item[0]])[1]
         raise BudgetRefused(tightest, "requests in flight would exceed the limit", retryable=True)
 
+    def admit_free(self, scopes: list[str]) -> Admission:
+        """A call that costs nothing (an answer from the response cache): refused only where a
+        scope's limit is reached, reserving nothing and waiting for nothing. Admitted on the
+        provider call's worst case, a hit was refused under the cap (its prompt alone "would
+        cost" more than the room left) and waited behind calls in flight (probe S)."""
+        now = self.clock.now()
+        with self._lock:
+            for scope in scopes:
+                policy = self.policies.policy_for(scope)
+                if policy is not None:
+                    status = self._status(scope, policy, now)
+                    if status.state == "blocked":
+                        raise BudgetRefused(status, "limit reached")
+        return Admission(Reservation([], 0, 0), None, 0)
+
     async def admit_waiting(
         self,
         scopes: list[str],

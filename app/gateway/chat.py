@@ -229,22 +229,24 @@ class ChatAttempts:
     ) -> Answer | EscalationStep:
         """One upstream attempt (or the cache): the answer, or the escalation to make after it."""
         levers, gateway = self.levers, self.gateway
+        # Looked up before admission: a hit costs nothing, so only a reached limit refuses it
+        # (an escalation too: the next tier may have answered).
+        cached = await levers.lookup(plan) if plan.status == "lookup" else None
         async with gateway.call(
             self.request_id, self.endpoint, self.identity, chat, self.client_headers,
             self.client_request_id, route=route, attempt=attempt, client_gone=client.gone,
+            free=cached is not None,
         ) as call:  # fmt: skip
             self.admitted = True
-            if plan.status == "lookup":  # an escalation too: the next tier may have answered
-                cached = await levers.lookup(plan)
-                if cached is not None:
-                    call.serve_cached(cached.model, cached.prompt_tokens, cached.completion_tokens)
-                    if call.route is not None and call.route.explored:
-                        call.route = replace(call.route, explored=False)  # no economy call made
-                    if call.route is not None and call.route.model != cached.model:
-                        call.route = replace(
-                            call.route, model=cached.model, tier=levers.tier_of(cached.model)
-                        )
-                    return await self._replay(call, cached.body, client, escalated_from)
+            if cached is not None:
+                call.serve_cached(cached.model, cached.prompt_tokens, cached.completion_tokens)
+                if call.route is not None and call.route.explored:
+                    call.route = replace(call.route, explored=False)  # no economy call made
+                if call.route is not None and call.route.model != cached.model:
+                    call.route = replace(
+                        call.route, model=cached.model, tier=levers.tier_of(cached.model)
+                    )
+                return await self._replay(call, cached.body, client, escalated_from)
             cache_status: CacheStatus = "miss" if plan.status == "lookup" else "bypass"
             escalation = self._escalation(route, attempt)
             if chat.stream:

@@ -652,9 +652,12 @@ class Gateway:
         route: RouteInfo | None = None,
         attempt: int = 1,
         client_gone: Callable[[], bool] | None = None,
+        free: bool = False,
     ) -> AsyncIterator[Call]:
         """Admit a call (known model, room under every cap, else ``BudgetRefused``), record it,
         and whatever happens in the block, emit its usage and release its reservation.
+        ``free``: it will be answered without a provider call (a cache hit), admitted unless
+        a scope's limit is reached (``BudgetGate.admit_free``).
 
         ``attempt`` 2 is an escalation of the same request: admitted and reserved on its own
         worst case, its own ``Request`` and ``Usage`` events (same request id, ``attempt`` 2), so
@@ -664,14 +667,22 @@ class Gateway:
         if not self.upstreams.candidates(chat.model):
             raise ModelNotServed(chat.model, self.upstreams.known_models())
         scopes = identity_scopes(identity)
-        if self.gate.reservations and any(self.gate.policies.policy_for(s) for s in scopes):
+        if (
+            not free
+            and self.gate.reservations
+            and any(self.gate.policies.policy_for(s) for s in scopes)
+        ):
             await chat.tokenize_prompt(self.upstreams.prompt_counter(chat.model))
         try:
-            admission = await self.gate.admit_waiting(
-                scopes,
-                self.call_cost(chat),
-                self.config.budget_queue_wait_s,
-                gone=client_gone,
+            admission = (
+                self.gate.admit_free(scopes)
+                if free
+                else await self.gate.admit_waiting(
+                    scopes,
+                    self.call_cost(chat),
+                    self.config.budget_queue_wait_s,
+                    gone=client_gone,
+                )
             )
         except BudgetRefused as refusal:
             if attempt > 1:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
+from decimal import Decimal
 from typing import Any
 
 import httpx
@@ -527,6 +528,36 @@ def test_a_repeat_answered_by_the_cache_after_an_escalation_says_it_escalated(
     assert answers[1].parse().choices[0].message.content == (
         answers[0].parse().choices[0].message.content
     )
+
+
+def test_a_cache_hit_is_served_to_a_user_under_the_cap_whatever_its_prompt_would_cost(
+    stack: Stack,
+) -> None:
+    """Probe S: with $0.0044 left, a repeat of a cached 5,004-token prompt got a 402 ("the
+    prompt alone would cost at least $0.0125"), though a hit costs nothing: admission came
+    before the cache lookup. Only a reached limit refuses a hit."""
+    long = [{"role": "user", "content": "Summarise: " + "tollgate budget cache " * 800}]
+    ask = {"model": "gpt-4o", "messages": long, "temperature": 0, "user": "vera"}
+    fixed = {"X-Sim-Completion-Tokens": "50"}
+    with httpx.Client(timeout=30) as http:
+        assert http.put(f"{stack.url}/v1/budgets/user:vera", json={"limit_usd": 0.02})
+        sdk = client(stack)
+        first = sdk.chat.completions.with_raw_response.create(**ask, extra_headers=fixed)
+        assert first.headers["X-Tollgate-Cache"] == "miss"
+        status = http.get(f"{stack.url}/v1/budgets/user:vera/status").json()
+        room = Decimal(status["remaining_usd"])
+        prompt_cost = Decimal(first.parse().usage.prompt_tokens) * Decimal("2.5e-6")
+        assert status["state"] != "blocked" and room + Decimal("0.002") < prompt_cost
+        again = sdk.chat.completions.with_raw_response.create(**ask, extra_headers=fixed)
+        assert again.headers["X-Tollgate-Cache"] == "hit"
+        assert again.parse().choices[0].message.content == (
+            first.parse().choices[0].message.content
+        )
+        # A prompt as long that is not cached would cost more than the room: refused.
+        other = {**ask, "messages": [{"role": "user", "content": long[0]["content"] + "!"}]}
+        refused = http.post(f"{stack.url}/v1/chat/completions", json=other, headers=fixed)
+        assert refused.status_code == 402, refused.text
+    assert stack.counter.calls == 1
 
 
 def test_streamed_economy_answer_with_content_is_not_escalated(stack: Stack) -> None:

@@ -1127,3 +1127,20 @@ def test_the_402_states_a_tiny_limit_in_plain_decimals() -> None:
     settle(gate, gate.admit(["user:alice"], call(0)), usd(0.000021))
     message = budget_refusal(refusal(gate, ["user:alice"], call(0))).body()["error"]["message"]
     assert "$0.000000001 this month" in message and "E-" not in message, message
+
+
+def test_a_free_call_is_refused_only_once_the_limit_is_reached() -> None:
+    """A cache hit costs nothing: it is served while the scope is under its limit, whatever
+    is in flight or however little room is left, and reserves nothing (probe S: a hit got a
+    402 under the cap, and another waited 14 s behind a long call)."""
+    gate = gate_with(policies(**{"user:alice": 1}))
+    big = gate.admit(["user:alice"], call(usd(0.95), prompt=usd(0.9)))  # in flight
+    assert refusal(gate, ["user:alice"], call(usd(0.5), prompt=usd(0.4))).retryable
+    free = gate.admit_free(["user:alice", "feature:chat"])
+    assert free.reservation.scopes == [] and free.max_tokens_cap is None
+    settle(gate, free, 0)
+    settle(gate, big, usd(1))
+    assert spent(gate, "user:alice") == usd(1)
+    with pytest.raises(BudgetRefused) as err:
+        gate.admit_free(["user:alice"])
+    assert err.value.reason == "limit reached"
