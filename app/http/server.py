@@ -600,7 +600,8 @@ async def list_budgets(request: web.Request) -> web.Response:
 @operation(
     "Spent, limit, state, period and resets_at of a scope",
     "user_or_admin",
-    description="Any key may read its own user's status; an admin key any scope's.",
+    description="A key may read the status of the caps its calls spend under (its user's, key's, "
+    "team's and allowed features'); an admin key any scope's.",
     response=responses.BudgetStatusOut,
     errors=(400, 401, 403, 404),
 )
@@ -613,10 +614,21 @@ async def budget_status(request: web.Request) -> web.Response:
             f"of its scopes (e.g. {scope[:-1]}<id>); GET /v1/budgets/{scope} shows the policy",
             "scope",
         )
-    if c.keys is not None:  # users may read their own status; admins any
+    if c.keys is not None:  # a key may read the caps its calls spend under; admins any
         identity = resolve_identity(request.headers, {}, c.keys, "none")
-        if not identity.is_admin and scope != f"user:{identity.user_id}":
-            raise ApiError(403, "permission_error", f"Your key may not read the status of {scope}")
+        key = c.keys.lookup(bearer_token(request.headers) or "")
+        own = {f"user:{identity.user_id}", f"key:{identity.api_key_id}"}
+        if identity.team:
+            own.add(f"team:{identity.team}")
+        if key is not None and key.features:
+            own.update(f"feature:{f}" for f in key.features)
+        if not identity.is_admin and scope not in own:
+            raise ApiError(
+                403,
+                "permission_error",
+                f"Your key may not read the status of {scope}: a key reads its own user's, "
+                "key's, team's and allowed features' caps (an admin key any)",
+            )
     status = c.gate.status(scope)
     if status is None:
         raise ApiError(

@@ -495,6 +495,12 @@ def test_api_keys_authenticate_and_cannot_be_spoofed(kafka_settings: Settings, t
         )
         assert unnamed.status_code == 402, unnamed.text
         assert unnamed.json()["error"]["scope"] == "feature:chat"
+        # The key may read the cap that blocks it (probe S: a 403 on a team cap that did)
+        dave = {"Authorization": "Bearer sk-dave"}
+        mine = httpx.get(f"{stack.url}/v1/budgets/feature:chat/status", headers=dave)
+        assert mine.status_code == 200 and mine.json()["scope"] == "feature:chat"
+        other = httpx.get(f"{stack.url}/v1/budgets/user:alice/status", headers=dave)
+        assert other.status_code == 403 and "its own user's" in other.json()["error"]["message"]
         assert (
             httpx.delete(f"{stack.url}/v1/budgets/feature:chat", headers=admin).status_code == 200
         )
