@@ -14,6 +14,7 @@ from __future__ import annotations
 import unicodedata
 
 MAX_ID_LENGTH = 256
+NO_ID_LABEL = "(none)"  # what reports show for a call without a feature (or session)
 
 
 def normal_id(value: str) -> str:
@@ -40,3 +41,11 @@ def id_problem(value: str, max_length: int = MAX_ID_LENGTH) -> str | None:
         f"contains a control or non-printable character (U+{ord(bad):04X} at position "
         f"{position}); ids must be printable text of at most {max_length} characters"
     )
+
+
+def scope_id_problem(value: str) -> str | None:
+    """``id_problem``, for an id that names a budget scope (a user, feature, team or key):
+    nor may it be the label reports give calls without one."""
+    if value == NO_ID_LABEL:
+        return f"may not be '{NO_ID_LABEL}': reports show that for calls without one"
+    return id_problem(value)

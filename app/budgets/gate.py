@@ -359,7 +359,7 @@ class BudgetGate:
                     status,
                     # exact amounts: rounded to 6 places a micro cap read "$0.000001, more
                     # than the $0.000001 left" (probe I)
-                    f"this request's prompt alone (and one output token) would cost at least "
+                    f"this request's prompt alone (and one output token per choice it asks for) would cost at least "
                     f"${usd_text(least)}, more than the ${usd_text(max(status.room_nanos, 0))} "
                     f"left under the limit (a last call may cross it by "
                     f"{self.max_overshoot_fraction:.0%} of the limit at most)",

@@ -27,7 +27,7 @@ from pydantic import (
 
 from app.budgets.ledger import iter_window_problems
 from app.budgets.periods import Period, PeriodError, period_of, zone
-from app.ids import id_problem, normal_id
+from app.ids import id_problem, normal_id, scope_id_problem
 from app.pricing.catalog import nanos_to_usd, usd_text, usd_to_nanos
 from app.validation import custom_error, first_problem
 
@@ -60,7 +60,7 @@ def validate_scope(scope: str, *, allow_default: bool = True) -> str:
     if not name:
         raise PolicyError("scope", f"the id of scope {scope[:300]!r} is blank")
     scope = f"{kind}:{name}"
-    problem = id_problem(name)
+    problem = scope_id_problem(name)  # probe S: '(none)' read "open, $0" of calls it never held
     if problem is not None:  # the same rule as the ids a call is attributed with
         raise PolicyError("scope", f"the id of scope {scope[:300]!r} {problem}")
     if name == "*" and not allow_default:

@@ -34,10 +34,9 @@ import yaml
 
 from app.errors import InvalidRequest, NotAuthenticated, NotPermitted
 from app.ids import MAX_ID_LENGTH as MAX_ID_LENGTH  # re-exported for older imports
-from app.ids import id_problem, normal_id
+from app.ids import normal_id, scope_id_problem
 
 ANONYMOUS_USER = "anonymous"
-NO_ID_LABEL = "(none)"  # what reports show for a call without a feature (or session)
 
 
 class KeysFileError(ValueError):
@@ -139,9 +138,7 @@ def _clean(value: Any, name: str, *, scope: bool = False) -> str | None:
     value = normal_id(value)
     if not value:
         return None
-    problem = id_problem(value)
-    if problem is None and value == NO_ID_LABEL:
-        problem = f"may not be '{NO_ID_LABEL}': reports show that for calls without one"
+    problem = scope_id_problem(value)
     if problem is None and scope and value == "*":
         kind = next((k for k in ("feature", "team") if k in name.lower()), "user")
         problem = f"may not be '*': it names the default budget policy of every {kind} ({kind}:*)"

@@ -465,3 +465,12 @@ def test_a_blank_scope_id_is_refused(typed: str) -> None:
     with pytest.raises(PolicyError, match="blank") as refused:
         validate_scope(typed)
     assert refused.value.field == "scope"
+
+
+def test_the_label_reports_give_calls_without_an_id_is_no_scope() -> None:
+    """Probe S: `feature:(none)/status` read "open, $0" for calls no cap ever holds."""
+    from app.budgets.policy import PolicyError, validate_scope
+
+    for scope in ("feature:(none)", "user:(none)", "team: (none) "):
+        with pytest.raises(PolicyError, match="reports show that for calls without one"):
+            validate_scope(scope)
