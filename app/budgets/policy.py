@@ -177,7 +177,10 @@ def _thresholds(value: Any) -> tuple[float, ...]:
         or not all(isinstance(t, int | float) and not isinstance(t, bool) for t in value)
         or not all(0 < t <= 1 for t in value)
     ):
-        raise custom_error("must be a list of fractions in (0, 1]")
+        raise custom_error(
+            "must be a non-empty list of fractions in (0, 1] (the limit, 1.0, is always "
+            "alerted; [1.0] for no warning before it)"
+        )
     return tuple(sorted({float(t) for t in value} | {1.0}))
 
 
