@@ -263,13 +263,6 @@ class DetectorSettings:
     # -- alert lifecycle ---------------------------------------------------------------
     resolve_after_seconds: int = 180
     """An incident resolves after this long without an anomalous verdict."""
-    resolve_min_normal_calls: int = 3
-    """A cost incident also needs this many calls judged normal since its last anomalous
-    one: a scope that stops calling (a feature at night, a user between sessions) has not
-    shown its cost is back to normal, and resolved in the gap amid a drift, then paged
-    again when calls resumed (session 20's probe P)."""
-    resolve_silent_after_seconds: int = 1800
-    """... unless it has made no call for this long: then it resolves saying so."""
     cooldown_seconds: int = 1800
     """After a resolve, the same (kind, scope) does not fire again for this long."""
     critical_ratio: float = 10.0
