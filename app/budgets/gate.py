@@ -281,9 +281,7 @@ class BudgetGate:
                 policy = self.policies.policy_for(scope)
                 if policy is None:
                     continue
-                status = self._status(scope, policy, now)
-                if status.state == "blocked":
-                    raise BudgetRefused(status, "limit reached")
+                status = self._open_status(scope, policy, now)
                 if await_counts and status.decided_by == "none_yet":
                     left = self.policies.period_changed_within(scope, self.policy_change_wait_s)
                     if left > 0:
@@ -359,8 +357,8 @@ class BudgetGate:
                     status,
                     # exact amounts: rounded to 6 places a micro cap read "$0.000001, more
                     # than the $0.000001 left" (probe I)
-                    f"this request's prompt alone (and one output token per choice it asks for) would cost at least "
-                    f"${usd_text(least)}, more than the ${usd_text(max(status.room_nanos, 0))} "
+                    f"this request's prompt alone (and one output token per choice it asks "
+                    f"for) would cost at least ${usd_text(least)}, more than the ${usd_text(max(status.room_nanos, 0))} "
                     f"left under the limit (a last call may cross it by "
                     f"{self.max_overshoot_fraction:.0%} of the limit at most)",
                 )
@@ -392,10 +390,15 @@ class BudgetGate:
             for scope in scopes:
                 policy = self.policies.policy_for(scope)
                 if policy is not None:
-                    status = self._status(scope, policy, now)
-                    if status.state == "blocked":
-                        raise BudgetRefused(status, "limit reached")
+                    self._open_status(scope, policy, now)
         return Admission(Reservation([], 0, 0), None, 0)
+
+    def _open_status(self, scope: str, policy: Policy, now: datetime) -> ScopeStatus:
+        """The scope's status, or ``BudgetRefused`` where its limit is reached."""
+        status = self._status(scope, policy, now)
+        if status.state == "blocked":
+            raise BudgetRefused(status, "limit reached")
+        return status
 
     async def admit_waiting(
         self,
