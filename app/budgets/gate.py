@@ -155,6 +155,9 @@ class BudgetRefused(Exception):
         # > 0: not a refusal but a wait for the spend worker's count of the scope's new
         # period, for at most this long; past it the gate decides on its own numbers
         self.awaiting_count_s = awaiting_count_s
+        # An escalation's refusal: the request's earlier attempt, answered and charged but
+        # judged a failure (its model, what it cost, why it failed), for the 402 to say
+        self.earlier_attempt: tuple[str, int, str] | None = None
 
 
 class BudgetGate:

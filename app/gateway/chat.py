@@ -37,6 +37,7 @@ from typing import Any, Protocol
 import aiohttp
 import orjson
 
+from app.budgets.gate import BudgetRefused
 from app.cache.key import CacheLookup
 from app.errors import InvalidRequest, TollgateError, UpstreamFailed, UpstreamTimedOut
 from app.gateway.pipeline import Call, ChatRequest, Gateway, SseRelay, StreamWriter, identity_scopes
@@ -137,6 +138,8 @@ class ChatAttempts:
         self.client_headers = client_headers
         self.client_request_id = client_request_id
         self.admitted = False
+        # The attempt the next one replaces (its call, finished once its block exits) and why
+        self.replaced: tuple[Call, Failure] | None = None
 
     def route(self, body: Mapping[str, Any], chat: ChatRequest) -> tuple[ChatRequest, RouteInfo]:
         """The request as the router sends it; a prompt it cannot read is ``InvalidRequest``."""
@@ -176,7 +179,13 @@ class ChatAttempts:
             plan = self.levers.cache_plan(
                 {**body, "model": chat.model}, self.identity, cache_control
             )
-            outcome = await self._attempt(plan, chat, route, attempt, escalated_from, client)
+            try:
+                outcome = await self._attempt(plan, chat, route, attempt, escalated_from, client)
+            except BudgetRefused as refusal:
+                if self.replaced is not None:  # the 402 says the failed attempt was charged
+                    call, failure = self.replaced
+                    refusal.earlier_attempt = (call.chat.model, call.cost_nanos, failure.value)
+                raise
             if isinstance(outcome, Answer):
                 return outcome
             step, route = outcome
@@ -184,6 +193,12 @@ class ChatAttempts:
             chat, attempt = chat.retarget(step.model), step.attempt
 
     # -- one attempt ----------------------------------------------------------------------
+    def _supersede(self, call: Call, failure: Failure) -> None:
+        """Mark ``call`` as the attempt the next one replaces (``superseded``), and remember it:
+        a 402 of the next attempt says this one was answered and charged (probe S)."""
+        superseded(call, failure)
+        self.replaced = (call, failure)
+
     def _served(self, call: Call, cache: CacheStatus, escalated_from: str | None) -> Served:
         """What the answer says, counted in the metrics once per answer."""
         self.metrics.cache_results.labels(cache).inc()
@@ -260,7 +275,7 @@ class ChatAttempts:
                 lost = failure_of_error(exc)
                 step = escalation(lost)
                 if step is not None:
-                    superseded(call, lost)
+                    self._supersede(call, lost)
                     return step
                 raise
             failure = (
@@ -273,7 +288,7 @@ class ChatAttempts:
             if failure is not None:
                 step = escalation(failure)
                 if step is not None:
-                    superseded(call, failure)
+                    self._supersede(call, failure)
                     return step
             if (
                 status == 200
@@ -326,7 +341,7 @@ class ChatAttempts:
             lost = failure_of_error(exc)
             step = escalation(lost)
             if step is not None:
-                superseded(call, lost)
+                self._supersede(call, lost)
                 return step
             raise
         gateway.record_upstream_status(call, upstream)
@@ -336,7 +351,7 @@ class ChatAttempts:
             refused = failure_of_status(upstream.status)
             step = escalation(refused)
             if step is not None and refused is not None:
-                superseded(call, refused)
+                self._supersede(call, refused)
                 return step
             served = self._served(call, cache_status, escalated_from)
             content_type = upstream.headers.get("Content-Type", JSON)
@@ -352,7 +367,7 @@ class ChatAttempts:
             if held.failure is not None:
                 step = escalation(held.failure)
                 if step is not None:
-                    superseded(call, held.failure)
+                    self._supersede(call, held.failure)
                     return step
         served = self._served(call, cache_status, escalated_from)
         await client.open(served)

@@ -230,6 +230,7 @@ class Call:
     route: RouteInfo | None = None  # routing of this attempt (None: not through the levers)
     cache_hit: bool = False
     completion: Any = None  # the parsed non-streamed answer
+    cost_nanos: int = 0  # what its Usage event charged, once finished
     on_chunk: Callable[[dict[str, Any]], None] | None = None  # sees every streamed chunk
 
     def serve_cached(self, model: str, prompt_tokens: int, completion_tokens: int) -> None:
@@ -573,6 +574,7 @@ class Gateway:
         try:
             record = self._final_usage(call)
             cost, ts = event_cost(record), record["ts"]
+            call.cost_nanos = cost
             seq = self.emitter.emit_usage(record)  # keyed by record["user_id"]: the identity's
             if call.status == "ok" and not call.usage_estimated and call.upstream:
                 per_choice = record["completion_tokens"] // max(call.chat.choices, 1)

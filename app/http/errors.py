@@ -120,6 +120,15 @@ def budget_refusal(refusal: BudgetRefused) -> ApiError:
     )
     if refusal.retryable:
         counted += f" + in flight ${nanos_to_usd(status.reserved_nanos):.6f}"
+    extra: dict[str, Any] = {}
+    earlier = ""
+    if refusal.earlier_attempt is not None:  # an escalation refused: the first attempt was paid
+        model, cost_nanos, failure = refusal.earlier_attempt
+        extra = {"escalated_from": model, "charged_usd": float(nanos_to_usd(cost_nanos))}
+        earlier = (
+            f" This request's first attempt, on {model}, failed ({failure}) and was charged "
+            f"${nanos_to_usd(cost_nanos):.6f}; its retry on a stronger model is what was refused."
+        )
     return ApiError(
         402,
         "budget_exceeded",
@@ -129,9 +138,10 @@ def budget_refusal(refusal: BudgetRefused) -> ApiError:
         f"{'is exhausted' if status.state == 'blocked' else 'cannot take this request'} "
         f"({refusal.reason}): "
         f"${nanos_to_usd(status.spent_nanos):.6f} of ${usd_text(policy.limit_usd)} this {policy.period} "
-        f"({counted}); resets at {status.resets_at.isoformat()}. {prompt}",
+        f"({counted}); resets at {status.resets_at.isoformat()}.{earlier} {prompt}",
         code="budget_exceeded",
         extra={
+            **extra,
             "scope": status.scope,
             "limit_usd": float(policy.limit_usd),
             "spent_usd": float(nanos_to_usd(status.spent_nanos)),

@@ -489,6 +489,31 @@ def test_escalations_of_a_capped_user_stay_within_the_cap(stack: Stack) -> None:
     assert spent <= limit_nanos, f"spent {spent} nano-dollars over a cap of {limit_nanos}"
 
 
+def test_a_refused_escalation_says_the_failed_attempt_was_charged(stack: Stack) -> None:
+    """Session 20's note: an economy answer judged a failure was billed, then its escalation
+    got a 402 that said only "budget exceeded", as if nothing had been spent. The 402 names
+    the attempt and what it was charged. $0.00002 holds the economy attempt (gpt-4o-mini,
+    the budget capping its output) but not even the prompt and one output token of gpt-4o
+    ($0.00005), so the budget cannot cap the retry's output instead of refusing it."""
+    httpx.put(f"{stack.url}/v1/budgets/user:esme", json={"limit_usd": 0.00002}).raise_for_status()
+    empty_economy = {"X-Sim-Completion-Tokens": "0", "X-Sim-Models": "gpt-4o-mini"}
+    with pytest.raises(openai.APIStatusError) as refused:
+        client(stack).chat.completions.create(
+            model="auto", messages=SHORT, user="esme", extra_headers=empty_economy
+        )
+    assert refused.value.status_code == 402
+    error = refused.value.response.json()["error"]
+    (usage,) = usage_of(stack, 1)
+    assert usage["model_served"] == "gpt-4o-mini" and usage["cost_usd_nanos"] > 0, error
+    assert error["escalated_from"] == "gpt-4o-mini"
+    assert error["charged_usd"] == pytest.approx(usage["cost_usd_nanos"] / 1e9)
+    assert (
+        "first attempt, on gpt-4o-mini, failed (empty) and was charged $0.0000"
+        in (error["message"])
+    )
+    assert stack.counter.calls == 1  # the escalation never reached the provider
+
+
 def test_empty_economy_stream_escalates_before_its_first_byte(stack: Stack) -> None:
     """An economy stream that ends without content is retried one tier up; the client (the real
     openai SDK, stream=True) sees only the second attempt's stream."""
