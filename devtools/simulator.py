@@ -41,6 +41,10 @@ Behaviour of ``/v1/chat/completions``:
   tokens are :func:`count_tokens` of its name and arguments.
 * ``response_format``: ``json_schema`` (what the SDK's ``parse()`` sends) answers a JSON
   value its schema accepts, ``json_object`` a JSON object; the content is that JSON.
+* ``logprobs: true`` adds each choice's ``logprobs.content``: one entry per word of the text
+  (its ``token``, a deterministic ``logprob`` in [-4, 0), its UTF-8 ``bytes``) with
+  ``top_logprobs`` (0 to 20) alternatives each; a stream carries each delta's own. A tool-call
+  answer has ``content: null``. ``top_logprobs`` without ``logprobs: true`` is a 400.
 * ``error_rate`` answers that fraction of valid requests with a random 500 or 429.
 * ``n`` must be 1; ``Authorization`` is accepted and never checked.
 
@@ -71,6 +75,7 @@ import logging
 import math
 import os
 import random
+import re
 import time
 from bisect import bisect_left
 from dataclasses import dataclass
@@ -669,6 +674,7 @@ async def _complete(request: web.Request, state: _SimState) -> web.StreamRespons
                 param="stream_options",
             )
         include_usage = stream_options.get("include_usage") is True
+    top_logprobs = _logprobs_param(body)
     limit = _positive_int_param(body, "max_completion_tokens")
     if limit is None:
         limit = _positive_int_param(body, "max_tokens")
@@ -747,8 +753,18 @@ async def _complete(request: web.Request, state: _SimState) -> web.StreamRespons
             fixed_ms=fixed_ms,
             choices=n_choices,
             tool_call=tool_call,
+            top_logprobs=top_logprobs,
         )
 
+    text = " ".join(words)
+    logprobs = (
+        None
+        if top_logprobs is None
+        else {
+            "content": None if tool_call is not None else _token_logprobs(text, top_logprobs),
+            "refusal": None,
+        }
+    )
     ttft_s, per_token_s = state.delays(fixed_ms, completion_tokens)
     delay = ttft_s + per_token_s * completion_tokens
     if fixed_ms is None:
@@ -771,9 +787,9 @@ async def _complete(request: web.Request, state: _SimState) -> web.StreamRespons
                         "refusal": None,
                     }
                     if tool_call is not None
-                    else {"role": "assistant", "content": " ".join(words), "refusal": None}
+                    else {"role": "assistant", "content": text, "refusal": None}
                 ),
-                "logprobs": None,
+                "logprobs": logprobs,
                 "finish_reason": finish_reason,
             }
             for index in range(n_choices)
@@ -782,6 +798,50 @@ async def _complete(request: web.Request, state: _SimState) -> web.StreamRespons
         "system_fingerprint": _SYSTEM_FINGERPRINT,
     }
     return web.Response(body=orjson.dumps(payload), content_type=_JSON)
+
+
+def _logprob(token: str, rank: int = 0) -> float:
+    """A deterministic log-probability in [-4, 0) for ``token`` (lower for a lower ``rank``)."""
+    digest = hashlib.blake2b(f"{rank}:{token}".encode(), digest_size=4).digest()
+    return -round(0.001 + int.from_bytes(digest, "little") % 1000 / 250 + rank, 4)
+
+
+def _token_logprobs(text: str, top: int) -> list[dict[str, Any]]:
+    """OpenAI's ``logprobs.content`` entries for ``text``: one per word, with its leading
+    space (so a stream's deltas give the same entries as the whole answer)."""
+    entries = []
+    for token in re.findall(r"\s*\S+", text):
+        alternatives = [token] + [f"{token}{rank}" for rank in range(1, top)]
+        entries.append(
+            {
+                "token": token,
+                "logprob": _logprob(token),
+                "bytes": list(token.encode()),
+                "top_logprobs": [
+                    {"token": alt, "logprob": _logprob(token, rank), "bytes": list(alt.encode())}
+                    for rank, alt in enumerate(alternatives[:top])
+                ],
+            }
+        )
+    return entries
+
+
+def _logprobs_param(body: dict[str, Any]) -> int | None:
+    """How many alternatives each token's logprobs list (None: no logprobs asked)."""
+    wanted, top = body.get("logprobs"), body.get("top_logprobs")
+    if wanted is not None and not isinstance(wanted, bool):
+        raise _RequestError(400, "'logprobs' must be a boolean.", param="logprobs")
+    if top is not None and (
+        isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 20
+    ):
+        raise _RequestError(
+            400, "'top_logprobs' must be an integer from 0 to 20.", param="top_logprobs"
+        )
+    if top is not None and not wanted:
+        raise _RequestError(
+            400, "'top_logprobs' is only allowed when 'logprobs' is true.", param="top_logprobs"
+        )
+    return (top or 0) if wanted else None
 
 
 def _sse(payload: dict[str, Any]) -> bytes:
@@ -801,6 +861,7 @@ async def _stream(
     fixed_ms: int | None,
     choices: int = 1,
     tool_call: dict[str, Any] | None = None,
+    top_logprobs: int | None = None,
 ) -> web.StreamResponse:
     pieces = _chunk_pieces(words)
     first_tokens = pieces[0][1] if pieces else 0
@@ -808,6 +869,12 @@ async def _stream(
 
     def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
         out = b""
+        text = delta.get("content")
+        logprobs = (
+            {"content": _token_logprobs(text, top_logprobs), "refusal": None}
+            if top_logprobs is not None and text
+            else None
+        )
         for index in range(choices):  # one chunk per choice, as OpenAI interleaves them
             payload: dict[str, Any] = {
                 "id": completion_id,
@@ -816,7 +883,12 @@ async def _stream(
                 "model": model,
                 "system_fingerprint": _SYSTEM_FINGERPRINT,
                 "choices": [
-                    {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+                    {
+                        "index": index,
+                        "delta": delta,
+                        "logprobs": logprobs,
+                        "finish_reason": finish,
+                    }
                 ],
             }
             if usage is not None:

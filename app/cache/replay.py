@@ -2,7 +2,8 @@
 
 Owns turning a non-streamed answer into ``chat.completion.chunk`` events in OpenAI's
 order: per choice a role chunk, content in pieces of a few words (tool calls: name, then
-arguments), a chunk with the ``finish_reason``; then, when the client asked
+arguments; a text with stored ``logprobs`` in one piece that carries them), a chunk with
+the ``finish_reason``; then, when the client asked
 ``stream_options.include_usage``, a ``choices: []`` chunk with the usage (and
 ``"usage": null`` on every earlier chunk, as OpenAI sends); then ``data: [DONE]``. The
 ``openai`` SDK reassembles the same content, tool calls, finish reason and usage (a test
@@ -51,14 +52,20 @@ def sse_replay(completion: Mapping[str, Any], *, include_usage: bool) -> bytes:
         index = choice.get("index", 0)
         message = choice.get("message") or {}
 
-        def delta_chunk(delta: dict[str, Any], finish: str | None = None, i: int = index) -> None:
-            emit([{"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}])
+        def delta_chunk(
+            delta: dict[str, Any], finish: str | None = None, i: int = index, logprobs: Any = None
+        ) -> None:
+            emit([{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}])
 
         content = message.get("content")
         # OpenAI opens with content "" for a text answer and null for a tool-call answer
         opening = "" if isinstance(content, str) else None
         delta_chunk({"role": message.get("role", "assistant"), "content": opening, "refusal": None})
-        if isinstance(content, str) and content:
+        logprobs = choice.get("logprobs")
+        if isinstance(content, str) and content and logprobs:
+            # the stored tokens' logprobs do not split at our pieces: the text in one delta
+            delta_chunk({"content": content}, logprobs=logprobs)
+        elif isinstance(content, str) and content:
             for piece in _pieces(content):
                 delta_chunk({"content": piece})
         refusal = message.get("refusal")

@@ -969,3 +969,32 @@ def test_tool_calls_and_structured_outputs_pass_through_and_are_billed(stack: St
         [called.usage.completion_tokens] * 2 + [structured.usage.completion_tokens]
     )
     assert all(u["status"] == "ok" and not u["usage_estimated"] for u in usage)
+
+
+def test_logprobs_pass_through_streamed_or_not(stack: Stack) -> None:
+    """Session 20's note: the simulator gave no logprobs, so nothing showed that a client
+    asking for them gets them through the gateway. Asked, each token of the answer has its
+    logprob and its alternatives, streamed or not; not asked, there are none."""
+    client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0)
+    ask: dict[str, Any] = {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": "Name three rivers."}],
+        "user": "lp",
+    }
+    whole = client.chat.completions.create(**ask, logprobs=True, top_logprobs=2)
+    content = whole.choices[0].logprobs.content if whole.choices[0].logprobs else None
+    assert content, whole
+    assert "".join(t.token for t in content) == whole.choices[0].message.content
+    assert all(len(t.top_logprobs) == 2 and t.logprob < 0 for t in content)
+    streamed = client.chat.completions.create(**ask, logprobs=True, top_logprobs=2, stream=True)
+    tokens = [
+        t.token
+        for chunk in streamed
+        for choice in chunk.choices
+        for t in (choice.logprobs.content or [] if choice.logprobs else [])
+    ]
+    assert tokens == [t.token for t in content]
+    plain = client.chat.completions.create(**ask)
+    assert plain.choices[0].logprobs is None
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(**ask, top_logprobs=2)

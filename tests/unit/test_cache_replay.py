@@ -157,3 +157,35 @@ def test_the_stream_ends_with_done() -> None:
     data = sse_replay(COMPLETION, include_usage=False)
     assert data.endswith(b"data: [DONE]\n\n")
     assert all(event.startswith(b"data: ") for event in data.split(b"\n\n") if event)
+
+
+async def test_a_cached_answer_with_logprobs_is_replayed_with_them() -> None:
+    """A repeat asking for logprobs, streamed, got the cached text with no logprobs: the
+    replay sent its pieces with ``logprobs: null``. The text now goes with them."""
+    logprobs = {
+        "content": [
+            {"token": token, "logprob": -0.5, "bytes": list(token.encode()), "top_logprobs": []}
+            for token in ("Paris", ".")
+        ],
+        "refusal": None,
+    }
+    completion = {
+        **COMPLETION,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "Paris.", "refusal": None},
+                "logprobs": logprobs,
+                "finish_reason": "stop",
+            }
+        ],
+    }
+    chunks, rebuilt = await _stream(completion, include_usage=False)
+    assert rebuilt.choices[0].message.content == "Paris."
+    tokens = [
+        t.model_dump()
+        for chunk in chunks
+        for choice in chunk.choices
+        for t in (choice.logprobs.content or [] if choice.logprobs else [])
+    ]
+    assert tokens == logprobs["content"]
