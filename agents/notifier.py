@@ -38,7 +38,10 @@ after the retries, or dropped from a full queue (counted and logged). A notifier
 dies with alerts queued leaves them to its successor, which sends them again (so does
 a target that had answered just before the crash: PagerDuty de-duplicates on
 ``dedup_key`` and Alertmanager on labels, so a repeat is harmless there; JSON receivers
-can de-duplicate on ``event_id``; Slack shows the line twice). A dead target never holds
+can de-duplicate on ``event_id``; Slack shows the line twice). Within one process a target
+is never sent the same ``event_id`` twice: a notifier frozen past its consumer session (a
+``SIGSTOP``, a long GC pause) gets its partitions back at the committed offset and reads
+again what it had just delivered; those are skipped and counted (``skipped_duplicate``). A dead target never holds
 back the consumer or the other targets, only the committed offset, for as long as its
 retries last; a graceful stop drains the queues for ``drain_timeout_s`` first.
 """
@@ -53,6 +56,7 @@ import logging
 import random
 import signal
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -95,6 +99,9 @@ PAGERDUTY_DEDUP_KEY_MAX = 255
 PAGERDUTY_SUMMARY_MAX = 1024
 DELIVERY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 DROP_LOG_INTERVAL_S = 10.0
+# How many delivered event ids each target remembers: far more than a fetch holds (the
+# alerts read again after a rebalance), a few hundred kB at most.
+SENT_IDS_KEPT = 10_000
 BODY_LOG_CHARS = 300
 
 # -- secrets ----------------------------------------------------------------------------
@@ -369,7 +376,9 @@ class NotifierMetrics:
         self.notifications = Counter(
             "tollgate_alert_notifications",
             "Alert notifications by target and outcome: delivered, failed (gave up or "
-            "rejected), retried (one per retry), dropped (queue full, oldest dropped)",
+            "rejected), retried (one per retry), dropped (queue full, oldest dropped), "
+            "skipped_duplicate (read again after a rebalance, sent already), skipped_historical, "
+            "skipped_related",
             ["target", "outcome"],
             registry=r,
         )
@@ -504,8 +513,13 @@ class TargetWorker:
         self._delivered_seconds = metrics.duration.labels(name, "delivered")
         self._failed_seconds = metrics.duration.labels(name, "failed")
         metrics.queue_depth.labels(name).set_function(self.queue.qsize)
+        self._duplicate = metrics.notifications.labels(name, "skipped_duplicate")
         self._dropped_unlogged = 0
         self._last_drop_log = float("-inf")
+        # The event ids this target was sent lately, oldest first: an alert read again by this
+        # process (a rebalance after a stall puts the partition back at the committed offset)
+        # is not sent twice. A new process starts empty (at-least-once across a crash).
+        self._sent: OrderedDict[str, None] = OrderedDict()
 
     def offer(self, alert: dict[str, Any], ticket: Ticket | None = None) -> None:
         """Queue ``alert``; never waits. A full queue drops its oldest alert to make room.
@@ -532,8 +546,18 @@ class TargetWorker:
         """Deliver queued alerts until cancelled; one failing alert never stops the loop."""
         while True:
             alert, ticket = await self.queue.get()
+            event_id = alert.get("event_id")
             try:
-                await self.deliver(session, alert)
+                if isinstance(event_id, str) and event_id in self._sent:
+                    self._duplicate.inc()
+                    log.info(
+                        "alert not sent again: this target got it already",
+                        extra={**self._log_extra, "event_id": event_id},
+                    )
+                elif await self.deliver(session, alert) and isinstance(event_id, str):
+                    self._sent[event_id] = None
+                    if len(self._sent) > SENT_IDS_KEPT:
+                        self._sent.popitem(last=False)
             except Exception as exc:  # a bug or an odd record must not kill the target
                 self._failed.inc()
                 log.error(

@@ -506,3 +506,36 @@ def test_historical_and_related_alerts_are_declined_unless_the_target_asks() -> 
     assert plain.declines(attached) == "related" and everything.declines(attached) is None
     assert plain.declines(alert()) is None
     assert plain.declines(alert(incident_role="primary", historical=False)) is None
+
+
+async def test_an_alert_read_again_is_not_delivered_again_by_the_same_notifier(
+    serve: Callable[[Handler], Awaitable[str]],
+) -> None:
+    """The fault table's "notifier SIGSTOP 25 s": 20 alerts delivered twice. Frozen past its
+    session, the notifier delivered the alerts it fetched on waking, could not commit them
+    (its group had moved on), was handed its partitions back at the committed offset and
+    delivered them again. The same process remembers what each target was sent."""
+    posted: list[str] = []
+
+    async def receive(request: web.Request) -> web.Response:
+        posted.append((await request.json())["event_id"])
+        return web.Response(status=200)
+
+    base = await serve(receive)
+    registry = CollectorRegistry()
+    worker = TargetWorker(
+        target(name="once", url=f"{base}/x"), NotifierMetrics(registry), FAST_RETRY
+    )
+    offsets = OffsetsInFlight()
+    tp = TopicPartition("alerts", 0)
+    read = [alert(event_id=f"e-{i}") for i in range(3)]
+    for offset, record in enumerate(read + read):  # read, then read again from the commit
+        worker.offer(record, offsets.ticket(tp, offset, 1))
+        offsets.handled_through(tp, offset)
+    async with aiohttp.ClientSession() as session:
+        task = asyncio.create_task(worker.run(session))
+        await asyncio.wait_for(worker.queue.join(), 10)
+        task.cancel()
+    assert posted == ["e-0", "e-1", "e-2"]
+    assert sample(registry, "once", "skipped_duplicate") == 3
+    assert offsets.to_commit({tp}) == {tp: 6}  # the repeats are done with too
