@@ -69,7 +69,13 @@ class DetectorSettings:
     """How often a feature's peer prior is refitted from its users' rates."""
     volume_peer_burst_requests: float = 20.0
     """Weight, in requests, of the feature's burstiness in a user's own (new users are as
-    bursty as their peers; a user with many calls as bursty as themselves)."""
+    bursty as their peers; a user with many calls as bursty as themselves). For a user
+    steadier than their peers, with at least half this many calls, both sides are weighed
+    by the independent events they hold (calls over their own variance/mean): 20 calls of
+    peers who call in sessions of 3 to 8 are about 4 events, so a user who calls one call at
+    a time is judged mostly on their own from their 10th call (probe U: a steady quiet
+    user's loop among session callers; the floor of 10 calls, because a quiet session
+    caller's first few calls can look steady by chance and then their sessions paged)."""
     volume_burst_seconds: float = 300.0
     """An unusual stretch of calls that is over within this long is one of the scope's normal
     bursts (a session, a retry storm) and teaches its burstiness; a longer one (a loop) never
