@@ -269,6 +269,13 @@ class DetectorSettings:
     # -- alert lifecycle ---------------------------------------------------------------
     resolve_after_seconds: int = 180
     """An incident resolves after this long without an anomalous verdict."""
+    resolve_min_normal_calls: int = 3
+    """A cost incident also needs this many calls judged normal since its last anomalous
+    one: a scope that stops calling (a feature at night, a user between sessions) has not
+    shown its cost is back to normal, and resolved in the gap amid a drift, then paged
+    again when calls resumed (session 20's probe P)."""
+    resolve_silent_after_seconds: int = 1800
+    """... unless it has made no call for this long: then it resolves saying so."""
     cooldown_seconds: int = 1800
     """After a resolve, the same (kind, scope) does not fire again for this long."""
     critical_ratio: float = 10.0
@@ -289,6 +296,14 @@ class DetectorSettings:
     """A user "belongs" to the features they called this recently: a user alert nests
     under such a feature's incident, and a user's cost alarm inside a feature's cost
     incident is part of it."""
+    incident_cost_wait_seconds: float = 0.0
+    """A user's cost alert holds its page up to this long from when it fired while a feature
+    the user called has cost evidence building (a CUSUM past half its threshold, no alarm
+    yet), so the feature's alert can join it: a feature's drift moves its users' costs
+    too, and on the bench a user whose alarm fired 115 s before the feature's was paged for
+    the drift ($0.04/hour), the feature attached as related (probe T). At 180 that page
+    names the feature, 94 s later; off by default, since it delays pages (docs/ANOMALY.md,
+    "Session 21")."""
     incident_explain_share: float = 0.75
     """A narrower scope becomes the page when its extra spend is at least this share of the
     wider scope's (a user whose loop is their feature's surge; not the heaviest of many

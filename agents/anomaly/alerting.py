@@ -30,6 +30,11 @@ from app.anomaly_config import DetectorSettings
 from app.metering.usage import event_time, new_id
 
 ALERT_SCHEMA_VERSION = 2
+# Kinds whose measure is of calls (their cost): a scope's silence says nothing of it, so an
+# incident of these resolves on calls judged normal (``resolve_min_normal_calls``). Not a
+# user's: held open, users' cost alarms piled up (many fire when their feature's alarm
+# ends, as its incident stops absorbing them) and kept incidents open (probe T).
+EVIDENCE_KINDS = frozenset({"cost_per_request"})
 _SEVERITY = ("warning", "critical")
 
 
@@ -45,6 +50,10 @@ class Incident:
     peak: Verdict  # the most anomalous verdict so far
     latest: Verdict  # the latest verdict of the same metric and window, anomalous or not
     anomalous_verdicts: int = 1
+    normal_verdicts: int = 0  # of the same measure since the last anomalous one
+    # A cost incident kept open, past ``resolve_after_seconds`` without an anomalous
+    # verdict, for want of calls judged normal: quiet (incidents take no alerts through it).
+    held: bool = False
 
 
 @dataclass
@@ -64,8 +73,12 @@ class AlertManager:
         if incident is not None:
             if _same_measure(verdict, incident.peak):
                 incident.latest = verdict
+                if not verdict.is_anomaly:
+                    incident.normal_verdicts += 1
             if not verdict.is_anomaly:
                 return []
+            incident.normal_verdicts = 0
+            incident.held = False
             incident.last_seen = max(incident.last_seen, verdict.ts)
             incident.anomalous_verdicts += 1
             if verdict.score > incident.peak.score and _same_measure(verdict, incident.peak):
@@ -108,18 +121,40 @@ class AlertManager:
         details = {**alert["details"], **record["details"]}
         return {**alert, **record, "event_id": alert["event_id"], "details": details}
 
+    def quiet(self, key: str) -> bool:
+        """Whether ``key``'s open incident is only kept open for want of calls judged normal
+        (nothing anomalous for ``resolve_after_seconds``): a silent scope's cost incident."""
+        incident = self.firing.get(key)
+        return incident is not None and incident.held
+
     def tick(self, now: datetime) -> list[dict[str, Any]]:
         """``resolved`` records of incidents quiet for ``resolve_after_seconds`` at ``now``."""
-        resolve_after = timedelta(seconds=self.settings.resolve_after_seconds)
-        cooldown = timedelta(seconds=self.settings.cooldown_seconds)
+        s = self.settings
+        resolve_after = timedelta(seconds=s.resolve_after_seconds)
+        silent_after = timedelta(seconds=max(s.resolve_silent_after_seconds, 0))
+        cooldown = timedelta(seconds=s.cooldown_seconds)
         alerts = []
         for key, incident in list(self.firing.items()):
             if now - incident.last_seen < resolve_after:
                 continue
-            del self.firing[key]
             resolved_at = incident.last_seen + resolve_after
+            silent = False
+            evidence = incident.kind in EVIDENCE_KINDS and not incident.scope.startswith("user:")
+            if evidence and incident.normal_verdicts < s.resolve_min_normal_calls:
+                # No calls is no evidence the cost is back to normal (docstring of
+                # ``resolve_min_normal_calls``): resolved once calls show it, or after long
+                # silence, saying so.
+                if now - incident.last_seen < silent_after:
+                    incident.held = True
+                    continue
+                resolved_at, silent = incident.last_seen + silent_after, True
+            elif evidence:
+                resolved_at = max(resolved_at, incident.latest.ts)
+            del self.firing[key]
             self.quiet_until[key] = resolved_at + cooldown
-            alerts.append(self._record(key, incident, incident.latest, "resolved", resolved_at))
+            alerts.append(
+                self._record(key, incident, incident.latest, "resolved", resolved_at, silent=silent)
+            )
         for key, until in list(self.quiet_until.items()):
             if until <= now:
                 del self.quiet_until[key]
@@ -151,6 +186,7 @@ class AlertManager:
         status: str,
         ts: datetime,
         suppressed: int = 0,
+        silent: bool = False,
     ) -> dict[str, Any]:
         peak = incident.peak
         shown = verdict  # firing: the verdict it fired on (or, refreshed, the latest)
@@ -170,11 +206,21 @@ class AlertManager:
                 if peak.impact_usd_per_hour is not None
                 else ""
             )
-            message = (
-                f"resolved: {incident.kind.replace('_', ' ')} for {incident.scope} is back to "
-                f"normal since {incident.last_seen:%H:%M:%S} UTC, after {_duration(lasted)} "
-                f"anomalous ({peak.metric}: {latest}; peak {_value_text(peak)}{money})"
-            )
+            if silent:
+                message = (
+                    f"resolved: {incident.kind.replace('_', ' ')} for {incident.scope}: no "
+                    f"call judged normal since {incident.last_seen:%H:%M:%S} UTC "
+                    f"({_duration(ts - incident.last_seen)} with too few calls to tell), "
+                    f"closed after {_duration(lasted)} anomalous ({peak.metric}: {latest}; "
+                    f"peak {_value_text(peak)}{money})"
+                )
+            else:
+                message = (
+                    f"resolved: {incident.kind.replace('_', ' ')} for {incident.scope} is "
+                    f"back to normal since {incident.last_seen:%H:%M:%S} UTC, after "
+                    f"{_duration(lasted)} anomalous ({peak.metric}: {latest}; peak "
+                    f"{_value_text(peak)}{money})"
+                )
             normal = not verdict.is_anomaly and _same_measure(verdict, peak)
             impact = verdict.impact_usd_per_hour if normal else None
         details = {

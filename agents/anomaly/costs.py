@@ -191,6 +191,7 @@ class CostDetector:
         "model_spread_at",
         "model_thresholds",
         "models",
+        "normal_calls",
         "offset_n",
         "offset_sum",
         "reference",
@@ -220,6 +221,7 @@ class CostDetector:
         self.ew_at = 0.0
         self.ew_model_z = 0.0  # while anomalous: the same among the same model's calls
         self.ew_model_log = 0.0
+        self.normal_calls = 0  # in an alarm: calls judged normal since the last anomalous one
         self._init_models()
 
     def _init_models(self) -> None:
@@ -244,6 +246,8 @@ class CostDetector:
             self._init_models()
         if not hasattr(self, "ew_model_z"):  # before an alarm was held within the model too
             self.ew_model_z = self.ew_model_log = 0.0
+        if not hasattr(self, "normal_calls"):  # before silence stopped ending an alarm
+            self.normal_calls = 0
         if not hasattr(self, "model_offset_sum"):  # before users had the per-model view
             self.model_offset_sum = self.model_offset_n = 0.0
         if len(self.cusums) == 3 or len(self.model_cusums) == 3:  # before the tail CUSUM
@@ -398,8 +402,19 @@ class CostDetector:
         log_cost = math.log(max(cost_nanos, 1.0))
         usual = self.typical_log(ref, owned)
         note = ""
-        if self.alarm_since is not None and t - self.last_anomalous > s.resolve_after_seconds:
-            self._end_alarm()  # nothing anomalous for a while (no calls, or ordinary ones)
+        if (
+            self.alarm_since is not None
+            and t - self.last_anomalous > s.resolve_after_seconds
+            and (
+                self.reference is None  # a user's: ends on silence (see the alert lifecycle)
+                or self.normal_calls >= s.resolve_min_normal_calls
+                or t - self.last_anomalous > s.resolve_silent_after_seconds
+            )
+        ):
+            # Nothing anomalous for a while, in calls judged normal (a silence says nothing
+            # of the cost: the calls after a gap are judged in the alarm, as the alert
+            # lifecycle resolves it), or no call for long.
+            self._end_alarm()
         if self.alarm_since is None:
             # Learned at once: the reference remembers a day, so the start of a rise over
             # hours weighs little in it; nothing is learned once the scope is anomalous.
@@ -433,6 +448,7 @@ class CostDetector:
             if fired is None:
                 return None
             self.alarm_since = self.last_anomalous = t
+            self.normal_calls = 0
             self.ew_z = fired.run_z / fired.run_n
             self.ew_log = fired.run_log / fired.run_n
             self.ew_cost = observed = fired.run_carried / fired.run_n
@@ -494,6 +510,7 @@ class CostDetector:
                     math.exp(self.ew_model_log) >= 1.0 + (self._min_ratio(True) - 1.0) / 2
                     and self.ew_model_z >= noise
                 )
+            self.normal_calls = 0 if anomalous else self.normal_calls + 1
             if anomalous:
                 self.last_anomalous = t
                 if t - self.alarm_since >= s.cost_adapt_after_minutes * 60:
@@ -564,6 +581,16 @@ class CostDetector:
         spread = self.spread if spread is None else spread
         lower = log_sum / calls - usual - spread / math.sqrt(calls)
         return lower >= math.log(s.cost_drift_min_ratio)
+
+    def building(self, share: float = 0.5) -> bool:
+        """Whether evidence of a rise is building: no alarm, a CUSUM past ``share`` of its
+        threshold."""
+        if self.alarm_since is not None:
+            return False
+        cusums = zip(
+            self.cusums + self.model_cusums, self.thresholds + self.model_thresholds, strict=True
+        )
+        return any(c.stat >= share * h for c, h in cusums)
 
     def _min_ratio(self, by_model: bool) -> float:
         """The stated rise: ``cost_model_min_ratio`` within a model, else ``cost_min_ratio``."""

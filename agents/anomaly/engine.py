@@ -136,7 +136,12 @@ class AnomalyEngine:
         self.detector_factories = tuple(detectors)
         self.alerts = AlertManager(self.settings)
         self.correlator = Correlator(
-            self.settings, self.nests, self.explains, self.alerts.refreshed
+            self.settings,
+            self.nests,
+            self.explains,
+            self.alerts.refreshed,
+            self.alerts.quiet,
+            self.cost_building,
         )
         self.users: OrderedDict[str, ScopeState] = OrderedDict()  # least recently active first
         self.features: OrderedDict[str, ScopeState] = OrderedDict()
@@ -209,6 +214,26 @@ class AnomalyEngine:
             state.rate.expire(t)
             excess.append(state.rate.excess_spend(j, self._cpr(priced_as) * NANOS_PER_USD))
         return excess[1] > 0 and excess[0] >= self.settings.incident_explain_share * excess[1]
+
+    def cost_building(self, user_scope: str, at: datetime) -> bool:
+        """Whether a judged feature the user called in the last hour has cost evidence
+        building, no alarm yet (a user's cost page then waits for it; see
+        ``incident_cost_wait_seconds``)."""
+        user = self.users.get(user_scope)
+        if user is None:
+            return False
+        recent = at.timestamp() - self.settings.incident_related_feature_seconds
+        for name, seen in user.features.items():
+            state = self.features.get(f"feature:{name}")
+            if (
+                seen >= recent
+                and state is not None
+                and state.cost is not None
+                and state.kind in self.settings.cost_scope_kinds
+                and state.cost.building()
+            ):
+                return True
+        return False
 
     def _in_feature_cost_incident(self, user: ScopeState, at: datetime) -> bool:
         """Whether a feature the user called in the last hour has a cost incident that the
@@ -528,6 +553,8 @@ class AnomalyEngine:
         self.correlator.nests = self.nests
         self.correlator.explains = self.explains
         self.correlator.refresh = self.alerts.refreshed
+        self.correlator.quiet = self.alerts.quiet
+        self.correlator.building = self.cost_building
 
     def snapshot(self) -> bytes:
         """Everything the engine learned, as bytes to store: a versioned header, then a

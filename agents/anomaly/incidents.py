@@ -41,6 +41,8 @@ from app.anomaly_config import DetectorSettings
 Nests = Callable[[str, str], bool]
 Explains = Callable[[str, str, datetime], bool]
 Refresh = Callable[[dict[str, Any]], dict[str, Any]]
+Quiet = Callable[[str], bool]
+Building = Callable[[str, datetime], bool]
 
 
 def specificity(scope: str) -> int:
@@ -73,20 +75,32 @@ class Correlator:
         nests: Nests,
         explains: Explains,
         refresh: Refresh | None = None,
+        quiet: Quiet | None = None,
+        building: Building | None = None,
     ) -> None:
         self.settings = settings
         self.nests: Nests | None = nests
         self.explains: Explains | None = explains
         # A held member's record as of the page (its latest figures); None: as it fired.
         self.refresh: Refresh | None = refresh
+        # Whether an open member has gone quiet (a cost incident held open through its
+        # scope's silence, which the lifecycle once resolved); None: none has.
+        self.quiet: Quiet | None = quiet
+        # Whether a user's feature has cost evidence building (its alert may come soon).
+        self.building: Building | None = building
         self.groups: list[Group] = []
         self.by_key: dict[str, Group] = {}  # alert key -> its open group
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["nests"] = state["explains"] = None  # the engine's; handed in again on restore
-        state["refresh"] = None
+        state["refresh"] = state["quiet"] = state["building"] = None
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.__dict__.setdefault("quiet", None)  # a checkpoint from before them
+        self.__dict__.setdefault("building", None)
 
     def process(self, alerts: list[dict[str, Any]], now: datetime) -> list[dict[str, Any]]:
         """Alerts to publish, given new lifecycle ``alerts`` at event time ``now``."""
@@ -102,14 +116,36 @@ class Correlator:
     def _nests(self, a: str, b: str) -> bool:
         return a == b if self.nests is None else self.nests(a, b)
 
+    def _live(self, group: Group, key: str) -> bool:
+        """Whether member ``key`` is open and not quiet: a cost incident held open
+        through its scope's silence keeps its own page, but takes no other alert (probe T:
+        quiet users' cost incidents held open took in their features' later incidents)."""
+        return key not in group.resolved and (self.quiet is None or not self.quiet(key))
+
     def tick(self, now: datetime) -> list[dict[str, Any]]:
         """Pages of incidents whose hold has passed at ``now``."""
         hold = timedelta(seconds=self.settings.incident_hold_seconds)
         out: list[dict[str, Any]] = []
         for group in self.groups:
-            if not group.paged and now - group.opened >= hold:
+            if not group.paged and now - group.opened >= hold and not self._waits(group, now):
                 out += self._page(group, now)
         return out
+
+    def _waits(self, group: Group, now: datetime) -> bool:
+        """Whether an incident of users' cost alerts waits for a feature's alert to join
+        (``incident_cost_wait_seconds``): one of their features has cost evidence building.
+        A user's own shift pages at once unless it also moves a feature's cost, and then
+        the feature's alert joins and the page names the user (``_explains``)."""
+        wait = timedelta(seconds=self.settings.incident_cost_wait_seconds)
+        return (
+            self.building is not None
+            and now - group.opened < wait
+            and all(
+                m["kind"] == "cost_per_request" and specificity(m["scope"]) == 2
+                for m in group.members.values()
+            )
+            and any(self.building(m["scope"], now) for m in group.members.values())
+        )
 
     def flush(self) -> list[dict[str, Any]]:
         """Every held page now (end of a finite stream)."""
@@ -122,42 +158,7 @@ class Correlator:
     # -- firing -----------------------------------------------------------------------------
     def _firing(self, alert: dict[str, Any]) -> list[dict[str, Any]]:
         ts: datetime = alert["ts"]
-        window = timedelta(seconds=self.settings.incident_window_seconds)
-        scope = alert["scope"]
-        group = next(
-            (
-                g
-                for g in reversed(self.groups)
-                if (
-                    ts - g.last_activity <= window
-                    and (
-                        # The global scope belongs to any incident; a narrower alert joins
-                        # an incident with a narrower member it nests with (two users'
-                        # loops, or a loop after a global surge was paged, stay separate
-                        # pages), or one that is only a global alert still in its hold (the
-                        # same moment: a feature's regression moves the global share 3 s
-                        # before its own).
-                        scope == "global"
-                        or any(
-                            m["scope"] != "global" and self._nests(scope, m["scope"])
-                            for m in g.members.values()
-                        )
-                        or (not g.paged and all(m["scope"] == "global" for m in g.members.values()))
-                    )
-                )
-                # An incident still open takes an alert of its kind that nests with an open
-                # narrower member, however long it has run: a user of a feature whose cost
-                # incident ran for two hours paged twice as new incidents (probe N).
-                or any(
-                    k not in g.resolved
-                    and m["kind"] == alert["kind"]
-                    and m["scope"] != "global"
-                    and self._nests(scope, m["scope"])
-                    for k, m in g.members.items()
-                )
-            ),
-            None,
-        )
+        group = next((g for g in reversed(self.groups) if self._takes(g, alert)), None)
         if group is None:
             group = Group(key=_incident_key(alert), opened=ts, last_activity=ts)
             self.groups.append(group)
@@ -168,6 +169,46 @@ class Correlator:
         if group.paged:
             return [self._mark(alert, group, "related")]
         return []
+
+    def _takes(self, g: Group, alert: dict[str, Any]) -> bool:
+        """Whether open incident ``g`` takes the firing ``alert``. Only through members that
+        are live: an incident whose members have all gone quiet takes nothing."""
+        if not any(self._live(g, k) for k in g.members):
+            return False
+        ts: datetime = alert["ts"]
+        scope = alert["scope"]
+        window = timedelta(seconds=self.settings.incident_window_seconds)
+        if ts - g.last_activity <= window and (
+            # The global scope belongs to any incident; a narrower alert joins an incident
+            # with a narrower member it nests with (two users' loops, or a loop after a
+            # global surge was paged, stay separate pages), or one that is only a global
+            # alert still in its hold (the same moment: a feature's regression moves the
+            # global share 3 s before its own).
+            scope == "global"
+            or any(self._joins_through(g, alert, m) for m in g.members.values())
+            or (not g.paged and all(m["scope"] == "global" for m in g.members.values()))
+        ):
+            return True
+        # An incident still open takes an alert of its kind that nests with a live narrower
+        # member, however long it has run: a user of a feature whose cost incident ran for
+        # two hours paged twice as new incidents (probe N).
+        return any(
+            self._live(g, k) and m["kind"] == alert["kind"] and self._joins_through(g, alert, m)
+            for k, m in g.members.items()
+        )
+
+    def _joins_through(self, g: Group, alert: dict[str, Any], member: dict[str, Any]) -> bool:
+        """Whether ``alert`` nests with ``member``, a narrower member of ``g``. A feature's
+        alert does not join through a *user* an incident paged for another feature: users
+        call several features, and a feature's routing drift (and, on the Azure trace, a
+        cost drift) was attached as related to another feature's cost incident through the
+        cost alarms of users of both (probe T)."""
+        if member["scope"] == "global" or not self._nests(alert["scope"], member["scope"]):
+            return False
+        if specificity(member["scope"]) == 2 and specificity(alert["scope"]) == 1 and g.paged:
+            page = g.members[g.primary]["scope"]
+            return specificity(page) != 1 or page == alert["scope"]
+        return True
 
     def _page(self, group: Group, now: datetime) -> list[dict[str, Any]]:
         if self.refresh is not None:  # held until now: the figures of now, not of the firing
@@ -190,11 +231,23 @@ class Correlator:
                 for m in members
                 if specificity(m["scope"]) > specificity(current["scope"])
                 and self._nests(m["scope"], current["scope"])
-                and (self.explains is not None and self.explains(m["scope"], current["scope"], now))
+                and self._explains(m, current, now)
             ]
             if not narrower:
                 return str(current["alert_key"])
             current = max(narrower, key=_size)
+
+    def _explains(self, narrow: dict[str, Any], wide: dict[str, Any], now: datetime) -> bool:
+        """Whether ``narrow`` accounts for ``incident_explain_share`` of ``wide``. Two cost
+        alerts compare their money (excess cost per call times calls): a scope's extra calls
+        say nothing of a cost shift, and the heaviest user of a feature whose cost drifted
+        was paged for it because their calls were most of the feature's (probe T)."""
+        if narrow["kind"] == wide["kind"] == "cost_per_request":
+            wide_size = _size(wide)
+            return (
+                wide_size > 0 and _size(narrow) >= self.settings.incident_explain_share * wide_size
+            )
+        return self.explains is not None and self.explains(narrow["scope"], wide["scope"], now)
 
     # -- resolved ---------------------------------------------------------------------------
     def _resolved(self, alert: dict[str, Any]) -> list[dict[str, Any]]:

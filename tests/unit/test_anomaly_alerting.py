@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -137,3 +138,65 @@ def test_a_page_held_for_its_incident_states_the_latest_figures() -> None:
     assert "$890" in page["message"] and page["severity"] == "critical", page["message"]
     assert page["ts"] == T0  # when it fired
     assert page["details"]["peak_observed"] == "26"
+
+
+def cost_verdict(at: datetime, anomalous: bool = True) -> Verdict:
+    return Verdict(
+        kind="cost_per_request",
+        scope="feature:search",
+        ts=at,
+        score=8.0 if anomalous else 0.5,
+        is_anomaly=anomalous,
+        expected=0.002,
+        observed=0.008 if anomalous else 0.0021,
+        unit="usd",
+        metric="cost per request",
+        window_seconds=None,
+        impact_usd_per_hour=1.2 if anomalous else 0.01,
+    )
+
+
+def test_a_cost_incident_resolves_on_calls_judged_normal_not_on_silence() -> None:
+    """Probe P: a feature whose calls stopped for more than ``resolve_after_seconds`` amid a
+    drift resolved in the gap ("back to normal") and paged again when calls resumed."""
+    settings = DetectorSettings(resolve_after_seconds=300, resolve_silent_after_seconds=1800)
+    manager = AlertManager(settings)
+    incident = [cost_verdict(T0 + timedelta(seconds=20 * i)) for i in range(10)]
+    assert [a["status"] for a in feed(manager, incident)] == ["firing"]
+    last = incident[-1].ts
+    assert manager.tick(last + timedelta(seconds=900)) == []  # silent: no evidence either way
+    # Two calls judged normal are not yet enough; the third is.
+    normals = [cost_verdict(last + timedelta(seconds=900 + 10 * i), False) for i in range(3)]
+    assert feed(manager, normals[:2]) == []
+    [resolved] = feed(manager, normals[2:])
+    assert resolved["status"] == "resolved" and "back to normal" in resolved["message"]
+    assert resolved["ts"] == normals[2].ts  # when calls showed it, not in the silence
+
+    # Silence alone resolves after resolve_silent_after_seconds, saying so.
+    manager = AlertManager(settings)
+    later = T0 + timedelta(hours=3)
+    feed(manager, [cost_verdict(later)])
+    assert manager.tick(later + timedelta(seconds=1799)) == []
+    [closed] = manager.tick(later + timedelta(seconds=1800))
+    assert closed["ts"] == later + timedelta(seconds=1800)
+    assert "no call judged normal since" in closed["message"]
+    assert "back to normal" not in closed["message"]
+
+
+def test_a_rate_incident_still_resolves_on_silence() -> None:
+    """A silence is evidence for a request rate: unchanged for volume spikes."""
+    manager = AlertManager(DetectorSettings(resolve_after_seconds=300))
+    feed(manager, [verdict(T0)])
+    [resolved] = manager.tick(T0 + timedelta(seconds=300))
+    assert resolved["status"] == "resolved" and resolved["ts"] == T0 + timedelta(seconds=300)
+
+
+def test_a_users_cost_incident_still_resolves_on_silence() -> None:
+    """Probe T: held open, users' cost alarms piled up and kept other features' incidents
+    open (the Azure trace: 82 firing alerts in an incident batch instead of 32). A user's
+    cost incident resolves on time alone, as before."""
+    manager = AlertManager(DetectorSettings(resolve_after_seconds=300))
+    user = replace(cost_verdict(T0), scope="user:bob")
+    feed(manager, [user])
+    [resolved] = manager.tick(T0 + timedelta(seconds=300))
+    assert resolved["status"] == "resolved" and "back to normal" in resolved["message"]

@@ -119,11 +119,12 @@ def test_a_member_that_resolves_and_fires_again_keeps_its_incident_open() -> Non
         return {**alert(kind, scope, at), "status": "resolved"}
 
     out = c.process([alert(kind, "feature:code", 0)], T0)
-    out += c.process([alert(kind, "user:u2", 10)], T0 + timedelta(seconds=10))
+    # (a small part of the feature's extra spend: the page names the feature)
+    out += c.process([alert(kind, "user:u2", 10, impact=2.0)], T0 + timedelta(seconds=10))
     out += c.tick(T0 + timedelta(seconds=60))
     for event in (
         resolved("user:u2", 600),
-        alert(kind, "user:u2", 900),  # fires again while the feature is still firing
+        alert(kind, "user:u2", 900, impact=2.0),  # fires again while the feature still fires
         resolved("feature:code", 1200),  # not the end: user:u2 is firing
         resolved("user:u2", 1500),  # the end
     ):
@@ -132,3 +133,65 @@ def test_a_member_that_resolves_and_fires_again_keeps_its_incident_open() -> Non
     ends = [a for a in out if a["status"] == "resolved" and a["incident_role"] == "primary"]
     assert [a["ts"] for a in ends] == [T0 + timedelta(seconds=1500)]
     assert c.groups == []
+
+
+def test_a_quiet_cost_incident_held_open_takes_no_other_alert() -> None:
+    """Probe T: a cost incident is held open through its scope's silence (no calls judged
+    normal yet). Session 20 tried that alone and, on the bench, quiet users' cost incidents
+    held open took in their features' later alerts as related (3 of 48 incidents lost their
+    page). A quiet member keeps its own incident, but takes no other alert; once it is
+    anomalous again, it does."""
+
+    def nests(a: str, b: str) -> bool:
+        return a == b or "global" in (a, b) or {a, b} == {"user:u2", "feature:code"}
+
+    quiet = {"cost_per_request|user:u2"}
+    c = Correlator(
+        DetectorSettings(), nests, lambda narrow, wide, now: False, quiet=quiet.__contains__
+    )
+    out = c.process([alert("cost_per_request", "user:u2", 0)], T0)
+    out += c.tick(T0 + timedelta(seconds=30))
+    # Ten minutes later, the user silent: their feature's routing and cost alerts page.
+    out += c.process([alert("tier_mix", "feature:code", 600)], T0 + timedelta(seconds=600))
+    out += c.tick(T0 + timedelta(seconds=630))
+    assert pages(out) == ["user:u2", "feature:code"]
+    # Anomalous again: the user's incident is live, and takes a nesting alert of its kind.
+    quiet.clear()
+    later = T0 + timedelta(hours=1)
+    out = c.process([alert("cost_per_request", "feature:code", 3600)], later)
+    out += c.tick(later + timedelta(seconds=30))
+    assert [(a["scope"], a["incident_role"]) for a in out] == [("feature:code", "related")]
+
+
+def test_a_users_cost_page_can_wait_for_its_features_building_alert() -> None:
+    """Probe T (``incident_cost_wait_seconds``): the bench's search drift paged
+    ``user:u0030`` ($0.04/hour), whose alarm fired 115 s before the feature's; the feature's
+    alert joined as related. With a wait, while the feature's cost evidence builds, the
+    user's page waits, the feature's alert joins, and the page names the feature (its money
+    is most of it). Without evidence building, the user pages after the usual hold."""
+
+    def nests(a: str, b: str) -> bool:
+        return a == b or "global" in (a, b) or {a, b} == {"user:u30", "feature:search"}
+
+    kind = "cost_per_request"
+    settings = DetectorSettings(incident_cost_wait_seconds=180)
+    c = Correlator(
+        settings, nests, lambda narrow, wide, now: False, building=lambda scope, at: True
+    )
+    out = c.process([alert(kind, "user:u30", 0, impact=0.04)], T0)
+    out += c.tick(T0 + timedelta(seconds=60))
+    assert pages(out) == []
+    out += c.process([alert(kind, "feature:search", 115, impact=1.66)], T0 + timedelta(seconds=115))
+    out += c.tick(T0 + timedelta(seconds=140))
+    assert pages(out) == ["feature:search"]
+    assert {(a["scope"], a["incident_role"]) for a in out} == {
+        ("feature:search", "primary"),
+        ("user:u30", "related"),
+    }
+
+    c = Correlator(
+        settings, nests, lambda narrow, wide, now: False, building=lambda scope, at: False
+    )
+    out = c.process([alert(kind, "user:u30", 0, impact=0.04)], T0)
+    out += c.tick(T0 + timedelta(seconds=20))
+    assert pages(out) == ["user:u30"]
