@@ -36,7 +36,7 @@ import math
 import pickle
 import struct
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -220,36 +220,29 @@ class AnomalyEngine:
         building, no alarm yet (a user's cost page then waits for it; see
         ``incident_cost_wait_seconds``)."""
         user = self.users.get(user_scope)
-        if user is None:
-            return False
-        recent = at.timestamp() - self.settings.incident_related_feature_seconds
-        for name, seen in user.features.items():
-            state = self.features.get(f"feature:{name}")
-            if (
-                seen >= recent
-                and state is not None
-                and state.cost is not None
-                and state.kind in self.settings.cost_scope_kinds
-                and state.cost.building()
-            ):
-                return True
-        return False
+        return user is not None and any(
+            state.kind in self.settings.cost_scope_kinds and cost.building()
+            for state, cost in self._recent_costs(user, at)
+        )
 
     def _in_feature_cost_incident(self, user: ScopeState, at: datetime) -> bool:
         """Whether a feature the user called in the last hour has a cost incident that the
         user does not explain (then the user's cost alarm is part of it)."""
+        return any(
+            cost.alarm_since is not None and not self.explains(user.scope, state.scope, at)
+            for state, cost in self._recent_costs(user, at)
+        )
+
+    def _recent_costs(
+        self, user: ScopeState, at: datetime
+    ) -> Iterator[tuple[ScopeState, CostDetector]]:
+        """The features the user called in the last ``incident_related_feature_seconds``
+        that judge costs, with their cost detector."""
         recent = at.timestamp() - self.settings.incident_related_feature_seconds
         for name, seen in user.features.items():
             state = self.features.get(f"feature:{name}")
-            if (
-                seen >= recent
-                and state is not None
-                and state.cost is not None
-                and state.cost.alarm_since is not None
-                and not self.explains(user.scope, state.scope, at)
-            ):
-                return True
-        return False
+            if seen >= recent and state is not None and state.cost is not None:
+                yield state, state.cost
 
     def _state(self, scope: str) -> ScopeState | None:
         if scope == "global":
