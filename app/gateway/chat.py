@@ -95,16 +95,6 @@ class ClientStream(Protocol):
         ...
 
 
-def superseded(call: Call, failure: Failure) -> None:
-    """Mark the attempt an escalation replaces: its cost and tokens count (a loss of routing),
-    it is no request or error of the client's (reports skip ``escalated_*``). Only a
-    validator's refusal was marked: an escalation after a provider's 500, 429 or timeout
-    counted as two requests and an error for one answered call (probe I)."""
-    if call.status == "ok":  # an answer the provider billed, judged a failure
-        call.status = "error"
-    call.error_type = f"escalated_{failure.value}"
-
-
 def failure_of_error(error: TollgateError) -> Failure:
     return Failure.TIMEOUT if isinstance(error, UpstreamTimedOut) else Failure.UPSTREAM_ERROR
 
@@ -194,9 +184,16 @@ class ChatAttempts:
 
     # -- one attempt ----------------------------------------------------------------------
     def _supersede(self, call: Call, failure: Failure) -> None:
-        """Mark ``call`` as the attempt the next one replaces (``superseded``), and remember it:
-        a 402 of the next attempt says this one was answered and charged (probe S)."""
-        superseded(call, failure)
+        """Mark ``call`` as the attempt the next one replaces, and remember it: a 402 of the
+        next attempt says this one was answered and charged (probe S).
+
+        Its cost and tokens count (a loss of routing); it is no request or error of the
+        client's (reports skip ``escalated_*``, "superseded"). Only a validator's refusal was
+        marked once: an escalation after a provider's 500, 429 or timeout counted as two
+        requests and an error for one answered call (probe I)."""
+        if call.status == "ok":  # an answer the provider billed, judged a failure
+            call.status = "error"
+        call.error_type = f"escalated_{failure.value}"
         self.replaced = (call, failure)
 
     def _served(self, call: Call, cache: CacheStatus, escalated_from: str | None) -> Served:
