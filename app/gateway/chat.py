@@ -380,6 +380,9 @@ class ChatAttempts:
             )
         provider_prompt = call.prompt_tokens  # finish fills in an estimate when it is None
         await gateway.finish_counted(call)  # spooled before the client sees the stream end
+        if provider_prompt is None and call.status == "ok" and call.chat.client_wants_usage:
+            with contextlib.suppress(ConnectionError):  # a provider that ignores stream_options
+                await client.write(relay.estimated_usage_event())
         if end.held:
             await client.write(end.held)
         await client.close()

@@ -288,6 +288,27 @@ class SseRelay:
         self.saw_content = False  # a delta with text, a tool call or a function call
         self.refused = False  # a delta with a refusal (and no content before it)
         self.finish_reason: str | None = None
+        self.first: dict[str, Any] = {}  # the first chunk's id, created, model: a chunk we add
+
+    def estimated_usage_event(self) -> bytes:
+        """The usage chunk a client that asked ``include_usage`` gets when the provider sent
+        none: the call's usage as billed (the estimate of its usage event), in the stream's
+        own id and model, marked ``tollgate_usage_estimated``. Call after ``Gateway.finish``."""
+        prompt, completion = self.call.prompt_tokens or 0, self.call.completion_tokens or 0
+        chunk: dict[str, Any] = {
+            "id": self.first.get("id") or f"chatcmpl-{self.call.request_id}",
+            "object": "chat.completion.chunk",
+            "created": self.first.get("created") or int(time.time()),
+            "model": self.first.get("model") or self.call.chat.model,
+            "choices": [],
+            "usage": {
+                "prompt_tokens": prompt,
+                "completion_tokens": completion,
+                "total_tokens": prompt + completion,
+            },
+            "tollgate_usage_estimated": True,
+        }
+        return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
     def feed(self, data: bytes) -> bytes:
         self.buffer += data
@@ -320,6 +341,8 @@ class SseRelay:
                 continue
             if self.call.on_chunk is not None:
                 self.call.on_chunk(chunk)
+            if not self.first:
+                self.first = {k: chunk.get(k) for k in ("id", "created", "model")}
             choices = chunk.get("choices") or []
             for choice in choices:
                 if not isinstance(choice, dict):

@@ -132,6 +132,53 @@ def test_openai_sdk_sync_async_stream_and_not(stack: Stack) -> None:
     assert all(r["status"] == "accepted" for r in requests)
 
 
+def test_a_client_that_asked_for_stream_usage_gets_the_estimate_when_the_provider_gives_none(
+    stack: Stack,
+) -> None:
+    """A client that asked ``include_usage`` reads the usage it was billed for, even from a
+    provider that ignores ``stream_options``: the last chunk before ``[DONE]`` carries the
+    estimate of the usage event, marked ``tollgate_usage_estimated``."""
+    client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0)
+    chunks = list(
+        client.chat.completions.create(
+            model="gpt-4o",
+            messages=MESSAGES,
+            stream=True,
+            stream_options={"include_usage": True},
+            user="frank",
+            extra_headers={"X-Sim-Omit-Usage": "1", "X-Sim-Completion-Tokens": "30"},
+        )
+    )
+    last = chunks[-1]
+    assert last.usage is not None, "no usage chunk for a client that asked include_usage"
+    assert last.choices == []
+    assert last.id == chunks[0].id and last.model == chunks[0].model
+    assert (last.model_extra or {}).get("tollgate_usage_estimated") is True
+    assert sum(1 for c in chunks if c.usage is not None) == 1
+    usage = next(
+        u
+        for u in asyncio.run(read_events(stack.settings, "usage", at_least=1))
+        if u["user_id"] == "frank"
+    )
+    assert usage["usage_estimated"] is True
+    assert last.usage.prompt_tokens == usage["prompt_tokens"]
+    assert last.usage.completion_tokens == usage["completion_tokens"] == 30
+    assert last.usage.total_tokens == usage["prompt_tokens"] + 30
+    # A provider that reports usage: its own chunk, once, and no mark.
+    counted = list(
+        client.chat.completions.create(
+            model="gpt-4o",
+            messages=MESSAGES,
+            stream=True,
+            stream_options={"include_usage": True},
+            user="frank-counted",
+        )
+    )
+    with_usage = [c for c in counted if c.usage is not None]
+    assert len(with_usage) == 1
+    assert "tollgate_usage_estimated" not in (with_usage[0].model_extra or {})
+
+
 def test_stream_without_provider_usage_is_estimated_not_zero(stack: Stack) -> None:
     client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0)
     text = "".join(
