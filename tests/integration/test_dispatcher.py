@@ -139,16 +139,20 @@ def test_a_client_that_asked_for_stream_usage_gets_the_estimate_when_the_provide
     provider that ignores ``stream_options``: the last chunk before ``[DONE]`` carries the
     estimate of the usage event, marked ``tollgate_usage_estimated``."""
     client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0)
-    chunks = list(
-        client.chat.completions.create(
-            model="gpt-4o",
-            messages=MESSAGES,
-            stream=True,
-            stream_options={"include_usage": True},
-            user="frank",
-            extra_headers={"X-Sim-Omit-Usage": "1", "X-Sim-Completion-Tokens": "30"},
+
+    def stream(user: str, **headers: str) -> list[Any]:
+        return list(
+            client.chat.completions.create(
+                model="gpt-4o",
+                messages=MESSAGES,
+                stream=True,
+                stream_options={"include_usage": True},
+                user=user,
+                extra_headers=headers,
+            )
         )
-    )
+
+    chunks = stream("frank", **{"X-Sim-Omit-Usage": "1", "X-Sim-Completion-Tokens": "30"})
     last = chunks[-1]
     assert last.usage is not None, "no usage chunk for a client that asked include_usage"
     assert last.choices == []
@@ -165,16 +169,7 @@ def test_a_client_that_asked_for_stream_usage_gets_the_estimate_when_the_provide
     assert last.usage.completion_tokens == usage["completion_tokens"] == 30
     assert last.usage.total_tokens == usage["prompt_tokens"] + 30
     # A provider that reports usage: its own chunk, once, and no mark.
-    counted = list(
-        client.chat.completions.create(
-            model="gpt-4o",
-            messages=MESSAGES,
-            stream=True,
-            stream_options={"include_usage": True},
-            user="frank-counted",
-        )
-    )
-    with_usage = [c for c in counted if c.usage is not None]
+    with_usage = [c for c in stream("frank-counted") if c.usage is not None]
     assert len(with_usage) == 1
     assert "tollgate_usage_estimated" not in (with_usage[0].model_extra or {})
 
