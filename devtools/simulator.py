@@ -56,8 +56,9 @@ Test hooks (request headers on ``POST /v1/chat/completions``):
   ``max_tokens`` and model caps still apply.
 * ``X-Sim-Latency-Ms: N`` -- fixed total delay of N ms, not scaled by
   ``latency_scale``; a stream spreads it over the first token and the later chunks.
-* ``X-Sim-Omit-Usage: 1`` -- stream without any usage, even when
-  ``stream_options.include_usage`` asks for it (emulates providers that do not report).
+* ``X-Sim-Omit-Usage: 1`` -- answer without any usage: a stream even when
+  ``stream_options.include_usage`` asks for it, a JSON answer without its ``usage`` field
+  (emulates providers that do not report).
 * ``X-Sim-Content: text`` -- answer exactly this text (its words, whitespace-separated, make
   the completion tokens; a stream sends them in the usual chunks of about four tokens), instead
   of filler: a test can make a model open its answer with a refusal.
@@ -797,6 +798,8 @@ async def _complete(request: web.Request, state: _SimState) -> web.StreamRespons
         "usage": usage,
         "system_fingerprint": _SYSTEM_FINGERPRINT,
     }
+    if omit_usage:
+        del payload["usage"]
     return web.Response(body=orjson.dumps(payload), content_type=_JSON)
 
 

@@ -95,6 +95,15 @@ class ClientStream(Protocol):
         ...
 
 
+def with_estimated_usage(call: Call, completion: dict[str, Any]) -> bytes:
+    """A provider's answer that carried no usage, with the usage the call is billed for (its
+    usage event's estimate), marked ``tollgate_usage_estimated``: SDKs read ``usage``."""
+    call.estimate_usage()
+    prompt, output = call.prompt_tokens or 0, call.completion_tokens or 0
+    usage = {"prompt_tokens": prompt, "completion_tokens": output, "total_tokens": prompt + output}
+    return orjson.dumps({**completion, "usage": usage, "tollgate_usage_estimated": True})
+
+
 def failure_of_error(error: TollgateError) -> Failure:
     return Failure.TIMEOUT if isinstance(error, UpstreamTimedOut) else Failure.UPSTREAM_ERROR
 
@@ -296,6 +305,8 @@ class ChatAttempts:
                 await levers.store(
                     plan, payload, chat.model, call.prompt_tokens, call.completion_tokens or 0
                 )
+            if status == 200 and call.prompt_tokens is None and call.completion is not None:
+                payload = with_estimated_usage(call, call.completion)
             if call.status == "ok" and client.gone():
                 # The provider ran the call to its end (billed in full), but nobody will read
                 # the answer: not a 200 in the reports (probe H), as for a stream cut short.

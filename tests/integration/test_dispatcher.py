@@ -174,6 +174,32 @@ def test_a_client_that_asked_for_stream_usage_gets_the_estimate_when_the_provide
     assert "tollgate_usage_estimated" not in (with_usage[0].model_extra or {})
 
 
+def test_an_answer_without_provider_usage_carries_the_billed_estimate(stack: Stack) -> None:
+    """A JSON answer from a provider that reports no usage gets the usage it is billed for
+    (the usage event's estimate), marked ``tollgate_usage_estimated``; the SDK reads it."""
+    client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0)
+    answer = client.chat.completions.create(
+        model="gpt-4o",
+        messages=MESSAGES,
+        user="grace",
+        extra_headers={"X-Sim-Omit-Usage": "1", "X-Sim-Completion-Tokens": "25"},
+    )
+    assert answer.usage is not None, "no usage in an answer whose usage was estimated"
+    assert (answer.model_extra or {}).get("tollgate_usage_estimated") is True
+    assert answer.choices[0].message.content
+    usage = next(
+        u
+        for u in asyncio.run(read_events(stack.settings, "usage", at_least=1))
+        if u["user_id"] == "grace"
+    )
+    assert usage["usage_estimated"] is True and usage["status"] == "ok"
+    assert answer.usage.prompt_tokens == usage["prompt_tokens"] > 0
+    assert answer.usage.completion_tokens == usage["completion_tokens"] == 25
+    assert answer.usage.total_tokens == usage["prompt_tokens"] + 25
+    counted = client.chat.completions.create(model="gpt-4o", messages=MESSAGES, user="g2")
+    assert "tollgate_usage_estimated" not in (counted.model_extra or {})
+
+
 def test_stream_without_provider_usage_is_estimated_not_zero(stack: Stack) -> None:
     client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0)
     text = "".join(
