@@ -26,6 +26,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from app.http.runner import JsonErrorsRunner, quiet_unparsable_requests
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -55,7 +57,9 @@ async def metrics_listener(
     if not port:
         yield None
         return
-    runner = web.AppRunner(create_metrics_app(registry), access_log=None)
+    # The dispatcher's runner: what aiohttp's parser rejects is answered in JSON here too
+    quiet_unparsable_requests()
+    runner = JsonErrorsRunner(create_metrics_app(registry), access_log=None)
     await runner.setup()
     bound: int | None = None
     try:

@@ -25,14 +25,15 @@ from email.utils import formatdate
 from typing import Any
 
 import orjson
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from aiohttp.http_exceptions import (
     BadHttpMessage,
     ContentLengthError,
     HttpProcessingError,
+    LineTooLong,
     TransferEncodingError,
 )
-from aiohttp.web_protocol import RequestHandler, RequestPayloadError
+from aiohttp.web_protocol import ERROR, RequestHandler, RequestPayloadError
 
 from app.http.errors import ApiError
 from app.metering.usage import new_id
@@ -44,6 +45,10 @@ MAX_LINE_BYTES = 65_536
 # later ones are bounded by aiohttp's keep-alive timeout (75 s). Session 17's probe held
 # connections open for good with half a request line, or a header a byte a second.
 HEAD_TIMEOUT_S = 30.0
+
+# The request an answer to what the parser rejects is made for: aiohttp's placeholder says
+# HTTP/1.0, so the answer's status line did; this one says HTTP/1.1 (the answer still closes).
+_UNPARSED = ERROR._replace(version=HttpVersion11)
 
 # Whether the end of the client's stream, arriving while ``request`` is handled, means the
 # client gave up on it (abort it) rather than that it has sent all it will (answer it).
@@ -110,7 +115,8 @@ class _UnparsableAsWarning(logging.Filter):
         elif isinstance(exc, BadHttpMessage):
             record.levelno, record.levelname = logging.WARNING, "WARNING"
             record.msg = "request could not be parsed, answered %s: %s (%s)"
-            record.args = (exc.code, type(exc).__name__, str(exc.message)[:200])
+            status = _oversize_status(exc) or exc.code
+            record.args = (status, type(exc).__name__, str(exc.message)[:200])
             record.exc_info = record.exc_text = None
         return True
 
@@ -119,6 +125,34 @@ def quiet_unparsable_requests() -> None:
     server_log = logging.getLogger("aiohttp.server")
     if not any(isinstance(f, _UnparsableAsWarning) for f in server_log.filters):
         server_log.addFilter(_UnparsableAsWarning())
+
+
+def _oversize_status(exc: BaseException | None) -> int | None:
+    """414 or 431 for a request line or headers past the parser's limits (aiohttp answers 400
+    for all three), else None. The parser raises the same :class:`LineTooLong` for the request
+    target and for a header: it holds the target it was reading in a ``bytearray``, a header
+    in ``bytes`` (aiohttp's C parser, the one its wheels ship; with the pure-Python parser a
+    long target is a 431 too)."""
+    if isinstance(exc, LineTooLong):
+        return 414 if isinstance(exc.args[0], bytearray) else 431
+    if isinstance(exc, BadHttpMessage) and "too many headers" in str(exc.message).lower():
+        return 431
+    return None
+
+
+def _too_large(exc: BaseException | None, max_bytes: int, max_headers: int) -> ApiError | None:
+    """The error for a request line or headers past the parser's limits, or None."""
+    status = _oversize_status(exc)
+    if status == 414:
+        message = f"The request target (path and query) is longer than {max_bytes:,} bytes"
+        return ApiError(414, "request_too_large", f"{message}: send a shorter URL.")
+    if status == 431 and isinstance(exc, LineTooLong):
+        message = f"A header is longer than {max_bytes:,} bytes (name and value)"
+        return ApiError(431, "request_too_large", f"{message}: send it shorter.")
+    if status == 431:
+        message = f"The request has more than {max_headers} headers, the most it may have"
+        return ApiError(431, "request_too_large", f"{message}: send fewer.")
+    return None
 
 
 class _JsonErrorsHandler(RequestHandler):
@@ -132,6 +166,16 @@ class _JsonErrorsHandler(RequestHandler):
     _head_timer: asyncio.TimerHandle | None = None
     _bytes_seen = False  # since the timer was armed
     _armed_at = 0  # requests whose head had arrived when the timer was armed
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        make_request = getattr(self, "_request_factory", None)  # aiohttp's, not public
+        if make_request is not None:
+
+            def request_factory(message: Any, *rest: Any) -> web.BaseRequest:
+                return make_request(_UNPARSED if message is ERROR else message, *rest)
+
+            self._request_factory = request_factory
 
     # -- each request's head must arrive within head_timeout_s ------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -232,7 +276,12 @@ class _JsonErrorsHandler(RequestHandler):
         message: str | None = None,
     ) -> web.StreamResponse:
         super().handle_error(request, status, exc, message)  # logs; refuses once sent
-        if status < 500:
+        too_large = (
+            _too_large(exc, self.max_field_size, self.max_headers) if status == 400 else None
+        )
+        if too_large is not None:
+            error = too_large
+        elif status < 500:
             detail = str(exc.message if isinstance(exc, HttpProcessingError) else message)
             detail = " ".join(detail.split())[:300]
             error = ApiError(
@@ -268,13 +317,43 @@ class _JsonErrorsHandler(RequestHandler):
             error_type = "invalid_request_error"
             if resp.status == 413:  # a body announced past the limit (``Expect``)
                 error_type = "request_too_large"
+            plain = resp.text == f"{resp.status}: {resp.reason}"  # aiohttp's, from its router
+            allow = resp.headers.get("Allow")
+            if plain and isinstance(resp, web.HTTPNotFound):
+                error_type = "not_found"
+                message = f"No route {request.method} {request.path[:200]}{_served(request)}"
+            elif plain and isinstance(resp, web.HTTPMethodNotAllowed):
+                allowed = ", ".join(sorted(resp.allowed_methods))
+                message = f"{request.method} is not allowed on {request.path[:200]}; use {allowed}"
             resp = _json_error(ApiError(resp.status, error_type, message, param=param))
+            if allow is not None:  # RFC 9110: a 405 lists what is allowed
+                resp.headers["Allow"] = allow
         finished = await super().finish_response(request, resp, start_time)
         if self._peer_done and not self._messages:
             self.close()  # the client sent all it will and has every answer
         else:
             self._arm_head_timer()
         return finished
+
+
+def _served(request: web.BaseRequest) -> str:
+    """The routes of the request's application, as a 404's message ends them ("; this
+    server serves GET /healthz, GET /metrics"), or "" where there is no application."""
+    try:
+        app = request.app if isinstance(request, web.Request) else None
+    except (AttributeError, RuntimeError):
+        app = None
+    if app is None:
+        return ""
+    routes = sorted(
+        {
+            f"{route.method} {route.resource.canonical}"
+            for route in app.router.routes()
+            if route.resource is not None and route.method not in ("HEAD", "*")
+        }
+    )
+    shown = ", ".join(routes[:12]) + (", ..." if len(routes) > 12 else "")
+    return f"; this server serves {shown}" if shown else ""
 
 
 class _JsonErrorsServer(web.Server):

@@ -316,3 +316,94 @@ async def test_a_paid_calls_body_cut_short_by_a_later_half_close_is_a_400(
     [(status, body)] = _responses(await _in_thread(send_then_half_close))
     assert status == 400
     assert "before the whole body" in str(body["error"]), body
+
+
+def _answer_head(answer: bytes) -> tuple[str, dict[str, str], bytes]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode().split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (x.partition(":") for x in lines)}
+    return status_line, headers, body
+
+
+@pytest.mark.parametrize(
+    ("raw", "status"),
+    [
+        (b"GARBAGE\r\n\r\n", 400),  # no request line
+        (b"GET /ok HTTP/1.1\r\nHost: x\r\nBad Header: y\r\n\r\n", 400),
+        (b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n", 400),
+        (
+            b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nab\r\n",
+            400,
+        ),
+        (b"GET /ok HTTP/1.1\r\nHost: x\r\nX-A: " + b"a" * 70_000 + b"\r\n\r\n", 431),
+        (b"GET /ok HTTP/1.1\r\n" + b"".join(b"X-%d: a\r\n" % i for i in range(200)) + b"\r\n", 431),
+        (b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
+    ],
+    ids=["request-line", "header", "content-length", "chunk-size", "long-header", "headers", "url"],
+)
+async def test_an_unparsable_request_is_answered_in_http_1_1_and_json_then_closed(
+    served: tuple[int, _Slow], raw: bytes, status: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """This probe (session 22): aiohttp answered what its parser rejects as ``HTTP/1.0``
+    (its placeholder request's version) without ``Connection: close``, and a header past the
+    limit, or too many of them, as a plain 400; a client speaking HTTP/1.1 is answered in
+    HTTP/1.1, the status names what is too large, and the connection is closed."""
+    port, _ = served
+    answer = await _in_thread(_exchange, port, raw, False)
+    status_line, headers, body = _answer_head(answer)
+    assert status_line.startswith(f"HTTP/1.1 {status} "), status_line
+    assert headers["connection"] == "close"
+    assert headers["content-type"].startswith("application/json")
+    assert headers["x-request-id"].startswith("req_")
+    error = json.loads(body)["error"]
+    assert error["type"] == ("request_too_large" if status != 400 else "invalid_request_error")
+    if status != 400:  # the limit the client must keep to
+        assert "65,536" in error["message"] or "128 headers" in error["message"], error
+    logged = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert all(r.levelno == logging.WARNING for r in logged)  # a bad method: DEBUG, unseen
+    assert all(f"answered {status}:" in r.getMessage() for r in logged), logged
+
+
+async def test_an_agents_metrics_listener_answers_an_unparsable_request_in_json(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """This probe (session 22): the agents' /metrics listeners (anomaly, router learner,
+    notifier) ran on aiohttp's own runner and answered a request its parser rejects in plain
+    text; they answer in the API's JSON error shape, as the dispatcher does."""
+    from prometheus_client import CollectorRegistry
+
+    from app.http.agent_metrics import metrics_listener
+
+    port = free_port()
+    async with metrics_listener(CollectorRegistry(), "127.0.0.1", port, name="test") as bound:
+        assert bound == port
+        raw = b"GET /metrics HTTP/1.1\r\nHost: x\r\nBad Header: y\r\n\r\n"
+        status_line, headers, body = _answer_head(await _in_thread(_exchange, port, raw, False))
+        assert status_line.startswith("HTTP/1.1 400 "), status_line
+        assert headers["content-type"].startswith("application/json")
+        assert json.loads(body)["error"]["type"] == "invalid_request_error"
+        errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert errors == [], [r.getMessage() for r in errors]  # the client's error: a WARNING
+        ok = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+        assert _responses(await _in_thread(_exchange, port, ok)) == [(200, {"status": "ok"})]
+
+
+async def test_an_unknown_route_or_method_is_named_with_what_is_served(
+    served: tuple[int, _Slow],
+) -> None:
+    """This probe (session 22): the sink's reports server and the agents' listeners answered
+    an unknown path ``{"type": "invalid_request_error", "message": "404: Not Found"}`` and a
+    wrong method "405: Method Not Allowed" without its Allow header: nothing to act on. They
+    name the routes served, as the dispatcher does."""
+    port, _ = served
+    raw = b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n"
+    [(status, body)] = _responses(await _in_thread(_exchange, port, raw))
+    error = body["error"]
+    assert isinstance(error, dict)
+    assert (status, error["type"]) == (404, "not_found"), error
+    assert "GET /nope" in str(error["message"]) and "POST /echo" in str(error["message"]), error
+    answer = await _in_thread(_exchange, port, b"DELETE /ok HTTP/1.1\r\nHost: x\r\n\r\n")
+    _, headers, _ = _answer_head(answer)
+    [(status, body)] = _responses(answer)
+    assert status == 405 and headers["allow"] == "GET,HEAD", headers
+    assert "use GET" in str(body["error"]), body
