@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 import signal
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -232,7 +234,59 @@ async def api_middleware(
     return response
 
 
-async def read_json(request: web.Request) -> Any:
+class _RepeatedKey(Exception):
+    pass
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _RepeatedKey(key, obj[key])
+        obj[key] = value
+    return obj
+
+
+def repeated_key(raw: bytes) -> tuple[str, Any] | None:
+    """The first key that ``raw`` (valid JSON) gives twice in one object, and the value given
+    first, or None. orjson keeps the last silently (as most parsers do)."""
+    try:
+        json.loads(raw, object_pairs_hook=_unique_pairs)
+    except _RepeatedKey as exc:
+        return exc.args[0], exc.args[1]
+    except RecursionError:  # nesting orjson reads (1,024 levels) but the stdlib's does not
+        return None
+    return None
+
+
+# A body past this is checked for keys given twice in a thread: the stdlib parser that can
+# see them takes about 3 ms for a full batch of 1,000 usage records, 80 ms for 4 MiB.
+UNIQUE_KEYS_IN_THREAD_BYTES = 256 * 1024
+
+
+async def read_json(request: web.Request, *, unique_keys: bool = False) -> Any:
+    """The request body as JSON. With ``unique_keys`` (bodies that are recorded: usage,
+    outcomes, budget policies), a key given twice in one object is a 400: which of its values
+    was meant cannot be told, and the first was dropped without a word (session 22's probe:
+    ``"prompt_tokens": 10, "prompt_tokens": 99999999`` was charged as 99,999,999)."""
+    body = await _read_json(request)
+    if unique_keys and isinstance(body, dict | list):
+        raw = await request.read()  # aiohttp keeps the body it read
+        if len(raw) > UNIQUE_KEYS_IN_THREAD_BYTES:
+            repeated = await asyncio.to_thread(repeated_key, raw)
+        else:
+            repeated = repeated_key(raw)
+        if repeated is not None:
+            key, first = repeated
+            raise invalid_request(
+                f"The request body gives {key[:100]!r} twice in one object (first "
+                f"{json.dumps(first, ensure_ascii=False)[:60]}): send each field once",
+                key[:100],
+            )
+    return body
+
+
+async def _read_json(request: web.Request) -> Any:
     settings = request.app[COMPONENTS].settings
     limit = settings.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
@@ -421,7 +475,7 @@ def _report_window(c: Components) -> TimeWindow:
 )
 async def report_usage(request: web.Request) -> web.Response:
     c = request.app[COMPONENTS]
-    body = await read_json(request)
+    body = await read_json(request, unique_keys=True)
     ignored: dict[str, list[str]] = {}
     reports = parse_usage_reports(  # validates all first
         body, _identity_resolver(request), window=_report_window(c), ignored=ignored
@@ -484,7 +538,7 @@ async def report_usage(request: web.Request) -> web.Response:
 )
 async def report_outcomes(request: web.Request) -> web.Response:
     c = request.app[COMPONENTS]
-    body = await read_json(request)
+    body = await read_json(request, unique_keys=True)
     ignored: dict[str, list[str]] = {}
     records = parse_outcomes(
         body,
@@ -530,6 +584,17 @@ def _admin(request: web.Request, what: str = "Budget administration") -> str | N
 
 
 def _scope(request: web.Request) -> str:
+    # An escape that is not UTF-8 (``user:%ff``) reaches match_info as written: it would name
+    # the id ``%ff``, which ``user:%25ff`` names (session 22's probe)
+    path = request.raw_path.partition("?")[0]
+    try:
+        urllib.parse.unquote_to_bytes(path).decode()
+    except UnicodeDecodeError as bad:
+        raise invalid_request(
+            f"The scope in the path is not UTF-8 once its %-escapes are decoded (byte "
+            f"0x{bad.object[bad.start]:02x}): percent-encode the UTF-8 bytes of the id",
+            "scope",
+        ) from None
     try:
         return validate_scope(request.match_info["scope"])
     except PolicyError as exc:
@@ -548,7 +613,7 @@ async def put_budget(request: web.Request) -> web.Response:
     admin = _admin(request)
     scope = _scope(request)
     try:
-        policy = parse_policy(scope, await read_json(request))
+        policy = parse_policy(scope, await read_json(request, unique_keys=True))
     except PolicyError as exc:
         raise invalid_request(str(exc), exc.field) from None
     record = policy_record(policy, admin)

@@ -410,3 +410,58 @@ def test_a_malformed_message_is_named_down_to_its_part(
         parse_chat_request(body)
     assert refused.value.field == field, str(refused.value)
     assert says in str(refused.value) and field in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("raw", "found"),
+    [
+        (b'{"model":"m","prompt_tokens":10,"prompt_tokens":99999999}', ("prompt_tokens", 10)),
+        (b'{"records":[{"a":1},{"a":2,"b":{"c":1,"c":1}}]}', ("c", 1)),  # nested, same value
+        (b'[{"x":{"y":[]}, "x":null}]', ("x", {"y": []})),
+    ],
+)
+def test_a_key_given_twice_in_one_object_is_found(raw: bytes, found: tuple[str, Any]) -> None:
+    """This probe (session 22): orjson keeps the last of a key given twice, so
+    ``{"prompt_tokens": 10, "prompt_tokens": 99999999}`` posted to /v1/usage was accepted (202)
+    and charged for 99,999,999 tokens, with nothing saying the 10 was dropped. The usage,
+    outcome and budget routes refuse such a body (read_json(unique_keys=True)), naming it."""
+    from app.http.server import repeated_key
+
+    assert repeated_key(raw) == found
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b'{"a":1,"b":{"a":2},"c":[{"a":3},{"a":4}]}', b"[]", b'"a"', b'{"A":1,"a":2}', b"{}"],
+)
+def test_the_same_key_in_different_objects_is_not_repeated(raw: bytes) -> None:
+    from app.http.server import repeated_key
+
+    assert repeated_key(raw) is None
+
+
+def test_a_repeated_key_whose_first_value_orjson_cannot_write_is_still_found() -> None:
+    from app.http.server import repeated_key
+
+    assert repeated_key(b'{"a": 18446744073709551616, "a": 1}') == ("a", 2**64)
+
+
+def test_a_scope_whose_percent_escapes_are_not_utf8_is_a_400_not_a_literal_id() -> None:
+    """This probe (session 22): PUT /v1/budgets/user:%ff%fe was stored (200) as a cap on the
+    user called ``%ff%fe``, the literal escapes (yarl leaves an escape that is not UTF-8 as
+    it is), the user ``PUT /v1/budgets/user:%25ff%25fe`` names; an id is UTF-8 text, as the
+    attribution headers (a 400 for a byte that is not UTF-8) and bodies have it."""
+    from aiohttp.test_utils import make_mocked_request
+
+    from app.http.errors import ApiError
+    from app.http.server import _scope
+
+    bad = make_mocked_request("PUT", "/v1/budgets/user:%ff%fe", match_info={"scope": "user:%ff%fe"})
+    with pytest.raises(ApiError) as info:
+        _scope(bad)
+    assert info.value.status == 400 and info.value.param == "scope"
+    assert "UTF-8" in str(info.value), info.value
+    literal = make_mocked_request(
+        "GET", "/v1/budgets/user:%25ff%E2%82%AC/status", match_info={"scope": "user:%ff€"}
+    )
+    assert _scope(literal) == "user:%ff€"
