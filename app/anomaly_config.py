@@ -275,7 +275,10 @@ class DetectorSettings:
     shown its cost is back to normal, and resolved in the gap amid a drift, then paged
     again when calls resumed (session 20's probe P)."""
     resolve_silent_after_seconds: int = 1800
-    """... unless it has made no call for this long: then it resolves saying so."""
+    """... unless it has made no call for this long: then it resolves saying so ("no call
+    judged normal ...; cost not seen back to normal") and stating its peak money. Half an
+    hour: a pause between sessions stays one incident, a night or a weekend does not keep
+    an incident (and its quiet hold on other alerts) open for hours."""
     cooldown_seconds: int = 1800
     """After a resolve, the same (kind, scope) does not fire again for this long."""
     critical_ratio: float = 10.0
@@ -304,6 +307,23 @@ class DetectorSettings:
     the drift ($0.04/hour), the feature attached as related (probe T). At 180 that page
     names the feature, 94 s later; off by default, since it delays pages (docs/ANOMALY.md,
     "Session 21")."""
+    incident_cost_wait_building_share: float = 0.5
+    """... "building": a CUSUM of the feature's cost past this share of its alarm threshold.
+    Half is the constant session 21 measured ``incident_cost_wait_seconds=180`` with (the
+    bench's search drift: the feature's alarm came 94 s after its user's and named the page).
+    Lower holds users' pages for features whose evidence may never become an alarm; higher
+    waits for fewer features. Only read while ``incident_cost_wait_seconds`` is on."""
+    incident_reopen_within_seconds: float = 86400.0
+    """A feature's (or the global) cost incident closed by silence
+    (``resolve_silent_after_seconds``), whose cost alarm is raised again in the calls back,
+    before ``resolve_min_normal_calls`` calls at or below the usual cost were seen, and
+    fires within this long of the close (at once or after the close's cooldown), reopens
+    that incident: published with its incident
+    key as ``related`` (no new page), saying "reopened". One incident, one page through a
+    night (issue 12: a 4x step, 10 hours of silence, the calls back still at 4x were a
+    second incident). A day: the cost reference remembers a day, and past a day the
+    incident is old news to a new shift, so a new page is the reminder; a weekend's silence
+    pages again. 0: never reopen (every alarm after a close pages)."""
     incident_explain_share: float = 0.75
     """A narrower scope becomes the page when its extra spend is at least this share of the
     wider scope's (a user whose loop is their feature's surge; not the heaviest of many
@@ -350,6 +370,7 @@ class DetectorSettings:
             "mix_min_drop",
             "volume_drop_ratio",
             "incident_explain_share",
+            "incident_cost_wait_building_share",
         ):
             value = getattr(self, name)
             if not 0 < value <= 1:

@@ -13,6 +13,12 @@ went back to normal and how long the incident lasted, and is emitted at event ti
 ``last anomalous + resolve_after_seconds``, so "back to normal" arrives a few minutes
 after the incident ends, not ten.
 
+A feature's (or the global) cost incident ends by the rule its detector's alarm ends by
+(:func:`agents.anomaly.core.alarm_end`): a silence is no evidence of a cost, so it resolves
+on calls judged normal, or after ``resolve_silent_after_seconds`` without a call, saying its
+cost was not seen to return to normal. Such an incident whose alarm fires again in the
+first calls back is reopened (``incident_reopen_within_seconds``), not paged anew.
+
 All times are event time (the verdicts' and the ``now`` handed to
 :meth:`AlertManager.tick`), never the wall clock, so a replay gives the same alerts.
 It does not own detection, correlation into incidents (:mod:`agents.anomaly.incidents`)
@@ -25,16 +31,18 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from agents.anomaly.core import Verdict, amount, money_per_hour
+from agents.anomaly.core import (
+    EVIDENCE_KINDS,
+    Verdict,
+    alarm_end,
+    amount,
+    is_user_scope,
+    money_per_hour,
+)
 from app.anomaly_config import DetectorSettings
 from app.metering.usage import event_time, new_id
 
 ALERT_SCHEMA_VERSION = 2
-# Kinds whose measure is of calls (their cost): a scope's silence says nothing of it, so an
-# incident of these resolves on calls judged normal (``resolve_min_normal_calls``). Not a
-# user's: held open, users' cost alarms piled up (many fire when their feature's alarm
-# ends, as its incident stops absorbing them) and kept incidents open (probe T).
-EVIDENCE_KINDS = frozenset({"cost_per_request"})
 _SEVERITY = ("warning", "critical")
 
 
@@ -65,6 +73,14 @@ class AlertManager:
     quiet_until: dict[str, datetime] = field(default_factory=dict)  # cooldown per key
     # Anomalies seen during a key's cooldown: (count, latest), reported when it fires again.
     suppressed: dict[str, tuple[int, datetime]] = field(default_factory=dict)
+    # Incidents closed by silence (cost not seen back to normal), by key: the closed
+    # incident and when it closed; a ``resumes_unseen`` alarm of the key within
+    # ``incident_reopen_within_seconds`` reopens it (issue 12).
+    closed_silent: dict[str, tuple[Incident, datetime]] = field(default_factory=dict)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.__dict__.setdefault("closed_silent", {})  # a checkpoint from before reopening
 
     def process(self, verdict: Verdict) -> list[dict[str, Any]]:
         """Alerts caused by one verdict: a ``firing`` record when a new incident opens."""
@@ -102,7 +118,30 @@ class AlertManager:
         )
         self.firing[key] = incident
         suppressed, _ = self.suppressed.pop(key, (0, verdict.ts))
-        return [self._record(key, incident, verdict, "firing", verdict.ts, suppressed)]
+        closed = self.closed_silent.pop(key, None)
+        reopen = timedelta(seconds=self.settings.incident_reopen_within_seconds)
+        record = self._record(key, incident, verdict, "firing", verdict.ts, suppressed)
+        if closed is not None and verdict.resumes_unseen and verdict.ts - closed[1] <= reopen:
+            before, closed_at = closed
+            # The same incident, still drifted after the silence: say so, with its money
+            # (the rate expected right after a silence is near 0, so the verdict's own money
+            # says little; the closed incident's peak is what it costs when calls run).
+            was = before.peak.impact_usd_per_hour
+            money = f"; at its peak before {money_per_hour(was)}" if was is not None else ""
+            ratio = f" ({verdict.ratio:.1f}x)" if verdict.ratio is not None else ""
+            record["message"] = (
+                f"reopened: {verdict.metric} for {verdict.scope}: its calls back after a "
+                f"silence are still {_value_text(verdict)}{ratio}, "
+                f"{_duration(verdict.ts - before.last_seen)} after its last anomalous call "
+                f"before it; the incident that fired at "
+                f"{before.first_seen:%H:%M:%S} UTC and closed at {closed_at:%H:%M:%S} UTC for "
+                f"want of calls is not over{money}"
+            )
+            record["details"]["reopened"] = "true"
+            record["details"]["closed_at"] = event_time(closed_at).isoformat()
+            if was is not None:
+                record["details"]["peak_impact_usd_per_hour_before"] = f"{was:.4g}"
+        return [record]
 
     def refreshed(self, alert: dict[str, Any]) -> dict[str, Any]:
         """A held ``firing`` record as of now: its key's latest anomalous verdict of the same
@@ -135,26 +174,32 @@ class AlertManager:
         cooldown = timedelta(seconds=s.cooldown_seconds)
         alerts = []
         for key, incident in list(self.firing.items()):
-            if now - incident.last_seen < resolve_after:
+            # The cost detector's alarm ends by the same rule (``alarm_end``): no calls is
+            # no evidence the cost is back to normal (``resolve_min_normal_calls``), so a
+            # feature's cost incident resolves once calls show it, or after long silence,
+            # saying so.
+            quiet = (now - incident.last_seen).total_seconds()
+            end = alarm_end(s, incident.kind, incident.scope, quiet, incident.normal_verdicts)
+            if end == "holds":
+                if quiet >= s.resolve_after_seconds:  # kept open for want of normal calls
+                    incident.held = True
                 continue
             resolved_at = incident.last_seen + resolve_after
-            silent = False
-            evidence = incident.kind in EVIDENCE_KINDS and not incident.scope.startswith("user:")
-            if evidence and incident.normal_verdicts < s.resolve_min_normal_calls:
-                # No calls is no evidence the cost is back to normal (docstring of
-                # ``resolve_min_normal_calls``): resolved once calls show it, or after long
-                # silence, saying so.
-                if now - incident.last_seen < silent_after:
-                    incident.held = True
-                    continue
-                resolved_at, silent = incident.last_seen + silent_after, True
-            elif evidence:
+            silent = end == "silence"
+            if silent:
+                resolved_at = incident.last_seen + silent_after
+                self.closed_silent[key] = (incident, resolved_at)
+            elif incident.kind in EVIDENCE_KINDS and not is_user_scope(incident.scope):
                 resolved_at = max(resolved_at, incident.latest.ts)
             del self.firing[key]
             self.quiet_until[key] = resolved_at + cooldown
             alerts.append(
                 self._record(key, incident, incident.latest, "resolved", resolved_at, silent=silent)
             )
+        reopen = timedelta(seconds=s.incident_reopen_within_seconds)
+        for key, (_, closed_at) in list(self.closed_silent.items()):
+            if now - closed_at > reopen:
+                del self.closed_silent[key]
         for key, until in list(self.quiet_until.items()):
             if until <= now:
                 del self.quiet_until[key]
@@ -210,7 +255,8 @@ class AlertManager:
                 message = (
                     f"resolved: {incident.kind.replace('_', ' ')} for {incident.scope}: no "
                     f"call judged normal since {incident.last_seen:%H:%M:%S} UTC "
-                    f"({_duration(ts - incident.last_seen)} with too few calls to tell), "
+                    f"({_duration(ts - incident.last_seen)} with too few calls to tell; "
+                    f"its cost was not seen to return to normal), "
                     f"closed after {_duration(lasted)} anomalous ({peak.metric}: {latest}; "
                     f"peak {_value_text(peak)}{money})"
                 )
@@ -237,6 +283,8 @@ class AlertManager:
             details["note"] = shown.note
         if suppressed:
             details["anomalies_during_cooldown"] = str(suppressed)
+        if status == "resolved":
+            details["resolved_by"] = "silence" if silent else "normal"
         same = _same_measure(shown, peak)
         return {
             "event_id": new_id(),

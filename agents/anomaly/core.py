@@ -26,6 +26,42 @@ NANOS_PER_USD = 1e9
 
 Kind = Literal["cost_per_request", "volume_spike", "volume_drop", "tier_mix"]
 
+# Kinds whose measure is of calls (their cost): a scope's silence says nothing of it, so an
+# alarm of these ends on calls judged normal (``resolve_min_normal_calls``). Not a user's:
+# held open, users' cost alarms piled up (many fire when their feature's alarm ends, as its
+# incident stops absorbing them) and kept incidents open (probe T).
+EVIDENCE_KINDS = frozenset({"cost_per_request"})
+AlarmEnd = Literal["holds", "normal", "silence"]
+
+
+def is_user_scope(scope: str) -> bool:
+    """Whether ``scope`` is a user's (``user:<id>``): the one test of "a user" for every
+    rule that treats users apart (a user's cost detector has no reference of its own)."""
+    return scope.startswith("user:")
+
+
+def alarm_end(
+    settings: DetectorSettings, kind: str, scope: str, quiet_seconds: float, normal_calls: int
+) -> AlarmEnd:
+    """Whether an alarm of ``kind`` for ``scope`` is over, ``quiet_seconds`` after its last
+    anomalous call with ``normal_calls`` calls judged normal since: the one rule the cost
+    detector's alarm and the alert lifecycle's incident both follow (issue 12: each kept a
+    copy, with its own boundary). ``holds``: still on. ``normal``: nothing anomalous for
+    ``resolve_after_seconds`` and, for a feature's or the global cost, at least
+    ``resolve_min_normal_calls`` calls judged normal (a silence is no evidence of a cost; a
+    request rate's or a user's silence is, see ``EVIDENCE_KINDS``). ``silence``: a feature's
+    or the global cost with too few normal calls, but no anomalous call for
+    ``resolve_silent_after_seconds``: over, and not seen back to normal."""
+    if quiet_seconds < settings.resolve_after_seconds:
+        return "holds"
+    if kind not in EVIDENCE_KINDS or is_user_scope(scope):
+        return "normal"
+    if normal_calls >= settings.resolve_min_normal_calls:
+        return "normal"
+    if quiet_seconds >= max(settings.resolve_silent_after_seconds, 0):
+        return "silence"
+    return "holds"
+
 
 @dataclass(frozen=True, slots=True)
 class Point:
@@ -58,6 +94,10 @@ class Verdict:
     warming_up: bool = False
     note: str = ""
     impact_usd_per_hour: float | None = None
+    # A cost alarm raised in a scope's first calls after a silence closed its last alarm,
+    # before any call showed its cost back to normal (``CostDetector``): the lifecycle
+    # reopens the incident the silence closed (``incident_reopen_within_seconds``).
+    resumes_unseen: bool = False
 
     @property
     def ratio(self) -> float | None:
@@ -357,7 +397,9 @@ class TailCusum(Cusum):
 
 
 __all__ = [
+    "EVIDENCE_KINDS",
     "NANOS_PER_USD",
+    "AlarmEnd",
     "Cusum",
     "DecayedMean",
     "DecayedRate",
@@ -367,8 +409,10 @@ __all__ = [
     "Point",
     "TailCusum",
     "Verdict",
+    "alarm_end",
     "amount",
     "cusum_threshold",
+    "is_user_scope",
     "lower_tail",
     "money_per_hour",
     "surprise",

@@ -45,7 +45,15 @@ from collections import deque
 from datetime import datetime
 from statistics import NormalDist
 
-from agents.anomaly.core import NANOS_PER_USD, Cusum, Point, TailCusum, Verdict, cusum_threshold
+from agents.anomaly.core import (
+    NANOS_PER_USD,
+    Cusum,
+    Point,
+    TailCusum,
+    Verdict,
+    alarm_end,
+    cusum_threshold,
+)
 from app.anomaly_config import DetectorSettings
 
 _BIN = 0.05  # log-cost bin width: costs within 5 % of each other share a bin
@@ -199,6 +207,9 @@ class CostDetector:
         "settings",
         "spread",
         "thresholds",
+        "unseen_alarm",
+        "unseen_calls",
+        "unseen_since",
     )
 
     def __init__(self, scope: str, settings: DetectorSettings, own_reference: bool) -> None:
@@ -222,6 +233,11 @@ class CostDetector:
         self.ew_model_z = 0.0  # while anomalous: the same among the same model's calls
         self.ew_model_log = 0.0
         self.normal_calls = 0  # in an alarm: calls judged normal since the last anomalous one
+        # An alarm ended by silence: when (event time), and the calls at or below the usual
+        # cost since; None once ``resolve_min_normal_calls`` of them showed it back to normal.
+        self.unseen_since: float | None = None
+        self.unseen_calls = 0
+        self.unseen_alarm = False  # the open alarm was raised while ``unseen_since`` was set
         self._init_models()
 
     def _init_models(self) -> None:
@@ -248,6 +264,9 @@ class CostDetector:
             self.ew_model_z = self.ew_model_log = 0.0
         if not hasattr(self, "normal_calls"):  # before silence stopped ending an alarm
             self.normal_calls = 0
+        if not hasattr(self, "unseen_since"):  # before a silence's close could reopen
+            self.unseen_since, self.unseen_calls = None, 0
+            self.unseen_alarm = False
         if not hasattr(self, "model_offset_sum"):  # before users had the per-model view
             self.model_offset_sum = self.model_offset_n = 0.0
         if len(self.cusums) == 3 or len(self.model_cusums) == 3:  # before the tail CUSUM
@@ -402,19 +421,17 @@ class CostDetector:
         log_cost = math.log(max(cost_nanos, 1.0))
         usual = self.typical_log(ref, owned)
         note = ""
-        if (
-            self.alarm_since is not None
-            and t - self.last_anomalous > s.resolve_after_seconds
-            and (
-                self.reference is None  # a user's: ends on silence (see the alert lifecycle)
-                or self.normal_calls >= s.resolve_min_normal_calls
-                or t - self.last_anomalous > s.resolve_silent_after_seconds
-            )
-        ):
+        if self.alarm_since is not None:
             # Nothing anomalous for a while, in calls judged normal (a silence says nothing
-            # of the cost: the calls after a gap are judged in the alarm, as the alert
-            # lifecycle resolves it), or no call for long.
-            self._end_alarm()
+            # of the cost: the calls after a gap are judged in the alarm), or no call for
+            # long: the rule the alert lifecycle resolves the incident by (``alarm_end``).
+            end = alarm_end(
+                s, "cost_per_request", self.scope, t - self.last_anomalous, self.normal_calls
+            )
+            if end != "holds":
+                self._end_alarm()
+                if end == "silence":
+                    self.unseen_since, self.unseen_calls = t, 0
         if self.alarm_since is None:
             # Learned at once: the reference remembers a day, so the start of a rise over
             # hours weighs little in it; nothing is learned once the scope is anomalous.
@@ -445,8 +462,19 @@ class CostDetector:
                     ):
                         fired, fired_usual = cusum, 0.0
                         self.alarm_by_model = True
+            if self.unseen_since is not None and fired is None and z <= 0.0:
+                # At or below the usual cost (half of normal calls are): enough of them and
+                # the cost is back to normal; a later alarm is a new incident.
+                self.unseen_calls += 1
+                if self.unseen_calls >= s.resolve_min_normal_calls:
+                    self.unseen_since = None
             if fired is None:
                 return None
+            # Raised in the calls back after a silence closed the last alarm, none of them
+            # seen normal: every verdict of this alarm says so (the lifecycle's cooldown can
+            # hold its firing back past the first one).
+            self.unseen_alarm = self.unseen_since is not None
+            self.unseen_since = None
             self.alarm_since = self.last_anomalous = t
             self.normal_calls = 0
             self.ew_z = fired.run_z / fired.run_n
@@ -541,6 +569,7 @@ class CostDetector:
             window_seconds=None,
             note=note,
             impact_usd_per_hour=(observed_usd - expected_usd) * requests_per_hour,
+            resumes_unseen=self.unseen_alarm and anomalous,
         )
 
     def _large_enough(
@@ -582,9 +611,10 @@ class CostDetector:
         lower = log_sum / calls - usual - spread / math.sqrt(calls)
         return lower >= math.log(s.cost_drift_min_ratio)
 
-    def building(self, share: float = 0.5) -> bool:
-        """Whether evidence of a rise is building: no alarm, a CUSUM past ``share`` of its
-        threshold."""
+    def building(self) -> bool:
+        """Whether evidence of a rise is building: no alarm, a CUSUM past
+        ``incident_cost_wait_building_share`` of its threshold."""
+        share = self.settings.incident_cost_wait_building_share
         if self.alarm_since is not None:
             return False
         cusums = zip(
@@ -599,6 +629,7 @@ class CostDetector:
 
     def _end_alarm(self) -> None:
         self.alarm_since = None
+        self.unseen_alarm = False
         self.alarm_by_model = False
         for cusum in self.cusums + self.model_cusums:
             cusum.reset()

@@ -25,6 +25,10 @@ explains it, with the others attached.
   a feature whose cost shifted.
 - **Resolving.** Each member's ``resolved`` record is published as it comes; the
   page's own resolve is held until every member of the incident has resolved.
+- **Reopening.** A member closed by its scope's silence (``resolved_by=silence``) whose
+  lifecycle reopens it (``details.reopened``: its cost alarm fired again in the calls back,
+  before they were seen normal) rejoins the same incident, published as ``related``: no
+  second page for one incident through a night (issue 12).
 
 Event time only. It does not own alert lifecycles per key (:mod:`agents.anomaly.alerting`).
 """
@@ -90,6 +94,9 @@ class Correlator:
         self.building: Building | None = building
         self.groups: list[Group] = []
         self.by_key: dict[str, Group] = {}  # alert key -> its open group
+        # Alert key -> the incident key it was in when it resolved by silence: a reopen of
+        # that key (the lifecycle's ``reopened`` firing) rejoins the same incident.
+        self.closed_silent: dict[str, str] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -101,6 +108,7 @@ class Correlator:
         self.__dict__.update(state)
         self.__dict__.setdefault("quiet", None)  # a checkpoint from before them
         self.__dict__.setdefault("building", None)
+        self.__dict__.setdefault("closed_silent", {})
 
     def process(self, alerts: list[dict[str, Any]], now: datetime) -> list[dict[str, Any]]:
         """Alerts to publish, given new lifecycle ``alerts`` at event time ``now``."""
@@ -158,6 +166,9 @@ class Correlator:
     # -- firing -----------------------------------------------------------------------------
     def _firing(self, alert: dict[str, Any]) -> list[dict[str, Any]]:
         ts: datetime = alert["ts"]
+        closed = self.closed_silent.pop(alert["alert_key"], None)
+        if closed is not None and alert["details"].get("reopened") == "true":
+            return self._reopen(alert, closed)
         group = next((g for g in reversed(self.groups) if self._takes(g, alert)), None)
         if group is None:
             group = Group(key=_incident_key(alert), opened=ts, last_activity=ts)
@@ -169,6 +180,24 @@ class Correlator:
         if group.paged:
             return [self._mark(alert, group, "related")]
         return []
+
+    def _reopen(self, alert: dict[str, Any], key: str) -> list[dict[str, Any]]:
+        """A cost incident closed by silence whose alarm fired again in the calls back, not
+        seen normal in between (issue 12): the same incident, published with its key as
+        ``related`` (no new page: it was paged, and its close said the cost was not seen
+        back to normal). Its resolve is the incident's (``primary``); alerts of its users
+        join it as they join any open incident."""
+        ts: datetime = alert["ts"]
+        group = next((g for g in self.groups if g.key == key), None)
+        if group is None:
+            group = Group(key=key, opened=ts, last_activity=ts, primary=alert["alert_key"])
+            group.paged = True
+            self.groups.append(group)
+        group.members[alert["alert_key"]] = alert
+        group.resolved.discard(alert["alert_key"])
+        group.last_activity = max(group.last_activity, ts)
+        self.by_key[alert["alert_key"]] = group
+        return [self._mark(alert, group, "related")]
 
     def _takes(self, g: Group, alert: dict[str, Any]) -> bool:
         """Whether open incident ``g`` takes the firing ``alert``. Only through members that
@@ -264,6 +293,8 @@ class Correlator:
         group = self.by_key.pop(alert["alert_key"], None)
         if group is None:
             return [alert]
+        if alert["details"].get("resolved_by") == "silence":
+            self.closed_silent[alert["alert_key"]] = group.key
         group.resolved.add(alert["alert_key"])
         out: list[dict[str, Any]] = []
         if not group.paged:
