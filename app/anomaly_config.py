@@ -29,6 +29,23 @@ class DetectorSettings:
     users (a 1-request-per-hour user at 60x needs about 5 minutes of evidence)."""
     volume_rate_memory_seconds: float = 1800.0
     """Memory of a feature's and the global rate (follows a daily rhythm with a small lag)."""
+    volume_seasonal_days: int = 7
+    """A feature's and the global rate are also compared with the same time of day on up to
+    this many previous days (0: never). Half an hour of memory forgets a night: a product
+    used in office hours read its first calls each morning as a spike of 10^13 x (three
+    feature pages a morning) and the end of each working day as a global drop, 4 false pages
+    a day for 120 users (session 22). A spike is judged against the busiest 5 minutes of
+    those days about this time (a Monday morning against Friday's), where that is more than
+    ``volume_min_ratio`` times the scope's own recent rate (a scope at its usual level keeps
+    its own: the busiest of many stretches is a little above the usual); a busy user who
+    was busy at this time on those days is judged as busy. A drop is judged against the
+    typical day (the median: one quiet Sunday does not hide a Monday outage). A week: a
+    weekly rhythm."""
+    volume_seasonal_window_seconds: float = 900.0
+    """How far around the same time of day a previous day is looked at: a spike against its
+    busiest 5 minutes within this long either side (a day starts a little earlier or
+    later); a drop against its quietest 5 minutes from 5 minutes before to this long after
+    (traffic that usually ends at 17:00 may end at 16:58)."""
     volume_user_memory_seconds: float = 86400.0
     """Memory of a user's own rate: a day, so a quiet user's few calls still make a baseline."""
     volume_busy_user_per_minute: float = 2.0

@@ -51,6 +51,8 @@ from agents.anomaly.core import (
 from app.anomaly_config import DetectorSettings
 
 SLOT_SECONDS = 5
+SEASON_BIN_SECONDS = 300  # the same time on previous days, in 5-minute bins
+_BINS_A_DAY = 86400 // SEASON_BIN_SECONDS
 _INF = math.inf
 _PEARSON_MIN_EXPECTED = 5.0  # below this, burstiness is measured by neighbours, not squares
 
@@ -120,6 +122,7 @@ class RateDetector:
         "recent",
         "refs",
         "scope",
+        "season",
         "settings",
         "slots",
         "spends",
@@ -162,6 +165,17 @@ class RateDetector:
         self._rates: tuple[float, float, list[tuple[float, float]]] | None = None
         self.mu = [0.0] * len(self.windows)  # expected calls per window, at the last call
         self.spends = [0.0] * len(self.windows)  # nano-dollars spent in each window
+        # Features, global and busy users: calls learned per 5-minute bin of the last days
+        # (NaN: a bin of an anomalous stretch, not learned), for the same time on previous
+        # days (``volume_seasonal_days``).
+        self.season: dict[int, float] | None = {} if kind != "user" else None
+
+    def __setstate__(self, state: tuple[None, dict[str, object]] | dict[str, object]) -> None:
+        slots = state[1] if isinstance(state, tuple) else state
+        for name, value in (slots or {}).items():
+            setattr(self, name, value)
+        if not hasattr(self, "season"):  # a checkpoint from before the previous days
+            self.season = {} if self.kind != "user" else None
 
     def use_settings(self, settings: DetectorSettings) -> None:
         """New thresholds (windows and memories stay as they were built)."""
@@ -224,7 +238,11 @@ class RateDetector:
             ref.skip_to(min(end, at))
         ref.advance(at, self.tau)
         if any(start <= at < end for start, end in self.frozen):
+            if j == 0:
+                self._season_add(at, math.nan)
             return
+        if j == 0:
+            self._season_add(at, calls)
         ref.count += calls
         if j == 0 and self.daily is not None:
             self.daily.advance(at, 86400.0)
@@ -272,6 +290,81 @@ class RateDetector:
             self.counts[j] += 1
             self.spends[j] += nanos
 
+    # -- the same time on previous days -----------------------------------------------------
+    def _season_add(self, at: float, calls: float) -> None:
+        season = self.season
+        if self.settings.volume_seasonal_days <= 0:
+            return
+        if season is None:
+            # A user's days are kept once they call like a feature (busy: few users are)
+            if self.tau != self.settings.volume_rate_memory_seconds:
+                return
+            season = self.season = {}
+        b = int(at // SEASON_BIN_SECONDS)
+        season[b] = season.get(b, 0.0) + calls  # NaN stays NaN: the bin is not known
+        oldest = b - (self.settings.volume_seasonal_days + 1) * _BINS_A_DAY
+        while season:
+            first = next(iter(season))
+            if first >= oldest:
+                break
+            del season[first]
+
+    def _season_days(self, t: float) -> list[int]:
+        """The previous days whose same time this scope had seen, at least the stretch of it
+        up to ``volume_seasonal_window_seconds`` later (1 = yesterday): before its first call
+        a scope made none."""
+        s = self.settings
+        if self.season is None or s.volume_seasonal_days <= 0 or self.first_at is None:
+            return []
+        return [
+            d
+            for d in range(1, s.volume_seasonal_days + 1)
+            if self.first_at <= t - d * 86400.0 + s.volume_seasonal_window_seconds
+        ]
+
+    def seasonal_high(self, t: float) -> tuple[float, float] | None:
+        """(calls per second, calls) of the busiest 5-minute stretch of the previous days
+        within ``volume_seasonal_window_seconds`` of this time of day, or None without such
+        a day. The busiest stretch, not the mean: a working day that starts at 09:00 had
+        half its mean rate over 08:45 to 09:15."""
+        season = self.season
+        if season is None:
+            return None
+        half = self.settings.volume_seasonal_window_seconds
+        best: tuple[float, float] | None = None
+        for d in self._season_days(t):
+            centre = t - d * 86400.0
+            first = int((centre - half) // SEASON_BIN_SECONDS)
+            last = int((centre + half) // SEASON_BIN_SECONDS)
+            for b in range(first, last + 1):
+                calls = season.get(b, 0.0)
+                if not math.isnan(calls) and (best is None or calls > best[1]):
+                    best = (calls / SEASON_BIN_SECONDS, calls)
+        return best
+
+    def seasonal_low(self, t: float) -> float | None:
+        """Calls per second a typical previous day made at its lowest 5-minute stretch from
+        5 minutes before this time of day to ``volume_seasonal_window_seconds`` after (the
+        median over days), or None without such a day."""
+        season = self.season
+        if season is None:
+            return None
+        lows = []
+        for d in self._season_days(t):
+            centre = t - d * 86400.0
+            first = int((centre - 300.0) // SEASON_BIN_SECONDS)
+            last = int(
+                (centre + self.settings.volume_seasonal_window_seconds) // SEASON_BIN_SECONDS
+            )
+            known = [season.get(b, 0.0) for b in range(first, last + 1)]
+            known = [calls for calls in known if not math.isnan(calls)]
+            if known:
+                lows.append(min(known) / SEASON_BIN_SECONDS)
+        if not lows:
+            return None
+        lows.sort()
+        return lows[(len(lows) - 1) // 2]
+
     # -- the model ------------------------------------------------------------------------
     def rates(
         self, t: float, prior: PeerPrior | None = None, rhythm: float = 1.0
@@ -296,6 +389,11 @@ class RateDetector:
             s = self.settings
             count, exposure = self.refs[0].at_time(t - self.windows[0], self.tau)
             busy = exposure > 0 and count / exposure * 60 >= s.volume_busy_user_per_minute
+            if not busy and self.season is not None:
+                # Busy at this time on previous days (the morning after a night off): judged
+                # as then, against those days, not as a quiet user whose day is 16 h of night
+                high = self.seasonal_high(t)
+                busy = high is not None and high[0] * 60 >= s.volume_busy_user_per_minute
             self.tau = s.volume_rate_memory_seconds if busy else s.volume_user_memory_seconds
             if busy:
                 prior, rhythm = None, 1.0
@@ -316,6 +414,15 @@ class RateDetector:
                 if self.is_user:
                     rate *= max(1.0, rhythm)
             out.append((rate, shape))
+        if self.season is not None:
+            # The same time on previous days: the morning after a night without calls is
+            # no spike when the mornings before looked the same (``volume_seasonal_days``).
+            # Only where they differ by more than the effect-size floor: a scope at its usual
+            # level keeps its own (a busiest stretch is a little above the usual rate).
+            high = self.seasonal_high(t)
+            if high is not None:
+                floor = self.settings.volume_min_ratio
+                out = [high if high[0] > floor * rate else (rate, shape) for rate, shape in out]
         return out
 
     def rhythm(self, t: float) -> float:
@@ -630,8 +737,11 @@ class RateDetector:
         s = self.settings
         expected = self.rates(t)
         best_p, best_j = 1.0, -1
+        low = self.seasonal_low(t)  # the day's usual low about now (its end, a lunch)
         for j, w in enumerate(self.windows[:2]):
             mu = expected[j][0] * w
+            if low is not None:
+                mu = min(mu, low * w)
             if mu * 60.0 / w < s.volume_drop_min_expected:
                 continue
             x = self.counts[j]
@@ -653,6 +763,8 @@ class RateDetector:
             return None
         w = self.windows[best_j]
         mu = expected[best_j][0] * w
+        if low is not None:
+            mu = min(mu, low * w)
         x = self.counts[best_j]
         return Verdict(
             kind="volume_drop",
