@@ -228,6 +228,19 @@ class RateDetector:
         ref = self.refs[j]
         if ref.at is None:
             ref.at = at
+        if at < ref.at:
+            # A late call (history replayed into an agent that has seen later traffic):
+            # counted with the weight it has left by now, not as a call of this moment.
+            # At full weight, 1,479 calls of 4 to 1 hours ago raised the global reference
+            # from 20 to 67 calls a minute and fired a live volume_drop (probe W).
+            frozen = any(start <= at < end for start, end in self.frozen)
+            if j == 0:
+                self._season_add(at, math.nan if frozen else calls)  # in its own 5 minutes
+            if not frozen:
+                ref.count += calls * math.exp(-(ref.at - at) / self.tau)
+                if j == 0 and self.daily is not None and self.daily.at is not None:
+                    self.daily.count += calls * math.exp(-max(0.0, self.daily.at - at) / 86400.0)
+            return
         for start, end in self.frozen:
             if end <= ref.at:
                 continue

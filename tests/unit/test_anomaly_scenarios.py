@@ -229,3 +229,26 @@ def test_a_regression_in_history_replayed_after_live_traffic_states_its_money() 
     # 30 calls a minute, 0.75 of them moved to gpt-4o: well over a dollar an hour
     assert hit["impact_usd_per_hour"] > 0.5, hit["message"]
     assert "$0.0000/hour" not in hit["message"]
+
+
+def test_history_replayed_into_a_live_agent_is_no_drop_of_the_live_traffic() -> None:
+    """Probe W, live: `tollgate replay` of 1,479 calls from 4 to 1 hours ago into an agent
+    serving 20 calls a minute fired `volume_drop global` ("20.5 requests/min, expected 67.3,
+    70% below normal", not historical) 30 s later. A late call left the references at full
+    weight, as if all of the history's calls had just happened; it now counts with the
+    weight it has left (a call 3 hours old in a half-hour memory: about e^-6)."""
+    live = World(seed=12, callers=zipf_callers([CHAT, SEARCH], users=30, total_per_minute=20))
+    now = T0 + timedelta(hours=6)
+    engine = AnomalyEngine()
+    alerts = run(engine, live.traffic(T0, now))
+    assert firing(alerts) == []
+    history = World(
+        seed=13, callers=zipf_callers([CHAT], users=10, total_per_minute=8, prefix="hist")
+    )
+    replayed = history.traffic(now - timedelta(hours=4), now - timedelta(hours=1), salt=1)
+    alerts = run(engine, replayed)
+    assert engine.stats.late_records == len(replayed) > 1000
+    after = live.traffic(now, now + timedelta(minutes=10), salt=2)
+    alerts += run(engine, after)
+    volume = [a for a in firing(alerts) if a["kind"].startswith("volume")]
+    assert volume == [], [a["message"] for a in volume]
