@@ -173,6 +173,47 @@ def test_a_block_of_out_of_order_rows_is_skipped_and_counted(tmp_path: Path) -> 
     assert summary.anomalies == 0
 
 
+def test_one_row_stamped_decades_ahead_is_the_one_row_set_aside(tmp_path: Path) -> None:
+    """Probe W: a single mistyped year (2051 in a 2024 series) early in the file left every
+    later row 'out of time order': 250 of 401 rows unjudged and the spike missed, exit 0.
+    The fewest rows that put the rest in order are set aside instead: that one row."""
+    rng = random.Random(7)
+    rows = [
+        (
+            (T0 + timedelta(minutes=m)).isoformat(),
+            "400" if m == 300 else str(round(rng.gauss(60, 8))),
+        )
+        for m in range(400)
+    ]
+    rows.insert(150, ((T0 + timedelta(minutes=150)).replace(year=2051).isoformat(), "60"))
+    out = io.StringIO()
+    summary = detect_csv("volume", write(tmp_path / "typo.csv", rows), out)
+    written = read(out.getvalue())
+    assert summary.rows == 401 == len(written) and summary.skipped == 1
+    assert written[150]["timestamp"].startswith("2051") and written[150]["is_anomaly"] == "false"
+    assert written[301]["is_anomaly"] == "true"  # the spike, one row later than in the source
+
+
+def test_two_swapped_rows_set_aside_the_later_one(tmp_path: Path) -> None:
+    rows = [((T0 + timedelta(minutes=m)).isoformat(), "60") for m in range(200)]
+    rows[100], rows[101] = rows[101], rows[100]
+    out = io.StringIO()
+    summary = detect_csv("volume", write(tmp_path / "swap.csv", rows), out)
+    written = read(out.getvalue())
+    assert summary.skipped == 1
+    assert written[101]["timestamp"] == rows[101][0] and written[101]["score"] == "0"
+
+
+def test_a_file_sorted_newest_first_is_an_error_that_says_so(tmp_path: Path) -> None:
+    """Probe W: an export sorted newest first judged 1 row of 2,500 and reported nothing
+    anomalous (exit 0); it is refused, naming the likely cause."""
+    rows = [((T0 + timedelta(minutes=m)).isoformat(), "60") for m in range(300)][::-1]
+    out = io.StringIO()
+    with pytest.raises(ValueError, match=r"299 of 300 rows are out of time order.*newest first"):
+        detect_csv("volume", write(tmp_path / "desc.csv", rows), out)
+    assert out.getvalue() == ""
+
+
 def seasonal_counts(weeks: int = 10) -> tuple[list[tuple[str, str]], list[tuple[int, int]]]:
     """Taxi-like demand in 30-minute buckets: a daily and a weekly pattern, 5 incidents.
 
