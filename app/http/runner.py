@@ -162,7 +162,7 @@ class _JsonErrorsHandler(RequestHandler):
     eof_aborts: EofAborts | None = None
     head_timeout_s: float | None = None
     _peer_done = False  # the client has sent all it will: close once it is answered
-    _unreadable: UnreadableBody | None = None
+    _eof_error: HttpProcessingError | None = None  # the parser's, at the end of the stream
     _head_timer: asyncio.TimerHandle | None = None
     _bytes_seen = False  # since the timer was armed
     _armed_at = 0  # requests whose head had arrived when the timer was armed
@@ -251,21 +251,25 @@ class _JsonErrorsHandler(RequestHandler):
             try:
                 self._parser.feed_eof()
             except HttpProcessingError as exc:  # the last request's body cannot be read whole
-                last = self._messages[-1][0] if self._messages else current
-                headers = getattr(last, "headers", None) or {}
-                self._unreadable = _unreadable(exc, headers.get("Content-Encoding", ""))
-                payloads = [payload for _, payload in self._messages]
+                self._eof_error = exc
+                for message, payload in self._messages:
+                    self._fail_unread_body(payload, getattr(message, "headers", None) or {})
                 if current is not None:
-                    payloads.append(current.content)
-                for payload in payloads:
-                    if not payload.is_eof():
-                        payload.set_exception(self._unreadable)
+                    self._fail_unread_body(current.content, current.headers)
         return True  # keep the sending side open for the answers
+
+    def _fail_unread_body(self, payload: Any, headers: Any) -> None:
+        """Make reading ``payload`` (a body the stream ended inside) raise what the end of
+        the stream means for it, unless the parser has failed it already: its error says why
+        (a body that does not decode, whose length the parser then stopped counting, is not
+        one cut short)."""
+        if self._eof_error is None or payload.is_eof() or payload.exception() is not None:
+            return
+        payload.set_exception(_unreadable(self._eof_error, headers.get("Content-Encoding", "")))
 
     async def _handle_request(self, request: web.BaseRequest, *args: Any) -> Any:
         # A request taken from the queue just before the end of the stream was seen
-        if self._unreadable is not None and not request.content.is_eof():
-            request.content.set_exception(self._unreadable)
+        self._fail_unread_body(request.content, request.headers)
         return await super()._handle_request(request, *args)
 
     def handle_error(
@@ -281,6 +285,16 @@ class _JsonErrorsHandler(RequestHandler):
         )
         if too_large is not None:
             error = too_large
+        elif isinstance(exc, RequestPayloadError):
+            # A body the parser could not read (one that does not decode as its
+            # Content-Encoding says), raised by ``request.read()`` in a route that let it
+            # through: the client's error, a 400, as when the end of the stream was seen first
+            cause = exc.__cause__
+            if isinstance(cause, HttpProcessingError):
+                detail = _unreadable(cause, request.headers.get("Content-Encoding", "")).detail
+            else:
+                detail = f"The request body could not be read: {str(exc)[:200]}"
+            error = ApiError(400, "invalid_request_error", detail)
         elif status < 500:
             detail = str(exc.message if isinstance(exc, HttpProcessingError) else message)
             detail = " ".join(detail.split())[:300]
