@@ -33,12 +33,13 @@ class DetectorSettings:
     """A feature's and the global rate are also compared with the same time of day on up to
     this many previous days (0: never). Half an hour of memory forgets a night: a product
     used in office hours read its first calls each morning as a spike of 10^13 x (three
-    feature pages a morning) and the end of each working day as a global drop, 4 false pages
-    a day for 120 users (session 22). A spike is judged against the busiest 5 minutes of
+    feature pages a morning) and the end of each working day as a global drop, 11 false pages
+    in 3 days for 120 users (session 22). In the first hour after a silence at least as long
+    as ``volume_rate_memory_seconds``, a spike is judged against the busiest 5 minutes of
     those days about this time (a Monday morning against Friday's), where that is more than
-    ``volume_min_ratio`` times the scope's own recent rate (a scope at its usual level keeps
-    its own: the busiest of many stretches is a little above the usual); a busy user who
-    was busy at this time on those days is judged as busy. A drop is judged against the
+    ``volume_min_ratio`` times the scope's own recent rate; a user busy at this time on
+    those days is judged as busy. A scope that never stopped keeps its own reference (the
+    busiest stretch of a bursty feature is well above its usual rate and delayed ramps). A drop is judged against the
     typical day (the median: one quiet Sunday does not hide a Monday outage). A week: a
     weekly rhythm."""
     volume_seasonal_window_seconds: float = 900.0

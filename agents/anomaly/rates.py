@@ -130,6 +130,7 @@ class RateDetector:
         "tau",
         "waiting",
         "windows",
+        "woke_at",
     )
 
     def __init__(self, scope: str, settings: DetectorSettings, kind: str) -> None:
@@ -169,6 +170,7 @@ class RateDetector:
         # (NaN: a bin of an anomalous stretch, not learned), for the same time on previous
         # days (``volume_seasonal_days``).
         self.season: dict[int, float] | None = {} if kind != "user" else None
+        self.woke_at: float | None = None  # the first call after a long silence
 
     def __setstate__(self, state: tuple[None, dict[str, object]] | dict[str, object]) -> None:
         slots = state[1] if isinstance(state, tuple) else state
@@ -176,6 +178,7 @@ class RateDetector:
             setattr(self, name, value)
         if not hasattr(self, "season"):  # a checkpoint from before the previous days
             self.season = {} if self.kind != "user" else None
+            self.woke_at = None
 
     def use_settings(self, settings: DetectorSettings) -> None:
         """New thresholds (windows and memories stay as they were built)."""
@@ -336,10 +339,10 @@ class RateDetector:
         ]
 
     def seasonal_high(self, t: float) -> tuple[float, float] | None:
-        """(calls per second, calls) of the busiest 5-minute stretch of the previous days
-        within ``volume_seasonal_window_seconds`` of this time of day, or None without such
-        a day. The busiest stretch, not the mean: a working day that starts at 09:00 had
-        half its mean rate over 08:45 to 09:15."""
+        """(calls per second, calls) of the busiest 5 minutes of the previous days within
+        ``volume_seasonal_window_seconds`` of this time of day, or None without such a day.
+        The busiest stretch, not the mean: a working day that starts at 09:00 had half its
+        rate over 08:45 to 09:15."""
         season = self.season
         if season is None:
             return None
@@ -354,6 +357,31 @@ class RateDetector:
                 if not math.isnan(calls) and (best is None or calls > best[1]):
                     best = (calls / SEASON_BIN_SECONDS, calls)
         return best
+
+    def seasonal_mean(self, t: float) -> float | None:
+        """Calls per second of the previous day busiest within ``volume_seasonal_window_seconds``
+        of this time of day, over that half hour (not its busiest 5 minutes: one session of
+        a quiet user is no busy user), or None without such a day."""
+        season = self.season
+        if season is None:
+            return None
+        half = self.settings.volume_seasonal_window_seconds
+        best: float | None = None
+        for d in self._season_days(t):
+            centre = t - d * 86400.0
+            first = int((centre - half) // SEASON_BIN_SECONDS)
+            last = int((centre + half) // SEASON_BIN_SECONDS)
+            calls = sum(season.get(b, 0.0) for b in range(first, last + 1))
+            if not math.isnan(calls):
+                rate = calls / ((last - first + 1) * SEASON_BIN_SECONDS)
+                best = rate if best is None else max(best, rate)
+        return best
+
+    def waking(self, t: float) -> bool:
+        """Within an hour (twice the rate's memory) of the first call after a silence at
+        least as long as that memory: the reference has learned the silence."""
+        woke = self.woke_at
+        return woke is not None and t - woke < 2 * self.settings.volume_rate_memory_seconds
 
     def seasonal_low(self, t: float) -> float | None:
         """Calls per second a typical previous day made at its lowest 5-minute stretch from
@@ -402,11 +430,11 @@ class RateDetector:
             s = self.settings
             count, exposure = self.refs[0].at_time(t - self.windows[0], self.tau)
             busy = exposure > 0 and count / exposure * 60 >= s.volume_busy_user_per_minute
-            if not busy and self.season is not None:
+            if not busy and self.season is not None and self.waking(t):
                 # Busy at this time on previous days (the morning after a night off): judged
                 # as then, against those days, not as a quiet user whose day is 16 h of night
-                high = self.seasonal_high(t)
-                busy = high is not None and high[0] * 60 >= s.volume_busy_user_per_minute
+                usual = self.seasonal_mean(t)
+                busy = usual is not None and usual * 60 >= s.volume_busy_user_per_minute
             self.tau = s.volume_rate_memory_seconds if busy else s.volume_user_memory_seconds
             if busy:
                 prior, rhythm = None, 1.0
@@ -430,12 +458,19 @@ class RateDetector:
         if self.season is not None:
             # The same time on previous days: the morning after a night without calls is
             # no spike when the mornings before looked the same (``volume_seasonal_days``).
-            # Only where they differ by more than the effect-size floor: a scope at its usual
-            # level keeps its own (a busiest stretch is a little above the usual rate).
-            high = self.seasonal_high(t)
+            # Only in the first hour after a silence of at least the rate's memory (a night,
+            # a lunch: the reference has learned the silence), and where those days' busiest
+            # 5 minutes are more than the effect-size floor above it. A scope that never
+            # stopped keeps its own reference with all its sensitivity: the busiest stretch
+            # of a bursty scope is well above its usual rate, and delayed its ramps (a 10x
+            # ramp of the Azure world's search feature, 126 -> 181 s).
+            high = self.seasonal_high(t) if self.waking(t) else None
             if high is not None:
                 floor = self.settings.volume_min_ratio
-                out = [high if high[0] > floor * rate else (rate, shape) for rate, shape in out]
+                out = [
+                    (high[0], high[1]) if high[0] > floor * rate else (rate, shape)
+                    for rate, shape in out
+                ]
         return out
 
     def rhythm(self, t: float) -> float:
@@ -533,6 +568,9 @@ class RateDetector:
             # Over since (its alert resolved at a minute tick): this call starts afresh and
             # does not extend it. Closed only now, as a scope's alarm has no clock of its own.
             self._close_alarm()
+        if self.recent and t - self.recent[-1] >= self.settings.volume_rate_memory_seconds:
+            self.woke_at = t  # the first call after a silence (a night, a lunch)
+            self._rates = None
         self.expire(t)
         expected = self.rates(t, prior, rhythm)
         self.mu = [rate * w for (rate, _), w in zip(expected, self.windows, strict=True)]

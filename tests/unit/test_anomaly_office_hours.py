@@ -3,7 +3,7 @@
 A feature's and the global rate remember half an hour (``volume_rate_memory_seconds``), so
 after a night without calls their expected rate is about 0: the first calls of the morning
 read as a spike of 10^13 x (three feature pages a morning) and the end of the working day
-as a drop of the global rate (a page an evening), 4 false pages a day for 120 users
+as a drop of the global rate (a page an evening), 11 false pages in 3 days for 120 users
 (session 22). The same time on the previous days is what a morning is compared with.
 """
 
