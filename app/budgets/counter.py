@@ -275,18 +275,30 @@ class PartialTotals:
 
     def stage(self, partials: Iterable[Mapping[str, Any]]) -> tuple[dict[str, Any], set[str]]:
         """Writes for a batch of partial messages; a message older (lower ``processed``) than
-        what is held for its (scope, source) is ignored, so re-deliveries never regress."""
+        what is held for its (scope, source) is ignored, so re-deliveries never regress.
+
+        A partial is a snapshot of every bucket of its scope from its source (so the next
+        one repairs a lost or late one), but only the values that differ from what is held
+        are written: each write is a changelog record, and a scope with a week of history
+        has hundreds of buckets, while an event changes three (probe B: ~1,100 changelog
+        records an event, Faust's "producer buffer full" twice an event)."""
         writes: dict[str, Any] = {}
         scopes: set[str] = set()
+
+        def held(key: str, default: Any = None) -> Any:
+            return writes[key] if key in writes else self.store.get(key, default)
+
         for partial in partials:
             scope, source = partial["scope"], int(partial["partition"])
             offset_key = self.offset_key(scope, source)
-            held = writes.get(offset_key, self.store.get(offset_key, -1))
-            if partial["processed"] < held:
+            if partial["processed"] < held(offset_key, -1):
                 continue
             for short, nanos in partial["buckets"].items():
-                writes[parse_short(short).key(scope, source)] = nanos
-            writes[offset_key] = partial["processed"]
+                key = parse_short(short).key(scope, source)
+                if held(key) != nanos:
+                    writes[key] = nanos
+            if held(offset_key) != partial["processed"]:
+                writes[offset_key] = partial["processed"]
             scopes.add(scope)
         return writes, scopes
 
