@@ -464,8 +464,11 @@ class RateDetector:
             # stopped keeps its own reference with all its sensitivity: the busiest stretch
             # of a bursty scope is well above its usual rate, and delayed its ramps (a 10x
             # ramp of the Azure world's search feature, 126 -> 181 s).
+            # The busiest 5 minutes must hold ``volume_min_count`` calls: one call at 17:37
+            # yesterday is no evening rhythm, and as a reference of 1 call it taught a quiet
+            # user's session that it was normal (a false page half an hour later, seed 11).
             high = self.seasonal_high(t) if self.waking(t) else None
-            if high is not None:
+            if high is not None and high[1] >= self.settings.volume_min_count:
                 floor = self.settings.volume_min_ratio
                 out = [
                     (high[0], high[1]) if high[0] > floor * rate else (rate, shape)

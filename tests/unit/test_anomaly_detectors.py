@@ -526,3 +526,24 @@ def test_a_cusum_from_a_checkpoint_without_marks_restores_and_keeps_counting() -
     restored.update(2.0, 1.0, 1.0, at=100.0)
     assert restored.later_half(100.0) == (100.0, 1, 1.0)
     assert pickle.loads(pickle.dumps(restored)).marks == restored.marks
+
+
+def test_one_call_at_this_hour_yesterday_is_no_rhythm_for_a_user_waking_today() -> None:
+    """A quiet user whose days are kept (they were busy once) woke at 17:37 after a silence,
+    and their reference became yesterday's busiest 5 minutes about then: a single call, a
+    rate of 0.2 a minute on a shape of 1. Their session at 17:37 was learned as normal
+    against it, and a session half an hour later paged at 161x (synthetic world, seed 11,
+    a clean day: session 22's new false page). A previous day's 5 minutes are a reference
+    only when they hold ``volume_min_count`` calls."""
+    user = RateDetector("user:sessions", SETTINGS, "user")
+    feed(user, [600 + 10 * i for i in range(12)])  # 12 calls in 2 minutes: busy once
+    assert user.season is not None  # their days are kept from then on
+    feed(user, [86400 + 7200 + 20 * i for i in range(4)])  # a session at 02:00
+    yesterday = 86400 + 17 * 3600 + 37 * 60
+    feed(user, [yesterday])  # one call at 17:37
+    today = yesterday + 86400
+    feed(user, [today])  # the first call after a night's silence: waking
+    now = at(today).timestamp()
+    assert user.waking(now)
+    assert user.seasonal_high(now) == (1 / 300, 1.0)
+    assert all(rate < 1 / 600 for rate, _ in user.rates(now)), user.rates(now)
