@@ -98,10 +98,9 @@ class ClientStream(Protocol):
 def with_estimated_usage(call: Call, completion: dict[str, Any]) -> bytes:
     """A provider's answer that carried no usage, with the usage the call is billed for (its
     usage event's estimate), marked ``tollgate_usage_estimated``: SDKs read ``usage``."""
-    call.estimate_usage()
-    prompt, output = call.prompt_tokens or 0, call.completion_tokens or 0
-    usage = {"prompt_tokens": prompt, "completion_tokens": output, "total_tokens": prompt + output}
-    return orjson.dumps({**completion, "usage": usage, "tollgate_usage_estimated": True})
+    return orjson.dumps(
+        {**completion, "usage": call.billed_usage(), "tollgate_usage_estimated": True}
+    )
 
 
 def failure_of_error(error: TollgateError) -> Failure:

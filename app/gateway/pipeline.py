@@ -263,6 +263,17 @@ class Call:
         if self.status != "ok" and not self.generated_text:
             self.prompt_tokens = 0  # the provider generated nothing; assume nothing billed
 
+    def billed_usage(self) -> dict[str, int]:
+        """The usage this call is billed for, in OpenAI's shape, estimated where the provider
+        gave none (``estimate_usage``): what a client that got no usage from it is told."""
+        self.estimate_usage()
+        prompt, completion = self.prompt_tokens or 0, self.completion_tokens or 0
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        }
+
     def take_usage(self, usage: Any) -> None:
         if not isinstance(usage, dict):
             return
@@ -306,18 +317,13 @@ class SseRelay:
         """The usage chunk a client that asked ``include_usage`` gets when the provider sent
         none: the call's usage as billed (the estimate of its usage event), in the stream's
         own id and model, marked ``tollgate_usage_estimated``. Call after ``Gateway.finish``."""
-        prompt, completion = self.call.prompt_tokens or 0, self.call.completion_tokens or 0
         chunk: dict[str, Any] = {
             "id": self.first.get("id") or f"chatcmpl-{self.call.request_id}",
             "object": "chat.completion.chunk",
             "created": self.first.get("created") or int(time.time()),
             "model": self.first.get("model") or self.call.chat.model,
             "choices": [],
-            "usage": {
-                "prompt_tokens": prompt,
-                "completion_tokens": completion,
-                "total_tokens": prompt + completion,
-            },
+            "usage": self.call.billed_usage(),
             "tollgate_usage_estimated": True,
         }
         return b"data: " + orjson.dumps(chunk) + b"\n\n"
