@@ -338,44 +338,43 @@ class RateDetector:
             if self.first_at <= t - d * 86400.0 + s.volume_seasonal_window_seconds
         ]
 
+    def _season_bins(self, t: float, before: float, after: float) -> list[list[float]]:
+        """Per previous day (``_season_days``), its calls in each 5-minute bin from ``before``
+        seconds before this time of day to ``after`` seconds after (NaN: not known)."""
+        season = self.season
+        if season is None:
+            return []
+        days = []
+        for d in self._season_days(t):
+            centre = t - d * 86400.0
+            first = int((centre - before) // SEASON_BIN_SECONDS)
+            last = int((centre + after) // SEASON_BIN_SECONDS)
+            days.append([season.get(b, 0.0) for b in range(first, last + 1)])
+        return days
+
     def seasonal_high(self, t: float) -> tuple[float, float] | None:
         """(calls per second, calls) of the busiest 5 minutes of the previous days within
         ``volume_seasonal_window_seconds`` of this time of day, or None without such a day.
         The busiest stretch, not the mean: a working day that starts at 09:00 had half its
         rate over 08:45 to 09:15."""
-        season = self.season
-        if season is None:
-            return None
         half = self.settings.volume_seasonal_window_seconds
-        best: tuple[float, float] | None = None
-        for d in self._season_days(t):
-            centre = t - d * 86400.0
-            first = int((centre - half) // SEASON_BIN_SECONDS)
-            last = int((centre + half) // SEASON_BIN_SECONDS)
-            for b in range(first, last + 1):
-                calls = season.get(b, 0.0)
-                if not math.isnan(calls) and (best is None or calls > best[1]):
-                    best = (calls / SEASON_BIN_SECONDS, calls)
-        return best
+        known = [c for day in self._season_bins(t, half, half) for c in day if not math.isnan(c)]
+        if not known:
+            return None
+        calls = max(known)
+        return calls / SEASON_BIN_SECONDS, calls
 
     def seasonal_mean(self, t: float) -> float | None:
         """Calls per second of the previous day busiest within ``volume_seasonal_window_seconds``
         of this time of day, over that half hour (not its busiest 5 minutes: one session of
         a quiet user is no busy user), or None without such a day."""
-        season = self.season
-        if season is None:
-            return None
         half = self.settings.volume_seasonal_window_seconds
-        best: float | None = None
-        for d in self._season_days(t):
-            centre = t - d * 86400.0
-            first = int((centre - half) // SEASON_BIN_SECONDS)
-            last = int((centre + half) // SEASON_BIN_SECONDS)
-            calls = sum(season.get(b, 0.0) for b in range(first, last + 1))
-            if not math.isnan(calls):
-                rate = calls / ((last - first + 1) * SEASON_BIN_SECONDS)
-                best = rate if best is None else max(best, rate)
-        return best
+        rates = [
+            sum(day) / (len(day) * SEASON_BIN_SECONDS)
+            for day in self._season_bins(t, half, half)
+            if not any(math.isnan(c) for c in day)
+        ]
+        return max(rates) if rates else None
 
     def waking(self, t: float) -> bool:
         """Within an hour (twice the rate's memory) of the first call after a silence at
@@ -387,24 +386,13 @@ class RateDetector:
         """Calls per second a typical previous day made at its lowest 5-minute stretch from
         5 minutes before this time of day to ``volume_seasonal_window_seconds`` after (the
         median over days), or None without such a day."""
-        season = self.season
-        if season is None:
-            return None
-        lows = []
-        for d in self._season_days(t):
-            centre = t - d * 86400.0
-            first = int((centre - 300.0) // SEASON_BIN_SECONDS)
-            last = int(
-                (centre + self.settings.volume_seasonal_window_seconds) // SEASON_BIN_SECONDS
-            )
-            known = [season.get(b, 0.0) for b in range(first, last + 1)]
-            known = [calls for calls in known if not math.isnan(calls)]
-            if known:
-                lows.append(min(known) / SEASON_BIN_SECONDS)
-        if not lows:
-            return None
-        lows.sort()
-        return lows[(len(lows) - 1) // 2]
+        after = self.settings.volume_seasonal_window_seconds
+        lows = sorted(
+            min(known) / SEASON_BIN_SECONDS
+            for day in self._season_bins(t, SEASON_BIN_SECONDS, after)
+            if (known := [c for c in day if not math.isnan(c)])
+        )
+        return lows[(len(lows) - 1) // 2] if lows else None
 
     # -- the model ------------------------------------------------------------------------
     def rates(
@@ -790,7 +778,7 @@ class RateDetector:
             return None
         s = self.settings
         expected = self.rates(t)
-        best_p, best_j = 1.0, -1
+        best_p, best_j, best_mu = 1.0, -1, 0.0
         low = self.seasonal_low(t)  # the day's usual low about now (its end, a lunch)
         for j, w in enumerate(self.windows[:2]):
             mu = expected[j][0] * w
@@ -803,7 +791,7 @@ class RateDetector:
                 continue
             p = lower_tail(x, mu, self.dispersion(j, mu, None)) * 2
             if p < best_p:
-                best_p, best_j = p, j
+                best_p, best_j, best_mu = p, j, mu
         anomalous = best_j >= 0 and best_p < self.p_value
         if anomalous:
             if self.alarm_since is None:
@@ -815,10 +803,7 @@ class RateDetector:
             self._close_alarm()
         if not anomalous:
             return None
-        w = self.windows[best_j]
-        mu = expected[best_j][0] * w
-        if low is not None:
-            mu = min(mu, low * w)
+        w, mu = self.windows[best_j], best_mu
         x = self.counts[best_j]
         return Verdict(
             kind="volume_drop",
