@@ -27,7 +27,8 @@ or delivery (Kafka, webhooks).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -44,6 +45,11 @@ from app.metering.usage import event_time, new_id
 
 ALERT_SCHEMA_VERSION = 2
 _SEVERITY = ("warning", "critical")
+# Kinds whose measure is a scope's request count over a window: what it held when the
+# incident resolved is known from the counts (``CallsBetween``), calls or none.
+RATE_KINDS = frozenset({"volume_spike", "volume_drop"})
+# The calls of a scope counted between two event times (None: the scope is not known).
+CallsBetween = Callable[[str, datetime, datetime], int | None]
 
 
 @dataclass
@@ -166,8 +172,15 @@ class AlertManager:
         incident = self.firing.get(key)
         return incident is not None and incident.held
 
-    def tick(self, now: datetime) -> list[dict[str, Any]]:
-        """``resolved`` records of incidents quiet for ``resolve_after_seconds`` at ``now``."""
+    def tick(
+        self, now: datetime, calls_between: CallsBetween | None = None
+    ) -> list[dict[str, Any]]:
+        """``resolved`` records of incidents quiet for ``resolve_after_seconds`` at ``now``.
+
+        ``calls_between`` (the engine's request counts): a request-rate incident's resolve
+        quotes its rate when it resolved, over its window or, if that is longer, the quiet
+        stretch before (probe W: a user's loop resolved "back to normal" quoting "latest 6.0
+        vs 0.1 requests/min expected", the loop's last call judged at the alarm's end)."""
         s = self.settings
         resolve_after = timedelta(seconds=s.resolve_after_seconds)
         silent_after = timedelta(seconds=max(s.resolve_silent_after_seconds, 0))
@@ -193,8 +206,13 @@ class AlertManager:
                 resolved_at = max(resolved_at, incident.latest.ts)
             del self.firing[key]
             self.quiet_until[key] = resolved_at + cooldown
+            shown, span = incident.latest, 0
+            if calls_between is not None and incident.kind in RATE_KINDS:
+                shown, span = self._rate_when_resolved(incident, resolved_at, calls_between)
             alerts.append(
-                self._record(key, incident, incident.latest, "resolved", resolved_at, silent=silent)
+                self._record(
+                    key, incident, shown, "resolved", resolved_at, silent=silent, span=span
+                )
             )
         reopen = timedelta(seconds=s.incident_reopen_within_seconds)
         for key, (_, closed_at) in list(self.closed_silent.items()):
@@ -207,6 +225,37 @@ class AlertManager:
             if now - latest >= cooldown and key not in self.quiet_until:
                 del self.suppressed[key]
         return alerts
+
+    def _rate_when_resolved(
+        self, incident: Incident, at: datetime, calls_between: CallsBetween
+    ) -> tuple[Verdict, int]:
+        """The incident's request rate at ``at`` (a normal verdict of its measure) and the
+        seconds it is counted over: its window, or the ``resolve_after_seconds`` before
+        ``at`` if shorter (a longer window still holds the incident's calls). The expected
+        rate and the price of a call are the latest verdict's of that measure."""
+        peak = incident.peak
+        base = incident.latest if _same_measure(incident.latest, peak) else peak
+        window = peak.window_seconds or 0
+        span = min(window, self.settings.resolve_after_seconds) or window
+        calls = calls_between(incident.scope, at - timedelta(seconds=span), at) if span else None
+        if calls is None:
+            return incident.latest, 0
+        observed = calls * 60.0 / span
+        impact = None
+        excess = (base.observed or 0.0) - (base.expected or 0.0)
+        if base.impact_usd_per_hour is not None and excess != 0 and base.expected is not None:
+            # money = excess calls a minute x 60 x the price of a call (the detector's rule)
+            impact = base.impact_usd_per_hour / excess * (observed - base.expected)
+        now = replace(
+            base,
+            ts=at,
+            score=0.0,
+            is_anomaly=False,
+            observed=observed,
+            note="",
+            impact_usd_per_hour=impact,
+        )
+        return now, span
 
     def severity(self, verdict: Verdict) -> str:
         s = self.settings
@@ -232,6 +281,7 @@ class AlertManager:
         ts: datetime,
         suppressed: int = 0,
         silent: bool = False,
+        span: int = 0,
     ) -> dict[str, Any]:
         peak = incident.peak
         shown = verdict  # firing: the verdict it fired on (or, refreshed, the latest)
@@ -240,7 +290,9 @@ class AlertManager:
             impact = shown.impact_usd_per_hour
         else:
             # The same metric, unit and window as the firing record; the latest value of it.
-            if verdict.is_anomaly or not _same_measure(verdict, peak):
+            if span:  # a request rate, counted when it resolved
+                latest = f"{_value_text(verdict)} in the {_span(span)} before {ts:%H:%M:%S} UTC"
+            elif verdict.is_anomaly or not _same_measure(verdict, peak):
                 latest = "nothing anomalous since"  # no normal measurement came after it
             else:
                 latest = f"latest {_value_text(verdict)}"
@@ -285,6 +337,8 @@ class AlertManager:
             details["anomalies_during_cooldown"] = str(suppressed)
         if status == "resolved":
             details["resolved_by"] = "silence" if silent else "normal"
+            if span:
+                details["observed_window_seconds"] = str(span)
         same = _same_measure(shown, peak)
         return {
             "event_id": new_id(),
@@ -329,6 +383,10 @@ def _value_text(verdict: Verdict) -> str:
         f"{amount(verdict.observed, verdict.unit)} vs "
         f"{amount(verdict.expected or 0.0, verdict.unit)}{unit} expected"
     )
+
+
+def _span(seconds: int) -> str:
+    return f"{seconds // 60} min" if seconds >= 120 and seconds % 60 == 0 else f"{seconds} s"
 
 
 def _duration(delta: timedelta) -> str:

@@ -249,6 +249,13 @@ class AnomalyEngine:
             return self.global_scope
         return self.users.get(scope) if scope.startswith("user:") else self.features.get(scope)
 
+    def _calls_between(self, scope: str, start: datetime, end: datetime) -> int | None:
+        """Calls of ``scope`` counted between two event times (None: a scope not known)."""
+        state = self._state(scope)
+        if state is None:
+            return None
+        return state.rate.calls_between(start.timestamp(), end.timestamp())
+
     def _home(self, state: ScopeState) -> ScopeState:
         """A user's most recent feature (the global scope without one); a scope itself."""
         if state.kind != "user" or not state.features:
@@ -460,10 +467,20 @@ class AnomalyEngine:
         """Expected requests per hour of this scope: the rate detector's expectation, or,
         when it has none because every call of the scope came late (history replayed into
         an agent that has seen later traffic: rates do not judge it), the calls per hour
-        its tier costs remember (session 13's probe: "$0.0000/hour" on such a regression)."""
+        its tier costs remember (session 13's probe: "$0.0000/hour" on such a regression);
+        a user, who keeps no tier costs, the calls of the last hour its rate detector counted
+        (probe W: historical users' cost alerts said "$0.0000/hour")."""
         expected = state.rate.expected_first() * 3600.0 / state.rate.windows[0]
-        if expected > 0 or state.tier_log_costs is None:
+        if expected > 0:
             return expected
+        if state.tier_log_costs is None:
+            if state.first_seen is None:
+                return expected
+            # over its age, from its shortest rate window (one call is no rate of its
+            # own first second) to its longest
+            windows = state.rate.windows
+            span = min(max(t - state.first_seen, float(windows[0])), float(windows[-1]))
+            return state.rate.calls_between(t - span, t) * 3600.0 / span
         tau = _TIER_COST_MEMORY_S
         remembered = sum(
             mean.weight * math.exp(-max(0.0, t - mean.at) / tau)
@@ -503,7 +520,7 @@ class AnomalyEngine:
         drop = glob.rate.check_drop(end, cost_per_request_usd=self._cpr(glob))
         if drop is not None:
             records += self.alerts.process(drop)
-        records += self.alerts.tick(end)
+        records += self.alerts.tick(end, self._calls_between)
         idle_before = t - s.idle_user_seconds
         while self.users:
             oldest = next(iter(self.users.values()))

@@ -24,7 +24,17 @@ explains it, with the others attached.
   ends): a user whose loop is most of their feature's surge, not one of many users of
   a feature whose cost shifted.
 - **Resolving.** Each member's ``resolved`` record is published as it comes; the
-  page's own resolve is held until every member of the incident has resolved.
+  page's own resolve is held until every member of the incident has resolved, but for a
+  weak late one: narrower than the page's scope, joined after the page went out, and not
+  critical. Users' cost alarms that fire as their feature's ends (the evidence of the
+  spike they gathered while the feature's alarm absorbed them; 1.5x and 2.5x, their calls
+  ordinary) held a feature's page open 16 min after the spike (probe W). Such a member is
+  still published, as related, and its resolve too.
+- **One money figure.** A member of the page's scope that joins after the page with more
+  money at stake says it is the incident's money, next to the page's figure; the page's
+  resolve states the incident's peak money as best known (the largest of its scope's
+  members: a routing regression paged at "$0.31/hour" from the tier mix while its cost
+  alert said "$0.99/hour", probe W).
 - **Reopening.** A member closed by its scope's silence (``resolved_by=silence``) whose
   lifecycle reopens it (``details.reopened``: its cost alarm fired again in the calls back,
   before they were seen normal) rejoins the same incident, published as ``related``: no
@@ -40,6 +50,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from agents.anomaly.core import money_per_hour
 from app.anomaly_config import DetectorSettings
 
 Nests = Callable[[str, str], bool]
@@ -68,6 +79,10 @@ class Group:
     primary: str = ""
     paged: bool = False
     held_resolve: dict[str, Any] | None = None
+    # (Plain defaults: they are class attributes, so checkpoints from before them restore.)
+    page_members: frozenset[str] | None = None  # the members when the page went out
+    page_resolved: bool = False  # the page's resolve went out (members may still be open)
+    peaks: dict[str, float] | None = None  # members' peak money at stake, by key
 
 
 class Correlator:
@@ -178,8 +193,29 @@ class Correlator:
         group.last_activity = max(group.last_activity, ts)
         self.by_key[alert["alert_key"]] = group
         if group.paged:
-            return [self._mark(alert, group, "related")]
+            return [self._mark(self._next_to_page(alert, group), group, "related")]
         return []
+
+    def _next_to_page(self, alert: dict[str, Any], group: Group) -> dict[str, Any]:
+        """A member of the page's scope that joins after the page with more money at stake
+        than the page stated: its message says it is the incident's money, next to the
+        page's figure (one incident, and on-call is not left with two figures unexplained)."""
+        page = group.members.get(group.primary)
+        if page is None or page is alert or page["scope"] != alert["scope"]:
+            return alert
+        mine, stated = alert.get("impact_usd_per_hour"), page.get("impact_usd_per_hour")
+        if mine is None or stated is None or abs(mine) <= abs(stated):
+            return alert
+        what = page["kind"].replace("_", " ")
+        return {
+            **alert,
+            "message": (
+                f"{alert['message']}; the incident paged as {what} for {page['scope']} "
+                f"(fired {page['ts']:%H:%M:%S} UTC) stated {money_per_hour(stated)}: this "
+                f"is its money as its {alert['kind'].replace('_', ' ')} measures it now"
+            ),
+            "details": {**alert["details"], "page_impact_usd_per_hour": f"{stated:.4g}"},
+        }
 
     def _reopen(self, alert: dict[str, Any], key: str) -> list[dict[str, Any]]:
         """A cost incident closed by silence whose alarm fired again in the calls back, not
@@ -243,6 +279,7 @@ class Correlator:
         if self.refresh is not None:  # held until now: the figures of now, not of the firing
             group.members = {k: self.refresh(m) for k, m in group.members.items()}
         group.paged = True
+        group.page_members = frozenset(group.members)
         group.primary = self._choose(group, now)
         page = group.members[group.primary]
         others = [k for k in group.members if k != group.primary]
@@ -293,27 +330,72 @@ class Correlator:
         group = self.by_key.pop(alert["alert_key"], None)
         if group is None:
             return [alert]
+        key = alert["alert_key"]
         if alert["details"].get("resolved_by") == "silence":
-            self.closed_silent[alert["alert_key"]] = group.key
-        group.resolved.add(alert["alert_key"])
+            self.closed_silent[key] = group.key
+        group.resolved.add(key)
+        peak = alert["details"].get("peak_impact_usd_per_hour")
+        if peak is not None:
+            group.peaks = {**(group.peaks or {}), key: float(peak)}
         out: list[dict[str, Any]] = []
         if not group.paged:
             out += self._page(group, alert["ts"])  # resolved within the hold: page it now
         everything = group.resolved >= set(group.members)
-        if alert["alert_key"] == group.primary and not everything:
-            group.held_resolve = alert
+        holding = {k for k in group.members if not self._trails(group, k)}
+        page_over = group.resolved >= holding
+        if key == group.primary and not group.page_resolved:
+            if page_over:
+                out.append(self._page_end(alert, group))
+            else:
+                group.held_resolve = alert
         else:
-            out.append(
-                self._mark(
-                    alert, group, "primary" if alert["alert_key"] == group.primary else "related"
-                )
-            )
-        if everything:
-            if group.held_resolve is not None:
+            out.append(self._mark(alert, group, "related"))
+            if page_over and group.held_resolve is not None and not group.page_resolved:
                 held = {**group.held_resolve, "ts": max(alert["ts"], group.held_resolve["ts"])}
-                out.append(self._mark(held, group, "primary"))
+                out.append(self._page_end(held, group))
+        if everything:
             self.groups.remove(group)
         return out
+
+    def _trails(self, group: Group, key: str) -> bool:
+        """Whether member ``key`` trails the page, and does not hold its resolve: narrower
+        than the page's scope, joined after the page went out (not part of what it paged),
+        and not critical (``critical_ratio``, ``critical_impact_usd_per_hour``)."""
+        if group.page_members is None or key in group.page_members or key == group.primary:
+            return False
+        member, page = group.members[key], group.members[group.primary]
+        return (
+            specificity(member["scope"]) > specificity(page["scope"])
+            and member.get("severity", "warning") != "critical"
+        )
+
+    def _page_end(self, alert: dict[str, Any], group: Group) -> dict[str, Any]:
+        """The page's resolve, stating the incident's peak money as best known: the largest
+        of its scope's members (the page's own figure and, e.g., a routing regression's cost
+        alert that joined later)."""
+        group.page_resolved = True
+        page = group.members.get(group.primary, alert)
+        peaks = group.peaks or {}
+        figures = [
+            (abs(money), k, money)
+            for k, m in group.members.items()
+            if m["scope"] == page["scope"]
+            and (money := peaks.get(k, m.get("impact_usd_per_hour"))) is not None
+        ]
+        if not figures:
+            return self._mark(alert, group, "primary")
+        size, source, money = max(figures)
+        details = {**alert["details"], "incident_peak_impact_usd_per_hour": f"{money:.4g}"}
+        message = alert["message"]
+        own = peaks.get(group.primary, page.get("impact_usd_per_hour"))
+        if source != group.primary and (own is None or size > abs(own)):
+            what = group.members[source]["kind"].replace("_", " ")
+            message += (
+                f"; the incident's extra spend at its peak as best known: "
+                f"{money_per_hour(money)} (its {what})"
+            )
+            details["incident_peak_from"] = source
+        return self._mark({**alert, "message": message, "details": details}, group, "primary")
 
     def _mark(
         self, alert: dict[str, Any], group: Group, role: str, others: list[str] | None = None

@@ -840,6 +840,16 @@ class RateDetector:
         self.frozen = []
         self.alarm_since = None
 
+    def calls_between(self, start: float, end: float) -> int:
+        """Calls counted in the 5-second slots that start after ``start`` and by ``end``
+        (event time; no change of state). What a window held at a past moment, e.g. when
+        an alarm resolved, as far back as the longest window's slots are kept."""
+        first, last = start // SLOT_SECONDS + 1, end // SLOT_SECONDS  # slot indices
+        slots = self.slots
+        lo = bisect.bisect_left(slots, first, key=_slot_index)
+        hi = bisect.bisect_right(slots, last, key=_slot_index)
+        return sum(int(slots[k][1]) for k in range(lo, hi))
+
     @property
     def idle_since(self) -> float:
         return self.slots[-1][0] * SLOT_SECONDS if self.slots else (self.first_at or 0.0)
