@@ -536,7 +536,7 @@ def test_one_call_at_this_hour_yesterday_is_no_rhythm_for_a_user_waking_today() 
     a clean day: session 22's new false page). A previous day's 5 minutes are a reference
     only when they hold ``volume_min_count`` calls."""
     user = RateDetector("user:sessions", SETTINGS, "user")
-    feed(user, [600 + 10 * i for i in range(12)])  # 12 calls in 2 minutes: busy once
+    feed(user, [86400 + 600 + 10 * i for i in range(12)])  # 12 calls in 2 minutes: busy once
     assert user.season is not None  # their days are kept from then on
     feed(user, [86400 + 7200 + 20 * i for i in range(4)])  # a session at 02:00
     yesterday = 86400 + 17 * 3600 + 37 * 60
