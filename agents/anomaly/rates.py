@@ -66,6 +66,8 @@ class PeerPrior:
     beta: float = 0.0
     users: int = 0
     burst: list[DecayedMean] = field(default_factory=list)  # every user's calls, pooled
+    # the share of every user's calls that started a session, pooled
+    sessions: DecayedMean = field(default_factory=DecayedMean)
 
     @property
     def ready(self) -> bool:
@@ -123,6 +125,9 @@ class RateDetector:
         "refs",
         "scope",
         "season",
+        "session_share",
+        "session_starts",
+        "sessions_span",
         "settings",
         "slots",
         "spends",
@@ -158,7 +163,8 @@ class RateDetector:
         self.alarm_window = 0
         self.recent: deque[float] = deque(maxlen=3)  # times of the last calls
         self.episode: list | None = None  # an unusual stretch whose calls are held back
-        self.waiting: deque[tuple[float, list[float]]] = deque()  # calls not yet learned
+        # calls not yet learned: (time, (spread, whether it started a session))
+        self.waiting: deque[tuple[float, tuple[list[float], bool] | list[float]]] = deque()
         self.expired_slot = -1
         self.exposures = [0.0] * len(self.windows)  # each reference's history, last computed
         self.learned_slot = -1
@@ -171,6 +177,13 @@ class RateDetector:
         # days (``volume_seasonal_days``).
         self.season: dict[int, float] | None = {} if kind != "user" else None
         self.woke_at: float | None = None  # the first call after a long silence
+        # Users: times of the calls that started a session (``volume_session_gap_seconds``
+        # after the previous call) within the longest window, and the share of the user's
+        # calls that did.
+        self.session_starts: deque[float] = deque()
+        self.session_share = DecayedMean()
+        # The window whose count of sessions made the last call unusual (0: none did)
+        self.sessions_span = 0.0
 
     def __setstate__(self, state: tuple[None, dict[str, object]] | dict[str, object]) -> None:
         slots = state[1] if isinstance(state, tuple) else state
@@ -179,6 +192,10 @@ class RateDetector:
         if not hasattr(self, "season"):  # a checkpoint from before the previous days
             self.season = {} if self.kind != "user" else None
             self.woke_at = None
+        if not hasattr(self, "session_starts"):  # a checkpoint from before sessions
+            self.session_starts = deque()
+            self.session_share = DecayedMean()
+            self.sessions_span = 0.0
 
     def use_settings(self, settings: DetectorSettings) -> None:
         """New thresholds (windows and memories stay as they were built)."""
@@ -502,6 +519,21 @@ class RateDetector:
             excess = own.get(0.0)
         return 1.0 + 2.0 * max(0.0, excess)
 
+    def _sessions(self, prior: PeerPrior | None) -> tuple[float, float] | None:
+        """(share of this user's calls that start a session, calls that share is known
+        from), leaning on their peers' for their first ``volume_peer_burst_requests``
+        calls, with one start added (a share of 0 is not known, and would make any
+        session a certainty); None before any call was learned."""
+        own = self.session_share
+        pooled = getattr(prior, "sessions", None) if prior is not None else None
+        peers = pooled is not None and pooled.weight > 0
+        peer_w = self.settings.volume_peer_burst_requests if peers else 0.0
+        known = own.weight + peer_w
+        if known <= 0:
+            return None
+        starts = own.total + (peer_w * pooled.get() if pooled is not None else 0.0)
+        return (starts + 1.0) / (known + 1.0), known + 1.0
+
     def _current(self, t: float, expected: list[tuple[float, float]], context: float) -> bool:
         """Whether the excess is still going on: the last minute is ``volume_min_ratio``
         above normal (a busy scope), or the last three calls came that much faster than
@@ -575,6 +607,13 @@ class RateDetector:
             else 0.0
             for count, mu in zip(self.counts, self.mu, strict=True)
         ]
+        started = not self.recent or t - self.recent[-1] > self.settings.volume_session_gap_seconds
+        if self.is_user:
+            starts = self.session_starts
+            if started:
+                starts.append(t)
+            while starts and starts[0] <= t - self.windows[-1]:
+                starts.popleft()
         self._add(t, cost_nanos)
         verdict, best_p = None, 1.0
         if self.warm(t, prior):
@@ -584,11 +623,15 @@ class RateDetector:
             # Burstiness is sampled once per slot (a busy scope has many calls per slot),
             # and always when the call looked unusual.
             self.learned_slot = slot
-            self._dispersion_episode(t, spread, best_p, prior)
+            self._dispersion_episode(t, (spread, started), best_p, prior)
         return verdict
 
     def _dispersion_episode(
-        self, t: float, spread: list[float], p: float, prior: PeerPrior | None
+        self,
+        t: float,
+        spread: tuple[list[float], bool] | list[float],
+        p: float,
+        prior: PeerPrior | None,
     ) -> None:
         """Learn how bursty the scope is, without learning its incidents.
 
@@ -601,19 +644,26 @@ class RateDetector:
         """
         limit = self.settings.volume_burst_seconds
         episode = self.episode  # [start, last unusual call, held calls]
-        if episode is not None and t - episode[1] > self.settings.volume_episode_gap_seconds:
-            self.episode = None
-            if episode[1] - episode[0] <= limit:  # over quickly: one of the scope's bursts
-                for at, values in episode[2]:
-                    self._learn_dispersion(at, values, prior)
-            episode = None
-        waiting = self.waiting
         threshold = (
             self.settings.volume_suspicion_p_user
             if self.is_user
             else self.settings.volume_suspicion_p
         )
         suspicious = self.alarm_since is not None or p < threshold
+        if (
+            episode is not None
+            and t - episode[1] > self.settings.volume_episode_gap_seconds
+            and not (suspicious and t - episode[1] < self.sessions_span)
+        ):
+            # Over, unless this call is unusual for the many separate sessions of a window
+            # that holds the stretch's last unusual call: a slow loop's calls come minutes
+            # apart, and each is unusual with the ones before it (one stretch, not bursts).
+            self.episode = None
+            if episode[1] - episode[0] <= limit:  # over quickly: one of the scope's bursts
+                for at, values in episode[2]:
+                    self._learn_dispersion(at, values, prior)
+            episode = None
+        waiting = self.waiting
         if suspicious and episode is None:
             episode = self.episode = [t, t, list(waiting)]
             waiting.clear()
@@ -630,10 +680,25 @@ class RateDetector:
             at, values = waiting.popleft()
             self._learn_dispersion(at, values, prior)
 
-    def _learn_dispersion(self, t: float, spread: list[float], prior: PeerPrior | None) -> None:
+    def _learn_dispersion(
+        self, t: float, values: tuple[list[float], bool] | list[float], prior: PeerPrior | None
+    ) -> None:
         # A user's own calls are few: their burstiness is remembered as long as their rate.
         memory = max(self.settings.volume_dispersion_memory_seconds, self.tau)
         pooled = self.is_user and prior is not None and len(prior.burst) == len(self.windows)
+        if isinstance(values, tuple):
+            spread, started = values
+            if self.is_user:
+                # Whether the call started a session, learned like its burstiness (never
+                # from a stretch too long to be a burst): the user's, pooled with peers'.
+                self.session_share.add(float(started), t, memory)
+                if pooled:
+                    assert prior is not None
+                    if not hasattr(prior, "sessions"):  # a checkpoint from before sessions
+                        prior.sessions = DecayedMean()
+                    prior.sessions.add(float(started), t, memory)
+        else:  # a call waiting in a checkpoint from before sessions
+            spread = values
         for j, value in enumerate(spread):
             mu = self.mu[j]
             if mu >= _PEARSON_MIN_EXPECTED:
@@ -656,6 +721,14 @@ class RateDetector:
         s = self.settings
         best_p, best_j, best_mu, best_x = 1.0, -1, 0.0, 0
         tested = len(self.windows)
+        sessions = (
+            self._sessions(prior)
+            if self.is_user and self.tau != self.settings.volume_rate_memory_seconds
+            else None
+        )
+        if sessions is not None:
+            tested *= 2  # each window is tested in calls and in sessions (Bonferroni)
+        session_note, self.sessions_span = "", 0.0
         settled = self._settled(t)
         for j, w in enumerate(self.windows):
             rate, shape = expected[j]
@@ -676,6 +749,7 @@ class RateDetector:
                 if before >= enough:
                     break  # the shorter window already expects enough calls to judge
             x = self.counts[j]
+            aside = False
             if settled is not None:
                 # Calls of an alarm of this scope that is over were judged (and paged) then;
                 # the window is judged on the rest of its span.
@@ -685,14 +759,36 @@ class RateDetector:
                         continue
                     x -= calls
                     mu *= (w - seconds) / w
-            if x < s.volume_min_count or x < s.volume_min_ratio * mu:
-                continue
-            if j > 0 and not self._current(t, expected, context):
-                continue  # the excess is not current: its recent part is back to normal
-            dispersion = self.dispersion(j, mu, prior) + (mu / shape if shape > 0 else 0.0)
-            p = upper_tail(x, mu, dispersion) * tested
+                    aside = True
+            p, note = 1.0, ""
+            if x >= s.volume_min_count and x >= s.volume_min_ratio * mu:
+                if j > 0 and not self._current(t, expected, context):
+                    continue  # the excess is not current: its recent part is back to normal
+                dispersion = self.dispersion(j, mu, prior) + (mu / shape if shape > 0 else 0.0)
+                p = upper_tail(x, mu, dispersion) * tested
+            if sessions is not None and not aside and 0 < mu < _PEARSON_MIN_EXPECTED:
+                # The same window counted in sessions: a quiet user's count of calls is
+                # judged with their sessions' clumping (variance/mean ~6 for sessions of 3
+                # to 8), but a loop whose calls come minutes apart is many sessions.
+                share, known = sessions
+                starts = len(self.session_starts) - bisect.bisect_right(self.session_starts, t - w)
+                mu_s = share * mu
+                if (
+                    starts >= s.volume_min_count
+                    and starts >= s.volume_min_ratio * mu_s
+                    and (j == 0 or self._current(t, expected, context))
+                ):
+                    # Gamma-Poisson: the rate's uncertainty (1 / shape) and the share's
+                    # (binomial, over the calls it is known from) widen the tail.
+                    spread = (1.0 / shape if shape > 0 else 0.0) + (1.0 - share) / (share * known)
+                    p_s = upper_tail(starts, mu_s, 1.0 + mu_s * spread) * tested
+                    if p_s < p:
+                        p = p_s
+                        note = f", {starts} separate sessions where {mu_s:.2f} were expected"
             if p < best_p:
                 best_p, best_j, best_mu, best_x = p, j, mu, x
+                session_note = note
+                self.sessions_span = float(w) if note else 0.0
         anomalous = best_j >= 0 and best_p < self.p_value
         note = ""
         if anomalous:
@@ -719,7 +815,7 @@ class RateDetector:
         x = best_x
         per_minute = 60.0 / w
         if anomalous and not note:
-            note = f"p < 1e-{int(surprise(best_p))} over the last {_span(w)}"
+            note = f"p < 1e-{int(surprise(best_p))} over the last {_span(w)}{session_note}"
             if context > 1.05:
                 note += f", expected scaled by {context:.2f} for a surge of all traffic"
         return Verdict(

@@ -132,6 +132,54 @@ def test_users_who_come_in_sessions_are_not_flagged_for_their_sessions() -> None
     assert sum(v is not None and v.is_anomaly for v in late) <= 1
 
 
+def _session_caller(rng: random.Random, days: int) -> tuple[RateDetector, float]:
+    """A user who calls in sessions of 3 to 8 calls 10 to 20 s apart, about 4 a day."""
+    user = RateDetector("user:sessions", SETTINGS, "user")
+    t = 0.0
+    while True:
+        t += rng.expovariate(4 / 86400)
+        if t >= days * 86400:
+            return user, t
+        session = [t + i * rng.uniform(10, 20) for i in range(rng.randint(3, 8))]
+        feed(user, session)  # (a user without peers: their first sessions may alarm)
+        t = session[-1]
+
+
+def test_a_session_callers_slow_loop_is_counted_in_sessions() -> None:
+    """A loop of one call every 2 minutes of a user who calls in sessions of 3 to 8: in
+    15 minutes about two of their sessions' worth of calls (variance/mean ~6, p ~1e-3),
+    but 5 to 7 separate sessions where 0.05 are expected. Before: never flagged."""
+    rng = random.Random(8)
+    user, end = _session_caller(rng, 3)
+    start = end + 3600
+    loop = poisson_times(rng, start, start + 2400, 0.5)
+    flagged = [t for t, v in zip(loop, feed(user, loop), strict=True) if v and v.is_anomaly]
+    assert flagged and flagged[0] - start <= 2400, flagged[:1]  # while it goes on
+    verdict = user.observe(at(start + 2400))
+    assert verdict is not None and "separate sessions" in verdict.note
+
+
+def test_unusual_calls_minutes_apart_counted_in_sessions_are_one_stretch() -> None:
+    """A slow loop's calls come minutes apart, past ``volume_episode_gap_seconds``: when
+    each is unusual for the separate sessions of a window holding the one before, they
+    are one stretch, too long to be a burst, and teach nothing; unusual calls whose
+    evidence is not their sessions (a session's calls, counted) stay one-call stretches
+    learned as the user's bursts, as before."""
+    started = ([0.0] * len(SETTINGS.volume_windows_seconds), True)
+
+    def learned(span: float) -> float:
+        user = RateDetector("user:x", SETTINGS, "user")
+        for i in range(6):  # unusual calls 150 s apart
+            user.sessions_span = span  # as the judgement of each call sets it
+            user._dispersion_episode(1000.0 + 150 * i, started, 1e-6, None)
+        user.sessions_span = 0.0
+        user._dispersion_episode(1000.0 + 4 * 3600, started, 1.0, None)  # hours later
+        return user.session_share.weight
+
+    assert learned(900.0) == 0.0  # the 15-minute window's sessions: one stretch of 750 s
+    assert learned(0.0) == pytest.approx(6.0, rel=0.01)  # six one-call stretches, learned
+
+
 def test_a_global_drop_is_flagged_on_the_minute_tick() -> None:
     rng = random.Random(6)
     detector = RateDetector("global", SETTINGS, "global")
