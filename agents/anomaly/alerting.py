@@ -39,6 +39,7 @@ from agents.anomaly.core import (
     amount,
     is_user_scope,
     money_per_hour,
+    span_text,
 )
 from app.anomaly_config import DetectorSettings
 from app.metering.usage import event_time, new_id
@@ -291,7 +292,7 @@ class AlertManager:
         else:
             # The same metric, unit and window as the firing record; the latest value of it.
             if span:  # a request rate, counted when it resolved
-                latest = f"{_value_text(verdict)} in the {_span(span)} before {ts:%H:%M:%S} UTC"
+                latest = f"{_value_text(verdict)} in the {span_text(span)} before {ts:%H:%M:%S} UTC"
             elif verdict.is_anomaly or not _same_measure(verdict, peak):
                 latest = "nothing anomalous since"  # no normal measurement came after it
             else:
@@ -383,10 +384,6 @@ def _value_text(verdict: Verdict) -> str:
         f"{amount(verdict.observed, verdict.unit)} vs "
         f"{amount(verdict.expected or 0.0, verdict.unit)}{unit} expected"
     )
-
-
-def _span(seconds: int) -> str:
-    return f"{seconds // 60} min" if seconds >= 120 and seconds % 60 == 0 else f"{seconds} s"
 
 
 def _duration(delta: timedelta) -> str:

@@ -418,3 +418,8 @@ __all__ = [
     "surprise",
     "upper_tail",
 ]
+
+
+def span_text(seconds: int) -> str:
+    """A window's length as a message says it: "15 min", "60 s"."""
+    return f"{seconds // 60} min" if seconds >= 120 and seconds % 60 == 0 else f"{seconds} s"

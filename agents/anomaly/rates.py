@@ -45,6 +45,7 @@ from agents.anomaly.core import (
     Point,
     Verdict,
     lower_tail,
+    span_text,
     surprise,
     upper_tail,
 )
@@ -815,7 +816,7 @@ class RateDetector:
         x = best_x
         per_minute = 60.0 / w
         if anomalous and not note:
-            note = f"p < 1e-{int(surprise(best_p))} over the last {_span(w)}{session_note}"
+            note = f"p < 1e-{int(surprise(best_p))} over the last {span_text(w)}{session_note}"
             if context > 1.05:
                 note += f", expected scaled by {context:.2f} for a surge of all traffic"
         return Verdict(
@@ -912,7 +913,7 @@ class RateDetector:
             unit="requests/min",
             metric="requests/min",
             window_seconds=w,
-            note=f"p < 1e-{int(surprise(best_p))} over the last {_span(w)}",
+            note=f"p < 1e-{int(surprise(best_p))} over the last {span_text(w)}",
             impact_usd_per_hour=(x - mu) / w * 3600.0 * cost_per_request_usd,
         )
 
@@ -953,10 +954,6 @@ class RateDetector:
 
 def _slot_index(entry: list[float]) -> float:
     return entry[0]
-
-
-def _span(seconds: int) -> str:
-    return f"{seconds // 60} min" if seconds >= 120 and seconds % 60 == 0 else f"{seconds} s"
 
 
 def epoch_datetime(t: float) -> datetime:
