@@ -56,6 +56,8 @@ SEASON_BIN_SECONDS = 300  # the same time on previous days, in 5-minute bins
 _BINS_A_DAY = 86400 // SEASON_BIN_SECONDS
 _INF = math.inf
 _PEARSON_MIN_EXPECTED = 5.0  # below this, burstiness is measured by neighbours, not squares
+# a call's spread in each window, and whether it started a user's session
+Spread = tuple[list[float], bool]
 
 
 @dataclass
@@ -73,6 +75,10 @@ class PeerPrior:
     @property
     def ready(self) -> bool:
         return self.alpha > 0 and self.beta > 0
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self.__dict__.setdefault("sessions", DecayedMean())  # a checkpoint from before sessions
 
 
 def fit_peer_prior(prior: PeerPrior, rates: list[tuple[float, float]]) -> None:
@@ -165,7 +171,7 @@ class RateDetector:
         self.recent: deque[float] = deque(maxlen=3)  # times of the last calls
         self.episode: list | None = None  # an unusual stretch whose calls are held back
         # calls not yet learned: (time, (spread, whether it started a session))
-        self.waiting: deque[tuple[float, tuple[list[float], bool] | list[float]]] = deque()
+        self.waiting: deque[tuple[float, Spread]] = deque()
         self.expired_slot = -1
         self.exposures = [0.0] * len(self.windows)  # each reference's history, last computed
         self.learned_slot = -1
@@ -197,6 +203,11 @@ class RateDetector:
             self.session_starts = deque()
             self.session_share = DecayedMean()
             self.sessions_span = 0.0
+            # its calls not yet learned hold only their spread: none started a session
+            old: deque[tuple[float, list[float]]] = self.waiting  # type: ignore[assignment]
+            self.waiting = deque((at, (values, False)) for at, values in old)
+            if self.episode is not None:
+                self.episode[2] = [(at, (values, False)) for at, values in self.episode[2]]
 
     def use_settings(self, settings: DetectorSettings) -> None:
         """New thresholds (windows and memories stay as they were built)."""
@@ -526,7 +537,7 @@ class RateDetector:
         calls, with one start added (a share of 0 is not known, and would make any
         session a certainty); None before any call was learned."""
         own = self.session_share
-        pooled = getattr(prior, "sessions", None) if prior is not None else None
+        pooled = prior.sessions if prior is not None else None
         peers = pooled is not None and pooled.weight > 0
         peer_w = self.settings.volume_peer_burst_requests if peers else 0.0
         known = own.weight + peer_w
@@ -608,7 +619,9 @@ class RateDetector:
             else 0.0
             for count, mu in zip(self.counts, self.mu, strict=True)
         ]
-        started = not self.recent or t - self.recent[-1] > self.settings.volume_session_gap_seconds
+        started = self.is_user and (
+            not self.recent or t - self.recent[-1] > self.settings.volume_session_gap_seconds
+        )
         if self.is_user:
             starts = self.session_starts
             if started:
@@ -630,7 +643,7 @@ class RateDetector:
     def _dispersion_episode(
         self,
         t: float,
-        spread: tuple[list[float], bool] | list[float],
+        spread: Spread,
         p: float,
         prior: PeerPrior | None,
     ) -> None:
@@ -681,25 +694,18 @@ class RateDetector:
             at, values = waiting.popleft()
             self._learn_dispersion(at, values, prior)
 
-    def _learn_dispersion(
-        self, t: float, values: tuple[list[float], bool] | list[float], prior: PeerPrior | None
-    ) -> None:
+    def _learn_dispersion(self, t: float, values: Spread, prior: PeerPrior | None) -> None:
         # A user's own calls are few: their burstiness is remembered as long as their rate.
         memory = max(self.settings.volume_dispersion_memory_seconds, self.tau)
         pooled = self.is_user and prior is not None and len(prior.burst) == len(self.windows)
-        if isinstance(values, tuple):
-            spread, started = values
-            if self.is_user:
-                # Whether the call started a session, learned like its burstiness (never
-                # from a stretch too long to be a burst): the user's, pooled with peers'.
-                self.session_share.add(float(started), t, memory)
-                if pooled:
-                    assert prior is not None
-                    if not hasattr(prior, "sessions"):  # a checkpoint from before sessions
-                        prior.sessions = DecayedMean()
-                    prior.sessions.add(float(started), t, memory)
-        else:  # a call waiting in a checkpoint from before sessions
-            spread = values
+        spread, started = values
+        if self.is_user:
+            # Whether the call started a session, learned like its burstiness (never from
+            # a stretch too long to be a burst): the user's, pooled with peers'.
+            self.session_share.add(float(started), t, memory)
+            if pooled:
+                assert prior is not None
+                prior.sessions.add(float(started), t, memory)
         for j, value in enumerate(spread):
             mu = self.mu[j]
             if mu >= _PEARSON_MIN_EXPECTED:

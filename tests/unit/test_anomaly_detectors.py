@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import random
 import re
+from collections import deque
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -595,3 +596,43 @@ def test_one_call_at_this_hour_yesterday_is_no_rhythm_for_a_user_waking_today() 
     assert user.waking(now)
     assert user.seasonal_high(now) == (1 / 300, 1.0)
     assert all(rate < 1 / 600 for rate, _ in user.rates(now)), user.rates(now)
+
+
+def test_a_user_from_a_checkpoint_before_sessions_restores_whole_and_learns_its_waiting_calls() -> (
+    None
+):
+    """A checkpoint written before sessions were counted: the user has no session fields,
+    its waiting calls hold only their spreads, and the feature's peer prior has no pooled
+    session share. Restored, they are brought up to date at once (not where each is
+    read): the waiting calls learn with no session start, and calls go on being judged."""
+    import pickle
+
+    rng = random.Random(41)
+    user = RateDetector("user:old", SETTINGS, "user")
+    feed(user, poisson_times(rng, 0, 1800, 2))
+    assert user.waiting, "calls of the last volume_burst_seconds wait before they teach"
+    old = {
+        name: getattr(user, name)
+        for name in RateDetector.__slots__
+        if name not in ("session_starts", "session_share", "sessions_span")
+    }
+    old["waiting"] = deque((at_, spread) for at_, (spread, _started) in user.waiting)
+    restored = RateDetector.__new__(RateDetector)
+    restored.__setstate__((None, old))
+    assert all(isinstance(values, tuple) for _, values in restored.waiting), restored.waiting
+    assert restored.session_share.weight == 0.0 and not restored.session_starts
+
+    prior = PeerPrior(alpha=2.0, beta=200.0, users=5)
+    prior_state = {k: v for k, v in prior.__dict__.items() if k != "sessions"}
+    old_prior = PeerPrior.__new__(PeerPrior)
+    old_prior.__setstate__(prior_state)
+    assert old_prior.sessions.weight == 0.0
+
+    waited = len(restored.waiting)
+    later = poisson_times(rng, 1800, 3600, 2)
+    for t in later:
+        restored.observe(at(t), rhythm=1.0, prior=old_prior)
+    assert restored.session_share.weight >= waited  # the waiting calls learned, as no starts
+    assert pickle.loads(pickle.dumps(restored)).session_share.weight == pytest.approx(
+        restored.session_share.weight
+    )
