@@ -49,12 +49,10 @@ retries last; a graceful stop drains the queues for ``drain_timeout_s`` first.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import hashlib
 import logging
 import random
-import signal
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -79,7 +77,7 @@ from app.events import clients
 from app.events.codec import EventCodec, build_codec
 from app.events.consumer import EventReader
 from app.events.kafka_retry import retry_while_kafka_down
-from app.http.agent_metrics import FamilyCollector, gauge, metrics_listener
+from app.http.agent_metrics import FamilyCollector, gauge, metrics_listener, stop_on_signals
 from app.retry import (
     AsyncRetrying,
     BeforeSleep,
@@ -828,13 +826,7 @@ async def run_notifier(
         )
     notifier = Notifier(settings, targets, registry=registry)
     stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    handled: list[signal.Signals] = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        # Not available off the main thread or on Windows: Ctrl-C then cancels instead.
-        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            loop.add_signal_handler(sig, stop.set)
-            handled.append(sig)
+    handled = stop_on_signals(stop)
     log.info(
         "notifier started",
         extra={
@@ -863,4 +855,4 @@ async def run_notifier(
             await notifier.run(stop)
     finally:
         for sig in handled:
-            loop.remove_signal_handler(sig)
+            asyncio.get_running_loop().remove_signal_handler(sig)

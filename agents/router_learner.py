@@ -45,15 +45,13 @@ from prometheus_client.core import Metric
 from app.events import clients
 from app.events.codec import EventCodec, EventDecodeError, build_codec
 from app.events.compacted import MAX_STATE_BYTES, latest_value
-from app.events.kafka_retry import retry_while_kafka_down
 from app.http.agent_metrics import (
-    FamilyCollector,
     Following,
     counter,
     gauge,
     labelled_counter,
     labelled_gauge,
-    metrics_listener,
+    run_following,
 )
 from app.routing.model import RouterCheckpointError
 from app.routing.router import Router
@@ -405,22 +403,13 @@ async def run_router_learner(
 ) -> None:
     """Run the learner until ``stop`` is set (or SIGINT/SIGTERM), retrying while Kafka is
     down, and serve its metrics on ``router_learn_metrics_port`` meanwhile."""
-    import signal
-
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
-    registry = registry or CollectorRegistry()
-    following: Following[RouterLearner] = Following(_counters)
-    registry.register(FamilyCollector(lambda: learner_metrics(following)))
-    async with metrics_listener(
-        registry,
-        settings.agents_metrics_host,
-        settings.router_learn_metrics_port,
+    await run_following(
+        lambda: RouterLearner(settings),
+        _counters,
+        learner_metrics,
+        host=settings.agents_metrics_host,
+        port=settings.router_learn_metrics_port,
         name="router learner",
-    ):
-        await retry_while_kafka_down(
-            lambda: following.follow(RouterLearner(settings)).run(stop), "router learner", stop
-        )
+        stop=stop,
+        registry=registry,
+    )

@@ -60,8 +60,7 @@ from app.events import clients
 from app.events.codec import EventCodec, build_codec
 from app.events.compacted import assigned_partitions
 from app.events.consumer import EventReader
-from app.events.kafka_retry import retry_while_kafka_down
-from app.http.agent_metrics import FamilyCollector, Following, counter, gauge, metrics_listener
+from app.http.agent_metrics import Following, counter, gauge, run_following
 from app.pricing.catalog import PriceCatalog
 from app.settings import Settings
 
@@ -570,19 +569,13 @@ async def run_anomaly_agent(
 ) -> None:
     """Run the agent until ``stop`` is set (or SIGINT/SIGTERM), retrying while Kafka is down,
     and serve its metrics on ``anomaly_metrics_port`` meanwhile."""
-    import signal
-
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
-    registry = registry or CollectorRegistry()
-    following: Following[AnomalyAgent] = Following(_counters)
-    registry.register(FamilyCollector(lambda: agent_metrics(following)))
-    async with metrics_listener(
-        registry, settings.agents_metrics_host, settings.anomaly_metrics_port, name="anomaly agent"
-    ):
-        await retry_while_kafka_down(
-            lambda: following.follow(AnomalyAgent(settings)).run(stop), "anomaly agent", stop
-        )
+    await run_following(
+        lambda: AnomalyAgent(settings),
+        _counters,
+        agent_metrics,
+        host=settings.agents_metrics_host,
+        port=settings.anomaly_metrics_port,
+        name="anomaly agent",
+        stop=stop,
+        registry=registry,
+    )

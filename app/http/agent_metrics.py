@@ -16,16 +16,19 @@ rebuilds (the previous object's totals are carried over).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
-from typing import Generic, TypeVar
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from typing import Generic, Protocol, TypeVar
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from app.events.kafka_retry import retry_while_kafka_down
 from app.http.runner import JsonErrorsRunner, quiet_unparsable_requests
 
 log = logging.getLogger(__name__)
@@ -98,6 +101,48 @@ class Following(Generic[T]):
     def total(self, name: str) -> float:
         now = self._counters(self.current).get(name, 0.0) if self.current is not None else 0.0
         return self._carried.get(name, 0.0) + now
+
+
+def stop_on_signals(stop: asyncio.Event) -> list[signal.Signals]:
+    """Set ``stop`` on SIGINT and SIGTERM; returns the signals handled (none off the main
+    thread or on Windows, where Ctrl-C cancels instead)."""
+    loop = asyncio.get_running_loop()
+    handled: list[signal.Signals] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, stop.set)
+            handled.append(sig)
+    return handled
+
+
+class _Runs(Protocol):
+    def run(self, stop: asyncio.Event) -> Awaitable[None]: ...
+
+
+R = TypeVar("R", bound=_Runs)
+
+
+async def run_following(
+    make: Callable[[], R],
+    counters: Callable[[R], dict[str, float]],
+    families: Callable[[Following[R]], Iterable[Metric]],
+    *,
+    host: str,
+    port: int,
+    name: str,
+    stop: asyncio.Event | None = None,
+    registry: CollectorRegistry | None = None,
+) -> None:
+    """Run an agent process: ``make()`` a fresh agent and run it until ``stop`` is set (or
+    SIGINT/SIGTERM), again after each time Kafka was down, serving ``families`` of the
+    agents followed so far on ``host:port`` meanwhile."""
+    stop = stop or asyncio.Event()
+    stop_on_signals(stop)
+    registry = registry or CollectorRegistry()
+    following: Following[R] = Following(counters)
+    registry.register(FamilyCollector(lambda: families(following)))
+    async with metrics_listener(registry, host, port, name=name):
+        await retry_while_kafka_down(lambda: following.follow(make()).run(stop), name, stop)
 
 
 class FamilyCollector(Collector):
