@@ -131,6 +131,14 @@ class DetectorSettings:
     global scope's alert, not every user's)."""
     volume_context_max: float = 3.0
     """... by at most this factor."""
+    volume_busy_user_rest_level: bool = True
+    """A busy user's over-dispersion is learned around their expected count scaled by the
+    rest of the traffic's level in the same window (its count over its expected count,
+    within ``volume_context_max`` either way, where the rest expects
+    ``volume_context_min_requests`` a minute): users of one product rise and fall together,
+    and that shared variation is not the user's own. Their test scales the expectation by
+    that level upwards only (the one user still calling when everyone else slows down is
+    no spike)."""
     volume_adapt_after_minutes: int = 180
     """A level anomalous this long is learned as the new normal."""
     volume_drop_scope_kinds: tuple[str, ...] = ("global",)

@@ -31,6 +31,7 @@ scope         cost/request         request rate  rate drops   tier mix
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import pickle
@@ -323,6 +324,7 @@ class AnomalyEngine:
                     prior=(feature or glob).prior,
                     rhythm=rhythm,
                     context=self._context(user, t),
+                    levels=functools.partial(self._rest_levels, user),
                     cost_per_request_usd=self._cpr(feature or glob),
                     cost_nanos=cost_nanos,
                 )
@@ -452,6 +454,27 @@ class AnomalyEngine:
             return 1.0
         rest = glob.counts[0] - state.rate.counts[0]
         return min(self.settings.volume_context_max, max(1.0, rest / rest_expected))
+
+    def _rest_levels(self, state: ScopeState) -> list[float] | None:
+        """Per window: the rest of the traffic's count (global minus this scope) over its
+        expected count, within ``volume_context_max`` both ways (1 where the rest expects
+        fewer than ``volume_context_min_requests`` a minute); None when not used. Asked by
+        the scope's rate detector during its ``observe`` (its windows then end at this call,
+        which it has not counted yet), and only for a busy user."""
+        s = self.settings
+        if not s.volume_busy_user_rest_level:
+            return None
+        glob, own = self.global_scope.rate, state.rate
+        top = s.volume_context_max
+        out = []
+        for j, w in enumerate(glob.windows):
+            rest_expected = glob.mu[j] - own.mu[j]
+            if rest_expected < s.volume_context_min_requests * w / 60:
+                out.append(1.0)
+                continue
+            rest = glob.counts[j] - own.counts[j] - 1  # the global count holds this call
+            out.append(min(top, max(1.0 / top, rest / rest_expected)))
+        return out
 
     def _cpr(self, state: ScopeState) -> float:
         """Mean cost of a request of this scope, USD (for the money at stake)."""

@@ -36,6 +36,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -585,10 +586,14 @@ class RateDetector:
         prior: PeerPrior | None = None,
         rhythm: float = 1.0,
         context: float = 1.0,
+        levels: Callable[[], list[float] | None] | None = None,
         cost_per_request_usd: float = 0.0,
         cost_nanos: float = 0.0,
     ) -> Verdict | None:
         """Count one call at ``ts`` (costing ``cost_nanos``) and judge the windows ending there.
+        ``levels``: gives, per window, the rest of the traffic's count over its expected
+        count (asked only for a busy user, whose expectation follows it instead of
+        ``context``, a surge of the rest in the last minute; ``volume_busy_user_rest_level``).
 
         Returns an anomalous verdict, or (while an alarm is open) a normal one saying the
         current value, else None.
@@ -609,6 +614,21 @@ class RateDetector:
         self.expire(t)
         expected = self.rates(t, prior, rhythm)
         self.mu = [rate * w for (rate, _), w in zip(expected, self.windows, strict=True)]
+        busy = self.is_user and self.tau == self.settings.volume_rate_memory_seconds
+        rest = levels() if busy and levels is not None else None
+        if rest is None:
+            scales = [context] * len(self.windows)
+            judged = self.mu
+        else:
+            # A busy user's count given everyone's in the same window: users of one product
+            # rise and fall together (the Azure trace's minutes: a busy user's 5 minutes vary
+            # 3.8 times as much as Poisson around their own rate, 1.2 times given the rest's
+            # count), and that shared variation is not the user's over-dispersion: it is
+            # learned around the expectation scaled both ways. The test scales it up only
+            # (a lull of everyone, or the end of everyone's working day, is no spike of the
+            # one user still calling; unscaled, the test is the more lenient).
+            scales = [max(1.0, level) for level in rest]
+            judged = [mu * level for mu, level in zip(self.mu, rest, strict=True)]
         # How this call sits among its neighbours: squared errors where many calls are
         # expected, the calls just before it (their excess over expected) where few are.
         spread = [
@@ -617,7 +637,7 @@ class RateDetector:
             else min(count - mu, 10.0)
             if mu > 0
             else 0.0
-            for count, mu in zip(self.counts, self.mu, strict=True)
+            for count, mu in zip(self.counts, judged, strict=True)
         ]
         started = self.is_user and (
             not self.recent or t - self.recent[-1] > self.settings.volume_session_gap_seconds
@@ -631,7 +651,7 @@ class RateDetector:
         self._add(t, cost_nanos)
         verdict, best_p = None, 1.0
         if self.warm(t, prior):
-            verdict, best_p = self._judge(ts, t, expected, prior, context, cost_per_request_usd)
+            verdict, best_p = self._judge(ts, t, expected, prior, scales, cost_per_request_usd)
         slot = int(t // SLOT_SECONDS)
         fresh = slot != self.learned_slot
         if fresh or best_p < 1.0:
@@ -736,9 +756,11 @@ class RateDetector:
         t: float,
         expected: list[tuple[float, float]],
         prior: PeerPrior | None,
-        context: float,
+        scales: list[float],
         cost_per_request_usd: float,
     ) -> tuple[Verdict | None, float]:
+        """``scales``: per window, how far the expectation is scaled by the rest of the
+        traffic (``context`` for every window, or a busy user's ``levels``)."""
         s = self.settings
         best_p, best_j, best_mu, best_x = 1.0, -1, 0.0, 0
         tested = len(self.windows)
@@ -755,10 +777,10 @@ class RateDetector:
             rate, shape = expected[j]
             if shape <= 0 or (not self._knows(j, t, prior) and j > 0):
                 continue
-            mu = rate * w * context
+            mu = rate * w * scales[j]
             if j > 0:
                 wide = w > s.volume_ramp_window_seconds
-                before = expected[j - 1][0] * self.windows[j - 1] * context
+                before = expected[j - 1][0] * self.windows[j - 1] * scales[j - 1]
                 if wide:
                     # Enough *evidence*, not enough calls: a bursty scope's count (sessions
                     # of 3 to 8 calls) holds about mu / D independent events.
@@ -783,7 +805,7 @@ class RateDetector:
                     aside = True
             p, note = 1.0, ""
             if x >= s.volume_min_count and x >= s.volume_min_ratio * mu:
-                if j > 0 and not self._current(t, expected, context):
+                if j > 0 and not self._current(t, expected, scales[0]):
                     continue  # the excess is not current: its recent part is back to normal
                 dispersion = self.dispersion(j, mu, prior) + (mu / shape if shape > 0 else 0.0)
                 p = upper_tail(x, mu, dispersion) * tested
@@ -797,7 +819,7 @@ class RateDetector:
                 if (
                     starts >= s.volume_min_count
                     and starts >= s.volume_min_ratio * mu_s
-                    and (j == 0 or self._current(t, expected, context))
+                    and (j == 0 or self._current(t, expected, scales[0]))
                 ):
                     # Gamma-Poisson: the rate's uncertainty (1 / shape) and the share's
                     # (binomial, over the calls it is known from) widen the tail.
@@ -828,7 +850,7 @@ class RateDetector:
                 self._close_alarm()
                 return None, best_p
             j = self.alarm_window
-            best_j, best_mu = j, expected[j][0] * self.windows[j] * context
+            best_j, best_mu = j, expected[j][0] * self.windows[j] * scales[j]
             best_x = self.counts[j]
         else:
             return None, best_p
@@ -837,8 +859,9 @@ class RateDetector:
         per_minute = 60.0 / w
         if anomalous and not note:
             note = f"p < 1e-{int(surprise(best_p))} over the last {span_text(w)}{session_note}"
-            if context > 1.05:
-                note += f", expected scaled by {context:.2f} for a surge of all traffic"
+            scale = scales[best_j]
+            if scale > 1.05:
+                note += f", expected scaled by {scale:.2f} for a surge of all traffic"
         return Verdict(
             kind="volume_spike",
             scope=self.scope,

@@ -1,0 +1,94 @@
+"""A busy user whose traffic rises and falls with everyone's (the Azure trace's minutes).
+
+Users of one product share its moment-to-moment level: the bench's Azure world deals one
+trace's calls to 200 users, so a busy user's 5 minutes vary with the trace's (variance/mean
+3.8 around their own recent rate), while given the rest of the traffic in the same 5
+minutes they are nearly Poisson (1.2). Judged against their own rate alone, that shared
+variation is learned as the user's over-dispersion, and a 5x loop of a user at 5.7 calls a
+minute paged after 244 s (the Poisson floor: 60 s)."""
+
+from __future__ import annotations
+
+import math
+import random
+from datetime import datetime, timedelta
+from typing import Any
+
+from agents.anomaly.engine import AnomalyEngine
+from tests.anomaly_traffic import T0, Caller, Feature, World, merged, pages, run, zipf_callers
+
+APP = Feature("app", economy_share=0.7, sigma=0.6)
+LEVEL_SECONDS = 120  # the shared level holds for 2 minutes, then moves
+
+
+def shared_level(seed: int, hours: float) -> list[float]:
+    """Everyone's rate multiplier per 2 minutes: a log-normal walk around 1 (sd 0.5)."""
+    rng = random.Random(seed)
+    out, log_level = [], 0.0
+    for _ in range(int(hours * 3600 / LEVEL_SECONDS) + 1):
+        log_level = 0.6 * log_level + rng.gauss(0, 0.4)
+        out.append(math.exp(log_level - 0.125))
+    return out
+
+
+def calls(
+    rng: random.Random,
+    world: World,
+    caller: Caller,
+    start: datetime,
+    end: datetime,
+    level: list[float] | None,
+) -> list[dict[str, Any]]:
+    """Poisson calls at ``caller.per_minute`` times the shared level (None: steady)."""
+    out, ts = [], start
+    peak = caller.per_minute * (max(level) if level else 1.0) / 60
+    while True:
+        ts += timedelta(seconds=rng.expovariate(peak))
+        if ts >= end:
+            return out
+        scale = 1.0 if level is None else level[int((ts - T0).total_seconds() // LEVEL_SECONDS)]
+        if rng.random() * peak < caller.per_minute * scale / 60:
+            out.append(world.call(rng, ts, caller))
+
+
+def test_a_busy_users_loop_is_judged_given_everyones_level_in_the_same_minutes() -> None:
+    hours = 8.0
+    level = shared_level(5, hours)
+    end = T0 + timedelta(hours=hours)
+    callers = zipf_callers([APP], users=40, total_per_minute=60, prefix="u")
+    busy = Caller("busy", APP, 6.0)
+    world = World(seed=5, callers=[*callers, busy])
+    rng = random.Random(5)
+    streams = [calls(rng, world, c, T0, end, level) for c in [*callers, busy]]
+    start = T0 + timedelta(hours=7, seconds=17)
+    loop = calls(rng, world, Caller("busy", APP, 24.0), start, end, None)  # 5x: 24 more a minute
+    alerts = run(AnomalyEngine(), merged(*streams, loop))
+
+    hits = [a for a in pages(alerts) if a["kind"] == "volume_spike" and a["scope"] == "user:busy"]
+    assert [a["message"] for a in hits if a["_at"] < start] == []
+    assert hits, "the loop never paged"
+    delay = (hits[0]["_at"] - start).total_seconds()
+    assert delay <= 120, f"paged after {delay:.0f} s: {hits[0]['message']}"
+
+
+def test_a_busy_user_still_calling_when_everyone_else_slows_down_does_not_page() -> None:
+    """The other side: the rest of the traffic falls to a quarter (the end of everyone's
+    working day, an outage elsewhere) while one busy user keeps calling as before. Given
+    everyone's level the user is 4x; but a lull of everyone is not that user's spike, so
+    the test scales the expectation up with the rest's level, never down."""
+    hours = 8.0
+    level = shared_level(6, hours)
+    end = T0 + timedelta(hours=hours)
+    stop = T0 + timedelta(hours=7, seconds=17)
+    callers = zipf_callers([APP], users=40, total_per_minute=60, prefix="u")
+    busy = Caller("busy", APP, 6.0)
+    world = World(seed=6, callers=[*callers, busy])
+    rng = random.Random(6)
+    quiet = [1.0 if i * LEVEL_SECONDS < 7 * 3600 else 0.25 for i in range(len(level))]
+    rest_level = [a * b for a, b in zip(level, quiet, strict=True)]
+    streams = [calls(rng, world, c, T0, end, rest_level) for c in callers]
+    streams.append(calls(rng, world, busy, T0, end, level))
+    alerts = run(AnomalyEngine(), merged(*streams))
+
+    hits = [a for a in pages(alerts) if a["kind"] == "volume_spike" and a["scope"] == "user:busy"]
+    assert [a["message"] for a in hits] == [], f"the rest slowed down at {stop:%H:%M}"
