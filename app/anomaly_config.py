@@ -435,6 +435,7 @@ class DetectorSettings:
             "series_shift_points",
             "series_clip_spreads",
             "incident_cost_ratio_explains",
+            "volume_context_min_requests",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"DetectorSettings.{name} must be > 0")
@@ -450,6 +451,7 @@ class DetectorSettings:
             "cost_model_min_ratio",
             "cost_drift_min_ratio",
             "cost_jump_ratio",
+            "volume_context_max",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"DetectorSettings.{name}={getattr(self, name)} must be >= 1")

@@ -465,6 +465,10 @@ class AnomalyEngine:
         if not s.volume_busy_user_rest_level:
             return None
         glob, own = self.global_scope.rate, state.rate
+        if own.windows != glob.windows:
+            # Windows stay as a scope was built: after a restore with other windows, a new
+            # user's have no match in the global's (the surge rule alone applies).
+            return None
         top = s.volume_context_max
         out = []
         for j, w in enumerate(glob.windows):

@@ -57,8 +57,9 @@ SEASON_BIN_SECONDS = 300  # the same time on previous days, in 5-minute bins
 _BINS_A_DAY = 86400 // SEASON_BIN_SECONDS
 _INF = math.inf
 _PEARSON_MIN_EXPECTED = 5.0  # below this, burstiness is measured by neighbours, not squares
-# a call's spread in each window, and whether it started a user's session
-Spread = tuple[list[float], bool]
+# a call's spread in each window, whether it started a user's session, and which windows'
+# spreads are squared errors (the others: the excess of the calls just before it)
+Spread = tuple[list[float], bool, tuple[bool, ...]]
 
 
 @dataclass
@@ -204,11 +205,20 @@ class RateDetector:
             self.session_starts = deque()
             self.session_share = DecayedMean()
             self.sessions_span = 0.0
-            # its calls not yet learned hold only their spread: none started a session
-            old: deque[tuple[float, list[float]]] = self.waiting  # type: ignore[assignment]
-            self.waiting = deque((at, (values, False)) for at, values in old)
-            if self.episode is not None:
-                self.episode[2] = [(at, (values, False)) for at, values in self.episode[2]]
+        # Calls not yet learned, from an older checkpoint: a bare spread (before sessions:
+        # no session start), or without which spreads are squared errors (as then, by the
+        # expected counts of now).
+        squared = tuple(mu >= _PEARSON_MIN_EXPECTED for mu in self.mu)
+
+        def upgrade(values: object) -> Spread:
+            if isinstance(values, list):
+                return (values, False, squared)
+            assert isinstance(values, tuple)
+            return values if len(values) == 3 else (values[0], values[1], squared)
+
+        self.waiting = deque((at, upgrade(values)) for at, values in self.waiting)
+        if self.episode is not None:
+            self.episode[2] = [(at, upgrade(values)) for at, values in self.episode[2]]
 
     def use_settings(self, settings: DetectorSettings) -> None:
         """New thresholds (windows and memories stay as they were built)."""
@@ -507,8 +517,19 @@ class RateDetector:
     def dispersion(self, j: int, expected: float, prior: PeerPrior | None) -> float:
         """Variance/mean of window ``j``'s count around ``expected`` (>= 1)."""
         if expected >= _PEARSON_MIN_EXPECTED and self.pearson[j].weight > 0:
+            # Few squared errors lean on what the calls just before each call say (the
+            # window expected under 5 calls until lately: a user near 2.5 calls a minute
+            # has both kinds of samples of their 2 minutes), not on Poisson: squared
+            # errors taken only in the moments the expectation was over 5 held a session
+            # caller's 2-minute window at 1, and its next session paged (session 24).
             p = self.pearson[j]
-            return max(1.0, (p.total + 5.0) / (p.weight + 5.0))
+            lean = self._excess_dispersion(j, prior)
+            return max(1.0, (p.total + 5.0 * lean) / (p.weight + 5.0))
+        return self._excess_dispersion(j, prior)
+
+    def _excess_dispersion(self, j: int, prior: PeerPrior | None) -> float:
+        """Variance/mean of window ``j`` from the calls just before each call (their
+        excess over expected): 1 + 2 x the mean excess (>= 1)."""
         own = self.burst[j]
         if self.is_user:
             # The user's own burstiness, leaning on their peers' (or on none: Poisson)
@@ -631,13 +652,12 @@ class RateDetector:
             judged = [mu * level for mu, level in zip(self.mu, rest, strict=True)]
         # How this call sits among its neighbours: squared errors where many calls are
         # expected, the calls just before it (their excess over expected) where few are.
+        # Which of the two a window's sample is, is kept with it: it is learned up to
+        # ``volume_burst_seconds`` later, when the expectation may have crossed 5 calls.
+        squared = tuple(mu >= _PEARSON_MIN_EXPECTED for mu in judged)
         spread = [
-            min((count - mu) ** 2 / mu, 25.0)
-            if mu >= _PEARSON_MIN_EXPECTED
-            else min(count - mu, 10.0)
-            if mu > 0
-            else 0.0
-            for count, mu in zip(self.counts, judged, strict=True)
+            min((count - mu) ** 2 / mu, 25.0) if sq else min(count - mu, 10.0) if mu > 0 else 0.0
+            for count, mu, sq in zip(self.counts, judged, squared, strict=True)
         ]
         started = self.is_user and (
             not self.recent or t - self.recent[-1] > self.settings.volume_session_gap_seconds
@@ -666,10 +686,9 @@ class RateDetector:
             self.learned_slot = slot
             if not fresh:
                 spread = [
-                    math.nan if mu >= _PEARSON_MIN_EXPECTED else value
-                    for value, mu in zip(spread, self.mu, strict=True)
+                    math.nan if sq else value for value, sq in zip(spread, squared, strict=True)
                 ]
-            self._dispersion_episode(t, (spread, started), best_p, prior)
+            self._dispersion_episode(t, (spread, started, squared), best_p, prior)
         return verdict
 
     def _dispersion_episode(
@@ -730,7 +749,7 @@ class RateDetector:
         # A user's own calls are few: their burstiness is remembered as long as their rate.
         memory = max(self.settings.volume_dispersion_memory_seconds, self.tau)
         pooled = self.is_user and prior is not None and len(prior.burst) == len(self.windows)
-        spread, started = values
+        spread, started, squared = values
         if self.is_user:
             # Whether the call started a session, learned like its burstiness (never from
             # a stretch too long to be a burst): the user's, pooled with peers'.
@@ -741,10 +760,9 @@ class RateDetector:
         for j, value in enumerate(spread):
             if math.isnan(value):
                 continue  # a squared error from a slot already sampled
-            mu = self.mu[j]
-            if mu >= _PEARSON_MIN_EXPECTED:
+            if squared[j]:
                 self.pearson[j].add(value, t, memory)
-            elif mu > 0:
+            elif self.mu[j] > 0:
                 self.burst[j].add(value, t, memory)
                 if pooled:
                     assert prior is not None

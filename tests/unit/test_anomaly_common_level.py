@@ -14,7 +14,9 @@ import random
 from datetime import datetime, timedelta
 from typing import Any
 
+from agents.anomaly.core import DecayedMean
 from agents.anomaly.engine import AnomalyEngine
+from app.anomaly_config import DetectorSettings
 from tests.anomaly_traffic import T0, Caller, Feature, World, merged, pages, run, zipf_callers
 
 APP = Feature("app", economy_share=0.7, sigma=0.6)
@@ -92,3 +94,63 @@ def test_a_busy_user_still_calling_when_everyone_else_slows_down_does_not_page()
 
     hits = [a for a in pages(alerts) if a["kind"] == "volume_spike" and a["scope"] == "user:busy"]
     assert [a["message"] for a in hits] == [], f"the rest slowed down at {stop:%H:%M}"
+
+
+def test_a_busy_users_samples_are_learned_as_what_they_measured(monkeypatch: Any) -> None:
+    """Scaled by the rest's level, a busy user's expected count can cross the 5 calls where
+    a window's burstiness is measured by squared errors instead of the calls just before
+    a call. A sample must be learned as what it measured: a squared error is never negative
+    (review of probe F: 96 of 960 samples of the 2-minute window were excesses learned as
+    squared errors, which held its variance/mean at the floor)."""
+    hours = 7.0
+    level = shared_level(5, hours + 1)
+    end = T0 + timedelta(hours=hours)
+    callers = zipf_callers([APP], users=40, total_per_minute=60, prefix="u")
+    busy = Caller("busy", APP, 3.5)
+    world = World(seed=5, callers=[*callers, busy])
+    rng = random.Random(5)
+    records = merged(*[calls(rng, world, c, T0, end, level) for c in [*callers, busy]])
+
+    engine = AnomalyEngine()
+    learned: list[float] = []
+    original = DecayedMean.add
+
+    def spy(self: DecayedMean, value: float, t: float, tau: float, weight: float = 1.0) -> None:
+        user = engine.users.get("user:busy")
+        if user is not None and any(self is p for p in user.rate.pearson):
+            learned.append(value)
+        original(self, value, t, tau, weight)
+
+    monkeypatch.setattr(DecayedMean, "add", spy)
+    for record in records:
+        engine.observe(record)
+    assert engine.users["user:busy"].rate.tau == engine.settings.volume_rate_memory_seconds
+    assert len(learned) > 500
+    assert [v for v in learned if v < 0] == []
+
+
+def test_a_new_busy_user_after_a_restore_with_other_windows_is_judged() -> None:
+    """Windows stay as a scope was built: after a restore with other
+    ``volume_windows_seconds`` the global scope keeps its old ones and a new user gets the
+    new ones. The rest's level per window then has nothing to match: the user is judged
+    with the surge rule alone, not stopped (review of probe F: every call of a new busy
+    user raised ValueError from zip)."""
+    engine = AnomalyEngine(DetectorSettings.with_options(volume_windows_seconds=(60, 300, 3600)))
+
+    world, rng = World(seed=1, callers=[Caller("u0", APP, 1.0)]), random.Random(1)
+
+    def record(t: float, user: str) -> dict[str, Any]:
+        return world.call(rng, T0 + timedelta(seconds=t), Caller(user, APP, 1.0))
+
+    for i in range(3 * 3600):
+        engine.observe(record(float(i), f"u{i % 30}"))
+    restored = AnomalyEngine.restore(engine.snapshot(), settings=DetectorSettings())
+    assert len(restored.global_scope.rate.windows) == 3
+    t = 3 * 3600.0
+    for k in range(3000):
+        t += 1.0
+        restored.observe(record(t, f"u{k % 30}"))
+        if k % 10 == 0:
+            restored.observe(record(t + 0.5, "newbusy"))
+    rate = restored.users["user:newbusy"].rate
+    assert len(rate.windows) == 5 and rate.tau == restored.settings.volume_rate_memory_seconds

@@ -166,7 +166,8 @@ def test_unusual_calls_minutes_apart_counted_in_sessions_are_one_stretch() -> No
     are one stretch, too long to be a burst, and teach nothing; unusual calls whose
     evidence is not their sessions (a session's calls, counted) stay one-call stretches
     learned as the user's bursts, as before."""
-    started = ([0.0] * len(SETTINGS.volume_windows_seconds), True)
+    n = len(SETTINGS.volume_windows_seconds)
+    started = ([0.0] * n, True, (False,) * n)
 
     def learned(span: float) -> float:
         user = RateDetector("user:x", SETTINGS, "user")
@@ -616,11 +617,17 @@ def test_a_user_from_a_checkpoint_before_sessions_restores_whole_and_learns_its_
         for name in RateDetector.__slots__
         if name not in ("session_starts", "session_share", "sessions_span")
     }
-    old["waiting"] = deque((at_, spread) for at_, (spread, _started) in user.waiting)
+    old["waiting"] = deque((at_, values[0]) for at_, values in user.waiting)
     restored = RateDetector.__new__(RateDetector)
     restored.__setstate__((None, old))
-    assert all(isinstance(values, tuple) for _, values in restored.waiting), restored.waiting
+    assert all(len(values) == 3 for _, values in restored.waiting), restored.waiting
     assert restored.session_share.weight == 0.0 and not restored.session_starts
+    # A checkpoint from after sessions but before each spread kept what it measured
+    session_era = dict(old, waiting=deque((a, v[:2]) for a, v in user.waiting))
+    session_era.update(session_starts=deque(), session_share=user.session_share, sessions_span=0.0)
+    upgraded = RateDetector.__new__(RateDetector)
+    upgraded.__setstate__((None, session_era))
+    assert [v for _, v in upgraded.waiting] == [v for _, v in user.waiting]
 
     prior = PeerPrior(alpha=2.0, beta=200.0, users=5)
     prior_state = {k: v for k, v in prior.__dict__.items() if k != "sessions"}
@@ -636,3 +643,20 @@ def test_a_user_from_a_checkpoint_before_sessions_restores_whole_and_learns_its_
     assert pickle.loads(pickle.dumps(restored)).session_share.weight == pytest.approx(
         restored.session_share.weight
     )
+
+
+def test_a_window_with_few_squared_errors_leans_on_its_neighbour_excess_not_on_poisson() -> None:
+    """A session caller near 2.5 calls a minute has samples of both kinds for their
+    2-minute window (squared errors while it expected 5 calls or more, the calls just
+    before each call otherwise). A handful of squared errors taken in quiet moments must
+    not make the window Poisson while its neighbours say sessions (session 24: such a
+    user's 2-minute window at variance/mean 1.0 paged their next session)."""
+    settings = DetectorSettings()
+    user = RateDetector("user:sessions", settings, "user")
+    user.burst[1].add(2.5, 0.0, 86400.0, weight=200.0)  # variance/mean 6 from neighbours
+    user.pearson[1].add(0.4, 0.0, 86400.0, weight=2.0)  # two squared errors, both small
+    neighbours = user.dispersion(1, 2.0, None)  # under 5 expected: theirs, with no peers
+    assert neighbours > 5.0
+    assert user.dispersion(1, 5.1, None) == pytest.approx((0.8 + 5 * neighbours) / 7)
+    user.pearson[1].add(6.5, 1.0, 86400.0, weight=500.0)  # many squared errors: theirs
+    assert user.dispersion(1, 5.1, None) == pytest.approx(6.5, rel=0.02)

@@ -19,6 +19,19 @@ def test_anomaly_options_are_validated_when_settings_load() -> None:
         Settings(anomaly_options={"cost_min_ratio": "0.5"})
 
 
+def test_the_surge_scale_cannot_divide_by_zero_or_invert() -> None:
+    """The rest of the traffic's level is clamped to [1 / volume_context_max,
+    volume_context_max], and only counted where the rest expects volume_context_min_requests
+    a minute: 0 would divide by zero on every busy user's call, under 1 invert the clamp."""
+    with pytest.raises(ValueError, match="volume_context_max"):
+        DetectorSettings.with_options(volume_context_max=0)
+    with pytest.raises(ValueError, match="volume_context_max"):
+        DetectorSettings.with_options(volume_context_max=0.5)
+    with pytest.raises(ValueError, match="volume_context_min_requests"):
+        DetectorSettings.with_options(volume_context_min_requests=0)
+    assert DetectorSettings.with_options(volume_context_max=1).volume_context_max == 1.0
+
+
 def test_every_threshold_is_documented_in_the_settings_and_in_docs() -> None:
     from dataclasses import fields
     from pathlib import Path
