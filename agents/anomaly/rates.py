@@ -172,7 +172,8 @@ class RateDetector:
         self.alarm_window = 0
         self.recent: deque[float] = deque(maxlen=3)  # times of the last calls
         self.episode: list | None = None  # an unusual stretch whose calls are held back
-        # calls not yet learned: (time, (spread, whether it started a session))
+        # calls not yet learned: (time, Spread: the samples, whether the call started a
+        # session, which samples are squared errors)
         self.waiting: deque[tuple[float, Spread]] = deque()
         self.expired_slot = -1
         self.exposures = [0.0] * len(self.windows)  # each reference's history, last computed
@@ -635,8 +636,7 @@ class RateDetector:
         self.expire(t)
         expected = self.rates(t, prior, rhythm)
         self.mu = [rate * w for (rate, _), w in zip(expected, self.windows, strict=True)]
-        busy = self.is_user and self.tau == self.settings.volume_rate_memory_seconds
-        rest = levels() if busy and levels is not None else None
+        rest = levels() if self.busy_user and levels is not None else None
         if rest is None:
             scales = [context] * len(self.windows)
             judged = self.mu
@@ -694,7 +694,7 @@ class RateDetector:
     def _dispersion_episode(
         self,
         t: float,
-        spread: Spread,
+        sample: Spread,
         p: float,
         prior: PeerPrior | None,
     ) -> None:
@@ -736,11 +736,11 @@ class RateDetector:
             if suspicious:
                 episode[1] = t
             if t - episode[0] <= limit:
-                episode[2].append((t, spread))
+                episode[2].append((t, sample))
             else:
                 episode[2] = []  # too long to be a burst: it will not be learned
         else:
-            waiting.append((t, spread))
+            waiting.append((t, sample))
         while waiting and waiting[0][0] <= t - limit:
             at, values = waiting.popleft()
             self._learn_dispersion(at, values, prior)
@@ -782,11 +782,7 @@ class RateDetector:
         s = self.settings
         best_p, best_j, best_mu, best_x = 1.0, -1, 0.0, 0
         tested = len(self.windows)
-        sessions = (
-            self._sessions(prior)
-            if self.is_user and self.tau != self.settings.volume_rate_memory_seconds
-            else None
-        )
+        sessions = self._sessions(prior) if self.is_user and not self.busy_user else None
         if sessions is not None:
             tested *= 2  # each window is tested in calls and in sessions (Bonferroni)
         session_note, self.sessions_span = "", 0.0
@@ -1007,6 +1003,13 @@ class RateDetector:
         lo = bisect.bisect_left(slots, first, key=_slot_index)
         hi = bisect.bisect_right(slots, last, key=_slot_index)
         return sum(int(slots[k][1]) for k in range(lo, hi))
+
+    @property
+    def busy_user(self) -> bool:
+        """A user who calls like a feature (``volume_busy_user_per_minute``): judged on
+        their own rhythm and half an hour of memory, given the rest's level, and not on
+        sessions; set by ``rates`` at each call."""
+        return self.is_user and self.tau == self.settings.volume_rate_memory_seconds
 
     @property
     def idle_since(self) -> float:
