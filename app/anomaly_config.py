@@ -47,6 +47,18 @@ class DetectorSettings:
     busiest 5 minutes within this long either side (a day starts a little earlier or
     later); a drop against its quietest 5 minutes from 5 minutes before to this long after
     (traffic that usually ends at 17:00 may end at 16:58)."""
+    volume_recurring_days: int = 2
+    """A spike at this time of day on this many of the previous ``volume_seasonal_days``
+    days is the product's rhythm (a nightly batch, a digest at 07:00), not an incident: a
+    scope's windows then also expect as many unusual calls as the least of those days had
+    within ``volume_seasonal_window_seconds`` of now. Unusual means a count that would have
+    paged on the scope's own reference, whether or not it did. Before (session 25), a
+    nightly batch of 300 calls in 5 minutes paged every night, forever: scopes that never
+    fall silent keep half an hour of memory, and an alarmed stretch is never learned. Two
+    days, not one, so that a single incident does not blind that time of day for a week;
+    so the first two nights of a new job page (it is news), the third is quiet. A bigger
+    run than those days, the job at another hour, or an incident at another time still
+    pages. 0: off. A weekly job recurs once in the 7 days looked back on: it pages."""
     volume_user_memory_seconds: float = 86400.0
     """Memory of a user's own rate: a day, so a quiet user's few calls still make a baseline."""
     volume_busy_user_per_minute: float = 2.0
@@ -439,6 +451,11 @@ class DetectorSettings:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"DetectorSettings.{name} must be > 0")
+        if self.volume_seasonal_days and self.volume_recurring_days > self.volume_seasonal_days:
+            raise ValueError(
+                f"DetectorSettings.volume_recurring_days={self.volume_recurring_days} must be at "
+                f"most volume_seasonal_days={self.volume_seasonal_days} (the days looked back on)"
+            )
         if not self.volume_windows_seconds or any(
             w < 5 or w % 5 for w in self.volume_windows_seconds
         ):

@@ -142,6 +142,8 @@ class RateDetector:
         "spends",
         "steps",
         "tau",
+        "unusual_at",
+        "unusual_slots",
         "waiting",
         "windows",
         "woke_at",
@@ -187,6 +189,11 @@ class RateDetector:
         # days (``volume_seasonal_days``).
         self.season: dict[int, float] | None = {} if kind != "user" else None
         self.woke_at: float | None = None  # the first call after a long silence
+        # Calls that would have paged on the scope's own reference, per 5-second slot of the
+        # last days (alarmed or excused as recurring), and the excess per window they excuse
+        # at this time of day (``volume_recurring_days``), cached per minute.
+        self.unusual_slots: dict[int, int] = {}
+        self.unusual_at: tuple[int, list[float] | None] | None = None
         # Users: times of the calls that started a session (``volume_session_gap_seconds``
         # after the previous call) within the longest window, and the share of the user's
         # calls that did.
@@ -202,6 +209,9 @@ class RateDetector:
         if not hasattr(self, "season"):  # a checkpoint from before the previous days
             self.season = {} if self.kind != "user" else None
             self.woke_at = None
+        if not hasattr(self, "unusual_slots"):  # a checkpoint from before recurring days
+            self.unusual_slots = {}
+            self.unusual_at = None
         if not hasattr(self, "session_starts"):  # a checkpoint from before sessions
             self.session_starts = deque()
             self.session_share = DecayedMean()
@@ -671,7 +681,9 @@ class RateDetector:
         self._add(t, cost_nanos)
         verdict, best_p = None, 1.0
         if self.warm(t, prior):
-            verdict, best_p = self._judge(ts, t, expected, prior, scales, cost_per_request_usd)
+            verdict, best_p = self._judge(
+                ts, t, expected, prior, scales, cost_per_request_usd, self._recurring(t)
+            )
         slot = int(t // SLOT_SECONDS)
         fresh = slot != self.learned_slot
         if fresh or best_p < 1.0:
@@ -776,11 +788,16 @@ class RateDetector:
         prior: PeerPrior | None,
         scales: list[float],
         cost_per_request_usd: float,
+        recurring: list[float] | None = None,
     ) -> tuple[Verdict | None, float]:
         """``scales``: per window, how far the expectation is scaled by the rest of the
-        traffic (``context`` for every window, or a busy user's ``levels``)."""
+        traffic (``context`` for every window, or a busy user's ``levels``). ``recurring``:
+        per window, the unusual calls this time of day brought on previous days (added to
+        the expectation). Returns the verdict and the least p-value on the scope's own
+        reference (what makes a call unusual, excused or not)."""
         s = self.settings
         best_p, best_j, best_mu, best_x = 1.0, -1, 0.0, 0
+        own_p, recurring_note = 1.0, ""
         tested = len(self.windows)
         sessions = self._sessions(prior) if self.is_user and not self.busy_user else None
         if sessions is not None:
@@ -842,10 +859,30 @@ class RateDetector:
                     if p_s < p:
                         p = p_s
                         note = f", {starts} separate sessions where {mu_s:.2f} were expected"
+            own_p = min(own_p, p)
+            usual = recurring[j] if recurring is not None else 0.0
+            if usual > 0 and p < 1.0:
+                # What this time of day brought on previous days rides on the expectation
+                # (a nightly batch): only a count beyond it is unusual.
+                mu += usual
+                p, note = 1.0, ""
+                if x >= s.volume_min_count and x >= s.volume_min_ratio * mu:
+                    dispersion = self.dispersion(j, mu - usual, prior) + (
+                        (mu - usual) / shape if shape > 0 else 0.0
+                    )
+                    p = upper_tail(x, mu, dispersion) * tested
             if p < best_p:
                 best_p, best_j, best_mu, best_x = p, j, mu, x
                 session_note = note
                 self.sessions_span = float(w) if note else 0.0
+                recurring_note = (
+                    f", {usual:.0f} of the {mu:.1f} expected usual at this time of day "
+                    f"({s.volume_recurring_days} previous days)"
+                    if usual > 0
+                    else ""
+                )
+        if own_p < self.p_value:
+            self._mark_unusual(t)
         anomalous = best_j >= 0 and best_p < self.p_value
         note = ""
         if anomalous:
@@ -862,17 +899,20 @@ class RateDetector:
         elif self.alarm_since is not None:
             if t - self.last_anomalous > s.resolve_after_seconds:
                 self._close_alarm()
-                return None, best_p
+                return None, own_p
             j = self.alarm_window
             best_j, best_mu = j, expected[j][0] * self.windows[j] * scales[j]
             best_x = self.counts[j]
         else:
-            return None, best_p
+            return None, own_p
         w = self.windows[best_j]
         x = best_x
         per_minute = 60.0 / w
         if anomalous and not note:
-            note = f"p < 1e-{int(surprise(best_p))} over the last {span_text(w)}{session_note}"
+            note = (
+                f"p < 1e-{int(surprise(best_p))} over the last {span_text(w)}{session_note}"
+                f"{recurring_note}"
+            )
             scale = scales[best_j]
             if scale > 1.05:
                 note += f", expected scaled by {scale:.2f} for a surge of all traffic"
@@ -889,7 +929,58 @@ class RateDetector:
             window_seconds=w,
             note=note,
             impact_usd_per_hour=(x - best_mu) / w * 3600.0 * cost_per_request_usd,
-        ), best_p
+        ), own_p
+
+    def _mark_unusual(self, t: float) -> None:
+        slots = self.unusual_slots
+        slot = int(t // SLOT_SECONDS)
+        slots[slot] = slots.get(slot, 0) + 1
+        oldest = slot - (self.settings.volume_seasonal_days + 1) * 86400 // SLOT_SECONDS
+        while slots:
+            first = next(iter(slots))
+            if first >= oldest:
+                break
+            del slots[first]
+
+    def _recurring(self, t: float) -> list[float] | None:
+        """Per window, the unusual calls this time of day brought on previous days: on each
+        of the last ``volume_seasonal_days`` days, the most such calls any stretch of the
+        window's length held within ``volume_seasonal_window_seconds`` of this time; then
+        the ``volume_recurring_days``-th most of those days (0 where fewer days had any).
+        None when there is nothing to excuse. Computed once a minute."""
+        s = self.settings
+        slots = self.unusual_slots
+        k = s.volume_recurring_days
+        if not slots or k <= 0 or s.volume_seasonal_days <= 0:
+            return None
+        minute = int(t // 60)
+        cached = self.unusual_at
+        if cached is not None and cached[0] == minute:
+            return cached[1]
+        reach = s.volume_seasonal_window_seconds
+        marks = sorted(slots.items())
+        times = [slot * SLOT_SECONDS for slot, _ in marks]
+        out: list[float] = []
+        for w in self.windows:
+            days = []
+            for d in range(1, s.volume_seasonal_days + 1):
+                centre = t - d * 86400.0
+                lo = bisect.bisect_left(times, centre - reach - w)
+                hi = bisect.bisect_right(times, centre + reach)
+                best, total, first = 0, 0, lo
+                for i in range(lo, hi):  # the most marked calls within any span of w
+                    total += marks[i][1]
+                    while times[i] - times[first] >= w:
+                        total -= marks[first][1]
+                        first += 1
+                    best = max(best, total)
+                if best > 0:
+                    days.append(best)
+            days.sort(reverse=True)
+            out.append(float(days[k - 1]) if len(days) >= k else 0.0)
+        excess = out if any(out) else None
+        self.unusual_at = (minute, excess)
+        return excess
 
     def _settled(self, t: float) -> list[tuple[int, float]] | None:
         """Per window: (calls, seconds) of it that lie in alarms of this scope that are
