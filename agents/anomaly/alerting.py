@@ -62,7 +62,7 @@ class Incident:
     first_seen: datetime
     last_seen: datetime
     severity: str
-    peak: Verdict  # the most anomalous verdict so far
+    peak: Verdict  # the anomalous verdict with the most money at stake so far (``_peak_key``)
     latest: Verdict  # the latest verdict of the same metric and window, anomalous or not
     anomalous_verdicts: int = 1
     normal_verdicts: int = 0  # of the same measure since the last anomalous one
@@ -104,7 +104,9 @@ class AlertManager:
             incident.held = False
             incident.last_seen = max(incident.last_seen, verdict.ts)
             incident.anomalous_verdicts += 1
-            if verdict.score > incident.peak.score and _same_measure(verdict, incident.peak):
+            if _same_measure(verdict, incident.peak) and _peak_key(verdict) > _peak_key(
+                incident.peak
+            ):
                 incident.peak = verdict
             return []
         if not verdict.is_anomaly:
@@ -364,6 +366,16 @@ class AlertManager:
             "incident_key": "",
             "incident_role": "primary",
         }
+
+
+def _peak_key(verdict: Verdict) -> tuple[float, float]:
+    """What makes a verdict an incident's peak: the money at stake (extra dollars an hour,
+    either way), then how anomalous it is. By score alone, a cost drift that paged at 1.5x
+    ($0.21/hour) resolved 3 hours later at 5x still saying "at its peak $0.21/hour" (its
+    evidence was strongest early), and a 3,000-a-minute burst paged at 1,001 a minute
+    resolved with a "peak" of 346 (the scores had saturated): probe H."""
+    money = verdict.impact_usd_per_hour
+    return (abs(money) if money is not None else -1.0, verdict.score)
 
 
 def _same_measure(a: Verdict, b: Verdict) -> bool:

@@ -385,6 +385,14 @@ class AnomalyEngine:
                 for state in (feature, glob):
                     if state is None or state.mix is None:
                         continue
+                    expected = None
+                    if state is glob and feature is not None:
+                        expected = self._feature_share(feature)
+                        if expected is None:
+                            # The feature's own share is not known yet: its calls say
+                            # nothing of the global share (a feature at 25 % economy is no
+                            # drop of a product at 67 %).
+                            continue
                     if state.tier_log_costs is None:  # a checkpoint from before they were kept
                         state.tier_log_costs = (DecayedMean(), DecayedMean())
                     costs = state.tier_log_costs
@@ -400,6 +408,7 @@ class AnomalyEngine:
                             economy,
                             cost_delta_usd=max(0.0, delta),
                             requests_per_hour=self._rph(state, t),
+                            expected=expected,
                         )
                     )
         records: list[dict[str, Any]] = []
@@ -479,6 +488,16 @@ class AnomalyEngine:
             rest = glob.counts[j] - own.counts[j] - 1  # the global count holds this call
             out.append(min(top, max(1.0 / top, rest / rest_expected)))
         return out
+
+    def _feature_share(self, feature: ScopeState) -> float | None:
+        """The economy share a call of ``feature`` is expected to have, for the global tier
+        mix (None: not known yet). The global share is a mixture of its features':
+        a day whose busy feature changes moves it by tens of points with no routing change
+        (probe H: 3 false pages in 3 days for 300 users)."""
+        mix = feature.mix
+        if mix is None or mix.total < self.settings.mix_warmup_requests:
+            return None
+        return mix.share()
 
     def _cpr(self, state: ScopeState) -> float:
         """Mean cost of a request of this scope, USD (for the money at stake)."""

@@ -37,10 +37,13 @@ class TierMixDetector:
         "at",
         "at_warm",
         "economy",
+        "expected_recent",
         "last_anomalous",
         "pending",
+        "pending_expected",
         "recent",
         "run_economy",
+        "run_expected",
         "run_n",
         "scope",
         "settings",
@@ -62,6 +65,21 @@ class TierMixDetector:
         self.last_anomalous = -math.inf
         self.recent = 0.0  # the share of the last ~33 calls (exponential average)
         self.at_warm = False
+        # What those calls were expected to share (each call's own feature's share, for the
+        # global scope; else the scope's own share), the open run's sum of it, and per call
+        self.expected_recent = 0.0
+        self.run_expected = 0.0
+        self.pending_expected: list[float] = []
+
+    def __setstate__(self, state: tuple[None, dict[str, object]] | dict[str, object]) -> None:
+        slots = state[1] if isinstance(state, tuple) else state
+        for name, value in (slots or {}).items():
+            setattr(self, name, value)
+        if not hasattr(self, "pending_expected"):  # a checkpoint from before (session 25)
+            p0 = min(max(self.share(), 0.01), 0.99)
+            self.expected_recent = p0
+            self.run_expected = p0 * self.run_n
+            self.pending_expected = [p0] * len(self.pending)
 
     def _fade(self, t: float) -> None:
         if self.at is not None and t > self.at:
@@ -90,10 +108,13 @@ class TierMixDetector:
         economy: bool,
         cost_delta_usd: float = 0.0,
         requests_per_hour: float = 0.0,
+        expected: float | None = None,
     ) -> Verdict | None:
         """Judge one call. ``cost_delta_usd``: how much more a non-economy call costs than an
-        economy one in this scope (for the money at stake). Returns an anomalous verdict, a
-        normal one while an alarm is open, or None."""
+        economy one in this scope (for the money at stake). ``expected``: the share this
+        call is expected to have, if not the scope's own (the global scope: the share of
+        the call's feature, so that a day whose busy feature changes is no drop). Returns an
+        anomalous verdict, a normal one while an alarm is open, or None."""
         s = self.settings
         t = ts.timestamp()
         self._fade(t)
@@ -101,43 +122,64 @@ class TierMixDetector:
         if self.total < s.mix_warmup_requests:
             self._learn([flag])
             return None
-        p0 = min(max(self.share(), 0.01), 0.99)
+        own = min(max(self.share(), 0.01), 0.99)
+        p0 = own if expected is None else min(max(expected, 0.01), 0.99)
         if self.at_warm:
             self.recent += 0.03 * (flag - self.recent)
+            if expected is None:
+                self.expected_recent = p0
+            else:
+                self.expected_recent += 0.03 * (p0 - self.expected_recent)
         else:
-            self.recent, self.at_warm = p0, True
+            self.recent = self.expected_recent = own
+            self.at_warm = True
         p1 = max(p0 - s.mix_design_drop, p0 / 4)
         llr = math.log(p1 / p0) if economy else math.log((1 - p1) / (1 - p0))
         self.stat = max(0.0, self.stat + llr)
-        threshold = mix_threshold(s, p0, p1, self.total * 86_400 / s.mix_reference_memory_seconds)
+        threshold = mix_threshold(
+            s,
+            own,
+            max(own - s.mix_design_drop, own / 4),
+            self.total * 86_400 / s.mix_reference_memory_seconds,
+        )
         note = ""
+        gap = self.recent - self.expected_recent  # negative: fewer economy calls than expected
         if self.alarm_since is None:
             if self.stat == 0.0:
                 self._learn([*self.pending, flag])
                 self.pending.clear()
+                self.pending_expected.clear()
                 self.run_n = self.run_economy = 0
+                self.run_expected = 0.0
                 return None
             self.pending.append(flag)
+            self.pending_expected.append(p0)
             self.run_n += 1
             self.run_economy += int(economy)
+            self.run_expected += p0
             run_share = self.run_economy / self.run_n
+            run_expected = self.run_expected / self.run_n
             if (
                 self.stat < threshold
-                or min(run_share, self._later_half_share()) > p0 - s.mix_min_drop
-                or self.recent > p0 - s.mix_min_drop
+                or min(run_share - run_expected, self._later_half_gap()) > -s.mix_min_drop
+                or gap > -s.mix_min_drop
             ):
                 if len(self.pending) > 2000:  # a long mild dip under the gate: learn it
                     self._learn(self.pending[:1000])
                     del self.pending[:1000]
+                    del self.pending_expected[:1000]
                 return None
             self.alarm_since = self.last_anomalous = t
             self.pending.clear()
+            self.pending_expected.clear()
             anomalous = True
             observed = run_share
+            p0 = run_expected
             note = f"share of the {self.run_n} calls since the change"
         else:
             observed = self.recent
-            anomalous = self.recent <= p0 - s.mix_min_drop / 2
+            p0 = self.expected_recent
+            anomalous = gap <= -s.mix_min_drop / 2
             if anomalous:
                 self.last_anomalous = t
                 if t - self.alarm_since >= s.mix_adapt_after_seconds:
@@ -165,21 +207,23 @@ class TierMixDetector:
             impact_usd_per_hour=max(0.0, drop) * requests_per_hour * cost_delta_usd,
         )
 
-    def _later_half_share(self) -> float:
-        """The share of the later half of the run's calls, once that half holds as many
-        calls as the recent average (``_RECENT_CALLS``; else 1: no evidence). A drop still
-        deepening (a drift) is under-stated by the run's share, which lags it by half the
-        run; the later half lags by a quarter."""
+    def _later_half_gap(self) -> float:
+        """The share of the later half of the run's calls less what they were expected to
+        share, once that half holds as many calls as the recent average (``_RECENT_CALLS``;
+        else 1: no evidence). A drop still deepening (a drift) is under-stated by the run's
+        share, which lags it by half the run; the later half lags by a quarter."""
         half = self.run_n // 2
         if half < _RECENT_CALLS or len(self.pending) < half:
             return 1.0
-        return sum(self.pending[-half:]) / half
+        return (sum(self.pending[-half:]) - sum(self.pending_expected[-half:])) / half
 
     def _end_alarm(self) -> None:
         self.alarm_since = None
         self.stat = 0.0
         self.run_n = self.run_economy = 0
+        self.run_expected = 0.0
         self.pending.clear()
+        self.pending_expected.clear()
 
 
 def mix_threshold(settings: DetectorSettings, p0: float, p1: float, calls_per_day: float) -> float:

@@ -127,7 +127,7 @@ def test_a_page_held_for_its_incident_states_the_latest_figures() -> None:
     later = replace(
         verdict(T0 + timedelta(seconds=15), observed=750.0, expected=0.2),
         impact_usd_per_hour=890.0,
-        score=11.0,  # a lower score than the first: the peak stays the first verdict
+        score=11.0,  # a lower score than the first, but more money: the peak
     )
     out: list[dict[str, Any]] = []
     for v in (first, later):
@@ -137,7 +137,37 @@ def test_a_page_held_for_its_incident_states_the_latest_figures() -> None:
     assert page["impact_usd_per_hour"] == 890.0 and page["observed"] == 750.0
     assert "$890" in page["message"] and page["severity"] == "critical", page["message"]
     assert page["ts"] == T0  # when it fired
-    assert page["details"]["peak_observed"] == "26"
+    # the page's peak is never below what the page itself says (probe H: a burst paged at
+    # 1,001 a minute resolved with a "peak" of 346, the first verdict's, by score)
+    assert page["details"]["peak_observed"] == "750"
+
+
+def test_a_growing_incidents_resolve_states_its_largest_money() -> None:
+    """Probe H (D1): a cost drift paged at 1.5x ($0.21/hour), grew to 5x (about $10/hour),
+    and resolved 3 hours later saying "at its peak about $0.21/hour": the peak was the
+    verdict with the highest score, the drift's early evidence."""
+    manager = AlertManager(SETTINGS)
+    steps = [(1.5, 0.21, 14.0), (3.0, 4.1, 9.0), (5.0, 10.25, 7.0), (4.0, 8.0, 6.0)]
+    alerts: list[dict[str, Any]] = []
+    for i, (ratio, money, score) in enumerate(steps):
+        v = Verdict(
+            kind="cost_per_request",
+            scope="feature:codegen",
+            ts=T0 + timedelta(minutes=30 * i),
+            score=score,
+            is_anomaly=True,
+            expected=0.0047,
+            observed=0.0047 * ratio,
+            unit="usd/request",
+            metric="cost per request",
+            window_seconds=None,
+            impact_usd_per_hour=money,
+        )
+        alerts += manager.process(v)
+    alerts += manager.tick(T0 + timedelta(hours=3))
+    [end] = [a for a in alerts if a["status"] == "resolved"]
+    assert end["details"]["peak_impact_usd_per_hour"] == "10.25", end["details"]
+    assert "$10.25/hour" in end["message"] or "$10.2" in end["message"], end["message"]
 
 
 def cost_verdict(at: datetime, anomalous: bool = True) -> Verdict:
