@@ -386,6 +386,15 @@ class DetectorSettings:
     feature they moved to 4x is its cause even when the feature's money estimate is over
     4/3 of theirs (the held-out bench, seed 11); in a drift of a whole feature its users are
     about as far from normal as the feature (1x to 1.5x of its ratio), so it stays the page."""
+    incident_escalate_ratio: float = 10.0
+    """An alert of the page's own scope that joins the incident after its page, with at
+    least this many times the money at stake the page stated, pages as an update of the
+    same incident (``incident_role=primary``, the same ``incident_key``, "escalated:") and
+    becomes its page: a quiet user's loop whose first calls happened to be of a costlier
+    model paged as their cost per request ("$0.0028/hour") and the loop's own alert ("393x,
+    $0.49/hour") 3.5 minutes later reached no paging target (probe H's D8). Below it (a
+    routing regression's cost alert at 3x its tier mix's lagging figure) the alert is
+    related, its message naming the incident's money. 0: never."""
 
     # -- engine and agent ---------------------------------------------------------------
     allowed_lateness_seconds: float = 5.0

@@ -193,8 +193,43 @@ class Correlator:
         group.last_activity = max(group.last_activity, ts)
         self.by_key[alert["alert_key"]] = group
         if group.paged:
-            return [self._mark(self._next_to_page(alert, group), group, "related")]
+            alert = self._next_to_page(alert, group)
+            if self._escalates(alert, group):
+                return self._escalate(alert, group)
+            return [self._mark(alert, group, "related")]
         return []
+
+    def _escalates(self, alert: dict[str, Any], group: Group) -> bool:
+        """Whether ``alert``, joining after the page, pages as its update: of the page's own
+        scope, with at least ``incident_escalate_ratio`` times the money the page stated."""
+        ratio = self.settings.incident_escalate_ratio
+        page = group.members.get(group.primary)
+        if ratio <= 0 or page is None or page is alert or page["scope"] != alert["scope"]:
+            return False
+        mine, stated = alert.get("impact_usd_per_hour"), page.get("impact_usd_per_hour")
+        return mine is not None and stated is not None and abs(mine) >= ratio * abs(stated)
+
+    def _escalate(self, alert: dict[str, Any], group: Group) -> list[dict[str, Any]]:
+        """The alert becomes the incident's page, published as ``primary`` (an update of the
+        same incident: paging targets hear of it); the page before it is a member like any
+        other, and the incident's resolve is the new page's (probe H's D8)."""
+        out: list[dict[str, Any]] = []
+        before = group.primary
+        if group.held_resolve is not None and not group.page_resolved:
+            # the earlier page had resolved, waiting for the others: its resolve is a member's
+            out.append(self._mark(group.held_resolve, group, "related"))
+            group.held_resolve = None
+        group.primary = alert["alert_key"]
+        group.page_members = (group.page_members or frozenset()) | {alert["alert_key"]}
+        group.page_resolved = False
+        others = [k for k in group.members if k != group.primary]
+        escalated = {
+            **alert,
+            "message": f"escalated: {alert['message']}",
+            "details": {**alert["details"], "escalated_from": before},
+        }
+        out.append(self._mark(escalated, group, "primary", others))
+        return out
 
     def _next_to_page(self, alert: dict[str, Any], group: Group) -> dict[str, Any]:
         """A member of the page's scope that joins after the page with more money at stake

@@ -883,7 +883,16 @@ class RateDetector:
                 )
         if own_p < self.p_value:
             self._mark_unusual(t)
-        anomalous = best_j >= 0 and best_p < self.p_value
+        bar = self.p_value
+        if self.alarm_since is not None and self.is_user:
+            # An open alarm of a user goes on while the count stays unusual (under
+            # ``volume_suspicion_p_user``, the bar its calls are held back from learning by),
+            # not only while it stays under the paging p-value: a quiet user's evidence
+            # depends on the feature of the call (its peers' burstiness), and a loop paged
+            # on one call's was resolved "back to normal" at 5.0 vs 0.0 requests/min while it
+            # ran on (probe H's D10: its loop calls stood at p ~ 5e-8, unusual, not 1e-10).
+            bar = max(bar, s.volume_suspicion_p_user)
+        anomalous = best_j >= 0 and best_p < bar
         note = ""
         if anomalous:
             if self.alarm_since is None:

@@ -232,3 +232,55 @@ def test_a_user_far_further_from_normal_than_their_feature_is_the_cost_page() ->
     )
     out += drift.tick(T0 + timedelta(seconds=60))
     assert pages(out) == ["feature:f"]
+
+
+def resolved(kind: str, scope: str, at: float, peak: float) -> dict[str, Any]:
+    return {
+        **alert(kind, scope, at),
+        "status": "resolved",
+        "message": f"resolved: {kind} on {scope}",
+        "details": {"peak_impact_usd_per_hour": f"{peak:.4g}"},
+    }
+
+
+def test_a_later_alert_of_the_page_scope_with_far_more_money_pages_as_an_update() -> None:
+    """Probe H's D8: a quiet user's loop whose first calls were gpt-4o paged as the user's
+    cost per request ("3.3x, $0.0028/hour"); the loop's own volume alert of the same user
+    ("393x, $0.49/hour") joined 3.5 minutes later as related, and no paging target heard of
+    the loop. Now it pages as an update of the same incident and becomes its page: one
+    incident key, one resolve (the new page's, once both resolved) stating the larger money."""
+    c = correlator()
+    out = c.process([alert("cost_per_request", "user:u054", 0, impact=0.0028)], T0)
+    out += c.tick(T0 + timedelta(seconds=30))
+    loop = alert("volume_spike", "user:u054", 240, impact=0.49)
+    out += c.process([loop], T0 + timedelta(seconds=240))
+    firing = [a for a in out if a["status"] == "firing"]
+    assert [(a["kind"], a["incident_role"]) for a in firing] == [
+        ("cost_per_request", "primary"),
+        ("volume_spike", "primary"),
+    ]
+    assert len({a["incident_key"] for a in firing}) == 1
+    update = firing[1]
+    assert update["message"].startswith("escalated: volume_spike on user:u054")
+    assert "$0.0028/hour above expected: this is its money" in update["message"]
+    assert update["details"]["escalated_from"] == "cost_per_request|user:u054"
+    at = T0 + timedelta(seconds=400)
+    end = c.process([resolved("cost_per_request", "user:u054", 400, 0.0028)], at)
+    assert [a["incident_role"] for a in end] == ["related"]
+    at = T0 + timedelta(seconds=900)
+    end = c.process([resolved("volume_spike", "user:u054", 900, 0.49)], at)
+    assert [(a["kind"], a["incident_role"]) for a in end] == [("volume_spike", "primary")]
+    assert end[0]["details"]["incident_peak_impact_usd_per_hour"] == "0.49"
+
+
+def test_a_later_alert_of_the_page_scope_with_somewhat_more_money_stays_related() -> None:
+    """Below ``incident_escalate_ratio`` (a routing regression's cost alert at 3x its tier
+    mix's lagging figure, probe W) the later alert is related, naming the incident's money;
+    and an escalation is of the page's own scope only."""
+    c = correlator()
+    out = c.process([alert("tier_mix", "feature:s", 0, impact=0.31)], T0)
+    out += c.tick(T0 + timedelta(seconds=30))
+    out += c.process([alert("cost_per_request", "feature:s", 200, impact=0.99)], T0)
+    out += c.process([alert("volume_spike", "global", 210, impact=50.0)], T0)
+    assert pages(out) == ["feature:s"]
+    assert "this is its money" in out[-2]["message"]
