@@ -143,6 +143,13 @@ class DetectorSettings:
     global scope's alert, not every user's)."""
     volume_context_max: float = 3.0
     """... by at most this factor."""
+    volume_context_noise_sigmas: float = 1.0
+    """A feature's scale counts the rest's excess over its last minute's expected count
+    shrunk by its own count noise (the global scope's learned variance/mean over that
+    window): an excess within this many standard deviations is none, one of k standard
+    deviations keeps 1 - (this / k)^2 of itself. The rest's count is above its expectation
+    half the time with no surge at all, and that noise delayed features' ramps. 0: the
+    point ratio (as users keep)."""
     volume_busy_user_rest_level: bool = True
     """A busy user's over-dispersion is learned around their expected count scaled by the
     rest of the traffic's level in the same window (its count over its expected count,
@@ -481,6 +488,11 @@ class DetectorSettings:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"DetectorSettings.{name}={getattr(self, name)} must be >= 1")
+        if not 0 <= self.volume_context_noise_sigmas < math.inf:
+            raise ValueError(
+                "DetectorSettings.volume_context_noise_sigmas="
+                f"{self.volume_context_noise_sigmas} must be >= 0 and finite"
+            )
         if not 0 < self.cost_tail_share < self.cost_tail_alt_share < 1:
             raise ValueError(
                 "DetectorSettings.cost_tail_share and cost_tail_alt_share must satisfy "
