@@ -288,6 +288,11 @@ class DetectorSettings:
     steady 70 % economy share, has a 100-call stretch at 49-51 % every day, and 11.5 nats
     paged such dips once in 2 judged days on seeds 11 and 13, twice on seed 17. At that
     volume the threshold is 14.3 nats: a regression takes ~25 % more calls, seconds there."""
+    mix_feature_prior_requests: float = 30.0
+    """The global share is judged call by call against the share of the call's feature; a
+    feature's share counts as this many calls of the global share on top of its own (a new
+    or small feature is expected at about the global share until its own calls say
+    otherwise). 0: a feature's own share from its first call."""
     mix_min_drop: float = 0.2
     """A trigger alerts only when the share since the change is this far below the reference."""
     mix_adapt_after_seconds: int = 6 * 3600

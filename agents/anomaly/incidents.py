@@ -201,13 +201,27 @@ class Correlator:
 
     def _escalates(self, alert: dict[str, Any], group: Group) -> bool:
         """Whether ``alert``, joining after the page, pages as its update: of the page's own
-        scope, with at least ``incident_escalate_ratio`` times the money the page stated."""
+        scope, with money at stake, at least ``incident_escalate_ratio`` times the money the
+        page stated, while the page is not yet resolved (an update after the page's resolve
+        would read as the incident reopening; session 25's review). A page that stated $0
+        escalates for the first alert with money, not for every later one."""
         ratio = self.settings.incident_escalate_ratio
         page = group.members.get(group.primary)
-        if ratio <= 0 or page is None or page is alert or page["scope"] != alert["scope"]:
+        if (
+            ratio <= 0
+            or page is None
+            or page is alert
+            or group.page_resolved
+            or page["scope"] != alert["scope"]
+        ):
             return False
         mine, stated = alert.get("impact_usd_per_hour"), page.get("impact_usd_per_hour")
-        return mine is not None and stated is not None and abs(mine) >= ratio * abs(stated)
+        return (
+            mine is not None
+            and stated is not None
+            and abs(mine) > 0
+            and abs(mine) >= ratio * abs(stated)
+        )
 
     def _escalate(self, alert: dict[str, Any], group: Group) -> list[dict[str, Any]]:
         """The alert becomes the incident's page, published as ``primary`` (an update of the

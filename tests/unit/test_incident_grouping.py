@@ -284,3 +284,35 @@ def test_a_later_alert_of_the_page_scope_with_somewhat_more_money_stays_related(
     out += c.process([alert("volume_spike", "global", 210, impact=50.0)], T0)
     assert pages(out) == ["feature:s"]
     assert "this is its money" in out[-2]["message"]
+
+
+def test_a_page_that_stated_no_money_escalates_once_and_only_for_money() -> None:
+    """Session 25's review: a page stating $0 (an early tier-mix figure, an unpriced scope)
+    escalated on every later alert of its scope, $0 ones too: three primary records."""
+    c = correlator()
+    out = c.process([alert("tier_mix", "feature:s", 0, impact=0.0)], T0)
+    out += c.tick(T0 + timedelta(seconds=30))
+    out += c.process([alert("cost_per_request", "feature:s", 200, impact=0.0)], T0)
+    assert pages(out) == ["feature:s"], [a["incident_role"] for a in out]
+    out += c.process([alert("volume_spike", "feature:s", 260, impact=0.4)], T0)
+    out += c.process([alert("volume_drop", "feature:s", 300, impact=0.5)], T0)
+    primary = [a for a in out if a["status"] == "firing" and a["incident_role"] == "primary"]
+    assert [a["kind"] for a in primary] == ["tier_mix", "volume_spike"]
+
+
+def test_no_escalation_after_the_page_resolved() -> None:
+    """Session 25's review: an escalated primary published after the page's resolve reads as
+    the incident reopening under the same key; it is related instead."""
+    c = Correlator(
+        DetectorSettings(),
+        lambda a, b: a == b or "global" in (a, b) or {a, b} == {"feature:s", "user:u"},
+        lambda narrow, wide, now: False,
+    )
+    at = lambda s: T0 + timedelta(seconds=s)  # noqa: E731
+    out = c.process([alert("tier_mix", "feature:s", 0, impact=0.5)], at(0))
+    out += c.tick(at(30))
+    out += c.process([alert("volume_spike", "user:u", 60, impact=0.1)], at(60))  # trails
+    out += c.process([resolved("tier_mix", "feature:s", 120, 0.5)], at(120))
+    assert any(a["status"] == "resolved" and a["incident_role"] == "primary" for a in out)
+    late = c.process([alert("cost_per_request", "feature:s", 150, impact=6.0)], at(150))
+    assert [a["incident_role"] for a in late] == ["related"], late
