@@ -60,11 +60,9 @@ class TestBroker:
 
 
 def _free_port() -> int:
-    import socket
+    from tests.ports import free_port
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_port()
 
 
 @pytest.fixture(scope="session")

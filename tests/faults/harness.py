@@ -45,16 +45,11 @@ from app.budgets.spend import event_cost
 from app.events.codec import EventCodec
 from app.events.compacted import assigned_partitions
 from app.settings import Settings
+from tests.ports import free_port
 
 TOLLGATE = str(Path(sys.executable).with_name("tollgate"))  # this venv's console script
 MODEL = "gpt-4o-mini"
 USER_POLICY_LIMIT_USD = "1000000"  # a cap on every user, far above any test's spend
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class ComponentDied(AssertionError):

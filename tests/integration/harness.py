@@ -6,7 +6,6 @@ import asyncio
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +27,7 @@ from app.http.server import serve
 from app.metering.usage import new_id
 from app.settings import Settings, UpstreamConfig
 from devtools.simulator import SimulatorConfig, create_app
+from tests.ports import free_port
 
 _EPOCH = datetime(1995, 1, 1, tzinfo=UTC)
 _DAYS = 10_000  # up to 2022-05: clear of the fixed-date fixtures (2024, 2026) and of today
@@ -47,12 +47,6 @@ def private_day(before: int = 1, after: int = 2) -> datetime:
         if all(span[1] <= lo or hi <= span[0] for lo, hi in _taken):
             _taken.append(span)
             return _EPOCH + timedelta(days=start)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class BackgroundLoop:
