@@ -106,6 +106,22 @@ class DetectorSettings:
     a time is judged mostly on their own from their 10th call (probe U: a steady quiet
     user's loop among session callers; the floor of 10 calls, because a quiet session
     caller's first few calls can look steady by chance and then their sessions paged)."""
+    volume_peer_burst_quantile: float = 0.8
+    """Which of their peers a user with few calls of their own is as bursty as: this quantile
+    of the feature's users (each user counted once, those with at least
+    ``volume_peer_burst_requests`` samples of their own), not the burstiness of the
+    feature's calls pooled. A new user is a random *user*, and could be any of them: the
+    tail of a count under that mixture is dominated by its burstiest members (at the tails
+    that page, 1e-10, a session caller's long session is ordinary and a steady caller's
+    impossible), and the pooled mean judged a new user's first long session as if they
+    called like the average call (a variance/mean of about 3 where session callers' is 6 to
+    12). On the first day of ``tests/unit/test_anomaly_first_day.py``'s world (100 users,
+    14 hours, 10 seeds) users paged 29 times before session 26; 13 with the windows' floor
+    alone, 14 with the users' mean, 4 with the 0.8 quantile. A feature with fewer than 3
+    such users takes every feature's users'; fewer than 3 anywhere (a fresh agent's first
+    hour): the pooled calls. The cost: a young user's loop is judged as if they could be a
+    session caller (docs/ANOMALY.md, "The first day"). Lower is more sensitive to a young
+    user's loop and pages more first sessions; 1.0 is the burstiest peer."""
     volume_burst_seconds: float = 300.0
     """An unusual stretch of calls that is over within this long is one of the scope's normal
     bursts (a session, a retry storm) and teaches its burstiness; a longer one (a loop) never
@@ -502,6 +518,11 @@ class DetectorSettings:
             raise ValueError(
                 "DetectorSettings.cost_tail_share and cost_tail_alt_share must satisfy "
                 f"0 < {self.cost_tail_share} < {self.cost_tail_alt_share} < 1"
+            )
+        if self.volume_peer_burst_quantile > 1:
+            raise ValueError(
+                "DetectorSettings.volume_peer_burst_quantile="
+                f"{self.volume_peer_burst_quantile} must be in [0, 1]"
             )
         for name in ("series_level_weight", "series_profile_weight", "series_error_fading"):
             if not 0 < getattr(self, name) <= 1:

@@ -54,7 +54,7 @@ from agents.anomaly.core import (
 from agents.anomaly.costs import CostDetector
 from agents.anomaly.incidents import Correlator, specificity
 from agents.anomaly.mix import TierMixDetector
-from agents.anomaly.rates import PeerPrior, RateDetector, fit_peer_prior
+from agents.anomaly.rates import PeerPrior, RateDetector, fit_peer_prior, peer_burst
 from app.anomaly_config import DetectorSettings
 from app.pricing.catalog import PriceCatalog
 
@@ -605,6 +605,7 @@ class AnomalyEngine:
         """Refit every feature's prior on its users' rates (each user counted once), and the
         global scope's on the users without a feature."""
         by_home: dict[str, list[tuple[float, float]]] = {}
+        bursts: dict[str, list[list[DecayedMean]]] = {}
         for user in self.users.values():
             home = (
                 f"feature:{max(user.features, key=user.features.__getitem__)}"
@@ -614,9 +615,23 @@ class AnomalyEngine:
             count, exposure = user.rate.refs[0].at_time(t, user.rate.tau)
             if exposure > 0:
                 by_home.setdefault(home, []).append((count, exposure))
+            bursts.setdefault(home, []).append(user.rate.burst)
+        s = self.settings
+        windows = len(s.volume_windows_seconds)
+        enough, quantile = s.volume_peer_burst_requests, s.volume_peer_burst_quantile
+        # A feature with fewer than 3 users of enough calls leans on every user's (a small
+        # feature's users are users of the same product).
+        everyone = peer_burst(
+            [b for group in bursts.values() for b in group], windows, enough, quantile
+        )
         for state in (*self.features.values(), self.global_scope):
             if state.prior is not None:
                 fit_peer_prior(state.prior, by_home.get(state.scope, []))
+                own = peer_burst(bursts.get(state.scope, []), windows, enough, quantile)
+                state.prior.user_burst = [
+                    mine if mine is not None else all_
+                    for mine, all_ in zip(own, everyone, strict=True)
+                ]
 
     # -- checkpoints ----------------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:

@@ -73,6 +73,9 @@ class PeerPrior:
     burst: list[DecayedMean] = field(default_factory=list)  # every user's calls, pooled
     # the share of every user's calls that started a session, pooled
     sessions: DecayedMean = field(default_factory=DecayedMean)
+    # per window, the burstiness of the users (each once) at ``volume_peer_burst_quantile``,
+    # among those with enough calls of their own; None: too few such users
+    user_burst: list[float | None] = field(default_factory=list)
 
     @property
     def ready(self) -> bool:
@@ -81,6 +84,7 @@ class PeerPrior:
     def __setstate__(self, state: dict[str, object]) -> None:
         self.__dict__.update(state)
         self.__dict__.setdefault("sessions", DecayedMean())  # a checkpoint from before sessions
+        self.__dict__.setdefault("user_burst", [])  # ... from before users' quantile
 
 
 def fit_peer_prior(prior: PeerPrior, rates: list[tuple[float, float]]) -> None:
@@ -106,10 +110,24 @@ def fit_peer_prior(prior: PeerPrior, rates: list[tuple[float, float]]) -> None:
     prior.beta = mean / variance
 
 
+def peer_burst(
+    bursts: list[list[DecayedMean]], windows: int, enough: float, quantile: float
+) -> list[float | None]:
+    """Per window, the ``quantile`` of users' own burstiness (their mean excess of calls just
+    before a call), over the users with at least ``enough`` calls of it (each counted once);
+    None where fewer than 3 users have."""
+    out: list[float | None] = []
+    for j in range(windows):
+        known = sorted(b[j].get() for b in bursts if len(b) > j and b[j].weight >= enough)
+        out.append(known[round(quantile * (len(known) - 1))] if len(known) >= 3 else None)
+    return out
+
+
 class RateDetector:
     """The request count of one scope, tested over several windows as calls arrive."""
 
     __slots__ = (
+        "_floors",
         "_rates",
         "alarm_since",
         "alarm_window",
@@ -182,6 +200,9 @@ class RateDetector:
         self.learned_slot = -1
         # (prior's alpha, rhythm, rates) cached for the current slot
         self._rates: tuple[float, float, list[tuple[float, float]]] | None = None
+        # a quiet user's most dispersion of the windows up to each, for the call being
+        # judged (None outside a call's judgement: not kept)
+        self._floors: list[float] | None = None
         self.mu = [0.0] * len(self.windows)  # expected calls per window, at the last call
         self.spends = [0.0] * len(self.windows)  # nano-dollars spent in each window
         # Features, global and busy users: calls learned per 5-minute bin of the last days
@@ -212,6 +233,7 @@ class RateDetector:
         if not hasattr(self, "unusual_slots"):  # a checkpoint from before recurring days
             self.unusual_slots = {}
             self.unusual_at = None
+        self._floors = None  # (a checkpoint from before the floors: not kept)
         if not hasattr(self, "session_starts"):  # a checkpoint from before sessions
             self.session_starts = deque()
             self.session_share = DecayedMean()
@@ -526,7 +548,33 @@ class RateDetector:
         return min(4.0, max(0.25, (fast[0] / fast[1]) / (daily[0] / daily[1])))
 
     def dispersion(self, j: int, expected: float, prior: PeerPrior | None) -> float:
-        """Variance/mean of window ``j``'s count around ``expected`` (>= 1)."""
+        """Variance/mean of window ``j``'s count around ``expected`` (>= 1).
+
+        For a quiet user's window that expects few calls (its variance/mean measured by the
+        calls just before each call), at least that of every shorter window (at the same
+        rate): calls that come in clusters (sessions, retries) make the variance/mean of a
+        count grow with the window's length until the window holds whole clusters, never
+        shrink. Those longer windows are measured on few calls, and a fresh agent's first
+        day read session callers' 5- and 15-minute counts as Poisson (1.0, where their
+        1-minute count already showed 2 to 3, and a day of their calls shows 6 to 10): their
+        long sessions paged 14 and 20 times on the synthetic worlds' first days
+        (``tests/unit/test_anomaly_first_day.py``). Windows that expect more calls are
+        measured by squared errors, which also hold what the expectation misses (a busy
+        user's rhythm): not floored (a busy session caller's 5.5x rise in
+        ``test_anomaly_session_world`` went unpaged with them floored)."""
+        raw = self._raw_dispersion(j, expected, prior)
+        if j > 0 and self.is_user and not self.busy_user and expected < _PEARSON_MIN_EXPECTED:
+            # The shorter windows expect fewer calls still: measured by the calls just
+            # before each call, independently of the expectation. Computed once a call.
+            # floors[i]: the most of windows 0..i (as far as asked in this call)
+            floors = self._floors if self._floors is not None else []
+            while len(floors) < j:
+                i = len(floors)
+                floors.append(max(floors[-1] if floors else 1.0, self._excess_dispersion(i, prior)))
+            raw = max(raw, floors[j - 1])
+        return raw
+
+    def _raw_dispersion(self, j: int, expected: float, prior: PeerPrior | None) -> float:
         if expected >= _PEARSON_MIN_EXPECTED and self.pearson[j].weight > 0:
             # Few squared errors lean on what the calls just before each call say (the
             # window expected under 5 calls until lately: a user near 2.5 calls a minute
@@ -553,7 +601,12 @@ class RateDetector:
             # session caller can look steady by chance (probe U: without the floor of
             # calls, quiet session callers' normal sessions paged on the bench).
             m = self.settings.volume_peer_burst_requests
-            pooled = prior.burst[j].get(0.0) if prior is not None and len(prior.burst) > j else 0.0
+            pooled = 0.0
+            if prior is not None and len(prior.burst) > j:
+                # The peers: a user among them (``volume_peer_burst_quantile``), not their calls
+                # pooled, once enough of them have calls enough of their own.
+                users = prior.user_burst[j] if len(prior.user_burst) > j else None
+                pooled = users if users is not None else prior.burst[j].get(0.0)
             mine = own.get(0.0)
             own_w, peer_w = own.weight, m
             if mine < pooled and own.weight >= m / 2:
@@ -681,9 +734,11 @@ class RateDetector:
         self._add(t, cost_nanos)
         verdict, best_p = None, 1.0
         if self.warm(t, prior):
+            self._floors = []  # computed once for this call (its peers, its burstiness)
             verdict, best_p = self._judge(
                 ts, t, expected, prior, scales, cost_per_request_usd, self._recurring(t)
             )
+            self._floors = None
         slot = int(t // SLOT_SECONDS)
         fresh = slot != self.learned_slot
         if fresh or best_p < 1.0:
