@@ -295,6 +295,13 @@ class AnomalyEngine:
                     state.first_seen = t
         cost_nanos = float(record.get("cost_usd_nanos") or 0)
         priced = not (record.get("price_unknown") or record.get("cache_hit"))
+        unknown = bool(record.get("price_unknown"))
+
+        def spent(state: ScopeState) -> float:
+            # What a call spent, for a rate alert's money: a call of unknown price is not a
+            # real $0 (a cache hit is), and counts at the scope's usual cost.
+            return self._cpr(state) * NANOS_PER_USD if unknown else cost_nanos
+
         verdicts: list[Verdict | None] = []
 
         # -- request rates: global first (its rhythm and counts scale the others) ----------
@@ -303,10 +310,10 @@ class AnomalyEngine:
             self.stats.late_records += 1
             for state in (glob, feature, user):
                 if state is not None:
-                    state.rate.add_late(t, cost_nanos)
+                    state.rate.add_late(t, spent((feature or glob) if state is user else state))
         else:
             verdicts.append(
-                glob.rate.observe(ts, cost_per_request_usd=self._cpr(glob), cost_nanos=cost_nanos)
+                glob.rate.observe(ts, cost_per_request_usd=self._cpr(glob), cost_nanos=spent(glob))
             )
             rhythm = glob.rate.rhythm(t)
             if feature is not None:
@@ -315,7 +322,7 @@ class AnomalyEngine:
                         ts,
                         context=self._context(feature, t),
                         cost_per_request_usd=self._cpr(feature),
-                        cost_nanos=cost_nanos,
+                        cost_nanos=spent(feature),
                     )
                 )
             verdicts.append(
@@ -326,7 +333,7 @@ class AnomalyEngine:
                     context=self._context(user, t),
                     levels=functools.partial(self._rest_levels, user),
                     cost_per_request_usd=self._cpr(feature or glob),
-                    cost_nanos=cost_nanos,
+                    cost_nanos=spent(feature or glob),
                 )
             )
 

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from agents.anomaly.core import (
+    NANOS_PER_USD,
     DecayedMean,
     DecayedRate,
     Point,
@@ -972,10 +973,13 @@ class RateDetector:
         w = self.windows[best_j]
         x = best_x
         per_minute = 60.0 / w
+        impact, paced, pace = self._excess_per_hour(
+            t, best_j, x, best_mu, cost_per_request_usd, anomalous
+        )
         if anomalous and not note:
             note = (
                 f"p < 1e-{int(surprise(best_p))} over the last {span_text(w)}{session_note}"
-                f"{recurring_note}"
+                f"{recurring_note}{pace}"
             )
             scale = scales[best_j]
             if scale > 1.05:
@@ -987,13 +991,60 @@ class RateDetector:
             score=surprise(best_p) if anomalous else 0.0,
             is_anomaly=anomalous,
             expected=best_mu * per_minute,
-            observed=x * per_minute,
+            observed=paced if paced is not None else x * per_minute,
             unit="requests/min",
             metric="requests/min",
             window_seconds=w,
             note=note,
-            impact_usd_per_hour=(x - best_mu) / w * 3600.0 * cost_per_request_usd,
+            impact_usd_per_hour=impact,
         ), own_p
+
+    def _excess_per_hour(
+        self, t: float, j: int, x: float, mu: float, cost_per_request_usd: float, paced: bool
+    ) -> tuple[float, float | None, str]:
+        """USD an hour above expected: the excess calls priced at what the window's calls
+        cost on average (not at the scope's usual cost per call: a burst of costlier calls
+        costs more), and, for an anomalous verdict (``paced``), at the pace since the unusual
+        stretch began when that is clearly faster than the window's (a burst paged 20 s in
+        fills a third of its 1-minute window: probe H's D3, a 3,000-a-minute burst's page
+        said 1,001/min and $22/hour where it spent about $190 an hour above normal). With
+        the pace: the calls a minute since it began, and a note saying so."""
+        w = self.windows[j]
+        price = self._price(self.counts[j], self.spends[j], cost_per_request_usd)
+        impact = (x - mu) / w * 3600.0 * price
+        began = self.episode[0] if self.episode is not None else self.alarm_since
+        if not paced or began is None:
+            return impact, None, ""
+        first = int(began // SLOT_SECONDS)
+        elapsed = t - first * SLOT_SECONDS
+        if not 2 * SLOT_SECONDS <= elapsed <= 0.8 * w:
+            return impact, None, ""
+        calls, nanos = self._since_slot(first)
+        if calls < 1.25 * x * elapsed / w:
+            return impact, None, ""  # not clearly faster than the window's average
+        pace = calls / elapsed * 60.0
+        money = (calls / elapsed - mu / w) * 3600.0 * self._price(calls, nanos, price)
+        note = (
+            f"; {pace:,.0f}/min and the money are the pace of the {elapsed:.0f} s since it "
+            f"began ({x:,.0f} calls in the last {span_text(w)})"
+        )
+        return money, pace, note
+
+    def _price(self, calls: float, nanos: float, usual: float) -> float:
+        """USD per call of ``calls`` that cost ``nanos``: the usual cost for a detector
+        never given a cost (a bare count); calls at $0 (cache hits) are a real zero."""
+        if calls > 0 and (nanos > 0 or self.spends[-1] > 0):
+            return nanos / calls / NANOS_PER_USD
+        return usual
+
+    def _since_slot(self, first: int) -> tuple[int, float]:
+        """Calls and nano-dollars in the 5-second slots from slot index ``first`` on."""
+        slots = self.slots
+        lo = bisect.bisect_left(slots, float(first), key=_slot_index)
+        return (
+            sum(int(slots[k][1]) for k in range(lo, len(slots))),
+            sum(slots[k][2] for k in range(lo, len(slots))),
+        )
 
     def _mark_unusual(self, t: float) -> None:
         slots = self.unusual_slots

@@ -62,7 +62,10 @@ def test_a_users_rate_alarm_resolves_quoting_a_rate_back_to_normal() -> None:
     assert end["observed"] <= engine.settings.volume_min_ratio * end["expected"], end["message"]
     now, peak = end["message"].split("; peak ")
     assert f"{end['observed']:.1f} vs" in now, end["message"]
-    assert "6.0 vs" not in now and "6.0 vs" in peak  # the in-alarm value only as the peak
+    # the in-alarm value (the loop's 6 a minute) only as the peak
+    peak_rate = float(peak.split(" vs")[0].split()[-1])
+    assert 5.5 <= peak_rate <= 7.0, end["message"]
+    assert f"{peak_rate:.1f} vs" not in now
     assert "before" in now and "UTC" in now  # over which span the quoted rate was measured
 
 
