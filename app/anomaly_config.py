@@ -122,6 +122,17 @@ class DetectorSettings:
     hour): the pooled calls. The cost: a young user's loop is judged as if they could be a
     session caller (docs/ANOMALY.md, "The first day"). Lower is more sensitive to a young
     user's loop and pages more first sessions; 1.0 is the burstiest peer."""
+    volume_newcomer_peers: int = 10
+    """A user first seen less than the longest window ago, all of whose calls are of one
+    feature, is also judged on every call of their life against the users of that feature
+    known for the longest window and not in an alarm ("settled"), once there are at least
+    this many: a Gamma-Poisson tail around their mean rate, counted in the peers' sessions,
+    and only where the life's calls are also ``volume_min_ratio`` times what the busiest
+    settled user makes over at least ``volume_burst_seconds``. Without it a brand-new
+    user's loop was never paged: after a minute they were "busy", judged on their own last
+    minute, which had learned the loop (a new user at 10 calls a minute for 30 minutes,
+    among users at 0.1 a minute: no page on 3 of 3 seeds; now 612 to 1,400 s). Fewer
+    settled users (a fresh agent's first hour) leave it off; 0: off."""
     volume_burst_seconds: float = 300.0
     """An unusual stretch of calls that is over within this long is one of the scope's normal
     bursts (a session, a retry storm) and teaches its burstiness; a longer one (a loop) never

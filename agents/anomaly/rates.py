@@ -14,7 +14,10 @@ tested against what the scope's past says those windows should hold:
   own calls over a day (``volume_user_memory_seconds``). A user seen 21 times in a day
   has a tight posterior of ~0.015 calls/min, so 5 calls a minute is a 300-fold jump
   with overwhelming evidence within a minute; a brand-new user inherits the peers'
-  spread and is judged far more leniently.
+  spread and is judged far more leniently. A user younger than the longest window is
+  also judged on all the calls of their life against the feature's settled users
+  (``volume_newcomer_peers``): a loop from the first call teaches the user's own
+  reference that it is normal.
 - **Over-dispersion, measured.** Real callers come in bursts (sessions, retries), so
   the tail test is quasi-Poisson: the variance/mean ratio of each window's count is
   learned per scope (from squared errors where counts are large, from how many other
@@ -47,6 +50,7 @@ from agents.anomaly.core import (
     Point,
     Verdict,
     lower_tail,
+    mixture_tail,
     span_text,
     surprise,
     upper_tail,
@@ -77,6 +81,10 @@ class PeerPrior:
     # per window, the burstiness of the users (each once) at ``volume_peer_burst_quantile``,
     # among those with enough calls of their own; None: too few such users
     user_burst: list[float | None] = field(default_factory=list)
+    # (alpha, beta, users, the busiest one's rate per second): the Gamma of the users known
+    # for the longest window and not in an alarm, which a newcomer is judged against
+    # (``volume_newcomer_peers``)
+    settled: tuple[float, float, int, float] = (0.0, 0.0, 0, 0.0)
 
     @property
     def ready(self) -> bool:
@@ -86,29 +94,39 @@ class PeerPrior:
         self.__dict__.update(state)
         self.__dict__.setdefault("sessions", DecayedMean())  # a checkpoint from before sessions
         self.__dict__.setdefault("user_burst", [])  # ... from before users' quantile
+        self.__dict__.setdefault("settled", (0.0, 0.0, 0, 0.0))  # ... from before newcomers
 
 
-def fit_peer_prior(prior: PeerPrior, rates: list[tuple[float, float]]) -> None:
-    """Fit ``prior`` (method of moments) to users' (count, exposure) over their memory.
+def fit_peer_prior(
+    prior: PeerPrior,
+    rates: list[tuple[float, float]],
+    settled: list[tuple[float, float]] | None = None,
+) -> None:
+    """Fit ``prior`` to users' (count, exposure) over their memory, and its ``settled``
+    Gamma to those of the users known for the longest window and not in an alarm."""
+    prior.alpha, prior.beta, prior.users, _ = fit_gamma(rates)
+    prior.settled = fit_gamma(settled or [])
+
+
+def fit_gamma(rates: list[tuple[float, float]]) -> tuple[float, float, int, float]:
+    """(alpha, beta, users, the highest rate): a Gamma fitted (method of moments) to users'
+    rates; alpha and beta 0 for fewer than 3 users or none calling.
 
     The variance of the true rates is the variance of the estimates less their Poisson
     noise (count / exposure^2); it is kept at least (mean / 7)^2 so that a feature
     whose users look alike still leaves a new user room.
     """
     estimates = [(count / exposure, count / exposure**2) for count, exposure in rates if exposure]
-    prior.users = len(estimates)
+    top = max((rate for rate, _ in estimates), default=0.0)
     if len(estimates) < 3:
-        prior.alpha = prior.beta = 0.0
-        return
+        return 0.0, 0.0, len(estimates), top
     mean = sum(rate for rate, _ in estimates) / len(estimates)
     if mean <= 0:
-        prior.alpha = prior.beta = 0.0
-        return
+        return 0.0, 0.0, len(estimates), top
     spread = sum((rate - mean) ** 2 for rate, _ in estimates) / (len(estimates) - 1)
     noise = sum(var for _, var in estimates) / len(estimates)
     variance = max(spread - noise, (mean / 7.0) ** 2)
-    prior.alpha = mean * mean / variance
-    prior.beta = mean / variance
+    return mean * mean / variance, mean / variance, len(estimates), top
 
 
 def peer_burst(
@@ -602,12 +620,7 @@ class RateDetector:
             # session caller can look steady by chance (probe U: without the floor of
             # calls, quiet session callers' normal sessions paged on the bench).
             m = self.settings.volume_peer_burst_requests
-            pooled = 0.0
-            if prior is not None and len(prior.burst) > j:
-                # The peers: a user among them (``volume_peer_burst_quantile``), not their calls
-                # pooled, once enough of them have calls enough of their own.
-                users = prior.user_burst[j] if len(prior.user_burst) > j else None
-                pooled = users if users is not None else prior.burst[j].get(0.0)
+            pooled = _peers_excess(j, prior)
             mine = own.get(0.0)
             own_w, peer_w = own.weight, m
             if mine < pooled and own.weight >= m / 2:
@@ -617,6 +630,102 @@ class RateDetector:
         else:
             excess = own.get(0.0)
         return 1.0 + 2.0 * max(0.0, excess)
+
+    def _newcomer(
+        self,
+        t: float,
+        prior: PeerPrior | None,
+        rhythm: float,
+        scales: list[float],
+        tested: int,
+        single: bool,
+    ) -> tuple[float, int, float, int, float] | None:
+        """A user first seen less than the longest window ago, judged on every call they have
+        made against the settled users of their feature (``PeerPrior.settled``, once there
+        are ``volume_newcomer_peers`` of them): (p, the shortest window holding the user's
+        life, the calls a user of the feature makes in it, the calls, the seconds of the
+        life, at least the shortest window's); None when not judged.
+
+        A new user is a random user of the feature: their count is Gamma-Poisson around the
+        settled users' mean rate, with the Gamma's shape (``mixture_tail``), counted in the
+        peers' clusters (sessions: the count and its mean over their variance/mean). None of
+        the user's own calls shape the test: a loop from the first call taught the user's
+        own reference and burstiness that it was normal, and after a minute made them a
+        "busy" user judged on their own last minutes. Judged only where the calls are also
+        ``volume_min_ratio`` times what the feature's busiest settled user makes (a Gamma's
+        tail is thinner than users' log-normal or Zipf rates: a new heavy user at 3 a minute
+        among users up to 1.5 paged on 2 of 5 seeds without it), over a life of at least
+        ``volume_burst_seconds`` (a first session is no loop), with the last calls still
+        at that pace; never for a user of several features (their calls are not one
+        feature's) or with an alarm over in their life (its calls were paged then)."""
+        s = self.settings
+        if prior is None or not self._life_judged(t, prior, single):
+            return None
+        assert self.first_at is not None
+        alpha, beta, _, top = prior.settled
+        age = t - self.first_at
+        j = bisect.bisect_left(self.windows, age)
+        x = self.counts[j]
+        scale = max(1.0, rhythm) * scales[j]
+        span = max(age, s.volume_burst_seconds)
+        mu = alpha / beta * scale * span
+        busiest = s.volume_min_ratio * top * scale
+        if x < s.volume_min_count or x < max(busiest * span, s.volume_min_ratio * mu):
+            return None
+        recent = self.recent
+        full = len(recent) == recent.maxlen and t > recent[0]
+        if full and (len(recent) - 1) / (t - recent[0]) < busiest:
+            return None  # the excess is not current (a loop that stopped)
+        # The peers' burstiness over the user's life: a count's variance/mean grows with the
+        # span while it holds whole sessions (see ``dispersion``), so it is taken between the
+        # windows on either side, by the log of the life's length (at 341 s, the 15-minute
+        # window's 10.6 where 5 minutes' is 7.4).
+        life = max(age, float(self.windows[0]))
+        floors = [max(0.0, _peers_excess(i, prior)) for i in range(j + 1)]
+        for i in range(1, j + 1):
+            floors[i] = max(floors[i], floors[i - 1])
+        excess = floors[j]
+        if j > 0 and life < self.windows[j]:
+            lo, hi = self.windows[j - 1], self.windows[j]
+            share = math.log(life / lo) / math.log(hi / lo)
+            excess = floors[j - 1] + share * (floors[j] - floors[j - 1])
+        d = 1.0 + 2.0 * excess
+        p = mixture_tail(x / d, mu / d, alpha) * (tested + 1)
+        return p, j, alpha / beta * scale * life, x, life
+
+    def _life_judged(self, t: float, prior: PeerPrior | None, single: bool) -> bool:
+        """Whether this user's life is judged against the settled users of their feature
+        (``_newcomer``): a user younger than the longest window, of one feature, with no
+        alarm over in their life, whose feature has ``volume_newcomer_peers`` settled
+        users."""
+        s = self.settings
+        return (
+            self.is_user
+            and single
+            and s.volume_newcomer_peers > 0
+            and prior is not None
+            and prior.settled[2] >= s.volume_newcomer_peers
+            and prior.settled[0] > 0
+            and self.first_at is not None
+            and t - self.first_at < self.windows[-1]
+            and not any(end != _INF for _, end in self.frozen)
+        )
+
+    def _forget_life(self) -> float:
+        """A newcomer paged on their life: everything they taught their own references and
+        burstiness is the incident (a loop from the first call), and is forgotten, so that
+        once known for the longest window their own windows judge it against their peers,
+        not against itself (probe R: a loop paged 5 minutes in resolved "back to normal" at
+        63 minutes, its 1-minute reference at 8.7 a minute, and never paged again). Returns
+        where the stretch not to learn begins: before the first call."""
+        assert self.first_at is not None
+        self.refs = [DecayedRate() for _ in self.windows]
+        self.burst = [DecayedMean() for _ in self.windows]
+        self.pearson = [DecayedMean() for _ in self.windows]
+        self.session_share = DecayedMean()
+        self.waiting.clear()
+        self._rates = None
+        return self.first_at - SLOT_SECONDS
 
     def _sessions(self, prior: PeerPrior | None) -> tuple[float, float] | None:
         """(share of this user's calls that start a session, calls that share is known
@@ -647,8 +756,12 @@ class RateDetector:
         return span <= 0 or (len(self.recent) - 1) / span >= ratio * rate
 
     def _knows(self, j: int, t: float, prior: PeerPrior | None) -> bool:
-        """Whether window ``j``'s reference has seen at least a window's worth of history."""
-        if self.is_user and prior is not None and prior.ready:
+        """Whether window ``j``'s reference has seen at least a window's worth of history.
+        A quiet user's is always known (their peers' prior fills it); a busy user's, judged
+        on their own reference, is known as a feature's is: a new user at 3 a minute in
+        sessions, busy from their second minute, had their 15 minutes judged on 8 minutes
+        of their own calls and paged 23 minutes in ("6.6x normal")."""
+        if self.is_user and prior is not None and prior.ready and not self.busy_user:
             return True
         return self.exposures[j] >= self.windows[j]  # as of the last ``rates``
 
@@ -675,8 +788,10 @@ class RateDetector:
         levels: Callable[[], list[float] | None] | None = None,
         cost_per_request_usd: float = 0.0,
         cost_nanos: float = 0.0,
+        single_feature: bool = True,
     ) -> Verdict | None:
         """Count one call at ``ts`` (costing ``cost_nanos``) and judge the windows ending there.
+        ``single_feature``: a user's calls so far were all of the feature ``prior`` is of.
         ``levels``: gives, per window, the rest of the traffic's count over its expected
         count (asked only for a busy user, whose expectation follows it instead of
         ``context``, a surge of the rest in the last minute; ``volume_busy_user_rest_level``).
@@ -737,7 +852,15 @@ class RateDetector:
         if self.warm(t, prior):
             self._floors = []  # computed once for this call (its peers, its burstiness)
             verdict, best_p = self._judge(
-                ts, t, expected, prior, scales, cost_per_request_usd, self._recurring(t)
+                ts,
+                t,
+                expected,
+                prior,
+                scales,
+                cost_per_request_usd,
+                self._recurring(t),
+                rhythm,
+                single_feature,
             )
             self._floors = None
         slot = int(t // SLOT_SECONDS)
@@ -845,12 +968,17 @@ class RateDetector:
         scales: list[float],
         cost_per_request_usd: float,
         recurring: list[float] | None = None,
+        rhythm: float = 1.0,
+        single: bool = True,
     ) -> tuple[Verdict | None, float]:
         """``scales``: per window, how far the expectation is scaled by the rest of the
         traffic (``context`` for every window, or a busy user's ``levels``). ``recurring``:
         per window, the unusual calls this time of day brought on previous days (added to
-        the expectation). Returns the verdict and the least p-value on the scope's own
-        reference (what makes a call unusual, excused or not)."""
+        the expectation). ``rhythm``: the global rate over its daily mean (a newcomer's
+        peers' rate is scaled up by it, as a quiet user's is); ``single``: whether a user's
+        calls are all of one feature (else no newcomer test). Returns the verdict and the
+        least p-value on the scope's own reference (what makes a call unusual, excused or
+        not)."""
         s = self.settings
         best_p, best_j, best_mu, best_x = 1.0, -1, 0.0, 0
         own_p, recurring_note = 1.0, ""
@@ -860,10 +988,18 @@ class RateDetector:
             tested *= 2  # each window is tested in calls and in sessions (Bonferroni)
         session_note, self.sessions_span = "", 0.0
         settled = self._settled(t)
+        # A window longer than a young user's life holds all of it, which the newcomer test
+        # judges against their peers; on the user's own reference of minutes (a "busy" new
+        # user's) a few sessions close together read as a 6.6x rise (a new user at 3 a
+        # minute in sessions, 23 minutes in).
+        age = t - self.first_at if self.first_at is not None else 0.0
+        young = self._life_judged(t, prior, single)
         for j, w in enumerate(self.windows):
             rate, shape = expected[j]
             if shape <= 0 or (not self._knows(j, t, prior) and j > 0):
                 continue
+            if young and j > 0 and w > age:
+                break
             mu = rate * w * scales[j]
             if j > 0:
                 wide = w > s.volume_ramp_window_seconds
@@ -937,6 +1073,18 @@ class RateDetector:
                     if usual > 0
                     else ""
                 )
+        span = float(self.windows[best_j]) if best_j >= 0 else 0.0
+        life = False
+        newcomer = self._newcomer(t, prior, rhythm, scales, tested, single)
+        if newcomer is not None:
+            # Not part of ``own_p``: a young session caller's first sessions, unusual for a
+            # random user of the feature, would be held back from teaching the user their
+            # own burstiness (a false page of a user 12 hours later in the first-day world).
+            p, j, mu, x, span_life = newcomer
+            if p < best_p:
+                best_p, best_j, best_mu, best_x, span, life = p, j, mu, x, span_life, True
+                session_note = f" ({x} calls where a user of their feature makes {mu:.1f})"
+                self.sessions_span, recurring_note = 0.0, ""
         if own_p < self.p_value:
             self._mark_unusual(t)
         bar = self.p_value
@@ -954,7 +1102,8 @@ class RateDetector:
             if self.alarm_since is None:
                 self.alarm_since = t
                 self.alarm_window = best_j
-                self.frozen.append([t - self.windows[best_j], _INF])
+                start = self._forget_life() if life else t - self.windows[best_j]
+                self.frozen.append([start, _INF])
                 self._rates = None
             self.last_anomalous = t
             if t - self.alarm_since >= s.volume_adapt_after_minutes * 60:
@@ -967,20 +1116,21 @@ class RateDetector:
                 return None, own_p
             j = self.alarm_window
             best_j, best_mu = j, expected[j][0] * self.windows[j] * scales[j]
-            best_x = self.counts[j]
+            best_x, span = self.counts[j], float(self.windows[j])
         else:
             return None, own_p
-        w = self.windows[best_j]
         x = best_x
-        per_minute = 60.0 / w
+        per_minute = 60.0 / span
         impact, paced, pace = self._excess_per_hour(
-            t, best_j, x, best_mu, cost_per_request_usd, anomalous
+            t, best_j, x, best_mu, cost_per_request_usd, anomalous and not life, span
         )
         if anomalous and not note:
-            note = (
-                f"p < 1e-{int(surprise(best_p))} over the last {span_text(w)}{session_note}"
-                f"{recurring_note}{pace}"
+            over = (
+                f"the {span_text(span)} since their first call"
+                if life
+                else f"the last {span_text(span)}"
             )
+            note = f"p < 1e-{int(surprise(best_p))} over {over}{session_note}{recurring_note}{pace}"
             scale = scales[best_j]
             if scale > 1.05:
                 note += f", expected scaled by {scale:.2f} for a surge of all traffic"
@@ -994,13 +1144,20 @@ class RateDetector:
             observed=paced if paced is not None else x * per_minute,
             unit="requests/min",
             metric="requests/min",
-            window_seconds=w,
+            window_seconds=self.windows[best_j],
             note=note,
             impact_usd_per_hour=impact,
         ), own_p
 
     def _excess_per_hour(
-        self, t: float, j: int, x: float, mu: float, cost_per_request_usd: float, paced: bool
+        self,
+        t: float,
+        j: int,
+        x: float,
+        mu: float,
+        cost_per_request_usd: float,
+        paced: bool,
+        span: float | None = None,
     ) -> tuple[float, float | None, str]:
         """USD an hour above expected: the excess calls priced at what the window's calls
         cost on average (not at the scope's usual cost per call: a burst of costlier calls
@@ -1008,8 +1165,9 @@ class RateDetector:
         stretch began when that is clearly faster than the window's (a burst paged 20 s in
         fills a third of its 1-minute window: probe H's D3, a 3,000-a-minute burst's page
         said 1,001/min and $22/hour where it spent about $190 an hour above normal). With
-        the pace: the calls a minute since it began, and a note saying so."""
-        w = self.windows[j]
+        the pace: the calls a minute since it began, and a note saying so. ``span``: the
+        seconds ``x`` and ``mu`` are counted over, when not window ``j``'s (a newcomer's life)."""
+        w = self.windows[j] if span is None else span
         price = self._price(self.counts[j], self.spends[j], cost_per_request_usd)
         impact = (x - mu) / w * 3600.0 * price
         began = self.episode[0] if self.episode is not None else self.alarm_since
@@ -1220,6 +1378,16 @@ class RateDetector:
     @property
     def idle_since(self) -> float:
         return self.slots[-1][0] * SLOT_SECONDS if self.slots else (self.first_at or 0.0)
+
+
+def _peers_excess(j: int, prior: PeerPrior | None) -> float:
+    """The excess of calls just before a call (window ``j``) of a user of the feature: a user
+    among them (``volume_peer_burst_quantile``) once enough of them have calls enough of
+    their own, else their calls pooled; 0 with no peers (Poisson)."""
+    if prior is None or len(prior.burst) <= j:
+        return 0.0
+    users = prior.user_burst[j] if len(prior.user_burst) > j else None
+    return users if users is not None else prior.burst[j].get(0.0)
 
 
 def _slot_index(entry: list[float]) -> float:
