@@ -1177,7 +1177,7 @@ class RateDetector:
         elapsed = t - first * SLOT_SECONDS
         if not 2 * SLOT_SECONDS <= elapsed <= 0.8 * w:
             return impact, None, ""
-        calls, nanos = self._since_slot(first)
+        calls, nanos = self._in_slots(first)
         if calls < 1.25 * x * elapsed / w:
             return impact, None, ""  # not clearly faster than the window's average
         pace = calls / elapsed * 60.0
@@ -1189,19 +1189,22 @@ class RateDetector:
         return money, pace, note
 
     def _price(self, calls: float, nanos: float, usual: float) -> float:
-        """USD per call of ``calls`` that cost ``nanos``: the usual cost for a detector
-        never given a cost (a bare count); calls at $0 (cache hits) are a real zero."""
+        """USD per call of ``calls`` that cost ``nanos``. Calls at $0 are a real zero (cache
+        hits) when the scope spent anything in its longest window; else the scope is taken
+        to have no costs given (a bare count, or an hour of $0 calls), and ``usual`` is
+        the price."""
         if calls > 0 and (nanos > 0 or self.spends[-1] > 0):
             return nanos / calls / NANOS_PER_USD
         return usual
 
-    def _since_slot(self, first: int) -> tuple[int, float]:
-        """Calls and nano-dollars in the 5-second slots from slot index ``first`` on."""
+    def _in_slots(self, first: float, last: float = _INF) -> tuple[int, float]:
+        """Calls and nano-dollars in the 5-second slots of index ``first`` to ``last``."""
         slots = self.slots
-        lo = bisect.bisect_left(slots, float(first), key=_slot_index)
+        lo = bisect.bisect_left(slots, first, key=_slot_index)
+        hi = bisect.bisect_right(slots, last, key=_slot_index)
         return (
-            sum(int(slots[k][1]) for k in range(lo, len(slots))),
-            sum(slots[k][2] for k in range(lo, len(slots))),
+            sum(int(slots[k][1]) for k in range(lo, hi)),
+            sum(slots[k][2] for k in range(lo, hi)),
         )
 
     def _mark_unusual(self, t: float) -> None:
@@ -1362,11 +1365,7 @@ class RateDetector:
         """Calls counted in the 5-second slots that start after ``start`` and by ``end``
         (event time; no change of state). What a window held at a past moment, e.g. when
         an alarm resolved, as far back as the longest window's slots are kept."""
-        first, last = start // SLOT_SECONDS + 1, end // SLOT_SECONDS  # slot indices
-        slots = self.slots
-        lo = bisect.bisect_left(slots, first, key=_slot_index)
-        hi = bisect.bisect_right(slots, last, key=_slot_index)
-        return sum(int(slots[k][1]) for k in range(lo, hi))
+        return self._in_slots(start // SLOT_SECONDS + 1, end // SLOT_SECONDS)[0]
 
     @property
     def busy_user(self) -> bool:
