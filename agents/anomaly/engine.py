@@ -83,6 +83,7 @@ class ScopeState:
     last_active: float = 0.0
     first_seen: float | None = None  # event time of its first call (None: from an older checkpoint)
     features: dict[str, float] = field(default_factory=dict)  # a user's features, last seen
+    featureless: bool = False  # a user made a call without a feature
     prior: PeerPrior | None = None  # a feature's, for its users
     # economy, other: mean log(1 + cost in nano-dollars), i.e. the typical (geometric) cost
     # of a call of each tier: one absurd call does not price a routing regression absurdly
@@ -288,6 +289,8 @@ class AnomalyEngine:
         glob = self.global_scope
         if feature_name:
             user.features[feature_name] = max(t, user.features.get(feature_name, t))
+        else:
+            user.featureless = True
         for state in (user, feature, glob):
             if state is not None:
                 state.last_active = max(state.last_active, t)
@@ -334,7 +337,8 @@ class AnomalyEngine:
                     levels=functools.partial(self._rest_levels, user),
                     cost_per_request_usd=self._cpr(feature or glob),
                     cost_nanos=spent(feature or glob),
-                    single_feature=len(user.features) <= 1,
+                    # all their calls of this call's feature (or all without one)
+                    single_feature=len(user.features) + user.featureless == 1,
                 )
             )
 

@@ -175,6 +175,7 @@ class RateDetector:
         "session_starts",
         "sessions_span",
         "settings",
+        "settled_peers",
         "slots",
         "spends",
         "steps",
@@ -241,6 +242,9 @@ class RateDetector:
         self.session_share = DecayedMean()
         # The window whose count of sessions made the last call unusual (0: none did)
         self.sessions_span = 0.0
+        # Users: whether, at their first call, their feature had ``volume_newcomer_peers``
+        # settled users (their young references then learn uncapped; see ``expire``)
+        self.settled_peers = False
 
     def __setstate__(self, state: tuple[None, dict[str, object]] | dict[str, object]) -> None:
         slots = state[1] if isinstance(state, tuple) else state
@@ -253,6 +257,8 @@ class RateDetector:
             self.unusual_slots = {}
             self.unusual_at = None
         self._floors = None  # (a checkpoint from before the floors: not kept)
+        if not hasattr(self, "settled_peers"):  # a checkpoint from before newcomers
+            self.settled_peers = False
         if not hasattr(self, "session_starts"):  # a checkpoint from before sessions
             self.session_starts = deque()
             self.session_share = DecayedMean()
@@ -305,9 +311,19 @@ class RateDetector:
                 learned = float(calls)
                 # A window that is leaving while elevated (a ramp not yet paged) teaches its
                 # reference at most the elevated level's floor: the reference follows a real
-                # change slowly, and a surge in the making does not raise its own bar.
+                # change slowly, and a surge in the making does not raise its own bar. Not a
+                # user's reference that has not yet seen a window of history (the user is
+                # younger than two windows: it learns from their first window on), where their
+                # feature had settled users at their first call (a newcomer's, not one of a
+                # fresh agent's first users, whose references all start together): its
+                # expectation is their peers' prior, and capped at it, a new heavy user's
+                # 60-minute reference learned 4 % of their calls and their 60-minute window
+                # paged at 68 minutes ("88x normal" at their usual 3 a minute). (In a fresh
+                # agent's first hour every user is young: capped, as before; uncapped, a
+                # session caller's burstiness was learned lower and a long session paged.)
                 cap = self.settings.volume_min_ratio * self.mu[j]
-                if self.mu[j] >= 1.0 and self.counts[j] > cap:
+                young = self.settled_peers and t - (self.first_at or t) < 2 * self.windows[j]
+                if self.mu[j] >= 1.0 and self.counts[j] > cap and not young:
                     learned *= cap / self.counts[j]
                 self.counts[j] -= int(calls)
                 self.spends[j] -= nanos
@@ -698,18 +714,20 @@ class RateDetector:
         (``_newcomer``): a user younger than the longest window, of one feature, with no
         alarm over in their life, whose feature has ``volume_newcomer_peers`` settled
         users."""
-        s = self.settings
         return (
             self.is_user
             and single
-            and s.volume_newcomer_peers > 0
-            and prior is not None
-            and prior.settled[2] >= s.volume_newcomer_peers
-            and prior.settled[0] > 0
+            and self._peers_settled(prior)
             and self.first_at is not None
             and t - self.first_at < self.windows[-1]
             and not any(end != _INF for _, end in self.frozen)
         )
+
+    def _peers_settled(self, prior: PeerPrior | None) -> bool:
+        """Whether ``prior`` has the ``volume_newcomer_peers`` settled users a newcomer is
+        judged against (not in a fresh agent's first hour)."""
+        n = self.settings.volume_newcomer_peers
+        return n > 0 and prior is not None and prior.settled[2] >= n and prior.settled[0] > 0
 
     def _forget_life(self) -> float:
         """A newcomer paged on their life: everything they taught their own references and
@@ -756,12 +774,8 @@ class RateDetector:
         return span <= 0 or (len(self.recent) - 1) / span >= ratio * rate
 
     def _knows(self, j: int, t: float, prior: PeerPrior | None) -> bool:
-        """Whether window ``j``'s reference has seen at least a window's worth of history.
-        A quiet user's is always known (their peers' prior fills it); a busy user's, judged
-        on their own reference, is known as a feature's is: a new user at 3 a minute in
-        sessions, busy from their second minute, had their 15 minutes judged on 8 minutes
-        of their own calls and paged 23 minutes in ("6.6x normal")."""
-        if self.is_user and prior is not None and prior.ready and not self.busy_user:
+        """Whether window ``j``'s reference has seen at least a window's worth of history."""
+        if self.is_user and prior is not None and prior.ready:
             return True
         return self.exposures[j] >= self.windows[j]  # as of the last ``rates``
 
@@ -802,6 +816,8 @@ class RateDetector:
         t = ts.timestamp()
         if self.first_at is None:
             self.first_at = t
+            # A newcomer to a feature with settled users (not one of a fresh agent's first)
+            self.settled_peers = self.is_user and self._peers_settled(prior)
         if (
             self.alarm_since is not None
             and t - self.last_anomalous > self.settings.resolve_after_seconds
@@ -988,18 +1004,10 @@ class RateDetector:
             tested *= 2  # each window is tested in calls and in sessions (Bonferroni)
         session_note, self.sessions_span = "", 0.0
         settled = self._settled(t)
-        # A window longer than a young user's life holds all of it, which the newcomer test
-        # judges against their peers; on the user's own reference of minutes (a "busy" new
-        # user's) a few sessions close together read as a 6.6x rise (a new user at 3 a
-        # minute in sessions, 23 minutes in).
-        age = t - self.first_at if self.first_at is not None else 0.0
-        young = self._life_judged(t, prior, single)
         for j, w in enumerate(self.windows):
             rate, shape = expected[j]
             if shape <= 0 or (not self._knows(j, t, prior) and j > 0):
                 continue
-            if young and j > 0 and w > age:
-                break
             mu = rate * w * scales[j]
             if j > 0:
                 wide = w > s.volume_ramp_window_seconds

@@ -7,9 +7,9 @@ against their own last minutes, which had learned the loop. Now a user younger t
 longest window is also judged on every call of their life against the settled users of
 their feature (``volume_newcomer_peers``; docs/ANOMALY.md, "A brand-new user's loop").
 
-What is not paged: a new user at 3 or 4 a minute, twice the feature's busiest user, is a
-heavy user (users' rates are log-normal: one in 400 of them is that busy), and a new user
-whose calls are spread over several features.
+What is not paged: a new user at 3 a minute, twice the feature's busiest user, is a heavy
+user (users' rates are log-normal: one in 400 of them is that busy), during their first
+hour and after it, and a new user whose calls are spread over several features.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def newcomer(
     ``per_minute``, in sessions of about ``session`` calls 15 s apart."""
     begin = START if start is None else start
     caller = Caller("newbie", feature, per_minute)
-    rng = random.Random(seed * 100 + int(per_minute * 10) + len(feature.name))
+    rng = random.Random(seed * 100 + int(per_minute * 10) + (feature is not CHAT))
     calls, ts = [], begin
     while ts < begin + timedelta(minutes=minutes):
         n = 1 if session <= 1 else 1 + int(rng.expovariate(1 / (session - 1)))
@@ -71,7 +71,7 @@ def newcomer_alerts(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_a_brand_new_users_loop_at_ten_a_minute_pages(seed: int) -> None:
     """100 times the users' mean rate from the first call: paged within 30 minutes
-    (measured 612 to 1400 s; never before), on the calls of the user's life."""
+    (measured 597, 1303 and 620 s; never before)."""
     alerts = firing(newcomer_alerts(with_newcomer(seed, 10.0, 30)))
     assert alerts, "the new user's loop was not paged"
     assert alerts[0]["_at"] - START <= timedelta(minutes=30), alerts[0]["message"]
@@ -79,6 +79,7 @@ def test_a_brand_new_users_loop_at_ten_a_minute_pages(seed: int) -> None:
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_a_brand_new_users_loop_at_thirty_a_minute_pages_within_minutes(seed: int) -> None:
+    """Measured 151, 62 and 72 s (before: missed, 62 and 72 s)."""
     alerts = firing(newcomer_alerts(with_newcomer(seed, 30.0, 20)))
     assert alerts, "the new user's loop was not paged"
     assert alerts[0]["_at"] - START <= timedelta(minutes=5), alerts[0]["message"]
@@ -122,6 +123,17 @@ def test_a_new_heavy_user_is_not_paged(seed: int, session: float) -> None:
     assert not paged, [a["message"] for a in paged]
 
 
+@pytest.mark.parametrize("seed", [1, 2, 3, 4, 5, 6, 7, 8])
+def test_a_new_heavy_user_past_their_first_hour_is_not_paged(seed: int) -> None:
+    """The same user at 3 a minute in sessions of about 6, for three hours: their own long
+    windows, whose references started at their peers' prior, are not read as a loop once
+    the newcomer test is over (before: a reference capped at the prior's expectation
+    learned 4 % of their calls, and their 60-minute window paged at 68 minutes, "88x
+    normal", on 2 of 8 seeds of another draw of this world)."""
+    paged = pages(newcomer_alerts(with_newcomer(seed, 3.0, 180, 6.0)))
+    assert not paged, [(a["_at"] - START, a["message"]) for a in paged]
+
+
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_a_new_user_of_two_features_is_not_judged_as_one_of_either(seed: int) -> None:
     """4 a minute in a feature whose users call 2 to 6 a minute, and 0.2 a minute in the
@@ -162,3 +174,26 @@ def test_a_checkpoint_from_before_newcomers_restores() -> None:
     restored = PeerPrior.__new__(PeerPrior)
     restored.__setstate__(state)
     assert restored.settled == (0.0, 0.0, 0, 0.0)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+def test_a_new_user_with_calls_without_a_feature_is_not_judged_as_a_feature_user(
+    seed: int,
+) -> None:
+    """3 a minute in chat and 0.2 a minute without a feature (judged against the users
+    without one): their calls are not all one kind of user's (a reviewer's case: paged on
+    3 of 4 seeds of their draw before ``featureless``)."""
+    end = START + timedelta(minutes=65)
+    world, _, records = day(seed, T0, end)
+    rng = random.Random(seed + 777)
+    others = []  # 15 users who call without a feature, 0.05 to 0.3 a minute
+    for i in range(15):
+        c = Caller(f"g{i:02d}", CHAT, 0.05 * (6 ** rng.random()))
+        others += [
+            {**world.call(rng, ts, c), "feature": None}
+            for ts in arrivals(rng, T0, end, c.per_minute)
+        ]
+    loose = [{**r, "feature": None} for r in newcomer(world, seed, 0.2, 55, feature=BATCH)]
+    calls = sorted(newcomer(world, seed, 3.0, 55) + loose, key=lambda r: r["ts"])
+    paged = pages(newcomer_alerts(merged(records, sorted(others, key=lambda r: r["ts"]), calls)))
+    assert not paged, [a["message"] for a in paged]
