@@ -124,6 +124,18 @@ class World:
         )
         return record(ts, caller.user, f.name, model, prompt, completion)
 
+    def session(
+        self, rng: random.Random, begin: datetime, caller: Caller, mean: float
+    ) -> list[dict[str, Any]]:
+        """One session of ``caller`` from ``begin``: ``1 + Exp(mean - 1)`` calls (one when
+        ``mean`` is at most 1) about 15 s apart, as the synthetic users' sessions."""
+        n = 1 if mean <= 1 else 1 + int(rng.expovariate(1 / (mean - 1)))
+        calls, ts = [], begin
+        for _ in range(n):
+            calls.append(self.call(rng, ts, caller))
+            ts += timedelta(seconds=rng.expovariate(1 / 15))
+        return calls
+
     def traffic(self, start: datetime, end: datetime, salt: int = 0) -> list[dict[str, Any]]:
         """Every caller's calls between ``start`` and ``end``, in time order."""
         rng = random.Random(self.seed * 1_000_003 + salt)

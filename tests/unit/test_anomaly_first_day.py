@@ -67,11 +67,7 @@ def day(
     for caller, session in users:
         calls = []
         for begin in arrivals(rng, start, end, caller.per_minute / session, RHYTHM):
-            n = 1 if session <= 1 else 1 + int(rng.expovariate(1 / (session - 1)))
-            ts = begin
-            for _ in range(n):
-                calls.append(world.call(rng, ts, caller))
-                ts += timedelta(seconds=rng.expovariate(1 / 15))
+            calls += world.session(rng, begin, caller, session)
         calls.sort(key=lambda r: r["ts"])
         streams.append(calls)
     return world, users, merged(*streams)

@@ -45,11 +45,7 @@ def newcomer(
     rng = random.Random(seed * 100 + int(per_minute * 10) + (feature is not CHAT))
     calls, ts = [], begin
     while ts < begin + timedelta(minutes=minutes):
-        n = 1 if session <= 1 else 1 + int(rng.expovariate(1 / (session - 1)))
-        at = ts
-        for _ in range(n):
-            calls.append(world.call(rng, at, caller))
-            at += timedelta(seconds=rng.expovariate(1 / 15))
+        calls += world.session(rng, ts, caller, session)
         ts += timedelta(seconds=rng.expovariate(per_minute / session / 60))
     calls.sort(key=lambda r: r["ts"])
     return calls
