@@ -47,6 +47,15 @@ class DetectorSettings:
     busiest 5 minutes within this long either side (a day starts a little earlier or
     later); a drop against its quietest 5 minutes from 5 minutes before to this long after
     (traffic that usually ends at 17:00 may end at 16:58)."""
+    volume_wake_history_seconds: float = 86400.0
+    """Waking from a silence at a time of day that no previous day with calls within half
+    this either side has seen (a gateway started on a Monday afternoon, on Tuesday at
+    09:00; started on a Friday afternoon, on Monday, Saturday and Sunday without a call),
+    a scope with previous days kept (``volume_seasonal_days``) is judged in the waking
+    hour against its busiest 5 minutes of this long before the silence, where that is more
+    than ``volume_min_ratio`` times its own recent rate and holds ``volume_min_count`` calls,
+    and its rate's drop is not judged. Before (session 28), such a morning paged every
+    feature, "expected 0.0", and the next morning again."""
     volume_recurring_days: int = 2
     """A spike at this time of day on this many of the previous ``volume_seasonal_days``
     days is the product's rhythm (a nightly batch, a digest at 07:00), not an incident: a
@@ -496,6 +505,7 @@ class DetectorSettings:
             "series_clip_spreads",
             "incident_cost_ratio_explains",
             "volume_context_min_requests",
+            "volume_wake_history_seconds",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"DetectorSettings.{name} must be > 0")

@@ -124,6 +124,10 @@ class Verdict:
             how = (
                 "no baseline"
                 if ratio is None
+                # an expectation near 0 (a scope's first calls after a silence) made
+                # "141544222629578.6x normal": a number nobody reads
+                else f"over {RATIO_SHOWN:,.0f}x normal"
+                if ratio > RATIO_SHOWN
                 else f"{ratio:.1f}x normal"
                 if ratio >= 1
                 else f"{1 - ratio:.0%} below normal"
@@ -135,6 +139,9 @@ class Verdict:
         if self.impact_usd_per_hour is not None:
             text += f"; {money_per_hour(self.impact_usd_per_hour)}"
         return f"{text}; {self.note}" if self.note else text
+
+
+RATIO_SHOWN = 10_000.0  # beyond this, an alert says "over 10,000x normal"
 
 
 def amount(value: float, unit: str) -> str:

@@ -229,9 +229,18 @@ class AnomalyEngine:
 
     def _in_feature_cost_incident(self, user: ScopeState, at: datetime) -> bool:
         """Whether a feature the user called in the last hour has a cost incident that the
-        user does not explain (then the user's cost alarm is part of it)."""
+        user does not explain (then the user's cost alarm is part of it); or one that a
+        silence closed and its calls back reopen (``CostDetector.unseen_since``, or an
+        alarm raised while it was set): that incident was paged before the silence, and its
+        users' alarms among the first calls back are part of it whoever made most of them
+        (one user of three alike held "the" excess of a feature judged against its busiest
+        5 minutes the morning after a night it had not seen, and paged; session 28)."""
         return any(
-            cost.alarm_since is not None and not self.explains(user.scope, state.scope, at)
+            cost.unseen_since is not None
+            or (
+                cost.alarm_since is not None
+                and (cost.unseen_alarm or not self.explains(user.scope, state.scope, at))
+            )
             for state, cost in self._recent_costs(user, at)
         )
 

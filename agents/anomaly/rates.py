@@ -42,6 +42,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from itertools import accumulate
 
 from agents.anomaly.core import (
     NANOS_PER_USD,
@@ -183,6 +184,7 @@ class RateDetector:
         "unusual_at",
         "unusual_slots",
         "waiting",
+        "wake_high",
         "windows",
         "woke_at",
     )
@@ -230,6 +232,11 @@ class RateDetector:
         # days (``volume_seasonal_days``).
         self.season: dict[int, float] | None = {} if kind != "user" else None
         self.woke_at: float | None = None  # the first call after a long silence
+        # On waking at a time of day no previous day with calls has seen: (calls per
+        # second, calls) of the busiest 5 minutes of the day before the silence (the
+        # waking hour's reference instead of the same time on previous days) and the
+        # calls per second of its busiest half hour (whether a user is busy), else None.
+        self.wake_high: tuple[float, float, float] | None = None
         # Calls that would have paged on the scope's own reference, per 5-second slot of the
         # last days (alarmed or excused as recurring), and the excess per window they excuse
         # at this time of day (``volume_recurring_days``), cached per minute.
@@ -257,6 +264,8 @@ class RateDetector:
             self.unusual_slots = {}
             self.unusual_at = None
         self._floors = None  # (a checkpoint from before the floors: not kept)
+        if not hasattr(self, "wake_high"):  # a checkpoint from before unseen mornings
+            self.wake_high = None
         if not hasattr(self, "settled_peers"):  # a checkpoint from before newcomers
             self.settled_peers = False
         if not hasattr(self, "session_starts"):  # a checkpoint from before sessions
@@ -490,6 +499,52 @@ class RateDetector:
         woke = self.woke_at
         return woke is not None and t - woke < 2 * self.settings.volume_rate_memory_seconds
 
+    def _unseen_time_high(self, last: float, t: float) -> tuple[float, float, float] | None:
+        """Waking at ``t`` from a silence since ``last``, at a time of day that no previous
+        day with calls has seen (``volume_wake_history_seconds``): (calls per second,
+        calls) of the busiest 5 minutes of the day before the silence, the waking hour's
+        reference, and the calls per second of its busiest half hour (``seasonal_mean``'s
+        counterpart: one session of a quiet user is no busy user); None where a previous
+        day saw this time (``seasonal_high`` is), or without such a day's calls.
+
+        A gateway started on a Monday afternoon in front of an office-hours product had no
+        Monday morning: half an hour of memory had learned the night, and every feature
+        paged at 09:00 on Tuesday, "expected 0.0"; and again on Wednesday, Tuesday's
+        morning, in alarm, not kept as a morning. Started on a Friday afternoon: Saturday's
+        and Sunday's mornings were seen, without a call all day (days off, not quiet
+        mornings), and Monday paged the global scope and two features. A day that saw this
+        time and had calls within half the history either side (a night of an active day)
+        keeps the previous days' reference, as before: a burst at 03:00 is judged against
+        nights, not against the day (an earlier attempt, which kept the level before every
+        impossible silence, missed night bursts every night, and a product whose evening
+        tailed off was judged each morning against its tail: session 28's review)."""
+        s = self.settings
+        season = self.season
+        if season is None or s.volume_seasonal_days <= 0:
+            return None
+        half = s.volume_wake_history_seconds / 2
+        for d in self._season_days(t):
+            centre = t - d * 86400.0
+            lo, hi = (
+                int((centre - half) // SEASON_BIN_SECONDS),
+                int((centre + half) // SEASON_BIN_SECONDS),
+            )
+            around = [season.get(b, 0.0) for b in range(lo, hi + 1)]
+            if any(math.isnan(c) for c in around) or sum(around) >= s.volume_min_count:
+                return None  # an active day saw this time (NaN: an alarm's calls, active)
+        first = int((last - s.volume_wake_history_seconds) // SEASON_BIN_SECONDS)
+        bins = [season.get(b, 0.0) for b in range(first, int(last // SEASON_BIN_SECONDS) + 1)]
+        calls = max((c for c in bins if not math.isnan(c)), default=0.0)
+        if calls <= 0:
+            return None
+        span = int(2 * s.volume_seasonal_window_seconds // SEASON_BIN_SECONDS) or 1
+        half_hours = (sum(bins[i : i + span]) for i in range(max(1, len(bins) - span + 1)))
+        busiest = max((c for c in half_hours if not math.isnan(c)), default=0.0)
+        busiest /= span * SEASON_BIN_SECONDS
+        if self.is_user and busiest * 60 < s.volume_busy_user_per_minute:
+            return None  # a quiet user busy for a moment once (a session): judged as quiet
+        return calls / SEASON_BIN_SECONDS, calls, busiest
+
     def seasonal_low(self, t: float) -> float | None:
         """Calls per second a typical previous day made at its lowest 5-minute stretch from
         5 minutes before this time of day to ``volume_seasonal_window_seconds`` after (the
@@ -528,8 +583,13 @@ class RateDetector:
             busy = exposure > 0 and count / exposure * 60 >= s.volume_busy_user_per_minute
             if not busy and self.season is not None and self.waking(t):
                 # Busy at this time on previous days (the morning after a night off): judged
-                # as then, against those days, not as a quiet user whose day is 16 h of night
-                usual = self.seasonal_mean(t)
+                # as then, against those days, not as a quiet user whose day is 16 h of night.
+                # At a time no active previous day has seen, busy in a half hour of the day
+                # before the silence: a heavy user first seen on a Monday at noon, judged on
+                # Tuesday morning as a quiet user (a day of memory, the night learned), was
+                # paged "15x to 27x normal" when the waking hour ended (session 28).
+                wake = self.wake_high
+                usual = wake[2] if wake is not None else self.seasonal_mean(t)
                 busy = usual is not None and usual * 60 >= s.volume_busy_user_per_minute
             self.tau = s.volume_rate_memory_seconds if busy else s.volume_user_memory_seconds
             if busy:
@@ -563,12 +623,25 @@ class RateDetector:
             # The busiest 5 minutes must hold ``volume_min_count`` calls: one call at 17:37
             # yesterday is no evening rhythm, and as a reference of 1 call it taught a quiet
             # user's session that it was normal (a false page half an hour later, seed 11).
-            high = self.seasonal_high(t) if self.waking(t) else None
+            # A window's reference holds the silence until the window and that reference's
+            # memory have moved past the waking: the first hour for the shorter windows, 90
+            # minutes for the hour's, whose first slot after a night is learned at 60
+            # minutes against a reference of the night (a heavy user's hour then read "303
+            # calls where 4 were expected" at 10:00, held back only where the shorter windows
+            # expected enough calls to stop the test before it; session 28).
+            woke, memory = self.woke_at, self.settings.volume_rate_memory_seconds
+            reach = [
+                woke is not None and t - woke < max(2 * memory, w + memory) for w in self.windows
+            ]
+            high = None
+            if any(reach):
+                wake = self.wake_high
+                high = wake[:2] if wake is not None else self.seasonal_high(t)
             if high is not None and high[1] >= self.settings.volume_min_count:
                 floor = self.settings.volume_min_ratio
                 out = [
-                    (high[0], high[1]) if high[0] > floor * rate else (rate, shape)
-                    for rate, shape in out
+                    (high[0], high[1]) if near and high[0] > floor * rate else (rate, shape)
+                    for near, (rate, shape) in zip(reach, out, strict=True)
                 ]
         return out
 
@@ -696,10 +769,9 @@ class RateDetector:
         # span while it holds whole sessions (see ``dispersion``), so it is taken between the
         # windows on either side, by the log of the life's length (at 341 s, the 15-minute
         # window's 10.6 where 5 minutes' is 7.4).
+        # As in ``dispersion``, a window is at least as over-dispersed as the shorter ones.
         life = max(age, float(self.windows[0]))
-        floors = [max(0.0, _peers_excess(i, prior)) for i in range(j + 1)]
-        for i in range(1, j + 1):
-            floors[i] = max(floors[i], floors[i - 1])
+        floors = list(accumulate((max(0.0, _peers_excess(i, prior)) for i in range(j + 1)), max))
         excess = floors[j]
         if j > 0 and life < self.windows[j]:
             lo, hi = self.windows[j - 1], self.windows[j]
@@ -825,10 +897,14 @@ class RateDetector:
             # Over since (its alert resolved at a minute tick): this call starts afresh and
             # does not extend it. Closed only now, as a scope's alarm has no clock of its own.
             self._close_alarm()
-        if self.recent and t - self.recent[-1] >= self.settings.volume_rate_memory_seconds:
+        memory = self.settings.volume_rate_memory_seconds
+        woke = bool(self.recent) and t - self.recent[-1] >= memory
+        if woke:
             self.woke_at = t  # the first call after a silence (a night, a lunch)
             self._rates = None
         self.expire(t)
+        if woke:  # (the calls before the silence are in its days only once expired)
+            self.wake_high = self._unseen_time_high(self.recent[-1], t)
         expected = self.rates(t, prior, rhythm)
         self.mu = [rate * w for (rate, _), w in zip(expected, self.windows, strict=True)]
         rest = levels() if self.busy_user and levels is not None else None
@@ -1309,8 +1385,23 @@ class RateDetector:
         expected = self.rates(t)
         best_p, best_j, best_mu = 1.0, -1, 0.0
         low = self.seasonal_low(t)  # the day's usual low about now (its end, a lunch)
+        # Woken at a time of day no active previous day has seen: the busiest 5 minutes
+        # the waking hour's spikes are judged against would read a slow start as an
+        # outage, and the reference has learned the night: a drop is judged against the
+        # level since waking, over at least ``volume_burst_seconds`` (a review found an
+        # outage at 09:40 never paged with no drop judged in that hour: by 10:00 the
+        # reference had learned 20 minutes of it).
+        woke = self.woke_at if self.wake_high is not None and self.waking(t) else None
         for j, w in enumerate(self.windows[:2]):
             mu = expected[j][0] * w
+            if woke is not None:
+                # up to the window, or to the last call when the calls stopped before it (a
+                # whole outage: its silence is not the level it is judged against)
+                until = min(t - w, self.recent[-1]) if self.recent else t - w
+                span = until - woke
+                if span < s.volume_burst_seconds:
+                    continue
+                mu = self.calls_between(woke - SLOT_SECONDS, until) / span * w
             if low is not None:
                 mu = min(mu, low * w)
             if mu * 60.0 / w < s.volume_drop_min_expected:

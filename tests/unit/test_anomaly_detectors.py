@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from agents.anomaly.core import Cusum, TailCusum, cusum_threshold
+from agents.anomaly.core import Cusum, TailCusum, Verdict, cusum_threshold
 from agents.anomaly.costs import CostDetector
 from agents.anomaly.mix import TierMixDetector
 from agents.anomaly.rates import PeerPrior, RateDetector, fit_peer_prior
@@ -56,6 +56,30 @@ def test_rate_quiet_on_stationary_calls_then_flags_a_burst_within_seconds() -> N
     assert first.kind == "volume_spike" and first.unit == "requests/min"
     assert first.expected == pytest.approx(40, rel=0.25)
     assert "x normal" in first.explanation
+
+
+def test_a_ratio_over_an_expectation_near_zero_reads_as_a_bound() -> None:
+    """A scope's first calls after a night it had learned read "expected 0.0
+    (141544222629578.6x normal)" (session 28): past 10,000x the message says so."""
+    at = datetime(2024, 5, 7, 9, tzinfo=UTC)
+
+    def said(expected: float, observed: float) -> str:
+        return Verdict(
+            "volume_spike",
+            "feature:chat",
+            at,
+            30.0,
+            True,
+            expected,
+            observed,
+            "requests/min",
+            "requests/min",
+            60,
+        ).explanation
+
+    assert "(over 10,000x normal)" in said(1e-13, 14.2)
+    assert "(350.1x normal)" in said(0.02, 7.002)
+    assert "(50% below normal)" in said(10.0, 5.0)
 
 
 def test_rate_does_not_learn_an_anomalous_stretch() -> None:
@@ -597,6 +621,23 @@ def test_one_call_at_this_hour_yesterday_is_no_rhythm_for_a_user_waking_today() 
     assert user.waking(now)
     assert user.seasonal_high(now) == (1 / 300, 1.0)
     assert all(rate < 1 / 600 for rate, _ in user.rates(now)), user.rates(now)
+
+
+def test_a_scope_from_a_checkpoint_before_unseen_mornings_restores_and_wakes() -> None:
+    """A checkpoint written before ``wake_high`` (session 28): restored without it, the
+    feature has none, and its first call after a night it never saw the morning of is
+    judged against the busiest 5 minutes of its day before (2 calls a minute), not 0."""
+    feature = RateDetector("feature:old", SETTINGS, "feature")
+    feed(feature, [14 * 3600 + 30 * i for i in range(360)])  # 14:00 to 17:00, 2 a minute
+    state = {name: getattr(feature, name) for name in RateDetector.__slots__}
+    del state["wake_high"]
+    restored = RateDetector.__new__(RateDetector)
+    restored.__setstate__((None, state))
+    assert restored.wake_high is None
+    morning = 86400 + 9 * 3600
+    feed(restored, [morning])
+    assert restored.wake_high is not None and restored.wake_high[0] * 60 >= 2.0
+    assert all(rate * 60 >= 2.0 for rate, _ in restored.rates(morning)), restored.rates(morning)
 
 
 def test_a_user_from_a_checkpoint_before_sessions_restores_whole_and_learns_its_waiting_calls() -> (
