@@ -53,17 +53,22 @@ def test_an_outage_in_office_hours_still_pages() -> None:
     ]
 
 
+def _chat_burst(world: World, start: datetime) -> list[dict[str, Any]]:
+    """Chat at 8x its usual rate (7 a minute) for 10 minutes from ``start``, its users'."""
+    rng = random.Random(11)
+    chat = [c for c in world.callers if c.feature is CHAT]
+    return [
+        world.call(rng, ts, rng.choice(chat))
+        for ts in arrivals(rng, start, start + timedelta(minutes=10), per_minute=7 * 8.0)
+    ]
+
+
 def test_a_burst_just_after_the_morning_start_still_pages() -> None:
     """Guard: yesterday's morning is the reference, not a licence: a feature at 8x its usual
     rate from 09:02 pages within 2 minutes."""
     world = office_world(6)
     start = T0 + timedelta(days=2, hours=9, minutes=2)
-    rng = random.Random(11)
-    chat = [c for c in world.callers if c.feature is CHAT]
-    burst = [
-        world.call(rng, ts, rng.choice(chat))
-        for ts in arrivals(rng, start, start + timedelta(minutes=10), per_minute=7 * 8.0)
-    ]
+    burst = _chat_burst(world, start)
     alerts = run(AnomalyEngine(), merged(world.traffic(T0, T0 + timedelta(days=3)), burst))
     hits = [
         a
@@ -142,12 +147,7 @@ def test_a_burst_on_the_first_morning_after_an_afternoon_start_still_pages() -> 
     within 2 minutes."""
     world = office_world(6)
     start = T0 + timedelta(days=1, hours=9, minutes=2)
-    rng = random.Random(11)
-    chat = [c for c in world.callers if c.feature is CHAT]
-    burst = [
-        world.call(rng, ts, rng.choice(chat))
-        for ts in arrivals(rng, start, start + timedelta(minutes=10), per_minute=7 * 8.0)
-    ]
+    burst = _chat_burst(world, start)
     records = world.traffic(T0 + timedelta(hours=14), T0 + timedelta(days=2))
     alerts = run(AnomalyEngine(), merged(records, burst))
     hits = [
