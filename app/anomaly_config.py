@@ -48,14 +48,15 @@ class DetectorSettings:
     later); a drop against its quietest 5 minutes from 5 minutes before to this long after
     (traffic that usually ends at 17:00 may end at 16:58)."""
     volume_wake_history_seconds: float = 86400.0
-    """Waking from a silence at a time of day that no previous day with calls within half
-    this either side has seen (a gateway started on a Monday afternoon, on Tuesday at
-    09:00; started on a Friday afternoon, on Monday, Saturday and Sunday without a call),
-    a scope with previous days kept (``volume_seasonal_days``) is judged in the waking
-    hour against its busiest 5 minutes of this long before the silence, where that is more
-    than ``volume_min_ratio`` times its own recent rate and holds ``volume_min_count`` calls,
-    and its rate's drop is not judged. Before (session 28), such a morning paged every
-    feature, "expected 0.0", and the next morning again."""
+    """Waking from a silence at a time of day that no previous day with at least
+    ``volume_min_count`` calls within half this either side has seen (a gateway started on
+    a Monday afternoon, on Tuesday at 09:00; started on a Friday afternoon, on Monday,
+    Saturday and Sunday without a call), a scope with previous days kept
+    (``volume_seasonal_days``) is judged in the waking hour against its busiest 5 minutes
+    of this long before the silence, where that is more than ``volume_min_ratio`` times its
+    own recent rate and holds ``volume_min_count`` calls (a user only when busy over a half
+    hour of it), and its drops against its level since waking. Before (session 28), such a
+    morning paged every feature, "expected 0.0", and the next morning again."""
     volume_recurring_days: int = 2
     """A spike at this time of day on this many of the previous ``volume_seasonal_days``
     days is the product's rhythm (a nightly batch, a digest at 07:00), not an incident: a
