@@ -69,6 +69,15 @@ class DetectorSettings:
     so the first two nights of a new job page (it is news), the third is quiet. A bigger
     run than those days, the job at another hour, or an incident at another time still
     pages. 0: off. A weekly job recurs once in the 7 days looked back on: it pages."""
+    volume_woken_burstier: float = 2.0
+    """A feature in its waking hour, judged against its history as it woke, lends the
+    global scope's test its variance beyond the global's own (its variance/mean as it
+    woke over the global's, times the calls it expects) where that variance/mean is at
+    least this many times the global's: a job on a feature of its own, whose runs clump
+    (10 to 17 over a minute, the global's 1.5 to 3), paged the global at every run for
+    days (session 29). Not features about as steady as the global: an office product's
+    features all wake at 09:00 a little above or below it, and lending that difference
+    delayed the global's page of a heavy user's loop at 09:05 from 78 to 158 s. 0: off."""
     volume_user_memory_seconds: float = 86400.0
     """Memory of a user's own rate: a day, so a quiet user's few calls still make a baseline."""
     volume_busy_user_per_minute: float = 2.0
@@ -510,6 +519,8 @@ class DetectorSettings:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"DetectorSettings.{name} must be > 0")
+        if self.volume_woken_burstier < 0:
+            raise ValueError("DetectorSettings.volume_woken_burstier must be >= 0 (0: off)")
         if self.volume_seasonal_days and self.volume_recurring_days > self.volume_seasonal_days:
             raise ValueError(
                 f"DetectorSettings.volume_recurring_days={self.volume_recurring_days} must be at "

@@ -161,6 +161,7 @@ class RateDetector:
         "first_at",
         "frozen",
         "heads",
+        "history_base",
         "is_user",
         "kind",
         "last_anomalous",
@@ -184,6 +185,7 @@ class RateDetector:
         "unusual_at",
         "unusual_slots",
         "waiting",
+        "wake_dispersion",
         "wake_high",
         "windows",
         "woke_at",
@@ -237,6 +239,14 @@ class RateDetector:
         # waking hour's reference instead of the same time on previous days) and the
         # calls per second of its busiest half hour (whether a user is busy), else None.
         self.wake_high: tuple[float, float, float] | None = None
+        # In the waking hour, where a window is judged against the previous days (or the
+        # day before the silence) instead of its own reference: per window, the calls per
+        # second that own reference expects (it learned the silence), else None.
+        self.history_base: list[float] | None = None
+        # A feature's variance/mean per window at its waking call, where the waking hour is
+        # judged against its history (``history_base``), else None: how bursty its runs
+        # were before this one (``AnomalyEngine._woken_variance``).
+        self.wake_dispersion: list[float] | None = None
         # Calls that would have paged on the scope's own reference, per 5-second slot of the
         # last days (alarmed or excused as recurring), and the excess per window they excuse
         # at this time of day (``volume_recurring_days``), cached per minute.
@@ -266,6 +276,9 @@ class RateDetector:
         self._floors = None  # (a checkpoint from before the floors: not kept)
         if not hasattr(self, "wake_high"):  # a checkpoint from before unseen mornings
             self.wake_high = None
+        if not hasattr(self, "history_base"):  # ... from before waking features' variance
+            self.history_base = None
+            self.wake_dispersion = None
         if not hasattr(self, "settled_peers"):  # a checkpoint from before newcomers
             self.settled_peers = False
         if not hasattr(self, "session_starts"):  # a checkpoint from before sessions
@@ -637,11 +650,18 @@ class RateDetector:
             if any(reach):
                 wake = self.wake_high
                 high = wake[:2] if wake is not None else self.seasonal_high(t)
+            self.history_base = None
             if high is not None and high[1] >= self.settings.volume_min_count:
                 floor = self.settings.volume_min_ratio
+                replaced = [
+                    near and high[0] > floor * rate
+                    for near, (rate, _) in zip(reach, out, strict=True)
+                ]
+                if any(replaced):
+                    self.history_base = [rate for rate, _ in out]
                 out = [
-                    (high[0], high[1]) if near and high[0] > floor * rate else (rate, shape)
-                    for near, (rate, shape) in zip(reach, out, strict=True)
+                    (high[0], high[1]) if used else (rate, shape)
+                    for used, (rate, shape) in zip(replaced, out, strict=True)
                 ]
         return out
 
@@ -872,6 +892,7 @@ class RateDetector:
         rhythm: float = 1.0,
         context: float = 1.0,
         levels: Callable[[], list[float] | None] | None = None,
+        excused: Callable[[], list[float] | None] | None = None,
         cost_per_request_usd: float = 0.0,
         cost_nanos: float = 0.0,
         single_feature: bool = True,
@@ -881,6 +902,9 @@ class RateDetector:
         ``levels``: gives, per window, the rest of the traffic's count over its expected
         count (asked only for a busy user, whose expectation follows it instead of
         ``context``, a surge of the rest in the last minute; ``volume_busy_user_rest_level``).
+        ``excused``: gives, per window, variance of the count to add to the scope's own
+        (asked only when a window looks unusual: the global's, of features that woke as on
+        their previous days; ``AnomalyEngine._woken_variance``).
 
         Returns an anomalous verdict, or (while an alarm is open) a normal one saying the
         current value, else None.
@@ -907,6 +931,12 @@ class RateDetector:
             self.wake_high = self._unseen_time_high(self.recent[-1], t)
         expected = self.rates(t, prior, rhythm)
         self.mu = [rate * w for (rate, _), w in zip(expected, self.windows, strict=True)]
+        if woke and self.kind == "feature":
+            self.wake_dispersion = (
+                [self.dispersion(j, mu, None) for j, mu in enumerate(self.mu)]
+                if self.history_base is not None
+                else None
+            )
         rest = levels() if self.busy_user and levels is not None else None
         if rest is None:
             scales = [context] * len(self.windows)
@@ -953,6 +983,7 @@ class RateDetector:
                 self._recurring(t),
                 rhythm,
                 single_feature,
+                excused,
             )
             self._floors = None
         slot = int(t // SLOT_SECONDS)
@@ -1062,6 +1093,7 @@ class RateDetector:
         recurring: list[float] | None = None,
         rhythm: float = 1.0,
         single: bool = True,
+        excused: Callable[[], list[float] | None] | None = None,
     ) -> tuple[Verdict | None, float]:
         """``scales``: per window, how far the expectation is scaled by the rest of the
         traffic (``context`` for every window, or a busy user's ``levels``). ``recurring``:
@@ -1080,6 +1112,7 @@ class RateDetector:
             tested *= 2  # each window is tested in calls and in sessions (Bonferroni)
         session_note, self.sessions_span = "", 0.0
         settled = self._settled(t)
+        excuse: list[float] | None = None  # ``excused``'s answer, asked once
         for j, w in enumerate(self.windows):
             rate, shape = expected[j]
             if shape <= 0 or (not self._knows(j, t, prior) and j > 0):
@@ -1110,7 +1143,7 @@ class RateDetector:
                     x -= calls
                     mu *= (w - seconds) / w
                     aside = True
-            p, note = 1.0, ""
+            p, note, dispersion = 1.0, "", 0.0
             if x >= s.volume_min_count and x >= s.volume_min_ratio * mu:
                 if j > 0 and not self._current(t, expected, scales[0]):
                     continue  # the excess is not current: its recent part is back to normal
@@ -1147,6 +1180,14 @@ class RateDetector:
                         (mu - usual) / shape if shape > 0 else 0.0
                     )
                     p = upper_tail(x, mu, dispersion) * tested
+            if excused is not None and p < 1.0 and dispersion > 0:
+                # Variance that others' models of these calls hold (the global's: features
+                # that woke as on their previous days), as for ``usual``, after ``own_p``.
+                if excuse is None:
+                    excuse = excused() or []
+                extra = excuse[j] if j < len(excuse) else 0.0
+                if extra > 0 and mu > 0:
+                    p = upper_tail(x, mu, dispersion + extra / mu) * tested
             if p < best_p:
                 best_p, best_j, best_mu, best_x = p, j, mu, x
                 session_note = note

@@ -154,6 +154,8 @@ def test_one_incident_is_no_rhythm(world: World, traffic: list[dict[str, Any]]) 
 def test_recurring_setting_is_validated() -> None:
     with pytest.raises(ValueError, match="volume_recurring_days"):
         DetectorSettings(volume_recurring_days=-1)
+    with pytest.raises(ValueError, match="volume_woken_burstier"):
+        DetectorSettings(volume_woken_burstier=-1)
 
 
 def test_a_checkpoint_from_before_recurring_days_restores() -> None:
@@ -165,4 +167,116 @@ def test_a_checkpoint_from_before_recurring_days_restores() -> None:
     restored = RateDetector.__new__(RateDetector)
     restored.__setstate__(state)
     assert restored.unusual_slots == {}
+    restored.observe(datetime(2024, 5, 6, 12, tzinfo=T0.tzinfo))
+
+
+def _every(world: World, caller: Caller, hours: float, calls: int) -> list[dict[str, Any]]:
+    """A job every ``hours`` hours: ``calls`` calls within a minute, from 00:15 of day 0."""
+    rng = random.Random(17)
+    out, start = [], T0 + timedelta(minutes=15)
+    while start < T0 + timedelta(days=DAYS):
+        at = [start + timedelta(seconds=rng.uniform(0, 60)) for _ in range(calls)]
+        out += [world.call(rng, ts, caller) for ts in sorted(at)]
+        start += timedelta(hours=hours)
+    return out
+
+
+def _office(ts: datetime) -> float:
+    return 1.0 if 9 <= ts.hour < 17 else 0.0
+
+
+@pytest.fixture(scope="module")
+def office() -> tuple[World, list[dict[str, Any]]]:
+    """A product called 09:00-17:00 only: the global scope falls silent every night."""
+    world = World(5, zipf_callers([CHAT, SEARCH], 120, 24.0), _office)
+    return world, world.traffic(T0, T0 + timedelta(days=DAYS))
+
+
+@pytest.mark.parametrize("silent_nights", [False, True], ids=["all day", "office hours"])
+def test_a_job_every_two_hours_on_its_own_feature_is_paged_once(
+    world: World,
+    traffic: list[dict[str, Any]],
+    office: tuple[World, list[dict[str, Any]]],
+    silent_nights: bool,
+) -> None:
+    """A job every 2 hours (50 calls within a minute) on a feature of its own: its feature
+    is silent between runs, and judges each run when it wakes against the runs before. The
+    global scope, judged against its own half hour (the rest of the product calls all day)
+    or, in an office-hours product, against its previous nights' busiest 5 minutes (10 a
+    minute for the run's 50 in a minute, on the day's dispersion), paged the job's runs
+    for the first days (probed in session 28, office hours: 24 pages in 3 days, "3.2x" to
+    "8x normal", 22 of them the global's, while the job's own feature was quiet)."""
+    if silent_nights:
+        world, traffic = office
+    batch = Caller("svc-batch", EVAL, 0.0)
+    alerts = run(AnomalyEngine(DetectorSettings()), merged(traffic, _every(world, batch, 2.0, 50)))
+    by_day = _pages_by_day(alerts)
+    if silent_nights:  # the office's first evening is a drop (nothing to tell it from one)
+        by_day = {d: [p for p in ps if "volume_drop" not in p] for d, ps in by_day.items()}
+    assert by_day.get(0), "the job's first runs are news: they page"
+    every = [p for day in range(DAYS) for p in by_day.get(day, [])]
+    # The first runs, before the feature has learned how its runs clump, still page; and
+    # the feature on the second day at the time of a paged run (held as an alarm's calls).
+    assert len(every) <= 3 and len([p for p in every if " global " in p]) <= 1, by_day
+    assert not any(by_day.get(day) for day in range(2, DAYS)), by_day
+
+
+def test_a_bigger_run_of_the_two_hourly_job_still_pages(
+    world: World, traffic: list[dict[str, Any]]
+) -> None:
+    """The feature's history excuses runs like its runs: ten times the usual run is judged
+    beyond it, and pages."""
+    batch = Caller("svc-batch", EVAL, 0.0)
+    runs = [r for r in _every(world, batch, 2.0, 50) if r["ts"] < T0 + timedelta(days=DAYS - 1)]
+    rng = random.Random(3)
+    start = T0 + timedelta(days=DAYS - 1, hours=14, minutes=15)
+    big = sorted(start + timedelta(seconds=rng.uniform(0, 60)) for _ in range(500))
+    alerts = run(
+        AnomalyEngine(DetectorSettings()),
+        merged(traffic, runs, [world.call(rng, ts, batch) for ts in big]),
+    )
+    hits = [a for a in pages(alerts) if start <= a["_at"] <= start + timedelta(minutes=2)]
+    assert hits, _pages_by_day(alerts)
+
+
+def test_a_loop_during_a_run_of_the_two_hourly_job_still_pages(
+    world: World, traffic: list[dict[str, Any]]
+) -> None:
+    """What a waking feature's run excuses is its own calls: a quiet user's loop on another
+    feature that starts with a run pages as it would without the job."""
+    batch = Caller("svc-batch", EVAL, 0.0)
+    quiet = Caller("q-ana", CHAT, 1 / 60)
+    rng = random.Random(9)
+    start = T0 + timedelta(days=DAYS - 1, hours=14, minutes=15)
+    usual = [world.call(rng, ts, quiet) for ts in arrivals(rng, T0, start, quiet.per_minute)]
+    loop = usual + [
+        world.call(rng, ts, quiet) for ts in arrivals(rng, start, start + timedelta(minutes=30), 5)
+    ]
+    alerts = run(
+        AnomalyEngine(DetectorSettings()), merged(traffic, _every(world, batch, 2.0, 50), loop)
+    )
+    hits = [a for a in pages(alerts) if start <= a["_at"] <= start + timedelta(minutes=5)]
+    assert hits, _pages_by_day(alerts)
+
+
+def test_with_woken_variance_off_the_global_pages_the_job_as_before(
+    world: World, traffic: list[dict[str, Any]]
+) -> None:
+    """``volume_woken_burstier`` = 0 turns the rule off: the global pages the runs again."""
+    batch = Caller("svc-batch", EVAL, 0.0)
+    settings = DetectorSettings(volume_woken_burstier=0)
+    alerts = run(AnomalyEngine(settings), merged(traffic, _every(world, batch, 2.0, 50)))
+    assert len([a for a in pages(alerts) if a["scope"] == "global"]) >= 5, _pages_by_day(alerts)
+
+
+def test_a_checkpoint_from_before_woken_variance_restores() -> None:
+    detector = RateDetector("feature:a", DetectorSettings(), kind="feature")
+    state = detector.__getstate__()
+    slots = state[1] if isinstance(state, tuple) else state
+    assert isinstance(slots, dict)
+    slots.pop("history_base", None)
+    slots.pop("wake_dispersion", None)
+    restored = RateDetector.__new__(RateDetector)
+    restored.__setstate__(state)
+    assert restored.history_base is None and restored.wake_dispersion is None
     restored.observe(datetime(2024, 5, 6, 12, tzinfo=T0.tzinfo))
