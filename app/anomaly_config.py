@@ -72,7 +72,8 @@ class DetectorSettings:
     volume_woken_burstier: float = 2.0
     """A feature in its waking hour, judged against its history as it woke, lends the
     global scope's test its variance beyond the global's own (its variance/mean as it
-    woke over the global's, times the calls it expects) where that variance/mean is at
+    woke over the global's, times the calls it expects or holds in the window, whichever
+    is fewer) where that variance/mean is at
     least this many times the global's: a job on a feature of its own, whose runs clump
     (10 to 17 over a minute, the global's 1.5 to 3), paged the global at every run for
     days (session 29). Not features about as steady as the global: an office product's

@@ -158,14 +158,21 @@ def test_recurring_setting_is_validated() -> None:
         DetectorSettings(volume_woken_burstier=-1)
 
 
-def test_a_checkpoint_from_before_recurring_days_restores() -> None:
-    detector = RateDetector("user:a", DetectorSettings(), kind="user")
-    state = detector.__getstate__()
+def _restored_without(scope: str, kind: str, *names: str) -> RateDetector:
+    """A fresh detector's checkpoint without ``names`` (as an older version wrote it),
+    restored."""
+    state = RateDetector(scope, DetectorSettings(), kind=kind).__getstate__()
     slots = state[1] if isinstance(state, tuple) else state
     assert isinstance(slots, dict)
-    slots.pop("unusual_slots", None)
+    for name in names:
+        slots.pop(name, None)
     restored = RateDetector.__new__(RateDetector)
     restored.__setstate__(state)
+    return restored
+
+
+def test_a_checkpoint_from_before_recurring_days_restores() -> None:
+    restored = _restored_without("user:a", "user", "unusual_slots")
     assert restored.unusual_slots == {}
     restored.observe(datetime(2024, 5, 6, 12, tzinfo=T0.tzinfo))
 
@@ -270,13 +277,6 @@ def test_with_woken_variance_off_the_global_pages_the_job_as_before(
 
 
 def test_a_checkpoint_from_before_woken_variance_restores() -> None:
-    detector = RateDetector("feature:a", DetectorSettings(), kind="feature")
-    state = detector.__getstate__()
-    slots = state[1] if isinstance(state, tuple) else state
-    assert isinstance(slots, dict)
-    slots.pop("history_base", None)
-    slots.pop("wake_dispersion", None)
-    restored = RateDetector.__new__(RateDetector)
-    restored.__setstate__(state)
+    restored = _restored_without("feature:a", "feature", "history_base", "wake_dispersion")
     assert restored.history_base is None and restored.wake_dispersion is None
     restored.observe(datetime(2024, 5, 6, 12, tzinfo=T0.tzinfo))
