@@ -156,7 +156,8 @@ class DetectorSettings:
     volume_burst_seconds: float = 300.0
     """An unusual stretch of calls that is over within this long is one of the scope's normal
     bursts (a session, a retry storm) and teaches its burstiness; a longer one (a loop) never
-    does."""
+    does. Also how long a drop's stretch runs above every reference before it is learned
+    (session 30)."""
     volume_episode_gap_seconds: float = 120.0
     """An unusual stretch is over after this long without an unusual call (two of the
     shortest windows: a session's pauses of seconds to a minute stay inside one stretch)."""
@@ -178,7 +179,8 @@ class DetectorSettings:
     """A call of a feature or the global stream whose count has a tail probability below
     this is unusual: it opens a stretch whose burstiness is learned only if it is over
     within ``volume_burst_seconds`` (so a slow ramp does not teach the model that it is
-    ordinary)."""
+    ordinary). An open drop alarm goes on while a window up to ``volume_burst_seconds`` is
+    this unusual (a drop easing for minutes paged twice; session 30)."""
     volume_suspicion_p_user: float = 1e-4
     """The same for a user: lower, because a user's sessions are unusual at 1 % and must be
     learned as their normal bursts."""
@@ -206,7 +208,8 @@ class DetectorSettings:
     that level upwards only (the one user still calling when everyone else slows down is
     no spike)."""
     volume_adapt_after_minutes: int = 180
-    """A level anomalous this long is learned as the new normal."""
+    """A level anomalous this long is learned as the new normal (a drop too, if its last
+    hour had ``volume_min_count`` calls: a silence, a night, is judged on waking)."""
     volume_drop_scope_kinds: tuple[str, ...] = ("global",)
     """Scope kinds whose sudden drops are anomalies."""
     volume_drop_ratio: float = 0.5

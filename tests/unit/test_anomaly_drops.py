@@ -1,0 +1,143 @@
+"""A drop of the global request rate: one page per drop, its stretch learned only when it
+is not an outage, and a drop that lasts for hours learned as the new normal.
+
+The global's drop alarm freezes its references (an outage is not learned, so the recovery
+is no spike). Session 30 found three ways that went wrong: a drop easing for a few minutes
+closed its alarm and paged again when the alarm's cooldown was over; a drop judged in the
+waking hour against the previous days, while the references held the night, kept them at
+the night (the light Saturday of ``test_anomaly_office_hours.py``); and, once an open alarm
+goes on while its count stays unusual, a lasting lower level would have stayed frozen.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from datetime import datetime, timedelta
+from typing import Any
+
+from agents.anomaly.engine import AnomalyEngine
+from agents.anomaly.rates import RateDetector
+from app.anomaly_config import DetectorSettings
+from tests.anomaly_traffic import T0, World, firing, pages, run, zipf_callers
+from tests.unit.test_anomaly_detectors import at, poisson_times
+from tests.unit.test_anomaly_recurring import _restored_without
+from tests.unit.test_anomaly_scenarios import CHAT, SEARCH, SUPPORT
+
+START = T0 + timedelta(days=1, hours=10)
+
+
+def _shaped(
+    seed: int, *segments: tuple[float, float], then: float = 1.0
+) -> tuple[AnomalyEngine, list[dict[str, Any]]]:
+    """120 users at 40 calls a minute in all; from day 1 at 10:00, ``segments`` of (minutes,
+    level), then an hour at level ``then``. The engine after the traffic, and its alerts
+    from 08:00 of day 1."""
+
+    def rhythm(ts: datetime) -> float:
+        minutes = (ts - START).total_seconds() / 60
+        if minutes < 0:
+            return 1.0
+        for length, level in segments:
+            if minutes < length:
+                return level
+            minutes -= length
+        return then
+
+    callers = zipf_callers([CHAT, SEARCH, SUPPORT], users=120, total_per_minute=40)
+    world = World(seed=seed, callers=callers, rhythm=rhythm)
+    end = START + timedelta(minutes=sum(length for length, _ in segments) + 60)
+    engine = AnomalyEngine()
+    alerts = run(engine, world.traffic(T0, end))
+    return engine, [a for a in alerts if a["ts"] >= START - timedelta(hours=2)]
+
+
+def _said(alerts: list[dict[str, Any]]) -> list[str]:
+    return [f"{a['ts']:%H:%M} {a['scope']} {a['message'][:100]}" for a in alerts]
+
+
+def test_a_drop_that_eases_for_minutes_pages_once() -> None:
+    """A fifth of the traffic for an hour, with four minutes at half from 10:15: the count
+    at half is no page (``volume_drop_ratio``) and was no longer the drop either, the alarm
+    closed after ``resolve_after_seconds``, and the drop went on to page a second time when
+    its cooldown ended, at 10:48 (seeds 5 and 7 before session 30). An open alarm now goes
+    on while a window up to ``volume_burst_seconds`` stays unusual (``volume_suspicion_p``)."""
+    for seed in (5, 7):
+        _, alerts = _shaped(seed, (15, 0.2), (4, 0.5), (41, 0.2))
+        during = [a for a in pages(alerts) if a["ts"] < START + timedelta(minutes=60)]
+        assert [(a["kind"], a["scope"]) for a in during] == [("volume_drop", "global")], _said(
+            during
+        )
+        assert during[0]["ts"] <= START + timedelta(minutes=3)
+
+
+def test_an_outage_is_not_learned_and_its_recovery_is_quiet() -> None:
+    """Guard: an outage's stretch is below the references, so it stays frozen and the calls
+    back are no spike, not even one attached to the drop's page (learned, the silence would
+    make them one)."""
+    for seed in (5, 6):
+        _, alerts = _shaped(seed, (30, 0.0))
+        volume = [a for a in firing(alerts) if a["kind"].startswith("volume")]
+        assert [(a["kind"], a["scope"]) for a in volume] == [("volume_drop", "global")], _said(
+            volume
+        )
+        assert [a["kind"] for a in pages(alerts) if a["kind"].startswith("volume")] == [
+            "volume_drop"
+        ]
+
+
+def test_a_drop_that_lasts_for_hours_is_learned_as_the_new_normal() -> None:
+    """A drop to 30 % for 20 minutes, then 45 % from 10:20 on: the open alarm goes on while
+    the count stays unusual, and without ``volume_adapt_after_minutes`` for drops (the rule
+    spikes had) the references stayed frozen at the old level for good, the alarm open.
+    After three hours the level is learned: the alarm is over, the references hold it, and
+    it paged once."""
+    engine, alerts = _shaped(5, (20, 0.3), (200, 0.45), then=0.45)
+    rate = engine.global_scope.rate
+    assert [a["kind"] for a in pages(alerts)] == ["volume_drop"], _said(pages(alerts))
+    assert rate.alarm_since is None
+    count, exposure = rate.refs[0].count, rate.refs[0].exposure
+    assert 12 < count / exposure * 60 < 24, count / exposure * 60  # 18 a minute
+
+
+def test_a_checkpoint_from_before_learned_drops_restores() -> None:
+    restored = _restored_without("global", "global", "drop_alarm")
+    assert restored.drop_alarm is False
+    restored.check_drop(START)
+
+
+def _dropped(seed: int) -> tuple[RateDetector, float]:
+    """A global detector after three hours at 40 calls a minute and 6 minutes at 8, judged
+    at each minute's end: its drop alarm open and frozen. And the time."""
+    rng = random.Random(seed)
+    detector = RateDetector("global", DetectorSettings(), "global")
+    normal, end = 3 * 3600, 3 * 3600 + 6 * 60
+    times = poisson_times(rng, 0, normal, 40) + poisson_times(rng, normal, end, 8)
+    ticks = iter(range(normal + 60, end + 1, 60))
+    tick = next(ticks)
+    for t in times:
+        while tick is not None and tick <= t:
+            detector.check_drop(at(tick))
+            tick = next(ticks, None)
+        detector.observe(at(t))
+    while tick is not None:
+        detector.check_drop(at(tick))
+        tick = next(ticks, None)
+    return detector, float(end)
+
+
+def test_a_drop_under_the_references_stays_frozen_and_one_above_them_is_learned() -> None:
+    """The rule of ``RateDetector._learn_drop``, alone: a drop to a fifth stays frozen (its
+    references keep 40 a minute); the same drop where the references expect 4 a minute
+    (as a light Saturday's had learned the night) is learned, and its alarm goes on."""
+    detector, end = _dropped(3)
+    assert detector.alarm_since is not None and detector.frozen[-1][1] == math.inf
+    count, exposure = detector.refs[0].at_time(end, detector.tau)
+    assert count / exposure * 60 > 35
+    for ref in detector.refs:
+        ref.count *= 0.1  # references that hold 4 calls a minute
+    detector.check_drop(at(end + 60))
+    assert detector.alarm_since is not None
+    assert not detector.frozen or detector.frozen[-1][1] != math.inf
+    count, exposure = detector.refs[0].at_time(end + 60, detector.tau)
+    assert 4.5 < count / exposure * 60 < 8, count / exposure * 60  # learned 8 a minute
