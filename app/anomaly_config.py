@@ -208,8 +208,9 @@ class DetectorSettings:
     that level upwards only (the one user still calling when everyone else slows down is
     no spike)."""
     volume_adapt_after_minutes: int = 180
-    """A level anomalous this long is learned as the new normal (a drop too, if its last
-    hour had ``volume_min_count`` calls: a silence, a night, is judged on waking)."""
+    """A level anomalous this long is learned as the new normal (a drop too, at a level
+    above ``volume_drop_ratio`` of normal, kept open only by going on while unusual; not an
+    outage, nor a silence: a night is judged on waking)."""
     volume_drop_scope_kinds: tuple[str, ...] = ("global",)
     """Scope kinds whose sudden drops are anomalies."""
     volume_drop_ratio: float = 0.5

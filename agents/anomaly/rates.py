@@ -1496,14 +1496,15 @@ class RateDetector:
                 self._rates = None
             self.last_anomalous = t
             lasting = t - self.alarm_since >= s.volume_adapt_after_minutes * 60
-            if lasting and self.counts[-1] >= s.volume_min_count:
-                # As for a spike: a level with calls this long is the new normal (with the
-                # alarm going on while unusual, a drop to 45 % stayed frozen for good). Not
-                # a silence (a night): the calls back are judged on waking, and accepted,
-                # the first night of an office product left the references at 0 where,
-                # frozen, they held the day, and the busiest user's loop at 09:05 the next
-                # morning was not paged (paged in 78 s frozen; later mornings, whose nights
-                # were no alarm, do not page it either: see docs/ANOMALY.md).
+            if lasting and self.counts[best_j] > s.volume_drop_ratio * best_mu:
+                # As for a spike: a level this long is the new normal, if it is one an alarm
+                # would not open at (``volume_drop_ratio``), kept open only by going on
+                # while unusual (a drop to 55 % stayed frozen for good). Not an outage (5 %
+                # of the traffic for 4 hours, accepted, resolved "back to normal" at 3
+                # hours and the calls back paged "38.2x normal": session 30's review), nor a
+                # silence (a night: the first night of an office product, accepted, left
+                # the references at 0 where, frozen, they held the day, and the busiest
+                # user's loop at 09:05 the next morning was not paged).
                 self._accept(t)
                 return None
         if self.drop_alarm and self.frozen and self.frozen[-1][1] == _INF:
@@ -1548,9 +1549,9 @@ class RateDetector:
         reference expects: the drop was judged against a level the references do not hold
         (the previous days', in the waking hour, while they learned the night), and held
         back from them, the stretch would leave them below the level that stays. Kept from
-        them, a light Saturday's references held Friday night (0.2 calls a minute against
-        2.4) once its waking hour was over, and spikes paged at 10:01, 10:17, 11:09, 11:45
-        and 12:21 (session 29's probe). A stretch under a reference (an outage) stays
+        them, a light Saturday's references held the night (0.2 to 0.9 calls a minute
+        against 2.4) once its waking hour was over, and spikes paged at 10:17, 11:09, 11:45
+        and 12:21 (session 29's probe, seed 5). A stretch under a reference (an outage) stays
         frozen: learned, its silence would make the recovery a spike. Learned as far back as
         the longest window (the slots kept); before that it stays unlearned."""
         start = self.frozen[-1][0]
@@ -1561,8 +1562,10 @@ class RateDetector:
         first = float(math.ceil(known / SLOT_SECONDS))
         last = float(math.ceil(end / SLOT_SECONDS) - 1)
         level = self._in_slots(first, last)[0] / (end - known)
-        for ref in self.refs:
-            count, exposure = ref.at_time(t, self.tau)
+        for ref, w in zip(self.refs, self.windows, strict=True):
+            # read as ``rates`` reads it: at the window's start, or the stretch's if earlier
+            # (at ``t`` the longest window's read 14 % of its rate: session 30's review)
+            count, exposure = ref.at_time(min(t - w, start), self.tau)
             if exposure > 0 and count / exposure >= level:
                 return
         # Slots up to each reference's time were skipped: learned now, faded as they

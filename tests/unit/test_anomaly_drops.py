@@ -87,17 +87,33 @@ def test_an_outage_is_not_learned_and_its_recovery_is_quiet() -> None:
 
 
 def test_a_drop_that_lasts_for_hours_is_learned_as_the_new_normal() -> None:
-    """A drop to 30 % for 20 minutes, then 45 % from 10:20 on: the open alarm goes on while
+    """A drop to 30 % for 20 minutes, then 55 % from 10:20 on: the open alarm goes on while
     the count stays unusual, and without ``volume_adapt_after_minutes`` for drops (the rule
     spikes had) the references stayed frozen at the old level for good, the alarm open.
-    After three hours the level is learned: the alarm is over, the references hold it, and
-    it paged once."""
-    engine, alerts = _shaped(5, (20, 0.3), (200, 0.45), then=0.45)
+    After three hours the level, one no alarm would open at, is learned: the alarm is
+    over, the references hold it, and it paged once."""
+    engine, alerts = _shaped(5, (20, 0.3), (200, 0.55), then=0.55)
     rate = engine.global_scope.rate
     assert [a["kind"] for a in pages(alerts)] == ["volume_drop"], _said(pages(alerts))
     assert rate.alarm_since is None
     count, exposure = rate.refs[0].count, rate.refs[0].exposure
-    assert 12 < count / exposure * 60 < 24, count / exposure * 60  # 18 a minute
+    assert 15 < count / exposure * 60 < 30, count / exposure * 60  # 22 a minute
+
+
+def test_an_outage_of_hours_is_no_new_normal() -> None:
+    """5 % of the traffic for 4 hours: an outage, however long, is not learned as the new
+    normal by the global. Accepted at 3 hours, it resolved "back to normal" while 95 % of
+    the calls were still missing, and the calls back paged "38.2x normal" (session 30's
+    review). (The features and users, which do not watch drops, learn it and page the
+    calls back: docs/ANOMALY.md.)"""
+    back = START + timedelta(hours=4)
+    _, alerts = _shaped(5, (240, 0.05))
+    volume = [
+        a for a in firing(alerts) if a["kind"].startswith("volume") and a["scope"] == "global"
+    ]
+    assert [a["kind"] for a in volume] == ["volume_drop"], _said(volume)
+    resolved = [a for a in alerts if a["kind"] == "volume_drop" and a["status"] == "resolved"]
+    assert resolved and all(a["ts"] >= back for a in resolved), _said(resolved)
 
 
 def test_a_checkpoint_from_before_learned_drops_restores() -> None:
