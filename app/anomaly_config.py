@@ -216,7 +216,9 @@ class DetectorSettings:
     volume_drop_ratio: float = 0.5
     """A drop must be to at most this share of the expected count..."""
     volume_drop_min_expected: float = 20.0
-    """... and only counts when at least this many requests per minute were expected."""
+    """... and only opens an alarm when at least this many requests per minute were
+    expected (an open alarm is judged under it too: at 10:00 of a light Saturday the
+    expectation fell under it, and the drop resolved in an outage)."""
 
     # -- cost per request --------------------------------------------------------------
     cost_scope_kinds: tuple[str, ...] = ("feature", "user")

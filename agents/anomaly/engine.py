@@ -158,6 +158,8 @@ class AnomalyEngine:
         s = self.settings
         kind = _scope_kind(scope)
         state = ScopeState(scope=scope, kind=kind, rate=RateDetector(scope, s, kind))
+        if kind != "global":  # the global's outages are not learned by any scope
+            state.rate.outage_source = self.global_scope.rate
         if kind in s.cost_scope_kinds or kind == "global":
             # The global scope always keeps a cost distribution: users without a feature
             # are ranked in it; it is judged only if "global" is in cost_scope_kinds.
@@ -737,6 +739,9 @@ class AnomalyEngine:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self.__dict__.setdefault("detector_factories", ())  # a checkpoint from before them
+        for scope in self.scopes():  # (a checkpoint from before outages held from all)
+            if scope.kind != "global":
+                scope.rate.outage_source = self.global_scope.rate
         self.correlator.nests = self.nests
         self.correlator.explains = self.explains
         self.correlator.refresh = self.alerts.refreshed

@@ -168,6 +168,8 @@ class RateDetector:
         "last_anomalous",
         "learned_slot",
         "mu",
+        "outage_source",
+        "outages",
         "p_value",
         "pearson",
         "recent",
@@ -211,6 +213,12 @@ class RateDetector:
         self.pearson = [DecayedMean() for _ in self.windows]
         self.daily = DecayedRate() if kind == "global" else None
         self.frozen: list[list[float]] = []  # [start, end] of anomalous stretches (not learned)
+        # The global: its drop stretches not learned (an outage), entries of ``frozen``.
+        # A feature or user: the global, whose outages it does not learn either (session
+        # 31: the features learned a partial outage the global held back, and the calls
+        # back paged each of them as a spike, "13.1x normal").
+        self.outages: list[list[float]] = []
+        self.outage_source: RateDetector | None = None
         self.first_at: float | None = None
         self.alarm_since: float | None = None
         self.last_anomalous = -_INF
@@ -284,6 +292,9 @@ class RateDetector:
             self.wake_dispersion = None
         if not hasattr(self, "drop_alarm"):  # a checkpoint from before learned drops
             self.drop_alarm = False
+        if not hasattr(self, "outages"):  # ... from before outages held from every scope
+            self.outages = []
+            self.outage_source = None
         if not hasattr(self, "settled_peers"):  # a checkpoint from before newcomers
             self.settled_peers = False
         if not hasattr(self, "session_starts"):  # a checkpoint from before sessions
@@ -371,7 +382,7 @@ class RateDetector:
             # counted with the weight it has left by now, not as a call of this moment.
             # At full weight, 1,479 calls of 4 to 1 hours ago raised the global reference
             # from 20 to 67 calls a minute and fired a live volume_drop (probe W).
-            frozen = any(start <= at < end for start, end in self.frozen)
+            frozen = any(start <= at < end for start, end in self._stretches())
             if j == 0:
                 self._season_add(at, math.nan if frozen else calls)  # in its own 5 minutes
             if not frozen:
@@ -379,7 +390,8 @@ class RateDetector:
                 if j == 0 and self.daily is not None and self.daily.at is not None:
                     self.daily.count += calls * math.exp(-max(0.0, self.daily.at - at) / 86400.0)
             return
-        for start, end in self.frozen:
+        stretches = self._stretches()
+        for start, end in stretches:
             if end <= ref.at:
                 continue
             if start >= at:
@@ -388,7 +400,7 @@ class RateDetector:
                 ref.advance(start, self.tau)
             ref.skip_to(min(end, at))
         ref.advance(at, self.tau)
-        if any(start <= at < end for start, end in self.frozen):
+        if any(start <= at < end for start, end in stretches):
             if j == 0:
                 self._season_add(at, math.nan)
             return
@@ -398,6 +410,14 @@ class RateDetector:
         if j == 0 and self.daily is not None:
             self.daily.advance(at, 86400.0)
             self.daily.count += calls
+
+    def _stretches(self) -> list[list[float]]:
+        """The stretches not learned, by start: this scope's alarms', and the global's
+        outages (``outage_source``)."""
+        source = self.outage_source
+        if source is None or not source.outages:
+            return self.frozen
+        return sorted([*self.frozen, *source.outages])
 
     def add_late(self, t: float, nanos: float) -> None:
         """Count a call that arrived after calls newer than it: in the slot it belongs to,
@@ -612,7 +632,7 @@ class RateDetector:
             # A busy user follows their own rhythm, like a feature: half an hour of memory,
             # no prior; a quiet one keeps a day, their peers' prior and the global rhythm.
             s = self.settings
-            count, exposure = self.refs[0].at_time(t - self.windows[0], self.tau)
+            count, exposure = self._read(0, t - self.windows[0], open_since)
             busy = exposure > 0 and count / exposure * 60 >= s.volume_busy_user_per_minute
             if not busy and self.season is not None and self.waking(t):
                 # Busy at this time on previous days (the morning after a night off): judged
@@ -630,7 +650,7 @@ class RateDetector:
         out = []
         exposures = self.exposures
         for j, w in enumerate(self.windows):
-            count, exposure = self.refs[j].at_time(min(t - w, open_since), self.tau)
+            count, exposure = self._read(j, t - w, open_since)
             exposures[j] = exposure
             if self.tau == self.settings.volume_rate_memory_seconds:
                 shape = count
@@ -684,6 +704,22 @@ class RateDetector:
                     for used, (rate, shape) in zip(replaced, out, strict=True)
                 ]
         return out
+
+    def _read(self, j: int, t: float, open_since: float) -> tuple[float, float]:
+        """Window ``j``'s reference as it would be at ``t``, not faded over this scope's
+        open alarm (from ``open_since``) nor over the global's outages, which ``_learn``
+        skips when the next slot leaves the window. A user with no call since the first
+        night of an office product (an outage to the global, no night seen before) read it
+        as learned: its 15- and 60-minute references, faded over the night, expected 1e-15
+        calls a second at 09:02, and it paged at 09:37 "expected 0.0 (over 10,000x
+        normal)" (session 31)."""
+        ref = self.refs[j]
+        t = min(t, open_since)
+        source = self.outage_source
+        if source is not None and source.outages and ref.at is not None:
+            since = ref.at
+            t -= sum(max(0.0, min(end, t) - max(start, since)) for start, end in source.outages)
+        return ref.at_time(t, self.tau)
 
     def rhythm(self, t: float) -> float:
         """Global only: the current rate over the daily mean rate (0.25 to 4)."""
@@ -1446,6 +1482,9 @@ class RateDetector:
         if t - self.first_at < self.settings.volume_warmup_seconds:
             return None
         s = self.settings
+        horizon = t - 2 * self.windows[-1]
+        if self.outages and self.outages[0][1] < horizon:
+            self.outages = [f for f in self.outages if f[1] >= horizon]
         expected = self.rates(t)
         best_p, best_j, best_mu = 1.0, -1, 0.0
         low = self.seasonal_low(t)  # the day's usual low about now (its end, a lunch)
@@ -1472,7 +1511,10 @@ class RateDetector:
                 mu = self.calls_between(woke - SLOT_SECONDS, until) / span * w
             if low is not None:
                 mu = min(mu, low * w)
-            if mu * 60.0 / w < s.volume_drop_min_expected:
+            # (an open alarm is judged under it too: at 10:00 on a light Saturday its
+            # expectation fell from the previous days' to the references', under it, and
+            # the drop resolved "back to normal ... 0.0 vs 20.8 requests/min" in an outage)
+            if self.alarm_since is None and mu * 60.0 / w < s.volume_drop_min_expected:
                 continue
             x = self.counts[j]
             if x > (1.0 if self.alarm_since is not None else s.volume_drop_ratio) * mu:
@@ -1480,6 +1522,23 @@ class RateDetector:
             p = lower_tail(x, mu, self.dispersion(j, mu, None)) * 2
             if p < best_p:
                 best_p, best_j, best_mu = p, j, mu
+        best_w, best_x = (
+            (float(self.windows[best_j]), self.counts[best_j]) if best_j >= 0 else (0.0, 0)
+        )
+        silence = t - self.recent[-1] if self.recent else 0.0
+        if self.alarm_since is not None and woke is None and silence > judged[-1]:
+            # An open alarm is also judged on the silence since the last call: a silence is
+            # no evidence the calls are back. An outage inside a light Saturday's drop,
+            # judged over 5 minutes against the references' 1.9 calls a minute (which had
+            # learned the night), was p ~ 0.013 at 10:00 and resolved "back to normal"
+            # 40 minutes into the outage (its window: the longest that fits in the silence).
+            j = bisect.bisect_right(self.windows, silence) - 1
+            rate = expected[j][0] if low is None else min(expected[j][0], low)
+            mu = rate * silence
+            p = lower_tail(0.0, mu, self.dispersion(j, rate * self.windows[j], None)) * 2
+            if p < best_p:
+                best_p, best_j, best_mu = p, j, mu
+                best_w, best_x = silence, 0
         # An open alarm goes on while the count stays unusual (``volume_suspicion_p``), not
         # only under the paging p-value and ``volume_drop_ratio``: a light Saturday's drop (4
         # to 9 calls in a minute or two where the previous days made 21) sat at p ~ 1e-6
@@ -1489,14 +1548,28 @@ class RateDetector:
         bar = self.p_value if self.alarm_since is None else max(self.p_value, s.volume_suspicion_p)
         anomalous = best_j >= 0 and best_p < bar
         if anomalous:
+            # An outage: under ``volume_drop_ratio`` of what the references themselves
+            # expect (not the previous days' level of a waking hour: a light Saturday's
+            # drop is above its references, which hold the night).
+            base = self.history_base
+            own = (base[best_j] if base is not None else expected[best_j][0]) * best_w
+            outage = best_x <= s.volume_drop_ratio * own
+            opened = self.alarm_since is None
             if self.alarm_since is None:
                 self.alarm_since, self.alarm_window = t, best_j
+            if not (self.frozen and self.frozen[-1][1] == _INF) and (opened or outage):
+                # (also an outage within an alarm whose stretch was learned: one inside a
+                # light Saturday's drop was learned, and resolved it, as above)
                 self.drop_alarm = True
                 self.frozen.append([t - self.windows[best_j], _INF])
                 self._rates = None
+            stretch = self.frozen[-1] if self.drop_alarm and self.frozen else None
+            if outage and stretch is not None and all(f is not stretch for f in self.outages):
+                # no scope learns it (``outage_source``)
+                self.outages.append(stretch)
             self.last_anomalous = t
             lasting = t - self.alarm_since >= s.volume_adapt_after_minutes * 60
-            if lasting and self.counts[best_j] > s.volume_drop_ratio * best_mu:
+            if lasting and best_x > s.volume_drop_ratio * best_mu:
                 # As for a spike: a level this long is the new normal, if it is one an alarm
                 # would not open at (``volume_drop_ratio``), kept open only by going on
                 # while unusual (a drop to 55 % stayed frozen for good). Not an outage (5 %
@@ -1517,21 +1590,20 @@ class RateDetector:
             self._close_alarm()
         if not anomalous:
             return None
-        w, mu = self.windows[best_j], best_mu
-        x = self.counts[best_j]
+        span, mu, x = best_w, best_mu, best_x
         return Verdict(
             kind="volume_drop",
             scope=self.scope,
             ts=ts,
             score=surprise(best_p),
             is_anomaly=True,
-            expected=mu * 60.0 / w,
-            observed=x * 60.0 / w,
+            expected=mu * 60.0 / span,
+            observed=x * 60.0 / span,
             unit="requests/min",
             metric="requests/min",
-            window_seconds=w,
-            note=f"p < 1e-{int(surprise(best_p))} over the last {span_text(w)}",
-            impact_usd_per_hour=(x - mu) / w * 3600.0 * cost_per_request_usd,
+            window_seconds=round(span),
+            note=f"p < 1e-{int(surprise(best_p))} over the last {span_text(span)}",
+            impact_usd_per_hour=(x - mu) / span * 3600.0 * cost_per_request_usd,
         )
 
     def _close_alarm(self) -> None:
@@ -1542,6 +1614,7 @@ class RateDetector:
         self.drop_alarm = False
         horizon = self.last_anomalous - 2 * self.windows[-1]
         self.frozen = [f for f in self.frozen if f[1] >= horizon]
+        self.outages = [f for f in self.outages if f[1] >= horizon]
 
     def _learn_drop(self, t: float, end: float) -> None:
         """A drop's frozen stretch (up to ``end``) is learned, and no longer frozen, once it
@@ -1594,7 +1667,8 @@ class RateDetector:
         if known > start:
             self.frozen[-1][1] = known
         else:
-            self.frozen.pop()
+            learned = self.frozen.pop()
+            self.outages = [f for f in self.outages if f is not learned]
         self.drop_alarm = False
         self._rates = None
 
@@ -1627,6 +1701,7 @@ class RateDetector:
             if ref.exposure > 0:
                 ref.count = self.counts[j] / w * ref.exposure
         self.frozen = []
+        self.outages = []
         self.alarm_since = None
         self.drop_alarm = False
 

@@ -157,3 +157,65 @@ def test_a_drop_under_the_references_stays_frozen_and_one_above_them_is_learned(
     assert not detector.frozen or detector.frozen[-1][1] != math.inf
     count, exposure = detector.refs[0].at_time(end + 60, detector.tau)
     assert 4.5 < count / exposure * 60 < 8, count / exposure * 60  # learned 8 a minute
+
+
+def test_the_calls_back_after_a_partial_outage_page_nothing_more() -> None:
+    """A fifth of the traffic for an hour, a tenth for 90 minutes, a twentieth for 4 hours:
+    the global's drop alarm froze its references, but the features and users, which do not
+    watch drops, learned the low level, and the calls back paged every feature as a spike
+    ("13.1x normal", "22.9x normal"), four or five pages after the drop's one (session 31).
+    They do not learn a stretch the global holds as an outage."""
+    for seed, segment in ((5, (60, 0.2)), (5, (90, 0.1)), (6, (240, 0.05))):
+        _, alerts = _shaped(seed, segment)
+        assert [(a["kind"], a["scope"]) for a in pages(alerts)] == [("volume_drop", "global")], (
+            _said(pages(alerts))
+        )
+
+
+def test_a_spike_inside_a_drop_alarm_whose_stretch_was_learned_is_frozen() -> None:
+    """The spike path's branch for an alarm already open: a drop's stretch was learned (the
+    alarm goes on, nothing frozen), then 200 calls in a minute. Not frozen, the burst would
+    be learned as the level while the alarm is open; it is frozen from its window's start,
+    as a spike's alarm is, and it is no drop stretch (``_learn_drop`` leaves it alone)."""
+    detector, end = _dropped(3)
+    for ref in detector.refs:
+        ref.count *= 0.1
+    detector.check_drop(at(end + 60))
+    assert detector.alarm_since is not None and not detector.drop_alarm
+    assert not detector.frozen or detector.frozen[-1][1] != math.inf
+    rng = random.Random(4)
+    for t in poisson_times(rng, end + 60, end + 120, 200):
+        detector.observe(at(t))
+    assert detector.frozen and detector.frozen[-1][1] == math.inf
+    assert not detector.drop_alarm and detector.outages == []
+
+
+def test_an_outage_is_held_from_the_features_across_a_checkpoint() -> None:
+    """An engine checkpointed in the middle of a partial outage and restored: the features
+    and users still hold the global's outage (they are linked to the restored global), and
+    the calls back page nothing more than the drop."""
+    callers = zipf_callers([CHAT, SEARCH, SUPPORT], users=120, total_per_minute=40)
+
+    def rhythm(ts: datetime) -> float:
+        return 0.1 if START <= ts < START + timedelta(minutes=90) else 1.0
+
+    records = World(seed=5, callers=callers, rhythm=rhythm).traffic(
+        T0, START + timedelta(minutes=150)
+    )
+    middle = START + timedelta(minutes=45)
+    engine = AnomalyEngine()
+    alerts = run(engine, [r for r in records if r["ts"] < middle])
+    engine = AnomalyEngine.restore(engine.snapshot())
+    glob = engine.global_scope.rate
+    assert glob.outages and all(f[1] == math.inf for f in glob.outages[-1:])
+    assert all(state.rate.outage_source is glob for state in engine.features.values())
+    alerts += run(engine, [r for r in records if r["ts"] >= middle])
+    assert [(a["kind"], a["scope"]) for a in pages(alerts)] == [("volume_drop", "global")], _said(
+        pages(alerts)
+    )
+
+
+def test_a_checkpoint_from_before_outages_held_from_every_scope_restores() -> None:
+    restored = _restored_without("feature:chat", "feature", "outages", "outage_source")
+    assert restored.outages == [] and restored.outage_source is None
+    restored.observe(START)

@@ -187,6 +187,38 @@ def test_a_light_weekend_is_quiet_from_the_second_weekend() -> None:
         ]
 
 
+def test_an_outage_inside_the_light_saturdays_drop_is_that_drop() -> None:
+    """The first light Saturday pages its drop at 09:05; the stretch is learned (it is above
+    the references, which held the night), the alarm goes on. An outage from 09:20 to 10:20
+    inside that alarm was not frozen (an alarm froze only when it opened), so the
+    references learned its silence; when the waking hour ended at 10:00 the drop, no longer
+    judged (under ``volume_drop_min_expected``), resolved "back to normal ... requests/min:
+    0.0 vs 20.8 expected" with no call coming in, and the calls back paged the drop again
+    at 10:33 (seed 5; seed 8 the same at 10:51 after an outage to 10:50). One incident: the
+    drop's alarm, resolved only once the calls are back."""
+    assert T0.weekday() == 0
+    saturday = T0 + timedelta(days=5)
+    for seed, minutes in ((5, 60), (8, 90)):
+        callers = zipf_callers([CHAT, SEARCH, SUPPORT], users=120, total_per_minute=24)
+        world = World(seed=seed, callers=callers, rhythm=light_weekends)
+        start = saturday + timedelta(hours=9, minutes=20)
+        end = start + timedelta(minutes=minutes)
+        records = [
+            r
+            for r in world.traffic(T0, saturday + timedelta(hours=13))
+            if not start <= r["ts"] < end
+        ]
+        drops = [
+            a
+            for a in run(AnomalyEngine(), records)
+            if a["ts"] >= saturday and a["kind"] == "volume_drop" and a["scope"] == "global"
+        ]
+        said = [f"{a['ts']:%H:%M} {a['status']} {a['message'][:160]}" for a in drops]
+        assert [a["status"] for a in drops] in (["firing"], ["firing", "resolved"]), said
+        assert drops[0]["ts"] <= saturday + timedelta(hours=9, minutes=8), said
+        assert all(a["ts"] > end for a in drops if a["status"] == "resolved"), said
+
+
 def test_an_outage_a_week_after_an_outage_still_pages() -> None:
     """Guard: an outage's stretch is not learned (its 5-minute bins are unknown), so the
     weekday a week before does not lower what a drop is judged against: the same outage at
