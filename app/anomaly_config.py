@@ -211,14 +211,22 @@ class DetectorSettings:
     """A level anomalous this long is learned as the new normal (a drop too, at a level
     above ``volume_drop_ratio`` of normal, kept open only by going on while unusual; not an
     outage, nor a silence: a night is judged on waking)."""
+    volume_outage_hold_minutes: float = 1440.0
+    """How long an outage of the global (a count under ``volume_drop_ratio`` of what its
+    references expect, unusual against them at ``volume_p_value``) is held from the
+    features' and users' references (0: not held). Held, the calls back after a partial
+    outage of hours are no spike of every feature; held for good, a product that falls and
+    stays low left every feature and user at the old level (session 31's review). Past it
+    they learn the level as it is (the global's own drop alarm stays open: an outage is no
+    new normal). A day: held for 6 hours, the first night of an office product (an outage
+    to the global) was learned from 23:00 on, and a user paged "22.7x normal" on
+    Wednesday morning."""
     volume_drop_scope_kinds: tuple[str, ...] = ("global",)
     """Scope kinds whose sudden drops are anomalies."""
     volume_drop_ratio: float = 0.5
     """A drop must be to at most this share of the expected count..."""
     volume_drop_min_expected: float = 20.0
-    """... and only opens an alarm when at least this many requests per minute were
-    expected (an open alarm is judged under it too: at 10:00 of a light Saturday the
-    expectation fell under it, and the drop resolved in an outage)."""
+    """... and only counts when at least this many requests per minute were expected."""
 
     # -- cost per request --------------------------------------------------------------
     cost_scope_kinds: tuple[str, ...] = ("feature", "user")
@@ -526,6 +534,8 @@ class DetectorSettings:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"DetectorSettings.{name} must be > 0")
+        if self.volume_outage_hold_minutes < 0:
+            raise ValueError("DetectorSettings.volume_outage_hold_minutes must be >= 0 (0: off)")
         if self.volume_woken_burstier < 0:
             raise ValueError("DetectorSettings.volume_woken_burstier must be >= 0 (0: off)")
         if self.volume_seasonal_days and self.volume_recurring_days > self.volume_seasonal_days:
