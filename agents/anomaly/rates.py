@@ -1560,11 +1560,13 @@ class RateDetector:
             # held from every scope (``outages``), only if also unusual against them at the
             # paging p-value (at 2.4 calls a minute a minute at half is common, and an
             # ordinary one of a light Saturday was held from every scope for 16 minutes: a
-            # user paged on Monday; session 31's review), and with calls: a silence is no
-            # partial outage, and the other scopes judge their waking hour after one against
-            # the previous days, as before (the first night of a product is a silence to the
-            # global; held for 6 hours from the users, one paged "22.7x normal" on the
-            # second morning).
+            # user paged on Monday; session 31's review), and with calls: a silence judged
+            # over its own span (above) is no partial outage, and the other scopes judge
+            # their waking hour after one against the previous days, as before. An office
+            # product's evening fall is listed all the same (its first window still holds
+            # calls), and held for ``volume_outage_hold_minutes``: held for 6 hours, the
+            # first night was learned from 23:00 on, and a user of the office world paged
+            # "22.7x normal" on the Wednesday morning (seed 7; session 31's review).
             base = self.history_base
             own_rate = base[best_j] if base is not None else expected[best_j][0]
             own = own_rate * best_w
@@ -1692,8 +1694,7 @@ class RateDetector:
         if known > start:
             self.frozen[-1][1] = known
         else:
-            learned = self.frozen.pop()
-            self.outages = [f for f in self.outages if f is not learned]
+            self.frozen.pop()  # never an outage: ``check_drop`` does not learn those
         self.drop_alarm = False
         self._rates = None
 
