@@ -19,6 +19,13 @@ on calls judged normal, or after ``resolve_silent_after_seconds`` without a call
 cost was not seen to return to normal. Such an incident whose alarm fires again in the
 first calls back is reopened (``incident_reopen_within_seconds``), not paged anew.
 
+An alert that fires as its cooldown ends, its key anomalous all through the cooldown (no
+two anomalies, from the incident's last to this firing, more than
+``incident_window_seconds`` apart), recurs: the firing record says so
+(``details.recurring``, the message "recurring: ... it is not over") and correlation pages
+it as the same incident (bursts every 10 minutes for an hour resolved "back to normal"
+after the first and paged again, unlinked, when the cooldown was over).
+
 All times are event time (the verdicts' and the ``now`` handed to
 :meth:`AlertManager.tick`), never the wall clock, so a replay gives the same alerts.
 It does not own detection, correlation into incidents (:mod:`agents.anomaly.incidents`)
@@ -66,6 +73,11 @@ class Incident:
     latest: Verdict  # the latest verdict of the same metric and window, anomalous or not
     anomalous_verdicts: int = 1
     normal_verdicts: int = 0  # of the same measure since the last anomalous one
+    # A recurring incident (see the module docstring): when the first of its chain fired,
+    # when the one before resolved, and what its firing says of that (its pages say it too).
+    since: datetime | None = None
+    closed_at: datetime | None = None
+    recurring: str = ""
     # A cost incident kept open, past ``resolve_after_seconds`` without an anomalous
     # verdict, for want of calls judged normal: quiet (incidents take no alerts through it).
     held: bool = False
@@ -84,10 +96,15 @@ class AlertManager:
     # incident and when it closed; a ``resumes_unseen`` alarm of the key within
     # ``incident_reopen_within_seconds`` reopens it (issue 12).
     closed_silent: dict[str, tuple[Incident, datetime]] = field(default_factory=dict)
+    # Every key's last resolve while it can still recur (see the module docstring): when its
+    # incident (the first of a recurring chain) fired, when it resolved, its latest anomaly
+    # since (or its last anomalous verdict) and the longest gap between its anomalies since.
+    closed: dict[str, tuple[datetime, datetime, datetime, timedelta]] = field(default_factory=dict)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self.__dict__.setdefault("closed_silent", {})  # a checkpoint from before reopening
+        self.__dict__.setdefault("closed", {})  # ... from before recurring alerts
 
     def process(self, verdict: Verdict) -> list[dict[str, Any]]:
         """Alerts caused by one verdict: a ``firing`` record when a new incident opens."""
@@ -115,6 +132,9 @@ class AlertManager:
         if quiet_until is not None and verdict.ts < quiet_until:
             count, _ = self.suppressed.get(key, (0, verdict.ts))
             self.suppressed[key] = (count + 1, verdict.ts)
+            if key in self.closed:
+                since, resolved, last, gap = self.closed[key]
+                self.closed[key] = (since, resolved, verdict.ts, max(gap, verdict.ts - last))
             return []
         incident = Incident(
             kind=verdict.kind,
@@ -127,8 +147,22 @@ class AlertManager:
         )
         self.firing[key] = incident
         suppressed, _ = self.suppressed.pop(key, (0, verdict.ts))
+        last_close = self.closed.pop(key, None)
         closed = self.closed_silent.pop(key, None)
         reopen = timedelta(seconds=self.settings.incident_reopen_within_seconds)
+        window = timedelta(seconds=self.settings.incident_window_seconds)
+        if suppressed and last_close is not None:
+            since, resolved, last, gap = last_close
+            gap = max(gap, verdict.ts - last)
+            if gap <= window:
+                # Anomalous all through its cooldown: the incident it resolved from goes on.
+                incident.since, incident.closed_at = since, resolved
+                incident.recurring = (
+                    f"{suppressed} anomalous verdicts during the cooldown after the incident "
+                    f"that first fired at {since:%H:%M:%S} UTC resolved at "
+                    f"{resolved:%H:%M:%S} UTC, never more than {_duration(gap)} apart: it is "
+                    f"not over"
+                )
         record = self._record(key, incident, verdict, "firing", verdict.ts, suppressed)
         if closed is not None and verdict.resumes_unseen and verdict.ts - closed[1] <= reopen:
             before, closed_at = closed
@@ -209,6 +243,8 @@ class AlertManager:
                 resolved_at = max(resolved_at, incident.latest.ts)
             del self.firing[key]
             self.quiet_until[key] = resolved_at + cooldown
+            since = incident.since or incident.first_seen
+            self.closed[key] = (since, resolved_at, incident.last_seen, timedelta(0))
             shown, span = incident.latest, 0
             if calls_between is not None and incident.kind in RATE_KINDS:
                 shown, span = self._rate_when_resolved(incident, resolved_at, calls_between)
@@ -227,6 +263,11 @@ class AlertManager:
         for key, (_, latest) in list(self.suppressed.items()):
             if now - latest >= cooldown and key not in self.quiet_until:
                 del self.suppressed[key]
+        window = timedelta(seconds=s.incident_window_seconds)
+        for key, (_, _, last, _) in list(self.closed.items()):
+            # quiet for longer than a recurrence may be: it can no longer recur
+            if now - last > window:
+                del self.closed[key]
         return alerts
 
     def _rate_when_resolved(
@@ -290,6 +331,8 @@ class AlertManager:
         shown = verdict  # firing: the verdict it fired on (or, refreshed, the latest)
         if status == "firing":
             message = shown.explanation
+            if incident.recurring:
+                message = f"recurring: {message}; {incident.recurring}"
             impact = shown.impact_usd_per_hour
         else:
             # The same metric, unit and window as the firing record; the latest value of it.
@@ -338,6 +381,10 @@ class AlertManager:
             details["note"] = shown.note
         if suppressed:
             details["anomalies_during_cooldown"] = str(suppressed)
+        if status == "firing" and incident.since is not None and incident.closed_at is not None:
+            details["recurring"] = "true"
+            details["first_fired_at"] = event_time(incident.since).isoformat()
+            details["closed_at"] = event_time(incident.closed_at).isoformat()
         if status == "resolved":
             details["resolved_by"] = "silence" if silent else "normal"
             if span:

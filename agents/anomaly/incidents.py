@@ -39,6 +39,10 @@ explains it, with the others attached.
   lifecycle reopens it (``details.reopened``: its cost alarm fired again in the calls back,
   before they were seen normal) rejoins the same incident, published as ``related``: no
   second page for one incident through a night (issue 12).
+- **Recurring.** A member that fires again as its cooldown ends, anomalous all through it
+  (``details.recurring``: bursts every 10 minutes for an hour), and that no open incident
+  takes, opens its incident again under the same ``incident_key`` and pages: the page said
+  "back to normal", and on-call must hear it is not (the message says so).
 
 Event time only. It does not own alert lifecycles per key (:mod:`agents.anomaly.alerting`).
 """
@@ -112,6 +116,9 @@ class Correlator:
         # Alert key -> the incident key it was in when it resolved by silence: a reopen of
         # that key (the lifecycle's ``reopened`` firing) rejoins the same incident.
         self.closed_silent: dict[str, str] = {}
+        # Alert key -> the incident key it was in when it last resolved, and when: a
+        # ``recurring`` firing of that key that no open incident takes pages under that key.
+        self.closed_recent: dict[str, tuple[str, datetime]] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -124,6 +131,7 @@ class Correlator:
         self.__dict__.setdefault("quiet", None)  # a checkpoint from before them
         self.__dict__.setdefault("building", None)
         self.__dict__.setdefault("closed_silent", {})
+        self.__dict__.setdefault("closed_recent", {})
 
     def process(self, alerts: list[dict[str, Any]], now: datetime) -> list[dict[str, Any]]:
         """Alerts to publish, given new lifecycle ``alerts`` at event time ``now``."""
@@ -182,11 +190,19 @@ class Correlator:
     def _firing(self, alert: dict[str, Any]) -> list[dict[str, Any]]:
         ts: datetime = alert["ts"]
         closed = self.closed_silent.pop(alert["alert_key"], None)
+        recent = self.closed_recent.pop(alert["alert_key"], None)
         if closed is not None and alert["details"].get("reopened") == "true":
             return self._reopen(alert, closed)
         group = next((g for g in reversed(self.groups) if self._takes(g, alert)), None)
         if group is None:
-            group = Group(key=_incident_key(alert), opened=ts, last_activity=ts)
+            key = _incident_key(alert)
+            if (
+                recent is not None
+                and alert["details"].get("recurring") == "true"
+                and all(g.key != recent[0] for g in self.groups)
+            ):
+                key = recent[0]  # the incident it resolved from, going on
+            group = Group(key=key, opened=ts, last_activity=ts)
             self.groups.append(group)
         group.members[alert["alert_key"]] = alert
         group.resolved.discard(alert["alert_key"])  # firing again: open until it resolves
@@ -382,6 +398,11 @@ class Correlator:
         key = alert["alert_key"]
         if alert["details"].get("resolved_by") == "silence":
             self.closed_silent[key] = group.key
+        ts: datetime = alert["ts"]
+        horizon = ts - timedelta(seconds=2 * self.settings.cooldown_seconds)
+        for old in [k for k, (_, at) in self.closed_recent.items() if at < horizon]:
+            del self.closed_recent[old]  # past its cooldown and another: cannot recur
+        self.closed_recent[key] = (group.key, ts)
         group.resolved.add(key)
         peak = alert["details"].get("peak_impact_usd_per_hour")
         if peak is not None:
