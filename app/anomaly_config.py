@@ -419,7 +419,9 @@ class DetectorSettings:
     the most specific scope."""
     incident_window_seconds: float = 900.0
     """Alerts of nested scopes (a user, their feature, global) firing within this long of an
-    open incident are attached to it."""
+    open incident are attached to it. Also an incident's pause: a key anomalous all through
+    its cooldown, no two anomalies further apart than this, recurs as the same incident,
+    which then resolves only after this long without an anomaly."""
     incident_related_feature_seconds: float = 3600.0
     """A user "belongs" to the features they called this recently: a user alert nests
     under such a feature's incident, and a user's cost alarm inside a feature's cost

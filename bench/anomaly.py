@@ -331,6 +331,8 @@ class Outcome:
     static_delay_s: float | None
     floor_s: float | None  # the statistics' lower bound on any delay (see floor_seconds)
     message: str | None
+    # every page after the first: seconds after the incident's truth, and its message
+    later_pages: list[tuple[float, str]] = field(default_factory=list)
 
 
 def floor_seconds(incident: Incident, world: World, settings: DetectorSettings) -> float | None:
@@ -424,6 +426,9 @@ def outcome(
         static_delay_s=delay(baseline),
         floor_s=floor_seconds(incident, world, settings),
         message=None if alert is None else alert.message,
+        later_pages=[
+            (delay(e) or 0.0, e.message) for e in sorted(about, key=lambda e: e.at) if e is not page
+        ],
     )
 
 

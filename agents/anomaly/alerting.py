@@ -24,7 +24,10 @@ two anomalies, from the incident's last to this firing, more than
 ``incident_window_seconds`` apart), recurs: the firing record says so
 (``details.recurring``, the message "recurring: ... it is not over") and correlation pages
 it as the same incident (bursts every 10 minutes for an hour resolved "back to normal"
-after the first and paged again, unlinked, when the cooldown was over).
+after the first and paged again, unlinked, when the cooldown was over). A recurring
+incident resolves only after ``incident_window_seconds`` without an anomalous verdict (it
+was seen to pause that long; quiet meanwhile, so it takes in no other alert): it resolved
+after its next burst again, paging a third time when that cooldown was over.
 
 All times are event time (the verdicts' and the ``now`` handed to
 :meth:`AlertManager.tick`), never the wall clock, so a replay gives the same alerts.
@@ -74,7 +77,8 @@ class Incident:
     anomalous_verdicts: int = 1
     normal_verdicts: int = 0  # of the same measure since the last anomalous one
     # A recurring incident (see the module docstring): when the first of its chain fired,
-    # when the one before resolved, and what its firing says of that (its pages say it too).
+    # when the one before resolved, and what its firing says of that (its pages say it too);
+    # it resolves after ``incident_window_seconds`` without an anomalous verdict.
     since: datetime | None = None
     closed_at: datetime | None = None
     recurring: str = ""
@@ -234,7 +238,13 @@ class AlertManager:
                 if quiet >= s.resolve_after_seconds:  # kept open for want of normal calls
                     incident.held = True
                 continue
-            resolved_at = incident.last_seen + resolve_after
+            pause = resolve_after
+            if incident.recurring:  # seen to come back after a pause: wait out a pause
+                pause = max(pause, timedelta(seconds=s.incident_window_seconds))
+                if end == "normal" and quiet < pause.total_seconds():
+                    incident.held = True  # quiet meanwhile: it takes in no other alert
+                    continue
+            resolved_at = incident.last_seen + pause
             silent = end == "silence"
             if silent:
                 resolved_at = incident.last_seen + silent_after
@@ -342,7 +352,12 @@ class AlertManager:
                 latest = "nothing anomalous since"  # no normal measurement came after it
             else:
                 latest = f"latest {_value_text(verdict)}"
-            lasted = incident.last_seen - incident.first_seen
+            lasted = incident.last_seen - (incident.since or incident.first_seen)
+            chain = (  # a recurring incident: since the first of its chain
+                f" on and off since it first fired at {incident.since:%H:%M:%S} UTC"
+                if incident.since is not None
+                else ""
+            )
             # and the money it cost at its peak (probe N: resolves said no dollar figure)
             money = (
                 f"; at its peak {money_per_hour(peak.impact_usd_per_hour)}"
@@ -355,8 +370,17 @@ class AlertManager:
                     f"call judged normal since {incident.last_seen:%H:%M:%S} UTC "
                     f"({_duration(ts - incident.last_seen)} with too few calls to tell; "
                     f"its cost was not seen to return to normal), "
-                    f"closed after {_duration(lasted)} anomalous ({peak.metric}: {latest}; "
+                    f"closed after {_duration(lasted)} anomalous{chain} ({peak.metric}: {latest}; "
                     f"peak {_value_text(peak)}{money})"
+                )
+            elif incident.since is not None and incident.closed_at is not None:
+                message = (
+                    f"resolved: {incident.kind.replace('_', ' ')} for {incident.scope} is "
+                    f"back to normal since {incident.last_seen:%H:%M:%S} UTC (nothing "
+                    f"anomalous for {_duration(ts - incident.last_seen)}: it had come back "
+                    f"after the resolve at {incident.closed_at:%H:%M:%S} UTC), after "
+                    f"{_duration(lasted)} anomalous{chain} ({peak.metric}: "
+                    f"{latest}; peak {_value_text(peak)}{money})"
                 )
             else:
                 message = (
@@ -381,10 +405,11 @@ class AlertManager:
             details["note"] = shown.note
         if suppressed:
             details["anomalies_during_cooldown"] = str(suppressed)
-        if status == "firing" and incident.since is not None and incident.closed_at is not None:
+        if incident.since is not None and incident.closed_at is not None:
             details["recurring"] = "true"
             details["first_fired_at"] = event_time(incident.since).isoformat()
-            details["closed_at"] = event_time(incident.closed_at).isoformat()
+            if status == "firing":  # the resolve it recurs after
+                details["closed_at"] = event_time(incident.closed_at).isoformat()
         if status == "resolved":
             details["resolved_by"] = "silence" if silent else "normal"
             if span:

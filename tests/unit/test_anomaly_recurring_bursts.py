@@ -8,11 +8,15 @@ seeds 7 and 11, both worlds). Now a firing whose key was anomalous all through i
 not over" and pages under the incident's own key. A new anomaly after a quiet stretch
 is a new incident, as before. The review of the first version (related, not paged) found
 that on-call was then left with "back to normal" and a loop that started 25 minutes later
-was never delivered."""
+was never delivered. Session 33: the recurring incident then resolved after its next burst
+again ("back to normal" while the bursts went on; two hours of bursts paged three times);
+now it resolves after ``incident_window_seconds`` without an anomaly, quiet meanwhile (it
+takes in no other alert: a review found a global outage swallowed by it)."""
 
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -47,7 +51,7 @@ def _bursts(
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_bursts_every_ten_minutes_for_an_hour_page_once(seed: int) -> None:
+def test_bursts_every_ten_minutes_for_an_hour_page_twice_as_one_incident(seed: int) -> None:
     world = _world(seed)
     start = T0 + timedelta(days=2, hours=14)
     end = start + timedelta(minutes=60)
@@ -71,6 +75,18 @@ def test_bursts_every_ten_minutes_for_an_hour_page_once(seed: int) -> None:
     assert "it is not over" in again["message"], again["message"]
     later = [a for a in firing(alerts) if a["_at"] >= again["_at"] and a["scope"] != "global"]
     assert all(a["incident_key"] == first["incident_key"] for a in later), later
+    # ... and it is not called over until the bursts are: one resolve, after the last burst
+    ended = [
+        a
+        for a in alerts
+        if a["status"] == "resolved"
+        and a["alert_key"] == again["alert_key"]
+        and a["ts"] > again["ts"]
+    ]
+    assert len(ended) == 1 and ended[0]["ts"] >= end - timedelta(minutes=10), [
+        (a["ts"], a["message"]) for a in ended
+    ]
+    assert "it had come back after the resolve at" in ended[0]["message"], ended[0]["message"]
 
 
 @pytest.mark.parametrize("seed", [1, 2])
@@ -146,12 +162,78 @@ def test_anomalies_all_through_the_cooldown_recur_as_the_same_incident() -> None
     assert "never more than 8 min apart: it is not over" in again["message"], again
 
 
-def test_a_chain_of_recurrences_names_the_first_firing() -> None:
+def test_two_hours_of_bursts_page_twice_and_resolve_after_the_last() -> None:
+    """Before (session 32): three pages, the recurring incident resolved after its next
+    burst ("back to normal" at 12:44:50) and paged again when that cooldown was over."""
     out = _bursts_every([10 * k for k in range(12)])  # two hours of bursts
     fired = [a for a in out if a["status"] == "firing"]
-    assert len(fired) == 3 and len({a["incident_key"] for a in fired}) == 1, fired
-    assert "first fired at 12:00:00 UTC" in fired[2]["message"], fired[2]["message"]
-    assert fired[2]["details"]["first_fired_at"] == "2024-05-01T12:00:00+00:00"
+    assert len(fired) == 2 and len({a["incident_key"] for a in fired}) == 1, fired
+    assert "first fired at 12:00:00 UTC" in fired[1]["message"], fired[1]["message"]
+    assert fired[1]["details"]["first_fired_at"] == "2024-05-01T12:00:00+00:00"
+    resolved = [a for a in out if a["status"] == "resolved"]
+    last_anomaly = T1 + timedelta(minutes=111, seconds=50)
+    assert [a["ts"] for a in resolved] == [
+        T1 + timedelta(minutes=4, seconds=50),
+        last_anomaly + timedelta(seconds=RULE.incident_window_seconds),
+    ], resolved
+    assert resolved[1]["message"].startswith(
+        "resolved: volume spike for user:alice is back to normal since 13:51:50 UTC (nothing "
+        "anomalous for 15 min: it had come back after the resolve at 12:04:50 UTC), after "
+        "111 min anomalous on and off since it first fired at 12:00:00 UTC"
+    ), resolved[1]["message"]
+    assert resolved[1]["details"]["recurring"] == "true"
+
+
+def _spike(scope: str, at: datetime, observed: float = 100.0, money: float = 2.0) -> Verdict:
+    return Verdict(
+        kind="volume_spike",
+        scope=scope,
+        ts=at,
+        score=12.0,
+        is_anomaly=True,
+        expected=1.0,
+        observed=observed,
+        unit="requests/min",
+        metric="requests/min",
+        window_seconds=60,
+        impact_usd_per_hour=money,
+    )
+
+
+def _through(
+    verdicts: dict[datetime, list[Verdict]], nests: Any, minutes: int
+) -> list[dict[str, Any]]:
+    manager = AlertManager(RULE)
+    correlator = Correlator(RULE, nests, lambda *_: False, manager.refreshed, manager.quiet)
+    out: list[dict[str, Any]] = []
+    now = T1
+    while now <= T1 + timedelta(minutes=minutes):
+        alerts = [a for v in verdicts.get(now, []) for a in manager.process(v)]
+        out += correlator.process(alerts + manager.tick(now), now)
+        now += timedelta(seconds=10)
+    return out
+
+
+def test_a_recurring_incident_waiting_out_its_pause_takes_in_no_outage() -> None:
+    """The review's case: a global outage 6 minutes after a recurring user's last burst was
+    attached to that user's incident (open 15 minutes after it), and never paged."""
+    verdicts: dict[datetime, list[Verdict]] = {}
+    for burst in range(0, 50, 10):  # recurs at 12:40 (its cooldown over), the last burst
+        for i in range(12):
+            at = T1 + timedelta(minutes=burst, seconds=10 * i)
+            verdicts.setdefault(at, []).append(_spike("user:alice", at))
+    for k in range(10):
+        at = T1 + timedelta(minutes=46 + k)
+        outage = replace(
+            _spike("global", at, observed=2.0, money=-500.0),
+            kind="volume_drop",
+            expected=500.0,
+            score=30.0,
+        )
+        verdicts.setdefault(at, []).append(outage)
+    out = _through(verdicts, lambda a, b: a == b, 120)
+    drop = [a for a in out if a["status"] == "firing" and a["alert_key"] == "volume_drop|global"]
+    assert [a["incident_role"] for a in drop] == ["primary"], drop
 
 
 def test_a_gap_of_a_cooldown_is_a_new_incident() -> None:
