@@ -42,7 +42,9 @@ explains it, with the others attached.
 - **Recurring.** A member that fires again as its cooldown ends, anomalous all through it
   (``details.recurring``: bursts every 10 minutes for an hour), and that no open incident
   takes, opens its incident again under the same ``incident_key`` and pages: the page said
-  "back to normal", and on-call must hear it is not (the message says so).
+  "back to normal", and on-call must hear it is not (the message says so). An incident
+  whose page has resolved (a weaker member keeps it open) does not take it: attached there,
+  it would be ``related``, never delivered.
 
 Event time only. It does not own alert lifecycles per key (:mod:`agents.anomaly.alerting`).
 """
@@ -193,15 +195,19 @@ class Correlator:
         recent = self.closed_recent.pop(alert["alert_key"], None)
         if closed is not None and alert["details"].get("reopened") == "true":
             return self._reopen(alert, closed)
+        recurring = alert["details"].get("recurring") == "true"
+        old_key = recent[0] if recent is not None and recurring else None
         group = next((g for g in reversed(self.groups) if self._takes(g, alert)), None)
+        if group is not None and old_key is not None and group.page_resolved:
+            # Its page said "back to normal" (a weaker member keeps it open): attached there,
+            # the recurrence would be `related`, never delivered; it is news.
+            group = None
         if group is None:
             key = _incident_key(alert)
-            if (
-                recent is not None
-                and alert["details"].get("recurring") == "true"
-                and all(g.key != recent[0] for g in self.groups)
+            if old_key is not None and all(
+                g.key != old_key or g.page_resolved for g in self.groups
             ):
-                key = recent[0]  # the incident it resolved from, going on
+                key = old_key  # the incident it resolved from, going on
             group = Group(key=key, opened=ts, last_activity=ts)
             self.groups.append(group)
         group.members[alert["alert_key"]] = alert

@@ -11,7 +11,8 @@ that on-call was then left with "back to normal" and a loop that started 25 minu
 was never delivered. Session 33: the recurring incident then resolved after its next burst
 again ("back to normal" while the bursts went on; two hours of bursts paged three times);
 now it resolves after ``incident_window_seconds`` without an anomaly, quiet meanwhile (it
-takes in no other alert: a review found a global outage swallowed by it)."""
+takes in no other alert: a review found a global outage swallowed by it), and an incident
+whose page has resolved does not take a recurrence (it was published as ``related``)."""
 
 from __future__ import annotations
 
@@ -234,6 +235,34 @@ def test_a_recurring_incident_waiting_out_its_pause_takes_in_no_outage() -> None
     out = _through(verdicts, lambda a, b: a == b, 120)
     drop = [a for a in out if a["status"] == "firing" and a["alert_key"] == "volume_drop|global"]
     assert [a["incident_role"] for a in drop] == ["primary"], drop
+
+
+def test_a_recurrence_an_incident_whose_page_resolved_would_take_pages() -> None:
+    """A review's case: the page's key resolved ("back to normal" went out) while a weaker
+    user, joined after the page, kept the incident open; the key's recurrence joined it as
+    ``related``, never delivered by default targets."""
+    pair = {"feature:chat", "user:bob"}
+    verdicts: dict[datetime, list[Verdict]] = {}
+    for burst in range(0, 60, 10):
+        for i in range(12):
+            at = T1 + timedelta(minutes=burst, seconds=10 * i)
+            verdicts.setdefault(at, []).append(_spike("feature:chat", at, money=50.0))
+    for k in range(70):  # a weak anomaly every minute from 12:01 on
+        at = T1 + timedelta(minutes=1 + k)
+        verdicts.setdefault(at, []).append(_spike("user:bob", at, observed=3.0, money=0.1))
+    out = _through(verdicts, lambda a, b: a == b or {a, b} == pair, 150)
+    chat = [a for a in out if a["alert_key"] == "volume_spike|feature:chat"]
+    shown = [(a["status"], a["incident_role"], a["ts"], a["message"][:80]) for a in chat]
+    assert [(a["status"], a["incident_role"]) for a in chat] == [
+        ("firing", "primary"),
+        ("resolved", "primary"),  # "back to normal": on-call's last word ...
+        ("firing", "primary"),  # ... until it recurs, as the same incident
+        ("resolved", "primary"),  # once, after the last burst
+    ], shown
+    assert chat[2]["details"]["recurring"] == "true"
+    assert len({a["incident_key"] for a in chat}) == 1, shown
+    bob = [a for a in out if a["alert_key"] == "volume_spike|user:bob"]
+    assert all(a["incident_role"] == "related" for a in bob), bob
 
 
 def test_a_gap_of_a_cooldown_is_a_new_incident() -> None:
