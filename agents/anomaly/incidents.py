@@ -45,6 +45,15 @@ explains it, with the others attached.
   "back to normal", and on-call must hear it is not (the message says so). An incident
   whose page has resolved (a weaker member keeps it open) does not take it: attached there,
   it would be ``related``, never delivered.
+- **News after the page's resolve.** An incident whose page has resolved (a weak member keeps
+  it open), or that was reopened unpaged after its page closed for want of calls, takes no
+  critical alert either: it opens an incident of its own and pages. A user's cost at 12x,
+  a minute after their feature's page resolved, joined it through the feature as
+  ``related`` and was never paged; a recurring global rate joined a reopened cost incident
+  the same way (both found by the lifecycle's property test). Weak alerts still trail it.
+- **A page that fires again while its resolve waits** for the other members: the held
+  resolve is published then, as ``related`` (the page's own resolve is its next one); it
+  was replaced in the hold by the next one and never published.
 
 Event time only. It does not own alert lifecycles per key (:mod:`agents.anomaly.alerting`).
 """
@@ -88,6 +97,9 @@ class Group:
     # (Plain defaults: they are class attributes, so checkpoints from before them restore.)
     page_members: frozenset[str] | None = None  # the members when the page went out
     page_resolved: bool = False  # the page's resolve went out (members may still be open)
+    # Opened again by a reopen (``_reopen``) after its page's silence close: not paged again,
+    # so on-call's last word on it is that close.
+    reopened: bool = False
     peaks: dict[str, float] | None = None  # members' peak money at stake, by key
 
 
@@ -198,16 +210,19 @@ class Correlator:
         recurring = alert["details"].get("recurring") == "true"
         old_key = recent[0] if recent is not None and recurring else None
         group = next((g for g in reversed(self.groups) if self._takes(g, alert)), None)
-        if group is not None and old_key is not None and group.page_resolved:
-            # Its page said "back to normal" (a weaker member keeps it open): attached there,
-            # the recurrence would be `related`, never delivered; it is news.
+        news = old_key is not None or alert.get("severity") == "critical"
+        if group is not None and news and _page_over(group):
+            # Its page said "back to normal" (a weaker member keeps it open), or it was closed
+            # for want of calls and reopened unpaged: attached there, a recurrence or a
+            # critical alert would be `related`, never delivered; it is news.
             group = None
+        out = self._release_held(group, alert) if group is not None else []
         if group is None:
             key = _incident_key(alert)
             if old_key is not None and all(
                 g.key != old_key or g.page_resolved for g in self.groups
             ):
-                key = old_key  # the incident it resolved from, going on
+                key = old_key  # the incident it resolved from, going on (no open page has it)
             group = Group(key=key, opened=ts, last_activity=ts)
             self.groups.append(group)
         group.members[alert["alert_key"]] = alert
@@ -217,9 +232,19 @@ class Correlator:
         if group.paged:
             alert = self._next_to_page(alert, group)
             if self._escalates(alert, group):
-                return self._escalate(alert, group)
-            return [self._mark(alert, group, "related")]
-        return []
+                return out + self._escalate(alert, group)
+            return [*out, self._mark(alert, group, "related")]
+        return out
+
+    def _release_held(self, group: Group, alert: dict[str, Any]) -> list[dict[str, Any]]:
+        """The page fires (or reopens) again while its resolve waits for the other members:
+        that resolve is a member's record now, published as ``related`` (the page's own
+        resolve is its next one). Held, it was replaced by the next one and never published."""
+        held = group.held_resolve
+        if held is None or group.page_resolved or held["alert_key"] != alert["alert_key"]:
+            return []
+        group.held_resolve = None
+        return [self._mark(held, group, "related")]
 
     def _escalates(self, alert: dict[str, Any], group: Group) -> bool:
         """Whether ``alert``, joining after the page, pages as its update: of the page's own
@@ -257,7 +282,7 @@ class Correlator:
             group.held_resolve = None
         group.primary = alert["alert_key"]
         group.page_members = (group.page_members or frozenset()) | {alert["alert_key"]}
-        group.page_resolved = False
+        group.page_resolved = group.reopened = False  # paged again: its page is open
         others = [k for k in group.members if k != group.primary]
         escalated = {
             **alert,
@@ -298,13 +323,14 @@ class Correlator:
         group = next((g for g in self.groups if g.key == key), None)
         if group is None:
             group = Group(key=key, opened=ts, last_activity=ts, primary=alert["alert_key"])
-            group.paged = True
+            group.paged = group.reopened = True
             self.groups.append(group)
+        out = self._release_held(group, alert)
         group.members[alert["alert_key"]] = alert
         group.resolved.discard(alert["alert_key"])
         group.last_activity = max(group.last_activity, ts)
         self.by_key[alert["alert_key"]] = group
-        return [self._mark(alert, group, "related")]
+        return [*out, self._mark(alert, group, "related")]
 
     def _takes(self, g: Group, alert: dict[str, Any]) -> bool:
         """Whether open incident ``g`` takes the firing ``alert``. Only through members that
@@ -429,6 +455,7 @@ class Correlator:
             if page_over and group.held_resolve is not None and not group.page_resolved:
                 held = {**group.held_resolve, "ts": max(alert["ts"], group.held_resolve["ts"])}
                 out.append(self._page_end(held, group))
+                group.held_resolve = None
         if everything:
             self.groups.remove(group)
         return out
@@ -484,6 +511,12 @@ class Correlator:
             marked["message"] = f"{alert['message']} (+{len(others)} related: {listed})"
             marked["details"] = {**alert["details"], "related": "; ".join(others)}
         return marked
+
+
+def _page_over(group: Group) -> bool:
+    """Whether on-call's last word on ``group`` is that it is over: its page's resolve went
+    out, or it was reopened, unpaged, after its page closed for want of calls."""
+    return group.page_resolved or group.reopened
 
 
 def _size(alert: dict[str, Any]) -> float:
