@@ -488,7 +488,9 @@ class DetectorSettings:
     until it has received nothing for this long."""
     live_lag_seconds: float = 300.0
     """The stream is live when the newest record was at most this old when read; only then
-    does an idle agent move event time forward with the wall clock."""
+    does an idle agent move event time forward with the wall clock. An alert key whose
+    newest anomalous verdict came more than this far behind the minute being ticked
+    (history replayed into a live agent) is timed by its own clock (docs/ANOMALY.md)."""
 
     def __post_init__(self) -> None:
         for spec in fields(self):

@@ -30,7 +30,14 @@ was seen to pause that long; quiet meanwhile, so it takes in no other alert): it
 after its next burst again, paging a third time when that cooldown was over.
 
 All times are event time (the verdicts' and the ``now`` handed to
-:meth:`AlertManager.tick`), never the wall clock, so a replay gives the same alerts.
+:meth:`AlertManager.tick`), never the wall clock, so a replay gives the same alerts. A key
+whose verdicts come behind the ticks (history replayed into a live agent: the engine judges
+late records' cost at their own event time) is timed by its own clock: its latest anomalous
+verdict's time plus the time ticked since it came (``now`` less its lag), when that verdict
+came over ``live_lag_seconds`` behind the minute being ticked (nearer, it is on time).
+Timed by the ticks, a 40-minute cost spike replayed an hour late closed at every tick, "no
+call judged normal for 30 min" while its calls came, reopened at its next call and paged a
+user twice.
 It does not own detection, correlation into incidents (:mod:`agents.anomaly.incidents`)
 or delivery (Kafka, webhooks).
 """
@@ -59,6 +66,7 @@ _SEVERITY = ("warning", "critical")
 # Kinds whose measure is a scope's request count over a window: what it held when the
 # incident resolved is known from the counts (``CallsBetween``), calls or none.
 RATE_KINDS = frozenset({"volume_spike", "volume_drop"})
+TICK = timedelta(minutes=1)  # the engine ticks each minute at its end
 # The calls of a scope counted between two event times (None: the scope is not known).
 CallsBetween = Callable[[str, datetime, datetime], int | None]
 
@@ -104,15 +112,44 @@ class AlertManager:
     # incident (the first of a recurring chain) fired, when it resolved, its latest anomaly
     # since (or its last anomalous verdict) and the longest gap between its anomalies since.
     closed: dict[str, tuple[datetime, datetime, datetime, timedelta]] = field(default_factory=dict)
+    # The latest tick; per key with an anomalous verdict, its newest anomalous verdict's
+    # time and how far behind the next tick that came (0 within ``live_lag_seconds``: a
+    # record a few minutes late, a spool flushed after an outage, is on time).
+    clock: datetime | None = None
+    lag: dict[str, tuple[datetime, timedelta]] = field(default_factory=dict)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self.__dict__.setdefault("closed_silent", {})  # a checkpoint from before reopening
         self.__dict__.setdefault("closed", {})  # ... from before recurring alerts
+        self.__dict__.setdefault("clock", None)  # ... from before keys' own clocks
+        self.__dict__.setdefault("lag", {})
+
+    def _arrived(self, key: str, verdict: Verdict) -> None:
+        """An anomalous verdict of ``key`` (quiet is measured from those): if it is the key's
+        newest, how far behind the next tick it came. Only ticks move the clock, and a verdict
+        is measured against the end of the minute being filled, so a key's clock runs at most
+        a tick slow, never fast (measured against the newest verdict or the last tick, it ran
+        up to a minute fast and resolved a late key early: a review's case)."""
+        ts = verdict.ts
+        if not verdict.is_anomaly or self.clock is None:
+            return
+        entry = self.lag.get(key)
+        if entry is not None and ts < entry[0]:
+            return  # older than its newest: a scope live and replayed is timed by its live ones
+        behind = self.clock + TICK - ts
+        late = behind.total_seconds() > self.settings.live_lag_seconds
+        self.lag[key] = (ts, behind if late else timedelta(0))
+
+    def _now(self, key: str, now: datetime) -> datetime:
+        """``now`` on ``key``'s own clock: less the lag its newest verdict came with."""
+        entry = self.lag.get(key)
+        return now if entry is None else now - entry[1]
 
     def process(self, verdict: Verdict) -> list[dict[str, Any]]:
         """Alerts caused by one verdict: a ``firing`` record when a new incident opens."""
         key = f"{verdict.kind}|{verdict.scope}"
+        self._arrived(key, verdict)
         incident = self.firing.get(key)
         if incident is not None:
             if _same_measure(verdict, incident.peak):
@@ -226,13 +263,15 @@ class AlertManager:
         resolve_after = timedelta(seconds=s.resolve_after_seconds)
         silent_after = timedelta(seconds=max(s.resolve_silent_after_seconds, 0))
         cooldown = timedelta(seconds=s.cooldown_seconds)
+        if self.clock is None or now > self.clock:
+            self.clock = now
         alerts = []
         for key, incident in list(self.firing.items()):
             # The cost detector's alarm ends by the same rule (``alarm_end``): no calls is
             # no evidence the cost is back to normal (``resolve_min_normal_calls``), so a
             # feature's cost incident resolves once calls show it, or after long silence,
             # saying so.
-            quiet = (now - incident.last_seen).total_seconds()
+            quiet = (self._now(key, now) - incident.last_seen).total_seconds()
             end = alarm_end(s, incident.kind, incident.scope, quiet, incident.normal_verdicts)
             if end == "holds":
                 if quiet >= s.resolve_after_seconds:  # kept open for want of normal calls
@@ -265,19 +304,22 @@ class AlertManager:
             )
         reopen = timedelta(seconds=s.incident_reopen_within_seconds)
         for key, (_, closed_at) in list(self.closed_silent.items()):
-            if now - closed_at > reopen:
+            if self._now(key, now) - closed_at > reopen:
                 del self.closed_silent[key]
         for key, until in list(self.quiet_until.items()):
-            if until <= now:
+            if until <= self._now(key, now):
                 del self.quiet_until[key]
         for key, (_, latest) in list(self.suppressed.items()):
-            if now - latest >= cooldown and key not in self.quiet_until:
+            if self._now(key, now) - latest >= cooldown and key not in self.quiet_until:
                 del self.suppressed[key]
         window = timedelta(seconds=s.incident_window_seconds)
         for key, (_, _, last, _) in list(self.closed.items()):
             # quiet for longer than a recurrence may be: it can no longer recur
-            if now - last > window:
+            if self._now(key, now) - last > window:
                 del self.closed[key]
+        kept = (self.firing, self.quiet_until, self.suppressed, self.closed, self.closed_silent)
+        for key in [k for k in self.lag if not any(k in d for d in kept)]:
+            del self.lag[key]  # nothing of it left to time
         return alerts
 
     def _rate_when_resolved(

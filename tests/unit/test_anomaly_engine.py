@@ -279,3 +279,34 @@ def test_history_older_than_half_a_day_reaching_a_scope_in_cost_alarm_is_judged_
     later = now + timedelta(minutes=8)
     run(engine, traffic(rng, later, 2, features={"search": 1.0}))
     AnomalyEngine.restore(engine.snapshot())
+
+
+def test_history_replayed_into_a_live_engine_pages_its_cost_spike_once(
+    warm: tuple[bytes, datetime],
+) -> None:
+    """A feature's 40-minute cost spike of an hour ago, replayed into a live engine (two
+    records of it for every live one): the engine judges the late records' cost at their own
+    event time, and the lifecycle timed them by the live minutes it ticked. The spike closed
+    at every tick ("no call judged normal since ... 30 min with too few calls" while its calls
+    came) and reopened at its next call: 7 firings of one incident, and a user paged twice.
+    A key whose verdicts come late is now timed by its own clock."""
+    engine, now = resume(warm)
+    rng = random.Random(1)
+    live = traffic(rng, now, 40)
+    backlog = iter(
+        traffic(rng, now - timedelta(minutes=80), 40, 30, features={"search": 1.0}, cost_factor=20)
+    )
+    alerts: list[dict[str, Any]] = []
+    for record in live:
+        alerts += engine.observe(record)
+        for old in (next(backlog, None), next(backlog, None)):
+            if old is not None:
+                alerts += engine.observe(old)
+    assert engine.stats.late_records > 0
+    alerts += run(engine, traffic(rng, now + timedelta(minutes=40), 60)) + engine.flush()
+    spike = [a for a in alerts if a["alert_key"] == "cost_per_request|feature:search"]
+    assert [a["status"] for a in spike] == ["firing", "resolved"], [a["message"] for a in spike]
+    pages = [a["alert_key"] for a in alerts if a["incident_role"] == "primary"]
+    pages = [k for k in pages if k.startswith("cost")]
+    assert all(pages.count(k) <= 2 for k in pages), pages  # a page and its resolve
+    assert not engine.alerts.firing

@@ -277,6 +277,25 @@ def test_overlapping_incidents_keep_the_invariants(
     _check(_play(keys, _episodes(keys, episodes, normal_every)))
 
 
+# A key's verdicts behind the ticks: on time, 10 minutes, an hour, three hours.
+LAGS = st.lists(st.sampled_from([0, 0, 600, 3600, 3 * 3600]), min_size=4, max_size=4)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(KEY_SETS, st.lists(EPISODE, min_size=1, max_size=6), NORMAL_EVERY, LAGS)
+def test_keys_whose_verdicts_come_late_keep_the_invariants_on_their_own_clocks(
+    keys: list[int],
+    episodes: list[tuple[int, int, int, int, float, bool]],
+    normal_every: int,
+    lags: list[int],
+) -> None:
+    """History replayed into a live agent: the engine judges late records' cost at their own
+    event time, behind the minutes it ticks (a review's case: a user at 12x for 40 minutes
+    300 s behind resolved "back to normal" after 3 minutes and fired again within its
+    cooldown)."""
+    _check(_play(keys, _episodes(keys, episodes, normal_every), lags=lags))
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     KEY_SETS,
