@@ -51,6 +51,7 @@ from typing import Any
 
 from agents.anomaly.core import (
     EVIDENCE_KINDS,
+    TICK_SECONDS,
     Verdict,
     alarm_end,
     amount,
@@ -66,7 +67,7 @@ _SEVERITY = ("warning", "critical")
 # Kinds whose measure is a scope's request count over a window: what it held when the
 # incident resolved is known from the counts (``CallsBetween``), calls or none.
 RATE_KINDS = frozenset({"volume_spike", "volume_drop"})
-TICK = timedelta(minutes=1)  # the engine ticks each minute at its end
+TICK = timedelta(seconds=TICK_SECONDS)  # the engine ticks each minute at its end
 # The calls of a scope counted between two event times (None: the scope is not known).
 CallsBetween = Callable[[str, datetime, datetime], int | None]
 
@@ -93,6 +94,11 @@ class Incident:
     # A cost incident kept open, past ``resolve_after_seconds`` without an anomalous
     # verdict, for want of calls judged normal: quiet (incidents take no alerts through it).
     held: bool = False
+
+    @property
+    def recurs(self) -> bool:
+        """Whether it goes on from an incident that resolved (``since`` and ``closed_at``)."""
+        return self.since is not None and self.closed_at is not None
 
 
 @dataclass
@@ -142,7 +148,7 @@ class AlertManager:
         self.lag[key] = (ts, behind if late else timedelta(0))
 
     def _now(self, key: str, now: datetime) -> datetime:
-        """``now`` on ``key``'s own clock: less the lag its newest verdict came with."""
+        """``now`` on ``key``'s own clock: less the lag its newest anomalous verdict came with."""
         entry = self.lag.get(key)
         return now if entry is None else now - entry[1]
 
@@ -278,7 +284,7 @@ class AlertManager:
                     incident.held = True
                 continue
             pause = resolve_after
-            if incident.recurring:  # seen to come back after a pause: wait out a pause
+            if incident.recurs:  # seen to come back after a pause: wait out a pause
                 pause = max(pause, timedelta(seconds=s.incident_window_seconds))
                 if end == "normal" and quiet < pause.total_seconds():
                     incident.held = True  # quiet meanwhile: it takes in no other alert
@@ -415,20 +421,17 @@ class AlertManager:
                     f"closed after {_duration(lasted)} anomalous{chain} ({peak.metric}: {latest}; "
                     f"peak {_value_text(peak)}{money})"
                 )
-            elif incident.since is not None and incident.closed_at is not None:
-                message = (
-                    f"resolved: {incident.kind.replace('_', ' ')} for {incident.scope} is "
-                    f"back to normal since {incident.last_seen:%H:%M:%S} UTC (nothing "
-                    f"anomalous for {_duration(ts - incident.last_seen)}: it had come back "
-                    f"after the resolve at {incident.closed_at:%H:%M:%S} UTC), after "
-                    f"{_duration(lasted)} anomalous{chain} ({peak.metric}: "
-                    f"{latest}; peak {_value_text(peak)}{money})"
-                )
             else:
+                came_back = (
+                    f" (nothing anomalous for {_duration(ts - incident.last_seen)}: it had come "
+                    f"back after the resolve at {incident.closed_at:%H:%M:%S} UTC)"
+                    if incident.recurs
+                    else ""
+                )
                 message = (
                     f"resolved: {incident.kind.replace('_', ' ')} for {incident.scope} is "
-                    f"back to normal since {incident.last_seen:%H:%M:%S} UTC, after "
-                    f"{_duration(lasted)} anomalous ({peak.metric}: {latest}; peak "
+                    f"back to normal since {incident.last_seen:%H:%M:%S} UTC{came_back}, after "
+                    f"{_duration(lasted)} anomalous{chain} ({peak.metric}: {latest}; peak "
                     f"{_value_text(peak)}{money})"
                 )
             normal = not verdict.is_anomaly and _same_measure(verdict, peak)
@@ -447,7 +450,7 @@ class AlertManager:
             details["note"] = shown.note
         if suppressed:
             details["anomalies_during_cooldown"] = str(suppressed)
-        if incident.since is not None and incident.closed_at is not None:
+        if incident.recurs:
             details["recurring"] = "true"
             details["first_fired_at"] = event_time(incident.since).isoformat()
             if status == "firing":  # the resolve it recurs after

@@ -23,6 +23,9 @@ from app.anomaly_config import DetectorSettings
 _inverse_normal = NormalDist().inv_cdf
 
 NANOS_PER_USD = 1e9
+# The engine closes event time a minute at a time (its tick); the alert lifecycle's clocks
+# (a late key's lag) measure against the end of the minute being ticked.
+TICK_SECONDS = 60
 
 Kind = Literal["cost_per_request", "volume_spike", "volume_drop", "tier_mix"]
 

@@ -45,6 +45,7 @@ from typing import Any
 from agents.anomaly.alerting import AlertManager
 from agents.anomaly.core import (
     NANOS_PER_USD,
+    TICK_SECONDS,
     DecayedMean,
     Detector,
     DetectorFactory,
@@ -285,7 +286,7 @@ class AnomalyEngine:
             self.watermark = ts
         self.stats.records += 1
         t = ts.timestamp()
-        minute = int(t // 60)
+        minute = int(t // TICK_SECONDS)
         if self._next_minute is None:
             self._next_minute = minute
         too_late = minute < self._next_minute
@@ -459,7 +460,7 @@ class AnomalyEngine:
         alerts: list[dict[str, Any]] = []
         if self.watermark is not None:
             end = datetime.fromtimestamp(
-                (int(self.watermark.timestamp() // 60) + 1) * 60
+                (int(self.watermark.timestamp() // TICK_SECONDS) + 1) * TICK_SECONDS
                 + self.settings.allowed_lateness_seconds,
                 UTC,
             )
@@ -644,7 +645,9 @@ class AnomalyEngine:
         if self._next_minute is None:
             return []
         s = self.settings
-        closable = int((now.timestamp() - s.allowed_lateness_seconds) // 60)  # minutes < this
+        closable = int(
+            (now.timestamp() - s.allowed_lateness_seconds) // TICK_SECONDS
+        )  # minutes < this
         if closable - self._next_minute > s.max_gap_minutes:
             skipped = closable - self._next_minute - 1
             log.warning(
@@ -661,7 +664,7 @@ class AnomalyEngine:
 
     def _tick_minute(self, minute: int) -> list[dict[str, Any]]:
         s = self.settings
-        end = datetime.fromtimestamp((minute + 1) * 60, UTC)
+        end = datetime.fromtimestamp((minute + 1) * TICK_SECONDS, UTC)
         t = end.timestamp()
         glob = self.global_scope
         records: list[dict[str, Any]] = []

@@ -241,7 +241,15 @@ class Correlator:
         that resolve is a member's record now, published as ``related`` (the page's own
         resolve is its next one). Held, it was replaced by the next one and never published."""
         held = group.held_resolve
-        if held is None or group.page_resolved or held["alert_key"] != alert["alert_key"]:
+        if held is None or held["alert_key"] != alert["alert_key"]:
+            return []
+        return self._publish_held(group)
+
+    def _publish_held(self, group: Group) -> list[dict[str, Any]]:
+        """The page's held resolve, published as a member's (``related``): the incident's
+        page is now another record (the same key firing again, or an escalation)."""
+        held = group.held_resolve
+        if held is None or group.page_resolved:
             return []
         group.held_resolve = None
         return [self._mark(held, group, "related")]
@@ -274,12 +282,9 @@ class Correlator:
         """The alert becomes the incident's page, published as ``primary`` (an update of the
         same incident: paging targets hear of it); the page before it is a member like any
         other, and the incident's resolve is the new page's (probe H's D8)."""
-        out: list[dict[str, Any]] = []
         before = group.primary
-        if group.held_resolve is not None and not group.page_resolved:
-            # the earlier page had resolved, waiting for the others: its resolve is a member's
-            out.append(self._mark(group.held_resolve, group, "related"))
-            group.held_resolve = None
+        # the earlier page had resolved, waiting for the others: its resolve is a member's
+        out = self._publish_held(group)
         group.primary = alert["alert_key"]
         group.page_members = (group.page_members or frozenset()) | {alert["alert_key"]}
         group.page_resolved = group.reopened = False  # paged again: its page is open
