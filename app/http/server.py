@@ -488,7 +488,7 @@ async def report_usage(request: web.Request) -> web.Response:
                 "not a model: report the model that served the call (the response's `model`)",
                 field=f"records[{index}].model",
             )
-    named = {i for i, report in enumerate(reports) if "event_id" in report}  # a request_id
+    named = set(range(len(reports)))  # every report has a request_id, named or given
     # another record under a reported id, or a dispatched call's: 409, none emitted
     c.reported.check(reports, named, c.gateway.dispatched)
     # A retry (the same record under its request_id) is answered as the first was; the first

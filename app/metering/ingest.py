@@ -473,13 +473,15 @@ def parse_usage_reports(
         _note_ignored(report, where, ignored)
         prompt, completion, cached = report.tokens(_api_error(where))
         assert identity is not None  # a record that is not an object was refused above
-        # A report naming its request is idempotent: a retried POST (or a report of a call
+        # A report is idempotent by its request id: a retried POST (or a report of a call
         # that went through this gateway, by its X-Request-Id) has the event id of the first,
-        # and every consumer counts an event id once.
-        idempotent = {"event_id": usage_event_id(report.request_id)} if report.request_id else {}
+        # and every consumer counts an event id once. A report without one is given one
+        # (``rep_...``, in the answer), and its event id is that id's: a retry naming the id
+        # it was given was a second event, the same call counted twice (a newcomer's probe).
+        request_id = report.request_id or new_id("rep_")
         reports.append(
             {
-                **idempotent,
+                "event_id": usage_event_id(request_id),
                 "identity": identity,
                 "model": report.model,
                 "model_requested": report.model_requested or None,
@@ -487,7 +489,7 @@ def parse_usage_reports(
                 "prompt_tokens": prompt,
                 "completion_tokens": completion,
                 "cached_tokens": cached,
-                "request_id": report.request_id or new_id("rep_"),
+                "request_id": request_id,
                 "provider": report.provider or None,
                 "ts": report.ts or event_time(window.now),
                 "latency_ms": report.latency_ms or 0,

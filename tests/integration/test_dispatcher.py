@@ -711,6 +711,34 @@ def test_a_retried_usage_report_with_its_request_id_counts_once(stack: Stack) ->
     assert len([u for u in usage if u["user_id"] == "retrier"]) == 4
 
 
+def test_a_usage_report_posted_again_under_the_request_id_it_was_given_counts_once(
+    stack: Stack,
+) -> None:
+    """A record without a request_id is given one (``rep_...``) in the answer. A client that
+    retries with the id it was given (the natural retry after reading the answer) made a
+    second event: the same record counted twice in the spend and the warehouse (a newcomer's
+    probe). The given id is the event's, as a named one is: a retry is a repeat, another
+    record under it a 409."""
+    record = {"model": "gpt-4o", "prompt_tokens": 10, "completion_tokens": 1,
+              "user_id": "given-id"}  # fmt: skip
+    first = httpx.post(f"{stack.url}/v1/usage", json=record)
+    assert first.status_code == 202, first.text
+    (event,) = first.json()["events"]
+    assert event["request_id"].startswith("rep_")
+    again = httpx.post(f"{stack.url}/v1/usage", json={**record, "request_id": event["request_id"]})
+    assert again.status_code == 202, again.text
+    assert again.json()["events"][0]["event_id"] == event["event_id"]
+    assert (again.json()["repeated"], again.json()["events"][0]["repeat"]) == (1, True)
+    other = httpx.post(
+        f"{stack.url}/v1/usage",
+        json={**record, "prompt_tokens": 5000, "request_id": event["request_id"]},
+    )
+    assert other.status_code == 409, other.text
+    assert other.json()["error"]["code"] == "request_id_conflict"
+    usage = asyncio.run(read_events(stack.settings, "usage", at_least=1))
+    assert len([u for u in usage if u["user_id"] == "given-id"]) == 1
+
+
 def test_an_openai_usage_object_posted_as_it_is_counts_its_cached_tokens(stack: Stack) -> None:
     """A service that posts OpenAI's `usage` object unchanged: its cached tokens are in
     prompt_tokens_details, and were ignored, so the cached part was priced in full. A field
