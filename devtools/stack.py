@@ -326,6 +326,17 @@ def run_stack(settings: Settings, echo: Callable[[str], None]) -> int:
     from app.warehouse.clickhouse import WarehouseError
     from devtools.kafka_local import LauncherError, LocalKafka
 
+    running = running_up(settings)
+    if running is not None:
+        # Started again in the same checkout: it wrote its own pid over the running stack's,
+        # failed on the taken ports, and removed the file as it left, so `make down` found
+        # nothing to stop and the stack ran on (a newcomer's probe).
+        echo(
+            f"error: a stack is already running here (`tollgate up`, process {running}; "
+            f"{up_pid_file(settings)}): its dashboard is {settings.dispatcher_url}/dashboard. "
+            "Stop it first with `make down` (or `tollgate down`)"
+        )
+        return 1
     stopping = False
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -419,6 +430,17 @@ def run_stack(settings: Settings, echo: Callable[[str], None]) -> int:
 def up_pid_file(settings: Settings) -> Path:
     """Where a running `tollgate up` writes its process id."""
     return settings.state_dir / "up.pid"
+
+
+def running_up(settings: Settings) -> int | None:
+    """The process id of another `tollgate up` running on this state directory, if any."""
+    try:
+        pid = int(up_pid_file(settings).read_text().strip())
+    except (OSError, ValueError):
+        return None
+    if pid == os.getpid() or not pid_alive(pid) or not _is_up(pid):
+        return None
+    return pid
 
 
 def _is_up(pid: int) -> bool:

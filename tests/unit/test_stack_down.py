@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from app.settings import Settings
-from devtools.stack import stop_stack, up_pid_file
+from devtools.stack import run_stack, stop_stack, up_pid_file
 
 # A stand-in for `tollgate up`: its command line says so, and SIGTERM stops it.
 FAKE_UP = (
@@ -45,3 +45,26 @@ def test_down_with_nothing_running_or_a_stale_pid_touches_nothing(tmp_path: Path
         assert not up_pid_file(settings).exists()
     finally:
         other.kill()
+
+
+def test_up_again_in_the_same_checkout_leaves_the_running_stack_to_down(tmp_path: Path) -> None:
+    """A second `make up` next to a running one failed on the taken ports and removed the
+    pid file as it left: `make down` then said nothing was running, and the stack ran on (a
+    newcomer's probe). It now refuses at once, names the running stack, touches nothing."""
+    settings = Settings(state_dir=tmp_path)
+    up = subprocess.Popen(
+        [sys.executable, "-c", FAKE_UP, "tollgate", "up"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert up.stdout is not None and up.stdout.readline() == "ready\n"
+        up_pid_file(settings).write_text(f"{up.pid}\n")
+        said: list[str] = []
+        assert run_stack(settings, said.append) == 1
+        assert "already running" in said[-1] and str(up.pid) in said[-1], said
+        assert "make down" in said[-1]
+        assert up_pid_file(settings).read_text() == f"{up.pid}\n"
+        assert up.poll() is None
+        assert stop_stack(settings, said.append, timeout_s=30) == 0  # and down still stops it
+        assert up.wait(5) == 0
+    finally:
+        up.kill()
