@@ -165,8 +165,28 @@ def message_content_problem(message: dict[str, Any]) -> str | None:
     ):
         return None
     if message.get("role") == "assistant":
-        return "is required (text or content parts) unless the turn has tool_calls"
+        malformed = [
+            f"its {name} is {_json_type(message[name])}, not {what}"
+            for name, what in (("tool_calls", "a list"), ("function_call", "an object"))
+            if message.get(name) is not None
+        ]
+        # (a string of tool_calls read "required unless the turn has tool_calls": a newcomer's
+        # probe; it has them, in the wrong shape)
+        return "is required (text or content parts) unless the turn has tool_calls" + (
+            f" ({'; '.join(malformed)})" if malformed else ""
+        )
     return f"is required on a {message.get('role')!r} message (text or content parts)"
+
+
+def _json_type(value: Any) -> str:
+    """How JSON calls ``value``'s type: "a string", "a number", ..."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "a list" if isinstance(value, list) else "an object"
 
 
 class ChatCompletionBody(ChatBody):

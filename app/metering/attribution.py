@@ -299,8 +299,13 @@ def resolve_identity(
             [feature] = key.features
         if claimed_team and claimed_team != key.team:
             raise NotPermitted(
-                f"API key '{key.id}' belongs to team {key.team!r}, not {claimed_team!r}; "
-                "with keys the key's team is the team (omit it)",
+                (
+                    f"API key '{key.id}' belongs to team {key.team!r}, not {claimed_team!r}; "
+                    "with keys the key's team is the team (omit it)"
+                    if key.team
+                    else f"API key '{key.id}' belongs to no team, so it cannot claim team "
+                    f"{claimed_team!r}; with keys the key's team is the team (omit it)"
+                ),
                 field="team",
             )
         user = claimed_user or key.user_id

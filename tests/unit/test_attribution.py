@@ -112,6 +112,12 @@ def test_a_team_is_the_callers_word_without_keys_and_the_keys_with_them(keys: Ke
     with pytest.raises(TollgateError) as refused:
         resolve_identity({**alice, "X-Tollgate-Team": "finance"}, {}, keys)
     assert http_error(refused.value).status == 403
+    # a key of no team says so, not "belongs to team None" (a newcomer's probe)
+    backend = {"Authorization": "Bearer sk-backend"}
+    with pytest.raises(TollgateError) as refused:
+        resolve_identity({**backend, "X-Tollgate-Team": "finance"}, {}, keys)
+    assert http_error(refused.value).status == 403
+    assert "None" not in str(refused.value) and "no team" in str(refused.value)
 
 
 @pytest.mark.parametrize(

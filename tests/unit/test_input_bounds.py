@@ -314,6 +314,22 @@ def test_chat_fields_outside_openais_rules_are_400_naming_them(
     assert info.value.field == field, info.value.message
 
 
+def test_tool_calls_of_the_wrong_shape_are_named_as_such() -> None:
+    """``"tool_calls": "x"`` read "content is required ... unless the turn has tool_calls":
+    the turn has them, as a string (a newcomer's probe). The message says what is wrong."""
+    for calls, said in (("x", "tool_calls is a string, not a list"),
+                        ({"id": "c1"}, "tool_calls is an object, not a list")):  # fmt: skip
+        with pytest.raises(TollgateError) as info:
+            parse_chat_request(
+                {
+                    "model": "gpt-4o",
+                    "messages": [MSG[0], {"role": "assistant", "tool_calls": calls}],
+                }
+            )
+        assert http_error(info.value).status == 400
+        assert said in info.value.message, info.value.message
+
+
 @pytest.mark.parametrize(
     "extra",
     [
