@@ -23,6 +23,10 @@ alert pages, listing it) are delivered only to targets that ask for them
 (``include_historical``, ``include_related``); every such decision is logged with its
 reason ("not paged: historical ...") and counted
 (``tollgate_alert_notifications_total{outcome="skipped_historical"|"skipped_related"}``).
+But a related alert that is the first of its incident a target's ``min_severity`` lets
+through pages that target (``AlertTarget.first_at_its_severity``: the correlator says how
+severe the incident's records were before it), and so does that member's resolve: a
+critical-only pager heard nothing of an incident paged as a warning that became critical.
 Every message states the money at stake when the alert carries it.
 
 Flow: a plain aiokafka consumer group reads the alerts topic; every decoded
@@ -315,6 +319,11 @@ def alertmanager_payload(
         entry["endsAt"] = iso(max(alert["ts"], alert["first_seen"]))
     if generator_url:
         entry["generatorURL"] = generator_url
+    fired = (alert.get("details") or {}).get("severity_fired")
+    if is_resolved(alert) and fired and fired != severity:
+        # It fired at one severity and rose: Alertmanager knows it by both label sets (its
+        # firing and its update), and the resolve ends both.
+        return [entry, {**entry, "labels": {**entry["labels"], "severity": str(fired)}}]
     return [entry]
 
 

@@ -110,9 +110,27 @@ class AlertTarget(BaseModel):
         is about the past, or rides along with its incident's page. None: it pages."""
         if alert.get("historical") and not self.include_historical:
             return "historical"
-        if alert.get("incident_role") == "related" and not self.include_related:
+        if (
+            alert.get("incident_role") == "related"
+            and not self.include_related
+            and not self.first_at_its_severity(alert)
+            # the resolve of an earlier page of its incident goes where that page went
+            and (alert.get("details") or {}).get("resolves_page") != "true"
+        ):
             return "related"
         return None
+
+    def first_at_its_severity(self, alert: dict[str, Any]) -> bool:
+        """Whether ``alert``, attached to an incident, is the first of it this target's
+        severity filter lets through (``details.incident_severity_before``: how severe the
+        incident's firing records were before it), and so is this target's page; a member's
+        resolve carries what was there before its firing, and follows it. A user's 40x loop
+        joining a feature's warning page, or a loop that fired as a warning and became
+        critical, reached no target paging only critical alerts (issue 12)."""
+        before = (alert.get("details") or {}).get("incident_severity_before")
+        if self.min_severity is None or before is None:
+            return False
+        return before == "none" or severity_rank(before) < SEVERITY_RANK[self.min_severity]
 
 
 class AlertTargetError(ValueError):

@@ -52,6 +52,7 @@ from agents.anomaly import AlertManager, AnomalyEngine, DetectorSettings, Verdic
 from agents.anomaly.costs import CostDetector
 from agents.anomaly.mix import TierMixDetector, mix_threshold
 from agents.anomaly.rates import RateDetector
+from app.alerts_config import AlertTarget
 from bench.incidents import (
     DAY,
     EXPECTED_KIND,
@@ -67,6 +68,8 @@ from bench.incidents import (
 TARGET_DELAY_S = 120.0
 WARM_S = 8 * 3600.0  # history a detectability probe learns before its step
 TARGET_FALSE_PER_DAY_PER_100 = 1.0
+# A target that pages only critical alerts (warnings to a channel, critical to the pager)
+CRITICAL_ONLY = AlertTarget(name="pager", url="http://127.0.0.1:9/", min_severity="critical")
 
 
 def log(message: str) -> None:
@@ -251,6 +254,10 @@ class Emitted:
     incident_key: str
     message: str
     impact: float | None
+    severity: str = "warning"
+    # a target paging only critical alerts pages it (``AlertTarget.first_at_its_severity``)
+    pages_critical_only: bool = False
+    raised: bool = False  # an update: the incident became critical (``severity_raised_from``)
 
 
 @dataclass
@@ -302,6 +309,9 @@ def _collect(result: ReplayResult, alerts: list[dict[str, Any]], at: datetime) -
                     alert.get("incident_key", ""),
                     alert["message"],
                     alert.get("impact_usd_per_hour"),
+                    alert.get("severity", "warning"),
+                    CRITICAL_ONLY.accepts(alert) and CRITICAL_ONLY.declines(alert) is None,
+                    "severity_raised_from" in alert.get("details", {}),
                 )
             )
 
@@ -333,6 +343,10 @@ class Outcome:
     message: str | None
     # every page after the first: seconds after the incident's truth, and its message
     later_pages: list[tuple[float, str]] = field(default_factory=list)
+    # when a target paging only critical alerts first heard of it (None: never), and when
+    # it would have by pages alone (a critical primary: all it heard before session 35)
+    critical_only_delay_s: float | None = None
+    critical_page_delay_s: float | None = None
 
 
 def floor_seconds(incident: Incident, world: World, settings: DetectorSettings) -> float | None:
@@ -429,6 +443,19 @@ def outcome(
         later_pages=[
             (delay(e) or 0.0, e.message) for e in sorted(about, key=lambda e: e.at) if e is not page
         ],
+        critical_page_delay_s=delay(
+            first([e for e in about if e.severity == "critical" and not e.raised])
+        ),
+        critical_only_delay_s=delay(
+            first(
+                [
+                    e
+                    for e in engine.firing
+                    if e.pages_critical_only
+                    and (e.scope == incident.scope or e.incident_key in keys)
+                ]
+            )
+        ),
     )
 
 
@@ -490,6 +517,9 @@ def run_world(world: World, args: argparse.Namespace, settings: DetectorSettings
         "false_pages": false_pages(clean, judged_days),
         "false_pages_static": false_pages(clean_static, judged_days[1:] or judged_days),
         "incidents": [asdict(o) for o in outcomes],
+        # updates of incidents that became critical (and those that paged again: escalated)
+        "severity_updates_clean": sum(e.raised for e in clean.firing),
+        "severity_updates_clean_paged": sum(e.raised and e.role == "primary" for e in clean.firing),
         "cpu": {
             "engine_us_per_record_clean": round(1e6 * clean.seconds / max(clean.records, 1), 1),
             "engine_us_per_record_incidents": round(

@@ -1,7 +1,8 @@
 """Alert lifecycle: detector verdicts in, ``Alert`` records (``schemas/Alert.avsc``) out.
 
 Owns de-duplication and rate limiting per alert key (``kind|scope``): one
-``firing`` event when an incident starts, nothing while it lasts, one ``resolved``
+``firing`` event when an incident starts, nothing while it lasts (but one update if it
+becomes critical: below), one ``resolved``
 event once no anomalous verdict has been seen for ``resolve_after_seconds``, and no
 new ``firing`` of the same key for ``cooldown_seconds`` after that.
 
@@ -28,6 +29,12 @@ after the first and paged again, unlinked, when the cooldown was over). A recurr
 incident resolves only after ``incident_window_seconds`` without an anomalous verdict (it
 was seen to pause that long; quiet meanwhile, so it takes in no other alert): it resolved
 after its next burst again, paging a third time when that cooldown was over.
+
+An open incident whose verdict is more severe than it fired (``critical_ratio``,
+``critical_share_drop``, ``critical_impact_usd_per_hour``) gets one update, a ``firing``
+record with ``details.severity_raised_from``; severity never falls within an incident, and
+its resolve carries the highest (a loop that fired at 2x and grew to 40x stayed a warning,
+and a target paging only critical alerts never heard of it).
 
 All times are event time (the verdicts' and the ``now`` handed to
 :meth:`AlertManager.tick`), never the wall clock, so a replay gives the same alerts. A key
@@ -94,6 +101,7 @@ class Incident:
     # A cost incident kept open, past ``resolve_after_seconds`` without an anomalous
     # verdict, for want of calls judged normal: quiet (incidents take no alerts through it).
     held: bool = False
+    fired_severity: str = ""  # what it fired as, once its severity rose
 
     @property
     def recurs(self) -> bool:
@@ -172,7 +180,7 @@ class AlertManager:
                 incident.peak
             ):
                 incident.peak = verdict
-            return []
+            return self._raised(key, incident, verdict)
         if not verdict.is_anomaly:
             return []
         quiet_until = self.quiet_until.get(key)
@@ -231,6 +239,27 @@ class AlertManager:
             record["details"]["closed_at"] = event_time(closed_at).isoformat()
             if was is not None:
                 record["details"]["peak_impact_usd_per_hour_before"] = f"{was:.4g}"
+        return [record]
+
+    def _raised(self, key: str, incident: Incident, verdict: Verdict) -> list[dict[str, Any]]:
+        """An open incident whose verdict is more severe than it fired: one update, a
+        ``firing`` record that says so (``details.severity_raised_from``). Severity only
+        rises, so at most one per incident. A loop that fired at 2x and grew to 40x stayed a
+        warning to its end, and a target paging only critical alerts never heard of it."""
+        level = self.severity(verdict)
+        if _SEVERITY.index(level) <= _SEVERITY.index(incident.severity):
+            return []
+        before, incident.severity = incident.severity, level
+        incident.fired_severity = incident.fired_severity or before
+        # (a verdict out of order is not an update before the firing it updates)
+        record = self._record(
+            key, incident, verdict, "firing", max(verdict.ts, incident.first_seen)
+        )
+        record["message"] = (
+            f"now {level} (fired as a {before} at {incident.first_seen:%H:%M:%S} UTC): "
+            f"{record['message']}"
+        )
+        record["details"]["severity_raised_from"] = before
         return [record]
 
     def refreshed(self, alert: dict[str, Any]) -> dict[str, Any]:
@@ -457,6 +486,8 @@ class AlertManager:
                 details["closed_at"] = event_time(incident.closed_at).isoformat()
         if status == "resolved":
             details["resolved_by"] = "silence" if silent else "normal"
+            if incident.fired_severity:  # it rose: what the firing said (Alertmanager's label)
+                details["severity_fired"] = incident.fired_severity
             if span:
                 details["observed_window_seconds"] = str(span)
         same = _same_measure(shown, peak)

@@ -51,6 +51,13 @@ explains it, with the others attached.
   a minute after their feature's page resolved, joined it through the feature as
   ``related`` and was never paged; a recurring global rate joined a reopened cost incident
   the same way (both found by the lifecycle's property test). Weak alerts still trail it.
+- **Severity rises.** A member's update (the lifecycle's ``details.severity_raised_from``:
+  its incident became critical) waits for the page before it, is ``related`` in an open
+  page, and pages as an escalation in an incident on-call last heard was over. Every firing
+  record published says how severe the incident's firing records were before it
+  (``details.incident_severity_before``), and a member's resolve what its first firing
+  record said: a target whose ``min_severity`` none of them passed is paged by the first
+  that does (the notifier's rule), and by that member's resolve.
 - **A page that fires again while its resolve waits** for the other members: the held
   resolve is published then, as ``related`` (the page's own resolve is its next one); it
   was replaced in the hold by the next one and never published.
@@ -101,6 +108,13 @@ class Group:
     # so on-call's last word on it is that close.
     reopened: bool = False
     peaks: dict[str, float] | None = None  # members' peak money at stake, by key
+    # Members' severity updates that came before the page: published right after it.
+    pending: list[dict[str, Any]] | None = None
+    # The highest severity of the firing records published so far ("none"), and per member
+    # what it was before the member's first firing record (its resolve goes where that went).
+    notified: str = "none"
+    first_before: dict[str, str] | None = None
+    paged_keys: frozenset[str] = frozenset()  # members ever published as its page
 
 
 class Correlator:
@@ -130,6 +144,8 @@ class Correlator:
         # Alert key -> the incident key it was in when it resolved by silence: a reopen of
         # that key (the lifecycle's ``reopened`` firing) rejoins the same incident.
         self.closed_silent: dict[str, str] = {}
+        # ... and how severe that incident's published records were (a reopen pages no one)
+        self.silent_notified: dict[str, str] = {}
         # Alert key -> the incident key it was in when it last resolved, and when: a
         # ``recurring`` firing of that key that no open incident takes pages under that key.
         self.closed_recent: dict[str, tuple[str, datetime]] = {}
@@ -145,13 +161,25 @@ class Correlator:
         self.__dict__.setdefault("quiet", None)  # a checkpoint from before them
         self.__dict__.setdefault("building", None)
         self.__dict__.setdefault("closed_silent", {})
+        self.__dict__.setdefault("silent_notified", {})
+        for group in self.groups:
+            if "notified" not in group.__dict__ and group.paged:
+                # a checkpoint from before severities were followed: every member of a paged
+                # incident was published, so they say what its targets have heard
+                group.notified = max(
+                    (str(m.get("severity", "warning")) for m in group.members.values()),
+                    key=_rank,
+                    default="warning",
+                )
         self.__dict__.setdefault("closed_recent", {})
 
     def process(self, alerts: list[dict[str, Any]], now: datetime) -> list[dict[str, Any]]:
         """Alerts to publish, given new lifecycle ``alerts`` at event time ``now``."""
         out: list[dict[str, Any]] = []
         for alert in alerts:
-            if alert["status"] == "firing":
+            if alert["status"] == "firing" and "severity_raised_from" in alert.get("details", {}):
+                out += self._raised(alert)
+            elif alert["status"] == "firing":
                 out += self._firing(alert)
             else:
                 out += self._resolved(alert)
@@ -204,9 +232,10 @@ class Correlator:
     def _firing(self, alert: dict[str, Any]) -> list[dict[str, Any]]:
         ts: datetime = alert["ts"]
         closed = self.closed_silent.pop(alert["alert_key"], None)
+        notified = self.silent_notified.pop(alert["alert_key"], "critical")
         recent = self.closed_recent.pop(alert["alert_key"], None)
         if closed is not None and alert["details"].get("reopened") == "true":
-            return self._reopen(alert, closed)
+            return self._reopen(alert, closed, notified)
         recurring = alert["details"].get("recurring") == "true"
         old_key = recent[0] if recent is not None and recurring else None
         group = next((g for g in reversed(self.groups) if self._takes(g, alert)), None)
@@ -235,6 +264,31 @@ class Correlator:
                 return out + self._escalate(alert, group)
             return [*out, self._mark(alert, group, "related")]
         return out
+
+    def _raised(self, alert: dict[str, Any]) -> list[dict[str, Any]]:
+        """A member's update: its incident became more severe than it fired. Before the page,
+        it waits for it (the page, refreshed, states the severity too); in an open page it is
+        a member's record (``related``; a target the page's severity did not reach gets it,
+        see ``_mark``); in an incident on-call last heard was over, it is news: the incident
+        pages again, escalated (a user at 2x kept a feature's resolved page open, went to
+        12x, and was never paged)."""
+        key = alert["alert_key"]
+        group = self.by_key.get(key)
+        if group is None or key not in group.members:
+            return self._firing(alert)  # (a group lost to a checkpoint from before updates)
+        group.last_activity = max(group.last_activity, alert["ts"])
+        if not group.paged:
+            group.pending = [*(group.pending or []), alert]
+            return []
+        if _page_over(group) and not any(
+            g is not group and g.key == group.key and not g.page_resolved for g in self.groups
+        ):
+            group.members[key] = alert
+            return self._escalate(alert, group)
+        # Critical now, it holds the page's resolve (``_trails``); its figures stay those
+        # published (a later escalation by money compares with what the page said).
+        group.members[key] = {**group.members[key], "severity": alert["severity"]}
+        return [self._mark(alert, group, "related")]
 
     def _release_held(self, group: Group, alert: dict[str, Any]) -> list[dict[str, Any]]:
         """The page fires (or reopens) again while its resolve waits for the other members:
@@ -318,7 +372,7 @@ class Correlator:
             "details": {**alert["details"], "page_impact_usd_per_hour": f"{stated:.4g}"},
         }
 
-    def _reopen(self, alert: dict[str, Any], key: str) -> list[dict[str, Any]]:
+    def _reopen(self, alert: dict[str, Any], key: str, notified: str) -> list[dict[str, Any]]:
         """A cost incident closed by silence whose alarm fired again in the calls back, not
         seen normal in between (issue 12): the same incident, published with its key as
         ``related`` (no new page: it was paged, and its close said the cost was not seen
@@ -329,6 +383,7 @@ class Correlator:
         if group is None:
             group = Group(key=key, opened=ts, last_activity=ts, primary=alert["alert_key"])
             group.paged = group.reopened = True
+            group.notified = notified  # what its targets heard of it before the silence
             self.groups.append(group)
         out = self._release_held(group, alert)
         group.members[alert["alert_key"]] = alert
@@ -387,6 +442,8 @@ class Correlator:
         others = [k for k in group.members if k != group.primary]
         out = [self._mark(page, group, "primary", others)]
         out += [self._mark(group.members[k], group, "related") for k in others]
+        out += [self._mark(update, group, "related") for update in group.pending or []]
+        group.pending = None
         return out
 
     def _choose(self, group: Group, now: datetime) -> str:
@@ -435,6 +492,7 @@ class Correlator:
         key = alert["alert_key"]
         if alert["details"].get("resolved_by") == "silence":
             self.closed_silent[key] = group.key
+            self.silent_notified[key] = group.notified
         ts: datetime = alert["ts"]
         horizon = ts - timedelta(seconds=2 * self.settings.cooldown_seconds)
         for old in [k for k, (_, at) in self.closed_recent.items() if at < horizon]:
@@ -509,13 +567,41 @@ class Correlator:
         self, alert: dict[str, Any], group: Group, role: str, others: list[str] | None = None
     ) -> dict[str, Any]:
         marked = {**alert, "incident_key": group.key, "incident_role": role}
+        key, details = alert["alert_key"], alert.get("details", {})
+        firsts = group.first_before = group.first_before or {}
+        if role == "primary" and alert["status"] == "firing":
+            group.paged_keys = group.paged_keys | {key}
+        elif role == "related" and alert["status"] != "firing" and key in group.paged_keys:
+            # the resolve of an earlier page of the incident (an escalation took its place):
+            # it goes where that page went (a pager's trigger was never resolved: a review)
+            details = {**details, "resolves_page": "true"}
+            marked["details"] = details
+        if alert["status"] == "firing":
+            # How severe the incident's records were before this one: a target whose severity
+            # filter let none of them through is paged by this one (the notifier's rule).
+            before = group.notified
+            if key not in firsts or "severity_raised_from" not in details:
+                firsts[key] = before
+            if _rank(alert.get("severity")) > _rank(before):
+                group.notified = str(alert.get("severity", "warning"))
+            marked["details"] = {**details, "incident_severity_before": before}
+        elif role == "related" and key in firsts:
+            # a member's resolve goes where its firing went
+            marked["details"] = {**details, "incident_severity_before": firsts[key]}
         if others:
             listed = ", ".join(others[:8]) + (
                 f" and {len(others) - 8} more" if len(others) > 8 else ""
             )
             marked["message"] = f"{alert['message']} (+{len(others)} related: {listed})"
-            marked["details"] = {**alert["details"], "related": "; ".join(others)}
+            marked["details"] = {**marked.get("details", {}), "related": "; ".join(others)}
         return marked
+
+
+_SEVERITIES = ("none", "info", "warning", "critical")
+
+
+def _rank(severity: Any) -> int:
+    return _SEVERITIES.index(severity) if severity in _SEVERITIES else _SEVERITIES.index("warning")
 
 
 def _page_over(group: Group) -> bool:

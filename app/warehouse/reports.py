@@ -480,7 +480,9 @@ def timeseries(client: Any, window: Range, interval: str = "day") -> list[dict[s
     for bucket, kinds, count in client.query(
         f"SELECT {bucket_sql} AS bucket, groupUniqArray(kind), count() FROM alert_events FINAL "
         "WHERE ts >= %(start)s AND ts < %(end)s AND status = 'firing' "
-        "AND kind != 'budget_threshold' GROUP BY bucket",
+        "AND kind != 'budget_threshold' "
+        # an alert's update (it became critical) is not another alert
+        "AND NOT mapContains(details, 'severity_raised_from') GROUP BY bucket",
         parameters=window.params(),
     ).result_rows:
         alerts[_utc(bucket)] = sorted(kinds)

@@ -424,6 +424,41 @@ async def test_historical_and_related_alerts_are_not_paged_unless_a_target_asks(
     assert any("related" in line for line in decisions), decisions
 
 
+async def test_a_target_paging_only_critical_alerts_is_paged_by_an_incidents_first_critical(
+    kafka_settings: Settings,
+) -> None:
+    """Issue 12: a feature's warning page, then a user's loop that joins it at 40x (critical,
+    ``related``) and its resolve: the pager (``min_severity=critical``) never got the warning,
+    so the loop is its page, and the loop's end follows; the chat channel, which got the
+    page, is not paged again by the related alert."""
+    await ensure_topics(kafka_settings)
+    async with receivers(("/pager", Receiver()), ("/chat", Receiver())) as (pager, chat):
+        notifier = Notifier(
+            kafka_settings,
+            [
+                AlertTarget(name="pager", url=pager.url, min_severity="critical"),
+                AlertTarget(name="chat", url=chat.url),
+            ],
+            registry=CollectorRegistry(),
+            retry=FAST_RETRY,
+            start_from="earliest",
+        )
+        page = alert(kind="volume_spike", scope="feature:search", severity="warning")
+        page["details"] = {"incident_severity_before": "none"}
+        loop = alert(kind="volume_spike", scope="user:u1", incident_role="related")
+        loop["incident_key"] = page["incident_key"]
+        loop["details"] = {"incident_severity_before": "warning"}
+        end = {**loop, "event_id": uuid.uuid4().hex, "status": "resolved"}
+        later = {**loop, "event_id": uuid.uuid4().hex, "scope": "user:u2"}
+        later["details"] = {"incident_severity_before": "critical"}  # the pager has heard
+        await produce(kafka_settings, [page, loop, end, later])
+        async with running(notifier):
+            await wait_until(lambda: len(pager.requests) == 2 and len(chat.requests) == 1)
+            await asyncio.sleep(0.5)  # anything extra would arrive now
+    assert [b["event_id"] for b in pager.bodies()] == [loop["event_id"], end["event_id"]]
+    assert [b["event_id"] for b in chat.bodies()] == [page["event_id"]]
+
+
 async def test_alerts_queued_when_the_notifier_dies_are_delivered_by_the_next_one(
     kafka_settings: Settings,
 ) -> None:

@@ -203,7 +203,17 @@ async def test_every_report_on_a_hand_computed_fixture(
             decision(f"feature:{tag}-gone", "1", "10", "open", day),
         ],
     )
-    await produce(kafka_settings, "alerts", "Alert", [alert(day, "cost_per_request")])
+    fired = alert(day, "cost_per_request")
+    # its update, 20 s on: it became critical (an update of the same alert, not another one)
+    update = {
+        **fired,
+        "event_id": new_id(),
+        "ts": fired["ts"] + timedelta(seconds=20),
+        "severity": "critical",
+        "message": "now critical (fired as a warning at 10:02:00 UTC): test",
+        "details": {"severity_raised_from": "warning"},
+    }
+    await produce(kafka_settings, "alerts", "Alert", [fired, update])
 
     client = ReconnectingClient(lambda: clickhouse)
     sink = ClickHouseSink(kafka_settings, client, batch_wait_s=0.3)
@@ -307,7 +317,10 @@ async def test_every_report_on_a_hand_computed_fixture(
             assert [p["requests"] for p in points] == [1, 1, 1, 1]
             assert [p["anomaly"] for p in points] == [False, False, True, False]
             assert points[2]["alert_kinds"] == ["cost_per_request"]
-            (recent,) = (await get("alerts"))["alerts"]  # the dashboard's list of recent alerts
+            assert points[2]["alerts"] == 1, "an alert's update is not another alert"
+            # the dashboard's list of recent alerts: the update too, latest first
+            raised, recent = (await get("alerts"))["alerts"]
+            assert raised["severity"] == "critical" and raised["message"].startswith("now critical")
             assert recent["kind"] == "cost_per_request" and recent["scope"] == "feature:x"
             assert recent["severity"] == "warning" and recent["message"] == "test"
             # a v1 alert (before incidents): its own page, not historical, no impact known

@@ -34,6 +34,7 @@ from hypothesis import strategies as st
 from agents.anomaly.alerting import AlertManager
 from agents.anomaly.detectors import DetectorSettings, Verdict
 from agents.anomaly.incidents import Correlator
+from app.alerts_config import AlertTarget
 
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
 SCOPES = ("global", "feature:a", "feature:b", "user:u1", "user:u2", "user:u3")
@@ -237,10 +238,17 @@ def _check(run: Run) -> None:
     twice = [r["message"] for r in run.published if published[r["event_id"]] > 1]
     assert not twice, twice
     assert set(published) <= set(made)
-    # per key: firing, resolved, firing, ...; a cooldown between a resolve and the next firing
+    # per key: firing, resolved, firing, ...; a cooldown between a resolve and the next firing;
+    # between a firing and its resolve at most one update, more severe (``severity_raised_from``)
     by_key: dict[str, list[dict[str, Any]]] = {}
+    updates: dict[str, list[tuple[int, dict[str, Any]]]] = {}
     for r in run.made:
-        by_key.setdefault(r["alert_key"], []).append(r)
+        records = by_key.setdefault(r["alert_key"], [])
+        if "severity_raised_from" in r["details"]:
+            assert records and records[-1]["status"] == "firing", r["message"]
+            updates.setdefault(r["alert_key"], []).append((len(records) - 1, r))
+        else:
+            records.append(r)
     for key, records in by_key.items():
         statuses = [r["status"] for r in records]
         assert statuses == ["firing", "resolved"] * (len(records) // 2), (key, statuses)
@@ -253,12 +261,47 @@ def _check(run: Run) -> None:
     for key, records in by_key.items():
         for fired, resolved in zip(records[::2], records[1::2], strict=True):
             assert incident[fired["event_id"]] == incident[resolved["event_id"]], key
+    for key, raised in updates.items():
+        at = [i for i, _ in raised]
+        assert len(at) == len(set(at)), (key, "two updates of one incident")
+        for i, update in raised:
+            fired = by_key[key][i]
+            assert _SEVERITY.index(update["severity"]) > _SEVERITY.index(fired["severity"]), key
+            assert incident[update["event_id"]] == incident[fired["event_id"]], key
+    _check_pager(run, by_key, updates)
     assert not run.hidden, [(r["message"], r["incident_key"]) for r in run.hidden]
     assert not run.manager.firing
     assert not run.correlator.groups, [g.key for g in run.correlator.groups]
     assert not run.correlator.by_key
     open_pages = {k: r["message"] for k, r in run.primary.items() if r["status"] != "resolved"}
     assert not open_pages, open_pages
+
+
+_SEVERITY = ("info", "warning", "critical")
+PAGER = AlertTarget(name="pager", url="http://127.0.0.1:9/pager", min_severity="critical")
+
+
+def _check_pager(
+    run: Run,
+    by_key: dict[str, list[dict[str, Any]]],
+    updates: dict[str, list[tuple[int, dict[str, Any]]]],
+) -> None:
+    """A target paging only critical alerts hears of every incident with a critical record,
+    at its first one (``incident_severity_before``), and of the end of what it was paged."""
+    paged = {r["event_id"] for r in run.published if PAGER.accepts(r) and PAGER.declines(r) is None}
+    heard = {r["incident_key"] for r in run.published if r["event_id"] in paged}
+    critical = {
+        r["incident_key"]
+        for r in run.published
+        if r["status"] == "firing" and r["severity"] == "critical"
+    }
+    assert critical <= heard, critical - heard
+    for key, records in by_key.items():
+        raised = dict(updates.get(key, []))
+        for i in range(0, len(records), 2):
+            fired = [records[i]] + ([raised[i]] if i in raised else [])
+            if any(r["event_id"] in paged for r in fired):
+                assert records[i + 1]["event_id"] in paged, (key, records[i + 1]["message"])
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -508,6 +508,40 @@ def test_historical_and_related_alerts_are_declined_unless_the_target_asks() -> 
     assert plain.declines(alert(incident_role="primary", historical=False)) is None
 
 
+def test_an_alert_that_rose_to_critical_ends_both_of_its_alertmanager_alerts() -> None:
+    """Alertmanager knows an alert by its labels: the firing said severity=warning, the
+    update critical, and a resolve labelled critical ended only the second (a review)."""
+    ended = alertmanager_payload(
+        resolved(severity="critical", details={"severity_fired": "warning"})
+    )
+    assert sorted(e["labels"]["severity"] for e in ended) == ["critical", "warning"]
+    assert all("endsAt" in e for e in ended)
+    assert len(alertmanager_payload(resolved(severity="critical"))) == 1
+    assert len(alertmanager_payload(alert(details={"severity_fired": "warning"}))) == 1
+
+
+def test_the_resolve_of_an_incidents_earlier_page_goes_where_that_page_went() -> None:
+    earlier = alert(status="resolved", incident_role="related", details={"resolves_page": "true"})
+    assert target().declines(earlier) is None
+    assert target().declines(alert(status="resolved", incident_role="related")) == "related"
+
+
+def test_a_related_alert_pages_a_target_none_of_its_incidents_records_reached() -> None:
+    """``details.incident_severity_before``: how severe the incident's firing records were
+    before this one. A target whose severity filter let none through is paged by it."""
+    pager, chat = target(min_severity="critical"), target()
+    joined = alert(incident_role="related", details={"incident_severity_before": "warning"})
+    assert pager.declines(joined) is None and chat.declines(joined) == "related"
+    heard = alert(incident_role="related", details={"incident_severity_before": "critical"})
+    assert pager.declines(heard) == "related"
+    first = alert(incident_role="related", details={"incident_severity_before": "none"})
+    assert pager.declines(first) is None
+    assert target(min_severity="warning").declines(joined) == "related"
+    assert pager.declines(alert(incident_role="related")) == "related"  # before it: as before
+    assert not pager.accepts(alert(severity="warning", incident_role="related",
+                                   details={"incident_severity_before": "none"}))  # fmt: skip
+
+
 async def test_an_alert_read_again_is_not_delivered_again_by_the_same_notifier(
     serve: Callable[[Handler], Awaitable[str]],
 ) -> None:
