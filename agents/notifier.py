@@ -73,6 +73,7 @@ from tenacity import retry_if_exception
 
 from app.alerts_config import (
     DEFAULT_SEVERITY,
+    SEVERITY_FIRED,
     AlertTarget,
     AlertTargetError,
     check_unique_names,
@@ -319,7 +320,7 @@ def alertmanager_payload(
         entry["endsAt"] = iso(max(alert["ts"], alert["first_seen"]))
     if generator_url:
         entry["generatorURL"] = generator_url
-    fired = (alert.get("details") or {}).get("severity_fired")
+    fired = (alert.get("details") or {}).get(SEVERITY_FIRED)
     if is_resolved(alert) and fired and fired != severity:
         # It fired at one severity and rose: Alertmanager knows it by both label sets (its
         # firing and its update), and the resolve ends both.

@@ -31,6 +31,18 @@ TargetFormat = Literal["json", "slack", "pagerduty", "alertmanager"]
 
 SEVERITY_RANK: dict[str, int] = {"info": 0, "warning": 1, "critical": 2}
 DEFAULT_SEVERITY = "warning"  # the schema's default; also how an unknown severity is ranked
+# How severe an incident's records were before its first one: ranked under every severity.
+NO_SEVERITY = "none"
+
+# Keys of an alert's ``details`` that the anomaly agent writes and the notifier reads.
+# A member's update when its incident grows more severe (its severity before).
+SEVERITY_RAISED_FROM = "severity_raised_from"
+# How severe the incident's published firing records were before this one (or NO_SEVERITY).
+INCIDENT_SEVERITY_BEFORE = "incident_severity_before"
+# "true" on the resolve of a record that was its incident's page before an escalation.
+RESOLVES_PAGE = "resolves_page"
+# On the resolve of a member that rose: the severity it fired at (Alertmanager's label set).
+SEVERITY_FIRED = "severity_fired"
 
 
 class AlertTarget(BaseModel):
@@ -115,7 +127,7 @@ class AlertTarget(BaseModel):
             and not self.include_related
             and not self.first_at_its_severity(alert)
             # the resolve of an earlier page of its incident goes where that page went
-            and (alert.get("details") or {}).get("resolves_page") != "true"
+            and (alert.get("details") or {}).get(RESOLVES_PAGE) != "true"
         ):
             return "related"
         return None
@@ -127,10 +139,10 @@ class AlertTarget(BaseModel):
         resolve carries what was there before its firing, and follows it. A user's 40x loop
         joining a feature's warning page, or a loop that fired as a warning and became
         critical, reached no target paging only critical alerts (issue 12)."""
-        before = (alert.get("details") or {}).get("incident_severity_before")
+        before = (alert.get("details") or {}).get(INCIDENT_SEVERITY_BEFORE)
         if self.min_severity is None or before is None:
             return False
-        return before == "none" or severity_rank(before) < SEVERITY_RANK[self.min_severity]
+        return severity_rank(before) < SEVERITY_RANK[self.min_severity]
 
 
 class AlertTargetError(ValueError):
@@ -180,6 +192,10 @@ def check_unique_names(targets: Sequence[AlertTarget]) -> None:
 
 
 def severity_rank(severity: Any) -> int:
+    """The one order of severities: NO_SEVERITY < info < warning < critical; anything else
+    ranks as DEFAULT_SEVERITY (the alert schema's default)."""
+    if severity == NO_SEVERITY:
+        return -1
     return SEVERITY_RANK.get(str(severity), SEVERITY_RANK[DEFAULT_SEVERITY])
 
 

@@ -66,11 +66,11 @@ from agents.anomaly.core import (
     money_per_hour,
     span_text,
 )
+from app.alerts_config import SEVERITY_FIRED, SEVERITY_RAISED_FROM, severity_rank
 from app.anomaly_config import DetectorSettings
 from app.metering.usage import event_time, new_id
 
 ALERT_SCHEMA_VERSION = 2
-_SEVERITY = ("warning", "critical")
 # Kinds whose measure is a scope's request count over a window: what it held when the
 # incident resolved is known from the counts (``CallsBetween``), calls or none.
 RATE_KINDS = frozenset({"volume_spike", "volume_drop"})
@@ -247,7 +247,7 @@ class AlertManager:
         rises, so at most one per incident. A loop that fired at 2x and grew to 40x stayed a
         warning to its end, and a target paging only critical alerts never heard of it."""
         level = self.severity(verdict)
-        if _SEVERITY.index(level) <= _SEVERITY.index(incident.severity):
+        if severity_rank(level) <= severity_rank(incident.severity):
             return []
         before, incident.severity = incident.severity, level
         incident.fired_severity = incident.fired_severity or before
@@ -259,7 +259,7 @@ class AlertManager:
             f"now {level} (fired as a {before} at {incident.first_seen:%H:%M:%S} UTC): "
             f"{record['message']}"
         )
-        record["details"]["severity_raised_from"] = before
+        record["details"][SEVERITY_RAISED_FROM] = before
         return [record]
 
     def refreshed(self, alert: dict[str, Any]) -> dict[str, Any]:
@@ -274,7 +274,7 @@ class AlertManager:
         now = latest if latest.is_anomaly and _same_measure(latest, incident.peak) else None
         if now is None or now.ts == alert["ts"]:  # nothing newer since it fired
             return alert
-        incident.severity = max(incident.severity, self.severity(now), key=_SEVERITY.index)
+        incident.severity = max(incident.severity, self.severity(now), key=severity_rank)
         record = self._record(alert["alert_key"], incident, now, "firing", alert["ts"])
         details = {**alert["details"], **record["details"]}
         return {**alert, **record, "event_id": alert["event_id"], "details": details}
@@ -487,7 +487,7 @@ class AlertManager:
         if status == "resolved":
             details["resolved_by"] = "silence" if silent else "normal"
             if incident.fired_severity:  # it rose: what the firing said (Alertmanager's label)
-                details["severity_fired"] = incident.fired_severity
+                details[SEVERITY_FIRED] = incident.fired_severity
             if span:
                 details["observed_window_seconds"] = str(span)
         same = _same_measure(shown, peak)

@@ -73,6 +73,14 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from agents.anomaly.core import money_per_hour
+from app.alerts_config import (
+    DEFAULT_SEVERITY,
+    INCIDENT_SEVERITY_BEFORE,
+    NO_SEVERITY,
+    RESOLVES_PAGE,
+    SEVERITY_RAISED_FROM,
+    severity_rank,
+)
 from app.anomaly_config import DetectorSettings
 
 Nests = Callable[[str, str], bool]
@@ -112,7 +120,7 @@ class Group:
     pending: list[dict[str, Any]] | None = None
     # The highest severity of the firing records published so far ("none"), and per member
     # what it was before the member's first firing record (its resolve goes where that went).
-    notified: str = "none"
+    notified: str = NO_SEVERITY
     first_before: dict[str, str] | None = None
     paged_keys: frozenset[str] = frozenset()  # members ever published as its page
 
@@ -167,9 +175,9 @@ class Correlator:
                 # a checkpoint from before severities were followed: every member of a paged
                 # incident was published, so they say what its targets have heard
                 group.notified = max(
-                    (str(m.get("severity", "warning")) for m in group.members.values()),
-                    key=_rank,
-                    default="warning",
+                    (str(m.get("severity", DEFAULT_SEVERITY)) for m in group.members.values()),
+                    key=severity_rank,
+                    default=DEFAULT_SEVERITY,
                 )
         self.__dict__.setdefault("closed_recent", {})
 
@@ -177,7 +185,7 @@ class Correlator:
         """Alerts to publish, given new lifecycle ``alerts`` at event time ``now``."""
         out: list[dict[str, Any]] = []
         for alert in alerts:
-            if alert["status"] == "firing" and "severity_raised_from" in alert.get("details", {}):
+            if alert["status"] == "firing" and SEVERITY_RAISED_FROM in alert.get("details", {}):
                 out += self._raised(alert)
             elif alert["status"] == "firing":
                 out += self._firing(alert)
@@ -574,20 +582,20 @@ class Correlator:
         elif role == "related" and alert["status"] != "firing" and key in group.paged_keys:
             # the resolve of an earlier page of the incident (an escalation took its place):
             # it goes where that page went (a pager's trigger was never resolved: a review)
-            details = {**details, "resolves_page": "true"}
+            details = {**details, RESOLVES_PAGE: "true"}
             marked["details"] = details
         if alert["status"] == "firing":
             # How severe the incident's records were before this one: a target whose severity
             # filter let none of them through is paged by this one (the notifier's rule).
             before = group.notified
-            if key not in firsts or "severity_raised_from" not in details:
+            if key not in firsts or SEVERITY_RAISED_FROM not in details:
                 firsts[key] = before
-            if _rank(alert.get("severity")) > _rank(before):
-                group.notified = str(alert.get("severity", "warning"))
-            marked["details"] = {**details, "incident_severity_before": before}
+            if severity_rank(alert.get("severity")) > severity_rank(before):
+                group.notified = str(alert.get("severity", DEFAULT_SEVERITY))
+            marked["details"] = {**details, INCIDENT_SEVERITY_BEFORE: before}
         elif role == "related" and key in firsts:
             # a member's resolve goes where its firing went
-            marked["details"] = {**details, "incident_severity_before": firsts[key]}
+            marked["details"] = {**details, INCIDENT_SEVERITY_BEFORE: firsts[key]}
         if others:
             listed = ", ".join(others[:8]) + (
                 f" and {len(others) - 8} more" if len(others) > 8 else ""
@@ -595,13 +603,6 @@ class Correlator:
             marked["message"] = f"{alert['message']} (+{len(others)} related: {listed})"
             marked["details"] = {**marked.get("details", {}), "related": "; ".join(others)}
         return marked
-
-
-_SEVERITIES = ("none", "info", "warning", "critical")
-
-
-def _rank(severity: Any) -> int:
-    return _SEVERITIES.index(severity) if severity in _SEVERITIES else _SEVERITIES.index("warning")
 
 
 def _page_over(group: Group) -> bool:
