@@ -12,10 +12,11 @@ Formats (all POST ``application/json``):
 - ``json``: the alert record itself, timestamps in ISO 8601 (UTC).
 - ``slack``: an incoming-webhook ``{"text": ...}`` with one readable line.
 - ``pagerduty``: Events API v2 (``/v2/enqueue``): ``trigger`` with a payload,
-  ``resolve`` with the same ``dedup_key`` (the alert's ``alert_key``).
+  ``resolve`` with the same ``dedup_key`` (``lifecycle_key``: the alert's ``alert_key``,
+  and for an anomaly incident's records ``@`` the time it first fired).
 - ``alertmanager``: API v2 (``/api/v2/alerts``): a list of one alert, labelled
-  by ``alertname``, ``kind``, ``scope``, ``severity`` and ``alert_key``;
-  ``endsAt`` set when resolved.
+  by ``alertname``, ``kind``, ``scope``, ``severity`` and ``alert_key`` (and an anomaly
+  incident's records by ``first_seen``); ``endsAt`` set when resolved.
 
 What pages (issue 12): an alert marked ``historical`` (about the past: a replay, a
 backlog) and an alert attached to an incident as ``related`` (the incident's primary
@@ -230,6 +231,19 @@ def pagerduty_severity(severity: Any) -> str:
     return value if value in PAGERDUTY_SEVERITIES else DEFAULT_SEVERITY
 
 
+def lifecycle_key(alert: dict[str, Any]) -> str:
+    """What identifies ``alert``'s alert at a receiver that knows alerts by a key (PagerDuty's
+    ``dedup_key``, Alertmanager's labels): its ``alert_key``, and for the records of an
+    anomaly incident (they carry ``incident_key``) the time their lifecycle first fired too.
+    One key can be open twice on the pager: a recurrence pages while the earlier incident's
+    page waits for its other members, and that page's resolve, under the bare key, closed the
+    recurrence that still went on (a property test). A budget threshold fires once per key
+    and never resolves: its key alone (a resend after a crash is the same page)."""
+    if not alert.get("incident_key"):
+        return str(alert["alert_key"])
+    return f"{alert['alert_key']}@{iso(alert['first_seen'])}"
+
+
 def pagerduty_dedup_key(alert_key: str) -> str:
     """``alert_key``, or a stable shortened form of it past PagerDuty's 255 characters."""
     if len(alert_key) <= PAGERDUTY_DEDUP_KEY_MAX:
@@ -250,7 +264,7 @@ def pagerduty_payload(alert: dict[str, Any], routing_key: str) -> dict[str, Any]
     ``component`` its type (user, feature, team, key, global), ``class`` the
     alert kind and ``group`` is ``tollgate``.
     """
-    dedup_key = pagerduty_dedup_key(alert["alert_key"])
+    dedup_key = pagerduty_dedup_key(lifecycle_key(alert))
     if is_resolved(alert):
         return {"routing_key": routing_key, "event_action": "resolve", "dedup_key": dedup_key}
     custom_details: dict[str, Any] = {
@@ -298,8 +312,10 @@ def alertmanager_payload(
 ) -> list[dict[str, Any]]:
     """An Alertmanager API v2 ``POST /api/v2/alerts`` body: a list holding this alert.
 
-    Labels identify an alert in Alertmanager, so they carry ``alert_key`` too: a
-    resolve then ends exactly the alert it belongs to.
+    Labels identify an alert in Alertmanager, so they carry ``alert_key`` too, and an
+    anomaly incident's records the time their lifecycle first fired (``first_seen``, as in
+    ``lifecycle_key``): a resolve then ends exactly the alert it belongs to, not a
+    recurrence of its key that is still going on.
     """
     severity = str(alert.get("severity") or DEFAULT_SEVERITY)
     compared = ", ".join(part for part in (comparison(alert), at_stake(alert)) if part)
@@ -311,6 +327,7 @@ def alertmanager_payload(
             "scope": alert["scope"],
             "severity": severity,
             "alert_key": alert["alert_key"],
+            **({"first_seen": iso(alert["first_seen"])} if alert.get("incident_key") else {}),
         },
         "annotations": {"summary": summary, "description": str(alert.get("message") or summary)},
         "startsAt": iso(alert["first_seen"]),

@@ -18,7 +18,7 @@ from aiohttp import web
 from aiokafka import AIOKafkaProducer
 from prometheus_client import CollectorRegistry
 
-from agents.notifier import Notifier, RetryPolicy, json_payload
+from agents.notifier import Notifier, RetryPolicy, iso, json_payload
 from app.alerts_config import AlertTarget
 from app.events.codec import EventCodec
 from app.events.topics import ensure_topics
@@ -259,24 +259,25 @@ async def test_every_format_gets_its_payload_filters_apply_and_resolves_follow(
         assert "Resolved" in resolved_text and "feature:search" in resolved_text
 
         # pagerduty: trigger per alert (same partition order for one alert_key), then resolve.
+        # An anomaly incident's dedup_key: its alert key at the time its lifecycle first fired.
+        cost_key = f"cost_per_request|feature:search@{iso(fired['first_seen'])}"
+        drop_key = f"volume_drop|global@{iso(quiet['first_seen'])}"
         events = {(b["dedup_key"], b["event_action"]): b for b in pagerduty.bodies()}
         assert set(events) == {
-            ("volume_drop|global", "trigger"),
-            ("cost_per_request|feature:search", "trigger"),
-            ("cost_per_request|feature:search", "resolve"),
+            (drop_key, "trigger"),
+            (cost_key, "trigger"),
+            (cost_key, "resolve"),
         }
-        actions = [
-            b["event_action"] for b in pagerduty.bodies() if b["dedup_key"] == fired["alert_key"]
-        ]
+        actions = [b["event_action"] for b in pagerduty.bodies() if b["dedup_key"] == cost_key]
         assert actions == ["trigger", "resolve"]
-        trigger = events[("cost_per_request|feature:search", "trigger")]
+        trigger = events[(cost_key, "trigger")]
         assert trigger["routing_key"] == ROUTING_KEY
         assert trigger["payload"]["severity"] == "critical"
         assert trigger["payload"]["source"] == "feature:search"
         assert trigger["payload"]["class"] == "cost_per_request"
         assert trigger["payload"]["custom_details"]["event_id"] == fired["event_id"]
-        assert events[("volume_drop|global", "trigger")]["payload"]["severity"] == "info"
-        assert events[("cost_per_request|feature:search", "resolve")]["routing_key"] == ROUTING_KEY
+        assert events[(drop_key, "trigger")]["payload"]["severity"] == "info"
+        assert events[(cost_key, "resolve")]["routing_key"] == ROUTING_KEY
 
         # alertmanager: a list of one alert each; the resolve ends the alert with the same labels.
         assert all(len(body) == 1 for body in alertmanager.bodies())
@@ -293,6 +294,7 @@ async def test_every_format_gets_its_payload_filters_apply_and_resolves_follow(
                 "scope": "feature:search",
                 "severity": "critical",
                 "alert_key": "cost_per_request|feature:search",
+                "first_seen": iso(fired["first_seen"]),
             }
         )
         assert ended["endsAt"] == json_payload(resolved)["ts"]

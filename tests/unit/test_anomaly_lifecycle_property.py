@@ -34,6 +34,7 @@ from hypothesis import strategies as st
 from agents.anomaly.alerting import AlertManager
 from agents.anomaly.detectors import DetectorSettings, Verdict
 from agents.anomaly.incidents import Correlator
+from agents.notifier import alertmanager_payload, pagerduty_payload
 from app.alerts_config import AlertTarget
 
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
@@ -269,6 +270,8 @@ def _check(run: Run) -> None:
             assert _SEVERITY.index(update["severity"]) > _SEVERITY.index(fired["severity"]), key
             assert incident[update["event_id"]] == incident[fired["event_id"]], key
     _check_pager(run, by_key, updates)
+    for target in (PAGER, EVERYTHING):
+        _check_receivers(run, by_key, updates, target)
     assert not run.hidden, [(r["message"], r["incident_key"]) for r in run.hidden]
     assert not run.manager.firing
     assert not run.correlator.groups, [g.key for g in run.correlator.groups]
@@ -279,6 +282,7 @@ def _check(run: Run) -> None:
 
 _SEVERITY = ("info", "warning", "critical")
 PAGER = AlertTarget(name="pager", url="http://127.0.0.1:9/pager", min_severity="critical")
+EVERYTHING = AlertTarget(name="all", url="http://127.0.0.1:9/all")
 
 
 def _check_pager(
@@ -302,6 +306,43 @@ def _check_pager(
             fired = [records[i]] + ([raised[i]] if i in raised else [])
             if any(r["event_id"] in paged for r in fired):
                 assert records[i + 1]["event_id"] in paged, (key, records[i + 1]["message"])
+
+
+def _check_receivers(
+    run: Run,
+    by_key: dict[str, list[dict[str, Any]]],
+    updates: dict[str, list[tuple[int, dict[str, Any]]]],
+    target: AlertTarget,
+) -> None:
+    """What PagerDuty and Alertmanager behind ``target`` show: a resolve closes the alert of
+    its ``dedup_key`` (of its labels), so it must close only lifecycles that are over (a
+    recurrence paged while the earlier incident's page waited for its members shared the
+    earlier one's PagerDuty alert, and that page's resolve closed the recurrence that still
+    went on)."""
+    lifecycle: dict[str, tuple[str, int]] = {}  # event id -> (alert key, its firing's index)
+    for key, records in by_key.items():
+        for i, r in enumerate(records):
+            lifecycle[r["event_id"]] = (key, i - i % 2)
+        for i, update in updates.get(key, []):
+            lifecycle[update["event_id"]] = (key, i)
+    ended: set[tuple[str, int]] = set()
+    triggered: dict[object, set[tuple[str, int]]] = {}  # receiver's key -> lifecycles it pages
+    for r in run.published:
+        if r["status"] == "resolved":
+            ended.add(lifecycle[r["event_id"]])
+        if not (target.accepts(r) and target.declines(r) is None):
+            continue
+        event = pagerduty_payload(r, "key")
+        opened = [("pagerduty", event["dedup_key"])] if event["event_action"] == "trigger" else []
+        closed = [] if opened else [("pagerduty", event["dedup_key"])]
+        for entry in alertmanager_payload(r):
+            labels = ("alertmanager", frozenset(entry["labels"].items()))
+            (closed if "endsAt" in entry else opened).append(labels)
+        for receiver_key in opened:
+            triggered.setdefault(receiver_key, set()).add(lifecycle[r["event_id"]])
+        for receiver_key in closed:
+            going_on = triggered.pop(receiver_key, set()) - ended
+            assert not going_on, (target.name, receiver_key[0], r["message"], going_on)
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -489,4 +530,28 @@ def test_a_recurrence_does_not_take_the_key_of_an_open_reopened_incident() -> No
     assert again and reopened
     assert again[0]["incident_role"] == "primary"
     assert again[0]["incident_key"] != reopened[0]["incident_key"]
+    _check(run)
+
+
+def test_a_pages_resolve_does_not_close_its_keys_recurrence_on_the_pager() -> None:
+    """The global rate paged with the global cost attached; the rate recurred 33 minutes
+    later and paged (its own incident) while the first page still waited for the cost
+    member. The first page's resolve then went to PagerDuty under the bare alert key, which
+    the recurrence's trigger had used too: PagerDuty showed the recurrence resolved for the
+    20 minutes it still went on (Alertmanager, knowing alerts by the same labels, too)."""
+    keys = [_key("global", "volume_spike"), _key("global", "cost_per_request")]
+    episodes = [(0, 0, 45, 400, 2.0, False), (1, 0, 5, 10, 2.0, False)]
+    run = _play(keys, _episodes(keys, episodes, 0))
+    rate = [
+        (r["status"], r["incident_key"])
+        for r in run.published
+        if r["alert_key"] == "volume_spike|global" and r["incident_role"] == "primary"
+    ]
+    first, again = rate[0][1], rate[1][1]
+    assert rate == [
+        ("firing", first),
+        ("firing", again),
+        ("resolved", first),
+        ("resolved", again),
+    ], rate
     _check(run)

@@ -153,6 +153,29 @@ def test_pagerduty_resolve_event_has_the_same_dedup_key() -> None:
     }
 
 
+def test_an_anomaly_incidents_receivers_know_each_lifecycle_of_a_key_apart() -> None:
+    """An anomaly incident's records (they carry ``incident_key``) are known to PagerDuty and
+    Alertmanager by their alert key and the time their lifecycle first fired: a recurrence of
+    the key is another alert there, so the earlier page's late resolve cannot close it. Its
+    firing, its update and its resolve share one; a budget threshold keeps its bare key."""
+    page = {"incident_key": "cost_per_request|feature:search@2026-11-27T11:55:00"}
+    trigger = pagerduty_payload(alert(**page), ROUTING_KEY)
+    assert trigger["dedup_key"] == "cost_per_request|feature:search@2026-11-27T11:55:00.250Z"
+    update = pagerduty_payload(alert(**page, ts=TS + timedelta(minutes=2)), ROUTING_KEY)
+    resolve = pagerduty_payload(resolved(**page), ROUTING_KEY)
+    assert update["dedup_key"] == resolve["dedup_key"] == trigger["dedup_key"]
+    again = pagerduty_payload(alert(**page, first_seen=TS + timedelta(minutes=30)), ROUTING_KEY)
+    assert again["dedup_key"] != trigger["dedup_key"]
+    [firing] = alertmanager_payload(alert(**page))
+    [ended] = alertmanager_payload(resolved(**page))
+    [recurs] = alertmanager_payload(alert(**page, first_seen=TS + timedelta(minutes=30)))
+    assert firing["labels"]["first_seen"] == "2026-11-27T11:55:00.250Z"
+    assert ended["labels"] == firing["labels"] != recurs["labels"]
+    budget = alert(kind="budget_threshold", alert_key="budget_threshold|user:u|2026-11|0.8")
+    assert pagerduty_payload(budget, ROUTING_KEY)["dedup_key"] == budget["alert_key"]
+    assert "first_seen" not in alertmanager_payload(budget)[0]["labels"]
+
+
 @pytest.mark.parametrize(
     ("ours", "theirs"),
     [("info", "info"), ("warning", "warning"), ("critical", "critical"), ("bogus", "warning")],
