@@ -776,8 +776,20 @@ async def reports(request: web.Request) -> web.Response:
 
 
 # -- discovery and operations ------------------------------------------------------------
-@operation("Models served", "open", response=responses.ModelList)
+def _known_key(request: web.Request) -> None:
+    """With keys configured, any known key (a 401 without one): the models an upstream
+    serves are the gateway's to tell its callers, as OpenAI's API and other gateways do.
+    Only the key counts: the identity headers a client sends with every call are not
+    checked here."""
+    c = request.app[COMPONENTS]
+    if c.keys is not None:
+        secret = {"Authorization": f"Bearer {bearer_token(request.headers) or ''}"}
+        resolve_identity(secret, {}, c.keys, "none")
+
+
+@operation("Models served", "user_or_admin", response=responses.ModelList)
 async def list_models(request: web.Request) -> web.Response:
+    _known_key(request)
     c = request.app[COMPONENTS]
     data = [model_json(model) for model in c.upstreams.known_models()]
     return json_response({"object": "list", "data": data})
@@ -790,11 +802,12 @@ def model_json(model: str) -> dict[str, Any]:
 
 @operation(
     "A model served (OpenAI's models.retrieve)",
-    "open",
+    "user_or_admin",
     response=responses.Model,
     extra_responses=((404, "No configured upstream serves this model"),),
 )
 async def retrieve_model(request: web.Request) -> web.Response:
+    _known_key(request)
     c = request.app[COMPONENTS]
     model = request.match_info["model"]
     if not c.upstreams.candidates(model):

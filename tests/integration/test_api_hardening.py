@@ -333,6 +333,31 @@ def test_a_key_may_post_outcomes_only_for_its_own_spend(
     ]
 
 
+def test_with_keys_the_models_list_needs_a_key_as_openais_does(
+    kafka_settings: Settings, keys_file: Path
+) -> None:
+    """A newcomer's probe: with a keys file, GET /v1/models answered anyone, listing every
+    model the upstreams serve (OpenAI's API and other gateways ask for a key). Any known key
+    may list them, whoever it may act for; liveness, readiness and metrics stay open."""
+    asyncio.run(ensure_topics(kafka_settings))
+    with running_stack(kafka_settings, keys_file=keys_file) as stack:
+        for path in ("/v1/models", "/v1/models/gpt-4o"):
+            for headers in ({}, bearer("sk-nobody"), {"X-Api-Key": "sk-nobody"}):
+                refused = httpx.get(f"{stack.url}{path}", headers=headers)
+                assert refused.status_code == 401, (path, headers, refused.text)
+                assert refused.json()["error"]["type"] == "authentication_error"
+                assert "API key" in refused.json()["error"]["message"]
+            for secret in ("sk-alice", "sk-admin"):
+                listed = httpx.get(
+                    f"{stack.url}{path}", headers={**bearer(secret), "X-Tollgate-User": "x"}
+                )
+                assert listed.status_code == 200, (path, secret, listed.text)
+        models = httpx.get(f"{stack.url}/v1/models", headers={"X-Api-Key": "sk-bob"}).json()
+        assert "gpt-4o" in [m["id"] for m in models["data"]]
+        for path in ("/healthz", "/metrics", "/openapi.json"):
+            assert httpx.get(f"{stack.url}{path}").status_code == 200, path
+
+
 # -- exposure ---------------------------------------------------------------------------------------
 def test_open_admin_routes_are_refused_on_a_network_address(kafka_settings: Settings) -> None:
     from app.http.security import ExposureError

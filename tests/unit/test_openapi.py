@@ -30,8 +30,6 @@ OPEN_ROUTES = {
     "/metrics",
     "/openapi.json",
     "/dashboard",
-    "/v1/models",
-    "/v1/models/{model}",
 }
 
 
