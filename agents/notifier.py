@@ -24,10 +24,11 @@ alert pages, listing it) are delivered only to targets that ask for them
 (``include_historical``, ``include_related``); every such decision is logged with its
 reason ("not paged: historical ...") and counted
 (``tollgate_alert_notifications_total{outcome="skipped_historical"|"skipped_related"}``).
-But a related alert that is the first of its incident a target's ``min_severity`` lets
-through pages that target (``AlertTarget.first_at_its_severity``: the correlator says how
-severe the incident's records were before it), and so does that member's resolve: a
-critical-only pager heard nothing of an incident paged as a warning that became critical.
+But a related alert that is the first of its incident a target's ``min_severity`` and
+``kinds`` let through pages that target (``AlertTarget.first_for_it``: the correlator says
+the kinds and severities of the incident's records before it), and so does that member's
+resolve: a critical-only pager heard nothing of an incident paged as a warning that became
+critical, a cost-only target nothing of a volume page with a related cost alert.
 Every message states the money at stake when the alert carries it.
 
 Flow: a plain aiokafka consumer group reads the alerts topic; every decoded

@@ -39,6 +39,10 @@ NO_SEVERITY = "none"
 SEVERITY_RAISED_FROM = "severity_raised_from"
 # How severe the incident's published firing records were before this one (or NO_SEVERITY).
 INCIDENT_SEVERITY_BEFORE = "incident_severity_before"
+# What the incident's published firing records were before this one: the highest severity
+# of each kind, "kind=severity" joined by ","; "*" stands for every kind (``heard_text``).
+INCIDENT_HEARD_BEFORE = "incident_heard_before"
+ANY_KIND = "*"
 # "true" on the resolve of a record that was its incident's page before an escalation.
 RESOLVES_PAGE = "resolves_page"
 # On the resolve of a member that rose: the severity it fired at (Alertmanager's label set).
@@ -125,12 +129,34 @@ class AlertTarget(BaseModel):
         if (
             alert.get("incident_role") == "related"
             and not self.include_related
-            and not self.first_at_its_severity(alert)
+            and not self.first_for_it(alert)
             # the resolve of an earlier page of its incident goes where that page went
             and (alert.get("details") or {}).get(RESOLVES_PAGE) != "true"
         ):
             return "related"
         return None
+
+    def first_for_it(self, alert: dict[str, Any]) -> bool:
+        """Whether ``alert``, attached to an incident, is the first of it this target's
+        severity and kind filters let through (``details.incident_heard_before``: the kinds
+        and severities of the incident's firing records before it), and so is this target's
+        page; a member's resolve carries what was there before its firing, and follows it.
+        A target of ``cost_per_request`` alerts heard nothing of an incident paged as a
+        volume spike with a related cost alert (issue 12). Records of an agent from before
+        kinds were followed say only the severity: ``first_at_its_severity``."""
+        if self.min_severity is None and self.kinds is None:
+            return False  # it hears every incident's page
+        heard = (alert.get("details") or {}).get(INCIDENT_HEARD_BEFORE)
+        if heard is None:
+            return self.first_at_its_severity(alert)
+        return not any(self._lets_through(k, v) for k, v in parse_heard(str(heard)).items())
+
+    def _lets_through(self, kind: str, severity: str) -> bool:
+        if self.kinds is not None and kind != ANY_KIND and kind not in self.kinds:
+            return False
+        return self.min_severity is None or (
+            severity_rank(severity) >= SEVERITY_RANK[self.min_severity]
+        )
 
     def first_at_its_severity(self, alert: dict[str, Any]) -> bool:
         """Whether ``alert``, attached to an incident, is the first of it this target's
@@ -197,6 +223,23 @@ def severity_rank(severity: Any) -> int:
     if severity == NO_SEVERITY:
         return -1
     return SEVERITY_RANK.get(str(severity), SEVERITY_RANK[DEFAULT_SEVERITY])
+
+
+def heard_text(heard: dict[str, str]) -> str:
+    """``{"volume_spike": "warning"}`` -> ``"volume_spike=warning"`` (sorted; "" for none)."""
+    return ",".join(f"{kind}={severity}" for kind, severity in sorted(heard.items()))
+
+
+def parse_heard(text: str) -> dict[str, str]:
+    """The inverse of ``heard_text``; a malformed part is read as any kind, critical (heard:
+    a record that cannot be read never pages a target twice)."""
+    heard: dict[str, str] = {}
+    for part in filter(None, text.split(",")):
+        kind, sep, severity = part.rpartition("=")
+        if not sep or not kind:
+            kind, severity = ANY_KIND, "critical"
+        heard[kind] = max(heard.get(kind, NO_SEVERITY), severity, key=severity_rank)
+    return heard
 
 
 def redact_url(url: str) -> str:

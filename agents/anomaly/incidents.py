@@ -74,11 +74,14 @@ from typing import Any
 
 from agents.anomaly.core import money_per_hour
 from app.alerts_config import (
+    ANY_KIND,
     DEFAULT_SEVERITY,
+    INCIDENT_HEARD_BEFORE,
     INCIDENT_SEVERITY_BEFORE,
     NO_SEVERITY,
     RESOLVES_PAGE,
     SEVERITY_RAISED_FROM,
+    heard_text,
     severity_rank,
 )
 from app.anomaly_config import DetectorSettings
@@ -123,6 +126,16 @@ class Group:
     notified: str = NO_SEVERITY
     first_before: dict[str, str] | None = None
     paged_keys: frozenset[str] = frozenset()  # members ever published as its page
+    # The same by kind (a target may hear only some kinds): the highest severity of each
+    # kind published so far (None: a checkpoint from before, ``notified`` for every kind),
+    # and per member what it was before the member's first firing record.
+    heard: dict[str, str] | None = None
+    first_heard: dict[str, str] | None = None
+
+    def heard_so_far(self) -> dict[str, str]:
+        if self.heard is not None:
+            return self.heard
+        return {} if self.notified == NO_SEVERITY else {ANY_KIND: self.notified}
 
 
 class Correlator:
@@ -154,6 +167,7 @@ class Correlator:
         self.closed_silent: dict[str, str] = {}
         # ... and how severe that incident's published records were (a reopen pages no one)
         self.silent_notified: dict[str, str] = {}
+        self.silent_heard: dict[str, dict[str, str]] = {}
         # Alert key -> the incident key it was in when it last resolved, and when: a
         # ``recurring`` firing of that key that no open incident takes pages under that key.
         self.closed_recent: dict[str, tuple[str, datetime]] = {}
@@ -170,6 +184,7 @@ class Correlator:
         self.__dict__.setdefault("building", None)
         self.__dict__.setdefault("closed_silent", {})
         self.__dict__.setdefault("silent_notified", {})
+        self.__dict__.setdefault("silent_heard", {})
         for group in self.groups:
             if "notified" not in group.__dict__ and group.paged:
                 # a checkpoint from before severities were followed: every member of a paged
@@ -241,9 +256,10 @@ class Correlator:
         ts: datetime = alert["ts"]
         closed = self.closed_silent.pop(alert["alert_key"], None)
         notified = self.silent_notified.pop(alert["alert_key"], "critical")
+        heard = self.silent_heard.pop(alert["alert_key"], None)
         recent = self.closed_recent.pop(alert["alert_key"], None)
         if closed is not None and alert["details"].get("reopened") == "true":
-            return self._reopen(alert, closed, notified)
+            return self._reopen(alert, closed, notified, heard)
         recurring = alert["details"].get("recurring") == "true"
         old_key = recent[0] if recent is not None and recurring else None
         group = next((g for g in reversed(self.groups) if self._takes(g, alert)), None)
@@ -380,7 +396,9 @@ class Correlator:
             "details": {**alert["details"], "page_impact_usd_per_hour": f"{stated:.4g}"},
         }
 
-    def _reopen(self, alert: dict[str, Any], key: str, notified: str) -> list[dict[str, Any]]:
+    def _reopen(
+        self, alert: dict[str, Any], key: str, notified: str, heard: dict[str, str] | None
+    ) -> list[dict[str, Any]]:
         """A cost incident closed by silence whose alarm fired again in the calls back, not
         seen normal in between (issue 12): the same incident, published with its key as
         ``related`` (no new page: it was paged, and its close said the cost was not seen
@@ -392,6 +410,7 @@ class Correlator:
             group = Group(key=key, opened=ts, last_activity=ts, primary=alert["alert_key"])
             group.paged = group.reopened = True
             group.notified = notified  # what its targets heard of it before the silence
+            group.heard = heard  # (None, from a checkpoint before kinds: ``notified``'s)
             self.groups.append(group)
         out = self._release_held(group, alert)
         group.members[alert["alert_key"]] = alert
@@ -501,6 +520,7 @@ class Correlator:
         if alert["details"].get("resolved_by") == "silence":
             self.closed_silent[key] = group.key
             self.silent_notified[key] = group.notified
+            self.silent_heard[key] = group.heard_so_far()
         ts: datetime = alert["ts"]
         horizon = ts - timedelta(seconds=2 * self.settings.cooldown_seconds)
         for old in [k for k, (_, at) in self.closed_recent.items() if at < horizon]:
@@ -587,15 +607,28 @@ class Correlator:
         if alert["status"] == "firing":
             # How severe the incident's records were before this one: a target whose severity
             # filter let none of them through is paged by this one (the notifier's rule).
-            before = group.notified
+            # The same by kind, for a target that hears only some kinds.
+            before, heard = group.notified, group.heard_so_far()
+            heard_before = heard_text(heard)
+            first_heard = group.first_heard = group.first_heard or {}
             if key not in firsts or SEVERITY_RAISED_FROM not in details:
-                firsts[key] = before
-            if severity_rank(alert.get("severity")) > severity_rank(before):
-                group.notified = str(alert.get("severity", DEFAULT_SEVERITY))
-            marked["details"] = {**details, INCIDENT_SEVERITY_BEFORE: before}
+                firsts[key], first_heard[key] = before, heard_before
+            severity = str(alert.get("severity", DEFAULT_SEVERITY))
+            if severity_rank(severity) > severity_rank(before):
+                group.notified = severity
+            kind = str(alert.get("kind"))
+            if severity_rank(severity) > severity_rank(heard.get(kind, NO_SEVERITY)):
+                group.heard = {**heard, kind: severity}
+            marked["details"] = {
+                **details,
+                INCIDENT_SEVERITY_BEFORE: before,
+                INCIDENT_HEARD_BEFORE: heard_before,
+            }
         elif role == "related" and key in firsts:
             # a member's resolve goes where its firing went
             marked["details"] = {**details, INCIDENT_SEVERITY_BEFORE: firsts[key]}
+            if group.first_heard and key in group.first_heard:
+                marked["details"][INCIDENT_HEARD_BEFORE] = group.first_heard[key]
         if others:
             listed = ", ".join(others[:8]) + (
                 f" and {len(others) - 8} more" if len(others) > 8 else ""

@@ -256,3 +256,51 @@ def test_an_update_of_a_verdict_out_of_order_is_not_before_its_firing() -> None:
         _verdict("volume_spike", "user:u1", T0 - timedelta(minutes=4), True, 40.0)
     )
     assert raised["ts"] >= fired[0]["ts"]
+
+
+# -- a target's kinds filter (session 36) ------------------------------------------------------
+COSTS = AlertTarget(name="costs", url="http://127.0.0.1:9/costs", kinds=("cost_per_request",))
+RATES = AlertTarget(name="rates", url="http://127.0.0.1:9/rates", kinds=("volume_spike",))
+
+
+def test_a_cost_member_of_a_volume_page_pages_a_cost_only_target() -> None:
+    """A feature's surge paged as a volume spike; its cost per request went up with it and
+    joined as `related`. A target of `cost_per_request` alerts only (a FinOps channel)
+    heard nothing of the incident: the page was not its kind, the cost alert rode along.
+    It now gets the cost alert, and its resolve; the rates target only the page."""
+    keys = [_key("feature:a", "volume_spike"), _key("feature:a", "cost_per_request")]
+    run = _play(keys, _episodes(keys, [(0, 0, 10, 20, 4.0, False), (1, 1, 8, 20, 4.0, False)], 0))
+    costs = _paged(run, COSTS)
+    assert [(r["alert_key"], r["status"]) for r in costs] == [
+        ("cost_per_request|feature:a", "firing"),
+        ("cost_per_request|feature:a", "resolved"),
+    ], [(r["alert_key"], r["status"], r["incident_role"]) for r in run.published]
+    assert costs[0]["incident_role"] == "related"
+    assert costs[0]["details"]["incident_heard_before"] == "volume_spike=warning"
+    rates = _paged(run, RATES)
+    assert [(r["alert_key"], r["status"]) for r in rates] == [
+        ("volume_spike|feature:a", "firing"),
+        ("volume_spike|feature:a", "resolved"),
+    ]
+    assert [r["alert_key"] for r in _paged(run, CHAT)] == [r["alert_key"] for r in rates]
+    _check(run)
+
+
+def test_a_record_of_an_agent_before_kinds_pages_by_its_severity_alone() -> None:
+    """A notifier reading records an older agent published (no `incident_heard_before`):
+    the severity rule as before; a record it cannot read counts as heard (never a second
+    page)."""
+    related = {
+        "kind": "cost_per_request",
+        "severity": "critical",
+        "status": "firing",
+        "incident_role": "related",
+        "details": {"incident_severity_before": "warning"},
+    }
+    assert PAGER.declines(related) is None
+    assert COSTS.declines(related) == "related"
+    garbled = {**related, "details": {"incident_heard_before": "garbage"}}
+    assert PAGER.declines(garbled) == "related" and COSTS.declines(garbled) == "related"
+    fresh = {**related, "details": {"incident_heard_before": ""}}
+    assert PAGER.declines(fresh) is None and COSTS.declines(fresh) is None
+    assert CHAT.declines(fresh) == "related"  # no filter: it got the incident's page
