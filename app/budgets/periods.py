@@ -42,7 +42,9 @@ class Period:
 def zone(name: str) -> ZoneInfo:
     try:
         return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        # (OSError: a folder of the zone database such as 'America', a name too long for
+        # the file system; a newcomer's probe got a 500 from the dispatcher)
         raise PeriodError(
             f"unknown time zone {name!r}; use an IANA name such as 'Europe/Paris'"
         ) from None

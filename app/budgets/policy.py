@@ -295,7 +295,7 @@ class PolicyBody(BaseModel):
         default=DEFAULT_THRESHOLDS,
         description="Fractions of the limit at which a warning is sent; 1.0 is always added",
     )
-    timezone: Annotated[str, PlainValidator(_timezone)] = Field(
+    timezone: Annotated[str, PlainValidator(_timezone, json_schema_input_type=str)] = Field(
         default="UTC",
         description="IANA time zone of day and month periods (a window is aligned on the Unix "
         "epoch, in UTC)",

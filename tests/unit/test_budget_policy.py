@@ -159,6 +159,12 @@ def test_to_json_shows_round_limits_as_plain_numbers(limit: int, shown: str) -> 
         ({"limit_usd": 5, "timezone": "localtime"}, "timezone"),
         ({"limit_usd": 5, "timezone": "posixrules"}, "timezone"),
         ({"limit_usd": 5, "timezone": "Factory"}, "timezone"),
+        # a folder of the zone database, a name past the file system's limit (a newcomer's
+        # probe: a 500 from the dispatcher, a traceback from the CLI)
+        ({"limit_usd": 5, "timezone": "America"}, "timezone"),
+        ({"limit_usd": 5, "timezone": "America/Argentina"}, "timezone"),
+        ({"limit_usd": 5, "timezone": "Etc"}, "timezone"),
+        ({"limit_usd": 5, "timezone": "Europe/" + "x" * 300}, "timezone"),
         # a window is epoch-aligned (UTC): a zone there was stored and silently ignored
         (
             {"limit_usd": 5, "period": "window", "window": "1h", "timezone": "Asia/Kolkata"},

@@ -23,3 +23,13 @@ def test_a_bad_entry_names_file_scope_and_field(tmp_path: Path) -> None:
     with pytest.raises(PolicyError, match=r"budgets.user:bob.*limit_usd") as info:
         load_budgets_file(path)
     assert info.value.field == "limit_usd"
+
+
+def test_a_zone_folder_in_the_file_is_a_policy_error_not_a_crash(tmp_path: Path) -> None:
+    """`timezone: America` raised IsADirectoryError out of the loader (the dispatcher reads
+    the file at start-up): it names the file, the scope and the field now."""
+    path = tmp_path / "budgets.yaml"
+    path.write_text("budgets:\n  global: {period: day, limit_usd: 10, timezone: America}\n")
+    with pytest.raises(PolicyError, match=r"budgets.global.*timezone") as info:
+        load_budgets_file(path)
+    assert info.value.field == "timezone"
