@@ -276,8 +276,8 @@ def budgets_set(
     settings = _settings()
     try:
         policy = parse_policy(scope, body)  # the same checks, before anything is sent
-    except PolicyError as exc:
-        _fail(f"{exc.field}: {exc}")
+    except PolicyError as exc:  # its message names the field, most often first
+        _fail(str(exc) if str(exc).startswith(exc.field) else f"{exc.field}: {exc}")
     scope = policy.scope  # as calls are attributed (trimmed, NFC)
     if url:
         _, answer = _api(settings, url, key).call("PUT", f"/v1/budgets/{scope}", body)

@@ -111,6 +111,11 @@ def _parse_timestamp(text: str, where: str) -> datetime:
 def _read_rows(path: Path, in_order: bytearray | None = None) -> Iterator[_Row]:
     """Every row; with ``in_order`` (one flag per row with a value, from :func:`_in_time_order`)
     the rows it clears are out of time order, else none is."""
+    if path.exists() and not path.is_file():  # a pipe, a device, a folder
+        raise ValueError(
+            f"{path}: not a regular file; detect reads its file twice (to check every row, "
+            "then to judge them), so save the data to a file first"
+        )
     try:
         yield from _read_text_rows(path, in_order)
     except UnicodeDecodeError as exc:
@@ -176,38 +181,55 @@ def _read_text_rows(path: Path, in_order: bytearray | None) -> Iterator[_Row]:
         delimiter = _delimiter(handle.readline())
         handle.seek(0)
         reader = csv.reader(handle, delimiter=delimiter)
-        header = next(reader, None)
-        ts_index, value_index, has_header = _columns(path, header)
-        width = max(ts_index, value_index) + 1
-        rows: Iterator[list[str]] = reader
-        if not has_header and header is not None:
-            rows = itertools.chain([header], reader)
-        first_line = 2 if has_header else 1
-        valued = 0  # rows with a value so far: the index into in_order
-        for line, row in enumerate(rows, start=first_line):
-            if not row or all(not cell.strip() for cell in row):
-                continue
-            where = f"{path}, line {line}"
-            if len(row) < width:
-                raise ValueError(f"{where}: expected at least {width} fields, got {len(row)}")
-            ts = _parse_timestamp(row[ts_index], where)
-            value_text = row[value_index]
-            if value_text.strip().lower() in MISSING_VALUES:
-                # A gap in the export: written, not judged, counted (the run goes on).
-                yield _Row(line, row[ts_index], value_text, ts, math.nan, missing=True)
-                continue
-            try:
-                value = float(value_text)
-            except ValueError:
-                raise ValueError(
-                    f"{where}, field 'value': {value_text!r} is not a number"
-                ) from None
-            if not math.isfinite(value):
-                raise ValueError(f"{where}, field 'value': {value_text!r} is not a finite number")
-            # Out of order: written, not judged, counted (the run goes on).
-            out_of_order = in_order is not None and not in_order[valued]
-            valued += 1
-            yield _Row(line, row[ts_index], value_text, ts, value, out_of_order=out_of_order)
+        starts = [1]  # the line the record being read starts on
+
+        def records() -> Iterator[list[str]]:
+            for record in reader:
+                yield record
+                starts[0] = reader.line_num + 1
+
+        try:
+            yield from _csv_rows(path, records(), in_order)
+        except csv.Error as exc:  # e.g. a field past csv's limit: a stray quote mark
+            raise ValueError(
+                f"{path}, line {starts[0]}: {exc} (a quote mark that is never closed there "
+                "makes the rest of the file one field: check its quoting)"
+            ) from None
+
+
+def _csv_rows(
+    path: Path, reader: Iterator[list[str]], in_order: bytearray | None
+) -> Iterator[_Row]:
+    header = next(reader, None)
+    ts_index, value_index, has_header = _columns(path, header)
+    width = max(ts_index, value_index) + 1
+    rows: Iterator[list[str]] = reader
+    if not has_header and header is not None:
+        rows = itertools.chain([header], reader)
+    first_line = 2 if has_header else 1
+    valued = 0  # rows with a value so far: the index into in_order
+    for line, row in enumerate(rows, start=first_line):
+        if not row or all(not cell.strip() for cell in row):
+            continue
+        where = f"{path}, line {line}"
+        if len(row) < width:
+            raise ValueError(f"{where}: expected at least {width} fields, got {len(row)}")
+        ts = _parse_timestamp(row[ts_index], where)
+        value_text = row[value_index]
+        if value_text.strip().lower() in MISSING_VALUES:
+            # A gap in the export: written, not judged, counted (the run goes on).
+            yield _Row(line, row[ts_index], value_text, ts, math.nan, missing=True)
+            continue
+        try:
+            value = float(value_text)
+        except ValueError:
+            raise ValueError(f"{where}, field 'value': {value_text!r} is not a number") from None
+        if not math.isfinite(value):
+            raise ValueError(f"{where}, field 'value': {value_text!r} is not a finite number")
+        # Out of order: written, not judged, counted (the run goes on).
+        out_of_order = in_order is not None and not in_order[valued]
+        valued += 1
+        yield _Row(line, row[ts_index], value_text, ts, value, out_of_order=out_of_order)
 
 
 def _in_time_order(stamps: array[float]) -> bytearray:

@@ -62,3 +62,29 @@ def test_an_output_that_cannot_be_written_and_a_url_that_is_not_one_are_one_line
 def test_report_refuses_since_and_from_together() -> None:
     both = CliRunner().invoke(main, ["report", "--since", "1h", "--from", "2026-12-01"])
     assert both.exit_code != 0 and "not both" in both.output
+
+
+def test_a_stray_quote_and_a_pipe_are_one_line_errors(tmp_path: Path) -> None:
+    """A newcomer's probe: one unclosed quote in a large export swallowed the rest of the
+    file into one field, and csv's "field larger than field limit" came out as a
+    traceback; a pipe (`/dev/stdin`, `<(...)`) said only "underlying stream is not
+    seekable"."""
+    import os
+
+    quoted = tmp_path / "export.csv"
+    rows = "".join(f"2026-01-01T00:{i // 60:02d}:{i % 60:02d}Z,{i}\n" for i in range(3000))
+    quoted.write_text('timestamp,value\n2026-01-01T00:00:00Z,"5\n' + rows * 3)
+    result = CliRunner().invoke(main, ["detect", str(quoted)])
+    assert result.exit_code == 1, result.output
+    assert not isinstance(result.exception, Exception) or isinstance(
+        result.exception, SystemExit
+    ), result.exception
+    assert "line 2" in result.output and "quote" in result.output, result.output
+    reader, writer = os.pipe()
+    try:
+        result = CliRunner().invoke(main, ["detect", f"/dev/fd/{reader}"])
+    finally:
+        os.close(reader)
+        os.close(writer)
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert "not a regular file" in result.output and "save" in result.output, result.output
