@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from app.errors import InvalidRequest
 from app.http.security import internal_caller
 from app.metering.attribution import KeyStore
 from app.warehouse import reports
@@ -107,7 +108,11 @@ def build_report(
 
 async def report(request: web.Request) -> web.Response:
     token, keys = request.app[AUTH]
-    if token is not None and internal_caller(request.headers, token, keys) is None:
+    try:
+        caller = internal_caller(request.headers, token, keys) if token is not None else ""
+    except InvalidRequest as exc:  # two different keys in one request
+        return _error(400, "invalid_request_error", exc.message, exc.field)
+    if caller is None:
         return _error(
             401,
             "authentication_error",

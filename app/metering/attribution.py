@@ -202,10 +202,24 @@ def _header_or_body(
 
 
 def bearer_token(headers: Mapping[str, str]) -> str | None:
-    auth = headers.get("Authorization", "")
-    if auth.lower().startswith("bearer "):
-        return auth[7:].strip() or None
-    return headers.get("X-Api-Key") or None
+    """The API key a request carries: ``Authorization: Bearer <key>``, else ``X-Api-Key``.
+    Two different keys in one request (two such headers, or both naming different keys) are
+    a 400: the first was used without a word (a newcomer's probe)."""
+    getall = getattr(headers, "getall", None)
+    auths = list(getall("Authorization", ())) if getall is not None else []
+    api_keys = list(getall("X-Api-Key", ())) if getall is not None else []
+    auths = auths or [headers.get("Authorization", "")]
+    api_keys = api_keys or [headers.get("X-Api-Key", "")]
+    found = {auth[7:].strip() for auth in auths if auth.lower().startswith("bearer ")}
+    found |= {key for key in api_keys if key}
+    found.discard("")
+    if len(found) > 1:
+        raise InvalidRequest(
+            "The request carries more than one API key ('Authorization' and 'X-Api-Key' "
+            "headers naming different keys); send one key",
+            field="Authorization",
+        )
+    return next(iter(found), None)
 
 
 def resolve_identity(

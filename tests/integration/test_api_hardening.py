@@ -356,6 +356,15 @@ def test_with_keys_the_models_list_needs_a_key_as_openais_does(
         assert "gpt-4o" in [m["id"] for m in models["data"]]
         for path in ("/healthz", "/metrics", "/openapi.json"):
             assert httpx.get(f"{stack.url}{path}").status_code == 200, path
+        # Two different keys in one request: a 400, not the first one used without a word.
+        two = httpx.post(
+            f"{stack.url}/v1/chat/completions",
+            json={"model": "gpt-4o-mini", "messages": MESSAGES},
+            headers=[("Authorization", "Bearer sk-alice"), ("Authorization", "Bearer sk-bob")],
+        )
+        assert two.status_code == 400, two.text
+        assert two.json()["error"]["param"] == "Authorization"
+        assert "more than one API key" in two.json()["error"]["message"]
 
 
 # -- exposure ---------------------------------------------------------------------------------------

@@ -192,3 +192,27 @@ def test_a_key_limited_to_features_spends_only_under_them(tmp_path: Path) -> Non
     assert named.feature == "kb"
     # Reading a status or reporting an outcome spends nothing: no feature needed.
     assert resolve_identity(two, {}, keys).feature is None
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [("Authorization", "Bearer sk-alice"), ("authorization", "Bearer sk-backend")],
+        [("Authorization", "Bearer sk-backend"), ("Authorization", "Bearer sk-alice")],
+        [("Authorization", "Bearer sk-alice"), ("X-Api-Key", "sk-backend")],
+        [("X-Api-Key", "sk-alice"), ("x-api-key", "sk-backend")],
+    ],
+)
+def test_two_keys_in_one_request_are_refused(
+    keys: KeyStore, headers: list[tuple[str, str]]
+) -> None:
+    """A newcomer's probe: with two `Authorization` headers the first was used without a word
+    (alice's then backend's: a 403 as alice; the other order: served as backend), and an
+    `X-Api-Key` beside an `Authorization` naming another key was ignored. The caller must
+    say which key; the same key twice is fine."""
+    with pytest.raises(TollgateError) as refused:
+        resolve_identity(CIMultiDict(headers), {}, keys)
+    assert http_error(refused.value).status == 400, refused.value
+    assert "key" in refused.value.message and "one" in refused.value.message
+    same = [("Authorization", "Bearer sk-alice"), ("X-Api-Key", "sk-alice")]
+    assert resolve_identity(CIMultiDict(same * 2), {}, keys).user_id == "alice"
