@@ -147,8 +147,9 @@ def _window_seconds(value: Any) -> int:
 
 
 # A limit written as a string: a decimal ("19.99", "5", ".5", "1e3"), which keeps cents
-# exact; not a sign, NaN or Infinity (the document's pattern says the same).
-LIMIT_TEXT = r"^\s*([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?\s*$"
+# exact; not a sign, NaN or Infinity, nor zero (a digit of the number that is not 0); the
+# document's pattern says the same.
+LIMIT_TEXT = r"^\s*(?=[0-9.]*[1-9])([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?\s*$"
 
 
 def _limit_usd(value: Any) -> Decimal:

@@ -96,10 +96,11 @@ class ChatMessage(BaseModel):
             {
                 "anyOf": [
                     {"type": "string"},
-                    {"type": "array", "items": {"type": "object"}},
+                    {"type": "array", "items": {"type": "object"}, "minItems": 1},
                     {"type": "null"},
                 ],
-                "description": "Text, or content parts ({'type': 'text', 'text': ...})",
+                "description": "Text, or content parts ({'type': 'text', 'text': ...}); "
+                "an empty list is refused",
             }
         ),
     ] = None
