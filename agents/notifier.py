@@ -38,7 +38,10 @@ errors, timeouts, 429 and 5xx with exponential backoff and jitter, waiting longe
 when the target's ``Retry-After`` asks for it (other answers are final). A slow or dead target only fills its own queue; once full,
 its oldest alert is dropped and counted, so the newest news still gets through.
 
-Delivery guarantee: at least once. An alert's offset is committed only once every
+Delivery guarantee: at least once. A first notifier (its group has no committed offset)
+starts at the end of the topic, so it does not page for history, and commits that starting
+point at once: one killed before any alert came starts there again, not at the new end.
+An alert's offset is committed only once every
 target that pages it is done with it: delivered, rejected (a final 4xx), given up on
 after the retries, or dropped from a full queue (counted and logged). A notifier that
 dies with alerts queued leaves them to its successor, which sends them again (so does
@@ -787,12 +790,14 @@ class Notifier:
         try:
             await consumer.start()
             offsets = OffsetsInFlight()  # a new consumer re-reads from the committed ones
+            started: set[Any] = set()  # partitions whose starting point is settled
             while not stop.is_set():
                 fetched = await consumer.getmany(timeout_ms=200)
                 assigned = consumer.assignment()
+                for tp in assigned - started:
+                    await self._settle_start(consumer, tp, fetched.get(tp))
+                    started.add(tp)
                 if not self.ready.is_set() and assigned:
-                    for tp in assigned:
-                        await consumer.position(tp)  # resolves the reset policy now
                     self.ready.set()
                 offsets.forget(assigned)
                 for tp, messages in fetched.items():
@@ -813,6 +818,17 @@ class Notifier:
         finally:
             self.ready.clear()
             await clients.stop_within(consumer)
+
+    @staticmethod
+    async def _settle_start(consumer: Any, tp: Any, fetched: list[Any] | None) -> None:
+        """Resolve where ``tp`` starts (the reset policy, for a group with no committed
+        offset) and commit it: a first notifier starts at the end of the topic (no pages for
+        history), and one killed before it committed anything started at the end again,
+        so every alert published while it was down was never delivered (a fault probe).
+        What this read already fetched is not skipped: its first offset is the start."""
+        position = await consumer.position(tp)
+        if await consumer.committed(tp) is None:
+            await consumer.commit({tp: fetched[0].offset if fetched else position})
 
     def _handle(self, message: Any, ticket: Callable[[int], Ticket] | None = None) -> None:
         record = self.reader.record(message)

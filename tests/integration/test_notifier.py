@@ -499,6 +499,33 @@ async def test_alerts_queued_when_the_notifier_dies_are_delivered_by_the_next_on
             await wait_until(lambda: {b["event_id"] for b in ok.bodies()} >= want, 30)
 
 
+async def test_an_alert_published_while_a_first_notifier_was_down_is_delivered_by_the_next(
+    kafka_settings: Settings,
+) -> None:
+    """A notifier's first start reads from the end of the topic (no paging for history);
+    but that position was never committed, so one killed before any alert came and started
+    again began at the end again, and every alert published while it was down was never
+    delivered (a fault probe: page 1 published while it was down, delivered 0 times)."""
+    await ensure_topics(kafka_settings)
+    old = alert(scope="user:before")  # history at the first start: not paged
+    await produce(kafka_settings, [old])
+    async with receivers(("/hook", Receiver())) as (hook,):
+        target = AlertTarget(name="hook", url=hook.url)
+        first = Notifier(kafka_settings, [target], registry=CollectorRegistry(), retry=FAST_RETRY)
+        task = asyncio.create_task(first.run(asyncio.Event()))
+        await asyncio.wait_for(first.ready.wait(), 30)
+        task.cancel()  # dies (no graceful stop)
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        missed = alert(scope="user:while-down")
+        await produce(kafka_settings, [missed])
+        second = Notifier(kafka_settings, [target], registry=CollectorRegistry(), retry=FAST_RETRY)
+        async with running(second):
+            await wait_until(lambda: len(hook.requests) >= 1, 30)
+            await asyncio.sleep(0.5)  # anything extra would arrive now
+    assert [b["event_id"] for b in hook.bodies()] == [missed["event_id"]]
+
+
 async def test_tollgate_notify_serves_its_delivery_counts_on_its_metrics_port(
     kafka_settings: Settings,
 ) -> None:
