@@ -15,7 +15,8 @@ about what is anomalous (the engine and its detectors do).
   by the models.
 - **Repeats are harmless.** Events after the last checkpoint are replayed after
   a crash, so an alert may be produced again; its ``event_id`` is derived from
-  ``(alert_key, status, first_seen)``, so the warehouse keeps it once.
+  ``(alert_key, status, first_seen)`` (and, for a severity update, the severity it rose
+  from), so the warehouse keeps it once.
 - **History is published, marked.** Without a checkpoint the agent reads the
   topic from the start; a replay of old usage is read like any other. Every
   alert is published (alerts topic, hence the warehouse and the dashboards);
@@ -56,6 +57,7 @@ from prometheus_client.core import Metric
 
 from agents.anomaly.detectors import DetectorSettings
 from agents.anomaly.engine import AnomalyEngine, SnapshotError
+from app.alerts_config import SEVERITY_RAISED_FROM
 from app.events import clients
 from app.events.codec import EventCodec, build_codec
 from app.events.compacted import assigned_partitions
@@ -211,10 +213,16 @@ class EventClock:
 
 
 def stable_event_id(alert: dict[str, Any]) -> str:
-    """The same alert regenerated after a crash gets the same id (the sink keeps it once)."""
+    """The same alert regenerated after a crash gets the same id (the sink keeps it once).
+    A lifecycle's severity update is a record of its own beside its firing (same key,
+    status and first_seen): the warehouse kept one of the two and a notifier that had sent
+    the firing skipped the update as sent (a fault probe)."""
     first_seen = alert["first_seen"]
     stamp = first_seen.isoformat() if isinstance(first_seen, datetime) else str(first_seen)
     name = f"{alert['alert_key']}|{alert['status']}|{stamp}"
+    raised = (alert.get("details") or {}).get(SEVERITY_RAISED_FROM)
+    if raised is not None:
+        name += f"|raised from {raised}"
     return uuid.uuid5(uuid.NAMESPACE_URL, f"tollgate-alert:{name}").hex
 
 

@@ -304,3 +304,20 @@ def test_a_record_of_an_agent_before_kinds_pages_by_its_severity_alone() -> None
     fresh = {**related, "details": {"incident_heard_before": ""}}
     assert PAGER.declines(fresh) is None and COSTS.declines(fresh) is None
     assert CHAT.declines(fresh) == "related"  # no filter: it got the incident's page
+
+
+def test_an_update_has_an_event_id_of_its_own_in_the_agent() -> None:
+    """A fault probe: the agent derives each published record's event id from its alert
+    key, status and first_seen (a record regenerated after a crash keeps its id), and an
+    update ("now critical") shares all three with the firing it updates: the warehouse kept
+    the firing under that id and dropped the update, and a notifier that had sent the firing
+    skipped the update as sent (an escalation page lost). Every record of a run gets its own
+    id, and the same record made again gets the same one."""
+    from agents.anomaly.agent import stable_event_id
+
+    run = _play([_key("user:u1", "volume_spike")], [(0, 3, 20, True, 2.0, False),
+                                                    (0, 6, 20, True, 40.0, False)])  # fmt: skip
+    assert any("severity_raised_from" in r["details"] for r in run.published)
+    ids = [stable_event_id(r) for r in run.published]
+    assert len(set(ids)) == len(ids), [(r["status"], r["message"][:40]) for r in run.published]
+    assert ids == [stable_event_id(dict(r)) for r in run.published]
