@@ -20,9 +20,11 @@ about what is anomalous (the engine and its detectors do).
 - **History is published, marked.** Without a checkpoint the agent reads the
   topic from the start; a replay of old usage is read like any other. Every
   alert is published (alerts topic, hence the warehouse and the dashboards);
-  one whose event time is more than ``historical_after_seconds`` behind the wall
-  clock is marked ``historical=true``, and the notifier decides, per target,
-  whether to page for it. The agent counts and logs what it published.
+  one whose event time is more than ``historical_after_seconds`` behind the time the
+  usage read was written to Kafka (see :class:`WrittenClock`: a replay writes old calls
+  now; a backlog read after the agent was down was written as it happened, and pages) is
+  marked ``historical=true``, and the notifier decides, per target, whether to page for
+  it. The agent counts and logs what it published.
 - **Partitions in event-time order, without losing records.** Records of all
   usage partitions are merged by event time before the engine sees them (see
   :class:`EventTimeMerger`); a partition that is caught up still holds the
@@ -212,6 +214,34 @@ class EventClock:
         return self.event + (wall - self.read_at)
 
 
+class WrittenClock:
+    """When the usage records read were written to Kafka (their Kafka timestamps: a
+    dispatcher writes each call as it happens; a replay writes old calls now), and so
+    which alerts are about the past. An alert whose event time is more than the horizon
+    behind the newest record's write time (run on at the wall clock's pace since it was
+    read) is *historical*: usage written long after it happened. How late the agent reads
+    it is not: an agent down for 16 minutes came back to the calls written meanwhile, and
+    every alert of that backlog was marked historical against the wall clock and paged no
+    one, a live loop's page and a paged loop's resolve among them (a fault probe)."""
+
+    def __init__(self) -> None:
+        self.written: datetime | None = None  # the newest write time read
+        self.read_at: datetime | None = None  # wall clock when it was read
+
+    def observe(self, written_ms: int | None, wall: datetime) -> None:
+        if written_ms is None or written_ms < 0:
+            return
+        written = datetime.fromtimestamp(written_ms / 1000, UTC)
+        if self.written is None or written >= self.written:
+            self.written, self.read_at = written, wall
+
+    def now(self, wall: datetime) -> datetime:
+        """The write clock now: the wall clock until a record was read."""
+        if self.written is None or self.read_at is None:
+            return wall
+        return self.written + (wall - self.read_at)
+
+
 def stable_event_id(alert: dict[str, Any]) -> str:
     """The same alert regenerated after a crash gets the same id (the sink keeps it once).
     A lifecycle's severity update is a record of its own beside its firing (same key,
@@ -246,6 +276,7 @@ class AnomalyAgent:
         self.idle_advance_s = idle_advance_s
         self.engine = AnomalyEngine(self.detector_settings, self.prices)
         self.clock = EventClock(self.detector_settings.live_lag_seconds)
+        self.written = WrittenClock()
         self.offsets: dict[int, int] = {}  # next usage offset to read, per partition
         self.restored = False
         self.records_read = 0  # decoded from Kafka (held for ordering, or processed)
@@ -363,6 +394,7 @@ class AnomalyAgent:
             self.ready.set()
             last_checkpoint = time.monotonic()
             merger = EventTimeMerger(self.detector_settings.partition_idle_seconds)
+            written_at: dict[tuple[int, int], int] = {}  # Kafka timestamps of held records
             reader = EventReader(self.codec, "anomaly agent")
             merger.watch({tp.partition for tp in partitions})
             ends = await consumer.end_offsets(partitions)
@@ -381,6 +413,7 @@ class AnomalyAgent:
                             merger.skip(tp.partition, record.offset)
                             continue
                         merger.add(tp.partition, record.offset, usage_record)
+                        written_at[(tp.partition, record.offset)] = record.timestamp
                         self.records_read += 1
                 lagging = set()
                 for tp in partitions:
@@ -392,6 +425,7 @@ class AnomalyAgent:
                     # released per partition as a prefix in offset order: max + 1 is exact
                     self.offsets[partition] = max(self.offsets.get(partition, 0), offset + 1)
                     self.clock.observe(_aware(usage_record["ts"]), wall)
+                    self.written.observe(written_at.pop((partition, offset), None), wall)
                     if self._seen_before(usage_record.get("event_id")):
                         continue
                     alerts += self.engine.observe(usage_record)
@@ -431,10 +465,10 @@ class AnomalyAgent:
         if not alerts:
             return
         topic = self.settings.topic("alerts")
-        wall = datetime.now(UTC)
+        written = self.written.now(datetime.now(UTC))
         horizon = timedelta(seconds=self.detector_settings.historical_after_seconds)
         for alert in alerts:
-            alert["historical"] = wall - _aware(alert["ts"]) > horizon
+            alert["historical"] = written - _aware(alert["ts"]) > horizon
             alert["event_id"] = stable_event_id(alert)
             await producer.send(
                 topic, self.codec.encode("Alert", alert), key=alert["alert_key"].encode()

@@ -119,9 +119,15 @@ async def test_a_restarted_agent_keeps_its_baselines_and_alerts_at_once(
 
 
 async def produce_to(
-    settings: Settings, records: list[dict[str, Any]], partition: int | None = None
+    settings: Settings,
+    records: list[dict[str, Any]],
+    partition: int | None = None,
+    *,
+    produced_at_event_time: bool = False,
 ) -> None:
-    """Usage events keyed by user (or all to one partition), acknowledged before returning."""
+    """Usage events keyed by user (or all to one partition), acknowledged before returning;
+    ``produced_at_event_time``: each written with its event time as its Kafka timestamp, as
+    a dispatcher writes its calls as they happen (else now: a replay of history)."""
     codec = EventCodec()
     producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
     await producer.start()
@@ -132,6 +138,9 @@ async def produce_to(
                 codec.encode("Usage", {**record, "event_id": new_id(), "request_id": new_id()}),
                 key=str(record["user_id"]).encode(),
                 partition=partition,
+                timestamp_ms=int(record["ts"].timestamp() * 1000)
+                if produced_at_event_time
+                else None,
             )
         await producer.flush()
     finally:
@@ -210,6 +219,35 @@ async def test_history_pages_are_published_marked_historical_and_the_idle_agent_
         await sink_task
     assert rows and rows[0][0] in (True, 1) and rows[0][1] == fired["incident_role"]
     assert rows[0][2] is not None and rows[0][2] > 0
+
+
+async def test_a_backlog_of_live_calls_read_after_the_agent_was_down_still_pages(
+    kafka_settings: Settings,
+) -> None:
+    """A fault probe: an agent down for 16 minutes came back to a backlog of calls the
+    dispatcher had written as they happened; its alerts were more than
+    ``historical_after_seconds`` behind the wall clock, so they were marked historical and
+    paged no one: a loop that ran while it was down (or went on) never paged, and the
+    resolve of a loop paged just before the crash never reached the pager. History is
+    usage written long after it happened (a replay, a backfill), judged by the Kafka
+    timestamps of the records read, not by how late the agent reads them."""
+    await ensure_topics(kafka_settings)
+    start = datetime.now(UTC) - timedelta(hours=26, minutes=21)  # the loop: 20 minutes ago
+    records, loop_start = history_with_a_loop(start)
+    await produce_to(kafka_settings, records, produced_at_event_time=True)
+    agent = AnomalyAgent(kafka_settings, checkpoint_interval_s=3600, idle_advance_s=0.2)
+    stop = await run_until(agent, len(records))
+    try:
+        alerts = await read_events(kafka_settings, "alerts", at_least=1, settle_s=1.0)
+    finally:
+        stop.set()
+        await agent._task  # type: ignore[attr-defined]
+    loop_alerts = [a for a in alerts if a["scope"] == "user:looping-user"]
+    assert loop_alerts, [a["message"] for a in alerts]
+    assert loop_alerts[0]["status"] == "firing"
+    assert loop_start <= loop_alerts[0]["first_seen"] <= loop_start + timedelta(minutes=2)
+    assert [a["historical"] for a in loop_alerts] == [False] * len(loop_alerts), loop_alerts
+    assert agent.published_historical == 0
 
 
 def records_read(agent: AnomalyAgent) -> int:
