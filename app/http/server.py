@@ -787,7 +787,7 @@ def _known_key(request: web.Request) -> None:
         resolve_identity(secret, {}, c.keys, "none")
 
 
-@operation("Models served", "user_or_admin", response=responses.ModelList)
+@operation("Models served", "user_or_admin", response=responses.ModelList, errors=(400, 401))
 async def list_models(request: web.Request) -> web.Response:
     _known_key(request)
     c = request.app[COMPONENTS]
@@ -803,6 +803,7 @@ def model_json(model: str) -> dict[str, Any]:
 @operation(
     "A model served (OpenAI's models.retrieve)",
     "user_or_admin",
+    errors=(400, 401),
     response=responses.Model,
     extra_responses=((404, "No configured upstream serves this model"),),
 )
