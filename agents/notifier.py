@@ -38,6 +38,11 @@ errors, timeouts, 429 and 5xx with exponential backoff and jitter, waiting longe
 when the target's ``Retry-After`` asks for it (other answers are final). A slow or dead target only fills its own queue; once full,
 its oldest alert is dropped and counted, so the newest news still gets through.
 
+A notifier that starts reads back the event ids of the last alerts before its group's
+committed offsets (they were handled) and skips their repeats: the anomaly agent publishes
+again, under the same ids, what it had published since its last checkpoint, and with both
+killed every incident was paged twice (a fault probe).
+
 Delivery guarantee: at least once. A first notifier (its group has no committed offset)
 starts at the end of the topic, so it does not page for history, and commits that starting
 point at once: one killed before any alert came starts there again, not at the new end.
@@ -73,6 +78,7 @@ from urllib.parse import parse_qsl, urlsplit
 import aiohttp
 import orjson
 from aiokafka import TopicPartition
+from aiokafka.errors import KafkaError
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from tenacity import retry_if_exception
 
@@ -110,6 +116,7 @@ DROP_LOG_INTERVAL_S = 10.0
 # How many delivered event ids each target remembers: far more than a fetch holds (the
 # alerts read again after a rebalance), a few hundred kB at most.
 SENT_IDS_KEPT = 10_000
+LOOKBACK_TIMEOUT_S = 30.0  # reading back what was handled before a start, at most
 BODY_LOG_CHARS = 300
 
 # -- secrets ----------------------------------------------------------------------------
@@ -718,6 +725,9 @@ class Notifier:
         rng = rng or random.Random()
         self.workers = [TargetWorker(t, self.metrics, self.retry, rng) for t in self.targets]
         self.ready = asyncio.Event()  # set once partitions are assigned and positioned
+        # Event ids handled before this notifier started (read back from before the
+        # committed offsets): their repeats are skipped (``_remember_handled``).
+        self.handled: OrderedDict[str, None] = OrderedDict()
 
     def dispatch(self, alert: dict[str, Any], ticket: Callable[[int], Ticket] | None = None) -> int:
         """Hand ``alert`` to every target that pages it; returns how many did. Targets whose
@@ -795,7 +805,11 @@ class Notifier:
                 fetched = await consumer.getmany(timeout_ms=200)
                 assigned = consumer.assignment()
                 for tp in assigned - started:
-                    await self._settle_start(consumer, tp, fetched.get(tp))
+                    committed = await consumer.committed(tp)
+                    if committed is None:
+                        await self._settle_start(consumer, tp, fetched.get(tp))
+                    else:
+                        await self._remember_handled(tp, committed)
                     started.add(tp)
                 if not self.ready.is_set() and assigned:
                     self.ready.set()
@@ -827,12 +841,62 @@ class Notifier:
         so every alert published while it was down was never delivered (a fault probe).
         What this read already fetched is not skipped: its first offset is the start."""
         position = await consumer.position(tp)
-        if await consumer.committed(tp) is None:
-            await consumer.commit({tp: fetched[0].offset if fetched else position})
+        await consumer.commit({tp: fetched[0].offset if fetched else position})
+
+    async def _remember_handled(self, tp: Any, committed: int) -> None:
+        """The event ids of the last ``SENT_IDS_KEPT`` alerts before ``committed`` on ``tp``:
+        they were handled (every paging target done with them), so a repeat of one is not
+        sent again. The anomaly agent publishes again, under the same ids, what it had
+        published since its last checkpoint; with the notifier restarted too, every incident
+        was paged twice (a fault probe killing both)."""
+        reader = clients.consumer(
+            self.settings, purpose="notifier-lookback", group_id=None, auto_offset_reset="earliest"
+        )
+        decoder = EventReader(self.codec, "notifier look-back", expect="Alert")
+        remembered = 0
+        try:
+            await reader.start()
+            reader.assign([tp])
+            begin = (await reader.beginning_offsets([tp]))[tp]
+            reader.seek(tp, max(begin, committed - SENT_IDS_KEPT))
+            deadline = time.monotonic() + LOOKBACK_TIMEOUT_S
+            while await reader.position(tp) < committed and time.monotonic() < deadline:
+                batch = await reader.getmany(tp, timeout_ms=500)
+                for message in batch.get(tp, []):
+                    if message.offset >= committed:
+                        break
+                    record = decoder.record(message)
+                    event_id = record.get("event_id") if record is not None else None
+                    if isinstance(event_id, str):
+                        self.handled[event_id] = None
+                        remembered += 1
+        except KafkaError as exc:  # a repeat may then be sent again: at least once, as before
+            log.warning(
+                "notifier could not read back the alerts it had handled; a repeat of one "
+                "may be sent again",
+                extra={"partition": tp.partition, "error": str(exc)},
+            )
+        finally:
+            await clients.stop_within(reader)
+        while len(self.handled) > SENT_IDS_KEPT * 4:
+            self.handled.popitem(last=False)
+        log.info(
+            "notifier remembers the alerts it had handled",
+            extra={"partition": tp.partition, "alerts": remembered, "committed": committed},
+        )
 
     def _handle(self, message: Any, ticket: Callable[[int], Ticket] | None = None) -> None:
         record = self.reader.record(message)
         if record is None:
+            return
+        if record.get("event_id") in self.handled:  # a repeat of one handled before
+            for worker in self.workers:
+                if worker.target.accepts(record):
+                    self.metrics.notifications.labels(worker.target.name, "skipped_duplicate").inc()
+            log.info(
+                "alert not paged again: a repeat of one handled before this notifier started",
+                extra={"alert_key": record.get("alert_key"), "status": record.get("status")},
+            )
             return
         self.dispatch(record, ticket)
 

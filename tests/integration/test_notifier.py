@@ -526,6 +526,34 @@ async def test_an_alert_published_while_a_first_notifier_was_down_is_delivered_b
     assert [b["event_id"] for b in hook.bodies()] == [missed["event_id"]]
 
 
+async def test_an_alert_the_agent_publishes_again_after_a_crash_is_not_paged_again(
+    kafka_settings: Settings,
+) -> None:
+    """A fault probe (both the anomaly agent and the notifier killed): the agent publishes
+    again, under the same event ids, what it had published since its last checkpoint; the
+    restarted notifier no longer remembered sending them and paged every incident twice.
+    What is before the group's committed offset was handled: a new notifier remembers the
+    event ids there and skips their repeats."""
+    await ensure_topics(kafka_settings)
+    fired = [alert(scope=f"user:u{i}") for i in range(3)]
+    async with receivers(("/hook", Receiver())) as (hook,):
+        target = AlertTarget(name="hook", url=hook.url)
+        first = Notifier(kafka_settings, [target], registry=CollectorRegistry(), retry=FAST_RETRY)
+        async with running(first):
+            await produce(kafka_settings, fired)
+            await wait_until(lambda: len(hook.requests) == 3, 30)
+        again = [*fired[1:], alert(scope="user:new")]  # the agent, restarted, publishes again
+        await produce(kafka_settings, again)
+        registry = CollectorRegistry()
+        second = Notifier(kafka_settings, [target], registry=registry, retry=FAST_RETRY)
+        async with running(second):
+            await wait_until(lambda: len(hook.requests) >= 4, 30)
+            await asyncio.sleep(0.5)  # anything extra would arrive now
+    sent = [b["event_id"] for b in hook.bodies()]  # (partitions: in no set order)
+    assert sorted(sent) == sorted(a["event_id"] for a in [*fired, again[-1]]), sent
+    assert count(registry, "hook", "skipped_duplicate") == 2
+
+
 async def test_tollgate_notify_serves_its_delivery_counts_on_its_metrics_port(
     kafka_settings: Settings,
 ) -> None:
