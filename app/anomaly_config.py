@@ -481,8 +481,8 @@ class DetectorSettings:
     max_gap_minutes: int = 24 * 60
     """An event-time jump longer than this skips the silent minutes instead of feeding zeros."""
     historical_after_seconds: float = 600.0
-    """An alert whose event time is this far behind the time the usage read was written to
-    Kafka (its records' Kafka timestamps, run on at the wall clock's pace) is marked
+    """An alert whose event time is this far behind the time the usage that made it was
+    written to Kafka (that record's Kafka timestamp, run on at the wall clock's pace) is marked
     historical: published everywhere, paged only by targets that ask for it. A replay
     writes old calls now: historical; a backlog read after the agent was down was written
     as it happened: it pages."""

@@ -218,11 +218,13 @@ class WrittenClock:
     """When the usage records read were written to Kafka (their Kafka timestamps: a
     dispatcher writes each call as it happens; a replay writes old calls now), and so
     which alerts are about the past. An alert whose event time is more than the horizon
-    behind the newest record's write time (run on at the wall clock's pace since it was
-    read) is *historical*: usage written long after it happened. How late the agent reads
-    it is not: an agent down for 16 minutes came back to the calls written meanwhile, and
-    every alert of that backlog was marked historical against the wall clock and paged no
-    one, a live loop's page and a paged loop's resolve among them (a fault probe)."""
+    behind the newest write time read so far - that of the record that made it, read in
+    order, run on at the wall clock's pace since it was read - is *historical*: usage
+    written long after it happened. How late the agent reads it is not: an agent down for
+    16 minutes came back to the calls written meanwhile, and every alert of that backlog
+    was marked historical against the wall clock and paged no one, a live loop's page and
+    a paged loop's resolve among them (a fault probe). The clock is read as each alert is
+    made, not once per read batch: a batch can hold the whole backlog."""
 
     def __init__(self) -> None:
         self.written: datetime | None = None  # the newest write time read
@@ -428,14 +430,16 @@ class AnomalyAgent:
                     self.written.observe(written_at.pop((partition, offset), None), wall)
                     if self._seen_before(usage_record.get("event_id")):
                         continue
-                    alerts += self.engine.observe(usage_record)
+                    # judged by this record's write time, not the batch's newest: a batch
+                    # can hold a whole downtime's backlog (a fault probe's resolve)
+                    alerts += self._mark_historical(self.engine.observe(usage_record), wall)
                 self.offsets.update(merger.skipped_through(self.offsets))
                 if not batches and not merger.pending_count:
                     self.idle_ticks += 1
                     # Idle: only a live stream's silence moves event time (see EventClock).
                     now = self.clock.idle_now(wall)
                     if now is not None:
-                        alerts += self.engine.advance(now)
+                        alerts += self._mark_historical(self.engine.advance(now), wall)
                 await self._publish(producer, alerts)
                 if time.monotonic() - last_checkpoint >= self.checkpoint_interval_s:
                     await self.save_checkpoint(producer)
@@ -459,16 +463,24 @@ class AnomalyAgent:
             self.recent_ids.popitem(last=False)
         return False
 
+    def _mark_historical(
+        self, alerts: list[dict[str, Any]], wall: datetime
+    ) -> list[dict[str, Any]]:
+        """Mark the alerts just made about the past (``historical``: the notifier decides
+        whether they page), against the write time of the usage read when they were made."""
+        if alerts:
+            written = self.written.now(wall)
+            horizon = timedelta(seconds=self.detector_settings.historical_after_seconds)
+            for alert in alerts:
+                alert["historical"] = written - _aware(alert["ts"]) > horizon
+        return alerts
+
     async def _publish(self, producer: AIOKafkaProducer, alerts: list[dict[str, Any]]) -> None:
-        """Publish every alert; mark those about the past as historical (the notifier
-        decides whether they page)."""
+        """Publish every alert, each marked historical or not when it was made."""
         if not alerts:
             return
         topic = self.settings.topic("alerts")
-        written = self.written.now(datetime.now(UTC))
-        horizon = timedelta(seconds=self.detector_settings.historical_after_seconds)
         for alert in alerts:
-            alert["historical"] = written - _aware(alert["ts"]) > horizon
             alert["event_id"] = stable_event_id(alert)
             await producer.send(
                 topic, self.codec.encode("Alert", alert), key=alert["alert_key"].encode()

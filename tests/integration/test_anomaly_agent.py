@@ -147,8 +147,11 @@ async def produce_to(
         await producer.stop()
 
 
-def history_with_a_loop(start: datetime) -> tuple[list[dict[str, Any]], datetime]:
-    """26 h of ordinary traffic of 40 users from ``start``, then a user's runaway loop."""
+def history_with_a_loop(
+    start: datetime, tail: timedelta = timedelta(minutes=6)
+) -> tuple[list[dict[str, Any]], datetime]:
+    """26 h of ordinary traffic of 40 users from ``start``, then a user's runaway loop of
+    5 minutes; the ordinary traffic goes on for ``tail`` after the loop started."""
     from tests.anomaly_traffic import Caller, Feature, World, merged, zipf_callers
 
     chat = Feature("chat", sigma=0.6)
@@ -160,7 +163,7 @@ def history_with_a_loop(start: datetime) -> tuple[list[dict[str, Any]], datetime
         world.call(rng, loop_start + timedelta(seconds=3 * i + rng.uniform(0, 1)), looping)
         for i in range(100)
     ]
-    return merged(world.traffic(start, loop_start + timedelta(minutes=6)), loop), loop_start
+    return merged(world.traffic(start, loop_start + tail), loop), loop_start
 
 
 async def test_history_pages_are_published_marked_historical_and_the_idle_agent_keeps_its_users(
@@ -230,10 +233,20 @@ async def test_a_backlog_of_live_calls_read_after_the_agent_was_down_still_pages
     paged no one: a loop that ran while it was down (or went on) never paged, and the
     resolve of a loop paged just before the crash never reached the pager. History is
     usage written long after it happened (a replay, a backfill), judged by the Kafka
-    timestamps of the records read, not by how late the agent reads them."""
+    timestamps of the records read, not by how late the agent reads them.
+
+    The backlog goes on for 25 minutes after the loop started, longer than the horizon
+    (10 minutes): read in one batch, each alert is judged by the write time of the record
+    that made it, not by the newest record of the batch (the first fix read the clock once
+    per batch, and the probe's resolve after a 16-minute downtime was still historical)."""
     await ensure_topics(kafka_settings)
-    start = datetime.now(UTC) - timedelta(hours=26, minutes=21)  # the loop: 20 minutes ago
-    records, loop_start = history_with_a_loop(start)
+    tail = timedelta(minutes=25)
+    horizon = timedelta(
+        seconds=AnomalyAgent(kafka_settings).detector_settings.historical_after_seconds
+    )
+    assert tail > horizon + timedelta(minutes=5)  # the loop lasts 5 minutes
+    start = datetime.now(UTC) - timedelta(hours=26, minutes=1, seconds=7) - tail
+    records, loop_start = history_with_a_loop(start, tail)
     await produce_to(kafka_settings, records, produced_at_event_time=True)
     agent = AnomalyAgent(kafka_settings, checkpoint_interval_s=3600, idle_advance_s=0.2)
     stop = await run_until(agent, len(records))
@@ -246,7 +259,12 @@ async def test_a_backlog_of_live_calls_read_after_the_agent_was_down_still_pages
     assert loop_alerts, [a["message"] for a in alerts]
     assert loop_alerts[0]["status"] == "firing"
     assert loop_start <= loop_alerts[0]["first_seen"] <= loop_start + timedelta(minutes=2)
-    assert [a["historical"] for a in loop_alerts] == [False] * len(loop_alerts), loop_alerts
+    resolved = [a for a in loop_alerts if a["status"] == "resolved"]
+    assert resolved, [(a["status"], a["ts"]) for a in loop_alerts]
+    assert resolved[-1]["ts"] < loop_start + tail  # made by a record of the backlog
+    assert [a["historical"] for a in loop_alerts] == [False] * len(loop_alerts), [
+        (a["status"], a["ts"], a["historical"]) for a in loop_alerts
+    ]
     assert agent.published_historical == 0
 
 
