@@ -585,11 +585,7 @@ class TargetWorker:
             event_id = alert.get("event_id")
             try:
                 if isinstance(event_id, str) and event_id in self._sent:
-                    self._duplicate.inc()
-                    log.info(
-                        "alert not sent again: this target got it already",
-                        extra={**self._log_extra, "event_id": event_id},
-                    )
+                    self.skip_repeat(event_id, "this target got it already")
                 elif await self.deliver(session, alert) and isinstance(event_id, str):
                     self._sent[event_id] = None
                     if len(self._sent) > SENT_IDS_KEPT:
@@ -608,6 +604,12 @@ class TargetWorker:
                 self.queue.task_done()
                 if ticket is not None:
                     ticket.done()
+
+    def skip_repeat(self, event_id: str, why: str) -> None:
+        """Count and log an alert not sent because it is a repeat of one handled before
+        (read again in this process, or handled before this notifier started)."""
+        self._duplicate.inc()
+        log.info(f"alert not sent again: {why}", extra={**self._log_extra, "event_id": event_id})
 
     async def deliver(self, session: aiohttp.ClientSession, alert: dict[str, Any]) -> bool:
         """POST ``alert`` to the target, retrying what may pass later. True once delivered."""
@@ -889,14 +891,13 @@ class Notifier:
         record = self.reader.record(message)
         if record is None:
             return
-        if record.get("event_id") in self.handled:  # a repeat of one handled before
+        event_id = record.get("event_id")
+        if event_id in self.handled:  # a repeat of one handled before
             for worker in self.workers:
                 if worker.target.accepts(record):
-                    self.metrics.notifications.labels(worker.target.name, "skipped_duplicate").inc()
-            log.info(
-                "alert not paged again: a repeat of one handled before this notifier started",
-                extra={"alert_key": record.get("alert_key"), "status": record.get("status")},
-            )
+                    worker.skip_repeat(
+                        str(event_id), "a repeat of one handled before this notifier started"
+                    )
             return
         self.dispatch(record, ticket)
 
