@@ -74,6 +74,32 @@ NonEmptyId = Annotated[
 """An identifier that must be given (a model a call names): ``Id``, and not empty."""
 
 
+def _checked_model_name(value: Any) -> str:
+    if isinstance(value, str):
+        value = value.strip(" \t")
+        if not value:
+            raise custom_error("is required: a model name, not empty or only spaces")
+    return _checked_id(value)
+
+
+ModelName = Annotated[
+    str,
+    PlainValidator(_checked_model_name),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": MAX_ID_LENGTH,
+            "pattern": r"[^ \t]",
+            "description": ID_TEXT + "; spaces around it are trimmed, and it is not blank",
+        }
+    ),
+]
+"""A model a usage report names, in its one spelling: trimmed (" gpt-4o" is gpt-4o, priced
+and reported as such) and not blank (a report of model "   " was accepted, unpriced, its
+spend out of the reports' totals and a blank row in spend by model: a newcomer probe)."""
+
+
 def _integer(value: Any, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise custom_error(f"must be an integer from {low} to {high}, got {_shown(value)}")

@@ -37,7 +37,7 @@ from app.validation import (
     ID_TEXT,
     MAX_TOKEN_COUNT,
     Id,
-    NonEmptyId,
+    ModelName,
     NormalId,
     TokenCount,
     custom_error,
@@ -273,7 +273,7 @@ class UsageReport(_Report):
         }
     )
 
-    model: NonEmptyId = Field(description="The model that served the call (a non-empty id)")
+    model: ModelName = Field(description="The model that served the call (not blank)")
     prompt_tokens: TokenCount | None = Field(default=None, description="Or input_tokens")
     input_tokens: TokenCount | None = None
     completion_tokens: TokenCount | None = Field(default=None, description="Or output_tokens")

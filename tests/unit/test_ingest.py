@@ -68,6 +68,28 @@ def test_one_bad_record_rejects_the_whole_batch_naming_it(record: dict, param: s
     assert info.value.field == param
 
 
+@pytest.mark.parametrize("model", ["   ", "\t", " \t "])
+def test_a_blank_model_is_refused_saying_so(model: str) -> None:
+    """A newcomer probe: a report of model "   " was accepted (202) as an unpriced call,
+    its spend out of the reports' totals and a blank row in spend by model."""
+    record = {"model": model, "prompt_tokens": 1, "completion_tokens": 1}
+    with pytest.raises(TollgateError) as caught:
+        parse_usage_reports(record, resolve)
+    assert http_error(caught.value).status == 400
+    assert caught.value.field == "records[0].model"
+    assert "not empty or only spaces" in caught.value.message, caught.value.message
+
+
+@pytest.mark.parametrize("model", [" gpt-4o", "gpt-4o ", "\tgpt-4o \t"])
+def test_a_model_with_spaces_around_it_is_that_model(model: str) -> None:
+    """The same probe: " gpt-4o" was stored as a model of its own (unpriced, charged by
+    budgets at the fallback price); it is gpt-4o, as a padded user id is that user."""
+    [report] = parse_usage_reports(
+        {"model": model, "prompt_tokens": 1, "completion_tokens": 1}, resolve
+    )
+    assert report["model"] == "gpt-4o"
+
+
 def test_future_timestamps_are_refused() -> None:
     future = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
     with pytest.raises(TollgateError, match="future"):

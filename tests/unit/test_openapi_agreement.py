@@ -116,6 +116,9 @@ USAGE = {"model": "gpt-4o"}
         {**USAGE, "prompt_tokens": 1, "input_tokens": 2, "completion_tokens": 1},
         {**USAGE, "prompt_tokens": 1, "completion_tokens": 1, "output_tokens": 3},
         {"model": "", "prompt_tokens": 1, "completion_tokens": 1},
+        {"model": "   ", "prompt_tokens": 1, "completion_tokens": 1},
+        {"model": "\t", "prompt_tokens": 1, "completion_tokens": 1},
+        {"model": " gpt-4o ", "prompt_tokens": 1, "completion_tokens": 1},
         {"prompt_tokens": 1, "completion_tokens": 1},
     ],
 )
