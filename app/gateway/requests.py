@@ -143,6 +143,10 @@ class ChatBody(BaseModel):
     frequency_penalty: Penalty = None
     user: Id | None = Field(default=None, description="The user to attribute to (OpenAI's field)")
     user_id: Id | None = Field(default=None, description="The user to attribute to; not forwarded")
+    safety_identifier: Id | None = Field(
+        default=None,
+        description="OpenAI's; the user to attribute to when neither user nor user_id is given",
+    )
     session_id: Id | None = Field(default=None, description="The session; not forwarded")
     metadata: dict[str, Any] | None = Field(
         default=None,

@@ -7,7 +7,8 @@ Owns identity resolution only. Order of authority:
    ``may_act_for`` (e.g. a backend key acting for its end users). Features are
    checked against the key's ``features`` when it has that list.
 2. Headers ``X-Tollgate-User``, ``X-Tollgate-Session``, ``X-Tollgate-Feature``.
-3. The body: ``user_id`` or OpenAI's ``user``, ``session_id``, ``metadata.feature``.
+3. The body: ``user_id`` or OpenAI's ``user`` (else its ``safety_identifier``),
+   ``session_id``, ``metadata.feature``.
 
 Keys file (``TOLLGATE_KEYS_FILE``), secrets stored only as SHA-256 hex::
 
@@ -176,6 +177,19 @@ def _agreed(name: str, value: Any, other: str, other_value: Any, *, field: str) 
     return first or second
 
 
+def _body_user(body: Mapping[str, Any]) -> tuple[str | None, str]:
+    """The user a body names, and the field that named it: ``user_id`` or OpenAI's
+    ``user`` (refused when they differ), else OpenAI's ``safety_identifier``, which the
+    SDK's own documentation names as ``user``'s replacement: a newcomer who followed it saw
+    every call charged to "anonymous" (a probe). It is read only when neither is given: a
+    client may send the user and a hash of it (OpenAI's advice for that field)."""
+    named = _agreed("user_id", body.get("user_id"), "user", body.get("user"), field="user")
+    if named:
+        return named, "user_id" if _clean(body.get("user_id"), "user_id", scope=True) else "user"
+    safety = _clean(body.get("safety_identifier"), "safety_identifier", scope=True)
+    return (safety, "safety_identifier") if safety else (None, "user")
+
+
 def _header_or_body(
     headers: Mapping[str, str],
     header: str,
@@ -243,10 +257,7 @@ def resolve_identity(
     claimed_user = _header_or_body(
         headers,
         "X-Tollgate-User",
-        lambda: (
-            _agreed("user_id", body.get("user_id"), "user", body.get("user"), field="user"),
-            "user_id" if _clean(body.get("user_id"), "user_id", scope=True) else "user",
-        ),
+        lambda: _body_user(body),
         refuse_conflicts,
     )
     session = _header_or_body(

@@ -318,6 +318,9 @@ class UsageReport(_Report):
     metadata: Metadata | None = None
     user_id: AttributionId | None = None
     user: AttributionId | None = Field(default=None, description="Same as user_id")
+    safety_identifier: AttributionId | None = Field(
+        default=None, description="OpenAI's; the user when neither user_id nor user is given"
+    )
     session_id: AttributionId | None = None
     feature: AttributionId | None = None
     team: AttributionId | None = None
@@ -394,6 +397,7 @@ class OutcomeReport(_Report):
     metadata: Metadata | None = None
     user_id: AttributionId | None = None
     user: AttributionId | None = None
+    safety_identifier: AttributionId | None = None
     feature: AttributionId | None = None
 
 

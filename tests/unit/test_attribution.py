@@ -43,6 +43,25 @@ def test_body_fields_and_openai_user_field() -> None:
     assert resolve_identity({}, {}, None).user_id == "anonymous"
 
 
+def test_openais_safety_identifier_names_the_user_when_nothing_else_does() -> None:
+    """A newcomer probe: the openai SDK documents ``user`` as "being replaced by
+    ``safety_identifier``"; a client that followed it was charged as "anonymous"."""
+    assert resolve_identity({}, {"safety_identifier": " u3 "}, None).user_id == "u3"
+    # the user named, and a hash of it as OpenAI advises: the user
+    body = {"user": "alice", "safety_identifier": "9f86d081884c7d65"}
+    assert resolve_identity({}, body, None).user_id == "alice"
+    assert resolve_identity({"X-Tollgate-User": "h"}, body, None).user_id == "h"
+    with pytest.raises(TollgateError) as info:
+        resolve_identity({}, {"safety_identifier": "*"}, None)
+    assert http_error(info.value).status == 400 and info.value.field == "safety_identifier"
+    # a record reported to /v1/usage whose header names another owner: a 400, as for user
+    with pytest.raises(TollgateError) as info:
+        resolve_identity(
+            {"X-Tollgate-User": "svc"}, {"safety_identifier": "u3"}, None, refuse_conflicts=True
+        )
+    assert info.value.field == "safety_identifier"
+
+
 def test_required_attribution_is_a_400_naming_the_field() -> None:
     with pytest.raises(TollgateError) as info:
         resolve_identity({}, {}, None, require="user")
