@@ -113,7 +113,12 @@ def budget_refusal(refusal: BudgetRefused) -> ApiError:
         if refusal.retryable
         else DEFAULT_TOO_BIG_PROMPT
     )
-    prompt = upgrade_prompt + (f" Upgrade: {policy.upgrade_url}" if policy.upgrade_url else "")
+    prompt = upgrade_prompt.rstrip()
+    if policy.upgrade_url:
+        # a sentence of its own: "Upgrade to Pro Upgrade: https://..." read as one (a probe)
+        prompt += ("" if prompt.endswith((".", "!", "?", ":")) else ".") + (
+            f" Upgrade: {policy.upgrade_url}"
+        )
     counted = (
         f"counted by the spend worker ${nanos_to_usd(status.counted_nanos):.6f}"
         f" + not yet counted here ${nanos_to_usd(status.uncounted_nanos):.6f}"

@@ -906,6 +906,26 @@ def test_a_402_always_carries_an_upgrade_prompt_even_when_the_policy_sets_none()
     assert body["upgrade_prompt"].startswith("You have reached this spending limit")
 
 
+@pytest.mark.parametrize(
+    ("prompt", "message"),
+    [
+        ("Upgrade to Pro", "Upgrade to Pro. Upgrade: https://example.com/up"),
+        ("Upgrade to Pro. ", "Upgrade to Pro. Upgrade: https://example.com/up"),
+        ("Need more?", "Need more? Upgrade: https://example.com/up"),
+    ],
+)
+def test_a_402s_upgrade_prompt_and_link_read_as_two_sentences(prompt: str, message: str) -> None:
+    """A newcomer probe: "Upgrade to Pro" and the link read "...Upgrade to Pro Upgrade:
+    https://..."; the README's example only read well as its prompt ended with a period."""
+    from app.http.errors import budget_refusal
+
+    body = {"limit_usd": 1, "upgrade_prompt": prompt, "upgrade_url": "https://example.com/up"}
+    gate = gate_with(policies(**{"user:alice": body}))
+    settle(gate, gate.admit(["user:alice"], call(0)), usd(1))
+    error = budget_refusal(refusal(gate, ["user:alice"], call(usd(0.1)))).body()["error"]
+    assert message in error["message"], error["message"]
+
+
 def test_the_default_prompt_of_a_402_under_a_cap_does_not_say_it_is_reached() -> None:
     """Session 14's probe: a 402 for a prompt too big for the room left, at $0 spent, said
     "You have reached this spending limit"."""
