@@ -128,7 +128,7 @@ class Metrics:
         )
         self.baseline_spend = Counter(
             "tollgate_baseline_spend_usd",
-            "Baseline-model cost in USD by served model",
+            "Baseline-model cost in USD by served model, of priced requests (as the reports)",
             ["model"],
             registry=r,
         )

@@ -43,6 +43,7 @@ from app.errors import InvalidRequest, TollgateError, UpstreamFailed, UpstreamTi
 from app.gateway.pipeline import Call, ChatRequest, Gateway, SseRelay, StreamWriter, identity_scopes
 from app.gateway.savings import CacheStatus, RouteInfo, SavingsLevers
 from app.metering.attribution import Identity
+from app.metering.usage import ESCALATED_PREFIX
 from app.routing.errors import PromptError
 from app.routing.escalation import (
     Escalation,
@@ -201,7 +202,7 @@ class ChatAttempts:
         requests and an error for one answered call (probe I)."""
         if call.status == "ok":  # an answer the provider billed, judged a failure
             call.status = "error"
-        call.error_type = f"escalated_{failure.value}"
+        call.error_type = f"{ESCALATED_PREFIX}{failure.value}"
         self.replaced = (call, failure)
 
     def _served(self, call: Call, cache: CacheStatus, escalated_from: str | None) -> Served:

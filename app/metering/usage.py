@@ -30,6 +30,11 @@ from app.metering.attribution import Identity
 from app.pricing.catalog import PriceCatalog
 from app.settings import Settings
 
+ESCALATED_PREFIX = "escalated_"
+"""The ``error_type`` of a routed call's attempt that failed and was retried on a dearer
+tier: paid (its cost counts) but not a request (no baseline, no request count), as the
+warehouse's ``superseded`` (``app.warehouse.rollups``)."""
+
 
 def new_id(prefix: str = "") -> str:
     return prefix + uuid.uuid4().hex

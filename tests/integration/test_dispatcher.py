@@ -711,6 +711,19 @@ def test_a_retried_usage_report_with_its_request_id_counts_once(stack: Stack) ->
     assert len([u for u in usage if u["user_id"] == "retrier"]) == 4
 
 
+def test_the_baseline_counter_counts_priced_calls_only_as_the_reports_do(stack: Stack) -> None:
+    """A newcomer probe: ``tollgate_baseline_spend_usd_total`` counted a GPT-4 baseline for
+    calls to models without a price (and for escalated-away attempts), 3 % above the
+    reports' baseline: savings read from /metrics were overstated."""
+    model = "house-model-probe-unpriced"
+    record = {"model": model, "prompt_tokens": 1000, "completion_tokens": 500, "user_id": "u"}
+    assert httpx.post(f"{stack.url}/v1/usage", json=record).status_code == 202
+    metrics = httpx.get(f"{stack.url}/metrics").text
+    label = f'{{model="{model}"}}'
+    assert f"tollgate_price_unknown_usage_total{label} 1.0" in metrics  # its own label
+    assert f"tollgate_baseline_spend_usd_total{label}" not in metrics
+
+
 def test_a_usage_report_posted_again_under_the_request_id_it_was_given_counts_once(
     stack: Stack,
 ) -> None:
