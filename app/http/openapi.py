@@ -113,6 +113,12 @@ REPORT_PARAMS = [
     },
     {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
     {
+        "name": "offset",
+        "in": "query",
+        "schema": {"type": "integer", "minimum": 0, "maximum": 10_000_000},
+        "description": "breakdown: the first row of the page (next_offset of the page before)",
+    },
+    {
         "name": "interval",
         "in": "query",
         "schema": {"type": "string", "enum": ["minute", "hour", "day"]},

@@ -27,7 +27,7 @@ AUTH = web.AppKey("report_auth", tuple)
 REPORTS = ("summary", "breakdown", "timeseries", "savings", "outcomes", "budgets", "alerts")
 PARAMS = {
     "summary": {"from", "to"},
-    "breakdown": {"from", "to", "by", "limit"},
+    "breakdown": {"from", "to", "by", "limit", "offset"},
     "timeseries": {"from", "to", "interval"},
     "savings": {"from", "to"},
     "outcomes": {"from", "to"},
@@ -44,6 +44,14 @@ def _error(status: int, error_type: str, message: str, param: str | None = None)
 def _limit(text: str) -> int:
     if not (text.isascii() and text.isdigit()) or len(text) > 6:  # "²".isdigit() is True
         raise ReportError("limit", f"limit={text!r} must be a whole number between 1 and 1000")
+    return int(text)
+
+
+def _offset(text: str) -> int:
+    if not (text.isascii() and text.isdigit()) or len(text) > 8:
+        raise ReportError(
+            "offset", f"offset={text!r} must be a whole number from 0 to {reports.MAX_OFFSET}"
+        )
     return int(text)
 
 
@@ -79,7 +87,13 @@ def build_report(
             "from": window.start.isoformat(),
             "to": window.end.isoformat(),
             "by": by,
-            "rows": reports.breakdown(client, window, by, _limit(query.get("limit", "20"))),
+            **reports.breakdown_page(
+                client,
+                window,
+                by,
+                _limit(query.get("limit", "20")),
+                _offset(query.get("offset", "0")),
+            ),
         }
     if name == "timeseries":
         interval = query.get("interval", "day")

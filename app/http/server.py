@@ -726,7 +726,8 @@ async def dashboard(request: web.Request) -> web.Response:
     "ROI and spend reports from the warehouse",
     "admin",
     description="summary: totals and the finance sentence; breakdown: spend by model, user, "
-    "feature, tier or provider (by=user&limit=10: top spenders); timeseries: cost per minute, "
+    "feature, tier or provider (by=user&limit=10: top spenders; `offset` pages on, and the "
+    "answer's more, next_offset, total and others say what a page leaves out); timeseries: cost per minute, "
     "hour or day with anomaly flags; savings: savings vs the baseline model, decomposed into "
     "model choice, routing, prompt caching and cache hits, with cache hit rate and routing "
     "efficiency; outcomes: cost per successful outcome by feature; budgets: status of every "

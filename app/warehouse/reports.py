@@ -294,6 +294,7 @@ def aggregate(
     *,
     order_by: str | None = None,
     limit: int | None = None,
+    offset: int = 0,
     now: datetime | None = None,
 ) -> list[dict[str, Any]]:
     """Usage measures over ``window`` grouped by ``by`` (names from the rollup's allow-list).
@@ -332,8 +333,8 @@ def aggregate(
         sql += f" GROUP BY {', '.join(by)}"
     sql += f" ORDER BY {order_by or (', '.join(by) if by else 'requests')}"
     if limit is not None:
-        sql += " LIMIT %(limit)s"
-        params["limit"] = limit
+        sql += " LIMIT %(limit)s OFFSET %(offset)s"
+        params["limit"], params["offset"] = limit, offset
     result = client.query(sql, parameters=params)
     names = [*by, *MEASURES]
     rows = [dict(zip(names, row, strict=True)) for row in result.result_rows]
@@ -449,18 +450,59 @@ NO_SPEND = {
 }  # fmt: skip
 
 
-def breakdown(client: Any, window: Range, by: str, limit: int = 20) -> list[dict[str, Any]]:
-    """Spend by one dimension (model, user, feature, tier, provider), biggest first.
+MAX_OFFSET = 10_000_000
 
-    ``by=user`` with a small ``limit`` is the top-N spenders.
-    """
+
+def _breakdown_rows(
+    client: Any, window: Range, by: str, limit: int, offset: int
+) -> list[dict[str, Any]]:
     if by not in BREAKDOWN_DIMENSIONS:
         raise ReportError("by", f"by={by!r}: one of {', '.join(BREAKDOWN_DIMENSIONS)}")
+    if not 1 <= limit <= 1001:  # one more than the page: whether there is more
+        raise ReportError("limit", "limit must be between 1 and 1000")
+    if not 0 <= offset <= MAX_OFFSET:
+        raise ReportError("offset", f"offset must be between 0 and {MAX_OFFSET}")
+    rollup = USAGE_BY_USER if by == "user" else USAGE
+    # ties broken by the name: pages of one range never repeat or skip a row
+    return aggregate(
+        client, window, rollup, (by,), order_by=f"cost_usd DESC, {by}", limit=limit, offset=offset
+    )
+
+
+def breakdown(
+    client: Any, window: Range, by: str, limit: int = 20, offset: int = 0
+) -> list[dict[str, Any]]:
+    """Spend by one dimension (model, user, feature, tier, provider), biggest first, from
+    row ``offset``. ``by=user`` with a small ``limit`` is the top-N spenders."""
+    if limit > 1000:
+        raise ReportError("limit", "limit must be between 1 and 1000")
+    rows = _breakdown_rows(client, window, by, limit, offset)
+    return [{by: _label(row[by]), **_spend_row(row)} for row in rows]
+
+
+def breakdown_page(
+    client: Any, window: Range, by: str, limit: int = 20, offset: int = 0
+) -> dict[str, Any]:
+    """One page of :func:`breakdown`, saying what it leaves out: ``more`` and
+    ``next_offset`` (the next page), ``total`` (every row's sum) and ``others`` (the rows
+    not on this page). A finance user who asked for spend by user got the top 20 of 55,
+    or 1,000 of 1,100, with nothing saying rows were missing (a newcomer probe)."""
     if not 1 <= limit <= 1000:
         raise ReportError("limit", "limit must be between 1 and 1000")
+    rows = _breakdown_rows(client, window, by, limit + 1, offset)
+    more = len(rows) > limit
+    rows = rows[:limit]
     rollup = USAGE_BY_USER if by == "user" else USAGE
-    rows = aggregate(client, window, rollup, (by,), order_by=f"cost_usd DESC, {by}", limit=limit)
-    return [{by: _label(row[by]), **_spend_row(row)} for row in rows]
+    (total,) = aggregate(client, window, rollup)
+    others = {m: (total[m] or 0) - sum((row[m] or 0) for row in rows) for m in MEASURES}
+    return {
+        "rows": [{by: _label(row[by]), **_spend_row(row)} for row in rows],
+        "offset": offset,
+        "more": more,
+        "next_offset": offset + limit if more else None,
+        "total": _spend_row(total),
+        "others": _spend_row(others),
+    }
 
 
 INTERVALS = ("minute", "hour", "day")

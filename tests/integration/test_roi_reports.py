@@ -306,6 +306,17 @@ async def test_every_report_on_a_hand_computed_fixture(
                 (f"{tag}-bob", "1.875"),
                 (f"{tag}-alice", "0.15"),
             ]
+            # a page says what it leaves out (a newcomer probe: the top 20 of 55 users, or
+            # 1,000 of 1,100, with nothing saying rows were missing)
+            first = await get("breakdown", by="user", limit="1")
+            assert [r["user"] for r in first["rows"]] == [f"{tag}-bob"]
+            assert (first["more"], first["next_offset"]) == (True, 1)
+            assert (first["others"]["cost_usd"], first["others"]["requests"]) == ("0.15", 2)
+            assert first["total"]["cost_usd"] == summary["cost_usd"]
+            rest = await get("breakdown", by="user", limit="1", offset="1")
+            assert [r["user"] for r in rest["rows"]] == [f"{tag}-alice"]
+            assert (rest["more"], rest["next_offset"]) == (False, None)
+            assert rest["others"]["cost_usd"] == "1.875"
             models = {r["model"]: r for r in (await get("breakdown", by="model"))["rows"]}
             assert models["mystery-model"]["unpriced_requests"] == 1
             assert models["gpt-4o"]["cost_usd"] == "1.875"
@@ -348,6 +359,8 @@ async def test_every_report_on_a_hand_computed_fixture(
                 ("breakdown", {"by": "colour"}, "by"),
                 ("summary", {"from": "last tuesday"}, "from"),
                 ("breakdown", {"limit": "lots"}, "limit"),
+                ("breakdown", {"offset": "-1"}, "offset"),
+                ("breakdown", {"offset": "99999999"}, "offset"),
                 ("timeseries", {"interval": "fortnight"}, "interval"),
                 ("savings", {"bogus": "1"}, "bogus"),
                 ("summary", {"from": window["to"], "to": window["from"]}, "from"),
@@ -375,6 +388,12 @@ async def test_every_report_on_a_hand_computed_fixture(
         as_csv = await asyncio.to_thread(cli, "--format", "csv", "--by", "user")
         assert as_csv.splitlines()[0].startswith("user,requests,")
         assert f"{tag}-bob,2,0,1.875,30,28.125" in as_csv
+        assert f"{tag}-alice," in as_csv  # every row: csv is a spreadsheet's input
+        top = await asyncio.to_thread(cli, "--format", "csv", "--by", "user", "--limit", "1")
+        assert len(top.splitlines()) == 2 and f"{tag}-bob," in top
+        table = await asyncio.to_thread(cli, "--by", "user", "--limit", "1")
+        spend = table.split("Spend by user", 1)[1].split("Cost per successful outcome", 1)[0]
+        assert "(all others)" in spend and f"{tag}-alice" not in spend, spend
     finally:
         stop.set()
         await task
