@@ -793,7 +793,18 @@ async def list_models(request: web.Request) -> web.Response:
     _known_key(request)
     c = request.app[COMPONENTS]
     data = [model_json(model) for model in c.upstreams.known_models()]
+    alias = _routing_alias(c)
+    if alias is not None and all(model["id"] != alias for model in data):
+        # a client that picks from this list can pick "route me" too (a newcomer probe:
+        # model="auto" worked, but the list and models.retrieve("auto") did not know it)
+        data.append(model_json(alias))
     return json_response({"object": "list", "data": data})
+
+
+def _routing_alias(c: Components) -> str | None:
+    """The model name that routes (``routing.auto_model``), when routing is on."""
+    routing = c.levers.routing
+    return routing.auto_model if routing.enabled else None
 
 
 def model_json(model: str) -> dict[str, Any]:
@@ -812,7 +823,7 @@ async def retrieve_model(request: web.Request) -> web.Response:
     _known_key(request)
     c = request.app[COMPONENTS]
     model = request.match_info["model"]
-    if not c.upstreams.candidates(model):
+    if model != _routing_alias(c) and not c.upstreams.candidates(model):
         raise ModelNotServed(model, c.upstreams.known_models())
     return json_response(model_json(model))
 

@@ -70,7 +70,7 @@ def test_calls_of_served_models_give_no_server_error(
         models = [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]]
         schemas = document["components"]["schemas"]
         # (and the routing alias: a model the document allows and the gateway serves)
-        served = {"type": "string", "enum": [*models, RoutingSettings().auto_model]}
+        served = {"type": "string", "enum": sorted({*models, RoutingSettings().auto_model})}
         schemas["ChatCompletionBody"]["properties"]["model"] = served
         # /v1/dispatch may leave it out, null or empty: its default model
         schemas["ChatBody"]["properties"]["model"] = {

@@ -642,6 +642,8 @@ def test_what_a_newcomer_tries_gets_an_answer_it_can_act_on(kafka_settings: Sett
         listed = [m.id for m in client.models.list()]
         assert "gpt-4o" in listed
         assert client.models.retrieve("gpt-4o").id == "gpt-4o"
+        # the routing alias a chat call may name is a model to list and retrieve (a probe)
+        assert listed.count("auto") == 1 and client.models.retrieve("auto").id == "auto"
         with pytest.raises(openai.NotFoundError) as missing:
             client.models.retrieve("no-such-model")
         assert missing.value.code == "model_not_found"
