@@ -173,6 +173,17 @@ def parse_chat_request(
     model = parsed.model or default_model
     if not model:
         raise InvalidRequest("'model' is required and must be a non-empty string", field="model")
+    if None not in (parsed.max_tokens, parsed.max_completion_tokens) and (
+        parsed.max_tokens != parsed.max_completion_tokens
+    ):
+        # which one the provider reads is its own choice: a client that asked for 1 token in
+        # one was answered 198 by the other (a newcomer probe)
+        raise InvalidRequest(
+            f"'max_tokens' ({parsed.max_tokens}) and 'max_completion_tokens' "
+            f"({parsed.max_completion_tokens}) set two different output limits; send one "
+            "(max_completion_tokens is OpenAI's current name)",
+            field="max_completion_tokens",
+        )
     max_tokens = parsed.max_completion_tokens or parsed.max_tokens
     dropped = NATIVE_ONLY_FIELDS if native else TOLLGATE_ONLY_FIELDS
     if not native and body.get("store") is not True:

@@ -26,6 +26,11 @@ MSG = [{"role": "user", "content": "hello"}]
         ({"model": "gpt-4o", "messages": MSG, "max_tokens": True}, "max_tokens"),
         ({"model": "gpt-4o", "messages": MSG, "stream": "yes"}, "stream"),
         ({"model": "gpt-4o", "messages": MSG, "stream_options": []}, "stream_options"),
+        # two output limits: which the provider reads is its choice (a probe: 1 asked, 198 got)
+        (
+            {"model": "gpt-4o", "messages": MSG, "max_tokens": 1, "max_completion_tokens": 198},
+            "max_completion_tokens",
+        ),
     ],
 )
 def test_bad_requests_name_the_field(body: object, param: str | None) -> None:
@@ -34,6 +39,11 @@ def test_bad_requests_name_the_field(body: object, param: str | None) -> None:
     assert http_error(info.value).status == 400
     assert http_error(info.value).error_type == "invalid_request_error"
     assert info.value.field == param
+
+
+def test_the_same_output_limit_under_both_names_is_that_limit() -> None:
+    body = {"model": "gpt-4o", "messages": MSG, "max_tokens": 5, "max_completion_tokens": 5}
+    assert parse_chat_request(body).max_tokens == 5
 
 
 def test_streams_always_ask_the_upstream_for_usage() -> None:
