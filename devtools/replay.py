@@ -36,7 +36,7 @@ from app.events.codec import EventCodec, build_codec
 from app.events.producer import send_now, usage_message
 from app.events.topics import TopicsError, ensure_topics
 from app.metering.attribution import Identity
-from app.metering.usage import build_usage_record, new_id, usage_event_id
+from app.metering.usage import build_usage_record, new_id, reported_event_id
 from app.pricing.catalog import PriceCatalog, nanos_to_usd
 from app.settings import Settings
 from devtools.trace import (
@@ -107,7 +107,11 @@ def usage_record(
         Identity(call.user_id, call.session_id, call.feature, call.team),
         request_id=call.request_id or new_id("replay_"),
         # A record naming its request id counts once, as it does through POST /v1/usage.
-        **({"event_id": usage_event_id(call.request_id)} if call.request_id else {}),
+        **(
+            {"event_id": reported_event_id(call.user_id, call.request_id)}
+            if call.request_id
+            else {}
+        ),
         model=call.model,
         prompt_tokens=call.prompt_tokens,
         completion_tokens=call.completion_tokens,

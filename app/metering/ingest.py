@@ -31,7 +31,7 @@ from pydantic import (
 from app.errors import Conflict, InvalidRequest
 from app.ids import MAX_ID_LENGTH, id_problem
 from app.metering.attribution import Identity
-from app.metering.usage import event_time, new_id, usage_event_id
+from app.metering.usage import event_time, new_id, reported_event_id
 from app.pricing.catalog import usd_to_nanos
 from app.validation import (
     ID_TEXT,
@@ -485,7 +485,7 @@ def parse_usage_reports(
         request_id = report.request_id or new_id("rep_")
         reports.append(
             {
-                "event_id": usage_event_id(request_id),
+                "event_id": reported_event_id(identity.user_id, request_id),
                 "identity": identity,
                 "model": report.model,
                 "model_requested": report.model_requested or None,
@@ -548,14 +548,16 @@ def parse_outcomes(
 class ReportedRequests:
     """The request ids of usage reported here lately, and what each record said.
 
-    A report naming its ``request_id`` gets an event id derived from it, so a retried POST
-    counts once. But every consumer keeps only the first record of an event id: a second,
-    *different* record under the same request id (another user's, other token counts) was
-    answered 202 with its own cost and then dropped downstream without a word. Here it is a
-    409 naming the id, before anything is emitted; an identical record is a retry and is
-    accepted again (the same event id). The memory is this process's last ``capacity`` ids
-    (about 2 MB: retries come within minutes), each with a hash of what its record said:
-    another dispatcher, or this one after a restart, cannot tell and keeps the first.
+    A report naming its ``request_id`` gets an event id derived from it and its user
+    (``reported_event_id``), so a retried POST counts once. But every consumer keeps only
+    the first record of an event id: a second, *different* record of the user under the
+    same request id (other token counts) was answered 202 with its own cost and then
+    dropped downstream without a word. Here it is a 409 naming the id, before anything is
+    emitted; an identical record is a retry and is accepted again (the same event id).
+    Another user's record under the id is another call. The memory is this process's last
+    ``capacity`` ids (about 2 MB: retries come within minutes), keyed by event id, each with
+    a hash of what its record said: another dispatcher, or this one after a restart,
+    cannot tell and keeps the first.
     """
 
     def __init__(self, capacity: int = 10_000) -> None:
@@ -583,8 +585,8 @@ class ReportedRequests:
             record.get("prompt_tokens"), record.get("completion_tokens"),
             record.get("cached_tokens"), record.get("cache_hit"), record.get("status"),
         ))  # fmt: skip
-        self._seen[record["request_id"]] = what
-        self._seen.move_to_end(record["request_id"])
+        self._seen[record["event_id"]] = what
+        self._seen.move_to_end(record["event_id"])
         while len(self._seen) > self.capacity:
             self._seen.popitem(last=False)
 
@@ -609,16 +611,17 @@ class ReportedRequests:
                     "request_id",
                     field=f"records[{index}].request_id",
                 )
-            earlier = batch.get(request_id, self._seen.get(request_id))
+            key = report["event_id"]  # the user's request id
+            earlier = batch.get(key, self._seen.get(key))
             if earlier is not None and earlier != what:
                 raise Conflict(
                     f"records[{index}].request_id {request_id[:100]!r} was already reported "
-                    "with another record (user, feature, model or token counts differ); only "
-                    "the first is counted. A retry must repeat the record as it was; another "
+                    "with another record of this user (feature, model or token counts "
+                    "differ); only the first is counted. A retry must repeat the record as it was; another "
                     "call needs its own request_id",
                     field=f"records[{index}].request_id",
                 )
-            batch[request_id] = what
+            batch[key] = what
 
     def repeats(self, reports: list[dict[str, Any]], explicit: set[int]) -> set[int]:
         """The reports (indexes) that repeat one already accepted here or earlier in the
@@ -626,15 +629,15 @@ class ReportedRequests:
         seen = set(self._seen)
         found = set()
         for index in sorted(explicit):
-            request_id = reports[index]["request_id"]
-            if request_id in seen:
+            key = reports[index]["event_id"]
+            if key in seen:
                 found.add(index)
-            seen.add(request_id)
+            seen.add(key)
         return found
 
     def remember(self, reports: list[dict[str, Any]], explicit: set[int]) -> None:
         for index in explicit:
-            self._seen[reports[index]["request_id"]] = self._what(reports[index])
-            self._seen.move_to_end(reports[index]["request_id"])
+            self._seen[reports[index]["event_id"]] = self._what(reports[index])
+            self._seen.move_to_end(reports[index]["event_id"])
         while len(self._seen) > self.capacity:
             self._seen.popitem(last=False)

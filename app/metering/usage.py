@@ -50,6 +50,17 @@ def usage_event_id(request_id: str, attempt: int = 1) -> str:
     return uuid.uuid5(uuid.NAMESPACE_URL, f"tollgate:usage:{request_id}:{attempt}").hex
 
 
+def reported_event_id(user_id: str, request_id: str) -> str:
+    """The event id of a call reported to ``POST /v1/usage`` (or replayed from a trace)
+    under the client's ``request_id``: a retry of the record counts once. The id is the
+    user's: two users' records under one request id (services numbering their jobs alike,
+    "job-42") are two calls. It was the request id's alone, so the second record shared
+    the first's event id, and every consumer kept whichever it saw first: a record
+    acknowledged with its cost counted nowhere, or charged to a budget and missing from the
+    warehouse (a fault probe)."""
+    return uuid.uuid5(uuid.NAMESPACE_URL, f"tollgate:reported:{user_id}:{request_id}").hex
+
+
 def attempt_key(request_id: str, attempt: int = 1) -> str:
     """The key of one upstream attempt of a gateway request among requests awaiting their usage
     (the spend worker's open requests): the request id for the first, ``<id>#<n>`` after it."""

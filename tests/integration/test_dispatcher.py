@@ -787,9 +787,9 @@ def test_another_record_under_a_reported_request_id_is_a_409_not_a_silent_drop(
     stack: Stack,
 ) -> None:
     """Found by a newcomer probe: a second, different record under a request_id already
-    reported (another user's, other token counts; or two in one batch) was answered 202 with
-    its own cost, then dropped by every consumer as a duplicate of the first. A retry that
-    repeats the record is still accepted, with the first one's event id."""
+    reported (other token counts; or two in one batch) was answered 202 with its own cost,
+    then dropped by every consumer as a duplicate of the first. A retry that repeats the
+    record is still accepted, with the first one's event id."""
     first = {
         "model": "gpt-4o", "prompt_tokens": 1000, "completion_tokens": 0,
         "user_id": "ux1", "request_id": "shared-1",
@@ -800,18 +800,42 @@ def test_another_record_under_a_reported_request_id_is_a_409_not_a_silent_drop(
     retry = httpx.post(url, json=first)
     assert retry.status_code == 202
     assert retry.json()["events"][0]["event_id"] == accepted.json()["events"][0]["event_id"]
-    for change in ({"user_id": "ux2"}, {"prompt_tokens": 3000}, {"model": "gpt-4o-mini"}):
+    for change in ({"prompt_tokens": 3000}, {"model": "gpt-4o-mini"}, {"feature": "other"}):
         clash = httpx.post(url, json={**first, **change})
         assert clash.status_code == 409, (change, clash.text)
         error = clash.json()["error"]
         assert error["type"] == "conflict_error" and error["param"] == "records[0].request_id"
-    batch = [{**first, "request_id": "batch-1"}, {**first, "request_id": "batch-1", "user_id": "z"}]
+    batch = [
+        {**first, "request_id": "batch-1"},
+        {**first, "request_id": "batch-1", "prompt_tokens": 7},
+    ]
     clash = httpx.post(url, json=batch)
     assert clash.status_code == 409 and clash.json()["error"]["param"] == "records[1].request_id"
-    # nothing of the refused batch was taken: its first record is still free to report
-    assert (
-        httpx.post(url, json={**first, "request_id": "batch-1", "user_id": "z"}).status_code == 202
-    )
+    # nothing of the refused batch was taken: its second record is still free to report
+    second = {**first, "request_id": "batch-1", "prompt_tokens": 7}
+    assert httpx.post(url, json=second).status_code == 202
+
+
+def test_two_users_records_under_one_request_id_are_two_calls(stack: Stack) -> None:
+    """A fault probe: services that number their jobs alike ("job-42") reported two users'
+    calls under one request id; the second got the first's event id (202, with its cost),
+    and every consumer kept whichever it saw first: at two dispatchers, the second user's
+    $0.50 was counted nowhere (a way past a cap), at one, charged to the budget and missing
+    from the warehouse. A request id is its user's: each record is its own event."""
+    url = f"{stack.url}/v1/usage"
+    record = {"model": "gpt-4o", "prompt_tokens": 1000, "completion_tokens": 0}
+    ya = httpx.post(url, json={**record, "user_id": "job-ya", "request_id": "job-42"})
+    yb_record = {**record, "prompt_tokens": 200_000, "user_id": "job-yb", "request_id": "job-42"}
+    yb = httpx.post(url, json=yb_record)
+    assert ya.status_code == yb.status_code == 202, yb.text
+    ids = {r.json()["events"][0]["event_id"] for r in (ya, yb)}
+    assert len(ids) == 2
+    assert yb.json()["repeated"] == 0
+    again = httpx.post(url, json=yb_record)  # each user's retry is still a repeat
+    assert again.json()["repeated"] == 1 and again.json()["events"][0]["event_id"] in ids
+    usage = asyncio.run(read_events(stack.settings, "usage", at_least=2))
+    mine = [u for u in usage if u["event_id"] in ids]
+    assert sorted(u["user_id"] for u in mine) == ["job-ya", "job-yb"], mine
 
 
 def test_a_usage_record_naming_a_dispatched_calls_request_id_is_a_409(stack: Stack) -> None:

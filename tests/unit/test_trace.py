@@ -416,7 +416,7 @@ def test_replayed_records_sharing_a_request_id_count_once_as_over_http() -> None
     """Found by a newcomer probe: `tollgate replay` gave each record a random event id, so
     two records under one request_id were both counted (warehouse and budgets), where
     POST /v1/usage derives the event id from the request id and counts it once."""
-    from app.metering.usage import usage_event_id
+    from app.metering.usage import reported_event_id
     from app.pricing.catalog import PriceCatalog
     from devtools.replay import usage_record
 
@@ -424,7 +424,10 @@ def test_replayed_records_sharing_a_request_id_count_once_as_over_http() -> None
     ts = datetime(2026, 12, 1, tzinfo=UTC)
     call = TraceCall(ts, 10, 5, user_id="u", model="gpt-4o", request_id="rdup-r1")
     first, again = usage_record(prices, call), usage_record(prices, call)
-    assert first["event_id"] == again["event_id"] == usage_event_id("rdup-r1")
+    assert first["event_id"] == again["event_id"] == reported_event_id("u", "rdup-r1")
+    # another user's call under the same request id is another call (a fault probe)
+    other = TraceCall(ts, 10, 5, user_id="v", model="gpt-4o", request_id="rdup-r1")
+    assert usage_record(prices, other)["event_id"] != first["event_id"]
     anonymous = TraceCall(ts, 10, 5, user_id="u", model="gpt-4o")
     assert (
         usage_record(prices, anonymous)["event_id"] != usage_record(prices, anonymous)["event_id"]
