@@ -218,13 +218,15 @@ class WrittenClock:
     """When the usage records read were written to Kafka (their Kafka timestamps: a
     dispatcher writes each call as it happens; a replay writes old calls now), and so
     which alerts are about the past. An alert whose event time is more than the horizon
-    behind the newest write time read so far - that of the record that made it, read in
-    order, run on at the wall clock's pace since it was read - is *historical*: usage
-    written long after it happened. How late the agent reads it is not: an agent down for
+    behind the write time of the record that made it (:meth:`of`; an idle advance's, behind
+    the newest write time read, run on at the wall clock's pace: :meth:`now`) is
+    *historical*: usage written long after it happened. How late the agent reads it is not: an agent down for
     16 minutes came back to the calls written meanwhile, and every alert of that backlog
     was marked historical against the wall clock and paged no one, a live loop's page and
-    a paged loop's resolve among them (a fault probe). The clock is read as each alert is
-    made, not once per read batch: a batch can hold the whole backlog."""
+    a paged loop's resolve among them (a fault probe). Each alert is judged as it is
+    made, by its own record: not once per read batch (a batch can hold the whole backlog),
+    nor by the newest write time so far (records are read in event-time order, and a late
+    report written now came before a live backlog's alerts: a review)."""
 
     def __init__(self) -> None:
         self.written: datetime | None = None  # the newest write time read
@@ -236,6 +238,12 @@ class WrittenClock:
         written = datetime.fromtimestamp(written_ms / 1000, UTC)
         if self.written is None or written >= self.written:
             self.written, self.read_at = written, wall
+
+    def of(self, written_ms: int | None, wall: datetime) -> datetime:
+        """One record's write time (the clock's, for a record without one)."""
+        if written_ms is None or written_ms < 0:
+            return self.now(wall)
+        return datetime.fromtimestamp(written_ms / 1000, UTC)
 
     def now(self, wall: datetime) -> datetime:
         """The write clock now: the wall clock until a record was read."""
@@ -427,19 +435,26 @@ class AnomalyAgent:
                     # released per partition as a prefix in offset order: max + 1 is exact
                     self.offsets[partition] = max(self.offsets.get(partition, 0), offset + 1)
                     self.clock.observe(_aware(usage_record["ts"]), wall)
-                    self.written.observe(written_at.pop((partition, offset), None), wall)
+                    written_ms = written_at.pop((partition, offset), None)
+                    self.written.observe(written_ms, wall)
                     if self._seen_before(usage_record.get("event_id")):
                         continue
-                    # judged by this record's write time, not the batch's newest: a batch
-                    # can hold a whole downtime's backlog (a fault probe's resolve)
-                    alerts += self._mark_historical(self.engine.observe(usage_record), wall)
+                    # judged by this record's own write time: not the batch's newest (a batch
+                    # can hold a whole downtime's backlog: a fault probe's resolve), nor the
+                    # newest so far (records come in event-time order, and one late report
+                    # written now made every alert of a live backlog after it historical)
+                    alerts += self._mark_historical(
+                        self.engine.observe(usage_record), self.written.of(written_ms, wall)
+                    )
                 self.offsets.update(merger.skipped_through(self.offsets))
                 if not batches and not merger.pending_count:
                     self.idle_ticks += 1
                     # Idle: only a live stream's silence moves event time (see EventClock).
                     now = self.clock.idle_now(wall)
                     if now is not None:
-                        alerts += self._mark_historical(self.engine.advance(now), wall)
+                        alerts += self._mark_historical(
+                            self.engine.advance(now), self.written.now(wall)
+                        )
                 await self._publish(producer, alerts)
                 if time.monotonic() - last_checkpoint >= self.checkpoint_interval_s:
                     await self.save_checkpoint(producer)
@@ -464,12 +479,12 @@ class AnomalyAgent:
         return False
 
     def _mark_historical(
-        self, alerts: list[dict[str, Any]], wall: datetime
+        self, alerts: list[dict[str, Any]], written: datetime
     ) -> list[dict[str, Any]]:
         """Mark the alerts just made about the past (``historical``: the notifier decides
-        whether they page), against the write time of the usage read when they were made."""
+        whether they page), against ``written``: the write time of the usage record that
+        made them (or of the newest read, run on, for an idle advance)."""
         if alerts:
-            written = self.written.now(wall)
             horizon = timedelta(seconds=self.detector_settings.historical_after_seconds)
             for alert in alerts:
                 alert["historical"] = written - _aware(alert["ts"]) > horizon
