@@ -19,6 +19,7 @@ itself (topic, ``user_id`` key, framing) is built as the dispatcher builds it:
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -34,6 +35,10 @@ ESCALATED_PREFIX = "escalated_"
 """The ``error_type`` of a routed call's attempt that failed and was retried on a dearer
 tier: paid (its cost counts) but not a request (no baseline, no request count), as the
 warehouse's ``superseded`` (``app.warehouse.rollups``)."""
+
+
+GATEWAY_REQUEST_ID = re.compile(r"req_[0-9a-f]{32}")
+"""The request ids the gateway gives its calls (``new_id("req_")``)."""
 
 
 def new_id(prefix: str = "") -> str:
@@ -57,7 +62,14 @@ def reported_event_id(user_id: str, request_id: str) -> str:
     "job-42") are two calls. It was the request id's alone, so the second record shared
     the first's event id, and every consumer kept whichever it saw first: a record
     acknowledged with its cost counted nowhere, or charged to a budget and missing from the
-    warehouse (a fault probe)."""
+    warehouse (a fault probe).
+
+    A call the gateway served (its ``X-Request-Id``, ``req_`` and 32 hex digits) keeps the
+    id of that call's own usage event, whoever reports it: every consumer counts the call
+    once, at a dispatcher that does not know the id (another replica, after a restart) too
+    (a reviewer)."""
+    if GATEWAY_REQUEST_ID.fullmatch(request_id):
+        return usage_event_id(request_id)
     return uuid.uuid5(uuid.NAMESPACE_URL, f"tollgate:reported:{user_id}:{request_id}").hex
 
 

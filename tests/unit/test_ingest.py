@@ -12,6 +12,7 @@ from app.metering.ingest import (
     parse_outcomes,
     parse_usage_reports,
 )
+from app.metering.usage import new_id
 
 
 def resolve(record: object) -> Identity:
@@ -239,3 +240,18 @@ def test_a_linking_id_has_one_spelling_as_attribution_ids_do(sent: str, kept: st
     else:
         [parsed] = parse_outcomes(outcome, resolve)
         assert parsed["request_id"] == kept and parsed["session_id"] == kept
+
+
+def test_a_report_of_a_call_the_gateway_served_keeps_that_calls_event_id() -> None:
+    """A reviewer: once a report's event id became its user's, a report naming a served
+    call's X-Request-Id at another dispatcher (which cannot 409 it) got an id of its own,
+    and the call was counted twice. A gateway id keeps the call's own usage event id."""
+    from app.metering.usage import GATEWAY_REQUEST_ID, reported_event_id, usage_event_id
+
+    served = new_id("req_")  # as the dispatcher names its calls
+    assert GATEWAY_REQUEST_ID.fullmatch(served)
+    assert reported_event_id("alice", served) == usage_event_id(served)
+    assert reported_event_id("bob", served) == usage_event_id(served)
+    # a client's own ids are its user's
+    assert reported_event_id("alice", "job-42") != reported_event_id("bob", "job-42")
+    assert reported_event_id("alice", "req_42") != usage_event_id("req_42")
