@@ -447,6 +447,10 @@ class Gateway:
         # outcomes reported later with only the request or the session: to attribute them to
         # the spend they are about, and to refuse a key that reports on someone else's.
         self._recent: OrderedDict[str, Identity] = OrderedDict()
+        # (user, request_id) -> who, for a request id several users reported under (a
+        # request id is its user's): each user's outcome goes to that user's call, not to
+        # whoever reported it last (a reviewer). Only shared ids are kept here.
+        self._shared: OrderedDict[tuple[str, str], Identity] = OrderedDict()
         self._sessions: OrderedDict[str, OrderedDict[tuple[str, str | None], Identity]] = (
             OrderedDict()
         )
@@ -461,7 +465,15 @@ class Gateway:
     CALLERS_PER_SESSION = 16
 
     def remember(self, request_id: str, identity: Identity) -> None:
+        previous = self._recent.get(request_id)
+        if previous is not None and previous.user_id != identity.user_id:
+            for owner in (previous, identity):
+                self._shared[(owner.user_id, request_id)] = owner
+                self._shared.move_to_end((owner.user_id, request_id))
+            while len(self._shared) > self.RECENT_REQUESTS:
+                self._shared.popitem(last=False)
         self._recent[request_id] = identity
+        self._recent.move_to_end(request_id)
         if len(self._recent) > self.RECENT_REQUESTS:
             self._recent.popitem(last=False)
         if identity.session_id:
@@ -495,7 +507,9 @@ class Gateway:
         caller's own attribution, so a key can only ever skew its own figures; the field
         that named it is returned then ("request_id" or "session_id"), so the caller is told.
         """
-        param, owner = "request_id", self._recent.get(outcome.get("request_id") or "")
+        request_id = outcome.get("request_id") or ""
+        owner = self._shared.get((outcome.get("user_id") or "", request_id))
+        param, owner = "request_id", owner or self._recent.get(request_id)
         if owner is None and outcome.get("session_id"):
             param, callers = "session_id", self._sessions.get(outcome["session_id"])
             if callers:

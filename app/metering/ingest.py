@@ -526,7 +526,9 @@ def parse_outcomes(
         identity = _resolved(resolve, record, where)
         event_id = new_id()
         if request_id:  # the same outcome of a call posted again (a retry) is one event
-            said = (request_id, report.outcome, report.kind, report.value_usd, report.ts)
+            # (and its user's: two users' outcomes of a request id they share are two)
+            owner: tuple[str, ...] = () if identity.user_id == "anonymous" else (identity.user_id,)
+            said = (*owner, request_id, report.outcome, report.kind, report.value_usd, report.ts)
             event_id = uuid.uuid5(uuid.NAMESPACE_URL, f"tollgate:outcome:{said!r}").hex
         outcomes.append(
             {

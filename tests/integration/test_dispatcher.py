@@ -824,8 +824,12 @@ def test_two_users_records_under_one_request_id_are_two_calls(stack: Stack) -> N
     from the warehouse. A request id is its user's: each record is its own event."""
     url = f"{stack.url}/v1/usage"
     record = {"model": "gpt-4o", "prompt_tokens": 1000, "completion_tokens": 0}
-    ya = httpx.post(url, json={**record, "user_id": "job-ya", "request_id": "job-42"})
-    yb_record = {**record, "prompt_tokens": 200_000, "user_id": "job-yb", "request_id": "job-42"}
+    ya_record = {**record, "user_id": "job-ya", "feature": "fa", "request_id": "job-42"}
+    ya = httpx.post(url, json=ya_record)
+    yb_record = {
+        **record, "prompt_tokens": 200_000, "user_id": "job-yb", "feature": "fb",
+        "request_id": "job-42",
+    }  # fmt: skip
     yb = httpx.post(url, json=yb_record)
     assert ya.status_code == yb.status_code == 202, yb.text
     ids = {r.json()["events"][0]["event_id"] for r in (ya, yb)}
@@ -836,6 +840,20 @@ def test_two_users_records_under_one_request_id_are_two_calls(stack: Stack) -> N
     usage = asyncio.run(read_events(stack.settings, "usage", at_least=2))
     mine = [u for u in usage if u["event_id"] in ids]
     assert sorted(u["user_id"] for u in mine) == ["job-ya", "job-yb"], mine
+    # each user's outcome goes to that user's call, not to whoever reported last (a review)
+    posted = [
+        httpx.post(
+            f"{stack.url}/v1/outcomes",
+            json={"request_id": "job-42", "outcome": "success", "user_id": user},
+        )
+        for user in ("job-ya", "job-yb")
+    ]
+    assert [p.status_code for p in posted] == [202, 202], [p.text for p in posted]
+    outcome_ids = {p.json()["event_ids"][0] for p in posted}
+    assert len(outcome_ids) == 2  # two users' outcomes, not one
+    outcomes = asyncio.run(read_events(stack.settings, "outcomes", at_least=2))
+    linked = {o["user_id"]: o["feature"] for o in outcomes if o["event_id"] in outcome_ids}
+    assert linked == {"job-ya": "fa", "job-yb": "fb"}, linked
 
 
 def test_a_usage_record_naming_a_dispatched_calls_request_id_is_a_409(stack: Stack) -> None:
