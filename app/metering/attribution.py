@@ -179,15 +179,27 @@ def _agreed(name: str, value: Any, other: str, other_value: Any, *, field: str) 
 
 def _body_user(body: Mapping[str, Any]) -> tuple[str | None, str]:
     """The user a body names, and the field that named it: ``user_id`` or OpenAI's
-    ``user`` (refused when they differ), else OpenAI's ``safety_identifier``, which the
-    SDK's own documentation names as ``user``'s replacement: a newcomer who followed it saw
-    every call charged to "anonymous" (a probe). It is read only when neither is given: a
-    client may send the user and a hash of it (OpenAI's advice for that field)."""
+    ``user`` (refused when they differ)."""
     named = _agreed("user_id", body.get("user_id"), "user", body.get("user"), field="user")
-    if named:
-        return named, "user_id" if _clean(body.get("user_id"), "user_id", scope=True) else "user"
-    safety = _clean(body.get("safety_identifier"), "safety_identifier", scope=True)
-    return (safety, "safety_identifier") if safety else (None, "user")
+    return named, "user_id" if _clean(body.get("user_id"), "user_id", scope=True) else "user"
+
+
+def _safety_user(body: Mapping[str, Any], key: ApiKey | None) -> str | None:
+    """OpenAI's ``safety_identifier`` as the user, when nothing else names one: the SDK's
+    own documentation names it as ``user``'s replacement, and a newcomer who followed it saw
+    every call charged to "anonymous" (a probe). A hint, never a claim: it is OpenAI's
+    advice to send a hash there, so with keys it names the user only if the key may act for
+    it (else the key's user, as before), and it never conflicts with a header or a body
+    that names the user (a review: both were refused)."""
+    value = body.get("safety_identifier")
+    if not isinstance(value, str):
+        return None
+    value = normal_id(value)
+    if not value or value == "*" or scope_id_problem(value) is not None:
+        return None
+    if key is not None and not key.may_attribute_to(value):
+        return None
+    return value
 
 
 def _header_or_body(
@@ -333,10 +345,10 @@ def resolve_identity(
                 ),
                 field="team",
             )
-        user = claimed_user or key.user_id
+        user = claimed_user or _safety_user(body, key) or key.user_id
         team, key_id, is_admin = key.team, key.id, key.admin
     else:
-        user = claimed_user or ""
+        user = claimed_user or _safety_user(body, None) or ""
         team = claimed_team  # without keys, as the user and the feature: the caller says
     if not user:
         if require != "none":
