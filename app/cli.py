@@ -456,8 +456,10 @@ def report(
     """The finance sentence, savings, spend by a dimension, outcomes and budgets.
 
     Read from the warehouse through the reports server (`tollgate sink`). csv prints the
-    breakdown table only, every row of it unless --limit is given; json prints every report.
-    A breakdown cut by --limit says how many rows it leaves out, and what they spent.
+    breakdown table only, every row of it unless --limit is given (paged; rows spending the
+    same may reorder between pages while usage is still arriving); json prints every
+    report. The table adds an "(all others)" row when --limit leaves rows out: their
+    requests and spend.
     """
     import csv
     import json

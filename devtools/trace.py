@@ -26,14 +26,16 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+
+from pydantic import BeforeValidator
 
 from app.errors import InvalidRequest
 from app.ids import MAX_ID_LENGTH
-from app.metering.attribution import resolve_identity
+from app.metering.attribution import ANONYMOUS_USER, resolve_identity
 from app.metering.ingest import MAX_COUNT, Timestamp, UsageReport, validate_record
 from app.routing.config import RoutingSettings
-from app.validation import Id
+from app.validation import ModelName
 
 AZURE_TRACE = Path(__file__).resolve().parents[1] / "data" / "AzureLLMInferenceTrace_conv.csv"
 AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
@@ -285,7 +287,11 @@ AUTO_MODEL: str = RoutingSettings.model_fields["auto_model"].default
 class _TraceRecord(UsageReport):
     """A ``/v1/usage`` record as a trace line: ``ts`` is required, ``model`` optional."""
 
-    model: Id | None = None  # type: ignore[assignment]
+    # trimmed as /v1/usage trims it (" gpt-4o" is gpt-4o); a blank one is absent here
+    model: Annotated[
+        ModelName | None,
+        BeforeValidator(lambda v: None if isinstance(v, str) and not v.strip(" \t") else v),
+    ] = None  # type: ignore[assignment]
     ts: Timestamp
 
 
@@ -314,7 +320,10 @@ def _usage_call(record: dict[str, Any], where: str) -> TraceCall:
     if feature is not None and len(feature) > MAX_ID_LENGTH:
         raise error("metadata.feature", f"must be at most {MAX_ID_LENGTH} characters")
     attribution = {
-        "user_id": identity.user_id if report.user_id or report.user else None,
+        # a user named (OpenAI's safety_identifier too, as /v1/usage reads it), else none
+        "user_id": identity.user_id
+        if report.user_id or report.user or identity.user_id != ANONYMOUS_USER
+        else None,
         "session_id": identity.session_id,
         "team": identity.team,
     }

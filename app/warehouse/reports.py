@@ -463,7 +463,8 @@ def _breakdown_rows(
     if not 0 <= offset <= MAX_OFFSET:
         raise ReportError("offset", f"offset must be between 0 and {MAX_OFFSET}")
     rollup = USAGE_BY_USER if by == "user" else USAGE
-    # ties broken by the name: pages of one range never repeat or skip a row
+    # ties broken by the name: pages of a range no usage is still arriving in never repeat
+    # or skip a row
     return aggregate(
         client, window, rollup, (by,), order_by=f"cost_usd DESC, {by}", limit=limit, offset=offset
     )

@@ -447,3 +447,16 @@ def test_two_different_records_under_one_request_id_are_refused(tmp_path: Path) 
         list(read_usage_jsonl(path))
     assert str(error.value).startswith(f"{path}, line 3: field 'request_id' ")
     assert "line 1" in str(error.value)
+
+
+def test_a_trace_line_reads_model_and_user_as_v1_usage_does() -> None:
+    """A reviewer: /v1/usage trims a model (" gpt-4o" is gpt-4o) and reads OpenAI's
+    safety_identifier as the user; a trace line kept " gpt-4o" (unpriced) and gave the call
+    a random user, so the same record replayed and posted were two calls."""
+    from devtools.trace import _usage_call
+
+    line = {"ts": "2026-12-01T00:00:00Z", "prompt_tokens": 1, "completion_tokens": 1}
+    assert _usage_call({**line, "model": " gpt-4o "}, "line 1").model == "gpt-4o"
+    assert _usage_call({**line, "model": "   "}, "line 1").model is None  # absent, as ""
+    assert _usage_call({**line, "safety_identifier": "h1"}, "line 1").user_id == "h1"
+    assert _usage_call(line, "line 1").user_id is None
