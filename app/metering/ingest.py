@@ -31,7 +31,7 @@ from pydantic import (
 from app.errors import Conflict, InvalidRequest
 from app.ids import MAX_ID_LENGTH, id_problem
 from app.metering.attribution import Identity
-from app.metering.usage import event_time, new_id, reported_event_id
+from app.metering.usage import event_time, new_id, reported_event_id, usage_event_id
 from app.pricing.catalog import usd_to_nanos
 from app.validation import (
     ID_TEXT,
@@ -600,11 +600,16 @@ class ReportedRequests:
     ) -> None:
         """Raise ``Conflict`` if a report (index in ``explicit``: it named its request_id)
         differs from an earlier one with its request id, here or earlier in the batch, or
-        names a call the gateway dispatched itself (``dispatched``), whose usage it counted."""
+        names a call the gateway dispatched itself (``dispatched``), whose usage it counted.
+        A retry of a record reported before report ids became their user's (session 37),
+        read back here, keeps that record's event id (else it is counted again)."""
         batch: dict[str, int] = {}
         for index in sorted(explicit):
             report = reports[index]
             request_id, what = report["request_id"], self._what(report)
+            legacy = usage_event_id(request_id)
+            if self._seen.get(legacy) == what:
+                report["event_id"] = legacy
             if dispatched(request_id):
                 raise Conflict(
                     f"records[{index}].request_id {request_id[:100]!r} is a call this gateway "

@@ -255,3 +255,29 @@ def test_a_report_of_a_call_the_gateway_served_keeps_that_calls_event_id() -> No
     # a client's own ids are its user's
     assert reported_event_id("alice", "job-42") != reported_event_id("bob", "job-42")
     assert reported_event_id("alice", "req_42") != usage_event_id("req_42")
+
+
+def test_a_retry_of_a_record_reported_before_the_upgrade_keeps_its_event_id() -> None:
+    """A reviewer: report ids became their user's in session 37, so a retry of a record
+    accepted before the upgrade (read back by the dispatcher at its start) got a new event
+    id and was counted again. It keeps the old one, and is a repeat."""
+    from app.metering.ingest import ReportedRequests
+    from app.metering.usage import usage_event_id
+
+    reported = ReportedRequests()
+    reported.remember_usage(
+        {
+            "source": "usage_api", "request_id": "r-old", "event_id": usage_event_id("r-old"),
+            "user_id": "u", "feature": None, "model_served": "gpt-4o", "prompt_tokens": 10,
+            "completion_tokens": 5, "cached_tokens": 0, "cache_hit": False, "status": "ok",
+        }
+    )  # fmt: skip
+    record = {"model": "gpt-4o", "prompt_tokens": 10, "completion_tokens": 5, "user_id": "u"}
+    reports = parse_usage_reports({**record, "request_id": "r-old"}, resolve)
+    reported.check(reports, {0})
+    assert reports[0]["event_id"] == usage_event_id("r-old")
+    assert reported.repeats(reports, {0}) == {0}
+    # another record under the id is not that record: an id of its own
+    other = parse_usage_reports({**record, "prompt_tokens": 11, "request_id": "r-old"}, resolve)
+    reported.check(other, {0})
+    assert other[0]["event_id"] != usage_event_id("r-old")
