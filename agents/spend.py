@@ -213,7 +213,12 @@ class SpendWorker:
         self.app = self._make_app()
         self._declare_topics()
         self._declare_tables()
-        self.counter = SpendCounter(TableData(self.spend_table), settings.spend_dedupe_window)
+        self.counter = SpendCounter(
+            TableData(self.spend_table),
+            settings.spend_dedupe_window,
+            reported=TableData(self.reported_table),
+            reported_max=settings.spend_reported_ids_max,
+        )
         self.totals = PartialTotals(TableData(self.totals_table))
         self._register_agents()
 
@@ -266,6 +271,9 @@ class SpendWorker:
         self.spend_table = self.app.Table("spend", default=None, partitions=n)
         # partial sums of cross-partition scopes, per source partition: see PartialTotals
         self.totals_table = self.app.Table("totals", default=None, partitions=n)
+        # reported event id -> [event time s, partition, offset] of its first count, so a
+        # report re-sent later than the dedupe window still counts once (SpendCounter)
+        self.reported_table = self.app.Table("reported_ids", default=None, partitions=n)
         # request id -> what an estimate of its usage needs, until its usage arrives
         self.open_table = self.app.Table("open_requests", default=None, partitions=n)
         self.spend_table.on_recover(self._on_recovered)
@@ -619,6 +627,7 @@ class SpendWorker:
             settle_writes = self._settle_writes(batch.settled_requests)
             await self._persist(self.spend_table, batch.writes)
             await self._persist(self.open_table, settle_writes)
+            await self._persist(self.reported_table, batch.remembered)
             self.counter.commit(batch)
             for key in settle_writes:
                 self.open_table.data.pop(key, None)
@@ -805,9 +814,15 @@ class SpendWorker:
             await self._persist(self.totals_table, totals)
             for key in totals:
                 self.totals_table.data.pop(key, None)
-        if spend or totals:
+        reports = self.counter.forgettable_reports(now_s, self.owned("usage"))
+        if reports:
+            await self._persist(self.reported_table, {k: (p, None) for k, p in reports.items()})
+            for key in reports:
+                self.reported_table.data.pop(key, None)
+        if spend or totals or reports:
             log.info(
-                "expired old spend buckets", extra={"spend": len(spend), "totals": len(totals)}
+                "expired old spend buckets",
+                extra={"spend": len(spend), "totals": len(totals), "reports": len(reports)},
             )
 
     # -- requests whose usage never came -------------------------------------------------------
@@ -1004,7 +1019,12 @@ async def ensure_changelog_topics(worker: SpendWorker) -> None:
         await admin.start()
         names = [
             t.changelog_topic.get_topic_name()
-            for t in (worker.spend_table, worker.totals_table, worker.open_table)
+            for t in (
+                worker.spend_table,
+                worker.totals_table,
+                worker.open_table,
+                worker.reported_table,
+            )
         ]
         existing = set(await admin.list_topics())
         missing = [

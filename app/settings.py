@@ -291,6 +291,15 @@ class Settings(BaseSettings):
         description="Usage event ids per partition the spend worker remembers to count a re-sent "
         "event once (the dispatcher's spool re-sends after a crash or a Kafka outage).",
     )
+    spend_reported_ids_max: int = Field(
+        default=1_000_000,
+        ge=0,
+        description="Ids of reported calls (POST /v1/usage, `tollgate replay`) the spend worker "
+        "remembers, in its changelog, to count a report re-sent later than the dedupe window "
+        "once (a late client retry, a replay run again). Each is forgotten once no period can "
+        "count its call any more (65 days); past this many, the oldest first (about 200 bytes "
+        "each in memory).",
+    )
     spend_stall_s: float = Field(
         default=10.0,
         gt=0,

@@ -8,6 +8,12 @@ crashes, re-deliveries and re-sent events still count each event once:
   nothing to a bucket that already holds it;
 - a window of the last ``dedupe_window`` event ids per partition drops an event
   re-sent under a new offset (the dispatcher's spool is at-least-once);
+- a reported call (``source`` "usage_api": ``POST /v1/usage``, ``tollgate replay``) is
+  also remembered by id (``reported``, a changelogged table in the worker) with where it
+  was first counted, until no period can count it: a client's retry, or a replay run
+  again, can come after any number of other events, and across restarts. The gateway's
+  own calls are left out: their re-sends come within the window, and they are most of
+  the traffic;
 - ``processed[p]`` is the offset below which every event of partition ``p`` is
   counted: decisions carry it, and dispatchers match their own not-yet-counted
   spend against it by identity (partition and offset), never by timestamp.
@@ -32,12 +38,22 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from app.budgets.ledger import BucketId, buckets_of, cover, expired, parse_key, parse_short
+from app.budgets.ledger import (
+    DAY_S,
+    BucketId,
+    buckets_of,
+    cover,
+    expired,
+    parse_key,
+    parse_short,
+)
 from app.budgets.policy import scopes_of
 from app.budgets.spend import event_cost, is_partition_local
 from app.metering.usage import attempt_key
 
 DEFAULT_DEDUPE_WINDOW = 50_000
+DEFAULT_REPORTED_MAX = 1_000_000
+REPORTED_SOURCE = "usage_api"  # POST /v1/usage and `tollgate replay`: ids that can repeat late
 
 
 class RecentIds:
@@ -97,6 +113,8 @@ class Batch:
     partials: dict[tuple[str, int], set[BucketId]] = field(default_factory=dict)
     processed: dict[int, int] = field(default_factory=dict)
     new_ids: dict[int, list[str]] = field(default_factory=dict)
+    # reported event id -> (partition, [event time s, partition, offset]): see ``reported``
+    remembered: dict[str, tuple[int, list[int] | None]] = field(default_factory=dict)
     counted: int = 0
     duplicates: int = 0
     undecodable: int = 0
@@ -118,10 +136,16 @@ class SpendCounter:
     """Bucket values per (scope, bucket, source partition), applied exactly once."""
 
     def __init__(
-        self, store: MutableMapping[str, Any], dedupe_window: int = DEFAULT_DEDUPE_WINDOW
+        self,
+        store: MutableMapping[str, Any],
+        dedupe_window: int = DEFAULT_DEDUPE_WINDOW,
+        reported: MutableMapping[str, Any] | None = None,
+        reported_max: int = DEFAULT_REPORTED_MAX,
     ) -> None:
         self.store = store  # key -> [nanos, next_offset]; Faust table data in the worker
         self.dedupe_window = dedupe_window
+        self.reported = {} if reported is None else reported
+        self.reported_max = reported_max
         self.processed: dict[int, int] = {}
         self.recent: dict[int, RecentIds] = {}
         self.index: dict[str, set[str]] = defaultdict(set)  # scope -> its keys in the store
@@ -171,7 +195,7 @@ class SpendCounter:
             event_id = record["event_id"]
             recent = self.recent.setdefault(p, RecentIds(self.dedupe_window))
             new_ids = batch.new_ids.setdefault(p, [])
-            if event_id in recent or event_id in new_ids:
+            if event_id in recent or event_id in new_ids or self._reported_before(event, batch):
                 # Counted once already; its scopes are still told that the count has moved
                 # past it (a user's decision, a feature's partial sum): the dispatcher that
                 # re-sent it holds its cost until a decision counts through its offset
@@ -184,6 +208,8 @@ class SpendCounter:
                         batch.partials.setdefault((scope, p), set())
                 continue
             new_ids.append(event_id)
+            if record.get("source") == REPORTED_SOURCE:
+                batch.remembered[event_id] = (p, [ts_ms_of(record) // 1000, p, offset])
             if record.get("request_id") and record.get("source") in ("dispatcher", "settlement"):
                 key = attempt_key(record["request_id"], record.get("attempt") or 1)
                 batch.settled_requests.append((key, p))
@@ -213,12 +239,48 @@ class SpendCounter:
             else:
                 self.store[key] = value
                 self.index[parse_key(key)[0]].add(key)
+        for event_id, (_partition, first) in batch.remembered.items():
+            if first is None:
+                self.reported.pop(event_id, None)
+            else:
+                self.reported[event_id] = first
         for p, ids in batch.new_ids.items():
             recent = self.recent.setdefault(p, RecentIds(self.dedupe_window))
             for event_id in ids:
                 recent.add(event_id)
         for p, next_offset in batch.processed.items():
             self.processed[p] = max(self.processed.get(p, 0), next_offset)
+
+    def _reported_before(self, event: UsageEvent, batch: Batch) -> bool:
+        """Whether ``event`` is a report counted before, under an earlier offset (a retry or
+        a replay re-run, however late). The same offset again is the same event delivered
+        again (its id may be durable and its spend not: the bucket offsets settle that)."""
+        record = event.record
+        if record is None or record.get("source") != REPORTED_SOURCE:
+            return False
+        staged = batch.remembered.get(record["event_id"])
+        first = staged[1] if staged is not None else self.reported.get(record["event_id"])
+        if not first:
+            return False
+        _ts, partition, offset = first
+        return partition != event.partition or offset < event.offset
+
+    def forgettable_reports(self, now_s: int, partitions: set[int]) -> dict[str, int]:
+        """Remembered reports of ``partitions`` to forget (id -> partition): those no period
+        can count any more (their UTC day's bucket has expired), and past ``reported_max`` of
+        those partitions, the oldest remembered."""
+        out: dict[str, int] = {}
+        kept: list[tuple[str, int]] = []
+        for event_id, (ts_s, partition, _offset) in list(self.reported.items()):
+            if partition not in partitions:
+                continue
+            if expired(BucketId("d", ts_s - ts_s % DAY_S), now_s):
+                out[event_id] = partition
+            else:
+                kept.append((event_id, partition))
+        for event_id, partition in kept[: max(0, len(kept) - self.reported_max)]:
+            out[event_id] = partition  # in the order remembered: the oldest first
+        return out
 
     # -- reading -------------------------------------------------------------------------
     def partitions_of(self, scope: str) -> set[int]:

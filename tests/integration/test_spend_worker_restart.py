@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -94,3 +95,63 @@ def test_a_worker_restarted_after_dispatcher_traffic_keeps_deciding(
         assert not crash_in(tmp_path / "worker.log")
     finally:
         stack.stop()
+
+
+def budget_nanos(response: httpx.Response) -> list[int]:
+    assert response.status_code == 202, response.text
+    return [int(Decimal(e["budget_cost_usd"]) * 10**9) for e in response.json()["events"]]
+
+
+def report(request_id: str, completion_tokens: int) -> dict[str, Any]:
+    return {
+        "user_id": "lena",
+        "request_id": request_id,
+        "model": "gpt-4o",
+        "prompt_tokens": 1000,
+        "completion_tokens": completion_tokens,
+    }
+
+
+def test_a_report_retried_later_than_the_dedupe_window_is_charged_once(
+    kafka_settings: Settings, tmp_path: Path
+) -> None:
+    """A fault probe re-sent a /v1/usage record after 55,000 others: the warehouse kept one
+    row, the budget charged it twice ($0.34125 against $0.19125). Here the window is 100
+    events, 150 of the user's reports come in between, the worker is killed and restarted
+    (its window is read back from Kafka), and the retry goes to a replica that was already
+    running when the first post went elsewhere, so it reaches Kafka again."""
+    asyncio.run(ensure_topics(kafka_settings))
+    worker = WorkerProcess(
+        kafka_settings, tmp_path / "worker.log", TOLLGATE_SPEND_DEDUPE_WINDOW="100"
+    )
+    first, second = Stack(kafka_settings), Stack(kafka_settings)
+    worker.start()
+    first.start()
+    second.start()
+    scope = "user:lena"
+    try:
+        wait_worker_ready(kafka_settings)
+        assert httpx.put(f"{first.url}/v1/budgets/{scope}", json={"limit_usd": 100}).is_success
+        posted = [report("late-retry-1", 200)]
+        spent = sum(budget_nanos(httpx.post(f"{first.url}/v1/usage", json=posted[0])))
+        others = {"records": [report(f"between-{i}", 10 + i) for i in range(150)]}
+        spent += sum(budget_nanos(httpx.post(f"{first.url}/v1/usage", json=others, timeout=30)))
+        wait_for_decision(kafka_settings, scope, lambda d: d["spent_usd_nanos"] == spent)
+
+        worker.kill()
+        worker.start()
+        retry = {"records": [posted[0], report("after-the-retry", 30)]}
+        answer = httpx.post(f"{second.url}/v1/usage", json=retry)
+        assert [e["repeat"] for e in answer.json()["events"]] == [False, False]  # news here
+        spent += budget_nanos(answer)[1]
+        try:
+            decision = wait_for_decision(
+                kafka_settings, scope, lambda d: d["spent_usd_nanos"] >= spent, timeout_s=90
+            )
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; {crash_in(tmp_path / 'worker.log')}") from None
+        assert decision["spent_usd_nanos"] == spent, "the late retry was charged again"
+    finally:
+        second.stop()
+        first.stop()
+        worker.stop()

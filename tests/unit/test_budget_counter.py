@@ -254,3 +254,159 @@ def test_a_partial_sum_writes_only_what_an_event_changed_to_the_totals() -> None
 
     writes, scopes = totals.stage([snapshot("global")])  # the same snapshot delivered again
     assert writes == {} and scopes == {"global"}
+
+
+# -- reports re-sent later than the dedupe window ---------------------------------------------
+# A /v1/usage report (or a `tollgate replay` line) has an id derived from its user and request
+# id, so a retry is the same event. The window of the last ids per partition caught a retry
+# only while fewer than ``dedupe_window`` events came in between: a fault probe re-sent one
+# after 55,000 others and the budget counted it twice ($0.34125 against the warehouse's
+# $0.19125). Reported ids are remembered, durably, for as long as a period can count them.
+
+
+def reported(i: int, user: str, cost: int, seconds: int) -> dict[str, Any]:
+    return {**record(i, user, None, cost, seconds), "source": "usage_api"}
+
+
+def test_a_report_re_sent_after_the_dedupe_window_is_counted_once_across_a_restart() -> None:
+    durable: dict[str, Any] = {}
+    memory: dict[str, Any] = {}
+    counter = SpendCounter(durable, dedupe_window=100, reported=memory)
+    counter.prepare(0, 0, [])
+    first = reported(0, "ann", 250, 10)
+    others = [record(i, "bob", None, 1, 20) for i in range(1, 151)]
+    counter.commit(counter.stage([UsageEvent(0, 0, first)]))
+    counter.commit(counter.stage([UsageEvent(0, i, r) for i, r in enumerate(others, start=1)]))
+    assert len(memory) == 1  # the gateway's own calls are not remembered: only reports
+
+    restarted = SpendCounter(dict(durable), dedupe_window=100, reported=dict(memory))
+    restarted.prepare(0, 151, [r["event_id"] for r in others[-100:]])
+    again = restarted.stage([UsageEvent(0, 151, first)])
+    assert again.duplicates == 1 and again.counted == 0
+    restarted.commit(again)
+    day = (DAY, DAY + timedelta(days=1))
+    assert restarted.spent("user:ann", *day, [0]) == (250, {0: 152})
+    assert restarted.spent("global", *day, [0])[0] == 400
+
+
+def test_a_report_delivered_again_at_its_own_offset_is_counted() -> None:
+    """Its id was made durable but its spend was not (a crash between changelog writes):
+    the same offset delivered again is the same event, not a re-send, and counts."""
+    memory: dict[str, Any] = {}
+    counter = SpendCounter({}, dedupe_window=100, reported=memory)
+    counter.prepare(0, 0, [])
+    first = reported(0, "ann", 250, 10)
+    lost = counter.stage([UsageEvent(0, 0, first)])
+    for key, (_p, value) in lost.remembered.items():
+        memory[key] = value  # only the id made it to the changelog
+    restarted = SpendCounter({}, dedupe_window=100, reported=dict(memory))
+    restarted.prepare(0, 0, [])
+    batch = restarted.stage([UsageEvent(0, 0, first)])
+    assert batch.counted == 1
+    restarted.commit(batch)
+    assert restarted.spent("user:ann", DAY, DAY + timedelta(days=1), [0])[0] == 250
+
+
+def test_remembered_reports_are_forgotten_once_no_period_can_count_them_or_past_the_cap() -> None:
+    memory: dict[str, Any] = {}
+    counter = SpendCounter({}, dedupe_window=100, reported=memory, reported_max=3)
+    counter.prepare(0, 0, [])
+    counter.prepare(1, 0, [])
+    events = [UsageEvent(0, i, reported(i, "ann", 1, i * 60)) for i in range(4)]
+    events.append(UsageEvent(1, 0, reported(9, "bob", 1, 3600)))
+    counter.commit(counter.stage(events))
+    now = int((DAY + timedelta(days=1)).timestamp())
+    assert counter.forgettable_reports(now, {0, 1}) == {"e0": 0, "e1": 0}  # the 2 oldest
+    assert counter.forgettable_reports(now, {1}) == {}  # partition 0 is another worker's
+    later = int((DAY + timedelta(days=90)).timestamp())
+    assert counter.forgettable_reports(later, {0, 1}) == {
+        "e0": 0, "e1": 0, "e2": 0, "e3": 0, "e9": 1,
+    }  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    events=st.lists(
+        st.tuples(
+            st.sampled_from(USERS),
+            st.integers(1, 10**6),
+            st.integers(0, DAY_S - 1),
+            st.integers(0, 3),  # times the report is re-sent later, anywhere in the log
+        ),
+        min_size=1,
+        max_size=30,
+    ),
+    window=st.integers(1, 3),
+    plan=st.lists(st.tuples(st.integers(1, 8), st.sampled_from(FATES)), min_size=1, max_size=60),
+    picks=st.randoms(use_true_random=False),
+)
+def test_every_report_is_counted_once_however_late_it_is_re_sent_and_whatever_crashes(
+    events: list[tuple[str, int, int, int]],
+    window: int,
+    plan: list[tuple[int, str]],
+    picks: Any,
+) -> None:
+    partitions = 2
+    log: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    expected: dict[str, int] = defaultdict(int)
+    resent = []
+    for i, (user, cost, seconds, resends) in enumerate(events):
+        rec = reported(i, user, cost, seconds)
+        log[USERS.index(user) % partitions].append(rec)
+        resent += [rec] * resends
+        expected[f"user:{user}"] += cost
+        expected["global"] += cost
+    for rec in resent:  # anywhere after the first, however many events lie between
+        p = USERS.index(rec["user_id"]) % partitions
+        first = next(i for i, r in enumerate(log[p]) if r["event_id"] == rec["event_id"])
+        log[p].insert(picks.randint(first + 1, len(log[p])), rec)
+
+    durable: dict[str, Any] = {}
+    memory: dict[str, Any] = {}
+    committed = dict.fromkeys(range(partitions), 0)
+
+    def start_worker() -> SpendCounter:
+        counter = SpendCounter(dict(durable), dedupe_window=window, reported=dict(memory))
+        for p in range(partitions):
+            c = committed[p]
+            counter.prepare(p, c, [r["event_id"] for r in log[p][max(0, c - window) : c]])
+        return counter
+
+    counter = start_worker()
+    position = dict(committed)
+    steps = iter(plan)
+    for _ in range(500):
+        if all(position[p] >= len(log[p]) for p in range(partitions)):
+            break
+        size, fate = next(steps, (8, "ok"))
+        batch_events = [
+            UsageEvent(p, offset, log[p][offset])
+            for p in range(partitions)
+            for offset in range(position[p], min(position[p] + size, len(log[p])))
+        ]
+        for p in range(partitions):
+            position[p] = min(position[p] + size, len(log[p]))
+        batch = counter.stage(batch_events)
+        writes = [(durable, batch.writes), (memory, batch.remembered)]
+        if fate == "crash_before_persist":
+            counter, position = start_worker(), dict(committed)
+            continue
+        if fate == "crash_mid_persist":  # some changelog messages made it, some did not
+            for store, staged in writes:
+                for key, (_p, value) in staged.items():
+                    if picks.random() < 0.5:
+                        store[key] = value
+            counter, position = start_worker(), dict(committed)
+            continue
+        for store, staged in writes:
+            for key, (_p, value) in staged.items():
+                store[key] = value
+        if fate == "crash_before_ack":
+            counter, position = start_worker(), dict(committed)
+            continue
+        counter.commit(batch)
+        committed.update(batch.processed)
+
+    for scope, total in expected.items():
+        spent, _ = counter.spent(scope, DAY, DAY + timedelta(days=1), range(partitions))
+        assert spent == total, scope
