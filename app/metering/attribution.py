@@ -191,11 +191,11 @@ def _safety_user(body: Mapping[str, Any], key: ApiKey | None) -> str | None:
     advice to send a hash there, so with keys it names the user only if the key may act for
     it (else the key's user, as before), and it never conflicts with a header or a body
     that names the user (a review: both were refused)."""
-    value = body.get("safety_identifier")
-    if not isinstance(value, str):
+    try:  # read as any user id is; one it could not be is no hint (the call goes on)
+        value = _clean(body.get("safety_identifier"), "safety_identifier", scope=True)
+    except InvalidRequest:
         return None
-    value = normal_id(value)
-    if not value or value == "*" or scope_id_problem(value) is not None:
+    if value is None:
         return None
     if key is not None and not key.may_attribute_to(value):
         return None
