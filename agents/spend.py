@@ -271,8 +271,9 @@ class SpendWorker:
         self.spend_table = self.app.Table("spend", default=None, partitions=n)
         # partial sums of cross-partition scopes, per source partition: see PartialTotals
         self.totals_table = self.app.Table("totals", default=None, partitions=n)
-        # reported event id -> [event time s, partition, offset] of its first count, so a
-        # report re-sent later than the dedupe window still counts once (SpendCounter)
+        # "<partition>|<offset>" -> the reported calls a batch counted from that partition
+        # ([event id, event time s, partition, offset] each), so a report re-sent later
+        # than the dedupe window still counts once (SpendCounter)
         self.reported_table = self.app.Table("reported_ids", default=None, partitions=n)
         # request id -> what an estimate of its usage needs, until its usage arrives
         self.open_table = self.app.Table("open_requests", default=None, partitions=n)
@@ -625,9 +626,12 @@ class SpendWorker:
             usage.sort(key=lambda u: (u.partition, u.offset))  # skipped ranges in their place
             batch = self.counter.stage(usage)
             settle_writes = self._settle_writes(batch.settled_requests)
-            await self._persist(self.spend_table, batch.writes)
-            await self._persist(self.open_table, settle_writes)
-            await self._persist(self.reported_table, batch.remembered)
+            # the tables' writes in one round trip (each waited for before the batch counts)
+            await asyncio.gather(
+                self._persist(self.spend_table, batch.writes),
+                self._persist(self.open_table, settle_writes),
+                self._persist(self.reported_table, batch.remembered),
+            )
             self.counter.commit(batch)
             for key in settle_writes:
                 self.open_table.data.pop(key, None)
@@ -817,8 +821,7 @@ class SpendWorker:
         reports = self.counter.forgettable_reports(now_s, self.owned("usage"))
         if reports:
             await self._persist(self.reported_table, {k: (p, None) for k, p in reports.items()})
-            for key in reports:
-                self.reported_table.data.pop(key, None)
+            self.counter.forget_reports(reports)
         if spend or totals or reports:
             log.info(
                 "expired old spend buckets",

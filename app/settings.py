@@ -298,7 +298,7 @@ class Settings(BaseSettings):
         "remembers, in its changelog, to count a report re-sent later than the dedupe window "
         "once (a late client retry, a replay run again). Each is forgotten once no period can "
         "count its call any more (65 days); past this many, the oldest first (about 200 bytes "
-        "each in memory).",
+        "each in memory). 0: none (a late retry is then charged again).",
     )
     spend_stall_s: float = Field(
         default=10.0,

@@ -13,7 +13,9 @@ crashes, re-deliveries and re-sent events still count each event once:
   was first counted, until no period can count it: a client's retry, or a replay run
   again, can come after any number of other events, and across restarts. The gateway's
   own calls are left out: their re-sends come within the window, and they are most of
-  the traffic;
+  the traffic. A batch's ids of one partition are one table record (one changelog write
+  a batch, not one a call: one a call cost 40 % of the worker's throughput,
+  ``bench/spend_reports.py``);
 - ``processed[p]`` is the offset below which every event of partition ``p`` is
   counted: decisions carry it, and dispatchers match their own not-yet-counted
   spend against it by identity (partition and offset), never by timestamp.
@@ -113,8 +115,10 @@ class Batch:
     partials: dict[tuple[str, int], set[BucketId]] = field(default_factory=dict)
     processed: dict[int, int] = field(default_factory=dict)
     new_ids: dict[int, list[str]] = field(default_factory=dict)
-    # reported event id -> (partition, [event time s, partition, offset]): see ``reported``
-    remembered: dict[str, tuple[int, list[int] | None]] = field(default_factory=dict)
+    # reported-ids records to write: "<partition>|<offset>" -> (partition, entries)
+    remembered: dict[str, tuple[int, list[list[Any]]]] = field(default_factory=dict)
+    # the entries staged, by event id: [event id, event time s, partition, offset]
+    remembered_ids: dict[str, list[Any]] = field(default_factory=dict)
     counted: int = 0
     duplicates: int = 0
     undecodable: int = 0
@@ -144,8 +148,11 @@ class SpendCounter:
     ) -> None:
         self.store = store  # key -> [nanos, next_offset]; Faust table data in the worker
         self.dedupe_window = dedupe_window
+        # "<partition>|<offset of its first>" -> [[event id, event time s, partition,
+        # offset], ...]: the reported calls a batch counted from a partition
         self.reported = {} if reported is None else reported
         self.reported_max = reported_max
+        self.reported_index: dict[str, list[Any]] = {}  # event id -> its entry
         self.processed: dict[int, int] = {}
         self.recent: dict[int, RecentIds] = {}
         self.index: dict[str, set[str]] = defaultdict(set)  # scope -> its keys in the store
@@ -171,6 +178,10 @@ class SpendCounter:
         self.index.clear()
         for key in list(self.store.keys()):
             self.index[parse_key(key)[0]].add(key)
+        self.reported_index.clear()
+        for entries in list(self.reported.values()):
+            for entry in entries:
+                self.reported_index[entry[0]] = entry
 
     # -- counting ----------------------------------------------------------------------
     def _value(self, key: str, batch: Batch) -> list[int]:
@@ -183,6 +194,7 @@ class SpendCounter:
         """Stage the writes of a batch (in offset order per partition). Nothing here changes
         until ``commit``: readers only ever see durable counts."""
         batch = Batch()
+        first_remembered: dict[int, int] = {}  # partition -> offset of its batch record
         for event in events:
             p, offset = event.partition, event.offset
             if offset < self.processed.get(p, 0):
@@ -208,8 +220,11 @@ class SpendCounter:
                         batch.partials.setdefault((scope, p), set())
                 continue
             new_ids.append(event_id)
-            if record.get("source") == REPORTED_SOURCE:
-                batch.remembered[event_id] = (p, [ts_ms_of(record) // 1000, p, offset])
+            if record.get("source") == REPORTED_SOURCE and self.reported_max > 0:
+                entry = [event_id, ts_ms_of(record) // 1000, p, offset]
+                batch.remembered_ids[event_id] = entry
+                key = f"{p}|{first_remembered.setdefault(p, offset)}"
+                batch.remembered.setdefault(key, (p, []))[1].append(entry)
             if record.get("request_id") and record.get("source") in ("dispatcher", "settlement"):
                 key = attempt_key(record["request_id"], record.get("attempt") or 1)
                 batch.settled_requests.append((key, p))
@@ -239,11 +254,10 @@ class SpendCounter:
             else:
                 self.store[key] = value
                 self.index[parse_key(key)[0]].add(key)
-        for event_id, (_partition, first) in batch.remembered.items():
-            if first is None:
-                self.reported.pop(event_id, None)
-            else:
-                self.reported[event_id] = first
+        for key, (_partition, entries) in batch.remembered.items():
+            self.reported[key] = entries
+            for entry in entries:
+                self.reported_index[entry[0]] = entry
         for p, ids in batch.new_ids.items():
             recent = self.recent.setdefault(p, RecentIds(self.dedupe_window))
             for event_id in ids:
@@ -258,29 +272,47 @@ class SpendCounter:
         record = event.record
         if record is None or record.get("source") != REPORTED_SOURCE:
             return False
-        staged = batch.remembered.get(record["event_id"])
-        first = staged[1] if staged is not None else self.reported.get(record["event_id"])
-        if not first:
+        first = batch.remembered_ids.get(record["event_id"])
+        if first is None:
+            first = self.reported_index.get(record["event_id"])
+        if first is None:
             return False
-        _ts, partition, offset = first
-        return partition != event.partition or offset < event.offset
+        _id, _ts, partition, offset = first
+        return bool(partition != event.partition or offset < event.offset)
+
+    def _forget_reported(self, key: str) -> None:
+        entries: list[list[Any]] = self.reported.pop(key, None) or []
+        for entry in entries:
+            if self.reported_index.get(entry[0]) is entry:
+                del self.reported_index[entry[0]]
 
     def forgettable_reports(self, now_s: int, partitions: set[int]) -> dict[str, int]:
-        """Remembered reports of ``partitions`` to forget (id -> partition): those no period
-        can count any more (their UTC day's bucket has expired), and past ``reported_max`` of
-        those partitions, the oldest remembered."""
+        """Reported-ids records of ``partitions`` to forget (key -> partition): those whose
+        calls no period can count any more (their UTC day's bucket has expired), and past
+        ``reported_max`` ids of those partitions, the oldest records."""
         out: dict[str, int] = {}
-        kept: list[tuple[str, int]] = []
-        for event_id, (ts_s, partition, _offset) in list(self.reported.items()):
+        kept: list[tuple[str, int, int]] = []
+        for key, entries in list(self.reported.items()):
+            partition = int(key.split("|", 1)[0])
             if partition not in partitions:
                 continue
-            if expired(BucketId("d", ts_s - ts_s % DAY_S), now_s):
-                out[event_id] = partition
+            newest = max(entry[1] for entry in entries)
+            if expired(BucketId("d", newest - newest % DAY_S), now_s):
+                out[key] = partition
             else:
-                kept.append((event_id, partition))
-        for event_id, partition in kept[: max(0, len(kept) - self.reported_max)]:
-            out[event_id] = partition  # in the order remembered: the oldest first
+                kept.append((key, partition, len(entries)))
+        excess = sum(n for _key, _p, n in kept) - self.reported_max
+        for key, partition, n in kept:  # in the order remembered: the oldest first
+            if excess <= 0:
+                break
+            out[key] = partition
+            excess -= n
         return out
+
+    def forget_reports(self, keys: Iterable[str]) -> None:
+        """``forgettable_reports`` made durable (tombstones written): forget them here."""
+        for key in keys:
+            self._forget_reported(key)
 
     # -- reading -------------------------------------------------------------------------
     def partitions_of(self, scope: str) -> set[int]:

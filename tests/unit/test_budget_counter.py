@@ -312,16 +312,40 @@ def test_remembered_reports_are_forgotten_once_no_period_can_count_them_or_past_
     counter = SpendCounter({}, dedupe_window=100, reported=memory, reported_max=3)
     counter.prepare(0, 0, [])
     counter.prepare(1, 0, [])
-    events = [UsageEvent(0, i, reported(i, "ann", 1, i * 60)) for i in range(4)]
-    events.append(UsageEvent(1, 0, reported(9, "bob", 1, 3600)))
-    counter.commit(counter.stage(events))
+    for i in range(4):  # one batch each: one record each
+        counter.commit(counter.stage([UsageEvent(0, i, reported(i, "ann", 1, i * 60))]))
+    counter.commit(counter.stage([UsageEvent(1, 0, reported(9, "bob", 1, 3600))]))
+    assert len(memory) == 5
     now = int((DAY + timedelta(days=1)).timestamp())
-    assert counter.forgettable_reports(now, {0, 1}) == {"e0": 0, "e1": 0}  # the 2 oldest
+    assert counter.forgettable_reports(now, {0, 1}) == {"0|0": 0, "0|1": 0}  # the 2 oldest
     assert counter.forgettable_reports(now, {1}) == {}  # partition 0 is another worker's
     later = int((DAY + timedelta(days=90)).timestamp())
     assert counter.forgettable_reports(later, {0, 1}) == {
-        "e0": 0, "e1": 0, "e2": 0, "e3": 0, "e9": 1,
+        "0|0": 0, "0|1": 0, "0|2": 0, "0|3": 0, "1|0": 1,
     }  # fmt: skip
+    counter.forget_reports(["0|0"])
+    assert "0|0" not in memory
+    restarted = SpendCounter({}, dedupe_window=100, reported=memory, reported_max=3)
+    restarted.prepare(0, 9, [])  # nothing in its window
+    again = restarted.stage([UsageEvent(0, 9, reported(0, "ann", 1, 0))])
+    assert again.counted == 1  # forgotten: counted again (the documented price of the cap)
+    assert restarted.stage([UsageEvent(0, 9, reported(1, "ann", 1, 60))]).duplicates == 1
+
+
+def test_a_batch_remembers_its_reports_of_a_partition_in_one_record() -> None:
+    """One changelog write a batch and partition, not one a call (bench/spend_reports.py)."""
+    counter = SpendCounter({}, dedupe_window=100, reported={})
+    counter.prepare(0, 0, [])
+    counter.prepare(1, 0, [])
+    events = [UsageEvent(0, i, reported(i, "ann", 1, i)) for i in range(50)]
+    events += [UsageEvent(1, 7 + i, reported(100 + i, "bob", 1, i)) for i in range(30)]
+    events.append(UsageEvent(0, 50, record(200, "ann", None, 1, 1)))  # the gateway's own
+    batch = counter.stage(events)
+    assert {k: len(v[1] or []) for k, v in batch.remembered.items()} == {"0|0": 50, "1|7": 30}
+    counter.commit(batch)
+    restarted = SpendCounter({}, dedupe_window=1, reported=dict(counter.reported))
+    restarted.prepare(0, 51, [])
+    assert restarted.stage([UsageEvent(0, 51, reported(17, "ann", 1, 17))]).duplicates == 1
 
 
 @settings(max_examples=300, deadline=None)
@@ -410,3 +434,10 @@ def test_every_report_is_counted_once_however_late_it_is_re_sent_and_whatever_cr
     for scope, total in expected.items():
         spent, _ = counter.spent(scope, DAY, DAY + timedelta(days=1), range(partitions))
         assert spent == total, scope
+
+
+def test_no_report_is_remembered_when_the_memory_is_off() -> None:
+    counter = SpendCounter({}, dedupe_window=100, reported={}, reported_max=0)
+    counter.prepare(0, 0, [])
+    batch = counter.stage([UsageEvent(0, 0, reported(0, "ann", 1, 10))])
+    assert batch.counted == 1 and not batch.remembered
