@@ -8,7 +8,7 @@ crashes, re-deliveries and re-sent events still count each event once:
   nothing to a bucket that already holds it;
 - a window of the last ``dedupe_window`` event ids per partition drops an event
   re-sent under a new offset (the dispatcher's spool is at-least-once);
-- a reported call (``source`` "usage_api": ``POST /v1/usage``, ``tollgate replay``) is
+- a reported call (``POST /v1/usage``; ``tollgate replay`` under a request id) is
   also remembered by id (``reported``, a changelogged table in the worker) with where it
   was first counted, until no period can count it: a client's retry, or a replay run
   again, can come after any number of other events, and across restarts. The gateway's
@@ -51,11 +51,24 @@ from app.budgets.ledger import (
 )
 from app.budgets.policy import scopes_of
 from app.budgets.spend import event_cost, is_partition_local
-from app.metering.usage import attempt_key
+from app.metering.usage import attempt_key, reported_event_id
 
 DEFAULT_DEDUPE_WINDOW = 50_000
 DEFAULT_REPORTED_MAX = 1_000_000
-REPORTED_SOURCE = "usage_api"  # POST /v1/usage and `tollgate replay`: ids that can repeat late
+REPORTED_SOURCE = "usage_api"  # POST /v1/usage: ids that can repeat late
+REPLAYED_SOURCE = "external"  # `tollgate replay` (and the SDK's UsageProducer, random ids)
+
+
+def repeatable(record: Mapping[str, Any]) -> bool:
+    """Whether ``record``'s event id can come again later than any window: a call reported
+    to ``POST /v1/usage`` (a client's retry), or replayed from a trace under its request id
+    (``tollgate replay`` run again). An id drawn at random cannot: not remembered."""
+    source = record.get("source")
+    if source == REPORTED_SOURCE:
+        return True
+    if source != REPLAYED_SOURCE or not record.get("request_id") or not record.get("user_id"):
+        return False
+    return bool(record["event_id"] == reported_event_id(record["user_id"], record["request_id"]))
 
 
 class RecentIds:
@@ -220,7 +233,7 @@ class SpendCounter:
                         batch.partials.setdefault((scope, p), set())
                 continue
             new_ids.append(event_id)
-            if record.get("source") == REPORTED_SOURCE and self.reported_max > 0:
+            if self.reported_max > 0 and repeatable(record):
                 entry = [event_id, ts_ms_of(record) // 1000, p, offset]
                 batch.remembered_ids[event_id] = entry
                 key = f"{p}|{first_remembered.setdefault(p, offset)}"
@@ -270,7 +283,7 @@ class SpendCounter:
         a replay re-run, however late). The same offset again is the same event delivered
         again (its id may be durable and its spend not: the bucket offsets settle that)."""
         record = event.record
-        if record is None or record.get("source") != REPORTED_SOURCE:
+        if record is None or record.get("source") not in (REPORTED_SOURCE, REPLAYED_SOURCE):
             return False
         first = batch.remembered_ids.get(record["event_id"])
         if first is None:

@@ -441,3 +441,22 @@ def test_no_report_is_remembered_when_the_memory_is_off() -> None:
     counter.prepare(0, 0, [])
     batch = counter.stage([UsageEvent(0, 0, reported(0, "ann", 1, 10))])
     assert batch.counted == 1 and not batch.remembered
+
+
+def test_a_replayed_call_is_remembered_by_its_request_id_and_a_random_id_is_not() -> None:
+    """`tollgate replay` writes "external" usage: under a request id its event id is the
+    report's (``reported_event_id``), and a replay run again is the same calls; the SDK's
+    UsageProducer draws ids at random, which can never come again."""
+    from app.metering.usage import reported_event_id
+
+    replayed = {**record(0, "ann", None, 5, 1), "source": "external", "request_id": "trace-7"}
+    replayed["event_id"] = reported_event_id("ann", "trace-7")
+    drawn = {**record(1, "ann", None, 5, 2), "source": "external"}
+    counter = SpendCounter({}, dedupe_window=100, reported={})
+    counter.prepare(0, 0, [])
+    batch = counter.stage([UsageEvent(0, 0, replayed), UsageEvent(0, 1, drawn)])
+    assert list(batch.remembered_ids) == [replayed["event_id"]]
+    counter.commit(batch)
+    restarted = SpendCounter({}, dedupe_window=1, reported=dict(counter.reported))
+    restarted.prepare(0, 2, [])
+    assert restarted.stage([UsageEvent(0, 2, replayed)]).duplicates == 1
