@@ -37,7 +37,12 @@ from app.errors import (
     UpstreamTimedOut,
 )
 from app.events.producer import EventEmitter
-from app.gateway.requests import ChatBody, ChatCompletionBody, message_content_problem
+from app.gateway.requests import (
+    ChatBody,
+    ChatCompletionBody,
+    message_call_problem,
+    message_content_problem,
+)
 from app.gateway.upstreams import RETRYABLE_CONNECT_ERRORS, UpstreamPool
 from app.metering.attribution import ANONYMOUS_USER, Identity
 from app.metering.usage import (
@@ -165,6 +170,10 @@ def parse_chat_request(
         if missing is not None:
             where = f"messages[{index}].content"
             raise InvalidRequest(f"'{where}' {missing}", field=where)
+        call = message_call_problem(message)
+        if call is not None:
+            where = f"messages[{index}].{call[0]}"
+            raise InvalidRequest(f"'{where}' {call[1]}", field=where)
     try:
         prompt_tokens, prompt_floor = estimate_message_token_range(body["messages"])
     except ValueError as exc:

@@ -62,12 +62,41 @@ CONTENT_GIVEN: dict[str, Any] = {
     "required": ["content"],
     "properties": {"content": {"not": {"type": "null"}}},
 }
+NONEMPTY_TEXT: dict[str, Any] = {"type": "string", "minLength": 1}
+
+
+def _role_needs(role: str, name: str) -> dict[str, Any]:
+    """A ``role`` message must give ``name`` as a non-empty string (:func:`message_call_problem`)."""
+    return {
+        "if": {"required": ["role"], "properties": {"role": {"const": role}}},
+        "then": {"required": [name], "properties": {name: NONEMPTY_TEXT}},
+    }
+
+
+# Each tool call has an id, and a function call ("type" absent or "function") a function name.
+TOOL_CALL: dict[str, Any] = {
+    "type": "object",
+    "required": ["id"],
+    "properties": {"id": NONEMPTY_TEXT},
+    "if": {"properties": {"type": {"const": "function"}}},
+    "then": {
+        "required": ["function"],
+        "properties": {
+            "function": {
+                "type": "object",
+                "required": ["name"],
+                "properties": {"name": NONEMPTY_TEXT},
+            }
+        },
+    },
+}
 
 
 class ChatMessage(BaseModel):
     """One message; fields besides ``role`` and ``content`` (tool calls, names...) pass through.
     ``content`` is required (not null) except on an assistant turn that calls a tool or a
-    function (OpenAI's rule; :func:`message_content_problem`)."""
+    function (OpenAI's rule; :func:`message_content_problem`); the ids linking tool calls and
+    their answers are required too (:func:`message_call_problem`)."""
 
     model_config = ConfigDict(
         strict=True,
@@ -85,6 +114,11 @@ class ChatMessage(BaseModel):
                 ]
             },
             "else": CONTENT_GIVEN,
+            "allOf": [
+                _role_needs("tool", "tool_call_id"),
+                _role_needs("function", "name"),
+                {"properties": {"tool_calls": {"items": TOOL_CALL}}},
+            ],
         },
     )
 
@@ -181,6 +215,48 @@ def message_content_problem(message: dict[str, Any]) -> str | None:
             f" ({'; '.join(malformed)})" if malformed else ""
         )
     return f"is required on a {message.get('role')!r} message (text or content parts)"
+
+
+def message_call_problem(message: dict[str, Any]) -> tuple[str, str] | None:
+    """(where in the message, what is wrong) if a (validated) message lacks an id OpenAI
+    requires to link tool calls and their answers, else None: a ``tool`` message's
+    ``tool_call_id``, a ``function`` message's ``name``, and in an assistant's ``tool_calls``
+    each call's ``id`` and (a function call: ``type`` absent or "function") its
+    ``function.name``. OpenAI refuses each with a 400 ("Missing required parameter:
+    'messages[2].tool_call_id'"); a tool message without one was forwarded and charged (a
+    newcomer probe). Only the ids are checked: the rest of a call is the provider's."""
+    role = message.get("role")
+    if role == "tool" and (problem := _id_problem(message, "tool_call_id")):
+        return "tool_call_id", f"{problem} on a 'tool' message: the id of the tool call it answers"
+    if role == "function" and (problem := _id_problem(message, "name")):
+        return "name", f"{problem} on a 'function' message: the function's name"
+    calls = message.get("tool_calls")
+    for index, call in enumerate(calls if isinstance(calls, list) else []):
+        where = f"tool_calls[{index}]"
+        if not isinstance(call, dict):
+            shape = "{'id': ..., 'type': 'function', 'function': {'name': ..., 'arguments': ...}}"
+            return where, f"must be an object ({shape}), not {_json_type(call)}"
+        if problem := _id_problem(call, "id"):
+            said = "the call's id, which the tool message answering it names in tool_call_id"
+            return f"{where}.id", f"{problem}: {said}"
+        if call.get("type", "function") != "function":
+            continue  # a custom tool call ({"type": "custom", "custom": ...}) has no function
+        function = call.get("function")
+        if not isinstance(function, dict):
+            shape = "is required" if function is None else f"is {_json_type(function)}, not"
+            return f"{where}.function", f"{shape} an object ({{'name': ..., 'arguments': ...}})"
+        if problem := _id_problem(function, "name"):
+            return f"{where}.function.name", f"{problem}: the name of the function called"
+    return None
+
+
+def _id_problem(holder: dict[str, Any], name: str) -> str | None:
+    """Why ``holder[name]`` is not a non-empty string, or None."""
+    value = holder.get(name)
+    if isinstance(value, str) and value:
+        return None
+    shown = "" if value is None else f", got {value!r}"[:80]
+    return f"is required (a non-empty string){shown}"
 
 
 def _json_type(value: Any) -> str:

@@ -314,6 +314,58 @@ def test_chat_fields_outside_openais_rules_are_400_naming_them(
     assert info.value.field == field, info.value.message
 
 
+CALL = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+
+
+@pytest.mark.parametrize(
+    ("message", "field", "said"),
+    [
+        ({"role": "tool", "content": "42"}, "messages[2].tool_call_id", "is required"),
+        ({"role": "tool", "content": "42", "tool_call_id": ""}, "messages[2].tool_call_id",
+         "non-empty string"),
+        ({"role": "tool", "content": "42", "tool_call_id": 7}, "messages[2].tool_call_id",
+         "got 7"),
+        ({"role": "assistant", "tool_calls": [{**CALL, "id": None}]},
+         "messages[2].tool_calls[0].id", "is required"),
+        ({"role": "assistant", "tool_calls": [CALL, {"type": "function", "function": {
+            "name": "f", "arguments": "{}"}}]}, "messages[2].tool_calls[1].id", "is required"),
+        ({"role": "assistant", "tool_calls": [{**CALL, "function": {"arguments": "{}"}}]},
+         "messages[2].tool_calls[0].function.name", "is required"),
+        ({"role": "assistant", "tool_calls": [{"id": "c1", "type": "function"}]},
+         "messages[2].tool_calls[0].function", "is required"),
+        ({"role": "assistant", "tool_calls": ["c1"]}, "messages[2].tool_calls[0]",
+         "must be an object"),
+        ({"role": "function", "content": "42"}, "messages[2].name", "is required"),
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("native", [False, True])
+def test_tool_turns_without_the_ids_openai_requires_are_400_naming_them(
+    message: dict[str, Any], field: str, said: str, native: bool
+) -> None:
+    """A tool message without ``tool_call_id`` was forwarded and charged; OpenAI refuses it
+    with a 400 ("Missing required parameter: 'messages[2].tool_call_id'"), as it refuses a
+    tool call without an id or a function name (a newcomer probe). The 400 names the
+    message's index and the missing field."""
+    messages = [MSG[0], {"role": "assistant", "tool_calls": [CALL]}, message]
+    with pytest.raises(TollgateError) as info:
+        parse_chat_request({"model": "gpt-4o", "messages": messages}, native=native)
+    assert http_error(info.value).status == 400
+    assert http_error(info.value).error_type == "invalid_request_error"
+    assert info.value.field == field, info.value.message
+    assert field in info.value.message and said in info.value.message, info.value.message
+
+
+def test_a_tool_call_of_another_type_needs_no_function() -> None:
+    """OpenAI's custom tools call with ``{"type": "custom", "custom": {...}}``: no function."""
+    custom = {"id": "c2", "type": "custom", "custom": {"name": "grep", "input": "x"}}
+    messages = [MSG[0], {"role": "assistant", "tool_calls": [custom]},
+                {"role": "tool", "tool_call_id": "c2", "content": "found"}]  # fmt: skip
+    assert (
+        parse_chat_request({"model": "gpt-4o", "messages": messages}).upstream_body["messages"]
+        == messages
+    )
+
+
 def test_tool_calls_of_the_wrong_shape_are_named_as_such() -> None:
     """``"tool_calls": "x"`` read "content is required ... unless the turn has tool_calls":
     the turn has them, as a string (a newcomer's probe). The message says what is wrong."""

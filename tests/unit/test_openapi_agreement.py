@@ -79,6 +79,50 @@ def _resolve(record: Any) -> Any:
         {"model": "m", "messages": [{"role": "assistant", "function_call": {"name": "f"}}]},
         {"model": "m", "messages": [{"role": "tool", "content": "42", "tool_call_id": "c"}]},
         {"model": "m", "messages": [{"role": "developer", "content": "x"}]},
+        {"model": "m", "messages": [{"role": "tool", "content": "42"}]},
+        {"model": "m", "messages": [{"role": "tool", "content": "42", "tool_call_id": ""}]},
+        {"model": "m", "messages": [{"role": "tool", "content": "42", "tool_call_id": 1}]},
+        {"model": "m", "messages": [{"role": "function", "content": "42"}]},
+        {"model": "m", "messages": [{"role": "function", "content": "42", "name": "f"}]},
+        {"model": "m", "messages": [{"role": "assistant", "tool_calls": [{"id": "c"}]}]},
+        {
+            "model": "m",
+            "messages": [
+                {"role": "assistant", "tool_calls": [{"id": "c", "function": {"name": "f"}}]}
+            ],
+        },
+        {
+            "model": "m",
+            "messages": [
+                {
+                    "role": "assistant",
+                    "tool_calls": [
+                        {"id": "c", "type": "function", "function": {"arguments": "{}"}}
+                    ],
+                }
+            ],
+        },
+        {
+            "model": "m",
+            "messages": [
+                {
+                    "role": "assistant",
+                    "tool_calls": [{"type": "function", "function": {"name": "f"}}],
+                }
+            ],
+        },
+        {
+            "model": "m",
+            "messages": [
+                {
+                    "role": "assistant",
+                    "tool_calls": [
+                        {"id": "c", "type": "custom", "custom": {"name": "g", "input": ""}}
+                    ],
+                }
+            ],
+        },
+        {"model": "m", "messages": [{"role": "assistant", "tool_calls": ["c"]}]},
     ],
 )
 def test_chat_completions_document_what_it_accepts(body: dict[str, Any]) -> None:
