@@ -13,6 +13,8 @@ with the field and message, and ``app.http.errors`` maps it to a 400.
 
 from __future__ import annotations
 
+import re
+from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any
 
 from pydantic import BaseModel, PlainValidator, ValidationError, WithJsonSchema
@@ -156,6 +158,55 @@ def int_schema(low: int, high: int, description: str | None = None) -> WithJsonS
 TokenCount = Annotated[
     int, count_between(0, MAX_TOKEN_COUNT), int_schema(0, MAX_TOKEN_COUNT, "A token count")
 ]
+
+
+# A USD amount written as a string: a decimal ("19.99", "5", ".5", "1e3"), which keeps cents
+# exact, as money APIs accept; not a sign, NaN or Infinity, and at most 60 characters. The
+# documents' patterns say the same; a positive amount's has a digit that is not 0.
+USD_TEXT = r"^\s*([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?\s*$"
+POSITIVE_USD_TEXT = r"^\s*(?=[0-9.]*[1-9])" + USD_TEXT.removeprefix(r"^\s*")
+MAX_USD_TEXT_LENGTH = 60
+
+
+def usd_amount(value: Any, high: Decimal, *, positive: bool = False) -> Decimal:
+    """A USD amount sent as a JSON number or a decimal string (:data:`USD_TEXT`), finite,
+    from 0 (above 0 if ``positive``) to ``high``; else the validator's error saying what to
+    send. The one reading of money in a request: a budget's ``limit_usd``, an outcome's
+    ``value_usd``."""
+    kind = "positive number" if positive else "number"
+    try:
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise InvalidOperation
+        if isinstance(value, str) and (
+            len(value) > MAX_USD_TEXT_LENGTH or not re.fullmatch(USD_TEXT, value)
+        ):
+            raise InvalidOperation
+        amount = Decimal(str(value))
+    except InvalidOperation:
+        raise custom_error(
+            f"must be a {kind} of USD (a number, or a decimal string such as '19.99'), "
+            f"got {_shown(value)}"
+        ) from None
+    if not amount.is_finite() or amount < 0 or (positive and amount == 0) or amount > high:
+        bounds = f"above 0 and at most {high:,}" if positive else f"from 0 to {high:,}"
+        raise custom_error(f"must be a number of USD {bounds}, got {_shown(value)}")
+    return amount
+
+
+def usd_schema(high: Decimal, *, positive: bool = False) -> dict[str, Any]:
+    """What :func:`usd_amount` accepts, as JSON Schema."""
+    return {
+        "anyOf": [
+            # at least one nano-dollar, the resolution money is held in, if positive
+            {"type": "number", "minimum": 1e-9 if positive else 0, "maximum": int(high)},
+            # a decimal string keeps cents exact ("19.99"), as money APIs accept
+            {
+                "type": "string",
+                "pattern": POSITIVE_USD_TEXT if positive else USD_TEXT,
+                "maxLength": MAX_USD_TEXT_LENGTH,
+            },
+        ]
+    }
 
 
 def _shown(value: Any) -> str:

@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
@@ -29,7 +29,7 @@ from app.budgets.ledger import iter_window_problems
 from app.budgets.periods import Period, PeriodError, period_of, zone
 from app.ids import id_problem, normal_id, scope_id_problem
 from app.pricing.catalog import nanos_to_usd, usd_text, usd_to_nanos
-from app.validation import custom_error, first_problem
+from app.validation import custom_error, first_problem, usd_amount, usd_schema
 
 SCOPE_KINDS = ("user", "feature", "team", "key")
 DEFAULT_THRESHOLDS = (0.5, 0.8, 1.0)
@@ -146,26 +146,8 @@ def _window_seconds(value: Any) -> int:
     return seconds
 
 
-# A limit written as a string: a decimal ("19.99", "5", ".5", "1e3"), which keeps cents
-# exact; not a sign, NaN or Infinity, nor zero (a digit of the number that is not 0); the
-# document's pattern says the same.
-LIMIT_TEXT = r"^\s*(?=[0-9.]*[1-9])([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?\s*$"
-
-
 def _limit_usd(value: Any) -> Decimal:
-    try:
-        if isinstance(value, bool) or value is None:
-            raise InvalidOperation
-        if isinstance(value, str) and (len(value) > 60 or not re.fullmatch(LIMIT_TEXT, value)):
-            raise InvalidOperation
-        limit = Decimal(str(value))
-    except InvalidOperation:
-        raise custom_error(
-            f"must be a positive number of USD (a number, or a decimal string such as "
-            f"'19.99'), got {repr(value)[:60]}"
-        ) from None
-    if not limit.is_finite() or limit <= 0 or limit > MAX_LIMIT_USD:
-        raise custom_error(f"must be > 0 and <= {MAX_LIMIT_USD}, got {value}")
+    limit = usd_amount(value, MAX_LIMIT_USD, positive=True)
     if usd_to_nanos(limit) < 1:
         raise custom_error(f"{value} is below the $0.000000001 resolution")
     return limit
@@ -271,16 +253,7 @@ class PolicyBody(BaseModel):
     limit_usd: Annotated[
         Decimal,
         PlainValidator(_limit_usd),
-        # at least one nano-dollar, the resolution money is held in
-        WithJsonSchema(
-            {
-                "anyOf": [
-                    {"type": "number", "minimum": 1e-9, "maximum": int(MAX_LIMIT_USD)},
-                    # a decimal string keeps cents exact ("19.99"), as money APIs accept
-                    {"type": "string", "pattern": LIMIT_TEXT, "maxLength": 60},
-                ]
-            }
-        ),
+        WithJsonSchema(usd_schema(MAX_LIMIT_USD, positive=True)),
     ] = Field(description="a positive number of USD (a number or a decimal string)")
     thresholds: Annotated[
         tuple[float, ...],

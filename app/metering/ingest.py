@@ -14,7 +14,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Annotated, Any, Literal, TypeVar, get_args
 
 from pydantic import (
@@ -42,6 +42,8 @@ from app.validation import (
     TokenCount,
     custom_error,
     first_problem,
+    usd_amount,
+    usd_schema,
 )
 
 MAX_BATCH = 1000
@@ -185,16 +187,9 @@ def _metadata(value: Any) -> dict[str, str]:
 
 
 def _usd_nanos(value: Any) -> int:
-    try:
-        # A JSON number only, as every count of /v1/usage: "5" was taken as $5 (probe J).
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise InvalidOperation
-        amount = Decimal(str(value))
-    except InvalidOperation:
-        raise custom_error(f"must be a number of USD, got {value!r}") from None
-    if not amount.is_finite() or not 0 <= amount <= MAX_USD:
-        raise custom_error(f"must be a number of USD from 0 to {MAX_USD:,}, got {value!r}")
-    return usd_to_nanos(amount)
+    """A USD amount read as a budget's limit is (a number or a decimal string: "1.00" was a
+    400 while a limit of "19.99" was taken, a newcomer probe), from 0, in nano-dollars."""
+    return usd_to_nanos(usd_amount(value, MAX_USD))
 
 
 Metadata = Annotated[
@@ -391,8 +386,12 @@ class OutcomeReport(_Report):
     value_usd: Annotated[
         int | None,
         PlainValidator(lambda value: None if value is None else _usd_nanos(value)),
-        WithJsonSchema({"type": ["number", "null"], "minimum": 0, "maximum": int(MAX_USD)}),
-    ] = Field(default=None, description="USD; held as nano-dollars once validated")
+        WithJsonSchema({"anyOf": [*usd_schema(MAX_USD)["anyOf"], {"type": "null"}]}),
+    ] = Field(
+        default=None,
+        description="USD: a number or a decimal string ('4.50'); held as nano-dollars once "
+        "validated",
+    )
     ts: Timestamp = None
     metadata: Metadata | None = None
     user_id: AttributionId | None = None

@@ -117,9 +117,27 @@ def test_outcomes() -> None:
         parse_outcomes({"request_id": "r", "outcome": "great"}, resolve)
     with pytest.raises(TollgateError, match="value_usd"):
         parse_outcomes({"request_id": "r", "outcome": "success", "value_usd": -3}, resolve)
-    for text in ("5", "5.0", ""):  # a JSON number, as every count of /v1/usage (probe J)
-        with pytest.raises(TollgateError, match="value_usd"):
+
+
+def test_an_outcome_value_may_be_a_decimal_string_as_a_budget_limit_may() -> None:
+    """``value_usd: "1.00"`` was a 400 while ``limit_usd: "19.99"`` is a limit (a newcomer
+    probe): money is read one way, a number or a decimal string (cents kept exact)."""
+    for text, nanos in (("1.00", 10**9), ("19.99", 19_990_000_000), (" 5 ", 5 * 10**9),
+                        (".5", 5 * 10**8), ("0", 0), ("1e3", 10**12)):  # fmt: skip
+        [outcome] = parse_outcomes(
+            {"request_id": "r", "outcome": "success", "value_usd": text}, resolve
+        )
+        assert outcome["value_usd_nanos"] == nanos, text
+    for text in ("", "x", "NaN", "Infinity", "-1", "-0.01", "+5", "1,000", "$5", "1e10"):
+        with pytest.raises(TollgateError) as info:
             parse_outcomes({"request_id": "r", "outcome": "success", "value_usd": text}, resolve)
+        assert info.value.field == "outcomes[0].value_usd", text
+        assert "decimal string" in info.value.message or "from 0" in info.value.message, (
+            info.value.message
+        )
+    for value in (-3, float("nan"), float("inf"), True, [1], {"usd": 1}):
+        with pytest.raises(TollgateError, match="value_usd"):
+            parse_outcomes({"request_id": "r", "outcome": "success", "value_usd": value}, resolve)
 
 
 def test_null_optional_fields_count_as_absent() -> None:

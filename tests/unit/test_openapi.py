@@ -98,7 +98,7 @@ def test_the_documented_bounds_are_the_enforced_ones(spec: dict[str, Any]) -> No
     assert chat["user"]["anyOf"][0]["maxLength"] == MAX_ID_LENGTH
     assert _body_schema(spec, "/v1/chat/completions")["additionalProperties"] is True
     outcome = spec["components"]["schemas"]["OutcomeReport"]["properties"]
-    assert outcome["value_usd"]["maximum"] == int(MAX_USD)
+    assert outcome["value_usd"]["anyOf"][0]["maximum"] == int(MAX_USD)
     headers = {p["name"]: p for p in spec["paths"]["/v1/dispatch"]["post"]["parameters"]}
     assert headers["X-Tollgate-User"]["schema"]["maxLength"] == MAX_ID_LENGTH
     policy = _body_schema(spec, "/v1/budgets/{scope}", "put")

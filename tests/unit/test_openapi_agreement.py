@@ -270,3 +270,16 @@ def test_a_budget_limit_is_documented_as_it_is_checked(limit: float | str) -> No
     validator = Draft202012Validator({**body_schema, "components": SPEC["components"]})
     documented = validator.is_valid({"limit_usd": limit})
     assert documented == _api_accepts(parse_policy, "user:x", {"limit_usd": limit}), limit
+
+
+@pytest.mark.parametrize(
+    "value",
+    [0, 0.0, 4.5, 10**9, 10**9 + 1, -1, "0", "0.00", "1.00", " 5 ", ".5", "1e3", "+5", "-5",
+     "NaN", "Infinity", "", "x", "1" * 61, True, None],
+)  # fmt: skip
+def test_an_outcome_value_is_documented_as_it_is_checked(value: Any) -> None:
+    """``value_usd`` is read as ``limit_usd`` is (a number or a decimal string), from 0. (A
+    string's maximum is left to the 400's message: no pattern says "at most 1e9".)"""
+    record = {"outcome": "success", "request_id": "r1", "value_usd": value}
+    documented = _schema_accepts("/v1/outcomes", record)
+    assert documented == _api_accepts(parse_outcomes, record, _resolve), value
