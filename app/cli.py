@@ -597,6 +597,7 @@ def report(
             ("outcomes", "outcomes"),
             ("successes", "successes"),
             ("$ / success", "cost_per_success_usd"),
+            ("on failed calls", "outcomes_on_failed_calls"),
         ],
     )
     _table(

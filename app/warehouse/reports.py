@@ -690,9 +690,39 @@ def _ratio(value: Decimal) -> str:
     return str(value.quantize(Decimal("0.01")))
 
 
+# How long before a range the calls its outcomes name are looked for (to tell whether they
+# were served): outcomes are posted minutes to days after their call.
+OUTCOME_CALL_LOOKBACK = timedelta(days=31)
+
+
+def outcomes_of_unserved_calls(client: Any, window: Range) -> dict[str, tuple[int, int, Decimal]]:
+    """(outcomes, successes, value) by feature of the outcomes in the range whose request id
+    names a call the provider never answered: every one of its attempts failed (status error
+    or timeout). A call that failed and escalated to an answer was served, as was a stream
+    its client left. A request id with no call in the warehouse (another system's, or a
+    call over ``OUTCOME_CALL_LOOKBACK`` before the range) is not one."""
+    in_range = "ts >= %(start)s AND ts < %(end)s"
+    rows = client.query(
+        "SELECT ifNull(feature, '') AS feature, count(), countIf(outcome = 'success'), "
+        "sum(ifNull(value_usd, toDecimal64(0, 9))) FROM outcome_events FINAL "
+        f"WHERE {in_range} AND request_id IN ("
+        "SELECT request_id FROM usage_events "
+        "WHERE ts >= %(calls_from)s AND ts < %(end)s AND request_id IN ("
+        f"SELECT request_id FROM outcome_events WHERE {in_range} AND request_id IS NOT NULL) "
+        "GROUP BY request_id HAVING countIf(status IN ('ok', 'client_disconnected')) = 0) "
+        "GROUP BY feature",
+        parameters={**window.params(), "calls_from": window.start - OUTCOME_CALL_LOOKBACK},
+    ).result_rows
+    return {feature: (int(n), int(ok), _money(value)) for feature, n, ok, value in rows}
+
+
 def outcomes(client: Any, window: Range) -> list[dict[str, Any]]:
-    """Cost per successful outcome by feature: the feature's spend over its successes."""
+    """Cost per successful outcome by feature: the feature's spend over its successes.
+    Outcomes of calls that were never served are counted apart
+    (:func:`outcomes_of_unserved_calls`): a success posted for a call that failed upstream
+    made a feature's success rate 1.0 and its cost per success $0 (a newcomer probe)."""
     spend = {r["feature"]: r for r in aggregate(client, window, USAGE, ("feature",))}
+    unserved = outcomes_of_unserved_calls(client, window)
     params: dict[str, Any] = {}
     parts = []
     for i, (level, seg_start, seg_end) in enumerate(
@@ -723,6 +753,8 @@ def outcomes(client: Any, window: Range) -> list[dict[str, Any]]:
     for feature in sorted(set(spend) | set(results), key=lambda f: (f == "", f)):
         cost = _money(spend[feature]["cost_usd"]) if feature in spend else Decimal(0)
         n, ok, value = results.get(feature, (0, 0, Decimal(0)))
+        failed_n, failed_ok, failed_value = unserved.get(feature, (0, 0, Decimal(0)))
+        n, ok, value = n - failed_n, ok - failed_ok, value - failed_value
         report.append(
             {
                 "feature": _label(feature),
@@ -731,6 +763,9 @@ def outcomes(client: Any, window: Range) -> list[dict[str, Any]]:
                 "outcomes": n,
                 "successes": ok,
                 "success_rate": _share(ok, n),
+                # outcomes (a success or not) of calls never served: in none of the figures
+                # here, so a success posted for a failed call never lowers cost per success
+                "outcomes_on_failed_calls": failed_n,
                 # None, not "$0 per success", where the range holds none of the feature's
                 # calls (outcomes of earlier calls, or linked to no call: "(none)")
                 "cost_per_success_usd": usd_text((cost / ok).quantize(Decimal("1e-9")))

@@ -1,0 +1,108 @@
+"""Outcomes linked to a call that was not served, on the warehouse (chdb, or a server).
+
+A newcomer probe posted a success for a call that failed upstream ($0): its feature showed
+success_rate 1.0 and cost_per_success_usd "0". A success is something a served call
+delivered; an outcome linked by its request id to a call that failed (status error or
+timeout: the provider never answered it) is counted apart, in
+``outcomes_on_failed_calls``, and is in neither the outcomes, the successes nor the value,
+so it never lowers the cost per success. A call that failed and escalated to an answer was
+served; so was a stream its client left (status client_disconnected).
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from app.warehouse.clickhouse import migrate
+from app.warehouse.reports import Range, outcomes
+from tests.integration.harness import private_day
+
+pytestmark = pytest.mark.integration
+
+USAGE_COLUMNS = ["event_id", "ts", "request_id", "user_id", "feature", "source", "model_served",
+                 "baseline_model", "cost_usd", "baseline_cost_usd", "status", "http_status",
+                 "error_type"]  # fmt: skip
+OUTCOME_COLUMNS = ["event_id", "ts", "request_id", "session_id", "user_id", "feature", "outcome",
+                   "value_usd"]  # fmt: skip
+
+
+def test_an_outcome_of_a_failed_call_is_counted_apart(clickhouse: Any) -> None:
+    migrate(clickhouse)
+    day = private_day()
+    tag = uuid.uuid4().hex[:8]
+    feature, lone = f"{tag}-support", f"{tag}-lonely"
+    at = day + timedelta(hours=10, seconds=20)
+    minute = timedelta(minutes=1)
+    ids = {name: f"{tag}-{name}" for name in ("served", "failed", "escalated", "timeout", "left",
+                                              "lone")}  # fmt: skip
+
+    def call(
+        when: datetime, name: str, cost: str, status: str = "ok", error: str | None = None,
+        owner: str = feature,
+    ) -> list[Any]:  # fmt: skip
+        return [uuid.uuid4().hex, when, ids[name], f"{tag}-u", owner, "gateway", "gpt-4o",
+                "gpt-4", Decimal(cost), Decimal(cost) * 10, status,
+                200 if status == "ok" else 502, error]  # fmt: skip
+
+    clickhouse.insert(
+        "usage_events",
+        [
+            call(at, "served", "0.30"),
+            call(at + minute, "failed", "0", "error", "upstream_error"),
+            # failed, then escalated to an answer (migration 011): served
+            call(at + 2 * minute, "escalated", "0.01", "error", "escalated_empty_answer"),
+            call(at + 2 * minute, "escalated", "0.29"),
+            call(at + 3 * minute, "timeout", "0", "timeout", "upstream_timeout"),
+            # the client left the stream: the provider answered (and billed) it
+            call(at + 4 * minute, "left", "0.10", "client_disconnected", "client_disconnected"),
+            # the probe's case: a feature whose only call failed
+            call(at + 5 * minute, "lone", "0", "error", "upstream_error", owner=lone),
+        ],
+        column_names=USAGE_COLUMNS,
+    )
+
+    def outcome(
+        when: datetime, name: str | None, said: str, value: str | None = None,
+        owner: str = feature,
+    ) -> list[Any]:  # fmt: skip
+        session = None if name else f"{tag}-session"
+        return [uuid.uuid4().hex, when, ids[name] if name else None, session, f"{tag}-u",
+                owner, said, None if value is None else Decimal(value)]  # fmt: skip
+
+    clickhouse.insert(
+        "outcome_events",
+        [
+            outcome(at + 10 * minute, "served", "success", "3"),
+            outcome(at + 11 * minute, "failed", "success", "2"),
+            outcome(at + 12 * minute, "escalated", "success"),
+            outcome(at + 13 * minute, "timeout", "failure"),
+            outcome(at + 14 * minute, "left", "failure"),
+            outcome(at + 15 * minute, None, "success"),  # linked by its session only
+            outcome(at + 16 * minute, "lone", "success", owner=lone),
+        ],
+        column_names=OUTCOME_COLUMNS,
+    )
+
+    # the whole day (the rollups), and a range whose last minute is cut (raw rows): the same
+    for end in (day + timedelta(days=1), at + 16 * minute + timedelta(seconds=30)):
+        rows = {r["feature"]: r for r in outcomes(clickhouse, Range(day, end))}
+        support = rows[feature]
+        assert support["cost_usd"] == "0.7"
+        assert (support["outcomes"], support["successes"]) == (4, 3), support
+        assert support["outcomes_on_failed_calls"] == 2, support
+        assert support["success_rate"] == 0.75
+        assert support["cost_per_success_usd"] == "0.233333333"  # $0.70 over 3, not over 4
+        assert support["value_usd"] == "3", support  # the failed call's $2 is not value
+        # the probe's feature: no success, no "$0 per success"
+        alone = rows[lone]
+        assert (alone["outcomes"], alone["successes"], alone["outcomes_on_failed_calls"]) == (
+            0,
+            0,
+            1,
+        )
+        assert alone["success_rate"] is None and alone["cost_per_success_usd"] is None
