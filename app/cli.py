@@ -543,6 +543,11 @@ def report(
         )
         return
     click.echo(summary["sentence"])
+    if summary.get("refused"):
+        click.echo(
+            f"{summary['refused']:,} calls refused by budget caps (402: in neither the requests "
+            "nor the errors)"
+        )
     parts = savings["decomposition"]
     click.echo(f"\nSavings vs {savings['baseline_model']}: ${savings['savings_usd']}")
     for label, key in (
@@ -586,6 +591,7 @@ def report(
             ("requests", "requests"),
             ("cost $", "cost_usd"),
             ("baseline $", "baseline_cost_usd"),
+            ("refused", "refused"),
         ],
     )
     _table(

@@ -255,6 +255,24 @@ USAGE_BY_USER = Rollup(
     raw={"user": "user_id", **_time_dimensions(_RAW_TIME, "minute", "hour", "day")},
 )
 OUTCOMES = (Level("outcome_minute", "minute", MINUTE, {"feature": "feature"}),)
+# Calls a budget cap refused (402): blocked Request events, counted per minute (migration
+# 012) under the model asked for and no provider. The raw edges read request_events with the
+# rollup's column names, so one set of dimensions serves both.
+_REFUSED_DIMENSIONS = {
+    "model": "model",
+    "feature": "feature",
+    "tier": "tier",
+    "provider": "''",
+    "cache_hit": "false",
+    "user": "user_id",
+    **_time_dimensions("minute", "minute", "hour", "day"),
+}
+REFUSED = (Level("refused_minute", "minute", MINUTE, _REFUSED_DIMENSIONS),)
+_REFUSED_ROWS = """SELECT toStartOfMinute(toDateTime(ts, 'UTC')) AS minute, user_id,
+        ifNull(feature, '') AS feature, ifNull(model_requested, '') AS model,
+        ifNull(tier, '') AS tier
+    FROM request_events FINAL
+    WHERE status = 'blocked' AND reason = 'budget_exceeded' AND ({edges})"""
 BREAKDOWN_DIMENSIONS = ("model", "user", "feature", "tier", "provider")
 NONE_LABEL = "(none)"
 
@@ -296,8 +314,11 @@ def aggregate(
     limit: int | None = None,
     offset: int = 0,
     now: datetime | None = None,
+    refused: bool = False,
 ) -> list[dict[str, Any]]:
     """Usage measures over ``window`` grouped by ``by`` (names from the rollup's allow-list).
+    With ``refused``, each row also counts the calls budget caps refused (``refused``), and a
+    row may hold only those (a user refused every call of the range).
 
     Every value in the SQL text comes from fixed tables above; user input only
     reaches the query as bound parameters.
@@ -305,29 +326,34 @@ def aggregate(
     for name in by:
         if name not in rollup.raw:
             raise ReportError("by", f"by={name!r}: one of {', '.join(rollup.dimensions)}")
+    now = now or datetime.now(UTC)
     levels = tuple(lv for lv in rollup.levels if all(n in lv.dimensions for n in by))
-    segments = _plan(window.start, window.end, levels, now or datetime.now(UTC))
+    segments = _plan(window.start, window.end, levels, now)
     params: dict[str, Any] = {}
     parts = []
     raw_conditions = []
+    none_refused = ["0 AS refused"] if refused else []
+    group = f" GROUP BY {', '.join(by)}" if by else ""
     for i, (level, seg_start, seg_end) in enumerate(segments):
         params[f"s{i}"], params[f"e{i}"] = bound(seg_start), bound(seg_end)
         if level is None:
             raw_conditions.append(f"(ts >= %(s{i})s AND ts < %(e{i})s)")
             continue
-        columns = [f"{level.dimensions[n]} AS {n}" for n in by] + list(MEASURES)
+        columns = [f"{level.dimensions[n]} AS {n}" for n in by] + list(MEASURES) + none_refused
         parts.append(
             f"SELECT {', '.join(columns)} FROM {level.table} "
             f"WHERE {level.bucket} >= %(s{i})s AND {level.bucket} < %(e{i})s"
         )
     if raw_conditions:
         dims = [f"{rollup.raw[n]} AS {n}" for n in by]
-        group = f" GROUP BY {', '.join(by)}" if by else ""
         parts.append(
-            f"SELECT {', '.join([*dims, _RAW_MEASURES])} "
+            f"SELECT {', '.join([*dims, _RAW_MEASURES, *none_refused])} "
             f"FROM ({_RAW_ROWS.format(edges=' OR '.join(raw_conditions))}){group}"
         )
-    sums = ", ".join(f"sum({m}) AS {m}" for m in MEASURES)
+    if refused:
+        parts += _refused_parts(window, by, params, now)
+    measures = (*MEASURES, "refused") if refused else MEASURES
+    sums = ", ".join(f"sum({m}) AS {m}" for m in measures)
     sql = f"SELECT {', '.join([*by, sums])} FROM ({' UNION ALL '.join(parts)})"
     if by:
         sql += f" GROUP BY {', '.join(by)}"
@@ -336,11 +362,39 @@ def aggregate(
         sql += " LIMIT %(limit)s OFFSET %(offset)s"
         params["limit"], params["offset"] = limit, offset
     result = client.query(sql, parameters=params)
-    names = [*by, *MEASURES]
+    names = [*by, *measures]
     rows = [dict(zip(names, row, strict=True)) for row in result.result_rows]
     if not by:  # an empty range still has one row of zeros
-        rows = [r for r in rows if r["requests"]] or [dict.fromkeys(MEASURES, 0)]
+        rows = [r for r in rows if r["requests"] or r.get("refused")] or [
+            dict.fromkeys(measures, 0)
+        ]
     return rows
+
+
+def _refused_parts(
+    window: Range, by: tuple[str, ...], params: dict[str, Any], now: datetime
+) -> list[str]:
+    """The parts of :func:`aggregate`'s query counting refused calls: every usage measure 0,
+    ``refused`` from the rollup's whole minutes and the raw events of the edges."""
+    zeros = [f"0 AS {m}" for m in MEASURES]
+    dims = [f"{_REFUSED_DIMENSIONS[n]} AS {n}" for n in by]
+    parts, raw_conditions = [], []
+    for i, (level, seg_start, seg_end) in enumerate(_plan(window.start, window.end, REFUSED, now)):
+        params[f"rs{i}"], params[f"re{i}"] = bound(seg_start), bound(seg_end)
+        if level is None:
+            raw_conditions.append(f"(ts >= %(rs{i})s AND ts < %(re{i})s)")
+            continue
+        parts.append(
+            f"SELECT {', '.join([*dims, *zeros, 'refused'])} FROM {level.table} "
+            f"WHERE minute >= %(rs{i})s AND minute < %(re{i})s"
+        )
+    if raw_conditions:
+        group = f" GROUP BY {', '.join(by)}" if by else ""
+        parts.append(
+            f"SELECT {', '.join([*dims, *zeros, 'count() AS refused'])} "
+            f"FROM ({_REFUSED_ROWS.format(edges=' OR '.join(raw_conditions))}){group}"
+        )
+    return parts
 
 
 def _money(value: Any) -> Decimal:
@@ -365,6 +419,7 @@ class Summary:
     range: Range
     errors: int = 0
     cache_hits: int = 0
+    refused: int = 0  # calls a budget cap refused (402): in neither requests nor errors
 
     @property
     def savings_usd(self) -> Decimal:
@@ -402,6 +457,7 @@ class Summary:
             "to": self.range.end.isoformat(),
             "requests": self.requests,
             "errors": self.errors,
+            "refused": self.refused,
             "cost_usd": usd_text(self.cost_usd),
             "baseline_cost_usd": usd_text(self.baseline_cost_usd),
             "baseline_model": self.baseline_model,
@@ -416,8 +472,8 @@ class Summary:
 
 def summary(client: Any, window: Range, baseline_model: str = "gpt-4") -> Summary:
     """Totals of the range; the baseline (and savings) count priced requests only."""
-    rows = aggregate(client, window, USAGE, ("cache_hit",))
-    total = {m: sum((r[m] for r in rows), start=0) for m in MEASURES}
+    rows = aggregate(client, window, USAGE, ("cache_hit",), refused=True)
+    total = {m: sum((r[m] for r in rows), start=0) for m in (*MEASURES, "refused")}
     hits = sum(r["requests"] for r in rows if r["cache_hit"])
     return Summary(
         requests=int(total["requests"]),
@@ -428,6 +484,7 @@ def summary(client: Any, window: Range, baseline_model: str = "gpt-4") -> Summar
         range=window,
         errors=int(total["errors"]),
         cache_hits=int(hits),
+        refused=int(total["refused"]),
     )
 
 
@@ -441,12 +498,14 @@ def _spend_row(row: dict[str, Any]) -> dict[str, Any]:
         "prompt_tokens": int(row["prompt_tokens"]),
         "completion_tokens": int(row["completion_tokens"]),
         "unpriced_requests": int(row["unpriced"]),
+        # last: a csv export's columns before it keep their places
+        "refused": int(row.get("refused") or 0),
     }
 
 
 NO_SPEND = {
     "requests": 0, "errors": 0, "cost_usd": "0", "baseline_cost_usd": "0", "savings_usd": "0",
-    "prompt_tokens": 0, "completion_tokens": 0, "unpriced_requests": 0,
+    "prompt_tokens": 0, "completion_tokens": 0, "unpriced_requests": 0, "refused": 0,
 }  # fmt: skip
 
 
@@ -466,8 +525,9 @@ def _breakdown_rows(
     # ties broken by the name: pages of a range no usage is still arriving in never repeat
     # or skip a row
     return aggregate(
-        client, window, rollup, (by,), order_by=f"cost_usd DESC, {by}", limit=limit, offset=offset
-    )
+        client, window, rollup, (by,), order_by=f"cost_usd DESC, {by}", limit=limit,
+        offset=offset, refused=True,
+    )  # fmt: skip
 
 
 def breakdown(
@@ -494,8 +554,10 @@ def breakdown_page(
     more = len(rows) > limit
     rows = rows[:limit]
     rollup = USAGE_BY_USER if by == "user" else USAGE
-    (total,) = aggregate(client, window, rollup)
-    others = {m: (total[m] or 0) - sum((row[m] or 0) for row in rows) for m in MEASURES}
+    (total,) = aggregate(client, window, rollup, refused=True)
+    others = {
+        m: (total[m] or 0) - sum((row[m] or 0) for row in rows) for m in (*MEASURES, "refused")
+    }
     return {
         "rows": [{by: _label(row[by]), **_spend_row(row)} for row in rows],
         "offset": offset,
@@ -516,7 +578,7 @@ def timeseries(client: Any, window: Range, interval: str = "day") -> list[dict[s
     step = _TIME_DIMENSIONS[interval][1]
     if (window.end - window.start) / step > 50_000:
         raise ReportError("interval", f"too many {interval}s in the range; use a longer interval")
-    costs = aggregate(client, window, USAGE, (interval,))
+    costs = aggregate(client, window, USAGE, (interval,), refused=True)
     bucket_sql = _TIME_DIMENSIONS[interval][0].format(t="toDateTime(ts, 'UTC')")
     alerts: dict[datetime, list[str]] = {}
     fired: dict[datetime, int] = {}

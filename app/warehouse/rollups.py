@@ -56,6 +56,8 @@ REBUILD_AFTER = {
         "usage_events",
         "startsWith(ifNull(error_type, ''), 'escalated_')",
     ),
+    # a new view: the calls refused before it existed are counted
+    "012_refused_calls": ("request_events", "status = 'blocked'"),
 }
 
 
