@@ -661,7 +661,10 @@ def test_what_a_newcomer_tries_gets_an_answer_it_can_act_on(kafka_settings: Sett
             ({"temperature": 5}, "temperature"),
             ({"messages": [{"role": "bogus", "content": "hi"}]}, "messages[0].role"),
             ({"messages": [{"role": "user"}]}, "messages[0].content"),
-        ):
+            # OpenAI's 400 too (a probe: forwarded and charged here)
+            ({"messages": [*MESSAGES, {"role": "tool", "content": "42"}]},
+             "messages[1].tool_call_id"),
+        ):  # fmt: skip
             with pytest.raises(openai.BadRequestError) as refused:
                 client.chat.completions.create(**{"model": "gpt-4o", "messages": MESSAGES, **extra})
             assert refused.value.param == param  # type: ignore[attr-defined]
@@ -693,6 +696,13 @@ def test_what_a_newcomer_tries_gets_an_answer_it_can_act_on(kafka_settings: Sett
         (event,) = unpriced.json()["events"]
         assert event["price_unknown"] and event["cost_usd"] == "0"
         assert float(event["budget_cost_usd"]) > 0  # what the caps count, said
+        # money as a decimal string, as a budget's limit_usd takes it (a probe: a 400 here)
+        valued = {"request_id": answered.id, "outcome": "success", "value_usd": "1.00"}
+        assert httpx.post(f"{stack.url}/v1/outcomes", json=valued).status_code == 202
+        valued["value_usd"] = "-1.00"
+        negative = httpx.post(f"{stack.url}/v1/outcomes", json=valued)
+        assert negative.status_code == 400, negative.text
+        assert negative.json()["error"]["param"] == "outcomes[0].value_usd"
         window = {"limit_usd": 1, "period": "window", "window": "1h", "timezone": "Asia/Kolkata"}
         zoned = httpx.put(f"{stack.url}/v1/budgets/user:newcomer", json=window)
         assert zoned.status_code == 400 and zoned.json()["error"]["param"] == "timezone"
