@@ -9,17 +9,24 @@ not one.
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+import httpx
+import openai
 import pytest
 
-from app.warehouse.clickhouse import migrate
+from agents.sink import ClickHouseSink
+from app.events.topics import ensure_topics
+from app.settings import Settings
+from app.warehouse.clickhouse import ReconnectingClient, migrate
 from app.warehouse.reports import Range, breakdown_page, summary, timeseries
 from app.warehouse.rollups import after_migration
-from tests.integration.harness import private_day
+from tests.integration.harness import private_day, running_stack
 
 pytestmark = pytest.mark.integration
 
@@ -101,3 +108,53 @@ def test_calls_refused_by_a_budget_cap_are_counted_as_refused(clickhouse: Any) -
     assert summary(clickhouse, whole).refused == 0
     assert after_migration(clickhouse, "012_refused_calls") >= 1
     assert summary(clickhouse, whole).refused == 4
+
+
+def test_a_402_from_the_dispatcher_reaches_the_reports_as_refused(
+    kafka_settings: Settings, clickhouse: Any
+) -> None:
+    """The whole way: a capped user's call answered 402 through the SDK, its blocked Request
+    event through Kafka and the sink into the warehouse, and the user's row counting it."""
+    asyncio.run(ensure_topics(kafka_settings))
+    migrate(clickhouse)
+    user = f"capped-{uuid.uuid4().hex[:8]}"
+    started = datetime.now(UTC) - timedelta(minutes=1)
+    with running_stack(kafka_settings) as stack:
+        cap = {"period": "month", "limit_usd": "0.000001"}  # below any call's prompt
+        assert httpx.put(f"{stack.url}/v1/budgets/user:{user}", json=cap).status_code == 200
+        client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0)
+        refused = 0
+        deadline = time.monotonic() + 30
+        while refused < 2 and time.monotonic() < deadline:  # until the cap is read
+            try:
+                client.chat.completions.create(
+                    model="gpt-4o", messages=[{"role": "user", "content": "hello"}], user=user
+                )
+            except openai.APIStatusError as exc:
+                assert exc.status_code == 402, exc
+                refused += 1
+            else:
+                time.sleep(0.2)
+        assert refused == 2
+
+    async def sink_until_counted() -> dict[str, Any]:
+        client = ReconnectingClient(lambda: clickhouse)
+        sink = ClickHouseSink(kafka_settings, client, batch_wait_s=0.3)
+        stop = asyncio.Event()
+        task = asyncio.create_task(sink.run(stop))
+        try:
+            for _ in range(100):
+                window = Range(started, datetime.now(UTC) + timedelta(minutes=1))
+                page = await asyncio.to_thread(breakdown_page, clickhouse, window, "user", 1000)
+                rows = [r for r in page["rows"] if r["user"] == user]
+                if rows and rows[0]["refused"] >= 2:
+                    return rows[0]
+                await asyncio.sleep(0.3)
+            raise AssertionError(f"the refused calls never reached the reports: {rows}")
+        finally:
+            stop.set()
+            await task
+
+    row = asyncio.run(sink_until_counted())
+    # refused, not errors (calls served before the dispatcher read the cap are requests)
+    assert row["refused"] == 2 and row["errors"] == 0, row
