@@ -184,8 +184,8 @@ def usd_amount(value: Any, high: Decimal, *, positive: bool = False) -> Decimal:
         amount = Decimal(str(value))
     except InvalidOperation:
         raise custom_error(
-            f"must be a {kind} of USD (a number, or a decimal string such as '19.99'), "
-            f"got {_shown(value)}"
+            f"must be a {kind} of USD: a number, or a decimal string such as '19.99' "
+            f"(digits, no sign), got {_shown(value)}"
         ) from None
     if not amount.is_finite() or amount < 0 or (positive and amount == 0) or amount > high:
         bounds = f"above 0 and at most {high:,}" if positive else f"from 0 to {high:,}"
