@@ -12,6 +12,7 @@ storage (:mod:`app.cache.store`) or HTTP (the dispatcher reads the header and se
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -85,7 +86,14 @@ def canonical_body(body: Mapping[str, Any], ignored_fields: tuple[str, ...]) -> 
         for name, value in body.items()
         if name not in ignored_fields
     }
-    return orjson.dumps(kept, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
+    try:
+        return orjson.dumps(kept, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
+    except orjson.JSONEncodeError:
+        # A number past 64 bits (JSON sets no limit; `seed: 2**70` was a 500 here, a probe)
+        # or a lone surrogate (JSON's "\ud800" escape; orjson writes UTF-8 only): the
+        # standard library writes both (as ASCII). Such a body always takes this path, so
+        # its key is still one.
+        return json.dumps(kept, sort_keys=True, separators=(",", ":"), default=str).encode()
 
 
 def cache_key(tenant: str, body: Mapping[str, Any], ignored_fields: tuple[str, ...]) -> str:

@@ -20,6 +20,7 @@ import openai
 import pytest
 from aiohttp import web
 
+from app.cache.config import CacheSettings
 from app.events.topics import ensure_topics
 from app.http.reports_api import create_reports_app
 from app.http.runner import serve_app
@@ -190,6 +191,40 @@ def test_inputs_that_were_500s_are_400s_naming_the_field(kafka_settings: Setting
         assert "POST" in wrong_method.headers["Allow"]  # RFC 9110: what is allowed instead
         assert "use POST" in wrong_method.json()["error"]["message"]  # and the body says it
         assert httpx.head(f"{stack.url}/healthz").status_code == 200  # was a 405
+
+
+def test_a_cached_call_with_a_huge_number_or_a_lone_surrogate_is_answered(
+    kafka_settings: Settings,
+) -> None:
+    """At temperature 0 a call is looked up in the cache, whose key could not be built for
+    a number past 64 bits (a probe: `seed: 2**70` was a 500 "Integer exceeds 64-bit range"
+    where at temperature 0.7 it was served) or a lone surrogate. Each is answered, twice
+    (the second time from the cache)."""
+    asyncio.run(ensure_topics(kafka_settings))
+    with running_stack(kafka_settings, cache=CacheSettings(enabled=True)) as stack:
+        for extra in ({"seed": 2**70}, {"seed": 1e20}, {"user": "x", "metadata": {"n": -(2**64)}}):
+            body = {"model": "gpt-4o-mini", "messages": MESSAGES, "temperature": 0, **extra}
+            raw = json.dumps(body).encode()
+            answers = [
+                httpx.post(
+                    f"{stack.url}/v1/chat/completions",
+                    content=raw,
+                    headers={"Content-Type": "application/json"},
+                )
+                for _ in range(2)
+            ]
+            assert [a.status_code for a in answers] == [200, 200], (extra, answers[0].text)
+            assert answers[1].headers["X-Tollgate-Cache"] == "hit", extra
+        surrogate = (
+            b'{"model": "gpt-4o-mini", "temperature": 0, '
+            b'"messages": [{"role": "user", "content": "a\\ud800"}]}'
+        )
+        answer = httpx.post(
+            f"{stack.url}/v1/chat/completions",
+            content=surrogate,
+            headers={"Content-Type": "application/json"},
+        )
+        assert answer.status_code < 500, answer.text
 
 
 def test_a_long_path_or_header_gets_a_json_error_and_no_error_log(

@@ -230,3 +230,23 @@ async def test_an_entry_larger_than_the_limit_is_not_stored() -> None:
     assert not await cache.put("k", _answer(5000), ttl_s=60)
     assert len(cache) == 0 and cache.stats.rejected_too_big == 1
     await cache.delete("k")
+
+
+@pytest.mark.parametrize(
+    "value", [2**70, -(2**64), 1e20, {"nested": [2**64]}], ids=["2**70", "-2**64", "1e20", "deep"]
+)
+def test_a_number_json_allows_but_64_bits_do_not_still_has_a_key(value: Any) -> None:
+    """A newcomer's probe: `seed: 2**70` at temperature 0 was a 500 ("Integer exceeds 64-bit
+    range" from the key's serialiser) where at temperature 0.7 the call was served. JSON
+    numbers have no size limit: the key must be built for any of them, one way."""
+    body = {"model": "gpt-4o-mini", "temperature": 0, "messages": [], "seed": value}
+    key = _key(body, "user:u")
+    assert key == _key(copy.deepcopy(body), "user:u")
+    assert key != _key({**body, "seed": 1}, "user:u")
+    if value == 1e20:  # written as the integer it is, like every integral top-level number
+        assert key == _key({**body, "seed": 10**20}, "user:u")
+
+
+def test_a_lone_surrogate_in_a_message_still_has_a_key() -> None:
+    body = {"model": "gpt-4o-mini", "temperature": 0, "messages": [{"content": "a\ud800"}]}
+    assert _key(body, "user:u") != _key({**body, "messages": [{"content": "a"}]}, "user:u")
