@@ -253,6 +253,10 @@ class ChatAttempts:
         # Looked up before admission: a hit costs nothing, so only a reached limit refuses it
         # (an escalation too: the next tier may have answered).
         cached = await levers.lookup(plan) if plan.status == "lookup" else None
+        if cached is not None and levers.would_escalate(
+            route, cached.body, self.identity.feature, attempt, chat.max_tokens is not None
+        ):
+            cached = None  # a stored failed answer (a named call's): the provider is asked
         async with gateway.call(
             self.request_id, self.endpoint, self.identity, chat, self.client_headers,
             self.client_request_id, route=route, attempt=attempt, client_gone=client.gone,

@@ -31,6 +31,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
+import orjson
+
 from app.cache.assemble import CompletionAssembler
 from app.cache.config import CacheSettings
 from app.cache.key import CacheLookup, parse_cache_control, plan_lookup
@@ -263,6 +265,33 @@ class SavingsLevers:
         return self.escalation.possible(
             tier=Tier(route.tier), feature=feature, attempt=attempt, provider=route.provider
         )
+
+    def would_escalate(
+        self,
+        route: RouteInfo,
+        stored: bytes,
+        feature: str | None,
+        attempt: int,
+        output_limited: bool,
+    ) -> bool:
+        """Whether a stored answer (``chat.completion`` JSON) would escalate this attempt had
+        the provider just given it: an empty, refused or (not at the client's own
+        ``max_tokens``) truncated answer, stored by a call that named the model (a probe: it
+        was replayed to ``auto``, where a live one escalates)."""
+        if not route.routed or route.tier is None:
+            return False
+        try:
+            completion = orjson.loads(stored)
+        except orjson.JSONDecodeError:
+            return False
+        failure = self.validate(route, completion)
+        if failure is None or (failure is Failure.TRUNCATED and output_limited):
+            return False
+        step = self.escalation.escalation(
+            failure, tier=Tier(route.tier), feature=feature, attempt=attempt,
+            provider=route.provider,
+        )  # fmt: skip
+        return step is not None
 
     def validate(self, route: RouteInfo, completion: Any) -> Failure | None:
         """The configured validators on a routed call's answer (None: acceptable)."""

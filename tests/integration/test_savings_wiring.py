@@ -367,6 +367,35 @@ def test_empty_economy_answer_escalates(stack: Stack) -> None:
     )
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_cached_failed_economy_answer_is_not_replayed_to_auto(stack: Stack, stream: bool) -> None:
+    """A probe: a call naming gpt-4o-mini got an empty answer at temperature 0, which was
+    stored; the same body with `model: "auto"`, routed to economy, was answered from the
+    cache with it, where a live empty answer escalates. A stored answer the validators
+    would fail is no hit for a call that may escalate: it goes to the provider."""
+    sdk = client(stack)
+    failing = {"X-Sim-Completion-Tokens": "0", "X-Sim-Models": "gpt-4o-mini"}
+    messages = [{"role": "user", "content": f"What is the capital of Chad? ({stream})"}]
+    named = sdk.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=messages, temperature=0, user="cf", extra_headers=failing
+    )
+    assert named.headers["X-Tollgate-Cache"] == "miss"
+    assert not named.parse().choices[0].message.content  # stored: what that model answered
+    routed = sdk.chat.completions.with_raw_response.create(
+        model="auto", messages=messages, temperature=0, user="cf", stream=stream
+    )
+    assert routed.headers["X-Tollgate-Cache"] == "miss"
+    if stream:
+        text = "".join(c.choices[0].delta.content or "" for c in routed.parse() if c.choices)
+    else:
+        text = routed.parse().choices[0].message.content or ""
+    assert text  # the provider's answer, not the stored empty one
+    again = sdk.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=messages, temperature=0, user="cf"
+    )
+    assert again.headers["X-Tollgate-Cache"] == "hit"  # the named call's still: its answer
+
+
 def test_a_routed_failure_that_cannot_escalate_is_answered_and_counted(stack: Stack) -> None:
     """Every tier failing: the economy attempt escalates once, the standard one's failure is
     the answer (one escalation per request), and the metrics say both."""
