@@ -1,9 +1,9 @@
 """Rebuilding the rollups of some hours from the raw events, after an interrupted insert.
 
-Owns one repair. The rollups (``usage_minute``, ``usage_user_minute``, ``outcome_minute``,
-the hourly ones fed from the minute ones, ``downtiered_requests``) are materialized views:
-ClickHouse fills them as a raw table is inserted into, and the insert into a view comes
-after the insert into its raw table. A sink killed between the two leaves the raw rows
+Owns one repair. The rollups (``usage_minute``, ``usage_user_minute``, ``usage_team_minute``,
+``outcome_minute``, ``refused_minute``, the hourly ones fed from the minute ones,
+``downtiered_requests``) are materialized views: ClickHouse fills them as a raw table is
+inserted into, and the insert into a view comes after the insert into its raw table. A sink killed between the two leaves the raw rows
 stored and the rollup rows missing; the restarted sink finds those events already stored,
 drops them as duplicates, and the reports, which read the rollups for whole minutes and
 hours, count fewer calls than the raw table holds (session 12's newcomer probe: 592 of 605
@@ -21,6 +21,11 @@ may have dropped rows of, nor can the rollups fed from it (``usage_user_hour``):
 of such an hour reads the others (before, every check of an older hour found it short, and
 rebuilt it). A rebuild still rebuilds them all: the hourly rollup is refilled through the
 minute one, whose rows the TTL then drops.
+
+A migration that adds a view, or changes one's query, rebuilds the hours stored before it
+(``REBUILD_AFTER``), in the new views only where the others are complete. The views are
+read from every migration file, so a migration applied on an older install rebuilds before
+the later ones exist: rollups whose table is not created yet are left out.
 """
 
 from __future__ import annotations
@@ -49,15 +54,33 @@ _UNIT = {"Second": timedelta(seconds=1), "Minute": timedelta(minutes=1), "Hour":
          "Day": timedelta(days=1), "Week": timedelta(weeks=1), "Month": timedelta(days=31),
          "Quarter": timedelta(days=92), "Year": timedelta(days=366)}  # fmt: skip
 _NEW_QUERY = re.compile(r"ALTER TABLE (\w+) MODIFY QUERY\s+(.*)", re.DOTALL | re.IGNORECASE)
-# Migrations that change a view's query, and which hours of its raw table stored before then
-# the new query counts differently: they are rebuilt once that migration is applied.
+
+
+@dataclass(frozen=True)
+class Backfill:
+    """The hours of ``table`` (raw events) where ``affected`` holds, rebuilt in the rollups of
+    ``views`` and those they feed; every rollup ``table`` feeds when ``views`` is empty."""
+
+    table: str
+    affected: str
+    views: tuple[str, ...] = ()
+
+
+# Migrations that change a view's query, or add a view, and which hours of its raw table
+# stored before then it counts differently: they are rebuilt once that migration is applied.
 REBUILD_AFTER = {
     "011_client_requests": (
-        "usage_events",
-        "startsWith(ifNull(error_type, ''), 'escalated_')",
+        Backfill("usage_events", "startsWith(ifNull(error_type, ''), 'escalated_')"),
     ),
     # a new view: the calls refused before it existed are counted
-    "012_refused_calls": ("request_events", "status = 'blocked'"),
+    "012_refused_calls": (Backfill("request_events", "status = 'blocked'"),),
+    # new views: every hour with usage, and with refused calls, is counted by team; only
+    # the new rollups are rebuilt (the others are complete, and rebuilding every hour of
+    # them would cost about 0.4 s a rollup an hour)
+    "013_team_rollups": (
+        Backfill("usage_events", "1", ("usage_team_minute_mv",)),
+        Backfill("request_events", "status = 'blocked'", ("refused_team_minute_mv",)),
+    ),
 }
 
 
@@ -91,26 +114,43 @@ def rollups(directory: Path = MIGRATIONS_DIR) -> tuple[Rollup, ...]:
 def after_migration(client: Any, version: str) -> int:
     """Rebuild the hours a migration's new view queries count differently (``REBUILD_AFTER``);
     returns how many hours were rebuilt."""
-    if version not in REBUILD_AFTER:
-        return 0
-    table, affected = REBUILD_AFTER[version]
-    hours = client.query(
-        f"SELECT DISTINCT toStartOfHour(ts) FROM {table} WHERE {affected}"
-    ).result_rows
-    return rebuild(client, table, (h[0] for h in hours))
+    done = 0
+    for backfill in REBUILD_AFTER.get(version, ()):
+        hours = client.query(
+            f"SELECT DISTINCT toStartOfHour(ts) FROM {backfill.table} WHERE {backfill.affected}"
+        ).result_rows
+        done += rebuild(client, backfill.table, (h[0] for h in hours), backfill.views)
+    return done
 
 
-def fed_by(table: str, directory: Path = MIGRATIONS_DIR) -> list[Rollup]:
-    """The rollups ``table`` feeds, directly or through another rollup, nearest first."""
+def fed_by(
+    table: str, directory: Path = MIGRATIONS_DIR, views: tuple[str, ...] = ()
+) -> list[Rollup]:
+    """The rollups ``table`` feeds, directly or through another rollup, nearest first; with
+    ``views``, only those of them (fed directly) and the rollups they feed."""
     result: list[Rollup] = []
     frontier = [table]
     while frontier:
         source = frontier.pop(0)
         for rollup in rollups(directory):
+            if views and source == table and rollup.view not in views:
+                continue
             if rollup.source == source and rollup not in result:
                 result.append(rollup)
                 frontier.append(rollup.target)
     return result
+
+
+def _created(client: Any, chain: list[Rollup]) -> list[Rollup]:
+    """The rollups of ``chain`` whose view and table exist: a migration applied before a
+    later one rebuilds its hours while the later one's views are not created yet."""
+    names = {
+        row[0]
+        for row in client.query(
+            "SELECT name FROM system.tables WHERE database = currentDatabase()"
+        ).result_rows
+    }
+    return [r for r in chain if r.view in names and r.target in names]
 
 
 def _time_column(client: Any, table: str) -> str:
@@ -161,24 +201,25 @@ def _ttl(client: Any, table: str) -> timedelta | None:
     return None if found is None else int(found.group(2)) * _UNIT[found.group(1)]
 
 
-def _past_ttl(client: Any, table: str, start: datetime) -> set[str]:
-    """The rollups ``table`` feeds that cannot hold all of the hour from ``start``: their TTL
+def _past_ttl(client: Any, chain: list[Rollup], start: datetime) -> set[str]:
+    """The rollups of ``chain`` that cannot hold all of the hour from ``start``: their TTL
     may have dropped some of its rows, or that of a rollup they are fed from."""
     now, gone = datetime.now(UTC), set()
-    for rollup in fed_by(table):  # sources before the rollups they feed
+    for rollup in chain:  # sources before the rollups they feed
         ttl = _ttl(client, rollup.target)
         if rollup.source in gone or (ttl is not None and start + ttl <= now):
             gone.add(rollup.target)
     return gone
 
 
-def complete(client: Any, table: str, start: datetime) -> bool:
-    """Whether every rollup ``table`` feeds holds what its query gives over the hour from
-    ``start``: the same sums (a summing rollup), or the same rows (a deduplicating one).
-    Rollups past their TTL for that hour are not checked."""
+def complete(client: Any, table: str, start: datetime, chain: list[Rollup] | None = None) -> bool:
+    """Whether every rollup ``table`` feeds (or of ``chain``) holds what its query gives over
+    the hour from ``start``: the same sums (a summing rollup), or the same rows (a
+    deduplicating one). Rollups past their TTL for that hour are not checked."""
     bounds = {"lo": start, "hi": start + HOUR}
-    gone = _past_ttl(client, table, start)
-    for rollup in fed_by(table):
+    chain = _created(client, fed_by(table)) if chain is None else chain
+    gone = _past_ttl(client, chain, start)
+    for rollup in chain:
         if rollup.target in gone:
             continue
         query = re.sub(
@@ -204,17 +245,18 @@ def complete(client: Any, table: str, start: datetime) -> bool:
     return True
 
 
-def rebuild(client: Any, table: str, hours: Iterable[datetime]) -> int:
-    """Recompute every rollup ``table`` feeds for the whole ``hours`` given, except hours
-    whose rollups are complete already (a DELETE costs about 0.4 s a rollup at a million
-    rows); returns how many hours were rebuilt."""
-    chain = fed_by(table)
+def rebuild(client: Any, table: str, hours: Iterable[datetime], views: tuple[str, ...] = ()) -> int:
+    """Recompute every rollup ``table`` feeds (with ``views``: those views' and the rollups
+    they feed) for the whole ``hours`` given, except hours whose rollups are complete
+    already (a DELETE costs about 0.4 s a rollup at a million rows); returns how many hours
+    were rebuilt."""
+    chain = _created(client, fed_by(table, views=views))
     if not chain:
         return 0
     direct = [r for r in chain if r.source == table]
     done = 0
     for start in hours_of(hours):
-        if complete(client, table, start):
+        if complete(client, table, start, chain):
             continue
         bounds = {"lo": start, "hi": start + HOUR}
         for rollup in chain:
