@@ -439,7 +439,10 @@ def db_migrate() -> None:
 @main.command("report")
 @click.option("--since", default="30d", show_default=True, help="Window, e.g. 30d, 12h, 90m.")
 @click.option(
-    "--by", default="model", show_default=True, help="model, user, feature, tier, provider"
+    "--by",
+    default="model",
+    show_default=True,
+    help="model, user, team, feature, tier, provider",
 )
 @click.option("--from", "start", help="Start (ISO 8601), instead of --since.")
 @click.option("--to", "end_at", help="End (ISO 8601, exclusive); default now.")

@@ -25,6 +25,7 @@ from app.http.reports_api import PARAMS, REPORTS
 from app.ids import MAX_ID_LENGTH
 from app.metering.ingest import MAX_BATCH, OutcomeReport, UsageReport
 from app.validation import ID_TEXT
+from app.warehouse.reports import BREAKDOWN_DIMENSIONS
 
 ID_SCHEMA = {"type": "string", "maxLength": MAX_ID_LENGTH, "description": ID_TEXT}
 REF = "#/components/schemas/{model}"
@@ -109,7 +110,9 @@ REPORT_PARAMS = [
     {
         "name": "by",
         "in": "query",
-        "schema": {"type": "string", "enum": ["model", "user", "feature", "tier", "provider"]},
+        "schema": {"type": "string", "enum": list(BREAKDOWN_DIMENSIONS)},
+        "description": "breakdown: the dimension (default model); calls without a team, feature, "
+        "tier or provider are in the row `(none)`",
     },
     {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
     {

@@ -161,7 +161,7 @@ _RAW_MEASURES = """countIf(NOT superseded) AS requests,
     sumIf(in_requested, NOT price_unknown AND NOT superseded) AS requested_cost_usd,
     sum(in_cache_saved) AS cache_saved_usd,
     sum(in_prompt_cache_saved) AS prompt_cache_saved_usd"""
-_RAW_ROWS = """SELECT ts, user_id, feature, tier, provider, model_served, cache_hit, status,
+_RAW_ROWS = """SELECT ts, user_id, team, feature, tier, provider, model_served, cache_hit, status,
         price_unknown, prompt_tokens AS in_prompt, completion_tokens AS in_completion,
         cached_tokens AS in_cached, cost_usd AS in_cost, baseline_cost_usd AS in_baseline,
         cache_saved_usd AS in_cache_saved, prompt_cache_saved_usd AS in_prompt_cache_saved,
@@ -254,6 +254,24 @@ USAGE_BY_USER = Rollup(
     ),
     raw={"user": "user_id", **_time_dimensions(_RAW_TIME, "minute", "hour", "day")},
 )
+# Teams are few: their minutes are kept as long as usage_minute's (no retention).
+USAGE_BY_TEAM = Rollup(
+    levels=(
+        Level(
+            "usage_team_hour",
+            "hour",
+            HOUR,
+            {"team": "team", **_time_dimensions("hour", "hour", "day")},
+        ),
+        Level(
+            "usage_team_minute",
+            "minute",
+            MINUTE,
+            {"team": "team", **_time_dimensions("minute", "minute", "hour", "day")},
+        ),
+    ),
+    raw={"team": "ifNull(team, '')", **_time_dimensions(_RAW_TIME, "minute", "hour", "day")},
+)
 OUTCOMES = (Level("outcome_minute", "minute", MINUTE, {"feature": "feature"}),)
 # Calls a budget cap refused (402): blocked Request events, counted per minute (migration
 # 012) under the model asked for and no provider. The raw edges read request_events with the
@@ -267,13 +285,26 @@ _REFUSED_DIMENSIONS = {
     "user": "user_id",
     **_time_dimensions("minute", "minute", "hour", "day"),
 }
-REFUSED = (Level("refused_minute", "minute", MINUTE, _REFUSED_DIMENSIONS),)
+# By team, refused calls have a rollup of their own (migration 013); a breakdown reads the
+# first of these levels that has all its dimensions.
+REFUSED = (
+    Level("refused_minute", "minute", MINUTE, _REFUSED_DIMENSIONS),
+    Level(
+        "refused_team_minute",
+        "minute",
+        MINUTE,
+        {"team": "team", **_time_dimensions("minute", "minute", "hour", "day")},
+    ),
+)
+_REFUSED_RAW = {**_REFUSED_DIMENSIONS, "team": "team"}
 _REFUSED_ROWS = """SELECT toStartOfMinute(toDateTime(ts, 'UTC')) AS minute, user_id,
         ifNull(feature, '') AS feature, ifNull(model_requested, '') AS model,
-        ifNull(tier, '') AS tier
+        ifNull(tier, '') AS tier, ifNull(team, '') AS team
     FROM request_events FINAL
     WHERE status = 'blocked' AND reason = 'budget_exceeded' AND ({edges})"""
-BREAKDOWN_DIMENSIONS = ("model", "user", "feature", "tier", "provider")
+BREAKDOWN_DIMENSIONS = ("model", "user", "team", "feature", "tier", "provider")
+# The rollups a breakdown reads: its own for a dimension of another cardinality.
+_BREAKDOWN_ROLLUPS = {"user": USAGE_BY_USER, "team": USAGE_BY_TEAM}
 NONE_LABEL = "(none)"
 
 Segment = tuple[Level | None, datetime, datetime]  # None: raw events
@@ -377,19 +408,21 @@ def _refused_parts(
     """The parts of :func:`aggregate`'s query counting refused calls: every usage measure 0,
     ``refused`` from the rollup's whole minutes and the raw events of the edges."""
     zeros = [f"0 AS {m}" for m in MEASURES]
-    dims = [f"{_REFUSED_DIMENSIONS[n]} AS {n}" for n in by]
+    levels = tuple(lv for lv in REFUSED if all(n in lv.dimensions for n in by))[:1]
     parts, raw_conditions = [], []
-    for i, (level, seg_start, seg_end) in enumerate(_plan(window.start, window.end, REFUSED, now)):
+    for i, (level, seg_start, seg_end) in enumerate(_plan(window.start, window.end, levels, now)):
         params[f"rs{i}"], params[f"re{i}"] = bound(seg_start), bound(seg_end)
         if level is None:
             raw_conditions.append(f"(ts >= %(rs{i})s AND ts < %(re{i})s)")
             continue
+        dims = [f"{level.dimensions[n]} AS {n}" for n in by]
         parts.append(
             f"SELECT {', '.join([*dims, *zeros, 'refused'])} FROM {level.table} "
             f"WHERE minute >= %(rs{i})s AND minute < %(re{i})s"
         )
     if raw_conditions:
         group = f" GROUP BY {', '.join(by)}" if by else ""
+        dims = [f"{_REFUSED_RAW[n]} AS {n}" for n in by]
         parts.append(
             f"SELECT {', '.join([*dims, *zeros, 'count() AS refused'])} "
             f"FROM ({_REFUSED_ROWS.format(edges=' OR '.join(raw_conditions))}){group}"
@@ -521,7 +554,7 @@ def _breakdown_rows(
         raise ReportError("limit", "limit must be between 1 and 1000")
     if not 0 <= offset <= MAX_OFFSET:
         raise ReportError("offset", f"offset must be between 0 and {MAX_OFFSET}")
-    rollup = USAGE_BY_USER if by == "user" else USAGE
+    rollup = _BREAKDOWN_ROLLUPS.get(by, USAGE)
     # ties broken by the name: pages of a range no usage is still arriving in never repeat
     # or skip a row
     return aggregate(
@@ -533,7 +566,7 @@ def _breakdown_rows(
 def breakdown(
     client: Any, window: Range, by: str, limit: int = 20, offset: int = 0
 ) -> list[dict[str, Any]]:
-    """Spend by one dimension (model, user, feature, tier, provider), biggest first, from
+    """Spend by one dimension (model, user, team, feature, tier, provider), biggest first, from
     row ``offset``. ``by=user`` with a small ``limit`` is the top-N spenders."""
     if limit > 1000:
         raise ReportError("limit", "limit must be between 1 and 1000")
@@ -553,7 +586,7 @@ def breakdown_page(
     rows = _breakdown_rows(client, window, by, limit + 1, offset)
     more = len(rows) > limit
     rows = rows[:limit]
-    rollup = USAGE_BY_USER if by == "user" else USAGE
+    rollup = _BREAKDOWN_ROLLUPS.get(by, USAGE)
     (total,) = aggregate(client, window, rollup, refused=True)
     others = {
         m: (total[m] or 0) - sum((row[m] or 0) for row in rows) for m in (*MEASURES, "refused")

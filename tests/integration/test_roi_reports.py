@@ -540,8 +540,10 @@ async def test_hours_stored_before_the_client_requests_migration_are_counted_aga
             shutil.copy(path, tmp_path)
     before = {r.view: r.query for r in rollups(tmp_path)}
     now = {r.view: r.query for r in rollups()}
+    # the views 011 changed (not those of later migrations, which it predates)
     views = [r.view for r in fed_by("usage_events") if r.source == "usage_events"]
-    assert all(before[v] != now[v] for v in views)
+    views = [v for v in views if v in before]
+    assert len(views) == 3 and all(before[v] != now[v] for v in views)
     tag = f"mig{random.randrange(10**6)}"
     hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=3)
 

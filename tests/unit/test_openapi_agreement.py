@@ -22,11 +22,11 @@ from app.budgets.policy import PolicyError, validate_scope
 from app.errors import TollgateError
 from app.gateway.pipeline import parse_chat_request
 from app.http.openapi import openapi_document
-from app.http.reports_api import PARAMS, REPORTS
+from app.http.reports_api import PARAMS, REPORTS, build_report
 from app.http.server import ROUTES
 from app.metering.attribution import resolve_identity
 from app.metering.ingest import parse_outcomes, parse_usage_reports
-from app.warehouse.reports import Range, ReportError
+from app.warehouse.reports import BREAKDOWN_DIMENSIONS, Range, ReportError
 
 SPEC = openapi_document(ROUTES)
 MSG = [{"role": "user", "content": "hello"}]
@@ -283,3 +283,29 @@ def test_an_outcome_value_is_documented_as_it_is_checked(value: Any) -> None:
     record = {"outcome": "success", "request_id": "r1", "value_usd": value}
     documented = _schema_accepts("/v1/outcomes", record)
     assert documented == _api_accepts(parse_outcomes, record, _resolve), value
+
+
+class _NoRows:
+    """A warehouse that holds nothing: a valid report answers from it, an invalid one is a
+    400 before any query."""
+
+    def query(self, *args: Any, **kwargs: Any) -> Any:
+        return type("Result", (), {"result_rows": []})()
+
+
+@pytest.mark.parametrize(
+    "by", ["model", "user", "team", "feature", "tier", "provider", "cache_hit", "teams", ""]
+)
+def test_the_documented_breakdown_dimensions_are_the_accepted_ones(by: str) -> None:
+    """`by=team` (spend by team, whose caps are `team:<id>` scopes) is documented and taken."""
+    operation = SPEC["paths"]["/v1/reports/breakdown"]["get"]
+    (parameter,) = [p for p in operation["parameters"] if p["name"] == "by"]
+    documented = Draft202012Validator(parameter["schema"]).is_valid(by)
+    assert documented == _api_accepts(build_report, _NoRows(), "breakdown", {"by": by}), by
+
+
+def test_spend_by_team_is_documented() -> None:
+    operation = SPEC["paths"]["/v1/reports/breakdown"]["get"]
+    (parameter,) = [p for p in operation["parameters"] if p["name"] == "by"]
+    assert parameter["schema"]["enum"] == list(BREAKDOWN_DIMENSIONS)
+    assert "team" in parameter["schema"]["enum"]
