@@ -11,6 +11,7 @@ are ``(none)``.
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import uuid
 from datetime import datetime, timedelta
@@ -18,14 +19,18 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+from aiohttp import web
+from click.testing import CliRunner
 
-from app.http.reports_api import build_report
+from app.cli import main
+from app.http.reports_api import build_report, create_reports_app
 from app.warehouse import rollups as rollups_module
 from app.warehouse.clickhouse import MIGRATIONS_DIR, migrate
 from app.warehouse.reports import MEASURES, USAGE_BY_TEAM, Range, aggregate, breakdown_page, summary
 from app.warehouse.rollups import after_migration
-from tests.integration.harness import private_day
+from tests.integration.harness import free_port, private_day
 
 pytestmark = pytest.mark.integration
 
@@ -232,3 +237,40 @@ def test_a_rebuild_leaves_out_rollups_of_migrations_not_applied_yet(
         parameters={"t": teams["red"]},
     ).result_rows
     assert (held[0], held[1]) == (4, Decimal("2.123456796"))
+
+
+async def test_spend_by_team_over_http_and_the_cli(clickhouse: Any) -> None:
+    migrate(clickhouse)
+    day = private_day()
+    teams = await asyncio.to_thread(_store, clickhouse, day, uuid.uuid4().hex[:8])
+    window = {"from": day.isoformat(), "to": (day + timedelta(days=1)).isoformat()}
+    port = free_port()
+    runner = web.AppRunner(create_reports_app(clickhouse))
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+            answer = await http.get("/v1/reports/breakdown", params={**window, "by": "team"})
+            assert answer.status_code == 200, answer.text
+            page = answer.json()
+            assert [r["team"] for r in page["rows"]] == [teams["red"], teams["blue"], "(none)"]
+            assert page["total"]["cost_usd"] == "3.11679014"
+
+        def cli(*args: str) -> str:
+            result = CliRunner().invoke(
+                main,
+                ["report", "--from", window["from"], "--to", window["to"], *args],
+                env={"TOLLGATE_REPORTS_PORT": str(port)},
+            )
+            assert result.exit_code == 0, result.output
+            return str(result.stdout)
+
+        rows = (await asyncio.to_thread(cli, "--by", "team", "--format", "csv")).splitlines()
+        assert rows[0].startswith("team,requests,errors,cost_usd,") and len(rows) == 4
+        assert rows[1].startswith(f"{teams['red']},4,1,2.123456796,") and rows[1].endswith(",2")
+        assert rows[3].startswith("(none),2,0,0.060000008,")
+        table = await asyncio.to_thread(cli, "--by", "team", "--limit", "1")
+        spend = table.split("Spend by team", 1)[1].split("Cost per successful outcome", 1)[0]
+        assert teams["red"] in spend and "(all others)" in spend and teams["blue"] not in spend
+    finally:
+        await runner.cleanup()
