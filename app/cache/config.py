@@ -19,6 +19,8 @@ DEFAULT_IGNORED_FIELDS: tuple[str, ...] = (
     "user",  # OpenAI's end-user id: abuse monitoring, not the answer
     "user_id",  # Tollgate attribution
     "session_id",  # Tollgate attribution
+    "feature",  # Tollgate attribution
+    "team",  # Tollgate attribution
     "metadata",  # Tollgate feature / OpenAI stored-completion tags
     "store",  # whether the provider keeps a copy
     "prompt_cache_key",  # a hint for the provider's own prompt cache

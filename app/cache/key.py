@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -96,10 +96,20 @@ def canonical_body(body: Mapping[str, Any], ignored_fields: tuple[str, ...]) -> 
         return json.dumps(kept, sort_keys=True, separators=(",", ":"), default=str).encode()
 
 
-def cache_key(tenant: str, body: Mapping[str, Any], ignored_fields: tuple[str, ...]) -> str:
+def cache_key(
+    tenant: str,
+    body: Mapping[str, Any],
+    ignored_fields: tuple[str, ...],
+    headers: Sequence[tuple[str, str]] = (),
+) -> str:
+    """``headers``: the client's headers sent on to the provider (lowercase name, value),
+    which can change the answer (OpenAI-Project, OpenAI-Beta); none leaves the key as it
+    was before they counted."""
     digest = hashlib.sha256(KEY_VERSION)
     digest.update(b"\0" + tenant.encode() + b"\0")
     digest.update(canonical_body(body, ignored_fields))
+    if headers:
+        digest.update(b"\0headers\0" + json.dumps(sorted(headers)).encode())
     return digest.hexdigest()
 
 
@@ -134,6 +144,7 @@ def plan_lookup(
     api_key_id: str | None,
     user_id: str | None,
     cache_control: CacheControl = CacheControl(),
+    headers: Sequence[tuple[str, str]] = (),
 ) -> CacheLookup:
     """Decide whether a request is looked up, stored, or bypasses the cache, and its key."""
     rule = settings.rule_for(feature)
@@ -151,7 +162,7 @@ def plan_lookup(
         team=team, api_key_id=api_key_id, user_id=user_id, feature=feature,
         shareable=rule.shareable,
     )  # fmt: skip
-    key = cache_key(tenant, body, settings.ignored_fields)
+    key = cache_key(tenant, body, settings.ignored_fields, headers)
     ttl = rule.ttl_s or settings.ttl_s
     if cache_control.no_cache:
         return CacheLookup(

@@ -176,8 +176,9 @@ class ChatAttempts:
             # feature pinned to premium is not answered from an economy answer to the same
             # prompt, nor a named model from another's (session 13's probe).
             plan = self.levers.cache_plan(
-                {**body, "model": chat.model}, self.identity, cache_control
-            )
+                {**body, "model": chat.model}, self.identity, cache_control,
+                self.gateway.upstreams.forwarded(chat.model, self.client_headers),
+            )  # fmt: skip
             try:
                 outcome = await self._attempt(plan, chat, route, attempt, escalated_from, client)
             except BudgetRefused as refusal:

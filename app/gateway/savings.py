@@ -27,7 +27,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -325,7 +325,11 @@ class SavingsLevers:
 
     # -- the response cache --------------------------------------------------------------------
     def cache_plan(
-        self, body: Mapping[str, Any], identity: Identity, cache_control: str | None
+        self,
+        body: Mapping[str, Any],
+        identity: Identity,
+        cache_control: str | None,
+        headers: Sequence[tuple[str, str]] = (),
     ) -> CacheLookup:
         if self.cache is None:
             return CacheLookup("bypass", "cache disabled (TOLLGATE_CACHE enabled=false)")
@@ -337,6 +341,7 @@ class SavingsLevers:
             api_key_id=identity.api_key_id,
             user_id=identity.user_id,
             cache_control=parse_cache_control(cache_control),
+            headers=headers,
         )
 
     async def lookup(self, plan: CacheLookup) -> CachedAnswer | None:

@@ -42,14 +42,19 @@ class Upstream:
         """The upstream's own headers plus the client headers it is configured to receive."""
         if not self._forward:
             return self.headers
-        headers = dict(self.headers)
-        for name, value in client_headers.items():
-            lowered = name.lower()
-            if lowered not in ("authorization", "content-type", "content-length", "host") and any(
-                fnmatch.fnmatchcase(lowered, pattern) for pattern in self._forward
-            ):
-                headers[name] = value
-        return headers
+        return {**self.headers, **self.forwarded(client_headers)}
+
+    def forwarded(self, client_headers: Mapping[str, str]) -> dict[str, str]:
+        """The client headers this upstream is configured to receive."""
+        if not self._forward:
+            return {}
+        return {
+            name: value
+            for name, value in client_headers.items()
+            if (lowered := name.lower())
+            not in ("authorization", "content-type", "content-length", "host")
+            and any(fnmatch.fnmatchcase(lowered, pattern) for pattern in self._forward)
+        }
 
     @property
     def name(self) -> str:
@@ -103,6 +108,16 @@ class UpstreamPool:
         exact = [u for u in self.upstreams if model in u.config.models]
         wildcard = [u for u in self.upstreams if "*" in u.config.models and u not in exact]
         return exact + wildcard
+
+    def forwarded(self, model: str, client_headers: Mapping[str, str]) -> list[tuple[str, str]]:
+        """The client headers a call for ``model`` sends on to its provider, by lowercase
+        name (a header can change the answer: the cache keys on them)."""
+        out = {
+            (name.lower(), value)
+            for upstream in self.tried(model)
+            for name, value in upstream.forwarded(client_headers).items()
+        }
+        return sorted(out)
 
     def tried(self, model: str) -> list[Upstream]:
         """The upstreams a call for ``model`` goes to: the first that accepts the

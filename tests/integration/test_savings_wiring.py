@@ -396,6 +396,30 @@ def test_a_cached_failed_economy_answer_is_not_replayed_to_auto(stack: Stack, st
     assert again.headers["X-Tollgate-Cache"] == "hit"  # the named call's still: its answer
 
 
+def test_headers_sent_on_to_the_provider_are_part_of_the_cache_key(stack: Stack) -> None:
+    """A probe: the same body with another forwarded header (here the simulator's
+    X-Sim-Content; by default OpenAI-Organization, OpenAI-Project and OpenAI-Beta go on to
+    the provider) was a hit with the answer made under the first. What the provider is
+    sent is what the answer depends on; attribution is not (the body's `feature`)."""
+    sdk = client(stack)
+
+    def ask(headers: dict[str, str], **extra: Any) -> tuple[str, str]:
+        answer = sdk.chat.completions.with_raw_response.create(
+            model="gpt-4o-mini", messages=SHORT, temperature=0, user="hdr",
+            extra_headers=headers, **extra,
+        )  # fmt: skip
+        return answer.headers["X-Tollgate-Cache"], answer.parse().choices[0].message.content or ""
+
+    assert ask({"X-Sim-Content": "ALPHA answer"}) == ("miss", "ALPHA answer")
+    assert ask({"X-Sim-Content": "BRAVO answer"}) == ("miss", "BRAVO answer")
+    assert ask({"X-Sim-Content": "ALPHA answer"}) == ("hit", "ALPHA answer")
+    assert ask({"x-sim-content": "BRAVO answer", "X-Other": "not sent on"})[0] == "hit"
+    plain = ask({})
+    assert plain[0] == "miss"
+    by_feature = {"extra_body": {"feature": "search"}}  # attribution, not sent on
+    assert ask({}, **by_feature) == ("hit", plain[1])
+
+
 def test_a_routed_failure_that_cannot_escalate_is_answered_and_counted(stack: Stack) -> None:
     """Every tier failing: the economy attempt escalates once, the standard one's failure is
     the answer (one escalation per request), and the metrics say both."""

@@ -250,3 +250,16 @@ def test_a_number_json_allows_but_64_bits_do_not_still_has_a_key(value: Any) -> 
 def test_a_lone_surrogate_in_a_message_still_has_a_key() -> None:
     body = {"model": "gpt-4o-mini", "temperature": 0, "messages": [{"content": "a\ud800"}]}
     assert _key(body, "user:u") != _key({**body, "messages": [{"content": "a"}]}, "user:u")
+
+
+def test_headers_sent_on_to_the_provider_are_in_the_key_and_none_keeps_the_old_key() -> None:
+    body = {"model": "gpt-4o-mini", "temperature": 0, "messages": []}
+    plain = _key(body)
+    assert cache_key("team:a", body, IGNORED, ()) == plain  # stored entries stay found
+    project = cache_key("team:a", body, IGNORED, [("openai-project", "p1")])
+    assert project != plain
+    assert project != cache_key("team:a", body, IGNORED, [("openai-project", "p2")])
+    both = [("openai-beta", "x"), ("openai-project", "p1")]
+    assert cache_key("team:a", body, IGNORED, both) == cache_key(
+        "team:a", body, IGNORED, list(reversed(both))
+    )
