@@ -297,7 +297,7 @@ class Settings(BaseSettings):
         description="Ids of reported calls (POST /v1/usage, `tollgate replay`) the spend worker "
         "remembers, in its changelog, to count a report re-sent later than the dedupe window "
         "once (a late client retry, a replay run again). Each is forgotten once no period can "
-        "count its call any more (65 days); past this many, the oldest first (about 200 bytes "
+        "count its call any more (65 days); past this many, the oldest first (about 130 bytes "
         "each in memory). 0: none (a late retry is then charged again).",
     )
     spend_stall_s: float = Field(
