@@ -331,6 +331,7 @@ class SpendWorker:
         """Tables hold their changelog again: index them, and re-send every partial sum once.
         Where each usage partition stands is learnt when it is first counted (``_prepared``)."""
         self.counter.rebuild_index()
+        self.counter.reported.rebuild()
         owned = self.owned("usage")
         self.counter.forget(set(self.counter.processed) | set(self.counter.recent))
         for scope, keys in self.counter.index.items():

@@ -297,8 +297,8 @@ class Settings(BaseSettings):
         description="Ids of reported calls (POST /v1/usage, `tollgate replay`) the spend worker "
         "remembers, in its changelog, to count a report re-sent later than the dedupe window "
         "once (a late client retry, a replay run again). Each is forgotten once no period can "
-        "count its call any more (65 days); past this many, the oldest first (about 130 bytes "
-        "each in memory). 0: none (a late retry is then charged again).",
+        "count its call any more (65 days); past this many, the oldest calls first (about "
+        "300 bytes each in memory, 600 when reports come one at a time). 0: none (a late retry is then charged again).",
     )
     spend_stall_s: float = Field(
         default=10.0,
