@@ -163,8 +163,10 @@ TokenCount = Annotated[
 # A USD amount written as a string: a decimal ("19.99", "5", ".5", "1e3"), which keeps cents
 # exact, as money APIs accept; not a sign, NaN or Infinity, and at most 60 characters. The
 # documents' patterns say the same; a positive amount's has a digit that is not 0.
-USD_TEXT = r"^\s*([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?\s*$"
-POSITIVE_USD_TEXT = r"^\s*(?=[0-9.]*[1-9])" + USD_TEXT.removeprefix(r"^\s*")
+# Spaces and tabs around it only: Python's \s and JSON Schema's (ECMA) \s differ (U+001C is
+# one in Python only: "1\x1c" was taken here and refused by the schema, a reviewer).
+USD_TEXT = r"^[ \t]*([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?[ \t]*$"
+POSITIVE_USD_TEXT = r"^[ \t]*(?=[0-9.]*[1-9])" + USD_TEXT.removeprefix(r"^[ \t]*")
 MAX_USD_TEXT_LENGTH = 60
 
 

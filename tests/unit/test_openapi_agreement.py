@@ -309,3 +309,21 @@ def test_spend_by_team_is_documented() -> None:
     (parameter,) = [p for p in operation["parameters"] if p["name"] == "by"]
     assert parameter["schema"]["enum"] == list(BREAKDOWN_DIMENSIONS)
     assert "team" in parameter["schema"]["enum"]
+
+
+def test_a_usd_amount_allows_the_same_spaces_in_the_code_and_the_document() -> None:
+    """A reviewer: Python's \\s takes U+001C, JSON Schema's does not: "1\\x1c" was a limit here
+    and not in the document."""
+    import re
+    from decimal import Decimal
+
+    from app.validation import USD_TEXT, usd_amount
+
+    for text, taken in ((" 19.99\t", True), ("1\x1c", False), ("1\u00a0", False)):
+        assert bool(re.fullmatch(USD_TEXT, text)) is taken, text
+        try:
+            usd_amount(text, Decimal(10**9))
+            accepted = True
+        except ValueError:
+            accepted = False
+        assert accepted is taken, text
