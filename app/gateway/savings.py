@@ -63,8 +63,9 @@ class RouteInfo:
     reason: str | None = None
     provider: str | None = None
     # The model whose list price is the call's "requested cost" (the routing saving is the
-    # difference): for a routed call, the provider's top tier — what a caller without a router
-    # would pick to be safe. None: the requested model itself.
+    # difference): for a routed "auto" call, the provider's top tier — what a caller without a
+    # router would pick to be safe. None: the requested model itself (a named model, routed
+    # by a route_all feature or not).
     reference_model: str | None = None
     escalated: bool = False  # this attempt is the retry one tier up
     explored: bool = False  # sent to economy despite its score, to learn (exploration_rate)
@@ -200,6 +201,9 @@ class SavingsLevers:
         )
         provider = self.routing.provider_tiers(decision.provider)
         top = next(m for t in reversed(TIER_ORDER) if (m := provider.model_for(t)))
+        # What was asked for: a model the client named (route_all routes those too) is its own
+        # price reference; only "auto" (or no model) names none and is priced at the top tier.
+        names_a_model = isinstance(requested, str) and requested != self.routing.auto_model
         if (
             features is not None
             and decision.tier is Tier.ECONOMY
@@ -217,7 +221,7 @@ class SavingsLevers:
             score=decision.score,
             reason=decision.reason,
             provider=decision.provider,
-            reference_model=top,
+            reference_model=None if names_a_model else top,
             explored=decision.explored,
         )
 

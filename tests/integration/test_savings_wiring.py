@@ -210,6 +210,67 @@ def test_a_cached_answer_is_only_reused_for_the_model_the_request_is_routed_to(
         assert 'tollgate_cache_results_total{result="miss"} 3.0' in stored
 
 
+def test_a_named_model_routed_by_route_all_is_priced_as_the_model_it_named(
+    kafka_settings: Settings,
+) -> None:
+    """``route_all`` routes a call that names a model, but that model is still what was asked
+    for: its list price is the requested cost (routing saving = named - served), and a call
+    served the model it named was not downtiered. Only ``auto`` names no model and is priced
+    at the top tier (a probe: a route_all feature's routing saving was counted against gpt-4
+    for calls naming gpt-4o-mini and gpt-4o, the report's routing savings overstated)."""
+    from app.pricing.catalog import PriceCatalog
+
+    routing = ROUTING.model_copy(
+        update={"features": {"allauto": FeatureRule(route_all=True, max_tier=Tier.ECONOMY)}}
+    )
+    asyncio.run(ensure_topics(kafka_settings))
+    with running_stack(kafka_settings, routing=routing, cache=CACHE) as stack:
+        sdk = client(stack)
+
+        def ask(model: str, temperature: float) -> tuple[str, str]:
+            answer = sdk.chat.completions.with_raw_response.create(
+                model=model, messages=SHORT, temperature=temperature, user="named",
+                extra_headers={"X-Tollgate-Feature": "allauto"},
+            )  # fmt: skip
+            assert answer.headers["X-Tollgate-Model-Served"] == "gpt-4o-mini"
+            return answer.headers["X-Request-Id"], answer.headers["X-Tollgate-Cache"]
+
+        mini, mini_cache = ask("gpt-4o-mini", 0)
+        named_hit, hit_cache = ask("gpt-4o", 0)
+        named_fresh, fresh_cache = ask("gpt-4o", 1)
+        auto, auto_cache = ask("auto", 1)
+        assert (mini_cache, hit_cache, fresh_cache, auto_cache) == (
+            "miss",
+            "hit",
+            "bypass",
+            "bypass",
+        )
+        usage = {u["request_id"]: u for u in usage_of(stack, 4)}
+
+    prices = PriceCatalog()
+
+    def list_price(model: str, event: dict[str, Any]) -> int | None:
+        return prices.list_price_nanos(model, event["prompt_tokens"], event["completion_tokens"])
+
+    def served_price(event: dict[str, Any]) -> int:
+        return int(event["cost_usd_nanos"] + event["cache_saved_usd_nanos"])
+
+    # named the model it was served: nothing saved by routing, not downtiered
+    event = usage[mini]
+    assert event["model_requested"] == "gpt-4o-mini" and event["model_served"] == "gpt-4o-mini"
+    assert event["requested_cost_usd_nanos"] == served_price(event) > 0
+    # named gpt-4o, served gpt-4o-mini: from the cache and from the provider
+    for request_id, hit in ((named_hit, True), (named_fresh, False)):
+        event = usage[request_id]
+        assert event["cache_hit"] is hit and event["model_requested"] == "gpt-4o"
+        assert event["requested_cost_usd_nanos"] == list_price("gpt-4o", event)
+        assert event["requested_cost_usd_nanos"] > served_price(event) > 0
+    # auto names no model: the provider's top tier is what it asked for
+    event = usage[auto]
+    assert event["model_requested"] == "auto"
+    assert event["requested_cost_usd_nanos"] == list_price("gpt-4", event)
+
+
 def test_streamed_miss_is_stored_and_replayed(stack: Stack) -> None:
     sdk = client(stack)
     ask = {"model": "gpt-4o-mini", "messages": SHORT, "temperature": 0, "user": "fay"}
