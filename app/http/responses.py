@@ -50,6 +50,12 @@ class AcceptedUsage(BaseModel):
         "(price_unknown) its cost at the baseline model's price; reports keep cost_usd 0 "
         "for those and count them in unpriced_requests"
     )
+    model_requested_price_unknown: bool = Field(
+        default=False,
+        description="The record's model_requested has no price: its requested cost is the "
+        "served model's, so the reports count no routing saving for it (it falls under model "
+        "choice); name a priced model to count one",
+    )
     repeat: bool = Field(
         default=False,
         description="The record repeats one already accepted under its request_id (a retry, "

@@ -488,6 +488,13 @@ async def report_usage(request: web.Request) -> web.Response:
                 "not a model: report the model that served the call (the response's `model`)",
                 field=f"records[{index}].model",
             )
+        if report["model_requested"] == auto:  # would be counted as asked for the served model
+            raise InvalidRequest(
+                f"records[{index}].model_requested {auto!r} names no model: name the model "
+                "the client asked for (the routing saving is its list price minus the served "
+                "model's), or leave it out",
+                field=f"records[{index}].model_requested",
+            )
     named = set(range(len(reports)))  # every report has a request_id, named or given
     # another record under a reported id, or a dispatched call's: 409, none emitted
     c.reported.check(reports, named, c.gateway.dispatched)
@@ -510,6 +517,10 @@ async def report_usage(request: web.Request) -> web.Response:
                 "request_id": record["request_id"],
                 "cost_usd": usd_text(record["cost_usd_nanos"]),  # decimal text, never 3.5e-05
                 "price_unknown": record["price_unknown"],
+                # a model_requested without a price: no routing saving for this record (its
+                # requested cost is the served model's), said rather than silently counted
+                "model_requested_price_unknown": report["model_requested"] is not None
+                and c.gateway.prices.rate(report["model_requested"]) is None,
                 # what budgets count: the cost, or for a model without a price its baseline
                 # cost (an unpriced model is not a free way around a cap)
                 "budget_cost_usd": usd_text(event_cost(record)),

@@ -896,6 +896,34 @@ def test_a_usage_record_naming_a_dispatched_calls_request_id_is_a_409(stack: Sta
         assert auto.status_code == 400 and auto.json()["error"]["param"] == "records[1].model"
 
 
+def test_usage_model_requested_auto_is_a_400_and_an_unpriced_one_is_said(stack: Stack) -> None:
+    """A probe: `model_requested: "auto"` or a name without a price was accepted silently, its
+    routing saving counted as model choice. "auto" names no model: a 400 saying what to send.
+    A model without a price is accepted (a router's own name is the caller's word), and the
+    answer says per record that its routing saving cannot be priced."""
+    record = {"model": "gpt-4o-mini", "prompt_tokens": 1000, "completion_tokens": 100}
+    with httpx.Client(timeout=30) as http:
+        batch = [
+            {**record, "model_requested": "gpt-4o", "request_id": "mr-1"},
+            {**record, "model_requested": "auto", "request_id": "mr-2"},
+        ]
+        auto = http.post(f"{stack.url}/v1/usage", json=batch)
+        assert auto.status_code == 400, auto.text
+        error = auto.json()["error"]
+        assert error["param"] == "records[1].model_requested"
+        assert "asked for" in error["message"] and "leave it out" in error["message"]
+        batch = [
+            {**record, "model_requested": "gpt-4o", "request_id": "mr-3"},
+            {**record, "model_requested": "my-router-v2", "request_id": "mr-4"},
+            {**record, "request_id": "mr-5"},
+        ]
+        posted = http.post(f"{stack.url}/v1/usage", json=batch)
+    assert posted.status_code == 202, posted.text
+    events = posted.json()["events"]
+    assert [e["model_requested_price_unknown"] for e in events] == [False, True, False]
+    assert not any(e["price_unknown"] for e in events)  # the served model has its price
+
+
 def test_without_keys_a_team_is_attributed_as_the_caller_says(stack: Stack) -> None:
     """Found by a newcomer probe: `team` on a usage record was accepted and ignored (teams
     came only from API keys), so a team:tm1 cap never saw the spend. Without a keys file a
