@@ -200,6 +200,33 @@ def test_an_answer_without_provider_usage_carries_the_billed_estimate(stack: Sta
     assert "tollgate_usage_estimated" not in (counted.model_extra or {})
 
 
+def test_an_answer_without_provider_usage_is_billed_its_prompt_as_the_upstream_counts_it(
+    stack: Stack,
+) -> None:
+    """A probe: a JSON answer without usage was billed "Hello world" as 7 prompt tokens (the
+    cheap characters / 4 estimate) where the simulator counts 8: writing the estimated usage
+    into the answer filled in the prompt before the exact count could (a stream was counted
+    exactly). The answer and its usage event now say the upstream's own count."""
+    client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0)
+    hello = [{"role": "user", "content": "Hello world"}]
+    for model in ("gpt-4o-mini", "gpt-4"):
+        user = f"hello-{model}"
+        answer = client.chat.completions.create(
+            model=model, messages=hello, user=user,
+            extra_headers={"X-Sim-Omit-Usage": "1", "X-Sim-Completion-Tokens": "5"},
+        )  # fmt: skip
+        reference = client.chat.completions.create(model=model, messages=hello, user="ref")
+        assert answer.usage is not None and reference.usage is not None
+        assert (answer.model_extra or {}).get("tollgate_usage_estimated") is True
+        assert answer.usage.prompt_tokens == reference.usage.prompt_tokens == 8
+        usage = next(
+            u
+            for u in asyncio.run(read_events(stack.settings, "usage", at_least=4))
+            if u["user_id"] == user
+        )
+        assert usage["usage_estimated"] is True and usage["prompt_tokens"] == 8
+
+
 def test_stream_without_provider_usage_is_estimated_not_zero(stack: Stack) -> None:
     client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0)
     text = "".join(
