@@ -790,23 +790,37 @@ def _ratio(value: Decimal) -> str:
 OUTCOME_CALL_LOOKBACK = timedelta(days=31)
 
 
+# The user of an outcome the anonymous user posted: its ``user_id`` is NULL (ingest), its
+# calls' ``user_id`` this.
+ANONYMOUS_USER = "anonymous"
+
+
 def outcomes_of_unserved_calls(client: Any, window: Range) -> dict[str, tuple[int, int, Decimal]]:
     """(outcomes, successes, value) by feature of the outcomes in the range whose request id
-    names a call the provider never answered: every one of its attempts failed (status error
-    or timeout). A call that failed and escalated to an answer was served, as was a stream
-    its client left. A request id with no call in the warehouse (another system's, or a
-    call over ``OUTCOME_CALL_LOOKBACK`` before the range) is not one."""
+    names a call of their user the provider never answered: every one of its attempts failed
+    (status error or timeout). A call that failed and escalated to an answer was served, as
+    was a stream its client left; a call the spend worker settled by estimate because its
+    dispatcher died (``dispatcher_lost``) may have been answered, and is not provably failed.
+    A request id is per user: another user's call under it is another call. A request id
+    with no call of its user in the warehouse (another system's, or a call over
+    ``OUTCOME_CALL_LOOKBACK`` before the range) is not one."""
     in_range = "ts >= %(start)s AND ts < %(end)s"
     rows = client.query(
         "SELECT ifNull(feature, '') AS feature, count(), countIf(outcome = 'success'), "
         "sum(ifNull(value_usd, toDecimal64(0, 9))) FROM outcome_events FINAL "
-        f"WHERE {in_range} AND request_id IN ("
-        "SELECT request_id FROM usage_events "
+        f"WHERE {in_range} AND request_id IS NOT NULL "
+        "AND (ifNull(user_id, %(anonymous)s), assumeNotNull(request_id)) IN ("
+        "SELECT user_id, request_id FROM usage_events "
         "WHERE ts >= %(calls_from)s AND ts < %(end)s AND request_id IN ("
         f"SELECT request_id FROM outcome_events WHERE {in_range} AND request_id IS NOT NULL) "
-        "GROUP BY request_id HAVING countIf(status IN ('ok', 'client_disconnected')) = 0) "
+        "GROUP BY user_id, request_id "
+        "HAVING countIf(status IN ('ok', 'client_disconnected', 'dispatcher_lost')) = 0) "
         "GROUP BY feature",
-        parameters={**window.params(), "calls_from": window.start - OUTCOME_CALL_LOOKBACK},
+        parameters={
+            **window.params(),
+            "calls_from": window.start - OUTCOME_CALL_LOOKBACK,
+            "anonymous": ANONYMOUS_USER,
+        },
     ).result_rows
     return {feature: (int(n), int(ok), _money(value)) for feature, n, ok, value in rows}
 

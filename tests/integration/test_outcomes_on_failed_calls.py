@@ -106,3 +106,57 @@ def test_an_outcome_of_a_failed_call_is_counted_apart(clickhouse: Any) -> None:
             1,
         )
         assert alone["success_rate"] is None and alone["cost_per_success_usd"] is None
+
+
+def test_a_request_id_names_a_call_of_the_outcome_s_own_user(clickhouse: Any) -> None:
+    """A reported request id is per user: "job-42" of two users is two calls, so one user's
+    failed call says nothing of another user's outcome. And a call the spend worker settled
+    by estimate because its dispatcher died (status dispatcher_lost) may well have been
+    answered: it is not a failed call."""
+    migrate(clickhouse)
+    day = private_day()
+    tag = uuid.uuid4().hex[:8]
+    feature, job, lost = f"{tag}-jobs", f"{tag}-job-42", f"{tag}-lost"
+    at = day + timedelta(hours=9, seconds=5)
+    minute = timedelta(minutes=1)
+    alice, bob, carol = f"{tag}-alice", f"{tag}-bob", f"{tag}-carol"
+
+    def call(when: datetime, user: str, request_id: str, status: str) -> list[Any]:
+        error = None if status == "ok" else f"{status}_error"
+        return [uuid.uuid4().hex, when, request_id, user, feature, "gateway", "gpt-4o",
+                "gpt-4", Decimal("0.1"), Decimal("1"), status,
+                200 if status == "ok" else 502, error]  # fmt: skip
+
+    clickhouse.insert(
+        "usage_events",
+        [
+            call(at, alice, job, "error"),  # alice's job-42 failed
+            call(at + minute, bob, job, "ok"),  # bob's was answered
+            call(at + 2 * minute, carol, lost, "dispatcher_lost"),  # settled by estimate
+            call(at + 3 * minute, "anonymous", job, "error"),  # a call with no user: failed
+        ],
+        column_names=USAGE_COLUMNS,
+    )
+
+    def outcome(when: datetime, user: str | None, request_id: str) -> list[Any]:
+        return [uuid.uuid4().hex, when, request_id, None, user, feature, "success",
+                Decimal("5")]  # fmt: skip
+
+    clickhouse.insert(
+        "outcome_events",
+        [
+            outcome(at + 10 * minute, alice, job),
+            outcome(at + 11 * minute, bob, job),
+            outcome(at + 12 * minute, carol, lost),
+            # the anonymous user's outcome has no user (ingest): its call is the anonymous one
+            outcome(at + 13 * minute, None, job),
+        ],
+        column_names=OUTCOME_COLUMNS,
+    )
+
+    for end in (day + timedelta(days=1), at + 13 * minute + timedelta(seconds=30)):
+        row = {r["feature"]: r for r in outcomes(clickhouse, Range(day, end))}[feature]
+        # alice's and the anonymous user's outcomes are of failed calls; bob's and carol's
+        # are of calls served (or not provably failed)
+        assert row["outcomes_on_failed_calls"] == 2, row
+        assert (row["outcomes"], row["successes"], row["value_usd"]) == (2, 2, "10"), row
