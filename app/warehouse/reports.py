@@ -795,6 +795,24 @@ OUTCOME_CALL_LOOKBACK = timedelta(days=31)
 ANONYMOUS_USER = "anonymous"
 
 
+# The calls of the outcomes in the range (their user's, under their request id) that the
+# provider never answered, as (user_id, request_id). Looked for over ``OUTCOME_CALL_LOOKBACK``
+# before the range in raw usage ordered by user and time: the request ids (a bloom filter,
+# migration 014) and the users (the sorting key) of the outcomes skip the granules of
+# other calls.
+_OUTCOME_CALLS = (
+    "FROM outcome_events WHERE ts >= %(start)s AND ts < %(end)s AND request_id IS NOT NULL"
+)
+UNSERVED_CALLS = (
+    "SELECT user_id, request_id FROM usage_events "
+    "WHERE ts >= %(calls_from)s AND ts < %(end)s "
+    f"AND request_id IN (SELECT request_id {_OUTCOME_CALLS}) "
+    f"AND user_id IN (SELECT ifNull(user_id, %(anonymous)s) {_OUTCOME_CALLS}) "
+    "GROUP BY user_id, request_id "
+    "HAVING countIf(status IN ('ok', 'client_disconnected', 'dispatcher_lost')) = 0"
+)
+
+
 def outcomes_of_unserved_calls(client: Any, window: Range) -> dict[str, tuple[int, int, Decimal]]:
     """(outcomes, successes, value) by feature of the outcomes in the range whose request id
     names a call of their user the provider never answered: every one of its attempts failed
@@ -804,25 +822,24 @@ def outcomes_of_unserved_calls(client: Any, window: Range) -> dict[str, tuple[in
     A request id is per user: another user's call under it is another call. A request id
     with no call of its user in the warehouse (another system's, or a call over
     ``OUTCOME_CALL_LOOKBACK`` before the range) is not one."""
-    in_range = "ts >= %(start)s AND ts < %(end)s"
     rows = client.query(
         "SELECT ifNull(feature, '') AS feature, count(), countIf(outcome = 'success'), "
         "sum(ifNull(value_usd, toDecimal64(0, 9))) FROM outcome_events FINAL "
-        f"WHERE {in_range} AND request_id IS NOT NULL "
-        "AND (ifNull(user_id, %(anonymous)s), assumeNotNull(request_id)) IN ("
-        "SELECT user_id, request_id FROM usage_events "
-        "WHERE ts >= %(calls_from)s AND ts < %(end)s AND request_id IN ("
-        f"SELECT request_id FROM outcome_events WHERE {in_range} AND request_id IS NOT NULL) "
-        "GROUP BY user_id, request_id "
-        "HAVING countIf(status IN ('ok', 'client_disconnected', 'dispatcher_lost')) = 0) "
+        "WHERE ts >= %(start)s AND ts < %(end)s AND request_id IS NOT NULL "
+        f"AND (ifNull(user_id, %(anonymous)s), assumeNotNull(request_id)) IN ({UNSERVED_CALLS}) "
         "GROUP BY feature",
-        parameters={
-            **window.params(),
-            "calls_from": window.start - OUTCOME_CALL_LOOKBACK,
-            "anonymous": ANONYMOUS_USER,
-        },
+        parameters=unserved_calls_params(window),
     ).result_rows
     return {feature: (int(n), int(ok), _money(value)) for feature, n, ok, value in rows}
+
+
+def unserved_calls_params(window: Range) -> dict[str, Any]:
+    """The parameters of ``UNSERVED_CALLS`` for the outcomes of ``window``."""
+    return {
+        **window.params(),
+        "calls_from": window.start - OUTCOME_CALL_LOOKBACK,
+        "anonymous": ANONYMOUS_USER,
+    }
 
 
 def outcomes(client: Any, window: Range) -> list[dict[str, Any]]:

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from app.warehouse.clickhouse import migrate
-from app.warehouse.reports import Range, outcomes
+from app.warehouse.reports import UNSERVED_CALLS, Range, outcomes, unserved_calls_params
 from tests.integration.harness import private_day
 
 pytestmark = pytest.mark.integration
@@ -160,3 +160,43 @@ def test_a_request_id_names_a_call_of_the_outcome_s_own_user(clickhouse: Any) ->
         # are of calls served (or not provably failed)
         assert row["outcomes_on_failed_calls"] == 2, row
         assert (row["outcomes"], row["successes"], row["value_usd"]) == (2, 2, "10"), row
+
+
+def test_the_calls_of_the_outcomes_are_found_through_a_request_id_index(clickhouse: Any) -> None:
+    """The calls an outcome may name are looked for over the range and the 31 days before it
+    in the raw usage, ordered by user and time: without an index on the request id, every
+    row of those days was read (0.66 s at 4 million rows). A bloom filter skips the blocks
+    holding none of the outcomes' request ids (migration 014)."""
+    migrate(clickhouse)
+    (kind,) = clickhouse.query(
+        "SELECT type FROM system.data_skipping_indices WHERE database = currentDatabase() "
+        "AND table = 'usage_events' AND expr = 'request_id'"
+    ).result_rows[0]
+    assert kind == "bloom_filter"
+    day = private_day()
+    tag = uuid.uuid4().hex[:8]
+    at = day + timedelta(hours=8)
+    clickhouse.insert(
+        "usage_events",
+        [[uuid.uuid4().hex, at, f"{tag}-r", f"{tag}-u", f"{tag}-f", "gateway", "gpt-4o", "gpt-4",
+          Decimal("0.1"), Decimal("1"), "error", 502, "upstream_error"]],
+        column_names=USAGE_COLUMNS,
+    )  # fmt: skip
+    clickhouse.insert(
+        "outcome_events",
+        [[uuid.uuid4().hex, at + timedelta(minutes=1), f"{tag}-r", None, f"{tag}-u", f"{tag}-f",
+          "success", None]],
+        column_names=OUTCOME_COLUMNS,
+    )  # fmt: skip
+    # the lookup of the outcomes' calls, as outcomes_of_unserved_calls runs it
+    parameters = unserved_calls_params(Range(day, day + timedelta(days=1)))
+    plan = "\n".join(
+        row[0]
+        for row in clickhouse.query(
+            f"EXPLAIN indexes = 1 {UNSERVED_CALLS}", parameters=parameters
+        ).result_rows
+    )
+    assert "idx_request_id" in plan, plan
+    assert [
+        tuple(r) for r in clickhouse.query(UNSERVED_CALLS, parameters=parameters).result_rows
+    ] == [(f"{tag}-u", f"{tag}-r")]
