@@ -203,7 +203,9 @@ class SavingsLevers:
         top = next(m for t in reversed(TIER_ORDER) if (m := provider.model_for(t)))
         # What was asked for: a model the client named (route_all routes those too) is its own
         # price reference; only "auto" (or no model) names none and is priced at the top tier.
-        names_a_model = isinstance(requested, str) and requested != self.routing.auto_model
+        names_a_model = (
+            isinstance(requested, str) and bool(requested) and requested != self.routing.auto_model
+        )
         if (
             features is not None
             and decision.tier is Tier.ECONOMY
