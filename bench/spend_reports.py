@@ -26,7 +26,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -36,16 +35,10 @@ from typing import Any
 
 from aiokafka.errors import KafkaError
 
+from bench.budget import _tollgate_argv
 from bench.gateway import HOST, Child, clean_env, log, spawn, stop_kafka_and_temp, wait_quiet
 
 CONFIGS = (("memory off (baseline)", "0"), ("memory on (default)", "1000000"))
-
-
-def _tollgate_argv(command: str) -> list[str]:
-    tollgate_bin = Path(sys.executable).with_name("tollgate")
-    if tollgate_bin.exists():
-        return [str(tollgate_bin), command]
-    return [sys.executable, "-m", "app", command]
 
 
 def rss_bytes(pid: int) -> int:
