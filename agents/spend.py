@@ -331,8 +331,10 @@ class SpendWorker:
         """Tables hold their changelog again: index them, and re-send every partial sum once.
         Where each usage partition stands is learnt when it is first counted (``_prepared``)."""
         self.counter.rebuild_index()
-        self.counter.reported.rebuild()
         owned = self.owned("usage")
+        # Only the active partitions' remembered reports: not the standby replicas Faust keeps
+        # in the same table data (a partition promoted by this rebalance is active here).
+        self.counter.reported.rebuild(owned)
         self.counter.forget(set(self.counter.processed) | set(self.counter.recent))
         for scope, keys in self.counter.index.items():
             if not is_partition_local(scope):

@@ -121,13 +121,21 @@ class ReportedIds:
         self._seq = 0
         self.rebuild()
 
-    def rebuild(self) -> None:
+    def rebuild(self, partitions: Iterable[int] | None = None) -> None:
+        """Learn the store's records of ``partitions`` (default: every record), forgetting
+        whatever was learnt before. The worker passes the partitions it actively owns after
+        every rebalance: the store (Faust's table data) also holds standby replicas of other
+        workers' partitions, which would take memory and count in ``per_partition`` though
+        only owned partitions are counted from, walked or capped. A standby promoted by a
+        rebalance is active at the next rebuild (Faust ends each rebalance in a recovery)."""
+        wanted = None if partitions is None else set(partitions)
         self.index.clear()
         self.sizes.clear()
         self.heaps.clear()
         self.per_partition.clear()
         for key, entries in list(self.store.items()):
-            self._learn(key, entries)
+            if wanted is None or _partition_of(key) in wanted:
+                self._learn(key, entries)
 
     def _learn(self, key: str, entries: list[list[Any]]) -> None:
         partition = _partition_of(key)

@@ -567,3 +567,72 @@ def test_only_the_owned_partitions_heaps_are_walked() -> None:
     later = int((DAY + timedelta(days=90)).timestamp())
     assert memory.forgettable(later, {0}) == {"0|0": 0}
     assert set(looked) == {0}
+
+
+# Faust keeps standby replicas of other workers' partitions in the same table data. Learning
+# them took memory and counted in the per-partition counts, though only owned partitions are
+# walked or capped: the worker learns the records of the partitions it actively owns, and a
+# partition's when it becomes active (every rebalance ends in a recovery, then a rebuild).
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    records=st.lists(
+        st.tuples(st.integers(0, 3), st.integers(1, 4), st.booleans()), min_size=1, max_size=25
+    ),
+    active=st.sets(st.integers(0, 3)),
+    promoted=st.sets(st.integers(0, 3)),
+)
+def test_standby_records_are_not_learnt_and_a_promoted_partition_knows_its_reports(
+    records: list[tuple[int, int, bool]], active: set[int], promoted: set[int]
+) -> None:
+    from app.budgets.counter import ReportedIds
+
+    table: dict[str, Any] = {}  # the Faust table data: active and standby partitions' records
+    ids_of: dict[int, set[str]] = defaultdict(set)
+    for n, (partition, size, _) in enumerate(records):
+        entries = [[f"e{n}-{j}", 1000 + j, partition, n * 10 + j] for j in range(size)]
+        table[f"{partition}|{n * 10}"] = entries
+        ids_of[partition].update(e[0] for e in entries)
+
+    memory = ReportedIds(table, 10**6)
+    memory.rebuild(active)
+    assert set(memory.index) == set().union(*(ids_of[p] for p in active))
+    assert {p for p, n in memory.per_partition.items() if n} == {p for p in active if ids_of[p]}
+    assert all(memory.per_partition[p] == len(ids_of[p]) for p in active)
+    assert set(memory.heaps) <= active
+
+    # A rebalance: some standbys become active, some active partitions go.
+    memory.rebuild(promoted)
+    assert set(memory.index) == set().union(*(ids_of[p] for p in promoted))
+    for p in promoted:
+        for event_id in ids_of[p]:
+            entry = memory.first_count(event_id)
+            assert entry is not None and entry[2] == p
+    assert table == {  # nothing of the table itself is dropped: Faust's data, not ours
+        f"{p}|{n * 10}": table[f"{p}|{n * 10}"] for n, (p, _s, _r) in enumerate(records)
+    }
+
+
+def test_a_report_retried_on_a_partition_promoted_from_standby_is_a_duplicate() -> None:
+    # Worker A counted a report on partition 1; worker B held partition 1 as a standby.
+    durable: dict[str, Any] = {}
+    memory: dict[str, Any] = {}
+    a = SpendCounter(durable, dedupe_window=10, reported=memory)
+    a.prepare(0, 0, [])
+    a.prepare(1, 0, [])
+    first = reported(0, "ann", 250, 10)
+    a.commit(a.stage([UsageEvent(1, 0, first)]))
+    a.commit(a.stage([UsageEvent(0, 0, reported(1, "bob", 5, 10))]))
+    others = [record(i, "cy", None, 1, 20) for i in range(2, 30)]
+    a.commit(a.stage([UsageEvent(1, i, r) for i, r in enumerate(others, start=1)]))
+
+    b = SpendCounter(dict(durable), dedupe_window=10, reported=dict(memory))
+    b.reported.rebuild({0})  # partition 1 is a standby here: its reports are not in memory
+    assert b.reported.first_count(first["event_id"]) is None
+    assert set(b.reported.per_partition) == {0}
+
+    b.reported.rebuild({0, 1})  # A died: partition 1 is B's now
+    b.prepare(1, 29, [r["event_id"] for r in others[-10:]])
+    again = b.stage([UsageEvent(1, 29, first)])  # the client's retry, past the window
+    assert again.duplicates == 1 and again.counted == 0
