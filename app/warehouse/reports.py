@@ -785,32 +785,27 @@ def _ratio(value: Decimal) -> str:
     return str(value.quantize(Decimal("0.01")))
 
 
-# How long before a range the calls its outcomes name are looked for (to tell whether they
-# were served): outcomes are posted minutes to days after their call.
-OUTCOME_CALL_LOOKBACK = timedelta(days=31)
-
-
-# The user of an outcome the anonymous user posted: its ``user_id`` is NULL (ingest), its
-# calls' ``user_id`` this.
-ANONYMOUS_USER = "anonymous"
-
-
-# The calls of the outcomes in the range (their user's, under their request id) that the
-# provider never answered, as (user_id, request_id). Looked for over ``OUTCOME_CALL_LOOKBACK``
-# before the range in raw usage ordered by user and time: the request ids (a bloom filter,
-# migration 014) and the users (the sorting key) of the outcomes skip the granules of
-# other calls.
-_OUTCOME_CALLS = (
-    "FROM outcome_events WHERE ts >= %(start)s AND ts < %(end)s AND request_id IS NOT NULL"
-)
+# The outcomes of the range whose calls were never served, by feature: a parameterized view
+# (deploy/clickhouse/015_unserved_call_outcomes.sql), so the Grafana dashboard reads the same
+# definition. It looks the outcomes' calls up (user, request id) over the 31 days before the
+# range, through the request id index (migration 014) and the users (the sorting key): that
+# lookup is a view of its own, ``UNSERVED_CALLS``.
 UNSERVED_CALLS = (
-    "SELECT user_id, request_id FROM usage_events "
-    "WHERE ts >= %(calls_from)s AND ts < %(end)s "
-    f"AND request_id IN (SELECT request_id {_OUTCOME_CALLS}) "
-    f"AND user_id IN (SELECT ifNull(user_id, %(anonymous)s) {_OUTCOME_CALLS}) "
-    "GROUP BY user_id, request_id "
-    "HAVING countIf(status IN ('ok', 'client_disconnected', 'dispatcher_lost')) = 0"
+    "SELECT user_id, request_id FROM unserved_calls(start_ms = %(start_ms)s, end_ms = %(end_ms)s)"
 )
+UNSERVED_CALL_OUTCOMES = (
+    "SELECT feature, outcomes, successes, value_usd "
+    "FROM unserved_call_outcomes(start_ms = %(start_ms)s, end_ms = %(end_ms)s)"
+)
+
+
+def unserved_call_outcomes_params(window: Range) -> dict[str, int]:
+    """The arguments of the view for ``window``: its bounds in Unix milliseconds (exact: a
+    range is whole milliseconds)."""
+    return {
+        "start_ms": (window.start - _EPOCH) // timedelta(milliseconds=1),
+        "end_ms": (window.end - _EPOCH) // timedelta(milliseconds=1),
+    }
 
 
 def outcomes_of_unserved_calls(client: Any, window: Range) -> dict[str, tuple[int, int, Decimal]]:
@@ -819,27 +814,13 @@ def outcomes_of_unserved_calls(client: Any, window: Range) -> dict[str, tuple[in
     (status error or timeout). A call that failed and escalated to an answer was served, as
     was a stream its client left; a call the spend worker settled by estimate because its
     dispatcher died (``dispatcher_lost``) may have been answered, and is not provably failed.
-    A request id is per user: another user's call under it is another call. A request id
-    with no call of its user in the warehouse (another system's, or a call over
-    ``OUTCOME_CALL_LOOKBACK`` before the range) is not one."""
+    A request id is per user (an outcome with no user is the anonymous user's): another
+    user's call under it is another call. A request id with no call of its user in the
+    warehouse (another system's, or a call over 31 days before the range) is not one."""
     rows = client.query(
-        "SELECT ifNull(feature, '') AS feature, count(), countIf(outcome = 'success'), "
-        "sum(ifNull(value_usd, toDecimal64(0, 9))) FROM outcome_events FINAL "
-        "WHERE ts >= %(start)s AND ts < %(end)s AND request_id IS NOT NULL "
-        f"AND (ifNull(user_id, %(anonymous)s), assumeNotNull(request_id)) IN ({UNSERVED_CALLS}) "
-        "GROUP BY feature",
-        parameters=unserved_calls_params(window),
+        UNSERVED_CALL_OUTCOMES, parameters=unserved_call_outcomes_params(window)
     ).result_rows
     return {feature: (int(n), int(ok), _money(value)) for feature, n, ok, value in rows}
-
-
-def unserved_calls_params(window: Range) -> dict[str, Any]:
-    """The parameters of ``UNSERVED_CALLS`` for the outcomes of ``window``."""
-    return {
-        **window.params(),
-        "calls_from": window.start - OUTCOME_CALL_LOOKBACK,
-        "anonymous": ANONYMOUS_USER,
-    }
 
 
 def outcomes(client: Any, window: Range) -> list[dict[str, Any]]:

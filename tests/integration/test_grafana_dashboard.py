@@ -5,7 +5,8 @@ Grafana cannot run here, so the test does to each query what Grafana and the Cli
 
 1. the plugin's front end: ``$__conditionalAll(condition, $var)`` becomes ``1=1`` when the
    variable is All (``$__all``) or empty, else the condition (``applyConditionalAll``);
-2. Grafana's template service: ``${var:singlequote}``, ``${var:sqlstring}``, ``${var}`` and
+2. Grafana's template service: the global ``${__from}`` and ``${__to}`` become the range's
+   bounds in Unix milliseconds; ``${var:singlequote}``, ``${var:sqlstring}``, ``${var}`` and
    ``$var`` become the selected values (plain ones through the plugin's format: a list becomes
    ``'a','b'``);
 3. the plugin's back end (pkg/macros/macros.go): ``$__timeFilter(col)``, ``$__timeInterval(col)``,
@@ -23,9 +24,20 @@ The fixture (a random day D of 2023 and a random tag, so other tests' rows stay 
 | 4 | 10:03       | bob   | search  | mystery-model (price?) | -        | 0     | -     | -        |
 | 5 | 10:04 error | carol | (none)  | gpt-4o-mini            | economy  | 0.05  | 0.05  | 1        |
 | 6 | D-3 12:00   | alice | chat    | gpt-4o                 | standard | 1.00  | 1.00  | 12       |
+| 7 | D-3 12:01   | dave  | agent   | gpt-4o, dispatcher_lost| -        | 0     | -     | -        |
+| 8 | D-3 12:02   | dave  | agent   | gpt-4o, timeout        | -        | 0     | -     | -        |
 
 Range D: spend 2.075, baseline 91, savings 88.925 = model choice 83.45 + routing 2.35 +
 prompt cache 0.625 + cache 2.5.
+
+Teams: alice's calls are team red's, bob's team blue's, carol's and dave's no team's.
+Outcomes in D: success of 1, failure of 2, success of 3 (value 5); successes posted for
+calls never served, which the reports API counts apart (``outcomes_on_failed_calls``): of
+5 (feature search, value 3) and of 8 (feature agent, value 7); a success of 7 (agent,
+value 4), whose dispatcher died (``dispatcher_lost``), served as far as anyone knows.
+Calls budget caps refused (402, blocked Request events): alice's at 10:01 and 10:05 (chat,
+gpt-4o), carol's at 10:06 (no feature, gpt-4o-mini); bob's 10:07 call rejected as invalid
+is not one.
 """
 
 from __future__ import annotations
@@ -59,7 +71,13 @@ PROVIDERS = yaml.safe_load((GRAFANA / "provisioning/dashboards/tollgate.yaml").r
 COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
 PLUGIN = "grafana-clickhouse-datasource"
 
-ROLLUPS = {"usage_minute", "usage_user_hour", "outcome_minute"}
+ROLLUPS = {
+    "usage_minute", "usage_user_hour", "outcome_minute", "refused_minute", "usage_team_minute",
+    "refused_team_minute",
+}  # fmt: skip
+# Views of a migration the reports API reads too (one definition for both): the outcomes of
+# calls never served, read for the outcomes of the range only (deploy/clickhouse/015_...).
+SHARED_VIEWS = {"unserved_call_outcomes"}
 SMALL_TABLES = {"budget_decisions", "alert_events"}
 RAW_TABLES = {"usage_events", "request_events", "outcome_events"}
 
@@ -216,9 +234,15 @@ def backend_macros(sql: str, query: Query) -> str:
     return sql
 
 
+def global_variables(sql: str, query: Query) -> str:
+    """Grafana's ``${__from}`` and ``${__to}``: the range's bounds, Unix milliseconds."""
+    return sql.replace("${__from}", str(_ms(query.start))).replace("${__to}", str(_ms(query.end)))
+
+
 def render(sql: str, query: Query, selections: Selections) -> str:
     """The SQL ClickHouse receives; fails on anything the plugin would leave unexpanded."""
-    sql = backend_macros(template_variables(conditional_all(sql, selections), selections), query)
+    sql = global_variables(conditional_all(sql, selections), query)
+    sql = backend_macros(template_variables(sql, selections), query)
     leftover = re.search(r"\$\S*", sql)
     assert leftover is None, f"macro the plugin does not define: {leftover.group()!r} in\n{sql}"
     return sql
@@ -298,7 +322,7 @@ def test_dashboard_structure() -> None:
             if p["type"] == "timeseries":
                 assert t["queryType"] == "timeseries", p["title"]
             tables = _tables(t["rawSql"])
-            assert tables and tables <= ROLLUPS | SMALL_TABLES, (p["title"], tables)
+            assert tables and tables <= ROLLUPS | SMALL_TABLES | SHARED_VIEWS, (p["title"], tables)
             assert not tables & RAW_TABLES, f"{p['title']} scans raw events"
     # No two panels overlap on the grid.
     cells: dict[tuple[int, int], str] = {}
@@ -456,6 +480,7 @@ def _usage(
         cache_hit,
         status,
         500 if status != "ok" else 200,
+        None,  # team: set from TEAMS
     ]
 
 
@@ -463,8 +488,11 @@ USAGE_COLUMNS = [
     "event_id", "ts", "request_id", "user_id", "feature", "tier", "provider", "source",
     "model_requested", "model_served", "baseline_model", "prompt_tokens", "completion_tokens",
     "cached_tokens", "cost_usd", "baseline_cost_usd", "requested_cost_usd", "cache_saved_usd",
-    "prompt_cache_saved_usd", "price_unknown", "cache_hit", "status", "http_status",
+    "prompt_cache_saved_usd", "price_unknown", "cache_hit", "status", "http_status", "team",
 ]  # fmt: skip
+TEAMS = {"alice": "red", "bob": "blue"}
+REQUEST_COLUMNS = ["event_id", "ts", "request_id", "user_id", "feature", "team", "endpoint",
+                   "model_requested", "tier", "status", "reason", "blocked_scope"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -474,6 +502,7 @@ def warehouse(clickhouse: Any) -> Fixture:
     f = Fixture(clickhouse, day, f"gf{random.randrange(16**6):06x}")
     at = day + timedelta(hours=10, seconds=20)
     minute = timedelta(minutes=1)
+    earlier = day - timedelta(days=3) + timedelta(hours=12)
     usage = [
         _usage(f, at, "alice", "chat", "gpt-4o-mini", "economy", "0.15", "30", "2.5", asked="gpt-4o"),
         _usage(f, at + minute, "alice", "chat", "gpt-4o", "standard", "0", "30", "2.5",
@@ -483,20 +512,53 @@ def warehouse(clickhouse: Any) -> Fixture:
         _usage(f, at + 3 * minute, "bob", "search", "mystery-model", None, "0", "0", None),
         _usage(f, at + 4 * minute, "carol", None, "gpt-4o-mini", "economy", "0.05", "1", "0.05",
                status="error"),
-        _usage(f, day - timedelta(days=3) + timedelta(hours=12), "alice", "chat", "gpt-4o",
-               "standard", "1", "12", "1"),
+        _usage(f, earlier, "alice", "chat", "gpt-4o", "standard", "1", "12", "1"),
+        _usage(f, earlier + minute, "dave", "agent", "gpt-4o", None, "0", "0", None,
+               status="dispatcher_lost"),
+        _usage(f, earlier + 2 * minute, "dave", "agent", "gpt-4o", None, "0", "0", None,
+               status="timeout"),
     ]  # fmt: skip
+    for row in usage:
+        user = row[3].removeprefix(f"{f.tag}-")
+        row[-1] = f.t(TEAMS[user]) if user in TEAMS else None
     clickhouse.insert("usage_events", usage, column_names=USAGE_COLUMNS)
 
+    def outcome(n: int, after: int, feature: str, kind: str, value: str | None) -> list[Any]:
+        # the outcome of call n (1-based, as in the table above), posted by its user
+        call = usage[n - 1]
+        return [uuid.uuid4().hex, at + after * minute, call[2], call[3], f.t(feature), kind,
+                D(value) if value is not None else None]  # fmt: skip
+
     outcomes = [
-        (at + 10 * minute, usage[0][2], f.t("chat"), "success", None),
-        (at + 11 * minute, usage[1][2], f.t("chat"), "failure", None),
-        (at + 12 * minute, usage[2][2], f.t("search"), "success", D("5")),
+        outcome(1, 10, "chat", "success", None),
+        outcome(2, 11, "chat", "failure", None),
+        outcome(3, 12, "search", "success", "5"),
+        outcome(5, 13, "search", "success", "3"),  # carol's call failed: never served
+        outcome(7, 14, "agent", "success", "4"),  # its dispatcher died: maybe served
+        outcome(8, 15, "agent", "success", "7"),  # timed out: never served
     ]
     clickhouse.insert(
         "outcome_events",
-        [[uuid.uuid4().hex, ts, rid, feat, out, value] for ts, rid, feat, out, value in outcomes],
-        column_names=["event_id", "ts", "request_id", "feature", "outcome", "value_usd"],
+        outcomes,
+        column_names=["event_id", "ts", "request_id", "user_id", "feature", "outcome", "value_usd"],
+    )
+
+    def request(after: int, user: str, feature: str | None, model: str, status: str,
+                reason: str) -> list[Any]:  # fmt: skip
+        team = f.t(TEAMS[user]) if user in TEAMS else None
+        return [uuid.uuid4().hex, at + after * minute, uuid.uuid4().hex, f.t(user),
+                f.t(feature) if feature else None, team, "/v1/chat/completions", model,
+                "standard", status, reason, f"user:{f.t(user)}"]  # fmt: skip
+
+    clickhouse.insert(
+        "request_events",
+        [
+            request(1, "alice", "chat", "gpt-4o", "blocked", "budget_exceeded"),
+            request(5, "alice", "chat", "gpt-4o", "blocked", "budget_exceeded"),
+            request(6, "carol", None, "gpt-4o-mini", "blocked", "budget_exceeded"),
+            request(7, "bob", "search", "gpt-4o", "rejected", "invalid_request_error"),
+        ],
+        column_names=REQUEST_COLUMNS,
     )
 
     def alert(ts: datetime, kind: str, status: str) -> list[Any]:
@@ -682,21 +744,45 @@ def test_top_users_and_cost_per_outcome(warehouse: Fixture) -> None:
     assert [(r["user"], D(r["cost_usd"])) for r in api] == [(u["User"], u["Spend"]) for u in users]
 
     outcomes = {r["Feature"]: r for r in f.run("Cost per successful outcome by feature")}
-    assert set(outcomes) == {f.t("search"), f.t("chat"), "(none)"}
+    assert set(outcomes) == {f.t("search"), f.t("chat"), f.t("agent"), "(none)"}
     search, chat, none = outcomes[f.t("search")], outcomes[f.t("chat")], outcomes["(none)"]
+    # carol's success was posted for a call that failed: not one of search's successes
     assert (search["Spend"], search["Successes"], search["Cost per success"]) == (
         D("1.875"),
         1,
         D("1.875"),
     )
+    assert (search["Outcomes"], search["Outcomes on failed calls"]) == (1, 1)
     assert search["Value"] == D("5") and search["ROI"] == pytest.approx(5 / 1.875)
     assert (chat["Outcomes"], chat["Successes"], chat["Success rate"]) == (2, 1, 0.5)
     assert chat["Cost per success"] == D("0.15") and chat["ROI"] is None
     assert (none["Requests"], none["Outcomes"], none["Cost per success"]) == (1, 0, None)
+    # dave's calls were before the range: the outcome of the one whose dispatcher died
+    # counts, the one of the call that timed out does not; no call in range, no cost
+    agent = outcomes[f.t("agent")]
+    assert (agent["Requests"], agent["Outcomes"], agent["Successes"], agent["Value"]) == (
+        0,
+        1,
+        1,
+        D("4"),
+    )
+    assert (agent["Outcomes on failed calls"], agent["Cost per success"]) == (1, None)
+
+    # Every figure is the reports API's on the same range.
     api_rows = {r["feature"]: r for r in reports.outcomes(f.client, reports.Range(f.start, f.end))}
+    assert set(api_rows) == set(outcomes)
     for name, row in outcomes.items():
-        assert D(api_rows[name]["cost_usd"]) == row["Spend"], name
-        assert api_rows[name]["successes"] == row["Successes"], name
+        api = api_rows[name]
+        assert D(api["cost_usd"]) == row["Spend"], name
+        assert api["requests"] == row["Requests"], name
+        assert (api["outcomes"], api["successes"]) == (row["Outcomes"], row["Successes"]), name
+        assert api["outcomes_on_failed_calls"] == row["Outcomes on failed calls"], name
+        assert D(api["value_usd"]) == row["Value"], name
+        api_cost = api["cost_per_success_usd"]
+        assert (D(api_cost) if api_cost is not None else None) == row["Cost per success"], name
+        assert api["success_rate"] == (
+            pytest.approx(row["Success rate"]) if row["Success rate"] is not None else None
+        ), name
     only_chat = f.run(
         "Cost per successful outcome by feature", {"feature": [f.t("chat")], "model": ALL}
     )
@@ -753,4 +839,35 @@ def test_variables_list_the_rollups_values(warehouse: Fixture) -> None:
     assert f.variable("model", {"feature": [f.t("search")], "model": ALL}) == [
         "gpt-4o",
         "mystery-model",
+    ]
+
+
+def test_budget_refusals_and_spend_by_team_match_the_reports_api(warehouse: Fixture) -> None:
+    f = warehouse
+    window = reports.Range(f.start, f.end)
+    refused = f.run("Calls refused by budget caps (402)")
+    assert [(r["time"].minute, r["Refused (402)"]) for r in refused] == [(1, 1), (5, 1), (6, 1)]
+    assert sum(r["Refused (402)"] for r in refused) == reports.summary(f.client, window).refused
+    # The feature and model variables filter it (the model asked for: none was served).
+    chat = f.run("Calls refused by budget caps (402)", {"feature": [f.t("chat")], "model": ALL})
+    assert [r["Refused (402)"] for r in chat] == [1, 1]
+    mini = f.run("Calls refused by budget caps (402)", {"feature": ALL, "model": ["gpt-4o-mini"]})
+    assert [(r["time"].minute, r["Refused (402)"]) for r in mini] == [(6, 1)]
+
+    teams = f.run("Spend by team")
+    assert [
+        (t["Team"], t["Spend"], t["Requests"], t["Errors"], t["Refused (402)"]) for t in teams
+    ] == [
+        (f.t("blue"), D("1.875"), 2, 0, 0),
+        (f.t("red"), D("0.15"), 2, 0, 2),
+        ("(none)", D("0.05"), 1, 1, 1),
+    ]
+    assert teams[1]["Savings"] == D("59.85")
+    api = reports.breakdown(f.client, window, "team")
+    assert [
+        (r["team"], D(r["cost_usd"]), r["requests"], r["errors"], r["refused"], D(r["savings_usd"]))
+        for r in api
+    ] == [
+        (t["Team"], t["Spend"], t["Requests"], t["Errors"], t["Refused (402)"], t["Savings"])
+        for t in teams
     ]

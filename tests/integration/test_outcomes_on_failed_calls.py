@@ -19,7 +19,13 @@ from typing import Any
 import pytest
 
 from app.warehouse.clickhouse import migrate
-from app.warehouse.reports import UNSERVED_CALLS, Range, outcomes, unserved_calls_params
+from app.warehouse.reports import (
+    UNSERVED_CALL_OUTCOMES,
+    UNSERVED_CALLS,
+    Range,
+    outcomes,
+    unserved_call_outcomes_params,
+)
 from tests.integration.harness import private_day
 
 pytestmark = pytest.mark.integration
@@ -188,8 +194,8 @@ def test_the_calls_of_the_outcomes_are_found_through_a_request_id_index(clickhou
           "success", None]],
         column_names=OUTCOME_COLUMNS,
     )  # fmt: skip
-    # the lookup of the outcomes' calls, as outcomes_of_unserved_calls runs it
-    parameters = unserved_calls_params(Range(day, day + timedelta(days=1)))
+    # the lookup of the outcomes' calls, as outcomes_of_unserved_calls runs it (the view)
+    parameters = unserved_call_outcomes_params(Range(day, day + timedelta(days=1)))
     plan = "\n".join(
         row[0]
         for row in clickhouse.query(
@@ -200,3 +206,7 @@ def test_the_calls_of_the_outcomes_are_found_through_a_request_id_index(clickhou
     assert [
         tuple(r) for r in clickhouse.query(UNSERVED_CALLS, parameters=parameters).result_rows
     ] == [(f"{tag}-u", f"{tag}-r")]
+    assert [
+        tuple(r)
+        for r in clickhouse.query(UNSERVED_CALL_OUTCOMES, parameters=parameters).result_rows
+    ] == [(f"{tag}-f", 1, 1, Decimal(0))]
