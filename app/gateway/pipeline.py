@@ -42,6 +42,7 @@ from app.gateway.requests import (
     ChatCompletionBody,
     message_call_problem,
     message_content_problem,
+    tool_answer_problem,
 )
 from app.gateway.upstreams import RETRYABLE_CONNECT_ERRORS, UpstreamPool
 from app.metering.attribution import ANONYMOUS_USER, Identity
@@ -174,6 +175,10 @@ def parse_chat_request(
         if call is not None:
             where = f"messages[{index}].{call[0]}"
             raise InvalidRequest(f"'{where}' {call[1]}", field=where)
+    unanswered = tool_answer_problem(body["messages"])
+    if unanswered is not None:
+        where = f"messages[{unanswered[0]}].tool_call_id"
+        raise InvalidRequest(f"'{where}' {unanswered[1]}", field=where)
     try:
         prompt_tokens, prompt_floor = estimate_message_token_range(body["messages"])
     except ValueError as exc:

@@ -164,7 +164,10 @@ class ChatBody(BaseModel):
         "(TOLLGATE_DEFAULT_MODEL)",
     )
     messages: list[ChatMessage] = Field(
-        min_length=1, description="a list of at least one message ({'role': ..., 'content': ...})"
+        min_length=1,
+        description="a list of at least one message ({'role': ..., 'content': ...}); a 'tool' "
+        "message answers a call in the tool_calls of the assistant message before it (other "
+        "tool messages between them)",
     )
     max_tokens: OutputLimit | None = None
     max_completion_tokens: OutputLimit | None = None
@@ -248,6 +251,44 @@ def message_call_problem(message: dict[str, Any]) -> tuple[str, str] | None:
         if problem := _id_problem(function, "name"):
             return f"{where}.function.name", f"{problem}: the name of the function called"
     return None
+
+
+def tool_answer_problem(messages: list[Any]) -> tuple[int, str] | None:
+    """(index, what is wrong) of the first ``tool`` message that answers no tool call of the
+    assistant message it follows, else None. OpenAI's rule: a tool message follows the
+    assistant message whose ``tool_calls`` hold its ``tool_call_id``, directly or after other
+    answers to them (parallel calls); elsewhere it is a 400 ("messages with role 'tool' must be
+    a response to a preceding message with 'tool_calls'", or "'tool_call_id' of 'c9' not found
+    in 'tool_calls' of previous message") that cost a round trip. Legacy ``function``
+    messages are not checked (nor skipped over: OpenAI pairs tool answers with tool calls).
+    Run after :func:`message_call_problem` (the ids are non-empty strings by then)."""
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") != "tool":
+            continue
+        before = index - 1
+        while before >= 0 and _role(messages[before]) == "tool":
+            before -= 1
+        calls = messages[before].get("tool_calls") if before >= 0 else None
+        if _role(messages[before] if before >= 0 else None) != "assistant" or not calls:
+            where = "the first message" if before < 0 else f"messages[{before}]"
+            return index, (
+                f"answers no tool call: a 'tool' message must follow the assistant message "
+                f"whose tool_calls hold its id (other tool messages may come between), and "
+                f"{where} is no assistant message with tool_calls. Put the assistant turn "
+                "that made the call before it, or drop the tool message"
+            )
+        ids = [c.get("id") for c in calls if isinstance(c, dict)]
+        if message.get("tool_call_id") not in ids:
+            return index, (
+                f"{message.get('tool_call_id')!r} is not the id of a tool call of the assistant "
+                f"message it answers (messages[{before}] called {', '.join(map(repr, ids))}): "
+                "use the id of the call this message answers"
+            )
+    return None
+
+
+def _role(message: Any) -> Any:
+    return message.get("role") if isinstance(message, dict) else None
 
 
 def _id_problem(holder: dict[str, Any], name: str) -> str | None:

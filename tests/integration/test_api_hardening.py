@@ -193,6 +193,42 @@ def test_inputs_that_were_500s_are_400s_naming_the_field(kafka_settings: Setting
         assert httpx.head(f"{stack.url}/healthz").status_code == 200  # was a 405
 
 
+def test_a_tool_message_that_answers_no_tool_call_is_a_400_before_the_provider(
+    kafka_settings: Settings,
+) -> None:
+    """A tool message whose tool_call_id answers no call of the assistant message before it
+    was forwarded, and the provider's 400 ("messages with role 'tool' must be a response to
+    a preceding message with 'tool_calls'") cost a round trip. It is a 400 here, naming the
+    message; a well-formed tool turn is still served."""
+    asyncio.run(ensure_topics(kafka_settings))
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    turn = {"role": "assistant", "content": None, "tool_calls": [call]}
+    with running_stack(kafka_settings) as stack:
+        for endpoint in ("chat/completions", "dispatch"):
+            orphan = [*MESSAGES, {"role": "tool", "tool_call_id": "c1", "content": "42"}]
+            response = httpx.post(
+                f"{stack.url}/v1/{endpoint}", json={"model": "gpt-4o", "messages": orphan}
+            )
+            assert response.status_code == 400, response.text
+            error = response.json()["error"]
+            assert error["type"] == "invalid_request_error"
+            assert error["param"] == "messages[1].tool_call_id"
+            assert "must follow the assistant message" in error["message"], error
+        wrong_id = [*MESSAGES, turn, {"role": "tool", "tool_call_id": "c2", "content": "42"}]
+        response = httpx.post(
+            f"{stack.url}/v1/chat/completions", json={"model": "gpt-4o", "messages": wrong_id}
+        )
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["param"] == "messages[2].tool_call_id"
+        assert stack.counter.calls == 0  # none reached the provider
+        answered = [*MESSAGES, turn, {"role": "tool", "tool_call_id": "c1", "content": "42"}]
+        response = httpx.post(
+            f"{stack.url}/v1/chat/completions", json={"model": "gpt-4o", "messages": answered}
+        )
+        assert response.status_code == 200, response.text
+        assert stack.counter.calls == 1
+
+
 def test_a_cached_call_with_a_huge_number_or_a_lone_surrogate_is_answered(
     kafka_settings: Settings,
 ) -> None:

@@ -355,6 +355,70 @@ def test_tool_turns_without_the_ids_openai_requires_are_400_naming_them(
     assert field in info.value.message and said in info.value.message, info.value.message
 
 
+def _tool(call_id: str) -> dict[str, Any]:
+    return {"role": "tool", "tool_call_id": call_id, "content": "42"}
+
+
+def _calls(*ids: str) -> dict[str, Any]:
+    return {"role": "assistant", "content": None, "tool_calls": [{**CALL, "id": i} for i in ids]}
+
+
+@pytest.mark.parametrize(
+    ("messages", "index", "said"),
+    [
+        ([MSG[0], _tool("c1")], 1, "messages[0] is no assistant message with tool_calls"),
+        ([_tool("c1"), MSG[0]], 0, "the first message is no assistant"),
+        ([MSG[0], _calls("c1"), _tool("c2")], 2, "'c2' is not the id of a tool call"),
+        # an answer to an earlier turn's call, after the conversation moved on
+        ([MSG[0], _calls("c1"), _tool("c1"), {"role": "assistant", "content": "done"},
+          MSG[0], _tool("c1")], 5, "messages[4] is no assistant message"),
+        # parallel calls: the second answer names a call of an earlier assistant turn
+        ([MSG[0], _calls("c1"), _tool("c1"), _calls("c2", "c3"), _tool("c2"), _tool("c1")],
+         5, "messages[3] called 'c2', 'c3'"),
+        ([MSG[0], {"role": "assistant", "content": "hi"}, _tool("c1")], 2, "answers no tool"),
+        ([MSG[0], {"role": "assistant", "content": None, "function_call": {
+            "name": "f", "arguments": "{}"}}, _tool("c1")], 2, "answers no tool call"),
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("native", [False, True])
+def test_a_tool_message_that_answers_no_preceding_tool_call_is_400_naming_it(
+    messages: list[dict[str, Any]], index: int, said: str, native: bool
+) -> None:
+    """OpenAI refuses a tool message that does not answer a call of the assistant message it
+    follows ("messages with role 'tool' must be a response to a preceding message with
+    'tool_calls'"); it was forwarded, and the provider's 400 cost a round trip. The 400 names
+    the message's tool_call_id and says what to fix."""
+    with pytest.raises(TollgateError) as info:
+        parse_chat_request({"model": "gpt-4o", "messages": messages}, native=native)
+    error = http_error(info.value)
+    assert error.status == 400 and error.error_type == "invalid_request_error"
+    field = f"messages[{index}].tool_call_id"
+    assert info.value.field == field, info.value.message
+    assert field in info.value.message and said in info.value.message, info.value.message
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [MSG[0], _calls("c1"), _tool("c1")],
+        # parallel tool calls, answered in any order, then the conversation goes on
+        [MSG[0], _calls("c1", "c2"), _tool("c2"), _tool("c1"),
+         {"role": "assistant", "content": "both done"}, MSG[0], _calls("c3"), _tool("c3")],
+        # a call left unanswered here is the provider's to judge
+        [MSG[0], _calls("c1", "c2"), _tool("c1")],
+        # legacy function calling is not checked
+        [MSG[0], {"role": "assistant", "content": None, "function_call": {
+            "name": "f", "arguments": "{}"}}, {"role": "function", "name": "f", "content": "4"}],
+        [{"role": "function", "name": "f", "content": "42"}, MSG[0]],
+    ],
+)  # fmt: skip
+def test_tool_messages_that_answer_the_calls_before_them_pass(
+    messages: list[dict[str, Any]],
+) -> None:
+    chat = parse_chat_request({"model": "gpt-4o", "messages": messages})
+    assert chat.upstream_body["messages"] == messages
+
+
 def test_a_tool_call_of_another_type_needs_no_function() -> None:
     """OpenAI's custom tools call with ``{"type": "custom", "custom": {...}}``: no function."""
     custom = {"id": "c2", "type": "custom", "custom": {"name": "grep", "input": "x"}}

@@ -77,7 +77,13 @@ def _resolve(record: Any) -> Any:
         {"model": "m", "messages": [{"role": "assistant"}]},
         {"model": "m", "messages": [{"role": "assistant", "tool_calls": []}]},
         {"model": "m", "messages": [{"role": "assistant", "function_call": {"name": "f"}}]},
-        {"model": "m", "messages": [{"role": "tool", "content": "42", "tool_call_id": "c"}]},
+        {
+            "model": "m",
+            "messages": [
+                {"role": "assistant", "tool_calls": [{"id": "c", "function": {"name": "f"}}]},
+                {"role": "tool", "content": "42", "tool_call_id": "c"},
+            ],
+        },
         {"model": "m", "messages": [{"role": "developer", "content": "x"}]},
         {"model": "m", "messages": [{"role": "tool", "content": "42"}]},
         {"model": "m", "messages": [{"role": "tool", "content": "42", "tool_call_id": ""}]},
