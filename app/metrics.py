@@ -80,6 +80,13 @@ class Metrics:
             "Calls whose max_tokens the budget gate lowered to keep a cap's worst case",
             registry=r,
         )
+        self.budget_downgraded = Counter(
+            "tollgate_budget_routed_down",
+            "model 'auto' calls the budget gate refused on the routed tier, retried one tier "
+            "down (by the tier tried): X-Tollgate-Budget-Downgraded-From",
+            ["tier"],
+            registry=r,
+        )
         self.cache_results = Counter(
             "tollgate_cache_results",
             "Chat answers by response-cache result (hit, miss, bypass): X-Tollgate-Cache",

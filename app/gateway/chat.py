@@ -66,6 +66,7 @@ class Served:
     router_score: float | None = None  # routed calls only
     escalated_from: str | None = None  # the model of the failed first attempt
     max_tokens_cap: int | None = None  # the budget gate capped the output at this
+    budget_downgraded_from: str | None = None  # "auto" routed down: the model the budget refused
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,12 +186,37 @@ class ChatAttempts:
                 if self.replaced is not None:  # the 402 says the failed attempt was charged
                     call, failure = self.replaced
                     refusal.earlier_attempt = (call.chat.model, call.cost_nanos, failure.value)
-                raise
+                    raise
+                cheaper = self._budget_fallback(route, refusal, attempt)
+                if cheaper is None:
+                    raise
+                chat, route = chat.retarget(cheaper.model), cheaper
+                continue
             if isinstance(outcome, Answer):
                 return outcome
             step, route = outcome
             escalated_from = chat.model
             chat, attempt = chat.retarget(step.model), step.attempt
+
+    def _budget_fallback(
+        self, route: RouteInfo, refusal: BudgetRefused, attempt: int
+    ) -> RouteInfo | None:
+        """The cheaper tier to try when the budget refused the first attempt of an ``auto``
+        call outright (its prompt alone costs more than a scope has left: a cheaper tier may
+        fit), or None: the refusal stands. Not when the limit is reached (no tier fits) nor when
+        only calls in flight stand in the way (the gate waited for them; the call keeps its
+        place in line rather than being answered by a cheaper model). Nothing was admitted,
+        emitted or sent for the refused tier, so accounting is that of the call served."""
+        if attempt != 1 or self.admitted or refusal.retryable:
+            return None
+        if refusal.status.state == "blocked":
+            return None
+        cheaper = self.levers.budget_fallback(
+            route, self.identity.feature, f"{refusal.status.scope}: {refusal.reason}"
+        )
+        if cheaper is not None:
+            self.metrics.budget_downgraded.labels(cheaper.tier or "").inc()
+        return cheaper
 
     # -- one attempt ----------------------------------------------------------------------
     def _supersede(self, call: Call, failure: Failure) -> None:
@@ -223,6 +249,7 @@ class ChatAttempts:
             router_score=route.score if route is not None else None,
             escalated_from=escalated_from,
             max_tokens_cap=cap,
+            budget_downgraded_from=route.budget_downgraded_from if route else None,
         )
 
     def _escalation(

@@ -39,7 +39,7 @@ from app.cache.key import CacheLookup, parse_cache_control, plan_lookup
 from app.cache.store import CacheBackend, CachedAnswer, MemoryCache
 from app.metering.attribution import Identity
 from app.routing.config import TIER_ORDER, RoutingSettings, Tier
-from app.routing.escalation import Escalation, EscalationPolicy, Failure
+from app.routing.escalation import Escalation, EscalationPolicy, Failure, next_tier
 from app.routing.router import Router
 from app.routing.shared import encode_label, encode_routed
 
@@ -69,6 +69,10 @@ class RouteInfo:
     reference_model: str | None = None
     escalated: bool = False  # this attempt is the retry one tier up
     explored: bool = False  # sent to economy despite its score, to learn (exploration_rate)
+    # Routed down by the budget (an "auto" call whose routed tier the budget gate refused):
+    # the model the router chose, and the cheapest tier refused (never escalated to again)
+    budget_downgraded_from: str | None = None
+    budget_refused_tier: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,6 +231,36 @@ class SavingsLevers:
             explored=decision.explored,
         )
 
+    def budget_fallback(self, route: RouteInfo, feature: str | None, why: str) -> RouteInfo | None:
+        """The next cheaper tier for an ``auto`` call whose routed tier the budget gate refused
+        (``why``), or None: a named model (routed by ``route_all`` or not) is never changed, nor
+        a pinned feature's tier, and no call goes below its feature's ``min_tier``."""
+        if not route.routed or route.tier is None or route.reference_model is None:
+            return None
+        rule = self.routing.rule_for(feature)
+        if rule.pin is not None:
+            return None
+        tiers = self.routing.provider_tiers(route.provider)
+        refused = Tier(route.tier)
+        for tier in reversed(TIER_ORDER[: refused.rank]):
+            if rule.min_tier is not None and tier.rank < rule.min_tier.rank:
+                return None
+            model = tiers.model_for(tier)
+            if model:
+                return replace(
+                    route, model=model, tier=tier.value, explored=False,
+                    reason=f"{route.reason}; budget: {route.model} refused ({why}), "
+                    f"routed down to {tier.value}",
+                    budget_downgraded_from=route.budget_downgraded_from or route.model,
+                    budget_refused_tier=refused.value,
+                )  # fmt: skip
+        return None
+
+    def _affordable(self, route: RouteInfo, tier: Tier) -> bool:
+        """Whether an escalation to ``tier`` is not one the budget already refused."""
+        refused = route.budget_refused_tier
+        return refused is None or tier.rank < Tier(refused).rank
+
     def escalate(
         self,
         route: RouteInfo,
@@ -256,7 +290,7 @@ class SavingsLevers:
             remembered = self._remembered.pop(request_id, None)
             if judged and remembered:
                 self.router.learn_features(remembered.features, Tier.ECONOMY, "failure", feature)
-        if step is None:
+        if step is None or not self._affordable(route, step.tier):
             return None
         # the escalated attempt is the tier the router would have chosen: not exploration
         escalated = replace(
@@ -268,8 +302,13 @@ class SavingsLevers:
         """Whether a failure of this attempt could still escalate (see ``escalate``)."""
         if not route.routed or route.tier is None:
             return False
-        return self.escalation.possible(
-            tier=Tier(route.tier), feature=feature, attempt=attempt, provider=route.provider
+        up = next_tier(self.routing.provider_tiers(route.provider), Tier(route.tier))
+        return (
+            self.escalation.possible(
+                tier=Tier(route.tier), feature=feature, attempt=attempt, provider=route.provider
+            )
+            and up is not None
+            and self._affordable(route, up)
         )
 
     def would_escalate(
@@ -297,7 +336,7 @@ class SavingsLevers:
             failure, tier=Tier(route.tier), feature=feature, attempt=attempt,
             provider=route.provider,
         )  # fmt: skip
-        return step is not None
+        return step is not None and self._affordable(route, step.tier)
 
     def validate(self, route: RouteInfo, completion: Any) -> Failure | None:
         """The configured validators on a routed call's answer (None: acceptable)."""

@@ -9,7 +9,8 @@ and escalation live in ``app.gateway.chat``.
 Headers on every answer: ``X-Tollgate-Model-Served``, ``X-Tollgate-Tier`` (when the model has
 one), ``X-Tollgate-Cache``; for routed calls also ``X-Tollgate-Router-Score`` and, after an
 escalation, ``X-Tollgate-Escalated-From``; ``X-Tollgate-Max-Tokens-Capped`` when the budget gate
-capped the output.
+capped the output; ``X-Tollgate-Budget-Downgraded-From`` when an ``auto`` call was routed down
+to a tier its budget could afford.
 """
 
 from __future__ import annotations
@@ -53,6 +54,11 @@ CHAT_RESPONSE_HEADERS: dict[str, tuple[str, dict[str, Any]]] = {
         "The model whose failed answer was retried one tier up (the client sees only the retry)",
         {"type": "string"},
     ),
+    "X-Tollgate-Budget-Downgraded-From": (
+        "model 'auto' near a budget limit: the model the router chose, whose call the budget "
+        "refused (its prompt alone cost more than was left), served on a cheaper tier instead",
+        {"type": "string"},
+    ),
     "X-Tollgate-Max-Tokens-Capped": (
         "The budget gate capped the output at this many tokens to keep the call within a limit",
         {"type": "string", "pattern": r"^[0-9]+$"},
@@ -69,6 +75,8 @@ def served_headers(served: Served) -> dict[str, str]:
         headers["X-Tollgate-Router-Score"] = f"{served.router_score:.4f}"
     if served.escalated_from:
         headers["X-Tollgate-Escalated-From"] = served.escalated_from
+    if served.budget_downgraded_from:
+        headers["X-Tollgate-Budget-Downgraded-From"] = served.budget_downgraded_from
     if served.max_tokens_cap is not None:
         headers["X-Tollgate-Max-Tokens-Capped"] = str(served.max_tokens_cap)
     return headers

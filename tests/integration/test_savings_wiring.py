@@ -808,3 +808,51 @@ def test_dispatch_without_a_model_is_routed_and_attributed_as_its_default(stack:
     requests = asyncio.run(read_events(stack.settings, "requests", at_least=1))
     (mine,) = [r for r in requests if r["user_id"] == "alice-dispatch"]
     assert mine["model_requested"] == default and mine["tier"]
+
+
+def test_auto_near_a_cap_is_routed_down_to_a_tier_that_fits(stack: Stack) -> None:
+    """Defect D5: a hard prompt sent to ``auto`` near its user's cap was routed to standard or
+    premium, whose prompt alone cost more than what was left, and refused with a 402, though
+    the economy tier fitted. It is served on the most capable cheaper tier that fits, says so
+    in a header and in the usage event's router_reason; a named model is never changed."""
+    limit = 0.0005  # HARD on gpt-4o or gpt-4: its prompt alone is more; on gpt-4o-mini, $0.0001
+    with httpx.Client(timeout=30) as http:
+        assert http.put(f"{stack.url}/v1/budgets/user:dora", json={"limit_usd": limit})
+        named = http.post(
+            f"{stack.url}/v1/chat/completions",
+            json={"model": "gpt-4o", "messages": HARD, "user": "dora"},
+        )
+        assert named.status_code == 402, named.text  # a named model is refused, not changed
+    answer = client(stack).chat.completions.with_raw_response.create(
+        model="auto", messages=HARD, user="dora", extra_headers={"X-Sim-Completion-Tokens": "20"}
+    )
+    assert answer.headers["X-Tollgate-Model-Served"] == "gpt-4o-mini"
+    assert answer.headers["X-Tollgate-Tier"] == "economy"
+    assert answer.headers["X-Tollgate-Budget-Downgraded-From"] in ("gpt-4o", "gpt-4")
+    assert answer.parse().choices[0].message.content
+    (usage,) = usage_of(stack, 1)
+    assert usage["model_requested"] == "auto" and usage["model_served"] == "gpt-4o-mini"
+    assert usage["tier"] == "economy" and usage["attempt"] == 1 and not usage["escalated"]
+    assert "budget" in usage["router_reason"]
+    assert 0 < usage["cost_usd_nanos"] <= limit * 1e9
+    assert stack.counter.calls == 1  # only the economy call reached the provider
+
+
+def test_a_call_routed_down_by_its_budget_does_not_escalate_to_a_tier_it_could_not_afford(
+    stack: Stack,
+) -> None:
+    """An economy answer judged a failure after the budget routed the call down is answered
+    as it is: the tier above was just refused for the same prompt, so an escalation there
+    would only turn a paid answer into a 402."""
+    with httpx.Client(timeout=30) as http:
+        assert http.put(f"{stack.url}/v1/budgets/user:eli", json={"limit_usd": 0.0005})
+    answer = client(stack).chat.completions.with_raw_response.create(
+        model="auto", messages=HARD, user="eli",
+        extra_headers={"X-Sim-Completion-Tokens": "0", "X-Sim-Models": "gpt-4o-mini"},
+    )  # fmt: skip
+    assert answer.http_response.status_code == 200
+    assert answer.headers["X-Tollgate-Model-Served"] == "gpt-4o-mini"
+    assert "X-Tollgate-Escalated-From" not in answer.headers
+    (usage,) = usage_of(stack, 1)
+    assert usage["attempt"] == 1 and usage["status"] == "ok"
+    assert stack.counter.calls == 1
