@@ -15,6 +15,9 @@ import unicodedata
 
 MAX_ID_LENGTH = 256
 NO_ID_LABEL = "(none)"  # what reports show for a call without a feature (or session)
+# The user a call names none of is charged to (attribution); reports match an outcome the
+# anonymous user posted (its ``user_id`` NULL in the warehouse) to calls of this user.
+ANONYMOUS_USER = "anonymous"
 
 
 def normal_id(value: str) -> str:

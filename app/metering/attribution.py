@@ -34,10 +34,9 @@ from typing import Any
 import yaml
 
 from app.errors import InvalidRequest, NotAuthenticated, NotPermitted
+from app.ids import ANONYMOUS_USER as ANONYMOUS_USER  # re-exported: attribution owns its use
 from app.ids import MAX_ID_LENGTH as MAX_ID_LENGTH  # re-exported for older imports
 from app.ids import normal_id, scope_id_problem
-
-ANONYMOUS_USER = "anonymous"
 
 
 class KeysFileError(ValueError):

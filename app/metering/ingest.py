@@ -29,7 +29,7 @@ from pydantic import (
 )
 
 from app.errors import Conflict, InvalidRequest
-from app.ids import MAX_ID_LENGTH, id_problem
+from app.ids import ANONYMOUS_USER, MAX_ID_LENGTH, id_problem
 from app.metering.attribution import Identity
 from app.metering.usage import event_time, new_id, reported_event_id, usage_event_id
 from app.pricing.catalog import usd_to_nanos
@@ -526,7 +526,9 @@ def parse_outcomes(
         event_id = new_id()
         if request_id:  # the same outcome of a call posted again (a retry) is one event
             # (and its user's: two users' outcomes of a request id they share are two)
-            owner: tuple[str, ...] = () if identity.user_id == "anonymous" else (identity.user_id,)
+            owner: tuple[str, ...] = (
+                () if identity.user_id == ANONYMOUS_USER else (identity.user_id,)
+            )
             said = (*owner, request_id, report.outcome, report.kind, report.value_usd, report.ts)
             event_id = uuid.uuid5(uuid.NAMESPACE_URL, f"tollgate:outcome:{said!r}").hex
         outcomes.append(
@@ -535,7 +537,7 @@ def parse_outcomes(
                 "ts": report.ts or event_time(window.now),
                 "request_id": request_id,
                 "session_id": session_id,
-                "user_id": None if identity.user_id == "anonymous" else identity.user_id,
+                "user_id": None if identity.user_id == ANONYMOUS_USER else identity.user_id,
                 "feature": identity.feature,
                 "outcome": report.outcome,
                 "kind": report.kind or None,
