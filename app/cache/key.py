@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -144,9 +144,12 @@ def plan_lookup(
     api_key_id: str | None,
     user_id: str | None,
     cache_control: CacheControl = CacheControl(),
-    headers: Sequence[tuple[str, str]] = (),
+    headers: Sequence[tuple[str, str]] | Callable[[], Sequence[tuple[str, str]]] = (),
 ) -> CacheLookup:
-    """Decide whether a request is looked up, stored, or bypasses the cache, and its key."""
+    """Decide whether a request is looked up, stored, or bypasses the cache, and its key.
+
+    ``headers`` (see :func:`cache_key`) may be a function that works them out: it is called
+    only when the plan has a key, not for a request that bypasses the cache."""
     rule = settings.rule_for(feature)
     if not settings.enabled or not rule.enabled:
         return CacheLookup("bypass", "cache disabled for this feature")
@@ -162,7 +165,9 @@ def plan_lookup(
         team=team, api_key_id=api_key_id, user_id=user_id, feature=feature,
         shareable=rule.shareable,
     )  # fmt: skip
-    key = cache_key(tenant, body, settings.ignored_fields, headers)
+    key = cache_key(
+        tenant, body, settings.ignored_fields, headers() if callable(headers) else headers
+    )
     ttl = rule.ttl_s or settings.ttl_s
     if cache_control.no_cache:
         return CacheLookup(

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -175,10 +176,11 @@ class ChatAttempts:
         while True:
             # Keyed by the body as this attempt sends it, with the model routing chose: a
             # feature pinned to premium is not answered from an economy answer to the same
-            # prompt, nor a named model from another's (session 13's probe).
+            # prompt, nor a named model from another's (session 13's probe). The headers sent
+            # on (an fnmatch over the client's) are worked out only if the plan has a key.
             plan = self.levers.cache_plan(
                 {**body, "model": chat.model}, self.identity, cache_control,
-                self.gateway.upstreams.forwarded(chat.model, self.client_headers),
+                functools.partial(self.gateway.upstreams.forwarded, chat.model, self.client_headers),
             )  # fmt: skip
             try:
                 outcome = await self._attempt(plan, chat, route, attempt, escalated_from, client)

@@ -374,8 +374,10 @@ class SavingsLevers:
         body: Mapping[str, Any],
         identity: Identity,
         cache_control: str | None,
-        headers: Sequence[tuple[str, str]] = (),
+        headers: Sequence[tuple[str, str]] | Callable[[], Sequence[tuple[str, str]]] = (),
     ) -> CacheLookup:
+        """``headers``: the client headers sent on to the provider, or a function that works
+        them out, called only when the plan has a key (see ``plan_lookup``)."""
         if self.cache is None:
             return CacheLookup("bypass", "cache disabled (TOLLGATE_CACHE enabled=false)")
         return plan_lookup(

@@ -263,3 +263,41 @@ def test_headers_sent_on_to_the_provider_are_in_the_key_and_none_keeps_the_old_k
     assert cache_key("team:a", body, IGNORED, both) == cache_key(
         "team:a", body, IGNORED, list(reversed(both))
     )
+
+
+def test_the_forwarded_headers_are_read_only_when_the_plan_needs_a_key() -> None:
+    """Which client headers go on to the provider (an fnmatch over every header) was worked
+    out for every attempt, though only a key needs them: a plan that bypasses the cache
+    without a key never asks; one with a key asks once and keys on them as before."""
+    asked: list[int] = []
+
+    def forwarded() -> list[tuple[str, str]]:
+        asked.append(1)
+        return [("openai-project", "p1")]
+
+    sampled = {**BODY, "temperature": 0.7}
+    off = CacheSettings(enabled=False)
+    for settings, body, control in [
+        (off, BODY, CacheControl()),
+        (CacheSettings(enabled=True), BODY, CacheControl(no_store=True)),
+        (CacheSettings(enabled=True), sampled, CacheControl()),
+    ]:
+        plan = plan_lookup(
+            settings, body, feature="f", team="t", api_key_id=None, user_id="u",
+            cache_control=control, headers=forwarded,
+        )  # fmt: skip
+        assert (plan.status, plan.key) == ("bypass", None)
+    assert asked == []
+
+    plan = plan_lookup(
+        CacheSettings(enabled=True), BODY, feature="f", team="t", api_key_id=None, user_id="u",
+        headers=forwarded,
+    )  # fmt: skip
+    assert asked == [1]
+    assert plan.status == "lookup"
+    assert plan.key == cache_key("team:t", BODY, IGNORED, [("openai-project", "p1")])
+    eager = plan_lookup(
+        CacheSettings(enabled=True), BODY, feature="f", team="t", api_key_id=None, user_id="u",
+        headers=[("openai-project", "p1")],
+    )  # fmt: skip
+    assert eager.key == plan.key
