@@ -158,94 +158,99 @@ def fed_by(
     return result
 
 
-def _created(client: Any, chain: list[Rollup]) -> list[Rollup]:
+@dataclass(frozen=True)
+class _Table:
+    """What a check needs to know of a table of the warehouse."""
+
+    time_column: str  # the first column of its sorting key
+    sums: bool  # a SummingMergeTree: its rows' measures are summed
+    numbers: tuple[str, ...]  # its numeric columns not in the sorting key, in order
+    ttl: timedelta | None  # how long its rows are kept, if it drops them
+
+
+def _tables(client: Any) -> dict[str, _Table]:
+    """Every table and view of the database, read once a check (two queries): a check of
+    many hours asked for each rollup's sorting key, engine, columns and TTL every hour.
+    Read again by each check, never kept: a migration may create tables later in the
+    process (``after_migration`` rebuilds while later views do not exist yet)."""
+    numbers: dict[str, list[str]] = {}
+    for table, column in client.query(
+        "SELECT table, name FROM system.columns WHERE database = currentDatabase() "
+        "AND match(type, '^(U?Int|Decimal|Float)') ORDER BY table, position"
+    ).result_rows:
+        numbers.setdefault(str(table), []).append(str(column))
+    tables = {}
+    for name, engine, key, query in client.query(
+        "SELECT name, engine, sorting_key, create_table_query FROM system.tables "
+        "WHERE database = currentDatabase()"
+    ).result_rows:
+        keys = {k.strip() for k in str(key).split(",")}
+        found = _TTL.search(str(query))
+        tables[str(name)] = _Table(
+            time_column=str(key).split(",")[0].strip(),
+            sums="Summing" in str(engine),
+            numbers=tuple(c for c in numbers.get(str(name), ()) if c not in keys),
+            ttl=None if found is None else int(found.group(2)) * _UNIT[found.group(1)],
+        )
+    return tables
+
+
+def _created(chain: list[Rollup], tables: dict[str, _Table]) -> list[Rollup]:
     """The rollups of ``chain`` whose view and table exist: a migration applied before a
     later one rebuilds its hours while the later one's views are not created yet."""
-    names = {
-        row[0]
-        for row in client.query(
-            "SELECT name FROM system.tables WHERE database = currentDatabase()"
-        ).result_rows
-    }
-    return [r for r in chain if r.view in names and r.target in names]
-
-
-def _time_column(client: Any, table: str) -> str:
-    key = client.query(
-        "SELECT sorting_key FROM system.tables WHERE database = currentDatabase() AND name = %(t)s",
-        parameters={"t": table},
-    ).result_rows[0][0]
-    return str(key).split(",")[0].strip()
+    return [r for r in chain if r.view in tables and r.target in tables]
 
 
 def hours_of(times: Iterable[datetime]) -> list[datetime]:
     return sorted({t.astimezone(UTC).replace(minute=0, second=0, microsecond=0) for t in times})
 
 
-def _hour_of(client: Any, table: str, raw: str) -> str:
+def _hour_of(tables: dict[str, _Table], table: str, raw: str) -> str:
     """A subquery: the rows of ``table`` in the hour ``%(lo)s``..``%(hi)s`` (raw events
     ``FINAL``, each once; a rollup as it is, its sums being what counts)."""
     # Named as the table: a view's query may name its columns ``usage_minute.requests``.
     if table == raw:
         return f"(SELECT * FROM {table} FINAL WHERE ts >= %(lo)s AND ts < %(hi)s) AS {table}"
-    column = _time_column(client, table)
+    column = tables[table].time_column
     return f"(SELECT * FROM {table} WHERE {column} >= %(lo)s AND {column} < %(hi)s) AS {table}"
 
 
-def _measures(client: Any, table: str) -> tuple[bool, list[str]]:
-    """Whether ``table`` sums its rows (SummingMergeTree), and its numeric non-key columns."""
-    engine, key = client.query(
-        "SELECT engine, sorting_key FROM system.tables "
-        "WHERE database = currentDatabase() AND name = %(t)s",
-        parameters={"t": table},
-    ).result_rows[0]
-    keys = {k.strip() for k in str(key).split(",")}
-    columns = client.query(
-        "SELECT name FROM system.columns WHERE database = currentDatabase() AND table = %(t)s "
-        "AND match(type, '^(U?Int|Decimal|Float)') ORDER BY position",
-        parameters={"t": table},
-    ).result_rows
-    return "Summing" in str(engine), [c[0] for c in columns if c[0] not in keys]
-
-
-def _ttl(client: Any, table: str) -> timedelta | None:
-    (query,) = client.query(
-        "SELECT create_table_query FROM system.tables "
-        "WHERE database = currentDatabase() AND name = %(t)s",
-        parameters={"t": table},
-    ).result_rows[0]
-    found = _TTL.search(str(query))
-    return None if found is None else int(found.group(2)) * _UNIT[found.group(1)]
-
-
-def _past_ttl(client: Any, chain: list[Rollup], start: datetime) -> set[str]:
+def _past_ttl(tables: dict[str, _Table], chain: list[Rollup], start: datetime) -> set[str]:
     """The rollups of ``chain`` that cannot hold all of the hour from ``start``: their TTL
     may have dropped some of its rows, or that of a rollup they are fed from."""
     now, gone = datetime.now(UTC), set()
     for rollup in chain:  # sources before the rollups they feed
-        ttl = _ttl(client, rollup.target)
+        ttl = tables[rollup.target].ttl
         if rollup.source in gone or (ttl is not None and start + ttl <= now):
             gone.add(rollup.target)
     return gone
 
 
-def complete(client: Any, table: str, start: datetime, chain: list[Rollup] | None = None) -> bool:
+def complete(
+    client: Any,
+    table: str,
+    start: datetime,
+    chain: list[Rollup] | None = None,
+    tables: dict[str, _Table] | None = None,
+) -> bool:
     """Whether every rollup ``table`` feeds (or of ``chain``) holds what its query gives over
     the hour from ``start``: the same sums (a summing rollup), or the same rows (a
-    deduplicating one). Rollups past their TTL for that hour are not checked."""
+    deduplicating one). Rollups past their TTL for that hour are not checked. ``tables``:
+    the database's tables as ``_tables`` read them, when checking many hours."""
     bounds = {"lo": start, "hi": start + HOUR}
-    chain = _created(client, fed_by(table)) if chain is None else chain
-    gone = _past_ttl(client, chain, start)
+    tables = _tables(client) if tables is None else tables
+    chain = _created(fed_by(table), tables) if chain is None else chain
+    gone = _past_ttl(tables, chain, start)
     for rollup in chain:
         if rollup.target in gone:
             continue
         query = re.sub(
             rf"\bFROM\s+{rollup.source}\b",
-            f"FROM {_hour_of(client, rollup.source, table)}",
+            f"FROM {_hour_of(tables, rollup.source, table)}",
             rollup.query,
         )
-        sums, columns = _measures(client, rollup.target)
-        column = _time_column(client, rollup.target)
+        target = tables[rollup.target]
+        sums, columns, column = target.sums, target.numbers, target.time_column
         where = f"WHERE {column} >= %(lo)s AND {column} < %(hi)s"
         if sums and columns:
             totals = ", ".join(f"sum({c})" for c in columns)
@@ -266,7 +271,8 @@ def fill(client: Any, table: str, views: tuple[str, ...]) -> int:
     """Fill the rollups of ``views`` (and those they feed) from the whole of ``table``, with
     one ``INSERT`` each, if every one of them is empty; returns how many hours they hold
     then (0: not filled, or nothing to count)."""
-    chain = _created(client, fed_by(table, views=views))
+    tables = _tables(client)
+    chain = _created(fed_by(table, views=views), tables)
     if not chain or any(
         client.query(f"SELECT count() FROM {r.target}").result_rows[0][0] for r in chain
     ):
@@ -278,7 +284,7 @@ def fill(client: Any, table: str, views: tuple[str, ...]) -> int:
         client.command(f"INSERT INTO {rollup.target} {query}")
     hours = 0
     for rollup in direct:
-        column = _time_column(client, rollup.target)
+        column = tables[rollup.target].time_column
         hours += client.query(
             f"SELECT uniqExact(toStartOfHour({column})) FROM {rollup.target}"
         ).result_rows[0][0]
@@ -293,25 +299,26 @@ def rebuild(client: Any, table: str, hours: Iterable[datetime], views: tuple[str
     """Recompute every rollup ``table`` feeds (with ``views``: those views' and the rollups
     they feed) for the whole ``hours`` given, except hours whose rollups are complete
     already (a DELETE costs about 0.4 s a rollup at a million rows); returns how many hours
-    were rebuilt."""
-    chain = _created(client, fed_by(table, views=views))
+    were rebuilt. The tables are read once for all the hours."""
+    tables = _tables(client)
+    chain = _created(fed_by(table, views=views), tables)
     if not chain:
         return 0
     direct = [r for r in chain if r.source == table]
     done = 0
     for start in hours_of(hours):
-        if complete(client, table, start, chain):
+        if complete(client, table, start, chain, tables):
             continue
         bounds = {"lo": start, "hi": start + HOUR}
         for rollup in chain:
-            column = _time_column(client, rollup.target)
+            column = tables[rollup.target].time_column
             client.command(
                 f"DELETE FROM {rollup.target} WHERE {column} >= %(lo)s AND {column} < %(hi)s",
                 parameters=bounds,
             )
         for rollup in direct:
             query = re.sub(
-                rf"\bFROM\s+{table}\b", f"FROM {_hour_of(client, table, table)}", rollup.query
+                rf"\bFROM\s+{table}\b", f"FROM {_hour_of(tables, table, table)}", rollup.query
             )
             client.command(f"INSERT INTO {rollup.target} {query}", parameters=bounds)
         done += 1

@@ -23,7 +23,7 @@ import clickhouse_connect
 import pytest
 
 from app.warehouse.clickhouse import migrate
-from app.warehouse.rollups import after_migration
+from app.warehouse.rollups import after_migration, rebuild
 
 pytestmark = pytest.mark.integration
 
@@ -45,9 +45,11 @@ class Counting:
     def __init__(self, client: Any) -> None:
         self.client = client
         self.statements: list[str] = []
+        self.texts: list[str] = []
 
     def _seen(self, sql: str) -> None:
         self.statements.append(sql.split(None, 1)[0].upper())
+        self.texts.append(sql)
 
     def query(self, sql: str, *args: Any, **kwargs: Any) -> Any:
         self._seen(sql)
@@ -75,11 +77,13 @@ def warehouse(clickhouse_dsn: str, clickhouse: Any) -> Iterator[Any]:
         client.close()
 
 
-def _store(client: Any, hours: int = 60) -> None:
-    """A few thousand calls over ``hours`` hours across a month's end: teams and none, errors,
-    escalated attempts, unpriced calls, and calls refused by a cap or for another reason."""
+def _store(
+    client: Any, hours: int = 60, start: datetime = datetime(2025, 1, 30, 6, tzinfo=UTC)
+) -> None:
+    """A few thousand calls over ``hours`` hours from ``start`` (by default across a month's
+    end): teams and none, errors, escalated attempts, unpriced calls, and calls refused by a
+    cap or for another reason."""
     rng = random.Random(7)
-    start = datetime(2025, 1, 30, 6, tzinfo=UTC)
     teams = ["red", "blue", "green", None]
     usage, requests = [], []
     for i in range(3000):
@@ -156,3 +160,28 @@ def test_a_new_rollup_is_filled_by_one_insert_as_its_view_would_have(
     # filled again (every event would count twice); its hours are complete, none rebuilt.
     assert after_migration(warehouse, version) == 0
     assert {table: _held(warehouse, table) for table in NEW_TABLES[version]} == counted
+
+
+def test_checking_many_hours_reads_the_rollups_tables_once(warehouse: Any) -> None:
+    """The sink checks every hour of the events it sees again (``rebuild``): each hour's
+    check asked the warehouse for each rollup's sorting key, engine, columns and TTL again
+    (system.tables, system.columns), which cannot change during one check. They are read
+    once a check; a short hour is still found and rebuilt."""
+    # recent hours: within every rollup's TTL, so each is checked
+    start = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=30)
+    _store(warehouse, hours=24, start=start)
+    hours = [start + timedelta(hours=h) for h in range(24)]
+
+    def metadata_reads(hours: list[datetime]) -> int:
+        spy = Counting(warehouse)
+        assert rebuild(spy, "usage_events", hours) == 0  # complete: nothing rebuilt
+        return sum("system." in sql for sql in spy.texts)
+
+    one = metadata_reads(hours[:1])
+    assert metadata_reads(hours) == one <= 3
+
+    held = _held(warehouse, "usage_user_hour")
+    warehouse.command("DELETE FROM usage_user_hour WHERE hour = %(h)s", parameters={"h": hours[5]})
+    assert _held(warehouse, "usage_user_hour") != held
+    assert rebuild(warehouse, "usage_events", hours) == 1
+    assert _held(warehouse, "usage_user_hour") == held
