@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -48,6 +49,78 @@ events_strategy = st.lists(
 FATES = ["ok", "ok", "ok", "crash_before_persist", "crash_mid_persist", "crash_before_ack"]
 
 
+def live_through(
+    log: dict[int, list[dict[str, Any]]],
+    partitions: int,
+    plan: list[tuple[int, str]],
+    picks: Any,
+    start: Callable[[dict[str, Any], dict[str, Any], dict[int, int]], SpendCounter],
+    commit_lag: int = 0,
+) -> SpendCounter:
+    """Run workers over ``log`` until every event is counted and committed: batches of the
+    ``plan``'s sizes, each meeting its fate (a crash before anything is durable, with some
+    of its changelog writes durable, or before its offsets are acked: a new worker
+    ``start``s from the durable changelog, remembered reports and committed offsets). Acked
+    offsets are committed once more than ``commit_lag`` batches wait (Faust commits now and
+    then). Returns the last worker."""
+    durable: dict[str, Any] = {}  # the changelog
+    memory: dict[str, Any] = {}  # the remembered reports' changelog
+    committed = dict.fromkeys(range(partitions), 0)  # consumer group offsets
+    acked = dict(committed)
+    commits_pending = 0
+
+    def start_worker() -> SpendCounter:
+        return start(dict(durable), dict(memory), committed)
+
+    counter = start_worker()
+    position = dict(committed)
+    steps = iter(plan)
+    for _ in range(500):
+        if all(position[p] >= len(log[p]) for p in range(partitions)):
+            if all(committed[p] >= len(log[p]) for p in range(partitions)):
+                break
+            committed = dict(acked)  # the periodic commit catches up
+            continue
+        size, fate = next(steps, (8, "ok"))
+        batch_events = [
+            UsageEvent(p, offset, log[p][offset])
+            for p in range(partitions)
+            for offset in range(position[p], min(position[p] + size, len(log[p])))
+        ]
+        for p in range(partitions):
+            position[p] = min(position[p] + size, len(log[p]))
+        batch = counter.stage(batch_events)
+        writes = [(durable, batch.writes), (memory, batch.remembered)]
+        if fate == "crash_before_persist":
+            counter, position = start_worker(), dict(committed)
+            continue
+        if fate == "crash_mid_persist":  # some changelog messages made it, some did not
+            for store, staged in writes:
+                for key, (_p, value) in staged.items():
+                    if picks.random() < 0.5:
+                        store[key] = value
+            counter, position = start_worker(), dict(committed)
+            continue
+        for store, staged in writes:
+            for key, (_p, value) in staged.items():
+                store[key] = value
+        if fate == "crash_before_ack":
+            counter, position = start_worker(), dict(committed)
+            continue
+        counter.commit(batch)
+        acked.update(batch.processed)
+        commits_pending += 1
+        if commits_pending > commit_lag:
+            committed, commits_pending = dict(acked), 0
+    return counter
+
+
+def assert_spent(counter: SpendCounter, expected: dict[str, int], partitions: int) -> None:
+    for scope, total in expected.items():
+        spent, _ = counter.spent(scope, DAY, DAY + timedelta(days=1), range(partitions))
+        assert spent == total, scope
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     events=events_strategy,
@@ -78,59 +151,17 @@ def test_every_distinct_event_is_counted_exactly_once_whatever_crashes(
     for rec in resends:
         log[USERS.index(rec["user_id"]) % partitions].append(rec)
 
-    durable: dict[str, Any] = {}  # the changelog
-    committed = dict.fromkeys(range(partitions), 0)  # consumer group offsets
-    acked = dict(committed)
-    commits_pending = 0
-
-    def start_worker() -> SpendCounter:
-        counter = SpendCounter(dict(durable), dedupe_window=1000)
+    def start_worker(
+        durable: dict[str, Any], _memory: dict[str, Any], committed: dict[int, int]
+    ) -> SpendCounter:
+        counter = SpendCounter(durable, dedupe_window=1000)
         for p in range(partitions):
             c = committed[p]
             counter.prepare(p, c, [r["event_id"] for r in log[p][:c]])
         return counter
 
-    counter = start_worker()
-    position = dict(committed)
-    steps = iter(plan)
-    for _ in range(500):
-        if all(position[p] >= len(log[p]) for p in range(partitions)):
-            if all(committed[p] >= len(log[p]) for p in range(partitions)):
-                break
-            committed = dict(acked)  # the periodic commit catches up
-            continue
-        size, fate = next(steps, (8, "ok"))
-        batch_events = []
-        for p in range(partitions):
-            for offset in range(position[p], min(position[p] + size, len(log[p]))):
-                batch_events.append(UsageEvent(p, offset, log[p][offset]))
-        for p in range(partitions):
-            position[p] = min(position[p] + size, len(log[p]))
-        batch = counter.stage(batch_events)
-        if fate == "crash_before_persist":
-            counter, position = start_worker(), dict(committed)
-            continue
-        if fate == "crash_mid_persist":  # some changelog messages made it, some did not
-            for key, (_p, value) in batch.writes.items():
-                if durable_picks.random() < 0.5:
-                    durable[key] = value
-            counter, position = start_worker(), dict(committed)
-            continue
-        for key, (_p, value) in batch.writes.items():
-            durable[key] = value
-        if fate == "crash_before_ack":
-            counter, position = start_worker(), dict(committed)
-            continue
-        counter.commit(batch)
-        for p, next_offset in batch.processed.items():
-            acked[p] = next_offset
-        commits_pending += 1
-        if commits_pending > commit_lag:  # Faust commits acked offsets now and then
-            committed, commits_pending = dict(acked), 0
-
-    for scope, total in expected.items():
-        spent, _ = counter.spent(scope, DAY, DAY + timedelta(days=1), range(partitions))
-        assert spent == total, scope
+    counter = live_through(log, partitions, plan, durable_picks, start_worker, commit_lag)
+    assert_spent(counter, expected, partitions)
 
 
 def test_a_resent_event_is_skipped_and_its_offset_still_counts_as_processed() -> None:
@@ -385,55 +416,17 @@ def test_every_report_is_counted_once_however_late_it_is_re_sent_and_whatever_cr
         first = next(i for i, r in enumerate(log[p]) if r["event_id"] == rec["event_id"])
         log[p].insert(picks.randint(first + 1, len(log[p])), rec)
 
-    durable: dict[str, Any] = {}
-    memory: dict[str, Any] = {}
-    committed = dict.fromkeys(range(partitions), 0)
-
-    def start_worker() -> SpendCounter:
-        counter = SpendCounter(dict(durable), dedupe_window=window, reported=dict(memory))
+    def start_worker(
+        durable: dict[str, Any], memory: dict[str, Any], committed: dict[int, int]
+    ) -> SpendCounter:
+        counter = SpendCounter(durable, dedupe_window=window, reported=memory)
         for p in range(partitions):
             c = committed[p]
             counter.prepare(p, c, [r["event_id"] for r in log[p][max(0, c - window) : c]])
         return counter
 
-    counter = start_worker()
-    position = dict(committed)
-    steps = iter(plan)
-    for _ in range(500):
-        if all(position[p] >= len(log[p]) for p in range(partitions)):
-            break
-        size, fate = next(steps, (8, "ok"))
-        batch_events = [
-            UsageEvent(p, offset, log[p][offset])
-            for p in range(partitions)
-            for offset in range(position[p], min(position[p] + size, len(log[p])))
-        ]
-        for p in range(partitions):
-            position[p] = min(position[p] + size, len(log[p]))
-        batch = counter.stage(batch_events)
-        writes = [(durable, batch.writes), (memory, batch.remembered)]
-        if fate == "crash_before_persist":
-            counter, position = start_worker(), dict(committed)
-            continue
-        if fate == "crash_mid_persist":  # some changelog messages made it, some did not
-            for store, staged in writes:
-                for key, (_p, value) in staged.items():
-                    if picks.random() < 0.5:
-                        store[key] = value
-            counter, position = start_worker(), dict(committed)
-            continue
-        for store, staged in writes:
-            for key, (_p, value) in staged.items():
-                store[key] = value
-        if fate == "crash_before_ack":
-            counter, position = start_worker(), dict(committed)
-            continue
-        counter.commit(batch)
-        committed.update(batch.processed)
-
-    for scope, total in expected.items():
-        spent, _ = counter.spent(scope, DAY, DAY + timedelta(days=1), range(partitions))
-        assert spent == total, scope
+    counter = live_through(log, partitions, plan, picks, start_worker)
+    assert_spent(counter, expected, partitions)
 
 
 def test_no_report_is_remembered_when_the_memory_is_off() -> None:
@@ -554,19 +547,25 @@ def test_a_record_applied_again_is_one_heap_entry_and_the_cap_holds() -> None:
 
 def test_only_the_owned_partitions_heaps_are_walked() -> None:
     """A reviewer: a standby partition's expired records were popped and pushed back on
-    every housekeeping run (0.9 s at 300,000 of them); only owned partitions are looked at."""
+    every housekeeping run (0.9 s at 300,000 of them); only owned partitions are looked at.
+    Looking at a heap drops its stale entries (records applied again): the standby
+    partition's stay until it is owned."""
     from app.budgets.counter import ReportedIds
 
     memory = ReportedIds({}, 10)
     memory.apply("0|0", [["a", 1000, 0, 0]])
     for n in range(50):
         memory.apply(f"1|{n}", [[f"b{n}", 1000, 1, n]])
-    looked: list[int] = []
-    top = memory._top
-    memory._top = lambda p: looked.append(p) or top(p)  # type: ignore[method-assign]
+        memory.apply(f"1|{n}", [[f"b{n}", 1000, 1, n]])  # delivered again: one entry stale
+    standby = sorted(memory.heaps[1])
+    assert len(standby) == 100
     later = int((DAY + timedelta(days=90)).timestamp())
     assert memory.forgettable(later, {0}) == {"0|0": 0}
-    assert set(looked) == {0}
+    assert sorted(memory.heaps[1]) == standby  # not looked at
+    assert memory.per_partition[1] == 50
+    # Once owned, its expired records are forgettable, and the walk dropped the stale entries.
+    assert memory.forgettable(later, {0, 1}) == {"0|0": 0} | {f"1|{n}": 1 for n in range(50)}
+    assert len(memory.heaps[1]) == 50
 
 
 # Faust keeps standby replicas of other workers' partitions in the same table data. Learning
