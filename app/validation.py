@@ -76,13 +76,20 @@ NonEmptyId = Annotated[
 """An identifier that must be given (a model a call names): ``Id``, and not empty."""
 
 
-def _checked_model_name(value: Any) -> str:
-    if isinstance(value, str):
-        value = value.strip(" \t")
-        if not value:
-            raise custom_error("is required: a model name, not empty or only spaces")
-    return _checked_id(value)
+def _normal_model_name(value: Any) -> str:
+    """A model name in the one spelling of an id (``normal_id``: trimmed of spaces and tabs,
+    NFC), then checked as one."""
+    return _checked_id(normal_id(value) if isinstance(value, str) else value)
 
+
+def _checked_model_name(value: Any) -> str:
+    name = _normal_model_name(value)
+    if not name:
+        raise custom_error("is required: a model name, not empty or only spaces")
+    return name
+
+
+_MODEL_TEXT = ID_TEXT + "; spaces around it are trimmed"
 
 ModelName = Annotated[
     str,
@@ -93,13 +100,24 @@ ModelName = Annotated[
             "minLength": 1,
             "maxLength": MAX_ID_LENGTH,
             "pattern": r"[^ \t]",
-            "description": ID_TEXT + "; spaces around it are trimmed, and it is not blank",
+            "description": _MODEL_TEXT + ", and it is not blank",
         }
     ),
 ]
-"""A model a usage report names, in its one spelling: trimmed (" gpt-4o" is gpt-4o, priced
-and reported as such) and not blank (a report of model "   " was accepted, unpriced, its
-spend out of the reports' totals and a blank row in spend by model: a newcomer probe)."""
+"""A model a usage report names, in its one spelling (``app.ids.normal_id``): trimmed
+(" gpt-4o" is gpt-4o, priced and reported as such), NFC (a name typed in decomposed
+Unicode is the one a price override spells composed), and not blank (a report of model
+"   " was accepted, unpriced, its spend out of the reports' totals and a blank row in spend
+by model: a newcomer probe)."""
+
+OptionalModelName = Annotated[
+    str,
+    PlainValidator(_normal_model_name),
+    WithJsonSchema({"type": "string", "maxLength": MAX_ID_LENGTH, "description": _MODEL_TEXT}),
+]
+"""As ``ModelName``, where blank ("" or spaces) means not given: the model a usage report
+says was asked for is spelled as the one served is (it was not trimmed: "gpt-4o " asked for
+was an unpriced model of its own, and " auto" slipped past the router alias's refusal)."""
 
 
 def _integer(value: Any, low: int, high: int) -> int:

@@ -39,6 +39,7 @@ from app.validation import (
     Id,
     ModelName,
     NormalId,
+    OptionalModelName,
     TokenCount,
     custom_error,
     first_problem,
@@ -295,10 +296,10 @@ class UsageReport(_Report):
         description="Optional; if given it must equal prompt_tokens + completion_tokens "
         "(prompt and completion tokens are what is priced)",
     )
-    model_requested: Id | None = Field(
+    model_requested: OptionalModelName | None = Field(
         default=None,
         description="Model the caller asked for, when a router served `model` instead "
-        "(the difference is reported as routing savings)",
+        "(the difference is reported as routing savings); blank is not given",
     )
     cache_hit: bool = Field(
         default=False,

@@ -91,6 +91,32 @@ def test_a_model_with_spaces_around_it_is_that_model(model: str) -> None:
     assert report["model"] == "gpt-4o"
 
 
+def test_the_model_asked_for_is_spelled_as_the_model_served_is() -> None:
+    """``model`` was trimmed and ``model_requested`` was not: "gpt-4o " asked for was an
+    unpriced model of its own (no routing saving, a row of its own in the routing report)
+    and " auto" slipped past the refusal of the router's alias. Both are in the one
+    spelling of an id (``normal_id``: trimmed, NFC), as a user or request id is: a model
+    named in decomposed Unicode is the one its price override names composed."""
+    composed, decomposed = "mod\u00e8le-7b", "mode\u0300le-7b"
+    [report] = parse_usage_reports(
+        {"model": decomposed, "model_requested": " gpt-4o\t", "prompt_tokens": 1,
+         "completion_tokens": 1},
+        resolve,
+    )  # fmt: skip
+    assert (report["model"], report["model_requested"]) == (composed, "gpt-4o")
+    [report] = parse_usage_reports(
+        {"model": "m", "model_requested": f" {decomposed}", "prompt_tokens": 1,
+         "completion_tokens": 1},
+        resolve,
+    )  # fmt: skip
+    assert report["model_requested"] == composed
+    [report] = parse_usage_reports(
+        {"model": "m", "model_requested": "  ", "prompt_tokens": 1, "completion_tokens": 1},
+        resolve,
+    )
+    assert report["model_requested"] is None  # blank: not given, as "" was
+
+
 def test_future_timestamps_are_refused() -> None:
     future = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
     with pytest.raises(TollgateError, match="future"):
