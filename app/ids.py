@@ -18,6 +18,10 @@ NO_ID_LABEL = "(none)"  # what reports show for a call without a feature (or ses
 # The user a call names none of is charged to (attribution); reports match an outcome the
 # anonymous user posted (its ``user_id`` NULL in the warehouse) to calls of this user.
 ANONYMOUS_USER = "anonymous"
+ESCALATED_PREFIX = "escalated_"
+"""The ``error_type`` of a routed call's attempt that failed and was retried on a dearer
+tier: paid (its cost counts) but not a request (no baseline, no request count), as the
+warehouse's ``superseded`` (``app.warehouse.reports.SUPERSEDED``)."""
 
 
 def normal_id(value: str) -> str:

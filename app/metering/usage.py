@@ -27,15 +27,10 @@ from typing import Any
 from app.events import clients
 from app.events.codec import EventCodec, build_codec
 from app.events.producer import send_now, usage_message
+from app.ids import ESCALATED_PREFIX as ESCALATED_PREFIX  # re-exported: the event's vocabulary
 from app.metering.attribution import Identity
 from app.pricing.catalog import PriceCatalog
 from app.settings import Settings
-
-ESCALATED_PREFIX = "escalated_"
-"""The ``error_type`` of a routed call's attempt that failed and was retried on a dearer
-tier: paid (its cost counts) but not a request (no baseline, no request count), as the
-warehouse's ``superseded`` (``app.warehouse.rollups``)."""
-
 
 GATEWAY_REQUEST_ID = re.compile(r"req_[0-9a-f]{32}")
 """The request ids the gateway gives its calls (``new_id("req_")``)."""

@@ -16,6 +16,7 @@ from typing import Any
 
 from clickhouse_connect.driver.binding import DT64Param
 
+from app.ids import ESCALATED_PREFIX
 from app.pricing.catalog import usd_text
 
 MAX_RANGE = timedelta(days=400)
@@ -161,14 +162,17 @@ _RAW_MEASURES = """countIf(NOT superseded) AS requests,
     sumIf(in_requested, NOT price_unknown AND NOT superseded) AS requested_cost_usd,
     sum(in_cache_saved) AS cache_saved_usd,
     sum(in_prompt_cache_saved) AS prompt_cache_saved_usd"""
-_RAW_ROWS = """SELECT ts, user_id, team, feature, tier, provider, model_served, cache_hit, status,
+# A usage row of an attempt escalated to a dearer tier (paid, not a request): its
+# ``error_type`` starts with the prefix the gateway writes.
+SUPERSEDED = f"startsWith(ifNull(error_type, ''), '{ESCALATED_PREFIX}')"
+_RAW_ROWS = f"""SELECT ts, user_id, team, feature, tier, provider, model_served, cache_hit, status,
         price_unknown, prompt_tokens AS in_prompt, completion_tokens AS in_completion,
         cached_tokens AS in_cached, cost_usd AS in_cost, baseline_cost_usd AS in_baseline,
         cache_saved_usd AS in_cache_saved, prompt_cache_saved_usd AS in_prompt_cache_saved,
         ifNull(requested_cost_usd, cost_usd + cache_saved_usd + prompt_cache_saved_usd)
             AS in_requested,
-        startsWith(ifNull(error_type, ''), 'escalated_') AS superseded
-    FROM usage_events FINAL WHERE {edges}"""
+        {SUPERSEDED} AS superseded
+    FROM usage_events FINAL WHERE {{edges}}"""
 
 
 @dataclass(frozen=True)
@@ -762,8 +766,7 @@ def escalated_attempts(client: Any, window: Range) -> tuple[int, Decimal]:
     the cost, not requests) and what they cost: what escalation spent on answers nobody saw."""
     row = client.query(
         "SELECT count(), sum(cost_usd) FROM usage_events FINAL "
-        "WHERE ts >= %(start)s AND ts < %(end)s "
-        "AND startsWith(ifNull(error_type, ''), 'escalated_')",
+        f"WHERE ts >= %(start)s AND ts < %(end)s AND {SUPERSEDED}",
         parameters=window.params(),
     ).result_rows[0]
     return int(row[0]), _money(row[1] or 0)

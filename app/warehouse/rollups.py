@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from app.warehouse.clickhouse import MIGRATIONS_DIR, _statements
+from app.warehouse.reports import SUPERSEDED
 
 log = logging.getLogger(__name__)
 HOUR = timedelta(hours=1)
@@ -82,9 +83,7 @@ class Backfill:
 # Migrations that change a view's query, or add a view, and which hours of its raw table
 # stored before then it counts differently: they are rebuilt once that migration is applied.
 REBUILD_AFTER = {
-    "011_client_requests": (
-        Backfill("usage_events", "startsWith(ifNull(error_type, ''), 'escalated_')"),
-    ),
+    "011_client_requests": (Backfill("usage_events", SUPERSEDED),),
     # a new view: the calls refused before it existed are counted
     "012_refused_calls": (
         Backfill("request_events", "status = 'blocked'", ("refused_minute_mv",), new=True),
