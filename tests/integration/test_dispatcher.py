@@ -939,15 +939,23 @@ def test_usage_model_requested_auto_is_a_400_and_an_unpriced_one_is_said(stack: 
         error = auto.json()["error"]
         assert error["param"] == "records[1].model_requested"
         assert "asked for" in error["message"] and "leave it out" in error["message"]
+        # spelled as `model` is (trimmed): " auto" slipped past, "gpt-4o " had no price
+        spaced = http.post(
+            f"{stack.url}/v1/usage",
+            json={**record, "model_requested": " auto ", "request_id": "mr-2b"},
+        )
+        assert spaced.status_code == 400, spaced.text
+        assert spaced.json()["error"]["param"] == "records[0].model_requested"
         batch = [
             {**record, "model_requested": "gpt-4o", "request_id": "mr-3"},
             {**record, "model_requested": "my-router-v2", "request_id": "mr-4"},
             {**record, "request_id": "mr-5"},
+            {**record, "model_requested": " gpt-4o ", "request_id": "mr-6"},
         ]
         posted = http.post(f"{stack.url}/v1/usage", json=batch)
     assert posted.status_code == 202, posted.text
     events = posted.json()["events"]
-    assert [e["model_requested_price_unknown"] for e in events] == [False, True, False]
+    assert [e["model_requested_price_unknown"] for e in events] == [False, True, False, False]
     assert not any(e["price_unknown"] for e in events)  # the served model has its price
 
 
