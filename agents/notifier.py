@@ -806,13 +806,16 @@ class Notifier:
             while not stop.is_set():
                 fetched = await consumer.getmany(timeout_ms=200)
                 assigned = consumer.assignment()
+                handled_through: dict[Any, int] = {}  # partitions with committed offsets
                 for tp in assigned - started:
                     committed = await consumer.committed(tp)
                     if committed is None:
                         await self._settle_start(consumer, tp, fetched.get(tp))
                     else:
-                        await self._remember_handled(tp, committed)
+                        handled_through[tp] = committed
                     started.add(tp)
+                if handled_through:
+                    await self._remember_handled(handled_through)
                 if not self.ready.is_set() and assigned:
                     self.ready.set()
                 offsets.forget(assigned)
@@ -845,38 +848,52 @@ class Notifier:
         position = await consumer.position(tp)
         await consumer.commit({tp: fetched[0].offset if fetched else position})
 
-    async def _remember_handled(self, tp: Any, committed: int) -> None:
-        """The event ids of the last ``SENT_IDS_KEPT`` alerts before ``committed`` on ``tp``:
-        they were handled (every paging target done with them), so a repeat of one is not
-        sent again. The anomaly agent publishes again, under the same ids, what it had
-        published since its last checkpoint; with the notifier restarted too, every incident
-        was paged twice (a fault probe killing both)."""
+    async def _remember_handled(self, committed: dict[Any, int]) -> None:
+        """The event ids of the last ``SENT_IDS_KEPT`` alerts before each partition's
+        ``committed`` offset, read by one consumer assigned all of them: they were handled
+        (every paging target done with them), so a repeat of one is not sent again. The
+        anomaly agent publishes again, under the same ids, what it had published since its
+        last checkpoint; with the notifier restarted too, every incident was paged twice (a
+        fault probe killing both)."""
         reader = clients.consumer(
             self.settings, purpose="notifier-lookback", group_id=None, auto_offset_reset="earliest"
         )
         decoder = EventReader(self.codec, "notifier look-back", expect="Alert")
-        remembered = 0
+        remembered = dict.fromkeys(committed, 0)
+        partitions = sorted(tp.partition for tp in committed)
         try:
             await reader.start()
-            reader.assign([tp])
-            begin = (await reader.beginning_offsets([tp]))[tp]
-            reader.seek(tp, max(begin, committed - SENT_IDS_KEPT))
+            reader.assign(list(committed))
+            beginnings = await reader.beginning_offsets(list(committed))
+            left: set[Any] = set()  # partitions with records before their committed offset
+            for tp, offset in committed.items():
+                start = max(beginnings[tp], offset - SENT_IDS_KEPT)
+                if start < offset:
+                    reader.seek(tp, start)
+                    left.add(tp)
+                else:
+                    reader.pause(tp)  # nothing handled there to read back
             deadline = time.monotonic() + LOOKBACK_TIMEOUT_S
-            while await reader.position(tp) < committed and time.monotonic() < deadline:
-                batch = await reader.getmany(tp, timeout_ms=500)
-                for message in batch.get(tp, []):
-                    if message.offset >= committed:
-                        break
-                    record = decoder.record(message)
-                    event_id = record.get("event_id") if record is not None else None
-                    if isinstance(event_id, str):
-                        self.handled[event_id] = None
-                        remembered += 1
+            while left and time.monotonic() < deadline:
+                batch = await reader.getmany(timeout_ms=500)
+                for tp, messages in batch.items():
+                    for message in messages:
+                        if message.offset >= committed[tp]:
+                            break
+                        record = decoder.record(message)
+                        event_id = record.get("event_id") if record is not None else None
+                        if isinstance(event_id, str):
+                            self.handled[event_id] = None
+                            remembered[tp] += 1
+                for tp in list(left):
+                    if await reader.position(tp) >= committed[tp]:
+                        left.discard(tp)
+                        reader.pause(tp)  # read up to its committed offset: no further
         except KafkaError as exc:  # a repeat may then be sent again: at least once, as before
             log.warning(
                 "notifier could not read back the alerts it had handled; a repeat of one "
                 "may be sent again",
-                extra={"partition": tp.partition, "error": str(exc)},
+                extra={"partitions": partitions, "error": str(exc)},
             )
         finally:
             await clients.stop_within(reader)
@@ -884,7 +901,11 @@ class Notifier:
             self.handled.popitem(last=False)
         log.info(
             "notifier remembers the alerts it had handled",
-            extra={"partition": tp.partition, "alerts": remembered, "committed": committed},
+            extra={
+                "partitions": partitions,
+                "alerts": sum(remembered.values()),
+                "committed": {tp.partition: offset for tp, offset in committed.items()},
+            },
         )
 
     def _handle(self, message: Any, ticket: Callable[[int], Ticket] | None = None) -> None:

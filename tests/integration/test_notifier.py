@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 
 from agents.notifier import Notifier, RetryPolicy, iso, json_payload
 from app.alerts_config import AlertTarget
+from app.events import clients
 from app.events.codec import EventCodec
 from app.events.topics import ensure_topics
 from app.settings import Settings
@@ -85,7 +86,10 @@ def resolve(fired: dict[str, Any]) -> dict[str, Any]:
 
 
 async def produce(
-    settings: Settings, records: list[dict[str, Any]], extra: list[bytes] = ()
+    settings: Settings,
+    records: list[dict[str, Any]],
+    extra: list[bytes] = (),
+    partition: int | None = None,
 ) -> None:
     codec = EventCodec()
     producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
@@ -98,6 +102,7 @@ async def produce(
                 settings.topic("alerts"),
                 codec.encode("Alert", record),
                 key=record["alert_key"].encode(),
+                partition=partition,
             )
         await producer.flush()
     finally:
@@ -552,6 +557,46 @@ async def test_an_alert_the_agent_publishes_again_after_a_crash_is_not_paged_aga
     sent = [b["event_id"] for b in hook.bodies()]  # (partitions: in no set order)
     assert sorted(sent) == sorted(a["event_id"] for a in [*fired, again[-1]]), sent
     assert count(registry, "hook", "skipped_duplicate") == 2
+
+
+async def test_a_restarted_notifier_remembers_what_it_handled_on_every_partition(
+    kafka_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The look-back reads every assigned partition's handled records (up to its committed
+    offset) with one consumer, not one per partition: repeats the agent publishes again on
+    each of the three partitions are all skipped, and what is new on each is sent."""
+    await ensure_topics(kafka_settings)
+    partitions = range(kafka_settings.topic_partitions)
+    fired = {p: [alert(scope=f"user:p{p}-{i}") for i in range(3)] for p in partitions}
+    lookbacks: list[str] = []
+    opened = clients.consumer
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("purpose") == "notifier-lookback":
+            lookbacks.append(kwargs["purpose"])
+        return opened(*args, **kwargs)
+
+    monkeypatch.setattr(clients, "consumer", counting)
+    async with receivers(("/hook", Receiver())) as (hook,):
+        target = AlertTarget(name="hook", url=hook.url)
+        first = Notifier(kafka_settings, [target], registry=CollectorRegistry(), retry=FAST_RETRY)
+        async with running(first):
+            for p in partitions:
+                await produce(kafka_settings, fired[p], partition=p)
+            await wait_until(lambda: len(hook.requests) == 3 * len(partitions), 30)
+        new = {p: alert(scope=f"user:p{p}-new") for p in partitions}
+        for p in partitions:  # the agent, restarted, publishes again, then something new
+            await produce(kafka_settings, [*fired[p][1:], new[p]], partition=p)
+        registry = CollectorRegistry()
+        second = Notifier(kafka_settings, [target], registry=registry, retry=FAST_RETRY)
+        async with running(second):
+            await wait_until(lambda: len(hook.requests) >= 4 * len(partitions), 30)
+            await asyncio.sleep(0.5)  # anything extra would arrive now
+    sent = sorted(b["event_id"] for b in hook.bodies())
+    want = [a["event_id"] for p in partitions for a in [*fired[p], new[p]]]
+    assert sent == sorted(want), sent
+    assert count(registry, "hook", "skipped_duplicate") == 2 * len(partitions)
+    assert len(lookbacks) == 1, lookbacks  # the second notifier's, for all its partitions
 
 
 async def test_tollgate_notify_serves_its_delivery_counts_on_its_metrics_port(
