@@ -65,6 +65,7 @@ from agents.anomaly.core import (
     is_user_scope,
     money_per_hour,
     span_text,
+    with_lead,
 )
 from app.alerts_config import SEVERITY_FIRED, SEVERITY_RAISED_FROM, severity_rank
 from app.anomaly_config import DetectorSettings
@@ -255,9 +256,9 @@ class AlertManager:
         record = self._record(
             key, incident, verdict, "firing", max(verdict.ts, incident.first_seen)
         )
-        record["message"] = (
-            f"now {level} (fired as a {before} at {incident.first_seen:%H:%M:%S} UTC): "
-            f"{record['message']}"
+        record["message"] = with_lead(
+            f"now {level} (fired as a {before} at {incident.first_seen:%H:%M:%S} UTC)",
+            record["message"],
         )
         record["details"][SEVERITY_RAISED_FROM] = before
         return [record]
@@ -419,7 +420,7 @@ class AlertManager:
         if status == "firing":
             message = shown.explanation
             if incident.recurring:
-                message = f"recurring: {message}; {incident.recurring}"
+                message = with_lead("recurring", f"{message}; {incident.recurring}")
             impact = shown.impact_usd_per_hour
         else:
             # The same metric, unit and window as the firing record; the latest value of it.

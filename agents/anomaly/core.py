@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -158,6 +159,25 @@ def money_per_hour(usd_per_hour: float) -> str:
     size = abs(usd_per_hour)
     text = f"${size:,.2f}" if size >= 0.01 else f"${size:.4f}"
     return f"about {text}/hour {'above' if usd_per_hour >= 0 else 'below'} expected"
+
+
+# The leads an alert's message may open with, one after the other in one lead: a recurrence
+# ("recurring"), a severity update ("now critical (fired as a warning at ...)"), an
+# escalation ("escalated").
+_LEAD_PART = re.compile(r"escalated|recurring|now (?:info|warning|critical) \(fired as [^)]*\)")
+
+
+def with_lead(lead: str, message: str) -> str:
+    """``lead: message``; a message that opens with a lead already gets one lead naming
+    both (``escalated, now critical (...): ...``), never two stacked ("now critical (...):
+    recurring: ..." read as two prefixes), and a lead it has already is not added again."""
+    head, sep, rest = message.partition(": ")
+    parts = head.split(", ")
+    if not sep or not all(_LEAD_PART.fullmatch(part) for part in parts):
+        return f"{lead}: {message}"
+    if lead in parts:
+        return message
+    return f"{lead}, {head}: {rest}"
 
 
 @runtime_checkable

@@ -72,7 +72,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from agents.anomaly.core import money_per_hour
+from agents.anomaly.core import money_per_hour, with_lead
 from app.alerts_config import (
     ANY_KIND,
     DEFAULT_SEVERITY,
@@ -369,7 +369,7 @@ class Correlator:
         others = [k for k in group.members if k != group.primary]
         escalated = {
             **alert,
-            "message": f"escalated: {alert['message']}",
+            "message": with_lead("escalated", alert["message"]),
             "details": {**alert["details"], "escalated_from": before},
         }
         out.append(self._mark(escalated, group, "primary", others))

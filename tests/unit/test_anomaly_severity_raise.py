@@ -110,7 +110,8 @@ def test_a_trailing_member_that_grows_critical_after_the_page_resolved_pages_aga
     raised = [r for r in user if "severity_raised_from" in r["details"]]
     assert len(raised) == 1, [(r["status"], r["incident_role"], r["message"]) for r in user]
     assert raised[0]["incident_role"] == "primary", raised[0]
-    assert raised[0]["message"].startswith("escalated: now critical"), raised[0]["message"]
+    assert raised[0]["message"].startswith("escalated, now critical ("), raised[0]["message"]
+    assert _leads(raised[0]["message"]) == 1, raised[0]["message"]
     assert [r["status"] for r in _paged(run, PAGER)] == ["firing", "resolved"]
     _check(run)
 
@@ -321,3 +322,33 @@ def test_an_update_has_an_event_id_of_its_own_in_the_agent() -> None:
     ids = [stable_event_id(r) for r in run.published]
     assert len(set(ids)) == len(ids), [(r["status"], r["message"][:40]) for r in run.published]
     assert ids == [stable_event_id(dict(r)) for r in run.published]
+
+
+LEADS = ("escalated", "recurring", "now info", "now warning", "now critical")
+
+
+def _leads(message: str) -> int:
+    """How many leads ("escalated: ", "recurring: ", "now critical (...): ") open
+    ``message`` one after the other."""
+    count = 0
+    while message.startswith(LEADS) and ": " in message:
+        count += 1
+        message = message.split(": ", 1)[1]
+    return count
+
+
+def test_a_recurring_incident_that_grows_critical_has_one_lead() -> None:
+    """A loop at 2x resolved, anomalous all through its cooldown, fired again (recurring)
+    and went to 40x: the update read "now critical (fired as a warning at ...): recurring:
+    request rate ...", two prefixes stacked. One lead names both."""
+    steps = [(0, 1, 1, True, 2.0, False), (0, 8, 600, True, 2.0, False),
+             (0, 6, 20, True, 40.0, False)]  # fmt: skip
+    run = _play([_key("user:u1", "volume_spike")], steps)
+    raised = [r for r in run.published if "severity_raised_from" in r["details"]]
+    assert len(raised) == 1, [r["message"] for r in run.published]
+    message = raised[0]["message"]
+    assert message.startswith(
+        "now critical (fired as a warning at 09:40:01 UTC), recurring: request rate for user:u1"
+    ), message
+    assert [_leads(r["message"]) for r in run.published if r["status"] == "firing"] == [0, 1, 1]
+    _check(run)
