@@ -28,7 +28,9 @@ But a related alert that is the first of its incident a target's ``min_severity`
 ``kinds`` let through pages that target (``AlertTarget.first_for_it``: the correlator says
 the kinds and severities of the incident's records before it), and so does that member's
 resolve: a critical-only pager heard nothing of an incident paged as a warning that became
-critical, a cost-only target nothing of a volume page with a related cost alert.
+critical, a cost-only target nothing of a volume page with a related cost alert. A resolve
+goes to no target that none of its alert's firing records paged (``skipped_unpaged``:
+``AlertTarget.missed_its_firing``).
 Every message states the money at stake when the alert carries it.
 
 Flow: a plain aiokafka consumer group reads the alerts topic; every decoded
@@ -414,7 +416,7 @@ class NotifierMetrics:
             "Alert notifications by target and outcome: delivered, failed (gave up or "
             "rejected), retried (one per retry), dropped (queue full, oldest dropped), "
             "skipped_duplicate (read again after a rebalance, sent already), skipped_historical, "
-            "skipped_related",
+            "skipped_related, skipped_unpaged (the resolve of an alert the target never got)",
             ["target", "outcome"],
             registry=r,
         )
@@ -753,13 +755,22 @@ class Notifier:
         for worker in paging:
             worker.offer(alert, handed)
         for reason, names in declined.items():
-            why = (
-                "historical: it is about the past (a replay or a backlog); set "
-                "include_historical on a target to page such alerts"
-                if reason == "historical"
-                else "related: it is attached to its incident's page "
-                f"({alert.get('incident_key') or 'no key'}); set include_related to get it too"
-            )
+            if reason == "historical":
+                why = (
+                    "historical: it is about the past (a replay or a backlog); set "
+                    "include_historical on a target to page such alerts"
+                )
+            elif reason == "unpaged":
+                why = (
+                    "unpaged: the resolve of an alert this target was not paged (neither its "
+                    "firing nor its severity update passed the target's filters as news)"
+                )
+            else:
+                why = (
+                    "related: it is attached to its incident's page "
+                    f"({alert.get('incident_key') or 'no key'}); set include_related to get "
+                    "it too"
+                )
             log.info(
                 f"alert not paged to {', '.join(names)}: {why}",
                 extra={

@@ -47,6 +47,13 @@ ANY_KIND = "*"
 RESOLVES_PAGE = "resolves_page"
 # On the resolve of a member that rose: the severity it fired at (Alertmanager's label set).
 SEVERITY_FIRED = "severity_fired"
+# On the resolve of a member that rose: the severity its first published firing record
+# had (the page states its severity as of the page: it may be the risen one), and what the
+# incident's published firing records were before its update (as ``incident_heard_before``;
+# "" when the update was the page). A target its firing did not reach heard of it only if
+# the update paged it.
+SEVERITY_PUBLISHED = "severity_published"
+RAISED_HEARD_BEFORE = "raised_heard_before"
 
 
 class AlertTarget(BaseModel):
@@ -126,6 +133,8 @@ class AlertTarget(BaseModel):
         is about the past, or rides along with its incident's page. None: it pages."""
         if alert.get("historical") and not self.include_historical:
             return "historical"
+        if not self.include_related and self.missed_its_firing(alert):
+            return "unpaged"
         if (
             alert.get("incident_role") == "related"
             and not self.include_related
@@ -135,6 +144,21 @@ class AlertTarget(BaseModel):
         ):
             return "related"
         return None
+
+    def missed_its_firing(self, alert: dict[str, Any]) -> bool:
+        """Whether ``alert`` is the resolve of an alert this target was never paged: its
+        firing was below the target's filters (``details.severity_published``) and its update,
+        when it rose, was not the target's first record of the incident either
+        (``details.raised_heard_before``). A user's loop that fired as a warning and went
+        critical after another member had paged a critical-only target sent that target
+        its resolve, the end of an alert it never got (a stray resolve)."""
+        details = alert.get("details") or {}
+        fired, raised = details.get(SEVERITY_PUBLISHED), details.get(RAISED_HEARD_BEFORE)
+        if alert.get("status") != "resolved" or fired is None or raised is None:
+            return False
+        if self._lets_through(str(alert.get("kind")), str(fired)):
+            return False  # its firing reached this target (or was its incident's to say)
+        return any(self._lets_through(k, v) for k, v in parse_heard(str(raised)).items())
 
     def first_for_it(self, alert: dict[str, Any]) -> bool:
         """Whether ``alert``, attached to an incident, is the first of it this target's

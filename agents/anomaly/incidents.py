@@ -79,7 +79,9 @@ from app.alerts_config import (
     INCIDENT_HEARD_BEFORE,
     INCIDENT_SEVERITY_BEFORE,
     NO_SEVERITY,
+    RAISED_HEARD_BEFORE,
     RESOLVES_PAGE,
+    SEVERITY_PUBLISHED,
     SEVERITY_RAISED_FROM,
     heard_text,
     severity_rank,
@@ -131,6 +133,11 @@ class Group:
     # and per member what it was before the member's first firing record.
     heard: dict[str, str] | None = None
     first_heard: dict[str, str] | None = None
+    # Per member whose severity rose: what was heard before its update ("" when the update
+    # was the page); its resolve says so (``raised_heard_before``), so it goes where the
+    # update went, not to a target that neither its firing nor its update paged.
+    raised_heard: dict[str, tuple[str, str]] | None = None  # (first's severity, heard)
+    first_severity: dict[str, str] | None = None  # per member, its first firing record's
 
     def heard_so_far(self) -> dict[str, str]:
         if self.heard is not None:
@@ -611,9 +618,17 @@ class Correlator:
             before, heard = group.notified, group.heard_so_far()
             heard_before = heard_text(heard)
             first_heard = group.first_heard = group.first_heard or {}
+            raised_heard = group.raised_heard = group.raised_heard or {}
+            first_severity = group.first_severity = group.first_severity or {}
+            severity = str(alert.get("severity", DEFAULT_SEVERITY))
             if key not in firsts or SEVERITY_RAISED_FROM not in details:
                 firsts[key], first_heard[key] = before, heard_before
-            severity = str(alert.get("severity", DEFAULT_SEVERITY))
+                first_severity[key] = severity
+                raised_heard.pop(key, None)  # a new lifecycle of the key: not risen (yet)
+            elif key in first_severity:
+                # its update: a target its firing did not reach hears of it here, or not
+                heard_at_update = "" if role == "primary" else heard_before
+                raised_heard[key] = (first_severity[key], heard_at_update)
             if severity_rank(severity) > severity_rank(before):
                 group.notified = severity
             kind = str(alert.get("kind"))
@@ -629,6 +644,14 @@ class Correlator:
             marked["details"] = {**details, INCIDENT_SEVERITY_BEFORE: firsts[key]}
             if group.first_heard and key in group.first_heard:
                 marked["details"][INCIDENT_HEARD_BEFORE] = group.first_heard[key]
+        if alert["status"] != "firing" and group.raised_heard and key in group.raised_heard:
+            # and where its update went, for a target its firing did not reach
+            published, heard_at_update = group.raised_heard[key]
+            marked["details"] = {
+                **marked.get("details", details),
+                SEVERITY_PUBLISHED: published,
+                RAISED_HEARD_BEFORE: heard_at_update,
+            }
         if others:
             listed = ", ".join(others[:8]) + (
                 f" and {len(others) - 8} more" if len(others) > 8 else ""

@@ -458,12 +458,21 @@ async def test_a_target_paging_only_critical_alerts_is_paged_by_an_incidents_fir
         end = {**loop, "event_id": uuid.uuid4().hex, "status": "resolved"}
         later = {**loop, "event_id": uuid.uuid4().hex, "scope": "user:u2"}
         later["details"] = {"incident_severity_before": "critical"}  # the pager has heard
-        await produce(kafka_settings, [page, loop, end, later])
+        # the page rose to critical after the loop paged the pager (its update was not the
+        # pager's news): its resolve is not the pager's either, it never got that alert
+        page_end = {**page, "event_id": uuid.uuid4().hex, "status": "resolved"}
+        page_end["severity"] = "critical"
+        page_end["details"] = {
+            "severity_fired": "warning",
+            "severity_published": "warning",
+            "raised_heard_before": "volume_spike=critical",
+        }
+        await produce(kafka_settings, [page, loop, end, later, page_end])
         async with running(notifier):
-            await wait_until(lambda: len(pager.requests) == 2 and len(chat.requests) == 1)
+            await wait_until(lambda: len(pager.requests) == 2 and len(chat.requests) == 2)
             await asyncio.sleep(0.5)  # anything extra would arrive now
     assert [b["event_id"] for b in pager.bodies()] == [loop["event_id"], end["event_id"]]
-    assert [b["event_id"] for b in chat.bodies()] == [page["event_id"]]
+    assert [b["event_id"] for b in chat.bodies()] == [page["event_id"], page_end["event_id"]]
 
 
 async def test_alerts_queued_when_the_notifier_dies_are_delivered_by_the_next_one(

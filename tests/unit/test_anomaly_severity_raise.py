@@ -352,3 +352,55 @@ def test_a_recurring_incident_that_grows_critical_has_one_lead() -> None:
     ), message
     assert [_leads(r["message"]) for r in run.published if r["status"] == "firing"] == [0, 1, 1]
     _check(run)
+
+
+def _stray_resolves(run: Run, target: AlertTarget) -> list[str]:
+    """The keys of resolves paged to ``target`` in an incident where no firing record of
+    their alert was."""
+    paged = _paged(run, target)
+    fired = {(r["incident_key"], r["alert_key"]) for r in paged if r["status"] == "firing"}
+    return [
+        r["alert_key"]
+        for r in paged
+        if r["status"] == "resolved" and (r["incident_key"], r["alert_key"]) not in fired
+    ]
+
+
+def test_a_member_that_grows_critical_after_another_paged_the_pager_sends_it_no_resolve() -> None:
+    """A feature's warning page; a user at 2x joins it (a warning: not the pager's); another
+    user at 40x joins and pages the pager (the incident's first critical record); then the
+    first user goes to 40x too: its update is not the pager's first of the incident, so it
+    is not paged there. Its resolve went to the pager all the same (it carried what the
+    incident had heard before the user's warning firing): a resolve of an alert the pager
+    never got."""
+    keys = [_key("feature:a", "volume_spike"), _key("user:u1", "volume_spike"),
+            _key("user:u3", "volume_spike")]  # fmt: skip
+    episodes = [(0, 0, 20, 30, 2.0, False), (1, 1, 15, 30, 2.0, False),
+                (2, 3, 5, 30, 40.0, False), (1, 8, 5, 20, 40.0, False)]  # fmt: skip
+    run = _play(keys, _episodes(keys, episodes, 60))
+    pager = [(r["alert_key"], r["status"]) for r in _paged(run, PAGER)]
+    assert pager == [
+        ("volume_spike|user:u3", "firing"),
+        ("volume_spike|user:u3", "resolved"),
+    ], pager
+    assert not _stray_resolves(run, PAGER)
+    chat = [(r["alert_key"], r["status"]) for r in _paged(run, CHAT)]
+    assert chat == [("volume_spike|feature:a", "firing"), ("volume_spike|feature:a", "resolved")]
+    _check(run)
+
+
+def test_a_page_that_grows_critical_after_a_member_paged_the_pager_sends_it_no_resolve() -> None:
+    """The same with the page itself growing critical: the pager heard of the incident from
+    the user's 40x loop, and was sent the feature's resolve (a PagerDuty ``resolve`` of a
+    ``dedup_key`` it never triggered; a Slack or JSON receiver shows it)."""
+    keys = [_key("feature:a", "volume_spike"), _key("user:u3", "volume_spike")]
+    episodes = [(0, 0, 20, 30, 2.0, False), (1, 3, 5, 30, 40.0, False),
+                (0, 8, 5, 20, 40.0, False)]  # fmt: skip
+    run = _play(keys, _episodes(keys, episodes, 60))
+    pager = [(r["alert_key"], r["status"]) for r in _paged(run, PAGER)]
+    assert pager == [
+        ("volume_spike|user:u3", "firing"),
+        ("volume_spike|user:u3", "resolved"),
+    ], pager
+    assert not _stray_resolves(run, PAGER)
+    _check(run)

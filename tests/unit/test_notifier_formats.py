@@ -21,6 +21,7 @@ from aiokafka import TopicPartition
 from prometheus_client import CollectorRegistry
 
 from agents.notifier import (
+    Notifier,
     NotifierMetrics,
     OffsetsInFlight,
     RetryPolicy,
@@ -35,6 +36,7 @@ from agents.notifier import (
     slack_payload,
 )
 from app.alerts_config import AlertTarget, AlertTargetError, parse_alert_targets, redact_url
+from app.events.codec import EventCodec
 from app.logs import JsonFormatter, TextFormatter
 from app.settings import Settings
 
@@ -563,6 +565,34 @@ def test_a_related_alert_pages_a_target_none_of_its_incidents_records_reached() 
     assert pager.declines(alert(incident_role="related")) == "related"  # before it: as before
     assert not pager.accepts(alert(severity="warning", incident_role="related",
                                    details={"incident_severity_before": "none"}))  # fmt: skip
+
+
+def test_the_resolve_of_an_alert_a_target_was_never_paged_is_not_sent_there() -> None:
+    """A loop fired as a warning, and rose to critical after another member had paged the
+    critical-only pager: neither its firing nor its update reached the pager, and its
+    resolve (critical) did. ``details.severity_published``: its firing's severity;
+    ``details.raised_heard_before``: what the incident had published before its update."""
+    pager, chat = target(name="pager", min_severity="critical"), target(name="chat")
+    after_a_critical = {"severity_published": "warning", "raised_heard_before": "x=critical"}
+    stray = resolved(incident_role="primary", details=after_a_critical)
+    assert pager.accepts(stray) and pager.declines(stray) == "unpaged"
+    assert chat.declines(stray) is None  # its warning firing reached it
+    assert target(min_severity="critical", include_related=True).declines(stray) is None
+    heard_first = {"severity_published": "warning", "raised_heard_before": "x=warning"}
+    assert pager.declines(resolved(incident_role="primary", details=heard_first)) is None
+    the_page = {"severity_published": "warning", "raised_heard_before": ""}  # update paged
+    assert pager.declines(resolved(incident_role="primary", details=the_page)) is None
+    fired_critical = {"severity_published": "critical", "raised_heard_before": "x=critical"}
+    assert pager.declines(resolved(incident_role="primary", details=fired_critical)) is None
+    assert pager.declines(resolved(incident_role="primary")) is None  # an older agent's
+    assert pager.declines(alert(details=after_a_critical)) is None  # a firing: as before
+    notifier = Notifier(
+        Settings(), [pager, chat], registry=(registry := CollectorRegistry()), codec=EventCodec()
+    )
+    assert notifier.dispatch(stray) == 1
+    assert [w.queue.qsize() for w in notifier.workers] == [0, 1]
+    skipped = {"target": "pager", "outcome": "skipped_unpaged"}
+    assert registry.get_sample_value("tollgate_alert_notifications_total", skipped) == 1
 
 
 async def test_an_alert_read_again_is_not_delivered_again_by_the_same_notifier(
