@@ -54,7 +54,8 @@ after the retries, or dropped from a full queue (counted and logged). A notifier
 dies with alerts queued leaves them to its successor, which sends them again (so does
 a target that had answered just before the crash: PagerDuty de-duplicates on
 ``dedup_key`` and Alertmanager on labels, so a repeat is harmless there; JSON receivers
-can de-duplicate on ``event_id``; Slack shows the line twice). Within one process a target
+can de-duplicate on ``event_id``, also sent as the ``Idempotency-Key`` header; Slack shows
+the line twice). Within one process a target
 is never sent the same ``event_id`` twice: a notifier frozen past its consumer session (a
 ``SIGSTOP``, a long GC pause) gets its partitions back at the committed offset and reads
 again what it had just delivered; those are skipped and counted (``skipped_duplicate``). A dead target never holds
@@ -120,6 +121,8 @@ DROP_LOG_INTERVAL_S = 10.0
 SENT_IDS_KEPT = 10_000
 LOOKBACK_TIMEOUT_S = 30.0  # reading back what was handled before a start, at most
 BODY_LOG_CHARS = 300
+# On a ``json`` target's posts: the alert's event id, the same on a re-send.
+IDEMPOTENCY_HEADER = "Idempotency-Key"
 
 # -- secrets ----------------------------------------------------------------------------
 
@@ -618,6 +621,12 @@ class TargetWorker:
         if self.retry.max_attempts < 1:
             return False  # nothing to try
         body = orjson.dumps(build_payload(self.target, alert))
+        headers = {"Content-Type": "application/json"}
+        event_id = alert.get("event_id")
+        if self.target.format == "json" and isinstance(event_id, str):
+            # The same key on every attempt and on a successor's re-send after a crash (the
+            # at-least-once window): a receiver that keeps keys drops the repeat.
+            headers[IDEMPOTENCY_HEADER] = event_id
         extra = {**self._log_extra, "alert_key": alert.get("alert_key")}
         started = time.monotonic()
 
@@ -643,7 +652,7 @@ class TargetWorker:
         try:
             async for attempt in self.retry.retrying(self.rng, before_retry):
                 with attempt:
-                    result = await self._post(session, body)
+                    result = await self._post(session, body, headers)
                     if not result.delivered:
                         raise DeliveryFailed(result, attempt.retry_state.attempt_number)
                     attempts = attempt.retry_state.attempt_number
@@ -667,12 +676,14 @@ class TargetWorker:
         log.debug("alert delivered", extra={**extra, "attempts": attempts})
         return True
 
-    async def _post(self, session: aiohttp.ClientSession, body: bytes) -> _Attempt:
+    async def _post(
+        self, session: aiohttp.ClientSession, body: bytes, headers: dict[str, str]
+    ) -> _Attempt:
         try:
             async with session.post(
                 self.target.url.get_secret_value(),
                 data=body,
-                headers={"Content-Type": "application/json"},
+                headers=headers,
                 timeout=aiohttp.ClientTimeout(total=self.target.timeout_s),
                 allow_redirects=False,
             ) as response:

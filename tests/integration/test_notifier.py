@@ -115,6 +115,7 @@ class Received:
     content_type: str
     body: Any
     at: float
+    idempotency_key: str | None = None
 
 
 @dataclass
@@ -131,7 +132,13 @@ class Receiver:
 
     async def handle(self, request: web.Request) -> web.Response:
         self.requests.append(
-            Received(request.path_qs, request.content_type, await request.json(), time.monotonic())
+            Received(
+                request.path_qs,
+                request.content_type,
+                await request.json(),
+                time.monotonic(),
+                request.headers.get("Idempotency-Key"),
+            )
         )
         if self.hang:
             await self.released.wait()
@@ -511,6 +518,12 @@ async def test_alerts_queued_when_the_notifier_dies_are_delivered_by_the_next_on
         async with running(second):
             want = {a["event_id"] for a in fired}
             await wait_until(lambda: {b["event_id"] for b in ok.bodies()} >= want, 30)
+    # The one in flight when it died is sent again (at least once) under the same
+    # Idempotency-Key: a receiver that keeps keys can drop the repeat.
+    first_try = slow.requests[0]
+    again = [r for r in ok.requests if r.body["event_id"] == first_try.body["event_id"]]
+    assert first_try.idempotency_key == first_try.body["event_id"], first_try
+    assert [r.idempotency_key for r in again] == [first_try.idempotency_key], again
 
 
 async def test_an_alert_published_while_a_first_notifier_was_down_is_delivered_by_the_next(
