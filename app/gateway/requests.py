@@ -234,7 +234,10 @@ def message_call_problem(message: dict[str, Any]) -> tuple[str, str] | None:
     if role == "function" and (problem := _id_problem(message, "name")):
         return "name", f"{problem} on a 'function' message: the function's name"
     calls = message.get("tool_calls")
-    for index, call in enumerate(calls if isinstance(calls, list) else []):
+    if calls is not None and not isinstance(calls, list):
+        # (a number here was a 500 in the tool-answer check: a review)
+        return "tool_calls", f"must be a list of tool calls, not {_json_type(calls)}"
+    for index, call in enumerate(calls or []):
         where = f"tool_calls[{index}]"
         if not isinstance(call, dict):
             shape = "{'id': ..., 'type': 'function', 'function': {'name': ..., 'arguments': ...}}"

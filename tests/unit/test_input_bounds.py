@@ -397,6 +397,23 @@ def test_a_tool_message_that_answers_no_preceding_tool_call_is_400_naming_it(
     assert field in info.value.message and said in info.value.message, info.value.message
 
 
+@pytest.mark.parametrize("calls", [5, True, 1.5, "c1", {"id": "c1"}])
+@pytest.mark.parametrize("native", [False, True])
+def test_tool_calls_that_are_no_list_before_a_tool_message_are_a_400(
+    calls: Any, native: bool
+) -> None:
+    """An assistant turn with text and ``tool_calls`` of another type than a list, answered
+    by a tool message, was a 500 (the tool-answer check read the number as a list: a
+    review); before that check it was forwarded. A 400 naming ``tool_calls``."""
+    messages = [MSG[0], {"role": "assistant", "content": "x", "tool_calls": calls}, _tool("c1")]
+    with pytest.raises(TollgateError) as info:
+        parse_chat_request({"model": "gpt-4o", "messages": messages}, native=native)
+    error = http_error(info.value)
+    assert error.status == 400 and error.error_type == "invalid_request_error"
+    assert info.value.field == "messages[1].tool_calls", info.value.message
+    assert "must be a list" in info.value.message, info.value.message
+
+
 @pytest.mark.parametrize(
     "messages",
     [
