@@ -147,10 +147,7 @@ def _window_seconds(value: Any) -> int:
 
 
 def _limit_usd(value: Any) -> Decimal:
-    limit = usd_amount(value, MAX_LIMIT_USD, positive=True)
-    if usd_to_nanos(limit) < 1:
-        raise custom_error(f"{value} is below the $0.000000001 resolution")
-    return limit
+    return usd_amount(value, MAX_LIMIT_USD, positive=True)  # whole nano-dollars, at least one
 
 
 def _thresholds(value: Any) -> tuple[float, ...]:
@@ -254,7 +251,10 @@ class PolicyBody(BaseModel):
         Decimal,
         PlainValidator(_limit_usd),
         WithJsonSchema(usd_schema(MAX_LIMIT_USD, positive=True)),
-    ] = Field(description="a positive number of USD (a number or a decimal string)")
+    ] = Field(
+        description="a positive number of USD (a number or a decimal string), in whole "
+        "nano-dollars: at most 9 decimal places"
+    )
     thresholds: Annotated[
         tuple[float, ...],
         PlainValidator(_thresholds),

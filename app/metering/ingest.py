@@ -390,8 +390,8 @@ class OutcomeReport(_Report):
         WithJsonSchema({"anyOf": [*usd_schema(MAX_USD)["anyOf"], {"type": "null"}]}),
     ] = Field(
         default=None,
-        description="USD: a number or a decimal string ('4.50'); held as nano-dollars once "
-        "validated",
+        description="USD: a number or a decimal string ('4.50'), in whole nano-dollars (at "
+        "most 9 decimal places: a finer value is a 400, not rounded)",
     )
     ts: Timestamp = None
     metadata: Metadata | None = None

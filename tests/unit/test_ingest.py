@@ -1,4 +1,5 @@
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
@@ -164,6 +165,33 @@ def test_an_outcome_value_may_be_a_decimal_string_as_a_budget_limit_may() -> Non
     for value in (-3, float("nan"), float("inf"), True, [1], {"usd": 1}):
         with pytest.raises(TollgateError, match="value_usd"):
             parse_outcomes({"request_id": "r", "outcome": "success", "value_usd": value}, resolve)
+
+
+@pytest.mark.parametrize(
+    "value", [4.5000000001, "4.5000000004", 0.0000000001, "0.0000000001", "1e-10", "12.3456789012"]
+)
+def test_an_outcome_value_finer_than_a_nano_dollar_is_refused_not_rounded(value: Any) -> None:
+    """A probe: 4.5 then 4.5000000001 for one request was the same event (a retry: the
+    second value dropped) and 0.0000000001 was kept as $0. Money is held in whole
+    nano-dollars; a finer value is a 400 naming the resolution, as a budget limit's is."""
+    with pytest.raises(TollgateError) as info:
+        parse_outcomes({"request_id": "r", "outcome": "success", "value_usd": value}, resolve)
+    assert info.value.field == "outcomes[0].value_usd"
+    assert "$0.000000001 resolution" in info.value.message, info.value.message
+
+
+@pytest.mark.parametrize(
+    ("value", "nanos"),
+    [(4.35, 4_350_000_000), (0.1, 100_000_000), ("4.500000001", 4_500_000_001),
+     (1e-9, 1), ("4.5000000000000", 4_500_000_000), ("0e-20", 0), (1e9, 10**18)],
+)  # fmt: skip
+def test_an_outcome_value_in_whole_nano_dollars_is_kept_exactly(value: Any, nanos: int) -> None:
+    """A float is read by its shortest repr (the JSON text): 4.35 is 4.35, not the binary
+    4.3499999999999996447..."""
+    [outcome] = parse_outcomes(
+        {"request_id": "r", "outcome": "success", "value_usd": value}, resolve
+    )
+    assert outcome["value_usd_nanos"] == nanos
 
 
 def test_null_optional_fields_count_as_absent() -> None:
