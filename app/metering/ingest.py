@@ -227,6 +227,36 @@ class TokenDetails(BaseModel):
     cached_tokens: TokenCount | None = None
 
 
+class UsageObject(BaseModel):
+    """OpenAI's ``usage`` object nested in a record, as a service has it at hand
+    (``{"model": resp.model, "usage": resp.usage.model_dump(), ...}``): Chat Completions'
+    or the Responses API's. Its counts are read as the record's own; other fields of it
+    (audio, reasoning, prediction counts) are accepted and not read."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    prompt_tokens: TokenCount | None = None
+    completion_tokens: TokenCount | None = None
+    total_tokens: TokenCount | None = None
+    prompt_tokens_details: TokenDetails | None = None
+    completion_tokens_details: TokenDetails | None = None
+    input_tokens: TokenCount | None = None
+    output_tokens: TokenCount | None = None
+    input_tokens_details: TokenDetails | None = None
+    output_tokens_details: TokenDetails | None = None
+
+
+# The counts a record may give at its top level or in its ``usage`` (the same on both).
+USAGE_COUNTS = (
+    "prompt_tokens",
+    "input_tokens",
+    "completion_tokens",
+    "output_tokens",
+    "total_tokens",
+)
+USAGE_DETAILS = ("prompt_tokens_details", "input_tokens_details")  # where cached_tokens is read
+
+
 UsageStatus = Literal["ok", "error", "client_disconnected", "timeout"]
 USAGE_STATUSES: tuple[str, ...] = get_args(UsageStatus)
 
@@ -252,9 +282,20 @@ def _given(*names: str) -> dict[str, Any]:
 
 
 def _one_of_aliases(name: str, alias: str) -> list[dict[str, Any]]:
-    """JSON Schema: ``name`` or its ``alias`` is given, not both (two counts that disagree
-    leave unknown which is right)."""
-    return [{"anyOf": [_given(name), _given(alias)]}, {"not": _given(name, alias)}]
+    """JSON Schema: ``name`` or its ``alias`` is given, at the top level or in the nested
+    ``usage`` object; not both at the top level (two counts that disagree leave unknown
+    which is right)."""
+    nested = {"type": "object", "anyOf": [_given(name), _given(alias)]}
+    return [
+        {
+            "anyOf": [
+                _given(name),
+                _given(alias),
+                {**_given("usage"), "properties": {"usage": nested}},
+            ]
+        },
+        {"not": _given(name, alias)},
+    ]
 
 
 class UsageReport(_Report):
@@ -296,6 +337,12 @@ class UsageReport(_Report):
         description="Optional; if given it must equal prompt_tokens + completion_tokens "
         "(prompt and completion tokens are what is priced)",
     )
+    usage: UsageObject | None = Field(
+        default=None,
+        description="OpenAI's usage object nested as it is (Chat Completions' or the Responses "
+        "API's, e.g. resp.usage.model_dump()): its counts and cached_tokens details are read "
+        "as if given at the top level; a count given in both must be the same",
+    )
     model_requested: OptionalModelName | None = Field(
         default=None,
         description="Model the caller asked for, when a router served `model` instead "
@@ -321,44 +368,73 @@ class UsageReport(_Report):
     feature: AttributionId | None = None
     team: AttributionId | None = None
 
+    def _count(self, name: str, error: Callable[[str, str], Exception]) -> tuple[int | None, str]:
+        """The count ``name`` and where it was given (``name`` or ``usage.name``): at the
+        top level, in ``usage``, or in both alike (two that differ: which is right is not
+        known)."""
+        given = getattr(self, name)
+        nested = getattr(self.usage, name) if self.usage is not None else None
+        if given is not None and nested is not None and given != nested:
+            raise error(
+                f"usage.{name}", f"({nested}) differs from {name} ({given}); send one of them"
+            )
+        if given is None and nested is not None:
+            return nested, f"usage.{name}"
+        return given, name
+
     def tokens(self, error: Callable[[str, str], Exception]) -> tuple[int, int, int]:
-        """(prompt, completion, cached), each from its field or its alias (both given: they
-        must agree, else which one is right is not known)."""
+        """(prompt, completion, cached), each from its field or its alias, at the top level
+        or in ``usage`` (both given: they must agree, else which one is right is not
+        known)."""
+        counts = {name: self._count(name, error) for name in USAGE_COUNTS}
         for name, alias in (
             ("prompt_tokens", "input_tokens"),
             ("completion_tokens", "output_tokens"),
         ):
-            given, also = getattr(self, name), getattr(self, alias)
+            (given, where), (also, alias_where) = counts[name], counts[alias]
             if given is not None and also is not None and given != also:
-                raise error(name, f"({given}) differs from {alias} ({also}); send one of them")
-        prompt = self.prompt_tokens if self.prompt_tokens is not None else self.input_tokens
+                raise error(
+                    where, f"({given}) differs from {alias_where} ({also}); send one of them"
+                )
+        prompt, prompt_where = counts["prompt_tokens"]
         if prompt is None:
-            raise error("prompt_tokens", "is required (an integer token count; or 'input_tokens')")
-        completion = (
-            self.completion_tokens if self.completion_tokens is not None else self.output_tokens
-        )
+            prompt, prompt_where = counts["input_tokens"]
+        if prompt is None:
+            raise error(
+                "prompt_tokens",
+                "is required (an integer token count; or 'input_tokens'; either at the top "
+                "level or in 'usage', OpenAI's usage object)",
+            )
+        completion, completion_where = counts["completion_tokens"]
+        if completion is None:
+            completion, completion_where = counts["output_tokens"]
         if completion is None:
             raise error(
-                "completion_tokens", "is required (an integer token count; or 'output_tokens')"
+                "completion_tokens",
+                "is required (an integer token count; or 'output_tokens'; either at the top "
+                "level or in 'usage', OpenAI's usage object)",
             )
-        cached = self.cached_tokens
-        for name in ("prompt_tokens_details", "input_tokens_details"):
-            details = getattr(self, name)
-            also = details.cached_tokens if details is not None else None
+        cached, cached_where = self.cached_tokens, "cached_tokens"
+        details = [(name, getattr(self, name)) for name in USAGE_DETAILS]
+        if self.usage is not None:
+            details += [(f"usage.{name}", getattr(self.usage, name)) for name in USAGE_DETAILS]
+        for name, detail in details:
+            also = detail.cached_tokens if detail is not None else None
             if also is None:
                 continue
             if cached is not None and cached != also:
                 raise error(
-                    f"{name}.cached_tokens", f"({also}) differs from cached_tokens ({cached})"
+                    f"{name}.cached_tokens", f"({also}) differs from {cached_where} ({cached})"
                 )
-            cached = also
+            cached, cached_where = also, f"{name}.cached_tokens"
         cached = cached or 0
         if cached > prompt:
-            raise error("cached_tokens", f"({cached}) cannot exceed prompt_tokens ({prompt})")
-        if self.total_tokens is not None and self.total_tokens != prompt + completion:
+            raise error(cached_where, f"({cached}) cannot exceed {prompt_where} ({prompt})")
+        total, total_where = counts["total_tokens"]
+        if total is not None and total != prompt + completion:
             raise error(
-                "total_tokens",
-                f"({self.total_tokens}) differs from prompt_tokens + completion_tokens "
+                total_where,
+                f"({total}) differs from {prompt_where} + {completion_where} "
                 f"({prompt} + {completion} = {prompt + completion}); reasoning and audio "
                 "tokens are inside completion_tokens. Send counts that add up, or omit "
                 "total_tokens",

@@ -810,6 +810,86 @@ def test_an_openai_usage_object_posted_as_it_is_counts_its_cached_tokens(stack: 
     }
 
 
+def test_a_nested_openai_usage_object_counts_as_its_fields_at_the_top_level(stack: Stack) -> None:
+    """A service posts ``{"model": resp.model, "usage": resp.usage.model_dump()}`` (as the
+    README said it may): it was a 400 "records[0].prompt_tokens is required" that said
+    nothing of `usage`. Its cost and cached tokens are the top-level form's."""
+    from openai.types import CompletionUsage
+    from openai.types.completion_usage import CompletionTokensDetails, PromptTokensDetails
+    from openai.types.responses import ResponseUsage
+    from openai.types.responses.response_usage import InputTokensDetails, OutputTokensDetails
+
+    chat = CompletionUsage(
+        prompt_tokens=2000,
+        completion_tokens=10,
+        total_tokens=2010,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=1024, audio_tokens=0),
+        completion_tokens_details=CompletionTokensDetails(reasoning_tokens=0),
+    ).model_dump()
+    responses = ResponseUsage(
+        input_tokens=2000,
+        output_tokens=10,
+        total_tokens=2010,
+        input_tokens_details=InputTokensDetails(cached_tokens=1024, cache_write_tokens=0),
+        output_tokens_details=OutputTokensDetails(reasoning_tokens=0),
+    ).model_dump()
+    user = {"model": "gpt-4o", "user_id": "nested-usage"}
+    flat = {**user, "request_id": "flat", "prompt_tokens": 2000, "completion_tokens": 10,
+            "cached_tokens": 1024}  # fmt: skip
+    answers = {
+        "flat": httpx.post(f"{stack.url}/v1/usage", json=flat),
+        "chat": httpx.post(
+            f"{stack.url}/v1/usage", json={**user, "request_id": "chat", "usage": chat}
+        ),
+        "responses": httpx.post(
+            f"{stack.url}/v1/usage", json={**user, "request_id": "responses", "usage": responses}
+        ),
+    }
+    for name, answer in answers.items():
+        assert answer.status_code == 202, (name, answer.text)
+        assert answer.json()["ignored_fields"] == {}, name
+    costs = {name: answer.json()["events"][0]["cost_usd"] for name, answer in answers.items()}
+    assert costs["chat"] == costs["responses"] == costs["flat"], costs
+    full = httpx.post(
+        f"{stack.url}/v1/usage",
+        json={**user, "request_id": "uncached", "prompt_tokens": 2000, "completion_tokens": 10},
+    )
+    assert Decimal(costs["flat"]) < Decimal(full.json()["events"][0]["cost_usd"])
+
+    usage = asyncio.run(read_events(stack.settings, "usage", at_least=4))
+    cached = {u["request_id"]: u["cached_tokens"] for u in usage}
+    assert cached == {"flat": 1024, "chat": 1024, "responses": 1024, "uncached": 0}
+    nanos = {u["request_id"]: u["cost_usd_nanos"] for u in usage}
+    assert nanos["chat"] == nanos["responses"] == nanos["flat"]
+
+    differ = httpx.post(
+        f"{stack.url}/v1/usage", json={**user, "prompt_tokens": 1999, "usage": chat}
+    )
+    assert differ.status_code == 400
+    error = differ.json()["error"]
+    assert error["param"] == "records[0].usage.prompt_tokens"
+    assert "prompt_tokens (1999)" in error["message"], error
+    not_an_object = httpx.post(f"{stack.url}/v1/usage", json={**user, "usage": "2000 tokens"})
+    assert not_an_object.status_code == 400
+    assert not_an_object.json()["error"]["param"] == "records[0].usage"
+
+
+def test_an_outcome_value_finer_than_a_nano_dollar_is_a_400_not_a_retry(stack: Stack) -> None:
+    """A probe: 4.5 then 4.5000000001 for one request answered 202 with the same event id
+    (the new value dropped as a retry), and 0.0000000001 was stored as $0."""
+    outcome = {"request_id": "res-x1", "outcome": "success", "kind": "k"}
+    first = httpx.post(f"{stack.url}/v1/outcomes", json={**outcome, "value_usd": "4.5"})
+    assert first.status_code == 202, first.text
+    for value in (4.5000000001, "4.5000000004", 0.0000000001):
+        finer = httpx.post(f"{stack.url}/v1/outcomes", json={**outcome, "value_usd": value})
+        assert finer.status_code == 400, (value, finer.text)
+        error = finer.json()["error"]
+        assert error["param"] == "outcomes[0].value_usd"
+        assert "$0.000000001 resolution" in error["message"], error
+    exact = httpx.post(f"{stack.url}/v1/outcomes", json={**outcome, "value_usd": 4.35})
+    assert exact.status_code == 202, exact.text
+
+
 def test_another_record_under_a_reported_request_id_is_a_409_not_a_silent_drop(
     stack: Stack,
 ) -> None:

@@ -170,6 +170,21 @@ USAGE = {"model": "gpt-4o"}
         {"model": "\t", "prompt_tokens": 1, "completion_tokens": 1},
         {"model": " gpt-4o ", "prompt_tokens": 1, "completion_tokens": 1},
         {"prompt_tokens": 1, "completion_tokens": 1},
+        # OpenAI's usage object nested as it is (resp.usage.model_dump())
+        {**USAGE, "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}},
+        {**USAGE, "usage": {"input_tokens": 1, "output_tokens": 1}},
+        {**USAGE, "usage": {"prompt_tokens": 1, "output_tokens": 1}},
+        {**USAGE, "prompt_tokens": 1, "usage": {"completion_tokens": 1}},
+        {**USAGE, "prompt_tokens": 1, "usage": {"prompt_tokens": 1, "completion_tokens": 1}},
+        {**USAGE, "input_tokens": 1, "usage": {"prompt_tokens": 1, "completion_tokens": 1}},
+        {**USAGE, "usage": {"prompt_tokens": 1}},
+        {**USAGE, "usage": {}},
+        {**USAGE, "usage": None},
+        {**USAGE, "usage": None, "prompt_tokens": 1, "completion_tokens": 1},
+        {**USAGE, "usage": 5, "prompt_tokens": 1, "completion_tokens": 1},
+        {**USAGE, "usage": [], "prompt_tokens": 1, "completion_tokens": 1},
+        {**USAGE, "usage": {"prompt_tokens": "1", "completion_tokens": 1}},
+        {**USAGE, "usage": {"prompt_tokens": 1, "completion_tokens": 1, "x": {"y": 1}}},
     ],
 )
 def test_usage_documents_what_it_accepts(record: dict[str, Any]) -> None:

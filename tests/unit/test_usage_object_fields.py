@@ -70,3 +70,117 @@ def test_epoch_seconds_get_a_hint_to_send_milliseconds() -> None:
     with pytest.raises(TollgateError, match="epoch \\*seconds\\*: send milliseconds"):
         parse_usage_reports({**BASE, "ts": int(time.time())}, _resolve)
     assert parse_usage_reports({**BASE, "ts": int(time.time() * 1000)}, _resolve)
+
+
+# -- OpenAI's usage object nested under `usage` ------------------------------------------
+# The README said the usage object "can be posted as it is", and a service posts
+# {"model": resp.model, "usage": resp.usage.model_dump(), ...}: that was a 400
+# "records[0].prompt_tokens is required", with not a word about `usage`.
+
+CHAT_USAGE = {  # openai.types.CompletionUsage(...).model_dump()
+    "prompt_tokens": 100, "completion_tokens": 5, "total_tokens": 105,
+    "prompt_tokens_details": {"audio_tokens": 0, "cached_tokens": 64},
+    "completion_tokens_details": {
+        "accepted_prediction_tokens": 0, "audio_tokens": 0, "reasoning_tokens": 0,
+        "rejected_prediction_tokens": 0,
+    },
+}  # fmt: skip
+RESPONSES_USAGE = {  # openai.types.responses.ResponseUsage(...).model_dump()
+    "input_tokens": 100, "output_tokens": 5, "total_tokens": 105,
+    "input_tokens_details": {"cached_tokens": 64, "cache_write_tokens": 0},
+    "output_tokens_details": {"reasoning_tokens": 2},
+}  # fmt: skip
+FLAT = {"model": "gpt-4o", "user_id": "u", "prompt_tokens": 100, "completion_tokens": 5,
+        "cached_tokens": 64}  # fmt: skip
+
+
+def _counts(report: dict[str, Any]) -> tuple[int, int, int]:
+    return report["prompt_tokens"], report["completion_tokens"], report["cached_tokens"]
+
+
+@pytest.mark.parametrize("usage", [CHAT_USAGE, RESPONSES_USAGE], ids=["chat", "responses"])
+def test_a_nested_usage_object_counts_as_its_fields_at_the_top_level(usage: dict) -> None:
+    ignored: dict[str, list[str]] = {}
+    (nested,) = parse_usage_reports(
+        {"model": "gpt-4o", "usage": usage, "user_id": "u"}, _resolve, ignored=ignored
+    )
+    (flat,) = parse_usage_reports(FLAT, _resolve)
+    assert _counts(nested) == _counts(flat) == (100, 5, 64)
+    assert ignored == {}  # `usage` is read, not named back as a field nothing reads
+
+
+def test_the_probes_record_with_a_nested_usage_is_accepted() -> None:
+    record = {
+        "model": "gpt-4o",
+        "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
+        "user_id": "u",
+    }
+    (report,) = parse_usage_reports(record, _resolve)
+    assert _counts(report) == (10, 5, 0)
+
+
+def test_a_count_given_nested_and_at_the_top_level_alike_is_fine() -> None:
+    record = {**FLAT, "usage": CHAT_USAGE, "total_tokens": 105}
+    assert _counts(parse_usage_reports(record, _resolve)[0]) == (100, 5, 64)
+
+
+@pytest.mark.parametrize(
+    ("top", "usage", "named", "other"),
+    [
+        ({"prompt_tokens": 12}, {}, "usage.prompt_tokens", "prompt_tokens (12)"),
+        ({"completion_tokens": 7}, {}, "usage.completion_tokens", "completion_tokens (7)"),
+        ({"total_tokens": 1}, {}, "usage.total_tokens", "total_tokens (1)"),
+        (
+            {"cached_tokens": 3},
+            {},
+            "usage.prompt_tokens_details.cached_tokens",
+            "cached_tokens (3)",
+        ),
+        (
+            {"prompt_tokens_details": {"cached_tokens": 3}},
+            {},
+            "usage.prompt_tokens_details.cached_tokens",
+            "prompt_tokens_details.cached_tokens (3)",
+        ),
+        (
+            {"input_tokens": 99},
+            {"input_tokens": 100, "prompt_tokens": None},
+            "usage.input_tokens",
+            "input_tokens (99)",
+        ),
+    ],
+)
+def test_a_count_given_nested_and_at_the_top_level_differently_is_a_400_naming_both(
+    top: dict, usage: dict, named: str, other: str
+) -> None:
+    record = {"model": "gpt-4o", "usage": {**CHAT_USAGE, **usage}, **top}
+    with pytest.raises(TollgateError) as caught:
+        parse_usage_reports(record, _resolve)
+    assert caught.value.field == f"records[0].{named}", caught.value.message
+    assert caught.value.message.startswith(f"records[0].{named} ("), caught.value.message
+    assert other in caught.value.message, caught.value.message
+
+
+@pytest.mark.parametrize("usage", [5, "x", [1], True])
+def test_a_usage_that_is_not_an_object_is_a_400_naming_it(usage: Any) -> None:
+    with pytest.raises(TollgateError) as caught:
+        parse_usage_reports([BASE, {"model": "gpt-4o", "usage": usage}], _resolve)
+    assert caught.value.field == "records[1].usage"
+    assert "must be an object" in caught.value.message
+
+
+def test_a_bad_count_inside_usage_is_named_with_usage() -> None:
+    with pytest.raises(TollgateError) as caught:
+        parse_usage_reports(
+            {"model": "gpt-4o", "usage": {**CHAT_USAGE, "prompt_tokens": -1}}, _resolve
+        )
+    assert caught.value.field is not None and caught.value.field.startswith("records[0].usage")
+    assert "prompt_tokens" in caught.value.message
+
+
+def test_a_null_usage_is_absent_and_an_empty_one_says_where_counts_go() -> None:
+    assert parse_usage_reports({**BASE, "usage": None}, _resolve)
+    with pytest.raises(TollgateError) as caught:
+        parse_usage_reports({"model": "gpt-4o", "usage": {}}, _resolve)
+    assert caught.value.field == "records[0].prompt_tokens"
+    assert "usage" in caught.value.message
