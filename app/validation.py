@@ -14,7 +14,7 @@ with the field and message, and ``app.http.errors`` maps it to a 400.
 from __future__ import annotations
 
 import re
-from decimal import Decimal, InvalidOperation
+from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 from typing import Annotated, Any
 
 from pydantic import BaseModel, PlainValidator, ValidationError, WithJsonSchema
@@ -190,9 +190,10 @@ MAX_USD_TEXT_LENGTH = 60
 
 def usd_amount(value: Any, high: Decimal, *, positive: bool = False) -> Decimal:
     """A USD amount sent as a JSON number or a decimal string (:data:`USD_TEXT`), finite,
-    from 0 (above 0 if ``positive``) to ``high``, in whole nano-dollars (a float is read by
-    its shortest repr, the JSON text: 4.35 is 4.35); else the validator's error saying what
-    to send. The one reading of money in a request: a budget's ``limit_usd``, an outcome's
+    from 0 (above 0 if ``positive``) to ``high``, and not a non-zero amount held as $0 (below
+    half a nano-dollar; a float is read by its shortest repr, the JSON text: 4.35 is 4.35);
+    else the validator's error saying what to send. Money is held in nano-dollars: finer
+    digits are rounded where it is held (``usd_to_nanos``). The one reading of money in a request: a budget's ``limit_usd``, an outcome's
     ``value_usd``."""
     kind = "positive number" if positive else "number"
     try:
@@ -211,27 +212,16 @@ def usd_amount(value: Any, high: Decimal, *, positive: bool = False) -> Decimal:
     if not amount.is_finite() or amount < 0 or (positive and amount == 0) or amount > high:
         bounds = f"above 0 and at most {high:,}" if positive else f"from 0 to {high:,}"
         raise custom_error(f"must be a number of USD {bounds}, got {_shown(value)}")
-    if not _whole_nanos(amount):  # was rounded: 4.5000000001 was 4.5, 1e-10 was $0
+    if amount and not (amount / USD_RESOLUTION).to_integral_value(rounding=ROUND_HALF_EVEN):
+        # a value that would be held as $0 (1e-10 was): refused. Finer digits of a larger one
+        # are rounded to the nano-dollar where the amount is held (a float computed as
+        # 100 / 30 has 16 of them: refusing it would refuse ordinary arithmetic)
         shown = str(value).strip(" \t")
-        if amount < USD_RESOLUTION:
-            raise custom_error(f"{shown} is below the ${USD_RESOLUTION:f} resolution")
-        raise custom_error(
-            f"{shown} has digits below the ${USD_RESOLUTION:f} resolution: send at most 9 "
-            "decimal places"
-        )
+        raise custom_error(f"{shown} is below the ${USD_RESOLUTION:f} resolution")
     return amount
 
 
 USD_RESOLUTION = Decimal("0.000000001")  # money is held in whole nano-dollars
-
-
-def _whole_nanos(amount: Decimal) -> bool:
-    """Whether ``amount`` is a whole number of nano-dollars, read from its digits (no
-    arithmetic: a 28-digit context would round "1.00000000000000000000000000001")."""
-    _, digits, exponent = amount.as_tuple()
-    assert isinstance(exponent, int)  # finite
-    places = -exponent - 9  # digits past the 9th decimal place
-    return places <= 0 or not any(digits[-places:])
 
 
 def usd_schema(high: Decimal, *, positive: bool = False) -> dict[str, Any]:

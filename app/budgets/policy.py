@@ -147,7 +147,7 @@ def _window_seconds(value: Any) -> int:
 
 
 def _limit_usd(value: Any) -> Decimal:
-    return usd_amount(value, MAX_LIMIT_USD, positive=True)  # whole nano-dollars, at least one
+    return usd_amount(value, MAX_LIMIT_USD, positive=True)  # held as at least one nano-dollar
 
 
 def _thresholds(value: Any) -> tuple[float, ...]:
@@ -252,8 +252,8 @@ class PolicyBody(BaseModel):
         PlainValidator(_limit_usd),
         WithJsonSchema(usd_schema(MAX_LIMIT_USD, positive=True)),
     ] = Field(
-        description="a positive number of USD (a number or a decimal string), in whole "
-        "nano-dollars: at most 9 decimal places"
+        description="a positive number of USD (a number or a decimal string), held in "
+        "nano-dollars (finer digits rounded; one held as $0 is a 400)"
     )
     thresholds: Annotated[
         tuple[float, ...],

@@ -466,8 +466,8 @@ class OutcomeReport(_Report):
         WithJsonSchema({"anyOf": [*usd_schema(MAX_USD)["anyOf"], {"type": "null"}]}),
     ] = Field(
         default=None,
-        description="USD: a number or a decimal string ('4.50'), in whole nano-dollars (at "
-        "most 9 decimal places: a finer value is a 400, not rounded)",
+        description="USD: a number or a decimal string ('4.50'), held in nano-dollars (finer "
+        "digits rounded; a non-zero value held as $0 is a 400)",
     )
     ts: Timestamp = None
     metadata: Metadata | None = None

@@ -874,20 +874,30 @@ def test_a_nested_openai_usage_object_counts_as_its_fields_at_the_top_level(stac
     assert not_an_object.json()["error"]["param"] == "records[0].usage"
 
 
-def test_an_outcome_value_finer_than_a_nano_dollar_is_a_400_not_a_retry(stack: Stack) -> None:
-    """A probe: 4.5 then 4.5000000001 for one request answered 202 with the same event id
-    (the new value dropped as a retry), and 0.0000000001 was stored as $0."""
+def test_an_outcome_value_below_a_nano_dollar_is_a_400_and_finer_digits_are_rounded(
+    stack: Stack,
+) -> None:
+    """A probe: 0.0000000001 was stored as $0 - now a 400 naming the resolution. Finer digits
+    of a larger value are rounded to the nano-dollar, as documented: 4.5000000001 for the
+    request of an outcome of 4.5 is that outcome again (its event id), and 4.500000001 is
+    another."""
     outcome = {"request_id": "res-x1", "outcome": "success", "kind": "k"}
-    first = httpx.post(f"{stack.url}/v1/outcomes", json={**outcome, "value_usd": "4.5"})
+    url = f"{stack.url}/v1/outcomes"
+    first = httpx.post(url, json={**outcome, "value_usd": "4.5"})
     assert first.status_code == 202, first.text
-    for value in (4.5000000001, "4.5000000004", 0.0000000001):
-        finer = httpx.post(f"{stack.url}/v1/outcomes", json={**outcome, "value_usd": value})
+    for value in (0.0000000001, "1e-10"):
+        finer = httpx.post(url, json={**outcome, "value_usd": value})
         assert finer.status_code == 400, (value, finer.text)
         error = finer.json()["error"]
+        assert error["type"] == "invalid_request_error"
         assert error["param"] == "outcomes[0].value_usd"
         assert "$0.000000001 resolution" in error["message"], error
-    exact = httpx.post(f"{stack.url}/v1/outcomes", json={**outcome, "value_usd": 4.35})
-    assert exact.status_code == 202, exact.text
+    same = httpx.post(url, json={**outcome, "value_usd": 4.5000000001})
+    assert same.status_code == 202, same.text
+    other = httpx.post(url, json={**outcome, "value_usd": "4.500000001"})
+    assert other.status_code == 202, other.text
+    assert same.json()["event_ids"] == first.json()["event_ids"]
+    assert other.json()["event_ids"] != first.json()["event_ids"]
 
 
 def test_another_record_under_a_reported_request_id_is_a_409_not_a_silent_drop(

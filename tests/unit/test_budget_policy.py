@@ -225,13 +225,14 @@ def test_limit_that_rounds_to_zero_nanos_is_rejected(limit: Any) -> None:
     assert err.value.field == "limit_usd"
 
 
-@pytest.mark.parametrize("limit", ["12.3456789012", 1.0000000001, "5.00000000049"])
-def test_a_limit_finer_than_a_nano_dollar_is_refused_not_rounded(limit: Any) -> None:
-    """The rule of every USD amount (an outcome's value_usd too): whole nano-dollars."""
-    with pytest.raises(PolicyError) as err:
-        parse_policy("user:alice", {"limit_usd": limit})
-    assert err.value.field == "limit_usd"
-    assert "$0.000000001 resolution" in str(err.value)
+@pytest.mark.parametrize(
+    ("limit", "nanos"),
+    [("12.3456789012", 12_345_678_901), (1.0000000001, 1_000_000_000), (100 / 30, 3_333_333_333)],
+)
+def test_a_limit_with_digits_finer_than_a_nano_dollar_is_rounded(limit: Any, nanos: int) -> None:
+    """A monthly cap divided by 30 in a float is an ordinary limit: held to the nano-dollar."""
+    policy = parse_policy("user:alice", {"limit_usd": limit})
+    assert policy.limit_usd_nanos == nanos
 
 
 @pytest.mark.parametrize("window", ["²h", "1²m"])

@@ -167,17 +167,31 @@ def test_an_outcome_value_may_be_a_decimal_string_as_a_budget_limit_may() -> Non
             parse_outcomes({"request_id": "r", "outcome": "success", "value_usd": value}, resolve)
 
 
-@pytest.mark.parametrize(
-    "value", [4.5000000001, "4.5000000004", 0.0000000001, "0.0000000001", "1e-10", "12.3456789012"]
-)
-def test_an_outcome_value_finer_than_a_nano_dollar_is_refused_not_rounded(value: Any) -> None:
-    """A probe: 4.5 then 4.5000000001 for one request was the same event (a retry: the
-    second value dropped) and 0.0000000001 was kept as $0. Money is held in whole
-    nano-dollars; a finer value is a 400 naming the resolution, as a budget limit's is."""
+@pytest.mark.parametrize("value", [0.0000000001, "0.0000000001", "1e-10", "0.0000000005"])
+def test_an_outcome_value_that_would_be_held_as_zero_is_refused(value: Any) -> None:
+    """A probe: 0.0000000001 was accepted and kept as $0. Money is held in whole
+    nano-dollars; a non-zero value below half of one is a 400 naming the resolution, as a
+    budget limit's is."""
     with pytest.raises(TollgateError) as info:
         parse_outcomes({"request_id": "r", "outcome": "success", "value_usd": value}, resolve)
     assert info.value.field == "outcomes[0].value_usd"
     assert "$0.000000001 resolution" in info.value.message, info.value.message
+
+
+@pytest.mark.parametrize(
+    ("value", "nanos"),
+    [(4.5000000001, 4_500_000_000), ("4.5000000004", 4_500_000_000),
+     ("12.3456789016", 12_345_678_902), (100 / 30, 3_333_333_333)],
+)  # fmt: skip
+def test_an_outcome_value_with_finer_digits_is_rounded_to_the_nano_dollar(
+    value: Any, nanos: int
+) -> None:
+    """Finer digits of a larger value are rounded where it is held (documented): refusing
+    them would refuse a float from ordinary arithmetic (100 / 30 has 16 digits)."""
+    [outcome] = parse_outcomes(
+        {"request_id": "r", "outcome": "success", "value_usd": value}, resolve
+    )
+    assert outcome["value_usd_nanos"] == nanos
 
 
 @pytest.mark.parametrize(
