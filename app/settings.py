@@ -279,6 +279,28 @@ class Settings(BaseSettings):
         "have ended by then, so a user under the cap is not refused while others finish (at "
         "30 s, 58 of 64 concurrent 35-second calls were refused at 3 % of a cap).",
     )
+    start_kafka_answer_wait_s: float = Field(
+        default=3.0,
+        gt=0,
+        description="At start, how long the dispatcher waits for Kafka's first answer (the "
+        "budget views and the shared router model, together) before it listens and serves "
+        "from the budget view it saved before (`<state_dir>/budget-view.json`), its usage "
+        "spooled; the topics are then read in the background. A refused connection does not "
+        "wait; a hung broker (connections accepted, never answered) waits this long.",
+    )
+    start_kafka_catch_up_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="At start, once Kafka answered, how long the dispatcher waits to catch up "
+        "with the budget decisions and policies and the shared router model (together) "
+        "before it serves with what it has read.",
+    )
+    start_uncounted_read_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="At start, with Kafka answering, how long the dispatcher reads back the "
+        "usage the spend worker has not counted yet (held at the budget gate until counted).",
+    )
     max_call_duration_s: float = Field(
         default=600.0,
         gt=0,

@@ -47,6 +47,33 @@ async def assigned_partitions(
     return []
 
 
+async def wait_at_start(
+    done: list[asyncio.Event],
+    answered: asyncio.Event,
+    timeout_s: float,
+    answer_timeout_s: float | None,
+) -> None:
+    """Until one of ``done`` is set: at most ``answer_timeout_s`` while Kafka has not
+    answered yet (a hung broker accepts connections and never answers: each attempt then
+    waits out a 10 s request timeout), ``timeout_s`` in all."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    answer_by = deadline if answer_timeout_s is None else loop.time() + answer_timeout_s
+    waiters = [asyncio.create_task(event.wait()) for event in done]
+    answer = asyncio.create_task(answered.wait())
+    try:
+        while not any(event.is_set() for event in done):
+            limit = deadline if answered.is_set() else min(deadline, answer_by)
+            left = limit - loop.time()
+            if left <= 0:
+                return
+            pending = waiters if answered.is_set() else [*waiters, answer]
+            await asyncio.wait(pending, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in [*waiters, answer]:
+            waiter.cancel()
+
+
 class CompactedView:
     def __init__(
         self,
@@ -67,19 +94,18 @@ class CompactedView:
         self.records: dict[str, dict[str, Any]] = {}
         self.synced = asyncio.Event()
         self._unreachable = asyncio.Event()  # the first connection attempt failed
+        self.answered = asyncio.Event()  # the broker answered once (metadata)
         self.last_contact = 0.0  # monotonic time of the last successful broker round trip
         self._task: asyncio.Task[None] | None = None
 
-    async def start(self, timeout_s: float = 30.0) -> bool:
-        """Start reading; wait until caught up (True), or the broker is unreachable, or timeout."""
+    async def start(self, timeout_s: float = 30.0, answer_timeout_s: float | None = None) -> bool:
+        """Start reading; wait until caught up (True), or the broker is unreachable, or
+        ``answer_timeout_s`` without an answer from it, or ``timeout_s``. Reading goes on
+        in the background either way."""
         self._task = asyncio.create_task(self._run(), name=f"view:{self.topic}")
-        waiters = [
-            asyncio.create_task(self.synced.wait()),
-            asyncio.create_task(self._unreachable.wait()),
-        ]
-        await asyncio.wait(waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
-        for waiter in waiters:
-            waiter.cancel()
+        await wait_at_start(
+            [self.synced, self._unreachable], self.answered, timeout_s, answer_timeout_s
+        )
         if not self.synced.is_set():
             log.warning("not caught up with topic yet; continuing", extra={"topic": self.topic})
         return self.synced.is_set()
@@ -141,6 +167,7 @@ class CompactedView:
         )
         try:
             await consumer.start()
+            self.answered.set()
             partitions = await self._partitions(consumer)
             await consumer.seek_to_beginning(*partitions)
             end = await consumer.end_offsets(partitions)
@@ -210,6 +237,7 @@ class LatestFollower:
         self.settings, self.topic, self.key = settings, topic, key
         self.on_value = on_value
         self.synced = asyncio.Event()
+        self.answered = asyncio.Event()  # the broker answered once (metadata)
         self.values_seen = 0
         self._task: asyncio.Task[None] | None = None
 
@@ -242,11 +270,12 @@ class LatestFollower:
                         latest = (m.timestamp, m.value)
         return latest[1] if latest else None
 
-    async def start(self, timeout_s: float = 30.0) -> bool:
-        """Start following; return once the newest value was applied (True), or at timeout."""
+    async def start(self, timeout_s: float = 30.0, answer_timeout_s: float | None = None) -> bool:
+        """Start following; return once the newest value was applied (True), or after
+        ``answer_timeout_s`` without an answer from the broker, or at ``timeout_s``.
+        Following goes on in the background either way."""
         self._task = asyncio.create_task(self._run(), name=f"latest:{self.topic}")
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.synced.wait(), timeout_s)
+        await wait_at_start([self.synced], self.answered, timeout_s, answer_timeout_s)
         if not self.synced.is_set():
             log.warning("state topic not read yet; continuing", extra={"topic": self.topic})
         return self.synced.is_set()
@@ -282,6 +311,7 @@ class LatestFollower:
         consumer = self.consumer()
         try:
             await consumer.start()
+            self.answered.set()
             partitions = await assigned_partitions(consumer)
             if not partitions:
                 raise RuntimeError(

@@ -51,8 +51,9 @@ class SharedRouter:
             extra={"outcomes_learned": router.model.outcomes_learned, "bytes": len(snapshot)},
         )
 
-    async def start(self, timeout_s: float = 30.0) -> bool:
-        return await self.follower.start(timeout_s)
+    async def start(self, timeout_s: float = 30.0, answer_timeout_s: float | None = None) -> bool:
+        """Restore the newest published model (see ``LatestFollower.start``)."""
+        return await self.follower.start(timeout_s, answer_timeout_s)
 
     async def stop(self) -> None:
         await self.follower.stop()

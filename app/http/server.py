@@ -962,10 +962,25 @@ async def build_components(settings: Settings) -> Components:
     decision_view = CompactedView(
         settings, settings.topic("budget.decisions"), codec, on_record=on_decision
     )
+    levers = SavingsLevers(
+        settings.routing,
+        settings.cache,
+        tier_of_price=prices.tier,
+        publish=lambda request_id, value: emitter.emit_bytes("routing.features", request_id, value),
+    )
+    shared_router = SharedRouter(settings, levers) if settings.routing.shared_learning else None
     await upstreams.start()
     # Ready only after catching up with every decision: a blocked user must not slip through
-    # a restart. If Kafka is down, serve on the spool with what is known (fail-open).
-    await asyncio.gather(policy_view.start(), decision_view.start())
+    # a restart. If Kafka is down or does not answer, serve on the spool with the view saved
+    # before (fail-open). The reads of Kafka at start wait together, not one after another
+    # (probe D1: a hung broker cost 10 s for the views, then 30 s for the shared model).
+    catch_up, answer = settings.start_kafka_catch_up_s, settings.start_kafka_answer_wait_s
+    await asyncio.gather(
+        policy_view.start(catch_up, answer),
+        decision_view.start(catch_up, answer),
+        # the newest shared model before the first request, if Kafka answers
+        *([shared_router.start(catch_up, answer)] if shared_router is not None else []),
+    )
     restore_budget_view(snapshot, policy_view, decision_view, policies, gate)
     # Policies read while catching up are not changes: their scopes' counts are in the
     # decisions just read (the gate waits only on changes made from now on).
@@ -974,7 +989,9 @@ async def build_components(settings: Settings) -> Components:
     reported = ReportedRequests()  # learns the /v1/usage ids of the usage read back here
     hold_spooled_usage(emitter, gate, usage_topic, spooled, reported)  # before it drains
     if decision_view.synced.is_set():  # Kafka answers: what the worker has not counted
-        await hold_uncounted_usage(settings, gate, codec, spooled, reported)
+        await hold_uncounted_usage(
+            settings, gate, codec, spooled, reported, settings.start_uncounted_read_s
+        )
     await emitter.start()
     if settings.budgets_file:
         for policy in load_budgets_file(settings.budgets_file):
@@ -995,17 +1012,8 @@ async def build_components(settings: Settings) -> Components:
         timeout=aiohttp.ClientTimeout(total=settings.reports_timeout_s),
         headers={"Authorization": f"Bearer {internal_token(settings)}"},
     )
-    levers = SavingsLevers(
-        settings.routing,
-        settings.cache,
-        tier_of_price=prices.tier,
-        publish=lambda request_id, value: emitter.emit_bytes("routing.features", request_id, value),
-    )
-    shared_router = SharedRouter(settings, levers) if settings.routing.shared_learning else None
     local_router = None
-    if shared_router is not None:
-        await shared_router.start()  # the newest shared model before the first request
-    else:
+    if shared_router is None:
         local_router = LocalRouterCheckpoint(settings, levers)
         local_router.start()  # what this dispatcher learned before a restart
     return Components(
@@ -1066,7 +1074,7 @@ UNCOUNTED_READ_MAX = 200_000  # events a restart reads back per partition, at mo
 # some decisions count less far: the worker publishes a batch's decisions scope by scope,
 # a scope whose spend alone moved at its next flush (0.25 s), features after their partials.
 UNCOUNTED_READ_OVERLAP = 5_000
-UNCOUNTED_READ_TIMEOUT_S = 10.0
+UNCOUNTED_READ_TIMEOUT_S = 10.0  # settings.start_uncounted_read_s's default
 
 
 async def hold_uncounted_usage(
@@ -1075,6 +1083,7 @@ async def hold_uncounted_usage(
     codec: Any,
     skip: set[str],
     reported: ReportedRequests | None = None,
+    timeout_s: float = UNCOUNTED_READ_TIMEOUT_S,
 ) -> int:
     """Usage already in Kafka that the spend worker has not counted: held at the gate until
     a decision counts it, as this dispatcher held its own before a restart.
@@ -1089,7 +1098,7 @@ async def hold_uncounted_usage(
     ``UNCOUNTED_READ_OVERLAP`` events before the furthest one: decisions of one batch are
     published scope by scope, so the furthest alone skipped the usage of a scope whose
     decision came later (or never, the worker dead). Bounded by ``UNCOUNTED_READ_MAX``
-    events a partition and ``UNCOUNTED_READ_TIMEOUT_S``; a failure leaves the gate as it
+    events a partition and ``timeout_s`` (``start_uncounted_read_s``); a failure leaves the gate as it
     was (logged). ``reported`` learns the /v1/usage records read (counted or not), so a
     retry of one here is a repeat, not a second hold (probe H: a user under the cap was
     refused until the worker's next decision, however long the worker was away)."""
@@ -1102,7 +1111,7 @@ async def hold_uncounted_usage(
     # metadata to assign from, and stopping it hung the dispatcher's start.
     consumer = clients.consumer(settings, topic, purpose="dispatcher-uncounted", group_id=None)
     try:
-        async with asyncio.timeout(UNCOUNTED_READ_TIMEOUT_S):
+        async with asyncio.timeout(timeout_s):
             await consumer.start()
             while not consumer.assignment():  # noqa: ASYNC110 (aiokafka has no event for it)
                 await asyncio.sleep(0.05)
