@@ -238,6 +238,7 @@ class LatestFollower:
         self.on_value = on_value
         self.synced = asyncio.Event()
         self.answered = asyncio.Event()  # the broker answered once (metadata)
+        self._unreachable = asyncio.Event()  # the first attempt failed (e.g. refused)
         self.values_seen = 0
         self._task: asyncio.Task[None] | None = None
 
@@ -271,11 +272,13 @@ class LatestFollower:
         return latest[1] if latest else None
 
     async def start(self, timeout_s: float = 30.0, answer_timeout_s: float | None = None) -> bool:
-        """Start following; return once the newest value was applied (True), or after
-        ``answer_timeout_s`` without an answer from the broker, or at ``timeout_s``.
-        Following goes on in the background either way."""
+        """Start following; return once the newest value was applied (True), or the
+        broker is unreachable, or after ``answer_timeout_s`` without an answer from it, or
+        at ``timeout_s``. Following goes on in the background either way."""
         self._task = asyncio.create_task(self._run(), name=f"latest:{self.topic}")
-        await wait_at_start([self.synced], self.answered, timeout_s, answer_timeout_s)
+        await wait_at_start(
+            [self.synced, self._unreachable], self.answered, timeout_s, answer_timeout_s
+        )
         if not self.synced.is_set():
             log.warning("state topic not read yet; continuing", extra={"topic": self.topic})
         return self.synced.is_set()
@@ -300,9 +303,13 @@ class LatestFollower:
     async def _run(self) -> None:
         """Follow the key for ever; a lost broker or topic is retried every second
         (``app.retry``)."""
-        retrying = retry_until_stopped(
-            steps=(1.0,), before_sleep=log_before_retry(log, "lost the state topic; retrying")
-        )
+        log_lost = log_before_retry(log, "lost the state topic; retrying")
+
+        def lost(retry_state: RetryCallState) -> None:
+            self._unreachable.set()
+            log_lost(retry_state)
+
+        retrying = retry_until_stopped(steps=(1.0,), before_sleep=lost)
         async for attempt in retrying:
             with attempt:
                 await self._follow()

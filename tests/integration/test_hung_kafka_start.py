@@ -104,3 +104,17 @@ def test_a_dispatcher_started_while_kafka_is_hung_serves_from_its_saved_view(
     assert not twice, f"requests with two different usage events: {twice}"
     reported_usage = [e for e in usage if e.get("user_id") == user]
     assert len({e["event_id"] for e in reported_usage}) == 1, reported_usage
+
+
+def test_a_refused_broker_does_not_wait_out_the_answer_wait(kafka_settings: Settings) -> None:
+    """A refused connection is an answer of sorts: the shared router model's read, like the
+    budget views', gives up at once rather than after ``start_kafka_answer_wait_s`` (here
+    longer than the harness's 30 s wait for the listener; it used to wait 30 s in all)."""
+    from tests.ports import free_port
+
+    refused = kafka_settings.model_copy(update={"kafka_bootstrap": f"127.0.0.1:{free_port()}"})
+    with running_stack(
+        refused, routing=RoutingSettings(shared_learning=True), start_kafka_answer_wait_s=120.0
+    ) as stack:
+        response = httpx.post(f"{stack.url}/v1/chat/completions", json=CALL, timeout=30)
+        assert response.status_code == 200, response.text
