@@ -104,6 +104,10 @@ def test_a_dispatcher_started_while_kafka_is_hung_serves_from_its_saved_view(
     assert not twice, f"requests with two different usage events: {twice}"
     reported_usage = [e for e in usage if e.get("user_id") == user]
     assert len({e["event_id"] for e in reported_usage}) == 1, reported_usage
+    # Nothing was sent to the frozen broker (the producer never got its metadata), so
+    # each usage is on the topic once, not merely once per event id.
+    copies = [e["event_id"] for e in usage]
+    assert len(copies) == len(set(copies)) == len(served) + 1, copies
 
 
 def test_a_refused_broker_does_not_wait_out_the_answer_wait(kafka_settings: Settings) -> None:
