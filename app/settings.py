@@ -280,7 +280,9 @@ class Settings(BaseSettings):
         "30 s, 58 of 64 concurrent 35-second calls were refused at 3 % of a cap).",
     )
     start_kafka_answer_wait_s: float = Field(
-        default=3.0,
+        # 5 s, not less: a broker slowed by a busy machine that answers late is not hung,
+        # and a start that gives up on it skips reading back the usage not yet counted
+        default=5.0,
         gt=0,
         description="At start, how long the dispatcher waits for Kafka's first answer (the "
         "budget views and the shared router model, together) before it listens and serves "
