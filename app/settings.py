@@ -280,9 +280,10 @@ class Settings(BaseSettings):
         "30 s, 58 of 64 concurrent 35-second calls were refused at 3 % of a cap).",
     )
     start_kafka_answer_wait_s: float = Field(
-        # 5 s, not less: a broker slowed by a busy machine that answers late is not hung,
-        # and a start that gives up on it skips reading back the usage not yet counted
-        default=5.0,
+        # 10 s (a Kafka request's timeout, what a start waited before): a broker slowed by a
+        # busy machine that answers late is not hung, and a start that gives up on it skips
+        # reading back the usage the spend worker has not counted (a review)
+        default=10.0,
         gt=0,
         description="At start, how long the dispatcher waits for Kafka's first answer (the "
         "budget views and the shared router model, together) before it listens and serves "

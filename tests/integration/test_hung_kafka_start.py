@@ -63,30 +63,32 @@ def test_a_dispatcher_started_while_kafka_is_hung_serves_from_its_saved_view(
             start_kafka_answer_wait_s=1.0,
         )
         with hung as stack:
-            assert httpx.get(f"{stack.url}/healthz", timeout=10).status_code == 200
-            for i in range(3):
-                response = httpx.post(
+            try:
+                assert httpx.get(f"{stack.url}/healthz", timeout=10).status_code == 200
+                for i in range(3):
+                    response = httpx.post(
+                        f"{stack.url}/v1/chat/completions",
+                        json={**CALL, "user": f"hung-{i}"},
+                        timeout=30,
+                    )
+                    assert response.status_code == 200, response.text
+                    served.append(response.headers["X-Request-Id"])
+                # the cap comes from the saved policy: spend past it is refused
+                reported = httpx.post(
+                    f"{stack.url}/v1/usage", json={**USAGE, "user_id": user}, timeout=30
+                )
+                assert reported.is_success, reported.text
+                refused = httpx.post(
                     f"{stack.url}/v1/chat/completions",
-                    json={**CALL, "user": f"hung-{i}"},
+                    json=CALL,
+                    headers={"X-Tollgate-User": user},
                     timeout=30,
                 )
-                assert response.status_code == 200, response.text
-                served.append(response.headers["X-Request-Id"])
-            # the cap comes from the saved policy: spend past it is refused
-            reported = httpx.post(
-                f"{stack.url}/v1/usage", json={**USAGE, "user_id": user}, timeout=30
-            )
-            assert reported.is_success, reported.text
-            refused = httpx.post(
-                f"{stack.url}/v1/chat/completions",
-                json=CALL,
-                headers={"X-Tollgate-User": user},
-                timeout=30,
-            )
-            assert refused.status_code == 402, f"the saved cap was not enforced: {refused.text}"
-            assert _depth(stack.url) > 0, "usage is spooled while Kafka is hung"
+                assert refused.status_code == 402, f"the saved cap was not enforced: {refused.text}"
+                assert _depth(stack.url) > 0, "usage is spooled while Kafka is hung"
 
-            os.kill(pid, signal.SIGCONT)
+            finally:  # before the dispatcher stops: its teardown talks to Kafka
+                os.kill(pid, signal.SIGCONT)
             deadline = time.monotonic() + 90
             while _depth(stack.url) > 0:
                 assert time.monotonic() < deadline, "the spool never drained after SIGCONT"
