@@ -527,9 +527,15 @@ def _api_record(model: type[M], record: Any, where: str, window: TimeWindow) -> 
 
 def _note_ignored(report: BaseModel, where: str, ignored: dict[str, list[str]] | None) -> None:
     """Fields no one reads (a typo such as ``feture``, another API's ``timestamp``) are
-    accepted, as OpenAI's extra usage fields are, and named back to the caller."""
-    if ignored is not None and report.model_extra:
-        ignored[where] = sorted(report.model_extra)
+    accepted, as OpenAI's extra usage fields are, and named back to the caller; so are the
+    fields of a nested ``usage`` object no one reads (``usage.prompt_token_details``, a typo,
+    would drop the cached tokens unsaid: a review)."""
+    names = sorted(report.model_extra or ())
+    usage = getattr(report, "usage", None)
+    if isinstance(usage, UsageObject) and usage.model_extra:
+        names += sorted(f"usage.{name}" for name in usage.model_extra)
+    if ignored is not None and names:
+        ignored[where] = names
 
 
 def parse_usage_reports(

@@ -184,3 +184,29 @@ def test_a_null_usage_is_absent_and_an_empty_one_says_where_counts_go() -> None:
         parse_usage_reports({"model": "gpt-4o", "usage": {}}, _resolve)
     assert caught.value.field == "records[0].prompt_tokens"
     assert "usage" in caught.value.message
+
+
+def test_fields_of_a_nested_usage_nothing_reads_are_named() -> None:
+    """A typo inside ``usage`` (``prompt_token_details``) dropped the cached tokens with
+    ``ignored_fields`` empty, as did another vendor's names (Anthropic's
+    ``cache_read_input_tokens``): named back as ``usage.<field>`` (a review). OpenAI's own
+    fields are read, so an SDK's dump names nothing."""
+    record = {
+        "model": "gpt-4o", "user_id": "u",
+        "usage": {"prompt_tokens": 100, "completion_tokens": 5,
+                  "prompt_token_details": {"cached_tokens": 64},
+                  "cache_read_input_tokens": 64},
+    }  # fmt: skip
+    ignored: dict[str, list[str]] = {}
+    parse_usage_reports(record, _resolve, ignored=ignored)
+    assert ignored == {
+        "records[0]": ["usage.cache_read_input_tokens", "usage.prompt_token_details"]
+    }
+    from openai.types import CompletionUsage
+
+    dumped = CompletionUsage(prompt_tokens=100, completion_tokens=5, total_tokens=105)
+    ignored = {}
+    parse_usage_reports(
+        {"model": "gpt-4o", "user_id": "u", "usage": dumped.model_dump()}, _resolve, ignored=ignored
+    )
+    assert ignored == {}
