@@ -959,8 +959,12 @@ async def build_components(settings: Settings) -> Components:
     policy_view = CompactedView(
         settings, settings.topic("budget.policies"), codec, on_record=on_policy
     )
+    # newest_by: the topic is read from its beginning at a start and after a lost broker,
+    # and its last hour is not compacted; an older decision of a scope must not replace the
+    # newer one held (restored from the saved view, or read before), as the worker's own
+    # view of its decisions already does (a review: a blocked user was served)
     decision_view = CompactedView(
-        settings, settings.topic("budget.decisions"), codec, on_record=on_decision
+        settings, settings.topic("budget.decisions"), codec, on_record=on_decision, newest_by="ts"
     )
     levers = SavingsLevers(
         settings.routing,
@@ -1219,6 +1223,7 @@ def restore_budget_view(
     if not decision_view.synced.is_set():
         for scope, record in saved["decisions"].items():
             if scope not in decision_view.records:
+                decision_view.records[scope] = record  # an older one read later is ignored
                 gate.on_decision(scope, record)
     if not (policy_view.synced.is_set() and decision_view.synced.is_set()):
         log.warning(

@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import time
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -124,3 +125,96 @@ def test_a_refused_broker_does_not_wait_out_the_answer_wait(kafka_settings: Sett
     ) as stack:
         response = httpx.post(f"{stack.url}/v1/chat/completions", json=CALL, timeout=30)
         assert response.status_code == 200, response.text
+
+
+def test_an_older_decision_read_after_a_start_without_kafka_does_not_replace_the_saved_one(
+    kafka_settings: Settings, kafka_launcher: Any
+) -> None:
+    """A review: a start without Kafka restores the decisions saved before; when Kafka
+    answers, the decisions topic is read from its beginning (its last hour is not compacted),
+    and each record replaced what the gate held, so an older "open" decision of a user the
+    saved view knew blocked let the user spend until the newest record was read (and for
+    good, had the newest been compacted away). The topic here holds only the older record of
+    the user's decisions, then a marker on the same partition: once the marker is read, the
+    older one has been, and the user must still be blocked."""
+    from aiokafka import AIOKafkaProducer
+
+    from app.budgets.policy import evaluate, parse_policy
+    from app.budgets.spend import decision_record
+    from app.events.codec import EventCodec
+    from app.http.budget_snapshot import BudgetSnapshot
+
+    asyncio.run(ensure_topics(kafka_settings))
+    user, marker = "older-decision", "older-decision-marker"
+    limits = {user: 0.01, marker: 1.0}
+    now = datetime.now(UTC)
+
+    def decision(who: str, spent: int, ts: datetime) -> dict[str, Any]:
+        policy = parse_policy(f"user:{who}", {"limit_usd": limits[who]})
+        return decision_record(
+            f"user:{who}", policy, policy.period_at(ts), spent, ts,
+            evaluate(spent, policy), ts, "spend", {0: 0},
+        )  # fmt: skip
+
+    async def publish(who: str, record: dict[str, Any], partition: int | None = None) -> int:
+        producer = AIOKafkaProducer(bootstrap_servers=kafka_settings.kafka_bootstrap, acks="all")
+        await producer.start()
+        try:
+            sent = await producer.send_and_wait(
+                kafka_settings.topic("budget.decisions"),
+                EventCodec().encode("BudgetDecision", record),
+                key=f"user:{who}".encode(),
+                partition=partition,
+            )
+            return int(sent.partition)
+        finally:
+            await producer.stop()
+
+    with running_stack(kafka_settings) as stack:
+        state_dir = stack.settings.state_dir
+        for who, limit in limits.items():
+            put = httpx.put(f"{stack.url}/v1/budgets/user:{who}", json={"limit_usd": limit})
+            assert put.is_success, put.text
+        partition = asyncio.run(publish(user, decision(user, 0, now - timedelta(minutes=2))))
+        saved = state_dir / "budget-view.json"
+        deadline = time.monotonic() + 30
+        while (
+            not saved.exists() or f"user:{user}" not in json.loads(saved.read_text())["decisions"]
+        ):
+            assert time.monotonic() < deadline, "the decision never reached the saved view"
+            time.sleep(0.2)
+    # What the dispatcher saw last, saved: the user blocked by a newer decision.
+    snapshot = BudgetSnapshot(saved, EventCodec())
+    snapshot.load()
+    snapshot.record("decisions", f"user:{user}", decision(user, 12_000_000, now))
+    snapshot.save()
+
+    pid = kafka_launcher.status().pid
+    assert pid is not None, "the session broker is not running"
+    call = {**CALL, "max_tokens": 20}
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        with running_stack(
+            kafka_settings, state_dir=state_dir, start_kafka_answer_wait_s=1.0
+        ) as stack:
+            try:
+                headers = {"X-Tollgate-User": user}
+                url = f"{stack.url}/v1/chat/completions"
+                refused = httpx.post(url, json=call, headers=headers, timeout=30)
+                assert refused.status_code == 402, (
+                    f"the saved decision was not restored: {refused.text}"
+                )
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            asyncio.run(publish(marker, decision(marker, 1, now), partition))
+            status_url = f"{stack.url}/v1/budgets/user:{marker}/status"
+            deadline = time.monotonic() + 60
+            while httpx.get(status_url, timeout=30).json()["decided_by"] != "spend_worker":
+                assert time.monotonic() < deadline, "the dispatcher never read the marker"
+                time.sleep(0.2)
+            again = httpx.post(url, json=call, headers=headers, timeout=30)
+            status = httpx.get(f"{stack.url}/v1/budgets/user:{user}/status", timeout=30).json()
+            assert again.status_code == 402, f"an older decision replaced the saved one: {status}"
+            assert status["state"] == "blocked", status
+    finally:
+        os.kill(pid, signal.SIGCONT)
