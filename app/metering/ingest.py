@@ -487,11 +487,12 @@ def validate_record(
     window: TimeWindow | None = None,
 ) -> M:
     """``record`` as ``model``; ``error(field, message)`` builds what to raise (the API's 400
-    naming ``records[i].field``, or a trace file's error naming its line)."""
+    naming ``records[i].field``, or a trace file's error naming its line). A field inside
+    an object is named by its whole path (``usage.prompt_tokens``, not ``usage``: a review)."""
     try:
         return model.model_validate(record, context={"window": window})
     except ValidationError as exc:
-        name, problem = first_problem(exc, model)
+        name, problem = first_problem(exc, model, full_path=True)
         raise error(name or "", problem) from None
 
 

@@ -874,6 +874,46 @@ def test_a_nested_openai_usage_object_counts_as_its_fields_at_the_top_level(stac
     assert not_an_object.json()["error"]["param"] == "records[0].usage"
 
 
+def test_a_bad_count_inside_a_nested_usage_is_a_400_naming_that_count(stack: Stack) -> None:
+    """A review: a bad count inside the nested ``usage`` object was named
+    ``records[i].usage`` (the message then "usage prompt_tokens must be ..."), not the count
+    the caller must mend, as a top-level count is named."""
+    user = {"model": "gpt-4o", "user_id": "nested-usage-bad"}
+    cases = {
+        "records[0].usage.prompt_tokens": {"prompt_tokens": -1, "completion_tokens": 1},
+        "records[0].usage.completion_tokens": {"prompt_tokens": 1, "completion_tokens": "x"},
+        "records[0].usage.prompt_tokens_details.cached_tokens": {
+            "prompt_tokens": 5,
+            "completion_tokens": 1,
+            "prompt_tokens_details": {"cached_tokens": True},
+        },
+        "records[0].usage.input_tokens_details": {
+            "input_tokens": 5,
+            "output_tokens": 1,
+            "input_tokens_details": 5,
+        },
+    }
+    for param, usage in cases.items():
+        answer = httpx.post(f"{stack.url}/v1/usage", json={**user, "usage": usage})
+        assert answer.status_code == 400, (param, answer.text)
+        error = answer.json()["error"]
+        assert error["type"] == "invalid_request_error", error
+        assert error["param"] == param, error
+        assert error["message"].startswith(f"{param} must be "), error
+    # at the top level a nested detail is named the same way
+    top = {**user, "prompt_tokens": 5, "completion_tokens": 1}
+    answer = httpx.post(
+        f"{stack.url}/v1/usage", json={**top, "prompt_tokens_details": {"cached_tokens": -1}}
+    )
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["param"] == "records[0].prompt_tokens_details.cached_tokens"
+    # the second record of a batch is named by its index
+    batch = {"records": [top, {**user, "usage": {"prompt_tokens": 1, "completion_tokens": -2}}]}
+    answer = httpx.post(f"{stack.url}/v1/usage", json=batch)
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["param"] == "records[1].usage.completion_tokens"
+
+
 def test_an_outcome_value_below_a_nano_dollar_is_a_400_and_finer_digits_are_rounded(
     stack: Stack,
 ) -> None:

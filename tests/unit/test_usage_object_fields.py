@@ -174,8 +174,8 @@ def test_a_bad_count_inside_usage_is_named_with_usage() -> None:
         parse_usage_reports(
             {"model": "gpt-4o", "usage": {**CHAT_USAGE, "prompt_tokens": -1}}, _resolve
         )
-    assert caught.value.field is not None and caught.value.field.startswith("records[0].usage")
-    assert "prompt_tokens" in caught.value.message
+    assert caught.value.field == "records[0].usage.prompt_tokens"
+    assert caught.value.message.startswith("records[0].usage.prompt_tokens must be ")
 
 
 def test_a_null_usage_is_absent_and_an_empty_one_says_where_counts_go() -> None:
