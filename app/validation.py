@@ -193,8 +193,8 @@ def usd_amount(value: Any, high: Decimal, *, positive: bool = False) -> Decimal:
     from 0 (above 0 if ``positive``) to ``high``, and not a non-zero amount held as $0 (below
     half a nano-dollar; a float is read by its shortest repr, the JSON text: 4.35 is 4.35);
     else the validator's error saying what to send. Money is held in nano-dollars: finer
-    digits are rounded where it is held (``usd_to_nanos``). The one reading of money in a request: a budget's ``limit_usd``, an outcome's
-    ``value_usd``."""
+    digits are rounded where it is held (:func:`usd_to_nanos`, the one rounding). The one
+    reading of money in a request: a budget's ``limit_usd``, an outcome's ``value_usd``."""
     kind = "positive number" if positive else "number"
     try:
         if isinstance(value, bool) or not isinstance(value, int | float | str):
@@ -212,7 +212,7 @@ def usd_amount(value: Any, high: Decimal, *, positive: bool = False) -> Decimal:
     if not amount.is_finite() or amount < 0 or (positive and amount == 0) or amount > high:
         bounds = f"above 0 and at most {high:,}" if positive else f"from 0 to {high:,}"
         raise custom_error(f"must be a number of USD {bounds}, got {_shown(value)}")
-    if amount and not (amount / USD_RESOLUTION).to_integral_value(rounding=ROUND_HALF_EVEN):
+    if amount and not usd_to_nanos(amount):
         # a value that would be held as $0 (1e-10 was): refused. Finer digits of a larger one
         # are rounded to the nano-dollar where the amount is held (a float computed as
         # 100 / 30 has 16 of them: refusing it would refuse ordinary arithmetic)
@@ -221,7 +221,14 @@ def usd_amount(value: Any, high: Decimal, *, positive: bool = False) -> Decimal:
     return amount
 
 
-USD_RESOLUTION = Decimal("0.000000001")  # money is held in whole nano-dollars
+NANOS_PER_USD = Decimal(1_000_000_000)
+USD_RESOLUTION = 1 / NANOS_PER_USD  # money is held in whole nano-dollars
+
+
+def usd_to_nanos(usd: Decimal) -> int:
+    """``usd`` in whole nano-dollars, ties to even: the one rounding of money (here, below
+    ``app.pricing``, so that reading an amount from a request rounds as holding it does)."""
+    return int((usd * NANOS_PER_USD).to_integral_value(rounding=ROUND_HALF_EVEN))
 
 
 def usd_schema(high: Decimal, *, positive: bool = False) -> dict[str, Any]:

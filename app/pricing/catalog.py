@@ -18,16 +18,17 @@ import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from decimal import ROUND_HALF_EVEN, Decimal
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+from app.validation import NANOS_PER_USD, usd_to_nanos  # the one rounding of money
+
 log = logging.getLogger(__name__)
 
 Tier = Literal["premium", "standard", "economy"]
-NANOS_PER_USD = Decimal(1_000_000_000)
 _MTOK = Decimal(1_000_000)
 # The most nano-dollars an event's field holds (an Avro long): $9.22 billion.
 MAX_EVENT_NANOS = 2**63 - 1
@@ -66,10 +67,6 @@ class Cost:
     prompt_cache_saved_usd_nanos: int
     price_unknown: bool
     tier: Tier | None
-
-
-def usd_to_nanos(usd: Decimal) -> int:
-    return int((usd * NANOS_PER_USD).to_integral_value(rounding=ROUND_HALF_EVEN))
 
 
 def event_nanos(usd: Decimal) -> int:
