@@ -1,24 +1,43 @@
 """The spend worker learns the remembered reports of the partitions it actively owns, not
 Faust's standby replicas of other workers' partitions (kept in the same table data), and
 learns a partition's when a rebalance makes it active. Real Faust objects (the app, its
-table data, its partition assignor); only the assignment a broker would give is set here."""
+table data, its partition assignor); only the assignment a group leader would send is
+given, through the assignor's own hook for it (``on_assignment``)."""
 
 from __future__ import annotations
 
 import asyncio
+import zlib
 from pathlib import Path
 
-from faust.assignor.client_assignment import ClientAssignment
+from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment
+from faust.assignor.client_assignment import ClientAssignment, ClientMetadata
+from faust.assignor.partition_assignor import PartitionAssignor
 
 from agents.spend import SpendWorker
 from app.settings import Settings
 
 
 def _assign(worker: SpendWorker, actives: list[int], standbys: list[int]) -> None:
+    """The member assignment a Faust group leader sends (its client metadata as JSON,
+    zlib-compressed), received as the consumer receives it after a rebalance."""
     topic = worker.settings.topic("usage")
-    worker.app.assignor._assignment = ClientAssignment(  # type: ignore[attr-defined]
-        actives={topic: actives}, standbys={topic: standbys}
+    app = worker.app
+    assignment = ClientAssignment(actives={topic: actives}, standbys={topic: standbys})
+    metadata = ClientMetadata(
+        assignment=assignment, url=str(app.conf.canonical_url), changelog_distribution={}
     )
+    assignor = app.assignor
+    assert isinstance(assignor, PartitionAssignor)  # Faust's own, as the worker's app has
+    assignor.on_assignment(
+        ConsumerProtocolMemberAssignment(
+            assignor.version,
+            sorted(assignment.kafka_protocol_assignment(app.tables)),
+            zlib.compress(metadata.dumps()),
+        )
+    )
+    assert assignor.assigned_actives() == {(topic, p) for p in actives}
+    assert assignor.assigned_standbys() == {(topic, p) for p in standbys}
 
 
 def test_standby_reports_stay_out_of_memory_until_their_partition_is_promoted(
