@@ -22,8 +22,9 @@ What pages (issue 12): an alert marked ``historical`` (about the past: a replay,
 backlog) and an alert attached to an incident as ``related`` (the incident's primary
 alert pages, listing it) are delivered only to targets that ask for them
 (``include_historical``, ``include_related``); every such decision is logged with its
-reason ("not paged: historical ...") and counted
-(``tollgate_alert_notifications_total{outcome="skipped_historical"|"skipped_related"}``).
+reason ("not paged: historical ...") and counted (``tollgate_alert_notifications_total``'s
+``outcome`` ``skipped_historical``, ``skipped_related`` or, for the resolve below,
+``skipped_unpaged``).
 But a related alert that is the first of its incident a target's ``min_severity`` and
 ``kinds`` let through pages that target (``AlertTarget.first_for_it``: the correlator says
 the kinds and severities of the incident's records before it), and so does that member's
@@ -41,7 +42,8 @@ when the target's ``Retry-After`` asks for it (other answers are final). A slow 
 its oldest alert is dropped and counted, so the newest news still gets through.
 
 A notifier that starts reads back the event ids of the last alerts before its group's
-committed offsets (they were handled) and skips their repeats: the anomaly agent publishes
+committed offsets (they were handled; ``SENT_IDS_KEPT`` a partition, at most four times that
+in all) and skips their repeats: the anomaly agent publishes
 again, under the same ids, what it had published since its last checkpoint, and with both
 killed every incident was paged twice (a fault probe).
 
@@ -117,7 +119,8 @@ PAGERDUTY_SUMMARY_MAX = 1024
 DELIVERY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 DROP_LOG_INTERVAL_S = 10.0
 # How many delivered event ids each target remembers: far more than a fetch holds (the
-# alerts read again after a rebalance), a few hundred kB at most.
+# alerts read again after a rebalance), a few hundred kB at most. Also how many alerts a
+# partition a starting notifier reads back as handled (``_remember_handled``).
 SENT_IDS_KEPT = 10_000
 LOOKBACK_TIMEOUT_S = 30.0  # reading back what was handled before a start, at most
 BODY_LOG_CHARS = 300
@@ -746,8 +749,9 @@ class Notifier:
 
     def dispatch(self, alert: dict[str, Any], ticket: Callable[[int], Ticket] | None = None) -> int:
         """Hand ``alert`` to every target that pages it; returns how many did. Targets whose
-        filters accept it but that do not page it (historical, related) are logged with
-        the reason and counted. ``ticket(n)`` gives the hand-over's ticket for n targets."""
+        filters accept it but that do not page it (``AlertTarget.declines``: historical,
+        unpaged, related) are logged with the reason and counted as ``skipped_<reason>``.
+        ``ticket(n)`` gives the hand-over's ticket for n targets."""
         accepted = 0
         declined: dict[str, list[str]] = {}
         paging: list[TargetWorker] = []
@@ -871,9 +875,12 @@ class Notifier:
         await consumer.commit({tp: fetched[0].offset if fetched else position})
 
     async def _remember_handled(self, committed: dict[Any, int]) -> None:
-        """The event ids of the last ``SENT_IDS_KEPT`` alerts before each partition's
-        ``committed`` offset, read by one consumer assigned all of them: they were handled
-        (every paging target done with them), so a repeat of one is not sent again. The
+        """The event ids of the last ``SENT_IDS_KEPT`` alerts (at most) before each
+        partition's ``committed`` offset, read by one consumer assigned all of them: they were
+        handled (every paging target done with them), so a repeat of one is not sent again.
+        ``handled`` keeps at most ``SENT_IDS_KEPT * 4`` ids in all, the first read dropped
+        first: every partition's whole read-back while the alerts topic has at most four
+        partitions (it is made with three); past that, fewer a partition. The
         anomaly agent publishes again, under the same ids, what it had published since its
         last checkpoint; with the notifier restarted too, every incident was paged twice (a
         fault probe killing both)."""

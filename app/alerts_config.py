@@ -130,7 +130,9 @@ class AlertTarget(BaseModel):
 
     def declines(self, alert: dict[str, Any]) -> str | None:
         """Why this target does not page ``alert`` although its filters accept it: the alert
-        is about the past, or rides along with its incident's page. None: it pages."""
+        is about the past (``historical``), is the resolve of an alert this target was never
+        paged (``unpaged``), or rides along with its incident's page (``related``). None: it
+        pages. The notifier counts each as ``skipped_<reason>``."""
         if alert.get("historical") and not self.include_historical:
             return "historical"
         if not self.include_related and self.missed_its_firing(alert):
