@@ -17,6 +17,8 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
+import pytest
+
 from agents.anomaly.alerting import AlertManager
 from app.alerts_config import AlertTarget
 from tests.unit.test_anomaly_lifecycle_property import (
@@ -366,17 +368,36 @@ def _stray_resolves(run: Run, target: AlertTarget) -> list[str]:
     ]
 
 
-def test_a_member_that_grows_critical_after_another_paged_the_pager_sends_it_no_resolve() -> None:
-    """A feature's warning page; a user at 2x joins it (a warning: not the pager's); another
-    user at 40x joins and pages the pager (the incident's first critical record); then the
-    first user goes to 40x too: its update is not the pager's first of the incident, so it
-    is not paged there. Its resolve went to the pager all the same (it carried what the
-    incident had heard before the user's warning firing): a resolve of an alert the pager
-    never got."""
-    keys = [_key("feature:a", "volume_spike"), _key("user:u1", "volume_spike"),
-            _key("user:u3", "volume_spike")]  # fmt: skip
-    episodes = [(0, 0, 20, 30, 2.0, False), (1, 1, 15, 30, 2.0, False),
-                (2, 3, 5, 30, 40.0, False), (1, 8, 5, 20, 40.0, False)]  # fmt: skip
+@pytest.mark.parametrize(
+    ("scopes", "episodes"),
+    [
+        pytest.param(
+            ["feature:a", "user:u1", "user:u3"],
+            [(0, 0, 20, 30, 2.0, False), (1, 1, 15, 30, 2.0, False),
+             (2, 3, 5, 30, 40.0, False), (1, 8, 5, 20, 40.0, False)],
+            id="a-member-grows-critical",
+        ),
+        pytest.param(
+            ["feature:a", "user:u3"],
+            [(0, 0, 20, 30, 2.0, False), (1, 3, 5, 30, 40.0, False),
+             (0, 8, 5, 20, 40.0, False)],
+            id="the-page-grows-critical",
+        ),
+    ],
+)  # fmt: skip
+def test_what_grows_critical_after_a_member_paged_the_pager_sends_it_no_resolve(
+    scopes: list[str], episodes: list[tuple[int, int, int, int, float, bool]]
+) -> None:
+    """A feature's warning page; a user at 40x joins it and pages the pager (the incident's
+    first critical record); then something else of the incident goes to 40x too: its update
+    is not the pager's first of the incident, so it is not paged there. Its resolve went to
+    the pager all the same: a resolve of an alert the pager never got (a PagerDuty
+    ``resolve`` of a ``dedup_key`` it never triggered; a Slack or JSON receiver shows it).
+
+    ``a-member-grows-critical``: another user at 2x had joined before (a warning: not the
+    pager's) and goes to 40x; its resolve carried what the incident had heard before its
+    warning firing. ``the-page-grows-critical``: the feature's page itself goes to 40x."""
+    keys = [_key(scope, "volume_spike") for scope in scopes]
     run = _play(keys, _episodes(keys, episodes, 60))
     pager = [(r["alert_key"], r["status"]) for r in _paged(run, PAGER)]
     assert pager == [
@@ -386,21 +407,4 @@ def test_a_member_that_grows_critical_after_another_paged_the_pager_sends_it_no_
     assert not _stray_resolves(run, PAGER)
     chat = [(r["alert_key"], r["status"]) for r in _paged(run, CHAT)]
     assert chat == [("volume_spike|feature:a", "firing"), ("volume_spike|feature:a", "resolved")]
-    _check(run)
-
-
-def test_a_page_that_grows_critical_after_a_member_paged_the_pager_sends_it_no_resolve() -> None:
-    """The same with the page itself growing critical: the pager heard of the incident from
-    the user's 40x loop, and was sent the feature's resolve (a PagerDuty ``resolve`` of a
-    ``dedup_key`` it never triggered; a Slack or JSON receiver shows it)."""
-    keys = [_key("feature:a", "volume_spike"), _key("user:u3", "volume_spike")]
-    episodes = [(0, 0, 20, 30, 2.0, False), (1, 3, 5, 30, 40.0, False),
-                (0, 8, 5, 20, 40.0, False)]  # fmt: skip
-    run = _play(keys, _episodes(keys, episodes, 60))
-    pager = [(r["alert_key"], r["status"]) for r in _paged(run, PAGER)]
-    assert pager == [
-        ("volume_spike|user:u3", "firing"),
-        ("volume_spike|user:u3", "resolved"),
-    ], pager
-    assert not _stray_resolves(run, PAGER)
     _check(run)
