@@ -1,9 +1,10 @@
 """Request bodies as pydantic models: the shared field types and the one reading of a failure.
 
 Owns what every request model needs: the identifier type (``Id``, the rule of ``app.ids``),
-bounded integers (``TokenCount``, :func:`int_between`), and :func:`first_problem`, which turns
-a pydantic ``ValidationError`` into the field to name and a message saying what to send
-instead ("must be an integer from 0 to 2147483647, got -1"). The models themselves live with
+bounded integers (``TokenCount``, :func:`int_between`), USD amounts (:func:`usd_amount`, and
+:func:`usd_to_nanos`, the one rounding of money to nano-dollars), and :func:`first_problem`,
+which turns a pydantic ``ValidationError`` into the field to name and a message saying what
+to send instead ("must be an integer from 0 to 2147483647, got -1"). The models themselves live with
 the domain that owns each shape (``app.gateway.requests``, ``app.metering.ingest``,
 ``app.budgets.policy``); the OpenAPI document is generated from them (``app.http.openapi``).
 
