@@ -39,7 +39,7 @@ from app.cache.key import CacheLookup, parse_cache_control, plan_lookup
 from app.cache.store import CacheBackend, CachedAnswer, MemoryCache
 from app.metering.attribution import Identity
 from app.routing.config import TIER_ORDER, RoutingSettings, Tier
-from app.routing.escalation import Escalation, EscalationPolicy, Failure, next_tier
+from app.routing.escalation import Escalation, EscalationPolicy, Failure
 from app.routing.router import Router
 from app.routing.shared import encode_label, encode_routed
 
@@ -70,7 +70,9 @@ class RouteInfo:
     escalated: bool = False  # this attempt is the retry one tier up
     explored: bool = False  # sent to economy despite its score, to learn (exploration_rate)
     # Routed down by the budget (an "auto" call whose routed tier the budget gate refused):
-    # the model the router chose, and the cheapest tier refused (never escalated to again)
+    # the model the router chose, and the cheapest tier refused. Such a call never escalates:
+    # it is served on the first tier below the refused one that has a model, so the next tier
+    # up, where an escalation goes, is the refused one.
     budget_downgraded_from: str | None = None
     budget_refused_tier: str | None = None
 
@@ -256,11 +258,6 @@ class SavingsLevers:
                 )  # fmt: skip
         return None
 
-    def _affordable(self, route: RouteInfo, tier: Tier) -> bool:
-        """Whether an escalation to ``tier`` is not one the budget already refused."""
-        refused = route.budget_refused_tier
-        return refused is None or tier.rank < Tier(refused).rank
-
     def escalate(
         self,
         route: RouteInfo,
@@ -274,7 +271,8 @@ class SavingsLevers:
 
         A validator failure (empty, truncated or refused output) of an economy answer is a
         labelled failure for the router; an upstream error or timeout is not (it says
-        nothing about whether economy could answer the prompt)."""
+        nothing about whether economy could answer the prompt). A call routed down by its
+        budget (``budget_refused_tier``) never escalates (see :class:`RouteInfo`)."""
         if failure is None or not route.routed or route.tier is None:
             return None
         step = self.escalation.escalation(
@@ -290,7 +288,7 @@ class SavingsLevers:
             remembered = self._remembered.pop(request_id, None)
             if judged and remembered:
                 self.router.learn_features(remembered.features, Tier.ECONOMY, "failure", feature)
-        if step is None or not self._affordable(route, step.tier):
+        if step is None or route.budget_refused_tier is not None:
             return None
         # the escalated attempt is the tier the router would have chosen: not exploration
         escalated = replace(
@@ -300,15 +298,10 @@ class SavingsLevers:
 
     def may_escalate(self, route: RouteInfo, feature: str | None, attempt: int) -> bool:
         """Whether a failure of this attempt could still escalate (see ``escalate``)."""
-        if not route.routed or route.tier is None:
+        if not route.routed or route.tier is None or route.budget_refused_tier is not None:
             return False
-        up = next_tier(self.routing.provider_tiers(route.provider), Tier(route.tier))
-        return (
-            self.escalation.possible(
-                tier=Tier(route.tier), feature=feature, attempt=attempt, provider=route.provider
-            )
-            and up is not None
-            and self._affordable(route, up)
+        return self.escalation.possible(
+            tier=Tier(route.tier), feature=feature, attempt=attempt, provider=route.provider
         )
 
     def would_escalate(
@@ -323,7 +316,7 @@ class SavingsLevers:
         the provider just given it: an empty, refused or (not at the client's own
         ``max_tokens``) truncated answer, stored by a call that named the model (a probe: it
         was replayed to ``auto``, where a live one escalates)."""
-        if not route.routed or route.tier is None:
+        if not route.routed or route.tier is None or route.budget_refused_tier is not None:
             return False
         try:
             completion = orjson.loads(stored)
@@ -336,7 +329,7 @@ class SavingsLevers:
             failure, tier=Tier(route.tier), feature=feature, attempt=attempt,
             provider=route.provider,
         )  # fmt: skip
-        return step is not None and self._affordable(route, step.tier)
+        return step is not None
 
     def validate(self, route: RouteInfo, completion: Any) -> Failure | None:
         """The configured validators on a routed call's answer (None: acceptable)."""

@@ -5,12 +5,16 @@ dispatcher's part (the gate's refusal, headers, events) is tested end to end in
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import replace
 from typing import Any
+
+import pytest
 
 from app.cache.config import CacheSettings
 from app.gateway.savings import RouteInfo, SavingsLevers
 from app.routing import FeatureRule, ProviderTiers, RoutingSettings, Tier
+from app.routing.config import TIER_ORDER
 from app.routing.escalation import Failure
 
 PROVIDERS = (
@@ -68,11 +72,62 @@ def test_a_call_routed_down_never_escalates_to_the_tier_it_was_refused_on() -> N
     assert economy is not None
     assert not lever.may_escalate(economy, None, 1)
     assert lever.escalate(economy, Failure.EMPTY, request_id="r", feature=None, attempt=1) is None
-    # refused on premium only (premium -> economy: standard had no model then, say): an
-    # escalation to standard, between, is still made, and admitted by the gate like any
-    skipped = routed(
-        "gpt-4o-mini", "economy", budget_downgraded_from="gpt-4", budget_refused_tier="premium"
+    # refused on premium, at a provider with no standard model: served on economy, and the
+    # escalation from economy would be premium again
+    no_standard = SavingsLevers(
+        RoutingSettings(
+            providers=(ProviderTiers(provider="sim", economy="gpt-4o-mini", premium="gpt-4"),),
+            exploration_rate=0.0,
+        ),
+        CacheSettings(),
     )
-    assert lever.may_escalate(skipped, None, 1)
-    step = lever.escalate(skipped, Failure.EMPTY, request_id="r", feature=None, attempt=1)
-    assert step is not None and step[1].model == "gpt-4o"
+    skipped = no_standard.budget_fallback(routed("gpt-4", "premium"), None, WHY)
+    assert skipped is not None and (skipped.tier, skipped.budget_refused_tier) == (
+        "economy",
+        "premium",
+    )
+    assert not no_standard.may_escalate(skipped, None, 1)
+    assert (
+        no_standard.escalate(skipped, Failure.EMPTY, request_id="r", feature=None, attempt=1)
+        is None
+    )
+
+
+MODELS = {Tier.ECONOMY: "gpt-4o-mini", Tier.STANDARD: "gpt-4o", Tier.PREMIUM: "gpt-4"}
+
+
+@pytest.mark.parametrize(
+    "tiers",
+    [held for n in (2, 3) for held in itertools.combinations(TIER_ORDER, n)],
+    ids=lambda held: "+".join(t.value for t in held),
+)
+@pytest.mark.parametrize("min_tier", [None, *TIER_ORDER], ids=lambda t: f"min_{t}")
+def test_the_tier_an_escalation_would_reach_is_always_the_one_refused(
+    tiers: tuple[Tier, ...], min_tier: Tier | None
+) -> None:
+    """Why "routed down by its budget" alone forbids escalating: routing down takes the first
+    cheaper tier with a model, escalating the first dearer one, at the same provider, so the
+    escalation of any call routed down would be to the tier its budget refused. Every
+    provider shape, routed tier and ``min_tier``; one or more steps down."""
+    provider = ProviderTiers(provider="sim", **{t.value: MODELS[t] for t in tiers})
+    routing = RoutingSettings(
+        providers=(provider,), exploration_rate=0.0, features={"f": FeatureRule(min_tier=min_tier)}
+    )
+    lever = SavingsLevers(routing, CacheSettings())
+    reached = 0
+    for top in tiers:
+        route: RouteInfo | None = routed(MODELS[top], top.value)
+        while (route := lever.budget_fallback(route, "f", WHY)) is not None:
+            reached += 1
+            refused = route.budget_refused_tier
+            assert refused is not None and route.tier is not None
+            step = lever.escalation.escalation(
+                Failure.EMPTY, tier=Tier(route.tier), feature="f", provider=route.provider
+            )
+            assert step is not None and step.tier.value == refused
+            assert not lever.may_escalate(route, "f", 1)
+            assert (
+                lever.escalate(route, Failure.EMPTY, request_id="r", feature="f", attempt=1) is None
+            )
+            assert not lever.would_escalate(route, b'{"choices": []}', "f", 1, False)
+    assert reached or min_tier is not None
