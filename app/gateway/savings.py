@@ -75,6 +75,11 @@ class RouteInfo:
     # up, where an escalation goes, is the refused one.
     budget_downgraded_from: str | None = None
     budget_refused_tier: str | None = None
+    # Its features were published (shared learning) or remembered to learn from: only then is
+    # a failure judged on its answer a label. A label of any other call (routed down by its
+    # budget, pinned, or of a feature that does not learn) would wait at the learner for a
+    # features record that never comes.
+    learns: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,11 +217,13 @@ class SavingsLevers:
         names_a_model = (
             isinstance(requested, str) and bool(requested) and requested != self.routing.auto_model
         )
+        learns = False  # its features kept to learn from (RouteInfo.learns)
         if (
             features is not None
             and decision.tier is Tier.ECONOMY
             and self.router.learns(Tier.ECONOMY, feature)
         ):
+            learns = True
             if self._publish is not None:
                 self._publish(request_id, encode_routed(request_id, feature, features))
             else:
@@ -231,6 +238,7 @@ class SavingsLevers:
             provider=decision.provider,
             reference_model=None if names_a_model else top,
             explored=decision.explored,
+            learns=learns,
         )
 
     def budget_fallback(self, route: RouteInfo, feature: str | None, why: str) -> RouteInfo | None:
@@ -270,7 +278,8 @@ class SavingsLevers:
         """The next attempt after ``failure`` of a routed call, or None (answer as it is).
 
         A validator failure (empty, truncated or refused output) of an economy answer is a
-        labelled failure for the router; an upstream error or timeout is not (it says
+        labelled failure for the router (of a call whose features it kept,
+        ``RouteInfo.learns``); an upstream error or timeout is not (it says
         nothing about whether economy could answer the prompt). A call routed down by its
         budget (``budget_refused_tier``) never escalates (see :class:`RouteInfo`)."""
         if failure is None or not route.routed or route.tier is None:
@@ -281,7 +290,7 @@ class SavingsLevers:
         )  # fmt: skip
         judged = failure in (Failure.EMPTY, Failure.TRUNCATED, Failure.REFUSED)
         if self._publish is not None:
-            if judged and route.tier == Tier.ECONOMY.value and attempt == 1:
+            if judged and route.learns and route.tier == Tier.ECONOMY.value and attempt == 1:
                 label = encode_label(request_id, "failure", f"validator:{failure.value}")
                 self._publish(request_id, label)
         else:

@@ -185,3 +185,39 @@ async def test_a_deferred_shared_model_that_cannot_be_restored_keeps_the_current
     await levers.load_model()
     assert levers.router_version == 1
     assert levers.router.model.outcomes_learned == 3
+
+
+@pytest.mark.parametrize("case", ["routed down by its budget", "pinned to economy", "learn off"])
+def test_no_label_is_published_for_a_call_whose_features_were_not(case: str) -> None:
+    """Shared learning: a failure judged on an economy answer is a label only for a call whose
+    features were published (closing39 L3). An economy call routed down by its budget, pinned
+    to economy, or of a feature that does not learn published none: a label would wait at the
+    learner for a call that never comes, pushing out labels that have one."""
+    from app.routing.config import FeatureRule, Tier
+    from app.routing.escalation import Failure
+
+    published: list[tuple[str, bytes]] = []
+    rules = {
+        "standard": FeatureRule(quality_target=0.999999, premium_above=1.0),
+        "pinned": FeatureRule(pin=Tier.ECONOMY),
+        "unlearned": FeatureRule(learn=False),
+    }
+    levers = SavingsLevers(
+        RoutingSettings(shared_learning=True, exploration_rate=0.0, features=rules),
+        CacheSettings(),
+        publish=lambda key, value: published.append((key, value)),
+    )
+    prompt = body("Hi there?")
+    feature = {"routed down by its budget": "standard", "pinned to economy": "pinned"}.get(
+        case, "unlearned"
+    )
+    route = levers.route("req_1", prompt, feature)
+    if case == "routed down by its budget":
+        assert route.tier == "standard"
+        down = levers.budget_fallback(route, feature, "user:u: over")
+        assert down is not None
+        route = down
+    assert route.routed and route.tier == "economy"
+    assert published == []  # no features record for this call
+    levers.escalate(route, Failure.EMPTY, request_id="req_1", feature=feature, attempt=1)
+    assert published == []
