@@ -82,8 +82,8 @@ class Metrics:
         )
         self.budget_downgraded = Counter(
             "tollgate_budget_routed_down",
-            "model 'auto' calls the budget gate refused on the routed tier, retried one tier "
-            "down (by the tier tried): X-Tollgate-Budget-Downgraded-From",
+            "model 'auto' calls the budget gate refused on the routed tier, retried on the next "
+            "cheaper tier with a model (by the tier tried): X-Tollgate-Budget-Downgraded-From",
             ["tier"],
             registry=r,
         )

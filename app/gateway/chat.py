@@ -116,6 +116,10 @@ EscalationStep = tuple[Escalation, RouteInfo]
 class ChatAttempts:
     """The attempts of one chat request: the first (or the cache), then at most one escalation.
 
+    An ``auto`` call whose routed tier the budget refuses outright is first routed down: tried
+    on the next cheaper tier that has a model, and so on (:meth:`_budget_fallback`); only the
+    tier finally admitted is an attempt, and a call routed down never escalates.
+
     ``admitted`` turns true once an attempt was admitted (its ``Request`` event is out); a refusal
     after that (an escalation's own 402) needs no ``Request`` event from the web layer."""
 
@@ -165,7 +169,8 @@ class ChatAttempts:
     async def answer(
         self, body: Mapping[str, Any], chat: ChatRequest, client: ClientStream
     ) -> Answer:
-        """Route, then answer from the cache or the upstream, escalating once if allowed."""
+        """Route, then answer from the cache or the upstream, escalating once if allowed; an
+        ``auto`` call refused by its budget on the routed tier is routed down first."""
         if body.get("model") != chat.model and not body.get("model"):
             body = {**body, "model": chat.model}  # /v1/dispatch's default model, as if asked
         if self.levers.model_needed(body, self.identity.feature):
