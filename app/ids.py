@@ -21,7 +21,10 @@ ANONYMOUS_USER = "anonymous"
 ESCALATED_PREFIX = "escalated_"
 """The ``error_type`` of a routed call's attempt that failed and was retried on a dearer
 tier: paid (its cost counts) but not a request (no baseline, no request count), as the
-warehouse's ``superseded`` (``app.warehouse.reports.SUPERSEDED``)."""
+warehouse's ``superseded`` (``SUPERSEDED``)."""
+SUPERSEDED = f"startsWith(ifNull(error_type, ''), '{ESCALATED_PREFIX}')"
+"""The warehouse's test (SQL, on ``usage_events``) of a row of such an attempt: reports and
+rollups (their backfill of migration 011) read it."""
 
 
 def normal_id(value: str) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 
 from clickhouse_connect.driver.binding import DT64Param
 
-from app.ids import ESCALATED_PREFIX
+from app.ids import SUPERSEDED  # a usage row of an attempt escalated to a dearer tier
 from app.pricing.catalog import usd_text
 
 MAX_RANGE = timedelta(days=400)
@@ -162,9 +162,6 @@ _RAW_MEASURES = """countIf(NOT superseded) AS requests,
     sumIf(in_requested, NOT price_unknown AND NOT superseded) AS requested_cost_usd,
     sum(in_cache_saved) AS cache_saved_usd,
     sum(in_prompt_cache_saved) AS prompt_cache_saved_usd"""
-# A usage row of an attempt escalated to a dearer tier (paid, not a request): its
-# ``error_type`` starts with the prefix the gateway writes.
-SUPERSEDED = f"startsWith(ifNull(error_type, ''), '{ESCALATED_PREFIX}')"
 _RAW_ROWS = f"""SELECT ts, user_id, team, feature, tier, provider, model_served, cache_hit, status,
         price_unknown, prompt_tokens AS in_prompt, completion_tokens AS in_completion,
         cached_tokens AS in_cached, cost_usd AS in_cost, baseline_cost_usd AS in_baseline,

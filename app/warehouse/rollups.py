@@ -50,8 +50,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from app.ids import SUPERSEDED
 from app.warehouse.clickhouse import MIGRATIONS_DIR, _statements
-from app.warehouse.reports import SUPERSEDED
 
 log = logging.getLogger(__name__)
 HOUR = timedelta(hours=1)
