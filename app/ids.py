@@ -15,8 +15,10 @@ import unicodedata
 
 MAX_ID_LENGTH = 256
 NO_ID_LABEL = "(none)"  # what reports show for a call without a feature (or session)
-# The user a call names none of is charged to (attribution); reports match an outcome the
-# anonymous user posted (its ``user_id`` NULL in the warehouse) to calls of this user.
+# The user a call names none of is charged to (attribution). An outcome the anonymous user
+# posts is stored with ``user_id`` NULL (ingest); migration 015's views (read by the reports
+# and Grafana) match such an outcome to calls of this user, spelling it out in SQL
+# (tests/unit/test_migration_anonymous_user.py ties the two).
 ANONYMOUS_USER = "anonymous"
 ESCALATED_PREFIX = "escalated_"
 """The ``error_type`` of a routed call's attempt that failed and was retried on a dearer
