@@ -789,10 +789,7 @@ def _ratio(value: Decimal) -> str:
 # (deploy/clickhouse/015_unserved_call_outcomes.sql), so the Grafana dashboard reads the same
 # definition. It looks the outcomes' calls up (user, request id) over the 31 days before the
 # range, through the request id index (migration 014) and the users (the sorting key): that
-# lookup is a view of its own, ``UNSERVED_CALLS``.
-UNSERVED_CALLS = (
-    "SELECT user_id, request_id FROM unserved_calls(start_ms = %(start_ms)s, end_ms = %(end_ms)s)"
-)
+# lookup is a view of its own, ``unserved_calls``.
 UNSERVED_CALL_OUTCOMES = (
     "SELECT feature, outcomes, successes, value_usd "
     "FROM unserved_call_outcomes(start_ms = %(start_ms)s, end_ms = %(end_ms)s)"
