@@ -221,3 +221,50 @@ def test_no_label_is_published_for_a_call_whose_features_were_not(case: str) -> 
     assert published == []  # no features record for this call
     levers.escalate(route, Failure.EMPTY, request_id="req_1", feature=feature, attempt=1)
     assert published == []
+
+
+@pytest.mark.parametrize("case", ["explored", "route_all names a model", "economy by its score"])
+def test_a_judged_failure_of_a_call_whose_features_were_published_is_still_a_label(
+    case: str,
+) -> None:
+    """The other side of the test above (a review of closing39 L3): every economy call whose
+    features went to the learner still gets its validator label, including one sent to
+    economy by exploration and one a ``route_all`` feature routed from the model it named."""
+    from app.routing.config import FeatureRule
+    from app.routing.escalation import Failure
+    from app.routing.shared import LabelRecord, RoutedCall, decode_record
+
+    published: list[tuple[str, bytes]] = []
+    rules = {
+        "hard": FeatureRule(quality_target=0.999999, premium_above=1.0),  # scored standard
+        "all": FeatureRule(route_all=True, quality_target=0.000001),  # scored economy
+    }
+    levers = SavingsLevers(
+        RoutingSettings(shared_learning=True, exploration_rate=0.5, features=rules),
+        CacheSettings(),
+        publish=lambda key, value: published.append((key, value)),
+    )
+    prompt = body("Hi there?")
+    feature: str | None = None
+    request_id = "req_1"
+    if case == "explored":
+        feature = "hard"
+        request_id = next(r for r in (f"req_{i}" for i in range(100)) if levers.router.explores(r))
+    elif case == "route_all names a model":
+        feature, prompt = "all", {**prompt, "model": "gpt-4o"}
+    else:
+        request_id = next(
+            r for r in (f"req_{i}" for i in range(100)) if not levers.router.explores(r)
+        )
+    route = levers.route(request_id, prompt, feature)
+    assert route.routed and route.tier == "economy" and route.learns
+    assert route.explored == (case == "explored")
+    (routed,) = [decode_record(value) for _, value in published]
+    assert isinstance(routed, RoutedCall) and routed.request_id == request_id
+    step = levers.escalate(
+        route, Failure.REFUSED, request_id=request_id, feature=feature, attempt=1
+    )
+    assert step is not None and step[1].tier == "standard"
+    assert decode_record(published[-1][1]) == LabelRecord(
+        request_id, "failure", "validator:refused"
+    )
