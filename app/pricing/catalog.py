@@ -24,7 +24,9 @@ from typing import Any, Literal
 
 import yaml
 
-from app.validation import NANOS_PER_USD, usd_to_nanos  # the one rounding of money
+# the one rounding of money; re-exported for the modules that import it from pricing
+from app.validation import NANOS_PER_USD as NANOS_PER_USD
+from app.validation import usd_to_nanos as usd_to_nanos
 
 log = logging.getLogger(__name__)
 
