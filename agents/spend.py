@@ -190,11 +190,10 @@ class SpendWorker:
             self.codec,
             on_record=self._on_policy,
         )
-        # Holds the decisions this worker publishes before they round-trip through Kafka,
-        # so a read-back of an older one must not replace them (it would re-fire alerts).
-        self.decision_view = CompactedView(
-            settings, settings.topic("budget.decisions"), self.codec, newest_by="ts"
-        )
+        # Holds the decisions this worker publishes before they round-trip through Kafka
+        # (put_local), so a read-back of an older one does not replace them (it would
+        # re-fire alerts).
+        self.decision_view = CompactedView(settings, settings.topic("budget.decisions"), self.codec)
         self.views_ready = asyncio.Event()
         self.ready = False  # tables recovered and owned partitions prepared
         self.pending_refresh: set[str] = set()
@@ -716,8 +715,8 @@ class SpendWorker:
         policy = self.policies.policy_for(scope)
         if policy is None:
             if scope in self.decision_view.records:  # the cap was removed: withdraw it
-                self.decision_view.records.pop(scope, None)
-                await self.decisions_topic.send(key=scope.encode(), value=None)
+                self.decision_view.put_local(scope, None)
+                await self._send_decision(scope, None)
             return
         now = self.clock.now()
         period = policy.period_at(now)
@@ -740,18 +739,33 @@ class SpendWorker:
         # Everything up to the first await is atomic in the event loop: the agents and the
         # timers all decide, so the view must hold this decision, and the alerts be chosen,
         # before anything yields (else two of them fire the same threshold alert).
-        self.decision_view.records[scope] = decision
+        self.decision_view.put_local(scope, decision)
         policy = self.policies.policy_for(scope)
         crossed = crossed_thresholds(previous, decision, policy) if policy else []
         now = self.clock.now()
         fired = [threshold_alert(scope, policy, decision, t, now) for t in crossed if policy]
-        await self.decisions_topic.send(
-            key=scope.encode(), value=self.codec.encode("BudgetDecision", decision)
-        )
+        await self._send_decision(scope, decision)
         for alert in fired:
             await self.alerts_topic.send(
                 key=alert["alert_key"].encode(), value=self.codec.encode("Alert", alert)
             )
+
+    async def _send_decision(self, scope: str, decision: dict[str, Any] | None) -> None:
+        """Send a decision put in the view; if its write fails, the view follows the topic
+        again for that scope (it will never read this one back)."""
+        value = None if decision is None else self.codec.encode("BudgetDecision", decision)
+        try:
+            sent = await self.decisions_topic.send(key=scope.encode(), value=value)
+        except BaseException:
+            self.decision_view.local_lost(scope, decision)
+            raise
+
+        def written(future: asyncio.Future[Any]) -> None:
+            if future.cancelled() or future.exception() is not None:
+                self.decision_view.local_lost(scope, decision)
+
+        if isinstance(sent, asyncio.Future):
+            sent.add_done_callback(written)
 
     def _scopes_for_policy_change(self, scope: str) -> set[str]:
         """The scopes a changed policy applies to: itself, or every scope its default covers."""

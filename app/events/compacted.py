@@ -75,18 +75,35 @@ async def wait_at_start(
 
 
 class CompactedView:
+    """The latest record per key, in the topic's own order.
+
+    A key lives in one partition, so offset order is write order; records are never
+    compared by a field such as ``ts`` (a writer's wall clock: a worker whose clock stepped
+    back had its newer decisions dropped, closing 39 M1).
+
+    Each read starts at the topic's beginning (at a start, and after a lost broker), and the
+    topic's newest hour is not compacted: a key's older records come before its newest.
+    So a read collects what it reads apart, until every partition reaches the end offsets
+    taken as it began (a *catch-up*), then replaces the held records at once: ``on_record``
+    is called only for keys whose record changed or disappeared, never with an older record
+    read again. From then on records apply as they come. Until the first catch-up, what
+    was put in ``records`` (the dispatcher's saved view) stays as it is; a key held but not
+    on the topic at a catch-up is removed (a tombstone compaction has removed since: the
+    saved view only holds records read from the topic).
+
+    A writer that holds its own records before they round-trip (the spend worker's
+    decisions) puts them with :meth:`put_local`: records of that key read before its own
+    write is read back are older, and skipped.
+    """
+
     def __init__(
         self,
         settings: Settings,
         topic: str,
         codec: EventCodec,
         on_record: OnRecord | None = None,
-        newest_by: str | None = None,
     ) -> None:
-        """``newest_by``: a record field (e.g. ``ts``); a record older than the one held for
-        its key is ignored (a writer that already holds its latest record in the view)."""
         self.settings = settings
-        self.newest_by = newest_by
         self.topic = topic
         self.codec = codec
         self.reader = EventReader(codec, f"view of {topic}")
@@ -97,6 +114,8 @@ class CompactedView:
         self.answered = asyncio.Event()  # the broker answered once (metadata)
         self.last_contact = 0.0  # monotonic time of the last successful broker round trip
         self._task: asyncio.Task[None] | None = None
+        self._fresh: dict[str, dict[str, Any]] | None = None  # a catch-up's records so far
+        self._local: dict[str, str | None] = {}  # key -> event id put locally (None: removed)
 
     async def start(self, timeout_s: float = 30.0, answer_timeout_s: float | None = None) -> bool:
         """Start reading; wait until caught up (True), or the broker is unreachable, or
@@ -120,25 +139,91 @@ class CompactedView:
         """Seconds since this view last heard from the broker."""
         return time.monotonic() - self.last_contact if self.last_contact else float("inf")
 
+    def put_local(self, key: str, record: dict[str, Any] | None) -> None:
+        """The writer's own newest record of ``key`` (``None``: removed), held before it is
+        read back: until a record with its ``event_id`` (a tombstone, for a removal) is
+        read, records read of ``key`` are older ones, and skipped."""
+        if record is None:
+            self.records.pop(key, None)
+            self._local[key] = None
+        else:
+            self.records[key] = record
+            self._local[key] = record["event_id"]
+
+    def local_lost(self, key: str, record: dict[str, Any] | None) -> None:
+        """The write of ``record`` (put with :meth:`put_local`) failed: it will never be read
+        back, so records read of ``key`` apply again."""
+        event_id = None if record is None else record["event_id"]
+        if key in self._local and self._local[key] == event_id:
+            del self._local[key]
+
+    @property
+    def catching_up(self) -> bool:
+        return self._fresh is not None
+
+    def begin_catch_up(self) -> None:
+        """A read from the topic's beginning starts: collect apart until :meth:`caught_up`."""
+        self._fresh = {}
+
+    def caught_up(self) -> None:
+        """Every partition reached the end offsets taken as the read began: replace the held
+        records at once with what it read (keys written locally, not read back yet, keep
+        their own record)."""
+        fresh, self._fresh = self._fresh, None
+        if fresh is None:
+            return
+        for key in self._local:
+            held = self.records.get(key)
+            if held is None:
+                fresh.pop(key, None)
+            else:
+                fresh[key] = held
+        changed = [k for k, record in fresh.items() if self.records.get(k) != record]
+        removed = [k for k in self.records if k not in fresh]
+        added = sum(1 for k in changed if k not in self.records)
+        for key in removed:
+            del self.records[key]
+        for key in changed:
+            self.records[key] = fresh[key]
+        if self.on_record is not None:
+            for key in [*changed, *removed]:
+                self.on_record(key, self.records.get(key))
+        log.info(
+            "caught up with topic",
+            extra={
+                "topic": self.topic,
+                "records": len(fresh),
+                "added": added,
+                "replaced": len(changed) - added,
+                "removed": len(removed),
+            },
+        )
+        self.synced.set()
+
     def _apply(self, key: bytes | None, value: bytes | None, partition: int, offset: int) -> None:
         if key is None:
             return
         name = key.decode(errors="replace")
-        if value is None:
-            self.records.pop(name, None)
-            record = None
-        else:
+        record: dict[str, Any] | None = None
+        if value is not None:
             event = self.reader.decode(value, self.topic, partition, offset)
             if event is None:
                 return
             record = event.record
-            held = self.records.get(name)
-            if (
-                self.newest_by
-                and held is not None
-                and record[self.newest_by] < held[self.newest_by]
-            ):
-                return
+        if name in self._local:
+            if self._local[name] == (None if record is None else record.get("event_id")):
+                del self._local[name]  # the local write read back: the topic is as new
+            elif self._fresh is None:
+                return  # written before the local one
+        if self._fresh is not None:
+            if record is None:
+                self._fresh.pop(name, None)
+            else:
+                self._fresh[name] = record
+            return
+        if record is None:
+            self.records.pop(name, None)
+        else:
             self.records[name] = record
         if self.on_record is not None:
             self.on_record(name, record)
@@ -171,6 +256,7 @@ class CompactedView:
             partitions = await self._partitions(consumer)
             await consumer.seek_to_beginning(*partitions)
             end = await consumer.end_offsets(partitions)
+            self.begin_catch_up()
             self.last_contact = time.monotonic()
             next_check = time.monotonic() + CONTACT_CHECK_S
             while True:
@@ -178,15 +264,16 @@ class CompactedView:
                 for messages in batch.values():
                     for m in messages:
                         self._apply(m.key, m.value, m.partition, m.offset)
-                if not self.synced.is_set():
+                if self.catching_up:
                     positions = {tp: await consumer.position(tp) for tp in partitions}
                     if all(positions[tp] >= end[tp] for tp in partitions):
-                        self.synced.set()
+                        self.caught_up()
                 if time.monotonic() >= next_check:
                     await consumer.end_offsets(partitions)  # raises if the broker is gone
                     self.last_contact = time.monotonic()
                     next_check = self.last_contact + CONTACT_CHECK_S
         finally:
+            self._fresh = None  # an unfinished catch-up: the next read starts again
             await clients.stop_within(consumer)
 
     async def _partitions(self, consumer: AIOKafkaConsumer) -> list[TopicPartition]:

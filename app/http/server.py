@@ -959,12 +959,11 @@ async def build_components(settings: Settings) -> Components:
     policy_view = CompactedView(
         settings, settings.topic("budget.policies"), codec, on_record=on_policy
     )
-    # newest_by: the topic is read from its beginning at a start and after a lost broker,
-    # and its last hour is not compacted; an older decision of a scope must not replace the
-    # newer one held (restored from the saved view, or read before), as the worker's own
-    # view of its decisions already does (a review: a blocked user was served)
+    # Both views apply a read from the topic's beginning (a start, a lost broker) only once
+    # caught up, and at once: a scope's older records, re-read, never reach the gate (a
+    # review: an hour-old "open" replaced a saved "blocked" and the user was served).
     decision_view = CompactedView(
-        settings, settings.topic("budget.decisions"), codec, on_record=on_decision, newest_by="ts"
+        settings, settings.topic("budget.decisions"), codec, on_record=on_decision
     )
     levers = SavingsLevers(
         settings.routing,
@@ -1213,17 +1212,19 @@ def restore_budget_view(
     gate: BudgetGate,
 ) -> None:
     """If Kafka did not answer, start from the policies and decisions saved before (none
-    at all made every capped user uncapped until the broker came back: probe K). Kafka's
-    records replace them as soon as the views read it."""
+    at all made every capped user uncapped until the broker came back: probe K). They are
+    held in the views, which replace them with the topic's records once caught up with it
+    (a scope the topic no longer holds is removed then)."""
     saved = snapshot.load()
     if not policy_view.synced.is_set():
         for scope, record in saved["policies"].items():
             if scope not in policy_view.records:
+                policy_view.records[scope] = record
                 policies.apply_record(record, scope)
     if not decision_view.synced.is_set():
         for scope, record in saved["decisions"].items():
             if scope not in decision_view.records:
-                decision_view.records[scope] = record  # an older one read later is ignored
+                decision_view.records[scope] = record
                 gate.on_decision(scope, record)
     if not (policy_view.synced.is_set() and decision_view.synced.is_set()):
         log.warning(

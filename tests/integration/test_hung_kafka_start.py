@@ -16,6 +16,9 @@ from typing import Any
 import httpx
 import pytest
 
+from app.budgets.policy import evaluate, parse_policy
+from app.budgets.spend import decision_record
+from app.events.codec import EventCodec
 from app.events.topics import ensure_topics
 from app.routing.config import RoutingSettings
 from app.settings import Settings
@@ -24,6 +27,42 @@ from tests.integration.harness import read_events, running_stack
 pytestmark = pytest.mark.integration
 CALL = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "served while hung"}]}
 USAGE = {"model": "gpt-4o", "prompt_tokens": 4000, "completion_tokens": 200}  # $0.012
+
+
+def _decision(who: str, limit_usd: float, spent: int, ts: datetime) -> dict[str, Any]:
+    policy = parse_policy(f"user:{who}", {"limit_usd": limit_usd})
+    return decision_record(
+        f"user:{who}", policy, policy.period_at(ts), spent, ts,
+        evaluate(spent, policy), ts, "spend", {0: 0},
+    )  # fmt: skip
+
+
+async def _publish(
+    settings: Settings, who: str, record: dict[str, Any], partition: int | None = None
+) -> int:
+    """One decision on the decisions topic, as a spend worker writes it; its partition."""
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+    await producer.start()
+    try:
+        sent = await producer.send_and_wait(
+            settings.topic("budget.decisions"),
+            EventCodec().encode("BudgetDecision", record),
+            key=f"user:{who}".encode(),
+            partition=partition,
+        )
+        return int(sent.partition)
+    finally:
+        await producer.stop()
+
+
+def _wait_decided(url: str, who: str) -> None:
+    status_url = f"{url}/v1/budgets/user:{who}/status"
+    deadline = time.monotonic() + 60
+    while httpx.get(status_url, timeout=30).json()["decided_by"] != "spend_worker":
+        assert time.monotonic() < deadline, f"the dispatcher never read the decision of {who}"
+        time.sleep(0.2)
 
 
 def _depth(url: str) -> float:
@@ -133,15 +172,12 @@ def test_an_older_decision_read_after_a_start_without_kafka_does_not_replace_the
     """A review: a start without Kafka restores the decisions saved before; when Kafka
     answers, the decisions topic is read from its beginning (its last hour is not compacted),
     and each record replaced what the gate held, so an older "open" decision of a user the
-    saved view knew blocked let the user spend until the newest record was read (and for
-    good, had the newest been compacted away). The topic here holds only the older record of
-    the user's decisions, then a marker on the same partition: once the marker is read, the
-    older one has been, and the user must still be blocked."""
-    from aiokafka import AIOKafkaProducer
-
-    from app.budgets.policy import evaluate, parse_policy
-    from app.budgets.spend import decision_record
-    from app.events.codec import EventCodec
+    saved view knew blocked let the user spend until the newest record was read. The topic
+    here holds the user's older "open", then the newer "blocked" the saved view holds (it
+    only ever holds records read from the topic), then a marker on the same partition: once
+    the marker is read, the whole topic has been, and the user must still be blocked. (The
+    view now applies such a read at once when caught up: no older record reaches the gate
+    in between, tests/unit/test_compacted_view_order.py.)"""
     from app.http.budget_snapshot import BudgetSnapshot
 
     asyncio.run(ensure_topics(kafka_settings))
@@ -150,44 +186,28 @@ def test_an_older_decision_read_after_a_start_without_kafka_does_not_replace_the
     now = datetime.now(UTC)
 
     def decision(who: str, spent: int, ts: datetime) -> dict[str, Any]:
-        policy = parse_policy(f"user:{who}", {"limit_usd": limits[who]})
-        return decision_record(
-            f"user:{who}", policy, policy.period_at(ts), spent, ts,
-            evaluate(spent, policy), ts, "spend", {0: 0},
-        )  # fmt: skip
-
-    async def publish(who: str, record: dict[str, Any], partition: int | None = None) -> int:
-        producer = AIOKafkaProducer(bootstrap_servers=kafka_settings.kafka_bootstrap, acks="all")
-        await producer.start()
-        try:
-            sent = await producer.send_and_wait(
-                kafka_settings.topic("budget.decisions"),
-                EventCodec().encode("BudgetDecision", record),
-                key=f"user:{who}".encode(),
-                partition=partition,
-            )
-            return int(sent.partition)
-        finally:
-            await producer.stop()
+        return _decision(who, limits[who], spent, ts)
 
     with running_stack(kafka_settings) as stack:
         state_dir = stack.settings.state_dir
         for who, limit in limits.items():
             put = httpx.put(f"{stack.url}/v1/budgets/user:{who}", json={"limit_usd": limit})
             assert put.is_success, put.text
-        partition = asyncio.run(publish(user, decision(user, 0, now - timedelta(minutes=2))))
+        older = decision(user, 0, now - timedelta(minutes=2))
+        partition = asyncio.run(_publish(kafka_settings, user, older))
+        asyncio.run(_publish(kafka_settings, user, decision(user, 12_000_000, now), partition))
         saved = state_dir / "budget-view.json"
+
+        def saved_state() -> str | None:
+            if not saved.exists():
+                return None
+            held = BudgetSnapshot(saved, EventCodec()).load()["decisions"].get(f"user:{user}")
+            return None if held is None else str(held["state"])
+
         deadline = time.monotonic() + 30
-        while (
-            not saved.exists() or f"user:{user}" not in json.loads(saved.read_text())["decisions"]
-        ):
-            assert time.monotonic() < deadline, "the decision never reached the saved view"
+        while saved_state() != "blocked":  # what the dispatcher saw last, saved
+            assert time.monotonic() < deadline, "the blocked decision never reached the saved view"
             time.sleep(0.2)
-    # What the dispatcher saw last, saved: the user blocked by a newer decision.
-    snapshot = BudgetSnapshot(saved, EventCodec())
-    snapshot.load()
-    snapshot.record("decisions", f"user:{user}", decision(user, 12_000_000, now))
-    snapshot.save()
 
     pid = kafka_launcher.status().pid
     assert pid is not None, "the session broker is not running"
@@ -206,15 +226,46 @@ def test_an_older_decision_read_after_a_start_without_kafka_does_not_replace_the
                 )
             finally:
                 os.kill(pid, signal.SIGCONT)
-            asyncio.run(publish(marker, decision(marker, 1, now), partition))
-            status_url = f"{stack.url}/v1/budgets/user:{marker}/status"
-            deadline = time.monotonic() + 60
-            while httpx.get(status_url, timeout=30).json()["decided_by"] != "spend_worker":
-                assert time.monotonic() < deadline, "the dispatcher never read the marker"
-                time.sleep(0.2)
+            asyncio.run(_publish(kafka_settings, marker, decision(marker, 1, now), partition))
+            _wait_decided(stack.url, marker)
             again = httpx.post(url, json=call, headers=headers, timeout=30)
             status = httpx.get(f"{stack.url}/v1/budgets/user:{user}/status", timeout=30).json()
             assert again.status_code == 402, f"an older decision replaced the saved one: {status}"
             assert status["state"] == "blocked", status
     finally:
         os.kill(pid, signal.SIGCONT)
+
+
+def test_a_later_decision_with_an_older_ts_wins(kafka_settings: Settings) -> None:
+    """M1 (closing 39): decisions were ordered by their ``ts``, the spend worker's wall
+    clock, so a worker whose clock stepped back (or a rebalance to a worker whose clock is
+    behind) had its newer decisions dropped: a newer "blocked" lost to an older "open" and
+    the user was served. The topic's order is the order: a key lives in one partition."""
+    asyncio.run(ensure_topics(kafka_settings))
+    user, marker = "clock-stepped-back", "clock-stepped-back-marker"
+    limits = {user: 0.01, marker: 1.0}
+    now = datetime.now(UTC)
+    with running_stack(kafka_settings) as stack:
+        for who, limit in limits.items():
+            put = httpx.put(f"{stack.url}/v1/budgets/user:{who}", json={"limit_usd": limit})
+            assert put.is_success, put.text
+        partition = asyncio.run(_publish(kafka_settings, user, _decision(user, 0.01, 0, now)))
+        _wait_decided(stack.url, user)
+        behind = now - timedelta(minutes=5)  # the worker's clock stepped back
+        blocked = _decision(user, 0.01, 12_000_000, behind)
+        asyncio.run(_publish(kafka_settings, user, blocked, partition))
+        # the marker, after the blocked decision on the same partition: once it is read,
+        # the blocked one has been
+        asyncio.run(_publish(kafka_settings, marker, _decision(marker, 1.0, 1, behind), partition))
+        _wait_decided(stack.url, marker)
+        url = f"{stack.url}/v1/chat/completions"
+        call = {**CALL, "max_tokens": 20}
+        refused = httpx.post(url, json=call, headers={"X-Tollgate-User": user}, timeout=30)
+        status = httpx.get(f"{stack.url}/v1/budgets/user:{user}/status", timeout=30).json()
+        assert refused.status_code == 402, f"the later blocked decision was dropped: {status}"
+        assert status["state"] == "blocked", status
+    with running_stack(kafka_settings) as stack:  # a start reads the topic from its beginning
+        url = f"{stack.url}/v1/chat/completions"
+        refused = httpx.post(url, json=call, headers={"X-Tollgate-User": user}, timeout=30)
+        status = httpx.get(f"{stack.url}/v1/budgets/user:{user}/status", timeout=30).json()
+        assert refused.status_code == 402, f"the blocked decision was dropped at a start: {status}"
