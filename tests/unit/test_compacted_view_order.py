@@ -245,3 +245,37 @@ def test_the_view_holds_the_last_written_record_per_key(
                 last[key] = read(record)
     assert v.synced.is_set()
     assert v.records == last
+
+
+def test_the_spend_worker_follows_the_topic_again_when_its_write_fails() -> None:
+    """The worker's own decision is put in its view before it is sent; if the send fails,
+    it will never be read back, and the view must not skip the topic's records for ever."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from agents.spend import SpendWorker
+
+    async def run() -> CompactedView:
+        loop = asyncio.get_running_loop()
+        outcome: asyncio.Future[Any] = loop.create_future()
+
+        async def send(**_: Any) -> asyncio.Future[Any]:
+            return outcome
+
+        v = view()
+        v.begin_catch_up()
+        v.caught_up()
+        worker = SimpleNamespace(
+            decision_view=v, codec=CODEC, decisions_topic=SimpleNamespace(send=send)
+        )
+        mine = decision("user:a", 2)
+        v.put_local("user:a", mine)
+        await SpendWorker._send_decision(worker, "user:a", mine)  # type: ignore[arg-type]
+        outcome.set_exception(RuntimeError("not written"))
+        await asyncio.sleep(0)  # the done callbacks run
+        return v
+
+    v = asyncio.run(run())
+    other = decision("user:a", 3)
+    apply(v, "user:a", other, 0)
+    assert v.records["user:a"] == read(other)
