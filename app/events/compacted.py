@@ -188,7 +188,9 @@ class CompactedView:
         if self.on_record is not None:
             for key in [*changed, *removed]:
                 self.on_record(key, self.records.get(key))
-        log.info(
+        replaced_or_removed = len(changed) - added + len(removed)
+        log.log(
+            logging.INFO if replaced_or_removed else logging.DEBUG,  # the CLI: not at each call
             "caught up with topic",
             extra={
                 "topic": self.topic,
