@@ -301,8 +301,9 @@ class Settings(BaseSettings):
     start_uncounted_read_s: float = Field(
         default=10.0,
         gt=0,
-        description="At start, with Kafka answering, how long the dispatcher reads back the "
-        "usage the spend worker has not counted yet (held at the budget gate until counted).",
+        description="How long the dispatcher reads back the usage the spend worker has not "
+        "counted yet (held at the budget gate until counted): at start with Kafka answering, "
+        "else once its budget views catch up.",
     )
     max_call_duration_s: float = Field(
         default=600.0,

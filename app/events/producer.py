@@ -133,6 +133,10 @@ class EventEmitter:
         self._producer_up = False
         self._last_ack = 0.0
         self.last_error: str | None = None  # why delivery is failing (shown by /readyz)
+        # While a set: the event id of every usage event queued, added before it is spooled
+        # (so before it can be on the topic). A dispatcher that reads the usage topic back
+        # after it started serving skips these: the gate holds them already.
+        self.usage_ids: set[str] | None = None
 
     # -- request path ---------------------------------------------------------------
     def emit(
@@ -150,7 +154,10 @@ class EventEmitter:
     def emit_usage(self, record: Mapping[str, Any]) -> int:
         """Encode and durably queue a priced ``Usage`` record (see :func:`usage_message`);
         returns its spool sequence number."""
-        return self._spool(usage_message(self.settings, self.codec, record))
+        message = usage_message(self.settings, self.codec, record)
+        if self.usage_ids is not None:
+            self.usage_ids.add(record["event_id"])
+        return self._spool(message)
 
     def _spool(self, message: EventMessage) -> int:
         seq = self.spool.append(message.topic, message.key, message.value, int(time.time() * 1000))

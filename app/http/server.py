@@ -113,6 +113,8 @@ class Components:
     local_router: LocalRouterCheckpoint | None = None  # otherwise: its model in state_dir
     reported: ReportedRequests = field(default_factory=ReportedRequests)  # /v1/usage ids
     budget_snapshot: BudgetSnapshot | None = None  # the budget view on disk
+    # after a start the budget views did not catch up in: the read-back of uncounted usage
+    uncounted_read_back: asyncio.Task[int] | None = None
 
 
 COMPONENTS = web.AppKey("components", Components)
@@ -991,9 +993,17 @@ async def build_components(settings: Settings) -> Components:
     spooled: set[str] = set()
     reported = ReportedRequests()  # learns the /v1/usage ids of the usage read back here
     hold_spooled_usage(emitter, gate, usage_topic, spooled, reported)  # before it drains
-    if decision_view.synced.is_set():  # Kafka answers: what the worker has not counted
-        await hold_uncounted_usage(
-            settings, gate, codec, spooled, reported, settings.start_uncounted_read_s
+    read_back: asyncio.Task[int] | None = None
+    if decision_view.synced.is_set() and policy_view.synced.is_set():
+        # Kafka answers: what the worker has not counted
+        await hold_uncounted_usage(settings, gate, codec, spooled, reported)
+    else:  # read it back once the views catch up, skipping what this run holds by then
+        emitter.usage_ids = spooled
+        read_back = asyncio.create_task(
+            hold_uncounted_usage_when_caught_up(
+                settings, gate, codec, spooled, reported, emitter, [policy_view, decision_view]
+            ),
+            name="uncounted-usage-read-back",
         )
     await emitter.start()
     if settings.budgets_file:
@@ -1037,6 +1047,7 @@ async def build_components(settings: Settings) -> Components:
         local_router,
         reported=reported,
         budget_snapshot=snapshot,
+        uncounted_read_back=read_back,
     )
 
 
@@ -1077,7 +1088,6 @@ UNCOUNTED_READ_MAX = 200_000  # events a restart reads back per partition, at mo
 # some decisions count less far: the worker publishes a batch's decisions scope by scope,
 # a scope whose spend alone moved at its next flush (0.25 s), features after their partials.
 UNCOUNTED_READ_OVERLAP = 5_000
-UNCOUNTED_READ_TIMEOUT_S = 10.0  # settings.start_uncounted_read_s's default
 
 
 async def hold_uncounted_usage(
@@ -1086,7 +1096,6 @@ async def hold_uncounted_usage(
     codec: Any,
     skip: set[str],
     reported: ReportedRequests | None = None,
-    timeout_s: float = UNCOUNTED_READ_TIMEOUT_S,
 ) -> int:
     """Usage already in Kafka that the spend worker has not counted: held at the gate until
     a decision counts it, as this dispatcher held its own before a restart.
@@ -1101,8 +1110,8 @@ async def hold_uncounted_usage(
     ``UNCOUNTED_READ_OVERLAP`` events before the furthest one: decisions of one batch are
     published scope by scope, so the furthest alone skipped the usage of a scope whose
     decision came later (or never, the worker dead). Bounded by ``UNCOUNTED_READ_MAX``
-    events a partition and ``timeout_s`` (``start_uncounted_read_s``); a failure leaves the gate as it
-    was (logged). ``reported`` learns the /v1/usage records read (counted or not), so a
+    events a partition and ``settings.start_uncounted_read_s``; a failure leaves the gate as
+    it was (logged). ``reported`` learns the /v1/usage records read (counted or not), so a
     retry of one here is a repeat, not a second hold (probe H: a user under the cap was
     refused until the worker's next decision, however long the worker was away)."""
     from app.events import clients
@@ -1114,7 +1123,7 @@ async def hold_uncounted_usage(
     # metadata to assign from, and stopping it hung the dispatcher's start.
     consumer = clients.consumer(settings, topic, purpose="dispatcher-uncounted", group_id=None)
     try:
-        async with asyncio.timeout(timeout_s):
+        async with asyncio.timeout(settings.start_uncounted_read_s):
             await consumer.start()
             while not consumer.assignment():  # noqa: ASYNC110 (aiokafka has no event for it)
                 await asyncio.sleep(0.05)
@@ -1156,6 +1165,32 @@ async def hold_uncounted_usage(
     if held:
         log.info("holding usage the spend worker has not counted yet", extra={"events": held})
     return held
+
+
+async def hold_uncounted_usage_when_caught_up(
+    settings: Settings,
+    gate: BudgetGate,
+    codec: Any,
+    skip: set[str],
+    reported: ReportedRequests,
+    emitter: EventEmitter,
+    views: list[CompactedView],
+) -> int:
+    """``hold_uncounted_usage`` for a start whose budget views did not catch up (Kafka down,
+    hung, or answering only after ``start_kafka_answer_wait_s``): run once they have. It
+    was skipped for good: with the spend worker behind, a user near a cap spent again what
+    was spent before the restart (a probe: twice the cap). ``skip`` holds the ids of the
+    usage this run holds already: what was in its spool at start, and, through
+    ``emitter.usage_ids``, every usage event it queued since (an id is added before its
+    event is spooled, so before it can be read here), a /v1/usage retry of an older record
+    included (the same event id): each is held once, by its spool sequence."""
+    try:
+        for view in views:
+            await view.synced.wait()
+        return await hold_uncounted_usage(settings, gate, codec, skip, reported)
+    finally:
+        emitter.usage_ids = None
+        skip.clear()
 
 
 def _hold_read_usage(
@@ -1303,6 +1338,10 @@ def create_app(settings: Settings) -> web.Application:
             components.budget_snapshot.save()  # type: ignore[union-attr]
         if preload is not None:
             preload.cancel()
+        if components.uncounted_read_back is not None:
+            components.uncounted_read_back.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await components.uncounted_read_back
         await components.upstreams.close()
         await components.reports_session.close()
         await asyncio.gather(components.policy_view.stop(), components.decision_view.stop())

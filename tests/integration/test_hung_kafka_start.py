@@ -11,6 +11,7 @@ import os
 import signal
 import time
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import httpx
@@ -269,3 +270,103 @@ def test_a_later_decision_with_an_older_ts_wins(kafka_settings: Settings) -> Non
         refused = httpx.post(url, json=call, headers={"X-Tollgate-User": user}, timeout=30)
         status = httpx.get(f"{stack.url}/v1/budgets/user:{user}/status", timeout=30).json()
         assert refused.status_code == 402, f"the blocked decision was dropped at a start: {status}"
+
+
+def _spent(url: str, user: str) -> str:
+    status = httpx.get(f"{url}/v1/budgets/user:{user}/status", timeout=30).json()
+    return str(status["spent_usd"])
+
+
+def test_usage_the_worker_had_not_counted_is_held_once_kafka_answers_after_a_hung_start(
+    kafka_settings: Settings, kafka_launcher: Any
+) -> None:
+    """Probe 39 ("cap doubled") and review 39b item 1: a dispatcher whose start gave up on
+    a hung Kafka skipped the read-back of the usage the spend worker had not counted, for
+    good: with the worker behind, a user near a cap spent again what was spent before the
+    restart (twice the cap). Once the budget views catch up, that usage is now read back and
+    held, and never twice what this run already holds: its own usage (spooled while Kafka was
+    frozen, delivered after) and a /v1/usage retry of a record from before the restart (the
+    same event id twice on the topic) each count once. No spend worker runs: nothing is
+    counted, so the gate must hold exactly what was spent."""
+    from agents.spend import partition_for
+
+    asyncio.run(ensure_topics(kafka_settings))  # no spend worker in this test
+    n = kafka_settings.topic_partitions
+    user = "readback-cap"
+    retried = next(  # on the user's partition, so read back before the user's record
+        f"readback-retry-{i}"
+        for i in range(1000)
+        if partition_for(f"readback-retry-{i}", n) == partition_for(user, n)
+    )
+    before = {"model": "gpt-4o", "prompt_tokens": 4000, "completion_tokens": 200}  # $0.012
+    small = {"model": "gpt-4o", "prompt_tokens": 1000, "completion_tokens": 150}  # $0.004
+    retry = {**before, "user_id": retried, "request_id": "readback-rr-1"}
+    call = {**CALL, "max_tokens": 20}
+    with running_stack(kafka_settings) as stack:
+        state_dir = stack.settings.state_dir
+        for who in (user, retried):
+            put = httpx.put(f"{stack.url}/v1/budgets/user:{who}", json={"limit_usd": 0.02})
+            assert put.is_success, put.text
+        first = httpx.post(f"{stack.url}/v1/usage", json=retry, timeout=30)
+        assert first.status_code == 202, first.text
+        posted = httpx.post(f"{stack.url}/v1/usage", json={**before, "user_id": user}, timeout=30)
+        assert posted.status_code == 202, posted.text
+        assert len(asyncio.run(read_events(kafka_settings, "usage", at_least=2))) == 2
+        saved = state_dir / "budget-view.json"
+        deadline = time.monotonic() + 30
+        while not saved.exists() or not all(
+            f"user:{who}" in json.loads(saved.read_text())["policies"] for who in (user, retried)
+        ):
+            assert time.monotonic() < deadline, "the policies never reached the saved view"
+            time.sleep(0.2)
+
+    pid = kafka_launcher.status().pid
+    assert pid is not None, "the session broker is not running"
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        with running_stack(
+            kafka_settings, state_dir=state_dir, start_kafka_answer_wait_s=1.0
+        ) as stack:
+            try:
+                url = f"{stack.url}/v1/chat/completions"
+                headers = {"X-Tollgate-User": user}
+                # spent while Kafka is frozen: this run's own usage, held by the gate
+                during = httpx.post(
+                    f"{stack.url}/v1/usage", json={**small, "user_id": user}, timeout=30
+                )
+                assert during.status_code == 202, during.text
+                again = httpx.post(f"{stack.url}/v1/usage", json=retry, timeout=30)
+                assert again.status_code == 202, again.text
+                assert _depth(stack.url) > 0, "usage is spooled while Kafka is hung"
+                under = httpx.post(url, json=call, headers=headers, timeout=30)
+                assert under.status_code == 200, f"a user under the cap was refused: {under.text}"
+                own = _spent(stack.url, user)  # this run's 0.004 and its call, as held
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            deadline = time.monotonic() + 90
+            while _spent(stack.url, user) == own:
+                assert time.monotonic() < deadline, (
+                    "the usage the worker had not counted was never read back after Kafka "
+                    f"answered: {_spent(stack.url, user)} held"
+                )
+                time.sleep(0.2)
+            while _depth(stack.url) > 0:  # this run's usage is on the topic too now
+                assert time.monotonic() < deadline, "the spool never drained after SIGCONT"
+                time.sleep(0.2)
+            held = Decimal(_spent(stack.url, user))
+            assert held == Decimal(own) + Decimal("0.012"), (
+                f"held {held}: the spend before the restart (0.012) and this run's ({own}) "
+                "must each count once"
+            )
+            assert _spent(stack.url, retried) == "0.012", "a retried report was held twice"
+            served = httpx.post(url, json=call, headers={"X-Tollgate-User": retried}, timeout=30)
+            assert served.status_code == 200, f"held twice, refused under the cap: {served.text}"
+            # past the cap now: spent before the restart, and again after it
+            more = httpx.post(f"{stack.url}/v1/usage", json={**small, "user_id": user}, timeout=30)
+            assert more.status_code == 202, more.text
+            refused = httpx.post(url, json=call, headers=headers, timeout=30)
+            assert refused.status_code == 402, (
+                f"served past the cap: {_spent(stack.url, user)} spent: {refused.text}"
+            )
+    finally:
+        os.kill(pid, signal.SIGCONT)
