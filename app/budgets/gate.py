@@ -53,7 +53,7 @@ import itertools
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -542,6 +542,16 @@ class BudgetGate:
                 capped, nanos, ts_ms, partition, offset, self._current_counted
             ),
         )
+
+    def waits_for_count(self, scopes: Sequence[str], partition: int, offset: int) -> bool:
+        """Whether a capped scope among ``scopes`` has no current decision counting through
+        the usage event at (partition, offset) yet."""
+        with self._lock:
+            return any(
+                self.policies.policy_for(scope) is not None
+                and self._current_counted(scope).get(partition, -1) <= offset
+                for scope in scopes
+            )
 
     def sweep(self) -> int:
         """Release reservations older than max_call_duration_s (+ grace): a second line of

@@ -137,6 +137,8 @@ class EventEmitter:
         # (so before it can be on the topic). A dispatcher that reads the usage topic back
         # after it started serving skips these: the gate holds them already.
         self.usage_ids: set[str] | None = None
+        # on_usage(seq, record): each usage event queued, with its spool sequence
+        self.on_usage: Callable[[int, Mapping[str, Any]], None] | None = None
 
     # -- request path ---------------------------------------------------------------
     def emit(
@@ -157,7 +159,10 @@ class EventEmitter:
         message = usage_message(self.settings, self.codec, record)
         if self.usage_ids is not None:
             self.usage_ids.add(record["event_id"])
-        return self._spool(message)
+        seq = self._spool(message)
+        if self.on_usage is not None:
+            self.on_usage(seq, record)
+        return seq
 
     def _spool(self, message: EventMessage) -> int:
         seq = self.spool.append(message.topic, message.key, message.value, int(time.time() * 1000))

@@ -7,6 +7,13 @@ over its cap (probe K). Records are kept as the Avro values the topics hold (bas
 what is restored is what the views would have decoded. Written at most every
 ``SAVE_EVERY_S`` when something changed, and at a clean stop; a crash loses at most that
 much of what changed (the next start reads Kafka when it answers).
+
+It also keeps the spend the dispatcher holds at its gate that Kafka has and the spend worker
+has not counted (``uncounted``: by usage event id, with its scopes, cost, time and where it
+landed): a start without Kafka holds it again, else a user near a cap could spend again what
+was spent before the restart while the worker was behind (a probe: twice the cap). An event
+still in the spool is not kept here (the spool holds it), and one is dropped once no capped
+scope of it waits for a decision to count it. At most ``UNCOUNTED_MAX`` events, the newest.
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ import contextlib
 import json
 import logging
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +34,28 @@ log = logging.getLogger(__name__)
 
 SAVE_EVERY_S = 1.0
 KINDS = {"policies": "BudgetPolicy", "decisions": "BudgetDecision"}
+UNCOUNTED_MAX = 10_000  # usage events kept (the newest): about 1.5 MB of JSON
+
+
+@dataclass(frozen=True)
+class Uncounted:
+    """A usage event in Kafka at (partition, offset) the spend worker may not have counted."""
+
+    scopes: tuple[str, ...]
+    nanos: int
+    ts_ms: int
+    partition: int
+    offset: int
+
+    def to_json(self) -> list[Any]:
+        return [list(self.scopes), self.nanos, self.ts_ms, self.partition, self.offset]
+
+    @classmethod
+    def from_json(cls, value: Any) -> Uncounted:
+        scopes, nanos, ts_ms, partition, offset = value
+        if not all(isinstance(scope, str) for scope in scopes):
+            raise TypeError("scopes are names")
+        return cls(tuple(scopes), int(nanos), int(ts_ms), int(partition), int(offset))
 
 
 class BudgetSnapshot:
@@ -32,7 +63,39 @@ class BudgetSnapshot:
         self.path = path
         self.codec = codec
         self.values: dict[str, dict[str, bytes]] = {kind: {} for kind in KINDS}
+        self.uncounted: dict[str, Uncounted] = {}  # by usage event id, oldest first
+        # spool sequence -> (event id, scopes, nanos, ts_ms) until Kafka acknowledges it
+        self._queued: dict[int, tuple[str, tuple[str, ...], int, int]] = {}
         self.dirty = False
+
+    # -- the usage held at the gate --------------------------------------------------
+    def queued(self, seq: int, event_id: str, scopes: list[str], nanos: int, ts_ms: int) -> None:
+        """A usage event in the spool (sequence ``seq``): kept once Kafka has it."""
+        if nanos:
+            self._queued[seq] = (event_id, tuple(scopes), nanos, ts_ms)
+
+    def delivered(self, seq: int, partition: int, offset: int) -> None:
+        """Kafka acknowledged the event of spool sequence ``seq`` at (partition, offset)."""
+        queued = self._queued.pop(seq, None)
+        if queued is not None:
+            event_id, scopes, nanos, ts_ms = queued
+            self.held(event_id, Uncounted(scopes, nanos, ts_ms, partition, offset))
+
+    def held(self, event_id: str, entry: Uncounted) -> None:
+        """A usage event in Kafka the gate holds as not counted yet (read back, restored)."""
+        if not entry.nanos or event_id in self.uncounted:
+            return
+        self.uncounted[event_id] = entry
+        while len(self.uncounted) > UNCOUNTED_MAX:
+            del self.uncounted[next(iter(self.uncounted))]
+        self.dirty = True
+
+    def prune(self, waiting: Callable[[Uncounted], bool]) -> None:
+        """Drop the events for which ``waiting(entry)`` is false (counted, or uncapped)."""
+        done = [event_id for event_id, entry in self.uncounted.items() if not waiting(entry)]
+        for event_id in done:
+            del self.uncounted[event_id]
+        self.dirty |= bool(done)
 
     def record(self, kind: str, scope: str, record: dict[str, Any] | None) -> None:
         """A record of the policies or decisions topic, as its view applied it."""
@@ -46,20 +109,32 @@ class BudgetSnapshot:
             return
         self.dirty = True
 
-    def save(self) -> None:
+    def document(self) -> dict[str, Any] | None:
+        """What ``save`` writes (None: nothing changed). Taken where the records change (the
+        event loop); ``write`` may then run in a thread."""
         if not self.dirty:
-            return
-        document = {
+            return None
+        document: dict[str, Any] = {
             kind: {scope: base64.b64encode(value).decode() for scope, value in values.items()}
             for kind, values in self.values.items()
         }
+        document["uncounted"] = {key: entry.to_json() for key, entry in self.uncounted.items()}
+        self.dirty = False
+        return document
+
+    def save(self) -> None:
+        self.write(self.document())
+
+    def write(self, document: dict[str, Any] | None) -> None:
+        if document is None:
+            return
         temporary = self.path.with_suffix(".tmp")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             temporary.write_text(json.dumps(document))
             os.replace(temporary, self.path)
-            self.dirty = False
         except OSError as exc:
+            self.dirty = True  # try again at the next save
             log.warning("could not save the budget view", extra={"error": repr(exc)})
 
     def load(self) -> dict[str, dict[str, dict[str, Any]]]:
@@ -78,4 +153,9 @@ class BudgetSnapshot:
                     value = base64.b64decode(text)
                     loaded[kind][scope] = self.codec.decode(value).record
                     self.values[kind][scope] = value
+        saved = document.get("uncounted")
+        for event_id, value in (saved if isinstance(saved, dict) else {}).items():
+            with contextlib.suppress(ValueError, TypeError):
+                self.held(event_id, Uncounted.from_json(value))
+        self.dirty = False
         return loaded

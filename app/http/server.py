@@ -15,9 +15,9 @@ import logging
 import signal
 import time
 import urllib.parse
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +57,7 @@ from app.gateway.savings import SavingsLevers
 from app.gateway.shared_router import SharedRouter
 from app.gateway.upstreams import UpstreamPool
 from app.http import responses
-from app.http.budget_snapshot import SAVE_EVERY_S, BudgetSnapshot
+from app.http.budget_snapshot import SAVE_EVERY_S, BudgetSnapshot, Uncounted
 from app.http.chat import CHAT_RESPONSE_HEADERS, answer_chat
 from app.http.errors import ApiError, http_error, invalid_request
 from app.http.openapi import (
@@ -930,25 +930,28 @@ async def build_components(settings: Settings) -> Components:
         policy_change_wait_s=settings.budget_policy_change_wait_s,
     )
     usage_topic = settings.topic("usage")
+    codec = build_codec(settings.schema_registry_url)
+    snapshot = BudgetSnapshot(settings.state_dir / "budget-view.json", codec)
 
     def on_acked(seq: int, topic: str, partition: int, offset: int) -> None:
         if topic == usage_topic:
             gate.on_delivered(seq, partition, offset)
+            snapshot.delivered(seq, partition, offset)
+
+    def on_usage(seq: int, record: Mapping[str, Any]) -> None:
+        ts_ms = int(record["ts"].timestamp() * 1000)
+        snapshot.queued(seq, record["event_id"], usage_scopes(record), event_cost(record), ts_ms)
 
     emitter = EventEmitter(
-        settings,
-        build_codec(settings.schema_registry_url),
-        on_delivered=metrics_.events_delivered.inc,
-        on_acked=on_acked,
+        settings, codec, on_delivered=metrics_.events_delivered.inc, on_acked=on_acked
     )
+    emitter.on_usage = on_usage
     metrics_.bind_spool(lambda: emitter.depth, lambda: emitter.spool.size_bytes)
     upstreams = UpstreamPool(
         settings.effective_upstreams,
         settings.upstream_connect_timeout_s,
         settings.upstream_read_timeout_s,
     )
-    codec = emitter.codec
-    snapshot = BudgetSnapshot(settings.state_dir / "budget-view.json", codec)
 
     def on_policy(scope: str, record: dict[str, Any] | None) -> None:
         policies.apply_record(record, scope)
@@ -992,16 +995,25 @@ async def build_components(settings: Settings) -> Components:
     policies.period_changed.clear()
     spooled: set[str] = set()
     reported = ReportedRequests()  # learns the /v1/usage ids of the usage read back here
-    hold_spooled_usage(emitter, gate, usage_topic, spooled, reported)  # before it drains
+    hold_spooled_usage(emitter, gate, usage_topic, spooled, reported, on_usage)  # before it drains
     read_back: asyncio.Task[int] | None = None
     if decision_view.synced.is_set() and policy_view.synced.is_set():
         # Kafka answers: what the worker has not counted
-        await hold_uncounted_usage(settings, gate, codec, spooled, reported)
+        await hold_uncounted_usage(settings, gate, codec, spooled, reported, snapshot)
     else:  # read it back once the views catch up, skipping what this run holds by then
+        if not decision_view.synced.is_set():  # what this dispatcher held before, meanwhile
+            hold_saved_uncounted(snapshot, gate, spooled)
         emitter.usage_ids = spooled
         read_back = asyncio.create_task(
             hold_uncounted_usage_when_caught_up(
-                settings, gate, codec, spooled, reported, emitter, [policy_view, decision_view]
+                settings,
+                gate,
+                codec,
+                spooled,
+                reported,
+                emitter,
+                [policy_view, decision_view],
+                snapshot,
             ),
             name="uncounted-usage-read-back",
         )
@@ -1057,10 +1069,12 @@ def hold_spooled_usage(
     usage_topic: str,
     ids: set[str] | None = None,
     reported: ReportedRequests | None = None,
+    on_held: Callable[[int, Mapping[str, Any]], None] | None = None,
 ) -> int:
     """Usage a previous run spooled but Kafka never acknowledged: the spend worker has not
     counted it, so the gate holds it (until a decision counts it) like fresh spend.
-    ``ids`` receives the event ids held; ``reported`` learns the /v1/usage records."""
+    ``ids`` receives the event ids held; ``reported`` learns the /v1/usage records;
+    ``on_held(seq, record)`` is told each one (the saved view keeps it once delivered)."""
     held = 0
     for spooled in emitter.spool.peek(emitter.spool.depth):
         if spooled.topic != usage_topic:
@@ -1069,17 +1083,44 @@ def hold_spooled_usage(
             record = emitter.codec.decode(spooled.value).record
         except EventDecodeError:
             continue  # the sink dead-letters it; it costs nothing against a cap
-        scopes = scopes_of(
-            record["user_id"], record.get("feature"), record.get("team"), record.get("api_key_id")
-        )
-        gate.record_spend(scopes, event_cost(record), record["ts"], spooled.seq)
+        gate.record_spend(usage_scopes(record), event_cost(record), record["ts"], spooled.seq)
         if reported is not None:
             reported.remember_usage(record)
         if ids is not None:
             ids.add(record["event_id"])
+        if on_held is not None:
+            on_held(spooled.seq, record)
         held += 1
     if held:
         log.info("holding spooled usage at the budget gate until counted", extra={"events": held})
+    return held
+
+
+def usage_scopes(record: Mapping[str, Any]) -> list[str]:
+    """The budget scopes a usage event counts against."""
+    return scopes_of(
+        record["user_id"], record.get("feature"), record.get("team"), record.get("api_key_id")
+    )
+
+
+def hold_saved_uncounted(snapshot: BudgetSnapshot, gate: BudgetGate, skip: set[str]) -> int:
+    """At a start without Kafka: the usage this dispatcher held before as delivered and not
+    counted (saved with the budget view), held again until a decision counts it; its ids go
+    to ``skip`` so that a read-back later does not hold it twice. One still in the spool is
+    held from there (and saved again once delivered)."""
+    held = 0
+    for event_id, entry in list(snapshot.uncounted.items()):
+        if event_id in skip:
+            del snapshot.uncounted[event_id]
+            continue
+        ts = datetime.fromtimestamp(entry.ts_ms / 1000, UTC)
+        gate.record_counted_later(
+            list(entry.scopes), entry.nanos, ts, entry.partition, entry.offset
+        )
+        skip.add(event_id)
+        held += 1
+    if held:
+        log.info("holding the uncounted usage saved before the restart", extra={"events": held})
     return held
 
 
@@ -1096,6 +1137,7 @@ async def hold_uncounted_usage(
     codec: Any,
     skip: set[str],
     reported: ReportedRequests | None = None,
+    snapshot: BudgetSnapshot | None = None,
 ) -> int:
     """Usage already in Kafka that the spend worker has not counted: held at the gate until
     a decision counts it, as this dispatcher held its own before a restart.
@@ -1149,7 +1191,7 @@ async def hold_uncounted_usage(
                 for tp, messages in batch.items():
                     for message in messages:
                         if message.offset < todo.get(tp, -1):
-                            held += _hold_read_usage(gate, codec, message, skip, reported)
+                            held += _hold_read_usage(gate, codec, message, skip, reported, snapshot)
                 for tp in list(todo):
                     if await consumer.position(tp) >= todo[tp]:
                         del todo[tp]
@@ -1175,6 +1217,7 @@ async def hold_uncounted_usage_when_caught_up(
     reported: ReportedRequests,
     emitter: EventEmitter,
     views: list[CompactedView],
+    snapshot: BudgetSnapshot | None = None,
 ) -> int:
     """``hold_uncounted_usage`` for a start whose budget views did not catch up (Kafka down,
     hung, or answering only after ``start_kafka_answer_wait_s``): run once they have. It
@@ -1187,7 +1230,7 @@ async def hold_uncounted_usage_when_caught_up(
     try:
         for view in views:
             await view.synced.wait()
-        return await hold_uncounted_usage(settings, gate, codec, skip, reported)
+        return await hold_uncounted_usage(settings, gate, codec, skip, reported, snapshot)
     finally:
         emitter.usage_ids = None
         skip.clear()
@@ -1199,6 +1242,7 @@ def _hold_read_usage(
     message: Any,
     skip: set[str],
     reported: ReportedRequests | None = None,
+    snapshot: BudgetSnapshot | None = None,
 ) -> int:
     try:
         record = codec.decode(message.value).record
@@ -1208,12 +1252,12 @@ def _hold_read_usage(
         reported.remember_usage(record)
     if record.get("event_id") in skip:
         return 0
-    scopes = scopes_of(
-        record["user_id"], record.get("feature"), record.get("team"), record.get("api_key_id")
-    )
-    gate.record_counted_later(
-        scopes, event_cost(record), record["ts"], message.partition, message.offset
-    )
+    scopes, nanos = usage_scopes(record), event_cost(record)
+    gate.record_counted_later(scopes, nanos, record["ts"], message.partition, message.offset)
+    if snapshot is not None and gate.waits_for_count(scopes, message.partition, message.offset):
+        ts_ms = int(record["ts"].timestamp() * 1000)
+        entry = Uncounted(tuple(scopes), nanos, ts_ms, message.partition, message.offset)
+        snapshot.held(record["event_id"], entry)
     return 1
 
 
@@ -1268,11 +1312,17 @@ def restore_budget_view(
         )
 
 
-async def save_budget_view(snapshot: BudgetSnapshot) -> None:
+def budget_view_document(snapshot: BudgetSnapshot, gate: BudgetGate) -> dict[str, Any] | None:
+    """The budget view to save (None: unchanged), without the usage decisions now count."""
+    snapshot.prune(lambda entry: gate.waits_for_count(entry.scopes, entry.partition, entry.offset))
+    return snapshot.document()
+
+
+async def save_budget_view(snapshot: BudgetSnapshot, gate: BudgetGate) -> None:
     """Every second: the budget view on disk, when it changed."""
     while True:
         await asyncio.sleep(SAVE_EVERY_S)
-        await asyncio.to_thread(snapshot.save)
+        await asyncio.to_thread(snapshot.write, budget_view_document(snapshot, gate))
 
 
 async def sweep_reservations(components: Components) -> None:
@@ -1326,7 +1376,8 @@ def create_app(settings: Settings) -> web.Application:
         saver = None
         if components.budget_snapshot is not None:
             saver = asyncio.create_task(
-                save_budget_view(components.budget_snapshot), name="budget-view-save"
+                save_budget_view(components.budget_snapshot, components.gate),
+                name="budget-view-save",
             )
         preload = None
         if settings.routing.preload_model:  # /readyz waits for it
@@ -1335,7 +1386,6 @@ def create_app(settings: Settings) -> web.Application:
         sweeper.cancel()
         if saver is not None:
             saver.cancel()
-            components.budget_snapshot.save()  # type: ignore[union-attr]
         if preload is not None:
             preload.cancel()
         if components.uncounted_read_back is not None:
@@ -1350,6 +1400,9 @@ def create_app(settings: Settings) -> web.Application:
         if components.local_router is not None:
             await components.local_router.stop()
         await components.emitter.stop()
+        snapshot = components.budget_snapshot
+        if snapshot is not None:  # after the last deliveries: what they hold is saved too
+            snapshot.write(budget_view_document(snapshot, components.gate))
 
     app.cleanup_ctx.append(lifecycle)
     return app

@@ -286,8 +286,10 @@ def test_usage_the_worker_had_not_counted_is_held_once_kafka_answers_after_a_hun
     restart (twice the cap). Once the budget views catch up, that usage is now read back and
     held, and never twice what this run already holds: its own usage (spooled while Kafka was
     frozen, delivered after) and a /v1/usage retry of a record from before the restart (the
-    same event id twice on the topic) each count once. No spend worker runs: nothing is
-    counted, so the gate must hold exactly what was spent."""
+    same event id twice on the topic) each count once. The usage before the restart is
+    another dispatcher's, so only the read-back knows it (this one's own spend is in its
+    saved view: the next test). No spend worker runs: nothing is counted, so the gate must
+    hold exactly what was spent."""
     from agents.spend import partition_for
 
     asyncio.run(ensure_topics(kafka_settings))  # no spend worker in this test
@@ -307,11 +309,14 @@ def test_usage_the_worker_had_not_counted_is_held_once_kafka_answers_after_a_hun
         for who in (user, retried):
             put = httpx.put(f"{stack.url}/v1/budgets/user:{who}", json={"limit_usd": 0.02})
             assert put.is_success, put.text
-        first = httpx.post(f"{stack.url}/v1/usage", json=retry, timeout=30)
-        assert first.status_code == 202, first.text
-        posted = httpx.post(f"{stack.url}/v1/usage", json={**before, "user_id": user}, timeout=30)
-        assert posted.status_code == 202, posted.text
-        assert len(asyncio.run(read_events(kafka_settings, "usage", at_least=2))) == 2
+        with running_stack(kafka_settings) as other:  # another dispatcher, its own state
+            first = httpx.post(f"{other.url}/v1/usage", json=retry, timeout=30)
+            assert first.status_code == 202, first.text
+            posted = httpx.post(
+                f"{other.url}/v1/usage", json={**before, "user_id": user}, timeout=30
+            )
+            assert posted.status_code == 202, posted.text
+            assert len(asyncio.run(read_events(kafka_settings, "usage", at_least=2))) == 2
         saved = state_dir / "budget-view.json"
         deadline = time.monotonic() + 30
         while not saved.exists() or not all(
@@ -368,5 +373,79 @@ def test_usage_the_worker_had_not_counted_is_held_once_kafka_answers_after_a_hun
             assert refused.status_code == 402, (
                 f"served past the cap: {_spent(stack.url, user)} spent: {refused.text}"
             )
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def test_spend_the_worker_had_not_counted_holds_at_a_start_while_kafka_is_still_frozen(
+    kafka_settings: Settings, kafka_launcher: Any
+) -> None:
+    """Probe 39 ("cap doubled"): cap, spend worker stopped, calls up to the cap, Kafka frozen,
+    dispatcher restarted: the user was served about twice the cap, since the restarted
+    dispatcher knew only the saved policies and decisions, not the spend it had held as not
+    counted. It now saves that spend with the budget view (by usage event id) and holds it
+    again at such a start, while Kafka is still frozen; when Kafka answers, the read-back
+    does not hold it a second time. A marker user's usage, on the same partition after the
+    user's and sent by another dispatcher (not in this one's saved view), shows when the
+    read-back has passed the user's usage. No spend worker runs: nothing is counted."""
+    from agents.spend import partition_for
+
+    asyncio.run(ensure_topics(kafka_settings))  # no spend worker in this test
+    n = kafka_settings.topic_partitions
+    user = "frozen-restart"
+    marker = next(
+        f"frozen-marker-{i}"
+        for i in range(1000)
+        if partition_for(f"frozen-marker-{i}", n) == partition_for(user, n)
+    )
+    before = {"model": "gpt-4o", "prompt_tokens": 4000, "completion_tokens": 200}  # $0.012
+    small = {"model": "gpt-4o", "prompt_tokens": 1000, "completion_tokens": 150}  # $0.004
+    tiny = {"model": "gpt-4o-mini", "prompt_tokens": 1000, "completion_tokens": 1000}  # 0.00075
+    call = {**CALL, "max_tokens": 20}
+    with running_stack(kafka_settings) as stack:
+        state_dir = stack.settings.state_dir
+        for who, limit in ((user, 0.02), (marker, 1.0)):
+            put = httpx.put(f"{stack.url}/v1/budgets/user:{who}", json={"limit_usd": limit})
+            assert put.is_success, put.text
+        posted = httpx.post(f"{stack.url}/v1/usage", json={**before, "user_id": user}, timeout=30)
+        assert posted.status_code == 202, posted.text
+        assert len(asyncio.run(read_events(kafka_settings, "usage", at_least=1))) == 1
+        with running_stack(kafka_settings) as other:  # another dispatcher, its own state
+            sent = httpx.post(f"{other.url}/v1/usage", json={**tiny, "user_id": marker}, timeout=30)
+            assert sent.status_code == 202, sent.text
+            assert len(asyncio.run(read_events(kafka_settings, "usage", at_least=2))) == 2
+    # the view is saved at the stop: the policies, and the spend held as not counted
+
+    pid = kafka_launcher.status().pid
+    assert pid is not None, "the session broker is not running"
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        with running_stack(
+            kafka_settings, state_dir=state_dir, start_kafka_answer_wait_s=1.0
+        ) as stack:
+            url = f"{stack.url}/v1/chat/completions"
+            headers = {"X-Tollgate-User": user}
+            try:
+                assert _spent(stack.url, user) == "0.012", "the spend before the restart is held"
+                under = httpx.post(url, json=call, headers=headers, timeout=30)
+                assert under.status_code == 200, f"a user under the cap was refused: {under.text}"
+                for _ in range(2):  # past the cap now: 0.012 before the restart, 0.008 after
+                    more = httpx.post(
+                        f"{stack.url}/v1/usage", json={**small, "user_id": user}, timeout=30
+                    )
+                    assert more.status_code == 202, more.text
+                refused = httpx.post(url, json=call, headers=headers, timeout=30)
+                assert refused.status_code == 402, (
+                    f"served past the cap while Kafka is frozen: {_spent(stack.url, user)} "
+                    f"spent: {refused.text}"
+                )
+                held = _spent(stack.url, user)
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            deadline = time.monotonic() + 90
+            while _spent(stack.url, marker) != "0.00075":
+                assert time.monotonic() < deadline, "the read-back never reached the marker"
+                time.sleep(0.2)
+            assert _spent(stack.url, user) == held, "the saved spend was held twice"
     finally:
         os.kill(pid, signal.SIGCONT)

@@ -1,0 +1,81 @@
+"""The saved budget view keeps the usage the gate holds as delivered and not counted, by
+event id (app/http/budget_snapshot.py): a start without Kafka holds it again (probe 39, "cap
+doubled": with the spend worker behind, a restart while Kafka was frozen let a user spend
+twice a cap)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from app.events.codec import EventCodec
+from app.http import budget_snapshot
+from app.http.budget_snapshot import BudgetSnapshot, Uncounted
+
+
+def _snapshot(path: Path) -> BudgetSnapshot:
+    return BudgetSnapshot(path / "budget-view.json", EventCodec())
+
+
+def test_usage_is_kept_once_kafka_has_it_and_survives_a_restart(tmp_path: Path) -> None:
+    snapshot = _snapshot(tmp_path)
+    snapshot.queued(7, "evt-1", ["user:a", "global"], 12_000_000, 1_000)
+    assert snapshot.uncounted == {}  # still in the spool: the spool holds it
+    snapshot.delivered(7, 2, 41)
+    snapshot.delivered(7, 2, 41)  # a second ack of the sequence adds nothing
+    assert snapshot.uncounted == {
+        "evt-1": Uncounted(("user:a", "global"), 12_000_000, 1_000, 2, 41)
+    }
+    snapshot.save()
+    again = _snapshot(tmp_path)
+    again.load()
+    assert again.uncounted == snapshot.uncounted
+    assert not again.dirty
+
+
+def test_usage_a_decision_counts_is_dropped(tmp_path: Path) -> None:
+    snapshot = _snapshot(tmp_path)
+    for offset in range(3):
+        snapshot.held(f"evt-{offset}", Uncounted(("user:a",), 1, 0, 0, offset))
+    snapshot.save()
+    snapshot.prune(lambda entry: entry.offset >= 2)  # a decision counts through offset 1
+    assert list(snapshot.uncounted) == ["evt-2"]
+    assert snapshot.dirty
+    snapshot.save()
+    assert list(json.loads(snapshot.path.read_text())["uncounted"]) == ["evt-2"]
+
+
+def test_free_usage_is_not_kept_and_an_event_id_is_kept_once(tmp_path: Path) -> None:
+    snapshot = _snapshot(tmp_path)
+    snapshot.queued(1, "free", ["user:a"], 0, 0)
+    snapshot.delivered(1, 0, 0)
+    snapshot.held("evt", Uncounted(("user:a",), 5, 0, 0, 1))
+    snapshot.held("evt", Uncounted(("user:a",), 5, 0, 1, 9))  # the same event again (a resend)
+    assert snapshot.uncounted == {"evt": Uncounted(("user:a",), 5, 0, 0, 1)}
+
+
+def test_at_most_the_newest_events_are_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(budget_snapshot, "UNCOUNTED_MAX", 3)
+    snapshot = _snapshot(tmp_path)
+    for offset in range(5):
+        snapshot.held(f"evt-{offset}", Uncounted(("user:a",), 1, 0, 0, offset))
+    assert list(snapshot.uncounted) == ["evt-2", "evt-3", "evt-4"]
+
+
+def test_a_view_saved_before_uncounted_usage_was_kept_loads(tmp_path: Path) -> None:
+    path = tmp_path / "budget-view.json"
+    path.write_text(json.dumps({"policies": {}, "decisions": {}}))
+    snapshot = BudgetSnapshot(path, EventCodec())
+    assert snapshot.load() == {"policies": {}, "decisions": {}}
+    assert snapshot.uncounted == {}
+    path.write_text(
+        json.dumps(
+            {"policies": {}, "decisions": {}, "uncounted": {"bad": [1], "ok": [["u"], 1, 2, 3, 4]}}
+        )
+    )
+    snapshot.load()
+    assert snapshot.uncounted == {"ok": Uncounted(("u",), 1, 2, 3, 4)}
