@@ -115,6 +115,8 @@ class Components:
     budget_snapshot: BudgetSnapshot | None = None  # the budget view on disk
     # after a start the budget views did not catch up in: the read-back of uncounted usage
     uncounted_read_back: asyncio.Task[int] | None = None
+    # usage event ids held since the start from the saved view (a retry of one: not again)
+    restored_usage: set[str] = field(default_factory=set)
 
 
 COMPONENTS = web.AppKey("components", Components)
@@ -511,8 +513,9 @@ async def report_usage(request: web.Request) -> web.Response:
         )
         # Already spent: recorded even when a scope is blocked, and held by the gate until
         # the spend worker counts it.
-        if index not in repeats:
-            c.gateway.emit_usage(record, identity_scopes(report["identity"]))
+        if index not in repeats:  # an event held since the start, restored, is held once
+            held = record["event_id"] in c.restored_usage
+            c.gateway.emit_usage(record, identity_scopes(report["identity"]), hold=not held)
         accepted.append(
             {
                 "event_id": record["event_id"],
@@ -997,12 +1000,13 @@ async def build_components(settings: Settings) -> Components:
     reported = ReportedRequests()  # learns the /v1/usage ids of the usage read back here
     hold_spooled_usage(emitter, gate, usage_topic, spooled, reported, on_usage)  # before it drains
     read_back: asyncio.Task[int] | None = None
+    restored: set[str] = set()
     if decision_view.synced.is_set() and policy_view.synced.is_set():
         # Kafka answers: what the worker has not counted
         await hold_uncounted_usage(settings, gate, codec, spooled, reported, snapshot)
     else:  # read it back once the views catch up, skipping what this run holds by then
         if not decision_view.synced.is_set():  # what this dispatcher held before, meanwhile
-            hold_saved_uncounted(snapshot, gate, spooled)
+            hold_saved_uncounted(snapshot, gate, spooled, restored)
         emitter.usage_ids = spooled
         read_back = asyncio.create_task(
             hold_uncounted_usage_when_caught_up(
@@ -1060,6 +1064,7 @@ async def build_components(settings: Settings) -> Components:
         reported=reported,
         budget_snapshot=snapshot,
         uncounted_read_back=read_back,
+        restored_usage=restored,
     )
 
 
@@ -1103,11 +1108,14 @@ def usage_scopes(record: Mapping[str, Any]) -> list[str]:
     )
 
 
-def hold_saved_uncounted(snapshot: BudgetSnapshot, gate: BudgetGate, skip: set[str]) -> int:
+def hold_saved_uncounted(
+    snapshot: BudgetSnapshot, gate: BudgetGate, skip: set[str], restored: set[str]
+) -> int:
     """At a start without Kafka: the usage this dispatcher held before as delivered and not
     counted (saved with the budget view), held again until a decision counts it; its ids go
-    to ``skip`` so that a read-back later does not hold it twice. One still in the spool is
-    held from there (and saved again once delivered)."""
+    to ``skip`` so that a read-back later does not hold it twice, and to ``restored`` so
+    that a /v1/usage retry of it (not known as one: its record is not saved) is not held
+    again. One still in the spool is held from there (and saved again once delivered)."""
     held = 0
     for event_id, entry in list(snapshot.uncounted.items()):
         if event_id in skip:
@@ -1118,6 +1126,7 @@ def hold_saved_uncounted(snapshot: BudgetSnapshot, gate: BudgetGate, skip: set[s
             list(entry.scopes), entry.nanos, ts, entry.partition, entry.offset
         )
         skip.add(event_id)
+        restored.add(event_id)
         held += 1
     if held:
         log.info("holding the uncounted usage saved before the restart", extra={"events": held})

@@ -384,8 +384,8 @@ def test_spend_the_worker_had_not_counted_holds_at_a_start_while_kafka_is_still_
     dispatcher restarted: the user was served about twice the cap, since the restarted
     dispatcher knew only the saved policies and decisions, not the spend it had held as not
     counted. It now saves that spend with the budget view (by usage event id) and holds it
-    again at such a start, while Kafka is still frozen; when Kafka answers, the read-back
-    does not hold it a second time. A marker user's usage, on the same partition after the
+    again at such a start, while Kafka is still frozen; neither a /v1/usage retry of it nor,
+    when Kafka answers, the read-back holds it a second time. A marker user's usage, on the same partition after the
     user's and sent by another dispatcher (not in this one's saved view), shows when the
     read-back has passed the user's usage. No spend worker runs: nothing is counted."""
     from agents.spend import partition_for
@@ -401,13 +401,14 @@ def test_spend_the_worker_had_not_counted_holds_at_a_start_while_kafka_is_still_
     before = {"model": "gpt-4o", "prompt_tokens": 4000, "completion_tokens": 200}  # $0.012
     small = {"model": "gpt-4o", "prompt_tokens": 1000, "completion_tokens": 150}  # $0.004
     tiny = {"model": "gpt-4o-mini", "prompt_tokens": 1000, "completion_tokens": 1000}  # 0.00075
+    report = {**before, "user_id": user, "request_id": "frozen-rr-1"}
     call = {**CALL, "max_tokens": 20}
     with running_stack(kafka_settings) as stack:
         state_dir = stack.settings.state_dir
         for who, limit in ((user, 0.02), (marker, 1.0)):
             put = httpx.put(f"{stack.url}/v1/budgets/user:{who}", json={"limit_usd": limit})
             assert put.is_success, put.text
-        posted = httpx.post(f"{stack.url}/v1/usage", json={**before, "user_id": user}, timeout=30)
+        posted = httpx.post(f"{stack.url}/v1/usage", json=report, timeout=30)
         assert posted.status_code == 202, posted.text
         assert len(asyncio.run(read_events(kafka_settings, "usage", at_least=1))) == 1
         with running_stack(kafka_settings) as other:  # another dispatcher, its own state
@@ -427,6 +428,9 @@ def test_spend_the_worker_had_not_counted_holds_at_a_start_while_kafka_is_still_
             headers = {"X-Tollgate-User": user}
             try:
                 assert _spent(stack.url, user) == "0.012", "the spend before the restart is held"
+                retried = httpx.post(f"{stack.url}/v1/usage", json=report, timeout=30)
+                assert retried.status_code == 202, retried.text
+                assert _spent(stack.url, user) == "0.012", "a retry of it was held twice"
                 under = httpx.post(url, json=call, headers=headers, timeout=30)
                 assert under.status_code == 200, f"a user under the cap was refused: {under.text}"
                 for _ in range(2):  # past the cap now: 0.012 before the restart, 0.008 after
