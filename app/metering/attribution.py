@@ -189,11 +189,10 @@ def _safety_user(body: Mapping[str, Any], key: ApiKey | None) -> str | None:
     every call charged to "anonymous" (a probe). A hint, never a claim: it is OpenAI's
     advice to send a hash there, so with keys it names the user only if the key may act for
     it (else the key's user, as before), and it never conflicts with a header or a body
-    that names the user (a review: both were refused)."""
-    try:  # read as any user id is; one it could not be is no hint (the call goes on)
-        value = _clean(body.get("safety_identifier"), "safety_identifier", scope=True)
-    except InvalidRequest:
-        return None
+    that names the user (a review: both were refused). Read, it is checked as ``user`` is:
+    ``*`` (the default policy ``user:*``) or a value no user id may be is a 400 naming it;
+    it was ignored, so the call was served and charged to "anonymous" (probe 54)."""
+    value = _clean(body.get("safety_identifier"), "safety_identifier", scope=True)
     if value is None:
         return None
     if key is not None and not key.may_attribute_to(value):

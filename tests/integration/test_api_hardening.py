@@ -865,3 +865,54 @@ def test_made_up_model_names_do_not_grow_the_metrics(kafka_settings: Settings) -
         assert listed.status_code == 200, listed.text
         metrics = httpx.get(f"{stack.url}/metrics").text
         assert 'tollgate_price_unknown_usage_total{model="tollgate-sim-unpriced"} 1.0' in metrics
+
+
+def test_star_names_no_user_feature_or_team_wherever_it_is_sent(kafka_settings: Settings) -> None:
+    """Probe 54 (L2): ``safety_identifier: "*"`` was served and charged to "anonymous" while
+    ``user``, ``user_id`` and ``X-Tollgate-User`` set to ``*`` (which names the default
+    policy ``user:*``) were 400s. Every way a scope id enters now refuses it, naming the field."""
+    asyncio.run(ensure_topics(kafka_settings))
+    with running_stack(kafka_settings) as stack:
+        client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0)
+        for value in ("*", " * ", "(none)"):
+            with pytest.raises(openai.BadRequestError) as info:
+                client.chat.completions.create(
+                    model="gpt-4o-mini", messages=MESSAGES, safety_identifier=value
+                )
+            assert info.value.status_code == 400
+            assert info.value.param == "safety_identifier", info.value.body
+            assert info.value.type == "invalid_request_error"
+        assert "safety_identifier" in str(info.value.message)
+        served = client.chat.completions.with_raw_response.create(
+            model="gpt-4o-mini", messages=MESSAGES, safety_identifier="si-hash-1"
+        )
+        assert served.status_code == 200  # a real identifier is still the user's hint
+        chat_ways: list[tuple[str, dict[str, Any], dict[str, str]]] = [
+            ("user", {"user": "*"}, {}),
+            ("user_id", {"user_id": "*"}, {}),
+            ("feature", {"feature": "*"}, {}),
+            ("metadata.feature", {"metadata": {"feature": "*"}}, {}),
+            ("team", {"team": "*"}, {}),
+            ("X-Tollgate-User", {}, {"X-Tollgate-User": "*"}),
+            ("X-Tollgate-Feature", {}, {"X-Tollgate-Feature": "*"}),
+            ("X-Tollgate-Team", {}, {"X-Tollgate-Team": "*"}),
+            ("safety_identifier", {"safety_identifier": "*"}, {}),
+        ]
+        for endpoint in ("chat/completions", "dispatch"):
+            for field, extra, headers in chat_ways:
+                body = {"model": "gpt-4o-mini", "messages": MESSAGES, **extra}
+                response = httpx.post(f"{stack.url}/v1/{endpoint}", json=body, headers=headers)
+                assert response.status_code == 400, (endpoint, field, response.text)
+                error = response.json()["error"]
+                assert (error["type"], error["param"]) == ("invalid_request_error", field)
+        usage = {"model": "gpt-4o", "prompt_tokens": 1, "completion_tokens": 1}
+        for value in ("*", "(none)", "x" * 300, "a\nb"):
+            response = httpx.post(
+                f"{stack.url}/v1/usage", json={**usage, "safety_identifier": value}
+            )
+            assert response.status_code == 400, (value, response.text)
+            assert response.json()["error"]["param"] == "records[0].safety_identifier"
+        outcome = {"outcome": "success", "session_id": "s-star", "safety_identifier": "*"}
+        response = httpx.post(f"{stack.url}/v1/outcomes", json=outcome)
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["param"] == "outcomes[0].safety_identifier"

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 from multidict import CIMultiDict
 
-from app.errors import TollgateError
+from app.errors import InvalidRequest, TollgateError
 from app.http.errors import http_error
 from app.metering.attribution import KeysFileError, KeyStore, hash_key, resolve_identity
 
@@ -53,7 +53,17 @@ def test_openais_safety_identifier_names_the_user_when_nothing_else_does(keys: K
     body = {"user": "alice", "safety_identifier": "9f86d081884c7d65"}
     assert resolve_identity({}, body, None).user_id == "alice"
     assert resolve_identity({"X-Tollgate-User": "h"}, body, None).user_id == "h"
-    assert resolve_identity({}, {"safety_identifier": "*"}, None).user_id == "anonymous"
+    # read, it is checked as `user` is: `*` names the default policy user:* (probe 54)
+    for value in ("*", "(none)", "x" * 300):
+        with pytest.raises(InvalidRequest) as info:
+            resolve_identity({}, {"safety_identifier": value}, None)
+        assert info.value.field == "safety_identifier"
+        with pytest.raises(InvalidRequest):  # with a key too: before the key is asked
+            resolve_identity(
+                {"Authorization": "Bearer sk-alice"}, {"safety_identifier": value}, keys
+            )
+    # not read when the user is named, as a body's `user` is not read under a header
+    assert resolve_identity({}, {"user": "a", "safety_identifier": "*"}, None).user_id == "a"
     # a record reported to /v1/usage with a header naming its owner: the header's
     hashed = {"safety_identifier": "9f86d081884c7d65"}
     svc = resolve_identity({"X-Tollgate-User": "svc"}, hashed, None, refuse_conflicts=True)
