@@ -127,6 +127,13 @@ REPORT_PARAMS = [
         "schema": {"type": "string", "enum": ["minute", "hour", "day"]},
         "description": "At most 50,000 intervals in the range (else 400: use a longer one)",
     },
+    {
+        "name": "kind",
+        "in": "query",
+        "schema": {"type": "string", "minLength": 1, "maxLength": MAX_ID_LENGTH},
+        "description": "alerts: only this kind (`budget_threshold`, or an anomaly detector's "
+        "such as `volume_spike`), or `anomaly` for every kind but `budget_threshold`",
+    },
 ]
 
 

@@ -32,7 +32,7 @@ PARAMS = {
     "savings": {"from", "to"},
     "outcomes": {"from", "to"},
     "budgets": set(),
-    "alerts": {"from", "to", "limit"},
+    "alerts": {"from", "to", "limit", "kind"},
 }
 
 
@@ -115,7 +115,9 @@ def build_report(
         return {
             "from": window.start.isoformat(),
             "to": window.end.isoformat(),
-            "alerts": reports.recent_alerts(client, window, _limit(query.get("limit", "20"))),
+            "alerts": reports.recent_alerts(
+                client, window, _limit(query.get("limit", "20")), query.get("kind")
+            ),
         }
     return {"scopes": reports.budgets(client, active=active_scope)}
 

@@ -16,7 +16,8 @@ from typing import Any
 
 from clickhouse_connect.driver.binding import DT64Param
 
-from app.ids import SUPERSEDED  # a usage row of an attempt escalated to a dearer tier
+# SUPERSEDED: the SQL test of a usage row of an attempt escalated to a dearer tier
+from app.ids import SUPERSEDED, id_problem
 from app.pricing.catalog import usd_text
 
 MAX_RANGE = timedelta(days=400)
@@ -603,10 +604,15 @@ def breakdown_page(
 
 
 INTERVALS = ("minute", "hour", "day")
+BUDGET_THRESHOLD = "budget_threshold"  # the spend worker's alert kind (app.budgets.spend)
+ALERT_KIND_ANOMALY = "anomaly"  # the alerts report's ``kind`` for every other kind
+_ANOMALY = f"kind != '{BUDGET_THRESHOLD}'"  # SQL, on alert_events
 
 
 def timeseries(client: Any, window: Range, interval: str = "day") -> list[dict[str, Any]]:
-    """Cost and baseline cost per interval (UTC), with the anomaly alerts that fired in each."""
+    """Cost and baseline cost per interval (UTC), with the anomaly alerts that fired in each
+    and the budget thresholds crossed in each (``budget_thresholds``: not anomalies, so not
+    in ``alerts``, ``alert_kinds`` or the ``anomaly`` flag)."""
     if interval not in INTERVALS:
         raise ReportError("interval", f"interval={interval!r}: one of {', '.join(INTERVALS)}")
     step = _TIME_DIMENSIONS[interval][1]
@@ -616,16 +622,19 @@ def timeseries(client: Any, window: Range, interval: str = "day") -> list[dict[s
     bucket_sql = _TIME_DIMENSIONS[interval][0].format(t="toDateTime(ts, 'UTC')")
     alerts: dict[datetime, list[str]] = {}
     fired: dict[datetime, int] = {}
-    for bucket, kinds, count in client.query(
-        f"SELECT {bucket_sql} AS bucket, groupUniqArray(kind), count() FROM alert_events FINAL "
+    thresholds: dict[datetime, int] = {}
+    for bucket, kinds, count, crossed in client.query(
+        f"SELECT {bucket_sql} AS bucket, groupUniqArrayIf(kind, {_ANOMALY}), "
+        f"countIf({_ANOMALY}), countIf(NOT {_ANOMALY}) FROM alert_events FINAL "
         "WHERE ts >= %(start)s AND ts < %(end)s AND status = 'firing' "
-        "AND kind != 'budget_threshold' "
         # an alert's update (it became critical) is not another alert
         "AND NOT mapContains(details, 'severity_raised_from') GROUP BY bucket",
         parameters=window.params(),
     ).result_rows:
-        alerts[_utc(bucket)] = sorted(kinds)
-        fired[_utc(bucket)] = int(count)
+        if count:
+            alerts[_utc(bucket)] = sorted(kinds)
+            fired[_utc(bucket)] = int(count)
+        thresholds[_utc(bucket)] = int(crossed)
     spent = {_utc(row[interval]): _spend_row(row) for row in costs}
     series = []
     # Every interval of the range, a quiet one at zero: a trend with gaps reads as flat.
@@ -641,6 +650,7 @@ def timeseries(client: Any, window: Range, interval: str = "day") -> list[dict[s
                 "alerts": fired.get(bucket, 0),  # alerts, not kinds (4 fired read as 2)
                 "alert_kinds": alerts.get(bucket, []),
                 "anomaly": bucket in alerts,
+                "budget_thresholds": thresholds.get(bucket, 0),
             }
         )
         bucket += step
@@ -651,16 +661,32 @@ def _utc(value: datetime) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-def recent_alerts(client: Any, window: Range, limit: int = 20) -> list[dict[str, Any]]:
-    """The anomaly alerts that fired in the range, latest first (budget thresholds excluded)."""
+def recent_alerts(
+    client: Any, window: Range, limit: int = 20, kind: str | None = None
+) -> list[dict[str, Any]]:
+    """The alerts that fired in the range, latest first: the anomaly agent's and the spend
+    worker's ``budget_threshold`` ones (they were left out, so without a webhook target a
+    crossed threshold showed nowhere: probe 54). ``kind``: only that kind, or ``anomaly``
+    for every kind but ``budget_threshold``."""
     if not 1 <= limit <= 1000:
         raise ReportError("limit", "limit must be between 1 and 1000")
+    params: dict[str, Any] = window.params()
+    only = ""
+    if kind == ALERT_KIND_ANOMALY:
+        only = f"AND {_ANOMALY} "
+    elif kind is not None:
+        problem = id_problem(kind) if kind else "is empty"
+        if problem is not None:
+            raise ReportError(
+                "kind", f"kind {problem}: an alert kind such as {BUDGET_THRESHOLD}, or anomaly"
+            )
+        only, params["kind"] = "AND kind = %(kind)s ", kind
     rows = client.query(
         "SELECT ts, kind, scope, severity, message, incident_role, incident_key, historical, "
         "impact_usd_per_hour FROM alert_events FINAL "
-        "WHERE ts >= %(start)s AND ts < %(end)s AND status = 'firing' "
-        f"AND kind != 'budget_threshold' ORDER BY ts DESC, kind LIMIT {int(limit)}",
-        parameters=window.params(),
+        f"WHERE ts >= %(start)s AND ts < %(end)s AND status = 'firing' {only}"
+        f"ORDER BY ts DESC, kind LIMIT {int(limit)}",
+        parameters=params,
     ).result_rows
     # Which alert was the page (the others are attached to it) and which are about the
     # past: a reader could not tell 26 pages from 19 related alerts (probe N).

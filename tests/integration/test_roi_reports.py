@@ -589,3 +589,74 @@ async def test_hours_stored_before_the_client_requests_migration_are_counted_aga
     # checked against it, so those are rebuilt each time: the same rows again).
     await asyncio.to_thread(after_migration, clickhouse, "011_client_requests")
     assert user_rollup() == (1, 0, Decimal("2.65"))
+
+
+async def test_budget_threshold_alerts_are_listed_with_their_kind(
+    kafka_settings: Settings, clickhouse: Any
+) -> None:
+    """Probe 54 (L5): the spend worker's ``budget_threshold`` alerts were stored but left out
+    of /v1/reports/alerts and the time series, so without a webhook target a newcomer saw a
+    crossed threshold nowhere. They are listed, named by kind (``kind=`` filters), and
+    counted per point as ``budget_thresholds`` apart from the anomaly flag."""
+    from app.budgets.policy import Policy
+    from app.budgets.spend import threshold_alert
+
+    await ensure_topics(kafka_settings)
+    migrate(clickhouse)
+    day = private_day()
+    tag = f"thr{random.randrange(10**6)}"
+    scope = f"user:{tag}"
+    policy = Policy(scope, "month", 5 * 10**9)
+    crossed = decision(scope, "4", "5", "warn", day)  # 80 %, at 11:00
+    budget = {
+        **threshold_alert(scope, policy, crossed, 0.8, day + timedelta(hours=11)),
+        "schema_version": 1,
+    }
+    anomaly = alert(day, "cost_per_request")  # at 10:02
+    await produce(kafka_settings, "alerts", "Alert", [anomaly, budget])
+
+    client = ReconnectingClient(lambda: clickhouse)
+    sink = ClickHouseSink(kafka_settings, client, batch_wait_s=0.3)
+    stop = asyncio.Event()
+    task = asyncio.create_task(sink.run(stop))
+    port = free_port()
+    runner = web.AppRunner(create_reports_app(client))
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    window = {"from": day.isoformat(), "to": (day + timedelta(days=1)).isoformat()}
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+
+            async def get(name: str, **params: Any) -> Any:
+                response = await http.get(f"/v1/reports/{name}", params={**window, **params})
+                assert response.status_code == 200, response.text
+                return response.json()
+
+            for _ in range(100):
+                if len((await get("alerts", kind="cost_per_request"))["alerts"]) == 1:
+                    break
+                await asyncio.sleep(0.3)
+            listed = (await get("alerts"))["alerts"]
+            assert [(a["kind"], a["scope"]) for a in listed] == [
+                ("budget_threshold", scope),
+                ("cost_per_request", "feature:x"),
+            ]
+            assert listed[0]["severity"] == "warning"
+            assert "80% threshold" in listed[0]["message"]
+            thresholds = (await get("alerts", kind="budget_threshold"))["alerts"]
+            assert [a["scope"] for a in thresholds] == [scope]
+            anomalies = (await get("alerts", kind="anomaly"))["alerts"]
+            assert [a["kind"] for a in anomalies] == ["cost_per_request"]
+
+            points = (await get("timeseries", interval="hour"))["points"]
+            ten, eleven = points[10], points[11]
+            assert (ten["anomaly"], ten["alerts"], ten["budget_thresholds"]) == (True, 1, 0)
+            assert (eleven["anomaly"], eleven["alerts"], eleven["alert_kinds"]) == (False, 0, [])
+            assert eleven["budget_thresholds"] == 1
+
+            bad = await http.get("/v1/reports/alerts", params={**window, "kind": "a\nb"})
+            assert bad.status_code == 400 and bad.json()["error"]["param"] == "kind"
+    finally:
+        stop.set()
+        await task
+        await runner.cleanup()
