@@ -122,13 +122,21 @@ def add_api_key(
     """Append a new key to a keys file (created with mode 0600); return the key, never stored."""
     import yaml
 
-    from app.ids import id_problem
-    from app.metering.attribution import KeysFileError, hash_key
+    from app.metering.attribution import KeysFileError, hash_key, key_id_problem
 
-    for name, value in (("id", key_id), ("user", user_id)):
-        problem = id_problem(value) if value else "is empty"
-        if problem is not None:
-            raise ValueError(f"--{name} {problem}")
+    # Each id as the file will be read (a call's rule: `--user '*'` was written, and the
+    # key's calls spent under the default policy user:*; probe 54).
+    for option, values in (
+        ("--id", [key_id]),
+        ("--user", [user_id]),
+        ("--team", [team] if team else []),
+        ("--feature", features or []),
+        ("--may-act-for", may_act_for or []),
+    ):
+        for value in values:
+            problem = key_id_problem(value, any_ok=option == "--may-act-for")
+            if problem is not None:
+                raise ValueError(f"{option} {problem}")
     document: dict[str, object] = {"keys": []}
     if path.exists():
         KeyStore.load(path)  # refuse to append to a file that does not load

@@ -71,6 +71,48 @@ def hash_key(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+def key_id_problem(value: Any, *, any_ok: bool = False) -> str | None:
+    """Why ``value`` cannot be an id of a keys-file entry, by the rule a call's ids follow
+    (``_clean``; trimmed and NFC first): printable, at most 256 characters, not blank, and
+    not ``*`` (a key's user, team or feature ``*`` spent under the default policy ``user:*``,
+    which a call may not name: probe 54), save where ``*`` means any (``may_act_for``)."""
+    if not isinstance(value, str):
+        return f"must be a string, got {value!r}"
+    value = normal_id(value)
+    problem = "is blank" if not value else scope_id_problem(value)
+    if problem is None and value == "*" and not any_ok:
+        problem = "may not be '*': it names a default budget policy (user:*, team:*, feature:*)"
+    return problem
+
+
+def _key_id(value: Any, where: str, *, any_ok: bool = False) -> str:
+    problem = key_id_problem(value, any_ok=any_ok)
+    if problem is not None:
+        raise KeysFileError(f"{where} {problem}")
+    return normal_id(value)
+
+
+def key_entry_ids(entry: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The ids a keys-file entry names (``id``, ``user_id``, ``team``, ``features``,
+    ``may_act_for``), each read as a call's ids are; raises KeysFileError naming the field."""
+    ids: dict[str, Any] = {
+        name: _key_id(entry.get(name), f"{where}.{name}") for name in ("id", "user_id")
+    }
+    if entry.get("team") is not None:
+        ids["team"] = _key_id(entry["team"], f"{where}.team")
+    for name in ("features", "may_act_for"):
+        values = entry.get(name)
+        if values is None:
+            continue
+        if not isinstance(values, list):
+            raise KeysFileError(f"{where}.{name} must be a list of ids, got {values!r}")
+        ids[name] = [
+            _key_id(v, f"{where}.{name}[{i}]", any_ok=name == "may_act_for")
+            for i, v in enumerate(values)
+        ]
+    return ids
+
+
 class KeyStore:
     def __init__(self, keys: list[ApiKey]) -> None:
         self._by_hash = {key.sha256: key for key in keys}
@@ -103,15 +145,15 @@ class KeyStore:
                     "`python -c 'import hashlib,sys;print(hashlib.sha256(sys.argv[1].encode())"
                     ".hexdigest())' KEY`)"
                 )
-            features = entry.get("features")
+            fields = key_entry_ids(entry, where)
             keys.append(
                 ApiKey(
-                    id=entry["id"],
+                    id=fields["id"],
                     sha256=digest,
-                    user_id=entry["user_id"],
-                    team=entry.get("team"),
-                    features=frozenset(features) if features is not None else None,
-                    may_act_for=frozenset(entry.get("may_act_for") or ()),
+                    user_id=fields["user_id"],
+                    team=fields.get("team"),
+                    features=frozenset(fields["features"]) if "features" in fields else None,
+                    may_act_for=frozenset(fields.get("may_act_for") or ()),
                     admin=bool(entry.get("admin", False)),
                 )
             )

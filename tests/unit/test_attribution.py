@@ -134,6 +134,46 @@ def test_keys_file_errors_name_the_entry(tmp_path: Path) -> None:
         KeyStore.load(path)
 
 
+@pytest.mark.parametrize(
+    ("entry", "field"),
+    [
+        ("user_id: '*'", "user_id"),
+        ("user_id: '(none)'", "user_id"),
+        ("user_id: u, team: '*'", "team"),
+        ("user_id: u, features: [chat, '*']", "features"),
+        ("user_id: u, features: [7]", "features"),
+        ('user_id: u, may_act_for: ["a\\tb"]', "may_act_for"),
+        ("user_id: u, team: [t]", "team"),
+    ],
+)
+def test_a_keys_file_id_is_checked_as_a_calls_id_is(entry: str, field: str, tmp_path: Path) -> None:
+    """Probe 54 (L2's sweep): a key's user, team or feature ``*`` was loaded, and its calls
+    then spent under ``user:*`` (the default policy's name), which a call naming ``*`` may
+    not (a 400). A keys file is read by the rule a call's ids are, naming entry and field."""
+    path = tmp_path / "keys.yaml"
+    path.write_text(f"keys:\n  - {{id: k, sha256: {hash_key('sk-k')}, {entry}}}\n")
+    with pytest.raises(KeysFileError, match=rf"keys\[0\]\.{field}"):
+        KeyStore.load(path)
+
+
+def test_a_keys_file_id_is_spelled_as_a_calls_id_is(tmp_path: Path) -> None:
+    """Trimmed and NFC, as a header's or body's id is: `user_id: " ana "` was a user no
+    budget scope `user:ana` capped, and a feature " chat " one no call could name."""
+    path = tmp_path / "keys.yaml"
+    path.write_text(
+        f"keys:\n  - {{id: ' k ', sha256: {hash_key('sk-k')}, user_id: ' ana ', team: ' t ',"
+        " features: [' chat '], may_act_for: ['*', ' bo ']}\n"
+    )
+    key = KeyStore.load(path).lookup("sk-k")
+    assert key is not None
+    assert (key.id, key.user_id, key.team) == ("k", "ana", "t")
+    assert key.features == frozenset({"chat"}) and key.may_act_for == frozenset({"*", "bo"})
+    identity = resolve_identity(
+        {"Authorization": "Bearer sk-k", "X-Tollgate-Feature": "chat"}, {}, KeyStore.load(path)
+    )
+    assert (identity.user_id, identity.feature, identity.team) == ("ana", "chat", "t")
+
+
 def test_a_team_is_the_callers_word_without_keys_and_the_keys_with_them(keys: KeyStore) -> None:
     assert resolve_identity({"X-Tollgate-Team": "t1"}, {"team": "t2"}, None).team == "t1"
     assert resolve_identity({}, {"team": "t2"}, None).team == "t2"

@@ -87,6 +87,15 @@ def test_keys_add_stores_only_the_hash_and_prints_the_key_once(tmp_path: Path) -
         main, ["keys", "add", "--file", str(path), "--id", "a\nb", "--user", "x"]
     )
     assert bad.exit_code == 1 and "--id" in bad.output
+    # `*` names the default policies user:*, team:*, feature:* (probe 54): refused, and
+    # the file is left as it was
+    before = path.read_text()
+    for option in ("--user", "--team", "--feature"):
+        args = ["--id", "star", "--user", "u", option, "*"]
+        star = CliRunner().invoke(main, ["keys", "add", "--file", str(path), *args])
+        assert star.exit_code == 1 and option in star.output, star.output
+        assert "'*'" in star.output
+    assert path.read_text() == before
 
 
 def test_secrets_init_gives_compose_an_admin_key_and_an_internal_token(tmp_path: Path) -> None:
