@@ -295,7 +295,7 @@ def budgets_set(
 @_dispatcher_options
 def budgets_list(url: str | None, key: str | None) -> None:
     """Every budget policy."""
-    from app.budgets.policy import PolicyBook, PolicyError, parse_policy
+    from app.budgets.policy import PolicyBody, PolicyBook, PolicyError, parse_policy
 
     settings = _settings()
     try:
@@ -303,7 +303,11 @@ def budgets_list(url: str | None, key: str | None) -> None:
             _, listing = _api(settings, url, key).call("GET", "/v1/budgets")
             book = PolicyBook()
             for row in listing.get("budgets", []):
-                fields = {k: v for k, v in row.items() if v is not None and k != "window_seconds"}
+                fields = {  # what a policy says (a newer dispatcher may answer more)
+                    k: v
+                    for k, v in row.items()
+                    if v is not None and k in PolicyBody.model_fields and k != "window_seconds"
+                }
                 if row.get("window_seconds"):
                     fields["window"] = row["window_seconds"]
                 book.put(parse_policy(row["scope"], fields))

@@ -10,16 +10,31 @@ Budgets file (``TOLLGATE_BUDGETS_FILE``)::
       "user:*":        {period: month, limit_usd: 5, upgrade_url: "https://example.com/upgrade"}
       "feature:chat":  {period: day, limit_usd: 200}
       global:          {period: month, limit_usd: 10000, thresholds: [0.5, 0.8, 0.95]}
+
+Every dispatcher start publishes each entry of the file only when the entry differs from the
+one the file last published for its scope (``budgets_file_action``): a cap changed or removed
+through the admin API or the CLI since stays over a restart with the same file; editing the
+entry in the file makes it win again. Records carry the digest of the file's last entry
+(``file_digest``, carried on by API and CLI changes), so every replica and a fresh state dir
+decide alike.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
-from app.budgets.policy import Policy, PolicyBook, PolicyError, parse_policy
+from app.budgets.policy import (
+    FILE_WRITER,
+    Policy,
+    PolicyBook,
+    PolicyError,
+    file_digest_of,
+    parse_policy,
+)
 from app.events import clients
 from app.events.codec import build_codec
 from app.events.compacted import CompactedView
@@ -27,12 +42,26 @@ from app.events.producer import policy_message, send_now
 from app.metering.usage import event_time, new_id
 from app.settings import Settings
 
+log = logging.getLogger(__name__)
+FileAction = Literal["publish", "unchanged", "kept"]
 
-def policy_record(policy: Policy, updated_by: str | None = None) -> dict[str, Any]:
-    return policy.to_record(new_id(), event_time(), updated_by)
+
+def policy_record(
+    policy: Policy, updated_by: str | None = None, file_digest: str | None = None
+) -> dict[str, Any]:
+    """A change of ``policy.scope``; ``file_digest``: the scope's last budgets-file entry
+    (``PolicyBook.file_digests``), carried on so a restart does not undo this change."""
+    return policy.to_record(new_id(), event_time(), updated_by, file_digest)
 
 
-def deletion_record(scope: str, updated_by: str | None = None) -> dict[str, Any]:
+def file_policy_record(policy: Policy) -> dict[str, Any]:
+    """The budgets file's entry ``policy``, published."""
+    return policy_record(policy, FILE_WRITER, policy.digest())
+
+
+def deletion_record(
+    scope: str, updated_by: str | None = None, file_digest: str | None = None
+) -> dict[str, Any]:
     return {
         "event_id": new_id(),
         "ts": event_time(),
@@ -46,7 +75,55 @@ def deletion_record(scope: str, updated_by: str | None = None) -> dict[str, Any]
         "upgrade_prompt": None,
         "deleted": True,
         "updated_by": updated_by,
+        "file_digest": file_digest,
     }
+
+
+def budgets_file_action(entry: Policy, current: dict[str, Any] | None) -> FileAction:
+    """What a dispatcher start does with the budgets file's ``entry``, given the scope's
+    latest record on the policies topic (None: never set, or compacted away).
+
+    ``publish``: the entry differs from the one the file last published for the scope (or
+    the file never published one): the file's edit wins. ``unchanged``: the scope already
+    holds the entry. ``kept``: the file's entry is the one it published before, and an
+    admin-API or CLI change (or removal) made since stands."""
+    if current is None or entry.digest() != file_digest_of(current):
+        return "publish"
+    if not current.get("deleted") and Policy.from_record(current) == entry:
+        return "unchanged"
+    return "kept"
+
+
+def apply_budgets_file(
+    entries: list[Policy],
+    records: dict[str, dict[str, Any]],
+    skip: set[str] | frozenset[str] = frozenset(),
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """The records to publish for ``entries`` given the topic's ``records`` by scope, and the
+    scopes whose newer API or CLI change is kept (each logged as a warning). ``skip``: scopes
+    this process changed itself since it started (their change stands)."""
+    publish: list[dict[str, Any]] = []
+    kept: list[str] = []
+    for entry in entries:
+        if entry.scope in skip:
+            action: FileAction = "kept"
+        else:
+            action = budgets_file_action(entry, records.get(entry.scope))
+        if action == "publish":
+            publish.append(file_policy_record(entry))
+        elif action == "kept":
+            kept.append(entry.scope)
+            current = records.get(entry.scope) or {}
+            log.warning(
+                "budgets file entry not applied: the scope was changed through the admin API "
+                "or CLI after the file last published it; edit the file's entry to apply it",
+                extra={
+                    "scope": entry.scope,
+                    "changed_by": current.get("updated_by"),
+                    "deleted": bool(current.get("deleted")),
+                },
+            )
+    return publish, kept
 
 
 def load_budgets_file(path: Path) -> list[Policy]:
@@ -75,6 +152,11 @@ class PolicyAdmin:
         self.codec = build_codec(settings.schema_registry_url)
 
     async def publish(self, scope: str, record: dict[str, Any]) -> None:
+        """Send ``record``; a change without ``file_digest`` carries on the scope's (the
+        budgets file's last entry), as the admin API's do."""
+        if not record.get("file_digest"):
+            carried = (await self.policies()).file_digests.get(scope)
+            record = {**record, "file_digest": carried}
         producer = clients.producer(self.settings, purpose="budget-admin")
         await producer.start()
         try:

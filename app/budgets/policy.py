@@ -7,6 +7,8 @@ user, feature, team or key without a policy of its own ("every user gets $5/mont
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import time
 from collections.abc import Iterable
@@ -34,6 +36,7 @@ from app.validation import custom_error, first_problem, usd_amount, usd_schema
 SCOPE_KINDS = ("user", "feature", "team", "key")
 DEFAULT_THRESHOLDS = (0.5, 0.8, 1.0)
 MAX_LIMIT_USD = Decimal(1_000_000_000)
+FILE_WRITER = "budgets_file"  # the updated_by of the records TOLLGATE_BUDGETS_FILE publishes
 
 
 class PolicyError(ValueError):
@@ -86,8 +89,27 @@ class Policy:
     def limit_usd(self) -> Decimal:
         return nanos_to_usd(self.limit_usd_nanos)
 
+    def digest(self) -> str:
+        """What this policy says (not who wrote it when), hashed: a budgets file's entry is
+        compared with the one it last published through this."""
+        body = {
+            "scope": self.scope,
+            "period": self.period,
+            "limit_usd_nanos": self.limit_usd_nanos,
+            "thresholds": list(self.thresholds),
+            "timezone": self.timezone,
+            "window_seconds": self.window_seconds,
+            "upgrade_url": self.upgrade_url,
+            "upgrade_prompt": self.upgrade_prompt,
+        }
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:32]
+
     def to_record(
-        self, event_id: str, ts: datetime, updated_by: str | None = None
+        self,
+        event_id: str,
+        ts: datetime,
+        updated_by: str | None = None,
+        file_digest: str | None = None,
     ) -> dict[str, Any]:
         return {
             "event_id": event_id,
@@ -102,6 +124,7 @@ class Policy:
             "upgrade_prompt": self.upgrade_prompt,
             "deleted": False,
             "updated_by": updated_by,
+            "file_digest": file_digest,
         }
 
     @classmethod
@@ -331,6 +354,20 @@ def parse_policy(scope: str, body: Any) -> Policy:
     )
 
 
+def file_digest_of(record: dict[str, Any] | None) -> str | None:
+    """The digest of the budgets-file entry last published for the record's scope: the
+    record's own ``file_digest`` (a file's record, or an API or CLI change carrying it on),
+    else, for a file's record written before records carried it, its policy's digest."""
+    if record is None:
+        return None
+    digest = record.get("file_digest")
+    if digest:
+        return str(digest)
+    if record.get("updated_by") == FILE_WRITER and not record.get("deleted"):
+        return Policy.from_record(record).digest()
+    return None
+
+
 def scopes_of(
     user_id: str | None, feature: str | None, team: str | None = None, key_id: str | None = None
 ) -> list[str]:
@@ -367,6 +404,23 @@ class PolicyBook:
     # scope -> when (monotonic) its own policy appeared or changed period, time zone or window:
     # the spend worker's count of the scope's new period is not known yet (see the gate)
     period_changed: dict[str, float] = field(default_factory=dict)
+    # scope -> who last set it (``updated_by``: an admin key id, "cli", FILE_WRITER)
+    written_by: dict[str, str | None] = field(default_factory=dict)
+    # scope -> digest of the budgets-file entry last published for it; kept through later
+    # API changes and removals, which carry it on (``file_digest_of``)
+    file_digests: dict[str, str] = field(default_factory=dict)
+
+    def note_record(self, scope: str, record: dict[str, Any] | None) -> None:
+        """Who wrote ``record`` (this process's own write, or one read from the topic)."""
+        digest = file_digest_of(record)
+        if digest is None:
+            self.file_digests.pop(scope, None)
+        else:
+            self.file_digests[scope] = digest
+        if record is None or record.get("deleted"):
+            self.written_by.pop(scope, None)
+        else:
+            self.written_by[scope] = record.get("updated_by")
 
     def put(self, policy: Policy) -> None:
         old = self.policies.get(policy.scope)
@@ -403,13 +457,19 @@ class PolicyBook:
     def _default_of(scope: str) -> str:
         return scope.split(":", 1)[0] + ":*"
 
-    def put_local(self, policy: Policy, event_id: str) -> None:
-        """This process's own change, sent to the topic as record ``event_id``."""
+    def put_local(
+        self, policy: Policy, event_id: str, record: dict[str, Any] | None = None
+    ) -> None:
+        """This process's own change, sent to the topic as ``record`` (id ``event_id``)."""
         self.put(policy)
+        if record is not None:
+            self.note_record(policy.scope, record)
         self.awaiting[policy.scope] = event_id
 
-    def remove_local(self, scope: str, event_id: str) -> None:
+    def remove_local(self, scope: str, event_id: str, record: dict[str, Any] | None = None) -> None:
         self.remove(scope)
+        if record is not None:
+            self.note_record(scope, record)
         self.awaiting[scope] = event_id
 
     def apply_record(self, record: dict[str, Any] | None, scope: str) -> None:
@@ -419,6 +479,7 @@ class PolicyBook:
             if record is None or record.get("event_id") != awaited:
                 return  # older than this process's own write, which stands
             del self.awaiting[scope]
+        self.note_record(scope, record)
         if record is None or record.get("deleted"):
             self.remove(scope)
         else:

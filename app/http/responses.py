@@ -104,6 +104,11 @@ class PolicyOut(BaseModel):
     window_seconds: int | None
     upgrade_url: str | None
     upgrade_prompt: str | None
+    updated_by: str | None = Field(
+        default=None,
+        description="Who set it last: 'budgets_file' (TOLLGATE_BUDGETS_FILE at a dispatcher "
+        "start), 'cli', the admin's API key id, or null (an admin API without keys)",
+    )
     warning: str | None = Field(
         default=None,
         description="Present when the policy is stored but caps no call yet, e.g. a key: "

@@ -27,9 +27,15 @@ from aiohttp import HttpVersion11, web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
-from app.budgets.admin import deletion_record, load_budgets_file, policy_record
+from app.budgets.admin import (
+    apply_budgets_file,
+    deletion_record,
+    load_budgets_file,
+    policy_record,
+)
 from app.budgets.gate import BudgetGate, BudgetRefused
 from app.budgets.policy import (
+    Policy,
     PolicyBody,
     PolicyBook,
     PolicyError,
@@ -117,6 +123,9 @@ class Components:
     uncounted_read_back: asyncio.Task[int] | None = None
     # usage event ids held since the start from the saved view (a retry of one: not again)
     restored_usage: set[str] = field(default_factory=set)
+    # TOLLGATE_BUDGETS_FILE's entries, until the policies topic is read (Kafka did not answer
+    # at start): applied then, against what the topic holds (``publish_budgets_file``)
+    budgets_file_pending: list[Policy] | None = None
 
 
 COMPONENTS = web.AppKey("components", Components)
@@ -632,13 +641,16 @@ async def put_budget(request: web.Request) -> web.Response:
         policy = parse_policy(scope, await read_json(request, unique_keys=True))
     except PolicyError as exc:
         raise invalid_request(str(exc), exc.field) from None
-    record = policy_record(policy, admin)
+    # carries the budgets file's last entry on: a restart with the same file keeps this
+    record = policy_record(policy, admin, c.policies.file_digests.get(scope))
     c.emitter.emit_policy(scope, record)
     # Effective here at once (and not undone by an older record's echo); other dispatchers
     # read it from Kafka.
-    c.policies.put_local(policy, record["event_id"])
+    c.policies.put_local(policy, record["event_id"], record)
     warning = key_cap_warning(policy.scope, c.keys)
-    return json_response({**policy.to_json(), **({"warning": warning} if warning else {})})
+    return json_response(
+        {**policy.to_json(), "updated_by": admin, **({"warning": warning} if warning else {})}
+    )
 
 
 @operation(
@@ -651,7 +663,7 @@ async def get_budget(request: web.Request) -> web.Response:
     policy = c.policies.policies.get(scope)
     if policy is None:
         raise ApiError(404, "not_found", f"No budget policy for {scope}", param="scope")
-    return json_response(policy.to_json())
+    return json_response({**policy.to_json(), "updated_by": c.policies.written_by.get(scope)})
 
 
 @operation(
@@ -663,9 +675,9 @@ async def delete_budget(request: web.Request) -> web.Response:
     scope = _scope(request)
     if scope not in c.policies.policies:
         raise ApiError(404, "not_found", f"No budget policy for {scope}", param="scope")
-    record = deletion_record(scope, admin)
+    record = deletion_record(scope, admin, c.policies.file_digests.get(scope))
     c.emitter.emit_policy(scope, record)
-    c.policies.remove_local(scope, record["event_id"])
+    c.policies.remove_local(scope, record["event_id"], record)
     return json_response({"deleted": scope})
 
 
@@ -1022,12 +1034,18 @@ async def build_components(settings: Settings) -> Components:
             name="uncounted-usage-read-back",
         )
     await emitter.start()
+    budgets_file_pending = None
     if settings.budgets_file:
-        for policy in load_budgets_file(settings.budgets_file):
-            if policies.policies.get(policy.scope) != policy:
-                record = policy_record(policy, "budgets_file")
-                emitter.emit_policy(policy.scope, record)
-                policies.put_local(policy, record["event_id"])
+        entries = load_budgets_file(settings.budgets_file)
+        if policy_view.synced.is_set():
+            publish_budgets_file(entries, policy_view, policies, emitter)
+        else:  # what the topic holds is not known: an API change there must not be undone
+            budgets_file_pending = entries
+            log.warning(
+                "budgets file not applied yet: the policies topic was not read; it is applied "
+                "once Kafka answers",
+                extra={"file": str(settings.budgets_file), "entries": len(entries)},
+            )
     config = GatewayConfig(
         fallback_output_tokens=settings.reserve_output_tokens,
         max_output_tokens=settings.max_output_tokens,
@@ -1065,7 +1083,34 @@ async def build_components(settings: Settings) -> Components:
         budget_snapshot=snapshot,
         uncounted_read_back=read_back,
         restored_usage=restored,
+        budgets_file_pending=budgets_file_pending,
     )
+
+
+def publish_budgets_file(
+    entries: list[Policy],
+    policy_view: CompactedView,
+    policies: PolicyBook,
+    emitter: EventEmitter,
+) -> None:
+    """Publish the budgets file's entries that changed since the file last published them
+    (``app.budgets.admin.budgets_file_action``); a newer API or CLI change stays. Scopes
+    this process changed since it started are left as changed."""
+    records, _ = apply_budgets_file(entries, policy_view.records, skip=set(policies.awaiting))
+    for record in records:
+        emitter.emit_policy(record["scope"], record)
+        policies.put_local(Policy.from_record(record), record["event_id"], record)
+
+
+async def publish_budgets_file_when_read(components: Components) -> None:
+    """The budgets file, once the policies topic is read (Kafka did not answer at start)."""
+    entries = components.budgets_file_pending
+    if not entries:
+        return
+    await components.policy_view.synced.wait()
+    publish_budgets_file(entries, components.policy_view, components.policies, components.emitter)
+    components.budgets_file_pending = None
+    log.info("budgets file applied now that the policies topic was read")
 
 
 def hold_spooled_usage(
@@ -1388,6 +1433,11 @@ def create_app(settings: Settings) -> web.Application:
                 save_budget_view(components.budget_snapshot, components.gate),
                 name="budget-view-save",
             )
+        pending_file = None
+        if components.budgets_file_pending:
+            pending_file = asyncio.create_task(
+                publish_budgets_file_when_read(components), name="budgets-file"
+            )
         preload = None
         if settings.routing.preload_model:  # /readyz waits for it
             preload = asyncio.create_task(preload_router_model(components), name="model-preload")
@@ -1401,6 +1451,8 @@ def create_app(settings: Settings) -> web.Application:
             components.uncounted_read_back.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await components.uncounted_read_back
+        if pending_file is not None:
+            pending_file.cancel()
         await components.upstreams.close()
         await components.reports_session.close()
         await asyncio.gather(components.policy_view.stop(), components.decision_view.stop())

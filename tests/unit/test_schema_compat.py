@@ -93,3 +93,11 @@ def test_usage_written_before_explored_reads_as_not_explored() -> None:
     buf.seek(0)
     read = schemaless_reader(buf, parse_schema(v4), parse_schema(CATALOG.current["Usage"]))
     assert read["explored"] is True
+
+
+def test_a_policy_written_before_file_digest_reads_without_one() -> None:
+    """BudgetPolicy v1 (schema id 3, dispatchers before F1 of probe 54) reads with
+    file_digest null (``file_digest_of`` then recognises a file's record by updated_by)."""
+    v1 = json.loads((SCHEMAS_DIR / CATALOG.versions[3].file).read_text())
+    assert "file_digest" not in {f["name"] for f in v1["fields"]}
+    assert _round_trip(v1, CATALOG.current["BudgetPolicy"])["file_digest"] is None

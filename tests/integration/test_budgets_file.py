@@ -1,0 +1,194 @@
+"""TOLLGATE_BUDGETS_FILE and the admin API together, over dispatcher restarts (probe 54, F1).
+
+Real parts: the test Kafka broker, real dispatchers (``serve``) each on a fresh state dir (a
+restart elsewhere, or a new replica: only the policies topic is shared), the simulator. A
+restart with the same file must not undo a cap an admin changed or removed through the API
+since; an edit of the file's entry applies again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from app.events.codec import EventCodec
+from app.events.compacted import CompactedView
+from app.events.topics import ensure_topics
+from app.settings import Settings
+from tests.integration.harness import running_stack
+
+pytestmark = pytest.mark.integration
+CALL = {
+    "model": "gpt-4o",
+    "messages": [{"role": "user", "content": "Summarise our cloud bill for the board."}],
+    "max_tokens": 50,
+}
+
+
+def write_file(path: Path, limit_usd: str, prompt: str) -> Path:
+    path.write_text(
+        "budgets:\n"
+        f'  "user:fileuser": {{period: day, limit_usd: {limit_usd}, upgrade_prompt: "{prompt}"}}\n'
+    )
+    return path
+
+
+def wait_on_topic(settings: Settings, check: Any, timeout_s: float = 30) -> None:
+    """Until the policies topic holds a record of user:fileuser that passes ``check``: the
+    admin's change is in Kafka (not only in the stopped dispatcher's spool) before a restart
+    on a fresh state dir."""
+
+    async def latest() -> dict[str, Any] | None:
+        view = CompactedView(settings, settings.topic("budget.policies"), EventCodec())
+        await view.start(10)
+        await view.stop()
+        return view.records.get("user:fileuser")
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        record = asyncio.run(latest())
+        if record is not None and check(record):
+            return
+        time.sleep(0.2)
+    raise AssertionError("the admin's change never reached the policies topic")
+
+
+def policy(url: str) -> httpx.Response:
+    return httpx.get(f"{url}/v1/budgets/user:fileuser", timeout=10)
+
+
+def chat(url: str) -> httpx.Response:
+    return httpx.post(
+        f"{url}/v1/chat/completions",
+        json=CALL,
+        headers={"X-Tollgate-User": "fileuser"},
+        timeout=30,
+    )
+
+
+def test_an_api_cap_survives_a_restart_with_the_same_file_and_a_file_edit_wins_again(
+    kafka_settings: Settings, tmp_path: Path
+) -> None:
+    asyncio.run(ensure_topics(kafka_settings))
+    budgets = write_file(tmp_path / "budgets.yaml", "5", "from file")
+    with running_stack(kafka_settings, budgets_file=budgets) as first:
+        read = policy(first.url)
+        assert read.status_code == 200, read.text
+        assert read.json()["limit_usd"] == "5" and read.json()["updated_by"] == "budgets_file"
+        stop = httpx.put(
+            f"{first.url}/v1/budgets/user:fileuser",
+            json={"period": "day", "limit_usd": "0.000001", "upgrade_prompt": "stopped by admin"},
+        )
+        assert stop.status_code == 200, stop.text
+        wait_on_topic(kafka_settings, lambda r: r["limit_usd_nanos"] == 1000)
+
+    with running_stack(kafka_settings, budgets_file=budgets) as restarted:
+        read = policy(restarted.url)
+        assert read.status_code == 200, read.text
+        assert read.json()["limit_usd"] == "0.000001", "the restart undid the admin's stop"
+        assert read.json()["upgrade_prompt"] == "stopped by admin"
+        assert read.json()["updated_by"] is None  # the admin API without keys
+        refused = chat(restarted.url)
+        assert refused.status_code == 402, refused.text
+        assert refused.json()["error"]["scope"] == "user:fileuser"
+        assert restarted.counter.calls == 0, "a stopped user reached the provider"
+
+    # the file's entry edited after the admin's change: the file wins again
+    write_file(budgets, "7", "raised in the file")
+    with running_stack(kafka_settings, budgets_file=budgets) as edited:
+        read = policy(edited.url)
+        assert read.status_code == 200, read.text
+        assert read.json()["limit_usd"] == "7" and read.json()["updated_by"] == "budgets_file"
+        served = chat(edited.url)
+        assert served.status_code == 200, served.text
+
+    # and a restart with that file again changes nothing
+    with running_stack(kafka_settings, budgets_file=budgets) as again:
+        assert policy(again.url).json()["limit_usd"] == "7"
+
+
+def test_an_api_delete_survives_a_restart_with_the_same_file(
+    kafka_settings: Settings, tmp_path: Path
+) -> None:
+    asyncio.run(ensure_topics(kafka_settings))
+    budgets = write_file(tmp_path / "budgets.yaml", "5", "from file")
+    with running_stack(kafka_settings, budgets_file=budgets) as first:
+        assert policy(first.url).status_code == 200
+        deleted = httpx.delete(f"{first.url}/v1/budgets/user:fileuser", timeout=10)
+        assert deleted.status_code == 200, deleted.text
+        wait_on_topic(kafka_settings, lambda r: r["deleted"])
+
+    with running_stack(kafka_settings, budgets_file=budgets) as restarted:
+        read = policy(restarted.url)
+        assert read.status_code == 404, f"the restart re-created a deleted cap: {read.text}"
+        listed = httpx.get(f"{restarted.url}/v1/budgets", timeout=10).json()["budgets"]
+        assert "user:fileuser" not in [p["scope"] for p in listed]
+        # a cap set again through the API after the delete also stays
+        put = httpx.put(
+            f"{restarted.url}/v1/budgets/user:fileuser", json={"period": "day", "limit_usd": 2}
+        )
+        assert put.status_code == 200, put.text
+        wait_on_topic(kafka_settings, lambda r: r["limit_usd_nanos"] == 2_000_000_000)
+
+    with running_stack(kafka_settings, budgets_file=budgets) as again:
+        assert policy(again.url).json()["limit_usd"] == "2"
+
+    write_file(budgets, "6", "new file entry")
+    with running_stack(kafka_settings, budgets_file=budgets) as edited:
+        assert policy(edited.url).json()["limit_usd"] == "6"
+
+
+def test_a_start_while_kafka_is_hung_does_not_publish_the_file_over_an_api_change(
+    kafka_settings: Settings, kafka_launcher: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Kafka frozen at the restart: what the topic holds is unknown, so the file is not
+    published blindly over the saved view (the admin's stop); once Kafka answers, the file is
+    decided against the topic, which keeps the stop."""
+    import json
+    import os
+    import signal
+
+    asyncio.run(ensure_topics(kafka_settings))
+    budgets = write_file(tmp_path / "budgets.yaml", "5", "from file")
+    with running_stack(kafka_settings, budgets_file=budgets) as first:
+        state_dir = first.settings.state_dir
+        stop = httpx.put(
+            f"{first.url}/v1/budgets/user:fileuser", json={"period": "day", "limit_usd": "0.000001"}
+        )
+        assert stop.status_code == 200, stop.text
+        wait_on_topic(kafka_settings, lambda r: r["limit_usd_nanos"] == 1000)
+        saved = state_dir / "budget-view.json"  # saved every second once read back
+        deadline = time.monotonic() + 30
+        while "user:fileuser" not in (json.loads(saved.read_text()) if saved.exists() else {}).get(
+            "policies", {}
+        ):
+            assert time.monotonic() < deadline, "the policy never reached the saved view"
+            time.sleep(0.2)
+
+    pid = kafka_launcher.status().pid
+    assert pid is not None, "the session broker is not running"
+    caplog.set_level("INFO", logger="app.http.server")
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        hung = running_stack(
+            kafka_settings, budgets_file=budgets, state_dir=state_dir, start_kafka_answer_wait_s=1.0
+        )
+        with hung as restarted:
+            try:
+                read = policy(restarted.url)
+                assert read.json()["limit_usd"] == "0.000001", "the file undid the saved stop"
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            deadline = time.monotonic() + 90
+            while "budgets file applied now that the policies topic was read" not in caplog.text:
+                assert time.monotonic() < deadline, "the file was never decided after SIGCONT"
+                time.sleep(0.2)
+            assert policy(restarted.url).json()["limit_usd"] == "0.000001"
+        wait_on_topic(kafka_settings, lambda r: r["limit_usd_nanos"] == 1000)
+    finally:
+        os.kill(pid, signal.SIGCONT)
