@@ -116,6 +116,9 @@ class CompactedView:
         self._task: asyncio.Task[None] | None = None
         self._fresh: dict[str, dict[str, Any]] | None = None  # a catch-up's records so far
         self._local: dict[str, str | None] = {}  # key -> event id put locally (None: removed)
+        # key -> the topic's newest record of a key in ``_local`` (None: none), held back
+        # while its local write is pending: what the view holds again if that write fails
+        self._topic: dict[str, dict[str, Any] | None] = {}
 
     async def start(self, timeout_s: float = 30.0, answer_timeout_s: float | None = None) -> bool:
         """Start reading; wait until caught up (True), or the broker is unreachable, or
@@ -143,6 +146,8 @@ class CompactedView:
         """The writer's own newest record of ``key`` (``None``: removed), held before it is
         read back: until a record with its ``event_id`` (a tombstone, for a removal) is
         read, records read of ``key`` are older ones, and skipped."""
+        if key not in self._local:
+            self._topic[key] = self.records.get(key)
         if record is None:
             self.records.pop(key, None)
             self._local[key] = None
@@ -152,10 +157,21 @@ class CompactedView:
 
     def local_lost(self, key: str, record: dict[str, Any] | None) -> None:
         """The write of ``record`` (put with :meth:`put_local`) failed: it will never be read
-        back, so records read of ``key`` apply again."""
+        back: the view holds the topic's newest record of ``key`` again (not the one that
+        was never written: the writer compares its next records with it), and records read
+        of ``key`` apply again."""
         event_id = None if record is None else record["event_id"]
         if key in self._local and self._local[key] == event_id:
             del self._local[key]
+            topic = self._topic.pop(key, None)
+            if self.records.get(key) == topic:
+                return
+            if topic is None:
+                self.records.pop(key, None)
+            else:
+                self.records[key] = topic
+            if self.on_record is not None:
+                self.on_record(key, topic)
 
     @property
     def catching_up(self) -> bool:
@@ -173,6 +189,7 @@ class CompactedView:
         if fresh is None:
             return
         for key in self._local:
+            self._topic[key] = fresh.get(key)
             held = self.records.get(key)
             if held is None:
                 fresh.pop(key, None)
@@ -215,7 +232,9 @@ class CompactedView:
         if name in self._local:
             if self._local[name] == (None if record is None else record.get("event_id")):
                 del self._local[name]  # the local write read back: the topic is as new
+                self._topic.pop(name, None)
             elif self._fresh is None:
+                self._topic[name] = record  # the topic's newest, held back
                 return  # written before the local one
         if self._fresh is not None:
             if record is None:
