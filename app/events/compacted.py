@@ -86,7 +86,10 @@ class CompactedView:
     So a read collects what it reads apart, until every partition reaches the end offsets
     taken as it began (a *catch-up*), then replaces the held records at once: ``on_record``
     is called only for keys whose record changed or disappeared, never with an older record
-    read again. From then on records apply as they come. Until the first catch-up, what
+    read again. From then on records apply as they come; in a re-read after a lost broker, a
+    record past the offset its partition was applied to is newer than anything held for its
+    key and applies as it comes too (a "blocked" written meanwhile is not held back until
+    every partition is read again). Until the first catch-up, what
     was put in ``records`` (the dispatcher's saved view) stays as it is; a key held but not
     on the topic at a catch-up is removed (a tombstone compaction has removed since: the
     saved view only holds records read from the topic).
@@ -119,6 +122,9 @@ class CompactedView:
         # key -> the topic's newest record of a key in ``_local`` (None: none), held back
         # while its local write is pending: what the view holds again if that write fails
         self._topic: dict[str, dict[str, Any] | None] = {}
+        # partition -> the offset up to which records were read and applied (a re-read
+        # applies at once a record past it: newer than anything held for its key)
+        self._applied: dict[int, int] = {}
 
     async def start(self, timeout_s: float = 30.0, answer_timeout_s: float | None = None) -> bool:
         """Start reading; wait until caught up (True), or the broker is unreachable, or
@@ -181,13 +187,14 @@ class CompactedView:
         """A read from the topic's beginning starts: collect apart until :meth:`caught_up`."""
         self._fresh = {}
 
-    def caught_up(self) -> None:
+    def caught_up(self, positions: dict[int, int] | None = None) -> None:
         """Every partition reached the end offsets taken as the read began: replace the held
         records at once with what it read (keys written locally, not read back yet, keep
-        their own record)."""
+        their own record). ``positions``: partition -> the offset the read reached."""
         fresh, self._fresh = self._fresh, None
         if fresh is None:
             return
+        self._applied.update(positions or {})
         for key in self._local:
             self._topic[key] = fresh.get(key)
             held = self.records.get(key)
@@ -229,19 +236,24 @@ class CompactedView:
             if event is None:
                 return
             record = event.record
-        if name in self._local:
-            if self._local[name] == (None if record is None else record.get("event_id")):
-                del self._local[name]  # the local write read back: the topic is as new
-                self._topic.pop(name, None)
-            elif self._fresh is None:
-                self._topic[name] = record  # the topic's newest, held back
-                return  # written before the local one
+        if name in self._local and self._local[name] == (
+            None if record is None else record.get("event_id")
+        ):
+            del self._local[name]  # the local write read back: the topic is as new
+            self._topic.pop(name, None)
         if self._fresh is not None:
             if record is None:
                 self._fresh.pop(name, None)
             else:
                 self._fresh[name] = record
-            return
+            applied = self._applied.get(partition)
+            if applied is None or offset < applied:
+                return  # read again: held back until caught up
+            # past what was applied of its partition: newer than anything held, apply now
+        self._applied[partition] = offset + 1
+        if name in self._local:
+            self._topic[name] = record  # the topic's newest, held back
+            return  # written before the local one
         if record is None:
             self.records.pop(name, None)
         else:
@@ -288,7 +300,7 @@ class CompactedView:
                 if self.catching_up:
                     positions = {tp: await consumer.position(tp) for tp in partitions}
                     if all(positions[tp] >= end[tp] for tp in partitions):
-                        self.caught_up()
+                        self.caught_up({tp.partition: positions[tp] for tp in partitions})
                 if time.monotonic() >= next_check:
                     await consumer.end_offsets(partitions)  # raises if the broker is gone
                     self.last_contact = time.monotonic()

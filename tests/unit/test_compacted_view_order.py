@@ -47,9 +47,11 @@ def view(topic: str = "t.budget.decisions", on_record: Any = None) -> CompactedV
     return CompactedView(Settings(), topic, CODEC, on_record=on_record)
 
 
-def apply(v: CompactedView, key: str, record: dict[str, Any] | None, offset: int = 0) -> None:
+def apply(
+    v: CompactedView, key: str, record: dict[str, Any] | None, offset: int = 0, partition: int = 0
+) -> None:
     value = None if record is None else CODEC.encode("BudgetDecision", record)
-    v._apply(key.encode(), value, 0, offset)
+    v._apply(key.encode(), value, partition, offset)
 
 
 def test_a_later_decision_with_an_older_ts_wins() -> None:
@@ -212,7 +214,7 @@ def test_the_view_holds_the_last_written_record_per_key(
 
     def check_caught_up() -> None:
         if v.catching_up and all(position[p] >= end[p] for p in (0, 1)):
-            v.caught_up()
+            v.caught_up({0: position[0], 1: position[1]})
 
     restart()
     for op, arg, extra in ops:
@@ -225,7 +227,7 @@ def test_the_view_holds_the_last_written_record_per_key(
             for _ in range(extra):
                 if position[arg] < len(logs[arg]):
                     key, record = logs[arg][position[arg]]
-                    apply(v, key, record, position[arg])
+                    apply(v, key, record, position[arg], arg)
                     position[arg] += 1
             check_caught_up()
         else:
@@ -233,7 +235,7 @@ def test_the_view_holds_the_last_written_record_per_key(
     for p in (0, 1):  # read everything
         while position[p] < len(logs[p]):
             key, record = logs[p][position[p]]
-            apply(v, key, record, position[p])
+            apply(v, key, record, position[p], p)
             position[p] += 1
     check_caught_up()
     last: dict[str, dict[str, Any]] = {}
