@@ -644,12 +644,10 @@ class Gateway:
         if cached_tokens:
             m.tokens.labels(model, "cached").inc(cached_tokens)
 
-    def emit_usage(self, record: dict[str, Any], scopes: list[str], hold: bool = True) -> None:
-        """Spool a usage event and hold its cost at the gate until the worker counts it
-        (``hold=False``: the gate holds this event already, by its earlier copy)."""
+    def emit_usage(self, record: dict[str, Any], scopes: list[str]) -> None:
+        """Spool a usage event and hold its cost at the gate until the worker counts it."""
         seq = self.emitter.emit_usage(record)
-        if hold:
-            self.gate.record_spend(scopes, event_cost(record), record["ts"], seq)
+        self.gate.record_spend(scopes, event_cost(record), record["ts"], seq)
 
     def finish(self, call: Call) -> None:
         """Emit the call's Usage event and release its reservation, exactly once."""

@@ -514,6 +514,9 @@ async def report_usage(request: web.Request) -> web.Response:
     # A retry (the same record under its request_id) is answered as the first was; the first
     # is in the spool already, so it is not emitted, held or put in the metrics again.
     repeats = c.reported.repeats(reports, named)
+    # One held since the start from the saved view is in Kafka already (only delivered usage
+    # is saved): a repeat too, though its record was not saved to compare with.
+    repeats |= {i for i, report in enumerate(reports) if report["event_id"] in c.restored_usage}
     c.reported.remember(reports, named)
     accepted = []
     for index, report in enumerate(reports):
@@ -522,9 +525,8 @@ async def report_usage(request: web.Request) -> web.Response:
         )
         # Already spent: recorded even when a scope is blocked, and held by the gate until
         # the spend worker counts it.
-        if index not in repeats:  # an event held since the start, restored, is held once
-            held = record["event_id"] in c.restored_usage
-            c.gateway.emit_usage(record, identity_scopes(report["identity"]), hold=not held)
+        if index not in repeats:
+            c.gateway.emit_usage(record, identity_scopes(report["identity"]))
         accepted.append(
             {
                 "event_id": record["event_id"],

@@ -430,6 +430,8 @@ def test_spend_the_worker_had_not_counted_holds_at_a_start_while_kafka_is_still_
                 assert _spent(stack.url, user) == "0.012", "the spend before the restart is held"
                 retried = httpx.post(f"{stack.url}/v1/usage", json=report, timeout=30)
                 assert retried.status_code == 202, retried.text
+                # in Kafka already: answered as a repeat, not emitted (or counted) again
+                assert retried.json()["events"][0]["repeat"] is True, retried.text
                 assert _spent(stack.url, user) == "0.012", "a retry of it was held twice"
                 under = httpx.post(url, json=call, headers=headers, timeout=30)
                 assert under.status_code == 200, f"a user under the cap was refused: {under.text}"
@@ -451,5 +453,8 @@ def test_spend_the_worker_had_not_counted_holds_at_a_start_while_kafka_is_still_
                 assert time.monotonic() < deadline, "the read-back never reached the marker"
                 time.sleep(0.2)
             assert _spent(stack.url, user) == held, "the saved spend was held twice"
+            usage = asyncio.run(read_events(kafka_settings, "usage", at_least=4))
+            retries = [r["request_id"] for r in usage].count(report["request_id"])
+            assert retries == 1, "the retry of usage already in Kafka was emitted again"
     finally:
         os.kill(pid, signal.SIGCONT)
