@@ -553,6 +553,14 @@ class BudgetGate:
                 for scope in scopes
             )
 
+    def counted_if_capped(self, scope: str) -> dict[int, int] | None:
+        """What the current decision of ``scope`` counts through, per usage partition (None:
+        no cap): ``waits_for_count`` for many events, each scope looked up once."""
+        with self._lock:
+            if self.policies.policy_for(scope) is None:
+                return None
+            return self._current_counted(scope)
+
     def sweep(self) -> int:
         """Release reservations older than max_call_duration_s (+ grace): a second line of
         defence; every path of a call already releases its own."""

@@ -1369,8 +1369,21 @@ def restore_budget_view(
 
 
 def budget_view_document(snapshot: BudgetSnapshot, gate: BudgetGate) -> dict[str, Any] | None:
-    """The budget view to save (None: unchanged), without the usage decisions now count."""
-    snapshot.prune(lambda entry: gate.waits_for_count(entry.scopes, entry.partition, entry.offset))
+    """The budget view to save (None: unchanged), without the usage decisions now count.
+    Each scope's decision is looked up once, not once an event: with the spend worker behind,
+    10,000 held events held the event loop about 50 ms every second."""
+    counted: dict[str, dict[int, int] | None] = {}
+
+    def waiting(entry: Uncounted) -> bool:
+        for scope in entry.scopes:
+            if scope not in counted:
+                counted[scope] = gate.counted_if_capped(scope)
+            through = counted[scope]
+            if through is not None and through.get(entry.partition, -1) <= entry.offset:
+                return True
+        return False
+
+    snapshot.prune(waiting)
     return snapshot.document()
 
 

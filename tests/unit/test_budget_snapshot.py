@@ -79,3 +79,38 @@ def test_a_view_saved_before_uncounted_usage_was_kept_loads(tmp_path: Path) -> N
     )
     snapshot.load()
     assert snapshot.uncounted == {"ok": Uncounted(("u",), 1, 2, 3, 4)}
+
+
+def test_the_saved_view_keeps_exactly_the_usage_a_capped_scope_still_waits_for(
+    tmp_path: Path,
+) -> None:
+    """The prune before each save (each scope's decision looked up once) keeps what
+    ``BudgetGate.waits_for_count`` says waits: per scope, per partition, capped scopes only."""
+    from app.http.server import budget_view_document
+    from tests.unit.test_budget_gate import decision, gate_with, policies, usd
+
+    gate = gate_with(policies(**{"user:a": 5, "team:t": 50}))
+    gate.on_decision(
+        "user:a", decision("user:a", state="open", spent=1, limit=usd(5), counted={0: 10, 1: 3})
+    )
+    snapshot = _snapshot(tmp_path)
+    cases = [
+        (("user:a",), 0, 9),  # counted through offset 9 of partition 0
+        (("user:a",), 0, 10),  # not yet
+        (("user:a",), 1, 2),
+        (("user:a",), 2, 0),  # a partition the decision does not count
+        (("user:a", "team:t"), 0, 1),  # the team's decision has not come
+        (("user:b",), 0, 99),  # no cap
+        (("user:b", "global"), 0, 99),
+    ]
+    for i, (scopes, partition, offset) in enumerate(cases):
+        snapshot.held(f"evt-{i}", Uncounted(scopes, 1, 0, partition, offset))
+    expected = [
+        f"evt-{i}"
+        for i, (scopes, partition, offset) in enumerate(cases)
+        if gate.waits_for_count(scopes, partition, offset)
+    ]
+    assert expected == ["evt-1", "evt-3", "evt-4"]
+    document = budget_view_document(snapshot, gate)
+    assert document is not None
+    assert list(document["uncounted"]) == expected
