@@ -511,12 +511,20 @@ class BudgetGate:
         self, scopes: list[str], nanos: int, ts: datetime, hold: Callable[[list[str], int], None]
     ) -> None:
         """``hold(capped scopes, ts_ms)`` under the lock: spend already made is held only
-        on the scopes that have a cap (nothing to hold for the others)."""
+        on the scopes that have a cap (nothing to hold for the others), and only if it was
+        made in the scope's current period: an earlier period's (read back, or reported late,
+        after this period was first asked for) never counts against this one."""
         if not nanos:
             return
         ts_ms = int(ts.astimezone(UTC).timestamp() * 1000)
+        now = self.clock.now()
         with self._lock:
-            hold([s for s in scopes if self.policies.policy_for(s) is not None], ts_ms)
+            capped = []
+            for scope in scopes:
+                policy = self.policies.policy_for(scope)
+                if policy is not None and ts >= policy.period_at(now).start:
+                    capped.append(scope)
+            hold(capped, ts_ms)
 
     def counted_progress(self) -> dict[int, tuple[int, int]]:
         """Per usage partition, how far the spend worker's decisions count: the least and

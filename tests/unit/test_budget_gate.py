@@ -1164,3 +1164,17 @@ def test_a_free_call_is_refused_only_once_the_limit_is_reached() -> None:
     with pytest.raises(BudgetRefused) as err:
         gate.admit_free(["user:alice"])
     assert err.value.reason == "limit reached"
+
+
+def test_usage_of_an_earlier_period_read_back_after_this_period_began_is_not_held() -> None:
+    """A start without Kafka reads the uncounted usage back only once the budget views catch
+    up, after calls were served in the new period: last month's spend read then was held
+    against this month (entries of an earlier period are dropped only when a period is first
+    asked for), and a user at 0 this month was refused until a decision of this month."""
+    gate = gate_with(policies(**{"user:alice": 5}))
+    assert spent(gate, "user:alice") == 0  # a call of October was admitted: October is asked
+    september = datetime(2026, 9, 30, 23, 59, tzinfo=UTC)
+    gate.record_counted_later(["user:alice"], usd(5), september, 0, 7)
+    gate.record_spend(["user:alice"], usd(5), september, seq=3)  # a late /v1/usage report
+    assert spent(gate, "user:alice") == 0
+    gate.admit(["user:alice"], call(usd(0.01)))  # not refused
