@@ -1216,11 +1216,12 @@ async def hold_uncounted_usage(
 
     topic = settings.topic("usage")
     held = 0
-    progress = gate.counted_progress()
-    # Subscribed (every partition, no group): a consumer started without a topic has no
-    # metadata to assign from, and stopping it hung the dispatcher's start.
-    consumer = clients.consumer(settings, topic, purpose="dispatcher-uncounted", group_id=None)
+    consumer = None
     try:
+        progress = gate.counted_progress()
+        # Subscribed (every partition, no group): a consumer started without a topic has no
+        # metadata to assign from, and stopping it hung the dispatcher's start.
+        consumer = clients.consumer(settings, topic, purpose="dispatcher-uncounted", group_id=None)
         async with asyncio.timeout(settings.start_uncounted_read_s):
             await consumer.start()
             while not consumer.assignment():  # noqa: ASYNC110 (aiokafka has no event for it)
@@ -1258,8 +1259,9 @@ async def hold_uncounted_usage(
             extra={"error": repr(exc), "held": held},
         )
     finally:
-        with contextlib.suppress(Exception):
-            await consumer.stop()
+        if consumer is not None:
+            with contextlib.suppress(Exception):
+                await consumer.stop()
     if held:
         log.info("holding usage the spend worker has not counted yet", extra={"events": held})
     return held
@@ -1464,7 +1466,7 @@ def create_app(settings: Settings) -> web.Application:
             preload.cancel()
         if components.uncounted_read_back is not None:
             components.uncounted_read_back.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):  # it logs its own
                 await components.uncounted_read_back
         if pending_file is not None:
             pending_file.cancel()
