@@ -1019,21 +1019,16 @@ async def build_components(settings: Settings) -> Components:
         # Kafka answers: what the worker has not counted
         await hold_uncounted_usage(settings, gate, codec, spooled, reported, snapshot)
     else:  # read it back once the views catch up, skipping what this run holds by then
-        if not decision_view.synced.is_set():  # what this dispatcher held before, meanwhile
-            hold_saved_uncounted(snapshot, gate, spooled, restored)
-        emitter.usage_ids = spooled
-        read_back = asyncio.create_task(
-            hold_uncounted_usage_when_caught_up(
-                settings,
-                gate,
-                codec,
-                spooled,
-                reported,
-                emitter,
-                [policy_view, decision_view],
-                snapshot,
-            ),
-            name="uncounted-usage-read-back",
+        read_back = defer_uncounted_read_back(
+            settings,
+            gate,
+            codec,
+            snapshot,
+            emitter,
+            spooled,
+            reported,
+            restored,
+            [policy_view, decision_view],
         )
     await emitter.start()
     budgets_file_pending = None
@@ -1158,8 +1153,8 @@ def usage_scopes(record: Mapping[str, Any]) -> list[str]:
 def hold_saved_uncounted(
     snapshot: BudgetSnapshot, gate: BudgetGate, skip: set[str], restored: set[str]
 ) -> int:
-    """At a start without Kafka: the usage this dispatcher held before as delivered and not
-    counted (saved with the budget view), held again until a decision counts it; its ids go
+    """At a start whose budget views did not catch up: the usage this dispatcher held before
+    as delivered and not counted (saved with the budget view), held again until a decision counts it; its ids go
     to ``skip`` so that a read-back later does not hold it twice, and to ``restored`` so
     that a /v1/usage retry of it (not known as one: its record is not saved) is not held
     again. One still in the spool is held from there (and saved again once delivered)."""
@@ -1178,6 +1173,32 @@ def hold_saved_uncounted(
     if held:
         log.info("holding the uncounted usage saved before the restart", extra={"events": held})
     return held
+
+
+def defer_uncounted_read_back(
+    settings: Settings,
+    gate: BudgetGate,
+    codec: Any,
+    snapshot: BudgetSnapshot,
+    emitter: EventEmitter,
+    spooled: set[str],
+    reported: ReportedRequests,
+    restored: set[str],
+    views: list[CompactedView],
+) -> asyncio.Task[int]:
+    """A start whose budget views did not all catch up: hold what this dispatcher saved as
+    not counted now, and read the usage back in the background once the views have caught
+    up. The saved spend is held whichever view is behind (it was held only if the decisions
+    were: a start whose policies alone were behind held nothing meanwhile, a review); with
+    fresh decisions, what they count is not held, and the read-back skips each restored id."""
+    hold_saved_uncounted(snapshot, gate, spooled, restored)
+    emitter.usage_ids = spooled
+    return asyncio.create_task(
+        hold_uncounted_usage_when_caught_up(
+            settings, gate, codec, spooled, reported, emitter, views, snapshot
+        ),
+        name="uncounted-usage-read-back",
+    )
 
 
 UNCOUNTED_READ_MAX = 200_000  # events a restart reads back per partition, at most
