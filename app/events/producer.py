@@ -49,6 +49,10 @@ log = logging.getLogger(__name__)
 DRAIN_BATCH = 500
 # Spooled events with no Kafka acknowledgement for this long mean delivery is stalled.
 STALL_AFTER_S = 3.0
+# Usage event ids kept for a read-back put off (``EventEmitter.usage_ids``), at most: about
+# 100-150 MB. Past it the read-back is given up (a view that never catches up while Kafka
+# takes usage kept every id: about 0.5 GB an hour at 1,000 events/s, a review).
+USAGE_IDS_MAX = 1_000_000
 RETRY_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
 
 
@@ -133,10 +137,14 @@ class EventEmitter:
         self._producer_up = False
         self._last_ack = 0.0
         self.last_error: str | None = None  # why delivery is failing (shown by /readyz)
-        # While a set: the event id of every usage event queued, added before it is spooled
-        # (so before it can be on the topic). A dispatcher that reads the usage topic back
-        # after it started serving skips these: the gate holds them already.
+        # While a set: the event id of every usage event queued that ``track_usage`` accepts
+        # (None: every one; the dispatcher keeps those the gate holds: a cost on a capped
+        # scope), added before it is spooled (so before it can be on the topic). A dispatcher
+        # that reads the usage topic back after it started serving skips these: the gate
+        # holds them already. Past ``USAGE_IDS_MAX`` ids it is emptied and set to None: the
+        # read-back is given up (logged).
         self.usage_ids: set[str] | None = None
+        self.track_usage: Callable[[Mapping[str, Any]], bool] | None = None
         # on_usage(seq, record): each usage event queued, with its spool sequence
         self.on_usage: Callable[[int, Mapping[str, Any]], None] | None = None
 
@@ -157,8 +165,18 @@ class EventEmitter:
         """Encode and durably queue a priced ``Usage`` record (see :func:`usage_message`);
         returns its spool sequence number."""
         message = usage_message(self.settings, self.codec, record)
-        if self.usage_ids is not None:
-            self.usage_ids.add(record["event_id"])
+        ids = self.usage_ids
+        if ids is not None and (self.track_usage is None or self.track_usage(record)):
+            ids.add(record["event_id"])
+            if len(ids) > USAGE_IDS_MAX:
+                log.warning(
+                    "gave up reading back the usage the spend worker has not counted: the "
+                    "budget views have not caught up, and this dispatcher cannot keep the ids "
+                    "of more usage it holds already",
+                    extra={"ids": len(ids)},
+                )
+                ids.clear()
+                self.usage_ids = None
         seq = self._spool(message)
         if self.on_usage is not None:
             self.on_usage(seq, record)

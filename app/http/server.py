@@ -1193,11 +1193,21 @@ def defer_uncounted_read_back(
     fresh decisions, what they count is not held, and the read-back skips each restored id."""
     hold_saved_uncounted(snapshot, gate, spooled, restored)
     emitter.usage_ids = spooled
+    emitter.track_usage = lambda record: held_at_gate(gate, record)
     return asyncio.create_task(
         hold_uncounted_usage_when_caught_up(
             settings, gate, codec, spooled, reported, emitter, views, snapshot
         ),
         name="uncounted-usage-read-back",
+    )
+
+
+def held_at_gate(gate: BudgetGate, record: Mapping[str, Any]) -> bool:
+    """Whether the gate holds a usage event this dispatcher queues: it has a cost and a
+    capped scope (``BudgetGate.record_spend`` and ``settle`` hold nothing else). A read-back
+    put off need skip only those: any other it reads is held there for the first time."""
+    return event_cost(record) > 0 and any(
+        gate.policies.policy_for(scope) is not None for scope in usage_scopes(record)
     )
 
 
@@ -1309,9 +1319,16 @@ async def hold_uncounted_usage_when_caught_up(
     try:
         for view in views:
             await view.synced.wait()
+        if emitter.usage_ids is None:  # past USAGE_IDS_MAX: this run's usage is not known
+            log.warning(
+                "gave up reading back the usage the spend worker has not counted: too much "
+                "usage was queued before the budget views caught up"
+            )
+            return 0
         return await hold_uncounted_usage(settings, gate, codec, skip, reported, snapshot)
     finally:
         emitter.usage_ids = None
+        emitter.track_usage = None
         skip.clear()
 
 
