@@ -13,13 +13,16 @@ has not counted (``uncounted``: by usage event id, with its scopes, cost, time a
 landed): a start without Kafka holds it again, else a user near a cap could spend again what
 was spent before the restart while the worker was behind (a probe: twice the cap). An event
 still in the spool is not kept here (the spool holds it), and one is dropped once no capped
-scope of it waits for a decision to count it. At most ``UNCOUNTED_MAX`` events, the newest.
+scope of it waits for a decision to count it. At most ``UNCOUNTED_MAX`` events, the newest by
+event time (a read-back adds older events after live ones: those go first).
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import heapq
+import itertools
 import json
 import logging
 import os
@@ -35,6 +38,9 @@ log = logging.getLogger(__name__)
 SAVE_EVERY_S = 1.0
 KINDS = {"policies": "BudgetPolicy", "decisions": "BudgetDecision"}
 UNCOUNTED_MAX = 10_000  # usage events kept (the newest): about 1.5 MB of JSON
+# Spooled usage events waiting for Kafka's acknowledgement, at most (the newest sequences): one
+# the spool dropped (full) is never acknowledged, and its entry was kept for ever.
+QUEUED_MAX = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,10 @@ class BudgetSnapshot:
         self.uncounted: dict[str, Uncounted] = {}  # by usage event id, oldest first
         # spool sequence -> (event id, scopes, nanos, ts_ms) until Kafka acknowledges it
         self._queued: dict[int, tuple[str, tuple[str, ...], int, int]] = {}
+        # (ts_ms, order added, event id, entry) of ``uncounted``: the oldest goes first past
+        # UNCOUNTED_MAX; an entry pruned since is skipped there (and rebuilt when many are)
+        self._by_time: list[tuple[int, int, str, Uncounted]] = []
+        self._added = itertools.count()
         self.dirty = False
 
     # -- the usage held at the gate --------------------------------------------------
@@ -73,6 +83,8 @@ class BudgetSnapshot:
         """A usage event in the spool (sequence ``seq``): kept once Kafka has it."""
         if nanos:
             self._queued[seq] = (event_id, tuple(scopes), nanos, ts_ms)
+            while len(self._queued) > QUEUED_MAX:
+                del self._queued[next(iter(self._queued))]  # the oldest sequence
 
     def delivered(self, seq: int, partition: int, offset: int) -> None:
         """Kafka acknowledged the event of spool sequence ``seq`` at (partition, offset)."""
@@ -86,8 +98,11 @@ class BudgetSnapshot:
         if not entry.nanos or event_id in self.uncounted:
             return
         self.uncounted[event_id] = entry
+        heapq.heappush(self._by_time, (entry.ts_ms, next(self._added), event_id, entry))
         while len(self.uncounted) > UNCOUNTED_MAX:
-            del self.uncounted[next(iter(self.uncounted))]
+            _, _, oldest, kept = heapq.heappop(self._by_time)
+            if self.uncounted.get(oldest) is kept:
+                del self.uncounted[oldest]
         self.dirty = True
 
     def prune(self, waiting: Callable[[Uncounted], bool]) -> None:
@@ -96,6 +111,11 @@ class BudgetSnapshot:
         for event_id in done:
             del self.uncounted[event_id]
         self.dirty |= bool(done)
+        if len(self._by_time) > 2 * len(self.uncounted) + 1024:  # mostly entries pruned since
+            self._by_time = [
+                item for item in self._by_time if self.uncounted.get(item[2]) is item[3]
+            ]
+            heapq.heapify(self._by_time)
 
     def record(self, kind: str, scope: str, record: dict[str, Any] | None) -> None:
         """A record of the policies or decisions topic, as its view applied it."""

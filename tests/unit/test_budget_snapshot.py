@@ -114,3 +114,33 @@ def test_the_saved_view_keeps_exactly_the_usage_a_capped_scope_still_waits_for(
     document = budget_view_document(snapshot, gate)
     assert document is not None
     assert list(document["uncounted"]) == expected
+
+
+def test_past_the_bound_the_oldest_spend_goes_first_not_the_newest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review 59, finding 8: past ``UNCOUNTED_MAX`` events were dropped in the order they
+    were added; a read-back adds older events after this run's live ones, so it dropped the
+    newest live spend first. The oldest (by event time) go first now."""
+    monkeypatch.setattr(budget_snapshot, "UNCOUNTED_MAX", 3)
+    snapshot = _snapshot(tmp_path)
+    for i, ts_ms in enumerate((10_000, 11_000, 12_000)):  # this run's, delivered
+        snapshot.held(f"live-{i}", Uncounted(("user:a",), 1, ts_ms, 0, 100 + i))
+    snapshot.prune(lambda entry: entry.ts_ms != 11_000)  # counted: a heap entry left behind
+    for i, ts_ms in enumerate((1_000, 2_000)):  # read back later: older usage
+        snapshot.held(f"old-{i}", Uncounted(("user:a",), 1, ts_ms, 1, i))
+    assert set(snapshot.uncounted) == {"live-0", "live-2", "old-1"}
+
+
+def test_usage_the_spool_never_delivers_is_not_kept_for_ever(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review 59, finding 8: an entry was kept for each spooled event until Kafka
+    acknowledged it; one the spool dropped never is. At most ``QUEUED_MAX``, the newest."""
+    monkeypatch.setattr(budget_snapshot, "QUEUED_MAX", 2)
+    snapshot = _snapshot(tmp_path)
+    for seq in range(1, 5):
+        snapshot.queued(seq, f"evt-{seq}", ["user:a"], 5, seq)
+    for seq in range(1, 5):
+        snapshot.delivered(seq, 0, seq)
+    assert set(snapshot.uncounted) == {"evt-3", "evt-4"}
