@@ -59,7 +59,7 @@ class Uncounted:
     @classmethod
     def from_json(cls, value: Any) -> Uncounted:
         scopes, nanos, ts_ms, partition, offset = value
-        if not all(isinstance(scope, str) for scope in scopes):
+        if not isinstance(scopes, list) or not all(isinstance(scope, str) for scope in scopes):
             raise TypeError("scopes are names")
         return cls(tuple(scopes), int(nanos), int(ts_ms), int(partition), int(offset))
 

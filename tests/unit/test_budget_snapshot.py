@@ -144,3 +144,14 @@ def test_usage_the_spool_never_delivers_is_not_kept_for_ever(
     for seq in range(1, 5):
         snapshot.delivered(seq, 0, seq)
     assert set(snapshot.uncounted) == {"evt-3", "evt-4"}
+
+
+def test_a_saved_entry_whose_scopes_are_a_string_is_dropped(tmp_path: Path) -> None:
+    """Review 59, finding 8: a corrupt file's ``"user:a"`` as scopes gave one scope per
+    character."""
+    path = tmp_path / "budget-view.json"
+    uncounted = {"bad": ["user:a", 1, 2, 3, 4], "ok": [["user:a"], 1, 2, 3, 4]}
+    path.write_text(json.dumps({"policies": {}, "decisions": {}, "uncounted": uncounted}))
+    snapshot = BudgetSnapshot(path, EventCodec())
+    snapshot.load()
+    assert snapshot.uncounted == {"ok": Uncounted(("user:a",), 1, 2, 3, 4)}
