@@ -191,8 +191,8 @@ class SpendWorker:
             on_record=self._on_policy,
         )
         # Holds the decisions this worker publishes before they round-trip through Kafka
-        # (put_local), so a read-back of an older one does not replace them (it would
-        # re-fire alerts).
+        # (put_local, read back where the send reports they landed), so a read-back of an
+        # older one does not replace them (it would re-fire alerts).
         self.decision_view = CompactedView(settings, settings.topic("budget.decisions"), self.codec)
         self.views_ready = asyncio.Event()
         self.ready = False  # tables recovered and owned partitions prepared
@@ -751,21 +751,43 @@ class SpendWorker:
             )
 
     async def _send_decision(self, scope: str, decision: dict[str, Any] | None) -> None:
-        """Send a decision put in the view; if its write fails, the view follows the topic
-        again for that scope (it will never read this one back)."""
+        """Send a decision just put in the view (nothing yields in between): the view reads
+        it back where the send reports it landed; if its write fails, the view follows the
+        topic again for that scope (it will never read this one back)."""
+        view = self.decision_view
+        write = view.pending_write(scope)
         value = None if decision is None else self.codec.encode("BudgetDecision", decision)
         try:
             sent = await self.decisions_topic.send(key=scope.encode(), value=value)
         except BaseException:
-            self.decision_view.local_lost(scope, decision)
+            if write is not None:
+                view.local_lost(scope, write)
             raise
+
+        def landed(result: Any) -> None:  # aiokafka's RecordMetadata
+            if write is None:
+                return
+            partition, offset = getattr(result, "partition", None), getattr(result, "offset", None)
+            if isinstance(partition, int) and isinstance(offset, int) and offset >= 0:
+                view.local_written(scope, write, partition, offset)
+            else:  # not known where it landed: never read back; follow the topic again
+                log.error(
+                    "a decision's send did not report where it landed",
+                    extra={"scope": scope, "result": repr(result)},
+                )
+                view.local_lost(scope, write)
 
         def written(future: asyncio.Future[Any]) -> None:
             if future.cancelled() or future.exception() is not None:
-                self.decision_view.local_lost(scope, decision)
+                if write is not None:
+                    view.local_lost(scope, write)
+            else:
+                landed(future.result())
 
         if isinstance(sent, asyncio.Future):
             sent.add_done_callback(written)
+        else:
+            landed(sent)
 
     def _scopes_for_policy_change(self, scope: str) -> set[str]:
         """The scopes a changed policy applies to: itself, or every scope its default covers."""

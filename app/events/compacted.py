@@ -74,6 +74,16 @@ async def wait_at_start(
             waiter.cancel()
 
 
+class _LocalWrite:
+    """A local write not read back yet: its number, and where it landed once known."""
+
+    __slots__ = ("landed", "write")
+
+    def __init__(self, write: int) -> None:
+        self.write = write
+        self.landed: tuple[int, int] | None = None
+
+
 class CompactedView:
     """The latest record per key, in the topic's own order.
 
@@ -95,8 +105,11 @@ class CompactedView:
     saved view only holds records read from the topic).
 
     A writer that holds its own records before they round-trip (the spend worker's
-    decisions) puts them with :meth:`put_local`: records of that key read before its own
-    write is read back are older, and skipped.
+    decisions) puts them with :meth:`put_local`, then reports where the write landed
+    (:meth:`local_written`: partition and offset, from its send) or that it failed
+    (:meth:`local_lost`): records of that key before its own write are older, and skipped.
+    A write is read back at its offset, never matched by its content: an older tombstone
+    read again is not a pending removal's read-back (review 58 finding 3).
     """
 
     def __init__(
@@ -118,7 +131,10 @@ class CompactedView:
         self.last_contact = 0.0  # monotonic time of the last successful broker round trip
         self._task: asyncio.Task[None] | None = None
         self._fresh: dict[str, dict[str, Any]] | None = None  # a catch-up's records so far
-        self._local: dict[str, str | None] = {}  # key -> event id put locally (None: removed)
+        # key -> the pending local write: its number, and (partition, offset) once its send
+        # reported where it landed
+        self._local: dict[str, _LocalWrite] = {}
+        self._writes = 0
         # key -> the topic's newest record of a key in ``_local`` (None: none), held back
         # while its local write is pending: what the view holds again if that write fails
         self._topic: dict[str, dict[str, Any] | None] = {}
@@ -148,36 +164,60 @@ class CompactedView:
         """Seconds since this view last heard from the broker."""
         return time.monotonic() - self.last_contact if self.last_contact else float("inf")
 
-    def put_local(self, key: str, record: dict[str, Any] | None) -> None:
-        """The writer's own newest record of ``key`` (``None``: removed), held before it is
-        read back: until a record with its ``event_id`` (a tombstone, for a removal) is
-        read, records read of ``key`` are older ones, and skipped."""
+    def put_local(self, key: str, record: dict[str, Any] | None) -> int:
+        """The writer's own newest record of ``key`` (``None``: removed), held until it is
+        read back where :meth:`local_written` says it landed; records of ``key`` read
+        meanwhile are older (or not known to be newer), and held apart. Returns the
+        write's number (see :meth:`pending_write`)."""
         if key not in self._local:
             self._topic[key] = self.records.get(key)
+        self._writes += 1
+        self._local[key] = _LocalWrite(self._writes)
         if record is None:
             self.records.pop(key, None)
-            self._local[key] = None
         else:
             self.records[key] = record
-            self._local[key] = record["event_id"]
+        return self._writes
 
-    def local_lost(self, key: str, record: dict[str, Any] | None) -> None:
-        """The write of ``record`` (put with :meth:`put_local`) failed: it will never be read
-        back: the view holds the topic's newest record of ``key`` again (not the one that
-        was never written: the writer compares its next records with it), and records read
-        of ``key`` apply again."""
-        event_id = None if record is None else record["event_id"]
-        if key in self._local and self._local[key] == event_id:
-            del self._local[key]
-            topic = self._topic.pop(key, None)
-            if self.records.get(key) == topic:
-                return
-            if topic is None:
-                self.records.pop(key, None)
-            else:
-                self.records[key] = topic
-            if self.on_record is not None:
-                self.on_record(key, topic)
+    def pending_write(self, key: str) -> int | None:
+        """The number of ``key``'s pending local write, if any."""
+        pending = self._local.get(key)
+        return None if pending is None else pending.write
+
+    def local_written(self, key: str, write: int, partition: int, offset: int) -> None:
+        """Write ``write`` of ``key`` landed at ``offset`` of ``partition``: it is read back
+        there. If the view has already applied that partition past it, it was read back
+        already: the view holds the topic's newest record of ``key`` (it or a later one)."""
+        pending = self._local.get(key)
+        if pending is None or pending.write != write:
+            return  # a newer local write is pending (or this one was resolved)
+        applied = self._applied.get(partition)
+        if applied is not None and applied > offset:
+            self._resolve(key)
+        else:
+            pending.landed = (partition, offset)
+
+    def local_lost(self, key: str, write: int) -> None:
+        """Write ``write`` of ``key`` (put with :meth:`put_local`) failed: it will never be
+        read back: the view holds the topic's newest record of ``key`` again (not the one
+        that was never written: the writer compares its next records with it), and records
+        read of ``key`` apply again."""
+        pending = self._local.get(key)
+        if pending is not None and pending.write == write:
+            self._resolve(key)
+
+    def _resolve(self, key: str) -> None:
+        """``key``'s local write is no longer pending: hold the topic's newest record."""
+        del self._local[key]
+        topic = self._topic.pop(key, None)
+        if self.records.get(key) == topic:
+            return
+        if topic is None:
+            self.records.pop(key, None)
+        else:
+            self.records[key] = topic
+        if self.on_record is not None:
+            self.on_record(key, topic)
 
     @property
     def catching_up(self) -> bool:
@@ -195,7 +235,13 @@ class CompactedView:
         if fresh is None:
             return
         self._applied.update(positions or {})
-        for key in self._local:
+        for key, pending in list(self._local.items()):
+            if pending.landed is not None and pending.landed[1] < self._applied.get(
+                pending.landed[0], 0
+            ):  # read back by this read: the topic's newest, as read, is held
+                del self._local[key]
+                self._topic.pop(key, None)
+                continue
             self._topic[key] = fresh.get(key)
             held = self.records.get(key)
             if held is None:
@@ -236,9 +282,8 @@ class CompactedView:
             if event is None:
                 return
             record = event.record
-        if name in self._local and self._local[name] == (
-            None if record is None else record.get("event_id")
-        ):
+        pending = self._local.get(name)
+        if pending is not None and pending.landed == (partition, offset):
             del self._local[name]  # the local write read back: the topic is as new
             self._topic.pop(name, None)
         if self._fresh is not None:

@@ -132,15 +132,18 @@ def test_a_local_write_is_kept_until_it_is_read_back() -> None:
     v.begin_catch_up()
     v.caught_up()
     first, second = decision("user:a", 1), decision("user:a", 2)
-    v.put_local("user:a", first)
-    v.put_local("user:a", second)
+    w1 = v.put_local("user:a", first)
+    w2 = v.put_local("user:a", second)
+    v.local_written("user:a", w1, 0, 0)  # where each send landed
+    v.local_written("user:a", w2, 0, 1)
     apply(v, "user:a", first, 0)  # the first read back while the second is in flight
     assert v.records["user:a"] == second
     apply(v, "user:a", second, 1)
     third = decision("user:a", 3)  # another worker's, after a rebalance
     apply(v, "user:a", third, 2)
     assert v.records["user:a"] == read(third)
-    v.put_local("user:a", None)  # withdrawn
+    w3 = v.put_local("user:a", None)  # withdrawn
+    v.local_written("user:a", w3, 0, 3)
     apply(v, "user:a", third, 2)  # re-delivered: older than the withdrawal
     assert "user:a" not in v.records
     apply(v, "user:a", None, 3)
@@ -166,8 +169,7 @@ def test_a_lost_local_write_lets_the_topic_apply_again() -> None:
     v.begin_catch_up()
     v.caught_up()
     mine = decision("user:a", 2)
-    v.put_local("user:a", mine)
-    v.local_lost("user:a", mine)
+    v.local_lost("user:a", v.put_local("user:a", mine))
     other = decision("user:a", 3)
     apply(v, "user:a", other, 0)
     assert v.records["user:a"] == read(other)

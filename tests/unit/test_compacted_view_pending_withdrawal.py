@@ -1,0 +1,111 @@
+"""A spend worker's pending withdrawal (review 58 finding 3): it was matched by *any*
+tombstone of its scope read back, so during a re-read an older tombstone (tombstones stay
+24 h) counted as its read-back and the decision being withdrawn, read next, was held after
+the catch-up ("blocked") until the worker's own tombstone was read back. A local write is
+read back where its send says it landed (partition, offset). Pure logic: the real view and
+the worker's real ``_send_decision``, with a send future resolving to aiokafka's
+``RecordMetadata``."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+from typing import Any
+
+from aiokafka.structs import RecordMetadata, TopicPartition
+
+from agents.spend import SpendWorker
+from app.events.compacted import CompactedView
+from tests.unit.test_compacted_view_order import CODEC, apply, decision, read, view
+
+TOPIC = "t.budget.decisions"
+
+
+def _landed(partition: int, offset: int) -> RecordMetadata:
+    return RecordMetadata(TOPIC, partition, TopicPartition(TOPIC, partition), offset, 0, 0, 0)
+
+
+def _resolve(outcome: asyncio.Future[Any], metadata: RecordMetadata) -> None:
+    loop = outcome.get_loop()
+    outcome.set_result(metadata)
+    loop.run_until_complete(asyncio.sleep(0))  # the done callbacks run
+
+
+def _history(v: CompactedView) -> dict[str, Any]:
+    """user:a on partition 0: open, withdrawn (a tombstone, kept 24 h), then blocked."""
+    open_, blocked = decision("user:a", 0), decision("user:a", 12_000_000)
+    apply(v, "user:a", open_, 0)
+    apply(v, "user:a", None, 1)
+    apply(v, "user:a", blocked, 2)
+    return blocked
+
+
+def _loop_view() -> tuple[CompactedView, asyncio.AbstractEventLoop]:
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    v = view(TOPIC)
+    return v, loop
+
+
+def _send_on(
+    loop: asyncio.AbstractEventLoop, v: CompactedView, scope: str, record: dict[str, Any] | None
+) -> asyncio.Future[Any]:
+    async def run() -> asyncio.Future[Any]:
+        outcome: asyncio.Future[Any] = loop.create_future()
+
+        async def send(**_: Any) -> asyncio.Future[Any]:
+            return outcome
+
+        worker = SimpleNamespace(
+            decision_view=v, codec=CODEC, decisions_topic=SimpleNamespace(send=send)
+        )
+        v.put_local(scope, record)
+        await SpendWorker._send_decision(worker, scope, record)  # type: ignore[arg-type]
+        return outcome
+
+    return loop.run_until_complete(run())
+
+
+def test_an_older_tombstone_read_again_is_not_the_pending_withdrawal() -> None:
+    v, loop = _loop_view()
+    try:
+        v.begin_catch_up()
+        blocked = _history(v)
+        v.caught_up({0: 3, 1: 0})
+        assert v.records["user:a"] == read(blocked)
+        sent = _send_on(loop, v, "user:a", None)  # the cap was removed: withdrawn
+        _resolve(sent, _landed(0, 3))
+        assert "user:a" not in v.records
+        v.begin_catch_up()  # the broker was lost before the withdrawal was read back
+        _history(v)  # read again: the older tombstone, then the blocked decision
+        v.caught_up({0: 3, 1: 0})  # the end offsets taken as the re-read began
+        assert "user:a" not in v.records, "the withdrawn blocked decision is held again"
+        apply(v, "user:a", None, 3)  # the worker's own tombstone, read back
+        assert "user:a" not in v.records
+        other = decision("user:a", 5_000_000)  # the next owner's, after a rebalance
+        apply(v, "user:a", other, 4)
+        assert v.records["user:a"] == read(other)
+    finally:
+        loop.close()
+        asyncio.set_event_loop(None)
+
+
+def test_a_write_read_back_before_its_send_reports_where_it_landed() -> None:
+    """The consumer may read the record before the producer's callback runs: records read
+    meanwhile are held apart, and the view holds the topic's newest once the send reports."""
+    v, loop = _loop_view()
+    try:
+        v.begin_catch_up()
+        _history(v)
+        v.caught_up({0: 3, 1: 0})
+        mine = decision("user:a", 0)
+        sent = _send_on(loop, v, "user:a", mine)
+        apply(v, "user:a", mine, 3)  # read back, location not known yet
+        other = decision("user:a", 5_000_000)
+        apply(v, "user:a", other, 4)  # then another worker's
+        assert v.records["user:a"] == mine  # not known to be newer than the local write yet
+        _resolve(sent, _landed(0, 3))
+        assert v.records["user:a"] == read(other)
+    finally:
+        loop.close()
+        asyncio.set_event_loop(None)
