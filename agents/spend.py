@@ -90,6 +90,7 @@ BATCH_WITHIN_S = 0.02
 FLUSH_INTERVAL_S = 0.25
 HOUSEKEEPING_INTERVAL_S = 1.0
 RECONCILE_EVERY_S = 30.0
+WAITING_LOG_EVERY_S = 30.0
 EXPIRE_EVERY_S = 300.0
 PERSIST_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
 SETTLED_EARLY_MAX = 100_000
@@ -197,6 +198,10 @@ class SpendWorker:
         self.views_ready = asyncio.Event()
         self.ready = False  # tables recovered and owned partitions prepared
         self.pending_refresh: set[str] = set()
+        # scope -> (reason, refresh) of decisions waiting for the budget views' first
+        # catch-up (decided from ``_flush`` then)
+        self.waiting: dict[str, tuple[str, bool]] = {}
+        self._waiting_logged = 0.0
         self.dirty_partials: dict[tuple[str, int], bool] = {}  # (scope, partition) -> full?
         self.latest_boot: dict[str, int] = {}  # dispatcher id -> newest boot seen (ms)
         self.preparing = asyncio.Lock()
@@ -710,8 +715,19 @@ class SpendWorker:
             return self.counter.spent(scope, start, end, partitions)
         return self.totals.spent(scope, start, end, range(self.settings.topic_partitions))
 
+    def views_synced(self) -> bool:
+        """Both budget views have read their topics once: a decision compares with the
+        previous one published (else it would be published again, its threshold alerts
+        fired again) and follows the policies (else a cap would be withdrawn)."""
+        return self.decision_view.synced.is_set() and self.policy_view.synced.is_set()
+
     async def decide(self, scope: str, *, reason: str, refresh: bool = False) -> None:
-        """Publish ``scope``'s decision if it differs from the last one published."""
+        """Publish ``scope``'s decision if it differs from the last one published; until the
+        budget views have read their topics, note it for then (``_decide_waiting``)."""
+        if not self.views_synced():
+            first_reason, was_refresh = self.waiting.get(scope, (reason, False))
+            self.waiting[scope] = (first_reason, refresh or was_refresh)
+            return
         policy = self.policies.policy_for(scope)
         if policy is None:
             if scope in self.decision_view.records:  # the cap was removed: withdraw it
@@ -802,15 +818,45 @@ class SpendWorker:
         if not self.ready:
             return
         await self._send_partials()
+        await self._decide_waiting()
         refresh, self.pending_refresh = self.pending_refresh, set()
         for scope in refresh:
             if self.owns(scope):
                 await self.decide(scope, reason="spend", refresh=True)
 
+    async def _decide_waiting(self) -> None:
+        """Once the budget views have read their topics, make the decisions that waited;
+        until then, say so every ``WAITING_LOG_EVERY_S`` (usage is counted meanwhile)."""
+        if not self.waiting:
+            return
+        if not self.views_synced():
+            moment = time.monotonic()
+            if moment - self._waiting_logged >= WAITING_LOG_EVERY_S:
+                self._waiting_logged = moment
+                log.warning(
+                    "budget decisions wait until the budget topics are read; usage is counted",
+                    extra={
+                        "scopes": len(self.waiting),
+                        "decisions_read": self.decision_view.synced.is_set(),
+                        "policies_read": self.policy_view.synced.is_set(),
+                    },
+                )
+            return
+        waiting, self.waiting = self.waiting, {}
+        log.info(
+            "budget topics read: deciding the scopes that waited", extra={"scopes": len(waiting)}
+        )
+        for scope, (reason, refresh) in waiting.items():
+            if self.owns(scope):
+                await self.decide(scope, reason=reason, refresh=refresh)
+
     async def _housekeeping(self) -> None:
         if not self.ready or not self.views_ready.is_set():
             return
         await self._prepared(self.owned("usage"))  # idle partitions: decisions need offsets
+        if not self.views_synced():  # decisions wait (``decide``); so do policy changes
+            await self._settle_lost_requests()
+            return
         changed, self.policy_changes = self.policy_changes, set()
         for scope in changed:
             for target in self._scopes_for_policy_change(scope):
