@@ -145,6 +145,10 @@ class EventEmitter:
         # read-back is given up (logged).
         self.usage_ids: set[str] | None = None
         self.track_usage: Callable[[Mapping[str, Any]], bool] | None = None
+        # The read-back is reading (skipping by ``usage_ids`` as it goes): no give-up then
+        # (it would empty the set it skips by: this run's usage held twice, review 62); it
+        # lasts at most ``start_uncounted_read_s``.
+        self.usage_ids_in_use = False
         # on_usage(seq, record): each usage event queued, with its spool sequence
         self.on_usage: Callable[[int, Mapping[str, Any]], None] | None = None
 
@@ -168,7 +172,7 @@ class EventEmitter:
         ids = self.usage_ids
         if ids is not None and (self.track_usage is None or self.track_usage(record)):
             ids.add(record["event_id"])
-            if len(ids) > USAGE_IDS_MAX:
+            if len(ids) > USAGE_IDS_MAX and not self.usage_ids_in_use:
                 log.warning(
                     "gave up reading back the usage the spend worker has not counted: the "
                     "budget views have not caught up, and this dispatcher cannot keep the ids "

@@ -1325,10 +1325,12 @@ async def hold_uncounted_usage_when_caught_up(
                 "usage was queued before the budget views caught up"
             )
             return 0
+        emitter.usage_ids_in_use = True  # no give-up while it reads (review 62)
         return await hold_uncounted_usage(settings, gate, codec, skip, reported, snapshot)
     finally:
         emitter.usage_ids = None
         emitter.track_usage = None
+        emitter.usage_ids_in_use = False
         skip.clear()
 
 

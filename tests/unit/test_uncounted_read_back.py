@@ -180,3 +180,89 @@ def test_past_its_bound_a_put_off_read_back_is_given_up_and_its_ids_dropped(
     with caplog.at_level(logging.WARNING):
         assert asyncio.run(start()) == 0
     assert "gave up reading back" in caplog.text
+
+
+class _TopicReadBack:
+    """The usage topic as the read-back's consumer sees it: ``messages`` one per fetch,
+    ``between(i)`` run before the i-th is handed over (live usage queued meanwhile)."""
+
+    def __init__(self, messages: list[Any], between: Any) -> None:
+        from aiokafka import TopicPartition
+
+        self.tp = TopicPartition("usage", 0)
+        self.messages, self.between, self.read = messages, between, 0
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    def assignment(self) -> set[Any]:
+        return {self.tp}
+
+    async def end_offsets(self, tps: Any) -> dict[Any, int]:
+        return {self.tp: len(self.messages)}
+
+    async def beginning_offsets(self, tps: Any) -> dict[Any, int]:
+        return {self.tp: 0}
+
+    def seek(self, tp: Any, offset: int) -> None:
+        self.read = offset
+
+    def pause(self, tp: Any) -> None:
+        return None
+
+    async def position(self, tp: Any) -> int:
+        return self.read
+
+    async def getmany(self, *tps: Any, **kwargs: Any) -> dict[Any, list[Any]]:
+        if self.read >= len(self.messages):
+            return {}
+        self.between(self.read)
+        message = self.messages[self.read]
+        self.read += 1
+        return {self.tp: [message]}
+
+
+def test_a_give_up_while_the_read_back_reads_does_not_hold_this_runs_usage_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review 62: the give-up emptied the very set the running read-back skips by: usage
+    this run held already (live, or restored), read after the give-up, was held a second
+    time (a user refused under the cap until the worker's next decision)."""
+    from app.events.producer import usage_message
+
+    monkeypatch.setattr(producer, "USAGE_IDS_MAX", 3)
+    gate = gate_with(policies(**{"user:a": 5}))
+    emitter = _emitter(tmp_path)
+    view = SimpleNamespace(synced=asyncio.Event())
+    settings = Settings(state_dir=tmp_path)
+
+    def live(record: dict[str, Any]) -> None:  # as the gateway's emit_usage
+        seq = emitter.emit_usage(record)
+        gate.record_spend(server.usage_scopes(record), record["cost_usd_nanos"], NOW, seq)
+
+    early = [_usage(i, "a", usd(1)) for i in range(2)]  # on the topic when the read begins
+    late = [_usage(i, "a", usd(1)) for i in range(2, 4)]  # queued while it reads
+
+    def between(i: int) -> None:
+        if i == 1:
+            for record in late:
+                live(record)
+
+    messages = [
+        SimpleNamespace(value=usage_message(settings, EventCodec(), r).value, partition=0, offset=i)
+        for i, r in enumerate(early)
+    ]
+    monkeypatch.setattr(clients, "consumer", lambda *a, **k: _TopicReadBack(messages, between))
+
+    async def start() -> None:
+        task = _defer(tmp_path, gate, emitter, [view])
+        for record in early:
+            live(record)
+        view.synced.set()
+        await task
+
+    asyncio.run(start())
+    assert spent(gate, "user:a") == usd(4)  # each of the four once
