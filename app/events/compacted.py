@@ -283,8 +283,11 @@ class CompactedView:
                 return
             record = event.record
         pending = self._local.get(name)
-        if pending is not None and pending.landed == (partition, offset):
-            del self._local[name]  # the local write read back: the topic is as new
+        landed = None if pending is None else pending.landed
+        if landed is not None and landed[0] == partition and offset >= landed[1]:
+            # the local write read back, or a record of its key past it (it was compacted
+            # away, or lost): the topic is as new (review 62)
+            del self._local[name]
             self._topic.pop(name, None)
         if self._fresh is not None:
             if record is None:

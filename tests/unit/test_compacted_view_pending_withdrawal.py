@@ -109,3 +109,20 @@ def test_a_write_read_back_before_its_send_reports_where_it_landed() -> None:
     finally:
         loop.close()
         asyncio.set_event_loop(None)
+
+
+def test_a_newer_record_read_past_where_a_local_write_landed_is_held() -> None:
+    """Review 62: a local write was read back only by its exact (partition, offset). Where
+    that record is never read (compacted away behind a newer record of its key, or lost in
+    an unclean leader election and the offset reused), the view held the local write for
+    ever, ignoring the topic's newer records of the key: the worker compared its decisions
+    with one the dispatchers never saw (no re-publish, not even by reconcile)."""
+    v = view(TOPIC)
+    v.begin_catch_up()
+    v.caught_up({0: 5})
+    mine, theirs = decision("user:a", 0), decision("user:a", 12_000_000)
+    write = v.put_local("user:a", mine)
+    v.local_written("user:a", write, 0, 5)
+    apply(v, "user:a", theirs, 6)  # the topic's newest of user:a, past where mine landed
+    assert v.records["user:a"] == read(theirs)
+    assert v.pending_write("user:a") is None
