@@ -846,9 +846,15 @@ class SpendWorker:
         log.info(
             "budget topics read: deciding the scopes that waited", extra={"scopes": len(waiting)}
         )
-        for scope, (reason, refresh) in waiting.items():
-            if self.owns(scope):
-                await self.decide(scope, reason=reason, refresh=refresh)
+        todo = list(waiting.items())
+        for done, (scope, (reason, refresh)) in enumerate(todo):
+            try:
+                if self.owns(scope):
+                    await self.decide(scope, reason=reason, refresh=refresh)
+            except BaseException:  # a failed send: this one and the rest wait for the next
+                for later, noted in todo[done:]:  # flush (not dropped: review 62 finding 5)
+                    self.waiting.setdefault(later, noted)
+                raise
 
     async def _housekeeping(self) -> None:
         if not self.ready or not self.views_ready.is_set():

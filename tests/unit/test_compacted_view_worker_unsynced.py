@@ -112,3 +112,33 @@ def test_decisions_wait_for_the_view_then_are_made_and_the_wait_is_logged(
     decided = CODEC.decode(decisions.values[0]).record
     assert decided["state"] == "blocked" and decided["spent_usd_nanos"] == OVER
     assert len(alerts.values) == len(parse_policy(SCOPE, {"limit_usd": LIMIT_USD}).thresholds)
+
+
+def test_a_failed_send_does_not_drop_the_other_decisions_that_waited(tmp_path: Path) -> None:
+    """Review 62 finding 5: the decisions that waited were taken out all at once; a send
+    that failed for one dropped the others (and itself) for good: a scope under a default
+    policy, never decided before, was decided again only at its next usage."""
+    worker, decisions, _alerts = _worker(tmp_path, OVER)
+    worker.policies.put(parse_policy("team:y", {"limit_usd": LIMIT_USD}))
+    failing = {"left": 1}
+    send = decisions.send
+
+    async def flaky(**kwargs: Any) -> asyncio.Future[Any]:
+        if failing["left"]:
+            failing["left"] -= 1
+            raise RuntimeError("the broker went away")
+        return await send(**kwargs)
+
+    worker.decisions_topic.send = flaky  # type: ignore[method-assign]
+
+    async def run() -> None:
+        await worker.decide(SCOPE, reason="spend")
+        await worker.decide("team:y", reason="spend")
+        _catch_up(worker, _published(worker, 0))
+        with pytest.raises(RuntimeError):
+            await worker._flush()
+        await worker._flush()
+
+    asyncio.run(run())
+    published = {CODEC.decode(v).record["scope"] for v in decisions.values[-2:]}
+    assert published == {SCOPE, "team:y"}
