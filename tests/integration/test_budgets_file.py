@@ -192,3 +192,48 @@ def test_a_start_while_kafka_is_hung_does_not_publish_the_file_over_an_api_chang
         wait_on_topic(kafka_settings, lambda r: r["limit_usd_nanos"] == 1000)
     finally:
         os.kill(pid, signal.SIGCONT)
+
+
+def test_an_api_change_while_kafka_is_hung_is_in_the_saved_view_when_answered(
+    kafka_settings: Settings, kafka_launcher: Any
+) -> None:
+    """Probe 63 D1: an admin's PUT or DELETE reached the saved budget view only once the
+    policies topic was read back (then at the next one-second save), so a restart while Kafka
+    did not answer, or a crash within that second, enforced the previous cap (a stopped user
+    was served). The change is now saved before it is answered; a restart from the saved view
+    enforces what is saved (test_hung_kafka_start.py)."""
+    import json
+    import os
+    import signal
+
+    from app.http.budget_snapshot import BudgetSnapshot
+
+    asyncio.run(ensure_topics(kafka_settings))
+    stopped, removed = "user:saved-stop", "user:saved-gone"
+    pid = kafka_launcher.status().pid
+    assert pid is not None, "the session broker is not running"
+    with running_stack(kafka_settings) as stack:
+        saved = stack.settings.state_dir / "budget-view.json"
+        for scope in (stopped, removed):
+            put = httpx.put(f"{stack.url}/v1/budgets/{scope}", json={"limit_usd": "5"})
+            assert put.status_code == 200, put.text
+        deadline = time.monotonic() + 30  # read back from Kafka and saved, before the freeze
+        while not all(
+            scope in (json.loads(saved.read_text()) if saved.exists() else {}).get("policies", {})
+            for scope in (stopped, removed)
+        ):
+            assert time.monotonic() < deadline, "the policies never reached the saved view"
+            time.sleep(0.2)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            stop = httpx.put(
+                f"{stack.url}/v1/budgets/{stopped}", json={"limit_usd": "0.000001"}, timeout=30
+            )
+            assert stop.status_code == 200, stop.text
+            gone = httpx.delete(f"{stack.url}/v1/budgets/{removed}", timeout=30)
+            assert gone.status_code == 200, gone.text
+            policies = BudgetSnapshot(saved, EventCodec()).load()["policies"]
+        finally:
+            os.kill(pid, signal.SIGCONT)
+    assert policies[stopped]["limit_usd_nanos"] == 1000, "the admin's stop was not saved"
+    assert removed not in policies, "the admin's delete was not saved"
