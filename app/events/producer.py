@@ -49,10 +49,6 @@ log = logging.getLogger(__name__)
 DRAIN_BATCH = 500
 # Spooled events with no Kafka acknowledgement for this long mean delivery is stalled.
 STALL_AFTER_S = 3.0
-# Usage event ids kept for a read-back put off (``EventEmitter.usage_ids``), at most: about
-# 100-150 MB. Past it the read-back is given up (a view that never catches up while Kafka
-# takes usage kept every id: about 0.5 GB an hour at 1,000 events/s, a review).
-USAGE_IDS_MAX = 1_000_000
 RETRY_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
 
 
@@ -137,20 +133,10 @@ class EventEmitter:
         self._producer_up = False
         self._last_ack = 0.0
         self.last_error: str | None = None  # why delivery is failing (shown by /readyz)
-        # While a set: the event id of every usage event queued that ``track_usage`` accepts
-        # (None: every one; the dispatcher keeps those the gate holds: a cost on a capped
-        # scope), added before it is spooled (so before it can be on the topic). A dispatcher
-        # that reads the usage topic back after it started serving skips these: the gate
-        # holds them already. Past ``USAGE_IDS_MAX`` ids it is emptied and set to None: the
-        # read-back is given up (logged).
-        self.usage_ids: set[str] | None = None
-        self.track_usage: Callable[[Mapping[str, Any]], bool] | None = None
-        # The read-back is reading (skipping by ``usage_ids`` as it goes): no give-up then
-        # (it would empty the set it skips by: this run's usage held twice, review 62); it
-        # lasts at most ``start_uncounted_read_s``.
-        self.usage_ids_in_use = False
-        # on_usage(seq, record): each usage event queued, with its spool sequence
-        self.on_usage: Callable[[int, Mapping[str, Any]], None] | None = None
+        # on_usage(record): each usage event queued, told before it is spooled (so before it
+        # can be delivered, and read back from the topic); what it returns, if anything, is
+        # told the event's spool sequence once spooled (the dispatcher's: app/http/uncounted.py)
+        self.on_usage: Callable[[Mapping[str, Any]], Callable[[int], None] | None] | None = None
 
     # -- request path ---------------------------------------------------------------
     def emit(
@@ -169,21 +155,10 @@ class EventEmitter:
         """Encode and durably queue a priced ``Usage`` record (see :func:`usage_message`);
         returns its spool sequence number."""
         message = usage_message(self.settings, self.codec, record)
-        ids = self.usage_ids
-        if ids is not None and (self.track_usage is None or self.track_usage(record)):
-            ids.add(record["event_id"])
-            if len(ids) > USAGE_IDS_MAX and not self.usage_ids_in_use:
-                log.warning(
-                    "gave up reading back the usage the spend worker has not counted: the "
-                    "budget views have not caught up, and this dispatcher cannot keep the ids "
-                    "of more usage it holds already",
-                    extra={"ids": len(ids)},
-                )
-                ids.clear()
-                self.usage_ids = None
+        spooled = self.on_usage(record) if self.on_usage is not None else None
         seq = self._spool(message)
-        if self.on_usage is not None:
-            self.on_usage(seq, record)
+        if spooled is not None:
+            spooled(seq)
         return seq
 
     def _spool(self, message: EventMessage) -> int:

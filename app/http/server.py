@@ -8,16 +8,15 @@ Routes: ``POST /v1/chat/completions`` (OpenAI-compatible), ``POST /v1/dispatch``
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import json
 import logging
 import signal
 import time
 import urllib.parse
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +39,12 @@ from app.budgets.policy import (
     PolicyBook,
     PolicyError,
     parse_policy,
-    scopes_of,
     validate_scope,
 )
 from app.budgets.spend import event_cost
 from app.clock import Clock
 from app.errors import InvalidRequest, ModelNotServed, TollgateError
-from app.events.codec import EventDecodeError, build_codec
+from app.events.codec import build_codec
 from app.events.compacted import CompactedView
 from app.events.producer import EventEmitter
 from app.gateway.chat import ChatAttempts
@@ -77,6 +75,7 @@ from app.http.openapi import (
 from app.http.reports_api import REPORTS
 from app.http.runner import UnreadableBody, serve_app
 from app.http.security import check_exposure, internal_token
+from app.http.uncounted import UncountedUsage
 from app.metering.attribution import (
     Identity,
     KeyStore,
@@ -115,14 +114,11 @@ class Components:
     decision_view: CompactedView
     reports_session: aiohttp.ClientSession
     levers: SavingsLevers
+    uncounted: UncountedUsage  # this run's uncounted usage: held at start, read back
     shared_router: SharedRouter | None = None  # routing.shared_learning: follows the learner
     local_router: LocalRouterCheckpoint | None = None  # otherwise: its model in state_dir
     reported: ReportedRequests = field(default_factory=ReportedRequests)  # /v1/usage ids
     budget_snapshot: BudgetSnapshot | None = None  # the budget view on disk
-    # after a start the budget views did not catch up in: the read-back of uncounted usage
-    uncounted_read_back: asyncio.Task[int] | None = None
-    # usage event ids held since the start from the saved view (a retry of one: not again)
-    restored_usage: set[str] = field(default_factory=set)
     # TOLLGATE_BUDGETS_FILE's entries, until the policies topic is read (Kafka did not answer
     # at start): applied then, against what the topic holds (``publish_budgets_file``)
     budgets_file_pending: list[Policy] | None = None
@@ -516,7 +512,8 @@ async def report_usage(request: web.Request) -> web.Response:
     repeats = c.reported.repeats(reports, named)
     # One held since the start from the saved view is in Kafka already (only delivered usage
     # is saved): a repeat too, though its record was not saved to compare with.
-    repeats |= {i for i, report in enumerate(reports) if report["event_id"] in c.restored_usage}
+    restored = c.uncounted.restored
+    repeats |= {i for i, report in enumerate(reports) if report["event_id"] in restored}
     c.reported.remember(reports, named)
     accepted = []
     for index, report in enumerate(reports):
@@ -960,20 +957,18 @@ async def build_components(settings: Settings) -> Components:
     usage_topic = settings.topic("usage")
     codec = build_codec(settings.schema_registry_url)
     snapshot = BudgetSnapshot(settings.state_dir / "budget-view.json", codec)
+    reported = ReportedRequests()  # learns the /v1/usage ids of the usage read back here
+    uncounted = UncountedUsage(settings, gate, codec, reported, snapshot)
 
     def on_acked(seq: int, topic: str, partition: int, offset: int) -> None:
         if topic == usage_topic:
             gate.on_delivered(seq, partition, offset)
             snapshot.delivered(seq, partition, offset)
 
-    def on_usage(seq: int, record: Mapping[str, Any]) -> None:
-        ts_ms = int(record["ts"].timestamp() * 1000)
-        snapshot.queued(seq, record["event_id"], usage_scopes(record), event_cost(record), ts_ms)
-
     emitter = EventEmitter(
         settings, codec, on_delivered=metrics_.events_delivered.inc, on_acked=on_acked
     )
-    emitter.on_usage = on_usage
+    emitter.on_usage = uncounted.on_usage
     metrics_.bind_spool(lambda: emitter.depth, lambda: emitter.spool.size_bytes)
     upstreams = UpstreamPool(
         settings.effective_upstreams,
@@ -1021,26 +1016,9 @@ async def build_components(settings: Settings) -> Components:
     # Policies read while catching up are not changes: their scopes' counts are in the
     # decisions just read (the gate waits only on changes made from now on).
     policies.period_changed.clear()
-    spooled: set[str] = set()
-    reported = ReportedRequests()  # learns the /v1/usage ids of the usage read back here
-    hold_spooled_usage(emitter, gate, usage_topic, spooled, reported, on_usage)  # before it drains
-    read_back: asyncio.Task[int] | None = None
-    restored: set[str] = set()
-    if decision_view.synced.is_set() and policy_view.synced.is_set():
-        # Kafka answers: what the worker has not counted
-        await hold_uncounted_usage(settings, gate, codec, spooled, reported, snapshot)
-    else:  # read it back once the views catch up, skipping what this run holds by then
-        read_back = defer_uncounted_read_back(
-            settings,
-            gate,
-            codec,
-            snapshot,
-            emitter,
-            spooled,
-            reported,
-            restored,
-            [policy_view, decision_view],
-        )
+    # the spool's usage (before it drains) and what the worker has not counted, now or
+    # once the views catch up
+    await uncounted.hold_at_start(emitter, usage_topic, [policy_view, decision_view])
     await emitter.start()
     budgets_file_pending = None
     if settings.budgets_file:
@@ -1085,12 +1063,11 @@ async def build_components(settings: Settings) -> Components:
         decision_view,
         reports_session,
         levers,
+        uncounted,
         shared_router,
         local_router,
         reported=reported,
         budget_snapshot=snapshot,
-        uncounted_read_back=read_back,
-        restored_usage=restored,
         budgets_file_pending=budgets_file_pending,
     )
 
@@ -1119,255 +1096,6 @@ async def publish_budgets_file_when_read(components: Components) -> None:
     publish_budgets_file(entries, components.policy_view, components.policies, components.emitter)
     components.budgets_file_pending = None
     log.info("budgets file applied now that the policies topic was read")
-
-
-def hold_spooled_usage(
-    emitter: EventEmitter,
-    gate: BudgetGate,
-    usage_topic: str,
-    ids: set[str] | None = None,
-    reported: ReportedRequests | None = None,
-    on_held: Callable[[int, Mapping[str, Any]], None] | None = None,
-) -> int:
-    """Usage a previous run spooled but Kafka never acknowledged: the spend worker has not
-    counted it, so the gate holds it (until a decision counts it) like fresh spend.
-    ``ids`` receives the event ids held; ``reported`` learns the /v1/usage records;
-    ``on_held(seq, record)`` is told each one (the saved view keeps it once delivered)."""
-    held = 0
-    for spooled in emitter.spool.peek(emitter.spool.depth):
-        if spooled.topic != usage_topic:
-            continue
-        try:
-            record = emitter.codec.decode(spooled.value).record
-        except EventDecodeError:
-            continue  # the sink dead-letters it; it costs nothing against a cap
-        gate.record_spend(usage_scopes(record), event_cost(record), record["ts"], spooled.seq)
-        if reported is not None:
-            reported.remember_usage(record)
-        if ids is not None:
-            ids.add(record["event_id"])
-        if on_held is not None:
-            on_held(spooled.seq, record)
-        held += 1
-    if held:
-        log.info("holding spooled usage at the budget gate until counted", extra={"events": held})
-    return held
-
-
-def usage_scopes(record: Mapping[str, Any]) -> list[str]:
-    """The budget scopes a usage event counts against."""
-    return scopes_of(
-        record["user_id"], record.get("feature"), record.get("team"), record.get("api_key_id")
-    )
-
-
-def hold_saved_uncounted(
-    snapshot: BudgetSnapshot, gate: BudgetGate, skip: set[str], restored: set[str]
-) -> int:
-    """At a start whose budget views did not catch up: the usage this dispatcher held before
-    as delivered and not counted (saved with the budget view), held again until a decision counts it; its ids go
-    to ``skip`` so that a read-back later does not hold it twice, and to ``restored`` so
-    that a /v1/usage retry of it (not known as one: its record is not saved) is not held
-    again. One still in the spool is held from there (and saved again once delivered)."""
-    held = 0
-    for event_id, entry in list(snapshot.uncounted.items()):
-        if event_id in skip:
-            del snapshot.uncounted[event_id]
-            continue
-        ts = datetime.fromtimestamp(entry.ts_ms / 1000, UTC)
-        gate.record_counted_later(
-            list(entry.scopes), entry.nanos, ts, entry.partition, entry.offset
-        )
-        skip.add(event_id)
-        restored.add(event_id)
-        held += 1
-    if held:
-        log.info("holding the uncounted usage saved before the restart", extra={"events": held})
-    return held
-
-
-def defer_uncounted_read_back(
-    settings: Settings,
-    gate: BudgetGate,
-    codec: Any,
-    snapshot: BudgetSnapshot,
-    emitter: EventEmitter,
-    spooled: set[str],
-    reported: ReportedRequests,
-    restored: set[str],
-    views: list[CompactedView],
-) -> asyncio.Task[int]:
-    """A start whose budget views did not all catch up: hold what this dispatcher saved as
-    not counted now, and read the usage back in the background once the views have caught
-    up. The saved spend is held whichever view is behind (it was held only if the decisions
-    were: a start whose policies alone were behind held nothing meanwhile, a review); with
-    fresh decisions, what they count is not held, and the read-back skips each restored id."""
-    hold_saved_uncounted(snapshot, gate, spooled, restored)
-    emitter.usage_ids = spooled
-    emitter.track_usage = lambda record: held_at_gate(gate, record)
-    return asyncio.create_task(
-        hold_uncounted_usage_when_caught_up(
-            settings, gate, codec, spooled, reported, emitter, views, snapshot
-        ),
-        name="uncounted-usage-read-back",
-    )
-
-
-def held_at_gate(gate: BudgetGate, record: Mapping[str, Any]) -> bool:
-    """Whether the gate holds a usage event this dispatcher queues: it has a cost and a
-    capped scope (``BudgetGate.record_spend`` and ``settle`` hold nothing else). A read-back
-    put off need skip only those: any other it reads is held there for the first time."""
-    return event_cost(record) > 0 and any(
-        gate.policies.policy_for(scope) is not None for scope in usage_scopes(record)
-    )
-
-
-UNCOUNTED_READ_MAX = 200_000  # events a restart reads back per partition, at most
-# How far before the furthest decision's offsets a restart reads back (per partition) when
-# some decisions count less far: the worker publishes a batch's decisions scope by scope,
-# a scope whose spend alone moved at its next flush (0.25 s), features after their partials.
-UNCOUNTED_READ_OVERLAP = 5_000
-
-
-async def hold_uncounted_usage(
-    settings: Settings,
-    gate: BudgetGate,
-    codec: Any,
-    skip: set[str],
-    reported: ReportedRequests | None = None,
-    snapshot: BudgetSnapshot | None = None,
-) -> int:
-    """Usage already in Kafka that the spend worker has not counted: held at the gate until
-    a decision counts it, as this dispatcher held its own before a restart.
-
-    The gate held its uncounted spend in memory: with the worker stopped, every restart of
-    a dispatcher forgot it and a capped user got a fresh cap (probe K: $0.06 spent under a
-    $0.02 cap after two restarts). Read from where the worker's decisions say it had
-    counted (``counted_offsets``; the beginning if it never decided) to the end, other
-    dispatchers' spend included; an event whose scopes' decisions already count through
-    its offset is not held, nor one still in this dispatcher's spool (``skip``: held from
-    there). The start is the least far any decision counts, but at most
-    ``UNCOUNTED_READ_OVERLAP`` events before the furthest one: decisions of one batch are
-    published scope by scope, so the furthest alone skipped the usage of a scope whose
-    decision came later (or never, the worker dead). Bounded by ``UNCOUNTED_READ_MAX``
-    events a partition and ``settings.start_uncounted_read_s``; a failure leaves the gate as
-    it was (logged). ``reported`` learns the /v1/usage records read (counted or not), so a
-    retry of one here is a repeat, not a second hold (probe H: a user under the cap was
-    refused until the worker's next decision, however long the worker was away)."""
-    from app.events import clients
-
-    topic = settings.topic("usage")
-    held = 0
-    consumer = None
-    try:
-        progress = gate.counted_progress()
-        # Subscribed (every partition, no group): a consumer started without a topic has no
-        # metadata to assign from, and stopping it hung the dispatcher's start.
-        consumer = clients.consumer(settings, topic, purpose="dispatcher-uncounted", group_id=None)
-        async with asyncio.timeout(settings.start_uncounted_read_s):
-            await consumer.start()
-            while not consumer.assignment():  # noqa: ASYNC110 (aiokafka has no event for it)
-                await asyncio.sleep(0.05)
-            tps = sorted(consumer.assignment())
-            ends = await consumer.end_offsets(tps)
-            beginnings = await consumer.beginning_offsets(tps)
-            todo = {}
-            for tp in tps:
-                low, high = progress.get(tp.partition, (0, 0))
-                start = max(
-                    low,
-                    high - UNCOUNTED_READ_OVERLAP,
-                    beginnings[tp],
-                    ends[tp] - UNCOUNTED_READ_MAX,
-                )
-                if start < ends[tp]:
-                    consumer.seek(tp, start)
-                    todo[tp] = ends[tp]
-                else:
-                    consumer.pause(tp)
-            while todo:
-                batch = await consumer.getmany(*todo, timeout_ms=1000, max_records=5000)
-                for tp, messages in batch.items():
-                    for message in messages:
-                        if message.offset < todo.get(tp, -1):
-                            held += _hold_read_usage(gate, codec, message, skip, reported, snapshot)
-                for tp in list(todo):
-                    if await consumer.position(tp) >= todo[tp]:
-                        del todo[tp]
-                        consumer.pause(tp)
-    except Exception as exc:  # Kafka away or slow: the gate goes on with what it holds
-        log.warning(
-            "could not read back the usage the spend worker has not counted",
-            extra={"error": repr(exc), "held": held},
-        )
-    finally:
-        if consumer is not None:
-            with contextlib.suppress(Exception):
-                await consumer.stop()
-    if held:
-        log.info("holding usage the spend worker has not counted yet", extra={"events": held})
-    return held
-
-
-async def hold_uncounted_usage_when_caught_up(
-    settings: Settings,
-    gate: BudgetGate,
-    codec: Any,
-    skip: set[str],
-    reported: ReportedRequests,
-    emitter: EventEmitter,
-    views: list[CompactedView],
-    snapshot: BudgetSnapshot | None = None,
-) -> int:
-    """``hold_uncounted_usage`` for a start whose budget views did not catch up (Kafka down,
-    hung, or answering only after ``start_kafka_answer_wait_s``): run once they have. It
-    was skipped for good: with the spend worker behind, a user near a cap spent again what
-    was spent before the restart (a probe: twice the cap). ``skip`` holds the ids of the
-    usage this run holds already: what was in its spool at start, and, through
-    ``emitter.usage_ids``, every usage event it queued since (an id is added before its
-    event is spooled, so before it can be read here), a /v1/usage retry of an older record
-    included (the same event id): each is held once, by its spool sequence."""
-    try:
-        for view in views:
-            await view.synced.wait()
-        if emitter.usage_ids is None:  # past USAGE_IDS_MAX: this run's usage is not known
-            log.warning(
-                "gave up reading back the usage the spend worker has not counted: too much "
-                "usage was queued before the budget views caught up"
-            )
-            return 0
-        emitter.usage_ids_in_use = True  # no give-up while it reads (review 62)
-        return await hold_uncounted_usage(settings, gate, codec, skip, reported, snapshot)
-    finally:
-        emitter.usage_ids = None
-        emitter.track_usage = None
-        emitter.usage_ids_in_use = False
-        skip.clear()
-
-
-def _hold_read_usage(
-    gate: BudgetGate,
-    codec: Any,
-    message: Any,
-    skip: set[str],
-    reported: ReportedRequests | None = None,
-    snapshot: BudgetSnapshot | None = None,
-) -> int:
-    try:
-        record = codec.decode(message.value).record
-    except EventDecodeError:
-        return 0
-    if reported is not None:
-        reported.remember_usage(record)
-    if record.get("event_id") in skip:
-        return 0
-    scopes, nanos = usage_scopes(record), event_cost(record)
-    gate.record_counted_later(scopes, nanos, record["ts"], message.partition, message.offset)
-    if snapshot is not None and gate.waits_for_count(scopes, message.partition, message.offset):
-        ts_ms = int(record["ts"].timestamp() * 1000)
-        entry = Uncounted(tuple(scopes), nanos, ts_ms, message.partition, message.offset)
-        snapshot.held(record["event_id"], entry)
-    return 1
 
 
 def dispatcher_id(state_dir: Path) -> str:
@@ -1515,10 +1243,7 @@ def create_app(settings: Settings) -> web.Application:
             saver.cancel()
         if preload is not None:
             preload.cancel()
-        if components.uncounted_read_back is not None:
-            components.uncounted_read_back.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):  # it logs its own
-                await components.uncounted_read_back
+        await components.uncounted.stop()
         if pending_file is not None:
             pending_file.cancel()
         await components.upstreams.close()

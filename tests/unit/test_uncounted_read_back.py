@@ -1,4 +1,4 @@
-"""The background read-back of uncounted usage (app/http/server.py) after a start without
+"""The background read-back of uncounted usage (app/http/uncounted.py) after a start without
 Kafka: a failure leaves the gate as it was and is logged, never left in the task (nothing
 awaits it until the stop, whose clean-up it then broke: the emitter was not stopped and the
 budget view not saved)."""
@@ -14,11 +14,12 @@ from typing import Any
 
 import pytest
 
-from app.events import clients, producer
+from app.events import clients
 from app.events.codec import EventCodec
 from app.events.producer import EventEmitter
-from app.http import server
+from app.http import uncounted as uncounted_module
 from app.http.budget_snapshot import BudgetSnapshot, Uncounted
+from app.http.uncounted import UncountedUsage, usage_scopes
 from app.metering.ingest import ReportedRequests
 from app.settings import Settings
 from tests.samples import example_event
@@ -33,26 +34,21 @@ def test_a_read_back_that_cannot_start_its_consumer_is_logged_and_holds_nothing(
 
     monkeypatch.setattr(clients, "consumer", no_consumer)
     gate = gate_with(policies(**{"user:a": 5}))
-    emitter = SimpleNamespace(usage_ids={"evt-1"})
-    skip = emitter.usage_ids
+    uncounted = UncountedUsage(Settings(), gate, EventCodec(), ReportedRequests())
+    uncounted.skip.add("evt-1")
+    uncounted.tracking = True
 
     async def read_back() -> int:
         view = SimpleNamespace(synced=asyncio.Event())
         view.synced.set()
-        return await server.hold_uncounted_usage_when_caught_up(
-            Settings(),
-            gate,
-            EventCodec(),
-            skip,
-            ReportedRequests(),
-            emitter,
-            [view],  # type: ignore[arg-type,list-item]
+        return await uncounted.hold_uncounted_usage_when_caught_up(
+            [view],  # type: ignore[list-item]
         )
 
     with caplog.at_level(logging.WARNING):
         assert asyncio.run(read_back()) == 0
     assert "could not read back the usage" in caplog.text
-    assert emitter.usage_ids is None and not skip  # the ids are no longer kept
+    assert not uncounted.tracking and not uncounted.skip  # the ids are no longer kept
 
 
 @pytest.mark.parametrize("behind", ["policies", "decisions", "both"])
@@ -73,28 +69,19 @@ def test_the_saved_spend_is_held_whichever_budget_view_did_not_catch_up(
         decision_view.synced.set()
     elif behind == "decisions":
         policy_view.synced.set()
-    emitter = SimpleNamespace(usage_ids=None)
-    spooled: set[str] = set()
-    restored: set[str] = set()
+    uncounted = UncountedUsage(Settings(), gate, EventCodec(), ReportedRequests(), snapshot)
 
     async def start() -> None:
-        task = server.defer_uncounted_read_back(
-            Settings(),
-            gate,
-            EventCodec(),
-            snapshot,
-            emitter,  # type: ignore[arg-type]
-            spooled,
-            ReportedRequests(),
-            restored,
+        task = uncounted.defer_uncounted_read_back(
             [policy_view, decision_view],  # type: ignore[list-item]
         )
         try:
             await asyncio.sleep(0)
             assert not task.done()  # waiting for the views
+            assert uncounted.read_back is task
             assert spent(gate, "user:a") == usd(1)
-            assert restored == {"evt-saved"}
-            assert emitter.usage_ids is spooled and "evt-saved" in spooled  # not read back again
+            assert uncounted.restored == {"evt-saved"}
+            assert uncounted.tracking and "evt-saved" in uncounted.skip  # not read back again
         finally:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -107,24 +94,39 @@ def _emitter(tmp_path: Path) -> EventEmitter:
     return EventEmitter(Settings(state_dir=tmp_path), EventCodec())  # not started: spools only
 
 
+def _uncounted(tmp_path: Path, gate: Any, emitter: EventEmitter) -> UncountedUsage:
+    """This run's uncounted usage, told of the emitter's usage as the dispatcher's is."""
+    snapshot = BudgetSnapshot(tmp_path / "budget-view.json", EventCodec())
+    settings = Settings(state_dir=tmp_path)
+    uncounted = UncountedUsage(settings, gate, EventCodec(), ReportedRequests(), snapshot)
+    emitter.on_usage = uncounted.on_usage
+    return uncounted
+
+
 def _usage(i: int, user: str, nanos: int) -> dict[str, Any]:
     record = {**example_event("Usage", i), "user_id": user, "ts": NOW, "price_unknown": False}
     return {**record, "cost_usd_nanos": nanos}
 
 
-def _defer(tmp_path: Path, gate: Any, emitter: EventEmitter, views: list[Any]) -> Any:
-    snapshot = BudgetSnapshot(tmp_path / "budget-view.json", EventCodec())
-    return server.defer_uncounted_read_back(
-        Settings(state_dir=tmp_path),
-        gate,
-        EventCodec(),
-        snapshot,
-        emitter,
-        set(),
-        ReportedRequests(),
-        set(),
-        views,
-    )
+def test_the_emitter_tells_its_usage_hook_before_it_spools_the_event(tmp_path: Path) -> None:
+    """An id is known before its event can be delivered (so before a read-back can read it
+    from the topic): the emitter calls its hook before the spool holds the event, and tells
+    what the hook returns the event's spool sequence after."""
+    emitter = _emitter(tmp_path)
+    seen: list[tuple[str, int]] = []
+
+    def on_usage(record: Any) -> Any:
+        seen.append(("before", emitter.spool.depth))
+        return lambda seq: seen.append(("spooled", seq))
+
+    emitter.on_usage = on_usage
+    seq = emitter.emit_usage(_usage(1, "a", 10))
+    assert seen == [("before", 0), ("spooled", seq)]
+    emitter.spool.close()
+
+
+def _defer(uncounted: UncountedUsage, views: list[Any]) -> Any:
+    return uncounted.defer_uncounted_read_back(views)
 
 
 def test_a_put_off_read_back_keeps_only_the_ids_of_usage_the_gate_holds(tmp_path: Path) -> None:
@@ -137,13 +139,15 @@ def test_a_put_off_read_back_keeps_only_the_ids_of_usage_the_gate_holds(tmp_path
     view = SimpleNamespace(synced=asyncio.Event())
     capped, uncapped, free = _usage(1, "a", 10), _usage(2, "b", 10), _usage(3, "a", 0)
 
+    uncounted = _uncounted(tmp_path, gate, emitter)
+
     async def start() -> set[str]:
-        task = _defer(tmp_path, gate, emitter, [view])
+        task = _defer(uncounted, [view])
         try:
             for record in (capped, uncapped, free):
                 emitter.emit_usage(record)
-            assert emitter.usage_ids is not None
-            return set(emitter.usage_ids)
+            assert uncounted.tracking
+            return set(uncounted.skip)
         finally:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -161,19 +165,20 @@ def test_past_its_bound_a_put_off_read_back_is_given_up_and_its_ids_dropped(
     def no_read(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("a read-back given up reads nothing")
 
-    monkeypatch.setattr(producer, "USAGE_IDS_MAX", 3)
+    monkeypatch.setattr(uncounted_module, "USAGE_IDS_MAX", 3)
     monkeypatch.setattr(clients, "consumer", no_read)
     gate = gate_with(policies(**{"user:a": 5}))
     emitter = _emitter(tmp_path)
+    uncounted = _uncounted(tmp_path, gate, emitter)
     view = SimpleNamespace(synced=asyncio.Event())
 
     async def start() -> int:
-        task = _defer(tmp_path, gate, emitter, [view])
+        task = _defer(uncounted, [view])
         for i in range(3):
             emitter.emit_usage(_usage(i, "a", 10))
-        assert emitter.usage_ids is not None and len(emitter.usage_ids) == 3
+        assert uncounted.tracking and len(uncounted.skip) == 3
         emitter.emit_usage(_usage(3, "a", 10))
-        assert emitter.usage_ids is None  # no longer kept
+        assert not uncounted.tracking and not uncounted.skip  # no longer kept
         view.synced.set()
         return await task
 
@@ -233,15 +238,16 @@ def test_a_give_up_while_the_read_back_reads_does_not_hold_this_runs_usage_twice
     time (a user refused under the cap until the worker's next decision)."""
     from app.events.producer import usage_message
 
-    monkeypatch.setattr(producer, "USAGE_IDS_MAX", 3)
+    monkeypatch.setattr(uncounted_module, "USAGE_IDS_MAX", 3)
     gate = gate_with(policies(**{"user:a": 5}))
     emitter = _emitter(tmp_path)
+    uncounted = _uncounted(tmp_path, gate, emitter)
     view = SimpleNamespace(synced=asyncio.Event())
     settings = Settings(state_dir=tmp_path)
 
     def live(record: dict[str, Any]) -> None:  # as the gateway's emit_usage
         seq = emitter.emit_usage(record)
-        gate.record_spend(server.usage_scopes(record), record["cost_usd_nanos"], NOW, seq)
+        gate.record_spend(usage_scopes(record), record["cost_usd_nanos"], NOW, seq)
 
     early = [_usage(i, "a", usd(1)) for i in range(2)]  # on the topic when the read begins
     late = [_usage(i, "a", usd(1)) for i in range(2, 4)]  # queued while it reads
@@ -258,7 +264,7 @@ def test_a_give_up_while_the_read_back_reads_does_not_hold_this_runs_usage_twice
     monkeypatch.setattr(clients, "consumer", lambda *a, **k: _TopicReadBack(messages, between))
 
     async def start() -> None:
-        task = _defer(tmp_path, gate, emitter, [view])
+        task = _defer(uncounted, [view])
         for record in early:
             live(record)
         view.synced.set()
