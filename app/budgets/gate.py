@@ -551,19 +551,27 @@ class BudgetGate:
             ),
         )
 
-    def waits_for_count(self, scopes: Sequence[str], partition: int, offset: int) -> bool:
+    def waits_for_count(
+        self,
+        scopes: Sequence[str],
+        partition: int,
+        offset: int,
+        counted_if_capped: Callable[[str], dict[int, int] | None] | None = None,
+    ) -> bool:
         """Whether a capped scope among ``scopes`` has no current decision counting through
-        the usage event at (partition, offset) yet."""
-        with self._lock:
-            return any(
-                self.policies.policy_for(scope) is not None
-                and self._current_counted(scope).get(partition, -1) <= offset
-                for scope in scopes
-            )
+        the usage event at (partition, offset) yet. Each scope is looked up with
+        ``counted_if_capped`` (this gate's by default): a caller asking for many events
+        passes one that looks each scope up once."""
+        lookup = counted_if_capped or self.counted_if_capped
+        for scope in scopes:
+            through = lookup(scope)
+            if through is not None and through.get(partition, -1) <= offset:
+                return True
+        return False
 
     def counted_if_capped(self, scope: str) -> dict[int, int] | None:
         """What the current decision of ``scope`` counts through, per usage partition (None:
-        no cap): ``waits_for_count`` for many events, each scope looked up once."""
+        no cap)."""
         with self._lock:
             if self.policies.policy_for(scope) is None:
                 return None

@@ -1153,16 +1153,10 @@ def budget_view_document(snapshot: BudgetSnapshot, gate: BudgetGate) -> dict[str
     """The budget view to save (None: unchanged), without the usage decisions now count.
     Each scope's decision is looked up once, not once an event: with the spend worker behind,
     10,000 held events held the event loop about 50 ms every second."""
-    counted: dict[str, dict[int, int] | None] = {}
+    counted_if_capped = functools.cache(gate.counted_if_capped)
 
     def waiting(entry: Uncounted) -> bool:
-        for scope in entry.scopes:
-            if scope not in counted:
-                counted[scope] = gate.counted_if_capped(scope)
-            through = counted[scope]
-            if through is not None and through.get(entry.partition, -1) <= entry.offset:
-                return True
-        return False
+        return gate.waits_for_count(entry.scopes, entry.partition, entry.offset, counted_if_capped)
 
     snapshot.prune(waiting)
     return snapshot.document()
