@@ -630,12 +630,26 @@ def _percent(share: float | None) -> str:
     return "n/a" if share is None else f"{share:.1%}"
 
 
+TABLE_CELL_WIDTH = 40  # a longer cell (ids may be 256 characters) is shortened in its middle
+
+
+def middle_ellipsis(text: str, width: int = TABLE_CELL_WIDTH) -> str:
+    """``text``, or its start and end around "…" in ``width`` characters: names of one
+    family often share a start (a tenant prefix) or an end (a version), so both stay."""
+    if len(text) <= width:
+        return text
+    tail = (width - 1) // 2
+    return f"{text[: width - 1 - tail]}…{text[len(text) - tail :]}"
+
+
 def _table(title: str, rows: list[dict], columns: list[tuple[str, str]]) -> None:
     click.echo(f"\n{title}")
     if not rows:
         click.echo("  (none in this range)")
         return
-    cells = [[("" if r.get(key) is None else str(r.get(key))) for _, key in columns] for r in rows]
+    whole = [[("" if r.get(key) is None else str(r.get(key))) for _, key in columns] for r in rows]
+    # A 256-character name made every row of its table that wide (a newcomer's probe).
+    cells = [[middle_ellipsis(cell) for cell in row] for row in whole]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, (h, _) in enumerate(columns)]
     first = True
     for line in [[h for h, _ in columns], *cells]:
@@ -647,6 +661,11 @@ def _table(title: str, rows: list[dict], columns: list[tuple[str, str]]) -> None
         if first:
             click.echo("  " + "  ".join("-" * w for w in widths))
             first = False
+    if cells != whole:
+        click.echo(
+            f"  (names over {TABLE_CELL_WIDTH} characters are shortened with …; "
+            "--format json shows them whole)"
+        )
 
 
 # -- keys and secrets -------------------------------------------------------------

@@ -118,6 +118,17 @@ async def produce(settings: Settings, topic: str, schema: str, records: list[dic
         await producer.stop()
 
 
+def report_cli(port: int, window: dict[str, str], *args: str) -> str:
+    """`tollgate report` over ``window`` through the reports server on ``port``: its stdout."""
+    result = CliRunner().invoke(
+        main,
+        ["report", "--from", window["from"], "--to", window["to"], *args],
+        env={"TOLLGATE_REPORTS_PORT": str(port)},
+    )
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
 def decision(scope: str, spent_usd: str, limit_usd: str, state: str, day: datetime) -> dict:
     return {
         "event_id": new_id(),
@@ -371,14 +382,8 @@ async def test_every_report_on_a_hand_computed_fixture(
                 assert bad.json()["error"]["type"] == "invalid_request_error"
 
         # The CLI prints the same numbers (through the reports server).
-        def cli(*args: str) -> Any:
-            result = CliRunner().invoke(
-                main,
-                ["report", "--from", window["from"], "--to", window["to"], *args],
-                env={"TOLLGATE_REPORTS_PORT": str(port)},
-            )
-            assert result.exit_code == 0, result.output
-            return result.stdout
+        def cli(*args: str) -> str:
+            return report_cli(port, window, *args)
 
         text = await asyncio.to_thread(cli)
         assert text.splitlines()[0] == summary["sentence"]
@@ -465,6 +470,92 @@ async def test_an_escalated_request_is_one_request_whose_two_attempts_are_spend(
             edge = (await http.get("/v1/reports/summary", params=cut)).json()
             assert (edge["requests"], edge["errors"], edge["cost_usd"]) == (1, 0, "2.65")
             assert edge["baseline_cost_usd"] == "30"
+    finally:
+        stop.set()
+        await task
+        await runner.cleanup()
+
+
+async def test_a_long_name_is_shortened_in_the_report_table_and_whole_in_json(
+    kafka_settings: Settings, clickhouse: Any
+) -> None:
+    """A newcomer's probe: a user or feature may be named with 256 characters, and the
+    table's first column took them all, so every row of that table was wider than any
+    terminal. The table shortens such a name in its middle (its start and end stay, and a
+    line says so); ``--format json`` keeps it whole."""
+    await ensure_topics(kafka_settings)
+    migrate(clickhouse)
+    day = private_day()
+    tag = f"long{random.randrange(10**6)}"
+    user = f"{tag}-user-".ljust(251, "u") + "-end1"
+    feature = f"{tag}-feat-".ljust(251, "f") + "-end2"
+    assert len(user) == len(feature) == 256  # the longest an id may be
+    call = build_usage_record(
+        PriceCatalog("gpt-4"),
+        Identity(user, None, feature, None),
+        request_id=new_id("req_"),
+        model="gpt-4o",
+        prompt_tokens=M,
+        completion_tokens=0,
+        provider="openai",
+        ts=day + timedelta(hours=10, seconds=20),
+    )
+    outcome = {
+        "event_id": new_id(),
+        "ts": day + timedelta(hours=10, minutes=5),
+        "schema_version": 1,
+        "request_id": call["request_id"],
+        "session_id": None,
+        "user_id": user,
+        "feature": feature,
+        "outcome": "success",
+        "kind": None,
+        "value_usd_nanos": None,
+        "metadata": {},
+    }
+    scope = f"user:{user}"
+    await produce(kafka_settings, "usage", "Usage", [call])
+    await produce(kafka_settings, "outcomes", "Outcome", [outcome])
+    await produce(
+        kafka_settings,
+        "budget.decisions",
+        "BudgetDecision",
+        [decision(scope, "2.5", "5", "warn", day)],
+    )
+    client = ReconnectingClient(lambda: clickhouse)
+    sink = ClickHouseSink(kafka_settings, client, batch_wait_s=0.3)
+    stop = asyncio.Event()
+    task = asyncio.create_task(sink.run(stop))
+    port = free_port()
+    runner = web.AppRunner(create_reports_app(client, active_scope=lambda s: tag in s))
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    window = {"from": day.isoformat(), "to": (day + timedelta(days=1)).isoformat()}
+
+    def cli(*args: str) -> str:
+        return report_cli(port, window, *args)
+
+    try:
+        for _ in range(100):  # until the sink has written all three
+            got = json.loads(await asyncio.to_thread(cli, "--format", "json", "--by", "user"))
+            if got["breakdown"]["rows"] and got["outcomes"] and got["budgets"]:
+                break
+            await asyncio.sleep(0.3)
+        assert [row["user"] for row in got["breakdown"]["rows"]] == [user]  # whole in json
+        assert [row["feature"] for row in got["outcomes"]] == [feature]
+        assert [row["scope"] for row in got["budgets"]] == [scope]
+
+        for by, name in (("user", user), ("feature", feature)):
+            text = await asyncio.to_thread(cli, "--by", by)
+            tables = text.split(f"Spend by {by}", 1)[1]
+            assert name not in tables
+            for line in tables.splitlines():
+                assert len(line) <= 120, f"{len(line)} characters wide: {line}"
+            rows = [line for line in tables.splitlines() if name[:12] in line]
+            assert len(rows) == 2, tables  # its breakdown row, and its outcome or budget row
+            for row in rows:
+                assert "…" in row and name[-4:] in row, row  # shortened; its end stays
+            assert "--format json" in tables, "the table says where the whole names are"
     finally:
         stop.set()
         await task
