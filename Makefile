@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: up down test test-faults install lint format bench clean
+.PHONY: up down status test test-faults install lint format bench clean
 
 # The first install takes a few minutes (chdb, the embedded ClickHouse, is about 500 MB): say so,
 # and hide setuptools' "Editable installation" warning, which is about a layout we do not have.
@@ -29,6 +29,10 @@ up: $(STAMP)
 ## Stop the stack `make up` runs (from another terminal; same as Ctrl-C in its own).
 down: $(STAMP)
 	$(BIN)/tollgate down
+
+## Each component of the stack `make up` runs: running, or down and restarting (exit code 3).
+status: $(STAMP)
+	$(BIN)/tollgate status
 
 ## Lint, type-check and check the import contracts, then unit + integration tests; starts (and stops) the local Kafka the tests use.
 test: $(STAMP)

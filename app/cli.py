@@ -824,6 +824,15 @@ def down() -> None:
     sys.exit(stop_stack(_settings(), click.echo))
 
 
+@main.command("status")
+def status() -> None:
+    """Each component of the `tollgate up` running here: running, or down and restarting
+    (when, and why). Exit code 3 when one is down or no `tollgate up` runs here."""
+    from devtools.stack import print_status
+
+    sys.exit(print_status(_settings(), click.echo))
+
+
 @main.command("serve")
 def serve_dispatcher() -> None:
     """Run the dispatcher (the gateway users point their SDKs at)."""

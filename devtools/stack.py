@@ -2,14 +2,15 @@
 
 Owns process supervision only: which services start, in which order, how
 readiness is probed, how a service that exits is restarted (``Supervisor``:
-with backoff, said on the terminal, and given up on when it crash-loops), and
-how Ctrl-C stops everything without orphans. Each service's own logic lives in
-its module.
+with a capped backoff for as long as `up` runs, said on the terminal and in
+``<state dir>/up-status.json``, which `tollgate status` reads), and how Ctrl-C
+stops everything without orphans. Each service's own logic lives in its module.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -18,6 +19,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -125,30 +127,93 @@ def without_taken_port(service: Service) -> tuple[Service, str | None]:
 
 @dataclass(frozen=True)
 class RestartPolicy:
-    """How `up` restarts a service that exits on its own."""
+    """How `up` restarts a service (or the broker it started) that exits on its own: for as
+    long as `up` runs, after the next wait of ``backoff_s`` (the last one repeats: the cap)."""
 
-    backoff_s: tuple[float, ...] = (1.0, 2.0, 5.0, 10.0, 30.0)
+    backoff_s: tuple[float, ...] = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
     stable_after_s: float = 60.0  # a run at least this long starts the backoff over
     crash_loop_exits: int = 5  # this many exits ...
-    crash_loop_window_s: float = 120.0  # ... within this window: stop restarting it
+    crash_loop_window_s: float = 120.0  # ... within this window: said to be crash-looping
 
 
 @dataclass
 class _Watch:
+    """One component's restarts: the backoff step, and when it is due to start again."""
+
     started_at: float
     exits: list[float] = field(default_factory=list)  # times of recent exits
     consecutive: int = 0  # exits since the last stable run: the backoff step
     restart_at: float | None = None
-    given_up: bool = False
     restarts: int = 0
+
+    def exited(self, now: float, policy: RestartPolicy) -> tuple[float, bool]:
+        """Schedule the restart of an exit at ``now``: (its delay, whether it crash-loops)."""
+        if now - self.started_at >= policy.stable_after_s:
+            self.consecutive = 0
+        self.exits = [t for t in self.exits if now - t < policy.crash_loop_window_s]
+        self.exits.append(now)
+        delay = policy.backoff_s[min(self.consecutive, len(policy.backoff_s) - 1)]
+        self.consecutive += 1
+        self.restart_at = now + delay
+        return delay, len(self.exits) >= policy.crash_loop_exits
+
+
+class StackStatus:
+    """``<state dir>/up-status.json``: each component of the running `up`, ``running`` or
+    ``restarting`` (down, with when it starts again), rewritten (atomically) at each change;
+    `tollgate status` prints it. Before, the terminal alone said a component was down."""
+
+    def __init__(
+        self,
+        path: Path | None,
+        clock: Callable[[], float] = time.monotonic,
+        pid: int | None = None,
+    ) -> None:
+        self.path = path
+        self.clock = clock
+        self.pid = os.getpid() if pid is None else pid  # the `up` it describes
+        self.components: dict[str, dict[str, Any]] = {}
+
+    def set(self, name: str, watch: _Watch, **fields: Any) -> None:
+        restart_in = None if watch.restart_at is None else watch.restart_at - self.clock()
+        self.components[name] = {
+            **self.components.get(name, {}),
+            "name": name,
+            "state": "running" if watch.restart_at is None else "restarting",
+            "restarts": watch.restarts,
+            "backoff_s": None if restart_in is None else round(max(restart_in, 0.0), 1),
+            "restart_at": None
+            if restart_in is None
+            else datetime.fromtimestamp(time.time() + restart_in, UTC).isoformat(),
+            **fields,
+        }
+        self.write()
+
+    def write(self) -> None:
+        if self.path is None:
+            return
+        body = {
+            "pid": self.pid,
+            "updated_at": datetime.now(UTC).isoformat(),
+            "components": list(self.components.values()),
+        }
+        scratch = self.path.with_name(self.path.name + ".tmp")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            scratch.write_text(json.dumps(body, indent=2) + "\n")
+            os.replace(scratch, self.path)
+        except OSError as exc:  # the stack runs on; only `tollgate status` misses it
+            log.warning("cannot write %s: %s", self.path, exc)
 
 
 class Supervisor:
-    """Restarts services that exit, with backoff; gives up on one that crash-loops.
+    """Restarts services that exit, with a capped backoff, for as long as `up` runs.
 
     ``check()`` is one supervision step (``run_stack`` calls it a few times a second).
-    A restart only spawns the process: if it dies again, the next steps see it. A
-    service given up on stays down and the rest keep running; the terminal says so.
+    A restart only spawns the process: if it dies again, the next steps see it. Each exit
+    is said on the terminal with the end of the service's log (a crash loop louder), and
+    ``status`` says which services are down meanwhile. It never gives up: a service that
+    crashed on a dependency not there yet (Kafka, a port, a disk) comes back once it is.
     """
 
     def __init__(
@@ -158,30 +223,40 @@ class Supervisor:
         echo: Callable[[str], None],
         policy: RestartPolicy | None = None,
         clock: Callable[[], float] = time.monotonic,
+        status: StackStatus | None = None,
     ) -> None:
         self.services = services
         self.env = env
         self.echo = echo
         self.policy = policy or RestartPolicy()
         self.clock = clock
+        self.status = status or StackStatus(None, clock)
         now = clock()
         self.watches = {s.name: _Watch(started_at=now) for s in services}
+        for service in services:
+            self.status.set(
+                service.name,
+                self.watches[service.name],
+                url=service.url,
+                listens=None if service.port is None else [service.host, service.port],
+                log=str(service.log_file),
+            )
 
-    def given_up(self) -> list[str]:
-        return [name for name, w in self.watches.items() if w.given_up]
+    def down(self) -> list[str]:
+        """The services waiting for their restart."""
+        return [name for name, w in self.watches.items() if w.restart_at is not None]
 
     def check(self) -> None:
         now = self.clock()
         for service in self.services:
             watch = self.watches[service.name]
-            if watch.given_up:
-                continue
             if watch.restart_at is not None:
                 if now >= watch.restart_at:
                     watch.restart_at = None
                     watch.restarts += 1
                     watch.started_at = now
                     service.spawn(self.env)
+                    self.status.set(service.name, watch, crash_looping=False)
                     self.echo(f"{service.name} restarted (restart #{watch.restarts})")
                 continue
             process = service.process
@@ -191,27 +266,21 @@ class Supervisor:
 
     def _exited(self, service: Service, watch: _Watch, code: int, now: float) -> None:
         policy = self.policy
-        if now - watch.started_at >= policy.stable_after_s:
-            watch.consecutive = 0
-        watch.exits = [t for t in watch.exits if now - t < policy.crash_loop_window_s]
-        watch.exits.append(now)
+        delay, looping = watch.exited(now, policy)
+        self.status.set(service.name, watch, last_exit_code=code, crash_looping=looping)
         last_lines = tail(service.log_file)
-        if len(watch.exits) >= policy.crash_loop_exits:
-            watch.given_up = True
+        if looping:
             self.echo(
                 f"{service.name} exited with code {code}, {len(watch.exits)} times within "
-                f"{policy.crash_loop_window_s:.0f}s: it is crash-looping, so it is NOT restarted "
-                f"again; the rest of the stack keeps running. Fix the cause (see "
-                f"{service.log_file}), then restart `tollgate up`. Last lines:\n{last_lines}"
+                f"{policy.crash_loop_window_s:.0f}s: it is crash-looping; restarting it in "
+                f"{delay:g}s (and on, at most {policy.backoff_s[-1]:g}s apart, until it stays "
+                f"up; the rest of the stack keeps running). Fix the cause: see "
+                f"{service.log_file}. Last lines:\n{last_lines}"
             )
             return
-        delay = policy.backoff_s[min(watch.consecutive, len(policy.backoff_s) - 1)]
-        watch.consecutive += 1
-        watch.restart_at = now + delay
         self.echo(
-            f"{service.name} exited with code {code}; restarting it in {delay:g}s "
-            f"(exit {len(watch.exits)} of at most {policy.crash_loop_exits - 1} within "
-            f"{policy.crash_loop_window_s:.0f}s). Last lines of {service.log_file}:\n{last_lines}"
+            f"{service.name} exited with code {code}; restarting it in {delay:g}s. "
+            f"Last lines of {service.log_file}:\n{last_lines}"
         )
 
 
@@ -224,8 +293,9 @@ class KafkaLike(Protocol):
 class KafkaKeeper:
     """Starts the broker `up` started again when it dies (killed, out of memory): without it
     the services retry for ever against nothing and every call spools. ``check()`` looks
-    every ``every_s`` seconds; restarts follow the same backoff and crash-loop rule as the
-    services'. ``start()`` blocks until the broker answers (the services wait meanwhile)."""
+    every ``every_s`` seconds; restarts follow the same capped backoff as the services', for
+    as long as `up` runs. ``start()`` blocks until the broker answers (the services wait
+    meanwhile)."""
 
     def __init__(
         self,
@@ -234,19 +304,20 @@ class KafkaKeeper:
         policy: RestartPolicy | None = None,
         clock: Callable[[], float] = time.monotonic,
         every_s: float = 2.0,
+        status: StackStatus | None = None,
     ) -> None:
         self.kafka = kafka
         self.echo = echo
         self.policy = policy or RestartPolicy()
         self.clock = clock
         self.every_s = every_s
+        self.status = status or StackStatus(None, clock)
         self.watch = _Watch(started_at=clock())
         self.next_look = clock() + every_s
+        self.status.set("kafka", self.watch)
 
     def check(self) -> None:
         watch, now = self.watch, self.clock()
-        if watch.given_up:
-            return
         if watch.restart_at is not None:
             if now >= watch.restart_at:
                 watch.restart_at = None
@@ -269,6 +340,7 @@ class KafkaKeeper:
             return
         watch.started_at = self.clock()
         self.next_look = watch.started_at + self.every_s
+        self.status.set("kafka", watch, crash_looping=False)
         self.echo(
             f"Kafka restarted (restart #{watch.restarts}, ready in {result.start_seconds:.1f}s); "
             "the services reconnect on their own"
@@ -276,22 +348,17 @@ class KafkaKeeper:
 
     def _down(self, now: float, why: str) -> None:
         watch, policy = self.watch, self.policy
-        if now - watch.started_at >= policy.stable_after_s:
-            watch.consecutive = 0
-        watch.exits = [t for t in watch.exits if now - t < policy.crash_loop_window_s]
-        watch.exits.append(now)
-        if len(watch.exits) >= policy.crash_loop_exits:
-            watch.given_up = True
+        delay, looping = watch.exited(now, policy)
+        self.status.set("kafka", watch, crash_looping=looping, last_error=why)
+        if looping:
             self.echo(
                 f"{why}. It went down {len(watch.exits)} times within "
-                f"{policy.crash_loop_window_s:.0f}s, so it is NOT restarted again: the services "
-                "keep retrying and the dispatcher spools usage. Fix the cause (see the Kafka "
-                "log), then restart `tollgate up`."
+                f"{policy.crash_loop_window_s:.0f}s; restarting it in {delay:g}s (and on, at "
+                f"most {policy.backoff_s[-1]:g}s apart, until it stays up: the services keep "
+                "retrying and the dispatcher spools usage meanwhile). Fix the cause: see the "
+                "Kafka log."
             )
             return
-        delay = policy.backoff_s[min(watch.consecutive, len(policy.backoff_s) - 1)]
-        watch.consecutive += 1
-        watch.restart_at = now + delay
         self.echo(f"{why}; restarting it in {delay:g}s (the dispatcher spools usage meanwhile)")
 
 
@@ -404,8 +471,9 @@ def run_stack(settings: Settings, echo: Callable[[str], None]) -> int:
             else ""
         )
         echo("Press Ctrl-C to stop everything.")
-        supervisor = Supervisor(services, env, echo)
-        keeper = KafkaKeeper(kafka, echo) if started_kafka else None
+        status = StackStatus(up_status_file(settings))  # `tollgate status` reads it
+        keeper = KafkaKeeper(kafka, echo, status=status) if started_kafka else None
+        supervisor = Supervisor(services, env, echo, status=status)
         while not stopping:
             supervisor.check()  # a service that exits is restarted, with backoff
             if keeper is not None:
@@ -424,12 +492,56 @@ def run_stack(settings: Settings, echo: Callable[[str], None]) -> int:
         with contextlib.suppress(OSError):
             if pid_file.read_text().strip() == str(os.getpid()):
                 pid_file.unlink()
+                up_status_file(settings).unlink(missing_ok=True)
         echo("stopped.")
 
 
 def up_pid_file(settings: Settings) -> Path:
     """Where a running `tollgate up` writes its process id."""
     return settings.state_dir / "up.pid"
+
+
+def up_status_file(settings: Settings) -> Path:
+    """Where a running `tollgate up` says how each component is (``StackStatus``)."""
+    return settings.state_dir / "up-status.json"
+
+
+def print_status(settings: Settings, echo: Callable[[str], None]) -> int:
+    """`tollgate status`: each component of the `up` running here, as its supervisor last
+    saw it (a listener that is not answering yet is said so). 0 when every one runs; 3 when
+    one is down, waiting for its restart, or when no `up` runs here."""
+    pid = running_up(settings)
+    if pid is None:
+        echo(f"no `tollgate up` is running here ({settings.state_dir})")
+        return 3
+    try:
+        body = json.loads(up_status_file(settings).read_text())
+    except (OSError, ValueError):
+        body = {}
+    if body.get("pid") != pid:
+        echo(f"`tollgate up` (process {pid}) is starting; nothing supervised yet")
+        return 3
+    echo(f"`tollgate up` (process {pid}; {settings.dispatcher_url}/dashboard):")
+    down = 0
+    for c in body.get("components", []):
+        if c["state"] == "restarting":
+            down += 1
+            looping = ", crash-looping" if c.get("crash_looping") else ""
+            why = f"last exit code {c['last_exit_code']}" if "last_exit_code" in c else ""
+            why = why or c.get("last_error") or "down"
+            at = datetime.fromisoformat(c["restart_at"])
+            wait_s = max(0.0, (at - datetime.now(UTC)).total_seconds())
+            state = (
+                f"restarting in {wait_s:.0f}s (at {at:%H:%M:%S} UTC; {why}{looping}; "
+                f"restart #{c['restarts'] + 1})"
+            )
+        elif c.get("listens") and not port_open(*c["listens"]):
+            state = f"starting (not answering on {c['url']} yet)"
+        else:
+            state = "running" + (f" {c['url']}" if c.get("url") else "")
+        where = f"; log {c['log']}" if c.get("log") else ""
+        echo(f"  {c['name']:<12} {state}{where}")
+    return 3 if down else 0
 
 
 def running_up(settings: Settings) -> int | None:

@@ -892,7 +892,7 @@ async def readyz(request: web.Request) -> web.Response:
         "router_model_loaded": c.levers.model_loaded,
     }
     # Spend of capped scopes waiting for the spend worker's count: when the worker is down
-    # (a crash loop `make up` gave up on), decisions go stale while the rest looks ready.
+    # (a crash loop `make up` keeps restarting), decisions go stale while the rest looks ready.
     waited = c.gate.uncounted_age_s()
     checks["spend_uncounted_oldest_s"] = None if waited is None else round(waited, 1)
     checks["spend_worker_counting"] = waited is None or waited <= c.settings.budget_max_staleness_s

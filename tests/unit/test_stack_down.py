@@ -1,17 +1,31 @@
 """`tollgate down` (`make down`) stops the `tollgate up` of its state directory, and nothing
-else (probes I and J stopped the stack with a signal by hand: there was no `make down`)."""
+else (probes I and J stopped the stack with a signal by hand: there was no `make down`);
+`tollgate status` says what that `up` runs."""
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
+from app.cli import main
 from app.settings import Settings
-from devtools.stack import run_stack, stop_stack, up_pid_file
+from devtools.stack import (
+    RestartPolicy,
+    Service,
+    StackStatus,
+    Supervisor,
+    run_stack,
+    stop_stack,
+    up_pid_file,
+    up_status_file,
+)
 
 # A stand-in for `tollgate up`: its command line says so, and SIGTERM stops it.
 FAKE_UP = (
@@ -75,3 +89,65 @@ def test_up_again_in_the_same_checkout_leaves_the_running_stack_to_down(
     assert up.poll() is None
     assert stop_stack(settings, said.append, timeout_s=30) == 0  # and down still stops it
     assert up.wait(5) == 0
+
+
+def test_status_says_which_component_is_down_until_it_is_restarted(
+    fake_up: tuple[Settings, subprocess.Popen[str]],
+) -> None:
+    """`tollgate status`: what the running `up` supervises, each component running or
+    restarting (down, and when it starts again); exit code 3 while one is down. Before it,
+    only `up`'s terminal said a component was down."""
+    settings, up = fake_up
+    now = [1000.0]
+    status = StackStatus(up_status_file(settings), clock=lambda: now[0], pid=up.pid)
+    lives = Service(
+        "lives",
+        [sys.executable, "-c", "import time; time.sleep(60)"],
+        "127.0.0.1",
+        None,
+        "(no listener)",
+        settings.state_dir / "lives.log",
+    )
+    dies = Service(
+        "dies",
+        [sys.executable, "-c", "raise SystemExit(2)"],
+        "127.0.0.1",
+        None,
+        "(no listener)",
+        settings.state_dir / "dies.log",
+    )
+    env = dict(os.environ)
+    for service in (lives, dies):
+        service.spawn(env)
+    policy = RestartPolicy(backoff_s=(30,))
+    supervisor = Supervisor([lives, dies], env, [].append, policy, lambda: now[0], status)
+
+    def tollgate_status() -> tuple[int, str]:
+        result = CliRunner().invoke(
+            main, ["status"], env={"TOLLGATE_STATE_DIR": str(settings.state_dir)}
+        )
+        return result.exit_code, result.output
+
+    try:
+        code, text = tollgate_status()
+        assert code == 0, text
+        assert f"process {up.pid}" in text
+        assert re.search(r"lives +running", text) and re.search(r"dies +running", text), text
+        assert dies.process is not None
+        dies.process.wait(30)
+        supervisor.check()  # sees the exit: restart in 30 s
+        code, text = tollgate_status()
+        assert code == 3, text
+        wait = re.search(r"dies +restarting in (\d+)s \(at .* UTC; last exit code 2;", text)
+        assert wait and int(wait[1]) <= 30, text
+        assert re.search(r"lives +running", text), text
+        now[0] += 30
+        supervisor.check()  # restarts it (it dies again; the next check would see it)
+        assert "restarting" not in tollgate_status()[1]
+    finally:
+        lives.stop()
+        dies.stop()
+    up.kill()
+    up.wait()
+    code, text = tollgate_status()
+    assert code == 3 and "no `tollgate up`" in text, text  # a stale file is not believed

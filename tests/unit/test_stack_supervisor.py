@@ -6,14 +6,18 @@ moves, so backoff and crash-loop windows are checked without waiting on wall tim
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
+
+import pytest
 
 from app.settings import Settings
 from devtools.kafka_local import LauncherError
@@ -21,6 +25,7 @@ from devtools.stack import (
     KafkaKeeper,
     RestartPolicy,
     Service,
+    StackStatus,
     Supervisor,
     planned_services,
     python_service,
@@ -45,6 +50,10 @@ def service(tmp_path: Path, name: str, code: str) -> Service:
         url="(no listener)",
         log_file=tmp_path / f"{name}.log",
     )
+
+
+def read_status(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
 
 
 def wait_exit(svc: Service, timeout_s: float = 30) -> None:
@@ -82,28 +91,53 @@ def test_a_service_that_dies_is_restarted_with_growing_backoff(tmp_path: Path) -
         lives.stop()
 
 
-def test_a_crash_loop_is_given_up_on_and_said_so(tmp_path: Path) -> None:
-    loops = service(tmp_path, "loops", "raise SystemExit(1)")
+def test_a_crash_loop_is_restarted_with_capped_backoff_until_it_recovers(tmp_path: Path) -> None:
+    """A newcomer's probe: after 5 exits within 2 minutes `up` left a service down for good,
+    and only a new `tollgate up` brought it back. It is restarted for as long as `up` runs,
+    the wait capped; the status file says it is down meanwhile."""
+    crashes = tmp_path / "crashes"
+    # crashes its first 6 starts (a dependency not there yet), then stays up
+    code = (
+        "import pathlib, sys, time\n"
+        f"p = pathlib.Path({str(crashes)!r})\n"
+        "n = len(p.read_text()) if p.exists() else 0\n"
+        "p.write_text('x' * (n + 1))\n"
+        "if n < 6: print(f'crash {n + 1}', flush=True); sys.exit(1)\n"
+        "time.sleep(600)\n"
+    )
+    flaky = service(tmp_path, "flaky", code)
     clock, said = FakeClock(), []
-    policy = RestartPolicy(backoff_s=(1,), crash_loop_exits=3, crash_loop_window_s=60)
-    loops.spawn(dict(os.environ))
-    supervisor = Supervisor([loops], dict(os.environ), said.append, policy, clock)
-    starts = 1
-    while not supervisor.given_up():
-        wait_exit(loops)
+    status = StackStatus(tmp_path / "up-status.json", clock=clock)
+    policy = RestartPolicy(backoff_s=(1, 2, 60), crash_loop_exits=3, crash_loop_window_s=600)
+    flaky.spawn(dict(os.environ))
+    supervisor = Supervisor([flaky], dict(os.environ), said.append, policy, clock, status)
+    delays = []
+    try:
+        for _ in range(6):
+            wait_exit(flaky)
+            supervisor.check()  # sees the exit, schedules the restart
+            delay = float(said[-1].split("restarting it in ", 1)[1].split("s", 1)[0])
+            delays.append(delay)
+            assert supervisor.down() == ["flaky"]
+            (component,) = read_status(tmp_path / "up-status.json")["components"]
+            assert component["name"] == "flaky" and component["state"] == "restarting"
+            assert component["backoff_s"] == delay and component["last_exit_code"] == 1
+            clock.now += delay
+            supervisor.check()  # restarts it
+            assert said[-1].startswith("flaky restarted")
+        assert delays == [1, 2, 60, 60, 60, 60], "capped, never given up"
+        assert any("crash-looping" in line for line in said), "said loudly, with its log"
+        assert any("crash 6" in line for line in said)
+        assert flaky.process is not None
+        with pytest.raises(subprocess.TimeoutExpired):
+            flaky.process.wait(2)  # the seventh start stays up
+        clock.now += 3600
         supervisor.check()
-        clock.now += 1
-        supervisor.check()
-        if said[-1].startswith("loops restarted"):
-            starts += 1
-        assert starts <= 3
-    assert starts == 3, "restarted twice, then the third exit within the window gave up"
-    assert "crash-looping" in said[-1] and "NOT restarted" in said[-1]
-    last = loops.process
-    clock.now += 3600  # however long `up` keeps running
-    for _ in range(5):
-        supervisor.check()
-    assert loops.process is last, "never restarted again"
+        assert supervisor.down() == []
+        (component,) = read_status(tmp_path / "up-status.json")["components"]
+        assert (component["state"], component["restarts"]) == ("running", 6)
+    finally:
+        flaky.stop()
 
 
 def test_a_stable_run_starts_the_backoff_over(tmp_path: Path) -> None:
@@ -165,17 +199,24 @@ def test_a_broker_that_dies_under_up_is_started_again() -> None:
     assert kafka.starts == 1 and kafka.running and "Kafka restarted" in said[-1]
 
 
-def test_a_broker_that_cannot_start_again_is_retried_then_given_up_on() -> None:
-    kafka, clock, said = FakeKafka(fail_starts=10), FakeClock(), []
-    policy = RestartPolicy(backoff_s=(1,), crash_loop_exits=3, crash_loop_window_s=60)
-    keeper = KafkaKeeper(kafka, said.append, policy, clock, every_s=1)
+def test_a_broker_that_cannot_start_again_is_retried_until_it_starts(tmp_path: Path) -> None:
+    kafka, clock, said = FakeKafka(fail_starts=4), FakeClock(), []
+    status = StackStatus(tmp_path / "up-status.json", clock=clock)
+    policy = RestartPolicy(backoff_s=(1, 5), crash_loop_exits=3, crash_loop_window_s=60)
+    keeper = KafkaKeeper(kafka, said.append, policy, clock, every_s=1, status=status)
     kafka.running = False
-    for _ in range(20):
+    states = []
+    for _ in range(30):
         clock.now += 1
         keeper.check()
-    assert kafka.starts == 2, said  # two tries; the third failure within the window gives up
+        states.append(read_status(tmp_path / "up-status.json")["components"][0]["state"])
+    assert kafka.starts == 5 and kafka.running, said  # four failed tries, then it started
     assert "port 9093 is taken" in "\n".join(said)
-    assert "NOT restarted" in said[-1]
+    delays = [line.split("restarting it in ", 1)[1].split("s", 1)[0] for line in said[:-1]]
+    assert delays == ["1", "5", "5", "5", "5"], said  # capped at the last step, not given up
+    assert "went down 5 times within 60s" in said[-2]
+    assert "Kafka restarted" in said[-1]
+    assert "restarting" in states and states[-1] == "running"
 
 
 def test_an_agent_whose_metrics_port_is_taken_runs_without_it(tmp_path: Path) -> None:
