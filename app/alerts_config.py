@@ -30,6 +30,11 @@ Severity = Literal["info", "warning", "critical"]
 TargetFormat = Literal["json", "slack", "pagerduty", "alertmanager"]
 
 SEVERITY_RANK: dict[str, int] = {"info": 0, "warning": 1, "critical": 2}
+# Every kind of alert published: the anomaly agent's (agents.anomaly.core.Kind) and the spend
+# worker's crossed soft threshold of a cap (app.budgets.spend).
+BUDGET_THRESHOLD = "budget_threshold"
+ANOMALY_KINDS = ("cost_per_request", "volume_spike", "volume_drop", "tier_mix")
+ALERT_KINDS = (*ANOMALY_KINDS, BUDGET_THRESHOLD)
 DEFAULT_SEVERITY = "warning"  # the schema's default; also how an unknown severity is ranked
 # How severe an incident's records were before its first one: ranked under every severity.
 NO_SEVERITY = "none"

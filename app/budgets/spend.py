@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+from app.alerts_config import BUDGET_THRESHOLD
 from app.budgets.periods import Period
 from app.budgets.policy import Evaluation, Policy
 from app.metering.usage import new_id
@@ -108,8 +109,8 @@ def threshold_alert(
     return {
         "event_id": new_id(),
         "ts": now,
-        "alert_key": f"budget_threshold|{scope}|{decision['period_start'].isoformat()}|{threshold}",
-        "kind": "budget_threshold",
+        "alert_key": f"{BUDGET_THRESHOLD}|{scope}|{decision['period_start'].isoformat()}|{threshold}",
+        "kind": BUDGET_THRESHOLD,
         "scope": scope,
         "severity": severity,
         "status": "firing",

@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, Field, TypeAdapter
 
+from app.alerts_config import ALERT_KINDS
 from app.http import responses
 from app.http.reports_api import PARAMS, REPORTS
 from app.ids import MAX_ID_LENGTH
@@ -130,9 +131,9 @@ REPORT_PARAMS = [
     {
         "name": "kind",
         "in": "query",
-        "schema": {"type": "string", "minLength": 1, "maxLength": MAX_ID_LENGTH},
-        "description": "alerts: only this kind (`budget_threshold`, or an anomaly detector's "
-        "such as `volume_spike`), or `anomaly` for every kind but `budget_threshold`",
+        "schema": {"type": "string", "enum": [*ALERT_KINDS, "anomaly"]},
+        "description": "alerts: only this kind, or `anomaly` for every kind but "
+        "`budget_threshold` (another value: 400 listing the kinds)",
     },
 ]
 

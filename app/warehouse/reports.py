@@ -17,7 +17,8 @@ from typing import Any
 from clickhouse_connect.driver.binding import DT64Param
 
 # SUPERSEDED: the SQL test of a usage row of an attempt escalated to a dearer tier
-from app.ids import SUPERSEDED, id_problem
+from app.alerts_config import ALERT_KINDS, BUDGET_THRESHOLD
+from app.ids import SUPERSEDED
 from app.pricing.catalog import usd_text
 
 MAX_RANGE = timedelta(days=400)
@@ -604,7 +605,6 @@ def breakdown_page(
 
 
 INTERVALS = ("minute", "hour", "day")
-BUDGET_THRESHOLD = "budget_threshold"  # the spend worker's alert kind (app.budgets.spend)
 ALERT_KIND_ANOMALY = "anomaly"  # the alerts report's ``kind`` for every other kind
 _ANOMALY = f"kind != '{BUDGET_THRESHOLD}'"  # SQL, on alert_events
 
@@ -675,10 +675,12 @@ def recent_alerts(
     if kind == ALERT_KIND_ANOMALY:
         only = f"AND {_ANOMALY} "
     elif kind is not None:
-        problem = id_problem(kind) if kind else "is empty"
-        if problem is not None:
+        if kind not in ALERT_KINDS:  # a typo listed nothing, as if no alert fired (probe 46)
             raise ReportError(
-                "kind", f"kind {problem}: an alert kind such as {BUDGET_THRESHOLD}, or anomaly"
+                "kind",
+                f"kind={kind[:64]!r} is not an alert kind: one of "
+                f"{', '.join(ALERT_KINDS)}, or {ALERT_KIND_ANOMALY} (every kind but "
+                f"{BUDGET_THRESHOLD})",
             )
         only, params["kind"] = "AND kind = %(kind)s ", kind
     rows = client.query(

@@ -747,6 +747,12 @@ async def test_budget_threshold_alerts_are_listed_with_their_kind(
 
             bad = await http.get("/v1/reports/alerts", params={**window, "kind": "a\nb"})
             assert bad.status_code == 400 and bad.json()["error"]["param"] == "kind"
+            # A typo listed nothing, as if no alert had fired (probe 46): a 400 listing the kinds.
+            typo = await http.get(
+                "/v1/reports/alerts", params={**window, "kind": "budget_treshold"}
+            )
+            assert typo.status_code == 400 and typo.json()["error"]["param"] == "kind"
+            assert "budget_threshold" in typo.json()["error"]["message"]
     finally:
         stop.set()
         await task
