@@ -7,34 +7,23 @@ the real view and the worker's real ``_send_decision``, with a send future that 
 from __future__ import annotations
 
 import asyncio
-from types import SimpleNamespace
 from typing import Any
 
-from agents.spend import SpendWorker
 from app.budgets.spend import should_publish
 from app.events.compacted import CompactedView
-from tests.unit.test_compacted_view_order import CODEC, apply, decision, read, view
-
-
-def _synced_view() -> CompactedView:
-    v = view()
-    v.begin_catch_up()
-    v.caught_up()
-    return v
+from tests.unit.test_compacted_view_order import (
+    apply,
+    decision,
+    read,
+    send_pending,
+    synced_view,
+    view,
+)
 
 
 def _send_and_fail(v: CompactedView, scope: str, record: dict[str, Any] | None) -> None:
     async def run() -> None:
-        outcome: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-
-        async def send(**_: Any) -> asyncio.Future[Any]:
-            return outcome
-
-        worker = SimpleNamespace(
-            decision_view=v, codec=CODEC, decisions_topic=SimpleNamespace(send=send)
-        )
-        v.put_local(scope, record)
-        await SpendWorker._send_decision(worker, scope, record)  # type: ignore[arg-type]
+        outcome = await send_pending(v, scope, record)
         outcome.set_exception(RuntimeError("not written"))
         await asyncio.sleep(0)  # the done callbacks run
 
@@ -42,7 +31,7 @@ def _send_and_fail(v: CompactedView, scope: str, record: dict[str, Any] | None) 
 
 
 def test_a_failed_blocked_decision_is_not_held_as_if_written() -> None:
-    v = _synced_view()
+    v = synced_view()
     open_ = decision("user:a", 0)
     apply(v, "user:a", open_, 0)
     blocked = decision("user:a", 12_000_000)
@@ -53,21 +42,11 @@ def test_a_failed_blocked_decision_is_not_held_as_if_written() -> None:
 
 
 def test_a_topic_record_skipped_while_the_write_was_pending_applies_once_it_fails() -> None:
-    v = _synced_view()
+    v = synced_view()
     apply(v, "user:a", decision("user:a", 0), 0)
 
     async def run() -> None:
-        outcome: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-
-        async def send(**_: Any) -> asyncio.Future[Any]:
-            return outcome
-
-        worker = SimpleNamespace(
-            decision_view=v, codec=CODEC, decisions_topic=SimpleNamespace(send=send)
-        )
-        mine = decision("user:a", 12_000_000)
-        v.put_local("user:a", mine)
-        await SpendWorker._send_decision(worker, "user:a", mine)  # type: ignore[arg-type]
+        outcome = await send_pending(v, "user:a", decision("user:a", 12_000_000))
         apply(v, "user:a", other, 1)  # another worker's, read while this write is pending
         outcome.set_exception(RuntimeError("not written"))
         await asyncio.sleep(0)
@@ -78,7 +57,7 @@ def test_a_topic_record_skipped_while_the_write_was_pending_applies_once_it_fail
 
 
 def test_a_failed_withdrawal_leaves_the_decision_to_withdraw_again() -> None:
-    v = _synced_view()
+    v = synced_view()
     blocked = decision("user:a", 12_000_000)
     apply(v, "user:a", blocked, 0)
     _send_and_fail(v, "user:a", None)

@@ -6,7 +6,9 @@ tests/integration/test_hung_kafka_start.py)."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 from typing import Any
 
 from hypothesis import given, settings
@@ -54,11 +56,47 @@ def apply(
     v._apply(key.encode(), value, partition, offset)
 
 
-def test_a_later_decision_with_an_older_ts_wins() -> None:
-    seen = Seen()
-    v = view(on_record=seen)
+def synced_view(on_record: Any = None) -> CompactedView:
+    """A view that has read its (empty) topic to the end."""
+    v = view(on_record=on_record)
     v.begin_catch_up()
     v.caught_up()
+    return v
+
+
+def restored_view(records: dict[str, dict[str, Any]]) -> tuple[CompactedView, Seen]:
+    """A view started from the saved view (``records``, read from the topic before), now
+    reading the topic from its beginning; what it hands on is in the ``Seen``."""
+    seen = Seen()
+    v = view(on_record=seen)
+    v.records.update({key: read(record) for key, record in records.items()})
+    v.begin_catch_up()
+    return v, seen
+
+
+async def send_pending(
+    v: CompactedView, scope: str, record: dict[str, Any] | None
+) -> asyncio.Future[Any]:
+    """The spend worker's real ``_send_decision`` of ``record``, put in ``v`` first as the
+    worker does; the send's outcome is the future returned, for the test to settle."""
+    from agents.spend import SpendWorker
+
+    outcome: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+    async def send(**_: Any) -> asyncio.Future[Any]:
+        return outcome
+
+    worker = SimpleNamespace(
+        decision_view=v, codec=CODEC, decisions_topic=SimpleNamespace(send=send)
+    )
+    v.put_local(scope, record)
+    await SpendWorker._send_decision(worker, scope, record)  # type: ignore[arg-type]
+    return outcome
+
+
+def test_a_later_decision_with_an_older_ts_wins() -> None:
+    seen = Seen()
+    v = synced_view(on_record=seen)
     apply(v, "user:a", decision("user:a", 0, NOW), 0)
     blocked = decision("user:a", 12_000_000, NOW - timedelta(minutes=5))  # clock stepped back
     apply(v, "user:a", blocked, 1)
@@ -67,13 +105,9 @@ def test_a_later_decision_with_an_older_ts_wins() -> None:
 
 
 def test_a_re_read_replaces_at_once_and_never_hands_on_an_older_record() -> None:
-    seen = Seen()
-    v = view(on_record=seen)
     open_, blocked = decision("user:a", 0), decision("user:a", 12_000_000)
     gone, kept = decision("user:gone", 1), decision("user:kept", 2)
-    # restored from the saved view (records read from the topic before)
-    v.records.update({"user:a": read(blocked), "user:gone": read(gone), "user:kept": read(kept)})
-    v.begin_catch_up()
+    v, seen = restored_view({"user:a": blocked, "user:gone": gone, "user:kept": kept})
     apply(v, "user:a", open_, 0)  # the topic's last hour is not compacted: older first
     apply(v, "user:kept", kept, 1)
     assert v.records["user:a"]["state"] == "blocked", "an older record applied mid-read"
@@ -93,11 +127,8 @@ def test_a_re_read_replaces_at_once_and_never_hands_on_an_older_record() -> None
 
 
 def test_a_read_cut_short_leaves_the_held_records_and_starts_again() -> None:
-    seen = Seen()
-    v = view(on_record=seen)
     blocked = decision("user:a", 12_000_000)
-    v.records["user:a"] = read(blocked)
-    v.begin_catch_up()
+    v, seen = restored_view({"user:a": blocked})
     apply(v, "user:a", decision("user:a", 0), 0)
     v.begin_catch_up()  # the broker was lost mid-read: the next read starts anew
     apply(v, "user:a", decision("user:a", 0), 0)
@@ -128,9 +159,7 @@ def test_the_policy_view_re_read_never_applies_an_older_policy() -> None:
 
 
 def test_a_local_write_is_kept_until_it_is_read_back() -> None:
-    v = view()
-    v.begin_catch_up()
-    v.caught_up()
+    v = synced_view()
     first, second = decision("user:a", 1), decision("user:a", 2)
     w1 = v.put_local("user:a", first)
     w2 = v.put_local("user:a", second)
@@ -165,9 +194,7 @@ def test_a_local_write_outlives_a_catch_up_that_did_not_read_it() -> None:
 
 
 def test_a_lost_local_write_lets_the_topic_apply_again() -> None:
-    v = view()
-    v.begin_catch_up()
-    v.caught_up()
+    v = synced_view()
     mine = decision("user:a", 2)
     v.local_lost("user:a", v.put_local("user:a", mine))
     other = decision("user:a", 3)
@@ -254,27 +281,10 @@ def test_the_view_holds_the_last_written_record_per_key(
 def test_the_spend_worker_follows_the_topic_again_when_its_write_fails() -> None:
     """The worker's own decision is put in its view before it is sent; if the send fails,
     it will never be read back, and the view must not skip the topic's records for ever."""
-    import asyncio
-    from types import SimpleNamespace
-
-    from agents.spend import SpendWorker
 
     async def run() -> CompactedView:
-        loop = asyncio.get_running_loop()
-        outcome: asyncio.Future[Any] = loop.create_future()
-
-        async def send(**_: Any) -> asyncio.Future[Any]:
-            return outcome
-
-        v = view()
-        v.begin_catch_up()
-        v.caught_up()
-        worker = SimpleNamespace(
-            decision_view=v, codec=CODEC, decisions_topic=SimpleNamespace(send=send)
-        )
-        mine = decision("user:a", 2)
-        v.put_local("user:a", mine)
-        await SpendWorker._send_decision(worker, "user:a", mine)  # type: ignore[arg-type]
+        v = synced_view()
+        outcome = await send_pending(v, "user:a", decision("user:a", 2))
         outcome.set_exception(RuntimeError("not written"))
         await asyncio.sleep(0)  # the done callbacks run
         return v

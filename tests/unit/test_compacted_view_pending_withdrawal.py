@@ -9,14 +9,14 @@ the worker's real ``_send_decision``, with a send future resolving to aiokafka's
 from __future__ import annotations
 
 import asyncio
-from types import SimpleNamespace
+from collections.abc import Iterator
 from typing import Any
 
+import pytest
 from aiokafka.structs import RecordMetadata, TopicPartition
 
-from agents.spend import SpendWorker
 from app.events.compacted import CompactedView
-from tests.unit.test_compacted_view_order import CODEC, apply, decision, read, view
+from tests.unit.test_compacted_view_order import apply, decision, read, send_pending, view
 
 TOPIC = "t.budget.decisions"
 
@@ -40,75 +40,63 @@ def _history(v: CompactedView) -> dict[str, Any]:
     return blocked
 
 
-def _loop_view() -> tuple[CompactedView, asyncio.AbstractEventLoop]:
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    """An event loop of the test's own, current while it runs (the sends' futures live on it)."""
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
-    v = view(TOPIC)
-    return v, loop
+    try:
+        yield loop
+    finally:
+        loop.close()
+        asyncio.set_event_loop(None)
 
 
 def _send_on(
     loop: asyncio.AbstractEventLoop, v: CompactedView, scope: str, record: dict[str, Any] | None
 ) -> asyncio.Future[Any]:
-    async def run() -> asyncio.Future[Any]:
-        outcome: asyncio.Future[Any] = loop.create_future()
-
-        async def send(**_: Any) -> asyncio.Future[Any]:
-            return outcome
-
-        worker = SimpleNamespace(
-            decision_view=v, codec=CODEC, decisions_topic=SimpleNamespace(send=send)
-        )
-        v.put_local(scope, record)
-        await SpendWorker._send_decision(worker, scope, record)  # type: ignore[arg-type]
-        return outcome
-
-    return loop.run_until_complete(run())
+    return loop.run_until_complete(send_pending(v, scope, record))
 
 
-def test_an_older_tombstone_read_again_is_not_the_pending_withdrawal() -> None:
-    v, loop = _loop_view()
-    try:
-        v.begin_catch_up()
-        blocked = _history(v)
-        v.caught_up({0: 3, 1: 0})
-        assert v.records["user:a"] == read(blocked)
-        sent = _send_on(loop, v, "user:a", None)  # the cap was removed: withdrawn
-        _resolve(sent, _landed(0, 3))
-        assert "user:a" not in v.records
-        v.begin_catch_up()  # the broker was lost before the withdrawal was read back
-        _history(v)  # read again: the older tombstone, then the blocked decision
-        v.caught_up({0: 3, 1: 0})  # the end offsets taken as the re-read began
-        assert "user:a" not in v.records, "the withdrawn blocked decision is held again"
-        apply(v, "user:a", None, 3)  # the worker's own tombstone, read back
-        assert "user:a" not in v.records
-        other = decision("user:a", 5_000_000)  # the next owner's, after a rebalance
-        apply(v, "user:a", other, 4)
-        assert v.records["user:a"] == read(other)
-    finally:
-        loop.close()
-        asyncio.set_event_loop(None)
+def test_an_older_tombstone_read_again_is_not_the_pending_withdrawal(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    v = view(TOPIC)
+    v.begin_catch_up()
+    blocked = _history(v)
+    v.caught_up({0: 3, 1: 0})
+    assert v.records["user:a"] == read(blocked)
+    sent = _send_on(loop, v, "user:a", None)  # the cap was removed: withdrawn
+    _resolve(sent, _landed(0, 3))
+    assert "user:a" not in v.records
+    v.begin_catch_up()  # the broker was lost before the withdrawal was read back
+    _history(v)  # read again: the older tombstone, then the blocked decision
+    v.caught_up({0: 3, 1: 0})  # the end offsets taken as the re-read began
+    assert "user:a" not in v.records, "the withdrawn blocked decision is held again"
+    apply(v, "user:a", None, 3)  # the worker's own tombstone, read back
+    assert "user:a" not in v.records
+    other = decision("user:a", 5_000_000)  # the next owner's, after a rebalance
+    apply(v, "user:a", other, 4)
+    assert v.records["user:a"] == read(other)
 
 
-def test_a_write_read_back_before_its_send_reports_where_it_landed() -> None:
+def test_a_write_read_back_before_its_send_reports_where_it_landed(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
     """The consumer may read the record before the producer's callback runs: records read
     meanwhile are held apart, and the view holds the topic's newest once the send reports."""
-    v, loop = _loop_view()
-    try:
-        v.begin_catch_up()
-        _history(v)
-        v.caught_up({0: 3, 1: 0})
-        mine = decision("user:a", 0)
-        sent = _send_on(loop, v, "user:a", mine)
-        apply(v, "user:a", mine, 3)  # read back, location not known yet
-        other = decision("user:a", 5_000_000)
-        apply(v, "user:a", other, 4)  # then another worker's
-        assert v.records["user:a"] == mine  # not known to be newer than the local write yet
-        _resolve(sent, _landed(0, 3))
-        assert v.records["user:a"] == read(other)
-    finally:
-        loop.close()
-        asyncio.set_event_loop(None)
+    v = view(TOPIC)
+    v.begin_catch_up()
+    _history(v)
+    v.caught_up({0: 3, 1: 0})
+    mine = decision("user:a", 0)
+    sent = _send_on(loop, v, "user:a", mine)
+    apply(v, "user:a", mine, 3)  # read back, location not known yet
+    other = decision("user:a", 5_000_000)
+    apply(v, "user:a", other, 4)  # then another worker's
+    assert v.records["user:a"] == mine  # not known to be newer than the local write yet
+    _resolve(sent, _landed(0, 3))
+    assert v.records["user:a"] == read(other)
 
 
 def test_a_newer_record_read_past_where_a_local_write_landed_is_held() -> None:
