@@ -10,22 +10,27 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager, suppress
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from agents.sink import ClickHouseSink
 from app.budgets.admin import policy_record
 from app.budgets.policy import parse_policy
 from app.events.codec import EventCodec
 from app.events.compacted import CompactedView
+from app.http.reports_api import create_reports_app
 from app.http.server import serve
 from app.metering.usage import new_id
 from app.settings import Settings, UpstreamConfig
+from app.warehouse.clickhouse import ReconnectingClient
 from devtools.simulator import SimulatorConfig, create_app
 from tests.ports import free_port
 
@@ -352,3 +357,55 @@ def wait_worker_ready(settings: Settings, timeout_s: float = 90, now: Any = None
 
     asyncio.run(probe())
     wait_for_decision(settings, "user:__probe__", timeout_s=timeout_s)
+
+
+@asynccontextmanager
+async def sink_running(settings: Settings, clickhouse: Any) -> AsyncIterator[ReconnectingClient]:
+    """A ClickHouse sink storing the topics of ``settings`` in ``clickhouse`` for the block;
+    yields the warehouse client it writes through."""
+    client = ReconnectingClient(lambda: clickhouse)
+    sink = ClickHouseSink(settings, client, batch_wait_s=0.3)
+    stop = asyncio.Event()
+    task = asyncio.create_task(sink.run(stop))
+    try:
+        yield client
+    finally:
+        stop.set()
+        await task
+
+
+@dataclass
+class ReportsServer:
+    """The reports server of ``serving_reports``: its port and an HTTP client of it."""
+
+    port: int
+    http: httpx.AsyncClient
+    window: dict[str, str]
+
+    async def get(self, name: str, **params: Any) -> Any:
+        """``/v1/reports/<name>`` over the window (and ``params``): its JSON, answered 200."""
+        response = await self.http.get(f"/v1/reports/{name}", params={**self.window, **params})
+        assert response.status_code == 200, response.text
+        return response.json()
+
+
+@asynccontextmanager
+async def serving_reports(
+    settings: Settings,
+    clickhouse: Any,
+    window: dict[str, str] | None = None,
+    **app_options: Any,
+) -> AsyncIterator[ReportsServer]:
+    """Kafka -> sink -> chdb -> reports server, for the block: the sink running (as
+    ``sink_running``) and the reports app (``create_reports_app(client, **app_options)``)
+    listening on a free port."""
+    async with sink_running(settings, clickhouse) as client:
+        port = free_port()
+        runner = web.AppRunner(create_reports_app(client, **app_options))
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, "127.0.0.1", port).start()
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+                yield ReportsServer(port, http, window or {})
+        finally:
+            await runner.cleanup()

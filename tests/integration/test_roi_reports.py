@@ -25,25 +25,21 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-from aiohttp import web
 from aiokafka import AIOKafkaProducer
 from click.testing import CliRunner
 
-from agents.sink import ClickHouseSink
 from app.cli import main
 from app.events.codec import EventCodec
 from app.events.topics import ensure_topics
-from app.http.reports_api import create_reports_app
 from app.metering.attribution import Identity
 from app.metering.usage import build_usage_record, new_id
 from app.pricing.catalog import PriceCatalog
 from app.settings import Settings
-from app.warehouse.clickhouse import MIGRATIONS_DIR, ReconnectingClient, migrate
+from app.warehouse.clickhouse import MIGRATIONS_DIR, migrate
 from app.warehouse.reports import MEASURES, USAGE, USAGE_BY_USER, Range, aggregate
 from app.warehouse.rollups import after_migration, fed_by, rollups
-from tests.integration.harness import free_port, private_day
+from tests.integration.harness import private_day, serving_reports, sink_running
 
 pytestmark = pytest.mark.integration
 
@@ -226,164 +222,148 @@ async def test_every_report_on_a_hand_computed_fixture(
     }
     await produce(kafka_settings, "alerts", "Alert", [fired, update])
 
-    client = ReconnectingClient(lambda: clickhouse)
-    sink = ClickHouseSink(kafka_settings, client, batch_wait_s=0.3)
-    stop = asyncio.Event()
-    task = asyncio.create_task(sink.run(stop))
-    port = free_port()
-    runner = web.AppRunner(
-        create_reports_app(client, active_scope=lambda scope: not scope.endswith("-gone"))
-    )
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
     window = {"from": day.isoformat(), "to": (day + timedelta(days=1)).isoformat()}
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
-
-            async def get(name: str, **params: Any) -> Any:
-                response = await http.get(f"/v1/reports/{name}", params={**window, **params})
-                assert response.status_code == 200, response.text
-                return response.json()
-
-            for _ in range(100):
-                if (
-                    (await get("summary"))["requests"] == 4
-                    and (await get("outcomes"))["features"]
-                    and (await http.get("/v1/reports/budgets")).json()["scopes"]
-                ):
-                    break
-                await asyncio.sleep(0.3)
-
-            summary = await get("summary")
-            assert summary["requests"] == 4  # the duplicates were not counted
-            assert summary["cost_usd"] == "2.025"
-            assert summary["baseline_cost_usd"] == "90"
-            assert summary["unpriced_requests"] == 1
-            assert summary["cache_hits"] == 1 and summary["cache_hit_rate"] == 0.25
-            assert summary["sentence"] == (
-                "We processed 4 requests, would have cost $90.00 at GPT-4 rates, actually cost "
-                "$2.02 — 97.8% savings. (1 request to models without a price is in neither "
-                "amount.)"
-            )
-
-            savings = await get("savings")
-            assert savings["savings_usd"] == "87.975"
-            assert savings["decomposition"] == {
-                "model_choice_usd": "82.5",
-                "routing_usd": "2.35",
-                "prompt_cache_usd": "0.625",
-                "cache_usd": "2.5",
-            }
-            assert savings["cache"]["hits"] == 1
-            assert savings["cache"]["savings_usd"] == "2.5"
-            assert savings["cache"]["cached_prompt_tokens"] == M // 2
-            assert savings["routing"]["downtiered"] == 1
-            assert savings["routing"]["downtiered_share"] == pytest.approx(1 / 3, abs=1e-6)
-            assert savings["routing"]["downtiered_with_outcome"] == 1
-            assert savings["routing"]["downtiered_success_share"] == 1.0
-            # the downtiered call was sent by exploration (its duplicate counted once)
-            assert savings["routing"]["explored"] == 1
-            assert savings["routing"]["explored_with_outcome"] == 1
-            assert savings["routing"]["explored_success_share"] == 1.0
-
-            by_feature = {r["feature"]: r for r in (await get("outcomes"))["features"]}
-            chat, search = by_feature[f"{tag}-chat"], by_feature[f"{tag}-search"]
-            assert (chat["cost_usd"], chat["successes"], chat["cost_per_success_usd"]) == (
-                "0.15",
-                1,
-                "0.15",
-            )
-            assert (search["outcomes"], search["successes"], search["success_rate"]) == (2, 1, 0.5)
-            assert search["cost_per_success_usd"] == "1.875"
-            unlinked = by_feature["(none)"]
-            assert (unlinked["requests"], unlinked["successes"]) == (0, 1)
-            assert unlinked["cost_per_success_usd"] is None  # no spend to divide, not $0
-            # ROI is (value - cost) / cost: $0.60 for $0.15 returns 3.00 (300 %), $3 for
-            # $1.875 returns 0.60; value per dollar is value / cost
-            assert (chat["value_usd"], chat["net_value_usd"], chat["roi"]) == (
-                "0.6",
-                "0.45",
-                "3.00",
-            )
-            assert chat["value_per_usd"] == "4.00"
-            assert (search["value_usd"], search["net_value_usd"], search["roi"]) == (
-                "3",
-                "1.125",
-                "0.60",
-            )
-
-            users = (await get("breakdown", by="user", limit="5"))["rows"]
-            assert [(r["user"], r["cost_usd"]) for r in users] == [
-                (f"{tag}-bob", "1.875"),
-                (f"{tag}-alice", "0.15"),
-            ]
-            # a page says what it leaves out (a newcomer probe: the top 20 of 55 users, or
-            # 1,000 of 1,100, with nothing saying rows were missing)
-            first = await get("breakdown", by="user", limit="1")
-            assert [r["user"] for r in first["rows"]] == [f"{tag}-bob"]
-            assert (first["more"], first["next_offset"]) == (True, 1)
-            assert (first["others"]["cost_usd"], first["others"]["requests"]) == ("0.15", 2)
-            assert first["total"]["cost_usd"] == summary["cost_usd"]
-            rest = await get("breakdown", by="user", limit="1", offset="1")
-            assert [r["user"] for r in rest["rows"]] == [f"{tag}-alice"]
-            assert (rest["more"], rest["next_offset"]) == (False, None)
-            assert rest["others"]["cost_usd"] == "1.875"
-            models = {r["model"]: r for r in (await get("breakdown", by="model"))["rows"]}
-            assert models["mystery-model"]["unpriced_requests"] == 1
-            assert models["gpt-4o"]["cost_usd"] == "1.875"
-
-            every = (await get("timeseries", interval="minute"))["points"]
-            assert len(every) == 24 * 60, "every minute of the day, a quiet one at zero"
-            assert every[0]["start"] == day.isoformat() and every[0]["cost_usd"] == "0"
-            points = [p for p in every if p["requests"] or p["anomaly"]]
-            assert [p["requests"] for p in points] == [1, 1, 1, 1]
-            assert [p["anomaly"] for p in points] == [False, False, True, False]
-            assert points[2]["alert_kinds"] == ["cost_per_request"]
-            assert points[2]["alerts"] == 1, "an alert's update is not another alert"
-            # the dashboard's list of recent alerts: the update too, latest first
-            raised, recent = (await get("alerts"))["alerts"]
-            assert raised["severity"] == "critical" and raised["message"].startswith("now critical")
-            assert recent["kind"] == "cost_per_request" and recent["scope"] == "feature:x"
-            assert recent["severity"] == "warning" and recent["message"] == "test"
-            # a v1 alert (before incidents): its own page, not historical, no impact known
-            assert (recent["incident_role"], recent["historical"]) == ("primary", False)
-            assert recent["impact_usd_per_hour"] is None
-            assert recent["ts"].startswith((day + timedelta(hours=10, minutes=2)).isoformat()[:16])
-
-            scopes = {
-                s["scope"]: s for s in (await http.get("/v1/reports/budgets")).json()["scopes"]
-            }
-            mine = {k: v for k, v in scopes.items() if tag in k}
-            assert list(mine) == [f"user:{tag}-alice"]  # the removed cap is not listed
-            assert mine[f"user:{tag}-alice"]["state"] == "warn"
-            assert mine[f"user:{tag}-alice"]["used"] == 0.8
-
-            # Edges of a range that cuts rollup buckets come from raw rows: exact either way.
-            cut = {
-                "from": (day + timedelta(hours=10, minutes=1, seconds=30)).isoformat(),
-                "to": (day + timedelta(hours=10, minutes=2, seconds=30)).isoformat(),
-            }
-            cut_summary = (await http.get("/v1/reports/summary", params=cut)).json()
-            assert (cut_summary["requests"], cut_summary["cost_usd"]) == (1, "1.875")
-
-            for name, params, param in (
-                ("breakdown", {"by": "colour"}, "by"),
-                ("summary", {"from": "last tuesday"}, "from"),
-                ("breakdown", {"limit": "lots"}, "limit"),
-                ("breakdown", {"offset": "-1"}, "offset"),
-                ("breakdown", {"offset": "99999999"}, "offset"),
-                ("timeseries", {"interval": "fortnight"}, "interval"),
-                ("savings", {"bogus": "1"}, "bogus"),
-                ("summary", {"from": window["to"], "to": window["from"]}, "from"),
+    async with serving_reports(
+        kafka_settings, clickhouse, window, active_scope=lambda scope: not scope.endswith("-gone")
+    ) as reports:
+        http, get = reports.http, reports.get
+        for _ in range(100):
+            if (
+                (await get("summary"))["requests"] == 4
+                and (await get("outcomes"))["features"]
+                and (await http.get("/v1/reports/budgets")).json()["scopes"]
             ):
-                bad = await http.get(f"/v1/reports/{name}", params={**window, **params})
-                assert bad.status_code == 400, (name, params)
-                assert bad.json()["error"]["param"] == param
-                assert bad.json()["error"]["type"] == "invalid_request_error"
+                break
+            await asyncio.sleep(0.3)
+
+        summary = await get("summary")
+        assert summary["requests"] == 4  # the duplicates were not counted
+        assert summary["cost_usd"] == "2.025"
+        assert summary["baseline_cost_usd"] == "90"
+        assert summary["unpriced_requests"] == 1
+        assert summary["cache_hits"] == 1 and summary["cache_hit_rate"] == 0.25
+        assert summary["sentence"] == (
+            "We processed 4 requests, would have cost $90.00 at GPT-4 rates, actually cost "
+            "$2.02 — 97.8% savings. (1 request to models without a price is in neither "
+            "amount.)"
+        )
+
+        savings = await get("savings")
+        assert savings["savings_usd"] == "87.975"
+        assert savings["decomposition"] == {
+            "model_choice_usd": "82.5",
+            "routing_usd": "2.35",
+            "prompt_cache_usd": "0.625",
+            "cache_usd": "2.5",
+        }
+        assert savings["cache"]["hits"] == 1
+        assert savings["cache"]["savings_usd"] == "2.5"
+        assert savings["cache"]["cached_prompt_tokens"] == M // 2
+        assert savings["routing"]["downtiered"] == 1
+        assert savings["routing"]["downtiered_share"] == pytest.approx(1 / 3, abs=1e-6)
+        assert savings["routing"]["downtiered_with_outcome"] == 1
+        assert savings["routing"]["downtiered_success_share"] == 1.0
+        # the downtiered call was sent by exploration (its duplicate counted once)
+        assert savings["routing"]["explored"] == 1
+        assert savings["routing"]["explored_with_outcome"] == 1
+        assert savings["routing"]["explored_success_share"] == 1.0
+
+        by_feature = {r["feature"]: r for r in (await get("outcomes"))["features"]}
+        chat, search = by_feature[f"{tag}-chat"], by_feature[f"{tag}-search"]
+        assert (chat["cost_usd"], chat["successes"], chat["cost_per_success_usd"]) == (
+            "0.15",
+            1,
+            "0.15",
+        )
+        assert (search["outcomes"], search["successes"], search["success_rate"]) == (2, 1, 0.5)
+        assert search["cost_per_success_usd"] == "1.875"
+        unlinked = by_feature["(none)"]
+        assert (unlinked["requests"], unlinked["successes"]) == (0, 1)
+        assert unlinked["cost_per_success_usd"] is None  # no spend to divide, not $0
+        # ROI is (value - cost) / cost: $0.60 for $0.15 returns 3.00 (300 %), $3 for
+        # $1.875 returns 0.60; value per dollar is value / cost
+        assert (chat["value_usd"], chat["net_value_usd"], chat["roi"]) == (
+            "0.6",
+            "0.45",
+            "3.00",
+        )
+        assert chat["value_per_usd"] == "4.00"
+        assert (search["value_usd"], search["net_value_usd"], search["roi"]) == (
+            "3",
+            "1.125",
+            "0.60",
+        )
+
+        users = (await get("breakdown", by="user", limit="5"))["rows"]
+        assert [(r["user"], r["cost_usd"]) for r in users] == [
+            (f"{tag}-bob", "1.875"),
+            (f"{tag}-alice", "0.15"),
+        ]
+        # a page says what it leaves out (a newcomer probe: the top 20 of 55 users, or
+        # 1,000 of 1,100, with nothing saying rows were missing)
+        first = await get("breakdown", by="user", limit="1")
+        assert [r["user"] for r in first["rows"]] == [f"{tag}-bob"]
+        assert (first["more"], first["next_offset"]) == (True, 1)
+        assert (first["others"]["cost_usd"], first["others"]["requests"]) == ("0.15", 2)
+        assert first["total"]["cost_usd"] == summary["cost_usd"]
+        rest = await get("breakdown", by="user", limit="1", offset="1")
+        assert [r["user"] for r in rest["rows"]] == [f"{tag}-alice"]
+        assert (rest["more"], rest["next_offset"]) == (False, None)
+        assert rest["others"]["cost_usd"] == "1.875"
+        models = {r["model"]: r for r in (await get("breakdown", by="model"))["rows"]}
+        assert models["mystery-model"]["unpriced_requests"] == 1
+        assert models["gpt-4o"]["cost_usd"] == "1.875"
+
+        every = (await get("timeseries", interval="minute"))["points"]
+        assert len(every) == 24 * 60, "every minute of the day, a quiet one at zero"
+        assert every[0]["start"] == day.isoformat() and every[0]["cost_usd"] == "0"
+        points = [p for p in every if p["requests"] or p["anomaly"]]
+        assert [p["requests"] for p in points] == [1, 1, 1, 1]
+        assert [p["anomaly"] for p in points] == [False, False, True, False]
+        assert points[2]["alert_kinds"] == ["cost_per_request"]
+        assert points[2]["alerts"] == 1, "an alert's update is not another alert"
+        # the dashboard's list of recent alerts: the update too, latest first
+        raised, recent = (await get("alerts"))["alerts"]
+        assert raised["severity"] == "critical" and raised["message"].startswith("now critical")
+        assert recent["kind"] == "cost_per_request" and recent["scope"] == "feature:x"
+        assert recent["severity"] == "warning" and recent["message"] == "test"
+        # a v1 alert (before incidents): its own page, not historical, no impact known
+        assert (recent["incident_role"], recent["historical"]) == ("primary", False)
+        assert recent["impact_usd_per_hour"] is None
+        assert recent["ts"].startswith((day + timedelta(hours=10, minutes=2)).isoformat()[:16])
+
+        scopes = {s["scope"]: s for s in (await http.get("/v1/reports/budgets")).json()["scopes"]}
+        mine = {k: v for k, v in scopes.items() if tag in k}
+        assert list(mine) == [f"user:{tag}-alice"]  # the removed cap is not listed
+        assert mine[f"user:{tag}-alice"]["state"] == "warn"
+        assert mine[f"user:{tag}-alice"]["used"] == 0.8
+
+        # Edges of a range that cuts rollup buckets come from raw rows: exact either way.
+        cut = {
+            "from": (day + timedelta(hours=10, minutes=1, seconds=30)).isoformat(),
+            "to": (day + timedelta(hours=10, minutes=2, seconds=30)).isoformat(),
+        }
+        cut_summary = (await http.get("/v1/reports/summary", params=cut)).json()
+        assert (cut_summary["requests"], cut_summary["cost_usd"]) == (1, "1.875")
+
+        for name, params, param in (
+            ("breakdown", {"by": "colour"}, "by"),
+            ("summary", {"from": "last tuesday"}, "from"),
+            ("breakdown", {"limit": "lots"}, "limit"),
+            ("breakdown", {"offset": "-1"}, "offset"),
+            ("breakdown", {"offset": "99999999"}, "offset"),
+            ("timeseries", {"interval": "fortnight"}, "interval"),
+            ("savings", {"bogus": "1"}, "bogus"),
+            ("summary", {"from": window["to"], "to": window["from"]}, "from"),
+        ):
+            bad = await http.get(f"/v1/reports/{name}", params={**window, **params})
+            assert bad.status_code == 400, (name, params)
+            assert bad.json()["error"]["param"] == param
+            assert bad.json()["error"]["type"] == "invalid_request_error"
 
         # The CLI prints the same numbers (through the reports server).
         def cli(*args: str) -> str:
-            return report_cli(port, window, *args)
+            return report_cli(reports.port, window, *args)
 
         text = await asyncio.to_thread(cli)
         assert text.splitlines()[0] == summary["sentence"]
@@ -399,10 +379,6 @@ async def test_every_report_on_a_hand_computed_fixture(
         table = await asyncio.to_thread(cli, "--by", "user", "--limit", "1")
         spend = table.split("Spend by user", 1)[1].split("Cost per successful outcome", 1)[0]
         assert "(all others)" in spend and f"{tag}-alice" not in spend, spend
-    finally:
-        stop.set()
-        await task
-        await runner.cleanup()
 
 
 async def test_an_escalated_request_is_one_request_whose_two_attempts_are_spend(
@@ -424,56 +400,38 @@ async def test_an_escalated_request_is_one_request_whose_two_attempts_are_spend(
     day = private_day()
     tag = f"esc{random.randrange(10**6)}"
     await produce(kafka_settings, "usage", "Usage", escalated_request(day, tag, minute=7))
-    client = ReconnectingClient(lambda: clickhouse)
-    sink = ClickHouseSink(kafka_settings, client, batch_wait_s=0.3)
-    stop = asyncio.Event()
-    task = asyncio.create_task(sink.run(stop))
-    port = free_port()
-    runner = web.AppRunner(create_reports_app(client))
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
     window = {"from": day.isoformat(), "to": (day + timedelta(days=1)).isoformat()}
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
-
-            async def get(name: str, **params: Any) -> Any:
-                response = await http.get(f"/v1/reports/{name}", params={**window, **params})
-                assert response.status_code == 200, response.text
-                return response.json()
-
-            for _ in range(100):
-                if (await get("summary"))["cost_usd"] == "2.65":
-                    break
-                await asyncio.sleep(0.3)
-            summary = await get("summary")
-            assert (summary["requests"], summary["errors"]) == (1, 0)
-            assert summary["cost_usd"] == "2.65"  # both attempts were paid
-            assert summary["baseline_cost_usd"] == "30"
-            savings = await get("savings")
-            assert savings["requests"] == 1 and savings["savings_usd"] == "27.35"
-            assert savings["decomposition"]["model_choice_usd"] == "20"
-            assert savings["decomposition"]["routing_usd"] == "7.35"
-            # the answer came cheaper than asked; the refused economy attempt is no saving
-            assert savings["routing"]["downtiered"] == 1
-            # what the escalations cost: attempts paid for answers nobody saw
-            assert savings["routing"]["escalated"] == 1
-            assert savings["routing"]["escalated_cost_usd"] == "0.15"
-            (carol,) = (await get("breakdown", by="user"))["rows"]
-            assert (carol["requests"], carol["errors"], carol["cost_usd"]) == (1, 0, "2.65")
-            (chat,) = (await get("breakdown", by="feature"))["rows"]
-            assert (chat["requests"], chat["cost_usd"]) == (1, "2.65")
-            # an edge of the range read from raw rows counts the same
-            cut = {
-                "from": (day + timedelta(hours=10, minutes=7, seconds=1)).isoformat(),
-                "to": (day + timedelta(hours=10, minutes=7, seconds=59)).isoformat(),
-            }
-            edge = (await http.get("/v1/reports/summary", params=cut)).json()
-            assert (edge["requests"], edge["errors"], edge["cost_usd"]) == (1, 0, "2.65")
-            assert edge["baseline_cost_usd"] == "30"
-    finally:
-        stop.set()
-        await task
-        await runner.cleanup()
+    async with serving_reports(kafka_settings, clickhouse, window) as reports:
+        http, get = reports.http, reports.get
+        for _ in range(100):
+            if (await get("summary"))["cost_usd"] == "2.65":
+                break
+            await asyncio.sleep(0.3)
+        summary = await get("summary")
+        assert (summary["requests"], summary["errors"]) == (1, 0)
+        assert summary["cost_usd"] == "2.65"  # both attempts were paid
+        assert summary["baseline_cost_usd"] == "30"
+        savings = await get("savings")
+        assert savings["requests"] == 1 and savings["savings_usd"] == "27.35"
+        assert savings["decomposition"]["model_choice_usd"] == "20"
+        assert savings["decomposition"]["routing_usd"] == "7.35"
+        # the answer came cheaper than asked; the refused economy attempt is no saving
+        assert savings["routing"]["downtiered"] == 1
+        # what the escalations cost: attempts paid for answers nobody saw
+        assert savings["routing"]["escalated"] == 1
+        assert savings["routing"]["escalated_cost_usd"] == "0.15"
+        (carol,) = (await get("breakdown", by="user"))["rows"]
+        assert (carol["requests"], carol["errors"], carol["cost_usd"]) == (1, 0, "2.65")
+        (chat,) = (await get("breakdown", by="feature"))["rows"]
+        assert (chat["requests"], chat["cost_usd"]) == (1, "2.65")
+        # an edge of the range read from raw rows counts the same
+        cut = {
+            "from": (day + timedelta(hours=10, minutes=7, seconds=1)).isoformat(),
+            "to": (day + timedelta(hours=10, minutes=7, seconds=59)).isoformat(),
+        }
+        edge = (await http.get("/v1/reports/summary", params=cut)).json()
+        assert (edge["requests"], edge["errors"], edge["cost_usd"]) == (1, 0, "2.65")
+        assert edge["baseline_cost_usd"] == "30"
 
 
 async def test_a_long_name_is_shortened_in_the_report_table_and_whole_in_json(
@@ -522,20 +480,14 @@ async def test_a_long_name_is_shortened_in_the_report_table_and_whole_in_json(
         "BudgetDecision",
         [decision(scope, "2.5", "5", "warn", day)],
     )
-    client = ReconnectingClient(lambda: clickhouse)
-    sink = ClickHouseSink(kafka_settings, client, batch_wait_s=0.3)
-    stop = asyncio.Event()
-    task = asyncio.create_task(sink.run(stop))
-    port = free_port()
-    runner = web.AppRunner(create_reports_app(client, active_scope=lambda s: tag in s))
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
     window = {"from": day.isoformat(), "to": (day + timedelta(days=1)).isoformat()}
+    async with serving_reports(
+        kafka_settings, clickhouse, window, active_scope=lambda s: tag in s
+    ) as reports:
 
-    def cli(*args: str) -> str:
-        return report_cli(port, window, *args)
+        def cli(*args: str) -> str:
+            return report_cli(reports.port, window, *args)
 
-    try:
         for _ in range(100):  # until the sink has written all three
             got = json.loads(await asyncio.to_thread(cli, "--format", "json", "--by", "user"))
             if got["breakdown"]["rows"] and got["outcomes"] and got["budgets"]:
@@ -556,10 +508,6 @@ async def test_a_long_name_is_shortened_in_the_report_table_and_whole_in_json(
             for row in rows:
                 assert "…" in row and name[-4:] in row, row  # shortened; its end stays
             assert "--format json" in tables, "the table says where the whole names are"
-    finally:
-        stop.set()
-        await task
-        await runner.cleanup()
 
 
 async def test_rollups_equal_raw_events(kafka_settings: Settings, clickhouse: Any) -> None:
@@ -574,12 +522,8 @@ async def test_rollups_equal_raw_events(kafka_settings: Settings, clickhouse: An
     yesterday -= timedelta(days=1)
     recent_calls = fixture_calls(yesterday, tag) + escalated_request(yesterday, tag, 4)
     await produce(kafka_settings, "usage", "Usage", calls + recent_calls)
-    client = ReconnectingClient(lambda: clickhouse)
-    sink = ClickHouseSink(kafka_settings, client, batch_wait_s=0.3)
-    stop = asyncio.Event()
-    task = asyncio.create_task(sink.run(stop))
     whole = Range(day, day + timedelta(days=1))  # aligned: rollups only
-    try:
+    async with sink_running(kafka_settings, clickhouse):
         recent_day = Range(yesterday, yesterday + timedelta(days=1))
         for _ in range(100):
             if (
@@ -593,9 +537,6 @@ async def test_rollups_equal_raw_events(kafka_settings: Settings, clickhouse: An
             ):
                 break
             await asyncio.sleep(0.3)
-    finally:
-        stop.set()
-        await task
     # A range that starts and ends one millisecond off the minute reads (almost) only raw rows.
     skewed = Range(day + timedelta(milliseconds=1), day + timedelta(days=1, milliseconds=-1))
     # Hours, minutes and raw seconds: the same numbers whichever tables serve the range.
@@ -654,19 +595,11 @@ async def test_hours_stored_before_the_client_requests_migration_are_counted_aga
         await produce(
             kafka_settings, "usage", "Usage", escalated_request(hour - timedelta(hours=10), tag, 3)
         )
-        sink = ClickHouseSink(
-            kafka_settings, ReconnectingClient(lambda: clickhouse), batch_wait_s=0.3
-        )
-        stop = asyncio.Event()
-        task = asyncio.create_task(sink.run(stop))
-        try:
+        async with sink_running(kafka_settings, clickhouse):
             for _ in range(100):
                 if (await asyncio.to_thread(user_rollup))[0] == 2:
                     break
                 await asyncio.sleep(0.3)
-        finally:
-            stop.set()
-            await task
     finally:
         for view in views:
             await asyncio.to_thread(
@@ -706,54 +639,34 @@ async def test_budget_threshold_alerts_are_listed_with_their_kind(
     anomaly = alert(day, "cost_per_request")  # at 10:02
     await produce(kafka_settings, "alerts", "Alert", [anomaly, budget])
 
-    client = ReconnectingClient(lambda: clickhouse)
-    sink = ClickHouseSink(kafka_settings, client, batch_wait_s=0.3)
-    stop = asyncio.Event()
-    task = asyncio.create_task(sink.run(stop))
-    port = free_port()
-    runner = web.AppRunner(create_reports_app(client))
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
     window = {"from": day.isoformat(), "to": (day + timedelta(days=1)).isoformat()}
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+    async with serving_reports(kafka_settings, clickhouse, window) as reports:
+        http, get = reports.http, reports.get
+        for _ in range(100):
+            if len((await get("alerts", kind="cost_per_request"))["alerts"]) == 1:
+                break
+            await asyncio.sleep(0.3)
+        listed = (await get("alerts"))["alerts"]
+        assert [(a["kind"], a["scope"]) for a in listed] == [
+            ("budget_threshold", scope),
+            ("cost_per_request", "feature:x"),
+        ]
+        assert listed[0]["severity"] == "warning"
+        assert "80% threshold" in listed[0]["message"]
+        thresholds = (await get("alerts", kind="budget_threshold"))["alerts"]
+        assert [a["scope"] for a in thresholds] == [scope]
+        anomalies = (await get("alerts", kind="anomaly"))["alerts"]
+        assert [a["kind"] for a in anomalies] == ["cost_per_request"]
 
-            async def get(name: str, **params: Any) -> Any:
-                response = await http.get(f"/v1/reports/{name}", params={**window, **params})
-                assert response.status_code == 200, response.text
-                return response.json()
+        points = (await get("timeseries", interval="hour"))["points"]
+        ten, eleven = points[10], points[11]
+        assert (ten["anomaly"], ten["alerts"], ten["budget_thresholds"]) == (True, 1, 0)
+        assert (eleven["anomaly"], eleven["alerts"], eleven["alert_kinds"]) == (False, 0, [])
+        assert eleven["budget_thresholds"] == 1
 
-            for _ in range(100):
-                if len((await get("alerts", kind="cost_per_request"))["alerts"]) == 1:
-                    break
-                await asyncio.sleep(0.3)
-            listed = (await get("alerts"))["alerts"]
-            assert [(a["kind"], a["scope"]) for a in listed] == [
-                ("budget_threshold", scope),
-                ("cost_per_request", "feature:x"),
-            ]
-            assert listed[0]["severity"] == "warning"
-            assert "80% threshold" in listed[0]["message"]
-            thresholds = (await get("alerts", kind="budget_threshold"))["alerts"]
-            assert [a["scope"] for a in thresholds] == [scope]
-            anomalies = (await get("alerts", kind="anomaly"))["alerts"]
-            assert [a["kind"] for a in anomalies] == ["cost_per_request"]
-
-            points = (await get("timeseries", interval="hour"))["points"]
-            ten, eleven = points[10], points[11]
-            assert (ten["anomaly"], ten["alerts"], ten["budget_thresholds"]) == (True, 1, 0)
-            assert (eleven["anomaly"], eleven["alerts"], eleven["alert_kinds"]) == (False, 0, [])
-            assert eleven["budget_thresholds"] == 1
-
-            bad = await http.get("/v1/reports/alerts", params={**window, "kind": "a\nb"})
-            assert bad.status_code == 400 and bad.json()["error"]["param"] == "kind"
-            # A typo listed nothing, as if no alert had fired (probe 46): a 400 listing the kinds.
-            typo = await http.get(
-                "/v1/reports/alerts", params={**window, "kind": "budget_treshold"}
-            )
-            assert typo.status_code == 400 and typo.json()["error"]["param"] == "kind"
-            assert "budget_threshold" in typo.json()["error"]["message"]
-    finally:
-        stop.set()
-        await task
-        await runner.cleanup()
+        bad = await http.get("/v1/reports/alerts", params={**window, "kind": "a\nb"})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "kind"
+        # A typo listed nothing, as if no alert had fired (probe 46): a 400 listing the kinds.
+        typo = await http.get("/v1/reports/alerts", params={**window, "kind": "budget_treshold"})
+        assert typo.status_code == 400 and typo.json()["error"]["param"] == "kind"
+        assert "budget_threshold" in typo.json()["error"]["message"]
