@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -409,3 +409,44 @@ async def serving_reports(
                 yield ReportsServer(port, http, window or {})
         finally:
             await runner.cleanup()
+
+
+def same_partition_user(settings: Settings, user: str, prefix: str) -> str:
+    """The first ``<prefix>-<i>`` whose usage goes to the partition of ``user``'s (as the
+    dispatcher keys events): once a record of it is read, every earlier one of ``user``'s is."""
+    from agents.spend import partition_for  # faust, only for the tests that need it
+
+    n = settings.topic_partitions
+    return next(
+        f"{prefix}-{i}"
+        for i in range(1000)
+        if partition_for(f"{prefix}-{i}", n) == partition_for(user, n)
+    )
+
+
+@contextmanager
+def frozen_kafka(kafka_launcher: Any) -> Iterator[Callable[[], None]]:
+    """The session broker stopped (SIGSTOP) for the block: it accepts TCP and never answers.
+    Yields ``thaw`` (SIGCONT), for a test to let Kafka answer before its stack stops; the
+    broker is thawed at the end in any case."""
+    pid = kafka_launcher.status().pid
+    assert pid is not None, "the session broker is not running"
+
+    def thaw() -> None:
+        os.kill(pid, signal.SIGCONT)
+
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield thaw
+    finally:
+        thaw()
+
+
+def wait_until(
+    check: Callable[[], bool], failure: str | Callable[[], str], deadline: float
+) -> None:
+    """Poll ``check`` every 0.2 s until it holds; past ``deadline`` (``time.monotonic()``)
+    fail with ``failure`` (a callable: the message made at the failure)."""
+    while not check():
+        assert time.monotonic() < deadline, failure() if callable(failure) else failure
+        time.sleep(0.2)

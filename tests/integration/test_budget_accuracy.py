@@ -37,6 +37,7 @@ from tests.integration.harness import (
     raw_messages,
     read_events,
     running_stack,
+    same_partition_user,
     wait_for_decision,
     wait_worker_ready,
 )
@@ -668,18 +669,12 @@ def test_a_restarted_dispatcher_holds_spend_whose_decision_lags_a_later_ones(
     decision, B's usage was skipped: B was served as if it had spent nothing until the
     worker (dead, in the double fault) decided B again. Here the two decisions are
     published as the worker would have left them: A's counts both events, B's neither."""
-    from agents.spend import partition_for
     from app.budgets.policy import evaluate, parse_policy
     from app.budgets.spend import decision_record
 
     asyncio.run(ensure_topics(kafka_settings))  # no spend worker in this test
-    n = kafka_settings.topic_partitions
     lagging = "lagging-decision"
-    ahead = next(
-        f"ahead-{i}"
-        for i in range(1000)
-        if partition_for(f"ahead-{i}", n) == partition_for(lagging, n)
-    )
+    ahead = same_partition_user(kafka_settings, lagging, "ahead")
     usage = {"model": "gpt-4o", "prompt_tokens": 4000, "completion_tokens": 200}  # $0.012
     call = {"model": "gpt-4o-mini", "messages": PROMPT, "max_tokens": 50}
     limits = {lagging: 0.01, ahead: 1.0}

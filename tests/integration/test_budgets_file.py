@@ -20,7 +20,7 @@ from app.events.codec import EventCodec
 from app.events.compacted import CompactedView
 from app.events.topics import ensure_topics
 from app.settings import Settings
-from tests.integration.harness import running_stack
+from tests.integration.harness import frozen_kafka, running_stack, wait_until
 
 pytestmark = pytest.mark.integration
 CALL = {
@@ -36,6 +36,13 @@ def write_file(path: Path, limit_usd: str, prompt: str) -> Path:
         f'  "user:fileuser": {{period: day, limit_usd: {limit_usd}, upgrade_prompt: "{prompt}"}}\n'
     )
     return path
+
+
+@pytest.fixture
+def budgets(kafka_settings: Settings, tmp_path: Path) -> Path:
+    """The topics made, and a budgets file capping user:fileuser at $5 a day."""
+    asyncio.run(ensure_topics(kafka_settings))
+    return write_file(tmp_path / "budgets.yaml", "5", "from file")
 
 
 def wait_on_topic(settings: Settings, check: Any, timeout_s: float = 30) -> None:
@@ -72,10 +79,8 @@ def chat(url: str) -> httpx.Response:
 
 
 def test_an_api_cap_survives_a_restart_with_the_same_file_and_a_file_edit_wins_again(
-    kafka_settings: Settings, tmp_path: Path
+    kafka_settings: Settings, budgets: Path
 ) -> None:
-    asyncio.run(ensure_topics(kafka_settings))
-    budgets = write_file(tmp_path / "budgets.yaml", "5", "from file")
     with running_stack(kafka_settings, budgets_file=budgets) as first:
         read = policy(first.url)
         assert read.status_code == 200, read.text
@@ -113,10 +118,8 @@ def test_an_api_cap_survives_a_restart_with_the_same_file_and_a_file_edit_wins_a
 
 
 def test_an_api_delete_survives_a_restart_with_the_same_file(
-    kafka_settings: Settings, tmp_path: Path
+    kafka_settings: Settings, budgets: Path
 ) -> None:
-    asyncio.run(ensure_topics(kafka_settings))
-    budgets = write_file(tmp_path / "budgets.yaml", "5", "from file")
     with running_stack(kafka_settings, budgets_file=budgets) as first:
         assert policy(first.url).status_code == 200
         deleted = httpx.delete(f"{first.url}/v1/budgets/user:fileuser", timeout=10)
@@ -144,17 +147,13 @@ def test_an_api_delete_survives_a_restart_with_the_same_file(
 
 
 def test_a_start_while_kafka_is_hung_does_not_publish_the_file_over_an_api_change(
-    kafka_settings: Settings, kafka_launcher: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    kafka_settings: Settings, kafka_launcher: Any, budgets: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Kafka frozen at the restart: what the topic holds is unknown, so the file is not
     published blindly over the saved view (the admin's stop); once Kafka answers, the file is
     decided against the topic, which keeps the stop."""
     import json
-    import os
-    import signal
 
-    asyncio.run(ensure_topics(kafka_settings))
-    budgets = write_file(tmp_path / "budgets.yaml", "5", "from file")
     with running_stack(kafka_settings, budgets_file=budgets) as first:
         state_dir = first.settings.state_dir
         stop = httpx.put(
@@ -163,18 +162,17 @@ def test_a_start_while_kafka_is_hung_does_not_publish_the_file_over_an_api_chang
         assert stop.status_code == 200, stop.text
         wait_on_topic(kafka_settings, lambda r: r["limit_usd_nanos"] == 1000)
         saved = state_dir / "budget-view.json"  # saved every second once read back
-        deadline = time.monotonic() + 30
-        while "user:fileuser" not in (json.loads(saved.read_text()) if saved.exists() else {}).get(
-            "policies", {}
-        ):
-            assert time.monotonic() < deadline, "the policy never reached the saved view"
-            time.sleep(0.2)
+        wait_until(
+            lambda: (
+                "user:fileuser"
+                in (json.loads(saved.read_text()) if saved.exists() else {}).get("policies", {})
+            ),
+            "the policy never reached the saved view",
+            time.monotonic() + 30,
+        )
 
-    pid = kafka_launcher.status().pid
-    assert pid is not None, "the session broker is not running"
     caplog.set_level("INFO", logger="app.http.server")
-    os.kill(pid, signal.SIGSTOP)
-    try:
+    with frozen_kafka(kafka_launcher) as thaw:
         hung = running_stack(
             kafka_settings, budgets_file=budgets, state_dir=state_dir, start_kafka_answer_wait_s=1.0
         )
@@ -183,15 +181,14 @@ def test_a_start_while_kafka_is_hung_does_not_publish_the_file_over_an_api_chang
                 read = policy(restarted.url)
                 assert read.json()["limit_usd"] == "0.000001", "the file undid the saved stop"
             finally:
-                os.kill(pid, signal.SIGCONT)
-            deadline = time.monotonic() + 90
-            while "budgets file applied now that the policies topic was read" not in caplog.text:
-                assert time.monotonic() < deadline, "the file was never decided after SIGCONT"
-                time.sleep(0.2)
+                thaw()
+            wait_until(
+                lambda: "budgets file applied now that the policies topic was read" in caplog.text,
+                "the file was never decided after SIGCONT",
+                time.monotonic() + 90,
+            )
             assert policy(restarted.url).json()["limit_usd"] == "0.000001"
         wait_on_topic(kafka_settings, lambda r: r["limit_usd_nanos"] == 1000)
-    finally:
-        os.kill(pid, signal.SIGCONT)
 
 
 def test_an_api_change_while_kafka_is_hung_is_in_the_saved_view_when_answered(
@@ -203,29 +200,26 @@ def test_an_api_change_while_kafka_is_hung_is_in_the_saved_view_when_answered(
     was served). The change is now saved before it is answered; a restart from the saved view
     enforces what is saved (test_hung_kafka_start.py)."""
     import json
-    import os
-    import signal
 
     from app.http.budget_snapshot import BudgetSnapshot
 
     asyncio.run(ensure_topics(kafka_settings))
     stopped, removed = "user:saved-stop", "user:saved-gone"
-    pid = kafka_launcher.status().pid
-    assert pid is not None, "the session broker is not running"
     with running_stack(kafka_settings) as stack:
         saved = stack.settings.state_dir / "budget-view.json"
         for scope in (stopped, removed):
             put = httpx.put(f"{stack.url}/v1/budgets/{scope}", json={"limit_usd": "5"})
             assert put.status_code == 200, put.text
-        deadline = time.monotonic() + 30  # read back from Kafka and saved, before the freeze
-        while not all(
-            scope in (json.loads(saved.read_text()) if saved.exists() else {}).get("policies", {})
-            for scope in (stopped, removed)
-        ):
-            assert time.monotonic() < deadline, "the policies never reached the saved view"
-            time.sleep(0.2)
-        os.kill(pid, signal.SIGSTOP)
-        try:
+        wait_until(  # read back from Kafka and saved, before the freeze
+            lambda: all(
+                scope
+                in (json.loads(saved.read_text()) if saved.exists() else {}).get("policies", {})
+                for scope in (stopped, removed)
+            ),
+            "the policies never reached the saved view",
+            time.monotonic() + 30,
+        )
+        with frozen_kafka(kafka_launcher):
             stop = httpx.put(
                 f"{stack.url}/v1/budgets/{stopped}", json={"limit_usd": "0.000001"}, timeout=30
             )
@@ -233,7 +227,5 @@ def test_an_api_change_while_kafka_is_hung_is_in_the_saved_view_when_answered(
             gone = httpx.delete(f"{stack.url}/v1/budgets/{removed}", timeout=30)
             assert gone.status_code == 200, gone.text
             policies = BudgetSnapshot(saved, EventCodec()).load()["policies"]
-        finally:
-            os.kill(pid, signal.SIGCONT)
     assert policies[stopped]["limit_usd_nanos"] == 1000, "the admin's stop was not saved"
     assert removed not in policies, "the admin's delete was not saved"

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
 import time
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -23,7 +21,13 @@ from app.events.codec import EventCodec
 from app.events.topics import ensure_topics
 from app.routing.config import RoutingSettings
 from app.settings import Settings
-from tests.integration.harness import read_events, running_stack
+from tests.integration.harness import (
+    frozen_kafka,
+    read_events,
+    running_stack,
+    same_partition_user,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 CALL = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "served while hung"}]}
@@ -60,10 +64,11 @@ async def _publish(
 
 def _wait_decided(url: str, who: str) -> None:
     status_url = f"{url}/v1/budgets/user:{who}/status"
-    deadline = time.monotonic() + 60
-    while httpx.get(status_url, timeout=30).json()["decided_by"] != "spend_worker":
-        assert time.monotonic() < deadline, f"the dispatcher never read the decision of {who}"
-        time.sleep(0.2)
+    wait_until(
+        lambda: httpx.get(status_url, timeout=30).json()["decided_by"] == "spend_worker",
+        f"the dispatcher never read the decision of {who}",
+        time.monotonic() + 60,
+    )
 
 
 def _depth(url: str) -> float:
@@ -84,16 +89,14 @@ def test_a_dispatcher_started_while_kafka_is_hung_serves_from_its_saved_view(
         put = httpx.put(f"{stack.url}/v1/budgets/user:{user}", json={"limit_usd": 0.01})
         assert put.is_success, put.text
         saved = state_dir / "budget-view.json"  # saved every second once read back from Kafka
-        deadline = time.monotonic() + 30
-        while not saved.exists() or f"user:{user}" not in json.loads(saved.read_text())["policies"]:
-            assert time.monotonic() < deadline, "the policy never reached the saved view"
-            time.sleep(0.2)
+        wait_until(
+            lambda: saved.exists() and f"user:{user}" in json.loads(saved.read_text())["policies"],
+            "the policy never reached the saved view",
+            time.monotonic() + 30,
+        )
 
-    pid = kafka_launcher.status().pid
-    assert pid is not None, "the session broker is not running"
     served: list[str] = []
-    os.kill(pid, signal.SIGSTOP)
-    try:
+    with frozen_kafka(kafka_launcher) as thaw:
         # The harness waits for the listener up to 30 s: the old start needed ~40 s here.
         # The wait for Kafka's first answer is short; what the test checks is that the
         # dispatcher serves while the broker is still frozen (no SIGCONT before).
@@ -129,13 +132,12 @@ def test_a_dispatcher_started_while_kafka_is_hung_serves_from_its_saved_view(
                 assert _depth(stack.url) > 0, "usage is spooled while Kafka is hung"
 
             finally:  # before the dispatcher stops: its teardown talks to Kafka
-                os.kill(pid, signal.SIGCONT)
-            deadline = time.monotonic() + 90
-            while _depth(stack.url) > 0:
-                assert time.monotonic() < deadline, "the spool never drained after SIGCONT"
-                time.sleep(0.2)
-    finally:
-        os.kill(pid, signal.SIGCONT)
+                thaw()
+            wait_until(
+                lambda: _depth(stack.url) <= 0,
+                "the spool never drained after SIGCONT",
+                time.monotonic() + 90,
+            )
 
     usage = asyncio.run(read_events(kafka_settings, "usage", at_least=len(served) + 1))
     event_ids: dict[str, set[str]] = {}
@@ -205,36 +207,32 @@ def test_an_older_decision_read_after_a_start_without_kafka_does_not_replace_the
             held = BudgetSnapshot(saved, EventCodec()).load()["decisions"].get(f"user:{user}")
             return None if held is None else str(held["state"])
 
-        deadline = time.monotonic() + 30
-        while saved_state() != "blocked":  # what the dispatcher saw last, saved
-            assert time.monotonic() < deadline, "the blocked decision never reached the saved view"
-            time.sleep(0.2)
+        wait_until(  # what the dispatcher saw last, saved
+            lambda: saved_state() == "blocked",
+            "the blocked decision never reached the saved view",
+            time.monotonic() + 30,
+        )
 
-    pid = kafka_launcher.status().pid
-    assert pid is not None, "the session broker is not running"
     call = {**CALL, "max_tokens": 20}
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        with running_stack(
-            kafka_settings, state_dir=state_dir, start_kafka_answer_wait_s=1.0
-        ) as stack:
-            try:
-                headers = {"X-Tollgate-User": user}
-                url = f"{stack.url}/v1/chat/completions"
-                refused = httpx.post(url, json=call, headers=headers, timeout=30)
-                assert refused.status_code == 402, (
-                    f"the saved decision was not restored: {refused.text}"
-                )
-            finally:
-                os.kill(pid, signal.SIGCONT)
-            asyncio.run(_publish(kafka_settings, marker, decision(marker, 1, now), partition))
-            _wait_decided(stack.url, marker)
-            again = httpx.post(url, json=call, headers=headers, timeout=30)
-            status = httpx.get(f"{stack.url}/v1/budgets/user:{user}/status", timeout=30).json()
-            assert again.status_code == 402, f"an older decision replaced the saved one: {status}"
-            assert status["state"] == "blocked", status
-    finally:
-        os.kill(pid, signal.SIGCONT)
+    with (
+        frozen_kafka(kafka_launcher) as thaw,
+        running_stack(kafka_settings, state_dir=state_dir, start_kafka_answer_wait_s=1.0) as stack,
+    ):
+        try:
+            headers = {"X-Tollgate-User": user}
+            url = f"{stack.url}/v1/chat/completions"
+            refused = httpx.post(url, json=call, headers=headers, timeout=30)
+            assert refused.status_code == 402, (
+                f"the saved decision was not restored: {refused.text}"
+            )
+        finally:
+            thaw()
+        asyncio.run(_publish(kafka_settings, marker, decision(marker, 1, now), partition))
+        _wait_decided(stack.url, marker)
+        again = httpx.post(url, json=call, headers=headers, timeout=30)
+        status = httpx.get(f"{stack.url}/v1/budgets/user:{user}/status", timeout=30).json()
+        assert again.status_code == 402, f"an older decision replaced the saved one: {status}"
+        assert status["state"] == "blocked", status
 
 
 def test_a_later_decision_with_an_older_ts_wins(kafka_settings: Settings) -> None:
@@ -290,16 +288,10 @@ def test_usage_the_worker_had_not_counted_is_held_once_kafka_answers_after_a_hun
     another dispatcher's, so only the read-back knows it (this one's own spend is in its
     saved view: the next test). No spend worker runs: nothing is counted, so the gate must
     hold exactly what was spent."""
-    from agents.spend import partition_for
-
     asyncio.run(ensure_topics(kafka_settings))  # no spend worker in this test
-    n = kafka_settings.topic_partitions
     user = "readback-cap"
-    retried = next(  # on the user's partition, so read back before the user's record
-        f"readback-retry-{i}"
-        for i in range(1000)
-        if partition_for(f"readback-retry-{i}", n) == partition_for(user, n)
-    )
+    # on the user's partition, so read back before the user's record
+    retried = same_partition_user(kafka_settings, user, "readback-retry")
     before = {"model": "gpt-4o", "prompt_tokens": 4000, "completion_tokens": 200}  # $0.012
     small = {"model": "gpt-4o", "prompt_tokens": 1000, "completion_tokens": 150}  # $0.004
     retry = {**before, "user_id": retried, "request_id": "readback-rr-1"}
@@ -318,63 +310,65 @@ def test_usage_the_worker_had_not_counted_is_held_once_kafka_answers_after_a_hun
             assert posted.status_code == 202, posted.text
             assert len(asyncio.run(read_events(kafka_settings, "usage", at_least=2))) == 2
         saved = state_dir / "budget-view.json"
-        deadline = time.monotonic() + 30
-        while not saved.exists() or not all(
-            f"user:{who}" in json.loads(saved.read_text())["policies"] for who in (user, retried)
-        ):
-            assert time.monotonic() < deadline, "the policies never reached the saved view"
-            time.sleep(0.2)
+        wait_until(
+            lambda: (
+                saved.exists()
+                and all(
+                    f"user:{who}" in json.loads(saved.read_text())["policies"]
+                    for who in (user, retried)
+                )
+            ),
+            "the policies never reached the saved view",
+            time.monotonic() + 30,
+        )
 
-    pid = kafka_launcher.status().pid
-    assert pid is not None, "the session broker is not running"
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        with running_stack(
-            kafka_settings, state_dir=state_dir, start_kafka_answer_wait_s=1.0
-        ) as stack:
-            try:
-                url = f"{stack.url}/v1/chat/completions"
-                headers = {"X-Tollgate-User": user}
-                # spent while Kafka is frozen: this run's own usage, held by the gate
-                during = httpx.post(
-                    f"{stack.url}/v1/usage", json={**small, "user_id": user}, timeout=30
-                )
-                assert during.status_code == 202, during.text
-                again = httpx.post(f"{stack.url}/v1/usage", json=retry, timeout=30)
-                assert again.status_code == 202, again.text
-                assert _depth(stack.url) > 0, "usage is spooled while Kafka is hung"
-                under = httpx.post(url, json=call, headers=headers, timeout=30)
-                assert under.status_code == 200, f"a user under the cap was refused: {under.text}"
-                own = _spent(stack.url, user)  # this run's 0.004 and its call, as held
-            finally:
-                os.kill(pid, signal.SIGCONT)
-            deadline = time.monotonic() + 90
-            while _spent(stack.url, user) == own:
-                assert time.monotonic() < deadline, (
-                    "the usage the worker had not counted was never read back after Kafka "
-                    f"answered: {_spent(stack.url, user)} held"
-                )
-                time.sleep(0.2)
-            while _depth(stack.url) > 0:  # this run's usage is on the topic too now
-                assert time.monotonic() < deadline, "the spool never drained after SIGCONT"
-                time.sleep(0.2)
-            held = Decimal(_spent(stack.url, user))
-            assert held == Decimal(own) + Decimal("0.012"), (
-                f"held {held}: the spend before the restart (0.012) and this run's ({own}) "
-                "must each count once"
+    with (
+        frozen_kafka(kafka_launcher) as thaw,
+        running_stack(kafka_settings, state_dir=state_dir, start_kafka_answer_wait_s=1.0) as stack,
+    ):
+        try:
+            url = f"{stack.url}/v1/chat/completions"
+            headers = {"X-Tollgate-User": user}
+            # spent while Kafka is frozen: this run's own usage, held by the gate
+            during = httpx.post(
+                f"{stack.url}/v1/usage", json={**small, "user_id": user}, timeout=30
             )
-            assert _spent(stack.url, retried) == "0.012", "a retried report was held twice"
-            served = httpx.post(url, json=call, headers={"X-Tollgate-User": retried}, timeout=30)
-            assert served.status_code == 200, f"held twice, refused under the cap: {served.text}"
-            # past the cap now: spent before the restart, and again after it
-            more = httpx.post(f"{stack.url}/v1/usage", json={**small, "user_id": user}, timeout=30)
-            assert more.status_code == 202, more.text
-            refused = httpx.post(url, json=call, headers=headers, timeout=30)
-            assert refused.status_code == 402, (
-                f"served past the cap: {_spent(stack.url, user)} spent: {refused.text}"
-            )
-    finally:
-        os.kill(pid, signal.SIGCONT)
+            assert during.status_code == 202, during.text
+            again = httpx.post(f"{stack.url}/v1/usage", json=retry, timeout=30)
+            assert again.status_code == 202, again.text
+            assert _depth(stack.url) > 0, "usage is spooled while Kafka is hung"
+            under = httpx.post(url, json=call, headers=headers, timeout=30)
+            assert under.status_code == 200, f"a user under the cap was refused: {under.text}"
+            own = _spent(stack.url, user)  # this run's 0.004 and its call, as held
+        finally:
+            thaw()
+        deadline = time.monotonic() + 90
+        wait_until(
+            lambda: _spent(stack.url, user) != own,
+            lambda: (
+                "the usage the worker had not counted was never read back after Kafka "
+                f"answered: {_spent(stack.url, user)} held"
+            ),
+            deadline,
+        )
+        wait_until(  # this run's usage is on the topic too now
+            lambda: _depth(stack.url) <= 0, "the spool never drained after SIGCONT", deadline
+        )
+        held = Decimal(_spent(stack.url, user))
+        assert held == Decimal(own) + Decimal("0.012"), (
+            f"held {held}: the spend before the restart (0.012) and this run's ({own}) "
+            "must each count once"
+        )
+        assert _spent(stack.url, retried) == "0.012", "a retried report was held twice"
+        served = httpx.post(url, json=call, headers={"X-Tollgate-User": retried}, timeout=30)
+        assert served.status_code == 200, f"held twice, refused under the cap: {served.text}"
+        # past the cap now: spent before the restart, and again after it
+        more = httpx.post(f"{stack.url}/v1/usage", json={**small, "user_id": user}, timeout=30)
+        assert more.status_code == 202, more.text
+        refused = httpx.post(url, json=call, headers=headers, timeout=30)
+        assert refused.status_code == 402, (
+            f"served past the cap: {_spent(stack.url, user)} spent: {refused.text}"
+        )
 
 
 def test_spend_the_worker_had_not_counted_holds_at_a_start_while_kafka_is_still_frozen(
@@ -388,16 +382,9 @@ def test_spend_the_worker_had_not_counted_holds_at_a_start_while_kafka_is_still_
     when Kafka answers, the read-back holds it a second time. A marker user's usage, on the same partition after the
     user's and sent by another dispatcher (not in this one's saved view), shows when the
     read-back has passed the user's usage. No spend worker runs: nothing is counted."""
-    from agents.spend import partition_for
-
     asyncio.run(ensure_topics(kafka_settings))  # no spend worker in this test
-    n = kafka_settings.topic_partitions
     user = "frozen-restart"
-    marker = next(
-        f"frozen-marker-{i}"
-        for i in range(1000)
-        if partition_for(f"frozen-marker-{i}", n) == partition_for(user, n)
-    )
+    marker = same_partition_user(kafka_settings, user, "frozen-marker")
     before = {"model": "gpt-4o", "prompt_tokens": 4000, "completion_tokens": 200}  # $0.012
     small = {"model": "gpt-4o", "prompt_tokens": 1000, "completion_tokens": 150}  # $0.004
     tiny = {"model": "gpt-4o-mini", "prompt_tokens": 1000, "completion_tokens": 1000}  # 0.00075
@@ -417,44 +404,40 @@ def test_spend_the_worker_had_not_counted_holds_at_a_start_while_kafka_is_still_
             assert len(asyncio.run(read_events(kafka_settings, "usage", at_least=2))) == 2
     # the view is saved at the stop: the policies, and the spend held as not counted
 
-    pid = kafka_launcher.status().pid
-    assert pid is not None, "the session broker is not running"
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        with running_stack(
-            kafka_settings, state_dir=state_dir, start_kafka_answer_wait_s=1.0
-        ) as stack:
-            url = f"{stack.url}/v1/chat/completions"
-            headers = {"X-Tollgate-User": user}
-            try:
-                assert _spent(stack.url, user) == "0.012", "the spend before the restart is held"
-                retried = httpx.post(f"{stack.url}/v1/usage", json=report, timeout=30)
-                assert retried.status_code == 202, retried.text
-                # in Kafka already: answered as a repeat, not emitted (or counted) again
-                assert retried.json()["events"][0]["repeat"] is True, retried.text
-                assert _spent(stack.url, user) == "0.012", "a retry of it was held twice"
-                under = httpx.post(url, json=call, headers=headers, timeout=30)
-                assert under.status_code == 200, f"a user under the cap was refused: {under.text}"
-                for _ in range(2):  # past the cap now: 0.012 before the restart, 0.008 after
-                    more = httpx.post(
-                        f"{stack.url}/v1/usage", json={**small, "user_id": user}, timeout=30
-                    )
-                    assert more.status_code == 202, more.text
-                refused = httpx.post(url, json=call, headers=headers, timeout=30)
-                assert refused.status_code == 402, (
-                    f"served past the cap while Kafka is frozen: {_spent(stack.url, user)} "
-                    f"spent: {refused.text}"
+    with (
+        frozen_kafka(kafka_launcher) as thaw,
+        running_stack(kafka_settings, state_dir=state_dir, start_kafka_answer_wait_s=1.0) as stack,
+    ):
+        url = f"{stack.url}/v1/chat/completions"
+        headers = {"X-Tollgate-User": user}
+        try:
+            assert _spent(stack.url, user) == "0.012", "the spend before the restart is held"
+            retried = httpx.post(f"{stack.url}/v1/usage", json=report, timeout=30)
+            assert retried.status_code == 202, retried.text
+            # in Kafka already: answered as a repeat, not emitted (or counted) again
+            assert retried.json()["events"][0]["repeat"] is True, retried.text
+            assert _spent(stack.url, user) == "0.012", "a retry of it was held twice"
+            under = httpx.post(url, json=call, headers=headers, timeout=30)
+            assert under.status_code == 200, f"a user under the cap was refused: {under.text}"
+            for _ in range(2):  # past the cap now: 0.012 before the restart, 0.008 after
+                more = httpx.post(
+                    f"{stack.url}/v1/usage", json={**small, "user_id": user}, timeout=30
                 )
-                held = _spent(stack.url, user)
-            finally:
-                os.kill(pid, signal.SIGCONT)
-            deadline = time.monotonic() + 90
-            while _spent(stack.url, marker) != "0.00075":
-                assert time.monotonic() < deadline, "the read-back never reached the marker"
-                time.sleep(0.2)
-            assert _spent(stack.url, user) == held, "the saved spend was held twice"
-            usage = asyncio.run(read_events(kafka_settings, "usage", at_least=4))
-            retries = [r["request_id"] for r in usage].count(report["request_id"])
-            assert retries == 1, "the retry of usage already in Kafka was emitted again"
-    finally:
-        os.kill(pid, signal.SIGCONT)
+                assert more.status_code == 202, more.text
+            refused = httpx.post(url, json=call, headers=headers, timeout=30)
+            assert refused.status_code == 402, (
+                f"served past the cap while Kafka is frozen: {_spent(stack.url, user)} "
+                f"spent: {refused.text}"
+            )
+            held = _spent(stack.url, user)
+        finally:
+            thaw()
+        wait_until(
+            lambda: _spent(stack.url, marker) == "0.00075",
+            "the read-back never reached the marker",
+            time.monotonic() + 90,
+        )
+        assert _spent(stack.url, user) == held, "the saved spend was held twice"
+        usage = asyncio.run(read_events(kafka_settings, "usage", at_least=4))
+        retries = [r["request_id"] for r in usage].count(report["request_id"])
+        assert retries == 1, "the retry of usage already in Kafka was emitted again"
