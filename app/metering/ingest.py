@@ -642,14 +642,31 @@ class ReportedRequests:
     dropped downstream without a word. Here it is a 409 naming the id, before anything is
     emitted; an identical record is a retry and is accepted again (the same event id).
     Another user's record under the id is another call. The memory is this process's last
-    ``capacity`` ids (about 2 MB: retries come within minutes), keyed by event id, each with
-    a hash of what its record said: another dispatcher, or this one after a restart,
-    cannot tell and keeps the first.
+    ``capacity`` ids reported here (about 2 MB: retries come within minutes), keyed by event
+    id, each with a hash of what its record said, and apart from them the last ``capacity``
+    read back from Kafka at the start: a large read-back, finishing after live reports (it
+    runs in the background when Kafka answered late), pushed the live ids out of a shared
+    window, and a retry of a live report was held at the gate again (review 59). Another
+    dispatcher, or this one after a restart past what it read back, cannot tell and keeps
+    the first.
     """
 
     def __init__(self, capacity: int = 10_000) -> None:
         self.capacity = capacity
-        self._seen: OrderedDict[str, int] = OrderedDict()
+        self._seen: OrderedDict[str, int] = OrderedDict()  # reported here
+        self._read: OrderedDict[str, int] = OrderedDict()  # read back (remember_usage)
+
+    def _known(self, event_id: str) -> int | None:
+        """What the record of ``event_id`` said, if reported here or read back lately."""
+        what = self._seen.get(event_id)
+        return self._read.get(event_id) if what is None else what
+
+    @staticmethod
+    def _keep(window: OrderedDict[str, int], event_id: str, what: int, capacity: int) -> None:
+        window[event_id] = what
+        window.move_to_end(event_id)
+        while len(window) > capacity:
+            window.popitem(last=False)
 
     @staticmethod
     def _what(report: Mapping[str, Any]) -> int:
@@ -672,10 +689,7 @@ class ReportedRequests:
             record.get("prompt_tokens"), record.get("completion_tokens"),
             record.get("cached_tokens"), record.get("cache_hit"), record.get("status"),
         ))  # fmt: skip
-        self._seen[record["event_id"]] = what
-        self._seen.move_to_end(record["event_id"])
-        while len(self._seen) > self.capacity:
-            self._seen.popitem(last=False)
+        self._keep(self._read, record["event_id"], what, self.capacity)
 
     def check(
         self,
@@ -693,7 +707,7 @@ class ReportedRequests:
             report = reports[index]
             request_id, what = report["request_id"], self._what(report)
             legacy = usage_event_id(request_id)
-            if self._seen.get(legacy) == what:
+            if self._known(legacy) == what:
                 report["event_id"] = legacy
             if dispatched(request_id):
                 raise Conflict(
@@ -704,7 +718,7 @@ class ReportedRequests:
                     field=f"records[{index}].request_id",
                 )
             key = report["event_id"]  # the user's request id
-            earlier = batch.get(key, self._seen.get(key))
+            earlier = batch[key] if key in batch else self._known(key)
             if earlier is not None and earlier != what:
                 raise Conflict(
                     f"records[{index}].request_id {request_id[:100]!r} was already reported "
@@ -718,18 +732,16 @@ class ReportedRequests:
     def repeats(self, reports: list[dict[str, Any]], explicit: set[int]) -> set[int]:
         """The reports (indexes) that repeat one already accepted here or earlier in the
         batch (``check`` passed: the same record): emitted once, counted once."""
-        seen = set(self._seen)
+        batch: set[str] = set()
         found = set()
         for index in sorted(explicit):
             key = reports[index]["event_id"]
-            if key in seen:
+            if key in batch or self._known(key) is not None:
                 found.add(index)
-            seen.add(key)
+            batch.add(key)
         return found
 
     def remember(self, reports: list[dict[str, Any]], explicit: set[int]) -> None:
         for index in explicit:
-            self._seen[reports[index]["event_id"]] = self._what(reports[index])
-            self._seen.move_to_end(reports[index]["event_id"])
-        while len(self._seen) > self.capacity:
-            self._seen.popitem(last=False)
+            report = reports[index]
+            self._keep(self._seen, report["event_id"], self._what(report), self.capacity)

@@ -367,3 +367,52 @@ def test_a_retry_of_a_record_reported_before_the_upgrade_keeps_its_event_id() ->
     other = parse_usage_reports({**record, "prompt_tokens": 11, "request_id": "r-old"}, resolve)
     reported.check(other, {0})
     assert other[0]["event_id"] != usage_event_id("r-old")
+
+
+def _read_back(request_id: str) -> dict[str, object]:
+    """A Usage event of a /v1/usage report of user u, as a starting dispatcher reads it back."""
+    from app.metering.usage import reported_event_id
+
+    return {
+        "source": "usage_api", "request_id": request_id,
+        "event_id": reported_event_id("u", request_id), "user_id": "u",
+        "feature": None, "model_served": "gpt-4o", "prompt_tokens": 10, "completion_tokens": 5,
+        "cached_tokens": 0, "cache_hit": False, "status": "ok",
+    }  # fmt: skip
+
+
+def test_a_large_read_back_does_not_push_live_reports_out_of_the_repeat_memory() -> None:
+    """Review 59 finding 6: the ids of /v1/usage reports accepted here (live) and those read
+    back at the start shared one window of the last 10,000 ids. A read-back that finished
+    after live reports (Kafka answering late: it runs in the background) pushed the live ids
+    out, and a retry of a live report was emitted and held at the gate again, the user
+    charged twice until a decision counted it. Live ids are kept apart: a read-back, however
+    large, evicts only ids it read."""
+    from app.errors import Conflict
+    from app.metering.ingest import ReportedRequests
+
+    reported = ReportedRequests()
+    record = {"model": "gpt-4o", "prompt_tokens": 10, "completion_tokens": 5, "user_id": "u"}
+    live = parse_usage_reports({**record, "request_id": "live-1"}, resolve)
+    reported.check(live, {0})
+    assert reported.repeats(live, {0}) == set()
+    reported.remember(live, {0})
+    for n in range(reported.capacity + 1):  # a large read-back, after the live report
+        reported.remember_usage(_read_back(f"read-{n}"))
+    retry = parse_usage_reports({**record, "request_id": "live-1"}, resolve)
+    reported.check(retry, {0})
+    assert reported.repeats(retry, {0}) == {0}, "a retry of a live report was not a repeat"
+    # another record under the live id is still a 409
+    other = parse_usage_reports({**record, "prompt_tokens": 11, "request_id": "live-1"}, resolve)
+    with pytest.raises(Conflict):
+        reported.check(other, {0})
+    # the newest ids read back are known too (a retry of one is a repeat) ...
+    newest = f"read-{reported.capacity}"
+    again = parse_usage_reports({**record, "request_id": newest}, resolve)
+    reported.check(again, {0})
+    assert reported.repeats(again, {0}) == {0}
+    # ... and live reports do not push them out either
+    for n in range(reported.capacity + 1):
+        more = parse_usage_reports({**record, "request_id": f"live-more-{n}"}, resolve)
+        reported.remember(more, {0})
+    assert reported.repeats(again, {0}) == {0}
