@@ -472,18 +472,20 @@ class PolicyBook:
             self.note_record(scope, record)
         self.awaiting[scope] = event_id
 
-    def apply_record(self, record: dict[str, Any] | None, scope: str) -> None:
-        """Apply a record from the compacted policies topic (None or deleted = removal)."""
+    def apply_record(self, record: dict[str, Any] | None, scope: str) -> bool:
+        """Apply a record from the compacted policies topic (None or deleted = removal);
+        False: not applied (older than this process's own write, which stands)."""
         awaited = self.awaiting.get(scope)
         if awaited is not None:
             if record is None or record.get("event_id") != awaited:
-                return  # older than this process's own write, which stands
+                return False
             del self.awaiting[scope]
         self.note_record(scope, record)
         if record is None or record.get("deleted"):
             self.remove(scope)
         else:
             self.put(Policy.from_record(record))
+        return True
 
     def policy_for(self, scope: str) -> Policy | None:
         own = self.policies.get(scope)

@@ -27,7 +27,7 @@ from app.settings import Settings
 
 log = logging.getLogger(__name__)
 
-OnRecord = Callable[[str, dict[str, Any] | None], None]
+OnRecord = Callable[[str, dict[str, Any] | None], object]  # what it returns is ignored
 CONTACT_CHECK_S = 2.0
 
 

@@ -119,6 +119,7 @@ class Components:
     local_router: LocalRouterCheckpoint | None = None  # otherwise: its model in state_dir
     reported: ReportedRequests = field(default_factory=ReportedRequests)  # /v1/usage ids
     budget_snapshot: BudgetSnapshot | None = None  # the budget view on disk
+    budget_saver: BudgetViewSaver | None = None  # writes it, one save at a time
     # TOLLGATE_BUDGETS_FILE's entries, until the policies topic is read (Kafka did not answer
     # at start): applied then, against what the topic holds (``publish_budgets_file``)
     budgets_file_pending: list[Policy] | None = None
@@ -625,13 +626,15 @@ def _scope(request: web.Request) -> str:
         raise invalid_request(str(exc), exc.field) from None
 
 
-def _save_policy_change(c: Components, scope: str, record: dict[str, Any] | None) -> None:
+async def _save_policy_change(c: Components, scope: str, record: dict[str, Any] | None) -> None:
     """An admin's change is in the saved budget view before it is answered: a restart while
     Kafka does not answer (the change still spooled, never read back) enforces it, and so
-    does a crash within the second before the next save (probe 63 D1)."""
+    does a crash within the second before the next save (probe 63 D1). Written off the
+    event loop, as the periodic save is (``BudgetViewSaver``)."""
     if c.budget_snapshot is not None:
         c.budget_snapshot.record("policies", scope, record)
-        c.budget_snapshot.save()
+    if c.budget_saver is not None:
+        await c.budget_saver.save()
 
 
 @operation(
@@ -655,7 +658,7 @@ async def put_budget(request: web.Request) -> web.Response:
     # Effective here at once (and not undone by an older record's echo); other dispatchers
     # read it from Kafka.
     c.policies.put_local(policy, record["event_id"], record)
-    _save_policy_change(c, scope, record)
+    await _save_policy_change(c, scope, record)
     warning = key_cap_warning(policy.scope, c.keys)
     return json_response(
         {**policy.to_json(), "updated_by": admin, **({"warning": warning} if warning else {})}
@@ -687,7 +690,7 @@ async def delete_budget(request: web.Request) -> web.Response:
     record = deletion_record(scope, admin, c.policies.file_digests.get(scope))
     c.emitter.emit_policy(scope, record)
     c.policies.remove_local(scope, record["event_id"], record)
-    _save_policy_change(c, scope, None)
+    await _save_policy_change(c, scope, None)
     return json_response({"deleted": scope})
 
 
@@ -977,8 +980,10 @@ async def build_components(settings: Settings) -> Components:
     )
 
     def on_policy(scope: str, record: dict[str, Any] | None) -> None:
-        policies.apply_record(record, scope)
-        snapshot.record("policies", scope, record)
+        # An older record's echo, read after this process's own change, is not applied, nor
+        # saved: it replaced the admin's saved change until the change's own echo came
+        if policies.apply_record(record, scope):
+            snapshot.record("policies", scope, record)
 
     def on_decision(scope: str, record: dict[str, Any] | None) -> None:
         gate.on_decision(scope, record)
@@ -1068,6 +1073,7 @@ async def build_components(settings: Settings) -> Components:
         local_router,
         reported=reported,
         budget_snapshot=snapshot,
+        budget_saver=BudgetViewSaver(snapshot, gate),
         budgets_file_pending=budgets_file_pending,
     )
 
@@ -1162,11 +1168,47 @@ def budget_view_document(snapshot: BudgetSnapshot, gate: BudgetGate) -> dict[str
     return snapshot.document()
 
 
-async def save_budget_view(snapshot: BudgetSnapshot, gate: BudgetGate) -> None:
+class BudgetViewSaver:
+    """Saves the budget view (``budget_view_document``: pruned), every second and when an
+    admin's change must be on disk before it is answered, one save at a time and each from a
+    document taken once the one before is written: an older document never lands over a newer
+    one, nor two writes in one temporary file. The writing (JSON of up to 10,000 held usage
+    events, about 12 ms) runs in a thread: an admin's save wrote it on the event loop. Who
+    asks while a save waits for the one writing joins it (its document is taken later)."""
+
+    def __init__(self, snapshot: BudgetSnapshot, gate: BudgetGate) -> None:
+        self.snapshot = snapshot
+        self.gate = gate
+        self._lock = asyncio.Lock()
+        self._next: asyncio.Task[None] | None = None  # not yet taken its document
+        self._tasks: set[asyncio.Task[None]] = set()  # kept until done, callers gone or not
+
+    async def save(self) -> None:
+        """What changed until now, on disk once this returns (a failed write is logged and
+        tried again at the next save). A caller cancelled does not stop the save: a write in
+        a thread cannot be, and the next must wait for it."""
+        if self._next is None or self._next.done():  # done: cancelled before it began
+            self._next = asyncio.create_task(self._save(), name="budget-view-write")
+            self._tasks.add(self._next)
+            self._next.add_done_callback(self._tasks.discard)
+        await asyncio.shield(self._next)
+
+    async def _save(self) -> None:
+        async with self._lock:
+            self._next = None  # a change from now on is for the next save
+            document = budget_view_document(self.snapshot, self.gate)
+            if document is not None:
+                await asyncio.to_thread(self.snapshot.write, document)
+
+    async def every(self, seconds: float) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            await self.save()
+
+
+async def save_budget_view(saver: BudgetViewSaver) -> None:
     """Every second: the budget view on disk, when it changed."""
-    while True:
-        await asyncio.sleep(SAVE_EVERY_S)
-        await asyncio.to_thread(snapshot.write, budget_view_document(snapshot, gate))
+    await saver.every(SAVE_EVERY_S)
 
 
 async def sweep_reservations(components: Components) -> None:
@@ -1218,10 +1260,9 @@ def create_app(settings: Settings) -> web.Application:
         app[COMPONENTS] = components
         sweeper = asyncio.create_task(sweep_reservations(components), name="reservation-sweep")
         saver = None
-        if components.budget_snapshot is not None:
+        if components.budget_saver is not None:
             saver = asyncio.create_task(
-                save_budget_view(components.budget_snapshot, components.gate),
-                name="budget-view-save",
+                save_budget_view(components.budget_saver), name="budget-view-save"
             )
         pending_file = None
         if components.budgets_file_pending:
@@ -1248,9 +1289,8 @@ def create_app(settings: Settings) -> web.Application:
         if components.local_router is not None:
             await components.local_router.stop()
         await components.emitter.stop()
-        snapshot = components.budget_snapshot
-        if snapshot is not None:  # after the last deliveries: what they hold is saved too
-            snapshot.write(budget_view_document(snapshot, components.gate))
+        if components.budget_saver is not None:  # after the last deliveries: theirs too
+            await components.budget_saver.save()  # after a save under way, never with it
 
     app.cleanup_ctx.append(lifecycle)
     return app

@@ -229,3 +229,105 @@ def test_an_api_change_while_kafka_is_hung_is_in_the_saved_view_when_answered(
             policies = BudgetSnapshot(saved, EventCodec()).load()["policies"]
     assert policies[stopped]["limit_usd_nanos"] == 1000, "the admin's stop was not saved"
     assert removed not in policies, "the admin's delete was not saved"
+
+
+def _spy_on_saves(monkeypatch: pytest.MonkeyPatch, delay_s: float = 0.0) -> list[Any]:
+    """The threads the budget view is written in (each write, in order). ``delay_s``: each
+    write waits up to that long first (random), widening the window of a race between saves."""
+    import random
+    import threading
+
+    from app.http.budget_snapshot import BudgetSnapshot
+
+    threads: list[Any] = []
+    write = BudgetSnapshot.write
+
+    def spied(self: BudgetSnapshot, document: dict[str, Any] | None) -> None:
+        threads.append(threading.current_thread())
+        if delay_s:
+            time.sleep(random.uniform(0, delay_s))
+        write(self, document)
+
+    monkeypatch.setattr(BudgetSnapshot, "write", spied)
+    return threads
+
+
+def test_an_api_change_is_saved_off_the_event_loop(
+    kafka_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An admin's PUT or DELETE wrote the whole saved view (JSON of up to 10,000 held usage
+    events: about 12 ms) in its handler, on the event loop every call waits on. It is still
+    saved before it is answered, but written in a thread."""
+    from app.http.budget_snapshot import BudgetSnapshot
+
+    asyncio.run(ensure_topics(kafka_settings))
+    threads = _spy_on_saves(monkeypatch)
+    scope = "user:saved-off-loop"
+    with running_stack(kafka_settings) as stack:
+        saved = BudgetSnapshot(stack.settings.state_dir / "budget-view.json", EventCodec())
+        put = httpx.put(f"{stack.url}/v1/budgets/{scope}", json={"limit_usd": "5"})
+        assert put.status_code == 200, put.text
+        assert saved.load()["policies"][scope]["limit_usd_nanos"] == 5_000_000_000
+        gone = httpx.delete(f"{stack.url}/v1/budgets/{scope}")
+        assert gone.status_code == 200, gone.text
+        assert scope not in saved.load()["policies"]
+        on_loop = [thread for thread in threads if thread is stack.loop.thread]
+    assert threads, "nothing was saved"
+    assert not on_loop, f"{len(on_loop)} of {len(threads)} saves ran on the event loop"
+
+
+def test_concurrent_api_changes_and_the_periodic_save_never_lose_a_change(
+    kafka_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Admin saves, the periodic save (every 50 ms here) and the policies read back from
+    Kafka, all at once: once a PUT is answered, every later read of the saved view holds it
+    (or a later change of that scope), never an older one. Each write waits up to 20 ms in
+    its thread first, so saves overlap if they can: an older document written over a newer
+    one, or two writes of one temporary file, would show here."""
+    import threading
+
+    from app.http import server
+    from app.http.budget_snapshot import BudgetSnapshot
+
+    asyncio.run(ensure_topics(kafka_settings))
+    monkeypatch.setattr(server, "SAVE_EVERY_S", 0.05)
+    _spy_on_saves(monkeypatch, delay_s=0.02)
+    scopes = [f"user:concurrent-{n}" for n in range(4)]
+    answered = dict.fromkeys(scopes, 0)  # the last limit (USD) answered, per scope
+    errors: list[str] = []
+    done = threading.Event()
+    with running_stack(kafka_settings) as stack:
+        path = stack.settings.state_dir / "budget-view.json"
+
+        def admin(scope: str) -> None:
+            with httpx.Client(timeout=30) as client:
+                for limit in range(1, 11):
+                    put = client.put(f"{stack.url}/v1/budgets/{scope}", json={"limit_usd": limit})
+                    if put.status_code != 200:
+                        errors.append(put.text)
+                        return
+                    answered[scope] = limit
+
+        def reader() -> None:
+            while not done.is_set():
+                expected = dict(answered)  # before the read: the file must hold at least these
+                policies = BudgetSnapshot(path, EventCodec()).load()["policies"]
+                for scope, limit in expected.items():
+                    if not limit:
+                        continue
+                    record = policies.get(scope)
+                    got = None if record is None else record["limit_usd_nanos"] // 10**9
+                    if got is None or got < limit:
+                        errors.append(f"{scope}: {limit} was answered, the saved view has {got}")
+
+        readers = [threading.Thread(target=reader)]
+        admins = [threading.Thread(target=admin, args=(scope,)) for scope in scopes]
+        for thread in readers + admins:
+            thread.start()
+        for thread in admins:
+            thread.join(120)
+        time.sleep(1)  # the echoes from Kafka and a few periodic saves more
+        done.set()
+        readers[0].join(30)
+    assert not errors, errors[:5]
+    assert answered == dict.fromkeys(scopes, 10)
