@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 SAVE_EVERY_S = 1.0
 KINDS = {"policies": "BudgetPolicy", "decisions": "BudgetDecision"}
 UNCOUNTED_MAX = 10_000  # usage events kept (the newest): about 1.5 MB of JSON
+ENCODE_CHUNK = 500  # held usage events a json.dumps call encodes (the GIL is let go between)
 # Spooled usage events waiting for Kafka's acknowledgement, at most (the newest sequences): one
 # the spool dropped (full) is never acknowledged, and its entry was kept for ever.
 QUEUED_MAX = 1_000_000
@@ -130,17 +131,40 @@ class BudgetSnapshot:
         self.dirty = True
 
     def document(self) -> dict[str, Any] | None:
-        """What ``save`` writes (None: nothing changed). Taken where the records change (the
-        event loop); ``write`` may then run in a thread."""
+        """What ``save`` writes (None: nothing changed): {"policies": {scope: Avro value},
+        "decisions": {...}, "uncounted": {event id: Uncounted}}. Taken where the records change
+        (the event loop), copies of the dicts only (their values never change); ``write`` may
+        then run in a thread, and encodes it there."""
         if not self.dirty:
             return None
-        document: dict[str, Any] = {
-            kind: {scope: base64.b64encode(value).decode() for scope, value in values.items()}
-            for kind, values in self.values.items()
-        }
-        document["uncounted"] = {key: entry.to_json() for key, entry in self.uncounted.items()}
+        document: dict[str, Any] = {kind: dict(values) for kind, values in self.values.items()}
+        document["uncounted"] = dict(self.uncounted)
         self.dirty = False
         return document
+
+    @staticmethod
+    def encode(document: dict[str, Any]) -> str:
+        """The file's JSON of a ``document``. The held usage is encoded ``ENCODE_CHUNK`` events
+        a ``json.dumps``: one call encoding all of it held the GIL throughout, so the event
+        loop waited for a save written in a thread as long as for one written on it."""
+        parts = [
+            json.dumps(kind)
+            + ":"
+            + json.dumps(
+                {scope: base64.b64encode(value).decode() for scope, value in values.items()}
+            )
+            for kind, values in document.items()
+            if kind != "uncounted"
+        ]
+        entries = list(document["uncounted"].items())
+        chunks = [
+            json.dumps(
+                {key: entry.to_json() for key, entry in entries[start : start + ENCODE_CHUNK]}
+            )[1:-1]
+            for start in range(0, len(entries), ENCODE_CHUNK)
+        ]
+        parts.append('"uncounted":{' + ",".join(chunks) + "}")
+        return "{" + ",".join(parts) + "}"
 
     def save(self) -> None:
         self.write(self.document())
@@ -151,7 +175,7 @@ class BudgetSnapshot:
         temporary = self.path.with_suffix(".tmp")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            temporary.write_text(json.dumps(document))
+            temporary.write_text(self.encode(document))
             os.replace(temporary, self.path)
         except OSError as exc:
             self.dirty = True  # try again at the next save

@@ -213,3 +213,36 @@ def test_saves_never_land_an_older_view_over_a_newer_one_and_prune(tmp_path: Pat
     saved = json.loads(snapshot.path.read_text())
     assert list(saved["policies"]) == ["user:new"]
     assert list(saved["uncounted"]) == ["waiting"], "a save did not prune the counted usage"
+
+
+@pytest.mark.parametrize("events", [0, 1, budget_snapshot.ENCODE_CHUNK, 1201])
+def test_the_file_encoded_in_chunks_is_the_views_json(tmp_path: Path, events: int) -> None:
+    """The held usage is encoded a chunk of events at a time (one ``json.dumps`` of all of it
+    held the GIL, so the event loop, for as long as it took, even in a thread): the file is
+    the same JSON, and loads back as it was."""
+    import base64
+
+    from app.budgets.admin import policy_record
+    from app.budgets.policy import parse_policy
+
+    snapshot = _snapshot(tmp_path)
+    record = policy_record(parse_policy("user:a", {"limit_usd": 1}), "admin")
+    snapshot.record("policies", "user:a", record)
+    for n in range(events):
+        snapshot.held(f"evt-{n}", Uncounted(("user:a", "global"), n + 1, n, n % 3, n))
+    document = snapshot.document()
+    assert document is not None
+    assert json.loads(BudgetSnapshot.encode(document)) == {
+        "policies": {"user:a": base64.b64encode(snapshot.values["policies"]["user:a"]).decode()},
+        "decisions": {},
+        "uncounted": {key: entry.to_json() for key, entry in snapshot.uncounted.items()},
+    }
+    snapshot.write(document)
+    again = _snapshot(tmp_path)
+    [(scope, loaded)] = again.load()["policies"].items()
+    assert (scope, loaded["event_id"], loaded["limit_usd_nanos"]) == (
+        "user:a",
+        record["event_id"],
+        record["limit_usd_nanos"],
+    )
+    assert again.uncounted == snapshot.uncounted
