@@ -1172,9 +1172,10 @@ class BudgetViewSaver:
     """Saves the budget view (``budget_view_document``: pruned), every second and when an
     admin's change must be on disk before it is answered, one save at a time and each from a
     document taken once the one before is written: an older document never lands over a newer
-    one, nor two writes in one temporary file. The writing (JSON of up to 10,000 held usage
-    events, about 12 ms) runs in a thread: an admin's save wrote it on the event loop. Who
-    asks while a save waits for the one writing joins it (its document is taken later)."""
+    one, nor two writes in one temporary file. The encoding and writing (the JSON of up to
+    10,000 held usage events) run in a thread: an admin's save did them on the event loop
+    (``bench.budget_view_save``). Who asks while a save waits for the one writing joins it
+    (its document is taken later)."""
 
     def __init__(self, snapshot: BudgetSnapshot, gate: BudgetGate) -> None:
         self.snapshot = snapshot

@@ -256,7 +256,7 @@ def test_an_api_change_is_saved_off_the_event_loop(
     kafka_settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An admin's PUT or DELETE wrote the whole saved view (JSON of up to 10,000 held usage
-    events: about 12 ms) in its handler, on the event loop every call waits on. It is still
+    events) in its handler, on the event loop every call waits on. It is still
     saved before it is answered, but written in a thread."""
     from app.http.budget_snapshot import BudgetSnapshot
 

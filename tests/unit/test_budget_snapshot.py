@@ -163,7 +163,7 @@ def test_a_saved_entry_whose_scopes_are_a_string_is_dropped(tmp_path: Path) -> N
 
 def test_saves_never_land_an_older_view_over_a_newer_one_and_prune(tmp_path: Path) -> None:
     """An admin's save and the periodic one, writing in threads (the JSON of 10,000 held
-    events is about 12 ms: an admin's save wrote it on the event loop): a save asked for
+    events: an admin's save wrote it on the event loop): a save asked for
     while another writes waits for it, then writes a document taken after it; a caller
     cancelled meanwhile does not stop its save. Each save prunes the usage decisions count
     (the admin's skipped that)."""
