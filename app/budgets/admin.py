@@ -14,9 +14,15 @@ Budgets file (``TOLLGATE_BUDGETS_FILE``)::
 Every dispatcher start publishes each entry of the file only when the entry differs from the
 one the file last published for its scope (``budgets_file_action``): a cap changed or removed
 through the admin API or the CLI since stays over a restart with the same file; editing the
-entry in the file makes it win again. Records carry the digest of the file's last entry
-(``file_digest``, carried on by API and CLI changes), so every replica and a fresh state dir
-decide alike.
+entry in the file makes it win again. A scope whose policy the file published, and that the
+file no longer names, is removed (a deletion record, as the admin API's DELETE); one changed
+through the API or CLI since the file published it stays. Records carry the digest of the
+file's last entry (``file_digest``: ``NO_FILE_ENTRY`` when there is none; carried on by API
+and CLI changes), so every replica and a fresh state dir decide alike from the topic alone,
+and replicas starting at once publish the same records. An API or CLI change written before
+records carried the digest (BudgetPolicy v1) is kept at the first start that meets it, and the
+file's entry then is taken as the one last published: it is published again with that digest
+(``adopt``), so a later edit of the entry applies.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import yaml
 
 from app.budgets.policy import (
     FILE_WRITER,
+    NO_FILE_ENTRY,
     Policy,
     PolicyBook,
     PolicyError,
@@ -43,14 +50,14 @@ from app.metering.usage import event_time, new_id
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
-FileAction = Literal["publish", "unchanged", "kept"]
+FileAction = Literal["publish", "unchanged", "kept", "adopt"]
 
 
 def policy_record(
     policy: Policy, updated_by: str | None = None, file_digest: str | None = None
 ) -> dict[str, Any]:
     """A change of ``policy.scope``; ``file_digest``: the scope's last budgets-file entry
-    (``PolicyBook.file_digests``), carried on so a restart does not undo this change."""
+    (``PolicyBook.file_digest``), carried on so a restart does not undo this change."""
     return policy.to_record(new_id(), event_time(), updated_by, file_digest)
 
 
@@ -86,12 +93,28 @@ def budgets_file_action(entry: Policy, current: dict[str, Any] | None) -> FileAc
     ``publish``: the entry differs from the one the file last published for the scope (or
     the file never published one): the file's edit wins. ``unchanged``: the scope already
     holds the entry. ``kept``: the file's entry is the one it published before, and an
-    admin-API or CLI change (or removal) made since stands."""
-    if current is None or entry.digest() != file_digest_of(current):
+    admin-API or CLI change (or removal) made since stands. ``adopt``: an API or CLI change
+    written before records named the file's entry (it is not known whether the file's entry
+    changed since): it stands, and the entry is taken as the one the file published."""
+    last = file_digest_of(current)
+    if current is None or (last is not None and entry.digest() != last):
         return "publish"
+    if last is None:
+        return "adopt"
     if not current.get("deleted") and Policy.from_record(current) == entry:
         return "unchanged"
     return "kept"
+
+
+def file_deletion_record(scope: str) -> dict[str, Any]:
+    """The removal of a scope the budgets file published and no longer names."""
+    return deletion_record(scope, FILE_WRITER, NO_FILE_ENTRY)
+
+
+def adoption_record(entry: Policy, current: dict[str, Any]) -> dict[str, Any]:
+    """``current`` (an API or CLI change of ``entry.scope`` written before records carried
+    the file's digest) unchanged, naming ``entry`` as the file's last entry."""
+    return {**current, "event_id": new_id(), "ts": event_time(), "file_digest": entry.digest()}
 
 
 def apply_budgets_file(
@@ -100,30 +123,64 @@ def apply_budgets_file(
     skip: set[str] | frozenset[str] = frozenset(),
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """The records to publish for ``entries`` given the topic's ``records`` by scope, and the
-    scopes whose newer API or CLI change is kept (each logged as a warning). ``skip``: scopes
-    this process changed itself since it started (their change stands)."""
+    scopes whose newer API or CLI change is kept (each logged as a warning). A scope the file
+    published (the latest record is the file's) and no longer names is removed. ``skip``:
+    scopes this process changed itself since it started (their change stands). The same
+    ``entries`` and ``records`` give the same records, whichever replica decides."""
     publish: list[dict[str, Any]] = []
     kept: list[str] = []
     for entry in entries:
+        current = records.get(entry.scope)
         if entry.scope in skip:
             action: FileAction = "kept"
         else:
-            action = budgets_file_action(entry, records.get(entry.scope))
+            action = budgets_file_action(entry, current)
         if action == "publish":
             publish.append(file_policy_record(entry))
+        elif action == "adopt" and current is not None:
+            publish.append(adoption_record(entry, current))
+            kept.append(entry.scope)
+            log.warning(
+                "budgets file entry not applied: the scope was changed through the admin API or "
+                "CLI by a version that did not record the file's entry; the change is kept and "
+                "this entry taken as the file's: edit the file's entry to apply it",
+                extra=_change(entry.scope, current),
+            )
         elif action == "kept":
             kept.append(entry.scope)
-            current = records.get(entry.scope) or {}
             log.warning(
                 "budgets file entry not applied: the scope was changed through the admin API "
                 "or CLI after the file last published it; edit the file's entry to apply it",
-                extra={
-                    "scope": entry.scope,
-                    "changed_by": current.get("updated_by"),
-                    "deleted": bool(current.get("deleted")),
-                },
+                extra=_change(entry.scope, current),
+            )
+    named = {entry.scope for entry in entries}
+    for scope in sorted(set(records) - named - set(skip)):
+        current = records[scope]
+        if current.get("deleted"):
+            continue
+        if current.get("updated_by") == FILE_WRITER:
+            publish.append(file_deletion_record(scope))
+            log.warning(
+                "budgets file entry removed: the file no longer names the scope",
+                extra={"scope": scope},
+            )
+        elif file_digest_of(current):
+            kept.append(scope)
+            log.warning(
+                "budgets file no longer names the scope, but it was changed through the admin "
+                "API or CLI after the file last published it: the change is kept",
+                extra=_change(scope, current),
             )
     return publish, kept
+
+
+def _change(scope: str, current: dict[str, Any] | None) -> dict[str, Any]:
+    current = current or {}
+    return {
+        "scope": scope,
+        "changed_by": current.get("updated_by"),
+        "deleted": bool(current.get("deleted")),
+    }
 
 
 def load_budgets_file(path: Path) -> list[Policy]:
@@ -152,10 +209,10 @@ class PolicyAdmin:
         self.codec = build_codec(settings.schema_registry_url)
 
     async def publish(self, scope: str, record: dict[str, Any]) -> None:
-        """Send ``record``; a change without ``file_digest`` carries on the scope's (the
+        """Send ``record``; a change with a null ``file_digest`` carries on the scope's (the
         budgets file's last entry), as the admin API's do."""
-        if not record.get("file_digest"):
-            carried = (await self.policies()).file_digests.get(scope)
+        if record.get("file_digest") is None:
+            carried = (await self.policies()).file_digest(scope)
             record = {**record, "file_digest": carried}
         producer = clients.producer(self.settings, purpose="budget-admin")
         await producer.start()

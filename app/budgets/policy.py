@@ -37,6 +37,9 @@ SCOPE_KINDS = ("user", "feature", "team", "key")
 DEFAULT_THRESHOLDS = (0.5, 0.8, 1.0)
 MAX_LIMIT_USD = Decimal(1_000_000_000)
 FILE_WRITER = "budgets_file"  # the updated_by of the records TOLLGATE_BUDGETS_FILE publishes
+# file_digest of a record when the budgets file has no entry of the scope on record: it never
+# published one, or it removed the scope (a null file_digest: written before records said)
+NO_FILE_ENTRY = ""
 
 
 class PolicyError(ValueError):
@@ -356,12 +359,14 @@ def parse_policy(scope: str, body: Any) -> Policy:
 
 def file_digest_of(record: dict[str, Any] | None) -> str | None:
     """The digest of the budgets-file entry last published for the record's scope: the
-    record's own ``file_digest`` (a file's record, or an API or CLI change carrying it on),
-    else, for a file's record written before records carried it, its policy's digest."""
+    record's own ``file_digest`` (a file's record, or an API or CLI change carrying it on;
+    ``NO_FILE_ENTRY`` when the file has none on record), else, for a file's record written
+    before records carried it, its policy's digest. None: not known (an API or CLI change
+    written before records carried it, BudgetPolicy v1)."""
     if record is None:
-        return None
+        return NO_FILE_ENTRY
     digest = record.get("file_digest")
-    if digest:
+    if digest is not None:
         return str(digest)
     if record.get("updated_by") == FILE_WRITER and not record.get("deleted"):
         return Policy.from_record(record).digest()
@@ -407,16 +412,19 @@ class PolicyBook:
     # scope -> who last set it (``updated_by``: an admin key id, "cli", FILE_WRITER)
     written_by: dict[str, str | None] = field(default_factory=dict)
     # scope -> digest of the budgets-file entry last published for it; kept through later
-    # API changes and removals, which carry it on (``file_digest_of``)
-    file_digests: dict[str, str] = field(default_factory=dict)
+    # API changes and removals, which carry it on (``file_digest_of``; None: not known)
+    file_digests: dict[str, str | None] = field(default_factory=dict)
+
+    def file_digest(self, scope: str) -> str | None:
+        """What an API or CLI change of ``scope`` carries on (``file_digest_of``)."""
+        return self.file_digests.get(scope, NO_FILE_ENTRY)
 
     def note_record(self, scope: str, record: dict[str, Any] | None) -> None:
         """Who wrote ``record`` (this process's own write, or one read from the topic)."""
-        digest = file_digest_of(record)
-        if digest is None:
+        if record is None:
             self.file_digests.pop(scope, None)
         else:
-            self.file_digests[scope] = digest
+            self.file_digests[scope] = file_digest_of(record)
         if record is None or record.get("deleted"):
             self.written_by.pop(scope, None)
         else:

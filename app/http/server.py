@@ -653,7 +653,7 @@ async def put_budget(request: web.Request) -> web.Response:
     except PolicyError as exc:
         raise invalid_request(str(exc), exc.field) from None
     # carries the budgets file's last entry on: a restart with the same file keeps this
-    record = policy_record(policy, admin, c.policies.file_digests.get(scope))
+    record = policy_record(policy, admin, c.policies.file_digest(scope))
     c.emitter.emit_policy(scope, record)
     # Effective here at once (and not undone by an older record's echo); other dispatchers
     # read it from Kafka.
@@ -687,7 +687,7 @@ async def delete_budget(request: web.Request) -> web.Response:
     scope = _scope(request)
     if scope not in c.policies.policies:
         raise ApiError(404, "not_found", f"No budget policy for {scope}", param="scope")
-    record = deletion_record(scope, admin, c.policies.file_digests.get(scope))
+    record = deletion_record(scope, admin, c.policies.file_digest(scope))
     c.emitter.emit_policy(scope, record)
     c.policies.remove_local(scope, record["event_id"], record)
     await _save_policy_change(c, scope, None)
@@ -1084,19 +1084,23 @@ def publish_budgets_file(
     policies: PolicyBook,
     emitter: EventEmitter,
 ) -> None:
-    """Publish the budgets file's entries that changed since the file last published them
-    (``app.budgets.admin.budgets_file_action``); a newer API or CLI change stays. Scopes
-    this process changed since it started are left as changed."""
+    """Publish the budgets file's entries that changed since the file last published them,
+    and remove the scopes it published and no longer names
+    (``app.budgets.admin.apply_budgets_file``); a newer API or CLI change stays. Scopes this
+    process changed since it started are left as changed."""
     records, _ = apply_budgets_file(entries, policy_view.records, skip=set(policies.awaiting))
     for record in records:
         emitter.emit_policy(record["scope"], record)
-        policies.put_local(Policy.from_record(record), record["event_id"], record)
+        if record.get("deleted"):
+            policies.remove_local(record["scope"], record["event_id"], record)
+        else:
+            policies.put_local(Policy.from_record(record), record["event_id"], record)
 
 
 async def publish_budgets_file_when_read(components: Components) -> None:
     """The budgets file, once the policies topic is read (Kafka did not answer at start)."""
     entries = components.budgets_file_pending
-    if not entries:
+    if entries is None:  # an empty file still removes what the file published
         return
     await components.policy_view.synced.wait()
     publish_budgets_file(entries, components.policy_view, components.policies, components.emitter)

@@ -15,12 +15,13 @@ from typing import Any
 
 import httpx
 import pytest
+from aiokafka import AIOKafkaProducer
 
 from app.events.codec import EventCodec
 from app.events.compacted import CompactedView
 from app.events.topics import ensure_topics
 from app.settings import Settings
-from tests.integration.harness import frozen_kafka, running_stack, wait_until
+from tests.integration.harness import frozen_kafka, read_events, running_stack, wait_until
 
 pytestmark = pytest.mark.integration
 CALL = {
@@ -45,8 +46,21 @@ def budgets(kafka_settings: Settings, tmp_path: Path) -> Path:
     return write_file(tmp_path / "budgets.yaml", "5", "from file")
 
 
-def wait_on_topic(settings: Settings, check: Any, timeout_s: float = 30) -> None:
-    """Until the policies topic holds a record of user:fileuser that passes ``check``: the
+def write_entries(path: Path, limits_usd: dict[str, str]) -> Path:
+    path.write_text(
+        "budgets:\n"
+        + "".join(
+            f'  "{scope}": {{period: day, limit_usd: {limit}}}\n'
+            for scope, limit in limits_usd.items()
+        )
+    )
+    return path
+
+
+def wait_on_topic(
+    settings: Settings, check: Any, timeout_s: float = 30, scope: str = "user:fileuser"
+) -> None:
+    """Until the policies topic holds a record of ``scope`` that passes ``check``: the
     admin's change is in Kafka (not only in the stopped dispatcher's spool) before a restart
     on a fresh state dir."""
 
@@ -54,7 +68,7 @@ def wait_on_topic(settings: Settings, check: Any, timeout_s: float = 30) -> None
         view = CompactedView(settings, settings.topic("budget.policies"), EventCodec())
         await view.start(10)
         await view.stop()
-        return view.records.get("user:fileuser")
+        return view.records.get(scope)
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -65,15 +79,15 @@ def wait_on_topic(settings: Settings, check: Any, timeout_s: float = 30) -> None
     raise AssertionError("the admin's change never reached the policies topic")
 
 
-def policy(url: str) -> httpx.Response:
-    return httpx.get(f"{url}/v1/budgets/user:fileuser", timeout=10)
+def policy(url: str, scope: str = "user:fileuser") -> httpx.Response:
+    return httpx.get(f"{url}/v1/budgets/{scope}", timeout=10)
 
 
-def chat(url: str) -> httpx.Response:
+def chat(url: str, user: str = "fileuser") -> httpx.Response:
     return httpx.post(
         f"{url}/v1/chat/completions",
         json=CALL,
-        headers={"X-Tollgate-User": "fileuser"},
+        headers={"X-Tollgate-User": user},
         timeout=30,
     )
 
@@ -331,3 +345,96 @@ def test_concurrent_api_changes_and_the_periodic_save_never_lose_a_change(
         readers[0].join(30)
     assert not errors, errors[:5]
     assert answered == dict.fromkeys(scopes, 10)
+
+
+def test_an_entry_dropped_from_the_file_is_removed_unless_the_api_changed_it_since(
+    kafka_settings: Settings, tmp_path: Path
+) -> None:
+    """An operator deletes a cap from the file and restarts: the cap the file published is
+    removed (it was still enforced: a stopped user stayed stopped), once, however many
+    replicas start with that file; a dropped scope an admin changed through the API after
+    the file published it keeps the admin's cap. Named again, the entry is published again."""
+    asyncio.run(ensure_topics(kafka_settings))
+    stopped, changed, staying = "user:dropped", "user:admin-kept", "user:fileuser"
+    budgets = write_entries(
+        tmp_path / "budgets.yaml", {stopped: "0.000001", changed: "4", staying: "5"}
+    )
+    with running_stack(kafka_settings, budgets_file=budgets) as first:
+        for scope in (stopped, changed, staying):
+            assert policy(first.url, scope).status_code == 200, scope
+        assert chat(first.url, "dropped").status_code == 402
+        put = httpx.put(f"{first.url}/v1/budgets/{changed}", json={"limit_usd": "3"}, timeout=10)
+        assert put.status_code == 200, put.text
+        wait_on_topic(kafka_settings, lambda r: r["limit_usd_nanos"] == 3 * 10**9, scope=changed)
+
+    write_entries(budgets, {staying: "5"})
+    with running_stack(kafka_settings, budgets_file=budgets) as restarted:
+        gone = policy(restarted.url, stopped)
+        assert gone.status_code == 404, (
+            f"a cap dropped from the file is still enforced: {gone.text}"
+        )
+        listed = httpx.get(f"{restarted.url}/v1/budgets", timeout=10).json()["budgets"]
+        assert stopped not in [p["scope"] for p in listed]
+        served = chat(restarted.url, "dropped")
+        assert served.status_code == 200, served.text
+        kept = policy(restarted.url, changed)
+        assert kept.status_code == 200, "the admin's change was removed with the file's entry"
+        assert kept.json()["limit_usd"] == "3" and kept.json()["updated_by"] is None
+        assert policy(restarted.url, staying).json()["limit_usd"] == "5"
+    wait_on_topic(kafka_settings, lambda r: r["deleted"], scope=stopped)
+
+    with running_stack(kafka_settings, budgets_file=budgets) as replica:  # another replica
+        assert policy(replica.url, stopped).status_code == 404
+        assert policy(replica.url, changed).json()["limit_usd"] == "3"
+    records = asyncio.run(read_events(kafka_settings, "budget.policies", at_least=5))
+    removals = [r for r in records if r["scope"] == stopped and r["deleted"]]
+    assert len(removals) == 1, f"a start with the same file removed the scope again: {removals}"
+    assert removals[0]["updated_by"] == "budgets_file"
+
+    write_entries(budgets, {stopped: "2", staying: "5"})  # named again: published again
+    with running_stack(kafka_settings, budgets_file=budgets) as again:
+        read = policy(again.url, stopped)
+        assert read.status_code == 200, read.text
+        assert read.json()["limit_usd"] == "2" and read.json()["updated_by"] == "budgets_file"
+
+
+def test_an_api_change_written_before_records_carried_the_files_digest_is_kept(
+    kafka_settings: Settings, tmp_path: Path
+) -> None:
+    """The first start after the upgrade to BudgetPolicy v2 met an admin's stop written by an
+    older version (no file_digest) and published the file over it. It keeps the stop now,
+    takes the file's entry as the one last published, and a later edit of it applies."""
+    from app.budgets.admin import policy_record
+    from app.budgets.policy import parse_policy
+    from app.events.producer import policy_message
+
+    asyncio.run(ensure_topics(kafka_settings))
+    budgets = write_file(tmp_path / "budgets.yaml", "5", "from file")
+    with running_stack(kafka_settings, budgets_file=budgets) as first:
+        assert policy(first.url).json()["limit_usd"] == "5"
+
+    async def older_versions_stop() -> None:
+        stop = parse_policy("user:fileuser", {"period": "day", "limit_usd": "0.000001"})
+        record = policy_record(stop, "admin-key")  # file_digest null: as v1 read as v2
+        producer = AIOKafkaProducer(bootstrap_servers=kafka_settings.kafka_bootstrap, acks="all")
+        await producer.start()
+        try:
+            message = policy_message(kafka_settings, EventCodec(), "user:fileuser", record)
+            await producer.send_and_wait(message.topic, message.value, key=message.key)
+        finally:
+            await producer.stop()
+
+    asyncio.run(older_versions_stop())
+    wait_on_topic(kafka_settings, lambda r: r["limit_usd_nanos"] == 1000)
+    for _ in range(2):  # the start that meets it, and the next
+        with running_stack(kafka_settings, budgets_file=budgets) as upgraded:
+            read = policy(upgraded.url)
+            assert read.json()["limit_usd"] == "0.000001", "the upgrade undid the admin's stop"
+            assert read.json()["updated_by"] == "admin-key"
+            assert chat(upgraded.url).status_code == 402
+        wait_on_topic(kafka_settings, lambda r: bool(r["file_digest"]))
+
+    write_file(budgets, "7", "raised in the file")
+    with running_stack(kafka_settings, budgets_file=budgets) as edited:
+        read = policy(edited.url)
+        assert read.json()["limit_usd"] == "7" and read.json()["updated_by"] == "budgets_file"

@@ -53,7 +53,8 @@ def _entry(limit_usd: int, prompt: str | None = None) -> Policy:
 
 def test_an_entry_the_file_never_published_is_published() -> None:
     assert budgets_file_action(_entry(5), None) == "publish"
-    api = policy_record(_entry(3), "admin-key")  # set through the API before the file named it
+    # set through the API before the file named it (no file entry on record: "")
+    api = policy_record(_entry(3), "admin-key", "")
     assert budgets_file_action(_entry(5), api) == "publish"
 
 
@@ -89,18 +90,74 @@ def test_kept_scopes_are_named_and_the_rest_published(caplog: pytest.LogCaptureF
     assert kept_here == ["user:y"]
 
 
+def _other(scope: str, limit_usd: int = 2) -> Policy:
+    return parse_policy(scope, {"limit_usd": limit_usd})
+
+
+def test_a_scope_the_file_published_and_no_longer_names_is_removed_once() -> None:
+    """An entry deleted from the file: the cap the file published is removed (it stayed
+    enforced); one the API changed since the file published it, or never from the file,
+    stays; the removal is not repeated, and naming the scope again publishes it."""
+    dropped = file_policy_record(_other("user:dropped"))
+    old_file = file_policy_record(_other("user:old"))
+    old_file["file_digest"] = None  # published before records carried the digest
+    changed = policy_record(_other("user:changed", 1), "admin-key", _other("user:changed").digest())
+    api_only = policy_record(_other("user:api"), "admin-key", "")
+    api_removed = deletion_record("user:gone", "admin-key", _other("user:gone").digest())
+    records = {
+        "user:x": file_policy_record(_entry(5)),
+        "user:dropped": dropped,
+        "user:old": old_file,
+        "user:changed": changed,
+        "user:api": api_only,
+        "user:gone": api_removed,
+        "user:mine": file_policy_record(_other("user:mine")),
+    }
+    publish, kept = apply_budgets_file([_entry(5)], records, skip={"user:mine"})
+    assert [(r["scope"], r["deleted"]) for r in publish] == [
+        ("user:dropped", True),
+        ("user:old", True),
+    ]
+    assert all(r["updated_by"] == "budgets_file" for r in publish)
+    assert kept == ["user:changed"]
+    again, _ = apply_budgets_file([_entry(5)], {**records, **{r["scope"]: r for r in publish}})
+    assert [r["scope"] for r in again] == ["user:mine"], "a removal was published twice"
+    assert budgets_file_action(_other("user:dropped"), publish[0]) == "publish"
+
+
+def test_an_api_change_written_before_records_carried_the_digest_is_kept_and_adopted() -> None:
+    """The first start after the upgrade published the file over an older version's API
+    change (no digest). It is kept now, republished unchanged naming the file's entry, so the
+    next start keeps it too and an edit of the entry applies."""
+    old_api = policy_record(_entry(1, "stopped"), "admin-key")
+    old_api["file_digest"] = None
+    publish, kept = apply_budgets_file([_entry(5)], {"user:x": old_api})
+    assert kept == ["user:x"]
+    assert len(publish) == 1
+    adopted = publish[0]
+    assert Policy.from_record(adopted) == Policy.from_record(old_api)
+    assert adopted["updated_by"] == "admin-key" and adopted["event_id"] != old_api["event_id"]
+    assert adopted["file_digest"] == _entry(5).digest()
+    assert budgets_file_action(_entry(5), adopted) == "kept"
+    assert budgets_file_action(_entry(6), adopted) == "publish"
+    old_removal = deletion_record("user:x", "admin-key")  # an older version's DELETE
+    assert budgets_file_action(_entry(5), old_removal) == "adopt"
+
+
 Op = tuple[str, int]
 OPS = st.lists(
-    st.tuples(st.sampled_from(["file", "put", "delete"]), st.integers(1, 3)), max_size=12
+    st.tuples(st.sampled_from(["file", "drop", "put", "delete"]), st.integers(1, 3)),
+    max_size=12,
 )
 
 
 @given(OPS)
 def test_the_file_wins_only_when_its_entry_changed_since_it_last_published(ops: list[Op]) -> None:
-    """Any history of starts (with the file's entry then) and admin changes: a start applies
-    the file's entry exactly when it differs from the entry the file last published; an admin
-    change made after that publication otherwise stands. The book carries the digest on as the
-    dispatcher's PUT and DELETE do."""
+    """Any history of starts (with the file's entry then, or without it: "drop") and admin
+    changes: a start applies the file's entry exactly when it differs from the entry the file
+    last published; an admin change made after that publication otherwise stands; a start
+    whose file no longer names the scope removes it when the file's record is the latest.
+    The book carries the digest on as the dispatcher's PUT and DELETE do."""
     book = PolicyBook()
     current: dict | None = None
     last_published: Policy | None = None
@@ -115,8 +172,15 @@ def test_the_file_wins_only_when_its_entry_changed_since_it_last_published(ops: 
             else:
                 assert publish == []
                 assert current is before
+        elif kind == "drop":
+            publish, _ = apply_budgets_file([], {"user:x": current} if current else {})
+            if current and not current["deleted"] and current["updated_by"] == "budgets_file":
+                assert [r["deleted"] for r in publish] == [True]
+                current, last_published = publish[0], None
+            else:
+                assert publish == []
         elif kind == "put":
-            current = policy_record(_entry(value + 10), "admin", book.file_digests.get("user:x"))
+            current = policy_record(_entry(value + 10), "admin", book.file_digest("user:x"))
         else:
-            current = deletion_record("user:x", "admin", book.file_digests.get("user:x"))
+            current = deletion_record("user:x", "admin", book.file_digest("user:x"))
         book.apply_record(current, "user:x")
