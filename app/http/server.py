@@ -1270,7 +1270,7 @@ def create_app(settings: Settings) -> web.Application:
                 save_budget_view(components.budget_saver), name="budget-view-save"
             )
         pending_file = None
-        if components.budgets_file_pending:
+        if components.budgets_file_pending is not None:  # an empty file removes too
             pending_file = asyncio.create_task(
                 publish_budgets_file_when_read(components), name="budgets-file"
             )

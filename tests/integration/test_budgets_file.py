@@ -438,3 +438,34 @@ def test_an_api_change_written_before_records_carried_the_files_digest_is_kept(
     with running_stack(kafka_settings, budgets_file=budgets) as edited:
         read = policy(edited.url)
         assert read.json()["limit_usd"] == "7" and read.json()["updated_by"] == "budgets_file"
+
+
+def test_an_emptied_file_removes_the_files_caps_once_a_hung_kafka_answers(
+    kafka_settings: Settings, kafka_launcher: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``budgets: {}`` at a start while Kafka is frozen: decided once the policies topic is
+    read, as a file with entries is (an empty list of entries was taken for no file)."""
+    import os
+    import signal
+
+    asyncio.run(ensure_topics(kafka_settings))
+    budgets = write_file(tmp_path / "budgets.yaml", "5", "from file")
+    with running_stack(kafka_settings, budgets_file=budgets) as first:
+        assert policy(first.url).status_code == 200
+    budgets.write_text("budgets: {}\n")
+    pid = kafka_launcher.status().pid
+    assert pid is not None, "the session broker is not running"
+    caplog.set_level("INFO", logger="app.http.server")
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        hung = running_stack(kafka_settings, budgets_file=budgets, start_kafka_answer_wait_s=1.0)
+        with hung as restarted:
+            os.kill(pid, signal.SIGCONT)
+            deadline = time.monotonic() + 90
+            while "budgets file applied now that the policies topic was read" not in caplog.text:
+                assert time.monotonic() < deadline, "the emptied file was never applied"
+                time.sleep(0.2)
+            assert policy(restarted.url).status_code == 404
+            wait_on_topic(kafka_settings, lambda r: r["deleted"], timeout_s=60)
+    finally:
+        os.kill(pid, signal.SIGCONT)
