@@ -22,7 +22,9 @@ and CLI changes), so every replica and a fresh state dir decide alike from the t
 and replicas starting at once publish the same records. An API or CLI change written before
 records carried the digest (BudgetPolicy v1) is kept at the first start that meets it, and the
 file's entry then is taken as the one last published: it is published again with that digest
-(``adopt``), so a later edit of the entry applies.
+(``adopt``), so a later edit of the entry applies. A dispatcher's API change made before it
+read another replica's newer file record of the scope carried the older digest: read back
+after that record, it is sent again carrying the newer one (``PolicyBook.apply_record``).
 """
 
 from __future__ import annotations
@@ -111,10 +113,11 @@ def file_deletion_record(scope: str) -> dict[str, Any]:
     return deletion_record(scope, FILE_WRITER, NO_FILE_ENTRY)
 
 
-def adoption_record(entry: Policy, current: dict[str, Any]) -> dict[str, Any]:
-    """``current`` (an API or CLI change of ``entry.scope`` written before records carried
-    the file's digest) unchanged, naming ``entry`` as the file's last entry."""
-    return {**current, "event_id": new_id(), "ts": event_time(), "file_digest": entry.digest()}
+def with_file_digest(record: dict[str, Any], digest: str) -> dict[str, Any]:
+    """``record``'s change again (who made it, what it says), carrying ``digest`` as the
+    file's last entry: an API or CLI change written before records carried it (``adopt``),
+    or one that carried an older entry's (``PolicyBook.apply_record``)."""
+    return {**record, "event_id": new_id(), "ts": event_time(), "file_digest": digest}
 
 
 def apply_budgets_file(
@@ -138,7 +141,7 @@ def apply_budgets_file(
         if action == "publish":
             publish.append(file_policy_record(entry))
         elif action == "adopt" and current is not None:
-            publish.append(adoption_record(entry, current))
+            publish.append(with_file_digest(current, entry.digest()))
             kept.append(entry.scope)
             log.warning(
                 "budgets file entry not applied: the scope was changed through the admin API or "

@@ -401,7 +401,13 @@ class PolicyBook:
     the event id of the record it sent) holds until the policies topic delivers that very
     record; records of the scope delivered before it are older writes and are skipped, so
     the echo of a previous change cannot undo it for a moment (a user under a raised cap
-    was refused). From its own record on, the topic's order rules again."""
+    was refused). From its own record on, the topic's order rules again.
+
+    An own API or CLI change carries the scope's budgets-file digest on (``file_digest``);
+    records it skipped landed before it, unread when it was made: if the last of them names
+    another file entry (another replica's start published an edited file), that digest is
+    held for the change once read back (``take_file_digest_resend``): the writer sends the
+    change again carrying it."""
 
     policies: dict[str, Policy] = field(default_factory=dict)
     # scope -> event id of this process's latest write, until the topic delivers it
@@ -414,6 +420,12 @@ class PolicyBook:
     # scope -> digest of the budgets-file entry last published for it; kept through later
     # API changes and removals, which carry it on (``file_digest_of``; None: not known)
     file_digests: dict[str, str | None] = field(default_factory=dict)
+    # scope -> event id of this process's pending change that carried the file's digest on
+    carrying: dict[str, str] = field(default_factory=dict)
+    # scope -> file digest of the last record skipped while awaiting that change
+    passed_over: dict[str, str | None] = field(default_factory=dict)
+    # scope -> the file digest its change, read back, should have carried (to send again)
+    resend: dict[str, str] = field(default_factory=dict)
 
     def file_digest(self, scope: str) -> str | None:
         """What an API or CLI change of ``scope`` carries on (``file_digest_of``)."""
@@ -466,19 +478,40 @@ class PolicyBook:
         return scope.split(":", 1)[0] + ":*"
 
     def put_local(
-        self, policy: Policy, event_id: str, record: dict[str, Any] | None = None
+        self,
+        policy: Policy,
+        event_id: str,
+        record: dict[str, Any] | None = None,
+        *,
+        carries_file_digest: bool = False,
     ) -> None:
-        """This process's own change, sent to the topic as ``record`` (id ``event_id``)."""
+        """This process's own change, sent to the topic as ``record`` (id ``event_id``);
+        ``carries_file_digest``: an API or CLI change, carrying ``file_digest(scope)`` on."""
         self.put(policy)
-        if record is not None:
-            self.note_record(policy.scope, record)
-        self.awaiting[policy.scope] = event_id
+        self._local(policy.scope, event_id, record, carries_file_digest)
 
-    def remove_local(self, scope: str, event_id: str, record: dict[str, Any] | None = None) -> None:
+    def remove_local(
+        self,
+        scope: str,
+        event_id: str,
+        record: dict[str, Any] | None = None,
+        *,
+        carries_file_digest: bool = False,
+    ) -> None:
         self.remove(scope)
+        self._local(scope, event_id, record, carries_file_digest)
+
+    def _local(
+        self, scope: str, event_id: str, record: dict[str, Any] | None, carrying: bool
+    ) -> None:
         if record is not None:
             self.note_record(scope, record)
         self.awaiting[scope] = event_id
+        self.passed_over.pop(scope, None)
+        if carrying:
+            self.carrying[scope] = event_id
+        else:
+            self.carrying.pop(scope, None)
 
     def apply_record(self, record: dict[str, Any] | None, scope: str) -> bool:
         """Apply a record from the compacted policies topic (None or deleted = removal);
@@ -486,14 +519,25 @@ class PolicyBook:
         awaited = self.awaiting.get(scope)
         if awaited is not None:
             if record is None or record.get("event_id") != awaited:
-                return False
+                if record is not None:
+                    self.passed_over[scope] = file_digest_of(record)
+                return False  # older than this process's own write, which stands
             del self.awaiting[scope]
+            newer = self.passed_over.pop(scope, None)
+            carried = self.carrying.pop(scope, None) == awaited
+            if carried and newer is not None and newer != file_digest_of(record):
+                self.resend[scope] = newer
         self.note_record(scope, record)
         if record is None or record.get("deleted"):
             self.remove(scope)
         else:
             self.put(Policy.from_record(record))
         return True
+
+    def take_file_digest_resend(self, scope: str) -> str | None:
+        """The file digest this process's change of ``scope``, just read back, should have
+        carried (see the class); None if it carried the right one."""
+        return self.resend.pop(scope, None)
 
     def policy_for(self, scope: str) -> Policy | None:
         own = self.policies.get(scope)

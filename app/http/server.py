@@ -31,6 +31,7 @@ from app.budgets.admin import (
     deletion_record,
     load_budgets_file,
     policy_record,
+    with_file_digest,
 )
 from app.budgets.gate import BudgetGate, BudgetRefused
 from app.budgets.policy import (
@@ -657,7 +658,7 @@ async def put_budget(request: web.Request) -> web.Response:
     c.emitter.emit_policy(scope, record)
     # Effective here at once (and not undone by an older record's echo); other dispatchers
     # read it from Kafka.
-    c.policies.put_local(policy, record["event_id"], record)
+    c.policies.put_local(policy, record["event_id"], record, carries_file_digest=True)
     await _save_policy_change(c, scope, record)
     warning = key_cap_warning(policy.scope, c.keys)
     return json_response(
@@ -689,7 +690,7 @@ async def delete_budget(request: web.Request) -> web.Response:
         raise ApiError(404, "not_found", f"No budget policy for {scope}", param="scope")
     record = deletion_record(scope, admin, c.policies.file_digest(scope))
     c.emitter.emit_policy(scope, record)
-    c.policies.remove_local(scope, record["event_id"], record)
+    c.policies.remove_local(scope, record["event_id"], record, carries_file_digest=True)
     await _save_policy_change(c, scope, None)
     return json_response({"deleted": scope})
 
@@ -984,6 +985,9 @@ async def build_components(settings: Settings) -> Components:
         # saved: it replaced the admin's saved change until the change's own echo came
         if policies.apply_record(record, scope):
             snapshot.record("policies", scope, record)
+        newer_file_digest = policies.take_file_digest_resend(scope)
+        if record is not None and newer_file_digest is not None:
+            resend_with_file_digest(record, newer_file_digest, policies, emitter)
 
     def on_decision(scope: str, record: dict[str, Any] | None) -> None:
         gate.on_decision(scope, record)
@@ -1095,6 +1099,26 @@ def publish_budgets_file(
             policies.remove_local(record["scope"], record["event_id"], record)
         else:
             policies.put_local(Policy.from_record(record), record["event_id"], record)
+
+
+def resend_with_file_digest(
+    record: dict[str, Any], digest: str, policies: PolicyBook, emitter: EventEmitter
+) -> None:
+    """This dispatcher's API change of a scope, read back after another replica's newer
+    budgets-file record it had not read when it was made: sent again carrying that record's
+    digest, else the next start would publish the file's entry over it."""
+    again = with_file_digest(record, digest)
+    scope = again["scope"]
+    emitter.emit_policy(scope, again)
+    if again.get("deleted"):
+        policies.remove_local(scope, again["event_id"], again, carries_file_digest=True)
+    else:
+        policy = Policy.from_record(again)
+        policies.put_local(policy, again["event_id"], again, carries_file_digest=True)
+    log.info(
+        "admin change sent again naming the budgets file's newer entry, read after it was made",
+        extra={"scope": scope, "changed_by": again.get("updated_by")},
+    )
 
 
 async def publish_budgets_file_when_read(components: Components) -> None:

@@ -19,6 +19,7 @@ from aiokafka import AIOKafkaProducer
 
 from app.events.codec import EventCodec
 from app.events.compacted import CompactedView
+from app.events.producer import policy_message
 from app.events.topics import ensure_topics
 from app.settings import Settings
 from tests.integration.harness import frozen_kafka, read_events, running_stack, wait_until
@@ -77,6 +78,17 @@ def wait_on_topic(
             return
         time.sleep(0.2)
     raise AssertionError("the admin's change never reached the policies topic")
+
+
+async def send_policy_record(settings: Settings, record: dict[str, Any]) -> None:
+    """``record`` on the policies topic, as another writer (a replica, an older version)."""
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+    await producer.start()
+    try:
+        message = policy_message(settings, EventCodec(), record["scope"], record)
+        await producer.send_and_wait(message.topic, message.value, key=message.key)
+    finally:
+        await producer.stop()
 
 
 def policy(url: str, scope: str = "user:fileuser") -> httpx.Response:
@@ -406,25 +418,15 @@ def test_an_api_change_written_before_records_carried_the_files_digest_is_kept(
     takes the file's entry as the one last published, and a later edit of it applies."""
     from app.budgets.admin import policy_record
     from app.budgets.policy import parse_policy
-    from app.events.producer import policy_message
 
     asyncio.run(ensure_topics(kafka_settings))
     budgets = write_file(tmp_path / "budgets.yaml", "5", "from file")
     with running_stack(kafka_settings, budgets_file=budgets) as first:
         assert policy(first.url).json()["limit_usd"] == "5"
 
-    async def older_versions_stop() -> None:
-        stop = parse_policy("user:fileuser", {"period": "day", "limit_usd": "0.000001"})
-        record = policy_record(stop, "admin-key")  # file_digest null: as v1 read as v2
-        producer = AIOKafkaProducer(bootstrap_servers=kafka_settings.kafka_bootstrap, acks="all")
-        await producer.start()
-        try:
-            message = policy_message(kafka_settings, EventCodec(), "user:fileuser", record)
-            await producer.send_and_wait(message.topic, message.value, key=message.key)
-        finally:
-            await producer.stop()
-
-    asyncio.run(older_versions_stop())
+    stop = parse_policy("user:fileuser", {"period": "day", "limit_usd": "0.000001"})
+    # file_digest null: as an older version's record reads
+    asyncio.run(send_policy_record(kafka_settings, policy_record(stop, "admin-key")))
     wait_on_topic(kafka_settings, lambda r: r["limit_usd_nanos"] == 1000)
     for _ in range(2):  # the start that meets it, and the next
         with running_stack(kafka_settings, budgets_file=budgets) as upgraded:
@@ -469,3 +471,66 @@ def test_an_emptied_file_removes_the_files_caps_once_a_hung_kafka_answers(
             wait_on_topic(kafka_settings, lambda r: r["deleted"], timeout_s=60)
     finally:
         os.kill(pid, signal.SIGCONT)
+
+
+def test_an_admin_change_made_before_another_replicas_file_record_was_read_is_kept(
+    kafka_settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another replica's start published the edited file's entry; an admin's stop at a
+    dispatcher that had not read that record yet carried the older entry's digest, so the
+    next start with the edited file published it over the stop. Once the dispatcher reads
+    the file's record before its own, it sends the stop again naming the newer entry.
+    The dispatcher's lag is made certain: its policies view holds the scope's records until
+    the stop is answered, then reads them in the topic's order."""
+    import threading
+
+    from app.budgets.admin import file_policy_record, load_budgets_file
+
+    asyncio.run(ensure_topics(kafka_settings))
+    budgets = write_file(tmp_path / "budgets.yaml", "5", "from file")
+    edited = write_file(tmp_path / "edited.yaml", "7", "raised in the file")
+    newer = file_policy_record(load_budgets_file(edited)[0])
+    original = CompactedView._apply
+    held: list[tuple[Any, ...]] = []
+    holding = threading.Event()
+    with running_stack(kafka_settings, budgets_file=budgets) as stack:
+        assert policy(stack.url).json()["limit_usd"] == "5"
+
+        def lagging(view: CompactedView, *args: Any) -> None:
+            if (
+                holding.is_set()
+                and threading.current_thread() is stack.loop.thread
+                and view.topic == kafka_settings.topic("budget.policies")
+                and args[0] == b"user:fileuser"
+            ):
+                held.append((view, *args))
+                return
+            original(view, *args)
+
+        monkeypatch.setattr(CompactedView, "_apply", lagging)
+        holding.set()
+        asyncio.run(send_policy_record(kafka_settings, newer))  # the other replica's start
+        wait_on_topic(kafka_settings, lambda r: r["event_id"] == newer["event_id"])
+        stop = httpx.put(
+            f"{stack.url}/v1/budgets/user:fileuser",
+            json={"period": "day", "limit_usd": "0.000001"},
+            timeout=10,
+        )
+        assert stop.status_code == 200, stop.text
+        wait_on_topic(kafka_settings, lambda r: r["limit_usd_nanos"] == 1000)
+
+        async def read_on() -> None:
+            holding.clear()
+            for args in held:
+                original(*args)
+
+        stack.loop.run(read_on())
+        assert len(held) >= 2, "the view did not hold the file's record and the stop"
+        wait_on_topic(
+            kafka_settings,
+            lambda r: r["limit_usd_nanos"] == 1000 and r["file_digest"] == newer["file_digest"],
+        )
+
+    with running_stack(kafka_settings, budgets_file=edited) as restarted:
+        read = policy(restarted.url)
+        assert read.json()["limit_usd"] == "0.000001", "the edited file undid the admin's stop"

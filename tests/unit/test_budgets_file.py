@@ -11,6 +11,7 @@ from app.budgets.admin import (
     file_policy_record,
     load_budgets_file,
     policy_record,
+    with_file_digest,
 )
 from app.budgets.policy import Policy, PolicyBook, PolicyError, file_digest_of, parse_policy
 
@@ -184,3 +185,41 @@ def test_the_file_wins_only_when_its_entry_changed_since_it_last_published(ops: 
         else:
             current = deletion_record("user:x", "admin", book.file_digest("user:x"))
         book.apply_record(current, "user:x")
+
+
+def test_a_change_made_before_the_files_newer_record_was_read_is_sent_again_carrying_it() -> None:
+    """A PUT at a replica that had not read another replica's newer file record of the scope
+    carried the older entry's digest, so the next start published the file over the PUT.
+    Read back after that file record, the change asks to be sent again carrying its digest."""
+    book = PolicyBook()
+    book.apply_record(file_policy_record(_entry(5)), "user:x")
+    stop = policy_record(_entry(1), "admin", book.file_digest("user:x"))  # carries entry 5's
+    book.put_local(Policy.from_record(stop), stop["event_id"], stop, carries_file_digest=True)
+    newer = file_policy_record(_entry(7))  # another replica's start; landed before the stop
+    book.apply_record(newer, "user:x")  # older than the own write: skipped
+    assert (
+        book.policies["user:x"] == _entry(1, None)
+        and book.take_file_digest_resend("user:x") is None
+    )
+    book.apply_record(stop, "user:x")
+    digest = book.take_file_digest_resend("user:x")
+    assert digest == _entry(7).digest()
+    again = with_file_digest(stop, digest)
+    assert Policy.from_record(again) == Policy.from_record(stop)
+    assert again["updated_by"] == "admin" and again["event_id"] != stop["event_id"]
+    assert budgets_file_action(_entry(7), again) == "kept"  # not the file over the stop
+    book.put_local(Policy.from_record(again), again["event_id"], again, carries_file_digest=True)
+    book.apply_record(again, "user:x")
+    assert book.take_file_digest_resend("user:x") is None  # nothing passed over: nothing more
+    assert book.file_digest("user:x") == _entry(7).digest()
+
+    # a change that knew the newest record, and the file's own records: nothing to send again
+    known = policy_record(_entry(2), "admin", book.file_digest("user:x"))
+    book.put_local(Policy.from_record(known), known["event_id"], known, carries_file_digest=True)
+    book.apply_record(known, "user:x")
+    assert book.take_file_digest_resend("user:x") is None
+    own_file = file_policy_record(_entry(8))
+    book.put_local(Policy.from_record(own_file), own_file["event_id"], own_file)
+    book.apply_record(policy_record(_entry(3), "admin", "other"), "user:x")
+    book.apply_record(own_file, "user:x")
+    assert book.take_file_digest_resend("user:x") is None
