@@ -16,8 +16,10 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -159,8 +161,9 @@ class _Watch:
 
 
 class StackStatus:
-    """``<state dir>/up-status.json``: each component of the running `up`, ``running`` or
-    ``restarting`` (down, with when it starts again), rewritten (atomically) at each change;
+    """``<state dir>/up-status.json``: each component of the running `up`, ``running``,
+    ``restarting`` (down, with when it starts again) or, the broker only, ``starting``
+    (being started again, since ``starting_since``), rewritten (atomically) at each change;
     `tollgate status` prints it. Before, the terminal alone said a component was down."""
 
     def __init__(
@@ -294,8 +297,12 @@ class KafkaKeeper:
     """Starts the broker `up` started again when it dies (killed, out of memory): without it
     the services retry for ever against nothing and every call spools. ``check()`` looks
     every ``every_s`` seconds; restarts follow the same capped backoff as the services', for
-    as long as `up` runs. ``start()`` blocks until the broker answers (the services wait
-    meanwhile)."""
+    as long as `up` runs. ``kafka.start()`` blocks until the broker answers (up to a minute
+    on a loaded machine), so it runs in a thread of its own: ``check()`` returns at once and
+    the loop that calls it goes on supervising the services (a newcomer's probe found a
+    dispatcher killed during a Kafka restart left dead, not even reaped, until the broker
+    answered). The status file says ``starting`` meanwhile. ``close()`` waits for a start
+    in progress, so that `up` stops the broker it started rather than leave it running."""
 
     def __init__(
         self,
@@ -314,14 +321,19 @@ class KafkaKeeper:
         self.status = status or StackStatus(None, clock)
         self.watch = _Watch(started_at=clock())
         self.next_look = clock() + every_s
+        self.starting: Future[Any] | None = None  # the start in progress, in its thread
         self.status.set("kafka", self.watch)
 
     def check(self) -> None:
         watch, now = self.watch, self.clock()
+        if self.starting is not None:
+            if self.starting.done():
+                self._started(self.starting)
+            return
         if watch.restart_at is not None:
             if now >= watch.restart_at:
                 watch.restart_at = None
-                self._start(now)
+                self._start()
             return
         if now < self.next_look:
             return
@@ -330,17 +342,46 @@ class KafkaKeeper:
             return
         self._down(now, "Kafka exited (its process is gone)")
 
-    def _start(self, now: float) -> None:
+    def close(self) -> None:
+        """Wait for a start in progress to end (LocalKafka gives up after its start timeout)."""
+        if self.starting is not None and not self.starting.done():
+            self.echo("waiting for the Kafka start in progress to end ...")
+            with contextlib.suppress(Exception):
+                self.starting.exception()
+
+    def _start(self) -> None:
         watch = self.watch
         watch.restarts += 1
+        future: Future[Any] = Future()
+        future.set_running_or_notify_cancel()
+
+        def start() -> None:
+            try:
+                future.set_result(self.kafka.start())
+            except BaseException as exc:  # LauncherError and the like: said by check()
+                future.set_exception(exc)
+
+        self.starting = future
+        self.status.set(
+            "kafka", watch, state="starting", starting_since=datetime.now(UTC).isoformat()
+        )
+        self.echo(
+            f"starting Kafka again (restart #{watch.restarts}); the services keep running "
+            "and being restarted meanwhile"
+        )
+        threading.Thread(target=start, name="kafka-start", daemon=True).start()
+
+    def _started(self, future: Future[Any]) -> None:
+        watch = self.watch
+        self.starting = None
         try:
-            result = self.kafka.start()
+            result = future.result()
         except Exception as exc:  # LauncherError and the like: counted as another exit
             self._down(self.clock(), f"Kafka did not start again: {exc}")
             return
         watch.started_at = self.clock()
         self.next_look = watch.started_at + self.every_s
-        self.status.set("kafka", watch, crash_looping=False)
+        self.status.set("kafka", watch, crash_looping=False, starting_since=None)
         self.echo(
             f"Kafka restarted (restart #{watch.restarts}, ready in {result.start_seconds:.1f}s); "
             "the services reconnect on their own"
@@ -419,6 +460,7 @@ def run_stack(settings: Settings, echo: Callable[[str], None]) -> int:
     log_dir = settings.state_dir / "logs"
     kafka = LocalKafka(settings)
     started_kafka = False
+    keeper: KafkaKeeper | None = None
     services: list[Service] = []
     lines: list[str] = []
     try:
@@ -487,6 +529,8 @@ def run_stack(settings: Settings, echo: Callable[[str], None]) -> int:
         echo("stopping ...")
         for service in reversed(services):
             service.stop()
+        if keeper is not None:
+            keeper.close()  # a restart in progress ends first: the broker is stopped, not left
         if started_kafka:
             kafka.stop()
         with contextlib.suppress(OSError):
@@ -509,7 +553,8 @@ def up_status_file(settings: Settings) -> Path:
 def print_status(settings: Settings, echo: Callable[[str], None]) -> int:
     """`tollgate status`: each component of the `up` running here, as its supervisor last
     saw it (a listener that is not answering yet is said so). 0 when every one runs; 3 when
-    one is down, waiting for its restart, or when no `up` runs here."""
+    one is down, waiting for its restart (or the broker starting again), or when no `up` runs
+    here."""
     pid = running_up(settings)
     if pid is None:
         echo(f"no `tollgate up` is running here ({settings.state_dir})")
@@ -535,6 +580,11 @@ def print_status(settings: Settings, echo: Callable[[str], None]) -> int:
                 f"restarting in {wait_s:.0f}s (at {at:%H:%M:%S} UTC; {why}{looping}; "
                 f"restart #{c['restarts'] + 1})"
             )
+        elif c["state"] == "starting":  # the broker, started again in the background
+            down += 1
+            since = datetime.fromisoformat(c["starting_since"])
+            for_s = max(0.0, (datetime.now(UTC) - since).total_seconds())
+            state = f"starting again (restart #{c['restarts']}, for {for_s:.0f}s)"
         elif c.get("listens") and not port_open(*c["listens"]):
             state = f"starting (not answering on {c['url']} yet)"
         else:

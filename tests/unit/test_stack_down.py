@@ -8,8 +8,11 @@ import os
 import re
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -17,6 +20,7 @@ from click.testing import CliRunner
 from app.cli import main
 from app.settings import Settings
 from devtools.stack import (
+    KafkaKeeper,
     RestartPolicy,
     Service,
     StackStatus,
@@ -151,3 +155,46 @@ def test_status_says_which_component_is_down_until_it_is_restarted(
     up.wait()
     code, text = tollgate_status()
     assert code == 3 and "no `tollgate up`" in text, text  # a stale file is not believed
+
+
+class BrokerStartingAgain:
+    """LocalKafka's status()/start() surface: a broker that died, its start held by the test."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+
+    def status(self) -> Any:
+        return SimpleNamespace(running=False, pid=None)
+
+    def start(self) -> Any:
+        self.release.wait(30)
+        return SimpleNamespace(already_running=False, start_seconds=1.5)
+
+
+def test_status_says_kafka_is_down_while_up_starts_it_again(
+    fake_up: tuple[Settings, subprocess.Popen[str]],
+) -> None:
+    """`up` starts the broker again in the background (probe 46 F1): meanwhile
+    `tollgate status` says Kafka is starting, not running, and exits with 3."""
+    settings, up = fake_up
+    now = [1000.0]
+    status = StackStatus(up_status_file(settings), clock=lambda: now[0], pid=up.pid)
+    kafka = BrokerStartingAgain()
+    policy = RestartPolicy(backoff_s=(1,))
+    keeper = KafkaKeeper(kafka, [].append, policy, lambda: now[0], every_s=1, status=status)
+    try:
+        now[0] += 1
+        keeper.check()  # sees it gone: restart in 1 s
+        now[0] += 1
+        keeper.check()  # begins the start
+        assert keeper.starting is not None and not keeper.starting.done()
+        result = CliRunner().invoke(
+            main, ["status"], env={"TOLLGATE_STATE_DIR": str(settings.state_dir)}
+        )
+        assert result.exit_code == 3, result.output
+        assert re.search(r"kafka +starting again \(restart #1, for \d+s\)", result.output), (
+            result.output
+        )
+    finally:
+        kafka.release.set()
+        keeper.close()

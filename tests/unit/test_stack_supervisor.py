@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -182,6 +183,16 @@ class FakeKafka:
         return SimpleNamespace(already_running=False, start_seconds=1.5)
 
 
+def check_to_the_end(keeper: KafkaKeeper) -> None:
+    """One ``keeper.check()``, and a start it began in its thread waited for and taken in
+    (as the next turns of run_stack's loop would)."""
+    keeper.check()
+    if keeper.starting is not None:
+        keeper.starting.exception(30)
+        keeper.check()
+        assert keeper.starting is None
+
+
 def test_a_broker_that_dies_under_up_is_started_again() -> None:
     kafka, clock, said = FakeKafka(), FakeClock(), []
     policy = RestartPolicy(backoff_s=(1, 2), crash_loop_exits=3, crash_loop_window_s=60)
@@ -196,6 +207,8 @@ def test_a_broker_that_dies_under_up_is_started_again() -> None:
     assert "Kafka exited" in said[-1] and "restarting it in 1s" in said[-1]
     clock.now += 1
     keeper.check()
+    assert "starting Kafka again (restart #1)" in said[-1]
+    check_to_the_end(keeper)
     assert kafka.starts == 1 and kafka.running and "Kafka restarted" in said[-1]
 
 
@@ -208,13 +221,15 @@ def test_a_broker_that_cannot_start_again_is_retried_until_it_starts(tmp_path: P
     states = []
     for _ in range(30):
         clock.now += 1
-        keeper.check()
+        check_to_the_end(keeper)
         states.append(read_status(tmp_path / "up-status.json")["components"][0]["state"])
     assert kafka.starts == 5 and kafka.running, said  # four failed tries, then it started
     assert "port 9093 is taken" in "\n".join(said)
-    delays = [line.split("restarting it in ", 1)[1].split("s", 1)[0] for line in said[:-1]]
+    waits = [line.split("restarting it in ", 1)[1] for line in said if "restarting it in" in line]
+    delays = [wait.split("s", 1)[0] for wait in waits]
     assert delays == ["1", "5", "5", "5", "5"], said  # capped at the last step, not given up
-    assert "went down 5 times within 60s" in said[-2]
+    assert "went down 5 times within 60s" in said[-3]
+    assert "starting Kafka again (restart #5)" in said[-2]
     assert "Kafka restarted" in said[-1]
     assert "restarting" in states and states[-1] == "running"
 
@@ -243,3 +258,79 @@ def test_only_the_agents_listeners_are_optional(tmp_path: Path) -> None:
     )
     optional = {s.name for s in planned_services(settings, tmp_path) if s.optional_port}
     assert optional == {"anomaly", "router-learn", "notifier"}
+
+
+class SlowKafka(FakeKafka):
+    """A broker whose start blocks until the test releases it, as LocalKafka.start() blocks
+    until the broker answers (45-60 s on a loaded machine). Gives up after 20 s so that a
+    supervisor that waits for it fails the test instead of hanging it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def start(self) -> Any:
+        self.entered.set()
+        if not self.release.wait(20):
+            raise LauncherError("the test never let the broker start")
+        return super().start()
+
+
+def test_services_are_restarted_while_the_broker_is_starting_again(tmp_path: Path) -> None:
+    """A newcomer's probe (46 F1): `up` restarted Kafka inside its supervision loop, so a
+    dispatcher killed meanwhile stayed dead (a zombie, not even reaped) until the broker
+    answered, 40-70 s. The broker's start no longer holds the loop: the service comes back
+    after its own backoff, and the status file says Kafka is starting meanwhile."""
+    kafka, clock, said = SlowKafka(), FakeClock(), []
+    status = StackStatus(tmp_path / "up-status.json", clock=clock)
+    policy = RestartPolicy(backoff_s=(1,), crash_loop_exits=10)
+    dispatcher = service(tmp_path, "dispatcher", "import time; time.sleep(600)")
+    dispatcher.spawn(dict(os.environ))
+    keeper = KafkaKeeper(kafka, said.append, policy, clock, every_s=1, status=status)
+    supervisor = Supervisor([dispatcher], dict(os.environ), said.append, policy, clock, status)
+
+    def step() -> None:  # one turn of run_stack's loop
+        supervisor.check()
+        keeper.check()
+
+    def states() -> dict[str, str]:
+        components = read_status(tmp_path / "up-status.json")["components"]
+        return {c["name"]: c["state"] for c in components}
+
+    try:
+        kafka.running = False  # SIGKILL from outside
+        clock.now += 1
+        step()
+        assert "Kafka exited" in said[-1]
+        clock.now += 1
+        step()  # the broker's restart begins ...
+        assert kafka.entered.wait(30), "the restart was begun"
+        assert not kafka.release.is_set() and kafka.starts == 0, "... and is still going on"
+        assert states() == {"kafka": "starting", "dispatcher": "running"}
+
+        assert dispatcher.process is not None
+        first = dispatcher.process
+        os.killpg(first.pid, signal.SIGKILL)  # the dispatcher dies meanwhile
+        wait_exit(dispatcher)
+        step()
+        assert "dispatcher exited" in said[-1] and "restarting it in 1s" in said[-1], said
+        assert states() == {"kafka": "starting", "dispatcher": "restarting"}
+        clock.now += 1
+        step()
+        assert dispatcher.process is not first and dispatcher.process.poll() is None
+        assert "dispatcher restarted" in said[-1], said
+        assert states() == {"kafka": "starting", "dispatcher": "running"}
+        assert not kafka.release.is_set(), "all that while the broker was still starting"
+
+        kafka.release.set()  # the broker answers
+        deadline = time.monotonic() + 30
+        while not any("Kafka restarted" in line for line in said):
+            assert time.monotonic() < deadline, said
+            time.sleep(0.05)
+            step()
+        assert kafka.starts == 1 and kafka.running
+        assert states() == {"kafka": "running", "dispatcher": "running"}
+    finally:
+        kafka.release.set()
+        keeper.close()
+        dispatcher.stop()
