@@ -334,3 +334,25 @@ def test_services_are_restarted_while_the_broker_is_starting_again(tmp_path: Pat
         kafka.release.set()
         keeper.close()
         dispatcher.stop()
+
+
+def test_stopping_up_waits_for_a_broker_start_in_progress() -> None:
+    """Ctrl-C (or `make down`) while the broker starts again: ``close()`` waits for the start
+    to end, so that run_stack's ``kafka.stop()`` then finds the broker and stops it, instead
+    of racing its start and leaving it running after `up` has gone."""
+    kafka, clock, said = SlowKafka(), FakeClock(), []
+
+    def echo(line: str) -> None:
+        said.append(line)
+        if line.startswith("waiting for the Kafka start"):
+            kafka.release.set()  # the broker answers while `up` waits for it
+
+    keeper = KafkaKeeper(kafka, echo, RestartPolicy(backoff_s=(1,)), clock, every_s=1)
+    kafka.running = False
+    clock.now += 1
+    keeper.check()
+    clock.now += 1
+    keeper.check()
+    assert kafka.entered.wait(30) and keeper.starting is not None
+    keeper.close()
+    assert keeper.starting.done() and kafka.starts == 1 and kafka.running, said
