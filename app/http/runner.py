@@ -342,6 +342,12 @@ class _JsonErrorsHandler(RequestHandler):
             resp = _json_error(ApiError(resp.status, error_type, message, param=param))
             if allow is not None:  # RFC 9110: a 405 lists what is allowed
                 resp.headers["Allow"] = allow
+        if request.content.exception() is not None and not resp.prepared:
+            # The body could not be read (it does not decode as its Content-Encoding says):
+            # the parser cannot tell where the next request starts, so the connection is
+            # closed after this answer, which now says so (probe 46: a client's next request
+            # on it was reset)
+            resp.force_close()
         finished = await super().finish_response(request, resp, start_time)
         if self._peer_done and not self._messages:
             self.close()  # the client sent all it will and has every answer

@@ -916,3 +916,62 @@ def test_star_names_no_user_feature_or_team_wherever_it_is_sent(kafka_settings: 
         response = httpx.post(f"{stack.url}/v1/outcomes", json=outcome)
         assert response.status_code == 400, response.text
         assert response.json()["error"]["param"] == "outcomes[0].safety_identifier"
+
+
+ENCODING_LIE_ROUTES = ("/v1/chat/completions", "/v1/outcomes", "/v1/usage")
+
+
+def _one_answer(conn: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """Read one answer (framed by Content-Length) from ``conn``: status, headers, body."""
+    raw = b""
+    while b"\r\n\r\n" not in raw:
+        chunk = conn.recv(65536)
+        assert chunk, f"the connection closed before an answer: {raw[:200]!r}"
+        raw += chunk
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode().split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    while len(body) < int(headers["content-length"]):
+        chunk = conn.recv(65536)
+        assert chunk, f"the connection closed inside an answer: {raw[:200]!r}"
+        body += chunk
+    return int(status_line.split(" ", 2)[1]), headers, body
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "br", "deflate"])
+def test_a_400_for_a_body_that_does_not_decode_says_the_connection_closes(
+    kafka_settings: Settings, encoding: str
+) -> None:
+    """Probe 46 (F3): after the 400 for a body that does not decode as its Content-Encoding
+    says, the dispatcher closed the connection (its parser cannot find where the next
+    request starts) without saying so: the client's next request on that keep-alive
+    connection was reset. The 400 says `Connection: close` now, so clients open a new one."""
+    asyncio.run(ensure_topics(kafka_settings))
+    body = b'{"model": "gpt-4o", "prompt_tokens": 1, "completion_tokens": 1, "user_id": "enc"}'
+    with running_stack(kafka_settings) as stack:
+        host, port = stack.url.removeprefix("http://").split(":")
+        for path in ENCODING_LIE_ROUTES:
+            with socket.create_connection((host, int(port)), timeout=20) as conn:
+                conn.sendall(
+                    (
+                        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        f"Content-Encoding: {encoding}\r\nContent-Length: {len(body)}\r\n\r\n"
+                    ).encode()
+                    + body
+                )
+                status, headers, raw = _one_answer(conn)
+                assert status == 400, (path, raw[:300])
+                assert "Content-Encoding" in json.loads(raw)["error"]["message"], raw[:300]
+                assert headers.get("connection", "").lower() == "close", (path, headers)
+                assert conn.recv(65536) == b""  # and it does close
+            # a pooled client's next call is unharmed (it opens a new connection)
+            with httpx.Client(timeout=20) as client:
+                for _ in range(5):
+                    lie = client.post(
+                        f"{stack.url}{path}",
+                        content=body,
+                        headers={"Content-Type": "application/json", "Content-Encoding": encoding},
+                    )
+                    assert lie.status_code == 400, lie.text
+                    after = client.get(f"{stack.url}/healthz")
+                    assert after.status_code == 200, after.text
