@@ -20,20 +20,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Callable
 from email.utils import formatdate
 from typing import Any
 
 import orjson
 from aiohttp import HttpVersion11, web
+from aiohttp.helpers import set_exception
 from aiohttp.http_exceptions import (
     BadHttpMessage,
+    ContentEncodingError,
     ContentLengthError,
     HttpProcessingError,
     LineTooLong,
+    PayloadEncodingError,
     TransferEncodingError,
 )
-from aiohttp.web_protocol import ERROR, RequestHandler, RequestPayloadError
+from aiohttp.web_protocol import ERROR, RequestHandler, RequestPayloadError, _ErrInfo
 
 from app.http.errors import ApiError
 from app.metering.usage import new_id
@@ -75,15 +79,40 @@ class BodyCutShort(UnreadableBody):
         )
 
 
+def undecodable(exc: BaseException, encoding: str) -> str:
+    """The 400's message for a body that is not what its Content-Encoding says (``exc``, the
+    parser's error). aiohttp checks that a deflate body ends its stream only at the body's end
+    and then says just "deflate" (probe 46: `{"a":1}` does not fail sooner). A body whose
+    framing breaks (a chunk size that is not hex, after the head was read) is told so."""
+    detail = str(getattr(exc, "message", None) or exc or type(exc).__name__)
+    if isinstance(exc, BadHttpMessage) and not isinstance(exc, PayloadEncodingError):
+        detail = " ".join(detail.split())[:200]
+        return (
+            f"The request body is not valid HTTP/1.1 and was not read: {detail}. Frame it by "
+            "a numeric Content-Length or by chunked encoding (hex chunk sizes), not both."
+        )
+    if isinstance(exc, ContentEncodingError) and detail == encoding:
+        detail = f"Can not decode content-encoding: {encoding} (its data stops mid-stream)"
+    return (
+        f"The request body could not be decoded as its Content-Encoding ({encoding[:40]!r}) "
+        f"says: {detail[:200]}. Send it plain or encoded as declared (gzip, deflate, br)"
+    )
+
+
 def _unreadable(exc: HttpProcessingError, encoding: str) -> UnreadableBody:
     """What the parser's end of a half-closed stream means for the body it was reading:
     cut short, or (whole but) not decodable as its Content-Encoding says."""
     if isinstance(exc, ContentLengthError | TransferEncodingError):
         return BodyCutShort(str(exc.message))
-    return UnreadableBody(
-        f"The request body could not be decoded as its Content-Encoding ({encoding[:40]!r}) "
-        f"says: {str(exc.message)[:200]}. Send it plain or encoded as declared (gzip, deflate, br)"
-    )
+    return UnreadableBody(undecodable(exc, encoding))
+
+
+def _encoding_of(exc: ContentEncodingError) -> str:
+    """The encoding aiohttp's decoding error names ("deflate", or "Can not decode
+    content-encoding: gzip"): the request it is answered for has no headers."""
+    message = str(exc.message)
+    named = re.search(r"content-encoding: ([\w-]+)", message, re.IGNORECASE)
+    return named.group(1) if named else message if message.isalpha() else ""
 
 
 def _json_error(error: ApiError) -> web.Response:
@@ -196,7 +225,32 @@ class _JsonErrorsHandler(RequestHandler):
 
     def data_received(self, data: bytes) -> None:
         self._bytes_seen = self._bytes_seen or bool(data)
+        queued = len(self._messages)
         super().data_received(data)
+        if len(self._messages) > queued:
+            self._fail_the_body_being_read()
+
+    def _fail_the_body_being_read(self) -> None:
+        """The parser's error arrived as a request of its own while the body of a request
+        already handed out was still arriving: it is that body's error. aiohttp fails a
+        deflate body that does not end its stream only at the body's end, by raising from
+        the parser (probe 46): a body that came after its head, in a later read, was never
+        told, and its route waited for it until TOLLGATE_BODY_READ_TIMEOUT_S (a 408), the
+        error then answered as one more request. Now reading the body raises the error, as
+        for a gzip body that does not decode, and nothing else is answered."""
+        message, _ = self._messages[-1]
+        if not isinstance(message, _ErrInfo) or not isinstance(message.exc, HttpProcessingError):
+            return
+        current = self._current_request
+        bodies = [current.content] if current is not None else []
+        bodies += [payload for _, payload in list(self._messages)[:-1]]
+        unread = [body for body in bodies if not body.is_eof() and body.exception() is None]
+        if not unread:
+            return  # the error is in a request of its own
+        self._messages.pop()
+        self._request_count -= 1
+        exc = message.exc
+        set_exception(unread[-1], RequestPayloadError(str(exc.message)), exc)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._head_timer is not None:
@@ -295,6 +349,8 @@ class _JsonErrorsHandler(RequestHandler):
             else:
                 detail = f"The request body could not be read: {str(exc)[:200]}"
             error = ApiError(400, "invalid_request_error", detail)
+        elif isinstance(exc, ContentEncodingError):  # from the parser; the request is lost
+            error = ApiError(400, "invalid_request_error", undecodable(exc, _encoding_of(exc)))
         elif status < 500:
             detail = str(exc.message if isinstance(exc, HttpProcessingError) else message)
             detail = " ".join(detail.split())[:300]

@@ -74,7 +74,7 @@ from app.http.openapi import (
     operation,
 )
 from app.http.reports_api import REPORTS
-from app.http.runner import UnreadableBody, serve_app
+from app.http.runner import UnreadableBody, serve_app, undecodable
 from app.http.security import check_exposure, internal_token
 from app.http.uncounted import UncountedUsage
 from app.metering.attribution import (
@@ -310,11 +310,7 @@ async def _read_json(request: web.Request) -> Any:
     except (HttpProcessingError, RequestPayloadError) as exc:  # e.g. Content-Encoding: gzip
         encoding = request.headers.get("Content-Encoding", "")  # on a body that is not
         cause = exc.__cause__ if isinstance(exc, RequestPayloadError) else exc
-        detail = getattr(cause, "message", None) or str(cause) or type(cause).__name__
-        raise invalid_request(
-            f"The request body could not be decoded as its Content-Encoding ({encoding[:40]!r}) "
-            f"says: {str(detail)[:200]}. Send it plain or encoded as declared (gzip, deflate, br)"
-        ) from None
+        raise invalid_request(undecodable(cause or exc, encoding)) from None
     except TimeoutError:
         raise ApiError(
             408,
