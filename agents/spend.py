@@ -389,6 +389,11 @@ class SpendWorker:
                 if start is None:
                     start = await self._beginning(partition)
                 await self._prepare(partition, start)
+            # This worker decides these partitions' users from now on; their decisions may
+            # have been left unmade by the previous owner (noted while its budget views were
+            # unread, then revoked): a user past the cap, never decided before, was otherwise
+            # decided only at their next usage. Published only where they differ (``decide``).
+            self.pending_refresh.update(self.counter.local_scopes_of(todo))
 
     async def _prepare(self, partition: int, next_offset: int) -> None:
         """Count ``partition`` from ``next_offset``, after reading back the ids of the events
@@ -819,10 +824,14 @@ class SpendWorker:
             return
         await self._send_partials()
         await self._decide_waiting()
-        refresh, self.pending_refresh = self.pending_refresh, set()
-        for scope in refresh:
-            if self.owns(scope):
-                await self.decide(scope, reason="spend", refresh=True)
+        refresh, self.pending_refresh = list(self.pending_refresh), set()
+        for done, scope in enumerate(refresh):
+            try:
+                if self.owns(scope):
+                    await self.decide(scope, reason="spend", refresh=True)
+            except BaseException:  # a failed send: this one and the rest wait for the next
+                self.pending_refresh.update(refresh[done:])  # flush (as ``_decide_waiting``)
+                raise
 
     async def _decide_waiting(self) -> None:
         """Once the budget views have read their topics, make the decisions that waited;

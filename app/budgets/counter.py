@@ -416,6 +416,15 @@ class SpendCounter:
     def partitions_of(self, scope: str) -> set[int]:
         return {parse_key(key)[2] for key in self.index.get(scope, ())}
 
+    def local_scopes_of(self, partitions: Iterable[int]) -> set[str]:
+        """The partition-local scopes (users) with spend counted from any of ``partitions``."""
+        wanted = set(partitions)
+        return {
+            scope
+            for scope, keys in self.index.items()
+            if is_partition_local(scope) and any(parse_key(k)[2] in wanted for k in keys)
+        }
+
     def spent(
         self, scope: str, start: datetime, end: datetime, partitions: Iterable[int]
     ) -> tuple[int, dict[int, int]]:

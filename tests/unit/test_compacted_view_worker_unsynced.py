@@ -33,8 +33,12 @@ class Sent:
 
     def __init__(self, topic: str) -> None:
         self.topic, self.values = topic, []  # type: ignore[var-annotated]
+        self.failing = 0  # the next sends that fail (the broker went away)
 
     async def send(self, *, key: bytes, value: bytes | None, **_: Any) -> asyncio.Future[Any]:
+        if self.failing:
+            self.failing -= 1
+            raise RuntimeError("the broker went away")
         self.values.append(value)
         landed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         tp = TopicPartition(self.topic, 0)
@@ -120,16 +124,7 @@ def test_a_failed_send_does_not_drop_the_other_decisions_that_waited(tmp_path: P
     policy, never decided before, was decided again only at its next usage."""
     worker, decisions, _alerts = _worker(tmp_path, OVER)
     worker.policies.put(parse_policy("team:y", {"limit_usd": LIMIT_USD}))
-    failing = {"left": 1}
-    send = decisions.send
-
-    async def flaky(**kwargs: Any) -> asyncio.Future[Any]:
-        if failing["left"]:
-            failing["left"] -= 1
-            raise RuntimeError("the broker went away")
-        return await send(**kwargs)
-
-    worker.decisions_topic.send = flaky  # type: ignore[method-assign]
+    decisions.failing = 1
 
     async def run() -> None:
         await worker.decide(SCOPE, reason="spend")
