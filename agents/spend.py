@@ -101,6 +101,12 @@ class ChangelogWriteFailed(Exception):
     """Kafka did not take some of a batch's changelog writes (the cause says why)."""
 
 
+class BudgetTopicsUnread(Exception):
+    """A budget topic the worker must read before it decides was not reached for
+    ``spend_views_wait_s``: the worker crashes so that another one decides (see
+    ``SpendWorker._check_views_wait``)."""
+
+
 def partition_for(key: str, partitions: int) -> int:
     """The partition Kafka's default partitioner gives ``key`` (as the dispatcher keys events)."""
     return (murmur2(key.encode()) & 0x7FFFFFFF) % partitions
@@ -202,6 +208,8 @@ class SpendWorker:
         # catch-up (decided from ``_flush`` then)
         self.waiting: dict[str, tuple[str, bool]] = {}
         self._waiting_logged = 0.0
+        self._views_started: float | None = None  # monotonic time the budget views started
+        self._views_error_logged = 0.0
         self.dirty_partials: dict[tuple[str, int], bool] = {}  # (scope, partition) -> full?
         self.latest_boot: dict[str, int] = {}  # dispatcher id -> newest boot seen (ms)
         self.preparing = asyncio.Lock()
@@ -298,6 +306,7 @@ class SpendWorker:
 
     # -- views and ownership -----------------------------------------------------------
     async def _start_views(self) -> None:
+        self._views_started = time.monotonic()
         await asyncio.gather(self.policy_view.start(), self.decision_view.start())
         self.views_ready.set()
 
@@ -870,6 +879,7 @@ class SpendWorker:
             return
         await self._prepared(self.owned("usage"))  # idle partitions: decisions need offsets
         if not self.views_synced():  # decisions wait (``decide``); so do policy changes
+            await self._check_views_wait(time.monotonic())
             await self._settle_lost_requests()
             return
         changed, self.policy_changes = self.policy_changes, set()
@@ -889,6 +899,37 @@ class SpendWorker:
         if moment - self._last_expire >= EXPIRE_EVERY_S:
             self._last_expire = moment
             await self._expire()
+
+    async def _check_views_wait(self, moment: float) -> None:
+        """Decisions wait for the budget views (``decide``), normally seconds. Past
+        ``spend_views_wait_s`` since they started, a view still unread is logged as an error
+        (every ``WAITING_LOG_EVERY_S``); one that has not reached the broker for that long
+        either crashes the worker (exit 1): its supervisor restarts it, and its partitions
+        go meanwhile to a worker that can decide them. Else each dispatcher would hold only
+        its own spend for good, so a user could spend a cap through each dispatcher. A view
+        that reaches the broker is reading (a large topic): it is waited for."""
+        bound = self.settings.spend_views_wait_s
+        if self._views_started is None or moment - self._views_started < bound:
+            return
+        unread = [v for v in (self.policy_view, self.decision_view) if not v.synced.is_set()]
+        lost = [view.topic for view in unread if view.age_s() >= bound]
+        if lost:
+            log.critical(
+                "budget topics unreachable: no decision can be made; crashing so that "
+                "another worker decides",
+                extra={"topics": lost, "waited_s": round(moment - self._views_started)},
+            )
+            await self.app.crash(BudgetTopicsUnread(f"not reached for {bound:g} s: {lost}"))
+            return
+        if unread and moment - self._views_error_logged >= WAITING_LOG_EVERY_S:
+            self._views_error_logged = moment
+            log.error(
+                "budget topics still being read: no decision is made meanwhile",
+                extra={
+                    "topics": [view.topic for view in unread],
+                    "waited_s": round(moment - self._views_started),
+                },
+            )
 
     async def _reconcile(self) -> None:
         """Re-publish any owned decision that differs from the state (e.g. lost in a crash)."""

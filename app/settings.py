@@ -334,6 +334,15 @@ class Settings(BaseSettings):
         "long, with nothing of it in flight, is fetched again from where the worker stands "
         "(its consumer can lose fetched records; nothing else would fetch them again).",
     )
+    spend_views_wait_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="The spend worker publishes no decision until it has read the budget "
+        "decisions and policies topics. Past this long since it started reading them, one "
+        "still unread is logged as an error; if the worker has not reached the broker for "
+        "that topic for this long either, the worker crashes (exit 1) so that its supervisor "
+        "restarts it and its partitions go to a worker that can decide them.",
+    )
     settle_grace_s: float = Field(
         default=60.0,
         ge=0,
