@@ -417,6 +417,18 @@ class DetectorSettings:
     incident_hold_seconds: float = 20.0
     """A new incident waits this long for related alerts before it pages, so the page names
     the most specific scope."""
+    incident_spread_share: float = 0.25
+    """A new incident of features' request-rate alerts alone pages at once, without
+    ``incident_hold_seconds``, when no user who called those features in the last 5 minutes
+    could be named for it: none is both unusual on their own count (an open alarm, or a
+    call under ``volume_suspicion_p_user`` within ``volume_episode_gap_seconds``) and holds
+    this share of a feature's extra spend over those minutes. The hold waits for a narrower
+    alert to name the page, and a user is named only at ``incident_explain_share`` (75 %);
+    in a viral ramp of many users none is, and the hold only delayed the page (every viral
+    ramp of the bench paged 20 s after its verdict). A user's loop that makes its feature
+    fire is unusual on its own count (it is most of the feature's excess, with less noise)
+    and holds most of the excess, so that page still waits. A share alone is noisy: among
+    ten users of a ramping feature one held half its excess by chance. 0: always hold."""
     incident_window_seconds: float = 900.0
     """Alerts of nested scopes (a user, their feature, global) firing within this long of an
     open incident are attached to it. Also an incident's pause: a key anomalous all through
@@ -516,6 +528,11 @@ class DetectorSettings:
             value = getattr(self, name)
             if not 0 < value <= 1:
                 raise ValueError(f"DetectorSettings.{name}={value} must be in (0, 1]")
+        if self.incident_spread_share > 1:
+            raise ValueError(
+                f"DetectorSettings.incident_spread_share={self.incident_spread_share} must be "
+                "in [0, 1] (0: always hold)"
+            )
         for name in (
             "volume_rate_memory_seconds",
             "volume_user_memory_seconds",

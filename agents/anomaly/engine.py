@@ -145,6 +145,7 @@ class AnomalyEngine:
             self.alerts.refreshed,
             self.alerts.quiet,
             self.cost_building,
+            self.spread,
         )
         self.users: OrderedDict[str, ScopeState] = OrderedDict()  # least recently active first
         self.features: OrderedDict[str, ScopeState] = OrderedDict()
@@ -219,6 +220,34 @@ class AnomalyEngine:
             state.rate.expire(t)
             excess.append(state.rate.excess_spend(j, self._cpr(priced_as) * NANOS_PER_USD))
         return excess[1] > 0 and excess[0] >= self.settings.incident_explain_share * excess[1]
+
+    def spread(self, scope: str, at: datetime) -> bool:
+        """Whether feature ``scope`` has extra spend over the last 5 minutes and no user who
+        called it in that time could be named for it: none is unusual on their own count
+        (``RateDetector.suspicious``) while holding ``incident_spread_share`` of that extra
+        spend (priced as ``explains`` prices them). A share alone is noisy: among ten users
+        of a ramping feature, one held half of its excess by chance."""
+        share = self.settings.incident_spread_share
+        state = self.features.get(scope) if specificity(scope) == 1 else None
+        if share <= 0 or state is None:
+            return False
+        t = at.timestamp()
+        j = min(2, len(self.settings.volume_windows_seconds) - 1)
+        since = t - state.rate.windows[j]
+        state.rate.expire(t)
+        wide = state.rate.excess_spend(j, self._cpr(state) * NANOS_PER_USD)
+        if wide <= 0:
+            return False
+        name = scope.split(":", 1)[1]
+        for user in self.users.values():  # (only as a feature's alert joins a held incident)
+            seen = user.features.get(name)
+            if seen is None or seen < since or not user.rate.suspicious(t):
+                continue
+            user.rate.expire(t)
+            cpr = self._cpr(self._home(user)) * NANOS_PER_USD
+            if user.rate.excess_spend(j, cpr) >= share * wide:
+                return False
+        return True
 
     def cost_building(self, user_scope: str, at: datetime) -> bool:
         """Whether a judged feature the user called in the last hour has cost evidence
@@ -750,6 +779,7 @@ class AnomalyEngine:
         self.correlator.refresh = self.alerts.refreshed
         self.correlator.quiet = self.alerts.quiet
         self.correlator.building = self.cost_building
+        self.correlator.spread = self.spread
 
     def snapshot(self) -> bytes:
         """Everything the engine learned, as bytes to store: a versioned header, then a

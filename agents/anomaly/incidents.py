@@ -17,7 +17,9 @@ explains it, with the others attached.
   time so the alerts of the same moment can join; then one alert pages
   (``incident_role="primary"``) and every member is published with the same
   ``incident_key`` (the others as ``related``; the page's message and details list them).
-  Alerts that join later are published as related at once.
+  Alerts that join later are published as related at once. An incident of features'
+  request-rate alerts alone that no user could be named for (none holds
+  ``incident_spread_share`` of the feature's extra spend: a viral surge) pages at once.
 - **The narrowest scope that explains it.** Starting from the widest member, the page
   moves to a nested member that accounts for at least ``incident_explain_share`` of the
   wider one's extra spend over the last minutes (the engine measures it when the hold
@@ -93,6 +95,7 @@ Explains = Callable[[str, str, datetime], bool]
 Refresh = Callable[[dict[str, Any]], dict[str, Any]]
 Quiet = Callable[[str], bool]
 Building = Callable[[str, datetime], bool]
+Spread = Callable[[str, datetime], bool]
 
 
 def specificity(scope: str) -> int:
@@ -138,6 +141,9 @@ class Group:
     # update went, not to a target that neither its firing nor its update paged.
     raised_heard: dict[str, tuple[str, str]] | None = None  # (first's severity, heard)
     first_severity: dict[str, str] | None = None  # per member, its first firing record's
+    # Pages at once, without the hold: features' request-rate alerts alone, whose extra
+    # spend no user could be named for (``Correlator._spread``; as of its last member).
+    spread: bool = False
 
     def heard_so_far(self) -> dict[str, str]:
         if self.heard is not None:
@@ -156,6 +162,7 @@ class Correlator:
         refresh: Refresh | None = None,
         quiet: Quiet | None = None,
         building: Building | None = None,
+        spread: Spread | None = None,
     ) -> None:
         self.settings = settings
         self.nests: Nests | None = nests
@@ -167,6 +174,8 @@ class Correlator:
         self.quiet: Quiet | None = quiet
         # Whether a user's feature has cost evidence building (its alert may come soon).
         self.building: Building | None = building
+        # Whether no user holds enough of a feature's extra spend to name its page.
+        self.spread: Spread | None = spread
         self.groups: list[Group] = []
         self.by_key: dict[str, Group] = {}  # alert key -> its open group
         # Alert key -> the incident key it was in when it resolved by silence: a reopen of
@@ -182,13 +191,14 @@ class Correlator:
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["nests"] = state["explains"] = None  # the engine's; handed in again on restore
-        state["refresh"] = state["quiet"] = state["building"] = None
+        state["refresh"] = state["quiet"] = state["building"] = state["spread"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self.__dict__.setdefault("quiet", None)  # a checkpoint from before them
         self.__dict__.setdefault("building", None)
+        self.__dict__.setdefault("spread", None)
         self.__dict__.setdefault("closed_silent", {})
         self.__dict__.setdefault("silent_notified", {})
         self.__dict__.setdefault("silent_heard", {})
@@ -230,7 +240,11 @@ class Correlator:
         hold = timedelta(seconds=self.settings.incident_hold_seconds)
         out: list[dict[str, Any]] = []
         for group in self.groups:
-            if not group.paged and now - group.opened >= hold and not self._waits(group, now):
+            if (
+                not group.paged
+                and (group.spread or now - group.opened >= hold)
+                and not self._waits(group, now)
+            ):
                 out += self._page(group, now)
         return out
 
@@ -248,6 +262,19 @@ class Correlator:
                 for m in group.members.values()
             )
             and any(self.building(m["scope"], now) for m in group.members.values())
+        )
+
+    def _spread(self, group: Group, now: datetime) -> bool:
+        """Whether the held ``group`` pages without waiting out the hold: its members are
+        all request-rate alerts of features, and for each no user who called it holds
+        ``incident_spread_share`` of its extra spend (so none can be named for it)."""
+        return (
+            self.spread is not None
+            and all(
+                m["kind"] == "volume_spike" and specificity(m["scope"]) == 1
+                for m in group.members.values()
+            )
+            and all(self.spread(m["scope"], now) for m in group.members.values())
         )
 
     def flush(self) -> list[dict[str, Any]]:
@@ -289,6 +316,8 @@ class Correlator:
         group.resolved.discard(alert["alert_key"])  # firing again: open until it resolves
         group.last_activity = max(group.last_activity, ts)
         self.by_key[alert["alert_key"]] = group
+        if not group.paged:
+            group.spread = self._spread(group, ts)
         if group.paged:
             alert = self._next_to_page(alert, group)
             if self._escalates(alert, group):

@@ -1737,6 +1737,14 @@ class RateDetector:
         an alarm resolved, as far back as the longest window's slots are kept."""
         return self._in_slots(start // SLOT_SECONDS + 1, end // SLOT_SECONDS)[0]
 
+    def suspicious(self, t: float) -> bool:
+        """An open alarm, or a call unusual at the suspicion bar (``volume_suspicion_p_user``
+        for a user) within ``volume_episode_gap_seconds`` before ``t``."""
+        episode = self.episode
+        return self.alarm_since is not None or (
+            episode is not None and t - episode[1] <= self.settings.volume_episode_gap_seconds
+        )
+
     @property
     def busy_user(self) -> bool:
         """A user who calls like a feature (``volume_busy_user_per_minute``): judged on
