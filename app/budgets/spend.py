@@ -122,7 +122,10 @@ def threshold_alert(
         "first_seen": decision["counted_through"],
         "last_seen": decision["counted_through"],
         "message": (
-            f"{scope} has spent ${spent:.4f} of its ${limit_text} {policy.period} budget "
+            # Exact, as the 402's figures are: a $0.000001 cap's alert said "spent $0.0000"
+            # (probe 52)
+            f"{scope} has spent ${usd_text(decision['spent_usd_nanos'])} of its ${limit_text} "
+            f"{policy.period} budget "
             f"({threshold:.0%} threshold); resets {decision['resets_at'].isoformat()}"
         ),
         "details": {"threshold": str(threshold), "period": policy.period},

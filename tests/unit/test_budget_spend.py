@@ -23,6 +23,7 @@ from app.budgets.spend import (
     threshold_alert,
     utc,
 )
+from app.pricing.catalog import usd_text
 
 USD = 1_000_000_000  # nanos
 TS = datetime(2026, 10, 31, 19, 0, tzinfo=UTC)  # 2026-11-01 00:30 in Asia/Kolkata
@@ -296,11 +297,20 @@ def test_threshold_alert_message_and_severity(threshold: float, severity: str) -
     assert alert["expected"] == 250.0
     message = alert["message"]
     assert "feature:chat" in message
-    assert f"${decision['spent_usd_nanos'] / USD:.4f}" in message
+    assert f"${usd_text(decision['spent_usd_nanos'])} of its $250 " in message
     assert "$250 " in message
     assert f"{round(threshold * 100)}% threshold" in message
     assert "month" in message
     assert "2026-11-01T00:00:00+00:00" in message  # when it resets
+
+
+def test_a_threshold_alert_of_a_tiny_cap_says_what_was_spent() -> None:
+    """Probe 52: a $0.000001 cap's alert said "has spent $0.0000 of its $0.000001", while the
+    402 of the same scope said $0.000004: the alert's figure is exact too."""
+    policy = parse_policy("user:tiny", {"limit_usd": "0.000001"})
+    decision = decide(policy, 4_000)  # $0.000004
+    alert = threshold_alert("user:tiny", policy, decision, 1.0, NOW)
+    assert "has spent $0.000004 of its $0.000001 " in alert["message"]
 
 
 def test_threshold_alert_key_is_stable_per_scope_period_and_threshold() -> None:
