@@ -662,14 +662,27 @@ def middle_ellipsis(text: str, width: int = TABLE_CELL_WIDTH) -> str:
     return f"{text[: width - 1 - tail]}…{text[len(text) - tail :]}"
 
 
+def shortened_cells(whole: list[list[str]]) -> list[list[str]]:
+    """``whole``'s rows with long cells shortened (``middle_ellipsis``): a 256-character name
+    made every row of its table that wide (a newcomer's probe). A column where two different
+    names would read the same once shortened (they differ only in their middle: probe 52) is
+    left whole: two rows that look alike would be worse than a wide table."""
+    columns = list(zip(*whole, strict=True)) if whole else []
+    kept = []
+    for column in columns:
+        short = [middle_ellipsis(cell) for cell in column]
+        alike = len(set(short)) < len(set(column))
+        kept.append(list(column) if alike else short)
+    return [list(row) for row in zip(*kept, strict=True)] if kept else [[] for _ in whole]
+
+
 def _table(title: str, rows: list[dict], columns: list[tuple[str, str]]) -> None:
     click.echo(f"\n{title}")
     if not rows:
         click.echo("  (none in this range)")
         return
     whole = [[("" if r.get(key) is None else str(r.get(key))) for _, key in columns] for r in rows]
-    # A 256-character name made every row of its table that wide (a newcomer's probe).
-    cells = [[middle_ellipsis(cell) for cell in row] for row in whole]
+    cells = shortened_cells(whole)
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, (h, _) in enumerate(columns)]
     first = True
     for line in [[h for h, _ in columns], *cells]:
