@@ -9,6 +9,7 @@ from typing import Any, NoReturn
 
 import click
 from pydantic import ValidationError
+from wcwidth import wcswidth
 
 from app.pricing.catalog import usd_text
 from app.settings import Settings, describe_settings
@@ -332,9 +333,22 @@ def scope_line(scope: str, rest: str) -> str:
     """One scope's line: the scope in its column, then ``rest``. A longer scope (ids may be
     256 characters) is printed whole on a line of its own, as `budgets rm` takes it, and
     ``rest`` below it in its column (a newcomer's probe saw it push the figures out of line)."""
-    if len(scope) <= SCOPE_COLUMN:
-        return f"{scope:<{SCOPE_COLUMN}} {rest}"
+    if columns(scope) <= SCOPE_COLUMN:
+        return f"{pad(scope, SCOPE_COLUMN)} {rest}"
     return f"{scope}\n{'':<{SCOPE_COLUMN}} {rest}"
+
+
+def columns(text: str) -> int:
+    """How many terminal columns ``text`` takes: a CJK character takes two (probe 52: a
+    Chinese user's figures sat 9 columns right of the others')."""
+    width = wcswidth(text)
+    return len(text) if width < 0 else width  # -1: a character it cannot measure
+
+
+def pad(text: str, width: int, right: bool = False) -> str:
+    """``text`` padded with spaces to ``width`` terminal columns (on its left if ``right``)."""
+    fill = " " * max(0, width - columns(text))
+    return fill + text if right else text + fill
 
 
 def _kafka_policies(settings: Settings) -> Any:
@@ -667,28 +681,27 @@ def shortened_cells(whole: list[list[str]]) -> list[list[str]]:
     made every row of its table that wide (a newcomer's probe). A column where two different
     names would read the same once shortened (they differ only in their middle: probe 52) is
     left whole: two rows that look alike would be worse than a wide table."""
-    columns = list(zip(*whole, strict=True)) if whole else []
+    by_column = list(zip(*whole, strict=True)) if whole else []
     kept = []
-    for column in columns:
+    for column in by_column:
         short = [middle_ellipsis(cell) for cell in column]
         alike = len(set(short)) < len(set(column))
         kept.append(list(column) if alike else short)
     return [list(row) for row in zip(*kept, strict=True)] if kept else [[] for _ in whole]
 
 
-def _table(title: str, rows: list[dict], columns: list[tuple[str, str]]) -> None:
+def _table(title: str, rows: list[dict], heads: list[tuple[str, str]]) -> None:
     click.echo(f"\n{title}")
     if not rows:
         click.echo("  (none in this range)")
         return
-    whole = [[("" if r.get(key) is None else str(r.get(key))) for _, key in columns] for r in rows]
+    whole = [[("" if r.get(key) is None else str(r.get(key))) for _, key in heads] for r in rows]
     cells = shortened_cells(whole)
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, (h, _) in enumerate(columns)]
+    widths = [max(len(h), *(columns(c[i]) for c in cells)) for i, (h, _) in enumerate(heads)]
     first = True
-    for line in [[h for h, _ in columns], *cells]:
+    for line in [[h for h, _ in heads], *cells]:
         text = "  ".join(
-            (cell.ljust(w) if i == 0 else cell.rjust(w))
-            for i, (cell, w) in enumerate(zip(line, widths, strict=True))
+            pad(cell, w, right=i > 0) for i, (cell, w) in enumerate(zip(line, widths, strict=True))
         )
         click.echo(f"  {text}")
         if first:

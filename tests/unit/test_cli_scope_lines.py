@@ -2,6 +2,8 @@
 a 32-character column. A newcomer's probe saw a 261-character scope (ids may be 256
 characters) push that line's columns far right and out of line with the others."""
 
+import pytest
+
 from app.cli import SCOPE_COLUMN, scope_line
 
 
@@ -36,3 +38,27 @@ def test_report_cells_are_shortened_unless_two_names_would_read_the_same() -> No
     whole = shortened_cells([[alice, "1"], [bobby, "2"]])
     assert [row[0] for row in whole] == [alice, bobby]  # told apart
     assert shortened_cells([]) == []
+
+
+def test_wide_characters_keep_the_columns_in_line() -> None:
+    """Probe 52: `user:数据分析团队…` put its amount at column 50 instead of 33, and a CJK
+    user's report figures sat 9 columns right: widths were counted in characters."""
+    from app.cli import columns, pad
+
+    scope = "user:数据分析团队"  # 5 + 6 characters, 5 + 12 columns
+    assert columns(scope) == 17
+    line = scope_line(scope, "$5")
+    assert columns(line[: line.index("$")]) == SCOPE_COLUMN + 1
+    assert columns(pad("数据", 6, right=True)) == 6 and pad("数据", 6, right=True) == "  数据"
+
+
+def test_a_report_table_lines_up_a_wide_name(capsys: pytest.CaptureFixture[str]) -> None:
+    from app.cli import _table, columns
+
+    _table(
+        "Spend by user",
+        [{"u": "数据分析", "c": "1.5"}, {"u": "ann", "c": "22.25"}],
+        [("user", "u"), ("cost", "c")],
+    )
+    lines = capsys.readouterr().out.splitlines()[2:]  # a blank line, the title
+    assert len({columns(line) for line in lines}) == 1, lines
