@@ -890,6 +890,14 @@ def serve_dispatcher() -> None:
         check_exposure(settings)  # serve() checks too; here it is a one-line error, not a trace
     except ExposureError as exc:
         _fail(str(exc))
+    if settings.budgets_file:  # read again at start; here a bad one is one line, not a trace
+        from app.budgets.admin import load_budgets_file
+        from app.budgets.policy import PolicyError
+
+        try:
+            load_budgets_file(settings.budgets_file)
+        except PolicyError as exc:
+            _fail(f"{exc} (TOLLGATE_BUDGETS_FILE: the dispatcher does not start on a bad one)")
     click.echo(f"dispatcher on {settings.dispatcher_url}/v1", err=True)
     asyncio.run(serve(settings, handle_signals=True))
 
