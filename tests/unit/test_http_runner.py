@@ -497,3 +497,63 @@ async def test_an_unknown_route_or_method_is_named_with_what_is_served(
     [(status, body)] = _responses(answer)
     assert status == 405 and headers["allow"] == "GET,HEAD", headers
     assert "use GET" in str(body["error"]), body
+
+
+async def test_a_bad_deflate_body_arriving_before_its_request_is_current_is_a_400(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The CI of session 41 saw a 408 for `{"a":1}` sent as deflate after its head: aiohttp
+    takes a request off its queue and makes it current only in a new task's first step, a
+    loop iteration later on Python 3.11; a body arriving in between was in neither place, so
+    its parser error was answered as a request of its own and the route waited for the body.
+    Here that window is held open until the body has arrived."""
+    import threading
+
+    head_seen, body_seen = threading.Event(), asyncio.Event()
+    received, handle = _JsonErrorsHandler.data_received, _JsonErrorsHandler._handle_request
+
+    def seen(self: _JsonErrorsHandler, data: bytes) -> None:
+        received(self, data)
+        head_seen.set()
+        if data.endswith(b'{"a":1}'):
+            body_seen.set()
+
+    async def late(self: _JsonErrorsHandler, *args: object) -> object:
+        await body_seen.wait()  # the request is off the queue, not yet current
+        return await handle(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_JsonErrorsHandler, "data_received", seen)
+    monkeypatch.setattr(_JsonErrorsHandler, "_handle_request", late)
+    app = web.Application()
+    app.router.add_post("/echo", _echo)
+    port = free_port()
+    runner = await serve_app(app, "127.0.0.1", port)
+
+    def exchange() -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn.sendall(
+                b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Encoding: deflate\r\nContent-Length: 7\r\n\r\n"
+            )
+            assert head_seen.wait(10), "the head was not read"
+            conn.sendall(b'{"a":1}')
+            answer = b""
+            while b"\r\n\r\n" not in answer:  # a socket timeout here: the route still waits
+                chunk = conn.recv(65536)
+                assert chunk, answer
+                answer += chunk
+            head, _, rest = answer.partition(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            while len(rest) < length:
+                rest += conn.recv(65536)
+            return head + b"\r\n\r\n" + rest
+
+    try:
+        answer = await _in_thread(exchange)
+    finally:
+        await runner.cleanup()
+    [(status, body)] = _responses(answer)
+    error = body["error"]
+    assert isinstance(error, dict), body
+    assert status == 400 and "Content-Encoding ('deflate')" in str(error["message"]), body
