@@ -176,9 +176,17 @@ async def consumer_from_the_start(settings: Settings, suffix: str) -> AIOKafkaCo
 
 
 async def read_events(
-    settings: Settings, suffix: str, *, at_least: int, timeout_s: float = 30, settle_s: float = 1.0
+    settings: Settings,
+    suffix: str,
+    *,
+    at_least: int,
+    timeout_s: float = 30,
+    settle_s: float = 1.0,
+    until: Callable[[list[dict[str, Any]]], bool] | None = None,
 ) -> list[dict[str, Any]]:
-    """Decode every event on a topic from the start: wait for ``at_least``, then ``settle_s`` more."""
+    """Decode every event on a topic from the start: wait for ``at_least`` (and for ``until``
+    of the records read to hold, when given: what the test needs, not a guess of how long it
+    takes to arrive), then ``settle_s`` more."""
     codec = EventCodec()
     consumer = await consumer_from_the_start(settings, suffix)
     records: list[dict[str, Any]] = []
@@ -187,7 +195,8 @@ async def read_events(
         deadline = loop.time() + timeout_s
         settle_until: float | None = None
         while loop.time() < deadline:
-            if len(records) >= at_least and settle_until is None:
+            enough = len(records) >= at_least and (until is None or until(records))
+            if enough and settle_until is None:
                 settle_until = loop.time() + settle_s
             if settle_until is not None and loop.time() >= settle_until:
                 break
