@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from app.events.codec import EventCodec, EventDecodeError, EventEncodeError
 
 log = logging.getLogger(__name__)
@@ -38,7 +40,6 @@ log = logging.getLogger(__name__)
 SAVE_EVERY_S = 1.0
 KINDS = {"policies": "BudgetPolicy", "decisions": "BudgetDecision"}
 UNCOUNTED_MAX = 10_000  # usage events kept (the newest): about 1.5 MB of JSON
-ENCODE_CHUNK = 500  # held usage events a json.dumps call encodes (the GIL is let go between)
 # Spooled usage events waiting for Kafka's acknowledgement, at most (the newest sequences): one
 # the spool dropped (full) is never acknowledged, and its entry was kept for ever.
 QUEUED_MAX = 1_000_000
@@ -62,7 +63,12 @@ class Uncounted:
         scopes, nanos, ts_ms, partition, offset = value
         if not isinstance(scopes, list) or not all(isinstance(scope, str) for scope in scopes):
             raise TypeError("scopes are names")
-        return cls(tuple(scopes), int(nanos), int(ts_ms), int(partition), int(offset))
+        for scope in scopes:
+            scope.encode()  # a lone surrogate (``\ud800``) is no name, and orjson writes none
+        numbers = [int(nanos), int(ts_ms), int(partition), int(offset)]
+        if not all(-(2**63) <= number < 2**63 for number in numbers):  # Avro longs
+            raise ValueError("past a 64-bit integer")  # orjson writes none
+        return cls(tuple(scopes), *numbers)
 
 
 class BudgetSnapshot:
@@ -143,28 +149,21 @@ class BudgetSnapshot:
         return document
 
     @staticmethod
-    def encode(document: dict[str, Any]) -> str:
-        """The file's JSON of a ``document``. The held usage is encoded ``ENCODE_CHUNK`` events
-        a ``json.dumps``: one call encoding all of it held the GIL throughout, so the event
-        loop waited for a save written in a thread as long as for one written on it."""
-        parts = [
-            json.dumps(kind)
-            + ":"
-            + json.dumps(
-                {scope: base64.b64encode(value).decode() for scope, value in values.items()}
-            )
+    def encode(document: dict[str, Any]) -> bytes:
+        """The file's JSON of a ``document``, UTF-8: its Python lists and dicts built first
+        (Python code: in the save's thread, the event loop runs every switch interval), then one
+        ``orjson.dumps``, which holds the GIL (1.4 ms of 14.5 for 10,000 held events here;
+        ``json.dumps`` in chunks of 500 events, as the file was written before, took 50 ms).
+        orjson writes no integer past 64 bits and no lone surrogate: a held event is one Kafka
+        acknowledged, Avro-encoded (UTF-8 strings, long integers), and a saved entry that is
+        not so is dropped at load (``Uncounted.from_json``)."""
+        plain: dict[str, Any] = {
+            kind: {scope: base64.b64encode(value).decode() for scope, value in values.items()}
             for kind, values in document.items()
             if kind != "uncounted"
-        ]
-        entries = list(document["uncounted"].items())
-        chunks = [
-            json.dumps(
-                {key: entry.to_json() for key, entry in entries[start : start + ENCODE_CHUNK]}
-            )[1:-1]
-            for start in range(0, len(entries), ENCODE_CHUNK)
-        ]
-        parts.append('"uncounted":{' + ",".join(chunks) + "}")
-        return "{" + ",".join(parts) + "}"
+        }
+        plain["uncounted"] = {key: entry.to_json() for key, entry in document["uncounted"].items()}
+        return orjson.dumps(plain)
 
     def save(self) -> None:
         self.write(self.document())
@@ -175,7 +174,7 @@ class BudgetSnapshot:
         temporary = self.path.with_suffix(".tmp")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            temporary.write_text(self.encode(document))
+            temporary.write_bytes(self.encode(document))
             os.replace(temporary, self.path)
         except OSError as exc:
             self.dirty = True  # try again at the next save
@@ -185,7 +184,7 @@ class BudgetSnapshot:
         """What was saved, decoded: {"policies": {scope: record}, "decisions": {...}}."""
         loaded: dict[str, dict[str, dict[str, Any]]] = {kind: {} for kind in KINDS}
         try:
-            document = json.loads(self.path.read_text())
+            document = json.loads(self.path.read_bytes())  # UTF-8 (files before: ASCII)
         except FileNotFoundError:
             return loaded
         except (OSError, ValueError) as exc:
@@ -200,6 +199,7 @@ class BudgetSnapshot:
         saved = document.get("uncounted")
         for event_id, value in (saved if isinstance(saved, dict) else {}).items():
             with contextlib.suppress(ValueError, TypeError):
+                event_id.encode()  # no lone surrogate: orjson could not write it back
                 self.held(event_id, Uncounted.from_json(value))
         self.dirty = False
         return loaded
