@@ -26,7 +26,7 @@ import itertools
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,6 +69,17 @@ class Uncounted:
         if not all(-(2**63) <= number < 2**63 for number in numbers):  # Avro longs
             raise ValueError("past a 64-bit integer")  # orjson writes none
         return cls(tuple(scopes), *numbers)
+
+
+def pruned(
+    uncounted: dict[str, Uncounted], waiting: Callable[[Uncounted], bool]
+) -> list[tuple[str, Uncounted]]:
+    """The (event id, entry) pairs of ``uncounted`` for which ``waiting(entry)`` is false
+    (counted, or uncapped), taken out of it."""
+    done = [(event_id, entry) for event_id, entry in uncounted.items() if not waiting(entry)]
+    for event_id, _ in done:
+        del uncounted[event_id]
+    return done
 
 
 class BudgetSnapshot:
@@ -114,10 +125,17 @@ class BudgetSnapshot:
 
     def prune(self, waiting: Callable[[Uncounted], bool]) -> None:
         """Drop the events for which ``waiting(entry)`` is false (counted, or uncapped)."""
-        done = [event_id for event_id, entry in self.uncounted.items() if not waiting(entry)]
-        for event_id in done:
-            del self.uncounted[event_id]
+        done = [(key, entry) for key, entry in self.uncounted.items() if not waiting(entry)]
+        self.forget(done)
         self.dirty |= bool(done)
+
+    def forget(self, done: Iterable[tuple[str, Uncounted]]) -> None:
+        """Drop these (event id, entry) pairs, which a save pruned from its copy of
+        ``uncounted`` (in a thread, while the event loop went on holding events) and wrote
+        without them: an id held again since, as another entry, stays; nothing to save."""
+        for event_id, entry in done:
+            if self.uncounted.get(event_id) is entry:
+                del self.uncounted[event_id]
         if len(self._by_time) > 2 * len(self.uncounted) + 1024:  # mostly entries pruned since
             self._by_time = [
                 item for item in self._by_time if self.uncounted.get(item[2]) is item[3]
@@ -136,12 +154,13 @@ class BudgetSnapshot:
             return
         self.dirty = True
 
-    def document(self) -> dict[str, Any] | None:
-        """What ``save`` writes (None: nothing changed): {"policies": {scope: Avro value},
+    def document(self, *, held_too: bool = False) -> dict[str, Any] | None:
+        """What ``save`` writes (None: nothing changed, and with ``held_too`` no usage is held
+        either: a prune of it may change the file): {"policies": {scope: Avro value},
         "decisions": {...}, "uncounted": {event id: Uncounted}}. Taken where the records change
-        (the event loop), copies of the dicts only (their values never change); ``write`` may
-        then run in a thread, and encodes it there."""
-        if not self.dirty:
+        (the event loop), copies of the dicts only (their values never change); it may then be
+        pruned, encoded and written in a thread."""
+        if not self.dirty and not (held_too and self.uncounted):
             return None
         document: dict[str, Any] = {kind: dict(values) for kind, values in self.values.items()}
         document["uncounted"] = dict(self.uncounted)

@@ -62,7 +62,7 @@ from app.gateway.savings import SavingsLevers
 from app.gateway.shared_router import SharedRouter
 from app.gateway.upstreams import UpstreamPool
 from app.http import responses
-from app.http.budget_snapshot import SAVE_EVERY_S, BudgetSnapshot, Uncounted
+from app.http.budget_snapshot import SAVE_EVERY_S, BudgetSnapshot, Uncounted, pruned
 from app.http.chat import CHAT_RESPONSE_HEADERS, answer_chat
 from app.http.errors import ApiError, http_error, invalid_request
 from app.http.openapi import (
@@ -1179,27 +1179,29 @@ def restore_budget_view(
         )
 
 
-def budget_view_document(snapshot: BudgetSnapshot, gate: BudgetGate) -> dict[str, Any] | None:
-    """The budget view to save (None: unchanged), without the usage decisions now count.
-    Each scope's decision is looked up once, not once an event: with the spend worker behind,
-    10,000 held events held the event loop about 50 ms every second."""
+def prune_held(document: dict[str, Any], gate: BudgetGate) -> list[tuple[str, Uncounted]]:
+    """Takes out of a budget view ``document`` (``BudgetSnapshot.document``: copies) the usage
+    decisions now count, and returns it. Each scope's decision is looked up once, not once an
+    event (with the spend worker behind, 10,000 held events held the event loop about 50 ms
+    every second); the gate's lookups take its lock, so this may run in a thread."""
     counted_if_capped = functools.cache(gate.counted_if_capped)
 
     def waiting(entry: Uncounted) -> bool:
         return gate.waits_for_count(entry.scopes, entry.partition, entry.offset, counted_if_capped)
 
-    snapshot.prune(waiting)
-    return snapshot.document()
+    return pruned(document["uncounted"], waiting)
 
 
 class BudgetViewSaver:
-    """Saves the budget view (``budget_view_document``: pruned), every second and when an
-    admin's change must be on disk before it is answered, one save at a time and each from a
-    document taken once the one before is written: an older document never lands over a newer
-    one, nor two writes in one temporary file. The encoding and writing (the JSON of up to
-    10,000 held usage events) run in a thread: an admin's save did them on the event loop
-    (``bench.budget_view_save``). Who asks while a save waits for the one writing joins it
-    (its document is taken later)."""
+    """Saves the budget view (pruned: ``prune_held``), every second and when an admin's change
+    must be on disk before it is answered, one save at a time and each from a document taken
+    once the one before is written: an older document never lands over a newer one, nor two
+    writes in one temporary file. Only copies of the view's dicts are taken on the event loop;
+    the prune, the encoding and the writing (up to 10,000 held usage events) run in a thread,
+    on those copies, while the loop goes on holding usage (an admin's save did all of it on
+    the loop, then all but the write: ``bench.budget_view_save``). What the thread's prune
+    dropped leaves the held view back on the loop. Who asks while a save waits for the one
+    writing joins it (its document is taken later)."""
 
     def __init__(self, snapshot: BudgetSnapshot, gate: BudgetGate) -> None:
         self.snapshot = snapshot
@@ -1221,9 +1223,18 @@ class BudgetViewSaver:
     async def _save(self) -> None:
         async with self._lock:
             self._next = None  # a change from now on is for the next save
-            document = budget_view_document(self.snapshot, self.gate)
+            changed = self.snapshot.dirty
+            document = self.snapshot.document(held_too=True)  # held usage: a prune may drop some
             if document is not None:
-                await asyncio.to_thread(self.snapshot.write, document)
+                done = await asyncio.to_thread(self._write, document, changed)
+                self.snapshot.forget(done)
+
+    def _write(self, document: dict[str, Any], changed: bool) -> list[tuple[str, Uncounted]]:
+        """In a thread: ``document`` pruned, then written if that or the view changed."""
+        done = prune_held(document, self.gate)
+        if changed or done:
+            self.snapshot.write(document)
+        return done
 
     async def every(self, seconds: float) -> None:
         while True:

@@ -90,7 +90,7 @@ def test_the_saved_view_keeps_exactly_the_usage_a_capped_scope_still_waits_for(
 ) -> None:
     """The prune before each save (each scope's decision looked up once) keeps what
     ``BudgetGate.waits_for_count`` says waits: per scope, per partition, capped scopes only."""
-    from app.http.server import budget_view_document
+    from app.http.server import prune_held
     from tests.unit.test_budget_gate import decision, gate_with, policies, usd
 
     gate = gate_with(policies(**{"user:a": 5, "team:t": 50}))
@@ -115,8 +115,11 @@ def test_the_saved_view_keeps_exactly_the_usage_a_capped_scope_still_waits_for(
         if gate.waits_for_count(scopes, partition, offset)
     ]
     assert expected == ["evt-1", "evt-3", "evt-4"]
-    document = budget_view_document(snapshot, gate)
+    document = snapshot.document()
     assert document is not None
+    assert [event_id for event_id, _ in prune_held(document, gate)] == [
+        f"evt-{i}" for i in range(len(cases)) if f"evt-{i}" not in expected
+    ]
     assert list(document["uncounted"]) == expected
 
 
@@ -272,3 +275,60 @@ def test_a_saved_entry_orjson_could_not_write_back_is_dropped(tmp_path: Path) ->
     snapshot.held("new", Uncounted(("user:a",), 5, 6, 0, 7))
     snapshot.save()
     assert list(json.loads(path.read_bytes())["uncounted"]) == ["ok", "new"]
+
+
+def test_a_save_prunes_in_a_thread_while_the_loop_holds_more_usage(tmp_path: Path) -> None:
+    """The prune before a save looked each held event's scopes up on the event loop (10,000
+    events: an admin's answer waited for it, and so did every call). It runs in the save's
+    thread now, on a copy taken on the loop: the loop holds more usage and takes an admin's
+    change meanwhile (iterating the held dict itself would break on its change of size),
+    those stay for the next save, and what the copy's prune dropped leaves the held view."""
+    from app.budgets.admin import policy_record
+    from app.budgets.policy import parse_policy
+    from app.http.server import BudgetViewSaver
+    from tests.unit.test_budget_gate import decision, gate_with, policies, usd
+
+    gate = gate_with(policies(**{"user:a": 5}))
+    gate.on_decision(
+        "user:a", decision("user:a", state="open", spent=1, limit=usd(5), counted={0: 4})
+    )
+    snapshot = _snapshot(tmp_path)
+    for offset in range(8):  # offsets 0-3 counted, 4-7 waiting
+        snapshot.held(f"evt-{offset}", Uncounted(("user:a",), 1, offset, 0, offset))
+    started, release = threading.Event(), threading.Event()
+    lookup = gate.counted_if_capped
+    released_while_pruning: list[bool] = []
+
+    def held_lookup(scope: str) -> dict[int, int] | None:
+        if not started.is_set():  # the first lookup waits until the loop has gone on
+            started.set()
+            released_while_pruning.append(release.wait(5))
+        return lookup(scope)
+
+    gate.counted_if_capped = held_lookup  # type: ignore[method-assign]
+
+    async def run() -> None:
+        saver = BudgetViewSaver(snapshot, gate)
+        save = asyncio.create_task(saver.save())
+        await asyncio.to_thread(started.wait, 10)
+        for offset in range(8, 11):  # the loop goes on while the save prunes
+            snapshot.held(f"evt-{offset}", Uncounted(("user:b",), 1, offset, 0, offset))
+        change = policy_record(parse_policy("user:new", {"limit_usd": 1}), "admin")
+        snapshot.record("policies", "user:new", change)
+        release.set()
+        await save
+        saved = json.loads(snapshot.path.read_text())
+        assert list(saved["uncounted"]) == [f"evt-{n}" for n in range(4, 8)]
+        assert list(saved["policies"]) == [], "the save's document was taken before the change"
+        assert list(snapshot.uncounted) == [f"evt-{n}" for n in range(4, 11)]
+        assert snapshot.dirty
+        gate.counted_if_capped = lookup  # type: ignore[method-assign]
+        await saver.save()  # the next one: what the loop did meanwhile, user:b's usage pruned
+
+    asyncio.run(run())
+    assert released_while_pruning == [True], "the prune held the event loop"
+    saved = json.loads(snapshot.path.read_text())
+    assert list(saved["policies"]) == ["user:new"]
+    assert list(saved["uncounted"]) == [f"evt-{n}" for n in range(4, 8)]
+    assert list(snapshot.uncounted) == [f"evt-{n}" for n in range(4, 8)]
+    assert not snapshot.dirty, "what the save pruned and wrote is written again"
