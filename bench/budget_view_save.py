@@ -8,8 +8,8 @@ decision, so none is pruned), then times ``--changes`` policy changes two ways:
 
 | path | what it is |
 |---|---|
-| ``on the loop (before)`` | what the handler did until review 63's fix: ``snapshot.record`` then ``snapshot.save()`` (document and JSON written on the event loop, no pruning) |
-| ``off the loop (now)`` | the handler's ``_save_policy_change``: the change recorded, then ``BudgetViewSaver.save()`` (pruned document taken on the loop, the JSON written in a thread), awaited |
+| ``on the loop (before)`` | what the handler did until review 63's fix: ``snapshot.record`` then ``snapshot.save()`` (document, JSON and file written on the event loop, no pruning; the JSON is today's ``BudgetSnapshot.encode``: one ``orjson.dumps``) |
+| ``off the loop (now)`` | the handler's ``_save_policy_change``: the change recorded, then ``BudgetViewSaver.save()`` (copies of the view's dicts taken on the loop; the prune, the JSON and the file in a thread), awaited |
 
 The two paths take turns, change by change, so both see the same load. For each change: ``answer`` is the wall time until the save returns (the handler could
 answer), ``loop stall`` the longest gap a ticker task on the same loop saw during it
