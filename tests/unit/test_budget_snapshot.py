@@ -302,7 +302,7 @@ def test_a_save_prunes_in_a_thread_while_the_loop_holds_more_usage(tmp_path: Pat
     def held_lookup(scope: str) -> dict[int, int] | None:
         if not started.is_set():  # the first lookup waits until the loop has gone on
             started.set()
-            released_while_pruning.append(release.wait(5))
+            released_while_pruning.append(release.wait(20))
         return lookup(scope)
 
     gate.counted_if_capped = held_lookup  # type: ignore[method-assign]
