@@ -374,7 +374,7 @@ def budgets_status(scope: str | None, url: str | None, key: str | None) -> None:
     (the worker's count plus its own spend since and its requests in flight).
     """
     from app.budgets.admin import PolicyAdmin
-    from app.budgets.policy import PolicyError, validate_scope
+    from app.budgets.policy import PolicyError, default_status_problem, validate_scope
     from app.pricing.catalog import nanos_to_usd
 
     settings = _settings()
@@ -383,6 +383,9 @@ def budgets_status(scope: str | None, url: str | None, key: str | None) -> None:
             scope = validate_scope(scope)
         except PolicyError as exc:
             _fail(str(exc))
+        problem = default_status_problem(scope)  # as the API refuses it (probe 56)
+        if problem is not None:
+            _fail(problem)
     if url:
         api = _api(settings, url, key)
         if scope is None:

@@ -74,6 +74,17 @@ def validate_scope(scope: str, *, allow_default: bool = True) -> str:
     return scope
 
 
+def default_status_problem(scope: str) -> str | None:
+    """Why ``scope`` has no status of its own (a default such as ``user:*`` spends nothing
+    itself), as the API and `tollgate budgets status` both say it; None for a scope."""
+    if not scope.endswith(":*"):
+        return None
+    return (
+        f"{scope} is a default policy, not a scope that spends: ask for the status of one "
+        f"of its scopes (e.g. {scope[:-1]}<id>); GET /v1/budgets/{scope} shows the policy"
+    )
+
+
 @dataclass(frozen=True)
 class Policy:
     scope: str

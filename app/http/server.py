@@ -39,6 +39,7 @@ from app.budgets.policy import (
     PolicyBody,
     PolicyBook,
     PolicyError,
+    default_status_problem,
     parse_policy,
     validate_scope,
 )
@@ -711,12 +712,9 @@ async def list_budgets(request: web.Request) -> web.Response:
 async def budget_status(request: web.Request) -> web.Response:
     c = request.app[COMPONENTS]
     scope = _scope(request)
-    if scope.endswith(":*"):  # a default spends nothing itself; its scopes each have a status
-        raise invalid_request(
-            f"{scope} is a default policy, not a scope that spends: ask for the status of one "
-            f"of its scopes (e.g. {scope[:-1]}<id>); GET /v1/budgets/{scope} shows the policy",
-            "scope",
-        )
+    problem = default_status_problem(scope)  # a default spends nothing itself
+    if problem is not None:
+        raise invalid_request(problem, "scope")
     if c.keys is not None:  # a key may read the caps its calls spend under; admins any
         identity = resolve_identity(request.headers, {}, c.keys, "none")
         key = c.keys.lookup(bearer_token(request.headers) or "")
