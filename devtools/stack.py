@@ -147,6 +147,9 @@ class _Watch:
     consecutive: int = 0  # exits since the last stable run: the backoff step
     restart_at: float | None = None
     restarts: int = 0
+    # Said to be crash-looping: kept over its restarts (probe 56: the mark vanished at each
+    # one) until a run lasts ``stable_after_s``.
+    looping: bool = False
 
     def exited(self, now: float, policy: RestartPolicy) -> tuple[float, bool]:
         """Schedule the restart of an exit at ``now``: (its delay, whether it crash-loops)."""
@@ -259,18 +262,24 @@ class Supervisor:
                     watch.restarts += 1
                     watch.started_at = now
                     service.spawn(self.env)
-                    self.status.set(service.name, watch, crash_looping=False)
+                    self.status.set(service.name, watch, crash_looping=watch.looping)
                     self.echo(f"{service.name} restarted (restart #{watch.restarts})")
                 continue
             process = service.process
-            if process is None or process.poll() is None:
+            if process is None:
+                continue
+            if process.poll() is None:
+                if watch.looping and now - watch.started_at >= self.policy.stable_after_s:
+                    watch.looping = False  # it has stayed up: no longer crash-looping
+                    self.status.set(service.name, watch, crash_looping=False)
                 continue
             self._exited(service, watch, process.returncode, now)
 
     def _exited(self, service: Service, watch: _Watch, code: int, now: float) -> None:
         policy = self.policy
         delay, looping = watch.exited(now, policy)
-        self.status.set(service.name, watch, last_exit_code=code, crash_looping=looping)
+        watch.looping = looping or watch.looping
+        self.status.set(service.name, watch, last_exit_code=code, crash_looping=watch.looping)
         last_lines = tail(service.log_file)
         if looping:
             self.echo(
@@ -550,10 +559,64 @@ def up_status_file(settings: Settings) -> Path:
     return settings.state_dir / "up-status.json"
 
 
-def print_status(settings: Settings, echo: Callable[[str], None]) -> int:
+PROBE_TIMEOUT_S = 2.0  # how long `tollgate status` waits for a component's HTTP answer
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One HTTP GET of a component by `tollgate status`: ``answer`` is ``answering`` (any
+    HTTP status: the process serves), ``refused`` (nothing listens: not started yet, or
+    gone) or ``silent`` (no HTTP answer in time: the kernel accepts connections for a hung
+    or stopped process, so a TCP connect alone said "running" for a SIGSTOPped one)."""
+
+    answer: str
+    status: int | None = None
+    body: bytes = b""
+    why: str = ""
+
+
+def probe_http(host: str, port: int, path: str, timeout_s: float = PROBE_TIMEOUT_S) -> Probe:
+    import http.client
+
+    connection = http.client.HTTPConnection(host, port, timeout=timeout_s)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return Probe("answering", response.status, response.read(1 << 16))
+    except ConnectionRefusedError:
+        return Probe("refused", why="connection refused")
+    except TimeoutError:
+        return Probe("silent", why=f"no HTTP answer within {timeout_s:g}s")
+    except (OSError, http.client.HTTPException) as exc:
+        return Probe("silent", why=f"no HTTP answer: {exc or type(exc).__name__}")
+    finally:
+        connection.close()
+
+
+def _worker_counting(dispatcher: Probe) -> str | None:
+    """Why the spend worker is not counting, as the dispatcher's /readyz says, or None
+    (counting, or the dispatcher cannot say)."""
+    try:
+        checks = json.loads(dispatcher.body)["checks"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(checks, dict) or checks.get("spend_worker_counting") is not False:
+        return None
+    oldest = checks.get("spend_uncounted_oldest_s")
+    waited = f"; spend uncounted for {oldest}s" if oldest is not None else ""
+    return f"the dispatcher's /readyz says spend_worker_counting false{waited}"
+
+
+def print_status(
+    settings: Settings, echo: Callable[[str], None], probe_timeout_s: float = PROBE_TIMEOUT_S
+) -> int:
     """`tollgate status`: each component of the `up` running here, as its supervisor last
-    saw it (a listener that is not answering yet is said so). 0 when every one runs; 3 when
-    one is down, waiting for its restart (or the broker starting again), or when no `up` runs
+    saw it and as it answers now: a listener must give an HTTP answer to GET /healthz within
+    ``probe_timeout_s`` (refused: not answering, starting; silent: not answering, hung), and
+    the spend worker, which has no listener, must be counting as the dispatcher's /readyz
+    says. 0 when every one runs and answers; 3 when one is down, waiting for its restart (or
+    the broker starting again), not answering, crash-looping (until a run of it lasts
+    ``RestartPolicy.stable_after_s``), or the worker not counting; 3 also when no `up` runs
     here."""
     pid = running_up(settings)
     if pid is None:
@@ -567,28 +630,58 @@ def print_status(settings: Settings, echo: Callable[[str], None]) -> int:
         echo(f"`tollgate up` (process {pid}) is starting; nothing supervised yet")
         return 3
     echo(f"`tollgate up` (process {pid}; {settings.dispatcher_url}/dashboard):")
+    components = body.get("components", [])
+    probes: dict[tuple[str, int, str], Probe] = {}
+
+    def probe(listens: list[Any], path: str) -> Probe:
+        key = (str(listens[0]), int(listens[1]), path)
+        if key not in probes:
+            probes[key] = probe_http(*key, timeout_s=probe_timeout_s)
+        return probes[key]
+
+    dispatcher = next(
+        (c for c in components if c["name"] == "dispatcher" and c.get("listens")), None
+    )
     down = 0
-    for c in body.get("components", []):
+    for c in components:
+        serving = False
         if c["state"] == "restarting":
-            down += 1
-            looping = ", crash-looping" if c.get("crash_looping") else ""
             why = f"last exit code {c['last_exit_code']}" if "last_exit_code" in c else ""
             why = why or c.get("last_error") or "down"
             at = datetime.fromisoformat(c["restart_at"])
             wait_s = max(0.0, (at - datetime.now(UTC)).total_seconds())
             state = (
-                f"restarting in {wait_s:.0f}s (at {at:%H:%M:%S} UTC; {why}{looping}; "
+                f"restarting in {wait_s:.0f}s (at {at:%H:%M:%S} UTC; {why}; "
                 f"restart #{c['restarts'] + 1})"
             )
         elif c["state"] == "starting":  # the broker, started again in the background
-            down += 1
             since = datetime.fromisoformat(c["starting_since"])
             for_s = max(0.0, (datetime.now(UTC) - since).total_seconds())
             state = f"starting again (restart #{c['restarts']}, for {for_s:.0f}s)"
-        elif c.get("listens") and not port_open(*c["listens"]):
-            state = f"starting (not answering on {c['url']} yet)"
+        elif c.get("listens"):
+            answer = probe(c["listens"], "/healthz")
+            if answer.answer == "refused":
+                state = f"not answering on {c['url']} (starting, or gone: {answer.why})"
+            elif answer.answer == "silent":
+                state = f"not answering on {c['url']} ({answer.why}: hung or stopped?)"
+            else:
+                serving = True
+                state = f"running {c['url']}"
+        elif c["name"] == "spend-worker" and dispatcher is not None:
+            seen = probe(dispatcher["listens"], "/readyz")
+            stale = _worker_counting(seen) if seen.answer == "answering" else None
+            serving = stale is None
+            state = f"worker not counting ({stale})" if stale else "running"
         else:
+            serving = True
             state = "running" + (f" {c['url']}" if c.get("url") else "")
+        if c.get("crash_looping"):
+            serving = False
+            state += (
+                f", crash-looping (said so until it stays up {RestartPolicy().stable_after_s:g}s)"
+            )
+        if not serving:
+            down += 1
         where = f"; log {c['log']}" if c.get("log") else ""
         echo(f"  {c['name']:<12} {state}{where}")
     return 3 if down else 0

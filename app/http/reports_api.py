@@ -149,6 +149,12 @@ async def report(request: web.Request) -> web.Response:
     return web.Response(body=orjson.dumps(payload), content_type="application/json")
 
 
+async def healthz(_request: web.Request) -> web.Response:
+    """Liveness, open (it says nothing of the warehouse): `tollgate status` asks it, as it asks
+    the dispatcher's and the agents' /healthz, to tell a hung sink from a serving one."""
+    return web.Response(body=b'{"status":"ok"}', content_type="application/json")
+
+
 def create_reports_app(
     client: Any,
     *,
@@ -167,4 +173,5 @@ def create_reports_app(
     app[AUTH] = (token, keys)
     app[OPTIONS] = {"baseline_model": baseline_model, "active_scope": active_scope}
     app.router.add_get("/v1/reports/{name}", report)
+    app.router.add_get("/healthz", healthz)
     return app
