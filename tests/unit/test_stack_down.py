@@ -33,6 +33,7 @@ from devtools.stack import (
     up_pid_file,
     up_status_file,
 )
+from tests.ports import free_port
 
 # A stand-in for `tollgate up`: its command line says so, and SIGTERM stops it.
 FAKE_UP = (
@@ -262,10 +263,7 @@ def test_status_exits_3_while_a_listener_refuses_connections(
     """Probe 56 F1: a dispatcher killed (or crash-looping) between two supervision steps was
     shown as "starting (not answering ... yet)" with exit 0 while its port refused calls."""
     settings, up = fake_up
-    with socket.socket() as closed:  # a port nothing listens on
-        closed.bind(("127.0.0.1", 0))
-        port = closed.getsockname()[1]
-    _listed(settings, up.pid, ("dispatcher", port))
+    _listed(settings, up.pid, ("dispatcher", free_port()))  # nothing listens there
     code, text = _status_of(settings)
     assert code == 3, text
     assert re.search(r"dispatcher +not answering on http://127\.0\.0\.1:\d+ \(starting", text), text
