@@ -42,6 +42,11 @@ UNCOUNTED_READ_MAX = 200_000  # events a restart reads back per partition, at mo
 # some decisions count less far: the worker publishes a batch's decisions scope by scope,
 # a scope whose spend alone moved at its next flush (0.25 s), features after their partials.
 UNCOUNTED_READ_OVERLAP = 5_000
+UNCOUNTED_READ_FETCH_MAX = 5_000  # events a fetch of the read-back hands over, at most
+# The read-back gives the event loop a turn every this many events it reads: a fetch held
+# whole kept health checks and calls waiting 0.6-0.9 s of CPU (140-180 us an event, review
+# 49 I1); 50 events hold it about 10 ms (``bench.read_back_stall``).
+READ_BACK_YIELD_EVERY = 50
 
 
 def usage_scopes(record: Mapping[str, Any]) -> list[str]:
@@ -248,7 +253,9 @@ class UncountedUsage:
         events a partition and ``settings.start_uncounted_read_s``; a failure leaves the gate
         as it was (logged). ``reported`` learns the /v1/usage records read (counted or not),
         so a retry of one here is a repeat, not a second hold (probe H: a user under the cap
-        was refused until the worker's next decision, however long the worker was away)."""
+        was refused until the worker's next decision, however long the worker was away).
+        The event loop gets a turn every ``READ_BACK_YIELD_EVERY`` events: what runs then
+        (live usage, a decision) is what could run between two fetches already."""
         from app.events import clients
 
         settings, gate = self.settings, self.gate
@@ -283,12 +290,18 @@ class UncountedUsage:
                         todo[tp] = ends[tp]
                     else:
                         consumer.pause(tp)
+                read = 0
                 while todo:
-                    batch = await consumer.getmany(*todo, timeout_ms=1000, max_records=5000)
+                    batch = await consumer.getmany(
+                        *todo, timeout_ms=1000, max_records=UNCOUNTED_READ_FETCH_MAX
+                    )
                     for tp, messages in batch.items():
                         for message in messages:
                             if message.offset < todo.get(tp, -1):
                                 held += self._hold_read_usage(message)
+                            read += 1
+                            if read % READ_BACK_YIELD_EVERY == 0:
+                                await asyncio.sleep(0)  # live calls go on meanwhile
                     for tp in list(todo):
                         if await consumer.position(tp) >= todo[tp]:
                             del todo[tp]

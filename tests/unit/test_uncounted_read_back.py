@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 from pathlib import Path
 from types import SimpleNamespace
@@ -188,14 +189,16 @@ def test_past_its_bound_a_put_off_read_back_is_given_up_and_its_ids_dropped(
 
 
 class _TopicReadBack:
-    """The usage topic as the read-back's consumer sees it: ``messages`` one per fetch,
-    ``between(i)`` run before the i-th is handed over (live usage queued meanwhile)."""
+    """The usage topic as the read-back's consumer sees it: ``messages`` ``per_fetch`` at a
+    time (one by default), ``between(i)`` run before the fetch beginning at the i-th is
+    handed over (live usage queued meanwhile). Its calls never give the loop a turn."""
 
-    def __init__(self, messages: list[Any], between: Any) -> None:
+    def __init__(self, messages: list[Any], between: Any, per_fetch: int = 1) -> None:
         from aiokafka import TopicPartition
 
         self.tp = TopicPartition("usage", 0)
         self.messages, self.between, self.read = messages, between, 0
+        self.per_fetch = per_fetch
 
     async def start(self) -> None:
         return None
@@ -225,9 +228,9 @@ class _TopicReadBack:
         if self.read >= len(self.messages):
             return {}
         self.between(self.read)
-        message = self.messages[self.read]
-        self.read += 1
-        return {self.tp: [message]}
+        fetched = self.messages[self.read : self.read + self.per_fetch]
+        self.read += len(fetched)
+        return {self.tp: fetched}
 
 
 def test_a_give_up_while_the_read_back_reads_does_not_hold_this_runs_usage_twice(
@@ -272,3 +275,55 @@ def test_a_give_up_while_the_read_back_reads_does_not_hold_this_runs_usage_twice
 
     asyncio.run(start())
     assert spent(gate, "user:a") == usd(4)  # each of the four once
+
+
+def test_a_read_back_lets_the_loop_run_while_it_holds_a_fetch_of_5000_events(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review 49, I1: a fetch of up to 5,000 usage events was held without a turn of the
+    event loop (about 175 us an event on a loaded machine: the loop held about 1 s a fetch),
+    so health checks and calls waited through a start's read-back. Another task now runs
+    every ``READ_BACK_YIELD_EVERY`` events at most, and the read-back holds the same."""
+    from app.events.producer import usage_message
+
+    gate = gate_with(policies(**{"user:*": 1000}))
+    uncounted = _uncounted(tmp_path, gate, _emitter(tmp_path))
+    settings = Settings(state_dir=tmp_path)
+    events = uncounted_module.UNCOUNTED_READ_FETCH_MAX  # 5,000: a whole fetch
+    value = usage_message(settings, EventCodec(), _usage(1, "a", 10)).value
+    messages = [SimpleNamespace(value=value, partition=0, offset=i) for i in range(events)]
+    topic = _TopicReadBack(messages, lambda i: None, per_fetch=events)
+    monkeypatch.setattr(clients, "consumer", lambda *a, **k: topic)
+    decoded = 0
+    decode = uncounted.codec.decode
+
+    def counting_decode(payload: bytes) -> Any:
+        nonlocal decoded
+        decoded += 1
+        return decode(payload)
+
+    monkeypatch.setattr(uncounted.codec, "decode", counting_decode)
+
+    async def read_back() -> tuple[int, list[int]]:
+        seen: list[int] = []  # events decoded so far, at each turn of another task
+        reading = True
+
+        async def ticker() -> None:
+            while reading:
+                seen.append(decoded)
+                await asyncio.sleep(0)
+
+        ticks = asyncio.create_task(ticker())
+        await asyncio.sleep(0)
+        try:
+            return await uncounted.hold_uncounted_usage(), seen
+        finally:
+            reading = False
+            await ticks
+
+    held, seen = asyncio.run(read_back())
+    assert held == events and spent(gate, "user:a") == events * 10  # the same result
+    during = [n for n in seen if 0 < n < events]
+    assert during, f"no other task ran while the fetch was held (turns at {sorted(set(seen))})"
+    steps = [b - a for a, b in itertools.pairwise(seen)]
+    assert max(steps) <= uncounted_module.READ_BACK_YIELD_EVERY
