@@ -34,7 +34,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -158,6 +158,19 @@ _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
 
 class LauncherError(Exception):
     """The local broker cannot be fetched, started or stopped; the message says what to do."""
+
+
+class StartStopped(LauncherError):
+    """A start asked to stop (`tollgate down`, Ctrl-C) before the broker answered: the
+    broker being started was stopped."""
+
+
+def _stop_if_requested(stop_requested: Callable[[], bool] | None) -> None:
+    if stop_requested is not None and stop_requested():
+        raise StartStopped(
+            "the Kafka start was asked to stop (`tollgate down` or Ctrl-C) before the broker "
+            "answered; a broker it had spawned is stopped"
+        )
 
 
 @dataclass(frozen=True)
@@ -731,11 +744,17 @@ class LocalKafka:
         _write_atomic(self.pid_file, f"{proc.pid}\n")
         return proc
 
-    def _wait_ready(self, proc: subprocess.Popen[bytes], started: float) -> None:
+    def _wait_ready(
+        self,
+        proc: subprocess.Popen[bytes],
+        started: float,
+        stop_requested: Callable[[], bool] | None = None,
+    ) -> None:
         timeout_s = self._settings.kafka_start_timeout_s
         deadline = started + timeout_s
         last = "port not open yet"
         while True:
+            _stop_if_requested(stop_requested)
             code = proc.poll()
             if code is not None:
                 _CHILDREN.pop(proc.pid, None)
@@ -795,9 +814,14 @@ class LocalKafka:
         return True
 
     # -- public API ------------------------------------------------------------------------
-    def start(self) -> StartResult:
+    def start(self, stop_requested: Callable[[], bool] | None = None) -> StartResult:
         """Start the broker (fetching jars and formatting storage the first time) and wait
         until it answers metadata requests. Idempotent: an already running broker is reused.
+
+        ``stop_requested`` is asked between the steps and while waiting (every 0.1 s, or
+        after a metadata probe of up to 5 s): once it says so, the broker being started is
+        stopped and :class:`StartStopped` raised (`tollgate down` while `up` starts the
+        broker waited for the whole start, up to ``kafka_start_timeout_s``: 120 s).
         """
         if self.host not in LOCAL_HOSTS:
             raise LauncherError(
@@ -822,8 +846,10 @@ class LocalKafka:
             self._check_ports_free()
             java = require_tool("java", JAVA_HINT)
             libs, downloaded, download_seconds = self.ensure_jars()
+            _stop_if_requested(stop_requested)
             self.write_server_properties()
             self._format_storage(java, libs)
+            _stop_if_requested(stop_requested)
             started = time.monotonic()
             proc = self._spawn(java, libs)
             LOG.info(
@@ -834,8 +860,8 @@ class LocalKafka:
                 self.log_file,
             )
             try:
-                self._wait_ready(proc, started)
-            except BaseException:  # timeout, Ctrl-C: do not leave a half-started daemon
+                self._wait_ready(proc, started, stop_requested)
+            except BaseException:  # timeout, Ctrl-C, a stop: do not leave a half-started daemon
                 if proc.poll() is None:
                     self._terminate(proc.pid, KILL_WAIT_S)
                 self.pid_file.unlink(missing_ok=True)

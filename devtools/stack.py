@@ -299,7 +299,7 @@ class Supervisor:
 class KafkaLike(Protocol):
     def status(self) -> Any: ...
 
-    def start(self) -> Any: ...
+    def start(self, stop_requested: Callable[[], bool] | None = None) -> Any: ...
 
 
 class KafkaKeeper:
@@ -310,8 +310,9 @@ class KafkaKeeper:
     on a loaded machine), so it runs in a thread of its own: ``check()`` returns at once and
     the loop that calls it goes on supervising the services (a newcomer's probe found a
     dispatcher killed during a Kafka restart left dead, not even reaped, until the broker
-    answered). The status file says ``starting`` meanwhile. ``close()`` waits for a start
-    in progress, so that `up` stops the broker it started rather than leave it running."""
+    answered). The status file says ``starting`` meanwhile. ``close()`` stops a start in
+    progress: the broker being started is stopped, not left running after `up` has gone,
+    and `tollgate down` need not wait for it to answer (up to 120 s, past its 90 s)."""
 
     def __init__(
         self,
@@ -331,6 +332,8 @@ class KafkaKeeper:
         self.watch = _Watch(started_at=clock())
         self.next_look = clock() + every_s
         self.starting: Future[Any] | None = None  # the start in progress, in its thread
+        # ``close()`` was called: a start in progress stops (its thread reads the flag)
+        self.closing = False
         self.status.set("kafka", self.watch)
 
     def check(self) -> None:
@@ -352,9 +355,12 @@ class KafkaKeeper:
         self._down(now, "Kafka exited (its process is gone)")
 
     def close(self) -> None:
-        """Wait for a start in progress to end (LocalKafka gives up after its start timeout)."""
+        """Stop a start in progress and wait for it to end: LocalKafka stops the broker it
+        was starting once a metadata probe under way ends (5 s at most), SIGTERM then,
+        after 10 s, SIGKILL."""
+        self.closing = True
         if self.starting is not None and not self.starting.done():
-            self.echo("waiting for the Kafka start in progress to end ...")
+            self.echo("stopping the Kafka start in progress ...")
             with contextlib.suppress(Exception):
                 self.starting.exception()
 
@@ -366,7 +372,7 @@ class KafkaKeeper:
 
         def start() -> None:
             try:
-                future.set_result(self.kafka.start())
+                future.set_result(self.kafka.start(stop_requested=lambda: self.closing))
             except BaseException as exc:  # LauncherError and the like: said by check()
                 future.set_exception(exc)
 
@@ -441,7 +447,7 @@ def run_stack(settings: Settings, echo: Callable[[str], None]) -> int:
 
     from app.events.topics import TopicsError, ensure_topics
     from app.warehouse.clickhouse import WarehouseError
-    from devtools.kafka_local import LauncherError, LocalKafka
+    from devtools.kafka_local import LauncherError, LocalKafka, StartStopped
 
     running = running_up(settings)
     if running is not None:
@@ -478,7 +484,7 @@ def run_stack(settings: Settings, echo: Callable[[str], None]) -> int:
             lines.append(f"Kafka        {settings.kafka_bootstrap} (already running, left as is)")
         else:
             echo(f"starting local Kafka {settings.kafka_version} on {settings.kafka_bootstrap} ...")
-            result = kafka.start()
+            result = kafka.start(stop_requested=lambda: stopping)  # `down` meanwhile
             started_kafka = not result.already_running
             how = f"downloaded in {result.download_seconds:.1f}s, " if result.downloaded else ""
             lines.append(
@@ -530,6 +536,9 @@ def run_stack(settings: Settings, echo: Callable[[str], None]) -> int:
             if keeper is not None:
                 keeper.check()  # and so is the broker `up` started
             time.sleep(0.3)
+        return 0
+    except StartStopped:  # `tollgate down` (or Ctrl-C) while the broker was starting
+        echo("stopped while Kafka was starting; the broker being started was stopped")
         return 0
     except (StackError, LauncherError, TopicsError, WarehouseError) as exc:
         echo(f"error: {exc}")

@@ -502,6 +502,33 @@ def test_start_timeout_kills_the_broker(tmp_path: Path, fake_bin: Path) -> None:
     assert set(kafka_local._CHILDREN) == children_before, "the timed-out broker was reaped"
 
 
+def test_a_start_asked_to_stop_stops_the_broker_it_was_starting(
+    tmp_path: Path, fake_bin: Path
+) -> None:
+    """`make down` while `up` (re)starts the broker: the start went on until the broker
+    answered or ``kafka_start_timeout_s`` (120 s) passed, past `tollgate down`'s 90 s. Asked
+    to stop (``stop_requested``), it stops the broker it spawned and says so."""
+    write_script(fake_bin / "java", "exec sleep 120\n")  # never answers
+    kafka = LocalKafka(make_settings(tmp_path, kafka_start_timeout_s=20.0))
+    fake_jars(kafka)
+    kafka.home.mkdir(parents=True)
+    fake_formatted_storage(kafka)
+    children_before = set(kafka_local._CHILDREN)
+    spawned: list[int] = []
+
+    def stop_requested() -> bool:  # asked once the broker's process runs
+        pid = kafka_local.read_pid_file(kafka.pid_file)
+        if pid is not None:
+            spawned.append(pid)
+        return pid is not None
+
+    with pytest.raises(kafka_local.StartStopped, match="asked to stop"):
+        kafka.start(stop_requested=stop_requested)
+    assert spawned and not kafka_local.pid_alive(spawned[0]), "the broker was stopped"
+    assert not kafka.pid_file.exists()
+    assert set(kafka_local._CHILDREN) == children_before, "and reaped"
+
+
 def test_log4j_fallback_when_deploy_dir_missing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

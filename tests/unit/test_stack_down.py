@@ -165,7 +165,7 @@ class BrokerStartingAgain:
     def status(self) -> Any:
         return SimpleNamespace(running=False, pid=None)
 
-    def start(self) -> Any:
+    def start(self, stop_requested: Any = None) -> Any:
         self.release.wait(30)
         return SimpleNamespace(already_running=False, start_seconds=1.5)
 

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -21,7 +22,7 @@ from typing import Any
 import pytest
 
 from app.settings import Settings
-from devtools.kafka_local import LauncherError
+from devtools.kafka_local import LauncherError, StartStopped
 from devtools.stack import (
     KafkaKeeper,
     RestartPolicy,
@@ -174,7 +175,7 @@ class FakeKafka:
     def status(self) -> Any:
         return SimpleNamespace(running=self.running, pid=4242 if self.running else None)
 
-    def start(self) -> Any:
+    def start(self, stop_requested: Callable[[], bool] | None = None) -> Any:
         self.starts += 1
         if self.fail_starts:
             self.fail_starts -= 1
@@ -268,11 +269,17 @@ class SlowKafka(FakeKafka):
     def __init__(self) -> None:
         super().__init__()
         self.entered, self.release = threading.Event(), threading.Event()
+        self.stopped_starting = False  # asked to stop, it stopped the broker it was starting
 
-    def start(self) -> Any:
+    def start(self, stop_requested: Callable[[], bool] | None = None) -> Any:
         self.entered.set()
-        if not self.release.wait(20):
-            raise LauncherError("the test never let the broker start")
+        deadline = time.monotonic() + 20
+        while not self.release.wait(0.05):
+            if stop_requested is not None and stop_requested():
+                self.stopped_starting = True
+                raise StartStopped("asked to stop while the broker was starting")
+            if time.monotonic() > deadline:
+                raise LauncherError("the test never let the broker start")
         return super().start()
 
 
@@ -336,18 +343,13 @@ def test_services_are_restarted_while_the_broker_is_starting_again(tmp_path: Pat
         dispatcher.stop()
 
 
-def test_stopping_up_waits_for_a_broker_start_in_progress() -> None:
-    """Ctrl-C (or `make down`) while the broker starts again: ``close()`` waits for the start
-    to end, so that run_stack's ``kafka.stop()`` then finds the broker and stops it, instead
-    of racing its start and leaving it running after `up` has gone."""
+def test_stopping_up_stops_a_broker_start_in_progress() -> None:
+    """`make down` (or Ctrl-C) while the broker starts again: ``close()`` waited for the
+    start to end, up to ``kafka_start_timeout_s`` (120 s), past `tollgate down`'s 90 s. It
+    now asks the start to stop: the broker being started is stopped (not left running after
+    `up` has gone), and ``close()`` returns without waiting for it to answer."""
     kafka, clock, said = SlowKafka(), FakeClock(), []
-
-    def echo(line: str) -> None:
-        said.append(line)
-        if line.startswith("waiting for the Kafka start"):
-            kafka.release.set()  # the broker answers while `up` waits for it
-
-    keeper = KafkaKeeper(kafka, echo, RestartPolicy(backoff_s=(1,)), clock, every_s=1)
+    keeper = KafkaKeeper(kafka, said.append, RestartPolicy(backoff_s=(1,)), clock, every_s=1)
     kafka.running = False
     clock.now += 1
     keeper.check()
@@ -355,4 +357,6 @@ def test_stopping_up_waits_for_a_broker_start_in_progress() -> None:
     keeper.check()
     assert kafka.entered.wait(30) and keeper.starting is not None
     keeper.close()
-    assert keeper.starting.done() and kafka.starts == 1 and kafka.running, said
+    assert keeper.starting.done() and kafka.stopped_starting, said
+    assert not kafka.release.is_set() and kafka.starts == 0 and not kafka.running
+    assert "stopping the Kafka start in progress" in said[-1], said
