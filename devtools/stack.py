@@ -354,13 +354,18 @@ class KafkaKeeper:
             return
         self._down(now, "Kafka exited (its process is gone)")
 
+    def stop_starting(self) -> None:
+        """Ask a start in progress to stop, and return at once (``close()`` waits for it)."""
+        if not self.closing and self.starting is not None and not self.starting.done():
+            self.echo("stopping the Kafka start in progress ...")
+        self.closing = True
+
     def close(self) -> None:
         """Stop a start in progress and wait for it to end: LocalKafka stops the broker it
         was starting once a metadata probe under way ends (5 s at most), SIGTERM then,
         after 10 s, SIGKILL."""
-        self.closing = True
+        self.stop_starting()
         if self.starting is not None and not self.starting.done():
-            self.echo("stopping the Kafka start in progress ...")
             with contextlib.suppress(Exception):
                 self.starting.exception()
 
@@ -416,6 +421,24 @@ class KafkaKeeper:
             )
             return
         self.echo(f"{why}; restarting it in {delay:g}s (the dispatcher spools usage meanwhile)")
+
+
+def stop_started(
+    services: list[Service], keeper: KafkaKeeper | None, stop_kafka: Callable[[], object] | None
+) -> None:
+    """What `up` started, stopped: a restart of the broker in progress (``keeper``) asked
+    to stop first, so that it stops while the services do (they took 46 s, one after
+    another with Kafka away, on a loaded machine: the broker answered meanwhile, only to be
+    stopped), then the services in reverse order, the restart waited for (the broker it
+    was starting is stopped, not left), and the broker."""
+    if keeper is not None:
+        keeper.stop_starting()
+    for service in reversed(services):
+        service.stop()
+    if keeper is not None:
+        keeper.close()
+    if stop_kafka is not None:
+        stop_kafka()
 
 
 def python_service(
@@ -545,12 +568,7 @@ def run_stack(settings: Settings, echo: Callable[[str], None]) -> int:
         return 1
     finally:
         echo("stopping ...")
-        for service in reversed(services):
-            service.stop()
-        if keeper is not None:
-            keeper.close()  # a restart in progress ends first: the broker is stopped, not left
-        if started_kafka:
-            kafka.stop()
+        stop_started(services, keeper, kafka.stop if started_kafka else None)
         with contextlib.suppress(OSError):
             if pid_file.read_text().strip() == str(os.getpid()):
                 pid_file.unlink()
