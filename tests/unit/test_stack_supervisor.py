@@ -345,11 +345,8 @@ def test_services_are_restarted_while_the_broker_is_starting_again(tmp_path: Pat
         dispatcher.stop()
 
 
-def test_stopping_up_stops_a_broker_start_in_progress() -> None:
-    """`make down` (or Ctrl-C) while the broker starts again: ``close()`` waited for the
-    start to end, up to ``kafka_start_timeout_s`` (120 s), past `tollgate down`'s 90 s. It
-    now asks the start to stop: the broker being started is stopped (not left running after
-    `up` has gone), and ``close()`` returns without waiting for it to answer."""
+def keeper_starting_again() -> tuple[KafkaKeeper, SlowKafka, list[str]]:
+    """A keeper whose broker died and whose start of it again is under way (held)."""
     kafka, clock, said = SlowKafka(), FakeClock(), []
     keeper = KafkaKeeper(kafka, said.append, RestartPolicy(backoff_s=(1,)), clock, every_s=1)
     kafka.running = False
@@ -358,6 +355,16 @@ def test_stopping_up_stops_a_broker_start_in_progress() -> None:
     clock.now += 1
     keeper.check()
     assert kafka.entered.wait(30) and keeper.starting is not None
+    return keeper, kafka, said
+
+
+def test_stopping_up_stops_a_broker_start_in_progress() -> None:
+    """`make down` (or Ctrl-C) while the broker starts again: ``close()`` waited for the
+    start to end, up to ``kafka_start_timeout_s`` (120 s), past `tollgate down`'s 90 s. It
+    now asks the start to stop: the broker being started is stopped (not left running after
+    `up` has gone), and ``close()`` returns without waiting for it to answer."""
+    keeper, kafka, said = keeper_starting_again()
+    assert keeper.starting is not None
     keeper.close()
     assert keeper.starting.done() and kafka.stopped_starting, said
     assert not kafka.release.is_set() and kafka.starts == 0 and not kafka.running
@@ -369,14 +376,8 @@ def test_a_stop_asks_the_broker_start_to_stop_before_it_stops_the_services() -> 
     every service had stopped, one after another, and with Kafka away that took 46 s on a
     loaded machine (a check by hand: the broker meanwhile answered, to be stopped at once;
     `down` took 52 s of its 90). The start is asked to stop first and stops meanwhile."""
-    kafka, clock, said = SlowKafka(), FakeClock(), []
-    keeper = KafkaKeeper(kafka, said.append, RestartPolicy(backoff_s=(1,)), clock, every_s=1)
-    kafka.running = False
-    clock.now += 1
-    keeper.check()
-    clock.now += 1
-    keeper.check()
-    assert kafka.entered.wait(30) and keeper.starting is not None
+    keeper, kafka, said = keeper_starting_again()
+    assert keeper.starting is not None
     asked_while_stopping: list[bool] = []
     stopped: list[str] = []
 
