@@ -293,8 +293,9 @@ def pid_alive(pid: int) -> bool:
     if child is not None:  # our own child: poll() is exact, and reaps it
         if child.poll() is None:
             return True
+        # It exited (reaped now, or before): the pid is free, and may already be another
+        # process's (pids wrap). The OS says which, below; the old child's exit code does not.
         del _CHILDREN[pid]
-        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

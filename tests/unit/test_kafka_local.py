@@ -242,6 +242,25 @@ def test_pid_reused_by_another_process_is_stale_and_left_alone(tmp_path: Path) -
     assert pid_alive(os.getpid())  # we were not signalled
 
 
+def test_a_pid_of_a_child_that_exited_and_was_reused_is_judged_by_the_os(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A broker child of ours that exited stays in the launcher's table of children until
+    polled; the pid can then be handed to another process (pids wrap near 32,768): it was
+    judged dead by the old child's exit code, and a broker running under that pid was not
+    seen (``test_running_broker_detected_and_stopped`` failed 1 run in 11 so)."""
+    exited = subprocess.Popen([sys.executable, "-c", "pass"])
+    exited.wait()
+    kafka = LocalKafka(make_settings(tmp_path))
+    with fake_broker(kafka) as proc:
+        monkeypatch.setitem(kafka_local._CHILDREN, proc.pid, exited)  # the old child's pid
+        assert pid_alive(proc.pid)
+        assert (kafka.status().running, kafka.status().pid) == (True, proc.pid)
+    monkeypatch.setitem(kafka_local._CHILDREN, exited.pid, exited)
+    pid_alive(exited.pid)  # (whatever the OS says of that pid now: it may be reused)
+    assert exited.pid not in kafka_local._CHILDREN
+
+
 def test_garbled_pid_file(tmp_path: Path) -> None:
     kafka = LocalKafka(make_settings(tmp_path))
     kafka.home.mkdir(parents=True)
