@@ -26,7 +26,7 @@ from email.utils import formatdate
 from typing import Any
 
 import orjson
-from aiohttp import HttpVersion11, web
+from aiohttp import HttpVersion11, compression_utils, web
 from aiohttp.helpers import set_exception
 from aiohttp.http_exceptions import (
     BadHttpMessage,
@@ -79,6 +79,46 @@ class BodyCutShort(UnreadableBody):
         )
 
 
+# The content codings aiohttp's parser decodes (one a body, by name in any case; it reads a
+# body of any other coding, or of a list of codings, as it is: probe 56 saw `foo` served as
+# plain JSON); `br` needs the Brotli package (a dependency), `zstd` backports.zstd on
+# Python < 3.14 (clickhouse-connect's) and aiohttp 3.12 or later.
+DECODED_CODINGS = (
+    "gzip",
+    "deflate",
+    *(("br",) if getattr(compression_utils, "HAS_BROTLI", False) else ()),
+    *(("zstd",) if getattr(compression_utils, "HAS_ZSTD", False) else ()),
+)
+# A JSON body is UTF-8 (RFC 8259 section 8.1); US-ASCII is a subset of it.
+READ_CHARSETS = frozenset({"utf-8", "utf8", "us-ascii", "ascii"})
+
+
+def unread_body_format(request: web.BaseRequest) -> ApiError | None:
+    """A 415 (RFC 9110 section 15.5.16) for a request body this server would misread: a
+    ``Content-Encoding`` it does not decode (the parser reads such a body as plain), or a
+    ``charset`` other than UTF-8 (it is read as UTF-8 JSON); else None. Checked before the
+    body is read, so such a call reaches no provider and is charged nothing."""
+    codings = ", ".join(request.headers.getall("Content-Encoding", ()))
+    if codings.strip().lower() not in ("", "identity", *DECODED_CODINGS):
+        return ApiError(
+            415,
+            "unsupported_media_type",
+            f"Content-Encoding {codings[:60]!r} is not one this server decodes: send the "
+            f"body plain, or encoded with one of {', '.join(DECODED_CODINGS)} (one coding)",
+            param="Content-Encoding",
+        )
+    charset = request.charset
+    if charset is not None and charset.strip().lower() not in READ_CHARSETS:
+        return ApiError(
+            415,
+            "unsupported_media_type",
+            f"Content-Type says charset={charset[:40]!r}: request bodies are JSON, which is "
+            "UTF-8 (RFC 8259); send the body as UTF-8, with charset=utf-8 or no charset",
+            param="Content-Type",
+        )
+    return None
+
+
 def undecodable(exc: BaseException, encoding: str) -> str:
     """The 400's message for a body that is not what its Content-Encoding says (``exc``, the
     parser's error). aiohttp checks that a deflate body ends its stream only at the body's end
@@ -95,7 +135,8 @@ def undecodable(exc: BaseException, encoding: str) -> str:
         detail = f"Can not decode content-encoding: {encoding} (its data stops mid-stream)"
     return (
         f"The request body could not be decoded as its Content-Encoding ({encoding[:40]!r}) "
-        f"says: {detail[:200]}. Send it plain or encoded as declared (gzip, deflate, br)"
+        f"says: {detail[:200]}. Send it plain or encoded as declared "
+        f"({', '.join(DECODED_CODINGS)})"
     )
 
 

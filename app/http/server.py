@@ -75,7 +75,7 @@ from app.http.openapi import (
     operation,
 )
 from app.http.reports_api import REPORTS
-from app.http.runner import UnreadableBody, serve_app, undecodable
+from app.http.runner import UnreadableBody, serve_app, undecodable, unread_body_format
 from app.http.security import check_exposure, internal_token
 from app.http.uncounted import UncountedUsage
 from app.metering.attribution import (
@@ -300,6 +300,9 @@ async def read_json(request: web.Request, *, unique_keys: bool = False) -> Any:
 
 async def _read_json(request: web.Request) -> Any:
     settings = request.app[COMPONENTS].settings
+    unread = unread_body_format(request)
+    if unread is not None:
+        raise unread
     limit = settings.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
@@ -422,7 +425,7 @@ CHAT_OPERATION: dict[str, Any] = {
     "response_description": "The provider's completion, passed through (or text/event-stream)",
     "also_media_types": ("text/event-stream",),
     "parameters": tuple(ATTRIBUTION_HEADERS),
-    "errors": (400, 401, 402, 403, 404, 413, 502, 503, 504),
+    "errors": (400, 401, 402, 403, 404, 413, 415, 502, 503, 504),
     "response_headers": tuple((name, *spec) for name, spec in CHAT_RESPONSE_HEADERS.items()),
 }
 
@@ -479,7 +482,7 @@ def _report_window(c: Components) -> TimeWindow:
     response=responses.UsageAccepted,
     response_description="Accepted and queued for delivery",
     parameters=tuple(ATTRIBUTION_HEADERS),
-    errors=(400, 401, 403, 409, 413),
+    errors=(400, 401, 403, 409, 413, 415),
 )
 async def report_usage(request: web.Request) -> web.Response:
     c = request.app[COMPONENTS]
@@ -557,7 +560,7 @@ async def report_usage(request: web.Request) -> web.Response:
     body=OutcomeBody,
     response=responses.OutcomesAccepted,
     response_description="Accepted and queued for delivery",
-    errors=(400, 401, 403, 413),
+    errors=(400, 401, 403, 413, 415),
 )
 async def report_outcomes(request: web.Request) -> web.Response:
     c = request.app[COMPONENTS]
@@ -640,7 +643,7 @@ async def _save_policy_change(c: Components, scope: str, record: dict[str, Any] 
     "admin",
     body=PolicyBody,
     response=responses.PolicyOut,
-    errors=(400, 401, 403, 413),
+    errors=(400, 401, 403, 413, 415),
 )
 async def put_budget(request: web.Request) -> web.Response:
     c = request.app[COMPONENTS]

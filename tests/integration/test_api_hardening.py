@@ -745,6 +745,66 @@ def test_a_body_that_does_not_decode_is_a_400_with_a_json_error(
         assert valid.status_code == 202, valid.text
 
 
+def test_a_body_in_an_encoding_or_charset_not_read_is_a_415_before_any_call(
+    kafka_settings: Settings,
+) -> None:
+    """Probe 56 (F5): `Content-Encoding: foo` on a plain JSON body was served as if plain (a
+    chat call answered 200 and charged), and `charset=latin-1` was read as UTF-8 without a
+    word. A coding aiohttp does not decode, or a charset other than UTF-8 (RFC 8259: JSON
+    is UTF-8), is a 415 (RFC 9110 15.5.16) naming it and what is read, before the body is
+    read or the provider called; the connection still serves the next request."""
+    import gzip
+
+    asyncio.run(ensure_topics(kafka_settings))
+    chat = json.dumps({"model": "gpt-4o", "messages": MESSAGES}).encode()
+    usage = b'{"model": "gpt-4o", "prompt_tokens": 1, "completion_tokens": 1}'
+    with running_stack(kafka_settings) as stack, httpx.Client(base_url=stack.url) as http:
+        refused = [
+            ({"Content-Encoding": "foo"}, "Content-Encoding", "'foo'"),
+            ({"Content-Encoding": "gzip, br"}, "Content-Encoding", "'gzip, br'"),
+            ({"Content-Encoding": "x-gzip"}, "Content-Encoding", "'x-gzip'"),
+            ({"Content-Type": "application/json; charset=latin-1"}, "Content-Type", "latin-1"),
+            ({"Content-Type": 'application/json; charset="ISO-8859-1"'}, "Content-Type", "ISO"),
+            ({"Content-Type": "application/json; charset=utf-16"}, "Content-Type", "utf-16"),
+        ]
+        for headers, param, named in refused:
+            for method, path, body in (
+                ("POST", "/v1/chat/completions", chat),
+                ("POST", "/v1/dispatch", chat),
+                ("POST", "/v1/usage", usage),
+                ("PUT", "/v1/budgets/user:enc415", b'{"limit_usd": 5}'),
+            ):
+                sent = {"Content-Type": "application/json", **headers}
+                answer = http.request(method, path, content=body, headers=sent)
+                assert answer.status_code == 415, (headers, path, answer.text)
+                error = answer.json()["error"]
+                assert error["type"] == "unsupported_media_type", error
+                assert error["param"] == param and named in error["message"], error
+                if param == "Content-Encoding":
+                    assert "gzip, deflate, br" in error["message"], error
+                else:
+                    assert "UTF-8" in error["message"], error
+        assert stack.counter.calls == 0, "a refused body reached the provider"
+        assert http.get("/v1/budgets/user:enc415").status_code == 404, "no cap was set"
+
+        # What is read is still read: no coding, identity, a coding's name in capitals,
+        # charset utf-8 in any spelling and us-ascii (a subset of UTF-8)
+        served = [
+            ({}, chat),
+            ({"Content-Encoding": "identity"}, chat),
+            ({"Content-Encoding": "GZIP"}, gzip.compress(chat)),
+            ({"Content-Type": "application/json; charset=UTF-8"}, chat),
+            ({"Content-Type": 'application/json; charset="utf-8"'}, chat),
+            ({"Content-Type": "application/json;charset=utf8"}, chat),
+            ({"Content-Type": "application/json; charset=us-ascii"}, chat),
+        ]
+        for headers, body in served:
+            sent = {"Content-Type": "application/json", **headers}
+            answer = http.post("/v1/chat/completions", content=body, headers=sent)
+            assert answer.status_code == 200, (headers, answer.text)
+        assert stack.counter.calls == len(served)
+
+
 def test_what_a_newcomer_tries_gets_an_answer_it_can_act_on(kafka_settings: Settings) -> None:
     """The session-11 probe's findings, through the official SDK and plain HTTP: a listed model
     that could not be retrieved, OpenAI endpoints answered by a bare 'Not Found', calls OpenAI
