@@ -120,7 +120,8 @@ REPORT_PARAMS = [
         "name": "offset",
         "in": "query",
         "schema": {"type": "integer", "minimum": 0, "maximum": 10_000_000},
-        "description": "breakdown: the first row of the page (next_offset of the page before)",
+        "description": "breakdown and alerts: the first row (alert) of the page (next_offset "
+        "of the page before)",
     },
     {
         "name": "interval",

@@ -32,7 +32,7 @@ PARAMS = {
     "savings": {"from", "to"},
     "outcomes": {"from", "to"},
     "budgets": set(),
-    "alerts": {"from", "to", "limit", "kind"},
+    "alerts": {"from", "to", "limit", "offset", "kind"},
 }
 
 
@@ -115,8 +115,12 @@ def build_report(
         return {
             "from": window.start.isoformat(),
             "to": window.end.isoformat(),
-            "alerts": reports.recent_alerts(
-                client, window, _limit(query.get("limit", "20")), query.get("kind")
+            **reports.alerts_page(
+                client,
+                window,
+                _limit(query.get("limit", "20")),
+                query.get("kind"),
+                _offset(query.get("offset", "0")),
             ),
         }
     return {"scopes": reports.budgets(client, active=active_scope)}

@@ -770,7 +770,9 @@ async def dashboard(request: web.Request) -> web.Response:
     "hour or day with anomaly flags; savings: savings vs the baseline model, decomposed into "
     "model choice, routing, prompt caching and cache hits, with cache hit rate and routing "
     "efficiency; outcomes: cost per successful outcome by feature; budgets: status of every "
-    "capped scope. Ranges default to the last 30 days; `to` is exclusive.",
+    "capped scope; alerts: anomaly and budget_threshold alerts, latest first (`kind` keeps "
+    "one kind; a page says more, next_offset and total, and `offset` pages on, as for "
+    "breakdown). Ranges default to the last 30 days; `to` is exclusive.",
     response=responses.Report,
     parameters=tuple(REPORT_PARAMS),
     errors=(400, 401, 403, 404, 503),

@@ -661,33 +661,44 @@ def _utc(value: datetime) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-def recent_alerts(
-    client: Any, window: Range, limit: int = 20, kind: str | None = None
-) -> list[dict[str, Any]]:
-    """The alerts that fired in the range, latest first: the anomaly agent's and the spend
-    worker's ``budget_threshold`` ones (they were left out, so without a webhook target a
-    crossed threshold showed nowhere: probe 54). ``kind``: only that kind, or ``anomaly``
-    for every kind but ``budget_threshold``."""
-    if not 1 <= limit <= 1000:
-        raise ReportError("limit", "limit must be between 1 and 1000")
-    params: dict[str, Any] = window.params()
-    only = ""
+def _alert_filter(kind: str | None, params: dict[str, Any]) -> str:
+    """The SQL condition (after the range's) keeping the alerts of ``kind``: that kind, or
+    ``anomaly`` for every kind but ``budget_threshold``; another kind is a ReportError."""
     if kind == ALERT_KIND_ANOMALY:
-        only = f"AND {_ANOMALY} "
-    elif kind is not None:
-        if kind not in ALERT_KINDS:  # a typo listed nothing, as if no alert fired (probe 46)
-            raise ReportError(
-                "kind",
-                f"kind={kind[:64]!r} is not an alert kind: one of "
-                f"{', '.join(ALERT_KINDS)}, or {ALERT_KIND_ANOMALY} (every kind but "
-                f"{BUDGET_THRESHOLD})",
-            )
-        only, params["kind"] = "AND kind = %(kind)s ", kind
+        return f"AND {_ANOMALY} "
+    if kind is None:
+        return ""
+    if kind not in ALERT_KINDS:  # a typo listed nothing, as if no alert fired (probe 46)
+        raise ReportError(
+            "kind",
+            f"kind={kind[:64]!r} is not an alert kind: one of "
+            f"{', '.join(ALERT_KINDS)}, or {ALERT_KIND_ANOMALY} (every kind but "
+            f"{BUDGET_THRESHOLD})",
+        )
+    params["kind"] = kind
+    return "AND kind = %(kind)s "
+
+
+def recent_alerts(
+    client: Any, window: Range, limit: int = 20, kind: str | None = None, offset: int = 0
+) -> list[dict[str, Any]]:
+    """The alerts that fired in the range, latest first, from the ``offset``-th: the anomaly
+    agent's and the spend worker's ``budget_threshold`` ones (they were left out, so without
+    a webhook target a crossed threshold showed nowhere: probe 54). ``kind``: only that
+    kind, or ``anomaly`` for every kind but ``budget_threshold``."""
+    if not 1 <= limit <= 1001:  # one more than a page: whether there is more
+        raise ReportError("limit", "limit must be between 1 and 1000")
+    if not 0 <= offset <= MAX_OFFSET:
+        raise ReportError("offset", f"offset must be between 0 and {MAX_OFFSET}")
+    params: dict[str, Any] = window.params()
+    only = _alert_filter(kind, params)
+    # Alerts of one time and kind (one per scope) are ordered on, to the event id, so that
+    # pages of a range no alert is still arriving in never repeat or skip one.
     rows = client.query(
         "SELECT ts, kind, scope, severity, message, incident_role, incident_key, historical, "
         "impact_usd_per_hour FROM alert_events FINAL "
         f"WHERE ts >= %(start)s AND ts < %(end)s AND status = 'firing' {only}"
-        f"ORDER BY ts DESC, kind LIMIT {int(limit)}",
+        f"ORDER BY ts DESC, kind, scope, event_id LIMIT {int(limit)} OFFSET {int(offset)}",
         parameters=params,
     ).result_rows
     # Which alert was the page (the others are attached to it) and which are about the
@@ -699,6 +710,34 @@ def recent_alerts(
          "impact_usd_per_hour": None if impact is None else float(impact)}
         for ts, kind, scope, severity, message, role, key, historical, impact in rows
     ]  # fmt: skip
+
+
+def alerts_page(
+    client: Any, window: Range, limit: int = 20, kind: str | None = None, offset: int = 0
+) -> dict[str, Any]:
+    """One page of :func:`recent_alerts`, saying what it leaves out, as a breakdown page
+    does: ``more`` and ``next_offset`` (the next page), and ``total`` (the alerts of the
+    range and kind). 42 alerts were listed as the latest 20 with nothing saying more had
+    fired, and ``offset`` was refused, so alerts past the 1,000th could not be listed at
+    all (probe 56)."""
+    if not 1 <= limit <= 1000:
+        raise ReportError("limit", "limit must be between 1 and 1000")
+    alerts = recent_alerts(client, window, limit + 1, kind, offset)
+    more = len(alerts) > limit
+    params: dict[str, Any] = window.params()
+    only = _alert_filter(kind, params)
+    ((total,),) = client.query(
+        "SELECT count() FROM alert_events FINAL "
+        f"WHERE ts >= %(start)s AND ts < %(end)s AND status = 'firing' {only}",
+        parameters=params,
+    ).result_rows
+    return {
+        "alerts": alerts[:limit],
+        "offset": offset,
+        "more": more,
+        "next_offset": offset + limit if more else None,
+        "total": int(total),
+    }
 
 
 def savings(client: Any, window: Range, baseline_model: str = "gpt-4") -> dict[str, Any]:

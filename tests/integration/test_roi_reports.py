@@ -670,3 +670,59 @@ async def test_budget_threshold_alerts_are_listed_with_their_kind(
         typo = await http.get("/v1/reports/alerts", params={**window, "kind": "budget_treshold"})
         assert typo.status_code == 400 and typo.json()["error"]["param"] == "kind"
         assert "budget_threshold" in typo.json()["error"]["message"]
+
+
+async def test_an_alerts_page_says_what_it_leaves_out_and_pages_on(
+    kafka_settings: Settings, clickhouse: Any
+) -> None:
+    """Probe 56 (F2): /v1/reports/alerts cut the list at `limit` (20 by default) without a
+    word (42 alerts listed as 20, keys only alerts, from, to) and refused `offset`, so past
+    1,000 alerts in a range the older ones could not be listed at all. A page says whether
+    more exist (`more`, `next_offset`, `total`, as a breakdown page does) and `offset` pages
+    on: the pages are the whole list, each alert once, also where alerts share a time and a
+    kind (the order is total)."""
+    await ensure_topics(kafka_settings)
+    migrate(clickhouse)
+    day = private_day()
+    at = day + timedelta(hours=9)
+    fired = [
+        {**alert(day, "volume_spike"), "ts": at, "scope": f"feature:same-{i}"} for i in range(4)
+    ]
+    fired += [alert(day, "cost_per_request"), alert(day + timedelta(hours=1), "tier_mix")]
+    await produce(kafka_settings, "alerts", "Alert", fired)
+
+    window = {"from": day.isoformat(), "to": (day + timedelta(days=1)).isoformat()}
+    async with serving_reports(kafka_settings, clickhouse, window) as reports:
+        get = reports.get
+        for _ in range(100):
+            if len((await get("alerts"))["alerts"]) == len(fired):
+                break
+            await asyncio.sleep(0.3)
+        whole = await get("alerts")
+        assert len(whole["alerts"]) == 6
+        assert (whole["more"], whole["next_offset"], whole["total"]) == (False, None, 6)
+        assert whole["offset"] == 0
+
+        first = await get("alerts", limit="4")
+        assert len(first["alerts"]) == 4
+        assert (first["more"], first["next_offset"], first["total"]) == (True, 4, 6)
+        pages, offset = [], 0
+        while offset is not None:
+            page = await get("alerts", limit="3", offset=str(offset))
+            assert page["offset"] == offset and page["total"] == 6
+            pages += page["alerts"]
+            offset = page["next_offset"]
+        assert pages == whole["alerts"], "the pages are the list, each alert once, in order"
+        assert sorted(a["scope"] for a in pages if a["kind"] == "volume_spike") == [
+            f"feature:same-{i}" for i in range(4)
+        ]
+        past = await get("alerts", offset="6")
+        assert (past["alerts"], past["more"], past["next_offset"]) == ([], False, None)
+
+        spikes = await get("alerts", kind="volume_spike", limit="3")
+        assert (len(spikes["alerts"]), spikes["more"], spikes["total"]) == (3, True, 4)
+        anomalies = await get("alerts", kind="anomaly", offset="5")
+        assert (len(anomalies["alerts"]), anomalies["more"], anomalies["total"]) == (1, False, 6)
+
+        bad = await reports.http.get("/v1/reports/alerts", params={**window, "offset": "-1"})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "offset"

@@ -100,3 +100,37 @@ console.log(JSON.stringify([others(top, "feature", summary),
         "feature": "all others", "requests": 2, "cost_usd": "0.25", "savings_usd": None,
     }  # fmt: skip
     assert whole == cut[:-1]  # nothing left out: no extra row
+
+
+def test_the_alerts_list_says_how_many_it_left_out() -> None:
+    """Probe 56 (F2): the dashboard's "Recent alerts" showed the latest 20 of 42 and nothing
+    said 22 more had fired; the report's page now says `more` and `total`, and so does the
+    list under its table."""
+    import json
+    import shutil
+    import subprocess
+
+    import pytest
+
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed")
+    page = DASHBOARD_HTML.read_text()
+    helpers = "\n".join(line for line in page.splitlines() if line.startswith("const int"))
+    script = (
+        helpers
+        + "\n"
+        + _page_function(page, "leftOut")
+        + """
+const alerts = (n) => Array.from({length: n}, () => ({kind: "volume_spike"}));
+console.log(JSON.stringify([
+  leftOut({alerts: alerts(20), more: true, next_offset: 20, total: 42}),
+  leftOut({alerts: alerts(3), more: false, next_offset: null, total: 3}),
+]));
+"""
+    )
+    cut, whole = json.loads(subprocess.run([node, "-e", script], capture_output=True, text=True,
+                                           check=True).stdout)  # fmt: skip
+    assert "latest 20 of 42" in cut and "offset=20" in cut
+    assert whole == ""
+    assert "leftOut(alerts)" in page
