@@ -35,11 +35,20 @@ status: $(STAMP)
 	$(BIN)/tollgate status
 
 ## Lint, type-check and check the import contracts, then unit + integration tests; starts (and stops) the local Kafka the tests use.
+## The unit tests (no services) run on TEST_WORKERS processes (pytest-xdist; each test file on one:
+## a module's fixtures are built once); then the integration and fault tests, one at
+## a time against one broker. Both runs always run; make fails if either failed.
+TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest tests -ra -p no:cacheprovider
+	@rc=0; \
+	echo "$(BIN)/python -m pytest tests/unit -n $(TEST_WORKERS) --dist loadfile -ra -p no:cacheprovider"; \
+	$(BIN)/python -m pytest tests/unit -n $(TEST_WORKERS) --dist loadfile -ra -p no:cacheprovider || rc=1; \
+	echo "$(BIN)/python -m pytest tests/integration tests/faults -ra -p no:cacheprovider"; \
+	$(BIN)/python -m pytest tests/integration tests/faults -ra -p no:cacheprovider || rc=1; \
+	exit $$rc
 
 ## Every row of the fault table at full scale (>= 10 dispatcher and 10 spend-worker kills
 ## under load, an 85 s sink stall, ...); about 30 minutes. Prints the table at the end and

@@ -5,11 +5,13 @@ the component binds it, any outgoing connection on the machine (a Kafka client's
 dispatcher's to its upstream) may be given the same port as its local end. A fault run
 saw the sink die on "address already in use" for such a port (session 25). Ports below
 the range are never handed to outgoing connections, so a port found free there stays
-free until the component takes it (only this process hands them out: none twice).
+free until the component takes it (only this process hands them out: none twice; under
+pytest-xdist each worker draws from its own slice of that range).
 """
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 import threading
@@ -38,14 +40,26 @@ def _bindable(port: int) -> bool:
     return True
 
 
+def _slice(low: int, high: int) -> tuple[int, int]:
+    """This process's share of ``[low, high)``: all of it, or one xdist worker's slice."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = os.environ.get("PYTEST_XDIST_WORKER_COUNT", "")
+    if not (worker.startswith("gw") and worker[2:].isdigit() and count.isdigit()):
+        return low, high
+    index, n = int(worker[2:]), max(int(count), 1)
+    width = (high - low) // n
+    return low + (index % n) * width, low + (index % n + 1) * width
+
+
 def free_port() -> int:
     """A port free right now and below the ephemeral range where the kernel says where that
     is (else one the kernel picks, as before); never the same one twice in this process."""
     low = _ephemeral_low()
     with _lock:
         if low is not None and low - _LOWEST >= 1_000:
+            first, end = _slice(_LOWEST, low)
             for _ in range(200):
-                port = _rng.randrange(_LOWEST, low)
+                port = _rng.randrange(first, end)
                 if port not in _given and _bindable(port):
                     _given.add(port)
                     return port
