@@ -60,9 +60,11 @@ explains it, with the others attached.
   (``details.incident_severity_before``), and a member's resolve what its first firing
   record said: a target whose ``min_severity`` none of them passed is paged by the first
   that does (the notifier's rule), and by that member's resolve.
-- **A page that fires again while its resolve waits** for the other members: the held
-  resolve is published then, as ``related`` (the page's own resolve is its next one); it
-  was replaced in the hold by the next one and never published.
+- **A page that fires again while its resolve waits** for the other members: that is a new
+  lifecycle of its key (the notifier's ``lifecycle_key``), a member (``related``, firing and
+  resolve); the page's held resolve, under the key that paged, goes out when the incident is
+  over (probe 57: published as the key fired again, it closed a feature's drift page 2.5
+  hours early, and the next lifecycle's resolve ended the incident under a key never paged).
 
 Event time only. It does not own alert lifecycles per key (:mod:`agents.anomaly.alerting`).
 """
@@ -131,6 +133,11 @@ class Group:
     notified: str = NO_SEVERITY
     first_before: dict[str, str] | None = None
     paged_keys: frozenset[str] = frozenset()  # members ever published as its page
+    # The same per lifecycle (``_life``: a key and when it first fired), as the notifier's
+    # ``lifecycle_key`` knows them; None: a checkpoint from before (``paged_keys``'s).
+    paged_lives: frozenset[str] | None = None
+    # The lifecycle of the page (``_life``); "": a checkpoint from before (the primary's any).
+    page_life: str = ""
     # The same by kind (a target may hear only some kinds): the highest severity of each
     # kind published so far (None: a checkpoint from before, ``notified`` for every kind),
     # and per member what it was before the member's first firing record.
@@ -352,10 +359,15 @@ class Correlator:
 
     def _release_held(self, group: Group, alert: dict[str, Any]) -> list[dict[str, Any]]:
         """The page fires (or reopens) again while its resolve waits for the other members:
-        that resolve is a member's record now, published as ``related`` (the page's own
-        resolve is its next one). Held, it was replaced by the next one and never published."""
+        that is a new lifecycle of its key (the notifier's ``lifecycle_key``), a member like
+        any other, and the page's resolve stays held until the incident is over. Published
+        then as a member's resolve (``resolves_page``), it closed the page on the pager while
+        the rest of the incident went on (probe 57's D1: a feature's drift paged as its
+        heaviest user, "resolved" when the user fired again, 2.5 hours before the drift
+        ended), and the next lifecycle's resolve came as the page's, under a key never
+        triggered. Only a checkpoint from before lifecycles were followed releases it."""
         held = group.held_resolve
-        if held is None or held["alert_key"] != alert["alert_key"]:
+        if held is None or held["alert_key"] != alert["alert_key"] or group.page_life:
             return []
         return self._publish_held(group)
 
@@ -400,6 +412,7 @@ class Correlator:
         # the earlier page had resolved, waiting for the others: its resolve is a member's
         out = self._publish_held(group)
         group.primary = alert["alert_key"]
+        group.page_life = _life(alert)
         group.page_members = (group.page_members or frozenset()) | {alert["alert_key"]}
         group.page_resolved = group.reopened = False  # paged again: its page is open
         others = [k for k in group.members if k != group.primary]
@@ -502,6 +515,7 @@ class Correlator:
         group.page_members = frozenset(group.members)
         group.primary = self._choose(group, now)
         page = group.members[group.primary]
+        group.page_life = _life(page)
         others = [k for k in group.members if k != group.primary]
         out = [self._mark(page, group, "primary", others)]
         out += [self._mark(group.members[k], group, "related") for k in others]
@@ -572,7 +586,7 @@ class Correlator:
         everything = group.resolved >= set(group.members)
         holding = {k for k in group.members if not self._trails(group, k)}
         page_over = group.resolved >= holding
-        if key == group.primary and not group.page_resolved:
+        if key == group.primary and not group.page_resolved and self._the_page(group, alert):
             if page_over:
                 out.append(self._page_end(alert, group))
             else:
@@ -586,6 +600,12 @@ class Correlator:
         if everything:
             self.groups.remove(group)
         return out
+
+    @staticmethod
+    def _the_page(group: Group, alert: dict[str, Any]) -> bool:
+        """Whether the resolve ``alert`` of the page's key ends the page's own lifecycle, not
+        a later one of its key that joined the incident as a member (``_release_held``)."""
+        return not group.page_life or _life(alert) == group.page_life
 
     def _trails(self, group: Group, key: str) -> bool:
         """Whether member ``key`` trails the page, and does not hold its resolve: narrower
@@ -635,7 +655,14 @@ class Correlator:
         firsts = group.first_before = group.first_before or {}
         if role == "primary" and alert["status"] == "firing":
             group.paged_keys = group.paged_keys | {key}
-        elif role == "related" and alert["status"] != "firing" and key in group.paged_keys:
+            group.paged_lives = (group.paged_lives or frozenset()) | {_life(alert)}
+        elif (
+            role == "related"
+            and alert["status"] != "firing"
+            and key in group.paged_keys
+            # a later lifecycle of a paged key was never paged: its resolve is a member's
+            and (group.paged_lives is None or _life(alert) in group.paged_lives)
+        ):
             # the resolve of an earlier page of the incident (an escalation took its place):
             # it goes where that page went (a pager's trigger was never resolved: a review)
             details = {**details, RESOLVES_PAGE: "true"}
@@ -713,6 +740,15 @@ def _ratio(alert: dict[str, Any]) -> float | None:
     if observed is None or expected is None or float(expected) <= 0:
         return None
     return float(observed) / float(expected)
+
+
+def _life(alert: dict[str, Any]) -> str:
+    """An alert's lifecycle: its key and when it first fired (its key alone when the record
+    says not), as the notifier's ``lifecycle_key`` tells a pager's alerts apart."""
+    first = alert.get("first_seen")
+    if first is None:
+        return str(alert["alert_key"])
+    return f"{alert['alert_key']}@{first.isoformat() if isinstance(first, datetime) else first}"
 
 
 def _incident_key(alert: dict[str, Any]) -> str:

@@ -6,6 +6,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from agents.anomaly.incidents import Correlator
+from agents.notifier import iso, pagerduty_payload
+from app.alerts_config import AlertTarget
 from app.anomaly_config import DetectorSettings
 
 T0 = datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
@@ -316,3 +318,54 @@ def test_no_escalation_after_the_page_resolved() -> None:
     assert any(a["status"] == "resolved" and a["incident_role"] == "primary" for a in out)
     late = c.process([alert("cost_per_request", "feature:s", 150, impact=6.0)], at(150))
     assert [a["incident_role"] for a in late] == ["related"], late
+
+
+def test_a_page_named_by_a_user_stays_open_while_its_features_drift_fires() -> None:
+    """Probe 57's D1: a feature's 3-hour cost drift paged as its heaviest user's cost alarm
+    (``user:p57-u001``), the feature's alarm joining as related. The user's alarm resolved
+    while the feature's still fired (its resolve held), then fired again (a new lifecycle)
+    69 minutes later: the held resolve went out as the page's (``resolves_page``) under the
+    page's own PagerDuty key, closing the page while the drift went on 2.5 hours, and the
+    incident's resolve at the end carried the key of the second lifecycle, never triggered.
+    Played into a PagerDuty target (the notifier's filters and ``dedup_key``): the page's key
+    is resolved once, when the last member of its incident resolves, and no key is resolved
+    that was not triggered."""
+    c = nested(explains=True)
+    kind = "cost_per_request"
+    at = lambda s: T0 + timedelta(seconds=s)  # noqa: E731
+
+    def fired(scope: str, s: float, impact: float) -> dict[str, Any]:
+        return {**alert(kind, scope, s, impact), "first_seen": at(s)}
+
+    def ended(scope: str, s: float, since: float) -> dict[str, Any]:
+        return {**resolved(kind, scope, s, 0.07), "first_seen": at(since)}
+
+    out = c.process([fired("user:p57-u001", 0, 0.06)], at(0))
+    out += c.tick(at(60))  # the page: the user
+    steps = [
+        (fired("feature:chat", 95, 0.32), 95),  # the drift's feature joins, related
+        (ended("user:p57-u001", 215, since=0), 215),  # the user resolves; the feature fires on
+        (fired("user:p57-u001", 4144, 0.07), 4144),  # the user fires again (a new lifecycle)
+        (ended("user:p57-u001", 4800, since=4144), 4800),
+        (fired("user:p57-u001", 6800, 0.07), 6800),  # and again, still the drift
+        (ended("feature:chat", 9151, since=95), 9151),  # the drift ends
+        (ended("user:p57-u001", 9151, since=6800), 9151),  # the incident's last member
+    ]
+    pager = AlertTarget.model_validate(
+        {"name": "pager", "url": "http://127.0.0.1:9/p", "format": "pagerduty", "routing_key": "k"}
+    )
+    events: list[tuple[float, str, str]] = []  # (when, trigger/resolve, dedup key)
+    played = [(r, 60.0) for r in out]
+    for event, when in steps:
+        played += [(r, when) for r in c.process([event], at(when))]
+    for record, when in played:
+        if pager.accepts(record) and pager.declines(record) is None:
+            payload = pagerduty_payload(record, "k")
+            events.append((when, payload["event_action"], payload["dedup_key"]))
+    triggered = [key for _, action, key in events if action == "trigger"]
+    assert triggered == [f"{kind}|user:p57-u001@{iso(at(0))}"], events
+    resolves = [(s, key) for s, action, key in events if action == "resolve"]
+    assert len(resolves) == 1, events
+    assert resolves[0][0] == 9151  # only when the drift (every member) is over
+    assert resolves[0][1] == triggered[0]
+    assert c.groups == []
