@@ -15,7 +15,9 @@ Owns :class:`CostReference` (a scope's distribution of log cost over the past da
 - **A reference that does not learn a rise.** The reference remembers a day
   (``cost_reference_memory_seconds``), so the first half hour of a rise over hours
   weighs about 2 % in it, and it learns nothing while the scope is anomalous: a
-  gradual upgrade is measured against the day before it started.
+  gradual upgrade is measured against the day before it started. Nor does it learn the
+  calls of a volume spike (the engine says which: its caller's or the scope's rate
+  alarm open): a burst's thousands of calls would outweigh the scope's day.
 - **An effect size, stated.** A triggered CUSUM alerts only if the calls since the
   estimated change point typically (geometric mean: robust to a few huge calls) cost at
   least ``cost_min_ratio`` times the usual (``cost_model_min_ratio`` among the same model's
@@ -382,6 +384,7 @@ class CostDetector:
         model: str = "",
         model_prior: CostDetector | None = None,
         model_home: CostDetector | None = None,
+        learn: bool = True,
     ) -> Verdict | None:
         """Judge one call. ``reference``: the distribution to rank it in (a user's feature's;
         None for a scope that owns one). ``model``: the model served (a scope that owns its
@@ -389,8 +392,10 @@ class CostDetector:
         detector whose per-model distributions are the prior (the global scope's).
         ``model_home``: for a user, the detector of the call's feature, whose per-model
         distributions rank the call among the same model's calls (shifted by the user's own
-        typical score there). Returns an anomalous verdict, a normal one while an alarm is
-        open, or None."""
+        typical score there). ``learn``: False for a call judged but not remembered (the
+        engine's: one made in a volume spike, its caller's or this scope's; a burst of
+        thousands of calls would outweigh the scope's day). Returns an anomalous verdict,
+        a normal one while an alarm is open, or None."""
         s = self.settings
         t = ts.timestamp()
         ref = self.reference if self.reference is not None else reference
@@ -399,7 +404,7 @@ class CostDetector:
         owned = ref is self.reference
         by_model = owned and bool(model) and s.cost_model_views
         if ref.count(t) < s.cost_warmup_requests:
-            if owned:
+            if owned and learn:
                 self.learn(cost_nanos, t, model if by_model else "")
             return None
         self._tune(ref.spread)
@@ -435,9 +440,10 @@ class CostDetector:
         if self.alarm_since is None:
             # Learned at once: the reference remembers a day, so the start of a rise over
             # hours weighs little in it; nothing is learned once the scope is anomalous.
-            if owned:
+            # Nor a call of a volume spike (``learn``).
+            if learn and owned:
                 self.learn(cost_nanos, t, model if by_model else "")
-            else:
+            elif learn:
                 self.offset_sum = self.offset_sum * 0.995 + raw
                 self.offset_n = self.offset_n * 0.995 + 1.0
                 if within_raw is not None:

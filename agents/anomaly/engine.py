@@ -109,6 +109,12 @@ def _scope_kind(scope: str) -> str:
     return scope.split(":", 1)[0] if ":" in scope else scope
 
 
+def _spiking(state: ScopeState) -> bool:
+    """Whether the scope's request rate is in a spike's alarm (not a drop's)."""
+    rate = state.rate
+    return rate.alarm_since is not None and not rate.drop_alarm
+
+
 def _as_utc(ts: Any) -> datetime:
     if isinstance(ts, datetime):
         return ts if ts.tzinfo is not None else ts.replace(tzinfo=UTC)
@@ -393,6 +399,12 @@ class AnomalyEngine:
             self.stats.skipped_cost += 1
         else:
             model = str(record.get("model_served") or "")
+            # A call made in a volume spike (its caller's rate alarm open, or the scope's) is
+            # judged but not learned into cost or tier-mix references: a day of a feature's
+            # calls is a few thousand, and one user's burst of 9,000 economy calls in 3
+            # minutes made most of it, so its ordinary mix paged as a cost rise an hour later
+            # (probe 57), or as an economy-share drop where its usual share is lower.
+            burst = _spiking(user)
             user_verdict = None
             if user.cost is not None:
                 # Ranked among the feature's costs before the feature learns this call.
@@ -406,10 +418,12 @@ class AnomalyEngine:
                     model=model,
                     model_prior=glob.cost,
                     model_home=home.cost,
+                    learn=not burst,
                 )
             for state in (glob, feature):
                 if state is None or state.cost is None:
                     continue
+                learn = not (burst or _spiking(state))
                 if state.kind in self.settings.cost_scope_kinds:
                     verdicts.append(
                         state.cost.observe(
@@ -419,9 +433,10 @@ class AnomalyEngine:
                             model=model,
                             # the global scope's per-model costs: a feature's prior
                             model_prior=glob.cost,
+                            learn=learn,
                         )
                     )
-                else:
+                elif learn:
                     state.cost.learn(cost_nanos, t, model)  # learned, not judged
             if (
                 user_verdict is not None
@@ -460,6 +475,7 @@ class AnomalyEngine:
                             cost_delta_usd=max(0.0, delta),
                             requests_per_hour=self._rph(state, t),
                             expected=expected,
+                            learn=not (burst or _spiking(state)),
                         )
                     )
         records: list[dict[str, Any]] = []

@@ -8,12 +8,13 @@ with the threshold at 11.5 nats it is found in ~21 calls (92 s at 13.6 calls/min
 scope gets a higher threshold (``mix_arl0_days``): a fixed one is a fixed number of calls
 between chance triggers, hours for a scope of hundreds of calls a minute.
 The reference share learns a call only once the CUSUM has fallen back to 0 after it,
-and never during a drop. A trigger alerts when the share since the estimated change
-point (or, for a drop still deepening, of the later half of the calls since it) is at
-least ``mix_min_drop`` below the reference, and the recent share (an exponential average
-over ~33 calls, kept all along) is that far below too, so a dip that only the CUSUM's
-selection makes look deep is not paged; the alert lasts while the recent share stays
-half that far below.
+and never during a drop, nor a call of a volume spike (the engine says which) that
+leaves it at 0: a burst's thousands of economy calls would outweigh the scope's day. A
+trigger alerts when the share since the estimated change point (or, for a drop still
+deepening, of the later half of the calls since it) is at least ``mix_min_drop`` below
+the reference, and the recent share (an exponential average over ~33 calls, kept all
+along) is that far below too, so a dip that only the CUSUM's selection makes look deep is
+not paged; the alert lasts while the recent share stays half that far below.
 
 It does not own alert lifecycles or the choice of scopes.
 """
@@ -109,18 +110,22 @@ class TierMixDetector:
         cost_delta_usd: float = 0.0,
         requests_per_hour: float = 0.0,
         expected: float | None = None,
+        learn: bool = True,
     ) -> Verdict | None:
         """Judge one call. ``cost_delta_usd``: how much more a non-economy call costs than an
         economy one in this scope (for the money at stake). ``expected``: the share this
         call is expected to have, if not the scope's own (the global scope: the share of
-        the call's feature, so that a day whose busy feature changes is no drop). Returns an
+        the call's feature, so that a day whose busy feature changes is no drop). ``learn``:
+        False for a call judged but not learned when its CUSUM is back at 0 (the engine's:
+        one made in a volume spike; a run it is part of is learned as a run). Returns an
         anomalous verdict, a normal one while an alarm is open, or None."""
         s = self.settings
         t = ts.timestamp()
         self._fade(t)
         flag = 1.0 if economy else 0.0
         if self.total < s.mix_warmup_requests:
-            self._learn([flag])
+            if learn:
+                self._learn([flag])
             return None
         own = min(max(self.share(), 0.01), 0.99)
         p0 = own if expected is None else min(max(expected, 0.01), 0.99)
@@ -146,7 +151,7 @@ class TierMixDetector:
         gap = self.recent - self.expected_recent  # negative: fewer economy calls than expected
         if self.alarm_since is None:
             if self.stat == 0.0:
-                self._learn([*self.pending, flag])
+                self._learn([*self.pending, flag] if learn else self.pending)
                 self.pending.clear()
                 self.pending_expected.clear()
                 self.run_n = self.run_economy = 0
