@@ -438,6 +438,13 @@ class DetectorSettings:
     """A user "belongs" to the features they called this recently: a user alert nests
     under such a feature's incident, and a user's cost alarm inside a feature's cost
     incident is part of it."""
+    incident_volume_feature_seconds: float = 300.0
+    """A user's request-rate alarm and a feature's are one incident only if the user called
+    that feature this recently: the alarm counts the calls the user makes now. A user who
+    called chat 20 minutes before bursting at 3,000 calls/min on code joined chat's open
+    surge (they called it in the last hour), and code's page named the feature, not the
+    user (probe 57). Five minutes: the longest request-rate window but the 15-minute one,
+    so a loop that alternates two features belongs to both."""
     incident_cost_wait_seconds: float = 0.0
     """A user's cost alert holds its page up to this long from when it fired while a feature
     the user called has cost evidence building (a CUSUM past half its threshold, no alarm
@@ -548,6 +555,7 @@ class DetectorSettings:
             "series_warmup_points",
             "volume_episode_gap_seconds",
             "incident_related_feature_seconds",
+            "incident_volume_feature_seconds",
             "series_history_points",
             "series_min_history_points",
             "series_shift_points",

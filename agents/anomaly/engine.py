@@ -152,6 +152,7 @@ class AnomalyEngine:
             self.alerts.quiet,
             self.cost_building,
             self.spread,
+            self.calls_feature,
         )
         self.users: OrderedDict[str, ScopeState] = OrderedDict()  # least recently active first
         self.features: OrderedDict[str, ScopeState] = OrderedDict()
@@ -211,6 +212,16 @@ class AnomalyEngine:
         seen = state.features.get(feature.split(":", 1)[1])
         related = self.settings.incident_related_feature_seconds
         return seen is not None and state.last_active - seen <= related
+
+    def calls_feature(self, user_scope: str, feature_scope: str, at: datetime) -> bool:
+        """Whether the user called the feature within ``incident_volume_feature_seconds``
+        before ``at``: their request-rate alarm is about that feature's calls."""
+        state = self.users.get(user_scope)
+        seen = None if state is None else state.features.get(feature_scope.split(":", 1)[1])
+        return (
+            seen is not None
+            and at.timestamp() - seen <= self.settings.incident_volume_feature_seconds
+        )
 
     def explains(self, narrow: str, wide: str, at: datetime) -> bool:
         """Whether ``narrow`` accounts for at least ``incident_explain_share`` of ``wide``'s
@@ -796,6 +807,7 @@ class AnomalyEngine:
         self.correlator.quiet = self.alerts.quiet
         self.correlator.building = self.cost_building
         self.correlator.spread = self.spread
+        self.correlator.calls = self.calls_feature
 
     def snapshot(self) -> bytes:
         """Everything the engine learned, as bytes to store: a versioned header, then a

@@ -98,6 +98,7 @@ Refresh = Callable[[dict[str, Any]], dict[str, Any]]
 Quiet = Callable[[str], bool]
 Building = Callable[[str, datetime], bool]
 Spread = Callable[[str, datetime], bool]
+Calls = Callable[[str, str, datetime], bool]
 
 
 def specificity(scope: str) -> int:
@@ -170,6 +171,7 @@ class Correlator:
         quiet: Quiet | None = None,
         building: Building | None = None,
         spread: Spread | None = None,
+        calls: Calls | None = None,
     ) -> None:
         self.settings = settings
         self.nests: Nests | None = nests
@@ -183,6 +185,9 @@ class Correlator:
         self.building: Building | None = building
         # Whether no user holds enough of a feature's extra spend to name its page.
         self.spread: Spread | None = spread
+        # Whether a user calls a feature now (``incident_volume_feature_seconds``); None: a
+        # user is taken to call every feature it nests with.
+        self.calls: Calls | None = calls
         self.groups: list[Group] = []
         self.by_key: dict[str, Group] = {}  # alert key -> its open group
         # Alert key -> the incident key it was in when it resolved by silence: a reopen of
@@ -199,6 +204,7 @@ class Correlator:
         state = self.__dict__.copy()
         state["nests"] = state["explains"] = None  # the engine's; handed in again on restore
         state["refresh"] = state["quiet"] = state["building"] = state["spread"] = None
+        state["calls"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -206,6 +212,7 @@ class Correlator:
         self.__dict__.setdefault("quiet", None)  # a checkpoint from before them
         self.__dict__.setdefault("building", None)
         self.__dict__.setdefault("spread", None)
+        self.__dict__.setdefault("calls", None)
         self.__dict__.setdefault("closed_silent", {})
         self.__dict__.setdefault("silent_notified", {})
         self.__dict__.setdefault("silent_heard", {})
@@ -503,10 +510,31 @@ class Correlator:
         cost alarms of users of both (probe T)."""
         if member["scope"] == "global" or not self._nests(alert["scope"], member["scope"]):
             return False
+        if not self._calls_now(alert, member):
+            return False
         if specificity(member["scope"]) == 2 and specificity(alert["scope"]) == 1 and g.paged:
             page = g.members[g.primary]["scope"]
             return specificity(page) != 1 or page == alert["scope"]
         return True
+
+    def _calls_now(self, alert: dict[str, Any], member: dict[str, Any]) -> bool:
+        """Whether two request-rate alerts of a user and a feature are about the same calls:
+        the user calls the feature now. A user's alarm counts the calls it makes now; one
+        who called chat 20 minutes before bursting on code joined chat's open surge, and
+        code's page named the feature, not the user (probe 57, seeds 1 and 2)."""
+        scopes = {
+            specificity(alert["scope"]): alert["scope"],
+            specificity(member["scope"]): member["scope"],
+        }
+        if (
+            self.calls is None
+            or alert["kind"] != "volume_spike"
+            or member["kind"] != "volume_spike"
+        ):
+            return True
+        if set(scopes) != {1, 2}:
+            return True
+        return self.calls(scopes[2], scopes[1], alert["ts"])
 
     def _page(self, group: Group, now: datetime) -> list[dict[str, Any]]:
         if self.refresh is not None:  # held until now: the figures of now, not of the firing

@@ -369,3 +369,50 @@ def test_a_page_named_by_a_user_stays_open_while_its_features_drift_fires() -> N
     assert resolves[0][0] == 9151  # only when the drift (every member) is over
     assert resolves[0][1] == triggered[0]
     assert c.groups == []
+
+
+def test_a_users_burst_on_one_feature_does_not_join_another_features_open_surge() -> None:
+    """Probe 57 (seeds 1 and 2): user u042 called chat until 12:40, then burst at 3,000
+    calls/min on code at 13:00, while a request-rate incident of ``feature:chat`` was still
+    open. The user's alert joined chat's incident (the user called chat in the last hour)
+    as ``related``; ``feature:code``'s alert paged alone, and the page named the feature,
+    not the user whose burst it was. A user's request-rate alarm counts the calls it makes
+    now: it joins a feature's request-rate incident only if it calls that feature now."""
+    last_call = {("user:u42", "feature:chat"): -1200.0, ("user:u42", "feature:code"): 0.0}
+
+    def nests(a: str, b: str) -> bool:  # u42 called both features in the last hour
+        return a == b or "global" in (a, b) or "user:u42" in (a, b)
+
+    def calls(user: str, feature: str, at: datetime) -> bool:
+        seen = last_call.get((user, feature))
+        seconds = DetectorSettings().incident_volume_feature_seconds
+        return seen is not None and (at - T0).total_seconds() - seen <= seconds
+
+    c = Correlator(DetectorSettings(), nests, lambda narrow, wide, now: True, calls=calls)
+    out = c.process([alert("volume_spike", "feature:chat", -5400)], T0 - timedelta(seconds=5400))
+    out += c.tick(T0 - timedelta(seconds=5300))
+    assert pages(out) == ["feature:chat"]
+    out = c.process([alert("volume_spike", "user:u42", 0)], T0)
+    out += c.process([alert("volume_spike", "feature:code", 0)], T0)
+    out += c.tick(T0 + timedelta(seconds=60))
+    assert pages(out) == ["user:u42"]
+    by_scope = {a["scope"]: a["incident_key"] for a in out if a["status"] == "firing"}
+    assert by_scope["user:u42"] == by_scope["feature:code"]
+
+
+def test_the_engine_says_a_user_calls_a_feature_only_if_recently() -> None:
+    """The engine's side of the rule above: a user calls a feature now if its last call to
+    it is within ``incident_volume_feature_seconds``; a feature never called, or a user
+    never seen, is not called."""
+    from agents.anomaly import AnomalyEngine
+    from tests.anomaly_traffic import record
+
+    engine = AnomalyEngine(DetectorSettings())
+    engine.observe(record(T0, "u42", "chat", "gpt-4o-mini", 500, 100))
+    engine.observe(record(T0 + timedelta(seconds=1200), "u42", "code", "gpt-4o-mini", 500, 100))
+    at = T0 + timedelta(seconds=1200)
+    assert engine.calls_feature("user:u42", "feature:code", at)
+    assert not engine.calls_feature("user:u42", "feature:chat", at)
+    assert engine.calls_feature("user:u42", "feature:chat", T0 + timedelta(seconds=60))
+    assert not engine.calls_feature("user:u42", "feature:search", at)
+    assert not engine.calls_feature("user:u7", "feature:chat", at)
