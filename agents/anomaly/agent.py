@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 import uuid
 import zlib
@@ -109,12 +110,18 @@ class EventTimeMerger:
     minutes; fed as they come, partition 0's records would close minutes before
     partition 1's records of those minutes arrived. A record is released once every
     partition that may still deliver older records has been read past its event
-    time: a partition with unread data (``lagging``), and a partition that is caught
-    up but received records within the last ``idle_timeout_s`` (a producer is still
-    writing to it: its next records are probably of the same minutes). A partition
-    silent for longer holds nothing back, so live traffic is delayed by at most the
-    timeout. Within a partition, records are released in offset order, so "next
-    offset to read" stays exact.
+    time: a partition with unread data (``lagging``: the caller asks the broker, not
+    the high-water mark of the partition's last fetch, which is old news after a long
+    round of processing), and a partition that is caught up but was written to within
+    the last ``idle_timeout_s`` (its newest record's Kafka timestamp: a producer is
+    still writing to it, its next records are probably of the same minutes) or
+    delivered within it. A partition silent for longer holds nothing back, so live
+    traffic is delayed by at most the timeout. Silence is the broker's, not the time
+    since the agent last got round to the partition: probe 57's agent, busy for over
+    ``idle_timeout_s`` with 2,000 records of other partitions, took a partition it had
+    not fetched meanwhile for a silent one and read the others past it (1,671 late
+    records in a replay with no other traffic). Within a partition, records are
+    released in offset order, so "next offset to read" stays exact.
     """
 
     MAX_PENDING = 200_000  # released regardless beyond this, to bound memory
@@ -124,6 +131,7 @@ class EventTimeMerger:
         self.pending: dict[int, deque[tuple[int, datetime, dict[str, Any]]]] = {}
         self.fetched_until: dict[int, datetime] = {}  # newest event time read, per partition
         self.fetched_at: dict[int, float] = {}  # when the partition last delivered (monotonic)
+        self.written_until: dict[int, float] = {}  # newest Kafka timestamp read (epoch s)
         self.pending_count = 0
         self._skipped: dict[int, int] = {}  # undecodable offsets at the head of a partition
 
@@ -135,8 +143,14 @@ class EventTimeMerger:
             self.fetched_at[partition] = now
 
     def add(
-        self, partition: int, offset: int, record: dict[str, Any], now: float | None = None
+        self,
+        partition: int,
+        offset: int,
+        record: dict[str, Any],
+        now: float | None = None,
+        written_s: float | None = None,
     ) -> None:
+        """``written_s``: the record's Kafka timestamp (epoch seconds), when it has one."""
         ts = record["ts"]
         now = time.monotonic() if now is None else now
         if self.fetched_at and now - max(self.fetched_at.values()) > self.idle_timeout_s:
@@ -149,6 +163,8 @@ class EventTimeMerger:
         self.fetched_at[partition] = now
         if partition not in self.fetched_until or ts > self.fetched_until[partition]:
             self.fetched_until[partition] = ts
+        if written_s is not None and written_s > self.written_until.get(partition, -math.inf):
+            self.written_until[partition] = written_s
 
     def skip(self, partition: int, offset: int) -> None:
         if not self.pending.get(partition):
@@ -161,13 +177,17 @@ class EventTimeMerger:
         return done
 
     def release(
-        self, lagging: set[int], now: float | None = None
+        self, lagging: set[int], now: float | None = None, wall: float | None = None
     ) -> list[tuple[int, int, dict[str, Any]]]:
-        """Records safe to process now, in event-time order: (partition, offset, record)."""
+        """Records safe to process now, in event-time order: (partition, offset, record).
+        ``lagging``: the partitions with unread data; ``now`` monotonic, ``wall`` epoch s."""
         now = time.monotonic() if now is None else now
-        holding = set(lagging) | {
-            p for p, at in self.fetched_at.items() if now - at < self.idle_timeout_s
-        }
+        wall = time.time() if wall is None else wall
+        holding = (
+            set(lagging)
+            | {p for p, at in self.fetched_at.items() if now - at < self.idle_timeout_s}
+            | {p for p, at in self.written_until.items() if wall - at < self.idle_timeout_s}
+        )
         frontier: datetime | None = None
         if holding and self.pending_count < self.MAX_PENDING:
             if any(p not in self.fetched_until for p in holding):
@@ -422,14 +442,17 @@ class AnomalyAgent:
                         if usage_record is None:
                             merger.skip(tp.partition, record.offset)
                             continue
-                        merger.add(tp.partition, record.offset, usage_record)
+                        merger.add(
+                            tp.partition,
+                            record.offset,
+                            usage_record,
+                            written_s=record.timestamp / 1000 if record.timestamp >= 0 else None,
+                        )
                         written_at[(tp.partition, record.offset)] = record.timestamp
                         self.records_read += 1
-                lagging = set()
-                for tp in partitions:
-                    end = consumer.highwater(tp)
-                    if (ends[tp] if end is None else end) > await consumer.position(tp):
-                        lagging.add(tp.partition)
+                lagging = await self._lagging(
+                    consumer, partitions, ends, bool(merger.pending_count)
+                )
                 wall = datetime.now(UTC)
                 for partition, offset, usage_record in merger.release(lagging):
                     # released per partition as a prefix in offset order: max + 1 is exact
@@ -465,6 +488,30 @@ class AnomalyAgent:
             await clients.stop_within(consumer)  # also when they never started
             with contextlib.suppress(Exception):
                 await producer.stop()
+
+    async def _lagging(
+        self, consumer: Any, partitions: list[Any], ends: dict[Any, int], holding: bool
+    ) -> set[int]:
+        """The partitions with unread data. The high-water mark of a partition's last fetch
+        says so when it is ahead of the position; when it is not, and records are held for
+        ordering, the broker is asked: that mark is as old as the fetch, and a replay may
+        have written much more since (probe 57: a partition taken for caught up while its
+        next records were in Kafka made 1,671 records of the others' minutes late)."""
+        lagging: set[int] = set()
+        caught_up = []
+        for tp in partitions:
+            end = consumer.highwater(tp)
+            if (ends[tp] if end is None else end) > await consumer.position(tp):
+                lagging.add(tp.partition)
+            else:
+                caught_up.append(tp)
+        if holding and caught_up:
+            fresh = await consumer.end_offsets(caught_up)
+            for tp in caught_up:
+                ends[tp] = max(ends[tp], fresh[tp])
+                if fresh[tp] > await consumer.position(tp):
+                    lagging.add(tp.partition)
+        return lagging
 
     def _seen_before(self, event_id: str | None) -> bool:
         """Whether this usage event id was observed within the last RECENT_IDS events."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -12,6 +13,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from agents.anomaly.agent import AnomalyAgent
+from agents.anomaly.detectors import DetectorSettings
 from agents.anomaly.engine import AnomalyEngine
 from app.events.codec import EventCodec
 from app.events.topics import ensure_topics
@@ -408,3 +410,86 @@ async def test_the_agent_serves_its_progress_and_pages_on_its_metrics_port(
     finally:
         stop.set()
         await asyncio.wait_for(task, 60)
+
+
+async def test_tollgate_replay_into_a_running_agent_makes_no_record_late(
+    kafka_settings: Settings,
+) -> None:
+    """Issue 12, observation 5, as probe 57 ran it: ``tollgate replay`` of a history (event
+    times kept, users interleaved, written keyed by user to every partition) into a running
+    agent with no other traffic. 98,294 records left 1,671 late (counted during the
+    catch-up): a partition whose buffered records were all read looked caught up by the
+    high-water mark of its last fetch, and silent because the agent had been busy with the
+    other partitions' records for longer than ``partition_idle_seconds``; the others were
+    read past it and its next records were late. Here 28,940 records (4 hours, 60 users)
+    into an agent held up as a loaded machine holds it: 7,539 late before the fix (2 hours,
+    14,500 records, did not reproduce it). Nothing is late now: each partition's records of
+    the same minutes are read before the minutes close."""
+    from devtools.replay import replay_calls
+    from devtools.trace import PlacedTrace, TraceCall
+    from tests.anomaly_traffic import Feature, World, zipf_callers
+
+    await ensure_topics(kafka_settings)
+    world = World(
+        seed=64,
+        callers=zipf_callers(
+            [Feature("chat"), Feature("search"), Feature("code")], users=60, total_per_minute=120
+        ),
+    )
+    start = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=6)
+    history = world.traffic(start, start + timedelta(hours=4))
+    calls = [
+        TraceCall(
+            ts=r["ts"],
+            prompt_tokens=r["prompt_tokens"],
+            completion_tokens=r["completion_tokens"],
+            user_id=r["user_id"],
+            feature=r["feature"],
+            model=r["model_served"],
+        )
+        for r in history
+    ]
+    # A busy agent: a round of processing longer than ``partition_idle_seconds`` (the
+    # probe's rounds of 2,000 records took about 11 s at a load of 20-44, its timeout 5 s);
+    # here the replay, pricing its next batch in this process, holds the agent up.
+    agent = AnomalyAgent(
+        kafka_settings,
+        detector_settings=DetectorSettings.with_options(partition_idle_seconds=0.5),
+        checkpoint_interval_s=3600,
+        idle_advance_s=0.2,
+    )
+    stop = asyncio.Event()
+    agent._task = asyncio.create_task(agent.run(stop))  # type: ignore[attr-defined]
+    busy = asyncio.create_task(a_busy_machine(stop))
+    try:
+        await asyncio.wait_for(agent.ready.wait(), 30)
+        stats = await replay_calls(kafka_settings, PlacedTrace(calls, start=calls[0].ts))
+        assert stats.calls == len(calls) > 20_000
+        await run_until_processed(agent, len(calls))
+    finally:
+        stop.set()
+        await agent._task  # type: ignore[attr-defined]
+        await busy
+    assert agent.engine.stats.late_records == 0, agent.engine.stats
+
+
+async def a_busy_machine(stop: asyncio.Event) -> None:
+    """The event loop held for 0.6 s at a time, as a loaded machine holds a busy agent
+    (probe 57: a load of 20-44): longer than the test's ``partition_idle_seconds``."""
+    while not stop.is_set():
+        time.sleep(0.6)  # noqa: ASYNC251 - blocking on purpose: the loop is held
+        await asyncio.sleep(0.05)
+
+
+async def run_until_processed(agent: AnomalyAgent, records: int, stall_s: float = 60) -> None:
+    """Wait until the running ``agent`` has processed ``records``; fail if it stops or
+    reads nothing for ``stall_s``."""
+    loop = asyncio.get_running_loop()
+    seen, progress_at = -1, loop.time()
+    task = agent._task  # type: ignore[attr-defined]
+    while agent.engine.stats.records < records:
+        assert not task.done(), task.exception() if task.done() else None
+        if (agent.engine.stats.records, records_read(agent)) != seen:
+            seen, progress_at = (agent.engine.stats.records, records_read(agent)), loop.time()
+        assert loop.time() - progress_at < stall_s, agent.engine.stats
+        await asyncio.sleep(0.1)

@@ -84,3 +84,20 @@ def test_the_event_clock_follows_the_wall_clock_only_for_a_live_stream() -> None
     assert (
         later is not None and abs((later - (live + timedelta(seconds=30))).total_seconds()) < 1e-6
     )
+
+
+def test_a_partition_written_to_lately_holds_back_however_long_the_agent_was_busy() -> None:
+    """Probe 57: the agent, busy for longer than the idle timeout with other partitions'
+    records, took a partition it had not fetched meanwhile for a silent one. Silence is
+    the broker's: a partition whose newest record was written within the timeout (its
+    Kafka timestamp) holds the others back, whenever the agent last got round to it."""
+    merger = EventTimeMerger(idle_timeout_s=5.0)
+    merger.add(1, 0, rec(1), now=100.0, written_s=1000.0)
+    for offset, minute in enumerate([1, 2, 3]):
+        merger.add(0, offset, rec(minute), now=100.0, written_s=1000.0)
+    # 11 s of processing later (monotonic), the replay still writing (wall 1003 s):
+    released = merger.release(lagging=set(), now=111.0, wall=1003.0)
+    assert sorted((p, o) for p, o, _ in released) == [(0, 0), (1, 0)]  # up to minute 1 only
+    # The broker's partition 1 has been silent for the timeout: it holds nothing back.
+    released = merger.release(lagging=set(), now=111.0, wall=1005.1)
+    assert [(p, o) for p, o, _ in released] == [(0, 1), (0, 2)]
