@@ -186,7 +186,8 @@ class EventTimeMerger:
         holding = (
             set(lagging)
             | {p for p, at in self.fetched_at.items() if now - at < self.idle_timeout_s}
-            | {p for p, at in self.written_until.items() if wall - at < self.idle_timeout_s}
+            # a write clock far ahead of ours (another machine's) would hold for as long
+            | {p for p, at in self.written_until.items() if abs(wall - at) < self.idle_timeout_s}
         )
         frontier: datetime | None = None
         if holding and self.pending_count < self.MAX_PENDING:

@@ -101,3 +101,14 @@ def test_a_partition_written_to_lately_holds_back_however_long_the_agent_was_bus
     # The broker's partition 1 has been silent for the timeout: it holds nothing back.
     released = merger.release(lagging=set(), now=111.0, wall=1005.1)
     assert [(p, o) for p, o, _ in released] == [(0, 1), (0, 2)]
+
+
+def test_a_write_clock_far_ahead_does_not_hold_the_others_for_as_long() -> None:
+    """A producer on a machine whose clock is an hour ahead: its partition's Kafka
+    timestamps do not hold the others back for an hour once it is silent."""
+    merger = EventTimeMerger(idle_timeout_s=5.0)
+    merger.add(1, 0, rec(1), now=100.0, written_s=1000.0 + 3600)
+    for offset, minute in enumerate([1, 2]):
+        merger.add(0, offset, rec(minute), now=100.0, written_s=1000.0)
+    released = merger.release(lagging=set(), now=106.0, wall=1006.0)
+    assert sorted((p, o) for p, o, _ in released) == [(0, 0), (0, 1), (1, 0)]  # all of it
