@@ -384,7 +384,7 @@ class RateDetector:
             # from 20 to 67 calls a minute and fired a live volume_drop (probe W).
             frozen = any(start <= at < end for start, end in self._stretches())
             if j == 0:
-                self._season_add(at, math.nan if frozen else calls)  # in its own 5 minutes
+                self._season_add(at, self._season_value(at, calls, frozen))  # its own 5 min
             if not frozen:
                 ref.count += calls * math.exp(-(ref.at - at) / self.tau)
                 if j == 0 and self.daily is not None and self.daily.at is not None:
@@ -402,7 +402,7 @@ class RateDetector:
         ref.advance(at, self.tau)
         if any(start <= at < end for start, end in stretches):
             if j == 0:
-                self._season_add(at, math.nan)
+                self._season_add(at, self._season_value(at, calls, True))
             return
         if j == 0:
             self._season_add(at, calls)
@@ -486,6 +486,19 @@ class RateDetector:
                 break
             del season[first]
 
+    def _season_value(self, at: float, calls: float, frozen: bool) -> float:
+        """What the days kept hold for calls at ``at``: NaN (not known) for a stretch not
+        learned, except at a time of day no previous day of this scope has seen (its first
+        day there): an alarm then had nothing to be judged against, and what it held is
+        all the next day knows of that time. Kept unknown, a feature's first morning ramp
+        (in alarm: its half-hour reference follows a rise slowly) left the second morning
+        judged against the night, "9.8/min, expected 0.4" (probe 57's D9). The next days
+        judge against the least of the days kept (``seasonal_typical``): a first-day
+        incident covers that time of day on the second day only."""
+        if not frozen:
+            return calls
+        return math.nan if self._season_days(at) else calls
+
     def _season_days(self, t: float) -> list[int]:
         """The previous days whose same time this scope had seen, at least the stretch of it
         up to ``volume_seasonal_window_seconds`` later (1 = yesterday): before its first call
@@ -524,6 +537,25 @@ class RateDetector:
             return None
         calls = max(known)
         return calls / SEASON_BIN_SECONDS, calls
+
+    def seasonal_typical(self, t: float) -> tuple[float, float] | None:
+        """(calls per second, calls) over the half hour around this time of day
+        (``volume_seasonal_window_seconds`` either side) on the previous day that had the
+        fewest there, or None without a day that knows that half hour and held at least
+        ``volume_min_count`` calls in it. The least day: one busy day does not raise the
+        bar (a day with no call there, a day off, keeps it where it is)."""
+        half = self.settings.volume_seasonal_window_seconds
+        least: tuple[float, float] | None = None
+        for day in self._season_bins(t, half, half):
+            if any(math.isnan(c) for c in day):
+                continue  # an alarm's stretch that day: not known
+            calls = sum(day)
+            if calls < self.settings.volume_min_count:
+                return None
+            rate = calls / (len(day) * SEASON_BIN_SECONDS)
+            if least is None or rate < least[0]:
+                least = (rate, calls)
+        return least
 
     def seasonal_mean(self, t: float) -> float | None:
         """Calls per second of the previous day busiest within ``volume_seasonal_window_seconds``
@@ -709,6 +741,19 @@ class RateDetector:
                     (high[0], high[1]) if used else (rate, shape)
                     for used, (rate, shape) in zip(replaced, out, strict=True)
                 ]
+            if not self.is_user and not any(reach):
+                # A feature or the global stream that did not fall silent: a window is
+                # expected to hold at least what this time of day held on the previous
+                # days (the least of them, over the half hour around it). Its own
+                # reference follows a daily ramp only slowly, and a feature with calls
+                # all night was judged each morning against the night (probe 57's D9:
+                # "9.8/min, expected 0.4" at 07:01, five pages on a day without incidents).
+                typical = self.seasonal_typical(t)
+                if typical is not None:
+                    out = [
+                        (typical[0], max(shape, typical[1])) if typical[0] > rate else (rate, shape)
+                        for rate, shape in out
+                    ]
         return out
 
     def _read(self, j: int, t: float, open_since: float) -> tuple[float, float]:
