@@ -365,7 +365,7 @@ class RateDetector:
                     learned *= cap / self.counts[j]
                 self.counts[j] -= int(calls)
                 self.spends[j] -= nanos
-                self._learn(j, index * SLOT_SECONDS, learned)
+                self._learn(j, index * SLOT_SECONDS, learned, float(calls))
                 h += 1
             self.heads[j] = h
         oldest = self.heads[-1]
@@ -373,7 +373,13 @@ class RateDetector:
             del slots[:oldest]
             self.heads = [h - oldest for h in self.heads]
 
-    def _learn(self, j: int, at: float, calls: float) -> None:
+    def _learn(self, j: int, at: float, calls: float, seen: float | None = None) -> None:
+        """``calls``: what the reference learns of the slot (capped while elevated);
+        ``seen``: the calls it held, what the days kept record (a ramp's calls as they
+        came: capped, a support desk's 07:00 opening to 4 a minute was kept as 1.5, and
+        the next morning was judged against that)."""
+        if seen is None:
+            seen = calls
         ref = self.refs[j]
         if ref.at is None:
             ref.at = at
@@ -384,7 +390,7 @@ class RateDetector:
             # from 20 to 67 calls a minute and fired a live volume_drop (probe W).
             frozen = any(start <= at < end for start, end in self._stretches())
             if j == 0:
-                self._season_add(at, self._season_value(at, calls, frozen))  # its own 5 min
+                self._season_add(at, self._season_value(at, seen, frozen))  # its own 5 min
             if not frozen:
                 ref.count += calls * math.exp(-(ref.at - at) / self.tau)
                 if j == 0 and self.daily is not None and self.daily.at is not None:
@@ -402,10 +408,10 @@ class RateDetector:
         ref.advance(at, self.tau)
         if any(start <= at < end for start, end in stretches):
             if j == 0:
-                self._season_add(at, self._season_value(at, calls, True))
+                self._season_add(at, self._season_value(at, seen, True))
             return
         if j == 0:
-            self._season_add(at, calls)
+            self._season_add(at, seen)
         ref.count += calls
         if j == 0 and self.daily is not None:
             self.daily.advance(at, 86400.0)
