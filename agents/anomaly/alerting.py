@@ -62,6 +62,7 @@ from agents.anomaly.core import (
     Verdict,
     alarm_end,
     amount,
+    duration_text,
     is_user_scope,
     money_per_hour,
     span_text,
@@ -216,7 +217,7 @@ class AlertManager:
                 incident.recurring = (
                     f"{suppressed} anomalous verdicts during the cooldown after the incident "
                     f"that first fired at {since:%H:%M:%S} UTC resolved at "
-                    f"{resolved:%H:%M:%S} UTC, never more than {_duration(gap)} apart: it is "
+                    f"{resolved:%H:%M:%S} UTC, never more than {duration_text(gap)} apart: it is "
                     f"not over"
                 )
         record = self._record(key, incident, verdict, "firing", verdict.ts, suppressed)
@@ -231,7 +232,7 @@ class AlertManager:
             record["message"] = (
                 f"reopened: {verdict.metric} for {verdict.scope}: its calls back after a "
                 f"silence are still {_value_text(verdict)}{ratio}, "
-                f"{_duration(verdict.ts - before.last_seen)} after its last anomalous call "
+                f"{duration_text(verdict.ts - before.last_seen)} after its last anomalous call "
                 f"before it; the incident that fired at "
                 f"{before.first_seen:%H:%M:%S} UTC and closed at {closed_at:%H:%M:%S} UTC for "
                 f"want of calls is not over{money}"
@@ -446,14 +447,14 @@ class AlertManager:
                 message = (
                     f"resolved: {incident.kind.replace('_', ' ')} for {incident.scope}: no "
                     f"call judged normal since {incident.last_seen:%H:%M:%S} UTC "
-                    f"({_duration(ts - incident.last_seen)} with too few calls to tell; "
+                    f"({duration_text(ts - incident.last_seen)} with too few calls to tell; "
                     f"its cost was not seen to return to normal), "
-                    f"closed after {_duration(lasted)} anomalous{chain} ({peak.metric}: {latest}; "
+                    f"closed after {duration_text(lasted)} anomalous{chain} ({peak.metric}: {latest}; "
                     f"peak {_value_text(peak)}{money})"
                 )
             else:
                 came_back = (
-                    f" (nothing anomalous for {_duration(ts - incident.last_seen)}: it had come "
+                    f" (nothing anomalous for {duration_text(ts - incident.last_seen)}: it had come "
                     f"back after the resolve at {incident.closed_at:%H:%M:%S} UTC)"
                     if incident.recurs
                     else ""
@@ -461,7 +462,7 @@ class AlertManager:
                 message = (
                     f"resolved: {incident.kind.replace('_', ' ')} for {incident.scope} is "
                     f"back to normal since {incident.last_seen:%H:%M:%S} UTC{came_back}, after "
-                    f"{_duration(lasted)} anomalous{chain} ({peak.metric}: {latest}; peak "
+                    f"{duration_text(lasted)} anomalous{chain} ({peak.metric}: {latest}; peak "
                     f"{_value_text(peak)}{money})"
                 )
             normal = not verdict.is_anomaly and _same_measure(verdict, peak)
@@ -545,15 +546,6 @@ def _value_text(verdict: Verdict) -> str:
         f"{amount(verdict.observed, verdict.unit)} vs "
         f"{amount(verdict.expected or 0.0, verdict.unit)}{unit} expected"
     )
-
-
-def _duration(delta: timedelta) -> str:
-    seconds = int(delta.total_seconds())
-    if seconds < 120:
-        return f"{seconds} s"
-    if seconds < 7200:
-        return f"{seconds // 60} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 __all__ = ["ALERT_SCHEMA_VERSION", "AlertManager", "Incident", "money_per_hour"]

@@ -13,7 +13,7 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from statistics import NormalDist
 from typing import Literal, Protocol, runtime_checkable
 
@@ -455,6 +455,7 @@ __all__ = [
     "alarm_end",
     "amount",
     "cusum_threshold",
+    "duration_text",
     "is_user_scope",
     "lower_tail",
     "money_per_hour",
@@ -467,3 +468,13 @@ def span_text(seconds: float) -> str:
     """A window's length as a message says it: "15 min", "60 s" (to the second)."""
     seconds = round(seconds)
     return f"{seconds // 60} min" if seconds >= 120 and seconds % 60 == 0 else f"{seconds} s"
+
+
+def duration_text(delta: timedelta) -> str:
+    """How long, as messages say it: seconds under 2 minutes, minutes under 2 hours."""
+    seconds = int(delta.total_seconds())
+    if seconds < 120:
+        return f"{seconds} s"
+    if seconds < 7200:
+        return f"{seconds // 60} min"
+    return f"{seconds / 3600:.1f} h"

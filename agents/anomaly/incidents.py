@@ -76,7 +76,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from agents.anomaly.core import money_per_hour, with_lead
+from agents.anomaly.core import duration_text, money_per_hour, with_lead
 from app.alerts_config import (
     ANY_KIND,
     DEFAULT_SEVERITY,
@@ -622,7 +622,7 @@ class Correlator:
         else:
             out.append(self._mark(alert, group, "related"))
             if page_over and group.held_resolve is not None and not group.page_resolved:
-                held = {**group.held_resolve, "ts": max(alert["ts"], group.held_resolve["ts"])}
+                held = _incident_end(group, group.held_resolve, alert)
                 out.append(self._page_end(held, group))
                 group.held_resolve = None
         if everything:
@@ -743,6 +743,35 @@ class Correlator:
             marked["message"] = f"{alert['message']} (+{len(others)} related: {listed})"
             marked["details"] = {**marked.get("details", {}), "related": "; ".join(others)}
         return marked
+
+
+def _incident_end(group: Group, held: dict[str, Any], last: dict[str, Any]) -> dict[str, Any]:
+    """The page's resolve ``held`` for the rest of its incident, published as ``last`` (a
+    member's resolve) ends it: at that time, saying when the incident ended, and what kept it
+    open, after its own alarm's end (probe 57's D7: a burst's page resolved at 13:20:45 saying
+    only "back to normal since 13:15:20 UTC ... in the 60 s before 13:18:20 UTC"). Its
+    lifecycle (``first_seen``, ``last_seen``: the notifier's key) stays the page's."""
+    ts = max(last["ts"], held["ts"])
+    end, began = last.get("last_seen"), _first_seen(group)
+    if ts <= held["ts"] or not isinstance(end, datetime) or end <= held.get("last_seen", end):
+        return {**held, "ts": ts}
+    since = (
+        f", {duration_text(end - began)} after it began at {began:%H:%M:%S} UTC" if began else ""
+    )
+    message = (
+        f"{held['message']}; the incident went on until {last['kind'].replace('_', ' ')} for "
+        f"{last['scope']} was back to normal at {end:%H:%M:%S} UTC{since}"
+    )
+    details = {**held.get("details", {}), "incident_last_seen": end.isoformat()}
+    return {**held, "ts": ts, "message": message, "details": details}
+
+
+def _first_seen(group: Group) -> datetime | None:
+    """When the incident's first member first fired (None: not known)."""
+    firsts = [
+        m["first_seen"] for m in group.members.values() if isinstance(m.get("first_seen"), datetime)
+    ]
+    return min(firsts, default=None)
 
 
 def _page_over(group: Group) -> bool:
