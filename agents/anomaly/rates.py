@@ -149,7 +149,6 @@ class RateDetector:
     __slots__ = (
         "_floors",
         "_rates",
-        "alarm_seen",
         "alarm_since",
         "alarm_window",
         "burst",
@@ -224,8 +223,6 @@ class RateDetector:
         self.alarm_since: float | None = None
         self.last_anomalous = -_INF
         self.alarm_window = 0
-        # per window, the latest call of the open alarm at which it alone was anomalous
-        self.alarm_seen = [-_INF] * len(self.windows)
         # the open alarm's frozen stretch is a drop's (``_learn_drop`` may learn it)
         self.drop_alarm = False
         self.recent: deque[float] = deque(maxlen=3)  # times of the last calls
@@ -298,8 +295,6 @@ class RateDetector:
         if not hasattr(self, "outages"):  # ... from before outages held from every scope
             self.outages = []
             self.outage_source = None
-        if not hasattr(self, "alarm_seen"):  # ... from before stretches seen to end
-            self.alarm_seen = [-_INF] * len(self.windows)
         if not hasattr(self, "settled_peers"):  # a checkpoint from before newcomers
             self.settled_peers = False
         if not hasattr(self, "session_starts"):  # a checkpoint from before sessions
@@ -1233,16 +1228,6 @@ class RateDetector:
         session_note, self.sessions_span = "", 0.0
         settled = self._settled(t)
         excuse: list[float] | None = None  # ``excused``'s answer, asked once
-        bar = self.p_value
-        if self.alarm_since is not None and self.is_user:
-            # An open alarm of a user goes on while the count stays unusual (under
-            # ``volume_suspicion_p_user``, the bar its calls are held back from learning by),
-            # not only while it stays under the paging p-value: a quiet user's evidence
-            # depends on the feature of the call (its peers' burstiness), and a loop paged
-            # on one call's was resolved "back to normal" at 5.0 vs 0.0 requests/min while it
-            # ran on (probe H's D10: its loop calls stood at p ~ 5e-8, unusual, not 1e-10).
-            bar = max(bar, s.volume_suspicion_p_user)
-        seen_now: list[int] = []  # windows anomalous at this call
         for j, w in enumerate(self.windows):
             rate, shape = expected[j]
             if shape <= 0 or (not self._knows(j, t, prior) and j > 0):
@@ -1262,25 +1247,17 @@ class RateDetector:
                 if before >= enough:
                     break  # the shorter window already expects enough calls to judge
             x = self.counts[j]
-            gone_calls, gone = 0, 0.0
+            aside = False
             if settled is not None:
                 # Calls of an alarm of this scope that is over were judged (and paged) then;
                 # the window is judged on the rest of its span.
-                gone_calls, gone = settled[j]
-            if not seen_now and self.alarm_since is not None:
-                # So is the open alarm's stretch that shorter windows judged and have seen end
-                # (none of them is anomalous now): a user's 3-minute burst held their
-                # 15-minute window, and each of their ordinary session calls after it was
-                # judged anomalous on it until the burst left it, "back to normal" 15 min
-                # late (probe 57's D7).
-                calls, seconds = self._judged(t, j)
-                gone_calls, gone = gone_calls + calls, gone + seconds
-            aside = gone > 0
-            if aside:
-                if w - gone < self.windows[0]:
-                    continue
-                x -= gone_calls
-                mu *= (w - gone) / w
+                calls, seconds = settled[j]
+                if seconds > 0:
+                    if w - seconds < self.windows[0]:
+                        continue
+                    x -= calls
+                    mu *= (w - seconds) / w
+                    aside = True
             p, note, dispersion = 1.0, "", 0.0
             if x >= s.volume_min_count and x >= s.volume_min_ratio * mu:
                 if j > 0 and not self._current(t, expected, scales[0]):
@@ -1326,8 +1303,6 @@ class RateDetector:
                 extra = excuse[j] if j < len(excuse) else 0.0
                 if extra > 0 and mu > 0:
                     p = upper_tail(x, mu, dispersion + extra / mu) * tested
-            if p < bar:
-                seen_now.append(j)
             if p < best_p:
                 best_p, best_j, best_mu, best_x = p, j, mu, x
                 session_note = note
@@ -1352,6 +1327,15 @@ class RateDetector:
                 self.sessions_span, recurring_note = 0.0, ""
         if own_p < self.p_value:
             self._mark_unusual(t)
+        bar = self.p_value
+        if self.alarm_since is not None and self.is_user:
+            # An open alarm of a user goes on while the count stays unusual (under
+            # ``volume_suspicion_p_user``, the bar its calls are held back from learning by),
+            # not only while it stays under the paging p-value: a quiet user's evidence
+            # depends on the feature of the call (its peers' burstiness), and a loop paged
+            # on one call's was resolved "back to normal" at 5.0 vs 0.0 requests/min while it
+            # ran on (probe H's D10: its loop calls stood at p ~ 5e-8, unusual, not 1e-10).
+            bar = max(bar, s.volume_suspicion_p_user)
         anomalous = best_j >= 0 and best_p < bar
         note = ""
         if anomalous:
@@ -1360,14 +1344,11 @@ class RateDetector:
                 if self.alarm_since is None:
                     self.alarm_since = t
                     self.alarm_window = best_j
-                    self.alarm_seen = [-_INF] * len(self.windows)
                 start = self._forget_life() if life else t - self.windows[best_j]
                 self.frozen.append([start, _INF])
                 self.drop_alarm = False
                 self._rates = None
             self.last_anomalous = t
-            for k in seen_now:
-                self.alarm_seen[k] = t
             if t - self.alarm_since >= s.volume_adapt_after_minutes * 60:
                 self._accept(t)
                 note = f"anomalous for {s.volume_adapt_after_minutes} min, now learned as normal"
@@ -1427,7 +1408,7 @@ class RateDetector:
         stretch began when that is clearly faster than the window's (a burst paged 20 s in
         fills a third of its 1-minute window: probe H's D3, a 3,000-a-minute burst's page
         said 1,001/min and $22/hour where it spent about $190 an hour above normal). With
-        the pace: the calls a minute since its calls looked unusual, and a note saying so. ``span``: the
+        the pace: the calls a minute since it began, and a note saying so. ``span``: the
         seconds ``x`` and ``mu`` are counted over, when not window ``j``'s (a newcomer's life)."""
         w = self.windows[j] if span is None else span
         price = self._price(self.counts[j], self.spends[j], cost_per_request_usd)
@@ -1445,8 +1426,8 @@ class RateDetector:
         pace = calls / elapsed * 60.0
         money = (calls / elapsed - mu / w) * 3600.0 * self._price(calls, nanos, price)
         note = (
-            f"; {pace:,.0f}/min and the money are the pace of the {elapsed:.0f} s since its "
-            f"calls looked unusual ({x:,.0f} calls in the last {span_text(w)})"
+            f"; {pace:,.0f}/min and the money are the pace of the {elapsed:.0f} s since it "
+            f"began ({x:,.0f} calls in the last {span_text(w)})"
         )
         return money, pace, note
 
@@ -1549,22 +1530,6 @@ class RateDetector:
                 calls += sum(int(slots[k][1]) for k in range(max(lo, head), hi))
             out.append((calls, seconds))
         return out
-
-    def _judged(self, t: float, j: int) -> tuple[int, float]:
-        """(calls, seconds) of window ``j`` at ``t`` that lie in the open alarm's stretch up to
-        the latest call at which a shorter window was anomalous (judged there, and over since
-        if none is now), less what ``_settled`` sets aside already (alarms that are over)."""
-        cut = max(self.alarm_seen[:j], default=-_INF)
-        if not self.frozen or self.frozen[-1][1] != _INF:
-            return 0, 0.0
-        begin = max(self.frozen[-1][0], t - self.windows[j])
-        for a, b in self.frozen[:-1]:  # (an alarm over, overlapping: counted there)
-            if a <= begin < b:
-                begin = b
-        if cut <= begin:
-            return 0, 0.0
-        calls = self._in_slots(begin // SLOT_SECONDS + 1, cut // SLOT_SECONDS)[0]
-        return calls, cut - begin
 
     def check_drop(self, ts: datetime, cost_per_request_usd: float = 0.0) -> Verdict | None:
         """For scopes that watch drops: is the last minute or two far below normal? Called
