@@ -43,6 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import accumulate
+from typing import Any
 
 from agents.anomaly.core import (
     NANOS_PER_USD,
@@ -234,7 +235,8 @@ class RateDetector:
         self.exposures = [0.0] * len(self.windows)  # each reference's history, last computed
         self.learned_slot = -1
         # (prior's alpha, rhythm, rates) cached for the current slot
-        self._rates: tuple[float, float, list[tuple[float, float]]] | None = None
+        # (prior's alpha, rhythm, rates for spikes, rates for drops), or a checkpoint's older 3-tuple
+        self._rates: tuple[Any, ...] | None = None
         # a quiet user's most dispersion of the windows up to each, for the call being
         # judged (None outside a call's judgement: not kept)
         self._floors: list[float] | None = None
@@ -656,21 +658,34 @@ class RateDetector:
 
     # -- the model ------------------------------------------------------------------------
     def rates(
-        self, t: float, prior: PeerPrior | None = None, rhythm: float = 1.0
+        self,
+        t: float,
+        prior: PeerPrior | None = None,
+        rhythm: float = 1.0,
+        drops: bool = False,
     ) -> list[tuple[float, float]]:
         """Per window: (expected calls per second, Gamma shape of that estimate). Within a
-        5-second slot the answer is reused (references change when slots leave windows)."""
+        5-second slot the answer is reused (references change when slots leave windows).
+        ``drops``: as a drop is judged, without the previous days' least level at this time
+        (``seasonal_typical``), a floor for spikes only: on a light Saturday it expected a
+        weekday's calls and paged the Saturday's drop twice."""
         alpha = prior.alpha if prior is not None else -1.0
         cached = self._rates
-        if cached is not None and cached[0] == alpha and abs(cached[1] - rhythm) < 0.01:
-            return cached[2]
-        out = self._compute_rates(t, prior, rhythm)
-        self._rates = (alpha, rhythm, out)
-        return out
+        if (
+            cached is not None
+            and len(cached) == 4
+            and cached[0] == alpha
+            and abs(cached[1] - rhythm) < 0.01
+        ):
+            return cached[3] if drops else cached[2]
+        out, base = self._compute_rates(t, prior, rhythm)
+        self._rates = (alpha, rhythm, out, base)
+        return base if drops else out
 
     def _compute_rates(
         self, t: float, prior: PeerPrior | None, rhythm: float
-    ) -> list[tuple[float, float]]:
+    ) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
+        """(rates for spikes, rates for drops): see ``rates``."""
         open_since = self.frozen[-1][0] if self.frozen and self.frozen[-1][1] == _INF else _INF
         if self.is_user:
             # A busy user follows their own rhythm, like a feature: half an hour of memory,
@@ -747,6 +762,7 @@ class RateDetector:
                     (high[0], high[1]) if used else (rate, shape)
                     for used, (rate, shape) in zip(replaced, out, strict=True)
                 ]
+            base = out
             if not self.is_user and not any(reach):
                 # A feature or the global stream that did not fall silent: a window is
                 # expected to hold at least what this time of day held on the previous
@@ -760,7 +776,8 @@ class RateDetector:
                         (typical[0], max(shape, typical[1])) if typical[0] > rate else (rate, shape)
                         for rate, shape in out
                     ]
-        return out
+            return out, base
+        return out, out
 
     def _read(self, j: int, t: float, open_since: float) -> tuple[float, float]:
         """Window ``j``'s reference as it would be at ``t``, not faded over this scope's
@@ -1544,7 +1561,7 @@ class RateDetector:
         horizon = t - 2 * self.windows[-1]
         if self.outages and self.outages[0][1] < horizon:
             self.outages = [f for f in self.outages if f[1] >= horizon]
-        expected = self.rates(t)
+        expected = self.rates(t, drops=True)
         best_p, best_j, best_mu = 1.0, -1, 0.0
         low = self.seasonal_low(t)  # the day's usual low about now (its end, a lunch)
         # Woken at a time of day no active previous day has seen: the busiest 5 minutes
