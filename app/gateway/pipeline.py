@@ -218,10 +218,13 @@ def parse_chat_request(
         raise InvalidRequest(  # OpenAI's own rule: refused here, before any call is admitted
             "'stream_options' is only allowed when 'stream' is true", field="stream_options"
         )
-    client_wants_usage = bool(stream_options and stream_options.get("include_usage"))
+    client_wants_usage = stream_options is not None and stream_options.include_usage is True
     if parsed.stream:
         # Always ask for usage so streamed calls are costed from the provider's own count.
-        upstream_body["stream_options"] = {**(stream_options or {}), "include_usage": True}
+        upstream_body["stream_options"] = {
+            **(body.get("stream_options") or {}),
+            "include_usage": True,
+        }
     return ChatRequest(
         model, upstream_body, parsed.stream, client_wants_usage, max_tokens, prompt_tokens,
         parsed.n or 1, prompt_floor,

@@ -140,6 +140,18 @@ class ChatMessage(BaseModel):
     ] = None
 
 
+class StreamOptions(BaseModel):
+    """``stream_options``: ``include_usage`` is a boolean (OpenAI refuses another type: a
+    string ``"false"`` was read as true here, and the client got the usage chunk it declined);
+    other options pass through to the provider."""
+
+    model_config = ConfigDict(strict=True, json_schema_extra={"additionalProperties": True})
+
+    include_usage: bool | None = Field(
+        default=None, description="Send a final chunk with the stream's usage (choices: [])"
+    )
+
+
 class ChatBody(BaseModel):
     """An OpenAI chat completion request, plus Tollgate's attribution fields."""
 
@@ -172,7 +184,7 @@ class ChatBody(BaseModel):
     max_tokens: OutputLimit | None = None
     max_completion_tokens: OutputLimit | None = None
     stream: bool = False
-    stream_options: dict[str, Any] | None = None
+    stream_options: StreamOptions | None = None
     n: ChoiceCount | None = None
     temperature: Temperature = None
     top_p: TopP = None

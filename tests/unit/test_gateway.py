@@ -26,6 +26,20 @@ MSG = [{"role": "user", "content": "hello"}]
         ({"model": "gpt-4o", "messages": MSG, "max_tokens": True}, "max_tokens"),
         ({"model": "gpt-4o", "messages": MSG, "stream": "yes"}, "stream"),
         ({"model": "gpt-4o", "messages": MSG, "stream_options": []}, "stream_options"),
+        # OpenAI refuses a non-boolean include_usage; a string "false" read as true sent usage
+        (
+            {
+                "model": "m",
+                "messages": MSG,
+                "stream": True,
+                "stream_options": {"include_usage": "false"},
+            },
+            "stream_options.include_usage",
+        ),
+        (
+            {"model": "m", "messages": MSG, "stream": True, "stream_options": {"include_usage": 1}},
+            "stream_options.include_usage",
+        ),
         # two output limits: which the provider reads is its choice (a probe: 1 asked, 198 got)
         (
             {"model": "gpt-4o", "messages": MSG, "max_tokens": 1, "max_completion_tokens": 198},
@@ -54,6 +68,20 @@ def test_streams_always_ask_the_upstream_for_usage() -> None:
         {"model": "m", "messages": MSG, "stream": True, "stream_options": {"include_usage": True}}
     )
     assert chat.client_wants_usage is True
+    # the client's other stream options reach the provider untouched
+    chat = parse_chat_request(
+        {
+            "model": "m",
+            "messages": MSG,
+            "stream": True,
+            "stream_options": {"include_usage": None, "include_obfuscation": False},
+        }
+    )
+    assert chat.client_wants_usage is False
+    assert chat.upstream_body["stream_options"] == {
+        "include_usage": True,
+        "include_obfuscation": False,
+    }
 
 
 def test_native_requests_default_the_model_and_strip_tollgate_fields() -> None:

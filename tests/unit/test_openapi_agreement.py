@@ -64,6 +64,8 @@ def _resolve(record: Any) -> Any:
         {"model": "gpt-4o-mini", "messages": MSG, "stream": False, "stream_options": {}},
         {"model": "gpt-4o-mini", "messages": MSG, "stream": True, "stream_options": {}},
         {"model": "gpt-4o-mini", "messages": MSG, "stream_options": None},
+        {"model": "m", "messages": MSG, "stream": True, "stream_options": {"include_usage": "no"}},
+        {"model": "m", "messages": MSG, "stream": True, "stream_options": {"other": 1}},
         {"model": "m", "messages": MSG, "temperature": 2},
         {"model": "m", "messages": MSG, "temperature": 2.01},
         {"model": "m", "messages": MSG, "temperature": "hot"},
