@@ -46,7 +46,10 @@ Behaviour of ``/v1/chat/completions``:
   ``top_logprobs`` (0 to 20) alternatives each; a stream carries each delta's own. A tool-call
   answer has ``content: null``. ``top_logprobs`` without ``logprobs: true`` is a 400.
 * ``error_rate`` answers that fraction of valid requests with a random 500 or 429.
-* ``n`` must be 1; ``Authorization`` is accepted and never checked.
+* ``n`` from 1 to 128 (each choice its own filler); ``Authorization`` is accepted and never
+  checked.
+* An endpoint it does not serve (embeddings, ...) or a wrong method: OpenAI's JSON error
+  (``Invalid URL (POST /v1/embeddings)``), 404 or 405.
 
 Test hooks (request headers on ``POST /v1/chat/completions``):
 
@@ -79,6 +82,7 @@ import random
 import re
 import time
 from bisect import bisect_left
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -962,9 +966,28 @@ async def _stream(
     return response
 
 
+@web.middleware
+async def _openai_route_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """An endpoint the simulator does not serve, or a wrong method, answered as OpenAI does
+    (``Invalid URL (POST /v1/embeddings)`` in its JSON error shape), not aiohttp's plain text
+    that the SDK cannot parse."""
+    try:
+        return await handler(request)
+    except web.HTTPMethodNotAllowed as exc:
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        where = f"{request.method} {request.path}"
+        return _RequestError(
+            405, f"Invalid method ({where}); this route takes {allowed}"
+        ).response()
+    except web.HTTPNotFound:
+        return _RequestError(404, f"Invalid URL ({request.method} {request.path})").response()
+
+
 def create_app(config: SimulatorConfig | None = None) -> web.Application:
     """The simulator's aiohttp application (not yet started)."""
-    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[_openai_route_errors])
     app[_STATE] = _SimState(config or SimulatorConfig())
     app.router.add_get("/v1/models", _list_models)
     app.router.add_get("/v1/models/{model}", _get_model)

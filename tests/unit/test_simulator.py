@@ -357,6 +357,32 @@ async def test_bad_requests(base_url: str, client: openai.AsyncOpenAI) -> None:
             assert resp.status == 400
 
 
+async def test_unknown_routes_and_methods_answer_openai_errors(
+    base_url: str, client: openai.AsyncOpenAI
+) -> None:
+    """The simulator on 8701 is the stack's OpenAI-compatible upstream: an endpoint it does not
+    serve (embeddings) or a wrong method was a plain-text "404: Not Found" that the SDK could
+    not parse; OpenAI answers such calls with its JSON error (a newcomer probe)."""
+    with pytest.raises(openai.NotFoundError) as info:
+        await client.embeddings.create(model="text-embedding-3-small", input="x")
+    assert info.value.type == "invalid_request_error"
+    assert "/v1/embeddings" in info.value.message
+    async with aiohttp.ClientSession() as session:
+        for method, path, status in (
+            ("GET", "/nope", 404),
+            ("PUT", "/v1/chat/completions", 405),
+            ("DELETE", "/v1/models", 405),
+        ):
+            url = base_url.removesuffix("/v1") + path
+            async with session.request(method, url) as resp:
+                assert resp.status == status
+                assert resp.content_type == "application/json"
+                error = (await resp.json())["error"]
+                assert set(error) == {"message", "type", "param", "code"}
+                assert error["type"] == "invalid_request_error"
+                assert f"{method} {path}" in error["message"]
+
+
 async def test_random_errors() -> None:
     async with running(SimulatorConfig(latency_scale=0, error_rate=1.0, seed=3)) as url:
         sdk = openai.AsyncOpenAI(base_url=url, api_key="x", max_retries=0)
