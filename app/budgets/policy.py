@@ -227,6 +227,8 @@ def _window(value: Any) -> int | str | None:
 
 
 def _upgrade_text(value: Any) -> str | None:
+    if isinstance(value, str) and not value.strip():
+        return None  # blank is absent: a 402 then gets the default prompt, not a blank one
     if value is not None and (
         not isinstance(value, str) or id_problem(value, max_length=2000) is not None
     ):

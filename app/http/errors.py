@@ -106,7 +106,8 @@ def budget_refusal(refusal: BudgetRefused) -> ApiError:
     status = refusal.status
     policy = status.policy
     # Every 402 carries a prompt a client can show its user: the policy's, or this one.
-    upgrade_prompt = policy.upgrade_prompt or (
+    # (a blank one, stored by a version that kept it, is none)
+    upgrade_prompt = (policy.upgrade_prompt or "").strip() or (
         DEFAULT_UPGRADE_PROMPT
         if status.state == "blocked"
         else DEFAULT_IN_FLIGHT_PROMPT

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import json
 from datetime import UTC, datetime, timedelta, timezone
@@ -904,6 +905,21 @@ def test_a_402_always_carries_an_upgrade_prompt_even_when_the_policy_sets_none()
     assert body["type"] == "budget_exceeded"
     assert body["upgrade_prompt"] and body["upgrade_prompt"] in body["message"]
     assert body["upgrade_prompt"].startswith("You have reached this spending limit")
+
+
+def test_a_402_of_a_policy_with_a_blank_upgrade_prompt_carries_the_default_one() -> None:
+    """A policy stored with a blank prompt (by a version that kept one) still gets a prompt a
+    client can show: its 402 carried "   " and a message ending in ". " (a newcomer probe)."""
+    from app.http.errors import budget_refusal
+
+    book = PolicyBook()
+    stored = parse_policy("user:alice", {"limit_usd": 1})
+    book.put(dataclasses.replace(stored, upgrade_prompt="   "))
+    gate = gate_with(book)
+    settle(gate, gate.admit(["user:alice"], call(0)), usd(1))
+    body = budget_refusal(refusal(gate, ["user:alice"], call(usd(0.1)))).body()["error"]
+    assert body["upgrade_prompt"].startswith("You have reached this spending limit")
+    assert body["message"].endswith(body["upgrade_prompt"])
 
 
 @pytest.mark.parametrize(

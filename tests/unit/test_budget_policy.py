@@ -206,6 +206,14 @@ def test_invalid_body_names_the_field(body: dict[str, Any], field: str) -> None:
     assert str(err.value)  # a message an admin can act on
 
 
+@pytest.mark.parametrize("prompt", ["", "   ", "\t"])
+def test_a_blank_upgrade_prompt_is_no_prompt(prompt: str) -> None:
+    """A newcomer probe: `"upgrade_prompt": ""` was stored, and every 402 of the cap then
+    carried a blank prompt (its message ending in ". "), where a policy without one gets the
+    default prompt. Blank is absent, as for ids."""
+    assert policy(upgrade_prompt=prompt).upgrade_prompt is None
+
+
 @pytest.mark.parametrize("body", [None, [], "limit_usd=5", 5])
 def test_body_that_is_not_an_object_names_body(body: Any) -> None:
     with pytest.raises(PolicyError) as err:
