@@ -531,8 +531,16 @@ def report(
     except ReportError as exc:
         _fail(str(exc))
 
-    from app.http.security import internal_token
+    from app.http.security import internal_token, token_path
 
+    if settings.internal_token is None and not token_path(settings).exists():
+        # (it used to create a new token here, which the stack's reports server refuses)
+        _fail(
+            f"no internal token at {token_path(settings).absolute()}: the reports server "
+            "answers only the token of the stack it runs in. Run `tollgate report` in the "
+            "directory `make up` runs in, or set TOLLGATE_STATE_DIR to its state directory "
+            "(or TOLLGATE_INTERNAL_TOKEN / TOLLGATE_INTERNAL_TOKEN_FILE)"
+        )
     token = internal_token(settings)  # the reports server answers nobody without it
 
     def fetch(name: str, **params: str) -> dict:

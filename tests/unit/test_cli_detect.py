@@ -8,6 +8,7 @@ import random
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from app.cli import main
@@ -88,3 +89,21 @@ def test_a_stray_quote_and_a_pipe_are_one_line_errors(tmp_path: Path) -> None:
         os.close(writer)
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
     assert "not a regular file" in result.output and "save" in result.output, result.output
+
+
+def test_report_away_from_the_stack_says_where_its_token_is_and_leaves_no_state_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A newcomer probe: `tollgate report` run outside the directory `make up` runs in created
+    a new `.tollgate/internal-token` there, sent it, and printed the reports server's "needs
+    'Authorization: Bearer <token>'": nothing said which token it had used, or where the
+    stack's is."""
+    for name in ("TOLLGATE_INTERNAL_TOKEN", "TOLLGATE_INTERNAL_TOKEN_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TOLLGATE_STATE_DIR", str(tmp_path / ".tollgate"))
+    result = CliRunner().invoke(main, ["report", "--since", "1h"])
+    assert result.exit_code == 1
+    token_file = tmp_path / ".tollgate" / "internal-token"
+    assert str(token_file) in result.output
+    assert "TOLLGATE_STATE_DIR" in result.output and "make up" in result.output
+    assert not (tmp_path / ".tollgate").exists()
