@@ -29,10 +29,34 @@ def connect(settings: Settings | None = None, dsn: str | None = None) -> Any:
     try:
         return clickhouse_connect.get_client(dsn=target)
     except Exception as exc:
+        if target.startswith("chdb://") and _held_elsewhere(Path(target.removeprefix("chdb://"))):
+            raise WarehouseError(
+                f"cannot open the embedded ClickHouse at {target}: another process has it open "
+                "(embedded chdb is one process's: the sink of `make up`, which applies the "
+                "migrations itself when it starts). Stop the stack (`make down`) to run this "
+                "here, or read the warehouse through the dispatcher (/v1/reports/*)."
+            ) from exc
         raise WarehouseError(
             f"cannot open ClickHouse at {target}: {exc}. Set TOLLGATE_CLICKHOUSE_URL to a "
             "reachable server (http://host:8123) or unset it to use embedded chdb."
         ) from exc
+
+
+def _held_elsewhere(directory: Path) -> bool:
+    """Whether another process holds the chdb directory: ClickHouse flocks its ``status``
+    file for as long as its engine is open."""
+    import fcntl
+
+    try:
+        with (directory / "status").open("rb") as status:
+            try:
+                fcntl.flock(status, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(status, fcntl.LOCK_UN)
+    except OSError:
+        return False  # no status file: nothing holds it
+    return False
 
 
 def describe(client: Any) -> str:
