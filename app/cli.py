@@ -533,24 +533,28 @@ def report(
 
     from app.http.security import internal_token, token_path
 
-    if settings.internal_token is None and not token_path(settings).exists():
-        # (it used to create a new token here, which the stack's reports server refuses)
-        _fail(
-            f"no internal token at {token_path(settings).absolute()}: the reports server "
-            "answers only the token of the stack it runs in. Run `tollgate report` in the "
-            "directory `make up` runs in, or set TOLLGATE_STATE_DIR to its state directory "
-            "(or TOLLGATE_INTERNAL_TOKEN / TOLLGATE_INTERNAL_TOKEN_FILE)"
-        )
-    token = internal_token(settings)  # the reports server answers nobody without it
+    # The stack's token, if this directory has one: creating a new one here (run away from
+    # the stack) left a state dir behind and sent a token the reports server refuses.
+    has_token = settings.internal_token is not None or token_path(settings).exists()
+    token = internal_token(settings) if has_token else None
+    no_token = (
+        f"no internal token at {token_path(settings).absolute()}: the reports server answers "
+        "only the token of the stack it runs in. Run `tollgate report` in the directory "
+        "`make up` runs in, or set TOLLGATE_STATE_DIR to its state directory (or "
+        "TOLLGATE_INTERNAL_TOKEN / TOLLGATE_INTERNAL_TOKEN_FILE)"
+    )
 
     def fetch(name: str, **params: str) -> dict:
         query = urllib.parse.urlencode(params)
         url = f"{settings.reports_url}/v1/reports/{name}?{query}"
-        request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        request = urllib.request.Request(url, headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=60) as response:
                 return json.loads(response.read())
         except urllib.error.HTTPError as exc:
+            if exc.code == 401 and token is None:
+                _fail(no_token)
             _fail(json.loads(exc.read()).get("error", {}).get("message", str(exc)))
         except OSError as exc:
             _fail(

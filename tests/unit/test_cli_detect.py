@@ -91,17 +91,32 @@ def test_a_stray_quote_and_a_pipe_are_one_line_errors(tmp_path: Path) -> None:
     assert "not a regular file" in result.output and "save" in result.output, result.output
 
 
-def test_report_away_from_the_stack_says_where_its_token_is_and_leaves_no_state_dir(
+async def test_report_away_from_the_stack_says_where_its_token_is_and_leaves_no_state_dir(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A newcomer probe: `tollgate report` run outside the directory `make up` runs in created
     a new `.tollgate/internal-token` there, sent it, and printed the reports server's "needs
     'Authorization: Bearer <token>'": nothing said which token it had used, or where the
     stack's is."""
+    import asyncio
+
+    from aiohttp import web
+
+    from app.http.reports_api import create_reports_app
+
     for name in ("TOLLGATE_INTERNAL_TOKEN", "TOLLGATE_INTERNAL_TOKEN_FILE"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("TOLLGATE_STATE_DIR", str(tmp_path / ".tollgate"))
-    result = CliRunner().invoke(main, ["report", "--since", "1h"])
+    runner = web.AppRunner(create_reports_app(None, token="the-stacks-own-token-0123456789"))
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    port = runner.addresses[0][1]
+    env = {"TOLLGATE_STATE_DIR": str(tmp_path / ".tollgate"), "TOLLGATE_REPORTS_PORT": str(port)}
+    try:
+        result = await asyncio.to_thread(
+            CliRunner().invoke, main, ["report", "--since", "1h"], env=env
+        )
+    finally:
+        await runner.cleanup()
     assert result.exit_code == 1
     token_file = tmp_path / ".tollgate" / "internal-token"
     assert str(token_file) in result.output
