@@ -65,7 +65,6 @@ from agents.anomaly.core import (
     duration_text,
     is_user_scope,
     money_per_hour,
-    span_text,
     with_lead,
 )
 from app.alerts_config import SEVERITY_FIRED, SEVERITY_RAISED_FROM, severity_rank
@@ -426,7 +425,7 @@ class AlertManager:
         else:
             # The same metric, unit and window as the firing record; the latest value of it.
             if span:  # a request rate, counted when it resolved
-                latest = f"{_value_text(verdict)} in the {span_text(span)} before {ts:%H:%M:%S} UTC"
+                latest = f"{_value_text(verdict)} in the {duration_text(span, exact=True)} before {ts:%H:%M:%S} UTC"
             elif verdict.is_anomaly or not _same_measure(verdict, peak):
                 latest = "nothing anomalous since"  # no normal measurement came after it
             else:

@@ -464,17 +464,17 @@ __all__ = [
 ]
 
 
-def span_text(seconds: float) -> str:
-    """A window's length as a message says it: "15 min", "60 s" (to the second)."""
-    seconds = round(seconds)
-    return f"{seconds // 60} min" if seconds >= 120 and seconds % 60 == 0 else f"{seconds} s"
+def duration_text(length: timedelta | float, *, exact: bool = False) -> str:
+    """How long (a timedelta or seconds), as messages say it: seconds under 2 minutes,
+    minutes under 2 hours, hours after ("90 s", "14 min", "2.5 h"; whole units, cut down).
 
-
-def duration_text(delta: timedelta) -> str:
-    """How long, as messages say it: seconds under 2 minutes, minutes under 2 hours."""
-    seconds = int(delta.total_seconds())
-    if seconds < 120:
+    `exact` is a window's length, said to the second: rounded, in minutes only when they are
+    whole and never in hours ("15 min", "150 s", "120 min").
+    """
+    total = length.total_seconds() if isinstance(length, timedelta) else length
+    seconds = round(total) if exact else int(total)
+    if seconds < 120 or (exact and seconds % 60):
         return f"{seconds} s"
-    if seconds < 7200:
+    if exact or seconds < 7200:
         return f"{seconds // 60} min"
     return f"{seconds / 3600:.1f} h"

@@ -51,9 +51,9 @@ from agents.anomaly.core import (
     DecayedRate,
     Point,
     Verdict,
+    duration_text,
     lower_tail,
     mixture_tail,
-    span_text,
     surprise,
     upper_tail,
 )
@@ -1386,9 +1386,9 @@ class RateDetector:
         )
         if anomalous and not note:
             over = (
-                f"the {span_text(span)} since their first call"
+                f"the {duration_text(span, exact=True)} since their first call"
                 if life
-                else f"the last {span_text(span)}"
+                else f"the last {duration_text(span, exact=True)}"
             )
             note = f"p < 1e-{int(surprise(best_p))} over {over}{session_note}{recurring_note}{pace}"
             scale = scales[best_j]
@@ -1444,7 +1444,7 @@ class RateDetector:
         money = (calls / elapsed - mu / w) * 3600.0 * self._price(calls, nanos, price)
         note = (
             f"; {pace:,.0f}/min and the money are the pace of the {elapsed:.0f} s since it "
-            f"began ({x:,.0f} calls in the last {span_text(w)})"
+            f"began ({x:,.0f} calls in the last {duration_text(w, exact=True)})"
         )
         return money, pace, note
 
@@ -1697,7 +1697,7 @@ class RateDetector:
             unit="requests/min",
             metric="requests/min",
             window_seconds=round(span),
-            note=f"p < 1e-{int(surprise(best_p))} over the last {span_text(span)}",
+            note=f"p < 1e-{int(surprise(best_p))} over the last {duration_text(span, exact=True)}",
             impact_usd_per_hour=(x - mu) / span * 3600.0 * cost_per_request_usd,
         )
 

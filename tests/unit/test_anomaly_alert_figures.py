@@ -13,7 +13,7 @@ from datetime import timedelta
 from typing import Any
 
 from agents.anomaly.alerting import AlertManager
-from agents.anomaly.core import Verdict
+from agents.anomaly.core import Verdict, duration_text
 from agents.anomaly.engine import AnomalyEngine
 from agents.anomaly.incidents import Correlator
 from app.anomaly_config import DetectorSettings
@@ -212,3 +212,31 @@ def test_a_users_late_cost_alarm_does_not_hold_its_features_page_open() -> None:
     assert user_end > page_end  # the user's alarm is still reported, as related
     pages = [a for a in out if a["status"] == "firing" and a["incident_role"] == "primary"]
     assert [a["scope"] for a in pages] == ["feature:chat"]  # still one page
+
+
+def test_durations_and_window_lengths_are_said_as_before() -> None:
+    """One formatter for both: a duration is cut down to whole seconds, minutes under
+    2 hours, then hours; a window's length (exact) is rounded to the second and said in
+    minutes only when they are whole, never in hours."""
+    said = {s: duration_text(timedelta(seconds=s)) for s in (0, 59.9, 119.9, 150, 7199, 7200, 9000)}
+    assert said == {
+        0: "0 s",
+        59.9: "59 s",
+        119.9: "119 s",
+        150: "2 min",
+        7199: "119 min",
+        7200: "2.0 h",
+        9000: "2.5 h",
+    }
+    windows = {
+        s: duration_text(s, exact=True) for s in (60.0, 119.6, 120.0, 150.0, 900.0, 7200.0, 9000.4)
+    }
+    assert windows == {
+        60.0: "60 s",
+        119.6: "2 min",
+        120.0: "2 min",
+        150.0: "150 s",
+        900.0: "15 min",
+        7200.0: "120 min",
+        9000.4: "150 min",
+    }
