@@ -43,7 +43,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import accumulate
-from typing import Any
 
 from agents.anomaly.core import (
     NANOS_PER_USD,
@@ -144,6 +143,16 @@ def peer_burst(
     return out
 
 
+@dataclass(frozen=True, slots=True)
+class _Rates:
+    """``RateDetector.rates`` cached for the current slot, and what they were computed for."""
+
+    alpha: float  # the peer prior's alpha (-1: none)
+    rhythm: float
+    spikes: list[tuple[float, float]]  # per window: (calls per second, Gamma shape)
+    drops: list[tuple[float, float]]  # the same without the previous days' least level
+
+
 class RateDetector:
     """The request count of one scope, tested over several windows as calls arrive."""
 
@@ -234,9 +243,7 @@ class RateDetector:
         self.expired_slot = -1
         self.exposures = [0.0] * len(self.windows)  # each reference's history, last computed
         self.learned_slot = -1
-        # (prior's alpha, rhythm, rates) cached for the current slot
-        # (prior's alpha, rhythm, rates for spikes, rates for drops), or a checkpoint's older 3-tuple
-        self._rates: tuple[Any, ...] | None = None
+        self._rates: _Rates | None = None  # the rates of the current slot
         # a quiet user's most dispersion of the windows up to each, for the call being
         # judged (None outside a call's judgement: not kept)
         self._floors: list[float] | None = None
@@ -287,6 +294,11 @@ class RateDetector:
             self.unusual_slots = {}
             self.unusual_at = None
         self._floors = None  # (a checkpoint from before the floors: not kept)
+        cached = getattr(self, "_rates", None)
+        if isinstance(cached, tuple):  # a checkpoint's bare tuple, from before _Rates:
+            # (alpha, rhythm, spikes, drops), or an older 3-tuple (before drops): recomputed
+            cached = _Rates(*cached) if len(cached) == 4 else None
+        self._rates = cached
         if not hasattr(self, "wake_high"):  # a checkpoint from before unseen mornings
             self.wake_high = None
         if not hasattr(self, "history_base"):  # ... from before waking features' variance
@@ -671,15 +683,10 @@ class RateDetector:
         weekday's calls and paged the Saturday's drop twice."""
         alpha = prior.alpha if prior is not None else -1.0
         cached = self._rates
-        if (
-            cached is not None
-            and len(cached) == 4
-            and cached[0] == alpha
-            and abs(cached[1] - rhythm) < 0.01
-        ):
-            return cached[3] if drops else cached[2]
+        if cached is not None and cached.alpha == alpha and abs(cached.rhythm - rhythm) < 0.01:
+            return cached.drops if drops else cached.spikes
         out, base = self._compute_rates(t, prior, rhythm)
-        self._rates = (alpha, rhythm, out, base)
+        self._rates = _Rates(alpha, rhythm, out, base)
         return base if drops else out
 
     def _compute_rates(

@@ -13,7 +13,7 @@ import pytest
 from agents.anomaly.core import Cusum, TailCusum, Verdict, cusum_threshold
 from agents.anomaly.costs import CostDetector
 from agents.anomaly.mix import TierMixDetector
-from agents.anomaly.rates import PeerPrior, RateDetector, fit_peer_prior
+from agents.anomaly.rates import PeerPrior, RateDetector, _Rates, fit_peer_prior
 from app.anomaly_config import DetectorSettings
 
 T0 = datetime(2024, 5, 1, tzinfo=UTC)
@@ -600,6 +600,41 @@ def test_a_cusum_from_a_checkpoint_without_marks_restores_and_keeps_counting() -
     restored.update(2.0, 1.0, 1.0, at=100.0)
     assert restored.later_half(100.0) == (100.0, 1, 1.0)
     assert pickle.loads(pickle.dumps(restored)).marks == restored.marks
+
+
+def test_a_scope_from_a_checkpoint_with_bare_tuple_rates_restores_its_cache() -> None:
+    """Checkpoints written before ``_Rates`` pickled the slot's cached rates as a bare tuple:
+    (alpha, rhythm, spikes, drops), or an older (alpha, rhythm, rates). Restored, the 4-tuple
+    is the same cache (its rates are reused within the slot, as before), the 3-tuple is
+    dropped and recomputed, and the scope pickles again."""
+    import pickle
+
+    rng = random.Random(42)
+    feature = RateDetector("feature:old", SETTINGS, "feature")
+    feed(feature, poisson_times(rng, 0, 3600, 30))
+    now = at(3600).timestamp()
+    spikes, drops = feature.rates(now), feature.rates(now, drops=True)
+    cached = feature._rates
+    assert isinstance(cached, _Rates) and cached.spikes is spikes and cached.drops is drops
+    state = {name: getattr(feature, name) for name in RateDetector.__slots__}
+
+    state["_rates"] = (cached.alpha, cached.rhythm, spikes, drops)  # as 1cde8dc pickled it
+    restored = RateDetector.__new__(RateDetector)
+    restored.__setstate__((None, pickle.loads(pickle.dumps(state))))
+    assert restored._rates == cached
+    assert restored.rates(now) == spikes and restored.rates(now, drops=True) == drops
+    again = pickle.loads(pickle.dumps(restored))
+    assert again._rates == cached and again.rates(now) == spikes
+
+    state["_rates"] = (cached.alpha, cached.rhythm, spikes)  # older: no rates for drops
+    older = RateDetector.__new__(RateDetector)
+    older.__setstate__((None, pickle.loads(pickle.dumps(state))))
+    assert older._rates is None
+    state["_rates"] = None
+    fresh = RateDetector.__new__(RateDetector)
+    fresh.__setstate__((None, pickle.loads(pickle.dumps(state))))
+    assert older.rates(now) == fresh.rates(now) and isinstance(older._rates, _Rates)
+    assert older.rates(now, drops=True) == fresh.rates(now, drops=True)
 
 
 def test_one_call_at_this_hour_yesterday_is_no_rhythm_for_a_user_waking_today() -> None:
