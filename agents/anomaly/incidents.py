@@ -522,19 +522,17 @@ class Correlator:
         the user calls the feature now. A user's alarm counts the calls it makes now; one
         who called chat 20 minutes before bursting on code joined chat's open surge, and
         code's page named the feature, not the user (probe 57, seeds 1 and 2)."""
-        scopes = {
-            specificity(alert["scope"]): alert["scope"],
-            specificity(member["scope"]): member["scope"],
-        }
         if (
             self.calls is None
             or alert["kind"] != "volume_spike"
             or member["kind"] != "volume_spike"
         ):
             return True
-        if set(scopes) != {1, 2}:
-            return True
-        return self.calls(scopes[2], scopes[1], alert["ts"])
+        scopes = {
+            specificity(alert["scope"]): alert["scope"],
+            specificity(member["scope"]): member["scope"],
+        }
+        return set(scopes) != {1, 2} or self.calls(scopes[2], scopes[1], alert["ts"])
 
     def _page(self, group: Group, now: datetime) -> list[dict[str, Any]]:
         if self.refresh is not None:  # held until now: the figures of now, not of the firing
