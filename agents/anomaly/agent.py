@@ -499,18 +499,19 @@ class AnomalyAgent:
         have written much more since (probe 57: a partition taken for caught up while its
         next records were in Kafka made 1,671 records of the others' minutes late)."""
         lagging: set[int] = set()
-        caught_up = []
+        caught_up: dict[Any, int] = {}  # partition -> its position
         for tp in partitions:
             end = consumer.highwater(tp)
-            if (ends[tp] if end is None else end) > await consumer.position(tp):
+            position = await consumer.position(tp)
+            if (ends[tp] if end is None else end) > position:
                 lagging.add(tp.partition)
             else:
-                caught_up.append(tp)
+                caught_up[tp] = position
         if holding and caught_up:
-            fresh = await consumer.end_offsets(caught_up)
-            for tp in caught_up:
+            fresh = await consumer.end_offsets(list(caught_up))
+            for tp, position in caught_up.items():
                 ends[tp] = max(ends[tp], fresh[tp])
-                if fresh[tp] > await consumer.position(tp):
+                if fresh[tp] > position:
                     lagging.add(tp.partition)
         return lagging
 
