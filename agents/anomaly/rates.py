@@ -159,6 +159,7 @@ class RateDetector:
     __slots__ = (
         "_floors",
         "_rates",
+        "alarm_seen",
         "alarm_since",
         "alarm_window",
         "burst",
@@ -233,6 +234,8 @@ class RateDetector:
         self.alarm_since: float | None = None
         self.last_anomalous = -_INF
         self.alarm_window = 0
+        # per window, the latest call of the open alarm at which it alone was anomalous
+        self.alarm_seen = [-_INF] * len(self.windows)
         # the open alarm's frozen stretch is a drop's (``_learn_drop`` may learn it)
         self.drop_alarm = False
         self.recent: deque[float] = deque(maxlen=3)  # times of the last calls
@@ -309,6 +312,8 @@ class RateDetector:
         if not hasattr(self, "outages"):  # ... from before outages held from every scope
             self.outages = []
             self.outage_source = None
+        if not hasattr(self, "alarm_seen"):  # ... from before stretches seen to end
+            self.alarm_seen = [-_INF] * len(self.windows)
         if not hasattr(self, "settled_peers"):  # a checkpoint from before newcomers
             self.settled_peers = False
         if not hasattr(self, "session_starts"):  # a checkpoint from before sessions
@@ -1252,6 +1257,16 @@ class RateDetector:
         session_note, self.sessions_span = "", 0.0
         settled = self._settled(t)
         excuse: list[float] | None = None  # ``excused``'s answer, asked once
+        bar = self.p_value
+        if self.alarm_since is not None and self.is_user:
+            # An open alarm of a user goes on while the count stays unusual (under
+            # ``volume_suspicion_p_user``, the bar its calls are held back from learning by),
+            # not only while it stays under the paging p-value: a quiet user's evidence
+            # depends on the feature of the call (its peers' burstiness), and a loop paged
+            # on one call's was resolved "back to normal" at 5.0 vs 0.0 requests/min while it
+            # ran on (probe H's D10: its loop calls stood at p ~ 5e-8, unusual, not 1e-10).
+            bar = max(bar, s.volume_suspicion_p_user)
+        seen_now: list[int] = []  # windows anomalous at this call
         for j, w in enumerate(self.windows):
             rate, shape = expected[j]
             if shape <= 0 or (not self._knows(j, t, prior) and j > 0):
@@ -1271,17 +1286,25 @@ class RateDetector:
                 if before >= enough:
                     break  # the shorter window already expects enough calls to judge
             x = self.counts[j]
-            aside = False
+            gone_calls, gone = 0, 0.0
             if settled is not None:
                 # Calls of an alarm of this scope that is over were judged (and paged) then;
                 # the window is judged on the rest of its span.
-                calls, seconds = settled[j]
-                if seconds > 0:
-                    if w - seconds < self.windows[0]:
-                        continue
-                    x -= calls
-                    mu *= (w - seconds) / w
-                    aside = True
+                gone_calls, gone = settled[j]
+            if not seen_now and self.alarm_since is not None:
+                # So is the open alarm's stretch that shorter windows judged and have seen end
+                # (none of them is anomalous now): a user's 3-minute burst held their
+                # 15-minute window, and each of their ordinary session calls after it was
+                # judged anomalous on it until the burst left it, "back to normal" 15 min
+                # late (probe 57's D7).
+                calls, seconds = self._judged(t, j)
+                gone_calls, gone = gone_calls + calls, gone + seconds
+            aside = gone > 0
+            if aside:
+                if w - gone < self.windows[0]:
+                    continue
+                x -= gone_calls
+                mu *= (w - gone) / w
             p, note, dispersion = 1.0, "", 0.0
             if x >= s.volume_min_count and x >= s.volume_min_ratio * mu:
                 if j > 0 and not self._current(t, expected, scales[0]):
@@ -1327,6 +1350,8 @@ class RateDetector:
                 extra = excuse[j] if j < len(excuse) else 0.0
                 if extra > 0 and mu > 0:
                     p = upper_tail(x, mu, dispersion + extra / mu) * tested
+            if p < bar:
+                seen_now.append(j)
             if p < best_p:
                 best_p, best_j, best_mu, best_x = p, j, mu, x
                 session_note = note
@@ -1351,15 +1376,6 @@ class RateDetector:
                 self.sessions_span, recurring_note = 0.0, ""
         if own_p < self.p_value:
             self._mark_unusual(t)
-        bar = self.p_value
-        if self.alarm_since is not None and self.is_user:
-            # An open alarm of a user goes on while the count stays unusual (under
-            # ``volume_suspicion_p_user``, the bar its calls are held back from learning by),
-            # not only while it stays under the paging p-value: a quiet user's evidence
-            # depends on the feature of the call (its peers' burstiness), and a loop paged
-            # on one call's was resolved "back to normal" at 5.0 vs 0.0 requests/min while it
-            # ran on (probe H's D10: its loop calls stood at p ~ 5e-8, unusual, not 1e-10).
-            bar = max(bar, s.volume_suspicion_p_user)
         anomalous = best_j >= 0 and best_p < bar
         note = ""
         if anomalous:
@@ -1368,11 +1384,14 @@ class RateDetector:
                 if self.alarm_since is None:
                     self.alarm_since = t
                     self.alarm_window = best_j
+                    self.alarm_seen = [-_INF] * len(self.windows)
                 start = self._forget_life() if life else t - self.windows[best_j]
                 self.frozen.append([start, _INF])
                 self.drop_alarm = False
                 self._rates = None
             self.last_anomalous = t
+            for k in seen_now:
+                self.alarm_seen[k] = t
             if t - self.alarm_since >= s.volume_adapt_after_minutes * 60:
                 self._accept(t)
                 note = f"anomalous for {s.volume_adapt_after_minutes} min, now learned as normal"
@@ -1554,6 +1573,30 @@ class RateDetector:
                 calls += sum(int(slots[k][1]) for k in range(max(lo, head), hi))
             out.append((calls, seconds))
         return out
+
+    def _judged(self, t: float, j: int) -> tuple[int, float]:
+        """(calls, seconds) of window ``j`` at ``t`` that lie in the open alarm's stretch up to
+        the latest call at which a shorter window was anomalous (judged there), less what
+        ``_settled`` sets aside already (alarms that are over); (0, 0) unless that stretch's
+        pace is over: the calls since are far fewer than it would have brought (its lower
+        tail under the scope's paging p-value). A burst of thousands a minute is over at the
+        first ordinary call after it; a loop whose shorter windows are anomalous now and
+        then goes on at its pace, and keeps its evidence (session 43's reverted try set the
+        stretch aside without asking, and a quiet user's running loop resolved 3 min in)."""
+        cut = max(self.alarm_seen[:j], default=-_INF)
+        if not self.frozen or self.frozen[-1][1] != _INF:
+            return 0, 0.0
+        begin = max(self.frozen[-1][0], t - self.windows[j])
+        for a, b in self.frozen[:-1]:  # (an alarm over, overlapping: counted there)
+            if a <= begin < b:
+                begin = b
+        if cut <= begin:
+            return 0, 0.0
+        calls = self._in_slots(begin // SLOT_SECONDS + 1, cut // SLOT_SECONDS)[0]
+        since = self._in_slots(cut // SLOT_SECONDS + 1, t // SLOT_SECONDS)[0]
+        if lower_tail(since, calls / (cut - begin) * (t - cut)) >= self.p_value:
+            return 0, 0.0  # the stretch's pace goes on (or too little time to tell)
+        return calls, cut - begin
 
     def check_drop(self, ts: datetime, cost_per_request_usd: float = 0.0) -> Verdict | None:
         """For scopes that watch drops: is the last minute or two far below normal? Called
