@@ -26,6 +26,7 @@ from app.anomaly_config import DetectorSettings
 from tests.anomaly_traffic import T0, Caller, Feature, World, arrivals, merged, run
 
 CODE = Feature("code", economy_share=0.85, sigma=0.7)
+START = T0 + timedelta(hours=26)
 
 
 def _sessions(
@@ -38,17 +39,26 @@ def _sessions(
     return out
 
 
-@pytest.mark.parametrize("seed", [1, 2])
-def test_a_burst_followed_by_ordinary_sessions_resolves_soon_after_it_ends(seed: int) -> None:
+def _code_users(
+    seed: int, caller: Caller, minutes: float
+) -> tuple[random.Random, World, list[list[dict[str, Any]]]]:
+    """20 users of ``CODE`` in sessions from ``T0`` to ``minutes`` after ``START``, and
+    ``caller``'s sessions until ``START``."""
     rng = random.Random(seed)
     users = [Caller(f"u{i:02d}", CODE, rng.uniform(0.1, 0.6)) for i in range(20)]
+    world = World(seed=seed, callers=[*users, caller])
+    until = START + timedelta(minutes=minutes)
+    history = [_sessions(world, rng, c, T0, until) for c in users]
+    history.append(_sessions(world, rng, caller, T0, START))
+    return rng, world, history
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_a_burst_followed_by_ordinary_sessions_resolves_soon_after_it_ends(seed: int) -> None:
     burster = Caller("burster", CODE, 1.5)
-    world = World(seed=seed, callers=[*users, burster])
-    start = T0 + timedelta(hours=26)
-    end = start + timedelta(minutes=40)
+    rng, world, history = _code_users(seed, burster, 40)
+    start, end = START, START + timedelta(minutes=40)
     burst_end = start + timedelta(minutes=3)
-    history = [_sessions(world, rng, c, T0, end) for c in users]
-    history.append(_sessions(world, rng, burster, T0, start))
     # their sessions go on: one 40 s after the burst, then as before
     history.append(world.session(rng, burst_end + timedelta(seconds=40), burster, 6))
     history.append(_sessions(world, rng, burster, burst_end + timedelta(minutes=2), end))
@@ -83,14 +93,9 @@ def test_a_quiet_users_loop_stays_one_alarm_while_it_runs(seed: int) -> None:
     anomalous set aside without asking whether its pace was over) resolved such a loop
     minutes in and paged it again (probe 57's seed 1: "back to normal since 06:02:22" at
     06:05:22, 3 minutes into its 40-minute loop)."""
-    rng = random.Random(seed)
-    users = [Caller(f"u{i:02d}", CODE, rng.uniform(0.1, 0.6)) for i in range(20)]
     quiet = Caller("quiet", CODE, 0.015)
-    world = World(seed=seed, callers=[*users, quiet])
-    start = T0 + timedelta(hours=26)
-    end = start + timedelta(minutes=40)
-    history = [_sessions(world, rng, c, T0, end + timedelta(minutes=10)) for c in users]
-    history.append(_sessions(world, rng, quiet, T0, start))
+    rng, world, history = _code_users(seed, quiet, 50)
+    start, end = START, START + timedelta(minutes=40)
     loop = [world.call(rng, ts, quiet) for ts in arrivals(rng, start, end, 5.0)]
     alerts = run(AnomalyEngine(), merged(*history, loop))
 
