@@ -775,13 +775,19 @@ class RateDetector:
                     for used, (rate, shape) in zip(replaced, out, strict=True)
                 ]
             base = out
-            if not self.is_user and not any(reach):
-                # A feature or the global stream that did not fall silent: a window is
-                # expected to hold at least what this time of day held on the previous
-                # days (the least of them, over the half hour around it). Its own
-                # reference follows a daily ramp only slowly, and a feature with calls
-                # all night was judged each morning against the night (probe 57's D9:
-                # "9.8/min, expected 0.4" at 07:01, five pages on a day without incidents).
+            if not any(reach):
+                # A scope that did not fall silent: a window is expected to hold at least
+                # what this time of day held on the previous days (the least of them, over
+                # the half hour around it). Its own reference follows a daily ramp only
+                # slowly, and a feature with calls all night was judged each morning
+                # against the night (probe 57's D9: "9.8/min, expected 0.4" at 07:01, five
+                # pages on a day without incidents). A user with days kept (once busy) too:
+                # a heavy user busy each afternoon learned the evening and the night with a
+                # day of memory once quiet, and their ordinary morning paged ("0.7/min,
+                # expected 0.1", probe 57's D3); one whose afternoon ramp had alarmed held
+                # the morning in their hour's reference ("15.8/min, expected 1.5"). A quiet
+                # user's days hold a few calls: a day with fewer than ``volume_min_count``
+                # there leaves their reference as it is.
                 typical = self.seasonal_typical(t)
                 if typical is not None:
                     out = [
