@@ -80,3 +80,20 @@ def test_a_heavy_users_ordinary_day_is_quiet_after_two_days_of_it(seed: int) -> 
         if a["scope"] == "user:heavy" and a["_at"] >= T0 + timedelta(days=2)
     ]
     assert not paged, [(f"{a['_at']:%H:%M:%S}", a["message"][:120]) for a in paged]
+
+
+def test_a_heavy_users_loop_on_the_third_morning_still_pages_within_two_minutes() -> None:
+    """The same user at 10:00 on the third day adds a call a second (60 a minute where the
+    mornings held 2): paged within 2 minutes, as before the floor. (A call every 5 s, 12 a
+    minute for 10 minutes, was paged neither before nor after: not this change's.)"""
+    w, records = world(1, 3)
+    start = T0 + timedelta(days=2, hours=10)
+    rng = random.Random(5)
+    loop = [w.call(rng, start + timedelta(seconds=k), HEAVY) for k in range(300)]
+    paged = [
+        a
+        for a in pages(run(AnomalyEngine(), merged(records, loop)))
+        if a["scope"] == "user:heavy" and a["_at"] >= start
+    ]
+    assert paged, "the loop was not paged"
+    assert paged[0]["_at"] - start <= timedelta(minutes=2), paged[0]["message"]
